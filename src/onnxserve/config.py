@@ -1,0 +1,197 @@
+"""Server and model configuration: pydantic models and the loaders that read them.
+
+The seed document's file is accepted verbatim::
+
+    {"model_config_list": [
+      {"name": "my_model", "base_path": "/path/to/my/model", "model_platform": "onnxruntime",
+       "max_batch_size": 32}]}
+
+Extensions live beside those keys (``model_version_policy``, ``version_labels``,
+``execution_providers``, ``session_options``). Unknown keys are errors that name the key and the
+file. JSON and YAML files are accepted. Relative ``base_path``s resolve against the config file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from onnxserve.errors import ConfigError
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+PLATFORMS = ("onnxruntime", "onnxruntime_onnx", "onnx")
+"""Accepted ``model_platform`` values; Triton names ONNX models ``onnxruntime_onnx``."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SessionOptions(_Strict):
+    """ONNX Runtime session options for one model."""
+
+    intra_op_num_threads: Annotated[int, Field(ge=0)] = 0  # 0: ONNX Runtime's default
+    inter_op_num_threads: Annotated[int, Field(ge=0)] = 0
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+
+
+class ExecutionProvider(_Strict):
+    """An execution provider and its options, e.g. ``{"name": "CUDAExecutionProvider"}``."""
+
+    name: str
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class LatestVersions(_Strict):
+    num_versions: Annotated[int, Field(ge=1)] = 1
+
+
+class SpecificVersions(_Strict):
+    versions: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+
+class VersionPolicy(_Strict):
+    """TF Serving's version policy: exactly one of ``latest``, ``all`` or ``specific``."""
+
+    latest: LatestVersions | None = None
+    all: dict[str, Any] | None = None
+    specific: SpecificVersions | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError("give exactly one of 'latest', 'all' or 'specific'")
+        if self.all:
+            raise ValueError("'all' takes no keys: write {\"all\": {}}")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions this policy serves out of those on disk, highest first."""
+        ordered = sorted(available, reverse=True)
+        if self.latest is not None:
+            return ordered[: self.latest.num_versions]
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific.versions]
+        return ordered
+
+
+class ModelConfig(_Strict):
+    """One entry of ``model_config_list``."""
+
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    base_path: Path
+    model_platform: str = "onnxruntime"
+    max_batch_size: Annotated[int, Field(ge=0)] = 0
+    model_version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=LatestVersions()))
+    version_labels: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")], int] = Field(
+        default_factory=dict
+    )
+    execution_providers: list[str | ExecutionProvider] = Field(
+        default_factory=lambda: list[str | ExecutionProvider](["CPUExecutionProvider"])
+    )
+    session_options: SessionOptions = Field(default_factory=SessionOptions)
+
+    @field_validator("model_platform")
+    @classmethod
+    def _known_platform(cls, value: str) -> str:
+        if value not in PLATFORMS:
+            raise ValueError(f"unsupported model_platform {value!r}; onnxserve serves {', '.join(PLATFORMS)}")
+        return value
+
+    def providers(self) -> list[ExecutionProvider]:
+        return [ExecutionProvider(name=p) if isinstance(p, str) else p for p in self.execution_providers]
+
+
+class ServerConfig(_Strict):
+    """The whole server config file."""
+
+    model_config_list: list[ModelConfig]
+
+    @field_validator("model_config_list")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for m in models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} appears more than once")
+            seen.add(m.name)
+        return models
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        message = _FRIENDLY.get(e["type"], e["msg"].removeprefix("Value error, "))
+        lines.append(f"{source}: {loc or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(document: Any, source: str, base_dir: Path) -> ServerConfig:
+    """Validate an already-parsed config document; ``source`` names it in errors."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected an object with the key 'model_config_list'")
+    try:
+        config = ServerConfig.model_validate(document)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+    resolved = [
+        m.model_copy(update={"base_path": (base_dir / m.base_path).resolve()}) for m in config.model_config_list
+    ]
+    return ServerConfig(model_config_list=resolved)
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read a JSON or YAML server config file."""
+    file = Path(path)
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read the config file: {e.strerror}") from None
+    try:
+        document = yaml.safe_load(raw) if file.suffix.lower() in (".yaml", ".yml") else orjson.loads(raw)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{file}: not valid {'YAML' if file.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    return parse_config(document, str(file), file.resolve().parent)
+
+
+def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
+    """A config serving every ``DIR/<name>/`` folder that holds at least one version folder."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: the model repository is not a directory")
+    models = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        if not any(v.is_dir() and v.name.isdigit() for v in child.iterdir()):
+            continue
+        models.append({"name": child.name, "base_path": child.name})
+    if not models:
+        raise ConfigError(f"{root}: no model folders found (expected {root}/<name>/<version>/model.onnx)")
+    return parse_config({"model_config_list": models}, str(root), root.resolve())
+
+
+class ServerSettings(_Strict):
+    """Where and how the server listens."""
+
+    host: str = "127.0.0.1"
+    http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
+    inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, os.cpu_count() or 1))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"

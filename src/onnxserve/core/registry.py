@@ -1,0 +1,164 @@
+"""Loaded models by name, version and label, with their states and readiness."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from onnxserve.config import ModelConfig, ServerConfig
+from onnxserve.core.repository import VersionFolder, versions_to_serve
+from onnxserve.core.runtime import ModelSession
+from onnxserve.core.types import TensorSpec
+from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "onnxruntime_onnx"
+"""The platform string Triton reports for ONNX models; clients compare against it."""
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelVersion:
+    """One loaded version of one model."""
+
+    name: str
+    version: int
+    folder: VersionFolder
+    config: ModelConfig
+    session: ModelSession
+    max_batch_size: int
+    state: ModelState = ModelState.READY
+    load_seconds: float = 0.0
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.session.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.session.outputs
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+
+def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
+    """``max_batch_size`` from the config, or 0 when the graph's first dimension cannot be a batch."""
+    if config.max_batch_size == 0:
+        return 0
+    for spec in (*session.inputs, *session.outputs):
+        if not spec.shape or spec.shape[0] >= 0:
+            log.warning(
+                "model %s: max_batch_size %d ignored (batching off): %s %r has no dynamic first dimension",
+                config.name,
+                config.max_batch_size,
+                "input" if spec in session.inputs else "output",
+                spec.name,
+            )
+            return 0
+    return config.max_batch_size
+
+
+def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
+    started = time.perf_counter()
+    name = f"{config.name}/{folder.version}"
+    session = ModelSession(folder.model_file, config.providers(), config.session_options, name=name)
+    session.warmup()
+    return ModelVersion(
+        name=config.name,
+        version=folder.version,
+        folder=folder,
+        config=config,
+        session=session,
+        max_batch_size=effective_max_batch_size(config, session),
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class ServedModel:
+    """A model and the versions of it that are loaded."""
+
+    config: ModelConfig
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def version_numbers(self) -> list[int]:
+        """Served versions, highest first."""
+        return sorted(self.versions, reverse=True)
+
+    def resolve(self, version: str | None) -> ModelVersion:
+        """The version a request names: a number, a label, or None for the highest ready version."""
+        if version is None or version == "":
+            for number in self.version_numbers():
+                if self.versions[number].ready:
+                    return self.versions[number]
+            raise UnavailableError(f"model {self.name!r} has no ready version")
+        if version.isascii() and version.isdigit():
+            number = int(version)
+        elif version in self.config.version_labels:
+            number = self.config.version_labels[version]
+        else:
+            raise ModelNotFoundError(f"model {self.name!r} has no version or label {version!r}")
+        found = self.versions.get(number)
+        if found is None:
+            served = ", ".join(str(v) for v in self.version_numbers())
+            raise ModelNotFoundError(f"model {self.name!r} has no version {number} (served: {served})")
+        if not found.ready:
+            raise UnavailableError(f"model {self.name!r} version {number} is {found.state.value.lower()}")
+        return found
+
+
+class ModelRegistry:
+    """Every served model, looked up by name."""
+
+    def __init__(self, models: dict[str, ServedModel] | None = None) -> None:
+        self._models: dict[str, ServedModel] = models or {}
+
+    @classmethod
+    def load(cls, config: ServerConfig) -> ModelRegistry:
+        """Load every model the config names, or raise one ConfigError listing every failure."""
+        models: dict[str, ServedModel] = {}
+        failures: list[str] = []
+        for model_config in config.model_config_list:
+            try:
+                served = ServedModel(model_config)
+                for folder in versions_to_serve(model_config):
+                    served.versions[folder.version] = load_version(model_config, folder)
+                models[model_config.name] = served
+            except OnnxServeError as e:
+                failures.append(e.message)
+        if failures:
+            raise ConfigError("cannot serve this configuration:\n  " + "\n  ".join(failures))
+        return cls(models)
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFoundError(f"unknown model {name!r}") from None
+
+    def resolve(self, name: str, version: str | None) -> ModelVersion:
+        return self.get(name).resolve(version)
+
+    def all_ready(self) -> bool:
+        return all(v.ready for m in self._models.values() for v in m.versions.values())

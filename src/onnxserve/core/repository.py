@@ -1,0 +1,62 @@
+"""The on-disk layout of a model: ``base_path/<version>/model.onnx``.
+
+A version is a folder whose name is a positive integer. The folder is self-describing: the model
+file, any external-data files beside it, and (for exported text models) the tokenizer and pipeline
+spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxserve.config import ModelConfig
+from onnxserve.errors import ConfigError
+
+MODEL_FILENAME = "model.onnx"
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    version: int
+    path: Path
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILENAME
+
+
+def version_number(name: str) -> int | None:
+    """The version a folder name denotes, or None (``"1"`` is version 1; ``"0"``, ``"v1"`` are not)."""
+    if not name.isascii() or not name.isdigit():
+        return None
+    number = int(name)
+    return number if number > 0 else None
+
+
+def discover_versions(base_path: Path) -> list[VersionFolder]:
+    """Every version folder under ``base_path``, lowest version first."""
+    if not base_path.is_dir():
+        raise ConfigError(f"{base_path}: base_path is not a directory")
+    found = []
+    for child in base_path.iterdir():
+        number = version_number(child.name)
+        if number is not None and child.is_dir():
+            found.append(VersionFolder(number, child))
+    return sorted(found, key=lambda v: v.version)
+
+
+def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
+    """The version folders the model's policy selects, highest first, or a ConfigError saying why none."""
+    found = discover_versions(config.base_path)
+    where = f"model {config.name!r} ({config.base_path})"
+    if not found:
+        raise ConfigError(f"{where}: no version folder (expected a positive integer folder such as 1/)")
+    by_number = {v.version: v for v in found}
+    chosen = config.model_version_policy.select(list(by_number))
+    if not chosen:
+        raise ConfigError(f"{where}: model_version_policy selects none of the versions on disk ({sorted(by_number)})")
+    for label, version in config.version_labels.items():
+        if version not in chosen:
+            raise ConfigError(f"{where}: version_labels.{label} points to version {version}, which is not served")
+    return [by_number[v] for v in chosen]

@@ -1,0 +1,103 @@
+"""InferenceService: the one object every protocol calls.
+
+It answers liveness, readiness and metadata, and runs inference off the event loop in a thread
+pool, so a slow model never blocks health checks or other models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy.typing as npt
+
+from onnxserve import __version__
+from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.types import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelConfiguration,
+    ModelMetadata,
+    ServerMetadata,
+    Tensor,
+    TensorSpec,
+)
+from onnxserve.core.validation import prepare_feeds
+
+SERVER_NAME = "onnxserve"
+
+
+class InferenceService:
+    """Health, metadata and inference over the models in one registry."""
+
+    def __init__(self, registry: ModelRegistry, threads: int = 4, extensions: tuple[str, ...] = ()) -> None:
+        self.registry = registry
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxserve-infer")
+        self._extensions = extensions
+        self._live = True
+
+    def live(self) -> bool:
+        return self._live
+
+    def ready(self) -> bool:
+        return self._live and self.registry.all_ready()
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether the model (or that version of it) can serve now; unknown models raise ModelNotFoundError."""
+        served = self.registry.get(name)
+        if version:
+            number = int(version) if version.isdigit() else served.config.version_labels.get(version, -1)
+            found = served.versions.get(number)
+            return found is not None and found.ready
+        return any(v.ready for v in served.versions.values())
+
+    def server_metadata(self) -> ServerMetadata:
+        return ServerMetadata(SERVER_NAME, __version__, self._extensions)
+
+    def model_metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        model = self.registry.resolve(name, version)
+        served = self.registry.get(name)
+        return ModelMetadata(
+            name=name,
+            versions=[str(v) for v in served.version_numbers()],
+            platform=PLATFORM,
+            inputs=model.inputs,
+            outputs=model.outputs,
+        )
+
+    def model_configuration(self, name: str, version: str | None = None) -> ModelConfiguration:
+        model = self.registry.resolve(name, version)
+        batched = model.max_batch_size > 0
+
+        def unbatched(spec: TensorSpec) -> TensorSpec:
+            return TensorSpec(spec.name, spec.datatype, spec.shape[1:], spec.dim_names[1:]) if batched else spec
+
+        return ModelConfiguration(
+            name=name,
+            platform=PLATFORM,
+            max_batch_size=model.max_batch_size,
+            inputs=[unbatched(s) for s in model.inputs],
+            outputs=[unbatched(s) for s in model.outputs],
+        )
+
+    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        model = self.registry.resolve(request.model_name, request.model_version)
+        feeds, output_names = prepare_feeds(request, model)
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, model.session.run, feeds, output_names)
+        return self._response(request, model, results)
+
+    @staticmethod
+    def _response(
+        request: InferenceRequest, model: ModelVersion, results: dict[str, npt.NDArray[Any]]
+    ) -> InferenceResponse:
+        specs = {s.name: s for s in model.outputs}
+        outputs = [Tensor(name, specs[name].datatype, array) for name, array in results.items()]
+        return InferenceResponse(
+            model_name=model.name, model_version=str(model.version), outputs=outputs, id=request.id
+        )
+
+    def close(self) -> None:
+        self._live = False
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,101 @@
+"""Checks that a request fits the model version it is sent to, before anything runs.
+
+Every protocol's requests pass through here, so a bad input gets the same message whatever the
+wire format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy.typing as npt
+
+from onnxserve.core.registry import ModelVersion
+from onnxserve.core.types import InferenceRequest, TensorSpec
+from onnxserve.errors import InvalidInputError
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.name!r} ({spec.datatype.v2} {format_shape(spec.shape)})"
+
+
+def _check_shape(given: tuple[int, ...], spec: TensorSpec, model: str) -> None:
+    if len(given) != len(spec.shape) or any(e >= 0 and g != e for g, e in zip(given, spec.shape, strict=True)):
+        raise InvalidInputError(
+            f"input {spec.name!r} has shape {format_shape(given)} but model {model!r} expects "
+            f"{format_shape(spec.shape)} (-1 is any size)"
+        )
+
+
+def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[str, npt.NDArray[Any]], list[str]]:
+    """The arrays to feed and the output names to fetch, or InvalidInputError naming what is wrong."""
+    specs = {s.name: s for s in model.inputs}
+    feeds: dict[str, npt.NDArray[Any]] = {}
+    symbolic: dict[str, tuple[str, int]] = {}  # symbolic dim name -> (first input that fixed it, size)
+    for tensor in request.inputs:
+        if tensor.name in feeds:
+            raise InvalidInputError(f"input {tensor.name!r} is given more than once")
+        spec = specs.get(tensor.name)
+        if spec is None:
+            expected = ", ".join(_describe(s) for s in model.inputs)
+            raise InvalidInputError(
+                f"unknown input {tensor.name!r} for model {model.name!r}; expected inputs: {expected}"
+            )
+        if tensor.datatype != spec.datatype:
+            raise InvalidInputError(
+                f"input {tensor.name!r} has datatype {tensor.datatype.v2} but model {model.name!r} "
+                f"expects {spec.datatype.v2}"
+            )
+        _check_shape(tensor.shape, spec, model.name)
+        for size, dim_name in zip(tensor.shape, spec.dim_names, strict=False):
+            if dim_name is None:
+                continue
+            first = symbolic.setdefault(dim_name, (tensor.name, size))
+            if first[1] != size:
+                raise InvalidInputError(
+                    f"input {tensor.name!r} has {dim_name}={size} but input {first[0]!r} has "
+                    f"{dim_name}={first[1]}; they must agree"
+                )
+        feeds[tensor.name] = tensor.data
+    missing = [s for s in model.inputs if s.name not in feeds]
+    if missing:
+        raise InvalidInputError(
+            f"model {model.name!r} is missing input{'s' if len(missing) > 1 else ''} "
+            + ", ".join(_describe(s) for s in missing)
+        )
+    if model.max_batch_size > 0:
+        _check_batch(request, model.max_batch_size)
+    return feeds, _output_names(request, model)
+
+
+def _check_batch(request: InferenceRequest, max_batch_size: int) -> None:
+    sizes = {t.name: t.shape[0] for t in request.inputs}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n}={b}" for n, b in sizes.items())
+        raise InvalidInputError(f"inputs disagree on the batch size (first dimension): {listed}")
+    for name, size in sizes.items():
+        if size > max_batch_size:
+            raise InvalidInputError(
+                f"input {name!r} has batch size {size}, more than the model's max_batch_size {max_batch_size}"
+            )
+
+
+def _output_names(request: InferenceRequest, model: ModelVersion) -> list[str]:
+    known = [s.name for s in model.outputs]
+    if request.outputs is None or len(request.outputs) == 0:
+        return known
+    seen: set[str] = set()
+    for name in request.outputs:
+        if name not in known:
+            raise InvalidInputError(
+                f"unknown output {name!r} for model {model.name!r}; outputs are: {', '.join(known)}"
+            )
+        if name in seen:
+            raise InvalidInputError(f"output {name!r} is requested more than once")
+        seen.add(name)
+    return list(request.outputs)

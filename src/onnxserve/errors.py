@@ -1,0 +1,82 @@
+"""The onnxserve exception tree.
+
+Every error carries an :class:`ErrorKind`, never a transport status. Each protocol owns one small
+table that maps a kind to its own status (see ``onnxserve.protocols.errors``).
+
+::
+
+    OnnxServeError
+    ├── ConfigError            the server config or a model folder cannot be served (start-up)
+    ├── ModelLoadError         a model version failed to load (bad ONNX file, runtime refused it)
+    ├── ExportError            an export or its validation failed; nothing was written
+    ├── ModelNotFoundError     no such model, version or label                  (kind NOT_FOUND)
+    ├── InvalidInputError      a request does not match the model or the wire format (kind INVALID_INPUT)
+    ├── UnavailableError       the model or server exists but cannot serve now    (kind UNAVAILABLE)
+    └── InferenceError         the runtime failed while running a valid request   (kind INTERNAL)
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorKind(enum.Enum):
+    """What went wrong, independent of any protocol."""
+
+    INVALID_INPUT = "invalid_input"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+    CONFIG = "config"
+
+
+class OnnxServeError(Exception):
+    """Base of every error onnxserve raises on purpose."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(OnnxServeError):
+    """The server config, or a model folder it names, cannot be served."""
+
+    kind = ErrorKind.CONFIG
+
+
+class ModelLoadError(OnnxServeError):
+    """A model version could not be loaded."""
+
+    kind = ErrorKind.CONFIG
+
+
+class ExportError(OnnxServeError):
+    """An export, or the validation that follows it, failed."""
+
+    kind = ErrorKind.INTERNAL
+
+
+class ModelNotFoundError(OnnxServeError):
+    """The model, version or label does not exist."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
+class InvalidInputError(OnnxServeError):
+    """The request does not match the model or the wire format."""
+
+    kind = ErrorKind.INVALID_INPUT
+
+
+class UnavailableError(OnnxServeError):
+    """The model exists but cannot serve right now (loading, unloading, draining)."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+class InferenceError(OnnxServeError):
+    """The runtime failed on a request that passed validation."""
+
+    kind = ErrorKind.INTERNAL

@@ -1,0 +1,1 @@
+"""KServe V2 (Open Inference Protocol) over HTTP/REST, with Triton's binary tensor extension."""

@@ -1,0 +1,213 @@
+"""KServe V2 REST request and response bodies <-> InferenceRequest / InferenceResponse."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from onnxserve.core import datatypes
+from onnxserve.core.types import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelConfiguration,
+    ModelMetadata,
+    ServerMetadata,
+    Tensor,
+    TensorSpec,
+)
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.v2_rest import tensors
+
+HEADER_LENGTH = "inference-header-content-length"
+"""Triton's binary tensor extension: the byte length of the JSON header that starts the body."""
+
+_REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
+_INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
+_OUTPUT_KEYS = {"name", "parameters"}
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    request: InferenceRequest
+    binary_outputs: frozenset[str]  # outputs to answer in binary form
+    all_binary: bool  # request-level binary_data_output
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a JSON object")
+    return value
+
+
+def _check_keys(doc: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise InvalidInputError(f"unknown key {unknown[0]!r} in {what}; expected {', '.join(sorted(allowed))}")
+
+
+def _parameters(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
+    params = doc.get("parameters", {})
+    if not isinstance(params, dict):
+        raise InvalidInputError(f"'parameters' of {what} must be a JSON object")
+    return params
+
+
+def decode_infer_request(
+    body: bytes, model_name: str, model_version: str | None, header_length: int | None = None
+) -> DecodedRequest:
+    """Decode a JSON body, or a binary-extension body whose JSON header is ``header_length`` bytes."""
+    if header_length is not None and not 0 <= header_length <= len(body):
+        raise InvalidInputError(f"{HEADER_LENGTH} is {header_length} but the body has only {len(body)} bytes")
+    header = body if header_length is None else body[:header_length]
+    binary = memoryview(body)[header_length or len(body) :]
+    try:
+        doc = _object(orjson.loads(header), "the inference request")
+    except orjson.JSONDecodeError as e:
+        raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+    _check_keys(doc, _REQUEST_KEYS, "the inference request")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInputError("'id' must be a string")
+    params = _parameters(doc, "the inference request")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidInputError("the inference request needs 'inputs': a non-empty list of tensors")
+    inputs: list[Tensor] = []
+    offset = 0
+    for i, raw in enumerate(raw_inputs):
+        tensor, used = _decode_input(_object(raw, f"inputs[{i}]"), i, binary[offset:])
+        inputs.append(tensor)
+        offset += used
+    if offset != len(binary):
+        raise InvalidInputError(
+            f"the body carries {len(binary)} bytes of binary tensor data but the inputs declare {offset}"
+        )
+    outputs, binary_outputs = _decode_outputs(doc.get("outputs"))
+    all_binary = params.get("binary_data_output") is True
+    request = InferenceRequest(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters={k: v for k, v in params.items() if k != "binary_data_output"},
+    )
+    return DecodedRequest(request, frozenset(binary_outputs), all_binary)
+
+
+def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[Tensor, int]:
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"inputs[{index}] needs a 'name' string")
+    _check_keys(doc, _INPUT_KEYS, f"input {name!r}")
+    for key in ("shape", "datatype"):
+        if key not in doc:
+            raise InvalidInputError(f"input {name!r} is missing {key!r}")
+    if not isinstance(doc["datatype"], str):
+        raise InvalidInputError(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
+    dtype = datatypes.from_v2(doc["datatype"])
+    shape = tensors.parse_shape(name, doc["shape"])
+    params = _parameters(doc, f"input {name!r}")
+    size = params.get("binary_data_size")
+    if size is not None:
+        if type(size) is not int or size < 0:
+            raise InvalidInputError(f"input {name!r}: binary_data_size must be a non-negative integer")
+        if "data" in doc:
+            raise InvalidInputError(f"input {name!r} has both 'data' and binary_data_size; give one")
+        if size > len(binary):
+            raise InvalidInputError(
+                f"input {name!r}: binary_data_size is {size} but only {len(binary)} bytes of binary data remain"
+            )
+        return tensors.from_binary(name, dtype, shape, bytes(binary[:size])), size
+    if "data" not in doc:
+        raise InvalidInputError(f"input {name!r} has no 'data' (and no binary_data_size)")
+    return tensors.from_json(name, dtype, shape, doc["data"]), 0
+
+
+def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str]]:
+    if raw is None:
+        return None, []
+    if not isinstance(raw, list):
+        raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
+    names: list[str] = []
+    binary: list[str] = []
+    for i, item in enumerate(raw):
+        doc = _object(item, f"outputs[{i}]")
+        name = doc.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"outputs[{i}] needs a 'name' string")
+        _check_keys(doc, _OUTPUT_KEYS, f"output {name!r}")
+        names.append(name)
+        if _parameters(doc, f"output {name!r}").get("binary_data") is True:
+            binary.append(name)
+    return names, binary
+
+
+def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when any output travels in binary form."""
+    outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for tensor in response.outputs:
+        out: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype.v2,
+            "shape": list(tensor.shape),
+        }
+        if decoded.all_binary or tensor.name in decoded.binary_outputs:
+            raw = tensors.to_binary(tensor)
+            out["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            out["data"] = tensors.to_json_data(tensor)
+        outputs.append(out)
+    doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = dict(response.parameters)
+    doc["outputs"] = outputs
+    header = dumps(doc)
+    if not chunks:
+        return header, None
+    return header + b"".join(chunks), len(header)
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype.v2, "shape": list(spec.shape)}
+
+
+def encode_model_metadata(meta: ModelMetadata) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "versions": list(meta.versions),
+        "platform": meta.platform,
+        "inputs": [_tensor_metadata(s) for s in meta.inputs],
+        "outputs": [_tensor_metadata(s) for s in meta.outputs],
+    }
+
+
+def encode_server_metadata(meta: ServerMetadata) -> dict[str, Any]:
+    return {"name": meta.name, "version": meta.version, "extensions": list(meta.extensions)}
+
+
+def encode_model_configuration(config: ModelConfiguration) -> dict[str, Any]:
+    """Triton's model configuration JSON (the subset clients such as perf_analyzer read)."""
+
+    def tensor(spec: TensorSpec) -> dict[str, Any]:
+        return {"name": spec.name, "data_type": spec.datatype.triton_config, "dims": list(spec.shape)}
+
+    return {
+        "name": config.name,
+        "platform": config.platform,
+        "backend": "onnxruntime",
+        "max_batch_size": config.max_batch_size,
+        "input": [tensor(s) for s in config.inputs],
+        "output": [tensor(s) for s in config.outputs],
+    }

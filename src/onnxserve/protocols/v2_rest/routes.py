@@ -1,0 +1,118 @@
+"""KServe V2 REST endpoints: each one decodes, calls the InferenceService, and encodes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from onnxserve.core.service import InferenceService
+from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.protocols.errors import HTTP_STATUS
+from onnxserve.protocols.v2_rest import codec
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+EXTENSIONS = ("binary_tensor_data", "model_configuration")
+"""V2 extensions these endpoints implement; advertised in server metadata."""
+
+
+def json_response(doc: Any, status: int = 200) -> Response:
+    return Response(codec.dumps(doc), status_code=status, media_type=JSON)
+
+
+def error_response(error: OnnxServeError) -> Response:
+    return json_response({"error": error.message}, HTTP_STATUS[error.kind])
+
+
+def _guarded(handler: Endpoint) -> Endpoint:
+    """Turn domain errors into ``{"error": ...}`` bodies with the kind's status; hide anything else."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OnnxServeError as e:
+            return error_response(e)
+        except Exception:
+            log.exception("unexpected error while handling %s %s", request.method, request.url.path)
+            return json_response({"error": "internal server error"}, 500)
+
+    return endpoint
+
+
+def _status(ok: bool) -> Response:
+    return Response(status_code=200 if ok else 503)
+
+
+def _version(request: Request) -> str | None:
+    version: str | None = request.path_params.get("version")
+    return version
+
+
+def routes(service: InferenceService) -> list[Route]:
+    async def live(request: Request) -> Response:
+        return _status(service.live())
+
+    async def ready(request: Request) -> Response:
+        return _status(service.ready())
+
+    async def server_metadata(request: Request) -> Response:
+        return json_response(codec.encode_server_metadata(service.server_metadata()))
+
+    async def model_ready(request: Request) -> Response:
+        return _status(service.model_ready(request.path_params["name"], _version(request)))
+
+    async def model_metadata(request: Request) -> Response:
+        meta = service.model_metadata(request.path_params["name"], _version(request))
+        return json_response(codec.encode_model_metadata(meta))
+
+    async def model_config(request: Request) -> Response:
+        config = service.model_configuration(request.path_params["name"], _version(request))
+        return json_response(codec.encode_model_configuration(config))
+
+    async def infer(request: Request) -> Response:
+        body = await request.body()
+        header_length = _header_length(request)
+        decoded = codec.decode_infer_request(body, request.path_params["name"], _version(request), header_length)
+        response = await service.infer(decoded.request)
+        payload, json_length = codec.encode_infer_response(response, decoded)
+        if json_length is None:
+            return Response(payload, media_type=JSON)
+        return Response(
+            payload,
+            media_type="application/octet-stream",
+            headers={codec.HEADER_LENGTH: str(json_length)},
+        )
+
+    model_paths = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
+    table: list[Route] = [
+        Route("/v2/health/live", _guarded(live), methods=["GET"]),
+        Route("/v2/health/ready", _guarded(ready), methods=["GET"]),
+        Route("/v2", _guarded(server_metadata), methods=["GET"]),
+    ]
+    for base in model_paths:
+        table += [
+            Route(base, _guarded(model_metadata), methods=["GET"]),
+            Route(f"{base}/ready", _guarded(model_ready), methods=["GET"]),
+            Route(f"{base}/config", _guarded(model_config), methods=["GET"]),
+            Route(f"{base}/infer", _guarded(infer), methods=["POST"]),
+        ]
+    return table
+
+
+def _header_length(request: Request) -> int | None:
+    raw = request.headers.get(codec.HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInputError(f"{codec.HEADER_LENGTH} must be an integer, got {raw!r}") from None

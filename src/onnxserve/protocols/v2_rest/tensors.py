@@ -1,0 +1,155 @@
+"""V2 tensor data <-> numpy, in JSON form (nested or flat lists) and in binary form (raw bytes)."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from onnxserve.core.datatypes import DataType
+from onnxserve.core.types import Tensor
+from onnxserve.core.validation import format_shape
+from onnxserve.errors import InvalidInputError
+
+_ACCEPTED_KINDS = {
+    "b": ("b",),
+    "i": ("i", "u"),
+    "u": ("i", "u"),
+    "f": ("i", "u", "f"),
+}
+_KIND_WORDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def element_count(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def parse_shape(name: str, shape: Any) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        raise InvalidInputError(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
+    return tuple(shape)
+
+
+def _flatten_strings(name: str, data: Any) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            out.append(item.encode("utf-8"))
+        else:
+            raise InvalidInputError(f"input {name!r}: BYTES data must be strings, found {type(item).__name__}")
+    return out
+
+
+def from_json(name: str, dtype: DataType, shape: tuple[int, ...], data: Any) -> Tensor:
+    """A tensor from JSON ``data`` (flat or nested, row-major) that must hold exactly ``shape``'s elements."""
+    count = element_count(shape)
+    if dtype.is_bytes:
+        values = _flatten_strings(name, data if isinstance(data, list) else [data])
+        if len(values) != count:
+            raise _count_error(name, len(values), shape)
+        array = np.empty(count, dtype=object)
+        array[:] = values
+        return Tensor(name, dtype, array.reshape(shape))
+    try:
+        parsed = np.asarray(data)
+    except (ValueError, OverflowError):
+        raise InvalidInputError(
+            f"input {name!r}: data must be a flat or evenly nested list of {_KIND_WORDS[dtype.numpy.kind]}"
+        ) from None
+    if parsed.size != count:
+        raise _count_error(name, parsed.size, shape)
+    if count and parsed.dtype.kind not in _ACCEPTED_KINDS[dtype.numpy.kind]:
+        raise InvalidInputError(
+            f"input {name!r}: datatype {dtype.v2} needs {_KIND_WORDS[dtype.numpy.kind]}, "
+            f"but data holds {_describe_kind(parsed)}"
+        )
+    if count and dtype.numpy.kind in "iu":
+        info = np.iinfo(dtype.numpy)  # type: ignore[type-var]
+        low, high = int(parsed.min()), int(parsed.max())
+        if low < info.min or high > info.max:
+            raise InvalidInputError(
+                f"input {name!r}: value {low if low < info.min else high} is out of range for {dtype.v2}"
+            )
+    with np.errstate(over="ignore"):
+        array = parsed.astype(dtype.numpy).reshape(shape)
+    return Tensor(name, dtype, array)
+
+
+def _describe_kind(array: npt.NDArray[Any]) -> str:
+    return {"f": "non-integer numbers", "U": "strings", "b": "booleans", "O": "non-numeric values"}.get(
+        array.dtype.kind, "integers"
+    )
+
+
+def _count_error(name: str, given: int, shape: tuple[int, ...]) -> InvalidInputError:
+    return InvalidInputError(
+        f"input {name!r}: data has {given} elements but shape {format_shape(shape)} needs {element_count(shape)}"
+    )
+
+
+def to_json_data(tensor: Tensor) -> Any:
+    """Row-major flat data for a JSON response; BYTES become strings (they must be UTF-8)."""
+    flat = tensor.data.reshape(-1)
+    if tensor.datatype.is_bytes:
+        try:
+            return [b.decode("utf-8") for b in flat]
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                f"output {tensor.name!r} holds bytes that are not UTF-8 text; request it with binary_data"
+            ) from None
+    return flat
+
+
+# --- binary tensor extension -------------------------------------------------------------------
+
+_LENGTH = struct.Struct("<I")
+
+
+def from_binary(name: str, dtype: DataType, shape: tuple[int, ...], raw: bytes) -> Tensor:
+    """A tensor from raw bytes: little-endian values, or length-prefixed elements for BYTES."""
+    count = element_count(shape)
+    if dtype.is_bytes:
+        values = _split_bytes(name, raw)
+        if len(values) != count:
+            raise _count_error(name, len(values), shape)
+        array = np.empty(count, dtype=object)
+        array[:] = values
+        return Tensor(name, dtype, array.reshape(shape))
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidInputError(
+            f"input {name!r}: {len(raw)} bytes of binary data, but {dtype.v2} {format_shape(shape)} needs {expected}"
+        )
+    array = np.frombuffer(raw, dtype=dtype.numpy.newbyteorder("<")).astype(dtype.numpy, copy=False)
+    return Tensor(name, dtype, array.reshape(shape))
+
+
+def _split_bytes(name: str, raw: bytes) -> list[bytes]:
+    values = []
+    offset = 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInputError(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
+        (size,) = _LENGTH.unpack_from(raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInputError(f"input {name!r}: a BYTES element of {size} bytes runs past the data")
+        values.append(bytes(raw[offset : offset + size]))
+        offset += size
+    return values
+
+
+def to_binary(tensor: Tensor) -> bytes:
+    """Raw bytes of a tensor in the binary extension's layout."""
+    if tensor.datatype.is_bytes:
+        return b"".join(_LENGTH.pack(len(b)) + b for b in tensor.data.reshape(-1))
+    return np.ascontiguousarray(tensor.data, dtype=tensor.datatype.numpy.newbyteorder("<")).tobytes()

@@ -1,0 +1,1 @@
+"""The server: the ASGI app, listeners and process lifecycle (the composition root)."""

@@ -1,0 +1,26 @@
+"""The ASGI application: every HTTP protocol's routes on one Starlette app."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from onnxserve.core.service import InferenceService
+from onnxserve.protocols.v2_rest import routes as v2_rest
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = exc.detail
+    return v2_rest.json_response({"error": message}, exc.status_code)
+
+
+def create_app(service: InferenceService) -> Starlette:
+    return Starlette(routes=v2_rest.routes(service), exception_handlers={HTTPException: _http_error})

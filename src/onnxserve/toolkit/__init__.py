@@ -1,0 +1,1 @@
+"""Verbs over ONNX models: export, validate (and, later, optimize, inspect, diff)."""

@@ -1,0 +1,1 @@
+"""Exporters from training frameworks to ONNX; each validates before it hands a model over."""

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+
+import models
+from onnxserve.config import ServerConfig, ServerSettings, parse_config, scan_repository
+from onnxserve.server.lifecycle import RunningServer, start_in_background
+
+StartServer = Callable[[ServerConfig], RunningServer]
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """Start real servers on ephemeral loopback ports; every one is stopped after the test."""
+    running: list[RunningServer] = []
+
+    def start(config: ServerConfig) -> RunningServer:
+        server = start_in_background(config, ServerSettings(http_port=0, inference_threads=4, log_level="warning"))
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def numeric_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the small numeric models from tests/models.py."""
+    repo = tmp_path_factory.mktemp("repo")
+    models.write_version(repo, "add", 1, models.add_model())
+    models.write_version(repo, "mixed", 1, models.mixed_model())
+    models.write_version(repo, "fixed", 1, models.fixed_model())
+    models.write_version(repo, "strings", 1, models.strings_model())
+    models.write_version(repo, "slow", 1, models.slow_model())
+    return repo
+
+
+@pytest.fixture(scope="session")
+def numeric_config(numeric_repository: Path) -> ServerConfig:
+    """The numeric repository with batching declared for the models whose first dim is a batch."""
+    document = {
+        "model_config_list": [
+            {"name": "add", "base_path": "add", "max_batch_size": 8},
+            {"name": "mixed", "base_path": "mixed"},
+            {"name": "fixed", "base_path": "fixed", "max_batch_size": 4},
+            {"name": "strings", "base_path": "strings"},
+            {"name": "slow", "base_path": "slow"},
+        ]
+    }
+    return parse_config(document, "test config", numeric_repository)
+
+
+@pytest.fixture(scope="session")
+def numeric_server(numeric_config: ServerConfig) -> Iterator[RunningServer]:
+    server = start_in_background(numeric_config, ServerSettings(http_port=0, log_level="warning"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model repository, prepared exactly as ``make serve`` prepares it (exported once per run)."""
+    import prepare_demo
+
+    models_dir = tmp_path_factory.mktemp("demo")
+    prepare_demo.prepare(models_dir, Console(quiet=True))
+    return models_dir
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_repository: Path) -> Iterator[RunningServer]:
+    from onnxserve.config import load_config
+
+    server = start_in_background(
+        load_config(demo_repository / "config.json"), ServerSettings(http_port=0, log_level="warning")
+    )
+    yield server
+    server.stop()
+
+
+__all__ = ["StartServer", "scan_repository"]

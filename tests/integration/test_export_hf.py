@@ -1,0 +1,187 @@
+"""``onnxserve export hf`` on tiny random models built from configs (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from onnxserve.config import parse_config
+from onnxserve.core.pipeline import PipelineSpec
+from onnxserve.errors import ExportError
+from onnxserve.server.lifecycle import RunningServer
+from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "onnx",
+    "serves",
+    "models",
+    "fast",
+    "and",
+    "well",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 2-layer BERT with hidden size 32 and a small WordPiece vocabulary."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).eval().save_pretrained(str(folder))
+    return folder
+
+
+def no_partial_leftovers(parent: Path) -> bool:
+    return not any(".partial-" in p.name or ".old-" in p.name for p in parent.iterdir())
+
+
+def test_export_writes_a_self_describing_validated_folder(tiny_bert: Path, tmp_path: Path) -> None:
+    output = tmp_path / "tiny" / "1"
+    report = export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+    assert report.passed
+    assert {"model.onnx", "tokenizer.json", "onnxserve.json", "validation.json"} <= {p.name for p in output.iterdir()}
+    spec = PipelineSpec.read(output)
+    assert spec is not None
+    assert spec.inputs == ["input_ids", "attention_mask", "token_type_ids"]
+    assert spec.pooling == "mean"
+    assert spec.normalize is False
+    assert spec.max_length == 64
+    saved = json.loads((output / "validation.json").read_text())
+    assert saved["passed"] is True
+    shapes = [c["input_shapes"]["input_ids"] for c in saved["cases"]]
+    assert [1, 1] in shapes
+    assert [3, 16] in shapes
+    assert [3, 64] in shapes
+    assert no_partial_leftovers(output.parent)
+
+
+def test_served_export_matches_pytorch(tiny_bert: Path, tmp_path: Path, start_server: Any) -> None:
+    export_huggingface(tiny_bert, tmp_path / "tiny" / "1", HfExportOptions(task="feature-extraction", pooling="cls"))
+    server: RunningServer = start_server(
+        parse_config({"model_config_list": [{"name": "tiny", "base_path": "tiny"}]}, "test", tmp_path)
+    )
+    tokenizer = BertTokenizer.from_pretrained(str(tiny_bert))
+    encoded = tokenizer(["the quick brown fox", "onnx serves"], padding=True, return_tensors="np")
+    body = {
+        "inputs": [
+            {
+                "name": n,
+                "datatype": "INT64",
+                "shape": list(encoded[n].shape),
+                "data": encoded[n].ravel().tolist(),
+            }
+            for n in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        "outputs": [{"name": "sentence_embedding"}],
+    }
+    response = httpx.post(f"{server.http_url}/v2/models/tiny/infer", json=body)
+    assert response.status_code == 200, response.text
+    out = response.json()["outputs"][0]
+    served = np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+    model = BertModel.from_pretrained(str(tiny_bert)).eval()
+    with torch.no_grad():
+        hidden = model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).last_hidden_state
+    np.testing.assert_allclose(served, hidden[:, 0].numpy(), atol=1e-5)
+
+
+def test_failed_validation_leaves_nothing_behind(tiny_bert: Path, tmp_path: Path) -> None:
+    output = tmp_path / "tiny" / "1"
+    # An impossible tolerance injects a mismatch: real float differences between runtimes exceed it.
+    options = HfExportOptions(task="feature-extraction", pooling="mean", atol=-1.0)
+    with pytest.raises(ExportError, match="does not match the original") as caught:
+        export_huggingface(tiny_bert, output, options)
+    assert "nothing was written" in caught.value.message
+    assert not output.exists()
+    assert no_partial_leftovers(output.parent)
+
+
+def test_failed_replacement_keeps_the_previous_version(tiny_bert: Path, tmp_path: Path) -> None:
+    output = tmp_path / "tiny" / "1"
+    export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+    before = (output / "model.onnx").read_bytes()
+    with pytest.raises(ExportError):
+        export_huggingface(
+            tiny_bert,
+            output,
+            HfExportOptions(task="feature-extraction", pooling="cls", force=True, atol=-1.0),
+        )
+    assert (output / "model.onnx").read_bytes() == before
+    assert PipelineSpec.read(output).pooling == "mean"  # type: ignore[union-attr]
+    assert no_partial_leftovers(output.parent)
+
+
+def test_existing_output_needs_force(tiny_bert: Path, tmp_path: Path) -> None:
+    output = tmp_path / "v1"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="already exists; pass --force"):
+        export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction"))
+    assert (output / "keep.txt").read_text() == "mine"
+    export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", force=True))
+    assert (output / "model.onnx").is_file()
+    assert not (output / "keep.txt").exists()
+
+
+def test_unknown_task_lists_supported_ones(tiny_bert: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="unsupported task 'translation'; supported tasks: feature-extraction"):
+        export_huggingface(tiny_bert, tmp_path / "out", HfExportOptions(task="translation"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_tokenizer_is_refused(tiny_bert: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_bert / "config.json").read_text())
+    with pytest.raises(ExportError, match="has no tokenizer"):
+        export_huggingface(bare, tmp_path / "out", HfExportOptions(task="feature-extraction"))
+
+
+def test_cli_export_failure_exits_nonzero_with_the_reason(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxserve.cli",
+            "export",
+            "hf",
+            str(tmp_path),
+            "--task",
+            "feature-extraction",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "is not a Hugging Face model folder" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,97 @@
+"""Small ONNX models built from ONNX text syntax, for tests (no checked-in binaries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx.parser
+
+HEADER = '<ir_version: 9, opset_import: ["" : 17]>'
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(f"{HEADER}\n{text}")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def add_model() -> onnx.ModelProto:
+    """Two FP32 inputs [batch, 16] added, and their difference."""
+    return parse(
+        """
+        add (float[batch, 16] a, float[batch, 16] b) => (float[batch, 16] sum, float[batch, 16] diff) {
+            sum = Add(a, b)
+            diff = Sub(a, b)
+        }
+        """
+    )
+
+
+def mixed_model() -> onnx.ModelProto:
+    """Several datatypes in and out: INT64 scaled, BOOL negated, FP16 doubled, UINT8 and INT8 passed."""
+    return parse(
+        """
+        mixed (int64[n] ids, bool[n] flags, float16[n, 2] half, uint8[n] small, int8[n] signed, double[n] wide)
+            => (int64[n] ids_x3, bool[n] not_flags, float16[n, 2] half_x2, uint8[n] small_out, int8[n] signed_out,
+                double[n] wide_neg) {
+            three = Constant <value = int64[1] {3}> ()
+            ids_x3 = Mul(ids, three)
+            not_flags = Not(flags)
+            half_x2 = Add(half, half)
+            small_out = Identity(small)
+            signed_out = Identity(signed)
+            wide_neg = Neg(wide)
+        }
+        """
+    )
+
+
+def fixed_model() -> onnx.ModelProto:
+    """A fixed-shape FP32 [2, 3] input, scaled by 2 (its batch dimension is not dynamic)."""
+    return parse(
+        """
+        fixed (float[2, 3] x) => (float[2, 3] y) {
+            two = Constant <value = float[1] {2.0}> ()
+            y = Mul(x, two)
+        }
+        """
+    )
+
+
+def strings_model() -> onnx.ModelProto:
+    """A BYTES input returned as is, plus a constant string output per row."""
+    return parse(
+        """
+        strings (string[n] text) => (string[n] echo, int64[1] count) {
+            echo = Identity(text)
+            shape = Shape(text)
+            count = Identity(shape)
+        }
+        """
+    )
+
+
+def slow_model() -> onnx.ModelProto:
+    """Repeats a 256x256 MatMul ``iterations`` times: a model whose run time the caller chooses."""
+    return parse(
+        """
+        slow (int64 iterations, float[256, 256] x) => (float[256, 256] y) {
+            cond = Constant <value = bool {1}> ()
+            y = Loop(iterations, cond, x) <body = step (int64 i, bool c_in, float[256, 256] acc)
+                => (bool c_out, float[256, 256] next) {
+                    c_out = Identity(c_in)
+                    prod = MatMul(acc, acc)
+                    scale = Constant <value = float[1] {0.001}> ()
+                    next = Mul(prod, scale)
+                }>
+        }
+        """
+    )
+
+
+def write_version(repository: Path, name: str, version: int, model: onnx.ModelProto) -> Path:
+    folder = repository / name / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    return folder

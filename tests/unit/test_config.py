@@ -1,0 +1,382 @@
+"""The server config: the seed document verbatim, extensions, loaders and their precise errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import models
+import pytest
+from pydantic import ValidationError
+
+from onnxserve.config import (
+    ModelConfig,
+    ServerConfig,
+    VersionPolicy,
+    load_config,
+    parse_config,
+    scan_repository,
+)
+from onnxserve.errors import ConfigError
+
+SEED: dict[str, Any] = {
+    "model_config_list": [
+        {
+            "name": "my_model",
+            "base_path": "/path/to/my/model",
+            "model_platform": "onnxruntime",
+            "max_batch_size": 32,
+        }
+    ]
+}
+
+
+def _write_json(path: Path, document: Any) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def _one_model(**entry: Any) -> dict[str, Any]:
+    return {"model_config_list": [{"name": "m", "base_path": "m", **entry}]}
+
+
+def _config_error(tmp_path: Path, document: Any, name: str = "config.json") -> str:
+    file = _write_json(tmp_path / name, document)
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    message = caught.value.message
+    assert str(file) in message, f"the message does not name the file: {message}"
+    return message
+
+
+# --- the seed document ----------------------------------------------------------------------------
+
+
+def test_seed_config_is_accepted_verbatim(tmp_path: Path) -> None:
+    file = _write_json(tmp_path / "config.json", SEED)
+    config = load_config(file)
+    assert isinstance(config, ServerConfig)
+    assert len(config.model_config_list) == 1
+    model = config.model_config_list[0]
+    assert model.name == "my_model"
+    assert model.base_path == Path("/path/to/my/model")
+    assert model.model_platform == "onnxruntime"
+    assert model.max_batch_size == 32
+
+
+def test_seed_config_defaults(tmp_path: Path) -> None:
+    model = load_config(_write_json(tmp_path / "config.json", SEED)).model_config_list[0]
+    # The default policy serves only the latest version; no labels; CPU provider.
+    assert model.model_version_policy.select([1, 3, 2]) == [3]
+    assert model.version_labels == {}
+    assert [p.name for p in model.providers()] == ["CPUExecutionProvider"]
+
+
+def test_relative_base_path_resolves_against_the_config_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    document = {
+        "model_config_list": [
+            {"name": "a", "base_path": "models/a"},
+            {"name": "b", "base_path": "../elsewhere/b"},
+        ]
+    }
+    file = _write_json(folder / "config.json", document)
+    config = load_config(file)
+    paths = {m.name: m.base_path for m in config.model_config_list}
+    assert paths["a"] == (folder / "models" / "a").resolve()
+    assert paths["b"] == (tmp_path / "elsewhere" / "b").resolve()
+    assert all(p.is_absolute() for p in paths.values())
+
+
+def test_relative_base_path_does_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    file = _write_json(folder / "config.json", _one_model())
+    other = tmp_path / "cwd"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    config = load_config(Path("..") / "configs" / "config.json")
+    assert config.model_config_list[0].base_path == (folder / "m").resolve()
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".yml"])
+def test_yaml_config_is_accepted(tmp_path: Path, suffix: str) -> None:
+    file = tmp_path / f"config{suffix}"
+    file.write_text(
+        "model_config_list:\n"
+        "  - name: my_model\n"
+        "    base_path: models/my_model\n"
+        "    model_platform: onnxruntime\n"
+        "    max_batch_size: 32\n"
+        "    model_version_policy:\n"
+        "      specific:\n"
+        "        versions: [1, 3]\n"
+        "    version_labels:\n"
+        "      stable: 1\n"
+    )
+    model = load_config(file).model_config_list[0]
+    assert model.name == "my_model"
+    assert model.base_path == (tmp_path / "models" / "my_model").resolve()
+    assert model.max_batch_size == 32
+    assert model.version_labels == {"stable": 1}
+    assert model.model_version_policy.select([1, 2, 3, 4]) == [3, 1]
+
+
+def test_extensions_are_accepted(tmp_path: Path) -> None:
+    document = _one_model(
+        model_platform="onnxruntime_onnx",
+        model_version_policy={"all": {}},
+        version_labels={"stable": 1, "canary": 2},
+        execution_providers=["CPUExecutionProvider", {"name": "CUDAExecutionProvider", "options": {"x": 1}}],
+        session_options={"intra_op_num_threads": 2, "graph_optimization_level": "basic"},
+    )
+    model = load_config(_write_json(tmp_path / "config.json", document)).model_config_list[0]
+    assert model.model_platform == "onnxruntime_onnx"
+    assert model.version_labels == {"stable": 1, "canary": 2}
+    assert [p.name for p in model.providers()] == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert model.providers()[1].options == {"x": 1}
+    assert model.session_options.intra_op_num_threads == 2
+    assert model.session_options.graph_optimization_level == "basic"
+
+
+# --- precise errors --------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, {**SEED, "model_confg_list_extra": []})
+    assert "model_confg_list_extra" in message
+    assert "unknown key" in message
+
+
+def test_unknown_key_inside_a_model_entry(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, _one_model(max_batch=4))
+    assert "max_batch" in message
+    assert "unknown key" in message
+    assert "model_config_list[0]" in message
+
+
+def test_unknown_key_nested_in_an_extension(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, _one_model(session_options={"threads": 4}))
+    assert "session_options" in message
+    assert "threads" in message
+    assert "unknown key" in message
+
+
+def test_missing_base_path(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, {"model_config_list": [{"name": "m"}]})
+    assert "base_path" in message
+    assert "missing" in message
+
+
+def test_missing_model_config_list(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, {})
+    assert "model_config_list" in message
+    assert "missing" in message
+
+
+def test_document_that_is_not_an_object(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, [SEED])
+    assert "model_config_list" in message
+
+
+def test_unsupported_model_platform(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, _one_model(model_platform="tensorflow"))
+    assert "model_platform" in message
+    assert "tensorflow" in message
+    assert "onnxruntime" in message  # says what would be accepted
+
+
+def test_bad_json(tmp_path: Path) -> None:
+    file = tmp_path / "config.json"
+    file.write_text('{"model_config_list": [')
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(file) in caught.value.message
+    assert "JSON" in caught.value.message
+
+
+def test_bad_yaml(tmp_path: Path) -> None:
+    file = tmp_path / "config.yaml"
+    file.write_text("model_config_list: [\n  - name: {\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(file) in caught.value.message
+    assert "YAML" in caught.value.message
+
+
+def test_bad_yaml_with_upper_case_suffix_is_called_yaml(tmp_path: Path) -> None:
+    # The file is parsed as YAML (the suffix check is case-insensitive); the message must agree.
+    file = tmp_path / "config.YAML"
+    file.write_text("model_config_list: [\n  - name: {\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(file) in caught.value.message
+    assert "YAML" in caught.value.message
+    assert "JSON" not in caught.value.message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    file = tmp_path / "absent.json"
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert str(file) in caught.value.message
+    assert "cannot read" in caught.value.message
+
+
+def test_duplicate_model_names(tmp_path: Path) -> None:
+    document = {
+        "model_config_list": [
+            {"name": "twin", "base_path": "a"},
+            {"name": "twin", "base_path": "b"},
+        ]
+    }
+    message = _config_error(tmp_path, document)
+    assert "twin" in message
+    assert "more than once" in message
+    assert "model_config_list" in message
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "-lead", "with space", "x" * 129])
+def test_bad_model_name_characters(tmp_path: Path, name: str) -> None:
+    message = _config_error(tmp_path, {"model_config_list": [{"name": name, "base_path": "m"}]})
+    assert "model_config_list[0].name" in message
+
+
+@pytest.mark.parametrize("name", ["m", "My_Model-2.onnx", "0", "x" * 128])
+def test_good_model_names(tmp_path: Path, name: str) -> None:
+    file = _write_json(tmp_path / "config.json", {"model_config_list": [{"name": name, "base_path": "m"}]})
+    assert load_config(file).model_config_list[0].name == name
+
+
+def test_negative_max_batch_size(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, _one_model(max_batch_size=-1))
+    assert "max_batch_size" in message
+    assert "greater than or equal to 0" in message
+
+
+def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
+    document = {
+        "model_config_list": [
+            {"name": "a", "base_path": "a", "max_batch_size": -3},
+            {"name": "b", "model_platform": "tensorflow"},
+        ]
+    }
+    message = _config_error(tmp_path, document)
+    assert "model_config_list[0].max_batch_size" in message
+    assert "model_config_list[1].base_path" in message
+    assert "model_config_list[1].model_platform" in message
+
+
+def test_parse_config_names_its_source() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"model_config_list": [{"name": "m", "base_path": "m", "oops": 1}]}, "my source", Path("/"))
+    assert "my source" in caught.value.message
+    assert "oops" in caught.value.message
+
+
+# --- version policies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "available", "expected"),
+    [
+        ({"latest": {}}, [1, 2, 3], [3]),
+        ({"latest": {"num_versions": 2}}, [3, 1, 10, 2], [10, 3]),
+        ({"latest": {"num_versions": 5}}, [2, 1], [2, 1]),
+        ({"all": {}}, [2, 7, 1], [7, 2, 1]),
+        ({"specific": {"versions": [1, 3]}}, [1, 2, 3, 4], [3, 1]),
+        ({"specific": {"versions": [5, 9]}}, [1, 5], [5]),
+        ({"specific": {"versions": [9]}}, [1, 2], []),
+    ],
+)
+def test_version_policy_select(policy: dict[str, Any], available: list[int], expected: list[int]) -> None:
+    assert VersionPolicy.model_validate(policy).select(available) == expected
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        ({"latest": {"num_versions": 1}, "all": {}}, ["exactly one"]),
+        ({"all": {}, "specific": {"versions": [1]}}, ["exactly one"]),
+        ({}, ["exactly one"]),
+        ({"all": {"x": 1}}, ["all"]),
+        ({"latest": {"num_versions": 0}}, ["num_versions"]),
+        ({"specific": {"versions": []}}, ["versions"]),
+        ({"specific": {"versions": [0]}}, ["versions"]),
+        ({"newest": {}}, ["newest", "unknown key"]),
+    ],
+)
+def test_invalid_version_policy(tmp_path: Path, policy: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(ValidationError):
+        VersionPolicy.model_validate(policy)
+    message = _config_error(tmp_path, _one_model(model_version_policy=policy))
+    assert "model_version_policy" in message
+    for word in words:
+        assert word in message
+
+
+def test_version_labels_must_be_names(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, _one_model(version_labels={"1st": 1}))
+    assert "version_labels" in message
+
+
+def test_model_config_direct_construction() -> None:
+    config = ModelConfig(name="m", base_path=Path("/x"))
+    assert config.max_batch_size == 0
+    assert config.model_platform == "onnxruntime"
+    with pytest.raises(ValidationError):
+        ModelConfig(name="m", base_path=Path("/x"), model_platform="pytorch")
+
+
+# --- scanning a model repository -------------------------------------------------------------------
+
+
+def test_scan_repository(tmp_path: Path) -> None:
+    models.write_version(tmp_path, "add", 1, models.add_model())
+    models.write_version(tmp_path, "add", 2, models.add_model())
+    models.write_version(tmp_path, "fixed", 3, models.fixed_model())
+    (tmp_path / "notes").mkdir()  # a folder without versions is not a model
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    (tmp_path / "README.md").write_text("not a model")
+    (tmp_path / ".hidden" / "1").mkdir(parents=True)
+    config = scan_repository(tmp_path)
+    by_name = {m.name: m for m in config.model_config_list}
+    assert sorted(by_name) == ["add", "fixed"]
+    assert by_name["add"].base_path == (tmp_path / "add").resolve()
+    assert by_name["fixed"].base_path == (tmp_path / "fixed").resolve()
+    assert by_name["add"].max_batch_size == 0
+
+
+def test_scan_repository_skips_folders_without_a_positive_version(tmp_path: Path) -> None:
+    # "0" and "v1" are not version folders (see repository.version_number), so these are not models.
+    models.write_version(tmp_path, "real", 1, models.add_model())
+    (tmp_path / "zero" / "0").mkdir(parents=True)
+    (tmp_path / "named" / "v1").mkdir(parents=True)
+    config = scan_repository(tmp_path)
+    assert [m.name for m in config.model_config_list] == ["real"]
+
+
+def test_scan_empty_repository(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        scan_repository(tmp_path)
+    assert str(tmp_path) in caught.value.message
+    assert "no model folders" in caught.value.message
+
+
+def test_scan_repository_that_is_not_a_directory(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(ConfigError) as caught:
+        scan_repository(missing)
+    assert str(missing) in caught.value.message
+    assert "not a directory" in caught.value.message
+
+
+def test_scan_repository_refuses_a_folder_name_that_is_not_a_model_name(tmp_path: Path) -> None:
+    (tmp_path / "bad name" / "1").mkdir(parents=True)
+    with pytest.raises(ConfigError) as caught:
+        scan_repository(tmp_path)
+    assert "name" in caught.value.message
