@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config, scan_repository
+from onnxserve.config import ServerConfig, ServerSettings, parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 
 StartServer = Callable[[ServerConfig], RunningServer]
@@ -85,6 +85,3 @@ def demo_server(demo_repository: Path) -> Iterator[RunningServer]:
     )
     yield server
     server.stop()
-
-
-__all__ = ["StartServer", "scan_repository"]

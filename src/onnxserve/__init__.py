@@ -7,8 +7,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxserve.config import ModelConfig, ServerConfig, ServerSettings, load_config, scan_repository
+from onnxserve.config import ModelConfig, ServerConfig, ServerSettings, load_config
 from onnxserve.core.registry import ModelRegistry
+from onnxserve.core.repository import scan_repository
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.service import InferenceService
 from onnxserve.core.types import InferenceRequest, InferenceResponse, Tensor, TensorSpec

@@ -163,28 +163,12 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
         raw = file.read_bytes()
     except OSError as e:
         raise ConfigError(f"{file}: cannot read the config file: {e.strerror}") from None
+    is_yaml = file.suffix.lower() in (".yaml", ".yml")
     try:
-        document = yaml.safe_load(raw) if file.suffix.lower() in (".yaml", ".yml") else orjson.loads(raw)
+        document = yaml.safe_load(raw) if is_yaml else orjson.loads(raw)
     except (orjson.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{file}: not valid {'YAML' if file.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        raise ConfigError(f"{file}: not valid {'YAML' if is_yaml else 'JSON'}: {e}") from None
     return parse_config(document, str(file), file.resolve().parent)
-
-
-def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
-    """A config serving every ``DIR/<name>/`` folder that holds at least one version folder."""
-    root = Path(directory)
-    if not root.is_dir():
-        raise ConfigError(f"{root}: the model repository is not a directory")
-    models = []
-    for child in sorted(root.iterdir()):
-        if child.name.startswith(".") or not child.is_dir():
-            continue
-        if not any(v.is_dir() and v.name.isdigit() for v in child.iterdir()):
-            continue
-        models.append({"name": child.name, "base_path": child.name})
-    if not models:
-        raise ConfigError(f"{root}: no model folders found (expected {root}/<name>/<version>/model.onnx)")
-    return parse_config({"model_config_list": models}, str(root), root.resolve())
 
 
 class ServerSettings(_Strict):

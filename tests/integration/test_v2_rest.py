@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -868,16 +870,42 @@ def test_bad_request_is_400_naming_the_problem(client: httpx.Client, case: Bad) 
 # --- concurrency ------------------------------------------------------------------------------------------
 
 
-def _slow_iterations(target_seconds: float) -> int:
-    """Iterations of the slow model that take about ``target_seconds`` here (sized, never asserted)."""
-    session = reference_session("slow")
-    x = np.zeros((256, 256), dtype=np.float32)
-    session.run(None, {"iterations": np.array(10, dtype=np.int64), "x": x})
-    probe = 400
-    started = time.perf_counter()
-    session.run(None, {"iterations": np.array(probe, dtype=np.int64), "x": x})
-    per_iteration = max((time.perf_counter() - started) / probe, 1e-6)
-    return int(min(max(target_seconds / per_iteration, 2_000), 2_000_000))
+def _slow_request(iterations: int, x: Array) -> dict[str, Any]:
+    return {
+        "inputs": [
+            {"name": "iterations", "shape": [], "datatype": "INT64", "data": [iterations]},
+            tensor_json("x", x, nested=False),
+        ]
+    }
+
+
+def _slow_iterations(client: httpx.Client, x: Array, target_seconds: float) -> int:
+    """Iterations of the slow model that take about ``target_seconds`` on this server (sized, not asserted).
+
+    Two probes of different lengths, so the fixed cost of a request (a 256x256 tensor in JSON each
+    way) cancels out of the per-iteration cost.
+    """
+    seconds: list[float] = []
+    for iterations in (100, 1_100):
+        started = time.perf_counter()
+        infer_ok(client, "slow", _slow_request(iterations, x))
+        seconds.append(time.perf_counter() - started)
+    per_iteration = max((seconds[1] - seconds[0]) / 1_000, 1e-7)
+    return int(min(max(target_seconds / per_iteration, 5_000), 5_000_000))
+
+
+def _onnxruntime_running(exclude: set[int]) -> bool:
+    """Whether some thread (other than ``exclude``) is inside ONNX Runtime's ``InferenceSession.run``."""
+    for ident, frame in sys._current_frames().items():
+        if ident in exclude:
+            continue
+        current: FrameType | None = frame
+        while current is not None:
+            code = current.f_code
+            if code.co_name == "run" and "onnxruntime" in code.co_filename:
+                return True
+            current = current.f_back
+    return False
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -892,16 +920,11 @@ def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
 def test_slow_inference_does_not_block_health_or_other_models(
     start_server: StartServer, numeric_config: ServerConfig
 ) -> None:
-    server = start_server(numeric_config)  # fresh: its inference threads start with the slow request
+    server = start_server(numeric_config)  # its own server: nothing else runs a model there meanwhile
     x = np.zeros((256, 256), dtype=np.float32)
-    assert np.array_equal(x @ x * np.float32(0.001), x)  # zeros are a fixed point: y must equal x
-    slow_doc = {
-        "inputs": [
-            {"name": "iterations", "shape": [], "datatype": "INT64", "data": [_slow_iterations(3.0)]},
-            tensor_json("x", x, nested=False),
-        ]
-    }
-    workers_before = {t.ident for t in threading.enumerate()}
+    assert np.array_equal(x @ x * np.float32(0.001), x)  # zeros are the loop's fixed point: y must equal x
+    with httpx.Client(base_url=server.http_url, timeout=60) as client:
+        slow_doc = _slow_request(_slow_iterations(client, x, target_seconds=2.5), x)
     slow_done = threading.Event()
     slow_result: dict[str, httpx.Response] = {}
 
@@ -912,15 +935,11 @@ def test_slow_inference_does_not_block_health_or_other_models(
         finally:
             slow_done.set()
 
-    def in_flight() -> bool:
-        return any(
-            t.name.startswith("onnxserve-infer") and t.ident not in workers_before for t in threading.enumerate()
-        )
-
     slow_thread = threading.Thread(target=run_slow, name="slow-request", daemon=True)
     slow_thread.start()
     try:
-        assert _wait_for(in_flight, timeout=15), "the slow request never reached the inference pool"
+        running = _wait_for(lambda: _onnxruntime_running({threading.get_ident()}), timeout=15)
+        assert running, "the slow request never started running in ONNX Runtime"
         assert not slow_done.is_set(), "the slow request finished before it could be overlapped; size it up"
         with httpx.Client(base_url=server.http_url, timeout=60) as client:
             for _ in range(3):
@@ -936,5 +955,4 @@ def test_slow_inference_does_not_block_health_or_other_models(
     assert not slow_thread.is_alive()
     response = slow_result["response"]
     assert response.status_code == 200, response.text
-    got = json_outputs(response.json())
-    np.testing.assert_array_equal(got["y"], x)
+    np.testing.assert_array_equal(json_outputs(response.json())["y"], x)

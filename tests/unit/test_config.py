@@ -6,18 +6,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-import models
 import pytest
 from pydantic import ValidationError
 
+import models
 from onnxserve.config import (
     ModelConfig,
     ServerConfig,
     VersionPolicy,
     load_config,
     parse_config,
-    scan_repository,
 )
+from onnxserve.core.repository import scan_repository
 from onnxserve.errors import ConfigError
 
 SEED: dict[str, Any] = {
@@ -95,7 +95,7 @@ def test_relative_base_path_does_not_depend_on_the_working_directory(
 ) -> None:
     folder = tmp_path / "configs"
     folder.mkdir()
-    file = _write_json(folder / "config.json", _one_model())
+    _write_json(folder / "config.json", _one_model())
     other = tmp_path / "cwd"
     other.mkdir()
     monkeypatch.chdir(other)

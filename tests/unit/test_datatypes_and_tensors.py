@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import models
 import numpy as np
 import numpy.typing as npt
 import onnx
@@ -15,6 +14,7 @@ import onnxruntime as ort
 import orjson
 import pytest
 
+import models
 from onnxserve.config import ModelConfig
 from onnxserve.core import datatypes
 from onnxserve.core.registry import ModelVersion, load_version
@@ -22,6 +22,7 @@ from onnxserve.core.repository import VersionFolder
 from onnxserve.core.types import InferenceRequest, InferenceResponse, Tensor
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.protocols import binary as binary_tensors
 from onnxserve.protocols.v2_rest import codec, tensors
 from onnxserve.protocols.v2_rest.codec import HEADER_LENGTH, DecodedRequest
 
@@ -45,10 +46,8 @@ def _bytes_array(values: list[bytes], shape: tuple[int, ...]) -> npt.NDArray[Any
 
 
 def test_table_names_every_v2_datatype() -> None:
-    assert sorted(datatypes.V2_DATATYPES) == sorted(
-        ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"]
-        + ["FP16", "FP32", "FP64", "BF16", "BYTES"]
-    )
+    integers = ["UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"]
+    assert sorted(datatypes.V2_DATATYPES) == sorted(["BOOL", *integers, "FP16", "FP32", "FP64", "BF16", "BYTES"])
 
 
 @pytest.mark.parametrize("name", SERVED)
@@ -327,8 +326,8 @@ def _binary_cases() -> list[tuple[str, npt.NDArray[Any], bytes]]:
 
 @pytest.mark.parametrize(("name", "array", "raw"), _binary_cases(), ids=[c[0] for c in _binary_cases()])
 def test_binary_round_trip(name: str, array: npt.NDArray[Any], raw: bytes) -> None:
-    assert tensors.to_binary(Tensor("x", dt(name), array)) == raw
-    back = tensors.from_binary("x", dt(name), array.shape, raw)
+    assert binary_tensors.encode(Tensor("x", dt(name), array)) == raw
+    back = binary_tensors.decode("x", dt(name), array.shape, raw)
     assert back.datatype is dt(name)
     assert back.shape == array.shape
     assert back.data.dtype == array.dtype
@@ -337,14 +336,14 @@ def test_binary_round_trip(name: str, array: npt.NDArray[Any], raw: bytes) -> No
 
 def test_to_binary_of_a_non_contiguous_array() -> None:
     values = np.arange(6, dtype=np.float32).reshape(2, 3).T  # column-major view
-    raw = tensors.to_binary(Tensor("x", dt("FP32"), values))
+    raw = binary_tensors.encode(Tensor("x", dt("FP32"), values))
     assert raw == struct.pack("<6f", *values.reshape(-1).tolist())
 
 
 @pytest.mark.parametrize(("name", "length"), [("FP32", 7), ("FP32", 12), ("INT64", 8), ("BOOL", 3)])
 def test_from_binary_wrong_byte_length(name: str, length: int) -> None:
     with pytest.raises(InvalidInputError) as caught:
-        tensors.from_binary("x", dt(name), (2,), b"\x00" * length)
+        binary_tensors.decode("x", dt(name), (2,), b"\x00" * length)
     message = caught.value.message
     expected = 2 * dt(name).itemsize
     assert "'x'" in message
@@ -356,7 +355,7 @@ def test_from_binary_wrong_byte_length(name: str, length: int) -> None:
 def test_from_binary_truncated_bytes_length_prefix() -> None:
     raw = struct.pack("<I", 1) + b"a" + b"\x02\x00"
     with pytest.raises(InvalidInputError) as caught:
-        tensors.from_binary("text", dt("BYTES"), (2,), raw)
+        binary_tensors.decode("text", dt("BYTES"), (2,), raw)
     assert "'text'" in caught.value.message
     assert "4-byte length" in caught.value.message
 
@@ -364,7 +363,7 @@ def test_from_binary_truncated_bytes_length_prefix() -> None:
 def test_from_binary_bytes_element_runs_past_the_data() -> None:
     raw = struct.pack("<I", 10) + b"short"
     with pytest.raises(InvalidInputError) as caught:
-        tensors.from_binary("text", dt("BYTES"), (1,), raw)
+        binary_tensors.decode("text", dt("BYTES"), (1,), raw)
     assert "'text'" in caught.value.message
     assert "10 bytes" in caught.value.message
 
@@ -372,7 +371,7 @@ def test_from_binary_bytes_element_runs_past_the_data() -> None:
 def test_from_binary_bytes_element_count_mismatch() -> None:
     raw = struct.pack("<I", 1) + b"a"
     with pytest.raises(InvalidInputError) as caught:
-        tensors.from_binary("text", dt("BYTES"), (2,), raw)
+        binary_tensors.decode("text", dt("BYTES"), (2,), raw)
     assert "1 elements" in caught.value.message
 
 
@@ -629,7 +628,9 @@ def test_encode_all_binary_outputs_in_order() -> None:
     for out, tensor in zip(doc["outputs"], response.outputs, strict=True):
         assert "data" not in out
         size = out["parameters"]["binary_data_size"]
-        back = tensors.from_binary(out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size])
+        back = binary_tensors.decode(
+            out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size]
+        )
         assert back.data.tolist() == tensor.data.tolist()
         assert back.data.dtype == tensor.data.dtype
         offset += size
@@ -662,7 +663,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path,
         "two",
         1,
-        models.parse("two (float[n, 4] a, float[m, 4] b) => (float[n, 4] a2, float[m, 4] b2) { a2 = Neg(a)  b2 = Neg(b) }"),
+        models.parse(
+            "two (float[n, 4] a, float[m, 4] b) => (float[n, 4] a2, float[m, 4] b2) { a2 = Neg(a)  b2 = Neg(b) }"
+        ),
     )
     return path
 

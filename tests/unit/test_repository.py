@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import models
 import numpy as np
 import onnx
 import onnx.helper
 import onnx.numpy_helper
 import pytest
 
+import models
 from onnxserve.config import ModelConfig, VersionPolicy, parse_config
 from onnxserve.core.registry import ModelRegistry, effective_max_batch_size
 from onnxserve.core.repository import discover_versions, version_number, versions_to_serve
@@ -288,9 +288,7 @@ def test_effective_max_batch_size(registry: ModelRegistry) -> None:
     assert registry.resolve("anon", None).max_batch_size == 2  # unnamed dynamic dim is still dynamic
 
 
-def test_effective_max_batch_size_logs_why_it_is_off(
-    registry: ModelRegistry, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_effective_max_batch_size_logs_why_it_is_off(registry: ModelRegistry, caplog: pytest.LogCaptureFixture) -> None:
     fixed = registry.resolve("fixed", None)
     with caplog.at_level(logging.WARNING, logger="onnxserve.core.registry"):
         assert effective_max_batch_size(fixed.config, fixed.session) == 0
@@ -338,4 +336,3 @@ def test_registry_runs_the_model(registry: ModelRegistry) -> None:
     out = add.session.run({"a": a, "b": b}, ["diff"])
     assert list(out) == ["diff"]
     np.testing.assert_array_equal(out["diff"], a - b)
-

@@ -64,7 +64,8 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve models over KServe V2 REST."""
-    from onnxserve.config import ServerSettings, load_config, scan_repository
+    from onnxserve.config import ServerSettings, load_config
+    from onnxserve.core.repository import scan_repository
     from onnxserve.server.lifecycle import serve as run_server
 
     logging.basicConfig(

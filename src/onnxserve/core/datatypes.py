@@ -62,14 +62,19 @@ V2_DATATYPES: tuple[str, ...] = (*(d.v2 for d in _TABLE), "BF16")
 """Every datatype name the V2 protocol defines (BF16 is named so that it is refused precisely)."""
 
 
-def from_v2(name: str) -> DataType:
-    """The datatype for a V2 name such as ``"FP32"``; unknown names are invalid input."""
+def from_v2(name: str, where: str = "") -> DataType:
+    """The datatype for a V2 name such as ``"FP32"``; unknown names are invalid input.
+
+    ``where`` (e.g. ``"input 'a'"``) starts the error message, so the client knows which tensor it was.
+    """
     try:
         return _BY_V2[name]
     except KeyError:
+        prefix = f"{where}: " if where else ""
         if name == "BF16":
-            raise InvalidInputError("datatype BF16 is not supported by onnxserve") from None
-        raise InvalidInputError(f"unknown datatype {name!r}; expected one of {', '.join(V2_DATATYPES)}") from None
+            raise InvalidInputError(f"{prefix}datatype BF16 is not supported by onnxserve") from None
+        expected = ", ".join(V2_DATATYPES)
+        raise InvalidInputError(f"{prefix}unknown datatype {name!r}; expected one of {expected}") from None
 
 
 def from_ort(type_string: str, where: str) -> DataType:

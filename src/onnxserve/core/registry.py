@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from onnxserve.config import ModelConfig, ServerConfig
 from onnxserve.core.repository import VersionFolder, versions_to_serve
 from onnxserve.core.runtime import ModelSession
+from onnxserve.core.statistics import ModelStatistics
 from onnxserve.core.types import TensorSpec
 from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
 
@@ -38,6 +39,7 @@ class ModelVersion:
     max_batch_size: int
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
+    stats: ModelStatistics = field(default_factory=ModelStatistics)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxserve.config import ModelConfig
+import os
+
+from onnxserve.config import ModelConfig, ServerConfig, parse_config
 from onnxserve.errors import ConfigError
 
 MODEL_FILENAME = "model.onnx"
@@ -38,12 +40,16 @@ def discover_versions(base_path: Path) -> list[VersionFolder]:
     """Every version folder under ``base_path``, lowest version first."""
     if not base_path.is_dir():
         raise ConfigError(f"{base_path}: base_path is not a directory")
-    found = []
+    found: dict[int, VersionFolder] = {}
     for child in base_path.iterdir():
         number = version_number(child.name)
-        if number is not None and child.is_dir():
-            found.append(VersionFolder(number, child))
-    return sorted(found, key=lambda v: v.version)
+        if number is None or not child.is_dir():
+            continue
+        if number in found:
+            other = found[number].path.name
+            raise ConfigError(f"{base_path}: folders {other!r} and {child.name!r} are both version {number}")
+        found[number] = VersionFolder(number, child)
+    return [found[n] for n in sorted(found)]
 
 
 def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
@@ -60,3 +66,20 @@ def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
         if version not in chosen:
             raise ConfigError(f"{where}: version_labels.{label} points to version {version}, which is not served")
     return [by_number[v] for v in chosen]
+
+
+def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
+    """A config serving every ``DIR/<name>/`` folder that holds at least one version folder."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: the model repository is not a directory")
+    models = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or not child.is_dir():
+            continue
+        if not any(v.is_dir() and version_number(v.name) is not None for v in child.iterdir()):
+            continue
+        models.append({"name": child.name, "base_path": child.name})
+    if not models:
+        raise ConfigError(f"{root}: no model folders found (expected {root}/<name>/<version>/model.onnx)")
+    return parse_config({"model_config_list": models}, str(root), root.resolve())

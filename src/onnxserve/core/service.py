@@ -7,7 +7,9 @@ pool, so a slow model never blocks health checks or other models.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy.typing as npt
@@ -23,9 +25,27 @@ from onnxserve.core.types import (
     Tensor,
     TensorSpec,
 )
+from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.validation import prepare_feeds
+from onnxserve.errors import OnnxServeError
 
 SERVER_NAME = "onnxserve"
+
+
+@dataclass(frozen=True)
+class VersionStatistics:
+    name: str
+    version: str
+    statistics: StatisticsSnapshot
+
+
+def _timed_run(
+    model: ModelVersion, feeds: dict[str, npt.NDArray[Any]], output_names: list[str], submitted_ns: int
+) -> tuple[dict[str, npt.NDArray[Any]], int, int]:
+    """Run on a worker thread; returns the outputs, the time spent waiting for the thread, and the run time."""
+    start = time.perf_counter_ns()
+    results = model.session.run(feeds, output_names)
+    return results, start - submitted_ns, time.perf_counter_ns() - start
 
 
 class InferenceService:
@@ -82,11 +102,31 @@ class InferenceService:
         )
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        started = time.perf_counter_ns()
         model = self.registry.resolve(request.model_name, request.model_version)
-        feeds, output_names = prepare_feeds(request, model)
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, model.session.run, feeds, output_names)
+        try:
+            feeds, output_names = prepare_feeds(request, model)
+            loop = asyncio.get_running_loop()
+            results, queue_ns, compute_ns = await loop.run_in_executor(
+                self._executor, _timed_run, model, feeds, output_names, time.perf_counter_ns()
+            )
+        except OnnxServeError:
+            model.stats.record_failure(time.perf_counter_ns() - started)
+            raise
+        rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
+        model.stats.record_success(rows, queue_ns, compute_ns, time.perf_counter_ns() - started)
         return self._response(request, model, results)
+
+    def model_statistics(self, name: str = "", version: str | None = None) -> list[VersionStatistics]:
+        """Statistics of one model version, of every version of one model, or (no name) of all models."""
+        if name and version:
+            chosen = [self.registry.resolve(name, version)]
+        elif name:
+            served = self.registry.get(name)
+            chosen = [served.versions[v] for v in served.version_numbers()]
+        else:
+            chosen = [m.versions[v] for m in self.registry for v in m.version_numbers()]
+        return [VersionStatistics(m.name, str(m.version), m.stats.snapshot()) for m in chosen]
 
     @staticmethod
     def _response(

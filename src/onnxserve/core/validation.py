@@ -20,6 +20,23 @@ def format_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+MAX_ELEMENTS = 2**40
+"""More elements than any request can carry: larger declared shapes are refused before any allocation."""
+
+
+def request_shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
+    """A request tensor's declared shape, refused when a dimension is negative or the size absurd."""
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
+    count = 1
+    for d in shape:
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} declares too many elements")
+    return shape
+
+
 def _describe(spec: TensorSpec) -> str:
     return f"{spec.name!r} ({spec.datatype.v2} {format_shape(spec.shape)})"
 

@@ -19,6 +19,7 @@ from onnxserve.core.types import (
     TensorSpec,
 )
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import binary as binary_tensors
 from onnxserve.protocols.v2_rest import tensors
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -32,8 +33,13 @@ _OUTPUT_KEYS = {"name", "parameters"}
 @dataclass(frozen=True)
 class DecodedRequest:
     request: InferenceRequest
-    binary_outputs: frozenset[str]  # outputs to answer in binary form
+    binary_outputs: frozenset[str]  # outputs that asked for binary form ("binary_data": true)
     all_binary: bool  # request-level binary_data_output
+    json_outputs: frozenset[str] = frozenset()  # outputs that refused it ("binary_data": false)
+
+    def wants_binary(self, output: str) -> bool:
+        """An output's own binary_data parameter wins; otherwise the request-level default applies."""
+        return output in self.binary_outputs or (self.all_binary and output not in self.json_outputs)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -85,7 +91,7 @@ def decode_infer_request(
         raise InvalidInputError(
             f"the body carries {len(binary)} bytes of binary tensor data but the inputs declare {offset}"
         )
-    outputs, binary_outputs = _decode_outputs(doc.get("outputs"))
+    outputs, binary_outputs, json_outputs = _decode_outputs(doc.get("outputs"))
     all_binary = params.get("binary_data_output") is True
     request = InferenceRequest(
         model_name=model_name,
@@ -95,7 +101,7 @@ def decode_infer_request(
         outputs=outputs,
         parameters={k: v for k, v in params.items() if k != "binary_data_output"},
     )
-    return DecodedRequest(request, frozenset(binary_outputs), all_binary)
+    return DecodedRequest(request, frozenset(binary_outputs), all_binary, frozenset(json_outputs))
 
 
 def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[Tensor, int]:
@@ -108,7 +114,7 @@ def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[
             raise InvalidInputError(f"input {name!r} is missing {key!r}")
     if not isinstance(doc["datatype"], str):
         raise InvalidInputError(f"input {name!r}: 'datatype' must be a string such as \"FP32\"")
-    dtype = datatypes.from_v2(doc["datatype"])
+    dtype = datatypes.from_v2(doc["datatype"], where=f"input {name!r}")
     shape = tensors.parse_shape(name, doc["shape"])
     params = _parameters(doc, f"input {name!r}")
     size = params.get("binary_data_size")
@@ -121,19 +127,20 @@ def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[
             raise InvalidInputError(
                 f"input {name!r}: binary_data_size is {size} but only {len(binary)} bytes of binary data remain"
             )
-        return tensors.from_binary(name, dtype, shape, bytes(binary[:size])), size
+        return binary_tensors.decode(name, dtype, shape, bytes(binary[:size])), size
     if "data" not in doc:
         raise InvalidInputError(f"input {name!r} has no 'data' (and no binary_data_size)")
     return tensors.from_json(name, dtype, shape, doc["data"]), 0
 
 
-def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str]]:
+def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
     if raw is None:
-        return None, []
+        return None, [], []
     if not isinstance(raw, list):
         raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
     names: list[str] = []
     binary: list[str] = []
+    json: list[str] = []
     for i, item in enumerate(raw):
         doc = _object(item, f"outputs[{i}]")
         name = doc.get("name")
@@ -141,9 +148,12 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str]]:
             raise InvalidInputError(f"outputs[{i}] needs a 'name' string")
         _check_keys(doc, _OUTPUT_KEYS, f"output {name!r}")
         names.append(name)
-        if _parameters(doc, f"output {name!r}").get("binary_data") is True:
+        choice = _parameters(doc, f"output {name!r}").get("binary_data")
+        if choice is True:
             binary.append(name)
-    return names, binary
+        elif choice is False:
+            json.append(name)
+    return names, binary, json
 
 
 def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
@@ -156,10 +166,10 @@ def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) 
             "datatype": tensor.datatype.v2,
             "shape": list(tensor.shape),
         }
-        if decoded.all_binary or tensor.name in decoded.binary_outputs:
-            raw = tensors.to_binary(tensor)
-            out["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+        if decoded.wants_binary(tensor.name):
+            data = binary_tensors.encode(tensor)
+            out["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
         else:
             out["data"] = tensors.to_json_data(tensor)
         outputs.append(out)

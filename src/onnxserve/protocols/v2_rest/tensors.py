@@ -1,9 +1,8 @@
-"""V2 tensor data <-> numpy, in JSON form (nested or flat lists) and in binary form (raw bytes)."""
+"""V2 tensor data <-> numpy in JSON form: nested or flat row-major lists."""
 
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy.typing as npt
 
 from onnxserve.core.datatypes import DataType
 from onnxserve.core.types import Tensor
-from onnxserve.core.validation import format_shape
+from onnxserve.core.validation import format_shape, request_shape
 from onnxserve.errors import InvalidInputError
 
 _ACCEPTED_KINDS = {
@@ -30,9 +29,7 @@ def element_count(shape: tuple[int, ...]) -> int:
 def parse_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
         raise InvalidInputError(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}")
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
-    return tuple(shape)
+    return request_shape(name, shape)
 
 
 def _flatten_strings(name: str, data: Any) -> list[bytes]:
@@ -67,6 +64,9 @@ def from_json(name: str, dtype: DataType, shape: tuple[int, ...], data: Any) -> 
         ) from None
     if parsed.size != count:
         raise _count_error(name, parsed.size, shape)
+    if count and dtype.numpy.kind in "iu" and parsed.dtype.kind in "fO":
+        # Integers beyond int64 make numpy fall back to float64 or object: check them exactly.
+        parsed = _exact_integers(name, dtype, data, parsed)
     if count and parsed.dtype.kind not in _ACCEPTED_KINDS[dtype.numpy.kind]:
         raise InvalidInputError(
             f"input {name!r}: datatype {dtype.v2} needs {_KIND_WORDS[dtype.numpy.kind]}, "
@@ -82,6 +82,17 @@ def from_json(name: str, dtype: DataType, shape: tuple[int, ...], data: Any) -> 
     with np.errstate(over="ignore"):
         array = parsed.astype(dtype.numpy).reshape(shape)
     return Tensor(name, dtype, array)
+
+
+def _exact_integers(name: str, dtype: DataType, data: Any, parsed: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    values = np.array(data, dtype=object).ravel().tolist()
+    if not all(type(v) is int for v in values):
+        return parsed  # genuinely non-integer data: the kind check below names it
+    info = np.iinfo(dtype.numpy)  # type: ignore[type-var]
+    for v in values:
+        if not info.min <= v <= info.max:
+            raise InvalidInputError(f"input {name!r}: value {v} is out of range for {dtype.v2}")
+    return np.array(values, dtype=dtype.numpy).reshape(parsed.shape)
 
 
 def _describe_kind(array: npt.NDArray[Any]) -> str:
@@ -107,49 +118,3 @@ def to_json_data(tensor: Tensor) -> Any:
                 f"output {tensor.name!r} holds bytes that are not UTF-8 text; request it with binary_data"
             ) from None
     return flat
-
-
-# --- binary tensor extension -------------------------------------------------------------------
-
-_LENGTH = struct.Struct("<I")
-
-
-def from_binary(name: str, dtype: DataType, shape: tuple[int, ...], raw: bytes) -> Tensor:
-    """A tensor from raw bytes: little-endian values, or length-prefixed elements for BYTES."""
-    count = element_count(shape)
-    if dtype.is_bytes:
-        values = _split_bytes(name, raw)
-        if len(values) != count:
-            raise _count_error(name, len(values), shape)
-        array = np.empty(count, dtype=object)
-        array[:] = values
-        return Tensor(name, dtype, array.reshape(shape))
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidInputError(
-            f"input {name!r}: {len(raw)} bytes of binary data, but {dtype.v2} {format_shape(shape)} needs {expected}"
-        )
-    array = np.frombuffer(raw, dtype=dtype.numpy.newbyteorder("<")).astype(dtype.numpy, copy=False)
-    return Tensor(name, dtype, array.reshape(shape))
-
-
-def _split_bytes(name: str, raw: bytes) -> list[bytes]:
-    values = []
-    offset = 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInputError(f"input {name!r}: BYTES data ends inside an element's 4-byte length")
-        (size,) = _LENGTH.unpack_from(raw, offset)
-        offset += 4
-        if offset + size > len(raw):
-            raise InvalidInputError(f"input {name!r}: a BYTES element of {size} bytes runs past the data")
-        values.append(bytes(raw[offset : offset + size]))
-        offset += size
-    return values
-
-
-def to_binary(tensor: Tensor) -> bytes:
-    """Raw bytes of a tensor in the binary extension's layout."""
-    if tensor.datatype.is_bytes:
-        return b"".join(_LENGTH.pack(len(b)) + b for b in tensor.data.reshape(-1))
-    return np.ascontiguousarray(tensor.data, dtype=tensor.datatype.numpy.newbyteorder("<")).tobytes()

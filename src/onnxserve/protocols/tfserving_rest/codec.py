@@ -1,0 +1,217 @@
+"""TF Serving REST bodies <-> InferenceRequest / InferenceResponse, status and metadata documents."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from onnxserve.core.registry import ModelState, ModelVersion
+from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.tfserving_rest import values
+
+SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+
+_PREDICT_KEYS = ("signature_name", "instances", "inputs")
+
+# ModelState -> (TF Serving state, error code) for the model status API
+_STATES: dict[ModelState, tuple[str, str]] = {
+    ModelState.LOADING: ("LOADING", "OK"),
+    ModelState.READY: ("AVAILABLE", "OK"),
+    ModelState.UNAVAILABLE: ("END", "UNAVAILABLE"),
+}
+
+
+@dataclass(frozen=True)
+class DecodedPredict:
+    request: InferenceRequest
+    rows: bool  # the row ("instances") form: answer "predictions"; else the columnar form: answer "outputs"
+
+
+# --- JSON ----------------------------------------------------------------------------------------
+
+
+def loads(body: bytes) -> Any:
+    """Parse a request body; NaN and Infinity tokens (which orjson refuses) take the slower json path."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    if not body.strip():
+        raise InvalidInputError("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+
+
+def dumps(doc: Any, nonfinite: bool = False) -> bytes:
+    """Encode a response; with ``nonfinite`` NaN and Infinity are written as tokens, as TF Serving does."""
+    if not nonfinite:
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(doc, default=_plain, separators=(",", ":")).encode("utf-8")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# --- predict -------------------------------------------------------------------------------------
+
+
+def decode_predict(doc: Any, meta: ModelMetadata, model_version: str | None) -> DecodedPredict:
+    """One InferenceRequest from a predict body, reading each input as the model's datatype for it."""
+    if not isinstance(doc, dict):
+        raise InvalidInputError("the predict request must be a JSON object with 'instances' or 'inputs'")
+    unknown = sorted(set(doc) - set(_PREDICT_KEYS))
+    if unknown:
+        raise InvalidInputError(
+            f"unknown key {unknown[0]!r} in the predict request; expected {', '.join(_PREDICT_KEYS)}"
+        )
+    _check_signature(doc.get("signature_name"), meta.name)
+    if "instances" in doc and "inputs" in doc:
+        raise InvalidInputError(
+            "the predict request has both 'instances' (row form) and 'inputs' (columnar form); give one"
+        )
+    if "instances" in doc:
+        tensors, rows = _decode_instances(doc["instances"], meta), True
+    elif "inputs" in doc:
+        tensors, rows = _decode_inputs(doc["inputs"], meta), False
+    else:
+        raise InvalidInputError("the predict request needs 'instances' (row form) or 'inputs' (columnar form)")
+    request = InferenceRequest(model_name=meta.name, model_version=model_version, inputs=tensors)
+    return DecodedPredict(request, rows)
+
+
+def _check_signature(signature: Any, model: str) -> None:
+    if signature is None or signature == SIGNATURE:
+        return
+    raise InvalidInputError(f"model {model!r} has no signature {signature!r}; its only signature is {SIGNATURE!r}")
+
+
+def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
+    for spec in meta.inputs:
+        if spec.name == name:
+            return spec
+    raise InvalidInputError(f"unknown input {name!r} for model {meta.name!r}; its inputs are: {_names(meta.inputs)}")
+
+
+def _names(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(repr(s.name) for s in specs)
+
+
+def _named(value: Any) -> bool:
+    return isinstance(value, dict) and not values.is_b64(value)
+
+
+def _decode_inputs(value: Any, meta: ModelMetadata) -> list[Tensor]:
+    if _named(value):
+        return [_tensor(meta, name, item, "") for name, item in value.items()]
+    if len(meta.inputs) != 1:
+        raise InvalidInputError(
+            f"model {meta.name!r} has {len(meta.inputs)} inputs ({_names(meta.inputs)}): "
+            "give 'inputs' as an object {input name: value}"
+        )
+    return [_tensor(meta, meta.inputs[0].name, value, "")]
+
+
+def _decode_instances(rows: Any, meta: ModelMetadata) -> list[Tensor]:
+    if not isinstance(rows, list) or not rows:
+        raise InvalidInputError("'instances' must be a non-empty list of rows")
+    if not _named(rows[0]):
+        if len(meta.inputs) != 1:
+            raise InvalidInputError(
+                f"model {meta.name!r} has {len(meta.inputs)} inputs ({_names(meta.inputs)}): "
+                "each instance must be an object {input name: value}"
+            )
+        return [_tensor(meta, meta.inputs[0].name, rows, " in 'instances'")]
+    names = list(rows[0])
+    for i, row in enumerate(rows):
+        if not _named(row):
+            raise InvalidInputError(f"instance {i} is not an object {{input name: value}} like instance 0")
+        if set(row) != set(names):
+            raise InvalidInputError(
+                f"instance {i} has inputs {sorted(row)} but instance 0 has {sorted(names)}; every instance "
+                "must name the same inputs"
+            )
+    return [_tensor(meta, name, [row[name] for row in rows], " in 'instances'") for name in names]
+
+
+def _tensor(meta: ModelMetadata, name: str, value: Any, what: str) -> Tensor:
+    spec = _spec(meta, name)
+    return Tensor(name, spec.datatype, values.to_array(name, spec.datatype, value, what))
+
+
+def encode_predict(response: InferenceResponse, rows: bool) -> bytes:
+    """``{"predictions": [...]}`` for the row form, ``{"outputs": ...}`` for the columnar form."""
+    outputs = {t.name: values.to_json(t.datatype, t.data) for t in response.outputs}
+    nonfinite = any(t.data.dtype.kind == "f" and not np.isfinite(t.data).all() for t in response.outputs)
+    if rows:
+        return dumps({"predictions": _predictions(response.outputs, outputs)}, nonfinite)
+    if len(outputs) == 1:
+        return dumps({"outputs": next(iter(outputs.values()))}, nonfinite)
+    return dumps({"outputs": outputs}, nonfinite)
+
+
+def _predictions(tensors: Sequence[Tensor], outputs: Mapping[str, Any]) -> Any:
+    batch: tuple[str, int] | None = None
+    for tensor in tensors:
+        if not tensor.shape:
+            raise InvalidInputError(
+                f"output {tensor.name!r} is a scalar, which the row form cannot split into rows; "
+                "send the request in the columnar form ('inputs')"
+            )
+        if batch is None:
+            batch = (tensor.name, tensor.shape[0])
+        elif tensor.shape[0] != batch[1]:
+            raise InvalidInputError(
+                f"output {tensor.name!r} has {tensor.shape[0]} rows but output {batch[0]!r} has {batch[1]}; "
+                "the row form needs every output to share the first dimension: send the request in the "
+                "columnar form ('inputs')"
+            )
+    if len(outputs) == 1:
+        return next(iter(outputs.values()))
+    size = batch[1] if batch else 0
+    return [{name: value[i] for name, value in outputs.items()} for i in range(size)]
+
+
+# --- status and metadata -------------------------------------------------------------------------
+
+
+def encode_status(versions: Sequence[ModelVersion]) -> dict[str, Any]:
+    statuses = []
+    for version in versions:
+        state, code = _STATES[version.state]
+        message = "" if code == "OK" else f"version {version.version} is {version.state.value.lower()}"
+        statuses.append(
+            {"version": str(version.version), "state": state, "status": {"error_code": code, "error_message": message}}
+        )
+    return {"model_version_status": statuses}
+
+
+def _tensor_info(spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "dtype": values.tf_dtype(spec.datatype),
+        "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in spec.shape], "unknown_rank": False},
+        "name": spec.name,
+    }
+
+
+def encode_metadata(meta: ModelMetadata, version: int) -> dict[str, Any]:
+    signature = {
+        "inputs": {s.name: _tensor_info(s) for s in meta.inputs},
+        "outputs": {s.name: _tensor_info(s) for s in meta.outputs},
+        "method_name": PREDICT_METHOD,
+    }
+    return {
+        "model_spec": {"name": meta.name, "signature_name": SIGNATURE, "version": str(version)},
+        "metadata": {"signature_def": {"signature_def": {SIGNATURE: signature}}},
+    }
