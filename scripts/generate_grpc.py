@@ -1,6 +1,6 @@
-"""Generate the Python gRPC code for the KServe V2 service from its .proto file.
+"""Generate the Python protobuf code for the KServe V2 gRPC messages from their .proto file.
 
-    python scripts/generate_grpc.py            # write src/onnxserve/protocols/v2_grpc/generated/*_pb2*.py
+    python scripts/generate_grpc.py            # write src/onnxserve/protocols/v2_grpc/generated/grpc_service_pb2.py[i]
     python scripts/generate_grpc.py --check    # exit 1 if the committed code is stale
 
 The output is deterministic for a given grpcio-tools version (pinned in pyproject.toml's dev extra);
@@ -19,7 +19,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[1] / "src"
 PROTO = Path("onnxserve/protocols/v2_grpc/generated/grpc_service.proto")
-OUTPUTS = ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py")
+OUTPUTS = ("grpc_service_pb2.py", "grpc_service_pb2.pyi")
 
 
 def generate(into: Path) -> None:

@@ -23,7 +23,9 @@ def start_server() -> Iterator[StartServer]:
     running: list[RunningServer] = []
 
     def start(config: ServerConfig) -> RunningServer:
-        server = start_in_background(config, ServerSettings(http_port=0, inference_threads=4, log_level="warning"))
+        server = start_in_background(
+            config, ServerSettings(http_port=0, grpc_port=0, inference_threads=4, log_level="warning")
+        )
         running.append(server)
         return server
 
@@ -61,7 +63,7 @@ def numeric_config(numeric_repository: Path) -> ServerConfig:
 
 @pytest.fixture(scope="session")
 def numeric_server(numeric_config: ServerConfig) -> Iterator[RunningServer]:
-    server = start_in_background(numeric_config, ServerSettings(http_port=0, log_level="warning"))
+    server = start_in_background(numeric_config, ServerSettings(http_port=0, grpc_port=0, log_level="warning"))
     yield server
     server.stop()
 
@@ -81,7 +83,7 @@ def demo_server(demo_repository: Path) -> Iterator[RunningServer]:
     from onnxserve.config import load_config
 
     server = start_in_background(
-        load_config(demo_repository / "config.json"), ServerSettings(http_port=0, log_level="warning")
+        load_config(demo_repository / "config.json"), ServerSettings(http_port=0, grpc_port=0, log_level="warning")
     )
     yield server
     server.stop()

@@ -178,4 +178,5 @@ class ServerSettings(_Strict):
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
     inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, os.cpu_count() or 1))
+    grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"

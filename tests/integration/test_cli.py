@@ -17,7 +17,7 @@ import pytest
 import models
 
 ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
-LISTENING = re.compile(r"HTTP \(KServe V2 REST\) on http://([\d.]+):(\d+)")
+LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -27,7 +27,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 @pytest.fixture
 def served_process(numeric_repository: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     process = subprocess.Popen(
-        [*ONNXSERVE, "serve", "--model-repository", str(numeric_repository), "--http-port", "0"],
+        [*ONNXSERVE, "serve", "--model-repository", str(numeric_repository), "--http-port", "0", "--grpc-port", "0"],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -68,7 +68,7 @@ def test_serve_needs_exactly_one_source(tmp_path: Path) -> None:
 def test_bad_config_stops_startup_with_one_message(tmp_path: Path) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"model_config_list": [{"name": "m", "base_path": "m", "max_batch": 3}]}))
-    result = run_cli("serve", "--config", str(config), "--http-port", "0")
+    result = run_cli("serve", "--config", str(config), "--http-port", "0", "--grpc-port", "0")
     assert result.returncode == 2
     assert str(config) in result.stderr
     assert "model_config_list[0].max_batch" in result.stderr
@@ -81,7 +81,7 @@ def test_one_broken_model_stops_the_whole_server(tmp_path: Path) -> None:
     broken = tmp_path / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not a protobuf")
-    result = run_cli("serve", "--model-repository", str(tmp_path), "--http-port", "0")
+    result = run_cli("serve", "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0")
     assert result.returncode == 2
     assert "not an ONNX model" in result.stderr
     assert "broken" in result.stderr

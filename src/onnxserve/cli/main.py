@@ -57,13 +57,13 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback must be asked for.")] = "127.0.0.1",
     http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (reserved; gRPC is not served yet).")] = 8001,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).")] = 8001,
     inference_threads: Annotated[
         int | None, typer.Option(help="Threads that run inference off the event loop.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Serve models over KServe V2 REST."""
+    """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
     from onnxserve.config import ServerSettings, load_config
     from onnxserve.core.repository import scan_repository
     from onnxserve.server.lifecycle import serve as run_server

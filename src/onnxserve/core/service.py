@@ -39,6 +39,16 @@ class VersionStatistics:
     statistics: StatisticsSnapshot
 
 
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model version in the repository index."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
 def _timed_run(
     model: ModelVersion, feeds: dict[str, npt.NDArray[Any]], output_names: list[str], submitted_ns: int
 ) -> tuple[dict[str, npt.NDArray[Any]], int, int]:
@@ -116,6 +126,15 @@ class InferenceService:
         rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
         model.stats.record_success(rows, queue_ns, compute_ns, time.perf_counter_ns() - started)
         return self._response(request, model, results)
+
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every loaded model version with its state (only ready ones with ``ready_only``)."""
+        return [
+            IndexEntry(m.name, str(v.version), v.state.value)
+            for m in self.registry
+            for v in (m.versions[n] for n in m.version_numbers())
+            if v.ready or not ready_only
+        ]
 
     def model_statistics(self, name: str = "", version: str | None = None) -> list[VersionStatistics]:
         """Statistics of one model version, of every version of one model, or (no name) of all models."""

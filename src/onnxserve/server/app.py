@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from onnxserve.core.service import InferenceService
+from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
 
 
@@ -23,4 +24,5 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(service: InferenceService) -> Starlette:
-    return Starlette(routes=v2_rest.routes(service), exception_handlers={HTTPException: _http_error})
+    routes = [*v2_rest.routes(service), *tfserving_rest.routes(service)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})

@@ -1,4 +1,9 @@
-"""Start-up and shutdown: load every model, then listen; refuse to start half-configured."""
+"""Start-up and shutdown: load every model, then listen; refuse to start half-configured.
+
+HTTP (uvicorn) and gRPC (grpc.aio) share one event loop. On SIGINT/SIGTERM uvicorn stops accepting
+and finishes open HTTP requests; then gRPC gets a grace period for its open calls; then the process
+exits with status 0.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
@@ -14,10 +20,15 @@ import uvicorn
 from onnxserve.config import ServerConfig, ServerSettings
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
-from onnxserve.protocols.v2_rest.routes import EXTENSIONS
 from onnxserve.server.app import create_app
+from onnxserve.server.grpc_server import create_grpc_server
 
 log = logging.getLogger(__name__)
+
+GRPC_GRACE_SECONDS = 10.0
+
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+"""KServe V2 extensions every protocol front end implements; advertised in server metadata."""
 
 
 def build_service(config: ServerConfig, settings: ServerSettings) -> InferenceService:
@@ -40,7 +51,7 @@ def bind(host: str, port: int) -> socket.socket:
 def _uvicorn_server(service: InferenceService, settings: ServerSettings) -> uvicorn.Server:
     config = uvicorn.Config(
         create_app(service),
-        loop="uvloop",
+        loop="none",  # the loop is ours: uvloop, shared with gRPC
         http="httptools",
         lifespan="off",
         access_log=False,
@@ -50,22 +61,53 @@ def _uvicorn_server(service: InferenceService, settings: ServerSettings) -> uvic
     return uvicorn.Server(config)
 
 
+async def _serve(
+    service: InferenceService,
+    settings: ServerSettings,
+    http: uvicorn.Server,
+    http_socket: socket.socket,
+    on_started: Callable[[int, int], None],
+) -> None:
+    grpc_server, grpc_port = create_grpc_server(service, settings)
+    await grpc_server.start()
+    try:
+        task = asyncio.create_task(http.serve(sockets=[http_socket]))
+        while not http.started and not task.done():
+            await asyncio.sleep(0.01)
+        if not task.done():
+            on_started(http_socket.getsockname()[1], grpc_port)
+        await task
+    finally:
+        await grpc_server.stop(GRPC_GRACE_SECONDS)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
 def serve(config: ServerConfig, settings: ServerSettings) -> None:
-    """Load the models, then serve until SIGINT or SIGTERM."""
+    """Load the models, then serve HTTP and gRPC until SIGINT or SIGTERM."""
     service = build_service(config, settings)
     http_socket = bind(settings.host, settings.http_port)
-    for model in service.registry:
-        log.info("serving model %s versions %s", model.name, ", ".join(map(str, model.version_numbers())))
-    log.info("HTTP (KServe V2 REST) on http://%s:%d", settings.host, http_socket.getsockname()[1])
-    log.info("gRPC port %d is reserved; the gRPC protocol is not served yet", settings.grpc_port)
-    server = _uvicorn_server(service, settings)
+    http = _uvicorn_server(service, settings)
+
+    def announce(http_port: int, grpc_port: int) -> None:
+        for model in service.registry:
+            log.info("serving model %s versions %s", model.name, ", ".join(map(str, model.version_numbers())))
+        log.info("HTTP (KServe V2 REST, TF Serving REST) on http://%s:%d", settings.host, http_port)
+        log.info("gRPC (KServe V2) on %s:%d", settings.host, grpc_port)
+
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal through the handler that was in
     # place before it started; a no-op handler there makes a drained shutdown exit with status 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
+    loop = _new_loop()
     try:
-        server.run(sockets=[http_socket])
+        loop.run_until_complete(_serve(service, settings, http, http_socket, announce))
     finally:
+        loop.close()
         service.close()
 
 
@@ -76,6 +118,7 @@ class RunningServer:
     service: InferenceService
     host: str
     http_port: int
+    grpc_port: int
     _server: uvicorn.Server
     _thread: threading.Thread
 
@@ -83,31 +126,42 @@ class RunningServer:
     def http_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=60)
         self.service.close()
 
 
 def start_in_background(config: ServerConfig, settings: ServerSettings) -> RunningServer:
-    """Load the models and serve on a background thread; returns once the server accepts requests."""
+    """Load the models and serve on a background thread; returns once both listeners accept requests."""
     service = build_service(config, settings)
     sock = bind(settings.host, settings.http_port)
-    server = _uvicorn_server(service, settings)
+    http = _uvicorn_server(service, settings)
     started = threading.Event()
+    ports: list[int] = []
+    failure: list[BaseException] = []
+
+    def on_started(http_port: int, grpc_port: int) -> None:
+        ports.extend((http_port, grpc_port))
+        started.set()
 
     def run() -> None:
-        async def main() -> None:
-            task = asyncio.create_task(server.serve(sockets=[sock]))
-            while not server.started and not task.done():
-                await asyncio.sleep(0.01)
+        loop = _new_loop()
+        try:
+            loop.run_until_complete(_serve(service, settings, http, sock, on_started))
+        except BaseException as e:
+            failure.append(e)
             started.set()
-            await task
+        finally:
+            loop.close()
 
-        asyncio.run(main())
-
-    thread = threading.Thread(target=run, name="onnxserve-http", daemon=True)
+    thread = threading.Thread(target=run, name="onnxserve-server", daemon=True)
     thread.start()
-    if not started.wait(timeout=30):
-        raise RuntimeError("the server did not start within 30 s")
-    return RunningServer(service, settings.host, sock.getsockname()[1], server, thread)
+    if not started.wait(timeout=60) or failure:
+        service.close()
+        raise RuntimeError(f"the server did not start: {failure[0] if failure else 'timed out'}")
+    return RunningServer(service, settings.host, ports[0], ports[1], http, thread)

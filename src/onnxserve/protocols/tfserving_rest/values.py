@@ -154,7 +154,8 @@ def to_json(datatype: DataType, array: npt.NDArray[Any]) -> Any:
     BYTES elements are strings when they are UTF-8 text, ``{"b64": "..."}`` otherwise.
     """
     if not datatype.is_bytes:
-        return np.ascontiguousarray(array)
+        # the canonical dtype: ONNX Runtime may hand back e.g. longlong, whose scalars orjson refuses
+        return np.ascontiguousarray(array, dtype=datatype.numpy)
     flat = np.empty(array.size, dtype=object)
     flat[:] = [_bytes_json(b) for b in array.reshape(-1)]
     return flat.reshape(array.shape).tolist()

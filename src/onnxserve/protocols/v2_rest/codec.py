@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 
 from onnxserve.core import datatypes
+from onnxserve.core.service import IndexEntry, VersionStatistics
+from onnxserve.core.statistics import Duration
 from onnxserve.core.types import (
     InferenceRequest,
     InferenceResponse,
@@ -221,3 +223,53 @@ def encode_model_configuration(config: ModelConfiguration) -> dict[str, Any]:
         "input": [tensor(s) for s in config.inputs],
         "output": [tensor(s) for s in config.outputs],
     }
+
+
+def _duration(d: Duration) -> dict[str, int]:
+    return {"count": d.count, "ns": d.ns}
+
+
+def encode_statistics(stats: list[VersionStatistics]) -> dict[str, Any]:
+    """The statistics extension's JSON: ``{"model_stats": [...]}``."""
+    return {
+        "model_stats": [
+            {
+                "name": s.name,
+                "version": s.version,
+                "last_inference": s.statistics.last_inference_ms,
+                "inference_count": s.statistics.inference_count,
+                "execution_count": s.statistics.execution_count,
+                "inference_stats": {
+                    "success": _duration(s.statistics.success),
+                    "fail": _duration(s.statistics.fail),
+                    "queue": _duration(s.statistics.queue),
+                    "compute_input": _duration(Duration()),
+                    "compute_infer": _duration(s.statistics.compute_infer),
+                    "compute_output": _duration(Duration()),
+                },
+                "batch_stats": [
+                    {"batch_size": b.batch_size, "compute_infer": _duration(b.compute_infer)}
+                    for b in s.statistics.batches
+                ],
+            }
+            for s in stats
+        ]
+    }
+
+
+def encode_repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
+    return [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in entries]
+
+
+def decode_repository_index_request(body: bytes) -> bool:
+    """The ``ready`` flag of a repository index request (an empty body means false)."""
+    if not body.strip():
+        return False
+    try:
+        doc = _object(orjson.loads(body), "the repository index request")
+    except orjson.JSONDecodeError as e:
+        raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInputError("'ready' must be true or false")
+    return ready

@@ -21,9 +21,6 @@ JSON = "application/json"
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration")
-"""V2 extensions these endpoints implement; advertised in server metadata."""
-
 
 def json_response(doc: Any, status: int = 200) -> Response:
     return Response(codec.dumps(doc), status_code=status, media_type=JSON)
@@ -78,6 +75,14 @@ def routes(service: InferenceService) -> list[Route]:
         config = service.model_configuration(request.path_params["name"], _version(request))
         return json_response(codec.encode_model_configuration(config))
 
+    async def statistics(request: Request) -> Response:
+        stats = service.model_statistics(request.path_params.get("name", ""), _version(request))
+        return json_response(codec.encode_statistics(stats))
+
+    async def repository_index(request: Request) -> Response:
+        ready_only = codec.decode_repository_index_request(await request.body())
+        return json_response(codec.encode_repository_index(service.repository_index(ready_only)))
+
     async def infer(request: Request) -> Response:
         body = await request.body()
         header_length = _header_length(request)
@@ -97,12 +102,15 @@ def routes(service: InferenceService) -> list[Route]:
         Route("/v2/health/live", _guarded(live), methods=["GET"]),
         Route("/v2/health/ready", _guarded(ready), methods=["GET"]),
         Route("/v2", _guarded(server_metadata), methods=["GET"]),
+        Route("/v2/models/stats", _guarded(statistics), methods=["GET"]),
+        Route("/v2/repository/index", _guarded(repository_index), methods=["POST"]),
     ]
     for base in model_paths:
         table += [
             Route(base, _guarded(model_metadata), methods=["GET"]),
             Route(f"{base}/ready", _guarded(model_ready), methods=["GET"]),
             Route(f"{base}/config", _guarded(model_config), methods=["GET"]),
+            Route(f"{base}/stats", _guarded(statistics), methods=["GET"]),
             Route(f"{base}/infer", _guarded(infer), methods=["POST"]),
         ]
     return table

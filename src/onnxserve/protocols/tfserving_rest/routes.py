@@ -1,0 +1,146 @@
+"""TF Serving REST endpoints: each one decodes, calls the InferenceService, and encodes.
+
+Every API answers on three paths: ``/v1/models/{name}`` (the highest ready version),
+``.../versions/{v}`` and ``.../labels/{label}``; verbs follow a colon (``:predict``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from onnxserve.core.registry import ModelVersion
+from onnxserve.core.service import InferenceService
+from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
+from onnxserve.protocols.errors import HTTP_STATUS
+from onnxserve.protocols.tfserving_rest import codec
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class _Segment(Convertor[str]):
+    """A path segment that stops at a colon, so ``/v1/models/m:predict`` names model ``m``."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("tfs_segment", _Segment())
+
+BASES = (
+    "/v1/models/{name:tfs_segment}",
+    "/v1/models/{name:tfs_segment}/versions/{version:int}",
+    "/v1/models/{name:tfs_segment}/labels/{label:tfs_segment}",
+)
+
+
+def json_response(body: bytes, status: int = 200) -> Response:
+    return Response(body, status_code=status, media_type=JSON)
+
+
+def error_response(error: OnnxServeError) -> Response:
+    return json_response(codec.dumps({"error": error.message}), HTTP_STATUS[error.kind])
+
+
+def _guarded(handler: Endpoint) -> Endpoint:
+    """Turn domain errors into ``{"error": ...}`` bodies with the kind's status; hide anything else."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OnnxServeError as e:
+            return error_response(e)
+        except Exception:
+            log.exception("unexpected error while handling %s %s", request.method, request.url.path)
+            return json_response(codec.dumps({"error": "internal server error"}), 500)
+
+    return endpoint
+
+
+def _target(request: Request) -> tuple[str, str | None]:
+    """The model name, and the version number or label the path names (None for the default)."""
+    name: str = request.path_params["name"]
+    params: dict[str, Any] = request.path_params
+    if "version" in params:
+        return name, str(params["version"])
+    label: str | None = params.get("label")
+    if label is not None and label.isdigit():
+        raise ModelNotFoundError(f"model {name!r} has no label {label!r}; a version number goes in /versions/{label}")
+    return name, label
+
+
+def _status_versions(service: InferenceService, request: Request) -> list[ModelVersion]:
+    """Every served version, or the one the path names, whatever its state (no readiness check)."""
+    name, _ = _target(request)
+    served = service.registry.get(name)
+    params: dict[str, Any] = request.path_params
+    if "version" in params:
+        number: int = params["version"]
+    elif "label" in params:
+        label: str = params["label"]
+        if label not in served.config.version_labels:
+            known = ", ".join(sorted(served.config.version_labels)) or "none"
+            raise ModelNotFoundError(f"model {name!r} has no label {label!r} (labels: {known})")
+        number = served.config.version_labels[label]
+    else:
+        return [served.versions[n] for n in served.version_numbers()]
+    found = served.versions.get(number)
+    if found is None:
+        listed = ", ".join(str(v) for v in served.version_numbers())
+        raise ModelNotFoundError(f"model {name!r} has no version {number} (served: {listed})")
+    return [found]
+
+
+def routes(service: InferenceService) -> list[Route]:
+    async def status(request: Request) -> Response:
+        return json_response(codec.dumps(codec.encode_status(_status_versions(service, request))))
+
+    async def metadata(request: Request) -> Response:
+        name, version = _target(request)
+        meta = service.model_metadata(name, version)
+        number = service.registry.resolve(name, version).version
+        return json_response(codec.dumps(codec.encode_metadata(meta, number)))
+
+    async def predict(request: Request) -> Response:
+        name, version = _target(request)
+        meta = service.model_metadata(name, version)
+        decoded = codec.decode_predict(codec.loads(await request.body()), meta, version)
+        response = await service.infer(decoded.request)
+        return json_response(codec.encode_predict(response, decoded.rows))
+
+    def unsupported(verb: str, kind: str) -> Endpoint:
+        async def refuse(request: Request) -> Response:
+            name, version = _target(request)
+            service.model_metadata(name, version)  # an unknown model or version is 404, not 400
+            raise InvalidInputError(
+                f":{verb} is not supported: model {name!r} is not a {kind} model (onnxserve's text "
+                f"{kind} pipelines are future work); use :predict"
+            )
+
+        return refuse
+
+    table: list[Route] = []
+    for base in BASES:
+        table += [
+            Route(base, _guarded(status), methods=["GET"]),
+            Route(f"{base}/metadata", _guarded(metadata), methods=["GET"]),
+            Route(f"{base}:predict", _guarded(predict), methods=["POST"]),
+            Route(f"{base}:classify", _guarded(unsupported("classify", "classification")), methods=["POST"]),
+            Route(f"{base}:regress", _guarded(unsupported("regress", "regression")), methods=["POST"]),
+        ]
+    return table

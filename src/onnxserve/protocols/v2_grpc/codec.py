@@ -1,0 +1,214 @@
+"""V2 gRPC messages <-> InferenceRequest / InferenceResponse and metadata.
+
+Inputs arrive either as typed ``contents`` or as ``raw_input_contents`` (one bytes entry per input,
+in order; what tritonclient sends). A request that came raw is answered raw; a typed request is
+answered typed unless an output is FP16, which only travels raw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from onnxserve.core import datatypes
+from onnxserve.core.datatypes import DataType
+from onnxserve.core.service import VersionStatistics
+from onnxserve.core.statistics import Duration
+from onnxserve.core.types import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelConfiguration,
+    ModelMetadata,
+    ServerMetadata,
+    Tensor,
+    TensorSpec,
+)
+from onnxserve.core.validation import format_shape, request_shape
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import binary as binary_tensors
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+# Which InferTensorContents field carries each datatype (FP16 has none: raw only).
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    request: InferenceRequest
+    raw: bool  # inputs came as raw_input_contents: answer the same way
+
+
+def parameters_from_proto(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        choice = param.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(param, choice)
+    return out
+
+
+def parameters_to_proto(params: Mapping[str, Any], into: Any) -> None:
+    for key, value in params.items():
+        if isinstance(value, bool):
+            into[key].bool_param = value
+        elif isinstance(value, int):
+            into[key].int64_param = value
+        elif isinstance(value, float):
+            into[key].double_param = value
+        else:
+            into[key].string_param = str(value)
+
+
+def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
+    if not message.model_name:
+        raise InvalidInputError("model_name is empty")
+    if not message.inputs:
+        raise InvalidInputError("the request has no inputs")
+    raw = len(message.raw_input_contents) > 0
+    if raw and len(message.raw_input_contents) != len(message.inputs):
+        raise InvalidInputError(
+            f"raw_input_contents has {len(message.raw_input_contents)} entries for {len(message.inputs)} inputs"
+        )
+    inputs = []
+    for index, tensor in enumerate(message.inputs):
+        if not tensor.name:
+            raise InvalidInputError(f"inputs[{index}] has no name")
+        dtype = datatypes.from_v2(tensor.datatype, where=f"input {tensor.name!r}")
+        shape = request_shape(tensor.name, tensor.shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(
+                    f"input {tensor.name!r} carries contents while the request uses raw_input_contents; use one form"
+                )
+            inputs.append(binary_tensors.decode(tensor.name, dtype, shape, message.raw_input_contents[index]))
+        else:
+            inputs.append(_from_contents(tensor.name, dtype, shape, tensor.contents))
+    request = InferenceRequest(
+        model_name=message.model_name,
+        model_version=message.model_version or None,
+        id=message.id or None,
+        inputs=inputs,
+        outputs=[o.name for o in message.outputs] or None,
+        parameters=parameters_from_proto(message.parameters),
+    )
+    return DecodedRequest(request, raw)
+
+
+def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents: pb.InferTensorContents) -> Tensor:
+    field = CONTENTS_FIELD.get(dtype.v2)
+    if field is None:
+        raise InvalidInputError(f"input {name!r}: {dtype.v2} data travels only in raw_input_contents")
+    values = getattr(contents, field)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise InvalidInputError(
+            f"input {name!r}: contents.{field} has {len(values)} elements but shape {format_shape(shape)} needs {count}"
+        )
+    if dtype.is_bytes:
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return Tensor(name, dtype, array.reshape(shape))
+    wide = np.array(values)
+    if dtype.numpy.kind in "iu" and count:
+        info = np.iinfo(dtype.numpy)  # type: ignore[type-var]
+        low, high = int(wide.min()), int(wide.max())
+        if low < info.min or high > info.max:
+            raise InvalidInputError(
+                f"input {name!r}: value {low if low < info.min else high} is out of range for {dtype.v2}"
+            )
+    return Tensor(name, dtype, wide.astype(dtype.numpy).reshape(shape))
+
+
+def encode_infer_response(response: InferenceResponse, raw: bool) -> pb.ModelInferResponse:
+    message = pb.ModelInferResponse(
+        model_name=response.model_name, model_version=response.model_version, id=response.id or ""
+    )
+    parameters_to_proto(response.parameters, message.parameters)
+    as_raw = raw or any(t.datatype.v2 not in CONTENTS_FIELD for t in response.outputs)
+    for tensor in response.outputs:
+        out = message.outputs.add(name=tensor.name, datatype=tensor.datatype.v2, shape=list(tensor.shape))
+        if as_raw:
+            message.raw_output_contents.append(binary_tensors.encode(tensor))
+        else:
+            getattr(out.contents, CONTENTS_FIELD[tensor.datatype.v2]).extend(tensor.data.reshape(-1).tolist())
+    return message
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+    return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype.v2, shape=list(spec.shape))
+
+
+def encode_model_metadata(meta: ModelMetadata) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=meta.name,
+        versions=list(meta.versions),
+        platform=meta.platform,
+        inputs=[_tensor_metadata(s) for s in meta.inputs],
+        outputs=[_tensor_metadata(s) for s in meta.outputs],
+    )
+
+
+def encode_server_metadata(meta: ServerMetadata) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(name=meta.name, version=meta.version, extensions=list(meta.extensions))
+
+
+def encode_model_configuration(config: ModelConfiguration) -> pb.ModelConfigResponse:
+    def dtype(spec: TensorSpec) -> str:
+        return spec.datatype.triton_config  # protobuf accepts an enum value by its name
+
+    return pb.ModelConfigResponse(
+        config=pb.ModelConfig(
+            name=config.name,
+            platform=config.platform,
+            backend="onnxruntime",
+            max_batch_size=config.max_batch_size,
+            input=[pb.ModelInput(name=s.name, data_type=dtype(s), dims=list(s.shape)) for s in config.inputs],
+            output=[pb.ModelOutput(name=s.name, data_type=dtype(s), dims=list(s.shape)) for s in config.outputs],
+        )
+    )
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def encode_statistics(stats: list[VersionStatistics]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(
+        model_stats=[
+            pb.ModelStatistics(
+                name=s.name,
+                version=s.version,
+                last_inference=s.statistics.last_inference_ms,
+                inference_count=s.statistics.inference_count,
+                execution_count=s.statistics.execution_count,
+                inference_stats=pb.InferStatistics(
+                    success=_duration(s.statistics.success),
+                    fail=_duration(s.statistics.fail),
+                    queue=_duration(s.statistics.queue),
+                    compute_infer=_duration(s.statistics.compute_infer),
+                ),
+                batch_stats=[
+                    pb.InferBatchStatistics(batch_size=b.batch_size, compute_infer=_duration(b.compute_infer))
+                    for b in s.statistics.batches
+                ],
+            )
+            for s in stats
+        ]
+    )

@@ -1,0 +1,31 @@
+"""The gRPC listener (KServe V2 gRPC) on the same event loop as the HTTP server."""
+
+from __future__ import annotations
+
+import grpc
+
+from onnxserve.config import ServerSettings
+from onnxserve.core.service import InferenceService
+from onnxserve.errors import ConfigError
+from onnxserve.protocols.v2_grpc.servicer import generic_handler
+
+
+def create_grpc_server(service: InferenceService, settings: ServerSettings) -> tuple[grpc.aio.Server, int]:
+    """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got."""
+    limit = settings.grpc_max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    server.add_generic_rpc_handlers((generic_handler(service),))
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    try:
+        port: int = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    except RuntimeError as e:
+        raise ConfigError(f"cannot listen for gRPC on {host}:{settings.grpc_port}: {e}") from None
+    if port == 0:
+        raise ConfigError(f"cannot listen for gRPC on {host}:{settings.grpc_port}")
+    return server, port
