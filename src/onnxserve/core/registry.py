@@ -103,24 +103,30 @@ class ServedModel:
         return sorted(self.versions, reverse=True)
 
     def resolve(self, version: str | None) -> ModelVersion:
-        """The version a request names: a number, a label, or None for the highest ready version."""
+        """The version a request names (a number, a label, or None for the highest ready one), if ready."""
         if version is None or version == "":
             for number in self.version_numbers():
                 if self.versions[number].ready:
                     return self.versions[number]
             raise UnavailableError(f"model {self.name!r} has no ready version")
+        found = self.lookup(version)
+        if not found.ready:
+            raise UnavailableError(f"model {self.name!r} version {found.version} is {found.state.value.lower()}")
+        return found
+
+    def lookup(self, version: str) -> ModelVersion:
+        """The version a number or label names, whatever its state; ModelNotFoundError if none."""
         if version.isascii() and version.isdigit():
             number = int(version)
         elif version in self.config.version_labels:
             number = self.config.version_labels[version]
         else:
-            raise ModelNotFoundError(f"model {self.name!r} has no version or label {version!r}")
+            labels = ", ".join(sorted(self.config.version_labels)) or "none"
+            raise ModelNotFoundError(f"model {self.name!r} has no version or label {version!r} (labels: {labels})")
         found = self.versions.get(number)
         if found is None:
             served = ", ".join(str(v) for v in self.version_numbers())
             raise ModelNotFoundError(f"model {self.name!r} has no version {number} (served: {served})")
-        if not found.ready:
-            raise UnavailableError(f"model {self.name!r} version {number} is {found.state.value.lower()}")
         return found
 
 

@@ -7,10 +7,9 @@ spec.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import os
 
 from onnxserve.config import ModelConfig, ServerConfig, parse_config
 from onnxserve.errors import ConfigError

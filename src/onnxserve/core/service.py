@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from onnxserve import __version__
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.types import (
     InferenceRequest,
     InferenceResponse,
@@ -25,7 +26,6 @@ from onnxserve.core.types import (
     Tensor,
     TensorSpec,
 )
-from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import OnnxServeError
 
@@ -47,6 +47,10 @@ class IndexEntry:
     version: str
     state: str
     reason: str = ""
+
+
+def _index_entry(model: ModelVersion) -> IndexEntry:
+    return IndexEntry(model.name, str(model.version), model.state.value)
 
 
 def _timed_run(
@@ -77,9 +81,7 @@ class InferenceService:
         """Whether the model (or that version of it) can serve now; unknown models raise ModelNotFoundError."""
         served = self.registry.get(name)
         if version:
-            number = int(version) if version.isdigit() else served.config.version_labels.get(version, -1)
-            found = served.versions.get(number)
-            return found is not None and found.ready
+            return served.lookup(version).ready
         return any(v.ready for v in served.versions.values())
 
     def server_metadata(self) -> ServerMetadata:
@@ -90,6 +92,7 @@ class InferenceService:
         served = self.registry.get(name)
         return ModelMetadata(
             name=name,
+            version=str(model.version),
             versions=[str(v) for v in served.version_numbers()],
             platform=PLATFORM,
             inputs=model.inputs,
@@ -130,11 +133,18 @@ class InferenceService:
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every loaded model version with its state (only ready ones with ``ready_only``)."""
         return [
-            IndexEntry(m.name, str(v.version), v.state.value)
+            _index_entry(v)
             for m in self.registry
             for v in (m.versions[n] for n in m.version_numbers())
             if v.ready or not ready_only
         ]
+
+    def version_states(self, name: str, version: str | None = None) -> list[IndexEntry]:
+        """The state of the version a number or label names, or of every version of the model."""
+        served = self.registry.get(name)
+        if version:
+            return [_index_entry(served.lookup(version))]
+        return [_index_entry(served.versions[n]) for n in served.version_numbers()]
 
     def model_statistics(self, name: str = "", version: str | None = None) -> list[VersionStatistics]:
         """Statistics of one model version, of every version of one model, or (no name) of all models."""

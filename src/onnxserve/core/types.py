@@ -78,7 +78,8 @@ class ModelMetadata:
     """What a client may know about a served model version."""
 
     name: str
-    versions: Sequence[str]
+    version: str  # the version these inputs and outputs belong to
+    versions: Sequence[str]  # every served version
     platform: str
     inputs: Sequence[TensorSpec]
     outputs: Sequence[TensorSpec]

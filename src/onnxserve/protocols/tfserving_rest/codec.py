@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from onnxserve.core.registry import ModelState, ModelVersion
+from onnxserve.core.registry import ModelState
+from onnxserve.core.service import IndexEntry
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.tfserving_rest import values
@@ -21,10 +22,10 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 _PREDICT_KEYS = ("signature_name", "instances", "inputs")
 
 # ModelState -> (TF Serving state, error code) for the model status API
-_STATES: dict[ModelState, tuple[str, str]] = {
-    ModelState.LOADING: ("LOADING", "OK"),
-    ModelState.READY: ("AVAILABLE", "OK"),
-    ModelState.UNAVAILABLE: ("END", "UNAVAILABLE"),
+_STATES: dict[str, tuple[str, str]] = {
+    ModelState.LOADING.value: ("LOADING", "OK"),
+    ModelState.READY.value: ("AVAILABLE", "OK"),
+    ModelState.UNAVAILABLE.value: ("END", "UNAVAILABLE"),
 }
 
 
@@ -186,13 +187,13 @@ def _predictions(tensors: Sequence[Tensor], outputs: Mapping[str, Any]) -> Any:
 # --- status and metadata -------------------------------------------------------------------------
 
 
-def encode_status(versions: Sequence[ModelVersion]) -> dict[str, Any]:
+def encode_status(versions: Sequence[IndexEntry]) -> dict[str, Any]:
     statuses = []
-    for version in versions:
-        state, code = _STATES[version.state]
-        message = "" if code == "OK" else f"version {version.version} is {version.state.value.lower()}"
+    for entry in versions:
+        state, code = _STATES[entry.state]
+        message = entry.reason or ("" if code == "OK" else f"version {entry.version} is {entry.state.lower()}")
         statuses.append(
-            {"version": str(version.version), "state": state, "status": {"error_code": code, "error_message": message}}
+            {"version": entry.version, "state": state, "status": {"error_code": code, "error_message": message}}
         )
     return {"model_version_status": statuses}
 
@@ -205,13 +206,13 @@ def _tensor_info(spec: TensorSpec) -> dict[str, Any]:
     }
 
 
-def encode_metadata(meta: ModelMetadata, version: int) -> dict[str, Any]:
+def encode_metadata(meta: ModelMetadata) -> dict[str, Any]:
     signature = {
         "inputs": {s.name: _tensor_info(s) for s in meta.inputs},
         "outputs": {s.name: _tensor_info(s) for s in meta.outputs},
         "method_name": PREDICT_METHOD,
     }
     return {
-        "model_spec": {"name": meta.name, "signature_name": SIGNATURE, "version": str(version)},
+        "model_spec": {"name": meta.name, "signature_name": SIGNATURE, "version": meta.version},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: signature}}},
     }

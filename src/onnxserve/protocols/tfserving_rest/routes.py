@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.registry import ModelVersion
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
 from onnxserve.protocols.errors import HTTP_STATUS
@@ -84,37 +83,15 @@ def _target(request: Request) -> tuple[str, str | None]:
     return name, label
 
 
-def _status_versions(service: InferenceService, request: Request) -> list[ModelVersion]:
-    """Every served version, or the one the path names, whatever its state (no readiness check)."""
-    name, _ = _target(request)
-    served = service.registry.get(name)
-    params: dict[str, Any] = request.path_params
-    if "version" in params:
-        number: int = params["version"]
-    elif "label" in params:
-        label: str = params["label"]
-        if label not in served.config.version_labels:
-            known = ", ".join(sorted(served.config.version_labels)) or "none"
-            raise ModelNotFoundError(f"model {name!r} has no label {label!r} (labels: {known})")
-        number = served.config.version_labels[label]
-    else:
-        return [served.versions[n] for n in served.version_numbers()]
-    found = served.versions.get(number)
-    if found is None:
-        listed = ", ".join(str(v) for v in served.version_numbers())
-        raise ModelNotFoundError(f"model {name!r} has no version {number} (served: {listed})")
-    return [found]
-
-
 def routes(service: InferenceService) -> list[Route]:
     async def status(request: Request) -> Response:
-        return json_response(codec.dumps(codec.encode_status(_status_versions(service, request))))
+        name, version = _target(request)
+        return json_response(codec.dumps(codec.encode_status(service.version_states(name, version))))
 
     async def metadata(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        number = service.registry.resolve(name, version).version
-        return json_response(codec.dumps(codec.encode_metadata(meta, number)))
+        return json_response(codec.dumps(codec.encode_metadata(meta)))
 
     async def predict(request: Request) -> Response:
         name, version = _target(request)
