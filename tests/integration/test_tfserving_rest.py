@@ -432,8 +432,9 @@ BAD_REQUESTS: list[tuple[str, str, Any, tuple[str, ...]]] = [
     ("ragged-instances", "fixed", {"instances": [[1.0, 2.0, 3.0], [4.0, 5.0]]}, ("'x'", "evenly nested")),
     ("empty-instances", "fixed", {"instances": []}, ("instances", "non-empty")),
     ("instances-not-list", "fixed", {"instances": {"x": 1.0}}, ("instances", "list")),
-    ("strings-for-float", "fixed", {"inputs": [["a", "b", "c"], ["d", "e", "f"]]}, ("'x'", "DT_FLOAT", "strings")),
-    ("b64-for-float", "fixed", {"inputs": [[{"b64": "AAAA"}] * 3] * 2}, ("'x'", "DT_FLOAT", "non-numeric")),
+    # Text is passed on as BYTES (a model with a tokenizer would tokenize it); this one refuses it.
+    ("strings-for-float", "fixed", {"inputs": [["a", "b", "c"], ["d", "e", "f"]]}, ("'x'", "BYTES", "FP32")),
+    ("b64-for-float", "fixed", {"inputs": [[{"b64": "AAAA"}] * 3] * 2}, ("'x'", "BYTES", "FP32")),
     ("bools-for-float", "fixed", {"inputs": [[True, False, True]] * 2}, ("'x'", "DT_FLOAT", "booleans")),
     ("null-for-float", "fixed", {"inputs": [[None, 1.0, 2.0]] * 2}, ("'x'", "non-numeric")),
     ("wrong-shape", "fixed", {"inputs": [[1.0, 2.0, 3.0]]}, ("'x'", "shape", "[2, 3]")),

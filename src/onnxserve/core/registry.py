@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from onnxserve.config import ModelConfig, ServerConfig
+from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
@@ -40,6 +41,7 @@ class ModelVersion:
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
     stats: ModelStatistics = field(default_factory=ModelStatistics)
+    pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -75,6 +77,7 @@ def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
     session = ModelSession(folder.model_file, config.providers(), config.session_options, name=name)
+    pipeline = load_pipeline(folder.path, [s.name for s in session.inputs])
     session.warmup()
     return ModelVersion(
         name=config.name,
@@ -83,6 +86,7 @@ def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
         config=config,
         session=session,
         max_batch_size=effective_max_batch_size(config, session),
+        pipeline=pipeline,
         load_seconds=time.perf_counter() - started,
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.typing as npt
@@ -27,7 +27,7 @@ from onnxserve.core.types import (
     TensorSpec,
 )
 from onnxserve.core.validation import prepare_feeds
-from onnxserve.errors import OnnxServeError
+from onnxserve.errors import InvalidInputError, OnnxServeError
 
 SERVER_NAME = "onnxserve"
 
@@ -53,13 +53,55 @@ def _index_entry(model: ModelVersion) -> IndexEntry:
     return IndexEntry(model.name, str(model.version), model.state.value)
 
 
-def _timed_run(
-    model: ModelVersion, feeds: dict[str, npt.NDArray[Any]], output_names: list[str], submitted_ns: int
-) -> tuple[dict[str, npt.NDArray[Any]], int, int]:
-    """Run on a worker thread; returns the outputs, the time spent waiting for the thread, and the run time."""
+@dataclass(frozen=True)
+class _Plan:
+    """What one validated request runs on a worker thread."""
+
+    fetch: list[str]  # graph outputs to compute
+    feeds: dict[str, npt.NDArray[Any]] | None = None  # token tensors sent by the client ...
+    texts: list[str] | None = None  # ... or texts to tokenize first
+    rename: dict[str, str] = field(default_factory=dict)  # graph output -> name in the response
+    rows: int = 1
+
+
+@dataclass(frozen=True)
+class _Result:
+    outputs: dict[str, npt.NDArray[Any]]
+    queue_ns: int
+    compute_ns: int
+    truncated: int = 0
+
+
+def _plan(request: InferenceRequest, model: ModelVersion) -> _Plan:
+    texts = model.pipeline.text_of(request) if model.pipeline is not None else None
+    if texts is None or model.pipeline is None:
+        feeds, fetch = prepare_feeds(request, model)
+        rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
+        return _Plan(fetch, feeds=feeds, rows=rows)
+    if model.max_batch_size and len(texts) > model.max_batch_size:
+        raise InvalidInputError(
+            f"{len(texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
+        )
+    fetch, rename = model.pipeline.output_names(request.outputs)
+    known = {o.name for o in model.outputs}
+    for name in fetch:
+        if name not in known:
+            listed = ", ".join(sorted({*known, *rename.values()}))
+            raise InvalidInputError(f"unknown output {name!r} for model {model.name!r}; outputs are: {listed}")
+    return _Plan(fetch, texts=texts, rename=rename, rows=len(texts) if model.max_batch_size else 1)
+
+
+def _execute(model: ModelVersion, plan: _Plan, submitted_ns: int) -> _Result:
+    """Runs on a worker thread: tokenize if needed, then run the graph; times the wait and the work."""
     start = time.perf_counter_ns()
-    results = model.session.run(feeds, output_names)
-    return results, start - submitted_ns, time.perf_counter_ns() - start
+    truncated = 0
+    feeds = plan.feeds
+    if plan.texts is not None and model.pipeline is not None:
+        encoded = model.pipeline.encode(plan.texts)
+        feeds, truncated = encoded.feeds, encoded.truncated
+    assert feeds is not None
+    outputs = model.session.run(feeds, plan.fetch)
+    return _Result(outputs, start - submitted_ns, time.perf_counter_ns() - start, truncated)
 
 
 class InferenceService:
@@ -118,17 +160,24 @@ class InferenceService:
         started = time.perf_counter_ns()
         model = self.registry.resolve(request.model_name, request.model_version)
         try:
-            feeds, output_names = prepare_feeds(request, model)
+            plan = _plan(request, model)
             loop = asyncio.get_running_loop()
-            results, queue_ns, compute_ns = await loop.run_in_executor(
-                self._executor, _timed_run, model, feeds, output_names, time.perf_counter_ns()
-            )
+            result = await loop.run_in_executor(self._executor, _execute, model, plan, time.perf_counter_ns())
         except OnnxServeError:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
-        rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
-        model.stats.record_success(rows, queue_ns, compute_ns, time.perf_counter_ns() - started)
-        return self._response(request, model, results)
+        model.stats.record_success(plan.rows, result.queue_ns, result.compute_ns, time.perf_counter_ns() - started)
+        specs = {s.name: s for s in model.outputs}
+        return InferenceResponse(
+            model_name=model.name,
+            model_version=str(model.version),
+            outputs=[
+                Tensor(plan.rename.get(name, name), specs[name].datatype, array)
+                for name, array in result.outputs.items()
+            ],
+            id=request.id,
+            parameters={"truncated": result.truncated} if result.truncated else {},
+        )
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every loaded model version with its state (only ready ones with ``ready_only``)."""
@@ -156,16 +205,6 @@ class InferenceService:
         else:
             chosen = [m.versions[v] for m in self.registry for v in m.version_numbers()]
         return [VersionStatistics(m.name, str(m.version), m.stats.snapshot()) for m in chosen]
-
-    @staticmethod
-    def _response(
-        request: InferenceRequest, model: ModelVersion, results: dict[str, npt.NDArray[Any]]
-    ) -> InferenceResponse:
-        specs = {s.name: s for s in model.outputs}
-        outputs = [Tensor(name, specs[name].datatype, array) for name, array in results.items()]
-        return InferenceResponse(
-            model_name=model.name, model_version=str(model.version), outputs=outputs, id=request.id
-        )
 
     def close(self) -> None:
         self._live = False

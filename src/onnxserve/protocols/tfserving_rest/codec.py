@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from onnxserve.core.datatypes import from_v2
+from onnxserve.core.pipeline import TEXT_INPUT
 from onnxserve.core.registry import ModelState
 from onnxserve.core.service import IndexEntry
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
@@ -98,6 +100,9 @@ def _check_signature(signature: Any, model: str) -> None:
     raise InvalidInputError(f"model {model!r} has no signature {signature!r}; its only signature is {SIGNATURE!r}")
 
 
+BYTES = from_v2("BYTES")
+
+
 def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
     for spec in meta.inputs:
         if spec.name == name:
@@ -116,6 +121,8 @@ def _named(value: Any) -> bool:
 def _decode_inputs(value: Any, meta: ModelMetadata) -> list[Tensor]:
     if _named(value):
         return [_tensor(meta, name, item, "") for name, item in value.items()]
+    if values.holds_text(value) and len(meta.inputs) != 1:
+        return [_tensor(meta, TEXT_INPUT, value, "")]  # bare text for a model with a tokenizer
     if len(meta.inputs) != 1:
         raise InvalidInputError(
             f"model {meta.name!r} has {len(meta.inputs)} inputs ({_names(meta.inputs)}): "
@@ -128,6 +135,8 @@ def _decode_instances(rows: Any, meta: ModelMetadata) -> list[Tensor]:
     if not isinstance(rows, list) or not rows:
         raise InvalidInputError("'instances' must be a non-empty list of rows")
     if not _named(rows[0]):
+        if values.holds_text(rows) and len(meta.inputs) != 1:
+            return [_tensor(meta, TEXT_INPUT, rows, " in 'instances'")]  # bare text for a model with a tokenizer
         if len(meta.inputs) != 1:
             raise InvalidInputError(
                 f"model {meta.name!r} has {len(meta.inputs)} inputs ({_names(meta.inputs)}): "
@@ -147,6 +156,10 @@ def _decode_instances(rows: Any, meta: ModelMetadata) -> list[Tensor]:
 
 
 def _tensor(meta: ModelMetadata, name: str, value: Any, what: str) -> Tensor:
+    if values.holds_text(value):
+        # Text stays text whatever the graph expects: a model that carries a tokenizer tokenizes it
+        # (``text`` or a token-id input); for any other model the core refuses it by name.
+        return Tensor(name, BYTES, values.to_array(name, BYTES, value, what))
     spec = _spec(meta, name)
     return Tensor(name, spec.datatype, values.to_array(name, spec.datatype, value, what))
 

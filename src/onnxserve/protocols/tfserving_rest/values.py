@@ -51,6 +51,13 @@ def is_b64(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and B64 in value
 
 
+def holds_text(value: Any) -> bool:
+    """Whether a value's first leaf is a string or ``{"b64": ...}`` (the wire has no datatype)."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    return isinstance(value, str) or is_b64(value)
+
+
 def to_array(name: str, datatype: DataType, value: Any, what: str = "") -> npt.NDArray[Any]:
     """``value`` read as ``datatype``; ``what`` says where it came from, for error messages."""
     where = f"input {name!r}{what}"
