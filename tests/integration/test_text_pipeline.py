@@ -181,5 +181,5 @@ def test_pipeline_spec_without_tokenizer_fails_to_load(tmp_path: Path, demo_repo
     folder.mkdir(parents=True)
     for name in ("model.onnx", "onnxserve.json"):
         (folder / name).write_bytes((demo_repository / "minilm" / "1" / name).read_bytes())
-    with pytest.raises(ConfigError, match="tokenizer.json is missing"):
+    with pytest.raises(ConfigError, match=r"tokenizer\.json is missing"):
         ModelRegistry.load(parse_config({"model_config_list": [{"name": "m", "base_path": "m"}]}, "t", tmp_path))

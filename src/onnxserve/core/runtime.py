@@ -25,6 +25,8 @@ from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
+_ORT_INVALID_ARGUMENT: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -114,7 +116,11 @@ class ModelSession:
         ort_feeds = {name: _to_ort(name, array) for name, array in feeds.items()}
         try:
             results = self._session.run(names, ort_feeds)
-        except Exception as e:  # ONNX Runtime's own error types are not part of its public API
+        except _ORT_INVALID_ARGUMENT as e:
+            # The graph refused these values (an index out of range, a reshape that cannot fit):
+            # the request was well-formed but its data is not valid for this model.
+            raise InvalidInputError(f"model {self.name} refused the input values: {_first_line(e)}") from e
+        except Exception as e:  # ONNX Runtime's other error types are not part of its public API
             raise InferenceError(f"model {self.name} failed while running: {_first_line(e)}") from e
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 

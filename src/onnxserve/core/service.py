@@ -68,7 +68,8 @@ class _Plan:
 class _Result:
     outputs: dict[str, npt.NDArray[Any]]
     queue_ns: int
-    compute_ns: int
+    input_ns: int  # tokenization, for text
+    infer_ns: int
     truncated: int = 0
 
 
@@ -100,8 +101,9 @@ def _execute(model: ModelVersion, plan: _Plan, submitted_ns: int) -> _Result:
         encoded = model.pipeline.encode(plan.texts)
         feeds, truncated = encoded.feeds, encoded.truncated
     assert feeds is not None
+    encoded_at = time.perf_counter_ns()
     outputs = model.session.run(feeds, plan.fetch)
-    return _Result(outputs, start - submitted_ns, time.perf_counter_ns() - start, truncated)
+    return _Result(outputs, start - submitted_ns, encoded_at - start, time.perf_counter_ns() - encoded_at, truncated)
 
 
 class InferenceService:
@@ -166,9 +168,9 @@ class InferenceService:
         except OnnxServeError:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
-        model.stats.record_success(plan.rows, result.queue_ns, result.compute_ns, time.perf_counter_ns() - started)
+        output_started = time.perf_counter_ns()
         specs = {s.name: s for s in model.outputs}
-        return InferenceResponse(
+        response = InferenceResponse(
             model_name=model.name,
             model_version=str(model.version),
             outputs=[
@@ -178,6 +180,11 @@ class InferenceService:
             id=request.id,
             parameters={"truncated": result.truncated} if result.truncated else {},
         )
+        done = time.perf_counter_ns()
+        model.stats.record_success(
+            plan.rows, result.queue_ns, result.input_ns, result.infer_ns, done - output_started, done - started
+        )
+        return response
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every loaded model version with its state (only ready ones with ``ready_only``)."""

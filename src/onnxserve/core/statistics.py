@@ -1,7 +1,9 @@
 """Per-model-version inference statistics (the V2 statistics extension's numbers).
 
 Durations are cumulative nanoseconds with a count, as KServe V2 / Triton report them: ``success`` is
-the whole request, ``queue`` the wait for a worker, ``compute_infer`` the runtime's own time.
+the whole request, ``queue`` the wait for a worker, ``compute_input`` the preparation of the inputs
+(tokenization for text), ``compute_infer`` the runtime's own time and ``compute_output`` the
+building of the response. The three compute counts are always equal (perf_analyzer checks it).
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ class Duration:
 
 
 @dataclass(frozen=True)
+class ComputeTimes:
+    input: Duration = Duration()
+    infer: Duration = Duration()
+    output: Duration = Duration()
+
+    def add(self, input_ns: int, infer_ns: int, output_ns: int) -> ComputeTimes:
+        return ComputeTimes(self.input.add(input_ns), self.infer.add(infer_ns), self.output.add(output_ns))
+
+
+@dataclass(frozen=True)
 class BatchStatistics:
     batch_size: int
-    compute_infer: Duration
+    compute: ComputeTimes
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class StatisticsSnapshot:
     success: Duration = Duration()
     fail: Duration = Duration()
     queue: Duration = Duration()
-    compute_infer: Duration = Duration()
+    compute: ComputeTimes = ComputeTimes()
     batches: tuple[BatchStatistics, ...] = ()
 
 
@@ -44,12 +56,14 @@ class ModelStatistics:
 
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _totals: StatisticsSnapshot = field(default_factory=StatisticsSnapshot)
-    _batches: dict[int, Duration] = field(default_factory=dict)
+    _batches: dict[int, ComputeTimes] = field(default_factory=dict)
 
-    def record_success(self, rows: int, queue_ns: int, compute_ns: int, total_ns: int) -> None:
+    def record_success(
+        self, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, total_ns: int
+    ) -> None:
         with self._lock:
             t = self._totals
-            self._batches[rows] = self._batches.get(rows, Duration()).add(compute_ns)
+            self._batches[rows] = self._batches.get(rows, ComputeTimes()).add(input_ns, infer_ns, output_ns)
             self._totals = replace(
                 t,
                 last_inference_ms=time.time_ns() // 1_000_000,
@@ -57,7 +71,7 @@ class ModelStatistics:
                 execution_count=t.execution_count + 1,
                 success=t.success.add(total_ns),
                 queue=t.queue.add(queue_ns),
-                compute_infer=t.compute_infer.add(compute_ns),
+                compute=t.compute.add(input_ns, infer_ns, output_ns),
             )
 
     def record_failure(self, total_ns: int) -> None:

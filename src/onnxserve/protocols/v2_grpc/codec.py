@@ -202,10 +202,17 @@ def encode_statistics(stats: list[VersionStatistics]) -> pb.ModelStatisticsRespo
                     success=_duration(s.statistics.success),
                     fail=_duration(s.statistics.fail),
                     queue=_duration(s.statistics.queue),
-                    compute_infer=_duration(s.statistics.compute_infer),
+                    compute_input=_duration(s.statistics.compute.input),
+                    compute_infer=_duration(s.statistics.compute.infer),
+                    compute_output=_duration(s.statistics.compute.output),
                 ),
                 batch_stats=[
-                    pb.InferBatchStatistics(batch_size=b.batch_size, compute_infer=_duration(b.compute_infer))
+                    pb.InferBatchStatistics(
+                        batch_size=b.batch_size,
+                        compute_input=_duration(b.compute.input),
+                        compute_infer=_duration(b.compute.infer),
+                        compute_output=_duration(b.compute.output),
+                    )
                     for b in s.statistics.batches
                 ],
             )

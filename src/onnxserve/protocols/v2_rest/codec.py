@@ -10,7 +10,7 @@ import orjson
 
 from onnxserve.core import datatypes
 from onnxserve.core.service import IndexEntry, VersionStatistics
-from onnxserve.core.statistics import Duration
+from onnxserve.core.statistics import ComputeTimes, Duration
 from onnxserve.core.types import (
     InferenceRequest,
     InferenceResponse,
@@ -229,6 +229,14 @@ def _duration(d: Duration) -> dict[str, int]:
     return {"count": d.count, "ns": d.ns}
 
 
+def _compute(times: ComputeTimes) -> dict[str, dict[str, int]]:
+    return {
+        "compute_input": _duration(times.input),
+        "compute_infer": _duration(times.infer),
+        "compute_output": _duration(times.output),
+    }
+
+
 def encode_statistics(stats: list[VersionStatistics]) -> dict[str, Any]:
     """The statistics extension's JSON: ``{"model_stats": [...]}``."""
     return {
@@ -243,14 +251,9 @@ def encode_statistics(stats: list[VersionStatistics]) -> dict[str, Any]:
                     "success": _duration(s.statistics.success),
                     "fail": _duration(s.statistics.fail),
                     "queue": _duration(s.statistics.queue),
-                    "compute_input": _duration(Duration()),
-                    "compute_infer": _duration(s.statistics.compute_infer),
-                    "compute_output": _duration(Duration()),
+                    **_compute(s.statistics.compute),
                 },
-                "batch_stats": [
-                    {"batch_size": b.batch_size, "compute_infer": _duration(b.compute_infer)}
-                    for b in s.statistics.batches
-                ],
+                "batch_stats": [{"batch_size": b.batch_size, **_compute(b.compute)} for b in s.statistics.batches],
             }
             for s in stats
         ]
