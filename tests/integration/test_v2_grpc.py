@@ -484,7 +484,12 @@ def _add_stats(client: grpcclient.InferenceServerClient) -> Any:
 
 
 def _batch_counts(stats: Any) -> dict[int, int]:
-    return {int(b.batch_size): int(b.compute_infer.count) for b in stats.batch_stats}
+    """Executions per batch size; the three compute phases are counted once each per execution."""
+    counts = {}
+    for b in stats.batch_stats:
+        assert b.compute_input.count == b.compute_infer.count == b.compute_output.count, b
+        counts[int(b.batch_size)] = int(b.compute_infer.count)
+    return counts
 
 
 def test_statistics_count_exactly_the_requests_sent(client: grpcclient.InferenceServerClient) -> None:
@@ -515,7 +520,8 @@ def test_statistics_count_exactly_the_requests_sent(client: grpcclient.Inference
     assert stats_after.success.count - stats_before.success.count == successes
     assert stats_after.fail.count - stats_before.fail.count == failures
     assert stats_after.queue.count - stats_before.queue.count == successes
-    assert stats_after.compute_infer.count - stats_before.compute_infer.count == successes
+    for phase in ("compute_input", "compute_infer", "compute_output"):  # one of each per success
+        assert getattr(stats_after, phase).count - getattr(stats_before, phase).count == successes, phase
     assert stats_after.success.ns > stats_before.success.ns
     assert stats_after.fail.ns > stats_before.fail.ns
     assert stats_after.compute_infer.ns > stats_before.compute_infer.ns

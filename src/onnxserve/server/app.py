@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from onnxserve.core.service import InferenceService
+from onnxserve.protocols.http import error_response
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
 
@@ -20,7 +21,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = exc.detail
-    return v2_rest.json_response({"error": message}, exc.status_code)
+    return error_response(message, exc.status_code)
 
 
 def create_app(service: InferenceService) -> Starlette:

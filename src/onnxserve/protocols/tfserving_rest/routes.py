@@ -6,8 +6,6 @@ Every API answers on three paths: ``/v1/models/{name}`` (the highest ready versi
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.convertors import Convertor, register_url_convertor
@@ -16,15 +14,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
-from onnxserve.protocols.errors import HTTP_STATUS
+from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
-
-log = logging.getLogger(__name__)
-
-JSON = "application/json"
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class _Segment(Convertor[str]):
@@ -48,29 +40,6 @@ BASES = (
 )
 
 
-def json_response(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type=JSON)
-
-
-def error_response(error: OnnxServeError) -> Response:
-    return json_response(codec.dumps({"error": error.message}), HTTP_STATUS[error.kind])
-
-
-def _guarded(handler: Endpoint) -> Endpoint:
-    """Turn domain errors into ``{"error": ...}`` bodies with the kind's status; hide anything else."""
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except OnnxServeError as e:
-            return error_response(e)
-        except Exception:
-            log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-            return json_response(codec.dumps({"error": "internal server error"}), 500)
-
-    return endpoint
-
-
 def _target(request: Request) -> tuple[str, str | None]:
     """The model name, and the version number or label the path names (None for the default)."""
     name: str = request.path_params["name"]
@@ -86,19 +55,19 @@ def _target(request: Request) -> tuple[str, str | None]:
 def routes(service: InferenceService) -> list[Route]:
     async def status(request: Request) -> Response:
         name, version = _target(request)
-        return json_response(codec.dumps(codec.encode_status(service.version_states(name, version))))
+        return json_body(codec.dumps(codec.encode_status(service.version_states(name, version))))
 
     async def metadata(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        return json_response(codec.dumps(codec.encode_metadata(meta)))
+        return json_body(codec.dumps(codec.encode_metadata(meta)))
 
     async def predict(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
         decoded = codec.decode_predict(codec.loads(await request.body()), meta, version)
         response = await service.infer(decoded.request)
-        return json_response(codec.encode_predict(response, decoded.rows))
+        return json_body(codec.encode_predict(response, decoded.rows))
 
     def unsupported(verb: str, kind: str) -> Endpoint:
         async def refuse(request: Request) -> Response:
@@ -114,10 +83,10 @@ def routes(service: InferenceService) -> list[Route]:
     table: list[Route] = []
     for base in BASES:
         table += [
-            Route(base, _guarded(status), methods=["GET"]),
-            Route(f"{base}/metadata", _guarded(metadata), methods=["GET"]),
-            Route(f"{base}:predict", _guarded(predict), methods=["POST"]),
-            Route(f"{base}:classify", _guarded(unsupported("classify", "classification")), methods=["POST"]),
-            Route(f"{base}:regress", _guarded(unsupported("regress", "regression")), methods=["POST"]),
+            Route(base, guarded(status), methods=["GET"]),
+            Route(f"{base}/metadata", guarded(metadata), methods=["GET"]),
+            Route(f"{base}:predict", guarded(predict), methods=["POST"]),
+            Route(f"{base}:classify", guarded(unsupported("classify", "classification")), methods=["POST"]),
+            Route(f"{base}:regress", guarded(unsupported("regress", "regression")), methods=["POST"]),
         ]
     return table

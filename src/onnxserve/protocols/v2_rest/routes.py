@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -11,38 +9,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.errors import InvalidInputError, OnnxServeError
-from onnxserve.protocols.errors import HTTP_STATUS
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
-
-log = logging.getLogger(__name__)
-
-JSON = "application/json"
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def json_response(doc: Any, status: int = 200) -> Response:
-    return Response(codec.dumps(doc), status_code=status, media_type=JSON)
-
-
-def error_response(error: OnnxServeError) -> Response:
-    return json_response({"error": error.message}, HTTP_STATUS[error.kind])
-
-
-def _guarded(handler: Endpoint) -> Endpoint:
-    """Turn domain errors into ``{"error": ...}`` bodies with the kind's status; hide anything else."""
-
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except OnnxServeError as e:
-            return error_response(e)
-        except Exception:
-            log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-            return json_response({"error": "internal server error"}, 500)
-
-    return endpoint
+    return json_body(codec.dumps(doc), status)
 
 
 def _status(ok: bool) -> Response:
@@ -90,7 +63,7 @@ def routes(service: InferenceService) -> list[Route]:
         response = await service.infer(decoded.request)
         payload, json_length = codec.encode_infer_response(response, decoded)
         if json_length is None:
-            return Response(payload, media_type=JSON)
+            return json_body(payload)
         return Response(
             payload,
             media_type="application/octet-stream",
@@ -99,19 +72,19 @@ def routes(service: InferenceService) -> list[Route]:
 
     model_paths = ("/v2/models/{name}", "/v2/models/{name}/versions/{version}")
     table: list[Route] = [
-        Route("/v2/health/live", _guarded(live), methods=["GET"]),
-        Route("/v2/health/ready", _guarded(ready), methods=["GET"]),
-        Route("/v2", _guarded(server_metadata), methods=["GET"]),
-        Route("/v2/models/stats", _guarded(statistics), methods=["GET"]),
-        Route("/v2/repository/index", _guarded(repository_index), methods=["POST"]),
+        Route("/v2/health/live", guarded(live), methods=["GET"]),
+        Route("/v2/health/ready", guarded(ready), methods=["GET"]),
+        Route("/v2", guarded(server_metadata), methods=["GET"]),
+        Route("/v2/models/stats", guarded(statistics), methods=["GET"]),
+        Route("/v2/repository/index", guarded(repository_index), methods=["POST"]),
     ]
     for base in model_paths:
         table += [
-            Route(base, _guarded(model_metadata), methods=["GET"]),
-            Route(f"{base}/ready", _guarded(model_ready), methods=["GET"]),
-            Route(f"{base}/config", _guarded(model_config), methods=["GET"]),
-            Route(f"{base}/stats", _guarded(statistics), methods=["GET"]),
-            Route(f"{base}/infer", _guarded(infer), methods=["POST"]),
+            Route(base, guarded(model_metadata), methods=["GET"]),
+            Route(f"{base}/ready", guarded(model_ready), methods=["GET"]),
+            Route(f"{base}/config", guarded(model_config), methods=["GET"]),
+            Route(f"{base}/stats", guarded(statistics), methods=["GET"]),
+            Route(f"{base}/infer", guarded(infer), methods=["POST"]),
         ]
     return table
 
