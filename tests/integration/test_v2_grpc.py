@@ -547,6 +547,24 @@ def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
     )
 
 
+def test_repository_index_ready_only(channel: grpc.Channel) -> None:
+    index = channel.unary_unary(
+        f"{SERVICE}/RepositoryIndex",
+        request_serializer=pb.RepositoryIndexRequest.SerializeToString,
+        response_deserializer=pb.RepositoryIndexResponse.FromString,
+    )
+    every = index(pb.RepositoryIndexRequest(), timeout=30)
+    ready = index(pb.RepositoryIndexRequest(ready=True), timeout=30)
+    assert sorted(m.name for m in ready.models) == sorted(m.name for m in every.models) == sorted(NUMERIC_MODELS)
+
+
+def test_model_config_of_unknown_model_is_not_found(client: grpcclient.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("no_such_model")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+    assert "no_such_model" in info.value.message()
+
+
 # --- tritonclient.grpc: inference ---------------------------------------------------------------------
 
 
@@ -935,6 +953,11 @@ def _bad_cases() -> list[Any]:
         "unknown_output": Bad(_changed(raw, ask_output("product")), inv, ("unknown output 'product'", "sum", "diff")),
         "batch_above_max": Bad(
             raw_request("add", add_arrays(batch=9)).SerializeToString(), inv, ("batch size 9", "max_batch_size 8")
+        ),
+        "bytes_not_utf8": Bad(
+            raw_request("strings", {"text": np.array([b"ok", b"\xff\xfe"], dtype=object)}).SerializeToString(),
+            inv,
+            ("'text'", "UTF-8"),
         ),
         "bytes_element_runs_past": Bad(_changed(text, cut_bytes), inv, ("'text'", "runs past")),
         "fp16_as_contents": Bad(
