@@ -46,7 +46,7 @@ NUMERIC_MODELS = ("add", "mixed", "fixed", "strings", "slow")
 
 def typed_model() -> onnx.ModelProto:
     """Every datatype that has a ``contents`` field (no FP16 input), plus one FP16 output."""
-    return models.parse(
+    model: onnx.ModelProto = models.parse(
         """
         typed (int64[n] ids, bool[n] flags, uint8[n] small, int8[n] signed, double[n] wide, float[n] single)
             => (int64[n] ids_x3, bool[n] not_flags, uint8[n] small_out, int8[n] signed_out, double[n] wide_neg,
@@ -62,6 +62,7 @@ def typed_model() -> onnx.ModelProto:
         }
         """
     )
+    return model
 
 
 MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
@@ -485,7 +486,7 @@ def _add_stats(client: grpcclient.InferenceServerClient) -> Any:
 
 def _batch_counts(stats: Any) -> dict[int, int]:
     """Executions per batch size; the three compute phases are counted once each per execution."""
-    counts = {}
+    counts: dict[int, int] = {}
     for b in stats.batch_stats:
         assert b.compute_input.count == b.compute_infer.count == b.compute_output.count, b
         counts[int(b.batch_size)] = int(b.compute_infer.count)
@@ -645,6 +646,12 @@ def test_infer_fixed(client: grpcclient.InferenceServerClient) -> None:
     assert_outputs_match(_triton_outputs(result, ["y"]), reference("fixed", {"x": x}))
 
 
+def test_infer_with_gzip_compression(client: grpcclient.InferenceServerClient) -> None:
+    feeds = add_arrays(batch=8, seed=15)
+    result = client.infer("add", _triton_inputs(feeds), compression_algorithm="gzip")
+    assert_outputs_match(_triton_outputs(result, ["sum", "diff"]), reference("add", feeds))
+
+
 def test_infer_error_reaches_tritonclient(client: grpcclient.InferenceServerClient) -> None:
     wrong = np.zeros((1, 16), dtype=np.float64)
     with pytest.raises(InferenceServerException) as info:
@@ -691,8 +698,8 @@ def test_stream_infer_matches_each_result_by_id(numeric_server: RunningServer) -
         stream_client.close()
     assert responses.empty()
 
-    results = {}
-    errors = []
+    results: dict[str, grpcclient.InferResult] = {}
+    errors: list[tuple[int, str]] = []
     for position, (result, error) in enumerate(received):
         if error is not None:
             assert result is None
@@ -737,6 +744,21 @@ def test_stream_survives_malformed_message(channel: grpc.Channel) -> None:
     assert not received[2].error_message
     assert received[2].infer_response.id == "second"
     assert_outputs_match(response_arrays(received[2].infer_response, raw=False), reference("add", second))
+
+
+def test_stream_error_answer_carries_the_request_id(channel: grpc.Channel) -> None:
+    stream = channel.stream_stream(
+        f"{SERVICE}/ModelStreamInfer",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=pb.ModelStreamInferResponse.FromString,
+    )
+    wrong = {"a": np.zeros((1, 16), np.float64), "b": np.zeros((1, 16), np.float64)}
+    sent = [raw_request("add", wrong, request_id="bad-1"), raw_request("add", add_arrays(batch=1), request_id="ok-2")]
+    received = list(stream(iter(sent), timeout=30))
+    assert "expects FP32" in received[0].error_message
+    assert (received[0].infer_response.id, received[0].infer_response.model_name) == ("bad-1", "add")
+    assert not received[1].error_message
+    assert received[1].infer_response.id == "ok-2"
 
 
 # --- raw gRPC: typed contents and raw contents ----------------------------------------------------------
@@ -835,7 +857,8 @@ def _changed(message: pb.ModelInferRequest, change: Callable[[pb.ModelInferReque
     copy = pb.ModelInferRequest()
     copy.CopyFrom(message)
     change(copy)
-    return copy.SerializeToString()
+    data: bytes = copy.SerializeToString()
+    return data
 
 
 def _bad_cases() -> list[Any]:
@@ -1116,7 +1139,8 @@ def _parity_cases() -> list[Any]:
     good = raw_request("add", feeds)
 
     def changed(change: Callable[[pb.ModelInferRequest], None]) -> pb.ModelInferRequest:
-        return pb.ModelInferRequest.FromString(_changed(good, change))
+        parsed: pb.ModelInferRequest = pb.ModelInferRequest.FromString(_changed(good, change))
+        return parsed
 
     def set_shape(m: pb.ModelInferRequest) -> None:
         m.inputs[0].shape[0] = -2

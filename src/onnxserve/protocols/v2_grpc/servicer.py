@@ -76,13 +76,28 @@ class InferenceServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Answers each request in order; an error answers that request only and the stream goes on."""
+        """Answers each request in order; an error answers that request only and the stream goes on.
+
+        An error answer carries the request's id, model name and version (when the request parsed),
+        so a client can match it like a success.
+        """
         async for data in requests:
+            request: pb.ModelInferRequest | None = None
             try:
-                response = await self.ModelInfer(parse(pb.ModelInferRequest, data))
-                yield pb.ModelStreamInferResponse(infer_response=response)
-            except OnnxServeError as e:
-                yield pb.ModelStreamInferResponse(error_message=e.message)
+                request = parse(pb.ModelInferRequest, data)
+                yield pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            except Exception as e:
+                if isinstance(e, OnnxServeError):
+                    message = e.message
+                else:
+                    log.exception("unexpected error in ModelStreamInfer")
+                    message = "internal server error"
+                echo = pb.ModelInferResponse()
+                if request is not None:
+                    echo = pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    )
+                yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
 
 _UNARY: dict[str, type[Message]] = {
