@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
+from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.validate import Arrays, ValidationReport, compare
 
 TASKS = ("feature-extraction",)
@@ -109,30 +106,6 @@ def _max_length(folder: Path, tokenizer: Any, model_config: Any) -> int:
     ]
     usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(usable) if usable else 512
-
-
-@contextmanager
-def staging_folder(output: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of ``output`` that replaces it only if the block succeeds."""
-    if output.exists() and not force:
-        raise ExportError(f"{output} already exists; pass --force to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the version folder should not be
-    try:
-        yield staging
-        old = None
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{staging.name}")
-            output.rename(old)
-        staging.rename(output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_huggingface(
