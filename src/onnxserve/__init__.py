@@ -24,6 +24,7 @@ from onnxserve.errors import (
     OnnxServeError,
     UnavailableError,
 )
+from onnxserve.predict import Pipeline
 
 __all__ = [
     "ConfigError",
@@ -40,6 +41,7 @@ __all__ = [
     "ModelRegistry",
     "ModelSession",
     "OnnxServeError",
+    "Pipeline",
     "ServerConfig",
     "ServerSettings",
     "Tensor",

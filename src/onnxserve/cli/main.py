@@ -91,7 +91,12 @@ def serve(
 @export_app.command("hf")
 def export_hf(
     src: Annotated[str, typer.Argument(help="A local Hugging Face model folder.")],
-    task: Annotated[str, typer.Option(help="What the model does: feature-extraction.")],
+    task: Annotated[
+        str,
+        typer.Option(
+            help="feature-extraction, text-classification, token-classification, question-answering or fill-mask."
+        ),
+    ],
     output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/minilm/1.")],
     pooling: Annotated[
         str | None,
@@ -103,17 +108,40 @@ def export_hf(
         bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalize the pooled embedding.")
     ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset to export with.")] = 18,
+    fp16: Annotated[
+        bool, typer.Option(help="Float16 weights and compute, float32 inputs and outputs (for GPUs).")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Export a Hugging Face Transformers model and validate it against PyTorch."""
     from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
-    options = HfExportOptions(task=task, pooling=pooling, normalize=normalize, opset=opset, force=force)
+    options = HfExportOptions(task=task, pooling=pooling, normalize=normalize, opset=opset, fp16=fp16, force=force)
     try:
         report = export_huggingface(src, output, options, progress=err)
     except OnnxServeError as e:
         raise _fail(e) from None
     err.print(report.summary(), highlight=False)
+
+
+@app.command()
+def predict(
+    folder: Annotated[Path, typer.Argument(help="A text model version folder (from `onnxserve export hf`).")],
+    texts: Annotated[list[str], typer.Argument(help="Texts (questions, for question-answering).")],
+    context: Annotated[
+        list[str] | None, typer.Option(help="question-answering: the context, once per question.")
+    ] = None,
+) -> None:
+    """Run a text model locally, without a server, and print the results as JSON."""
+    import orjson
+
+    from onnxserve.predict import Pipeline
+
+    try:
+        results = Pipeline(folder)(texts, context=context)
+    except OnnxServeError as e:
+        raise _fail(e) from None
+    sys.stdout.write(orjson.dumps(results, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def main() -> None:

@@ -16,10 +16,13 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
-from onnxserve.core.types import InferenceRequest
+from onnxserve.core import text_tasks
+from onnxserve.core.types import InferenceRequest, Tensor
 from onnxserve.errors import ConfigError, InvalidInputError, ModelLoadError
+
+Arrays = dict[str, npt.NDArray[Any]]
 
 PIPELINE_FILENAME = "onnxserve.json"
 
@@ -34,6 +37,8 @@ class PipelineSpec(BaseModel):
     pooling: Literal["mean", "cls", "none"] = "none"
     normalize: bool = False
     labels: dict[int, str] = {}
+    score_function: Literal["softmax", "sigmoid"] = "softmax"  # text-classification (sigmoid: multi-label)
+    mask_token: str | None = None  # fill-mask
     source: str = ""
 
     def write(self, folder: Path) -> Path:
@@ -55,26 +60,46 @@ class PipelineSpec(BaseModel):
 TEXT_INPUT = "text"
 """The input name that carries raw text to a model whose folder has a tokenizer."""
 
+QUESTION_INPUT, CONTEXT_INPUT = "question", "context"
+"""question-answering's text inputs."""
+
 EMBEDDING_OUTPUT = "embedding"
 """feature-extraction's text output: the pooled sentence embedding, or token embeddings without pooling."""
 
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": (EMBEDDING_OUTPUT,),
+    "text-classification": ("label", "score", "logits"),
+    "token-classification": ("entities", "logits"),
+    "question-answering": ("answer", "score", "start", "end"),
+    "fill-mask": ("token_str", "score", "token", "sequence"),
+}
+"""What a text request gets back by default, per task."""
+
+
+@dataclass(frozen=True)
+class TextBatch:
+    """The texts of one request (and, for question-answering, the contexts they pair with)."""
+
+    texts: list[str]
+    pairs: list[str] | None = None
 
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token tensors for a batch of texts, and how many of the texts were truncated."""
+    """Token tensors for a batch of texts, the tokenizer's encodings, and how many were truncated."""
 
     feeds: dict[str, npt.NDArray[Any]]
+    encodings: list[Encoding]
     truncated: int
 
 
 class TextPipeline:
-    """Tokenization before, and output naming after, a text model's graph.
+    """Tokenization before, and task post-processing after, a text model's graph.
 
-    Requests may send text as an input named ``text`` or as strings for the token-id input
-    (``input_ids``); either is tokenized in one batch by the fast (Rust) tokenizer, padded to the
-    longest text and truncated to the spec's ``max_length``.
+    Requests may send text as an input named ``text``, as strings for the token-id input
+    (``input_ids``), or for question-answering as ``question`` and ``context``; the texts are
+    tokenized in one batch by the fast (Rust) tokenizer, padded to the longest with the tokenizer's
+    pad id and truncated to the spec's ``max_length`` (the context only, for question-answering).
     """
 
     def __init__(self, folder: Path, spec: PipelineSpec, graph_inputs: Sequence[str]) -> None:
@@ -84,40 +109,58 @@ class TextPipeline:
         missing = [name for name in spec.inputs if name not in graph_inputs]
         if missing:
             raise ModelLoadError(f"{folder}: {PIPELINE_FILENAME} names inputs the graph lacks: {', '.join(missing)}")
-        if spec.task != "feature-extraction":
-            raise ModelLoadError(f"{folder}: pipeline task {spec.task!r} cannot be served yet")
+        if spec.task not in TASK_OUTPUTS:
+            raise ModelLoadError(f"{folder}: unknown pipeline task {spec.task!r}; known: {', '.join(TASK_OUTPUTS)}")
         self.spec = spec
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self._tokenizer.enable_truncation(max_length=spec.max_length)
-        self._tokenizer.no_padding()
-        self._pad_id = _pad_id(folder, self._tokenizer)
-        self.graph_outputs = ["sentence_embedding"] if spec.pooling != "none" else ["last_hidden_state"]
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.enable_truncation(
+            max_length=spec.max_length, strategy="only_second" if self.is_qa else "longest_first"
+        )
+        self.tokenizer.no_padding()
+        self._pad_id = _pad_id(folder, self.tokenizer)
+        self._mask_id: int | None = None
+        if spec.task == "fill-mask":
+            found = self.tokenizer.token_to_id(spec.mask_token or "")
+            if found is None:
+                raise ModelLoadError(f"{folder}: fill-mask needs the tokenizer's mask token, {spec.mask_token!r}")
+            self._mask_id = found
+        self.defaults = TASK_OUTPUTS[spec.task]
 
-    def text_of(self, request: InferenceRequest) -> list[str] | None:
+    @property
+    def is_qa(self) -> bool:
+        return self.spec.task == "question-answering"
+
+    def text_of(self, request: InferenceRequest) -> TextBatch | None:
         """The texts a request sends, or None when it sends token tensors for the graph itself."""
         by_name = {t.name: t for t in request.inputs}
+        if self.is_qa and (QUESTION_INPUT in by_name or CONTEXT_INPUT in by_name):
+            return self._pairs(by_name)
         carrier = by_name.get(TEXT_INPUT)
         if carrier is None:
             carrier = by_name.get("input_ids")
             if carrier is None or not carrier.datatype.is_bytes:
                 return None
-        if not carrier.datatype.is_bytes:
-            raise InvalidInputError(f"input {carrier.name!r} carries text and must be BYTES, not {carrier.datatype.v2}")
-        others = [name for name in by_name if name != carrier.name]
-        if others:
-            raise InvalidInputError(
-                f"input {carrier.name!r} sends text, which is tokenized here; do not send {', '.join(others)} with it"
-            )
-        if len(carrier.shape) != 1:
-            raise InvalidInputError(f"input {carrier.name!r}: text must have shape [N], got {list(carrier.shape)}")
-        try:
-            return [b.decode("utf-8") for b in carrier.data]
-        except UnicodeDecodeError:
-            raise InvalidInputError(f"input {carrier.name!r}: text must be UTF-8") from None
+        if self.is_qa:
+            raise InvalidInputError(f"question-answering takes '{QUESTION_INPUT}' and '{CONTEXT_INPUT}' texts")
+        _no_others(carrier.name, by_name)
+        return TextBatch(_texts(carrier))
 
-    def encode(self, texts: Sequence[str]) -> Encoded:
-        """Token tensors for ``texts``, padded to the longest with the tokenizer's pad id."""
-        encodings = self._tokenizer.encode_batch(list(texts))
+    def _pairs(self, by_name: dict[str, Tensor]) -> TextBatch:
+        for name in (QUESTION_INPUT, CONTEXT_INPUT):
+            if name not in by_name:
+                raise InvalidInputError(f"question-answering needs both '{QUESTION_INPUT}' and '{CONTEXT_INPUT}'")
+        extra = sorted(set(by_name) - {QUESTION_INPUT, CONTEXT_INPUT})
+        if extra:
+            raise InvalidInputError(f"question-answering takes only question and context; remove {', '.join(extra)}")
+        questions, contexts = _texts(by_name[QUESTION_INPUT]), _texts(by_name[CONTEXT_INPUT])
+        if len(questions) != len(contexts):
+            raise InvalidInputError(f"{len(questions)} questions but {len(contexts)} contexts; give one per question")
+        return TextBatch(questions, contexts)
+
+    def encode(self, batch: TextBatch) -> Encoded:
+        """Token tensors for the batch, padded to the longest with the tokenizer's pad id."""
+        pairs = list(zip(batch.texts, batch.pairs, strict=True)) if batch.pairs is not None else batch.texts
+        encodings = self.tokenizer.encode_batch(pairs)
         length = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), length), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), length), dtype=np.int64)
@@ -129,20 +172,61 @@ class TextPipeline:
             types[row, :n] = e.type_ids
         available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {name: available[name] for name in self.spec.inputs}
-        return Encoded(feeds, sum(1 for e in encodings if e.overflowing))
+        return Encoded(feeds, encodings, sum(1 for e in encodings if e.overflowing))
 
-    def output_names(self, requested: Sequence[str] | None) -> tuple[list[str], dict[str, str]]:
-        """Graph outputs to fetch for a text request, and the names to answer them under."""
-        if not requested:
-            return list(self.graph_outputs), {self.graph_outputs[0]: EMBEDDING_OUTPUT}
-        fetch: list[str] = []
-        rename: dict[str, str] = {}
-        for name in requested:
-            graph_name = self.graph_outputs[0] if name == EMBEDDING_OUTPUT else name
-            fetch.append(graph_name)
-            if name == EMBEDDING_OUTPUT:
-                rename[graph_name] = EMBEDDING_OUTPUT
-        return fetch, rename
+    def select_outputs(
+        self, requested: Sequence[str] | None, graph_outputs: Sequence[str]
+    ) -> tuple[list[str], list[str]]:
+        """The graph outputs to compute and the names to answer with, for a text request."""
+        wanted = list(requested) if requested else list(self.defaults)
+        for name in wanted:
+            if name not in self.defaults and name not in graph_outputs:
+                known = ", ".join([*self.defaults, *(g for g in graph_outputs if g not in self.defaults)])
+                raise InvalidInputError(
+                    f"unknown output {name!r} for this {self.spec.task} model; outputs are: {known}"
+                )
+        fetch = list(self.spec.outputs) + [n for n in wanted if n in graph_outputs and n not in self.spec.outputs]
+        return fetch, wanted
+
+    def postprocess(self, outputs: Arrays, encoded: Encoded, batch: TextBatch, wanted: Sequence[str]) -> Arrays:
+        """The task's results (and any graph outputs asked for by name), in the order asked."""
+        task = self.spec.task
+        results: Arrays
+        if task == "feature-extraction":
+            source = "sentence_embedding" if self.spec.pooling != "none" else "last_hidden_state"
+            results = {EMBEDDING_OUTPUT: outputs[source]}
+        elif task == "text-classification":
+            results = text_tasks.text_classification(outputs["logits"], self.spec.labels, self.spec.score_function)
+        elif task == "token-classification":
+            results = text_tasks.token_classification(outputs["logits"], encoded.encodings, self.spec.labels)
+        elif task == "question-answering":
+            assert batch.pairs is not None
+            results = text_tasks.question_answering(
+                outputs["start_logits"], outputs["end_logits"], encoded.encodings, batch.pairs
+            )
+        else:
+            assert self._mask_id is not None
+            results = text_tasks.fill_mask(outputs["logits"], encoded.encodings, self.tokenizer, self._mask_id)
+        return {name: results[name] if name in results else outputs[name] for name in wanted}
+
+
+def _texts(tensor: Tensor) -> list[str]:
+    if not tensor.datatype.is_bytes:
+        raise InvalidInputError(f"input {tensor.name!r} carries text and must be BYTES, not {tensor.datatype.v2}")
+    if len(tensor.shape) != 1:
+        raise InvalidInputError(f"input {tensor.name!r}: text must have shape [N], got {list(tensor.shape)}")
+    try:
+        return [b.decode("utf-8") for b in tensor.data]
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"input {tensor.name!r}: text must be UTF-8") from None
+
+
+def _no_others(carrier: str, by_name: dict[str, Tensor]) -> None:
+    others = [name for name in by_name if name != carrier]
+    if others:
+        raise InvalidInputError(
+            f"input {carrier!r} sends text, which is tokenized here; do not send {', '.join(others)} with it"
+        )
 
 
 def _pad_id(folder: Path, tokenizer: Tokenizer) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy.typing as npt
 
 from onnxserve import __version__
+from onnxserve.core import datatypes
+from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.types import (
@@ -59,8 +61,8 @@ class _Plan:
 
     fetch: list[str]  # graph outputs to compute
     feeds: dict[str, npt.NDArray[Any]] | None = None  # token tensors sent by the client ...
-    texts: list[str] | None = None  # ... or texts to tokenize first
-    rename: dict[str, str] = field(default_factory=dict)  # graph output -> name in the response
+    text: TextBatch | None = None  # ... or texts to tokenize first
+    answer: list[str] = field(default_factory=list)  # for text: the outputs to answer with
     rows: int = 1
 
 
@@ -70,40 +72,41 @@ class _Result:
     queue_ns: int
     input_ns: int  # tokenization, for text
     infer_ns: int
+    output_ns: int  # task post-processing, for text
     truncated: int = 0
 
 
 def _plan(request: InferenceRequest, model: ModelVersion) -> _Plan:
-    texts = model.pipeline.text_of(request) if model.pipeline is not None else None
-    if texts is None or model.pipeline is None:
+    text = model.pipeline.text_of(request) if model.pipeline is not None else None
+    if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
         rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
         return _Plan(fetch, feeds=feeds, rows=rows)
-    if model.max_batch_size and len(texts) > model.max_batch_size:
+    if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
-            f"{len(texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
+            f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
         )
-    fetch, rename = model.pipeline.output_names(request.outputs)
-    known = {o.name for o in model.outputs}
-    for name in fetch:
-        if name not in known:
-            listed = ", ".join(sorted({*known, *rename.values()}))
-            raise InvalidInputError(f"unknown output {name!r} for model {model.name!r}; outputs are: {listed}")
-    return _Plan(fetch, texts=texts, rename=rename, rows=len(texts) if model.max_batch_size else 1)
+    fetch, answer = model.pipeline.select_outputs(request.outputs, [o.name for o in model.outputs])
+    return _Plan(fetch, text=text, answer=answer, rows=len(text.texts) if model.max_batch_size else 1)
 
 
 def _execute(model: ModelVersion, plan: _Plan, submitted_ns: int) -> _Result:
-    """Runs on a worker thread: tokenize if needed, then run the graph; times the wait and the work."""
+    """Runs on a worker thread: tokenize if needed, run the graph, post-process; times each step."""
     start = time.perf_counter_ns()
-    truncated = 0
-    feeds = plan.feeds
-    if plan.texts is not None and model.pipeline is not None:
-        encoded = model.pipeline.encode(plan.texts)
-        feeds, truncated = encoded.feeds, encoded.truncated
-    assert feeds is not None
+    if plan.text is None or model.pipeline is None:
+        assert plan.feeds is not None
+        outputs = model.session.run(plan.feeds, plan.fetch)
+        done = time.perf_counter_ns()
+        return _Result(outputs, start - submitted_ns, 0, done - start, 0)
+    encoded = model.pipeline.encode(plan.text)
     encoded_at = time.perf_counter_ns()
-    outputs = model.session.run(feeds, plan.fetch)
-    return _Result(outputs, start - submitted_ns, encoded_at - start, time.perf_counter_ns() - encoded_at, truncated)
+    outputs = model.session.run(encoded.feeds, plan.fetch)
+    ran_at = time.perf_counter_ns()
+    answer = model.pipeline.postprocess(outputs, encoded, plan.text, plan.answer)
+    done = time.perf_counter_ns()
+    return _Result(
+        answer, start - submitted_ns, encoded_at - start, ran_at - encoded_at, done - ran_at, encoded.truncated
+    )
 
 
 class InferenceService:
@@ -168,21 +171,24 @@ class InferenceService:
         except OnnxServeError:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
-        output_started = time.perf_counter_ns()
         specs = {s.name: s for s in model.outputs}
         response = InferenceResponse(
             model_name=model.name,
             model_version=str(model.version),
             outputs=[
-                Tensor(plan.rename.get(name, name), specs[name].datatype, array)
+                Tensor(name, specs[name].datatype if name in specs else datatypes.from_numpy(array.dtype), array)
                 for name, array in result.outputs.items()
             ],
             id=request.id,
             parameters={"truncated": result.truncated} if result.truncated else {},
         )
-        done = time.perf_counter_ns()
         model.stats.record_success(
-            plan.rows, result.queue_ns, result.input_ns, result.infer_ns, done - output_started, done - started
+            plan.rows,
+            result.queue_ns,
+            result.input_ns,
+            result.infer_ns,
+            result.output_ns,
+            time.perf_counter_ns() - started,
         )
         return response
 

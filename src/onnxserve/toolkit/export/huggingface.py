@@ -8,7 +8,6 @@ renamed into place at the end.
 
 from __future__ import annotations
 
-import importlib
 import json
 import warnings
 from collections.abc import Callable
@@ -25,11 +24,24 @@ from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
+from onnxserve.toolkit.export.environment import require
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.validate import Arrays, ValidationReport, compare
 
-TASKS = ("feature-extraction",)
-"""Tasks this exporter supports today."""
+TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "feature-extraction": ("AutoModel", ("last_hidden_state",)),
+    "text-classification": ("AutoModelForSequenceClassification", ("logits",)),
+    "token-classification": ("AutoModelForTokenClassification", ("logits",)),
+    "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
+    "fill-mask": ("AutoModelForMaskedLM", ("logits",)),
+}
+"""Each task: the transformers auto class that loads it, and the graph outputs it exports."""
+
+ARCHITECTURES = ("bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "albert")
+"""``config.model_type`` values this exporter is tested or known to work with (encoder-only models)."""
+
+TOKEN_LEVEL_OUTPUTS = {"last_hidden_state", "start_logits", "end_logits"}
+"""Outputs with a sequence axis (plus ``logits`` for token-level tasks), compared at real tokens only."""
 
 POOLINGS = ("mean", "cls", "none")
 REPORT_FILENAME = "validation.json"
@@ -50,22 +62,23 @@ class HfExportOptions:
     normalize: bool | None = None  # None: from the sentence-transformers config, else False
     opset: int = 18
     force: bool = False
-    atol: float = 1e-4
-    min_cosine: float = 0.9999
+    fp16: bool = False  # weights and compute in float16, inputs and outputs kept as they are (for GPUs)
+    atol: float | None = None  # None: 1e-4, or 2e-2 with fp16
+    min_cosine: float | None = None  # None: 0.9999, or 0.999 with fp16
+    min_agreement: float = 1.0  # task measure: labels / tokens / spans / top-1 that must agree
+
+    @property
+    def tolerance(self) -> float:
+        return self.atol if self.atol is not None else (2e-2 if self.fp16 else 1e-4)
+
+    @property
+    def cosine(self) -> float:
+        return self.min_cosine if self.min_cosine is not None else (0.999 if self.fp16 else 0.9999)
 
 
 def check_environment() -> None:
     """One clear error when an export dependency is missing."""
-    missing = []
-    for module in ("torch", "transformers", "onnxscript"):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise ExportError(
-            f"exporting needs {', '.join(missing)}; install the export extra: pip install 'onnxserve[export]'"
-        )
+    require("torch", "transformers", "onnxscript")
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -119,37 +132,36 @@ def export_huggingface(
     folder = Path(src)
     if not (folder / "config.json").is_file():
         raise ExportError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ExportError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(ARCHITECTURES)} (encoder models)"
+        )
     if not _has_tokenizer(folder):
         raise ExportError(f"{folder} has no tokenizer (tokenizer.json or vocab files); text models need one")
-    st = sentence_transformers_pooling(folder)
-    pooling = options.pooling or (st[0] if st else "none")
-    if pooling not in POOLINGS:
-        raise ExportError(f"unsupported pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
-    normalize = options.normalize if options.normalize is not None else (st[1] if st else False)
-    if normalize and pooling == "none":
-        raise ExportError("--normalize needs a pooled embedding; choose --pooling mean or cls")
+    pooling, normalize = _pooling(folder, options)
 
     with staging_folder(output, options.force) as staging:
         with console.status(f"loading {folder}"):
-            model, tokenizer = _load(folder)
+            model, tokenizer = _load(folder, TASKS[options.task][0])
         input_names = _input_names(model, tokenizer)
-        wrapper = _wrap(model, input_names, pooling, normalize)
-        output_names = ["last_hidden_state"] + (["sentence_embedding"] if pooling != "none" else [])
+        output_names = list(TASKS[options.task][1])
+        if pooling != "none":
+            output_names.append("sentence_embedding")
+        wrapper = _wrap(model, input_names, output_names, pooling, normalize)
         max_length = _max_length(folder, tokenizer, model.config)
+        model_file = staging / MODEL_FILENAME
         with console.status(f"exporting to ONNX (opset {options.opset})"):
-            _export(wrapper, tokenizer, input_names, output_names, options.opset, staging / MODEL_FILENAME)
+            _export(wrapper, tokenizer, input_names, output_names, options.opset, model_file)
+        if options.fp16:
+            with console.status("converting weights to float16"):
+                _to_fp16(model_file)
         tokenizer.save_pretrained(str(staging))
-        PipelineSpec(
-            task=options.task,
-            inputs=input_names,
-            outputs=output_names,
-            max_length=max_length,
-            pooling=pooling,  # type: ignore[arg-type]
-            normalize=normalize,
-            source=folder.name,
-        ).write(staging)
+        _spec(options.task, model, tokenizer, input_names, output_names, max_length, pooling, normalize, folder).write(
+            staging
+        )
         with console.status("validating the ONNX model against PyTorch"):
-            report = _validate(wrapper, tokenizer, input_names, staging / MODEL_FILENAME, max_length, options)
+            report = _validate(wrapper, tokenizer, input_names, model_file, max_length, options)
         (staging / REPORT_FILENAME).write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
         if not report.passed:
             raise ExportError(
@@ -158,11 +170,64 @@ def export_huggingface(
     return report
 
 
-def _load(folder: Path) -> tuple[Any, Any]:
-    from transformers import AutoModel, AutoTokenizer
+def _pooling(folder: Path, options: HfExportOptions) -> tuple[str, bool]:
+    """Pooling and normalization for feature-extraction (sentence-transformers' own by default)."""
+    if options.task != "feature-extraction":
+        if options.pooling not in (None, "none") or options.normalize:
+            raise ExportError(f"--pooling and --normalize apply to feature-extraction, not {options.task}")
+        return "none", False
+    st = sentence_transformers_pooling(folder)
+    pooling = options.pooling or (st[0] if st else "none")
+    if pooling not in POOLINGS:
+        raise ExportError(f"unsupported pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+    normalize = options.normalize if options.normalize is not None else (st[1] if st else False)
+    if normalize and pooling == "none":
+        raise ExportError("--normalize needs a pooled embedding; choose --pooling mean or cls")
+    return pooling, normalize
+
+
+def _spec(
+    task: str,
+    model: Any,
+    tokenizer: Any,
+    input_names: list[str],
+    output_names: list[str],
+    max_length: int,
+    pooling: str,
+    normalize: bool,
+    folder: Path,
+) -> PipelineSpec:
+    config = model.config
+    labels = {int(k): str(v) for k, v in (config.id2label or {}).items()} if task.endswith("classification") else {}
+    multi_label = getattr(config, "problem_type", None) == "multi_label_classification"
+    return PipelineSpec(
+        task=task,
+        inputs=input_names,
+        outputs=output_names,
+        max_length=max_length,
+        pooling=pooling,  # type: ignore[arg-type]
+        normalize=normalize,
+        labels=labels,
+        score_function="sigmoid" if multi_label else "softmax",
+        mask_token=getattr(tokenizer, "mask_token", None) if task == "fill-mask" else None,
+        source=folder.name,
+    )
+
+
+def _to_fp16(model_file: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    converted = convert_float_to_float16(onnx.load(str(model_file)), keep_io_types=True)
+    onnx.save(converted, str(model_file))
+
+
+def _load(folder: Path, auto_class: str) -> tuple[Any, Any]:
+    import transformers
+    from transformers import AutoTokenizer
 
     try:
-        model = AutoModel.from_pretrained(str(folder)).eval()
+        model = getattr(transformers, auto_class).from_pretrained(str(folder)).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError) as e:
         raise ExportError(f"{folder}: transformers cannot load this model: {e}") from None
@@ -178,19 +243,26 @@ def _input_names(model: Any, tokenizer: Any) -> list[str]:
     return [n for n in names if n in wanted or n == "input_ids"]
 
 
-def _wrap(model: Any, input_names: list[str], pooling: str, normalize: bool) -> Any:
+def _wrap(model: Any, input_names: list[str], output_names: list[str], pooling: str, normalize: bool) -> Any:
+    """A module taking the token tensors positionally and returning the named outputs as a tuple."""
     import torch
 
-    class FeatureExtraction(torch.nn.Module):
+    if pooling == "mean" and "attention_mask" not in input_names:
+        raise ExportError("mean pooling needs an attention_mask input, which this model does not take")
+    graph_outputs = [n for n in output_names if n != "sentence_embedding"]
+
+    class Exported(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
             kwargs = dict(zip(input_names, args, strict=True))
-            hidden = self.model(**kwargs).last_hidden_state
+            result = self.model(**kwargs)
+            outs = [getattr(result, name) for name in graph_outputs]
             if pooling == "none":
-                return (hidden,)
+                return tuple(outs)
+            hidden = result.last_hidden_state
             if pooling == "cls":
                 pooled = hidden[:, 0]
             else:
@@ -198,11 +270,9 @@ def _wrap(model: Any, input_names: list[str], pooling: str, normalize: bool) -> 
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-            return hidden, pooled
+            return (*outs, pooled)
 
-    if pooling == "mean" and "attention_mask" not in input_names:
-        raise ExportError("mean pooling needs an attention_mask input, which this model does not take")
-    return FeatureExtraction().eval()
+    return Exported().eval()
 
 
 def _export(
@@ -250,7 +320,11 @@ def _validation_cases(tokenizer: Any, input_names: list[str], max_length: int) -
         if "token_type_ids" in input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         cases.append((f"random ids batch {batch} sequence {sequence}", feeds))
-    encoded = tokenizer(list(_SAMPLE_TEXTS), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    texts = list(_SAMPLE_TEXTS)
+    mask = getattr(tokenizer, "mask_token", None)
+    if mask:
+        texts[1] = f"ONNX Runtime {mask} this model."
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
     cases.append(("real text, padded batch", {n: encoded[n].astype(np.int64) for n in input_names}))
     return cases
 
@@ -267,6 +341,9 @@ def _validate(
 
     session = ModelSession(model_file, name="exported model")
     output_names = [o.name for o in session.outputs]
+    token_level = set(TOKEN_LEVEL_OUTPUTS)
+    if options.task in ("token-classification", "fill-mask"):
+        token_level.add("logits")
 
     def reference(feeds: Arrays) -> Arrays:
         with torch.no_grad():
@@ -274,11 +351,13 @@ def _validate(
         return {name: out.numpy() for name, out in zip(output_names, outs, strict=True)}
 
     def masked(run: Callable[[Arrays], Arrays]) -> Callable[[Arrays], Arrays]:
-        # Hidden states at padded positions are not meaningful; compare them as zeros on both sides.
+        # Outputs at padded positions are not meaningful; compare them as zeros on both sides.
         def call(feeds: Arrays) -> Arrays:
             outs = dict(run(feeds))
             if "attention_mask" in feeds:
-                outs["last_hidden_state"] = outs["last_hidden_state"] * feeds["attention_mask"][..., None]
+                for name in token_level & set(outs):
+                    mask = feeds["attention_mask"].astype(outs[name].dtype)
+                    outs[name] = outs[name] * mask.reshape(mask.shape + (1,) * (outs[name].ndim - 2))
             return outs
 
         return call
@@ -287,7 +366,9 @@ def _validate(
         _validation_cases(tokenizer, input_names, max_length),
         masked(reference),
         masked(session.run),
-        atol=options.atol,
-        min_cosine=options.min_cosine,
+        atol=options.tolerance,
+        min_cosine=options.cosine,
         embedding_outputs=[n for n in output_names if n == "sentence_embedding"],
+        agreement_outputs=[] if options.task == "feature-extraction" else list(TASKS[options.task][1]),
+        min_agreement=options.min_agreement,
     )
