@@ -452,7 +452,7 @@ BAD_REQUESTS: list[tuple[str, str, Any, tuple[str, ...]]] = [
     ),
     ("ragged-strings", "strings", {"inputs": [["a"], "b"]}, ("'text'", "evenly nested")),
     ("row-form-unequal-outputs", "strings", {"instances": ["a", "b"]}, ("'count'", "columnar")),
-    ("classify", "add", {"examples": []}, (":classify", "not supported", "classification", ":predict")),
+    ("classify", "add", {"examples": []}, (":classify", "text-classification", "not a text model", ":predict")),
     ("regress", "add", {"examples": []}, (":regress", "not supported", "regression", ":predict")),
 ]
 

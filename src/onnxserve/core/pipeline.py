@@ -75,6 +75,9 @@ TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
 }
 """What a text request gets back by default, per task."""
 
+OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"text-classification": ("probabilities", "class_labels")}
+"""Task results a text request gets only when it names them."""
+
 
 @dataclass(frozen=True)
 class TextBatch:
@@ -179,9 +182,10 @@ class TextPipeline:
     ) -> tuple[list[str], list[str]]:
         """The graph outputs to compute and the names to answer with, for a text request."""
         wanted = list(requested) if requested else list(self.defaults)
+        extras = OPTIONAL_OUTPUTS.get(self.spec.task, ())
         for name in wanted:
-            if name not in self.defaults and name not in graph_outputs:
-                known = ", ".join([*self.defaults, *(g for g in graph_outputs if g not in self.defaults)])
+            if name not in self.defaults and name not in extras and name not in graph_outputs:
+                known = ", ".join([*self.defaults, *extras, *(g for g in graph_outputs if g not in self.defaults)])
                 raise InvalidInputError(
                     f"unknown output {name!r} for this {self.spec.task} model; outputs are: {known}"
                 )

@@ -144,6 +144,7 @@ class InferenceService:
             platform=PLATFORM,
             inputs=model.inputs,
             outputs=model.outputs,
+            task=model.pipeline.spec.task if model.pipeline is not None else None,
         )
 
     def model_configuration(self, name: str, version: str | None = None) -> ModelConfiguration:

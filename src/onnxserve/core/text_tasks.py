@@ -51,13 +51,17 @@ def _label(labels: Mapping[int, str], index: int) -> str:
 
 
 def text_classification(logits: npt.NDArray[Any], labels: Mapping[int, str], function: str) -> Arrays:
-    """``label`` and ``score`` of the most likely class, and the raw ``logits``."""
+    """``label`` and ``score`` of the most likely class and the raw ``logits``; on request also every
+    class's ``probabilities`` with their ``class_labels`` (what TF Serving's classify answers)."""
     probabilities = sigmoid(logits) if function == "sigmoid" else softmax(logits)
     best = probabilities.argmax(axis=-1)
+    names = [_label(labels, i) for i in range(logits.shape[-1])]
     return {
-        "label": strings([_label(labels, int(i)) for i in best]),
+        "label": strings([names[int(i)] for i in best]),
         "score": probabilities[np.arange(len(best)), best].astype(np.float32),
         "logits": logits.astype(np.float32),
+        "probabilities": probabilities,
+        "class_labels": strings(names * len(best)).reshape(len(best), len(names)),
     }
 
 

@@ -83,6 +83,7 @@ class ModelMetadata:
     platform: str
     inputs: Sequence[TensorSpec]
     outputs: Sequence[TensorSpec]
+    task: str | None = None  # the text pipeline's task, for models that carry a tokenizer
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 Arrays = Mapping[str, npt.NDArray[Any]]
+
+REPORT_FILENAME = "validation.json"
+"""The report's name in a version folder, beside ``model.onnx``."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,12 @@ class ValidationReport:
             **({"samples": self.samples} if self.samples is not None else {}),
             "cases": [asdict(c) for c in self.cases],
         }
+
+    def write(self, folder: Path) -> Path:
+        """Save the report as ``folder/validation.json``."""
+        path = folder / REPORT_FILENAME
+        path.write_bytes(orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2))
+        return path
 
     def summary(self) -> str:
         lines = [

@@ -229,3 +229,57 @@ def encode_metadata(meta: ModelMetadata) -> dict[str, Any]:
         "model_spec": {"name": meta.name, "signature_name": SIGNATURE, "version": meta.version},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: signature}}},
     }
+
+
+# --- classify --------------------------------------------------------------------------------------
+
+CLASSIFY_OUTPUTS = ["class_labels", "probabilities"]
+
+
+def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) -> InferenceRequest:
+    """A classify body ``{"examples": [{feature: text}, ...]}`` for a text-classification model.
+
+    Each example names one text feature (``text``, or any single name); ``context`` features, if
+    given, are shared by every example and must not repeat a name.
+    """
+    if meta.task != "text-classification":
+        kind = f"a {meta.task} model" if meta.task else "not a text model"
+        raise InvalidInputError(
+            f":classify needs a text-classification model; model {meta.name!r} is {kind}; use :predict"
+        )
+    if not isinstance(doc, dict):
+        raise InvalidInputError("the classify request must be a JSON object with 'examples'")
+    unknown = sorted(set(doc) - {"signature_name", "context", "examples"})
+    if unknown:
+        raise InvalidInputError(f"unknown key {unknown[0]!r} in the classify request; expected examples, context")
+    _check_signature(doc.get("signature_name"), meta.name)
+    context = doc.get("context", {})
+    examples = doc.get("examples")
+    if not isinstance(context, dict):
+        raise InvalidInputError("'context' must be an object of features")
+    if not isinstance(examples, list) or not examples:
+        raise InvalidInputError("'examples' must be a non-empty list of objects {feature: text}")
+    texts = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict):
+            raise InvalidInputError(f"example {i} must be an object {{feature: text}}")
+        features = {**context, **example}
+        value = features.get(TEXT_INPUT) if TEXT_INPUT in features else None
+        if value is None and len(features) == 1:
+            value = next(iter(features.values()))
+        if not isinstance(value, str) and not values.is_b64(value):
+            raise InvalidInputError(f"example {i} needs one text feature ('{TEXT_INPUT}': \"...\")")
+        texts.append(value)
+    tensor = Tensor(TEXT_INPUT, BYTES, values.to_array(TEXT_INPUT, BYTES, texts, " in 'examples'"))
+    return InferenceRequest(meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS)
+
+
+def encode_classify(response: InferenceResponse) -> bytes:
+    """``{"result": [[[label, score], ...], ...]}``: every class with its score, per example."""
+    by_name = {t.name: t.data for t in response.outputs}
+    labels, scores = by_name["class_labels"], by_name["probabilities"]
+    result = [
+        [[label.decode("utf-8", "replace"), float(score)] for label, score in zip(row_labels, row_scores, strict=True)]
+        for row_labels, row_scores in zip(labels, scores, strict=True)
+    ]
+    return dumps({"result": result}, False)

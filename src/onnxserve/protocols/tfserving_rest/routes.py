@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
-from onnxserve.protocols.http import Endpoint, guarded, json_body
+from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
 
 
@@ -69,16 +69,19 @@ def routes(service: InferenceService) -> list[Route]:
         response = await service.infer(decoded.request)
         return json_body(codec.encode_predict(response, decoded.rows))
 
-    def unsupported(verb: str, kind: str) -> Endpoint:
-        async def refuse(request: Request) -> Response:
-            name, version = _target(request)
-            service.model_metadata(name, version)  # an unknown model or version is 404, not 400
-            raise InvalidInputError(
-                f":{verb} is not supported: model {name!r} is not a {kind} model (onnxserve's text "
-                f"{kind} pipelines are future work); use :predict"
-            )
+    async def classify(request: Request) -> Response:
+        name, version = _target(request)
+        meta = service.model_metadata(name, version)
+        inference = codec.decode_classify(codec.loads(await request.body()), meta, version)
+        return json_body(codec.encode_classify(await service.infer(inference)))
 
-        return refuse
+    async def regress(request: Request) -> Response:
+        name, version = _target(request)
+        service.model_metadata(name, version)  # an unknown model or version is 404, not 400
+        raise InvalidInputError(
+            f":regress is not supported: model {name!r} is not a regression model (onnxserve has no "
+            "regression pipelines); use :predict"
+        )
 
     table: list[Route] = []
     for base in BASES:
@@ -86,7 +89,7 @@ def routes(service: InferenceService) -> list[Route]:
             Route(base, guarded(status), methods=["GET"]),
             Route(f"{base}/metadata", guarded(metadata), methods=["GET"]),
             Route(f"{base}:predict", guarded(predict), methods=["POST"]),
-            Route(f"{base}:classify", guarded(unsupported("classify", "classification")), methods=["POST"]),
-            Route(f"{base}:regress", guarded(unsupported("regress", "regression")), methods=["POST"]),
+            Route(f"{base}:classify", guarded(classify), methods=["POST"]),
+            Route(f"{base}:regress", guarded(regress), methods=["POST"]),
         ]
     return table
