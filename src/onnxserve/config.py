@@ -82,6 +82,15 @@ class VersionPolicy(_Strict):
         return ordered
 
 
+class DynamicBatching(_Strict):
+    """How requests are merged into batches (on whenever ``max_batch_size`` > 0)."""
+
+    max_queue_delay_us: Annotated[int, Field(ge=0)] = 0  # 0: batch what is queued when an instance frees up
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    max_queue_size: Annotated[int, Field(ge=0)] = 0  # 0: unbounded; else requests beyond it are refused at once
+    max_batch_tokens: Annotated[int, Field(ge=0)] = 0  # text models: rows x longest sequence per batch; 0: no limit
+
+
 class ModelConfig(_Strict):
     """One entry of ``model_config_list``."""
 
@@ -93,6 +102,8 @@ class ModelConfig(_Strict):
     version_labels: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")], int] = Field(
         default_factory=dict
     )
+    dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching)
+    instance_count: Annotated[int, Field(ge=1)] = 1
     execution_providers: list[str | ExecutionProvider] = Field(
         default_factory=lambda: list[str | ExecutionProvider](["CPUExecutionProvider"])
     )

@@ -12,6 +12,7 @@ table that maps a kind to its own status (see ``onnxserve.protocols.errors``).
     ├── ModelNotFoundError     no such model, version or label                  (kind NOT_FOUND)
     ├── InvalidInputError      a request does not match the model or the wire format (kind INVALID_INPUT)
     ├── UnavailableError       the model or server exists but cannot serve now    (kind UNAVAILABLE)
+    │   └── ResourceExhaustedError  the model's queue is full; retry later       (kind RESOURCE_EXHAUSTED)
     └── InferenceError         the runtime failed while running a valid request   (kind INTERNAL)
 """
 
@@ -26,6 +27,7 @@ class ErrorKind(enum.Enum):
     INVALID_INPUT = "invalid_input"
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
     INTERNAL = "internal"
     CONFIG = "config"
 
@@ -74,6 +76,12 @@ class UnavailableError(OnnxServeError):
     """The model exists but cannot serve right now (loading, unloading, draining)."""
 
     kind = ErrorKind.UNAVAILABLE
+
+
+class ResourceExhaustedError(UnavailableError):
+    """The model's queue is full: the request is refused at once and may be retried."""
+
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
 
 class InferenceError(OnnxServeError):

@@ -162,8 +162,15 @@ class TextPipeline:
 
     def encode(self, batch: TextBatch) -> Encoded:
         """Token tensors for the batch, padded to the longest with the tokenizer's pad id."""
+        return self.tensors(self.tokenize(batch))
+
+    def tokenize(self, batch: TextBatch) -> list[Encoding]:
         pairs = list(zip(batch.texts, batch.pairs, strict=True)) if batch.pairs is not None else batch.texts
-        encodings = self.tokenizer.encode_batch(pairs)
+        encodings: list[Encoding] = self.tokenizer.encode_batch(pairs)
+        return encodings
+
+    def tensors(self, encodings: Sequence[Encoding]) -> Encoded:
+        """The graph's token tensors for already tokenized texts, padded to the longest."""
         length = max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), length), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), length), dtype=np.int64)
@@ -175,7 +182,7 @@ class TextPipeline:
             types[row, :n] = e.type_ids
         available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {name: available[name] for name in self.spec.inputs}
-        return Encoded(feeds, encodings, sum(1 for e in encodings if e.overflowing))
+        return Encoded(feeds, list(encodings), sum(1 for e in encodings if e.overflowing))
 
     def select_outputs(
         self, requested: Sequence[str] | None, graph_outputs: Sequence[str]

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
-from onnxserve.config import ModelConfig, ServerConfig
+from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
+from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
+from onnxserve.core.execution import Outcome, run_batch
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, versions_to_serve
 from onnxserve.core.runtime import ModelSession
@@ -36,11 +40,12 @@ class ModelVersion:
     version: int
     folder: VersionFolder
     config: ModelConfig
-    session: ModelSession
+    session: ModelSession  # the first instance; every instance has the same inputs and outputs
     max_batch_size: int
+    scheduler: Scheduler
+    stats: ModelStatistics
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
-    stats: ModelStatistics = field(default_factory=ModelStatistics)
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
 
     @property
@@ -73,19 +78,48 @@ def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
     return config.max_batch_size
 
 
+def instance_options(config: ModelConfig) -> SessionOptions:
+    """Session options with intra-op threads divided among the instances, unless the config sets them."""
+    options = config.session_options
+    if config.instance_count > 1 and options.intra_op_num_threads == 0:
+        per_instance = max(1, (os.cpu_count() or 1) // config.instance_count)
+        options = options.model_copy(update={"intra_op_num_threads": per_instance})
+    return options
+
+
 def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
-    session = ModelSession(folder.model_file, config.providers(), config.session_options, name=name)
-    pipeline = load_pipeline(folder.path, [s.name for s in session.inputs])
-    session.warmup()
+    options = instance_options(config)
+    sessions = [
+        ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
+    ]
+    first = sessions[0]
+    pipeline = load_pipeline(folder.path, [s.name for s in first.inputs])
+    for session in sessions:
+        session.warmup()
+    max_batch_size = effective_max_batch_size(config, first)
+    stats = ModelStatistics()
+    pool = InstancePool(sessions, name)
+    run = partial(run_batch, pipeline=pipeline, output_specs=first.outputs)
+
+    def on_execution(batch_size: int, outcome: Outcome) -> None:
+        stats.record_execution(batch_size, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+
+    scheduler: Scheduler = (
+        DynamicBatcher(pool, run, on_execution, max_batch_size, config.dynamic_batching, name)
+        if max_batch_size > 0
+        else DirectScheduler(pool, run, on_execution)
+    )
     return ModelVersion(
         name=config.name,
         version=folder.version,
         folder=folder,
         config=config,
-        session=session,
-        max_batch_size=effective_max_batch_size(config, session),
+        session=first,
+        max_batch_size=max_batch_size,
+        scheduler=scheduler,
+        stats=stats,
         pipeline=pipeline,
         load_seconds=time.perf_counter() - started,
     )
@@ -171,6 +205,19 @@ class ModelRegistry:
 
     def resolve(self, name: str, version: str | None) -> ModelVersion:
         return self.get(name).resolve(version)
+
+    def versions(self) -> list[ModelVersion]:
+        return [v for m in self._models.values() for v in m.versions.values()]
+
+    async def stop(self) -> None:
+        """Stop every scheduler's work on the event loop (before the loop closes)."""
+        for version in self.versions():
+            await version.scheduler.stop()
+
+    def close(self) -> None:
+        """Stop every scheduler's instance threads."""
+        for version in self.versions():
+            version.scheduler.close()
 
     def all_ready(self) -> bool:
         return all(v.ready for m in self._models.values() for v in m.versions.values())

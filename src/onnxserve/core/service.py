@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy.typing as npt
+from dataclasses import dataclass
 
 from onnxserve import __version__
 from onnxserve.core import datatypes
-from onnxserve.core.pipeline import TextBatch
+from onnxserve.core.execution import Work
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.types import (
@@ -55,58 +52,28 @@ def _index_entry(model: ModelVersion) -> IndexEntry:
     return IndexEntry(model.name, str(model.version), model.state.value)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What one validated request runs on a worker thread."""
-
-    fetch: list[str]  # graph outputs to compute
-    feeds: dict[str, npt.NDArray[Any]] | None = None  # token tensors sent by the client ...
-    text: TextBatch | None = None  # ... or texts to tokenize first
-    answer: list[str] = field(default_factory=list)  # for text: the outputs to answer with
-    rows: int = 1
-
-
-@dataclass(frozen=True)
-class _Result:
-    outputs: dict[str, npt.NDArray[Any]]
-    queue_ns: int
-    input_ns: int  # tokenization, for text
-    infer_ns: int
-    output_ns: int  # task post-processing, for text
-    truncated: int = 0
-
-
-def _plan(request: InferenceRequest, model: ModelVersion) -> _Plan:
+def _work(request: InferenceRequest, model: ModelVersion) -> Work:
+    """Validate a request into work for the model's scheduler (texts are tokenized later, off the loop)."""
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
         rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
-        return _Plan(fetch, feeds=feeds, rows=rows)
+        return Work(fetch, rows, feeds=feeds)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
             f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
         )
     fetch, answer = model.pipeline.select_outputs(request.outputs, [o.name for o in model.outputs])
-    return _Plan(fetch, text=text, answer=answer, rows=len(text.texts) if model.max_batch_size else 1)
+    return Work(fetch, len(text.texts), text=text, answer=answer)
 
 
-def _execute(model: ModelVersion, plan: _Plan, submitted_ns: int) -> _Result:
-    """Runs on a worker thread: tokenize if needed, run the graph, post-process; times each step."""
+def _tokenize(model: ModelVersion, work: Work) -> int:
+    """Tokenize a text work in place (on a worker thread); returns the time it took."""
     start = time.perf_counter_ns()
-    if plan.text is None or model.pipeline is None:
-        assert plan.feeds is not None
-        outputs = model.session.run(plan.feeds, plan.fetch)
-        done = time.perf_counter_ns()
-        return _Result(outputs, start - submitted_ns, 0, done - start, 0)
-    encoded = model.pipeline.encode(plan.text)
-    encoded_at = time.perf_counter_ns()
-    outputs = model.session.run(encoded.feeds, plan.fetch)
-    ran_at = time.perf_counter_ns()
-    answer = model.pipeline.postprocess(outputs, encoded, plan.text, plan.answer)
-    done = time.perf_counter_ns()
-    return _Result(
-        answer, start - submitted_ns, encoded_at - start, ran_at - encoded_at, done - ran_at, encoded.truncated
-    )
+    assert model.pipeline is not None
+    assert work.text is not None
+    work.encodings = model.pipeline.tokenize(work.text)
+    return time.perf_counter_ns() - start
 
 
 class InferenceService:
@@ -166,29 +133,33 @@ class InferenceService:
         started = time.perf_counter_ns()
         model = self.registry.resolve(request.model_name, request.model_version)
         try:
-            plan = _plan(request, model)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, _execute, model, plan, time.perf_counter_ns())
+            work = _work(request, model)
+            tokenize_ns = 0
+            if work.text is not None:
+                loop = asyncio.get_running_loop()
+                tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+            scheduled = await model.scheduler.submit(work)
         except OnnxServeError:
             model.stats.record_failure(time.perf_counter_ns() - started)
             raise
+        outcome = scheduled.outcome
         specs = {s.name: s for s in model.outputs}
         response = InferenceResponse(
             model_name=model.name,
             model_version=str(model.version),
             outputs=[
                 Tensor(name, specs[name].datatype if name in specs else datatypes.from_numpy(array.dtype), array)
-                for name, array in result.outputs.items()
+                for name, array in outcome.outputs.items()
             ],
             id=request.id,
-            parameters={"truncated": result.truncated} if result.truncated else {},
+            parameters={"truncated": outcome.truncated} if outcome.truncated else {},
         )
         model.stats.record_success(
-            plan.rows,
-            result.queue_ns,
-            result.input_ns,
-            result.infer_ns,
-            result.output_ns,
+            work.rows if model.max_batch_size > 0 else 1,
+            scheduled.queue_ns,
+            tokenize_ns + outcome.input_ns,
+            outcome.infer_ns,
+            outcome.output_ns,
             time.perf_counter_ns() - started,
         )
         return response
@@ -222,4 +193,5 @@ class InferenceService:
 
     def close(self) -> None:
         self._live = False
+        self.registry.close()
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -61,18 +61,23 @@ class ModelStatistics:
     def record_success(
         self, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, total_ns: int
     ) -> None:
+        """One request answered: ``rows`` inferences, and the times it spent in each stage."""
         with self._lock:
             t = self._totals
-            self._batches[rows] = self._batches.get(rows, ComputeTimes()).add(input_ns, infer_ns, output_ns)
             self._totals = replace(
                 t,
                 last_inference_ms=time.time_ns() // 1_000_000,
                 inference_count=t.inference_count + rows,
-                execution_count=t.execution_count + 1,
                 success=t.success.add(total_ns),
                 queue=t.queue.add(queue_ns),
                 compute=t.compute.add(input_ns, infer_ns, output_ns),
             )
+
+    def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One model execution (a batch of one or more requests) of ``batch_size`` rows."""
+        with self._lock:
+            self._batches[batch_size] = self._batches.get(batch_size, ComputeTimes()).add(input_ns, infer_ns, output_ns)
+            self._totals = replace(self._totals, execution_count=self._totals.execution_count + 1)
 
     def record_failure(self, total_ns: int) -> None:
         with self._lock:

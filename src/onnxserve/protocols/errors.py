@@ -10,14 +10,22 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.INVALID_INPUT: 400,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.RESOURCE_EXHAUSTED: 503,  # with Retry-After
     ErrorKind.INTERNAL: 500,
     ErrorKind.CONFIG: 500,
 }
+
+TFSERVING_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
+"""TF Serving maps RESOURCE_EXHAUSTED to 429 (KServe V2 / Triton answer 503)."""
+
+RETRY_AFTER_SECONDS = 1
+"""Sent as Retry-After with every RESOURCE_EXHAUSTED answer over HTTP."""
 
 GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorKind.CONFIG: grpc.StatusCode.INTERNAL,
 }

@@ -79,6 +79,7 @@ async def _serve(
         await task
     finally:
         await grpc_server.stop(GRPC_GRACE_SECONDS)
+        await service.registry.stop()
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

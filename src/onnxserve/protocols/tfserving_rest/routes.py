@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
 
@@ -86,10 +87,10 @@ def routes(service: InferenceService) -> list[Route]:
     table: list[Route] = []
     for base in BASES:
         table += [
-            Route(base, guarded(status), methods=["GET"]),
-            Route(f"{base}/metadata", guarded(metadata), methods=["GET"]),
-            Route(f"{base}:predict", guarded(predict), methods=["POST"]),
-            Route(f"{base}:classify", guarded(classify), methods=["POST"]),
-            Route(f"{base}:regress", guarded(regress), methods=["POST"]),
+            Route(base, guarded(status, TFSERVING_HTTP_STATUS), methods=["GET"]),
+            Route(f"{base}/metadata", guarded(metadata, TFSERVING_HTTP_STATUS), methods=["GET"]),
+            Route(f"{base}:predict", guarded(predict, TFSERVING_HTTP_STATUS), methods=["POST"]),
+            Route(f"{base}:classify", guarded(classify, TFSERVING_HTTP_STATUS), methods=["POST"]),
+            Route(f"{base}:regress", guarded(regress, TFSERVING_HTTP_STATUS), methods=["POST"]),
         ]
     return table

@@ -1,0 +1,130 @@
+"""Work: one validated request ready to run, and how a batch of them runs as one model execution.
+
+Tensor requests merge along dimension 0 and only when every other dimension agrees (the batch key
+says so). Text requests are tokenized before they queue; a batch of them is padded once to its own
+longest sequence, run, post-processed, and split back so that each caller receives exactly its rows
+(token-level outputs cut back to the caller's own longest sequence).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tokenizers import Encoding
+
+from onnxserve.core.pipeline import TextBatch, TextPipeline
+from onnxserve.core.runtime import ModelSession
+from onnxserve.core.types import TensorSpec
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+@dataclass
+class Work:
+    """One request, validated: token tensors, or texts already tokenized."""
+
+    fetch: list[str]  # graph outputs to compute
+    rows: int  # rows along dimension 0 (texts, for text)
+    feeds: Arrays | None = None
+    text: TextBatch | None = None
+    encodings: list[Encoding] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
+
+    @property
+    def key(self) -> Hashable:
+        """Works with equal keys may share a batch."""
+        if self.text is not None:
+            return ("text", tuple(self.fetch), tuple(self.answer))
+        assert self.feeds is not None
+        shapes = tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in self.feeds.items()))
+        return ("tensors", shapes, tuple(self.fetch))
+
+    @property
+    def longest(self) -> int:
+        """The longest token sequence (text), for token budgets and grouping by length."""
+        return max((len(e.ids) for e in self.encodings), default=0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outputs: Arrays
+    input_ns: int  # merging and padding (tokenization happened before queueing)
+    infer_ns: int
+    output_ns: int  # splitting and task post-processing
+    truncated: int = 0
+
+
+def run_batch(
+    session: ModelSession,
+    works: Sequence[Work],
+    pipeline: TextPipeline | None,
+    output_specs: Sequence[TensorSpec],
+) -> list[Outcome]:
+    """Run ``works`` (all with the same key) as one execution; one outcome per work, in order."""
+    start = time.perf_counter_ns()
+    first = works[0]
+    if first.text is not None:
+        assert pipeline is not None
+        return _run_text(session, pipeline, output_specs, works, start)
+    feeds = (
+        first.feeds
+        if len(works) == 1
+        else {name: np.concatenate([w.feeds[name] for w in works if w.feeds is not None]) for name in first.feeds or {}}
+    )
+    assert feeds is not None
+    merged_at = time.perf_counter_ns()
+    outputs = session.run(feeds, first.fetch)
+    ran_at = time.perf_counter_ns()
+    parts = _split(outputs, [w.rows for w in works])
+    done = time.perf_counter_ns()
+    return [Outcome(part, merged_at - start, ran_at - merged_at, done - ran_at) for part in parts]
+
+
+def _run_text(
+    session: ModelSession,
+    pipeline: TextPipeline,
+    output_specs: Sequence[TensorSpec],
+    works: Sequence[Work],
+    start: int,
+) -> list[Outcome]:
+    encodings = [e for w in works for e in w.encodings]
+    texts = [t for w in works if w.text is not None for t in w.text.texts]
+    pairs = [p for w in works if w.text is not None and w.text.pairs is not None for p in w.text.pairs]
+    batch = TextBatch(texts, pairs if pipeline.is_qa else None)
+    encoded = pipeline.tensors(encodings)
+    merged_at = time.perf_counter_ns()
+    outputs = session.run(encoded.feeds, works[0].fetch)
+    ran_at = time.perf_counter_ns()
+    answered = pipeline.postprocess(outputs, encoded, batch, works[0].answer)
+    padded = encoded.feeds["input_ids"].shape[1]
+    sequence_outputs = {s.name for s in output_specs if len(s.shape) >= 2 and s.shape[1] < 0}
+    results = []
+    for work, part in zip(works, _split(answered, [w.rows for w in works]), strict=True):
+        own = work.longest
+        for name in sequence_outputs & set(part):
+            if part[name].shape[1] == padded:
+                part[name] = part[name][:, :own]
+        results.append(part)
+    done = time.perf_counter_ns()
+    return [
+        Outcome(
+            part, merged_at - start, ran_at - merged_at, done - ran_at, sum(1 for e in w.encodings if e.overflowing)
+        )
+        for w, part in zip(works, results, strict=True)
+    ]
+
+
+def _split(outputs: Arrays, rows: Sequence[int]) -> list[Arrays]:
+    if len(rows) == 1:
+        return [dict(outputs)]
+    bounds = np.cumsum(rows)[:-1]
+    parts: list[Arrays] = [{} for _ in rows]
+    for name, array in outputs.items():
+        for part, piece in zip(parts, np.split(array, bounds), strict=True):
+            part[name] = piece
+    return parts
