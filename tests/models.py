@@ -95,3 +95,47 @@ def write_version(repository: Path, name: str, version: int, model: onnx.ModelPr
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / "model.onnx")
     return folder
+
+
+def rowsum_model() -> onnx.ModelProto:
+    """A batch of rows of any length: each row's sum, and the rows doubled."""
+    return parse(
+        """
+        rowsum (float[batch, n] x) => (float[batch] total, float[batch, n] doubled) {
+            axes = Constant <value = int64[1] {1}> ()
+            total = ReduceSum <keepdims = 0> (x, axes)
+            two = Constant <value = float[1] {2.0}> ()
+            doubled = Mul(x, two)
+        }
+        """
+    )
+
+
+def lookup_model() -> onnx.ModelProto:
+    """Looks indices up in a table of 4 values: an index outside 0..3 makes the run fail."""
+    return parse(
+        """
+        lookup (int64[batch, 1] index) => (float[batch, 1] value) {
+            table = Constant <value = float[4] {10.0, 20.0, 30.0, 40.0}> ()
+            value = Gather <axis = 0> (table, index)
+        }
+        """
+    )
+
+
+def slow_batch_model(iterations: int = 400) -> onnx.ModelProto:
+    """A batchable slow model: ``iterations`` chained [batch, 256] x [256, 256] products."""
+    return parse(
+        f"""
+        slowb (float[batch, 256] x) => (float[batch, 256] y) {{
+            count = Constant <value = int64 {{{iterations}}}> ()
+            cond = Constant <value = bool {{1}}> ()
+            y = Loop(count, cond, x) <body = step (int64 i, bool c_in, float[batch, 256] acc)
+                => (bool c_out, float[batch, 256] next) {{
+                    c_out = Identity(c_in)
+                    ones = Constant <value = float[256, 256] {{{", ".join(["0.001"] * 256 * 256)}}}> ()
+                    next = MatMul(acc, ones)
+                }}>
+        }}
+        """
+    )

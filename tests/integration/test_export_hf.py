@@ -44,7 +44,9 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab_file=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"))
+    assert tokenizer.convert_tokens_to_ids("fox") != tokenizer.unk_token_id, "the vocabulary did not load"
+    tokenizer.save_pretrained(str(folder))
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocab),

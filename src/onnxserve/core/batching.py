@@ -55,12 +55,22 @@ class InstancePool:
             self._free = asyncio.Semaphore(len(self.sessions))
         return self._free
 
-    async def acquire(self) -> int:
-        """Wait for a free instance; returns its index (the least busy one)."""
+    async def reserve(self) -> None:
+        """Wait until an instance is free (then ``take`` it, or ``cancel`` the reservation)."""
         await self._semaphore().acquire()
+
+    def cancel(self) -> None:
+        self._semaphore().release()
+
+    def take(self) -> int:
+        """The least busy instance, for a reservation; ``release`` it when its execution ends."""
         index = min(range(len(self.busy)), key=self.busy.__getitem__)
         self.busy[index] += 1
         return index
+
+    async def acquire(self) -> int:
+        await self.reserve()
+        return self.take()
 
     def release(self, index: int) -> None:
         self.busy[index] -= 1
@@ -103,7 +113,7 @@ class DirectScheduler:
         self.pool.close()
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the queue removes exactly this request
 class _Pending:
     work: Work
     submitted_ns: int
@@ -155,12 +165,20 @@ class DynamicBatcher:
     async def _dispatch(self) -> None:
         assert self._arrived is not None
         while True:
-            index = await self.pool.acquire()
+            await self.pool.reserve()
             try:
                 batch = await self._next_batch()
-            except BaseException:
-                self.pool.release(index)
+            except asyncio.CancelledError:
+                self.pool.cancel()
                 raise
+            except Exception as e:  # a bug here must not leave callers waiting forever
+                log.exception("model %s: the batcher failed", self.name)
+                self.pool.cancel()
+                for pending in list(self._queue):
+                    _fail(pending, e)
+                self._queue.clear()
+                continue
+            index = self.pool.take()
             task = asyncio.get_running_loop().create_task(self._execute(index, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

@@ -24,7 +24,7 @@ from onnxserve.core.types import TensorSpec
 Arrays = dict[str, npt.NDArray[Any]]
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
     """One request, validated: token tensors, or texts already tokenized."""
 

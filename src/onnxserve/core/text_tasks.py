@@ -152,7 +152,7 @@ def fill_mask(
         for candidate in best:
             ids = list(encoding.ids)
             ids[positions[0]] = int(candidate)
-            token_strs.append(tokenizer.decode([int(candidate)]).strip())
+            token_strs.append(tokenizer.decode([int(candidate)], skip_special_tokens=False))
             sequences.append(tokenizer.decode(ids, skip_special_tokens=True))
     shape = (len(encodings), top_k)
     return {

@@ -40,6 +40,9 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
 ARCHITECTURES = ("bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet", "albert")
 """``config.model_type`` values this exporter is tested or known to work with (encoder-only models)."""
 
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+"""Architectures whose position ids are offset by the padding index."""
+
 TOKEN_LEVEL_OUTPUTS = {"last_hidden_state", "start_logits", "end_logits"}
 """Outputs with a sequence axis (plus ``logits`` for token-level tasks), compared at real tokens only."""
 
@@ -113,10 +116,11 @@ def _max_length(folder: Path, tokenizer: Any, model_config: Any) -> int:
         length = json.loads(st_config.read_text()).get("max_seq_length")
         if isinstance(length, int) and length > 0:
             return length
-    limits = [
-        getattr(model_config, "max_position_embeddings", None),
-        getattr(tokenizer, "model_max_length", None),
-    ]
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(positions, int) and getattr(model_config, "model_type", "") in OFFSET_POSITIONS:
+        # RoBERTa-family position ids start after the padding index: that many fewer tokens fit.
+        positions -= int(getattr(model_config, "pad_token_id", 1) or 0) + 1
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
     usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
     return min(usable) if usable else 512
 
@@ -161,7 +165,10 @@ def export_huggingface(
             staging
         )
         with console.status("validating the ONNX model against PyTorch"):
-            report = _validate(wrapper, tokenizer, input_names, model_file, max_length, options)
+            try:
+                report = _validate(wrapper, tokenizer, input_names, model_file, max_length, options)
+            except (RuntimeError, ValueError, IndexError) as e:  # PyTorch or the runtime refused a case
+                raise ExportError(f"validation could not run: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         (staging / REPORT_FILENAME).write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
         if not report.passed:
             raise ExportError(
