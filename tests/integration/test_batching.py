@@ -250,7 +250,22 @@ def test_text_requests_of_different_lengths_batch_correctly(demo_repository: Pat
         demo_repository,
     )
     server = serve(cfg)
-    words = "the quick brown fox jumps over the lazy dog while onnx serves many models".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "onnx",
+        "serves",
+        "many",
+        "models",
+    ]
     rng = np.random.default_rng(11)
     requests = [
         [" ".join(rng.choice(words, size=int(rng.integers(1, 30)))) for _ in range(int(rng.integers(1, 4)))]
