@@ -13,6 +13,7 @@ from functools import partial
 from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
 from onnxserve.core.execution import Outcome, run_batch
+from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, versions_to_serve
 from onnxserve.core.runtime import ModelSession
@@ -87,7 +88,24 @@ def instance_options(config: ModelConfig) -> SessionOptions:
     return options
 
 
-def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
+def load_version(config: ModelConfig, folder: VersionFolder, observers: Observers | None = None) -> ModelVersion:
+    """Load, warm up and schedule one version; tells ``observers`` of the state changes."""
+    observers = observers or Observers()
+    observers.version(VersionRecord(config.name, str(folder.version), ModelState.LOADING.value))
+    try:
+        loaded = _load_version(config, folder, observers)
+    except OnnxServeError as e:
+        observers.version(
+            VersionRecord(config.name, str(folder.version), ModelState.UNAVAILABLE.value, reason=e.message)
+        )
+        raise
+    observers.version(
+        VersionRecord(config.name, str(folder.version), ModelState.READY.value, load_seconds=loaded.load_seconds)
+    )
+    return loaded
+
+
+def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observers) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
     options = instance_options(config)
@@ -105,6 +123,8 @@ def load_version(config: ModelConfig, folder: VersionFolder) -> ModelVersion:
 
     def on_execution(batch_size: int, outcome: Outcome) -> None:
         stats.record_execution(batch_size, outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+        compute = outcome.input_ns + outcome.infer_ns + outcome.output_ns
+        observers.execution(ExecutionRecord(config.name, str(folder.version), batch_size, compute))
 
     scheduler: Scheduler = (
         DynamicBatcher(pool, run, on_execution, max_batch_size, config.dynamic_batching, name)
@@ -171,25 +191,27 @@ class ServedModel:
 class ModelRegistry:
     """Every served model, looked up by name."""
 
-    def __init__(self, models: dict[str, ServedModel] | None = None) -> None:
+    def __init__(self, models: dict[str, ServedModel] | None = None, observers: Observers | None = None) -> None:
         self._models: dict[str, ServedModel] = models or {}
+        self.observers = observers or Observers()
 
     @classmethod
-    def load(cls, config: ServerConfig) -> ModelRegistry:
+    def load(cls, config: ServerConfig, observers: Observers | None = None) -> ModelRegistry:
         """Load every model the config names, or raise one ConfigError listing every failure."""
+        observers = observers or Observers()
         models: dict[str, ServedModel] = {}
         failures: list[str] = []
         for model_config in config.model_config_list:
             try:
                 served = ServedModel(model_config)
                 for folder in versions_to_serve(model_config):
-                    served.versions[folder.version] = load_version(model_config, folder)
+                    served.versions[folder.version] = load_version(model_config, folder, observers)
                 models[model_config.name] = served
             except OnnxServeError as e:
                 failures.append(e.message)
         if failures:
             raise ConfigError("cannot serve this configuration:\n  " + "\n  ".join(failures))
-        return cls(models)
+        return cls(models, observers)
 
     def __iter__(self) -> Iterator[ServedModel]:
         return iter(self._models.values())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from onnxserve import __version__
 from onnxserve.core import datatypes
 from onnxserve.core.execution import Work
+from onnxserve.core.observe import RequestRecord
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.types import (
@@ -139,8 +140,12 @@ class InferenceService:
                 loop = asyncio.get_running_loop()
                 tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
             scheduled = await model.scheduler.submit(work)
-        except OnnxServeError:
-            model.stats.record_failure(time.perf_counter_ns() - started)
+        except OnnxServeError as e:
+            elapsed = time.perf_counter_ns() - started
+            model.stats.record_failure(elapsed)
+            self.registry.observers.request(
+                RequestRecord(model.name, str(model.version), request.protocol, e.kind, 0, 0, 0, elapsed)
+            )
             raise
         outcome = scheduled.outcome
         specs = {s.name: s for s in model.outputs}
@@ -154,13 +159,15 @@ class InferenceService:
             id=request.id,
             parameters={"truncated": outcome.truncated} if outcome.truncated else {},
         )
-        model.stats.record_success(
-            work.rows if model.max_batch_size > 0 else 1,
-            scheduled.queue_ns,
-            tokenize_ns + outcome.input_ns,
-            outcome.infer_ns,
-            outcome.output_ns,
-            time.perf_counter_ns() - started,
+        rows = work.rows if model.max_batch_size > 0 else 1
+        input_ns = tokenize_ns + outcome.input_ns
+        total = time.perf_counter_ns() - started
+        model.stats.record_success(rows, scheduled.queue_ns, input_ns, outcome.infer_ns, outcome.output_ns, total)
+        compute = input_ns + outcome.infer_ns + outcome.output_ns
+        self.registry.observers.request(
+            RequestRecord(
+                model.name, str(model.version), request.protocol, None, rows, scheduled.queue_ns, compute, total
+            )
         )
         return response
 

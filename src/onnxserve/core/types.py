@@ -42,6 +42,7 @@ class InferenceRequest:
     id: str | None = None
     outputs: Sequence[str] | None = None  # None: every output of the model
     parameters: Parameters = field(default_factory=dict)
+    protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest"), for metrics
 
 
 @dataclass(frozen=True)

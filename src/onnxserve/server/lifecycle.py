@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from onnxserve.config import ServerConfig, ServerSettings
+from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.server.app import create_app
@@ -31,9 +32,11 @@ EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
 """KServe V2 extensions every protocol front end implements; advertised in server metadata."""
 
 
-def build_service(config: ServerConfig, settings: ServerSettings) -> InferenceService:
+def build_service(
+    config: ServerConfig, settings: ServerSettings, observers: Observers | None = None
+) -> InferenceService:
     """Load every model in ``config`` (raising ConfigError if any fails) and wrap them in a service."""
-    registry = ModelRegistry.load(config)
+    registry = ModelRegistry.load(config, observers)
     return InferenceService(registry, threads=settings.inference_threads, extensions=EXTENSIONS)
 
 

@@ -90,7 +90,7 @@ def decode_predict(doc: Any, meta: ModelMetadata, model_version: str | None) -> 
         tensors, rows = _decode_inputs(doc["inputs"], meta), False
     else:
         raise InvalidInputError("the predict request needs 'instances' (row form) or 'inputs' (columnar form)")
-    request = InferenceRequest(model_name=meta.name, model_version=model_version, inputs=tensors)
+    request = InferenceRequest(model_name=meta.name, model_version=model_version, inputs=tensors, protocol=PROTOCOL)
     return DecodedPredict(request, rows)
 
 
@@ -101,6 +101,7 @@ def _check_signature(signature: Any, model: str) -> None:
 
 
 BYTES = from_v2("BYTES")
+PROTOCOL = "tfserving_rest"
 
 
 def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
@@ -271,7 +272,9 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
             raise InvalidInputError(f"example {i} needs one text feature ('{TEXT_INPUT}': \"...\")")
         texts.append(value)
     tensor = Tensor(TEXT_INPUT, BYTES, values.to_array(TEXT_INPUT, BYTES, texts, " in 'examples'"))
-    return InferenceRequest(meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS)
+    return InferenceRequest(
+        meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS, protocol=PROTOCOL
+    )
 
 
 def encode_classify(response: InferenceResponse) -> bytes:

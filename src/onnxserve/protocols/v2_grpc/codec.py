@@ -107,6 +107,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
         inputs=inputs,
         outputs=[o.name for o in message.outputs] or None,
         parameters=parameters_from_proto(message.parameters),
+        protocol="v2_grpc",
     )
     return DecodedRequest(request, raw)
 

@@ -102,6 +102,7 @@ def decode_infer_request(
         inputs=inputs,
         outputs=outputs,
         parameters={k: v for k, v in params.items() if k != "binary_data_output"},
+        protocol="v2_rest",
     )
     return DecodedRequest(request, frozenset(binary_outputs), all_binary, frozenset(json_outputs))
 
