@@ -124,6 +124,96 @@ def export_hf(
     err.print(report.summary(), highlight=False)
 
 
+_INPUT_HELP = "NAME:SHAPE:DTYPE, e.g. image:batch,3,32,32:float32; a named dim is dynamic (repeat for more inputs)."
+_TOLERANCE = "Largest allowed difference: |onnx - original| <= atol + rtol * |original|."
+
+
+@export_app.command("torch")
+def export_torch(
+    src: Annotated[
+        str, typer.Argument(help="FILE.py:FACTORY (a function that returns the module) or a TorchScript file.")
+    ],
+    output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/cnn/1.")],
+    inputs: Annotated[list[str], typer.Option("--input", help=_INPUT_HELP)],
+    weights: Annotated[
+        Path | None, typer.Option(help="A state dict (or a checkpoint holding one) for the factory's module.")
+    ] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Let --weights unpickle arbitrary Python objects (runs code from the file).")
+    ] = False,
+    output_name: Annotated[
+        list[str] | None, typer.Option("--output-name", help="Name of each output, in order (repeat).")
+    ] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset to export with.")] = 18,
+    atol: Annotated[float, typer.Option(help=_TOLERANCE)] = 1e-4,
+    rtol: Annotated[float, typer.Option(help=_TOLERANCE)] = 1e-5,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Export a PyTorch module and validate it against PyTorch on several shapes."""
+    from onnxserve.toolkit.export.inputs import parse_input_spec
+    from onnxserve.toolkit.export.pytorch import TorchExportOptions
+    from onnxserve.toolkit.export.pytorch import export_torch as run_export
+
+    try:
+        options = TorchExportOptions(
+            inputs=tuple(parse_input_spec(text) for text in inputs),
+            weights=weights,
+            trust_pickle=trust_pickle,
+            output_names=tuple(output_name or ()),
+            opset=opset,
+            force=force,
+            atol=atol,
+            rtol=rtol,
+        )
+        report = run_export(src, output, options, progress=err)
+    except OnnxServeError as e:
+        raise _fail(e) from None
+    err.print(report.summary(), highlight=False)
+
+
+@export_app.command("sklearn")
+def export_sklearn(
+    src: Annotated[Path, typer.Argument(help="A fitted estimator or pipeline saved with joblib.")],
+    output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/iris/1.")],
+    trust_pickle: Annotated[
+        bool, typer.Option(help="Required: joblib files are pickles, and loading one runs code from the file.")
+    ] = False,
+    input_features: Annotated[
+        int | None, typer.Option(help="Number of features; default: the model's n_features_in_.")
+    ] = None,
+    input_spec: Annotated[
+        str | None, typer.Option("--input", help="NAME:ROWS,FEATURES:DTYPE, e.g. input:batch,4:float32.")
+    ] = None,
+    calibration: Annotated[
+        Path | None, typer.Option(help="A .npy array (rows, features) to validate on; default: random rows.")
+    ] = None,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset; default: the newest skl2onnx supports.")] = None,
+    atol: Annotated[float, typer.Option(help=_TOLERANCE)] = 1e-4,
+    rtol: Annotated[float, typer.Option(help=_TOLERANCE)] = 1e-5,
+    force: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Export a scikit-learn model with skl2onnx and validate it against scikit-learn."""
+    from onnxserve.toolkit.export.inputs import parse_input_spec
+    from onnxserve.toolkit.export.sklearn import SklearnExportOptions
+    from onnxserve.toolkit.export.sklearn import export_sklearn as run_export
+
+    try:
+        options = SklearnExportOptions(
+            trust_pickle=trust_pickle,
+            input_features=input_features,
+            input=parse_input_spec(input_spec) if input_spec is not None else None,
+            calibration=calibration,
+            opset=opset,
+            force=force,
+            atol=atol,
+            rtol=rtol,
+        )
+        report = run_export(src, output, options, progress=err)
+    except OnnxServeError as e:
+        raise _fail(e) from None
+    err.print(report.summary(), highlight=False)
+
+
 @app.command()
 def predict(
     folder: Annotated[Path, typer.Argument(help="A text model version folder (from `onnxserve export hf`).")],

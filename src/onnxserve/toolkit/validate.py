@@ -68,7 +68,9 @@ class ValidationReport:
         lines = [
             f"validation {'passed' if self.passed else 'FAILED'} (atol {self.atol:g}"
             + (f", rtol {self.rtol:g}" if self.rtol else "")
-            + f", cosine >= {self.min_cosine}, agreement >= {self.min_agreement})"
+            + (f", cosine >= {self.min_cosine}" if any(c.min_cosine for c in self.cases) else "")
+            + (f", agreement >= {self.min_agreement}" if any(c.agreement for c in self.cases) else "")
+            + ")"
         ]
         if self.samples is not None:
             lines.append(f"  inputs: {self.samples}")

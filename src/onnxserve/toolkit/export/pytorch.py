@@ -79,12 +79,12 @@ def export_torch(
             module.eval()
         reference = _Flat(module)
         sample = _sample_args(options.inputs)
-        output_names = reference.discover_outputs(sample, options.output_names)
+        output_names, exact = reference.discover_outputs(sample, options.output_names)
         with console.status(f"exporting to ONNX (opset {options.opset})"):
             exported = _torchscript_as_module(module, sample) if factory is None else module
             _export(_Flat(exported), sample, options.inputs, output_names, options.opset, staging / MODEL_FILENAME)
         with console.status("validating the ONNX model against PyTorch"):
-            report = _validate(reference, staging / MODEL_FILENAME, output_names, options)
+            report = _validate(reference, staging / MODEL_FILENAME, output_names, exact, options)
         report.write(staging)
         if not report.passed:
             raise ExportError(
@@ -151,7 +151,7 @@ def _load_torchscript(file: Path) -> Any:
     if not file.is_file():
         raise ExportError(f"{file}: no such file")
     try:
-        return torch.jit.load(str(file), map_location="cpu")
+        return torch.jit.load(str(file), map_location="cpu")  # type: ignore[no-untyped-call]
     except Exception as e:  # torch raises RuntimeError, ValueError, ... for files it cannot read
         raise ExportError(
             f"{file} is not a TorchScript file ({_first_line(e)}); for a model defined in Python give "
@@ -233,7 +233,8 @@ class _Flat:
             def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
                 return _flatten(self.inner(*args), torch)[1]
 
-        self.wrapper = Flat().eval()
+        self.wrapper = Flat()
+        self.wrapper.training = False  # not .eval(): the inner module is already in eval mode, and some refuse it
 
     def __call__(self, args: Sequence[Any]) -> tuple[Any, ...]:
         import torch
@@ -241,8 +242,9 @@ class _Flat:
         with torch.no_grad():
             return tuple(self.wrapper(*args))
 
-    def discover_outputs(self, sample: Sequence[Any], names: Sequence[str]) -> list[str]:
-        """Run once on the export sample; the output names (given, a dict's keys, or numbered)."""
+    def discover_outputs(self, sample: Sequence[Any], names: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Run once on the export sample: the output names (given, a dict's keys, or numbered), and those
+        of them that hold integers or booleans (indices, masks), which must agree exactly."""
         import torch
 
         try:
@@ -255,13 +257,18 @@ class _Flat:
                 f"{type(e).__name__}: {_first_line(e)}"
             ) from e
         keys, tensors = _flatten(result, torch)
+        if names and len(names) != len(tensors):
+            raise ExportError(f"--output-name is given {len(names)} times, but the model returns {len(tensors)}")
         if names:
-            if len(names) != len(tensors):
-                raise ExportError(f"--output-name is given {len(names)} times, but the model returns {len(tensors)}")
-            return list(names)
-        if keys is not None:
-            return keys
-        return ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+            chosen = list(names)
+        elif keys is not None:
+            chosen = keys
+        else:
+            chosen = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
+        if len(set(chosen)) != len(chosen):
+            raise ExportError(f"output names must differ from each other: {', '.join(chosen)}")
+        exact = [n for n, t in zip(chosen, tensors, strict=True) if not (t.is_floating_point() or t.is_complex())]
+        return chosen, exact
 
 
 def _flatten(result: Any, torch: Any) -> tuple[list[str] | None, tuple[Any, ...]]:
@@ -341,13 +348,15 @@ def _validation_cases(specs: Sequence[InputSpec]) -> list[tuple[str, Arrays]]:
 
 
 def _validate(
-    reference: _Flat, model_file: Path, output_names: list[str], options: TorchExportOptions
+    reference: _Flat, model_file: Path, output_names: list[str], exact: list[str], options: TorchExportOptions
 ) -> ValidationReport:
     import torch
 
-    session = ModelSession(model_file, name="exported model")
+    try:
+        session = ModelSession(model_file, name="exported model")
+    except OnnxServeError as e:
+        raise ExportError(f"the exported model does not load: {e.message}") from None
     input_names = [spec.name for spec in options.inputs]
-    exact: set[str] = set()
 
     def original(feeds: Arrays) -> Arrays:
         try:
@@ -355,12 +364,7 @@ def _validate(
         except Exception as e:  # the user's model can raise anything
             shapes = ", ".join(f"{n}{list(feeds[n].shape)}" for n in input_names)
             raise ExportError(f"the original model fails on {shapes}: {type(e).__name__}: {_first_line(e)}") from e
-        arrays = {}
-        for name, out in zip(output_names, outs, strict=True):
-            if not (out.is_floating_point() or out.is_complex()):
-                exact.add(name)  # integer and boolean outputs (indices, masks) must agree exactly
-            arrays[name] = out.detach().cpu().numpy()
-        return arrays
+        return {name: out.detach().cpu().numpy() for name, out in zip(output_names, outs, strict=True)}
 
     def exported(feeds: Arrays) -> Arrays:
         try:
@@ -368,15 +372,13 @@ def _validate(
         except OnnxServeError as e:
             raise ExportError(f"the exported model fails where the original does not: {e.message}") from e
 
-    cases = _validation_cases(options.inputs)
-    original(cases[0][1])  # learn which outputs are exact before comparing
     return compare(
-        cases,
+        _validation_cases(options.inputs),
         original,
         exported,
         atol=options.atol,
         min_cosine=0.0,
-        exact_outputs=sorted(exact),
+        exact_outputs=exact,
         rtol=options.rtol,
         samples="random values: floats from N(0, 1), integers in [0, 10), fair booleans",
     )
