@@ -139,3 +139,15 @@ def slow_batch_model(iterations: int = 400) -> onnx.ModelProto:
         }}
         """
     )
+
+
+def offset_model(offset: float) -> onnx.ModelProto:
+    """x + offset: which version answered is visible in the output."""
+    return parse(
+        f"""
+        offset (float[batch, 1] x) => (float[batch, 1] y) {{
+            shift = Constant <value = float[1] {{{offset}}}> ()
+            y = Add(x, shift)
+        }}
+        """
+    )

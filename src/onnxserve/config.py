@@ -190,4 +190,10 @@ class ServerSettings(_Strict):
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
     inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, os.cpu_count() or 1))
     grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    model_control_mode: Literal["none", "poll", "explicit"] = "none"
+    repository_poll_secs: Annotated[float, Field(gt=0)] = 15.0
+    load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start-up ("*": all)
+    strict_readiness: bool = True
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"

@@ -187,3 +187,12 @@ def test_cli_export_failure_exits_nonzero_with_the_reason(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "is not a Hugging Face model folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # so that "onnxserve-tests/no-such-model" is no local folder
+    with pytest.raises(ExportError, match="cannot be fetched from the Hugging Face hub"):
+        export_huggingface(
+            "onnxserve-tests/no-such-model", tmp_path / "out", HfExportOptions(task="feature-extraction")
+        )
+    assert not (tmp_path / "out").exists()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from onnxserve import __version__
-from onnxserve.errors import OnnxServeError
+from onnxserve.errors import ConfigError, OnnxServeError
 
 app = typer.Typer(
     name="onnxserve",
@@ -62,28 +62,57 @@ def serve(
         int | None, typer.Option(help="Threads that run inference off the event loop.")
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[
+        str, typer.Option(help="text, or json: one JSON object a line (time, level, logger, message, request_id).")
+    ] = "text",
+    model_control_mode: Annotated[
+        str,
+        typer.Option(
+            help="none (serve what start-up loads), poll (follow the repository/config), explicit (load API)."
+        ),
+    ] = "none",
+    repository_poll_secs: Annotated[float, typer.Option(help="poll mode: seconds between looks.")] = 15.0,
+    load_model: Annotated[
+        list[str] | None, typer.Option("--load-model", help="explicit mode: a model to load at start ('*': all).")
+    ] = None,
+    strict_readiness: Annotated[
+        bool, typer.Option(help="Ready only when every model has a ready version and none is loading.")
+    ] = True,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds to let open requests finish before exiting.")
+    ] = 30.0,
 ) -> None:
     """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
-    from onnxserve.config import ServerSettings, load_config
-    from onnxserve.core.repository import scan_repository
+    from onnxserve.config import ServerSettings
+    from onnxserve.core.manager import Catalog
     from onnxserve.server.lifecycle import serve as run_server
+    from onnxserve.server.logs import configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
     if (config is None) == (model_repository is None):
         err.print("[bold red]error:[/] give exactly one of --config FILE or --model-repository DIR")
         raise typer.Exit(code=2)
     try:
-        server_config = load_config(config) if config is not None else scan_repository(model_repository)  # type: ignore[arg-type]
-        settings = ServerSettings(
-            host=host,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            log_level=log_level,  # type: ignore[arg-type]
-            **({"inference_threads": inference_threads} if inference_threads else {}),
+        catalog = Catalog(config_file=config, repository=model_repository)
+        settings = ServerSettings.model_validate(
+            {
+                "host": host,
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "log_level": log_level,
+                "log_format": log_format,
+                "model_control_mode": model_control_mode,
+                "repository_poll_secs": repository_poll_secs,
+                "load_models": tuple(load_model or ()),
+                "strict_readiness": strict_readiness,
+                "drain_timeout": drain_timeout,
+                **({"inference_threads": inference_threads} if inference_threads else {}),
+            }
         )
-        run_server(server_config, settings)
+        configure_logging(settings.log_format, settings.log_level)
+        run_server(catalog.read(), settings, catalog)
+    except ValidationError as e:
+        problem = e.errors()[0]
+        raise _fail(ConfigError(f"--{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}")) from None
     except OnnxServeError as e:
         raise _fail(e) from None
 

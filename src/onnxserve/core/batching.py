@@ -91,10 +91,15 @@ class DirectScheduler:
         self.pool = pool
         self._run_batch = run_batch
         self._on_execution = on_execution
+        self._waiting = 0
 
     async def submit(self, work: Work) -> Scheduled:
         submitted = time.perf_counter_ns()
-        index = await self.pool.acquire()
+        self._waiting += 1
+        try:
+            index = await self.pool.acquire()
+        finally:
+            self._waiting -= 1
         try:
             started = time.perf_counter_ns()
             (outcome,) = await self.pool.run(index, self._run_batch, [work])
@@ -104,7 +109,8 @@ class DirectScheduler:
         return Scheduled(outcome, started - submitted, work.rows)
 
     def queued(self) -> int:
-        return 0
+        """Requests waiting for a free instance."""
+        return self._waiting
 
     async def stop(self) -> None:
         """Nothing runs on the event loop between requests."""

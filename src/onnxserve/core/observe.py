@@ -42,7 +42,8 @@ class ExecutionRecord:
 
 @dataclass(frozen=True)
 class VersionRecord:
-    """A model version changed state (LOADING, READY, UNLOADING, UNAVAILABLE, UNLOADED)."""
+    """A model version changed state: a ModelState (LOADING, READY, UNLOADING, UNAVAILABLE), or
+    UNLOADED when it is gone from memory."""
 
     model: str
     version: str

@@ -30,7 +30,8 @@ PLATFORM = "onnxruntime_onnx"
 class ModelState(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADING = "UNLOADING"  # takes no new requests; unloaded once its in-flight requests finish
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load, or unloaded
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ModelVersion:
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
+    active: int = 0  # requests between resolution and answer (queued or running)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -194,6 +196,7 @@ class ModelRegistry:
     def __init__(self, models: dict[str, ServedModel] | None = None, observers: Observers | None = None) -> None:
         self._models: dict[str, ServedModel] = models or {}
         self.observers = observers or Observers()
+        self.failures: dict[tuple[str, int], str] = {}  # versions that failed to load, with the reason
 
     @classmethod
     def load(cls, config: ServerConfig, observers: Observers | None = None) -> ModelRegistry:
@@ -228,6 +231,15 @@ class ModelRegistry:
     def resolve(self, name: str, version: str | None) -> ModelVersion:
         return self.get(name).resolve(version)
 
+    def put(self, model: ServedModel) -> None:
+        self._models[model.name] = model
+
+    def drop(self, name: str) -> None:
+        self._models.pop(name, None)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
     def versions(self) -> list[ModelVersion]:
         return [v for m in self._models.values() for v in m.versions.values()]
 
@@ -242,4 +254,9 @@ class ModelRegistry:
             version.scheduler.close()
 
     def all_ready(self) -> bool:
-        return all(v.ready for m in self._models.values() for v in m.versions.values())
+        """Every model has a ready version, and none is still loading."""
+        return all(
+            any(v.ready for v in m.versions.values())
+            and not any(v.state is ModelState.LOADING for v in m.versions.values())
+            for m in self._models.values()
+        )

@@ -7,6 +7,7 @@ spec.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ from onnxserve.config import ModelConfig, ServerConfig, parse_config
 from onnxserve.errors import ConfigError
 
 MODEL_FILENAME = "model.onnx"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,12 @@ def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
     if not root.is_dir():
         raise ConfigError(f"{root}: the model repository is not a directory")
     models = []
+    inside = root.resolve()
     for child in sorted(root.iterdir()):
         if child.name.startswith(".") or not child.is_dir():
+            continue
+        if inside not in child.resolve().parents:
+            log.warning("%s: %s leads outside the model repository; skipped", root, child.name)
             continue
         if not any(v.is_dir() and version_number(v.name) is not None for v in child.iterdir()):
             continue

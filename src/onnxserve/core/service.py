@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from onnxserve import __version__
 from onnxserve.core import datatypes
 from onnxserve.core.execution import Work
+from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.observe import RequestRecord
-from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelState, ModelVersion
 from onnxserve.core.statistics import StatisticsSnapshot
 from onnxserve.core.types import (
     InferenceRequest,
@@ -27,7 +28,7 @@ from onnxserve.core.types import (
     TensorSpec,
 )
 from onnxserve.core.validation import prepare_feeds
-from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.errors import InvalidInputError, OnnxServeError, UnavailableError
 
 SERVER_NAME = "onnxserve"
 
@@ -80,17 +81,43 @@ def _tokenize(model: ModelVersion, work: Work) -> int:
 class InferenceService:
     """Health, metadata and inference over the models in one registry."""
 
-    def __init__(self, registry: ModelRegistry, threads: int = 4, extensions: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        threads: int = 4,
+        extensions: tuple[str, ...] = (),
+        manager: ModelManager | None = None,
+        strict_readiness: bool = True,
+    ) -> None:
         self.registry = registry
+        self.manager = manager
+        self.strict_readiness = strict_readiness
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxserve-infer")
         self._extensions = extensions
         self._live = True
+        self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
+        self.in_flight = 0  # inference requests being answered
 
     def live(self) -> bool:
         return self._live
 
     def ready(self) -> bool:
-        return self._live and self.registry.all_ready()
+        """Live, not draining, and (strict readiness) every model has a ready version and none is loading."""
+        if not self._live or self.draining:
+            return False
+        return self.registry.all_ready() if self.strict_readiness else True
+
+    async def load_model(self, name: str) -> None:
+        """Explicit model control: load (or reload) a model by name."""
+        await self._control().load(name)
+
+    async def unload_model(self, name: str) -> None:
+        await self._control().unload(name)
+
+    def _control(self) -> ModelManager:
+        if self.manager is None:
+            raise InvalidInputError("model control is off: start the server with --model-control-mode explicit")
+        return self.manager
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         """Whether the model (or that version of it) can serve now; unknown models raise ModelNotFoundError."""
@@ -131,8 +158,19 @@ class InferenceService:
         )
 
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
+        if self.draining:
+            raise UnavailableError("the server is shutting down; send the request to another replica")
         started = time.perf_counter_ns()
         model = self.registry.resolve(request.model_name, request.model_version)
+        self.in_flight += 1
+        model.active += 1
+        try:
+            return await self._infer(request, model, started)
+        finally:
+            self.in_flight -= 1
+            model.active -= 1
+
+    async def _infer(self, request: InferenceRequest, model: ModelVersion, started: int) -> InferenceResponse:
         try:
             work = _work(request, model)
             tokenize_ns = 0
@@ -172,13 +210,19 @@ class InferenceService:
         return response
 
     def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        """Every loaded model version with its state (only ready ones with ``ready_only``)."""
-        return [
-            _index_entry(v)
-            for m in self.registry
-            for v in (m.versions[n] for n in m.version_numbers())
-            if v.ready or not ready_only
-        ]
+        """Every model version with its state (only ready ones with ``ready_only``): loaded ones, ones
+        that failed to load (with the reason) and, under explicit control, models not loaded."""
+        entries = [_index_entry(v) for m in self.registry for v in (m.versions[n] for n in m.version_numbers())]
+        loaded = {(e.name, e.version) for e in entries}
+        for (name, number), reason in sorted(self.registry.failures.items()):
+            if (name, str(number)) not in loaded:
+                entries.append(IndexEntry(name, str(number), ModelState.UNAVAILABLE.value, reason))
+        if self.manager is not None and self.manager.mode is ControlMode.EXPLICIT:
+            served = set(self.registry.names())
+            for name in self.manager.known_models():
+                if name not in served and not any(e.name == name for e in entries):
+                    entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded"))
+        return [e for e in entries if e.state == ModelState.READY.value or not ready_only]
 
     def version_states(self, name: str, version: str | None = None) -> list[IndexEntry]:
         """The state of the version a number or label names, or of every version of the model."""

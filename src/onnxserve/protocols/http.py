@@ -1,15 +1,20 @@
-"""What the HTTP protocols share: JSON responses and the guard that turns errors into them."""
+"""What the HTTP protocols share: JSON responses, the guard that turns errors into them, and request ids."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from onnxserve.core.observe import RequestRecord
 from onnxserve.errors import ErrorKind, OnnxServeError
+from onnxserve.protocols import context
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
@@ -31,16 +36,106 @@ def error_response(message: str, status: int, retry_after: bool = False) -> Resp
     return response
 
 
-def guarded(handler: Endpoint, statuses: Mapping[ErrorKind, int] = HTTP_STATUS) -> Endpoint:
-    """Turn domain errors into error bodies with their kind's status; hide anything else behind a 500."""
+def requested_target(request: Request) -> tuple[str, str]:
+    """The model name and version (number or label) a request's path names; "" where it names none."""
+    params: dict[str, Any] = request.path_params
+    version = params.get("version", params.get("label"))
+    return str(params.get("name", "")), "" if version is None else str(version)
 
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except OnnxServeError as e:
-            return error_response(e.message, statuses[e.kind], e.kind is ErrorKind.RESOURCE_EXHAUSTED)
-        except Exception:
+
+def guarded(
+    handler: Endpoint,
+    statuses: Mapping[ErrorKind, int] = HTTP_STATUS,
+    *,
+    protocol: str = "",
+    record_unreached: context.RequestHook | None = None,
+) -> Endpoint:
+    """Turn domain errors into error bodies with their kind's status; hide anything else behind a 500.
+
+    With ``record_unreached`` the handler is an inference endpoint of ``protocol``: a request that
+    fails before the core reports it (it never reached a model) is reported to the hook instead.
+    """
+
+    def failed(request: Request, error: OnnxServeError | None) -> Response:
+        if error is None:
             log.exception("unexpected error while handling %s %s", request.method, request.url.path)
             return error_response("internal server error", 500)
+        return error_response(error.message, statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
 
-    return endpoint
+    if record_unreached is None:
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OnnxServeError as e:
+                return failed(request, e)
+            except Exception:
+                return failed(request, None)
+
+        return endpoint
+
+    hook = record_unreached
+
+    async def inference_endpoint(request: Request) -> Response:
+        started = time.perf_counter_ns()
+        attempt, token = context.begin_attempt()
+        try:
+            return await handler(request)
+        except Exception as e:
+            error = e if isinstance(e, OnnxServeError) else None
+            if not attempt.reached:
+                model, version = requested_target(request)
+                kind = ErrorKind.INTERNAL if error is None else error.kind
+                hook(RequestRecord(model, version, protocol, kind, 0, 0, 0, time.perf_counter_ns() - started))
+            return failed(request, error)
+        finally:
+            context.end_attempt(token)
+
+    return inference_endpoint
+
+
+class RequestIdMiddleware:
+    """ASGI middleware: every HTTP request gets an id, answered in ``X-Request-ID`` and put on its log lines.
+
+    The client's ``X-Request-ID`` is kept when it is 1 to 128 printable ASCII characters; otherwise
+    (or when absent) a new one is generated. Each request is also logged at DEBUG level.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        request_id = context.accept_request_id(None if given is None else given.decode("latin-1"))
+        header = (b"x-request-id", request_id.encode("ascii"))
+        started = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        token = context.set_request_id(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unexpected error while handling %s %s", scope.get("method"), scope.get("path"))
+            if status:
+                raise
+            await error_response("internal server error", 500)(scope, receive, send_with_id)
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "%s %s %d %.2f ms",
+                    scope.get("method"),
+                    scope.get("path"),
+                    status,
+                    (time.perf_counter() - started) * 1000,
+                )
+            context.reset_request_id(token)

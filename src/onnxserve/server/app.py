@@ -1,16 +1,19 @@
-"""The ASGI application: every HTTP protocol's routes on one Starlette app."""
+"""The ASGI application: every HTTP protocol's routes on one Starlette app, plus ``GET /metrics``."""
 
 from __future__ import annotations
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.protocols.http import error_response
+from onnxserve.protocols.http import RequestIdMiddleware, error_response
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
+from onnxserve.server.metrics import Metrics
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -24,6 +27,22 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(message, exc.status_code)
 
 
-def create_app(service: InferenceService) -> Starlette:
-    routes = [*v2_rest.routes(service), *tfserving_rest.routes(service)]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+def metrics_route(metrics: Metrics) -> Route:
+    async def scrape(request: Request) -> Response:
+        body, content_type = metrics.exposition(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
+    return Route("/metrics", scrape, methods=["GET"])
+
+
+def create_app(service: InferenceService, metrics: Metrics | None = None) -> Starlette:
+    """Every HTTP endpoint; with ``metrics``, also ``/metrics``, and requests that never reached a model counted."""
+    unreached = metrics.unreached if metrics is not None else None
+    routes = [*v2_rest.routes(service, unreached), *tfserving_rest.routes(service, unreached)]
+    if metrics is not None:
+        routes.append(metrics_route(metrics))
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(RequestIdMiddleware)],
+    )

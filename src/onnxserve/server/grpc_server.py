@@ -7,11 +7,17 @@ import grpc
 from onnxserve.config import ServerSettings
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
+from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 
 
-def create_grpc_server(service: InferenceService, settings: ServerSettings) -> tuple[grpc.aio.Server, int]:
-    """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got."""
+def create_grpc_server(
+    service: InferenceService, settings: ServerSettings, record_unreached: RequestHook | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got.
+
+    ``record_unreached`` hears of inference requests that failed before reaching a model (metrics).
+    """
     limit = settings.grpc_max_message_bytes
     server = grpc.aio.server(
         options=[
@@ -20,7 +26,7 @@ def create_grpc_server(service: InferenceService, settings: ServerSettings) -> t
             ("grpc.so_reuseport", 0),
         ]
     )
-    server.add_generic_rpc_handlers((generic_handler(service),))
+    server.add_generic_rpc_handlers((generic_handler(service, record_unreached),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         port: int = server.add_insecure_port(f"{host}:{settings.grpc_port}")

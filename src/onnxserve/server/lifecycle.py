@@ -1,8 +1,10 @@
 """Start-up and shutdown: load every model, then listen; refuse to start half-configured.
 
-HTTP (uvicorn) and gRPC (grpc.aio) share one event loop. On SIGINT/SIGTERM uvicorn stops accepting
-and finishes open HTTP requests; then gRPC gets a grace period for its open calls; then the process
-exits with status 0.
+HTTP (uvicorn) and gRPC (grpc.aio) share one event loop. On SIGTERM (or SIGINT) the server drains:
+readiness turns false at once, new inference requests are refused with 503 / UNAVAILABLE, the
+requests already accepted (queued or running) finish, up to ``drain_timeout``; then the listeners
+close and the process exits with status 0. A second signal stops at once. SIGHUP re-reads the config
+file (or rescans the repository) and applies it; ``poll`` mode does the same every few seconds.
 """
 
 from __future__ import annotations
@@ -14,30 +16,63 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 
 import uvicorn
 
 from onnxserve.config import ServerConfig, ServerSettings
+from onnxserve.core.manager import Catalog, ControlMode, ModelManager
 from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
+from onnxserve.errors import ConfigError
 from onnxserve.server.app import create_app
 from onnxserve.server.grpc_server import create_grpc_server
+from onnxserve.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 GRPC_GRACE_SECONDS = 10.0
 
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository")
 """KServe V2 extensions every protocol front end implements; advertised in server metadata."""
 
 
 def build_service(
-    config: ServerConfig, settings: ServerSettings, observers: Observers | None = None
+    config: ServerConfig,
+    settings: ServerSettings,
+    observers: Observers | None = None,
+    catalog: Catalog | None = None,
 ) -> InferenceService:
-    """Load every model in ``config`` (raising ConfigError if any fails) and wrap them in a service."""
+    """Load the models to start with (raising ConfigError if any fails) and wrap them in a service.
+
+    Under explicit model control only ``settings.load_models`` are loaded (``*``: all).
+    """
+    mode = ControlMode(settings.model_control_mode)
+    if mode is ControlMode.EXPLICIT and "*" not in settings.load_models:
+        unknown = set(settings.load_models) - {m.name for m in config.model_config_list}
+        if unknown:
+            raise ConfigError(f"--load-model names models that are not in the repository: {', '.join(sorted(unknown))}")
+        config = ServerConfig(model_config_list=[m for m in config.model_config_list if m.name in settings.load_models])
     registry = ModelRegistry.load(config, observers)
-    return InferenceService(registry, threads=settings.inference_threads, extensions=EXTENSIONS)
+    manager = (
+        ModelManager(
+            registry,
+            catalog,
+            mode,
+            drain_seconds=settings.drain_timeout,
+            wait_for_stable_folders=mode is ControlMode.POLL,
+        )
+        if catalog is not None
+        else None
+    )
+    return InferenceService(
+        registry,
+        threads=settings.inference_threads,
+        extensions=EXTENSIONS,
+        manager=manager,
+        strict_readiness=settings.strict_readiness,
+    )
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -45,34 +80,89 @@ def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
 
 
-def _uvicorn_server(service: InferenceService, settings: ServerSettings) -> uvicorn.Server:
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the service before the listeners close."""
+
+    def __init__(self, config: uvicorn.Config, service: InferenceService, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.service = service
+        self.drain_timeout = drain_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.service.draining or self.loop is None:
+            super().handle_exit(sig, frame)  # a second signal: stop now
+            return
+        self.service.draining = True
+        self.loop.call_soon_threadsafe(lambda: self.loop and self.loop.create_task(self.drain()))
+
+    async def drain(self) -> None:
+        log.info("draining: not ready, refusing new requests, waiting for %d open ones", self.service.in_flight)
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout
+        while self.service.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.service.in_flight:
+            log.warning("drain timeout: stopping with %d requests still open", self.service.in_flight)
+        self.should_exit = True
+
+
+def _metered_service(
+    config: ServerConfig, settings: ServerSettings, catalog: Catalog | None
+) -> tuple[InferenceService, Metrics]:
+    """``build_service`` with Prometheus metrics observing it."""
+    metrics = Metrics()
+    observers = Observers()
+    observers.add(metrics)
+    service = build_service(config, settings, observers, catalog=catalog)
+    metrics.watch(service.registry)
+    return service, metrics
+
+
+def _uvicorn_server(service: InferenceService, settings: ServerSettings, metrics: Metrics) -> _DrainingServer:
     config = uvicorn.Config(
-        create_app(service),
+        create_app(service, metrics),
+        log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC
         http="httptools",
         lifespan="off",
         access_log=False,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout)),
     )
-    return uvicorn.Server(config)
+    return _DrainingServer(config, service, settings.drain_timeout)
 
 
 async def _serve(
     service: InferenceService,
     settings: ServerSettings,
-    http: uvicorn.Server,
+    http: _DrainingServer,
     http_socket: socket.socket,
     on_started: Callable[[int, int], None],
+    metrics: Metrics,
 ) -> None:
-    grpc_server, grpc_port = create_grpc_server(service, settings)
+    http.loop = asyncio.get_running_loop()
+    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached)
     await grpc_server.start()
+    background: list[asyncio.Task[None]] = []
+    manager = service.manager
+    if manager is not None and manager.mode is ControlMode.POLL:
+        background.append(
+            asyncio.create_task(
+                manager.poll(settings.repository_poll_secs, lambda: http.should_exit or service.draining)
+            )
+        )
+    if manager is not None and threading.current_thread() is threading.main_thread():
+        http.loop.add_signal_handler(signal.SIGHUP, lambda: background.append(asyncio.create_task(manager.reload())))
     try:
         task = asyncio.create_task(http.serve(sockets=[http_socket]))
         while not http.started and not task.done():
@@ -81,7 +171,12 @@ async def _serve(
             on_started(http_socket.getsockname()[1], grpc_port)
         await task
     finally:
+        for job in background:
+            job.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await grpc_server.stop(GRPC_GRACE_SECONDS)
+        if manager is not None:
+            await manager.close()
         await service.registry.stop()
 
 
@@ -91,11 +186,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: ServerConfig, settings: ServerSettings) -> None:
-    """Load the models, then serve HTTP and gRPC until SIGINT or SIGTERM."""
-    service = build_service(config, settings)
+def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | None = None) -> None:
+    """Load the models, then serve HTTP and gRPC until SIGINT or SIGTERM (see the module docstring)."""
+    service, metrics = _metered_service(config, settings, catalog)
     http_socket = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings)
+    http = _uvicorn_server(service, settings, metrics)
 
     def announce(http_port: int, grpc_port: int) -> None:
         for model in service.registry:
@@ -103,13 +198,13 @@ def serve(config: ServerConfig, settings: ServerSettings) -> None:
         log.info("HTTP (KServe V2 REST, TF Serving REST) on http://%s:%d", settings.host, http_port)
         log.info("gRPC (KServe V2) on %s:%d", settings.host, grpc_port)
 
-    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal through the handler that was in
-    # place before it started; a no-op handler there makes a drained shutdown exit with status 0.
+    # uvicorn re-raises the signal it stopped for through the handler that was in place before it
+    # started; a no-op handler there makes a drained shutdown exit with status 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(service, settings, http, http_socket, announce))
+        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics))
     finally:
         loop.close()
         service.close()
@@ -123,7 +218,7 @@ class RunningServer:
     host: str
     http_port: int
     grpc_port: int
-    _server: uvicorn.Server
+    _server: _DrainingServer
     _thread: threading.Thread
 
     @property
@@ -139,12 +234,18 @@ class RunningServer:
         self._thread.join(timeout=60)
         self.service.close()
 
+    def drain(self) -> None:
+        """What SIGTERM does to a server in its own process: drain, then stop (returns at once)."""
+        self._server.handle_exit(signal.SIGTERM, None)
 
-def start_in_background(config: ServerConfig, settings: ServerSettings) -> RunningServer:
+
+def start_in_background(
+    config: ServerConfig, settings: ServerSettings, catalog: Catalog | None = None
+) -> RunningServer:
     """Load the models and serve on a background thread; returns once both listeners accept requests."""
-    service = build_service(config, settings)
+    service, metrics = _metered_service(config, settings, catalog)
     sock = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings)
+    http = _uvicorn_server(service, settings, metrics)
     started = threading.Event()
     ports: list[int] = []
     failure: list[BaseException] = []
@@ -156,7 +257,7 @@ def start_in_background(config: ServerConfig, settings: ServerSettings) -> Runni
     def run() -> None:
         loop = _new_loop()
         try:
-            loop.run_until_complete(_serve(service, settings, http, sock, on_started))
+            loop.run_until_complete(_serve(service, settings, http, sock, on_started, metrics))
         except BaseException as e:
             failure.append(e)
             started.set()

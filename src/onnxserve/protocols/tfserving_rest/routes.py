@@ -15,8 +15,9 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
-from onnxserve.protocols.http import guarded, json_body
+from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
 
 
@@ -53,7 +54,9 @@ def _target(request: Request) -> tuple[str, str | None]:
     return name, label
 
 
-def routes(service: InferenceService) -> list[Route]:
+def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
+    """Every endpoint; ``record_unreached`` hears of inference requests that failed before reaching a model."""
+
     async def status(request: Request) -> Response:
         name, version = _target(request)
         return json_body(codec.dumps(codec.encode_status(service.version_states(name, version))))
@@ -84,13 +87,16 @@ def routes(service: InferenceService) -> list[Route]:
             "regression pipelines); use :predict"
         )
 
+    def inference(handler: Endpoint) -> Endpoint:
+        return guarded(handler, TFSERVING_HTTP_STATUS, protocol=codec.PROTOCOL, record_unreached=record_unreached)
+
     table: list[Route] = []
     for base in BASES:
         table += [
             Route(base, guarded(status, TFSERVING_HTTP_STATUS), methods=["GET"]),
             Route(f"{base}/metadata", guarded(metadata, TFSERVING_HTTP_STATUS), methods=["GET"]),
-            Route(f"{base}:predict", guarded(predict, TFSERVING_HTTP_STATUS), methods=["POST"]),
-            Route(f"{base}:classify", guarded(classify, TFSERVING_HTTP_STATUS), methods=["POST"]),
-            Route(f"{base}:regress", guarded(regress, TFSERVING_HTTP_STATUS), methods=["POST"]),
+            Route(f"{base}:predict", inference(predict), methods=["POST"]),
+            Route(f"{base}:classify", inference(classify), methods=["POST"]),
+            Route(f"{base}:regress", inference(regress), methods=["POST"]),
         ]
     return table

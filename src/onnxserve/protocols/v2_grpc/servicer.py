@@ -2,19 +2,25 @@
 
 Handlers receive the request as bytes and parse it themselves, so a malformed protobuf is answered
 with INVALID_ARGUMENT and a message, rather than gRPC's generic deserialization failure.
+
+Every call has a request id: the client's ``x-request-id`` metadata when usable, else a new one. It is
+sent back in the trailing metadata (errors too) and carried by every log line made while handling it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from onnxserve.core.observe import RequestRecord
 from onnxserve.core.service import InferenceService
-from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
+from onnxserve.protocols import context
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.v2_grpc import codec
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -22,6 +28,7 @@ from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+PROTOCOL = "v2_grpc"
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
@@ -35,11 +42,38 @@ def parse(message_type: type[M], data: bytes) -> M:
         raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
 
 
-class InferenceServicer:
-    """One method per RPC; each takes the parsed request and returns the response message."""
+def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
+    """The client's ``x-request-id`` when usable, else a new id; sent back in the trailing metadata."""
+    given = next(
+        (
+            v
+            for k, v in grpc_context.invocation_metadata() or ()
+            if k == context.REQUEST_ID_METADATA and isinstance(v, str)
+        ),
+        None,
+    )
+    request_id = context.accept_request_id(given)
+    grpc_context.set_trailing_metadata(((context.REQUEST_ID_METADATA, request_id),))
+    return request_id
 
-    def __init__(self, service: InferenceService) -> None:
+
+def _unreached(
+    hook: context.RequestHook | None, request: pb.ModelInferRequest | None, kind: ErrorKind, started: int
+) -> None:
+    if hook is not None:
+        model, version = (request.model_name, request.model_version) if request is not None else ("", "")
+        hook(RequestRecord(model, version, PROTOCOL, kind, 0, 0, 0, time.perf_counter_ns() - started))
+
+
+class InferenceServicer:
+    """One method per RPC; each takes the parsed request and returns the response message.
+
+    ``record_unreached`` hears of each inference request that failed before reaching a model.
+    """
+
+    def __init__(self, service: InferenceService, record_unreached: context.RequestHook | None = None) -> None:
         self.service = service
+        self.record_unreached = record_unreached
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.live())
@@ -68,36 +102,56 @@ class InferenceServicer:
             response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
         return response
 
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+        await self.service.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
+        await self.service.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         decoded = codec.decode_infer_request(request)
         response = await self.service.infer(decoded.request)
         return codec.encode_infer_response(response, decoded.raw)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers each request in order; an error answers that request only and the stream goes on.
 
         An error answer carries the request's id, model name and version (when the request parsed),
         so a client can match it like a success.
         """
+        request_id = _request_id(grpc_context)
         async for data in requests:
-            request: pb.ModelInferRequest | None = None
-            try:
-                request = parse(pb.ModelInferRequest, data)
-                yield pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
-            except Exception as e:
-                if isinstance(e, OnnxServeError):
-                    message = e.message
-                else:
-                    log.exception("unexpected error in ModelStreamInfer")
-                    message = "internal server error"
-                echo = pb.ModelInferResponse()
-                if request is not None:
-                    echo = pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    )
-                yield pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+            yield await self._stream_one(data, request_id)
+
+    async def _stream_one(self, data: bytes, request_id: str) -> pb.ModelStreamInferResponse:
+        started = time.perf_counter_ns()
+        id_token = context.set_request_id(request_id)
+        attempt, token = context.begin_attempt()
+        request: pb.ModelInferRequest | None = None
+        try:
+            request = parse(pb.ModelInferRequest, data)
+            return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+        except Exception as e:
+            if isinstance(e, OnnxServeError):
+                message, kind = e.message, e.kind
+            else:
+                log.exception("unexpected error in ModelStreamInfer")
+                message, kind = "internal server error", ErrorKind.INTERNAL
+            if not attempt.reached:
+                _unreached(self.record_unreached, request, kind, started)
+            echo = pb.ModelInferResponse()
+            if request is not None:
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+            return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+        finally:
+            context.end_attempt(token)
+            context.reset_request_id(id_token)
 
 
 _UNARY: dict[str, type[Message]] = {
@@ -109,29 +163,58 @@ _UNARY: dict[str, type[Message]] = {
     "ModelConfig": pb.ModelConfigRequest,
     "ModelStatistics": pb.ModelStatisticsRequest,
     "RepositoryIndex": pb.RepositoryIndexRequest,
+    "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
+    "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
     "ModelInfer": pb.ModelInferRequest,
 }
 
 
-def _unary(method: Callable[[Any], Awaitable[Message]], request_type: type[Message]) -> Handler:
-    async def handler(data: bytes, context: grpc.aio.ServicerContext) -> Message:
+def _unary(
+    method: Callable[[Any], Awaitable[Message]],
+    request_type: type[Message],
+    record_unreached: context.RequestHook | None = None,
+) -> Handler:
+    """The handler of one unary RPC; with ``record_unreached`` it is an inference RPC (ModelInfer)."""
+    name = request_type.__name__.removesuffix("Request")
+
+    async def handler(data: bytes, grpc_context: grpc.aio.ServicerContext) -> Message:
+        started = time.perf_counter_ns()
+        request_id = _request_id(grpc_context)
+        id_token = context.set_request_id(request_id)
+        attempt, token = context.begin_attempt()
+        request: Message | None = None
+        code = grpc.StatusCode.OK
         try:
-            return await method(parse(request_type, data))
-        except OnnxServeError as e:
-            await context.abort(GRPC_STATUS[e.kind], e.message)
-        except Exception:
-            log.exception("unexpected error in %s", request_type.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
-        raise AssertionError("context.abort returns only by raising")
+            request = parse(request_type, data)
+            return await method(request)
+        except Exception as e:
+            if isinstance(e, OnnxServeError):
+                code, message, kind = GRPC_STATUS[e.kind], e.message, e.kind
+            else:
+                log.exception("unexpected error in %s", name)
+                code, message, kind = grpc.StatusCode.INTERNAL, "internal server error", ErrorKind.INTERNAL
+            if record_unreached is not None and not attempt.reached:
+                inference = request if isinstance(request, pb.ModelInferRequest) else None
+                _unreached(record_unreached, inference, kind, started)
+            await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("gRPC %s %s %.2f ms", name, code.name, (time.perf_counter_ns() - started) / 1e6)
+            context.end_attempt(token)
+            context.reset_request_id(id_token)
 
     return handler
 
 
-def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
-    servicer = InferenceServicer(service)
+def generic_handler(
+    service: InferenceService, record_unreached: context.RequestHook | None = None
+) -> grpc.GenericRpcHandler:
+    """Every RPC of the service; ``record_unreached`` hears of inference requests that never reached a model."""
+    servicer = InferenceServicer(service, record_unreached)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name), request_type), response_serializer=lambda m: m.SerializeToString()
+            _unary(getattr(servicer, name), request_type, record_unreached if name == "ModelInfer" else None),
+            response_serializer=lambda m: m.SerializeToString(),
         )
         for name, request_type in _UNARY.items()
     }

@@ -10,8 +10,12 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
+
+PROTOCOL = "v2_rest"
+"""The protocol label of this front end's requests, as the codec tags them."""
 
 
 def json_response(doc: Any, status: int = 200) -> Response:
@@ -27,7 +31,9 @@ def _version(request: Request) -> str | None:
     return version
 
 
-def routes(service: InferenceService) -> list[Route]:
+def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
+    """Every endpoint; ``record_unreached`` hears of inference requests that failed before reaching a model."""
+
     async def live(request: Request) -> Response:
         return _status(service.live())
 
@@ -56,6 +62,14 @@ def routes(service: InferenceService) -> list[Route]:
         ready_only = codec.decode_repository_index_request(await request.body())
         return json_response(codec.encode_repository_index(service.repository_index(ready_only)))
 
+    async def load(request: Request) -> Response:
+        await service.load_model(request.path_params["name"])
+        return json_response({})
+
+    async def unload(request: Request) -> Response:
+        await service.unload_model(request.path_params["name"])
+        return json_response({})
+
     async def infer(request: Request) -> Response:
         body = await request.body()
         header_length = _header_length(request)
@@ -77,6 +91,8 @@ def routes(service: InferenceService) -> list[Route]:
         Route("/v2", guarded(server_metadata), methods=["GET"]),
         Route("/v2/models/stats", guarded(statistics), methods=["GET"]),
         Route("/v2/repository/index", guarded(repository_index), methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", guarded(load), methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", guarded(unload), methods=["POST"]),
     ]
     for base in model_paths:
         table += [
@@ -84,7 +100,11 @@ def routes(service: InferenceService) -> list[Route]:
             Route(f"{base}/ready", guarded(model_ready), methods=["GET"]),
             Route(f"{base}/config", guarded(model_config), methods=["GET"]),
             Route(f"{base}/stats", guarded(statistics), methods=["GET"]),
-            Route(f"{base}/infer", guarded(infer), methods=["POST"]),
+            Route(
+                f"{base}/infer",
+                guarded(infer, protocol=PROTOCOL, record_unreached=record_unreached),
+                methods=["POST"],
+            ),
         ]
     return table
 

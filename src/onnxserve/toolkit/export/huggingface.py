@@ -9,6 +9,7 @@ renamed into place at the end.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,22 @@ def check_environment() -> None:
     require("torch", "transformers", "onnxscript")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A local folder as it is; an ``owner/name`` that is no local folder is fetched from the Hugging Face hub."""
+    folder = Path(src)
+    if folder.exists() or not HUB_ID.match(str(src)):
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(src)))
+    except Exception as e:  # the hub client raises many types (offline, not found, gated)
+        raise ExportError(f"{src} is no local folder and cannot be fetched from the Hugging Face hub: {e}") from None
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model"))
 
@@ -133,7 +150,7 @@ def export_huggingface(
     check_environment()
     if options.task not in TASKS:
         raise ExportError(f"unsupported task {options.task!r}; supported tasks: {', '.join(TASKS)}")
-    folder = Path(src)
+    folder = resolve_source(src)
     if not (folder / "config.json").is_file():
         raise ExportError(f"{folder} is not a Hugging Face model folder (no config.json)")
     model_type = json.loads((folder / "config.json").read_text()).get("model_type")

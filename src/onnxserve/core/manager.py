@@ -1,0 +1,307 @@
+"""Model control: bring the served versions in line with a config, a repository, or an explicit request.
+
+``ModelManager.apply`` compares what a config (re-read, or a rescanned repository) says should be
+served with what is loaded:
+
+- new versions are loaded and warmed on a worker thread, and only then receive traffic;
+- versions no longer wanted (removed from disk, out of policy, their model removed) stop receiving
+  new requests at once (state UNLOADING) and are unloaded when their in-flight requests have finished;
+- a version that fails to load is recorded with its reason (the repository index shows it), is not
+  retried until its folder changes, and never displaces the versions already serving: the policy
+  chooses among the versions that loaded;
+- in poll mode a new version folder is taken only once its contents (names, sizes, modification times)
+  have not changed between two polls, so a version still being copied is not picked up half-written;
+- a config error for one model leaves that model as it was; an invalid config as a whole is refused
+  before anything changes.
+
+Explicit control (``load`` / ``unload``) accepts only model names of the safe character set that
+resolve inside the repository (or name an entry of the config file); symlinks that leave it are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
+from onnxserve.core.observe import VersionRecord
+from onnxserve.core.registry import ModelRegistry, ModelState, ModelVersion, ServedModel, load_version
+from onnxserve.core.repository import VersionFolder, discover_versions, scan_repository
+from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError
+
+log = logging.getLogger(__name__)
+
+UNLOAD_POLL_SECONDS = 0.01
+
+
+class ControlMode(enum.Enum):
+    NONE = "none"  # serve what start-up loaded; load/unload are refused
+    POLL = "poll"  # re-read the config or rescan the repository every few seconds (and on SIGHUP)
+    EXPLICIT = "explicit"  # load and unload on request (V2 repository extension)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Where models come from: a config file (re-read on reload) or a repository folder (rescanned)."""
+
+    config_file: Path | None = None
+    repository: Path | None = None
+
+    def read(self) -> ServerConfig:
+        from onnxserve.config import load_config
+
+        if self.config_file is not None:
+            return load_config(self.config_file)
+        assert self.repository is not None
+        return scan_repository(self.repository)
+
+    def find(self, name: str) -> ModelConfig:
+        """The config of one model, for an explicit load; the name and its path are confined."""
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
+            raise InvalidInputError(
+                f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (starting with a letter or digit)"
+            )
+        for model in self.read_for_control().model_config_list:
+            if model.name == name:
+                self._confine(model)
+                return model
+        raise ModelNotFoundError(f"no model {name!r} in the repository")
+
+    def read_for_control(self) -> ServerConfig:
+        if self.repository is not None and self.config_file is None:
+            root = self.repository
+            if not root.is_dir():
+                raise ConfigError(f"{root}: the model repository is not a directory")
+            try:
+                return scan_repository(root)
+            except ConfigError:
+                return ServerConfig(model_config_list=[])
+        return self.read()
+
+    def _confine(self, model: ModelConfig) -> None:
+        if self.repository is None:
+            return  # config files are the operator's own; their paths are trusted
+        root = self.repository.resolve()
+        target = model.base_path.resolve()
+        if target != root and root not in target.parents:
+            raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
+
+
+def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and modification times of everything in a version folder (to tell when it is stable)."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)
+
+
+class ModelManager:
+    """Changes what the registry serves; every change runs on the event loop, loads on a thread."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        catalog: Catalog,
+        mode: ControlMode = ControlMode.NONE,
+        drain_seconds: float = 30.0,
+        wait_for_stable_folders: bool = False,
+    ) -> None:
+        self.registry = registry
+        self.catalog = catalog
+        self.mode = mode
+        self.drain_seconds = drain_seconds
+        self.wait_for_stable_folders = wait_for_stable_folders
+        self._signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self._failed_signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self._lock = asyncio.Lock()
+        self._unloading: set[asyncio.Task[None]] = set()
+
+    # --- reconciling with a whole config ---------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Re-read the catalog and apply it; an invalid config is logged and changes nothing."""
+        try:
+            config = self.catalog.read()
+        except OnnxServeError as e:
+            log.error("reload refused; the running configuration keeps serving: %s", e.message)
+            return
+        await self.apply(config)
+
+    async def apply(self, config: ServerConfig) -> None:
+        async with self._lock:
+            wanted = {m.name: m for m in config.model_config_list}
+            for name in self.registry.names():
+                if name not in wanted:
+                    await self._retire_model(name)
+            for model in config.model_config_list:
+                await self._apply_model(model)
+
+    async def _apply_model(self, config: ModelConfig, retry_failed: bool = False) -> None:
+        try:
+            on_disk = {f.version: f for f in discover_versions(config.base_path)}
+        except ConfigError as e:
+            log.error("model %s: %s; it keeps its current versions", config.name, e.message)
+            return
+        served = self.registry.get(config.name) if config.name in self.registry.names() else None
+        model = ServedModel(config, served.versions if served is not None else {})
+        current = {n: v for n, v in model.versions.items() if v.state is not ModelState.UNLOADING}
+        present = {n: v for n, v in current.items() if n in on_disk}
+        new = [f for n, f in on_disk.items() if n not in current and self._takeable(config.name, f, retry_failed)]
+        chosen = set(config.model_version_policy.select([*present, *(f.version for f in new)]))
+        for folder in sorted(new, key=lambda f: -f.version):
+            if folder.version in chosen:
+                version = await self._load(config, folder)
+                if version is not None:
+                    present[folder.version] = version
+                    model.versions[folder.version] = version
+                    self.registry.put(model)  # from here on it takes traffic
+        # The policy chooses among what actually loaded, so a failed new version displaces nothing.
+        keep = set(config.model_version_policy.select(list(present)))
+        if not keep and current:
+            log.error("model %s: no version on disk can be served; the loaded versions keep serving", config.name)
+            return
+        stale = [label for label, number in config.version_labels.items() if number not in keep]
+        if stale:
+            labels = served.config.version_labels if served is not None else {}
+            log.error(
+                "model %s: version_labels %s point to versions that are not served; keeping labels %s",
+                config.name,
+                ", ".join(stale),
+                labels,
+            )
+            model = ServedModel(config.model_copy(update={"version_labels": labels}), model.versions)
+        if keep or served is not None:
+            self.registry.put(model)
+        for number, version in current.items():
+            if number not in keep:
+                self._retire(model, version)
+
+    def _takeable(self, name: str, folder: VersionFolder, retry_failed: bool = False) -> bool:
+        """Whether a version folder not loaded yet may be loaded now (stable, and not failed as it is)."""
+        signature = folder_signature(folder.path)
+        if not retry_failed and self._failed_signatures.get(folder.path) == signature:
+            return False
+        if not self.wait_for_stable_folders:
+            return True
+        previous = self._signatures.get(folder.path)
+        self._signatures[folder.path] = signature
+        if previous != signature:
+            log.info("model %s: version %d is new or still changing; taking it once it is stable", name, folder.version)
+            return False
+        return True
+
+    async def _load(self, config: ModelConfig, folder: VersionFolder) -> ModelVersion | None:
+        log.info("model %s: loading version %d", config.name, folder.version)
+        try:
+            version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
+        except OnnxServeError as e:
+            self.registry.failures[(config.name, folder.version)] = e.message
+            self._failed_signatures[folder.path] = folder_signature(folder.path)
+            log.error("model %s: version %d failed to load: %s", config.name, folder.version, e.message)
+            return None
+        self.registry.failures.pop((config.name, folder.version), None)
+        self._failed_signatures.pop(folder.path, None)
+        log.info("model %s: version %d ready (%.2f s)", config.name, folder.version, version.load_seconds)
+        return version
+
+    # --- retiring ---------------------------------------------------------------------------------
+
+    async def _retire_model(self, name: str) -> None:
+        served = self.registry.get(name)
+        for version in list(served.versions.values()):
+            self._retire(served, version)
+        await self._settle()
+        self.registry.drop(name)
+
+    def _retire(self, served: ServedModel, version: ModelVersion) -> None:
+        """Stop new traffic to a version now; unload it once its in-flight requests have finished."""
+        if version.state is ModelState.UNLOADING:
+            return
+        version.state = ModelState.UNLOADING
+        self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
+        task = asyncio.get_running_loop().create_task(self._unload(served, version))
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+
+    async def _unload(self, served: ServedModel, version: ModelVersion) -> None:
+        deadline = asyncio.get_running_loop().time() + self.drain_seconds
+        while version.active > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(UNLOAD_POLL_SECONDS)
+        if version.active > 0:
+            log.warning(
+                "model %s: unloading version %d with %d requests still open",
+                version.name,
+                version.version,
+                version.active,
+            )
+        await version.scheduler.stop()
+        await asyncio.to_thread(version.scheduler.close)
+        if served.versions.get(version.version) is version:
+            del served.versions[version.version]
+        version.state = ModelState.UNAVAILABLE
+        self.registry.observers.version(VersionRecord(version.name, str(version.version), "UNLOADED"))
+        log.info("model %s: version %d unloaded", version.name, version.version)
+
+    async def _settle(self) -> None:
+        """Wait for every unload in progress."""
+        while self._unloading:
+            await asyncio.gather(*list(self._unloading), return_exceptions=True)
+
+    # --- explicit control -------------------------------------------------------------------------
+
+    def _require_explicit(self, verb: str) -> None:
+        if self.mode is not ControlMode.EXPLICIT:
+            raise InvalidInputError(
+                f"model {verb} is not allowed: model control mode is {self.mode.value!r}; "
+                "start the server with --model-control-mode explicit to load and unload models"
+            )
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model from the catalog by name."""
+        self._require_explicit("load")
+        config = self.catalog.find(name)
+        async with self._lock:
+            previous = dict(self.registry.failures)
+            await self._apply_model(config, retry_failed=True)
+            failed = [
+                reason
+                for (model, number), reason in self.registry.failures.items()
+                if model == name and previous.get((model, number)) != reason
+            ]
+        if name not in self.registry.names() or not any(v.ready for v in self.registry.get(name).versions.values()):
+            raise InvalidInputError(f"model {name!r} failed to load: {'; '.join(failed) or 'no version to serve'}")
+
+    async def unload(self, name: str) -> None:
+        self._require_explicit("unload")
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
+            raise InvalidInputError(f"invalid model name {name!r}")
+        async with self._lock:
+            if name not in self.registry.names():
+                raise ModelNotFoundError(f"model {name!r} is not loaded")
+            await self._retire_model(name)
+
+    def known_models(self) -> list[str]:
+        """Every model the catalog names, loaded or not (explicit mode's repository index)."""
+        try:
+            return sorted(m.name for m in self.catalog.read_for_control().model_config_list)
+        except OnnxServeError:
+            return []
+
+    async def poll(self, seconds: float, stop: Callable[[], bool]) -> None:
+        """Reload every ``seconds`` until ``stop()`` (poll mode)."""
+        while not stop():
+            await asyncio.sleep(seconds)
+            if not stop():
+                await self.reload()
+
+    async def close(self) -> None:
+        await self._settle()

@@ -1,0 +1,84 @@
+"""What every protocol front end knows about the request it is handling: its id, and whether it reached a model.
+
+The request id comes from the client (HTTP ``X-Request-ID``, gRPC ``x-request-id`` metadata) when it is
+usable, else it is generated; it is returned to the client and set in a context variable for the
+length of the request, so every log line made while handling it can carry it
+(``onnxserve.server.logs``).
+
+Counting requests exactly once: the core reports each inference request that reached a model version
+to its observers. A request that failed before that (a malformed body, an unknown model) is reported
+by the protocol front end instead, through a ``RequestHook`` the server passes in. To tell the two
+apart, the front end opens an ``Attempt`` around each inference request and the server's observer
+marks it (``mark_reached``) when the core reports the request.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
+
+from onnxserve.core.observe import RequestRecord
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_METADATA = "x-request-id"
+MAX_REQUEST_ID_LENGTH = 128
+
+_USABLE_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+
+RequestHook = Callable[[RequestRecord], None]
+"""Called with each inference request that failed before reaching a model (rows and phases zero)."""
+
+_request_id: ContextVar[str | None] = ContextVar("onnxserve_request_id", default=None)
+
+
+@dataclass
+class Attempt:
+    """One inference request in a front end; ``reached`` once the core has reported it."""
+
+    reached: bool = False
+
+
+_attempt: ContextVar[Attempt | None] = ContextVar("onnxserve_attempt", default=None)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(given: str | None) -> str:
+    """The client's id if it is 1 to 128 printable ASCII characters, else a new one."""
+    if given is not None and _USABLE_ID.fullmatch(given) and given.strip() == given:
+        return given
+    return new_request_id()
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled in this context, if any."""
+    return _request_id.get()
+
+
+def set_request_id(request_id: str) -> Token[str | None]:
+    return _request_id.set(request_id)
+
+
+def reset_request_id(token: Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+def begin_attempt() -> tuple[Attempt, Token[Attempt | None]]:
+    attempt = Attempt()
+    return attempt, _attempt.set(attempt)
+
+
+def end_attempt(token: Token[Attempt | None]) -> None:
+    _attempt.reset(token)
+
+
+def mark_reached() -> None:
+    """Note that the inference request handled in this context reached a model (the core reported it)."""
+    attempt = _attempt.get()
+    if attempt is not None:
+        attempt.reached = True

@@ -1,0 +1,189 @@
+"""Prometheus metrics: an Observer of the core, served at ``GET /metrics`` on the HTTP port.
+
+Each inference request is counted exactly once. The core reports every request that reached a model
+version (answered or failed) to ``Metrics.request``; the protocol front ends report, through
+``Metrics.unreached``, only the requests that failed before reaching one (a malformed body, an
+unknown model or version). Those carry the requested model and version as labels when the server
+serves them, and "" otherwise, so that clients cannot grow the label sets without bound.
+
+Metrics (every one in a registry of its own, so several servers can live in one process):
+
+- ``onnxserve_requests_total{model,version,protocol,status}``: inference requests; status "ok" or the
+  error kind (invalid_input, not_found, unavailable, resource_exhausted, internal).
+- ``onnxserve_request_duration_seconds{model,version,phase}``: one histogram, three phases: ``total``
+  for every counted request, ``queue`` and ``compute`` for answered ones.
+- ``onnxserve_batch_size{model,version}``: rows per model execution.
+- ``onnxserve_queue_depth{model,version}``: requests waiting in the scheduler, read at scrape time.
+- ``onnxserve_model_state{model,version,state}``: 1 for the version's current state, 0 for the others.
+- ``onnxserve_model_load_duration_seconds{model,version}``: how long the last load took.
+- the standard ``process_*`` metrics of this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from onnxserve.core.observe import ExecutionRecord, RequestRecord, VersionRecord
+from onnxserve.core.registry import ModelRegistry, ModelState
+from onnxserve.errors import OnnxServeError
+from onnxserve.protocols.context import mark_reached
+
+PREFIX = "onnxserve_"
+OK = "ok"
+PHASES = ("queue", "compute", "total")
+STATES = tuple(state.value for state in ModelState)
+"""The states a version can be in; a state reported that is not listed here is added when first seen."""
+
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class _QueueDepth(Collector):
+    """``onnxserve_queue_depth``, read from every version's scheduler when scraped."""
+
+    def __init__(self) -> None:
+        self.registry: ModelRegistry | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        if self.registry is not None:
+            for version in self.registry.versions():
+                family.add_metric([version.name, str(version.version)], version.scheduler.queued())
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            f"{PREFIX}queue_depth", "Inference requests waiting in the model's scheduler.", labels=["model", "version"]
+        )
+
+
+class Metrics:
+    """The Prometheus metrics of one server; an Observer of its core."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._models: ModelRegistry | None = None
+        self._states = list(STATES)
+        self._requests = Counter(
+            f"{PREFIX}requests",
+            "Inference requests, by the model version they named and how they ended (ok or the error kind).",
+            ["model", "version", "protocol", "status"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            f"{PREFIX}request_duration_seconds",
+            "Inference request latency by phase: queue and compute (answered requests), total (all requests).",
+            ["model", "version", "phase"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._batch_size = Histogram(
+            f"{PREFIX}batch_size",
+            "Rows in each model execution (one or more requests batched together).",
+            ["model", "version"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self._state = Gauge(
+            f"{PREFIX}model_state",
+            "1 for the model version's current state, 0 for the others.",
+            ["model", "version", "state"],
+            registry=self.registry,
+        )
+        self._load_duration = Gauge(
+            f"{PREFIX}model_load_duration_seconds",
+            "Seconds the model version's last load took (sessions, pipeline and warm-up).",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self._queue_depth = _QueueDepth()
+        self.registry.register(self._queue_depth)
+        ProcessCollector(registry=self.registry)
+
+    def watch(self, models: ModelRegistry) -> None:
+        """Read queue depths from, and check unreached requests' labels against, these models."""
+        self._models = models
+        self._queue_depth.registry = models
+
+    # Observer
+
+    def request(self, record: RequestRecord) -> None:
+        mark_reached()
+        self._count(record)
+
+    def execution(self, record: ExecutionRecord) -> None:
+        self._batch_size.labels(record.model, record.version).observe(record.batch_size)
+
+    def version(self, record: VersionRecord) -> None:
+        if record.state not in self._states:
+            self._states.append(record.state)
+        for state in self._states:
+            self._state.labels(record.model, record.version, state).set(1 if state == record.state else 0)
+        if record.load_seconds is not None:
+            self._load_duration.labels(record.model, record.version).set(record.load_seconds)
+
+    # The protocol front ends' hook
+
+    def unreached(self, record: RequestRecord) -> None:
+        """Count a request that failed before reaching a model, under labels the server serves."""
+        model, version = self._served_labels(record.model, record.version)
+        self._count(
+            RequestRecord(model, version, record.protocol, record.error, 0, 0, 0, record.total_ns),
+        )
+
+    def _served_labels(self, model: str, version: str) -> tuple[str, str]:
+        if self._models is None:
+            return "", ""
+        try:
+            served = self._models.get(model)
+        except OnnxServeError:
+            return "", ""
+        if not version:
+            return model, ""
+        try:
+            return model, str(served.lookup(version).version)
+        except OnnxServeError:
+            return model, ""
+
+    def _count(self, record: RequestRecord) -> None:
+        status = OK if record.error is None else record.error.value
+        self._requests.labels(record.model, record.version, record.protocol, status).inc()
+        self._duration.labels(record.model, record.version, "total").observe(record.total_ns / 1e9)
+        if record.error is None:
+            self._duration.labels(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
+            self._duration.labels(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
+
+    # Exposition
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics in the format ``accept`` asks for (Prometheus text by default) and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        body: bytes = encoder(self.registry)
+        return body, content_type

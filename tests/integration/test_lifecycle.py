@@ -1,0 +1,334 @@
+"""Versions, hot reload, model control and draining: what operators and Kubernetes rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import models
+from onnxserve.config import ServerSettings, load_config
+from onnxserve.core.manager import Catalog
+from onnxserve.server.lifecycle import RunningServer, start_in_background
+
+ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
+LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")
+
+
+def infer_body(x: float = 0.0) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [x]}]}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def write_config(path: Path, labels: dict[str, int] | None = None, extra: list[dict[str, Any]] | None = None) -> None:
+    entry: dict[str, Any] = {"name": "m", "base_path": "m", "max_batch_size": 4}
+    if labels:
+        entry["version_labels"] = labels
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps({"model_config_list": [entry, *(extra or [])]}))
+    partial.replace(path)
+
+
+def add_version(repo: Path, name: str, version: int, offset: float) -> None:
+    """Write a version beside the model, then move it in (how a careful operator deploys)."""
+    staging = repo / f".staging-{name}-{version}"
+    models.write_version(staging, name, version, models.offset_model(offset))
+    (staging / name / str(version)).rename(repo / name / str(version))
+    shutil.rmtree(staging)
+
+
+@pytest.fixture
+def polled(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
+    repo = tmp_path / "repo"
+    models.write_version(repo, "m", 1, models.offset_model(100.0))
+    config_file = repo / "config.json"
+    write_config(config_file)
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, log_level="warning", model_control_mode="poll", repository_poll_secs=0.1
+    )
+    server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
+    yield server, repo, config_file
+    server.stop()
+
+
+class Load:
+    """Steady requests from two threads, recording (version answered, offset seen) or the failure."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.results: list[tuple[str, float]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(2)]
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                response = client.post(self.url, json=infer_body(0.0))
+                if response.status_code != 200:
+                    self.failures.append(f"{response.status_code} {response.text}")
+                    continue
+                doc = response.json()
+                self.results.append((doc["model_version"], doc["outputs"][0]["data"][0]))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def latest(self) -> str:
+        return self.results[-1][0] if self.results else ""
+
+
+def served_versions(server: RunningServer) -> list[str]:
+    versions: list[str] = httpx.get(f"{server.http_url}/v2/models/m").json()["versions"]
+    return versions
+
+
+def test_rollout_under_load_loses_no_request(polled: tuple[RunningServer, Path, Path]) -> None:
+    server, repo, config_file = polled
+    with Load(f"{server.http_url}/v2/models/m/infer") as load:
+        wait_until(lambda: len(load.results) > 20, what="traffic")
+
+        add_version(repo, "m", 2, 200.0)  # a new version: served once loaded and warm
+        wait_until(lambda: load.latest() == "2", what="version 2 taking traffic")
+        wait_until(lambda: served_versions(server) == ["2"], what="version 1 unloaded")
+
+        broken = repo / "m" / "3"
+        broken.mkdir()
+        (broken / "model.onnx").write_bytes(b"not a model")  # fails to load: 2 keeps serving
+        wait_until(
+            lambda: any(e["version"] == "3" and e["state"] == "UNAVAILABLE" for e in index(server)),
+            what="version 3 reported as failed",
+        )
+        reason = next(e["reason"] for e in index(server) if e["version"] == "3")
+        assert "not an ONNX model" in reason
+
+        write_config(config_file, labels={"stable": 2})  # a label moves
+        wait_until(lambda: label_version(server, "stable") == "2", what="label stable -> 2")
+
+        shutil.rmtree(broken)
+        shutil.rmtree(repo / "m" / "2")  # removed: version 1 comes back before 2 goes
+        write_config(config_file)
+        wait_until(lambda: served_versions(server) == ["1"], what="back to version 1")
+        count = len(load.results)
+        wait_until(lambda: len(load.results) > count + 20, what="traffic after the rollback")
+    assert load.failures == []
+    # every answer came from the version it names, and versions moved 1 -> 2 -> 1 in that order
+    assert all(offset == float(version) * 100 for version, offset in load.results)
+    phases = [v for i, (v, _) in enumerate(load.results) if i == 0 or load.results[i - 1][0] != v]
+    assert phases[0] == "1"
+    assert phases[-1] == "1"
+    assert "2" in phases
+
+
+def index(server: RunningServer) -> list[dict[str, str]]:
+    entries: list[dict[str, str]] = httpx.post(f"{server.http_url}/v2/repository/index", json={}).json()
+    return entries
+
+
+def label_version(server: RunningServer, label: str) -> str:
+    response = httpx.post(f"{server.http_url}/v2/models/m/versions/{label}/infer", json=infer_body())
+    if response.status_code != 200:
+        return ""
+    tf = httpx.get(f"{server.http_url}/v1/models/m/labels/{label}")
+    assert tf.status_code == 200
+    version: str = response.json()["model_version"]
+    return version
+
+
+def test_a_half_written_version_is_not_taken(polled: tuple[RunningServer, Path, Path]) -> None:
+    server, repo, _ = polled
+    folder = repo / "m" / "2"
+    folder.mkdir()
+    data = models.offset_model(200.0).SerializeToString()
+    with (folder / "model.onnx").open("wb") as f:
+        for i in range(0, len(data), 16):  # still being written across several polls
+            f.write(data[i : i + 16])
+            f.flush()
+            os.utime(folder / "model.onnx")
+            time.sleep(0.02)
+            assert served_versions(server) == ["1"]
+    wait_until(lambda: served_versions(server) == ["2"], what="the finished version")
+    assert not any(e["state"] == "UNAVAILABLE" for e in index(server))
+
+
+def test_an_invalid_new_config_is_refused_and_serving_goes_on(polled: tuple[RunningServer, Path, Path]) -> None:
+    server, _, config_file = polled
+    config_file.write_text(json.dumps({"model_config_list": [{"name": "m", "base_path": "m", "bogus": 1}]}))
+    time.sleep(0.5)  # several polls
+    response = httpx.post(f"{server.http_url}/v2/models/m/infer", json=infer_body(1.0))
+    assert response.status_code == 200
+    assert response.json()["outputs"][0]["data"] == [101.0]
+
+
+@pytest.fixture
+def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
+    repo = tmp_path / "repo"
+    models.write_version(repo, "a", 1, models.offset_model(1.0))
+    models.write_version(repo, "b", 1, models.offset_model(2.0))
+    outside = tmp_path / "outside"
+    models.write_version(outside, "evil", 1, models.offset_model(666.0))
+    (repo / "evil").symlink_to(outside / "evil", target_is_directory=True)
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, log_level="warning", model_control_mode="explicit", load_models=("a",)
+    )
+    catalog = Catalog(repository=repo)
+    server = start_in_background(catalog.read(), settings, catalog)
+    yield server, repo, outside
+    server.stop()
+
+
+def test_explicit_load_and_unload(explicit: tuple[RunningServer, Path, Path]) -> None:
+    server, _, _ = explicit
+    url = server.http_url
+    states = {(e["name"], e["state"]) for e in index(server)}
+    assert ("a", "READY") in states
+    assert ("b", "UNAVAILABLE") in states
+    assert httpx.post(f"{url}/v2/models/b/infer", json=infer_body()).status_code == 404
+    assert httpx.post(f"{url}/v2/repository/models/b/load").status_code == 200
+    assert httpx.post(f"{url}/v2/models/b/infer", json=infer_body()).json()["outputs"][0]["data"] == [2.0]
+    assert httpx.post(f"{url}/v2/repository/models/a/unload").status_code == 200
+    response = httpx.post(f"{url}/v2/models/a/infer", json=infer_body())
+    assert response.status_code == 404
+    assert "unknown model 'a'" in response.json()["error"]
+    assert httpx.post(f"{url}/v2/repository/models/a/unload").status_code == 404
+    assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["..%2Foutside%2Fevil", "%2Ftmp", "evil", "a%2F..%2F..%2Fx", "no_such"])
+def test_load_refuses_names_that_leave_the_repository(explicit: tuple[RunningServer, Path, Path], name: str) -> None:
+    server, _, _ = explicit
+    response = httpx.post(f"{server.http_url}/v2/repository/models/{name}/load")
+    assert response.status_code in (400, 404), response.text
+    assert "error" in response.json()
+    assert "evil" not in [e["name"] for e in index(server) if e["state"] == "READY"]
+    assert httpx.post(f"{server.http_url}/v2/models/a/infer", json=infer_body()).status_code == 200
+
+
+def test_model_control_is_refused_when_off(numeric_server: RunningServer) -> None:
+    response = httpx.post(f"{numeric_server.http_url}/v2/repository/models/add/load")
+    assert response.status_code == 400
+    assert "--model-control-mode explicit" in response.json()["error"]
+    assert httpx.post(f"{numeric_server.http_url}/v2/repository/models/add/unload").status_code == 400
+
+
+def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([*ONNXSERVE, "serve", *args], stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        match = LISTENING.search(line)
+        if match:
+            return process, f"http://{match.group(1)}:{match.group(2)}"
+        if not line and process.poll() is not None:
+            break
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path: Path) -> None:
+    models.write_version(tmp_path, "slowb", 1, models.slow_batch_model(50000))
+    process, url = start_cli(
+        "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0", "--drain-timeout", "30"
+    )
+    assert process.stderr is not None
+    try:
+        body = {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [1.0] * 256}]}
+        results: list[int] = []
+
+        def send() -> None:
+            results.append(httpx.post(f"{url}/v2/models/slowb/infer", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)  # accepted and queued or running (each takes about 0.3 s, one at a time)
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 503, what="not ready")
+        late = httpx.post(f"{url}/v2/models/slowb/infer", json=body)
+        assert late.status_code == 503
+        assert "shutting down" in late.json()["error"]
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        for t in threads:
+            t.join()
+        assert results == [200, 200, 200]
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+
+
+def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
+    models.write_version(tmp_path, "m", 1, models.offset_model(100.0))
+    models.write_version(tmp_path, "n", 1, models.offset_model(7.0))
+    config_file = tmp_path / "config.json"
+    write_config(config_file)
+    process, url = start_cli("--config", str(config_file), "--http-port", "0", "--grpc-port", "0")
+    assert process.stderr is not None
+    try:
+        assert httpx.post(f"{url}/v2/models/n/infer", json=infer_body()).status_code == 404
+        write_config(config_file, extra=[{"name": "n", "base_path": "n"}])
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: httpx.post(f"{url}/v2/models/n/infer", json=infer_body()).status_code == 200, what="n")
+        config_file.write_text("{not json")
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert httpx.post(f"{url}/v2/models/m/infer", json=infer_body()).status_code == 200
+        assert httpx.post(f"{url}/v2/models/n/infer", json=infer_body()).status_code == 200
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        process.stderr.close()
+
+
+def test_grpc_model_control(explicit: tuple[RunningServer, Path, Path]) -> None:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server, _, _ = explicit
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    try:
+        before = {m["name"]: m["state"] for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert before["b"] == "UNAVAILABLE"
+        client.load_model("b")
+        assert client.is_model_ready("b")
+        names = {m["name"]: m.get("state") for m in client.get_model_repository_index(as_json=True)["models"]}
+        assert names["b"] == "READY"
+        client.unload_model("b")
+        with pytest.raises(InferenceServerException, match="unknown model 'b'"):
+            client.get_model_metadata("b")
+        with pytest.raises(InferenceServerException, match="invalid model name"):
+            client.load_model("../evil")
+        assert client.is_model_ready("a")
+    finally:
+        client.close()
