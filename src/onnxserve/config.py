@@ -21,6 +21,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from onnxserve.core.cpu import cpu_budget
 from onnxserve.errors import ConfigError
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -188,7 +189,7 @@ class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
-    inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, os.cpu_count() or 1))
+    inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, cpu_budget()))
     grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
     repository_poll_secs: Annotated[float, Field(gt=0)] = 15.0

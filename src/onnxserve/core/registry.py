@@ -12,6 +12,7 @@ from functools import partial
 
 from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
+from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
@@ -82,11 +83,16 @@ def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
 
 
 def instance_options(config: ModelConfig) -> SessionOptions:
-    """Session options with intra-op threads divided among the instances, unless the config sets them."""
+    """Session options with the CPU budget (a container's CPU limit included) divided among the
+    instances, unless the config sets the intra-op threads itself."""
     options = config.session_options
-    if config.instance_count > 1 and options.intra_op_num_threads == 0:
-        per_instance = max(1, (os.cpu_count() or 1) // config.instance_count)
-        options = options.model_copy(update={"intra_op_num_threads": per_instance})
+    if options.intra_op_num_threads != 0:
+        return options
+    budget = cpu_budget()
+    if config.instance_count > 1:
+        return options.model_copy(update={"intra_op_num_threads": max(1, budget // config.instance_count)})
+    if budget < (os.cpu_count() or 1):  # limited below the machine: ONNX Runtime would not know
+        return options.model_copy(update={"intra_op_num_threads": budget})
     return options
 
 
