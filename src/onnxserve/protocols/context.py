@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from onnxserve.core.observe import RequestRecord
 
-REQUEST_ID_HEADER = "X-Request-ID"
 REQUEST_ID_METADATA = "x-request-id"
+"""The request id's name: gRPC metadata key, and the HTTP header X-Request-ID (lower-case on the wire)."""
 MAX_REQUEST_ID_LENGTH = 128
 
 _USABLE_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")

@@ -20,6 +20,7 @@ from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+_REQUEST_ID_HEADER = context.REQUEST_ID_METADATA.encode("ascii")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -108,9 +109,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        given = next((v for k, v in scope["headers"] if k == _REQUEST_ID_HEADER), None)
         request_id = context.accept_request_id(None if given is None else given.decode("latin-1"))
-        header = (b"x-request-id", request_id.encode("ascii"))
+        header = (_REQUEST_ID_HEADER, request_id.encode("ascii"))
         started = time.perf_counter()
         status = 0
 

@@ -35,7 +35,6 @@ from onnxserve.protocols.context import mark_reached
 
 PREFIX = "onnxserve_"
 OK = "ok"
-PHASES = ("queue", "compute", "total")
 STATES = tuple(state.value for state in ModelState)
 """The states a version can be in; a state reported that is not listed here is added when first seen."""
 
