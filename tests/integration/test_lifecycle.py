@@ -253,6 +253,16 @@ def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
     raise AssertionError("the server did not start")
 
 
+def queue_depth(url: str, model: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "onnxserve_queue_depth" and sample.labels.get("model") == model:
+                return float(sample.value)
+    return 0.0
+
+
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path: Path) -> None:
     models.write_version(tmp_path, "slowb", 1, models.slow_batch_model(50000))
     process, url = start_cli(
@@ -269,7 +279,8 @@ def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path: Path) -
         threads = [threading.Thread(target=send) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(0.2)  # accepted and queued or running (each takes about 0.3 s, one at a time)
+        # one request runs (about 0.3 s each, one at a time) and two wait for the instance
+        wait_until(lambda: queue_depth(url, "slowb") == 2, what="two requests waiting")
         process.send_signal(signal.SIGTERM)
         wait_until(lambda: httpx.get(f"{url}/v2/health/ready").status_code == 503, what="not ready")
         late = httpx.post(f"{url}/v2/models/slowb/infer", json=body)
