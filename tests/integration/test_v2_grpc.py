@@ -35,6 +35,7 @@ import onnxserve
 from onnxserve.config import ServerConfig, ServerSettings, parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
 
 Array = npt.NDArray[Any]
 Code = grpc.StatusCode
@@ -75,22 +76,6 @@ MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
 }
 TYPED_OUTPUTS_WITHOUT_FP16 = ("ids_x3", "not_flags", "small_out", "signed_out", "wide_neg", "single_x2")
 
-# The test's own vocabulary tables (independent of onnxserve's), from the V2 / Triton documentation.
-V2_NUMPY: dict[str, Any] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
 CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -105,23 +90,6 @@ CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-ONNX_V2 = {
-    onnx.TensorProto.BOOL: "BOOL",
-    onnx.TensorProto.UINT8: "UINT8",
-    onnx.TensorProto.INT8: "INT8",
-    onnx.TensorProto.INT64: "INT64",
-    onnx.TensorProto.FLOAT16: "FP16",
-    onnx.TensorProto.FLOAT: "FP32",
-    onnx.TensorProto.DOUBLE: "FP64",
-    onnx.TensorProto.STRING: "BYTES",
-}
-
-
-def v2_datatype(array: Array) -> str:
-    if array.dtype == np.object_ or array.dtype.kind in "US":
-        return "BYTES"
-    return next(name for name, dtype in V2_NUMPY.items() if np.dtype(dtype) == array.dtype)
-
 
 # --- in-process reference ------------------------------------------------------------------------
 
