@@ -42,12 +42,17 @@ serve: $(VENV)/.installed $(DEMO)
 	@echo
 	$(VENV)/bin/onnxserve serve --config $(MODELS)/config.json --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
-# perf_analyzer (from tritonclient) needs Debian's libb64-0d; installed here when we are root.
+# perf_analyzer (from tritonclient) needs Debian's libb64-0d; the browser tests need Debian's chromium and
+# chromium-driver (Playwright drives /usr/bin/chromium; its own browser download does not work here).
+# Installed here when we are root; otherwise the tests that need them skip and say why.
+SYSTEM_PACKAGES_MISSING = $$( (ldconfig -p | grep -q 'libb64\.so' || echo libb64-0d); \
+	  (test -x /usr/bin/chromium || echo chromium); (command -v chromedriver >/dev/null || echo chromium-driver) )
 system-deps:
-	@if ! ldconfig -p | grep -q 'libb64\.so'; then \
+	@missing="$(SYSTEM_PACKAGES_MISSING)"; missing=$$(echo $$missing); \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d; \
-	  else echo "note: libb64-0d is missing and cannot be installed here; the perf_analyzer tests will skip"; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: missing $$missing and cannot install it here; the tests that need it will skip"; fi; \
 	fi
 
 # The deployment tests (tests/integration/test_deploy_*.py) need `kubectl kustomize` and HAProxy.

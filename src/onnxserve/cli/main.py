@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
 from onnxserve import __version__
+from onnxserve.cli import inspect_commands, optimize_commands
+from onnxserve.cli.console import err
+from onnxserve.cli.console import fail as _fail
 from onnxserve.errors import ConfigError, OnnxServeError
 
 app = typer.Typer(
@@ -22,14 +24,6 @@ app = typer.Typer(
 )
 export_app = typer.Typer(help="Convert a model to ONNX, proving the ONNX model computes what the original did.")
 app.add_typer(export_app, name="export")
-
-err = Console(stderr=True)
-
-
-def _fail(error: OnnxServeError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {error.message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=2)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -261,6 +255,10 @@ def predict(
     except OnnxServeError as e:
         raise _fail(e) from None
     sys.stdout.write(orjson.dumps(results, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_INDENT_2).decode() + "\n")
+
+
+optimize_commands.register(app)
+inspect_commands.register(app)
 
 
 def main() -> None:
