@@ -10,7 +10,7 @@ import typer
 from pydantic import ValidationError
 
 from onnxserve import __version__
-from onnxserve.cli import inspect_commands, optimize_commands
+from onnxserve.cli import diff_commands, inspect_commands, optimize_commands
 from onnxserve.cli.console import err
 from onnxserve.cli.console import fail as _fail
 from onnxserve.errors import ConfigError, OnnxServeError
@@ -259,6 +259,7 @@ def predict(
 
 optimize_commands.register(app)
 inspect_commands.register(app)
+diff_commands.register(app)
 
 
 def main() -> None:
