@@ -1,0 +1,522 @@
+"""Compare two ONNX models: signature, opsets, nodes, attributes, weights, and outputs on the same inputs.
+
+``diff_models(a, b)`` reads A as the reference and B as the candidate (e.g. A plain, B optimized or
+quantized). Nodes are matched as :mod:`onnxserve.toolkit.node_matching` describes; B's added nodes
+are mapped to the A nodes they replaced where names and structure allow. Weights are compared by
+name (or, for quantized initializers, dequantized against the float original they came from) with
+max / mean absolute difference, relative L2 (``||b - a|| / ||a||``) and the count of changed elements.
+The numeric comparison runs both models with ONNX Runtime on the same inputs (given, or generated
+from the common signature, see :mod:`onnxserve.toolkit.sample_inputs`) and reports, per common output,
+the max absolute difference and the cosine similarity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.toolkit import sample_inputs
+from onnxserve.toolkit.node_matching import (
+    QUANTIZED_SUFFIXES,
+    Matching,
+    attribute_text,
+    attributes_of,
+    match_graphs,
+    node_ids,
+    tensor_digest,
+)
+
+Arrays = Mapping[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str
+    shape: list[int | str | None]
+
+    def __str__(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+
+@dataclass(frozen=True)
+class SignatureChange:
+    kind: str  # "input" | "output"
+    name: str
+    change: str  # "added" | "removed" | "changed"
+    a: TensorType | None
+    b: TensorType | None
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    what: str  # "ir_version", "opset:<domain>", "producer"
+    a: str | None
+    b: str | None
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    id: str  # the node's name, or OPTYPE_INDEX when it has none (as in the graph document)
+    op_type: str
+    domain: str = ""
+
+
+@dataclass(frozen=True)
+class AttributeChange:
+    name: str
+    a: str | None
+    b: str | None
+
+
+@dataclass(frozen=True)
+class NodeChange:
+    a: NodeRef
+    b: NodeRef
+    matched_by: str  # "name" | "structure" | "outputs"
+    reasons: list[str]  # "op_type", "attributes", "inputs", "weights", "outputs"
+    attributes: list[AttributeChange] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """An added B node and the A nodes it stands for.
+
+    ``replaces``: removed A nodes it took the place of; ``rewrites``: A nodes still present whose
+    outputs it now produces (part of their rewritten form). Both empty: it could not be mapped.
+    """
+
+    b: NodeRef
+    replaces: list[NodeRef]
+    rewrites: list[NodeRef] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    max_abs_diff: float
+    mean_abs_diff: float
+    relative_l2: float | None  # None when A's weights are all zero
+    changed: int
+    size: int
+
+
+@dataclass(frozen=True)
+class InitializerChange:
+    name: str  # A's name (B's for an added one)
+    change: str  # "added" | "removed" | "changed" | "retyped" | "reshaped" | "quantized"
+    a: TensorType | None
+    b: TensorType | None
+    stats: WeightStats | None = None
+    b_names: list[str] = field(default_factory=list)  # the B initializers it became, when renamed/quantized
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    shape_a: list[int]
+    shape_b: list[int]
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    cosine: float | None
+
+
+@dataclass(frozen=True)
+class NumericComparison:
+    ran: bool
+    reason: str | None = None  # why not, when it did not run
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    generated: bool = True
+    outputs: list[OutputComparison] = field(default_factory=list)
+
+
+@dataclass
+class ModelDiff:
+    versions: list[VersionChange]
+    signature: list[SignatureChange]
+    nodes_added: list[NodeRef]
+    nodes_removed: list[NodeRef]
+    nodes_changed: list[NodeChange]
+    nodes_renamed: list[tuple[NodeRef, NodeRef]]
+    nodes_matched: int
+    replacements: list[Replacement]
+    initializers: list[InitializerChange]
+    numeric: NumericComparison | None
+    node_counts: tuple[int, int] = (0, 0)
+    matched: list[tuple[str, str, str]] = field(default_factory=list)  # (A id, B id, matched by) for all pairs
+
+    @property
+    def replaced(self) -> set[str]:
+        """A's removed nodes that some added B node maps back to."""
+        return {r.id for rep in self.replacements for r in rep.replaces}
+
+    @property
+    def unmapped(self) -> list[NodeRef]:
+        """B's added nodes that map to nothing in A."""
+        return [rep.b for rep in self.replacements if not rep.replaces and not rep.rewrites]
+
+    @property
+    def identical(self) -> bool:
+        return not (
+            self.versions
+            or self.signature
+            or self.nodes_added
+            or self.nodes_removed
+            or self.nodes_changed
+            or self.initializers
+        )
+
+    def highlight_a(self) -> dict[str, str]:
+        """A's node ids to highlight: ``removed`` or ``changed``."""
+        marks = {n.id: "removed" for n in self.nodes_removed}
+        marks.update({c.a.id: "changed" for c in self.nodes_changed})
+        return marks
+
+    def highlight_b(self) -> dict[str, str]:
+        """B's node ids to highlight: ``added`` or ``changed``."""
+        marks = {n.id: "added" for n in self.nodes_added}
+        marks.update({c.b.id: "changed" for c in self.nodes_changed})
+        return marks
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["nodes_renamed"] = [{"a": asdict(a), "b": asdict(b)} for a, b in self.nodes_renamed]
+        data["node_counts"] = {"a": self.node_counts[0], "b": self.node_counts[1]}
+        data["matched"] = [{"a": a, "b": b, "by": by} for a, b, by in self.matched]
+        data["summary"] = {
+            "identical": self.identical,
+            "nodes_added": len(self.nodes_added),
+            "nodes_removed": len(self.nodes_removed),
+            "nodes_changed": len(self.nodes_changed),
+            "nodes_replaced": len(self.replaced),
+            "nodes_unmapped": len(self.unmapped),
+            "initializers_changed": len(self.initializers),
+        }
+        return data
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """A model file, or a version folder's ``model.onnx``; refused with a clear message otherwise."""
+    file = path / MODEL_FILENAME if path.is_dir() else path
+    if not file.exists():
+        where = f"{path}: no {MODEL_FILENAME} in this folder" if path.is_dir() else f"{path}: no such file"
+        raise ModelLoadError(where)
+    if not file.is_file():
+        raise ModelLoadError(f"{file}: not a file")
+    try:
+        model = onnx.load_model(str(file))
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelLoadError(f"{file}: not an ONNX model ({type(e).__name__}: {e})") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelLoadError(f"{file}: not an ONNX model (no graph nodes in it)")
+    return model
+
+
+def diff_models(
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    *,
+    samples: Arrays | None = None,
+    run: bool = True,
+    seed: int = 0,
+) -> ModelDiff:
+    """Everything that differs from model ``a`` to model ``b`` (``run=False`` skips the numeric part)."""
+    matching = match_graphs(a.graph, b.graph)
+    a_ref = _refs(a.graph)
+    b_ref = _refs(b.graph)
+    init_changes = _initializer_changes(a.graph, b.graph)
+    changed_weights = {c.name for c in init_changes if c.change != "removed"}
+    changes, renamed = _node_changes(matching, a_ref, b_ref, changed_weights)
+    # An added node that produces what a kept A node produced belongs to that node's rewritten form
+    # only when the node itself changed (a Gather now reading int8 weights); otherwise it is new.
+    changed_a = {c.a.id for c in changes}
+    replacements = [
+        Replacement(
+            b_ref[n],
+            [a_ref[m] for m in replaced],
+            [a_ref[m] for m in matching.rewrites.get(n, []) if a_ref[m].id in changed_a],
+        )
+        for n, replaced in sorted(matching.replaced.items())
+    ]
+    return ModelDiff(
+        versions=_version_changes(a, b),
+        signature=_signature_changes(a.graph, b.graph),
+        nodes_added=[b_ref[n] for n in matching.added()],
+        nodes_removed=[a_ref[n] for n in matching.removed()],
+        nodes_changed=changes,
+        nodes_renamed=renamed,
+        nodes_matched=len(matching.b_to_a),
+        replacements=replacements,
+        initializers=init_changes,
+        numeric=compare_outputs(a, b, samples=samples, seed=seed) if run else None,
+        node_counts=(len(a.graph.node), len(b.graph.node)),
+        matched=[(a_ref[m].id, b_ref[n].id, matching.how[n]) for n, m in sorted(matching.b_to_a.items())],
+    )
+
+
+def _refs(graph: onnx.GraphProto) -> list[NodeRef]:
+    ids = node_ids(graph)
+    return [NodeRef(ids[n], node.op_type, node.domain) for n, node in enumerate(graph.node)]
+
+
+def _type(elem_type: int, dims: list[int | str | None]) -> TensorType:
+    name = onnx.TensorProto.DataType.Name(elem_type) if elem_type else "UNDEFINED"
+    return TensorType(name, list(dims))
+
+
+def _version_changes(a: onnx.ModelProto, b: onnx.ModelProto) -> list[VersionChange]:
+    changes: list[VersionChange] = []
+    if a.ir_version != b.ir_version:
+        changes.append(VersionChange("ir_version", str(a.ir_version), str(b.ir_version)))
+    a_ops = {o.domain or "ai.onnx": o.version for o in a.opset_import}
+    b_ops = {o.domain or "ai.onnx": o.version for o in b.opset_import}
+    # Optimizers import every domain they know; a domain no node uses is listed apart, on one line.
+    used = {"ai.onnx"} | {n.domain or "ai.onnx" for m in (a, b) for n in m.graph.node}
+    unused: tuple[list[str], list[str]] = ([], [])
+    for domain in sorted(set(a_ops) | set(b_ops)):
+        va, vb = a_ops.get(domain), b_ops.get(domain)
+        if va == vb:
+            continue
+        if domain in used:
+            changes.append(
+                VersionChange(f"opset:{domain}", None if va is None else str(va), None if vb is None else str(vb))
+            )
+        else:
+            unused[0].extend([f"{domain} {va}"] if va is not None else [])
+            unused[1].extend([f"{domain} {vb}"] if vb is not None else [])
+    if unused != ([], []):
+        changes.append(VersionChange("opsets no node uses", ", ".join(unused[0]) or None, ", ".join(unused[1]) or None))
+    pa = f"{a.producer_name} {a.producer_version}".strip()
+    pb = f"{b.producer_name} {b.producer_version}".strip()
+    if pa != pb:
+        changes.append(VersionChange("producer", pa or None, pb or None))
+    return changes
+
+
+def _signature_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[SignatureChange]:
+    changes: list[SignatureChange] = []
+    for kind in ("input", "output"):
+        sa, sb = sample_inputs.signature(a, kind), sample_inputs.signature(b, kind)
+        for name in list(sa) + [n for n in sb if n not in sa]:
+            ta = _type(*sa[name]) if name in sa else None
+            tb = _type(*sb[name]) if name in sb else None
+            if ta is None:
+                changes.append(SignatureChange(kind, name, "added", None, tb))
+            elif tb is None:
+                changes.append(SignatureChange(kind, name, "removed", ta, None))
+            elif ta != tb:
+                changes.append(SignatureChange(kind, name, "changed", ta, tb))
+    return changes
+
+
+def _node_changes(
+    matching: Matching, a_ref: list[NodeRef], b_ref: list[NodeRef], changed_weights: set[str]
+) -> tuple[list[NodeChange], list[tuple[NodeRef, NodeRef]]]:
+    changes: list[NodeChange] = []
+    renamed: list[tuple[NodeRef, NodeRef]] = []
+    a_nodes, b_nodes = matching.a.graph.node, matching.b.graph.node
+    for n in sorted(matching.b_to_a):
+        m = matching.b_to_a[n]
+        na, nb = a_nodes[m], b_nodes[n]
+        reasons: list[str] = []
+        if (na.op_type, na.domain) != (nb.op_type, nb.domain):
+            reasons.append("op_type")
+        attrs = _attribute_changes(na, nb)
+        if attrs:
+            reasons.append("attributes")
+        if [matching.a_key(t) for t in na.input] != [matching.b_key(t) for t in nb.input]:
+            reasons.append("inputs")
+        if any(t in changed_weights for t in na.input if t in matching.a.initializers):
+            reasons.append("weights")
+        if len(na.output) != len(nb.output):
+            reasons.append("outputs")
+        if reasons:
+            changes.append(NodeChange(a_ref[m], b_ref[n], matching.how[n], reasons, attrs))
+        elif na.name != nb.name:
+            renamed.append((a_ref[m], b_ref[n]))
+    return changes, renamed
+
+
+def _attribute_changes(a: onnx.NodeProto, b: onnx.NodeProto) -> list[AttributeChange]:
+    sa, sb = attributes_of(a), attributes_of(b)
+    ta = {x.name: x for x in a.attribute}
+    tb = {x.name: x for x in b.attribute}
+    return [
+        AttributeChange(
+            name,
+            attribute_text(ta[name]) if name in ta else None,
+            attribute_text(tb[name]) if name in tb else None,
+        )
+        for name in sorted(set(sa) | set(sb))
+        if sa.get(name) != sb.get(name)
+    ]
+
+
+def weight_stats(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> WeightStats:
+    """Difference statistics of two same-shape arrays (computed in float64)."""
+    fa, fb = a.astype(np.float64), b.astype(np.float64)
+    delta = np.abs(fb - fa)
+    norm = float(np.linalg.norm(fa))
+    return WeightStats(
+        max_abs_diff=float(delta.max()) if delta.size else 0.0,
+        mean_abs_diff=float(delta.mean()) if delta.size else 0.0,
+        relative_l2=float(np.linalg.norm(fb - fa) / norm) if norm > 0 else None,
+        changed=int(np.count_nonzero(fa != fb)),
+        size=int(fa.size),
+    )
+
+
+def _array(tensor: onnx.TensorProto) -> npt.NDArray[Any]:
+    return numpy_helper.to_array(tensor)
+
+
+def _init_type(tensor: onnx.TensorProto) -> TensorType:
+    return _type(tensor.data_type, [int(d) for d in tensor.dims])
+
+
+def _dequantized(
+    quantized: onnx.TensorProto, scale: onnx.TensorProto, zero: onnx.TensorProto | None, shape: list[int]
+) -> npt.NDArray[Any] | None:
+    q = _array(quantized).astype(np.float64)
+    s = _array(scale).astype(np.float64)
+    z = _array(zero).astype(np.float64) if zero is not None else np.zeros_like(s)
+    if list(q.shape) != shape:
+        return None
+    if s.size == 1:
+        return (q - z.reshape(())) * s.reshape(())
+    for axis, size in enumerate(q.shape):  # per-channel: scales along the one axis whose size they match
+        if size == s.size:
+            view = [1] * q.ndim
+            view[axis] = size
+            return (q - z.reshape(view)) * s.reshape(view)
+    return None
+
+
+def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[InitializerChange]:
+    ia = {t.name: t for t in a.initializer}
+    ib = {t.name: t for t in b.initializer}
+    changes: list[InitializerChange] = []
+    used_b: set[str] = set()
+    for name, ta in ia.items():
+        tb = ib.get(name)
+        if tb is None:
+            continue
+        used_b.add(name)
+        xa, xb = _array(ta), _array(tb)
+        if xa.shape != xb.shape:
+            changes.append(InitializerChange(name, "reshaped", _init_type(ta), _init_type(tb)))
+        elif xa.dtype != xb.dtype:
+            stats = weight_stats(xa, xb) if xa.dtype.kind in "fiub" and xb.dtype.kind in "fiub" else None
+            changes.append(InitializerChange(name, "retyped", _init_type(ta), _init_type(tb), stats))
+        elif not np.array_equal(xa, xb, equal_nan=xa.dtype.kind == "f"):
+            changes.append(InitializerChange(name, "changed", _init_type(ta), _init_type(tb), weight_stats(xa, xb)))
+
+    b_by_digest: dict[str, list[str]] = {}
+    for name, tb in ib.items():
+        if name not in used_b:
+            b_by_digest.setdefault(tensor_digest(tb), []).append(name)
+    for name, ta in ia.items():
+        if name in ib:
+            continue
+        quantized = ib.get(name + "_quantized")
+        scale = ib.get(name + "_scale")
+        if quantized is not None and scale is not None:
+            derived = [name + s for s in QUANTIZED_SUFFIXES if name + s in ib]
+            used_b.update(derived)
+            xa = _array(ta)
+            deq = _dequantized(quantized, scale, ib.get(name + "_zero_point"), list(xa.shape))
+            stats = weight_stats(xa, deq) if deq is not None else None
+            changes.append(InitializerChange(name, "quantized", _init_type(ta), _init_type(quantized), stats, derived))
+            continue
+        same = [n for n in b_by_digest.get(tensor_digest(ta), []) if n not in used_b]
+        if same:  # renamed, same content: not a change of weights
+            used_b.add(same[0])
+            continue
+        changes.append(InitializerChange(name, "removed", _init_type(ta), None))
+    for name, tb in ib.items():
+        if name not in used_b:
+            changes.append(InitializerChange(name, "added", None, _init_type(tb)))
+    return changes
+
+
+def _session(model: onnx.ModelProto, which: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
+        raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
+
+
+def compare_outputs(
+    a: onnx.ModelProto, b: onnx.ModelProto, *, samples: Arrays | None = None, seed: int = 0
+) -> NumericComparison:
+    """Run both models on the same inputs; compare each output they have in common."""
+    sig_a = sample_inputs.signature(a.graph)
+    sig_b = sample_inputs.signature(b.graph)
+    if samples is None:
+        missing = [n for n in sig_b if n not in sig_a]
+        if missing:
+            return NumericComparison(False, f"B needs inputs A does not have: {', '.join(missing)}")
+        retyped = [n for n in sig_b if sig_a[n][0] != sig_b[n][0]]
+        if retyped:
+            return NumericComparison(False, f"inputs with different types in A and B: {', '.join(retyped)}")
+        bounds = sample_inputs.index_bounds([a.graph, b.graph])
+        try:
+            feeds = sample_inputs.generate({n: sig_a[n] for n in sig_a}, bounds, seed)
+        except InvalidInputError as e:
+            return NumericComparison(False, e.message)
+        generated = True
+    else:
+        feeds = {k: np.asarray(v) for k, v in samples.items()}
+        generated = False
+    for which, sig in (("A", sig_a), ("B", sig_b)):
+        missing = [n for n in sig if n not in feeds]
+        if missing:
+            raise InvalidInputError(f"samples lack input(s) {', '.join(missing)} that model {which} needs")
+    try:
+        out_a = _run(a, "A", {n: feeds[n] for n in sig_a})
+        out_b = _run(b, "B", {n: feeds[n] for n in sig_b})
+    except (ModelLoadError, InvalidInputError) as e:
+        return NumericComparison(False, e.message, {n: list(v.shape) for n, v in feeds.items()}, generated)
+    outputs = [_compare(name, out_a[name], out_b[name]) for name in out_a if name in out_b]
+    return NumericComparison(True, None, {n: list(v.shape) for n, v in feeds.items()}, generated, outputs)
+
+
+def _run(model: onnx.ModelProto, which: str, feeds: Arrays) -> dict[str, npt.NDArray[Any]]:
+    session = _session(model, which)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, dict(feeds))
+    except Exception as e:  # ONNX Runtime's error types are not part of its public API
+        raise InvalidInputError(f"model {which} refused the sample inputs: {str(e).strip().splitlines()[0]}") from None
+    return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
+
+
+def _compare(name: str, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> OutputComparison:
+    numeric = a.dtype.kind in "fiub" and b.dtype.kind in "fiub"
+    if a.shape != b.shape or not numeric:
+        return OutputComparison(name, list(a.shape), list(b.shape), None, None, None)
+    fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    delta = np.abs(fa - fb)
+    na, nb = float(np.linalg.norm(fa)), float(np.linalg.norm(fb))
+    cosine = float(np.dot(fa, fb) / (na * nb)) if na > 0 and nb > 0 else None
+    return OutputComparison(
+        name,
+        list(a.shape),
+        list(b.shape),
+        float(delta.max()) if delta.size else 0.0,
+        float(delta.mean()) if delta.size else 0.0,
+        cosine,
+    )

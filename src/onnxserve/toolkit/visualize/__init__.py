@@ -1,0 +1,1 @@
+"""Views of a :class:`~onnxserve.toolkit.graph.GraphDocument`: a static SVG and a self-contained HTML viewer."""
