@@ -1,0 +1,361 @@
+"""``onnxserve optimize``: composable transforms over an ONNX model, each checked before it is kept.
+
+Steps, applied in this order when asked for:
+
+1. ``simplify``: constant folding and dead-node removal (onnxscript's optimizer);
+2. ``fuse``: transformer fusions for BERT-like encoders, see :mod:`onnxserve.toolkit.fusion` (the
+   report compares what the source's layers call for with what the result has, and says why a
+   fusion is missing);
+3. ``fp16``: float16 weights and compute with float32 inputs and outputs kept (for GPUs);
+4. ``int8`` / ``int8-static``: see :mod:`onnxserve.toolkit.quantize`;
+5. ``level``: ONNX Runtime's offline graph optimization (basic, extended or all) saved to a file,
+   so that the server's start-up skips it. ``extended`` and ``all`` may write operators for this
+   machine's execution provider only.
+
+The result is compared with the source on sample inputs (see :mod:`onnxserve.toolkit.samples`),
+timed at a few batch sizes, and written -- a version folder keeps its tokenizer and pipeline spec --
+only when it keeps the accuracy budget. Writing goes through a temporary sibling and a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from onnxserve.core.cpu import cpu_budget
+from onnxserve.core.pipeline import PipelineSpec, TextPipeline
+from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.errors import OptimizeError
+from onnxserve.toolkit.export.staging import staging_folder
+from onnxserve.toolkit.fusion import fuse, quiet
+from onnxserve.toolkit.hardware import detect
+from onnxserve.toolkit.optimize_report import (
+    REPORT_FILENAME,
+    AccuracyBudget,
+    Fusion,
+    OptimizeReport,
+    compare_models,
+    interleaved_latency_ms,
+    open_session,
+)
+from onnxserve.toolkit.quantize import QuantizeSettings, quantize, settings_for
+from onnxserve.toolkit.samples import Samples, load_samples, text_pipeline
+
+LEVELS = ("basic", "extended", "all")
+_ORT_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+LATENCY_BATCHES = (1, 8)
+SKIPPED_FILES = {MODEL_FILENAME, REPORT_FILENAME, "validation.json"}
+"""Files of a source folder not copied: the model (rewritten) and reports about the source."""
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    level: str | None = None  # offline graph optimization: basic, extended, all
+    fuse: bool = False
+    quantize: str | None = None  # int8 or int8-static
+    calibration: Path | None = None
+    fp16: bool = False
+    simplify: bool = False
+    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    latency_batches: tuple[int, ...] = LATENCY_BATCHES
+    repeats: int = 10
+    threads: int = 0  # 0: the CPUs this process may use
+    reduce_range: bool | None = None  # None: unless the CPU has VNNI
+    force: bool = False
+
+    def check(self) -> None:
+        if self.level is not None and self.level not in LEVELS:
+            raise OptimizeError(f"--level {self.level!r}: choose one of {', '.join(LEVELS)}")
+        if self.quantize is not None:
+            settings_for(self.quantize)
+        if self.quantize == "int8-static" and self.calibration is None:
+            raise OptimizeError("--quantize int8-static needs --calibration FILE (text lines, .npy or .npz)")
+        if self.fp16 and self.quantize:
+            raise OptimizeError("--fp16 and --quantize cannot be combined: choose float16 (GPU) or int8 (CPU)")
+        if self.repeats < 1 or any(b < 1 for b in self.latency_batches):
+            raise OptimizeError("--repeats and every batch size must be at least 1")
+        if self.threads < 0:
+            raise OptimizeError("--threads must be >= 0")
+
+    @property
+    def steps(self) -> list[str]:
+        names = ["simplify"] if self.simplify else []
+        names += ["fuse"] if self.fuse else []
+        names += ["fp16"] if self.fp16 else []
+        names += [self.quantize] if self.quantize else []
+        names += [f"level={self.level}"] if self.level else []
+        return names
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model to optimize: a file, or a version folder (with its tokenizer and pipeline spec)."""
+
+    path: Path
+    model_file: Path
+    folder: Path | None
+    spec: PipelineSpec | None
+    text: TextPipeline | None
+
+    @property
+    def task(self) -> str | None:
+        return self.spec.task if self.spec is not None else None
+
+
+def resolve_source(src: Path) -> Source:
+    if src.is_dir():
+        model_file, folder = src / MODEL_FILENAME, src
+        if not model_file.is_file():
+            raise OptimizeError(f"{src} is a folder without {MODEL_FILENAME}; give a version folder or a .onnx file")
+    elif src.is_file():
+        model_file, folder = src, None
+    else:
+        raise OptimizeError(f"{src} not found; give a model file or a version folder")
+    try:
+        proto = onnx.load_model(str(model_file), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and others: not an ONNX file
+        raise OptimizeError(f"{model_file}: not an ONNX model ({type(e).__name__})") from None
+    spec = PipelineSpec.read(folder) if folder is not None else None
+    initializers = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+    return Source(src, model_file, folder, spec, text_pipeline(folder, names))
+
+
+def check_destination(source: Source, dst: Path, force: bool) -> None:
+    if source.folder is None and dst.suffix != ".onnx":
+        raise OptimizeError(f"--output {dst}: a model file optimizes to a .onnx file")
+    if source.folder is not None and dst.suffix == ".onnx":
+        raise OptimizeError(f"--output {dst}: a version folder optimizes to a folder, not a .onnx file")
+    if dst.resolve() == source.path.resolve():
+        raise OptimizeError(f"--output {dst} is the source; write the optimized model elsewhere")
+    if dst.exists() and not force:
+        raise OptimizeError(f"{dst} already exists; pass --force to replace it")
+
+
+# -- the transforms: each reads one file and writes another ------------------------------------------------
+
+
+def simplify(src: Path, dst: Path) -> None:
+    """Constant folding and removal of unused nodes (onnxscript's optimizer)."""
+    try:
+        import onnx_ir as ir
+        import onnxscript.optimizer
+    except ImportError:
+        raise OptimizeError("--simplify needs onnxscript: pip install 'onnxserve[export]'") from None
+    model = ir.load(str(src))
+    onnxscript.optimizer.optimize(model)
+    ir.save(model, str(dst))
+
+
+def to_fp16(src: Path, dst: Path) -> None:
+    """Float16 weights and compute; inputs and outputs keep their float32 types."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with quiet():
+        converted = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(converted, str(dst))
+
+
+def offline_level(src: Path, dst: Path, level: str) -> None:
+    """ONNX Runtime's graph optimizations at ``level``, saved (SessionOptions.optimized_model_filepath)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _ORT_LEVELS[level]
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime raises several unrelated types
+        raise OptimizeError(f"ONNX Runtime could not optimize the graph at level {level}: {e}") from e
+
+
+@dataclass
+class Built:
+    """A transformed model in a work folder, with what the steps reported."""
+
+    model_file: Path
+    fusions: list[Fusion] = field(default_factory=list)
+    fusers: dict[str, dict[str, int]] = field(default_factory=dict)
+    quantization: QuantizeSettings | None = None
+
+
+def build(source: Source, options: OptimizeOptions, work: Path, samples: Samples, step: Callable[[str], None]) -> Built:
+    """Apply ``options``' steps in order, each writing a new file in ``work``."""
+    current = source.model_file
+    built = Built(current)
+
+    def next_file(name: str) -> Path:
+        return work / f"{len(list(work.iterdir()))}-{name}.onnx"
+
+    if options.simplify:
+        step("simplify: constant folding")
+        out = next_file("simplify")
+        simplify(current, out)
+        current = out
+    if options.fuse:
+        step("fuse: transformer fusions")
+        out = next_file("fuse")
+        built.fusions, built.fusers = fuse(current, out, for_int8=options.quantize is not None)
+        current = out
+    if options.fp16:
+        step("fp16: float16 weights, float32 IO")
+        out = next_file("fp16")
+        to_fp16(current, out)
+        current = out
+    if options.quantize:
+        step(f"{options.quantize}: quantizing")
+        out = next_file("int8")
+        built.quantization = settings_for(options.quantize, options.reduce_range)
+        quantize(current, out, built.quantization, samples)
+        current = out
+    if options.level:
+        step(f"level {options.level}: ONNX Runtime graph optimization")
+        out = next_file(f"level-{options.level}")
+        offline_level(current, out, options.level)
+        current = out
+    built.model_file = current
+    return built
+
+
+def file_size(model_file: Path) -> int:
+    """The model's bytes on disk, external-data files included."""
+    total = model_file.stat().st_size
+    proto = onnx.load_model(str(model_file), load_external_data=False)
+    locations = {
+        str(entry.value)
+        for tensor in proto.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return total + sum((model_file.parent / loc).stat().st_size for loc in locations)
+
+
+def save_model(built: Path, target: Path) -> None:
+    """Write the model as one file (its external data inlined)."""
+    proto = onnx.load(str(built))
+    if proto.ByteSize() >= 2**31 - 1:
+        raise OptimizeError("the optimized model is over 2 GiB; onnxserve optimize writes single-file models only")
+    onnx.save(proto, str(target))
+
+
+@contextlib.contextmanager
+def _progress(console: Console | None) -> Iterator[Callable[[str], None]]:
+    if console is None:
+        yield lambda _text: None
+        return
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
+        task = bar.add_task("starting")
+
+        def step(text: str) -> None:
+            bar.update(task, description=text)
+
+        yield step
+
+
+def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | None = None) -> OptimizeReport:
+    """Transform ``src`` into ``dst``, check it against ``src`` and write it only within the budget."""
+    options.check()
+    source = resolve_source(src)
+    check_destination(source, dst, options.force)
+    proto = onnx.load_model(str(source.model_file), load_external_data=False)
+    samples = load_samples(proto, source.text, options.calibration)
+    threads = options.threads or cpu_budget()
+    with _progress(console) as step, tempfile.TemporaryDirectory(prefix=".optimize-", dir=_work_parent(dst)) as tmp:
+        work = Path(tmp)
+        built = build(source, options, work, samples, step)
+        step("checking accuracy on sample inputs")
+        accuracy = compare_models(source.model_file, built.model_file, samples, source.task)
+        step("timing before and after")
+        sessions = {
+            "before": open_session(source.model_file, threads),
+            "after": open_session(built.model_file, threads),
+        }
+        latency_before: dict[int, float] = {}
+        latency_after: dict[int, float] = {}
+        for batch in options.latency_batches:
+            timed = interleaved_latency_ms(sessions, samples.batches[0], batch, options.repeats)
+            latency_before[batch], latency_after[batch] = timed["before"], timed["after"]
+        del sessions
+        report = OptimizeReport(
+            source=str(src),
+            destination=str(dst),
+            steps=options.steps,
+            accuracy=accuracy,
+            size_before=file_size(source.model_file),
+            size_after=file_size(built.model_file),
+            latency_before_ms=latency_before,
+            latency_after_ms=latency_after,
+            threads=threads,
+            budget=options.budget,
+            fusions=built.fusions,
+            fusers=built.fusers,
+            quantization=built.quantization.to_dict() if built.quantization else None,
+            hardware=detect().to_dict(),
+        )
+        if not report.passed:
+            raise BudgetError(report)
+        step(f"writing {dst}")
+        write_result(source, built.model_file, dst, report, options.force)
+    return report
+
+
+class BudgetError(OptimizeError):
+    """The transformed model broke the accuracy budget; nothing was written."""
+
+    def __init__(self, report: OptimizeReport) -> None:
+        super().__init__(
+            f"the optimized model breaks the accuracy budget ({'; '.join(report.violations)}); "
+            f"{report.destination} was not written"
+        )
+        self.report = report
+
+
+def _work_parent(dst: Path) -> Path:
+    """Work files go beside the destination (same file system as the final rename)."""
+    parent = dst.parent if dst.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    return parent
+
+
+def report_path(dst: Path, is_folder: bool) -> Path:
+    return dst / REPORT_FILENAME if is_folder else dst.with_name(f"{dst.name}.report.json")
+
+
+def write_result(source: Source, model_file: Path, dst: Path, report: Any, force: bool) -> None:
+    """Write the model (and, for a folder, the source's tokenizer and spec) and the report, all or nothing."""
+    if source.folder is not None:
+        with staging_folder(dst, force) as staging:
+            for item in source.folder.iterdir():
+                if item.is_file() and item.name not in SKIPPED_FILES and item.suffix not in (".onnx", ".data"):
+                    shutil.copy2(item, staging / item.name)
+            save_model(model_file, staging / MODEL_FILENAME)
+            report.write(staging / REPORT_FILENAME)
+        return
+    if dst.exists() and not force:
+        raise OptimizeError(f"{dst} already exists; pass --force to replace it")
+    partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    partial_report = dst.with_name(f".{dst.name}.report.partial-{os.getpid()}")
+    try:
+        save_model(model_file, partial)
+        report.write(partial_report)
+        partial_report.replace(report_path(dst, False))
+        partial.replace(dst)
+    finally:
+        for leftover in (partial, partial_report):
+            leftover.unlink(missing_ok=True)

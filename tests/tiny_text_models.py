@@ -1,0 +1,44 @@
+"""A tiny random BERT (2 layers, hidden size 32) whose vocabulary covers the optimizer's sample
+sentences, exported by onnxserve's own exporter: a real text model folder in a few seconds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
+from onnxserve.toolkit.samples import SENTENCES
+
+
+def vocabulary() -> list[str]:
+    words = sorted({w for s in SENTENCES for w in re.findall(r"\w+|[^\w\s]", s.lower())})
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+
+
+def tiny_bert_folder(folder: Path) -> Path:
+    """A Hugging Face folder: a randomly initialised BertModel and its WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocabulary()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).eval().save_pretrained(str(folder))
+    return folder
+
+
+def tiny_bert_version(root: Path) -> Path:
+    """``root/tiny/1``: the tiny BERT exported for feature-extraction with mean pooling."""
+    source = tiny_bert_folder(root / "hf")
+    version = root / "tiny" / "1"
+    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
+    return version
