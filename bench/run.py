@@ -260,7 +260,7 @@ def _hf_model_path() -> Path | None:
 
 
 def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
-    started_at = datetime.datetime.now(datetime.timezone.utc)
+    started_at = datetime.datetime.now(datetime.UTC)
     started = time.monotonic()
     load_start = os.getloadavg()
     settings.results_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,3 +88,22 @@ def demo_server(demo_repository: Path) -> Iterator[RunningServer]:
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT exported as a feature-extraction version folder (tests/tiny_text_models.py)."""
+    import tiny_text_models
+
+    return tiny_text_models.tiny_bert_version(tmp_path_factory.mktemp("tiny-text"))
+
+
+@pytest.fixture
+def collect_tritonclients() -> Iterator[None]:
+    """A dropped ``tritonclient.http`` client sits in a reference cycle; collected on another thread (a
+    server's), its gevent ``__del__`` raises InvalidThreadUseError. Collect dropped ones on this (their
+    hub's) thread, before each test (pytest drops a test's fixture values after its teardown) and after
+    it. Modules that use tritonclient.http apply it with ``pytestmark``."""
+    gc.collect()
+    yield
+    gc.collect()

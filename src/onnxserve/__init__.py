@@ -22,6 +22,7 @@ from onnxserve.errors import (
     ModelLoadError,
     ModelNotFoundError,
     OnnxServeError,
+    OptimizeError,
     UnavailableError,
 )
 from onnxserve.predict import Pipeline
@@ -41,6 +42,7 @@ __all__ = [
     "ModelRegistry",
     "ModelSession",
     "OnnxServeError",
+    "OptimizeError",
     "Pipeline",
     "ServerConfig",
     "ServerSettings",

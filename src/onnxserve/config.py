@@ -40,6 +40,10 @@ class SessionOptions(_Strict):
     inter_op_num_threads: Annotated[int, Field(ge=0)] = 0
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
     execution_mode: Literal["sequential", "parallel"] = "sequential"
+    # ONNX Runtime's thread pools spin-wait for work by default (fast alone, slow next to other busy
+    # processes); False turns it off, None keeps ONNX Runtime's default.
+    intra_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
+    inter_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
 
 
 class ExecutionProvider(_Strict):
@@ -109,6 +113,7 @@ class ModelConfig(_Strict):
         default_factory=lambda: list[str | ExecutionProvider](["CPUExecutionProvider"])
     )
     session_options: SessionOptions = Field(default_factory=SessionOptions)
+    allow_hardlinks: bool = False  # serve files with several hard links (refused by default: core.confinement)
 
     @field_validator("model_platform")
     @classmethod
@@ -140,6 +145,8 @@ class ServerConfig(_Strict):
 _FRIENDLY = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
 }
 
 
@@ -186,15 +193,22 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
 class ServerSettings(_Strict):
     """Where and how the server listens."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # every listener; anything but loopback is asked for explicitly
+    auth_tokens_file: Path | None = None  # bearer tokens and their scopes (format: onnxserve.server.tokens)
+    auth_tokens: str | None = Field(default=None, repr=False)  # the same entries inline (ONNXSERVE_AUTH_TOKENS)
+    tls_cert: Path | None = None  # PEM certificate (chain) for HTTP and gRPC; needs tls_key
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
     inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, cpu_budget()))
     grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024  # HTTP bodies, after decompression
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
     repository_poll_secs: Annotated[float, Field(gt=0)] = 15.0
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start-up ("*": all)
     strict_readiness: bool = True
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+    request_timeout: Annotated[float, Field(ge=0)] = 0.0  # seconds an inference request may take; 0: no limit
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -9,10 +9,14 @@ table that maps a kind to its own status (see ``onnxserve.protocols.errors``).
     ├── ConfigError            the server config or a model folder cannot be served (start-up)
     ├── ModelLoadError         a model version failed to load (bad ONNX file, runtime refused it)
     ├── ExportError            an export or its validation failed; nothing was written
+    ├── OptimizeError          an optimization failed or broke the accuracy budget; nothing was written
     ├── ModelNotFoundError     no such model, version or label                  (kind NOT_FOUND)
     ├── InvalidInputError      a request does not match the model or the wire format (kind INVALID_INPUT)
     ├── UnavailableError       the model or server exists but cannot serve now    (kind UNAVAILABLE)
     │   └── ResourceExhaustedError  the model's queue is full; retry later       (kind RESOURCE_EXHAUSTED)
+    ├── DeadlineExceededError  the request's timeout passed before its answer    (kind DEADLINE_EXCEEDED)
+    ├── UnauthenticatedError   no bearer token, or not an accepted one            (kind UNAUTHENTICATED)
+    ├── PermissionDeniedError  the token lacks the scope the endpoint needs       (kind PERMISSION_DENIED)
     └── InferenceError         the runtime failed while running a valid request   (kind INTERNAL)
 """
 
@@ -28,8 +32,11 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not_found"
     UNAVAILABLE = "unavailable"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
     INTERNAL = "internal"
     CONFIG = "config"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
 
 
 class OnnxServeError(Exception):
@@ -60,6 +67,12 @@ class ExportError(OnnxServeError):
     kind = ErrorKind.INTERNAL
 
 
+class OptimizeError(OnnxServeError):
+    """An optimization or tuning run failed, or its result broke the accuracy budget."""
+
+    kind = ErrorKind.INVALID_INPUT
+
+
 class ModelNotFoundError(OnnxServeError):
     """The model, version or label does not exist."""
 
@@ -82,6 +95,24 @@ class ResourceExhaustedError(UnavailableError):
     """The model's queue is full: the request is refused at once and may be retried."""
 
     kind = ErrorKind.RESOURCE_EXHAUSTED
+
+
+class UnauthenticatedError(OnnxServeError):
+    """The request carries no bearer token, or one the server does not accept."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+
+
+class PermissionDeniedError(OnnxServeError):
+    """The request's token is accepted but lacks the scope the endpoint needs."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+
+
+class DeadlineExceededError(OnnxServeError):
+    """The request's timeout passed while it was queued (it never ran) or running (its result is dropped)."""
+
+    kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 class InferenceError(OnnxServeError):

@@ -137,6 +137,11 @@ BAD_TEXT_REQUESTS = [
         ("unknown output 'logits'", "embedding"),
     ),
     (
+        "no-texts",
+        {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]},
+        ("no text", "at least one"),
+    ),
+    (
         "too-many-texts",
         {"inputs": [{"name": "text", "shape": [33], "datatype": "BYTES", "data": ["hi"] * 33}]},
         ("max_batch_size 32",),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,19 +15,11 @@ from tritonclient.utils import InferenceServerException
 
 from onnxserve.server.lifecycle import RunningServer
 
+pytestmark = pytest.mark.usefixtures("collect_tritonclients")
+
 
 def client_for(server: RunningServer) -> httpclient.InferenceServerClient:
     return httpclient.InferenceServerClient(url=f"{server.host}:{server.http_port}")
-
-
-@pytest.fixture(autouse=True)
-def collect_clients_here() -> Iterator[None]:
-    """A dropped client sits in a reference cycle; collected on another thread (a server's), its gevent
-    ``__del__`` raises InvalidThreadUseError. Collect dropped ones on this (their hub's) thread, before
-    each test (pytest drops a test's fixture values after its teardown) and after it."""
-    gc.collect()
-    yield
-    gc.collect()
 
 
 @pytest.fixture

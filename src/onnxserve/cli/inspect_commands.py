@@ -19,7 +19,7 @@ from onnxserve.cli.console import err, fail
 from onnxserve.errors import InvalidInputError, OnnxServeError
 
 
-class Format(str, enum.Enum):
+class Format(enum.StrEnum):
     text = "text"
     json = "json"
     svg = "svg"

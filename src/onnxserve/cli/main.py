@@ -25,6 +25,7 @@ app = typer.Typer(
 export_app = typer.Typer(help="Convert a model to ONNX, proving the ONNX model computes what the original did.")
 app.add_typer(export_app, name="export")
 
+
 def _version(value: bool) -> None:
     if value:
         print(f"onnxserve {__version__}")
@@ -50,6 +51,19 @@ def serve(
         Path | None, typer.Option("--model-repository", help="Serve every DIR/<name>/<version>/model.onnx.")
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback must be asked for.")] = "127.0.0.1",
+    auth_tokens: Annotated[
+        Path | None,
+        typer.Option(
+            "--auth-tokens",
+            help="File of bearer tokens, one 'TOKEN SCOPES' a line (scopes: infer, control, metrics); "
+            "or set ONNXSERVE_AUTH_TOKENS to such entries separated by ';'.",
+        ),
+    ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: HTTPS and gRPC over TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (unencrypted).")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA bundle: require client certificates it signed (mutual TLS).")
+    ] = None,
     http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).")] = 8001,
     inference_threads: Annotated[
@@ -75,10 +89,23 @@ def serve(
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds to let open requests finish before exiting.")
     ] = 30.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds an inference request may take (queued + running) before 504; 0: no limit."),
+    ] = 0.0,
+    max_request_bytes: Annotated[
+        int, typer.Option(help="Largest HTTP request body, counted after gzip/deflate decompression (413 above).")
+    ] = 64 * 1024 * 1024,
+    grpc_max_message_bytes: Annotated[
+        int, typer.Option(help="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above).")
+    ] = 64 * 1024 * 1024,
 ) -> None:
     """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
+    import os
+
     from onnxserve.config import ServerSettings
     from onnxserve.core.manager import Catalog
+    from onnxserve.server.exposure import TOKENS_VARIABLE
     from onnxserve.server.lifecycle import serve as run_server
     from onnxserve.server.logs import configure_logging
 
@@ -90,6 +117,11 @@ def serve(
         settings = ServerSettings.model_validate(
             {
                 "host": host,
+                "auth_tokens_file": auth_tokens,
+                "auth_tokens": os.environ.get(TOKENS_VARIABLE),
+                "tls_cert": tls_cert,
+                "tls_key": tls_key,
+                "tls_client_ca": tls_client_ca,
                 "http_port": http_port,
                 "grpc_port": grpc_port,
                 "log_level": log_level,
@@ -99,6 +131,9 @@ def serve(
                 "load_models": tuple(load_model or ()),
                 "strict_readiness": strict_readiness,
                 "drain_timeout": drain_timeout,
+                "request_timeout": request_timeout,
+                "max_request_bytes": max_request_bytes,
+                "grpc_max_message_bytes": grpc_max_message_bytes,
                 **({"inference_threads": inference_threads} if inference_threads else {}),
             }
         )

@@ -4,9 +4,24 @@ Each model version has ``instance_count`` instances (ONNX Runtime sessions), eac
 thread. ``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher``
 queues requests and, whenever an instance is free, forms one batch from the queue: requests with the
 same batch key (same inner dimensions and outputs; or text) in arrival order, up to
-``max_batch_size`` rows and ``max_batch_tokens``, waiting up to ``max_queue_delay_us`` for a fuller
-batch unless a preferred size is reached. A full queue refuses new requests at once; a failed batch
-fails exactly the requests in it; a request whose caller went away is dropped before it runs.
+``max_batch_size`` rows and ``max_batch_tokens``. Which part of that selection goes, and when:
+
+- preferred sizes first (Triton's rule): when a prefix of the selection adds up to one of
+  ``preferred_batch_sizes``, the largest such prefix goes at once;
+- otherwise the batch waits, up to ``max_queue_delay_us`` after its oldest request arrived, unless it
+  cannot grow any more (``max_batch_size`` reached, or a compatible request does not fit); then the
+  selection goes as it is;
+- balance: when ``k`` instances are idle and ``N`` compatible rows are queued, a batch takes at most
+  ``ceil(N / k)`` rows (raised to the smallest preferred size at or above it, never above
+  ``max_batch_size``), so that the other idle instances get the rest; the requests left over by that
+  cap are due and go to the next free instance without waiting.
+
+A full queue refuses new requests at once; a failed batch fails exactly the requests in it.
+
+A request whose caller went away (it disconnected, or its timeout passed) leaves the queue at once and
+never runs; an execution whose callers have all gone away is stopped (ONNX Runtime's terminate flag),
+so its instance is free again within one graph node. The instance is released only when its thread
+has actually finished, never while a stopped run is still unwinding.
 """
 
 from __future__ import annotations
@@ -22,13 +37,13 @@ from dataclasses import dataclass, field
 
 from onnxserve.config import DynamicBatching
 from onnxserve.core.execution import Outcome, Work
-from onnxserve.core.runtime import ModelSession
+from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[ModelSession, Sequence[Work]], list[Outcome]]
-"""Runs works as one execution on one instance (on a worker thread)."""
+RunBatch = Callable[[ModelSession, Sequence[Work], RunControl], list[Outcome]]
+"""Runs works as one execution on one instance (on a worker thread); the control can stop it."""
 
 OnExecution = Callable[[int, Outcome], None]
 """Told of every execution once: its batch size (rows) and its timings."""
@@ -47,6 +62,7 @@ class InstancePool:
     def __init__(self, sessions: Sequence[ModelSession], name: str) -> None:
         self.sessions = list(sessions)
         self.busy = [0] * len(self.sessions)
+        self.executions = [0] * len(self.sessions)  # executions started on each instance
         self._executor = ThreadPoolExecutor(max_workers=len(self.sessions), thread_name_prefix=f"onnxserve-{name}")
         self._free: asyncio.Semaphore | None = None
 
@@ -63,10 +79,16 @@ class InstancePool:
         self._semaphore().release()
 
     def take(self) -> int:
-        """The least busy instance, for a reservation; ``release`` it when its execution ends."""
-        index = min(range(len(self.busy)), key=self.busy.__getitem__)
+        """The least busy instance (of those, the one that has run least), for a reservation;
+        ``release`` it when its execution ends."""
+        index = min(range(len(self.busy)), key=lambda i: (self.busy[i], self.executions[i]))
         self.busy[index] += 1
+        self.executions[index] += 1
         return index
+
+    def idle(self) -> int:
+        """Instances running nothing (a reserved but not yet taken one counts as idle)."""
+        return sum(1 for b in self.busy if b == 0)
 
     async def acquire(self) -> int:
         await self.reserve()
@@ -76,44 +98,82 @@ class InstancePool:
         self.busy[index] -= 1
         self._semaphore().release()
 
-    async def run(self, index: int, run_batch: RunBatch, works: Sequence[Work]) -> list[Outcome]:
+    async def run(
+        self, index: int, run_batch: RunBatch, works: Sequence[Work], control: RunControl | None = None
+    ) -> list[Outcome]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run_batch, self.sessions[index], works)
+        return await loop.run_in_executor(
+            self._executor, run_batch, self.sessions[index], works, control or RunControl()
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 class DirectScheduler:
-    """No batching: each request runs alone on the least busy instance."""
+    """No batching: each request runs alone on the least busy instance.
 
-    def __init__(self, pool: InstancePool, run_batch: RunBatch, on_execution: OnExecution) -> None:
+    With ``max_queue_size`` > 0, at most that many requests wait for a free instance; more are refused
+    at once."""
+
+    def __init__(
+        self,
+        pool: InstancePool,
+        run_batch: RunBatch,
+        on_execution: OnExecution,
+        max_queue_size: int = 0,
+        name: str = "",
+    ) -> None:
         self.pool = pool
         self._run_batch = run_batch
         self._on_execution = on_execution
+        self.max_queue_size = max_queue_size
+        self.name = name
         self._waiting = 0
+        self._running: set[asyncio.Task[Outcome]] = set()
 
     async def submit(self, work: Work) -> Scheduled:
+        limit = self.max_queue_size
+        if limit and self._waiting >= limit:
+            raise ResourceExhaustedError(
+                f"model {self.name!r} has {self._waiting} requests queued (max_queue_size {limit}); retry later"
+            )
         submitted = time.perf_counter_ns()
         self._waiting += 1
         try:
             index = await self.pool.acquire()
         finally:
             self._waiting -= 1
+        started = time.perf_counter_ns()
+        control = RunControl()
+        # The execution is its own task: a caller that goes away stops it, but the instance is
+        # released only once its thread has returned.
+        task = asyncio.get_running_loop().create_task(self._execute(index, work, control))
+        self._running.add(task)
+        task.add_done_callback(_forget(self._running))
         try:
-            started = time.perf_counter_ns()
-            (outcome,) = await self.pool.run(index, self._run_batch, [work])
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            control.terminate()
+            raise
+        return Scheduled(outcome, started - submitted, work.rows)
+
+    async def _execute(self, index: int, work: Work, control: RunControl) -> Outcome:
+        try:
+            (outcome,) = await self.pool.run(index, self._run_batch, [work], control)
         finally:
             self.pool.release(index)
         self._on_execution(work.rows, outcome)
-        return Scheduled(outcome, started - submitted, work.rows)
+        return outcome
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""
         return self._waiting
 
     async def stop(self) -> None:
-        """Nothing runs on the event loop between requests."""
+        """Let running executions finish (on the event loop, before it closes)."""
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     def close(self) -> None:
         self.pool.close()
@@ -124,6 +184,7 @@ class _Pending:
     work: Work
     submitted_ns: int
     future: asyncio.Future[Scheduled] = field(repr=False)
+    due: bool = False  # left over by the balance cap: goes to the next free instance without waiting
 
 
 class DynamicBatcher:
@@ -166,7 +227,14 @@ class DynamicBatcher:
         pending = _Pending(work, time.perf_counter_ns(), loop.create_future())
         self._queue.append(pending)
         self._arrived.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller went away: its slot in the queue is free at once (a batch already formed
+            # drops it, and stops when none of its requests is still awaited).
+            with contextlib.suppress(ValueError):
+                self._queue.remove(pending)
+            raise
 
     async def _dispatch(self) -> None:
         assert self._arrived is not None
@@ -198,12 +266,18 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            batch = self._select()
-            rows = sum(p.work.rows for p in batch)
-            waited_us = (time.perf_counter_ns() - self._queue[0].submitted_ns) / 1000
+            head = next((p for p in self._queue if p.due), self._queue[0])
+            compatible = [p for p in self._queue if p.work.key == head.work.key]
+            selection = self._select(head, compatible)
+            rows = _rows(selection)
+            waited_us = (time.perf_counter_ns() - head.submitted_ns) / 1000
             remaining_us = self.settings.max_queue_delay_us - waited_us
-            full = rows >= self.max_batch_size or rows in self.settings.preferred_batch_sizes
-            if full or remaining_us <= 0 or len(batch) < sum(1 for p in self._queue if p.work.key == batch[0].work.key):
+            preferred = _preferred_prefixes(selection, self.settings.preferred_batch_sizes)
+            cannot_grow = rows >= self.max_batch_size or len(selection) < len(compatible)
+            if preferred or cannot_grow or head.due or remaining_us <= 0:
+                batch, left_over = self._cut(selection, _rows(compatible), preferred)
+                for pending in left_over:
+                    pending.due = True
                 for pending in batch:
                     self._queue.remove(pending)
                 return batch
@@ -211,11 +285,10 @@ class DynamicBatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining_us / 1e6)
 
-    def _select(self) -> list[_Pending]:
-        """The oldest request and the compatible ones that fit with it (closest lengths first, for text)."""
-        first = self._queue[0]
-        key = first.work.key
-        candidates = [p for p in list(self._queue)[1:] if p.work.key == key]
+    def _select(self, first: _Pending, compatible: list[_Pending]) -> list[_Pending]:
+        """``first`` and the compatible requests that fit with it, in arrival order (closest lengths
+        first, for text under a token budget)."""
+        candidates = [p for p in compatible if p is not first]
         budget = self.settings.max_batch_tokens
         if budget and first.work.text is not None:
             candidates.sort(key=lambda p: abs(p.work.longest - first.work.longest))
@@ -232,6 +305,36 @@ class DynamicBatcher:
             rows, longest = new_rows, new_longest
         return batch
 
+    def _balance_cap(self, queued_rows: int) -> int:
+        """The most rows one batch may take so that every idle instance gets a share of the queue."""
+        idle = max(1, self.pool.idle())
+        cap = -(-queued_rows // idle)
+        larger = [size for size in self.settings.preferred_batch_sizes if size >= cap]
+        if larger:
+            cap = min(larger)
+        return min(cap, self.max_batch_size)
+
+    def _cut(
+        self, selection: list[_Pending], queued_rows: int, preferred: list[int]
+    ) -> tuple[list[_Pending], list[_Pending]]:
+        """The part of ``selection`` to send now, and the requests the balance cap left for another
+        instance. ``preferred`` lists the prefix lengths whose rows are a preferred size."""
+        cap = self._balance_cap(queued_rows)
+        within, rows = 0, 0
+        for pending in selection:
+            if within and rows + pending.work.rows > cap:
+                break
+            within += 1
+            rows += pending.work.rows
+        fitting = [n for n in preferred if n <= within]
+        if fitting:
+            count = max(fitting)
+        elif preferred:
+            count = min(preferred)  # the balance cap gives way to a preferred size
+        else:
+            count = within
+        return selection[:count], (selection[within:] if count <= within else [])
+
     def _drop_abandoned(self) -> None:
         for pending in [p for p in self._queue if p.future.done()]:
             self._queue.remove(pending)
@@ -243,11 +346,20 @@ class DynamicBatcher:
                 return
             started = time.perf_counter_ns()
             size = sum(p.work.rows for p in live)
+            control = RunControl()
+
+            def abandoned(_: object) -> None:
+                if all(p.future.cancelled() for p in live):
+                    control.terminate()
+
+            for pending in live:
+                pending.future.add_done_callback(abandoned)
             try:
-                outcomes = await self.pool.run(index, self._run_batch, [p.work for p in live])
+                outcomes = await self.pool.run(index, self._run_batch, [p.work for p in live], control)
             except Exception as e:
-                if len(live) == 1:
-                    _fail(live[0], e)
+                if len(live) == 1 or control.terminated:
+                    for pending in live:
+                        _fail(pending, e)
                     return
                 # One request's values can fail a whole batch (an index out of range): run each alone
                 # on this instance, so that exactly the requests that fail get the error.
@@ -286,6 +398,31 @@ class DynamicBatcher:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _forget(running: set[asyncio.Task[Outcome]]) -> Callable[[asyncio.Task[Outcome]], None]:
+    """A done-callback that drops a finished execution and retrieves its error (its caller may be gone)."""
+
+    def done(task: asyncio.Task[Outcome]) -> None:
+        running.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
+
+
+def _rows(requests: Sequence[_Pending]) -> int:
+    return sum(p.work.rows for p in requests)
+
+
+def _preferred_prefixes(selection: Sequence[_Pending], sizes: Sequence[int]) -> list[int]:
+    """The lengths of the prefixes of ``selection`` whose rows add up to a preferred size."""
+    prefixes, rows = [], 0
+    for length, pending in enumerate(selection, start=1):
+        rows += pending.work.rows
+        if rows in sizes:
+            prefixes.append(length)
+    return prefixes
 
 
 def _fail(pending: _Pending, error: Exception) -> None:

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from tokenizers import Encoding
 
 from onnxserve.core.pipeline import TextBatch, TextPipeline
-from onnxserve.core.runtime import ModelSession
+from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.types import TensorSpec
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -62,15 +62,18 @@ class Outcome:
 def run_batch(
     session: ModelSession,
     works: Sequence[Work],
+    control: RunControl,
     pipeline: TextPipeline | None,
     output_specs: Sequence[TensorSpec],
 ) -> list[Outcome]:
-    """Run ``works`` (all with the same key) as one execution; one outcome per work, in order."""
+    """Run ``works`` (all with the same key) as one execution; one outcome per work, in order.
+
+    ``control`` lets the scheduler stop the execution once no caller waits for it."""
     start = time.perf_counter_ns()
     first = works[0]
     if first.text is not None:
         assert pipeline is not None
-        return _run_text(session, pipeline, output_specs, works, start)
+        return _run_text(session, pipeline, output_specs, works, start, control)
     feeds = (
         first.feeds
         if len(works) == 1
@@ -78,7 +81,7 @@ def run_batch(
     )
     assert feeds is not None
     merged_at = time.perf_counter_ns()
-    outputs = session.run(feeds, first.fetch)
+    outputs = session.run(feeds, first.fetch, control)
     ran_at = time.perf_counter_ns()
     parts = _split(outputs, [w.rows for w in works])
     done = time.perf_counter_ns()
@@ -91,6 +94,7 @@ def _run_text(
     output_specs: Sequence[TensorSpec],
     works: Sequence[Work],
     start: int,
+    control: RunControl,
 ) -> list[Outcome]:
     encodings = [e for w in works for e in w.encodings]
     texts = [t for w in works if w.text is not None for t in w.text.texts]
@@ -98,7 +102,7 @@ def _run_text(
     batch = TextBatch(texts, pairs if pipeline.is_qa else None)
     encoded = pipeline.tensors(encodings)
     merged_at = time.perf_counter_ns()
-    outputs = session.run(encoded.feeds, works[0].fetch)
+    outputs = session.run(encoded.feeds, works[0].fetch, control)
     ran_at = time.perf_counter_ns()
     answered = pipeline.postprocess(outputs, encoded, batch, works[0].answer)
     padded = encoded.feeds["input_ids"].shape[1]

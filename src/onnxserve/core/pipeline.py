@@ -226,6 +226,8 @@ def _texts(tensor: Tensor) -> list[str]:
         raise InvalidInputError(f"input {tensor.name!r} carries text and must be BYTES, not {tensor.datatype.v2}")
     if len(tensor.shape) != 1:
         raise InvalidInputError(f"input {tensor.name!r}: text must have shape [N], got {list(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise InvalidInputError(f"input {tensor.name!r} holds no text; send at least one (shape [N], N >= 1)")
     try:
         return [b.decode("utf-8") for b in tensor.data]
     except UnicodeDecodeError:

@@ -12,6 +12,7 @@ from functools import partial
 
 from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
+from onnxserve.core.confinement import check_version_folder
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
@@ -116,6 +117,7 @@ def load_version(config: ModelConfig, folder: VersionFolder, observers: Observer
 def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observers) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
+    check_version_folder(folder.path, config.base_path, config.allow_hardlinks)
     options = instance_options(config)
     sessions = [
         ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
@@ -137,7 +139,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     scheduler: Scheduler = (
         DynamicBatcher(pool, run, on_execution, max_batch_size, config.dynamic_batching, name)
         if max_batch_size > 0
-        else DirectScheduler(pool, run, on_execution)
+        else DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
     )
     return ModelVersion(
         name=config.name,

@@ -8,6 +8,8 @@ between onnxserve's ``bytes`` objects and the ``str`` objects that ONNX Runtime 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,14 @@ from google.protobuf.message import DecodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
+from onnxserve.core.confinement import check_model
 from onnxserve.core.types import TensorSpec, empty_like
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+WARMUP_LIMIT_BYTES = 256 * 1024 * 1024
+"""Warm-up runs only on inputs up to this size (fixed dims taken as declared, dynamic ones as 1)."""
 
 _ORT_INVALID_ARGUMENT: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
 
@@ -38,6 +44,12 @@ _EXEC_MODES = {
     "parallel": ort.ExecutionMode.ORT_PARALLEL,
 }
 
+_SPINNING_ENTRIES = {
+    "intra_op_allow_spinning": "session.intra_op.allow_spinning",
+    "inter_op_allow_spinning": "session.inter_op.allow_spinning",
+}
+"""Config fields that set ONNX Runtime session config entries ("1" or "0")."""
+
 
 def session_options(options: SessionOptions) -> ort.SessionOptions:
     """ONNX Runtime session options from onnxserve's config model."""
@@ -46,6 +58,10 @@ def session_options(options: SessionOptions) -> ort.SessionOptions:
     so.inter_op_num_threads = options.inter_op_num_threads
     so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization_level]
     so.execution_mode = _EXEC_MODES[options.execution_mode]
+    for key, allow in _SPINNING_ENTRIES.items():
+        value = getattr(options, key)
+        if value is not None:
+            so.add_session_config_entry(allow, "1" if value else "0")
     so.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to stderr, not our logs
     return so
 
@@ -73,13 +89,34 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 
 
 def check_onnx_file(path: Path) -> None:
-    """Refuse anything that is not a readable ONNX model, with a message that says why."""
+    """Refuse anything that is not a readable ONNX model, with a message that says why; its external data
+    must lie inside its folder (checked before ONNX Runtime opens anything, see ``core.confinement``)."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: model file not found (expected model.onnx in the version folder)")
     try:
-        onnx.load_model(str(path), load_external_data=False)
+        model = onnx.load_model(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
+        raise ModelLoadError(f"{path}: not an ONNX model ({e})") from None
+    try:
+        check_model(model, path.parent)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e.message}") from None
+
+
+class RunControl:
+    """One execution's run options: lets the event loop stop an execution no caller waits for any more."""
+
+    def __init__(self) -> None:
+        self.options = ort.RunOptions()
+        self.options.log_severity_level = 4  # a terminated run is expected: no error line on stderr
+
+    def terminate(self) -> None:
+        """Make the running execution stop at its next node (ONNX Runtime's terminate flag)."""
+        self.options.terminate = True
+
+    @property
+    def terminated(self) -> bool:
+        return bool(self.options.terminate)
 
 
 class ModelSession:
@@ -108,24 +145,42 @@ class ModelSession:
         self.providers: list[str] = list(self._session.get_providers())
         log.info("%s: loaded on %s", self.name, ", ".join(self.providers))
 
+    @property
+    def ort_options(self) -> ort.SessionOptions:
+        """The options the live ONNX Runtime session was created with (config entries included)."""
+        options: ort.SessionOptions = self._session.get_session_options()
+        return options
+
     def run(
-        self, feeds: Mapping[str, npt.NDArray[Any]], output_names: Sequence[str] | None = None
+        self,
+        feeds: Mapping[str, npt.NDArray[Any]],
+        output_names: Sequence[str] | None = None,
+        control: RunControl | None = None,
     ) -> dict[str, npt.NDArray[Any]]:
         """Run the model; BYTES inputs and outputs are ``bytes`` objects in ``object`` arrays."""
         names = list(output_names) if output_names else [o.name for o in self.outputs]
         ort_feeds = {name: _to_ort(name, array) for name, array in feeds.items()}
         try:
-            results = self._session.run(names, ort_feeds)
+            results = self._session.run(names, ort_feeds, control.options if control is not None else None)
         except _ORT_INVALID_ARGUMENT as e:
             # The graph refused these values (an index out of range, a reshape that cannot fit):
             # the request was well-formed but its data is not valid for this model.
             raise InvalidInputError(f"model {self.name} refused the input values: {_first_line(e)}") from e
         except Exception as e:  # ONNX Runtime's other error types are not part of its public API
+            if control is not None and control.terminated:
+                raise InferenceError(f"model {self.name}: the run was stopped (no caller waits for it)") from e
             raise InferenceError(f"model {self.name} failed while running: {_first_line(e)}") from e
         return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
 
     def warmup(self) -> None:
-        """One run on zero inputs with dynamic dims set to 1, so the first request is not the slow one."""
+        """One run on zero inputs with dynamic dims set to 1, so the first request is not the slow one.
+
+        Skipped when the inputs would be larger than ``WARMUP_LIMIT_BYTES`` (a model may declare fixed
+        dims of any size: allocating them is not a warm-up)."""
+        size = sum(math.prod(s.example_shape()) * (s.datatype.itemsize or 8) for s in self.inputs)
+        if size > WARMUP_LIMIT_BYTES:
+            log.warning("%s: warm-up run skipped: its inputs would take %d bytes", self.name, size)
+            return
         try:
             self.run({spec.name: empty_like(spec) for spec in self.inputs})
         except InferenceError as e:
@@ -155,6 +210,10 @@ def _from_ort(value: Any) -> npt.NDArray[Any]:
     return array
 
 
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ [^(]*\([^)]*\)(?: const)? ")
+"""ONNX Runtime's ``file.h:123 void onnxruntime::Class::Method(args)`` prefix: where, not what."""
+
+
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    text = _SOURCE_LOCATION.sub("", str(error).strip())
+    return text.splitlines()[0] if text else "the runtime reported no reason"

@@ -2,6 +2,12 @@
 
 It answers liveness, readiness and metadata, and runs inference off the event loop in a thread
 pool, so a slow model never blocks health checks or other models.
+
+Every inference request may have a time limit: the ``timeout`` request parameter (microseconds, as
+Triton's), the time its transport still allows (a gRPC deadline), and the server's default, whichever
+is shortest. When it passes the request fails with DeadlineExceededError: if it was queued it leaves
+the queue and never runs; if it was running its result is dropped (and the run is stopped when no
+other request shares it). A caller that goes away (cancels the awaiting task) frees its slot the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from onnxserve.core.types import (
     TensorSpec,
 )
 from onnxserve.core.validation import prepare_feeds
-from onnxserve.errors import InvalidInputError, OnnxServeError, UnavailableError
+from onnxserve.errors import DeadlineExceededError, InvalidInputError, OnnxServeError, UnavailableError
 
 SERVER_NAME = "onnxserve"
+
+TIMEOUT_PARAMETER = "timeout"
+"""The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,24 @@ def _work(request: InferenceRequest, model: ModelVersion) -> Work:
     return Work(fetch, len(text.texts), text=text, answer=answer)
 
 
+def time_limit(request: InferenceRequest, default: float) -> float | None:
+    """Seconds the request may take: its ``timeout`` parameter, its transport's limit and ``default``
+    (0: none), whichever is shortest; None when nothing limits it."""
+    limits = [default] if default > 0 else []
+    raw = request.parameters.get(TIMEOUT_PARAMETER)
+    if raw is not None:
+        if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+            raise InvalidInputError(
+                f"parameter {TIMEOUT_PARAMETER!r} must be a non-negative integer number of microseconds "
+                f"(0: the server's default), got {raw!r}"
+            )
+        if raw > 0:
+            limits.append(raw / 1e6)
+    if request.time_left is not None:
+        limits.append(max(request.time_left, 0.0))
+    return min(limits) if limits else None
+
+
 def _tokenize(model: ModelVersion, work: Work) -> int:
     """Tokenize a text work in place (on a worker thread); returns the time it took."""
     start = time.perf_counter_ns()
@@ -88,8 +115,10 @@ class InferenceService:
         extensions: tuple[str, ...] = (),
         manager: ModelManager | None = None,
         strict_readiness: bool = True,
+        request_timeout: float = 0.0,
     ) -> None:
         self.registry = registry
+        self.request_timeout = request_timeout  # seconds; 0: requests have no time limit unless they set one
         self.manager = manager
         self.strict_readiness = strict_readiness
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxserve-infer")
@@ -161,30 +190,45 @@ class InferenceService:
         if self.draining:
             raise UnavailableError("the server is shutting down; send the request to another replica")
         started = time.perf_counter_ns()
+        limit = time_limit(request, self.request_timeout)
         model = self.registry.resolve(request.model_name, request.model_version)
         self.in_flight += 1
         model.active += 1
         try:
-            return await self._infer(request, model, started)
+            return await self._infer(request, model, started, limit)
         finally:
             self.in_flight -= 1
             model.active -= 1
 
-    async def _infer(self, request: InferenceRequest, model: ModelVersion, started: int) -> InferenceResponse:
+    async def _infer(
+        self, request: InferenceRequest, model: ModelVersion, started: int, limit: float | None
+    ) -> InferenceResponse:
         try:
             work = _work(request, model)
             tokenize_ns = 0
-            if work.text is not None:
-                loop = asyncio.get_running_loop()
-                tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
-            scheduled = await model.scheduler.submit(work)
-        except OnnxServeError as e:
+            async with asyncio.timeout(limit) as deadline:
+                if work.text is not None:
+                    loop = asyncio.get_running_loop()
+                    tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+                scheduled = await model.scheduler.submit(work)
+        except (OnnxServeError, TimeoutError) as caught:
+            if isinstance(caught, OnnxServeError):
+                e = caught
+            elif deadline.expired() and limit is not None:
+                e = DeadlineExceededError(
+                    f"model {model.name!r}: the request's time limit of {limit * 1000:g} ms passed before it "
+                    "was answered; it was dropped"
+                )
+            else:
+                raise
             elapsed = time.perf_counter_ns() - started
             model.stats.record_failure(elapsed)
             self.registry.observers.request(
                 RequestRecord(model.name, str(model.version), request.protocol, e.kind, 0, 0, 0, elapsed)
             )
-            raise
+            if e is caught:
+                raise
+            raise e from None
         outcome = scheduled.outcome
         specs = {s.name: s for s in model.outputs}
         response = InferenceResponse(

@@ -43,6 +43,7 @@ class InferenceRequest:
     outputs: Sequence[str] | None = None  # None: every output of the model
     parameters: Parameters = field(default_factory=dict)
     protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest"), for metrics
+    time_left: float | None = None  # seconds the transport still allows (a gRPC deadline); None: no limit
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,11 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.RESOURCE_EXHAUSTED: 503,  # with Retry-After
+    ErrorKind.DEADLINE_EXCEEDED: 504,
     ErrorKind.INTERNAL: 500,
     ErrorKind.CONFIG: 500,
+    ErrorKind.UNAUTHENTICATED: 401,  # with WWW-Authenticate: Bearer
+    ErrorKind.PERMISSION_DENIED: 403,
 }
 
 TFSERVING_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
@@ -26,6 +29,9 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
     ErrorKind.CONFIG: grpc.StatusCode.INTERNAL,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }

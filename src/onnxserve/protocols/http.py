@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +18,7 @@ from onnxserve.core.observe import RequestRecord
 from onnxserve.errors import ErrorKind, OnnxServeError
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
+from onnxserve.protocols.public_errors import public_message
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,48 @@ def requested_target(request: Request) -> tuple[str, str]:
     return str(params.get("name", "")), "" if version is None else str(version)
 
 
+CLIENT_CLOSED_REQUEST = 499
+"""The status of a request whose client went away before its answer (never sent: nobody reads it)."""
+
+
+async def until_disconnected(handler: Endpoint, request: Request) -> Response:
+    """Run ``handler``; if the client disconnects once the body has been read, cancel it.
+
+    The handler reads the body through a watched ``receive``; after its last chunk, the connection is
+    watched for ``http.disconnect`` alongside the handler. A disconnect cancels the handler, so a
+    queued inference leaves its queue and a running one is dropped (see ``core.batching``).
+    """
+    body_read = asyncio.Event()
+
+    async def watched_receive() -> Message:
+        message = await request.receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            body_read.set()
+        return message
+
+    async def disconnected() -> None:
+        await body_read.wait()
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.01)  # a server that repeats empty body messages: keep watching, gently
+
+    task = asyncio.ensure_future(handler(Request(request.scope, watched_receive)))
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    log.debug("client went away during %s %s; its request was dropped", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 def guarded(
     handler: Endpoint,
     statuses: Mapping[ErrorKind, int] = HTTP_STATUS,
@@ -61,7 +106,7 @@ def guarded(
         if error is None:
             log.exception("unexpected error while handling %s %s", request.method, request.url.path)
             return error_response("internal server error", 500)
-        return error_response(error.message, statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
+        return error_response(public_message(error), statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
 
     if record_unreached is None:
 
@@ -81,7 +126,7 @@ def guarded(
         started = time.perf_counter_ns()
         attempt, token = context.begin_attempt()
         try:
-            return await handler(request)
+            return await until_disconnected(handler, request)
         except Exception as e:
             error = e if isinstance(e, OnnxServeError) else None
             if not attempt.reached:

@@ -11,9 +11,13 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.protocols.http import RequestIdMiddleware, error_response
+from onnxserve.protocols.request_body import DEFAULT_MAX_BYTES, RequestBodyLimits
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
+from onnxserve.server.auth import BearerAuthMiddleware
 from onnxserve.server.metrics import Metrics
+from onnxserve.server.tokens import TokenTable
+from onnxserve.server.web import routes as web_routes
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -35,14 +39,28 @@ def metrics_route(metrics: Metrics) -> Route:
     return Route("/metrics", scrape, methods=["GET"])
 
 
-def create_app(service: InferenceService, metrics: Metrics | None = None) -> Starlette:
-    """Every HTTP endpoint; with ``metrics``, also ``/metrics``, and requests that never reached a model counted."""
+def create_app(
+    service: InferenceService,
+    metrics: Metrics | None = None,
+    tokens: TokenTable | None = None,
+    max_request_bytes: int = DEFAULT_MAX_BYTES,
+) -> Starlette:
+    """Every HTTP endpoint; with ``metrics``, also ``/metrics``, and requests that never reached a model counted.
+
+    With ``tokens`` every endpoint but the health probes needs a bearer token (``onnxserve.server.auth``).
+    Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed).
+    """
     unreached = metrics.unreached if metrics is not None else None
     routes = [*v2_rest.routes(service, unreached), *tfserving_rest.routes(service, unreached)]
     if metrics is not None:
         routes.append(metrics_route(metrics))
+    routes += web_routes(service)  # the web page at / (onnxserve.server.web)
     return Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[
+            Middleware(RequestIdMiddleware),  # outermost: refusals carry X-Request-ID too
+            *([Middleware(BearerAuthMiddleware, tokens=tokens)] if tokens is not None else []),
+            Middleware(RequestBodyLimits, max_bytes=max_request_bytes),  # size, encoding, media type
+        ],
     )

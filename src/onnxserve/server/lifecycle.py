@@ -27,6 +27,7 @@ from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
 from onnxserve.server.app import create_app
+from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_server import create_grpc_server
 from onnxserve.server.metrics import Metrics
 
@@ -72,6 +73,7 @@ def build_service(
         extensions=EXTENSIONS,
         manager=manager,
         strict_readiness=settings.strict_readiness,
+        request_timeout=settings.request_timeout,
     )
 
 
@@ -128,9 +130,13 @@ def _metered_service(
     return service, metrics
 
 
-def _uvicorn_server(service: InferenceService, settings: ServerSettings, metrics: Metrics) -> _DrainingServer:
+def _uvicorn_server(
+    service: InferenceService, settings: ServerSettings, metrics: Metrics, exposure: Exposure
+) -> _DrainingServer:
+    tls = exposure.tls
     config = uvicorn.Config(
-        create_app(service, metrics),
+        create_app(service, metrics, exposure.tokens, max_request_bytes=settings.max_request_bytes),
+        ssl_context_factory=None if tls is None else (lambda config, default: tls.context),
         log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC
         http="httptools",
@@ -149,9 +155,11 @@ async def _serve(
     http_socket: socket.socket,
     on_started: Callable[[int, int], None],
     metrics: Metrics,
+    exposure: Exposure,
 ) -> None:
     http.loop = asyncio.get_running_loop()
-    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached)
+    exposure.warn_if_exposed(http_socket.getsockname()[0])
+    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached, exposure)
     await grpc_server.start()
     background: list[asyncio.Task[None]] = []
     manager = service.manager
@@ -188,15 +196,17 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | None = None) -> None:
     """Load the models, then serve HTTP and gRPC until SIGINT or SIGTERM (see the module docstring)."""
+    exposure = Exposure.from_settings(settings)  # before loading models: a bad token or TLS file fails fast
     service, metrics = _metered_service(config, settings, catalog)
     http_socket = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings, metrics)
+    http = _uvicorn_server(service, settings, metrics, exposure)
 
     def announce(http_port: int, grpc_port: int) -> None:
         for model in service.registry:
             log.info("serving model %s versions %s", model.name, ", ".join(map(str, model.version_numbers())))
-        log.info("HTTP (KServe V2 REST, TF Serving REST) on http://%s:%d", settings.host, http_port)
+        log.info("HTTP (KServe V2 REST, TF Serving REST) on %s://%s:%d", exposure.scheme, settings.host, http_port)
         log.info("gRPC (KServe V2) on %s:%d", settings.host, grpc_port)
+        log.info("access: %s", exposure.describe())
 
     # uvicorn re-raises the signal it stopped for through the handler that was in place before it
     # started; a no-op handler there makes a drained shutdown exit with status 0.
@@ -204,7 +214,7 @@ def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | Non
         signal.signal(signum, lambda *_: None)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics))
+        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics, exposure))
     finally:
         loop.close()
         service.close()
@@ -220,10 +230,11 @@ class RunningServer:
     grpc_port: int
     _server: _DrainingServer
     _thread: threading.Thread
+    scheme: str = "http"  # "https" with TLS
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{self.scheme}://{self.host}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:
@@ -243,9 +254,10 @@ def start_in_background(
     config: ServerConfig, settings: ServerSettings, catalog: Catalog | None = None
 ) -> RunningServer:
     """Load the models and serve on a background thread; returns once both listeners accept requests."""
+    exposure = Exposure.from_settings(settings)
     service, metrics = _metered_service(config, settings, catalog)
     sock = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings, metrics)
+    http = _uvicorn_server(service, settings, metrics, exposure)
     started = threading.Event()
     ports: list[int] = []
     failure: list[BaseException] = []
@@ -257,7 +269,7 @@ def start_in_background(
     def run() -> None:
         loop = _new_loop()
         try:
-            loop.run_until_complete(_serve(service, settings, http, sock, on_started, metrics))
+            loop.run_until_complete(_serve(service, settings, http, sock, on_started, metrics, exposure))
         except BaseException as e:
             failure.append(e)
             started.set()
@@ -269,4 +281,4 @@ def start_in_background(
     if not started.wait(timeout=60) or failure:
         service.close()
         raise RuntimeError(f"the server did not start: {failure[0] if failure else 'timed out'}")
-    return RunningServer(service, settings.host, ports[0], ports[1], http, thread)
+    return RunningServer(service, settings.host, ports[0], ports[1], http, thread, exposure.scheme)

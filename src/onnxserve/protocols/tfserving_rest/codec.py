@@ -16,6 +16,7 @@ from onnxserve.core.registry import ModelState
 from onnxserve.core.service import IndexEntry
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.tfserving_rest import values
 
 SIGNATURE = "serving_default"
@@ -43,15 +44,16 @@ class DecodedPredict:
 def loads(body: bytes) -> Any:
     """Parse a request body; NaN and Infinity tokens (which orjson refuses) take the slower json path."""
     try:
-        return orjson.loads(body)
+        return check_depth(orjson.loads(body))
     except orjson.JSONDecodeError:
         pass
     if not body.strip():
         raise InvalidInputError("the request body is empty; expected a JSON object")
     try:
-        return json.loads(body)
+        doc = json.loads(body)
     except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+    return check_depth(doc)
 
 
 def dumps(doc: Any, nonfinite: bool = False) -> bytes:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +24,7 @@ from onnxserve.core.service import InferenceService
 from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import GRPC_STATUS
+from onnxserve.protocols.public_errors import public_message, redact_paths
 from onnxserve.protocols.v2_grpc import codec
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 PROTOCOL = "v2_grpc"
+
+_time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", default=None)
+"""Seconds the unary call being handled has left before its client's deadline (None: no deadline)."""
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
@@ -99,7 +105,9 @@ class InferenceServicer:
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
         for entry in self.service.repository_index(ready_only=request.ready):
-            response.models.add(name=entry.name, version=entry.version, state=entry.state, reason=entry.reason)
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=redact_paths(entry.reason)
+            )
         return response
 
     async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
@@ -112,7 +120,9 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         decoded = codec.decode_infer_request(request)
-        response = await self.service.infer(decoded.request)
+        time_left = _time_left.get()
+        inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
+        response = await self.service.infer(inference)
         return codec.encode_infer_response(response, decoded.raw)
 
     async def ModelStreamInfer(
@@ -137,7 +147,7 @@ class InferenceServicer:
             return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
         except Exception as e:
             if isinstance(e, OnnxServeError):
-                message, kind = e.message, e.kind
+                message, kind = public_message(e), e.kind
             else:
                 log.exception("unexpected error in ModelStreamInfer")
                 message, kind = "internal server error", ErrorKind.INTERNAL
@@ -184,12 +194,13 @@ def _unary(
         attempt, token = context.begin_attempt()
         request: Message | None = None
         code = grpc.StatusCode.OK
+        time_token = _time_left.set(grpc_context.time_remaining())
         try:
             request = parse(request_type, data)
             return await method(request)
         except Exception as e:
             if isinstance(e, OnnxServeError):
-                code, message, kind = GRPC_STATUS[e.kind], e.message, e.kind
+                code, message, kind = GRPC_STATUS[e.kind], public_message(e), e.kind
             else:
                 log.exception("unexpected error in %s", name)
                 code, message, kind = grpc.StatusCode.INTERNAL, "internal server error", ErrorKind.INTERNAL
@@ -202,6 +213,7 @@ def _unary(
                 log.debug("gRPC %s %s %.2f ms", name, code.name, (time.perf_counter_ns() - started) / 1e6)
             context.end_attempt(token)
             context.reset_request_id(id_token)
+            _time_left.reset(time_token)
 
     return handler
 

@@ -22,6 +22,8 @@ from onnxserve.core.types import (
 )
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import binary as binary_tensors
+from onnxserve.protocols.json_depth import check_depth
+from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.protocols.v2_rest import tensors
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -72,7 +74,7 @@ def decode_infer_request(
     header = body if header_length is None else body[:header_length]
     binary = memoryview(body)[header_length or len(body) :]
     try:
-        doc = _object(orjson.loads(header), "the inference request")
+        doc = _object(check_depth(orjson.loads(header)), "the inference request")
     except orjson.JSONDecodeError as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
     _check_keys(doc, _REQUEST_KEYS, "the inference request")
@@ -262,7 +264,7 @@ def encode_statistics(stats: list[VersionStatistics]) -> dict[str, Any]:
 
 
 def encode_repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
-    return [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in entries]
+    return [{"name": e.name, "version": e.version, "state": e.state, "reason": redact_paths(e.reason)} for e in entries]
 
 
 def decode_repository_index_request(body: bytes) -> bool:
@@ -270,7 +272,7 @@ def decode_repository_index_request(body: bytes) -> bool:
     if not body.strip():
         return False
     try:
-        doc = _object(orjson.loads(body), "the repository index request")
+        doc = _object(check_depth(orjson.loads(body)), "the repository index request")
     except orjson.JSONDecodeError as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
     ready = doc.get("ready", False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,9 @@ _ACCEPTED_KINDS = {
     "f": ("i", "u", "f"),
 }
 _KIND_WORDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+_JSON_TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", type(None): "null"}
+_short = reprlib.Repr()  # what an error message may quote of a request
+_short.maxlevel, _short.maxlist, _short.maxstring = 2, 8, 40
 
 
 def element_count(shape: tuple[int, ...]) -> int:
@@ -28,7 +32,7 @@ def element_count(shape: tuple[int, ...]) -> int:
 
 def parse_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int for d in shape):
-        raise InvalidInputError(f"input {name!r}: 'shape' must be a list of integers, got {shape!r}")
+        raise InvalidInputError(f"input {name!r}: 'shape' must be a list of integers, got {_short.repr(shape)}")
     return request_shape(name, shape)
 
 
@@ -42,7 +46,8 @@ def _flatten_strings(name: str, data: Any) -> list[bytes]:
         elif isinstance(item, str):
             out.append(item.encode("utf-8"))
         else:
-            raise InvalidInputError(f"input {name!r}: BYTES data must be strings, found {type(item).__name__}")
+            found = _JSON_TYPE_NAMES.get(type(item), "a non-string value")
+            raise InvalidInputError(f"input {name!r}: BYTES data must be strings, found {found}")
     return out
 
 

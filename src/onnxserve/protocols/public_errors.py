@@ -1,0 +1,42 @@
+"""What an error answer may say: what went wrong, never where.
+
+Every protocol renders a domain error's message through :func:`public_message`. Absolute file-system
+paths (a model file that failed to load, a runtime's source location) become ``<path>``; the full
+message is logged (with the request id, like every log line made while handling a request) whenever
+something was hidden or the error is the server's own fault. Unexpected exceptions never reach a
+client at all: the protocols answer them with a fixed "internal server error" and log the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from onnxserve.errors import ErrorKind, OnnxServeError
+
+log = logging.getLogger(__name__)
+
+_SEGMENT = r"[^\s/'\"`,;:()\[\]{}<>]+"
+_PATH = re.compile(
+    # POSIX: two or more segments from the root, except the HTTP API's own paths (/v2/..., /versions/3)
+    rf"(?<![\w.~/-])/(?!(?:v1|v2|versions|labels)/){_SEGMENT}(?:/{_SEGMENT})+/?"
+    # Windows: a drive letter and a backslash
+    r"|\b[A-Za-z]:\\[^\s'\"`,;:()\[\]{}<>]*"
+)
+
+PLACEHOLDER = "<path>"
+
+_SERVER_FAULTS = (ErrorKind.INTERNAL, ErrorKind.CONFIG)
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every absolute file-system path replaced by ``<path>``."""
+    return _PATH.sub(PLACEHOLDER, message)
+
+
+def public_message(error: OnnxServeError) -> str:
+    """The message a client may see; the full one is logged when it differs or the server is at fault."""
+    public = redact_paths(error.message)
+    if public != error.message or error.kind in _SERVER_FAULTS:
+        log.warning("%s error answered as %r: %s", error.kind.value, public, error.message)
+    return public

@@ -1,0 +1,188 @@
+"""What an HTTP request body may be: its size, its encoding and its media type, checked as it streams in.
+
+Every POST passes through :class:`RequestBodyLimits` before any endpoint sees it:
+
+- **Media type.** ``application/json``; ``application/octet-stream`` together with
+  ``Inference-Header-Content-Length`` (KServe V2's binary tensor extension); or no ``Content-Type``
+  at all (tritonclient sends none; the body is then read as JSON, or as the binary extension when that
+  header is present). Anything else (pickle, multipart forms, XML, ...) is answered 415 unread.
+- **Encoding.** ``Content-Encoding`` ``gzip`` or ``deflate`` (zlib-wrapped, as tritonclient sends it)
+  is decompressed while it streams in, by a decompressor asked for at most the bytes still allowed,
+  so a zip bomb stops one byte past the limit. ``identity`` or no header: as sent. Others: 415.
+- **Size.** At most ``max_bytes`` on the wire *and* after decompression. A ``Content-Length`` above
+  the limit is answered 413 before a byte is read; a chunked (or lying) body is counted as it arrives
+  and answered 413 at limit + 1, without buffering the rest (the server reads and drops it).
+
+The endpoint then sees the decoded body as if it had been sent plain (``Content-Encoding`` removed,
+``Content-Length`` its decoded size).
+"""
+
+from __future__ import annotations
+
+import logging
+import reprlib
+import zlib
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from onnxserve.protocols.http import error_response
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+JSON_MEDIA_TYPE = "application/json"
+BINARY_MEDIA_TYPE = "application/octet-stream"
+BINARY_HEADER = "inference-header-content-length"
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+"""Accepted Content-Encodings and the zlib window bits that read them (gzip header; zlib header)."""
+
+_short = reprlib.Repr()  # what a message may quote of a header
+_short.maxstring = 60
+
+
+def _media_type(headers: Headers) -> str | None:
+    raw = headers.get("content-type")
+    if raw is None:
+        return None
+    return raw.split(";", 1)[0].strip().lower()
+
+
+def check_media_type(headers: Headers) -> None:
+    """415 unless the body is JSON, the binary tensor extension, or untyped (read as JSON)."""
+    media = _media_type(headers)
+    if media is None or media == JSON_MEDIA_TYPE:
+        return
+    if media == BINARY_MEDIA_TYPE:
+        if BINARY_HEADER in headers:
+            return
+        raise HTTPException(
+            415,
+            f"Content-Type {BINARY_MEDIA_TYPE} is accepted only for the binary tensor extension: "
+            "send Inference-Header-Content-Length with the JSON header's byte length",
+        )
+    raise HTTPException(
+        415,
+        f"unsupported Content-Type {_short.repr(headers['content-type'])}: send {JSON_MEDIA_TYPE}, or "
+        f"{BINARY_MEDIA_TYPE} with Inference-Header-Content-Length (binary tensor extension)",
+    )
+
+
+def content_encoding(headers: Headers) -> str | None:
+    """The body's compression (``gzip`` or ``deflate``), None when sent plain; 415 for anything else."""
+    raw = headers.get("content-encoding")
+    if raw is None:
+        return None
+    encoding = raw.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in ENCODINGS:
+        raise HTTPException(
+            415, f"unsupported Content-Encoding {_short.repr(raw)}: send gzip, deflate or an uncompressed body"
+        )
+    return encoding
+
+
+def _too_large(limit: int, decoded: bool) -> HTTPException:
+    after = " after decompression" if decoded else ""
+    return HTTPException(
+        413, f"the request body is larger{after} than the server's limit of {limit} bytes (--max-request-bytes)"
+    )
+
+
+class _Inflater:
+    """A streaming gzip/deflate decoder that never produces more than it is allowed to."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        self._decoder = zlib.decompressobj(wbits=ENCODINGS[encoding])
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """Decode ``data``, stopping once more than ``room`` bytes came out (the caller then refuses)."""
+        out: list[bytes] = []
+        produced = 0
+        try:
+            while data and produced <= room:
+                if self._decoder.eof:
+                    if self.encoding != "gzip":
+                        raise HTTPException(400, "the deflate request body has data after its end")
+                    self._decoder = zlib.decompressobj(wbits=ENCODINGS["gzip"])  # gzip may hold several members
+                piece = self._decoder.decompress(data, room + 1 - produced)
+                out.append(piece)
+                produced += len(piece)
+                data = self._decoder.unused_data if self._decoder.eof else self._decoder.unconsumed_tail
+        except zlib.error:
+            raise HTTPException(
+                400, f"the request body is not valid {self.encoding} data (Content-Encoding: {self.encoding})"
+            ) from None
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if not self._decoder.eof:
+            raise HTTPException(400, f"the {self.encoding} request body ends before its compressed data does")
+
+
+class RequestBodyLimits:
+    """ASGI middleware: checks and reads every POST body (see the module docstring), then hands it on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            check_media_type(headers)
+            encoding = content_encoding(headers)
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise _too_large(self.max_bytes, False)
+            body = await self._read(receive, encoding)
+        except HTTPException as refusal:
+            log.info("refused %s %s: %s", scope["method"], scope["path"], refusal.detail)
+            await error_response(refusal.detail, refusal.status_code)(scope, receive, send)
+            return
+        if body is None:
+            return  # the client went away while sending; nobody to answer
+        kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")]
+        decoded_scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode("ascii"))]}
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(decoded_scope, replay, send)
+
+    async def _read(self, receive: Receive, encoding: str | None) -> bytes | None:
+        """The whole (decoded) body, refused at limit + 1; None when the client disconnected."""
+        inflater = _Inflater(encoding) if encoding is not None else None
+        chunks: list[bytes] = []
+        received = decoded = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk: bytes = message.get("body", b"")
+            received += len(chunk)
+            if received > self.max_bytes:
+                raise _too_large(self.max_bytes, False)
+            if inflater is not None and chunk:
+                chunk = inflater.feed(chunk, self.max_bytes - decoded)
+            decoded += len(chunk)
+            if decoded > self.max_bytes:
+                raise _too_large(self.max_bytes, True)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if inflater is not None:
+            inflater.finish()
+        return b"".join(chunks)

@@ -1,0 +1,177 @@
+"""Who may call what: the scope each endpoint needs, and the HTTP middleware and gRPC interceptor that check it.
+
+With bearer tokens configured, every endpoint needs a token carrying its scope except the two
+server probes, which stay open so that Kubernetes (and load balancers) can probe without a secret:
+
+=====================================================  ============================================
+HTTP                                                   scope
+=====================================================  ============================================
+``GET /v2/health/live``, ``GET /v2/health/ready``      open
+``/v2/repository/...`` (index, load, unload)           ``control``
+``GET /metrics``                                       ``metrics``
+everything else (V2 and TF Serving: inference,         ``infer``
+metadata, model readiness, config, statistics,
+and any path that does not exist)
+=====================================================  ============================================
+
+gRPC follows the same rule: ServerLive and ServerReady are open; RepositoryIndex,
+RepositoryModelLoad and RepositoryModelUnload need ``control``; every other method (including
+unknown ones) needs ``infer``.
+
+The token travels as ``Authorization: Bearer TOKEN`` (HTTP header, or gRPC metadata
+``authorization``). A request without one, or with one the server does not know, is refused with 401
+(``WWW-Authenticate: Bearer``) / UNAUTHENTICATED; a known token without the scope with 403 /
+PERMISSION_DENIED. Refusals happen before the request body is read or the request is routed, and
+their bodies are each protocol's usual error (``{"error": ...}``, a gRPC status message).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from onnxserve.errors import OnnxServeError, PermissionDeniedError, UnauthenticatedError
+from onnxserve.protocols import context
+from onnxserve.protocols.errors import GRPC_STATUS, HTTP_STATUS
+from onnxserve.protocols.http import error_response
+from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
+from onnxserve.server.tokens import Scope as TokenScope
+from onnxserve.server.tokens import TokenTable
+
+log = logging.getLogger(__name__)
+
+OPEN_HTTP_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+CONTROL_HTTP_PREFIX = "/v2/repository/"
+METRICS_HTTP_PATH = "/metrics"
+OPEN_GRPC_METHODS = frozenset({"ServerLive", "ServerReady"})
+CONTROL_GRPC_METHODS = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
+
+AUTHORIZATION = "authorization"
+REALM = 'Bearer realm="onnxserve"'
+
+_ACTIONS = {
+    TokenScope.INFER: "call inference and metadata endpoints",
+    TokenScope.CONTROL: "use the model repository (index, load, unload)",
+    TokenScope.METRICS: "read the metrics",
+}
+
+
+def http_scope(path: str) -> TokenScope | None:
+    """The scope an HTTP request for ``path`` needs; None: open to everyone."""
+    if path in OPEN_HTTP_PATHS:
+        return None
+    if path == METRICS_HTTP_PATH:
+        return TokenScope.METRICS
+    if path.startswith(CONTROL_HTTP_PREFIX) or path == CONTROL_HTTP_PREFIX.rstrip("/"):
+        return TokenScope.CONTROL
+    return TokenScope.INFER
+
+
+def grpc_scope(method: str) -> TokenScope | None:
+    """The scope a gRPC call of ``method`` (``/package.Service/Method``) needs; None: open to everyone."""
+    service, _, name = method.removeprefix("/").partition("/")
+    if service == SERVICE_NAME and name in OPEN_GRPC_METHODS:
+        return None
+    if service == SERVICE_NAME and name in CONTROL_GRPC_METHODS:
+        return TokenScope.CONTROL
+    return TokenScope.INFER
+
+
+def authorize(tokens: TokenTable, credentials: Sequence[str], needed: TokenScope) -> None:
+    """Raise UnauthenticatedError or PermissionDeniedError unless ``credentials`` (the request's
+    Authorization values) hold one bearer token with the ``needed`` scope."""
+    if not credentials:
+        raise UnauthenticatedError("this endpoint needs a bearer token: send 'authorization: Bearer TOKEN'")
+    if len(credentials) > 1:
+        raise UnauthenticatedError("send one authorization header, not several")
+    scheme, _, token = credentials[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise UnauthenticatedError("only bearer tokens are accepted: send 'authorization: Bearer TOKEN'")
+    scopes = tokens.scopes_of(token.strip())
+    if scopes is None:
+        raise UnauthenticatedError("the bearer token is not accepted")
+    if needed not in scopes:
+        raise PermissionDeniedError(f"this token may not {_ACTIONS[needed]}: that needs the scope '{needed.value}'")
+
+
+def _challenge(error: OnnxServeError, presented: bool, needed: TokenScope) -> str:
+    """The WWW-Authenticate value of a refusal (RFC 6750 section 3)."""
+    if isinstance(error, PermissionDeniedError):
+        return f'{REALM}, error="insufficient_scope", scope="{needed.value}"'
+    return f'{REALM}, error="invalid_token"' if presented else REALM
+
+
+class BearerAuthMiddleware:
+    """ASGI middleware: refuse HTTP requests whose token lacks the scope their path needs (see the module)."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenTable) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        needed = http_scope(scope["path"]) if scope["type"] == "http" else None
+        if needed is None:
+            await self.app(scope, receive, send)
+            return
+        credentials = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
+        try:
+            authorize(self.tokens, credentials, needed)
+        except (UnauthenticatedError, PermissionDeniedError) as e:
+            log.info("refused %s %s: %s", scope.get("method"), scope["path"], e.message)
+            response = error_response(e.message, HTTP_STATUS[e.kind])
+            response.headers["WWW-Authenticate"] = _challenge(e, bool(credentials), needed)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
+    """gRPC server interceptor: refuse calls whose token lacks the scope their method needs (see the module)."""
+
+    def __init__(self, tokens: TokenTable) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        needed = grpc_scope(method)
+        if needed is None:
+            return handler
+        metadata: Sequence[tuple[str, str | bytes]] = handler_call_details.invocation_metadata or ()
+        credentials = [v for k, v in metadata if k == AUTHORIZATION and isinstance(v, str)]
+        try:
+            authorize(self.tokens, credentials, needed)
+        except (UnauthenticatedError, PermissionDeniedError) as e:
+            given_id = next((v for k, v in metadata if k == context.REQUEST_ID_METADATA and isinstance(v, str)), None)
+            request_id = context.accept_request_id(given_id)
+            log.info("refused gRPC %s: %s", method, e.message, extra={"request_id": request_id})
+            return _refusal(handler, GRPC_STATUS[e.kind], e.message, request_id)
+        return handler
+
+
+def _refusal(
+    handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str, request_id: str
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind (unary or streaming) as ``handler`` that ends the call with ``code``."""
+
+    async def refuse(request: Any, grpc_context: grpc.aio.ServicerContext) -> None:
+        await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
+
+    streams_in = handler is not None and handler.request_streaming
+    streams_out = handler is not None and handler.response_streaming
+    if streams_in and streams_out:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if streams_in:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if streams_out:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
