@@ -36,7 +36,7 @@ demo: $(DEMO)
 serve: $(VENV)/.installed $(DEMO)
 	@$(PY) scripts/prepare_demo.py $(MODELS) >/dev/null
 	@echo
-	@echo "Try it (in another terminal):"
+	@echo "Open http://$(HOST):$(HTTP_PORT)/ in a browser (models, graphs, a try-it form), or try it in another terminal:"
 	@echo "  curl -s -X POST http://$(HOST):$(HTTP_PORT)/v2/models/minilm/infer -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"inputs\": [{\"name\": \"input_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [101, 7592, 2088, 102]}, {\"name\": \"attention_mask\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [1, 1, 1, 1]}, {\"name\": \"token_type_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [0, 0, 0, 0]}], \"outputs\": [{\"name\": \"sentence_embedding\"}]}'"
 	@echo

@@ -151,3 +151,30 @@ def offset_model(offset: float) -> onnx.ModelProto:
         }}
         """
     )
+
+
+def value_paced_model(name: str, size: int) -> onnx.ModelProto:
+    """y = x, after max(x) chained size x size matrix products: the client picks how long a run takes
+    (the largest input value is the number of products). A small epsilon keeps the products finite."""
+    return parse(
+        f"""
+        {name} (float[batch, 1] x) => (float[batch, 1] y) {{
+            top = ReduceMax <keepdims = 0> (x)
+            count = Cast <to = 7> (top)
+            cond = Constant <value = bool {{1}}> ()
+            shape = Constant <value = int64[2] {{{size}, {size}}}> ()
+            start = ConstantOfShape <value = float[1] {{0.001}}> (shape)
+            last = Loop(count, cond, start) <body = step (int64 i, bool c_in, float[{size}, {size}] acc)
+                => (bool c_out, float[{size}, {size}] next) {{
+                    c_out = Identity(c_in)
+                    prod = MatMul(acc, acc)
+                    eps = Constant <value = float[1] {{0.0001}}> ()
+                    next = Add(prod, eps)
+                }}>
+            total = ReduceSum <keepdims = 0> (last)
+            zero = Constant <value = float {{0.0}}> ()
+            nothing = Mul(total, zero)
+            y = Add(x, nothing)
+        }}
+        """
+    )

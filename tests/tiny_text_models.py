@@ -4,28 +4,34 @@ sentences, exported by onnxserve's own exporter: a real text model folder in a f
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 from onnxserve.toolkit.samples import SENTENCES
 
 
-def vocabulary() -> list[str]:
-    words = sorted({w for s in SENTENCES for w in re.findall(r"\w+|[^\w\s]", s.lower())})
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+def vocabulary(extra: Sequence[str] = ()) -> list[str]:
+    """The special tokens, every word of the optimizer's sample sentences, and ``extra`` words."""
+    words = {w for s in SENTENCES for w in re.findall(r"\w+|[^\w\s]", s.lower())} | set(extra)
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
 
 
-def tiny_bert_folder(folder: Path) -> Path:
-    """A Hugging Face folder: a randomly initialised BertModel and its WordPiece tokenizer."""
+def tiny_bert_folder(folder: Path, words: Sequence[str] = ()) -> Path:
+    """A Hugging Face folder: a randomly initialised BertModel and its WordPiece tokenizer (whose
+    vocabulary is ``vocabulary(words)``)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(str(folder))
+    vocab = vocabulary(words)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"))
+    assert tokenizer.convert_tokens_to_ids(vocab[-1]) != tokenizer.unk_token_id, "the vocabulary did not load"
+    tokenizer.save_pretrained(str(folder))
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(vocabulary()),
+        vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,

@@ -32,26 +32,7 @@ FOREVER = 1e9
 
 def paced_model() -> onnx.ModelProto:
     """y = x, after max(x) chained 64x64 products."""
-    return models.parse(
-        """
-        paced (float[batch, 1] x) => (float[batch, 1] y) {
-            top = ReduceMax <keepdims = 0> (x)
-            count = Cast <to = 7> (top)
-            cond = Constant <value = bool {1}> ()
-            shape = Constant <value = int64[2] {64, 64}> ()
-            start = ConstantOfShape <value = float[1] {0.01}> (shape)
-            last = Loop(count, cond, start) <body = step (int64 i, bool c_in, float[64, 64] acc)
-                => (bool c_out, float[64, 64] next) {
-                    c_out = Identity(c_in)
-                    next = MatMul(acc, acc)
-                }>
-            total = ReduceSum <keepdims = 0> (last)
-            zero = Constant <value = float {0.0}> ()
-            nothing = Mul(total, zero)
-            y = Add(x, nothing)
-        }
-        """
-    )
+    return models.value_paced_model("paced", 64)
 
 
 @pytest.fixture(scope="module")

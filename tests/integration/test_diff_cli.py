@@ -14,12 +14,11 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
-from transformers import BertConfig, BertModel, BertTokenizer
 from typer.testing import CliRunner
 
+import tiny_text_models
 from onnxserve.cli.main import app
 from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
@@ -37,21 +36,8 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 2-layer BERT (hidden 32) exported by onnxserve, optimized by ORT's transformer optimizer, and
     dynamically quantized to int8."""
     root = tmp_path_factory.mktemp("diff-bert")
-    source = root / "source"
-    source.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (source / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(vocab=str(source / "vocab.txt")).save_pretrained(str(source))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).eval().save_pretrained(str(source))
+    vocab = tiny_text_models.vocabulary(WORDS)
+    source = tiny_text_models.tiny_bert_folder(root / "source", words=WORDS)
     plain = root / "bert" / "1"
     export_huggingface(source, plain, HfExportOptions(task="feature-extraction", pooling="mean"))
     fused = root / "fused.onnx"

@@ -12,8 +12,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertModel, BertTokenizer
 
+import tiny_text_models
 from onnxserve.config import parse_config
 from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.errors import ExportError
@@ -41,23 +42,7 @@ WORDS = [
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer BERT with hidden size 32 and a small WordPiece vocabulary."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"))
-    assert tokenizer.convert_tokens_to_ids("fox") != tokenizer.unk_token_id, "the vocabulary did not load"
-    tokenizer.save_pretrained(str(folder))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).eval().save_pretrained(str(folder))
-    return folder
+    return tiny_text_models.tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"), words=WORDS)
 
 
 def no_partial_leftovers(parent: Path) -> bool:

@@ -43,28 +43,7 @@ RUN_SECONDS = 0.4
 
 def slow_value_model() -> onnx.ModelProto:
     """y = x, after max(x) chained 256x256 products (so the client chooses the run time)."""
-    return models.parse(
-        """
-        slowv (float[batch, 1] x) => (float[batch, 1] y) {
-            top = ReduceMax <keepdims = 0> (x)
-            count = Cast <to = 7> (top)
-            cond = Constant <value = bool {1}> ()
-            shape = Constant <value = int64[2] {256, 256}> ()
-            start = ConstantOfShape <value = float[1] {0.001}> (shape)
-            last = Loop(count, cond, start) <body = step (int64 i, bool c_in, float[256, 256] acc)
-                => (bool c_out, float[256, 256] next) {
-                    c_out = Identity(c_in)
-                    prod = MatMul(acc, acc)
-                    eps = Constant <value = float[1] {0.0001}> ()
-                    next = Add(prod, eps)
-                }>
-            total = ReduceSum <keepdims = 0> (last)
-            zero = Constant <value = float {0.0}> ()
-            nothing = Mul(total, zero)
-            y = Add(x, nothing)
-        }
-        """
-    )
+    return models.value_paced_model("slowv", 256)
 
 
 @cache
