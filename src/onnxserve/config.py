@@ -122,6 +122,20 @@ class ModelConfig(_Strict):
             raise ValueError(f"unsupported model_platform {value!r}; onnxserve serves {', '.join(PLATFORMS)}")
         return value
 
+    @model_validator(mode="after")
+    def _preferred_sizes_fit(self) -> ModelConfig:
+        # As Triton: a preferred size the batcher could never form is a config mistake, not a silent no-op.
+        preferred = self.dynamic_batching.preferred_batch_sizes
+        if preferred and self.max_batch_size == 0:
+            raise ValueError("dynamic_batching.preferred_batch_sizes needs batching: set max_batch_size > 0")
+        too_big = [size for size in preferred if size > self.max_batch_size]
+        if too_big:
+            raise ValueError(
+                f"dynamic_batching.preferred_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}; "
+                "a batch never grows beyond max_batch_size"
+            )
+        return self
+
     def providers(self) -> list[ExecutionProvider]:
         return [ExecutionProvider(name=p) if isinstance(p, str) else p for p in self.execution_providers]
 

@@ -258,6 +258,30 @@ def test_negative_max_batch_size(tmp_path: Path) -> None:
     assert "greater than or equal to 0" in message
 
 
+@pytest.mark.parametrize(
+    ("max_batch_size", "preferred", "words"),
+    [
+        (8, [4, 16], ["preferred_batch_sizes [16]", "exceed max_batch_size 8"]),
+        (0, [4], ["preferred_batch_sizes", "max_batch_size > 0"]),
+    ],
+)
+def test_preferred_batch_sizes_the_batcher_cannot_form(
+    tmp_path: Path, max_batch_size: int, preferred: list[int], words: list[str]
+) -> None:
+    document = _one_model(max_batch_size=max_batch_size, dynamic_batching={"preferred_batch_sizes": preferred})
+    message = _config_error(tmp_path, document)
+    assert "model_config_list[0]" in message
+    for word in words:
+        assert word in message
+
+
+def test_preferred_batch_sizes_up_to_max_batch_size_are_accepted(tmp_path: Path) -> None:
+    file = _write_json(
+        tmp_path / "config.json", _one_model(max_batch_size=8, dynamic_batching={"preferred_batch_sizes": [4, 8]})
+    )
+    assert load_config(file).model_config_list[0].dynamic_batching.preferred_batch_sizes == [4, 8]
+
+
 def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
     document = {
         "model_config_list": [
