@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.errors import InvalidInputError, ModelLoadError
-from onnxserve.toolkit import sample_inputs
+from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.node_matching import (
     QUANTIZED_SUFFIXES,
     Matching,
@@ -278,10 +278,10 @@ def _version_changes(a: onnx.ModelProto, b: onnx.ModelProto) -> list[VersionChan
     changes: list[VersionChange] = []
     if a.ir_version != b.ir_version:
         changes.append(VersionChange("ir_version", str(a.ir_version), str(b.ir_version)))
-    a_ops = {o.domain or "ai.onnx": o.version for o in a.opset_import}
-    b_ops = {o.domain or "ai.onnx": o.version for o in b.opset_import}
+    a_ops, b_ops = model_header.opsets(a), model_header.opsets(b)
     # Optimizers import every domain they know; a domain no node uses is listed apart, on one line.
-    used = {"ai.onnx"} | {n.domain or "ai.onnx" for m in (a, b) for n in m.graph.node}
+    default = model_header.DEFAULT_DOMAIN
+    used = {default} | {n.domain or default for m in (a, b) for n in m.graph.node}
     unused: tuple[list[str], list[str]] = ([], [])
     for domain in sorted(set(a_ops) | set(b_ops)):
         va, vb = a_ops.get(domain), b_ops.get(domain)
@@ -296,8 +296,7 @@ def _version_changes(a: onnx.ModelProto, b: onnx.ModelProto) -> list[VersionChan
             unused[1].extend([f"{domain} {vb}"] if vb is not None else [])
     if unused != ([], []):
         changes.append(VersionChange("opsets no node uses", ", ".join(unused[0]) or None, ", ".join(unused[1]) or None))
-    pa = f"{a.producer_name} {a.producer_version}".strip()
-    pb = f"{b.producer_name} {b.producer_version}".strip()
+    pa, pb = model_header.producer(a), model_header.producer(b)
     if pa != pb:
         changes.append(VersionChange("producer", pa or None, pb or None))
     return changes

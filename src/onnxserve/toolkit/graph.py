@@ -35,6 +35,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxserve.errors import InvalidInputError
+from onnxserve.toolkit import model_header
 
 FORMAT = "onnxserve.graph/1"
 HISTOGRAM_BINS = 20
@@ -193,8 +194,8 @@ def build_graph(
     return GraphDocument(
         name=graph.name,
         ir_version=model.ir_version,
-        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
-        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        producer=model_header.producer(model),
+        opsets=model_header.opsets(model),
         metadata={p.key: p.value for p in model.metadata_props},
         inputs=inputs,
         outputs=outputs,

@@ -36,6 +36,7 @@ import onnx
 from onnxserve.core.pipeline import PIPELINE_FILENAME, PipelineSpec
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.errors import InvalidInputError
+from onnxserve.toolkit import model_header
 from onnxserve.toolkit.graph import Dim, ValueInfo, load_model, value_info
 
 DEFAULT_DIM = 1
@@ -158,11 +159,11 @@ def inspect_model(path: Path, *, shapes: Sequence[str] = ()) -> InspectReport:
     request = parse_shapes(shapes, inputs)
     spec = PipelineSpec.read(location.folder) if location.folder is not None else None
     parameters, parameter_bytes = parameter_size(model)
-    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p)
+    producer = model_header.producer(model)
     return InspectReport(
         file=str(location.file),
         ir_version=model.ir_version,
-        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        opsets=model_header.opsets(model),
         producer=producer,
         graph_name=model.graph.name,
         doc_string=model.doc_string or model.graph.doc_string,

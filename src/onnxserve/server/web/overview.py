@@ -25,6 +25,7 @@ from onnxserve.core.service import IndexEntry, InferenceService
 from onnxserve.core.types import TensorSpec
 from onnxserve.errors import ModelLoadError, ModelNotFoundError
 from onnxserve.protocols.public_errors import redact_paths
+from onnxserve.toolkit import model_header
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,8 @@ def _read_header(path: str, mtime_ns: int, size: int) -> OnnxHeader:
         raise ModelLoadError(f"{path}: cannot read the model file: {e}") from None
     return OnnxHeader(
         ir_version=int(model.ir_version),
-        opsets=tuple((o.domain or "ai.onnx", int(o.version)) for o in model.opset_import),
-        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        opsets=tuple(model_header.opsets(model).items()),
+        producer=model_header.producer(model),
         graph_name=model.graph.name,
         doc_string=model.doc_string or model.graph.doc_string,
         properties=tuple((p.key, p.value) for p in model.metadata_props),
