@@ -107,3 +107,14 @@ def collect_tritonclients() -> Iterator[None]:
     gc.collect()
     yield
     gc.collect()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    """Debian's chromium, which Playwright drives (its own browser download does not work here)."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (make system-deps installs it when run as root)")
+    return str(CHROMIUM)

@@ -212,7 +212,9 @@ def test_samples_in_json_are_cast_to_the_model_types(bert: dict[str, Path], tmp_
 
 
 @pytest.mark.browser
-def test_diff_page_in_a_browser_shows_the_mapping(bert: dict[str, Path], tmp_path: Path) -> None:
+def test_diff_page_in_a_browser_shows_the_mapping(
+    bert: dict[str, Path], tmp_path: Path, chromium_executable: str
+) -> None:
     from playwright.sync_api import sync_playwright
 
     page_file = tmp_path / "diff.html"
@@ -222,7 +224,7 @@ def test_diff_page_in_a_browser_shows_the_mapping(bert: dict[str, Path], tmp_pat
     first_fused = next(n.name for n in fused.graph.node if n.op_type == "SkipLayerNormalization")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(page_file.as_uri())

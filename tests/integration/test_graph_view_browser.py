@@ -27,11 +27,11 @@ FLOAT = onnx.TensorProto.FLOAT
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def browser(chromium_executable: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        chromium = playwright.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
         yield chromium
         chromium.close()
 

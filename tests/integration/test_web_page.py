@@ -497,7 +497,9 @@ def _screenshot(page: Any, name: str) -> None:
 
 
 @pytest.mark.browser
-def test_web_page_in_a_browser(demo_server: RunningServer, demo_repository: Path, web_server: RunningServer) -> None:
+def test_web_page_in_a_browser(
+    demo_server: RunningServer, demo_repository: Path, web_server: RunningServer, chromium_executable: str
+) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     demo_nodes = len(onnx.load(demo_repository / "minilm" / "1" / "model.onnx", load_external_data=False).graph.node)
@@ -508,7 +510,7 @@ def test_web_page_in_a_browser(demo_server: RunningServer, demo_repository: Path
     ).json()["outputs"][0]
     errors: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("pageerror", lambda e: errors.append(str(e)))
         expected = "Failed to load resource: the server responded with a status of 400"  # the refused request below
