@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from hostile_pickle import Payload
 from onnxserve.config import parse_config
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
@@ -28,16 +28,6 @@ from onnxserve.toolkit.export.inputs import parse_input_spec
 from onnxserve.toolkit.export.sklearn import SklearnExportOptions, export_sklearn
 
 TRUSTED = SklearnExportOptions(trust_pickle=True)
-
-
-class Payload:
-    """Unpickling this makes a directory: proof that a refused file ran no code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.mkdir, (str(self.marker),)
 
 
 @pytest.fixture(scope="module")

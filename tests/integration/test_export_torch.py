@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from hostile_pickle import Payload
 from onnxserve.config import parse_config
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
@@ -71,16 +71,6 @@ def pair() -> Pair:
 '''
 
 IMAGE = parse_input_spec("image:batch,3,32,32:float32")
-
-
-class Payload:
-    """Unpickling this makes a directory: proof that a refused checkpoint ran no code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return os.mkdir, (str(self.marker),)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import sample_inputs
 from onnxserve.toolkit.diff import diff_models, load_model
-from onnxserve.toolkit.node_matching import node_ids
+from onnxserve.toolkit.graph import node_ids
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 3)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_quantized_weights_map_back_to_the_float_nodes(tmp_path: Path) -> None:
     quantized = load_model(tmp_path / "int8.onnx")
 
     diff = diff_models(load_model(tmp_path / "plain.onnx"), quantized)
-    ids = node_ids(quantized.graph)
+    ids = node_ids(quantized.graph.node)
     added = {n.id for n in diff.nodes_added}
     assert added == {ids[k] for k, node in enumerate(quantized.graph.node) if node.name not in ("act",)}
     assert [n.id for n in diff.nodes_removed] == ["proj"]

@@ -27,13 +27,13 @@ from onnx import numpy_helper
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import model_header, sample_inputs
+from onnxserve.toolkit.graph import node_ids
 from onnxserve.toolkit.node_matching import (
     QUANTIZED_SUFFIXES,
     Matching,
     attribute_text,
     attributes_of,
     match_graphs,
-    node_ids,
     tensor_digest,
 )
 
@@ -265,7 +265,7 @@ def diff_models(
 
 
 def _refs(graph: onnx.GraphProto) -> list[NodeRef]:
-    ids = node_ids(graph)
+    ids = node_ids(graph.node)
     return [NodeRef(ids[n], node.op_type, node.domain) for n, node in enumerate(graph.node)]
 
 

@@ -326,8 +326,10 @@ def _scopes(text: str) -> str | None:
     return "/".join(parts)
 
 
-def _nodes(protos: Iterable[onnx.NodeProto]) -> list[Node]:
-    nodes: list[Node] = []
+def node_ids(protos: Iterable[onnx.NodeProto]) -> list[str]:
+    """The document's name of each node: its own name, or ``OPTYPE_INDEX`` for a nameless or repeated
+    one (or one that looks like a graph input/output id). ``onnxserve diff`` uses the same ids."""
+    ids: list[str] = []
     seen: set[str] = set()
     for index, proto in enumerate(protos):
         name = proto.name
@@ -336,6 +338,14 @@ def _nodes(protos: Iterable[onnx.NodeProto]) -> list[Node]:
             while name in seen:
                 name += "_"
         seen.add(name)
+        ids.append(name)
+    return ids
+
+
+def _nodes(protos: Iterable[onnx.NodeProto]) -> list[Node]:
+    nodes: list[Node] = []
+    protos = list(protos)
+    for name, proto in zip(node_ids(protos), protos, strict=True):
         nodes.append(
             Node(
                 name=name,

@@ -39,25 +39,6 @@ SourceKey = tuple[str, str | int, int]
 name, 0), (``"init"``, A initializer name, 0) or (``"none"``, "", 0) for an omitted optional input."""
 
 
-def node_ids(graph: onnx.GraphProto) -> list[str]:
-    """A unique id per node: its name, or ``OPTYPE_INDEX`` for a nameless or repeated one.
-
-    The same rule as the graph document's node names (:mod:`onnxserve.toolkit.graph`), so a diff's
-    node ids can be looked up in ``onnxserve inspect --format json`` and highlighted in its views.
-    """
-    ids: list[str] = []
-    seen: set[str] = set()
-    for index, node in enumerate(graph.node):
-        name = node.name
-        if not name or name in seen or name.startswith(("input:", "output:")):
-            name = f"{node.op_type}_{index}"
-            while name in seen:
-                name += "_"
-        seen.add(name)
-        ids.append(name)
-    return ids
-
-
 @dataclass
 class GraphIndex:
     """Lookups over one top-level graph."""
