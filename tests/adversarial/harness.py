@@ -1,0 +1,109 @@
+"""A real server process under a memory cap, for the adversarial suite (tests/adversarial/).
+
+``CappedServer`` starts ``onnxserve serve`` in a subprocess whose address space is capped (``prlimit``
+via ``resource.setrlimit`` in the child), learns both ports from the start-up log, and gives the attack
+tests what they assert on: is it alive, how long does a probe take, how much memory does it hold.
+Only loopback addresses are ever used.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+import requests
+
+ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
+HTTP_LINE = re.compile(r"HTTP \(.*\) on https?://([\d.]+):(\d+)")
+GRPC_LINE = re.compile(r"gRPC \(KServe V2\) on ([\d.]+):(\d+)")
+DEFAULT_CAP_BYTES = 6 * 1024**3
+
+
+class CappedServer:
+    """``onnxserve serve ARGS`` on ephemeral loopback ports, its address space capped at ``cap_bytes``."""
+
+    def __init__(self, args: Sequence[str], cap_bytes: int = DEFAULT_CAP_BYTES, start_timeout: float = 90) -> None:
+        def cap() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+
+        command = [*ONNXSERVE, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *args]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
+        self.log_lines: list[str] = []
+        self.http_url = ""
+        self.grpc_target = ""
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline and not (self.http_url and self.grpc_target):
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.log_lines.append(line)
+            if match := HTTP_LINE.search(line):
+                self.http_url = f"http://{match.group(1)}:{match.group(2)}"
+            if match := GRPC_LINE.search(line):
+                self.grpc_target = f"{match.group(1)}:{match.group(2)}"
+        if not (self.http_url and self.grpc_target):
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.log_lines))
+        # Keep draining stderr so a chatty server never blocks on a full pipe.
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log_lines.append(line)
+
+    @property
+    def host(self) -> str:
+        return self.http_url.split("//")[1].split(":")[0]
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_url.rsplit(":", 1)[1])
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.grpc_target.rsplit(":", 1)[1])
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def rss_bytes(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def probe_seconds(self, path: str = "/v2/health/ready", timeout: float = 10) -> float:
+        """Seconds one fresh-connection GET of ``path`` took; raises if it did not answer 200."""
+        started = time.perf_counter()
+        response = requests.get(self.http_url + path, timeout=timeout)
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        return elapsed
+
+    def log(self) -> str:
+        return "".join(self.log_lines)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def __enter__(self) -> CappedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_capped(repository: Path, *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> CappedServer:
+    """``CappedServer`` over a model repository folder."""
+    return CappedServer(["--model-repository", str(repository), *extra], cap_bytes=cap_bytes)
