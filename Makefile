@@ -76,7 +76,7 @@ SOAK_MINUTES ?= 10
 soak: $(VENV)/.installed-dev
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
-# The demo model plain / fused / int8 / fused + int8 and what `onnxserve tune` picks (README "Optimizing for this machine").
+# The demo model plain / fused / int8 / fused + int8 and what `onnxserve tune` picks (docs/optimize.md, "Measured: the demo model on this machine").
 bench-optimize: $(VENV)/.installed $(DEMO)
 	$(PY) -m bench.optimize
 
