@@ -93,7 +93,7 @@ def _param_default(param: Any) -> str:
     if isinstance(default, enum.Enum):
         default = default.value
     if isinstance(default, bool) and getattr(param, "secondary_opts", None):
-        return param.opts[0] if default else param.secondary_opts[0]
+        return str(param.opts[0] if default else param.secondary_opts[0])
     return code(str(default))
 
 
@@ -186,7 +186,7 @@ def _field_comments(model: type[BaseModel]) -> dict[str, str]:
         while previous in comments and source_lines[previous - 1].strip().startswith("#"):
             above.insert(0, comments[previous])
             previous -= 1
-        parts = [*above, *([comments[number]] if number in comments and number not in above else [])]
+        parts = [*above, *([comments[number]] if number in comments else [])]
         found[name] = " ".join(parts)
     return found
 
