@@ -46,7 +46,7 @@ COMMAND = "python scripts/generate_reference.py"
 
 def cell(text: str) -> str:
     """Text for one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;")
 
 
 def code(text: str) -> str:
@@ -93,7 +93,7 @@ def _param_default(param: Any) -> str:
     if isinstance(default, enum.Enum):
         default = default.value
     if isinstance(default, bool) and getattr(param, "secondary_opts", None):
-        return str(param.opts[0] if default else param.secondary_opts[0])
+        return code(str(param.opts[0] if default else param.secondary_opts[0]))
     return code(str(default))
 
 
