@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: serve test check lint types format clean install install-dev demo system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak
+.PHONY: serve test check lint types format clean install install-dev demo docs reference system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak
 
 # torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
 TORCH := torch==2.13.0
@@ -76,7 +76,7 @@ SOAK_MINUTES ?= 10
 soak: $(VENV)/.installed-dev
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
-# The demo model plain / fused / int8 / fused + int8 and what `onnxserve tune` picks (README "Optimizing for this machine").
+# The demo model plain / fused / int8 / fused + int8 and what `onnxserve tune` picks (docs/optimize.md, "Measured: the demo model on this machine").
 bench-optimize: $(VENV)/.installed $(DEMO)
 	$(PY) -m bench.optimize
 
@@ -117,5 +117,13 @@ format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix src tests scripts bench
 	$(VENV)/bin/ruff format src tests scripts bench
 
+# The documentation site (mkdocs.yml, docs/): built with --strict into site/ (git-ignored); a broken
+# link or anchor fails the build. `make reference` regenerates docs/reference/ from the code.
+docs: $(VENV)/.installed-dev
+	$(VENV)/bin/mkdocs build --strict
+
+reference: $(VENV)/.installed-dev
+	$(PY) scripts/generate_reference.py
+
 clean:
-	rm -rf $(VENV) $(MODELS) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS) site .pytest_cache .mypy_cache .ruff_cache

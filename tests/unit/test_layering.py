@@ -1,4 +1,5 @@
-"""The layering rule of DESIGN.md, enforced: core/ knows nothing of transports or upper layers."""
+"""The layering rule of docs/architecture.md ("The layers"), enforced: core/ knows nothing of transports or
+upper layers, and protocols never reach ONNX Runtime."""
 
 from __future__ import annotations
 
