@@ -37,7 +37,7 @@ TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class Scope(enum.Enum):
-    """What a token may do (see the README's "Authentication and TLS" for the endpoints of each)."""
+    """What a token may do (see "Authentication and TLS" in docs/security.md for the endpoints of each)."""
 
     INFER = "infer"  # inference, metadata, model readiness and configuration, statistics
     CONTROL = "control"  # the model repository: index, load, unload
