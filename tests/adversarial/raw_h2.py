@@ -91,7 +91,7 @@ class RawGrpcConnection:
                 break
             window = min(window, self.h2.max_outbound_frame_size)
             if window <= 0:
-                self.pump(0.2)
+                self.pump(0.2, once=True)
                 continue
             if not pending:
                 take = min(payload_left, len(chunk))
@@ -113,7 +113,7 @@ class RawGrpcConnection:
         while data and not self.closed and not self.calls[stream_id].ended:
             window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)
             if window <= 0:
-                self.pump(0.2)
+                self.pump(0.2, once=True)
                 continue
             self.h2.send_data(stream_id, data[:window])
             data = data[window:]
@@ -122,8 +122,8 @@ class RawGrpcConnection:
             self.h2.end_stream(stream_id)
             self.flush()
 
-    def pump(self, seconds: float) -> None:
-        """Read and handle what the server sends for up to ``seconds``."""
+    def pump(self, seconds: float, once: bool = False) -> None:
+        """Read and handle what the server sends for up to ``seconds`` (``once``: until something came)."""
         stop = time.monotonic() + seconds
         while not self.closed:
             left = stop - time.monotonic()
@@ -148,6 +148,8 @@ class RawGrpcConnection:
             for event in events:
                 self._handle(event)
             self.flush()
+            if once:
+                return
 
     def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):

@@ -42,6 +42,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from onnxserve.config import ServerSettings
 from onnxserve.protocols import context
 from onnxserve.protocols.inflight import InflightBytes, over_budget
+from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ BUDGET_WAIT_SECONDS = 1.0
 """How long a gRPC call waits for room in the in-flight budget before RESOURCE_EXHAUSTED."""
 
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
+"""Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,10 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 1),
+        # No bandwidth-delay probing: it grows every stream's window to megabytes, so a call that is
+        # never read (a refused one) could still make grpc accept that much. Without it a stream holds
+        # one initial window until its message is asked for; grpc then opens the window to the message.
+        ("grpc.http2.bdp_probe", 0),
     ]
     if settings.grpc_max_connection_idle > 0:
         options.append(("grpc.max_connection_idle_ms", int(settings.grpc_max_connection_idle * 1000)))
@@ -251,7 +259,8 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
     *streaming-request* handler instead, which reserves ``max_message_bytes`` of the in-flight budget
     (waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message within
     ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), keeps only the size that
-    arrived reserved, and calls the original handler with it. Streaming-request methods pass through.
+    arrived reserved, and calls the original handler with it. ``UNREAD_METHODS`` (the server probes)
+    are answered without receiving their (empty) message. Streaming-request methods pass through.
     """
 
     def __init__(self, budget: InflightBytes, max_message_bytes: int, timeout: float) -> None:
@@ -266,6 +275,15 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         if handler is None or handler.request_streaming:
             return handler
         deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
+        if handler_call_details.method in UNREAD_METHODS and not handler.response_streaming:
+            empty_behaviour: Behaviour = handler.unary_unary
+
+            async def answer_unread(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+                return await empty_behaviour(deserialize(b"") if deserialize is not None else b"", ctx)
+
+            return grpc.stream_unary_rpc_method_handler(
+                answer_unread, request_deserializer=deserialize, response_serializer=handler.response_serializer
+            )
 
         def sized(raw: bytes) -> tuple[int, Any]:
             return len(raw), deserialize(raw) if deserialize is not None else raw
