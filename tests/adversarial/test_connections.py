@@ -8,6 +8,7 @@ attackers get the documented refusal (docs/limits.md). The ``long`` versions ope
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import selectors
 import socket
@@ -76,7 +77,9 @@ def read_answer(sock: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -139,10 +142,8 @@ def test_slowloris_heads_are_answered_408_and_closed(server: CappedServer, socke
     started = time.monotonic()
     while time.monotonic() - started < HEADER_TIMEOUT + 1:
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):  # one the server already closed
                 sock.send(b"X")
-            except OSError:
-                pass
         check_still_serving(server, rss_before)
         time.sleep(0.2)
     closed, said = closed_by_server(sockets, HEADER_TIMEOUT + 5)
@@ -172,7 +173,9 @@ def test_stalled_bodies_hold_at_most_the_budget(server: CappedServer, sockets: l
     for path in ["/v2/models/add/infer"] * 5 + ["/v1/models/add:predict"]:
         sock = socket.create_connection((server.host, server.http_port), timeout=5)
         sockets.append(sock)
-        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+        )
         sock.sendall(head.encode("ascii"))
         sock.settimeout(0.3)
         try:  # a refused one is answered before its body is read
@@ -233,7 +236,7 @@ def test_idle_connection_flood_at_the_default_cap(numeric_repository: Path) -> N
 def test_slowloris_and_silent_thousands(server: CappedServer, sockets: list[socket.socket]) -> None:
     allow_open_files(2200)
     rss_before = server.rss_bytes()
-    for start in range(0, 2000, 200):
+    for _ in range(10):
         batch = open_sockets(server, 200)
         for sock in batch[::2]:
             sock.send(b"GET /v2/health/ready HTTP/1.1\r\nHo")

@@ -219,9 +219,7 @@ def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | Non
         signal.signal(signum, lambda *_: None)
     loop = _new_loop()
     try:
-        loop.run_until_complete(
-            _serve(service, settings, http, http_socket, announce, metrics, exposure, budget)
-        )
+        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics, exposure, budget))
     finally:
         loop.close()
         service.close()
