@@ -199,6 +199,29 @@ def test_stalled_bodies_hold_at_most_the_budget(server: CappedServer, sockets: l
     check_still_serving(server, rss_before)
 
 
+def test_anonymous_bodies_are_refused_unread(numeric_repository: Path, tmp_path: Path) -> None:
+    """With --auth-tokens, a large body without a token is answered 401 before it is read."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("adversarial-infer-token-0123456789 infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, *FAST, "--auth-tokens", str(tokens)) as capped:
+        rss_before = capped.rss_bytes()
+        opened = []
+        try:
+            for _ in range(20):
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
+                opened.append(sock)
+                head = f"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_REQUEST - 1}\r\n\r\n"
+                sock.sendall(head.encode("ascii") + b" " * 4096)
+                assert read_answer(sock).startswith(b"HTTP/1.1 401 ")
+            assert capped.alive()
+            assert capped.probe_seconds() < PROBE_BOUND
+            assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+        finally:
+            for sock in opened:
+                sock.close()
+
+
 def _established(server: CappedServer) -> int:
     connections = psutil.Process(server.process.pid).net_connections(kind="tcp")
     return sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port)

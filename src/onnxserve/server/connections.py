@@ -131,7 +131,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if isinstance(c, GuardedHttpProtocol) and c is not self and not c._busy() and not c.transport.is_closing()
         ]
         if not idle:
-            log.warning("refused a connection: all %d open connections are busy (--max-connections)", len(idle))
+            log.warning(
+                "refused a connection: all %d open ones are busy (--max-connections)", len(self.connections) - 1
+            )
             self.transport.close()
             return
         oldest = min(idle, key=lambda c: c.opened_at)
