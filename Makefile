@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: serve test check lint types format clean install install-dev demo docs reference system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak
+.PHONY: serve test check lint types format clean install install-dev demo docs reference system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak redteam
 
 # torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
 TORCH := torch==2.13.0
@@ -103,6 +103,10 @@ test: $(VENV)/.installed-dev system-deps deploy-deps
 # The long fuzz run (tests/integration/test_fuzz.py, marker `long`): 11,000 hostile requests against a real server.
 fuzz: $(VENV)/.installed-dev
 	$(VENV)/bin/pytest -m long -s -q tests/integration/test_fuzz.py
+
+# The hostile-client suite (tests/adversarial/): its quick part runs in `make test`; this adds the `long` attacks.
+redteam: $(VENV)/.installed-dev
+	$(VENV)/bin/pytest -m 'long or not long' -q tests/adversarial
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests scripts bench

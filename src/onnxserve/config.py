@@ -218,6 +218,16 @@ class ServerSettings(_Strict):
     inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, cpu_budget()))
     grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     max_request_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024  # HTTP bodies, after decompression
+    # Connection limits and timeouts (onnxserve.server.connections; docs/limits.md).
+    max_inflight_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024  # request bytes held at once; 0: no limit
+    max_connections: Annotated[int, Field(ge=1)] = 1000  # open connections per port
+    header_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds to send a request head / HTTP/2 handshake
+    body_timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds to send a body / gRPC request message
+    keep_alive_timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds an HTTP connection may idle between requests
+    grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = 100  # per gRPC connection
+    grpc_max_connection_idle: Annotated[float, Field(ge=0)] = 300.0  # seconds without a call; 0: no limit
+    grpc_max_connection_age: Annotated[float, Field(ge=0)] = 0.0  # seconds a gRPC connection may live; 0: no limit
+    grpc_max_connection_age_grace: Annotated[float, Field(ge=0)] = 30.0  # for its open calls, after the age
     model_control_mode: Literal["none", "poll", "explicit"] = "none"
     repository_poll_secs: Annotated[float, Field(gt=0)] = 15.0
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start-up ("*": all)

@@ -99,6 +99,39 @@ def serve(
     grpc_max_message_bytes: Annotated[
         int, typer.Option(help="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above).")
     ] = 64 * 1024 * 1024,
+    max_inflight_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Request bytes held at once, HTTP bodies and gRPC messages together (503 / TF Serving 429 / "
+            "RESOURCE_EXHAUSTED above, with Retry-After); 0: no limit."
+        ),
+    ] = 256 * 1024 * 1024,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            help="Open connections per port; past it HTTP closes the oldest idle connection (probes always get in)."
+        ),
+    ] = 1000,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client has to send an HTTP request head or the gRPC handshake (408).")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED)."),
+    ] = 60.0,
+    keep_alive_timeout: Annotated[
+        float, typer.Option(help="Seconds an HTTP connection may stay idle between requests.")
+    ] = 5.0,
+    grpc_max_concurrent_streams: Annotated[int, typer.Option(help="Open calls per gRPC connection.")] = 100,
+    grpc_max_connection_idle: Annotated[
+        float, typer.Option(help="Seconds a gRPC connection may stay without calls before GOAWAY; 0: no limit.")
+    ] = 300.0,
+    grpc_max_connection_age: Annotated[
+        float, typer.Option(help="Seconds a gRPC connection may live before GOAWAY; 0: no limit.")
+    ] = 0.0,
+    grpc_max_connection_age_grace: Annotated[
+        float, typer.Option(help="Seconds the open calls of an aged gRPC connection get to finish.")
+    ] = 30.0,
 ) -> None:
     """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
     import os
@@ -134,6 +167,15 @@ def serve(
                 "request_timeout": request_timeout,
                 "max_request_bytes": max_request_bytes,
                 "grpc_max_message_bytes": grpc_max_message_bytes,
+                "max_inflight_bytes": max_inflight_bytes,
+                "max_connections": max_connections,
+                "header_timeout": header_timeout,
+                "body_timeout": body_timeout,
+                "keep_alive_timeout": keep_alive_timeout,
+                "grpc_max_concurrent_streams": grpc_max_concurrent_streams,
+                "grpc_max_connection_idle": grpc_max_connection_idle,
+                "grpc_max_connection_age": grpc_max_connection_age,
+                "grpc_max_connection_age_grace": grpc_max_connection_age_grace,
                 **({"inference_threads": inference_threads} if inference_threads else {}),
             }
         )

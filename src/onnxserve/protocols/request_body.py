@@ -13,6 +13,12 @@ Every POST passes through :class:`RequestBodyLimits` before any endpoint sees it
   the limit is answered 413 before a byte is read; a chunked (or lying) body is counted as it arrives
   and answered 413 at limit + 1, without buffering the rest (the server reads and drops it).
 
+- **Memory in flight.** With an :class:`~onnxserve.protocols.inflight.InflightBytes` budget, the
+  body's ``Content-Length`` is reserved before a byte is read, and a chunked or compressed body
+  reserves as its decoded size grows; the reservation is released when the request has been answered.
+  A body that does not fit is answered at once with 503 (429 on TF Serving's ``/v1/`` routes, its
+  convention for RESOURCE_EXHAUSTED) and ``Retry-After``.
+
 The endpoint then sees the decoded body as if it had been sent plain (``Content-Encoding`` removed,
 ``Content-Length`` its decoded size).
 """
@@ -27,7 +33,10 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from onnxserve.errors import ErrorKind
+from onnxserve.protocols.errors import HTTP_STATUS, TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import error_response
+from onnxserve.protocols.inflight import InflightBytes, over_budget
 
 log = logging.getLogger(__name__)
 
@@ -124,28 +133,65 @@ class _Inflater:
             raise HTTPException(400, f"the {self.encoding} request body ends before its compressed data does")
 
 
+TFSERVING_PREFIX = "/v1/"
+
+
+class _Reservation:
+    """The bytes one request holds in the in-flight budget (none without a budget)."""
+
+    def __init__(self, budget: InflightBytes | None, path: str) -> None:
+        self.budget = budget
+        self.path = path
+        self.held = 0
+
+    def grow_to(self, size: int) -> None:
+        """Hold at least ``size`` bytes; 503 (429 on TF Serving routes) when the budget has no room."""
+        if self.budget is None or size <= self.held:
+            return
+        if not self.budget.reserve(size - self.held):
+            table = TFSERVING_HTTP_STATUS if self.path.startswith(TFSERVING_PREFIX) else HTTP_STATUS
+            raise HTTPException(table[ErrorKind.RESOURCE_EXHAUSTED], over_budget(self.budget.limit).message)
+        self.held = size
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.release(self.held)
+        self.held = 0
+
+
 class RequestBodyLimits:
     """ASGI middleware: checks and reads every POST body (see the module docstring), then hands it on."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_BYTES, budget: InflightBytes | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        reservation = _Reservation(self.budget, scope["path"])
+        try:
+            await self._checked(scope, receive, send, reservation)
+        finally:
+            reservation.release()
+
+    async def _checked(self, scope: Scope, receive: Receive, send: Send, reservation: _Reservation) -> None:
         headers = Headers(scope=scope)
         try:
             check_media_type(headers)
             encoding = content_encoding(headers)
             declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                raise _too_large(self.max_bytes, False)
-            body = await self._read(receive, encoding)
+            if declared is not None and declared.isdigit():
+                if int(declared) > self.max_bytes:
+                    raise _too_large(self.max_bytes, False)
+                reservation.grow_to(int(declared))
+            body = await self._read(receive, encoding, reservation)
         except HTTPException as refusal:
             log.info("refused %s %s: %s", scope["method"], scope["path"], refusal.detail)
-            await error_response(refusal.detail, refusal.status_code)(scope, receive, send)
+            busy = refusal.status_code in (HTTP_STATUS[ErrorKind.RESOURCE_EXHAUSTED], 429)
+            await error_response(refusal.detail, refusal.status_code, retry_after=busy)(scope, receive, send)
             return
         if body is None:
             return  # the client went away while sending; nobody to answer
@@ -162,7 +208,7 @@ class RequestBodyLimits:
 
         await self.app(decoded_scope, replay, send)
 
-    async def _read(self, receive: Receive, encoding: str | None) -> bytes | None:
+    async def _read(self, receive: Receive, encoding: str | None, reservation: _Reservation) -> bytes | None:
         """The whole (decoded) body, refused at limit + 1; None when the client disconnected."""
         inflater = _Inflater(encoding) if encoding is not None else None
         chunks: list[bytes] = []
@@ -180,6 +226,7 @@ class RequestBodyLimits:
             decoded += len(chunk)
             if decoded > self.max_bytes:
                 raise _too_large(self.max_bytes, True)
+            reservation.grow_to(decoded)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

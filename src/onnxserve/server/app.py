@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
 from onnxserve.protocols.http import RequestIdMiddleware, error_response
+from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.request_body import DEFAULT_MAX_BYTES, RequestBodyLimits
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
@@ -44,11 +45,13 @@ def create_app(
     metrics: Metrics | None = None,
     tokens: TokenTable | None = None,
     max_request_bytes: int = DEFAULT_MAX_BYTES,
+    budget: InflightBytes | None = None,
 ) -> Starlette:
     """Every HTTP endpoint; with ``metrics``, also ``/metrics``, and requests that never reached a model counted.
 
     With ``tokens`` every endpoint but the health probes needs a bearer token (``onnxserve.server.auth``).
-    Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed).
+    Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed;
+    held within ``budget``, the request bytes in flight shared with gRPC, when one is given).
     """
     unreached = metrics.unreached if metrics is not None else None
     routes = [*v2_rest.routes(service, unreached), *tfserving_rest.routes(service, unreached)]
@@ -61,6 +64,6 @@ def create_app(
         middleware=[
             Middleware(RequestIdMiddleware),  # outermost: refusals carry X-Request-ID too
             *([Middleware(BearerAuthMiddleware, tokens=tokens)] if tokens is not None else []),
-            Middleware(RequestBodyLimits, max_bytes=max_request_bytes),  # size, encoding, media type
+            Middleware(RequestBodyLimits, max_bytes=max_request_bytes, budget=budget),  # size, encoding, media type
         ],
     )

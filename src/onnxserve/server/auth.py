@@ -21,8 +21,9 @@ unknown ones) needs ``infer``.
 The token travels as ``Authorization: Bearer TOKEN`` (HTTP header, or gRPC metadata
 ``authorization``). A request without one, or with one the server does not know, is refused with 401
 (``WWW-Authenticate: Bearer``) / UNAUTHENTICATED; a known token without the scope with 403 /
-PERMISSION_DENIED. Refusals happen before the request body is read or the request is routed, and
-their bodies are each protocol's usual error (``{"error": ...}``, a gRPC status message).
+PERMISSION_DENIED. Refusals happen before the request body is read or the request is routed (over
+gRPC: before the request message is received, see ``_refusal``), and their bodies are each
+protocol's usual error (``{"error": ...}``, a gRPC status message).
 """
 
 from __future__ import annotations
@@ -161,17 +162,18 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
 def _refusal(
     handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str, request_id: str
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind (unary or streaming) as ``handler`` that ends the call with ``code``."""
+    """A handler that ends the call with ``code`` without reading a byte of its request.
 
-    async def refuse(request: Any, grpc_context: grpc.aio.ServicerContext) -> None:
+    It is always a *streaming-request* handler, whatever ``handler`` is: for a unary request grpc
+    would first receive the whole message (up to the message size limit) and only then call us, so
+    an anonymous client could make the server buffer it. A streaming handler that never iterates its
+    requests lets the call end (trailers, then RST_STREAM) with at most one flow-control window read.
+    The response side keeps ``handler``'s kind, so the client's stub sees an ordinary status.
+    """
+
+    async def refuse(requests: Any, grpc_context: grpc.aio.ServicerContext) -> None:
         await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
 
-    streams_in = handler is not None and handler.request_streaming
-    streams_out = handler is not None and handler.response_streaming
-    if streams_in and streams_out:
+    if handler is not None and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)
-    if streams_in:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    if streams_out:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)

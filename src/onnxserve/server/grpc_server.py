@@ -8,8 +8,10 @@ from onnxserve.config import ServerSettings
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
 from onnxserve.protocols.context import RequestHook
+from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
+from onnxserve.server.connections import MessageReception, grpc_options
 from onnxserve.server.exposure import Exposure
 
 
@@ -18,23 +20,25 @@ def create_grpc_server(
     settings: ServerSettings,
     record_unreached: RequestHook | None = None,
     exposure: Exposure | None = None,
+    budget: InflightBytes | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got.
 
     ``record_unreached`` hears of inference requests that failed before reaching a model (metrics).
-    ``exposure`` adds bearer-token checks and TLS (default: open, plain text).
+    ``exposure`` adds bearer-token checks and TLS (default: open, plain text). ``budget``: the request
+    bytes in flight, shared with HTTP (default: one of ``settings.max_inflight_bytes`` for gRPC alone).
+    Connection limits and message reception: ``onnxserve.server.connections``.
     """
     if exposure is None:
         exposure = Exposure()
-    limit = settings.grpc_max_message_bytes
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ],
-        interceptors=[BearerAuthInterceptor(exposure.tokens)] if exposure.tokens is not None else None,
+    if budget is None:
+        budget = InflightBytes(settings.max_inflight_bytes)
+    # The auth check comes first, so a refused call is never received (see onnxserve.server.auth).
+    interceptors: list[grpc.aio.ServerInterceptor] = (
+        [BearerAuthInterceptor(exposure.tokens)] if exposure.tokens is not None else []
     )
+    interceptors.append(MessageReception(budget, settings.grpc_max_message_bytes, settings.body_timeout))
+    server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
     server.add_generic_rpc_handlers((generic_handler(service, record_unreached),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:

@@ -26,7 +26,9 @@ from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
+from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.server.app import create_app
+from onnxserve.server.connections import ConnectionLimits, guarded_http_protocol
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_server import create_grpc_server
 from onnxserve.server.metrics import Metrics
@@ -131,15 +133,16 @@ def _metered_service(
 
 
 def _uvicorn_server(
-    service: InferenceService, settings: ServerSettings, metrics: Metrics, exposure: Exposure
+    service: InferenceService, settings: ServerSettings, metrics: Metrics, exposure: Exposure, budget: InflightBytes
 ) -> _DrainingServer:
     tls = exposure.tls
     config = uvicorn.Config(
-        create_app(service, metrics, exposure.tokens, max_request_bytes=settings.max_request_bytes),
+        create_app(service, metrics, exposure.tokens, max_request_bytes=settings.max_request_bytes, budget=budget),
         ssl_context_factory=None if tls is None else (lambda config, default: tls.context),
         log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC
-        http="httptools",
+        http=guarded_http_protocol(ConnectionLimits.from_settings(settings)),  # httptools + our limits
+        timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         lifespan="off",
         access_log=False,
         log_level=settings.log_level,
@@ -156,10 +159,11 @@ async def _serve(
     on_started: Callable[[int, int], None],
     metrics: Metrics,
     exposure: Exposure,
+    budget: InflightBytes,
 ) -> None:
     http.loop = asyncio.get_running_loop()
     exposure.warn_if_exposed(http_socket.getsockname()[0])
-    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached, exposure)
+    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached, exposure, budget)
     await grpc_server.start()
     background: list[asyncio.Task[None]] = []
     manager = service.manager
@@ -199,7 +203,8 @@ def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | Non
     exposure = Exposure.from_settings(settings)  # before loading models: a bad token or TLS file fails fast
     service, metrics = _metered_service(config, settings, catalog)
     http_socket = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings, metrics, exposure)
+    budget = InflightBytes(settings.max_inflight_bytes)  # request bytes in flight, HTTP and gRPC together
+    http = _uvicorn_server(service, settings, metrics, exposure, budget)
 
     def announce(http_port: int, grpc_port: int) -> None:
         for model in service.registry:
@@ -214,7 +219,7 @@ def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | Non
         signal.signal(signum, lambda *_: None)
     loop = _new_loop()
     try:
-        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics, exposure))
+        loop.run_until_complete(_serve(service, settings, http, http_socket, announce, metrics, exposure, budget))
     finally:
         loop.close()
         service.close()
@@ -257,7 +262,8 @@ def start_in_background(
     exposure = Exposure.from_settings(settings)
     service, metrics = _metered_service(config, settings, catalog)
     sock = bind(settings.host, settings.http_port)
-    http = _uvicorn_server(service, settings, metrics, exposure)
+    budget = InflightBytes(settings.max_inflight_bytes)
+    http = _uvicorn_server(service, settings, metrics, exposure, budget)
     started = threading.Event()
     ports: list[int] = []
     failure: list[BaseException] = []
@@ -269,7 +275,7 @@ def start_in_background(
     def run() -> None:
         loop = _new_loop()
         try:
-            loop.run_until_complete(_serve(service, settings, http, sock, on_started, metrics, exposure))
+            loop.run_until_complete(_serve(service, settings, http, sock, on_started, metrics, exposure, budget))
         except BaseException as e:
             failure.append(e)
             started.set()

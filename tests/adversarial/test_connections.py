@@ -1,0 +1,271 @@
+"""Hostile HTTP connections: slowloris heads, silent sockets, file-descriptor exhaustion, stalled bodies.
+
+Each attack runs against a real server process under a memory cap (``harness.CappedServer``) with
+its timeouts set low, and checks, while the attack is still running, that the health probe answers
+(generously: under 1 s), that a normal client is served, that memory stays bounded, and that the
+attackers get the documented refusal (docs/limits.md). The ``long`` versions open thousands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import selectors
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from harness import CappedServer, serve_capped
+
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 2.0
+MAX_REQUEST = 8 * 1024 * 1024
+BUDGET = 2 * MAX_REQUEST + 1024 * 1024  # two stalled bodies fit; a third does not
+PROBE_BOUND = 1.0
+RSS_GROWTH_BOUND = 300 * 1024**2
+FAST = (
+    "--header-timeout",
+    str(HEADER_TIMEOUT),
+    "--body-timeout",
+    str(BODY_TIMEOUT),
+    "--keep-alive-timeout",
+    "1",
+    "--max-request-bytes",
+    str(MAX_REQUEST),
+    "--max-inflight-bytes",
+    str(BUDGET),
+)
+INFER_BODY = {
+    "inputs": [
+        {"name": "a", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16},
+        {"name": "b", "shape": [1, 16], "datatype": "FP32", "data": [2.0] * 16},
+    ]
+}
+
+
+def allow_open_files(count: int) -> None:
+    """Raise this test process's soft limit of open files to hold ``count`` sockets (and some)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 256
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"needs {wanted} open files; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def served_normally(server: CappedServer) -> None:
+    """A normal client's inference is answered correctly."""
+    response = requests.post(f"{server.http_url}/v2/models/add/infer", json=INFER_BODY, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"][0] == 3.0
+
+
+def check_still_serving(server: CappedServer, rss_before: int) -> None:
+    assert server.alive()
+    assert server.probe_seconds() < PROBE_BOUND
+    served_normally(server)
+    assert server.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a blocking socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def open_sockets(server: CappedServer, count: int, port: int | None = None) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((server.host, port or server.http_port), timeout=5)
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def closed_by_server(sockets: list[socket.socket], seconds: float) -> tuple[int, list[bytes]]:
+    """Wait up to ``seconds`` for the server to close ``sockets``; (how many it closed, what it said)."""
+    selector = selectors.DefaultSelector()
+    for sock in sockets:
+        selector.register(sock, selectors.EVENT_READ)
+    said: dict[socket.socket, bytes] = {sock: b"" for sock in sockets}
+    closed = 0
+    deadline = time.monotonic() + seconds
+    while closed < len(sockets) and time.monotonic() < deadline:
+        for key, _ in selector.select(timeout=0.2):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, BlockingIOError):
+                data = b""
+            if data:
+                said[sock] += data
+                continue
+            selector.unregister(sock)
+            closed += 1
+    selector.close()
+    return closed, list(said.values())
+
+
+@pytest.fixture(scope="module")
+def server(numeric_repository: Path) -> Iterator[CappedServer]:
+    with serve_capped(numeric_repository, *FAST, "--max-connections", "400") as capped:
+        yield capped
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    yield opened
+    for sock in opened:
+        sock.close()
+
+
+def test_slowloris_heads_are_answered_408_and_closed(server: CappedServer, sockets: list[socket.socket]) -> None:
+    rss_before = server.rss_bytes()
+    sockets += open_sockets(server, 150)
+    for sock in sockets:
+        sock.send(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\n")
+    # Drip one header byte every 0.2 s on each, for longer than the header timeout.
+    started = time.monotonic()
+    while time.monotonic() - started < HEADER_TIMEOUT + 1:
+        for sock in sockets:
+            with contextlib.suppress(OSError):  # one the server already closed
+                sock.send(b"X")
+        check_still_serving(server, rss_before)
+        time.sleep(0.2)
+    closed, said = closed_by_server(sockets, HEADER_TIMEOUT + 5)
+    assert closed == len(sockets)
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in said)
+    assert b"--header-timeout" in said[0]
+    check_still_serving(server, rss_before)
+
+
+def test_silent_connections_are_closed(server: CappedServer, sockets: list[socket.socket]) -> None:
+    rss_before = server.rss_bytes()
+    sockets += open_sockets(server, 300)
+    check_still_serving(server, rss_before)
+    closed, said = closed_by_server(sockets, HEADER_TIMEOUT + 5)
+    assert closed == len(sockets)
+    assert all(answer == b"" for answer in said)  # nothing was asked, nothing is answered
+    check_still_serving(server, rss_before)
+
+
+def test_stalled_bodies_hold_at_most_the_budget(server: CappedServer, sockets: list[socket.socket]) -> None:
+    """Clients that announce a large body, send most of it and stall: two fit the in-flight budget and
+    are answered 408 after the body timeout; the others get 503 + Retry-After (429 on TF Serving)
+    before their body is read."""
+    rss_before = server.rss_bytes()
+    announced = MAX_REQUEST - 1024
+    sent = announced - 64 * 1024
+    for path in ["/v2/models/add/infer"] * 5 + ["/v1/models/add:predict"]:
+        sock = socket.create_connection((server.host, server.http_port), timeout=5)
+        sockets.append(sock)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+        )
+        sock.sendall(head.encode("ascii"))
+        sock.settimeout(0.3)
+        try:  # a refused one is answered before its body is read
+            answer = read_answer(sock)
+        except TimeoutError:
+            sock.settimeout(10)
+            sock.sendall(b" " * sent)
+            continue
+        assert answer.startswith(b"HTTP/1.1 429 " if path.startswith("/v1/") else b"HTTP/1.1 503 "), answer
+        assert b"retry-after: 1" in answer.lower()
+        assert b"--max-inflight-bytes" in answer
+    check_still_serving(server, rss_before)  # a small request still fits beside the two stalled ones
+    for sock in sockets:
+        sock.setblocking(False)
+    closed, said = closed_by_server(sockets, BODY_TIMEOUT + 5)
+    assert closed == len(sockets)
+    assert sum(answer.startswith(b"HTTP/1.1 408 ") for answer in said) == 2
+    # The budget is free again: a large (but honest) request is accepted.
+    big = {"inputs": [{**entry, "shape": [4096, 16], "data": [1.0] * 4096 * 16} for entry in INFER_BODY["inputs"]]}
+    assert requests.post(f"{server.http_url}/v2/models/add/infer", json=big, timeout=30).status_code == 200
+    check_still_serving(server, rss_before)
+
+
+def test_anonymous_bodies_are_refused_unread(numeric_repository: Path, tmp_path: Path) -> None:
+    """With --auth-tokens, a large body without a token is answered 401 before it is read."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("adversarial-infer-token-0123456789 infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, *FAST, "--auth-tokens", str(tokens)) as capped:
+        rss_before = capped.rss_bytes()
+        opened = []
+        try:
+            for _ in range(20):
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
+                opened.append(sock)
+                head = f"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_REQUEST - 1}\r\n\r\n"
+                sock.sendall(head.encode("ascii") + b" " * 4096)
+                assert read_answer(sock).startswith(b"HTTP/1.1 401 ")
+            assert capped.alive()
+            assert capped.probe_seconds() < PROBE_BOUND
+            assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+        finally:
+            for sock in opened:
+                sock.close()
+
+
+def _established(server: CappedServer) -> int:
+    connections = psutil.Process(server.process.pid).net_connections(kind="tcp")
+    return sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port)
+
+
+def _idle_flood(repository: Path, cap: int, count: int) -> None:
+    """``count`` idle connections (no timeout cuts them: the header timeout is long) against a cap of ``cap``."""
+    allow_open_files(count + 16)
+    with serve_capped(repository, "--header-timeout", "120", "--max-connections", str(cap)) as capped:
+        rss_before = capped.rss_bytes()
+        opened: list[socket.socket] = []
+        try:
+            for start in range(0, count, 100):
+                opened += open_sockets(capped, min(100, count - start))
+                assert capped.probe_seconds() < PROBE_BOUND
+            check_still_serving(capped, rss_before)
+            assert _established(capped) <= cap + 2
+            assert capped.probe_seconds("/metrics") < PROBE_BOUND  # the scrape gets in too
+        finally:
+            for sock in opened:
+                sock.close()
+
+
+def test_idle_connections_cannot_exhaust_file_descriptors(numeric_repository: Path) -> None:
+    """Past --max-connections the oldest idle connection is closed, so probes always get in."""
+    _idle_flood(numeric_repository, cap=100, count=400)
+
+
+@pytest.mark.long
+def test_idle_connection_flood_at_the_default_cap(numeric_repository: Path) -> None:
+    _idle_flood(numeric_repository, cap=1000, count=5000)
+
+
+@pytest.mark.long
+def test_slowloris_and_silent_thousands(server: CappedServer, sockets: list[socket.socket]) -> None:
+    allow_open_files(2200)
+    rss_before = server.rss_bytes()
+    for _ in range(10):
+        batch = open_sockets(server, 200)
+        for sock in batch[::2]:
+            sock.send(b"GET /v2/health/ready HTTP/1.1\r\nHo")
+        sockets += batch
+        assert server.probe_seconds() < PROBE_BOUND
+    check_still_serving(server, rss_before)
+    closed, _ = closed_by_server(sockets, HEADER_TIMEOUT + 20)
+    assert closed == len(sockets)
+    check_still_serving(server, rss_before)
