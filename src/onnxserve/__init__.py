@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxserve.config import ModelConfig, ServerConfig, ServerSettings, load_config
+from onnxserve.config import ModelConfig, ServerConfig, load_config
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.repository import scan_repository
 from onnxserve.core.runtime import ModelSession
@@ -26,6 +26,7 @@ from onnxserve.errors import (
     UnavailableError,
 )
 from onnxserve.predict import Pipeline
+from onnxserve.server.settings import ServerSettings
 
 __all__ = [
     "ConfigError",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import grpc
 
-from onnxserve.config import ServerSettings
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
 from onnxserve.protocols.context import RequestHook
@@ -13,6 +12,7 @@ from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
 from onnxserve.server.connections import MessageReception, grpc_options
 from onnxserve.server.exposure import Exposure
+from onnxserve.server.settings import ServerSettings
 
 
 def create_grpc_server(
