@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from onnxserve.core.registry import shown
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols.errors import HTTP_STATUS
@@ -143,12 +144,16 @@ def routes(service: InferenceService) -> list[Route]:
     ]
 
 
+MAX_COUNT_DIGITS = 9
+"""Query counts (offsets, limits) are below a billion."""
+
+
 def _count(query: Mapping[str, str], key: str, default: int) -> int:
     raw = query.get(key)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise InvalidInputError(f"{key} must be a whole number >= 0, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_COUNT_DIGITS:
+        raise InvalidInputError(f"{key} must be a whole number from 0 to {10**MAX_COUNT_DIGITS - 1}, got {shown(raw)}")
     return int(raw)
 
 
