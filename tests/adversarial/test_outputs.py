@@ -8,7 +8,6 @@ the memory the run took goes back to the system, and the next request is served.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import grpc
 import pytest
 import requests
 from harness import CappedServer, serve_capped
+from watch import Watch
 
 from models import value_sized_models, write_version
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -23,32 +23,6 @@ from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 CAP = 4 * 1024**3  # the unfixed server dies under it on the first attack
 RSS_BOUND = 1024**3  # what the server may hold after the attacks (it starts at ~130 MB)
 PROBE_BOUND = 1.0
-
-
-class Prober:
-    """Probes readiness in a thread while an attack runs; remembers the slowest answer."""
-
-    def __init__(self, server: CappedServer) -> None:
-        self.server = server
-        self.worst = 0.0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                self.worst = max(self.worst, self.server.probe_seconds(timeout=30))
-            except requests.RequestException as e:
-                self.failures.append(repr(e))
-
-    def __enter__(self) -> Prober:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +39,10 @@ def _infer(server: CappedServer, model: str, n: int) -> requests.Response:
     return requests.post(f"{server.http_url}/v2/models/{model}/infer", json=body, timeout=120)
 
 
-def _assert_serving(server: CappedServer, prober: Prober) -> None:
+def _assert_serving(server: CappedServer, prober: Watch) -> None:
     assert server.alive(), server.log()[-3000:]
     assert not prober.failures, prober.failures
-    assert prober.worst < PROBE_BOUND
+    assert prober.worst_probe < PROBE_BOUND
     assert server.rss_bytes() < RSS_BOUND
     normal = _infer(server, "fill", 3)
     assert normal.status_code == 200, normal.text
@@ -76,7 +50,7 @@ def _assert_serving(server: CappedServer, prober: Prober) -> None:
 
 
 def test_an_87_byte_request_for_a_gigabyte_is_refused_before_encoding(server: CappedServer) -> None:
-    with Prober(server) as prober:
+    with Watch(server) as prober:
         response = _infer(server, "fill", 250_000_000)
     assert response.status_code == 400
     message = response.json()["error"]
@@ -87,7 +61,7 @@ def test_an_87_byte_request_for_a_gigabyte_is_refused_before_encoding(server: Ca
 
 @pytest.mark.parametrize("model", ["fill", "expand", "tile", "range"])
 def test_sizes_beyond_memory_are_refused_by_the_runtime_as_too_large(server: CappedServer, model: str) -> None:
-    with Prober(server) as prober:
+    with Watch(server) as prober:
         for n in (2**40, 2**62):
             response = _infer(server, model, n)
             assert response.status_code == 400, response.text
@@ -96,7 +70,7 @@ def test_sizes_beyond_memory_are_refused_by_the_runtime_as_too_large(server: Cap
 
 
 def test_a_loop_whose_trip_count_is_the_input_gives_its_memory_back(server: CappedServer) -> None:
-    with Prober(server) as prober:
+    with Watch(server) as prober:
         response = _infer(server, "loop", 100_000)  # 100,000 rows of 4 KiB, built one iteration at a time
     assert response.status_code == 400
     assert "409600000 bytes" in response.json()["error"]
@@ -105,7 +79,7 @@ def test_a_loop_whose_trip_count_is_the_input_gives_its_memory_back(server: Capp
 
 def test_binary_rest_grpc_and_tf_serving_refuse_the_same_way(server: CappedServer) -> None:
     n = 20_000_000  # 80 MB of FP32 output
-    with Prober(server) as prober:
+    with Watch(server) as prober:
         header = b'{"inputs":[{"name":"n","shape":[1],"datatype":"INT64","parameters":{"binary_data_size":8}}],'
         header += b'"outputs":[{"name":"y","parameters":{"binary_data":true}}]}'
         binary = requests.post(
