@@ -8,6 +8,7 @@ the memory the run took goes back to the system, and the next request is served.
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import requests
 from harness import CappedServer, serve_capped
 from watch import Watch
 
-from models import value_sized_models, write_version
+from models import value_paced_model, value_sized_models, write_version
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 CAP = 4 * 1024**3  # the unfixed server dies under it on the first attack
@@ -111,3 +112,20 @@ def test_binary_rest_grpc_and_tf_serving_refuse_the_same_way(server: CappedServe
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert "--max-response-bytes" in (refused.value.details() or "")
     _assert_serving(server, prober)
+
+
+def test_a_run_whose_length_is_an_input_value_is_stopped_at_the_request_timeout(tmp_path: Path) -> None:
+    write_version(tmp_path, "paced", 1, value_paced_model("paced", 64))
+    with serve_capped(tmp_path, "--request-timeout", "1", cap_bytes=CAP) as server, Watch(server) as watch:
+        body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}  # 1e9 products
+        started = time.monotonic()
+        response = requests.post(f"{server.http_url}/v2/models/paced/infer", json=body, timeout=60)
+        assert response.status_code == 504
+        assert "time limit of 1000 ms" in response.json()["error"]
+        assert time.monotonic() - started < 30
+        body["inputs"][0]["data"] = [2.0]
+        served = requests.post(f"{server.http_url}/v2/models/paced/infer", json=body, timeout=60)  # instance free
+        assert served.status_code == 200, served.text
+        assert served.json()["outputs"][0]["data"] == [2.0]
+        assert server.alive()
+    assert watch.worst_probe < PROBE_BOUND
