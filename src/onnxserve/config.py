@@ -44,6 +44,10 @@ class SessionOptions(_Strict):
     # processes); False turns it off, None keeps ONNX Runtime's default.
     intra_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
     inter_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
+    # ONNX Runtime's CPU memory arena keeps the peak of every run and can be left inconsistent by an
+    # allocation that fails inside a Loop (the next run aborts the process): off by default, so each run
+    # allocates from and returns to the system. True turns it on (shrunk after every run).
+    enable_cpu_mem_arena: Annotated[bool, Field(strict=True)] = False
 
 
 class ExecutionProvider(_Strict):
@@ -233,6 +237,7 @@ class ServerSettings(_Strict):
     load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start-up ("*": all)
     strict_readiness: bool = True
     drain_timeout: Annotated[float, Field(ge=0)] = 30.0
-    request_timeout: Annotated[float, Field(ge=0)] = 0.0  # seconds an inference request may take; 0: no limit
+    request_timeout: Annotated[float, Field(ge=0)] = 60.0  # seconds an inference request may take; 0: no limit
+    max_response_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024  # output tensors of one answer; 0: no limit
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -92,7 +92,14 @@ def serve(
     request_timeout: Annotated[
         float,
         typer.Option(help="Seconds an inference request may take (queued + running) before 504; 0: no limit."),
-    ] = 0.0,
+    ] = 60.0,
+    max_response_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Largest answer: bytes of output tensors one request may get, checked before encoding "
+            "(400 / INVALID_ARGUMENT above); 0: no limit."
+        ),
+    ] = 64 * 1024 * 1024,
     max_request_bytes: Annotated[
         int, typer.Option(help="Largest HTTP request body, counted after gzip/deflate decompression (413 above).")
     ] = 64 * 1024 * 1024,
@@ -165,6 +172,7 @@ def serve(
                 "strict_readiness": strict_readiness,
                 "drain_timeout": drain_timeout,
                 "request_timeout": request_timeout,
+                "max_response_bytes": max_response_bytes,
                 "max_request_bytes": max_request_bytes,
                 "grpc_max_message_bytes": grpc_max_message_bytes,
                 "max_inflight_bytes": max_inflight_bytes,
