@@ -178,3 +178,61 @@ def value_paced_model(name: str, size: int) -> onnx.ModelProto:
         }}
         """
     )
+
+
+def value_sized_models() -> dict[str, onnx.ModelProto]:
+    """Models whose OUTPUT size is an input VALUE (not a shape): one tiny request can ask for any size.
+
+    ``n`` is an INT64 scalar-like [1] tensor; each model answers a float tensor of about ``n`` elements:
+    ConstantOfShape, Expand, Tile, Range, and a Loop whose trip count is ``n`` (one scan output row per
+    iteration)."""
+    return {
+        "fill": parse(
+            """
+            fill (int64[1] n) => (float[m] y) {
+                y = ConstantOfShape <value = float[1] {1.0}> (n)
+            }
+            """
+        ),
+        "expand": parse(
+            """
+            expand (int64[1] n) => (float[m] y) {
+                one = Constant <value = float[1] {1.0}> ()
+                y = Expand(one, n)
+            }
+            """
+        ),
+        "tile": parse(
+            """
+            tile (int64[1] n) => (float[m] y) {
+                one = Constant <value = float[1] {1.0}> ()
+                y = Tile(one, n)
+            }
+            """
+        ),
+        "range": parse(
+            """
+            range (int64[1] n) => (int64[m] y) {
+                zero = Constant <value = int64 {0}> ()
+                step = Constant <value = int64 {1}> ()
+                axes = Constant <value = int64[1] {0}> ()
+                limit = Squeeze(n, axes)
+                y = Range(zero, limit, step)
+            }
+            """
+        ),
+        "loop": parse(
+            """
+            loop (int64[1] n) => (float[m, 1024] y) {
+                axes = Constant <value = int64[1] {0}> ()
+                count = Squeeze(n, axes)
+                cond = Constant <value = bool {1}> ()
+                y = Loop(count, cond) <body = step (int64 i, bool c_in) => (bool c_out, float[1024] row) {
+                    c_out = Identity(c_in)
+                    width = Constant <value = int64[1] {1024}> ()
+                    row = ConstantOfShape <value = float[1] {1.0}> (width)
+                }>
+            }
+            """
+        ),
+    }

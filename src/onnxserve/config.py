@@ -45,6 +45,10 @@ class SessionOptions(_Strict):
     # processes); False turns it off, None keeps ONNX Runtime's default.
     intra_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
     inter_op_allow_spinning: Annotated[bool, Field(strict=True)] | None = None
+    # ONNX Runtime's CPU memory arena keeps the peak of every run and can be left inconsistent by an
+    # allocation that fails inside a Loop (the next run aborts the process): off by default, so each run
+    # allocates from and returns to the system. True turns it on (shrunk after every run).
+    enable_cpu_mem_arena: Annotated[bool, Field(strict=True)] = False
 
 
 class ExecutionProvider(_Strict):

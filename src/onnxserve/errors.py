@@ -15,6 +15,8 @@ table that maps a kind to its own status (see ``onnxserve.protocols.errors``).
     ├── UnavailableError       the model or server exists but cannot serve now    (kind UNAVAILABLE)
     │   └── ResourceExhaustedError  the model's queue is full; retry later       (kind RESOURCE_EXHAUSTED)
     ├── DeadlineExceededError  the request's timeout passed before its answer    (kind DEADLINE_EXCEEDED)
+    ├── TooLargeError          the answer would exceed --max-response-bytes, or the run could not
+    │                          allocate the memory these input values ask for   (kind TOO_LARGE)
     ├── UnauthenticatedError   no bearer token, or not an accepted one            (kind UNAUTHENTICATED)
     ├── PermissionDeniedError  the token lacks the scope the endpoint needs       (kind PERMISSION_DENIED)
     └── InferenceError         the runtime failed while running a valid request   (kind INTERNAL)
@@ -37,6 +39,7 @@ class ErrorKind(enum.Enum):
     CONFIG = "config"
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
+    TOO_LARGE = "too_large"
 
 
 class OnnxServeError(Exception):
@@ -113,6 +116,15 @@ class DeadlineExceededError(OnnxServeError):
     """The request's timeout passed while it was queued (it never ran) or running (its result is dropped)."""
 
     kind = ErrorKind.DEADLINE_EXCEEDED
+
+
+class TooLargeError(OnnxServeError):
+    """The request asks for more than the server gives one request: an answer larger than
+    ``--max-response-bytes``, or more memory than ONNX Runtime could allocate for the run.
+
+    Not retryable as it is (unlike RESOURCE_EXHAUSTED): the client must ask for less."""
+
+    kind = ErrorKind.TOO_LARGE
 
 
 class InferenceError(OnnxServeError):

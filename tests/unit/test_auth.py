@@ -148,7 +148,7 @@ def example_path(template: str) -> str:
         ("{name}", "m"),
         ("{name:tfs_segment}", "m"),
         ("{version}", "1"),
-        ("{version:int}", "1"),
+        ("{version:tfs_version}", "1"),
         ("{label:tfs_segment}", "stable"),
         ("{label}", "stable"),
         ("{asset}", "app.js"),

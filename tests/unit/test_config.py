@@ -19,6 +19,7 @@ from onnxserve.config import (
 )
 from onnxserve.core.repository import scan_repository
 from onnxserve.errors import ConfigError
+from onnxserve.server.settings import ServerSettings
 
 SEED: dict[str, Any] = {
     "model_config_list": [
@@ -404,3 +405,10 @@ def test_scan_repository_refuses_a_folder_name_that_is_not_a_model_name(tmp_path
     with pytest.raises(ConfigError) as caught:
         scan_repository(tmp_path)
     assert "name" in caught.value.message
+
+
+def test_server_limits_have_safe_defaults() -> None:
+    settings = ServerSettings()
+    assert settings.request_timeout == 60.0  # a run whose length is an input value ends
+    assert settings.max_response_bytes == 64 * 1024 * 1024  # as large as the largest request
+    assert ServerSettings(request_timeout=0, max_response_bytes=0).max_response_bytes == 0  # 0: no limit

@@ -79,6 +79,37 @@ def test_text_formatter_shows_the_request_id_when_known() -> None:
         context.reset_request_id(token)
 
 
+def test_text_log_lines_cannot_be_forged() -> None:
+    forged = "/v2/x\n2026-01-01 00:00:00,000 ERROR onnxserve.server.auth: FORGED\r\x1b[2K\u2028\x85"
+    record = logging.LogRecord("onnxserve.test", logging.INFO, __file__, 1, "refused GET %s", (forged,), None)
+    text = TextFormatter().format(record)
+    assert "\n" not in text
+    assert text.endswith(
+        "INFO onnxserve.test: refused GET /v2/x\\n2026-01-01 00:00:00,000 ERROR onnxserve.server.auth: FORGED"
+        "\\r\\x1b[2K\\u2028\\x85"
+    )
+    assert record.getMessage() == f"refused GET {forged}"  # other handlers see the record unchanged
+
+
+def test_every_line_of_a_traceback_is_indented() -> None:
+    try:
+        raise ValueError("bad\n2026-01-01 00:00:00,000 ERROR onnxserve.x: FORGED")
+    except ValueError as e:
+        exc_info = (type(e), e, e.__traceback__)
+    record = logging.LogRecord("onnxserve.test", logging.ERROR, __file__, 1, "failed", (), exc_info)
+    first, *rest = TextFormatter().format(record).split("\n")
+    assert first.endswith("ERROR onnxserve.test: failed")
+    assert rest
+    assert all(line.startswith("  ") for line in rest)
+
+
+def test_json_log_lines_cannot_be_forged() -> None:
+    record = logging.LogRecord("onnxserve.test", logging.INFO, __file__, 1, "path %s", ("a\nb\r\x00",), None)
+    text = JsonFormatter().format(record)
+    assert "\n" not in text
+    assert json.loads(text)["message"] == "path a\nb\r\x00"
+
+
 def test_filter_sets_the_attribute_for_other_formatters() -> None:
     record = _record("m")
     token = context.set_request_id("rid-3")

@@ -38,6 +38,20 @@ def test_version_number(name: str, expected: int | None) -> None:
     assert version_number(name) == expected
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        (str(2**63 - 1), 2**63 - 1),
+        ("0" * 5000 + "7", 7),  # leading zeros never reach int()
+        (str(2**63), None),
+        ("9" * 20, None),
+        ("9" * 5000, None),  # Python's int() would raise "Exceeds the limit (4300 digits)"
+    ],
+)
+def test_version_number_is_bounded(name: str, expected: int | None) -> None:
+    assert version_number(name) == expected
+
+
 def test_version_number_refuses_non_ascii_digits() -> None:
     assert version_number("\u0661") is None  # ARABIC-INDIC DIGIT ONE: isdigit() but not a version
 

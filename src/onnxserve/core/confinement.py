@@ -83,6 +83,14 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def leads_outside(folder: Path, base_path: Path) -> bool:
+    """Whether a version folder (a symlink, perhaps) resolves anywhere but strictly inside ``base_path``:
+    such a folder is never walked, by the loader or by the repository poll."""
+    real_base = base_path.resolve()
+    real = folder.resolve()
+    return not _inside(real, real_base) or real == real_base
+
+
 def check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool = False) -> None:
     """Refuse a version folder that leads outside ``base_path`` or holds anything that could (see module)."""
     try:
@@ -92,10 +100,9 @@ def check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool = 
 
 
 def _check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool) -> None:
-    real_base = base_path.resolve()
-    real = folder.resolve()
-    if not _inside(real, real_base) or real == real_base:
+    if leads_outside(folder, base_path):
         raise ModelLoadError(f"version folder {folder.name!r} leads outside the model's base_path; refused")
+    real = folder.resolve()
     for parent, folders, files in os.walk(folder, followlinks=False):
         for name in (*folders, *files):
             entry = Path(parent) / name

@@ -11,6 +11,11 @@ served with what is loaded:
   chooses among the versions that loaded;
 - in poll mode a new version folder is taken only once its contents (names, sizes, modification times)
   have not changed between two polls, so a version still being copied is not picked up half-written;
+  that look never leaves the repository (a version folder that resolves outside its model's folder is
+  not walked at all, and symlinks inside are not followed), looks at no more than
+  ``MAX_SIGNATURE_ENTRIES`` entries, and, like every file-system read here, runs on a worker thread,
+  never on the event loop;
+- versions whose folders are gone leave the repository index (a failed one too);
 - a config error for one model leaves that model as it was; an invalid config as a whole is refused
   before anything changes.
 
@@ -23,12 +28,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
+from onnxserve.core.confinement import leads_outside
 from onnxserve.core.observe import VersionRecord
 from onnxserve.core.registry import ModelRegistry, ModelState, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import VersionFolder, discover_versions, scan_repository
@@ -37,6 +44,11 @@ from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError,
 log = logging.getLogger(__name__)
 
 UNLOAD_POLL_SECONDS = 0.01
+
+MAX_SIGNATURE_ENTRIES = 10_000
+"""A version folder's signature looks at this many entries at most (a model is a handful of files)."""
+
+Signature = tuple[tuple[str, int, int], ...]
 
 
 class ControlMode(enum.Enum):
@@ -92,16 +104,28 @@ class Catalog:
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
 
 
-def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """Names, sizes and modification times of everything in a version folder (to tell when it is stable)."""
+def folder_signature(folder: Path, base_path: Path) -> Signature | None:
+    """Names, sizes and modification times of what is in a version folder (to tell when it is stable);
+    None for a folder that leads outside ``base_path``, which is never walked. Symlinks are not followed,
+    and at most ``MAX_SIGNATURE_ENTRIES`` entries are read. Blocking: call it on a worker thread."""
+    if leads_outside(folder, base_path):
+        return None
     entries = []
-    for path in sorted(folder.rglob("*")):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
-    return tuple(entries)
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        for name in sorted((*folders, *files)):
+            path = Path(parent) / name
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            entries.append((str(path.relative_to(folder)), info.st_size, info.st_mtime_ns))
+            if len(entries) >= MAX_SIGNATURE_ENTRIES:
+                return tuple(sorted(entries))
+    return tuple(sorted(entries))
+
+
+def _signatures(folders: list[VersionFolder], base_path: Path) -> dict[Path, Signature | None]:
+    return {f.path: folder_signature(f.path, base_path) for f in folders}
 
 
 class ModelManager:
@@ -120,8 +144,8 @@ class ModelManager:
         self.mode = mode
         self.drain_seconds = drain_seconds
         self.wait_for_stable_folders = wait_for_stable_folders
-        self._signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
-        self._failed_signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+        self._signatures: dict[Path, Signature | None] = {}
+        self._failed_signatures: dict[Path, Signature | None] = {}
         self._lock = asyncio.Lock()
         self._unloading: set[asyncio.Task[None]] = set()
 
@@ -130,7 +154,7 @@ class ModelManager:
     async def reload(self) -> None:
         """Re-read the catalog and apply it; an invalid config is logged and changes nothing."""
         try:
-            config = self.catalog.read()
+            config = await asyncio.to_thread(self.catalog.read)
         except OnnxServeError as e:
             log.error("reload refused; the running configuration keeps serving: %s", e.message)
             return
@@ -142,20 +166,25 @@ class ModelManager:
             for name in self.registry.names():
                 if name not in wanted:
                     await self._retire_model(name)
+            for key in [k for k in self.registry.failures if k[0] not in wanted]:
+                del self.registry.failures[key]  # a model that is gone leaves the index
             for model in config.model_config_list:
                 await self._apply_model(model)
 
     async def _apply_model(self, config: ModelConfig, retry_failed: bool = False) -> None:
         try:
-            on_disk = {f.version: f for f in discover_versions(config.base_path)}
+            on_disk = {f.version: f for f in await asyncio.to_thread(discover_versions, config.base_path)}
         except ConfigError as e:
             log.error("model %s: %s; it keeps its current versions", config.name, e.message)
             return
+        self._forget_removed(config, on_disk)
         served = self.registry.get(config.name) if config.name in self.registry.names() else None
         model = ServedModel(config, served.versions if served is not None else {})
         current = {n: v for n, v in model.versions.items() if v.state is not ModelState.UNLOADING}
         present = {n: v for n, v in current.items() if n in on_disk}
-        new = [f for n, f in on_disk.items() if n not in current and self._takeable(config.name, f, retry_failed)]
+        candidates = [f for n, f in on_disk.items() if n not in current]
+        signatures = await asyncio.to_thread(_signatures, candidates, config.base_path)
+        new = [f for f in candidates if self._takeable(config.name, f, signatures[f.path], retry_failed)]
         chosen = set(config.model_version_policy.select([*present, *(f.version for f in new)]))
         for folder in sorted(new, key=lambda f: -f.version):
             if folder.version in chosen:
@@ -185,11 +214,27 @@ class ModelManager:
             if number not in keep:
                 self._retire(model, version)
 
-    def _takeable(self, name: str, folder: VersionFolder, retry_failed: bool = False) -> bool:
-        """Whether a version folder not loaded yet may be loaded now (stable, and not failed as it is)."""
-        signature = folder_signature(folder.path)
-        if not retry_failed and self._failed_signatures.get(folder.path) == signature:
+    def _forget_removed(self, config: ModelConfig, on_disk: dict[int, VersionFolder]) -> None:
+        """Versions whose folders are gone leave the index (failures) and the poll's memory."""
+        for key in [k for k in self.registry.failures if k[0] == config.name and k[1] not in on_disk]:
+            del self.registry.failures[key]
+        folders = {f.path for f in on_disk.values()}
+        for memory in (self._signatures, self._failed_signatures):
+            for path in [p for p in memory if p.parent == config.base_path and p not in folders]:
+                del memory[path]
+
+    def _takeable(
+        self, name: str, folder: VersionFolder, signature: Signature | None, retry_failed: bool = False
+    ) -> bool:
+        """Whether a version folder not loaded yet may be loaded now (stable, and not failed as it is).
+
+        A folder that leads outside (no signature) is tried once, without waiting for it to be stable:
+        the loader refuses it before reading anything, and the index shows why."""
+        failed = folder.path in self._failed_signatures
+        if failed and not retry_failed and self._failed_signatures[folder.path] == signature:
             return False
+        if signature is None:
+            return True
         if not self.wait_for_stable_folders:
             return True
         previous = self._signatures.get(folder.path)
@@ -205,7 +250,9 @@ class ModelManager:
             version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
         except OnnxServeError as e:
             self.registry.failures[(config.name, folder.version)] = e.message
-            self._failed_signatures[folder.path] = folder_signature(folder.path)
+            self._failed_signatures[folder.path] = await asyncio.to_thread(
+                folder_signature, folder.path, config.base_path
+            )
             log.error("model %s: version %d failed to load: %s", config.name, folder.version, e.message)
             return None
         self.registry.failures.pop((config.name, folder.version), None)

@@ -17,7 +17,7 @@ from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
-from onnxserve.core.repository import VersionFolder, versions_to_serve
+from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
 from onnxserve.core.types import TensorSpec
@@ -155,6 +155,17 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     )
 
 
+SHOWN_CHARACTERS = 40
+"""How much of a client's version string an error message repeats."""
+
+
+def shown(text: str) -> str:
+    """A client-supplied string as an error message quotes it: digits as they are, anything else quoted,
+    cut to ``SHOWN_CHARACTERS`` (a 5,000-character "version" is not worth echoing)."""
+    cut = text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+    return cut if text.isascii() and text.isdigit() else repr(cut)
+
+
 @dataclass
 class ServedModel:
     """A model and the versions of it that are loaded."""
@@ -184,18 +195,17 @@ class ServedModel:
 
     def lookup(self, version: str) -> ModelVersion:
         """The version a number or label names, whatever its state; ModelNotFoundError if none."""
-        if version.isascii() and version.isdigit():
-            number = int(version)
-        elif version in self.config.version_labels:
+        number = version_number(version)
+        if number is None and version in self.config.version_labels:
             number = self.config.version_labels[version]
-        else:
-            labels = ", ".join(sorted(self.config.version_labels)) or "none"
-            raise ModelNotFoundError(f"model {self.name!r} has no version or label {version!r} (labels: {labels})")
-        found = self.versions.get(number)
-        if found is None:
-            served = ", ".join(str(v) for v in self.version_numbers())
-            raise ModelNotFoundError(f"model {self.name!r} has no version {number} (served: {served})")
-        return found
+        found = None if number is None else self.versions.get(number)
+        if found is not None:
+            return found
+        served = ", ".join(str(v) for v in self.version_numbers())
+        if version.isascii() and version.isdigit():
+            raise ModelNotFoundError(f"model {self.name!r} has no version {shown(version)} (served: {served})")
+        labels = ", ".join(sorted(self.config.version_labels)) or "none"
+        raise ModelNotFoundError(f"model {self.name!r} has no version or label {shown(version)} (labels: {labels})")
 
 
 class ModelRegistry:

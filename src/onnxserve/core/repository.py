@@ -30,12 +30,24 @@ class VersionFolder:
         return self.path / MODEL_FILENAME
 
 
+MAX_VERSION = 2**63 - 1
+"""The highest version number: TF Serving's and Triton's versions are int64."""
+
+
 def version_number(name: str) -> int | None:
-    """The version a folder name denotes, or None (``"1"`` is version 1; ``"0"``, ``"v1"`` are not)."""
+    """The version a folder name or a client's version string denotes, or None (``"1"`` and ``"01"`` are
+    version 1; ``"0"``, ``"v1"``, ``"-1"`` and numbers above ``MAX_VERSION`` are not).
+
+    The one parser of version strings: every route and RPC that takes a version goes through it (via
+    ``ServedModel.lookup``), so a 5,000-digit "version" is an unknown version, never Python's own
+    "Exceeds the limit (4300 digits)" error."""
     if not name.isascii() or not name.isdigit():
         return None
-    number = int(name)
-    return number if number > 0 else None
+    digits = name.lstrip("0")
+    if not digits or len(digits) > len(str(MAX_VERSION)):
+        return None
+    number = int(digits)
+    return number if number <= MAX_VERSION else None
 
 
 def discover_versions(base_path: Path) -> list[VersionFolder]:

@@ -23,8 +23,9 @@ from google.protobuf.message import DecodeError
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
+from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.types import TensorSpec, empty_like
-from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError
+from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,16 @@ WARMUP_LIMIT_BYTES = 256 * 1024 * 1024
 """Warm-up runs only on inputs up to this size (fixed dims taken as declared, dynamic ones as 1)."""
 
 _ORT_INVALID_ARGUMENT: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+
+_ALLOCATION_FAILURE = re.compile(
+    r"Failed to allocate memory|std::bad_alloc|Integer overflow|size overflowed|exceeds the supported maximum"
+)
+"""How ONNX Runtime says a run could not get the memory its input values ask for. Its exceptions carry no
+type for that (``Fail``, ``RuntimeException`` or ``InvalidArgument`` with one of these texts), so this one
+pattern is the only place onnxserve reads an ONNX Runtime message to decide anything."""
+
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+"""Run config entry: give the CPU arena's unused memory back to the system at the end of the run."""
 
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -62,6 +73,7 @@ def session_options(options: SessionOptions) -> ort.SessionOptions:
         value = getattr(options, key)
         if value is not None:
             so.add_session_config_entry(allow, "1" if value else "0")
+    so.enable_cpu_mem_arena = options.enable_cpu_mem_arena
     so.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to stderr, not our logs
     return so
 
@@ -132,6 +144,7 @@ class ModelSession:
         self.path = path
         self.name = name or str(path)
         check_onnx_file(path)
+        self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
             self._session = ort.InferenceSession(
                 str(path),
@@ -160,17 +173,22 @@ class ModelSession:
         """Run the model; BYTES inputs and outputs are ``bytes`` objects in ``object`` arrays."""
         names = list(output_names) if output_names else [o.name for o in self.outputs]
         ort_feeds = {name: _to_ort(name, array) for name, array in feeds.items()}
+        options = control.options if control is not None else ort.RunOptions()
+        if self._arena:
+            # A run that needed a lot gives the arena's unused memory back when it ends.
+            options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
         try:
-            results = self._session.run(names, ort_feeds, control.options if control is not None else None)
-        except _ORT_INVALID_ARGUMENT as e:
-            # The graph refused these values (an index out of range, a reshape that cannot fit):
-            # the request was well-formed but its data is not valid for this model.
-            raise InvalidInputError(f"model {self.name} refused the input values: {_first_line(e)}") from e
-        except Exception as e:  # ONNX Runtime's other error types are not part of its public API
-            if control is not None and control.terminated:
-                raise InferenceError(f"model {self.name}: the run was stopped (no caller waits for it)") from e
-            raise InferenceError(f"model {self.name} failed while running: {_first_line(e)}") from e
-        return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+            results = self._session.run(names, ort_feeds, options)
+        except Exception as e:  # ONNX Runtime's error types are not part of its public API
+            error = _run_error(self.name, e, control)
+            if isinstance(error, TooLargeError):
+                give_back_free_memory()  # what the failed run took before it gave up
+            raise error from e
+        try:
+            return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+        except MemoryError as e:
+            give_back_free_memory()
+            raise _run_error(self.name, e, control) from None
 
     def warmup(self) -> None:
         """One run on zero inputs with dynamic dims set to 1, so the first request is not the slow one.
@@ -183,9 +201,25 @@ class ModelSession:
             return
         try:
             self.run({spec.name: empty_like(spec) for spec in self.inputs})
-        except InferenceError as e:
+        except (InferenceError, TooLargeError) as e:
             # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
             log.warning("%s: warm-up run skipped: %s", self.name, e.message)
+
+
+def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:
+    """The domain error for a failed run."""
+    reason = _first_line(error)
+    if control is not None and control.terminated:
+        return InferenceError(f"model {name}: the run was stopped (no caller waits for it)")
+    if isinstance(error, MemoryError) or _ALLOCATION_FAILURE.search(str(error)):
+        # The input values ask the graph for more memory than there is (ConstantOfShape, Expand, Range, a
+        # Loop's trip count...): the client's request, not the server, is at fault.
+        return TooLargeError(f"model {name} could not allocate the memory these input values ask for: {reason}")
+    if isinstance(error, _ORT_INVALID_ARGUMENT):
+        # The graph refused these values (an index out of range, a reshape that cannot fit):
+        # the request was well-formed but its data is not valid for this model.
+        return InvalidInputError(f"model {name} refused the input values: {reason}")
+    return InferenceError(f"model {name} failed while running: {reason}")
 
 
 def _to_ort(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:

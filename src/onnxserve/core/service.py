@@ -16,11 +16,13 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from onnxserve import __version__
 from onnxserve.core import datatypes
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
+from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelState, ModelVersion
 from onnxserve.core.statistics import StatisticsSnapshot
@@ -32,11 +34,21 @@ from onnxserve.core.types import (
     ServerMetadata,
     Tensor,
     TensorSpec,
+    payload_bytes,
 )
 from onnxserve.core.validation import prepare_feeds
-from onnxserve.errors import DeadlineExceededError, InvalidInputError, OnnxServeError, UnavailableError
+from onnxserve.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    OnnxServeError,
+    TooLargeError,
+    UnavailableError,
+)
 
 SERVER_NAME = "onnxserve"
+
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+"""Largest answer (its output tensors' values, before encoding) one request may get: the request limit."""
 
 TIMEOUT_PARAMETER = "timeout"
 """The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
@@ -96,6 +108,11 @@ def time_limit(request: InferenceRequest, default: float) -> float | None:
     return min(limits) if limits else None
 
 
+def response_bytes(outputs: dict[str, Any]) -> int:
+    """Bytes the output tensors' values take before any encoding (JSON text of them is several times more)."""
+    return sum(payload_bytes(array) for array in outputs.values())
+
+
 def _tokenize(model: ModelVersion, work: Work) -> int:
     """Tokenize a text work in place (on a worker thread); returns the time it took."""
     start = time.perf_counter_ns()
@@ -116,9 +133,11 @@ class InferenceService:
         manager: ModelManager | None = None,
         strict_readiness: bool = True,
         request_timeout: float = 0.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self.registry = registry
         self.request_timeout = request_timeout  # seconds; 0: requests have no time limit unless they set one
+        self.max_response_bytes = max_response_bytes  # 0: no limit
         self.manager = manager
         self.strict_readiness = strict_readiness
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxserve-infer")
@@ -211,6 +230,20 @@ class InferenceService:
                     loop = asyncio.get_running_loop()
                     tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
                 scheduled = await model.scheduler.submit(work)
+            outputs = scheduled.outcome.outputs
+            if any(array.dtype == object for array in outputs.values()):  # BYTES: counting takes a while
+                size = await asyncio.get_running_loop().run_in_executor(self._executor, response_bytes, outputs)
+            else:
+                size = response_bytes(outputs)
+            if 0 < self.max_response_bytes < size:
+                # Nothing that holds the outputs may stay in this frame: the error's traceback keeps it.
+                del scheduled, outputs
+                await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
+                raise TooLargeError(
+                    f"model {model.name!r}: the response would be {size} bytes of output tensors, above the "
+                    f"limit of {self.max_response_bytes} bytes (--max-response-bytes); ask for less (smaller "
+                    "input values, fewer outputs)"
+                )
         except (OnnxServeError, TimeoutError) as caught:
             if isinstance(caught, OnnxServeError):
                 e = caught

@@ -115,3 +115,11 @@ def empty_like(spec: TensorSpec, dynamic: int = 1) -> npt.NDArray[Any]:
     if spec.datatype.is_bytes:
         return np.full(shape, b"", dtype=object)
     return np.zeros(shape, dtype=spec.datatype.numpy)
+
+
+def payload_bytes(array: npt.NDArray[Any]) -> int:
+    """The bytes a tensor's values take on the wire before any encoding: numpy's ``nbytes``, or for BYTES
+    (``object`` arrays of ``bytes``) the total length of the elements."""
+    if array.dtype != np.object_:
+        return int(array.nbytes)
+    return sum(len(item) if isinstance(item, (bytes, str)) else 8 for item in array.flat)

@@ -16,6 +16,9 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.CONFIG: 500,
     ErrorKind.UNAUTHENTICATED: 401,  # with WWW-Authenticate: Bearer
     ErrorKind.PERMISSION_DENIED: 403,
+    # The answer, not the request, is too large (413 would blame the body) and retrying will not help
+    # (not 503/507): 400, with a message that names the size and the limit.
+    ErrorKind.TOO_LARGE: 400,
 }
 
 TFSERVING_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
@@ -34,4 +37,5 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.CONFIG: grpc.StatusCode.INTERNAL,
     ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,  # as HTTP 400: ask for less; retrying will not help
 }

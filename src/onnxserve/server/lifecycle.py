@@ -77,6 +77,7 @@ def build_service(
         manager=manager,
         strict_readiness=settings.strict_readiness,
         request_timeout=settings.request_timeout,
+        max_response_bytes=settings.max_response_bytes,
     )
 
 

@@ -2,6 +2,12 @@
 
 ``configure_logging`` is what ``onnxserve serve`` calls; an application that embeds the server keeps
 its own logging and may add ``RequestIdFilter`` (and ``JsonFormatter``) to its handlers.
+
+Log lines cannot be forged. Messages carry what clients sent (paths, model names, header values); in
+text logs every control character of a message is escaped (``\n`` becomes the two characters ``\\n``),
+and every further line of a record (a traceback) starts with whitespace, so nothing a client sends can
+start a line that looks like a record of its own. JSON logs are safe by encoding (one object a line,
+control characters escaped by the JSON encoder).
 """
 
 from __future__ import annotations
@@ -34,8 +40,24 @@ def _request_id(record: logging.LogRecord) -> str | None:
     return request_id if request_id is not None else current_request_id()
 
 
+_ESCAPES: dict[int, str] = {
+    **{code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)] if code != ord("\t")},
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    0x2028: "\\u2028",  # LINE SEPARATOR and PARAGRAPH SEPARATOR: line breaks to some log readers
+    0x2029: "\\u2029",
+}
+
+
+def escape_control(text: str) -> str:
+    """``text`` with its control characters (newlines included) written as escapes, tabs kept."""
+    return text.translate(_ESCAPES)
+
+
 class TextFormatter(logging.Formatter):
-    """``2026-01-01 12:00:00,000 INFO onnxserve.x [request-id]: message``; the id only when known."""
+    """``2026-01-01 12:00:00,000 INFO onnxserve.x [request-id]: message``; the id only when known.
+
+    The message's control characters are escaped; the lines of a traceback are indented."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -43,7 +65,16 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = _request_id(record)
         record.request_tag = f" [{request_id}]" if request_id is not None else ""
-        return super().format(record)
+        original = record.msg, record.args
+        record.msg, record.args = escape_control(record.getMessage()), None
+        try:
+            text = super().format(record)
+        finally:
+            record.msg, record.args = original
+        first, _, rest = text.partition("\n")
+        if not rest:
+            return first
+        return first + "".join(f"\n  {escape_control(line)}" for line in rest.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):

@@ -96,8 +96,13 @@ class ServerSettings(BaseModel):
         default=30.0, description="On SIGTERM, seconds to let open requests finish before exiting."
     )
     request_timeout: Annotated[float, Field(ge=0)] = Field(
-        default=0.0,
+        default=60.0,
         description="Seconds an inference request may take (queued + running) before 504; 0: no limit.",
+    )
+    max_response_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=64 * MiB,
+        description="Largest answer: bytes of output tensors one request may get, checked before encoding "
+        "(400 / INVALID_ARGUMENT above); 0: no limit.",
     )
     max_request_bytes: Annotated[int, Field(ge=1024)] = Field(
         default=64 * MiB,

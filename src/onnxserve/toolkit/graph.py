@@ -235,12 +235,19 @@ def weight_values(
         raise InvalidInputError(f"offset and limit must be >= 0, not {offset} and {limit}")
     for tensor in model.graph.initializer:
         if tensor.name == name:
-            flat = weight_array(tensor, base_dir).reshape(-1)
-            chunk = flat[offset : offset + limit]
-            return WeightPage(
-                name, _dtype_name(tensor.data_type), list(tensor.dims), offset, int(flat.size), _plain(chunk)
-            )
+            return page_of(tensor, weight_array(tensor, base_dir), offset, limit)
     raise InvalidInputError(f"the model has no initializer named {name!r}")
+
+
+def page_of(tensor: onnx.TensorProto, values: npt.NDArray[Any], offset: int, limit: int) -> WeightPage:
+    """``limit`` of ``values`` (the initializer ``tensor``'s, as ``weight_array`` reads them) from ``offset``."""
+    if offset < 0 or limit < 0:
+        raise InvalidInputError(f"offset and limit must be >= 0, not {offset} and {limit}")
+    flat = values.reshape(-1)
+    chunk = flat[offset : offset + limit]
+    return WeightPage(
+        tensor.name, _dtype_name(tensor.data_type), list(tensor.dims), offset, int(flat.size), _plain(chunk)
+    )
 
 
 def _read_weight(

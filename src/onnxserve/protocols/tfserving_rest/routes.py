@@ -33,11 +33,25 @@ class _Segment(Convertor[str]):
         return value
 
 
+class _Version(Convertor[str]):
+    """A version number segment, kept as text: the core parses it (``core.repository.version_number``),
+    so a number too long for Python's int() is an unknown version (404), not a 500."""
+
+    regex = "[0-9]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
 register_url_convertor("tfs_segment", _Segment())
+register_url_convertor("tfs_version", _Version())
 
 BASES = (
     "/v1/models/{name:tfs_segment}",
-    "/v1/models/{name:tfs_segment}/versions/{version:int}",
+    "/v1/models/{name:tfs_segment}/versions/{version:tfs_version}",
     "/v1/models/{name:tfs_segment}/labels/{label:tfs_segment}",
 )
 

@@ -10,12 +10,14 @@ import importlib.util
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
+from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from onnxserve.core.registry import shown
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols.errors import HTTP_STATUS
@@ -111,25 +113,29 @@ def routes(service: InferenceService) -> list[Route]:
         body, media_type = assets[name]
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
 
+    cache = documents.DocumentCache()
+
+    def model_file(name: str, version: str) -> Path:
+        """The file of a loaded version; documents of versions no longer loaded leave the cache."""
+        cache.retain(str(v.folder.model_file) for v in service.registry.versions())
+        return overview.model_file(service, name, version)
+
     async def graph(request: Request) -> Response:
-        path = overview.model_file(service, request.path_params["name"], request.path_params["version"])
-        return json_body(await run_in_threadpool(documents.graph_json, path))
+        path = model_file(request.path_params["name"], request.path_params["version"])
+        return json_body(await cache.graph(path))
 
     async def weights(request: Request) -> Response:
-        path = overview.model_file(service, request.path_params["name"], request.path_params["version"])
+        path = model_file(request.path_params["name"], request.path_params["version"])
         query = request.query_params
         if "name" not in query:
             raise InvalidInputError("name the initializer: ?name=NAME&offset=0&limit=100")
         offset, limit = _count(query, "offset", 0), _count(query, "limit", 100)
-        return json_body(await run_in_threadpool(documents.weight_page, path, query["name"], offset, limit))
+        return json_body(await cache.weight_page(path, query["name"], offset, limit))
 
     async def diff_document(request: Request) -> Response:
         name = request.path_params["name"]
         a, b = _diff_pair(service, name, overview.loaded_versions(service, name), request)
-        body = await run_in_threadpool(
-            documents.diff_json, overview.model_file(service, name, a), overview.model_file(service, name, b)
-        )
-        return json_body(body)
+        return json_body(await cache.diff(model_file(name, a), model_file(name, b)))
 
     return [
         Route("/", html_page(index), methods=["GET"]),
@@ -143,12 +149,16 @@ def routes(service: InferenceService) -> list[Route]:
     ]
 
 
+MAX_COUNT_DIGITS = 9
+"""Query counts (offsets, limits) are below a billion."""
+
+
 def _count(query: Mapping[str, str], key: str, default: int) -> int:
     raw = query.get(key)
     if raw is None:
         return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise InvalidInputError(f"{key} must be a whole number >= 0, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > MAX_COUNT_DIGITS:
+        raise InvalidInputError(f"{key} must be a whole number from 0 to {10**MAX_COUNT_DIGITS - 1}, got {shown(raw)}")
     return int(raw)
 
 

@@ -1,0 +1,123 @@
+"""Forged log lines, the web page's model APIs, and the repository poll, against a capped server.
+
+- A request path with ``%0A`` forged a record in the text log; now control characters are escaped.
+- A version folder that is a symlink to ``/`` made every poll walk the whole file system on the event
+  loop (probes took up to 36 s); now the poll never walks outside the repository, off the loop.
+- A removed version folder stayed in the repository index as UNAVAILABLE forever; now it leaves.
+- The web page's weights API parsed the whole model on every request; now the documents are computed
+  once per loaded version, off the loop, and concurrent requests share that one computation.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper
+import onnx.numpy_helper
+import requests
+from harness import serve_capped
+from watch import Watch
+
+from models import add_model, write_version
+
+CAP = 3 * 1024**3
+FORGED = "2026-01-01 00:00:00,000 ERROR onnxserve.server.auth: FORGED"
+
+
+def test_a_newline_in_a_request_path_cannot_forge_a_log_record(tmp_path: Path) -> None:
+    write_version(tmp_path, "m", 1, add_model())
+    tokens = tmp_path / "tokens"
+    tokens.write_text("secret-token-0123456789abcdef infer\n")
+    with serve_capped(tmp_path, "--auth-tokens", str(tokens), cap_bytes=CAP) as server:
+        path = "/v2/models/m%0A" + FORGED.replace(" ", "%20") + "/ready"
+        refused = requests.get(server.http_url + path, timeout=10)
+        assert refused.status_code == 401
+        assert server.probe_seconds("/v2/health/live") < 1
+        deadline = time.monotonic() + 10
+        while "FORGED" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = server.log()
+    assert "FORGED" in log  # the refusal was logged, with the path...
+    assert not re.search(r"^\S+ \S+ ERROR onnxserve\.server\.auth: FORGED", log, re.MULTILINE)  # ...escaped
+    assert "m\\n2026-01-01" in log
+
+
+def _index(url: str) -> list[tuple[str, str]]:
+    entries = requests.post(url + "/v2/repository/index", json={}, timeout=30).json()
+    return sorted((e["version"], e["state"]) for e in entries)
+
+
+def _wait_for(condition: object, seconds: float = 20) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert condition()
+
+
+def test_the_poll_never_walks_outside_the_repository_and_forgets_removed_versions(tmp_path: Path) -> None:
+    write_version(tmp_path, "m", 1, add_model())
+    args = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    with serve_capped(tmp_path, *args, cap_bytes=CAP) as server:
+        start_rss = server.rss_bytes()
+        os.symlink("/", tmp_path / "m" / "2")
+        broken = tmp_path / "m" / "3"
+        broken.mkdir()
+        (broken / "model.onnx").write_bytes(b"not an onnx file")
+        _wait_for(lambda: _index(server.http_url) == [("1", "READY"), ("2", "UNAVAILABLE"), ("3", "UNAVAILABLE")])
+        worst = max(server.probe_seconds() for _ in range(20))  # some twenty polls happen meanwhile
+        assert worst < 1
+        assert server.rss_bytes() < start_rss + 100 * 1024**2
+        reasons = requests.post(server.http_url + "/v2/repository/index", json={}, timeout=30).json()
+        assert "leads outside the model's base_path" in next(e["reason"] for e in reasons if e["version"] == "2")
+
+        (tmp_path / "m" / "2").unlink()
+        shutil.rmtree(broken)
+        _wait_for(lambda: _index(server.http_url) == [("1", "READY")])
+        body = {"inputs": [{"name": n, "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16} for n in "ab"]}
+        served = requests.post(server.http_url + "/v2/models/m/infer", json=body, timeout=30)
+        assert served.status_code == 200
+        assert server.alive()
+
+
+def _weighty_model(megabytes: int) -> onnx.ModelProto:
+    """y = x + w with one FP32 initializer of ``megabytes`` MB (a model worth parsing once, not 40 times)."""
+    count = megabytes * 1024 * 1024 // 4
+    weight = onnx.numpy_helper.from_array(np.ones(count, dtype=np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
+        "weighty",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [count])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [count])],
+        [weight],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_the_web_page_apis_compute_each_document_once(tmp_path: Path) -> None:
+    write_version(tmp_path, "big", 1, _weighty_model(40))
+    with serve_capped(tmp_path, cap_bytes=CAP) as server:
+        url = server.http_url + "/web/api/models/big/versions/1/weights?name=w&offset=0&limit=5"
+        first = requests.get(url, timeout=60)
+        assert first.status_code == 200, first.text
+        settled_rss = server.rss_bytes()
+
+        def fetch(_: int) -> int:
+            return requests.get(url, timeout=60).status_code
+
+        with Watch(server, every=0.01) as watch, ThreadPoolExecutor(max_workers=40) as pool:
+            statuses = [status for _ in range(3) for status in pool.map(fetch, range(40))]
+        assert statuses == [200] * 120
+        assert not watch.failures
+        assert watch.worst_probe < 1
+        assert watch.peak_rss < settled_rss + 64 * 1024**2  # the unfixed server took +1 GB here
+        graph = requests.get(server.http_url + "/web/api/models/big/versions/1/graph", timeout=60)
+        assert graph.status_code == 200
+        assert server.alive()

@@ -1,0 +1,131 @@
+"""Finding 2: outputs whose size is an input VALUE. One tiny request to ConstantOfShape / Expand / Tile /
+Range / Loop fed by an INT64 input asked for 250 M floats; the unfixed server crashed (SIGSEGV) encoding
+them under a 4 GB cap. Now every protocol refuses an answer above ``--max-response-bytes`` before
+encoding it (400 / INVALID_ARGUMENT), an allocation that fails inside ONNX Runtime is the same refusal,
+the memory the run took goes back to the system, and the next request is served.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+from harness import CappedServer, serve_capped
+from watch import Watch
+
+from models import value_paced_model, value_sized_models, write_version
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+CAP = 4 * 1024**3  # the unfixed server dies under it on the first attack
+RSS_BOUND = 1024**3  # what the server may hold after the attacks (it starts at ~130 MB)
+PROBE_BOUND = 1.0
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
+    root: Path = tmp_path_factory.mktemp("value_sized")
+    for name, model in value_sized_models().items():
+        write_version(root, name, 1, model)
+    with serve_capped(root, cap_bytes=CAP) as running:
+        yield running
+
+
+def _infer(server: CappedServer, model: str, n: int) -> requests.Response:
+    body = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [n]}]}
+    return requests.post(f"{server.http_url}/v2/models/{model}/infer", json=body, timeout=120)
+
+
+def _assert_serving(server: CappedServer, prober: Watch) -> None:
+    assert server.alive(), server.log()[-3000:]
+    assert not prober.failures, prober.failures
+    assert prober.worst_probe < PROBE_BOUND
+    assert server.rss_bytes() < RSS_BOUND
+    normal = _infer(server, "fill", 3)
+    assert normal.status_code == 200, normal.text
+    assert normal.json()["outputs"][0]["data"] == [1.0, 1.0, 1.0]
+
+
+def test_an_87_byte_request_for_a_gigabyte_is_refused_before_encoding(server: CappedServer) -> None:
+    with Watch(server) as prober:
+        response = _infer(server, "fill", 250_000_000)
+    assert response.status_code == 400
+    message = response.json()["error"]
+    assert "1000000000 bytes" in message
+    assert "--max-response-bytes" in message
+    _assert_serving(server, prober)
+
+
+@pytest.mark.parametrize("model", ["fill", "expand", "tile", "range"])
+def test_sizes_beyond_memory_are_refused_by_the_runtime_as_too_large(server: CappedServer, model: str) -> None:
+    with Watch(server) as prober:
+        for n in (2**40, 2**62):
+            response = _infer(server, model, n)
+            assert response.status_code == 400, response.text
+            assert "could not allocate the memory these input values ask for" in response.json()["error"]
+    _assert_serving(server, prober)
+
+
+def test_a_loop_whose_trip_count_is_the_input_gives_its_memory_back(server: CappedServer) -> None:
+    with Watch(server) as prober:
+        response = _infer(server, "loop", 100_000)  # 100,000 rows of 4 KiB, built one iteration at a time
+    assert response.status_code == 400
+    assert "409600000 bytes" in response.json()["error"]
+    _assert_serving(server, prober)
+
+
+def test_binary_rest_grpc_and_tf_serving_refuse_the_same_way(server: CappedServer) -> None:
+    n = 20_000_000  # 80 MB of FP32 output
+    with Watch(server) as prober:
+        header = b'{"inputs":[{"name":"n","shape":[1],"datatype":"INT64","parameters":{"binary_data_size":8}}],'
+        header += b'"outputs":[{"name":"y","parameters":{"binary_data":true}}]}'
+        binary = requests.post(
+            f"{server.http_url}/v2/models/fill/infer",
+            data=header + struct.pack("<q", n),
+            headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+            timeout=60,
+        )
+        assert binary.status_code == 400
+        assert "--max-response-bytes" in binary.json()["error"]
+
+        tfs = requests.post(f"{server.http_url}/v1/models/fill:predict", json={"inputs": [n]}, timeout=60)
+        assert tfs.status_code == 400
+        assert "--max-response-bytes" in tfs.json()["error"]
+
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            model_infer = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            request = pb.ModelInferRequest(
+                model_name="fill",
+                inputs=[pb.ModelInferRequest.InferInputTensor(name="n", datatype="INT64", shape=[1])],
+                raw_input_contents=[struct.pack("<q", n)],
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                model_infer(request, timeout=60)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "--max-response-bytes" in (refused.value.details() or "")
+    _assert_serving(server, prober)
+
+
+def test_a_run_whose_length_is_an_input_value_is_stopped_at_the_request_timeout(tmp_path: Path) -> None:
+    write_version(tmp_path, "paced", 1, value_paced_model("paced", 64))
+    with serve_capped(tmp_path, "--request-timeout", "1", cap_bytes=CAP) as server, Watch(server) as watch:
+        body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}  # 1e9 products
+        started = time.monotonic()
+        response = requests.post(f"{server.http_url}/v2/models/paced/infer", json=body, timeout=60)
+        assert response.status_code == 504
+        assert "time limit of 1000 ms" in response.json()["error"]
+        assert time.monotonic() - started < 30
+        body["inputs"][0]["data"] = [2.0]
+        served = requests.post(f"{server.http_url}/v2/models/paced/infer", json=body, timeout=60)  # instance free
+        assert served.status_code == 200, served.text
+        assert served.json()["outputs"][0]["data"] == [2.0]
+        assert server.alive()
+    assert watch.worst_probe < PROBE_BOUND
