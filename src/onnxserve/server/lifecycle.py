@@ -165,7 +165,7 @@ async def _serve(
 ) -> None:
     http.loop = asyncio.get_running_loop()
     exposure.warn_if_exposed(http_socket.getsockname()[0])
-    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached, exposure, budget)
+    grpc_server, grpc_port = create_grpc_server(service, settings, exposure=exposure, budget=budget)
     await grpc_server.start()
     background: list[asyncio.Task[None]] = []
     manager = service.manager
