@@ -73,3 +73,17 @@ def test_a_bad_setting_is_refused_naming_its_flag(tmp_path: Any, arguments: list
     result = CliRunner().invoke(app, ["serve", "--model-repository", str(tmp_path), *arguments])
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_flags_become_settings_and_the_secret_comes_from_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxserve.cli.settings_options import settings_from_flags
+
+    monkeypatch.setenv("ONNXSERVE_AUTH_TOKENS", "secret infer")
+    document = settings_from_flags({"load_models": ["a", "b"], "strict_readiness": False, "inference_threads": None})
+    settings = ServerSettings.model_validate(document)
+    assert settings.load_models == ("a", "b")
+    assert settings.strict_readiness is False
+    assert settings.inference_threads >= 4  # absent: computed at start-up
+    assert settings.auth_tokens == "secret infer"
+    monkeypatch.delenv("ONNXSERVE_AUTH_TOKENS")
+    assert ServerSettings.model_validate(settings_from_flags({})).auth_tokens is None
