@@ -99,7 +99,7 @@ def _run_text(
     encodings = [e for w in works for e in w.encodings]
     texts = [t for w in works if w.text is not None for t in w.text.texts]
     pairs = [p for w in works if w.text is not None and w.text.pairs is not None for p in w.text.pairs]
-    batch = TextBatch(texts, pairs if pipeline.is_qa else None)
+    batch = TextBatch(texts, pairs if pipeline.takes_pairs else None)
     encoded = pipeline.tensors(encodings)
     merged_at = time.perf_counter_ns()
     outputs = session.run(encoded.feeds, works[0].fetch, control)

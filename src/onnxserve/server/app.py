@@ -10,7 +10,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.protocols.http import RequestIdMiddleware, error_response
+from onnxserve.protocols.http import ErrorRenderer, RequestIdMiddleware, error_response, render_error
+from onnxserve.protocols.openai import codec as openai_codec
+from onnxserve.protocols.openai import routes as openai
 from onnxserve.protocols.request_body import DEFAULT_MAX_BYTES, RequestBodyLimits
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
@@ -29,6 +31,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         message = exc.detail
     return error_response(message, exc.status_code)
+
+
+def error_renderer(path: str) -> ErrorRenderer:
+    """The error shape of the protocol that owns ``path`` (for refusals made before routing)."""
+    if path in openai.PATHS:
+        return openai_codec.render_error
+    return render_error
 
 
 def metrics_route(metrics: Metrics) -> Route:
@@ -51,7 +60,11 @@ def create_app(
     Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed).
     """
     unreached = metrics.unreached if metrics is not None else None
-    routes = [*v2_rest.routes(service, unreached), *tfserving_rest.routes(service, unreached)]
+    routes = [
+        *v2_rest.routes(service, unreached),
+        *openai.routes(service, unreached),  # before TF Serving: GET /v1/models/{name} answers for both
+        *tfserving_rest.routes(service, unreached),
+    ]
     if metrics is not None:
         routes.append(metrics_route(metrics))
     routes += web_routes(service)  # the web page at / (onnxserve.server.web)
@@ -60,7 +73,7 @@ def create_app(
         exception_handlers={HTTPException: _http_error},
         middleware=[
             Middleware(RequestIdMiddleware),  # outermost: refusals carry X-Request-ID too
-            *([Middleware(BearerAuthMiddleware, tokens=tokens)] if tokens is not None else []),
+            *([Middleware(BearerAuthMiddleware, tokens=tokens, render=error_renderer)] if tokens is not None else []),
             Middleware(RequestBodyLimits, max_bytes=max_request_bytes),  # size, encoding, media type
         ],
     )
