@@ -51,6 +51,13 @@ class EmbeddingModel:
 class Embedded:
     vectors: npt.NDArray[np.float32]  # [N, dimensions]
     tokens: int  # tokens the model read, over every input
+    truncated: int = 0  # texts cut to the model's max length
+
+
+def text_models(service: InferenceService) -> list[str]:
+    """The served models that take text (have a tokenizer) and have a ready version, by name."""
+    names = sorted({e.name for e in service.repository_index(ready_only=True)})
+    return [n for n in names if service.model_metadata(n).pipeline is not None]
 
 
 def text_model(service: InferenceService, model_id: str) -> tuple[str, str | None, ModelMetadata]:
@@ -163,7 +170,8 @@ async def embed(
         tokens = int(sum(int(_output(r, TOKEN_COUNT_OUTPUT).sum()) for r in responses))
     else:
         tokens = sum(len(x) for x in inputs if not isinstance(x, str))
-    return Embedded(truncate(vectors.astype(np.float32), dimensions, model.normalized), tokens)
+    truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
+    return Embedded(truncate(vectors.astype(np.float32), dimensions, model.normalized), tokens, truncated)
 
 
 def truncate(vectors: npt.NDArray[np.float32], dimensions: int | None, normalized: bool) -> npt.NDArray[np.float32]:

@@ -14,6 +14,8 @@ from onnxserve.protocols.http import ErrorRenderer, RequestIdMiddleware, error_r
 from onnxserve.protocols.openai import codec as openai_codec
 from onnxserve.protocols.openai import routes as openai
 from onnxserve.protocols.request_body import DEFAULT_MAX_BYTES, RequestBodyLimits
+from onnxserve.protocols.tei import codec as tei_codec
+from onnxserve.protocols.tei import routes as tei
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
 from onnxserve.server.auth import BearerAuthMiddleware
@@ -37,6 +39,8 @@ def error_renderer(path: str) -> ErrorRenderer:
     """The error shape of the protocol that owns ``path`` (for refusals made before routing)."""
     if path in openai.PATHS:
         return openai_codec.render_error
+    if path in tei.PATHS:
+        return tei_codec.render_error
     return render_error
 
 
@@ -64,6 +68,7 @@ def create_app(
         *v2_rest.routes(service, unreached),
         *openai.routes(service, unreached),  # before TF Serving: GET /v1/models/{name} answers for both
         *tfserving_rest.routes(service, unreached),
+        *tei.routes(service, unreached),
     ]
     if metrics is not None:
         routes.append(metrics_route(metrics))

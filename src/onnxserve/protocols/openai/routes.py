@@ -18,7 +18,7 @@ from starlette.routing import Route
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ModelNotFoundError
 from onnxserve.protocols.context import RequestHook
-from onnxserve.protocols.embeddings import embed, embedding_model
+from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.openai import codec
@@ -27,12 +27,6 @@ from onnxserve.protocols.tfserving_rest.routes import BASES
 
 PATHS = ("/v1/embeddings", "/v1/models")
 """The paths whose errors (including refused tokens) take OpenAI's shape."""
-
-
-def text_models(service: InferenceService) -> list[str]:
-    """The served models that take text (have a tokenizer), with a ready version."""
-    names = sorted({e.name for e in service.repository_index(ready_only=True)})
-    return [n for n in names if service.model_metadata(n).pipeline is not None]
 
 
 def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
