@@ -8,9 +8,10 @@ each followed by a request that still works).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import models
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import ServerConfig, ServerSettings, parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 
 SENTENCES = [
@@ -205,8 +206,12 @@ def test_models_lists_text_models_and_retrieve_keeps_tf_serving_status(secured: 
     assert [m.id for m in api.models.list()] == ["tiny"]
     model = api.models.retrieve("tiny")
     assert (model.id, model.object, model.owned_by) == ("tiny", "model", "onnxserve")
-    status = httpx.get(f"{secured.http_url}/v1/models/add", headers={"authorization": f"Bearer {TOKEN}"})
-    assert status.json()["model_version_status"][0]["state"] == "AVAILABLE"  # TF Serving's status, as before
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    both = httpx.get(f"{secured.http_url}/v1/models/tiny", headers=headers).json()
+    assert both["model_version_status"][0]["state"] == "AVAILABLE"  # TF Serving's keys beside OpenAI's
+    assert both["id"] == "tiny"
+    tensors = httpx.get(f"{secured.http_url}/v1/models/add", headers=headers).json()
+    assert list(tensors) == ["model_version_status"]  # a tensor model: TF Serving's status alone
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("nope")
 
@@ -297,3 +302,39 @@ def test_malformed_json_is_refused_in_openai_shape(secured: RunningServer) -> No
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
     still_serving(secured)
+
+
+def test_openai_and_v2_text_requests_share_batches(
+    tiny_text_version: Path, tmp_path: Path, start_server: Callable[[ServerConfig], RunningServer]
+) -> None:
+    shutil.copytree(tiny_text_version, tmp_path / "tiny" / "1")
+    entry = {
+        "name": "tiny",
+        "base_path": "tiny",
+        "max_batch_size": 8,
+        "dynamic_batching": {"max_queue_delay_us": 500_000},
+    }
+    server = start_server(parse_config({"model_config_list": [entry]}, "test config", tmp_path))
+    texts = [f"the quick brown fox {i}" for i in range(3)]
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+            v2 = [
+                http.post(
+                    "/v2/models/tiny/infer",
+                    json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t]}]},
+                )
+                for t in texts
+            ]
+            openai_calls = [http.post("/v1/embeddings", json={"model": "tiny", "input": t}) for t in texts]
+            return list(await asyncio.gather(*v2, *openai_calls))
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    from_v2 = np.array([r.json()["outputs"][0]["data"] for r in responses[:3]], dtype=np.float32)
+    from_openai = np.array([r.json()["data"][0]["embedding"] for r in responses[3:]], dtype=np.float32)
+    assert np.allclose(from_v2, from_openai, atol=1e-5)
+    (stats,) = server.service.model_statistics("tiny")
+    assert stats.statistics.inference_count == 6
+    # all six rows queue within the 2 s window: one execution, unless the two kinds could not share it
+    assert stats.statistics.execution_count == 1, "V2 and OpenAI requests did not share a batch"

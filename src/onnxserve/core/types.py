@@ -45,7 +45,7 @@ class InferenceRequest:
     id: str | None = None
     outputs: Sequence[str] | None = None  # None: every output of the model
     parameters: Parameters = field(default_factory=dict)
-    protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest"), for metrics
+    protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest", "openai", "tei")
     time_left: float | None = None  # seconds the transport still allows (a gRPC deadline); None: no limit
 
 

@@ -1,9 +1,10 @@
 """OpenAI-compatible endpoints: each one decodes, calls the InferenceService (through
 ``protocols.embeddings``), and encodes.
 
-``GET /v1/models/{name}`` is TF Serving's model status too: it answers one document holding both
-TF Serving's ``model_version_status`` and OpenAI's model object (``id``, ``object``, ``created``,
-``owned_by``), so each client reads the keys it knows; errors there keep TF Serving's shape.
+``GET /v1/models/{name}`` is TF Serving's model status too: for a model that takes text it answers one
+document holding both TF Serving's ``model_version_status`` and OpenAI's model object (``id``,
+``object``, ``created``, ``owned_by``), so each client reads the keys it knows; for a tensor model
+(never listed by ``GET /v1/models``) TF Serving's status alone. Errors there keep TF Serving's shape.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.errors import ModelNotFoundError
+from onnxserve.errors import ModelNotFoundError, OnnxServeError
 from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
@@ -27,6 +28,13 @@ from onnxserve.protocols.tfserving_rest.routes import BASES
 
 PATHS = ("/v1/embeddings", "/v1/models")
 """The paths whose errors (including refused tokens) take OpenAI's shape."""
+
+
+def _takes_text(service: InferenceService, name: str) -> bool:
+    try:
+        return service.model_metadata(name).pipeline is not None
+    except OnnxServeError:  # no ready version: the status says so, in TF Serving's words alone
+        return False
 
 
 def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
@@ -46,7 +54,9 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
         states = service.version_states(name)
         if not states:
             raise ModelNotFoundError(f"model {name!r} has no versions")
-        document = {**tfserving.encode_status(states), **codec.model_object(name, created)}
+        document = tfserving.encode_status(states)
+        if _takes_text(service, name):
+            document.update(codec.model_object(name, created))
         return json_body(orjson.dumps(document))
 
     return [
