@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -338,3 +339,46 @@ def test_openai_and_v2_text_requests_share_batches(
     assert stats.statistics.inference_count == 6
     # all six rows queue within the 2 s window: one execution, unless the two kinds could not share it
     assert stats.statistics.execution_count == 1, "V2 and OpenAI requests did not share a batch"
+
+
+def test_a_full_queue_is_429_with_retry_after_in_openai_shape(
+    tiny_text_version: Path, tmp_path: Path, start_server: Callable[[ServerConfig], RunningServer]
+) -> None:
+    shutil.copytree(tiny_text_version, tmp_path / "tiny" / "1")
+    batching = {"max_queue_delay_us": 2_000_000, "max_queue_size": 2}  # two rows wait for a fuller batch
+    entry = {"name": "tiny", "base_path": "tiny", "max_batch_size": 8, "dynamic_batching": batching}
+    server = start_server(parse_config({"model_config_list": [entry]}, "test config", tmp_path))
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+            calls = [http.post("/v1/embeddings", json={"model": "tiny", "input": f"text {i}"}) for i in range(6)]
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(fire())
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused, [r.status_code for r in responses]
+    assert {r.status_code for r in responses} <= {200, 429}
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    with pytest.raises(openai.RateLimitError):  # what the client's retry logic keys on
+        asyncio.run(fire_one_more(server))
+
+
+async def fire_one_more(server: RunningServer) -> None:
+    """Fill the queue with two waiting texts, then ask through the real client while they wait."""
+    async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as http:
+        waiting = [
+            asyncio.ensure_future(http.post("/v1/embeddings", json={"model": "tiny", "input": f"w {i}"}))
+            for i in range(2)
+        ]
+        scheduler = server.service.registry.resolve("tiny", None).scheduler
+        deadline = time.monotonic() + 30
+        while scheduler.queued() < 2 and time.monotonic() < deadline:  # both are waiting in the queue
+            await asyncio.sleep(0.005)
+        api = openai.AsyncOpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0)
+        try:
+            await api.embeddings.create(model="tiny", input="one too many")
+        finally:
+            await api.close()
+            await asyncio.gather(*waiting)
