@@ -27,6 +27,9 @@ _REQUEST_ID_HEADER = context.REQUEST_ID_METADATA.encode("ascii")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
+ErrorRenderer = Callable[[OnnxServeError | None, str, int], Response]
+"""A protocol's error body: (the domain error, None for an unexpected one; its public message; the status)."""
+
 
 def json_body(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type=JSON)
@@ -38,6 +41,11 @@ def error_response(message: str, status: int, retry_after: bool = False) -> Resp
     if retry_after:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
+
+
+def render_error(error: OnnxServeError | None, message: str, status: int) -> Response:
+    """The ``ErrorRenderer`` of KServe V2 and TF Serving: ``{"error": message}``."""
+    return error_response(message, status)
 
 
 def requested_target(request: Request) -> tuple[str, str]:
@@ -95,6 +103,7 @@ def guarded(
     *,
     protocol: str = "",
     record_unreached: context.RequestHook | None = None,
+    render: ErrorRenderer = render_error,
 ) -> Endpoint:
     """Turn domain errors into error bodies with their kind's status; hide anything else behind a 500.
 
@@ -105,8 +114,11 @@ def guarded(
     def failed(request: Request, error: OnnxServeError | None) -> Response:
         if error is None:
             log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-            return error_response("internal server error", 500)
-        return error_response(public_message(error), statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
+            return render(None, "internal server error", 500)
+        response = render(error, public_message(error), statuses[error.kind])
+        if error.kind is ErrorKind.RESOURCE_EXHAUSTED:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
 
     if record_unreached is None:
 
