@@ -93,3 +93,8 @@ def perf_analyzer_input(row: dict[str, npt.NDArray[np.int64]], path: Path) -> Pa
 def v2_text_body(sentence: str) -> bytes:
     """A KServe V2 JSON request sending one text to a text model."""
     return orjson.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [sentence]}]})
+
+
+def openai_embeddings_body(sentence: str) -> bytes:
+    """An OpenAI-compatible ``/v1/embeddings`` request embedding one text with the demo model."""
+    return orjson.dumps({"model": "minilm", "input": [sentence], "encoding_format": "float"})

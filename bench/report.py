@@ -169,6 +169,23 @@ def evaluate(rows: Sequence[Row], torchserve_note: str) -> list[Target]:
     else:
         targets.append(Target("text, concurrency 32", "batching on >= 2 x batching off", "-", None, _missing(on, off)))
 
+    v2 = find(rows, "text", ONNXSERVE_ON, 32, "V2 HTTP JSON (text)")
+    openai = find(rows, "text", ONNXSERVE_ON, 32, "OpenAI /v1/embeddings (text)")
+    wanted = "/v1/embeddings >= 0.95 x V2 text (batching on)"
+    if v2 is not None and openai is not None and v2.summary is not None and openai.summary is not None:
+        ratio = openai.summary.throughput / v2.summary.throughput if v2.summary.throughput > 0 else math.inf
+        targets.append(
+            Target(
+                "embeddings API, concurrency 32",
+                wanted,
+                f"{ratio:.2f} x ({openai.summary.throughput:.0f} vs {v2.summary.throughput:.0f} texts/s)",
+                ratio >= 0.95,
+                f"same server, batching and texts{_noise(openai, v2)}",
+            )
+        )
+    else:
+        targets.append(Target("embeddings API, concurrency 32", wanted, "-", None, _missing(v2, openai)))
+
     for protocol in ("V2 HTTP JSON", "V2 HTTP binary", "V2 gRPC"):
         row = find(rows, "overhead", ONNXSERVE_OFF, 1, protocol)
         added = row.added_p50_ms if row is not None else None

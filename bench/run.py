@@ -244,6 +244,10 @@ def _text_points(servers: Servers, ts: workloads.TorchServeRun, settings: Settin
             if isinstance(server, OnnxServer):
                 target = workloads.onnxserve_text_target(server, SENTENCES)
                 points.append(workloads.text_point(target, side, workloads.TEXT_PROTOCOL, c, settings, server))
+                if side == ONNXSERVE_ON:  # the same texts, batching and concurrency over /v1/embeddings
+                    embeddings = workloads.onnxserve_embeddings_target(server, SENTENCES)
+                    protocol = workloads.EMBEDDINGS_PROTOCOL
+                    points.append(workloads.text_point(embeddings, side, protocol, c, settings, server))
             else:
                 row = Row("text", side, workloads.TEXT_PROTOCOL, c, "aiohttp closed loop", "texts")
                 points.append(workloads.failed_point(row, server))

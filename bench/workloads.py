@@ -18,7 +18,7 @@ from typing import Any
 
 from bench import inprocess, loadgen
 from bench.cpu import CpuMeter
-from bench.data import TOKENS, v2_text_body
+from bench.data import TOKENS, openai_embeddings_body, v2_text_body
 from bench.perf_analyzer import PerfAnalyzer, Protocol
 from bench.report import TORCHSERVE, Row
 from bench.server import OnnxServer
@@ -37,6 +37,7 @@ OVERHEAD_PROTOCOLS: tuple[tuple[str, Protocol, bool], ...] = (
 )
 TENSORS_PROTOCOL = "V2 gRPC"
 TEXT_PROTOCOL = "V2 HTTP JSON (text)"
+EMBEDDINGS_PROTOCOL = "OpenAI /v1/embeddings (text)"
 TORCHSERVE_PROTOCOL = "TorchServe REST (text/plain)"
 TORCHSERVE_PROBE_CONCURRENCY = 8
 TORCHSERVE_PROBE_ROUNDS = 2
@@ -159,6 +160,15 @@ def onnxserve_text_target(server: OnnxServer, sentences: Sequence[str]) -> loadg
     return loadgen.HttpTarget(
         f"{server.http_url}/v2/models/minilm/infer",
         [v2_text_body(s) for s in sentences],
+        {"Content-Type": "application/json"},
+    )
+
+
+def onnxserve_embeddings_target(server: OnnxServer, sentences: Sequence[str]) -> loadgen.HttpTarget:
+    """The same texts as ``onnxserve_text_target``, through the OpenAI-compatible embeddings route."""
+    return loadgen.HttpTarget(
+        f"{server.http_url}/v1/embeddings",
+        [openai_embeddings_body(s) for s in sentences],
         {"Content-Type": "application/json"},
     )
 

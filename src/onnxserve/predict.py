@@ -7,9 +7,13 @@ pipeline (or sentence-transformers, for sentence embeddings) returns for the tas
 - text-classification: ``[{"label", "score"}]``;
 - token-classification: a list of entities ``{"entity", "score", "index", "word", "start", "end"}`` per text;
 - question-answering: ``[{"score", "start", "end", "answer"}]`` (pass ``context=``);
-- fill-mask: ``[[{"score", "token", "token_str", "sequence"}, ...]]``, the top 5 per text.
+- fill-mask: ``[[{"score", "token", "token_str", "sequence"}, ...]]``, the top 5 per text;
+- text-ranking (cross-encoders): a float32 array of relevance scores in [0, 1], one per (query, text)
+  pair, as sentence-transformers' ``CrossEncoder.predict`` gives; pass ``[(query, text), ...]``, or
+  queries with ``context=`` the texts (one query is paired with every text). ``rank(query, texts)``
+  answers ``[{"corpus_id", "score"}]``, best first, like ``CrossEncoder.rank``.
 
-A single string gives a single result instead of a list.
+A single string (or pair) gives a single result instead of a list.
 """
 
 from __future__ import annotations
@@ -55,7 +59,14 @@ class Pipeline:
         outputs = self.session.run(encoded.feeds, list(self.spec.outputs))
         return self.text.postprocess(outputs, encoded, batch, self.text.defaults), encoded
 
-    def __call__(self, inputs: str | Sequence[str], context: str | Sequence[str] | None = None) -> Any:
+    def __call__(
+        self, inputs: str | Sequence[str] | Sequence[tuple[str, str]], context: str | Sequence[str] | None = None
+    ) -> Any:
+        if self.task == "text-ranking":
+            return self._score(inputs, context)
+        if not (isinstance(inputs, str) or all(isinstance(x, str) for x in inputs)):
+            raise InvalidInputError(f"a {self.task} model takes texts, not pairs")
+        inputs = [str(x) for x in inputs] if not isinstance(inputs, str) else inputs
         single = isinstance(inputs, str)
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         contexts = None if context is None else ([context] if isinstance(context, str) else list(context))
@@ -66,6 +77,34 @@ class Pipeline:
         results, encoded = self.run(TextBatch(texts, contexts))
         rows = _rows(self.task, results, encoded, self.spec.pooling)
         return rows[0] if single else rows
+
+    def _score(self, inputs: Any, context: str | Sequence[str] | None) -> Any:
+        single = isinstance(inputs, tuple) or (isinstance(inputs, str) and isinstance(context, str))
+        if context is None:
+            pairs = [inputs] if isinstance(inputs, tuple) else list(inputs)
+            if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+                raise InvalidInputError("text-ranking scores (query, text) pairs: pass pairs, or queries and context=")
+            queries, texts = [str(p[0]) for p in pairs], [str(p[1]) for p in pairs]
+        else:
+            queries = [inputs] if isinstance(inputs, str) else [str(q) for q in inputs]
+            texts = [context] if isinstance(context, str) else list(context)
+            if len(queries) == 1:
+                queries = queries * len(texts)
+            if len(queries) != len(texts):
+                raise InvalidInputError(
+                    f"{len(queries)} queries but {len(texts)} texts; give one query or one per text"
+                )
+        results, _ = self.run(TextBatch(queries, texts))
+        scores = results["score"]
+        return float(scores[0]) if single else scores
+
+    def rank(self, query: str, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """``[{"corpus_id", "score"}]`` for a text-ranking model, highest score first."""
+        if self.task != "text-ranking":
+            raise InvalidInputError(f"rank() needs a text-ranking model, not {self.task}")
+        scores = self._score(query, list(texts))
+        order = sorted(range(len(texts)), key=lambda i: -float(scores[i]))
+        return [{"corpus_id": i, "score": float(scores[i])} for i in order]
 
 
 def _rows(task: str, results: Arrays, encoded: Encoded, pooling: str) -> Any:

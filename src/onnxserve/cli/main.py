@@ -81,7 +81,8 @@ def export_hf(
     task: Annotated[
         str,
         typer.Option(
-            help="feature-extraction, text-classification, token-classification, question-answering or fill-mask."
+            help="feature-extraction, text-classification, token-classification, question-answering, fill-mask "
+            "or text-ranking (cross-encoders)."
         ),
     ],
     output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/minilm/1.")],
@@ -204,9 +205,15 @@ def export_sklearn(
 @app.command()
 def predict(
     folder: Annotated[Path, typer.Argument(help="A text model version folder (from `onnxserve export hf`).")],
-    texts: Annotated[list[str], typer.Argument(help="Texts (questions, for question-answering).")],
+    texts: Annotated[
+        list[str], typer.Argument(help="Texts (questions for question-answering, the query for text-ranking).")
+    ],
     context: Annotated[
-        list[str] | None, typer.Option(help="question-answering: the context, once per question.")
+        list[str] | None,
+        typer.Option(
+            help="question-answering: the context, once per question; text-ranking: the texts to score "
+            "against the query (repeat the option)."
+        ),
     ] = None,
 ) -> None:
     """Run a text model locally, without a server, and print the results as JSON."""

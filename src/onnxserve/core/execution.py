@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from onnxserve.core.pipeline import TextBatch, TextPipeline
+from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.types import TensorSpec
 
@@ -37,9 +37,9 @@ class Work:
 
     @property
     def key(self) -> Hashable:
-        """Works with equal keys may share a batch."""
+        """Works with equal keys may share a batch (token counts are computed for any work that asks)."""
         if self.text is not None:
-            return ("text", tuple(self.fetch), tuple(self.answer))
+            return ("text", tuple(self.fetch), tuple(a for a in self.answer if a != TOKEN_COUNT_OUTPUT))
         assert self.feeds is not None
         shapes = tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in self.feeds.items()))
         return ("tensors", shapes, tuple(self.fetch))
@@ -99,12 +99,15 @@ def _run_text(
     encodings = [e for w in works for e in w.encodings]
     texts = [t for w in works if w.text is not None for t in w.text.texts]
     pairs = [p for w in works if w.text is not None and w.text.pairs is not None for p in w.text.pairs]
-    batch = TextBatch(texts, pairs if pipeline.is_qa else None)
+    batch = TextBatch(texts, pairs if pipeline.takes_pairs else None)
     encoded = pipeline.tensors(encodings)
     merged_at = time.perf_counter_ns()
     outputs = session.run(encoded.feeds, works[0].fetch, control)
     ran_at = time.perf_counter_ns()
-    answered = pipeline.postprocess(outputs, encoded, batch, works[0].answer)
+    answer = [a for a in works[0].answer if a != TOKEN_COUNT_OUTPUT]
+    if any(TOKEN_COUNT_OUTPUT in w.answer for w in works):
+        answer.append(TOKEN_COUNT_OUTPUT)
+    answered = pipeline.postprocess(outputs, encoded, batch, answer)
     padded = encoded.feeds["input_ids"].shape[1]
     sequence_outputs = {s.name for s in output_specs if len(s.shape) >= 2 and s.shape[1] < 0}
     results = []
@@ -113,7 +116,7 @@ def _run_text(
         for name in sequence_outputs & set(part):
             if part[name].shape[1] == padded:
                 part[name] = part[name][:, :own]
-        results.append(part)
+        results.append({name: part[name] for name in work.answer})
     done = time.perf_counter_ns()
     return [
         Outcome(

@@ -23,7 +23,7 @@ class RequestRecord:
 
     model: str
     version: str
-    protocol: str  # the front end it came through: "v2_rest", "v2_grpc", "tfserving_rest", or "" (Python API)
+    protocol: str  # the front end: "v2_rest", "v2_grpc", "tfserving_rest", "openai", "tei", or "" (Python API)
     error: ErrorKind | None  # None: answered
     rows: int
     queue_ns: int

@@ -63,6 +63,15 @@ TEXT_INPUT = "text"
 QUESTION_INPUT, CONTEXT_INPUT = "question", "context"
 """question-answering's text inputs."""
 
+QUERY_INPUT = "query"
+"""text-ranking's query input; each query pairs with the text of the ``text`` input at the same row."""
+
+PAIR_INPUTS: dict[str, tuple[str, str]] = {
+    "question-answering": (QUESTION_INPUT, CONTEXT_INPUT),
+    "text-ranking": (QUERY_INPUT, TEXT_INPUT),
+}
+"""The two text inputs of the tasks that take pairs of texts."""
+
 EMBEDDING_OUTPUT = "embedding"
 """feature-extraction's text output: the pooled sentence embedding, or token embeddings without pooling."""
 
@@ -72,11 +81,18 @@ TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "token-classification": ("entities", "logits"),
     "question-answering": ("answer", "score", "start", "end"),
     "fill-mask": ("token_str", "score", "token", "sequence"),
+    "text-ranking": ("score",),
 }
 """What a text request gets back by default, per task."""
 
-OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"text-classification": ("probabilities", "class_labels")}
-"""Task results a text request gets only when it names them."""
+TOKEN_COUNT_OUTPUT = "token_count"
+"""Every text task's optional result: the tokens of each text (after truncation, special tokens included)."""
+
+OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "text-classification": ("probabilities", "class_labels"),
+    "text-ranking": ("raw_score",),
+}
+"""Task results a text request gets only when it names them (besides ``token_count``, which every task has)."""
 
 
 @dataclass(frozen=True)
@@ -133,32 +149,38 @@ class TextPipeline:
     def is_qa(self) -> bool:
         return self.spec.task == "question-answering"
 
+    @property
+    def takes_pairs(self) -> bool:
+        return self.spec.task in PAIR_INPUTS
+
     def text_of(self, request: InferenceRequest) -> TextBatch | None:
         """The texts a request sends, or None when it sends token tensors for the graph itself."""
         by_name = {t.name: t for t in request.inputs}
-        if self.is_qa and (QUESTION_INPUT in by_name or CONTEXT_INPUT in by_name):
-            return self._pairs(by_name)
+        pair = PAIR_INPUTS.get(self.spec.task)
+        if pair is not None and (pair[0] in by_name or pair[1] in by_name):
+            return self._pairs(by_name, *pair)
         carrier = by_name.get(TEXT_INPUT)
         if carrier is None:
             carrier = by_name.get("input_ids")
             if carrier is None or not carrier.datatype.is_bytes:
                 return None
-        if self.is_qa:
-            raise InvalidInputError(f"question-answering takes '{QUESTION_INPUT}' and '{CONTEXT_INPUT}' texts")
+        if pair is not None:
+            raise InvalidInputError(f"{self.spec.task} takes '{pair[0]}' and '{pair[1]}' texts")
         _no_others(carrier.name, by_name)
         return TextBatch(_texts(carrier))
 
-    def _pairs(self, by_name: dict[str, Tensor]) -> TextBatch:
-        for name in (QUESTION_INPUT, CONTEXT_INPUT):
+    def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:
+        task = self.spec.task
+        for name in (first, second):
             if name not in by_name:
-                raise InvalidInputError(f"question-answering needs both '{QUESTION_INPUT}' and '{CONTEXT_INPUT}'")
-        extra = sorted(set(by_name) - {QUESTION_INPUT, CONTEXT_INPUT})
+                raise InvalidInputError(f"{task} needs both '{first}' and '{second}'")
+        extra = sorted(set(by_name) - {first, second})
         if extra:
-            raise InvalidInputError(f"question-answering takes only question and context; remove {', '.join(extra)}")
-        questions, contexts = _texts(by_name[QUESTION_INPUT]), _texts(by_name[CONTEXT_INPUT])
-        if len(questions) != len(contexts):
-            raise InvalidInputError(f"{len(questions)} questions but {len(contexts)} contexts; give one per question")
-        return TextBatch(questions, contexts)
+            raise InvalidInputError(f"{task} takes only {first} and {second}; remove {', '.join(extra)}")
+        firsts, seconds = _texts(by_name[first]), _texts(by_name[second])
+        if len(firsts) != len(seconds):
+            raise InvalidInputError(f"{len(firsts)} {first} texts but {len(seconds)} {second} texts; give one per row")
+        return TextBatch(firsts, seconds)
 
     def encode(self, batch: TextBatch) -> Encoded:
         """Token tensors for the batch, padded to the longest with the tokenizer's pad id."""
@@ -189,7 +211,7 @@ class TextPipeline:
     ) -> tuple[list[str], list[str]]:
         """The graph outputs to compute and the names to answer with, for a text request."""
         wanted = list(requested) if requested else list(self.defaults)
-        extras = OPTIONAL_OUTPUTS.get(self.spec.task, ())
+        extras = (*OPTIONAL_OUTPUTS.get(self.spec.task, ()), TOKEN_COUNT_OUTPUT)
         for name in wanted:
             if name not in self.defaults and name not in extras and name not in graph_outputs:
                 known = ", ".join([*self.defaults, *extras, *(g for g in graph_outputs if g not in self.defaults)])
@@ -215,9 +237,13 @@ class TextPipeline:
             results = text_tasks.question_answering(
                 outputs["start_logits"], outputs["end_logits"], encoded.encodings, batch.pairs
             )
+        elif task == "text-ranking":
+            results = text_tasks.text_ranking(outputs["logits"])
         else:
             assert self._mask_id is not None
             results = text_tasks.fill_mask(outputs["logits"], encoded.encodings, self.tokenizer, self._mask_id)
+        if TOKEN_COUNT_OUTPUT in wanted:
+            results[TOKEN_COUNT_OUTPUT] = np.array([len(e.ids) for e in encoded.encodings], dtype=np.int64)
         return {name: results[name] if name in results else outputs[name] for name in wanted}
 
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Any
+
+from tokenizers import Encoding
 
 from onnxserve import __version__
 from onnxserve.core import datatypes
@@ -236,7 +240,23 @@ class InferenceService:
             inputs=model.inputs,
             outputs=model.outputs,
             task=model.pipeline.spec.task if model.pipeline is not None else None,
+            pipeline=model.pipeline.spec if model.pipeline is not None else None,
+            vocabulary_size=model.pipeline.tokenizer.get_vocab_size(True) if model.pipeline is not None else 0,
         )
+
+    async def tokenize(
+        self, name: str, version: str | None, texts: Sequence[str], special_tokens: bool = True
+    ) -> list[Encoding]:
+        """The model's tokenizer's encodings of ``texts`` (truncated to its max length), off the event loop."""
+        model = self.registry.resolve(name, version)
+        pipeline = model.pipeline
+        if pipeline is None:
+            raise InvalidInputError(f"model {name!r} takes tensors, not text: it has no tokenizer")
+        if not texts:
+            raise InvalidInputError("no text to tokenize; send at least one")
+        encode = partial(pipeline.tokenizer.encode_batch, list(texts), add_special_tokens=special_tokens)
+        encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
+        return encodings
 
     def model_configuration(self, name: str, version: str | None = None) -> ModelConfiguration:
         model = self.registry.resolve(name, version)

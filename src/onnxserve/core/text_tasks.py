@@ -161,3 +161,20 @@ def fill_mask(
         "score": scores,
         "sequence": strings(sequences).reshape(shape),
     }
+
+
+def ranking_logit(logits: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    """A cross-encoder's relevance logit per pair: its one logit, or with two classes the positive one's
+    margin over the negative (so that its sigmoid is the positive class's softmax probability)."""
+    if logits.ndim != 2 or logits.shape[-1] not in (1, 2):
+        raise InvalidInputError(f"text-ranking needs one or two logits per pair, the model gives {logits.shape[1:]}")
+    raw = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
+    result: npt.NDArray[np.float32] = raw.astype(np.float32)
+    return result
+
+
+def text_ranking(logits: npt.NDArray[Any]) -> Arrays:
+    """``score``: each (query, text) pair's relevance in [0, 1] (the sigmoid of ``raw_score``, what
+    sentence-transformers' ``CrossEncoder`` predicts for one-logit models), and the ``raw_score`` logit."""
+    raw = ranking_logit(logits)
+    return {"score": sigmoid(raw), "raw_score": raw}

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from onnxserve.core.datatypes import DataType
+
+if TYPE_CHECKING:
+    from onnxserve.core.pipeline import PipelineSpec
 
 Parameters = Mapping[str, Any]
 """Request and response parameters: string keys to bool, int, float or str values."""
@@ -42,7 +45,7 @@ class InferenceRequest:
     id: str | None = None
     outputs: Sequence[str] | None = None  # None: every output of the model
     parameters: Parameters = field(default_factory=dict)
-    protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest"), for metrics
+    protocol: str = ""  # the front end it came through ("v2_rest", "v2_grpc", "tfserving_rest", "openai", "tei")
     time_left: float | None = None  # seconds the transport still allows (a gRPC deadline); None: no limit
 
 
@@ -86,6 +89,8 @@ class ModelMetadata:
     inputs: Sequence[TensorSpec]
     outputs: Sequence[TensorSpec]
     task: str | None = None  # the text pipeline's task, for models that carry a tokenizer
+    pipeline: PipelineSpec | None = None  # the whole text pipeline spec (pooling, labels, max length, ...)
+    vocabulary_size: int = 0  # the tokenizer's token ids are below this (0: no tokenizer)
 
 
 @dataclass(frozen=True)

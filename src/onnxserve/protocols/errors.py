@@ -26,6 +26,12 @@ HTTP_STATUS: dict[ErrorKind, int] = {
 TFSERVING_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
 """TF Serving maps RESOURCE_EXHAUSTED to 429 (KServe V2 / Triton answer 503)."""
 
+OPENAI_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
+"""The OpenAI-compatible API: 429 (with Retry-After) when the queue is full, so its clients back off and retry."""
+
+TEI_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.INVALID_INPUT: 422, ErrorKind.RESOURCE_EXHAUSTED: 429}
+"""Text-embeddings-inference's routes: 422 for a request it cannot take, 429 when overloaded."""
+
 RETRY_AFTER_SECONDS = 1
 """Sent as Retry-After with every RESOURCE_EXHAUSTED answer over HTTP."""
 

@@ -31,6 +31,9 @@ _REQUEST_ID_HEADER = context.REQUEST_ID_METADATA.encode("ascii")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
+ErrorRenderer = Callable[[OnnxServeError | None, str, int], Response]
+"""A protocol's error body: (the domain error, None for an unexpected one; its public message; the status)."""
+
 
 def json_body(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type=JSON)
@@ -42,6 +45,11 @@ def error_response(message: str, status: int, retry_after: bool = False) -> Resp
     if retry_after:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
+
+
+def render_error(error: OnnxServeError | None, message: str, status: int) -> Response:
+    """The ``ErrorRenderer`` of KServe V2 and TF Serving: ``{"error": message}``."""
+    return error_response(message, status)
 
 
 def requested_target(request: Request) -> tuple[str, str]:
@@ -56,12 +64,20 @@ def _target(params: Mapping[str, Any]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class EndpointRole:
-    """What ``guarded`` made of an endpoint: its protocol's status table and, for an inference
-    endpoint, the service that counts its requests."""
+    """What ``guarded`` made of an endpoint: its protocol's status table and error shape and, for an
+    inference endpoint, the service that counts its requests."""
 
     statuses: Mapping[ErrorKind, int]
+    render: ErrorRenderer
     protocol: str = ""
     service: InferenceService | None = None
+
+    def answer(self, error: OnnxServeError) -> Response:
+        """The protocol's answer to a domain error: its shape, its kind's status, Retry-After when busy."""
+        response = self.render(error, public_message(error), self.statuses[error.kind])
+        if error.kind is ErrorKind.RESOURCE_EXHAUSTED:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
 
 
 _ROLE = "onnxserve_role"
@@ -79,10 +95,11 @@ def refuse_before_routing(scope: Scope, error: OnnxServeError) -> Response:
             role = getattr(getattr(route, "endpoint", None), _ROLE, None)
             params = child.get("path_params", {})
             break
-    statuses = role.statuses if role is not None else HTTP_STATUS
-    if role is not None and role.service is not None:
+    if role is None:
+        role = EndpointRole(HTTP_STATUS, render_error)
+    elif role.service is not None:
         role.service.refused(role.protocol, *_target(params), error)
-    return error_response(public_message(error), statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
+    return role.answer(error)
 
 
 CLIENT_CLOSED_REQUEST = 499
@@ -133,6 +150,7 @@ def guarded(
     *,
     protocol: str = "",
     service: InferenceService | None = None,
+    render: ErrorRenderer = render_error,
 ) -> Endpoint:
     """Turn domain errors into error bodies with their kind's status; hide anything else behind a 500.
 
@@ -141,11 +159,13 @@ def guarded(
     disconnects cancels it.
     """
 
+    role = EndpointRole(statuses, render, protocol, service)
+
     def failed(request: Request, error: OnnxServeError | None) -> Response:
         if error is None:
             log.exception("unexpected error while handling %s %s", request.method, request.url.path)
-            return error_response("internal server error", 500)
-        return error_response(public_message(error), statuses[error.kind], error.kind is ErrorKind.RESOURCE_EXHAUSTED)
+            return render(None, "internal server error", 500)
+        return role.answer(error)
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -158,7 +178,7 @@ def guarded(
         except Exception:
             return failed(request, None)
 
-    setattr(endpoint, _ROLE, EndpointRole(statuses, protocol, service))
+    setattr(endpoint, _ROLE, role)
     return endpoint
 
 

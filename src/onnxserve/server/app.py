@@ -10,9 +10,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.service import InferenceService
-from onnxserve.protocols.http import RequestIdMiddleware, error_response
+from onnxserve.protocols.http import ErrorRenderer, RequestIdMiddleware, error_response, render_error
 from onnxserve.protocols.inflight import InflightBytes
+from onnxserve.protocols.openai import codec as openai_codec
+from onnxserve.protocols.openai import routes as openai
 from onnxserve.protocols.request_body import DEFAULT_MAX_BYTES, RequestBodyLimits
+from onnxserve.protocols.tei import codec as tei_codec
+from onnxserve.protocols.tei import routes as tei
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
 from onnxserve.server.auth import BearerAuthMiddleware
@@ -30,6 +34,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         message = exc.detail
     return error_response(message, exc.status_code)
+
+
+def error_renderer(path: str) -> ErrorRenderer:
+    """The error shape of the protocol that owns ``path`` (for refusals made before routing)."""
+    if path in openai.PATHS:
+        return openai_codec.render_error
+    if path in tei.PATHS:
+        return tei_codec.render_error
+    return render_error
 
 
 def metrics_route(metrics: Metrics) -> Route:
@@ -53,7 +66,12 @@ def create_app(
     Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed;
     held within ``budget``, the request bytes in flight shared with gRPC, when one is given).
     """
-    routes = [*v2_rest.routes(service), *tfserving_rest.routes(service)]
+    routes = [
+        *v2_rest.routes(service),
+        *openai.routes(service),  # before TF Serving: GET /v1/models/{name} answers for both
+        *tfserving_rest.routes(service),
+        *tei.routes(service),
+    ]
     if metrics is not None:
         routes.append(metrics_route(metrics))
     routes += web_routes(service)  # the web page at / (onnxserve.server.web)
@@ -62,7 +80,7 @@ def create_app(
         exception_handlers={HTTPException: _http_error},
         middleware=[
             Middleware(RequestIdMiddleware),  # outermost: refusals carry X-Request-ID too
-            *([Middleware(BearerAuthMiddleware, tokens=tokens)] if tokens is not None else []),
+            *([Middleware(BearerAuthMiddleware, tokens=tokens, render=error_renderer)] if tokens is not None else []),
             Middleware(RequestBodyLimits, max_bytes=max_request_bytes, budget=budget),  # size, encoding, media type
         ],
     )

@@ -9,9 +9,11 @@ HTTP                                                   scope
 ``GET /v2/health/live``, ``GET /v2/health/ready``      open
 ``/v2/repository/...`` (index, load, unload)           ``control``
 ``GET /metrics``                                       ``metrics``
-everything else (V2 and TF Serving: inference,         ``infer``
-metadata, model readiness, config, statistics,
-and any path that does not exist)
+everything else (V2, TF Serving, OpenAI-compatible     ``infer``
+``/v1/embeddings`` and ``/v1/models``, TEI-compatible
+``/embed``, ``/rerank``, ``/predict``, ``/tokenize``,
+``/info``: inference, metadata, model readiness,
+config, statistics, and any path that does not exist)
 =====================================================  ============================================
 
 gRPC follows the same rule: ServerLive and ServerReady are open; RepositoryIndex,
@@ -23,7 +25,8 @@ The token travels as ``Authorization: Bearer TOKEN`` (HTTP header, or gRPC metad
 (``WWW-Authenticate: Bearer``) / UNAUTHENTICATED; a known token without the scope with 403 /
 PERMISSION_DENIED. Refusals happen before the request body is read or the request is routed (over
 gRPC: before the request message is received, see ``_refusal``), and their bodies are each
-protocol's usual error (``{"error": ...}``, a gRPC status message).
+protocol's usual error (``{"error": ...}``, OpenAI's ``{"error": {"message", ...}}``, a gRPC status
+message): the middleware asks ``render(path)`` for the path's error shape.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from onnxserve.errors import OnnxServeError, PermissionDeniedError, UnauthenticatedError
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import GRPC_STATUS, HTTP_STATUS
-from onnxserve.protocols.http import error_response
+from onnxserve.protocols.http import ErrorRenderer, render_error
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.tokens import Scope as TokenScope
 from onnxserve.server.tokens import TokenTable
@@ -109,9 +112,12 @@ def _challenge(error: OnnxServeError, presented: bool, needed: TokenScope) -> st
 class BearerAuthMiddleware:
     """ASGI middleware: refuse HTTP requests whose token lacks the scope their path needs (see the module)."""
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable) -> None:
+    def __init__(
+        self, app: ASGIApp, tokens: TokenTable, render: Callable[[str], ErrorRenderer] = lambda path: render_error
+    ) -> None:
         self.app = app
         self.tokens = tokens
+        self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         needed = http_scope(scope["path"]) if scope["type"] == "http" else None
@@ -123,7 +129,7 @@ class BearerAuthMiddleware:
             authorize(self.tokens, credentials, needed)
         except (UnauthenticatedError, PermissionDeniedError) as e:
             log.info("refused %s %s: %s", scope.get("method"), scope["path"], e.message)
-            response = error_response(e.message, HTTP_STATUS[e.kind])
+            response = self.render(scope["path"])(e, e.message, HTTP_STATUS[e.kind])
             response.headers["WWW-Authenticate"] = _challenge(e, bool(credentials), needed)
             await response(scope, receive, send)
             return

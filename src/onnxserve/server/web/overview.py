@@ -14,9 +14,8 @@ from pathlib import Path
 import onnx
 
 from onnxserve.core.pipeline import (
-    CONTEXT_INPUT,
     OPTIONAL_OUTPUTS,
-    QUESTION_INPUT,
+    PAIR_INPUTS,
     TASK_OUTPUTS,
     TEXT_INPUT,
 )
@@ -170,7 +169,7 @@ def _text_interface(model: ModelVersion) -> TextInterface | None:
     if model.pipeline is None:
         return None
     spec = model.pipeline.spec
-    inputs = (QUESTION_INPUT, CONTEXT_INPUT) if model.pipeline.is_qa else (TEXT_INPUT,)
+    inputs = PAIR_INPUTS.get(spec.task, (TEXT_INPUT,))
     return TextInterface(
         task=spec.task,
         inputs=inputs,

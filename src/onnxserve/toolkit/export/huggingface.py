@@ -27,7 +27,7 @@ from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
 from onnxserve.toolkit.export.environment import require
 from onnxserve.toolkit.export.staging import staging_folder
-from onnxserve.toolkit.validate import Arrays, ValidationReport, compare
+from onnxserve.toolkit.validate import Arrays, CaseResult, ValidationReport, compare
 
 TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "feature-extraction": ("AutoModel", ("last_hidden_state",)),
@@ -35,6 +35,7 @@ TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "token-classification": ("AutoModelForTokenClassification", ("logits",)),
     "question-answering": ("AutoModelForQuestionAnswering", ("start_logits", "end_logits")),
     "fill-mask": ("AutoModelForMaskedLM", ("logits",)),
+    "text-ranking": ("AutoModelForSequenceClassification", ("logits",)),  # cross-encoders: (query, text) pairs
 }
 """Each task: the transformers auto class that loads it, and the graph outputs it exports."""
 
@@ -57,6 +58,10 @@ _SAMPLE_TEXTS = (
     "Sentence embeddings map text to vectors so that similar meanings land close together, "
     "which makes them useful for search, clustering and deduplication.",
 )
+_SAMPLE_QUERIES = ("What serves this model?", "Which animal jumps over the dog?", "How are embeddings used?")
+"""Queries that text-ranking validation ranks ``_SAMPLE_TEXTS`` for."""
+RANKING_LABELS = (1, 2)
+"""Cross-encoders give one relevance logit, or two classes whose second is "relevant"."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,11 @@ def export_huggingface(
         with console.status(f"loading {folder}"):
             model, tokenizer = _load(folder, TASKS[options.task][0])
         input_names = _input_names(model, tokenizer)
+        if options.task == "text-ranking" and model.config.num_labels not in RANKING_LABELS:
+            raise ExportError(
+                f"text-ranking needs a cross-encoder with one relevance logit or two classes; this model has "
+                f"{model.config.num_labels} labels (use --task text-classification)"
+            )
         output_names = list(TASKS[options.task][1])
         if pooling != "none":
             output_names.append("sentence_embedding")
@@ -184,6 +194,8 @@ def export_huggingface(
         with console.status("validating the ONNX model against PyTorch"):
             try:
                 report = _validate(wrapper, tokenizer, input_names, model_file, max_length, options)
+                if options.task == "text-ranking":
+                    report.cases += _validate_ranking(wrapper, tokenizer, input_names, model_file, max_length, options)
             except (RuntimeError, ValueError, IndexError) as e:  # PyTorch or the runtime refused a case
                 raise ExportError(f"validation could not run: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         (staging / REPORT_FILENAME).write_bytes(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2))
@@ -330,6 +342,41 @@ def _export(
     except Exception as e:  # the exporter raises many unrelated types
         cause = f" (caused by {type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}{cause}") from e
+
+
+def _ranking_logits(logits: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    from onnxserve.core.text_tasks import ranking_logit
+
+    return ranking_logit(logits)
+
+
+def _validate_ranking(
+    wrapper: Any, tokenizer: Any, input_names: list[str], model_file: Path, max_length: int, options: HfExportOptions
+) -> list[CaseResult]:
+    """Real (query, text) pairs: the relevance logits within tolerance, and each query's ranking of the
+    texts the same as PyTorch's (by the logit sentence-transformers' CrossEncoder scores with)."""
+    import torch
+
+    queries = [q for q in _SAMPLE_QUERIES for _ in _SAMPLE_TEXTS]
+    texts = [t for _ in _SAMPLE_QUERIES for t in _SAMPLE_TEXTS]
+    encoded = tokenizer(queries, texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    feeds = {n: encoded[n].astype(np.int64) for n in input_names}
+    session = ModelSession(model_file, name="exported model")
+    with torch.no_grad():
+        (logits,) = wrapper(*(torch.from_numpy(feeds[n]) for n in input_names))
+    want = _ranking_logits(logits.numpy()).astype(np.float64)
+    have = _ranking_logits(session.run(feeds, ["logits"])["logits"]).astype(np.float64)
+    shape = (len(_SAMPLE_QUERIES), len(_SAMPLE_TEXTS))
+    ref, cand = want.reshape(shape), have.reshape(shape)
+    # every pair of texts a query's reference scores tell apart (by more than 10 atol) must keep its order
+    decided = np.abs(ref[:, :, None] - ref[:, None, :]) > 10 * options.tolerance
+    same = np.sign(ref[:, :, None] - ref[:, None, :]) == np.sign(cand[:, :, None] - cand[:, None, :])
+    agreement = float(same[decided].mean()) if decided.any() else 1.0
+    difference = float(np.max(np.abs(have - want)))
+    passed = difference <= options.tolerance and agreement >= 1.0
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    name = "real (query, text) pairs: relevance logits, and each query's ranking of the texts"
+    return [CaseResult(name, shapes, {"relevance": difference}, {}, passed, {"ranking": agreement})]
 
 
 def _validation_cases(tokenizer: Any, input_names: list[str], max_length: int) -> list[tuple[str, Arrays]]:

@@ -1,0 +1,190 @@
+"""Sentence embeddings over the InferenceService, for the routes that answer them (OpenAI's and TEI's).
+
+A request of N inputs becomes N rows in the model's batcher, exactly like a V2 text request: texts
+travel as the pipeline's ``text`` input (tokenized by the server), token ids as the graph's own token
+tensors (padded, with their attention mask). Requests larger than the model's ``max_batch_size`` are
+split into several that run concurrently. ``dimensions`` keeps the first dimensions of each vector
+(Matryoshka truncation), normalized again when the model's vectors are unit length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from onnxserve.core.datatypes import from_v2
+from onnxserve.core.pipeline import EMBEDDING_OUTPUT, TEXT_INPUT, TOKEN_COUNT_OUTPUT
+from onnxserve.core.service import InferenceService
+from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.model_id import parse_model_id
+
+POOLED_OUTPUT = "sentence_embedding"
+"""The graph output of a pooled feature-extraction model (``onnxserve export hf`` names it so)."""
+
+MAX_INPUTS = 2048
+"""Inputs one request may embed (OpenAI's own limit)."""
+
+TokenIds = list[list[int]]
+
+BYTES, INT64 = from_v2("BYTES"), from_v2("INT64")
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """A served model version that embeds text, as an embedding route names it."""
+
+    name: str
+    version: str | None
+    metadata: ModelMetadata
+    dimensions: int
+    normalized: bool
+    max_batch_size: int  # 0: no limit on rows per request
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: npt.NDArray[np.float32]  # [N, dimensions]
+    tokens: int  # tokens the model read, over every input
+    truncated: int = 0  # texts cut to the model's max length
+
+
+def text_models(service: InferenceService) -> list[str]:
+    """The served models that take text (have a tokenizer) and have a ready version, by name."""
+    names = sorted({e.name for e in service.repository_index(ready_only=True)})
+    return [n for n in names if service.model_metadata(n).pipeline is not None]
+
+
+def text_model(service: InferenceService, model_id: str) -> tuple[str, str | None, ModelMetadata]:
+    """The model (name, version, metadata) a model id names; a model without a tokenizer is refused."""
+    name, version = parse_model_id(model_id)
+    metadata = service.model_metadata(name, version)
+    if metadata.pipeline is None:
+        raise InvalidInputError(f"model {name!r} takes tensors, not text (it has no tokenizer); it cannot embed text")
+    return name, version, metadata
+
+
+def embedding_model(service: InferenceService, model_id: str) -> EmbeddingModel:
+    """The embedding model a model id names; a model that does not embed sentences is refused."""
+    name, version, metadata = text_model(service, model_id)
+    spec = metadata.pipeline
+    assert spec is not None
+    pooled = next((o for o in metadata.outputs if o.name == POOLED_OUTPUT), None)
+    if spec.task != "feature-extraction" or spec.pooling == "none" or pooled is None:
+        what = "token embeddings (no pooling)" if spec.task == "feature-extraction" else f"{spec.task} results"
+        raise InvalidInputError(
+            f"model {name!r} does not embed sentences: it answers {what}; "
+            "serve a feature-extraction model exported with pooling (mean or cls)"
+        )
+    max_batch = service.model_configuration(name, version).max_batch_size
+    return EmbeddingModel(name, version, metadata, int(pooled.shape[-1]), spec.normalize, max_batch)
+
+
+def chunks(count: int, size: int) -> list[range]:
+    """``range(count)`` cut into pieces of at most ``size`` (0: one piece)."""
+    step = size if size > 0 else max(count, 1)
+    return [range(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def text_request(
+    name: str, version: str | None, texts: Sequence[str], outputs: Sequence[str], protocol: str
+) -> InferenceRequest:
+    data = np.empty(len(texts), dtype=object)
+    data[:] = [t.encode("utf-8") for t in texts]
+    return InferenceRequest(name, [Tensor(TEXT_INPUT, BYTES, data)], version, outputs=list(outputs), protocol=protocol)
+
+
+def _ids_request(model: EmbeddingModel, rows: TokenIds, protocol: str) -> InferenceRequest:
+    longest = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), longest), dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    inputs = [Tensor(s.name, INT64, available[s.name]) for s in model.metadata.inputs]
+    return InferenceRequest(model.name, inputs, model.version, outputs=[POOLED_OUTPUT], protocol=protocol)
+
+
+def check_token_ids(model: EmbeddingModel, rows: TokenIds) -> None:
+    spec = model.metadata.pipeline
+    assert spec is not None
+    vocabulary = model.metadata.vocabulary_size
+    for i, row in enumerate(rows):
+        if not row:
+            raise InvalidInputError(f"input {i} holds no token ids; send at least one")
+        if len(row) > spec.max_length:
+            raise InvalidInputError(
+                f"input {i} has {len(row)} tokens, more than model {model.name!r} reads ({spec.max_length})"
+            )
+        bad = next((t for t in row if t < 0 or t >= vocabulary), None)
+        if bad is not None:
+            raise InvalidInputError(
+                f"input {i}: token id {bad} is outside model {model.name!r}'s vocabulary (0 to {vocabulary - 1}); "
+                "token ids must come from the model's own tokenizer"
+            )
+    missing = {s.name for s in model.metadata.inputs} - {"input_ids", "attention_mask", "token_type_ids"}
+    if missing:
+        raise InvalidInputError(f"model {model.name!r} needs inputs {sorted(missing)} besides token ids; send text")
+
+
+async def embed(
+    service: InferenceService,
+    model: EmbeddingModel,
+    inputs: Sequence[str] | TokenIds,
+    protocol: str,
+    dimensions: int | None = None,
+) -> Embedded:
+    """Embed ``inputs`` (texts, or rows of the model's token ids) as rows of the model's batcher."""
+    if not inputs:
+        raise InvalidInputError("no input to embed; send at least one")
+    if len(inputs) > MAX_INPUTS:
+        raise InvalidInputError(f"{len(inputs)} inputs in one request; send at most {MAX_INPUTS}")
+    if dimensions is not None and not 1 <= dimensions <= model.dimensions:
+        raise InvalidInputError(
+            f"dimensions must be between 1 and model {model.name!r}'s size, {model.dimensions}; got {dimensions}"
+        )
+    texts = all(isinstance(x, str) for x in inputs)
+    if texts:
+        strings = [str(x) for x in inputs]
+        requests = [
+            text_request(
+                model.name, model.version, strings[r.start : r.stop], [EMBEDDING_OUTPUT, TOKEN_COUNT_OUTPUT], protocol
+            )
+            for r in chunks(len(strings), model.max_batch_size)
+        ]
+    else:
+        rows: TokenIds = [list(x) for x in inputs if not isinstance(x, str)]
+        check_token_ids(model, rows)
+        requests = [
+            _ids_request(model, rows[r.start : r.stop], protocol) for r in chunks(len(rows), model.max_batch_size)
+        ]
+    responses = await asyncio.gather(*(service.infer(r) for r in requests))
+    vectors = np.concatenate([_output(r, EMBEDDING_OUTPUT if texts else POOLED_OUTPUT) for r in responses])
+    if texts:
+        tokens = int(sum(int(_output(r, TOKEN_COUNT_OUTPUT).sum()) for r in responses))
+    else:
+        tokens = sum(len(x) for x in inputs if not isinstance(x, str))
+    truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
+    return Embedded(truncate(vectors.astype(np.float32), dimensions, model.normalized), tokens, truncated)
+
+
+def truncate(vectors: npt.NDArray[np.float32], dimensions: int | None, normalized: bool) -> npt.NDArray[np.float32]:
+    """The first ``dimensions`` of each vector (all with None), unit length again when ``normalized``."""
+    if dimensions is None or dimensions == vectors.shape[1]:
+        return vectors
+    kept = vectors[:, :dimensions].astype(np.float64)
+    if normalized:
+        norms = np.linalg.norm(kept, axis=1, keepdims=True)
+        kept = kept / np.where(norms > 0, norms, 1)
+    result: npt.NDArray[np.float32] = np.ascontiguousarray(kept, dtype=np.float32)
+    return result
+
+
+def _output(response: InferenceResponse, name: str) -> npt.NDArray[Any]:
+    return next(t.data for t in response.outputs if t.name == name)

@@ -1,0 +1,265 @@
+"""TEI-compatible endpoints: each one decodes, calls the InferenceService, and encodes.
+
+A TEI server serves one model; onnxserve serves many. A request names its model with the
+``X-Model`` header or the ``model`` query parameter (``NAME``, ``NAME:VERSION`` or ``NAME@LABEL``);
+without either, the route answers with the one served model that fits it (the one embedding model for
+``/embed``, the one reranker for ``/rerank``, the one classifier for ``/predict``, the one text model
+for ``/tokenize`` and ``/info``) and refuses to guess when there are several.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT
+from onnxserve.core.service import InferenceService
+from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
+from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols.embeddings import (
+    BYTES,
+    MAX_INPUTS,
+    POOLED_OUTPUT,
+    chunks,
+    embed,
+    embedding_model,
+    text_model,
+    text_models,
+    text_request,
+)
+from onnxserve.protocols.errors import TEI_HTTP_STATUS
+from onnxserve.protocols.http import Endpoint, guarded, json_body
+from onnxserve.protocols.tei import codec
+
+PATHS = ("/embed", "/rerank", "/predict", "/tokenize", "/info")
+"""The paths whose errors (including refused tokens) take TEI's shape."""
+
+ROUTE_TASKS: dict[str, str | None] = {
+    "/embed": "feature-extraction",
+    "/rerank": "text-ranking",
+    "/predict": "text-classification",
+    "/tokenize": None,
+    "/info": None,
+}
+"""The task of the models each route answers with (None: any text model)."""
+
+EXPORT_HINT = {
+    "feature-extraction": "export one with `onnxserve export hf --task feature-extraction` (pooled)",
+    "text-ranking": "export a cross-encoder with `onnxserve export hf --task text-ranking`",
+    "text-classification": "export one with `onnxserve export hf --task text-classification`",
+}
+
+
+def _fits(meta: ModelMetadata, task: str | None) -> bool:
+    if task is None or meta.pipeline is None:
+        return task is None
+    if task == "feature-extraction":
+        return meta.pipeline.task == task and any(o.name == POOLED_OUTPUT for o in meta.outputs)
+    return meta.pipeline.task == task
+
+
+def model_id(service: InferenceService, request: Request) -> str:
+    """The model the request names (header or query), or the only served model that fits its route."""
+    given = request.headers.get(codec.MODEL_HEADER) or request.query_params.get(codec.MODEL_QUERY)
+    if given:
+        return given
+    path = request.url.path
+    task = ROUTE_TASKS[path]
+    candidates = [name for name in text_models(service) if _fits(service.model_metadata(name), task)]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        what = f"{task} model" if task else "text model"
+        raise ModelNotFoundError(f"no {what} is served for {path}" + (f"; {EXPORT_HINT[task]}" if task else ""))
+    raise InvalidInputError(
+        f"several models could answer {path} ({', '.join(candidates)}): name one with the X-Model header "
+        "or the ?model= query parameter"
+    )
+
+
+def _task_model(service: InferenceService, request: Request) -> tuple[str, str | None, ModelMetadata]:
+    name, version, meta = text_model(service, model_id(service, request))
+    task = ROUTE_TASKS[request.url.path]
+    assert meta.pipeline is not None
+    if task is not None and meta.pipeline.task != task:
+        raise InvalidInputError(
+            f"model {name!r} is a {meta.pipeline.task} model; {request.url.path} needs a {task} model "
+            f"({EXPORT_HINT[task]})"
+        )
+    return name, version, meta
+
+
+def _too_long(truncated: int, meta: ModelMetadata) -> InvalidInputError:
+    length = meta.pipeline.max_length if meta.pipeline is not None else 0
+    return InvalidInputError(
+        f"{truncated} input(s) are longer than model {meta.name!r} reads ({length} tokens); "
+        "send 'truncate': true to cut them"
+    )
+
+
+def _output(response: InferenceResponse, name: str) -> npt.NDArray[Any]:
+    return next(t.data for t in response.outputs if t.name == name)
+
+
+async def _run(service: InferenceService, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
+    return list(await asyncio.gather(*(service.infer(r) for r in requests)))
+
+
+def _strings(values: Sequence[str]) -> npt.NDArray[Any]:
+    array = np.empty(len(values), dtype=object)
+    array[:] = [v.encode("utf-8") for v in values]
+    return array
+
+
+def routes(service: InferenceService) -> list[Route]:
+    async def embed_route(request: Request) -> Response:
+        doc = codec.loads(await request.body())
+        allowed = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
+        codec.fields(doc, allowed, ("inputs",))
+        if doc.get("prompt_name") is not None:
+            raise InvalidInputError("'prompt_name' is not supported: put the prompt in the text")
+        normalize, cut = codec.flag(doc, "normalize", True), codec.flag(doc, "truncate", False)
+        codec.direction(doc)
+        inputs = codec.texts_or_ids(doc["inputs"])
+        model = embedding_model(service, model_id(service, request))
+        embedded = await embed(service, model, inputs.values, codec.PROTOCOL, codec.dimensions(doc))
+        if embedded.truncated and not cut:
+            raise _too_long(embedded.truncated, model.metadata)
+        vectors = embedded.vectors
+        if normalize and not model.normalized:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = (vectors / np.where(norms > 0, norms, 1)).astype(np.float32)
+        return codec.vectors(vectors)
+
+    async def rerank(request: Request) -> Response:
+        doc = codec.loads(await request.body())
+        allowed = ("query", "texts", "truncate", "truncation_direction", "raw_scores", "return_text")
+        codec.fields(doc, allowed, ("query", "texts"))
+        query = doc["query"]
+        if not isinstance(query, str):
+            raise InvalidInputError("'query' must be a string")
+        candidates = doc["texts"]
+        if not isinstance(candidates, list) or not candidates or not all(isinstance(t, str) for t in candidates):
+            raise InvalidInputError("'texts' must be a non-empty list of strings")
+        if len(candidates) > MAX_INPUTS:
+            raise InvalidInputError(f"{len(candidates)} texts in one request; send at most {MAX_INPUTS}")
+        raw, cut, with_text = (codec.flag(doc, n, False) for n in ("raw_scores", "truncate", "return_text"))
+        codec.direction(doc)
+        name, version, meta = _task_model(service, request)
+        output = "raw_score" if raw else "score"
+        max_batch = service.model_configuration(name, version).max_batch_size
+        requests = [
+            InferenceRequest(
+                name,
+                [
+                    Tensor(QUERY_INPUT, BYTES, _strings([query] * len(r))),
+                    Tensor(TEXT_INPUT, BYTES, _strings(candidates[r.start : r.stop])),
+                ],
+                version,
+                outputs=[output],
+                protocol=codec.PROTOCOL,
+            )
+            for r in chunks(len(candidates), max_batch)
+        ]
+        responses = await _run(service, requests)
+        truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
+        if truncated and not cut:
+            raise _too_long(truncated, meta)
+        scores = np.concatenate([_output(r, output) for r in responses])
+        return codec.ranks(scores, candidates, with_text)
+
+    async def predict(request: Request) -> Response:
+        doc = codec.loads(await request.body())
+        codec.fields(doc, ("inputs", "truncate", "truncation_direction", "raw_scores"), ("inputs",))
+        value = doc["inputs"]
+        if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
+            raise InvalidInputError("'inputs': pairs of texts are not supported by /predict; send texts")
+        inputs = codec.texts(value, "inputs")
+        if len(inputs.values) > MAX_INPUTS:
+            raise InvalidInputError(f"{len(inputs.values)} inputs in one request; send at most {MAX_INPUTS}")
+        raw, cut = codec.flag(doc, "raw_scores", False), codec.flag(doc, "truncate", False)
+        codec.direction(doc)
+        name, version, meta = _task_model(service, request)
+        texts = [str(t) for t in inputs.values]
+        output = "logits" if raw else "probabilities"
+        max_batch = service.model_configuration(name, version).max_batch_size
+        requests = [
+            text_request(name, version, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL)
+            for r in chunks(len(texts), max_batch)
+        ]
+        responses = await _run(service, requests)
+        truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
+        if truncated and not cut:
+            raise _too_long(truncated, meta)
+        scores = np.concatenate([_output(r, output) for r in responses])
+        labels = [label.decode("utf-8") for label in _output(responses[0], "class_labels")[0]]
+        return codec.predictions(scores, labels, inputs.single)
+
+    async def tokenize(request: Request) -> Response:
+        doc = codec.loads(await request.body())
+        codec.fields(doc, ("inputs", "add_special_tokens", "prompt_name"), ("inputs",))
+        if doc.get("prompt_name") is not None:
+            raise InvalidInputError("'prompt_name' is not supported: put the prompt in the text")
+        inputs = codec.texts(doc["inputs"], "inputs")
+        if len(inputs.values) > MAX_INPUTS:
+            raise InvalidInputError(f"{len(inputs.values)} inputs in one request; send at most {MAX_INPUTS}")
+        special = codec.flag(doc, "add_special_tokens", True)
+        name, version, _ = text_model(service, model_id(service, request))
+        texts = [str(t) for t in inputs.values]
+        return codec.tokens(await service.tokenize(name, version, texts, special), texts)
+
+    async def info(request: Request) -> Response:
+        name, version, meta = text_model(service, model_id(service, request))
+        spec = meta.pipeline
+        assert spec is not None
+        labels = {
+            "id2label": {str(i): v for i, v in spec.labels.items()},
+            "label2id": {v: i for i, v in spec.labels.items()},
+        }
+        model_type: dict[str, Any]
+        if spec.task == "feature-extraction":
+            model_type = {"embedding": {"pooling": spec.pooling}}
+        elif spec.task == "text-ranking":
+            model_type = {"reranker": labels}
+        elif spec.task == "text-classification":
+            model_type = {"classifier": labels}
+        else:
+            model_type = {"other": {"task": spec.task}}
+        max_batch = service.model_configuration(name, version).max_batch_size
+        document = {
+            "model_id": name,
+            "model_sha": None,
+            "model_version": meta.version,
+            "model_dtype": "float32",
+            "model_type": model_type,
+            "max_input_length": spec.max_length,
+            "max_batch_requests": max_batch or None,
+            "max_client_batch_size": MAX_INPUTS,
+            "version": service.server_metadata().version,
+        }
+        return json_body(orjson.dumps(document))
+
+    def inference(handler: Endpoint) -> Endpoint:
+        return guarded(
+            handler,
+            TEI_HTTP_STATUS,
+            protocol=codec.PROTOCOL,
+            service=service,
+            render=codec.render_error,
+        )
+
+    return [
+        Route("/embed", inference(embed_route), methods=["POST"]),
+        Route("/rerank", inference(rerank), methods=["POST"]),
+        Route("/predict", inference(predict), methods=["POST"]),
+        Route("/tokenize", guarded(tokenize, TEI_HTTP_STATUS, render=codec.render_error), methods=["POST"]),
+        Route("/info", guarded(info, TEI_HTTP_STATUS, render=codec.render_error), methods=["GET"]),
+    ]
