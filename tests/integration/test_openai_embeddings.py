@@ -306,6 +306,20 @@ def test_malformed_json_is_refused_in_openai_shape(secured: RunningServer) -> No
     still_serving(secured)
 
 
+def test_a_refused_body_is_answered_in_openai_shape(secured: RunningServer) -> None:
+    """Body refusals made before the route runs (media type) take the route's protocol shape and status."""
+    response = httpx.post(
+        f"{secured.http_url}/v1/embeddings",
+        content=b"x",
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/pickle"},
+    )
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert "unsupported Content-Type" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    still_serving(secured)
+
+
 def test_openai_and_v2_text_requests_share_batches(
     tiny_text_version: Path, tmp_path: Path, start_server: Callable[[ServerConfig], RunningServer]
 ) -> None:
