@@ -15,48 +15,32 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-from onnxserve import __version__
 from onnxserve.core import datatypes
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.observe import RequestRecord
-from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelState, ModelVersion
-from onnxserve.core.statistics import StatisticsSnapshot
+from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.types import (
+    IndexEntry,
     InferenceRequest,
     InferenceResponse,
     ModelConfiguration,
     ModelMetadata,
+    ModelState,
     ServerMetadata,
     Tensor,
     TensorSpec,
+    VersionStatistics,
 )
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import DeadlineExceededError, InvalidInputError, OnnxServeError, UnavailableError
+from onnxserve.version import __version__
 
 SERVER_NAME = "onnxserve"
 
 TIMEOUT_PARAMETER = "timeout"
 """The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
-
-
-@dataclass(frozen=True)
-class VersionStatistics:
-    name: str
-    version: str
-    statistics: StatisticsSnapshot
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One model version in the repository index."""
-
-    name: str
-    version: str
-    state: str
-    reason: str = ""
 
 
 def _index_entry(model: ModelVersion) -> IndexEntry:

@@ -10,11 +10,18 @@ from typing import Any
 import numpy as np
 import orjson
 
+from onnxserve.core import wire
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import TEXT_INPUT
-from onnxserve.core.registry import ModelState
-from onnxserve.core.service import IndexEntry
-from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
+from onnxserve.core.types import (
+    IndexEntry,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelState,
+    Tensor,
+    TensorSpec,
+)
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.tfserving_rest import values
@@ -96,6 +103,11 @@ def decode_predict(doc: Any, meta: ModelMetadata, model_version: str | None) -> 
     return DecodedPredict(request, rows)
 
 
+def decode_predict_body(body: bytes, meta: ModelMetadata, model_version: str | None) -> DecodedPredict:
+    """:func:`decode_predict` of a raw request body."""
+    return decode_predict(loads(body), meta, model_version)
+
+
 def _check_signature(signature: Any, model: str) -> None:
     if signature is None or signature == SIGNATURE:
         return
@@ -110,7 +122,7 @@ def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
     for spec in meta.inputs:
         if spec.name == name:
             return spec
-    raise InvalidInputError(f"unknown input {name!r} for model {meta.name!r}; its inputs are: {_names(meta.inputs)}")
+    raise wire.unknown_input_error(name, meta.name, meta.inputs)
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -277,6 +289,11 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
     return InferenceRequest(
         meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS, protocol=PROTOCOL
     )
+
+
+def decode_classify_body(body: bytes, meta: ModelMetadata, model_version: str | None) -> InferenceRequest:
+    """:func:`decode_classify` of a raw request body."""
+    return decode_classify(loads(body), meta, model_version)
 
 
 def encode_classify(response: InferenceResponse) -> bytes:
