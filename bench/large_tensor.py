@@ -91,12 +91,8 @@ def server(src: str, repository: Path, log: Path) -> Iterator[tuple[str, str]]:
 
 def http_call(client: httpx.Client, url: str, x: np.ndarray[Any, Any]) -> Callable[[], object]:
     raw = x.tobytes()
-    header = orjson.dumps(
-        {
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": list(SHAPE), "parameters": {"binary_data_size": len(raw)}}],
-            "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
-        }
-    )
+    tensor = {"name": "x", "datatype": "FP32", "shape": list(SHAPE), "parameters": {"binary_data_size": len(raw)}}
+    header = orjson.dumps({"inputs": [tensor], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]})
     body = header + raw
     headers = {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
 

@@ -16,13 +16,12 @@ import pytest
 
 import models
 from onnxserve.config import ModelConfig
-from onnxserve.core import datatypes
+from onnxserve.core import datatypes, wire
 from onnxserve.core.registry import ModelVersion, load_version
 from onnxserve.core.repository import VersionFolder
 from onnxserve.core.types import InferenceRequest, InferenceResponse, Tensor
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import InvalidInputError, ModelLoadError
-from onnxserve.core import wire
 from onnxserve.protocols.v2_rest import codec, tensors
 from onnxserve.protocols.v2_rest.codec import HEADER_LENGTH, DecodedRequest
 
@@ -628,9 +627,7 @@ def test_encode_all_binary_outputs_in_order() -> None:
     for out, tensor in zip(doc["outputs"], response.outputs, strict=True):
         assert "data" not in out
         size = out["parameters"]["binary_data_size"]
-        back = wire.from_raw(
-            out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size]
-        )
+        back = wire.from_raw(out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size])
         assert back.data.tolist() == tensor.data.tolist()
         assert back.data.dtype == tensor.data.dtype
         offset += size
