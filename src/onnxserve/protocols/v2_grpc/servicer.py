@@ -25,7 +25,7 @@ from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
 from onnxserve.protocols import context, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
-from onnxserve.protocols.v2_grpc import codec
+from onnxserve.protocols.v2_grpc import codec, element_count
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
 def parse(message_type: type[M], data: bytes) -> M:
+    """The message in ``data``; an inference request is first checked for element floods (unparsed)."""
+    if message_type is pb.ModelInferRequest:
+        element_count.check_bytes_contents(data)
     try:
         message: M = message_type.FromString(data)
         return message
