@@ -161,6 +161,20 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
     return names, binary, json
 
 
+def decode_work(body: bytes, header_length: int | None) -> int:
+    """Bytes that decoding ``body`` has to go through: raw numbers are only viewed, so they do not count."""
+    if header_length is None or not 0 <= header_length <= len(body):
+        return len(body)
+    if body.find(b'"BYTES"', 0, header_length) >= 0:
+        return len(body)  # length-prefixed elements are split one by one
+    return header_length
+
+
+def encode_work(response: InferenceResponse, decoded: DecodedRequest) -> int:
+    """Bytes that encoding ``response`` has to go through: binary numeric outputs are only viewed."""
+    return sum(int(t.data.nbytes) for t in response.outputs if t.datatype.is_bytes or not decoded.wants_binary(t.name))
+
+
 def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when any output travels in binary form."""
     outputs: list[dict[str, Any]] = []

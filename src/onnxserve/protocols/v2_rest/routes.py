@@ -8,7 +8,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import offload
 from onnxserve.protocols.context import RequestHook
@@ -78,11 +77,16 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
         body = await request.body()
         header_length = _header_length(request)
         decoded = await offload.convert(
-            len(body), codec.decode_infer_request, body, request.path_params["name"], _version(request), header_length
+            codec.decode_work(body, header_length),
+            codec.decode_infer_request,
+            body,
+            request.path_params["name"],
+            _version(request),
+            header_length,
         )
         response = await service.infer(decoded.request)
         payload, json_length = await offload.convert(
-            output_bytes(response), codec.encode_infer_response, response, decoded
+            codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded
         )
         if json_length is None:
             return json_body(payload)
