@@ -2,9 +2,10 @@
 
 An Identity model answers each request with its input, so nearly all the time beyond ONNX Runtime's own
 run is the server's: receiving, decoding, encoding and sending the tensor. For each source tree given
-(``--tree NAME=SRC``, e.g. the old tree and this one, in the same run so the box's load is shared) it
-starts ``onnxserve serve`` with ``PYTHONPATH=SRC`` and measures the median round trip of a KServe V2
-HTTP binary-extension request and a gRPC raw request, next to the median in-process ONNX Runtime run.
+(``--tree NAME=SRC``, e.g. the old tree and this one) it starts ``onnxserve serve`` with
+``PYTHONPATH=SRC``; the servers then take turns, request by request, so the box's load falls on all
+alike. Reported: the median round trip of a KServe V2 HTTP binary-extension request and of a gRPC raw
+request, next to the median in-process ONNX Runtime run.
 The added time is round trip minus in-process run; per MiB is per MiB of input (the output is as large).
 
     python -m bench.large_tensor --tree before=/work/main/src --tree after=src
@@ -53,15 +54,19 @@ def write_model(repository: Path) -> Path:
     return path
 
 
-def median_ms(call: Callable[[], object], runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+def interleaved(
+    calls: dict[str, dict[str, Callable[[], object]]], runs: int, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds of each call, taking turns call by call so that the box's load falls on all alike."""
+    times: dict[str, dict[str, list[float]]] = {t: {k: [] for k in c} for t, c in calls.items()}
+    for round_ in range(warmup + runs):
+        for tree, by_kind in calls.items():
+            for kind, call in by_kind.items():
+                started = time.perf_counter()
+                call()
+                if round_ >= warmup:
+                    times[tree][kind].append(time.perf_counter() - started)
+    return {t: {k: statistics.median(v) * 1000 for k, v in c.items()} for t, c in times.items()}
 
 
 @contextlib.contextmanager
@@ -134,19 +139,23 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal(SHAPE, dtype=np.float32)
     mib = x.nbytes / MIB
     results: dict[str, Any] = {"shape": list(SHAPE), "mib": round(mib, 3), "runs": args.runs, "trees": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repository = Path(tmp) / "models"
         model = write_model(repository)
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        inprocess = median_ms(lambda: session.run(None, {"x": x}), args.runs)
+        calls: dict[str, dict[str, Callable[[], object]]] = {}
+        for name, src in trees:
+            url, target = stack.enter_context(server(str(Path(src).resolve()), repository, Path(tmp) / f"{name}.log"))
+            client = stack.enter_context(httpx.Client(timeout=60))
+            grpc_infer, channel = grpc_call(target, x)
+            stack.enter_context(channel)
+            calls[name] = {"http": http_call(client, url, x), "grpc": grpc_infer}
+        calls["inprocess"] = {"run": lambda: session.run(None, {"x": x})}
+        times = interleaved(calls, args.runs)
+        inprocess = times["inprocess"]["run"]
         results["inprocess_ms"] = round(inprocess, 3)
         for name, src in trees:
-            with server(str(Path(src).resolve()), repository, Path(tmp) / f"{name}.log") as (url, target):
-                with httpx.Client(timeout=60) as client:
-                    http_ms = median_ms(http_call(client, url, x), args.runs)
-                call, channel = grpc_call(target, x)
-                with channel:
-                    grpc_ms = median_ms(call, args.runs)
+            http_ms, grpc_ms = times[name]["http"], times[name]["grpc"]
             results["trees"][name] = {
                 "src": src,
                 "http_binary_ms": round(http_ms, 3),
