@@ -9,6 +9,8 @@ most that many steps. Anything malformed is left for the real parser to name.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from onnxserve.core import wire
 from onnxserve.errors import InvalidInputError
 
@@ -39,9 +41,8 @@ def _varint(data: memoryview, offset: int, end: int) -> tuple[int, int]:
     raise _Malformed
 
 
-def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]]:
+def _entries(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
     """(field number, start, end) of each length-delimited field in ``data[start:end]``; others skipped."""
-    found = []
     offset = start
     while offset < end:
         key, offset = _varint(data, offset, end)
@@ -54,43 +55,35 @@ def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]
             offset += 4
         elif kind == _LENGTH_DELIMITED:
             size, offset = _varint(data, offset, end)
-            found.append((number, offset, offset + size))
+            yield number, offset, offset + size
             offset += size
-            if len(found) > MAX_FIELDS:
-                raise InvalidInputError(
-                    f"the request holds more than {MAX_FIELDS} entries (inputs, outputs, parameters, contents)"
-                )
         else:
             raise _Malformed
         if offset > end:
             raise _Malformed
+
+
+def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]]:
+    found = []
+    for entry in _entries(data, start, end):
+        found.append(entry)
+        if len(found) > MAX_FIELDS:
+            raise InvalidInputError(
+                f"the request holds more than {MAX_FIELDS} entries (inputs, outputs, parameters, contents)"
+            )
     return found
 
 
 def _count_bytes_elements(data: memoryview, start: int, end: int, name: str) -> None:
     count = 0
-    offset = start
-    while offset < end:
-        key, offset = _varint(data, offset, end)
-        kind = key & 7
-        if kind == 0:
-            _, offset = _varint(data, offset, end)
-        elif kind == 1:
-            offset += 8
-        elif kind == 5:
-            offset += 4
-        elif kind == _LENGTH_DELIMITED:
-            size, offset = _varint(data, offset, end)
-            offset += size
-            if key >> 3 == _BYTES_CONTENTS:
-                count += 1
-                if count > wire.MAX_BYTES_ELEMENTS:
-                    raise InvalidInputError(
-                        f"input {name!r}: contents.bytes_contents has more than {wire.MAX_BYTES_ELEMENTS} "
-                        f"elements; at most {wire.MAX_BYTES_ELEMENTS} are allowed in one tensor"
-                    )
-        else:
-            raise _Malformed
+    for number, _, _ in _entries(data, start, end):
+        if number == _BYTES_CONTENTS:
+            count += 1
+            if count > wire.MAX_BYTES_ELEMENTS:
+                raise InvalidInputError(
+                    f"input {name!r}: contents.bytes_contents has more than {wire.MAX_BYTES_ELEMENTS} "
+                    f"elements; at most {wire.MAX_BYTES_ELEMENTS} are allowed in one tensor"
+                )
 
 
 def check_bytes_contents(message: bytes) -> None:
