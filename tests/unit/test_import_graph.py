@@ -72,16 +72,22 @@ def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
             targets.update(alias.name for alias in node.names)
             continue
         source = _resolve(module, path.name == "__init__.py", node)
-        targets.add(source)
-        targets.update(f"{source}.{alias.name}" for alias in node.names if f"{source}.{alias.name}" in known)
+        submodules = {f"{source}.{alias.name}" for alias in node.names} & known
+        targets.update(submodules)
+        if len(submodules) < len(node.names):
+            targets.add(source)  # a name defined in ``source`` itself: its code runs first
+        else:
+            targets.add(f"{source}.")  # only submodules: ``source`` is loaded on the way
     edges: set[str] = set()
     own_packages = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
     for target in targets:
         if not target.startswith(PACKAGE):
             continue
-        parts = target.split(".")
-        for i in range(1, len(parts) + 1):
-            name = ".".join(parts[:i])
+        if target in known and target != module:
+            edges.add(target)  # what the statement names is loaded, even a package above this module
+        parts = target.rstrip(".").split(".")
+        for i in range(1, len(parts) + (1 if target.endswith(".") else 0)):
+            name = ".".join(parts[:i])  # packages loaded on the way, except those this module is inside
             if name in known and name not in own_packages:
                 edges.add(name)
     return edges
@@ -123,7 +129,7 @@ def test_the_package_import_graph_has_no_cycle() -> None:
     assert cycle is None, " -> ".join(cycle or [])
 
 
-def test_the_cycle_check_catches_a_cycle(tmp_path: Path) -> None:
+def test_the_cycle_check_catches_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
@@ -141,6 +147,13 @@ def test_the_graph_follows_relative_and_from_imports(tmp_path: Path) -> None:
     )
     known = {"onnxserve", "onnxserve.core", "onnxserve.core.wire", "onnxserve.errors", "onnxserve.core.service"}
     assert imports_of("onnxserve.core.sample", sample, known) == {"onnxserve.core.wire", "onnxserve.errors"}
+
+
+def test_the_graph_sees_an_import_from_a_package_above(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("from onnxserve import __version__\nfrom onnxserve.core import wire\n")
+    known = {"onnxserve", "onnxserve.core", "onnxserve.core.wire"}
+    assert imports_of("onnxserve.core.sample", sample, known) == {"onnxserve", "onnxserve.core.wire"}
 
 
 def test_version_is_a_leaf_and_core_does_not_import_the_package_root() -> None:
