@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from onnxserve import __version__
 from onnxserve.cli import diff_commands, inspect_commands, optimize_commands
 from onnxserve.cli.console import err
 from onnxserve.cli.console import fail as _fail
 from onnxserve.errors import ConfigError, OnnxServeError
+from onnxserve.version import __version__
 
 app = typer.Typer(
     name="onnxserve",

@@ -37,8 +37,9 @@ from pathlib import Path
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
 from onnxserve.core.confinement import leads_outside
 from onnxserve.core.observe import VersionRecord
-from onnxserve.core.registry import ModelRegistry, ModelState, ModelVersion, ServedModel, load_version
+from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import VersionFolder, discover_versions, scan_repository
+from onnxserve.core.types import ModelState
 from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError
 
 log = logging.getLogger(__name__)

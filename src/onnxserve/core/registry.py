@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
@@ -20,20 +19,13 @@ from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
-from onnxserve.core.types import TensorSpec
+from onnxserve.core.types import ModelState, TensorSpec
 from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 """The platform string Triton reports for ONNX models; clients compare against it."""
-
-
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"  # takes no new requests; unloaded once its in-flight requests finish
-    UNAVAILABLE = "UNAVAILABLE"  # failed to load, or unloaded
 
 
 @dataclass

@@ -6,39 +6,14 @@ wire format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy.typing as npt
 
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.types import InferenceRequest, TensorSpec
+from onnxserve.core.wire import describe, format_shape, unknown_input_error
 from onnxserve.errors import InvalidInputError
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-MAX_ELEMENTS = 2**40
-"""More elements than any request can carry: larger declared shapes are refused before any allocation."""
-
-
-def request_shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
-    """A request tensor's declared shape, refused when a dimension is negative or the size absurd."""
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
-    count = 1
-    for d in shape:
-        count *= d
-        if count > MAX_ELEMENTS:
-            raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} declares too many elements")
-    return shape
-
-
-def _describe(spec: TensorSpec) -> str:
-    return f"{spec.name!r} ({spec.datatype.v2} {format_shape(spec.shape)})"
 
 
 def _check_shape(given: tuple[int, ...], spec: TensorSpec, model: str) -> None:
@@ -59,10 +34,7 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
             raise InvalidInputError(f"input {tensor.name!r} is given more than once")
         spec = specs.get(tensor.name)
         if spec is None:
-            expected = ", ".join(_describe(s) for s in model.inputs)
-            raise InvalidInputError(
-                f"unknown input {tensor.name!r} for model {model.name!r}; expected inputs: {expected}"
-            )
+            raise unknown_input_error(tensor.name, model.name, model.inputs)
         if tensor.datatype != spec.datatype:
             raise InvalidInputError(
                 f"input {tensor.name!r} has datatype {tensor.datatype.v2} but model {model.name!r} "
@@ -83,7 +55,7 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
     if missing:
         raise InvalidInputError(
             f"model {model.name!r} is missing input{'s' if len(missing) > 1 else ''} "
-            + ", ".join(_describe(s) for s in missing)
+            + ", ".join(describe(s) for s in missing)
         )
     if model.max_batch_size > 0:
         _check_batch(request, model.max_batch_size)

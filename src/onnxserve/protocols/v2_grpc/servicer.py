@@ -14,19 +14,22 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from onnxserve.core.observe import RequestRecord
-from onnxserve.core.service import InferenceService
+from onnxserve.core.wire import output_bytes
 from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
-from onnxserve.protocols import context
+from onnxserve.protocols import context, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
-from onnxserve.protocols.v2_grpc import codec
+from onnxserve.protocols.v2_grpc import codec, element_count
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +39,17 @@ PROTOCOL = "v2_grpc"
 _time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", default=None)
 """Seconds the unary call being handled has left before its client's deadline (None: no deadline)."""
 
+_wire_size: ContextVar[int] = ContextVar("onnxserve_grpc_wire_size", default=0)
+"""Bytes of the request message being handled: a large one is decoded off the event loop."""
+
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
 def parse(message_type: type[M], data: bytes) -> M:
+    """The message in ``data``; an inference request is first checked for element floods (unparsed)."""
+    if message_type is pb.ModelInferRequest:
+        element_count.check_bytes_contents(data)
     try:
         message: M = message_type.FromString(data)
         return message
@@ -119,11 +128,11 @@ class InferenceServicer:
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        decoded = codec.decode_infer_request(request)
+        decoded = await offload.convert(_wire_size.get(), codec.decode_infer_request, request)
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
-        return codec.encode_infer_response(response, decoded.raw)
+        return await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext
@@ -143,8 +152,12 @@ class InferenceServicer:
         attempt, token = context.begin_attempt()
         request: pb.ModelInferRequest | None = None
         try:
-            request = parse(pb.ModelInferRequest, data)
-            return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            size_token = _wire_size.set(len(data))
+            try:
+                request = await offload.convert(len(data), parse, pb.ModelInferRequest, data)
+                return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            finally:
+                _wire_size.reset(size_token)
         except Exception as e:
             if isinstance(e, OnnxServeError):
                 message, kind = public_message(e), e.kind
@@ -195,8 +208,9 @@ def _unary(
         request: Message | None = None
         code = grpc.StatusCode.OK
         time_token = _time_left.set(grpc_context.time_remaining())
+        size_token = _wire_size.set(len(data))
         try:
-            request = parse(request_type, data)
+            request = await offload.convert(len(data), parse, request_type, data)
             return await method(request)
         except Exception as e:
             if isinstance(e, OnnxServeError):
@@ -214,6 +228,7 @@ def _unary(
             context.end_attempt(token)
             context.reset_request_id(id_token)
             _time_left.reset(time_token)
+            _wire_size.reset(size_token)
 
     return handler
 
