@@ -11,6 +11,9 @@ served with what is loaded:
   chooses among the versions that loaded;
 - in poll mode a new version folder is taken only once its contents (names, sizes, modification times)
   have not changed between two polls, so a version still being copied is not picked up half-written;
+- a model file served without a version folder (version 1, see ``repository``) that changes on disk
+  (replace it atomically: write beside it, then rename) is loaded again as version 1 once stable; the
+  old one keeps serving until the new one is warm, then drains and is unloaded;
 - a config error for one model leaves that model as it was; an invalid config as a whole is refused
   before anything changes.
 
@@ -92,18 +95,6 @@ class Catalog:
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
 
 
-def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """Names, sizes and modification times of everything in a version folder (to tell when it is stable)."""
-    entries = []
-    for path in sorted(folder.rglob("*")):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
-    return tuple(entries)
-
-
 class ModelManager:
     """Changes what the registry serves; every change runs on the event loop, loads on a thread."""
 
@@ -120,6 +111,7 @@ class ModelManager:
         self.mode = mode
         self.drain_seconds = drain_seconds
         self.wait_for_stable_folders = wait_for_stable_folders
+        # Keyed by model file: flat versions of several models may share a folder.
         self._signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
         self._failed_signatures: dict[Path, tuple[tuple[str, int, int], ...]] = {}
         self._lock = asyncio.Lock()
@@ -157,6 +149,15 @@ class ModelManager:
         present = {n: v for n, v in current.items() if n in on_disk}
         new = [f for n, f in on_disk.items() if n not in current and self._takeable(config.name, f, retry_failed)]
         chosen = set(config.model_version_policy.select([*present, *(f.version for f in new)]))
+        for number, folder in on_disk.items():
+            if number in present and folder.flat and self._replaced(config.name, present[number], folder, retry_failed):
+                version = await self._load(config, folder)
+                if version is not None:
+                    old = present[number]
+                    present[number] = version
+                    model.versions[number] = version
+                    self.registry.put(model)  # the new one takes traffic; the old one drains
+                    self._retire(model, old, replaced=True)
         for folder in sorted(new, key=lambda f: -f.version):
             if folder.version in chosen:
                 version = await self._load(config, folder)
@@ -185,15 +186,21 @@ class ModelManager:
             if number not in keep:
                 self._retire(model, version)
 
+    def _replaced(self, name: str, loaded: ModelVersion, folder: VersionFolder, retry_failed: bool) -> bool:
+        """Whether a loaded flat version's files changed (and are stable), so it must load again."""
+        if loaded.signature == folder.signature():
+            return False
+        return self._takeable(name, folder, retry_failed)
+
     def _takeable(self, name: str, folder: VersionFolder, retry_failed: bool = False) -> bool:
         """Whether a version folder not loaded yet may be loaded now (stable, and not failed as it is)."""
-        signature = folder_signature(folder.path)
-        if not retry_failed and self._failed_signatures.get(folder.path) == signature:
+        signature = folder.signature()
+        if not retry_failed and self._failed_signatures.get(folder.model_file) == signature:
             return False
         if not self.wait_for_stable_folders:
             return True
-        previous = self._signatures.get(folder.path)
-        self._signatures[folder.path] = signature
+        previous = self._signatures.get(folder.model_file)
+        self._signatures[folder.model_file] = signature
         if previous != signature:
             log.info("model %s: version %d is new or still changing; taking it once it is stable", name, folder.version)
             return False
@@ -205,11 +212,11 @@ class ModelManager:
             version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
         except OnnxServeError as e:
             self.registry.failures[(config.name, folder.version)] = e.message
-            self._failed_signatures[folder.path] = folder_signature(folder.path)
+            self._failed_signatures[folder.model_file] = folder.signature()
             log.error("model %s: version %d failed to load: %s", config.name, folder.version, e.message)
             return None
         self.registry.failures.pop((config.name, folder.version), None)
-        self._failed_signatures.pop(folder.path, None)
+        self._failed_signatures.pop(folder.model_file, None)
         log.info("model %s: version %d ready (%.2f s)", config.name, folder.version, version.load_seconds)
         return version
 
@@ -222,17 +229,20 @@ class ModelManager:
         await self._settle()
         self.registry.drop(name)
 
-    def _retire(self, served: ServedModel, version: ModelVersion) -> None:
-        """Stop new traffic to a version now; unload it once its in-flight requests have finished."""
+    def _retire(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
+        """Stop new traffic to a version now; unload it once its in-flight requests have finished.
+
+        ``replaced``: a new load of the same version serves already, so observers hear nothing of this."""
         if version.state is ModelState.UNLOADING:
             return
         version.state = ModelState.UNLOADING
-        self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
-        task = asyncio.get_running_loop().create_task(self._unload(served, version))
+        if not replaced:
+            self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
+        task = asyncio.get_running_loop().create_task(self._unload(served, version, replaced))
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
 
-    async def _unload(self, served: ServedModel, version: ModelVersion) -> None:
+    async def _unload(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
         deadline = asyncio.get_running_loop().time() + self.drain_seconds
         while version.active > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(UNLOAD_POLL_SECONDS)
@@ -248,6 +258,9 @@ class ModelManager:
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
         version.state = ModelState.UNAVAILABLE
+        if replaced:
+            log.info("model %s: the replaced load of version %d unloaded", version.name, version.version)
+            return
         self.registry.observers.version(VersionRecord(version.name, str(version.version), "UNLOADED"))
         log.info("model %s: version %d unloaded", version.name, version.version)
 

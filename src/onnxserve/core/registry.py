@@ -51,6 +51,7 @@ class ModelVersion:
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
+    signature: tuple[tuple[str, int, int], ...] = ()  # the files as they were when loaded
     active: int = 0  # requests between resolution and answer (queued or running)
 
     @property
@@ -117,7 +118,10 @@ def load_version(config: ModelConfig, folder: VersionFolder, observers: Observer
 def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observers) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
-    check_version_folder(folder.path, config.base_path, config.allow_hardlinks)
+    signature = folder.signature()  # before reading: a change while loading shows at the next look
+    check_version_folder(
+        folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
+    )
     options = instance_options(config)
     sessions = [
         ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
@@ -151,6 +155,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         scheduler=scheduler,
         stats=stats,
         pipeline=pipeline,
+        signature=signature,
         load_seconds=time.perf_counter() - started,
     )
 
