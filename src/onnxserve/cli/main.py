@@ -92,8 +92,8 @@ def serve(
     tls_client_ca: Annotated[
         Path | None, typer.Option(help="PEM CA bundle: require client certificates it signed (mutual TLS).")
     ] = None,
-    http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).", envvar="ONNXSERVE_HTTP_PORT")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).", envvar="ONNXSERVE_GRPC_PORT")] = 8001,
     inference_threads: Annotated[
         int | None, typer.Option(help="Threads that run inference off the event loop.")
     ] = None,
@@ -188,7 +188,13 @@ def export_hf(
             help="feature-extraction, text-classification, token-classification, question-answering or fill-mask."
         ),
     ],
-    output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/minilm/1.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="The version folder to create, e.g. models/minilm/1; or a .onnx file name: one "
+            "self-contained file that carries its tokenizer and pipeline spec (models under 2 GB)."
+        ),
+    ],
     pooling: Annotated[
         str | None,
         typer.Option(

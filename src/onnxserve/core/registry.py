@@ -127,7 +127,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
     ]
     first = sessions[0]
-    pipeline = load_pipeline(folder.path, [s.name for s in first.inputs])
+    pipeline = load_pipeline(folder.path, first.inputs, first.outputs, first.metadata)
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)

@@ -62,11 +62,12 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
             expected = ", ".join(_describe(s) for s in model.inputs)
             raise InvalidInputError(
                 f"unknown input {tensor.name!r} for model {model.name!r}; expected inputs: {expected}"
+                + _text_inputs(model)
             )
         if tensor.datatype != spec.datatype:
             raise InvalidInputError(
                 f"input {tensor.name!r} has datatype {tensor.datatype.v2} but model {model.name!r} "
-                f"expects {spec.datatype.v2}"
+                f"expects {spec.datatype.v2}" + _text_hint(tensor.datatype.is_bytes, spec, model)
             )
         _check_shape(tensor.shape, spec, model.name)
         for size, dim_name in zip(tensor.shape, spec.dim_names, strict=False):
@@ -84,10 +85,33 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
         raise InvalidInputError(
             f"model {model.name!r} is missing input{'s' if len(missing) > 1 else ''} "
             + ", ".join(_describe(s) for s in missing)
+            + _text_inputs(model)
         )
     if model.max_batch_size > 0:
         _check_batch(request, model.max_batch_size)
     return feeds, _output_names(request, model)
+
+
+def _text_inputs(model: ModelVersion) -> str:
+    """For a model that takes text: the text inputs, to list beside the graph's own."""
+    if model.pipeline is None:
+        return ""
+    names = " and ".join(f"{name!r} (BYTES [-1])" for name in model.pipeline.text_inputs())
+    return f"; or send text as {names}"
+
+
+TEXT_FIX = (
+    "to send text to this model, put its tokenizer.json beside the model file (the server then tokenizes "
+    "strings sent for its token inputs), or export it with 'onnxserve export hf MODEL --task TASK "
+    "--output model.onnx', which writes one file that carries its tokenizer"
+)
+"""The two ways to make a model take text, for a string sent where it expects token ids."""
+
+
+def _text_hint(sent_bytes: bool, spec: TensorSpec, model: ModelVersion) -> str:
+    if not sent_bytes or model.pipeline is not None or spec.datatype.v2 not in ("INT64", "INT32"):
+        return ""
+    return f" (token ids); {TEXT_FIX}"
 
 
 def _check_batch(request: InferenceRequest, max_batch_size: int) -> None:
