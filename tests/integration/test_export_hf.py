@@ -223,6 +223,10 @@ def test_export_to_a_file_name_writes_one_self_contained_file_served_as_text(
     expected = session.run(["sentence_embedding"], feeds)[0]
     np.testing.assert_allclose(served["embedding"], expected, atol=1e-5)
 
+    from onnxserve import Pipeline
+
+    np.testing.assert_allclose(Pipeline(output)(sentences), expected, atol=1e-5)  # local inference reads it too
+
 
 def test_export_to_a_file_refuses_what_cannot_fit_in_one_file(tmp_path: Path) -> None:
     """Over 2 GB of weights cannot be one protocol buffer: refused, saying to export to a folder."""

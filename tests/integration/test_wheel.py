@@ -29,7 +29,8 @@ LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+:\d+)")
 TORCH = "torch==2.13.0"  # the CPU build this machine carries; any other version pulls a CUDA build
 UNREACHABLE = ("No matching distribution", "Could not find a version", "connection", "Network is unreachable")
 
-pytestmark = pytest.mark.slow
+# Building the wheel and filling fresh environments from the registry takes minutes on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def run(command: list[str], timeout: float = 900, **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -163,6 +164,7 @@ def test_the_installed_server_serves_and_its_web_page_files(served: str) -> None
         assert response.content == asset.read_bytes()
 
 
+@pytest.mark.timeout(1800)  # installs torch, transformers and their dependencies into a fresh environment
 def test_the_export_extra_installs_the_exporters(wheel: Path, tmp_path: Path) -> None:
     """``pip install 'onnxserve[export]'`` (torch pinned to the CPU build, as the Makefile does)."""
     python = fresh_venv(tmp_path / "export")
