@@ -218,3 +218,25 @@ def test_without_a_tokenizer_a_string_is_refused_with_both_fixes(exported: Path,
         assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_hugging_face_tokenizer_folder_without_tokenizer_json(exported: Path, tmp_path: Path) -> None:
+    """vocab.txt + tokenizer_config.json (a slow tokenizer's files) beside the model: converted by
+    transformers, the model takes text just the same."""
+    models = install(exported, tmp_path)
+    (models / "tokenizer.json").unlink()
+    source = exported.parent / "bert"
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, models / name)
+    tutorial_config(tmp_path / "config.json", "models")
+    server = Server(tmp_path / "config.json")
+    try:
+        response = requests.post(
+            f"{server.url}/v1/models/huggingface_model:predict", json={"inputs": {"input_ids": [SENTENCE]}}, timeout=60
+        )
+        assert response.status_code == 200, response.text
+        got = np.array(json.loads(response.content)["outputs"][0], dtype=np.float32)
+        np.testing.assert_allclose(got, direct(exported, [SENTENCE])[0], atol=1e-5)
+    finally:
+        server.stop()
