@@ -190,6 +190,12 @@ def test_an_unknown_input_lists_the_text_input(served: str) -> None:
     error = response.json()["error"]
     assert "'input_ids'" in error
     assert "'text' (BYTES [-1])" in error
+    tf = requests.post(
+        f"{served}/v1/models/huggingface_model:predict", json={"inputs": {"sentence": [[1, 2]]}}, timeout=60
+    )
+    assert tf.status_code == 400
+    assert "'input_ids'" in tf.json()["error"]
+    assert "or text as 'text'" in tf.json()["error"]
     assert requests.get(f"{served}/v2/health/ready", timeout=10).status_code == 200
 
 

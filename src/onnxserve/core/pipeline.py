@@ -125,6 +125,11 @@ OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {"text-classification": ("probabi
 """Task results a text request gets only when it names them."""
 
 
+def text_inputs_of(task: str) -> tuple[str, ...]:
+    """The input names a text model of ``task`` takes text under (besides strings for ``input_ids``)."""
+    return (QUESTION_INPUT, CONTEXT_INPUT) if task == "question-answering" else (TEXT_INPUT,)
+
+
 @dataclass(frozen=True)
 class TextBatch:
     """The texts of one request (and, for question-answering, the contexts they pair with)."""
@@ -196,7 +201,7 @@ class TextPipeline:
 
     def text_inputs(self) -> tuple[str, ...]:
         """The names a request may send text under (besides strings for ``input_ids``)."""
-        return (QUESTION_INPUT, CONTEXT_INPUT) if self.is_qa else (TEXT_INPUT,)
+        return text_inputs_of(self.spec.task)
 
     def text_of(self, request: InferenceRequest) -> TextBatch | None:
         """The texts a request sends, or None when it sends token tensors for the graph itself."""

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 
 from onnxserve.core.datatypes import from_v2
-from onnxserve.core.pipeline import TEXT_INPUT
+from onnxserve.core.pipeline import TEXT_INPUT, text_inputs_of
 from onnxserve.core.registry import ModelState
 from onnxserve.core.service import IndexEntry
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
@@ -110,7 +110,12 @@ def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
     for spec in meta.inputs:
         if spec.name == name:
             return spec
-    raise InvalidInputError(f"unknown input {name!r} for model {meta.name!r}; its inputs are: {_names(meta.inputs)}")
+    text = ""
+    if meta.task is not None:  # a model that takes text
+        text = "; or text as " + " and ".join(repr(n) for n in text_inputs_of(meta.task))
+    raise InvalidInputError(
+        f"unknown input {name!r} for model {meta.name!r}; its inputs are: {_names(meta.inputs)}{text}"
+    )
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
