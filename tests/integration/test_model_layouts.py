@@ -254,3 +254,26 @@ def test_serve_without_flags_or_variables_says_what_to_give(tmp_path: Path) -> N
     )
     assert done.returncode == 2
     assert "ONNX_SERVER_CONFIG" in done.stderr
+
+
+def test_a_tokenizer_beside_a_model_without_token_inputs_changes_nothing(tmp_path: Path) -> None:
+    """Text is accepted only for token inputs (input_ids ...); other models stay tensor models."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save(models.offset_model(1.0), folder / "m.onnx")
+    Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]")).save(str(folder / "tokenizer.json"))
+    write_config(tmp_path / "config.json", "models/m.onnx")
+    server = serve(tmp_path / "config.json")
+    try:
+        assert answer(server) == 1.0
+        body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}
+        response = httpx.post(f"{server.http_url}/v2/models/m/infer", json=body, timeout=30)
+        assert response.status_code == 400
+        assert "unknown input 'text'" in response.json()["error"]
+        assert "or send text" not in response.json()["error"]
+        assert answer(server) == 1.0
+    finally:
+        server.stop()
