@@ -41,14 +41,42 @@ def root(
     """onnxserve: one tool for the whole path of an ONNX model."""
 
 
+CONFIG_VARIABLES = ("ONNXSERVE_CONFIG", "ONNX_SERVER_CONFIG")
+"""Environment variables naming the config file when ``serve`` gets neither --config nor
+--model-repository, first found wins (``ONNX_SERVER_CONFIG`` is the old tutorial's name)."""
+
+REPOSITORY_VARIABLE = "ONNXSERVE_MODEL_REPOSITORY"
+"""Environment variable naming the model repository, read when no config variable is set."""
+
+
+def _catalog_from_environment() -> tuple[Path | None, Path | None]:
+    """(config file, repository) from the environment, for ``serve`` without either flag."""
+    import os
+
+    for name in CONFIG_VARIABLES:
+        value = os.environ.get(name, "")
+        if value:
+            return Path(value), None
+    repository = os.environ.get(REPOSITORY_VARIABLE, "")
+    return None, (Path(repository) if repository else None)
+
+
 @app.command()
 def serve(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Server config file (JSON or YAML) with model_config_list."),
+        typer.Option(
+            "--config",
+            help="Server config file (JSON or YAML) with model_config_list "
+            "(default: $ONNXSERVE_CONFIG or $ONNX_SERVER_CONFIG).",
+        ),
     ] = None,
     model_repository: Annotated[
-        Path | None, typer.Option("--model-repository", help="Serve every DIR/<name>/<version>/model.onnx.")
+        Path | None,
+        typer.Option(
+            "--model-repository",
+            help="Serve every DIR/<name>/<version>/model.onnx (default: $ONNXSERVE_MODEL_REPOSITORY).",
+        ),
     ] = None,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback must be asked for.")] = "127.0.0.1",
     auth_tokens: Annotated[
@@ -64,8 +92,8 @@ def serve(
     tls_client_ca: Annotated[
         Path | None, typer.Option(help="PEM CA bundle: require client certificates it signed (mutual TLS).")
     ] = None,
-    http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).")] = 8001,
+    http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).", envvar="ONNXSERVE_HTTP_PORT")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).", envvar="ONNXSERVE_GRPC_PORT")] = 8001,
     inference_threads: Annotated[
         int | None, typer.Option(help="Threads that run inference off the event loop.")
     ] = None,
@@ -149,8 +177,13 @@ def serve(
     from onnxserve.server.lifecycle import serve as run_server
     from onnxserve.server.logs import configure_logging
 
+    if config is None and model_repository is None:
+        config, model_repository = _catalog_from_environment()
     if (config is None) == (model_repository is None):
-        err.print("[bold red]error:[/] give exactly one of --config FILE or --model-repository DIR")
+        err.print(
+            "[bold red]error:[/] give exactly one of --config FILE or --model-repository DIR "
+            f"(or set {' or '.join(CONFIG_VARIABLES)} to a config file, or {REPOSITORY_VARIABLE} to a folder)"
+        )
         raise typer.Exit(code=2)
     try:
         catalog = Catalog(config_file=config, repository=model_repository)
@@ -206,7 +239,13 @@ def export_hf(
             "or text-ranking (cross-encoders)."
         ),
     ],
-    output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/minilm/1.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="The version folder to create, e.g. models/minilm/1; or a .onnx file name: one "
+            "self-contained file that carries its tokenizer and pipeline spec (models under 2 GB)."
+        ),
+    ],
     pooling: Annotated[
         str | None,
         typer.Option(

@@ -12,7 +12,7 @@ import numpy.typing as npt
 
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.types import InferenceRequest, TensorSpec
-from onnxserve.core.wire import describe, format_shape, unknown_input_error
+from onnxserve.core.wire import describe, format_shape, text_inputs_hint, unknown_input_error
 from onnxserve.errors import InvalidInputError
 
 
@@ -34,11 +34,11 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
             raise InvalidInputError(f"input {tensor.name!r} is given more than once")
         spec = specs.get(tensor.name)
         if spec is None:
-            raise unknown_input_error(tensor.name, model.name, model.inputs)
+            raise unknown_input_error(tensor.name, model.name, model.inputs, _text_inputs(model))
         if tensor.datatype != spec.datatype:
             raise InvalidInputError(
                 f"input {tensor.name!r} has datatype {tensor.datatype.v2} but model {model.name!r} "
-                f"expects {spec.datatype.v2}"
+                f"expects {spec.datatype.v2}" + _text_hint(tensor.datatype.is_bytes, spec, model)
             )
         _check_shape(tensor.shape, spec, model.name)
         for size, dim_name in zip(tensor.shape, spec.dim_names, strict=False):
@@ -56,10 +56,30 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
         raise InvalidInputError(
             f"model {model.name!r} is missing input{'s' if len(missing) > 1 else ''} "
             + ", ".join(describe(s) for s in missing)
+            + text_inputs_hint(_text_inputs(model))
         )
     if model.max_batch_size > 0:
         _check_batch(request, model.max_batch_size)
     return feeds, _output_names(request, model)
+
+
+def _text_inputs(model: ModelVersion) -> tuple[str, ...]:
+    """The text inputs of a model that takes text (listed beside the graph's own); () otherwise."""
+    return () if model.pipeline is None else model.pipeline.text_inputs()
+
+
+TEXT_FIX = (
+    "to send text to this model, put its tokenizer.json beside the model file (the server then tokenizes "
+    "strings sent for its token inputs), or export it with 'onnxserve export hf MODEL --task TASK "
+    "--output model.onnx', which writes one file that carries its tokenizer"
+)
+"""The two ways to make a model take text, for a string sent where it expects token ids."""
+
+
+def _text_hint(sent_bytes: bool, spec: TensorSpec, model: ModelVersion) -> str:
+    if not sent_bytes or model.pipeline is not None or spec.datatype.v2 not in ("INT64", "INT32"):
+        return ""
+    return f" (token ids); {TEXT_FIX}"
 
 
 def _check_batch(request: InferenceRequest, max_batch_size: int) -> None:

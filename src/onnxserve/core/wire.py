@@ -98,10 +98,22 @@ def check_bytes_count(where: str, count: int) -> None:
         )
 
 
-def unknown_input_error(name: str, model: str, inputs: Sequence[TensorSpec]) -> InvalidInputError:
-    """The one message for an input name the model does not have, on every protocol."""
+def unknown_input_error(
+    name: str, model: str, inputs: Sequence[TensorSpec], text_inputs: Sequence[str] = ()
+) -> InvalidInputError:
+    """The one message for an input name the model does not have, on every protocol (a model that takes
+    text lists its text inputs too)."""
     expected = ", ".join(describe(s) for s in inputs)
-    return InvalidInputError(f"unknown input {name!r} for model {model!r}; expected inputs: {expected}")
+    return InvalidInputError(
+        f"unknown input {name!r} for model {model!r}; expected inputs: {expected}" + text_inputs_hint(text_inputs)
+    )
+
+
+def text_inputs_hint(text_inputs: Sequence[str]) -> str:
+    """``"; or send text as 'text' (BYTES [-1])"``, for a model that takes text; "" for one that does not."""
+    if not text_inputs:
+        return ""
+    return "; or send text as " + " and ".join(f"{name!r} (BYTES [-1])" for name in text_inputs)
 
 
 def describe(spec: TensorSpec) -> str:

@@ -14,7 +14,7 @@ import orjson
 
 from onnxserve.core import wire
 from onnxserve.core.datatypes import from_v2
-from onnxserve.core.pipeline import TEXT_INPUT
+from onnxserve.core.pipeline import TEXT_INPUT, text_inputs_of
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -160,7 +160,7 @@ def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
     for spec in meta.inputs:
         if spec.name == name:
             return spec
-    raise wire.unknown_input_error(name, meta.name, meta.inputs)
+    raise wire.unknown_input_error(name, meta.name, meta.inputs, text_inputs_of(meta.task) if meta.task else ())
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
