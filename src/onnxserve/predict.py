@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from onnxserve.config import ExecutionProvider, SessionOptions
-from onnxserve.core.pipeline import Arrays, Encoded, PipelineSpec, TextBatch, TextPipeline
+from onnxserve.core.pipeline import TENSORS_TASK, Arrays, Encoded, PipelineSpec, TextBatch, TextPipeline, load_pipeline
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import InvalidInputError, ModelLoadError
 
 
 class Pipeline:
-    """A text model folder (``model.onnx`` + tokenizer + ``onnxserve.json``) ready to run locally."""
+    """A text model folder (``model.onnx`` + tokenizer + ``onnxserve.json``), or a single ``.onnx`` file
+    that carries them in its metadata (``onnxserve export hf --output X.onnx``), ready to run locally."""
 
     def __init__(
         self,
@@ -40,6 +41,15 @@ class Pipeline:
         options: SessionOptions | None = None,
     ) -> None:
         path = Path(folder)
+        if path.suffix == ".onnx" and path.is_file():  # a single-file export: the spec is in its metadata
+            self.session = ModelSession(path, providers, options, name=str(path))
+            text = load_pipeline(path.parent, self.session.inputs, self.session.outputs, self.session.metadata)
+            if text is None or text.spec.task == TENSORS_TASK:
+                raise ModelLoadError(
+                    f"{path} carries no pipeline spec; export one with `onnxserve export hf ... --output X.onnx`"
+                )
+            self.text, self.spec = text, text.spec
+            return
         spec = PipelineSpec.read(path)
         if spec is None:
             raise ModelLoadError(

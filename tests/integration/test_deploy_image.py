@@ -4,6 +4,7 @@ serving a model repository the way the image does, its HEALTHCHECK command, and 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -186,3 +187,37 @@ def test_install_is_serving_only(installed: Path) -> None:
 @pytest.mark.slow
 def test_installed_image_environment_serves_and_drains(installed: Path, repository: Path) -> None:
     serve_and_drain(installed, repository)
+
+
+def test_entrypoint_serves_the_tutorial_config_variable(tmp_path: Path) -> None:
+    """The tutorial's Dockerfile: the model and config copied in, ENV ONNX_SERVER_CONFIG, no CMD."""
+    (tmp_path / "models").mkdir()
+    import onnx
+
+    onnx.save(models.offset_model(10.0), tmp_path / "models" / "huggingface_model.onnx")
+    config = tmp_path / "config.json"
+    entry = {"name": "m", "base_path": "models/huggingface_model.onnx", "model_platform": "onnxruntime"}
+    config.write_text(json.dumps({"model_config_list": [entry]}))
+    served = Served(Path(sys.prefix), tmp_path / "no-repository-needed")
+    served.process.kill()
+    served.process.wait()
+    served.log.close()
+    env = {k: v for k, v in served.env.items() if k != "ONNXSERVE_MODEL_REPOSITORY"}
+    served.env = {**env, "ONNX_SERVER_CONFIG": str(config)}
+    if "PYTHONPATH" in os.environ:  # this checkout's code, when the environment's install points elsewhere
+        served.env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    served.log = tempfile.TemporaryFile()  # noqa: SIM115
+    served.process = subprocess.Popen(["sh", str(ENTRYPOINT)], env=served.env, stderr=served.log)
+    try:
+        served.wait_live()
+        body = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+        response = httpx.post(f"{served.url}/v2/models/m/infer", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["data"] == [11.0]
+        cmdline = Path(f"/proc/{served.process.pid}/cmdline").read_bytes().split(b"\0")
+        args = [a.decode() for a in cmdline if a]
+        assert args[2:5] == ["serve", "--config", str(config)]
+    finally:
+        served.process.kill()
+        served.process.wait()
+        served.log.close()

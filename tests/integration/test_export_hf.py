@@ -181,3 +181,72 @@ def test_a_hub_id_that_cannot_be_fetched_is_a_clear_error(tmp_path: Path, monkey
             "onnxserve-tests/no-such-model", tmp_path / "out", HfExportOptions(task="feature-extraction")
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_export_to_a_file_name_writes_one_self_contained_file_served_as_text(
+    tiny_bert: Path, tmp_path: Path, start_server: Any
+) -> None:
+    """``--output X.onnx``: one file with its weights inlined and the tokenizer and spec in its metadata;
+    served alone (base_path at the file, nothing beside it) it takes text."""
+    import onnx
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from onnxserve.core.pipeline import PIPELINE_METADATA, TOKENIZER_METADATA
+
+    output = tmp_path / "alone" / "minilm.onnx"
+    report = export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+    assert report.passed
+    assert [p.name for p in output.parent.iterdir()] == ["minilm.onnx"]  # nothing beside it, nothing left over
+    assert output.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    metadata = {p.key: p.value for p in onnx.load(str(output)).metadata_props}
+    assert PipelineSpec.parse(metadata[PIPELINE_METADATA], "test").task == "feature-extraction"
+
+    config = parse_config({"model_config_list": [{"name": "m", "base_path": str(output)}]}, "test", tmp_path)
+    server = start_server(config)
+    sentences = ["the quick brown fox", "onnx serves models fast and well"]
+    body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": sentences}]}
+    response = httpx.post(f"{server.http_url}/v2/models/m/infer", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    served = {o["name"]: np.array(o["data"], dtype=np.float32).reshape(o["shape"]) for o in response.json()["outputs"]}
+
+    tokenizer = Tokenizer.from_str(metadata[TOKENIZER_METADATA])
+    tokenizer.enable_padding(pad_id=0)
+    encodings = tokenizer.encode_batch(sentences)
+    session = ort.InferenceSession(str(output))
+    available = {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
+    feeds = {i.name: available[i.name] for i in session.get_inputs()}
+    expected = session.run(["sentence_embedding"], feeds)[0]
+    np.testing.assert_allclose(served["embedding"], expected, atol=1e-5)
+
+    from onnxserve import Pipeline
+
+    np.testing.assert_allclose(Pipeline(output)(sentences), expected, atol=1e-5)  # local inference reads it too
+
+
+def test_export_to_a_file_refuses_what_cannot_fit_in_one_file(tmp_path: Path) -> None:
+    """Over 2 GB of weights cannot be one protocol buffer: refused, saying to export to a folder."""
+    from onnxserve.toolkit.export.single_file import write_single_file
+
+    folder = tmp_path / "version"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"")
+    with (folder / "model.onnx.data").open("wb") as data:  # sparse: takes no disk space
+        data.truncate(2**31 + 1)
+    with pytest.raises(ExportError) as caught:
+        write_single_file(folder, tmp_path / "big.onnx")
+    assert "more than one ONNX file can hold" in caught.value.message
+    assert "export to a folder instead" in caught.value.message
+    assert not (tmp_path / "big.onnx").exists()
+
+
+def current_umask() -> int:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

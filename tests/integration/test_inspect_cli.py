@@ -185,3 +185,22 @@ def test_demo_model_summary_against_its_configuration(demo_repository: Path) -> 
     weights = sum(a.size for name, a in checkpoint.items() if "pooler" not in name)
     assert 0 <= summary["parameters"] - weights < 1000
     assert summary["pipeline"]["task"] == "feature-extraction"
+
+
+def test_output_files_get_ordinary_permissions(model_file: Path, tmp_path: Path) -> None:
+    """Written whole through a private temporary file, the result still has the mode open() would give."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        svg = tmp_path / "tiny.svg"
+        code, _, _ = invoke(str(model_file), "--format", "svg", "--output", str(svg))
+        assert code == 0
+        assert svg.stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        svg.unlink()
+        code, _, _ = invoke(str(model_file), "--format", "svg", "--output", str(svg))
+        assert code == 0
+        assert svg.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(previous)

@@ -42,7 +42,7 @@ def test_optimize_a_text_folder_and_check_the_report(tiny_text_version: Path, tm
     dst = tmp_path / "opt" / "1"
     done = run_cli(
         "optimize", str(tiny_text_version), "--output", str(dst), "--fuse", "--quantize", "int8",
-        "--max-accuracy-loss", "cosine=0.99", "--batch-sizes", "1,4", "--repeats", "3", "--json",
+        "--max-accuracy-loss", "cosine=0.99", "--batch-sizes", "1,4", "--repeats", "3", "--json", "--allow-slower",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)

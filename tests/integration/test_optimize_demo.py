@@ -36,7 +36,12 @@ def test_fused_int8_demo_model_is_accurate_and_serves_like_predict(
     src = demo_repository / "minilm" / "1"
     dst = tmp_path / "minilm" / "1"
     options = OptimizeOptions(
-        fuse=True, quantize="int8", budget=AccuracyBudget(cosine=0.99), latency_batches=(8,), repeats=3
+        fuse=True,
+        quantize="int8",
+        budget=AccuracyBudget(cosine=0.99),
+        latency_batches=(8,),
+        repeats=3,
+        allow_slower=True,  # this test is about size and accuracy; speed is measured by bench/
     )
     report = optimize(src, dst, options)
     assert report.size_ratio >= 3.5  # issue #7: at least 3.5x smaller

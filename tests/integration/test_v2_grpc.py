@@ -1179,3 +1179,60 @@ def test_http_json_and_grpc_give_identical_datatype_error(infer: Rpc, http: http
     assert http_response.json() == {"error": details}
     assert "FP64" in details
     assert "expects FP32" in details
+
+
+def _three_forms(
+    model: str, tensors: dict[str, tuple[str, list[int], list[Any]]], grpc_form: bool = True
+) -> tuple[str, dict[str, Any], pb.ModelInferRequest | None, dict[str, Any]]:
+    """One set of tensors as a V2 JSON body, a typed gRPC request (None: not expressible) and a TF body."""
+    v2 = {"inputs": [{"name": n, "datatype": d, "shape": s, "data": v} for n, (d, s, v) in tensors.items()]}
+    message: pb.ModelInferRequest | None = None
+    if grpc_form:
+        message = pb.ModelInferRequest(model_name=model)
+        for name, (datatype, shape, values) in tensors.items():
+            tensor = message.inputs.add(name=name, datatype=datatype, shape=shape)
+            field = {"FP32": "fp32_contents", "UINT8": "uint_contents"}[datatype]
+            getattr(tensor.contents, field).extend(np.array(values).reshape(-1).tolist())
+    tf = {"inputs": {name: values for name, (_, _, values) in tensors.items()}}
+    return model, v2, message, tf
+
+
+def _rows(count: int, width: int) -> list[list[float]]:
+    return [[0.5] * width for _ in range(count)]
+
+
+def _cross_protocol_cases() -> list[Any]:
+    cases = {
+        "unknown_input": _three_forms(
+            "add", {"a": ("FP32", [2, 16], _rows(2, 16)), "c": ("FP32", [2, 16], _rows(2, 16))}
+        ),
+        "missing_input": _three_forms("add", {"a": ("FP32", [2, 16], _rows(2, 16))}),
+        "wrong_shape": _three_forms(
+            "add", {"a": ("FP32", [2, 15], _rows(2, 15)), "b": ("FP32", [2, 15], _rows(2, 15))}
+        ),
+        "out_of_range": _three_forms("mixed", {"small": ("UINT8", [4], [0, 1, 2, 256])}),
+        "booleans_for_numbers": _three_forms("add", {"a": ("FP32", [1, 2], [[True, False]])}, grpc_form=False),
+        "ragged": _three_forms("add", {"a": ("FP32", [2, 2], [[0.5, 0.5], [0.5]])}, grpc_form=False),
+    }
+    return [pytest.param(*case, id=name) for name, case in cases.items()]
+
+
+@pytest.mark.parametrize(("model", "v2_doc", "grpc_message", "tf_doc"), _cross_protocol_cases())
+def test_v2_rest_grpc_and_tf_serving_give_identical_errors(
+    infer: Rpc,
+    http: httpx.Client,
+    model: str,
+    v2_doc: dict[str, Any],
+    grpc_message: pb.ModelInferRequest | None,
+    tf_doc: dict[str, Any],
+) -> None:
+    """The same bad tensor gets the same message from every protocol (gRPC where it can express it)."""
+    over_v2 = http.post(f"/v2/models/{model}/infer", json=v2_doc)
+    over_tf = http.post(f"/v1/models/{model}:predict", json=tf_doc)
+    assert over_v2.status_code == over_tf.status_code == 400, (over_v2.text, over_tf.text)
+    assert over_tf.json() == over_v2.json()
+    if grpc_message is not None:
+        error = rpc_error(lambda: infer(grpc_message, timeout=30))
+        assert error.code() == Code.INVALID_ARGUMENT
+        assert over_v2.json() == {"error": error.details()}
+    check_good_add_request(infer)

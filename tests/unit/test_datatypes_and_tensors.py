@@ -16,13 +16,12 @@ import pytest
 
 import models
 from onnxserve.config import ModelConfig
-from onnxserve.core import datatypes
+from onnxserve.core import datatypes, wire
 from onnxserve.core.registry import ModelVersion, load_version
 from onnxserve.core.repository import VersionFolder
 from onnxserve.core.types import InferenceRequest, InferenceResponse, Tensor
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import InvalidInputError, ModelLoadError
-from onnxserve.protocols import binary as binary_tensors
 from onnxserve.protocols.v2_rest import codec, tensors
 from onnxserve.protocols.v2_rest.codec import HEADER_LENGTH, DecodedRequest
 
@@ -326,8 +325,8 @@ def _binary_cases() -> list[tuple[str, npt.NDArray[Any], bytes]]:
 
 @pytest.mark.parametrize(("name", "array", "raw"), _binary_cases(), ids=[c[0] for c in _binary_cases()])
 def test_binary_round_trip(name: str, array: npt.NDArray[Any], raw: bytes) -> None:
-    assert binary_tensors.encode(Tensor("x", dt(name), array)) == raw
-    back = binary_tensors.decode("x", dt(name), array.shape, raw)
+    assert bytes(wire.to_raw(Tensor("x", dt(name), array))) == raw
+    back = wire.from_raw("x", dt(name), array.shape, raw)
     assert back.datatype is dt(name)
     assert back.shape == array.shape
     assert back.data.dtype == array.dtype
@@ -336,14 +335,14 @@ def test_binary_round_trip(name: str, array: npt.NDArray[Any], raw: bytes) -> No
 
 def test_to_binary_of_a_non_contiguous_array() -> None:
     values = np.arange(6, dtype=np.float32).reshape(2, 3).T  # column-major view
-    raw = binary_tensors.encode(Tensor("x", dt("FP32"), values))
+    raw = bytes(wire.to_raw(Tensor("x", dt("FP32"), values)))
     assert raw == struct.pack("<6f", *values.reshape(-1).tolist())
 
 
 @pytest.mark.parametrize(("name", "length"), [("FP32", 7), ("FP32", 12), ("INT64", 8), ("BOOL", 3)])
 def test_from_binary_wrong_byte_length(name: str, length: int) -> None:
     with pytest.raises(InvalidInputError) as caught:
-        binary_tensors.decode("x", dt(name), (2,), b"\x00" * length)
+        wire.from_raw("x", dt(name), (2,), b"\x00" * length)
     message = caught.value.message
     expected = 2 * dt(name).itemsize
     assert "'x'" in message
@@ -355,7 +354,7 @@ def test_from_binary_wrong_byte_length(name: str, length: int) -> None:
 def test_from_binary_truncated_bytes_length_prefix() -> None:
     raw = struct.pack("<I", 1) + b"a" + b"\x02\x00"
     with pytest.raises(InvalidInputError) as caught:
-        binary_tensors.decode("text", dt("BYTES"), (2,), raw)
+        wire.from_raw("text", dt("BYTES"), (2,), raw)
     assert "'text'" in caught.value.message
     assert "4-byte length" in caught.value.message
 
@@ -363,7 +362,7 @@ def test_from_binary_truncated_bytes_length_prefix() -> None:
 def test_from_binary_bytes_element_runs_past_the_data() -> None:
     raw = struct.pack("<I", 10) + b"short"
     with pytest.raises(InvalidInputError) as caught:
-        binary_tensors.decode("text", dt("BYTES"), (1,), raw)
+        wire.from_raw("text", dt("BYTES"), (1,), raw)
     assert "'text'" in caught.value.message
     assert "10 bytes" in caught.value.message
 
@@ -371,7 +370,7 @@ def test_from_binary_bytes_element_runs_past_the_data() -> None:
 def test_from_binary_bytes_element_count_mismatch() -> None:
     raw = struct.pack("<I", 1) + b"a"
     with pytest.raises(InvalidInputError) as caught:
-        binary_tensors.decode("text", dt("BYTES"), (2,), raw)
+        wire.from_raw("text", dt("BYTES"), (2,), raw)
     assert "1 elements" in caught.value.message
 
 
@@ -628,9 +627,7 @@ def test_encode_all_binary_outputs_in_order() -> None:
     for out, tensor in zip(doc["outputs"], response.outputs, strict=True):
         assert "data" not in out
         size = out["parameters"]["binary_data_size"]
-        back = binary_tensors.decode(
-            out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size]
-        )
+        back = wire.from_raw(out["name"], dt(out["datatype"]), tuple(out["shape"]), body[offset : offset + size])
         assert back.data.tolist() == tensor.data.tolist()
         assert back.data.dtype == tensor.data.dtype
         offset += size

@@ -74,7 +74,7 @@ def ops(path: Path) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-FAST = {"latency_batches": (1, 2), "repeats": 2}
+FAST = {"latency_batches": (1, 2), "repeats": 2, "allow_slower": True}  # tiny models: speed is not the point
 
 
 def test_level_basic_folds_constants_and_reports_true_numbers(tmp_path: Path) -> None:
@@ -358,3 +358,26 @@ def test_higher_levels_write_a_model_that_computes_the_same(level: str, tmp_path
     np.testing.assert_allclose(run(dst, feeds)[0], run(src, feeds)[0], atol=1e-5)
     assert report.accuracy.max_abs < 1e-5
     assert report.steps == [f"level={level}"]
+
+
+def test_a_result_slower_at_every_batch_size_is_refused_unless_allowed(tmp_path: Path) -> None:
+    """The speed decision, on a real report with its timings set to each case (timings themselves are
+    never asserted: the machine decides them)."""
+    from onnxserve.toolkit.optimize import SLOWER_MARGIN, SlowerError, slower_everywhere
+
+    src = save(mlp(), tmp_path / "mlp.onnx")
+    report = optimize(src, tmp_path / "simple.onnx", OptimizeOptions(simplify=True, **FAST))  # type: ignore[arg-type]
+    report.latency_before_ms = {1: 1.0, 8: 4.0}
+    report.latency_after_ms = {1: 8.78, 8: 20.0}
+    assert slower_everywhere(report)
+    message = SlowerError(report).message
+    assert "slower than its source at every measured batch size" in message
+    assert "batch 1: 8.78x slower" in message
+    assert "--allow-slower" in message
+    assert "was not written" in message
+    assert isinstance(SlowerError(report), BudgetError)  # the CLI's convention: tables printed, exit 2
+
+    report.latency_after_ms = {1: 8.78, 8: 3.0}  # faster at batch 8: worth writing
+    assert not slower_everywhere(report)
+    report.latency_after_ms = {1: 1.0 * SLOWER_MARGIN * 0.99, 8: 4.0 * SLOWER_MARGIN * 0.99}  # within noise
+    assert not slower_everywhere(report)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import enum
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +15,7 @@ from rich.table import Table
 
 from onnxserve.cli.console import err, fail
 from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.toolkit.atomic_file import write_atomically
 
 
 class Format(enum.StrEnum):
@@ -108,14 +107,7 @@ def _write(output: Path | None, text: str) -> None:
     folder = output.parent
     if not folder.is_dir():
         raise InvalidInputError(f"--output {output}: folder {folder} does not exist")
-    fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{output.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(partial, output)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    write_atomically(output, text)
 
 
 def _text(report: Any, result: Any) -> str:

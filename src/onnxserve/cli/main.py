@@ -9,12 +9,12 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from onnxserve import __version__
 from onnxserve.cli import diff_commands, inspect_commands, optimize_commands
 from onnxserve.cli.console import err
 from onnxserve.cli.console import fail as _fail
 from onnxserve.cli.settings_options import flag_of, settings_from_flags, with_setting_flags
 from onnxserve.errors import ConfigError, OnnxServeError
+from onnxserve.version import __version__
 
 app = typer.Typer(
     name="onnxserve",
@@ -42,15 +42,43 @@ def root(
     """onnxserve: one tool for the whole path of an ONNX model."""
 
 
+CONFIG_VARIABLES = ("ONNXSERVE_CONFIG", "ONNX_SERVER_CONFIG")
+"""Environment variables naming the config file when ``serve`` gets neither --config nor
+--model-repository, first found wins (``ONNX_SERVER_CONFIG`` is the old tutorial's name)."""
+
+REPOSITORY_VARIABLE = "ONNXSERVE_MODEL_REPOSITORY"
+"""Environment variable naming the model repository, read when no config variable is set."""
+
+
+def _catalog_from_environment() -> tuple[Path | None, Path | None]:
+    """(config file, repository) from the environment, for ``serve`` without either flag."""
+    import os
+
+    for name in CONFIG_VARIABLES:
+        value = os.environ.get(name, "")
+        if value:
+            return Path(value), None
+    repository = os.environ.get(REPOSITORY_VARIABLE, "")
+    return None, (Path(repository) if repository else None)
+
+
 @app.command()
 @with_setting_flags
 def serve(
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="Server config file (JSON or YAML) with model_config_list."),
+        typer.Option(
+            "--config",
+            help="Server config file (JSON or YAML) with model_config_list "
+            "(default: $ONNXSERVE_CONFIG or $ONNX_SERVER_CONFIG).",
+        ),
     ] = None,
     model_repository: Annotated[
-        Path | None, typer.Option("--model-repository", help="Serve every DIR/<name>/<version>/model.onnx.")
+        Path | None,
+        typer.Option(
+            "--model-repository",
+            help="Serve every DIR/<name>/<version>/model.onnx (default: $ONNXSERVE_MODEL_REPOSITORY).",
+        ),
     ] = None,
     **settings_flags: Any,
 ) -> None:
@@ -60,8 +88,13 @@ def serve(
     from onnxserve.server.logs import configure_logging
     from onnxserve.server.settings import ServerSettings
 
+    if config is None and model_repository is None:
+        config, model_repository = _catalog_from_environment()
     if (config is None) == (model_repository is None):
-        err.print("[bold red]error:[/] give exactly one of --config FILE or --model-repository DIR")
+        err.print(
+            "[bold red]error:[/] give exactly one of --config FILE or --model-repository DIR "
+            f"(or set {' or '.join(CONFIG_VARIABLES)} to a config file, or {REPOSITORY_VARIABLE} to a folder)"
+        )
         raise typer.Exit(code=2)
     try:
         catalog = Catalog(config_file=config, repository=model_repository)
@@ -85,7 +118,13 @@ def export_hf(
             "or text-ranking (cross-encoders)."
         ),
     ],
-    output: Annotated[Path, typer.Option(help="The version folder to create, e.g. models/minilm/1.")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            help="The version folder to create, e.g. models/minilm/1; or a .onnx file name: one "
+            "self-contained file that carries its tokenizer and pipeline spec (models under 2 GB)."
+        ),
+    ],
     pooling: Annotated[
         str | None,
         typer.Option(

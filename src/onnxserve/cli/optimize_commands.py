@@ -55,6 +55,10 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="Intra-op threads for timing; 0: every CPU this process may use.")
         ] = 0,
         force: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+        allow_slower: Annotated[
+            bool,
+            typer.Option(help="Write the result even when it is slower than the source at every batch size timed."),
+        ] = False,
         json_output: Annotated[
             bool, typer.Option("--json", help="Print the report as JSON instead of tables.")
         ] = False,
@@ -78,6 +82,7 @@ def register(app: typer.Typer) -> None:
                 repeats=repeats,
                 threads=threads,
                 force=force,
+                allow_slower=allow_slower,
             )
             report = run_optimize(src, output, options, err)
         except BudgetError as e:

@@ -5,6 +5,10 @@ Checked before ONNX Runtime (or the tokenizer) opens anything:
 - the version folder resolves inside the model's ``base_path`` (a symlinked version folder that leads
   elsewhere, including a sibling whose name merely starts the same, ``m_evil`` beside ``m``, is refused:
   paths are compared by their components, never as strings);
+- a model file served without a version folder (``base_path`` is the file, or a folder holding one
+  model file) reads only its own files: the model, the files named after it (``model.onnx.data``),
+  the tokenizer and pipeline files beside it; each of those obeys the rules below, the rest of the
+  folder is not read and not checked;
 - every entry of the version folder is a regular file or a folder, or a symbolic link that resolves
   inside the folder; FIFOs, sockets and devices are refused (opening one could block the loader);
 - regular files with more than one hard link are refused unless the model allows them
@@ -28,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import onnx
@@ -91,10 +95,20 @@ def leads_outside(folder: Path, base_path: Path) -> bool:
     return not _inside(real, real_base) or real == real_base
 
 
-def check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool = False) -> None:
-    """Refuse a version folder that leads outside ``base_path`` or holds anything that could (see module)."""
+def check_version_folder(
+    folder: Path, base_path: Path, allow_hardlinks: bool = False, files: Sequence[Path] | None = None
+) -> None:
+    """Refuse a version folder that leads outside ``base_path`` or holds anything that could (see module).
+
+    With ``files`` (a model file served without a version folder), only those files of ``folder`` are
+    checked, and ``folder`` is the model's own folder."""
     try:
-        _check_version_folder(folder, base_path, allow_hardlinks)
+        if files is None:
+            _check_version_folder(folder, base_path, allow_hardlinks)
+        else:
+            real = folder.resolve()
+            for entry in files:
+                _check_entry(entry, folder, real, allow_hardlinks)
     except ModelLoadError as e:
         raise ModelLoadError(f"{folder}: {e.message}") from None
 
@@ -105,22 +119,28 @@ def _check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool) 
     real = folder.resolve()
     for parent, folders, files in os.walk(folder, followlinks=False):
         for name in (*folders, *files):
-            entry = Path(parent) / name
-            shown = str(entry.relative_to(folder))
-            info = entry.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                if not _inside(entry.resolve(), real):
-                    raise ModelLoadError(f"{shown!r} is a symbolic link that leads outside the version folder; refused")
-                info = entry.stat()  # what it points to, inside the folder (checked as its own entry too)
-            if stat.S_ISDIR(info.st_mode):
-                continue
-            if not stat.S_ISREG(info.st_mode):
-                raise ModelLoadError(f"{shown!r} is not a regular file (a FIFO, socket or device); refused")
-            if info.st_nlink > 1 and not allow_hardlinks:
-                raise ModelLoadError(
-                    f"{shown!r} has {info.st_nlink} hard links: its other names may lie outside the repository, "
-                    "so it is refused (copy the file, or set allow_hardlinks in the model's config)"
-                )
+            _check_entry(Path(parent) / name, folder, real, allow_hardlinks)
+
+
+def _check_entry(entry: Path, folder: Path, real: Path, allow_hardlinks: bool) -> None:
+    shown = str(entry.relative_to(folder))
+    try:
+        info = entry.lstat()
+    except OSError:
+        raise ModelLoadError(f"{shown!r} is missing") from None
+    if stat.S_ISLNK(info.st_mode):
+        if not _inside(entry.resolve(), real):
+            raise ModelLoadError(f"{shown!r} is a symbolic link that leads outside the version folder; refused")
+        info = entry.stat()  # what it points to, inside the folder (checked as its own entry too)
+    if stat.S_ISDIR(info.st_mode):
+        return
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelLoadError(f"{shown!r} is not a regular file (a FIFO, socket or device); refused")
+    if info.st_nlink > 1 and not allow_hardlinks:
+        raise ModelLoadError(
+            f"{shown!r} has {info.st_nlink} hard links: its other names may lie outside the repository, "
+            "so it is refused (copy the file, or set allow_hardlinks in the model's config)"
+        )
 
 
 def check_model(model: onnx.ModelProto, folder: Path) -> None:

@@ -102,7 +102,14 @@ def _run_text(
     batch = TextBatch(texts, pairs if pipeline.takes_pairs else None)
     encoded = pipeline.tensors(encodings)
     merged_at = time.perf_counter_ns()
-    outputs = session.run(encoded.feeds, works[0].fetch, control)
+    if pipeline.fixed_batch == 1 and len(encodings) > 1:  # the graph takes one text at a time
+        runs = [
+            session.run({name: array[row : row + 1] for name, array in encoded.feeds.items()}, works[0].fetch, control)
+            for row in range(len(encodings))
+        ]
+        outputs = {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
+    else:
+        outputs = session.run(encoded.feeds, works[0].fetch, control)
     ran_at = time.perf_counter_ns()
     answer = [a for a in works[0].answer if a != TOKEN_COUNT_OUTPUT]
     if any(TOKEN_COUNT_OUTPUT in w.answer for w in works):

@@ -16,6 +16,9 @@ served with what is loaded:
   ``MAX_SIGNATURE_ENTRIES`` entries, and, like every file-system read here, runs on a worker thread,
   never on the event loop;
 - versions whose folders are gone leave the repository index (a failed one too);
+- a model file served without a version folder (version 1, see ``repository``) that changes on disk
+  (replace it atomically: write beside it, then rename) is loaded again as version 1 once stable; the
+  old one keeps serving until the new one is warm, then drains and is unloaded;
 - a config error for one model leaves that model as it was; an invalid config as a whole is refused
   before anything changes.
 
@@ -28,27 +31,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
-from onnxserve.core.confinement import leads_outside
 from onnxserve.core.observe import VersionRecord
-from onnxserve.core.registry import ModelRegistry, ModelState, ModelVersion, ServedModel, load_version
-from onnxserve.core.repository import VersionFolder, discover_versions, scan_repository
+from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
+from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
+from onnxserve.core.types import ModelState
 from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError
 
 log = logging.getLogger(__name__)
 
 UNLOAD_POLL_SECONDS = 0.01
-
-MAX_SIGNATURE_ENTRIES = 10_000
-"""A version folder's signature looks at this many entries at most (a model is a handful of files)."""
-
-Signature = tuple[tuple[str, int, int], ...]
 
 
 class ControlMode(enum.Enum):
@@ -104,28 +101,8 @@ class Catalog:
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
 
 
-def folder_signature(folder: Path, base_path: Path) -> Signature | None:
-    """Names, sizes and modification times of what is in a version folder (to tell when it is stable);
-    None for a folder that leads outside ``base_path``, which is never walked. Symlinks are not followed,
-    and at most ``MAX_SIGNATURE_ENTRIES`` entries are read. Blocking: call it on a worker thread."""
-    if leads_outside(folder, base_path):
-        return None
-    entries = []
-    for parent, folders, files in os.walk(folder, followlinks=False):
-        for name in sorted((*folders, *files)):
-            path = Path(parent) / name
-            try:
-                info = path.lstat()
-            except OSError:
-                continue
-            entries.append((str(path.relative_to(folder)), info.st_size, info.st_mtime_ns))
-            if len(entries) >= MAX_SIGNATURE_ENTRIES:
-                return tuple(sorted(entries))
-    return tuple(sorted(entries))
-
-
-def _signatures(folders: list[VersionFolder], base_path: Path) -> dict[Path, Signature | None]:
-    return {f.path: folder_signature(f.path, base_path) for f in folders}
+def _signatures(folders: list[VersionFolder]) -> dict[Path, Signature | None]:
+    return {f.model_file: f.signature() for f in folders}
 
 
 class ModelManager:
@@ -144,6 +121,7 @@ class ModelManager:
         self.mode = mode
         self.drain_seconds = drain_seconds
         self.wait_for_stable_folders = wait_for_stable_folders
+        # Keyed by model file: flat versions of several models may share a folder.
         self._signatures: dict[Path, Signature | None] = {}
         self._failed_signatures: dict[Path, Signature | None] = {}
         self._lock = asyncio.Lock()
@@ -183,9 +161,20 @@ class ModelManager:
         current = {n: v for n, v in model.versions.items() if v.state is not ModelState.UNLOADING}
         present = {n: v for n, v in current.items() if n in on_disk}
         candidates = [f for n, f in on_disk.items() if n not in current]
-        signatures = await asyncio.to_thread(_signatures, candidates, config.base_path)
-        new = [f for f in candidates if self._takeable(config.name, f, signatures[f.path], retry_failed)]
+        flat_present = [f for n, f in on_disk.items() if n in present and f.flat]
+        signatures = await asyncio.to_thread(_signatures, [*candidates, *flat_present])
+        new = [f for f in candidates if self._takeable(config.name, f, signatures[f.model_file], retry_failed)]
         chosen = set(config.model_version_policy.select([*present, *(f.version for f in new)]))
+        for folder in flat_present:
+            number = folder.version
+            if self._replaced(config.name, present[number], folder, signatures[folder.model_file], retry_failed):
+                version = await self._load(config, folder)
+                if version is not None:
+                    old = present[number]
+                    present[number] = version
+                    model.versions[number] = version
+                    self.registry.put(model)  # the new one takes traffic; the old one drains
+                    self._retire(model, old, replaced=True)
         for folder in sorted(new, key=lambda f: -f.version):
             if folder.version in chosen:
                 version = await self._load(config, folder)
@@ -218,10 +207,19 @@ class ModelManager:
         """Versions whose folders are gone leave the index (failures) and the poll's memory."""
         for key in [k for k in self.registry.failures if k[0] == config.name and k[1] not in on_disk]:
             del self.registry.failures[key]
-        folders = {f.path for f in on_disk.values()}
+        files = {f.model_file for f in on_disk.values()}
+        base = config.base_path
         for memory in (self._signatures, self._failed_signatures):
-            for path in [p for p in memory if p.parent == config.base_path and p not in folders]:
+            for path in [p for p in memory if (p == base or base in p.parents) and p not in files]:
                 del memory[path]
+
+    def _replaced(
+        self, name: str, loaded: ModelVersion, folder: VersionFolder, signature: Signature | None, retry_failed: bool
+    ) -> bool:
+        """Whether a loaded flat version's files changed (and are stable), so it must load again."""
+        if loaded.signature == signature:
+            return False
+        return self._takeable(name, folder, signature, retry_failed)
 
     def _takeable(
         self, name: str, folder: VersionFolder, signature: Signature | None, retry_failed: bool = False
@@ -230,15 +228,15 @@ class ModelManager:
 
         A folder that leads outside (no signature) is tried once, without waiting for it to be stable:
         the loader refuses it before reading anything, and the index shows why."""
-        failed = folder.path in self._failed_signatures
-        if failed and not retry_failed and self._failed_signatures[folder.path] == signature:
+        failed = folder.model_file in self._failed_signatures
+        if failed and not retry_failed and self._failed_signatures[folder.model_file] == signature:
             return False
         if signature is None:
             return True
         if not self.wait_for_stable_folders:
             return True
-        previous = self._signatures.get(folder.path)
-        self._signatures[folder.path] = signature
+        previous = self._signatures.get(folder.model_file)
+        self._signatures[folder.model_file] = signature
         if previous != signature:
             log.info("model %s: version %d is new or still changing; taking it once it is stable", name, folder.version)
             return False
@@ -250,13 +248,11 @@ class ModelManager:
             version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
         except OnnxServeError as e:
             self.registry.failures[(config.name, folder.version)] = e.message
-            self._failed_signatures[folder.path] = await asyncio.to_thread(
-                folder_signature, folder.path, config.base_path
-            )
+            self._failed_signatures[folder.model_file] = await asyncio.to_thread(folder.signature)
             log.error("model %s: version %d failed to load: %s", config.name, folder.version, e.message)
             return None
         self.registry.failures.pop((config.name, folder.version), None)
-        self._failed_signatures.pop(folder.path, None)
+        self._failed_signatures.pop(folder.model_file, None)
         log.info("model %s: version %d ready (%.2f s)", config.name, folder.version, version.load_seconds)
         return version
 
@@ -269,17 +265,20 @@ class ModelManager:
         await self._settle()
         self.registry.drop(name)
 
-    def _retire(self, served: ServedModel, version: ModelVersion) -> None:
-        """Stop new traffic to a version now; unload it once its in-flight requests have finished."""
+    def _retire(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
+        """Stop new traffic to a version now; unload it once its in-flight requests have finished.
+
+        ``replaced``: a new load of the same version serves already, so observers hear nothing of this."""
         if version.state is ModelState.UNLOADING:
             return
         version.state = ModelState.UNLOADING
-        self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
-        task = asyncio.get_running_loop().create_task(self._unload(served, version))
+        if not replaced:
+            self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
+        task = asyncio.get_running_loop().create_task(self._unload(served, version, replaced))
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)
 
-    async def _unload(self, served: ServedModel, version: ModelVersion) -> None:
+    async def _unload(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
         deadline = asyncio.get_running_loop().time() + self.drain_seconds
         while version.active > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(UNLOAD_POLL_SECONDS)
@@ -295,6 +294,9 @@ class ModelManager:
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
         version.state = ModelState.UNAVAILABLE
+        if replaced:
+            log.info("model %s: the replaced load of version %d unloaded", version.name, version.version)
+            return
         self.registry.observers.version(VersionRecord(version.name, str(version.version), "UNLOADED"))
         log.info("model %s: version %d unloaded", version.name, version.version)
 

@@ -3,11 +3,28 @@ self-describing, and the tokenization around the graph that lets clients send te
 
 The spec records the task, the graph's input names, labels, pooling and the tokenizer's max length,
 so that the folder needs nothing else to be served as a text model.
+
+Where the spec and tokenizer come from, first found wins:
+
+1. the model file's own metadata (``metadata_props``): ``onnxserve.pipeline`` (the spec as JSON) and
+   ``onnxserve.tokenizer`` (the text of ``tokenizer.json``), written by ``onnxserve export hf`` when
+   its output is a single ``.onnx`` file;
+2. ``onnxserve.json`` and ``tokenizer.json`` beside the model file;
+3. a tokenizer alone beside a model whose inputs are token inputs (``input_ids``, and optionally
+   ``attention_mask`` and ``token_type_ids``, all INT64): the spec is inferred (task ``tensors``):
+   texts are tokenized and padded per batch, the answer is the graph's own output tensors (the first
+   one unless others are named), truncated to the graph's fixed sequence length when it has one, else
+   to the tokenizer's ``model_max_length``. A Hugging Face tokenizer folder without ``tokenizer.json``
+   (``vocab.txt``, ``tokenizer_config.json``...) is converted when ``transformers`` is installed.
+
+A graph with a fixed sequence length (``[1, 6]`` from a plain ``torch.onnx.export``) gets every text
+padded (and truncated) to exactly that length; a fixed batch of 1 runs a request's texts one by one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,12 +36,30 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tokenizers import Encoding, Tokenizer
 
 from onnxserve.core import text_tasks
-from onnxserve.core.types import InferenceRequest, Tensor
+from onnxserve.core.types import InferenceRequest, Tensor, TensorSpec
 from onnxserve.errors import ConfigError, InvalidInputError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 Arrays = dict[str, npt.NDArray[Any]]
 
 PIPELINE_FILENAME = "onnxserve.json"
+TOKENIZER_FILENAME = "tokenizer.json"
+
+PIPELINE_METADATA = "onnxserve.pipeline"
+"""The model file's metadata key holding the pipeline spec (JSON), for single-file exports."""
+
+TOKENIZER_METADATA = "onnxserve.tokenizer"
+"""The model file's metadata key holding the tokenizer (the text of tokenizer.json)."""
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+"""Graph inputs a tokenizer can fill."""
+
+TENSORS_TASK = "tensors"
+"""The task of an inferred pipeline: text in, the graph's own output tensors out."""
+
+DEFAULT_MAX_LENGTH = 512
+"""Truncation length when neither the graph nor the tokenizer says one."""
 
 
 class PipelineSpec(BaseModel):
@@ -45,6 +80,16 @@ class PipelineSpec(BaseModel):
         path = folder / PIPELINE_FILENAME
         path.write_bytes(orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_INDENT_2))
         return path
+
+    def to_json(self) -> str:
+        return orjson.dumps(self.model_dump(mode="json")).decode()
+
+    @classmethod
+    def parse(cls, text: str | bytes, where: str) -> PipelineSpec:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as e:
+            raise ConfigError(f"{where}: not a valid pipeline spec: {e.errors()[0]['msg']}") from None
 
     @classmethod
     def read(cls, folder: Path) -> PipelineSpec | None:
@@ -82,6 +127,7 @@ TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
     "question-answering": ("answer", "score", "start", "end"),
     "fill-mask": ("token_str", "score", "token", "sequence"),
     "text-ranking": ("score",),
+    TENSORS_TASK: (),  # the spec's outputs: the graph's first output
 }
 """What a text request gets back by default, per task."""
 
@@ -93,6 +139,11 @@ OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {
     "text-ranking": ("raw_score",),
 }
 """Task results a text request gets only when it names them (besides ``token_count``, which every task has)."""
+
+
+def text_inputs_of(task: str) -> tuple[str, ...]:
+    """The input names a text model of ``task`` takes text under (besides strings for ``input_ids``)."""
+    return (QUESTION_INPUT, CONTEXT_INPUT) if task == "question-answering" else (TEXT_INPUT,)
 
 
 @dataclass(frozen=True)
@@ -121,29 +172,44 @@ class TextPipeline:
     pad id and truncated to the spec's ``max_length`` (the context only, for question-answering).
     """
 
-    def __init__(self, folder: Path, spec: PipelineSpec, graph_inputs: Sequence[str]) -> None:
-        tokenizer_file = folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ModelLoadError(f"{folder}: {PIPELINE_FILENAME} describes a text model but tokenizer.json is missing")
+    def __init__(
+        self,
+        folder: Path,
+        spec: PipelineSpec,
+        graph_inputs: Sequence[str],
+        tokenizer: Tokenizer | None = None,
+        fixed_shape: tuple[int, int] = (-1, -1),
+    ) -> None:
+        """``tokenizer``: given, or read from ``folder/tokenizer.json``; ``fixed_shape``: the graph's
+        (batch, sequence) sizes of its token inputs, -1 where dynamic."""
+        if tokenizer is None:
+            tokenizer_file = folder / TOKENIZER_FILENAME
+            if not tokenizer_file.is_file():
+                raise ModelLoadError(
+                    f"{folder}: {PIPELINE_FILENAME} describes a text model but tokenizer.json is missing"
+                )
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
         missing = [name for name in spec.inputs if name not in graph_inputs]
         if missing:
             raise ModelLoadError(f"{folder}: {PIPELINE_FILENAME} names inputs the graph lacks: {', '.join(missing)}")
         if spec.task not in TASK_OUTPUTS:
             raise ModelLoadError(f"{folder}: unknown pipeline task {spec.task!r}; known: {', '.join(TASK_OUTPUTS)}")
         self.spec = spec
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer = tokenizer
+        self.fixed_batch, self.fixed_length = fixed_shape
+        self._pad_id = _pad_id(folder, self.tokenizer)
+        max_length = min(spec.max_length, self.fixed_length) if self.fixed_length > 0 else spec.max_length
         self.tokenizer.enable_truncation(
-            max_length=spec.max_length, strategy="only_second" if self.is_qa else "longest_first"
+            max_length=max_length, strategy="only_second" if self.is_qa else "longest_first"
         )
         self.tokenizer.no_padding()
-        self._pad_id = _pad_id(folder, self.tokenizer)
         self._mask_id: int | None = None
         if spec.task == "fill-mask":
             found = self.tokenizer.token_to_id(spec.mask_token or "")
             if found is None:
                 raise ModelLoadError(f"{folder}: fill-mask needs the tokenizer's mask token, {spec.mask_token!r}")
             self._mask_id = found
-        self.defaults = TASK_OUTPUTS[spec.task]
+        self.defaults = TASK_OUTPUTS[spec.task] or tuple(spec.outputs)
 
     @property
     def is_qa(self) -> bool:
@@ -152,6 +218,10 @@ class TextPipeline:
     @property
     def takes_pairs(self) -> bool:
         return self.spec.task in PAIR_INPUTS
+
+    def text_inputs(self) -> tuple[str, ...]:
+        """The names a request may send text under (besides strings for ``input_ids``)."""
+        return text_inputs_of(self.spec.task)
 
     def text_of(self, request: InferenceRequest) -> TextBatch | None:
         """The texts a request sends, or None when it sends token tensors for the graph itself."""
@@ -167,7 +237,13 @@ class TextPipeline:
         if pair is not None:
             raise InvalidInputError(f"{self.spec.task} takes '{pair[0]}' and '{pair[1]}' texts")
         _no_others(carrier.name, by_name)
-        return TextBatch(_texts(carrier))
+        texts = _texts(carrier)
+        if self.fixed_batch > 1 and len(texts) != self.fixed_batch:
+            raise InvalidInputError(
+                f"this model's graph takes exactly {self.fixed_batch} texts at a time (its token inputs have a "
+                f"fixed batch size); got {len(texts)}"
+            )
+        return TextBatch(texts)
 
     def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:
         task = self.spec.task
@@ -193,7 +269,7 @@ class TextPipeline:
 
     def tensors(self, encodings: Sequence[Encoding]) -> Encoded:
         """The graph's token tensors for already tokenized texts, padded to the longest."""
-        length = max((len(e.ids) for e in encodings), default=0)
+        length = self.fixed_length if self.fixed_length > 0 else max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), length), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), length), dtype=np.int64)
         types = np.zeros((len(encodings), length), dtype=np.int64)
@@ -239,6 +315,8 @@ class TextPipeline:
             )
         elif task == "text-ranking":
             results = text_tasks.text_ranking(outputs["logits"])
+        elif task == TENSORS_TASK:
+            results = {}
         else:
             assert self._mask_id is not None
             results = text_tasks.fill_mask(outputs["logits"], encoded.encodings, self.tokenizer, self._mask_id)
@@ -269,6 +347,7 @@ def _no_others(carrier: str, by_name: dict[str, Tensor]) -> None:
 
 
 def _pad_id(folder: Path, tokenizer: Tokenizer) -> int:
+    """The tokenizer's pad id: its padding settings, else ``tokenizer_config.json``'s pad token, else 0."""
     padding = tokenizer.padding
     if padding is not None:
         return int(padding["pad_id"])
@@ -281,7 +360,102 @@ def _pad_id(folder: Path, tokenizer: Tokenizer) -> int:
     return int(found) if found is not None else 0
 
 
-def load_pipeline(folder: Path, graph_inputs: Sequence[str]) -> TextPipeline | None:
-    """The text pipeline a version folder describes, or None for a plain tensor model."""
-    spec = PipelineSpec.read(folder)
-    return TextPipeline(folder, spec, graph_inputs) if spec is not None else None
+def load_pipeline(
+    folder: Path,
+    graph_inputs: Sequence[TensorSpec],
+    graph_outputs: Sequence[TensorSpec] = (),
+    metadata: Mapping[str, str] | None = None,
+) -> TextPipeline | None:
+    """The text pipeline a model carries (see the module for where it comes from), or None for a
+    plain tensor model. ``metadata``: the model file's ``metadata_props``."""
+    metadata = metadata or {}
+    names = [s.name for s in graph_inputs]
+    fixed = _fixed_shape(graph_inputs)
+    tokenizer = _metadata_tokenizer(metadata, folder)
+    if PIPELINE_METADATA in metadata:
+        spec: PipelineSpec | None = PipelineSpec.parse(metadata[PIPELINE_METADATA], f"{folder}: model metadata")
+    else:
+        spec = PipelineSpec.read(folder)
+    if spec is not None:
+        return TextPipeline(folder, spec, names, tokenizer, fixed)
+    if not token_inputs(graph_inputs) or not graph_outputs:
+        return None
+    if tokenizer is None:
+        tokenizer = _folder_tokenizer(folder)
+        if tokenizer is None:
+            return None
+    max_length = fixed[1] if fixed[1] > 0 else _model_max_length(folder, tokenizer)
+    spec = PipelineSpec(
+        task=TENSORS_TASK, inputs=names, outputs=[graph_outputs[0].name], max_length=max_length, source="inferred"
+    )
+    log.info(
+        "%s: a tokenizer is beside the model: text is accepted for its token inputs (%s)", folder, ", ".join(names)
+    )
+    return TextPipeline(folder, spec, names, tokenizer, fixed)
+
+
+def token_inputs(graph_inputs: Sequence[TensorSpec]) -> bool:
+    """Whether every graph input is a token input a tokenizer fills (INT64 ``input_ids``, ...)."""
+    names = {s.name for s in graph_inputs}
+    return (
+        "input_ids" in names
+        and names <= set(TOKEN_INPUTS)
+        and all(s.datatype.v2 == "INT64" and len(s.shape) == 2 for s in graph_inputs)
+    )
+
+
+def _fixed_shape(graph_inputs: Sequence[TensorSpec]) -> tuple[int, int]:
+    for spec in graph_inputs:
+        if spec.name == "input_ids" and len(spec.shape) == 2:
+            return spec.shape[0], spec.shape[1]
+    return -1, -1
+
+
+def _metadata_tokenizer(metadata: Mapping[str, str], folder: Path) -> Tokenizer | None:
+    text = metadata.get(TOKENIZER_METADATA)
+    if text is None:
+        return None
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for bad documents
+        raise ModelLoadError(f"{folder}: the tokenizer in the model's metadata cannot be read: {e}") from None
+
+
+def _folder_tokenizer(folder: Path) -> Tokenizer | None:
+    """``tokenizer.json`` beside the model, or a Hugging Face tokenizer folder's files converted by
+    ``transformers`` (when installed)."""
+    tokenizer_file = folder / TOKENIZER_FILENAME
+    if tokenizer_file.is_file():
+        try:
+            return Tokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the tokenizers library raises plain Exceptions for bad files
+            raise ModelLoadError(f"{tokenizer_file}: not a tokenizer the tokenizers library can read: {e}") from None
+    if not (folder / "tokenizer_config.json").is_file():
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        log.warning(
+            "%s: a Hugging Face tokenizer folder without tokenizer.json; install transformers (the export "
+            "extra) to convert it, or save tokenizer.json beside the model",
+            folder,
+        )
+        return None
+    try:
+        converted = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many types for unreadable folders
+        raise ModelLoadError(f"{folder}: the tokenizer files cannot be read: {e}") from None
+    backend = getattr(converted, "backend_tokenizer", None)
+    return backend if isinstance(backend, Tokenizer) else None
+
+
+def _model_max_length(folder: Path, tokenizer: Tokenizer) -> int:
+    truncation = tokenizer.truncation
+    if truncation is not None and int(truncation["max_length"]) > 0:
+        return int(truncation["max_length"])
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        value = orjson.loads(config.read_bytes()).get("model_max_length")
+        if isinstance(value, int) and 0 < value <= 1_000_000:
+            return value
+    return DEFAULT_MAX_LENGTH

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
@@ -20,20 +19,13 @@ from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
-from onnxserve.core.types import TensorSpec
+from onnxserve.core.types import ModelState, TensorSpec
 from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 """The platform string Triton reports for ONNX models; clients compare against it."""
-
-
-class ModelState(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"  # takes no new requests; unloaded once its in-flight requests finish
-    UNAVAILABLE = "UNAVAILABLE"  # failed to load, or unloaded
 
 
 @dataclass
@@ -51,6 +43,7 @@ class ModelVersion:
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
+    signature: tuple[tuple[str, int, int], ...] = ()  # the files as they were when loaded
     active: int = 0  # requests between resolution and answer (queued or running)
 
     @property
@@ -117,13 +110,16 @@ def load_version(config: ModelConfig, folder: VersionFolder, observers: Observer
 def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observers) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
-    check_version_folder(folder.path, config.base_path, config.allow_hardlinks)
+    signature = folder.signature() or ()  # before reading: a change while loading shows at the next look
+    check_version_folder(
+        folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
+    )
     options = instance_options(config)
     sessions = [
         ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
     ]
     first = sessions[0]
-    pipeline = load_pipeline(folder.path, [s.name for s in first.inputs])
+    pipeline = load_pipeline(folder.path, first.inputs, first.outputs, first.metadata)
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)
@@ -151,6 +147,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         scheduler=scheduler,
         stats=stats,
         pipeline=pipeline,
+        signature=signature,
         load_seconds=time.perf_counter() - started,
     )
 

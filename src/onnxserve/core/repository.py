@@ -1,33 +1,106 @@
-"""The on-disk layout of a model: ``base_path/<version>/model.onnx``.
+"""The on-disk layouts of a model, each read as a list of versions.
 
-A version is a folder whose name is a positive integer. The folder is self-describing: the model
-file, any external-data files beside it, and (for exported text models) the tokenizer and pipeline
-spec.
+- ``base_path/<version>/model.onnx``: a version is a folder whose name is a positive integer. The
+  folder is self-describing: the model file, any external-data files beside it, and (for exported
+  text models) the tokenizer and pipeline spec.
+- ``base_path`` is a ``.onnx`` file (the old tutorial's ``models/huggingface_model.onnx``): served as
+  version 1, read from the file's folder (its external data and tokenizer beside it).
+- ``base_path`` is a folder holding exactly one ``.onnx`` file and no version folders: version 1,
+  read from that folder.
+
+The last two are *flat* versions: replacing the file (atomically, by rename) is a new version 1,
+which poll mode loads and swaps in once it is warm.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.config import ModelConfig, ServerConfig, parse_config
+from onnxserve.core.confinement import leads_outside
 from onnxserve.errors import ConfigError
 
 MODEL_FILENAME = "model.onnx"
+MODEL_SUFFIX = ".onnx"
+FLAT_VERSION = 1
+"""The version a model file outside a version folder is served as."""
+TEXT_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "onnxserve.json",
+)
+"""Files beside a flat model file that its version reads (tokenizer and pipeline spec)."""
+
+MAX_SIGNATURE_ENTRIES = 10_000
+"""A version's signature looks at this many entries at most (a model is a handful of files)."""
+
+Signature = tuple[tuple[str, int, int], ...]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class VersionFolder:
+    """A version: the folder it is read from and its model file's name in it.
+
+    ``flat`` versions are a model file outside any version folder (see the module): the folder is
+    shared with other files, so only the files the version reads belong to it (``files``)."""
+
     version: int
     path: Path
+    model_name: str = MODEL_FILENAME
+    flat: bool = False
 
     @property
     def model_file(self) -> Path:
-        return self.path / MODEL_FILENAME
+        return self.path / self.model_name
+
+    def files(self) -> list[Path]:
+        """A flat version's own files: the model, what is named after it (``model.onnx.data``) and the
+        tokenizer and pipeline files beside it; every entry of the folder for a version folder."""
+        if not self.flat:
+            return sorted(self.path.rglob("*"))
+        own = [self.model_file]
+        for entry in sorted(self.path.iterdir()):
+            if entry.name != self.model_name and (entry.name.startswith(self.model_name) or entry.name in TEXT_FILES):
+                own.append(entry)
+        return own
+
+    def signature(self) -> Signature | None:
+        """Names, sizes and modification times of the version's files (to tell when they change); None
+        for a version folder that leads outside its model's folder, which is never walked. Symlinks are
+        not followed, and at most ``MAX_SIGNATURE_ENTRIES`` entries are read. Blocking: the server calls
+        it on a worker thread."""
+        if not self.flat and leads_outside(self.path, self.path.parent):
+            return None
+        entries = []
+        for path in self._entries():
+            try:
+                info = path.lstat()
+            except OSError:
+                continue
+            entries.append((str(path.relative_to(self.path)), info.st_size, info.st_mtime_ns))
+            if len(entries) >= MAX_SIGNATURE_ENTRIES:
+                break
+        return tuple(sorted(entries))
+
+    def _entries(self) -> Iterator[Path]:
+        if self.flat:
+            yield from self.files()
+            return
+        for parent, folders, files in os.walk(self.path, followlinks=False):
+            for name in sorted((*folders, *files)):
+                yield Path(parent) / name
 
 
 MAX_VERSION = 2**63 - 1
@@ -51,9 +124,13 @@ def version_number(name: str) -> int | None:
 
 
 def discover_versions(base_path: Path) -> list[VersionFolder]:
-    """Every version folder under ``base_path``, lowest version first."""
+    """Every version under ``base_path``, lowest version first (see the module for the layouts)."""
+    if base_path.is_file():
+        if base_path.suffix != MODEL_SUFFIX:
+            raise ConfigError(f"{base_path}: base_path is a file but not an ONNX model (expected a .onnx file)")
+        return [VersionFolder(FLAT_VERSION, base_path.parent, base_path.name, flat=True)]
     if not base_path.is_dir():
-        raise ConfigError(f"{base_path}: base_path is not a directory")
+        raise ConfigError(f"{base_path}: base_path is not a directory or a .onnx file (or does not exist)")
     found: dict[int, VersionFolder] = {}
     for child in base_path.iterdir():
         number = version_number(child.name)
@@ -63,7 +140,22 @@ def discover_versions(base_path: Path) -> list[VersionFolder]:
             other = found[number].path.name
             raise ConfigError(f"{base_path}: folders {other!r} and {child.name!r} are both version {number}")
         found[number] = VersionFolder(number, child)
+    if not found:
+        return _flat_folder(base_path)
     return [found[n] for n in sorted(found)]
+
+
+def _flat_folder(base_path: Path) -> list[VersionFolder]:
+    """The one model file of a folder without version folders, as version 1; none if it holds none."""
+    candidates = sorted(
+        child.name for child in base_path.iterdir() if child.suffix == MODEL_SUFFIX and not child.is_dir()
+    )
+    if len(candidates) > 1:
+        raise ConfigError(
+            f"{base_path}: holds several model files ({', '.join(candidates)}) and no version folder; "
+            "point base_path at one of the files, or put each version in its own folder (1/model.onnx)"
+        )
+    return [VersionFolder(FLAT_VERSION, base_path, candidates[0], flat=True)] if candidates else []
 
 
 def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
@@ -71,7 +163,10 @@ def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
     found = discover_versions(config.base_path)
     where = f"model {config.name!r} ({config.base_path})"
     if not found:
-        raise ConfigError(f"{where}: no version folder (expected a positive integer folder such as 1/)")
+        raise ConfigError(
+            f"{where}: no version folder and no .onnx file (expected a model file, or a positive "
+            "integer version folder such as 1/ holding model.onnx)"
+        )
     by_number = {v.version: v for v in found}
     chosen = config.model_version_policy.select(list(by_number))
     if not chosen:
@@ -95,7 +190,9 @@ def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
         if inside not in child.resolve().parents:
             log.warning("%s: %s leads outside the model repository; skipped", root, child.name)
             continue
-        if not any(v.is_dir() and version_number(v.name) is not None for v in child.iterdir()):
+        if not any(
+            (v.is_dir() and version_number(v.name) is not None) or v.suffix == MODEL_SUFFIX for v in child.iterdir()
+        ):
             continue
         models.append({"name": child.name, "base_path": child.name})
     if not models:

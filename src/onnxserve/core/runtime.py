@@ -156,6 +156,7 @@ class ModelSession:
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
         self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, "output") for a in self._session.get_outputs())
         self.providers: list[str] = list(self._session.get_providers())
+        self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         log.info("%s: loaded on %s", self.name, ", ".join(self.providers))
 
     @property

@@ -25,29 +25,29 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 from tokenizers import Encoding
 
-from onnxserve import __version__
 from onnxserve.core import datatypes
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
-from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelState, ModelVersion
-from onnxserve.core.statistics import StatisticsSnapshot
+from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.types import (
+    IndexEntry,
     InferenceRequest,
     InferenceResponse,
     ModelConfiguration,
     ModelMetadata,
+    ModelState,
     ServerMetadata,
     Tensor,
     TensorSpec,
+    VersionStatistics,
     payload_bytes,
 )
 from onnxserve.core.validation import prepare_feeds
@@ -59,6 +59,7 @@ from onnxserve.errors import (
     TooLargeError,
     UnavailableError,
 )
+from onnxserve.version import __version__
 
 SERVER_NAME = "onnxserve"
 
@@ -67,23 +68,6 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 TIMEOUT_PARAMETER = "timeout"
 """The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
-
-
-@dataclass(frozen=True)
-class VersionStatistics:
-    name: str
-    version: str
-    statistics: StatisticsSnapshot
-
-
-@dataclass(frozen=True)
-class IndexEntry:
-    """One model version in the repository index."""
-
-    name: str
-    version: str
-    state: str
-    reason: str = ""
 
 
 def _index_entry(model: ModelVersion) -> IndexEntry:

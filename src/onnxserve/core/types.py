@@ -6,6 +6,7 @@ the tensor's shape. BYTES tensors hold ``bytes`` objects in an ``object`` array.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from onnxserve.core.datatypes import DataType
+from onnxserve.core.statistics import StatisticsSnapshot
 
 if TYPE_CHECKING:
     from onnxserve.core.pipeline import PipelineSpec
@@ -112,6 +114,30 @@ class ServerMetadata:
     name: str
     version: str
     extensions: Sequence[str]
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"  # takes no new requests; unloaded once its in-flight requests finish
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load, or unloaded
+
+
+@dataclass(frozen=True)
+class VersionStatistics:
+    name: str
+    version: str
+    statistics: StatisticsSnapshot
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One model version in the repository index."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
 
 
 def empty_like(spec: TensorSpec, dynamic: int = 1) -> npt.NDArray[Any]:

@@ -6,39 +6,14 @@ wire format.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy.typing as npt
 
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.types import InferenceRequest, TensorSpec
+from onnxserve.core.wire import describe, format_shape, text_inputs_hint, unknown_input_error
 from onnxserve.errors import InvalidInputError
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-MAX_ELEMENTS = 2**40
-"""More elements than any request can carry: larger declared shapes are refused before any allocation."""
-
-
-def request_shape(name: str, dims: Sequence[int]) -> tuple[int, ...]:
-    """A request tensor's declared shape, refused when a dimension is negative or the size absurd."""
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape):
-        raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
-    count = 1
-    for d in shape:
-        count *= d
-        if count > MAX_ELEMENTS:
-            raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} declares too many elements")
-    return shape
-
-
-def _describe(spec: TensorSpec) -> str:
-    return f"{spec.name!r} ({spec.datatype.v2} {format_shape(spec.shape)})"
 
 
 def _check_shape(given: tuple[int, ...], spec: TensorSpec, model: str) -> None:
@@ -59,14 +34,11 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
             raise InvalidInputError(f"input {tensor.name!r} is given more than once")
         spec = specs.get(tensor.name)
         if spec is None:
-            expected = ", ".join(_describe(s) for s in model.inputs)
-            raise InvalidInputError(
-                f"unknown input {tensor.name!r} for model {model.name!r}; expected inputs: {expected}"
-            )
+            raise unknown_input_error(tensor.name, model.name, model.inputs, _text_inputs(model))
         if tensor.datatype != spec.datatype:
             raise InvalidInputError(
                 f"input {tensor.name!r} has datatype {tensor.datatype.v2} but model {model.name!r} "
-                f"expects {spec.datatype.v2}"
+                f"expects {spec.datatype.v2}" + _text_hint(tensor.datatype.is_bytes, spec, model)
             )
         _check_shape(tensor.shape, spec, model.name)
         for size, dim_name in zip(tensor.shape, spec.dim_names, strict=False):
@@ -83,11 +55,31 @@ def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[
     if missing:
         raise InvalidInputError(
             f"model {model.name!r} is missing input{'s' if len(missing) > 1 else ''} "
-            + ", ".join(_describe(s) for s in missing)
+            + ", ".join(describe(s) for s in missing)
+            + text_inputs_hint(_text_inputs(model))
         )
     if model.max_batch_size > 0:
         _check_batch(request, model.max_batch_size)
     return feeds, _output_names(request, model)
+
+
+def _text_inputs(model: ModelVersion) -> tuple[str, ...]:
+    """The text inputs of a model that takes text (listed beside the graph's own); () otherwise."""
+    return () if model.pipeline is None else model.pipeline.text_inputs()
+
+
+TEXT_FIX = (
+    "to send text to this model, put its tokenizer.json beside the model file (the server then tokenizes "
+    "strings sent for its token inputs), or export it with 'onnxserve export hf MODEL --task TASK "
+    "--output model.onnx', which writes one file that carries its tokenizer"
+)
+"""The two ways to make a model take text, for a string sent where it expects token ids."""
+
+
+def _text_hint(sent_bytes: bool, spec: TensorSpec, model: ModelVersion) -> str:
+    if not sent_bytes or model.pipeline is not None or spec.datatype.v2 not in ("INT64", "INT32"):
+        return ""
+    return f" (token ids); {TEXT_FIX}"
 
 
 def _check_batch(request: InferenceRequest, max_batch_size: int) -> None:

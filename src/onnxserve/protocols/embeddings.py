@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import EMBEDDING_OUTPUT, TEXT_INPUT, TOKEN_COUNT_OUTPUT
-from onnxserve.core.service import InferenceService
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.model_id import parse_model_id
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 POOLED_OUTPUT = "sentence_embedding"
 """The graph output of a pooled feature-extraction model (``onnxserve export hf`` names it so)."""

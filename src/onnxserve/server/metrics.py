@@ -29,7 +29,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from onnxserve.core.observe import ExecutionRecord, RequestRecord, VersionRecord
-from onnxserve.core.registry import ModelRegistry, ModelState
+from onnxserve.core.registry import ModelRegistry
+from onnxserve.core.types import ModelState
 
 PREFIX = "onnxserve_"
 OK = "ok"

@@ -64,8 +64,12 @@ class ServerSettings(BaseModel):
     tls_client_ca: Path | None = Field(
         default=None, description="PEM CA bundle: require client certificates it signed (mutual TLS)."
     )
-    http_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8000, description="HTTP port (KServe V2 REST).")
-    grpc_port: Annotated[int, Field(ge=0, le=65535)] = Field(default=8001, description="gRPC port (KServe V2 gRPC).")
+    http_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8000, description="HTTP port (KServe V2 REST).", json_schema_extra=_extra(env="ONNXSERVE_HTTP_PORT")
+    )
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8001, description="gRPC port (KServe V2 gRPC).", json_schema_extra=_extra(env="ONNXSERVE_GRPC_PORT")
+    )
     inference_threads: Annotated[int, Field(ge=1)] = Field(
         default_factory=lambda: max(4, cpu_budget()),
         description="Threads that run inference off the event loop (default: max(4, CPUs this process may use)).",

@@ -10,8 +10,6 @@ network.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -22,6 +20,7 @@ from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from onnxserve.errors import InvalidInputError
+from onnxserve.toolkit.atomic_file import write_atomically
 from onnxserve.toolkit.diff import ModelDiff, NodeRef, WeightStats
 from onnxserve.toolkit.graph import build_graph
 from onnxserve.toolkit.visualize.svg import render_svg
@@ -321,12 +320,4 @@ def write_report(text: str, path: Path) -> None:
         raise InvalidInputError(f"{path}: its folder {path.parent} does not exist")
     if path.is_dir():
         raise InvalidInputError(f"{path}: is a folder; give a file name for the report")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a report is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text)

@@ -77,6 +77,7 @@ class OptimizeOptions:
     threads: int = 0  # 0: the CPUs this process may use
     reduce_range: bool | None = None  # None: unless the CPU has VNNI
     force: bool = False
+    allow_slower: bool = False  # write the result even when it is slower at every measured batch size
 
     def check(self) -> None:
         if self.level is not None and self.level not in LEVELS:
@@ -310,6 +311,8 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
         )
         if not report.passed:
             raise BudgetError(report)
+        if not options.allow_slower and slower_everywhere(report):
+            raise SlowerError(report)
         step(f"writing {dst}")
         write_result(source, built.model_file, dst, report, options.force)
     return report
@@ -322,6 +325,34 @@ class BudgetError(OptimizeError):
         super().__init__(
             f"the optimized model breaks the accuracy budget ({'; '.join(report.violations)}); "
             f"{report.destination} was not written"
+        )
+        self.report = report
+
+
+SLOWER_MARGIN = 1.10
+"""How much slower than its source (median latency) a result must be at a batch size to count as
+slower there: timing noise on a busy machine is a few percent either way."""
+
+
+def slower_everywhere(report: OptimizeReport) -> bool:
+    """Whether the result is slower than its source at every measured batch size."""
+    return bool(report.latency_before_ms) and all(
+        report.latency_after_ms[batch] > before * SLOWER_MARGIN for batch, before in report.latency_before_ms.items()
+    )
+
+
+class SlowerError(BudgetError):
+    """The transformed model is slower than its source at every measured batch size; nothing was written."""
+
+    def __init__(self, report: OptimizeReport) -> None:
+        timings = ", ".join(
+            f"batch {batch}: {report.latency_after_ms[batch] / before:.2f}x slower"
+            for batch, before in report.latency_before_ms.items()
+        )
+        OptimizeError.__init__(
+            self,
+            f"the optimized model is slower than its source at every measured batch size ({timings}); "
+            f"{report.destination} was not written (pass --allow-slower to write it anyway, e.g. for its size)",
         )
         self.report = report
 

@@ -10,13 +10,13 @@ document holding both TF Serving's ``model_version_status`` and OpenAI's model o
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.service import InferenceService
 from onnxserve.errors import ModelNotFoundError, OnnxServeError
 from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
@@ -24,6 +24,9 @@ from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.openai import codec
 from onnxserve.protocols.tfserving_rest import codec as tfserving
 from onnxserve.protocols.tfserving_rest.routes import BASES
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 PATHS = ("/v1/embeddings", "/v1/models")
 """The paths whose errors (including refused tokens) take OpenAI's shape."""

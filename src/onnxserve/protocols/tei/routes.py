@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +21,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT
-from onnxserve.core.service import InferenceService
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols.embeddings import (
@@ -38,6 +37,9 @@ from onnxserve.protocols.embeddings import (
 from onnxserve.protocols.errors import TEI_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tei import codec
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 PATHS = ("/embed", "/rerank", "/predict", "/tokenize", "/info")
 """The paths whose errors (including refused tokens) take TEI's shape."""

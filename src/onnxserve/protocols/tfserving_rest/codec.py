@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,11 +12,18 @@ from typing import Any
 import numpy as np
 import orjson
 
+from onnxserve.core import wire
 from onnxserve.core.datatypes import from_v2
-from onnxserve.core.pipeline import TEXT_INPUT
-from onnxserve.core.registry import ModelState
-from onnxserve.core.service import IndexEntry
-from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
+from onnxserve.core.pipeline import TEXT_INPUT, text_inputs_of
+from onnxserve.core.types import (
+    IndexEntry,
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelState,
+    Tensor,
+    TensorSpec,
+)
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.tfserving_rest import values
@@ -42,18 +51,54 @@ class DecodedPredict:
 
 
 def loads(body: bytes) -> Any:
-    """Parse a request body; NaN and Infinity tokens (which orjson refuses) take the slower json path."""
+    """Parse a request body; NaN and Infinity tokens, which orjson refuses, are read as well.
+
+    When those tokens appear only outside strings they are swapped for number sentinels that orjson
+    reads (one fast pass in C), and the sentinels swapped back while walking the document (Python,
+    which lets other threads run); otherwise the standard library's slower parser reads the body.
+    """
     try:
         return check_depth(orjson.loads(body))
     except orjson.JSONDecodeError:
         pass
     if not body.strip():
         raise InvalidInputError("the request body is empty; expected a JSON object")
+    if not any(_NONFINITE_TOKEN.search(m) for m in _JSON_STRING.findall(body)):
+        swapped = body
+        for token, sentinel in _SENTINELS:
+            swapped = swapped.replace(token, sentinel)
+        try:
+            return _restore_nonfinite(check_depth(orjson.loads(swapped)))
+        except orjson.JSONDecodeError:
+            pass  # let the standard parser name the error
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
     return check_depth(doc)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NONFINITE_TOKEN = re.compile(rb"NaN|Infinity")
+# Sentinels: finite doubles no client sends in practice, each read back exactly as itself.
+_SENTINELS = (
+    (b"-Infinity", b"-1.3456789012345678e308"),
+    (b"Infinity", b"1.3456789012345678e308"),
+    (b"NaN", b"1.2345678901234567e308"),
+)
+_RESTORE = {
+    -1.3456789012345678e308: -math.inf,
+    1.3456789012345678e308: math.inf,
+    1.2345678901234567e308: math.nan,
+}
+
+
+def _restore_nonfinite(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_RESTORE.get(v, v) if type(v) is float else _restore_nonfinite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _RESTORE.get(v, v) if type(v) is float else _restore_nonfinite(v) for k, v in value.items()}
+    return _RESTORE.get(value, value) if type(value) is float else value
 
 
 def dumps(doc: Any, nonfinite: bool = False) -> bytes:
@@ -96,6 +141,11 @@ def decode_predict(doc: Any, meta: ModelMetadata, model_version: str | None) -> 
     return DecodedPredict(request, rows)
 
 
+def decode_predict_body(body: bytes, meta: ModelMetadata, model_version: str | None) -> DecodedPredict:
+    """:func:`decode_predict` of a raw request body."""
+    return decode_predict(loads(body), meta, model_version)
+
+
 def _check_signature(signature: Any, model: str) -> None:
     if signature is None or signature == SIGNATURE:
         return
@@ -110,7 +160,7 @@ def _spec(meta: ModelMetadata, name: str) -> TensorSpec:
     for spec in meta.inputs:
         if spec.name == name:
             return spec
-    raise InvalidInputError(f"unknown input {name!r} for model {meta.name!r}; its inputs are: {_names(meta.inputs)}")
+    raise wire.unknown_input_error(name, meta.name, meta.inputs, text_inputs_of(meta.task) if meta.task else ())
 
 
 def _names(specs: Sequence[TensorSpec]) -> str:
@@ -277,6 +327,11 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
     return InferenceRequest(
         meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS, protocol=PROTOCOL
     )
+
+
+def decode_classify_body(body: bytes, meta: ModelMetadata, model_version: str | None) -> InferenceRequest:
+    """:func:`decode_classify` of a raw request body."""
+    return decode_classify(loads(body), meta, model_version)
 
 
 def encode_classify(response: InferenceResponse) -> bytes:

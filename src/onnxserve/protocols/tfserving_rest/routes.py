@@ -6,18 +6,22 @@ Every API answers on three paths: ``/v1/models/{name}`` (the highest ready versi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.service import InferenceService
+from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols import offload
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 
 class _Segment(Convertor[str]):
@@ -82,14 +86,17 @@ def routes(service: InferenceService) -> list[Route]:
     async def predict(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        decoded = codec.decode_predict(codec.loads(await request.body()), meta, version)
+        body = await request.body()
+        # meta.version pins the version resolved here, so decode and inference see the same model
+        decoded = await offload.convert(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
-        return json_body(codec.encode_predict(response, decoded.rows))
+        return json_body(await offload.convert(output_bytes(response), codec.encode_predict, response, decoded.rows))
 
     async def classify(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        inference = codec.decode_classify(codec.loads(await request.body()), meta, version)
+        body = await request.body()
+        inference = await offload.convert(len(body), codec.decode_classify_body, body, meta, meta.version)
         return json_body(codec.encode_classify(await service.infer(inference)))
 
     async def regress(request: Request) -> Response:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from onnxserve.core import wire
 from onnxserve.core.datatypes import DataType
 from onnxserve.errors import InvalidInputError
 
@@ -36,11 +37,6 @@ TF_DTYPES: dict[str, str] = {
 }
 """V2 datatype name -> TensorFlow DataType name, as TF Serving's metadata spells it."""
 
-# numpy kinds a parsed JSON value may have, per kind of the target dtype
-_ACCEPTED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
-_KIND_WORDS = {"b": "booleans (true/false)", "i": "integers", "u": "integers", "f": "numbers"}
-_FOUND_WORDS = {"f": "non-integer numbers", "U": "strings", "b": "booleans", "O": "non-numeric values"}
-
 
 def tf_dtype(datatype: DataType) -> str:
     return TF_DTYPES[datatype.v2]
@@ -59,100 +55,21 @@ def holds_text(value: Any) -> bool:
 
 
 def to_array(name: str, datatype: DataType, value: Any, what: str = "") -> npt.NDArray[Any]:
-    """``value`` read as ``datatype``; ``what`` says where it came from, for error messages."""
-    where = f"input {name!r}{what}"
-    if datatype.is_bytes:
-        return _bytes_array(where, value)
-    return _numeric_array(where, datatype, value)
-
-
-def _numeric_array(where: str, datatype: DataType, value: Any) -> npt.NDArray[Any]:
-    kind = datatype.numpy.kind
-    expected = f"{tf_dtype(datatype)} needs {_KIND_WORDS[kind]}"
-    try:
-        parsed = np.asarray(value)
-    except (ValueError, OverflowError):
-        raise InvalidInputError(
-            f"{where}: values must be evenly nested lists (every row the same length); {expected}"
-        ) from None
-    if parsed.size == 0:
-        return parsed.astype(datatype.numpy)
-    if kind in "iu" and parsed.dtype.kind in "fO":
-        # integers beyond int64 make numpy fall back to float64 or object: check them exactly
-        parsed = _exact_integers(where, datatype, value, parsed)
-    if parsed.dtype.kind not in _ACCEPTED_KINDS[kind]:
-        found = _FOUND_WORDS.get(parsed.dtype.kind, "integers")
-        raise InvalidInputError(f"{where}: {expected}, but the values hold {found}")
-    if kind in "iu":
-        info = np.iinfo(datatype.numpy)  # type: ignore[type-var]
-        low, high = int(parsed.min()), int(parsed.max())
-        if low < info.min or high > info.max:
-            bad = low if low < info.min else high
-            raise InvalidInputError(f"{where}: value {bad} is out of range for {tf_dtype(datatype)}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        return parsed.astype(datatype.numpy, copy=False)
-
-
-def _exact_integers(where: str, datatype: DataType, value: Any, parsed: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    values = np.array(value, dtype=object).ravel().tolist()
-    if not all(type(v) is int for v in values):
-        return parsed  # genuinely not integers: the kind check names what they are
-    info = np.iinfo(datatype.numpy)  # type: ignore[type-var]
-    for v in values:
-        if not info.min <= v <= info.max:
-            raise InvalidInputError(f"{where}: value {v} is out of range for {tf_dtype(datatype)}")
-    return np.array(values, dtype=datatype.numpy).reshape(parsed.shape)
-
-
-def _bytes_array(where: str, value: Any) -> npt.NDArray[Any]:
-    shape: list[int] = []
-    probe = value
-    while isinstance(probe, list):
-        shape.append(len(probe))
-        if not probe:
-            break
-        probe = probe[0]
-    level: list[Any] = [value]
-    for size in shape:
-        below: list[Any] = []
-        for item in level:
-            if not isinstance(item, list) or len(item) != size:
-                raise _ragged(where)
-            below.extend(item)
-        level = below
-    array = np.empty(len(level), dtype=object)
-    array[:] = [_bytes_leaf(where, item) for item in level]
-    return array.reshape(shape)
-
-
-def _ragged(where: str) -> InvalidInputError:
-    return InvalidInputError(f"{where}: values must be evenly nested lists (every row the same length)")
+    """``value`` read as ``datatype``, shaped as its nesting; ``what`` says where it came from, for errors."""
+    return wire.from_values(f"input {name!r}{what}", datatype, value, None, _bytes_leaf)
 
 
 def _bytes_leaf(where: str, item: Any) -> bytes:
-    if isinstance(item, str):
-        try:
-            return item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidInputError(f"{where}: a string holds a lone surrogate, which is not text") from None
     if is_b64(item) and isinstance(item[B64], str):
         try:
             return base64.b64decode(item[B64], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInputError(f"{where}: {item[B64][:40]!r} is not valid base64") from None
-    if isinstance(item, list):
-        raise _ragged(where)
-    raise InvalidInputError(f'{where}: DT_STRING needs strings or {{"b64": "..."}} objects, found {_json_type(item)}')
-
-
-def _json_type(item: Any) -> str:
-    if isinstance(item, bool):
-        return "a boolean"
-    if isinstance(item, (int, float)):
-        return "a number"
-    if item is None:
-        return "null"
-    return "an object" if isinstance(item, dict) else type(item).__name__
+    if isinstance(item, str):
+        return wire.text_leaf(where, item)
+    raise InvalidInputError(
+        f'{where}: BYTES data must be strings or {{"b64": "..."}} objects, found {wire.json_type(item)}'
+    )
 
 
 def to_json(datatype: DataType, array: npt.NDArray[Any]) -> Any:

@@ -7,16 +7,12 @@ answered typed unless an output is FP16, which only travels raw.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from onnxserve.core import datatypes
+from onnxserve.core import datatypes, wire
 from onnxserve.core.datatypes import DataType
-from onnxserve.core.service import VersionStatistics
 from onnxserve.core.statistics import Duration
 from onnxserve.core.types import (
     InferenceRequest,
@@ -26,10 +22,9 @@ from onnxserve.core.types import (
     ServerMetadata,
     Tensor,
     TensorSpec,
+    VersionStatistics,
 )
-from onnxserve.core.validation import format_shape, request_shape
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols import binary as binary_tensors
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 # Which InferTensorContents field carries each datatype (FP16 has none: raw only).
@@ -91,13 +86,13 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
         if not tensor.name:
             raise InvalidInputError(f"inputs[{index}] has no name")
         dtype = datatypes.from_v2(tensor.datatype, where=f"input {tensor.name!r}")
-        shape = request_shape(tensor.name, tensor.shape)
+        shape = wire.request_shape(tensor.name, tensor.shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
                     f"input {tensor.name!r} carries contents while the request uses raw_input_contents; use one form"
                 )
-            inputs.append(binary_tensors.decode(tensor.name, dtype, shape, message.raw_input_contents[index]))
+            inputs.append(wire.from_raw(tensor.name, dtype, shape, message.raw_input_contents[index]))
         else:
             inputs.append(_from_contents(tensor.name, dtype, shape, tensor.contents))
     request = InferenceRequest(
@@ -117,24 +112,14 @@ def _from_contents(name: str, dtype: DataType, shape: tuple[int, ...], contents:
     if field is None:
         raise InvalidInputError(f"input {name!r}: {dtype.v2} data travels only in raw_input_contents")
     values = getattr(contents, field)
-    count = math.prod(shape)
+    where = f"input {name!r}"
+    count = wire.element_count(shape)
     if len(values) != count:
-        raise InvalidInputError(
-            f"input {name!r}: contents.{field} has {len(values)} elements but shape {format_shape(shape)} needs {count}"
-        )
+        raise wire.count_error(where, len(values), shape, f"contents.{field}")
     if dtype.is_bytes:
-        array = np.empty(count, dtype=object)
-        array[:] = list(values)
-        return Tensor(name, dtype, array.reshape(shape))
-    wide = np.array(values)
-    if dtype.numpy.kind in "iu" and count:
-        info = np.iinfo(dtype.numpy)  # type: ignore[type-var]
-        low, high = int(wide.min()), int(wide.max())
-        if low < info.min or high > info.max:
-            raise InvalidInputError(
-                f"input {name!r}: value {low if low < info.min else high} is out of range for {dtype.v2}"
-            )
-    return Tensor(name, dtype, wide.astype(dtype.numpy).reshape(shape))
+        wire.check_bytes_count(where, count)
+        return Tensor(name, dtype, wire.from_values(where, dtype, list(values), shape, wire.raw_leaf))
+    return Tensor(name, dtype, wire.from_values(where, dtype, values, shape))
 
 
 def encode_infer_response(response: InferenceResponse, raw: bool) -> pb.ModelInferResponse:
@@ -146,7 +131,7 @@ def encode_infer_response(response: InferenceResponse, raw: bool) -> pb.ModelInf
     for tensor in response.outputs:
         out = message.outputs.add(name=tensor.name, datatype=tensor.datatype.v2, shape=list(tensor.shape))
         if as_raw:
-            message.raw_output_contents.append(binary_tensors.encode(tensor))
+            message.raw_output_contents.append(bytes(wire.to_raw(tensor)))
         else:
             getattr(out.contents, CONTENTS_FIELD[tensor.datatype.v2]).extend(tensor.data.reshape(-1).tolist())
     return message

@@ -14,18 +14,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from onnxserve.core.service import InferenceCall, InferenceService
+from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, OnnxServeError
-from onnxserve.protocols import context
+from onnxserve.protocols import context, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
-from onnxserve.protocols.v2_grpc import codec
+from onnxserve.protocols.v2_grpc import codec, element_count
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceCall, InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,17 @@ PROTOCOL = "v2_grpc"
 _time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", default=None)
 """Seconds the unary call being handled has left before its client's deadline (None: no deadline)."""
 
+_wire_size: ContextVar[int] = ContextVar("onnxserve_grpc_wire_size", default=0)
+"""Bytes of the request message being handled: a large one is decoded off the event loop."""
+
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
 def parse(message_type: type[M], data: bytes) -> M:
+    """The message in ``data``; an inference request is first checked for element floods (unparsed)."""
+    if message_type is pb.ModelInferRequest:
+        element_count.check_bytes_contents(data)
     try:
         message: M = message_type.FromString(data)
         return message
@@ -62,9 +71,9 @@ def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
     return request_id
 
 
-def _parse_inference(call_scope: InferenceCall, data: bytes) -> pb.ModelInferRequest:
+async def _parse_inference(call_scope: InferenceCall, data: bytes) -> pb.ModelInferRequest:
     """Parse a ModelInferRequest inside its ``InferenceCall``, which then knows the model it names."""
-    request = parse(pb.ModelInferRequest, data)
+    request = await offload.convert(len(data), parse, pb.ModelInferRequest, data)
     call_scope.target(request.model_name, request.model_version)
     return request
 
@@ -117,11 +126,11 @@ class InferenceServicer:
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        decoded = codec.decode_infer_request(request)
+        decoded = await offload.convert(_wire_size.get(), codec.decode_infer_request, request)
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
-        return codec.encode_infer_response(response, decoded.raw)
+        return await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext
@@ -139,9 +148,13 @@ class InferenceServicer:
         id_token = context.set_request_id(request_id)
         request: pb.ModelInferRequest | None = None
         try:
-            async with self.service.call(PROTOCOL) as call:
-                request = _parse_inference(call, data)
-                return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            size_token = _wire_size.set(len(data))
+            try:
+                async with self.service.call(PROTOCOL) as call:
+                    request = await _parse_inference(call, data)
+                    return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+            finally:
+                _wire_size.reset(size_token)
         except Exception as e:
             if isinstance(e, OnnxServeError):
                 message = public_message(e)
@@ -188,11 +201,12 @@ def _unary(
         id_token = context.set_request_id(request_id)
         code = grpc.StatusCode.OK
         time_token = _time_left.set(grpc_context.time_remaining())
+        size_token = _wire_size.set(len(data))
         try:
             if counted_by is None:
-                return await method(parse(request_type, data))
+                return await method(await offload.convert(len(data), parse, request_type, data))
             async with counted_by.call(PROTOCOL) as call:
-                return await method(_parse_inference(call, data))
+                return await method(await _parse_inference(call, data))
         except Exception as e:
             if isinstance(e, OnnxServeError):
                 code, message = GRPC_STATUS[e.kind], public_message(e)
@@ -205,6 +219,7 @@ def _unary(
                 log.debug("gRPC %s %s %.2f ms", name, code.name, (time.perf_counter_ns() - started) / 1e6)
             context.reset_request_id(id_token)
             _time_left.reset(time_token)
+            _wire_size.reset(size_token)
 
     return handler
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import orjson
 
-from onnxserve.core import datatypes
-from onnxserve.core.service import IndexEntry, VersionStatistics
+from onnxserve.core import datatypes, wire
 from onnxserve.core.statistics import ComputeTimes, Duration
 from onnxserve.core.types import (
+    IndexEntry,
     InferenceRequest,
     InferenceResponse,
     ModelConfiguration,
@@ -19,9 +19,9 @@ from onnxserve.core.types import (
     ServerMetadata,
     Tensor,
     TensorSpec,
+    VersionStatistics,
 )
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols import binary as binary_tensors
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.protocols.v2_rest import tensors
@@ -132,7 +132,7 @@ def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[
             raise InvalidInputError(
                 f"input {name!r}: binary_data_size is {size} but only {len(binary)} bytes of binary data remain"
             )
-        return binary_tensors.decode(name, dtype, shape, bytes(binary[:size])), size
+        return wire.from_raw(name, dtype, shape, binary[:size]), size
     if "data" not in doc:
         raise InvalidInputError(f"input {name!r} has no 'data' (and no binary_data_size)")
     return tensors.from_json(name, dtype, shape, doc["data"]), 0
@@ -161,10 +161,24 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
     return names, binary, json
 
 
+def decode_work(body: bytes, header_length: int | None) -> int:
+    """Bytes that decoding ``body`` has to go through: raw numbers are only viewed, so they do not count."""
+    if header_length is None or not 0 <= header_length <= len(body):
+        return len(body)
+    if body.find(b'"BYTES"', 0, header_length) >= 0:
+        return len(body)  # length-prefixed elements are split one by one
+    return header_length
+
+
+def encode_work(response: InferenceResponse, decoded: DecodedRequest) -> int:
+    """Bytes that encoding ``response`` has to go through: binary numeric outputs are only viewed."""
+    return sum(int(t.data.nbytes) for t in response.outputs if t.datatype.is_bytes or not decoded.wants_binary(t.name))
+
+
 def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when any output travels in binary form."""
     outputs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     for tensor in response.outputs:
         out: dict[str, Any] = {
             "name": tensor.name,
@@ -172,7 +186,7 @@ def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) 
             "shape": list(tensor.shape),
         }
         if decoded.wants_binary(tensor.name):
-            data = binary_tensors.encode(tensor)
+            data = wire.to_raw(tensor)
             out["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
@@ -187,7 +201,7 @@ def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) 
     header = dumps(doc)
     if not chunks:
         return header, None
-    return header + b"".join(chunks), len(header)
+    return b"".join((header, *chunks)), len(header)  # the one copy of the output data
 
 
 def dumps(doc: Any) -> bytes:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import offload
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 PROTOCOL = "v2_rest"
 """The protocol label of this front end's requests, as the codec tags them."""
@@ -72,9 +75,18 @@ def routes(service: InferenceService) -> list[Route]:
     async def infer(request: Request) -> Response:
         body = await request.body()
         header_length = _header_length(request)
-        decoded = codec.decode_infer_request(body, request.path_params["name"], _version(request), header_length)
+        decoded = await offload.convert(
+            codec.decode_work(body, header_length),
+            codec.decode_infer_request,
+            body,
+            request.path_params["name"],
+            _version(request),
+            header_length,
+        )
         response = await service.infer(decoded.request)
-        payload, json_length = codec.encode_infer_response(response, decoded)
+        payload, json_length = await offload.convert(
+            codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded
+        )
         if json_length is None:
             return json_body(payload)
         return Response(

@@ -20,8 +20,8 @@ from onnxserve.core.pipeline import (
     TEXT_INPUT,
 )
 from onnxserve.core.registry import PLATFORM, ModelVersion
-from onnxserve.core.service import IndexEntry, InferenceService
-from onnxserve.core.types import TensorSpec
+from onnxserve.core.service import InferenceService
+from onnxserve.core.types import IndexEntry, TensorSpec
 from onnxserve.errors import ModelLoadError, ModelNotFoundError
 from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.toolkit import model_header

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from urllib.parse import quote, urlencode
 
-from onnxserve import __version__
 from onnxserve.core.types import TensorSpec
 from onnxserve.server.web import examples
 from onnxserve.server.web.markup import Markup, join, render
 from onnxserve.server.web.overview import ModelRow, OnnxHeader, TextInterface, VersionDetail, VersionRow, dims
+from onnxserve.version import __version__
 
 STATIC = "/web/static"
 API = "/web/api"

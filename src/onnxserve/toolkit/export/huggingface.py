@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError
 from onnxserve.toolkit.export.environment import require
+from onnxserve.toolkit.export.single_file import write_single_file
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.validate import Arrays, CaseResult, ValidationReport, compare
 
@@ -150,8 +152,22 @@ def _max_length(folder: Path, tokenizer: Any, model_config: Any) -> int:
 def export_huggingface(
     src: str | Path, output: Path, options: HfExportOptions, progress: Console | None = None
 ) -> ValidationReport:
-    """Export, validate, and only then write ``output``; raise ExportError (writing nothing) otherwise."""
+    """Export, validate, and only then write ``output``; raise ExportError (writing nothing) otherwise.
+
+    ``output`` is a version folder, or a ``.onnx`` file name: then one self-contained file carrying
+    its tokenizer and pipeline spec in its metadata (see ``single_file``)."""
     console = progress or Console(stderr=True, quiet=True)
+    if output.suffix == ".onnx":
+        if output.is_dir():
+            raise ExportError(f"{output} is a folder; give a new .onnx file name or a folder name")
+        if output.exists() and not options.force:
+            raise ExportError(f"{output} already exists; pass --force to replace it")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{output.name}.partial-", dir=output.parent) as work:
+            report = export_huggingface(src, Path(work) / "version", replace(options, force=False), progress)
+            with console.status(f"writing {output} (tokenizer and pipeline spec in its metadata)"):
+                write_single_file(Path(work) / "version", output)
+        return report
     check_environment()
     if options.task not in TASKS:
         raise ExportError(f"unsupported task {options.task!r}; supported tasks: {', '.join(TASKS)}")

@@ -7,7 +7,6 @@ state untouched and removes the partial folder.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from onnxserve.errors import ExportError
+from onnxserve.toolkit.atomic_file import ordinary_mode
 
 
 @contextmanager
@@ -24,9 +24,7 @@ def staging_folder(output: Path, force: bool) -> Iterator[Path]:
         raise ExportError(f"{output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the version folder should not be
+    staging.chmod(ordinary_mode(directory=True))  # mkdtemp makes it private; the version folder should not be
     try:
         yield staging
         old = None

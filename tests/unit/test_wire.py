@@ -1,0 +1,155 @@
+"""The one wire codec (core/wire.py): shape, count, kind and range checks, zero copy, and the gRPC flood walk."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+
+from onnxserve.core import datatypes, wire
+from onnxserve.core.types import Tensor
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.v2_grpc import element_count
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+FP32 = datatypes.from_v2("FP32")
+UINT8 = datatypes.from_v2("UINT8")
+BYTES = datatypes.from_v2("BYTES")
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ([0, 2**62], "too many elements"),
+        ([2**62, 0], "too many elements"),
+        ([0, 2**40, 2**40], "too many elements"),
+        ([2**21, 2**20], "too many elements"),
+        ([1, -1], "negative dimension"),
+        ([1] * 33, "33 dimensions"),
+        ([1.5], "list of integers"),
+        ([True], "list of integers"),
+    ],
+    ids=str,
+)
+def test_request_shape_refuses_absurd_shapes(shape: list[Any], words: str) -> None:
+    with pytest.raises(InvalidInputError, match=words) as caught:
+        wire.request_shape("x", shape)
+    assert caught.value.message.startswith("input 'x': ")
+
+
+@pytest.mark.parametrize("shape", [[], [0], [0, 5], [2**20, 2**20], [1] * 32])
+def test_request_shape_keeps_sensible_shapes(shape: list[int]) -> None:
+    assert wire.request_shape("x", shape) == tuple(shape)
+
+
+def test_raw_input_is_a_view_of_the_received_buffer() -> None:
+    values = np.arange(12, dtype="<f4")
+    body = bytearray(b"HEAD" + values.tobytes())
+    view = memoryview(body)[4:]
+    tensor = wire.from_raw("x", FP32, (3, 4), view)
+    assert np.shares_memory(tensor.data, np.frombuffer(body, dtype=np.uint8))
+    assert tensor.data.tolist() == values.reshape(3, 4).tolist()
+
+
+def test_misaligned_raw_input_is_copied_aligned() -> None:
+    body = b"H" + np.arange(4, dtype="<f4").tobytes()
+    tensor = wire.from_raw("x", FP32, (4,), memoryview(body)[1:])
+    assert tensor.data.flags.aligned
+    assert tensor.data.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_raw_output_is_a_view_of_the_output_array() -> None:
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    raw = wire.to_raw(Tensor("y", FP32, array))
+    assert isinstance(raw, memoryview)
+    assert bytes(raw) == array.tobytes()
+    array[0, 0] = 42.0
+    assert np.frombuffer(raw, dtype=np.float32)[0] == 42.0
+
+
+def test_bytes_tensor_over_the_element_cap_is_refused_before_parsing() -> None:
+    count = wire.MAX_BYTES_ELEMENTS + 1
+    with pytest.raises(InvalidInputError, match=f"at most {wire.MAX_BYTES_ELEMENTS}"):
+        wire.from_raw("text", BYTES, (count,), b"\0\0\0\0" * count)
+    with pytest.raises(InvalidInputError, match=f"at most {wire.MAX_BYTES_ELEMENTS}"):
+        wire.from_values("input 'text'", BYTES, [""] * count, (count,))
+
+
+def test_bytes_split_stops_at_the_first_element_too_many() -> None:
+    raw = struct.pack("<I", 1) + b"a" + b"\0\0\0\0" * 1000
+    with pytest.raises(InvalidInputError, match=r"more than 1 elements but shape \[1\] needs 1"):
+        wire.from_raw("text", BYTES, (1,), raw)
+
+
+def test_bytes_length_that_runs_past_the_data_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="runs past the data"):
+        wire.from_raw("text", BYTES, (1,), struct.pack("<I", 2**32 - 1) + b"abc")
+
+
+def test_raw_bytes_round_trip_converts_each_element_once() -> None:
+    array = np.array([b"a", b"", "é".encode()], dtype=object)
+    raw = wire.to_raw(Tensor("t", BYTES, array))
+    back = wire.from_raw("t", BYTES, (3,), raw)
+    assert back.data.tolist() == array.tolist()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "words"),
+    [
+        (UINT8, [0, 256], "value 256 is out of range for UINT8"),
+        (UINT8, [0, -1], "value -1 is out of range for UINT8"),
+        (datatypes.from_v2("UINT64"), [2**64], "value 18446744073709551616 is out of range for UINT64"),
+        (FP32, [True, False], "datatype FP32 needs numbers, but data holds booleans"),
+        (datatypes.from_v2("INT32"), [1.5, 2], "datatype INT32 needs integers, but data holds non-integer numbers"),
+        (FP32, [[1.0], [1.0, 2.0]], "evenly nested"),
+        (BYTES, ["a", 3], "BYTES data must be strings, found a number"),
+    ],
+)
+def test_values_are_checked_once_with_one_message(dtype: datatypes.DataType, values: Any, words: str) -> None:
+    with pytest.raises(InvalidInputError, match=words) as caught:
+        wire.from_values("input 'x'", dtype, values)
+    assert caught.value.message.startswith("input 'x': ")
+
+
+def test_values_take_the_declared_shape_or_their_nesting() -> None:
+    assert wire.from_values("input 'x'", FP32, [1, 2, 3, 4], (2, 2)).shape == (2, 2)
+    assert wire.from_values("input 'x'", FP32, [[1, 2], [3, 4]]).shape == (2, 2)
+    assert wire.from_values("input 'x'", BYTES, [["a"], ["b"]]).tolist() == [[b"a"], [b"b"]]
+    with pytest.raises(InvalidInputError, match=r"data has 3 elements but shape \[2, 2\] needs 4"):
+        wire.from_values("input 'x'", FP32, [1, 2, 3], (2, 2))
+
+
+def test_float64_values_already_in_their_dtype_are_not_copied() -> None:
+    values = np.arange(4, dtype=np.float64)
+    assert wire.from_values("input 'x'", datatypes.from_v2("FP64"), values) is values
+
+
+def _grpc_bytes(count: int, shape: list[int]) -> bytes:
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=shape)
+    tensor.contents.bytes_contents.extend([b""] * count)
+    return request.SerializeToString()
+
+
+def test_grpc_walk_refuses_a_bytes_contents_flood_unparsed() -> None:
+    data = _grpc_bytes(wire.MAX_BYTES_ELEMENTS + 1, [1])
+    with pytest.raises(InvalidInputError, match=r"input 'text': contents\.bytes_contents has more than"):
+        element_count.check_bytes_contents(data)
+
+
+def test_grpc_walk_lets_sensible_and_malformed_messages_through() -> None:
+    element_count.check_bytes_contents(_grpc_bytes(wire.MAX_BYTES_ELEMENTS, [wire.MAX_BYTES_ELEMENTS]))
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x", datatype="FP32", shape=[4]).contents.fp32_contents.extend([0.0] * 10**6)
+    element_count.check_bytes_contents(request.SerializeToString())
+    element_count.check_bytes_contents(b"\xff" * (3 * wire.MAX_BYTES_ELEMENTS))  # the parser will name it
+
+
+def test_grpc_walk_refuses_a_flood_of_entries() -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    for _ in range(element_count.MAX_FIELDS + 1):
+        request.outputs.add(name="y" * 40)
+    with pytest.raises(InvalidInputError, match="more than 65536 entries"):
+        element_count.check_bytes_contents(request.SerializeToString())
