@@ -6,10 +6,12 @@
 docs/reference/cli.md comes from the typer app (``onnxserve.cli.main.app``): every command of the click
 tree that ``typer.main.get_command`` builds, with each parameter's name, type, default, environment
 variable and help. docs/reference/config.md comes from the pydantic models of ``onnxserve.config``:
-the config file's models (found by walking ``ServerConfig``'s fields) and ``ServerSettings``, with each
-field's name, type, constraints, default and description (the field's ``description``, else the
-comments written beside the field in the source). The output depends only on the code, never on this
-machine (a default computed at start-up is shown as such), so a test can compare it byte for byte.
+the config file's models (found by walking ``ServerConfig``'s fields), with each field's name, type,
+constraints, default and description (the field's ``description``, else the comments written beside
+the field in the source); and ``onnxserve.server.settings.ServerSettings``, whose fields are the one
+definition of each server setting (flag, type, default, environment variable, description). The
+output depends only on the code, never on this machine (a default computed at start-up is shown as
+such), so a test can compare it byte for byte.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from onnxserve import config as config_module  # noqa: E402
 from onnxserve.cli.main import app  # noqa: E402
+from onnxserve.server.settings import ServerSettings, setting_env, setting_flag  # noqa: E402
 
 CLI_PAGE = Path("docs/reference/cli.md")
 CONFIG_PAGE = Path("docs/reference/config.md")
@@ -298,6 +301,29 @@ def _model_table(model: type[BaseModel]) -> list[str]:
     return lines
 
 
+def _settings_table() -> list[str]:
+    hints = typing.get_type_hints(ServerSettings, include_extras=True)
+    lines = ["| key | flag | type | default | environment | description |", "|---|---|---|---|---|---|"]
+    for name, info in ServerSettings.model_fields.items():
+        annotation = hints.get(name, info.annotation)
+        limits = _constraints(annotation, info)
+        type_text = _type_text(annotation) + (f" ({limits})" if limits else "")
+        flag = setting_flag(name)
+        if flag is not None and info.annotation is bool:
+            flag = f"{flag}/--no-{flag.removeprefix('--')}"
+        row = [
+            f"`{name}`",
+            code(flag or ""),
+            cell(type_text),
+            cell(_default_text(info)),
+            code(setting_env(name) or ""),
+            cell(info.description or ""),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
+
+
 def _config_models() -> list[type[BaseModel]]:
     ordered: list[type[BaseModel]] = []
     pending: list[type[BaseModel]] = [config_module.ServerConfig]
@@ -331,11 +357,11 @@ def config_reference() -> str:
     lines += [
         "## Server settings",
         "",
-        "Where and how the server listens: set with the flags of",
-        "[`onnxserve serve`](cli.md#onnxserve-serve), whose help there says what each one does",
-        "(`--http-port` for `http_port`, and so on).",
+        "Where and how the server listens: `ServerSettings` in `src/onnxserve/server/settings.py`, one field",
+        "per setting. The flags of [`onnxserve serve`](cli.md#onnxserve-serve) are generated from these",
+        "fields, so the flag, its default and its help are the ones below.",
         "",
-        *_model_table(config_module.ServerSettings),
+        *_settings_table(),
     ]
     return "\n".join(lines).rstrip("\n") + "\n"
 

@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 StartServer = Callable[[ServerConfig], RunningServer]
 

@@ -23,18 +23,19 @@ from onnxserve.errors import (
 from onnxserve.version import __version__
 
 if _typing.TYPE_CHECKING:
-    from onnxserve.config import ModelConfig, ServerConfig, ServerSettings, load_config
+    from onnxserve.config import ModelConfig, ServerConfig, load_config
     from onnxserve.core.registry import ModelRegistry
     from onnxserve.core.repository import scan_repository
     from onnxserve.core.runtime import ModelSession
     from onnxserve.core.service import InferenceService
     from onnxserve.core.types import InferenceRequest, InferenceResponse, Tensor, TensorSpec
     from onnxserve.predict import Pipeline
+    from onnxserve.server.settings import ServerSettings
 
 _LAZY: dict[str, str] = {
     "ModelConfig": "onnxserve.config",
     "ServerConfig": "onnxserve.config",
-    "ServerSettings": "onnxserve.config",
+    "ServerSettings": "onnxserve.server.settings",
     "load_config": "onnxserve.config",
     "ModelRegistry": "onnxserve.core.registry",
     "scan_repository": "onnxserve.core.repository",

@@ -1,4 +1,6 @@
-"""Server and model configuration: pydantic models and the loaders that read them.
+"""Model configuration: the config file's pydantic models and the loaders that read them.
+
+Server settings (ports, limits, timeouts) live in ``onnxserve.server.settings``.
 
 The seed document's file is accepted verbatim::
 
@@ -21,7 +23,6 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from onnxserve.core.cpu import cpu_budget
 from onnxserve.errors import ConfigError
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -206,38 +207,3 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     except (orjson.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{file}: not valid {'YAML' if is_yaml else 'JSON'}: {e}") from None
     return parse_config(document, str(file), file.resolve().parent)
-
-
-class ServerSettings(_Strict):
-    """Where and how the server listens."""
-
-    host: str = "127.0.0.1"  # every listener; anything but loopback is asked for explicitly
-    auth_tokens_file: Path | None = None  # bearer tokens and their scopes (format: onnxserve.server.tokens)
-    auth_tokens: str | None = Field(default=None, repr=False)  # the same entries inline (ONNXSERVE_AUTH_TOKENS)
-    tls_cert: Path | None = None  # PEM certificate (chain) for HTTP and gRPC; needs tls_key
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
-    http_port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 8001
-    inference_threads: Annotated[int, Field(ge=1)] = Field(default_factory=lambda: max(4, cpu_budget()))
-    grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
-    max_request_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024  # HTTP bodies, after decompression
-    # Connection limits and timeouts (onnxserve.server.connections; docs/limits.md).
-    max_inflight_bytes: Annotated[int, Field(ge=0)] = 256 * 1024 * 1024  # request bytes held at once; 0: no limit
-    max_connections: Annotated[int, Field(ge=1)] = 1000  # open connections per port
-    header_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds to send a request head / HTTP/2 handshake
-    body_timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds to send a body / gRPC request message
-    keep_alive_timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds an HTTP connection may idle between requests
-    grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = 100  # per gRPC connection
-    grpc_max_connection_idle: Annotated[float, Field(ge=0)] = 300.0  # seconds without a call; 0: no limit
-    grpc_max_connection_age: Annotated[float, Field(ge=0)] = 0.0  # seconds a gRPC connection may live; 0: no limit
-    grpc_max_connection_age_grace: Annotated[float, Field(ge=0)] = 30.0  # for its open calls, after the age
-    model_control_mode: Literal["none", "poll", "explicit"] = "none"
-    repository_poll_secs: Annotated[float, Field(gt=0)] = 15.0
-    load_models: tuple[str, ...] = ()  # explicit mode: models loaded at start-up ("*": all)
-    strict_readiness: bool = True
-    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
-    request_timeout: Annotated[float, Field(ge=0)] = 60.0  # seconds an inference request may take; 0: no limit
-    max_response_bytes: Annotated[int, Field(ge=0)] = 64 * 1024 * 1024  # output tensors of one answer; 0: no limit
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["text", "json"] = "text"

@@ -17,6 +17,9 @@ table that maps a kind to its own status (see ``onnxserve.protocols.errors``).
     ├── DeadlineExceededError  the request's timeout passed before its answer    (kind DEADLINE_EXCEEDED)
     ├── TooLargeError          the answer would exceed --max-response-bytes, or the run could not
     │                          allocate the memory these input values ask for   (kind TOO_LARGE)
+    ├── BodyTooLargeError      the request body exceeds --max-request-bytes       (kind BODY_TOO_LARGE)
+    ├── UnsupportedMediaTypeError  a body's Content-Type or Content-Encoding is not accepted
+    │                                                                          (kind UNSUPPORTED_MEDIA_TYPE)
     ├── UnauthenticatedError   no bearer token, or not an accepted one            (kind UNAUTHENTICATED)
     ├── PermissionDeniedError  the token lacks the scope the endpoint needs       (kind PERMISSION_DENIED)
     └── InferenceError         the runtime failed while running a valid request   (kind INTERNAL)
@@ -40,6 +43,8 @@ class ErrorKind(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission_denied"
     TOO_LARGE = "too_large"
+    BODY_TOO_LARGE = "body_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 class OnnxServeError(Exception):
@@ -125,6 +130,18 @@ class TooLargeError(OnnxServeError):
     Not retryable as it is (unlike RESOURCE_EXHAUSTED): the client must ask for less."""
 
     kind = ErrorKind.TOO_LARGE
+
+
+class BodyTooLargeError(OnnxServeError):
+    """The request body is larger (on the wire or decompressed) than the server reads."""
+
+    kind = ErrorKind.BODY_TOO_LARGE
+
+
+class UnsupportedMediaTypeError(OnnxServeError):
+    """The request body's media type or content encoding is not one the server reads."""
+
+    kind = ErrorKind.UNSUPPORTED_MEDIA_TYPE
 
 
 class InferenceError(OnnxServeError):

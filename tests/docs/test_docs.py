@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from onnxserve.config import ServerSettings, load_config
+from onnxserve.config import load_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

@@ -27,10 +27,10 @@ import pytest
 import trustme
 
 import models
-from onnxserve.config import ServerSettings
 from onnxserve.core.manager import Catalog
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("collect_tritonclients")
 

@@ -22,9 +22,10 @@ import onnx
 import pytest
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.batching import DynamicBatcher
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 FOREVER = 1e9
 """A blocker's value: more products than any test waits for (it is always cancelled)."""

@@ -17,9 +17,10 @@ import pytest
 
 import models
 from onnxserve import Pipeline
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 Array = npt.NDArray[Any]
 

@@ -24,12 +24,13 @@ import pytest
 from onnx import TensorProto
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.manager import Catalog
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ConfigError, ModelLoadError
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 
 class FifoCanary:

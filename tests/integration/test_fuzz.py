@@ -31,9 +31,10 @@ from hypothesis import strategies as st
 
 import models
 import raw_http
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 LIMIT = 1024 * 1024
 FAST = {"v2": 100, "tfserving": 60, "binary": 60, "socket": 60, "grpc": 150}

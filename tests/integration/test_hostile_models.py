@@ -25,11 +25,11 @@ import pytest
 from onnx import TensorProto
 
 import models
-from onnxserve.config import ServerSettings
 from onnxserve.core.manager import Catalog
 from onnxserve.core.repository import scan_repository
 from onnxserve.errors import ConfigError
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 OPSET = [oh.make_opsetid("", 17)]
 

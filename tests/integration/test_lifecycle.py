@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 import models
-from onnxserve.config import ServerSettings, load_config
+from onnxserve.config import load_config
 from onnxserve.core.manager import Catalog
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
 LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")

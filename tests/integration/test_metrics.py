@@ -245,6 +245,27 @@ def test_counters_match_the_requests_sent(http: httpx.Client, channel: grpc.Chan
     assert values(scrape(http), "onnxserve_requests_total") == counted
 
 
+def test_body_refusals_are_counted_on_inference_endpoints_only(http: httpx.Client) -> None:
+    """A body refused before its endpoint runs (media type, encoding) is an error kind: answered with the
+    status of the protocol's table and counted by the service when the path is an inference endpoint."""
+    pickle = {"Content-Type": "application/pickle"}
+    bad_gzip = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    assert http.post("/v2/models/add/infer", content=b"x", headers=pickle).status_code == 415
+    assert http.post("/v1/models/fixed/versions/1:predict", content=b"x", headers=pickle).status_code == 415
+    refused = http.post("/v2/models/nope/infer", content=b"not gzip", headers=bad_gzip)
+    assert refused.status_code == 400
+    assert "not valid gzip" in refused.json()["error"]
+    assert http.post("/v2/repository/index", content=b"x", headers=pickle).status_code == 415  # not inference
+    assert http.post("/no/such/endpoint", content=b"x", headers=pickle).status_code == 415
+    assert values(scrape(http), "onnxserve_requests_total") == {
+        ("add", "", "v2_rest", "unsupported_media_type"): 1.0,
+        ("fixed", "1", "tfserving_rest", "unsupported_media_type"): 1.0,
+        ("", "", "v2_rest", "invalid_input"): 1.0,
+    }
+    # and the server keeps serving
+    assert http.post("/v2/models/add/infer", json=add_v2_json(1)).status_code == 200
+
+
 def test_model_state_load_duration_and_queue_depth(http: httpx.Client, numeric_config: ServerConfig) -> None:
     samples = scrape(http)
     names = {m.name for m in numeric_config.model_config_list}

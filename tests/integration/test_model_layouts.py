@@ -19,11 +19,12 @@ import onnx.numpy_helper
 import pytest
 
 import models
-from onnxserve.config import ServerSettings, load_config
+from onnxserve.config import load_config
 from onnxserve.core.manager import Catalog
 from onnxserve.core.repository import discover_versions, scan_repository
 from onnxserve.errors import ConfigError
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 
 def infer(server: RunningServer, name: str = "m", x: float = 0.0) -> httpx.Response:

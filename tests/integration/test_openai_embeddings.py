@@ -24,8 +24,9 @@ import pytest
 from tokenizers import Tokenizer
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 SENTENCES = [
     "This is a test sentence.",
@@ -302,6 +303,20 @@ def test_malformed_json_is_refused_in_openai_shape(secured: RunningServer) -> No
     )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]["message"]
+    still_serving(secured)
+
+
+def test_a_refused_body_is_answered_in_openai_shape(secured: RunningServer) -> None:
+    """Body refusals made before the route runs (media type) take the route's protocol shape and status."""
+    response = httpx.post(
+        f"{secured.http_url}/v1/embeddings",
+        content=b"x",
+        headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/pickle"},
+    )
+    assert response.status_code == 415
+    error = response.json()["error"]
+    assert "unsupported Content-Type" in error["message"]
+    assert error["type"] == "invalid_request_error"
     still_serving(secured)
 
 

@@ -29,11 +29,12 @@ import orjson
 import pytest
 
 import models
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.types import InferenceRequest, InferenceResponse
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("collect_tritonclients")
 

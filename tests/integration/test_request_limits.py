@@ -28,11 +28,12 @@ import tritonclient.http as httpclient
 
 import models
 import raw_http
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import parse_config
 from onnxserve.protocols.context import current_request_id
 from onnxserve.protocols.json_depth import MAX_JSON_DEPTH
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("collect_tritonclients")
 

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import models
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import parse_config
 from onnxserve.core.runtime import session_options
 from onnxserve.errors import ConfigError
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 
 INTRA = "session.intra_op.allow_spinning"
 INTER = "session.inter_op.allow_spinning"

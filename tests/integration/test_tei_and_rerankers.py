@@ -26,8 +26,9 @@ from tokenizers import Tokenizer
 
 import tiny_cross_encoder
 from onnxserve import Pipeline
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 QUERY = "lazy dog"

@@ -32,9 +32,10 @@ from tritonclient.utils import InferenceServerException
 
 import models
 import onnxserve
-from onnxserve.config import ServerConfig, ServerSettings, parse_config
+from onnxserve.config import ServerConfig, parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
 
 Array = npt.NDArray[Any]

@@ -31,10 +31,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
 import models
-from onnxserve.config import ServerSettings, parse_config
+from onnxserve.config import parse_config
 from onnxserve.core.manager import Catalog
 from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
 from vocabulary import ONNX_V2
 
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"

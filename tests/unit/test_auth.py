@@ -10,7 +10,7 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from onnxserve.config import ServerConfig, ServerSettings
+from onnxserve.config import ServerConfig
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError, PermissionDeniedError, UnauthenticatedError
@@ -18,6 +18,7 @@ from onnxserve.server.app import create_app
 from onnxserve.server.auth import authorize, grpc_scope, http_scope
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.metrics import Metrics
+from onnxserve.server.settings import ServerSettings
 from onnxserve.server.tls import ServerTls
 from onnxserve.server.tokens import MIN_TOKEN_LENGTH, Scope, TokenTable
 

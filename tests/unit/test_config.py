@@ -13,13 +13,13 @@ import models
 from onnxserve.config import (
     ModelConfig,
     ServerConfig,
-    ServerSettings,
     VersionPolicy,
     load_config,
     parse_config,
 )
 from onnxserve.core.repository import scan_repository
 from onnxserve.errors import ConfigError
+from onnxserve.server.settings import ServerSettings
 
 SEED: dict[str, Any] = {
     "model_config_list": [

@@ -15,7 +15,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from onnxserve.core.observe import RequestRecord
+from onnxserve.core.observe import ExecutionRecord, Observers, RequestRecord, VersionRecord
+from onnxserve.core.registry import ModelRegistry
+from onnxserve.core.service import InferenceService
+from onnxserve.core.types import InferenceRequest
 from onnxserve.errors import ErrorKind, InvalidInputError
 from onnxserve.protocols import context
 from onnxserve.protocols.http import RequestIdMiddleware, guarded
@@ -139,14 +142,39 @@ def json_log() -> Iterator[io.StringIO]:
     logger.setLevel(old_level)
 
 
+class Recorder:
+    """An observer that keeps the request records the service reports."""
+
+    def __init__(self) -> None:
+        self.requests: list[RequestRecord] = []
+
+    def request(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+
+    def execution(self, record: ExecutionRecord) -> None:
+        pass
+
+    def version(self, record: VersionRecord) -> None:
+        pass
+
+
+def service_with(*observers: Recorder | Metrics) -> InferenceService:
+    """A service over no models whose observers are ``observers``."""
+    fan_out = Observers()
+    for observer in observers:
+        fan_out.add(observer)
+    return InferenceService(ModelRegistry(observers=fan_out), threads=1)
+
+
 def test_unexpected_error_is_logged_under_the_request_id_and_hidden_from_the_client(json_log: io.StringIO) -> None:
-    recorded: list[RequestRecord] = []
+    recorder = Recorder()
+    service = service_with(recorder)
 
     async def boom(request: Request) -> Response:
         raise RuntimeError("secret detail at /srv/models/x")
 
     app = Starlette(
-        routes=[Route("/boom/{name}", guarded(boom, protocol="test", record_unreached=recorded.append))],
+        routes=[Route("/boom/{name}", guarded(boom, protocol="test", service=service))],
         middleware=[Middleware(RequestIdMiddleware)],
     )
     with TestClient(app) as client:
@@ -162,21 +190,42 @@ def test_unexpected_error_is_logged_under_the_request_id_and_hidden_from_the_cli
     access = [line for line in lines if line["level"] == "DEBUG"]
     assert access[0]["request_id"] == "boom-1"
     assert access[0]["message"].startswith("GET /boom/m 500 ")
-    assert [(r.model, r.version, r.protocol, r.error) for r in recorded] == [("m", "", "test", ErrorKind.INTERNAL)]
+    # counted once by the service, under "" since the server serves no model "m"
+    assert [(r.model, r.version, r.protocol, r.error) for r in recorder.requests] == [
+        ("", "", "test", ErrorKind.INTERNAL)
+    ]
+    service.close()
 
 
-def test_a_request_the_core_reported_is_not_reported_again() -> None:
-    """The server's observer marks the attempt; the guard then leaves the counting to the core."""
+def test_a_request_the_service_counted_is_not_counted_again() -> None:
+    """``infer`` counts the request it refuses; leaving the call with that error counts nothing more."""
     metrics = Metrics()
-    recorded: list[RequestRecord] = []
+    recorder = Recorder()
+    service = service_with(recorder, metrics)
 
-    async def reaches_the_model(request: Request) -> Response:
-        metrics.request(RequestRecord("m", "1", "test", ErrorKind.INVALID_INPUT, 0, 0, 0, 1000))
+    async def reaches_the_service(request: Request) -> Response:
+        await service.infer(InferenceRequest("nope", [], model_version="3"))
+        return Response()
+
+    async def fails_after_decoding(request: Request) -> Response:
         raise InvalidInputError("bad")
 
-    app = Starlette(routes=[Route("/x", guarded(reaches_the_model, protocol="test", record_unreached=recorded.append))])
+    app = Starlette(
+        routes=[
+            Route("/x", guarded(reaches_the_service, protocol="test", service=service)),
+            Route("/y", guarded(fails_after_decoding, protocol="test", service=service)),
+            Route("/z", guarded(fails_after_decoding)),  # not an inference endpoint: never counted
+        ]
+    )
     with TestClient(app) as client:
-        assert client.get("/x").status_code == 400
-    assert recorded == []
+        assert client.get("/x").status_code == 404
+        assert client.get("/y").status_code == 400
+        assert client.get("/z").status_code == 400
+    assert [(r.protocol, r.error) for r in recorder.requests] == [
+        ("test", ErrorKind.NOT_FOUND),
+        ("test", ErrorKind.INVALID_INPUT),
+    ]
     body, _ = metrics.exposition()
-    assert b'onnxserve_requests_total{model="m",protocol="test",status="invalid_input",version="1"} 1.0' in body
+    assert b'onnxserve_requests_total{model="",protocol="test",status="not_found",version=""} 1.0' in body
+    assert b'onnxserve_requests_total{model="",protocol="test",status="invalid_input",version=""} 1.0' in body
+    service.close()

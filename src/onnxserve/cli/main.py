@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from onnxserve.cli import diff_commands, inspect_commands, optimize_commands
 from onnxserve.cli.console import err
 from onnxserve.cli.console import fail as _fail
+from onnxserve.cli.settings_options import flag_of, settings_from_flags, with_setting_flags
 from onnxserve.errors import ConfigError, OnnxServeError
 from onnxserve.version import __version__
 
@@ -62,6 +63,7 @@ def _catalog_from_environment() -> tuple[Path | None, Path | None]:
 
 
 @app.command()
+@with_setting_flags
 def serve(
     config: Annotated[
         Path | None,
@@ -78,104 +80,13 @@ def serve(
             help="Serve every DIR/<name>/<version>/model.onnx (default: $ONNXSERVE_MODEL_REPOSITORY).",
         ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback must be asked for.")] = "127.0.0.1",
-    auth_tokens: Annotated[
-        Path | None,
-        typer.Option(
-            "--auth-tokens",
-            help="File of bearer tokens, one 'TOKEN SCOPES' a line (scopes: infer, control, metrics); "
-            "or set ONNXSERVE_AUTH_TOKENS to such entries separated by ';'.",
-        ),
-    ] = None,
-    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate chain: HTTPS and gRPC over TLS.")] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (unencrypted).")] = None,
-    tls_client_ca: Annotated[
-        Path | None, typer.Option(help="PEM CA bundle: require client certificates it signed (mutual TLS).")
-    ] = None,
-    http_port: Annotated[int, typer.Option(help="HTTP port (KServe V2 REST).", envvar="ONNXSERVE_HTTP_PORT")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port (KServe V2 gRPC).", envvar="ONNXSERVE_GRPC_PORT")] = 8001,
-    inference_threads: Annotated[
-        int | None, typer.Option(help="Threads that run inference off the event loop.")
-    ] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    log_format: Annotated[
-        str, typer.Option(help="text, or json: one JSON object a line (time, level, logger, message, request_id).")
-    ] = "text",
-    model_control_mode: Annotated[
-        str,
-        typer.Option(
-            help="none (serve what start-up loads), poll (follow the repository/config), explicit (load API)."
-        ),
-    ] = "none",
-    repository_poll_secs: Annotated[float, typer.Option(help="poll mode: seconds between looks.")] = 15.0,
-    load_model: Annotated[
-        list[str] | None, typer.Option("--load-model", help="explicit mode: a model to load at start ('*': all).")
-    ] = None,
-    strict_readiness: Annotated[
-        bool, typer.Option(help="Ready only when every model has a ready version and none is loading.")
-    ] = True,
-    drain_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM, seconds to let open requests finish before exiting.")
-    ] = 30.0,
-    request_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds an inference request may take (queued + running) before 504; 0: no limit."),
-    ] = 60.0,
-    max_response_bytes: Annotated[
-        int,
-        typer.Option(
-            help="Largest answer: bytes of output tensors one request may get, checked before encoding "
-            "(400 / INVALID_ARGUMENT above); 0: no limit."
-        ),
-    ] = 64 * 1024 * 1024,
-    max_request_bytes: Annotated[
-        int, typer.Option(help="Largest HTTP request body, counted after gzip/deflate decompression (413 above).")
-    ] = 64 * 1024 * 1024,
-    grpc_max_message_bytes: Annotated[
-        int, typer.Option(help="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above).")
-    ] = 64 * 1024 * 1024,
-    max_inflight_bytes: Annotated[
-        int,
-        typer.Option(
-            help="Request bytes held at once, HTTP bodies and gRPC messages together (503 / TF Serving 429 / "
-            "RESOURCE_EXHAUSTED above, with Retry-After); 0: no limit."
-        ),
-    ] = 256 * 1024 * 1024,
-    max_connections: Annotated[
-        int,
-        typer.Option(
-            help="Open connections per port; past it HTTP closes the oldest idle connection (probes always get in)."
-        ),
-    ] = 1000,
-    header_timeout: Annotated[
-        float, typer.Option(help="Seconds a client has to send an HTTP request head or the gRPC handshake (408).")
-    ] = 10.0,
-    body_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED)."),
-    ] = 60.0,
-    keep_alive_timeout: Annotated[
-        float, typer.Option(help="Seconds an HTTP connection may stay idle between requests.")
-    ] = 5.0,
-    grpc_max_concurrent_streams: Annotated[int, typer.Option(help="Open calls per gRPC connection.")] = 100,
-    grpc_max_connection_idle: Annotated[
-        float, typer.Option(help="Seconds a gRPC connection may stay without calls before GOAWAY; 0: no limit.")
-    ] = 300.0,
-    grpc_max_connection_age: Annotated[
-        float, typer.Option(help="Seconds a gRPC connection may live before GOAWAY; 0: no limit.")
-    ] = 0.0,
-    grpc_max_connection_age_grace: Annotated[
-        float, typer.Option(help="Seconds the open calls of an aged gRPC connection get to finish.")
-    ] = 30.0,
+    **settings_flags: Any,
 ) -> None:
     """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
-    import os
-
-    from onnxserve.config import ServerSettings
     from onnxserve.core.manager import Catalog
-    from onnxserve.server.exposure import TOKENS_VARIABLE
     from onnxserve.server.lifecycle import serve as run_server
     from onnxserve.server.logs import configure_logging
+    from onnxserve.server.settings import ServerSettings
 
     if config is None and model_repository is None:
         config, model_repository = _catalog_from_environment()
@@ -187,44 +98,12 @@ def serve(
         raise typer.Exit(code=2)
     try:
         catalog = Catalog(config_file=config, repository=model_repository)
-        settings = ServerSettings.model_validate(
-            {
-                "host": host,
-                "auth_tokens_file": auth_tokens,
-                "auth_tokens": os.environ.get(TOKENS_VARIABLE),
-                "tls_cert": tls_cert,
-                "tls_key": tls_key,
-                "tls_client_ca": tls_client_ca,
-                "http_port": http_port,
-                "grpc_port": grpc_port,
-                "log_level": log_level,
-                "log_format": log_format,
-                "model_control_mode": model_control_mode,
-                "repository_poll_secs": repository_poll_secs,
-                "load_models": tuple(load_model or ()),
-                "strict_readiness": strict_readiness,
-                "drain_timeout": drain_timeout,
-                "request_timeout": request_timeout,
-                "max_response_bytes": max_response_bytes,
-                "max_request_bytes": max_request_bytes,
-                "grpc_max_message_bytes": grpc_max_message_bytes,
-                "max_inflight_bytes": max_inflight_bytes,
-                "max_connections": max_connections,
-                "header_timeout": header_timeout,
-                "body_timeout": body_timeout,
-                "keep_alive_timeout": keep_alive_timeout,
-                "grpc_max_concurrent_streams": grpc_max_concurrent_streams,
-                "grpc_max_connection_idle": grpc_max_connection_idle,
-                "grpc_max_connection_age": grpc_max_connection_age,
-                "grpc_max_connection_age_grace": grpc_max_connection_age_grace,
-                **({"inference_threads": inference_threads} if inference_threads else {}),
-            }
-        )
+        settings = ServerSettings.model_validate(settings_from_flags(settings_flags))
         configure_logging(settings.log_format, settings.log_level)
         run_server(catalog.read(), settings, catalog)
     except ValidationError as e:
         problem = e.errors()[0]
-        raise _fail(ConfigError(f"--{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}")) from None
+        raise _fail(ConfigError(f"{flag_of(problem['loc'])}: {problem['msg']}")) from None
     except OnnxServeError as e:
         raise _fail(e) from None
 

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One inference request that reached a model version, answered or failed."""
+    """One inference request, answered or failed; one refused before it reached a model version has
+    rows and phases zero, and the model and version the client named when served, else ""."""
 
     model: str
     version: str

@@ -8,6 +8,14 @@ Triton's), the time its transport still allows (a gRPC deadline), and the server
 is shortest. When it passes the request fails with DeadlineExceededError: if it was queued it leaves
 the queue and never runs; if it was running its result is dropped (and the run is stopped when no
 other request shares it). A caller that goes away (cancels the awaiting task) frees its slot the same way.
+
+The service counts every inference request it sees, exactly once, by telling the registry's observers
+(``core.observe``): answered, refused by ``infer`` (unknown model, bad input, a full queue, a passed
+deadline), or refused before ``infer`` was called (a body that does not decode). For the last kind a
+protocol front end opens an ``InferenceCall`` (``async with service.call(protocol, model, version)``)
+around decoding, ``infer`` and encoding; a request that leaves it with an error the service has not
+counted yet is counted then, under the model and version the client named when the server serves
+them (else "", so that clients cannot grow the label sets without bound).
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar, Token
 from functools import partial
+from types import TracebackType
 from typing import Any
 
 from tokenizers import Encoding
@@ -43,6 +53,7 @@ from onnxserve.core.types import (
 from onnxserve.core.validation import prepare_feeds
 from onnxserve.errors import (
     DeadlineExceededError,
+    ErrorKind,
     InvalidInputError,
     OnnxServeError,
     TooLargeError,
@@ -108,6 +119,43 @@ def _tokenize(model: ModelVersion, work: Work) -> int:
     assert work.text is not None
     work.encodings = model.pipeline.tokenize(work.text)
     return time.perf_counter_ns() - start
+
+
+class InferenceCall:
+    """One inference request as a protocol front end handles it, from its first byte to its answer.
+
+    Use ``async with service.call(protocol, model, version)`` around decoding, ``infer`` and encoding.
+    ``model`` and ``version`` are what the client named (a path's segments); ``target`` updates them
+    once known (a gRPC message names its model). A request that leaves the block with an error the
+    service did not count (it never reached ``infer``'s count) is counted on the way out.
+    """
+
+    def __init__(self, service: InferenceService, protocol: str, model: str = "", version: str = "") -> None:
+        self.service = service
+        self.protocol = protocol
+        self.model = model
+        self.version = version
+        self.started = time.perf_counter_ns()
+        self.counted = False
+        self._token: Token[InferenceCall | None] | None = None
+
+    def target(self, model: str, version: str) -> None:
+        self.model, self.version = model, version
+
+    async def __aenter__(self) -> InferenceCall:
+        self._token = _current_call.set(self)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if self._token is not None:
+            _current_call.reset(self._token)
+        if isinstance(error, Exception) and not self.counted:
+            self.service.refused(self.protocol, self.model, self.version, error, self.started)
+
+
+_current_call: ContextVar[InferenceCall | None] = ContextVar("onnxserve_inference_call", default=None)
 
 
 class InferenceService:
@@ -209,12 +257,50 @@ class InferenceService:
             outputs=[unbatched(s) for s in model.outputs],
         )
 
+    def call(self, protocol: str, model: str = "", version: str = "") -> InferenceCall:
+        """The scope of one inference request in a protocol front end (see ``InferenceCall``)."""
+        return InferenceCall(self, protocol, model, version)
+
+    def refused(
+        self, protocol: str, model: str, version: str, error: BaseException, started: int | None = None
+    ) -> None:
+        """Count an inference request refused before it reached a model version (rows and phases zero)."""
+        kind = error.kind if isinstance(error, OnnxServeError) else ErrorKind.INTERNAL
+        model, version = self._served_labels(model, version)
+        elapsed = 0 if started is None else time.perf_counter_ns() - started
+        self._report(RequestRecord(model, version, protocol, kind, 0, 0, 0, elapsed))
+
+    def _served_labels(self, model: str, version: str) -> tuple[str, str]:
+        """The model and version a client named when the server serves them, else ""."""
+        try:
+            served = self.registry.get(model)
+        except OnnxServeError:
+            return "", ""
+        if not version:
+            return model, ""
+        try:
+            return model, str(served.lookup(version).version)
+        except OnnxServeError:
+            return model, ""
+
+    def _report(self, record: RequestRecord) -> None:
+        call = _current_call.get()
+        if call is not None:
+            call.counted = True
+        self.registry.observers.request(record)
+
     async def infer(self, request: InferenceRequest) -> InferenceResponse:
-        if self.draining:
-            raise UnavailableError("the server is shutting down; send the request to another replica")
         started = time.perf_counter_ns()
-        limit = time_limit(request, self.request_timeout)
-        model = self.registry.resolve(request.model_name, request.model_version)
+        try:
+            if self.draining:
+                raise UnavailableError("the server is shutting down; send the request to another replica")
+            limit = time_limit(request, self.request_timeout)
+            model = self.registry.resolve(request.model_name, request.model_version)
+        except OnnxServeError as e:
+            call = _current_call.get()
+            protocol = request.protocol or (call.protocol if call is not None else "")
+            self.refused(protocol, request.model_name, request.model_version or "", e, started)
+            raise
         self.in_flight += 1
         model.active += 1
         try:
@@ -260,9 +346,7 @@ class InferenceService:
                 raise
             elapsed = time.perf_counter_ns() - started
             model.stats.record_failure(elapsed)
-            self.registry.observers.request(
-                RequestRecord(model.name, str(model.version), request.protocol, e.kind, 0, 0, 0, elapsed)
-            )
+            self._report(RequestRecord(model.name, str(model.version), request.protocol, e.kind, 0, 0, 0, elapsed))
             if e is caught:
                 raise
             raise e from None
@@ -283,7 +367,7 @@ class InferenceService:
         total = time.perf_counter_ns() - started
         model.stats.record_success(rows, scheduled.queue_ns, input_ns, outcome.infer_ns, outcome.output_ns, total)
         compute = input_ns + outcome.infer_ns + outcome.output_ns
-        self.registry.observers.request(
+        self._report(
             RequestRecord(
                 model.name, str(model.version), request.protocol, None, rows, scheduled.queue_ns, compute, total
             )

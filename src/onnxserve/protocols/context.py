@@ -1,26 +1,16 @@
-"""What every protocol front end knows about the request it is handling: its id, and whether it reached a model.
+"""What every protocol front end knows about the request it is handling: its id.
 
 The request id comes from the client (HTTP ``X-Request-ID``, gRPC ``x-request-id`` metadata) when it is
 usable, else it is generated; it is returned to the client and set in a context variable for the
 length of the request, so every log line made while handling it can carry it
 (``onnxserve.server.logs``).
-
-Counting requests exactly once: the core reports each inference request that reached a model version
-to its observers. A request that failed before that (a malformed body, an unknown model) is reported
-by the protocol front end instead, through a ``RequestHook`` the server passes in. To tell the two
-apart, the front end opens an ``Attempt`` around each inference request and the server's observer
-marks it (``mark_reached``) when the core reports the request.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
-
-from onnxserve.core.observe import RequestRecord
 
 REQUEST_ID_METADATA = "x-request-id"
 """The request id's name: gRPC metadata key, and the HTTP header X-Request-ID (lower-case on the wire)."""
@@ -28,20 +18,7 @@ MAX_REQUEST_ID_LENGTH = 128
 
 _USABLE_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 
-RequestHook = Callable[[RequestRecord], None]
-"""Called with each inference request that failed before reaching a model (rows and phases zero)."""
-
 _request_id: ContextVar[str | None] = ContextVar("onnxserve_request_id", default=None)
-
-
-@dataclass
-class Attempt:
-    """One inference request in a front end; ``reached`` once the core has reported it."""
-
-    reached: bool = False
-
-
-_attempt: ContextVar[Attempt | None] = ContextVar("onnxserve_attempt", default=None)
 
 
 def new_request_id() -> str:
@@ -66,19 +43,3 @@ def set_request_id(request_id: str) -> Token[str | None]:
 
 def reset_request_id(token: Token[str | None]) -> None:
     _request_id.reset(token)
-
-
-def begin_attempt() -> tuple[Attempt, Token[Attempt | None]]:
-    attempt = Attempt()
-    return attempt, _attempt.set(attempt)
-
-
-def end_attempt(token: Token[Attempt | None]) -> None:
-    _attempt.reset(token)
-
-
-def mark_reached() -> None:
-    """Note that the inference request handled in this context reached a model (the core reported it)."""
-    attempt = _attempt.get()
-    if attempt is not None:
-        attempt.reached = True

@@ -19,6 +19,8 @@ HTTP_STATUS: dict[ErrorKind, int] = {
     # The answer, not the request, is too large (413 would blame the body) and retrying will not help
     # (not 503/507): 400, with a message that names the size and the limit.
     ErrorKind.TOO_LARGE: 400,
+    ErrorKind.BODY_TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: 415,
 }
 
 TFSERVING_HTTP_STATUS: dict[ErrorKind, int] = {**HTTP_STATUS, ErrorKind.RESOURCE_EXHAUSTED: 429}
@@ -44,4 +46,6 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
     ErrorKind.TOO_LARGE: grpc.StatusCode.INVALID_ARGUMENT,  # as HTTP 400: ask for less; retrying will not help
+    ErrorKind.BODY_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,  # gRPC's own answer to an oversized message
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE: grpc.StatusCode.INVALID_ARGUMENT,
 }

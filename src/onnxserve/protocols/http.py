@@ -7,18 +7,22 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from onnxserve.core.observe import RequestRecord
 from onnxserve.errors import ErrorKind, OnnxServeError
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 from onnxserve.protocols.public_errors import public_message
+
+if TYPE_CHECKING:
+    from onnxserve.core.service import InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +54,52 @@ def render_error(error: OnnxServeError | None, message: str, status: int) -> Res
 
 def requested_target(request: Request) -> tuple[str, str]:
     """The model name and version (number or label) a request's path names; "" where it names none."""
-    params: dict[str, Any] = request.path_params
+    return _target(request.path_params)
+
+
+def _target(params: Mapping[str, Any]) -> tuple[str, str]:
     version = params.get("version", params.get("label"))
     return str(params.get("name", "")), "" if version is None else str(version)
+
+
+@dataclass(frozen=True)
+class EndpointRole:
+    """What ``guarded`` made of an endpoint: its protocol's status table and error shape and, for an
+    inference endpoint, the service that counts its requests."""
+
+    statuses: Mapping[ErrorKind, int]
+    render: ErrorRenderer
+    protocol: str = ""
+    service: InferenceService | None = None
+
+    def answer(self, error: OnnxServeError) -> Response:
+        """The protocol's answer to a domain error: its shape, its kind's status, Retry-After when busy."""
+        response = self.render(error, public_message(error), self.statuses[error.kind])
+        if error.kind is ErrorKind.RESOURCE_EXHAUSTED:
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response
+
+
+_ROLE = "onnxserve_role"
+
+
+def refuse_before_routing(scope: Scope, error: OnnxServeError) -> Response:
+    """The answer to a request refused before its endpoint ran (a body that is too large, of an unknown
+    media type, or over the in-flight budget), in the error shape and status of the protocol whose
+    endpoint the path names; counted by the service when that endpoint is an inference endpoint."""
+    role: EndpointRole | None = None
+    params: Mapping[str, Any] = {}
+    for route in getattr(scope.get("app"), "routes", ()):
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            role = getattr(getattr(route, "endpoint", None), _ROLE, None)
+            params = child.get("path_params", {})
+            break
+    if role is None:
+        role = EndpointRole(HTTP_STATUS, render_error)
+    elif role.service is not None:
+        role.service.refused(role.protocol, *_target(params), error)
+    return role.answer(error)
 
 
 CLIENT_CLOSED_REQUEST = 499
@@ -102,54 +149,37 @@ def guarded(
     statuses: Mapping[ErrorKind, int] = HTTP_STATUS,
     *,
     protocol: str = "",
-    record_unreached: context.RequestHook | None = None,
+    service: InferenceService | None = None,
     render: ErrorRenderer = render_error,
 ) -> Endpoint:
     """Turn domain errors into error bodies with their kind's status; hide anything else behind a 500.
 
-    With ``record_unreached`` the handler is an inference endpoint of ``protocol``: a request that
-    fails before the core reports it (it never reached a model) is reported to the hook instead.
+    With ``service`` the handler is an inference endpoint of ``protocol``: each request is an
+    ``InferenceCall`` of the service, which counts it once however it ends, and a client that
+    disconnects cancels it.
     """
+
+    role = EndpointRole(statuses, render, protocol, service)
 
     def failed(request: Request, error: OnnxServeError | None) -> Response:
         if error is None:
             log.exception("unexpected error while handling %s %s", request.method, request.url.path)
             return render(None, "internal server error", 500)
-        response = render(error, public_message(error), statuses[error.kind])
-        if error.kind is ErrorKind.RESOURCE_EXHAUSTED:
-            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
+        return role.answer(error)
 
-    if record_unreached is None:
-
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except OnnxServeError as e:
-                return failed(request, e)
-            except Exception:
-                return failed(request, None)
-
-        return endpoint
-
-    hook = record_unreached
-
-    async def inference_endpoint(request: Request) -> Response:
-        started = time.perf_counter_ns()
-        attempt, token = context.begin_attempt()
+    async def endpoint(request: Request) -> Response:
         try:
-            return await until_disconnected(handler, request)
-        except Exception as e:
-            error = e if isinstance(e, OnnxServeError) else None
-            if not attempt.reached:
-                model, version = requested_target(request)
-                kind = ErrorKind.INTERNAL if error is None else error.kind
-                hook(RequestRecord(model, version, protocol, kind, 0, 0, 0, time.perf_counter_ns() - started))
-            return failed(request, error)
-        finally:
-            context.end_attempt(token)
+            if service is None:
+                return await handler(request)
+            async with service.call(protocol, *requested_target(request)):
+                return await until_disconnected(handler, request)
+        except OnnxServeError as e:
+            return failed(request, e)
+        except Exception:
+            return failed(request, None)
 
-    return inference_endpoint
+    setattr(endpoint, _ROLE, role)
+    return endpoint
 
 
 class RequestIdMiddleware:

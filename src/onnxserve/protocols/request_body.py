@@ -19,6 +19,11 @@ Every POST passes through :class:`RequestBodyLimits` before any endpoint sees it
   A body that does not fit is answered at once with 503 (429 on TF Serving's ``/v1/`` routes, its
   convention for RESOURCE_EXHAUSTED) and ``Retry-After``.
 
+Every refusal is a domain error (``BodyTooLargeError`` 413, ``UnsupportedMediaTypeError`` 415,
+``InvalidInputError`` 400, ``ResourceExhaustedError``), answered with the status of the protocol whose
+endpoint the path names, from that protocol's table, and counted by the service when that endpoint is an
+inference endpoint (``onnxserve.protocols.http.refuse_before_routing``).
+
 The endpoint then sees the decoded body as if it had been sent plain (``Content-Encoding`` removed,
 ``Content-Length`` its decoded size).
 """
@@ -30,12 +35,10 @@ import reprlib
 import zlib
 
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from onnxserve.errors import ErrorKind
-from onnxserve.protocols.errors import HTTP_STATUS, TFSERVING_HTTP_STATUS
-from onnxserve.protocols.http import error_response
+from onnxserve.errors import BodyTooLargeError, InvalidInputError, OnnxServeError, UnsupportedMediaTypeError
+from onnxserve.protocols.http import refuse_before_routing
 from onnxserve.protocols.inflight import InflightBytes, over_budget
 
 log = logging.getLogger(__name__)
@@ -67,13 +70,11 @@ def check_media_type(headers: Headers) -> None:
     if media == BINARY_MEDIA_TYPE:
         if BINARY_HEADER in headers:
             return
-        raise HTTPException(
-            415,
+        raise UnsupportedMediaTypeError(
             f"Content-Type {BINARY_MEDIA_TYPE} is accepted only for the binary tensor extension: "
             "send Inference-Header-Content-Length with the JSON header's byte length",
         )
-    raise HTTPException(
-        415,
+    raise UnsupportedMediaTypeError(
         f"unsupported Content-Type {_short.repr(headers['content-type'])}: send {JSON_MEDIA_TYPE}, or "
         f"{BINARY_MEDIA_TYPE} with Inference-Header-Content-Length (binary tensor extension)",
     )
@@ -88,16 +89,16 @@ def content_encoding(headers: Headers) -> str | None:
     if encoding in ("", "identity"):
         return None
     if encoding not in ENCODINGS:
-        raise HTTPException(
-            415, f"unsupported Content-Encoding {_short.repr(raw)}: send gzip, deflate or an uncompressed body"
+        raise UnsupportedMediaTypeError(
+            f"unsupported Content-Encoding {_short.repr(raw)}: send gzip, deflate or an uncompressed body"
         )
     return encoding
 
 
-def _too_large(limit: int, decoded: bool) -> HTTPException:
+def _too_large(limit: int, decoded: bool) -> BodyTooLargeError:
     after = " after decompression" if decoded else ""
-    return HTTPException(
-        413, f"the request body is larger{after} than the server's limit of {limit} bytes (--max-request-bytes)"
+    return BodyTooLargeError(
+        f"the request body is larger{after} than the server's limit of {limit} bytes (--max-request-bytes)"
     )
 
 
@@ -116,41 +117,36 @@ class _Inflater:
             while data and produced <= room:
                 if self._decoder.eof:
                     if self.encoding != "gzip":
-                        raise HTTPException(400, "the deflate request body has data after its end")
+                        raise InvalidInputError("the deflate request body has data after its end")
                     self._decoder = zlib.decompressobj(wbits=ENCODINGS["gzip"])  # gzip may hold several members
                 piece = self._decoder.decompress(data, room + 1 - produced)
                 out.append(piece)
                 produced += len(piece)
                 data = self._decoder.unused_data if self._decoder.eof else self._decoder.unconsumed_tail
         except zlib.error:
-            raise HTTPException(
-                400, f"the request body is not valid {self.encoding} data (Content-Encoding: {self.encoding})"
+            raise InvalidInputError(
+                f"the request body is not valid {self.encoding} data (Content-Encoding: {self.encoding})"
             ) from None
         return b"".join(out)
 
     def finish(self) -> None:
         if not self._decoder.eof:
-            raise HTTPException(400, f"the {self.encoding} request body ends before its compressed data does")
-
-
-TFSERVING_PREFIX = "/v1/"
+            raise InvalidInputError(f"the {self.encoding} request body ends before its compressed data does")
 
 
 class _Reservation:
     """The bytes one request holds in the in-flight budget (none without a budget)."""
 
-    def __init__(self, budget: InflightBytes | None, path: str) -> None:
+    def __init__(self, budget: InflightBytes | None) -> None:
         self.budget = budget
-        self.path = path
         self.held = 0
 
     def grow_to(self, size: int) -> None:
-        """Hold at least ``size`` bytes; 503 (429 on TF Serving routes) when the budget has no room."""
+        """Hold at least ``size`` bytes; RESOURCE_EXHAUSTED when the budget has no room."""
         if self.budget is None or size <= self.held:
             return
         if not self.budget.reserve(size - self.held):
-            table = TFSERVING_HTTP_STATUS if self.path.startswith(TFSERVING_PREFIX) else HTTP_STATUS
-            raise HTTPException(table[ErrorKind.RESOURCE_EXHAUSTED], over_budget(self.budget.limit).message)
+            raise over_budget(self.budget.limit)
         self.held = size
 
     def release(self) -> None:
@@ -171,7 +167,7 @@ class RequestBodyLimits:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        reservation = _Reservation(self.budget, scope["path"])
+        reservation = _Reservation(self.budget)
         try:
             await self._checked(scope, receive, send, reservation)
         finally:
@@ -188,10 +184,9 @@ class RequestBodyLimits:
                     raise _too_large(self.max_bytes, False)
                 reservation.grow_to(int(declared))
             body = await self._read(receive, encoding, reservation)
-        except HTTPException as refusal:
-            log.info("refused %s %s: %s", scope["method"], scope["path"], refusal.detail)
-            busy = refusal.status_code in (HTTP_STATUS[ErrorKind.RESOURCE_EXHAUSTED], 429)
-            await error_response(refusal.detail, refusal.status_code, retry_after=busy)(scope, receive, send)
+        except OnnxServeError as refusal:
+            log.info("refused %s %s: %s", scope["method"], scope["path"], refusal)
+            await refuse_before_routing(scope, refusal)(scope, receive, send)
             return
         if body is None:
             return  # the client went away while sending; nobody to answer

@@ -60,18 +60,17 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_BYTES,
     budget: InflightBytes | None = None,
 ) -> Starlette:
-    """Every HTTP endpoint; with ``metrics``, also ``/metrics``, and requests that never reached a model counted.
+    """Every HTTP endpoint; with ``metrics``, also ``/metrics`` (the service counts the requests).
 
     With ``tokens`` every endpoint but the health probes needs a bearer token (``onnxserve.server.auth``).
     Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed;
     held within ``budget``, the request bytes in flight shared with gRPC, when one is given).
     """
-    unreached = metrics.unreached if metrics is not None else None
     routes = [
-        *v2_rest.routes(service, unreached),
-        *openai.routes(service, unreached),  # before TF Serving: GET /v1/models/{name} answers for both
-        *tfserving_rest.routes(service, unreached),
-        *tei.routes(service, unreached),
+        *v2_rest.routes(service),
+        *openai.routes(service),  # before TF Serving: GET /v1/models/{name} answers for both
+        *tfserving_rest.routes(service),
+        *tei.routes(service),
     ]
     if metrics is not None:
         routes.append(metrics_route(metrics))

@@ -39,10 +39,10 @@ import grpc
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from onnxserve.config import ServerSettings
 from onnxserve.protocols import context
 from onnxserve.protocols.inflight import InflightBytes, over_budget
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
+from onnxserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,12 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from onnxserve.config import ServerSettings
 from onnxserve.errors import ConfigError
+from onnxserve.server.settings import TOKENS_VARIABLE, ServerSettings
 from onnxserve.server.tls import ServerTls
 from onnxserve.server.tokens import TokenTable
 
 log = logging.getLogger(__name__)
-
-TOKENS_VARIABLE = "ONNXSERVE_AUTH_TOKENS"
 
 
 @dataclass(frozen=True)

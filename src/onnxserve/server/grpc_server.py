@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import grpc
 
-from onnxserve.config import ServerSettings
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
-from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
 from onnxserve.server.connections import MessageReception, grpc_options
 from onnxserve.server.exposure import Exposure
+from onnxserve.server.settings import ServerSettings
 
 
 def create_grpc_server(
     service: InferenceService,
     settings: ServerSettings,
-    record_unreached: RequestHook | None = None,
     exposure: Exposure | None = None,
     budget: InflightBytes | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got.
 
-    ``record_unreached`` hears of inference requests that failed before reaching a model (metrics).
     ``exposure`` adds bearer-token checks and TLS (default: open, plain text). ``budget``: the request
     bytes in flight, shared with HTTP (default: one of ``settings.max_inflight_bytes`` for gRPC alone).
     Connection limits and message reception: ``onnxserve.server.connections``.
@@ -39,7 +36,7 @@ def create_grpc_server(
     )
     interceptors.append(MessageReception(budget, settings.grpc_max_message_bytes, settings.body_timeout))
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    server.add_generic_rpc_handlers((generic_handler(service, record_unreached),))
+    server.add_generic_rpc_handlers((generic_handler(service),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         address = f"{host}:{settings.grpc_port}"

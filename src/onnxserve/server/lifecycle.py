@@ -20,7 +20,7 @@ from types import FrameType
 
 import uvicorn
 
-from onnxserve.config import ServerConfig, ServerSettings
+from onnxserve.config import ServerConfig
 from onnxserve.core.manager import Catalog, ControlMode, ModelManager
 from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
@@ -32,6 +32,7 @@ from onnxserve.server.connections import ConnectionLimits, guarded_http_protocol
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_server import create_grpc_server
 from onnxserve.server.metrics import Metrics
+from onnxserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ async def _serve(
 ) -> None:
     http.loop = asyncio.get_running_loop()
     exposure.warn_if_exposed(http_socket.getsockname()[0])
-    grpc_server, grpc_port = create_grpc_server(service, settings, metrics.unreached, exposure, budget)
+    grpc_server, grpc_port = create_grpc_server(service, settings, exposure=exposure, budget=budget)
     await grpc_server.start()
     background: list[asyncio.Task[None]] = []
     manager = service.manager

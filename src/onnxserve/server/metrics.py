@@ -1,10 +1,10 @@
 """Prometheus metrics: an Observer of the core, served at ``GET /metrics`` on the HTTP port.
 
-Each inference request is counted exactly once. The core reports every request that reached a model
-version (answered or failed) to ``Metrics.request``; the protocol front ends report, through
-``Metrics.unreached``, only the requests that failed before reaching one (a malformed body, an
-unknown model or version). Those carry the requested model and version as labels when the server
-serves them, and "" otherwise, so that clients cannot grow the label sets without bound.
+Each inference request is counted exactly once, by the core: the ``InferenceService`` reports every
+request it sees to ``Metrics.request``, answered or failed, including those refused before reaching
+a model (a malformed body, an unknown model or version, a body refused for its size or media type on
+an inference endpoint). Those carry the requested model and version as labels when the server serves
+them, and "" otherwise, so that clients cannot grow the label sets without bound.
 
 Metrics (every one in a registry of its own, so several servers can live in one process):
 
@@ -31,8 +31,6 @@ from prometheus_client.registry import Collector
 from onnxserve.core.observe import ExecutionRecord, RequestRecord, VersionRecord
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.types import ModelState
-from onnxserve.errors import OnnxServeError
-from onnxserve.protocols.context import mark_reached
 
 PREFIX = "onnxserve_"
 OK = "ok"
@@ -89,7 +87,6 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._models: ModelRegistry | None = None
         self._states = list(STATES)
         self._requests = Counter(
             f"{PREFIX}requests",
@@ -128,15 +125,18 @@ class Metrics:
         ProcessCollector(registry=self.registry)
 
     def watch(self, models: ModelRegistry) -> None:
-        """Read queue depths from, and check unreached requests' labels against, these models."""
-        self._models = models
+        """Read queue depths from these models."""
         self._queue_depth.registry = models
 
     # Observer
 
     def request(self, record: RequestRecord) -> None:
-        mark_reached()
-        self._count(record)
+        status = OK if record.error is None else record.error.value
+        self._requests.labels(record.model, record.version, record.protocol, status).inc()
+        self._duration.labels(record.model, record.version, "total").observe(record.total_ns / 1e9)
+        if record.error is None:
+            self._duration.labels(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
+            self._duration.labels(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
 
     def execution(self, record: ExecutionRecord) -> None:
         self._batch_size.labels(record.model, record.version).observe(record.batch_size)
@@ -148,37 +148,6 @@ class Metrics:
             self._state.labels(record.model, record.version, state).set(1 if state == record.state else 0)
         if record.load_seconds is not None:
             self._load_duration.labels(record.model, record.version).set(record.load_seconds)
-
-    # The protocol front ends' hook
-
-    def unreached(self, record: RequestRecord) -> None:
-        """Count a request that failed before reaching a model, under labels the server serves."""
-        model, version = self._served_labels(record.model, record.version)
-        self._count(
-            RequestRecord(model, version, record.protocol, record.error, 0, 0, 0, record.total_ns),
-        )
-
-    def _served_labels(self, model: str, version: str) -> tuple[str, str]:
-        if self._models is None:
-            return "", ""
-        try:
-            served = self._models.get(model)
-        except OnnxServeError:
-            return "", ""
-        if not version:
-            return model, ""
-        try:
-            return model, str(served.lookup(version).version)
-        except OnnxServeError:
-            return model, ""
-
-    def _count(self, record: RequestRecord) -> None:
-        status = OK if record.error is None else record.error.value
-        self._requests.labels(record.model, record.version, record.protocol, status).inc()
-        self._duration.labels(record.model, record.version, "total").observe(record.total_ns / 1e9)
-        if record.error is None:
-            self._duration.labels(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
-            self._duration.labels(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
 
     # Exposition
 

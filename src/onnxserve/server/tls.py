@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from onnxserve.config import ServerSettings
 from onnxserve.errors import ConfigError
+from onnxserve.server.settings import ServerSettings
 
 
 @dataclass(frozen=True)

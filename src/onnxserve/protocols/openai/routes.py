@@ -18,7 +18,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.errors import ModelNotFoundError, OnnxServeError
-from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import guarded, json_body
@@ -40,7 +39,7 @@ def _takes_text(service: InferenceService, name: str) -> bool:
         return False
 
 
-def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
+def routes(service: InferenceService) -> list[Route]:
     created = int(time.time())
 
     async def embeddings(request: Request) -> Response:
@@ -69,7 +68,7 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
                 embeddings,
                 OPENAI_HTTP_STATUS,
                 protocol=codec.PROTOCOL,
-                record_unreached=record_unreached,
+                service=service,
                 render=codec.render_error,
             ),
             methods=["POST"],

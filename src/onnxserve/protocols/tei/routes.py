@@ -23,7 +23,6 @@ from starlette.routing import Route
 from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
-from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
@@ -122,7 +121,7 @@ def _strings(values: Sequence[str]) -> npt.NDArray[Any]:
     return array
 
 
-def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
+def routes(service: InferenceService) -> list[Route]:
     async def embed_route(request: Request) -> Response:
         doc = codec.loads(await request.body())
         allowed = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
@@ -255,7 +254,7 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
             handler,
             TEI_HTTP_STATUS,
             protocol=codec.PROTOCOL,
-            record_unreached=record_unreached,
+            service=service,
             render=codec.render_error,
         )
 

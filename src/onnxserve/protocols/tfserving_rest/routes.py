@@ -16,7 +16,6 @@ from starlette.routing import Route
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols import offload
-from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
@@ -72,8 +71,8 @@ def _target(request: Request) -> tuple[str, str | None]:
     return name, label
 
 
-def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
-    """Every endpoint; ``record_unreached`` hears of inference requests that failed before reaching a model."""
+def routes(service: InferenceService) -> list[Route]:
+    """Every endpoint; the service counts each inference request (``guarded(..., service=service)``)."""
 
     async def status(request: Request) -> Response:
         name, version = _target(request)
@@ -109,7 +108,7 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
         )
 
     def inference(handler: Endpoint) -> Endpoint:
-        return guarded(handler, TFSERVING_HTTP_STATUS, protocol=codec.PROTOCOL, record_unreached=record_unreached)
+        return guarded(handler, TFSERVING_HTTP_STATUS, protocol=codec.PROTOCOL, service=service)
 
     table: list[Route] = []
     for base in BASES:

@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from onnxserve.core.observe import RequestRecord
 from onnxserve.core.wire import output_bytes
-from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
+from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols import context, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
@@ -29,7 +28,7 @@ from onnxserve.protocols.v2_grpc import codec, element_count
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
-    from onnxserve.core.service import InferenceService
+    from onnxserve.core.service import InferenceCall, InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +71,22 @@ def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
     return request_id
 
 
-def _unreached(
-    hook: context.RequestHook | None, request: pb.ModelInferRequest | None, kind: ErrorKind, started: int
-) -> None:
-    if hook is not None:
-        model, version = (request.model_name, request.model_version) if request is not None else ("", "")
-        hook(RequestRecord(model, version, PROTOCOL, kind, 0, 0, 0, time.perf_counter_ns() - started))
+async def _parse_inference(call_scope: InferenceCall, data: bytes) -> pb.ModelInferRequest:
+    """Parse a ModelInferRequest inside its ``InferenceCall``, which then knows the model it names."""
+    request = await offload.convert(len(data), parse, pb.ModelInferRequest, data)
+    call_scope.target(request.model_name, request.model_version)
+    return request
 
 
 class InferenceServicer:
     """One method per RPC; each takes the parsed request and returns the response message.
 
-    ``record_unreached`` hears of each inference request that failed before reaching a model.
+    Each inference request (ModelInfer, and each message of ModelStreamInfer) is an ``InferenceCall``
+    of the service, from its bytes to its answer: the service counts it once however it ends.
     """
 
-    def __init__(self, service: InferenceService, record_unreached: context.RequestHook | None = None) -> None:
+    def __init__(self, service: InferenceService) -> None:
         self.service = service
-        self.record_unreached = record_unreached
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.live())
@@ -147,25 +145,22 @@ class InferenceServicer:
             yield await self._stream_one(data, request_id)
 
     async def _stream_one(self, data: bytes, request_id: str) -> pb.ModelStreamInferResponse:
-        started = time.perf_counter_ns()
         id_token = context.set_request_id(request_id)
-        attempt, token = context.begin_attempt()
         request: pb.ModelInferRequest | None = None
         try:
             size_token = _wire_size.set(len(data))
             try:
-                request = await offload.convert(len(data), parse, pb.ModelInferRequest, data)
-                return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+                async with self.service.call(PROTOCOL) as call:
+                    request = await _parse_inference(call, data)
+                    return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
             finally:
                 _wire_size.reset(size_token)
         except Exception as e:
             if isinstance(e, OnnxServeError):
-                message, kind = public_message(e), e.kind
+                message = public_message(e)
             else:
                 log.exception("unexpected error in ModelStreamInfer")
-                message, kind = "internal server error", ErrorKind.INTERNAL
-            if not attempt.reached:
-                _unreached(self.record_unreached, request, kind, started)
+                message = "internal server error"
             echo = pb.ModelInferResponse()
             if request is not None:
                 echo = pb.ModelInferResponse(
@@ -173,7 +168,6 @@ class InferenceServicer:
                 )
             return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
         finally:
-            context.end_attempt(token)
             context.reset_request_id(id_token)
 
 
@@ -195,37 +189,34 @@ _UNARY: dict[str, type[Message]] = {
 def _unary(
     method: Callable[[Any], Awaitable[Message]],
     request_type: type[Message],
-    record_unreached: context.RequestHook | None = None,
+    counted_by: InferenceService | None = None,
 ) -> Handler:
-    """The handler of one unary RPC; with ``record_unreached`` it is an inference RPC (ModelInfer)."""
+    """The handler of one unary RPC; with ``counted_by`` it is an inference RPC (ModelInfer), each call an
+    ``InferenceCall`` of that service."""
     name = request_type.__name__.removesuffix("Request")
 
     async def handler(data: bytes, grpc_context: grpc.aio.ServicerContext) -> Message:
         started = time.perf_counter_ns()
         request_id = _request_id(grpc_context)
         id_token = context.set_request_id(request_id)
-        attempt, token = context.begin_attempt()
-        request: Message | None = None
         code = grpc.StatusCode.OK
         time_token = _time_left.set(grpc_context.time_remaining())
         size_token = _wire_size.set(len(data))
         try:
-            request = await offload.convert(len(data), parse, request_type, data)
-            return await method(request)
+            if counted_by is None:
+                return await method(await offload.convert(len(data), parse, request_type, data))
+            async with counted_by.call(PROTOCOL) as call:
+                return await method(await _parse_inference(call, data))
         except Exception as e:
             if isinstance(e, OnnxServeError):
-                code, message, kind = GRPC_STATUS[e.kind], public_message(e), e.kind
+                code, message = GRPC_STATUS[e.kind], public_message(e)
             else:
                 log.exception("unexpected error in %s", name)
-                code, message, kind = grpc.StatusCode.INTERNAL, "internal server error", ErrorKind.INTERNAL
-            if record_unreached is not None and not attempt.reached:
-                inference = request if isinstance(request, pb.ModelInferRequest) else None
-                _unreached(record_unreached, inference, kind, started)
+                code, message = grpc.StatusCode.INTERNAL, "internal server error"
             await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
         finally:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("gRPC %s %s %.2f ms", name, code.name, (time.perf_counter_ns() - started) / 1e6)
-            context.end_attempt(token)
             context.reset_request_id(id_token)
             _time_left.reset(time_token)
             _wire_size.reset(size_token)
@@ -233,14 +224,12 @@ def _unary(
     return handler
 
 
-def generic_handler(
-    service: InferenceService, record_unreached: context.RequestHook | None = None
-) -> grpc.GenericRpcHandler:
-    """Every RPC of the service; ``record_unreached`` hears of inference requests that never reached a model."""
-    servicer = InferenceServicer(service, record_unreached)
+def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
+    """Every RPC of the service; the service counts each inference request."""
+    servicer = InferenceServicer(service)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name), request_type, record_unreached if name == "ModelInfer" else None),
+            _unary(getattr(servicer, name), request_type, service if name == "ModelInfer" else None),
             response_serializer=lambda m: m.SerializeToString(),
         )
         for name, request_type in _UNARY.items()

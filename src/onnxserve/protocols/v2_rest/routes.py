@@ -10,7 +10,6 @@ from starlette.routing import Route
 
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import offload
-from onnxserve.protocols.context import RequestHook
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
 
@@ -34,8 +33,8 @@ def _version(request: Request) -> str | None:
     return version
 
 
-def routes(service: InferenceService, record_unreached: RequestHook | None = None) -> list[Route]:
-    """Every endpoint; ``record_unreached`` hears of inference requests that failed before reaching a model."""
+def routes(service: InferenceService) -> list[Route]:
+    """Every endpoint; the service counts each inference request (``guarded(..., service=service)``)."""
 
     async def live(request: Request) -> Response:
         return _status(service.live())
@@ -114,7 +113,7 @@ def routes(service: InferenceService, record_unreached: RequestHook | None = Non
             Route(f"{base}/stats", guarded(statistics), methods=["GET"]),
             Route(
                 f"{base}/infer",
-                guarded(infer, protocol=PROTOCOL, record_unreached=record_unreached),
+                guarded(infer, protocol=PROTOCOL, service=service),
                 methods=["POST"],
             ),
         ]

@@ -1,0 +1,167 @@
+"""Server settings: where and how the server listens, each setting defined once.
+
+Every setting is one pydantic field of :class:`ServerSettings`: its name, type, default, constraints
+and help (the field's ``description``), plus, in ``json_schema_extra``:
+
+- ``env``: an environment variable that sets it (``onnxserve serve`` reads it when the flag is absent);
+- ``flag``: the flag's name when it is not ``--`` + the field's name with dashes (``--auth-tokens`` for
+  ``auth_tokens_file``, the repeatable ``--load-model`` for ``load_models``);
+- ``cli: False``: no flag at all (a secret read only from its environment variable).
+
+The ``serve`` command's flags (``onnxserve.cli.settings_options``) and the docs' reference tables
+(``scripts/generate_reference.py``) are generated from these fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from onnxserve.core.cpu import cpu_budget
+
+TOKENS_VARIABLE = "ONNXSERVE_AUTH_TOKENS"
+"""The environment variable holding bearer tokens inline: ``TOKEN SCOPES`` entries separated by ';'."""
+
+MiB = 1024 * 1024
+
+
+def _extra(env: str | None = None, flag: str | None = None, cli: bool = True) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if env is not None:
+        extra["env"] = env
+    if flag is not None:
+        extra["flag"] = flag
+    if not cli:
+        extra["cli"] = False
+    return extra
+
+
+class ServerSettings(BaseModel):
+    """Where and how the server listens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Address to bind; anything but loopback must be asked for.")
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="File of bearer tokens, one 'TOKEN SCOPES' a line (scopes: infer, control, metrics); "
+        f"or set {TOKENS_VARIABLE} to such entries separated by ';'.",
+        json_schema_extra=_extra(flag="--auth-tokens"),
+    )
+    auth_tokens: str | None = Field(
+        default=None,
+        repr=False,
+        description="The same entries as --auth-tokens, inline, separated by ';' (environment only: never on "
+        "a command line).",
+        json_schema_extra=_extra(env=TOKENS_VARIABLE, cli=False),
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="PEM certificate chain: HTTPS and gRPC over TLS (needs --tls-key)."
+    )
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert (unencrypted).")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA bundle: require client certificates it signed (mutual TLS)."
+    )
+    http_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8000, description="HTTP port (KServe V2 REST).", json_schema_extra=_extra(env="ONNXSERVE_HTTP_PORT")
+    )
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8001, description="gRPC port (KServe V2 gRPC).", json_schema_extra=_extra(env="ONNXSERVE_GRPC_PORT")
+    )
+    inference_threads: Annotated[int, Field(ge=1)] = Field(
+        default_factory=lambda: max(4, cpu_budget()),
+        description="Threads that run inference off the event loop (default: max(4, CPUs this process may use)).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug, info, warning or error."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text, or json: one JSON object a line (time, level, logger, message, request_id).",
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        default="none",
+        description="none (serve what start-up loads), poll (follow the repository/config), explicit (load API).",
+    )
+    repository_poll_secs: Annotated[float, Field(gt=0)] = Field(
+        default=15.0, description="poll mode: seconds between looks."
+    )
+    load_models: tuple[str, ...] = Field(
+        default=(),
+        description="explicit mode: a model to load at start ('*': all).",
+        json_schema_extra=_extra(flag="--load-model"),
+    )
+    strict_readiness: bool = Field(
+        default=True, description="Ready only when every model has a ready version and none is loading."
+    )
+    drain_timeout: Annotated[float, Field(ge=0)] = Field(
+        default=30.0, description="On SIGTERM, seconds to let open requests finish before exiting."
+    )
+    request_timeout: Annotated[float, Field(ge=0)] = Field(
+        default=60.0,
+        description="Seconds an inference request may take (queued + running) before 504; 0: no limit.",
+    )
+    max_response_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=64 * MiB,
+        description="Largest answer: bytes of output tensors one request may get, checked before encoding "
+        "(400 / INVALID_ARGUMENT above); 0: no limit.",
+    )
+    max_request_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=64 * MiB,
+        description="Largest HTTP request body, counted after gzip/deflate decompression (413 above).",
+    )
+    grpc_max_message_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=64 * MiB, description="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above)."
+    )
+    # Connection limits and timeouts (onnxserve.server.connections; docs/limits.md).
+    max_inflight_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=256 * MiB,
+        description="Request bytes held at once, HTTP bodies and gRPC messages together (503 / TF Serving 429 / "
+        "RESOURCE_EXHAUSTED above, with Retry-After); 0: no limit.",
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        default=1000,
+        description="Open connections per port; past it HTTP closes the oldest idle connection (probes always get in).",
+    )
+    header_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=10.0,
+        description="Seconds a client has to send an HTTP request head or the gRPC handshake (408).",
+    )
+    body_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=60.0,
+        description="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED).",
+    )
+    keep_alive_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="Seconds an HTTP connection may stay idle between requests."
+    )
+    grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
+        default=100, description="Open calls per gRPC connection."
+    )
+    grpc_max_connection_idle: Annotated[float, Field(ge=0)] = Field(
+        default=300.0, description="Seconds a gRPC connection may stay without calls before GOAWAY; 0: no limit."
+    )
+    grpc_max_connection_age: Annotated[float, Field(ge=0)] = Field(
+        default=0.0, description="Seconds a gRPC connection may live before GOAWAY; 0: no limit."
+    )
+    grpc_max_connection_age_grace: Annotated[float, Field(ge=0)] = Field(
+        default=30.0, description="Seconds the open calls of an aged gRPC connection get to finish."
+    )
+
+
+def setting_flag(name: str) -> str | None:
+    """The ``serve`` flag that sets field ``name`` (None for an environment-only setting)."""
+    extra = ServerSettings.model_fields[name].json_schema_extra
+    extra = extra if isinstance(extra, dict) else {}
+    if extra.get("cli") is False:
+        return None
+    flag = extra.get("flag")
+    return str(flag) if flag is not None else "--" + name.replace("_", "-")
+
+
+def setting_env(name: str) -> str | None:
+    """The environment variable that sets field ``name``, if any."""
+    extra = ServerSettings.model_fields[name].json_schema_extra
+    env = extra.get("env") if isinstance(extra, dict) else None
+    return str(env) if env is not None else None
