@@ -113,6 +113,15 @@ def test_json_log_lines_cannot_be_forged() -> None:
     assert json.loads(text)["message"] == "path a\nb\r\x00"
 
 
+def test_json_log_lines_survive_unicode_line_breaks() -> None:
+    """U+0085, U+2028 and U+2029 are escaped, so readers that split on Unicode line breaks see one record."""
+    message = "path a\x85b\u2028c\u2029d"
+    record = logging.LogRecord("onnxserve.test", logging.INFO, __file__, 1, "%s", (message,), None)
+    text = JsonFormatter().format(record)
+    assert len(text.splitlines()) == 1
+    assert json.loads(text)["message"] == message
+
+
 def test_filter_sets_the_attribute_for_other_formatters() -> None:
     record = _record("m")
     token = context.set_request_id("rid-3")

@@ -95,7 +95,12 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return orjson.dumps(doc).decode()
+        # orjson leaves U+0085, U+2028 and U+2029 as they are (valid JSON), but readers that split on
+        # Unicode line breaks (str.splitlines, some log shippers) would cut the record there.
+        return orjson.dumps(doc).decode().translate(_UNICODE_LINE_BREAKS)
+
+
+_UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def configure_logging(log_format: LogFormat, level: str, stream: TextIO | None = None) -> logging.Handler:
