@@ -105,6 +105,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev bench/requirements.txt
 
 bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench system-deps
 	$(PY) -m bench.run
+	$(PY) -m bench.large_tensor --tree onnxserve=src
 
 test: $(VENV)/.installed-dev system-deps deploy-deps
 	$(VENV)/bin/pytest
