@@ -208,3 +208,19 @@ def test_budget_none_turns_the_default_budget_off() -> None:
     assert OptimizeOptions(fuse=True).budget_for("feature-extraction").empty
 
 
+
+
+def test_tune_proposes_selective_int8_within_the_same_budget(
+    sensitive_text_version: tuple[Path, str], tmp_path: Path
+) -> None:
+    from onnxserve.toolkit.tune import TuneOptions, tune
+
+    src, target = sensitive_text_version
+    options = TuneOptions(fuse=(False,), int8=(True,), levels=("all",), threads=(1,), repeats=1)
+    report = tune(src, tmp_path / "t" / "1", options)
+    assert report.budget == AccuracyBudget(cosine=0.99)  # optimize's default for an embedding model
+    assert report.best.variant == "int8" and report.best.within_budget
+    int8 = report.variants["int8"]
+    assert target in int8["float_nodes"]
+    assert int8["accuracy"]["samples"] == "39 built-in evaluation sentences (held-out split)"
+    assert int8["accuracy"]["cosine"] >= 0.99
