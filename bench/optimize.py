@@ -126,7 +126,8 @@ def main() -> int:
         f"Demo model {model}, {threads} intra-op threads, median of {rounds} interleaved rounds; {hw.cpu}; "
         f"onnxruntime {hw.onnxruntime}. Accuracy: {held_out.source}, each alone, against the fp32 export.",
         "",
-        "| variant | rows/s 8x32 | vs fp32 | rows/s 1x8 | vs fp32 | size (MB) | smaller | cosine worst | p5 | float nodes |",
+        "| variant | rows/s 8x32 | vs fp32 | rows/s 1x8 | vs fp32 | size (MB) | smaller | cosine worst | p5 "
+        "| float nodes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():

@@ -13,7 +13,6 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -123,14 +122,17 @@ def test_selective_int8_meets_the_label_budget_on_held_out_rows_a_full_int8_brea
         optimize(src, tmp_path / "full.onnx", OptimizeOptions(selective=False, **common))  # type: ignore[arg-type]
     full = failure.value.report.accuracy
     assert full.samples == "400 rows of held_out.npz"
-    assert full.agreement is not None and full.agreement < 0.995
+    assert full.agreement is not None
+    assert full.agreement < 0.995
     assert not (tmp_path / "full.onnx").exists()
 
     dst = tmp_path / "selective.onnx"
     report = optimize(src, dst, OptimizeOptions(**common))  # type: ignore[arg-type]
     assert report.accuracy.samples == "400 rows of held_out.npz"  # measured on rows the search never saw
-    assert report.accuracy.agreement is not None and report.accuracy.agreement >= 0.995
-    assert report.accuracy.cosine is not None and report.accuracy.cosine >= 0.99
+    assert report.accuracy.agreement is not None
+    assert report.accuracy.agreement >= 0.995
+    assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine >= 0.99
     assert report.selection is not None
     assert report.selection["float_nodes"] == ["fc1"]  # the outlier-heavy layer, and only it
     assert ops(dst)["MatMulInteger"] == 1  # fc2 is int8
@@ -149,7 +151,6 @@ def sensitive_text_version(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     feature-extraction, with an outlier planted in layer 0's first feed-forward projection (made
     strong enough to matter: a random BERT's sublayers barely move its residual stream)."""
     import tiny_text_models
-
     from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
     root = tmp_path_factory.mktemp("sensitive-text")
@@ -173,13 +174,15 @@ def test_selective_int8_meets_the_embedding_budget_on_held_out_sentences(
         optimize(src, tmp_path / "full" / "1", OptimizeOptions(quantize="int8", selective=False, **FAST))  # type: ignore[arg-type]
     full = failure.value.report.accuracy
     assert full.samples == "39 built-in evaluation sentences (held-out split)"
-    assert full.cosine is not None and full.cosine < 0.99
+    assert full.cosine is not None
+    assert full.cosine < 0.99
 
     dst = tmp_path / "selective" / "1"
     report = optimize(src, dst, OptimizeOptions(quantize="int8", **FAST))  # type: ignore[arg-type]
     assert report.accuracy.samples == "39 built-in evaluation sentences (held-out split)"
     assert report.accuracy.rows == len(eval_sentences("held-out"))
-    assert report.accuracy.cosine is not None and report.accuracy.cosine >= 0.99
+    assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine >= 0.99
     assert report.selection is not None
     assert target in report.selection["float_nodes"]
     assert len(report.selection["float_nodes"]) < report.selection["quantizable_nodes"]
@@ -208,8 +211,6 @@ def test_budget_none_turns_the_default_budget_off() -> None:
     assert OptimizeOptions(fuse=True).budget_for("feature-extraction").empty
 
 
-
-
 def test_tune_proposes_selective_int8_within_the_same_budget(
     sensitive_text_version: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -219,7 +220,8 @@ def test_tune_proposes_selective_int8_within_the_same_budget(
     options = TuneOptions(fuse=(False,), int8=(True,), levels=("all",), threads=(1,), repeats=1)
     report = tune(src, tmp_path / "t" / "1", options)
     assert report.budget == AccuracyBudget(cosine=0.99)  # optimize's default for an embedding model
-    assert report.best.variant == "int8" and report.best.within_budget
+    assert report.best.variant == "int8"
+    assert report.best.within_budget
     int8 = report.variants["int8"]
     assert target in int8["float_nodes"]
     assert int8["accuracy"]["samples"] == "39 built-in evaluation sentences (held-out split)"

@@ -253,7 +253,9 @@ def build(
             folder = work / "selective"
             folder.mkdir()
             calibration = samples if options.quantize == "int8-static" else None
-            built.selection = select(current, folder, built.quantization, calibration, search, budget, source.task, step)
+            built.selection = select(
+                current, folder, built.quantization, calibration, search, budget, source.task, step
+            )
             current = built.selection.model_file
         else:
             quantize(current, out, built.quantization, samples)

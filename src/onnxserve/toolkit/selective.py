@@ -121,7 +121,9 @@ def _relative(ref: npt.NDArray[Any], approx: npt.NDArray[Any]) -> float:
     return float(np.linalg.norm(ref - approx)) / norm if norm > 0 else 0.0
 
 
-def sensitivity(model_file: Path, names: list[str], samples: Samples, work: Path, reduce_range: bool) -> dict[str, float]:
+def sensitivity(
+    model_file: Path, names: list[str], samples: Samples, work: Path, reduce_range: bool
+) -> dict[str, float]:
     """Each node's own relative output error under int8 rounding, worst over the sample inputs."""
     model = onnx.load(str(model_file))
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
