@@ -20,7 +20,8 @@ import onnx
 
 from onnxserve.core.pipeline import PipelineSpec, TextBatch, TextPipeline
 from onnxserve.errors import OptimizeError
-from onnxserve.toolkit.sample_inputs import index_bounds
+from onnxserve.errors import InvalidInputError
+from onnxserve.toolkit.sample_inputs import index_bounds, random_feeds, signature
 
 Feeds = dict[str, npt.NDArray[Any]]
 
@@ -191,39 +192,15 @@ def token_ranges(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def generate(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH) -> Samples:
-    """Random inputs that respect the model's dims, datatypes and token ranges."""
+    """Random inputs by the toolkit's one generator (:func:`onnxserve.toolkit.sample_inputs.random_feeds`):
+    the model's dims and datatypes, token ids below the embedding table's size, masks of ones."""
     rng = np.random.default_rng(seed)
-    ranges = token_ranges(model)
-    batches: list[Feeds] = []
-    for _ in range(GENERATED_BATCHES):
-        feeds: Feeds = {}
-        for info in _graph_inputs(model):
-            feeds[info.name] = _random(info, ranges.get(info.name), rng, batch)
-        batches.append(feeds)
+    spec, ranges = signature(model.graph), token_ranges(model)
+    try:
+        batches = [random_feeds(spec, ranges, rng, batch, GENERATED_SEQUENCE) for _ in range(GENERATED_BATCHES)]
+    except InvalidInputError as e:
+        raise OptimizeError(f"{e.message}; give a calibration file") from None
     return Samples(batches, f"{GENERATED_BATCHES} batches of generated inputs (seed {seed})")
-
-
-def _random(
-    info: onnx.ValueInfoProto, token_range: int | None, rng: np.random.Generator, batch: int
-) -> npt.NDArray[Any]:
-    tensor = info.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-    shape = tuple(d if d >= 0 else (batch if axis == 0 else GENERATED_SEQUENCE) for axis, d in enumerate(dims))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-    name = info.name.lower()
-    if dtype == np.bool_:
-        return rng.integers(0, 2, shape).astype(np.bool_)
-    if np.issubdtype(dtype, np.integer):
-        if "mask" in name:
-            return np.ones(shape, dtype=dtype)
-        if "type" in name or "segment" in name:
-            return np.zeros(shape, dtype=dtype)
-        return rng.integers(0, token_range or 10, shape).astype(dtype)
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    raise OptimizeError(
-        f"input {info.name!r} has datatype {dtype}, for which no inputs can be generated; give a calibration file"
-    )
 
 
 def resize_batch(feeds: Feeds, rows: int) -> Feeds:
