@@ -9,7 +9,9 @@ or last layer, attention scores) carry most of the error. The search:
    output channel, 7-bit where ``reduce_range``; activations asymmetric uint8 per tensor), measured on
    the float model's real intermediate values for the search inputs (worst over inputs);
 3. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
-   to the fewest; each candidate is really quantized and measured, the ranking only orders the tries.
+   to the fewest; each candidate is really quantized and measured, the ranking only orders the tries;
+4. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
+   int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds.
 
 A result that needs every quantizable node in float is no int8 model: the search reports failure.
 The chosen model is then checked on the *held-out* split by the caller (:mod:`onnxserve.toolkit.optimize`).
@@ -33,6 +35,12 @@ from onnxserve.toolkit.samples import Samples
 
 QUANTIZABLE = ("MatMul", "Gemm", "Conv", "Attention", "Gather", "LSTM", "EmbedLayerNormalization")
 """Operators ONNX Runtime's int8 quantizer rewrites (its IntegerOps registry, Transpose aside)."""
+
+SIZE_TRIES = 2
+"""Float nodes (the heaviest) tried back in int8 after the search, for size."""
+
+HEAVY = 0.05
+"""A float node is worth a size try when it holds at least this share of the model's weight bytes."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,23 @@ def select(
         else:
             failing = middle
     count, out, accuracy = best
-    return Selection(out, ranking[:count], len(candidates), True, accuracy, scores, trials)
+    kept = ranking[:count]
+    sizes = _weight_bytes(named)
+    total = sum(sizes.values()) or 1
+    heavy = sorted((n for n in kept if sizes.get(n, 0) >= HEAVY * total), key=lambda n: -sizes.get(n, 0))
+    for name in heavy[:SIZE_TRIES]:
+        fewer = [n for n in kept if n != name]
+        tried, tried_accuracy, passed = trial(fewer)
+        if passed:
+            kept, out, accuracy = fewer, tried, tried_accuracy
+    return Selection(out, kept, len(candidates), True, accuracy, scores, trials)
+
+
+def _weight_bytes(model_file: Path) -> dict[str, int]:
+    """Node name -> bytes of the float initializers it reads."""
+    model = onnx.load(str(model_file))
+    sizes = {t.name: len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer}
+    return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node}
 
 
 def _brief(accuracy: Accuracy) -> dict[str, Any]:
