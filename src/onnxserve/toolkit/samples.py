@@ -19,8 +19,7 @@ import numpy.typing as npt
 import onnx
 
 from onnxserve.core.pipeline import PipelineSpec, TextBatch, TextPipeline
-from onnxserve.errors import OptimizeError
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, OptimizeError
 from onnxserve.toolkit.sample_inputs import index_bounds, random_feeds, signature
 
 Feeds = dict[str, npt.NDArray[Any]]
