@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
 from onnxserve.toolkit.node_matching import (
@@ -240,7 +240,8 @@ class Remeasured:
 
 def remeasure(a: Path, b: Path) -> Remeasured | None:
     """Measure B against A on the evaluation set B was optimized with (None when it cannot be made
-    again here: no record and no text folder, or a record that needs the user's own files)."""
+    again here: no record and no text folder, a record that needs the user's own files, or outputs
+    that do not correspond)."""
     from onnxserve.core.pipeline import PipelineSpec
     from onnxserve.toolkit.evaluation import compare_models
     from onnxserve.toolkit.optimize import ACCURACY_METADATA
@@ -269,7 +270,10 @@ def remeasure(a: Path, b: Path) -> Remeasured | None:
     samples = remake(model_b, text, recipe)
     if samples is None:
         return None
-    measured = compare_models(file_a, file_b, samples, spec.task if spec else None)
+    try:
+        measured = compare_models(file_a, file_b, samples, spec.task if spec else None)
+    except OnnxServeError:  # outputs that differ in name or shape: the Outputs table says how
+        return None
     recorded = record.get("accuracy") if record else None
     return Remeasured(samples.recipe, measured.to_dict(), recorded if isinstance(recorded, dict) else None)
 
