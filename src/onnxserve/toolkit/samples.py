@@ -198,7 +198,7 @@ def generate(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH) -> Sampl
     try:
         batches = [random_feeds(spec, ranges, rng, batch, GENERATED_SEQUENCE) for _ in range(GENERATED_BATCHES)]
     except InvalidInputError as e:
-        raise OptimizeError(f"{e.message}; give a calibration file") from None
+        raise OptimizeError(f"{e.message.removesuffix('; give samples')}; give a calibration file") from None
     return Samples(batches, f"{GENERATED_BATCHES} batches of generated inputs (seed {seed})")
 
 
