@@ -30,6 +30,7 @@ from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core.runtime import available_providers, session_options
 from onnxserve.errors import OptimizeError
 from onnxserve.toolkit.samples import Feeds, Samples
+from onnxserve.toolkit.validate import row_cosine
 
 AGREEMENT_MARGIN = 1e-4
 """A reference arg-max decided by less than this is a tie, no evidence either way."""
@@ -225,7 +226,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
     """The one comparison: both runners on every sample batch, measured input by input."""
     labels = samples.labels
     tallies: dict[str, _OutputTally] = {}
-    row_cosine: list[float | None] = []
+    input_cosine: list[float | None] = []
     row_agrees: list[bool | None] = []
     row_max: list[float] = []
     for feeds in samples.batches:
@@ -263,7 +264,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                     agrees[r] = bool(np.all(same)) and agrees[r] is not False
                     continue
                 if cosine_on:
-                    c = _lowest_cosine(wr, hr)
+                    c = row_cosine(wr.reshape(1, -1) if wr.ndim == 1 else wr, hr.reshape(1, -1) if hr.ndim == 1 else hr)
                     tally.cosine = c if tally.cosine is None else min(tally.cosine, c)
                     cos[r] = c if cos[r] is None else min(c, cos[r] or c)
                 if agreement_on:
@@ -272,7 +273,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                     tally.decided += decided
                     tally.measured_agreement = True
                     agrees[r] = (agreed == decided) and agrees[r] is not False
-        row_cosine += cos
+        input_cosine += cos
         row_agrees += agrees
         row_max += worst_abs
     outputs = [
@@ -284,14 +285,18 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
         )
         for name, t in tallies.items()
     ]
-    found = [c for c in row_cosine if c is not None]
+    found = [c for c in input_cosine if c is not None]
     percentiles = {f"p{p}": float(np.percentile(found, p, method="lower")) for p in PERCENTILES} if found else {}
     order = sorted(
         range(len(row_max)),
-        key=lambda i: (row_agrees[i] is not False, row_cosine[i] if row_cosine[i] is not None else 2.0, -row_max[i]),
+        key=lambda i: (
+            row_agrees[i] is not False,
+            input_cosine[i] if input_cosine[i] is not None else 2.0,
+            -row_max[i],
+        ),
     )
     worst = [
-        WorstInput(labels[i] if i < len(labels) else f"row {i}", row_cosine[i], row_agrees[i], row_max[i])
+        WorstInput(labels[i] if i < len(labels) else f"row {i}", input_cosine[i], row_agrees[i], row_max[i])
         for i in order[:WORST_NAMED]
     ]
     return Accuracy(outputs, samples.source, len(row_max), percentiles, worst)
@@ -301,16 +306,6 @@ def _max_abs(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
     if want.dtype.kind not in "fiub" or not want.size:
         return 0.0
     return float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
-
-
-def _lowest_cosine(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
-    if want.ndim == 0 or not want.size:
-        return 1.0
-    x = want.reshape(-1, want.shape[-1]).astype(np.float64)
-    y = have.reshape(-1, have.shape[-1]).astype(np.float64)
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    cos = np.where(norms > 0, (x * y).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
-    return float(cos.min()) if cos.size else 1.0
 
 
 def _argmax_counts(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> tuple[int, int]:
