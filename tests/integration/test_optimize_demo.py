@@ -44,7 +44,11 @@ def test_fused_int8_demo_model_is_accurate_and_serves_like_predict(
         allow_slower=True,  # this test is about size and accuracy; speed is measured by bench/
     )
     report = optimize(src, dst, options)
-    assert report.size_ratio >= 3.5  # issue #7: at least 3.5x smaller
+    # issue #7 asked for 3.5x smaller; issue #19 judges the budget on held-out sentences, each alone,
+    # where full int8 breaks it (worst 0.980): selective int8 keeps the word-embedding table in float
+    assert report.size_ratio >= 2.0
+    assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine >= 0.99
     fp32, int8 = Pipeline(src)(REAL_SENTENCES), Pipeline(dst)(REAL_SENTENCES)
     cosines = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
     assert cosines.min() >= 0.99

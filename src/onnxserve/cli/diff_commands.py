@@ -51,7 +51,7 @@ def diff(
     Where B is an optimized (fused) or quantized form of A, B's new nodes are mapped to the A nodes they replaced.
     """
     from onnxserve.toolkit import diff_report, sample_inputs
-    from onnxserve.toolkit.diff import diff_models, load_model
+    from onnxserve.toolkit.diff import diff_models, load_model, remeasure
 
     try:
         if output_format is DiffFormat.html and output is None:
@@ -59,6 +59,8 @@ def diff(
         model_a, model_b = load_model(a), load_model(b)
         given = sample_inputs.load_samples(samples, sample_inputs.signature(model_a.graph)) if samples else None
         result = diff_models(model_a, model_b, samples=given, run=numeric, seed=seed)
+        if numeric and given is None:
+            result.accuracy = remeasure(a, b)
         if output_format is DiffFormat.json:
             text = orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode() + "\n"
         elif output_format is DiffFormat.html:

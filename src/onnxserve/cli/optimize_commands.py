@@ -15,8 +15,14 @@ from onnxserve.cli.console import err, fail
 from onnxserve.errors import OnnxServeError
 
 _BUDGET_HELP = (
-    "Fail, writing nothing, unless the result keeps these: cosine=MIN (embedding cosine), agreement=MIN "
-    "(label / arg-max agreement), max_abs=MAX (largest absolute difference), e.g. cosine=0.99,agreement=0.99."
+    "Fail, writing nothing, unless the result keeps these on the held-out evaluation inputs: cosine=MIN "
+    "(worst-case embedding cosine), agreement=MIN (label / arg-max agreement), max_abs=MAX (largest absolute "
+    "difference), e.g. cosine=0.99,agreement=0.99; 'none' for no budget. Default with --quantize: cosine=0.99 "
+    "for embeddings, agreement=0.995 for classifiers."
+)
+_EVAL_HELP = (
+    "Held-out inputs to measure accuracy on, besides the built-in evaluation sentences of a text model: "
+    "text lines (text model folder), .npy or .npz."
 )
 
 
@@ -40,6 +46,11 @@ def register(app: typer.Typer) -> None:
         quantize: Annotated[
             str | None, typer.Option(help="int8 (dynamic) or int8-static (needs --calibration).")
         ] = None,
+        selective: Annotated[
+            bool,
+            typer.Option(help="int8 keeps the most sensitive nodes in float until the accuracy budget holds."),
+        ] = True,
+        eval_file: Annotated[Path | None, typer.Option("--eval", help=_EVAL_HELP)] = None,
         calibration: Annotated[
             Path | None,
             typer.Option(help="Sample inputs: text lines (text model folder), .npy (one input) or .npz (by name)."),
@@ -77,7 +88,9 @@ def register(app: typer.Typer) -> None:
                 calibration=calibration,
                 fp16=fp16,
                 simplify=simplify,
-                budget=AccuracyBudget.parse(max_accuracy_loss) if max_accuracy_loss else AccuracyBudget(),
+                budget=AccuracyBudget.parse(max_accuracy_loss) if max_accuracy_loss else None,
+                evaluation=eval_file,
+                selective=selective,
                 latency_batches=parse_ints(batch_sizes, "--batch-sizes"),
                 repeats=repeats,
                 threads=threads,
@@ -114,10 +127,11 @@ def register(app: typer.Typer) -> None:
         providers: Annotated[
             str | None, typer.Option(help="Execution providers to try; default: every one available here.")
         ] = None,
-        max_accuracy_loss: Annotated[str, typer.Option(help=_BUDGET_HELP)] = "cosine=0.99,agreement=0.99",
+        max_accuracy_loss: Annotated[str | None, typer.Option(help=_BUDGET_HELP)] = None,
         calibration: Annotated[
-            Path | None, typer.Option(help="Sample inputs to check accuracy on (text lines, .npy or .npz).")
+            Path | None, typer.Option(help="Sample inputs to search and calibrate on (text lines, .npy or .npz).")
         ] = None,
+        eval_file: Annotated[Path | None, typer.Option("--eval", help=_EVAL_HELP)] = None,
         repeats: Annotated[int, typer.Option(help="Timed runs per cell (the median is kept).")] = 10,
         emit_config: Annotated[
             bool, typer.Option(help="Print the server config's session_options / execution_providers as JSON.")
@@ -138,8 +152,9 @@ def register(app: typer.Typer) -> None:
                 fuse=parse_bools(fuse, "--fuse"),
                 int8=parse_bools(int8, "--int8"),
                 providers=parse_list(providers, "--providers") if providers else (),
-                budget=AccuracyBudget.parse(max_accuracy_loss),
+                budget=AccuracyBudget.parse(max_accuracy_loss) if max_accuracy_loss else None,
                 calibration=calibration,
+                evaluation=eval_file,
                 repeats=repeats,
                 force=force,
             )

@@ -8,10 +8,15 @@ max / mean absolute difference, relative L2 (``||b - a|| / ||a||``) and the coun
 The numeric comparison runs both models with ONNX Runtime on the same inputs (given, or generated
 from the common signature, see :mod:`onnxserve.toolkit.sample_inputs`) and reports, per common output,
 the max absolute difference and the cosine similarity.
+
+:func:`remeasure` measures B's accuracy against A the way ``optimize`` did, with the toolkit's one
+comparer (:mod:`onnxserve.toolkit.evaluation`) on the same evaluation inputs: those B's metadata
+(``onnxserve.accuracy``) records, else the held-out evaluation sentences for a text model folder.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +30,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
 from onnxserve.toolkit.node_matching import (
@@ -153,6 +158,7 @@ class ModelDiff:
     initializers: list[InitializerChange]
     numeric: NumericComparison | None
     node_counts: tuple[int, int] = (0, 0)
+    accuracy: Remeasured | None = None  # B's accuracy measured as optimize measured it
     matched: list[tuple[str, str, str]] = field(default_factory=list)  # (A id, B id, matched by) for all pairs
 
     @property
@@ -220,6 +226,56 @@ def load_model(path: Path) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.graph.node:
         raise ModelLoadError(f"{file}: not an ONNX model (no graph nodes in it)")
     return model
+
+
+@dataclass(frozen=True)
+class Remeasured:
+    """B's accuracy against A on the evaluation inputs ``evaluated_on`` describes, beside what B's
+    metadata recorded when it was optimized (``recorded``; None when it records nothing)."""
+
+    evaluated_on: dict[str, Any]
+    measured: dict[str, Any]
+    recorded: dict[str, Any] | None
+
+
+def remeasure(a: Path, b: Path) -> Remeasured | None:
+    """Measure B against A on the evaluation set B was optimized with (None when it cannot be made
+    again here: no record and no text folder, a record that needs the user's own files, or outputs
+    that do not correspond)."""
+    from onnxserve.core.pipeline import PipelineSpec
+    from onnxserve.toolkit.evaluation import compare_models
+    from onnxserve.toolkit.optimize import ACCURACY_METADATA
+    from onnxserve.toolkit.samples import remake, text_pipeline
+
+    file_a = a / MODEL_FILENAME if a.is_dir() else a
+    file_b = b / MODEL_FILENAME if b.is_dir() else b
+    model_b = onnx.load_model(str(file_b), load_external_data=False)
+    stamped = {p.key: p.value for p in model_b.metadata_props}.get(ACCURACY_METADATA)
+    record: dict[str, Any] | None = None
+    if stamped:
+        try:
+            record = json.loads(stamped)
+        except ValueError:
+            record = None
+    folder = b if b.is_dir() else (a if a.is_dir() else None)
+    initializers = {t.name for t in model_b.graph.initializer}
+    names = [i.name for i in model_b.graph.input if i.name not in initializers]
+    text = text_pipeline(folder, names)
+    spec = PipelineSpec.read(folder) if folder is not None else None
+    recipe = record.get("evaluated_on") if record else None
+    if not isinstance(recipe, dict):
+        recipe = {"kind": "builtin-sentences", "split": "held-out"} if text is not None else None
+    if recipe is None:
+        return None
+    samples = remake(model_b, text, recipe)
+    if samples is None:
+        return None
+    try:
+        measured = compare_models(file_a, file_b, samples, spec.task if spec else None)
+    except OnnxServeError:  # outputs that differ in name or shape: the Outputs table says how
+        return None
+    recorded = record.get("accuracy") if record else None
+    return Remeasured(samples.recipe, measured.to_dict(), recorded if isinstance(recorded, dict) else None)
 
 
 def diff_models(

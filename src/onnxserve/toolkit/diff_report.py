@@ -21,7 +21,7 @@ from rich.table import Table
 
 from onnxserve.errors import InvalidInputError
 from onnxserve.toolkit.atomic_file import write_atomically
-from onnxserve.toolkit.diff import ModelDiff, NodeRef, WeightStats
+from onnxserve.toolkit.diff import ModelDiff, NodeRef, Remeasured, WeightStats
 from onnxserve.toolkit.graph import build_graph
 from onnxserve.toolkit.visualize.svg import render_svg
 
@@ -55,6 +55,25 @@ def _stats(stats: WeightStats | None) -> list[str]:
         _fmt(stats.relative_l2),
         f"{stats.changed}/{stats.size}",
     ]
+
+
+def _accuracy_section(acc: Remeasured) -> Section:
+    """B's accuracy as optimize measures it: re-measured here, beside what B's metadata recorded."""
+    measured, recorded = acc.measured, acc.recorded or {}
+    rows: Rows = []
+    for label, key in (("cosine (worst)", "cosine"), ("agreement", "agreement"), ("max |diff|", "max_abs_diff")):
+        if measured.get(key) is not None or recorded.get(key) is not None:
+            rows.append([label, _fmt(recorded.get(key), 6), _fmt(measured.get(key), 6)])
+    for name, value in (measured.get("cosine_percentiles") or {}).items():
+        rows.append([f"cosine {name}", _fmt((recorded.get("cosine_percentiles") or {}).get(name), 6), _fmt(value, 6)])
+    worst = measured.get("worst_inputs") or []
+    if worst:
+        rows.append(["worst input", "", str(worst[0]["input"])[:60]])
+    return Section(
+        f"Accuracy of B against A on {measured.get('samples')} (as optimize measures it)",
+        ["measure", "recorded in B", "re-measured"],
+        rows,
+    )
 
 
 def sections(diff: ModelDiff) -> list[Section]:
@@ -107,6 +126,8 @@ def sections(diff: ModelDiff) -> list[Section]:
             )
         else:
             out.append(Section("Outputs", ["not compared"], [[diff.numeric.reason or ""]]))
+    if diff.accuracy is not None:
+        out.append(_accuracy_section(diff.accuracy))
     if diff.nodes_changed:
         rows: Rows = []
         for c in diff.nodes_changed:

@@ -12,9 +12,14 @@ Steps, applied in this order when asked for:
    so that the server's start-up skips it. ``extended`` and ``all`` may write operators for this
    machine's execution provider only.
 
-The result is compared with the source on sample inputs (see :mod:`onnxserve.toolkit.samples`),
-timed at a few batch sizes, and written -- a version folder keeps its tokenizer and pipeline spec --
-only when it keeps the accuracy budget. Writing goes through a temporary sibling and a rename.
+The result is compared with the source on the held-out split of the evaluation set (see
+:mod:`onnxserve.toolkit.samples` and :mod:`onnxserve.toolkit.evaluation`), timed at a few batch sizes,
+and written -- a version folder keeps its tokenizer and pipeline spec -- only when it keeps the
+accuracy budget. int8 is selective where a budget applies (the default budget of a quantized model,
+or ``--max-accuracy-loss``): the most sensitive nodes stay in float until the worst case on the search
+split keeps the budget (:mod:`onnxserve.toolkit.selective`). What was measured is written into the
+model's metadata (``onnxserve.accuracy``) and the report. Writing goes through a temporary sibling and
+a rename.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 
 import onnx
 import onnxruntime as ort
+import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -42,6 +48,7 @@ from onnxserve.toolkit.fusion import fuse, quiet
 from onnxserve.toolkit.hardware import detect
 from onnxserve.toolkit.optimize_report import (
     REPORT_FILENAME,
+    Accuracy,
     AccuracyBudget,
     Fusion,
     OptimizeReport,
@@ -50,7 +57,11 @@ from onnxserve.toolkit.optimize_report import (
     open_session,
 )
 from onnxserve.toolkit.quantize import QuantizeSettings, quantize, settings_for
-from onnxserve.toolkit.samples import Samples, load_samples, text_pipeline
+from onnxserve.toolkit.samples import Samples, evaluation_sets, load_samples, text_pipeline
+from onnxserve.toolkit.selective import Selection, select
+
+ACCURACY_METADATA = "onnxserve.accuracy"
+"""The metadata property of an optimized model holding what its accuracy was measured on, and how."""
 
 LEVELS = ("basic", "extended", "all")
 _ORT_LEVELS = {
@@ -71,7 +82,9 @@ class OptimizeOptions:
     calibration: Path | None = None
     fp16: bool = False
     simplify: bool = False
-    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    budget: AccuracyBudget | None = None  # None: the default budget of a quantized model (none otherwise)
+    evaluation: Path | None = None  # held-out inputs of the user's (--eval), besides the built-in ones
+    selective: bool = True  # int8 keeps the most sensitive nodes in float to meet the budget
     latency_batches: tuple[int, ...] = LATENCY_BATCHES
     repeats: int = 10
     threads: int = 0  # 0: the CPUs this process may use
@@ -92,6 +105,12 @@ class OptimizeOptions:
             raise OptimizeError("--repeats and every batch size must be at least 1")
         if self.threads < 0:
             raise OptimizeError("--threads must be >= 0")
+
+    def budget_for(self, task: str | None) -> AccuracyBudget:
+        """The budget that applies: the given one, else the default budget when quantizing, else none."""
+        if self.budget is not None:
+            return self.budget
+        return AccuracyBudget.default_for(task) if self.quantize else AccuracyBudget()
 
     @property
     def steps(self) -> list[str]:
@@ -192,10 +211,19 @@ class Built:
     fusions: list[Fusion] = field(default_factory=list)
     fusers: dict[str, dict[str, int]] = field(default_factory=dict)
     quantization: QuantizeSettings | None = None
+    selection: Selection | None = None
 
 
-def build(source: Source, options: OptimizeOptions, work: Path, samples: Samples, step: Callable[[str], None]) -> Built:
-    """Apply ``options``' steps in order, each writing a new file in ``work``."""
+def build(
+    source: Source,
+    options: OptimizeOptions,
+    work: Path,
+    samples: Samples,
+    step: Callable[[str], None],
+    search: Samples | None = None,
+) -> Built:
+    """Apply ``options``' steps in order, each writing a new file in ``work``; int8 is selective
+    (searched on ``search``) when ``search`` is given and a budget applies."""
     current = source.model_file
     built = Built(current)
 
@@ -221,8 +249,18 @@ def build(source: Source, options: OptimizeOptions, work: Path, samples: Samples
         step(f"{options.quantize}: quantizing")
         out = next_file("int8")
         built.quantization = settings_for(options.quantize, options.reduce_range)
-        quantize(current, out, built.quantization, samples)
-        current = out
+        budget = options.budget_for(source.task)
+        if options.selective and search is not None and not budget.empty:
+            folder = work / "selective"
+            folder.mkdir()
+            calibration = samples if options.quantize == "int8-static" else None
+            built.selection = select(
+                current, folder, built.quantization, calibration, search, budget, source.task, step
+            )
+            current = built.selection.model_file
+        else:
+            quantize(current, out, built.quantization, samples)
+            current = out
     if options.level:
         step(f"level {options.level}: ONNX Runtime graph optimization")
         out = next_file(f"level-{options.level}")
@@ -276,12 +314,16 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
     check_destination(source, dst, options.force)
     proto = onnx.load_model(str(source.model_file), load_external_data=False)
     samples = load_samples(proto, source.text, options.calibration)
+    sets = evaluation_sets(proto, source.text, options.calibration, options.evaluation)
     threads = options.threads or cpu_budget()
     with _progress(console) as step, tempfile.TemporaryDirectory(prefix=".optimize-", dir=_work_parent(dst)) as tmp:
         work = Path(tmp)
-        built = build(source, options, work, samples, step)
-        step("checking accuracy on sample inputs")
-        accuracy = compare_models(source.model_file, built.model_file, samples, source.task)
+        built = build(source, options, work, samples, step, sets.search)
+        step("checking accuracy on the held-out evaluation inputs")
+        accuracy = compare_models(source.model_file, built.model_file, sets.held_out, source.task)
+        budget = options.budget_for(source.task)
+        record = accuracy_record(src, options.steps, sets.held_out.recipe, budget, accuracy, built.selection)
+        stamp_accuracy(built.model_file, record)
         step("timing before and after")
         sessions = {
             "before": open_session(source.model_file, threads),
@@ -303,11 +345,14 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
             latency_before_ms=latency_before,
             latency_after_ms=latency_after,
             threads=threads,
-            budget=options.budget,
+            budget=budget,
             fusions=built.fusions,
             fusers=built.fusers,
             quantization=built.quantization.to_dict() if built.quantization else None,
             hardware=detect().to_dict(),
+            evaluated_on=sets.held_out.recipe,
+            selection=built.selection.to_dict() if built.selection else None,
+            search_passed=built.selection.passed if built.selection else None,
         )
         if not report.passed:
             raise BudgetError(report)
@@ -355,6 +400,36 @@ class SlowerError(BudgetError):
             f"{report.destination} was not written (pass --allow-slower to write it anyway, e.g. for its size)",
         )
         self.report = report
+
+
+def accuracy_record(
+    src: Path,
+    steps: list[str],
+    recipe: dict[str, Any],
+    budget: AccuracyBudget,
+    accuracy: Accuracy,
+    selection: Selection | None,
+) -> dict[str, Any]:
+    """What the model's metadata says about its accuracy: enough for ``diff`` to measure it again."""
+    return {
+        "reference": src.name,
+        "evaluated_on": recipe,
+        "budget": budget.to_dict(),
+        "accuracy": accuracy.to_dict(),
+        "float_nodes": selection.float_nodes if selection else [],
+        "steps": steps,
+    }
+
+
+def stamp_accuracy(model_file: Path, record: dict[str, Any]) -> None:
+    """Write an :func:`accuracy_record` into the model's metadata (``onnxserve.accuracy``)."""
+    model = onnx.load(str(model_file))
+    kept = [p for p in model.metadata_props if p.key != ACCURACY_METADATA]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ACCURACY_METADATA, orjson.dumps(record).decode()
+    onnx.save(model, str(model_file))
 
 
 def _work_parent(dst: Path) -> Path:

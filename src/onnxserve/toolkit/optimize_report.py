@@ -1,212 +1,33 @@
 """What a transform did to a model: accuracy on sample inputs, file size and latency, before and after.
 
-Accuracy compares every output the two models share on the same sample batches: the largest absolute
-difference, the lowest row cosine (embedding outputs) and the arg-max agreement (label-like outputs),
-from :mod:`onnxserve.toolkit.validate`. For a text model, token-level outputs are compared at real
-tokens only (padding positions carry no meaning). An :class:`AccuracyBudget` (``--max-accuracy-loss``)
-turns the numbers into a verdict.
+Accuracy is measured by the toolkit's one comparer, :mod:`onnxserve.toolkit.evaluation` (worst case,
+percentiles and the worst inputs, on the evaluation set of :mod:`onnxserve.toolkit.samples`); an
+:class:`AccuracyBudget` (``--max-accuracy-loss``, or the default budget of a quantized model) turns
+the numbers into a verdict.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-import onnxruntime as ort
 import orjson
 from rich.table import Table
 
-from onnxserve.config import ExecutionProvider, SessionOptions
-from onnxserve.core.runtime import available_providers, session_options
-from onnxserve.errors import OptimizeError
-from onnxserve.toolkit.samples import Feeds, Samples, resize_batch
-from onnxserve.toolkit.validate import argmax_agreement, row_cosine
+from onnxserve.toolkit.evaluation import Accuracy as Accuracy
+from onnxserve.toolkit.evaluation import AccuracyBudget as AccuracyBudget
+from onnxserve.toolkit.evaluation import compare_models as compare_models
+from onnxserve.toolkit.evaluation import open_session as open_session
+from onnxserve.toolkit.samples import Feeds, resize_batch
 
 REPORT_FILENAME = "optimize_report.json"
 """The report's name in a version folder; beside a model file it is ``<file>.report.json``."""
 
-AGREEMENT_MARGIN = 1e-4
-"""A reference arg-max decided by less than this is a tie, no evidence either way."""
-
 K = TypeVar("K")
-
-LABEL_TASKS = ("text-classification", "token-classification", "question-answering", "fill-mask")
-
-
-@dataclass(frozen=True)
-class AccuracyBudget:
-    """What a transformed model must keep: cosine and agreement at least, max abs difference at most."""
-
-    cosine: float | None = None
-    agreement: float | None = None
-    max_abs: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> AccuracyBudget:
-        """``cosine=0.99,agreement=0.99,max_abs=0.05`` (any subset, in any order)."""
-        values: dict[str, float] = {}
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            key, sep, raw = part.partition("=")
-            key = key.strip().replace("-", "_")
-            if not sep or key not in ("cosine", "agreement", "max_abs"):
-                raise OptimizeError(
-                    f"--max-accuracy-loss {text!r}: expected KEY=VALUE pairs with KEY one of cosine, agreement, "
-                    "max_abs, e.g. cosine=0.99,agreement=0.99"
-                )
-            try:
-                value = float(raw)
-            except ValueError:
-                raise OptimizeError(f"--max-accuracy-loss: {key}={raw!r} is not a number") from None
-            if key != "max_abs" and not -1.0 <= value <= 1.0:
-                raise OptimizeError(f"--max-accuracy-loss: {key} must be between -1 and 1, got {value}")
-            if key == "max_abs" and value < 0:
-                raise OptimizeError(f"--max-accuracy-loss: max_abs must be >= 0, got {value}")
-            values[key] = value
-        if not values:
-            raise OptimizeError("--max-accuracy-loss is empty; e.g. cosine=0.99,agreement=0.99")
-        return cls(**values)
-
-    def violations(self, accuracy: Accuracy) -> list[str]:
-        problems: list[str] = []
-        if self.cosine is not None and accuracy.cosine is not None and accuracy.cosine < self.cosine:
-            problems.append(f"cosine {accuracy.cosine:.6f} < {self.cosine}")
-        if self.agreement is not None and accuracy.agreement is not None and accuracy.agreement < self.agreement:
-            problems.append(f"agreement {accuracy.agreement:.4f} < {self.agreement}")
-        if self.max_abs is not None and accuracy.max_abs > self.max_abs:
-            problems.append(f"max abs diff {accuracy.max_abs:.3g} > {self.max_abs}")
-        return problems
-
-    def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class OutputAccuracy:
-    name: str
-    max_abs: float
-    cosine: float | None = None
-    agreement: float | None = None
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    outputs: list[OutputAccuracy]
-    samples: str
-    rows: int
-
-    @property
-    def max_abs(self) -> float:
-        return max((o.max_abs for o in self.outputs), default=0.0)
-
-    @property
-    def cosine(self) -> float | None:
-        found = [o.cosine for o in self.outputs if o.cosine is not None]
-        return min(found) if found else None
-
-    @property
-    def agreement(self) -> float | None:
-        found = [o.agreement for o in self.outputs if o.agreement is not None]
-        return min(found) if found else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "samples": self.samples,
-            "rows": self.rows,
-            "max_abs_diff": self.max_abs,
-            "cosine": self.cosine,
-            "agreement": self.agreement,
-            "outputs": [asdict(o) for o in self.outputs],
-        }
-
-
-def _session(path: Path, threads: int = 0, level: str = "all", provider: str = "CPUExecutionProvider") -> Any:
-    options = session_options(SessionOptions(intra_op_num_threads=threads, graph_optimization_level=level))  # type: ignore[arg-type]
-    try:
-        return ort.InferenceSession(
-            str(path),
-            sess_options=options,
-            providers=available_providers([ExecutionProvider(name=provider)], str(path)),
-        )
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
-        raise OptimizeError(f"{path}: ONNX Runtime cannot load the transformed model: {str(e).splitlines()[0]}") from e
-
-
-def _measured(task: str | None, name: str, array: npt.NDArray[Any], names: Sequence[str]) -> tuple[bool, bool]:
-    """(cosine, agreement): which task measures suit this output. A sentence-embedding model is judged
-    by the embedding it serves (token states feed the pooling; their differences show in max abs)."""
-    if array.dtype.kind != "f" or array.ndim < 2 or array.shape[-1] < 2:
-        return False, False
-    if task == "feature-extraction":
-        served = "sentence_embedding" if "sentence_embedding" in names else "last_hidden_state"
-        return name == served, False
-    if task in LABEL_TASKS:
-        return False, True
-    return True, True
-
-
-def _real_tokens(array: npt.NDArray[Any], mask: npt.NDArray[Any] | None) -> npt.NDArray[Any]:
-    """A token-level output ``[batch, tokens, features]`` at real tokens only: ``[real tokens, features]``."""
-    if mask is not None and array.ndim >= 3 and array.shape[:2] == mask.shape:
-        selected: npt.NDArray[Any] = array[mask.astype(bool)]
-        return selected
-    return array
-
-
-def compare_models(reference: Path, candidate: Path, samples: Samples, task: str | None = None) -> Accuracy:
-    """Run both models on every sample batch and compare each output they share."""
-    ref, cand = _session(reference), _session(candidate)
-    names = [o.name for o in ref.get_outputs()]
-    missing = sorted(set(names) - {o.name for o in cand.get_outputs()})
-    if missing:
-        raise OptimizeError(f"{candidate}: the transformed model lost outputs {', '.join(missing)}")
-    worst: dict[str, dict[str, float]] = {n: {} for n in names}
-    for feeds in samples.batches:
-        want = dict(zip(names, ref.run(names, feeds), strict=True))
-        have = dict(zip(names, cand.run(names, feeds), strict=True))
-        mask = feeds.get("attention_mask") if task is not None else None
-        for name in names:
-            w, h = np.asarray(want[name]), np.asarray(have[name])
-            if w.shape != h.shape:
-                raise OptimizeError(
-                    f"output {name!r}: shape {list(h.shape)} after the transform, {list(w.shape)} before"
-                )
-            w, h = _real_tokens(w, mask), _real_tokens(h, mask)
-            _accumulate(worst[name], task, name, w, h, names)
-    outputs = [OutputAccuracy(n, m.get("max_abs", 0.0), m.get("cosine"), m.get("agreement")) for n, m in worst.items()]
-    return Accuracy(outputs, samples.source, samples.rows)
-
-
-def _accumulate(
-    worst: dict[str, float],
-    task: str | None,
-    name: str,
-    want: npt.NDArray[Any],
-    have: npt.NDArray[Any],
-    names: Sequence[str],
-) -> None:
-    if want.dtype.kind in "fiub":
-        delta = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
-        worst["max_abs"] = max(worst.get("max_abs", 0.0), delta)
-    if want.dtype.kind not in "f":  # labels, strings: the share of equal elements
-        share = float(np.mean(want == have)) if want.size else 1.0
-        worst["agreement"] = min(worst.get("agreement", 1.0), share)
-        return
-    cosine, agreement = _measured(task, name, want, names)
-    if cosine:
-        worst["cosine"] = min(worst.get("cosine", 1.0), row_cosine(have, want))
-    if agreement:
-        worst["agreement"] = min(worst.get("agreement", 1.0), argmax_agreement(want, have, AGREEMENT_MARGIN))
-
-
-def open_session(path: Path, threads: int = 0, level: str = "all", provider: str = "CPUExecutionProvider") -> Any:
-    """An ONNX Runtime session for timing ``path`` with these settings."""
-    return _session(path, threads, level, provider)
 
 
 def interleaved_latency_ms(sessions: Mapping[K, Any], feeds: Feeds, batch: int, repeats: int) -> dict[K, float]:
@@ -254,10 +75,16 @@ class OptimizeReport:
     fusers: dict[str, dict[str, int]] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
     hardware: dict[str, Any] = field(default_factory=dict)
+    evaluated_on: dict[str, Any] = field(default_factory=dict)  # how to make the accuracy's inputs again
+    selection: dict[str, Any] | None = None  # selective int8: the float nodes, the search's trials
+    search_passed: bool | None = None  # selective int8: did some choice keep the budget on the search split
 
     @property
     def violations(self) -> list[str]:
-        return self.budget.violations(self.accuracy)
+        problems = self.budget.violations(self.accuracy)
+        if self.search_passed is False:
+            problems.append("no int8 choice short of keeping every quantizable node in float keeps the budget")
+        return problems
 
     @property
     def passed(self) -> bool:
@@ -285,6 +112,8 @@ class OptimizeReport:
             "fusions": [asdict(f) for f in self.fusions],
             "fusers": self.fusers,
             "quantization": self.quantization,
+            "selective_int8": self.selection,
+            "evaluated_on": self.evaluated_on,
             "hardware": self.hardware,
         }
 
@@ -312,7 +141,15 @@ class OptimizeReport:
         if a.cosine is not None:
             table.add_row("cosine (lowest)", "", f"{a.cosine:.6f}", _limit(self.budget.cosine, ">="))
         if a.agreement is not None:
-            table.add_row("agreement (lowest)", "", f"{a.agreement:.4f}", _limit(self.budget.agreement, ">="))
+            table.add_row("agreement", "", f"{a.agreement:.4f}", _limit(self.budget.agreement, ">="))
+        if a.percentiles:
+            spread = ", ".join(f"{k} {v:.4f}" for k, v in a.percentiles.items())
+            table.add_row("cosine percentiles", "", spread, "")
+        if a.worst:
+            table.add_row("worst input", "", _short(a.worst[0].input), "")
+        if self.selection is not None:
+            kept = len(self.selection["float_nodes"])
+            table.add_row("nodes kept in float", "", f"{kept} of {self.selection['quantizable_nodes']}", "")
         table.caption = f"{a.samples}; latency: median of runs, {self.threads or 'default'} threads" + (
             "" if self.passed else f"; BUDGET BROKEN: {'; '.join(self.violations)}"
         )
@@ -325,6 +162,10 @@ class OptimizeReport:
                 fused.add_row(f.name, str(f.expected), str(f.achieved), f.reason)
             tables.append(fused)
         return tables
+
+
+def _short(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _limit(value: float | None, op: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,8 +77,10 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def quantize(src: Path, dst: Path, settings: QuantizeSettings, samples: Samples | None = None) -> None:
-    """Write ``src`` quantized to int8 as ``dst``."""
+def quantize(
+    src: Path, dst: Path, settings: QuantizeSettings, samples: Samples | None = None, exclude: Sequence[str] = ()
+) -> None:
+    """Write ``src`` quantized to int8 as ``dst``, the nodes named in ``exclude`` kept in float."""
     try:
         with _quiet():
             if settings.mode == "int8":
@@ -88,6 +90,7 @@ def quantize(src: Path, dst: Path, settings: QuantizeSettings, samples: Samples 
                     per_channel=settings.per_channel,
                     reduce_range=settings.reduce_range,
                     weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude),
                 )
             else:
                 if samples is None:
@@ -101,6 +104,7 @@ def quantize(src: Path, dst: Path, settings: QuantizeSettings, samples: Samples 
                     reduce_range=settings.reduce_range,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(exclude),
                 )
     except OptimizeError:
         raise

@@ -1,10 +1,12 @@
-"""Random inputs that fit a model's signature, for comparing two models on the same data.
+"""The toolkit's one generator of random inputs that fit a model's signature (used by ``diff``, and by
+``optimize`` / ``tune`` through :mod:`onnxserve.toolkit.samples`).
 
 Fixed dims are kept; a symbolic dim gets one value per symbol name (``batch_size`` stays equal across
-inputs): 2 when first seen on the first axis, 8 elsewhere. Integer inputs that index a table (the
-indices of a ``Gather`` over an initializer, e.g. token ids into an embedding) are drawn below that
-table's size; other integer inputs are ones (an attention mask that keeps every token); booleans are
-random; floats are standard normal.
+inputs): the batch size when first seen on the first axis, the sequence length elsewhere (2 and 8 by
+default). Integer inputs that index a table (the indices of a ``Gather`` over an initializer, e.g.
+token ids into an embedding) are drawn below that table's size; token-type / segment ids are zeros;
+other integer inputs are ones (an attention mask that keeps every token); booleans are random; floats
+are standard normal.
 """
 
 from __future__ import annotations
@@ -74,27 +76,40 @@ def generate(
     spec: Mapping[str, tuple[int, list[Dim]]], bounds: Mapping[str, int], seed: int = 0
 ) -> dict[str, npt.NDArray[Any]]:
     """One random array per input of ``spec``."""
-    rng = np.random.default_rng(seed)
+    return random_feeds(spec, bounds, np.random.default_rng(seed))
+
+
+def random_feeds(
+    spec: Mapping[str, tuple[int, list[Dim]]],
+    bounds: Mapping[str, int],
+    rng: np.random.Generator,
+    batch: int = 2,
+    sequence: int = 8,
+) -> dict[str, npt.NDArray[Any]]:
+    """One random array per input of ``spec``, drawn from ``rng`` (the rules in the module's doc)."""
     symbols: dict[str, int] = {}
     arrays: dict[str, npt.NDArray[Any]] = {}
     for name, (elem_type, dims) in spec.items():
         shape: list[int] = []
         for axis, d in enumerate(dims):
-            if isinstance(d, int):
+            if isinstance(d, int) and d > 0:
                 shape.append(d)
             elif isinstance(d, str):
-                shape.append(symbols.setdefault(d, 2 if axis == 0 else 8))
+                shape.append(symbols.setdefault(d, batch if axis == 0 else sequence))
             else:
-                shape.append(2 if axis == 0 else 8)
+                shape.append(batch if axis == 0 else sequence)
         try:
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
         except KeyError:
             raise InvalidInputError(f"input {name!r}: cannot make sample values of ONNX type {elem_type}") from None
+        lowered = name.lower()
         if dtype == np.bool_:
             arrays[name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         elif dtype.kind in "iu":
             if name in bounds:
                 arrays[name] = rng.integers(0, max(bounds[name], 1), size=shape).astype(dtype)
+            elif "type" in lowered or "segment" in lowered:
+                arrays[name] = np.zeros(shape, dtype=dtype)
             else:
                 arrays[name] = np.ones(shape, dtype=dtype)
         elif dtype.kind == "f":

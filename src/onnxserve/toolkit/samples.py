@@ -10,7 +10,7 @@ table's size; masks are ones, token types zeros).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ import numpy.typing as npt
 import onnx
 
 from onnxserve.core.pipeline import PipelineSpec, TextBatch, TextPipeline
-from onnxserve.errors import OptimizeError
-from onnxserve.toolkit.sample_inputs import index_bounds
+from onnxserve.errors import InvalidInputError, OptimizeError
+from onnxserve.toolkit.sample_inputs import index_bounds, random_feeds, signature
 
 Feeds = dict[str, npt.NDArray[Any]]
 
@@ -57,10 +57,18 @@ class Samples:
     batches: list[Feeds]
     source: str  # where they came from, for the report
     texts: list[str] | None = None  # the sentences, for a text model
+    recipe: dict[str, Any] = field(default_factory=dict)  # how to make the same samples again (metadata)
 
     @property
     def rows(self) -> int:
         return sum(len(next(iter(b.values()))) for b in self.batches if b)
+
+    @property
+    def labels(self) -> list[str]:
+        """One name per row, in order: the sentence for a text model, else ``row N``."""
+        if self.texts is not None and len(self.texts) == self.rows:
+            return list(self.texts)
+        return [f"row {i}" for i in range(self.rows)]
 
 
 def text_pipeline(folder: Path | None, input_names: Sequence[str]) -> TextPipeline | None:
@@ -82,16 +90,26 @@ def load_samples(model: onnx.ModelProto, text: TextPipeline | None, calibration:
     return generate(model, seed)
 
 
-def _texts(text: TextPipeline, lines: list[str], source: str) -> Samples:
+def _texts(text: TextPipeline, lines: list[str], source: str, batch: int = BATCH) -> Samples:
     if text.is_qa:
         pairs = [(line, SENTENCES[i % len(SENTENCES)]) for i, line in enumerate(lines)]
         batches = [
-            text.encode(TextBatch([q for q, _ in pairs[i : i + BATCH]], [c for _, c in pairs[i : i + BATCH]])).feeds
-            for i in range(0, len(pairs), BATCH)
+            text.encode(TextBatch([q for q, _ in pairs[i : i + batch]], [c for _, c in pairs[i : i + batch]])).feeds
+            for i in range(0, len(pairs), batch)
         ]
     else:
-        batches = [text.encode(TextBatch(lines[i : i + BATCH])).feeds for i in range(0, len(lines), BATCH)]
+        batches = [text.encode(TextBatch(lines[i : i + batch])).feeds for i in range(0, len(lines), batch)]
     return Samples(batches, source, lines)
+
+
+def _text_lines(path: Path) -> list[str]:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise OptimizeError(f"calibration file {path}: not UTF-8 text (give text lines, .npy or .npz)") from None
+    if not lines:
+        raise OptimizeError(f"calibration file {path} has no text lines")
+    return lines
 
 
 def _from_file(model: onnx.ModelProto, text: TextPipeline | None, path: Path) -> Samples:
@@ -105,12 +123,7 @@ def _from_file(model: onnx.ModelProto, text: TextPipeline | None, path: Path) ->
             f"calibration file {path}: text lines need a text model folder (tokenizer.json + onnxserve.json); "
             "for a model file give .npy (one input) or .npz (one array per input name)"
         )
-    try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise OptimizeError(f"calibration file {path}: not UTF-8 text (give text lines, .npy or .npz)") from None
-    if not lines:
-        raise OptimizeError(f"calibration file {path} has no text lines")
+    lines = _text_lines(path)
     return _texts(text, lines, f"{len(lines)} lines of {path.name} tokenized by the folder's tokenizer")
 
 
@@ -178,39 +191,15 @@ def token_ranges(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def generate(model: onnx.ModelProto, seed: int = 0, batch: int = BATCH) -> Samples:
-    """Random inputs that respect the model's dims, datatypes and token ranges."""
+    """Random inputs by the toolkit's one generator (:func:`onnxserve.toolkit.sample_inputs.random_feeds`):
+    the model's dims and datatypes, token ids below the embedding table's size, masks of ones."""
     rng = np.random.default_rng(seed)
-    ranges = token_ranges(model)
-    batches: list[Feeds] = []
-    for _ in range(GENERATED_BATCHES):
-        feeds: Feeds = {}
-        for info in _graph_inputs(model):
-            feeds[info.name] = _random(info, ranges.get(info.name), rng, batch)
-        batches.append(feeds)
+    spec, ranges = signature(model.graph), token_ranges(model)
+    try:
+        batches = [random_feeds(spec, ranges, rng, batch, GENERATED_SEQUENCE) for _ in range(GENERATED_BATCHES)]
+    except InvalidInputError as e:
+        raise OptimizeError(f"{e.message.removesuffix('; give samples')}; give a calibration file") from None
     return Samples(batches, f"{GENERATED_BATCHES} batches of generated inputs (seed {seed})")
-
-
-def _random(
-    info: onnx.ValueInfoProto, token_range: int | None, rng: np.random.Generator, batch: int
-) -> npt.NDArray[Any]:
-    tensor = info.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-    shape = tuple(d if d >= 0 else (batch if axis == 0 else GENERATED_SEQUENCE) for axis, d in enumerate(dims))
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
-    name = info.name.lower()
-    if dtype == np.bool_:
-        return rng.integers(0, 2, shape).astype(np.bool_)
-    if np.issubdtype(dtype, np.integer):
-        if "mask" in name:
-            return np.ones(shape, dtype=dtype)
-        if "type" in name or "segment" in name:
-            return np.zeros(shape, dtype=dtype)
-        return rng.integers(0, token_range or 10, shape).astype(dtype)
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    raise OptimizeError(
-        f"input {info.name!r} has datatype {dtype}, for which no inputs can be generated; give a calibration file"
-    )
 
 
 def resize_batch(feeds: Feeds, rows: int) -> Feeds:
@@ -218,3 +207,89 @@ def resize_batch(feeds: Feeds, rows: int) -> Feeds:
     have = len(next(iter(feeds.values())))
     index = np.arange(rows) % have
     return {name: np.ascontiguousarray(array[index]) for name, array in feeds.items()}
+
+
+# -- the evaluation set: what accuracy is measured on ------------------------------------------------------
+
+EVAL_SENTENCES_FILE = Path(__file__).parent / "data" / "eval_sentences.txt"
+"""Real sentences of every length (one word to a long paragraph), several languages and domains,
+numbers, code and punctuation-only lines: a text model's built-in evaluation set."""
+
+HELD_OUT_EVERY = 4
+"""Every fourth line (the 4th, 8th, ...) of the built-in set is held out: never used to choose
+anything, only to check the choice."""
+
+SPLITS = ("search", "held-out")
+
+
+def eval_sentences(split: str) -> list[str]:
+    """The built-in evaluation sentences of ``split`` (``search`` or ``held-out``), in file order."""
+    if split not in SPLITS:
+        raise OptimizeError(f"unknown evaluation split {split!r}; choose search or held-out")
+    lines = [line for line in EVAL_SENTENCES_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    held = split == "held-out"
+    return [line for i, line in enumerate(lines) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held]
+
+
+@dataclass(frozen=True)
+class EvaluationSets:
+    """Where a transform is chosen (``search``) and where the choice is checked (``held_out``)."""
+
+    search: Samples
+    held_out: Samples
+
+
+def evaluation_set(
+    model: onnx.ModelProto, text: TextPipeline | None, split: str, extra: Path | None = None, seed: int = 0
+) -> Samples:
+    """One split of the evaluation set.
+
+    A text model: the built-in sentences of ``split``, one input each (no padding shared between
+    sentences), plus the lines of ``extra``. A tensor model: the arrays of ``extra`` (.npy / .npz),
+    else generated inputs (seed ``seed`` for the search split, ``seed + 1`` held out).
+    """
+    if text is not None and (extra is None or extra.suffix.lower() not in (".npy", ".npz")):
+        lines = eval_sentences(split)
+        source = f"{len(lines)} built-in evaluation sentences ({split} split)"
+        recipe: dict[str, Any] = {"kind": "builtin-sentences", "split": split, "rows": len(lines)}
+        if extra is not None:
+            if not extra.is_file():
+                raise OptimizeError(f"evaluation file {extra} not found")
+            added = _text_lines(extra)
+            lines = lines + added
+            source += f" + {len(added)} lines of {extra.name}"
+            recipe["file"] = extra.name
+        encoded = _texts(text, lines, source, batch=1)
+        return Samples(encoded.batches, encoded.source, encoded.texts, recipe)
+    if extra is not None:
+        loaded = _from_file(model, text, extra)
+        return Samples(loaded.batches, loaded.source, loaded.texts, {"kind": "file", "file": extra.name})
+    generated = generate(model, seed if split == "search" else seed + 1)
+    return Samples(generated.batches, generated.source, None, {"kind": "generated", "seed": seed + (split != "search")})
+
+
+def evaluation_sets(
+    model: onnx.ModelProto, text: TextPipeline | None, calibration: Path | None, held_out: Path | None
+) -> EvaluationSets:
+    """The search split (plus the user's ``--calibration``) and the held-out split (plus ``--eval``).
+
+    A tensor model measured on the user's samples: without ``--eval`` the calibration samples are
+    measured (the report names them); generated inputs would not represent the user's data.
+    """
+    if text is None and held_out is None:
+        held_out = calibration
+    return EvaluationSets(
+        evaluation_set(model, text, "search", calibration), evaluation_set(model, text, "held-out", held_out)
+    )
+
+
+def remake(model: onnx.ModelProto, text: TextPipeline | None, recipe: dict[str, Any]) -> Samples | None:
+    """The samples a recorded ``recipe`` describes, when they can be made again without the user's files."""
+    kind = recipe.get("kind")
+    if kind == "builtin-sentences" and text is not None and "file" not in recipe:
+        return evaluation_set(model, text, str(recipe.get("split", "held-out")))
+    if kind == "generated" and text is None:
+        seed = int(recipe.get("seed", 1))
+        made = generate(model, seed)
+        return Samples(made.batches, made.source, None, {"kind": "generated", "seed": seed})
+    return None

@@ -3,7 +3,10 @@ ones within the accuracy budget, and write the fastest for the stated target.
 
 The matrix: model variants (plain, fused, int8, fused + int8 -- fusion only for transformer graphs)
 x the session's graph optimization level x intra-op thread counts x the execution providers this
-machine has. Each variant's accuracy is checked once against the source; each cell is timed at the
+machine has. Each variant's accuracy is checked once against the source, as ``optimize`` checks it:
+the same evaluation set (its held-out split, plus ``--eval``) and the same budget (the default budget
+of a quantized model unless ``--max-accuracy-loss``); int8 variants are selective int8, searched on the
+search split. A variant that breaks the budget is timed but never proposed. Each cell is timed at the
 target's batch size (1 for latency). The winner is written like ``onnxserve optimize`` writes, with a
 report that holds the whole matrix, and its settings map onto the server config's
 ``session_options`` / ``execution_providers``.
@@ -42,10 +45,9 @@ from onnxserve.toolkit.optimize_report import (
     interleaved_latency_ms,
     open_session,
 )
-from onnxserve.toolkit.samples import load_samples
+from onnxserve.toolkit.samples import evaluation_sets, load_samples
 
 TARGETS = ("latency", "throughput")
-DEFAULT_BUDGET = AccuracyBudget(cosine=0.99, agreement=0.99)
 SESSION_LEVELS = ("disable", *LEVELS)
 
 
@@ -58,8 +60,9 @@ class TuneOptions:
     fuse: tuple[bool, ...] = (False, True)
     int8: tuple[bool, ...] = (False, True)
     providers: tuple[str, ...] = ()  # (): every local provider
-    budget: AccuracyBudget = DEFAULT_BUDGET
+    budget: AccuracyBudget | None = None  # None: optimize's default budget of a quantized model
     calibration: Path | None = None
+    evaluation: Path | None = None  # held-out inputs of the user's (--eval)
     repeats: int = 10
     force: bool = False
 
@@ -178,6 +181,8 @@ def tune(src: Path, dst: Path, options: TuneOptions, console: Console | None = N
     check_destination(source, dst, options.force)
     proto = onnx.load_model(str(source.model_file), load_external_data=False)
     samples = load_samples(proto, source.text, options.calibration)
+    sets = evaluation_sets(proto, source.text, options.calibration, options.evaluation)
+    budget = options.budget if options.budget is not None else AccuracyBudget.default_for(source.task)
     transformer = bool(expected_fusions(proto))
     variants = [Variant(f, q) for f in sorted(set(options.fuse)) for q in sorted(set(options.int8))]
     variants = [v for v in variants if transformer or not v.fuse]
@@ -208,19 +213,23 @@ def tune(src: Path, dst: Path, options: TuneOptions, console: Console | None = N
             work.mkdir()
             result = build(
                 source,
-                OptimizeOptions(fuse=v.fuse, quantize="int8" if v.int8 else None),
+                OptimizeOptions(fuse=v.fuse, quantize="int8" if v.int8 else None, budget=budget),
                 work,
                 samples,
                 lambda _text: None,
+                sets.search,
             )
-            accuracy: Accuracy = compare_models(source.model_file, result.model_file, samples, source.task)
-            violations = options.budget.violations(accuracy)
+            accuracy: Accuracy = compare_models(source.model_file, result.model_file, sets.held_out, source.task)
+            violations = budget.violations(accuracy)
+            if result.selection is not None and not result.selection.passed:
+                violations.append("no int8 choice short of keeping every quantizable node in float keeps the budget")
             built[v.name] = result.model_file
             within[v.name] = not violations
             summary[v.name] = {
                 "accuracy": accuracy.to_dict(),
                 "size_bytes": file_size(result.model_file),
                 "violations": violations,
+                "float_nodes": result.selection.float_nodes if result.selection else [],
             }
             bar.advance(task)
         keys = [
@@ -238,15 +247,15 @@ def tune(src: Path, dst: Path, options: TuneOptions, console: Console | None = N
         cells = [Cell(v, level, t, p, timed[(v, level, t, p)], within[v]) for v, level, t, p in keys]
         candidates = [c for c in cells if c.within_budget]
         if not candidates:
-            budget = ", ".join(f"{k}={v}" for k, v in options.budget.to_dict().items())
-            raise OptimizeError(f"no variant keeps the accuracy budget ({budget}); {dst} was not written")
+            limits = ", ".join(f"{k}={v}" for k, v in budget.to_dict().items())
+            raise OptimizeError(f"no variant keeps the accuracy budget ({limits}); {dst} was not written")
         best = min(candidates, key=lambda c: c.latency_ms)
         report = TuneReport(
             source=str(src),
             destination=str(dst),
             target=options.target,
             batch=options.batch,
-            budget=options.budget,
+            budget=budget,
             cells=cells,
             variants=summary,
             best=best,

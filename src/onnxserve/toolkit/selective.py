@@ -1,0 +1,265 @@
+"""Selective int8: quantize every node that can keep the accuracy budget, keep the sensitive ones in float.
+
+Per-channel int8 of every MatMul is blunt: a few nodes (often an outlier-heavy projection, the first
+or last layer, attention scores) carry most of the error. The search:
+
+1. quantize everything; if the worst case on the *search* split keeps the budget, done;
+2. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
+   and weights are rounded the way ONNX Runtime's quantizer rounds them (weights symmetric int8 per
+   output channel, 7-bit where ``reduce_range``; activations asymmetric uint8 per tensor), measured on
+   the float model's real intermediate values for the search inputs (worst over inputs);
+3. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
+   to the fewest; each candidate is really quantized and measured, the ranking only orders the tries;
+4. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
+   int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds.
+
+A result that needs every quantizable node in float is no int8 model: the search reports failure.
+The chosen model is then checked on the *held-out* split by the caller (:mod:`onnxserve.toolkit.optimize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxserve.toolkit.evaluation import Accuracy, AccuracyBudget, compare_models, open_session, session_runner
+from onnxserve.toolkit.quantize import QuantizeSettings, quantize
+from onnxserve.toolkit.samples import Samples
+
+QUANTIZABLE = ("MatMul", "Gemm", "Conv", "Attention", "Gather", "LSTM", "EmbedLayerNormalization")
+"""Operators ONNX Runtime's int8 quantizer rewrites (its IntegerOps registry, Transpose aside)."""
+
+SIZE_TRIES = 2
+"""Float nodes (the heaviest) tried back in int8 after the search, for size."""
+
+HEAVY = 0.05
+"""A float node is worth a size try when it holds at least this share of the model's weight bytes."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    float_nodes: int
+    accuracy: dict[str, Any]
+    passed: bool
+
+
+@dataclass
+class Selection:
+    """What the search chose: the model file, the nodes kept in float (most sensitive first)."""
+
+    model_file: Path
+    float_nodes: list[str]
+    candidates: int
+    passed: bool
+    accuracy: Accuracy  # on the search split
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "float_nodes": self.float_nodes,
+            "quantizable_nodes": self.candidates,
+            "passed_on_search_split": self.passed,
+            "search_accuracy": self.accuracy.to_dict(),
+            "sensitivity": {n: self.sensitivity[n] for n in self.float_nodes if n in self.sensitivity},
+            "trials": [{"float_nodes": t.float_nodes, "passed": t.passed, **t.accuracy} for t in self.trials],
+        }
+
+
+def name_nodes(src: Path, dst: Path) -> Path:
+    """``src`` when every node has a unique name, else a copy at ``dst`` where each gets one
+    (``OpType_index``): the quantizer excludes nodes by name."""
+    model = onnx.load(str(src))
+    names = [n.name for n in model.graph.node]
+    if all(names) and len(set(names)) == len(names):
+        return src
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def quantizable(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes the quantizer may rewrite (a Gather only over a float table)."""
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    found = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in QUANTIZABLE:
+            continue
+        if node.op_type == "Gather" and (not node.input or node.input[0] not in floats):
+            continue
+        found.append(node.name)
+    return found
+
+
+def _fake_activation(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Dynamic quantization of an activation: asymmetric uint8, one scale per tensor, range with 0."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero = np.round(-lo / scale)
+    q = np.clip(np.round(x / scale) + zero, 0, 255)
+    result: npt.NDArray[Any] = (q - zero) * scale
+    return result
+
+
+def _fake_weight(w: npt.NDArray[Any], axis: int | None, reduce_range: bool) -> npt.NDArray[Any]:
+    """Symmetric int8 weights, one scale per channel along ``axis`` (None: per tensor)."""
+    top = 63.0 if reduce_range else 127.0
+    if axis is None:
+        peak = np.abs(w).max(keepdims=True)
+    else:
+        peak = np.abs(w).max(axis=tuple(a for a in range(w.ndim) if a != axis % w.ndim), keepdims=True)
+    scale = np.where(peak > 0, peak / top, 1.0)
+    result: npt.NDArray[Any] = np.clip(np.round(w / scale), -top - 1, top) * scale
+    return result
+
+
+def _relative(ref: npt.NDArray[Any], approx: npt.NDArray[Any]) -> float:
+    norm = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(ref - approx)) / norm if norm > 0 else 0.0
+
+
+def sensitivity(
+    model_file: Path, names: list[str], samples: Samples, work: Path, reduce_range: bool
+) -> dict[str, float]:
+    """Each node's own relative output error under int8 rounding, worst over the sample inputs."""
+    model = onnx.load(str(model_file))
+    weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node if n.name in set(names)}
+    wanted: list[str] = []
+    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for node in nodes.values():
+        if node.op_type in ("MatMul", "Gemm", "Attention"):
+            for value in node.input[: 2 if node.op_type != "Attention" else 1]:
+                if value and value not in weights and value not in wanted:
+                    wanted.append(value)
+    for value in wanted:
+        if value not in present:
+            model.graph.output.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
+    probe = work / "sensitivity.onnx"
+    onnx.save(model, str(probe))
+    run = session_runner(open_session(probe))
+    scores = {name: 0.0 for name in nodes}
+    for feeds in samples.batches:
+        values: dict[str, npt.NDArray[Any]] = {
+            k: np.asarray(v, dtype=np.float64)
+            for k, v in {**feeds, **run(feeds)}.items()
+            if k in wanted and np.asarray(v).dtype.kind == "f"
+        }
+        for name, node in nodes.items():
+            scores[name] = max(scores[name], _node_error(node, values, weights, reduce_range))
+    probe.unlink(missing_ok=True)
+    return scores
+
+
+def _node_error(
+    node: onnx.NodeProto,
+    values: dict[str, npt.NDArray[Any]],
+    weights: dict[str, npt.NDArray[Any]],
+    reduce_range: bool,
+) -> float:
+    op = node.op_type
+    if op in ("MatMul", "Gemm", "Attention"):
+        a_name, b_name = node.input[0], node.input[1]
+        a = values.get(a_name, weights.get(a_name))
+        b = values.get(b_name, weights.get(b_name))
+        if a is None or b is None:
+            return 0.0
+        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if op == "Gemm":
+            a = a.T if attrs.get("transA", 0) else a
+            b = b.T if attrs.get("transB", 0) else b
+        qa = _fake_weight(a, -1, reduce_range) if a_name in weights else _fake_activation(a)
+        qb = _fake_weight(b, -1, reduce_range) if b_name in weights else _fake_activation(b)
+        try:
+            return _relative(np.matmul(a, b), np.matmul(qa, qb))
+        except ValueError:  # shapes that do not multiply as plain matrices: judge the weight alone
+            return _relative(b, qb)
+    # Conv, Gather, LSTM, EmbedLayerNormalization: the rounding error of their float weights
+    errors = [
+        _relative(weights[w], _fake_weight(weights[w], 0 if op == "Conv" else None, reduce_range))
+        for w in node.input
+        if w in weights and weights[w].ndim >= 2
+    ]
+    return max(errors, default=0.0)
+
+
+def select(
+    model_file: Path,
+    work: Path,
+    settings: QuantizeSettings,
+    calibration: Samples | None,
+    search: Samples,
+    budget: AccuracyBudget,
+    task: str | None,
+    step: Callable[[str], None] = lambda _text: None,
+) -> Selection:
+    """The int8 model with the fewest float nodes that keeps ``budget`` on ``search``."""
+    named = name_nodes(model_file, work / "named.onnx")
+    candidates = quantizable(onnx.load_model(str(named), load_external_data=False))
+    trials: list[Trial] = []
+
+    def trial(exclude: list[str]) -> tuple[Path, Accuracy, bool]:
+        out = work / f"selective-{len(trials)}.onnx"
+        step(f"int8: trying with {len(exclude)} of {len(candidates)} nodes in float")
+        quantize(named, out, settings, calibration, exclude)
+        accuracy = compare_models(named, out, search, task)
+        passed = not budget.violations(accuracy)
+        trials.append(Trial(len(exclude), _brief(accuracy), passed))
+        return out, accuracy, passed
+
+    full, full_accuracy, passed = trial([])
+    if passed or not candidates:
+        return Selection(full, [], len(candidates), passed, full_accuracy, {}, trials)
+    step(f"int8: measuring the sensitivity of {len(candidates)} nodes")
+    scores = sensitivity(named, candidates, search, work, settings.reduce_range)
+    ranking = sorted(candidates, key=lambda n: -scores.get(n, 0.0))
+    failing, best = 0, None
+    k = 1
+    while k < len(ranking):
+        out, accuracy, passed = trial(ranking[:k])
+        if passed:
+            best = (k, out, accuracy)
+            break
+        failing, k = k, k * 2
+    if best is None:  # only an all-float model would keep the budget: that is no int8 model
+        return Selection(full, [], len(candidates), False, full_accuracy, scores, trials)
+    while best[0] - failing > 1:
+        middle = (failing + best[0]) // 2
+        out, accuracy, passed = trial(ranking[:middle])
+        if passed:
+            best = (middle, out, accuracy)
+        else:
+            failing = middle
+    count, out, accuracy = best
+    kept = ranking[:count]
+    sizes = _weight_bytes(named)
+    total = sum(sizes.values()) or 1
+    heavy = sorted((n for n in kept if sizes.get(n, 0) >= HEAVY * total), key=lambda n: -sizes.get(n, 0))
+    for name in heavy[:SIZE_TRIES]:
+        fewer = [n for n in kept if n != name]
+        tried, tried_accuracy, passed = trial(fewer)
+        if passed:
+            kept, out, accuracy = fewer, tried, tried_accuracy
+    return Selection(out, kept, len(candidates), True, accuracy, scores, trials)
+
+
+def _weight_bytes(model_file: Path) -> dict[str, int]:
+    """Node name -> bytes of the float initializers it reads."""
+    model = onnx.load(str(model_file))
+    sizes = {t.name: len(t.raw_data) or 4 * len(t.float_data) for t in model.graph.initializer}
+    return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node}
+
+
+def _brief(accuracy: Accuracy) -> dict[str, Any]:
+    return {"cosine": accuracy.cosine, "agreement": accuracy.agreement, "max_abs_diff": accuracy.max_abs}
