@@ -693,6 +693,21 @@ def test_web_page_in_a_browser(
             assert json.loads(page.locator("#try-result pre.json").inner_text()) == tokens
             expect(page.locator("#try-result pre.summary")).to_have_text(" ".join(t["text"] for t in tokens[0]))
 
+            # a reranker: V2 pairs the query with each text; /rerank ranks the texts (here: more tokens, higher)
+            page.goto(web_server.http_url + "/models/ranker/versions/1")
+            page.fill("#try-it textarea[name=query]", "hello")
+            page.fill("#try-it textarea[name=text]", "world\nhello world world")
+            page.click("#try-it button[type=submit]")
+            expect(page.locator('#try-result .output[data-output="score"] .output-head')).to_have_text(
+                "score · FP32 · [2]", timeout=30_000
+            )
+            page.select_option("#try-route", "tei-rerank")
+            page.click("#try-it button[type=submit]")
+            expect(page.locator("#try-status")).to_have_text("200 OK", timeout=30_000)
+            ranked = json.loads(page.locator("#try-result pre.json").inner_text())
+            assert [(r["index"], r["text"]) for r in ranked] == [(1, "hello world world"), (0, "world")]
+            page.goto(web_server.http_url + "/models/tiny/versions/1")
+
             # nothing to send: each route's own error shape comes back and is shown
             page.fill("#try-it textarea[name=text]", "")
             for route, status in (("openai-embeddings", "400"), ("tei-embed", "422")):
