@@ -6,15 +6,22 @@ metadata), the try-it form is prefilled with a request the server accepts, the g
 node count onnx counts, weights page through as numpy reads them, a diff finds the weight that
 differs, model-provided markup is escaped, and unknown models or versions get clear 404s.
 
+The try-it form offers the routes that fit each model (V2; OpenAI /v1/embeddings and TEI /embed for
+pooled embedding models, /rerank for rerankers, /predict for classifiers, /tokenize for text models).
+
 The ``browser`` test drives headless Chromium (Debian's) through Playwright against the demo server:
-model list, the MiniLM page, a click on a graph node, the try-it form, and a diff view; screenshots
-go to tests/artifacts/.
+model list, the MiniLM page, a click on a graph node, the try-it form (V2, then OpenAI's and TEI's
+routes on the tiny BERT, with their curl lines and error shapes), and a diff view; screenshots go to
+tests/artifacts/.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import re
+import shlex
+import shutil
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -90,6 +97,16 @@ def tricky_model() -> onnx.ModelProto:
     return model
 
 
+def word_level_folder(folder: Path, model: onnx.ModelProto, spec: PipelineSpec) -> None:
+    """A pipeline folder: ``model``, a word-level tokenizer, ``spec``."""
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    tokenizer = Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    spec.write(folder)
+
+
 def classifier_folder(folder: Path) -> None:
     """A text-classification pipeline folder (word-level tokenizer) whose class labels are markup.
 
@@ -106,27 +123,40 @@ def classifier_folder(folder: Path) -> None:
         }
         """
     )
-    folder.mkdir(parents=True)
-    onnx.save(model, folder / "model.onnx")
-    tokenizer = Tokenizer(WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    PipelineSpec(
+    spec = PipelineSpec(
         task="text-classification",
         inputs=["input_ids", "attention_mask"],
         outputs=["logits"],
         max_length=16,
         labels=EVIL_LABELS,
-    ).write(folder)
+    )
+    word_level_folder(folder, model, spec)
+
+
+def ranker_folder(folder: Path) -> None:
+    """A text-ranking pipeline folder: relevance logit = number of tokens of the (query, text) pair."""
+    model = models.parse(
+        """
+        ranker (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, 1] logits) {
+            maskf = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {1}> ()
+            logits = ReduceSum <keepdims = 1> (maskf, axes)
+        }
+        """
+    )
+    spec = PipelineSpec(task="text-ranking", inputs=["input_ids", "attention_mask"], outputs=["logits"], max_length=32)
+    word_level_folder(folder, model, spec)
 
 
 @pytest.fixture(scope="module")
-def web_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def web_repository(tmp_path_factory: pytest.TempPathFactory, tiny_text_version: Path) -> Path:
     repo = tmp_path_factory.mktemp("web")
     models.write_version(repo, "linear", 1, linear_model(WEIGHT_1))
     models.write_version(repo, "linear", 2, linear_model(WEIGHT_2))
     models.write_version(repo, "tricky", 1, tricky_model())
     classifier_folder(repo / "classifier" / "1")
+    ranker_folder(repo / "ranker" / "1")
+    shutil.copytree(tiny_text_version, repo / "tiny" / "1")
     return repo
 
 
@@ -143,6 +173,8 @@ def web_server(web_repository: Path) -> Iterator[RunningServer]:
             },
             {"name": "tricky", "base_path": "tricky"},
             {"name": "classifier", "base_path": "classifier", "max_batch_size": 4},
+            {"name": "ranker", "base_path": "ranker", "max_batch_size": 4},
+            {"name": "tiny", "base_path": "tiny", "max_batch_size": 4},
         ]
     }
     config = parse_config(document, "web test config", web_repository)
@@ -159,6 +191,7 @@ class Page(HTMLParser):
         self.rows: list[tuple[dict[str, str], list[str]]] = []
         self.tables: list[list[list[str]]] = []
         self.textareas: dict[str, str] = {}
+        self.options: list[dict[str, str]] = []
         self.elements: dict[str, dict[str, str]] = {}  # by id
         self._cell: list[str] | None = None
         self._row: tuple[dict[str, str], list[str]] | None = None
@@ -178,6 +211,8 @@ class Page(HTMLParser):
         elif tag == "textarea":
             self._textarea = attributes.get("name", "")
             self.textareas[self._textarea] = ""
+        elif tag == "option":
+            self.options.append(attributes)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None and self._row is not None:
@@ -324,6 +359,47 @@ def test_pipeline_page_shows_the_text_interface_and_labels(web_server: RunningSe
     answer = httpx.post(web_server.http_url + form["data-url"], json=body)
     assert answer.status_code == 200, answer.text
     assert {o["name"]: o["data"] for o in answer.json()["outputs"]}["label"] == [EVIL_LABELS[0]]
+
+
+@pytest.mark.parametrize(
+    ("name", "routes"),
+    [
+        ("tiny", ["/v2/models/tiny/versions/1/infer", "/v1/embeddings", "/embed", "/tokenize"]),
+        ("ranker", ["/v2/models/ranker/versions/1/infer", "/rerank", "/tokenize"]),
+        ("classifier", ["/v2/models/classifier/versions/1/infer", "/predict", "/tokenize"]),
+        ("tricky", ["/v2/models/tricky/versions/1/infer"]),
+    ],
+)
+def test_try_it_offers_the_routes_that_fit_the_model(web_server: RunningServer, name: str, routes: list[str]) -> None:
+    page = get_page(web_server, f"/models/{name}/versions/1")
+    route_options = [o for o in page.options if "data-path" in o]
+    assert [o["data-path"] for o in route_options] == routes
+    assert page.elements["try-it"]["data-model"] == f"{name}:1"
+    # each offered route answers the model (named as the form names it) with 200
+    texts = ["hello world", "world"]
+    bodies = {
+        "/v1/embeddings": {"model": f"{name}:1", "input": texts},
+        "/embed": {"inputs": texts},
+        "/rerank": {"query": "hello", "texts": texts},
+        "/predict": {"inputs": texts},
+        "/tokenize": {"inputs": texts},
+    }
+    for path in routes[1:]:
+        answer = httpx.post(web_server.http_url + path, json=bodies[path], headers={"X-Model": f"{name}:1"})
+        assert answer.status_code == 200, (path, answer.text)
+    # the reranker's form sends a query and its texts; V2 pairs the query with each text
+    if name == "ranker":
+        assert set(page.textareas) == {"query", "text"}
+        text_lines = page.textareas["text"].strip().split("\n")
+        query = page.textareas["query"].strip()
+        body = {
+            "inputs": [
+                {"name": "query", "datatype": "BYTES", "shape": [len(text_lines)], "data": [query] * len(text_lines)},
+                {"name": "text", "datatype": "BYTES", "shape": [len(text_lines)], "data": text_lines},
+            ]
+        }
+        answer = httpx.post(web_server.http_url + page.elements["try-it"]["data-url"], json=body)
+        assert answer.status_code == 200, answer.text
 
 
 def test_a_label_names_the_version_page(web_server: RunningServer) -> None:
@@ -509,13 +585,19 @@ def test_web_page_in_a_browser(
         f"{demo_server.http_url}/v2/models/minilm/versions/1/infer",
         json={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [sentence]}]},
     ).json()["outputs"][0]
+    tiny_metadata = httpx.get(f"{web_server.http_url}/v2/models/tiny/versions/1").json()
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_executable, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("pageerror", lambda e: errors.append(str(e)))
-        expected = "Failed to load resource: the server responded with a status of 400"  # the refused request below
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" and expected not in m.text else None)
+        expected = re.compile(r"Failed to load resource: the server responded with a status of (400|422)")
+
+        def console(message: Any) -> None:
+            if message.type == "error" and not expected.search(message.text):  # the refused requests below
+                errors.append(message.text)
+
+        page.on("console", console)
         try:
             # the model list
             page.goto(demo_server.http_url + "/")
@@ -576,6 +658,80 @@ def test_web_page_in_a_browser(
             expect(page.locator('#try-result .output[data-output="label"] .output-values')).to_have_text(
                 '"' + EVIL_LABELS[0] + '"'
             )
+
+            # the tiny text model through OpenAI's /v1/embeddings: the curl line is the request the form sends
+            page.goto(web_server.http_url + "/models/tiny/versions/1")
+            page.select_option("#try-route", "openai-embeddings")
+            quoted = "It's the tiny model's sentence."
+            page.fill("#try-it textarea[name=text]", quoted)
+            expect(page.locator("#try-hint")).to_have_text("POST /v1/embeddings")
+            curl = shlex.split(page.locator("#try-curl").inner_text())
+            assert curl[:5] == ["curl", "-s", "-X", "POST", web_server.http_url + "/v1/embeddings"]
+            sent = json.loads(curl[curl.index("-d") + 1])
+            assert sent == {"model": "tiny:1", "input": quoted}
+            page.click("#try-it button[type=submit]")
+            expect(page.locator("#try-status")).to_have_text("200 OK", timeout=30_000)
+            answer = json.loads(page.locator("#try-result pre.json").inner_text())
+            reference = httpx.post(web_server.http_url + "/v1/embeddings", json=sent).json()
+            (embedding,) = [o for o in tiny_metadata["outputs"] if o["name"] == "sentence_embedding"]
+            assert len(answer["data"][0]["embedding"]) == embedding["shape"][-1]
+            assert answer["data"][0]["embedding"] == pytest.approx(reference["data"][0]["embedding"], abs=1e-5)
+            expect(page.locator("#try-result pre.summary")).to_contain_text(f"of {embedding['shape'][-1]} values")
+            _screenshot(page, "web-try-it-openai.png")
+
+            # TEI /tokenize: the model named by the X-Model header, the tokens shown
+            page.select_option("#try-route", "tei-tokenize")
+            page.fill("#try-it textarea[name=text]", quoted)
+            curl = shlex.split(page.locator("#try-curl").inner_text())
+            assert curl[4] == web_server.http_url + "/tokenize"
+            assert "X-Model: tiny:1" in curl
+            page.click("#try-it button[type=submit]")
+            expect(page.locator("#try-status")).to_have_text("200 OK", timeout=30_000)
+            tokens = httpx.post(
+                web_server.http_url + "/tokenize", json={"inputs": quoted}, headers={"X-Model": "tiny:1"}
+            ).json()
+            assert json.loads(page.locator("#try-result pre.json").inner_text()) == tokens
+            expect(page.locator("#try-result pre.summary")).to_have_text(" ".join(t["text"] for t in tokens[0]))
+
+            # a reranker: V2 pairs the query with each text; /rerank ranks the texts (here: more tokens, higher)
+            page.goto(web_server.http_url + "/models/ranker/versions/1")
+            page.fill("#try-it textarea[name=query]", "hello")
+            page.fill("#try-it textarea[name=text]", "world\nhello world world")
+            page.click("#try-it button[type=submit]")
+            expect(page.locator('#try-result .output[data-output="score"] .output-head')).to_have_text(
+                "score · FP32 · [2]", timeout=30_000
+            )
+            page.select_option("#try-route", "tei-rerank")
+            page.click("#try-it button[type=submit]")
+            expect(page.locator("#try-status")).to_have_text("200 OK", timeout=30_000)
+            ranked = json.loads(page.locator("#try-result pre.json").inner_text())
+            assert [(r["index"], r["text"]) for r in ranked] == [(1, "hello world world"), (0, "world")]
+            page.goto(web_server.http_url + "/models/tiny/versions/1")
+
+            # nothing to send: each route's own error shape comes back and is shown
+            page.fill("#try-it textarea[name=text]", "")
+            for route, status in (("openai-embeddings", "400"), ("tei-embed", "422")):
+                page.select_option("#try-route", route)
+                page.click("#try-it button[type=submit]")
+                expect(page.locator("#try-status")).to_have_text(f"{status} error", timeout=30_000)
+                shown = json.loads(page.locator("#try-result pre.json").inner_text())
+                if route == "openai-embeddings":  # OpenAI's {"error": {"message", "type", "param", "code"}}
+                    assert set(shown["error"]) == {"message", "type", "param", "code"}
+                    message = shown["error"]["message"]
+                else:  # TEI's {"error": "...", "error_type": "validation"}
+                    assert shown["error_type"] == "validation"
+                    message = shown["error"]
+                assert message
+                expect(page.locator("#try-result .error")).to_have_text(f"{status}: {message}")
+
+            # markup typed into the form stays text: in the curl line and in the tokens that come back
+            page.select_option("#try-route", "tei-tokenize")
+            page.fill("#try-it textarea[name=text]", EVIL_INPUT)
+            expect(page.locator("#try-curl")).to_contain_text("<img src=x onerror=")
+            page.click("#try-it button[type=submit]")
+            expect(page.locator("#try-status")).to_have_text("200 OK", timeout=30_000)
+            expect(page.locator("#try-result pre.summary")).to_contain_text("<")
+            expect(page.locator("#try-it img, #try-result img")).to_have_count(0)
             assert page.evaluate("window.__xss") is None
         finally:
             browser.close()

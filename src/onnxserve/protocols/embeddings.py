@@ -19,11 +19,12 @@ import numpy.typing as npt
 
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import EMBEDDING_OUTPUT, TEXT_INPUT, TOKEN_COUNT_OUTPUT
-from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
+from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.model_id import parse_model_id
 
 if TYPE_CHECKING:
+    from onnxserve.core.pipeline import PipelineSpec
     from onnxserve.core.service import InferenceService
 
 POOLED_OUTPUT = "sentence_embedding"
@@ -71,18 +72,25 @@ def text_model(service: InferenceService, model_id: str) -> tuple[str, str | Non
     return name, version, metadata
 
 
+def embeds_sentences(spec: PipelineSpec, outputs: Sequence[TensorSpec]) -> bool:
+    """Whether a text model embeds sentences: pooled feature-extraction, with the pooled graph output."""
+    return (
+        spec.task == "feature-extraction" and spec.pooling != "none" and any(o.name == POOLED_OUTPUT for o in outputs)
+    )
+
+
 def embedding_model(service: InferenceService, model_id: str) -> EmbeddingModel:
     """The embedding model a model id names; a model that does not embed sentences is refused."""
     name, version, metadata = text_model(service, model_id)
     spec = metadata.pipeline
     assert spec is not None
-    pooled = next((o for o in metadata.outputs if o.name == POOLED_OUTPUT), None)
-    if spec.task != "feature-extraction" or spec.pooling == "none" or pooled is None:
+    if not embeds_sentences(spec, metadata.outputs):
         what = "token embeddings (no pooling)" if spec.task == "feature-extraction" else f"{spec.task} results"
         raise InvalidInputError(
             f"model {name!r} does not embed sentences: it answers {what}; "
             "serve a feature-extraction model exported with pooling (mean or cls)"
         )
+    pooled = next(o for o in metadata.outputs if o.name == POOLED_OUTPUT)
     max_batch = service.model_configuration(name, version).max_batch_size
     return EmbeddingModel(name, version, metadata, int(pooled.shape[-1]), spec.normalize, max_batch)
 

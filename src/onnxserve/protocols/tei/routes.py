@@ -26,10 +26,10 @@ from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
-    POOLED_OUTPUT,
     chunks,
     embed,
     embedding_model,
+    embeds_sentences,
     text_model,
     text_models,
     text_request,
@@ -64,7 +64,7 @@ def _fits(meta: ModelMetadata, task: str | None) -> bool:
     if task is None or meta.pipeline is None:
         return task is None
     if task == "feature-extraction":
-        return meta.pipeline.task == task and any(o.name == POOLED_OUTPUT for o in meta.outputs)
+        return embeds_sentences(meta.pipeline, meta.outputs)
     return meta.pipeline.task == task
 
 

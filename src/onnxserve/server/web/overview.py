@@ -23,6 +23,7 @@ from onnxserve.core.registry import PLATFORM, ModelVersion
 from onnxserve.core.service import InferenceService
 from onnxserve.core.types import IndexEntry, TensorSpec
 from onnxserve.errors import ModelLoadError, ModelNotFoundError
+from onnxserve.protocols.embeddings import embeds_sentences
 from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.toolkit import model_header
 
@@ -74,6 +75,7 @@ class TextInterface:
     max_length: int
     class_labels: tuple[tuple[int, str], ...] = ()
     mask_token: str | None = None
+    embeds: bool = False  # pooled feature-extraction: answers sentence embeddings (OpenAI, TEI /embed)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def _text_interface(model: ModelVersion) -> TextInterface | None:
         max_length=spec.max_length,
         class_labels=tuple(sorted(spec.labels.items())),
         mask_token=spec.mask_token,
+        embeds=embeds_sentences(spec, model.outputs),
     )
 
 

@@ -8,12 +8,14 @@ endpoints, with text set as text (never as HTML).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from urllib.parse import quote, urlencode
 
 from onnxserve.core.types import TensorSpec
 from onnxserve.server.web import examples
 from onnxserve.server.web.markup import Markup, join, render
 from onnxserve.server.web.overview import ModelRow, OnnxHeader, TextInterface, VersionDetail, VersionRow, dims
+from onnxserve.server.web.try_routes import try_routes
 from onnxserve.version import __version__
 
 STATIC = "/web/static"
@@ -268,18 +270,27 @@ def _text_section(text: TextInterface | None) -> Markup:
 
 def _try_it(detail: VersionDetail) -> Markup:
     url = infer_url(detail.name, detail.version)
+    task = ""
     if detail.text is not None:
-        if detail.text.task == "question-answering":
+        task = detail.text.task
+        if task == "question-answering":
             fields = render(
                 '<label>question <textarea name="question" rows="2">{q}</textarea></label>'
                 '<label>context <textarea name="context" rows="4">{c}</textarea></label>',
                 q=examples.EXAMPLE_QUESTION,
                 c=examples.EXAMPLE_CONTEXT,
             )
+        elif task == "text-ranking":
+            fields = render(
+                '<label>query <textarea name="query" rows="2">{q}</textarea></label>'
+                '<label>texts to rank, one per line <textarea name="text" rows="4">{t}</textarea></label>',
+                q=examples.EXAMPLE_QUESTION,
+                t="\n".join((examples.EXAMPLE_CONTEXT, examples.EXAMPLE_TEXT)),
+            )
         else:
             fields = render(
                 '<label>text, one per line <textarea name="text" rows="4">{t}</textarea></label>',
-                t=examples.example_text(detail.text.task, detail.text.mask_token),
+                t=examples.example_text(task, detail.text.mask_token),
             )
         mode = "text"
     else:
@@ -290,13 +301,26 @@ def _try_it(detail: VersionDetail) -> Markup:
             body=body,
         )
         mode = "tensors"
+    options = join(
+        [
+            render('<option value="{key}" data-path="{path}">{api} · POST {path}</option>', **asdict(route))
+            for route in try_routes(detail.text, url)
+        ]
+    )
     return render(
-        '<h2>Try it</h2><form id="try-it" class="try-it" data-mode="{mode}" data-url="{url}">{fields}'
-        '<div class="actions"><button type="submit">Run</button> <span class="hint">POST {url}</span> '
-        '<span id="try-status" class="status" role="status"></span></div></form>'
+        '<h2>Try it</h2><form id="try-it" class="try-it" data-mode="{mode}" data-task="{task}" data-url="{url}" '
+        'data-model="{model}"><label>route <select name="route" id="try-route">{options}</select></label>{fields}'
+        '<div class="actions"><button type="submit">Run</button> <span class="hint" id="try-hint">POST {url}</span> '
+        '<span id="try-status" class="status" role="status"></span></div>'
+        '<div class="request"><span class="hint">the request, as curl</span> '
+        '<button type="button" id="try-copy" class="copy">copy</button><pre id="try-curl" class="curl"></pre></div>'
+        "</form>"
         '<div id="try-result" class="try-result" aria-live="polite"></div>',
         mode=mode,
+        task=task,
         url=url,
+        model=f"{detail.name}:{detail.version}",
+        options=options,
         fields=fields,
     )
 

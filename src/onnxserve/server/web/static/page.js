@@ -71,25 +71,133 @@
     target.replaceChildren(el("div", { class: "error", role: "alert" }, message));
   }
 
-  function textRequest(form) {
+  function lines(value) {
+    return value.split("\n").map((s) => s.trim()).filter((s) => s);
+  }
+
+  // The V2 text request: BYTES inputs named as the text interface says (null: nothing to send).
+  function v2TextRequest(form) {
     const inputs = [];
+    const ranking = form.dataset.task === "text-ranking";
+    const texts = form.elements.text ? lines(form.elements.text.value) : [];
     for (const area of form.querySelectorAll("textarea")) {
-      // "text": one text per line; question-answering's question and context: one each.
-      const texts = area.name === "text" ? area.value.split("\n").map((s) => s.trim()).filter((s) => s) : [area.value];
-      if (!texts.length || !texts[0]) return null;
-      inputs.push({ name: area.name, datatype: "BYTES", shape: [texts.length], data: texts });
+      // "text": one text per line; question-answering's question and context: one each;
+      // text-ranking's query: paired with each text.
+      let data = area.name === "text" ? texts : [area.value];
+      if (ranking && area.name === "query") data = texts.map(() => area.value);
+      if (!data.length || !data[0]) return null;
+      inputs.push({ name: area.name, datatype: "BYTES", shape: [data.length], data });
     }
-    return JSON.stringify({ inputs });
+    return { inputs };
+  }
+
+  // Every text in the form, for /tokenize: each line of "text", each other box whole.
+  function allTexts(form) {
+    const texts = [];
+    for (const area of form.querySelectorAll("textarea")) {
+      if (area.name === "text") texts.push(...lines(area.value));
+      else if (area.value.trim()) texts.push(area.value.trim());
+    }
+    return texts;
+  }
+
+  function oneOrMany(texts) {
+    return texts.length === 1 ? texts[0] : texts;
+  }
+
+  // Each route: how its body is built from the form, whether it names the model in a header, and
+  // how its answer is summed up (the whole JSON answer is shown below the summary).
+  const ROUTES = {
+    v2: { body: (form) => (form.dataset.mode === "text" ? v2TextRequest(form) : form.elements.body.value) },
+    "openai-embeddings": {
+      body: (form) => ({ model: form.dataset.model, input: oneOrMany(lines(form.elements.text.value)) }),
+      summary: (doc) => `${doc.data.length} embedding(s) of ${doc.data[0].embedding.length} values, ${doc.usage.prompt_tokens} tokens`,
+    },
+    "tei-embed": {
+      header: true,
+      body: (form) => ({ inputs: oneOrMany(lines(form.elements.text.value)) }),
+      summary: (doc) => `${doc.length} embedding(s) of ${doc[0].length} values`,
+    },
+    "tei-rerank": {
+      header: true,
+      body: (form) => ({ query: form.elements.query.value.trim(), texts: lines(form.elements.text.value), return_text: true }),
+      summary: (doc) => doc.map((r) => `${formatValue(r.score)}  #${r.index}  ${r.text}`).join("\n"),
+    },
+    "tei-predict": {
+      header: true,
+      body: (form) => ({ inputs: oneOrMany(lines(form.elements.text.value)) }),
+      summary: (doc) => (Array.isArray(doc[0]) ? doc : [doc]).map((p) => `${p[0].label} (${formatValue(p[0].score)})`).join("\n"),
+    },
+    "tei-tokenize": {
+      header: true,
+      body: (form) => ({ inputs: oneOrMany(allTexts(form)) }),
+      summary: (doc) => doc.map((tokens) => tokens.map((t) => t.text).join(" ")).join("\n"),
+    },
+  };
+
+  function shellQuote(text) {
+    return "'" + text.replace(/'/g, "'\\''") + "'";
+  }
+
+  // The request the form sends now: method, URL, headers, body text (body null: nothing to send).
+  function currentRequest(form) {
+    const option = form.elements.route.selectedOptions[0];
+    const route = ROUTES[option.value];
+    const headers = { "Content-Type": "application/json" };
+    if (route.header) headers["X-Model"] = form.dataset.model;
+    const built = route.body(form);
+    const body = built === null ? null : typeof built === "string" ? built : JSON.stringify(built);
+    return { key: option.value, route, path: option.dataset.path, headers, body };
+  }
+
+  function curlLine(request) {
+    const parts = ["curl", "-s", "-X", "POST", shellQuote(window.location.origin + request.path)];
+    for (const [name, value] of Object.entries(request.headers)) parts.push("-H", shellQuote(`${name}: ${value}`));
+    parts.push("-d", shellQuote(request.body === null ? "" : request.body));
+    return parts.join(" ");
+  }
+
+  // The message of an error answer in any of the shapes: V2 and TEI {"error": "..."}, OpenAI {"error": {"message"}}.
+  function errorMessage(doc, text) {
+    if (doc && typeof doc.error === "string") return doc.error;
+    if (doc && doc.error && typeof doc.error.message === "string") return doc.error.message;
+    return text;
+  }
+
+  function showAnswer(target, route, doc, millis) {
+    target.replaceChildren(el("p", { class: "muted" }, `answered in ${millis.toFixed(0)} ms`));
+    let summary = "";
+    try {
+      summary = route.summary(doc);
+    } catch (_) {
+      summary = "";
+    }
+    if (summary) target.append(el("pre", { class: "summary" }, summary));
+    target.append(el("pre", { class: "json", "data-answer": "" }, JSON.stringify(doc, null, 2)));
   }
 
   function setUpTryIt(form) {
     const result = document.getElementById("try-result");
     const status = document.getElementById("try-status");
+    const curl = document.getElementById("try-curl");
+    const hint = document.getElementById("try-hint");
     const button = form.querySelector("button[type=submit]");
+    const refresh = () => {
+      const request = currentRequest(form);
+      hint.textContent = `POST ${request.path}`;
+      curl.textContent = request.body === null ? "(enter a text to send)" : curlLine(request);
+    };
+    form.addEventListener("input", refresh);
+    form.addEventListener("change", refresh);
+    refresh();
+    document.getElementById("try-copy").addEventListener("click", () => {
+      if (navigator.clipboard) navigator.clipboard.writeText(curl.textContent).catch(() => {});
+      window.getSelection().selectAllChildren(curl);
+    });
     form.addEventListener("submit", async (event) => {
       event.preventDefault();
-      const body = form.dataset.mode === "text" ? textRequest(form) : form.elements.body.value;
-      if (body === null) {
+      const request = currentRequest(form);
+      if (request.body === null) {
         showError(result, "enter a text to send");
         status.textContent = "";
         return;
@@ -98,10 +206,10 @@
       status.textContent = "running…";
       const started = performance.now();
       try {
-        const response = await fetch(form.dataset.url, {
+        const response = await fetch(request.path, {
           method: "POST",
-          headers: { "Content-Type": "application/json", Accept: "application/json" },
-          body,
+          headers: { ...request.headers, Accept: "application/json" },
+          body: request.body,
         });
         const text = await response.text();
         let doc = null;
@@ -110,12 +218,15 @@
         } catch (_) {
           doc = null;
         }
-        if (response.ok && doc) {
-          showOutputs(result, doc, performance.now() - started);
+        if (response.ok && doc !== null) {
+          if (request.key === "v2") showOutputs(result, doc, performance.now() - started);
+          else showAnswer(result, request.route, doc, performance.now() - started);
           status.textContent = `${response.status} OK`;
         } else {
-          const message = doc && typeof doc.error === "string" ? doc.error : text;
-          showError(result, `${response.status}: ${message}`);
+          showError(result, `${response.status}: ${errorMessage(doc, text)}`);
+          if (request.key !== "v2" && doc !== null) {
+            result.append(el("pre", { class: "json", "data-answer": "" }, JSON.stringify(doc, null, 2)));
+          }
           status.textContent = `${response.status} error`;
         }
       } catch (error) {
