@@ -20,9 +20,9 @@ gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageRe
   connections idle (no call open) for ``grpc_max_connection_idle`` closed, optional maximum age with
   a grace period, and keepalive pings from clients no more often than every 10 s (enforced with
   GOAWAY by grpc).
-- A unary call's request message must arrive within ``body_timeout`` seconds (DEADLINE_EXCEEDED),
-  and is received only once the in-flight byte budget holds room for the largest message
-  (RESOURCE_EXHAUSTED after a short wait); see :class:`MessageReception`.
+- Every request message (a unary call's one, each of a stream's) must arrive within ``body_timeout``
+  seconds (DEADLINE_EXCEEDED), and is received only once the in-flight byte budget holds room for the
+  largest message (RESOURCE_EXHAUSTED after a short wait); see :class:`MessageReception`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import grpc
 import orjson
@@ -262,7 +262,8 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
     (waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message within
     ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), keeps only the size that
     arrived reserved, and calls the original handler with it. ``UNREAD_METHODS`` (the server probes)
-    are answered without receiving their (empty) message. Streaming-request methods pass through.
+    are answered without receiving their (empty) message. A streaming-request call (ModelStreamInfer)
+    receives each of its messages the same way (see :meth:`_streaming`).
     """
 
     def __init__(self, budget: InflightBytes, max_message_bytes: int, timeout: float) -> None:
@@ -274,9 +275,11 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
+        if handler.request_streaming:
+            return self._streaming(handler, deserialize)
         if handler_call_details.method in UNREAD_METHODS and not handler.response_streaming:
             empty_behaviour: Behaviour = handler.unary_unary
 
@@ -317,8 +320,66 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             receive_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
         )
 
-    async def _receive(self, ctx: grpc.aio.ServicerContext) -> tuple[int, Any]:
-        """The call's one request message and the bytes it keeps reserved; aborts the call otherwise."""
+    def _streaming(self, handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any] | None) -> Any:
+        """A streaming-request handler whose every message is received like a unary call's.
+
+        grpc aio receives a stream's next message only when the handler asks for it, so the handler is
+        given an iterator that first reserves the largest message (RESOURCE_EXHAUSTED when there is no
+        room), then reads within ``timeout``; the message's bytes stay reserved until the handler asks
+        for the next one (it has answered this one by then) or the call ends.
+        """
+
+        def sized(raw: bytes) -> tuple[int, Any]:
+            return len(raw), deserialize(raw) if deserialize is not None else raw
+
+        async def reserved_messages(ctx: grpc.aio.ServicerContext, held: list[int]) -> AsyncIterator[Any]:
+            while True:
+                received = await self._receive(ctx, end_ok=True)
+                if received is None:
+                    return
+                held[0], request = received
+                yield request
+                self.budget.release(held[0])
+                held[0] = 0
+
+        if handler.response_streaming:
+            stream_behaviour: Behaviour = handler.stream_stream
+
+            async def stream_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+                held = [0]
+                try:
+                    async for response in stream_behaviour(reserved_messages(ctx, held), ctx):
+                        yield response
+                finally:
+                    self.budget.release(held[0])
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_within_budget, request_deserializer=sized, response_serializer=handler.response_serializer
+            )
+        unary_behaviour: Behaviour = handler.stream_unary
+
+        async def answer_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+            held = [0]
+            try:
+                return await unary_behaviour(reserved_messages(ctx, held), ctx)
+            finally:
+                self.budget.release(held[0])
+
+        return grpc.stream_unary_rpc_method_handler(
+            answer_within_budget, request_deserializer=sized, response_serializer=handler.response_serializer
+        )
+
+    @overload
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: Literal[False] = False) -> tuple[int, Any]: ...
+
+    @overload
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: bool) -> tuple[int, Any] | None: ...
+
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: bool = False) -> tuple[int, Any] | None:
+        """The call's next request message and the bytes it keeps reserved; aborts the call otherwise.
+
+        ``end_ok``: the end of the client's messages is no error (a streaming call); None then.
+        """
         given = (v for k, v in ctx.invocation_metadata() or () if k == context.REQUEST_ID_METADATA)
         metadata = ((context.REQUEST_ID_METADATA, context.accept_request_id(next(given, None))),)
         reserved = min(self.max_message_bytes, self.budget.limit) if self.budget.limit else self.max_message_bytes
@@ -339,6 +400,8 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             raise
         if received is grpc.aio.EOF:
             self.budget.release(reserved)
+            if end_ok:
+                return None
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", metadata)
         size, request = received
         kept = min(size, reserved)
