@@ -254,3 +254,28 @@ def test_unknown_token_still_refused_before_reading(server: CappedServer) -> Non
             client.infer("add", inputs, headers={"authorization": "Bearer not-a-token-at-all-000000"})
     finally:
         client.close()
+
+
+def test_idle_grpc_connections_do_not_lock_clients_out(numeric_repository: Path, tmp_path: Path) -> None:
+    """The red team's attack: hundreds of anonymous HTTP/2 connections that complete the handshake and
+    never start a call. grpc evicts none of them before --grpc-max-connection-idle, so its connection
+    cap is far above the HTTP one (--grpc-max-connections, 10,000): past --max-connections they cost
+    about 17 KiB each, and probes and normal calls still get in."""
+    allow_open_files(400)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN} infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, "--auth-tokens", str(tokens), "--max-connections", "50") as capped:
+        rss_before = capped.rss_bytes()
+        idle: list[RawGrpcConnection] = []
+        try:
+            for _ in range(300):
+                idle.append(RawGrpcConnection(capped.host, capped.grpc_port))
+            for c in idle[::30]:
+                c.pump(0.1, once=True)  # the server's SETTINGS: the handshake is done
+                assert not c.closed
+            check_still_serving(capped, rss_before)
+            assert capped.rss_bytes() - rss_before < 300 * 40 * 1024  # far less than 40 KiB each
+        finally:
+            for c in idle:
+                c.close()

@@ -21,7 +21,8 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
 
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception`):
 
-- ``max_connections`` connections (``grpc.max_allowed_incoming_connections``), ``header_timeout``
+- ``grpc_max_connections`` connections (``grpc.max_allowed_incoming_connections``; new ones past it
+  are refused, since grpc evicts none), ``header_timeout``
   seconds for the HTTP/2 handshake, at most ``grpc_max_concurrent_streams`` streams per connection,
   connections idle (no call open) for ``grpc_max_connection_idle`` closed, optional maximum age with
   a grace period, and keepalive pings from clients no more often than every 10 s (enforced with
@@ -321,13 +322,33 @@ def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]
 # -- gRPC ------------------------------------------------------------------------------------------------
 
 
+def grpc_connection_cap(settings: ServerSettings) -> int:
+    """``grpc_max_connections``, lowered to what the open-file limit leaves beside HTTP's connections.
+
+    It is far above the HTTP cap by default: grpc closes a connection only once it has had no call for
+    ``grpc_max_connection_idle`` (one that never starts a call included), and past its cap it refuses
+    every new one, so a low cap would let idle connections lock every client out. An idle HTTP/2
+    connection holds about 17 KiB, so 10,000 of them hold about 170 MB.
+    """
+    http = connection_cap(settings.max_connections) + PROBE_RESERVE
+    room = max(16, raise_file_limit() - RESERVED_FILE_DESCRIPTORS - http)
+    if settings.grpc_max_connections > room:
+        log.info(
+            "--grpc-max-connections %d is more than the open-file limit allows; using %d",
+            settings.grpc_max_connections,
+            room,
+        )
+        return room
+    return settings.grpc_max_connections
+
+
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """grpc.aio server options for the limits grpc enforces itself (see the module docstring)."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
         ("grpc.so_reuseport", 0),
-        ("grpc.max_allowed_incoming_connections", connection_cap(settings.max_connections)),
+        ("grpc.max_allowed_incoming_connections", grpc_connection_cap(settings)),
         ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout * 1000))),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
