@@ -18,6 +18,7 @@ import h2.exceptions
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
+STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 @dataclass
@@ -28,6 +29,7 @@ class CallOutcome:
     message: str = ""
     reset: bool = False
     sent: int = 0
+    received: int = 0
 
     @property
     def ended(self) -> bool:
@@ -164,6 +166,9 @@ class RawGrpcConnection:
                 outcome.reset = True
         elif isinstance(event, h2.events.DataReceived):
             self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            outcome = self.calls.get(event.stream_id)
+            if outcome is not None:
+                outcome.received += len(event.data)
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closed = True
 

@@ -9,6 +9,7 @@ attackers get the documented refusal (docs/limits.md). The ``long`` versions ope
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import selectors
 import socket
@@ -269,3 +270,120 @@ def test_slowloris_and_silent_thousands(server: CappedServer, sockets: list[sock
     closed, _ = closed_by_server(sockets, HEADER_TIMEOUT + 20)
     assert closed == len(sockets)
     check_still_serving(server, rss_before)
+
+
+def _send_until_answered(sock: socket.socket, first: bytes, more: bytes, count: int) -> bytes:
+    """Send ``first``, then ``more`` up to ``count`` times, until the server answers or closes; what it said."""
+    said = b""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    try:
+        for piece in [first] + [more] * count:
+            with contextlib.suppress(OSError):
+                sock.sendall(piece)
+            if selector.select(timeout=0.05):
+                break
+        sock.settimeout(5)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                said += chunk
+    finally:
+        selector.close()
+    return said
+
+
+def test_unfinished_huge_heads_are_answered_431(server: CappedServer, sockets: list[socket.socket]) -> None:
+    """The red team's attack, smaller: connections that each send a header line of megabytes that never
+    ends. Each is answered 431 past --max-header-bytes (64 KiB) and closed; memory stays bounded."""
+    rss_before = server.rss_bytes()
+    said = []
+    for _ in range(40):
+        sock = socket.create_connection((server.host, server.http_port), timeout=5)
+        sockets.append(sock)
+        said.append(_send_until_answered(sock, b"GET /v2/health/ready HTTP/1.1\r\nX-Big: ", b"a" * 16384, 512))
+    check_still_serving(server, rss_before)
+    answered = [answer for answer in said if answer]
+    assert len(answered) >= len(said) // 2  # the others may lose the answer to the reset of a fast sender
+    assert all(answer.startswith(b"HTTP/1.1 431 ") for answer in answered), answered[0][:200]
+    assert b"--max-header-bytes" in answered[0]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
+    ],
+    ids=["one-large-header", "ten-thousand-headers"],
+)
+def test_whole_large_heads_are_answered_431(server: CappedServer, head: bytes) -> None:
+    with socket.create_connection((server.host, server.http_port), timeout=5) as sock:
+        answer = _send_until_answered(sock, head, b"", 0)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"application/json" in answer
+    check_still_serving(server, server.rss_bytes())
+
+
+def test_a_head_under_the_limit_is_served(server: CappedServer) -> None:
+    response = requests.post(
+        f"{server.http_url}/v2/models/add/infer", json=INFER_BODY, headers={"X-Large": "a" * 32_000}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> None:
+    """The red team's attack: every connection busy with a body sent one byte at a time. Busy ones are
+    never evicted, so probes and the scrape get one of the reserve connections; anything else asked on a
+    reserve connection is answered 503 with Retry-After, and once the reserve is full too, new
+    connections are closed."""
+    cap = 40
+    with serve_capped(numeric_repository, "--max-connections", str(cap), "--body-timeout", "60") as capped:
+        rss_before = capped.rss_bytes()
+        busy: list[socket.socket] = []
+        try:
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+            for _ in range(cap):
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
+                sock.sendall(head)
+                busy.append(sock)
+            deadline = time.monotonic() + 5
+            while _established(capped) < cap and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _ in range(3):
+                for sock in busy:
+                    sock.send(b" ")
+                assert capped.probe_seconds() < PROBE_BOUND
+                assert capped.probe_seconds("/v2/health/live") < PROBE_BOUND
+                assert capped.probe_seconds("/metrics") < PROBE_BOUND
+            with socket.create_connection((capped.host, capped.http_port), timeout=5) as other:
+                other.sendall(b"GET /v2/models/add HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = _send_until_answered(other, b"", b"", 0)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+            assert b"retry-after: 1" in answer.lower()
+            assert b"--max-connections" in answer
+            assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+        finally:
+            for sock in busy:
+                sock.close()
+        deadline = time.monotonic() + 5  # the server sees them go: a body cut short is closed at once
+        while _established(capped) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check_still_serving(capped, rss_before)
+
+
+@pytest.mark.parametrize("path", ["/v2/health/ready", "/v2/models/add/infer"])
+def test_a_half_closed_request_is_answered(server: CappedServer, path: str) -> None:
+    """A client that sends its request, then shutdown(SHUT_WR), is answered, and the connection closes."""
+    body = json.dumps(INFER_BODY).encode() if path.endswith("/infer") else b""
+    method = "POST" if body else "GET"
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        sock.sendall(head.encode("ascii") + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    if body:
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import CappedServer, serve_capped
-from raw_h2 import INFER, SERVER_READY, RawGrpcConnection
+from raw_h2 import INFER, SERVER_READY, STREAM_INFER, RawGrpcConnection
 from test_connections import PROBE_BOUND, allow_open_files, closed_by_server, open_sockets
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 TOKEN = "adversarial-infer-token-0123456789"
@@ -157,6 +158,53 @@ def test_stalled_messages_hold_at_most_the_budget(server: CappedServer, connecti
     check_still_serving(server, rss_before)  # and once they are gone, it is served
 
 
+def test_stream_messages_hold_at_most_the_budget(server: CappedServer, connections: list[RawGrpcConnection]) -> None:
+    """ModelStreamInfer calls whose message is announced large and sent as fast as flow control allows
+    (the red team's attack): each message is received only inside the budget, like a unary call's, so
+    two are received and time out, the others get RESOURCE_EXHAUSTED having sent at most a window."""
+    rss_before = server.rss_bytes()
+    announced = MAX_MESSAGE - 1024
+    attackers = []
+    for _ in range(3):
+        c = RawGrpcConnection(server.host, server.grpc_port)
+        connections.append(c)
+        attackers.append((c, [c.open_call(STREAM_INFER, AUTH) for _ in range(4)]))
+    for c, calls in attackers:
+        for call in calls:
+            c.send_part(call, announced, announced - 64 * 1024, deadline=2)
+    check_still_serving(server, rss_before, infer=False)
+    wait_ended(connections, BODY_TIMEOUT + 10)
+    outcomes = [c.calls[call] for c, calls in attackers for call in calls]
+    statuses = Counter(o.status for o in outcomes)
+    assert statuses == {RESOURCE_EXHAUSTED: 10, DEADLINE_EXCEEDED: 2}, statuses
+    assert all(o.sent < 1024 * 1024 for o in outcomes if o.status == RESOURCE_EXHAUSTED)
+    check_still_serving(server, rss_before)
+
+
+def test_a_normal_stream_is_served_message_by_message(server: CappedServer) -> None:
+    request = pb.ModelInferRequest(
+        model_name="add",
+        inputs=[pb.ModelInferRequest.InferInputTensor(name=n, datatype="FP32", shape=[1, 16]) for n in "ab"],
+        raw_input_contents=[np.ones(16, np.float32).tobytes()] * 2,
+    ).SerializeToString()
+    c = RawGrpcConnection(server.host, server.grpc_port)
+    try:
+        call = c.open_call(STREAM_INFER, AUTH)
+        for _ in range(3):
+            c.send_part(call, len(request), 0)
+            c.h2.send_data(call, request)
+            c.flush()
+            c.pump(0.2)
+        c.h2.end_stream(call)
+        c.flush()
+        wait_ended([c], 10)
+        assert c.calls[call].status == 0, c.calls[call]
+        # three answers, each a 5-byte gRPC prefix and a response that holds 16 floats
+        assert c.calls[call].received > 3 * (5 + 16 * 4)
+    finally:
+        c.close()
+
+
 def test_streams_that_never_send_are_reset(server: CappedServer, connections: list[RawGrpcConnection]) -> None:
     rss_before = server.rss_bytes()
     for _ in range(4):
@@ -206,3 +254,28 @@ def test_unknown_token_still_refused_before_reading(server: CappedServer) -> Non
             client.infer("add", inputs, headers={"authorization": "Bearer not-a-token-at-all-000000"})
     finally:
         client.close()
+
+
+def test_idle_grpc_connections_do_not_lock_clients_out(numeric_repository: Path, tmp_path: Path) -> None:
+    """The red team's attack: hundreds of anonymous HTTP/2 connections that complete the handshake and
+    never start a call. grpc evicts none of them before --grpc-max-connection-idle, so its connection
+    cap is far above the HTTP one (--grpc-max-connections, 10,000): past --max-connections they cost
+    about 17 KiB each, and probes and normal calls still get in."""
+    allow_open_files(400)
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(f"{TOKEN} infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, "--auth-tokens", str(tokens), "--max-connections", "50") as capped:
+        rss_before = capped.rss_bytes()
+        idle: list[RawGrpcConnection] = []
+        try:
+            for _ in range(300):
+                idle.append(RawGrpcConnection(capped.host, capped.grpc_port))
+            for c in idle[::30]:
+                c.pump(0.1, once=True)  # the server's SETTINGS: the handshake is done
+                assert not c.closed
+            check_still_serving(capped, rss_before)
+            assert capped.rss_bytes() - rss_before < 300 * 40 * 1024  # far less than 40 KiB each
+        finally:
+            for c in idle:
+                c.close()

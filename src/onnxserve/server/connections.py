@@ -7,22 +7,31 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   answered 408 (silent ones are just closed).
 - **Request body**: once the head is in, the whole body must arrive within ``body_timeout`` seconds;
   otherwise 408 and the connection closes (whatever the endpoint held is released).
+- **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
+  arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
+- **Half-close**: a client that shuts down its sending side after its request is answered, then the
+  connection closes (uvicorn alone treats it as a disconnect).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
 - **Open connections**: at most ``max_connections`` per port. When a new one would exceed it, the
   oldest connection that is not in the middle of a request (idle keep-alive, or still sending its
-  head) is closed to make room; when every connection is busy, the new one is closed. A health probe
-  or metrics scrape therefore always gets a connection, however many idle ones an attacker opens.
+  head) is closed to make room. When every connection is busy (slow bodies), the new one is admitted
+  into a reserve of ``PROBE_RESERVE`` more connections that may only ask for ``PROBE_PATHS`` (health
+  probes, the metrics scrape), with short head and keep-alive deadlines; any other request there is
+  answered 503 with ``Retry-After`` and closed. When the reserve is full too (and none of it is idle),
+  the new connection is closed. A probe or scrape therefore always gets a connection, however many
+  idle or busy ones an attacker holds.
 
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception`):
 
-- ``max_connections`` connections (``grpc.max_allowed_incoming_connections``), ``header_timeout``
+- ``grpc_max_connections`` connections (``grpc.max_allowed_incoming_connections``; new ones past it
+  are refused, since grpc evicts none), ``header_timeout``
   seconds for the HTTP/2 handshake, at most ``grpc_max_concurrent_streams`` streams per connection,
   connections idle (no call open) for ``grpc_max_connection_idle`` closed, optional maximum age with
   a grace period, and keepalive pings from clients no more often than every 10 s (enforced with
   GOAWAY by grpc).
-- A unary call's request message must arrive within ``body_timeout`` seconds (DEADLINE_EXCEEDED),
-  and is received only once the in-flight byte budget holds room for the largest message
-  (RESOURCE_EXHAUSTED after a short wait); see :class:`MessageReception`.
+- Every request message (a unary call's one, each of a stream's) must arrive within ``body_timeout``
+  seconds (DEADLINE_EXCEEDED), and is received only once the in-flight byte budget holds room for the
+  largest message (RESOURCE_EXHAUSTED after a short wait); see :class:`MessageReception`.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import grpc
 import orjson
@@ -42,6 +51,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from onnxserve.protocols import context
 from onnxserve.protocols.inflight import InflightBytes, over_budget
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
+from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +64,18 @@ BUDGET_WAIT_SECONDS = 1.0
 
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
+PROBE_PATHS = frozenset(path.encode("ascii") for path in (*OPEN_HTTP_PATHS, METRICS_HTTP_PATH))
+"""The only paths a connection of the probe reserve may ask for."""
+
+PROBE_RESERVE = 16
+"""HTTP connections beyond ``max_connections`` kept for probes and scrapes when every other one is busy."""
+
+RESERVE_HEAD_SECONDS = 2.0
+"""Head deadline of a reserve connection (at most ``header_timeout``): a probe sends its head at once."""
+
+RESERVE_KEEP_ALIVE_SECONDS = 1
+"""Keep-alive of a reserve connection (at most ``keep_alive_timeout``), so the reserve frees itself."""
+
 UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 """Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
 
@@ -65,10 +87,16 @@ class ConnectionLimits:
     header_timeout: float
     body_timeout: float
     max_connections: int
+    max_header_bytes: int = 64 * 1024
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> ConnectionLimits:
-        return cls(settings.header_timeout, settings.body_timeout, connection_cap(settings.max_connections))
+        return cls(
+            settings.header_timeout,
+            settings.body_timeout,
+            connection_cap(settings.max_connections),
+            settings.max_header_bytes,
+        )
 
 
 def raise_file_limit() -> int:
@@ -92,13 +120,18 @@ def connection_cap(wanted: int) -> int:
     return wanted
 
 
-def _timeout_response(message: str) -> bytes:
+def _error_response(status: str, message: str, extra: str = "") -> bytes:
+    """A whole JSON error answer that closes the connection (``extra``: more header lines)."""
     body = orjson.dumps({"error": message})
     head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n{extra}"
         f"content-length: {len(body)}\r\n\r\n"
     )
     return head.encode("ascii") + body
+
+
+def _timeout_response(message: str) -> bytes:
+    return _error_response("408 Request Timeout", message)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -112,45 +145,98 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._head_started = False
+        self._head_bytes = 0
+        self._reserve = False
+        self._refused = False
+        self._client_done = False
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_head_timer()
         if len(self.connections) > self.limits.max_connections:
-            self._make_room()
+            self._admit()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
 
     def _busy(self) -> bool:
         """In the middle of a request: its head is in and its answer is not complete."""
         return self.cycle is not None and not self.cycle.response_complete
 
-    def _make_room(self) -> None:
-        idle = [
-            c
-            for c in self.connections
-            if isinstance(c, GuardedHttpProtocol) and c is not self and not c._busy() and not c.transport.is_closing()
-        ]
-        if not idle:
-            log.warning(
-                "refused a connection: all %d open ones are busy (--max-connections)", len(self.connections) - 1
-            )
-            self.transport.close()
+    def _admit(self) -> None:
+        """Make room for this connection past ``max_connections``: evict an idle one, else take a place in
+        the probe reserve, else close this one."""
+        guarded = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self]
+        ordinary = [c for c in guarded if not c._reserve]
+        if len(ordinary) < self.limits.max_connections or self._close_oldest_idle(ordinary):
             return
+        reserve = [c for c in guarded if c._reserve]
+        if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve):
+            self._reserve = True
+            self.timeout_keep_alive = min(self.timeout_keep_alive, RESERVE_KEEP_ALIVE_SECONDS)
+            log.info("all %d connections are busy (--max-connections): one more for probes only", len(ordinary))
+            return
+        log.warning("refused a connection: all %d open ones are busy (--max-connections)", len(guarded))
+        self.transport.close()
+
+    def _close_oldest_idle(self, connections: list[GuardedHttpProtocol]) -> bool:
+        idle = [c for c in connections if not c._busy() and not c.transport.is_closing()]
+        if not idle:
+            return False
         oldest = min(idle, key=lambda c: c.opened_at)
         log.debug("closed the oldest idle connection to make room (--max-connections %d)", self.limits.max_connections)
         oldest.transport.close()
+        return True
+
+    def _refuse(self, status: str, message: str, extra: str = "") -> None:
+        """Answer ``status`` with a JSON error and close, before the request reaches the application."""
+        self._refused = True
+        self._cancel_timers()
+        self.transport.write(_error_response(status, message, extra))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
 
+    # -- a client that half-closes (shutdown(SHUT_WR)) after sending its request ----------------------
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """Keep the connection open to answer the request that has fully arrived (uvicorn would close it),
+        then close. A request whose body is incomplete can never complete: closed at once, as before."""
+        if (self._busy() and self._body_timer is None) or self.pipeline:
+            self._client_done = True
+            return True
+        return None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._client_done and not self.pipeline and not self.transport.is_closing():
+            self.transport.close()
+
     # -- the request head ----------------------------------------------------------------------------
+    def _head_seconds(self) -> float:
+        limit = self.limits.header_timeout
+        return min(limit, RESERVE_HEAD_SECONDS) if self._reserve else limit
+
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self._head_seconds(), self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        awaiting_head = not self._busy()
+        if awaiting_head:
+            self._head_bytes += len(data)  # on_headers_complete resets it if the head ends in this data
         super().data_received(data)
+        if (
+            awaiting_head
+            and not self._refused
+            and not self._busy()
+            and self._head_bytes > self.limits.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._head_too_large()
+            return
         # Bytes that start no request (stray CRLFs) must not stop the clock: uvicorn has just
         # cancelled its keep-alive timer, and no other one may be running.
         if (
@@ -169,18 +255,47 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
+        if self._refused:
+            return
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         self._head_started = False
+        self._head_bytes = 0
+        head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if head > self.limits.max_header_bytes:
+            self._head_too_large()
+            return
+        if self._reserve and self.url.split(b"?", 1)[0] not in PROBE_PATHS:
+            log.info("refused a request on a probe-reserve connection: every other connection is busy")
+            self._refuse(
+                "503 Service Unavailable",
+                "every connection is busy (--max-connections); this one is kept for health probes and metrics; "
+                "retry later",
+                "retry-after: 1\r\n",
+            )
+            return
         super().on_headers_complete()
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
+
+    def _head_too_large(self) -> None:
+        log.info("refused a request head above %d bytes (--max-header-bytes)", self.limits.max_header_bytes)
+        self._refuse(
+            "431 Request Header Fields Too Large",
+            f"the request head is larger than {self.limits.max_header_bytes} bytes (--max-header-bytes)",
+        )
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
@@ -189,7 +304,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_started:
             self.transport.write(
                 _timeout_response(
-                    f"the request head did not arrive within {self.limits.header_timeout:g} s (--header-timeout)"
+                    f"the request head did not arrive within {self._head_seconds():g} s (--header-timeout)"
                 )
             )
         self.transport.close()
@@ -224,13 +339,33 @@ def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]
 # -- gRPC ------------------------------------------------------------------------------------------------
 
 
+def grpc_connection_cap(settings: ServerSettings) -> int:
+    """``grpc_max_connections``, lowered to what the open-file limit leaves beside HTTP's connections.
+
+    It is far above the HTTP cap by default: grpc closes a connection only once it has had no call for
+    ``grpc_max_connection_idle`` (one that never starts a call included), and past its cap it refuses
+    every new one, so a low cap would let idle connections lock every client out. An idle HTTP/2
+    connection holds about 17 KiB, so 10,000 of them hold about 170 MB.
+    """
+    http = connection_cap(settings.max_connections) + PROBE_RESERVE
+    room = max(16, raise_file_limit() - RESERVED_FILE_DESCRIPTORS - http)
+    if settings.grpc_max_connections > room:
+        log.info(
+            "--grpc-max-connections %d is more than the open-file limit allows; using %d",
+            settings.grpc_max_connections,
+            room,
+        )
+        return room
+    return settings.grpc_max_connections
+
+
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """grpc.aio server options for the limits grpc enforces itself (see the module docstring)."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
         ("grpc.so_reuseport", 0),
-        ("grpc.max_allowed_incoming_connections", connection_cap(settings.max_connections)),
+        ("grpc.max_allowed_incoming_connections", grpc_connection_cap(settings)),
         ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout * 1000))),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
@@ -262,7 +397,8 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
     (waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message within
     ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), keeps only the size that
     arrived reserved, and calls the original handler with it. ``UNREAD_METHODS`` (the server probes)
-    are answered without receiving their (empty) message. Streaming-request methods pass through.
+    are answered without receiving their (empty) message. A streaming-request call (ModelStreamInfer)
+    receives each of its messages the same way (see :meth:`_streaming`).
     """
 
     def __init__(self, budget: InflightBytes, max_message_bytes: int, timeout: float) -> None:
@@ -274,9 +410,11 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
+        if handler is None:
             return handler
         deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
+        if handler.request_streaming:
+            return self._streaming(handler, deserialize)
         if handler_call_details.method in UNREAD_METHODS and not handler.response_streaming:
             empty_behaviour: Behaviour = handler.unary_unary
 
@@ -317,8 +455,66 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             receive_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
         )
 
-    async def _receive(self, ctx: grpc.aio.ServicerContext) -> tuple[int, Any]:
-        """The call's one request message and the bytes it keeps reserved; aborts the call otherwise."""
+    def _streaming(self, handler: grpc.RpcMethodHandler, deserialize: Callable[[bytes], Any] | None) -> Any:
+        """A streaming-request handler whose every message is received like a unary call's.
+
+        grpc aio receives a stream's next message only when the handler asks for it, so the handler is
+        given an iterator that first reserves the largest message (RESOURCE_EXHAUSTED when there is no
+        room), then reads within ``timeout``; the message's bytes stay reserved until the handler asks
+        for the next one (it has answered this one by then) or the call ends.
+        """
+
+        def sized(raw: bytes) -> tuple[int, Any]:
+            return len(raw), deserialize(raw) if deserialize is not None else raw
+
+        async def reserved_messages(ctx: grpc.aio.ServicerContext, held: list[int]) -> AsyncIterator[Any]:
+            while True:
+                received = await self._receive(ctx, end_ok=True)
+                if received is None:
+                    return
+                held[0], request = received
+                yield request
+                self.budget.release(held[0])
+                held[0] = 0
+
+        if handler.response_streaming:
+            stream_behaviour: Behaviour = handler.stream_stream
+
+            async def stream_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+                held = [0]
+                try:
+                    async for response in stream_behaviour(reserved_messages(ctx, held), ctx):
+                        yield response
+                finally:
+                    self.budget.release(held[0])
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_within_budget, request_deserializer=sized, response_serializer=handler.response_serializer
+            )
+        unary_behaviour: Behaviour = handler.stream_unary
+
+        async def answer_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
+            held = [0]
+            try:
+                return await unary_behaviour(reserved_messages(ctx, held), ctx)
+            finally:
+                self.budget.release(held[0])
+
+        return grpc.stream_unary_rpc_method_handler(
+            answer_within_budget, request_deserializer=sized, response_serializer=handler.response_serializer
+        )
+
+    @overload
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: Literal[False] = False) -> tuple[int, Any]: ...
+
+    @overload
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: bool) -> tuple[int, Any] | None: ...
+
+    async def _receive(self, ctx: grpc.aio.ServicerContext, end_ok: bool = False) -> tuple[int, Any] | None:
+        """The call's next request message and the bytes it keeps reserved; aborts the call otherwise.
+
+        ``end_ok``: the end of the client's messages is no error (a streaming call); None then.
+        """
         given = (v for k, v in ctx.invocation_metadata() or () if k == context.REQUEST_ID_METADATA)
         metadata = ((context.REQUEST_ID_METADATA, context.accept_request_id(next(given, None))),)
         reserved = min(self.max_message_bytes, self.budget.limit) if self.budget.limit else self.max_message_bytes
@@ -339,6 +535,8 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             raise
         if received is grpc.aio.EOF:
             self.budget.release(reserved)
+            if end_ok:
+                return None
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", metadata)
         size, request = received
         kept = min(size, reserved)

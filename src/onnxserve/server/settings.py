@@ -123,7 +123,8 @@ class ServerSettings(BaseModel):
     )
     max_connections: Annotated[int, Field(ge=1)] = Field(
         default=1000,
-        description="Open connections per port; past it HTTP closes the oldest idle connection (probes always get in).",
+        description="Open HTTP connections; past it HTTP closes the oldest idle connection, and 16 more "
+        "are kept for health probes and metrics scrapes (gRPC: --grpc-max-connections).",
     )
     header_timeout: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
@@ -133,8 +134,17 @@ class ServerSettings(BaseModel):
         default=60.0,
         description="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED).",
     )
+    max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
+        default=64 * 1024,
+        description="Largest HTTP request head (request line and headers) in bytes (431 above).",
+    )
     keep_alive_timeout: Annotated[float, Field(gt=0)] = Field(
         default=5.0, description="Seconds an HTTP connection may stay idle between requests."
+    )
+    grpc_max_connections: Annotated[int, Field(ge=1)] = Field(
+        default=10_000,
+        description="Open gRPC connections (lowered to fit the open-file limit); past it new ones are refused. "
+        "An idle HTTP/2 connection costs about 17 KiB, and grpc cannot evict one that never starts a call.",
     )
     grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
         default=100, description="Open calls per gRPC connection."
