@@ -37,6 +37,7 @@ from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.runtime import response_too_large
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -56,7 +57,6 @@ from onnxserve.errors import (
     ErrorKind,
     InvalidInputError,
     OnnxServeError,
-    TooLargeError,
     UnavailableError,
 )
 from onnxserve.version import __version__
@@ -74,19 +74,19 @@ def _index_entry(model: ModelVersion) -> IndexEntry:
     return IndexEntry(model.name, str(model.version), model.state.value)
 
 
-def _work(request: InferenceRequest, model: ModelVersion) -> Work:
+def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int = 0) -> Work:
     """Validate a request into work for the model's scheduler (texts are tokenized later, off the loop)."""
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
         rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
-        return Work(fetch, rows, feeds=feeds)
+        return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
             f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
         )
     fetch, answer = model.pipeline.select_outputs(request.outputs, [o.name for o in model.outputs])
-    return Work(fetch, len(text.texts), text=text, answer=answer)
+    return Work(fetch, len(text.texts), text=text, answer=answer, max_output_bytes=max_output_bytes)
 
 
 def time_limit(request: InferenceRequest, default: float) -> float | None:
@@ -313,7 +313,7 @@ class InferenceService:
         self, request: InferenceRequest, model: ModelVersion, started: int, limit: float | None
     ) -> InferenceResponse:
         try:
-            work = _work(request, model)
+            work = _work(request, model, self.max_response_bytes)
             tokenize_ns = 0
             async with asyncio.timeout(limit) as deadline:
                 if work.text is not None:
@@ -329,11 +329,7 @@ class InferenceService:
                 # Nothing that holds the outputs may stay in this frame: the error's traceback keeps it.
                 del scheduled, outputs
                 await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
-                raise TooLargeError(
-                    f"model {model.name!r}: the response would be {size} bytes of output tensors, above the "
-                    f"limit of {self.max_response_bytes} bytes (--max-response-bytes); ask for less (smaller "
-                    "input values, fewer outputs)"
-                )
+                raise response_too_large(model.name, size, self.max_response_bytes)
         except (OnnxServeError, TimeoutError) as caught:
             if isinstance(caught, OnnxServeError):
                 e = caught
