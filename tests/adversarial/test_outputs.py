@@ -16,8 +16,8 @@ import grpc
 import onnx
 import pytest
 import requests
-from onnx.parser import parse_model
 from harness import CappedServer, serve_capped
+from onnx.parser import parse_model
 from watch import Watch
 
 from models import value_paced_model, value_sized_models, write_version
@@ -181,7 +181,9 @@ def test_many_tiny_bytes_elements_are_refused_before_they_become_objects(server:
         assert "5000000 BYTES elements, more than the 1048576" in v2.json()["error"]
         assert "--max-response-bytes" in v2.json()["error"]
         tfs = requests.post(
-            f"{server.http_url}/v1/models/text_tile:predict", json={"inputs": {"x": ["a"], "n": [5_000_000]}}, timeout=60
+            f"{server.http_url}/v1/models/text_tile:predict",
+            json={"inputs": {"x": ["a"], "n": [5_000_000]}},
+            timeout=60,
         )
         assert tfs.status_code == 400, tfs.text
         assert "BYTES elements" in tfs.json()["error"]
