@@ -66,6 +66,10 @@ SERVER_NAME = "onnxserve"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 """Largest answer (its output tensors' values, before encoding) one request may get: the request limit."""
 
+LARGE_PAYLOAD_BYTES = 16 * 1024 * 1024
+"""A request or answer of at least this many tensor bytes gives the C allocator's free memory back to the
+system once it has been answered (decoding and encoding it made many transient allocations)."""
+
 TIMEOUT_PARAMETER = "timeout"
 """The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
 
@@ -112,6 +116,11 @@ def response_bytes(outputs: dict[str, Any]) -> int:
     return sum(payload_bytes(array) for array in outputs.values())
 
 
+def _request_bytes(request: InferenceRequest) -> int:
+    """The request's numeric tensor bytes (BYTES tensors are bounded in count where they are decoded)."""
+    return sum(int(t.data.nbytes) for t in request.inputs if t.data.dtype != object)
+
+
 def _tokenize(model: ModelVersion, work: Work) -> int:
     """Tokenize a text work in place (on a worker thread); returns the time it took."""
     start = time.perf_counter_ns()
@@ -137,6 +146,7 @@ class InferenceCall:
         self.version = version
         self.started = time.perf_counter_ns()
         self.counted = False
+        self.large = False  # it held a large request or answer: give memory back when it ends
         self._token: Token[InferenceCall | None] | None = None
 
     def target(self, model: str, version: str) -> None:
@@ -153,6 +163,8 @@ class InferenceCall:
             _current_call.reset(self._token)
         if isinstance(error, Exception) and not self.counted:
             self.service.refused(self.protocol, self.model, self.version, error, self.started)
+        if self.large:
+            await self.service.give_back_memory()
 
 
 _current_call: ContextVar[InferenceCall | None] = ContextVar("onnxserve_inference_call", default=None)
@@ -270,6 +282,10 @@ class InferenceService:
         elapsed = 0 if started is None else time.perf_counter_ns() - started
         self._report(RequestRecord(model, version, protocol, kind, 0, 0, 0, elapsed))
 
+    async def give_back_memory(self) -> None:
+        """Return the C allocator's free memory to the system, off the event loop."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
+
     def _served_labels(self, model: str, version: str) -> tuple[str, str]:
         """The model and version a client named when the server serves them, else ""."""
         try:
@@ -328,7 +344,7 @@ class InferenceService:
             if 0 < self.max_response_bytes < size:
                 # Nothing that holds the outputs may stay in this frame: the error's traceback keeps it.
                 del scheduled, outputs
-                await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
+                await self.give_back_memory()
                 raise response_too_large(model.name, size, self.max_response_bytes)
         except (OnnxServeError, TimeoutError) as caught:
             if isinstance(caught, OnnxServeError):
@@ -346,6 +362,12 @@ class InferenceService:
             if e is caught:
                 raise
             raise e from None
+        if size >= LARGE_PAYLOAD_BYTES or _request_bytes(request) >= LARGE_PAYLOAD_BYTES:
+            call = _current_call.get()
+            if call is not None:
+                call.large = True  # once it is encoded and answered
+            else:
+                await self.give_back_memory()
         outcome = scheduled.outcome
         specs = {s.name: s for s in model.outputs}
         response = InferenceResponse(
