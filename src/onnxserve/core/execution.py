@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline
+from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.types import TensorSpec
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
@@ -134,7 +134,11 @@ def _run_text(
     done = time.perf_counter_ns()
     return [
         Outcome(
-            part, merged_at - start, ran_at - merged_at, done - ran_at, sum(1 for e in w.encodings if e.overflowing)
+            part,
+            merged_at - start,
+            ran_at - merged_at,
+            done - ran_at,
+            truncated_count(w.encodings, w.text.cut if w.text is not None else frozenset()),
         )
         for w, part in zip(works, results, strict=True)
     ]

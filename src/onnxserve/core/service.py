@@ -36,6 +36,7 @@ from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
+from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.runtime import response_too_large
 from onnxserve.core.types import (
@@ -250,7 +251,8 @@ class InferenceService:
             raise InvalidInputError(f"model {name!r} takes tensors, not text: it has no tokenizer")
         if not texts:
             raise InvalidInputError("no text to tokenize; send at least one")
-        encode = partial(pipeline.tokenizer.encode_batch, list(texts), add_special_tokens=special_tokens)
+        bounded = pipeline.bounded(TextBatch(list(texts)))  # as long as the tokenizer keeps, no longer
+        encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
         encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
         return encodings
 
