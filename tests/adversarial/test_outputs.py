@@ -230,3 +230,36 @@ def test_a_kernel_that_fails_on_the_input_values_is_a_client_error_on_every_prot
     assert server.alive()
     normal = _infer(server, "fill", 3)
     assert normal.status_code == 200, normal.text
+
+
+def test_a_grpc_answer_exactly_at_the_response_limit_is_sent(server: CappedServer) -> None:
+    n = 16 * 1024 * 1024  # FP32: exactly --max-response-bytes (64 MiB), plus the protobuf envelope
+    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        model_infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        request = pb.ModelInferRequest(model_name="fill")
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
+        response = model_infer(request, timeout=120)
+    assert list(response.outputs[0].shape) == [n]
+    assert len(response.outputs[0].contents.fp32_contents) == n
+    assert "ERROR" not in server.log()
+
+
+def test_a_grpc_answer_above_the_message_limit_is_refused_without_an_error_in_the_log(tmp_path: Path) -> None:
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    with serve_capped(tmp_path, "--grpc-max-message-bytes", "1048576", cap_bytes=CAP) as small:
+        request = pb.ModelInferRequest(model_name="fill")
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(1_000_000)
+        refused = _grpc_infer(small, request)  # 4 MB: under --max-response-bytes, over the gRPC message limit
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "--grpc-max-message-bytes" in (refused.details() or "")
+        assert "Traceback" not in small.log() and " ERROR " not in small.log(), small.log()[-3000:]
+        normal = requests.post(
+            f"{small.http_url}/v2/models/fill/infer",
+            json={"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [1_000_000]}]},
+            timeout=60,
+        )
+        assert normal.status_code == 200
