@@ -310,12 +310,16 @@ def test_deeply_nested_v2_bodies_are_refused(server: RunningServer, client: http
     still_serves(server)
 
 
-@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 5000])
-def test_deeply_nested_tf_serving_bodies_are_refused(server: RunningServer, client: httpx.Client, depth: int) -> None:
-    body = b'{"instances": ' + b"[" * depth + b"1" + b"]" * depth + b"}"
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 5000, 100_000])
+@pytest.mark.parametrize("value", [b"1", b"NaN"])
+def test_deeply_nested_tf_serving_bodies_are_refused(
+    server: RunningServer, client: httpx.Client, depth: int, value: bytes
+) -> None:
+    body = b'{"instances": ' + b"[" * depth + value + b"]" * depth + b"}"
     response = client.post("/v1/models/add:predict", content=body, headers={"Content-Type": "application/json"})
     message = refused(response, 400)
-    assert f"more than {MAX_JSON_DEPTH} levels deep" in message or "not valid JSON" in message
+    assert f"more than {MAX_JSON_DEPTH} levels deep" in message  # the project's words, never Python's
+    assert "recursion" not in message
     still_serves(server)
 
 
