@@ -168,28 +168,28 @@ def _grpc_infer(server: CappedServer, request: pb.ModelInferRequest) -> grpc.Rpc
 
 
 def test_many_tiny_bytes_elements_are_refused_before_they_become_objects(server: CappedServer) -> None:
-    # 5 M one-byte elements: 5 MB of text, far under the limit, but 5 M Python objects (60 M crashed it).
+    # 2 M one-byte elements: 2 MB of text, far under the limit, but 2 M Python objects (60 M crashed it).
     body = {
         "inputs": [
             {"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]},
-            {"name": "n", "shape": [1], "datatype": "INT64", "data": [5_000_000]},
+            {"name": "n", "shape": [1], "datatype": "INT64", "data": [2_000_000]},
         ]
     }
     with Watch(server) as prober:
         v2 = requests.post(f"{server.http_url}/v2/models/text_tile/infer", json=body, timeout=60)
         assert v2.status_code == 400, v2.text
-        assert "5000000 BYTES elements, more than the 1048576" in v2.json()["error"]
+        assert "2000000 BYTES elements, more than the 1048576" in v2.json()["error"]
         assert "--max-response-bytes" in v2.json()["error"]
         tfs = requests.post(
             f"{server.http_url}/v1/models/text_tile:predict",
-            json={"inputs": {"x": ["a"], "n": [5_000_000]}},
+            json={"inputs": {"x": ["a"], "n": [2_000_000]}},
             timeout=60,
         )
         assert tfs.status_code == 400, tfs.text
         assert "BYTES elements" in tfs.json()["error"]
         request = pb.ModelInferRequest(model_name="text_tile")
         request.inputs.add(name="x", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a")
-        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(5_000_000)
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(2_000_000)
         refused = _grpc_infer(server, request)
         assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "BYTES elements" in (refused.details() or "")
