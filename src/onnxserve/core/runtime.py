@@ -200,9 +200,7 @@ class ModelSession:
             else:
                 # ONNX Runtime's own values: shapes known, nothing converted yet. The binding's call, not the
                 # Python wrapper's, which costs several times the run of a small model.
-                inputs = {
-                    n: _ORT_VALUE.ortvalue_from_numpy(np.ascontiguousarray(a), _CPU) for n, a in ort_feeds.items()
-                }
+                inputs = {n: _ORT_VALUE.ortvalue_from_numpy(_contiguous(a), _CPU) for n, a in ort_feeds.items()}
                 values = _listed(self._session._sess.run_with_ort_values(inputs, names, options), len(names))
                 shapes = [(tuple(v.shape()), v.data_type() == "tensor(string)") for v in values]
         except Exception as e:  # ONNX Runtime's error types are not part of its public API
@@ -290,6 +288,11 @@ def _run_error(name: str, error: Exception, control: RunControl | None) -> Excep
     # still fails (an index out of range, a negative size, shapes that do not broadcast) fails because of
     # the values it was given. The request, not the server, is at fault.
     return InvalidInputError(f"model {name} could not run on these input values: {reason}")
+
+
+def _contiguous(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``array`` in C order (``np.ascontiguousarray`` would make a scalar one-dimensional)."""
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
 
 
 def _listed(vector: Any, count: int) -> list[Any]:
