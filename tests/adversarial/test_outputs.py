@@ -13,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import onnx
 import pytest
 import requests
 from harness import CappedServer, serve_capped
+from onnx.parser import parse_model
 from watch import Watch
 
 from models import value_paced_model, value_sized_models, write_version
@@ -29,10 +31,32 @@ PROBE_BOUND = 1.0
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root: Path = tmp_path_factory.mktemp("value_sized")
-    for name, model in value_sized_models().items():
+    for name, model in {**value_sized_models(), **_shaped_models()}.items():
         write_version(root, name, 1, model)
     with serve_capped(root, cap_bytes=CAP) as running:
         yield running
+
+
+def _shaped_models() -> dict[str, onnx.ModelProto]:
+    """A BYTES output of ``n`` copies of the input text (Tile), and a float output of shape ``s``."""
+    return {
+        "text_tile": parse_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            text_tile (string[m] x, int64[1] n) => (string[k] y) {
+                y = Tile(x, n)
+            }
+            """
+        ),
+        "shaped": parse_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            shaped (int64[r] s) => (float[a, b] y) {
+                y = ConstantOfShape <value = float[1] {1.0}> (s)
+            }
+            """
+        ),
+    }
 
 
 def _infer(server: CappedServer, model: str, n: int) -> requests.Response:
@@ -129,3 +153,114 @@ def test_a_run_whose_length_is_an_input_value_is_stopped_at_the_request_timeout(
         assert served.json()["outputs"][0]["data"] == [2.0]
         assert server.alive()
     assert watch.worst_probe < PROBE_BOUND
+
+
+def _grpc_infer(server: CappedServer, request: pb.ModelInferRequest) -> grpc.RpcError:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        model_infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            model_infer(request, timeout=60)
+    return refused.value
+
+
+def test_many_tiny_bytes_elements_are_refused_before_they_become_objects(server: CappedServer) -> None:
+    # 2 M one-byte elements: 2 MB of text, far under the limit, but 2 M Python objects (60 M crashed it).
+    body = {
+        "inputs": [
+            {"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]},
+            {"name": "n", "shape": [1], "datatype": "INT64", "data": [2_000_000]},
+        ]
+    }
+    with Watch(server) as prober:
+        v2 = requests.post(f"{server.http_url}/v2/models/text_tile/infer", json=body, timeout=60)
+        assert v2.status_code == 400, v2.text
+        assert "2000000 BYTES elements, more than the 1048576" in v2.json()["error"]
+        assert "--max-response-bytes" in v2.json()["error"]
+        tfs = requests.post(
+            f"{server.http_url}/v1/models/text_tile:predict",
+            json={"inputs": {"x": ["a"], "n": [2_000_000]}},
+            timeout=60,
+        )
+        assert tfs.status_code == 400, tfs.text
+        assert "BYTES elements" in tfs.json()["error"]
+        request = pb.ModelInferRequest(model_name="text_tile")
+        request.inputs.add(name="x", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a")
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(2_000_000)
+        refused = _grpc_infer(server, request)
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "BYTES elements" in (refused.details() or "")
+    _assert_serving(server, prober)
+    small = dict(body, inputs=[body["inputs"][0], dict(body["inputs"][1], data=[3])])
+    served = requests.post(f"{server.http_url}/v2/models/text_tile/infer", json=small, timeout=60)
+    assert served.status_code == 200, served.text
+    assert served.json()["outputs"][0]["data"] == ["a", "a", "a"]
+
+
+def test_an_empty_output_with_an_absurd_dimension_is_refused_by_its_shape(server: CappedServer) -> None:
+    body = {"inputs": [{"name": "s", "shape": [2], "datatype": "INT64", "data": [0, 2**62]}]}
+    response = requests.post(f"{server.http_url}/v2/models/shaped/infer", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert f"has shape [0, {2**62}], larger than any answer can be" in response.json()["error"]
+    body["inputs"][0]["data"] = [0, 5]  # an empty answer of an ordinary shape is an answer
+    empty = requests.post(f"{server.http_url}/v2/models/shaped/infer", json=body, timeout=60)
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["outputs"][0]["shape"] == [0, 5]
+
+
+def test_a_kernel_that_fails_on_the_input_values_is_a_client_error_on_every_protocol(server: CappedServer) -> None:
+    expected = "model fill/1 could not run on these input values"
+    body = {"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [-1]}]}
+    v2 = requests.post(f"{server.http_url}/v2/models/fill/infer", json=body, timeout=60)
+    assert v2.status_code == 400, v2.text
+    assert expected in v2.json()["error"]
+    assert "must be >= 0" in v2.json()["error"]
+    assert ".cc:" not in v2.json()["error"]
+    tfs = requests.post(f"{server.http_url}/v1/models/fill:predict", json={"inputs": [-1]}, timeout=60)
+    assert tfs.status_code == 400, tfs.text
+    assert expected in tfs.json()["error"]
+    request = pb.ModelInferRequest(model_name="fill")
+    request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(-1)
+    refused = _grpc_infer(server, request)
+    assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in (refused.details() or "")
+    assert server.alive()
+    normal = _infer(server, "fill", 3)
+    assert normal.status_code == 200, normal.text
+
+
+def test_a_grpc_answer_exactly_at_the_response_limit_is_sent(server: CappedServer) -> None:
+    n = 16 * 1024 * 1024  # FP32: exactly --max-response-bytes (64 MiB), plus the protobuf envelope
+    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        model_infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        request = pb.ModelInferRequest(model_name="fill")
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
+        response = model_infer(request, timeout=120)
+    assert list(response.outputs[0].shape) == [n]
+    assert len(response.outputs[0].contents.fp32_contents) == n
+    assert "ERROR" not in server.log()
+
+
+def test_a_grpc_answer_above_the_message_limit_is_refused_without_an_error_in_the_log(tmp_path: Path) -> None:
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    with serve_capped(tmp_path, "--grpc-max-message-bytes", "1048576", cap_bytes=CAP) as small:
+        request = pb.ModelInferRequest(model_name="fill")
+        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(1_000_000)
+        refused = _grpc_infer(small, request)  # 4 MB: under --max-response-bytes, over the gRPC message limit
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "--grpc-max-message-bytes" in (refused.details() or "")
+        assert "Traceback" not in small.log(), small.log()[-3000:]
+        assert " ERROR " not in small.log(), small.log()[-3000:]
+        normal = requests.post(
+            f"{small.http_url}/v2/models/fill/infer",
+            json={"inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [1_000_000]}]},
+            timeout=60,
+        )
+        assert normal.status_code == 200

@@ -863,14 +863,17 @@ def _slow_iterations(client: httpx.Client, x: Array, target_seconds: float) -> i
 
 
 def _onnxruntime_running(exclude: set[int]) -> bool:
-    """Whether some thread (other than ``exclude``) is inside ONNX Runtime's ``InferenceSession.run``."""
+    """Whether some thread (other than ``exclude``) is running a model: inside ``ModelSession.run``, whose
+    call into ONNX Runtime (its binding's ``run_with_ort_values``) has no Python frame of its own."""
     for ident, frame in sys._current_frames().items():
         if ident in exclude:
             continue
         current: FrameType | None = frame
         while current is not None:
             code = current.f_code
-            if code.co_name == "run" and "onnxruntime" in code.co_filename:
+            if code.co_name == "run" and code.co_filename.endswith(
+                ("onnxruntime_inference_collection.py", "runtime.py")
+            ):
                 return True
             current = current.f_back
     return False

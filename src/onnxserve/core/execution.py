@@ -17,9 +17,10 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline
+from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.types import TensorSpec
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -34,6 +35,7 @@ class Work:
     text: TextBatch | None = None
     encodings: list[Encoding] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
+    max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
 
     @property
     def key(self) -> Hashable:
@@ -81,7 +83,7 @@ def run_batch(
     )
     assert feeds is not None
     merged_at = time.perf_counter_ns()
-    outputs = session.run(feeds, first.fetch, control)
+    outputs = session.run(feeds, first.fetch, control, *_limits(works))
     ran_at = time.perf_counter_ns()
     parts = _split(outputs, [w.rows for w in works])
     done = time.perf_counter_ns()
@@ -104,12 +106,17 @@ def _run_text(
     merged_at = time.perf_counter_ns()
     if pipeline.fixed_batch == 1 and len(encodings) > 1:  # the graph takes one text at a time
         runs = [
-            session.run({name: array[row : row + 1] for name, array in encoded.feeds.items()}, works[0].fetch, control)
+            session.run(
+                {name: array[row : row + 1] for name, array in encoded.feeds.items()},
+                works[0].fetch,
+                control,
+                *_limits(works),
+            )
             for row in range(len(encodings))
         ]
         outputs = {name: np.concatenate([run[name] for run in runs]) for name in runs[0]}
     else:
-        outputs = session.run(encoded.feeds, works[0].fetch, control)
+        outputs = session.run(encoded.feeds, works[0].fetch, control, *_limits(works))
     ran_at = time.perf_counter_ns()
     answer = [a for a in works[0].answer if a != TOKEN_COUNT_OUTPUT]
     if any(TOKEN_COUNT_OUTPUT in w.answer for w in works):
@@ -127,10 +134,20 @@ def _run_text(
     done = time.perf_counter_ns()
     return [
         Outcome(
-            part, merged_at - start, ran_at - merged_at, done - ran_at, sum(1 for e in w.encodings if e.overflowing)
+            part,
+            merged_at - start,
+            ran_at - merged_at,
+            done - ran_at,
+            truncated_count(w.encodings, w.text.cut if w.text is not None else frozenset()),
         )
         for w, part in zip(works, results, strict=True)
     ]
+
+
+def _limits(works: Sequence[Work]) -> tuple[int, int]:
+    """The most bytes, and BYTES elements per output, that one execution for ``works`` may answer."""
+    size = 0 if any(w.max_output_bytes == 0 for w in works) else sum(w.max_output_bytes for w in works)
+    return size, MAX_BYTES_ELEMENTS * len(works)
 
 
 def _split(outputs: Arrays, rows: Sequence[int]) -> list[Arrays]:

@@ -146,12 +146,29 @@ def text_inputs_of(task: str) -> tuple[str, ...]:
     return (QUESTION_INPUT, CONTEXT_INPUT) if task == "question-answering" else (TEXT_INPUT,)
 
 
+CHARACTERS_PER_TOKEN = 64
+"""Characters tokenized per token a text may keep: no tokenizer makes fewer tokens of that much text."""
+
+MIN_TEXT_CHARACTERS = 16384
+"""The fewest characters of one text that are tokenized, whatever the model's max length."""
+
+MAX_REQUEST_CHARACTERS = 4 * 1024 * 1024
+"""The most characters one request's texts may hold together, after each was cut to what is tokenized."""
+
+
 @dataclass(frozen=True)
 class TextBatch:
-    """The texts of one request (and, for question-answering, the contexts they pair with)."""
+    """The texts of one request (and, for question-answering, the contexts they pair with); ``cut``: the
+    rows whose text was cut before tokenizing (they count as truncated)."""
 
     texts: list[str]
     pairs: list[str] | None = None
+    cut: frozenset[int] = frozenset()
+
+
+def truncated_count(encodings: Sequence[Encoding], cut: frozenset[int] = frozenset()) -> int:
+    """Texts that lost tokens: cut before tokenizing, or truncated by the tokenizer."""
+    return sum(1 for row, e in enumerate(encodings) if e.overflowing or row in cut)
 
 
 @dataclass(frozen=True)
@@ -199,6 +216,7 @@ class TextPipeline:
         self.fixed_batch, self.fixed_length = fixed_shape
         self._pad_id = _pad_id(folder, self.tokenizer)
         max_length = min(spec.max_length, self.fixed_length) if self.fixed_length > 0 else spec.max_length
+        self.max_characters = max(MIN_TEXT_CHARACTERS, max_length * CHARACTERS_PER_TOKEN)
         self.tokenizer.enable_truncation(
             max_length=max_length, strategy="only_second" if self.is_qa else "longest_first"
         )
@@ -243,7 +261,27 @@ class TextPipeline:
                 f"this model's graph takes exactly {self.fixed_batch} texts at a time (its token inputs have a "
                 f"fixed batch size); got {len(texts)}"
             )
-        return TextBatch(texts)
+        return self.bounded(TextBatch(texts))
+
+    def bounded(self, batch: TextBatch) -> TextBatch:
+        """The batch with every text cut to the characters that can matter (``max_characters``: no more
+        than ``max_length`` tokens are kept of it anyway), so that tokenizing takes bounded time and
+        memory whatever a client sends; too many characters in all is refused."""
+        limit = self.max_characters
+        texts = [t[:limit] for t in batch.texts]
+        pairs = [t[:limit] for t in batch.pairs] if batch.pairs is not None else None
+        cut = frozenset(
+            row
+            for row, text in enumerate(batch.texts)
+            if len(text) > limit or (batch.pairs is not None and len(batch.pairs[row]) > limit)
+        )
+        total = sum(map(len, texts)) + sum(map(len, pairs or ()))
+        if total > MAX_REQUEST_CHARACTERS:
+            raise InvalidInputError(
+                f"the texts of this request hold {total} characters (each cut to {limit}), more than the "
+                f"{MAX_REQUEST_CHARACTERS} one request may send; send fewer or shorter texts"
+            )
+        return TextBatch(texts, pairs, cut) if cut else batch
 
     def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:
         task = self.spec.task
@@ -256,7 +294,7 @@ class TextPipeline:
         firsts, seconds = _texts(by_name[first]), _texts(by_name[second])
         if len(firsts) != len(seconds):
             raise InvalidInputError(f"{len(firsts)} {first} texts but {len(seconds)} {second} texts; give one per row")
-        return TextBatch(firsts, seconds)
+        return self.bounded(TextBatch(firsts, seconds))
 
     def encode(self, batch: TextBatch) -> Encoded:
         """Token tensors for the batch, padded to the longest with the tokenizer's pad id."""
@@ -280,7 +318,7 @@ class TextPipeline:
             types[row, :n] = e.type_ids
         available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         feeds = {name: available[name] for name in self.spec.inputs}
-        return Encoded(feeds, list(encodings), sum(1 for e in encodings if e.overflowing))
+        return Encoded(feeds, list(encodings), truncated_count(encodings))
 
     def select_outputs(
         self, requested: Sequence[str] | None, graph_outputs: Sequence[str]

@@ -24,7 +24,8 @@ from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
 from onnxserve.core.memory import give_back_free_memory
-from onnxserve.core.types import TensorSpec, empty_like
+from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,15 @@ log = logging.getLogger(__name__)
 WARMUP_LIMIT_BYTES = 256 * 1024 * 1024
 """Warm-up runs only on inputs up to this size (fixed dims taken as declared, dynamic ones as 1)."""
 
-_ORT_INVALID_ARGUMENT: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
-
 _ALLOCATION_FAILURE = re.compile(
     r"Failed to allocate memory|std::bad_alloc|Integer overflow|size overflowed|exceeds the supported maximum"
 )
 """How ONNX Runtime says a run could not get the memory its input values ask for. Its exceptions carry no
 type for that (``Fail``, ``RuntimeException`` or ``InvalidArgument`` with one of these texts), so this one
 pattern is the only place onnxserve reads an ONNX Runtime message to decide anything."""
+
+_ORT_VALUE: Any = ort.capi.onnxruntime_pybind11_state.OrtValue
+_CPU: Any = ort.OrtDevice.make("cpu", 0)._get_c_device()
 
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 """Run config entry: give the CPU arena's unused memory back to the system at the end of the run."""
@@ -155,6 +157,7 @@ class ModelSession:
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
         self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, "output") for a in self._session.get_outputs())
+        self._itemsizes = {o.name: o.datatype.itemsize for o in self.outputs}
         self.providers: list[str] = list(self._session.get_providers())
         self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
         log.info("%s: loaded on %s", self.name, ", ".join(self.providers))
@@ -170,26 +173,83 @@ class ModelSession:
         feeds: Mapping[str, npt.NDArray[Any]],
         output_names: Sequence[str] | None = None,
         control: RunControl | None = None,
+        max_output_bytes: int = 0,
+        max_bytes_elements: int = MAX_BYTES_ELEMENTS,
     ) -> dict[str, npt.NDArray[Any]]:
-        """Run the model; BYTES inputs and outputs are ``bytes`` objects in ``object`` arrays."""
+        """Run the model; BYTES inputs and outputs are ``bytes`` objects in ``object`` arrays.
+
+        The outputs' shapes are checked while they are still ONNX Runtime's values, before any becomes a
+        numpy array or Python objects: more than ``max_output_bytes`` (0: no limit) in all, more than
+        ``max_bytes_elements`` elements in one BYTES output, or a dimension no answer can have is a
+        ``TooLargeError``."""
         names = list(output_names) if output_names else [o.name for o in self.outputs]
         ort_feeds = {name: _to_ort(name, array) for name, array in feeds.items()}
         options = control.options if control is not None else ort.RunOptions()
         if self._arena:
             # A run that needed a lot gives the arena's unused memory back when it ends.
             options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+        strings = any(array.dtype == np.object_ for array in ort_feeds.values())
+        arrays: list[Any] = []
+        values: list[Any] = []
         try:
-            results = self._session.run(names, ort_feeds, options)
+            if strings:
+                # ONNX Runtime's Python API makes no OrtValue of strings: such a run answers numpy arrays,
+                # checked right after the run, before any further conversion or encoding.
+                arrays = self._session.run(names, ort_feeds, options)
+                shapes = [(tuple(a.shape), a.dtype == np.object_) for a in arrays]
+            else:
+                # ONNX Runtime's own values: shapes known, nothing converted yet. The binding's call, not the
+                # Python wrapper's, which costs several times the run of a small model.
+                inputs = {n: _ORT_VALUE.ortvalue_from_numpy(_contiguous(a), _CPU) for n, a in ort_feeds.items()}
+                values = _listed(self._session._sess.run_with_ort_values(inputs, names, options), len(names))
+                shapes = [(tuple(v.shape()), v.data_type() == "tensor(string)") for v in values]
         except Exception as e:  # ONNX Runtime's error types are not part of its public API
             error = _run_error(self.name, e, control)
             if isinstance(error, TooLargeError):
                 give_back_free_memory()  # what the failed run took before it gave up
             raise error from e
+        refusal = self._refusal(names, shapes, max_output_bytes, max_bytes_elements)
+        if refusal is not None:
+            arrays = values = []  # the error's traceback keeps this frame: it must not keep the outputs
+            give_back_free_memory()
+            raise refusal
         try:
-            return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+            if not strings:
+                arrays = [v.numpy() for v in values]
+                values = []
+            return {name: _from_ort(value) for name, value in zip(names, arrays, strict=True)}
         except MemoryError as e:
+            arrays = values = []
             give_back_free_memory()
             raise _run_error(self.name, e, control) from None
+
+    def _refusal(
+        self,
+        names: Sequence[str],
+        shapes: Sequence[tuple[tuple[int, ...], bool]],
+        max_output_bytes: int,
+        max_bytes_elements: int,
+    ) -> TooLargeError | None:
+        """Why outputs of these shapes may not become an answer, or None: counted from shapes only."""
+        itemsizes = self._itemsizes
+        total = 0
+        for name, (shape, is_bytes) in zip(names, shapes, strict=True):
+            count = math.prod(shape)
+            if any(d > MAX_ELEMENTS for d in shape) or count > MAX_ELEMENTS:
+                return TooLargeError(
+                    f"model {self.name}: output {name!r} has shape {list(shape)}, larger than any answer can be "
+                    "(--max-response-bytes); ask for less (smaller input values, fewer outputs)"
+                )
+            if is_bytes and count > max_bytes_elements:
+                return TooLargeError(
+                    f"model {self.name}: output {name!r} has {count} BYTES elements, more than the "
+                    f"{max_bytes_elements} one answer may hold (--max-response-bytes); ask for less (smaller "
+                    "input values, fewer outputs)"
+                )
+            total += count * (BYTES_ELEMENT_OVERHEAD if is_bytes else itemsizes.get(name) or 8)
+        if 0 < max_output_bytes < total:
+            return response_too_large(self.name, total, max_output_bytes)
+        return None
 
     def warmup(self) -> None:
         """One run on zero inputs with dynamic dims set to 1, so the first request is not the slow one.
@@ -202,9 +262,17 @@ class ModelSession:
             return
         try:
             self.run({spec.name: empty_like(spec) for spec in self.inputs})
-        except (InferenceError, TooLargeError) as e:
+        except (InferenceError, InvalidInputError, TooLargeError) as e:
             # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
             log.warning("%s: warm-up run skipped: %s", self.name, e.message)
+
+
+def response_too_large(model: str, size: int, limit: int) -> TooLargeError:
+    """The refusal of an answer whose output tensors take ``size`` bytes, above ``limit``."""
+    return TooLargeError(
+        f"model {model!r}: the response would be {size} bytes of output tensors, above the limit of {limit} "
+        "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
+    )
 
 
 def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:
@@ -216,11 +284,20 @@ def _run_error(name: str, error: Exception, control: RunControl | None) -> Excep
         # The input values ask the graph for more memory than there is (ConstantOfShape, Expand, Range, a
         # Loop's trip count...): the client's request, not the server, is at fault.
         return TooLargeError(f"model {name} could not allocate the memory these input values ask for: {reason}")
-    if isinstance(error, _ORT_INVALID_ARGUMENT):
-        # The graph refused these values (an index out of range, a reshape that cannot fit):
-        # the request was well-formed but its data is not valid for this model.
-        return InvalidInputError(f"model {name} refused the input values: {reason}")
-    return InferenceError(f"model {name} failed while running: {reason}")
+    # The model loaded and warmed up, and these inputs passed the type and shape checks: a kernel that
+    # still fails (an index out of range, a negative size, shapes that do not broadcast) fails because of
+    # the values it was given. The request, not the server, is at fault.
+    return InvalidInputError(f"model {name} could not run on these input values: {reason}")
+
+
+def _contiguous(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``array`` in C order (``np.ascontiguousarray`` would make a scalar one-dimensional)."""
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+
+
+def _listed(vector: Any, count: int) -> list[Any]:
+    """An OrtValueVector's values, by index: iterating one ends in a costly IndexError."""
+    return [vector[i] for i in range(count)]
 
 
 def _to_ort(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -36,7 +36,9 @@ from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
+from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.runtime import response_too_large
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -56,7 +58,6 @@ from onnxserve.errors import (
     ErrorKind,
     InvalidInputError,
     OnnxServeError,
-    TooLargeError,
     UnavailableError,
 )
 from onnxserve.version import __version__
@@ -66,6 +67,10 @@ SERVER_NAME = "onnxserve"
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 """Largest answer (its output tensors' values, before encoding) one request may get: the request limit."""
 
+LARGE_PAYLOAD_BYTES = 16 * 1024 * 1024
+"""A request or answer of at least this many tensor bytes gives the C allocator's free memory back to the
+system once it has been answered (decoding and encoding it made many transient allocations)."""
+
 TIMEOUT_PARAMETER = "timeout"
 """The request parameter that limits a request's time, in microseconds (Triton's schedule-policy name)."""
 
@@ -74,19 +79,19 @@ def _index_entry(model: ModelVersion) -> IndexEntry:
     return IndexEntry(model.name, str(model.version), model.state.value)
 
 
-def _work(request: InferenceRequest, model: ModelVersion) -> Work:
+def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int = 0) -> Work:
     """Validate a request into work for the model's scheduler (texts are tokenized later, off the loop)."""
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
         rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
-        return Work(fetch, rows, feeds=feeds)
+        return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
             f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
         )
     fetch, answer = model.pipeline.select_outputs(request.outputs, [o.name for o in model.outputs])
-    return Work(fetch, len(text.texts), text=text, answer=answer)
+    return Work(fetch, len(text.texts), text=text, answer=answer, max_output_bytes=max_output_bytes)
 
 
 def time_limit(request: InferenceRequest, default: float) -> float | None:
@@ -110,6 +115,11 @@ def time_limit(request: InferenceRequest, default: float) -> float | None:
 def response_bytes(outputs: dict[str, Any]) -> int:
     """Bytes the output tensors' values take before any encoding (JSON text of them is several times more)."""
     return sum(payload_bytes(array) for array in outputs.values())
+
+
+def _request_bytes(request: InferenceRequest) -> int:
+    """The request's numeric tensor bytes (BYTES tensors are bounded in count where they are decoded)."""
+    return sum(int(t.data.nbytes) for t in request.inputs if t.data.dtype != object)
 
 
 def _tokenize(model: ModelVersion, work: Work) -> int:
@@ -137,6 +147,7 @@ class InferenceCall:
         self.version = version
         self.started = time.perf_counter_ns()
         self.counted = False
+        self.large = False  # it held a large request or answer: give memory back when it ends
         self._token: Token[InferenceCall | None] | None = None
 
     def target(self, model: str, version: str) -> None:
@@ -153,6 +164,8 @@ class InferenceCall:
             _current_call.reset(self._token)
         if isinstance(error, Exception) and not self.counted:
             self.service.refused(self.protocol, self.model, self.version, error, self.started)
+        if self.large:
+            await self.service.give_back_memory()
 
 
 _current_call: ContextVar[InferenceCall | None] = ContextVar("onnxserve_inference_call", default=None)
@@ -238,7 +251,8 @@ class InferenceService:
             raise InvalidInputError(f"model {name!r} takes tensors, not text: it has no tokenizer")
         if not texts:
             raise InvalidInputError("no text to tokenize; send at least one")
-        encode = partial(pipeline.tokenizer.encode_batch, list(texts), add_special_tokens=special_tokens)
+        bounded = pipeline.bounded(TextBatch(list(texts)))  # as long as the tokenizer keeps, no longer
+        encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
         encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
         return encodings
 
@@ -269,6 +283,10 @@ class InferenceService:
         model, version = self._served_labels(model, version)
         elapsed = 0 if started is None else time.perf_counter_ns() - started
         self._report(RequestRecord(model, version, protocol, kind, 0, 0, 0, elapsed))
+
+    async def give_back_memory(self) -> None:
+        """Return the C allocator's free memory to the system, off the event loop."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
 
     def _served_labels(self, model: str, version: str) -> tuple[str, str]:
         """The model and version a client named when the server serves them, else ""."""
@@ -313,7 +331,7 @@ class InferenceService:
         self, request: InferenceRequest, model: ModelVersion, started: int, limit: float | None
     ) -> InferenceResponse:
         try:
-            work = _work(request, model)
+            work = _work(request, model, self.max_response_bytes)
             tokenize_ns = 0
             async with asyncio.timeout(limit) as deadline:
                 if work.text is not None:
@@ -328,12 +346,8 @@ class InferenceService:
             if 0 < self.max_response_bytes < size:
                 # Nothing that holds the outputs may stay in this frame: the error's traceback keeps it.
                 del scheduled, outputs
-                await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
-                raise TooLargeError(
-                    f"model {model.name!r}: the response would be {size} bytes of output tensors, above the "
-                    f"limit of {self.max_response_bytes} bytes (--max-response-bytes); ask for less (smaller "
-                    "input values, fewer outputs)"
-                )
+                await self.give_back_memory()
+                raise response_too_large(model.name, size, self.max_response_bytes)
         except (OnnxServeError, TimeoutError) as caught:
             if isinstance(caught, OnnxServeError):
                 e = caught
@@ -350,6 +364,12 @@ class InferenceService:
             if e is caught:
                 raise
             raise e from None
+        if size >= LARGE_PAYLOAD_BYTES or _request_bytes(request) >= LARGE_PAYLOAD_BYTES:
+            call = _current_call.get()
+            if call is not None:
+                call.large = True  # once it is encoded and answered
+            else:
+                await self.give_back_memory()
         outcome = scheduled.outcome
         specs = {s.name: s for s in model.outputs}
         response = InferenceResponse(

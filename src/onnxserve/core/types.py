@@ -148,9 +148,16 @@ def empty_like(spec: TensorSpec, dynamic: int = 1) -> npt.NDArray[Any]:
     return np.zeros(shape, dtype=spec.datatype.numpy)
 
 
+BYTES_ELEMENT_OVERHEAD = 4
+"""Bytes one BYTES element costs beside its own: its length prefix on the binary wire (and far more as a
+Python object and a JSON string), so that many tiny elements are not free."""
+
+
 def payload_bytes(array: npt.NDArray[Any]) -> int:
     """The bytes a tensor's values take on the wire before any encoding: numpy's ``nbytes``, or for BYTES
-    (``object`` arrays of ``bytes``) the total length of the elements."""
+    (``object`` arrays of ``bytes``) the total length of the elements plus ``BYTES_ELEMENT_OVERHEAD`` each."""
     if array.dtype != np.object_:
         return int(array.nbytes)
-    return sum(len(item) if isinstance(item, (bytes, str)) else 8 for item in array.flat)
+    return sum(len(item) if isinstance(item, (bytes, str)) else 8 for item in array.flat) + (
+        BYTES_ELEMENT_OVERHEAD * array.size
+    )

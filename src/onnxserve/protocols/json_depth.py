@@ -36,7 +36,13 @@ def depth_exceeds(doc: Any, limit: int) -> bool:
 def check_depth(doc: Any, what: str = "the request body") -> Any:
     """``doc`` itself, or InvalidInputError when it nests deeper than :data:`MAX_JSON_DEPTH`."""
     if depth_exceeds(doc, MAX_JSON_DEPTH):
-        raise InvalidInputError(
-            f"{what} nests JSON arrays and objects more than {MAX_JSON_DEPTH} levels deep; that is the limit"
-        )
+        raise too_deep(what)
     return doc
+
+
+def too_deep(what: str = "the request body") -> InvalidInputError:
+    """The refusal of a document that nests deeper than :data:`MAX_JSON_DEPTH` (also for a parser that
+    gave up on it: Python's own reports its recursion limit)."""
+    return InvalidInputError(
+        f"{what} nests JSON arrays and objects more than {MAX_JSON_DEPTH} levels deep; that is the limit"
+    )

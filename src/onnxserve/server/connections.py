@@ -359,11 +359,21 @@ def grpc_connection_cap(settings: ServerSettings) -> int:
     return settings.grpc_max_connections
 
 
+GRPC_SEND_HEADROOM = 1024 * 1024
+"""Bytes a gRPC response may take beyond ``--grpc-max-message-bytes``: the protobuf envelope (names,
+shapes, length prefixes) of output tensors that take up to the limit themselves."""
+
+
+def grpc_send_limit(settings: ServerSettings) -> int:
+    """The largest message the gRPC server sends: tensors up to ``--grpc-max-message-bytes``, and their envelope."""
+    return settings.grpc_max_message_bytes + GRPC_SEND_HEADROOM
+
+
 def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
     """grpc.aio server options for the limits grpc enforces itself (see the module docstring)."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", grpc_send_limit(settings)),
         ("grpc.so_reuseport", 0),
         ("grpc.max_allowed_incoming_connections", grpc_connection_cap(settings)),
         ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout * 1000))),

@@ -9,7 +9,7 @@ from onnxserve.errors import ConfigError
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
-from onnxserve.server.connections import MessageReception, grpc_options
+from onnxserve.server.connections import MessageReception, grpc_options, grpc_send_limit
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.settings import ServerSettings
 
@@ -36,7 +36,7 @@ def create_grpc_server(
     )
     interceptors.append(MessageReception(budget, settings.grpc_max_message_bytes, settings.body_timeout))
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    server.add_generic_rpc_handlers((generic_handler(service),))
+    server.add_generic_rpc_handlers((generic_handler(service, grpc_send_limit(settings)),))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         address = f"{host}:{settings.grpc_port}"

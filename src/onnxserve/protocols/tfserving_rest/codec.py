@@ -25,7 +25,7 @@ from onnxserve.core.types import (
     TensorSpec,
 )
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols.json_depth import check_depth
+from onnxserve.protocols.json_depth import check_depth, too_deep
 from onnxserve.protocols.tfserving_rest import values
 
 SIGNATURE = "serving_default"
@@ -73,7 +73,9 @@ def loads(body: bytes) -> Any:
             pass  # let the standard parser name the error
     try:
         doc = json.loads(body)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise too_deep() from None
+    except ValueError as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
     return check_depth(doc)
 

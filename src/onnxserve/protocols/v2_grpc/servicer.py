@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from onnxserve.core.wire import output_bytes
-from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.protocols import context, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
@@ -85,8 +85,9 @@ class InferenceServicer:
     of the service, from its bytes to its answer: the service counts it once however it ends.
     """
 
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, max_send_bytes: int = 0) -> None:
         self.service = service
+        self.max_send_bytes = max_send_bytes  # the largest message grpc will send (0: no limit)
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.service.live())
@@ -130,7 +131,17 @@ class InferenceServicer:
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
-        return await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
+        encoded = await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
+        if self.max_send_bytes:
+            size = encoded.ByteSize()
+            if size > self.max_send_bytes:
+                # Refused here with a message that says why, not by grpc with an error in the log.
+                raise TooLargeError(
+                    f"model {response.model_name!r}: the gRPC response would be {size} bytes, above the "
+                    f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
+                    "less (smaller input values, fewer outputs)"
+                )
+        return encoded
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext
@@ -224,9 +235,10 @@ def _unary(
     return handler
 
 
-def generic_handler(service: InferenceService) -> grpc.GenericRpcHandler:
-    """Every RPC of the service; the service counts each inference request."""
-    servicer = InferenceServicer(service)
+def generic_handler(service: InferenceService, max_send_bytes: int = 0) -> grpc.GenericRpcHandler:
+    """Every RPC of the service; the service counts each inference request. ``max_send_bytes``: the
+    server's send limit, which an inference response is checked against before grpc sends it."""
+    servicer = InferenceServicer(service, max_send_bytes)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _unary(getattr(servicer, name), request_type, service if name == "ModelInfer" else None),

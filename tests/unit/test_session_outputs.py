@@ -1,0 +1,46 @@
+"""ModelSession.run hands ONNX Runtime its inputs as OrtValues (scalars stay scalars, any memory order)
+and checks the outputs' shapes before converting them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx.parser import parse_model
+
+from onnxserve.core.runtime import ModelSession
+from onnxserve.errors import TooLargeError
+
+
+def _session(tmp_path: Path, text: str) -> ModelSession:
+    path = tmp_path / "model.onnx"
+    onnx.save(parse_model('<ir_version: 8, opset_import: ["" : 17]>\n' + text), path)
+    return ModelSession(path, name="m")
+
+
+def test_scalar_inputs_stay_scalars(tmp_path: Path) -> None:
+    session = _session(tmp_path, "rng (int64 a, int64 b, int64 c) => (int64[n] y) { y = Range(a, b, c) }")
+    y = session.run({"a": np.array(0), "b": np.array(5), "c": np.array(1)})["y"]
+    assert y.tolist() == [0, 1, 2, 3, 4]
+    same = _session(tmp_path, "idn (int64 x) => (int64 y) { y = Identity(x) }").run({"x": np.array(7)})["y"]
+    assert same.shape == ()
+    assert same.item() == 7
+
+
+def test_inputs_in_any_memory_order_are_read_as_they_are(tmp_path: Path) -> None:
+    session = _session(tmp_path, "idn (float[a, b] x) => (float[a, b] y) { y = Identity(x) }")
+    x = np.arange(12, dtype=np.float32).reshape(3, 4).T
+    assert session.run({"x": x})["y"].tolist() == x.tolist()
+
+
+def test_outputs_above_the_limit_are_refused_by_their_shapes(tmp_path: Path) -> None:
+    session = _session(
+        tmp_path, "fill (int64[r] s) => (float[a] y) { y = ConstantOfShape <value = float[1] {1.0}> (s) }"
+    )
+    assert session.run({"s": np.array([4])}, max_output_bytes=16)["y"].tolist() == [1.0] * 4
+    with pytest.raises(TooLargeError, match="the response would be 20 bytes of output tensors, above the limit of 16"):
+        session.run({"s": np.array([5])}, max_output_bytes=16)
+    with pytest.raises(TooLargeError, match=r"has shape \[0, 4611686018427387904\], larger than any answer can be"):
+        session.run({"s": np.array([0, 2**62])})
