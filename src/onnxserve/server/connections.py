@@ -9,8 +9,6 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   otherwise 408 and the connection closes (whatever the endpoint held is released).
 - **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
   arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
-- **Half-close**: a client that shuts down its sending side after its request is answered, then the
-  connection closes (uvicorn alone treats it as a disconnect).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
 - **Open connections**: at most ``max_connections`` per port. When a new one would exceed it, the
   oldest connection that is not in the middle of a request (idle keep-alive, or still sending its
@@ -148,7 +146,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._reserve = False
         self._refused = False
-        self._client_done = False
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -197,20 +194,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         super().connection_lost(exc)
-
-    # -- a client that half-closes (shutdown(SHUT_WR)) after sending its request ----------------------
-    def eof_received(self) -> bool | None:  # type: ignore[override]
-        """Keep the connection open to answer the request that has fully arrived (uvicorn would close it),
-        then close. A request whose body is incomplete can never complete: closed at once, as before."""
-        if (self._busy() and self._body_timer is None) or self.pipeline:
-            self._client_done = True
-            return True
-        return None
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._client_done and not self.pipeline and not self.transport.is_closing():
-            self.transport.close()
 
     # -- the request head ----------------------------------------------------------------------------
     def _head_seconds(self) -> float:
