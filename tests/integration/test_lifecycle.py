@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from onnxserve.config import load_config
 from onnxserve.core.manager import Catalog
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
+from waiting import wait_until
 
 ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
 LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")
@@ -30,15 +31,6 @@ LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")
 
 def infer_body(x: float = 0.0) -> dict[str, Any]:
     return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [x]}]}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_config(path: Path, labels: dict[str, int] | None = None, extra: list[dict[str, Any]] | None = None) -> None:

@@ -7,8 +7,7 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from onnxserve.core.repository import discover_versions, scan_repository
 from onnxserve.errors import ConfigError
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
+from waiting import wait_until
 
 
 def infer(server: RunningServer, name: str = "m", x: float = 0.0) -> httpx.Response:
@@ -37,15 +37,6 @@ def answer(server: RunningServer, name: str = "m") -> float:
     assert response.status_code == 200, response.text
     value: float = response.json()["outputs"][0]["data"][0]
     return value
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_config(path: Path, base_path: str, name: str = "m") -> None:

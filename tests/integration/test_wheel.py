@@ -9,12 +9,9 @@ reached these tests skip and say so.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +20,9 @@ import httpx
 import pytest
 
 import models
+from served_process import ServedProcess
 
 ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+:\d+)")
 TORCH = "torch==2.13.0"  # the CPU build this machine carries; any other version pulls a CUDA build
 UNREACHABLE = ("No matching distribution", "Could not find a version", "connection", "Network is unreachable")
 
@@ -88,51 +85,12 @@ def serving_only(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return python
 
 
-class Served:
-    def __init__(self, onnxserve: Path, repository: Path) -> None:
-        command = [
-            str(onnxserve),
-            "serve",
-            "--model-repository",
-            str(repository),
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-        ]
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ONNXSERVE_", "ONNX_SERVER_", "PYTHONPATH"))}
-        self.process = subprocess.Popen(command, stderr=self.log, env=env, cwd=repository)
-        self.url = ""
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 120.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.output()
-            found = LISTENING.search(self.output())
-            if found:
-                try:
-                    if httpx.get(f"http://{found.group(1)}/v2/health/ready", timeout=5).status_code == 200:
-                        return f"http://{found.group(1)}"
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server did not become ready:\n{self.output()}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self.log.close()
-
-
 @pytest.fixture
 def served(serving_only: Path, tmp_path: Path) -> Iterator[str]:
     models.write_version(tmp_path / "repo", "m", 1, models.offset_model(10.0))
-    server = Served(serving_only.parent / "onnxserve", tmp_path / "repo")
+    command = ["serve", "--model-repository", str(tmp_path / "repo"), "--http-port", "0", "--grpc-port", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ONNXSERVE_", "ONNX_SERVER_", "PYTHONPATH"))}
+    server = ServedProcess([str(serving_only.parent / "onnxserve"), *command], env, cwd=tmp_path / "repo")
     try:
         yield server.wait_ready()
     finally:
