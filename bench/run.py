@@ -66,7 +66,7 @@ CEILING_BATCHES = (1, 8)
 """In-process ceilings measured beside the best layout: one call of one row, and batches of 8."""
 CHECKED_SENTENCES = 4
 """Sentences each peer embeds before it is measured, compared with ours (cosine)."""
-STOP_RESERVE_S = 60.0
+STOP_RESERVE_S = 120.0
 """Seconds kept from BENCH_DEADLINE_S for stopping the servers and writing the report."""
 
 SERVER_RUNS: tuple[tuple[str, str], ...] = (
@@ -512,7 +512,8 @@ def markdown(report: dict[str, Any]) -> str:
         if peer["status"] == "ran":
             cosine = min(peer["embedding_check"]["cosines"])
             lines.append(
-                f"- {side}: {peer['settings']}; up in {peer['start_s']} s; embedding cosine to ours >= {cosine:.5f}"
+                f"- {side}: {peer['settings']}; up in {peer['start_s']} s, stopped in {peer['stop_s']} s; "
+                f"embedding cosine to ours >= {cosine:.5f}"
             )
         else:
             lines.append(f"- {side}: not run: {peer['reason'].splitlines()[0] if peer['reason'] else peer['status']}")

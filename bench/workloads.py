@@ -38,6 +38,7 @@ OVERHEAD_PROTOCOLS: tuple[tuple[str, Protocol, bool], ...] = (
 TENSORS_PROTOCOL = "V2 gRPC"
 TENSORS_HTTP_PROTOCOL = "V2 HTTP binary"
 TORCHSERVE_PROTOCOL = "TorchServe REST (text/plain)"
+DEADLINE_REACHED = "not measured: the run reached BENCH_DEADLINE_S before this point's turn"
 TORCHSERVE_PROBE_CONCURRENCY = 8
 TORCHSERVE_PROBE_ROUNDS = 2
 
@@ -51,8 +52,9 @@ def rounds_left(now: float, deadline: float | None, round_s: float) -> bool:
 def measure(points: Sequence[Point], repeats: int, log: Log, deadline: float | None = None) -> list[Row]:
     """Every point once per round for ``repeats`` rounds. A failed run is logged and kept in its row's
     ``failures``; a point that fails the first round (nothing to measure there) is not tried again.
-    A round that would end after ``deadline`` (time.monotonic()) is not started: the medians are then
-    of fewer runs (and the log says so) rather than no report at all."""
+    A round that would end after ``deadline`` (time.monotonic()) is not started, and once it has passed
+    no further point starts: the medians are then of fewer runs, and a point never measured says so,
+    rather than no report at all."""
     samples: list[list[Sample]] = [[] for _ in points]
     round_s = 0.0
     for repeat in range(1, repeats + 1):
@@ -62,6 +64,10 @@ def measure(points: Sequence[Point], repeats: int, log: Log, deadline: float | N
             break
         for (row, run), collected in zip(points, samples, strict=True):
             if row.error is not None or (row.failures and not collected):
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                if not collected:
+                    row.failures.append(DEADLINE_REACHED)
                 continue
             meter = CpuMeter()
             try:

@@ -82,17 +82,24 @@ class PeerProcess:
                 env=self.env,
                 start_new_session=True,
             )
+        try:
+            self._wait_ready()
+        except BaseException:  # not ready, or interrupted (deadline, SIGTERM): nothing of it may outlive this
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                code = self._process.returncode
-                self._process = None
-                raise PeerError(f"{self.name} exited with status {code} while starting:\n{log_tail(self.log)}")
+                raise PeerError(
+                    f"{self.name} exited with status {self._process.returncode} while starting:\n{log_tail(self.log)}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.health_url, timeout=1.0).status_code == 200:
                     return
             time.sleep(HEALTH_POLL_S)
-        self.stop()
         raise PeerError(f"{self.name} was not ready after {self.start_timeout_s:.0f} s:\n{log_tail(self.log)}")
 
     def stop(self) -> None:
@@ -158,6 +165,8 @@ class PeerRun:
     target: loadgen.HttpTarget | None = None
     start_s: float | None = None
     cosines: list[float] = field(default_factory=list)
+    stop_s: float | None = None  # how long stopping took (SIGTERM, then SIGKILL after STOP_GRACE_S)
+    log_file: Path | None = None
 
     @property
     def note(self) -> str:
@@ -173,7 +182,10 @@ class PeerRun:
 
     def stop(self) -> None:
         if self.process is not None:
+            began = time.monotonic()
             self.process.stop()
+            self.stop_s = time.monotonic() - began
+            self.log_file = self.process.log
             self.process = None
 
     def to_json(self) -> dict[str, Any]:
@@ -183,7 +195,8 @@ class PeerRun:
             "settings": self.peer.settings_label(),
             "start_s": None if self.start_s is None else round(self.start_s, 1),
             "embedding_check": {"min_cosine_required": MIN_COSINE, "cosines": [round(c, 6) for c in self.cosines]},
-            "log": None if self.process is None else str(self.process.log),
+            "stop_s": None if self.stop_s is None else round(self.stop_s, 1),
+            "log": str(self.process.log if self.process is not None else self.log_file or "") or None,
         }
 
 

@@ -3,6 +3,7 @@ default configuration and the peers' pure parts. No server or peer starts here."
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,7 @@ def test_embeddings_match_only_in_direction() -> None:
         cosines(ours, np.zeros_like(ours))
 
 
-def test_measure_starts_no_round_that_would_pass_the_deadline() -> None:
+def test_measure_starts_nothing_past_the_deadline() -> None:
     pytest.importorskip("aiohttp")
     from bench import workloads
 
@@ -219,14 +220,19 @@ def test_measure_starts_no_round_that_would_pass_the_deadline() -> None:
         return Sample(10.0, 1.0, 2.0, 10)
 
     points = [(Row("text", "x", "p", 1, "t", "texts"), run), (Row("text", "y", "p", 1, "t", "texts"), run)]
-    rows = workloads.measure(points, 5, lambda _: None, deadline=time.monotonic())
-    assert len(calls) == 2  # the first round always runs; the second would end past the deadline
-    assert all(r.summary is not None and len(r.summary.runs) == 1 for r in rows)
-    calls.clear()
-    workloads.measure(points, 3, lambda _: None, deadline=None)
+    rows = workloads.measure(points, 3, lambda _: None, deadline=time.monotonic() + 600.0)
     assert len(calls) == 6
+    assert all(r.summary is not None and len(r.summary.runs) == 3 for r in rows)
+    calls.clear()
+    late = [(Row("text", "z", "p", 1, "t", "texts"), run)]
+    (row,) = workloads.measure(late, 3, lambda _: None, deadline=time.monotonic() - 1.0)
+    assert calls == []  # past the deadline no point starts, and its row says why
+    assert row.summary is None
+    assert row.error == workloads.DEADLINE_REACHED
+    # a further round starts only when one more of the last round's length (and 10 %) fits
     assert workloads.rounds_left(100.0, 112.0, 10.0) is True
     assert workloads.rounds_left(100.0, 110.0, 10.0) is False
+    assert workloads.rounds_left(100.0, None, 1e9) is True
 
 
 def test_the_peers_requests_and_answers() -> None:
@@ -266,3 +272,33 @@ def test_a_missing_peer_venv_names_pip_last_words(tmp_path: Path) -> None:
     assert venv_missing(venv, tmp_path / "none.log") == (
         "bench/.venv-absent-for-this-test is not installed (make bench's set-up creates it)"
     )
+
+
+def test_a_peer_that_never_gets_ready_is_stopped_with_its_children(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    from bench.peers.peer import PeerError, PeerProcess
+    from bench.server import free_port
+
+    child = tmp_path / "child.pid"
+    script = (
+        "import os, subprocess, sys, time\n"
+        f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(child)!r}, 'w').write(str(c.pid))\n"
+        "print('starting', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    process = PeerProcess(
+        "never-ready",
+        [sys.executable, "-c", script],
+        tmp_path,
+        {},
+        tmp_path / "peer.log",
+        f"http://127.0.0.1:{free_port()}/health",
+        start_timeout_s=1.0,
+    )
+    with pytest.raises(PeerError, match=r"never-ready was not ready after 1 s"):
+        process.start()
+    pid = int(child.read_text()) if child.is_file() else None
+    if pid is not None:  # the grandchild went with the group
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
