@@ -173,7 +173,7 @@ class Servers:
 def _start_onnxserve(
     settings: Settings, stack: contextlib.ExitStack, servers: Servers, log: workloads.Log
 ) -> dict[str, Any]:
-    """Start both onnxserve configs (stopped when ``stack`` closes); what each side runs with."""
+    """Start every onnxserve configuration (stopped when ``stack`` closes); what each side runs with."""
     sides: dict[str, Any] = {}
     for name, side in SERVER_RUNS:
         config, document = effective_config(name, settings)

@@ -302,3 +302,15 @@ def test_a_peer_that_never_gets_ready_is_stopped_with_its_children(tmp_path: Pat
     if pid is not None:  # the grandchild went with the group
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_the_ceilings_are_the_fastest_layout_of_batch_1_and_8_unless_a_finalist_has_it() -> None:
+    pytest.importorskip("aiohttp")
+    from bench.inprocess import Candidate
+    from bench.run import ceilings
+
+    found = [(Candidate(16, 2, 1), 0), (Candidate(8, 1, 2), 0), (Candidate(1, 2, 1), 0), (Candidate(8, 2, 1), 0)]
+    finalists = [c for c, _ in found[:2]]
+    assert ceilings(found, finalists) == [Candidate(1, 2, 1)]  # batch 8's best is already a finalist
+    assert ceilings(found, [Candidate(16, 2, 1)]) == [Candidate(1, 2, 1), Candidate(8, 1, 2)]
+    assert ceilings(found[:1], [Candidate(16, 2, 1)]) == []  # no batch 1 or 8 in that sweep
