@@ -128,7 +128,9 @@ bench/.venv-mlserver/.installed: bench/peers/requirements-mlserver.txt bench/pee
 	then touch $@; echo "bench: MLServer installed in $$(( $$(date +%s) - start )) s, $$(du -sh bench/.venv-mlserver | cut -f1)"; \
 	else echo "note: pip could not install MLServer (bench/.venv-mlserver):"; tail -n 5 $$log; fi
 
-PEER_VENVS := bench/.venv-infinity/.installed bench/.venv-mlserver/.installed
+# BENCH_INFINITY=0 / BENCH_MLSERVER=0 skip that peer, its install included.
+PEER_VENVS := $(if $(filter 0,$(BENCH_INFINITY)),,bench/.venv-infinity/.installed) \
+	$(if $(filter 0,$(BENCH_MLSERVER)),,bench/.venv-mlserver/.installed)
 
 bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench $(PEER_VENVS) system-deps
 	$(PY) -m bench.run
