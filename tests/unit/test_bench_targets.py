@@ -314,3 +314,24 @@ def test_the_ceilings_are_the_fastest_layout_of_batch_1_and_8_unless_a_finalist_
     assert ceilings(found, finalists) == [Candidate(1, 2, 1)]  # batch 8's best is already a finalist
     assert ceilings(found, [Candidate(16, 2, 1)]) == [Candidate(1, 2, 1), Candidate(8, 1, 2)]
     assert ceilings(found[:1], [Candidate(16, 2, 1)]) == []  # no batch 1 or 8 in that sweep
+
+
+def test_a_peer_that_cannot_run_gives_rows_that_say_why(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    from bench.peers import mlserver
+    from bench.peers.peer import start_peer
+
+    class Uninstalled(mlserver.MLServer):
+        def missing(self) -> str | None:
+            return "bench/.venv-mlserver is not installed (make bench's set-up creates it)"
+
+    logged: list[str] = []
+    reference = np.ones((2, 3), dtype=np.float32)
+    found = start_peer(Uninstalled(tmp_path), True, tmp_path, ["a", "b"], reference, logged.append)
+    assert (found.status, found.process, found.target) == ("unavailable", None, None)
+    row, _ = found.point(8, Settings())
+    assert (row.side, row.concurrency) == (MLSERVER, 8)
+    assert row.error == "not run: bench/.venv-mlserver is not installed (make bench's set-up creates it)"
+    assert logged == ["MLServer: unavailable: bench/.venv-mlserver is not installed (make bench's set-up creates it)"]
+    skipped = start_peer(Uninstalled(tmp_path), False, tmp_path, ["a"], reference, logged.append)
+    assert (skipped.status, skipped.reason) == ("skipped", "BENCH_MLSERVER=0")
