@@ -103,7 +103,36 @@ $(VENV)/.installed-bench: $(VENV)/.installed-dev bench/requirements.txt
 	@if $(PY) -m pip install $(TORCH) -r bench/requirements.txt >$(BENCH_RESULTS)/pip.log 2>&1; then touch $@; \
 	else echo "note: pip could not install bench/requirements.txt:"; tail -n 5 $(BENCH_RESULTS)/pip.log; fi
 
-bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench system-deps
+# The peers of the text comparison (bench/peers/: Infinity, MLServer), each in a virtual environment of
+# its own: infinity-emb pulls optimum 2.1 and transformers 4.57, which .venv (transformers 5) cannot hold.
+# torch is pinned (installed first for Infinity, a constraint for both). A failed install does not stop
+# the bench: that peer's rows say "not run" and why (pip's output: bench/results/pip-<peer>.log).
+PEER_PIP = timeout 1200 $(1)/bin/pip install --quiet -c bench/peers/constraints.txt
+PEER_VENV = (test -x $(1)/bin/python || $(PYTHON) -m venv $(1))
+
+bench/.venv-infinity/.installed: bench/peers/requirements-infinity.txt bench/peers/constraints.txt
+	@mkdir -p $(BENCH_RESULTS); log=$(BENCH_RESULTS)/pip-infinity.log; start=$$(date +%s); \
+	echo "bench: installing Infinity into bench/.venv-infinity (a few minutes; pip's output: $$log)"; \
+	if { $(call PEER_VENV,bench/.venv-infinity) && $(call PEER_PIP,bench/.venv-infinity) $(TORCH) && \
+	     $(call PEER_PIP,bench/.venv-infinity) $(TORCH) -r bench/peers/requirements-infinity.txt; } >$$log 2>&1; \
+	then touch $@; echo "bench: Infinity installed in $$(( $$(date +%s) - start )) s, $$(du -sh bench/.venv-infinity | cut -f1)"; \
+	else echo "note: pip could not install Infinity (bench/.venv-infinity):"; tail -n 5 $$log; fi
+
+bench/.venv-mlserver/.installed: bench/peers/requirements-mlserver.txt bench/peers/constraints.txt
+	@mkdir -p $(BENCH_RESULTS); log=$(BENCH_RESULTS)/pip-mlserver.log; start=$$(date +%s); \
+	echo "bench: installing MLServer into bench/.venv-mlserver (a few minutes; pip's output: $$log)"; \
+	if { $(call PEER_VENV,bench/.venv-mlserver) && \
+	     $(call PEER_PIP,bench/.venv-mlserver) -r bench/peers/requirements-mlserver.txt && \
+	     rm -rf bench/.venv-mlserver/overlay && \
+	     $(call PEER_PIP,bench/.venv-mlserver) --target bench/.venv-mlserver/overlay 'uvloop<0.22'; } >$$log 2>&1; \
+	then touch $@; echo "bench: MLServer installed in $$(( $$(date +%s) - start )) s, $$(du -sh bench/.venv-mlserver | cut -f1)"; \
+	else echo "note: pip could not install MLServer (bench/.venv-mlserver):"; tail -n 5 $$log; fi
+
+# BENCH_INFINITY=0 / BENCH_MLSERVER=0 skip that peer, its install included.
+PEER_VENVS := $(if $(filter 0,$(BENCH_INFINITY)),,bench/.venv-infinity/.installed) \
+	$(if $(filter 0,$(BENCH_MLSERVER)),,bench/.venv-mlserver/.installed)
+
+bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench $(PEER_VENVS) system-deps
 	$(PY) -m bench.run
 	$(PY) -m bench.large_tensor --tree onnxserve=src
 
@@ -140,4 +169,4 @@ reference: $(VENV)/.installed-dev
 	$(PY) scripts/generate_reference.py
 
 clean:
-	rm -rf $(VENV) $(MODELS) site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MODELS) site .pytest_cache .mypy_cache .ruff_cache bench/.venv-infinity bench/.venv-mlserver

@@ -1,10 +1,12 @@
 """``make bench``: every workload, its baseline and the issue's targets, in one bounded run.
 
-Order: the in-process sweeps (nothing else of ours running) pick each baseline's finalists; then
-onnxserve with batching off, onnxserve with batching on (bench/configs/) and TorchServe start (its
-candidate settings probed, the best kept), and every point -- overhead, tensors, text, baselines
-included -- is measured once per round, ``BENCH_REPEATS`` rounds (see workloads.py for why). Every
-server is stopped at the end, on an error, on SIGINT / SIGTERM and at BENCH_DEADLINE_S. Progress goes
+Order: the in-process sweeps (nothing else of ours running) pick each baseline's finalists and each
+batch size's ceiling; then onnxserve in its default configuration, with batching off and with batching
+on (bench/configs/), TorchServe (its candidate settings probed, the best kept), Infinity and MLServer
+(bench/peers/, each checked to compute our embedding) start, and every point -- overhead, tensors,
+text, baselines included -- is measured once per round, ``BENCH_REPEATS`` rounds (see workloads.py for
+why); a round that would end past BENCH_DEADLINE_S is not started. Every server is stopped at the end,
+on an error, on SIGINT / SIGTERM and at BENCH_DEADLINE_S. Progress goes
 to stderr; the markdown report to stdout and, with every run's numbers, to
 ``bench/results/latest.json`` (and ``latest.md``).
 
@@ -31,23 +33,49 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import httpx
+import numpy as np
 import orjson
 
 from bench import inprocess, perf_analyzer, workloads
 from bench.data import SENTENCES, perf_analyzer_input, token_row, write_add_model
 from bench.inprocess import tiny_call
-from bench.report import ONNXSERVE_OFF, ONNXSERVE_ON, Row, evaluate, results_table, targets_table
+from bench.peers.infinity import Infinity
+from bench.peers.mlserver import MLServer
+from bench.peers.peer import Peer, PeerRun, start_peer
+from bench.report import (
+    EMBEDDINGS_PROTOCOL,
+    INFINITY,
+    MLSERVER,
+    ONNXSERVE_DEFAULT,
+    ONNXSERVE_OFF,
+    ONNXSERVE_ON,
+    TEXT_PROTOCOL,
+    TORCHSERVE,
+    Row,
+    evaluate,
+    results_table,
+    targets_table,
+)
 from bench.server import OnnxServer, ServerError
 from bench.settings import BENCH_DIR, ENV_HELP, Settings, SettingsError, from_env
 
 SWEEP_BATCHES = (1, 8, 16, 32)
 """Batch sizes the in-process baselines try (with every thread layout)."""
+CEILING_BATCHES = (1, 8)
+"""In-process ceilings measured beside the best layout: one call of one row, and batches of 8."""
+CHECKED_SENTENCES = 4
+"""Sentences each peer embeds before it is measured, compared with ours (cosine)."""
+STOP_RESERVE_S = 120.0
+"""Seconds kept from BENCH_DEADLINE_S for stopping the servers and writing the report."""
 
-SERVER_RUNS: tuple[tuple[str, str, bool], ...] = (
-    ("batching_off", ONNXSERVE_OFF, False),
-    ("batching_on", ONNXSERVE_ON, True),
+SERVER_RUNS: tuple[tuple[str, str], ...] = (
+    ("default", ONNXSERVE_DEFAULT),
+    ("batching_off", ONNXSERVE_OFF),
+    ("batching_on", ONNXSERVE_ON),
 )
-"""(config in bench/configs/, label, batching): the two onnxserve server runs, in this order."""
+"""(config in bench/configs/, label): the onnxserve server runs, in this order. ``default`` holds only
+the model entries: what a user gets without tuning; the targets judge it."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -109,6 +137,9 @@ def effective_config(name: str, settings: Settings) -> tuple[Path, dict[str, Any
 
 def describe_model_config(document: dict[str, Any], model: str = "minilm") -> str:
     entry = next(e for e in document["model_config_list"] if e["name"] == model)
+    tuned = {"max_batch_size", "dynamic_batching", "instance_count", "session_options"} & entry.keys()
+    if not tuned:
+        return "no batching, instance or thread settings (the server's defaults)"
     parts = [f"max_batch_size {entry.get('max_batch_size', 0)}"]
     for key, value in entry.get("dynamic_batching", {}).items():
         parts.append(f"{key} {value}")
@@ -128,6 +159,7 @@ class Servers:
     up: dict[str, OnnxServer] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     pa_missing: str | None = None
+    batching: dict[str, bool] = field(default_factory=dict)  # by side: does minilm batch (max_batch_size > 0)
 
     def get(self, side: str, needs_pa: bool) -> OnnxServer | str:
         """The server of ``side``, or why a point on it cannot be measured."""
@@ -141,9 +173,9 @@ class Servers:
 def _start_onnxserve(
     settings: Settings, stack: contextlib.ExitStack, servers: Servers, log: workloads.Log
 ) -> dict[str, Any]:
-    """Start both onnxserve configs (stopped when ``stack`` closes); what each side runs with."""
+    """Start every onnxserve configuration (stopped when ``stack`` closes); what each side runs with."""
     sides: dict[str, Any] = {}
-    for name, side, _ in SERVER_RUNS:
+    for name, side in SERVER_RUNS:
         config, document = effective_config(name, settings)
         server = OnnxServer(config, settings.results_dir / f"server-{name}.log", name)
         sides[side] = {
@@ -159,22 +191,46 @@ def _start_onnxserve(
             log(f"onnxserve ({side}) FAILED: {e}")
             continue
         servers.up[side] = server
+        try:
+            max_batch = server.max_batch_size("minilm")
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            log(f"onnxserve ({side}): its minilm configuration could not be read ({e}); taken as not batching")
+            max_batch = 0
+        servers.batching[side] = max_batch > 0
+        sides[side]["served_max_batch_size"] = max_batch
+        sides[side]["minilm"] += f"; served with max_batch_size {max_batch}"
         log(f"onnxserve ({side}) on {server.http_url} and {server.grpc_address}: {sides[side]['minilm']}")
     return sides
 
 
+def ceilings(
+    found: list[tuple[inprocess.Candidate, Any]], finalists: list[inprocess.Candidate]
+) -> list[inprocess.Candidate]:
+    """The fastest layout of each CEILING_BATCHES size in a sweep (fastest first), unless a finalist has
+    that batch size already (its row is then that batch's ceiling)."""
+    chosen: list[inprocess.Candidate] = []
+    for batch in CEILING_BATCHES:
+        if any(c.batch == batch for c in finalists):
+            continue
+        best = next((c for c, _ in found if c.batch == batch), None)
+        if best is not None:
+            chosen.append(best)
+    return chosen
+
+
 def _sweep(
     name: str, make_calls: inprocess.MakeCalls, duration_s: float, log: workloads.Log
-) -> tuple[list[inprocess.Candidate], list[dict[str, Any]], str | None]:
-    """The in-process finalists of one baseline (swept once each, no server busy), and the sweep."""
+) -> tuple[list[inprocess.Candidate], list[inprocess.Candidate], list[dict[str, Any]], str | None]:
+    """The in-process finalists and ceilings of one baseline (swept once each, no server busy), and the sweep."""
     try:
         found = inprocess.sweep(inprocess.candidates(SWEEP_BATCHES), make_calls, duration_s)
     except Exception as e:  # reported in the baseline's row; the server workloads still run
         log(f"{name} sweep FAILED: {type(e).__name__}: {e}")
-        return [], [], f"{type(e).__name__}: {e}"
+        return [], [], [], f"{type(e).__name__}: {e}"
     table = [{**c.to_json(), "throughput": round(s.throughput, 2), "p50_ms": round(s.p50_ms, 3)} for c, s in found]
     log(f"{name} sweep: " + ", ".join(f"{c.label}: {s.throughput:.0f}/s" for c, s in found))
-    return [c for c, _ in found[: inprocess.FINALISTS]], table, None
+    finalists = [c for c, _ in found[: inprocess.FINALISTS]]
+    return finalists, ceilings(found, finalists), table, None
 
 
 @dataclass(frozen=True)
@@ -187,16 +243,24 @@ class InProcess:
     unit: str
     make_calls: inprocess.MakeCalls
     finalists: list[inprocess.Candidate]
+    ceilings: list[inprocess.Candidate]
     sweep: list[dict[str, Any]]
     error: str | None
 
     def points(self, duration_s: float) -> list[workloads.Point]:
+        """The finalists' points, then the ceilings' (their rows' role: "ceiling")."""
         if self.error is not None or not self.finalists:
             row = Row(self.workload, self.side, self.method, 1, "in-process loop", self.unit, role="baseline")
             return [workloads.failed_point(row, self.error or "no in-process candidate ran")]
-        return workloads.baseline_points(
+        found = workloads.baseline_points(
             self.workload, self.side, self.method, self.unit, self.finalists, self.make_calls, duration_s
         )
+        extra = workloads.baseline_points(
+            self.workload, self.side, self.method, self.unit, self.ceilings, self.make_calls, duration_s
+        )
+        for row, _ in extra:
+            row.role = "ceiling"
+        return found + extra
 
     def to_json(self) -> dict[str, Any]:
         return {"sweep": self.sweep, "error": self.error}
@@ -205,16 +269,17 @@ class InProcess:
 def _in_process(
     workload: str, side: str, method: str, unit: str, make_calls: inprocess.MakeCalls, s: Settings, log: workloads.Log
 ) -> InProcess:
-    finalists, sweep, error = _sweep(f"{workload} in-process", make_calls, max(1.0, s.duration_s / 2), log)
-    return InProcess(workload, side, method, unit, make_calls, finalists, sweep, error)
+    finalists, tops, sweep, error = _sweep(f"{workload} in-process", make_calls, max(1.0, s.duration_s / 2), log)
+    return InProcess(workload, side, method, unit, make_calls, finalists, tops, sweep, error)
 
 
 def _overhead_points(servers: Servers, pa: perf_analyzer.PerfAnalyzer, tiny: Row) -> list[workloads.Point]:
-    off = servers.get(ONNXSERVE_OFF, needs_pa=True)
-    if isinstance(off, OnnxServer):
-        return workloads.overhead_points(off, ONNXSERVE_OFF, pa, tiny)
+    """The tiny model's overhead on the default configuration (the one the targets judge)."""
+    server = servers.get(ONNXSERVE_DEFAULT, needs_pa=True)
+    if isinstance(server, OnnxServer):
+        return workloads.overhead_points(server, ONNXSERVE_DEFAULT, pa, tiny)
     return [
-        workloads.failed_point(Row("overhead", ONNXSERVE_OFF, label, 1, "perf_analyzer", "requests"), off)
+        workloads.failed_point(Row("overhead", ONNXSERVE_DEFAULT, label, 1, "perf_analyzer", "requests"), server)
         for label, _, _ in workloads.OVERHEAD_PROTOCOLS
     ]
 
@@ -222,37 +287,74 @@ def _overhead_points(servers: Servers, pa: perf_analyzer.PerfAnalyzer, tiny: Row
 def _tensors_points(
     servers: Servers, pa: perf_analyzer.PerfAnalyzer, tokens_file: Path, settings: Settings
 ) -> list[workloads.Point]:
-    """Each concurrency on both servers, side by side."""
+    """Each concurrency on every server over V2 gRPC, side by side; the default also over V2 HTTP binary."""
     points: list[workloads.Point] = []
     for c in settings.concurrency:
-        for _, side, batching in SERVER_RUNS:
+        for _, side in SERVER_RUNS:
+            protocols = [workloads.TENSORS_PROTOCOL]
+            if side == ONNXSERVE_DEFAULT:
+                protocols.append(workloads.TENSORS_HTTP_PROTOCOL)
             server = servers.get(side, needs_pa=True)
-            if isinstance(server, OnnxServer):
-                points.append(workloads.tensors_point(server, side, batching, pa, tokens_file, c))
-            else:
-                row = Row("tensors", side, workloads.TENSORS_PROTOCOL, c, "perf_analyzer", "rows")
-                points.append(workloads.failed_point(row, server))
+            for protocol in protocols:
+                if isinstance(server, OnnxServer):
+                    batching = servers.batching.get(side, False)
+                    points.append(workloads.tensors_point(server, side, batching, pa, tokens_file, c, protocol))
+                else:
+                    row = Row("tensors", side, protocol, c, "perf_analyzer", "rows")
+                    points.append(workloads.failed_point(row, server))
     return points
 
 
-def _text_points(servers: Servers, ts: workloads.TorchServeRun, settings: Settings) -> list[workloads.Point]:
-    """Each concurrency: batching off, batching on, TorchServe, side by side."""
+def _text_points(
+    servers: Servers, ts: workloads.TorchServeRun, peers: list[PeerRun], settings: Settings
+) -> list[workloads.Point]:
+    """Each concurrency: onnxserve default, batching off, batching on, TorchServe and the peers, side by side."""
     points: list[workloads.Point] = []
     for c in settings.concurrency:
-        for _, side, _ in SERVER_RUNS:
+        for _, side in SERVER_RUNS:
             server = servers.get(side, needs_pa=False)
             if isinstance(server, OnnxServer):
                 target = workloads.onnxserve_text_target(server, SENTENCES)
-                points.append(workloads.text_point(target, side, workloads.TEXT_PROTOCOL, c, settings, server))
+                points.append(workloads.text_point(target, side, TEXT_PROTOCOL, c, settings, server))
                 if side == ONNXSERVE_ON:  # the same texts, batching and concurrency over /v1/embeddings
                     embeddings = workloads.onnxserve_embeddings_target(server, SENTENCES)
-                    protocol = workloads.EMBEDDINGS_PROTOCOL
-                    points.append(workloads.text_point(embeddings, side, protocol, c, settings, server))
+                    points.append(workloads.text_point(embeddings, side, EMBEDDINGS_PROTOCOL, c, settings, server))
             else:
-                row = Row("text", side, workloads.TEXT_PROTOCOL, c, "aiohttp closed loop", "texts")
+                row = Row("text", side, TEXT_PROTOCOL, c, "aiohttp closed loop", "texts")
                 points.append(workloads.failed_point(row, server))
         points.append(ts.point(c, settings))
+        points.extend(peer.point(c, settings) for peer in peers)
     return points
+
+
+def _reference_embeddings(settings: Settings, log: workloads.Log) -> np.ndarray[Any, np.dtype[np.float32]] | None:
+    """Our embeddings of the first sentences (onnxserve.Pipeline in-process): what every peer must compute."""
+    try:
+        from onnxserve import Pipeline
+
+        rows = Pipeline(settings.minilm)(list(SENTENCES[:CHECKED_SENTENCES]))
+        return np.asarray(rows, dtype=np.float32)
+    except Exception as e:  # the peers then say why they did not run
+        log(f"reference embeddings FAILED: {type(e).__name__}: {e}")
+        return None
+
+
+def _start_peers(
+    settings: Settings, stack: contextlib.ExitStack, hf_model: Path | None, log: workloads.Log
+) -> list[PeerRun]:
+    """Infinity and MLServer, each started, checked against our embeddings and stopped when ``stack`` closes."""
+    reference = _reference_embeddings(settings, log)
+    wanted: list[tuple[Peer, bool]] = [
+        (Infinity(hf_model), settings.infinity),
+        (MLServer(settings.minilm), settings.mlserver),
+    ]
+    runs: list[PeerRun] = []
+    for peer, enabled in wanted:
+        workdir = settings.results_dir / peer.side.lower()
+        found = start_peer(peer, enabled, workdir, SENTENCES, reference, log)
+        stack.callback(found.stop)
+        runs.append(found)
+    return runs
 
 
 def _hf_model_path() -> Path | None:
@@ -266,6 +368,7 @@ def _hf_model_path() -> Path | None:
 def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
     started_at = datetime.datetime.now(datetime.UTC)
     started = time.monotonic()
+    deadline = started + settings.deadline_s - STOP_RESERVE_S
     load_start = os.getloadavg()
     settings.results_dir.mkdir(parents=True, exist_ok=True)
     add_model = write_add_model(BENCH_DIR / "models")
@@ -298,15 +401,17 @@ def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
 
     with contextlib.ExitStack() as stack:
         sides = _start_onnxserve(settings, stack, servers, log)
-        ts = workloads.start_torchserve(settings, SENTENCES, log, _hf_model_path())
+        hf_model = _hf_model_path()
+        ts = workloads.start_torchserve(settings, SENTENCES, log, hf_model)
         if ts.server is not None:
             stack.callback(ts.server.stop)
+        peers = _start_peers(settings, stack, hf_model, log)
         tiny = Row("overhead", "in-process ONNX Runtime", "session.run", 1, "in-process loop", "calls", role="baseline")
         tiny_run: workloads.Run = partial(inprocess.measure_calls, [tiny_call(add_model)], 1, settings.duration_s)
         tensors_finalists = tensors_base.points(settings.duration_s)
         text_finalists = text_base.points(settings.duration_s)
         tensors = _tensors_points(servers, pa, tokens_file, settings)
-        text = _text_points(servers, ts, settings)
+        text = _text_points(servers, ts, peers, settings)
         points: list[workloads.Point] = [
             (tiny, tiny_run),
             *_overhead_points(servers, pa, tiny),
@@ -316,11 +421,13 @@ def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
             *text,
         ]
         log(f"measuring {len(points)} points, {settings.repeats} rounds")
-        rows = workloads.measure(points, settings.repeats, log)
+        rows = workloads.measure(points, settings.repeats, log, deadline)
 
     workloads.choose_baseline([r for r, _ in tensors_finalists], [r for r, _ in tensors])
     workloads.choose_baseline([r for r, _ in text_finalists], [r for r, _ in text])
-    targets = evaluate(rows, ts.note)
+    notes = {TORCHSERVE: ts.note, **{p.peer.side: p.note for p in peers}}
+    targets = evaluate(rows, notes)
+    rounds = max((len(r.summary.runs) for r in rows if r.summary is not None), default=0)
     return {
         "generated_at": started_at.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - started, 1),
@@ -328,6 +435,8 @@ def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
         "machine": machine_info(),
         "settings": {
             "repeats": settings.repeats,
+            "rounds_measured": rounds,
+            "deadline_s": settings.deadline_s,
             "duration_s": settings.duration_s,
             "warmup_s": settings.warmup_s,
             "perf_analyzer_window_ms": settings.pa_window_ms,
@@ -337,6 +446,7 @@ def run(settings: Settings, log: workloads.Log) -> dict[str, Any]:
         "sides": {
             **sides,
             "TorchServe": ts.to_json(),
+            **{p.peer.side: p.to_json() for p in peers},
             "in-process": {
                 "tensors": tensors_base.to_json(),
                 "text": text_base.to_json(),
@@ -388,22 +498,39 @@ def markdown(report: dict[str, Any]) -> str:
         "Settings each side ran with:",
         "",
     ]
-    for side in (ONNXSERVE_OFF, ONNXSERVE_ON):
+    for name, side in SERVER_RUNS:
         if side in sides:
-            lines.append(f"- {side}: `minilm` {sides[side]['minilm']}; `onnxserve serve` defaults otherwise")
+            lines.append(
+                f"- {side} (bench/configs/{name}.json): `minilm` {sides[side]['minilm']}; "
+                "`onnxserve serve` defaults otherwise"
+            )
     lines.append(f"- TorchServe: {ts_line}")
+    for side in (INFINITY, MLSERVER):
+        peer = sides.get(side)
+        if peer is None:
+            continue
+        if peer["status"] == "ran":
+            cosine = min(peer["embedding_check"]["cosines"])
+            lines.append(
+                f"- {side}: {peer['settings']}; up in {peer['start_s']} s, stopped in {peer['stop_s']} s; "
+                f"embedding cosine to ours >= {cosine:.5f}"
+            )
+        else:
+            lines.append(f"- {side}: not run: {peer['reason'].splitlines()[0] if peer['reason'] else peer['status']}")
     for key, label in (("tensors", "session.run"), ("text", "onnxserve.Pipeline")):
         best = next((r for r in report["rows"] if r["workload"] == key and r["role"] == "baseline"), None)
         if inproc[key]["sweep"] and best is not None:
             lines.append(
                 f"- in-process {label} ({key}): swept "
                 + ", ".join(f"{s['label']}: {s['throughput']:.0f}/s" for s in inproc[key]["sweep"])
-                + f"; the 2 fastest ran with the servers, best median: {best['protocol']}"
+                + f"; the 2 fastest ran with the servers, best median: {best['protocol']}; ceilings at batch "
+                + ", ".join(str(b) for b in CEILING_BATCHES)
+                + " (the best layout of each batch size) ran too"
             )
     lines.append(
-        f"- every point: median of {settings['repeats']} runs; load generator runs {settings['warmup_s']} s "
-        f"warm-up + {settings['duration_s']} s measured; perf_analyzer {settings['perf_analyzer_window_ms']} ms "
-        "windows"
+        f"- every point: median of {settings['rounds_measured']} runs ({settings['repeats']} asked); load generator "
+        f"runs {settings['warmup_s']} s warm-up + {settings['duration_s']} s measured; perf_analyzer "
+        f"{settings['perf_analyzer_window_ms']} ms windows"
     )
     return "\n".join(lines)
 

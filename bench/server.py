@@ -162,6 +162,11 @@ class OnnxServer:
             stop_process_group(self._process)
             self._process = None
 
+    def max_batch_size(self, model: str) -> int:
+        """The ``max_batch_size`` the server gives ``model`` (its V2 model configuration): > 0 when it batches."""
+        document = orjson.loads(httpx.get(f"{self.http_url}/v2/models/{model}/config", timeout=10.0).content)
+        return int(document.get("max_batch_size", 0))
+
     def model_stats(self, model: str) -> ModelStats:
         document = orjson.loads(httpx.get(f"{self.http_url}/v2/models/{model}/stats", timeout=10.0).content)
         stats = document["model_stats"][0]

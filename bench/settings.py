@@ -1,6 +1,7 @@
 """Benchmark settings, read from ``BENCH_*`` environment variables.
 
-The defaults fit ``make bench`` into 15 minutes on a 2-core machine. Every measured point is run
+The defaults fit ``make bench`` (three onnxserve configurations, TorchServe, Infinity, MLServer) into
+25 minutes on a 2-core machine. Every measured point is run
 ``BENCH_REPEATS`` times and reported as the median of those runs.
 """
 
@@ -40,12 +41,16 @@ class Settings:
     """Overrides ``max_queue_delay_us`` of bench/configs/batching_on.json when set."""
     torchserve: bool = True
     """Run the TorchServe comparison (set BENCH_TORCHSERVE=0 to skip it)."""
+    infinity: bool = True
+    """Run the Infinity comparison (BENCH_INFINITY=0 skips it)."""
+    mlserver: bool = True
+    """Run the MLServer comparison (BENCH_MLSERVER=0 skips it)."""
     torchserve_settings: tuple[tuple[int, int, int, int], ...] = ()
     """TorchServe (workers, threads, batch_size, max_batch_delay_ms) candidates; empty: the built-in list."""
     models: Path = field(default_factory=lambda: ROOT / "models")
     """The demo model repository (``make serve`` / ``make demo`` prepares it)."""
     output: Path = field(default_factory=lambda: BENCH_DIR / "results" / "latest.json")
-    deadline_s: int = 900
+    deadline_s: int = 1320
     """The whole run stops (servers included) after this many seconds, whatever it is doing."""
 
     @property
@@ -116,6 +121,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         concurrency=get("BENCH_CONCURRENCY", _ints, defaults.concurrency),
         batch_delay_us=get("BENCH_BATCH_DELAY_US", _int, None),
         torchserve=get("BENCH_TORCHSERVE", _bool, defaults.torchserve),
+        infinity=get("BENCH_INFINITY", _bool, defaults.infinity),
+        mlserver=get("BENCH_MLSERVER", _bool, defaults.mlserver),
         torchserve_settings=get("BENCH_TORCHSERVE_SETTINGS", _torchserve_settings, ()),
         models=get("BENCH_MODELS", lambda raw, _: Path(raw).resolve(), defaults.models),
         output=get("BENCH_OUTPUT", lambda raw, _: Path(raw).resolve(), defaults.output),
@@ -140,6 +147,8 @@ ENV_HELP = {
     "BENCH_CONCURRENCY": "client concurrencies for tensors and text, e.g. 1,8,32",
     "BENCH_BATCH_DELAY_US": "override max_queue_delay_us of bench/configs/batching_on.json",
     "BENCH_TORCHSERVE": "0 skips the TorchServe comparison",
+    "BENCH_INFINITY": "0 skips the Infinity comparison",
+    "BENCH_MLSERVER": "0 skips the MLServer comparison",
     "BENCH_TORCHSERVE_SETTINGS": "TorchServe candidates WORKERS:THREADS:BATCH:DELAY_MS;... (best at c8 is measured)",
     "BENCH_MODELS": "the demo model repository (default models/)",
     "BENCH_OUTPUT": "where the JSON goes (default bench/results/latest.json)",

@@ -36,20 +36,38 @@ OVERHEAD_PROTOCOLS: tuple[tuple[str, Protocol, bool], ...] = (
     ("V2 gRPC", "grpc", False),
 )
 TENSORS_PROTOCOL = "V2 gRPC"
-TEXT_PROTOCOL = "V2 HTTP JSON (text)"
-EMBEDDINGS_PROTOCOL = "OpenAI /v1/embeddings (text)"
+TENSORS_HTTP_PROTOCOL = "V2 HTTP binary"
 TORCHSERVE_PROTOCOL = "TorchServe REST (text/plain)"
+DEADLINE_REACHED = "not measured: the run reached BENCH_DEADLINE_S before this point's turn"
 TORCHSERVE_PROBE_CONCURRENCY = 8
 TORCHSERVE_PROBE_ROUNDS = 2
 
 
-def measure(points: Sequence[Point], repeats: int, log: Log) -> list[Row]:
+def rounds_left(now: float, deadline: float | None, round_s: float) -> bool:
+    """Whether another round of ``round_s`` seconds (the last one's length, with 10 % to spare) ends
+    before ``deadline`` (time.monotonic()); no deadline: always."""
+    return deadline is None or now + round_s * 1.1 < deadline
+
+
+def measure(points: Sequence[Point], repeats: int, log: Log, deadline: float | None = None) -> list[Row]:
     """Every point once per round for ``repeats`` rounds. A failed run is logged and kept in its row's
-    ``failures``; a point that fails the first round (nothing to measure there) is not tried again."""
+    ``failures``; a point that fails the first round (nothing to measure there) is not tried again.
+    A round that would end after ``deadline`` (time.monotonic()) is not started, and once it has passed
+    no further point starts: the medians are then of fewer runs, and a point never measured says so,
+    rather than no report at all."""
     samples: list[list[Sample]] = [[] for _ in points]
+    round_s = 0.0
     for repeat in range(1, repeats + 1):
+        began = time.monotonic()
+        if repeat > 1 and not rounds_left(began, deadline, round_s):
+            log(f"rounds {repeat}-{repeats} skipped: another round ({round_s:.0f} s) would pass BENCH_DEADLINE_S")
+            break
         for (row, run), collected in zip(points, samples, strict=True):
             if row.error is not None or (row.failures and not collected):
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                if not collected:
+                    row.failures.append(DEADLINE_REACHED)
                 continue
             meter = CpuMeter()
             try:
@@ -69,6 +87,7 @@ def measure(points: Sequence[Point], repeats: int, log: Log) -> list[Row]:
                 f"{sample.throughput:.1f} {row.unit}/s, p50 {sample.p50_ms:.3f} ms, p99 {sample.p99_ms:.3f} ms"
                 f"{errors}; others used {sample.extra['other_cpu_cores']} cores"
             )
+        round_s = time.monotonic() - began
     for (row, _), collected in zip(points, samples, strict=True):
         if row.error is None and collected:
             row.summary = summarize(collected)
@@ -102,7 +121,7 @@ def baseline_points(
     points: list[Point] = []
     for candidate in finalists:
         row = Row(workload, side, f"{method}, {candidate.label}", candidate.sessions, "in-process loop", unit)
-        row.role = "finalist"
+        row.role, row.batch = "finalist", candidate.batch
         points.append((row, partial(inprocess.measure_calls, make_calls(candidate), candidate.batch, duration_s)))
     return points
 
@@ -132,13 +151,22 @@ def overhead_points(server: OnnxServer, side: str, pa: PerfAnalyzer, baseline: R
 
 
 def tensors_point(
-    server: OnnxServer, side: str, batching: bool, pa: PerfAnalyzer, input_data: Path, concurrency: int
+    server: OnnxServer,
+    side: str,
+    batching: bool,
+    pa: PerfAnalyzer,
+    input_data: Path,
+    concurrency: int,
+    protocol: str = TENSORS_PROTOCOL,
 ) -> Point:
-    """MiniLM with INT64 [1, 32] token tensors (one real sentence) over V2 gRPC, one row per request."""
+    """MiniLM with INT64 [1, 32] token tensors (one real sentence) over V2 gRPC or V2 HTTP binary (the
+    binary tensor extension), one row per request."""
     shape = [TOKENS] if batching else [1, TOKENS]  # a batching model's --shape leaves out the batch dim
     shapes = {name: shape for name in ("input_ids", "attention_mask", "token_type_ids")}
-    row = Row("tensors", side, TENSORS_PROTOCOL, concurrency, "perf_analyzer", "rows")
-    run = partial(pa.run, "minilm", "grpc", server.grpc_address, concurrency, shapes, input_data)
+    row = Row("tensors", side, protocol, concurrency, "perf_analyzer", "rows")
+    transport: Protocol = "grpc" if protocol == TENSORS_PROTOCOL else "http"
+    url = server.grpc_address if transport == "grpc" else server.http_address
+    run = partial(pa.run, "minilm", transport, url, concurrency, shapes, input_data)
     return row, with_server_stats(server, "minilm", run)
 
 
