@@ -10,6 +10,8 @@ import onnx
 import pytest
 from onnx.parser import parse_model
 
+from onnxserve.core import runtime
+from onnxserve.core.ort_strings import layout_holds
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import TooLargeError
 
@@ -44,3 +46,39 @@ def test_outputs_above_the_limit_are_refused_by_their_shapes(tmp_path: Path) -> 
         session.run({"s": np.array([5])}, max_output_bytes=16)
     with pytest.raises(TooLargeError, match=r"has shape \[0, 4611686018427387904\], larger than any answer can be"):
         session.run({"s": np.array([0, 2**62])})
+
+
+_LONG_TEXT = (
+    'text_tile (int64[1] n) => (string[k] y) {\n    c = Constant <value = string[1] {"%s"}> ()\n    y = Tile(c, n)\n}'
+    % ("x" * 1000)
+)
+
+
+def test_long_text_outputs_are_refused_by_their_exact_size_before_they_become_objects(tmp_path: Path) -> None:
+    session = _session(tmp_path, _LONG_TEXT)
+    assert layout_holds()  # this build's string tensors are read in place: the size below is exact
+    y = session.run({"n": np.array([3])}, max_output_bytes=3 * 1004)["y"]
+    assert y.tolist() == [b"x" * 1000] * 3
+    with pytest.raises(
+        TooLargeError, match="the response would be 4016 bytes of output tensors, above the limit of 4015"
+    ):
+        session.run({"n": np.array([4])}, max_output_bytes=4015)
+
+
+def test_text_outputs_whose_size_cannot_be_read_stop_converting_at_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "string_bytes", lambda value: None)  # a build whose string layout is unknown
+    session = _session(tmp_path, _LONG_TEXT)
+    assert session.run({"n": np.array([3])}, max_output_bytes=3 * 1004)["y"].tolist() == [b"x" * 1000] * 3
+    with pytest.raises(TooLargeError, match="the response would be more than 4015 bytes of output tensors"):
+        session.run({"n": np.array([4])}, max_output_bytes=4015)
+
+
+def test_text_outputs_of_a_model_with_text_inputs_stop_converting_at_the_limit(tmp_path: Path) -> None:
+    session = _session(tmp_path, "tile (string[m] x, int64[1] n) => (string[k] y) { y = Tile(x, n) }")
+    x = np.array(["é" * 50], dtype=object)  # 100 bytes of UTF-8: the limit counts bytes, not characters
+    assert session.run({"x": x, "n": np.array([4])}, max_output_bytes=416)["y"].tolist() == ["é".encode() * 50] * 4
+    with pytest.raises(TooLargeError, match="the response would be more than 415 bytes of output tensors"):
+        session.run({"x": x, "n": np.array([4])}, max_output_bytes=415)
+    assert session.run({"x": x, "n": np.array([4])})["y"].shape == (4,)  # no limit

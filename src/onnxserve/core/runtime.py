@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +24,7 @@ from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
 from onnxserve.core.memory import give_back_free_memory
+from onnxserve.core.ort_strings import string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
@@ -196,19 +197,19 @@ class ModelSession:
                 # ONNX Runtime's Python API makes no OrtValue of strings: such a run answers numpy arrays,
                 # checked right after the run, before any further conversion or encoding.
                 arrays = self._session.run(names, ort_feeds, options)
-                shapes = [(tuple(a.shape), a.dtype == np.object_) for a in arrays]
+                shapes = [_Shape(tuple(a.shape), a.dtype == np.object_, None) for a in arrays]
             else:
                 # ONNX Runtime's own values: shapes known, nothing converted yet. The binding's call, not the
                 # Python wrapper's, which costs several times the run of a small model.
                 inputs = {n: _ORT_VALUE.ortvalue_from_numpy(_contiguous(a), _CPU) for n, a in ort_feeds.items()}
                 values = _listed(self._session._sess.run_with_ort_values(inputs, names, options), len(names))
-                shapes = [(tuple(v.shape()), v.data_type() == "tensor(string)") for v in values]
+                shapes = [_shape(v, max_output_bytes > 0) for v in values]
         except Exception as e:  # ONNX Runtime's error types are not part of its public API
             error = _run_error(self.name, e, control)
             if isinstance(error, TooLargeError):
                 give_back_free_memory()  # what the failed run took before it gave up
             raise error from e
-        refusal = self._refusal(names, shapes, max_output_bytes, max_bytes_elements)
+        refusal, counted = self._refusal(names, shapes, max_output_bytes, max_bytes_elements)
         if refusal is not None:
             arrays = values = []  # the error's traceback keeps this frame: it must not keep the outputs
             give_back_free_memory()
@@ -217,7 +218,26 @@ class ModelSession:
             if not strings:
                 arrays = [v.numpy() for v in values]
                 values = []
-            return {name: _from_ort(value) for name, value in zip(names, arrays, strict=True)}
+            # Strings whose length was not read from ONNX Runtime are counted as they are encoded, and the
+            # encoding stops at the limit: at most one element beyond it is ever built.
+            room = max_output_bytes - counted if max_output_bytes > 0 else -1
+            outputs: dict[str, npt.NDArray[Any]] = {}
+            for index, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+                exact = not shape.is_bytes or shape.text_bytes is not None
+                output, used = _from_ort(arrays[index], -1 if exact else room)
+                arrays[index] = None  # the text ONNX Runtime made goes as soon as its bytes are built
+                if used < 0:
+                    break
+                outputs[name] = output
+                if not exact:
+                    room -= used
+            else:
+                return outputs
+            # Nothing that holds the outputs may stay in this frame: the error's traceback keeps it.
+            arrays = []
+            outputs = {}
+            give_back_free_memory()
+            raise response_too_large(self.name, max_output_bytes + 1, max_output_bytes, at_least=True)
         except MemoryError as e:
             arrays = values = []
             give_back_free_memory()
@@ -226,30 +246,31 @@ class ModelSession:
     def _refusal(
         self,
         names: Sequence[str],
-        shapes: Sequence[tuple[tuple[int, ...], bool]],
+        shapes: Sequence[_Shape],
         max_output_bytes: int,
         max_bytes_elements: int,
-    ) -> TooLargeError | None:
-        """Why outputs of these shapes may not become an answer, or None: counted from shapes only."""
+    ) -> tuple[TooLargeError | None, int]:
+        """Why outputs of these shapes may not become an answer (or None), and the bytes they were counted
+        at: from shapes, and the exact text lengths where ONNX Runtime's strings could be read."""
         itemsizes = self._itemsizes
         total = 0
-        for name, (shape, is_bytes) in zip(names, shapes, strict=True):
+        for name, (shape, is_bytes, text_bytes) in zip(names, shapes, strict=True):
             count = math.prod(shape)
             if any(d > MAX_ELEMENTS for d in shape) or count > MAX_ELEMENTS:
                 return TooLargeError(
                     f"model {self.name}: output {name!r} has shape {list(shape)}, larger than any answer can be "
                     "(--max-response-bytes); ask for less (smaller input values, fewer outputs)"
-                )
+                ), total
             if is_bytes and count > max_bytes_elements:
                 return TooLargeError(
                     f"model {self.name}: output {name!r} has {count} BYTES elements, more than the "
                     f"{max_bytes_elements} one answer may hold (--max-response-bytes); ask for less (smaller "
                     "input values, fewer outputs)"
-                )
-            total += count * (BYTES_ELEMENT_OVERHEAD if is_bytes else itemsizes.get(name) or 8)
+                ), total
+            total += count * (BYTES_ELEMENT_OVERHEAD if is_bytes else itemsizes.get(name) or 8) + (text_bytes or 0)
         if 0 < max_output_bytes < total:
-            return response_too_large(self.name, total, max_output_bytes)
-        return None
+            return response_too_large(self.name, total, max_output_bytes), total
+        return None, total
 
     def warmup(self) -> None:
         """One run on zero inputs with dynamic dims set to 1, so the first request is not the slow one.
@@ -267,10 +288,11 @@ class ModelSession:
             log.warning("%s: warm-up run skipped: %s", self.name, e.message)
 
 
-def response_too_large(model: str, size: int, limit: int) -> TooLargeError:
-    """The refusal of an answer whose output tensors take ``size`` bytes, above ``limit``."""
+def response_too_large(model: str, size: int, limit: int, at_least: bool = False) -> TooLargeError:
+    """The refusal of an answer whose output tensors take ``size`` bytes (``at_least``: or more), above ``limit``."""
+    amount = f"more than {limit} bytes" if at_least else f"{size} bytes"
     return TooLargeError(
-        f"model {model!r}: the response would be {size} bytes of output tensors, above the limit of {limit} "
+        f"model {model!r}: the response would be {amount} of output tensors, above the limit of {limit} "
         "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
     )
 
@@ -312,14 +334,39 @@ def _to_ort(name: str, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
         raise InvalidInputError(f"input {name!r}: BYTES elements must be UTF-8 text for this model") from None
 
 
-def _from_ort(value: Any) -> npt.NDArray[Any]:
+class _Shape(NamedTuple):
+    """What is known of one output before it is converted."""
+
+    shape: tuple[int, ...]
+    is_bytes: bool
+    text_bytes: int | None  # a string output's exact UTF-8 bytes, where they could be read; None otherwise
+
+
+def _shape(value: Any, count_text: bool) -> _Shape:
+    """An ONNX Runtime output's shape, and with ``count_text`` a string output's bytes (read in place)."""
+    shape = tuple(value.shape())
+    if value.data_type() != "tensor(string)":
+        return _Shape(shape, False, None)
+    if not count_text or any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        return _Shape(shape, True, None)
+    return _Shape(shape, True, string_bytes(value))
+
+
+def _from_ort(value: Any, room: int = -1) -> tuple[npt.NDArray[Any], int]:
+    """``value`` as a numpy array (text as ``bytes`` objects), and the text bytes it holds. With ``room`` of
+    0 or more, encoding stops as soon as the text passes it: then the array is empty and the bytes -1."""
     array = np.asarray(value)
-    if array.dtype == np.object_ or array.dtype.kind == "U":
-        encoded: npt.NDArray[Any] = np.vectorize(
-            lambda s: s.encode("utf-8") if isinstance(s, str) else bytes(s), otypes=[object]
-        )(array)
-        return encoded
-    return array
+    if array.dtype != np.object_ and array.dtype.kind != "U":
+        return array, 0
+    encoded = np.empty(array.size, dtype=object)
+    used = 0
+    for i, item in enumerate(array.flat):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        used += len(data)
+        if 0 <= room < used:
+            return np.empty(0, dtype=object), -1
+        encoded[i] = data
+    return encoded.reshape(array.shape), used
 
 
 _SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ [^(]*\([^)]*\)(?: const)? ")

@@ -6,16 +6,30 @@ its message is received, then keeps only the size that arrived. Each reservation
 request ends. A request that does not fit is refused at once (HTTP 503 / TF Serving 429 with
 ``Retry-After``; gRPC RESOURCE_EXHAUSTED): the server never holds more than the budget of bodies that
 are still arriving, whatever the clients announce.
+
+Answers count in the same budget, from before they are encoded until they have been sent (HTTP:
+written to the connection; gRPC: handed to grpc), in the request's :class:`Hold`: a request whose
+answer does not fit now is refused the same way instead of being encoded, so clients that read large
+answers slowly cannot make the server hold more than the budget of them either.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar, Token
 
 from onnxserve.errors import ResourceExhaustedError
 
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 """Four bodies of the default largest size (64 MiB) at once."""
+
+
+SMALL_ANSWER_BYTES = 256 * 1024
+"""Answers below this size are not counted: they are written at once and leave with the request."""
+
+ANSWER_HEADROOM = 16
+"""Answers leave at least 1/16 of the budget free for requests, so requests are still received while
+large answers hold the rest (an answer alone may take the whole budget)."""
 
 
 def over_budget(limit: int) -> ResourceExhaustedError:
@@ -30,9 +44,12 @@ class InflightBytes:
     Every method runs on the event loop (HTTP and gRPC share it), so no lock is needed.
     """
 
-    def __init__(self, limit: int = DEFAULT_MAX_INFLIGHT_BYTES) -> None:
+    def __init__(self, limit: int = DEFAULT_MAX_INFLIGHT_BYTES, keep_free: int = 0) -> None:
         self.limit = limit
         self.held = 0
+        # What answers leave free for requests: 1/ANSWER_HEADROOM of the budget, or ``keep_free`` (a gRPC
+        # call reserves its largest message before receiving it) when more.
+        self.answer_room = limit - min(limit, max(limit // ANSWER_HEADROOM, keep_free))
         self._freed = asyncio.Event()
 
     def reserve(self, size: int) -> bool:
@@ -60,3 +77,87 @@ class InflightBytes:
     def release(self, size: int) -> None:
         self.held = max(0, self.held - size)
         self._freed.set()
+
+
+def answer_over_budget(limit: int, size: int) -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        f"the server holds its limit of {limit} bytes of requests and answers in flight (--max-inflight-bytes); "
+        f"this answer of {size} bytes does not fit now; retry later"
+    )
+
+
+class Hold:
+    """The bytes one request holds in the budget: its body (or message), then also its answer.
+
+    The answer is counted from before it is encoded (its tensors' size) to when it has been sent (HTTP:
+    written to the connection; gRPC: handed to grpc). Answers of at least ``SMALL_ANSWER_BYTES`` are
+    counted, and only up to the budget's ``answer_room`` (the rest stays free for requests); a request
+    holds at most the whole budget, so an answer larger than that is still sent when nothing else is in
+    flight.
+    """
+
+    def __init__(self, budget: InflightBytes | None, body: int = 0) -> None:
+        self.budget = budget
+        self.body = body  # bytes already reserved for the request
+        self.held = body  # body + answer
+
+    def grow_to(self, size: int) -> None:
+        """Hold at least ``size`` bytes of body; RESOURCE_EXHAUSTED when the budget has no room."""
+        if self.budget is None or size <= self.body:
+            return
+        if not self.budget.reserve(size - self.body):
+            raise over_budget(self.budget.limit)
+        self.held += size - self.body
+        self.body = size
+
+    def hold_answer(self, size: int) -> None:
+        """Count the answer at ``size`` bytes (in place of what it was counted at before); RESOURCE_EXHAUSTED
+        when they do not fit now."""
+        budget = self.budget
+        if budget is None or not budget.limit:
+            return
+        counted = size if size >= SMALL_ANSWER_BYTES else 0
+        wanted = min(self.body + counted, max(budget.limit, self.body))
+        extra = wanted - self.held
+        if extra <= 0:
+            budget.release(-extra)
+        elif budget.held + extra <= budget.answer_room or budget.held == self.held:
+            budget.held += extra  # within the answers' room, or alone in the budget
+        else:
+            raise answer_over_budget(budget.limit, size)
+        self.held = wanted
+
+    def release_answer(self) -> None:
+        """The answer has been sent: keep only the body."""
+        if self.budget is not None and self.held > self.body:
+            self.budget.release(self.held - self.body)
+        self.held = self.body
+
+    def release(self) -> None:
+        if self.budget is not None:
+            self.budget.release(self.held)
+        self.held = self.body = 0
+
+
+_hold: ContextVar[Hold | None] = ContextVar("onnxserve_inflight_hold", default=None)
+
+
+def holding(hold: Hold) -> Token[Hold | None]:
+    """Make ``hold`` the one :func:`hold_answer` counts this request's answer in (until reset)."""
+    return _hold.set(hold)
+
+
+def stop_holding(token: Token[Hold | None]) -> None:
+    try:
+        _hold.reset(token)
+    except ValueError:  # an async generator finalized in another context: forget the hold there
+        _hold.set(None)
+
+
+def hold_answer(size: int) -> None:
+    """Count the answer this request is building at ``size`` bytes in the in-flight budget, before it is
+    built and again once its encoded size is known; RESOURCE_EXHAUSTED when it does not fit now. Nothing
+    to do outside a request that holds bytes (no budget)."""
+    hold = _hold.get()
+    if hold is not None:
+        hold.hold_answer(size)

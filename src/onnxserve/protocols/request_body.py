@@ -15,7 +15,8 @@ Every POST passes through :class:`RequestBodyLimits` before any endpoint sees it
 
 - **Memory in flight.** With an :class:`~onnxserve.protocols.inflight.InflightBytes` budget, the
   body's ``Content-Length`` is reserved before a byte is read, and a chunked or compressed body
-  reserves as its decoded size grows; the reservation is released when the request has been answered.
+  reserves as its decoded size grows; the endpoint adds its answer (``inflight.hold_answer``), and
+  the reservation is released when the answer has been written to the connection.
   A body that does not fit is answered at once with 503 (429 on TF Serving's ``/v1/`` routes, its
   convention for RESOURCE_EXHAUSTED) and ``Retry-After``.
 
@@ -39,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onnxserve.errors import BodyTooLargeError, InvalidInputError, OnnxServeError, UnsupportedMediaTypeError
 from onnxserve.protocols.http import refuse_before_routing
-from onnxserve.protocols.inflight import InflightBytes, over_budget
+from onnxserve.protocols.inflight import Hold, InflightBytes, holding, stop_holding
 
 log = logging.getLogger(__name__)
 
@@ -134,25 +135,31 @@ class _Inflater:
             raise InvalidInputError(f"the {self.encoding} request body ends before its compressed data does")
 
 
-class _Reservation:
-    """The bytes one request holds in the in-flight budget (none without a budget)."""
+SENT_BEFORE_RELEASE_BYTES = 256 * 1024
+"""Answer bodies from this size on are held in the in-flight budget until the client has read them."""
 
-    def __init__(self, budget: InflightBytes | None) -> None:
-        self.budget = budget
-        self.held = 0
 
-    def grow_to(self, size: int) -> None:
-        """Hold at least ``size`` bytes; RESOURCE_EXHAUSTED when the budget has no room."""
-        if self.budget is None or size <= self.held:
+def _sent_before_release(send: Send) -> Send:
+    """``send``, but a large final answer body returns only once it has been written to the connection.
+
+    uvicorn writes a body into the transport's buffer and returns at once; it waits for the client to
+    read (the buffer to drain) only before the *next* message. So a large final body is sent as itself
+    with ``more_body`` and then an empty final one, which returns when the client has read the answer
+    (or gone, or been cut by the server's body timeout). The answer's bytes stay counted until then.
+    """
+
+    async def sent(message: Message) -> None:
+        if (
+            message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+            and len(message.get("body", b"")) >= SENT_BEFORE_RELEASE_BYTES
+        ):
+            await send({**message, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        if not self.budget.reserve(size - self.held):
-            raise over_budget(self.budget.limit)
-        self.held = size
+        await send(message)
 
-    def release(self) -> None:
-        if self.budget is not None:
-            self.budget.release(self.held)
-        self.held = 0
+    return sent
 
 
 class RequestBodyLimits:
@@ -167,13 +174,15 @@ class RequestBodyLimits:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        reservation = _Reservation(self.budget)
+        reservation = Hold(self.budget)
+        token = holding(reservation)
         try:
-            await self._checked(scope, receive, send, reservation)
+            await self._checked(scope, receive, _sent_before_release(send), reservation)
         finally:
+            stop_holding(token)
             reservation.release()
 
-    async def _checked(self, scope: Scope, receive: Receive, send: Send, reservation: _Reservation) -> None:
+    async def _checked(self, scope: Scope, receive: Receive, send: Send, reservation: Hold) -> None:
         headers = Headers(scope=scope)
         try:
             check_media_type(headers)
@@ -203,7 +212,7 @@ class RequestBodyLimits:
 
         await self.app(decoded_scope, replay, send)
 
-    async def _read(self, receive: Receive, encoding: str | None, reservation: _Reservation) -> bytes | None:
+    async def _read(self, receive: Receive, encoding: str | None, reservation: Hold) -> bytes | None:
         """The whole (decoded) body, refused at limit + 1; None when the client disconnected."""
         inflater = _Inflater(encoding) if encoding is not None else None
         chunks: list[bytes] = []

@@ -7,6 +7,9 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   answered 408 (silent ones are just closed).
 - **Request body**: once the head is in, the whole body must arrive within ``body_timeout`` seconds;
   otherwise 408 and the connection closes (whatever the endpoint held is released).
+- **Answer**: a client that leaves an answer unread (the connection's write buffer above its high-water
+  mark) for ``body_timeout`` seconds is cut (the connection is aborted, dropping what it did not read),
+  so a slow reader holds its answer, and its share of the in-flight budget, for at most that long.
 - **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
   arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
@@ -47,7 +50,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from onnxserve.protocols import context
-from onnxserve.protocols.inflight import InflightBytes, over_budget
+from onnxserve.protocols.inflight import Hold, InflightBytes, holding, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.settings import ServerSettings
@@ -142,6 +145,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.opened_at = time.monotonic()
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._head_started = False
         self._head_bytes = 0
         self._reserve = False
@@ -307,11 +311,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         log.info("closed a connection whose request body did not arrive within %g s", self.limits.body_timeout)
         self.transport.close()
 
+    # -- the answer ---------------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        """The client reads slower than the answer is written: it has ``body_timeout`` seconds to catch up."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.body_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        log.info("cut a connection that did not read its answer within %g s (--body-timeout)", self.limits.body_timeout)
+        self.transport.abort()  # drops the unsent answer at once; close() would keep it until it is read
+
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer):
+        for timer in (self._head_timer, self._body_timer, self._send_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head_timer = self._body_timer = self._send_timer = None
 
 
 def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
@@ -426,11 +448,15 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
             async def receive_then_stream(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
                 held, request = await self._receive(ctx)
+                hold = Hold(self.budget, held)
+                token = holding(hold)
                 try:
                     async for response in stream_behaviour(request, ctx):
                         yield response
+                        hold.release_answer()  # grpc has it
                 finally:
-                    self.budget.release(held)
+                    stop_holding(token)
+                    hold.release()
 
             return grpc.stream_stream_rpc_method_handler(
                 receive_then_stream, request_deserializer=sized, response_serializer=handler.response_serializer
@@ -439,10 +465,13 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
         async def receive_then_answer(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
             held, request = await self._receive(ctx)
+            hold = Hold(self.budget, held)  # the message, then also the answer, until grpc has the answer
+            token = holding(hold)
             try:
                 return await unary_behaviour(request, ctx)
             finally:
-                self.budget.release(held)
+                stop_holding(token)
+                hold.release()
 
         return grpc.stream_unary_rpc_method_handler(
             receive_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
@@ -475,10 +504,15 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
             async def stream_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
                 held = [0]
+                answers = Hold(self.budget)  # each answer, until grpc has it
+                token = holding(answers)
                 try:
                     async for response in stream_behaviour(reserved_messages(ctx, held), ctx):
                         yield response
+                        answers.release_answer()
                 finally:
+                    stop_holding(token)
+                    answers.release()
                     self.budget.release(held[0])
 
             return grpc.stream_stream_rpc_method_handler(

@@ -29,7 +29,7 @@ def create_grpc_server(
     if exposure is None:
         exposure = Exposure()
     if budget is None:
-        budget = InflightBytes(settings.max_inflight_bytes)
+        budget = InflightBytes(settings.max_inflight_bytes, settings.grpc_max_message_bytes)
     # The auth check comes first, so a refused call is never received (see onnxserve.server.auth).
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerAuthInterceptor(exposure.tokens)] if exposure.tokens is not None else []

@@ -207,7 +207,8 @@ def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | Non
     exposure = Exposure.from_settings(settings)  # before loading models: a bad token or TLS file fails fast
     service, metrics = _metered_service(config, settings, catalog)
     http_socket = bind(settings.host, settings.http_port)
-    budget = InflightBytes(settings.max_inflight_bytes)  # request bytes in flight, HTTP and gRPC together
+    # Request and answer bytes in flight, HTTP and gRPC together; answers leave room for one gRPC message.
+    budget = InflightBytes(settings.max_inflight_bytes, settings.grpc_max_message_bytes)
     http = _uvicorn_server(service, settings, metrics, exposure, budget)
 
     def announce(http_port: int, grpc_port: int) -> None:
@@ -266,7 +267,7 @@ def start_in_background(
     exposure = Exposure.from_settings(settings)
     service, metrics = _metered_service(config, settings, catalog)
     sock = bind(settings.host, settings.http_port)
-    budget = InflightBytes(settings.max_inflight_bytes)
+    budget = InflightBytes(settings.max_inflight_bytes, settings.grpc_max_message_bytes)
     http = _uvicorn_server(service, settings, metrics, exposure, budget)
     started = threading.Event()
     ports: list[int] = []

@@ -118,8 +118,9 @@ class ServerSettings(BaseModel):
     # Connection limits and timeouts (onnxserve.server.connections; docs/limits.md).
     max_inflight_bytes: Annotated[int, Field(ge=0)] = Field(
         default=256 * MiB,
-        description="Request bytes held at once, HTTP bodies and gRPC messages together (503 / TF Serving 429 / "
-        "RESOURCE_EXHAUSTED above, with Retry-After); 0: no limit.",
+        description="Request and answer bytes held at once, HTTP and gRPC together: bodies and messages, and "
+        "answers until they are sent (503 / TF Serving 429 / RESOURCE_EXHAUSTED above, with Retry-After); "
+        "0: no limit.",
     )
     max_connections: Annotated[int, Field(ge=1)] = Field(
         default=1000,
@@ -132,7 +133,8 @@ class ServerSettings(BaseModel):
     )
     body_timeout: Annotated[float, Field(gt=0)] = Field(
         default=60.0,
-        description="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED).",
+        description="Seconds a client has to send an HTTP body (408) or a gRPC request (DEADLINE_EXCEEDED), "
+        "and to read an HTTP answer it leaves unread (the connection is cut).",
     )
     max_header_bytes: Annotated[int, Field(ge=1024)] = Field(
         default=64 * 1024,

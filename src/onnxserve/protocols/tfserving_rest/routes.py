@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
-from onnxserve.protocols import offload
+from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
@@ -90,7 +90,10 @@ def routes(service: InferenceService) -> list[Route]:
         # meta.version pins the version resolved here, so decode and inference see the same model
         decoded = await offload.convert(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
-        return json_body(await offload.convert(output_bytes(response), codec.encode_predict, response, decoded.rows))
+        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until it is sent
+        body = await offload.convert(output_bytes(response), codec.encode_predict, response, decoded.rows)
+        inflight.hold_answer(len(body))
+        return json_body(body)
 
     async def classify(request: Request) -> Response:
         name, version = _target(request)

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
-from onnxserve.protocols import context, offload
+from onnxserve.protocols import context, inflight, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
 from onnxserve.protocols.v2_grpc import codec, element_count
@@ -131,16 +131,17 @@ class InferenceServicer:
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
+        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until grpc has it
         encoded = await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
-        if self.max_send_bytes:
-            size = encoded.ByteSize()
-            if size > self.max_send_bytes:
-                # Refused here with a message that says why, not by grpc with an error in the log.
-                raise TooLargeError(
-                    f"model {response.model_name!r}: the gRPC response would be {size} bytes, above the "
-                    f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
-                    "less (smaller input values, fewer outputs)"
-                )
+        size = encoded.ByteSize()
+        if self.max_send_bytes and size > self.max_send_bytes:
+            # Refused here with a message that says why, not by grpc with an error in the log.
+            raise TooLargeError(
+                f"model {response.model_name!r}: the gRPC response would be {size} bytes, above the "
+                f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
+                "less (smaller input values, fewer outputs)"
+            )
+        inflight.hold_answer(size)
         return encoded
 
     async def ModelStreamInfer(

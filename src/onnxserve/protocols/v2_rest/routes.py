@@ -8,8 +8,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols import offload
+from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
 
@@ -84,9 +85,11 @@ def routes(service: InferenceService) -> list[Route]:
             header_length,
         )
         response = await service.infer(decoded.request)
+        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until it is sent
         payload, json_length = await offload.convert(
             codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded
         )
+        inflight.hold_answer(len(payload))
         if json_length is None:
             return json_body(payload)
         return Response(
