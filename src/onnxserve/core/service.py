@@ -84,7 +84,7 @@ def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int 
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
-        rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
+        rows = int(request.inputs[0].shape[0]) if model.batches_rows else 1
         return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
