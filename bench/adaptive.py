@@ -15,7 +15,9 @@ measured in the same run, and the server's own statistics (executions, batch siz
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,8 +32,12 @@ from bench.report import Row
 from bench.server import OnnxServer
 from bench.settings import BENCH_DIR, Settings, from_env
 
-SIDES = (("default", "onnxserve default (adaptive)"), ("batching_off", "onnxserve batching off 1x2"),
-         ("batching_on", "onnxserve batching_on.json"))
+SIDES = (
+    ("default", "onnxserve default (adaptive)"),
+    ("default_spinning", "onnxserve default, spinning on"),
+    ("batching_off", "onnxserve batching off 1x2"),
+    ("batching_on", "onnxserve batching_on.json"),
+)
 TEXT_CEILINGS = (inprocess.Candidate(1, 1, 2), inprocess.Candidate(8, 1, 2), inprocess.Candidate(8, 2, 1))
 TENSOR_CEILINGS = (inprocess.Candidate(1, 1, 2), inprocess.Candidate(8, 1, 2), inprocess.Candidate(8, 2, 1))
 
@@ -44,6 +50,15 @@ def config_file(name: str, settings: Settings) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(orjson.dumps({"model_config_list": entries}, option=orjson.OPT_INDENT_2))
     return target
+
+
+def share_priority(pid: int) -> None:
+    """Put a server in this process's scheduling priority: a server starts its own session, so with
+    autogroup scheduling (Linux's default) it would otherwise get its own group at nice 0, and the
+    ``nice`` this bench runs under (or that other users' jobs run under) would not apply to it."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        nice = Path("/proc/self/autogroup").read_text().split("nice")[1].strip()
+        Path(f"/proc/{pid}/autogroup").write_text(nice)
 
 
 def log(message: str) -> None:
@@ -63,6 +78,7 @@ def row_json(row: Row) -> dict[str, Any]:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped bench stops its servers
     settings = from_env()
     row = token_row(settings.minilm / "tokenizer.json")
     tokens = perf_analyzer_input(row, settings.results_dir / "inputs" / "tokens32.json")
@@ -77,6 +93,8 @@ def main() -> int:
         for server in servers:
             log(f"starting {server.name}")
             server.start()
+            if server._process is not None:
+                share_priority(server._process.pid)
         text_rows, tensor_rows = [], []
         for c in settings.concurrency:
             for server in servers:

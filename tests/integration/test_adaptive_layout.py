@@ -98,6 +98,8 @@ def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_ba
     sessions = scheduler.pool.sessions
     assert len(sessions) == cpu_budget(), "one slot per CPU"
     assert all(s is sessions[0] for s in sessions), "every slot runs the same session: the weights are loaded once"
+    spinning = sessions[0].ort_options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning == "0", "runs side by side share the pool: its threads must not spin-wait"
     # Clients see the model as the config left it: no batch dimension, so a large request is not refused.
     assert httpx.get(f"{server.http_url}/v2/models/paced/config").json()["max_batch_size"] == 0
     rows = [float(i % 3) for i in range(ADAPTIVE_MAX_ROWS + 8)]
@@ -115,6 +117,8 @@ def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) 
             answer = client.post(f"{server.http_url}/v2/models/paced/infer", json=body(value))
             assert answer.json()["outputs"][0]["data"] == [value]
     assert batch_sizes(server) == Counter({1: 5})
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert scheduler.pool.executions[0] == 5, "under light load every run comes from the same thread"
 
 
 def test_a_queue_that_built_up_behind_busy_slots_runs_merged(serve: Callable[..., RunningServer]) -> None:
@@ -187,3 +191,11 @@ def test_a_graph_without_one_named_batch_dimension_is_not_merged(serve: Callable
         timeout=60,
     )
     assert answer.json()["outputs"][0]["data"] == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_spinning_set_by_hand_keeps_the_default_layout(serve: Callable[..., RunningServer]) -> None:
+    server = serve(session_options={"intra_op_allow_spinning": True})
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    session = scheduler.pool.sessions[0]
+    assert session.ort_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -57,13 +57,23 @@ class Scheduled:
 
 
 class InstancePool:
-    """A model version's sessions; each runs on its own thread, one execution at a time."""
+    """A model version's instances; each runs on its own thread, one execution at a time.
 
-    def __init__(self, sessions: Sequence[ModelSession], name: str) -> None:
+    An instance is a session and the thread that runs it. The adaptive layout gives several instances
+    the same session (``sticky``): runs side by side share its weights and thread pool, and a free
+    instance is chosen lowest index first, so that under light load every run comes from the same
+    thread (ONNX Runtime runs a model measurably slower when its calling thread changes from run to
+    run). Otherwise the least busy instance goes first, and of those the one that has run least."""
+
+    def __init__(self, sessions: Sequence[ModelSession], name: str, sticky: bool = False) -> None:
         self.sessions = list(sessions)
+        self.sticky = sticky
         self.busy = [0] * len(self.sessions)
         self.executions = [0] * len(self.sessions)  # executions started on each instance
-        self._executor = ThreadPoolExecutor(max_workers=len(self.sessions), thread_name_prefix=f"onnxserve-{name}")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnxserve-{name}-{i}")
+            for i in range(len(self.sessions))
+        ]
         self._free: asyncio.Semaphore | None = None
 
     def _semaphore(self) -> asyncio.Semaphore:
@@ -81,7 +91,10 @@ class InstancePool:
     def take(self) -> int:
         """The least busy instance (of those, the one that has run least), for a reservation;
         ``release`` it when its execution ends."""
-        index = min(range(len(self.busy)), key=lambda i: (self.busy[i], self.executions[i]))
+        if self.sticky:
+            index = min(range(len(self.busy)), key=lambda i: (self.busy[i], i))
+        else:
+            index = min(range(len(self.busy)), key=lambda i: (self.busy[i], self.executions[i]))
         self.busy[index] += 1
         self.executions[index] += 1
         return index
@@ -103,11 +116,12 @@ class InstancePool:
     ) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, run_batch, self.sessions[index], works, control or RunControl()
+            self._executors[index], run_batch, self.sessions[index], works, control or RunControl()
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 class DirectScheduler:

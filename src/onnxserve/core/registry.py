@@ -121,11 +121,16 @@ def layout(config: ModelConfig) -> Layout:
     """The configured layout, or (a config that sets none of it) the adaptive one: ONE session whose
     intra-op pool has every core of the budget, run by up to that many threads at once. One run alone
     has all the cores; runs side by side share the pool (ONNX Runtime's calling thread always works on
-    its own run, the pool's threads help whichever run has work), so the weights are loaded once."""
+    its own run, the pool's threads help whichever run has work), so the weights are loaded once. Its
+    pool does not spin-wait unless the config says so."""
     if not config.adaptive:
         return Layout(instance_options(config), config.instance_count, config.instance_count, False)
-    budget = cpu_budget()
-    return Layout(instance_options(config), 1, budget, True)
+    options = instance_options(config)
+    if options.intra_op_allow_spinning is None:
+        # Runs side by side put more threads than cores on the pool (each caller, plus the pool's own):
+        # a pool thread spin-waiting for work would take a core from the other run.
+        options = options.model_copy(update={"intra_op_allow_spinning": False})
+    return Layout(options, 1, cpu_budget(), True)
 
 
 def load_version(config: ModelConfig, folder: VersionFolder, observers: Observers | None = None) -> ModelVersion:
@@ -170,7 +175,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
             f", requests merged up to {merged_rows} rows" if merged_rows else " (the graph cannot batch)",
         )
     stats = ModelStatistics()
-    pool = InstancePool(sessions * chosen.slots if chosen.adaptive else sessions, name)
+    pool = InstancePool(sessions * chosen.slots if chosen.adaptive else sessions, name, sticky=chosen.adaptive)
     run = partial(run_batch, pipeline=pipeline, output_specs=first.outputs)
 
     def on_execution(batch_size: int, outcome: Outcome) -> None:
