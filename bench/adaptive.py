@@ -45,7 +45,11 @@ TENSOR_CEILINGS = (inprocess.Candidate(1, 1, 2), inprocess.Candidate(8, 1, 2), i
 def config_file(name: str, settings: Settings) -> Path:
     """bench/configs/NAME.json with only the minilm entry, its base path absolute."""
     document: dict[str, Any] = orjson.loads((BENCH_DIR / "configs" / f"{name}.json").read_bytes())
-    entries = [dict(e, base_path=str(settings.models / "minilm")) for e in document["model_config_list"] if e["name"] == "minilm"]
+    entries = [
+        dict(e, base_path=str(settings.models / "minilm"))
+        for e in document["model_config_list"]
+        if e["name"] == "minilm"
+    ]
     target = settings.results_dir / "adaptive" / f"{name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(orjson.dumps({"model_config_list": entries}, option=orjson.OPT_INDENT_2))
@@ -69,11 +73,18 @@ def row_json(row: Row) -> dict[str, Any]:
     s = row.summary
     server = [r.extra.get("server") for r in s.runs] if s is not None else []
     return {
-        "workload": row.workload, "side": row.side, "protocol": row.protocol, "c": row.concurrency,
-        "throughput": round(s.throughput, 1) if s else None, "p50_ms": round(s.p50_ms, 2) if s else None,
-        "p99_ms": round(s.p99_ms, 2) if s else None, "ratio": round(row.ratio, 3) if row.ratio else None,
-        "baseline": row.baseline.protocol if row.baseline is not None else None, "server": server,
-        "failures": row.failures, "error": row.error,
+        "workload": row.workload,
+        "side": row.side,
+        "protocol": row.protocol,
+        "c": row.concurrency,
+        "throughput": round(s.throughput, 1) if s else None,
+        "p50_ms": round(s.p50_ms, 2) if s else None,
+        "p99_ms": round(s.p99_ms, 2) if s else None,
+        "ratio": round(row.ratio, 3) if row.ratio else None,
+        "baseline": row.baseline.protocol if row.baseline is not None else None,
+        "server": server,
+        "failures": row.failures,
+        "error": row.error,
     }
 
 
@@ -83,12 +94,19 @@ def main() -> int:
     row = token_row(settings.minilm / "tokenizer.json")
     tokens = perf_analyzer_input(row, settings.results_dir / "inputs" / "tokens32.json")
     pa = PerfAnalyzer(settings.pa_window_ms)
-    servers = [OnnxServer(config_file(name, settings), settings.results_dir / "adaptive" / f"{name}.log", label) for name, label in SIDES]
+    servers = [
+        OnnxServer(config_file(name, settings), settings.results_dir / "adaptive" / f"{name}.log", label)
+        for name, label in SIDES
+    ]
     text_make = inprocess.text_calls(settings.minilm, SENTENCES)
     tensor_make = inprocess.token_tensor_calls(settings.minilm / "model.onnx", row)
     points: list[workloads.Point] = []
-    text_ceilings = workloads.baseline_points("text", "in-process", "Pipeline", "texts", TEXT_CEILINGS, text_make, settings.duration_s)
-    tensor_ceilings = workloads.baseline_points("tensors", "in-process", "session.run", "rows", TENSOR_CEILINGS, tensor_make, settings.duration_s)
+    text_ceilings = workloads.baseline_points(
+        "text", "in-process", "Pipeline", "texts", TEXT_CEILINGS, text_make, settings.duration_s
+    )
+    tensor_ceilings = workloads.baseline_points(
+        "tensors", "in-process", "session.run", "rows", TENSOR_CEILINGS, tensor_make, settings.duration_s
+    )
     try:
         for server in servers:
             log(f"starting {server.name}")
@@ -127,9 +145,12 @@ def main() -> int:
         j = row_json(r)
         batches = ""
         if j["server"] and j["server"][-1]:
-            s = j["server"][-1]; batches = f"{s.get('mean_batch_rows')} rows/run {s.get('batch_sizes', '')}"
+            s = j["server"][-1]
+            batches = f"{s.get('mean_batch_rows')} rows/run {s.get('batch_sizes', '')}"
         ratio = f"{j['ratio']:.2f}" if j["ratio"] else ""
-        print(f"| {r.workload} | {r.side} {r.protocol if r.side == 'in-process' else ''} | {r.concurrency} | {j['throughput']} | {j['p50_ms']} | {j['p99_ms']} | {ratio} | {batches} |")
+        side = f"{r.side} {r.protocol}" if r.side == "in-process" else r.side
+        cells = [r.workload, side, r.concurrency, j["throughput"], j["p50_ms"], j["p99_ms"], ratio, batches]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     return 0
 
 

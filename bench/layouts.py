@@ -104,7 +104,9 @@ def _child(name: str, model_dir: Path, seconds: float, repeats: int) -> dict[str
         prepack = not name.endswith("noprepack")
         if name.startswith("wide"):
             wide = ort.InferenceSession(data, options(2, shared, prepack), providers=["CPUExecutionProvider"])
-        sessions = [ort.InferenceSession(data, options(1, shared, prepack), providers=["CPUExecutionProvider"]) for _ in "ab"]
+        sessions = [
+            ort.InferenceSession(data, options(1, shared, prepack), providers=["CPUExecutionProvider"]) for _ in "ab"
+        ]
         del data
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
@@ -172,9 +174,23 @@ def main() -> int:
     rows = []
     for name in args.only or CANDIDATES:
         out = subprocess.run(
-            [sys.executable, "-m", "bench.layouts", "--candidate", name, "--model", args.model,
-             "--seconds", str(args.seconds), "--repeats", str(args.repeats)],
-            capture_output=True, text=True, env=os.environ, check=False,
+            [
+                sys.executable,
+                "-m",
+                "bench.layouts",
+                "--candidate",
+                name,
+                "--model",
+                args.model,
+                "--seconds",
+                str(args.seconds),
+                "--repeats",
+                str(args.repeats),
+            ],
+            capture_output=True,
+            text=True,
+            env=os.environ,
+            check=False,
         )
         if out.returncode != 0:
             print(name, "failed:", out.stderr[-2000:], file=sys.stderr)

@@ -22,8 +22,10 @@ import threading
 from collections import Counter
 from pathlib import Path
 
+import httpx
+
 from bench import loadgen, workloads
-from bench.adaptive import config_file
+from bench.adaptive import config_file, share_priority
 from bench.data import SENTENCES, perf_analyzer_input, token_row
 from bench.perf_analyzer import PerfAnalyzer
 from bench.server import OnnxServer
@@ -38,7 +40,10 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("protocol decode/encode", ("onnxserve/protocols/", "onnxserve/core/wire.py", "validation.py", "orjson")),
     ("HTTP server (uvicorn)", ("uvicorn", "httptools", "h11", "starlette")),
     ("gRPC server", ("grpc",)),
-    ("scheduling / service", ("core/batching.py", "core/service.py", "core/observe", "core/registry", "core/statistics")),
+    (
+        "scheduling / service",
+        ("core/batching.py", "core/service.py", "core/observe", "core/registry", "core/statistics"),
+    ),
     ("metrics", ("prometheus", "server/metrics")),
     ("thread hand-offs", ("asyncio/", "concurrent/futures", "threading.py")),
     ("event loop (native)", ("serve (onnxserve/server/lifecycle.py",)),
@@ -58,7 +63,22 @@ def phase(stack: str) -> str:
 
 def record(pid: int, seconds: float, out: Path) -> threading.Thread:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    command = [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "--format", "raw", "-o", str(out), "--threads", "--nonblocking"]
+    command = [
+        spy,
+        "record",
+        "-p",
+        str(pid),
+        "-d",
+        str(int(seconds)),
+        "-r",
+        "250",
+        "--format",
+        "raw",
+        "-o",
+        str(out),
+        "--threads",
+        "--nonblocking",
+    ]
 
     def run() -> None:
         subprocess.run(command, capture_output=True, check=False)
@@ -101,6 +121,7 @@ def main() -> int:
         with OnnxServer(config_file(name, settings), out_dir / f"{name}.log", name) as server:
             assert server._process is not None
             pid = server._process.pid
+            share_priority(pid)
             for workload in ("text", "tensors"):
                 for c in args.concurrency:
                     raw = out_dir / f"{name}-{workload}-c{c}.txt"
@@ -110,12 +131,19 @@ def main() -> int:
                         target = workloads.onnxserve_text_target(server, SENTENCES)
                         sample = loadgen.closed_loop(target, c, 0.0, args.seconds)
                     else:
-                        shapes = {n: [1, 32] for n in ("input_ids", "attention_mask", "token_type_ids")}
+                        batched = httpx.get(f"{server.http_url}/v2/models/minilm/config").json()["max_batch_size"] > 0
+                        shape = [32] if batched else [1, 32]  # a batching model's --shape leaves out the batch dim
+                        shapes = {n: shape for n in ("input_ids", "attention_mask", "token_type_ids")}
                         sample = pa.run("minilm", "grpc", server.grpc_address, c, shapes, tokens)
                     spy.join()
                     counts, total = shares(raw)
                     cells = [f"{100 * counts[n] / total:.0f} %" if total else "-" for n in names]
-                    print(f"| {name} | {workload} | {c} | {sample.throughput:.0f}/s p50 {sample.p50_ms:.1f} ms | " + " | ".join(cells) + " |", flush=True)
+                    print(
+                        f"| {name} | {workload} | {c} | {sample.throughput:.0f}/s p50 {sample.p50_ms:.1f} ms | "
+                        + " | ".join(cells)
+                        + " |",
+                        flush=True,
+                    )
     return 0
 
 

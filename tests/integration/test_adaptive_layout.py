@@ -94,7 +94,8 @@ def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_ba
     scheduler = version.scheduler
     assert isinstance(scheduler, DynamicBatcher)
     assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
-    assert scheduler.settings.max_queue_delay_us == 0 and not scheduler.settings.preferred_batch_sizes
+    assert scheduler.settings.max_queue_delay_us == 0
+    assert not scheduler.settings.preferred_batch_sizes
     sessions = scheduler.pool.sessions
     assert len(sessions) == cpu_budget(), "one slot per CPU"
     assert all(s is sessions[0] for s in sessions), "every slot runs the same session: the weights are loaded once"

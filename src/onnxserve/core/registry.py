@@ -72,7 +72,9 @@ ADAPTIVE_MAX_ROWS = 32
 def can_batch(session: ModelSession) -> bool:
     """Whether every graph input and output has a dynamic first dimension, all named alike (a batch
     dimension, as exporters write it: ``batch_size``, ``N``), so that requests may merge along it."""
-    firsts = [spec.dim_names[0] if spec.shape and spec.shape[0] < 0 else "" for spec in (*session.inputs, *session.outputs)]
+    firsts = [
+        spec.dim_names[0] if spec.shape and spec.shape[0] < 0 else "" for spec in (*session.inputs, *session.outputs)
+    ]
     return bool(firsts) and all(firsts) and len(set(firsts)) == 1
 
 
@@ -188,7 +190,9 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         # Adaptive: no delay and no preferred sizes, so a free slot takes whatever is queued at once
         # (continuous batching: a lone request runs alone on every core, a deep queue runs in merged
         # batches side by side).
-        scheduler = DynamicBatcher(pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name)
+        scheduler = DynamicBatcher(
+            pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name
+        )
     else:
         scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
     return ModelVersion(
