@@ -2,10 +2,11 @@
 
 Each model version has ``instance_count`` instances (ONNX Runtime sessions), each run by one
 thread. The default layout (``core.registry.layout``) gives one instance per CPU that all share one
-session: runs side by side, one copy of the weights, and a lone run on the lowest instance. ``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher``
-queues requests and, whenever an instance is free, forms one batch from the queue: requests with the
-same batch key (same inner dimensions and outputs; or text) in arrival order, up to
-``max_batch_size`` rows and ``max_batch_tokens``. Which part of that selection goes, and when:
+session: runs side by side, one copy of the weights, and a lone run on the lowest instance.
+``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher`` queues requests
+and, whenever an instance is free, forms one batch from the queue: requests with the same batch key
+(same inner dimensions and outputs; or text) in arrival order, up to ``max_batch_size`` rows and
+``max_batch_tokens``. Which part of that selection goes, and when:
 
 - preferred sizes first (Triton's rule): when a prefix of the selection adds up to one of
   ``preferred_batch_sizes``, the largest such prefix goes at once;
