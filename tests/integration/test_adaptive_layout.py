@@ -13,18 +13,22 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import onnx
 import pytest
 
 import models
-from onnxserve.config import ServerConfig, parse_config
-from onnxserve.core.batching import DirectScheduler, DynamicBatcher
+from onnxserve.config import DynamicBatching, ServerConfig, parse_config
+from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool
 from onnxserve.core.cpu import cpu_budget
-from onnxserve.core.registry import ADAPTIVE_MAX_ROWS
+from onnxserve.core.execution import Work, run_batch
+from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS
+from onnxserve.core.runtime import ModelSession
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
 
@@ -95,6 +99,7 @@ def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_ba
     assert isinstance(scheduler, DynamicBatcher)
     assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
     assert scheduler.settings.max_queue_delay_us == 0
+    assert scheduler.gather_us == ADAPTIVE_GATHER_US
     assert not scheduler.settings.preferred_batch_sizes
     sessions = scheduler.pool.sessions
     assert len(sessions) == cpu_budget(), "one slot per CPU"
@@ -200,3 +205,40 @@ def test_spinning_set_by_hand_keeps_the_default_layout(serve: Callable[..., Runn
     assert isinstance(scheduler, DynamicBatcher)
     session = scheduler.pool.sessions[0]
     assert session.ort_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_a_batch_waits_for_a_request_on_its_way_while_another_run_keeps_the_cores_busy(repository: Path) -> None:
+    """One slot runs a blocker; a request queues while another is still on its way (being tokenized): the
+    free slot waits for it, and the two run as one batch. With nothing on its way it would have gone alone."""
+    session = ModelSession(repository / "paced" / "1" / "model.onnx", name="paced")
+    pool = InstancePool([session, session], "paced", sticky=True)
+    sizes: list[int] = []
+    run = partial(run_batch, pipeline=None, output_specs=session.outputs)
+    batcher = DynamicBatcher(
+        pool, run, lambda size, _: sizes.append(size), 32, DynamicBatching(), "paced", gather_us=60_000_000
+    )
+
+    def work(value: float) -> Work:
+        return Work(["y"], 1, feeds={"x": np.array([[value]], dtype=np.float32)})
+
+    async def scenario() -> list[float]:
+        blocker = asyncio.create_task(batcher.submit(work(FOREVER)))
+        await until(lambda: sum(pool.busy) == 1)
+        batcher.incoming = 1  # a request being tokenized
+        first = asyncio.create_task(batcher.submit(work(1.0)))
+        assert batcher._arrived is not None
+        arrived = batcher._arrived
+        await until(lambda: batcher.queued() == 1 and not arrived.is_set())  # the batcher looked, and waits
+        assert pool.busy.count(1) == 1, "the free slot should wait for the request on its way"
+        batcher.incoming = 0
+        second = asyncio.create_task(batcher.submit(work(2.0)))
+        answers = await asyncio.gather(first, second)
+        blocker.cancel()
+        await batcher.stop()
+        return [float(a.outcome.outputs["y"][0, 0]) for a in answers]
+
+    try:
+        assert asyncio.run(scenario()) == [1.0, 2.0]
+    finally:
+        pool.close()
+    assert sizes == [2], "the stopped blocker is no execution; the two requests ran as one batch"

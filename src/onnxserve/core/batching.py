@@ -147,6 +147,7 @@ class DirectScheduler:
         self.name = name
         self._waiting = 0
         self._running: set[asyncio.Task[Outcome]] = set()
+        self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
 
     async def submit(self, work: Work) -> Scheduled:
         limit = self.max_queue_size
@@ -214,6 +215,7 @@ class DynamicBatcher:
         max_batch_size: int,
         settings: DynamicBatching,
         name: str,
+        gather_us: int = 0,
     ) -> None:
         self.pool = pool
         self._run_batch = run_batch
@@ -221,6 +223,8 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.settings = settings
         self.name = name
+        self.gather_us = gather_us
+        self.incoming = 0  # requests on their way to ``submit`` (being tokenized), counted by the service
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -276,6 +280,7 @@ class DynamicBatcher:
     async def _next_batch(self) -> list[_Pending]:
         """Wait for work, then for a batch worth sending; take it off the queue."""
         assert self._arrived is not None
+        gather_until: float | None = None
         while True:
             self._drop_abandoned()
             if not self._queue:
@@ -290,6 +295,10 @@ class DynamicBatcher:
             remaining_us = self.settings.max_queue_delay_us - waited_us
             preferred = _preferred_prefixes(selection, self.settings.preferred_batch_sizes)
             cannot_grow = rows >= self.max_batch_size or len(selection) < len(compatible)
+            if remaining_us <= 0 and not (preferred or cannot_grow or head.due):
+                remaining_us = self._gather_us(rows, gather_until)
+                if remaining_us > 0 and gather_until is None:
+                    gather_until = time.perf_counter() + remaining_us / 1e6
             if preferred or cannot_grow or head.due or remaining_us <= 0:
                 batch, left_over = self._cut(selection, _rows(compatible), preferred)
                 for pending in left_over:
@@ -300,6 +309,18 @@ class DynamicBatcher:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining_us / 1e6)
+
+    def _gather_us(self, rows: int, gather_until: float | None) -> float:
+        """How long a batch that could go now waits for requests already on their way (``gather_us``):
+        only while another instance is running (the cores are busy anyway), those requests would fit,
+        and at most ``gather_us`` in all. Without requests on their way waiting cannot help: 0."""
+        if not self.gather_us or not self.incoming or self.pool.idle() == len(self.pool.busy):
+            return 0.0
+        if rows + 1 > self.max_batch_size:
+            return 0.0
+        if gather_until is None:
+            return float(self.gather_us)
+        return (gather_until - time.perf_counter()) * 1e6
 
     def _select(self, first: _Pending, compatible: list[_Pending]) -> list[_Pending]:
         """``first`` and the compatible requests that fit with it, in arrival order (closest lengths

@@ -68,6 +68,10 @@ class ModelVersion:
 ADAPTIVE_MAX_ROWS = 32
 """The adaptive layout's largest merged run, in rows (a larger request still runs, alone)."""
 
+ADAPTIVE_GATHER_US = 2000
+"""The adaptive layout's batcher: how long a batch that could go waits for texts being tokenized, while
+another run keeps the cores busy (a tokenization takes well under a millisecond)."""
+
 
 def can_batch(session: ModelSession) -> bool:
     """Whether every graph input and output has a dynamic first dimension, all named alike (a batch
@@ -189,9 +193,11 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     if max_batch_size > 0 or merged_rows > 0:
         # Adaptive: no delay and no preferred sizes, so a free slot takes whatever is queued at once
         # (continuous batching: a lone request runs alone on every core, a deep queue runs in merged
-        # batches side by side).
+        # batches side by side), except that while another run keeps the cores busy it waits a moment
+        # for texts that are being tokenized.
+        gather = ADAPTIVE_GATHER_US if merged_rows else 0
         scheduler = DynamicBatcher(
-            pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name
+            pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name, gather
         )
     else:
         scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)

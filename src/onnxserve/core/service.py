@@ -336,7 +336,12 @@ class InferenceService:
             async with asyncio.timeout(limit) as deadline:
                 if work.text is not None:
                     loop = asyncio.get_running_loop()
-                    tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+                    # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
+                    model.scheduler.incoming += 1
+                    try:
+                        tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+                    finally:
+                        model.scheduler.incoming -= 1
                 scheduled = await model.scheduler.submit(work)
             outputs = scheduled.outcome.outputs
             if any(array.dtype == object for array in outputs.values()):  # BYTES: counting takes a while
