@@ -107,12 +107,16 @@ class ModelConfig(_Strict):
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     base_path: Path
     model_platform: str = "onnxruntime"
+    # 0 set by hand: no batching. Left unset, with instance_count, dynamic_batching and
+    # session_options.intra_op_num_threads unset too: the default layout (one session, runs side by side,
+    # requests merged when the graph has a batch dimension; see serving.md, "The default layout").
     max_batch_size: Annotated[int, Field(ge=0)] = 0
     model_version_policy: VersionPolicy = Field(default_factory=lambda: VersionPolicy(latest=LatestVersions()))
     version_labels: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]*$")], int] = Field(
         default_factory=dict
     )
     dynamic_batching: DynamicBatching = Field(default_factory=DynamicBatching)
+    # Sessions per version. Left unset with the other layout keys: the default layout (see max_batch_size).
     instance_count: Annotated[int, Field(ge=1)] = 1
     execution_providers: list[str | ExecutionProvider] = Field(
         default_factory=lambda: list[str | ExecutionProvider](["CPUExecutionProvider"])
@@ -140,6 +144,14 @@ class ModelConfig(_Strict):
                 "a batch never grows beyond max_batch_size"
             )
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the config leaves the layout to the server: it sets none of ``max_batch_size``,
+        ``instance_count``, ``dynamic_batching`` and ``session_options.intra_op_num_threads`` (an explicit
+        value, even the default one, is a choice the server keeps)."""
+        chosen = {"max_batch_size", "instance_count", "dynamic_batching"} & self.model_fields_set
+        return not chosen and "intra_op_num_threads" not in self.session_options.model_fields_set
 
     def providers(self) -> list[ExecutionProvider]:
         return [ExecutionProvider(name=p) if isinstance(p, str) else p for p in self.execution_providers]

@@ -258,8 +258,11 @@ def queue_depth(url: str, model: str) -> float:
 
 def test_sigterm_drains_accepted_requests_and_refuses_new_ones(tmp_path: Path) -> None:
     models.write_version(tmp_path, "slowb", 1, models.slow_batch_model(50000))
+    config_file = tmp_path / "config.json"  # one instance, no batching: one request runs, the others wait
+    entry = {"name": "slowb", "base_path": "slowb", "instance_count": 1, "max_batch_size": 0}
+    config_file.write_text(json.dumps({"model_config_list": [entry]}))
     process, url = start_cli(
-        "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0", "--drain-timeout", "30"
+        "--config", str(config_file), "--http-port", "0", "--grpc-port", "0", "--drain-timeout", "30"
     )
     assert process.stderr is not None
     try:

@@ -1,10 +1,12 @@
 """Scheduling a model version's work onto its instances, with or without dynamic batching.
 
 Each model version has ``instance_count`` instances (ONNX Runtime sessions), each run by one
-thread. ``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher``
-queues requests and, whenever an instance is free, forms one batch from the queue: requests with the
-same batch key (same inner dimensions and outputs; or text) in arrival order, up to
-``max_batch_size`` rows and ``max_batch_tokens``. Which part of that selection goes, and when:
+thread. The default layout (``core.registry.layout``) gives one instance per CPU that all share one
+session: runs side by side, one copy of the weights, and a lone run on the lowest instance.
+``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher`` queues requests
+and, whenever an instance is free, forms one batch from the queue: requests with the same batch key
+(same inner dimensions and outputs; or text) in arrival order, up to ``max_batch_size`` rows and
+``max_batch_tokens``. Which part of that selection goes, and when:
 
 - preferred sizes first (Triton's rule): when a prefix of the selection adds up to one of
   ``preferred_batch_sizes``, the largest such prefix goes at once;
@@ -57,13 +59,23 @@ class Scheduled:
 
 
 class InstancePool:
-    """A model version's sessions; each runs on its own thread, one execution at a time."""
+    """A model version's instances; each runs on its own thread, one execution at a time.
 
-    def __init__(self, sessions: Sequence[ModelSession], name: str) -> None:
+    An instance is a session and the thread that runs it. The adaptive layout gives several instances
+    the same session (``sticky``): runs side by side share its weights and thread pool, and a free
+    instance is chosen lowest index first, so that under light load every run comes from the same
+    thread (ONNX Runtime runs a model measurably slower when its calling thread changes from run to
+    run). Otherwise the least busy instance goes first, and of those the one that has run least."""
+
+    def __init__(self, sessions: Sequence[ModelSession], name: str, sticky: bool = False) -> None:
         self.sessions = list(sessions)
+        self.sticky = sticky
         self.busy = [0] * len(self.sessions)
         self.executions = [0] * len(self.sessions)  # executions started on each instance
-        self._executor = ThreadPoolExecutor(max_workers=len(self.sessions), thread_name_prefix=f"onnxserve-{name}")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"onnxserve-{name}-{i}")
+            for i in range(len(self.sessions))
+        ]
         self._free: asyncio.Semaphore | None = None
 
     def _semaphore(self) -> asyncio.Semaphore:
@@ -81,7 +93,10 @@ class InstancePool:
     def take(self) -> int:
         """The least busy instance (of those, the one that has run least), for a reservation;
         ``release`` it when its execution ends."""
-        index = min(range(len(self.busy)), key=lambda i: (self.busy[i], self.executions[i]))
+        if self.sticky:
+            index = min(range(len(self.busy)), key=lambda i: (self.busy[i], i))
+        else:
+            index = min(range(len(self.busy)), key=lambda i: (self.busy[i], self.executions[i]))
         self.busy[index] += 1
         self.executions[index] += 1
         return index
@@ -103,11 +118,12 @@ class InstancePool:
     ) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, run_batch, self.sessions[index], works, control or RunControl()
+            self._executors[index], run_batch, self.sessions[index], works, control or RunControl()
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
 class DirectScheduler:
@@ -131,6 +147,7 @@ class DirectScheduler:
         self.name = name
         self._waiting = 0
         self._running: set[asyncio.Task[Outcome]] = set()
+        self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
 
     async def submit(self, work: Work) -> Scheduled:
         limit = self.max_queue_size
@@ -198,6 +215,7 @@ class DynamicBatcher:
         max_batch_size: int,
         settings: DynamicBatching,
         name: str,
+        gather_us: int = 0,
     ) -> None:
         self.pool = pool
         self._run_batch = run_batch
@@ -205,6 +223,8 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.settings = settings
         self.name = name
+        self.gather_us = gather_us
+        self.incoming = 0  # requests on their way to ``submit`` (being tokenized), counted by the service
         self._queue: deque[_Pending] = deque()
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -260,6 +280,7 @@ class DynamicBatcher:
     async def _next_batch(self) -> list[_Pending]:
         """Wait for work, then for a batch worth sending; take it off the queue."""
         assert self._arrived is not None
+        gather_until: float | None = None
         while True:
             self._drop_abandoned()
             if not self._queue:
@@ -274,6 +295,10 @@ class DynamicBatcher:
             remaining_us = self.settings.max_queue_delay_us - waited_us
             preferred = _preferred_prefixes(selection, self.settings.preferred_batch_sizes)
             cannot_grow = rows >= self.max_batch_size or len(selection) < len(compatible)
+            if remaining_us <= 0 and not (preferred or cannot_grow or head.due):
+                remaining_us = self._gather_us(rows, gather_until)
+                if remaining_us > 0 and gather_until is None:
+                    gather_until = time.perf_counter() + remaining_us / 1e6
             if preferred or cannot_grow or head.due or remaining_us <= 0:
                 batch, left_over = self._cut(selection, _rows(compatible), preferred)
                 for pending in left_over:
@@ -284,6 +309,18 @@ class DynamicBatcher:
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), timeout=remaining_us / 1e6)
+
+    def _gather_us(self, rows: int, gather_until: float | None) -> float:
+        """How long a batch that could go now waits for requests already on their way (``gather_us``):
+        only while another instance is running (the cores are busy anyway), those requests would fit,
+        and at most ``gather_us`` in all. Without requests on their way waiting cannot help: 0."""
+        if not self.gather_us or not self.incoming or self.pool.idle() == len(self.pool.busy):
+            return 0.0
+        if rows + 1 > self.max_batch_size:
+            return 0.0
+        if gather_until is None:
+            return float(self.gather_us)
+        return (gather_until - time.perf_counter()) * 1e6
 
     def _select(self, first: _Pending, compatible: list[_Pending]) -> list[_Pending]:
         """``first`` and the compatible requests that fit with it, in arrival order (closest lengths

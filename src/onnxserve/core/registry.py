@@ -45,6 +45,12 @@ class ModelVersion:
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
     signature: tuple[tuple[str, int, int], ...] = ()  # the files as they were when loaded
     active: int = 0  # requests between resolution and answer (queued or running)
+    merged_rows: int = 0  # adaptive layout: the most rows merged into one run (max_batch_size stays 0)
+
+    @property
+    def batches_rows(self) -> bool:
+        """Whether requests' first dimension counts rows that the scheduler may merge."""
+        return self.max_batch_size > 0 or self.merged_rows > 0
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -57,6 +63,23 @@ class ModelVersion:
     @property
     def ready(self) -> bool:
         return self.state is ModelState.READY
+
+
+ADAPTIVE_MAX_ROWS = 32
+"""The adaptive layout's largest merged run, in rows (a larger request still runs, alone)."""
+
+ADAPTIVE_GATHER_US = 2000
+"""The adaptive layout's batcher: how long a batch that could go waits for texts being tokenized, while
+another run keeps the cores busy (a tokenization takes well under a millisecond)."""
+
+
+def can_batch(session: ModelSession) -> bool:
+    """Whether every graph input and output has a dynamic first dimension, all named alike (a batch
+    dimension, as exporters write it: ``batch_size``, ``N``), so that requests may merge along it."""
+    firsts = [
+        spec.dim_names[0] if spec.shape and spec.shape[0] < 0 else "" for spec in (*session.inputs, *session.outputs)
+    ]
+    return bool(firsts) and all(firsts) and len(set(firsts)) == 1
 
 
 def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
@@ -90,6 +113,32 @@ def instance_options(config: ModelConfig) -> SessionOptions:
     return options
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How a version runs: its sessions' options, how many sessions, and how many runs at once."""
+
+    options: SessionOptions
+    sessions: int
+    slots: int  # runs at once (the pool's instances; adaptive: one session run by several threads)
+    adaptive: bool
+
+
+def layout(config: ModelConfig) -> Layout:
+    """The configured layout, or (a config that sets none of it) the adaptive one: ONE session whose
+    intra-op pool has every core of the budget, run by up to that many threads at once. One run alone
+    has all the cores; runs side by side share the pool (ONNX Runtime's calling thread always works on
+    its own run, the pool's threads help whichever run has work), so the weights are loaded once. Its
+    pool does not spin-wait unless the config says so."""
+    if not config.adaptive:
+        return Layout(instance_options(config), config.instance_count, config.instance_count, False)
+    options = instance_options(config)
+    if options.intra_op_allow_spinning is None:
+        # Runs side by side put more threads than cores on the pool (each caller, plus the pool's own):
+        # a pool thread spin-waiting for work would take a core from the other run.
+        options = options.model_copy(update={"intra_op_allow_spinning": False})
+    return Layout(options, 1, cpu_budget(), True)
+
+
 def load_version(config: ModelConfig, folder: VersionFolder, observers: Observers | None = None) -> ModelVersion:
     """Load, warm up and schedule one version; tells ``observers`` of the state changes."""
     observers = observers or Observers()
@@ -114,17 +163,25 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     check_version_folder(
         folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
     )
-    options = instance_options(config)
+    chosen = layout(config)
     sessions = [
-        ModelSession(folder.model_file, config.providers(), options, name=name) for _ in range(config.instance_count)
+        ModelSession(folder.model_file, config.providers(), chosen.options, name=name) for _ in range(chosen.sessions)
     ]
     first = sessions[0]
     pipeline = load_pipeline(folder.path, first.inputs, first.outputs, first.metadata)
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)
+    merged_rows = ADAPTIVE_MAX_ROWS if chosen.adaptive and can_batch(first) else 0
+    if chosen.adaptive:
+        log.info(
+            "model %s: adaptive layout: 1 session, up to %d runs at once%s",
+            name,
+            chosen.slots,
+            f", requests merged up to {merged_rows} rows" if merged_rows else " (the graph cannot batch)",
+        )
     stats = ModelStatistics()
-    pool = InstancePool(sessions, name)
+    pool = InstancePool(sessions * chosen.slots if chosen.adaptive else sessions, name, sticky=chosen.adaptive)
     run = partial(run_batch, pipeline=pipeline, output_specs=first.outputs)
 
     def on_execution(batch_size: int, outcome: Outcome) -> None:
@@ -132,11 +189,18 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         compute = outcome.input_ns + outcome.infer_ns + outcome.output_ns
         observers.execution(ExecutionRecord(config.name, str(folder.version), batch_size, compute))
 
-    scheduler: Scheduler = (
-        DynamicBatcher(pool, run, on_execution, max_batch_size, config.dynamic_batching, name)
-        if max_batch_size > 0
-        else DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
-    )
+    scheduler: Scheduler
+    if max_batch_size > 0 or merged_rows > 0:
+        # Adaptive: no delay and no preferred sizes, so a free slot takes whatever is queued at once
+        # (continuous batching: a lone request runs alone on every core, a deep queue runs in merged
+        # batches side by side), except that while another run keeps the cores busy it waits a moment
+        # for texts that are being tokenized.
+        gather = ADAPTIVE_GATHER_US if merged_rows else 0
+        scheduler = DynamicBatcher(
+            pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name, gather
+        )
+    else:
+        scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
     return ModelVersion(
         name=config.name,
         version=folder.version,
@@ -144,6 +208,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         config=config,
         session=first,
         max_batch_size=max_batch_size,
+        merged_rows=merged_rows,
         scheduler=scheduler,
         stats=stats,
         pipeline=pipeline,

@@ -84,7 +84,7 @@ def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int 
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
-        rows = int(request.inputs[0].shape[0]) if model.max_batch_size > 0 else 1
+        rows = int(request.inputs[0].shape[0]) if model.batches_rows else 1
         return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
@@ -336,7 +336,12 @@ class InferenceService:
             async with asyncio.timeout(limit) as deadline:
                 if work.text is not None:
                     loop = asyncio.get_running_loop()
-                    tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+                    # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
+                    model.scheduler.incoming += 1
+                    try:
+                        tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
+                    finally:
+                        model.scheduler.incoming -= 1
                 scheduled = await model.scheduler.submit(work)
             outputs = scheduled.outcome.outputs
             if any(array.dtype == object for array in outputs.values()):  # BYTES: counting takes a while

@@ -1,0 +1,244 @@
+"""The default layout adapts to the load (issue #18): a config that sets none of ``max_batch_size``,
+``instance_count``, ``dynamic_batching`` and the intra-op threads gets ONE session per version, run by up
+to as many threads at once as the process has CPUs, and (when the graph has one dynamic batch dimension)
+a batcher that takes whatever is queued the moment a slot frees, without waiting. A config that sets any
+of those keeps exactly what it set.
+
+What ran is read from the scheduler (which session each slot runs) and from the V2 statistics
+(``batch_stats`` counts every execution once, by its rows); nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+import models
+from onnxserve.config import DynamicBatching, ServerConfig, parse_config
+from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool
+from onnxserve.core.cpu import cpu_budget
+from onnxserve.core.execution import Work, run_batch
+from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS
+from onnxserve.core.runtime import ModelSession
+from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
+
+FOREVER = 1e9
+"""A blocker's value: more products than any test waits for (it is always cancelled)."""
+
+
+def unnamed_batch_model() -> onnx.ModelProto:
+    """y = x + 1 whose input and output first dims are dynamic but named differently: not provably a batch."""
+    return models.parse(
+        """
+        unnamed (float[n, 2] x) => (float[m, 2] y) {
+            one = Constant <value = float {1.0}> ()
+            y = Add(x, one)
+        }
+        """
+    )
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("adaptive")
+    models.write_version(repo, "paced", 1, models.value_paced_model("paced", 64))
+    models.write_version(repo, "unnamed", 1, unnamed_batch_model())
+    return repo
+
+
+@pytest.fixture
+def serve(repository: Path) -> Iterator[Callable[..., RunningServer]]:
+    running: list[RunningServer] = []
+
+    def start(name: str = "paced", **entry: Any) -> RunningServer:
+        document = {"model_config_list": [{"name": name, "base_path": name, **entry}]}
+        config: ServerConfig = parse_config(document, "adaptive layout test", repository)
+        server = start_in_background(
+            config, ServerSettings(http_port=0, grpc_port=0, inference_threads=4, log_level="warning")
+        )
+        running.append(server)
+        return server
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+def body(*values: float) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [len(values), 1], "datatype": "FP32", "data": list(values)}]}
+
+
+def batch_sizes(server: RunningServer, model: str = "paced") -> Counter[int]:
+    doc = httpx.get(f"{server.http_url}/v2/models/{model}/stats").json()["model_stats"][0]
+    return Counter({b["batch_size"]: b["compute_infer"]["count"] for b in doc["batch_stats"]})
+
+
+async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.002)
+
+
+def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_batch_size_0(
+    serve: Callable[..., RunningServer],
+) -> None:
+    server = serve()
+    version = server.service.registry.resolve("paced", None)
+    scheduler = version.scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
+    assert scheduler.settings.max_queue_delay_us == 0
+    assert scheduler.gather_us == ADAPTIVE_GATHER_US
+    assert not scheduler.settings.preferred_batch_sizes
+    sessions = scheduler.pool.sessions
+    assert len(sessions) == cpu_budget(), "one slot per CPU"
+    assert all(s is sessions[0] for s in sessions), "every slot runs the same session: the weights are loaded once"
+    spinning = sessions[0].ort_options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning == "0", "runs side by side share the pool: its threads must not spin-wait"
+    # Clients see the model as the config left it: no batch dimension, so a large request is not refused.
+    assert httpx.get(f"{server.http_url}/v2/models/paced/config").json()["max_batch_size"] == 0
+    rows = [float(i % 3) for i in range(ADAPTIVE_MAX_ROWS + 8)]
+    answer = httpx.post(f"{server.http_url}/v2/models/paced/infer", json=body(*rows), timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"][0]["data"] == rows
+
+
+def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) -> None:
+    """One client, one request at a time: every request is an execution of its own (nothing waits for
+    company that is not coming)."""
+    server = serve()
+    with httpx.Client(timeout=60) as client:
+        for value in (1.0, 2.0, 3.0, 4.0, 5.0):
+            answer = client.post(f"{server.http_url}/v2/models/paced/infer", json=body(value))
+            assert answer.json()["outputs"][0]["data"] == [value]
+    assert batch_sizes(server) == Counter({1: 5})
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert scheduler.pool.executions[0] == 5, "under light load every run comes from the same thread"
+
+
+def test_a_queue_that_built_up_behind_busy_slots_runs_merged(serve: Callable[..., RunningServer]) -> None:
+    """Every slot held by a blocker, 6 one-row requests queue; when the blockers' clients hang up (their runs
+    are stopped), the freed slots take the whole queue in merged runs, and each caller gets its own row."""
+    server = serve()
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    slots = len(scheduler.pool.sessions)
+    url = f"{server.http_url}/v2/models/paced/infer"
+    count = 6
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count + slots)) as client:
+            blockers = []
+            for _ in range(slots):
+                blockers.append(asyncio.create_task(client.post(url, json=body(FOREVER))))
+                await until(lambda: sum(scheduler.pool.busy) == len(blockers))
+            burst = [asyncio.create_task(client.post(url, json=body(float(i)))) for i in range(1, count + 1)]
+            await until(lambda: scheduler.queued() == count)
+            assert all(scheduler.pool.busy), "a blocker ended before the burst had queued"
+            for blocker in blockers:
+                blocker.cancel()
+            return list(await asyncio.gather(*burst))
+
+    responses = asyncio.run(scenario())
+    assert [r.json()["outputs"][0]["data"] for r in responses] == [[float(i)] for i in range(1, count + 1)]
+    sizes = batch_sizes(server)
+    assert sum(size * n for size, n in sizes.items()) == count, "the stopped blockers are not executions"
+    assert sum(sizes.values()) <= slots, f"the queue should go in at most one run per slot: {sizes}"
+    assert max(sizes) >= count // slots
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"max_batch_size": 0},
+        {"instance_count": 1},
+        {"session_options": {"intra_op_num_threads": 1}},
+        {"dynamic_batching": {"max_queue_size": 4}},
+    ],
+)
+def test_a_layout_set_by_hand_is_kept(serve: Callable[..., RunningServer], entry: dict[str, Any]) -> None:
+    server = serve(**entry)
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert isinstance(scheduler, DirectScheduler), "max_batch_size unset or 0 set by hand: no batching"
+    assert len(scheduler.pool.sessions) == 1, "instance_count 1: one instance, one run at a time"
+
+
+def test_instance_count_by_hand_gets_its_own_sessions(serve: Callable[..., RunningServer]) -> None:
+    server = serve(instance_count=2, max_batch_size=8)
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    assert scheduler.max_batch_size == 8
+    first, second = scheduler.pool.sessions
+    assert first is not second
+
+
+def test_a_graph_without_one_named_batch_dimension_is_not_merged(serve: Callable[..., RunningServer]) -> None:
+    """Dynamic first dims named differently on input and output: the server cannot tell they are one
+    batch, so requests run side by side on the one session but never merge."""
+    server = serve("unnamed")
+    scheduler = server.service.registry.resolve("unnamed", None).scheduler
+    assert isinstance(scheduler, DirectScheduler)
+    assert all(s is scheduler.pool.sessions[0] for s in scheduler.pool.sessions)
+    data = [1.0, 2.0, 3.0, 4.0]
+    answer = httpx.post(
+        f"{server.http_url}/v2/models/unnamed/infer",
+        json={"inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": data}]},
+        timeout=60,
+    )
+    assert answer.json()["outputs"][0]["data"] == [2.0, 3.0, 4.0, 5.0]
+
+
+def test_spinning_set_by_hand_keeps_the_default_layout(serve: Callable[..., RunningServer]) -> None:
+    server = serve(session_options={"intra_op_allow_spinning": True})
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    session = scheduler.pool.sessions[0]
+    assert session.ort_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_a_batch_waits_for_a_request_on_its_way_while_another_run_keeps_the_cores_busy(repository: Path) -> None:
+    """One slot runs a blocker; a request queues while another is still on its way (being tokenized): the
+    free slot waits for it, and the two run as one batch. With nothing on its way it would have gone alone."""
+    session = ModelSession(repository / "paced" / "1" / "model.onnx", name="paced")
+    pool = InstancePool([session, session], "paced", sticky=True)
+    sizes: list[int] = []
+    run = partial(run_batch, pipeline=None, output_specs=session.outputs)
+    batcher = DynamicBatcher(
+        pool, run, lambda size, _: sizes.append(size), 32, DynamicBatching(), "paced", gather_us=60_000_000
+    )
+
+    def work(value: float) -> Work:
+        return Work(["y"], 1, feeds={"x": np.array([[value]], dtype=np.float32)})
+
+    async def scenario() -> list[float]:
+        blocker = asyncio.create_task(batcher.submit(work(FOREVER)))
+        await until(lambda: sum(pool.busy) == 1)
+        batcher.incoming = 1  # a request being tokenized
+        first = asyncio.create_task(batcher.submit(work(1.0)))
+        assert batcher._arrived is not None
+        arrived = batcher._arrived
+        await until(lambda: batcher.queued() == 1 and not arrived.is_set())  # the batcher looked, and waits
+        assert pool.busy.count(1) == 1, "the free slot should wait for the request on its way"
+        batcher.incoming = 0
+        second = asyncio.create_task(batcher.submit(work(2.0)))
+        answers = await asyncio.gather(first, second)
+        blocker.cancel()
+        await batcher.stop()
+        return [float(a.outcome.outputs["y"][0, 0]) for a in answers]
+
+    try:
+        assert asyncio.run(scenario()) == [1.0, 2.0]
+    finally:
+        pool.close()
+    assert sizes == [2], "the stopped blocker is no execution; the two requests ran as one batch"
