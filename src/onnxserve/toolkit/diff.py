@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnxserve.config import SessionOptions
 from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.core.runtime import create_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
@@ -504,14 +505,12 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
     return changes
 
 
-def _session(model: onnx.ModelProto, which: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
+def _session(model: onnx.ModelProto, which: str) -> Any:
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
-        raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
+        return create_session(model, options=SessionOptions(intra_op_num_threads=1), where=f"model {which}")
+    except ModelLoadError as e:
+        cause = str(e.__cause__ or e.message).strip().splitlines()[0]
+        raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {cause}") from None
 
 
 def compare_outputs(

@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+import onnx
 
 from onnxserve.config import ExecutionProvider, SessionOptions
-from onnxserve.core.runtime import available_providers, session_options
-from onnxserve.errors import OptimizeError
+from onnxserve.core.runtime import create_session
+from onnxserve.errors import ModelLoadError, OptimizeError
 from onnxserve.toolkit.samples import Feeds, Samples
 from onnxserve.toolkit.validate import row_cosine
 
@@ -166,17 +166,22 @@ class Accuracy:
         }
 
 
-def open_session(path: Path, threads: int = 0, level: str = "all", provider: str = "CPUExecutionProvider") -> Any:
-    """An ONNX Runtime session for ``path`` with these settings (through ``core.runtime``'s options)."""
-    options = session_options(SessionOptions(intra_op_num_threads=threads, graph_optimization_level=level))  # type: ignore[arg-type]
+def open_session(
+    model: Path | onnx.ModelProto,
+    threads: int = 0,
+    level: str = "all",
+    provider: str = "CPUExecutionProvider",
+    where: str = "",
+) -> Any:
+    """An ONNX Runtime session for ``model`` (a file or a model in memory) with these settings, made
+    by ``core.runtime.create_session``."""
+    where = where or str(model if isinstance(model, Path) else "the transformed model")
+    options = SessionOptions(intra_op_num_threads=threads, graph_optimization_level=level)  # type: ignore[arg-type]
     try:
-        return ort.InferenceSession(
-            str(path),
-            sess_options=options,
-            providers=available_providers([ExecutionProvider(name=provider)], str(path)),
-        )
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
-        raise OptimizeError(f"{path}: ONNX Runtime cannot load the transformed model: {str(e).splitlines()[0]}") from e
+        return create_session(model, providers=[ExecutionProvider(name=provider)], options=options, where=where)
+    except ModelLoadError as e:
+        cause = str(e.__cause__ or e.message).splitlines()[0]
+        raise OptimizeError(f"{where}: ONNX Runtime cannot load the transformed model: {cause}") from e
 
 
 def session_runner(session: Any) -> Runner:

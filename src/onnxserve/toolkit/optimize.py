@@ -34,15 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from onnxserve.config import SessionOptions
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.pipeline import PipelineSpec, TextPipeline
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.errors import OptimizeError
+from onnxserve.core.runtime import create_session
+from onnxserve.errors import ModelLoadError, OptimizeError
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.fusion import fuse, quiet
 from onnxserve.toolkit.hardware import detect
@@ -64,11 +65,6 @@ ACCURACY_METADATA = "onnxserve.accuracy"
 """The metadata property of an optimized model holding what its accuracy was measured on, and how."""
 
 LEVELS = ("basic", "extended", "all")
-_ORT_LEVELS = {
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 LATENCY_BATCHES = (1, 8)
 SKIPPED_FILES = {MODEL_FILENAME, REPORT_FILENAME, "validation.json"}
 """Files of a source folder not copied: the model (rewritten) and reports about the source."""
@@ -193,14 +189,10 @@ def to_fp16(src: Path, dst: Path) -> None:
 
 def offline_level(src: Path, dst: Path, level: str) -> None:
     """ONNX Runtime's graph optimizations at ``level``, saved (SessionOptions.optimized_model_filepath)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _ORT_LEVELS[level]
-    options.optimized_model_filepath = str(dst)
-    options.log_severity_level = 3
     try:
-        ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ONNX Runtime raises several unrelated types
-        raise OptimizeError(f"ONNX Runtime could not optimize the graph at level {level}: {e}") from e
+        create_session(src, options=SessionOptions(graph_optimization_level=level), save_optimized=dst)  # type: ignore[arg-type]
+    except ModelLoadError as e:
+        raise OptimizeError(f"ONNX Runtime could not optimize the graph at level {level}: {e.__cause__}") from e
 
 
 @dataclass
