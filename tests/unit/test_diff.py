@@ -16,8 +16,9 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import sample_inputs
-from onnxserve.toolkit.diff import diff_models, load_model
+from onnxserve.toolkit.diff import diff_models
 from onnxserve.toolkit.graph import node_ids
+from onnxserve.toolkit.model_file import load_model
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 3)).astype(np.float32)

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from onnxserve.config import SessionOptions
@@ -34,6 +33,7 @@ from onnxserve.core.runtime import create_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
+from onnxserve.toolkit.model_file import load_model
 from onnxserve.toolkit.node_matching import (
     QUANTIZED_SUFFIXES,
     Matching,
@@ -212,23 +212,6 @@ class ModelDiff:
         return data
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """A model file, or a version folder's ``model.onnx``; refused with a clear message otherwise."""
-    file = path / MODEL_FILENAME if path.is_dir() else path
-    if not file.exists():
-        where = f"{path}: no {MODEL_FILENAME} in this folder" if path.is_dir() else f"{path}: no such file"
-        raise ModelLoadError(where)
-    if not file.is_file():
-        raise ModelLoadError(f"{file}: not a file")
-    try:
-        model = onnx.load_model(str(file))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise ModelLoadError(f"{file}: not an ONNX model ({type(e).__name__}: {e})") from None
-    if not model.HasField("graph") or not model.graph.node:
-        raise ModelLoadError(f"{file}: not an ONNX model (no graph nodes in it)")
-    return model
-
-
 @dataclass(frozen=True)
 class Remeasured:
     """B's accuracy against A on the evaluation inputs ``evaluated_on`` describes, beside what B's
@@ -250,7 +233,7 @@ def remeasure(a: Path, b: Path) -> Remeasured | None:
 
     file_a = a / MODEL_FILENAME if a.is_dir() else a
     file_b = b / MODEL_FILENAME if b.is_dir() else b
-    model_b = onnx.load_model(str(file_b), load_external_data=False)
+    model_b = load_model(file_b)
     stamped = {p.key: p.value for p in model_b.metadata_props}.get(ACCURACY_METADATA)
     record: dict[str, Any] | None = None
     if stamped:

@@ -47,6 +47,7 @@ from onnxserve.errors import ModelLoadError, OptimizeError
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.fusion import fuse, quiet
 from onnxserve.toolkit.hardware import detect
+from onnxserve.toolkit.model_file import load_model
 from onnxserve.toolkit.optimize_report import (
     REPORT_FILENAME,
     Accuracy,
@@ -134,18 +135,9 @@ class Source:
 
 
 def resolve_source(src: Path) -> Source:
-    if src.is_dir():
-        model_file, folder = src / MODEL_FILENAME, src
-        if not model_file.is_file():
-            raise OptimizeError(f"{src} is a folder without {MODEL_FILENAME}; give a version folder or a .onnx file")
-    elif src.is_file():
-        model_file, folder = src, None
-    else:
-        raise OptimizeError(f"{src} not found; give a model file or a version folder")
-    try:
-        proto = onnx.load_model(str(model_file), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and others: not an ONNX file
-        raise OptimizeError(f"{model_file}: not an ONNX model ({type(e).__name__})") from None
+    """The model to optimize, read by the toolkit's one loader (a :class:`ModelLoadError` when it cannot be)."""
+    proto = load_model(src)
+    model_file, folder = (src / MODEL_FILENAME, src) if src.is_dir() else (src, None)
     spec = PipelineSpec.read(folder) if folder is not None else None
     initializers = {t.name for t in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]

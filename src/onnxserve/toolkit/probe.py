@@ -27,8 +27,8 @@ import orjson
 from onnxserve.core.pipeline import PipelineSpec, TextBatch
 from onnxserve.core.runtime import create_session
 from onnxserve.errors import InvalidInputError
-from onnxserve.toolkit.graph import WeightSummary, array_summary, load_model, summary_json
-from onnxserve.toolkit.inspect import locate_model
+from onnxserve.toolkit.graph import WeightSummary, array_summary, summary_json
+from onnxserve.toolkit.model_file import load_model, locate_model
 
 PREVIEW_VALUES = 8
 """Values of each output shown in full (the first ones, flattened)."""
