@@ -129,12 +129,16 @@ class InitializerChange:
 
 @dataclass(frozen=True)
 class OutputComparison:
+    """One output of both models, measured by the toolkit's one comparer (``evaluation.compare_runs``):
+    the lowest cosine of its rows (last axis) and the arg-max agreement, where they apply."""
+
     name: str
     shape_a: list[int]
     shape_b: list[int]
     max_abs_diff: float | None
     mean_abs_diff: float | None
     cosine: float | None
+    agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -527,7 +531,7 @@ def compare_outputs(
         out_b = _run(b, "B", {n: feeds[n] for n in sig_b})
     except (ModelLoadError, InvalidInputError) as e:
         return NumericComparison(False, e.message, {n: list(v.shape) for n, v in feeds.items()}, generated)
-    outputs = [_compare(name, out_a[name], out_b[name]) for name in out_a if name in out_b]
+    outputs = _compare(out_a, out_b, feeds)
     return NumericComparison(True, None, {n: list(v.shape) for n, v in feeds.items()}, generated, outputs)
 
 
@@ -541,19 +545,33 @@ def _run(model: onnx.ModelProto, which: str, feeds: Arrays) -> dict[str, npt.NDA
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def _compare(name: str, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> OutputComparison:
-    numeric = a.dtype.kind in "fiub" and b.dtype.kind in "fiub"
-    if a.shape != b.shape or not numeric:
-        return OutputComparison(name, list(a.shape), list(b.shape), None, None, None)
-    fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    delta = np.abs(fa - fb)
-    na, nb = float(np.linalg.norm(fa)), float(np.linalg.norm(fb))
-    cosine = float(np.dot(fa, fb) / (na * nb)) if na > 0 and nb > 0 else None
-    return OutputComparison(
-        name,
-        list(a.shape),
-        list(b.shape),
-        float(delta.max()) if delta.size else 0.0,
-        float(delta.mean()) if delta.size else 0.0,
-        cosine,
-    )
+def _compare(out_a: Arrays, out_b: Arrays, feeds: Arrays) -> list[OutputComparison]:
+    """Each output both models have, by the one comparer where shapes and types allow a comparison."""
+    from onnxserve.toolkit.evaluation import compare_runs
+    from onnxserve.toolkit.samples import Samples
+
+    common = [name for name in out_a if name in out_b]
+    measurable = [
+        n
+        for n in common
+        if out_a[n].shape == out_b[n].shape and out_a[n].dtype.kind in "fiub" and out_b[n].dtype.kind in "fiub"
+    ]
+    measured = {}
+    if measurable:
+        accuracy = compare_runs(
+            lambda _: {n: out_a[n] for n in measurable},
+            lambda _: {n: out_b[n] for n in measurable},
+            Samples([dict(feeds)], "the diff's inputs"),
+        )
+        measured = {o.name: o for o in accuracy.outputs}
+    comparisons: list[OutputComparison] = []
+    for name in common:
+        shape_a, shape_b = list(out_a[name].shape), list(out_b[name].shape)
+        found = measured.get(name)
+        if found is None:
+            comparisons.append(OutputComparison(name, shape_a, shape_b, None, None, None))
+        else:
+            comparisons.append(
+                OutputComparison(name, shape_a, shape_b, found.max_abs, found.mean_abs, found.cosine, found.agreement)
+            )
+    return comparisons

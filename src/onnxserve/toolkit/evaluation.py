@@ -29,8 +29,7 @@ import onnx
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core.runtime import create_session
 from onnxserve.errors import ModelLoadError, OptimizeError
-from onnxserve.toolkit.samples import Feeds, Samples
-from onnxserve.toolkit.validate import row_cosine
+from onnxserve.toolkit.samples import Feeds, Samples, batch_rows
 
 AGREEMENT_MARGIN = 1e-4
 """A reference arg-max decided by less than this is a tie, no evidence either way."""
@@ -119,6 +118,7 @@ class OutputAccuracy:
     max_abs: float
     cosine: float | None = None
     agreement: float | None = None
+    mean_abs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -221,14 +221,19 @@ def measures(task: str | None, name: str, array: npt.NDArray[Any], names: Sequen
 @dataclass
 class _OutputTally:
     max_abs: float = 0.0
+    abs_sum: float = 0.0
+    compared: int = 0
     cosine: float | None = None
     agreed: int = 0
     decided: int = 0
     measured_agreement: bool = False
 
 
-def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: str | None = None) -> Accuracy:
-    """The one comparison: both runners on every sample batch, measured input by input."""
+def compare_runs(
+    reference: Runner, candidate: Runner, samples: Samples, task: str | None = None, margin: float = AGREEMENT_MARGIN
+) -> Accuracy:
+    """The one comparison: both runners on every sample batch, measured input by input (an arg-max the
+    reference decides by ``margin`` or less is a tie)."""
     labels = samples.labels
     tallies: dict[str, _OutputTally] = {}
     input_cosine: list[float | None] = []
@@ -236,7 +241,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
     row_max: list[float] = []
     for feeds in samples.batches:
         want, have = reference(feeds), candidate(feeds)
-        rows = len(next(iter(feeds.values()))) if feeds else 1
+        rows = batch_rows(feeds)
         mask = feeds.get("attention_mask") if task is not None else None
         names = list(want)
         cos: list[float | None] = [None] * rows
@@ -258,8 +263,11 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                 if mask is not None and per_row and w.ndim >= 3 and w.shape[:2] == mask.shape:
                     real = mask[r].astype(bool)
                     wr, hr = wr[real], hr[real]
-                delta = _max_abs(wr, hr)
+                delta = max_abs_diff(wr, hr)
                 tally.max_abs = max(tally.max_abs, delta)
+                if wr.dtype.kind in "fiub" and wr.size:
+                    tally.abs_sum += float(np.sum(np.abs(hr.astype(np.float64) - wr.astype(np.float64))))
+                    tally.compared += int(wr.size)
                 worst_abs[r] = max(worst_abs[r], delta)
                 if w.dtype.kind != "f":  # labels, strings: the share of equal elements
                     same = wr == hr
@@ -273,7 +281,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                     tally.cosine = c if tally.cosine is None else min(tally.cosine, c)
                     cos[r] = c if cos[r] is None else min(c, cos[r] or c)
                 if agreement_on:
-                    agreed, decided = _argmax_counts(wr, hr)
+                    agreed, decided = argmax_counts(wr, hr, margin)
                     tally.agreed += agreed
                     tally.decided += decided
                     tally.measured_agreement = True
@@ -287,6 +295,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
             t.max_abs,
             t.cosine,
             (t.agreed / t.decided if t.decided else 1.0) if t.measured_agreement else None,
+            t.abs_sum / t.compared if t.compared else 0.0,
         )
         for name, t in tallies.items()
     ]
@@ -307,19 +316,47 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
     return Accuracy(outputs, samples.source, len(row_max), percentiles, worst)
 
 
-def _max_abs(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+# -- the measures, each written once (export's validation uses them too) ------------------------------------
+
+
+def max_abs_diff(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+    """The largest absolute difference (0 for outputs that are not numbers)."""
     if want.dtype.kind not in "fiub" or not want.size:
         return 0.0
     return float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
 
 
-def _argmax_counts(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> tuple[int, int]:
-    """(agreeing, decided) positions of the arg-max over the last axis."""
+def row_cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
+    """The lowest cosine similarity between matching rows (last axis) of ``a`` and ``b``; a vector is one
+    row; rows that are zero on either side count as 1."""
+    if a.ndim == 0:
+        a, b = a.reshape(1, 1), b.reshape(1, 1)
+    x = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    y = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    cos = np.where(norms > 0, (x * y).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    return float(cos.min()) if cos.size else 1.0
+
+
+def argmax_counts(want: npt.NDArray[Any], have: npt.NDArray[Any], margin: float = AGREEMENT_MARGIN) -> tuple[int, int]:
+    """(agreeing, decided) positions of the arg-max over the last axis: a position is decided when the
+    reference's top two differ by more than ``margin`` (a near-tie is no evidence either way)."""
     if want.ndim == 0 or want.shape[-1] < 2 or not want.size:
         return 0, 0
     ref = want.reshape(-1, want.shape[-1]).astype(np.float64)
     cand = have.reshape(-1, have.shape[-1])
     top2 = np.sort(ref, axis=1)[:, -2:]
-    decided = (top2[:, 1] - top2[:, 0]) > AGREEMENT_MARGIN
+    decided = (top2[:, 1] - top2[:, 0]) > margin
     agreed = (ref.argmax(axis=1) == cand.argmax(axis=1)) & decided
     return int(agreed.sum()), int(decided.sum())
+
+
+def argmax_agreement(want: npt.NDArray[Any], have: npt.NDArray[Any], margin: float = AGREEMENT_MARGIN) -> float:
+    """The share of decided positions whose arg-max agrees (1 when none is decided)."""
+    agreed, decided = argmax_counts(want, have, margin)
+    return agreed / decided if decided else 1.0
+
+
+def equal_share(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+    """The share of equal elements: the agreement of outputs that are labels already."""
+    return float(np.mean(have == want)) if want.size else 1.0
