@@ -196,12 +196,16 @@ def session_runner(session: Any) -> Runner:
     return run
 
 
-def compare_models(reference: Path, candidate: Path, samples: Samples, task: str | None = None) -> Accuracy:
-    """Run both model files on every sample and compare each output they share."""
-    ref, cand = open_session(reference), open_session(candidate)
+def compare_models(
+    reference: Path | onnx.ModelProto, candidate: Path | onnx.ModelProto, samples: Samples, task: str | None = None
+) -> Accuracy:
+    """Run both models (files or models in memory) on every sample and compare each output they share."""
+    ref = open_session(reference, where="" if isinstance(reference, Path) else "the source model")
+    cand = open_session(candidate)
     missing = sorted({o.name for o in ref.get_outputs()} - {o.name for o in cand.get_outputs()})
     if missing:
-        raise OptimizeError(f"{candidate}: the transformed model lost outputs {', '.join(missing)}")
+        where = f"{candidate}: t" if isinstance(candidate, Path) else "T"
+        raise OptimizeError(f"{where}he transformed model lost outputs {', '.join(missing)}")
     return compare_runs(session_runner(ref), session_runner(cand), samples, task)
 
 
