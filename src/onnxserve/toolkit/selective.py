@@ -220,8 +220,9 @@ def _search(
     search: Samples,
     budget: AccuracyBudget,
     task: str | None,
-    step: Callable[[str], None],
+    step: Callable[[str], None] = lambda _text: None,
 ) -> Selection:
+    """The int8 model with the fewest float nodes that keeps ``budget`` on ``search``."""
     named = name_nodes(model_file, work / "named.onnx")
     candidates = quantizable(onnx.load_model(str(named), load_external_data=False))
     trials: list[Trial] = []
