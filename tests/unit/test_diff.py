@@ -16,8 +16,9 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import sample_inputs
-from onnxserve.toolkit.diff import diff_models, load_model
+from onnxserve.toolkit.diff import diff_models
 from onnxserve.toolkit.graph import node_ids
+from onnxserve.toolkit.model_file import load_model
 
 RNG = np.random.default_rng(7)
 W = RNG.standard_normal((4, 3)).astype(np.float32)
@@ -110,7 +111,13 @@ def test_the_numeric_comparison_matches_onnx_runtime() -> None:
     assert out.shape_a == [5, 3] == out.shape_b
     assert out.max_abs_diff == pytest.approx(np.abs(fa - fb).max())
     assert out.max_abs_diff > 0
-    assert out.cosine == pytest.approx(fa @ fb / (np.linalg.norm(fa) * np.linalg.norm(fb)))
+    assert out.mean_abs_diff == pytest.approx(np.abs(fa - fb).mean())
+    # the one comparer's cosine: the lowest over rows (one row per input), not one over the whole tensor
+    rows = [
+        float(r @ s / (np.linalg.norm(r) * np.linalg.norm(s))) for r, s in zip(ya.astype(np.float64), yb, strict=True)
+    ]
+    assert out.cosine == pytest.approx(min(rows))
+    assert out.agreement == pytest.approx(np.mean(ya.argmax(axis=1) == yb.argmax(axis=1)))
 
 
 def test_an_added_node_is_added_and_unmapped() -> None:

@@ -15,9 +15,9 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import pytest
 
-from onnxserve.errors import InvalidInputError
-from onnxserve.toolkit.graph import load_model
-from onnxserve.toolkit.inspect import inspect_model, locate_model, parse_shapes
+from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.toolkit.inspect import inspect_model, parse_shapes
+from onnxserve.toolkit.model_file import load_model, locate_model
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -243,13 +243,13 @@ def test_bad_shape_arguments_are_refused(tmp_path: Path, text: str, message: str
 
 
 def test_missing_file_folder_without_model_and_non_onnx_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInputError, match="no such file"):
+    with pytest.raises(ModelLoadError, match="no such file"):
         inspect_model(tmp_path / "absent.onnx")
-    with pytest.raises(InvalidInputError, match=r"folder without model\.onnx"):
+    with pytest.raises(ModelLoadError, match=r"no model\.onnx in this folder"):
         inspect_model(tmp_path)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\xff\x00 this is not a protobuf \x12\x99" * 10)
-    with pytest.raises(InvalidInputError, match="is not an ONNX model"):
+    with pytest.raises(ModelLoadError, match="is not an ONNX model"):
         inspect_model(garbage)
 
 

@@ -16,7 +16,7 @@ import onnx.parser
 import onnxruntime as ort
 import pytest
 
-from onnxserve.errors import OptimizeError
+from onnxserve.errors import ModelLoadError, OptimizeError
 from onnxserve.toolkit.fusion import fuse
 from onnxserve.toolkit.optimize import BudgetError, OptimizeOptions, optimize
 from onnxserve.toolkit.optimize_report import AccuracyBudget
@@ -261,8 +261,6 @@ def test_bad_sources_destinations_and_calibration_files_are_refused(tmp_path: Pa
     np.savez(tmp_path / "ab.npz", a=np.zeros((4, 4), np.float32), z=np.zeros((4, 4), np.float32))
     np.save(tmp_path / "wrong.npy", np.zeros((4, 3), np.float32))
     cases: list[tuple[Path, Path, OptimizeOptions, str]] = [
-        (tmp_path / "missing.onnx", tmp_path / "o.onnx", OptimizeOptions(), "not found"),
-        (tmp_path / "junk.onnx", tmp_path / "o.onnx", OptimizeOptions(), "not an ONNX model"),
         (src, tmp_path / "folder", OptimizeOptions(), "optimizes to a .onnx file"),
         (src, src, OptimizeOptions(), "already exists|is the source"),
         (src, tmp_path / "o.onnx", OptimizeOptions(calibration=tmp_path / "lines.txt"), "need a text model folder"),
@@ -274,6 +272,10 @@ def test_bad_sources_destinations_and_calibration_files_are_refused(tmp_path: Pa
     for source, dst, options, message in cases:
         with pytest.raises(OptimizeError, match=message):
             optimize(source, dst, options)
+    with pytest.raises(ModelLoadError, match=r"missing\.onnx: no such file"):
+        optimize(tmp_path / "missing.onnx", tmp_path / "o.onnx", OptimizeOptions())
+    with pytest.raises(ModelLoadError, match="is not an ONNX model"):
+        optimize(tmp_path / "junk.onnx", tmp_path / "o.onnx", OptimizeOptions())
     assert not (tmp_path / "o.onnx").exists()
     assert not (tmp_path / "folder").exists()
     (tmp_path / "exists.onnx").write_bytes(b"")
@@ -307,8 +309,12 @@ def test_attention_unpacked_for_int8_computes_the_same(tiny_text_version: Path, 
     the QKV projection is then a quantizable MatMul."""
     src = tiny_text_version / "model.onnx"
     packed, unpacked = tmp_path / "packed.onnx", tmp_path / "unpacked.onnx"
-    fuse(src, packed)
-    fusions, fusers = fuse(src, unpacked, for_int8=True)
+    source = onnx.load(str(src))
+    before = source.SerializeToString()
+    onnx.save(fuse(source)[0], str(packed))
+    fused, fusions, fusers = fuse(source, for_int8=True)
+    onnx.save(fused, str(unpacked))
+    assert source.SerializeToString() == before  # a pass leaves its input as it was
     assert ops(packed)["Attention"] == 2
     assert ops(unpacked)["Attention"] == 0
     assert ops(unpacked)["MultiHeadAttention"] == 2
@@ -383,3 +389,43 @@ def test_a_result_slower_at_every_batch_size_is_refused_unless_allowed(tmp_path:
     assert not slower_everywhere(report)
     report.latency_after_ms = {1: 1.0 * SLOWER_MARGIN * 0.99, 8: 4.0 * SLOWER_MARGIN * 0.99}  # within noise
     assert not slower_everywhere(report)
+
+
+def test_a_failed_file_optimization_leaves_the_previous_file_and_nothing_else(tmp_path: Path) -> None:
+    """The passes run in memory and the result is written once at the end: a failure (here the budget)
+    leaves the previous destination and its report as they were, and no work file beside them."""
+    (tmp_path / "src").mkdir()
+    src = save(mlp(), tmp_path / "src" / "m.onnx")
+    out = tmp_path / "out"
+    dst = out / "m.onnx"
+    optimize(src, dst, OptimizeOptions(level="basic", **FAST))  # type: ignore[arg-type]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(before) == {"m.onnx", "m.onnx.report.json"}
+    strict = OptimizeOptions(quantize="int8", selective=False, budget=AccuracyBudget(max_abs=0.0), force=True, **FAST)  # type: ignore[arg-type]
+    with pytest.raises(BudgetError):
+        optimize(src, dst, strict)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in src.parent.iterdir()) == ["m.onnx"]
+
+
+def test_the_passes_go_from_model_to_model_and_leave_their_input_alone() -> None:
+    from onnxserve.toolkit.optimize import offline_level, simplify, to_fp16
+    from onnxserve.toolkit.quantize import quantize_model, settings_for
+
+    model = mlp()
+    before = model.SerializeToString()
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    [want] = ort.InferenceSession(before, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    passes = {
+        "simplify": simplify(model),
+        "fp16": to_fp16(model),
+        "level": offline_level(model, "basic"),
+        "int8": quantize_model(model, settings_for("int8")),
+    }
+    assert model.SerializeToString() == before
+    for name, result in passes.items():
+        assert isinstance(result, onnx.ModelProto), name
+        session = ort.InferenceSession(result.SerializeToString(), providers=["CPUExecutionProvider"])
+        [have] = session.run(None, {"x": x})
+        assert lowest_cosine(want, have) > 0.99, name
+    assert any(n.op_type == "DynamicQuantizeLinear" or "Integer" in n.op_type for n in passes["int8"].graph.node)

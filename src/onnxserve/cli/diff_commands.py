@@ -51,7 +51,8 @@ def diff(
     Where B is an optimized (fused) or quantized form of A, B's new nodes are mapped to the A nodes they replaced.
     """
     from onnxserve.toolkit import diff_report, sample_inputs
-    from onnxserve.toolkit.diff import diff_models, load_model, remeasure
+    from onnxserve.toolkit.diff import diff_models, remeasure
+    from onnxserve.toolkit.model_file import load_model
 
     try:
         if output_format is DiffFormat.html and output is None:

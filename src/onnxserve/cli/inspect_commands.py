@@ -61,7 +61,8 @@ def inspect(
     ] = None,
 ) -> None:
     """Show what a model is: signature, operators, parameters, FLOPs; draw its graph; run it on an input."""
-    from onnxserve.toolkit.inspect import inspect_model, locate_model
+    from onnxserve.toolkit.inspect import inspect_model
+    from onnxserve.toolkit.model_file import load_model, locate_model
 
     try:
         if intermediates is not None and run is None:
@@ -75,7 +76,7 @@ def inspect(
         if output_format is Format.text:
             _write(output, _text(report, result))
             return
-        from onnxserve.toolkit.graph import build_graph, load_model
+        from onnxserve.toolkit.graph import build_graph
 
         location = locate_model(model)
         doc = build_graph(load_model(location.file), base_dir=location.file.parent)

@@ -95,6 +95,39 @@ def available_providers(requested: Sequence[ExecutionProvider], where: str) -> l
     return chosen
 
 
+def create_session(
+    model: Path | bytes | onnx.ModelProto,
+    *,
+    providers: Sequence[ExecutionProvider] = (),
+    options: SessionOptions | None = None,
+    where: str = "",
+    save_optimized: Path | None = None,
+) -> ort.InferenceSession:
+    """An ONNX Runtime session: the one place onnxserve creates ``onnxruntime.InferenceSession``.
+
+    ``model`` is a file, serialized bytes or a ``ModelProto`` (in memory, e.g. one with added outputs);
+    ``providers`` and ``options`` go through :func:`available_providers` and :func:`session_options`.
+    ``save_optimized`` asks ONNX Runtime to write the graph it optimized at ``options``' level to that
+    file (offline optimization). A model ONNX Runtime refuses is a :class:`ModelLoadError` naming ``where``.
+    """
+    where = where or (str(model) if isinstance(model, Path) else "the model")
+    payload: str | bytes
+    if isinstance(model, onnx.ModelProto):
+        try:
+            payload = model.SerializeToString()
+        except ValueError as e:  # protobuf's 2 GB limit
+            raise ModelLoadError(f"{where}: too large to run from memory ({e})") from None
+    else:
+        payload = str(model) if isinstance(model, Path) else model
+    so = session_options(options or SessionOptions())
+    if save_optimized is not None:
+        so.optimized_model_filepath = str(save_optimized)
+    try:
+        return ort.InferenceSession(payload, sess_options=so, providers=available_providers(providers, where))
+    except Exception as e:  # ONNX Runtime raises several unrelated types for a bad model
+        raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {e}") from e
+
+
 def _spec(arg: Any, where: str) -> TensorSpec:
     dtype = datatypes.from_ort(arg.type, f"{where} tensor {arg.name!r}")
     dims = list(arg.shape) if arg.shape is not None else []
@@ -149,13 +182,9 @@ class ModelSession:
         check_onnx_file(path)
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
-            self._session = ort.InferenceSession(
-                str(path),
-                sess_options=session_options(options or SessionOptions()),
-                providers=available_providers(providers, self.name),
-            )
-        except Exception as e:  # ONNX Runtime raises several unrelated types for a bad model
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e}") from None
+            self._session = create_session(path, providers=providers, options=options, where=self.name)
+        except ModelLoadError as e:  # named by its file, whatever the model's name
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
         self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, "output") for a in self._session.get_outputs())
         self._itemsizes = {o.name: o.datatype.itemsize for o in self.outputs}

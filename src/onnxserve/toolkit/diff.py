@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
+from onnxserve.config import SessionOptions
 from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.core.runtime import create_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
+from onnxserve.toolkit.model_file import load_model
 from onnxserve.toolkit.node_matching import (
     QUANTIZED_SUFFIXES,
     Matching,
@@ -128,12 +129,16 @@ class InitializerChange:
 
 @dataclass(frozen=True)
 class OutputComparison:
+    """One output of both models, measured by the toolkit's one comparer (``evaluation.compare_runs``):
+    the lowest cosine of its rows (last axis) and the arg-max agreement, where they apply."""
+
     name: str
     shape_a: list[int]
     shape_b: list[int]
     max_abs_diff: float | None
     mean_abs_diff: float | None
     cosine: float | None
+    agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -211,23 +216,6 @@ class ModelDiff:
         return data
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """A model file, or a version folder's ``model.onnx``; refused with a clear message otherwise."""
-    file = path / MODEL_FILENAME if path.is_dir() else path
-    if not file.exists():
-        where = f"{path}: no {MODEL_FILENAME} in this folder" if path.is_dir() else f"{path}: no such file"
-        raise ModelLoadError(where)
-    if not file.is_file():
-        raise ModelLoadError(f"{file}: not a file")
-    try:
-        model = onnx.load_model(str(file))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise ModelLoadError(f"{file}: not an ONNX model ({type(e).__name__}: {e})") from None
-    if not model.HasField("graph") or not model.graph.node:
-        raise ModelLoadError(f"{file}: not an ONNX model (no graph nodes in it)")
-    return model
-
-
 @dataclass(frozen=True)
 class Remeasured:
     """B's accuracy against A on the evaluation inputs ``evaluated_on`` describes, beside what B's
@@ -249,7 +237,7 @@ def remeasure(a: Path, b: Path) -> Remeasured | None:
 
     file_a = a / MODEL_FILENAME if a.is_dir() else a
     file_b = b / MODEL_FILENAME if b.is_dir() else b
-    model_b = onnx.load_model(str(file_b), load_external_data=False)
+    model_b = load_model(file_b)
     stamped = {p.key: p.value for p in model_b.metadata_props}.get(ACCURACY_METADATA)
     record: dict[str, Any] | None = None
     if stamped:
@@ -504,14 +492,12 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
     return changes
 
 
-def _session(model: onnx.ModelProto, which: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
+def _session(model: onnx.ModelProto, which: str) -> Any:
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
-        raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {str(e).strip().splitlines()[0]}") from None
+        return create_session(model, options=SessionOptions(intra_op_num_threads=1), where=f"model {which}")
+    except ModelLoadError as e:
+        cause = str(e.__cause__ or e.message).strip().splitlines()[0]
+        raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {cause}") from None
 
 
 def compare_outputs(
@@ -545,7 +531,7 @@ def compare_outputs(
         out_b = _run(b, "B", {n: feeds[n] for n in sig_b})
     except (ModelLoadError, InvalidInputError) as e:
         return NumericComparison(False, e.message, {n: list(v.shape) for n, v in feeds.items()}, generated)
-    outputs = [_compare(name, out_a[name], out_b[name]) for name in out_a if name in out_b]
+    outputs = _compare(out_a, out_b, feeds)
     return NumericComparison(True, None, {n: list(v.shape) for n, v in feeds.items()}, generated, outputs)
 
 
@@ -559,19 +545,33 @@ def _run(model: onnx.ModelProto, which: str, feeds: Arrays) -> dict[str, npt.NDA
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def _compare(name: str, a: npt.NDArray[Any], b: npt.NDArray[Any]) -> OutputComparison:
-    numeric = a.dtype.kind in "fiub" and b.dtype.kind in "fiub"
-    if a.shape != b.shape or not numeric:
-        return OutputComparison(name, list(a.shape), list(b.shape), None, None, None)
-    fa, fb = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    delta = np.abs(fa - fb)
-    na, nb = float(np.linalg.norm(fa)), float(np.linalg.norm(fb))
-    cosine = float(np.dot(fa, fb) / (na * nb)) if na > 0 and nb > 0 else None
-    return OutputComparison(
-        name,
-        list(a.shape),
-        list(b.shape),
-        float(delta.max()) if delta.size else 0.0,
-        float(delta.mean()) if delta.size else 0.0,
-        cosine,
-    )
+def _compare(out_a: Arrays, out_b: Arrays, feeds: Arrays) -> list[OutputComparison]:
+    """Each output both models have, by the one comparer where shapes and types allow a comparison."""
+    from onnxserve.toolkit.evaluation import compare_runs
+    from onnxserve.toolkit.samples import Samples
+
+    common = [name for name in out_a if name in out_b]
+    measurable = [
+        n
+        for n in common
+        if out_a[n].shape == out_b[n].shape and out_a[n].dtype.kind in "fiub" and out_b[n].dtype.kind in "fiub"
+    ]
+    measured = {}
+    if measurable:
+        accuracy = compare_runs(
+            lambda _: {n: out_a[n] for n in measurable},
+            lambda _: {n: out_b[n] for n in measurable},
+            Samples([dict(feeds)], "the diff's inputs"),
+        )
+        measured = {o.name: o for o in accuracy.outputs}
+    comparisons: list[OutputComparison] = []
+    for name in common:
+        shape_a, shape_b = list(out_a[name].shape), list(out_b[name].shape)
+        found = measured.get(name)
+        if found is None:
+            comparisons.append(OutputComparison(name, shape_a, shape_b, None, None, None))
+        else:
+            comparisons.append(
+                OutputComparison(name, shape_a, shape_b, found.max_abs, found.mean_abs, found.cosine, found.agreement)
+            )
+    return comparisons

@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
+import onnx
 
 from onnxserve.config import ExecutionProvider, SessionOptions
-from onnxserve.core.runtime import available_providers, session_options
-from onnxserve.errors import OptimizeError
-from onnxserve.toolkit.samples import Feeds, Samples
-from onnxserve.toolkit.validate import row_cosine
+from onnxserve.core.runtime import create_session
+from onnxserve.errors import ModelLoadError, OptimizeError
+from onnxserve.toolkit.samples import Feeds, Samples, batch_rows
 
 AGREEMENT_MARGIN = 1e-4
 """A reference arg-max decided by less than this is a tie, no evidence either way."""
@@ -119,6 +118,7 @@ class OutputAccuracy:
     max_abs: float
     cosine: float | None = None
     agreement: float | None = None
+    mean_abs: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,17 +166,22 @@ class Accuracy:
         }
 
 
-def open_session(path: Path, threads: int = 0, level: str = "all", provider: str = "CPUExecutionProvider") -> Any:
-    """An ONNX Runtime session for ``path`` with these settings (through ``core.runtime``'s options)."""
-    options = session_options(SessionOptions(intra_op_num_threads=threads, graph_optimization_level=level))  # type: ignore[arg-type]
+def open_session(
+    model: Path | onnx.ModelProto,
+    threads: int = 0,
+    level: str = "all",
+    provider: str = "CPUExecutionProvider",
+    where: str = "",
+) -> Any:
+    """An ONNX Runtime session for ``model`` (a file or a model in memory) with these settings, made
+    by ``core.runtime.create_session``."""
+    where = where or str(model if isinstance(model, Path) else "the transformed model")
+    options = SessionOptions(intra_op_num_threads=threads, graph_optimization_level=level)  # type: ignore[arg-type]
     try:
-        return ort.InferenceSession(
-            str(path),
-            sess_options=options,
-            providers=available_providers([ExecutionProvider(name=provider)], str(path)),
-        )
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a model it refuses
-        raise OptimizeError(f"{path}: ONNX Runtime cannot load the transformed model: {str(e).splitlines()[0]}") from e
+        return create_session(model, providers=[ExecutionProvider(name=provider)], options=options, where=where)
+    except ModelLoadError as e:
+        cause = str(e.__cause__ or e.message).splitlines()[0]
+        raise OptimizeError(f"{where}: ONNX Runtime cannot load the transformed model: {cause}") from e
 
 
 def session_runner(session: Any) -> Runner:
@@ -191,12 +196,16 @@ def session_runner(session: Any) -> Runner:
     return run
 
 
-def compare_models(reference: Path, candidate: Path, samples: Samples, task: str | None = None) -> Accuracy:
-    """Run both model files on every sample and compare each output they share."""
-    ref, cand = open_session(reference), open_session(candidate)
+def compare_models(
+    reference: Path | onnx.ModelProto, candidate: Path | onnx.ModelProto, samples: Samples, task: str | None = None
+) -> Accuracy:
+    """Run both models (files or models in memory) on every sample and compare each output they share."""
+    ref = open_session(reference, where="" if isinstance(reference, Path) else "the source model")
+    cand = open_session(candidate)
     missing = sorted({o.name for o in ref.get_outputs()} - {o.name for o in cand.get_outputs()})
     if missing:
-        raise OptimizeError(f"{candidate}: the transformed model lost outputs {', '.join(missing)}")
+        where = f"{candidate}: t" if isinstance(candidate, Path) else "T"
+        raise OptimizeError(f"{where}he transformed model lost outputs {', '.join(missing)}")
     return compare_runs(session_runner(ref), session_runner(cand), samples, task)
 
 
@@ -216,14 +225,19 @@ def measures(task: str | None, name: str, array: npt.NDArray[Any], names: Sequen
 @dataclass
 class _OutputTally:
     max_abs: float = 0.0
+    abs_sum: float = 0.0
+    compared: int = 0
     cosine: float | None = None
     agreed: int = 0
     decided: int = 0
     measured_agreement: bool = False
 
 
-def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: str | None = None) -> Accuracy:
-    """The one comparison: both runners on every sample batch, measured input by input."""
+def compare_runs(
+    reference: Runner, candidate: Runner, samples: Samples, task: str | None = None, margin: float = AGREEMENT_MARGIN
+) -> Accuracy:
+    """The one comparison: both runners on every sample batch, measured input by input (an arg-max the
+    reference decides by ``margin`` or less is a tie)."""
     labels = samples.labels
     tallies: dict[str, _OutputTally] = {}
     input_cosine: list[float | None] = []
@@ -231,7 +245,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
     row_max: list[float] = []
     for feeds in samples.batches:
         want, have = reference(feeds), candidate(feeds)
-        rows = len(next(iter(feeds.values()))) if feeds else 1
+        rows = batch_rows(feeds)
         mask = feeds.get("attention_mask") if task is not None else None
         names = list(want)
         cos: list[float | None] = [None] * rows
@@ -253,8 +267,11 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                 if mask is not None and per_row and w.ndim >= 3 and w.shape[:2] == mask.shape:
                     real = mask[r].astype(bool)
                     wr, hr = wr[real], hr[real]
-                delta = _max_abs(wr, hr)
+                delta = max_abs_diff(wr, hr)
                 tally.max_abs = max(tally.max_abs, delta)
+                if wr.dtype.kind in "fiub" and wr.size:
+                    tally.abs_sum += float(np.sum(np.abs(hr.astype(np.float64) - wr.astype(np.float64))))
+                    tally.compared += int(wr.size)
                 worst_abs[r] = max(worst_abs[r], delta)
                 if w.dtype.kind != "f":  # labels, strings: the share of equal elements
                     same = wr == hr
@@ -268,7 +285,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
                     tally.cosine = c if tally.cosine is None else min(tally.cosine, c)
                     cos[r] = c if cos[r] is None else min(c, cos[r] or c)
                 if agreement_on:
-                    agreed, decided = _argmax_counts(wr, hr)
+                    agreed, decided = argmax_counts(wr, hr, margin)
                     tally.agreed += agreed
                     tally.decided += decided
                     tally.measured_agreement = True
@@ -282,6 +299,7 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
             t.max_abs,
             t.cosine,
             (t.agreed / t.decided if t.decided else 1.0) if t.measured_agreement else None,
+            t.abs_sum / t.compared if t.compared else 0.0,
         )
         for name, t in tallies.items()
     ]
@@ -302,19 +320,47 @@ def compare_runs(reference: Runner, candidate: Runner, samples: Samples, task: s
     return Accuracy(outputs, samples.source, len(row_max), percentiles, worst)
 
 
-def _max_abs(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+# -- the measures, each written once (export's validation uses them too) ------------------------------------
+
+
+def max_abs_diff(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+    """The largest absolute difference (0 for outputs that are not numbers)."""
     if want.dtype.kind not in "fiub" or not want.size:
         return 0.0
     return float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
 
 
-def _argmax_counts(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> tuple[int, int]:
-    """(agreeing, decided) positions of the arg-max over the last axis."""
+def row_cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
+    """The lowest cosine similarity between matching rows (last axis) of ``a`` and ``b``; a vector is one
+    row; rows that are zero on either side count as 1."""
+    if a.ndim == 0:
+        a, b = a.reshape(1, 1), b.reshape(1, 1)
+    x = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    y = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    cos = np.where(norms > 0, (x * y).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
+    return float(cos.min()) if cos.size else 1.0
+
+
+def argmax_counts(want: npt.NDArray[Any], have: npt.NDArray[Any], margin: float = AGREEMENT_MARGIN) -> tuple[int, int]:
+    """(agreeing, decided) positions of the arg-max over the last axis: a position is decided when the
+    reference's top two differ by more than ``margin`` (a near-tie is no evidence either way)."""
     if want.ndim == 0 or want.shape[-1] < 2 or not want.size:
         return 0, 0
     ref = want.reshape(-1, want.shape[-1]).astype(np.float64)
     cand = have.reshape(-1, have.shape[-1])
     top2 = np.sort(ref, axis=1)[:, -2:]
-    decided = (top2[:, 1] - top2[:, 0]) > AGREEMENT_MARGIN
+    decided = (top2[:, 1] - top2[:, 0]) > margin
     agreed = (ref.argmax(axis=1) == cand.argmax(axis=1)) & decided
     return int(agreed.sum()), int(decided.sum())
+
+
+def argmax_agreement(want: npt.NDArray[Any], have: npt.NDArray[Any], margin: float = AGREEMENT_MARGIN) -> float:
+    """The share of decided positions whose arg-max agrees (1 when none is decided)."""
+    agreed, decided = argmax_counts(want, have, margin)
+    return agreed / decided if decided else 1.0
+
+
+def equal_share(want: npt.NDArray[Any], have: npt.NDArray[Any]) -> float:
+    """The share of equal elements: the agreement of outputs that are labels already."""
+    return float(np.mean(have == want)) if want.size else 1.0

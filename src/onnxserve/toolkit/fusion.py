@@ -19,7 +19,6 @@ import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,15 +73,18 @@ def quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def fuse(src: Path, dst: Path, for_int8: bool = False) -> tuple[list[Fusion], dict[str, dict[str, int]]]:
-    """Transformer fusions: onnxscript's (for dynamo exports), then ONNX Runtime's optimizer."""
+def fuse(
+    source: onnx.ModelProto, for_int8: bool = False
+) -> tuple[onnx.ModelProto, list[Fusion], dict[str, dict[str, int]]]:
+    """Transformer fusions: onnxscript's (for dynamo exports), then ONNX Runtime's optimizer. ``source``
+    is left as it was; the fused model is returned with what was expected and achieved."""
     from onnxruntime.transformers.onnx_model import OnnxModel
     from onnxruntime.transformers.optimizer import optimize_model
 
-    source = onnx.load(str(src))
     expected = expected_fusions(source)
     fusers: dict[str, dict[str, int]] = {}
-    model = source
+    model = onnx.ModelProto()
+    model.CopyFrom(source)  # ONNX Runtime's optimizer rewrites the model it is given
     onnxscript_missing = False
     with quiet():
         try:
@@ -106,12 +108,17 @@ def fuse(src: Path, dst: Path, for_int8: bool = False) -> tuple[list[Fusion], di
             if unpacked:
                 fusers["unpacked_for_int8"] = {"Attention": unpacked}
         stats = {k: int(v) for k, v in optimizer.get_fused_operator_statistics().items()}
-        optimizer.save_model_to_file(str(dst))
+        optimizer.topological_sort()  # what its save_model_to_file does, without the file
+        fused: onnx.ModelProto = optimizer.model
+        if any(n.domain == "com.microsoft" for n in fused.graph.node) and not any(
+            o.domain == "com.microsoft" for o in fused.opset_import
+        ):
+            fused.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     before = Counter(n.op_type for n in source.graph.node)
     fusers["fused_operators"] = {  # ONNX Runtime's fused-operator statistics of the result, less the source's
         k: v - before[k] for k, v in stats.items() if v - before[k] > 0 and k != "LayerNormalization"
     }
-    final = Counter(n.op_type for n in OnnxModel(onnx.load(str(dst))).nodes())
+    final = Counter(n.op_type for n in OnnxModel(fused).nodes())
     results: list[Fusion] = []
     for name in FUSIONS:
         want = expected.get(name, 0)
@@ -125,7 +132,7 @@ def fuse(src: Path, dst: Path, for_int8: bool = False) -> tuple[list[Fusion], di
             if onnxscript_missing:
                 reason += " (onnxscript, which knows torch dynamo exports, is not installed)"
         results.append(Fusion(name, want, got, reason))
-    return results, fusers
+    return fused, results, fusers
 
 
 def _constant(graph: onnx.GraphProto, name: str) -> np.ndarray[Any, Any] | None:

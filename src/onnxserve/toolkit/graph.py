@@ -208,18 +208,6 @@ def build_graph(
     )
 
 
-def load_model(path: Path, *, load_external_data: bool = False) -> onnx.ModelProto:
-    """Read an ONNX file (not its external data unless asked), with a clear error for anything else."""
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InvalidInputError(f"{path} is a folder; give an ONNX file")
-    try:
-        return onnx.load(str(path), load_external_data=load_external_data)
-    except Exception as e:  # onnx raises protobuf DecodeError, ValueError or its own errors
-        raise InvalidInputError(f"{path} is not an ONNX model: {type(e).__name__}: {e}") from None
-
-
 def weight_array(tensor: onnx.TensorProto, base_dir: Path | None) -> npt.NDArray[Any]:
     """The initializer's values, read from its external data file when it has one."""
     if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -33,37 +33,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxserve.core.pipeline import PIPELINE_FILENAME, PipelineSpec
-from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.errors import InvalidInputError
 from onnxserve.toolkit import model_header
-from onnxserve.toolkit.graph import Dim, ValueInfo, load_model, value_info
+from onnxserve.toolkit.graph import Dim, ValueInfo, value_info
+from onnxserve.toolkit.model_file import load_model, locate_model
 
 DEFAULT_DIM = 1
 _SHAPE = re.compile(r"^\s*([^=]+?)\s*=\s*([0-9]+(?:\s*,\s*[0-9]+)*)\s*$")
-
-
-@dataclass(frozen=True)
-class ModelLocation:
-    """The ONNX file, and the version folder when MODEL named one (or a model.onnx inside one)."""
-
-    file: Path
-    folder: Path | None
-
-
-def locate_model(path: Path) -> ModelLocation:
-    """MODEL on the command line: an ONNX file, or a folder holding ``model.onnx``."""
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file or folder")
-    if path.is_dir():
-        file = path / MODEL_FILENAME
-        if not file.is_file():
-            raise InvalidInputError(
-                f"{path} is a folder without {MODEL_FILENAME}; give an ONNX file or a version folder"
-            )
-        return ModelLocation(file, path)
-    in_version_folder = path.name == MODEL_FILENAME and (path.parent / PIPELINE_FILENAME).is_file()
-    return ModelLocation(path, path.parent if in_version_folder else None)
 
 
 @dataclass(frozen=True)

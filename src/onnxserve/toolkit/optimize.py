@@ -34,18 +34,21 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnxruntime as ort
 import orjson
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from onnxserve.config import SessionOptions
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.pipeline import PipelineSpec, TextPipeline
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.errors import OptimizeError
+from onnxserve.core.runtime import create_session
+from onnxserve.errors import ModelLoadError, OptimizeError
+from onnxserve.toolkit.atomic_file import write_atomically
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.fusion import fuse, quiet
 from onnxserve.toolkit.hardware import detect
+from onnxserve.toolkit.model_file import load_model
 from onnxserve.toolkit.optimize_report import (
     REPORT_FILENAME,
     Accuracy,
@@ -56,7 +59,7 @@ from onnxserve.toolkit.optimize_report import (
     interleaved_latency_ms,
     open_session,
 )
-from onnxserve.toolkit.quantize import QuantizeSettings, quantize, settings_for
+from onnxserve.toolkit.quantize import QuantizeSettings, quantize_model, settings_for
 from onnxserve.toolkit.samples import Samples, evaluation_sets, load_samples, text_pipeline
 from onnxserve.toolkit.selective import Selection, select
 
@@ -64,11 +67,6 @@ ACCURACY_METADATA = "onnxserve.accuracy"
 """The metadata property of an optimized model holding what its accuracy was measured on, and how."""
 
 LEVELS = ("basic", "extended", "all")
-_ORT_LEVELS = {
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 LATENCY_BATCHES = (1, 8)
 SKIPPED_FILES = {MODEL_FILENAME, REPORT_FILENAME, "validation.json"}
 """Files of a source folder not copied: the model (rewritten) and reports about the source."""
@@ -124,13 +122,16 @@ class OptimizeOptions:
 
 @dataclass(frozen=True)
 class Source:
-    """The model to optimize: a file, or a version folder (with its tokenizer and pipeline spec)."""
+    """The model to optimize: a file, or a version folder (with its tokenizer and pipeline spec), read
+    once (``model``, external data included) with its bytes on disk (``size``)."""
 
     path: Path
     model_file: Path
     folder: Path | None
     spec: PipelineSpec | None
     text: TextPipeline | None
+    model: onnx.ModelProto
+    size: int
 
     @property
     def task(self) -> str | None:
@@ -138,22 +139,18 @@ class Source:
 
 
 def resolve_source(src: Path) -> Source:
-    if src.is_dir():
-        model_file, folder = src / MODEL_FILENAME, src
-        if not model_file.is_file():
-            raise OptimizeError(f"{src} is a folder without {MODEL_FILENAME}; give a version folder or a .onnx file")
-    elif src.is_file():
-        model_file, folder = src, None
-    else:
-        raise OptimizeError(f"{src} not found; give a model file or a version folder")
+    """The model to optimize, read by the toolkit's one loader (a :class:`ModelLoadError` when it cannot be)."""
+    proto = load_model(src)
+    model_file, folder = (src / MODEL_FILENAME, src) if src.is_dir() else (src, None)
+    size = file_size(model_file, proto)
     try:
-        proto = onnx.load_model(str(model_file), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and others: not an ONNX file
-        raise OptimizeError(f"{model_file}: not an ONNX model ({type(e).__name__})") from None
+        onnx.external_data_helper.load_external_data_for_model(proto, str(model_file.parent))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{model_file}: cannot read its external data ({e})") from None
     spec = PipelineSpec.read(folder) if folder is not None else None
     initializers = {t.name for t in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]
-    return Source(src, model_file, folder, spec, text_pipeline(folder, names))
+    return Source(src, model_file, folder, spec, text_pipeline(folder, names), proto, size)
 
 
 def check_destination(source: Source, dst: Path, force: bool) -> None:
@@ -167,47 +164,52 @@ def check_destination(source: Source, dst: Path, force: bool) -> None:
         raise OptimizeError(f"{dst} already exists; pass --force to replace it")
 
 
-# -- the transforms: each reads one file and writes another ------------------------------------------------
+# -- the transforms: each takes a model and returns a new one (its input left as it was) ---------------------
 
 
-def simplify(src: Path, dst: Path) -> None:
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and removal of unused nodes (onnxscript's optimizer)."""
     try:
         import onnx_ir as ir
         import onnxscript.optimizer
     except ImportError:
         raise OptimizeError("--simplify needs onnxscript: pip install 'onnxserve[export]'") from None
-    model = ir.load(str(src))
-    onnxscript.optimizer.optimize(model)
-    ir.save(model, str(dst))
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the IR may share the proto's tensors, and the optimizer rewrites in place
+    graph = ir.from_proto(copy)
+    onnxscript.optimizer.optimize(graph)
+    simplified: onnx.ModelProto = ir.to_proto(graph)
+    return simplified
 
 
-def to_fp16(src: Path, dst: Path) -> None:
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """Float16 weights and compute; inputs and outputs keep their float32 types."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # the converter rewrites the model it is given
     with quiet():
-        converted = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(converted, str(dst))
+        converted: onnx.ModelProto = convert_float_to_float16(copy, keep_io_types=True)
+    return converted
 
 
-def offline_level(src: Path, dst: Path, level: str) -> None:
-    """ONNX Runtime's graph optimizations at ``level``, saved (SessionOptions.optimized_model_filepath)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = _ORT_LEVELS[level]
-    options.optimized_model_filepath = str(dst)
-    options.log_severity_level = 3
-    try:
-        ort.InferenceSession(str(src), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ONNX Runtime raises several unrelated types
-        raise OptimizeError(f"ONNX Runtime could not optimize the graph at level {level}: {e}") from e
+def offline_level(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+    """ONNX Runtime's graph optimizations at ``level``, as the session saves them
+    (SessionOptions.optimized_model_filepath: a file, written in a temporary folder of the pass's own)."""
+    with tempfile.TemporaryDirectory(prefix="onnxserve-level-") as work:
+        saved = Path(work) / f"level-{level}.onnx"
+        try:
+            create_session(model, options=SessionOptions(graph_optimization_level=level), save_optimized=saved)  # type: ignore[arg-type]
+        except ModelLoadError as e:
+            raise OptimizeError(f"ONNX Runtime could not optimize the graph at level {level}: {e.__cause__}") from e
+        return onnx.load(str(saved))
 
 
 @dataclass
 class Built:
-    """A transformed model in a work folder, with what the steps reported."""
+    """A transformed model, with what the steps reported."""
 
-    model_file: Path
+    model: onnx.ModelProto
     fusions: list[Fusion] = field(default_factory=list)
     fusers: dict[str, dict[str, int]] = field(default_factory=dict)
     quantization: QuantizeSettings | None = None
@@ -217,63 +219,49 @@ class Built:
 def build(
     source: Source,
     options: OptimizeOptions,
-    work: Path,
     samples: Samples,
     step: Callable[[str], None],
     search: Samples | None = None,
 ) -> Built:
-    """Apply ``options``' steps in order, each writing a new file in ``work``; int8 is selective
-    (searched on ``search``) when ``search`` is given and a budget applies."""
-    current = source.model_file
+    """Apply ``options``' steps in order to the source's model, each a pass from model to model; int8 is
+    selective (searched on ``search``) when ``search`` is given and a budget applies."""
+    current = source.model
     built = Built(current)
-
-    def next_file(name: str) -> Path:
-        return work / f"{len(list(work.iterdir()))}-{name}.onnx"
-
     if options.simplify:
         step("simplify: constant folding")
-        out = next_file("simplify")
-        simplify(current, out)
-        current = out
+        current = simplify(current)
     if options.fuse:
         step("fuse: transformer fusions")
-        out = next_file("fuse")
-        built.fusions, built.fusers = fuse(current, out, for_int8=options.quantize is not None)
-        current = out
+        current, built.fusions, built.fusers = fuse(current, for_int8=options.quantize is not None)
     if options.fp16:
         step("fp16: float16 weights, float32 IO")
-        out = next_file("fp16")
-        to_fp16(current, out)
-        current = out
+        current = to_fp16(current)
     if options.quantize:
         step(f"{options.quantize}: quantizing")
-        out = next_file("int8")
         built.quantization = settings_for(options.quantize, options.reduce_range)
         budget = options.budget_for(source.task)
         if options.selective and search is not None and not budget.empty:
-            folder = work / "selective"
-            folder.mkdir()
             calibration = samples if options.quantize == "int8-static" else None
-            built.selection = select(
-                current, folder, built.quantization, calibration, search, budget, source.task, step
-            )
-            current = built.selection.model_file
+            built.selection = select(current, built.quantization, calibration, search, budget, source.task, step)
+            current = built.selection.model
         else:
-            quantize(current, out, built.quantization, samples)
-            current = out
+            current = quantize_model(current, built.quantization, samples)
     if options.level:
         step(f"level {options.level}: ONNX Runtime graph optimization")
-        out = next_file(f"level-{options.level}")
-        offline_level(current, out, options.level)
-        current = out
-    built.model_file = current
+        current = offline_level(current, options.level)
+    if current is source.model:  # no step: the result is a copy, so that stamping it leaves the source alone
+        current = onnx.ModelProto()
+        current.CopyFrom(source.model)
+    built.model = current
     return built
 
 
-def file_size(model_file: Path) -> int:
-    """The model's bytes on disk, external-data files included."""
+def file_size(model_file: Path, proto: onnx.ModelProto | None = None) -> int:
+    """The model's bytes on disk, external-data files included (``proto``: the file as read, without its
+    external data, when the caller has it)."""
     total = model_file.stat().st_size
-    proto = onnx.load_model(str(model_file), load_external_data=False)
+    if proto is None:
+        proto = onnx.load_model(str(model_file), load_external_data=False)
     locations = {
         str(entry.value)
         for tensor in proto.graph.initializer
@@ -283,12 +271,12 @@ def file_size(model_file: Path) -> int:
     return total + sum((model_file.parent / loc).stat().st_size for loc in locations)
 
 
-def save_model(built: Path, target: Path) -> None:
-    """Write the model as one file (its external data inlined)."""
-    proto = onnx.load(str(built))
-    if proto.ByteSize() >= 2**31 - 1:
+def serialized(model: onnx.ModelProto) -> bytes:
+    """The model as one file's bytes (its external data inlined)."""
+    if model.ByteSize() >= 2**31 - 1:
         raise OptimizeError("the optimized model is over 2 GiB; onnxserve optimize writes single-file models only")
-    onnx.save(proto, str(target))
+    data: bytes = model.SerializeToString()
+    return data
 
 
 @contextlib.contextmanager
@@ -308,26 +296,28 @@ def _progress(console: Console | None) -> Iterator[Callable[[str], None]]:
 
 
 def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | None = None) -> OptimizeReport:
-    """Transform ``src`` into ``dst``, check it against ``src`` and write it only within the budget."""
+    """Transform ``src`` into ``dst``, check it against ``src`` and write it only within the budget.
+
+    The source is read once, the passes go from model to model in memory, and the result is written once,
+    whole or not at all: a failure anywhere leaves ``dst`` as it was."""
     options.check()
     source = resolve_source(src)
     check_destination(source, dst, options.force)
-    proto = onnx.load_model(str(source.model_file), load_external_data=False)
-    samples = load_samples(proto, source.text, options.calibration)
-    sets = evaluation_sets(proto, source.text, options.calibration, options.evaluation)
+    samples = load_samples(source.model, source.text, options.calibration)
+    sets = evaluation_sets(source.model, source.text, options.calibration, options.evaluation)
     threads = options.threads or cpu_budget()
-    with _progress(console) as step, tempfile.TemporaryDirectory(prefix=".optimize-", dir=_work_parent(dst)) as tmp:
-        work = Path(tmp)
-        built = build(source, options, work, samples, step, sets.search)
+    _work_parent(dst)
+    with _progress(console) as step:
+        built = build(source, options, samples, step, sets.search)
         step("checking accuracy on the held-out evaluation inputs")
-        accuracy = compare_models(source.model_file, built.model_file, sets.held_out, source.task)
+        accuracy = compare_models(source.model, built.model, sets.held_out, source.task)
         budget = options.budget_for(source.task)
         record = accuracy_record(src, options.steps, sets.held_out.recipe, budget, accuracy, built.selection)
-        stamp_accuracy(built.model_file, record)
+        stamp_accuracy(built.model, record)
         step("timing before and after")
         sessions = {
-            "before": open_session(source.model_file, threads),
-            "after": open_session(built.model_file, threads),
+            "before": open_session(source.model, threads, where=str(source.model_file)),
+            "after": open_session(built.model, threads),
         }
         latency_before: dict[int, float] = {}
         latency_after: dict[int, float] = {}
@@ -340,8 +330,8 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
             destination=str(dst),
             steps=options.steps,
             accuracy=accuracy,
-            size_before=file_size(source.model_file),
-            size_after=file_size(built.model_file),
+            size_before=source.size,
+            size_after=built.model.ByteSize(),
             latency_before_ms=latency_before,
             latency_after_ms=latency_after,
             threads=threads,
@@ -359,7 +349,7 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
         if not options.allow_slower and slower_everywhere(report):
             raise SlowerError(report)
         step(f"writing {dst}")
-        write_result(source, built.model_file, dst, report, options.force)
+        write_result(source, built.model, dst, report, options.force)
     return report
 
 
@@ -421,15 +411,13 @@ def accuracy_record(
     }
 
 
-def stamp_accuracy(model_file: Path, record: dict[str, Any]) -> None:
+def stamp_accuracy(model: onnx.ModelProto, record: dict[str, Any]) -> None:
     """Write an :func:`accuracy_record` into the model's metadata (``onnxserve.accuracy``)."""
-    model = onnx.load(str(model_file))
     kept = [p for p in model.metadata_props if p.key != ACCURACY_METADATA]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     entry = model.metadata_props.add()
     entry.key, entry.value = ACCURACY_METADATA, orjson.dumps(record).decode()
-    onnx.save(model, str(model_file))
 
 
 def _work_parent(dst: Path) -> Path:
@@ -443,25 +431,24 @@ def report_path(dst: Path, is_folder: bool) -> Path:
     return dst / REPORT_FILENAME if is_folder else dst.with_name(f"{dst.name}.report.json")
 
 
-def write_result(source: Source, model_file: Path, dst: Path, report: Any, force: bool) -> None:
-    """Write the model (and, for a folder, the source's tokenizer and spec) and the report, all or nothing."""
+def write_result(source: Source, model: onnx.ModelProto, dst: Path, report: Any, force: bool) -> None:
+    """Write the model (and, for a folder, the source's tokenizer and spec) and the report, all or nothing:
+    a version folder through a staging folder, a file through a temporary sibling renamed into place."""
+    data = serialized(model)
     if source.folder is not None:
         with staging_folder(dst, force) as staging:
             for item in source.folder.iterdir():
                 if item.is_file() and item.name not in SKIPPED_FILES and item.suffix not in (".onnx", ".data"):
                     shutil.copy2(item, staging / item.name)
-            save_model(model_file, staging / MODEL_FILENAME)
+            (staging / MODEL_FILENAME).write_bytes(data)
             report.write(staging / REPORT_FILENAME)
         return
     if dst.exists() and not force:
         raise OptimizeError(f"{dst} already exists; pass --force to replace it")
-    partial = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
     partial_report = dst.with_name(f".{dst.name}.report.partial-{os.getpid()}")
     try:
-        save_model(model_file, partial)
         report.write(partial_report)
         partial_report.replace(report_path(dst, False))
-        partial.replace(dst)
+        write_atomically(dst, data)
     finally:
-        for leftover in (partial, partial_report):
-            leftover.unlink(missing_ok=True)
+        partial_report.unlink(missing_ok=True)

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 import orjson
 
 from onnxserve.core.pipeline import PipelineSpec, TextBatch
-from onnxserve.errors import InvalidInputError, ModelLoadError
-from onnxserve.toolkit.graph import WeightSummary, array_summary, load_model, summary_json
-from onnxserve.toolkit.inspect import locate_model
+from onnxserve.core.runtime import create_session
+from onnxserve.errors import InvalidInputError
+from onnxserve.toolkit.graph import WeightSummary, array_summary, summary_json
+from onnxserve.toolkit.model_file import load_model, locate_model
 
 PREVIEW_VALUES = 8
 """Values of each output shown in full (the first ones, flattened)."""
@@ -132,15 +132,8 @@ def run_model(path: Path, data: str, *, intermediates: str | None = None) -> Run
     )
 
 
-def _session(model: onnx.ModelProto, file: Path) -> ort.InferenceSession:
-    try:
-        payload = model.SerializeToString()
-    except ValueError as e:  # protobuf's 2 GB limit
-        raise ModelLoadError(f"{file}: too large to run with added outputs in memory ({e})") from None
-    try:
-        return ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ONNX Runtime raises several unrelated types for a bad model
-        raise ModelLoadError(f"{file}: ONNX Runtime cannot load the model: {e}") from None
+def _session(model: onnx.ModelProto, file: Path) -> Any:
+    return create_session(model, where=str(file))
 
 
 def read_tensors(data: str, graph_inputs: Sequence[onnx.ValueInfoProto]) -> dict[str, npt.NDArray[Any]]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnxserve.errors import OptimizeError
@@ -110,3 +112,15 @@ def quantize(
         raise
     except Exception as e:  # the quantizer raises many unrelated types on graphs it cannot handle
         raise OptimizeError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def quantize_model(
+    model: onnx.ModelProto, settings: QuantizeSettings, samples: Samples | None = None, exclude: Sequence[str] = ()
+) -> onnx.ModelProto:
+    """``model`` quantized to int8 (the pass ``optimize`` runs): ONNX Runtime's quantizer reads and writes
+    files, so it works in a temporary folder of its own; ``model`` is left as it was."""
+    with tempfile.TemporaryDirectory(prefix="onnxserve-int8-") as work:
+        src, dst = Path(work) / "model.onnx", Path(work) / "int8.onnx"
+        onnx.save(model, str(src))
+        quantize(src, dst, settings, samples, exclude)
+        return onnx.load(str(dst))

@@ -1,12 +1,14 @@
-"""The toolkit's one generator of random inputs that fit a model's signature (used by ``diff``, and by
-``optimize`` / ``tune`` through :mod:`onnxserve.toolkit.samples`).
+"""The toolkit's one generator of random inputs that fit a model's signature: used by ``diff``, by
+``optimize`` / ``tune`` through :mod:`onnxserve.toolkit.samples`, and by the exporters' validation
+through :mod:`onnxserve.toolkit.export.inputs`.
 
 Fixed dims are kept; a symbolic dim gets one value per symbol name (``batch_size`` stays equal across
-inputs): the batch size when first seen on the first axis, the sequence length elsewhere (2 and 8 by
-default). Integer inputs that index a table (the indices of a ``Gather`` over an initializer, e.g.
-token ids into an embedding) are drawn below that table's size; token-type / segment ids are zeros;
-other integer inputs are ones (an attention mask that keeps every token); booleans are random; floats
-are standard normal.
+inputs): the size the caller gives for that symbol, else the batch size when first seen on the first
+axis and the sequence length elsewhere (2 and 8 by default). The one integer rule: an integer input
+that indexes a table (the indices of a ``Gather`` over an initializer, e.g. token ids into an
+embedding) is drawn below that table's size; token-type / segment ids are zeros; masks are ones (an
+attention mask that keeps every token); other integers are drawn from [0, 10). Booleans are random;
+floats are standard normal.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from onnx import helper
 from onnxserve.errors import InvalidInputError
 
 Dim = int | str | None
+
+SMALL_INTEGERS = 10
+"""Integers that neither index a table nor name a mask or a type id are drawn from [0, SMALL_INTEGERS)."""
 
 
 def signature(graph: onnx.GraphProto, which: str = "input") -> dict[str, tuple[int, list[Dim]]]:
@@ -85,9 +90,11 @@ def random_feeds(
     rng: np.random.Generator,
     batch: int = 2,
     sequence: int = 8,
+    sizes: Mapping[str, int] | None = None,
 ) -> dict[str, npt.NDArray[Any]]:
-    """One random array per input of ``spec``, drawn from ``rng`` (the rules in the module's doc)."""
-    symbols: dict[str, int] = {}
+    """One random array per input of ``spec``, drawn from ``rng`` (the rules in the module's doc);
+    ``sizes`` fixes the size of symbolic dims by name."""
+    symbols: dict[str, int] = dict(sizes or {})
     arrays: dict[str, npt.NDArray[Any]] = {}
     for name, (elem_type, dims) in spec.items():
         shape: list[int] = []
@@ -110,8 +117,10 @@ def random_feeds(
                 arrays[name] = rng.integers(0, max(bounds[name], 1), size=shape).astype(dtype)
             elif "type" in lowered or "segment" in lowered:
                 arrays[name] = np.zeros(shape, dtype=dtype)
-            else:
+            elif "mask" in lowered:
                 arrays[name] = np.ones(shape, dtype=dtype)
+            else:
+                arrays[name] = rng.integers(0, SMALL_INTEGERS, size=shape).astype(dtype)
         elif dtype.kind == "f":
             arrays[name] = rng.standard_normal(size=shape).astype(dtype)
         else:

@@ -61,7 +61,7 @@ class Samples:
 
     @property
     def rows(self) -> int:
-        return sum(len(next(iter(b.values()))) for b in self.batches if b)
+        return sum(batch_rows(b) for b in self.batches if b)
 
     @property
     def labels(self) -> list[str]:
@@ -69,6 +69,12 @@ class Samples:
         if self.texts is not None and len(self.texts) == self.rows:
             return list(self.texts)
         return [f"row {i}" for i in range(self.rows)]
+
+
+def batch_rows(feeds: Feeds) -> int:
+    """The rows of a sample batch: the first axis of its first input (1 for scalars or no inputs)."""
+    first = next(iter(feeds.values()), None)
+    return len(first) if first is not None and first.ndim else 1
 
 
 def text_pipeline(folder: Path | None, input_names: Sequence[str]) -> TextPipeline | None:

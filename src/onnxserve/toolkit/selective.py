@@ -19,6 +19,7 @@ The chosen model is then checked on the *held-out* split by the caller (:mod:`on
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,9 @@ class Trial:
 
 @dataclass
 class Selection:
-    """What the search chose: the model file, the nodes kept in float (most sensitive first)."""
+    """What the search chose: the model, the nodes kept in float (most sensitive first)."""
 
-    model_file: Path
+    model: onnx.ModelProto
     float_nodes: list[str]
     candidates: int
     passed: bool
@@ -195,6 +196,23 @@ def _node_error(
 
 
 def select(
+    model: onnx.ModelProto,
+    settings: QuantizeSettings,
+    calibration: Samples | None,
+    search: Samples,
+    budget: AccuracyBudget,
+    task: str | None,
+    step: Callable[[str], None] = lambda _text: None,
+) -> Selection:
+    """The int8 model with the fewest float nodes that keeps ``budget`` on ``search`` (the pass
+    ``optimize`` runs): the quantizer works on files, so the search runs in a temporary folder of its own."""
+    with tempfile.TemporaryDirectory(prefix="onnxserve-selective-") as work:
+        model_file = Path(work) / "source.onnx"
+        onnx.save(model, str(model_file))
+        return _search(model_file, Path(work), settings, calibration, search, budget, task, step)
+
+
+def _search(
     model_file: Path,
     work: Path,
     settings: QuantizeSettings,
@@ -220,7 +238,7 @@ def select(
 
     full, full_accuracy, passed = trial([])
     if passed or not candidates:
-        return Selection(full, [], len(candidates), passed, full_accuracy, {}, trials)
+        return Selection(onnx.load(str(full)), [], len(candidates), passed, full_accuracy, {}, trials)
     step(f"int8: measuring the sensitivity of {len(candidates)} nodes")
     scores = sensitivity(named, candidates, search, work, settings.reduce_range)
     ranking = sorted(candidates, key=lambda n: -scores.get(n, 0.0))
@@ -233,7 +251,7 @@ def select(
             break
         failing, k = k, k * 2
     if best is None:  # only an all-float model would keep the budget: that is no int8 model
-        return Selection(full, [], len(candidates), False, full_accuracy, scores, trials)
+        return Selection(onnx.load(str(full)), [], len(candidates), False, full_accuracy, scores, trials)
     while best[0] - failing > 1:
         middle = (failing + best[0]) // 2
         out, accuracy, passed = trial(ranking[:middle])
@@ -251,7 +269,7 @@ def select(
         tried, tried_accuracy, passed = trial(fewer)
         if passed:
             kept, out, accuracy = fewer, tried, tried_accuracy
-    return Selection(out, kept, len(candidates), True, accuracy, scores, trials)
+    return Selection(onnx.load(str(out)), kept, len(candidates), True, accuracy, scores, trials)
 
 
 def _weight_bytes(model_file: Path) -> dict[str, int]:

@@ -14,7 +14,6 @@ report that holds the whole matrix, and its settings map onto the server config'
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from onnxserve.toolkit.optimize import (
     OptimizeOptions,
     build,
     check_destination,
-    file_size,
     resolve_source,
     write_result,
 )
@@ -179,7 +177,7 @@ def tune(src: Path, dst: Path, options: TuneOptions, console: Console | None = N
     options.check()
     source = resolve_source(src)
     check_destination(source, dst, options.force)
-    proto = onnx.load_model(str(source.model_file), load_external_data=False)
+    proto = source.model
     samples = load_samples(proto, source.text, options.calibration)
     sets = evaluation_sets(proto, source.text, options.calibration, options.evaluation)
     budget = options.budget if options.budget is not None else AccuracyBudget.default_for(source.task)
@@ -192,42 +190,36 @@ def tune(src: Path, dst: Path, options: TuneOptions, console: Console | None = N
     parent = dst.parent if str(dst.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     quiet = Console(quiet=True)
-    with (
-        Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console or quiet,
-            transient=True,
-        ) as bar,
-        tempfile.TemporaryDirectory(prefix=".tune-", dir=parent) as tmp,
-    ):
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console or quiet,
+        transient=True,
+    ) as bar:
         task = bar.add_task("building variants", total=len(variants) + cells_total)
-        built: dict[str, Path] = {}
+        built: dict[str, onnx.ModelProto] = {}
         summary: dict[str, dict[str, Any]] = {}
         within: dict[str, bool] = {}
         for v in variants:
             bar.update(task, description=f"building and checking {v.name}")
-            work = Path(tmp) / v.name.replace(" + ", "-")
-            work.mkdir()
             result = build(
                 source,
                 OptimizeOptions(fuse=v.fuse, quantize="int8" if v.int8 else None, budget=budget),
-                work,
                 samples,
                 lambda _text: None,
                 sets.search,
             )
-            accuracy: Accuracy = compare_models(source.model_file, result.model_file, sets.held_out, source.task)
+            accuracy: Accuracy = compare_models(source.model, result.model, sets.held_out, source.task)
             violations = budget.violations(accuracy)
             if result.selection is not None and not result.selection.passed:
                 violations.append("no int8 choice short of keeping every quantizable node in float keeps the budget")
-            built[v.name] = result.model_file
+            built[v.name] = result.model
             within[v.name] = not violations
             summary[v.name] = {
                 "accuracy": accuracy.to_dict(),
-                "size_bytes": file_size(result.model_file),
+                "size_bytes": result.model.ByteSize(),
                 "violations": violations,
                 "float_nodes": result.selection.float_nodes if result.selection else [],
             }

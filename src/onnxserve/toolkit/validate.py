@@ -3,8 +3,11 @@
 A report lists every case (its shapes, the largest absolute difference per output, the lowest
 cosine similarity for embedding outputs, and the agreement of the arg-max for label-like outputs:
 class labels, token labels, answer spans, top-1 tokens; or, for outputs that already are labels, the
-share of equal elements) and whether all are within tolerance. The report may say where its inputs
-came from (``samples``), e.g. a calibration file or random data.
+share of equal elements) and whether all are within tolerance. The measures are the toolkit's one
+comparer's (:mod:`onnxserve.toolkit.evaluation`), so an export's validation, ``optimize``'s report and
+``diff`` give the same numbers for the same outputs; what validation adds is the verdict (``atol``,
+``rtol``, minimum cosine and agreement). The report may say where its inputs came from (``samples``),
+e.g. a calibration file or random data.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
+
+from onnxserve.toolkit.evaluation import (
+    AGREEMENT_MARGIN,
+    argmax_agreement,
+    equal_share,
+    max_abs_diff,
+    row_cosine,
+)
 
 Arrays = Mapping[str, npt.NDArray[Any]]
 
@@ -84,29 +95,6 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def row_cosine(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> float:
-    """The lowest cosine similarity between matching rows (last axis) of ``a`` and ``b``."""
-    x = a.reshape(-1, a.shape[-1]).astype(np.float64)
-    y = b.reshape(-1, b.shape[-1]).astype(np.float64)
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    cos = np.where(norms > 0, (x * y).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0)
-    return float(cos.min()) if cos.size else 1.0
-
-
-def argmax_agreement(reference: npt.NDArray[Any], candidate: npt.NDArray[Any], margin: float) -> float:
-    """The share of positions whose arg-max over the last axis agrees, among those the reference decides
-    by more than ``margin`` (a near-tie in the reference is no evidence either way)."""
-    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
-    cand = candidate.reshape(-1, candidate.shape[-1])
-    if ref.shape[-1] < 2:
-        return 1.0
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    decided = (top2[:, 1] - top2[:, 0]) > margin
-    if not decided.any():
-        return 1.0
-    return float((ref.argmax(axis=1) == cand.argmax(axis=1))[decided].mean())
-
-
 def compare(
     cases: Sequence[tuple[str, Arrays]],
     reference: Callable[[Arrays], Arrays],
@@ -140,18 +128,29 @@ def compare(
                 ok = False
                 continue
             if out in exact_outputs:
-                agreements[out] = float(np.mean(have == want)) if want.size else 1.0
+                agreements[out] = equal_share(want, have)
                 ok = ok and agreements[out] >= min_agreement
                 continue
-            delta = np.abs(have.astype(np.float64) - want.astype(np.float64))
-            diffs[out] = float(np.max(delta)) if want.size else 0.0
-            ok = ok and bool(np.all(delta <= atol + rtol * np.abs(want.astype(np.float64))))
+            diffs[out] = max_abs_diff(want, have)
+            ok = ok and within_tolerance(want, have, atol, rtol)
             if out in embedding_outputs:
-                cosines[out] = row_cosine(have, want)
+                cosines[out] = row_cosine(want, have)
                 ok = ok and cosines[out] >= min_cosine
             if out in agreement_outputs:
-                agreements[out] = argmax_agreement(want, have, margin=10 * max(atol, 0.0))
+                agreements[out] = argmax_agreement(want, have, margin=agreement_margin(atol))
                 ok = ok and agreements[out] >= min_agreement
         shapes = {k: list(v.shape) for k, v in inputs.items()}
         report.cases.append(CaseResult(name, shapes, diffs, cosines, ok, agreements))
     return report
+
+
+def agreement_margin(atol: float) -> float:
+    """The arg-max margin of a validation at tolerance ``atol``: a difference the tolerance allows must not
+    count as a changed decision (never below the comparer's own margin)."""
+    return max(10 * max(atol, 0.0), AGREEMENT_MARGIN)
+
+
+def within_tolerance(want: npt.NDArray[Any], have: npt.NDArray[Any], atol: float, rtol: float) -> bool:
+    """Whether every ``|have - want| <= atol + rtol * |want|``."""
+    reference = want.astype(np.float64)
+    return bool(np.all(np.abs(have.astype(np.float64) - reference) <= atol + rtol * np.abs(reference)))

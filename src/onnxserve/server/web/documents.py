@@ -27,6 +27,7 @@ import orjson
 
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import diff, graph
+from onnxserve.toolkit.model_file import load_model
 
 FileKey = tuple[str, int, int]
 """A model file as it is now: path, modification time (ns), size."""
@@ -69,12 +70,12 @@ class Weights:
 
 def graph_json(path: Path) -> bytes:
     """``build_graph(model).to_json()`` of the model at ``path`` (the ``onnxserve inspect --format json`` document)."""
-    document = graph.build_graph(graph.load_model(path), base_dir=path.parent, sample_values=0)
+    document = graph.build_graph(load_model(path), base_dir=path.parent, sample_values=0)
     return orjson.dumps(document.to_json())
 
 
 def read_weights(path: Path) -> Weights:
-    model = graph.load_model(path)
+    model = load_model(path)
     tensors = {}
     for tensor in model.graph.initializer:
         values = graph.weight_array(tensor, path.parent)
@@ -85,7 +86,7 @@ def read_weights(path: Path) -> Weights:
 
 def diff_json(a: Path, b: Path) -> bytes:
     """``diff_models(a, b).to_json()`` as ``diff``, and the nodes each side's graph highlights."""
-    found = diff.diff_models(diff.load_model(a), diff.load_model(b))
+    found = diff.diff_models(load_model(a), load_model(b))
     return orjson.dumps(
         {"diff": found.to_json(), "highlight": {"a": found.highlight_a(), "b": found.highlight_b()}},
         option=orjson.OPT_SERIALIZE_NUMPY,

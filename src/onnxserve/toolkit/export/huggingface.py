@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 import orjson
 from rich.console import Console
 
@@ -29,6 +30,7 @@ from onnxserve.errors import ExportError
 from onnxserve.toolkit.export.environment import require
 from onnxserve.toolkit.export.single_file import write_single_file
 from onnxserve.toolkit.export.staging import staging_folder
+from onnxserve.toolkit.sample_inputs import Dim, random_feeds
 from onnxserve.toolkit.validate import Arrays, CaseResult, ValidationReport, compare
 
 TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -398,14 +400,11 @@ def _validate_ranking(
 def _validation_cases(tokenizer: Any, input_names: list[str], max_length: int) -> list[tuple[str, Arrays]]:
     rng = np.random.default_rng(0)
     vocab = int(getattr(tokenizer, "vocab_size", 1000))
+    # the toolkit's one generator: ids below the vocabulary, masks ones, type ids zeros
+    spec = {n: (onnx.TensorProto.INT64, list[Dim](["batch", "sequence"])) for n in ["input_ids", *input_names]}
     cases: list[tuple[str, Arrays]] = []
     for batch, sequence in ((1, 1), (1, 16), (3, 16), (3, max_length)):
-        ids = rng.integers(low=0, high=vocab, size=(batch, sequence), dtype=np.int64)
-        feeds: dict[str, npt.NDArray[Any]] = {"input_ids": ids}
-        if "attention_mask" in input_names:
-            feeds["attention_mask"] = np.ones_like(ids)
-        if "token_type_ids" in input_names:
-            feeds["token_type_ids"] = np.zeros_like(ids)
+        feeds = random_feeds(spec, {"input_ids": vocab}, rng, sizes={"batch": batch, "sequence": sequence})
         cases.append((f"random ids batch {batch} sequence {sequence}", feeds))
     texts = list(_SAMPLE_TEXTS)
     mask = getattr(tokenizer, "mask_token", None)

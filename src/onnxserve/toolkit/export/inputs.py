@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from onnx import helper
 
 from onnxserve.errors import ExportError
+from onnxserve.toolkit.sample_inputs import Dim, random_feeds
 
 DTYPES: dict[str, np.dtype[Any]] = {
     name: np.dtype(name)
@@ -77,12 +79,15 @@ def check_unique(specs: Sequence[InputSpec]) -> None:
         seen.add(spec.name)
 
 
-def random_input(spec: InputSpec, sizes: Mapping[str, int], rng: np.random.Generator) -> npt.NDArray[Any]:
-    """Random values for ``spec``: standard normal floats, small non-negative integers, fair booleans."""
-    shape = spec.shape(sizes)
-    dtype = DTYPES[spec.dtype]
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.random(shape) < 0.5
-    return rng.integers(0, 10, size=shape).astype(dtype)
+def random_inputs(
+    specs: Sequence[InputSpec],
+    sizes: Mapping[str, int],
+    rng: np.random.Generator,
+    bounds: Mapping[str, int] | None = None,
+) -> dict[str, npt.NDArray[Any]]:
+    """Random values for ``specs`` by the toolkit's one generator
+    (:func:`onnxserve.toolkit.sample_inputs.random_feeds`): standard normal floats, fair booleans and
+    its integer rule (below the table an input indexes, given ``bounds`` from the exported graph; type
+    ids zeros, masks ones, else [0, 10)). Symbolic dims take ``sizes``."""
+    spec = {s.name: (helper.np_dtype_to_tensor_dtype(DTYPES[s.dtype]), list[Dim](s.dims)) for s in specs}
+    return random_feeds(spec, bounds or {}, rng, sizes=sizes)

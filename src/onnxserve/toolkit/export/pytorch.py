@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from rich.console import Console
 
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError, OnnxServeError
 from onnxserve.toolkit.export.environment import require
-from onnxserve.toolkit.export.inputs import InputSpec, check_unique, random_input
+from onnxserve.toolkit.export.inputs import InputSpec, check_unique, random_inputs
 from onnxserve.toolkit.export.staging import staging_folder
+from onnxserve.toolkit.sample_inputs import index_bounds
 from onnxserve.toolkit.validate import Arrays, ValidationReport, compare
 
 EXPORT_SIZE = 2
@@ -214,7 +216,8 @@ def _sample_args(specs: Sequence[InputSpec]) -> tuple[Any, ...]:
 
     rng = np.random.default_rng(1234)
     sizes = {s: EXPORT_SIZE for spec in specs for s in spec.symbols}
-    return tuple(torch.from_numpy(random_input(spec, sizes, rng)) for spec in specs)
+    arrays = random_inputs(specs, sizes, rng)
+    return tuple(torch.from_numpy(arrays[spec.name]) for spec in specs)
 
 
 class _Flat:
@@ -334,16 +337,17 @@ def _export(
         raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}{cause}") from e
 
 
-def _validation_cases(specs: Sequence[InputSpec]) -> list[tuple[str, Arrays]]:
+def _validation_cases(specs: Sequence[InputSpec], bounds: Mapping[str, int]) -> list[tuple[str, Arrays]]:
+    """Random inputs by the toolkit's one generator, integer inputs that index a table of the exported
+    graph (``bounds``) below its size."""
     rng = np.random.default_rng(0)
     symbols = list(dict.fromkeys(s for spec in specs for s in spec.symbols))
     if not symbols:
-        return [(f"random inputs #{i}", {spec.name: random_input(spec, {}, rng) for spec in specs}) for i in (1, 2)]
+        return [(f"random inputs #{i}", random_inputs(specs, {}, rng, bounds)) for i in (1, 2)]
     cases: list[tuple[str, Arrays]] = []
     for size in VALIDATION_SIZES:
-        sizes = dict.fromkeys(symbols, size)
         name = ", ".join(f"{s}={size}" for s in symbols)
-        cases.append((name, {spec.name: random_input(spec, sizes, rng) for spec in specs}))
+        cases.append((name, random_inputs(specs, dict.fromkeys(symbols, size), rng, bounds)))
     return cases
 
 
@@ -372,13 +376,15 @@ def _validate(
         except OnnxServeError as e:
             raise ExportError(f"the exported model fails where the original does not: {e.message}") from e
 
+    bounds = index_bounds([onnx.load_model(str(model_file), load_external_data=False).graph])
     return compare(
-        _validation_cases(options.inputs),
+        _validation_cases(options.inputs, bounds),
         original,
         exported,
         atol=options.atol,
         min_cosine=0.0,
         exact_outputs=exact,
         rtol=options.rtol,
-        samples="random values: floats from N(0, 1), integers in [0, 10), fair booleans",
+        samples="random values: floats from N(0, 1), fair booleans, integers below the table they index "
+        "(else type ids 0, masks 1, others in [0, 10))",
     )

@@ -26,7 +26,7 @@ from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import ExportError, OnnxServeError
 from onnxserve.toolkit.export.environment import require
-from onnxserve.toolkit.export.inputs import DTYPES, InputSpec, random_input
+from onnxserve.toolkit.export.inputs import DTYPES, InputSpec, random_inputs
 from onnxserve.toolkit.export.staging import staging_folder
 from onnxserve.toolkit.validate import Arrays, ValidationReport, compare
 
@@ -206,7 +206,7 @@ def _cases(spec: InputSpec, calibration: npt.NDArray[Any] | None) -> tuple[list[
         return cases, f"calibration file ({len(rows)} rows)"
     rng = np.random.default_rng(0)
     symbol = str(spec.dims[0])
-    cases = [(f"random, {_rows(n)}", {spec.name: random_input(spec, {symbol: n}, rng)}) for n in (1, 3, RANDOM_ROWS)]
+    cases = [(f"random, {_rows(n)}", random_inputs([spec], {symbol: n}, rng)) for n in (1, 3, RANDOM_ROWS)]
     kind = "integers in [0, 10)" if dtype.kind == "i" else "values from N(0, 1)"
     return cases, f"random rows: {kind}, no calibration file given"
 
