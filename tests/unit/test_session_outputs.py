@@ -11,7 +11,6 @@ import pytest
 from onnx.parser import parse_model
 
 from onnxserve.core import runtime
-from onnxserve.core.ort_strings import layout_holds
 from onnxserve.core.runtime import ModelSession
 from onnxserve.errors import TooLargeError
 
@@ -56,7 +55,7 @@ _LONG_TEXT = (
 
 def test_long_text_outputs_are_refused_by_their_exact_size_before_they_become_objects(tmp_path: Path) -> None:
     session = _session(tmp_path, _LONG_TEXT)
-    assert layout_holds()  # this build's string tensors are read in place: the size below is exact
+    assert runtime.string_layout_holds()  # this build's string tensors are read in place: the size below is exact
     y = session.run({"n": np.array([3])}, max_output_bytes=3 * 1004)["y"]
     assert y.tolist() == [b"x" * 1000] * 3
     with pytest.raises(
@@ -68,7 +67,8 @@ def test_long_text_outputs_are_refused_by_their_exact_size_before_they_become_ob
 def test_text_outputs_whose_size_cannot_be_read_stop_converting_at_the_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "string_bytes", lambda value: None)  # a build whose string layout is unknown
+    # a build whose string layout is unknown
+    monkeypatch.setattr(runtime, "string_bytes", lambda value, layout_read: None)
     session = _session(tmp_path, _LONG_TEXT)
     assert session.run({"n": np.array([3])}, max_output_bytes=3 * 1004)["y"].tolist() == [b"x" * 1000] * 3
     with pytest.raises(TooLargeError, match="the response would be more than 4015 bytes of output tensors"):

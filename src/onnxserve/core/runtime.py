@@ -7,6 +7,7 @@ between onnxserve's ``bytes`` objects and the ``str`` objects that ONNX Runtime 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -24,7 +25,7 @@ from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
 from onnxserve.core.memory import give_back_free_memory
-from onnxserve.core.ort_strings import string_bytes
+from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
@@ -93,6 +94,17 @@ def available_providers(requested: Sequence[ExecutionProvider], where: str) -> l
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))
     return chosen
+
+
+@functools.cache
+def string_layout_holds() -> bool:
+    """Whether string outputs can be counted in ONNX Runtime's memory (core/ort_strings.py), checked once."""
+
+    def known() -> Any:
+        session = create_session(known_strings_model(), where="the string layout check")
+        return session._sess.run_with_ort_values({}, ["y"], ort.RunOptions())[0]
+
+    return layout_holds(known)
 
 
 def create_session(
@@ -378,7 +390,7 @@ def _shape(value: Any, count_text: bool) -> _Shape:
         return _Shape(shape, False, None)
     if not count_text or any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
         return _Shape(shape, True, None)
-    return _Shape(shape, True, string_bytes(value))
+    return _Shape(shape, True, string_bytes(value, string_layout_holds()))
 
 
 def _from_ort(value: Any, room: int = -1) -> tuple[npt.NDArray[Any], int]:
