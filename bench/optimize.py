@@ -6,7 +6,8 @@ truncated / padded to that length), every variant taking turns within each round
 (``BENCH_OPTIMIZE_ROUNDS`` rounds, median kept) so that a busy neighbour slows all alike. Accuracy is
 the toolkit's one comparer on the **held-out** split of the built-in evaluation sentences (each
 sentence alone), against the fp32 export: the worst-case cosine of the sentence embedding and its
-5th percentile. Markdown goes to stdout, the numbers to ``bench/results/optimize.json``.
+5th percentile. The int8 variants' embedding tables (per-row int8, or kept in float by the search)
+are listed with their sizes. Markdown goes to stdout, the numbers to ``bench/results/optimize.json``.
 
     .venv/bin/python -m bench.optimize     # BENCH_OPTIMIZE_MODEL=models/minilm/1, BENCH_OPTIMIZE_ROUNDS=40
 """
@@ -73,12 +74,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-optimize-") as tmp:
         files: dict[str, Path] = {"fp32 export": source.model_file}
         float_nodes: dict[str, list[str]] = {}
+        tables: dict[str, list[dict[str, Any]]] = {}
         for name, options in VARIANTS.items():
             console.print(f"onnxserve optimize: {name}")
             folder = Path(tmp) / f"v{len(files)}" / "1"
             report = optimize(model, folder, options, console)
             files[name] = folder / "model.onnx"
             float_nodes[name] = report.selection["float_nodes"] if report.selection else []
+            tables[name] = (report.quantization or {}).get("embedding_tables", [])
         names = list(source.spec.inputs) if source.spec else ["input_ids", "attention_mask", "token_type_ids"]
         sessions = {name: open_session(path, threads) for name, path in files.items()}
         timings: dict[tuple[int, int], dict[str, float]] = {}
@@ -97,6 +100,7 @@ def main() -> int:
                 "cosine_p5": accuracy.percentiles.get("p5"),
                 "worst_input": accuracy.worst[0].input if accuracy.worst else None,
                 "float_nodes": float_nodes.get(name, []),
+                "embedding_tables": tables.get(name, []),
             }
             for (batch, tokens), ms in timings.items():
                 key = f"{batch}x{tokens}"
@@ -137,6 +141,13 @@ def main() -> int:
             f"| {r['cosine_worst']:.4f} | {r['cosine_p5']:.4f} | {len(r['float_nodes'])} |"
         )
     lines += ["", f"worst held-out input of selective int8: {chosen['worst_input']!r}", ""]
+    for name, r in rows.items():
+        for t in r["embedding_tables"]:
+            form = f"int8 per row, {t['bytes'] / 1e6:.1f} MB" if t["quantized"] else "kept in float"
+            lines.append(
+                f"- {name}: embedding table {t['table']} {t['shape']}, {t['float_bytes'] / 1e6:.1f} MB: {form}"
+            )
+    lines += [""]
     lines += [f"- {'met' if ok else 'NOT met'}: {name}" for name, ok in targets.items()]
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

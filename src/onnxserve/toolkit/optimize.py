@@ -212,6 +212,7 @@ class Built:
     fusers: dict[str, dict[str, int]] = field(default_factory=dict)
     quantization: QuantizeSettings | None = None
     selection: Selection | None = None
+    tables: list[dict[str, Any]] = field(default_factory=list)  # int8: the embedding tables, quantized or not
 
 
 def build(
@@ -257,9 +258,9 @@ def build(
             built.selection = select(
                 current, folder, built.quantization, calibration, search, budget, source.task, step
             )
-            current = built.selection.model_file
+            current, built.tables = built.selection.model_file, built.selection.tables
         else:
-            quantize(current, out, built.quantization, samples)
+            built.tables = quantize(current, out, built.quantization, samples)
             current = out
     if options.level:
         step(f"level {options.level}: ONNX Runtime graph optimization")
@@ -348,7 +349,9 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
             budget=budget,
             fusions=built.fusions,
             fusers=built.fusers,
-            quantization=built.quantization.to_dict() if built.quantization else None,
+            quantization={**built.quantization.to_dict(), "embedding_tables": built.tables}
+            if built.quantization
+            else None,
             hardware=detect().to_dict(),
             evaluated_on=sets.held_out.recipe,
             selection=built.selection.to_dict() if built.selection else None,
@@ -417,6 +420,7 @@ def accuracy_record(
         "budget": budget.to_dict(),
         "accuracy": accuracy.to_dict(),
         "float_nodes": selection.float_nodes if selection else [],
+        "blockwise_int8_nodes": selection.blockwise_nodes if selection else [],
         "steps": steps,
     }
 
