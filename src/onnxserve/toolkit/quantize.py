@@ -30,7 +30,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnxserve.errors import OptimizeError
-from onnxserve.toolkit.blockwise_quantization import blockwise_int8
+from onnxserve.toolkit.blockwise_quantization import BLOCKS, blockwise_int8
 from onnxserve.toolkit.embedding_quantization import embedding_tables, quantize_tables
 from onnxserve.toolkit.hardware import detect
 from onnxserve.toolkit.samples import Feeds, Samples
@@ -93,10 +93,12 @@ def quantize(
     samples: Samples | None = None,
     exclude: Sequence[str] = (),
     blockwise: Sequence[str] = (),
+    block: int = BLOCKS[-1],
 ) -> list[dict[str, Any]]:
     """Write ``src`` quantized to int8 as ``dst``, the nodes named in ``exclude`` kept in float but for
-    the MatMuls also named in ``blockwise`` (block-wise int8); the embedding tables (per-row int8 unless
-    a Gather reading one is in ``exclude``) are returned, each with its size and whether it was quantized."""
+    the MatMuls also named in ``blockwise`` (block-wise int8, one scale per ``block`` values); the
+    embedding tables (per-row int8 unless a Gather reading one is in ``exclude``) are returned, each
+    with its size and whether it was quantized."""
     tables = embedding_tables(onnx.load_model(str(src), load_external_data=False))
     readers = {node for table in tables for node in table.nodes}
     chosen = {t.name for t in tables if not set(t.nodes) & set(exclude)}
@@ -128,7 +130,7 @@ def quantize(
                 )
         if chosen or blockwise:
             model = quantize_tables(onnx.load(str(dst)), chosen)
-            onnx.save(blockwise_int8(model, set(blockwise) & set(exclude)), str(dst))
+            onnx.save(blockwise_int8(model, set(blockwise) & set(exclude), block), str(dst))
     except OptimizeError:
         raise
     except Exception as e:  # the quantizer raises many unrelated types on graphs it cannot handle

@@ -4,18 +4,19 @@ Per-channel int8 of every MatMul is blunt: a few nodes (often an outlier-heavy p
 or last layer, attention scores) carry most of the error. The search:
 
 1. quantize everything; if the worst case on the *search* split keeps the budget, done;
-2. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
+2. else every MatMul in block-wise int8 (:mod:`onnxserve.toolkit.blockwise_quantization`: one scale per
+   128, else per 32, values of the weight and of the input, instead of one per input tensor), the
+   other candidates (small Gathers, Convs, ...) in float: if that keeps the budget, done;
+3. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
    and weights are rounded the way ONNX Runtime's quantizer rounds them (weights symmetric int8 per
    output channel, 7-bit where ``reduce_range``; activations asymmetric uint8 per tensor), measured on
    the float model's real intermediate values for the search inputs (worst over inputs);
-3. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
+4. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
    to the fewest; each candidate is really quantized and measured, the ranking only orders the tries;
-4. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
+5. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
    int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds;
-5. size again: the MatMuls still out of int8 are tried in block-wise int8
-   (:mod:`onnxserve.toolkit.blockwise_quantization`: one scale per 32 values of the weight and of the
-   input, instead of one per input tensor), all of them first, else the least sensitive ones (the
-   most sensitive bisected back to float); each try measured, block-wise kept only if the budget holds.
+6. size again: the MatMuls still in float are tried in block-wise int8 (all of them; blocks of 128,
+   else 32), kept so only if the budget holds.
 
 A Gather over a large embedding table is a candidate like the others, but its int8 form is per-row
 (:mod:`onnxserve.toolkit.embedding_quantization`), and so is the rounding its sensitivity is measured
@@ -37,6 +38,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxserve.toolkit.blockwise_quantization import BLOCKS
 from onnxserve.toolkit.embedding_quantization import embedding_tables, row_error
 from onnxserve.toolkit.evaluation import Accuracy, AccuracyBudget, compare_models, open_session, session_runner
 from onnxserve.toolkit.quantize import QuantizeSettings, quantize
@@ -58,6 +60,7 @@ class Trial:
     accuracy: dict[str, Any]
     passed: bool
     blockwise_nodes: int = 0  # of the float_nodes, how many were block-wise int8
+    block: int | None = None  # their values per scale
 
 
 @dataclass
@@ -74,11 +77,13 @@ class Selection:
     trials: list[Trial] = field(default_factory=list)
     tables: list[dict[str, Any]] = field(default_factory=list)  # embedding tables: size, int8 or not
     blockwise_nodes: list[str] = field(default_factory=list)
+    block: int | None = None  # values per scale of the block-wise nodes
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "float_nodes": self.float_nodes,
             "blockwise_int8_nodes": self.blockwise_nodes,
+            "blockwise_block": self.block,
             "quantizable_nodes": self.candidates,
             "passed_on_search_split": self.passed,
             "search_accuracy": self.accuracy.to_dict(),
@@ -86,7 +91,13 @@ class Selection:
                 n: self.sensitivity[n] for n in [*self.float_nodes, *self.blockwise_nodes] if n in self.sensitivity
             },
             "trials": [
-                {"float_nodes": t.float_nodes, "blockwise_nodes": t.blockwise_nodes, "passed": t.passed, **t.accuracy}
+                {
+                    "float_nodes": t.float_nodes,
+                    "blockwise_nodes": t.blockwise_nodes,
+                    "block": t.block,
+                    "passed": t.passed,
+                    **t.accuracy,
+                }
                 for t in self.trials
             ],
             "embedding_tables": self.tables,
@@ -234,19 +245,32 @@ def select(
     trials: list[Trial] = []
     tables: dict[Path, list[dict[str, Any]]] = {}  # each try's embedding tables
 
-    def trial(exclude: list[str], blockwise: list[str] | None = None) -> tuple[Path, Accuracy, bool]:
+    def trial(
+        exclude: list[str], blockwise: list[str] | None = None, block: int = BLOCKS[-1]
+    ) -> tuple[Path, Accuracy, bool]:
         out = work / f"selective-{len(trials)}.onnx"
         blockwise = blockwise or []
         step(f"int8: trying with {len(exclude)} of {len(candidates)} nodes out of int8, {len(blockwise)} block-wise")
-        tables[out] = quantize(named, out, settings, calibration, exclude, blockwise)
+        tables[out] = quantize(named, out, settings, calibration, exclude, blockwise, block)
         accuracy = compare_models(named, out, search, task)
         passed = not budget.violations(accuracy)
-        trials.append(Trial(len(exclude), _brief(accuracy), passed, len(blockwise)))
+        trials.append(Trial(len(exclude), _brief(accuracy), passed, len(blockwise), block if blockwise else None))
         return out, accuracy, passed
 
     full, full_accuracy, passed = trial([])
     if passed or not candidates:
         return Selection(full, [], len(candidates), passed, full_accuracy, {}, trials, tables[full])
+    rewritable = _matmuls(named)
+    table_readers = {
+        n for t in embedding_tables(onnx.load_model(str(named), load_external_data=False)) for n in t.nodes
+    }
+    others = [n for n in candidates if n not in table_readers]  # the tables stay per-row int8
+    blockwise = [n for n in others if n in rewritable]
+    for block in BLOCKS if blockwise else ():  # every MatMul block-wise int8, other candidates float
+        out, accuracy, passed = trial(others, blockwise, block)
+        if passed:
+            floats = [n for n in others if n not in rewritable]
+            return Selection(out, floats, len(candidates), True, accuracy, {}, trials, tables[out], blockwise, block)
     step(f"int8: measuring the sensitivity of {len(candidates)} nodes")
     scores = sensitivity(named, candidates, search, work, settings.reduce_range)
     ranking = sorted(candidates, key=lambda n: -scores.get(n, 0.0))
@@ -277,20 +301,18 @@ def select(
         tried, tried_accuracy, passed = trial(fewer)
         if passed:
             kept, out, accuracy = fewer, tried, tried_accuracy
-    rewritable = _matmuls(named)
-    matmuls = [n for n in kept if n in rewritable]  # most sensitive first
-    floats, blockwise = len(matmuls), 0  # the fewest MatMuls in float (the most sensitive) that pass
-    low = -1  # a count of float MatMuls known to fail
-    while floats - low > 1 and matmuls:
-        middle = 0 if low < 0 else (low + floats) // 2
-        tried, tried_accuracy, passed = trial(kept, matmuls[middle:])
+    matmuls = [n for n in kept if n in rewritable]  # the MatMuls still in float: block-wise int8?
+    chosen: list[str] = []
+    chosen_block = None
+    for block in BLOCKS if matmuls else ():
+        tried, tried_accuracy, passed = trial(kept, matmuls, block)
         if passed:
-            floats, blockwise, out, accuracy = middle, len(matmuls) - middle, tried, tried_accuracy
-        else:
-            low = middle
-    chosen = matmuls[floats:] if blockwise else []
+            chosen, chosen_block, out, accuracy = matmuls, block, tried, tried_accuracy
+            break
     float_nodes = [n for n in kept if n not in chosen]
-    return Selection(out, float_nodes, len(candidates), True, accuracy, scores, trials, tables[out], chosen)
+    return Selection(
+        out, float_nodes, len(candidates), True, accuracy, scores, trials, tables[out], chosen, chosen_block
+    )
 
 
 def _matmuls(model_file: Path) -> set[str]:
