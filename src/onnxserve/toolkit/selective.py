@@ -38,6 +38,7 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxserve.errors import OptimizeError
 from onnxserve.toolkit.blockwise_quantization import BLOCKS
 from onnxserve.toolkit.embedding_quantization import embedding_tables, row_error
 from onnxserve.toolkit.evaluation import Accuracy, AccuracyBudget, compare_models, open_session, session_runner
@@ -267,7 +268,10 @@ def select(
     others = [n for n in candidates if n not in table_readers]  # the tables stay per-row int8
     blockwise = [n for n in others if n in rewritable]
     for block in BLOCKS if blockwise else ():  # every MatMul block-wise int8, other candidates float
-        out, accuracy, passed = trial(others, blockwise, block)
+        try:
+            out, accuracy, passed = trial(others, blockwise, block)
+        except OptimizeError:  # ONNX Runtime's block-wise quantizer could not rewrite this graph
+            break
         if passed:
             floats = [n for n in others if n not in rewritable]
             return Selection(out, floats, len(candidates), True, accuracy, {}, trials, tables[out], blockwise, block)
@@ -305,7 +309,10 @@ def select(
     chosen: list[str] = []
     chosen_block = None
     for block in BLOCKS if matmuls else ():
-        tried, tried_accuracy, passed = trial(kept, matmuls, block)
+        try:
+            tried, tried_accuracy, passed = trial(kept, matmuls, block)
+        except OptimizeError:
+            break
         if passed:
             chosen, chosen_block, out, accuracy = matmuls, block, tried, tried_accuracy
             break
