@@ -36,7 +36,7 @@ from onnxserve.toolkit.samples import evaluation_set
 
 RESULTS = Path(__file__).parent / "results" / "optimize.json"
 SHAPES = ((8, 32), (1, 8))  # (batch, tokens)
-QUICK = {"latency_batches": (8,), "repeats": 3}  # the optimizer's own timing, kept short
+QUICK = {"latency_batches": (8,), "repeats": 3, "allow_slower": True}  # timing is the bench's job, below
 NONE = AccuracyBudget()
 VARIANTS = {
     "fusion": OptimizeOptions(fuse=True, **QUICK),  # type: ignore[arg-type]
