@@ -44,9 +44,11 @@ def test_fused_int8_demo_model_is_accurate_and_serves_like_predict(
         allow_slower=True,  # this test is about size and accuracy; speed is measured by bench/
     )
     report = optimize(src, dst, options)
-    # issue #7 asked for 3.5x smaller; issue #19 judges the budget on held-out sentences, each alone,
-    # where full int8 breaks it (worst 0.980): selective int8 keeps the word-embedding table in float
-    assert report.size_ratio >= 2.0
+    # issue #19: at least 3x smaller within the budget on held-out sentences, each alone (full per-tensor
+    # int8 breaks it): the word-embedding table per-row int8, the MatMuls block-wise int8 (3.8x measured)
+    assert report.size_ratio >= 3.0
+    assert report.quantization is not None
+    assert [t["quantized"] for t in report.quantization["embedding_tables"]] == [True]
     assert report.accuracy.cosine is not None
     assert report.accuracy.cosine >= 0.99
     fp32, int8 = Pipeline(src)(REAL_SENTENCES), Pipeline(dst)(REAL_SENTENCES)

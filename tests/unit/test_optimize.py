@@ -420,7 +420,7 @@ def test_the_passes_go_from_model_to_model_and_leave_their_input_alone() -> None
         "simplify": simplify(model),
         "fp16": to_fp16(model),
         "level": offline_level(model, "basic"),
-        "int8": quantize_model(model, settings_for("int8")),
+        "int8": quantize_model(model, settings_for("int8"))[0],
     }
     assert model.SerializeToString() == before
     for name, result in passes.items():

@@ -214,6 +214,7 @@ class Built:
     fusers: dict[str, dict[str, int]] = field(default_factory=dict)
     quantization: QuantizeSettings | None = None
     selection: Selection | None = None
+    tables: list[dict[str, Any]] = field(default_factory=list)  # int8: the embedding tables, quantized or not
 
 
 def build(
@@ -243,9 +244,9 @@ def build(
         if options.selective and search is not None and not budget.empty:
             calibration = samples if options.quantize == "int8-static" else None
             built.selection = select(current, built.quantization, calibration, search, budget, source.task, step)
-            current = built.selection.model
+            current, built.tables = built.selection.model, built.selection.tables
         else:
-            current = quantize_model(current, built.quantization, samples)
+            current, built.tables = quantize_model(current, built.quantization, samples)
     if options.level:
         step(f"level {options.level}: ONNX Runtime graph optimization")
         current = offline_level(current, options.level)
@@ -338,7 +339,9 @@ def optimize(src: Path, dst: Path, options: OptimizeOptions, console: Console | 
             budget=budget,
             fusions=built.fusions,
             fusers=built.fusers,
-            quantization=built.quantization.to_dict() if built.quantization else None,
+            quantization={**built.quantization.to_dict(), "embedding_tables": built.tables}
+            if built.quantization
+            else None,
             hardware=detect().to_dict(),
             evaluated_on=sets.held_out.recipe,
             selection=built.selection.to_dict() if built.selection else None,
@@ -407,6 +410,7 @@ def accuracy_record(
         "budget": budget.to_dict(),
         "accuracy": accuracy.to_dict(),
         "float_nodes": selection.float_nodes if selection else [],
+        "blockwise_int8_nodes": selection.blockwise_nodes if selection else [],
         "steps": steps,
     }
 

@@ -150,6 +150,16 @@ class OptimizeReport:
         if self.selection is not None:
             kept = len(self.selection["float_nodes"])
             table.add_row("nodes kept in float", "", f"{kept} of {self.selection['quantizable_nodes']}", "")
+            blockwise = len(self.selection.get("blockwise_int8_nodes", []))
+            if blockwise:
+                table.add_row(
+                    "nodes in block-wise int8", "", f"{blockwise} of {self.selection['quantizable_nodes']}", ""
+                )
+        for entry in (self.quantization or {}).get("embedding_tables", []):
+            form = f"int8 per row, {entry['bytes'] / 1e6:.1f} MB" if entry["quantized"] else "float"
+            table.add_row(
+                f"embedding table {_short(entry['table'], 30)}", f"{entry['float_bytes'] / 1e6:.1f} MB", form, ""
+            )
         table.caption = f"{a.samples}; latency: median of runs, {self.threads or 'default'} threads" + (
             "" if self.passed else f"; BUDGET BROKEN: {'; '.join(self.violations)}"
         )

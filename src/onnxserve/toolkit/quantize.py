@@ -8,6 +8,12 @@
 
 On CPUs without VNNI, the 8-bit multiply-add (``vpmaddubsw``) can saturate; ``reduce_range``
 (7-bit weights) avoids that at a small cost in accuracy, so it is used only there.
+
+Large embedding tables (a Gather over a float table of a megabyte or more) are not left to ONNX
+Runtime's quantizer, which gives a whole table one scale: they become int8 with one scale per row,
+see :mod:`onnxserve.toolkit.embedding_quantization`. MatMuls named in ``blockwise`` (kept out of
+per-tensor int8 by selective int8) become block-wise int8, see
+:mod:`onnxserve.toolkit.blockwise_quantization`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnxserve.errors import OptimizeError
+from onnxserve.toolkit.blockwise_quantization import BLOCKS, blockwise_int8
+from onnxserve.toolkit.embedding_quantization import embedding_tables, quantize_tables
 from onnxserve.toolkit.hardware import detect
 from onnxserve.toolkit.samples import Feeds, Samples
 
@@ -80,9 +88,22 @@ def _quiet() -> Iterator[None]:
 
 
 def quantize(
-    src: Path, dst: Path, settings: QuantizeSettings, samples: Samples | None = None, exclude: Sequence[str] = ()
-) -> None:
-    """Write ``src`` quantized to int8 as ``dst``, the nodes named in ``exclude`` kept in float."""
+    src: Path,
+    dst: Path,
+    settings: QuantizeSettings,
+    samples: Samples | None = None,
+    exclude: Sequence[str] = (),
+    blockwise: Sequence[str] = (),
+    block: int = BLOCKS[-1],
+) -> list[dict[str, Any]]:
+    """Write ``src`` quantized to int8 as ``dst``, the nodes named in ``exclude`` kept in float but for
+    the MatMuls also named in ``blockwise`` (block-wise int8, one scale per ``block`` values); the
+    embedding tables (per-row int8 unless a Gather reading one is in ``exclude``) are returned, each
+    with its size and whether it was quantized."""
+    tables = embedding_tables(onnx.load_model(str(src), load_external_data=False))
+    readers = {node for table in tables for node in table.nodes}
+    chosen = {t.name for t in tables if not set(t.nodes) & set(exclude)}
+    exclude = [*exclude, *sorted(readers - set(exclude))]
     try:
         with _quiet():
             if settings.mode == "int8":
@@ -108,19 +129,24 @@ def quantize(
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(exclude),
                 )
+        if chosen or blockwise:
+            model = quantize_tables(onnx.load(str(dst)), chosen)
+            onnx.save(blockwise_int8(model, set(blockwise) & set(exclude), block), str(dst))
     except OptimizeError:
         raise
     except Exception as e:  # the quantizer raises many unrelated types on graphs it cannot handle
         raise OptimizeError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return [t.to_dict(t.name in chosen) for t in tables]
 
 
 def quantize_model(
     model: onnx.ModelProto, settings: QuantizeSettings, samples: Samples | None = None, exclude: Sequence[str] = ()
-) -> onnx.ModelProto:
-    """``model`` quantized to int8 (the pass ``optimize`` runs): ONNX Runtime's quantizer reads and writes
-    files, so it works in a temporary folder of its own; ``model`` is left as it was."""
+) -> tuple[onnx.ModelProto, list[dict[str, Any]]]:
+    """``model`` quantized to int8 (the pass ``optimize`` runs), and its embedding tables (see
+    :func:`quantize`): ONNX Runtime's quantizer reads and writes files, so it works in a temporary folder
+    of its own; ``model`` is left as it was."""
     with tempfile.TemporaryDirectory(prefix="onnxserve-int8-") as work:
         src, dst = Path(work) / "model.onnx", Path(work) / "int8.onnx"
         onnx.save(model, str(src))
-        quantize(src, dst, settings, samples, exclude)
-        return onnx.load(str(dst))
+        tables = quantize(src, dst, settings, samples, exclude)
+        return onnx.load(str(dst)), tables

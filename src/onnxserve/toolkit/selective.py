@@ -4,14 +4,23 @@ Per-channel int8 of every MatMul is blunt: a few nodes (often an outlier-heavy p
 or last layer, attention scores) carry most of the error. The search:
 
 1. quantize everything; if the worst case on the *search* split keeps the budget, done;
-2. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
+2. else every MatMul in block-wise int8 (:mod:`onnxserve.toolkit.blockwise_quantization`: one scale per
+   128, else per 32, values of the weight and of the input, instead of one per input tensor), the
+   other candidates (small Gathers, Convs, ...) in float: if that keeps the budget, done;
+3. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
    and weights are rounded the way ONNX Runtime's quantizer rounds them (weights symmetric int8 per
    output channel, 7-bit where ``reduce_range``; activations asymmetric uint8 per tensor), measured on
    the float model's real intermediate values for the search inputs (worst over inputs);
-3. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
+4. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
    to the fewest; each candidate is really quantized and measured, the ranking only orders the tries;
-4. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
-   int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds.
+5. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
+   int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds;
+6. size again: the MatMuls still in float are tried in block-wise int8 (all of them; blocks of 128,
+   else 32), kept so only if the budget holds.
+
+A Gather over a large embedding table is a candidate like the others, but its int8 form is per-row
+(:mod:`onnxserve.toolkit.embedding_quantization`), and so is the rounding its sensitivity is measured
+with; which tables ended in int8, and their sizes, are reported.
 
 A result that needs every quantizable node in float is no int8 model: the search reports failure.
 The chosen model is then checked on the *held-out* split by the caller (:mod:`onnxserve.toolkit.optimize`).
@@ -20,7 +29,7 @@ The chosen model is then checked on the *held-out* split by the caller (:mod:`on
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,9 @@ import numpy.typing as npt
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxserve.errors import OptimizeError
+from onnxserve.toolkit.blockwise_quantization import BLOCKS
+from onnxserve.toolkit.embedding_quantization import embedding_tables, row_error
 from onnxserve.toolkit.evaluation import Accuracy, AccuracyBudget, compare_models, open_session, session_runner
 from onnxserve.toolkit.quantize import QuantizeSettings, quantize
 from onnxserve.toolkit.samples import Samples
@@ -49,11 +61,14 @@ class Trial:
     float_nodes: int
     accuracy: dict[str, Any]
     passed: bool
+    blockwise_nodes: int = 0  # of the float_nodes, how many were block-wise int8
+    block: int | None = None  # their values per scale
 
 
 @dataclass
 class Selection:
-    """What the search chose: the model, the nodes kept in float (most sensitive first)."""
+    """What the search chose: the model, the nodes kept in float (most sensitive first) and those
+    kept out of per-tensor int8 in block-wise int8."""
 
     model: onnx.ModelProto
     float_nodes: list[str]
@@ -62,15 +77,32 @@ class Selection:
     accuracy: Accuracy  # on the search split
     sensitivity: dict[str, float] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)  # embedding tables: size, int8 or not
+    blockwise_nodes: list[str] = field(default_factory=list)
+    block: int | None = None  # values per scale of the block-wise nodes
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "float_nodes": self.float_nodes,
+            "blockwise_int8_nodes": self.blockwise_nodes,
+            "blockwise_block": self.block,
             "quantizable_nodes": self.candidates,
             "passed_on_search_split": self.passed,
             "search_accuracy": self.accuracy.to_dict(),
-            "sensitivity": {n: self.sensitivity[n] for n in self.float_nodes if n in self.sensitivity},
-            "trials": [{"float_nodes": t.float_nodes, "passed": t.passed, **t.accuracy} for t in self.trials],
+            "sensitivity": {
+                n: self.sensitivity[n] for n in [*self.float_nodes, *self.blockwise_nodes] if n in self.sensitivity
+            },
+            "trials": [
+                {
+                    "float_nodes": t.float_nodes,
+                    "blockwise_nodes": t.blockwise_nodes,
+                    "block": t.block,
+                    "passed": t.passed,
+                    **t.accuracy,
+                }
+                for t in self.trials
+            ],
+            "embedding_tables": self.tables,
         }
 
 
@@ -136,6 +168,7 @@ def sensitivity(
     """Each node's own relative output error under int8 rounding, worst over the sample inputs."""
     model = onnx.load(str(model_file))
     weights = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    per_row = {t.name for t in embedding_tables(model)}
     nodes = {n.name: n for n in model.graph.node if n.name in set(names)}
     wanted: list[str] = []
     present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
@@ -158,7 +191,7 @@ def sensitivity(
             if k in wanted and np.asarray(v).dtype.kind == "f"
         }
         for name, node in nodes.items():
-            scores[name] = max(scores[name], _node_error(node, values, weights, reduce_range))
+            scores[name] = max(scores[name], _node_error(node, values, weights, reduce_range, per_row))
     probe.unlink(missing_ok=True)
     return scores
 
@@ -168,6 +201,7 @@ def _node_error(
     values: dict[str, npt.NDArray[Any]],
     weights: dict[str, npt.NDArray[Any]],
     reduce_range: bool,
+    per_row: Collection[str] = (),
 ) -> float:
     op = node.op_type
     if op in ("MatMul", "Gemm", "Attention"):
@@ -188,7 +222,9 @@ def _node_error(
             return _relative(b, qb)
     # Conv, Gather, LSTM, EmbedLayerNormalization: the rounding error of their float weights
     errors = [
-        _relative(weights[w], _fake_weight(weights[w], 0 if op == "Conv" else None, reduce_range))
+        row_error(weights[w])
+        if w in per_row
+        else _relative(weights[w], _fake_weight(weights[w], 0 if op == "Conv" else None, reduce_range))
         for w in node.input
         if w in weights and weights[w].ndim >= 2
     ]
@@ -226,19 +262,39 @@ def _search(
     named = name_nodes(model_file, work / "named.onnx")
     candidates = quantizable(onnx.load_model(str(named), load_external_data=False))
     trials: list[Trial] = []
+    tables: dict[Path, list[dict[str, Any]]] = {}  # each try's embedding tables
 
-    def trial(exclude: list[str]) -> tuple[Path, Accuracy, bool]:
+    def trial(
+        exclude: list[str], blockwise: list[str] | None = None, block: int = BLOCKS[-1]
+    ) -> tuple[Path, Accuracy, bool]:
         out = work / f"selective-{len(trials)}.onnx"
-        step(f"int8: trying with {len(exclude)} of {len(candidates)} nodes in float")
-        quantize(named, out, settings, calibration, exclude)
+        blockwise = blockwise or []
+        step(f"int8: trying with {len(exclude)} of {len(candidates)} nodes out of int8, {len(blockwise)} block-wise")
+        tables[out] = quantize(named, out, settings, calibration, exclude, blockwise, block)
         accuracy = compare_models(named, out, search, task)
         passed = not budget.violations(accuracy)
-        trials.append(Trial(len(exclude), _brief(accuracy), passed))
+        trials.append(Trial(len(exclude), _brief(accuracy), passed, len(blockwise), block if blockwise else None))
         return out, accuracy, passed
 
     full, full_accuracy, passed = trial([])
     if passed or not candidates:
-        return Selection(onnx.load(str(full)), [], len(candidates), passed, full_accuracy, {}, trials)
+        return Selection(onnx.load(str(full)), [], len(candidates), passed, full_accuracy, {}, trials, tables[full])
+    rewritable = _matmuls(named)
+    table_readers = {
+        n for t in embedding_tables(onnx.load_model(str(named), load_external_data=False)) for n in t.nodes
+    }
+    others = [n for n in candidates if n not in table_readers]  # the tables stay per-row int8
+    blockwise = [n for n in others if n in rewritable]
+    for block in BLOCKS if blockwise else ():  # every MatMul block-wise int8, other candidates float
+        try:
+            out, accuracy, passed = trial(others, blockwise, block)
+        except OptimizeError:  # ONNX Runtime's block-wise quantizer could not rewrite this graph
+            break
+        if passed:
+            floats = [n for n in others if n not in rewritable]
+            return Selection(
+                onnx.load(str(out)), floats, len(candidates), True, accuracy, {}, trials, tables[out], blockwise, block
+            )
     step(f"int8: measuring the sensitivity of {len(candidates)} nodes")
     scores = sensitivity(named, candidates, search, work, settings.reduce_range)
     ranking = sorted(candidates, key=lambda n: -scores.get(n, 0.0))
@@ -251,7 +307,7 @@ def _search(
             break
         failing, k = k, k * 2
     if best is None:  # only an all-float model would keep the budget: that is no int8 model
-        return Selection(onnx.load(str(full)), [], len(candidates), False, full_accuracy, scores, trials)
+        return Selection(onnx.load(str(full)), [], len(candidates), False, full_accuracy, scores, trials, tables[full])
     while best[0] - failing > 1:
         middle = (failing + best[0]) // 2
         out, accuracy, passed = trial(ranking[:middle])
@@ -269,7 +325,37 @@ def _search(
         tried, tried_accuracy, passed = trial(fewer)
         if passed:
             kept, out, accuracy = fewer, tried, tried_accuracy
-    return Selection(onnx.load(str(out)), kept, len(candidates), True, accuracy, scores, trials)
+    matmuls = [n for n in kept if n in rewritable]  # the MatMuls still in float: block-wise int8?
+    chosen: list[str] = []
+    chosen_block = None
+    for block in BLOCKS if matmuls else ():
+        try:
+            tried, tried_accuracy, passed = trial(kept, matmuls, block)
+        except OptimizeError:
+            break
+        if passed:
+            chosen, chosen_block, out, accuracy = matmuls, block, tried, tried_accuracy
+            break
+    float_nodes = [n for n in kept if n not in chosen]
+    return Selection(
+        onnx.load(str(out)),
+        float_nodes,
+        len(candidates),
+        True,
+        accuracy,
+        scores,
+        trials,
+        tables[out],
+        chosen,
+        chosen_block,
+    )
+
+
+def _matmuls(model_file: Path) -> set[str]:
+    """The MatMuls with a constant 2-D float weight: those block-wise int8 can rewrite."""
+    model = onnx.load_model(str(model_file), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2}
+    return {n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights}
 
 
 def _weight_bytes(model_file: Path) -> dict[str, int]:
