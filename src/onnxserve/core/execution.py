@@ -8,6 +8,7 @@ longest sequence, run, post-processed, and split back so that each caller receiv
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from onnxserve.core.types import TensorSpec
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
 
 Arrays = dict[str, npt.NDArray[Any]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -85,6 +88,17 @@ def run_batch(
     merged_at = time.perf_counter_ns()
     outputs = session.run(feeds, first.fetch, control, *_limits(works))
     ran_at = time.perf_counter_ns()
+    rows = sum(w.rows for w in works)
+    if len(works) > 1 and any(array.ndim == 0 or array.shape[0] != rows for array in outputs.values()):
+        # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
+        # a merged answer cannot be split between the callers, so each runs alone, as it would have unmerged.
+        log.warning(
+            "model %s: outputs of %d merged requests do not have their %d rows; ran them one by one",
+            session.name,
+            len(works),
+            rows,
+        )
+        return [run_batch(session, [work], control, pipeline, output_specs)[0] for work in works]
     parts = _split(outputs, [w.rows for w in works])
     done = time.perf_counter_ns()
     return [Outcome(part, merged_at - start, ran_at - merged_at, done - ran_at) for part in parts]
