@@ -1,7 +1,8 @@
 """The default layout adapts to the load (issue #18): a config that sets none of ``max_batch_size``,
 ``instance_count``, ``dynamic_batching`` and the intra-op threads gets ONE session per version, run by up
-to as many threads at once as the process has CPUs, and (when the graph has one dynamic batch dimension)
-a batcher that takes whatever is queued the moment a slot frees, without waiting. A config that sets any
+to as many threads at once as the process has CPUs, and (a text model whose graph has one dynamic batch
+dimension) a batcher that takes whatever is queued the moment a slot frees, without waiting. Tensor-only
+models run side by side but never merge: their rows may depend on each other. A config that sets any
 of those keeps exactly what it set.
 
 What ran is read from the scheduler (which session each slot runs) and from the V2 statistics
@@ -27,7 +28,7 @@ from onnxserve.config import DynamicBatching, ServerConfig, parse_config
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Work, run_batch
-from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS
+from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS, ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
@@ -90,17 +91,13 @@ async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
         await asyncio.sleep(0.002)
 
 
-def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_batch_size_0(
-    serve: Callable[..., RunningServer],
-) -> None:
+def test_the_default_is_one_session_run_side_by_side(serve: Callable[..., RunningServer]) -> None:
+    """A tensor model: one session, one slot per CPU, and requests never merged (its graph's rows may
+    depend on each other, which the server cannot see)."""
     server = serve()
     version = server.service.registry.resolve("paced", None)
     scheduler = version.scheduler
-    assert isinstance(scheduler, DynamicBatcher)
-    assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
-    assert scheduler.settings.max_queue_delay_us == 0
-    assert scheduler.gather_us == ADAPTIVE_GATHER_US
-    assert not scheduler.settings.preferred_batch_sizes
+    assert isinstance(scheduler, DirectScheduler), "a tensor-only model's requests are not merged by default"
     sessions = scheduler.pool.sessions
     assert len(sessions) == cpu_budget(), "one slot per CPU"
     assert all(s is sessions[0] for s in sessions), "every slot runs the same session: the weights are loaded once"
@@ -112,6 +109,49 @@ def test_the_default_is_one_session_run_side_by_side_with_batching_behind_max_ba
     answer = httpx.post(f"{server.http_url}/v2/models/paced/infer", json=body(*rows), timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()["outputs"][0]["data"] == rows
+
+
+def test_a_text_model_merges_by_default(tiny_text_version: Path) -> None:
+    """A text model (a tokenizer beside an encoder whose inputs and outputs share the batch dimension):
+    the same session and slots, and a zero-delay batcher of up to 32 rows and a token budget; texts sent
+    side by side get the embedding each gets alone."""
+    document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
+    config: ServerConfig = parse_config(document, "adaptive layout test", tiny_text_version.parent)
+    server = start_in_background(config, ServerSettings(http_port=0, grpc_port=0, log_level="warning"))
+    try:
+        scheduler = server.service.registry.resolve("tiny", None).scheduler
+        assert isinstance(scheduler, DynamicBatcher)
+        assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
+        assert scheduler.settings.max_queue_delay_us == 0
+        assert scheduler.settings.max_batch_tokens == ADAPTIVE_MAX_TOKENS
+        assert scheduler.gather_us == ADAPTIVE_GATHER_US
+        assert not scheduler.settings.preferred_batch_sizes
+        assert all(s is scheduler.pool.sessions[0] for s in scheduler.pool.sessions)
+        assert httpx.get(f"{server.http_url}/v2/models/tiny/config").json()["max_batch_size"] == 0
+        url = f"{server.http_url}/v2/models/tiny/infer"
+        texts = ["hello", "the quick brown fox jumps over the lazy dog " * 3, "a", "what is this?"]
+
+        def embed(client: httpx.Client, text: str) -> list[float]:
+            answer = client.post(
+                url, json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+            )
+            assert answer.status_code == 200, answer.text
+            data: list[float] = answer.json()["outputs"][0]["data"]
+            return data
+
+        with httpx.Client(timeout=60) as client:
+            alone = {t: np.array(embed(client, t)) for t in texts}
+
+        async def side_by_side() -> list[list[float]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                bodies = [{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t]}]} for t in texts]
+                answers = await asyncio.gather(*(client.post(url, json=b) for b in bodies * 8))
+                return [a.json()["outputs"][0]["data"] for a in answers]
+
+        for text, got in zip(texts * 8, asyncio.run(side_by_side()), strict=True):
+            np.testing.assert_allclose(np.array(got), alone[text], atol=1e-5)
+    finally:
+        server.stop()
 
 
 def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) -> None:
@@ -127,34 +167,43 @@ def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) 
     assert scheduler.pool.executions[0] == 5, "under light load every run comes from the same thread"
 
 
-def test_a_queue_that_built_up_behind_busy_slots_runs_merged(serve: Callable[..., RunningServer]) -> None:
-    """Every slot held by a blocker, 6 one-row requests queue; when the blockers' clients hang up (their runs
-    are stopped), the freed slots take the whole queue in merged runs, and each caller gets its own row."""
-    server = serve()
-    scheduler = server.service.registry.resolve("paced", None).scheduler
-    assert isinstance(scheduler, DynamicBatcher)
-    slots = len(scheduler.pool.sessions)
-    url = f"{server.http_url}/v2/models/paced/infer"
+def test_a_queue_that_built_up_behind_busy_slots_runs_merged(repository: Path) -> None:
+    """The adaptive batcher over one session with two slots, both held by blockers, 6 one-row requests
+    queue; when the blockers' callers leave (their runs are stopped), the freed slots take the whole queue
+    in merged runs, and each caller gets its own row."""
+    session = ModelSession(repository / "paced" / "1" / "model.onnx", name="paced")
+    slots = 2
+    pool = InstancePool([session] * slots, "paced", sticky=True)
+    sizes: list[int] = []
+    run = partial(run_batch, pipeline=None, output_specs=session.outputs)
+    batcher = DynamicBatcher(
+        pool, run, lambda size, _: sizes.append(size), ADAPTIVE_MAX_ROWS, DynamicBatching(), "paced"
+    )
     count = 6
 
-    async def scenario() -> list[httpx.Response]:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=count + slots)) as client:
-            blockers = []
-            for _ in range(slots):
-                blockers.append(asyncio.create_task(client.post(url, json=body(FOREVER))))
-                await until(lambda: sum(scheduler.pool.busy) == len(blockers))
-            burst = [asyncio.create_task(client.post(url, json=body(float(i)))) for i in range(1, count + 1)]
-            await until(lambda: scheduler.queued() == count)
-            assert all(scheduler.pool.busy), "a blocker ended before the burst had queued"
-            for blocker in blockers:
-                blocker.cancel()
-            return list(await asyncio.gather(*burst))
+    def work(value: float) -> Work:
+        return Work(["y"], 1, feeds={"x": np.array([[value]], dtype=np.float32)})
 
-    responses = asyncio.run(scenario())
-    assert [r.json()["outputs"][0]["data"] for r in responses] == [[float(i)] for i in range(1, count + 1)]
-    sizes = batch_sizes(server)
-    assert sum(size * n for size, n in sizes.items()) == count, "the stopped blockers are not executions"
-    assert sum(sizes.values()) <= slots, f"the queue should go in at most one run per slot: {sizes}"
+    async def scenario() -> list[float]:
+        blockers = []
+        for _ in range(slots):
+            blockers.append(asyncio.create_task(batcher.submit(work(FOREVER))))
+            await until(lambda: sum(pool.busy) == len(blockers))
+        burst = [asyncio.create_task(batcher.submit(work(float(i)))) for i in range(1, count + 1)]
+        await until(lambda: batcher.queued() == count)
+        assert all(pool.busy), "a blocker ended before the burst had queued"
+        for blocker in blockers:
+            blocker.cancel()
+        answers = await asyncio.gather(*burst)
+        await batcher.stop()
+        return [float(a.outcome.outputs["y"][0, 0]) for a in answers]
+
+    try:
+        assert asyncio.run(scenario()) == [float(i) for i in range(1, count + 1)]
+    finally:
+        pool.close()
+    assert sum(sizes) == count, "the stopped blockers are not executions"
+    assert len(sizes) <= slots, f"the queue should go in at most one run per slot: {sizes}"
     assert max(sizes) >= count // slots
 
 
@@ -202,7 +251,7 @@ def test_a_graph_without_one_named_batch_dimension_is_not_merged(serve: Callable
 def test_spinning_set_by_hand_keeps_the_default_layout(serve: Callable[..., RunningServer]) -> None:
     server = serve(session_options={"intra_op_allow_spinning": True})
     scheduler = server.service.registry.resolve("paced", None).scheduler
-    assert isinstance(scheduler, DynamicBatcher)
+    assert len(scheduler.pool.sessions) == cpu_budget()
     session = scheduler.pool.sessions[0]
     assert session.ort_options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
 

@@ -68,6 +68,9 @@ class ModelVersion:
 ADAPTIVE_MAX_ROWS = 32
 """The adaptive layout's largest merged run, in rows (a larger request still runs, alone)."""
 
+ADAPTIVE_MAX_TOKENS = 8192
+"""The adaptive layout's largest merged text run, in rows x longest sequence (long texts merge fewer)."""
+
 ADAPTIVE_GATHER_US = 2000
 """The adaptive layout's batcher: how long a batch that could go waits for texts being tokenized, while
 another run keeps the cores busy (a tokenization takes well under a millisecond)."""
@@ -172,13 +175,20 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)
-    merged_rows = ADAPTIVE_MAX_ROWS if chosen.adaptive and can_batch(first) else 0
+    # Only text models merge by default: their graph is an encoder the pipeline already runs on many
+    # texts at once, rows independent. An arbitrary tensor graph may mix its rows (a Gather or a
+    # reverse along the batch, a cumulative sum, a normalization over it): merging strangers' requests
+    # there would hand one caller another's rows, so such models merge only when max_batch_size says so.
+    merged_rows = ADAPTIVE_MAX_ROWS if chosen.adaptive and pipeline is not None and can_batch(first) else 0
+    batching = config.dynamic_batching
+    if merged_rows and not batching.max_batch_tokens:
+        batching = batching.model_copy(update={"max_batch_tokens": ADAPTIVE_MAX_TOKENS})
     if chosen.adaptive:
         log.info(
             "model %s: adaptive layout: 1 session, up to %d runs at once%s",
             name,
             chosen.slots,
-            f", requests merged up to {merged_rows} rows" if merged_rows else " (the graph cannot batch)",
+            f", requests merged up to {merged_rows} rows" if merged_rows else ", requests not merged",
         )
     stats = ModelStatistics()
     pool = InstancePool(sessions * chosen.slots if chosen.adaptive else sessions, name, sticky=chosen.adaptive)
@@ -196,9 +206,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         # batches side by side), except that while another run keeps the cores busy it waits a moment
         # for texts that are being tokenized.
         gather = ADAPTIVE_GATHER_US if merged_rows else 0
-        scheduler = DynamicBatcher(
-            pool, run, on_execution, max_batch_size or merged_rows, config.dynamic_batching, name, gather
-        )
+        scheduler = DynamicBatcher(pool, run, on_execution, max_batch_size or merged_rows, batching, name, gather)
     else:
         scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
     return ModelVersion(

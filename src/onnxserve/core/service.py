@@ -387,7 +387,7 @@ class InferenceService:
             id=request.id,
             parameters={"truncated": outcome.truncated} if outcome.truncated else {},
         )
-        rows = work.rows if model.max_batch_size > 0 else 1
+        rows = work.rows if model.batches_rows else 1
         input_ns = tokenize_ns + outcome.input_ns
         total = time.perf_counter_ns() - started
         model.stats.record_success(rows, scheduled.queue_ns, input_ns, outcome.infer_ns, outcome.output_ns, total)
