@@ -15,6 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import h2.settings
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVER_READY = "/inference.GRPCInferenceService/ServerReady"
@@ -44,11 +45,14 @@ class RawGrpcConnection:
     port: int
     calls: dict[int, CallOutcome] = field(default_factory=dict)
     closed: bool = False
+    reads: bool = True  # False: a client that never opens a flow-control window for the server's answers
 
     def __post_init__(self) -> None:
         self.sock = socket.create_connection((self.host, self.port), timeout=5)
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.initiate_connection()
+        if not self.reads:
+            self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
         self.flush()
 
     def flush(self) -> None:
@@ -165,7 +169,8 @@ class RawGrpcConnection:
             if outcome is not None:
                 outcome.reset = True
         elif isinstance(event, h2.events.DataReceived):
-            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if self.reads:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             outcome = self.calls.get(event.stream_id)
             if outcome is not None:
                 outcome.received += len(event.data)

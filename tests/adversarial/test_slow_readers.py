@@ -19,6 +19,7 @@ import grpc
 import pytest
 import requests
 from harness import CappedServer, serve_capped
+from raw_h2 import RawGrpcConnection
 from watch import Watch
 
 from models import value_sized_models, write_version
@@ -172,3 +173,42 @@ def test_an_answer_larger_than_the_budget_is_sent_when_nothing_else_is_in_flight
         tfs = requests.post(f"{small_budget.http_url}/v1/models/fill:predict", json={"inputs": [ELEMENTS]}, timeout=60)
         assert tfs.status_code == 200, tfs.text[:200]
         assert len(_grpc_fill(small_budget, ELEMENTS).outputs[0].contents.fp32_contents) == ELEMENTS
+
+
+def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(server: CappedServer) -> None:
+    """Raw HTTP/2 calls for 16 MiB answers whose client never grants flow-control window: grpc keeps each
+    serialized answer as long as the call lasts, so the answer stays in the budget until the call ends;
+    once the answers' room is full the next large answers are refused, and small calls, probes and the
+    budget (once the clients leave) come back."""
+    base = server.rss_bytes()
+    message = pb.ModelInferRequest(model_name="fill")
+    message.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(ELEMENTS)
+    message.outputs.add(name="y")
+    payload = message.SerializeToString()
+    connections = [RawGrpcConnection(server.host, server.grpc_port, reads=False) for _ in range(READERS)]
+    try:
+        for connection in connections:
+            stream_id = connection.open_call()
+            connection.send_whole(stream_id, payload)
+        calls = [(c, sid) for c in connections for sid in c.calls]
+
+        def refused() -> int:
+            for connection in connections:
+                connection.pump(0.05)
+            return sum(1 for c, sid in calls if c.calls[sid].status == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+        wait_until(lambda: refused() >= READERS - ANSWER_ROOM // (ELEMENTS * 4), timeout=120)
+        assert server.probe_seconds() < PROBE_BOUND * 5
+        assert list(_grpc_fill(server, 3).outputs[0].contents.fp32_contents) == [1.0, 1.0, 1.0]
+        with pytest.raises(grpc.RpcError) as over:
+            _grpc_fill(server, ELEMENTS)
+        assert over.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ANSWER_MESSAGE in str(over.value.details())
+        # Each held answer costs a few times its size (our message, grpc's serialized copy, what the allocator
+        # keeps of the runs); 40 unbounded ones took 2.4 GB before answers were held until their call ended.
+        assert server.rss_bytes() - base < 4 * BUDGET, "the held answers are bounded by the budget"
+    finally:
+        for connection in connections:
+            connection.close()
+    wait_until(lambda: isinstance(_try_grpc_fill(server, ELEMENTS), pb.ModelInferResponse), timeout=60)
+    assert server.alive()

@@ -465,13 +465,21 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
         async def receive_then_answer(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
             held, request = await self._receive(ctx)
-            hold = Hold(self.budget, held)  # the message, then also the answer, until grpc has the answer
+            hold = Hold(self.budget, held)  # the message, then also the answer, until the call has ended
             token = holding(hold)
+            answered = False
             try:
-                return await unary_behaviour(request, ctx)
+                answer = await unary_behaviour(request, ctx)
+                answered = True
+                return answer
             finally:
                 stop_holding(token)
-                hold.release()
+                if answered:
+                    # grpc keeps the serialized answer until the client has taken it (a client that never
+                    # opens its flow-control window keeps it as long as it stays): held until the call ends.
+                    ctx.add_done_callback(lambda _call: hold.release())
+                else:
+                    hold.release()
 
         return grpc.stream_unary_rpc_method_handler(
             receive_then_answer, request_deserializer=sized, response_serializer=handler.response_serializer
