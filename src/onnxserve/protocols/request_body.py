@@ -31,6 +31,7 @@ The endpoint then sees the decoded body as if it had been sent plain (``Content-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import reprlib
 import zlib
@@ -155,7 +156,10 @@ def _sent_before_release(send: Send) -> Send:
             and len(message.get("body", b"")) >= SENT_BEFORE_RELEASE_BYTES
         ):
             await send({**message, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # A client cut by the body timeout meanwhile: its transport is closed and there is nothing left
+            # to finish (asyncio says so with RuntimeError); no traceback for an ordinary hang-up.
+            with contextlib.suppress(RuntimeError, ConnectionError):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         await send(message)
 

@@ -103,6 +103,23 @@ class JsonFormatter(logging.Formatter):
 _UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+class ClientGoneFilter(logging.Filter):
+    """grpc logs an ERROR with a traceback when it cannot send an answer because its client has gone
+    (``ExecuteBatchError``): an ordinary hang-up, which any client could use to flood the log. It is
+    kept as one DEBUG line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = "a gRPC answer was not sent: its client had gone", ()
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_CLIENT_GONE = ClientGoneFilter()
+
+
 def configure_logging(log_format: LogFormat, level: str, stream: TextIO | None = None) -> logging.Handler:
     """Send every log record to ``stream`` (stderr) in ``log_format``, replacing the root logger's handlers."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
@@ -114,5 +131,8 @@ def configure_logging(log_format: LogFormat, level: str, stream: TextIO | None =
         old.close()
     root.addHandler(handler)
     root.setLevel(level.upper())
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    if _CLIENT_GONE not in cygrpc.filters:
+        cygrpc.addFilter(_CLIENT_GONE)
     logging.captureWarnings(True)
     return handler
