@@ -12,7 +12,7 @@ from onnx.parser import parse_model
 
 from onnxserve.core import runtime
 from onnxserve.core.runtime import ModelSession
-from onnxserve.errors import TooLargeError
+from onnxserve.errors import InferenceError, TooLargeError
 
 
 def _session(tmp_path: Path, text: str) -> ModelSession:
@@ -82,3 +82,40 @@ def test_text_outputs_of_a_model_with_text_inputs_stop_converting_at_the_limit(t
     with pytest.raises(TooLargeError, match="the response would be more than 415 bytes of output tensors"):
         session.run({"x": x, "n": np.array([4])}, max_output_bytes=415)
     assert session.run({"x": x, "n": np.array([4])})["y"].shape == (4,)  # no limit
+
+
+_TEN_TEXTS = (
+    "ten_texts (int64[1] n) => ("
+    + ", ".join(f"string[k] y{i}" for i in range(10))
+    + ') {\n    c = Constant <value = string[1] {"ab"}> ()\n'
+    + "".join(f"    y{i} = Tile(c, n)\n" for i in range(10))
+    + "}"
+)
+
+
+def test_bytes_elements_are_counted_over_all_outputs(tmp_path: Path) -> None:
+    """Ten outputs of many short strings: each is under the element limit, together they are not (each
+    element would be a Python object)."""
+    session = _session(tmp_path, _TEN_TEXTS)
+    outputs = session.run({"n": np.array([2])}, max_output_bytes=1 << 20, max_bytes_elements=20)
+    assert [outputs[f"y{i}"].tolist() for i in range(10)] == [[b"ab", b"ab"]] * 10
+    with pytest.raises(TooLargeError, match="the outputs up to 'y6' have 21 BYTES elements, more than the 20"):
+        session.run({"n": np.array([3])}, max_output_bytes=1 << 20, max_bytes_elements=20)
+
+
+_NOT_UTF8 = """not_utf8 (int64[1] n) => (string[k] y) {
+    c = Constant <value = string[1] {"ab"}> ()
+    y = Tile(c, n)
+}"""
+
+
+def test_a_text_output_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    model = parse_model('<ir_version: 8, opset_import: ["" : 17]>\n' + _NOT_UTF8)
+    model.graph.node[0].attribute[0].t.string_data[0] = b"\xff\xfe\x80abc"
+    path = tmp_path / "not_utf8.onnx"
+    onnx.save(model, str(path))
+    session = ModelSession(path)
+    with pytest.raises(InferenceError, match="a text output holds bytes that are not UTF-8"):
+        session.run({"n": np.array([2])}, max_output_bytes=1 << 20)
+    with pytest.raises(InferenceError, match="not UTF-8"):
+        session.run({"n": np.array([2])})

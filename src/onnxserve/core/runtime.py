@@ -222,7 +222,7 @@ class ModelSession:
 
         The outputs' shapes are checked while they are still ONNX Runtime's values, before any becomes a
         numpy array or Python objects: more than ``max_output_bytes`` (0: no limit) in all, more than
-        ``max_bytes_elements`` elements in one BYTES output, or a dimension no answer can have is a
+        ``max_bytes_elements`` BYTES elements in all outputs, or a dimension no answer can have is a
         ``TooLargeError``."""
         names = list(output_names) if output_names else [o.name for o in self.outputs]
         ort_feeds = {name: _to_ort(name, array) for name, array in feeds.items()}
@@ -283,6 +283,12 @@ class ModelSession:
             arrays = values = []
             give_back_free_memory()
             raise _run_error(self.name, e, control) from None
+        except UnicodeDecodeError:
+            arrays = values = []
+            raise InferenceError(
+                f"model {self.name}: a text output holds bytes that are not UTF-8, which ONNX Runtime's Python "
+                "API cannot hand over; the model must output UTF-8 text (or numbers)"
+            ) from None
 
     def _refusal(
         self,
@@ -295,6 +301,7 @@ class ModelSession:
         at: from shapes, and the exact text lengths where ONNX Runtime's strings could be read."""
         itemsizes = self._itemsizes
         total = 0
+        elements = 0  # BYTES elements of all outputs: each becomes a Python object
         for name, (shape, is_bytes, text_bytes) in zip(names, shapes, strict=True):
             count = math.prod(shape)
             if any(d > MAX_ELEMENTS for d in shape) or count > MAX_ELEMENTS:
@@ -302,9 +309,11 @@ class ModelSession:
                     f"model {self.name}: output {name!r} has shape {list(shape)}, larger than any answer can be "
                     "(--max-response-bytes); ask for less (smaller input values, fewer outputs)"
                 ), total
-            if is_bytes and count > max_bytes_elements:
+            elements += count if is_bytes else 0
+            if is_bytes and elements > max_bytes_elements:
+                held = f"output {name!r} has" if elements == count else f"the outputs up to {name!r} have"
                 return TooLargeError(
-                    f"model {self.name}: output {name!r} has {count} BYTES elements, more than the "
+                    f"model {self.name}: {held} {elements} BYTES elements, more than the "
                     f"{max_bytes_elements} one answer may hold (--max-response-bytes); ask for less (smaller "
                     "input values, fewer outputs)"
                 ), total
