@@ -8,7 +8,8 @@ request ends. A request that does not fit is refused at once (HTTP 503 / TF Serv
 are still arriving, whatever the clients announce.
 
 Answers count in the same budget, from before they are encoded until they have been sent (HTTP:
-written to the connection; gRPC: handed to grpc), in the request's :class:`Hold`: a request whose
+written to the connection; gRPC: the unary call has ended, a streamed answer handed to grpc),
+in the request's :class:`Hold`: a request whose
 answer does not fit now is refused the same way instead of being encoded, so clients that read large
 answers slowly cannot make the server hold more than the budget of them either.
 """
@@ -90,7 +91,8 @@ class Hold:
     """The bytes one request holds in the budget: its body (or message), then also its answer.
 
     The answer is counted from before it is encoded (its tensors' size) to when it has been sent (HTTP:
-    written to the connection; gRPC: handed to grpc). Answers of at least ``SMALL_ANSWER_BYTES`` are
+    written to the connection; gRPC: the unary call has ended, a streamed answer handed to grpc).
+    Answers of at least ``SMALL_ANSWER_BYTES`` are
     counted, and only up to the budget's ``answer_room`` (the rest stays free for requests); a request
     holds at most the whole budget, so an answer larger than that is still sent when nothing else is in
     flight.
