@@ -211,4 +211,6 @@ def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(serve
         for connection in connections:
             connection.close()
     wait_until(lambda: isinstance(_try_grpc_fill(server, ELEMENTS), pb.ModelInferResponse), timeout=60)
+    # Refused answers are not kept alive by their refusal's traceback (they once piled up to gigabytes).
+    assert server.rss_bytes() - base < BUDGET, "the refused answers were kept after their calls ended"
     assert server.alive()

@@ -112,12 +112,12 @@ class Hold:
         self.held += size - self.body
         self.body = size
 
-    def hold_answer(self, size: int) -> None:
-        """Count the answer at ``size`` bytes (in place of what it was counted at before); RESOURCE_EXHAUSTED
-        when they do not fit now."""
+    def hold_answer(self, size: int) -> ResourceExhaustedError | None:
+        """Count the answer at ``size`` bytes (in place of what it was counted at before); the
+        RESOURCE_EXHAUSTED refusal to raise when they do not fit now (None: counted)."""
         budget = self.budget
         if budget is None or not budget.limit:
-            return
+            return None
         counted = size if size >= SMALL_ANSWER_BYTES else 0
         wanted = min(self.body + counted, max(budget.limit, self.body))
         extra = wanted - self.held
@@ -126,8 +126,9 @@ class Hold:
         elif budget.held + extra <= budget.answer_room or budget.held == self.held:
             budget.held += extra  # within the answers' room, or alone in the budget
         else:
-            raise answer_over_budget(budget.limit, size)
+            return answer_over_budget(budget.limit, size)
         self.held = wanted
+        return None
 
     def release_answer(self) -> None:
         """The answer has been sent: keep only the body."""
@@ -156,10 +157,12 @@ def stop_holding(token: Token[Hold | None]) -> None:
         _hold.set(None)
 
 
-def hold_answer(size: int) -> None:
+def hold_answer(size: int) -> ResourceExhaustedError | None:
     """Count the answer this request is building at ``size`` bytes in the in-flight budget, before it is
-    built and again once its encoded size is known; RESOURCE_EXHAUSTED when it does not fit now. Nothing
-    to do outside a request that holds bytes (no budget)."""
+    built and again once its encoded size is known; the RESOURCE_EXHAUSTED refusal when it does not fit
+    now (None: counted, or outside a request that holds bytes). The caller raises it, after dropping its
+    own reference to the answer: the refusal's traceback keeps the caller's frame, and a refused answer
+    kept alive by it (until the garbage collector happens to run) is memory outside the budget; that is
+    how refused 64 MB answers once piled up to gigabytes."""
     hold = _hold.get()
-    if hold is not None:
-        hold.hold_answer(size)
+    return hold.hold_answer(size) if hold is not None else None

@@ -90,9 +90,15 @@ def routes(service: InferenceService) -> list[Route]:
         # meta.version pins the version resolved here, so decode and inference see the same model
         decoded = await offload.convert(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
-        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until it is sent
+        # Counted before it is encoded, held until it is sent; a refused answer is dropped before the raise.
+        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+            del response
+            raise refused
         body = await offload.convert(output_bytes(response), codec.encode_predict, response, decoded.rows)
-        inflight.hold_answer(len(body))
+        del response
+        if (refused := inflight.hold_answer(len(body))) is not None:
+            del body
+            raise refused
         return json_body(body)
 
     async def classify(request: Request) -> Response:

@@ -131,17 +131,25 @@ class InferenceServicer:
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
-        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until grpc has it
+        # Counted before it is encoded, held until the call ends; a refused answer is dropped before the raise.
+        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+            del response
+            raise refused
         encoded = await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
+        del response
         size = encoded.ByteSize()
         if self.max_send_bytes and size > self.max_send_bytes:
-            # Refused here with a message that says why, not by grpc with an error in the log.
+            # Refused here with a message that says why, not by grpc with an error in the log (and without
+            # the answer: the error's traceback keeps this frame).
+            del encoded
             raise TooLargeError(
-                f"model {response.model_name!r}: the gRPC response would be {size} bytes, above the "
+                f"model {decoded.request.model_name!r}: the gRPC response would be {size} bytes, above the "
                 f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
                 "less (smaller input values, fewer outputs)"
             )
-        inflight.hold_answer(size)
+        if (refused := inflight.hold_answer(size)) is not None:
+            del encoded
+            raise refused
         return encoded
 
     async def ModelStreamInfer(

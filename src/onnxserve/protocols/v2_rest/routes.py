@@ -85,11 +85,17 @@ def routes(service: InferenceService) -> list[Route]:
             header_length,
         )
         response = await service.infer(decoded.request)
-        inflight.hold_answer(output_bytes(response))  # counted before it is encoded, held until it is sent
+        # Counted before it is encoded, held until it is sent; a refused answer is dropped before the raise.
+        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+            del response
+            raise refused
         payload, json_length = await offload.convert(
             codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded
         )
-        inflight.hold_answer(len(payload))
+        del response
+        if (refused := inflight.hold_answer(len(payload))) is not None:
+            del payload
+            raise refused
         if json_length is None:
             return json_body(payload)
         return Response(
