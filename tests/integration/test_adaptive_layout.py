@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,7 @@ from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Work, run_batch
 from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS, ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
-from onnxserve.server.lifecycle import RunningServer, start_in_background
-from onnxserve.server.settings import ServerSettings
+from onnxserve.server.lifecycle import RunningServer
 
 FOREVER = 1e9
 """A blocker's value: more products than any test waits for (it is always cancelled)."""
@@ -57,22 +56,18 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+StartServer = Callable[[ServerConfig], RunningServer]
+
+
 @pytest.fixture
-def serve(repository: Path) -> Iterator[Callable[..., RunningServer]]:
-    running: list[RunningServer] = []
+def serve(repository: Path, start_server: StartServer) -> Callable[..., RunningServer]:
+    """Serve one model of ``repository`` with the given config entry (conftest's ``start_server``)."""
 
     def start(name: str = "paced", **entry: Any) -> RunningServer:
         document = {"model_config_list": [{"name": name, "base_path": name, **entry}]}
-        config: ServerConfig = parse_config(document, "adaptive layout test", repository)
-        server = start_in_background(
-            config, ServerSettings(http_port=0, grpc_port=0, inference_threads=4, log_level="warning")
-        )
-        running.append(server)
-        return server
+        return start_server(parse_config(document, "adaptive layout test", repository))
 
-    yield start
-    for server in running:
-        server.stop()
+    return start
 
 
 def body(*values: float) -> dict[str, Any]:
@@ -111,47 +106,43 @@ def test_the_default_is_one_session_run_side_by_side(serve: Callable[..., Runnin
     assert answer.json()["outputs"][0]["data"] == rows
 
 
-def test_a_text_model_merges_by_default(tiny_text_version: Path) -> None:
+def test_a_text_model_merges_by_default(tiny_text_version: Path, start_server: StartServer) -> None:
     """A text model (a tokenizer beside an encoder whose inputs and outputs share the batch dimension):
     the same session and slots, and a zero-delay batcher of up to 32 rows and a token budget; texts sent
     side by side get the embedding each gets alone."""
     document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
-    config: ServerConfig = parse_config(document, "adaptive layout test", tiny_text_version.parent)
-    server = start_in_background(config, ServerSettings(http_port=0, grpc_port=0, log_level="warning"))
-    try:
-        scheduler = server.service.registry.resolve("tiny", None).scheduler
-        assert isinstance(scheduler, DynamicBatcher)
-        assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
-        assert scheduler.settings.max_queue_delay_us == 0
-        assert scheduler.settings.max_batch_tokens == ADAPTIVE_MAX_TOKENS
-        assert scheduler.gather_us == ADAPTIVE_GATHER_US
-        assert not scheduler.settings.preferred_batch_sizes
-        assert all(s is scheduler.pool.sessions[0] for s in scheduler.pool.sessions)
-        assert httpx.get(f"{server.http_url}/v2/models/tiny/config").json()["max_batch_size"] == 0
-        url = f"{server.http_url}/v2/models/tiny/infer"
-        texts = ["hello", "the quick brown fox jumps over the lazy dog " * 3, "a", "what is this?"]
+    server = start_server(parse_config(document, "adaptive layout test", tiny_text_version.parent))
+    scheduler = server.service.registry.resolve("tiny", None).scheduler
+    assert isinstance(scheduler, DynamicBatcher)
+    assert scheduler.max_batch_size == ADAPTIVE_MAX_ROWS
+    assert scheduler.settings.max_queue_delay_us == 0
+    assert scheduler.settings.max_batch_tokens == ADAPTIVE_MAX_TOKENS
+    assert scheduler.gather_us == ADAPTIVE_GATHER_US
+    assert not scheduler.settings.preferred_batch_sizes
+    assert all(s is scheduler.pool.sessions[0] for s in scheduler.pool.sessions)
+    assert httpx.get(f"{server.http_url}/v2/models/tiny/config").json()["max_batch_size"] == 0
+    url = f"{server.http_url}/v2/models/tiny/infer"
+    texts = ["hello", "the quick brown fox jumps over the lazy dog " * 3, "a", "what is this?"]
 
-        def embed(client: httpx.Client, text: str) -> list[float]:
-            answer = client.post(
-                url, json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
-            )
-            assert answer.status_code == 200, answer.text
-            data: list[float] = answer.json()["outputs"][0]["data"]
-            return data
+    def embed(client: httpx.Client, text: str) -> list[float]:
+        answer = client.post(
+            url, json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+        )
+        assert answer.status_code == 200, answer.text
+        data: list[float] = answer.json()["outputs"][0]["data"]
+        return data
 
-        with httpx.Client(timeout=60) as client:
-            alone = {t: np.array(embed(client, t)) for t in texts}
+    with httpx.Client(timeout=60) as client:
+        alone = {t: np.array(embed(client, t)) for t in texts}
 
-        async def side_by_side() -> list[list[float]]:
-            async with httpx.AsyncClient(timeout=60) as client:
-                bodies = [{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t]}]} for t in texts]
-                answers = await asyncio.gather(*(client.post(url, json=b) for b in bodies * 8))
-                return [a.json()["outputs"][0]["data"] for a in answers]
+    async def side_by_side() -> list[list[float]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            bodies = [{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t]}]} for t in texts]
+            answers = await asyncio.gather(*(client.post(url, json=b) for b in bodies * 8))
+            return [a.json()["outputs"][0]["data"] for a in answers]
 
-        for text, got in zip(texts * 8, asyncio.run(side_by_side()), strict=True):
-            np.testing.assert_allclose(np.array(got), alone[text], atol=1e-5)
-    finally:
-        server.stop()
+    for text, got in zip(texts * 8, asyncio.run(side_by_side()), strict=True):
+        np.testing.assert_allclose(np.array(got), alone[text], atol=1e-5)
 
 
 def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) -> None:
