@@ -17,8 +17,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import psutil
 import requests
+
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
 HTTP_LINE = re.compile(r"HTTP \(.*\) on https?://([\d.]+):(\d+)")
@@ -107,3 +110,23 @@ class CappedServer:
 def serve_capped(repository: Path, *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> CappedServer:
     """``CappedServer`` over a model repository folder."""
     return CappedServer(["--model-repository", str(repository), *extra], cap_bytes=cap_bytes)
+
+
+def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
+    """One V2 gRPC ModelInfer call to ``target`` with no client-side limit on the answer's size."""
+    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        response: pb.ModelInferResponse = call(request, timeout=timeout)
+        return response
+
+
+def fill_request(n: int, model: str = "fill") -> pb.ModelInferRequest:
+    """A ModelInfer request asking a value-sized model (``value_sized_models``) for ``n`` elements of ``y``."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
+    request.outputs.add(name="y")
+    return request

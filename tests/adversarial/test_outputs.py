@@ -16,7 +16,7 @@ import grpc
 import onnx
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, fill_request, model_infer, serve_capped
 from onnx.parser import parse_model
 from watch import Watch
 
@@ -234,15 +234,7 @@ def test_a_kernel_that_fails_on_the_input_values_is_a_client_error_on_every_prot
 
 def test_a_grpc_answer_exactly_at_the_response_limit_is_sent(server: CappedServer) -> None:
     n = 16 * 1024 * 1024  # FP32: exactly --max-response-bytes (64 MiB), plus the protobuf envelope
-    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_receive_message_length", -1)]) as channel:
-        model_infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        request = pb.ModelInferRequest(model_name="fill")
-        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
-        response = model_infer(request, timeout=120)
+    response = model_infer(server.grpc_target, fill_request(n), timeout=120)
     assert list(response.outputs[0].shape) == [n]
     assert len(response.outputs[0].contents.fp32_contents) == n
     assert "ERROR" not in server.log()

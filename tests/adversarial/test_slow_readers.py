@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, fill_request, model_infer, serve_capped
 from raw_h2 import RawGrpcConnection
 from watch import Watch
 
@@ -84,17 +84,7 @@ def _small_infer(server: CappedServer) -> requests.Response:
 
 
 def _grpc_fill(server: CappedServer, n: int) -> pb.ModelInferResponse:
-    with grpc.insecure_channel(server.grpc_target, options=[("grpc.max_receive_message_length", -1)]) as channel:
-        model_infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        request = pb.ModelInferRequest(model_name="fill")
-        request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
-        request.outputs.add(name="y")
-        response: pb.ModelInferResponse = model_infer(request, timeout=60)
-        return response
+    return model_infer(server.grpc_target, fill_request(n))
 
 
 def _try_grpc_fill(server: CappedServer, n: int) -> pb.ModelInferResponse | grpc.StatusCode:
