@@ -87,6 +87,38 @@ def test_the_poll_never_walks_outside_the_repository_and_forgets_removed_version
         assert server.alive()
 
 
+def test_a_symlink_loop_or_a_deep_tree_in_a_version_folder_is_refused_and_the_poll_goes_on(tmp_path: Path) -> None:
+    # Outside attack: either layout raised an exception the poll did not expect, and polling stopped for good.
+    write_version(tmp_path, "m", 1, add_model())
+    args = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    with serve_capped(tmp_path, *args, cap_bytes=CAP) as server:
+        looped = tmp_path / "m" / "2"
+        looped.mkdir()
+        onnx.save(add_model(), looped / "model.onnx")
+        os.symlink(looped / "l2", looped / "l1")
+        os.symlink(looped / "l1", looped / "l2")
+        deep = tmp_path / "m" / "3"
+        deep.mkdir()
+        onnx.save(add_model(), deep / "model.onnx")
+        chain = [deep / "d"]
+        for _ in range(2000):  # deeper than Python's recursion limit
+            chain[-1].mkdir()
+            chain.append(chain[-1] / "d")
+        _wait_for(lambda: _index(server.http_url) == [("1", "READY"), ("2", "UNAVAILABLE"), ("3", "UNAVAILABLE")])
+        reasons = {
+            e["version"]: e["reason"]
+            for e in requests.post(server.http_url + "/v2/repository/index", json={}, timeout=30).json()
+        }
+        assert "cannot be resolved (a loop)" in reasons["2"]
+        assert "folders nest more than" in reasons["3"]
+        write_version(tmp_path, "later", 1, add_model())  # added afterwards: the poll still runs
+        _wait_for(lambda: requests.get(server.http_url + "/v2/models/later/ready", timeout=30).status_code == 200)
+        assert "Traceback" not in server.log()
+        assert server.alive()
+    for folder in reversed(chain[:-1]):  # shutil.rmtree (and pytest's clean-up) would recurse too deep
+        folder.rmdir()
+
+
 def _weighty_model(megabytes: int) -> onnx.ModelProto:
     """y = x + w with one FP32 initializer of ``megabytes`` MB (a model worth parsing once, not 40 times)."""
     count = megabytes * 1024 * 1024 // 4

@@ -87,12 +87,47 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+MAX_FOLDER_DEPTH = 32
+"""How deep folders may nest inside a version folder; a deeper tree is refused, not walked."""
+
+
+def resolved(path: Path) -> Path | None:
+    """Where ``path`` leads, or None when it cannot be resolved (a symbolic link loop)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+        return None
+
+
 def leads_outside(folder: Path, base_path: Path) -> bool:
-    """Whether a version folder (a symlink, perhaps) resolves anywhere but strictly inside ``base_path``:
-    such a folder is never walked, by the loader or by the repository poll."""
+    """Whether a version folder (a symlink, perhaps) resolves anywhere but strictly inside ``base_path``
+    (or cannot be resolved at all): such a folder is never walked, by the loader or by the repository poll."""
     real_base = base_path.resolve()
-    real = folder.resolve()
-    return not _inside(real, real_base) or real == real_base
+    real = resolved(folder)
+    return real is None or not _inside(real, real_base) or real == real_base
+
+
+def folder_entries(folder: Path) -> Iterator[Path]:
+    """Every entry below ``folder``, folders before what they hold, symbolic links not followed.
+
+    Walked with a stack of its own (no recursion, so no depth makes it fail midway); a folder nested
+    more than :data:`MAX_FOLDER_DEPTH` deep, or one that cannot be listed, is a :class:`ModelLoadError`."""
+    pending = [(folder, 0)]
+    while pending:
+        current, depth = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as e:
+            shown = str(current.relative_to(folder)) or "."
+            raise ModelLoadError(f"{shown!r} cannot be listed ({e.strerror})") from None
+        for entry in entries:
+            path = Path(entry.path)
+            yield path
+            if entry.is_dir(follow_symlinks=False):
+                if depth >= MAX_FOLDER_DEPTH:
+                    raise ModelLoadError(f"folders nest more than {MAX_FOLDER_DEPTH} deep; refused")
+                pending.append((path, depth + 1))
 
 
 def check_version_folder(
@@ -117,9 +152,8 @@ def _check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool) 
     if leads_outside(folder, base_path):
         raise ModelLoadError(f"version folder {folder.name!r} leads outside the model's base_path; refused")
     real = folder.resolve()
-    for parent, folders, files in os.walk(folder, followlinks=False):
-        for name in (*folders, *files):
-            _check_entry(Path(parent) / name, folder, real, allow_hardlinks)
+    for entry in folder_entries(folder):
+        _check_entry(entry, folder, real, allow_hardlinks)
 
 
 def _check_entry(entry: Path, folder: Path, real: Path, allow_hardlinks: bool) -> None:
@@ -129,7 +163,10 @@ def _check_entry(entry: Path, folder: Path, real: Path, allow_hardlinks: bool) -
     except OSError:
         raise ModelLoadError(f"{shown!r} is missing") from None
     if stat.S_ISLNK(info.st_mode):
-        if not _inside(entry.resolve(), real):
+        target = resolved(entry)
+        if target is None:
+            raise ModelLoadError(f"{shown!r} is a symbolic link that cannot be resolved (a loop); refused")
+        if not _inside(target, real):
             raise ModelLoadError(f"{shown!r} is a symbolic link that leads outside the version folder; refused")
         info = entry.stat()  # what it points to, inside the folder (checked as its own entry too)
     if stat.S_ISDIR(info.st_mode):

@@ -246,10 +246,11 @@ class ModelManager:
         log.info("model %s: loading version %d", config.name, folder.version)
         try:
             version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
-        except OnnxServeError as e:
-            self.registry.failures[(config.name, folder.version)] = e.message
+        except Exception as e:  # whatever a version's files make the loader raise is that version's failure
+            message = e.message if isinstance(e, OnnxServeError) else f"{type(e).__name__}: {e}"
+            self.registry.failures[(config.name, folder.version)] = message
             self._failed_signatures[folder.model_file] = await asyncio.to_thread(folder.signature)
-            log.error("model %s: version %d failed to load: %s", config.name, folder.version, e.message)
+            log.error("model %s: version %d failed to load: %s", config.name, folder.version, message)
             return None
         self.registry.failures.pop((config.name, folder.version), None)
         self._failed_signatures.pop(folder.model_file, None)
@@ -350,7 +351,10 @@ class ModelManager:
         while not stop():
             await asyncio.sleep(seconds)
             if not stop():
-                await self.reload()
+                try:
+                    await self.reload()
+                except Exception:  # the poll outlives any one bad round; the next one tries again
+                    log.exception("repository poll: this round failed; polling goes on")
 
     async def close(self) -> None:
         await self._settle()

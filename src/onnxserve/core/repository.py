@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.config import ModelConfig, ServerConfig, parse_config
-from onnxserve.core.confinement import leads_outside
-from onnxserve.errors import ConfigError
+from onnxserve.core.confinement import folder_entries, leads_outside
+from onnxserve.errors import ConfigError, ModelLoadError
 
 MODEL_FILENAME = "model.onnx"
 MODEL_SUFFIX = ".onnx"
@@ -69,7 +68,7 @@ class VersionFolder:
         """A flat version's own files: the model, what is named after it (``model.onnx.data``) and the
         tokenizer and pipeline files beside it; every entry of the folder for a version folder."""
         if not self.flat:
-            return sorted(self.path.rglob("*"))
+            return sorted(folder_entries(self.path))
         own = [self.model_file]
         for entry in sorted(self.path.iterdir()):
             if entry.name != self.model_name and (entry.name.startswith(self.model_name) or entry.name in TEXT_FILES):
@@ -84,23 +83,18 @@ class VersionFolder:
         if not self.flat and leads_outside(self.path, self.path.parent):
             return None
         entries = []
-        for path in self._entries():
-            try:
-                info = path.lstat()
-            except OSError:
-                continue
-            entries.append((str(path.relative_to(self.path)), info.st_size, info.st_mtime_ns))
-            if len(entries) >= MAX_SIGNATURE_ENTRIES:
-                break
+        try:
+            for path in self.files() if self.flat else folder_entries(self.path):
+                try:
+                    info = path.lstat()
+                except OSError:
+                    continue
+                entries.append((str(path.relative_to(self.path)), info.st_size, info.st_mtime_ns))
+                if len(entries) >= MAX_SIGNATURE_ENTRIES:
+                    break
+        except ModelLoadError:
+            pass  # a tree too deep or unreadable: what was read is the signature; loading it says why it is refused
         return tuple(sorted(entries))
-
-    def _entries(self) -> Iterator[Path]:
-        if self.flat:
-            yield from self.files()
-            return
-        for parent, folders, files in os.walk(self.path, followlinks=False):
-            for name in sorted((*folders, *files)):
-                yield Path(parent) / name
 
 
 MAX_VERSION = 2**63 - 1
