@@ -114,3 +114,29 @@ def test_web_api_counts_are_bounded(server: CappedServer) -> None:
     assert "offset must be a whole number" in response.json()["error"]
     normal = requests.post(f"{server.http_url}/v2/models/m/infer", json=V2_BODY, timeout=30)
     assert normal.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/m/versions/" + "a" * 5000,  # no route takes a non-number version there
+        "/no/such/" + "b" * 5000,
+        "/v2/models/" + "c" * 300 + "/ready",
+        "/v1/models/" + "d" * 300 + "/labels/" + "7" * 5000,
+    ],
+)
+def test_error_messages_repeat_client_text_only_in_part(server: CappedServer, path: str) -> None:
+    response = requests.get(server.http_url + path, timeout=30)
+    assert 400 <= response.status_code < 500, response.text[:200]
+    assert len(response.text) < 600, response.text[:600]
+    assert "characters)" in response.text  # says how long the text it cut was
+    assert server.alive()
+
+
+@pytest.mark.parametrize("path", ["/metrics/", "/v2/health/ready/", "/v2/models/m/"])
+def test_a_trailing_slash_is_not_redirected_to_the_clients_host(server: CappedServer, path: str) -> None:
+    # Outside attack: Starlette redirected "/metrics/" to "http://<the Host header>/metrics".
+    response = requests.get(server.http_url + path, headers={"Host": "evil.example"}, allow_redirects=False, timeout=30)
+    assert response.status_code == 404, response.text[:200]
+    assert "location" not in response.headers
+    assert "evil.example" not in response.text

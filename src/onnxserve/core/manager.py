@@ -38,7 +38,7 @@ from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
 from onnxserve.core.observe import VersionRecord
-from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
+from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version, shown
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
 from onnxserve.core.types import ModelState
 from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError
@@ -79,7 +79,7 @@ class Catalog:
             if model.name == name:
                 self._confine(model)
                 return model
-        raise ModelNotFoundError(f"no model {name!r} in the repository")
+        raise ModelNotFoundError(f"no model {shown(name)} in the repository")
 
     def read_for_control(self) -> ServerConfig:
         if self.repository is not None and self.config_file is None:

@@ -229,10 +229,15 @@ SHOWN_CHARACTERS = 40
 """How much of a client's version string an error message repeats."""
 
 
+def clipped(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """A client-supplied string cut to ``limit`` characters for an error message (with how long it was)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def shown(text: str) -> str:
     """A client-supplied string as an error message quotes it: digits as they are, anything else quoted,
     cut to ``SHOWN_CHARACTERS`` (a 5,000-character "version" is not worth echoing)."""
-    cut = text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+    cut = clipped(text)
     return cut if text.isascii() and text.isdigit() else repr(cut)
 
 
@@ -314,7 +319,7 @@ class ModelRegistry:
         try:
             return self._models[name]
         except KeyError:
-            raise ModelNotFoundError(f"unknown model {name!r}") from None
+            raise ModelNotFoundError(f"unknown model {shown(name)}") from None
 
     def resolve(self, name: str, version: str | None) -> ModelVersion:
         return self.get(name).resolve(version)

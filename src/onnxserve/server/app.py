@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from onnxserve.core.registry import clipped
 from onnxserve.core.service import InferenceService
 from onnxserve.protocols.http import ErrorRenderer, RequestIdMiddleware, error_response, render_error
 from onnxserve.protocols.inflight import InflightBytes
@@ -24,13 +25,17 @@ from onnxserve.server.metrics import Metrics
 from onnxserve.server.tokens import TokenTable
 from onnxserve.server.web import routes as web_routes
 
+SHOWN_PATH_CHARACTERS = 200
+"""How much of an unknown request path an error message repeats."""
+
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    path = clipped(request.url.path, SHOWN_PATH_CHARACTERS)
     if exc.status_code == 404:
-        message = f"no such endpoint: {request.method} {request.url.path}"
+        message = f"no such endpoint: {clipped(request.method)} {path}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed on {request.url.path}"
+        message = f"method {clipped(request.method)} is not allowed on {path}"
     else:
         message = exc.detail
     return error_response(message, exc.status_code)
@@ -75,7 +80,7 @@ def create_app(
     if metrics is not None:
         routes.append(metrics_route(metrics))
     routes += web_routes(service)  # the web page at / (onnxserve.server.web)
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error},
         middleware=[
@@ -84,3 +89,7 @@ def create_app(
             Middleware(RequestBodyLimits, max_bytes=max_request_bytes, budget=budget),  # size, encoding, media type
         ],
     )
+    # No redirect from "/path/" to "/path": its Location would repeat the client's Host header (an open
+    # redirect for whoever can set it); a trailing slash is simply an unknown endpoint, as in Triton.
+    app.router.redirect_slashes = False
+    return app

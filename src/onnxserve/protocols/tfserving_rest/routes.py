@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from onnxserve.core.registry import clipped, shown
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols import inflight, offload
@@ -67,7 +68,9 @@ def _target(request: Request) -> tuple[str, str | None]:
         return name, str(params["version"])
     label: str | None = params.get("label")
     if label is not None and label.isdigit():
-        raise ModelNotFoundError(f"model {name!r} has no label {label!r}; a version number goes in /versions/{label}")
+        raise ModelNotFoundError(
+            f"model {shown(name)} has no label {shown(label)}; a version number goes in /versions/{clipped(label)}"
+        )
     return name, label
 
 
