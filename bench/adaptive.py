@@ -12,9 +12,9 @@ measured in the same run, and the server's own statistics (executions, batch siz
 
     PYTHONPATH=src .venv/bin/python -m bench.adaptive     # BENCH_REPEATS, BENCH_DURATION_S as make bench
 
-``--sides default batching_off`` measures only those sides; ``--before SRC`` adds ``default (before)``,
-the default config served from another source tree (e.g. ``git archive`` of the commit before a change
-unpacked somewhere), measured in the same rounds as the rest.
+``--sides default batching_off`` measures only those sides; each ``--before DIR/src`` adds
+``default (DIR)``, the default config served from that source tree (e.g. ``git archive`` of the commit
+before a change, unpacked in DIR), measured in the same rounds as the rest.
 """
 
 from __future__ import annotations
@@ -96,7 +96,13 @@ def row_json(row: Row) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sides", nargs="*", default=[name for name, _ in SIDES], choices=[n for n, _ in SIDES])
-    parser.add_argument("--before", type=Path, help="also serve the default config from this source tree")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="also serve the default config from this source tree (repeatable; labelled by its parent folder)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped bench stops its servers
     settings = from_env()
@@ -104,11 +110,11 @@ def main() -> int:
     tokens = perf_analyzer_input(row, settings.results_dir / "inputs" / "tokens32.json")
     pa = PerfAnalyzer(settings.pa_window_ms)
     sides = [(name, label, None) for name, label in SIDES if name in args.sides]
-    if args.before is not None:
-        sides.insert(1, ("default", "onnxserve default (before)", args.before))
+    for src in reversed(args.before):
+        sides.insert(1, ("default", f"onnxserve default ({src.resolve().parent.name})", src))
     logs = settings.results_dir / "adaptive"
     servers = [
-        OnnxServer(config_file(name, settings), logs / f"{name}{'-before' if src else ''}.log", label, src)
+        OnnxServer(config_file(name, settings), logs / f"{name}{'-' + src.parent.name if src else ''}.log", label, src)
         for name, label, src in sides
     ]
     text_make = inprocess.text_calls(settings.minilm, SENTENCES)
