@@ -126,7 +126,7 @@ INLINE_TOKENIZE_CHARACTERS = 512
 """A text request of at most this many characters (its texts and pairs together) is tokenized on the
 event loop: a 12-word sentence takes about 22 us there and 512 characters about 0.15 ms, while handing
 it to a worker thread and back costs about 50 us of CPU and two wake-ups (profiled at text c=8 and c=32:
-the hop's submit, wake-up and GIL hand-over took more of the loop than tokenizing did). Longer texts are
+the tokenizer threads' hand-over took more CPU than their tokenizing did). Longer texts are
 tokenized on the service's threads, so that the loop never stalls on them."""
 
 
@@ -141,7 +141,8 @@ def _tokenizes_inline(text: TextBatch) -> bool:
 
 
 def _tokenize(model: ModelVersion, work: Work) -> int:
-    """Tokenize a text work in place (on a worker thread); returns the time it took."""
+    """Tokenize a text work in place (on a worker thread, or on the loop when it is short); returns the
+    time it took."""
     start = time.perf_counter_ns()
     assert model.pipeline is not None
     assert work.text is not None
