@@ -11,10 +11,15 @@ tensors through ``session.run`` (batch 1 and 8, 1 x 2 and 2 x 1); each ratio is 
 measured in the same run, and the server's own statistics (executions, batch sizes) are kept.
 
     PYTHONPATH=src .venv/bin/python -m bench.adaptive     # BENCH_REPEATS, BENCH_DURATION_S as make bench
+
+``--sides default batching_off`` measures only those sides; each ``--before DIR/src`` adds
+``default (DIR)``, the default config served from that source tree (e.g. ``git archive`` of the commit
+before a change, unpacked in DIR), measured in the same rounds as the rest.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import signal
@@ -28,7 +33,7 @@ import orjson
 from bench import inprocess, workloads
 from bench.data import SENTENCES, perf_analyzer_input, token_row
 from bench.perf_analyzer import PerfAnalyzer
-from bench.report import Row
+from bench.report import TEXT_PROTOCOL, Row
 from bench.server import OnnxServer
 from bench.settings import BENCH_DIR, Settings, from_env
 
@@ -89,14 +94,28 @@ def row_json(row: Row) -> dict[str, Any]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sides", nargs="*", default=[name for name, _ in SIDES], choices=[n for n, _ in SIDES])
+    parser.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="also serve the default config from this source tree (repeatable; labelled by its parent folder)",
+    )
+    args = parser.parse_args()
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped bench stops its servers
     settings = from_env()
     row = token_row(settings.minilm / "tokenizer.json")
     tokens = perf_analyzer_input(row, settings.results_dir / "inputs" / "tokens32.json")
     pa = PerfAnalyzer(settings.pa_window_ms)
+    sides = [(name, label, None) for name, label in SIDES if name in args.sides]
+    for src in reversed(args.before):
+        sides.insert(1, ("default", f"onnxserve default ({src.resolve().parent.name})", src))
+    logs = settings.results_dir / "adaptive"
     servers = [
-        OnnxServer(config_file(name, settings), settings.results_dir / "adaptive" / f"{name}.log", label)
-        for name, label in SIDES
+        OnnxServer(config_file(name, settings), logs / f"{name}{'-' + src.parent.name if src else ''}.log", label, src)
+        for name, label, src in sides
     ]
     text_make = inprocess.text_calls(settings.minilm, SENTENCES)
     tensor_make = inprocess.token_tensor_calls(settings.minilm / "model.onnx", row)
@@ -117,11 +136,11 @@ def main() -> int:
         for c in settings.concurrency:
             for server in servers:
                 target = workloads.onnxserve_text_target(server, SENTENCES)
-                point = workloads.text_point(target, server.name, workloads.TEXT_PROTOCOL, c, settings, server)
+                point = workloads.text_point(target, server.name, TEXT_PROTOCOL, c, settings, server)
                 text_rows.append(point[0])
                 points.append(point)
         for c in settings.concurrency:
-            for server, (name, _) in zip(servers, SIDES, strict=True):
+            for server, (name, _, _) in zip(servers, sides, strict=True):
                 point = workloads.tensors_point(server, server.name, name == "batching_on", pa, tokens, c)
                 tensor_rows.append(point[0])
                 points.append(point)

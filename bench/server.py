@@ -103,10 +103,11 @@ class ModelStats:
 class OnnxServer:
     """``.venv/bin/onnxserve serve --config CONFIG`` on free loopback ports; a context manager."""
 
-    def __init__(self, config: Path, log: Path, name: str) -> None:
+    def __init__(self, config: Path, log: Path, name: str, src: Path | None = None) -> None:
         self.config = config
         self.log = log
         self.name = name
+        self.src = src  # another source tree to serve from (PYTHONPATH), e.g. the code before a change
         self.http_port = free_port()
         self.grpc_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
@@ -141,8 +142,14 @@ class OnnxServer:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
+            env = dict(os.environ, PYTHONPATH=str(self.src.resolve())) if self.src is not None else None
             self._process = subprocess.Popen(
-                self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -28,8 +28,10 @@ from onnxserve.config import DynamicBatching, ServerConfig, parse_config
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Work, run_batch
+from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS, ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
+from onnxserve.core.service import INLINE_TOKENIZE_CHARACTERS
 from onnxserve.server.lifecycle import RunningServer
 
 FOREVER = 1e9
@@ -143,6 +145,62 @@ def test_a_text_model_merges_by_default(tiny_text_version: Path, start_server: S
 
     for text, got in zip(texts * 8, asyncio.run(side_by_side()), strict=True):
         np.testing.assert_allclose(np.array(got), alone[text], atol=1e-5)
+
+
+def test_short_texts_are_tokenized_on_the_event_loop_long_ones_on_the_inference_threads(
+    tiny_text_version: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request of at most INLINE_TOKENIZE_CHARACTERS characters is tokenized on the event loop, where it
+    was decoded (no thread hop; it queues at once); a longer one on the service's threads, so that the
+    loop never stalls on it. Either way each text gets what it gets alone."""
+    document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
+    server = start_server(parse_config(document, "adaptive layout test", tiny_text_version.parent))
+    pipeline = server.service.registry.resolve("tiny", None).pipeline
+    assert pipeline is not None
+    where: list[tuple[int, bool]] = []  # (characters, tokenized on the event loop)
+    tokenize = pipeline.tokenize
+
+    def recording(batch: TextBatch) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        where.append((sum(map(len, batch.texts)), on_loop))
+        return tokenize(batch)
+
+    monkeypatch.setattr(pipeline, "tokenize", recording)
+    url = f"{server.http_url}/v2/models/tiny/infer"
+    short = "the quick brown fox jumps over the lazy dog"
+    long = "a sentence that goes on and on, " * (INLINE_TOKENIZE_CHARACTERS // 32 + 1)
+    assert len(long) > INLINE_TOKENIZE_CHARACTERS
+    edge = "x" * INLINE_TOKENIZE_CHARACTERS
+
+    def embed(client: httpx.Client, *texts: str) -> list[list[float]]:
+        inputs = [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": list(texts)}]
+        answer = client.post(url, json={"inputs": inputs})
+        assert answer.status_code == 200, answer.text
+        output = answer.json()["outputs"][0]
+        rows: list[list[float]] = np.array(output["data"]).reshape(output["shape"]).tolist()
+        return rows
+
+    with httpx.Client(timeout=60) as client:
+        (short_alone,) = embed(client, short)
+        (edge_alone,) = embed(client, edge)
+        (long_alone,) = embed(client, long)
+        together = embed(client, short, long)  # more than the limit in all
+        two_short = embed(client, short, short)
+    assert where == [
+        (len(short), True),
+        (len(edge), True),
+        (len(long), False),
+        (len(short) + len(long), False),
+        (2 * len(short), True),
+    ]
+    np.testing.assert_allclose(together[0], short_alone, atol=1e-5)
+    np.testing.assert_allclose(together[1], long_alone, atol=1e-5)
+    np.testing.assert_allclose(two_short[1], short_alone, atol=1e-5)
+    assert not np.allclose(edge_alone, short_alone)
 
 
 def test_a_lone_request_runs_alone_at_once(serve: Callable[..., RunningServer]) -> None:

@@ -73,7 +73,9 @@ ADAPTIVE_MAX_TOKENS = 8192
 
 ADAPTIVE_GATHER_US = 2000
 """The adaptive layout's batcher: how long a batch that could go waits for texts being tokenized, while
-another run keeps the cores busy (a tokenization takes well under a millisecond)."""
+another run keeps the cores busy (a tokenization takes well under a millisecond). Only long texts are
+ever on their way: short ones are tokenized on the event loop before they queue
+(``core.service.INLINE_TOKENIZE_CHARACTERS``)."""
 
 
 def can_batch(session: ModelSession) -> bool:

@@ -122,8 +122,27 @@ def _request_bytes(request: InferenceRequest) -> int:
     return sum(int(t.data.nbytes) for t in request.inputs if t.data.dtype != object)
 
 
+INLINE_TOKENIZE_CHARACTERS = 512
+"""A text request of at most this many characters (its texts and pairs together) is tokenized on the
+event loop: a 12-word sentence takes about 22 us there and 512 characters about 0.15 ms, while handing
+it to a worker thread and back costs about 50 us of CPU and two wake-ups (profiled at text c=8 and c=32:
+the tokenizer threads' hand-over took more CPU than their tokenizing did). Longer texts are
+tokenized on the service's threads, so that the loop never stalls on them."""
+
+
+def _tokenizes_inline(text: TextBatch) -> bool:
+    size = 0
+    for part in (text.texts, text.pairs or ()):
+        for item in part:
+            size += len(item)
+            if size > INLINE_TOKENIZE_CHARACTERS:
+                return False
+    return True
+
+
 def _tokenize(model: ModelVersion, work: Work) -> int:
-    """Tokenize a text work in place (on a worker thread); returns the time it took."""
+    """Tokenize a text work in place (on a worker thread, or on the loop when it is short); returns the
+    time it took."""
     start = time.perf_counter_ns()
     assert model.pipeline is not None
     assert work.text is not None
@@ -334,7 +353,9 @@ class InferenceService:
             work = _work(request, model, self.max_response_bytes)
             tokenize_ns = 0
             async with asyncio.timeout(limit) as deadline:
-                if work.text is not None:
+                if work.text is not None and _tokenizes_inline(work.text):
+                    tokenize_ns = _tokenize(model, work)
+                elif work.text is not None:
                     loop = asyncio.get_running_loop()
                     # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
                     model.scheduler.incoming += 1
