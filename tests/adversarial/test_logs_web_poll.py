@@ -49,6 +49,28 @@ def test_a_newline_in_a_request_path_cannot_forge_a_log_record(tmp_path: Path) -
     assert "m\\n2026-01-01" in log
 
 
+def _modulo_model() -> onnx.ModelProto:
+    """y = a mod b on INT64: b = 0 makes ONNX Runtime fail the run (and write an error line of its own)."""
+    ints = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT64, [1]) for n in ("a", "b", "y")]
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Mod", ["a", "b"], ["y"])], "mod", ints[:2], ints[2:])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def test_onnx_runtime_writes_nothing_past_the_json_log_format(tmp_path: Path) -> None:
+    # Outside attack: ONNX Runtime's own error lines (colour codes, a continuation line) went to stderr
+    # between the JSON records, with numbers the client chose.
+    write_version(tmp_path, "mod", 1, _modulo_model())
+    with serve_capped(tmp_path, "--log-format", "json", cap_bytes=CAP) as server:
+        body = {"inputs": [{"name": n, "shape": [1], "datatype": "INT64", "data": [v]} for n, v in (("a", 7), ("b", 0))]}
+        refused = requests.post(server.http_url + "/v2/models/mod/infer", json=body, timeout=30)
+        assert refused.status_code == 400, refused.text
+        assert "modulo by zero" in refused.json()["error"]
+        _wait_for(lambda: "modulo by zero" in server.log())  # our own record of the refusal
+        lines = [line for line in server.log().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines), [line for line in lines if not line.startswith("{")][:3]
+    assert "[E:onnxruntime" not in "\n".join(lines)
+
+
 def _index(url: str) -> list[tuple[str, str]]:
     entries = requests.post(url + "/v2/repository/index", json={}, timeout=30).json()
     return sorted((e["version"], e["state"]) for e in entries)

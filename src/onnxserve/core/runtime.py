@@ -78,8 +78,17 @@ def session_options(options: SessionOptions) -> ort.SessionOptions:
         if value is not None:
             so.add_session_config_entry(allow, "1" if value else "0")
     so.enable_cpu_mem_arena = options.enable_cpu_mem_arena
-    so.log_severity_level = 3  # errors only: ONNX Runtime's warnings go to stderr, not our logs
+    # Nothing but fatal errors: ONNX Runtime writes its own lines to stderr, past onnxserve's log format
+    # (colour codes, continuation lines, values a client chose), and every error it reports there also
+    # reaches onnxserve as an exception, which is logged and answered. Its process-wide logger (allocator
+    # failures) likewise.
+    so.log_severity_level = ORT_LOG_SEVERITY
+    ort.set_default_logger_severity(ORT_LOG_SEVERITY)
     return so
+
+
+ORT_LOG_SEVERITY = 4
+"""ONNX Runtime's own log lines: fatal only (its errors come back to onnxserve as exceptions)."""
 
 
 def available_providers(requested: Sequence[ExecutionProvider], where: str) -> list[tuple[str, dict[str, Any]]]:
@@ -168,7 +177,7 @@ class RunControl:
 
     def __init__(self) -> None:
         self.options = ort.RunOptions()
-        self.options.log_severity_level = 4  # a terminated run is expected: no error line on stderr
+        self.options.log_severity_level = ORT_LOG_SEVERITY  # a terminated run is expected: no error line
 
     def terminate(self) -> None:
         """Make the running execution stop at its next node (ONNX Runtime's terminate flag)."""
