@@ -61,7 +61,8 @@ def test_onnx_runtime_writes_nothing_past_the_json_log_format(tmp_path: Path) ->
     # between the JSON records, with numbers the client chose.
     write_version(tmp_path, "mod", 1, _modulo_model())
     with serve_capped(tmp_path, "--log-format", "json", cap_bytes=CAP) as server:
-        body = {"inputs": [{"name": n, "shape": [1], "datatype": "INT64", "data": [v]} for n, v in (("a", 7), ("b", 0))]}
+        pairs = (("a", 7), ("b", 0))
+        body = {"inputs": [{"name": n, "shape": [1], "datatype": "INT64", "data": [v]} for n, v in pairs]}
         refused = requests.post(server.http_url + "/v2/models/mod/infer", json=body, timeout=30)
         assert refused.status_code == 400, refused.text
         assert "modulo by zero" in refused.json()["error"]
