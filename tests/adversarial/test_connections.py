@@ -365,3 +365,36 @@ def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> Non
             for sock in busy:
                 sock.close()
         check_still_serving(capped, rss_before)
+
+
+def test_reserve_connections_that_never_read_their_scrapes_do_not_keep_probes_out(numeric_repository: Path) -> None:
+    """Outside attack: with every ordinary connection busy, 16 clients took the whole probe reserve by
+    pipelining hundreds of /metrics scrapes with a 4 KB receive buffer and never reading, so every probe
+    got a reset. A reserve connection open longer than a probe needs is now closed to make room."""
+    cap = 8
+    with serve_capped(numeric_repository, "--max-connections", str(cap), "--body-timeout", "60") as capped:
+        rss_before = capped.rss_bytes()
+        held: list[socket.socket] = []
+        try:
+            for _ in range(cap):
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
+                sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+                held.append(sock)
+            deadline = time.monotonic() + 5
+            while _established(capped) < cap and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for _ in range(16):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect((capped.host, capped.http_port))
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 300)
+                held.append(sock)
+            time.sleep(2.5)  # older than a probe needs
+            for _ in range(5):
+                assert capped.probe_seconds() < PROBE_BOUND
+        finally:
+            for sock in held:
+                sock.close()
+        check_still_serving(capped, rss_before)

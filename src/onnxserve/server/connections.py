@@ -18,9 +18,10 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   head) is closed to make room. When every connection is busy (slow bodies), the new one is admitted
   into a reserve of ``PROBE_RESERVE`` more connections that may only ask for ``PROBE_PATHS`` (health
   probes, the metrics scrape), with short head and keep-alive deadlines; any other request there is
-  answered 503 with ``Retry-After`` and closed. When the reserve is full too (and none of it is idle),
-  the new connection is closed. A probe or scrape therefore always gets a connection, however many
-  idle or busy ones an attacker holds.
+  answered 503 with ``Retry-After`` and closed. When the reserve is full too, its oldest idle
+  connection is closed, else its oldest one open for more than ``RESERVE_STALE_SECONDS`` (a client that
+  pipelines scrapes and never reads them), else the new connection is closed. A probe or scrape
+  therefore always gets a connection, however many idle or busy ones an attacker holds.
 
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception`):
 
@@ -76,6 +77,9 @@ RESERVE_HEAD_SECONDS = 2.0
 
 RESERVE_KEEP_ALIVE_SECONDS = 1
 """Keep-alive of a reserve connection (at most ``keep_alive_timeout``), so the reserve frees itself."""
+
+RESERVE_STALE_SECONDS = 2.0
+"""A full reserve makes room by closing a reserve connection open longer than this, even a busy one."""
 
 UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 """Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
@@ -171,7 +175,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if len(ordinary) < self.limits.max_connections or self._close_oldest_idle(ordinary):
             return
         reserve = [c for c in guarded if c._reserve]
-        if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve):
+        if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
             self._reserve = True
             self.timeout_keep_alive = min(self.timeout_keep_alive, RESERVE_KEEP_ALIVE_SECONDS)
             log.info("all %d connections are busy (--max-connections): one more for probes only", len(ordinary))
@@ -186,6 +190,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         oldest = min(idle, key=lambda c: c.opened_at)
         log.debug("closed the oldest idle connection to make room (--max-connections %d)", self.limits.max_connections)
         oldest.transport.close()
+        return True
+
+    def _close_oldest_stale(self, reserve: list[GuardedHttpProtocol]) -> bool:
+        """Close the oldest reserve connection open for more than ``RESERVE_STALE_SECONDS``, busy or not: a
+        probe or a scrape is done by then, so it is a client that does not read its answers (or pipelines
+        request after request), and it must not keep the next probe out."""
+        now = time.monotonic()
+        stale = [c for c in reserve if now - c.opened_at > RESERVE_STALE_SECONDS and not c.transport.is_closing()]
+        if not stale:
+            return False
+        oldest = min(stale, key=lambda c: c.opened_at)
+        log.info("closed a probe-reserve connection open for %.1f s to make room for a probe", now - oldest.opened_at)
+        oldest.transport.abort()  # its unread answer is dropped, not flushed
         return True
 
     def _refuse(self, status: str, message: str, extra: str = "") -> None:
