@@ -204,3 +204,37 @@ def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(serve
     # Refused answers are not kept alive by their refusal's traceback (they once piled up to gigabytes).
     assert server.rss_bytes() - base < BUDGET, "the refused answers were kept after their calls ended"
     assert server.alive()
+
+
+def test_small_grpc_answers_nobody_reads_are_counted_too(tmp_path: Path) -> None:
+    """Outside attack: answers under 256 KiB were not counted, and raw HTTP/2 clients that never open their
+    window sent 100 calls per connection for 260 KB answers: 50 connections held 2.5 GB. gRPC answers of any
+    size now count, so the calls past the budget are refused and memory stays near the budget."""
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    budget = 16 * 1024 * 1024
+    args = ("--max-inflight-bytes", str(budget), "--grpc-max-message-bytes", str(1024 * 1024))
+    with serve_capped(tmp_path, *args, cap_bytes=CAP) as server:
+        base = server.rss_bytes()
+        payload = fill_request(60_000).SerializeToString()  # a 240 KB answer
+        connections = [RawGrpcConnection(server.host, server.grpc_port, reads=False) for _ in range(4)]
+        try:
+            for connection in connections:
+                for _ in range(50):
+                    connection.send_whole(connection.open_call(), payload)
+            calls = [(c, sid) for c in connections for sid in c.calls]
+
+            def refused() -> int:
+                for connection in connections:
+                    connection.pump(0.05)
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+                return sum(1 for c, sid in calls if c.calls[sid].status == code)
+
+            fits = budget // (60_000 * 4)
+            wait_until(lambda: refused() >= len(calls) - fits, timeout=120, what="the calls past the budget refused")
+            assert server.probe_seconds() < PROBE_BOUND * 5
+            assert server.rss_bytes() - base < 8 * budget
+        finally:
+            for connection in connections:
+                connection.close()
+        wait_until(lambda: isinstance(_try_grpc_fill(server, 3), pb.ModelInferResponse), timeout=60)
+        assert server.alive()

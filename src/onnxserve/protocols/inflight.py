@@ -26,7 +26,9 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 
 
 SMALL_ANSWER_BYTES = 256 * 1024
-"""Answers below this size are not counted: they are written at once and leave with the request."""
+"""HTTP answers below this size are not counted: the connection's socket takes them at once, and at most
+one answer per connection is being written (``--max-connections`` bounds them). gRPC answers are all
+counted: grpc keeps each until its client reads it, and one connection carries many calls."""
 
 ANSWER_HEADROOM = 16
 """Answers leave at least 1/16 of the budget free for requests, so requests are still received while
@@ -92,16 +94,17 @@ class Hold:
 
     The answer is counted from before it is encoded (its tensors' size) to when it has been sent (HTTP:
     written to the connection; gRPC: the unary call has ended, a streamed answer handed to grpc).
-    Answers of at least ``SMALL_ANSWER_BYTES`` are
+    Answers of at least ``smallest`` bytes are
     counted, and only up to the budget's ``answer_room`` (the rest stays free for requests); a request
     holds at most the whole budget, so an answer larger than that is still sent when nothing else is in
     flight.
     """
 
-    def __init__(self, budget: InflightBytes | None, body: int = 0) -> None:
+    def __init__(self, budget: InflightBytes | None, body: int = 0, smallest: int = SMALL_ANSWER_BYTES) -> None:
         self.budget = budget
         self.body = body  # bytes already reserved for the request
         self.held = body  # body + answer
+        self.smallest = smallest  # the smallest answer counted
 
     def grow_to(self, size: int) -> None:
         """Hold at least ``size`` bytes of body; RESOURCE_EXHAUSTED when the budget has no room."""
@@ -118,7 +121,7 @@ class Hold:
         budget = self.budget
         if budget is None or not budget.limit:
             return None
-        counted = size if size >= SMALL_ANSWER_BYTES else 0
+        counted = size if size >= self.smallest else 0
         wanted = min(self.body + counted, max(budget.limit, self.body))
         extra = wanted - self.held
         if extra <= 0:

@@ -465,7 +465,7 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
             async def receive_then_stream(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
                 held, request = await self._receive(ctx)
-                hold = Hold(self.budget, held)
+                hold = Hold(self.budget, held, smallest=0)
                 token = holding(hold)
                 try:
                     async for response in stream_behaviour(request, ctx):
@@ -482,7 +482,7 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
         async def receive_then_answer(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
             held, request = await self._receive(ctx)
-            hold = Hold(self.budget, held)  # the message, then also the answer, until the call has ended
+            hold = Hold(self.budget, held, smallest=0)  # the message, then also the answer, until the call ends
             token = holding(hold)
             answered = False
             try:
@@ -529,7 +529,7 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
             async def stream_within_budget(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
                 held = [0]
-                answers = Hold(self.budget)  # each answer, until grpc has it
+                answers = Hold(self.budget, smallest=0)  # each answer, until grpc has it
                 token = holding(answers)
                 try:
                     async for response in stream_behaviour(reserved_messages(ctx, held), ctx):
