@@ -17,9 +17,12 @@ def vocabulary(extra: Sequence[str] = ()) -> list[str]:
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
 
 
-def tiny_bert_folder(folder: Path, words: Sequence[str] = ()) -> Path:
+def tiny_bert_folder(
+    folder: Path, words: Sequence[str] = (), layers: int = 2, heads: int = 2, positions: int = 64
+) -> Path:
     """A Hugging Face folder: a randomly initialised BertModel and its WordPiece tokenizer (whose
-    vocabulary is ``vocabulary(words)``)."""
+    vocabulary is ``vocabulary(words)``); ``heads`` and ``positions`` (its max sequence length) set how
+    much memory its attention takes."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -33,10 +36,10 @@ def tiny_bert_folder(folder: Path, words: Sequence[str] = ()) -> Path:
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         intermediate_size=64,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
     )
     BertModel(config).eval().save_pretrained(str(folder))
     return folder

@@ -336,7 +336,7 @@ class DynamicBatcher:
             new_longest = max(longest, pending.work.longest)
             if new_rows > self.max_batch_size:
                 continue
-            if budget and first.work.text is not None and new_rows * new_longest > budget:
+            if budget and new_rows * new_longest > budget:
                 continue
             batch.append(pending)
             rows, longest = new_rows, new_longest

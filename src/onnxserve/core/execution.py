@@ -51,7 +51,11 @@ class Work:
 
     @property
     def longest(self) -> int:
-        """The longest token sequence (text), for token budgets and grouping by length."""
+        """The longest token sequence (text, or token tensors' ``input_ids``), for token budgets and
+        grouping by length; 0 for other tensors."""
+        if self.feeds is not None:
+            ids = self.feeds.get("input_ids")
+            return int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
         return max((len(e.ids) for e in self.encodings), default=0)
 
 

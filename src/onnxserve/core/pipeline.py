@@ -216,6 +216,10 @@ class TextPipeline:
         self.fixed_batch, self.fixed_length = fixed_shape
         self._pad_id = _pad_id(folder, self.tokenizer)
         max_length = min(spec.max_length, self.fixed_length) if self.fixed_length > 0 else spec.max_length
+        self.max_tokens = self.fixed_length if self.fixed_length > 0 else max(spec.max_length, _declared_length(folder))
+        """The most tokens a row of token tensors sent directly may hold: the graph's fixed sequence length,
+        else the spec's ``max_length`` or the tokenizer files' ``model_max_length``, whichever is larger
+        (a sentence-transformers model truncates texts below what its positions allow)."""
         self.max_characters = max(MIN_TEXT_CHARACTERS, max_length * CHARACTERS_PER_TOKEN)
         self.tokenizer.enable_truncation(
             max_length=max_length, strategy="only_second" if self.is_qa else "longest_first"
@@ -262,6 +266,17 @@ class TextPipeline:
                 f"fixed batch size); got {len(texts)}"
             )
         return self.bounded(TextBatch(texts))
+
+    def check_token_tensors(self, feeds: Mapping[str, npt.NDArray[Any]], model: str) -> None:
+        """Refuse token tensors (sent directly, not as text) with rows longer than the model reads."""
+        for name in TOKEN_INPUTS:
+            array = feeds.get(name)
+            if array is not None and array.ndim == 2 and array.shape[1] > self.max_tokens:
+                raise InvalidInputError(
+                    f"input {name!r} has {array.shape[1]} tokens per row, more than the {self.max_tokens} "
+                    f"model {model!r} reads (its max length); send at most {self.max_tokens} tokens per row, "
+                    "or send the text itself, which is truncated to fit"
+                )
 
     def bounded(self, batch: TextBatch) -> TextBatch:
         """The batch with every text cut to the characters that can matter (``max_characters``: no more
@@ -487,13 +502,20 @@ def _folder_tokenizer(folder: Path) -> Tokenizer | None:
     return backend if isinstance(backend, Tokenizer) else None
 
 
+def _declared_length(folder: Path) -> int:
+    """``model_max_length`` of the folder's ``tokenizer_config.json`` when it is a real length, else 0."""
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return 0
+    try:
+        value = orjson.loads(config.read_bytes()).get("model_max_length")
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and 0 < value <= 1_000_000 else 0
+
+
 def _model_max_length(folder: Path, tokenizer: Tokenizer) -> int:
     truncation = tokenizer.truncation
     if truncation is not None and int(truncation["max_length"]) > 0:
         return int(truncation["max_length"])
-    config = folder / "tokenizer_config.json"
-    if config.is_file():
-        value = orjson.loads(config.read_bytes()).get("model_max_length")
-        if isinstance(value, int) and 0 < value <= 1_000_000:
-            return value
-    return DEFAULT_MAX_LENGTH
+    return _declared_length(folder) or DEFAULT_MAX_LENGTH

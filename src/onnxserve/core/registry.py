@@ -46,6 +46,7 @@ class ModelVersion:
     signature: tuple[tuple[str, int, int], ...] = ()  # the files as they were when loaded
     active: int = 0  # requests between resolution and answer (queued or running)
     merged_rows: int = 0  # adaptive layout: the most rows merged into one run (max_batch_size stays 0)
+    chunk_tokens: int = 0  # rows x tokens one execution of a request may take (core.chunking); 0: not chunked
 
     @property
     def batches_rows(self) -> bool:
@@ -69,7 +70,9 @@ ADAPTIVE_MAX_ROWS = 32
 """The adaptive layout's largest merged run, in rows (a larger request still runs, alone)."""
 
 ADAPTIVE_MAX_TOKENS = 8192
-"""The adaptive layout's largest merged text run, in rows x longest sequence (long texts merge fewer)."""
+"""The adaptive layout's largest merged text run, in rows x longest sequence (long texts merge fewer); also
+the default budget of one execution of one request of a text model (``core.chunking``): a larger request
+runs in chunks of at most this many."""
 
 ADAPTIVE_GATHER_US = 2000
 """The adaptive layout's batcher: how long a batch that could go waits for texts being tokenized, while
@@ -85,6 +88,15 @@ def can_batch(session: ModelSession) -> bool:
         spec.dim_names[0] if spec.shape and spec.shape[0] < 0 else "" for spec in (*session.inputs, *session.outputs)
     ]
     return bool(firsts) and all(firsts) and len(set(firsts)) == 1
+
+
+def rows_independent(pipeline: TextPipeline | None, session: ModelSession) -> bool:
+    """Whether a version's rows are independent of each other, so that requests may merge along
+    dimension 0 and one request may run in chunks along it: a text model (its graph is an encoder the
+    pipeline already runs on many texts at once) whose graph has a batch dimension (``can_batch``). An
+    arbitrary tensor graph may mix its rows (a Gather or a reverse along the batch, a cumulative sum, a
+    normalization over it): merging strangers' requests there would hand one caller another's rows."""
+    return pipeline is not None and can_batch(session)
 
 
 def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
@@ -177,14 +189,15 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)
-    # Only text models merge by default: their graph is an encoder the pipeline already runs on many
-    # texts at once, rows independent. An arbitrary tensor graph may mix its rows (a Gather or a
-    # reverse along the batch, a cumulative sum, a normalization over it): merging strangers' requests
-    # there would hand one caller another's rows, so such models merge only when max_batch_size says so.
-    merged_rows = ADAPTIVE_MAX_ROWS if chosen.adaptive and pipeline is not None and can_batch(first) else 0
+    # Only text models merge by default (``rows_independent``); tensor models merge only when
+    # max_batch_size says so, and are never cut into chunks.
+    independent = rows_independent(pipeline, first)
+    merged_rows = ADAPTIVE_MAX_ROWS if chosen.adaptive and independent else 0
     batching = config.dynamic_batching
-    if merged_rows and not batching.max_batch_tokens:
+    if independent and not batching.max_batch_tokens:
+        # One token budget per execution, merged or cut into chunks (core.chunking).
         batching = batching.model_copy(update={"max_batch_tokens": ADAPTIVE_MAX_TOKENS})
+    chunk_tokens = batching.max_batch_tokens if independent else 0
     if chosen.adaptive:
         log.info(
             "model %s: adaptive layout: 1 session, up to %d runs at once%s",
@@ -219,6 +232,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         session=first,
         max_batch_size=max_batch_size,
         merged_rows=merged_rows,
+        chunk_tokens=chunk_tokens,
         scheduler=scheduler,
         stats=stats,
         pipeline=pipeline,

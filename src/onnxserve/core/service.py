@@ -31,7 +31,7 @@ from typing import Any
 
 from tokenizers import Encoding
 
-from onnxserve.core import datatypes
+from onnxserve.core import chunking, datatypes
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
@@ -84,7 +84,9 @@ def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int 
     text = model.pipeline.text_of(request) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
-        rows = int(request.inputs[0].shape[0]) if model.batches_rows else 1
+        if model.pipeline is not None:
+            model.pipeline.check_token_tensors(feeds, model.name)
+        rows = int(request.inputs[0].shape[0]) if model.batches_rows or model.chunk_tokens else 1
         return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
@@ -363,7 +365,7 @@ class InferenceService:
                         tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
                     finally:
                         model.scheduler.incoming -= 1
-                scheduled = await model.scheduler.submit(work)
+                scheduled = await chunking.submit(model, work)  # in chunks when it is above the token budget
             outputs = scheduled.outcome.outputs
             if any(array.dtype == object for array in outputs.values()):  # BYTES: counting takes a while
                 size = await asyncio.get_running_loop().run_in_executor(self._executor, response_bytes, outputs)

@@ -1,0 +1,204 @@
+"""One request of a text model run as several executions: its rows in chunks within a token budget.
+
+A text model's executions are bounded by a token budget (``ModelVersion.chunk_tokens``: the model's
+``dynamic_batching.max_batch_tokens``, else ``registry.ADAPTIVE_MAX_TOKENS``), counted as rows x the
+longest row's tokens. A request above it (many long texts, or token tensors such as ``input_ids``
+[64, 512] sent directly) is cut along dimension 0 into chunks within the budget, in order (a single row
+is never cut), and its answer is the chunks' outputs joined back in order: the post-processed outputs
+of texts, the graph's outputs of token tensors. So one request's attention never takes more than one
+chunk's memory, whatever its size.
+
+Only versions whose rows are independent are cut (``registry.rows_independent``, the rule that also
+says which models merge rows): rows of an arbitrary tensor graph may depend on each other.
+
+Fairness: a request keeps at most ``window`` of its chunks in its scheduler at once (one, or two where
+the model has four or more slots, never more than half of them), and submits the next only when one
+has finished; a request that arrived meanwhile is queued before that next chunk, so it waits about one
+chunk rather than the whole request. A caller that goes away (its client left, its time limit passed)
+cancels the chunk in flight the way the scheduler cancels any request, and the chunks not yet
+submitted never run.
+
+Limits hold over the whole request: the bytes (``max_output_bytes``) and BYTES elements of all its
+chunks' outputs together are bounded as one answer's are, counted as each chunk comes back (a chunk's
+run is bounded by them on its own), and the chunks not yet run never run once they are passed.
+Statistics count the request's rows once (the service does that) and each chunk's execution (the
+scheduler does that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from onnxserve.core.batching import Scheduled
+from onnxserve.core.execution import Outcome, Work
+from onnxserve.core.pipeline import TextBatch
+from onnxserve.core.registry import ModelVersion
+from onnxserve.core.runtime import response_too_large
+from onnxserve.core.types import payload_bytes
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS
+from onnxserve.errors import TooLargeError
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+MAX_WINDOW = 2
+"""The most chunks of one request in a model's scheduler at once."""
+
+
+def row_lengths(model: ModelVersion, work: Work) -> list[int]:
+    """Tokens each row of ``work`` takes in an execution (texts: as padded for the graph)."""
+    pipeline = model.pipeline
+    fixed = pipeline.fixed_length if pipeline is not None and pipeline.fixed_length > 0 else 0
+    if work.text is not None:
+        return [fixed or len(e.ids) for e in work.encodings]
+    return [work.longest or 1] * work.rows
+
+
+def chunk_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``[start, stop)`` whose rows x longest row fit ``budget`` (a row that
+    alone exceeds it is a range of its own)."""
+    bounds: list[tuple[int, int]] = []
+    start, longest = 0, 0
+    for row, length in enumerate(lengths):
+        grown = max(longest, length)
+        if row > start and (row - start + 1) * grown > budget:
+            bounds.append((start, row))
+            start, grown = row, length
+        longest = grown
+    if lengths:
+        bounds.append((start, len(lengths)))
+    return bounds
+
+
+def window(model: ModelVersion) -> int:
+    """How many chunks of one request may be in the scheduler at once: at most half the model's
+    slots (at least one), at most ``MAX_WINDOW``."""
+    slots = len(model.scheduler.pool.sessions)
+    return max(1, min(MAX_WINDOW, slots // 2))
+
+
+def _part(work: Work, start: int, stop: int) -> Work:
+    """Rows ``[start, stop)`` of ``work`` as a work of their own."""
+    if work.text is None:
+        assert work.feeds is not None
+        feeds = {name: array[start:stop] for name, array in work.feeds.items()}
+        return Work(work.fetch, stop - start, feeds=feeds, max_output_bytes=work.max_output_bytes)
+    text = work.text
+    pairs = text.pairs[start:stop] if text.pairs is not None else None
+    cut = frozenset(row - start for row in text.cut if start <= row < stop)
+    return Work(
+        work.fetch,
+        stop - start,
+        text=TextBatch(text.texts[start:stop], pairs, cut),
+        encodings=work.encodings[start:stop],
+        answer=work.answer,
+        max_output_bytes=work.max_output_bytes,
+    )
+
+
+class _Limits:
+    """One request's output limits, counted over its chunks as they come back (each chunk's run is
+    bounded by the whole request's limits on its own, so the request holds at most about twice them)."""
+
+    def __init__(self, model: str, max_output_bytes: int) -> None:
+        self.model = model
+        self.max_bytes = max_output_bytes
+        self.bytes = 0
+        self.elements = 0
+
+    def count(self, outputs: Arrays) -> None:
+        """Count a chunk's outputs; refuse the request once they pass a limit."""
+        self.elements += sum(int(array.size) for array in outputs.values() if array.dtype == object)
+        if self.elements > MAX_BYTES_ELEMENTS:
+            raise TooLargeError(
+                f"model {self.model}: the outputs have more than {MAX_BYTES_ELEMENTS} BYTES elements, the most one "
+                "answer may hold (--max-response-bytes); ask for less (fewer texts, fewer outputs)"
+            )
+        if self.max_bytes > 0:
+            self.bytes += sum(payload_bytes(array) for array in outputs.values())
+            if self.bytes > self.max_bytes:
+                raise response_too_large(self.model, self.bytes, self.max_bytes, at_least=True)
+
+
+async def submit(model: ModelVersion, work: Work) -> Scheduled:
+    """Run ``work`` on the model's scheduler: as one execution when it fits the model's token budget
+    (or the model's rows are not independent), else in chunks (see the module)."""
+    budget = model.chunk_tokens
+    if budget <= 0 or work.rows <= 1:
+        return await model.scheduler.submit(work)
+    bounds = chunk_bounds(row_lengths(model, work), budget)
+    if len(bounds) == 1:
+        return await model.scheduler.submit(work)
+    outcome, queue_ns = await _run_chunks(model, work, bounds)
+    if any(array.ndim == 0 or array.shape[0] != work.rows for array in outcome.outputs.values()):
+        # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
+        # the chunks' answers cannot be joined, so the request runs whole, as it would have unchunked.
+        log.warning("model %s: outputs of a request's chunks do not have its rows; ran it whole", model.name)
+        del outcome
+        return await model.scheduler.submit(work)
+    return Scheduled(outcome, queue_ns, work.rows)
+
+
+async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, int]]) -> tuple[Outcome, int]:
+    """The chunks' joined outcome and the time they waited in the queue, in all."""
+    limits = _Limits(model.name, work.max_output_bytes)
+    outcomes: list[Outcome] = []
+    queue_ns = 0
+    pending = list(bounds)
+    running: list[asyncio.Task[Scheduled]] = []
+    allowed = window(model)
+    loop = asyncio.get_running_loop()
+    try:
+        while pending or running:
+            while pending and len(running) < allowed:
+                start, stop = pending.pop(0)
+                part = _part(work, start, stop)
+                running.append(loop.create_task(model.scheduler.submit(part)))
+            scheduled = await running.pop(0)  # in order: the answers join in the request's row order
+            queue_ns += scheduled.queue_ns
+            limits.count(scheduled.outcome.outputs)
+            outcomes.append(scheduled.outcome)
+            del scheduled
+    except BaseException:
+        outcomes.clear()  # the error's traceback keeps this frame: it must not keep the outputs
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        raise
+    return _joined(outcomes), queue_ns
+
+
+def _joined(outcomes: Sequence[Outcome]) -> Outcome:
+    """The chunks' outcomes as one: outputs joined along dimension 0 in order, times and counts added."""
+    names = list(outcomes[0].outputs)
+    outputs = {name: _concatenate([o.outputs[name] for o in outcomes]) for name in names}
+    return Outcome(
+        outputs,
+        sum(o.input_ns for o in outcomes),
+        sum(o.infer_ns for o in outcomes),
+        sum(o.output_ns for o in outcomes),
+        sum(o.truncated for o in outcomes),
+    )
+
+
+def _concatenate(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
+    """Join per-row outputs; token-level ones (each chunk cut to its own longest row) are padded to the
+    longest chunk's sequence (zeros; the positions past a row's tokens carry nothing)."""
+    if parts[0].ndim >= 2 and len({p.shape[1] for p in parts}) > 1:
+        longest = max(p.shape[1] for p in parts)
+        padded = []
+        for part in parts:
+            widths = [(0, 0)] * part.ndim
+            widths[1] = (0, longest - part.shape[1])
+            fill: Any = b"" if part.dtype == object else 0
+            padded.append(np.pad(part, widths, constant_values=fill))
+        parts = padded
+    return np.concatenate(parts)
