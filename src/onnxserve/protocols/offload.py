@@ -224,7 +224,10 @@ class _ProcessPool:
             shared = await loop.run_in_executor(_executor(), _share, body) if _MEMFD else None
             executor = self._current()
             try:
-                future: Future[R | _Refusal] = executor.submit(_in_worker, work, shared or body, args, kwargs)
+                # Submitting may start a worker, and the first one the fork server: seconds of waiting for
+                # them to import, done in a codec thread.
+                submit = functools.partial(executor.submit, _in_worker, work, shared or body, args, kwargs)
+                future: Future[R | _Refusal] = await loop.run_in_executor(_executor(), submit)
                 result = await asyncio.wrap_future(future)
             except BrokenProcessPool:
                 log.warning("a JSON decoding worker died; its bodies are refused and the workers replaced")
