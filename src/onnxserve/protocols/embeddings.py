@@ -21,6 +21,7 @@ from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import EMBEDDING_OUTPUT, TEXT_INPUT, TOKEN_COUNT_OUTPUT
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import inflight
 from onnxserve.protocols.model_id import parse_model_id
 
 if TYPE_CHECKING:
@@ -33,7 +34,9 @@ POOLED_OUTPUT = "sentence_embedding"
 MAX_INPUTS = 2048
 """Inputs one request may embed (OpenAI's own limit)."""
 
-TokenIds = list[list[int]]
+TokenIds = list[npt.NDArray[np.int64]]
+"""Rows of token ids, one array per input: decoded in a worker process for a large body, arrays come back
+in one copy, where lists of Python ints would cost the interpreter as long as parsing them did."""
 
 BYTES, INT64 = from_v2("BYTES"), from_v2("INT64")
 
@@ -121,19 +124,29 @@ def _ids_request(model: EmbeddingModel, rows: TokenIds, protocol: str) -> Infere
     return InferenceRequest(model.name, inputs, model.version, outputs=[POOLED_OUTPUT], protocol=protocol)
 
 
+def token_row(values: Sequence[int], index: int) -> npt.NDArray[np.int64]:
+    """One input's token ids (already checked to be integers) as an array."""
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        bad = next(v for v in values if not -(2**63) <= v < 2**63)
+        raise InvalidInputError(f"input {index}: token id {bad} is outside every vocabulary") from None
+
+
 def check_token_ids(model: EmbeddingModel, rows: TokenIds) -> None:
     spec = model.metadata.pipeline
     assert spec is not None
     vocabulary = model.metadata.vocabulary_size
     for i, row in enumerate(rows):
-        if not row:
+        if len(row) == 0:
             raise InvalidInputError(f"input {i} holds no token ids; send at least one")
         if len(row) > spec.max_length:
             raise InvalidInputError(
                 f"input {i} has {len(row)} tokens, more than model {model.name!r} reads ({spec.max_length})"
             )
-        bad = next((t for t in row if t < 0 or t >= vocabulary), None)
-        if bad is not None:
+        outside = row[(row < 0) | (row >= vocabulary)]
+        if outside.size:
+            bad = int(outside[0])
             raise InvalidInputError(
                 f"input {i}: token id {bad} is outside model {model.name!r}'s vocabulary (0 to {vocabulary - 1}); "
                 "token ids must come from the model's own tokenizer"
@@ -169,7 +182,7 @@ async def embed(
             for r in chunks(len(strings), model.max_batch_size)
         ]
     else:
-        rows: TokenIds = [list(x) for x in inputs if not isinstance(x, str)]
+        rows: TokenIds = [x for x in inputs if not isinstance(x, str)]
         check_token_ids(model, rows)
         requests = [
             _ids_request(model, rows[r.start : r.stop], protocol) for r in chunks(len(rows), model.max_batch_size)
@@ -181,7 +194,13 @@ async def embed(
     else:
         tokens = sum(len(x) for x in inputs if not isinstance(x, str))
     truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
-    return Embedded(truncate(vectors.astype(np.float32), dimensions, model.normalized), tokens, truncated)
+    # Counted before it is encoded (then again as encoded, by ``http.guarded``), held until it is sent.
+    vectors = inflight.held(truncate(vectors.astype(np.float32), dimensions, model.normalized), _nbytes)
+    return Embedded(vectors, tokens, truncated)
+
+
+def _nbytes(array: npt.NDArray[Any]) -> int:
+    return int(array.nbytes)
 
 
 def truncate(vectors: npt.NDArray[np.float32], dimensions: int | None, normalized: bool) -> npt.NDArray[np.float32]:

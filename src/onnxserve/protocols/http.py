@@ -17,7 +17,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onnxserve.errors import ErrorKind, OnnxServeError
-from onnxserve.protocols import context
+from onnxserve.protocols import context, inflight
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 from onnxserve.protocols.public_errors import public_message
 
@@ -156,7 +156,8 @@ def guarded(
 
     With ``service`` the handler is an inference endpoint of ``protocol``: each request is an
     ``InferenceCall`` of the service, which counts it once however it ends, and a client that
-    disconnects cancels it.
+    disconnects cancels it; its answer is held in the in-flight budget (``inflight.held``) at its
+    encoded size until it has been sent, or refused like any answer that does not fit now.
     """
 
     role = EndpointRole(statuses, render, protocol, service)
@@ -172,7 +173,7 @@ def guarded(
             if service is None:
                 return await handler(request)
             async with service.call(protocol, *requested_target(request)):
-                return await until_disconnected(handler, request)
+                return inflight.held(await until_disconnected(handler, request), _body_size)
         except OnnxServeError as e:
             return failed(request, e)
         except Exception:
@@ -180,6 +181,11 @@ def guarded(
 
     setattr(endpoint, _ROLE, role)
     return endpoint
+
+
+def _body_size(response: Response) -> int:
+    body = getattr(response, "body", b"")  # a streamed answer holds its parts itself
+    return len(body) if isinstance(body, bytes | memoryview) else 0
 
 
 class RequestIdMiddleware:

@@ -17,7 +17,9 @@ answers slowly cannot make the server hold more than the budget of them either.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextvars import ContextVar, Token
+from typing import TypeVar
 
 from onnxserve.errors import ResourceExhaustedError
 
@@ -169,3 +171,21 @@ def hold_answer(size: int) -> ResourceExhaustedError | None:
     how refused 64 MB answers once piled up to gigabytes."""
     hold = _hold.get()
     return hold.hold_answer(size) if hold is not None else None
+
+
+A = TypeVar("A")
+
+
+def held(answer: A, size: Callable[[A], int]) -> A:
+    """``answer``, once counted at ``size(answer)`` bytes by :func:`hold_answer`; raises its
+    RESOURCE_EXHAUSTED refusal when it does not fit now. The refusal is raised without a reference
+    cycle through this frame, so once it is handled nothing keeps the refused answer alive (neither
+    here nor in the callers' frames its traceback holds) until the garbage collector runs."""
+    refused = hold_answer(size(answer))
+    if refused is None:
+        return answer
+    del answer
+    try:
+        raise refused
+    finally:
+        del refused

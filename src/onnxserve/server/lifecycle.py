@@ -27,6 +27,7 @@ from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import ConfigError
+from onnxserve.protocols import offload
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.server.app import create_app
 from onnxserve.server.connections import ConnectionLimits, guarded_http_protocol
@@ -190,6 +191,7 @@ async def _serve(
             job.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await grpc_server.stop(GRPC_GRACE_SECONDS)
+        offload.shutdown()  # the JSON decoding workers, if a large body ever started them
         if manager is not None:
             await manager.close()
         await service.registry.stop()

@@ -11,7 +11,7 @@ import orjson
 from starlette.responses import Response
 
 from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
-from onnxserve.protocols.embeddings import Embedded, TokenIds
+from onnxserve.protocols.embeddings import Embedded, TokenIds, token_row
 from onnxserve.protocols.http import json_body
 from onnxserve.protocols.json_depth import check_depth
 
@@ -91,9 +91,9 @@ def decode_input(value: Any) -> list[str] | TokenIds:
     if all(isinstance(x, str) for x in value):
         return list(value)
     if all(_is_id(x) for x in value):
-        return [list(value)]
+        return [token_row(value, 0)]
     if all(isinstance(x, list) and all(_is_id(t) for t in x) for x in value):
-        return [list(x) for x in value]
+        return [token_row(x, i) for i, x in enumerate(value)]
     raise ParameterError("input", f"'input' must be {expected}; do not mix them")
 
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.errors import ModelNotFoundError, OnnxServeError
+from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import guarded, json_body
@@ -43,7 +44,8 @@ def routes(service: InferenceService) -> list[Route]:
     created = int(time.time())
 
     async def embeddings(request: Request) -> Response:
-        decoded = codec.decode_embeddings(await request.body())
+        body = await request.body()
+        decoded = await offload.parse(len(body), codec.decode_embeddings, body)
         model = embedding_model(service, decoded.model)
         embedded = await embed(service, model, decoded.inputs, codec.PROTOCOL, decoded.dimensions)
         return codec.encode_embeddings(decoded.model, embedded, decoded.encoding_format)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from tokenizers import Encoding
 
 from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
-from onnxserve.protocols.embeddings import TokenIds
+from onnxserve.protocols.embeddings import MAX_INPUTS, TokenIds, token_row
 from onnxserve.protocols.http import json_body
 from onnxserve.protocols.json_depth import check_depth
 
@@ -49,6 +49,34 @@ def loads(body: bytes) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise InvalidInputError("the request body must be a JSON object")
     return doc
+
+
+@dataclass(frozen=True)
+class Body:
+    """A route's request body, decoded by :func:`decode` (in a worker process when large)."""
+
+    doc: dict[str, Any]  # every field but ``inputs``
+    inputs: Inputs | None  # ``inputs`` as texts or token ids, for the routes that take them so
+
+
+def decode(body: bytes, route: str, allowed: Sequence[str], required: Sequence[str]) -> Body:
+    """A route's body: parsed, its fields checked, ``inputs`` decoded (texts, or token ids too for
+    ``/embed``), lists of texts refused beyond :data:`MAX_INPUTS`. What comes back is small or arrays:
+    cheap to copy back from a worker process."""
+    doc = loads(body)
+    fields(doc, allowed, required)
+    texts_list = doc.get("texts")
+    if isinstance(texts_list, list) and len(texts_list) > MAX_INPUTS:
+        raise InvalidInputError(f"{len(texts_list)} texts in one request; send at most {MAX_INPUTS}")
+    if "inputs" not in doc:
+        return Body(doc, None)
+    value = doc.pop("inputs")
+    if route == "/predict" and isinstance(value, list) and value and all(isinstance(x, list) for x in value):
+        raise InvalidInputError("'inputs': pairs of texts are not supported by /predict; send texts")
+    inputs = texts_or_ids(value) if route == "/embed" else texts(value, "inputs")
+    if len(inputs.values) > MAX_INPUTS:
+        raise InvalidInputError(f"{len(inputs.values)} inputs in one request; send at most {MAX_INPUTS}")
+    return Body(doc, inputs)
 
 
 def fields(doc: Mapping[str, Any], allowed: Sequence[str], required: Sequence[str]) -> None:
@@ -105,9 +133,9 @@ def texts_or_ids(value: Any, name: str = "inputs") -> Inputs:
     if all(isinstance(x, str) for x in value):
         return Inputs(list(value), False)
     if all(_is_id(x) for x in value):
-        return Inputs([list(value)], True)
+        return Inputs([token_row(value, 0)], True)
     if all(isinstance(x, list) and all(_is_id(t) for t in x) for x in value):
-        return Inputs([list(x) for x in value], False)
+        return Inputs([token_row(x, i) for i, x in enumerate(value)], False)
     raise InvalidInputError(f"{expected}; do not mix them")
 
 

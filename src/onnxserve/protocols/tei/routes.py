@@ -23,6 +23,7 @@ from starlette.routing import Route
 from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
@@ -121,16 +122,22 @@ def _strings(values: Sequence[str]) -> npt.NDArray[Any]:
     return array
 
 
+async def _decoded(request: Request, allowed: Sequence[str], required: Sequence[str]) -> codec.Body:
+    body = await request.body()
+    return await offload.parse(len(body), codec.decode, body, request.url.path, allowed, required)
+
+
 def routes(service: InferenceService) -> list[Route]:
     async def embed_route(request: Request) -> Response:
-        doc = codec.loads(await request.body())
         allowed = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
-        codec.fields(doc, allowed, ("inputs",))
+        body = await _decoded(request, allowed, ("inputs",))
+        doc = body.doc
         if doc.get("prompt_name") is not None:
             raise InvalidInputError("'prompt_name' is not supported: put the prompt in the text")
         normalize, cut = codec.flag(doc, "normalize", True), codec.flag(doc, "truncate", False)
         codec.direction(doc)
-        inputs = codec.texts_or_ids(doc["inputs"])
+        assert body.inputs is not None
+        inputs = body.inputs
         model = embedding_model(service, model_id(service, request))
         embedded = await embed(service, model, inputs.values, codec.PROTOCOL, codec.dimensions(doc))
         if embedded.truncated and not cut:
@@ -142,17 +149,14 @@ def routes(service: InferenceService) -> list[Route]:
         return codec.vectors(vectors)
 
     async def rerank(request: Request) -> Response:
-        doc = codec.loads(await request.body())
         allowed = ("query", "texts", "truncate", "truncation_direction", "raw_scores", "return_text")
-        codec.fields(doc, allowed, ("query", "texts"))
+        doc = (await _decoded(request, allowed, ("query", "texts"))).doc
         query = doc["query"]
         if not isinstance(query, str):
             raise InvalidInputError("'query' must be a string")
         candidates = doc["texts"]
         if not isinstance(candidates, list) or not candidates or not all(isinstance(t, str) for t in candidates):
             raise InvalidInputError("'texts' must be a non-empty list of strings")
-        if len(candidates) > MAX_INPUTS:
-            raise InvalidInputError(f"{len(candidates)} texts in one request; send at most {MAX_INPUTS}")
         raw, cut, with_text = (codec.flag(doc, n, False) for n in ("raw_scores", "truncate", "return_text"))
         codec.direction(doc)
         name, version, meta = _task_model(service, request)
@@ -179,14 +183,9 @@ def routes(service: InferenceService) -> list[Route]:
         return codec.ranks(scores, candidates, with_text)
 
     async def predict(request: Request) -> Response:
-        doc = codec.loads(await request.body())
-        codec.fields(doc, ("inputs", "truncate", "truncation_direction", "raw_scores"), ("inputs",))
-        value = doc["inputs"]
-        if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
-            raise InvalidInputError("'inputs': pairs of texts are not supported by /predict; send texts")
-        inputs = codec.texts(value, "inputs")
-        if len(inputs.values) > MAX_INPUTS:
-            raise InvalidInputError(f"{len(inputs.values)} inputs in one request; send at most {MAX_INPUTS}")
+        body = await _decoded(request, ("inputs", "truncate", "truncation_direction", "raw_scores"), ("inputs",))
+        doc, inputs = body.doc, body.inputs
+        assert inputs is not None
         raw, cut = codec.flag(doc, "raw_scores", False), codec.flag(doc, "truncate", False)
         codec.direction(doc)
         name, version, meta = _task_model(service, request)
@@ -206,13 +205,11 @@ def routes(service: InferenceService) -> list[Route]:
         return codec.predictions(scores, labels, inputs.single)
 
     async def tokenize(request: Request) -> Response:
-        doc = codec.loads(await request.body())
-        codec.fields(doc, ("inputs", "add_special_tokens", "prompt_name"), ("inputs",))
+        body = await _decoded(request, ("inputs", "add_special_tokens", "prompt_name"), ("inputs",))
+        doc, inputs = body.doc, body.inputs
+        assert inputs is not None
         if doc.get("prompt_name") is not None:
             raise InvalidInputError("'prompt_name' is not supported: put the prompt in the text")
-        inputs = codec.texts(doc["inputs"], "inputs")
-        if len(inputs.values) > MAX_INPUTS:
-            raise InvalidInputError(f"{len(inputs.values)} inputs in one request; send at most {MAX_INPUTS}")
         special = codec.flag(doc, "add_special_tokens", True)
         name, version, _ = text_model(service, model_id(service, request))
         texts = [str(t) for t in inputs.values]

@@ -91,7 +91,7 @@ def routes(service: InferenceService) -> list[Route]:
         meta = service.model_metadata(name, version)
         body = await request.body()
         # meta.version pins the version resolved here, so decode and inference see the same model
-        decoded = await offload.convert(len(body), codec.decode_predict_body, body, meta, meta.version)
+        decoded = await offload.parse(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
         # Counted before it is encoded, held until it is sent; a refused answer is dropped before the raise.
         if (refused := inflight.hold_answer(output_bytes(response))) is not None:
@@ -108,7 +108,7 @@ def routes(service: InferenceService) -> list[Route]:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
         body = await request.body()
-        inference = await offload.convert(len(body), codec.decode_classify_body, body, meta, meta.version)
+        inference = await offload.parse(len(body), codec.decode_classify_body, body, meta, meta.version)
         return json_body(codec.encode_classify(await service.infer(inference)))
 
     async def regress(request: Request) -> Response:

@@ -76,7 +76,7 @@ def routes(service: InferenceService) -> list[Route]:
     async def infer(request: Request) -> Response:
         body = await request.body()
         header_length = _header_length(request)
-        decoded = await offload.convert(
+        decoded = await offload.parse(
             codec.decode_work(body, header_length),
             codec.decode_infer_request,
             body,

@@ -1,0 +1,55 @@
+"""offload.parse: a large JSON body is decoded in a worker process, with the same result and the same
+errors (their messages and attributes) as a small one decoded here."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import orjson
+import pytest
+
+from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import offload
+from onnxserve.protocols.openai import codec as openai
+from onnxserve.protocols.v2_rest import codec as v2
+
+LARGE = offload.PROCESS_BYTES + 1024
+
+
+def _embeddings_body(size: int, extra: str = "") -> bytes:
+    ids = [7] * max(1, size // 3)
+    doc = {"model": "m", "input": [ids[: len(ids) // 2], ids[len(ids) // 2 :]]}
+    if extra:
+        doc[extra] = 1
+    return orjson.dumps(doc)
+
+
+def _parse(body: bytes) -> openai.EmbeddingsRequest:
+    return asyncio.run(offload.parse(len(body), openai.decode_embeddings, body))
+
+
+def test_a_large_body_comes_back_decoded_with_token_ids_as_arrays() -> None:
+    try:
+        decoded = _parse(_embeddings_body(LARGE))
+        small = openai.decode_embeddings(_embeddings_body(LARGE))
+    finally:
+        offload.shutdown()
+    assert decoded.model == "m"
+    assert [len(r) for r in decoded.inputs] == [len(r) for r in small.inputs]
+    assert all(isinstance(r, np.ndarray) and r.dtype == np.int64 for r in decoded.inputs)
+
+
+def test_an_error_raised_in_the_worker_keeps_its_type_message_and_parameter() -> None:
+    errors = []
+    try:
+        for size in (100, LARGE):
+            with pytest.raises(openai.ParameterError) as refused:
+                _parse(_embeddings_body(size, "bogus"))
+            errors.append(refused.value)
+        body = b'{"inputs": [' + b"1.5, " * (LARGE // 5) + b"]"
+        with pytest.raises(InvalidInputError, match="not valid JSON"):
+            asyncio.run(offload.parse(len(body), v2.decode_infer_request, body, "m", None, None))
+    finally:
+        offload.shutdown()
+    assert [(type(e), e.message, e.param) for e in errors] == [(openai.ParameterError, errors[0].message, "bogus")] * 2
