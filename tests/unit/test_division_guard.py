@@ -64,20 +64,28 @@ def test_the_guard_names_its_nodes_and_keeps_the_division(tmp_path: Path) -> Non
     assert [o.name for o in guarded.graph.output] == ["y"]
 
 
-def test_a_model_with_external_data_loads_guarded_and_reads_its_weights_from_its_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("external", [True, False], ids=["external-data", "weights-inside"])
+def test_a_model_with_weights_loads_guarded_and_reads_them_from_its_folder(tmp_path: Path, external: bool) -> None:
+    # The division's operands are computed values with no declared type: shape inference finds them,
+    # on a copy that declares the 80 KB of weights instead of carrying them.
     model = onnx.parser.parse_model(
         f"""{HEADER}
-        g (int64[n] a, int64[n] b) => (int64[n] y, float[4096] w) {{
-            y = Div(a, b)
+        g (int64[n] a, int64[n] b) => (int64[n] y, float[20000] w) {{
+            c = Identity(a)
+            d = Identity(b)
+            q = Div(c, d)
+            y = Identity(q)
             w = Identity(weights)
         }}
         """
     )
-    weights = np.arange(4096, dtype=np.float32)
+    weights = np.arange(20000, dtype=np.float32)
     model.graph.initializer.append(numpy_helper.from_array(weights, "weights"))
     folder = tmp_path / "m" / "1"
     folder.mkdir(parents=True)
-    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    onnx.save(
+        model, folder / "model.onnx", save_as_external_data=external, location="model.onnx.data", size_threshold=0
+    )
     session = ModelSession(folder / "model.onnx")
     out = session.run({"a": np.array([MIN64, 9]), "b": np.array([-1, 2])})
     assert out["y"].tolist() == [MIN64, 4]
