@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -236,3 +237,50 @@ def value_sized_models() -> dict[str, onnx.ModelProto]:
             """
         ),
     }
+
+
+DIVISION_HEADER = '<ir_version: 8, opset_import: ["" : 17, "local" : 1]>'
+
+
+def integer_division_models() -> dict[str, onnx.ModelProto]:
+    """Integer ``Div`` of two client inputs, where ONNX Runtime's kernel traps on INT_MIN / -1: int64 and
+    int32 in the main graph, in an If branch, in a Loop body and in a model-local function."""
+    graphs = {
+        "div64": "g (int64[n] a, int64[n] b) => (int64[n] y) { y = Div(a, b) }",
+        "div32": "g (int32[n] a, int32[n] b) => (int32[n] y) { y = Div(a, b) }",
+        "div_if": """
+            g (int64[n] a, int64[n] b) => (int64[n] y) {
+                yes = Constant <value = bool {1}> ()
+                y = If(yes) <then_branch = t () => (int64[n] q) { q = Div(a, b) },
+                             else_branch = e () => (int64[n] d) { d = Sub(a, b) }>
+            }""",
+        "div_loop": """
+            g (int64[n] a, int64[n] b) => (int64[n] y) {
+                trips = Constant <value = int64 {1}> ()
+                go = Constant <value = bool {1}> ()
+                y = Loop(trips, go, a) <body = body (int64 i, bool c, int64[n] v) => (bool c2, int64[n] v2) {
+                    c2 = Identity(c)
+                    v2 = Div(v, b)
+                }>
+            }""",
+        "div_function": """
+            g (int64[n] a, int64[n] b) => (int64[n] y) { y = local.divide(a, b) }
+            <domain: "local", opset_import: ["" : 17]>
+            divide (x, z) => (q) { q = Div(x, z) }""",
+    }
+    models = {}
+    for name, text in graphs.items():
+        model = onnx.parser.parse_model(f"{DIVISION_HEADER}\n{text}")
+        onnx.checker.check_model(model, full_check=True)
+        models[name] = model
+    return models
+
+
+def truncated_quotients(a: Sequence[int], b: Sequence[int], bits: int) -> list[int]:
+    """What an integer Div answers: quotients rounded toward zero, wrapped to ``bits`` in two's complement
+    (so the type's minimum divided by -1 is the minimum)."""
+    quotients = []
+    for x, y in zip(a, b, strict=True):
+        q = abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)
+        quotients.append((q + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1))
+    return quotients

@@ -24,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
+from onnxserve.core.division_guard import guard_division
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
@@ -44,6 +45,9 @@ pattern is the only place onnxserve reads an ONNX Runtime message to decide anyt
 
 _ORT_VALUE: Any = ort.capi.onnxruntime_pybind11_state.OrtValue
 _CPU: Any = ort.OrtDevice.make("cpu", 0)._get_c_device()
+
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+"""Session config entry: the folder a model given as bytes reads its external data from."""
 
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 """Run config entry: give the CPU arena's unused memory back to the system at the end of the run."""
@@ -123,13 +127,16 @@ def create_session(
     options: SessionOptions | None = None,
     where: str = "",
     save_optimized: Path | None = None,
+    external_data: Path | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session: the one place onnxserve creates ``onnxruntime.InferenceSession``.
 
     ``model`` is a file, serialized bytes or a ``ModelProto`` (in memory, e.g. one with added outputs);
     ``providers`` and ``options`` go through :func:`available_providers` and :func:`session_options`.
     ``save_optimized`` asks ONNX Runtime to write the graph it optimized at ``options``' level to that
-    file (offline optimization). A model ONNX Runtime refuses is a :class:`ModelLoadError` naming ``where``.
+    file (offline optimization). ``external_data`` is the folder a model given in memory reads its external
+    data from (the folder of the file it was read from). A model ONNX Runtime refuses is a
+    :class:`ModelLoadError` naming ``where``.
     """
     where = where or (str(model) if isinstance(model, Path) else "the model")
     payload: str | bytes
@@ -143,6 +150,8 @@ def create_session(
     so = session_options(options or SessionOptions())
     if save_optimized is not None:
         so.optimized_model_filepath = str(save_optimized)
+    if external_data is not None:
+        so.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(external_data))
     try:
         return ort.InferenceSession(payload, sess_options=so, providers=available_providers(providers, where))
     except Exception as e:  # ONNX Runtime raises several unrelated types for a bad model
@@ -157,9 +166,10 @@ def _spec(arg: Any, where: str) -> TensorSpec:
     return TensorSpec(arg.name, dtype, shape, names)
 
 
-def check_onnx_file(path: Path) -> None:
-    """Refuse anything that is not a readable ONNX model, with a message that says why; its external data
-    must lie inside its folder (checked before ONNX Runtime opens anything, see ``core.confinement``)."""
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    """The model in ``path``, its external data not loaded; anything that is not a readable ONNX model is
+    refused with a message that says why, and its external data must lie inside its folder (checked before
+    ONNX Runtime opens anything, see ``core.confinement``)."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: model file not found (expected model.onnx in the version folder)")
     try:
@@ -170,6 +180,7 @@ def check_onnx_file(path: Path) -> None:
         check_model(model, path.parent)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e.message}") from None
+    return model
 
 
 class RunControl:
@@ -200,10 +211,17 @@ class ModelSession:
     ) -> None:
         self.path = path
         self.name = name or str(path)
-        check_onnx_file(path)
+        # Integer divisions a client could make trap are guarded in memory (core.division_guard); a model
+        # without them is loaded from its file, as it is.
+        guarded = guard_division(check_onnx_file(path), self.name)
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
-            self._session = create_session(path, providers=providers, options=options, where=self.name)
+            if guarded is None:
+                self._session = create_session(path, providers=providers, options=options, where=self.name)
+            else:
+                self._session = create_session(
+                    guarded, providers=providers, options=options, where=self.name, external_data=path.parent.absolute()
+                )
         except ModelLoadError as e:  # named by its file, whatever the model's name
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
