@@ -1,0 +1,97 @@
+"""Issue 19, mixed int8: block-wise int8 only where per-tensor int8 breaks the budget.
+
+A two-layer model whose first layer's input has one outlier channel (its weight row scaled down to
+match, so the float model computes the same): per-tensor dynamic int8 of that input rounds every
+other channel coarsely and breaks the budget; block-wise int8 (one scale per block of the input) keeps
+it. The second layer is harmless in per-tensor int8, which ONNX Runtime runs faster: the search keeps
+only the first layer block-wise.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxserve.toolkit.evaluation import AccuracyBudget
+from onnxserve.toolkit.optimize import BudgetError, OptimizeOptions, optimize
+
+FAST = {"latency_batches": (1,), "repeats": 1, "threads": 1, "allow_slower": True}
+WIDE, HIDDEN, OUT = 512, 64, 16
+OUTLIER = 50.0
+BUDGET = 0.98  # full int8 ~0.94, all MatMuls in blocks of 128 ~0.97, of 32 ~0.99
+
+
+def outlier_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    scale = np.ones(WIDE, dtype=np.float32)
+    scale[5] = OUTLIER
+    w1 = (rng.standard_normal((WIDE, HIDDEN)) / np.sqrt(WIDE)).astype(np.float32)
+    w1[5, :] /= OUTLIER
+    w2 = (rng.standard_normal((HIDDEN, OUT)) / np.sqrt(HIDDEN)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "scale"], ["xs"], name="outlier"),
+            helper.make_node("MatMul", ["xs", "w1"], ["h0"], name="fc1"),
+            helper.make_node("Tanh", ["h0"], ["h"], name="act"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2"),
+        ],
+        "mixed",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", WIDE])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", OUT])],
+        [
+            numpy_helper.from_array(scale, "scale"),
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_mixed_int8_keeps_only_the_sensitive_matmul_block_wise(tmp_path: Path) -> None:
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(), str(src))
+    search, held_out = tmp_path / "search.npz", tmp_path / "held_out.npz"
+    np.savez(search, x=np.random.default_rng(1).standard_normal((128, WIDE)).astype(np.float32))
+    np.savez(held_out, x=np.random.default_rng(2).standard_normal((128, WIDE)).astype(np.float32))
+    common = {
+        "quantize": "int8",
+        "budget": AccuracyBudget(cosine=BUDGET),
+        "calibration": search,
+        "evaluation": held_out,
+        **FAST,
+    }
+
+    with pytest.raises(BudgetError) as failure:  # every node per-tensor int8
+        optimize(src, tmp_path / "full.onnx", OptimizeOptions(selective=False, **common))  # type: ignore[arg-type]
+    full = failure.value.report.accuracy.cosine
+    assert full is not None
+    assert full < BUDGET
+
+    dst = tmp_path / "selective.onnx"
+    report = optimize(src, dst, OptimizeOptions(**common))  # type: ignore[arg-type]
+    assert report.accuracy.samples == "128 rows of held_out.npz"  # rows the search never saw
+    assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine >= BUDGET
+    selection = report.selection
+    assert selection is not None
+    assert selection["float_nodes"] == []
+    assert selection["blockwise_int8_nodes"] == ["fc1"]  # the outlier's layer, and only it
+    assert selection["sensitivity"]["fc1"] > 0
+    # the search's tries: every MatMul block-wise (blocks of 128 break the budget here, 32 keep it), then
+    # fc2 moved to per-tensor int8 (kept), fc1 too (breaks the budget): each measured
+    tries = [(t["blockwise_nodes"], t["block"], t["passed"]) for t in selection["trials"]]
+    assert tries[1:3] == [(2, 128, False), (2, 32, True)]
+    assert tries[3:] == [(1, 32, True), (0, None, False)]
+    written = ops(dst)
+    assert (written["MatMulNBits"], written["MatMulInteger"], written["MatMul"]) == (1, 1, 0)
+
+
+def ops(path: Path) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
