@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from onnxserve.core.wire import output_bytes
+from onnxserve.core.wire import output_bytes, response_too_large
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.protocols import context, inflight, offload
 from onnxserve.protocols.errors import GRPC_STATUS
@@ -135,21 +135,27 @@ class InferenceServicer:
         if (refused := inflight.hold_answer(output_bytes(response))) is not None:
             del response
             raise refused
-        encoded = await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
-        del response
-        size = encoded.ByteSize()
+        # Its exact size on the wire is computed before a value is encoded (a typed INT8 answer can be ten
+        # times its tensor): too large, or not fitting in the in-flight budget, it is refused unbuilt.
+        plan = await offload.convert(output_bytes(response), codec.plan_infer_response, response, decoded.raw)
+        size, limit = plan.size, self.service.max_response_bytes
         if self.max_send_bytes and size > self.max_send_bytes:
             # Refused here with a message that says why, not by grpc with an error in the log (and without
             # the answer: the error's traceback keeps this frame).
-            del encoded
+            del response, plan
             raise TooLargeError(
                 f"model {decoded.request.model_name!r}: the gRPC response would be {size} bytes, above the "
                 f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
                 "less (smaller input values, fewer outputs)"
             )
+        if 0 < limit < size:
+            del response, plan
+            raise response_too_large(decoded.request.model_name, size, limit, encoding="as gRPC protobuf")
         if (refused := inflight.hold_answer(size)) is not None:
-            del encoded
+            del response, plan
             raise refused
+        encoded = await offload.convert(size, codec.fill_infer_response, plan, response)
+        del response, plan
         return encoded
 
     async def ModelStreamInfer(
