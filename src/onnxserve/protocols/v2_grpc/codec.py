@@ -131,6 +131,7 @@ class PlannedResponse:
     message: pb.ModelInferResponse
     size: int
     raw: bool
+    values: int  # of ``size``, the bytes of the values (raw bytes, typed values) without the envelope
 
 
 def plan_infer_response(response: InferenceResponse, raw: bool) -> PlannedResponse:
@@ -140,17 +141,20 @@ def plan_infer_response(response: InferenceResponse, raw: bool) -> PlannedRespon
     )
     parameters_to_proto(response.parameters, message.parameters)
     as_raw = raw or any(t.datatype.v2 not in CONTENTS_FIELD for t in response.outputs)
-    size = 0
+    size = values = 0
     for tensor in response.outputs:
         out = message.outputs.add(name=tensor.name, datatype=tensor.datatype.v2, shape=list(tensor.shape))
         bare = out.ByteSize()
         if as_raw:
-            size += wire_size.field_length(_RAW_OUTPUT, _raw_length(tensor))
+            length = _raw_length(tensor)
+            size += wire_size.field_length(_RAW_OUTPUT, length)
             grown = bare
         else:  # typed: the contents field is written even when it holds no values
-            grown = bare + wire_size.field_length(_CONTENTS, _contents_length(tensor))
+            length, payload = _contents_length(tensor)
+            grown = bare + wire_size.field_length(_CONTENTS, length)
+        values += length if as_raw else payload
         size += wire_size.varint_length(grown) - wire_size.varint_length(bare) + grown - bare
-    return PlannedResponse(message, message.ByteSize() + size, as_raw)
+    return PlannedResponse(message, message.ByteSize() + size, as_raw, values)
 
 
 def fill_infer_response(plan: PlannedResponse, response: InferenceResponse) -> pb.ModelInferResponse:
@@ -188,18 +192,19 @@ def _item_bytes(item: Any) -> bytes:
     return item if isinstance(item, bytes) else str(item).encode("utf-8")
 
 
-def _contents_length(tensor: Tensor) -> int:
-    """Bytes of the tensor's ``InferTensorContents`` message (0 when it has no values)."""
+def _contents_length(tensor: Tensor) -> tuple[int, int]:
+    """Bytes of the tensor's ``InferTensorContents`` message, and of the values in it (a packed field's
+    payload, without its header)."""
     v2 = tensor.datatype.v2
     number = _FIELD_NUMBER[CONTENTS_FIELD[v2]]
     if not tensor.data.size:
-        return 0
+        return 0, 0
     if tensor.datatype.is_bytes:  # repeated bytes: one field per element
         tag = wire_size.varint_length(number << 3)
-        return sum(tag + wire_size.varint_length(len(b)) + len(b) for b in (_item_bytes(i) for i in tensor.data.flat))
-    if v2 in _FIXED:
-        return wire_size.field_length(number, tensor.data.size * _FIXED[v2][1])
-    return wire_size.field_length(number, wire_size.varints_length(tensor.data))
+        length = sum(tag + wire_size.varint_length(len(b)) + len(b) for b in (_item_bytes(i) for i in tensor.data.flat))
+        return length, length
+    payload = tensor.data.size * _FIXED[v2][1] if v2 in _FIXED else wire_size.varints_length(tensor.data)
+    return wire_size.field_length(number, payload), payload
 
 
 def _fill_contents(contents: pb.InferTensorContents, tensor: Tensor) -> None:
