@@ -39,9 +39,8 @@ from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
-from onnxserve.core.runtime import response_too_large
 from onnxserve.core.types import payload_bytes
-from onnxserve.core.wire import MAX_BYTES_ELEMENTS
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
 from onnxserve.errors import TooLargeError
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from onnxserve.core.division_guard import guard_division
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
-from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_large
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
 
 log = logging.getLogger(__name__)
@@ -363,15 +363,6 @@ class ModelSession:
         except (InferenceError, InvalidInputError, TooLargeError) as e:
             # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
             log.warning("%s: warm-up run skipped: %s", self.name, e.message)
-
-
-def response_too_large(model: str, size: int, limit: int, at_least: bool = False) -> TooLargeError:
-    """The refusal of an answer whose output tensors take ``size`` bytes (``at_least``: or more), above ``limit``."""
-    amount = f"more than {limit} bytes" if at_least else f"{size} bytes"
-    return TooLargeError(
-        f"model {model!r}: the response would be {amount} of output tensors, above the limit of {limit} "
-        "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
-    )
 
 
 def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:

@@ -38,7 +38,6 @@ from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
-from onnxserve.core.runtime import response_too_large
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -53,6 +52,7 @@ from onnxserve.core.types import (
     payload_bytes,
 )
 from onnxserve.core.validation import prepare_feeds
+from onnxserve.core.wire import response_too_large
 from onnxserve.errors import (
     DeadlineExceededError,
     ErrorKind,

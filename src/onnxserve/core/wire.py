@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from onnxserve.core.datatypes import DataType
 from onnxserve.core.types import InferenceResponse, Tensor, TensorSpec
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, TooLargeError
 
 MAX_ELEMENTS = 2**40
 """More elements than any request can carry: larger declared shapes are refused before any allocation."""
@@ -344,3 +344,14 @@ def to_text(where: str, tensor: Tensor) -> list[str]:
 def output_bytes(response: InferenceResponse) -> int:
     """About how many bytes a response's tensors hold (a BYTES element counts as a pointer)."""
     return sum(int(t.data.nbytes) for t in response.outputs)
+
+
+def response_too_large(model: str, size: int, limit: int, at_least: bool = False, encoding: str = "") -> TooLargeError:
+    """The refusal of an answer whose output tensors take ``size`` bytes (``at_least``: or more), above ``limit``;
+    with ``encoding`` (e.g. ``"as TF Serving JSON"``), an answer that takes that many bytes once encoded so."""
+    amount = f"more than {limit} bytes" if at_least else f"{size} bytes"
+    what = f"encoded {encoding}" if encoding else "of output tensors"
+    return TooLargeError(
+        f"model {model!r}: the response would be {amount} {what}, above the limit of {limit} "
+        "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +24,10 @@ from onnxserve.core.types import (
     Tensor,
     TensorSpec,
 )
+from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.json_depth import check_depth, too_deep
-from onnxserve.protocols.tfserving_rest import values
+from onnxserve.protocols.tfserving_rest import answer, values
 
 SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
@@ -219,18 +220,50 @@ def _tensor(meta: ModelMetadata, name: str, value: Any, what: str) -> Tensor:
     return Tensor(name, spec.datatype, values.to_array(name, spec.datatype, value, what))
 
 
-def encode_predict(response: InferenceResponse, rows: bool) -> bytes:
-    """``{"predictions": [...]}`` for the row form, ``{"outputs": ...}`` for the columnar form."""
-    outputs = {t.name: values.to_json(t.datatype, t.data) for t in response.outputs}
-    nonfinite = any(t.data.dtype.kind == "f" and not np.isfinite(t.data).all() for t in response.outputs)
+def encode_predict(response: InferenceResponse, rows: bool, limit: int = 0) -> bytes:
+    """``{"predictions": [...]}`` for the row form, ``{"outputs": ...}`` for the columnar form, written in
+    bounded slices (:mod:`.answer`); refused (TooLargeError) once its text passes ``limit`` bytes (0: none)."""
+    predict_size(response, rows, limit)
+    tensors = response.outputs
+    nonfinite = answer.has_nonfinite(tensors)
+
+    def dump(doc: Any) -> bytes:
+        return dumps(doc, nonfinite)
+
+    body = answer.Body(limit)
+    try:
+        body.write(b'{"predictions":' if rows else b'{"outputs":')
+        if rows and len(tensors) != 1:
+            answer.write_rows(body, dump, tensors)
+        elif len(tensors) == 1:
+            answer.write_value(body, dump, tensors[0])
+        else:
+            body.write(b"{")
+            for i, tensor in enumerate(tensors):
+                body.write(b"%s%s:" % (b"," if i else b"", dump(tensor.name)))
+                answer.write_value(body, dump, tensor)
+            body.write(b"}")
+        body.write(b"}")
+    except answer.Full:
+        body.drop()  # what was written goes now, not with the refusal's traceback
+        raise response_too_large(response.model_name, 0, limit, at_least=True, encoding=answer.ENCODING) from None
+    return body.value()
+
+
+def predict_size(response: InferenceResponse, rows: bool, limit: int = 0) -> int:
+    """The most bytes :func:`encode_predict` may write (at most ``limit``, when there is one), what the
+    in-flight budget holds for the answer while it is written; refused (TooLargeError) at once when even
+    its smallest possible text is above ``limit``, and (InvalidInputError) when the row form cannot split it."""
     if rows:
-        return dumps({"predictions": _predictions(response.outputs, outputs)}, nonfinite)
-    if len(outputs) == 1:
-        return dumps({"outputs": next(iter(outputs.values()))}, nonfinite)
-    return dumps({"outputs": outputs}, nonfinite)
+        _check_rows(response.outputs)
+    size = answer.bounds(response.outputs, rows)
+    if limit and size.least > limit:
+        raise response_too_large(response.model_name, size.least, limit, encoding=answer.ENCODING, at_least=True)
+    return min(size.most, limit) if limit else size.most
 
 
-def _predictions(tensors: Sequence[Tensor], outputs: Mapping[str, Any]) -> Any:
+def _check_rows(tensors: Sequence[Tensor]) -> None:
+    """The row form splits every output along one first dimension."""
     batch: tuple[str, int] | None = None
     for tensor in tensors:
         if not tensor.shape:
@@ -246,10 +279,6 @@ def _predictions(tensors: Sequence[Tensor], outputs: Mapping[str, Any]) -> Any:
                 "the row form needs every output to share the first dimension: send the request in the "
                 "columnar form ('inputs')"
             )
-    if len(outputs) == 1:
-        return next(iter(outputs.values()))
-    size = batch[1] if batch else 0
-    return [{name: value[i] for name, value in outputs.items()} for i in range(size)]
 
 
 # --- status and metadata -------------------------------------------------------------------------

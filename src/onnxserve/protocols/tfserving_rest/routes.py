@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from onnxserve.core.registry import clipped, shown
 from onnxserve.core.wire import output_bytes
-from onnxserve.errors import InvalidInputError, ModelNotFoundError
+from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
 from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, guarded, json_body
@@ -93,11 +93,17 @@ def routes(service: InferenceService) -> list[Route]:
         # meta.version pins the version resolved here, so decode and inference see the same model
         decoded = await offload.parse(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
-        # Counted before it is encoded, held until it is sent; a refused answer is dropped before the raise.
-        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+        # Counted before it is encoded, at the most its text may take, held until it is sent. A refused
+        # answer is dropped before the raise (the error's traceback keeps this frame).
+        limit = service.max_response_bytes
+        try:
+            size = await offload.convert(output_bytes(response), codec.predict_size, response, decoded.rows, limit)
+            if (refused := inflight.hold_answer(size)) is not None:
+                raise refused
+            body = await offload.convert(size, codec.encode_predict, response, decoded.rows, limit)
+        except OnnxServeError:
             del response
-            raise refused
-        body = await offload.convert(output_bytes(response), codec.encode_predict, response, decoded.rows)
+            raise
         del response
         if (refused := inflight.hold_answer(len(body))) is not None:
             del body

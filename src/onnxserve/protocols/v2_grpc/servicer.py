@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from onnxserve.core.wire import output_bytes
+from onnxserve.core.wire import output_bytes, response_too_large
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.protocols import context, inflight, offload
 from onnxserve.protocols.errors import GRPC_STATUS
@@ -41,8 +41,11 @@ _time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", de
 _wire_size: ContextVar[int] = ContextVar("onnxserve_grpc_wire_size", default=0)
 """Bytes of the request message being handled: a large one is decoded off the event loop."""
 
+_answer_size: ContextVar[int] = ContextVar("onnxserve_grpc_answer_size", default=0)
+"""Bytes of the inference answer being returned: a large one is serialized off the event loop."""
+
 M = TypeVar("M", bound=Message)
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
 
 
 def parse(message_type: type[M], data: bytes) -> M:
@@ -135,21 +138,29 @@ class InferenceServicer:
         if (refused := inflight.hold_answer(output_bytes(response))) is not None:
             del response
             raise refused
-        encoded = await offload.convert(output_bytes(response), codec.encode_infer_response, response, decoded.raw)
-        del response
-        size = encoded.ByteSize()
+        # Its exact size on the wire is computed before a value is encoded (a typed INT8 answer can be ten
+        # times its tensor): too large, or not fitting in the in-flight budget, it is refused unbuilt.
+        plan = await offload.convert(output_bytes(response), codec.plan_infer_response, response, decoded.raw)
+        size, limit = plan.size, self.service.max_response_bytes
         if self.max_send_bytes and size > self.max_send_bytes:
             # Refused here with a message that says why, not by grpc with an error in the log (and without
             # the answer: the error's traceback keeps this frame).
-            del encoded
+            del response, plan
             raise TooLargeError(
                 f"model {decoded.request.model_name!r}: the gRPC response would be {size} bytes, above the "
                 f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
                 "less (smaller input values, fewer outputs)"
             )
+        if 0 < limit < plan.values:  # the values as encoded; the envelope has room beyond the limit
+            values = plan.values
+            del response, plan
+            raise response_too_large(decoded.request.model_name, values, limit, encoding="as gRPC protobuf")
         if (refused := inflight.hold_answer(size)) is not None:
-            del encoded
+            del response, plan
             raise refused
+        encoded = await offload.convert(size, codec.fill_infer_response, plan, response)
+        _answer_size.set(size)
+        del response, plan
         return encoded
 
     async def ModelStreamInfer(
@@ -215,7 +226,7 @@ def _unary(
     ``InferenceCall`` of that service."""
     name = request_type.__name__.removesuffix("Request")
 
-    async def handler(data: bytes, grpc_context: grpc.aio.ServicerContext) -> Message:
+    async def handler(data: bytes, grpc_context: grpc.aio.ServicerContext) -> Message | bytes:
         started = time.perf_counter_ns()
         request_id = _request_id(grpc_context)
         id_token = context.set_request_id(request_id)
@@ -226,7 +237,10 @@ def _unary(
             if counted_by is None:
                 return await method(await offload.convert(len(data), parse, request_type, data))
             async with counted_by.call(PROTOCOL) as call:
-                return await method(await _parse_inference(call, data))
+                answer = await method(await _parse_inference(call, data))
+                # Serialized here, off the event loop when large (grpc would do it on the loop).
+                serialized = await offload.convert(_answer_size.get(), answer.SerializeToString)
+            return serialized
         except Exception as e:
             if isinstance(e, OnnxServeError):
                 code, message = GRPC_STATUS[e.kind], public_message(e)
@@ -234,6 +248,7 @@ def _unary(
                 log.exception("unexpected error in %s", name)
                 code, message = grpc.StatusCode.INTERNAL, "internal server error"
             await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
+            raise  # abort raises; this line only tells type checkers so
         finally:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("gRPC %s %s %.2f ms", name, code.name, (time.perf_counter_ns() - started) / 1e6)
@@ -244,6 +259,11 @@ def _unary(
     return handler
 
 
+def _serialize(message: Message | bytes) -> bytes:
+    """A response message's bytes; an inference answer comes already serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 def generic_handler(service: InferenceService, max_send_bytes: int = 0) -> grpc.GenericRpcHandler:
     """Every RPC of the service; the service counts each inference request. ``max_send_bytes``: the
     server's send limit, which an inference response is checked against before grpc sends it."""
@@ -251,7 +271,7 @@ def generic_handler(service: InferenceService, max_send_bytes: int = 0) -> grpc.
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _unary(getattr(servicer, name), request_type, service if name == "ModelInfer" else None),
-            response_serializer=lambda m: m.SerializeToString(),
+            response_serializer=_serialize,
         )
         for name, request_type in _UNARY.items()
     }
