@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,15 @@ def _shaped_models() -> dict[str, onnx.ModelProto]:
             <ir_version: 8, opset_import: ["" : 17]>
             text_tile (string[m] x, int64[1] n) => (string[k] y) {
                 y = Tile(x, n)
+            }
+            """
+        ),
+        "noise": parse_model(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            noise (int64[1] n) => (float[m] y) {
+                zeros = ConstantOfShape <value = float[1] {0.0}> (n)
+                y = RandomUniformLike <seed = 1.0> (zeros)
             }
             """
         ),
@@ -256,3 +266,20 @@ def test_a_grpc_answer_above_the_message_limit_is_refused_without_an_error_in_th
             timeout=60,
         )
         assert normal.status_code == 200
+
+
+def test_large_json_answers_are_written_without_holding_the_probes(server: CappedServer) -> None:
+    # A 64 MiB tensor of random floats is ~180 MB of JSON: written in one call of the encoder it held the
+    # interpreter for seconds per answer; now its data is written a slice at a time.
+    n = 16 * 1024 * 1024
+    with Watch(server) as prober, ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: _infer(server, "noise", n), range(3)))
+    for answer in answers:
+        assert answer.status_code in (200, 503), answer.text[:200]
+    served = [a for a in answers if a.status_code == 200]
+    assert served
+    data = served[0].json()["outputs"][0]["data"]
+    assert len(data) == n
+    assert all(0.0 <= v < 1.0 for v in data[:1000])
+    del answers, served, data
+    _assert_serving(server, prober)

@@ -175,33 +175,55 @@ def encode_work(response: InferenceResponse, decoded: DecodedRequest) -> int:
     return sum(int(t.data.nbytes) for t in response.outputs if t.datatype.is_bytes or not decoded.wants_binary(t.name))
 
 
+DATA_SLICE_ELEMENTS = 1 << 16
+"""Elements of an output's ``data`` written by one call of the JSON encoder (see :func:`_json_data`)."""
+
+
 def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when any output travels in binary form."""
-    outputs: list[dict[str, Any]] = []
-    chunks: list[bytes | memoryview] = []
-    for tensor in response.outputs:
-        out: dict[str, Any] = {
-            "name": tensor.name,
-            "datatype": tensor.datatype.v2,
-            "shape": list(tensor.shape),
-        }
-        if decoded.wants_binary(tensor.name):
-            data = wire.to_raw(tensor)
-            out["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-        else:
-            out["data"] = tensors.to_json_data(tensor)
-        outputs.append(out)
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = dict(response.parameters)
-    doc["outputs"] = outputs
-    header = dumps(doc)
+    parts: list[bytes] = [dumps(doc)[:-1], b',"outputs":[']  # the outputs come last, written one by one
+    chunks: list[bytes | memoryview] = []
+    for index, tensor in enumerate(response.outputs):
+        out: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype.v2,
+            "shape": list(tensor.shape),
+        }
+        if index:
+            parts.append(b",")
+        if decoded.wants_binary(tensor.name):
+            data = wire.to_raw(tensor)
+            out["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+            parts.append(dumps(out))
+        else:
+            parts += (dumps(out)[:-1], b',"data":', *_json_data(tensors.to_json_data(tensor)), b"}")
+    parts.append(b"]}")
+    header = b"".join(parts)
+    del parts
     if not chunks:
         return header, None
     return b"".join((header, *chunks)), len(header)  # the one copy of the output data
+
+
+def _json_data(data: Any) -> list[bytes]:
+    """``data`` (a flat array, or a list of texts) as a JSON list, :data:`DATA_SLICE_ELEMENTS` elements per
+    call of the encoder: one call over a 64 MiB tensor holds the interpreter for seconds (probes wait);
+    between slices other threads, the event loop's among them, get their turn."""
+    if len(data) <= DATA_SLICE_ELEMENTS:
+        return [dumps(data)]
+    pieces = [b"["]
+    for start in range(0, len(data), DATA_SLICE_ELEMENTS):
+        if start:
+            pieces.append(b",")
+        pieces.append(dumps(data[start : start + DATA_SLICE_ELEMENTS])[1:-1])
+    pieces.append(b"]")
+    return pieces
 
 
 def dumps(doc: Any) -> bytes:
