@@ -140,3 +140,45 @@ def test_a_trailing_slash_is_not_redirected_to_the_clients_host(server: CappedSe
     assert response.status_code == 404, response.text[:200]
     assert "location" not in response.headers
     assert "evil.example" not in response.text
+
+
+BIG_NAME = "n" * 5_000_000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v2/models/m/infer", {"inputs": [{"name": BIG_NAME, "shape": [1], "datatype": "FP32", "data": [1.0]}]}),
+        ("/v2/models/m/infer", {"inputs": [{"name": "a", "shape": [1], "datatype": BIG_NAME, "data": [1.0]}]}),
+        ("/v2/models/m/infer", {**V2_BODY, "parameters": {"timeout": BIG_NAME}}),
+        ("/v1/models/m:predict", {"signature_name": BIG_NAME, **TFS_BODY}),
+        ("/v1/embeddings", {"model": "m", "input": "x", BIG_NAME: 1}),
+    ],
+)
+def test_an_error_repeats_at_most_a_thousand_characters_of_what_was_sent(
+    server: CappedServer, path: str, body: dict[str, object]
+) -> None:
+    # Outside attack: a 5 MB unknown key came back twice (a 10 MB answer from a 5 MB body); unread, such
+    # echoes pushed a capped server into a crash.
+    response = requests.post(server.http_url + path, json=body, timeout=60)
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert len(response.content) < 2_000, response.text[:300]
+    assert "characters)" in response.text  # it says how long the text it cut was
+    assert server.alive()
+
+
+def test_a_grpc_error_repeats_at_most_a_thousand_characters(server: CappedServer) -> None:
+    # Outside attack: 20 KB of a bad input name came back in the trailers, above grpc's metadata limit, and
+    # the client saw RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT.
+    request = pb.ModelInferRequest(model_name="m")
+    request.inputs.add(name="x" * 20_000, datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=30)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert len(refused.value.details() or "") < 2_000

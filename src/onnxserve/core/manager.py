@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
+from onnxserve.core.client_text import shown
 from onnxserve.core.observe import VersionRecord
-from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version, shown
+from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
 from onnxserve.core.types import ModelState
 from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError

@@ -11,6 +11,7 @@ from functools import partial
 
 from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
+from onnxserve.core.client_text import shown
 from onnxserve.core.confinement import check_version_folder
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
@@ -239,22 +240,6 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         signature=signature,
         load_seconds=time.perf_counter() - started,
     )
-
-
-SHOWN_CHARACTERS = 40
-"""How much of a client's version string an error message repeats."""
-
-
-def clipped(text: str, limit: int = SHOWN_CHARACTERS) -> str:
-    """A client-supplied string cut to ``limit`` characters for an error message (with how long it was)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def shown(text: str) -> str:
-    """A client-supplied string as an error message quotes it: digits as they are, anything else quoted,
-    cut to ``SHOWN_CHARACTERS`` (a 5,000-character "version" is not worth echoing)."""
-    cut = clipped(text)
-    return cut if text.isascii() and text.isdigit() else repr(cut)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
+from onnxserve.core.client_text import clipped
 from onnxserve.errors import ErrorKind, OnnxServeError
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,16 @@ def redact_paths(message: str) -> str:
     return _PATH.sub(PLACEHOLDER, message)
 
 
+MAX_MESSAGE_CHARACTERS = 1000
+"""The longest message an error answer carries. Messages quote what the client sent (a name, a key, a
+value); one that quotes a 10 MB value whole would make a small body a large answer (over gRPC, trailers
+above grpc's metadata limit), so every message is cut here, whichever check wrote it."""
+
+
 def public_message(error: OnnxServeError) -> str:
     """The message a client may see; the full one is logged when it differs or the server is at fault."""
-    public = redact_paths(error.message)
-    if public != error.message or error.kind in _SERVER_FAULTS:
-        log.warning("%s error answered as %r: %s", error.kind.value, public, error.message)
+    cut = clipped(error.message, MAX_MESSAGE_CHARACTERS)
+    public = redact_paths(cut)
+    if public != cut or error.kind in _SERVER_FAULTS:
+        log.warning("%s error answered as %r: %s", error.kind.value, public, cut)
     return public

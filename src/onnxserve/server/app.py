@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.registry import clipped
+from onnxserve.core.client_text import clipped
 from onnxserve.core.service import InferenceService
 from onnxserve.protocols.http import ErrorRenderer, RequestIdMiddleware, error_response, render_error
 from onnxserve.protocols.inflight import InflightBytes

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from onnxserve.core.client_text import clipped
 from onnxserve.errors import ErrorKind, InvalidInputError, OnnxServeError
 from onnxserve.protocols.embeddings import Embedded, TokenIds, token_row
 from onnxserve.protocols.http import json_body
@@ -120,6 +121,7 @@ def encode_models(names: Sequence[str], created: int) -> Response:
 def render_error(error: OnnxServeError | None, message: str, status: int) -> Response:
     """OpenAI's error body: ``{"error": {"message", "type", "param", "code"}}``."""
     param = error.param if isinstance(error, ParameterError) else None
+    param = clipped(param, 200) if param is not None else None  # it may be a key the client made up
     code = None
     if error is not None and error.kind is ErrorKind.NOT_FOUND:
         code = "model_not_found"

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.registry import clipped, shown
+from onnxserve.core.client_text import clipped, shown
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
 from onnxserve.protocols import inflight, offload

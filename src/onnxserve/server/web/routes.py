@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from onnxserve.core.registry import shown
+from onnxserve.core.client_text import shown
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols.errors import HTTP_STATUS
