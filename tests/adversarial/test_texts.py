@@ -7,7 +7,9 @@ request's texts are bounded in total characters.
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +79,34 @@ def test_a_request_whose_texts_hold_too_many_characters_in_all_is_refused(server
         assert response.status_code == 400, response.text[:500]
         assert f"more than the {MAX_REQUEST_CHARACTERS} one request may send" in response.json()["error"]
     _assert_serving(server, prober)
+
+
+def test_unread_tokenize_answers_are_held_in_the_budget(tiny_text_version: Path, tmp_path: Path) -> None:
+    # Outside attack: /tokenize answers (an object per token, ~30 MB of JSON for 2,048 long texts) were
+    # built on the event loop and not counted in --max-inflight-bytes; 30 clients that never read them
+    # held 3 GB and probes waited 4 s.
+    shutil.copytree(tiny_text_version, tmp_path / "tiny" / "1")
+    budget = 32 * 1024 * 1024
+    with serve_capped(tmp_path, "--max-inflight-bytes", str(budget), cap_bytes=CAP) as server, Watch(server) as prober:
+        base = server.rss_bytes()
+        body = json.dumps({"inputs": ["a few words of text here " * 20] * 2048}).encode()
+        head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n".encode()
+        readers: list[socket.socket] = []
+        statuses: list[bytes] = []
+        try:
+            for _ in range(12):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.settimeout(60)
+                sock.connect((server.host, server.http_port))
+                sock.sendall(head + body)
+                statuses.append(sock.recv(64))
+                readers.append(sock)
+            assert any(b" 200 " in s for s in statuses), statuses
+            assert any(b" 429 " in s for s in statuses), statuses  # TEI's status for a full budget
+            assert server.rss_bytes() - base < 12 * budget
+        finally:
+            for sock in readers:
+                sock.close()
+        _assert_serving(server, prober)

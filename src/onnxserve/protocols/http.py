@@ -171,7 +171,7 @@ def guarded(
     async def endpoint(request: Request) -> Response:
         try:
             if service is None:
-                return await handler(request)
+                return inflight.held(await handler(request), _body_size)  # /tokenize answers are large too
             async with service.call(protocol, *requested_target(request)):
                 return inflight.held(await until_disconnected(handler, request), _body_size)
         except OnnxServeError as e:

@@ -42,6 +42,9 @@ from onnxserve.protocols.tei import codec
 if TYPE_CHECKING:
     from onnxserve.core.service import InferenceService
 
+TOKEN_ANSWER_BYTES = 64
+"""About what one token takes in a ``/tokenize`` answer (its id, text, flags and offsets as JSON)."""
+
 PATHS = ("/embed", "/rerank", "/predict", "/tokenize", "/info")
 """The paths whose errors (including refused tokens) take TEI's shape."""
 
@@ -213,7 +216,10 @@ def routes(service: InferenceService) -> list[Route]:
         special = codec.flag(doc, "add_special_tokens", True)
         name, version, _ = text_model(service, model_id(service, request))
         texts = [str(t) for t in inputs.values]
-        return codec.tokens(await service.tokenize(name, version, texts, special), texts)
+        encodings = await service.tokenize(name, version, texts, special)
+        # One object per token is built, then encoded: off the event loop when there are many.
+        size = sum(len(e.ids) for e in encodings) * TOKEN_ANSWER_BYTES
+        return await offload.convert(size, codec.tokens, encodings, texts)
 
     async def info(request: Request) -> Response:
         name, version, meta = text_model(service, model_id(service, request))
