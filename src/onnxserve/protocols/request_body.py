@@ -39,7 +39,13 @@ import zlib
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from onnxserve.errors import BodyTooLargeError, InvalidInputError, OnnxServeError, UnsupportedMediaTypeError
+from onnxserve.errors import (
+    BodyTooLargeError,
+    InvalidInputError,
+    OnnxServeError,
+    ResourceExhaustedError,
+    UnsupportedMediaTypeError,
+)
 from onnxserve.protocols.http import refuse_before_routing
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, stop_holding
 
@@ -240,4 +246,10 @@ class RequestBodyLimits:
                 break
         if inflater is not None:
             inflater.finish()
-        return b"".join(chunks)
+        try:
+            return b"".join(chunks)
+        except MemoryError:  # the process is short of memory now: the client may retry later
+            chunks.clear()
+            raise ResourceExhaustedError(
+                "the server has no memory for this body now (it is within --max-request-bytes); retry later"
+            ) from None
