@@ -25,6 +25,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import resource
 import select
 import signal
 import sys
@@ -66,6 +67,12 @@ PROCESSES = 2
 A worker's peak while decoding is about ten times its body (the body, the parsed document's Python
 objects, the arrays): some 0.6 GB for a 60 MB body of numbers, returned to the system when the worker
 is replaced, otherwise reused by the next body it decodes."""
+
+WORKER_DATA_BYTES = 1536 * 1024 * 1024
+"""The most memory a worker may take (its data segment and private mappings, ``RLIMIT_DATA``). A body of
+nested empty lists or objects takes 30 to 35 times its size as Python objects (a 63 MB one, 2 GB); past
+this cap the worker runs out of memory or dies, and its body is refused (``worker_lost``) while the
+server and the other bodies are unaffected. A 64 MiB body of numbers needs about 0.6 GB."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -156,7 +163,7 @@ def _in_worker(
         return work(body.read() if isinstance(body, _Shared) else body, *args, **kwargs)
     except OnnxServeError as e:
         return _Refusal(type(e), e.message, dict(vars(e)))
-    except MemoryError:
+    except (MemoryError, SystemError):  # orjson reports a failed allocation as a SystemError
         return _Refusal(ResourceExhaustedError, worker_lost("ran out of memory").message, {})
 
 
@@ -164,9 +171,13 @@ _MEMFD = sys.platform == "linux" and hasattr(os, "memfd_create")
 
 
 def _start_worker(server: int) -> None:
-    """In each worker: leave Ctrl-C to the server, and exit when the server does, even when it is killed
-    (a worker's queue never ends on its own: it holds both ends of its pipe, and the fork server's)."""
+    """In each worker: leave Ctrl-C to the server, cap its memory at :data:`WORKER_DATA_BYTES`, and exit
+    when the server does, even when it is killed (a worker's queue never ends on its own: it holds both
+    ends of its pipe, and the fork server's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = WORKER_DATA_BYTES if hard == resource.RLIM_INFINITY else min(hard, WORKER_DATA_BYTES)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
     threading.Thread(target=_exit_with, args=(server,), name="onnxserve-server-watch", daemon=True).start()
 
 
