@@ -119,34 +119,29 @@ def test_divisions_hidden_by_other_scopes_or_unknown_types_are_guarded(name: str
         assert y.reshape(-1).tolist() == truncated_quotients([a], [b], 64)
 
 
+ALL_TYPES = [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+ALL_TYPES += [np.float16, np.float32, np.float64]
+DIV_BEFORE_14 = {np.int32, np.int64, np.uint32, np.uint64, np.float16, np.float32, np.float64}
+
+
 @pytest.mark.parametrize(
-    "dtype",
-    [
-        np.int8,
-        np.int16,
-        np.int32,
-        np.int64,
-        np.uint8,
-        np.uint16,
-        np.uint32,
-        np.uint64,
-        np.float16,
-        np.float32,
-        np.float64,
-    ],
+    ("opset", "dtype"),
+    [(opset, dtype) for opset in (11, 13, 14, 17) for dtype in ALL_TYPES if opset >= 14 or dtype in DIV_BEFORE_14],
 )
-def test_the_guard_for_any_type_is_exact_for_every_type(dtype: type[np.generic]) -> None:
+def test_the_guard_for_any_type_is_exact_for_every_type(opset: int, dtype: type[np.generic]) -> None:
+    # CastLike from opset 15, GatherElements before it: both exact, for every type Div takes there.
     element = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     count = itertools.count()
-    nodes, safe = any_type_guard("a", "b", lambda what: f"{PREFIX}/{what}_{next(count)}")
+    nodes, safe = any_type_guard("a", "b", lambda what: f"{PREFIX}/{what}_{next(count)}", opset)
     graph = onnx.helper.make_graph(
         [*nodes, onnx.helper.make_node("Div", ["a", safe], ["y"])],
         "g",
         [onnx.helper.make_tensor_value_info(n, element, [None]) for n in "ab"],
         [onnx.helper.make_tensor_value_info("y", element, [None])],
     )
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     onnx.checker.check_model(model, full_check=True)
+    assert ("CastLike" in {node.op_type for node in nodes}) == (opset >= 15)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     if np.issubdtype(dtype, np.integer):
@@ -175,12 +170,47 @@ def test_the_guard_for_any_type_is_exact_for_every_type(dtype: type[np.generic])
         assert np.array_equal(np.signbit(y), np.signbit(a / b))
 
 
-def test_a_division_of_unknown_type_refuses_the_model_below_opset_15(tmp_path: Path) -> None:
-    # The guard for any type needs CastLike (opset 15): below it, fail closed.
+def test_a_division_of_unknown_type_refuses_the_model_below_opset_11(tmp_path: Path) -> None:
+    # The guard for any type needs Equal of every numeric type (opset 11): below it, fail closed.
     model = division_guard_evasions()["msrange"]
-    model.opset_import[0].version = 14
-    with pytest.raises(ModelLoadError, match=r"Div node 'q'.*element type.*opset 14.*refused"):
+    model.opset_import[0].version = 10
+    with pytest.raises(ModelLoadError, match=r"Div node 'q'.*element type.*opset 10.*refused"):
         guard_division(model, "old")
     folder = write_version(tmp_path, "old", 1, model)
     with pytest.raises(ModelLoadError, match="Div node 'q'"):
         ModelSession(folder / "model.onnx")
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+def test_a_division_of_unknown_type_is_guarded_at_every_opset_from_11(opset: int) -> None:
+    model = division_guard_evasions()["msrange"]
+    model.opset_import[0].version = opset
+    guarded = guard_division(model, "msrange")
+    assert guarded is not None
+    session = ort.InferenceSession(guarded.SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in ((MIN64, -1), (-7, 2)):
+        (y,) = session.run(None, {"a": np.array([a]), "b": np.array([b])})
+        assert y.tolist() == truncated_quotients([a], [b], 64)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize(("a_shape", "b_shape"), [([4], []), ([], [4]), ([2, 1], [1, 2])])
+def test_the_guard_for_any_type_broadcasts_like_div(opset: int, a_shape: list[int], b_shape: list[int]) -> None:
+    count = itertools.count()
+    nodes, safe = any_type_guard("a", "b", lambda what: f"{what}_{next(count)}", opset)
+    graph = onnx.helper.make_graph(
+        [*nodes, onnx.helper.make_node("Div", ["a", safe], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT32, None) for n in "ab"],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT32, None)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = np.array([np.iinfo(np.int32).min, -1, 7, -2], dtype=np.int32)
+    a = np.resize(values, a_shape).astype(np.int32)
+    b = np.resize(values[::-1], b_shape).astype(np.int32)
+    (y,) = session.run(None, {"a": a, "b": b})
+    wide_a, wide_b = np.broadcast_arrays(a.astype(np.int64), b.astype(np.int64))
+    expected = truncated_quotients(wide_a.ravel().tolist(), wide_b.ravel().tolist(), 32)
+    assert y.shape == wide_a.shape
+    assert y.ravel().tolist() == expected

@@ -22,7 +22,7 @@ constant, a value_info entry or an input/output type counts only in the graph th
 name defined twice there means nothing. Element types come from those declarations and from ONNX shape
 inference, run on a copy without the large weights and without the declared value_info and output types.
 The guard fails closed: a ``Div`` whose element type is unknown, or stated two ways, gets
-:func:`any_type_guard`, exact for every type (it needs opset 15); below opset 15 such a model is refused
+:func:`any_type_guard`, exact for every type (it needs opset 11); below opset 11 such a model is refused
 with a :class:`~onnxserve.errors.ModelLoadError` naming the node.
 
 The model on disk is never changed: the served session is made from the rewritten copy in memory, and the
@@ -314,56 +314,60 @@ def _cannot_overflow(node: NodeProto, known: dict[str, np.ndarray]) -> bool:
     return dividend is not None and not np.any(dividend == np.iinfo(dividend.dtype).min)
 
 
-GENERIC_GUARD_OPSET = 15
-"""The default-domain opset from which :func:`any_type_guard` can be built: it needs ``CastLike`` (opset
-15) to turn its condition into a number of the division's type, whatever that is (ONNX Runtime's ``Where``
-has no int16, uint16 or uint64 kernel, so it cannot do the choosing)."""
+GENERIC_GUARD_OPSET = 11
+"""The default-domain opset from which :func:`any_type_guard` can be built (``Equal`` takes every numeric
+type from opset 11)."""
+
+CAST_LIKE_OPSET = 15
+"""From this opset :func:`any_type_guard` turns its condition into a number of the division's type with
+``CastLike``; before it, it picks between the divisor and 1 with ``GatherElements`` (ONNX Runtime's
+``Where`` has no int16, uint16 or uint64 kernel, so it cannot do the choosing)."""
 
 
-def any_type_guard(dividend: str, divisor: str, fresh: Callable[[str], str]) -> tuple[list[NodeProto], str]:
+def any_type_guard(
+    dividend: str, divisor: str, fresh: Callable[[str], str], opset: int = CAST_LIKE_OPSET
+) -> tuple[list[NodeProto], str]:
     """Nodes that compute a divisor safe for ``Div(dividend, divisor)`` whatever the element type, and its
-    name. No constant of the type is needed: ``zero = x - x``; with two's-complement wrapping, the dividend
-    is its type's minimum exactly when ``dividend < 0 and 0 - dividend == dividend``, and the divisor is -1
-    exactly when ``divisor < 0 and n * n == n`` for ``n = 0 - divisor`` (only 0 and 1 are their own
-    wrapped squares). Neither holds for a float or an unsigned type. Where both hold, the divisor gets 2
-    added (``k + k``, ``k`` the condition cast like the divisor), so it is 1 and the answer is the minimum;
-    every other quotient is unchanged. Sub, Mul and Equal wrap or compare, they never trap."""
-    zero_a, below, negated, is_min, at_minimum = (
-        fresh(what) for what in ("zero", "below_zero", "negated", "is_min", "at_min")
+    name, for a graph of default-domain ``opset`` (at least :data:`GENERIC_GUARD_OPSET`). No constant of
+    the type is needed: ``zero = x - x``; with two's-complement wrapping, the dividend is its type's
+    minimum exactly when ``dividend < 0 and 0 - dividend == dividend``, and the divisor is -1 exactly when
+    ``divisor < 0 and n * n == n`` for ``n = 0 - divisor`` (only 0 and 1 are their own wrapped squares).
+    Neither holds for a float or an unsigned type. Where both hold, the divisor becomes 1 (it gets
+    ``k + k`` added, ``k`` the condition cast like the divisor; before opset 15, ``n`` is picked instead of
+    it), so the answer is the minimum; every other quotient is unchanged. Sub, Mul and Equal wrap or
+    compare, they never trap."""
+    nodes: list[NodeProto] = []
+
+    def node(op_type: str, inputs: list[str], **attributes: Any) -> str:
+        output = fresh(op_type.lower())
+        nodes.append(helper.make_node(op_type, inputs, [output], name=fresh(op_type.lower()), **attributes))
+        return output
+
+    zero_a = node("Sub", [dividend, dividend])
+    at_minimum = node(
+        "And", [node("Less", [dividend, zero_a]), node("Equal", [node("Sub", [zero_a, dividend]), dividend])]
     )
-    zero_d, negative, flipped, square, unit, by_minus_one, both, step, raised, safe = (
-        fresh(what)
-        for what in (
-            "zero",
-            "negative",
-            "flipped",
-            "square",
-            "unit",
-            "by_minus_one",
-            "overflow",
-            "overflow_number",
-            "step",
-            "divisor",
-        )
+    zero_d = node("Sub", [divisor, divisor])
+    flipped = node("Sub", [zero_d, divisor])
+    by_minus_one = node(
+        "And", [node("Less", [divisor, zero_d]), node("Equal", [node("Mul", [flipped, flipped]), flipped])]
     )
-    nodes = [
-        helper.make_node("Sub", [dividend, dividend], [zero_a], name=fresh("sub")),
-        helper.make_node("Less", [dividend, zero_a], [below], name=fresh("less")),
-        helper.make_node("Sub", [zero_a, dividend], [negated], name=fresh("sub")),
-        helper.make_node("Equal", [negated, dividend], [is_min], name=fresh("equal")),
-        helper.make_node("And", [below, is_min], [at_minimum], name=fresh("and")),
-        helper.make_node("Sub", [divisor, divisor], [zero_d], name=fresh("sub")),
-        helper.make_node("Less", [divisor, zero_d], [negative], name=fresh("less")),
-        helper.make_node("Sub", [zero_d, divisor], [flipped], name=fresh("sub")),
-        helper.make_node("Mul", [flipped, flipped], [square], name=fresh("mul")),
-        helper.make_node("Equal", [square, flipped], [unit], name=fresh("equal")),
-        helper.make_node("And", [negative, unit], [by_minus_one], name=fresh("and")),
-        helper.make_node("And", [at_minimum, by_minus_one], [both], name=fresh("and")),
-        helper.make_node("CastLike", [both, divisor], [step], name=fresh("cast_like")),
-        helper.make_node("Add", [step, step], [raised], name=fresh("add")),
-        helper.make_node("Add", [divisor, raised], [safe], name=fresh("add")),
-    ]
-    return nodes, safe
+    both = node("And", [at_minimum, by_minus_one])
+    if opset >= CAST_LIKE_OPSET:
+        step = node("CastLike", [both, divisor])
+        return nodes, node("Add", [divisor, node("Add", [step, step])])
+    # [divisor, n] side by side on a new last axis, at the full broadcast shape, and the condition picks.
+    shape = node("Shape", [both])
+    choices = [node("Expand", [divisor, shape]), node("Expand", [flipped, shape])]
+    picks = node("Cast", [both], to=TensorProto.INT64)
+    if opset >= 13:
+        axes = node("Constant", [], value=numpy_helper.from_array(np.array([-1], dtype=np.int64)))
+        last = [node("Unsqueeze", [value, axes]) for value in (*choices, picks)]
+        picked = node("GatherElements", [node("Concat", last[:2], axis=-1), last[2]], axis=-1)
+        return nodes, node("Squeeze", [picked, axes])
+    last = [node("Unsqueeze", [value], axes=[-1]) for value in (*choices, picks)]
+    picked = node("GatherElements", [node("Concat", last[:2], axis=-1), last[2]], axis=-1)
+    return nodes, node("Squeeze", [picked], axes=[-1])
 
 
 def _guard_graph(scope: _Scope, types: _Types, names: _Names, opset: int, where: str) -> int:
@@ -392,7 +396,7 @@ def _guard_graph(scope: _Scope, types: _Types, names: _Names, opset: int, where:
                     "has); the model is refused"
                 )
             log.info("%s: Div node %r: element type unknown, guarded for any type", where, label)
-            added, safe = any_type_guard(dividend, divisor, names.fresh)
+            added, safe = any_type_guard(dividend, divisor, names.fresh, opset)
             nodes += added
         else:
             if element not in constants:
