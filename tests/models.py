@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.parser
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
 
 HEADER = '<ir_version: 9, opset_import: ["" : 17]>'
 
@@ -284,3 +288,102 @@ def truncated_quotients(a: Sequence[int], b: Sequence[int], bits: int) -> list[i
         q = abs(x) // abs(y) * (1 if (x < 0) == (y < 0) else -1)
         quotients.append((q + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1))
     return quotients
+
+
+def division_guard_evasions() -> dict[str, onnx.ModelProto]:
+    """int64 ``Div`` of the client's ``a`` and ``b`` (and, for the If models, ``c`` true picks it) that a red
+    team hid from a guard reading names model-wide or failing open: the If branch's divisor named like the
+    other branch's constant 2 (``sibconst``) or like that branch's declared float (``sibtype``); a Loop body's
+    names declared float by the main graph's value_info (``outervi``); operands made by
+    ``com.microsoft::Range``, which ONNX shape inference cannot type (``msrange``)."""
+    a, b = (h.make_tensor_value_info(name, T.INT64, [None]) for name in "ab")
+    c = h.make_tensor_value_info("c", T.BOOL, [])
+    y = h.make_tensor_value_info("y", T.INT64, None)
+
+    def model(graph: onnx.GraphProto, *domains: str) -> onnx.ModelProto:
+        opsets = [h.make_opsetid("", 17), *(h.make_opsetid(domain, 1) for domain in domains)]
+        made = h.make_model(graph, opset_imports=opsets)
+        made.ir_version = 8
+        return made
+
+    def constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return h.make_node("Constant", [], [name], value=nh.from_array(value))
+
+    def branches(then: onnx.GraphProto, otherwise: onnx.GraphProto) -> onnx.GraphProto:
+        node = h.make_node("If", ["c"], ["y"], then_branch=then, else_branch=otherwise)
+        return h.make_graph([node], "g", [a, b, c], [y])
+
+    q, q2 = (h.make_tensor_value_info(name, T.INT64, None) for name in ("q", "q2"))
+    then = h.make_graph([h.make_node("Identity", ["b"], ["d"]), h.make_node("Div", ["a", "d"], ["q"])], "then", [], [q])
+    otherwise = h.make_graph(
+        [constant("d", np.array(2, np.int64)), h.make_node("Div", ["a", "d"], ["q2"])], "else", [], [q2]
+    )
+    sibconst = branches(then, otherwise)
+    then = h.make_graph(
+        [
+            h.make_node("Identity", ["a"], ["n"]),
+            h.make_node("Identity", ["b"], ["d"]),
+            h.make_node("Div", ["n", "d"], ["q"]),
+        ],
+        "then",
+        [],
+        [q],
+    )
+    floats = [h.make_tensor_value_info(name, T.FLOAT, [1]) for name in ("n", "d")]
+    otherwise = h.make_graph(
+        [
+            constant("n", np.array([1.0], np.float32)),
+            constant("d", np.array([1.0], np.float32)),
+            h.make_node("Div", ["n", "d"], ["qf"]),
+            h.make_node("Cast", ["qf"], ["q2"], to=T.INT64),
+        ],
+        "else",
+        [],
+        [q2],
+        value_info=floats,
+    )
+    sibtype = branches(then, otherwise)
+    body = h.make_graph(
+        [
+            h.make_node("Identity", ["cond"], ["co"]),
+            h.make_node("Identity", ["a"], ["n"]),
+            h.make_node("Identity", ["b"], ["d"]),
+            h.make_node("Div", ["n", "d"], ["q"]),
+        ],
+        "body",
+        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond", T.BOOL, [])],
+        [h.make_tensor_value_info("co", T.BOOL, []), q],
+    )
+    outervi = h.make_graph(
+        [
+            constant("trip", np.array(1, np.int64)),
+            h.make_node("Loop", ["trip", ""], ["ys"], body=body),
+            h.make_node("Squeeze", ["ys"], ["y"]),
+        ],
+        "g",
+        [a, b],
+        [y],
+        value_info=[h.make_tensor_value_info(name, T.FLOAT, None) for name in ("n", "d")],
+    )
+    msrange = h.make_graph(
+        [
+            constant("one", np.array(1, np.int64)),
+            h.make_node("Squeeze", ["a"], ["as"]),
+            h.make_node("Squeeze", ["b"], ["bs"]),
+            h.make_node("Add", ["as", "one"], ["al"]),
+            h.make_node("Add", ["bs", "one"], ["bl"]),
+            h.make_node("Range", ["as", "al", "one"], ["n"], domain="com.microsoft"),
+            h.make_node("Range", ["bs", "bl", "one"], ["d"], domain="com.microsoft"),
+            h.make_node("Div", ["n", "d"], ["q"]),
+            h.make_node("Cast", ["q"], ["y"], to=T.INT64),
+        ],
+        "g",
+        [h.make_tensor_value_info(name, T.INT64, [1]) for name in "ab"],
+        [y],
+    )
+    return {
+        "sibconst": model(sibconst),
+        "sibtype": model(sibtype),
+        "outervi": model(outervi),
+        "msrange": model(msrange, "com.microsoft"),
+    }

@@ -15,7 +15,7 @@ import pytest
 import requests
 from harness import CappedServer, model_infer, serve_capped
 
-from models import integer_division_models, truncated_quotients, write_version
+from models import division_guard_evasions, integer_division_models, truncated_quotients, write_version
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 CAP = 3 * 1024**3
@@ -29,7 +29,7 @@ INT64_MODELS = ["div64", "div_if", "div_loop", "div_function"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root: Path = tmp_path_factory.mktemp("division")
-    for name, model in integer_division_models().items():
+    for name, model in {**integer_division_models(), **division_guard_evasions()}.items():
         write_version(root, name, 1, model)
     with serve_capped(root, cap_bytes=CAP) as running:
         yield running
@@ -101,4 +101,21 @@ def test_division_by_zero_is_still_refused_and_the_server_keeps_serving(server: 
     assert response.status_code == 200
     assert response.json()["outputs"][0]["data"] == [-3]
     assert server.alive()
+    assert server.probe_seconds() < 1
+
+
+@pytest.mark.parametrize("model", sorted(division_guard_evasions()))
+def test_divisions_hidden_from_the_guard_still_wrap(server: CappedServer, model: str) -> None:
+    # A red team's models: the divisor named like another If branch's constant 2 (sibconst) or declared
+    # float there (sibtype), a Loop body's names declared float by the main graph (outervi), operands of
+    # com.microsoft::Range that shape inference cannot type (msrange, guarded for any type). Each used to
+    # be served unguarded, and one request ended the server.
+    for a, b in ((MIN64, -1), (7, -2), (MIN64 + 1, -1)):
+        inputs = [{"name": n, "shape": [1], "datatype": "INT64", "data": [v]} for n, v in (("a", a), ("b", b))]
+        if model.startswith("sib"):
+            inputs.append({"name": "c", "shape": [], "datatype": "BOOL", "data": [True]})
+        response = requests.post(f"{server.http_url}/v2/models/{model}/infer", json={"inputs": inputs}, timeout=30)
+        assert response.status_code == 200, (model, response.text[:300])
+        assert response.json()["outputs"][0]["data"] == truncated_quotients([a], [b], 64), model
+        assert server.alive()
     assert server.probe_seconds() < 1
