@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+import orjson
 import pytest
 import requests
 from harness import CappedServer, fill_request, model_infer, serve_capped
@@ -42,6 +43,17 @@ def _filled(name: str, outputs: dict[str, tuple[int, float]]) -> onnx.ModelProto
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _text_tile() -> onnx.ModelProto:
+    """``s`` (BYTES [1]) tiled ``r`` (INT64 [1]) times: the red team's V2 model."""
+    inputs = [
+        helper.make_tensor_value_info("s", TensorProto.STRING, [1]),
+        helper.make_tensor_value_info("r", TensorProto.INT64, [1]),
+    ]
+    output = helper.make_tensor_value_info("y", TensorProto.STRING, ["m"])
+    graph = helper.make_graph([helper.make_node("Tile", ["s", "r"], ["y"])], "text_tile", inputs, [output])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root: Path = tmp_path_factory.mktemp("encoded")
@@ -49,6 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
         "two_rows": _filled("two_rows", {"a": (TensorProto.UINT8, 1), "b": (TensorProto.UINT8, 255)}),
         "minus_inf": _filled("minus_inf", {"y": (TensorProto.FLOAT, -np.inf)}),
         "minus_one": _filled("minus_one", {"y": (TensorProto.INT8, -1)}),
+        "text_tile": _text_tile(),
     }
     for name, model in models.items():
         folder = root / name / "1"
@@ -126,3 +139,38 @@ def test_typed_grpc_answers_are_refused_at_their_protobuf_size_before_they_are_b
     assert list(answer.outputs[0].contents.int_contents) == [-1] * 500_000
     assert answer.ByteSize() <= LIMIT
     _assert_held(server, watch, started)
+
+
+def _tile(server: CappedServer, text: str, copies: int) -> requests.Response:
+    inputs = [
+        {"name": "s", "shape": [1], "datatype": "BYTES", "data": [text]},
+        {"name": "r", "shape": [1], "datatype": "INT64", "data": [copies]},
+    ]
+    return requests.post(f"{server.http_url}/v2/models/text_tile/infer", json={"inputs": inputs}, timeout=120)
+
+
+def test_v2_text_answers_are_refused_at_their_json_size_before_they_are_encoded(server: CappedServer) -> None:
+    # 7 MB of control characters (under the limit as tensors), 42 MB of "\u0001" escapes each: four at once
+    # used to be encoded in full (peak RSS gigabytes with the red team's sizes), then counted.
+    copies, text = 7_000, "\x01" * 1000
+    started = server.rss_bytes()
+    with Watch(server) as watch, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _tile(server, text, copies), range(4)))
+    head = b'{"model_name":"text_tile","model_version":"1","outputs":[{"name":"y","datatype":"BYTES","shape":[7000],'
+    exact = len(head + b'"data":[]}]}') + copies * len('"' + 1000 * "\\u0001" + '"') + copies - 1
+    for answer in answers:
+        _refused(answer, "as KServe V2 JSON")
+        said = re.search(r"would be (\d+) bytes encoded", answer.json()["error"])
+        assert said is not None, answer.json()["error"]
+        assert int(said.group(1)) == exact  # the JSON's exact size, counted from the bytes
+    _assert_held(server, watch, started)
+    # ONNX Runtime's strings and their Python objects per request, not the 42 MB texts they would make.
+    assert watch.peak_rss - started < 4 * 42 * 1000**2, (watch.peak_rss, started)
+
+
+def test_v2_text_answers_under_the_limit_are_written_as_before(server: CappedServer) -> None:
+    text = 'a\x01"\\\n\u00e9\u2028'
+    response = _tile(server, text, 1000)
+    assert response.status_code == 200, response.text[:300]
+    output = {"name": "y", "datatype": "BYTES", "shape": [1000], "data": [text] * 1000}
+    assert response.content == orjson.dumps({"model_name": "text_tile", "model_version": "1", "outputs": [output]})

@@ -269,11 +269,13 @@ def test_a_grpc_answer_above_the_message_limit_is_refused_without_an_error_in_th
 
 
 def test_large_json_answers_are_written_without_holding_the_probes(server: CappedServer) -> None:
-    # A 64 MiB tensor of random floats is ~180 MB of JSON: written in one call of the encoder it held the
-    # interpreter for seconds per answer; now its data is written a slice at a time.
-    n = 16 * 1024 * 1024
+    # 4 M random floats are ~45 MB of JSON (under the 64 MiB limit): written in one call of the encoder such
+    # an answer held the interpreter for seconds; now its data is written a slice at a time. A 64 MiB tensor
+    # (~180 MB of JSON) is refused once its text passes the limit.
+    n = 4 * 1024 * 1024
     with Watch(server) as prober, ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(lambda _: _infer(server, "noise", n), range(3)))
+        refused = _infer(server, "noise", 16 * 1024 * 1024)
     for answer in answers:
         assert answer.status_code in (200, 503), answer.text[:200]
     served = [a for a in answers if a.status_code == 200]
@@ -281,5 +283,7 @@ def test_large_json_answers_are_written_without_holding_the_probes(server: Cappe
     data = served[0].json()["outputs"][0]["data"]
     assert len(data) == n
     assert all(0.0 <= v < 1.0 for v in data[:1000])
+    assert refused.status_code == 400, refused.text[:200]
+    assert "more than 67108864 bytes encoded as KServe V2 JSON" in refused.json()["error"]
     del answers, served, data
     _assert_serving(server, prober)

@@ -8,23 +8,23 @@ encoded by one call of the encoder: a fixed number of Python objects is alive at
 run between slices, and writing stops as soon as the text passes the limit.
 
 Before any slice is written, bounds on the text's size are computed from the shapes (brackets, commas,
-keys: exact) and the widest and narrowest text of an element of each datatype: an answer whose
+keys: exact) and the widest and narrowest text of an element of each datatype (``json_size``, shared
+with KServe V2 JSON answers): an answer whose
 smallest possible text is above the limit is refused at once, and the in-flight budget holds the
 largest possible text (at most the limit) while it is written.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from onnxserve.core.types import Tensor
+from onnxserve.protocols import json_size
+from onnxserve.protocols.json_size import Body, Bounds
 from onnxserve.protocols.tfserving_rest import values
 
 SLICE_ELEMENTS = 1 << 16
@@ -32,25 +32,7 @@ SLICE_ELEMENTS = 1 << 16
 
 ENCODING = "as TF Serving JSON"
 
-# The widest text of one element of each numpy kind/size, as orjson or the standard library writes it.
-_WIDEST_FLOAT = len("-2.2250738585072014e-308")
-_WIDEST_INT = {1: 4, 2: 6, 4: 11, 8: 20}
-_WIDEST_UINT = {1: 3, 2: 5, 4: 10, 8: 20}
-_BYTES_ELEMENT = len('{"b64":""}')  # a non-UTF-8 element, besides its base64 text
-
 Dump = Callable[[Any], bytes]
-
-
-class Full(Exception):
-    """The text passed the limit (raised while writing; the caller drops what was written)."""
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The smallest and largest size the answer's text can take."""
-
-    least: int
-    most: int
 
 
 def bounds(tensors: Sequence[Tensor], rows: bool) -> Bounds:
@@ -68,53 +50,11 @@ def bounds(tensors: Sequence[Tensor], rows: bool) -> Bounds:
     for tensor in tensors:
         shape = tensor.shape[1:] if rows and len(tensors) != 1 else tensor.shape
         rows_of = tensor.shape[0] if rows and len(tensors) != 1 else 1
-        structure = rows_of * _structure(shape)
-        low, high = _element_bounds(tensor.data)
-        least += structure + low
-        most += structure + high
+        structure = rows_of * json_size.structure(shape)
+        elements = json_size.element_bounds(tensor.data)
+        least += structure + elements.least
+        most += structure + elements.most
     return Bounds(least, most)
-
-
-def _structure(shape: Sequence[int]) -> int:
-    """Brackets and commas of a value of ``shape`` written as nested lists."""
-    total, lists = 0, 1
-    for dim in shape:
-        total += lists * (2 + max(0, dim - 1))
-        lists *= dim
-    return total
-
-
-def _element_bounds(array: npt.NDArray[Any]) -> tuple[int, int]:
-    count = array.size
-    kind, size = array.dtype.kind, array.dtype.itemsize
-    if kind == "O":
-        lengths = sum(len(v) if isinstance(v, bytes) else len(str(v).encode("utf-8")) for v in array.flat)
-        return 2 * count, 6 * lengths + (2 + _BYTES_ELEMENT) * count  # \u00XX escapes, base64, quotes
-    if kind == "b":
-        return 4 * count, 5 * count
-    if kind == "f":
-        return count, _WIDEST_FLOAT * count
-    widest = (_WIDEST_INT if kind == "i" else _WIDEST_UINT).get(size, 20)
-    return count, widest * count
-
-
-class Body:
-    """The answer's text as it is written; :class:`Full` once it passes ``limit`` (0: no limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.buffer = io.BytesIO()
-
-    def write(self, chunk: bytes | memoryview) -> None:
-        self.buffer.write(chunk)
-        if self.limit and self.buffer.tell() > self.limit:
-            raise Full
-
-    def drop(self) -> None:
-        self.buffer.close()
-
-    def value(self) -> bytes:
-        return self.buffer.getvalue()
 
 
 def write_value(body: Body, dump: Dump, tensor: Tensor) -> None:

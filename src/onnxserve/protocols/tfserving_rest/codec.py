@@ -26,6 +26,7 @@ from onnxserve.core.types import (
 )
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import json_size
 from onnxserve.protocols.json_depth import check_depth, too_deep
 from onnxserve.protocols.tfserving_rest import answer, values
 
@@ -230,7 +231,7 @@ def encode_predict(response: InferenceResponse, rows: bool, limit: int = 0) -> b
     def dump(doc: Any) -> bytes:
         return dumps(doc, nonfinite)
 
-    body = answer.Body(limit)
+    body = json_size.Body(limit)
     try:
         body.write(b'{"predictions":' if rows else b'{"outputs":')
         if rows and len(tensors) != 1:
@@ -244,7 +245,7 @@ def encode_predict(response: InferenceResponse, rows: bool, limit: int = 0) -> b
                 answer.write_value(body, dump, tensor)
             body.write(b"}")
         body.write(b"}")
-    except answer.Full:
+    except json_size.Full:
         body.drop()  # what was written goes now, not with the refusal's traceback
         raise response_too_large(response.model_name, 0, limit, at_least=True, encoding=answer.ENCODING) from None
     return body.value()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from onnxserve.core.types import (
     VersionStatistics,
 )
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import json_size
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.protocols.v2_rest import tensors
@@ -179,36 +180,111 @@ DATA_SLICE_ELEMENTS = 1 << 16
 """Elements of an output's ``data`` written by one call of the JSON encoder (see :func:`_json_data`)."""
 
 
-def encode_infer_response(response: InferenceResponse, decoded: DecodedRequest) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when any output travels in binary form."""
+ENCODING = "as KServe V2 JSON"
+
+
+def infer_response_size(response: InferenceResponse, decoded: DecodedRequest, limit: int = 0) -> int:
+    """The most bytes :func:`encode_infer_response` may write (at most ``limit``, when there is one), what the
+    in-flight budget holds for the answer while it is written; refused (TooLargeError) at once when even its
+    smallest possible size is above ``limit``."""
+    size = answer_bounds(response, decoded)
+    if limit and size.least > limit:
+        raise wire.response_too_large(response.model_name, size.least, limit, encoding=ENCODING)
+    return min(size.most, limit) if limit else size.most
+
+
+def answer_bounds(response: InferenceResponse, decoded: DecodedRequest) -> json_size.Bounds:
+    """Bounds on the size of the body :func:`encode_infer_response` writes: the envelope and binary outputs
+    exactly, BYTES data exactly (as orjson escapes it), numbers from the widest and narrowest text of their
+    datatype."""
+    total = json_size.Bounds.exact(len(_envelope(response)) + len(b"]}") + max(0, len(response.outputs) - 1))
+    for tensor in response.outputs:
+        if decoded.wants_binary(tensor.name):
+            size = _raw_size(tensor)
+            total += json_size.Bounds.exact(len(dumps(_binary_metadata(tensor, size))) + size)
+            continue
+        count = tensor.data.size
+        total += json_size.Bounds.exact(len(_data_opening(tensor)) + 1 + json_size.structure((count,)))
+        if tensor.datatype.is_bytes:
+            total += json_size.Bounds.exact(json_size.orjson_strings_length(_items(tensor)))
+        else:
+            total += json_size.element_bounds(tensor.data)
+    return total
+
+
+def encode_infer_response(
+    response: InferenceResponse, decoded: DecodedRequest, limit: int = 0
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when any output travels in binary form; refused
+    (TooLargeError) as soon as it passes ``limit`` (0: no limit)."""
+    body = json_size.Body(limit)
+    chunks: list[bytes | memoryview] = []
+    raw = 0
+    try:
+        body.write(_envelope(response))  # the outputs come last, written one by one
+        for index, tensor in enumerate(response.outputs):
+            if index:
+                body.write(b",")
+            if decoded.wants_binary(tensor.name):
+                data = wire.to_raw(tensor)
+                chunks.append(data)
+                raw += len(data)
+                body.write(dumps(_binary_metadata(tensor, len(data))))
+            else:
+                body.write(_data_opening(tensor))
+                for piece in _json_data(tensors.to_json_data(tensor)):
+                    body.write(piece)
+                body.write(b"}")
+            if limit and body.size() + raw > limit:
+                raise json_size.Full
+        body.write(b"]}")
+        if limit and body.size() + raw > limit:
+            raise json_size.Full
+    except json_size.Full:
+        body.drop()  # what was written goes now, not with the refusal's traceback
+        del chunks
+        raise wire.response_too_large(response.model_name, 0, limit, at_least=True, encoding=ENCODING) from None
+    header = body.value()
+    body.drop()
+    if not chunks:
+        return header, None
+    return b"".join((header, *chunks)), len(header)  # the one copy of the output data
+
+
+def _envelope(response: InferenceResponse) -> bytes:
+    """The answer up to its first output: ``{"model_name":...,"outputs":[``."""
     doc: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = dict(response.parameters)
-    parts: list[bytes] = [dumps(doc)[:-1], b',"outputs":[']  # the outputs come last, written one by one
-    chunks: list[bytes | memoryview] = []
-    for index, tensor in enumerate(response.outputs):
-        out: dict[str, Any] = {
-            "name": tensor.name,
-            "datatype": tensor.datatype.v2,
-            "shape": list(tensor.shape),
-        }
-        if index:
-            parts.append(b",")
-        if decoded.wants_binary(tensor.name):
-            data = wire.to_raw(tensor)
-            out["parameters"] = {"binary_data_size": len(data)}
-            chunks.append(data)
-            parts.append(dumps(out))
-        else:
-            parts += (dumps(out)[:-1], b',"data":', *_json_data(tensors.to_json_data(tensor)), b"}")
-    parts.append(b"]}")
-    header = b"".join(parts)
-    del parts
-    if not chunks:
-        return header, None
-    return b"".join((header, *chunks)), len(header)  # the one copy of the output data
+    return dumps(doc)[:-1] + b',"outputs":['
+
+
+def _metadata(tensor: Tensor) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype.v2, "shape": list(tensor.shape)}
+
+
+def _binary_metadata(tensor: Tensor, size: int) -> dict[str, Any]:
+    return {**_metadata(tensor), "parameters": {"binary_data_size": size}}
+
+
+def _data_opening(tensor: Tensor) -> bytes:
+    """An output in JSON form up to its data: ``{"name":...,"shape":[...],"data":``."""
+    return dumps(_metadata(tensor))[:-1] + b',"data":'
+
+
+def _raw_size(tensor: Tensor) -> int:
+    """Bytes :func:`wire.to_raw` makes of ``tensor`` (a BYTES element: its length and 4 bytes)."""
+    if tensor.datatype.is_bytes:
+        return sum(4 + len(item) for item in _items(tensor))
+    return tensor.data.size * tensor.datatype.itemsize
+
+
+def _items(tensor: Tensor) -> Iterator[bytes]:
+    """A BYTES tensor's elements as bytes, row-major."""
+    for value in tensor.data.reshape(-1):
+        yield value if isinstance(value, bytes) else str(value).encode("utf-8")
 
 
 def _json_data(data: Any) -> list[bytes]:

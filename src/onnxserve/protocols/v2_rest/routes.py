@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from onnxserve.core.wire import output_bytes
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.http import guarded, json_body
 from onnxserve.protocols.v2_rest import codec
@@ -85,13 +85,19 @@ def routes(service: InferenceService) -> list[Route]:
             header_length,
         )
         response = await service.infer(decoded.request)
-        # Counted before it is encoded, held until it is sent; a refused answer is dropped before the raise.
-        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+        # Counted before it is encoded, at the most its encoding may take, held until it is sent. A refused
+        # answer is dropped before the raise (the error's traceback keeps this frame).
+        limit = service.max_response_bytes
+        try:
+            size = await offload.convert(output_bytes(response), codec.infer_response_size, response, decoded, limit)
+            if (refused := inflight.hold_answer(size)) is not None:
+                raise refused
+            payload, json_length = await offload.convert(
+                codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded, limit
+            )
+        except OnnxServeError:
             del response
-            raise refused
-        payload, json_length = await offload.convert(
-            codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded
-        )
+            raise
         del response
         if (refused := inflight.hold_answer(len(payload))) is not None:
             del payload
