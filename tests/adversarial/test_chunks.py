@@ -197,3 +197,26 @@ def test_a_huge_request_that_times_out_stops_running_its_chunks(server: CappedSe
     assert server.alive()
     small = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a short one"]}]}
     assert requests.post(f"{server.http_url}/v2/models/single/infer", json=small, timeout=60).status_code == 200
+
+
+def test_an_answer_over_the_response_limit_is_refused_after_its_first_chunk(wide_version: Path) -> None:
+    # Outside attack: a [200, 256] request for last_hidden_state (78.6 MB) ran all its chunks, 40 s, before
+    # its 400. After the first chunk its rows show what the whole answer takes: the rest never run.
+    probe = np.ones((1, TOKENS), dtype=np.int64)
+    session = ort.InferenceSession(str(wide_version / "model.onnx"), providers=["CPUExecutionProvider"])
+    hidden = session.run(
+        ["last_hidden_state"], {"input_ids": probe, "attention_mask": probe, "token_type_ids": 0 * probe}
+    )
+    chunk_bytes = CHUNK_ROWS * hidden[0][0].nbytes
+    limit = 2 * chunk_bytes  # the first chunk fits, the four do not
+    with CappedServer(
+        ["--model-repository", str(wide_version.parent.parent), "--max-response-bytes", str(limit)], cap_bytes=CAP
+    ) as server:
+        ids = np.full((ROWS, TOKENS), 7, dtype=np.int64)
+        body = _token_body(ids, np.ones_like(ids))
+        body["outputs"] = [{"name": "last_hidden_state", "parameters": {"binary_data": True}}]
+        response = requests.post(f"{server.http_url}/v2/models/wide/infer", json=body, timeout=SECONDS)
+        assert response.status_code == 400, response.text[:300]
+        assert "--max-response-bytes" in response.json()["error"]
+        assert _executions(server, "wide") == 1
+        assert server.alive()

@@ -182,3 +182,24 @@ def test_a_grpc_error_repeats_at_most_a_thousand_characters(server: CappedServer
             call(request, timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
     assert len(refused.value.details() or "") < 2_000
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b'{"instances": [NaN, ' + b"9" * 5000 + b"]}", "more digits than any datatype holds"),
+        (b'{"instances": [NaN, "\xff"]}', "not UTF-8"),
+    ],
+)
+def test_tf_serving_bodies_the_slow_parser_refuses_are_refused_in_our_words(
+    server: CappedServer, body: bytes, said: str
+) -> None:
+    # Outside attack: Python's own messages came back ("use sys.set_int_max_str_digits() ...", "'utf-8' codec
+    # can't decode byte 0xff in position 19").
+    response = requests.post(
+        server.http_url + "/v1/models/m:predict", data=body, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 400, response.text[:300]
+    assert said in response.json()["error"]
+    assert "sys." not in response.text
+    assert "codec" not in response.text

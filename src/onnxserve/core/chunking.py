@@ -106,14 +106,20 @@ class _Limits:
     """One request's output limits, counted over its chunks as they come back (each chunk's run is
     bounded by the whole request's limits on its own, so the request holds at most about twice them)."""
 
-    def __init__(self, model: str, max_output_bytes: int) -> None:
+    def __init__(self, model: str, max_output_bytes: int, rows: int) -> None:
         self.model = model
         self.max_bytes = max_output_bytes
+        self.rows = rows  # the whole request's
+        self.counted_rows = 0
         self.bytes = 0
         self.elements = 0
 
-    def count(self, outputs: Arrays) -> None:
-        """Count a chunk's outputs; refuse the request once they pass a limit."""
+    def count(self, outputs: Arrays, rows: int) -> None:
+        """Count a chunk's outputs (``rows`` of the request); refuse the request once they pass a limit, or
+        as soon as its rows so far, at their bytes per row, show the whole answer will: every later row
+        takes at least as much (token-level outputs are joined at the longest chunk's length), so the
+        chunks still to run are not run for an answer that would be refused."""
+        self.counted_rows += rows
         self.elements += sum(int(array.size) for array in outputs.values() if array.dtype == object)
         if self.elements > MAX_BYTES_ELEMENTS:
             raise TooLargeError(
@@ -122,8 +128,9 @@ class _Limits:
             )
         if self.max_bytes > 0:
             self.bytes += sum(payload_bytes(array) for array in outputs.values())
-            if self.bytes > self.max_bytes:
-                raise response_too_large(self.model, self.bytes, self.max_bytes, at_least=True)
+            projected = self.bytes * self.rows // max(1, self.counted_rows)
+            if projected > self.max_bytes:
+                raise response_too_large(self.model, projected, self.max_bytes, at_least=True)
 
 
 async def submit(model: ModelVersion, work: Work) -> Scheduled:
@@ -147,11 +154,12 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
 
 async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, int]]) -> tuple[Outcome, int]:
     """The chunks' joined outcome and the time they waited in the queue, in all."""
-    limits = _Limits(model.name, work.max_output_bytes)
+    limits = _Limits(model.name, work.max_output_bytes, work.rows)
     outcomes: list[Outcome] = []
     queue_ns = 0
     pending = list(bounds)
     running: list[asyncio.Task[Scheduled]] = []
+    rows: list[int] = []  # of each running chunk
     allowed = window(model)
     loop = asyncio.get_running_loop()
     try:
@@ -160,9 +168,10 @@ async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, i
                 start, stop = pending.pop(0)
                 part = _part(work, start, stop)
                 running.append(loop.create_task(model.scheduler.submit(part)))
+                rows.append(stop - start)
             scheduled = await running.pop(0)  # in order: the answers join in the request's row order
             queue_ns += scheduled.queue_ns
-            limits.count(scheduled.outcome.outputs)
+            limits.count(scheduled.outcome.outputs, rows.pop(0))
             outcomes.append(scheduled.outcome)
             del scheduled
     except BaseException:

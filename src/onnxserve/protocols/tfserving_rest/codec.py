@@ -77,8 +77,14 @@ def loads(body: bytes) -> Any:
         doc = json.loads(body)
     except RecursionError:
         raise too_deep() from None
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError("the request body is not valid JSON: it is not UTF-8 text") from None
+    except ValueError:  # Python's own limit on the digits of an integer
+        raise InvalidInputError(
+            "the request body is not valid JSON here: a number has more digits than any datatype holds"
+        ) from None
     return check_depth(doc)
 
 
