@@ -387,3 +387,14 @@ def division_guard_evasions() -> dict[str, onnx.ModelProto]:
         "outervi": model(outervi),
         "msrange": model(msrange, "com.microsoft"),
     }
+
+
+def total_model() -> onnx.ModelProto:
+    """The sum of a FP32 vector of any length (a small answer to a large request)."""
+    return parse(
+        """
+        total (float[n] x) => (float total) {
+            total = ReduceSum <keepdims = 0> (x)
+        }
+        """
+    )

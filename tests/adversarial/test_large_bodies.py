@@ -32,22 +32,11 @@ MAX_PROBES = 2000
 GRPC_OPTIONS = [("grpc.max_send_message_length", 80 * 1024**2), ("grpc.max_receive_message_length", 80 * 1024**2)]
 
 
-def total_model() -> Any:
-    """The sum of a FP32 vector of any length (a small answer to a large request)."""
-    return models.parse(
-        """
-        total (float[n] x) => (float total) {
-            total = ReduceSum <keepdims = 0> (x)
-        }
-        """
-    )
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     repo: Path = tmp_path_factory.mktemp("large-bodies")
     models.write_version(repo, "strings", 1, models.strings_model())
-    models.write_version(repo, "total", 1, total_model())
+    models.write_version(repo, "total", 1, models.total_model())
     with serve_capped(repo) as running:
         yield running
 

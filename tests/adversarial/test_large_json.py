@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -38,20 +37,10 @@ WORKER_LOST = "the worker decoding this large JSON body stopped"
 BUDGET_FULL = "bytes of requests and answers in flight (--max-inflight-bytes)"
 
 
-def total_model() -> Any:
-    return models.parse(
-        """
-        total (float[n] x) => (float total) {
-            total = ReduceSum <keepdims = 0> (x)
-        }
-        """
-    )
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     repo: Path = tmp_path_factory.mktemp("large-json")
-    models.write_version(repo, "total", 1, total_model())
+    models.write_version(repo, "total", 1, models.total_model())
     with serve_capped(repo) as running:
         yield running
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, model_infer, serve_capped
 
 from models import add_model, write_version
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -172,14 +172,8 @@ def test_a_grpc_error_repeats_at_most_a_thousand_characters(server: CappedServer
     # the client saw RESOURCE_EXHAUSTED "Stream removed" instead of INVALID_ARGUMENT.
     request = pb.ModelInferRequest(model_name="m")
     request.inputs.add(name="x" * 20_000, datatype="FP32", shape=[1]).contents.fp32_contents.append(1.0)
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as refused:
-            call(request, timeout=30)
+    with pytest.raises(grpc.RpcError) as refused:
+        model_infer(server.grpc_target, request, timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
     assert len(refused.value.details() or "") < 2_000
 
