@@ -100,14 +100,11 @@ def routes(service: InferenceService) -> list[Route]:
             size = await offload.convert(output_bytes(response), codec.predict_size, response, decoded.rows, limit)
             if (refused := inflight.hold_answer(size)) is not None:
                 raise refused
-            body = await offload.convert(size, codec.encode_predict, response, decoded.rows, limit)
+            body = inflight.held(await offload.convert(size, codec.encode_predict, response, decoded.rows, limit), len)
         except OnnxServeError:
             del response
             raise
         del response
-        if (refused := inflight.hold_answer(len(body))) is not None:
-            del body
-            raise refused
         return json_body(body)
 
     async def classify(request: Request) -> Response:

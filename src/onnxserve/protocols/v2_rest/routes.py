@@ -92,16 +92,16 @@ def routes(service: InferenceService) -> list[Route]:
             size = await offload.convert(output_bytes(response), codec.infer_response_size, response, decoded, limit)
             if (refused := inflight.hold_answer(size)) is not None:
                 raise refused
-            payload, json_length = await offload.convert(
-                codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded, limit
+            payload, json_length = inflight.held(
+                await offload.convert(
+                    codec.encode_work(response, decoded), codec.encode_infer_response, response, decoded, limit
+                ),
+                _payload_length,
             )
         except OnnxServeError:
             del response
             raise
         del response
-        if (refused := inflight.hold_answer(len(payload))) is not None:
-            del payload
-            raise refused
         if json_length is None:
             return json_body(payload)
         return Response(
@@ -143,3 +143,7 @@ def _header_length(request: Request) -> int | None:
         return int(raw)
     except ValueError:
         raise InvalidInputError(f"{codec.HEADER_LENGTH} must be an integer, got {raw!r}") from None
+
+
+def _payload_length(encoded: tuple[bytes, int | None]) -> int:
+    return len(encoded[0])
