@@ -77,6 +77,18 @@ def strings_model() -> onnx.ModelProto:
     )
 
 
+def two_strings_model() -> onnx.ModelProto:
+    """Two BYTES inputs; each one's element count comes back."""
+    return parse(
+        """
+        two_strings (string[n] a, string[m] b) => (int64[1] count_a, int64[1] count_b) {
+            count_a = Shape(a)
+            count_b = Shape(b)
+        }
+        """
+    )
+
+
 def slow_model() -> onnx.ModelProto:
     """Repeats a 256x256 MatMul ``iterations`` times: a model whose run time the caller chooses."""
     return parse(

@@ -37,6 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     repo: Path = tmp_path_factory.mktemp("large-bodies")
     models.write_version(repo, "strings", 1, models.strings_model())
     models.write_version(repo, "total", 1, models.total_model())
+    models.write_version(repo, "two_strings", 1, models.two_strings_model())
     with serve_capped(repo) as running:
         yield running
 
@@ -168,6 +169,68 @@ def test_grpc_flood_of_empty_bytes_contents_is_invalid_argument(server: CappedSe
     assert f"at most {MAX_BYTES_ELEMENTS}" in (answer.details() or "")  # refused before protobuf parses it
     assert slowest < PROBE_BOUND_S
     assert_still_serving(server)
+
+
+# --- BYTES elements of a whole request: the limit holds for all its inputs together ---------------------
+
+SPLIT = (MAX_BYTES_ELEMENTS // 2 + 1, MAX_BYTES_ELEMENTS // 2 + 1)  # each input under the limit, both over it
+PER_REQUEST = f"at most {MAX_BYTES_ELEMENTS} are allowed in one request"
+
+
+def test_v2_json_of_two_bytes_inputs_over_the_request_limit_is_refused(server: CappedServer) -> None:
+    inputs = [
+        {"name": n, "datatype": "BYTES", "shape": [c], "data": ["xy"] * c} for n, c in zip("ab", SPLIT, strict=True)
+    ]
+    body = orjson.dumps({"inputs": inputs})
+    assert len(body) > 4 * 1024**2  # parsed in a JSON worker: refused there, before the strings come back
+    response, slowest = under_attack(
+        server, lambda: post(server, "/v2/models/two_strings/infer", body, {"Content-Type": "application/json"})
+    )
+    assert response.status_code == 400
+    assert PER_REQUEST in response.json()["error"]
+    assert slowest < PROBE_BOUND_S
+    assert_still_serving(server)
+
+
+def test_tfserving_columns_over_the_request_limit_are_refused(server: CappedServer) -> None:
+    body = orjson.dumps({"inputs": {n: [""] * c for n, c in zip("ab", SPLIT, strict=True)}})
+    response = post(server, "/v1/models/two_strings:predict", body, {"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert PER_REQUEST in response.json()["error"]
+    assert_still_serving(server)
+
+
+def test_grpc_bytes_contents_of_two_inputs_are_refused_before_parsing(server: CappedServer) -> None:
+    request = pb.ModelInferRequest(model_name="two_strings")
+    for name, count in zip("ab", SPLIT, strict=True):
+        request.inputs.add(name=name, datatype="BYTES", shape=[count]).contents.bytes_contents.extend([b""] * count)
+    answer = grpc_infer(server, request)
+    assert isinstance(answer, grpc.RpcError)
+    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer.details()
+    assert PER_REQUEST in (answer.details() or "")
+    assert "brings the request's inputs" in (answer.details() or "")  # the raw walk, not the parsed message
+    assert_still_serving(server)
+
+
+def _binary_bytes_inputs(counts: tuple[int, int]) -> tuple[bytes, dict[str, str]]:
+    """Inputs ``a`` and ``b`` of that many empty BYTES elements each, in the binary extension."""
+    raw = [b"\0\0\0\0" * c for c in counts]
+    inputs = [
+        {"name": n, "datatype": "BYTES", "shape": [c], "parameters": {"binary_data_size": len(r)}}
+        for n, c, r in zip("ab", counts, raw, strict=True)
+    ]
+    return binary_body(inputs, b"".join(raw))
+
+
+def test_bytes_inputs_together_at_the_limit_are_served(server: CappedServer) -> None:
+    counts = (MAX_BYTES_ELEMENTS // 2, MAX_BYTES_ELEMENTS // 2)
+    response = post(server, "/v2/models/two_strings/infer", *_binary_bytes_inputs(counts))
+    assert response.status_code == 200, response.text[:300]
+    outputs = {o["name"]: o["data"] for o in response.json()["outputs"]}
+    assert outputs == {"count_a": [counts[0]], "count_b": [counts[1]]}
+    refused = post(server, "/v2/models/two_strings/infer", *_binary_bytes_inputs(SPLIT))
+    assert refused.status_code == 400
+    assert PER_REQUEST in refused.json()["error"]
 
 
 @pytest.mark.long

@@ -135,8 +135,28 @@ def _grpc_bytes(count: int, shape: list[int]) -> bytes:
 
 def test_grpc_walk_refuses_a_bytes_contents_flood_unparsed() -> None:
     data = _grpc_bytes(wire.MAX_BYTES_ELEMENTS + 1, [1])
-    with pytest.raises(InvalidInputError, match=r"input 'text': contents\.bytes_contents has more than"):
+    with pytest.raises(InvalidInputError, match=r"input 'text': contents\.bytes_contents brings the request's"):
         element_count.check_bytes_contents(data)
+
+
+def test_grpc_walk_counts_the_bytes_contents_of_all_inputs_together() -> None:
+    half = wire.MAX_BYTES_ELEMENTS // 2
+    request = pb.ModelInferRequest(model_name="m")
+    for name, count in (("a", half), ("b", half)):
+        request.inputs.add(name=name, datatype="BYTES", shape=[count]).contents.bytes_contents.extend([b""] * count)
+    element_count.check_bytes_contents(request.SerializeToString())  # at the limit together
+    request.inputs.add(name="c", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"")
+    with pytest.raises(InvalidInputError, match=r"input 'c': .* at most 1048576 are allowed in one request"):
+        element_count.check_bytes_contents(request.SerializeToString())
+
+
+def test_a_request_holds_at_most_the_bytes_limit_over_all_its_inputs() -> None:
+    half = wire.MAX_BYTES_ELEMENTS // 2
+    texts = [Tensor(n, BYTES, np.full(half, b"", dtype=object)) for n in "ab"]
+    numbers = Tensor("x", FP32, np.zeros(wire.MAX_BYTES_ELEMENTS, dtype=np.float32))
+    wire.check_request_bytes([*texts, numbers])  # numbers do not count
+    with pytest.raises(InvalidInputError, match=f"hold {2 * half + 1} BYTES elements together; at most"):
+        wire.check_request_bytes([*texts, Tensor("c", BYTES, np.array([b""], dtype=object))])
 
 
 def test_grpc_walk_lets_sensible_and_malformed_messages_through() -> None:

@@ -10,7 +10,8 @@ The checks, each done once, where a value enters:
 - **Shape** (:func:`request_shape`): integers, not negative, at most :data:`MAX_RANK` dimensions,
   no dimension and no product of the non-zero dimensions above :data:`MAX_ELEMENTS`.
 - **Count**: the data holds exactly as many elements as the shape declares; a BYTES tensor holds at
-  most :data:`MAX_BYTES_ELEMENTS` elements (each one is a Python object in memory).
+  most :data:`MAX_BYTES_ELEMENTS` elements, and so do all BYTES inputs of one request together
+  (:func:`check_request_bytes`; each element is a Python object in memory).
 - **Kind and range**: numbers for numeric datatypes, integers for integer ones, booleans for BOOL;
   integers within the datatype's range, checked exactly (beyond int64 too).
 - **Raw layout**: the byte count a shape and datatype need; BYTES length prefixes that stay inside
@@ -45,7 +46,8 @@ MAX_RANK = 32
 """The most dimensions a request tensor may have (numpy's own limit)."""
 
 MAX_BYTES_ELEMENTS = 1 << 20
-"""The most elements one BYTES tensor may hold: each is a Python object, so memory and time grow with it."""
+"""The most BYTES elements one request may hold, all its inputs together (so one tensor too): each is a
+Python object, so memory and time grow with it."""
 
 _LENGTH = struct.Struct("<I")
 _KIND_WORDS = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
@@ -95,6 +97,17 @@ def check_bytes_count(where: str, count: int) -> None:
     if count > MAX_BYTES_ELEMENTS:
         raise InvalidInputError(
             f"{where}: {count} BYTES elements; at most {MAX_BYTES_ELEMENTS} are allowed in one tensor"
+        )
+
+
+def check_request_bytes(inputs: Sequence[Tensor]) -> None:
+    """Refuse a request whose BYTES inputs hold more than :data:`MAX_BYTES_ELEMENTS` elements together:
+    the per-tensor limit alone lets many tensors of a million strings each through."""
+    count = sum(t.data.size for t in inputs if t.datatype.is_bytes)
+    if count > MAX_BYTES_ELEMENTS:
+        raise InvalidInputError(
+            f"the request's inputs hold {count} BYTES elements together; at most {MAX_BYTES_ELEMENTS} are "
+            "allowed in one request"
         )
 
 

@@ -147,6 +147,7 @@ def decode_predict(doc: Any, meta: ModelMetadata, model_version: str | None) -> 
         tensors, rows = _decode_inputs(doc["inputs"], meta), False
     else:
         raise InvalidInputError("the predict request needs 'instances' (row form) or 'inputs' (columnar form)")
+    wire.check_request_bytes(tensors)
     request = InferenceRequest(model_name=meta.name, model_version=model_version, inputs=tensors, protocol=PROTOCOL)
     return DecodedPredict(request, rows)
 

@@ -96,6 +96,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
             inputs.append(wire.from_raw(tensor.name, dtype, shape, message.raw_input_contents[index]))
         else:
             inputs.append(_from_contents(tensor.name, dtype, shape, tensor.contents))
+    wire.check_request_bytes(inputs)
     request = InferenceRequest(
         model_name=message.model_name,
         model_version=message.model_version or None,

@@ -3,7 +3,7 @@
 Parsing builds one object per ``bytes_contents`` element, in C, holding the interpreter lock the whole
 time: 30 million empty elements (a 60 MB message) take seconds and gigabytes. This walk reads only the
 field tags and lengths on the path ``inputs`` (5) -> ``contents`` (5) -> ``bytes_contents`` (8),
-counts each input's elements, and stops as soon as one passes the limit, so a flood is refused after at
+counts the elements of all inputs together, and stops as soon as they pass the limit, so a flood is refused after at
 most that many steps. Anything malformed is left for the real parser to name.
 """
 
@@ -74,26 +74,29 @@ def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]
     return found
 
 
-def _count_bytes_elements(data: memoryview, start: int, end: int, name: str) -> None:
-    count = 0
+def _count_bytes_elements(data: memoryview, start: int, end: int, name: str, count: int) -> int:
+    """``count`` plus the ``bytes_contents`` elements in ``data[start:end]``; refused past the limit."""
     for number, _, _ in _entries(data, start, end):
         if number == _BYTES_CONTENTS:
             count += 1
             if count > wire.MAX_BYTES_ELEMENTS:
                 raise InvalidInputError(
-                    f"input {name!r}: contents.bytes_contents has more than {wire.MAX_BYTES_ELEMENTS} "
-                    f"elements; at most {wire.MAX_BYTES_ELEMENTS} are allowed in one tensor"
+                    f"input {name!r}: contents.bytes_contents brings the request's inputs to more than "
+                    f"{wire.MAX_BYTES_ELEMENTS} BYTES elements; at most {wire.MAX_BYTES_ELEMENTS} are allowed in "
+                    "one request"
                 )
+    return count
 
 
 def check_bytes_contents(message: bytes) -> None:
-    """Refuse a ModelInferRequest holding an input with too many ``bytes_contents`` elements, unparsed.
+    """Refuse a ModelInferRequest whose inputs hold too many ``bytes_contents`` elements together, unparsed.
 
     Each element takes at least 2 bytes, so a message under twice the limit is not looked at.
     """
     if len(message) <= 2 * wire.MAX_BYTES_ELEMENTS:
         return
     data = memoryview(message)
+    count = 0
     try:
         for number, start, end in _fields(data, 0, len(data)):
             if number != _INPUTS:
@@ -102,6 +105,6 @@ def check_bytes_contents(message: bytes) -> None:
             name = next((bytes(data[s:e]).decode("utf-8", "replace") for n, s, e in fields if n == _NAME), "")
             for field, s, e in fields:
                 if field == _CONTENTS:
-                    _count_bytes_elements(data, s, e, name)
+                    count = _count_bytes_elements(data, s, e, name, count)
     except _Malformed:
         return

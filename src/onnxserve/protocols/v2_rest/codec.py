@@ -96,6 +96,7 @@ def decode_infer_request(
         raise InvalidInputError(
             f"the body carries {len(binary)} bytes of binary tensor data but the inputs declare {offset}"
         )
+    wire.check_request_bytes(inputs)
     outputs, binary_outputs, json_outputs = _decode_outputs(doc.get("outputs"))
     all_binary = params.get("binary_data_output") is True
     request = InferenceRequest(
