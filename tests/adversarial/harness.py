@@ -8,6 +8,7 @@ Only loopback addresses are ever used.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import subprocess
@@ -39,6 +40,7 @@ class CappedServer:
         command = [*ONNXSERVE, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
         self.log_lines: list[str] = []
+        self._reader: threading.Thread | None = None
         self.http_url = ""
         self.grpc_target = ""
         assert self.process.stderr is not None
@@ -61,8 +63,10 @@ class CappedServer:
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log_lines.append(line)
+        # ``stop`` closes the pipe when a process the server started (a JSON worker) still holds it open
+        with contextlib.suppress(ValueError, OSError):
+            for line in self.process.stderr:
+                self.log_lines.append(line)
 
     @property
     def host(self) -> str:
@@ -97,6 +101,8 @@ class CappedServer:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=30)
+        if self._reader is not None:
+            self._reader.join(timeout=5)  # the rest of the log, up to the pipe's end
         if self.process.stderr is not None:
             self.process.stderr.close()
 
