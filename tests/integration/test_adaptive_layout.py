@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,32 @@ def test_a_batch_waits_for_a_request_on_its_way_while_another_run_keeps_the_core
     finally:
         pool.close()
     assert sizes == [2], "the stopped blocker is no execution; the two requests ran as one batch"
+
+
+def test_large_text_requests_tokenize_within_the_text_budget(
+    tiny_text_version: Path, start_server: StartServer
+) -> None:
+    """Text requests above the inline size hold their characters from tokenizing until they have run:
+    six concurrent requests of 30,000 characters under a budget of 70,000 are never more than two at once,
+    and each gets the answer it gets alone (outside attack: 4 M characters of '!' per request, several at
+    once, made the tokenizer fail to allocate and abort the process)."""
+    document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
+    server = start_server(parse_config(document, "text budget test", tiny_text_version.parent))
+    budget = server.service.text_budget
+    budget.limit = 70_000
+    url = f"{server.http_url}/v2/models/tiny/infer"
+
+    def infer(text: str) -> httpx.Response:
+        inputs = [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]
+        return httpx.post(url, json={"inputs": inputs}, timeout=120)
+
+    texts = [f"{i} {'! ' * 15_000}" for i in range(6)]  # 30,000+ characters each, under the per-text cut
+    alone = [infer(t) for t in texts]
+    assert budget.peak <= 31_000
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(infer, texts))
+    assert [r.status_code for r in alone + together] == [200] * 12, [r.text[:200] for r in together]
+    for one, merged in zip(alone, together, strict=True):  # merged runs may round differently
+        assert np.allclose(one.json()["outputs"][0]["data"], merged.json()["outputs"][0]["data"], atol=1e-5)
+    assert 30_000 < budget.peak <= budget.limit
+    assert budget.used == 0

@@ -152,8 +152,9 @@ CHARACTERS_PER_TOKEN = 64
 MIN_TEXT_CHARACTERS = 16384
 """The fewest characters of one text that are tokenized, whatever the model's max length."""
 
-MAX_REQUEST_CHARACTERS = 4 * 1024 * 1024
-"""The most characters one request's texts may hold together, after each was cut to what is tokenized."""
+MAX_REQUEST_CHARACTERS = 1024 * 1024
+"""The most characters one request's texts may hold together, after each was cut to what is tokenized
+(about OpenAI's 300,000 tokens of ordinary text; ``core.text_budget`` bounds all requests together)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class TextBatch:
     texts: list[str]
     pairs: list[str] | None = None
     cut: frozenset[int] = frozenset()
+
+    @property
+    def characters(self) -> int:
+        return sum(map(len, self.texts)) + sum(map(len, self.pairs or ()))
 
 
 def truncated_count(encodings: Sequence[Encoding], cut: frozenset[int] = frozenset()) -> int:
@@ -290,13 +295,14 @@ class TextPipeline:
             for row, text in enumerate(batch.texts)
             if len(text) > limit or (batch.pairs is not None and len(batch.pairs[row]) > limit)
         )
-        total = sum(map(len, texts)) + sum(map(len, pairs or ()))
+        bounded = TextBatch(texts, pairs, cut) if cut else batch
+        total = bounded.characters
         if total > MAX_REQUEST_CHARACTERS:
             raise InvalidInputError(
                 f"the texts of this request hold {total} characters (each cut to {limit}), more than the "
                 f"{MAX_REQUEST_CHARACTERS} one request may send; send fewer or shorter texts"
             )
-        return TextBatch(texts, pairs, cut) if cut else batch
+        return bounded
 
     def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:
         task = self.spec.task

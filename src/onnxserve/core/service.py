@@ -32,12 +32,14 @@ from typing import Any
 from tokenizers import Encoding
 
 from onnxserve.core import chunking, datatypes
+from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
+from onnxserve.core.text_budget import CharacterBudget
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -215,6 +217,7 @@ class InferenceService:
         self._live = True
         self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
         self.in_flight = 0  # inference requests being answered
+        self.text_budget = CharacterBudget()  # characters of text being tokenized or held as tokens
 
     def live(self) -> bool:
         return self._live
@@ -274,8 +277,24 @@ class InferenceService:
             raise InvalidInputError("no text to tokenize; send at least one")
         bounded = pipeline.bounded(TextBatch(list(texts)))  # as long as the tokenizer keeps, no longer
         encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
-        encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
+        async with self.text_budget.held(bounded.characters):
+            encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
         return encodings
+
+    async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
+        """Tokenize a larger text request off the event loop and run it, its characters held in the text
+        budget until it has run (its tokens live that long)."""
+        assert work.text is not None
+        async with self.text_budget.held(work.text.characters):
+            # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
+            model.scheduler.incoming += 1
+            try:
+                tokenize_ns = await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
+            finally:
+                model.scheduler.incoming -= 1
+            scheduled = await chunking.submit(model, work)
+            work.encodings = []
+        return tokenize_ns, scheduled
 
     def model_configuration(self, name: str, version: str | None = None) -> ModelConfiguration:
         model = self.registry.resolve(name, version)
@@ -355,17 +374,13 @@ class InferenceService:
             work = _work(request, model, self.max_response_bytes)
             tokenize_ns = 0
             async with asyncio.timeout(limit) as deadline:
-                if work.text is not None and _tokenizes_inline(work.text):
+                if work.text is None:
+                    scheduled = await chunking.submit(model, work)  # in chunks when it is above the token budget
+                elif _tokenizes_inline(work.text):
                     tokenize_ns = _tokenize(model, work)
-                elif work.text is not None:
-                    loop = asyncio.get_running_loop()
-                    # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
-                    model.scheduler.incoming += 1
-                    try:
-                        tokenize_ns = await loop.run_in_executor(self._executor, _tokenize, model, work)
-                    finally:
-                        model.scheduler.incoming -= 1
-                scheduled = await chunking.submit(model, work)  # in chunks when it is above the token budget
+                    scheduled = await chunking.submit(model, work)
+                else:
+                    tokenize_ns, scheduled = await self._tokenize_and_run(model, work)
             outputs = scheduled.outcome.outputs
             if any(array.dtype == object for array in outputs.values()):  # BYTES: counting takes a while
                 size = await asyncio.get_running_loop().run_in_executor(self._executor, response_bytes, outputs)
