@@ -75,6 +75,7 @@ def main() -> int:
         files: dict[str, Path] = {"fp32 export": source.model_file}
         float_nodes: dict[str, list[str]] = {}
         blockwise: dict[str, list[str]] = {}
+        split: dict[str, dict[str, list[int]]] = {}
         tables: dict[str, list[dict[str, Any]]] = {}
         for name, options in VARIANTS.items():
             console.print(f"onnxserve optimize: {name}")
@@ -83,6 +84,7 @@ def main() -> int:
             files[name] = folder / "model.onnx"
             float_nodes[name] = report.selection["float_nodes"] if report.selection else []
             blockwise[name] = report.selection["blockwise_int8_nodes"] if report.selection else []
+            split[name] = report.selection["outlier_channel_nodes"] if report.selection else {}
             tables[name] = (report.quantization or {}).get("embedding_tables", [])
         names = list(source.spec.inputs) if source.spec else ["input_ids", "attention_mask", "token_type_ids"]
         sessions = {name: open_session(path, threads) for name, path in files.items()}
@@ -103,6 +105,7 @@ def main() -> int:
                 "worst_input": accuracy.worst[0].input if accuracy.worst else None,
                 "float_nodes": float_nodes.get(name, []),
                 "blockwise_int8_nodes": blockwise.get(name, []),
+                "outlier_channel_nodes": split.get(name, {}),
                 "embedding_tables": tables.get(name, []),
             }
             for (batch, tokens), ms in timings.items():
@@ -134,15 +137,15 @@ def main() -> int:
         f"onnxruntime {hw.onnxruntime}. Accuracy: {held_out.source}, each alone, against the fp32 export.",
         "",
         "| variant | rows/s 8x32 | vs fp32 | rows/s 1x8 | vs fp32 | size (MB) | smaller | cosine worst | p5 "
-        "| float nodes | block-wise int8 nodes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| float nodes | block-wise int8 nodes | MatMuls with outlier channels in float |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['rows_per_s_8x32']:.0f} | {r['throughput_ratio_8x32']:.2f}x | {r['rows_per_s_1x8']:.0f} "
             f"| {r['throughput_ratio_1x8']:.2f}x | {r['size_mb']:.1f} | {r['size_ratio']:.2f}x "
             f"| {r['cosine_worst']:.4f} | {r['cosine_p5']:.4f} | {len(r['float_nodes'])} "
-            f"| {len(r['blockwise_int8_nodes'])} |"
+            f"| {len(r['blockwise_int8_nodes'])} | {len(r['outlier_channel_nodes'])} |"
         )
     lines += ["", f"worst held-out input of selective int8: {chosen['worst_input']!r}", ""]
     for name, r in rows.items():

@@ -1,16 +1,20 @@
-"""Issue 19, mixed int8: block-wise int8 only where per-tensor int8 breaks the budget.
+"""Issue 19, mixed int8: outlier channels in float, or block-wise int8, only where per-tensor int8 breaks
+the budget.
 
-A two-layer model whose first layer's input has one outlier channel (its weight row scaled down to
+A two-layer model whose first layer's input has outlier channels (their weight rows scaled down to
 match, so the float model computes the same): per-tensor dynamic int8 of that input rounds every
-other channel coarsely and breaks the budget; block-wise int8 (one scale per block of the input) keeps
-it. The second layer is harmless in per-tensor int8, which ONNX Runtime runs faster: the search keeps
-only the first layer block-wise.
+other channel coarsely and breaks the budget. With **one** outlier channel, taking that channel
+through a float side product keeps it (the first layer otherwise per-tensor int8); with 32 (more than
+the split takes), block-wise int8 (one scale per block of the input) keeps it. The second layer is
+harmless in per-tensor int8, which ONNX Runtime runs fastest: the search leaves it so.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,20 +22,22 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxserve.toolkit.evaluation import AccuracyBudget
-from onnxserve.toolkit.optimize import BudgetError, OptimizeOptions, optimize
+from onnxserve.toolkit.optimize import ACCURACY_METADATA, BudgetError, OptimizeOptions, optimize
 
 FAST = {"latency_batches": (1,), "repeats": 1, "threads": 1, "allow_slower": True}
 WIDE, HIDDEN, OUT = 512, 64, 16
 OUTLIER = 50.0
-BUDGET = 0.98  # full int8 ~0.94, all MatMuls in blocks of 128 ~0.97, of 32 ~0.99
+BUDGET = 0.98  # one outlier channel: full int8 ~0.94, all MatMuls in blocks of 128 ~0.97, of 32 ~0.99
+SPREAD = 32  # outlier channels: more than a split takes (8), all in the first block of 32 values
 
 
-def outlier_model() -> onnx.ModelProto:
+def outlier_model(first: int = 5, channels: int = 1) -> onnx.ModelProto:
+    """``channels`` input channels from ``first`` on OUTLIER times larger than the rest."""
     rng = np.random.default_rng(0)
     scale = np.ones(WIDE, dtype=np.float32)
-    scale[5] = OUTLIER
+    scale[first : first + channels] = OUTLIER
     w1 = (rng.standard_normal((WIDE, HIDDEN)) / np.sqrt(WIDE)).astype(np.float32)
-    w1[5, :] /= OUTLIER
+    w1[first : first + channels, :] /= OUTLIER
     w2 = (rng.standard_normal((HIDDEN, OUT)) / np.sqrt(HIDDEN)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -54,19 +60,23 @@ def outlier_model() -> onnx.ModelProto:
     return model
 
 
-def test_mixed_int8_keeps_only_the_sensitive_matmul_block_wise(tmp_path: Path) -> None:
-    src = tmp_path / "mixed.onnx"
-    onnx.save(outlier_model(), str(src))
+def sets(tmp_path: Path) -> dict[str, Any]:
     search, held_out = tmp_path / "search.npz", tmp_path / "held_out.npz"
     np.savez(search, x=np.random.default_rng(1).standard_normal((128, WIDE)).astype(np.float32))
     np.savez(held_out, x=np.random.default_rng(2).standard_normal((128, WIDE)).astype(np.float32))
-    common = {
+    return {
         "quantize": "int8",
         "budget": AccuracyBudget(cosine=BUDGET),
         "calibration": search,
         "evaluation": held_out,
         **FAST,
     }
+
+
+def test_one_outlier_channel_goes_through_float_and_the_matmul_stays_per_tensor_int8(tmp_path: Path) -> None:
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(), str(src))
+    common = sets(tmp_path)
 
     with pytest.raises(BudgetError) as failure:  # every node per-tensor int8
         optimize(src, tmp_path / "full.onnx", OptimizeOptions(selective=False, **common))  # type: ignore[arg-type]
@@ -78,17 +88,43 @@ def test_mixed_int8_keeps_only_the_sensitive_matmul_block_wise(tmp_path: Path) -
     report = optimize(src, dst, OptimizeOptions(**common))  # type: ignore[arg-type]
     assert report.accuracy.samples == "128 rows of held_out.npz"  # rows the search never saw
     assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine > 0.999  # the outlier channel is exact, the rest finely rounded
+    selection = report.selection
+    assert selection is not None
+    assert (selection["float_nodes"], selection["blockwise_int8_nodes"]) == ([], [])
+    assert selection["outlier_channel_nodes"] == {"fc1": [5]}  # found on the search rows; fc2 has none
+    assert selection["sensitivity"]["fc1"] > 0
+    # the search's tries: full int8 (fails), fc1 split (keeps), fc1 back to plain per-tensor int8 (fails)
+    tries = [(t["outlier_channel_nodes"], t["blockwise_nodes"], t["passed"]) for t in selection["trials"]]
+    assert tries == [(0, 0, False), (1, 0, True), (0, 0, False)]
+    written = ops(dst)
+    assert (written["MatMulInteger"], written["MatMul"], written["MatMulNBits"]) == (2, 1, 0)  # 1: the side product
+    record = json.loads({p.key: p.value for p in onnx.load(str(dst)).metadata_props}[ACCURACY_METADATA])
+    assert record["outlier_channel_nodes"] == {"fc1": [5]}
+
+
+def test_mixed_int8_keeps_only_the_sensitive_matmul_block_wise(tmp_path: Path) -> None:
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(first=0, channels=SPREAD), str(src))
+    common = sets(tmp_path)
+
+    dst = tmp_path / "selective.onnx"
+    report = optimize(src, dst, OptimizeOptions(**common))  # type: ignore[arg-type]
+    assert report.accuracy.samples == "128 rows of held_out.npz"  # rows the search never saw
+    assert report.accuracy.cosine is not None
     assert report.accuracy.cosine >= BUDGET
     selection = report.selection
     assert selection is not None
     assert selection["float_nodes"] == []
     assert selection["blockwise_int8_nodes"] == ["fc1"]  # the outlier's layer, and only it
+    assert selection["outlier_channel_nodes"] == {}
     assert selection["sensitivity"]["fc1"] > 0
-    # the search's tries: every MatMul block-wise (blocks of 128 break the budget here, 32 keep it), then
-    # fc2 moved to per-tensor int8 (kept), fc1 too (breaks the budget): each measured
-    tries = [(t["blockwise_nodes"], t["block"], t["passed"]) for t in selection["trials"]]
-    assert tries[1:3] == [(2, 128, False), (2, 32, True)]
-    assert tries[3:] == [(1, 32, True), (0, None, False)]
+    # the search's tries: full int8, fc1's largest channels split (too many outliers: fails), every
+    # MatMul block-wise (blocks of 128 break the budget here, 32 keep it), then fc2 moved to per-tensor
+    # int8 (kept), fc1 too (breaks the budget): each measured
+    tries = [(t["outlier_channel_nodes"], t["blockwise_nodes"], t["block"], t["passed"]) for t in selection["trials"]]
+    assert tries[:2] == [(0, 0, None, False), (1, 0, None, False)]
+    assert tries[2:] == [(0, 2, 128, False), (0, 2, 32, True), (0, 1, 32, True), (0, 0, None, False)]
     written = ops(dst)
     assert (written["MatMulNBits"], written["MatMulInteger"], written["MatMul"]) == (1, 1, 0)
 

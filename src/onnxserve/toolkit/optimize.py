@@ -411,6 +411,7 @@ def accuracy_record(
         "accuracy": accuracy.to_dict(),
         "float_nodes": selection.float_nodes if selection else [],
         "blockwise_int8_nodes": selection.blockwise_nodes if selection else [],
+        "outlier_channel_nodes": selection.split_nodes if selection else {},
         "steps": steps,
     }
 

@@ -155,6 +155,14 @@ class OptimizeReport:
                 table.add_row(
                     "nodes in block-wise int8", "", f"{blockwise} of {self.selection['quantizable_nodes']}", ""
                 )
+            split = len(self.selection.get("outlier_channel_nodes", {}))
+            if split:
+                table.add_row(
+                    "MatMuls with outlier channels in float",
+                    "",
+                    f"{split} of {self.selection['quantizable_nodes']}",
+                    "",
+                )
         for entry in (self.quantization or {}).get("embedding_tables", []):
             form = f"int8 per row, {entry['bytes'] / 1e6:.1f} MB" if entry["quantized"] else "float"
             table.add_row(

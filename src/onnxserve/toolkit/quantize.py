@@ -13,7 +13,9 @@ Large embedding tables (a Gather over a float table of a megabyte or more) are n
 Runtime's quantizer, which gives a whole table one scale: they become int8 with one scale per row,
 see :mod:`onnxserve.toolkit.embedding_quantization`. MatMuls named in ``blockwise`` (kept out of
 per-tensor int8 by selective int8) become block-wise int8, see
-:mod:`onnxserve.toolkit.blockwise_quantization`.
+:mod:`onnxserve.toolkit.blockwise_quantization`; MatMuls named in ``outliers`` take their few outlier
+input channels through a float side product and the rest in per-tensor int8, see
+:mod:`onnxserve.toolkit.outlier_channels`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import io
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from onnxserve.errors import OptimizeError
 from onnxserve.toolkit.blockwise_quantization import BLOCKS, blockwise_int8
 from onnxserve.toolkit.embedding_quantization import embedding_tables, quantize_tables
 from onnxserve.toolkit.hardware import detect
+from onnxserve.toolkit.outlier_channels import side_nodes, split_outliers
 from onnxserve.toolkit.samples import Feeds, Samples
 
 MODES = ("int8", "int8-static")
@@ -95,15 +98,37 @@ def quantize(
     exclude: Sequence[str] = (),
     blockwise: Sequence[str] = (),
     block: int = BLOCKS[-1],
+    outliers: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``src`` quantized to int8 as ``dst``, the nodes named in ``exclude`` kept in float but for
-    the MatMuls also named in ``blockwise`` (block-wise int8, one scale per ``block`` values); the
-    embedding tables (per-row int8 unless a Gather reading one is in ``exclude``) are returned, each
-    with its size and whether it was quantized."""
+    the MatMuls also named in ``blockwise`` (block-wise int8, one scale per ``block`` values), the
+    MatMuls in ``outliers`` with those input channels in float; the embedding tables (per-row int8
+    unless a Gather reading one is in ``exclude``) are returned, each with its size and whether it was
+    quantized."""
     tables = embedding_tables(onnx.load_model(str(src), load_external_data=False))
     readers = {node for table in tables for node in table.nodes}
     chosen = {t.name for t in tables if not set(t.nodes) & set(exclude)}
     exclude = [*exclude, *sorted(readers - set(exclude))]
+    with tempfile.TemporaryDirectory(prefix="onnxserve-split-") as work:
+        if outliers:
+            split = Path(work) / "split.onnx"
+            onnx.save(split_outliers(onnx.load(str(src)), outliers), str(split))
+            src = split
+            exclude = [*exclude, *(side for name in outliers for side in side_nodes(name))]
+        _quantize(src, dst, settings, samples, exclude, blockwise, block, chosen)
+    return [t.to_dict(t.name in chosen) for t in tables]
+
+
+def _quantize(
+    src: Path,
+    dst: Path,
+    settings: QuantizeSettings,
+    samples: Samples | None,
+    exclude: Sequence[str],
+    blockwise: Sequence[str],
+    block: int,
+    chosen: set[str],
+) -> None:
     try:
         with _quiet():
             if settings.mode == "int8":
@@ -136,7 +161,6 @@ def quantize(
         raise
     except Exception as e:  # the quantizer raises many unrelated types on graphs it cannot handle
         raise OptimizeError(f"int8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    return [t.to_dict(t.name in chosen) for t in tables]
 
 
 def quantize_model(

@@ -4,22 +4,29 @@ Per-channel int8 of every MatMul is blunt: a few nodes (often an outlier-heavy p
 or last layer, attention scores) carry most of the error. The search:
 
 1. quantize everything; if the worst case on the *search* split keeps the budget, done;
-2. else every MatMul in block-wise int8 (:mod:`onnxserve.toolkit.blockwise_quantization`: one scale per
+2. else every MatMul whose input has **outlier channels** (a few input channels far larger than the
+   rest on the search inputs, :mod:`onnxserve.toolkit.outlier_channels`) takes those channels through
+   a float side product and the rest in per-tensor int8, the other MatMuls in plain per-tensor int8,
+   the other candidates (small Gathers, Convs, ...) in float: if that keeps the budget, the split
+   MatMuls are ranked by sensitivity (3. below) and the least sensitive go back to plain per-tensor
+   int8 (the split costs an element-wise Mul, a small Gather, a small float MatMul and an Add each),
+   bisecting on how many, each count really measured; the most that keeps the budget, done;
+3. else every MatMul in block-wise int8 (:mod:`onnxserve.toolkit.blockwise_quantization`: one scale per
    128, else per 32, values of the weight and of the input, instead of one per input tensor), the
-   other candidates (small Gathers, Convs, ...) in float: if that keeps the budget, it is the start of
-   **mixed** int8: the block-wise MatMuls are ranked by sensitivity (3. below) and the least sensitive
-   go back to per-tensor dynamic int8 (about twice as fast as block-wise on ONNX Runtime's CPU
-   kernels), bisecting on how many, each count really measured; the most that keeps the budget, done;
-3. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
+   other candidates in float: if that keeps the budget, it is the start of **mixed** int8: the
+   block-wise MatMuls are ranked by sensitivity and the least sensitive go back to per-tensor dynamic
+   int8 (about twice as fast as block-wise on ONNX Runtime's CPU kernels), bisecting on how many,
+   each count really measured; the most that keeps the budget, done;
+4. rank the quantizable nodes by sensitivity: each node's own relative output error when its inputs
    and weights are rounded the way ONNX Runtime's quantizer rounds them (weights symmetric int8 per
    output channel, 7-bit where ``reduce_range``; activations asymmetric uint8 per tensor), measured on
    the float model's real intermediate values for the search inputs (worst over inputs);
-4. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
+5. keep the top 1, 2, 4, ... nodes in float (``nodes_to_exclude``) until the budget holds, then bisect
    to the fewest; each candidate is really quantized and measured, the ranking only orders the tries;
-5. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
+6. size: the float nodes holding the most weight bytes (an embedding table, say) are put back into
    int8 one at a time (at most :data:`SIZE_TRIES`), each kept in int8 only if the budget still holds;
-6. size again: the MatMuls still in float are tried in block-wise int8 (all of them; blocks of 128,
-   else 32), kept so only if the budget holds, and then mixed as in 2.
+7. size again: the MatMuls still in float are tried in block-wise int8 (all of them; blocks of 128,
+   else 32), kept so only if the budget holds, and then mixed as in 3.
 
 A Gather over a large embedding table is a candidate like the others, but its int8 form is per-row
 (:mod:`onnxserve.toolkit.embedding_quantization`), and so is the rounding its sensitivity is measured
@@ -31,8 +38,9 @@ The chosen model is then checked on the *held-out* split by the caller (:mod:`on
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,7 @@ from onnxserve.errors import OptimizeError
 from onnxserve.toolkit.blockwise_quantization import BLOCKS
 from onnxserve.toolkit.embedding_quantization import embedding_tables, row_error
 from onnxserve.toolkit.evaluation import Accuracy, AccuracyBudget, compare_models, open_session, session_runner
+from onnxserve.toolkit.outlier_channels import channel_peaks, outlier_channels
 from onnxserve.toolkit.quantize import QuantizeSettings, quantize
 from onnxserve.toolkit.samples import Samples
 
@@ -66,6 +75,7 @@ class Trial:
     passed: bool
     blockwise_nodes: int = 0  # of the float_nodes, how many were block-wise int8
     block: int | None = None  # their values per scale
+    split_nodes: int = 0  # MatMuls with their outlier input channels in float
 
 
 @dataclass
@@ -83,23 +93,28 @@ class Selection:
     tables: list[dict[str, Any]] = field(default_factory=list)  # embedding tables: size, int8 or not
     blockwise_nodes: list[str] = field(default_factory=list)
     block: int | None = None  # values per scale of the block-wise nodes
+    split_nodes: dict[str, list[int]] = field(default_factory=dict)  # MatMul -> its input channels in float
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "float_nodes": self.float_nodes,
             "blockwise_int8_nodes": self.blockwise_nodes,
             "blockwise_block": self.block,
+            "outlier_channel_nodes": self.split_nodes,
             "quantizable_nodes": self.candidates,
             "passed_on_search_split": self.passed,
             "search_accuracy": self.accuracy.to_dict(),
             "sensitivity": {
-                n: self.sensitivity[n] for n in [*self.float_nodes, *self.blockwise_nodes] if n in self.sensitivity
+                n: self.sensitivity[n]
+                for n in [*self.float_nodes, *self.blockwise_nodes, *self.split_nodes]
+                if n in self.sensitivity
             },
             "trials": [
                 {
                     "float_nodes": t.float_nodes,
                     "blockwise_nodes": t.blockwise_nodes,
                     "block": t.block,
+                    "outlier_channel_nodes": t.split_nodes,
                     "passed": t.passed,
                     **t.accuracy,
                 }
@@ -174,29 +189,57 @@ def sensitivity(
     per_row = {t.name for t in embedding_tables(model)}
     nodes = {n.name: n for n in model.graph.node if n.name in set(names)}
     wanted: list[str] = []
-    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
     for node in nodes.values():
         if node.op_type in ("MatMul", "Gemm", "Attention"):
             for value in node.input[: 2 if node.op_type != "Attention" else 1]:
                 if value and value not in weights and value not in wanted:
                     wanted.append(value)
-    for value in wanted:
-        if value not in present:
-            model.graph.output.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
-    probe = work / "sensitivity.onnx"
-    onnx.save(model, str(probe))
-    run = session_runner(open_session(probe))
     scores = {name: 0.0 for name in nodes}
-    for feeds in samples.batches:
-        values: dict[str, npt.NDArray[Any]] = {
-            k: np.asarray(v, dtype=np.float64)
-            for k, v in {**feeds, **run(feeds)}.items()
-            if k in wanted and np.asarray(v).dtype.kind == "f"
-        }
+    for values in _intermediates(model, wanted, samples, work):
         for name, node in nodes.items():
             scores[name] = max(scores[name], _node_error(node, values, weights, reduce_range, per_row))
-    probe.unlink(missing_ok=True)
     return scores
+
+
+def input_channels(model_file: Path, names: Collection[str], samples: Samples, work: Path) -> dict[str, list[int]]:
+    """The outlier input channels of each MatMul named in ``names`` (see
+    :func:`onnxserve.toolkit.outlier_channels.outlier_channels`), from its float input on the sample
+    inputs; MatMuls without any are left out."""
+    model = onnx.load(str(model_file))
+    nodes = {n.name: n for n in model.graph.node if n.name in set(names) and n.op_type == "MatMul"}
+    peaks: dict[str, npt.NDArray[np.float64]] = {}
+    for values in _intermediates(model, sorted({n.input[0] for n in nodes.values()}), samples, work):
+        for name, node in nodes.items():
+            if node.input[0] in values:
+                found = channel_peaks(values[node.input[0]])
+                peaks[name] = np.maximum(peaks[name], found) if name in peaks else found
+    channels = {name: outlier_channels(p) for name, p in peaks.items()}
+    return {name: found for name, found in channels.items() if found}
+
+
+def _intermediates(
+    model: onnx.ModelProto, wanted: list[str], samples: Samples, work: Path
+) -> Iterator[dict[str, npt.NDArray[Any]]]:
+    """For each batch of ``samples``: the float values named in ``wanted`` (graph inputs, intermediate
+    values) as float64, the float model run with those values as extra outputs."""
+    probe_model = onnx.ModelProto()
+    probe_model.CopyFrom(model)
+    present = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for value in wanted:
+        if value not in present:
+            probe_model.graph.output.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, None))
+    probe = work / "probe.onnx"
+    onnx.save(probe_model, str(probe))
+    try:
+        run = session_runner(open_session(probe))
+        for feeds in samples.batches:
+            yield {
+                k: np.asarray(v, dtype=np.float64)
+                for k, v in {**feeds, **run(feeds)}.items()
+                if k in wanted and np.asarray(v).dtype.kind == "f"
+            }
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _node_error(
@@ -268,15 +311,30 @@ def _search(
     tables: dict[Path, list[dict[str, Any]]] = {}  # each try's embedding tables
 
     def trial(
-        exclude: list[str], blockwise: list[str] | None = None, block: int = BLOCKS[-1]
+        exclude: list[str],
+        blockwise: list[str] | None = None,
+        block: int = BLOCKS[-1],
+        outliers: dict[str, list[int]] | None = None,
     ) -> tuple[Path, Accuracy, bool]:
         out = work / f"selective-{len(trials)}.onnx"
         blockwise = blockwise or []
-        step(f"int8: trying with {len(exclude)} of {len(candidates)} nodes out of int8, {len(blockwise)} block-wise")
-        tables[out] = quantize(named, out, settings, calibration, exclude, blockwise, block)
+        step(
+            f"int8: trying with {len(exclude)} of {len(candidates)} nodes out of int8, {len(blockwise)} block-wise, "
+            f"{len(outliers or {})} with outlier channels in float"
+        )
+        tables[out] = quantize(named, out, settings, calibration, exclude, blockwise, block, outliers)
         accuracy = compare_models(named, out, search, task)
         passed = not budget.violations(accuracy)
-        trials.append(Trial(len(exclude), _brief(accuracy), passed, len(blockwise), block if blockwise else None))
+        trials.append(
+            Trial(
+                len(exclude),
+                _brief(accuracy),
+                passed,
+                len(blockwise),
+                block if blockwise else None,
+                len(outliers or {}),
+            )
+        )
         return out, accuracy, passed
 
     full, full_accuracy, passed = trial([])
@@ -288,13 +346,34 @@ def _search(
     }
     others = [n for n in candidates if n not in table_readers]  # the tables stay per-row int8
     blockwise = [n for n in others if n in rewritable]
+    floats = [n for n in others if n not in rewritable]
+    step(f"int8: measuring the input channels of {len(blockwise)} MatMuls")
+    channels = input_channels(named, blockwise, search, work)
+    passed = False
+    if channels:  # outlier channels in float, the rest per-tensor int8; other candidates float
+        with contextlib.suppress(OptimizeError):  # ONNX Runtime's quantizer could not rewrite it: block-wise
+            out, accuracy, passed = trial(floats, None, BLOCKS[-1], channels)
+        if passed:
+            step(f"int8: measuring the sensitivity of {len(channels)} MatMuls with outlier channels")
+            scores = sensitivity(named, list(channels), search, work, settings.reduce_range)
+            split, out, accuracy = _fewer_split(trial, floats, channels, scores, (out, accuracy))
+            return Selection(
+                onnx.load(str(out)),
+                floats,
+                len(candidates),
+                True,
+                accuracy,
+                scores,
+                trials,
+                tables[out],
+                split_nodes=split,
+            )
     for block in BLOCKS if blockwise else ():  # every MatMul block-wise int8, other candidates float
         try:
             out, accuracy, passed = trial(others, blockwise, block)
         except OptimizeError:  # ONNX Runtime's block-wise quantizer could not rewrite this graph
             break
         if passed:
-            floats = [n for n in others if n not in rewritable]
             step(f"int8: measuring the sensitivity of {len(blockwise)} block-wise MatMuls")
             scores = sensitivity(named, blockwise, search, work, settings.reduce_range)
             kept, out, accuracy = _fewer_blockwise(trial, floats, blockwise, block, scores, (out, accuracy))
@@ -387,6 +466,31 @@ def _fewer_blockwise(
             failing = middle
     moved, out, accuracy = best
     return [n for n in blockwise if n not in order[:moved]], out, accuracy
+
+
+def _fewer_split(
+    trial: Callable[[list[str], list[str] | None, int, dict[str, list[int]] | None], tuple[Path, Accuracy, bool]],
+    floats: list[str],
+    channels: dict[str, list[int]],
+    scores: dict[str, float],
+    passing: tuple[Path, Accuracy],
+) -> tuple[dict[str, list[int]], Path, Accuracy]:
+    """The fewest of the MatMuls in ``channels`` (a choice that keeps the budget with all of them split,
+    ``floats`` in float) still split, the others in plain per-tensor int8, which saves the split's extra
+    work. The least sensitive are moved first, bisecting on how many as :func:`_fewer_blockwise` does.
+    Returns the MatMuls left split (with their channels), the model file and its accuracy."""
+    order = sorted(channels, key=lambda n: scores.get(n, 0.0))  # least sensitive first
+    best: tuple[int, Path, Accuracy] = (0, *passing)
+    failing = len(order) + 1  # every one of them plain per-tensor int8 has not been tried
+    while failing - best[0] > 1:
+        middle = (best[0] + failing) // 2
+        out, accuracy, passed = trial(floats, None, BLOCKS[-1], {n: channels[n] for n in order[middle:]})
+        if passed:
+            best = (middle, out, accuracy)
+        else:
+            failing = middle
+    moved, out, accuracy = best
+    return {n: channels[n] for n in channels if n not in order[:moved]}, out, accuracy
 
 
 def _matmuls(model_file: Path) -> set[str]:
