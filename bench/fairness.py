@@ -32,6 +32,8 @@ from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 LISTENING = re.compile(r"HTTP \(.*\) on http://([\d.]+):(\d+)")
 GRPC_LINE = re.compile(r"gRPC \(KServe V2\) on ([\d.]+):(\d+)")
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)]
+"""A connection of its own per channel; no BDP pings (the server sends GOAWAY after too many pings)."""
 MODEL = """
 paced (float[batch, 1] x) => (float[batch, 1] y) {
     top = ReduceMax <keepdims = 0> (x)
@@ -125,7 +127,7 @@ def main() -> None:
             tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 1])
             tensor.contents.fp32_contents.append(float(args.products))
             channels = [
-                grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                grpc.insecure_channel(f"127.0.0.1:{grpc_port}", options=CHANNEL_OPTIONS)
                 for _ in range(args.connections)
             ]
             for channel in channels:

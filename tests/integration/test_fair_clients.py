@@ -170,25 +170,33 @@ def test_another_address_is_served_during_a_flood(
     assert waited < flood / 2, f"the other client waited {waited:.2f} s of a {flood:.2f} s flood"
 
 
-@pytest.mark.parametrize(
-    ("entry", "flood_protocol", "other_protocol"),
-    [(DIRECT, "http", "grpc"), (BATCHING, "grpc", "http")],
-    ids=["http-flood-grpc-other", "grpc-flood-http-other-batching"],
-)
+@pytest.mark.parametrize(("entry", "protocol"), [(DIRECT, "grpc"), (BATCHING, "http")], ids=["grpc", "http-batching"])
 def test_another_token_from_the_same_address_is_served_during_a_flood(
-    serve: Callable[..., RunningServer], entry: dict[str, Any], flood_protocol: str, other_protocol: str
+    serve: Callable[..., RunningServer], entry: dict[str, Any], protocol: str
 ) -> None:
+    """Both clients on one protocol from 127.0.0.1: only their tokens tell them apart."""
     server = serve(entry, tokens=True)
-    flooder = Client(server, flood_protocol, token=TOKEN_A)
-    other = Client(server, other_protocol, token=TOKEN_B)
+    flooder = Client(server, protocol, token=TOKEN_A)
+    other = Client(server, protocol, token=TOKEN_B)
     after, waited, flood = asyncio.run(flood_and_one(server, flooder, other))
     assert after >= FLOOD // 2, f"only {after} of {FLOOD} flood answers came after the other token's"
     assert waited < flood / 2, f"the other token waited {waited:.2f} s of a {flood:.2f} s flood"
 
 
-def test_one_address_without_tokens_is_one_client(serve: Callable[..., RunningServer]) -> None:
-    """Another connection from the flood's own address is the same client: its request queues behind the
-    flood's (fair order is between clients, not connections)."""
-    server = serve(DIRECT)
-    after, _, _ = asyncio.run(flood_and_one(server, Client(server, "grpc"), Client(server, "http")))
+@pytest.mark.parametrize(
+    ("tokens", "flooder", "other"),
+    [
+        (False, ("grpc", "127.0.0.1", ""), ("http", "127.0.0.1", "")),
+        (True, ("http", "127.0.0.1", TOKEN_A), ("http", "127.0.0.2", TOKEN_A)),
+    ],
+    ids=["one-address", "one-token-two-addresses"],
+)
+def test_one_address_or_one_token_is_one_client(
+    serve: Callable[..., RunningServer], tokens: bool, flooder: tuple[str, str, str], other: tuple[str, str, str]
+) -> None:
+    """Another connection from the flood's own address (no tokens), or the flood's token from another
+    address, is the same client: its request queues behind the flood's (turns go to clients, not to
+    connections or addresses of one token)."""
+    server = serve(DIRECT, tokens=tokens)
+    after, _, _ = asyncio.run(flood_and_one(server, Client(server, *flooder), Client(server, *other)))
     assert after <= 1, f"{after} flood answers came after a request of the same client"

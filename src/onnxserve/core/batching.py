@@ -205,7 +205,7 @@ class DirectScheduler:
         try:
             await turn
         except asyncio.CancelledError:
-            if turn.done() and not turn.cancelled():
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self._pass_on()  # it was handed a reservation just as its caller went away
             elif self._waiting.remove(client, turn):
                 self._queued -= 1
