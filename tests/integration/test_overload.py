@@ -432,7 +432,9 @@ def test_a_thousand_disconnects_leave_nothing_behind(repository: Path, serve: An
     started = time.perf_counter()
     disconnect_many(server.http_port, model, n, 1000)
     scheduler = version(server, model).scheduler
-    wait_until_settled(lambda: server.service.in_flight == 0 and scheduler.pool.busy == [0] and scheduler.queued() == 0)
+    wait_until_settled(
+        lambda: server.service.in_flight == 0 and scheduler.pool.busy == [0] and scheduler.queued() == 0
+    )
     took = time.perf_counter() - started
     gc.collect()
     grown = _server_rss() - before
