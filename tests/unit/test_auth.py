@@ -45,6 +45,15 @@ def test_parse_reads_tokens_scopes_and_comments() -> None:
     assert table.scopes_of(CAROL) == {Scope.METRICS}
 
 
+def test_each_token_is_its_own_client() -> None:
+    """``authorize`` names the client a token belongs to (its entry), never the token itself."""
+    table = TokenTable.parse(f"{ALICE} infer\n{BOB} infer,control", "t")
+    assert table.lookup(BOB) == (1, {Scope.INFER, Scope.CONTROL})
+    assert authorize(table, [f"Bearer {ALICE}"], Scope.INFER) == "token 1"
+    assert authorize(table, [f"bearer  {BOB} "], Scope.INFER) == "token 2"
+    assert ALICE not in authorize(table, [f"Bearer {ALICE}"], Scope.INFER)
+
+
 @pytest.mark.parametrize("presented", ["", ALICE[:-1], ALICE + "x", ALICE.upper(), f" {ALICE}", "x" * 64])
 def test_only_the_exact_token_is_accepted(presented: str) -> None:
     table = TokenTable.parse(f"{ALICE} infer", "t")

@@ -5,7 +5,7 @@ thread. The default layout (``core.registry.layout``) gives one instance per CPU
 session: runs side by side, one copy of the weights, and a lone run on the lowest instance.
 ``DirectScheduler`` hands each request to the least busy instance. ``DynamicBatcher`` queues requests
 and, whenever an instance is free, forms one batch from the queue: requests with the same batch key
-(same inner dimensions and outputs; or text) in arrival order, up to ``max_batch_size`` rows and
+(same inner dimensions and outputs; or text) in fair order, up to ``max_batch_size`` rows and
 ``max_batch_tokens``. Which part of that selection goes, and when:
 
 - preferred sizes first (Triton's rule): when a prefix of the selection adds up to one of
@@ -18,7 +18,17 @@ and, whenever an instance is free, forms one batch from the queue: requests with
   ``max_batch_size``), so that the other idle instances get the rest; the requests left over by that
   cap are due and go to the next free instance without waiting.
 
-A full queue refuses new requests at once; a failed batch fails exactly the requests in it.
+Fair order (``core.fairness``): both schedulers queue requests per client (``Work.client``, given by
+the protocol front ends) and serve the clients round-robin. Without batching a freed instance goes to
+the next waiting client in turn; with batching a batch starts with the client whose turn it is and is
+filled round by round across the clients (each one's first compatible request, then each one's second,
+...), and the clients it served go to the end of the rotation. A client's own requests keep their
+arrival order. So a client with one request waits about one execution, however many requests another
+client has queued.
+
+A full queue (``max_queue_size``) refuses a new request at once, unless its client holds at least two
+places fewer than the client holding the most: then that client's newest queued request is refused
+instead, so that a flood cannot keep other clients out. A failed batch fails exactly the requests in it.
 
 A request whose caller went away (it disconnected, or its timeout passed) leaves the queue at once and
 never runs; an execution whose callers have all gone away is stopped (ONNX Runtime's terminate flag),
@@ -39,6 +49,7 @@ from dataclasses import dataclass, field
 
 from onnxserve.config import DynamicBatching
 from onnxserve.core.execution import Outcome, Work
+from onnxserve.core.fairness import FairQueue, interleave, should_displace
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.errors import ResourceExhaustedError
 
@@ -105,12 +116,16 @@ class InstancePool:
         """Instances running nothing (a reserved but not yet taken one counts as idle)."""
         return sum(1 for b in self.busy if b == 0)
 
-    async def acquire(self) -> int:
-        await self.reserve()
-        return self.take()
+    def full(self) -> bool:
+        """Every instance reserved: ``reserve`` would wait."""
+        return self._semaphore().locked()
+
+    def finish(self, index: int) -> None:
+        """The execution on ``index`` has ended; its reservation stays held (pass it on, or ``cancel`` it)."""
+        self.busy[index] -= 1
 
     def release(self, index: int) -> None:
-        self.busy[index] -= 1
+        self.finish(index)
         self._semaphore().release()
 
     async def run(
@@ -129,8 +144,11 @@ class InstancePool:
 class DirectScheduler:
     """No batching: each request runs alone on the least busy instance.
 
-    With ``max_queue_size`` > 0, at most that many requests wait for a free instance; more are refused
-    at once."""
+    Requests that find every instance busy wait per client (``core.fairness``): a freed instance goes
+    to the next waiting client in turn, round-robin, and each client's own requests keep their order.
+    With ``max_queue_size`` > 0, at most that many requests wait; when the queue is full, a request of
+    a client holding at least two places fewer than the client holding the most takes the newest place
+    of that client, which is refused; any other request is refused at once."""
 
     def __init__(
         self,
@@ -145,22 +163,18 @@ class DirectScheduler:
         self._on_execution = on_execution
         self.max_queue_size = max_queue_size
         self.name = name
-        self._waiting = 0
+        self._waiting: FairQueue[asyncio.Future[None]] = FairQueue()
+        self._queued = 0
         self._running: set[asyncio.Task[Outcome]] = set()
         self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
 
     async def submit(self, work: Work) -> Scheduled:
-        limit = self.max_queue_size
-        if limit and self._waiting >= limit:
-            raise ResourceExhaustedError(
-                f"model {self.name!r} has {self._waiting} requests queued (max_queue_size {limit}); retry later"
-            )
         submitted = time.perf_counter_ns()
-        self._waiting += 1
-        try:
-            index = await self.pool.acquire()
-        finally:
-            self._waiting -= 1
+        if self._waiting or self.pool.full():
+            await self._wait_turn(work.client)
+        else:
+            await self.pool.reserve()  # an instance is free and nobody waits: returns at once
+        index = self.pool.take()
         started = time.perf_counter_ns()
         control = RunControl()
         # The execution is its own task: a caller that goes away stops it, but the instance is
@@ -175,17 +189,50 @@ class DirectScheduler:
             raise
         return Scheduled(outcome, started - submitted, work.rows)
 
+    async def _wait_turn(self, client: str) -> None:
+        """Queue behind the other waiting requests until a finished execution hands this one its instance
+        reservation (``_pass_on``)."""
+        limit = self.max_queue_size
+        if limit and self._queued >= limit:
+            displaced = should_displace(self._waiting, client)
+            if displaced is None:
+                raise queue_full(self.name, self._queued, limit)
+            self._waiting.pop_newest(displaced).set_exception(queue_full(self.name, self._queued, limit))
+            self._queued -= 1
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.push(client, turn)
+        self._queued += 1
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._pass_on()  # it was handed a reservation just as its caller went away
+            elif self._waiting.remove(client, turn):
+                self._queued -= 1
+            raise
+
+    def _pass_on(self) -> None:
+        """Hand a reservation to the next waiting request in fair order, or give it back to the pool."""
+        while self._waiting:
+            turn = self._waiting.pop()
+            self._queued -= 1
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.pool.cancel()
+
     async def _execute(self, index: int, work: Work, control: RunControl) -> Outcome:
         try:
             (outcome,) = await self.pool.run(index, self._run_batch, [work], control)
         finally:
-            self.pool.release(index)
+            self.pool.finish(index)
+            self._pass_on()
         self._on_execution(work.rows, outcome)
         return outcome
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""
-        return self._waiting
+        return self._queued
 
     async def stop(self) -> None:
         """Let running executions finish (on the event loop, before it closes)."""
@@ -225,7 +272,8 @@ class DynamicBatcher:
         self.name = name
         self.gather_us = gather_us
         self.incoming = 0  # requests on their way to ``submit`` (being tokenized), counted by the service
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[_Pending] = deque()  # in arrival order
+        self._turns: dict[str, None] = {}  # clients in the order their turn comes (``_fair_order``)
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -236,9 +284,7 @@ class DynamicBatcher:
     async def submit(self, work: Work) -> Scheduled:
         limit = self.settings.max_queue_size
         if limit and len(self._queue) >= limit:
-            raise ResourceExhaustedError(
-                f"model {self.name!r} has {len(self._queue)} requests queued (max_queue_size {limit}); retry later"
-            )
+            self._make_room(work.client, limit)
         loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
@@ -246,6 +292,7 @@ class DynamicBatcher:
             self._loop_task = loop.create_task(self._dispatch(), name=f"batcher-{self.name}")
         pending = _Pending(work, time.perf_counter_ns(), loop.create_future())
         self._queue.append(pending)
+        self._turns.setdefault(work.client)
         self._arrived.set()
         try:
             return await pending.future
@@ -255,6 +302,48 @@ class DynamicBatcher:
             with contextlib.suppress(ValueError):
                 self._queue.remove(pending)
             raise
+
+    def _make_room(self, client: str, limit: int) -> None:
+        """A full queue: refuse ``client``'s request, or the newest request of the client holding the most
+        places when that holds at least two more than ``client`` (``fairness.should_displace``)."""
+        error = queue_full(self.name, len(self._queue), limit)
+        places: FairQueue[_Pending] = FairQueue()
+        for pending in self._queue:
+            places.push(pending.work.client, pending)
+        displaced = should_displace(places, client)
+        if displaced is None:
+            raise error
+        victim = places.pop_newest(displaced)
+        self._queue.remove(victim)
+        _fail(victim, error)
+
+    def _fair_order(self) -> list[_Pending]:
+        """The queue in fair order: round by round across the clients with requests queued, starting with
+        the client whose turn it is; each client's requests in arrival order."""
+        first = self._queue[0].work.client
+        if all(p.work.client == first for p in self._queue):
+            return list(self._queue)
+        by_client: dict[str, list[_Pending]] = {}
+        for pending in self._queue:
+            by_client.setdefault(pending.work.client, []).append(pending)
+        for client in [c for c in self._turns if c not in by_client]:
+            del self._turns[client]
+        for client in by_client:
+            self._turns.setdefault(client)
+        return list(interleave([by_client[c] for c in self._turns]))
+
+    def _served(self, batch: list[_Pending]) -> None:
+        """The clients in ``batch`` have had their turn: they go to the end of the rotation, the one whose
+        request was last in the batch's fair order last (so the next batch starts with the client after it)."""
+        last: dict[str, int] = {}
+        for position, pending in enumerate(batch):
+            last[pending.work.client] = position
+        for client in sorted(last, key=last.__getitem__):
+            self._turns.pop(client, None)
+            self._turns[client] = None
+        queued = {p.work.client for p in self._queue}
+        for client in [c for c in self._turns if c not in queued]:
+            del self._turns[client]
 
     async def _dispatch(self) -> None:
         assert self._arrived is not None
@@ -287,11 +376,13 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            head = next((p for p in self._queue if p.due), self._queue[0])
-            compatible = [p for p in self._queue if p.work.key == head.work.key]
+            order = self._fair_order()
+            head = next((p for p in order if p.due), order[0])
+            compatible = [p for p in order if p.work.key == head.work.key]
             selection = self._select(head, compatible)
             rows = _rows(selection)
-            waited_us = (time.perf_counter_ns() - head.submitted_ns) / 1000
+            oldest = min(p.submitted_ns for p in compatible)
+            waited_us = (time.perf_counter_ns() - oldest) / 1000
             remaining_us = self.settings.max_queue_delay_us - waited_us
             preferred = _preferred_prefixes(selection, self.settings.preferred_batch_sizes)
             cannot_grow = rows >= self.max_batch_size or len(selection) < len(compatible)
@@ -305,6 +396,7 @@ class DynamicBatcher:
                     pending.due = True
                 for pending in batch:
                     self._queue.remove(pending)
+                self._served(batch)
                 return batch
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
@@ -323,8 +415,8 @@ class DynamicBatcher:
         return (gather_until - time.perf_counter()) * 1e6
 
     def _select(self, first: _Pending, compatible: list[_Pending]) -> list[_Pending]:
-        """``first`` and the compatible requests that fit with it, in arrival order (closest lengths
-        first, for text under a token budget)."""
+        """``first`` and the compatible requests that fit with it, in fair order (closest lengths first,
+        for text under a token budget)."""
         candidates = [p for p in compatible if p is not first]
         budget = self.settings.max_batch_tokens
         if budget and first.work.text is not None:
@@ -435,6 +527,10 @@ class DynamicBatcher:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def queue_full(name: str, queued: int, limit: int) -> ResourceExhaustedError:
+    return ResourceExhaustedError(f"model {name!r} has {queued} requests queued (max_queue_size {limit}); retry later")
 
 
 def _forget(running: set[asyncio.Task[Outcome]]) -> Callable[[asyncio.Task[Outcome]], None]:

@@ -39,6 +39,7 @@ class Work:
     encodings: list[Encoding] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
+    client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
 
     @property
     def key(self) -> Hashable:

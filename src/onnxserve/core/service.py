@@ -163,9 +163,12 @@ class InferenceCall:
     service did not count (it never reached ``infer``'s count) is counted on the way out.
     """
 
-    def __init__(self, service: InferenceService, protocol: str, model: str = "", version: str = "") -> None:
+    def __init__(
+        self, service: InferenceService, protocol: str, model: str = "", version: str = "", client: str = ""
+    ) -> None:
         self.service = service
         self.protocol = protocol
+        self.client = client  # who sends it, opaque: the schedulers serve clients in turn (``core.fairness``)
         self.model = model
         self.version = version
         self.started = time.perf_counter_ns()
@@ -311,9 +314,10 @@ class InferenceService:
             outputs=[unbatched(s) for s in model.outputs],
         )
 
-    def call(self, protocol: str, model: str = "", version: str = "") -> InferenceCall:
-        """The scope of one inference request in a protocol front end (see ``InferenceCall``)."""
-        return InferenceCall(self, protocol, model, version)
+    def call(self, protocol: str, model: str = "", version: str = "", client: str = "") -> InferenceCall:
+        """The scope of one inference request in a protocol front end (see ``InferenceCall``); ``client``
+        names its sender for fair scheduling (requests without a call share the client "")."""
+        return InferenceCall(self, protocol, model, version, client)
 
     def refused(
         self, protocol: str, model: str, version: str, error: BaseException, started: int | None = None
@@ -372,6 +376,9 @@ class InferenceService:
     ) -> InferenceResponse:
         try:
             work = _work(request, model, self.max_response_bytes)
+            call = _current_call.get()
+            if call is not None:
+                work.client = call.client
             tokenize_ns = 0
             async with asyncio.timeout(limit) as deadline:
                 if work.text is None:

@@ -1,9 +1,14 @@
-"""What every protocol front end knows about the request it is handling: its id.
+"""What every protocol front end knows about the request it is handling: its id, and who sent it.
 
 The request id comes from the client (HTTP ``X-Request-ID``, gRPC ``x-request-id`` metadata) when it is
 usable, else it is generated; it is returned to the client and set in a context variable for the
 length of the request, so every log line made while handling it can carry it
 (``onnxserve.server.logs``).
+
+Who sent it (``client_identity``) is what the schedulers serve in turn (``core.fairness``): the bearer
+token's identity when tokens are configured (the auth middleware and interceptor set it once the token
+is accepted), else the peer's IP address; a peer without one (a Unix socket) is "", shared by all such
+peers.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import re
 import uuid
 from contextvars import ContextVar, Token
+from urllib.parse import unquote
 
 REQUEST_ID_METADATA = "x-request-id"
 """The request id's name: gRPC metadata key, and the HTTP header X-Request-ID (lower-case on the wire)."""
@@ -43,3 +49,39 @@ def set_request_id(request_id: str) -> Token[str | None]:
 
 def reset_request_id(token: Token[str | None]) -> None:
     _request_id.reset(token)
+
+
+_authenticated_client: ContextVar[str | None] = ContextVar("onnxserve_authenticated_client", default=None)
+
+
+def set_authenticated_client(identity: str) -> Token[str | None]:
+    """The accepted token's client identity, for the rest of this request (set by the auth checks)."""
+    return _authenticated_client.set(identity)
+
+
+def reset_authenticated_client(token: Token[str | None]) -> None:
+    _authenticated_client.reset(token)
+
+
+def client_identity(peer_host: str | None) -> str:
+    """The client a request counts for: its token's identity when it presented one, else its peer's
+    address (``peer_host``: an IP address, or None/"" when unknown)."""
+    authenticated = _authenticated_client.get()
+    if authenticated is not None:
+        return authenticated
+    return f"address {peer_host}" if peer_host else ""
+
+
+def grpc_peer_host(peer: str | None) -> str | None:
+    """The IP address in a gRPC peer string (``ipv4:127.0.0.1:50000``, ``ipv6:[::1]:50000``), or None
+    (``unix:...``, or a form it does not know)."""
+    if not peer:
+        return None
+    family, _, rest = unquote(peer).partition(":")
+    if family == "ipv4":
+        host, _, _ = rest.rpartition(":")
+        return host or None
+    if family == "ipv6":
+        host, _, _ = rest.rpartition(":")
+        return host.removeprefix("[").removesuffix("]") or None
+    return None

@@ -172,7 +172,8 @@ def guarded(
         try:
             if service is None:
                 return inflight.held(await handler(request), _body_size)  # /tokenize answers are large too
-            async with service.call(protocol, *requested_target(request)):
+            peer = request.client.host if request.client is not None else None
+            async with service.call(protocol, *requested_target(request), client=context.client_identity(peer)):
                 return inflight.held(await until_disconnected(handler, request), _body_size)
         except OnnxServeError as e:
             return failed(request, e)

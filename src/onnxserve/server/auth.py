@@ -85,9 +85,10 @@ def grpc_scope(method: str) -> TokenScope | None:
     return TokenScope.INFER
 
 
-def authorize(tokens: TokenTable, credentials: Sequence[str], needed: TokenScope) -> None:
+def authorize(tokens: TokenTable, credentials: Sequence[str], needed: TokenScope) -> str:
     """Raise UnauthenticatedError or PermissionDeniedError unless ``credentials`` (the request's
-    Authorization values) hold one bearer token with the ``needed`` scope."""
+    Authorization values) hold one bearer token with the ``needed`` scope; the token's client identity
+    (``token N``, N its entry in the table) when they do."""
     if not credentials:
         raise UnauthenticatedError("this endpoint needs a bearer token: send 'authorization: Bearer TOKEN'")
     if len(credentials) > 1:
@@ -95,11 +96,13 @@ def authorize(tokens: TokenTable, credentials: Sequence[str], needed: TokenScope
     scheme, _, token = credentials[0].strip().partition(" ")
     if scheme.lower() != "bearer":
         raise UnauthenticatedError("only bearer tokens are accepted: send 'authorization: Bearer TOKEN'")
-    scopes = tokens.scopes_of(token.strip())
-    if scopes is None:
+    found = tokens.lookup(token.strip())
+    if found is None:
         raise UnauthenticatedError("the bearer token is not accepted")
+    position, scopes = found
     if needed not in scopes:
         raise PermissionDeniedError(f"this token may not {_ACTIONS[needed]}: that needs the scope '{needed.value}'")
+    return f"token {position + 1}"
 
 
 def _challenge(error: OnnxServeError, presented: bool, needed: TokenScope) -> str:
@@ -126,14 +129,18 @@ class BearerAuthMiddleware:
             return
         credentials = [v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]
         try:
-            authorize(self.tokens, credentials, needed)
+            client = authorize(self.tokens, credentials, needed)
         except (UnauthenticatedError, PermissionDeniedError) as e:
             log.info("refused %s %s: %s", scope.get("method"), scope["path"], e.message)
             response = self.render(scope["path"])(e, e.message, HTTP_STATUS[e.kind])
             response.headers["WWW-Authenticate"] = _challenge(e, bool(credentials), needed)
             await response(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        token = context.set_authenticated_client(client)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            context.reset_authenticated_client(token)
 
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
@@ -156,12 +163,14 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
         metadata: Sequence[tuple[str, str | bytes]] = handler_call_details.invocation_metadata or ()
         credentials = [v for k, v in metadata if k == AUTHORIZATION and isinstance(v, str)]
         try:
-            authorize(self.tokens, credentials, needed)
+            client = authorize(self.tokens, credentials, needed)
         except (UnauthenticatedError, PermissionDeniedError) as e:
             given_id = next((v for k, v in metadata if k == context.REQUEST_ID_METADATA and isinstance(v, str)), None)
             request_id = context.accept_request_id(given_id)
             log.info("refused gRPC %s: %s", method, e.message, extra={"request_id": request_id})
             return _refusal(handler, GRPC_STATUS[e.kind], e.message, request_id)
+        # grpc runs the call's handler in this task, after this returns: it sees the client.
+        context.set_authenticated_client(client)
         return handler
 
 

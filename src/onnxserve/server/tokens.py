@@ -59,11 +59,17 @@ class TokenTable:
 
     def scopes_of(self, presented: str) -> frozenset[Scope] | None:
         """The scopes of ``presented``, or None if it is no accepted token; constant time in the token."""
+        found = self.lookup(presented)
+        return found[1] if found is not None else None
+
+    def lookup(self, presented: str) -> tuple[int, frozenset[Scope]] | None:
+        """The entry ``presented`` matches (its position, counted from 0, and its scopes), or None;
+        constant time in the token. The position identifies the client that holds the token."""
         digest = _digest(presented)
-        found: frozenset[Scope] | None = None
-        for known, scopes in self.entries:
+        found: tuple[int, frozenset[Scope]] | None = None
+        for position, (known, scopes) in enumerate(self.entries):
             if hmac.compare_digest(digest, known):
-                found = scopes
+                found = position, scopes
         return found
 
     def __len__(self) -> int:

@@ -172,16 +172,17 @@ class InferenceServicer:
         so a client can match it like a success.
         """
         request_id = _request_id(grpc_context)
+        client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
         async for data in requests:
-            yield await self._stream_one(data, request_id)
+            yield await self._stream_one(data, request_id, client)
 
-    async def _stream_one(self, data: bytes, request_id: str) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, data: bytes, request_id: str, client: str) -> pb.ModelStreamInferResponse:
         id_token = context.set_request_id(request_id)
         request: pb.ModelInferRequest | None = None
         try:
             size_token = _wire_size.set(len(data))
             try:
-                async with self.service.call(PROTOCOL) as call:
+                async with self.service.call(PROTOCOL, client=client) as call:
                     request = await _parse_inference(call, data)
                     return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
             finally:
@@ -236,7 +237,8 @@ def _unary(
         try:
             if counted_by is None:
                 return await method(await offload.convert(len(data), parse, request_type, data))
-            async with counted_by.call(PROTOCOL) as call:
+            client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
+            async with counted_by.call(PROTOCOL, client=client) as call:
                 answer = await method(await _parse_inference(call, data))
                 # Serialized here, off the event loop when large (grpc would do it on the loop).
                 serialized = await offload.convert(_answer_size.get(), answer.SerializeToString)
