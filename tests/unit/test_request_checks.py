@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from onnxserve.errors import InvalidInputError
@@ -29,6 +30,26 @@ def test_documents_up_to_the_limit_pass(depth: int) -> None:
 def test_one_level_more_is_refused_with_the_limit_named() -> None:
     with pytest.raises(InvalidInputError, match=f"more than {MAX_JSON_DEPTH} levels deep"):
         check_depth({"inputs": [1, 2, nested(MAX_JSON_DEPTH)]})
+
+
+@pytest.mark.parametrize("depth", [0, 3, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 200])
+def test_the_source_text_shortcut_decides_as_the_walk_does(depth: int) -> None:
+    # A document with few brackets in its text is passed without a walk; the rest are walked.
+    doc = nested(depth)
+    source = orjson.dumps(doc)
+    if depth <= MAX_JSON_DEPTH:
+        assert check_depth(doc, source=source) is doc
+    else:
+        with pytest.raises(InvalidInputError, match="levels deep"):
+            check_depth(doc, source=source)
+
+
+def test_brackets_inside_strings_only_make_the_walk_happen() -> None:
+    shallow = {"text": "[" * 1000 + "{" * 1000}
+    assert check_depth(shallow, source=orjson.dumps(shallow)) is shallow
+    deep = {"text": "[[", "x": nested(MAX_JSON_DEPTH + 1)}
+    with pytest.raises(InvalidInputError, match="levels deep"):
+        check_depth(deep, source=orjson.dumps(deep))
 
 
 def test_a_deep_branch_is_found_beside_wide_shallow_ones() -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -131,10 +132,15 @@ class InstancePool:
     async def run(
         self, index: int, run_batch: RunBatch, works: Sequence[Work], control: RunControl | None = None
     ) -> list[Outcome]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executors[index], run_batch, self.sessions[index], works, control or RunControl()
-        )
+        return await self.start(index, run_batch, works, control)
+
+    def start(
+        self, index: int, run_batch: RunBatch, works: Sequence[Work], control: RunControl | None = None
+    ) -> asyncio.Future[list[Outcome]]:
+        """The execution on instance ``index``'s thread, started: its future (``run_in_executor`` without
+        its checks of the callable, which cost more than a tiny model's run)."""
+        submitted = self._executors[index].submit(run_batch, self.sessions[index], works, control or RunControl())
+        return asyncio.wrap_future(submitted, loop=asyncio.get_running_loop())
 
     def close(self) -> None:
         for executor in self._executors:
@@ -165,7 +171,7 @@ class DirectScheduler:
         self.name = name
         self._waiting: FairQueue[asyncio.Future[None]] = FairQueue()
         self._queued = 0
-        self._running: set[asyncio.Task[Outcome]] = set()
+        self._running: set[asyncio.Future[list[Outcome]]] = set()
         self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
 
     async def submit(self, work: Work) -> Scheduled:
@@ -177,13 +183,14 @@ class DirectScheduler:
         index = self.pool.take()
         started = time.perf_counter_ns()
         control = RunControl()
-        # The execution is its own task: a caller that goes away stops it, but the instance is
-        # released only once its thread has returned.
-        task = asyncio.get_running_loop().create_task(self._execute(index, work, control))
-        self._running.add(task)
-        task.add_done_callback(_forget(self._running))
+        # A caller that goes away stops the execution, but the instance is released only once its thread
+        # has returned: by a callback of the execution's future (no task of its own), which runs before
+        # the caller resumes, so the execution is counted before the answer goes out.
+        execution = self.pool.start(index, self._run_batch, [work], control)
+        self._running.add(execution)
+        execution.add_done_callback(functools.partial(self._finished, index, work.rows))
         try:
-            outcome = await asyncio.shield(task)
+            (outcome,) = await asyncio.shield(execution)
         except asyncio.CancelledError:
             control.terminate()
             raise
@@ -221,14 +228,15 @@ class DirectScheduler:
                 return
         self.pool.cancel()
 
-    async def _execute(self, index: int, work: Work, control: RunControl) -> Outcome:
-        try:
-            (outcome,) = await self.pool.run(index, self._run_batch, [work], control)
-        finally:
-            self.pool.finish(index)
-            self._pass_on()
-        self._on_execution(work.rows, outcome)
-        return outcome
+    def _finished(self, index: int, rows: int, execution: asyncio.Future[list[Outcome]]) -> None:
+        """The execution on ``index`` has returned: its instance goes to the next waiting request in fair
+        order (or back to the pool), and a successful run is counted."""
+        self._running.discard(execution)
+        self.pool.finish(index)
+        self._pass_on()
+        if not execution.cancelled() and execution.exception() is None:
+            (outcome,) = execution.result()
+            self._on_execution(rows, outcome)
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""
@@ -531,17 +539,6 @@ class DynamicBatcher:
 
 def queue_full(name: str, queued: int, limit: int) -> ResourceExhaustedError:
     return ResourceExhaustedError(f"model {name!r} has {queued} requests queued (max_queue_size {limit}); retry later")
-
-
-def _forget(running: set[asyncio.Task[Outcome]]) -> Callable[[asyncio.Task[Outcome]], None]:
-    """A done-callback that drops a finished execution and retrieves its error (its caller may be gone)."""
-
-    def done(task: asyncio.Task[Outcome]) -> None:
-        running.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    return done
 
 
 def _rows(requests: Sequence[_Pending]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -50,40 +50,89 @@ class StatisticsSnapshot:
     batches: tuple[BatchStatistics, ...] = ()
 
 
-@dataclass
-class ModelStatistics:
-    """Thread-safe counters for one model version."""
+class _Sums:
+    """A mutable count and sum of nanoseconds, updated under the statistics' lock."""
 
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _totals: StatisticsSnapshot = field(default_factory=StatisticsSnapshot)
-    _batches: dict[int, ComputeTimes] = field(default_factory=dict)
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ns = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+    def frozen(self) -> Duration:
+        return Duration(self.count, self.ns)
+
+
+class _ComputeSums:
+    __slots__ = ("infer", "input", "output")
+
+    def __init__(self) -> None:
+        self.input, self.infer, self.output = _Sums(), _Sums(), _Sums()
+
+    def add(self, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        self.input.add(input_ns)
+        self.infer.add(infer_ns)
+        self.output.add(output_ns)
+
+    def frozen(self) -> ComputeTimes:
+        return ComputeTimes(self.input.frozen(), self.infer.frozen(), self.output.frozen())
+
+
+class ModelStatistics:
+    """Thread-safe counters for one model version.
+
+    Updated in place under a lock (every request and execution records here, so updates make no new
+    objects); :meth:`snapshot` copies them into the immutable :class:`StatisticsSnapshot`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_inference_ms = 0
+        self._inference_count = 0
+        self._execution_count = 0
+        self._success = _Sums()
+        self._fail = _Sums()
+        self._queue = _Sums()
+        self._compute = _ComputeSums()
+        self._batches: dict[int, _ComputeSums] = {}
 
     def record_success(
         self, rows: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int, total_ns: int
     ) -> None:
         """One request answered: ``rows`` inferences, and the times it spent in each stage."""
+        now_ms = time.time_ns() // 1_000_000
         with self._lock:
-            t = self._totals
-            self._totals = replace(
-                t,
-                last_inference_ms=time.time_ns() // 1_000_000,
-                inference_count=t.inference_count + rows,
-                success=t.success.add(total_ns),
-                queue=t.queue.add(queue_ns),
-                compute=t.compute.add(input_ns, infer_ns, output_ns),
-            )
+            self._last_inference_ms = now_ms
+            self._inference_count += rows
+            self._success.add(total_ns)
+            self._queue.add(queue_ns)
+            self._compute.add(input_ns, infer_ns, output_ns)
 
     def record_execution(self, batch_size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
         """One model execution (a batch of one or more requests) of ``batch_size`` rows."""
         with self._lock:
-            self._batches[batch_size] = self._batches.get(batch_size, ComputeTimes()).add(input_ns, infer_ns, output_ns)
-            self._totals = replace(self._totals, execution_count=self._totals.execution_count + 1)
+            sums = self._batches.get(batch_size)
+            if sums is None:
+                sums = self._batches[batch_size] = _ComputeSums()
+            sums.add(input_ns, infer_ns, output_ns)
+            self._execution_count += 1
 
     def record_failure(self, total_ns: int) -> None:
         with self._lock:
-            self._totals = replace(self._totals, fail=self._totals.fail.add(total_ns))
+            self._fail.add(total_ns)
 
     def snapshot(self) -> StatisticsSnapshot:
         with self._lock:
-            batches = tuple(BatchStatistics(size, d) for size, d in sorted(self._batches.items()))
-            return replace(self._totals, batches=batches)
+            return StatisticsSnapshot(
+                last_inference_ms=self._last_inference_ms,
+                inference_count=self._inference_count,
+                execution_count=self._execution_count,
+                success=self._success.frozen(),
+                fail=self._fail.frozen(),
+                queue=self._queue.frozen(),
+                compute=self._compute.frozen(),
+                batches=tuple(BatchStatistics(size, d.frozen()) for size, d in sorted(self._batches.items())),
+            )

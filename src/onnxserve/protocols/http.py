@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -110,38 +109,43 @@ async def until_disconnected(handler: Endpoint, request: Request) -> Response:
     """Run ``handler``; if the client disconnects once the body has been read, cancel it.
 
     The handler reads the body through a watched ``receive``; after its last chunk, the connection is
-    watched for ``http.disconnect`` alongside the handler. A disconnect cancels the handler, so a
-    queued inference leaves its queue and a running one is dropped (see ``core.batching``).
+    watched for ``http.disconnect`` by a task of its own while the handler goes on in the caller's task.
+    A disconnect cancels the handler, so a queued inference leaves its queue and a running one is
+    dropped (see ``core.batching``). The handler runs in the calling task, not one of its own: a task
+    per request cost more than the tiny model's whole run.
     """
-    body_read = asyncio.Event()
-
-    async def watched_receive() -> Message:
-        message = await request.receive()
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            body_read.set()
-        return message
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Task[None] | None = None
+    running = True  # the handler has not returned: a disconnect may still cancel it
+    gone = False
 
     async def disconnected() -> None:
-        await body_read.wait()
+        nonlocal gone
         while (await request.receive())["type"] != "http.disconnect":
             await asyncio.sleep(0.01)  # a server that repeats empty body messages: keep watching, gently
+        if running:
+            gone = True
+            task.cancel()
 
-    task = asyncio.ensure_future(handler(Request(request.scope, watched_receive)))
-    watcher = asyncio.ensure_future(disconnected())
+    async def watched_receive() -> Message:
+        nonlocal watcher
+        message = await request.receive()
+        if watcher is None and (message["type"] != "http.request" or not message.get("more_body", False)):
+            watcher = asyncio.ensure_future(disconnected())
+        return message
+
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
+        return await handler(Request(request.scope, watched_receive))
+    except asyncio.CancelledError:
+        if not gone or task.uncancel() > 0:  # cancelled from outside (too): not ours to answer
+            raise
+        log.debug("client went away during %s %s; its request was dropped", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    log.debug("client went away during %s %s; its request was dropped", request.method, request.url.path)
-    return Response(status_code=CLIENT_CLOSED_REQUEST)
+        running = False
+        if watcher is not None:
+            watcher.cancel()
 
 
 def guarded(

@@ -33,8 +33,14 @@ def depth_exceeds(doc: Any, limit: int) -> bool:
     return False
 
 
-def check_depth(doc: Any, what: str = "the request body") -> Any:
-    """``doc`` itself, or InvalidInputError when it nests deeper than :data:`MAX_JSON_DEPTH`."""
+def check_depth(doc: Any, what: str = "the request body", source: bytes | None = None) -> Any:
+    """``doc`` itself, or InvalidInputError when it nests deeper than :data:`MAX_JSON_DEPTH`.
+
+    With ``source``, the JSON text ``doc`` was parsed from, a document with no more opening brackets
+    than the limit is passed without a walk: each level of nesting opens one (counting the brackets
+    inside strings too only makes the count larger)."""
+    if source is not None and source.count(b"[") + source.count(b"{") <= MAX_JSON_DEPTH:
+        return doc
     if depth_exceeds(doc, MAX_JSON_DEPTH):
         raise too_deep(what)
     return doc

@@ -437,6 +437,7 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         self.budget = budget
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -444,10 +445,19 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        # One wrapper per served method, made on its first call: the wrappers keep no per-call state.
+        key = (handler_call_details.method, handler)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(handler, handler_call_details.method)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """The handler that receives ``handler``'s request messages within the budget and the deadline."""
         deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
         if handler.request_streaming:
             return self._streaming(handler, deserialize)
-        if handler_call_details.method in UNREAD_METHODS and not handler.response_streaming:
+        if method in UNREAD_METHODS and not handler.response_streaming:
             empty_behaviour: Behaviour = handler.unary_unary
 
             async def answer_unread(requests: AsyncIterator[Any], ctx: grpc.aio.ServicerContext) -> Any:
@@ -567,20 +577,20 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
 
         ``end_ok``: the end of the client's messages is no error (a streaming call); None then.
         """
-        given = (v for k, v in ctx.invocation_metadata() or () if k == context.REQUEST_ID_METADATA)
-        metadata = ((context.REQUEST_ID_METADATA, context.accept_request_id(next(given, None))),)
         reserved = min(self.max_message_bytes, self.budget.limit) if self.budget.limit else self.max_message_bytes
         if not await self.budget.reserve_within(reserved, BUDGET_WAIT_SECONDS):
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, metadata)
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx))
         try:
-            received = await asyncio.wait_for(ctx.read(), self.timeout)
+            # A timeout scope, not wait_for: no task of its own for every message read.
+            async with asyncio.timeout(self.timeout):
+                received = await ctx.read()
         except TimeoutError:
             self.budget.release(reserved)
             log.info("reset a gRPC call whose request message did not arrive within %g s", self.timeout)
             await ctx.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {self.timeout:g} s (--body-timeout)",
-                metadata,
+                _id(ctx),
             )
         except BaseException:
             self.budget.release(reserved)
@@ -589,8 +599,14 @@ class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grp
             self.budget.release(reserved)
             if end_ok:
                 return None
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", metadata)
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", _id(ctx))
         size, request = received
         kept = min(size, reserved)
         self.budget.release(reserved - kept)
         return kept, request
+
+
+def _id(ctx: grpc.aio.ServicerContext) -> tuple[tuple[str, str]]:
+    """The metadata of a refusal: the client's request id when usable, else a new one (made only then)."""
+    given = (v for k, v in ctx.invocation_metadata() or () if k == context.REQUEST_ID_METADATA)
+    return ((context.REQUEST_ID_METADATA, context.accept_request_id(next(given, None))),)

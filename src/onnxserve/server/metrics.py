@@ -122,6 +122,11 @@ class Metrics:
         )
         self._queue_depth = _QueueDepth()
         self.registry.register(self._queue_depth)
+        # The labelled children every request updates, looked up once per label set (labels() costs more
+        # than the update). Metrics never drop a label set, so these are the children the registry keeps.
+        self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
+        self._durations: dict[tuple[str, str, str], Histogram] = {}
+        self._batch_sizes: dict[tuple[str, str], Histogram] = {}
         ProcessCollector(registry=self.registry)
 
     def watch(self, models: ModelRegistry) -> None:
@@ -132,14 +137,31 @@ class Metrics:
 
     def request(self, record: RequestRecord) -> None:
         status = OK if record.error is None else record.error.value
-        self._requests.labels(record.model, record.version, record.protocol, status).inc()
-        self._duration.labels(record.model, record.version, "total").observe(record.total_ns / 1e9)
+        key = (record.model, record.version, record.protocol, status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self._requests.labels(*key)
+        counter.inc()
+        self._phase(record.model, record.version, "total").observe(record.total_ns / 1e9)
         if record.error is None:
-            self._duration.labels(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
-            self._duration.labels(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
+            self._phase(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
+            self._phase(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
 
     def execution(self, record: ExecutionRecord) -> None:
-        self._batch_size.labels(record.model, record.version).observe(record.batch_size)
+        key = (record.model, record.version)
+        sizes = self._batch_sizes.get(key)
+        if sizes is None:
+            sizes = self._batch_sizes[key] = self._batch_size.labels(*key)
+        sizes.observe(record.batch_size)
+
+    def _phase(self, model: str, version: str, phase: str) -> Histogram:
+        """The duration histogram of one model version's phase, made when first observed (a refused
+        request makes no queue or compute series)."""
+        key = (model, version, phase)
+        histogram = self._durations.get(key)
+        if histogram is None:
+            histogram = self._durations[key] = self._duration.labels(*key)
+        return histogram
 
     def version(self, record: VersionRecord) -> None:
         if record.state not in self._states:

@@ -75,7 +75,7 @@ def decode_infer_request(
     header = body if header_length is None else body[:header_length]
     binary = memoryview(body)[header_length or len(body) :]
     try:
-        doc = _object(check_depth(orjson.loads(header)), "the inference request")
+        doc = _object(check_depth(orjson.loads(header), source=header), "the inference request")
     except orjson.JSONDecodeError as e:
         raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
     _check_keys(doc, _REQUEST_KEYS, "the inference request")
