@@ -33,9 +33,17 @@ DEFAULT_CAP_BYTES = 6 * 1024**3
 class CappedServer:
     """``onnxserve serve ARGS`` on ephemeral loopback ports, its address space capped at ``cap_bytes``."""
 
-    def __init__(self, args: Sequence[str], cap_bytes: int = DEFAULT_CAP_BYTES, start_timeout: float = 90) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        cap_bytes: int = DEFAULT_CAP_BYTES,
+        start_timeout: float = 90,
+        data_cap_bytes: int | None = None,
+    ) -> None:
         def cap() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+            if data_cap_bytes is not None:  # also caps the JSON decoding workers (offload.WORKER_DATA_BYTES)
+                resource.setrlimit(resource.RLIMIT_DATA, (data_cap_bytes, data_cap_bytes))
 
         command = [*ONNXSERVE, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
@@ -113,9 +121,13 @@ class CappedServer:
         self.stop()
 
 
-def serve_capped(repository: Path, *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES) -> CappedServer:
+def serve_capped(
+    repository: Path, *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES, data_cap_bytes: int | None = None
+) -> CappedServer:
     """``CappedServer`` over a model repository folder."""
-    return CappedServer(["--model-repository", str(repository), *extra], cap_bytes=cap_bytes)
+    return CappedServer(
+        ["--model-repository", str(repository), *extra], cap_bytes=cap_bytes, data_cap_bytes=data_cap_bytes
+    )
 
 
 def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:

@@ -27,7 +27,7 @@ import requests
 from harness import CappedServer, serve_capped
 
 import models
-from onnxserve.protocols.offload import PROCESS_BYTES
+from onnxserve.protocols.offload import PROCESS_BYTES, WATCHDOG_NAME
 from waiting import wait_until
 
 PROBE_BOUND_S = 1.0  # generous: the box running the suite is shared and loaded
@@ -46,9 +46,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
 
 
 def workers(server: CappedServer) -> list[psutil.Process]:
-    """The decoding workers: the fork server's children (the server's grandchildren)."""
+    """The decoding workers: the fork server's children (the server's grandchildren), not their watchdogs."""
     process = psutil.Process(server.process.pid)
-    return [p for p in process.children(recursive=True) if p.ppid() != process.pid]
+    return [p for p in process.children(recursive=True) if p.ppid() != process.pid and p.name() != WATCHDOG_NAME]
 
 
 def v2_body(mib: float, tail: bytes = b"") -> tuple[bytes, float]:

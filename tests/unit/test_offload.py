@@ -9,9 +9,10 @@ import numpy as np
 import orjson
 import pytest
 
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols import offload
 from onnxserve.protocols.openai import codec as openai
+from onnxserve.protocols.public_errors import public_message
 from onnxserve.protocols.v2_rest import codec as v2
 
 LARGE = offload.PROCESS_BYTES + 1024
@@ -53,3 +54,20 @@ def test_an_error_raised_in_the_worker_keeps_its_type_message_and_parameter() ->
     finally:
         offload.shutdown()
     assert [(type(e), e.message, e.param) for e in errors] == [(openai.ParameterError, errors[0].message, "bogus")] * 2
+
+
+def _kinds(base: type[OnnxServeError]) -> list[type[OnnxServeError]]:
+    found = [base]
+    for kind in base.__subclasses__():
+        found += _kinds(kind)
+    return found
+
+
+@pytest.mark.parametrize("kind", _kinds(OnnxServeError), ids=lambda k: k.__name__)
+def test_every_error_kind_a_worker_sends_back_is_rebuilt_with_its_message(kind: type[OnnxServeError]) -> None:
+    # a worker that runs out of memory sends its refusal with no state of the error's own
+    rebuilt = offload._Refusal(kind, "what went wrong", {}).error()
+    assert type(rebuilt) is kind
+    assert rebuilt.message == "what went wrong"
+    assert public_message(rebuilt) == "what went wrong"
+    assert str(rebuilt) == "what went wrong"

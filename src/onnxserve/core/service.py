@@ -21,6 +21,7 @@ them (else "", so that clients cannot grow the label sets without bound).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from typing import Any
 
 from tokenizers import Encoding
 
-from onnxserve.core import chunking, datatypes
+from onnxserve.core import chunking, datatypes, request_deadline
 from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
@@ -175,17 +176,20 @@ class InferenceCall:
         self.counted = False
         self.large = False  # it held a large request or answer: give memory back when it ends
         self._token: Token[InferenceCall | None] | None = None
+        self._clock = contextlib.ExitStack()
 
     def target(self, model: str, version: str) -> None:
         self.model, self.version = model, version
 
     async def __aenter__(self) -> InferenceCall:
         self._token = _current_call.set(self)
+        self._clock.enter_context(request_deadline.counting(self.service.request_timeout))
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
+        self._clock.close()
         if self._token is not None:
             _current_call.reset(self._token)
         if isinstance(error, Exception) and not self.counted:
@@ -380,7 +384,8 @@ class InferenceService:
             if call is not None:
                 work.client = call.client
             tokenize_ns = 0
-            async with asyncio.timeout(limit) as deadline:
+            # the server's limit counts from the request's arrival: decoding its body took some of it
+            async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:
                 if work.text is None:
                     scheduled = await chunking.submit(model, work)  # in chunks when it is above the token budget
                 elif _tokenizes_inline(work.text):

@@ -13,14 +13,19 @@ loop cannot run meanwhile. :func:`parse` is the one door every JSON codec decode
 least :data:`PROCESS_BYTES` is parsed and decoded to the internal request in a worker process (at most
 :data:`PROCESSES` at once, started on first use from a fork server), which hands back numpy arrays
 (pickled, a copy of their bytes) and domain errors as the same errors with the same messages. A worker
-that runs out of memory or dies refuses the bodies it was decoding with :func:`worker_lost`
-(RESOURCE_EXHAUSTED: 503 + Retry-After); the pool is replaced and later bodies are decoded as usual.
+that runs out of memory or dies refuses the body it was decoding with :func:`worker_lost`
+(RESOURCE_EXHAUSTED: 503 + Retry-After); the worker is replaced and later bodies are decoded as usual.
+The wait for a worker and the decode count against the request's time limit (``core.request_deadline``):
+a body whose time passes (:func:`decode_timed_out`) or whose client leaves has its worker killed and
+replaced, so no worker keeps decoding a body nobody waits for. Each worker is killed by its watchdog
+process when the server exits, even in the middle of a parse.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ctypes
 import functools
 import logging
 import multiprocessing
@@ -37,7 +42,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from onnxserve.errors import OnnxServeError, ResourceExhaustedError
+from onnxserve.core import request_deadline
+from onnxserve.errors import DeadlineExceededError, InvalidInputError, OnnxServeError, ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +117,31 @@ def worker_lost(reason: str) -> ResourceExhaustedError:
     )
 
 
+def decode_timed_out() -> DeadlineExceededError:
+    return DeadlineExceededError(
+        "the request's time limit (--request-timeout) passed while its large JSON body waited for a decoding "
+        "worker or was being decoded; the body was dropped and its worker stopped"
+    )
+
+
+MAX_CONTAINERS = 4 * 1024 * 1024
+"""The most ``[`` and ``{`` bytes a body decoded in a worker may hold (counted, not parsed, so those inside
+strings count too). Each becomes a Python list or dict of 70 to 250 bytes: a 60 MB body of 20 million
+empty lists would take the worker past :data:`WORKER_DATA_BYTES`, where it crawls for minutes in failing
+allocations instead of running out of memory. A tensor's ``data`` may be sent flat (its shape says how it
+nests), so honest bodies stay far below this."""
+
+
+def check_containers(body: bytes) -> None:
+    """InvalidInputError when ``body`` holds more than :data:`MAX_CONTAINERS` opening brackets and braces."""
+    count = body.count(b"[") + body.count(b"{")
+    if count > MAX_CONTAINERS:
+        raise InvalidInputError(
+            f"the JSON body holds {count} arrays and objects ('[' and '{{'); at most {MAX_CONTAINERS} are "
+            "decoded: send tensor data as flat lists (the shape gives their nesting)"
+        )
+
+
 @dataclass(frozen=True)
 class _Refusal:
     """A domain error raised in a worker, in a form that always pickles (some errors take other
@@ -123,6 +154,7 @@ class _Refusal:
     def error(self) -> OnnxServeError:
         error = self.kind.__new__(self.kind)
         Exception.__init__(error, self.message)
+        error.message = self.message  # whatever the state holds: every error answers with its message
         error.__dict__.update(self.state)
         return error
 
@@ -160,37 +192,76 @@ def _in_worker(
     work: Callable[..., R], body: bytes | _Shared, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> R | _Refusal:
     try:
-        return work(body.read() if isinstance(body, _Shared) else body, *args, **kwargs)
+        data = body.read() if isinstance(body, _Shared) else body
+        check_containers(data)
+        return work(data, *args, **kwargs)
     except OnnxServeError as e:
+        if _PARSER_OUT_OF_MEMORY in e.message:  # the codecs name it a JSON error: it is this worker's memory
+            return _out_of_memory()
         return _Refusal(type(e), e.message, dict(vars(e)))
     except (MemoryError, SystemError):  # orjson reports a failed allocation as a SystemError
-        return _Refusal(ResourceExhaustedError, worker_lost("ran out of memory").message, {})
+        return _out_of_memory()
+
+
+_PARSER_OUT_OF_MEMORY = "Not enough memory to allocate buffer for parsing"
+"""orjson's JSONDecodeError when its parse buffer cannot be allocated (proportional to the body's values)."""
+
+
+def _out_of_memory() -> _Refusal:
+    return _Refusal(ResourceExhaustedError, worker_lost("ran out of memory").message, {})
 
 
 _MEMFD = sys.platform == "linux" and hasattr(os, "memfd_create")
 
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+WATCHDOG_NAME = "onnxserve-watch"
+"""The process name of a worker's watchdog (``/proc/PID/comm``)."""
+
 
 def _start_worker(server: int) -> None:
     """In each worker: leave Ctrl-C to the server, cap its memory at :data:`WORKER_DATA_BYTES`, and exit
-    when the server does, even when it is killed (a worker's queue never ends on its own: it holds both
-    ends of its pipe, and the fork server's)."""
+    when the server does, even when it is killed in the middle of a parse (a worker's queue never ends on
+    its own: it holds both ends of its pipe, and the fork server's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     cap = WORKER_DATA_BYTES if hard == resource.RLIM_INFINITY else min(hard, WORKER_DATA_BYTES)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
-    threading.Thread(target=_exit_with, args=(server,), name="onnxserve-server-watch", daemon=True).start()
+    if not _start_watchdog(server):
+        threading.Thread(target=_exit_with, args=(server,), name="onnxserve-server-watch", daemon=True).start()
+
+
+def _start_watchdog(server: int) -> bool:
+    """Fork a watchdog that kills this worker once ``server`` has exited (Linux; False elsewhere).
+
+    A thread in the worker cannot do it: a parse in C holds the interpreter lock for minutes at worst.
+    The watchdog is a separate process that needs no lock of the worker's; the kernel ends it when the
+    worker ends (``PR_SET_PDEATHSIG``), so a replaced worker leaves nothing behind."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        watched = os.pidfd_open(server)
+    except (AttributeError, OSError):  # not Linux, or the server is gone already
+        return False
+    worker = os.getpid()
+    child = os.fork()
+    if child:
+        os.close(watched)
+        return True
+    try:  # the watchdog: only system calls from here on, then _exit
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_NAME, WATCHDOG_NAME.encode("ascii"))
+        os.closerange(0, watched)
+        os.closerange(watched + 1, 65536)
+        if os.getppid() == worker:  # else the worker is gone already
+            select.select([watched], [], [])  # readable once the server has exited
+            os.kill(worker, signal.SIGKILL)
+    finally:
+        os._exit(0)
 
 
 def _exit_with(server: int) -> None:
-    try:
-        watched = os.pidfd_open(server)
-    except (AttributeError, OSError):  # not Linux, or the server is gone already
-        watched = -1
-    if watched >= 0:
-        select.select([watched], [], [])  # readable once the server has exited
-    else:
-        while _running(server):
-            time.sleep(1)
+    while _running(server):
+        time.sleep(1)
     os._exit(0)
 
 
@@ -204,58 +275,122 @@ def _running(pid: int) -> bool:
     return True
 
 
-class _ProcessPool:
-    """The worker processes: started on first use, replaced when one dies, stopped at shutdown."""
+class _Worker:
+    """One worker process (a pool of one), so the body it decodes can be stopped alone."""
 
     def __init__(self) -> None:
-        self._executor: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()  # servers in tests share a process, each on its own loop thread
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(_PRELOAD))
+        self._executor = ProcessPoolExecutor(1, context, initializer=_start_worker, initargs=(os.getpid(),))
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def submit(
+        self, work: Callable[..., R], body: bytes | _Shared, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Future[R | _Refusal]:
+        """Hand the body over (in a codec thread: the first call starts the process, and the first of all
+        the fork server, seconds of waiting for them to import)."""
+        with self._lock:
+            if self._stopped:
+                raise BrokenProcessPool("the worker was stopped")
+            return self._executor.submit(_in_worker, work, body, args, kwargs)
+
+    def stop(self) -> None:
+        """Kill the process, whatever it is doing (a body nobody waits for any more), and let it go."""
+        with self._lock:
+            self._stopped = True
+            for process in list((self._executor._processes or {}).values()):
+                process.kill()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Let an idle worker go: it exits once it has nothing left to do."""
+        with self._lock:
+            self._stopped = True
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _ProcessPool:
+    """The worker processes: started on first use, replaced when one dies or is stopped, stopped at shutdown.
+
+    At most :data:`PROCESSES` bodies are decoded at once per event loop (servers in tests share a process,
+    each on its own loop thread); a body waits for a free worker within its request's time limit, and a
+    body whose client left or whose time ran out has its worker killed and replaced."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._busy: set[_Worker] = set()
         self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
-    def _current(self) -> ProcessPoolExecutor:
+    def _take(self) -> _Worker:
         with self._lock:
-            if self._executor is None:
-                context = multiprocessing.get_context("forkserver")
-                context.set_forkserver_preload(list(_PRELOAD))
-                self._executor = ProcessPoolExecutor(
-                    PROCESSES, context, initializer=_start_worker, initargs=(os.getpid(),)
-                )
-            return self._executor
+            worker = self._idle.pop() if self._idle else _Worker()
+            self._busy.add(worker)
+            return worker
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _done(self, worker: _Worker, finished: bool) -> None:
+        """``worker`` is free again (``finished``: its body was decoded), else stopped and replaced."""
         with self._lock:
-            if self._executor is broken:
-                self._executor = None
-        broken.shutdown(wait=False, cancel_futures=True)
+            known = worker in self._busy
+            self._busy.discard(worker)
+            keep = finished and known and len(self._idle) < PROCESSES
+            if keep:
+                self._idle.append(worker)
+        if keep:
+            return
+        if finished:
+            worker.close()
+        else:  # killing may wait for a submission in flight: not on the event loop
+            threading.Thread(target=worker.stop, name="onnxserve-worker-stop", daemon=True).start()
 
     async def run(self, work: Callable[..., R], body: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         loop = asyncio.get_running_loop()
         slots = self._slots.setdefault(loop, asyncio.Semaphore(PROCESSES))
-        async with slots:  # bodies wait here, not pickled in the pool's queue
-            shared = await loop.run_in_executor(_executor(), _share, body) if _MEMFD else None
-            executor = self._current()
-            try:
-                # Submitting may start a worker, and the first one the fork server: seconds of waiting for
-                # them to import, done in a codec thread.
-                submit = functools.partial(executor.submit, _in_worker, work, shared or body, args, kwargs)
-                future: Future[R | _Refusal] = await loop.run_in_executor(_executor(), submit)
-                result = await asyncio.wrap_future(future)
-            except BrokenProcessPool:
-                log.warning("a JSON decoding worker died; its bodies are refused and the workers replaced")
-                self._replace(executor)
-                raise worker_lost("stopped (killed, or out of memory)") from None
-            finally:
-                if shared is not None:
-                    os.close(shared.fd)
+        try:
+            async with asyncio.timeout(request_deadline.seconds_left()) as limit:
+                async with slots:  # bodies wait here, not pickled in a queue
+                    result = await self._decode(loop, work, body, args, kwargs)
+        except TimeoutError:
+            if not limit.expired():
+                raise
+            raise decode_timed_out() from None
         if isinstance(result, _Refusal):
             raise result.error()
         return result
 
+    async def _decode(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        work: Callable[..., R],
+        body: bytes,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R | _Refusal:
+        shared = await loop.run_in_executor(_executor(), _share, body) if _MEMFD else None
+        worker = self._take()
+        finished = False
+        try:
+            submit = functools.partial(worker.submit, work, shared or body, args, kwargs)
+            future: Future[R | _Refusal] = await loop.run_in_executor(_executor(), submit)
+            result = await asyncio.wrap_future(future)
+            finished = True
+            return result
+        except BrokenProcessPool:
+            log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
+            raise worker_lost("stopped (killed, or out of memory)") from None
+        finally:
+            # not finished: it died, or its client left, or the time ran out (the worker may be busy)
+            self._done(worker, finished)
+            if shared is not None:
+                os.close(shared.fd)
+
     def shutdown(self) -> None:
         with self._lock:
-            executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+            workers = [*self._idle, *self._busy]
+            self._idle, self._busy = [], set()
+        for worker in workers:
+            worker.close()
 
 
 _PRELOAD = (

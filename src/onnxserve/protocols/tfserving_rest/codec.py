@@ -27,6 +27,7 @@ from onnxserve.core.types import (
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import json_size
+from onnxserve.protocols.entry_count import check_entries
 from onnxserve.protocols.json_depth import check_depth, too_deep
 from onnxserve.protocols.tfserving_rest import answer, values
 
@@ -184,6 +185,7 @@ def _named(value: Any) -> bool:
 
 def _decode_inputs(value: Any, meta: ModelMetadata) -> list[Tensor]:
     if _named(value):
+        check_entries(value, "'inputs'")
         return [_tensor(meta, name, item, "") for name, item in value.items()]
     if values.holds_text(value) and len(meta.inputs) != 1:
         return [_tensor(meta, TEXT_INPUT, value, "")]  # bare text for a model with a tokenizer
@@ -211,6 +213,7 @@ def _decode_instances(rows: Any, meta: ModelMetadata) -> list[Tensor]:
     for i, row in enumerate(rows):
         if not _named(row):
             raise InvalidInputError(f"instance {i} is not an object {{input name: value}} like instance 0")
+        check_entries(row, f"instance {i}")
         if set(row) != set(names):
             raise InvalidInputError(
                 f"instance {i} has inputs {sorted(row)} but instance 0 has {sorted(names)}; every instance "
@@ -349,12 +352,14 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
     examples = doc.get("examples")
     if not isinstance(context, dict):
         raise InvalidInputError("'context' must be an object of features")
+    check_entries(context, "'context'")
     if not isinstance(examples, list) or not examples:
         raise InvalidInputError("'examples' must be a non-empty list of objects {feature: text}")
     texts = []
     for i, example in enumerate(examples):
         if not isinstance(example, dict):
             raise InvalidInputError(f"example {i} must be an object {{feature: text}}")
+        check_entries(example, f"example {i}")
         features = {**context, **example}
         value = features.get(TEXT_INPUT) if TEXT_INPUT in features else None
         if value is None and len(features) == 1:

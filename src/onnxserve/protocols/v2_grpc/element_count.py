@@ -13,13 +13,14 @@ from collections.abc import Iterator
 
 from onnxserve.core import wire
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols.entry_count import MAX_ENTRIES
 
 _INPUTS = 5  # ModelInferRequest.inputs
 _NAME = 1  # InferInputTensor.name
 _CONTENTS = 5  # InferInputTensor.contents
 _BYTES_CONTENTS = 8  # InferTensorContents.bytes_contents
 _LENGTH_DELIMITED = 2
-MAX_FIELDS = 65536
+MAX_FIELDS = MAX_ENTRIES
 """The most length-delimited entries a request or one of its inputs may hold (inputs, outputs, parameters...)."""
 
 

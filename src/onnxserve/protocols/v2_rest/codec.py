@@ -23,6 +23,7 @@ from onnxserve.core.types import (
 )
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import json_size
+from onnxserve.protocols.entry_count import check_entries
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.protocols.v2_rest import tensors
@@ -63,6 +64,7 @@ def _parameters(doc: Mapping[str, Any], what: str) -> dict[str, Any]:
     params = doc.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInputError(f"'parameters' of {what} must be a JSON object")
+    check_entries(params, f"'parameters' of {what}")
     return params
 
 
@@ -86,6 +88,7 @@ def decode_infer_request(
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInputError("the inference request needs 'inputs': a non-empty list of tensors")
+    check_entries(raw_inputs, "'inputs' of the inference request")
     inputs: list[Tensor] = []
     offset = 0
     for i, raw in enumerate(raw_inputs):
@@ -145,6 +148,7 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
         return None, [], []
     if not isinstance(raw, list):
         raise InvalidInputError("'outputs' must be a list of {\"name\": ...} objects")
+    check_entries(raw, "'outputs' of the inference request")
     names: list[str] = []
     binary: list[str] = []
     json: list[str] = []

@@ -1,0 +1,232 @@
+"""The JSON decoding workers are bounded (issue 14, outside attack rt4, findings 3 and 4).
+
+A large JSON body is decoded in a worker process (``offload``). The attack found: a worker that ran out
+of memory answered 500 (its error came back without a message); a 60 MB body of 20 million empty lists
+made a worker crawl at its memory cap for minutes, past ``--request-timeout`` and after its client had
+gone, so two such bodies kept honest large bodies waiting; workers outlived a killed server; V2 REST took
+a million inputs and millions of parameter keys. Asserted against real servers under memory caps: each
+of these is refused with its documented status and message, the worker concerned is stopped, and the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+import requests
+from harness import CappedServer, serve_capped
+
+import models
+from onnxserve.protocols.entry_count import MAX_ENTRIES
+from onnxserve.protocols.offload import PROCESS_BYTES, WATCHDOG_NAME
+from waiting import wait_until
+
+MIB = 1024 * 1024
+V2 = "/v2/models/total/infer"
+TFS = "/v1/models/total:predict"
+TOO_MANY = f"at most {MAX_ENTRIES} in any list or object"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root: Path = tmp_path_factory.mktemp("json-workers")
+    models.write_version(root, "total", 1, models.total_model())
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[CappedServer]:
+    with serve_capped(repo) as running:
+        yield running
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def descendants(server: CappedServer) -> list[psutil.Process]:
+    return [p for p in psutil.Process(server.process.pid).children(recursive=True) if _alive(p)]
+
+
+def workers(server: CappedServer) -> list[psutil.Process]:
+    """The decoding workers (the fork server's children) and their watchdogs."""
+    return [p for p in descendants(server) if p.ppid() != server.process.pid]
+
+
+def post(server: CappedServer, path: str, body: bytes) -> requests.Response:
+    return requests.post(server.http_url + path, data=body, headers={"Content-Type": "application/json"}, timeout=300)
+
+
+def small_sum(server: CappedServer) -> float:
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.5]}]}
+    response = requests.post(server.http_url + V2, json=doc, timeout=60)
+    assert response.status_code == 200, response.text
+    return float(response.json()["outputs"][0]["data"][0])
+
+
+def flat_v2_body(count: int, value: bytes = b"0.1234567") -> bytes:
+    data = b",".join([value] * count)
+    return b'{"inputs":[{"name":"x","datatype":"FP32","shape":[%d],"data":[%s]}]}' % (count, data)
+
+
+def tfs_nan_body(mib: float) -> bytes:
+    count = int(mib * MIB) // 11
+    return b'{"inputs": [NaN' + b", 0.1234567" * (count - 1) + b"]}"
+
+
+# --- finding 3a: a worker's refusal keeps its kind and message ------------------------------------------
+
+
+def test_a_worker_out_of_memory_answers_503_with_its_message(repo: Path) -> None:
+    # the server's data segment capped at 1 GiB caps its workers there too (offload.WORKER_DATA_BYTES)
+    with serve_capped(repo, "--max-request-bytes", str(200 * MIB), data_cap_bytes=1024 * MIB) as server:
+        body = flat_v2_body(30_000_000, b"1e1")  # 120 MB: 30 M floats, over a gigabyte as Python objects
+        refused = post(server, V2, body)
+        assert refused.status_code == 503, refused.text[:300]
+        assert "the worker decoding this large JSON body ran out of memory" in refused.json()["error"]
+        assert refused.headers["Retry-After"] == "1"
+        assert "AttributeError" not in server.log()
+        assert small_sum(server) == 6.5
+        ok = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
+        assert ok.status_code == 200, ok.text[:300]
+
+
+# --- finding 3b: the decode is bounded in time, by its client and in size ------------------------------
+
+
+def test_the_request_timeout_covers_the_decode_and_stops_its_worker(repo: Path) -> None:
+    with serve_capped(repo, "--request-timeout", "0.5") as server:
+        late = post(server, TFS, tfs_nan_body(60))  # seconds of parsing (NaN: the standard parser)
+        assert late.status_code == 504, late.text[:300]
+        assert "passed while its large JSON body waited for a decoding worker or was being decoded" in late.text
+        wait_until(lambda: workers(server) == [], timeout=60, what="the timed-out body's worker to be stopped")
+        assert small_sum(server) == 6.5
+        assert server.alive()
+
+
+def test_a_client_that_leaves_has_its_worker_stopped(server: CappedServer) -> None:
+    body = tfs_nan_body(60)
+    head = (
+        f"POST {TFS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    before = {p.pid for p in workers(server)}
+    with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
+        sock.sendall(head.encode("ascii") + body)
+        wait_until(lambda: {p.pid for p in workers(server)} - before != set(), timeout=60, what="a worker")
+        busy = [p for p in workers(server) if p.pid not in before]
+    # gone, not merely idle: a finished worker would stay for the next body
+    wait_until(lambda: not any(_alive(p) for p in busy), timeout=60, what="the left body's worker to be stopped")
+    assert small_sum(server) == 6.5
+    assert server.alive()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (V2, b'{"inputs":[{"name":"x","datatype":"FP32","shape":[0],"data":[' + b"[]," * 5_000_000 + b"[]]}]}"),
+        (TFS, b'{"instances":[NaN' + b",{}" * 5_000_000 + b"]}"),
+    ],
+    ids=["v2-empty-lists", "tfs-empty-objects"],
+)
+def test_a_body_of_millions_of_empty_containers_is_refused_before_parsing(
+    server: CappedServer, path: str, body: bytes
+) -> None:
+    refused = post(server, path, body)
+    assert refused.status_code == 400, refused.text[:300]
+    assert "arrays and objects ('[' and '{'); at most 4194304 are decoded" in refused.json()["error"]
+    assert small_sum(server) == 6.5
+
+
+# --- finding 3c: workers die with the server -------------------------------------------------------------
+
+
+def test_workers_die_with_a_killed_server_even_when_they_cannot_run(repo: Path) -> None:
+    with serve_capped(repo) as server:
+        served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
+        assert served.status_code == 200, served.text[:300]
+        started = descendants(server)  # the fork server, the resource tracker, a worker and its watchdog
+        decoding = [p for p in workers(server) if p.name() != WATCHDOG_NAME]
+        assert decoding
+        for process in decoding:
+            os.kill(process.pid, signal.SIGSTOP)  # like a parse in C: no Python thread of the worker runs
+        server.process.kill()
+        server.process.wait(timeout=30)
+        try:
+            wait_until(lambda: not any(_alive(p) for p in started), timeout=60, what="the workers to exit")
+        finally:
+            for process in started:
+                if _alive(process):
+                    process.kill()
+
+
+# --- finding 4: entries per list or object ---------------------------------------------------------------
+
+
+def _v2_inputs(count: int) -> bytes:
+    item = b'{"name":"x%d","datatype":"FP32","shape":[1],"data":[1]}'
+    return b'{"inputs":[' + b",".join(item % i for i in range(count)) + b"]}"
+
+
+def _v2_with(**extra: object) -> bytes:
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}], **extra}
+    return orjson.dumps(doc)
+
+
+MANY = {f"k{i}": 1 for i in range(MAX_ENTRIES + 1)}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        (V2, _v2_inputs(MAX_ENTRIES + 1), "'inputs' of the inference request holds 65537 entries"),
+        (V2, _v2_inputs(1_000_000), "'inputs' of the inference request holds 1000000 entries"),
+        (V2, _v2_with(parameters=MANY), "'parameters' of the inference request holds 65537 entries"),
+        (V2, _v2_with(outputs=[{"name": "total"}] * (MAX_ENTRIES + 1)), "'outputs' of the inference request"),
+        (
+            V2,
+            orjson.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1], "parameters": MANY}]}
+            ),
+            "'parameters' of input 'x' holds 65537 entries",
+        ),
+        (V2, _v2_with(outputs=[{"name": "total", "parameters": MANY}]), "'parameters' of output 'total' holds"),
+        (TFS, orjson.dumps({"inputs": {f"x{i}": [1.0] for i in range(MAX_ENTRIES + 1)}}), "'inputs' holds 65537"),
+        (TFS, orjson.dumps({"instances": [{f"x{i}": 1.0 for i in range(MAX_ENTRIES + 1)}]}), "instance 0 holds"),
+    ],
+    ids=[
+        "v2-inputs",
+        "v2-million-inputs",
+        "v2-parameters",
+        "v2-outputs",
+        "v2-input-parameters",
+        "v2-output-parameters",
+        "tfs-inputs",
+        "tfs-instance-keys",
+    ],
+)
+def test_more_than_max_entries_in_a_list_or_object_is_refused(
+    server: CappedServer, path: str, body: bytes, message: str
+) -> None:
+    refused = post(server, path, body)
+    assert refused.status_code == 400, refused.text[:300]
+    error = refused.json()["error"]
+    assert message in error, error[:300]
+    assert TOO_MANY in error
+    assert small_sum(server) == 6.5
+
+
+def test_max_entries_inputs_are_not_refused_for_their_count(server: CappedServer) -> None:
+    answer = post(server, V2, _v2_inputs(MAX_ENTRIES))
+    assert answer.status_code == 400, answer.text[:300]
+    assert "unknown input 'x0'" in answer.json()["error"]  # decoded: the model names its only input 'x'
