@@ -8,21 +8,18 @@ for a decoding worker and take seconds to decode before the model sees it. The s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 _deadline: ContextVar[float | None] = ContextVar("onnxserve_request_deadline", default=None)
 
 
-@contextmanager
-def counting(limit_s: float) -> Iterator[None]:
-    """Within this block the request has ``limit_s`` seconds from now (0: no limit)."""
-    token = _deadline.set(time.monotonic() + limit_s if limit_s > 0 else None)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+def start(limit_s: float) -> Token[float | None]:
+    """From now until :func:`stop`, the request has ``limit_s`` seconds (0: no limit)."""
+    return _deadline.set(time.monotonic() + limit_s if limit_s > 0 else None)
+
+
+def stop(token: Token[float | None]) -> None:
+    _deadline.reset(token)
 
 
 def seconds_left() -> float | None:

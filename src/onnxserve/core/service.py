@@ -21,7 +21,6 @@ them (else "", so that clients cannot grow the label sets without bound).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -176,20 +175,21 @@ class InferenceCall:
         self.counted = False
         self.large = False  # it held a large request or answer: give memory back when it ends
         self._token: Token[InferenceCall | None] | None = None
-        self._clock = contextlib.ExitStack()
+        self._clock: Token[float | None] | None = None
 
     def target(self, model: str, version: str) -> None:
         self.model, self.version = model, version
 
     async def __aenter__(self) -> InferenceCall:
         self._token = _current_call.set(self)
-        self._clock.enter_context(request_deadline.counting(self.service.request_timeout))
+        self._clock = request_deadline.start(self.service.request_timeout)
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._clock.close()
+        if self._clock is not None:
+            request_deadline.stop(self._clock)
         if self._token is not None:
             _current_call.reset(self._token)
         if isinstance(error, Exception) and not self.counted:
