@@ -41,10 +41,23 @@ value); one that quotes a 10 MB value whole would make a small body a large answ
 above grpc's metadata limit), so every message is cut here, whichever check wrote it."""
 
 
+LOGGED_CLIENT_CHARACTERS = 300
+"""The most of a client error's message its log line quotes: such a message quotes what the client sent
+(a path-like name of 1,000 characters made a WARNING line of 2,000, the answer and the message), so the
+line shows what was hidden near the start, cut like any client text (``core.client_text.clipped``)."""
+
+
 def public_message(error: OnnxServeError) -> str:
-    """The message a client may see; the full one is logged when it differs or the server is at fault."""
+    """The message a client may see; the message is logged when a path was hidden from it (a client error's
+    cut to ``LOGGED_CLIENT_CHARACTERS``) or the server is at fault (as it is, up to the answer's limit)."""
     cut = clipped(error.message, MAX_MESSAGE_CHARACTERS)
     public = redact_paths(cut)
-    if public != cut or error.kind in _SERVER_FAULTS:
+    if error.kind in _SERVER_FAULTS:
         log.warning("%s error answered as %r: %s", error.kind.value, public, cut)
+    elif public != cut:
+        log.warning(
+            "%s error answered with a path hidden: %r",
+            error.kind.value,
+            clipped(error.message, LOGGED_CLIENT_CHARACTERS),
+        )
     return public
