@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from onnxserve.core.client_text import LOGGED_CHARACTERS
 from onnxserve.core.observe import ExecutionRecord, Observers, RequestRecord, VersionRecord
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
@@ -22,7 +23,7 @@ from onnxserve.core.types import InferenceRequest
 from onnxserve.errors import ErrorKind, InvalidInputError
 from onnxserve.protocols import context
 from onnxserve.protocols.http import RequestIdMiddleware, guarded
-from onnxserve.protocols.public_errors import LOGGED_CLIENT_CHARACTERS, public_message
+from onnxserve.protocols.public_errors import public_message
 from onnxserve.server.logs import JsonFormatter, RequestIdFilter, TextFormatter
 from onnxserve.server.metrics import Metrics
 
@@ -266,4 +267,4 @@ def test_a_client_error_with_a_path_is_logged_once_and_clipped(caplog: pytest.Lo
     assert "/etc/passwd" not in public
     (line,) = [r.getMessage() for r in caplog.records]
     assert "/etc/passwd/AAA" in line  # the operator sees what was hidden
-    assert len(line) < LOGGED_CLIENT_CHARACTERS + 100
+    assert len(line) < LOGGED_CHARACTERS + 100

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
-from onnxserve.core.client_text import clipped
+from onnxserve.core.client_text import clipped, logged
 from onnxserve.errors import ErrorKind, OnnxServeError
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,9 @@ value); one that quotes a 10 MB value whole would make a small body a large answ
 above grpc's metadata limit), so every message is cut here, whichever check wrote it."""
 
 
-LOGGED_CLIENT_CHARACTERS = 300
-"""The most of a client error's message its log line quotes: such a message quotes what the client sent
-(a path-like name of 1,000 characters made a WARNING line of 2,000, the answer and the message), so the
-line shows what was hidden near the start, cut like any client text (``core.client_text.clipped``)."""
-
-
 def public_message(error: OnnxServeError) -> str:
     """The message a client may see; the message is logged when a path was hidden from it (a client error's
-    cut to ``LOGGED_CLIENT_CHARACTERS``) or the server is at fault (as it is, up to the answer's limit)."""
+    quoting client text, cut as log lines quote it) or the server is at fault (as it is, up to the answer's limit)."""
     cut = clipped(error.message, MAX_MESSAGE_CHARACTERS)
     public = redact_paths(cut)
     if error.kind in _SERVER_FAULTS:
@@ -58,6 +52,6 @@ def public_message(error: OnnxServeError) -> str:
         log.warning(
             "%s error answered with a path hidden: %r",
             error.kind.value,
-            clipped(error.message, LOGGED_CLIENT_CHARACTERS),
+            logged(error.message),
         )
     return public
