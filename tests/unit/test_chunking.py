@@ -49,3 +49,11 @@ def test_the_joined_size_is_computed_from_the_shapes_before_joining() -> None:
     assert joined_bytes(parts) == _concatenate(parts).nbytes == 4 * 7 * 5 * 4
     strings = [np.array([[b"ab", b"c"]], dtype=object), np.array([[b"x", b"y", b"zz"]], dtype=object)]
     assert joined_bytes(strings) == payload_bytes(_concatenate(strings))
+
+
+def test_padding_of_a_bytes_output_is_counted_as_empty_elements() -> None:
+    limits = _Limits("m", 10**9, rows=2, widest=4)
+    limits.count({"tokens": np.array([[b"abcdef"]], dtype=object)}, 1, longest=1)
+    joined = _concatenate([np.array([[b"abcdef"]], dtype=object), np.array([[b"", b"", b"", b""]], dtype=object)])
+    assert limits.bytes == payload_bytes(joined[:1])
+    assert limits.elements == joined[:1].size

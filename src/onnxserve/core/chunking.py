@@ -127,10 +127,10 @@ class _Limits:
         at least as much as the rows counted so far, so the chunks still to run are not run for an answer
         that would be refused."""
         self.counted_rows += rows
-        scale = [_joined_scale(array, longest, self.widest) for array in outputs.values()]
+        widened = [_joined_padding(array, longest, self.widest) for array in outputs.values()]
         self.elements += sum(
-            int(array.size) * up // down
-            for array, (up, down) in zip(outputs.values(), scale, strict=True)
+            int(array.size) + padding
+            for array, padding in zip(outputs.values(), widened, strict=True)
             if array.dtype == object
         )
         if self.elements > MAX_BYTES_ELEMENTS:
@@ -140,19 +140,25 @@ class _Limits:
             )
         if self.max_bytes > 0:
             self.bytes += sum(
-                payload_bytes(array) * up // down for array, (up, down) in zip(outputs.values(), scale, strict=True)
+                payload_bytes(array) + padding * _padded_element_bytes(array)
+                for array, padding in zip(outputs.values(), widened, strict=True)
             )
             projected = self.bytes * self.rows // max(1, self.counted_rows)
             if projected > self.max_bytes:
                 raise response_too_large(self.model, projected, self.max_bytes, at_least=True)
 
 
-def _joined_scale(array: npt.NDArray[Any], longest: int, widest: int) -> tuple[int, int]:
-    """How much larger a chunk's output gets once joined (a ratio): a token-level one (dimension 1 the
-    chunk's longest row's tokens) is padded to the request's longest row."""
+def _joined_padding(array: npt.NDArray[Any], longest: int, widest: int) -> int:
+    """The elements a chunk's output gains once joined: a token-level one (dimension 1 the chunk's longest
+    row's tokens) is padded to the request's longest row."""
     if array.ndim >= 2 and 0 < longest < widest and array.shape[1] == longest:
-        return widest, longest
-    return 1, 1
+        return int(array.size) // longest * (widest - longest)
+    return 0
+
+
+def _padded_element_bytes(array: npt.NDArray[Any]) -> int:
+    """The bytes one padding element takes: a zero, or an empty BYTES element."""
+    return BYTES_ELEMENT_OVERHEAD if array.dtype == object else int(array.dtype.itemsize)
 
 
 def joined_bytes(parts: Sequence[npt.NDArray[Any]]) -> int:
