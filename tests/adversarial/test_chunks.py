@@ -220,3 +220,23 @@ def test_an_answer_over_the_response_limit_is_refused_after_its_first_chunk(wide
         assert "--max-response-bytes" in response.json()["error"]
         assert _executions(server, "wide") == 1
         assert server.alive()
+
+
+def test_empty_texts_then_a_long_one_are_refused_before_their_padded_join_is_built(server: CappedServer) -> None:
+    # Outside attack: 10,000 empty texts then one long text, asking for last_hidden_state (a 43 KB body). The
+    # chunks of empty texts were counted at their own 2 tokens, then joined padded to the long one's length:
+    # gigabytes built before the size check, a 500 on allocation failure, probes held 11-17 s. Now the
+    # first chunk, counted at the joined length, refuses it (over the default --max-response-bytes).
+    texts = [""] * 10_000 + _long_texts(1)
+    body = {
+        "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}],
+        "outputs": [{"name": "last_hidden_state", "parameters": {"binary_data": True}}],
+    }
+    before = _executions(server, "wide")
+    response = requests.post(f"{server.http_url}/v2/models/wide/infer", json=body, timeout=SECONDS)
+    assert response.status_code == 400, response.text[:300]
+    assert "--max-response-bytes" in response.json()["error"]
+    assert _executions(server, "wide") - before == 1  # the first chunk showed it; the others never ran
+    assert server.alive()
+    body["inputs"] = [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["", "a short one"]}]
+    assert requests.post(f"{server.http_url}/v2/models/wide/infer", json=body, timeout=SECONDS).status_code == 200

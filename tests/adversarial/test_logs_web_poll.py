@@ -142,6 +142,34 @@ def test_a_symlink_loop_or_a_deep_tree_in_a_version_folder_is_refused_and_the_po
         folder.rmdir()
 
 
+def test_a_folder_that_is_not_a_model_name_and_empty_version_folders_leave_the_poll_going(tmp_path: Path) -> None:
+    # Outside attack: a folder named "my model" refused every later reload (a new model never loaded, an
+    # ERROR each poll that did not name the folder), and at start the whole server; 20,000 empty version
+    # folders kept a core busy, one failed load every few seconds. Now the folder is skipped with one
+    # warning that names it, and an empty version folder is logged once and looked at with one lstat.
+    write_version(tmp_path, "m", 1, add_model())
+    write_version(tmp_path, "my model", 1, add_model())
+    args = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    with serve_capped(tmp_path, *args, cap_bytes=CAP) as server:
+        for version in range(2, 202):
+            (tmp_path / "m" / str(version)).mkdir()
+        write_version(tmp_path, "later", 1, add_model())  # added afterwards: the poll still loads it
+        _wait_for(lambda: requests.get(server.http_url + "/v2/models/later/ready", timeout=30).status_code == 200)
+        write_version(tmp_path, "m", 150, add_model())  # an empty folder that gets its model file loads
+        _wait_for(lambda: requests.get(server.http_url + "/v2/models/m/versions/150/ready", timeout=30).ok)
+        index = requests.post(server.http_url + "/v2/repository/index", json={}, timeout=30).json()
+        reasons = {e["version"]: e.get("reason", "") for e in index if e["name"] == "m"}
+        assert "model file not found" in reasons["2"]
+        assert "model file not found" in reasons["201"]
+        assert "my model" not in {e["name"] for e in index}
+        log = server.log()
+        assert log.count("folder 'my model' is not served") == 1, log[-3000:]
+        assert log.count("hold no model file") <= 2  # once per folder; the folders were made during a poll
+        assert "failed to load" not in log
+        assert "reload refused" not in log
+        assert server.alive()
+
+
 def _weighty_model(megabytes: int) -> onnx.ModelProto:
     """y = x + w with one FP32 initializer of ``megabytes`` MB (a model worth parsing once, not 40 times)."""
     count = megabytes * 1024 * 1024 // 4

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from onnxserve.core.client_text import LOGGED_CHARACTERS
 from onnxserve.core.observe import ExecutionRecord, Observers, RequestRecord, VersionRecord
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
@@ -22,16 +23,32 @@ from onnxserve.core.types import InferenceRequest
 from onnxserve.errors import ErrorKind, InvalidInputError
 from onnxserve.protocols import context
 from onnxserve.protocols.http import RequestIdMiddleware, guarded
+from onnxserve.protocols.public_errors import public_message
 from onnxserve.server.logs import JsonFormatter, RequestIdFilter, TextFormatter
 from onnxserve.server.metrics import Metrics
 
 
-@pytest.mark.parametrize("given", ["abc", "client id 42", "r" * 128, "~!@#$%^&*()"])
+@pytest.mark.parametrize("given", ["abc", "r" * 64, "client-42:a.b_C", "0f8fad5b-d9cb-469f-a165-70867728950e"])
 def test_usable_request_ids_are_kept(given: str) -> None:
     assert context.accept_request_id(given) == given
 
 
-@pytest.mark.parametrize("given", [None, "", "r" * 129, "tab\there", "new\nline", "caf\u00e9", " padded "])
+@pytest.mark.parametrize(
+    "given",
+    [
+        None,
+        "",
+        "r" * 65,
+        "tab\there",
+        "new\nline",
+        "caf\u00e9",
+        " padded ",
+        "client id 42",
+        "~!@#$%^&*()",
+        # Outside attack: a fake record inside the id's own log line
+        "x] ok. 2026-12-06 09:00:00,000 CRITICAL onnxserve.auth [y",
+    ],
+)
 def test_unusable_request_ids_are_replaced(given: str | None) -> None:
     replaced = context.accept_request_id(given)
     assert replaced != given
@@ -238,3 +255,16 @@ def test_a_request_the_service_counted_is_not_counted_again() -> None:
     assert b'onnxserve_requests_total{model="",protocol="test",status="not_found",version=""} 1.0' in body
     assert b'onnxserve_requests_total{model="",protocol="test",status="invalid_input",version=""} 1.0' in body
     service.close()
+
+
+def test_a_client_error_with_a_path_is_logged_once_and_clipped(caplog: pytest.LogCaptureFixture) -> None:
+    # Outside attack: a path-like name of 1,000 characters in any request made a WARNING line of about 2,000
+    # (the answer, then the message). The line quotes the client's text once, clipped as client text is.
+    name = "/etc/passwd/" + "A" * 3000
+    with caplog.at_level(logging.WARNING, logger="onnxserve.protocols.public_errors"):
+        public = public_message(InvalidInputError(f"input {name!r} is not an input of model 'm'"))
+    assert "<path>" in public
+    assert "/etc/passwd" not in public
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "/etc/passwd/AAA" in line  # the operator sees what was hidden
+    assert len(line) < LOGGED_CHARACTERS + 100

@@ -20,7 +20,9 @@ submitted never run.
 
 Limits hold over the whole request: the bytes (``max_output_bytes``) and BYTES elements of all its
 chunks' outputs together are bounded as one answer's are, counted as each chunk comes back (a chunk's
-run is bounded by them on its own), and the chunks not yet run never run once they are passed.
+run is bounded by them on its own), and the chunks not yet run never run once they are passed. A
+token-level output is counted at the length it is joined at (the request's longest row), and the joined
+answer's size is computed from the chunks' shapes before it is built.
 Statistics count the request's rows once (the service does that) and each chunk's execution (the
 scheduler does that).
 """
@@ -39,7 +41,7 @@ from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
-from onnxserve.core.types import payload_bytes
+from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, payload_bytes
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
 from onnxserve.errors import TooLargeError
 
@@ -107,31 +109,72 @@ class _Limits:
     """One request's output limits, counted over its chunks as they come back (each chunk's run is
     bounded by the whole request's limits on its own, so the request holds at most about twice them)."""
 
-    def __init__(self, model: str, max_output_bytes: int, rows: int) -> None:
+    def __init__(self, model: str, max_output_bytes: int, rows: int, widest: int = 0) -> None:
         self.model = model
         self.max_bytes = max_output_bytes
         self.rows = rows  # the whole request's
+        self.widest = widest  # the longest row's tokens, the length token-level outputs are joined at
         self.counted_rows = 0
         self.bytes = 0
         self.elements = 0
 
-    def count(self, outputs: Arrays, rows: int) -> None:
-        """Count a chunk's outputs (``rows`` of the request); refuse the request once they pass a limit, or
-        as soon as its rows so far, at their bytes per row, show the whole answer will: every later row
-        takes at least as much (token-level outputs are joined at the longest chunk's length), so the
-        chunks still to run are not run for an answer that would be refused."""
+    def count(self, outputs: Arrays, rows: int, longest: int = 0) -> None:
+        """Count a chunk's outputs (``rows`` of the request, ``longest``: its longest row's tokens); refuse the
+        request once they pass a limit, or as soon as its rows so far show the whole answer will.
+
+        A token-level output (dimension 1 the chunk's own longest row) is counted at the length it is
+        joined at, the whole request's longest row: 10,000 empty texts then one long one take, joined,
+        10,001 rows of the long one's length, which the first chunk already shows. Every later row takes
+        at least as much as the rows counted so far, so the chunks still to run are not run for an answer
+        that would be refused."""
         self.counted_rows += rows
-        self.elements += sum(int(array.size) for array in outputs.values() if array.dtype == object)
+        widened = [_joined_padding(array, longest, self.widest) for array in outputs.values()]
+        self.elements += sum(
+            int(array.size) + padding
+            for array, padding in zip(outputs.values(), widened, strict=True)
+            if array.dtype == object
+        )
         if self.elements > MAX_BYTES_ELEMENTS:
             raise TooLargeError(
                 f"model {self.model}: the outputs have more than {MAX_BYTES_ELEMENTS} BYTES elements, the most one "
                 "answer may hold (--max-response-bytes); ask for less (fewer texts, fewer outputs)"
             )
         if self.max_bytes > 0:
-            self.bytes += sum(payload_bytes(array) for array in outputs.values())
+            self.bytes += sum(
+                payload_bytes(array) + padding * _padded_element_bytes(array)
+                for array, padding in zip(outputs.values(), widened, strict=True)
+            )
             projected = self.bytes * self.rows // max(1, self.counted_rows)
             if projected > self.max_bytes:
                 raise response_too_large(self.model, projected, self.max_bytes, at_least=True)
+
+
+def _joined_padding(array: npt.NDArray[Any], longest: int, widest: int) -> int:
+    """The elements a chunk's output gains once joined: a token-level one (dimension 1 the chunk's longest
+    row's tokens) is padded to the request's longest row."""
+    if array.ndim >= 2 and 0 < longest < widest and array.shape[1] == longest:
+        return int(array.size) // longest * (widest - longest)
+    return 0
+
+
+def _padded_element_bytes(array: npt.NDArray[Any]) -> int:
+    """The bytes one padding element takes: a zero, or an empty BYTES element."""
+    return BYTES_ELEMENT_OVERHEAD if array.dtype == object else int(array.dtype.itemsize)
+
+
+def joined_bytes(parts: Sequence[npt.NDArray[Any]]) -> int:
+    """The bytes ``_concatenate(parts)`` takes, computed from the parts' shapes before anything is built
+    (a BYTES element padded in counts as an empty one)."""
+    first = parts[0]
+    if first.ndim < 2 or len({p.shape[1] for p in parts}) == 1:
+        return sum(payload_bytes(p) for p in parts)
+    longest = max(int(p.shape[1]) for p in parts)
+    rows = sum(int(p.shape[0]) for p in parts)
+    inner = int(np.prod(first.shape[2:], dtype=np.int64))
+    if first.dtype != object:
+        return rows * longest * inner * int(first.dtype.itemsize)
+    padding = sum(int(p.shape[0]) * (longest - int(p.shape[1])) * inner for p in parts)
+    return sum(payload_bytes(p) for p in parts) + padding * BYTES_ELEMENT_OVERHEAD
 
 
 async def submit(model: ModelVersion, work: Work) -> Scheduled:
@@ -140,10 +183,11 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     budget = model.chunk_tokens
     if budget <= 0 or work.rows <= 1:
         return await model.scheduler.submit(work)
-    bounds = chunk_bounds(row_lengths(model, work), budget)
+    lengths = row_lengths(model, work)
+    bounds = chunk_bounds(lengths, budget)
     if len(bounds) == 1:
         return await model.scheduler.submit(work)
-    outcome, queue_ns = await _run_chunks(model, work, bounds)
+    outcome, queue_ns = await _run_chunks(model, work, bounds, lengths)
     if any(array.ndim == 0 or array.shape[0] != work.rows for array in outcome.outputs.values()):
         # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
         # the chunks' answers cannot be joined, so the request runs whole, as it would have unchunked.
@@ -153,14 +197,16 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     return Scheduled(outcome, queue_ns, work.rows)
 
 
-async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, int]]) -> tuple[Outcome, int]:
+async def _run_chunks(
+    model: ModelVersion, work: Work, bounds: list[tuple[int, int]], lengths: Sequence[int]
+) -> tuple[Outcome, int]:
     """The chunks' joined outcome and the time they waited in the queue, in all."""
-    limits = _Limits(model.name, work.max_output_bytes, work.rows)
+    limits = _Limits(model.name, work.max_output_bytes, work.rows, max(lengths, default=0))
     outcomes: list[Outcome] = []
     queue_ns = 0
     pending = list(bounds)
     running: list[asyncio.Task[Scheduled]] = []
-    rows: list[int] = []  # of each running chunk
+    rows: list[tuple[int, int]] = []  # rows and longest row's tokens of each running chunk
     allowed = window(model)
     loop = asyncio.get_running_loop()
     try:
@@ -169,10 +215,10 @@ async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, i
                 start, stop = pending.pop(0)
                 part = _part(work, start, stop)
                 running.append(loop.create_task(model.scheduler.submit(part)))
-                rows.append(stop - start)
+                rows.append((stop - start, max(lengths[start:stop])))
             scheduled = await running.pop(0)  # in order: the answers join in the request's row order
             queue_ns += scheduled.queue_ns
-            limits.count(scheduled.outcome.outputs, rows.pop(0))
+            limits.count(scheduled.outcome.outputs, *rows.pop(0))
             outcomes.append(scheduled.outcome)
             del scheduled
     except BaseException:
@@ -182,13 +228,28 @@ async def _run_chunks(model: ModelVersion, work: Work, bounds: list[tuple[int, i
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         raise
-    return _joined(outcomes), queue_ns
+    try:
+        return _joined(outcomes, limits), queue_ns
+    finally:
+        outcomes.clear()
 
 
-def _joined(outcomes: Sequence[Outcome]) -> Outcome:
-    """The chunks' outcomes as one: outputs joined along dimension 0 in order, times and counts added."""
+def _joined(outcomes: Sequence[Outcome], limits: _Limits) -> Outcome:
+    """The chunks' outcomes as one: outputs joined along dimension 0 in order, times and counts added.
+
+    The joined size is computed from the chunks' shapes and refused over the limit before anything is
+    built; memory that cannot be had for it refuses the request (400), not the server (500)."""
     names = list(outcomes[0].outputs)
-    outputs = {name: _concatenate([o.outputs[name] for o in outcomes]) for name in names}
+    size = sum(joined_bytes([o.outputs[name] for o in outcomes]) for name in names)
+    if 0 < limits.max_bytes < size:
+        raise response_too_large(limits.model, size, limits.max_bytes)
+    try:
+        outputs = {name: _concatenate([o.outputs[name] for o in outcomes]) for name in names}
+    except MemoryError as e:
+        raise TooLargeError(
+            f"model {limits.model}: could not allocate the {size} bytes its joined answer takes; ask for less "
+            "(fewer texts, fewer outputs)"
+        ) from e
     return Outcome(
         outputs,
         sum(o.input_ns for o in outcomes),

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 SHOWN_CHARACTERS = 40
 """How much of a client's version string an error message repeats."""
+LOGGED_CHARACTERS = 300
+"""How much of a client's text (a request path, a message quoting a name) a log line repeats."""
 
 
 def clipped(text: str, limit: int = SHOWN_CHARACTERS) -> str:
     """A client-supplied string cut to ``limit`` characters for an error message (with how long it was)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def logged(text: str) -> str:
+    """Client text as a log line quotes it: cut to ``LOGGED_CHARACTERS`` (a path-like name of 1,000
+    characters made each refusal's WARNING line 2,000 characters long)."""
+    return clipped(text, LOGGED_CHARACTERS)
 
 
 def shown(text: str) -> str:

@@ -31,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
@@ -61,6 +62,8 @@ class Catalog:
 
     config_file: Path | None = None
     repository: Path | None = None
+    # Repository folders already warned about as not model names (each is warned about once).
+    warned: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def read(self) -> ServerConfig:
         from onnxserve.config import load_config
@@ -68,7 +71,7 @@ class Catalog:
         if self.config_file is not None:
             return load_config(self.config_file)
         assert self.repository is not None
-        return scan_repository(self.repository)
+        return scan_repository(self.repository, self.warned)
 
     def find(self, name: str) -> ModelConfig:
         """The config of one model, for an explicit load; the name and its path are confined."""
@@ -88,7 +91,7 @@ class Catalog:
             if not root.is_dir():
                 raise ConfigError(f"{root}: the model repository is not a directory")
             try:
-                return scan_repository(root)
+                return scan_repository(root, self.warned)
             except ConfigError:
                 return ServerConfig(model_config_list=[])
         return self.read()
@@ -100,6 +103,24 @@ class Catalog:
         target = model.base_path.resolve()
         if target != root and root not in target.parents:
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
+
+
+MAX_LOGGED_VERSIONS = 10
+"""The most version numbers one log line lists."""
+
+
+def _without_model_file(folders: list[VersionFolder]) -> set[int]:
+    """The versions among ``folders`` (version folders, not links: a link is confined first, by the loader)
+    whose model file is not there: an lstat or two each. Blocking: called on a worker thread."""
+    return {
+        f.version
+        for f in folders
+        if not f.flat and not os.path.lexists(os.path.join(f.path, f.model_name)) and not os.path.islink(f.path)
+    }
+
+
+def _empty_reason(folder: VersionFolder) -> str:
+    return f"{folder.model_file}: model file not found (expected {folder.model_name} in the version folder)"
 
 
 def _signatures(folders: list[VersionFolder]) -> dict[Path, Signature | None]:
@@ -125,6 +146,7 @@ class ModelManager:
         # Keyed by model file: flat versions of several models may share a folder.
         self._signatures: dict[Path, Signature | None] = {}
         self._failed_signatures: dict[Path, Signature | None] = {}
+        self._empty: dict[str, set[int]] = {}  # by model: version folders seen without their model file
         self._lock = asyncio.Lock()
         self._unloading: set[asyncio.Task[None]] = set()
 
@@ -162,6 +184,10 @@ class ModelManager:
         current = {n: v for n, v in model.versions.items() if v.state is not ModelState.UNLOADING}
         present = {n: v for n, v in current.items() if n in on_disk}
         candidates = [f for n, f in on_disk.items() if n not in current]
+        empty = await asyncio.to_thread(_without_model_file, candidates)
+        self._note_empty(config.name, empty, on_disk)
+        if empty:
+            candidates = [f for f in candidates if f.version not in empty]
         flat_present = [f for n, f in on_disk.items() if n in present and f.flat]
         signatures = await asyncio.to_thread(_signatures, [*candidates, *flat_present])
         new = [f for f in candidates if self._takeable(config.name, f, signatures[f.model_file], retry_failed)]
@@ -204,15 +230,38 @@ class ModelManager:
             if number not in keep:
                 self._retire(model, version)
 
+    def _note_empty(self, name: str, empty: set[int], on_disk: dict[int, VersionFolder]) -> None:
+        """Version folders without their model file are unavailable, and cost one look per poll (no walk,
+        no load) until the file appears; those new in a poll are logged once, in one line."""
+        known = self._empty.get(name, set())
+        new = sorted(empty - known)
+        for number in new:
+            self.registry.failures[(name, number)] = _empty_reason(on_disk[number])
+        if empty:
+            self._empty[name] = empty
+        else:
+            self._empty.pop(name, None)
+        if new:
+            shown = ", ".join(map(str, new[:MAX_LOGGED_VERSIONS])) + (" ..." if len(new) > MAX_LOGGED_VERSIONS else "")
+            log.error(
+                "model %s: %d version folder(s) hold no model file (versions %s); each is skipped until it has one",
+                name,
+                len(new),
+                shown,
+            )
+
     def _forget_removed(self, config: ModelConfig, on_disk: dict[int, VersionFolder]) -> None:
         """Versions whose folders are gone leave the index (failures) and the poll's memory."""
         for key in [k for k in self.registry.failures if k[0] == config.name and k[1] not in on_disk]:
             del self.registry.failures[key]
-        files = {f.model_file for f in on_disk.values()}
         base = config.base_path
         for memory in (self._signatures, self._failed_signatures):
-            for path in [p for p in memory if (p == base or base in p.parents) and p not in files]:
-                del memory[path]
+            mine = [p for p in memory if p == base or base in p.parents]
+            if mine:  # (the model files of thousands of empty folders are not built for nothing)
+                files = {f.model_file for f in on_disk.values()}
+                for path in mine:
+                    if path not in files:
+                        del memory[path]
 
     def _replaced(
         self, name: str, loaded: ModelVersion, folder: VersionFolder, signature: Signature | None, retry_failed: bool

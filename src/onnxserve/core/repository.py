@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxserve.config import ModelConfig, ServerConfig, parse_config
+from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig, parse_config
+from onnxserve.core.client_text import LOGGED_CHARACTERS, clipped
 from onnxserve.core.confinement import folder_entries, leads_outside
 from onnxserve.errors import ConfigError, ModelLoadError
 
@@ -126,14 +128,15 @@ def discover_versions(base_path: Path) -> list[VersionFolder]:
     if not base_path.is_dir():
         raise ConfigError(f"{base_path}: base_path is not a directory or a .onnx file (or does not exist)")
     found: dict[int, VersionFolder] = {}
-    for child in base_path.iterdir():
-        number = version_number(child.name)
-        if number is None or not child.is_dir():
-            continue
-        if number in found:
-            other = found[number].path.name
-            raise ConfigError(f"{base_path}: folders {other!r} and {child.name!r} are both version {number}")
-        found[number] = VersionFolder(number, child)
+    with os.scandir(base_path) as entries:  # an entry's type without a stat each: a poll reads it every time
+        for entry in entries:
+            number = version_number(entry.name)
+            if number is None or not entry.is_dir():
+                continue
+            if number in found:
+                other = found[number].path.name
+                raise ConfigError(f"{base_path}: folders {other!r} and {entry.name!r} are both version {number}")
+            found[number] = VersionFolder(number, base_path / entry.name)
     if not found:
         return _flat_folder(base_path)
     return [found[n] for n in sorted(found)]
@@ -171,12 +174,18 @@ def versions_to_serve(config: ModelConfig) -> list[VersionFolder]:
     return [by_number[v] for v in chosen]
 
 
-def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
-    """A config serving every ``DIR/<name>/`` folder that holds at least one version folder."""
+def scan_repository(directory: str | os.PathLike[str], warned: set[str] | None = None) -> ServerConfig:
+    """A config serving every ``DIR/<name>/`` folder that holds at least one version folder.
+
+    A folder whose name is not a model name (``my model``) is skipped with a warning that names it, so
+    the others are served (and a polled repository keeps loading them); ``warned`` (the poll's) holds
+    the names already warned about, so a poll warns about each folder once, and again only once it has
+    been gone and is back."""
     root = Path(directory)
     if not root.is_dir():
         raise ConfigError(f"{root}: the model repository is not a directory")
     models = []
+    refused: set[str] = set()
     inside = root.resolve()
     for child in sorted(root.iterdir()):
         if child.name.startswith(".") or not child.is_dir():
@@ -188,7 +197,20 @@ def scan_repository(directory: str | os.PathLike[str]) -> ServerConfig:
             (v.is_dir() and version_number(v.name) is not None) or v.suffix == MODEL_SUFFIX for v in child.iterdir()
         ):
             continue
+        if not re.fullmatch(MODEL_NAME_PATTERN, child.name):
+            refused.add(child.name)
+            if warned is None or child.name not in warned:
+                log.warning(
+                    "%s: folder %r is not served: a model name is letters, digits, '_', '.', '-' (starting with a "
+                    "letter or digit, at most 128 characters); rename it",
+                    root,
+                    clipped(child.name, LOGGED_CHARACTERS),
+                )
+            continue
         models.append({"name": child.name, "base_path": child.name})
+    if warned is not None:  # a folder renamed away and back is warned about again
+        warned.clear()
+        warned.update(refused)
     if not models:
         raise ConfigError(f"{root}: no model folders found (expected {root}/<name>/<version>/model.onnx)")
     return parse_config({"model_config_list": models}, str(root), root.resolve())

@@ -20,9 +20,11 @@ from urllib.parse import unquote
 
 REQUEST_ID_METADATA = "x-request-id"
 """The request id's name: gRPC metadata key, and the HTTP header X-Request-ID (lower-case on the wire)."""
-MAX_REQUEST_ID_LENGTH = 128
+MAX_REQUEST_ID_LENGTH = 64
 
-_USABLE_ID = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+_USABLE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+"""A client's id is kept only when it cannot look like anything else in a log line: no spaces,
+brackets or other punctuation (a spoofed "CRITICAL onnxserve.auth" record inside the id's line)."""
 
 _request_id: ContextVar[str | None] = ContextVar("onnxserve_request_id", default=None)
 
@@ -32,8 +34,8 @@ def new_request_id() -> str:
 
 
 def accept_request_id(given: str | None) -> str:
-    """The client's id if it is 1 to 128 printable ASCII characters, else a new one."""
-    if given is not None and _USABLE_ID.fullmatch(given) and given.strip() == given:
+    """The client's id if it is 1 to 64 characters of ``[A-Za-z0-9._:-]``, else a new one."""
+    if given is not None and _USABLE_ID.fullmatch(given):
         return given
     return new_request_id()
 

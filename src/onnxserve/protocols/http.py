@@ -196,7 +196,7 @@ def _body_size(response: Response) -> int:
 class RequestIdMiddleware:
     """ASGI middleware: every HTTP request gets an id, answered in ``X-Request-ID`` and put on its log lines.
 
-    The client's ``X-Request-ID`` is kept when it is 1 to 128 printable ASCII characters; otherwise
+    The client's ``X-Request-ID`` is kept when it is 1 to 64 characters of ``[A-Za-z0-9._:-]``; otherwise
     (or when absent) a new one is generated. Each request is also logged at DEBUG level.
     """
 

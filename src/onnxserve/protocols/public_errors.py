@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 
-from onnxserve.core.client_text import clipped
+from onnxserve.core.client_text import clipped, logged
 from onnxserve.errors import ErrorKind, OnnxServeError
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,16 @@ above grpc's metadata limit), so every message is cut here, whichever check wrot
 
 
 def public_message(error: OnnxServeError) -> str:
-    """The message a client may see; the full one is logged when it differs or the server is at fault."""
+    """The message a client may see; the message is logged when a path was hidden from it (a client error's
+    quoting client text, cut as log lines quote it) or the server is at fault (as it is, up to the answer's limit)."""
     cut = clipped(error.message, MAX_MESSAGE_CHARACTERS)
     public = redact_paths(cut)
-    if public != cut or error.kind in _SERVER_FAULTS:
+    if error.kind in _SERVER_FAULTS:
         log.warning("%s error answered as %r: %s", error.kind.value, public, cut)
+    elif public != cut:
+        log.warning(
+            "%s error answered with a path hidden: %r",
+            error.kind.value,
+            logged(error.message),
+        )
     return public

@@ -39,6 +39,7 @@ import zlib
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from onnxserve.core.client_text import logged
 from onnxserve.errors import (
     BodyTooLargeError,
     InvalidInputError,
@@ -204,7 +205,7 @@ class RequestBodyLimits:
                 reservation.grow_to(int(declared))
             body = await self._read(receive, encoding, reservation)
         except OnnxServeError as refusal:
-            log.info("refused %s %s: %s", scope["method"], scope["path"], refusal)
+            log.info("refused %s %s: %s", scope["method"], logged(scope["path"]), refusal)
             await refuse_before_routing(scope, refusal)(scope, receive, send)
             return
         if body is None:

@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from onnxserve.core.client_text import logged
 from onnxserve.errors import OnnxServeError, PermissionDeniedError, UnauthenticatedError
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import GRPC_STATUS, HTTP_STATUS
@@ -131,7 +132,7 @@ class BearerAuthMiddleware:
         try:
             client = authorize(self.tokens, credentials, needed)
         except (UnauthenticatedError, PermissionDeniedError) as e:
-            log.info("refused %s %s: %s", scope.get("method"), scope["path"], e.message)
+            log.info("refused %s %s: %s", scope.get("method"), logged(scope["path"]), e.message)
             response = self.render(scope["path"])(e, e.message, HTTP_STATUS[e.kind])
             response.headers["WWW-Authenticate"] = _challenge(e, bool(credentials), needed)
             await response(scope, receive, send)
