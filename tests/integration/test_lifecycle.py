@@ -224,6 +224,31 @@ def test_load_refuses_names_that_leave_the_repository(explicit: tuple[RunningSer
     assert httpx.post(f"{server.http_url}/v2/models/a/infer", json=infer_body()).status_code == 200
 
 
+def test_load_refuses_triton_config_and_file_overrides(explicit: tuple[RunningServer, Path, Path]) -> None:
+    """Triton's load takes a ``config`` and ``file:`` overrides; onnxserve loads the folder as it is, so
+    they are refused with a clear 400 rather than ignored (an outside review found them ignored)."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    server, _, _ = explicit
+    url = f"{server.http_url}/v2/repository/models/b/load"
+    for parameters in ({"config": '{"backend": "nope"}'}, {"file:1/model.onnx": "AAAA"}):
+        response = httpx.post(url, json={"parameters": parameters})
+        assert response.status_code == 400, response.text
+        assert "load parameters are not supported" in response.json()["error"]
+        assert next(iter(parameters)) in response.json()["error"]
+    assert httpx.post(url, content=b"[1]").status_code == 400
+    assert "b" not in [e["name"] for e in index(server) if e["state"] == "READY"]
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    try:
+        with pytest.raises(InferenceServerException, match="load parameters are not supported"):
+            client.load_model("b", config='{"max_batch_size": 4}')
+    finally:
+        client.close()
+    assert httpx.post(url).status_code == 200  # no parameters: loaded from its folder
+    assert httpx.post(f"{server.http_url}/v2/models/b/infer", json=infer_body()).status_code == 200
+
+
 def test_model_control_is_refused_when_off(numeric_server: RunningServer) -> None:
     response = httpx.post(f"{numeric_server.http_url}/v2/repository/models/add/load")
     assert response.status_code == 400
@@ -336,6 +361,8 @@ def test_grpc_model_control(explicit: tuple[RunningServer, Path, Path]) -> None:
             client.get_model_metadata("b")
         with pytest.raises(InferenceServerException, match="invalid model name"):
             client.load_model("../evil")
+        with pytest.raises(InferenceServerException, match="load parameters are not supported"):
+            client.load_model("b", config='{"max_batch_size": 4}')
         assert client.is_model_ready("a")
     finally:
         client.close()

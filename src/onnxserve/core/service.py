@@ -33,6 +33,7 @@ from tokenizers import Encoding
 
 from onnxserve.core import chunking, datatypes, request_deadline
 from onnxserve.core.batching import Scheduled
+from onnxserve.core.client_text import shown
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
@@ -235,9 +236,19 @@ class InferenceService:
             return False
         return self.registry.all_ready() if self.strict_readiness else True
 
-    async def load_model(self, name: str) -> None:
-        """Explicit model control: load (or reload) a model by name."""
-        await self._control().load(name)
+    async def load_model(self, name: str, parameters: Sequence[str] = ()) -> None:
+        """Explicit model control: load (or reload) a model by name, from its repository folder.
+
+        ``parameters`` are the names of the load request's parameters: Triton's ``config`` and ``file:``
+        overrides are refused rather than ignored (the folder is what is loaded)."""
+        control = self._control()
+        if parameters:
+            named = ", ".join(shown(p) for p in sorted(parameters)[:8])
+            raise InvalidInputError(
+                f"load parameters are not supported ({named}): onnxserve loads the model as its repository "
+                "folder holds it; change the folder (or the model config file) and load again"
+            )
+        await control.load(name)
 
     async def unload_model(self, name: str) -> None:
         await self._control().unload(name)

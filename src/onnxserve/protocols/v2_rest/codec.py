@@ -384,6 +384,20 @@ def encode_repository_index(entries: list[IndexEntry]) -> list[dict[str, str]]:
     return [{"name": e.name, "version": e.version, "state": e.state, "reason": redact_paths(e.reason)} for e in entries]
 
 
+def decode_load_request(body: bytes) -> list[str]:
+    """The names of a model load request's ``parameters`` (an empty body has none)."""
+    if not body.strip():
+        return []
+    try:
+        doc = _object(check_depth(orjson.loads(body)), "the load request")
+    except orjson.JSONDecodeError as e:
+        raise InvalidInputError(f"the request body is not valid JSON: {e}") from None
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInputError("'parameters' of the load request must be an object")
+    return [str(k) for k in parameters]
+
+
 def decode_repository_index_request(body: bytes) -> bool:
     """The ``ready`` flag of a repository index request (an empty body means false)."""
     if not body.strip():

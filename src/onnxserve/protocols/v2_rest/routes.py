@@ -66,7 +66,7 @@ def routes(service: InferenceService) -> list[Route]:
         return json_response(codec.encode_repository_index(service.repository_index(ready_only)))
 
     async def load(request: Request) -> Response:
-        await service.load_model(request.path_params["name"])
+        await service.load_model(request.path_params["name"], codec.decode_load_request(await request.body()))
         return json_response({})
 
     async def unload(request: Request) -> Response:
