@@ -176,6 +176,45 @@ def test_a_caller_that_leaves_the_queue_frees_its_turn(
     assert recorder.executions == [[1.0], [21.0], [2.0]]
 
 
+def test_displacing_a_request_whose_caller_just_left_keeps_the_queue_count(
+    session: ModelSession, pool: InstancePool
+) -> None:
+    """Outside attack: a full queue's newcomer took the newest place of a client whose caller had just gone
+    away (its turn cancelled, its own clean-up not yet run): the newcomer got a 500 (InvalidStateError) and
+    the place was never given back, so the queue shrank for good. Now the newcomer is queued, the count
+    stays right, and the queue takes its full size again afterwards."""
+    recorder = Recorder(session)
+    scheduler = direct(pool, recorder, max_queue_size=4)
+
+    async def scenario() -> list[object]:
+        blocker = asyncio.create_task(scheduler.submit(work(FOREVER, "blocker")))
+        await until(lambda: pool.busy == [1])
+        floods = []
+        for value in (1.0, 2.0, 3.0, 4.0):
+            floods.append(asyncio.create_task(scheduler.submit(work(value, "a"))))
+            await until(lambda: scheduler.queued() == len(floods))
+        newcomer = asyncio.create_task(scheduler.submit(work(11.0, "b")))  # runs before a's clean-up below
+        floods[3].cancel()
+        await until(lambda: scheduler.queued() == 4)  # a's three and b's one
+        blocker.cancel()
+        answers = await asyncio.gather(*floods, newcomer, return_exceptions=True)
+        assert scheduler.queued() == 0
+        blocker = asyncio.create_task(scheduler.submit(work(FOREVER, "blocker")))
+        await until(lambda: pool.busy == [1])
+        again = [asyncio.create_task(scheduler.submit(work(float(v), "c"))) for v in (31, 32, 33, 34)]
+        await until(lambda: scheduler.queued() == 4)  # all four places are there again
+        blocker.cancel()
+        answers += await asyncio.gather(*again, return_exceptions=True)
+        await scheduler.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert not any(isinstance(a, asyncio.InvalidStateError) for a in answers), answers
+    assert isinstance(answers[3], asyncio.CancelledError)
+    assert all(isinstance(a, Scheduled) for i, a in enumerate(answers) if i != 3), answers
+    assert sorted(v for run in recorder.executions for v in run) == [1.0, 2.0, 3.0, 11.0, 31.0, 32.0, 33.0, 34.0]
+
+
 def test_fair_queue_round_robin_and_displacement() -> None:
     queue: FairQueue[str] = FairQueue()
     for client, item in [("a", "a1"), ("a", "a2"), ("a", "a3"), ("b", "b1"), ("c", "c1"), ("b", "b2")]:

@@ -204,8 +204,11 @@ class DirectScheduler:
             displaced = should_displace(self._waiting, client)
             if displaced is None:
                 raise queue_full(self.name, self._queued, limit)
-            self._waiting.pop_newest(displaced).set_exception(queue_full(self.name, self._queued, limit))
-            self._queued -= 1
+            error = queue_full(self.name, self._queued, limit)
+            displaced_turn = self._waiting.pop_newest(displaced)
+            self._queued -= 1  # counted here, once: its own handler finds it gone from the queue
+            if not displaced_turn.done():  # its caller may have just gone away (a cancelled turn)
+                displaced_turn.set_exception(error)
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.push(client, turn)
         self._queued += 1
