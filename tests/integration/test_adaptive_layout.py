@@ -352,7 +352,7 @@ def test_large_text_requests_tokenize_within_the_text_budget(
     once, made the tokenizer fail to allocate and abort the process)."""
     document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
     server = start_server(parse_config(document, "text budget test", tiny_text_version.parent))
-    budget = server.service.text_budget
+    budget = server.service.text_budget.small  # requests of 30,000 characters are small (at most 64 Ki)
     budget.limit = 70_000
     url = f"{server.http_url}/v2/models/tiny/infer"
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import pytest
 
-from onnxserve.core.text_budget import CharacterBudget
+from onnxserve.core.text_budget import SMALL_REQUEST_CHARACTERS, CharacterBudget, TextBudget
 
 
-async def _hold(budget: CharacterBudget, characters: int, log: list[str], name: str, release: asyncio.Event) -> None:
-    async with budget.held(characters):
+async def _hold(
+    budget: CharacterBudget, characters: int, log: list[str], name: str, release: asyncio.Event, client: str = ""
+) -> None:
+    async with budget.held(characters, client):
         log.append(f"{name} in")
         assert budget.used <= budget.limit
         await release.wait()
@@ -76,3 +80,70 @@ def test_a_request_larger_than_the_budget_runs_alone_rather_than_never() -> None
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_waiting_clients_are_served_in_turn() -> None:
+    """Outside attack: one client's many large requests made another's wait for all of them (57 s)."""
+
+    async def scenario() -> list[str]:
+        budget = CharacterBudget(100)
+        log: list[str] = []
+        gate = asyncio.Event()
+        first = asyncio.create_task(_hold(budget, 100, log, "x0", gate, "x"))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(_hold(budget, 100, log, f"x{i}", gate, "x")) for i in (1, 2, 3)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(_hold(budget, 100, log, "y", gate, "y")))
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *tasks)
+        return [entry for entry in log if entry.endswith(" in")]
+
+    assert asyncio.run(scenario()) == ["x0 in", "x1 in", "y in", "x2 in", "x3 in"]
+
+
+def test_a_small_request_does_not_wait_behind_large_ones() -> None:
+    async def scenario() -> None:
+        budget = TextBudget(large=100_000, small=SMALL_REQUEST_CHARACTERS)
+        async with budget.held(100_000, "x"):
+            waiting = asyncio.create_task(_enter(budget, 100_000, "x"))
+            await asyncio.sleep(0.01)
+            assert not waiting.done()  # the large pool is full
+            await asyncio.wait_for(_enter(budget, 600, "y"), 1)  # the small pool has room
+        await asyncio.wait_for(waiting, 1)
+
+    asyncio.run(scenario())
+
+
+async def _enter(budget: TextBudget, characters: int, client: str) -> None:
+    async with budget.held(characters, client):
+        pass
+
+
+def test_a_cancelled_tokenization_keeps_its_room_until_its_thread_returns() -> None:
+    """Outside attack: callers that left mid-tokenization gave their room back while their tokenizer
+    threads went on, so more tokenizations ran at once than the budget allows."""
+    from onnxserve.core.service import _until_returned
+
+    async def scenario() -> tuple[bool, int]:
+        budget = CharacterBudget(100)
+        released = threading.Event()
+
+        def tokenize() -> None:
+            released.wait(5)
+
+        async def request() -> None:
+            async with budget.held(100):
+                await _until_returned(asyncio.get_running_loop().run_in_executor(None, tokenize))
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        held_while_running = budget.used
+        released.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return task.cancelled(), held_while_running
+
+    assert asyncio.run(scenario()) == (True, 100)

@@ -38,6 +38,10 @@ class FairQueue(Generic[T]):
             self._queues[client] = queue = deque()
         queue.append(item)
 
+    def peek(self) -> T:
+        """The next item in fair order, left where it is."""
+        return next(iter(self._queues.values()))[0]
+
     def pop(self) -> T:
         """The next item in fair order; its client goes to the end of the rotation."""
         client = next(iter(self._queues))

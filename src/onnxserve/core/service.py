@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Encoding
 
@@ -40,7 +40,7 @@ from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
-from onnxserve.core.text_budget import CharacterBudget
+from onnxserve.core.text_budget import TextBudget
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -155,6 +155,19 @@ def _tokenize(model: ModelVersion, work: Work) -> int:
     return time.perf_counter_ns() - start
 
 
+T = TypeVar("T")
+
+
+async def _until_returned(future: asyncio.Future[T]) -> T:
+    """``future``'s result; when the caller goes away, its thread cannot be stopped, so this waits for it
+    to return before the cancellation goes on (what the thread holds stays counted meanwhile)."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
 class InferenceCall:
     """One inference request as a protocol front end handles it, from its first byte to its answer.
 
@@ -225,7 +238,7 @@ class InferenceService:
         self._live = True
         self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
         self.in_flight = 0  # inference requests being answered
-        self.text_budget = CharacterBudget()  # characters of text being tokenized or held as tokens
+        self.text_budget = TextBudget()  # characters of text being tokenized or held as tokens
 
     def live(self) -> bool:
         return self._live
@@ -295,19 +308,24 @@ class InferenceService:
             raise InvalidInputError("no text to tokenize; send at least one")
         bounded = pipeline.bounded(TextBatch(list(texts)))  # as long as the tokenizer keeps, no longer
         encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
-        async with self.text_budget.held(bounded.characters):
-            encodings: list[Encoding] = await asyncio.get_running_loop().run_in_executor(self._executor, encode)
+        call = _current_call.get()
+        async with self.text_budget.held(bounded.characters, call.client if call is not None else ""):
+            encodings: list[Encoding] = await _until_returned(
+                asyncio.get_running_loop().run_in_executor(self._executor, encode)
+            )
         return encodings
 
     async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
         """Tokenize a larger text request off the event loop and run it, its characters held in the text
         budget until it has run (its tokens live that long)."""
         assert work.text is not None
-        async with self.text_budget.held(work.text.characters):
+        async with self.text_budget.held(work.text.characters, work.client):
             # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
             model.scheduler.incoming += 1
             try:
-                tokenize_ns = await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
+                tokenize_ns = await _until_returned(
+                    asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
+                )
             finally:
                 model.scheduler.incoming -= 1
             scheduled = await chunking.submit(model, work)
