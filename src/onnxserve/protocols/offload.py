@@ -389,8 +389,8 @@ class _ProcessPool:
         with self._lock:
             workers = [*self._idle, *self._busy]
             self._idle, self._busy = [], set()
-        for worker in workers:
-            worker.close()
+        for worker in workers:  # killed, not let go: a worker still in a parse would keep the exit waiting
+            worker.stop()
 
 
 _PRELOAD = (
