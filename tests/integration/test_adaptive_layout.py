@@ -12,6 +12,8 @@ What ran is read from the scheduler (which session each slot runs) and from the 
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 import onnx
+import orjson
 import pytest
 
 import models
@@ -370,3 +373,36 @@ def test_large_text_requests_tokenize_within_the_text_budget(
         assert np.allclose(one.json()["outputs"][0]["data"], merged.json()["outputs"][0]["data"], atol=1e-5)
     assert 30_000 < budget.peak <= budget.limit
     assert budget.used == 0
+
+
+def test_a_tokenize_request_whose_client_leaves_is_dropped(tiny_text_version: Path, start_server: StartServer) -> None:
+    """Outside attack: /tokenize requests went on after their clients had left (1 Mi characters each, reset
+    after 0.5 s: 200 of them still running at SIGTERM, +1.2 GB); now they are cancelled like inference."""
+    document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
+    server = start_server(parse_config(document, "tokenize disconnect test", tiny_text_version.parent))
+    endings: list[str] = []
+    tokenize = server.service.tokenize
+
+    async def spied(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = await tokenize(*args, **kwargs)
+        except asyncio.CancelledError:
+            endings.append("cancelled")
+            raise
+        endings.append("finished")
+        return result
+
+    server.service.tokenize = spied  # type: ignore[method-assign]
+    body = orjson.dumps({"inputs": ["! " * 8000] * 60})  # about 1 M characters: tokenizing takes a while
+    head = (
+        f"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", int(server.http_url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(head.encode() + body)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while not endings and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert endings == ["cancelled"]
+    answer = httpx.post(f"{server.http_url}/tokenize", json={"inputs": "a few words"}, timeout=30)
+    assert answer.status_code == 200

@@ -174,8 +174,8 @@ def guarded(
 
     async def endpoint(request: Request) -> Response:
         try:
-            if service is None:
-                return inflight.held(await handler(request), _body_size)  # /tokenize answers are large too
+            if service is None:  # /tokenize answers are large too, and its work stops when its client leaves
+                return inflight.held(await until_disconnected(handler, request), _body_size)
             peer = request.client.host if request.client is not None else None
             async with service.call(protocol, *requested_target(request), client=context.client_identity(peer)):
                 return inflight.held(await until_disconnected(handler, request), _body_size)
