@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,6 +169,43 @@ def test_workers_die_with_a_killed_server_even_when_they_cannot_run(repo: Path) 
             for process in started:
                 if _alive(process):
                     process.kill()
+
+
+def test_a_sigterm_with_stopped_workers_exits_promptly(repo: Path) -> None:
+    """Outside attack: JSON workers stopped with SIGSTOP while their clients stayed connected made a
+    SIGTERM take 30 s (uvicorn's graceful wait, for an answer that could never come). A worker that is
+    stopped when the server stops is killed, its body refused, and the server exits at once."""
+    server = serve_capped(repo)
+    started: list[psutil.Process] = []
+    try:
+        body = tfs_nan_body(16)  # a second of parsing (NaN: the standard parser); stopped long before
+        head = (
+            f"POST {TFS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
+            sock.sendall(head.encode("ascii") + body)
+            wait_until(lambda: workers(server) != [], timeout=60, what="a busy worker")
+            started = descendants(server)
+            for process in workers(server):
+                if process.name() != WATCHDOG_NAME:
+                    os.kill(process.pid, signal.SIGSTOP)
+            stopping = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = server.process.wait(timeout=60)
+            seconds = time.monotonic() - stopping
+            answer = sock.recv(65536)
+        print(f"SIGTERM to exit: {seconds:.2f} s")
+        assert code == 0, server.log()[-2000:]
+        assert seconds < 10, f"the server took {seconds:.1f} s to exit (30 s before)"
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
+        assert b"the server is shutting down; this large JSON body was not decoded" in answer
+        wait_until(lambda: not any(_alive(p) for p in started), timeout=30, what="the workers to exit")
+    finally:
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()
 
 
 # --- finding 4: entries per list or object ---------------------------------------------------------------

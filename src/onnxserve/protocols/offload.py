@@ -17,8 +17,10 @@ that runs out of memory or dies refuses the body it was decoding with :func:`wor
 (RESOURCE_EXHAUSTED: 503 + Retry-After); the worker is replaced and later bodies are decoded as usual.
 The wait for a worker and the decode count against the request's time limit (``core.request_deadline``):
 a body whose time passes (:func:`decode_timed_out`) or whose client leaves has its worker killed and
-replaced, so no worker keeps decoding a body nobody waits for. Each worker is killed by its watchdog
-process when the server exits, even in the middle of a parse.
+replaced, so no worker keeps decoding a body nobody waits for. When the server starts to drain, the workers
+are killed and the bodies they were decoding refused (503: the service would refuse those requests after
+their decode anyway), so a worker that cannot run (stopped with SIGSTOP) does not keep the exit waiting.
+Each worker is killed by its watchdog process when the server exits, even in the middle of a parse.
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from onnxserve.core import request_deadline
-from onnxserve.errors import DeadlineExceededError, InvalidInputError, OnnxServeError, ResourceExhaustedError
+from onnxserve.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    OnnxServeError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +122,12 @@ def worker_lost(reason: str) -> ResourceExhaustedError:
     return ResourceExhaustedError(
         f"the worker decoding this large JSON body {reason}; no answer was computed; retry later "
         "(bodies under the decoding workers' memory are served)"
+    )
+
+
+def shutting_down() -> UnavailableError:
+    return UnavailableError(
+        "the server is shutting down; this large JSON body was not decoded; send the request to another replica"
     )
 
 
@@ -284,6 +298,7 @@ class _Worker:
         self._executor = ProcessPoolExecutor(1, context, initializer=_start_worker, initargs=(os.getpid(),))
         self._lock = threading.Lock()
         self._stopped = False
+        self.shut_down = False  # stopped because the server stops, not because the body failed
 
     def submit(
         self, work: Callable[..., R], body: bytes | _Shared, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -377,6 +392,8 @@ class _ProcessPool:
             finished = True
             return result
         except BrokenProcessPool:
+            if worker.shut_down:
+                raise shutting_down() from None
             log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
             raise worker_lost("stopped (killed, or out of memory)") from None
         finally:
@@ -390,6 +407,7 @@ class _ProcessPool:
             workers = [*self._idle, *self._busy]
             self._idle, self._busy = [], set()
         for worker in workers:  # killed, not let go: a worker still in a parse would keep the exit waiting
+            worker.shut_down = True
             worker.stop()
 
 
@@ -406,5 +424,10 @@ _pool = _ProcessPool()
 
 
 def shutdown() -> None:
-    """Stop the worker processes (the server is stopping); a later large body starts new ones."""
+    """Stop the worker processes (the server is stopping); a later large body starts new ones.
+
+    A body being decoded is refused as :func:`shutting_down` (503): called when a drain starts, since a
+    request whose body is still being decoded then would only be refused by the service after its decode
+    (and a worker stopped with SIGSTOP would never finish it, keeping the exit waiting for its connection).
+    Killing may wait for a worker being started: call it off the event loop where that matters."""
     _pool.shutdown()

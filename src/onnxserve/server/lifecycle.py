@@ -116,6 +116,9 @@ class _DrainingServer(uvicorn.Server):
 
     async def drain(self) -> None:
         log.info("draining: not ready, refusing new requests, waiting for %d open ones", self.service.in_flight)
+        # Bodies still being decoded belong to requests the service now refuses: refused at once (a JSON
+        # worker stopped with SIGSTOP would otherwise keep its connection, and the exit, waiting).
+        await asyncio.get_running_loop().run_in_executor(None, offload.shutdown)
         deadline = asyncio.get_running_loop().time() + self.drain_timeout
         while self.service.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
