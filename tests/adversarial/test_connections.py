@@ -22,6 +22,8 @@ import pytest
 import requests
 from harness import CappedServer, serve_capped
 
+from waiting import wait_until
+
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
 MAX_REQUEST = 8 * 1024 * 1024
@@ -422,3 +424,125 @@ def test_pipelined_requests_of_a_client_that_half_closes_log_no_errors(server: C
     errors = [line for line in server.log_lines if "ERROR" in line or "Traceback" in line]
     assert len(errors) == errors_before, "".join(errors[-5:])
     assert server.probe_seconds() < PROBE_BOUND
+
+
+ATTACKER = "127.0.0.2"
+OTHER = "127.0.0.3"
+SLOW_BODY = (
+    b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+)
+
+
+def _connect_from(server: CappedServer, address: str) -> socket.socket:
+    return socket.create_connection((server.host, server.http_port), timeout=30, source_address=(address, 0))
+
+
+def _ask(sock: socket.socket, method: str, path: str, body: bytes = b"") -> bytes:
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode("ascii") + body)
+    return read_answer(sock)
+
+
+def _slow_run() -> bytes:
+    """A request of the ``slow`` model that runs for a while (2,000 products of 256x256 matrices)."""
+    x = {"name": "x", "datatype": "FP32", "shape": [256, 256], "data": [0.01] * (256 * 256)}
+    return orjson.dumps({"inputs": [{"name": "iterations", "datatype": "INT64", "shape": [], "data": [2000]}, x]})
+
+
+def _readable(sock: socket.socket) -> bool:
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    try:
+        return bool(selector.select(timeout=0))
+    finally:
+        selector.close()
+
+
+def _said_and_closed_cleanly(sock: socket.socket) -> bytes:
+    """Everything the server wrote before closing; fails on a reset instead of an orderly close."""
+    said = b""
+    sock.settimeout(10)
+    while chunk := sock.recv(65536):
+        said += chunk
+    return said
+
+
+def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_repository: Path) -> None:
+    """Outside attack: connections from one address that each announce a body and send it a byte at a
+    time took every slot of --max-connections, and every other client got 503 until --body-timeout. A
+    newcomer from an address holding fewer now makes the server close one of the heaviest address's
+    connections still sending (answered 503, then an orderly close); one whose request is being served
+    is never closed; a newcomer from the heaviest address itself (or behind a proxy: one address for
+    all) still gets only the probe reserve."""
+    cap = 40
+    with serve_capped(numeric_repository, "--max-connections", str(cap), "--body-timeout", "60") as capped:
+        rss_before = capped.rss_bytes()
+        attack: list[socket.socket] = []
+        try:
+            served = _connect_from(capped, ATTACKER)  # first and oldest, and sent least once its body is in
+            body = _slow_run()
+            served.sendall(
+                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            attack.append(served)
+            for _ in range(cap - 1):
+                sock = _connect_from(capped, ATTACKER)
+                sock.sendall(SLOW_BODY)
+                attack.append(sock)
+            wait_until(lambda: _established(capped) >= cap, timeout=10, what="the attacker's connections")
+            for sock in attack[1:]:
+                sock.send(b" ")  # each has sent two bytes of its body
+            still_running = not _readable(served)  # when the other address comes in
+
+            with _connect_from(capped, OTHER) as other:
+                answer = _ask(other, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
+                assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+                assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0
+                ready = _ask(other, "GET", "/v2/health/ready")
+                assert ready.startswith(b"HTTP/1.1 200 "), ready[:300]
+            with _connect_from(capped, OTHER) as probe:
+                assert _ask(probe, "GET", "/v2/health/live").startswith(b"HTTP/1.1 200 ")
+
+            # the slow run was not cut: it is answered in full
+            ran = read_answer(served)
+            assert ran.startswith(b"HTTP/1.1 200 "), ran[:300]
+            # the two connections closed to let the other address in said why, then closed in order
+            selector = selectors.DefaultSelector()
+            for sock in attack[1:]:
+                selector.register(sock, selectors.EVENT_READ)
+            closed = [key.fileobj for key, _ in selector.select(timeout=5)]
+            selector.close()
+            # (a run already answered left its connection idle, and an idle one is closed first)
+            assert 1 <= len(closed) <= 2 if still_running else len(closed) <= 2, len(closed)
+            for sock in closed:
+                assert isinstance(sock, socket.socket)
+                said = _said_and_closed_cleanly(sock)
+                assert said.startswith(b"HTTP/1.1 503 "), said[:300]
+                assert b"retry-after: 1" in said.lower()
+                assert b"this client address holds the most" in said
+
+            # the heaviest address itself, like every client behind a proxy, gets only the probe reserve
+            served.close()
+            for sock in closed:
+                assert isinstance(sock, socket.socket)
+                sock.close()
+            attack = [sock for sock in attack[1:] if sock not in closed]
+            wait_until(lambda: _established(capped) <= len(attack), timeout=10, what="the closed connections to go")
+            for _ in range(cap - len(attack)):
+                sock = _connect_from(capped, ATTACKER)
+                sock.sendall(SLOW_BODY)
+                attack.append(sock)
+            wait_until(lambda: _established(capped) >= cap, timeout=10, what="the slots to be full again")
+            with _connect_from(capped, ATTACKER) as again:
+                refused = _ask(again, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
+            assert refused.startswith(b"HTTP/1.1 503 "), refused[:300]
+            assert b"kept for health probes and metrics" in refused
+            assert "closed 1 connections of 127.0.0.2, the address holding the most (40)" in capped.log()
+            assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+        finally:
+            for sock in attack:
+                sock.close()
+        check_still_serving(capped, rss_before)

@@ -113,6 +113,12 @@ def should_displace(queue: FairQueue[T], client: str) -> str | None:
     heaviest = queue.heaviest()
     if heaviest is None or heaviest == client:
         return None
-    if queue.count(heaviest) >= queue.count(client) + 2:
+    if gives_way(queue.count(heaviest), queue.count(client)):
         return heaviest
     return None
+
+
+def gives_way(heaviest: int, client: int) -> bool:
+    """Whether a client holding ``heaviest`` places gives one way to a client holding ``client``: when it
+    holds at least two more, so that places do not merely swap between two clients."""
+    return heaviest >= client + 2

@@ -13,7 +13,13 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
 - **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
   arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
-- **Open connections**: at most ``max_connections`` per port. When a new one would exceed it, the
+- **Open connections**: at most ``max_connections`` per port. When a new one would exceed it and the
+  client address holding the most connections holds at least two more than the new one's address
+  (``fairness.gives_way``, as in a model's queue), one of that address's connections that is idle or
+  still sending its request (head or body; never one whose request is being served or answered) is
+  closed to make room: an idle one first, else the one that has sent least, else the oldest; a request
+  it was sending is answered 503 with ``Retry-After``. So slow senders from one address cannot keep
+  other addresses out; behind a proxy (one address for all) this never applies. Otherwise the
   oldest connection that is not in the middle of a request (idle keep-alive, or still sending its
   head) is closed to make room. When every connection is busy (slow bodies), the new one is admitted
   into a reserve of ``PROBE_RESERVE`` more connections that may only ask for ``PROBE_PATHS`` (health
@@ -43,13 +49,14 @@ import logging
 import resource
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, overload
 
 import grpc
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from onnxserve.core.fairness import gives_way
 from onnxserve.protocols import context
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
@@ -80,6 +87,9 @@ RESERVE_KEEP_ALIVE_SECONDS = 1
 
 RESERVE_STALE_SECONDS = 2.0
 """A full reserve makes room by closing a reserve connection open longer than this, even a busy one."""
+
+DISPLACED_WARNING_SECONDS = 10.0
+"""At most one WARNING this often about connections closed to make room for other client addresses."""
 
 UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 """Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
@@ -157,10 +167,21 @@ class _ClosedWritesDropped:
         return getattr(self._transport, name)
 
 
+@dataclass
+class _Clients:
+    """A port's open HTTP connections by client address, to share the connection slots between addresses."""
+
+    by_address: dict[str, set[GuardedHttpProtocol]] = field(default_factory=dict)
+    displaced: int = 0
+    """Connections closed for other addresses since the last warning."""
+    warn_after: float = 0.0
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with head and body deadlines and a connection cap (module docstring)."""
 
     limits: ClassVar[ConnectionLimits]
+    clients: ClassVar[_Clients]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -170,12 +191,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._send_timer: asyncio.TimerHandle | None = None
         self._head_started = False
         self._head_bytes = 0
+        self._body_bytes = 0
         self._reserve = False
         self._refused = False
+        self._address = ""
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_ClosedWritesDropped(transport))  # type: ignore[arg-type]
+        self._address = self.client[0] if self.client else ""
+        self.clients.by_address.setdefault(self._address, set()).add(self)
         if len(self.connections) > self.limits.max_connections:
             self._admit()
         if not self.transport.is_closing():
@@ -190,7 +215,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         the probe reserve, else close this one."""
         guarded = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self]
         ordinary = [c for c in guarded if not c._reserve]
-        if len(ordinary) < self.limits.max_connections or self._close_oldest_idle(ordinary):
+        if len(ordinary) < self.limits.max_connections or self._displace() or self._close_oldest_idle(ordinary):
             return
         reserve = [c for c in guarded if c._reserve]
         if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
@@ -200,6 +225,68 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         log.warning("refused a connection: all %d open ones are busy (--max-connections)", len(guarded))
         self.transport.close()
+
+    def _displace(self) -> bool:
+        """Close a connection of the address holding the most, when it holds at least two more than this
+        connection's address (``fairness.gives_way``); False when it does not or has none to give."""
+        by_address = self.clients.by_address
+        heaviest, held = max(by_address.items(), key=lambda item: len(item[1]))
+        if heaviest == self._address or not gives_way(len(held), len(by_address[self._address]) - 1):
+            return False
+        candidates = [c for c in held if c._displaceable()]
+        if not candidates:
+            return False
+        min(candidates, key=GuardedHttpProtocol._displace_order)._give_way()
+        self._displaced(heaviest, len(held))
+        return True
+
+    def _displaceable(self) -> bool:
+        """Idle, or still sending its request's head or body: no request of it is being served or answered."""
+        if self._reserve or self.transport.is_closing() or self.pipeline:
+            return False
+        if not self._busy():
+            return True
+        return self._body_timer is not None and self.cycle is not None and not self.cycle.response_started
+
+    def _sending(self) -> bool:
+        return self._head_started or self._busy()
+
+    def _displace_order(self) -> tuple[bool, int, float]:
+        """Idle ones first, then the one that has sent least of its request, then the oldest."""
+        return self._sending(), self._head_bytes + self._body_bytes, self.opened_at
+
+    def _give_way(self) -> None:
+        """Close this connection for another address's; a request it was sending is answered 503."""
+        if not self._sending():
+            self._cancel_timers()
+            self.transport.close()
+            return
+        if self.cycle is not None and self._busy():
+            self.cycle.response_started = True  # nothing else may answer on this connection now
+        self._refuse(
+            "503 Service Unavailable",
+            "every connection is taken (--max-connections) and this client address holds the most; this one "
+            "was closed to let another client in; retry later",
+            "retry-after: 1\r\n",
+        )
+
+    def _displaced(self, address: str, held: int) -> None:
+        """Count a connection closed for another address; one WARNING per burst."""
+        clients = self.clients
+        clients.displaced += 1
+        now = time.monotonic()
+        if now >= clients.warn_after:
+            log.warning(
+                "every connection is taken (--max-connections %d): closed %d connections of %s, the address "
+                "holding the most (%d), to let other addresses in (reported every %g s at most)",
+                self.limits.max_connections,
+                clients.displaced,
+                address,
+                held,
+                DISPLACED_WARNING_SECONDS,
+            )
+            clients.displaced = 0
+            clients.warn_after = now + DISPLACED_WARNING_SECONDS
 
     def _close_oldest_idle(self, connections: list[GuardedHttpProtocol]) -> bool:
         idle = [c for c in connections if not c._busy() and not c.transport.is_closing()]
@@ -232,6 +319,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        held = self.clients.by_address.get(self._address)
+        if held is not None:
+            held.discard(self)
+            if not held:
+                del self.clients.by_address[self._address]
         super().connection_lost(exc)
 
     # -- the request head ----------------------------------------------------------------------------
@@ -284,6 +376,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._head_timer = None
         self._head_started = False
         self._head_bytes = 0
+        self._body_bytes = 0
         head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if head > self.limits.max_header_bytes:
             self._head_too_large()
@@ -302,6 +395,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
+            self._body_bytes += len(body)
             super().on_body(body)
 
     def on_message_complete(self) -> None:
@@ -310,6 +404,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        self._body_bytes = 0
         super().on_message_complete()
 
     def _head_too_large(self) -> None:
@@ -373,7 +468,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
 def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
     """The uvicorn ``http=`` protocol class that enforces ``limits``."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits})
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "clients": _Clients()})
 
 
 # -- gRPC ------------------------------------------------------------------------------------------------
