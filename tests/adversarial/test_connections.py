@@ -540,7 +540,7 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
                 refused = _ask(again, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
             assert refused.startswith(b"HTTP/1.1 503 "), refused[:300]
             assert b"kept for health probes and metrics" in refused
-            assert "closed 1 connections of 127.0.0.2, the address holding the most (40)" in capped.log()
+            assert "closed 1 connection(s) of 127.0.0.2, the address holding the most (40)" in capped.log()
             assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
         finally:
             for sock in attack:

@@ -277,7 +277,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         now = time.monotonic()
         if now >= clients.warn_after:
             log.warning(
-                "every connection is taken (--max-connections %d): closed %d connections of %s, the address "
+                "every connection is taken (--max-connections %d): closed %d connection(s) of %s, the address "
                 "holding the most (%d), to let other addresses in (reported every %g s at most)",
                 self.limits.max_connections,
                 clients.displaced,

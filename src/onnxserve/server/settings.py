@@ -124,8 +124,9 @@ class ServerSettings(BaseModel):
     )
     max_connections: Annotated[int, Field(ge=1)] = Field(
         default=1000,
-        description="Open HTTP connections; past it HTTP closes the oldest idle connection, and 16 more "
-        "are kept for health probes and metrics scrapes (gRPC: --grpc-max-connections).",
+        description="Open HTTP connections; past it HTTP closes an idle or still-sending connection of the "
+        "address holding the most (when it holds two more than the newcomer's), else the oldest idle one, and "
+        "16 more are kept for health probes and metrics scrapes (gRPC: --grpc-max-connections).",
     )
     header_timeout: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
