@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import socket
 import threading
@@ -124,6 +125,10 @@ class _DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.01)
         if self.service.in_flight:
             log.warning("drain timeout: stopping with %d requests still open", self.service.in_flight)
+        # uvicorn then waits for its connections' tasks: only for what is left of the drain timeout, so
+        # that the whole shutdown stays within it (a client that never reads its answer must not double it)
+        left = deadline - asyncio.get_running_loop().time()
+        self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
         self.should_exit = True
 
 
