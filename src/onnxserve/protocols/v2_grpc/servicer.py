@@ -135,12 +135,12 @@ class InferenceServicer:
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
         # Counted before it is encoded, held until the call ends; a refused answer is dropped before the raise.
-        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+        if (refused := inflight.hold_answer(tensor_bytes := output_bytes(response))) is not None:
             del response
             raise refused
         # Its exact size on the wire is computed before a value is encoded (a typed INT8 answer can be ten
         # times its tensor): too large, or not fitting in the in-flight budget, it is refused unbuilt.
-        plan = await offload.convert(output_bytes(response), codec.plan_infer_response, response, decoded.raw)
+        plan = await offload.convert(tensor_bytes, codec.plan_infer_response, response, decoded.raw)
         size, limit = plan.size, self.service.max_response_bytes
         if self.max_send_bytes and size > self.max_send_bytes:
             # Refused here with a message that says why, not by grpc with an error in the log (and without
