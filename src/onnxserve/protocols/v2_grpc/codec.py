@@ -176,6 +176,21 @@ def fill_infer_response(plan: PlannedResponse, response: InferenceResponse) -> p
     return message
 
 
+def serialize_infer_response(plan: PlannedResponse, response: InferenceResponse) -> bytes:
+    """The planned answer's bytes, ``plan.size`` of them. A raw answer's values are written after the
+    skeleton's bytes as its ``raw_output_contents`` fields (the message's last field, which protobuf
+    writes last), so each is copied once, not into the message and then again into its bytes."""
+    if not plan.raw:
+        typed: bytes = fill_infer_response(plan, response).SerializeToString()
+        return typed
+    parts: list[bytes | memoryview] = [plan.message.SerializeToString()]
+    for tensor in response.outputs:
+        data = wire.to_raw(tensor)
+        parts.append(wire_size.field_header(_RAW_OUTPUT, len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
 def encode_infer_response(response: InferenceResponse, raw: bool) -> pb.ModelInferResponse:
     return fill_infer_response(plan_infer_response(response, raw), response)
 
