@@ -103,11 +103,14 @@ class ModelStats:
 class OnnxServer:
     """``.venv/bin/onnxserve serve --config CONFIG`` on free loopback ports; a context manager."""
 
-    def __init__(self, config: Path, log: Path, name: str, src: Path | None = None) -> None:
+    def __init__(
+        self, config: Path, log: Path, name: str, src: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.log = log
         self.name = name
         self.src = src  # another source tree to serve from (PYTHONPATH), e.g. the code before a change
+        self.env = env or {}  # more environment variables for the server
         self.http_port = free_port()
         self.grpc_port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
@@ -142,7 +145,9 @@ class OnnxServer:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
-            env = dict(os.environ, PYTHONPATH=str(self.src.resolve())) if self.src is not None else None
+            env = dict(os.environ, **self.env)
+            if self.src is not None:
+                env["PYTHONPATH"] = str(self.src.resolve())
             self._process = subprocess.Popen(
                 self.command,
                 stdout=log,
@@ -163,6 +168,13 @@ class OnnxServer:
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"onnxserve ({self.name}) was not ready after {START_TIMEOUT_S:.0f} s:\n{log_tail(self.log)}")
+
+    @property
+    def pid(self) -> int:
+        """The server process's id (it leads its process group)."""
+        if self._process is None:
+            raise ServerError(f"onnxserve ({self.name}) is not running")
+        return self._process.pid
 
     def stop(self) -> None:
         if self._process is not None:

@@ -57,6 +57,21 @@ def test_the_grpc_answer_size_is_exact_and_its_values_round_trip(v2: str, count:
         assert list(message.outputs[1].contents.bytes_contents) == list(text)
 
 
+@pytest.mark.parametrize("v2", [*NUMERIC, "FP16"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_unary_answer_serialized_directly_is_the_message_protobuf_writes(v2: str, raw: bool) -> None:
+    """A raw answer's values are appended after the skeleton's bytes: byte for byte what protobuf writes
+    for the filled message, and ``plan.size`` long."""
+    data = _values(v2, 7).reshape(7, 1)
+    text = np.array([b"", "\u00e9".encode(), b"\xff" * 200], dtype=object)
+    outputs = [Tensor("y", from_v2(v2), data), Tensor("s", from_v2("BYTES"), text), Tensor("e", from_v2(v2), data[:0])]
+    response = InferenceResponse("m", "1", outputs, id="r", parameters={"truncated": True, "p": 1})
+    serialized = grpc_codec.serialize_infer_response(grpc_codec.plan_infer_response(response, raw), response)
+    plan = grpc_codec.plan_infer_response(response, raw)
+    assert serialized == grpc_codec.fill_infer_response(plan, response).SerializeToString()
+    assert len(serialized) == plan.size
+
+
 def test_negative_typed_integers_take_ten_bytes_each_as_protobuf_writes_them() -> None:
     assert wire_size.varints_length(np.full(1000, -1, dtype=np.int8)) == 10_000
     assert wire_size.varints_length(np.array([0, 127, 128, 2**14, 2**63], dtype=np.uint64)) == 1 + 1 + 2 + 3 + 10

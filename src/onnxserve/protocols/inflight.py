@@ -66,6 +66,8 @@ class InflightBytes:
 
     async def reserve_within(self, size: int, seconds: float) -> bool:
         """``reserve``, waiting up to ``seconds`` for other requests to release enough."""
+        if self.reserve(size):  # the usual case: room now, no clock read
+            return True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while not self.reserve(size):

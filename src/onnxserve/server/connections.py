@@ -29,7 +29,8 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   pipelines scrapes and never reads them), else the new connection is closed. A probe or scrape
   therefore always gets a connection, however many idle or busy ones an attacker holds.
 
-gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception`):
+gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception` around the
+service's handlers):
 
 - ``grpc_max_connections`` connections (``grpc.max_allowed_incoming_connections``; new ones past it
   are refused, since grpc evicts none), ``header_timeout``
@@ -48,7 +49,7 @@ import asyncio
 import logging
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, overload
 
@@ -530,39 +531,46 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 Behaviour = Callable[..., Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
 
-class MessageReception(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type hints
-    """Receive each unary call's request message ourselves: within a deadline, inside the byte budget.
+class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc ships no type hints
+    """The service's handlers, each receiving its call's request message itself: within a deadline,
+    inside the byte budget.
 
     grpc receives a unary request's whole message before it calls the handler, and nothing bounds how
-    long that takes or how many such messages it holds. This interceptor hands grpc a
-    *streaming-request* handler instead, which reserves ``max_message_bytes`` of the in-flight budget
-    (waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message within
-    ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), keeps only the size that
-    arrived reserved, and calls the original handler with it. ``UNREAD_METHODS`` (the server probes)
-    are answered without receiving their (empty) message. A streaming-request call (ModelStreamInfer)
-    receives each of its messages the same way (see :meth:`_streaming`).
+    long that takes or how many such messages it holds. For each method of ``handler`` (the service's
+    generic handler) this hands grpc a *streaming-request* handler instead, which reserves
+    ``max_message_bytes`` of the in-flight budget (waiting up to ``BUDGET_WAIT_SECONDS``, else
+    RESOURCE_EXHAUSTED), then reads the one message within ``timeout`` seconds (else DEADLINE_EXCEEDED,
+    and the stream is reset), keeps only the size that arrived reserved, and calls the original handler
+    with it. ``UNREAD_METHODS`` (the server probes) are answered without receiving their (empty)
+    message. A streaming-request call (ModelStreamInfer) receives each of its messages the same way (see
+    :meth:`_streaming`).
+
+    It is registered as the server's generic handler, not as an interceptor: grpc runs a chain of
+    coroutines through every interceptor on every call, while a generic handler is one lookup (the
+    wrapped handler of each method is made on its first call and kept). The bearer-token check, an
+    interceptor, still comes first, so a refused call is never received.
     """
 
-    def __init__(self, budget: InflightBytes, max_message_bytes: int, timeout: float) -> None:
+    def __init__(
+        self, handler: grpc.GenericRpcHandler, budget: InflightBytes, max_message_bytes: int, timeout: float
+    ) -> None:
+        self.handler = handler
         self.budget = budget
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
-        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        # One wrapper per served method, made on its first call: the wrappers keep no per-call state.
-        key = (handler_call_details.method, handler)
-        wrapped = self._wrapped.get(key)
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
         if wrapped is None:
-            wrapped = self._wrapped[key] = self._wrap(handler, handler_call_details.method)
+            handler = self.handler.service(handler_call_details)
+            if handler is None:  # not a method of the service: nothing kept for it
+                return None
+            # The wrappers keep no per-call state: one per served method.
+            wrapped = self._wrapped[method] = self._wrap(handler, method)
         return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

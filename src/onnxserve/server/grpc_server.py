@@ -30,13 +30,16 @@ def create_grpc_server(
         exposure = Exposure()
     if budget is None:
         budget = InflightBytes(settings.max_inflight_bytes, settings.grpc_max_message_bytes)
-    # The auth check comes first, so a refused call is never received (see onnxserve.server.auth).
+    # The auth check (an interceptor) comes before the handlers' message reception, so a refused call is
+    # never received (see onnxserve.server.auth).
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerAuthInterceptor(exposure.tokens)] if exposure.tokens is not None else []
     )
-    interceptors.append(MessageReception(budget, settings.grpc_max_message_bytes, settings.body_timeout))
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
-    server.add_generic_rpc_handlers((generic_handler(service, grpc_send_limit(settings)),))
+    handler = generic_handler(service, grpc_send_limit(settings))
+    server.add_generic_rpc_handlers(
+        (MessageReception(handler, budget, settings.grpc_max_message_bytes, settings.body_timeout),)
+    )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
         address = f"{host}:{settings.grpc_port}"

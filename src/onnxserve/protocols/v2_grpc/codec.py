@@ -73,37 +73,42 @@ def parameters_to_proto(params: Mapping[str, Any], into: Any) -> None:
 
 
 def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
-    if not message.model_name:
+    # Each field read from a protobuf message makes a new Python object: every field is read once here.
+    model_name = message.model_name
+    if not model_name:
         raise InvalidInputError("model_name is empty")
-    if not message.inputs:
+    tensors = message.inputs
+    if not tensors:
         raise InvalidInputError("the request has no inputs")
-    raw = len(message.raw_input_contents) > 0
-    if raw and len(message.raw_input_contents) != len(message.inputs):
-        raise InvalidInputError(
-            f"raw_input_contents has {len(message.raw_input_contents)} entries for {len(message.inputs)} inputs"
-        )
+    contents = message.raw_input_contents
+    raw = len(contents) > 0
+    if raw and len(contents) != len(tensors):
+        raise InvalidInputError(f"raw_input_contents has {len(contents)} entries for {len(tensors)} inputs")
     inputs = []
-    for index, tensor in enumerate(message.inputs):
-        if not tensor.name:
+    for index, tensor in enumerate(tensors):
+        name = tensor.name
+        if not name:
             raise InvalidInputError(f"inputs[{index}] has no name")
-        dtype = datatypes.from_v2(tensor.datatype, where=f"input {tensor.name!r}")
-        shape = wire.request_shape(tensor.name, tensor.shape)
+        dtype = datatypes.from_v2(tensor.datatype, where=f"input {name!r}")
+        shape = wire.request_shape(name, tensor.shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInputError(
-                    f"input {tensor.name!r} carries contents while the request uses raw_input_contents; use one form"
+                    f"input {name!r} carries contents while the request uses raw_input_contents; use one form"
                 )
-            inputs.append(wire.from_raw(tensor.name, dtype, shape, message.raw_input_contents[index]))
+            inputs.append(wire.from_raw(name, dtype, shape, contents[index]))
         else:
-            inputs.append(_from_contents(tensor.name, dtype, shape, tensor.contents))
+            inputs.append(_from_contents(name, dtype, shape, tensor.contents))
     wire.check_request_bytes(inputs)
+    outputs = message.outputs
+    parameters = message.parameters
     request = InferenceRequest(
-        model_name=message.model_name,
+        model_name=model_name,
         model_version=message.model_version or None,
         id=message.id or None,
         inputs=inputs,
-        outputs=[o.name for o in message.outputs] or None,
-        parameters=parameters_from_proto(message.parameters),
+        outputs=[o.name for o in outputs] if outputs else None,
+        parameters=parameters_from_proto(parameters) if parameters else {},
         protocol="v2_grpc",
     )
     return DecodedRequest(request, raw)
@@ -169,6 +174,21 @@ def fill_infer_response(plan: PlannedResponse, response: InferenceResponse) -> p
             out.contents.SetInParent()
             _fill_contents(out.contents, tensor)
     return message
+
+
+def serialize_infer_response(plan: PlannedResponse, response: InferenceResponse) -> bytes:
+    """The planned answer's bytes, ``plan.size`` of them. A raw answer's values are written after the
+    skeleton's bytes as its ``raw_output_contents`` fields (the message's last field, which protobuf
+    writes last), so each is copied once, not into the message and then again into its bytes."""
+    if not plan.raw:
+        typed: bytes = fill_infer_response(plan, response).SerializeToString()
+        return typed
+    parts: list[bytes | memoryview] = [plan.message.SerializeToString()]
+    for tensor in response.outputs:
+        data = wire.to_raw(tensor)
+        parts.append(wire_size.field_header(_RAW_OUTPUT, len(data)))
+        parts.append(data)
+    return b"".join(parts)
 
 
 def encode_infer_response(response: InferenceResponse, raw: bool) -> pb.ModelInferResponse:

@@ -29,6 +29,7 @@ from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
     from onnxserve.core.service import InferenceCall, InferenceService
+    from onnxserve.core.types import InferenceResponse
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,6 @@ _time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", de
 
 _wire_size: ContextVar[int] = ContextVar("onnxserve_grpc_wire_size", default=0)
 """Bytes of the request message being handled: a large one is decoded off the event loop."""
-
-_answer_size: ContextVar[int] = ContextVar("onnxserve_grpc_answer_size", default=0)
-"""Bytes of the inference answer being returned: a large one is serialized off the event loop."""
 
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
@@ -130,17 +128,33 @@ class InferenceServicer:
         return pb.RepositoryModelUnloadResponse()
 
     async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        """The answer as a message (a ModelStreamInfer answer holds it)."""
+        plan, response = await self._planned(request)
+        encoded = await offload.convert(plan.size, codec.fill_infer_response, plan, response)
+        del response, plan
+        return encoded
+
+    async def serialized_infer(self, request: pb.ModelInferRequest) -> bytes:
+        """The unary ModelInfer's answer, serialized here (off the event loop when large; grpc would do it on
+        the loop), a raw answer without building its values into a message first."""
+        plan, response = await self._planned(request)
+        serialized = await offload.convert(plan.size, codec.serialize_infer_response, plan, response)
+        del response, plan
+        return serialized
+
+    async def _planned(self, request: pb.ModelInferRequest) -> tuple[codec.PlannedResponse, InferenceResponse]:
+        """The answer computed, checked against every limit and held in the in-flight budget, planned."""
         decoded = await offload.convert(_wire_size.get(), codec.decode_infer_request, request)
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
         response = await self.service.infer(inference)
         # Counted before it is encoded, held until the call ends; a refused answer is dropped before the raise.
-        if (refused := inflight.hold_answer(output_bytes(response))) is not None:
+        if (refused := inflight.hold_answer(tensor_bytes := output_bytes(response))) is not None:
             del response
             raise refused
         # Its exact size on the wire is computed before a value is encoded (a typed INT8 answer can be ten
         # times its tensor): too large, or not fitting in the in-flight budget, it is refused unbuilt.
-        plan = await offload.convert(output_bytes(response), codec.plan_infer_response, response, decoded.raw)
+        plan = await offload.convert(tensor_bytes, codec.plan_infer_response, response, decoded.raw)
         size, limit = plan.size, self.service.max_response_bytes
         if self.max_send_bytes and size > self.max_send_bytes:
             # Refused here with a message that says why, not by grpc with an error in the log (and without
@@ -158,10 +172,7 @@ class InferenceServicer:
         if (refused := inflight.hold_answer(size)) is not None:
             del response, plan
             raise refused
-        encoded = await offload.convert(size, codec.fill_infer_response, plan, response)
-        _answer_size.set(size)
-        del response, plan
-        return encoded
+        return plan, response
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[bytes], grpc_context: grpc.aio.ServicerContext
@@ -219,7 +230,7 @@ _UNARY: dict[str, type[Message]] = {
 
 
 def _unary(
-    method: Callable[[Any], Awaitable[Message]],
+    method: Callable[[Any], Awaitable[Message | bytes]],
     request_type: type[Message],
     counted_by: InferenceService | None = None,
 ) -> Handler:
@@ -239,10 +250,7 @@ def _unary(
                 return await method(await offload.convert(len(data), parse, request_type, data))
             client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
             async with counted_by.call(PROTOCOL, client=client) as call:
-                answer = await method(await _parse_inference(call, data))
-                # Serialized here, off the event loop when large (grpc would do it on the loop).
-                serialized = await offload.convert(_answer_size.get(), answer.SerializeToString)
-            return serialized
+                return await method(await _parse_inference(call, data))  # serialized already
         except Exception as e:
             if isinstance(e, OnnxServeError):
                 code, message = GRPC_STATUS[e.kind], public_message(e)
@@ -272,7 +280,9 @@ def generic_handler(service: InferenceService, max_send_bytes: int = 0) -> grpc.
     servicer = InferenceServicer(service, max_send_bytes)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _unary(getattr(servicer, name), request_type, service if name == "ModelInfer" else None),
+            _unary(servicer.serialized_infer, request_type, service)
+            if name == "ModelInfer"
+            else _unary(getattr(servicer, name), request_type),
             response_serializer=_serialize,
         )
         for name, request_type in _UNARY.items()

@@ -80,7 +80,7 @@ def packed_varints(number: int, array: npt.NDArray[Any]) -> Iterator[bytes]:
                 payload = out.tobytes()
             else:
                 payload = out[np.arange(widest, dtype=np.uint8)[None, :] < lengths[:, None]].tobytes()
-        yield _header(number, len(payload)) + payload
+        yield field_header(number, len(payload)) + payload
 
 
 def packed_fixed(number: int, array: npt.NDArray[Any], dtype: str) -> Iterator[bytes]:
@@ -88,10 +88,11 @@ def packed_fixed(number: int, array: npt.NDArray[Any], dtype: str) -> Iterator[b
     flat = array.reshape(-1)
     for start in range(0, flat.size, SLICE_ELEMENTS):
         payload = np.ascontiguousarray(flat[start : start + SLICE_ELEMENTS], dtype=dtype).tobytes()
-        yield _header(number, len(payload)) + payload
+        yield field_header(number, len(payload)) + payload
 
 
-def _header(number: int, length: int) -> bytes:
+def field_header(number: int, length: int) -> bytes:
+    """The tag and length that start a length-delimited field ``number`` of ``length`` bytes."""
     return _varint((number << 3) | 2) + _varint(length)
 
 
