@@ -238,7 +238,7 @@ class InferenceService:
         self._live = True
         self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
         self.in_flight = 0  # inference requests being answered
-        self.text_budget = TextBudget()  # characters of text being tokenized or held as tokens
+        self.text_budget = TextBudget()  # characters of text being tokenized, server-wide (core.text_budget)
 
     def live(self) -> bool:
         return self._live
@@ -316,18 +316,23 @@ class InferenceService:
         return encodings
 
     async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
-        """Tokenize a larger text request off the event loop and run it, its characters held in the text
-        budget until it has run (its tokens live that long)."""
+        """Tokenize a larger text request off the event loop and run it (``core.text_budget``): its
+        characters held in its model version's room from before tokenizing until it has run (its tokens
+        live that long), and in the server-wide budget only while its tokenizer thread runs. The model's
+        room comes first: a request its busy model has no room for waits untokenized, and holds nothing
+        that requests to other models need."""
         assert work.text is not None
-        async with self.text_budget.held(work.text.characters, work.client):
-            # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
-            model.scheduler.incoming += 1
-            try:
-                tokenize_ns = await _until_returned(
-                    asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
-                )
-            finally:
-                model.scheduler.incoming -= 1
+        characters = work.text.characters
+        async with model.text_room.held(characters, work.client):
+            async with self.text_budget.held(characters, work.client):
+                # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
+                model.scheduler.incoming += 1
+                try:
+                    tokenize_ns = await _until_returned(
+                        asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
+                    )
+                finally:
+                    model.scheduler.incoming -= 1
             scheduled = await chunking.submit(model, work)
             work.encodings = []
         return tokenize_ns, scheduled
