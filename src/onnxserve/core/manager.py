@@ -350,9 +350,9 @@ class ModelManager:
                 version.version,
                 version.active,
             )
+        version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
         await version.scheduler.stop()
         await asyncio.to_thread(version.scheduler.close)
-        version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
         version.state = ModelState.UNAVAILABLE

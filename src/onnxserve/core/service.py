@@ -41,6 +41,7 @@ from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.text_budget import TextBudget
+from onnxserve.core.tokens import compact
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -145,13 +146,15 @@ def _tokenizes_inline(text: TextBatch) -> bool:
     return True
 
 
-def _tokenize(model: ModelVersion, work: Work) -> int:
+def _tokenize(model: ModelVersion, work: Work, keep: bool = False) -> int:
     """Tokenize a text work in place (on a worker thread, or on the loop when it is short); returns the
-    time it took."""
+    time it took. ``keep``: keep only the kept tokens (``core.tokens``), for a request that may wait."""
     start = time.perf_counter_ns()
     assert model.pipeline is not None
     assert work.text is not None
-    work.encodings = model.pipeline.tokenize(work.text)
+    encodings = model.pipeline.tokenize(work.text)
+    work.encodings = compact(encodings, model.pipeline.reads_positions) if keep else list(encodings)
+    del encodings  # the overflow goes with the encodings
     return time.perf_counter_ns() - start
 
 
@@ -320,7 +323,7 @@ class InferenceService:
         characters held in its model version's room from before tokenizing until it has run (its tokens
         live that long), and in the server-wide budget only while its tokenizer thread runs. The model's
         room comes first: a request its busy model has no room for waits untokenized, and holds nothing
-        that requests to other models need."""
+        that requests to other models need. Once tokenized it holds its kept tokens only (``core.tokens``)."""
         assert work.text is not None
         characters = work.text.characters
         async with model.text_room.held(characters, work.client):
@@ -329,7 +332,7 @@ class InferenceService:
                 model.scheduler.incoming += 1
                 try:
                     tokenize_ns = await _until_returned(
-                        asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
+                        asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work, True)
                     )
                 finally:
                     model.scheduler.incoming -= 1

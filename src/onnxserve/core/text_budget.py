@@ -5,18 +5,19 @@ A tokenizer's memory grows with the tokens it makes, and it makes them all befor
 the first ``max_length``: the rest stays with each encoding as its overflow until the request ends.
 Measured with the demo model's WordPiece tokenizer, a text of punctuation (one token per character)
 costs about 165 bytes per character, so one request of a million such characters holds about 170 MB
-while it is tokenized and run. The request size limits bound one request; these budgets bound them
+while it is tokenized. The request size limits bound one request; these budgets bound them
 all together, counted in characters (each text cut as ``pipeline.bounded`` cuts it):
 
 - ``TextBudget()`` (the service's): server-wide, held only while a request is tokenized, from before
   its tokenizer thread starts until it has returned (a caller that leaves cannot stop the thread);
-- ``model_room()`` (each text model version's ``ModelVersion.text_room``): held from before the request
-  is tokenized until it has run, so a request queued at its model holds only its own model's room.
-  It is taken first: a request that cannot get its model's room waits untokenized (holding only its
-  text) and holds nothing of the server-wide budget, so a busy model delays its own requests only.
-  It makes room for one request of the largest size (``pipeline.MAX_REQUEST_CHARACTERS``) beside the
-  small pool. Unloading the version closes it: its waiting requests fail as the version's removal
-  fails them (``CharacterBudget.close``).
+- ``model_room()`` (each text model version's ``ModelVersion.text_room``): held from before the request is
+  tokenized until it has run, so a request queued at its model holds only its own model's room. It is
+  taken first: a request that cannot get its model's room waits untokenized (holding only its text) and
+  holds nothing of the server-wide budget, so a busy model delays its own requests only. It makes room for
+  one request of the largest size (``pipeline.MAX_REQUEST_CHARACTERS``) beside the small pool. Once
+  tokenized, a request holds its kept tokens only (``core.tokens``: the tokenizer's overflow dropped), a
+  few bytes per character of long texts, about 0.5 KB per text of short ones. Unloading the version closes
+  it: its waiting requests fail as the version's removal fails them (``CharacterBudget.close``).
 
 Each budget has two pools, so that a small request never waits behind large ones: requests of more
 than ``SMALL_REQUEST_CHARACTERS`` share the large pool, smaller ones the small pool
@@ -49,7 +50,8 @@ SMALL_CHARACTERS_AT_ONCE = 256 * 1024
 
 MODEL_CHARACTERS_AT_ONCE = MAX_REQUEST_CHARACTERS
 """A model version's large pool: the characters of large requests it holds as tokens (tokenized, queued
-or running) at once: one request of the largest size, about 175 MB at the worst."""
+or running) at once: one request of the largest size (as kept tokens, ``core.tokens``: a few MB of long
+texts, about 0.5 KB per text of short ones)."""
 
 Refusal = Callable[[], BaseException]
 """Makes the error that a closed budget's waiting and later requests fail with."""
