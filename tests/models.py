@@ -197,6 +197,38 @@ def value_paced_model(name: str, size: int) -> onnx.ModelProto:
     )
 
 
+def value_paced_text_model(size: int = 64) -> onnx.ModelProto:
+    """A token graph (``input_ids``, ``attention_mask``) that runs max(input_ids) chained size x size matrix
+    products before it answers each row's token count: beside a tokenizer it is a text model whose texts
+    run at once (their ids are a vocabulary's), and a client that sends ``input_ids`` itself picks how long
+    a run takes."""
+    return parse(
+        f"""
+        paced_text (int64[batch, sequence] input_ids, int64[batch, sequence] attention_mask)
+            => (float[batch, 1] tokens) {{
+            count = ReduceMax <keepdims = 0> (input_ids)
+            cond = Constant <value = bool {{1}}> ()
+            shape = Constant <value = int64[2] {{{size}, {size}}}> ()
+            start = ConstantOfShape <value = float[1] {{0.001}}> (shape)
+            last = Loop(count, cond, start) <body = step (int64 i, bool c_in, float[{size}, {size}] acc)
+                => (bool c_out, float[{size}, {size}] next) {{
+                    c_out = Identity(c_in)
+                    prod = MatMul(acc, acc)
+                    eps = Constant <value = float[1] {{0.0001}}> ()
+                    next = Add(prod, eps)
+                }}>
+            total = ReduceSum <keepdims = 0> (last)
+            zero = Constant <value = float {{0.0}}> ()
+            nothing = Mul(total, zero)
+            axes = Constant <value = int64[1] {{1}}> ()
+            counted = ReduceSum <keepdims = 1> (attention_mask, axes)
+            real = Cast <to = 1> (counted)
+            tokens = Add(real, nothing)
+        }}
+        """
+    )
+
+
 def value_sized_models() -> dict[str, onnx.ModelProto]:
     """Models whose OUTPUT size is an input VALUE (not a shape): one tiny request can ask for any size.
 

@@ -349,14 +349,16 @@ def test_a_batch_waits_for_a_request_on_its_way_while_another_run_keeps_the_core
 def test_large_text_requests_tokenize_within_the_text_budget(
     tiny_text_version: Path, start_server: StartServer
 ) -> None:
-    """Text requests above the inline size hold their characters from tokenizing until they have run:
-    six concurrent requests of 30,000 characters under a budget of 70,000 are never more than two at once,
-    and each gets the answer it gets alone (outside attack: 4 M characters of '!' per request, several at
-    once, made the tokenizer fail to allocate and abort the process)."""
+    """Text requests above the inline size hold their characters in their model's room from tokenizing until
+    they have run, and in the server-wide budget while they are tokenized: six concurrent requests of 30,000
+    characters under rooms of 70,000 are never more than two at once, and each gets the answer it gets alone
+    (outside attack: 4 M characters of '!' per request, several at once, made the tokenizer fail to allocate
+    and abort the process)."""
     document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
     server = start_server(parse_config(document, "text budget test", tiny_text_version.parent))
-    budget = server.service.text_budget.small  # requests of 30,000 characters are small (at most 64 Ki)
-    budget.limit = 70_000
+    shared = server.service.text_budget.small  # requests of 30,000 characters are small (at most 64 Ki)
+    room = server.service.registry.resolve("tiny", None).text_room.small
+    shared.limit = room.limit = 70_000
     url = f"{server.http_url}/v2/models/tiny/infer"
 
     def infer(text: str) -> httpx.Response:
@@ -365,14 +367,16 @@ def test_large_text_requests_tokenize_within_the_text_budget(
 
     texts = [f"{i} {'! ' * 15_000}" for i in range(6)]  # 30,000+ characters each, under the per-text cut
     alone = [infer(t) for t in texts]
-    assert budget.peak <= 31_000
+    assert shared.peak <= 31_000
+    assert room.peak <= 31_000
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(infer, texts))
     assert [r.status_code for r in alone + together] == [200] * 12, [r.text[:200] for r in together]
     for one, merged in zip(alone, together, strict=True):  # merged runs may round differently
         assert np.allclose(one.json()["outputs"][0]["data"], merged.json()["outputs"][0]["data"], atol=1e-5)
-    assert 30_000 < budget.peak <= budget.limit
-    assert budget.used == 0
+    assert 30_000 < room.peak <= room.limit
+    assert shared.peak <= shared.limit
+    assert room.used == shared.used == 0
 
 
 def test_a_tokenize_request_whose_client_leaves_is_dropped(tiny_text_version: Path, start_server: StartServer) -> None:

@@ -38,6 +38,7 @@ from transformers import (
 from onnxserve import Pipeline
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.pipeline import TASK_OUTPUTS, PipelineSpec, TextBatch
+from onnxserve.core.service import INLINE_TOKENIZE_CHARACTERS
 from onnxserve.errors import ExportError
 from onnxserve.server.lifecycle import RunningServer
 from onnxserve.toolkit.export.huggingface import ARCHITECTURES, TASKS, HfExportOptions, export_huggingface
@@ -475,6 +476,33 @@ def test_served_token_classification(exported: Exported, start_server: StartServ
             {k: v for k, v in e.items() if k != "score"} for e in want
         ]
         assert [e["score"] for e in got] == pytest.approx([e["score"] for e in want], abs=1e-6)
+
+
+def test_served_tasks_of_long_requests_read_their_kept_tokens(exported: Exported, start_server: StartServer) -> None:
+    """Requests over ``INLINE_TOKENIZE_CHARACTERS`` are tokenized off the event loop and keep only their kept
+    tokens while they wait and run (``core.tokens``): the tasks that map tokens back to the text answer as the
+    local pipeline does with the tokenizer's own encodings."""
+    long_texts = [" ".join([text] * 8) for text in TEXTS]
+    contexts = [" ".join([context] * 8) for context in CONTEXTS]
+    assert sum(map(len, long_texts)) > INLINE_TOKENIZE_CHARACTERS
+    assert sum(map(len, [*QUESTIONS, *contexts])) > INLINE_TOKENIZE_CHARACTERS
+
+    name = name_of("bert", "token-classification")
+    server = serve(start_server, exported, name)
+    local = Pipeline(exported.folder("bert", "token-classification"))(long_texts)
+    outputs = outputs_of(infer(server, name, {"inputs": text_inputs(text=long_texts)}))
+    served = [json.loads(row) for row in outputs["entities"]["data"]]
+    assert [[{k: v for k, v in e.items() if k != "score"} for e in row] for row in served] == [
+        [{k: v for k, v in e.items() if k != "score"} for e in row] for row in local
+    ]
+
+    name = name_of("bert", "question-answering")
+    server = serve(start_server, exported, name)
+    answers = Pipeline(exported.folder("bert", "question-answering"))(QUESTIONS, context=contexts)
+    outputs = outputs_of(infer(server, name, {"inputs": text_inputs(question=QUESTIONS, context=contexts)}))
+    assert outputs["answer"]["data"] == [r["answer"] for r in answers]
+    assert outputs["start"]["data"] == [r["start"] for r in answers]
+    assert outputs["end"]["data"] == [r["end"] for r in answers]
 
 
 def test_tf_serving_columnar_text_classification(exported: Exported, start_server: StartServer) -> None:

@@ -1,4 +1,5 @@
-"""The server-wide budget of text characters tokenized or held as tokens at once (core/text_budget.py)."""
+"""The budgets of text characters tokenized (server-wide) or held as tokens (per model version) at once
+(core/text_budget.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import threading
 
 import pytest
 
-from onnxserve.core.text_budget import SMALL_REQUEST_CHARACTERS, CharacterBudget, TextBudget
+from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS
+from onnxserve.core.text_budget import (
+    SMALL_CHARACTERS_AT_ONCE,
+    SMALL_REQUEST_CHARACTERS,
+    CharacterBudget,
+    TextBudget,
+    model_room,
+)
+from onnxserve.errors import UnavailableError
 
 
 async def _hold(
@@ -147,3 +156,77 @@ def test_a_cancelled_tokenization_keeps_its_room_until_its_thread_returns() -> N
         return task.cancelled(), held_while_running
 
     assert asyncio.run(scenario()) == (True, 100)
+
+
+def test_a_model_room_holds_one_largest_request_beside_small_ones() -> None:
+    async def scenario() -> None:
+        room = model_room()
+        async with room.held(MAX_REQUEST_CHARACTERS, "x"):
+            assert room.large.used == MAX_REQUEST_CHARACTERS
+            waiting = asyncio.create_task(_enter(room, SMALL_REQUEST_CHARACTERS + 1, "y"))
+            await asyncio.sleep(0.01)
+            assert not waiting.done()  # one largest request at a time
+            for _ in range(SMALL_CHARACTERS_AT_ONCE // SMALL_REQUEST_CHARACTERS):
+                await asyncio.wait_for(_enter(room, SMALL_REQUEST_CHARACTERS, "z"), 1)  # small ones go beside it
+        await asyncio.wait_for(waiting, 1)
+        assert room.large.used == room.small.used == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_model_rooms_waiting_clients_are_served_in_turn_and_one_that_leaves_takes_nothing() -> None:
+    async def scenario() -> list[str]:
+        room = model_room()
+        pool = room.small
+        log: list[str] = []
+        gate = asyncio.Event()
+        first = asyncio.create_task(_hold(pool, pool.limit, log, "x0", gate, "x"))
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(_hold(pool, pool.limit, log, f"x{i}", gate, "x")) for i in (1, 2)]
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(_hold(pool, pool.limit, log, "w", gate, "w"))
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(_hold(pool, pool.limit, log, "y", gate, "y")))
+        await asyncio.sleep(0.01)
+        assert pool.waiting() == 4
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert pool.waiting() == 3
+        assert pool.used == pool.limit  # only x0's
+        gate.set()
+        await asyncio.gather(first, *tasks)
+        assert pool.used == 0
+        return [entry for entry in log if entry.endswith(" in")]
+
+    assert asyncio.run(scenario()) == ["x0 in", "x1 in", "y in", "x2 in"]
+
+
+def test_a_closed_room_fails_its_waiting_and_later_requests_and_keeps_what_is_held_until_it_ends() -> None:
+    """Unloading a version closes its room: requests still waiting for it get the unload's error."""
+
+    def unloaded() -> UnavailableError:
+        return UnavailableError("model 'm' version 1 was unloaded before this request could run; send it again")
+
+    async def scenario() -> None:
+        room = model_room()
+        gate = asyncio.Event()
+        log: list[str] = []
+        holder = asyncio.create_task(_hold(room.small, room.small.limit, log, "held", gate))
+        await asyncio.sleep(0)
+        waiters = [asyncio.create_task(_enter(room, 1000, client)) for client in "ab"]
+        await asyncio.sleep(0.01)
+        assert room.small.waiting() == 2
+        room.close(unloaded)
+        for waiter in waiters:
+            with pytest.raises(UnavailableError, match="was unloaded"):
+                await waiter
+        with pytest.raises(UnavailableError, match="was unloaded"):
+            await _enter(room, SMALL_REQUEST_CHARACTERS + 1, "c")
+        assert room.small.used == room.small.limit  # the request that held room still runs
+        gate.set()
+        await holder
+        assert room.small.used == room.large.used == 0
+        assert room.small.waiting() == 0
+
+    asyncio.run(scenario())

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from tokenizers import Encoding
 
 from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
 from onnxserve.core.runtime import ModelSession, RunControl
+from onnxserve.core.tokens import TokenizedText
 from onnxserve.core.types import TensorSpec
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
 
@@ -36,7 +36,7 @@ class Work:
     rows: int  # rows along dimension 0 (texts, for text)
     feeds: Arrays | None = None
     text: TextBatch | None = None
-    encodings: list[Encoding] = field(default_factory=list)
+    encodings: list[TokenizedText] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin

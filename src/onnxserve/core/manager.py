@@ -5,7 +5,9 @@ served with what is loaded:
 
 - new versions are loaded and warmed on a worker thread, and only then receive traffic;
 - versions no longer wanted (removed from disk, out of policy, their model removed) stop receiving
-  new requests at once (state UNLOADING) and are unloaded when their in-flight requests have finished;
+  new requests at once (state UNLOADING) and are unloaded when their in-flight requests have finished
+  (or ``drain_seconds`` passed: text requests still waiting for the version's room then fail, 503 /
+  UNAVAILABLE, and its room goes with it);
 - a version that fails to load is recorded with its reason (the repository index shows it), is not
   retried until its folder changes, and never displaces the versions already serving: the policy
   chooses among the versions that loaded;
@@ -35,6 +37,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
@@ -43,7 +46,7 @@ from onnxserve.core.observe import VersionRecord
 from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
 from onnxserve.core.types import ModelState
-from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError
+from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,13 @@ def _empty_reason(folder: VersionFolder) -> str:
 
 def _signatures(folders: list[VersionFolder]) -> dict[Path, Signature | None]:
     return {f.model_file: f.signature() for f in folders}
+
+
+def _unloaded(version: ModelVersion) -> UnavailableError:
+    """The error of a request that still waited for its version when the version was unloaded."""
+    return UnavailableError(
+        f"model {version.name!r} version {version.version} was unloaded before this request could run; send it again"
+    )
 
 
 class ModelManager:
@@ -340,6 +350,7 @@ class ModelManager:
                 version.version,
                 version.active,
             )
+        version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
         await version.scheduler.stop()
         await asyncio.to_thread(version.scheduler.close)
         if served.versions.get(version.version) is version:

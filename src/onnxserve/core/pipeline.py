@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tokenizers import Encoding, Tokenizer
 
 from onnxserve.core import text_tasks
+from onnxserve.core.tokens import TokenizedText
 from onnxserve.core.types import InferenceRequest, Tensor, TensorSpec
 from onnxserve.errors import ConfigError, InvalidInputError, ModelLoadError
 
@@ -171,7 +172,7 @@ class TextBatch:
         return sum(map(len, self.texts)) + sum(map(len, self.pairs or ()))
 
 
-def truncated_count(encodings: Sequence[Encoding], cut: frozenset[int] = frozenset()) -> int:
+def truncated_count(encodings: Sequence[TokenizedText], cut: frozenset[int] = frozenset()) -> int:
     """Texts that lost tokens: cut before tokenizing, or truncated by the tokenizer."""
     return sum(1 for row, e in enumerate(encodings) if e.overflowing or row in cut)
 
@@ -181,7 +182,7 @@ class Encoded:
     """Token tensors for a batch of texts, the tokenizer's encodings, and how many were truncated."""
 
     feeds: dict[str, npt.NDArray[Any]]
-    encodings: list[Encoding]
+    encodings: list[TokenizedText]
     truncated: int
 
 
@@ -326,7 +327,12 @@ class TextPipeline:
         encodings: list[Encoding] = self.tokenizer.encode_batch(pairs)
         return encodings
 
-    def tensors(self, encodings: Sequence[Encoding]) -> Encoded:
+    @property
+    def reads_positions(self) -> bool:
+        """Whether the task maps tokens back to the text (offsets, token strings, which sequence)."""
+        return self.spec.task in ("token-classification", "question-answering")
+
+    def tensors(self, encodings: Sequence[TokenizedText]) -> Encoded:
         """The graph's token tensors for already tokenized texts, padded to the longest."""
         length = self.fixed_length if self.fixed_length > 0 else max((len(e.ids) for e in encodings), default=0)
         ids = np.full((len(encodings), length), self._pad_id, dtype=np.int64)

@@ -20,6 +20,7 @@ from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
+from onnxserve.core.text_budget import TextBudget, model_room
 from onnxserve.core.types import ModelState, TensorSpec
 from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
 
@@ -48,6 +49,8 @@ class ModelVersion:
     active: int = 0  # requests between resolution and answer (queued or running)
     merged_rows: int = 0  # adaptive layout: the most rows merged into one run (max_batch_size stays 0)
     chunk_tokens: int = 0  # rows x tokens one execution of a request may take (core.chunking); 0: not chunked
+    # characters of its text requests held as tokens, from before tokenizing until run (core.text_budget)
+    text_room: TextBudget = field(default_factory=model_room)
 
     @property
     def batches_rows(self) -> bool:

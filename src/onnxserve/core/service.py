@@ -41,6 +41,7 @@ from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.text_budget import TextBudget
+from onnxserve.core.tokens import compact
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -145,13 +146,15 @@ def _tokenizes_inline(text: TextBatch) -> bool:
     return True
 
 
-def _tokenize(model: ModelVersion, work: Work) -> int:
+def _tokenize(model: ModelVersion, work: Work, keep: bool = False) -> int:
     """Tokenize a text work in place (on a worker thread, or on the loop when it is short); returns the
-    time it took."""
+    time it took. ``keep``: keep only the kept tokens (``core.tokens``), for a request that may wait."""
     start = time.perf_counter_ns()
     assert model.pipeline is not None
     assert work.text is not None
-    work.encodings = model.pipeline.tokenize(work.text)
+    encodings = model.pipeline.tokenize(work.text)
+    work.encodings = compact(encodings, model.pipeline.reads_positions) if keep else list(encodings)
+    del encodings  # the overflow goes with the encodings
     return time.perf_counter_ns() - start
 
 
@@ -238,7 +241,7 @@ class InferenceService:
         self._live = True
         self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
         self.in_flight = 0  # inference requests being answered
-        self.text_budget = TextBudget()  # characters of text being tokenized or held as tokens
+        self.text_budget = TextBudget()  # characters of text being tokenized, server-wide (core.text_budget)
 
     def live(self) -> bool:
         return self._live
@@ -316,18 +319,23 @@ class InferenceService:
         return encodings
 
     async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
-        """Tokenize a larger text request off the event loop and run it, its characters held in the text
-        budget until it has run (its tokens live that long)."""
+        """Tokenize a larger text request off the event loop and run it (``core.text_budget``): its
+        characters held in its model version's room from before tokenizing until it has run (its tokens
+        live that long), and in the server-wide budget only while its tokenizer thread runs. The model's
+        room comes first: a request its busy model has no room for waits untokenized, and holds nothing
+        that requests to other models need. Once tokenized it holds its kept tokens only (``core.tokens``)."""
         assert work.text is not None
-        async with self.text_budget.held(work.text.characters, work.client):
-            # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
-            model.scheduler.incoming += 1
-            try:
-                tokenize_ns = await _until_returned(
-                    asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work)
-                )
-            finally:
-                model.scheduler.incoming -= 1
+        characters = work.text.characters
+        async with model.text_room.held(characters, work.client):
+            async with self.text_budget.held(characters, work.client):
+                # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
+                model.scheduler.incoming += 1
+                try:
+                    tokenize_ns = await _until_returned(
+                        asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work, True)
+                    )
+                finally:
+                    model.scheduler.incoming -= 1
             scheduled = await chunking.submit(model, work)
             work.encodings = []
         return tokenize_ns, scheduled

@@ -1,39 +1,60 @@
-"""How much text the server tokenizes, and holds as tokens, at once.
+"""How much text the server tokenizes, and holds as tokens, at once: server-wide while it is
+tokenized, and per model version while it waits for its model and runs.
 
 A tokenizer's memory grows with the tokens it makes, and it makes them all before truncation keeps
 the first ``max_length``: the rest stays with each encoding as its overflow until the request ends.
 Measured with the demo model's WordPiece tokenizer, a text of punctuation (one token per character)
 costs about 165 bytes per character, so one request of a million such characters holds about 170 MB
-while it is tokenized and run. The request size limits bound one request; this budget bounds them all
-together: a text request holds its characters (each text cut as ``pipeline.bounded`` cuts it) from
-before it is tokenized until it has run and its tokenizer thread has returned.
+while it is tokenized. The request size limits bound one request; these budgets bound them
+all together, counted in characters (each text cut as ``pipeline.bounded`` cuts it):
 
-Two pools, so that a small request never waits behind large ones: requests of more than
-``SMALL_REQUEST_CHARACTERS`` share ``TEXT_CHARACTERS_AT_ONCE``, smaller ones ``SMALL_CHARACTERS_AT_ONCE``.
-In each, a request that does not fit waits; waiting requests are served per client in turn
-(``core.fairness``), each client's in arrival order, within their time limits. Requests of at most
-``INLINE_TOKENIZE_CHARACTERS`` (core/service.py) are tokenized on the event loop, one at a time, and do
-not count.
+- ``TextBudget()`` (the service's): server-wide, held only while a request is tokenized, from before
+  its tokenizer thread starts until it has returned (a caller that leaves cannot stop the thread);
+- ``model_room()`` (each text model version's ``ModelVersion.text_room``): held from before the request is
+  tokenized until it has run, so a request queued at its model holds only its own model's room. It is
+  taken first: a request that cannot get its model's room waits untokenized (holding only its text) and
+  holds nothing of the server-wide budget, so a busy model delays its own requests only. It makes room for
+  one request of the largest size (``pipeline.MAX_REQUEST_CHARACTERS``) beside the small pool. Once
+  tokenized, a request holds its kept tokens only (``core.tokens``: the tokenizer's overflow dropped), a
+  few bytes per character of long texts, about 0.5 KB per text of short ones. Unloading the version closes
+  it: its waiting requests fail as the version's removal fails them (``CharacterBudget.close``).
+
+Each budget has two pools, so that a small request never waits behind large ones: requests of more
+than ``SMALL_REQUEST_CHARACTERS`` share the large pool, smaller ones the small pool
+(``SMALL_CHARACTERS_AT_ONCE``). In each pool, a request that does not fit waits; waiting requests are
+served per client in turn (``core.fairness``), each client's in arrival order, within their time
+limits. Requests of at most ``INLINE_TOKENIZE_CHARACTERS`` (core/service.py) are tokenized on the
+event loop, one at a time, and count in neither.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from onnxserve.core.fairness import FairQueue
+from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS
 
 TEXT_CHARACTERS_AT_ONCE = 2 * 1024 * 1024
-"""The most characters of large text requests tokenized or held as tokens at once, server-wide: two
-requests of the largest size (``pipeline.MAX_REQUEST_CHARACTERS``), about 350 MB at the worst (one token
-per character), a few times less for ordinary text."""
+"""The most characters of large text requests tokenized at once, server-wide: two requests of the largest
+size (``pipeline.MAX_REQUEST_CHARACTERS``), about 350 MB at the worst (one token per character), a few
+times less for ordinary text."""
 
 SMALL_REQUEST_CHARACTERS = 64 * 1024
 """A text request of at most this many characters is small: it holds room in the small pool."""
 
 SMALL_CHARACTERS_AT_ONCE = 256 * 1024
-"""The small pool: four small requests of the largest size at once (about 45 MB at the worst)."""
+"""The small pool (server-wide and per model version): four small requests of the largest size at once
+(about 45 MB at the worst)."""
+
+MODEL_CHARACTERS_AT_ONCE = MAX_REQUEST_CHARACTERS
+"""A model version's large pool: the characters of large requests it holds as tokens (tokenized, queued
+or running) at once: one request of the largest size (as kept tokens, ``core.tokens``: a few MB of long
+texts, about 0.5 KB per text of short ones)."""
+
+Refusal = Callable[[], BaseException]
+"""Makes the error that a closed budget's waiting and later requests fail with."""
 
 
 class CharacterBudget:
@@ -44,10 +65,26 @@ class CharacterBudget:
         self.used = 0
         self.peak = 0  # the most held at once so far
         self._waiting: FairQueue[tuple[int, asyncio.Future[None]]] = FairQueue()
+        self._closed: Refusal | None = None
+
+    def waiting(self) -> int:
+        """Requests waiting for room."""
+        return len(self._waiting)
+
+    def close(self, refusal: Refusal) -> None:
+        """No more room is given: every waiting request fails with ``refusal()``, and so does every later
+        one; requests that hold room keep it until they end."""
+        self._closed = refusal
+        while self._waiting:
+            _, turn = self._waiting.pop()
+            if not turn.done():
+                turn.set_exception(refusal())
 
     @contextlib.asynccontextmanager
     async def held(self, characters: int, client: str = "") -> AsyncIterator[None]:
         """Hold ``characters`` (at most ``limit``) for the block, once the requests ahead have had room."""
+        if self._closed is not None:
+            raise self._closed()
         characters = min(characters, self.limit)
         if self._waiting or self.used + characters > self.limit:
             turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -56,7 +93,7 @@ class CharacterBudget:
             try:
                 await turn
             except BaseException:
-                if turn.done() and not turn.cancelled():
+                if turn.done() and not turn.cancelled() and turn.exception() is None:
                     self.used -= characters  # its room was given just as it went away
                 else:
                     self._waiting.remove(client, entry)
@@ -93,3 +130,13 @@ class TextBudget:
     def held(self, characters: int, client: str = "") -> contextlib.AbstractAsyncContextManager[None]:
         pool = self.small if characters <= SMALL_REQUEST_CHARACTERS else self.large
         return pool.held(characters, client)
+
+    def close(self, refusal: Refusal) -> None:
+        """Both pools closed (``CharacterBudget.close``)."""
+        self.large.close(refusal)
+        self.small.close(refusal)
+
+
+def model_room() -> TextBudget:
+    """A model version's own budget of text held as tokens, from before tokenizing until it has run."""
+    return TextBudget(large=MODEL_CHARACTERS_AT_ONCE, small=SMALL_CHARACTERS_AT_ONCE)

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Tokenizer
 
+from onnxserve.core.tokens import TokenizedText
 from onnxserve.errors import InvalidInputError
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -65,7 +66,9 @@ def text_classification(logits: npt.NDArray[Any], labels: Mapping[int, str], fun
     }
 
 
-def token_classification(logits: npt.NDArray[Any], encodings: Sequence[Encoding], labels: Mapping[int, str]) -> Arrays:
+def token_classification(
+    logits: npt.NDArray[Any], encodings: Sequence[TokenizedText], labels: Mapping[int, str]
+) -> Arrays:
     """``entities``: per text, a JSON list of ``{entity, score, index, word, start, end}`` (no aggregation,
     special tokens and the ``O`` label left out, as Hugging Face's default pipeline does)."""
     probabilities = softmax(logits)
@@ -98,7 +101,7 @@ def token_classification(logits: npt.NDArray[Any], encodings: Sequence[Encoding]
 def question_answering(
     start_logits: npt.NDArray[Any],
     end_logits: npt.NDArray[Any],
-    encodings: Sequence[Encoding],
+    encodings: Sequence[TokenizedText],
     contexts: Sequence[str],
 ) -> Arrays:
     """The best span in each context: ``answer`` text, ``score`` (p(start) * p(end)), character ``start``
@@ -132,7 +135,7 @@ def question_answering(
 
 
 def fill_mask(
-    logits: npt.NDArray[Any], encodings: Sequence[Encoding], tokenizer: Tokenizer, mask_id: int, top_k: int = TOP_K
+    logits: npt.NDArray[Any], encodings: Sequence[TokenizedText], tokenizer: Tokenizer, mask_id: int, top_k: int = TOP_K
 ) -> Arrays:
     """For the first mask token of each text, the ``top_k`` candidates: ``token`` ids, ``token_str``,
     ``score`` and the completed ``sequence``."""
