@@ -23,7 +23,7 @@ from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePoo
 from onnxserve.core.execution import Outcome, Work, run_batch
 from onnxserve.core.fairness import FairQueue, should_displace
 from onnxserve.core.runtime import ModelSession, RunControl
-from onnxserve.errors import ResourceExhaustedError
+from onnxserve.errors import ResourceExhaustedError, UnavailableError
 
 FOREVER = 1e9
 Scheduler = DirectScheduler | DynamicBatcher
@@ -229,3 +229,35 @@ def test_fair_queue_round_robin_and_displacement() -> None:
     assert not queue.remove("c", "c1")
     assert [queue.pop() for _ in range(len(queue))] == ["a1", "b1", "a2", "b2"]
     assert not queue
+
+
+@pytest.mark.parametrize("batching", [False, True])
+def test_stopping_refuses_queued_and_new_requests_with_its_error(
+    session: ModelSession, pool: InstancePool, batching: bool
+) -> None:
+    """An unloaded version's scheduler stops: requests still queued behind its running execution, and any
+    submitted later, get the unload's error (503 / UNAVAILABLE), not a hang or an executor's RuntimeError."""
+    recorder = Recorder(session)
+    scheduler = batcher(pool, recorder, 1) if batching else direct(pool, recorder)
+    error = UnavailableError("model 'paced' version 1 was unloaded before this request could run")
+
+    async def scenario() -> tuple[list[Scheduled | BaseException], BaseException | None]:
+        running = asyncio.create_task(scheduler.submit(work(1.0, "a")))
+        blocker = asyncio.create_task(scheduler.submit(work(FOREVER, "blocker")))
+        queued = [asyncio.create_task(scheduler.submit(work(v, c))) for c, v in [("a", 2.0), ("b", 11.0)]]
+        await until(lambda: scheduler.pool.busy == [1] and scheduler.queued() >= 2)
+        stopping = asyncio.create_task(scheduler.stop(error))
+        answers = await asyncio.gather(*queued, return_exceptions=True)
+        blocker.cancel()  # the running execution ends; stop waits for it
+        await stopping
+        await asyncio.gather(running, blocker, return_exceptions=True)
+        try:
+            await scheduler.submit(work(3.0, "c"))
+        except UnavailableError as late:
+            return answers, late
+        return answers, None
+
+    answers, late = asyncio.run(scenario())
+    assert answers == [error, error]
+    assert late is error
+    assert scheduler.queued() == 0

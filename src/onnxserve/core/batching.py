@@ -52,7 +52,7 @@ from onnxserve.config import DynamicBatching
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.fairness import FairQueue, interleave, should_displace
 from onnxserve.core.runtime import ModelSession, RunControl
-from onnxserve.errors import ResourceExhaustedError
+from onnxserve.errors import OnnxServeError, ResourceExhaustedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,12 @@ class DirectScheduler:
         self._queued = 0
         self._running: set[asyncio.Future[list[Outcome]]] = set()
         self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
+        self._stopped: OnnxServeError | None = None  # what a request gets once the scheduler has stopped
 
     async def submit(self, work: Work) -> Scheduled:
         submitted = time.perf_counter_ns()
+        if self._stopped is not None:
+            raise self._stopped
         if self._waiting or self.pool.full():
             await self._wait_turn(work.client)
         else:
@@ -245,8 +248,15 @@ class DirectScheduler:
         """Requests waiting for a free instance."""
         return self._queued
 
-    async def stop(self) -> None:
-        """Let running executions finish (on the event loop, before it closes)."""
+    async def stop(self, error: OnnxServeError | None = None) -> None:
+        """Refuse new requests and those still waiting for an instance with ``error``; let running
+        executions finish (on the event loop, before it closes)."""
+        self._stopped = error or stopped(self.name)
+        while self._waiting:
+            turn = self._waiting.pop()
+            self._queued -= 1
+            if not turn.done():
+                turn.set_exception(self._stopped)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
@@ -288,11 +298,14 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._stopped: OnnxServeError | None = None  # what a request gets once the batcher has stopped
 
     def queued(self) -> int:
         return len(self._queue)
 
     async def submit(self, work: Work) -> Scheduled:
+        if self._stopped is not None:
+            raise self._stopped
         limit = self.settings.max_queue_size
         if limit and len(self._queue) >= limit:
             self._make_room(work.client, limit)
@@ -527,17 +540,25 @@ class DynamicBatcher:
         if not pending.future.done():
             pending.future.set_result(Scheduled(outcome, started - pending.submitted_ns, pending.work.rows))
 
-    async def stop(self) -> None:
-        """Stop forming batches (on the event loop, before it closes); running batches finish."""
+    async def stop(self, error: OnnxServeError | None = None) -> None:
+        """Stop forming batches (on the event loop, before it closes): new and queued requests get
+        ``error``; running batches finish."""
+        self._stopped = error or stopped(self.name)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        while self._queue:
+            _fail(self._queue.popleft(), self._stopped)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     def close(self) -> None:
         self.pool.close()
+
+
+def stopped(name: str) -> UnavailableError:
+    return UnavailableError(f"model {name!r} is no longer served; send the request again")
 
 
 def queue_full(name: str, queued: int, limit: int) -> ResourceExhaustedError:

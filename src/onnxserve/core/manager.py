@@ -351,7 +351,7 @@ class ModelManager:
                 version.active,
             )
         version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
-        await version.scheduler.stop()
+        await version.scheduler.stop(_unloaded(version))  # and those still waiting for an instance
         await asyncio.to_thread(version.scheduler.close)
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
