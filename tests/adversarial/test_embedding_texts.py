@@ -86,7 +86,7 @@ def test_texts_over_one_requests_characters_are_refused_as_on_v2(server: CappedS
     _assert_serving(server, prober)
 
 
-@pytest.mark.parametrize(("route", "size"), [("openai", 2000), ("tei", 500)])
+@pytest.mark.parametrize(("route", "size"), [("openai", 2000), pytest.param("tei", 500, marks=pytest.mark.long)])
 def test_a_million_punctuation_characters_at_once_stay_within_the_text_bound(
     server: CappedServer, route: str, size: int
 ) -> None:
