@@ -285,6 +285,8 @@ BAD: list[tuple[str, str | None, Any, int, str]] = [
     ("/rerank", None, {"query": "q", "texts": ["a"] * 2049}, 422, "at most 2048"),
     ("/rerank", None, {"query": "q", "texts": ["a"], "raw_scores": 1}, 422, "true or false"),
     ("/rerank", "tiny", {"query": "q", "texts": ["a"]}, 422, "needs a text-ranking model"),
+    ("/rerank", None, {"query": "q" * 16384, "texts": ["a"] * 64}, 422, "one request may send"),  # query per text
+    ("/predict", None, {"inputs": ["x" * 16384] * 65}, 422, "one request may send"),
     ("/predict", None, {"inputs": 5}, 422, "string or a non-empty list"),
     ("/predict", None, {"inputs": [["a", "b"]]}, 422, "pairs"),
     ("/predict", "ranker", {"inputs": "x"}, 422, "needs a text-classification model"),

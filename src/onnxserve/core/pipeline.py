@@ -24,7 +24,7 @@ padded (and truncated) to exactly that length; a fixed batch of 1 runs a request
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +156,21 @@ MIN_TEXT_CHARACTERS = 16384
 MAX_REQUEST_CHARACTERS = 1024 * 1024
 """The most characters one request's texts may hold together, after each was cut to what is tokenized
 (about OpenAI's 300,000 tokens of ordinary text; ``core.text_budget`` bounds all requests together)."""
+
+
+def request_characters(texts: Iterable[str], limit: int) -> int:
+    """The characters ``texts`` hold once each is cut to ``limit`` (what is tokenized of them)."""
+    return sum(min(len(t), limit) for t in texts)
+
+
+def check_request_characters(characters: int, limit: int) -> None:
+    """Refuse a request whose texts hold more than :data:`MAX_REQUEST_CHARACTERS` (each cut to ``limit``)
+    together: the same refusal whether the request comes as one or is run in pieces."""
+    if characters > MAX_REQUEST_CHARACTERS:
+        raise InvalidInputError(
+            f"the texts of this request hold {characters} characters (each cut to {limit}), more than the "
+            f"{MAX_REQUEST_CHARACTERS} one request may send; send fewer or shorter texts"
+        )
 
 
 @dataclass(frozen=True)
@@ -297,12 +312,7 @@ class TextPipeline:
             if len(text) > limit or (batch.pairs is not None and len(batch.pairs[row]) > limit)
         )
         bounded = TextBatch(texts, pairs, cut) if cut else batch
-        total = bounded.characters
-        if total > MAX_REQUEST_CHARACTERS:
-            raise InvalidInputError(
-                f"the texts of this request hold {total} characters (each cut to {limit}), more than the "
-                f"{MAX_REQUEST_CHARACTERS} one request may send; send fewer or shorter texts"
-            )
+        check_request_characters(bounded.characters, limit)
         return bounded
 
     def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:

@@ -297,6 +297,7 @@ class InferenceService:
             task=model.pipeline.spec.task if model.pipeline is not None else None,
             pipeline=model.pipeline.spec if model.pipeline is not None else None,
             vocabulary_size=model.pipeline.tokenizer.get_vocab_size(True) if model.pipeline is not None else 0,
+            text_characters=model.pipeline.max_characters if model.pipeline is not None else 0,
         )
 
     async def tokenize(

@@ -93,6 +93,7 @@ class ModelMetadata:
     task: str | None = None  # the text pipeline's task, for models that carry a tokenizer
     pipeline: PipelineSpec | None = None  # the whole text pipeline spec (pooling, labels, max length, ...)
     vocabulary_size: int = 0  # the tokenizer's token ids are below this (0: no tokenizer)
+    text_characters: int = 0  # each text is cut to this many characters before it is tokenized (0: no tokenizer)
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,19 @@
 A request of N inputs becomes N rows in the model's batcher, exactly like a V2 text request: texts
 travel as the pipeline's ``text`` input (tokenized by the server), token ids as the graph's own token
 tensors (padded, with their attention mask). Requests larger than the model's ``max_batch_size`` are
-split into several that run concurrently. ``dimensions`` keeps the first dimensions of each vector
-(Matryoshka truncation), normalized again when the model's vectors are unit length.
+split into pieces (:func:`in_pieces`) that run concurrently, a few at a time: the pieces in flight hold
+at most :data:`IN_FLIGHT_CHARACTERS` (and at least one piece), and a piece is encoded only when it is
+submitted. The whole request's texts are bounded as one V2 request's are
+(``pipeline.MAX_REQUEST_CHARACTERS``, each text counted as cut before tokenizing), whatever its pieces.
+``dimensions`` keeps the first dimensions of each vector (Matryoshka truncation), normalized again
+when the model's vectors are unit length.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,13 @@ import numpy as np
 import numpy.typing as npt
 
 from onnxserve.core.datatypes import from_v2
-from onnxserve.core.pipeline import EMBEDDING_OUTPUT, TEXT_INPUT, TOKEN_COUNT_OUTPUT
+from onnxserve.core.pipeline import (
+    EMBEDDING_OUTPUT,
+    TEXT_INPUT,
+    TOKEN_COUNT_OUTPUT,
+    check_request_characters,
+    request_characters,
+)
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor, TensorSpec
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import inflight
@@ -98,6 +109,14 @@ def embedding_model(service: InferenceService, model_id: str) -> EmbeddingModel:
     return EmbeddingModel(name, version, metadata, int(pooled.shape[-1]), spec.normalize, max_batch)
 
 
+IN_FLIGHT_CHARACTERS = 128 * 1024
+"""Characters (token ids for ids) of one request's pieces in the model's scheduler at once, beyond its
+first piece. A request of many short texts keeps enough pieces queued for the batcher to merge them; one
+of long texts about two at a time, as ``core.chunking`` keeps a V2 request's chunks, so that one request
+neither fills every run slot and the text budget's small pool nor holds its texts encoded all at once
+(a million characters in 16 or 64 pieces were all submitted together)."""
+
+
 def chunks(count: int, size: int) -> list[range]:
     """``range(count)`` cut into pieces of at most ``size`` (0: one piece)."""
     step = size if size > 0 else max(count, 1)
@@ -122,6 +141,46 @@ def _ids_request(model: EmbeddingModel, rows: TokenIds, protocol: str) -> Infere
     available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     inputs = [Tensor(s.name, INT64, available[s.name]) for s in model.metadata.inputs]
     return InferenceRequest(model.name, inputs, model.version, outputs=[POOLED_OUTPUT], protocol=protocol)
+
+
+def check_characters(metadata: ModelMetadata, texts: Sequence[str], repeated: str = "") -> None:
+    """Refuse a request whose texts (and ``repeated`` paired with each of them, a reranker's query)
+    hold more characters together than one V2 text request may, each counted as cut before tokenizing."""
+    limit = metadata.text_characters
+    total = request_characters(texts, limit) + min(len(repeated), limit) * len(texts)
+    check_request_characters(total, limit)
+
+
+async def in_pieces(
+    service: InferenceService,
+    pieces: Sequence[range],
+    size: Callable[[range], int],
+    build: Callable[[range], InferenceRequest],
+) -> list[InferenceResponse]:
+    """The responses to ``build(piece)`` for each piece, in order. The next piece is built and submitted
+    while those in flight hold at most :data:`IN_FLIGHT_CHARACTERS` by ``size`` (always at least one);
+    a piece that fails fails the request, and the pieces in flight are cancelled."""
+    responses: list[InferenceResponse] = []
+    flying: deque[tuple[int, asyncio.Task[InferenceResponse]]] = deque()
+    held = 0
+    try:
+        for piece in pieces:
+            weight = size(piece)
+            while flying and held + weight > IN_FLIGHT_CHARACTERS:
+                done, task = flying.popleft()
+                held -= done
+                responses.append(await task)
+            flying.append((weight, asyncio.ensure_future(service.infer(build(piece)))))
+            held += weight
+        while flying:
+            _, task = flying.popleft()
+            responses.append(await task)
+    finally:
+        for _, task in flying:
+            task.cancel()
+        if flying:  # until they have let go of what they hold
+            await asyncio.gather(*(task for _, task in flying), return_exceptions=True)
+    return responses
 
 
 def token_row(values: Sequence[int], index: int) -> npt.NDArray[np.int64]:
@@ -175,19 +234,24 @@ async def embed(
     texts = all(isinstance(x, str) for x in inputs)
     if texts:
         strings = [str(x) for x in inputs]
-        requests = [
-            text_request(
-                model.name, model.version, strings[r.start : r.stop], [EMBEDDING_OUTPUT, TOKEN_COUNT_OUTPUT], protocol
-            )
-            for r in chunks(len(strings), model.max_batch_size)
-        ]
+        check_characters(model.metadata, strings)
+        limit = model.metadata.text_characters
+        outputs = [EMBEDDING_OUTPUT, TOKEN_COUNT_OUTPUT]
+        responses = await in_pieces(
+            service,
+            chunks(len(strings), model.max_batch_size),
+            lambda r: request_characters(strings[r.start : r.stop], limit),
+            lambda r: text_request(model.name, model.version, strings[r.start : r.stop], outputs, protocol),
+        )
     else:
         rows: TokenIds = [x for x in inputs if not isinstance(x, str)]
         check_token_ids(model, rows)
-        requests = [
-            _ids_request(model, rows[r.start : r.stop], protocol) for r in chunks(len(rows), model.max_batch_size)
-        ]
-    responses = await asyncio.gather(*(service.infer(r) for r in requests))
+        responses = await in_pieces(
+            service,
+            chunks(len(rows), model.max_batch_size),
+            lambda r: sum(len(row) for row in rows[r.start : r.stop]),
+            lambda r: _ids_request(model, rows[r.start : r.stop], protocol),
+        )
     vectors = np.concatenate([_output(r, EMBEDDING_OUTPUT if texts else POOLED_OUTPUT) for r in responses])
     if texts:
         tokens = int(sum(int(_output(r, TOKEN_COUNT_OUTPUT).sum()) for r in responses))

@@ -9,7 +9,6 @@ for ``/tokenize`` and ``/info``) and refuses to guess when there are several.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,17 +19,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT
+from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT, request_characters
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
+    check_characters,
     chunks,
     embed,
     embedding_model,
     embeds_sentences,
+    in_pieces,
     text_model,
     text_models,
     text_request,
@@ -115,10 +116,6 @@ def _output(response: InferenceResponse, name: str) -> npt.NDArray[Any]:
     return next(t.data for t in response.outputs if t.name == name)
 
 
-async def _run(service: InferenceService, requests: Sequence[InferenceRequest]) -> list[InferenceResponse]:
-    return list(await asyncio.gather(*(service.infer(r) for r in requests)))
-
-
 def _strings(values: Sequence[str]) -> npt.NDArray[Any]:
     array = np.empty(len(values), dtype=object)
     array[:] = [v.encode("utf-8") for v in values]
@@ -165,20 +162,20 @@ def routes(service: InferenceService) -> list[Route]:
         name, version, meta = _task_model(service, request)
         output = "raw_score" if raw else "score"
         max_batch = service.model_configuration(name, version).max_batch_size
-        requests = [
-            InferenceRequest(
-                name,
-                [
-                    Tensor(QUERY_INPUT, BYTES, _strings([query] * len(r))),
-                    Tensor(TEXT_INPUT, BYTES, _strings(candidates[r.start : r.stop])),
-                ],
-                version,
-                outputs=[output],
-                protocol=codec.PROTOCOL,
-            )
-            for r in chunks(len(candidates), max_batch)
-        ]
-        responses = await _run(service, requests)
+        check_characters(meta, candidates, query)
+        limit, asked = meta.text_characters, min(len(query), meta.text_characters)
+
+        def pairs(r: range) -> InferenceRequest:
+            queries = Tensor(QUERY_INPUT, BYTES, _strings([query] * len(r)))
+            texts = Tensor(TEXT_INPUT, BYTES, _strings(candidates[r.start : r.stop]))
+            return InferenceRequest(name, [queries, texts], version, outputs=[output], protocol=codec.PROTOCOL)
+
+        responses = await in_pieces(
+            service,
+            chunks(len(candidates), max_batch),
+            lambda r: request_characters(candidates[r.start : r.stop], limit) + asked * len(r),
+            pairs,
+        )
         truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
         if truncated and not cut:
             raise _too_long(truncated, meta)
@@ -195,11 +192,14 @@ def routes(service: InferenceService) -> list[Route]:
         texts = [str(t) for t in inputs.values]
         output = "logits" if raw else "probabilities"
         max_batch = service.model_configuration(name, version).max_batch_size
-        requests = [
-            text_request(name, version, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL)
-            for r in chunks(len(texts), max_batch)
-        ]
-        responses = await _run(service, requests)
+        check_characters(meta, texts)
+        limit = meta.text_characters
+        responses = await in_pieces(
+            service,
+            chunks(len(texts), max_batch),
+            lambda r: request_characters(texts[r.start : r.stop], limit),
+            lambda r: text_request(name, version, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL),
+        )
         truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
         if truncated and not cut:
             raise _too_long(truncated, meta)
