@@ -8,6 +8,7 @@ documented status (docs/limits.md), and a normal tritonclient caller is served.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 from harness import CappedServer, serve_capped
 from raw_h2 import INFER, SERVER_READY, STREAM_INFER, RawGrpcConnection
@@ -74,6 +76,17 @@ def infer_normally(server: CappedServer) -> np.ndarray:
         return answer
     finally:
         client.close()
+
+
+def infer_over_http(server: CappedServer, padding: int = 0) -> list[float]:
+    """A normal V2 REST call with the token, its JSON body padded with ``padding`` spaces; the sum."""
+    inputs = [{"name": n, "shape": [1, 16], "datatype": "FP32", "data": [v] * 16} for n, v in (("a", 1.0), ("b", 2.0))]
+    body = json.dumps({"inputs": inputs}).encode() + b" " * padding
+    headers = {**dict(AUTH), "Content-Type": "application/json"}
+    response = requests.post(f"{server.http_url}/v2/models/add/infer", data=body, headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    data: list[float] = response.json()["outputs"][0]["data"]
+    return data
 
 
 def check_still_serving(server: CappedServer, rss_before: int, infer: bool = True) -> None:
@@ -150,7 +163,9 @@ def test_stalled_messages_hold_at_most_the_budget(server: CappedServer, connecti
     calls = [c.open_call(INFER, AUTH) for _ in range(6)]
     for call in calls:
         c.send_part(call, announced, announced - 64 * 1024, deadline=3)
-    check_still_serving(server, rss_before, infer=False)  # the budget is held: inference waits its turn
+    check_still_serving(server, rss_before, infer=False)  # the room for arriving messages is held
+    # ... but not the budget of bytes really held: other clients' HTTP requests are served meanwhile
+    assert infer_over_http(server, padding=2 * 1024 * 1024) == [3.0] * 16  # more than is left beside them
     wait_ended(connections, BODY_TIMEOUT + 10)
     statuses = Counter(c.calls[call].status for call in calls)
     assert statuses == {RESOURCE_EXHAUSTED: 4, DEADLINE_EXCEEDED: 2}, statuses

@@ -2,10 +2,11 @@
 
 An HTTP request reserves its ``Content-Length`` before a byte of its body is read (a chunked or
 compressed body reserves as it grows); a gRPC call reserves the largest message it may send before
-its message is received, then keeps only the size that arrived. Each reservation is released when its
+its message is received, in a room of its own for arriving messages (``server.connections``
+``MessageReception``), then holds the size that arrived here. Each reservation is released when its
 request ends. A request that does not fit is refused at once (HTTP 503 / TF Serving 429 with
 ``Retry-After``; gRPC RESOURCE_EXHAUSTED): the server never holds more than the budget of bodies that
-are still arriving, whatever the clients announce.
+are still arriving (and as much again of gRPC messages), whatever the clients announce.
 
 Answers count in the same budget, from before they are encoded until they have been sent (HTTP:
 written to the connection; gRPC: the unary call has ended, a streamed answer handed to grpc),

@@ -540,12 +540,13 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
     grpc receives a unary request's whole message before it calls the handler, and nothing bounds how
     long that takes or how many such messages it holds. For each method of ``handler`` (the service's
     generic handler) this hands grpc a *streaming-request* handler instead, which reserves
-    ``max_message_bytes`` of the in-flight budget (waiting up to ``BUDGET_WAIT_SECONDS``, else
-    RESOURCE_EXHAUSTED), then reads the one message within ``timeout`` seconds (else DEADLINE_EXCEEDED,
-    and the stream is reset), keeps only the size that arrived reserved, and calls the original handler
-    with it. ``UNREAD_METHODS`` (the server probes) are answered without receiving their (empty)
-    message. A streaming-request call (ModelStreamInfer) receives each of its messages the same way (see
-    :meth:`_streaming`).
+    ``max_message_bytes`` of the room for arriving messages (``arriving``, as large as the in-flight
+    budget; waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message
+    within ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), gives that room back,
+    holds the size that arrived in the in-flight budget (waiting as long, else RESOURCE_EXHAUSTED), and
+    calls the original handler with it. ``UNREAD_METHODS`` (the server probes) are answered without
+    receiving their (empty) message. A streaming-request call (ModelStreamInfer) receives each of its
+    messages the same way (see :meth:`_streaming`).
 
     It is registered as the server's generic handler, not as an interceptor: grpc runs a chain of
     coroutines through every interceptor on every call, while a generic handler is one lookup (the
@@ -558,6 +559,14 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
     ) -> None:
         self.handler = handler
         self.budget = budget
+        # Messages grpc may be receiving, each counted at the largest size until it has arrived: a room of
+        # their own as large as the budget, so that calls waiting for their messages (a stream between two
+        # of them) never take the room of bodies and answers that are really held.
+        self.arriving = InflightBytes(budget.limit)
+        self._arriving_full = (
+            f"the server is receiving its limit of {budget.limit} bytes of gRPC messages at once (each counted at "
+            f"--grpc-max-message-bytes until it has arrived; --max-inflight-bytes); retry later"
+        )
         self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -698,32 +707,32 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
 
         ``end_ok``: the end of the client's messages is no error (a streaming call); None then.
         """
-        reserved = min(self.max_message_bytes, self.budget.limit) if self.budget.limit else self.max_message_bytes
-        if not await self.budget.reserve_within(reserved, BUDGET_WAIT_SECONDS):
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx))
+        arriving = self.arriving
+        reserved = min(self.max_message_bytes, arriving.limit) if arriving.limit else self.max_message_bytes
+        if not await arriving.reserve_within(reserved, BUDGET_WAIT_SECONDS):
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._arriving_full, _id(ctx))
         try:
             # A timeout scope, not wait_for: no task of its own for every message read.
             async with asyncio.timeout(self.timeout):
                 received = await ctx.read()
         except TimeoutError:
-            self.budget.release(reserved)
             log.info("reset a gRPC call whose request message did not arrive within %g s", self.timeout)
             await ctx.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the request message did not arrive within {self.timeout:g} s (--body-timeout)",
                 _id(ctx),
             )
-        except BaseException:
-            self.budget.release(reserved)
-            raise
+        finally:
+            arriving.release(reserved)
         if received is grpc.aio.EOF:
-            self.budget.release(reserved)
             if end_ok:
                 return None
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", _id(ctx))
         size, request = received
         kept = min(size, reserved)
-        self.budget.release(reserved - kept)
+        # What arrived is held now: in the budget every request's bytes share (a moment's wait for room)
+        if not await self.budget.reserve_within(kept, BUDGET_WAIT_SECONDS):
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx))
         return kept, request
 
 
