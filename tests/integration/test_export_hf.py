@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.errors import ExportError
 from onnxserve.server.lifecycle import RunningServer
 from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
+from onnxserve.toolkit.validate import ValidationReport
 
 WORDS = [
     "the",
@@ -45,13 +47,21 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_text_models.tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"), words=WORDS)
 
 
+@pytest.fixture(scope="module")
+def mean_export(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ValidationReport]:
+    """``tiny_bert`` exported for feature-extraction with mean pooling, once for the module: the tests
+    that use it only read it (or copy it)."""
+    output = tmp_path_factory.mktemp("mean") / "tiny" / "1"
+    report = export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+    return output, report
+
+
 def no_partial_leftovers(parent: Path) -> bool:
     return not any(".partial-" in p.name or ".old-" in p.name for p in parent.iterdir())
 
 
-def test_export_writes_a_self_describing_validated_folder(tiny_bert: Path, tmp_path: Path) -> None:
-    output = tmp_path / "tiny" / "1"
-    report = export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+def test_export_writes_a_self_describing_validated_folder(mean_export: tuple[Path, ValidationReport]) -> None:
+    output, report = mean_export
     assert report.passed
     assert {"model.onnx", "tokenizer.json", "onnxserve.json", "validation.json"} <= {p.name for p in output.iterdir()}
     spec = PipelineSpec.read(output)
@@ -109,9 +119,11 @@ def test_failed_validation_leaves_nothing_behind(tiny_bert: Path, tmp_path: Path
     assert no_partial_leftovers(output.parent)
 
 
-def test_failed_replacement_keeps_the_previous_version(tiny_bert: Path, tmp_path: Path) -> None:
+def test_failed_replacement_keeps_the_previous_version(
+    tiny_bert: Path, tmp_path: Path, mean_export: tuple[Path, ValidationReport]
+) -> None:
     output = tmp_path / "tiny" / "1"
-    export_huggingface(tiny_bert, output, HfExportOptions(task="feature-extraction", pooling="mean"))
+    shutil.copytree(mean_export[0], output)  # the previous version: a complete, validated export
     before = (output / "model.onnx").read_bytes()
     with pytest.raises(ExportError):
         export_huggingface(

@@ -136,14 +136,12 @@ def test_a_real_process(model_file: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_on_a_text_model_folder(tmp_path: Path) -> None:
+def test_run_on_a_text_model_folder(tiny_text_version: Path) -> None:
     """Text in: tokenized by the folder's tokenizer; outputs and the task's result (mean pooling)."""
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    import tiny_text_models
-
-    version = tiny_text_models.tiny_bert_version(tmp_path)
+    version = tiny_text_version  # the session's tiny BERT export (tests/conftest.py); only read here
     text = "the model looks inside"
     code, out, err = invoke(str(version), "--format", "json", "--run", text, "--intermediates", "*SOFTMAX*")
     assert code == 0, err

@@ -36,7 +36,12 @@ def run(command: list[str], timeout: float = 900, **kwargs: object) -> subproces
 
 
 def pip_install(python: Path, *requirements: str) -> None:
-    done = run([str(python), "-m", "pip", "install", "--quiet", *requirements])
+    """``pip install`` into the environment of ``python``, run by this environment's pip (``--python``):
+    the fresh environment needs no pip of its own. ``--no-compile``: modules are compiled when first
+    imported, not all of them (sympy, onnx, numpy, ...) at install time, which is most of an install's time."""
+    done = run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-compile", *requirements]
+    )
     if done.returncode != 0:
         if any(marker.lower() in done.stderr.lower() for marker in UNREACHABLE):
             pytest.skip(f"the package registry cannot be reached: {done.stderr.strip().splitlines()[-1]}")
@@ -61,7 +66,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fresh_venv(where: Path) -> Path:
-    done = run([sys.base_prefix + "/bin/python3", "-m", "venv", str(where)])
+    """A fresh virtual environment of the base interpreter, without pip (``pip_install`` runs ours on it)."""
+    done = run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", str(where)])
     assert done.returncode == 0, done.stderr
     return where / "bin" / "python"
 
