@@ -36,10 +36,12 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 
 _PREDICT_KEYS = ("signature_name", "instances", "inputs")
 
-# ModelState -> (TF Serving state, error code) for the model status API
+# ModelState -> (TF Serving state, error code) for the model status API: every state has its entry (a
+# test enumerates ModelState); a version draining its in-flight requests is TF Serving's UNLOADING.
 _STATES: dict[str, tuple[str, str]] = {
     ModelState.LOADING.value: ("LOADING", "OK"),
     ModelState.READY.value: ("AVAILABLE", "OK"),
+    ModelState.UNLOADING.value: ("UNLOADING", "OK"),
     ModelState.UNAVAILABLE.value: ("END", "UNAVAILABLE"),
 }
 
