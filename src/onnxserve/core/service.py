@@ -54,7 +54,7 @@ from onnxserve.core.types import (
     VersionStatistics,
     payload_bytes,
 )
-from onnxserve.core.validation import prepare_feeds
+from onnxserve.core.validation import check_request, prepare_feeds
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import (
     DeadlineExceededError,
@@ -389,6 +389,7 @@ class InferenceService:
         try:
             if self.draining:
                 raise UnavailableError("the server is shutting down; send the request to another replica")
+            check_request(request)
             limit = time_limit(request, self.request_timeout)
             model = self.registry.resolve(request.model_name, request.model_version)
         except OnnxServeError as e:

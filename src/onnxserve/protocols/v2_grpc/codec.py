@@ -86,6 +86,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
     for index, tensor in enumerate(message.inputs):
         if not tensor.name:
             raise InvalidInputError(f"inputs[{index}] has no name")
+        wire.check_tensor_parameters("input", tensor.name, tensor.parameters)
         dtype = datatypes.from_v2(tensor.datatype, where=f"input {tensor.name!r}")
         shape = wire.request_shape(tensor.name, tensor.shape)
         if raw:
@@ -97,6 +98,8 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
         else:
             inputs.append(_from_contents(tensor.name, dtype, shape, tensor.contents))
     wire.check_request_bytes(inputs)
+    for output in message.outputs:
+        wire.check_tensor_parameters("output", output.name, output.parameters)
     request = InferenceRequest(
         model_name=message.model_name,
         model_version=message.model_version or None,
