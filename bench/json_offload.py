@@ -11,6 +11,9 @@ Part 2, servers (``--tree NAME=SRC``, e.g. ``before=/work/main/src after=src``):
 server with its workers.
 
     python -m bench.json_offload --sizes 1 8 60 --tree before=/work/main/src --tree after=src
+
+``--dense 24`` sends 24 bodies of 4 MiB - 1 bytes holding 1.4 million empty lists each instead (under the
+size threshold, decoded in a worker for their container count).
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def v2_body(mib: float) -> bytes:
 def tfs_nan_body(mib: float) -> bytes:
     count = int(mib * MIB) // 11
     return b'{"inputs": [NaN' + b", 0.1234567" * (count - 1) + b"]}"
+
+
+def dense_body() -> bytes:
+    """A V2 body of 4 MiB - 1 bytes, just under ``PROCESS_BYTES``, whose data is 1.4 million empty lists."""
+    count = (4 * MIB - 200) // 3
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[%d],"data":[%s]}]}' % (
+        count,
+        b",".join([b"[]"] * count),
+    )
+    return body + b" " * (4 * MIB - 1 - len(body))
 
 
 async def _timed(run: Callable[[], Awaitable[Any]], repeat: int) -> tuple[float, float]:
@@ -106,7 +119,7 @@ def _tree_rss(pid: int) -> int:
     return int(total)
 
 
-def attack(name: str, src: str, mib: float, repository: Path) -> None:
+def attack(name: str, src: str, mib: float, repository: Path, dense: int = 0) -> None:
     env = {**os.environ, "PYTHONPATH": src}
     command = [sys.executable, "-m", "onnxserve.cli", "serve", "--model-repository", str(repository)]
     command += ["--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0"]
@@ -121,8 +134,13 @@ def attack(name: str, src: str, mib: float, repository: Path) -> None:
             url = "http://" + line.rsplit("//", 1)[1].strip()
     threading.Thread(target=server.stderr.read, daemon=True).start()
     try:
-        bodies = [(f"{url}/v2/models/total/infer", v2_body(mib))] * 2
-        bodies += [(f"{url}/v1/models/total:predict", tfs_nan_body(mib))] * 2
+        if dense:
+            bodies = [(f"{url}/v2/models/total/infer", dense_body())] * dense
+            what = f"{dense} x 4 MiB-1 of empty lists"
+        else:
+            bodies = [(f"{url}/v2/models/total/infer", v2_body(mib))] * 2
+            bodies += [(f"{url}/v1/models/total:predict", tfs_nan_body(mib))] * 2
+            what = f"4 x {mib:.0f} MB JSON"
         rest_rss = _tree_rss(server.pid)
         statuses: list[int] = []
         started = time.perf_counter()
@@ -141,7 +159,7 @@ def attack(name: str, src: str, mib: float, repository: Path) -> None:
             time.sleep(0.02)
         elapsed = time.perf_counter() - started
         print(
-            f"{name:>8}: 4 x {mib:.0f} MB JSON {sorted(statuses)} in {elapsed:.1f} s; slowest probe {slowest:.3f} s; "
+            f"{name:>8}: {what} {sorted(set(statuses))} in {elapsed:.1f} s; slowest probe {slowest:.3f} s; "
             f"RSS at rest {rest_rss / MIB:.0f} MiB, peak {peak / MIB:.0f} MiB (server and workers)"
         )
     finally:
@@ -155,6 +173,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--tree", action="append", default=[], help="NAME=SRC: a source tree to serve")
     parser.add_argument("--attack-mib", type=float, default=60)
+    parser.add_argument(
+        "--dense", type=int, default=0, help="instead, send this many 4 MiB-1 bodies of empty lists at once"
+    )
     args = parser.parse_args()
     asyncio.run(in_process(args.sizes, args.repeat))
     if args.tree:
@@ -170,7 +191,7 @@ def main() -> None:
             onnx.save(model, repository / "total" / "1" / "model.onnx")
             for tree in args.tree:
                 name, src = tree.split("=", 1)
-                attack(name, str(Path(src).resolve()), args.attack_mib, repository)
+                attack(name, str(Path(src).resolve()), args.attack_mib, repository, args.dense)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ flood's length (without fair order it would come after every one of them).
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,11 +26,13 @@ import httpx
 import pytest
 
 import models
+import raw_http
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.batching import DynamicBatcher
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
+from waiting import wait_until
 
 FLOOD = 24
 PRODUCTS = 1000.0  # 64x64 products per run: tens of ms, so that the flood queues up faster than it runs
@@ -49,7 +53,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def serve(repository: Path) -> Iterator[Callable[..., RunningServer]]:
     running: list[RunningServer] = []
 
-    def start(entry: dict[str, Any], tokens: bool = False) -> RunningServer:
+    def start(entry: dict[str, Any], tokens: bool = False, **more: Any) -> RunningServer:
         document = {"model_config_list": [{"name": "paced", "base_path": "paced", "instance_count": 1, **entry}]}
         config: ServerConfig = parse_config(document, "fair clients test", repository)
         settings = ServerSettings(
@@ -60,6 +64,7 @@ def serve(repository: Path) -> Iterator[Callable[..., RunningServer]]:
             # small messages let the whole flood in at once.
             grpc_max_message_bytes=65536,
             auth_tokens=f"{TOKEN_A} infer;{TOKEN_B} infer" if tokens else None,
+            **more,
         )
         server = start_in_background(config, settings)
         running.append(server)
@@ -201,3 +206,46 @@ def test_one_address_or_one_token_is_one_client(
     server = serve(DIRECT, tokens=tokens)
     after, _, _ = asyncio.run(flood_and_one(server, Client(server, *flooder), Client(server, *other)))
     assert after <= 1, f"{after} flood answers came after a request of the same client"
+
+
+def raw_request(server: RunningServer, source: str, products: float, forwarded_for: str = "") -> socket.socket:
+    """A V2 request from ``source`` on a bare socket (its answer is read by the caller)."""
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [products]}]}).encode()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    if forwarded_for:
+        headers["X-Forwarded-For"] = forwarded_for
+    host, port = server.http_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60, source_address=(source, 0))
+    sock.sendall(raw_http.request_bytes("POST", "/v2/models/paced/infer", headers, body))
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("allowed", "source", "believed"),
+    [("", "127.0.0.1", False), ("127.0.0.1", "127.0.0.1", True), ("127.0.0.1", "127.0.0.2", False)],
+    ids=["default", "trusted-proxy", "untrusted-peer"],
+)
+def test_forwarded_for_counts_only_from_a_trusted_proxy(
+    serve: Callable[..., RunningServer], allowed: str, source: str, believed: bool
+) -> None:
+    """A client sends 4 requests to a full queue (max_queue_size 4), each with another X-Forwarded-For;
+    then a victim from its own address sends one. Believed, the 4 are 4 clients of one place each, and
+    the victim is refused; not believed (the default, or a peer --forwarded-allow-ips does not name),
+    they are one client, and the victim takes its newest place (an outside attack found the header
+    believed from 127.0.0.1 by default)."""
+    server = serve({"max_batch_size": 0, "dynamic_batching": {"max_queue_size": 4}}, forwarded_allow_ips=allowed)
+    scheduler = server.service.registry.resolve("paced", None).scheduler
+    held = [raw_request(server, "127.0.0.9", 1e9)]  # runs until its client leaves
+    try:
+        wait_until(lambda: server.service.in_flight == 1, what="the long run")
+        held += [raw_request(server, source, 1.0, f"10.9.9.{i}") for i in range(4)]
+        wait_until(lambda: scheduler.queued() == 4, what="a full queue")
+        victim = raw_request(server, "127.0.0.3", 1.0)
+        held.append(victim)
+        refused = victim if believed else held[4]  # the victim, or the flood's newest request
+        answer = raw_http.read_response(refused)
+        assert answer.status == 503, answer
+        assert b"max_queue_size 4" in answer.body, answer.body
+    finally:
+        for sock in held:
+            sock.close()

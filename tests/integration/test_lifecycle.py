@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -406,3 +408,91 @@ def test_grpc_model_control(explicit: tuple[RunningServer, Path, Path]) -> None:
         assert client.is_model_ready("a")
     finally:
         client.close()
+
+
+def test_every_status_route_answers_while_a_version_drains(tmp_path: Path) -> None:
+    """A version that drains its in-flight requests (UNLOADING) is reported, never a 500: TF Serving's
+    status says UNLOADING, V2 and the index say so too (an outside attack saw 500 + KeyError)."""
+    import raw_http
+
+    models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
+    config_file = tmp_path / "config.json"
+    entry = {"name": "paced", "base_path": "paced", "instance_count": 1, "max_batch_size": 0}
+    config_file.write_text(json.dumps({"model_config_list": [entry]}))
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, log_level="warning", model_control_mode="explicit", load_models=("paced",)
+    )
+    server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
+    url = server.http_url
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}).encode()
+    request = raw_http.request_bytes(
+        "POST", "/v2/models/paced/infer", {"Content-Type": "application/json", "Content-Length": str(len(body))}, body
+    )
+    # two endless runs on one instance: one runs, one waits; both keep the version draining until they leave
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    unload = threading.Thread(target=lambda: httpx.post(f"{url}/v2/repository/models/paced/unload", timeout=60))
+    try:
+        for sock in held:
+            sock.sendall(request)
+        wait_until(lambda: queue_depth(url, "paced") == 1, what="one request running, one waiting")
+        unload.start()
+        wait_until(lambda: ("paced", "UNLOADING") in {(e["name"], e["state"]) for e in index(server)}, what="drain")
+        for path in ("/v1/models/paced", "/v1/models/paced/versions/1"):
+            response = httpx.get(f"{url}{path}")
+            assert response.status_code == 200, response.text
+            (status,) = response.json()["model_version_status"]
+            assert (status["version"], status["state"]) == ("1", "UNLOADING"), status
+            assert status["status"]["error_code"] == "OK"
+        for path in ("/v2/models/paced/ready", "/v2/models/paced/versions/1/ready"):
+            assert httpx.get(f"{url}{path}").status_code == 503, path  # not ready: strict readiness
+        assert httpx.get(f"{url}/v2/models/paced").status_code in (200, 503)
+    finally:
+        for sock in held:
+            sock.close()  # the clients leave: their runs are stopped, the drain ends
+        if unload.ident is not None:
+            unload.join(timeout=60)
+        server.stop()
+
+
+def test_a_failed_load_says_why_every_time_logs_once_and_tf_status_agrees_with_the_index(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A retried failed load answered only "no version to serve", each failure logged an ERROR (a control
+    client could repeat it at will), and TF Serving's status said "unknown model" while the index showed
+    the version UNAVAILABLE with its reason (outside attack rt7 F9)."""
+    repo = tmp_path / "repo"
+    models.write_version(repo, "a", 1, models.offset_model(1.0))
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x07 this is not a protobuf")
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, log_level="warning", model_control_mode="explicit", load_models=("a",)
+    )
+    catalog = Catalog(repository=repo)
+    server = start_in_background(catalog.read(), settings, catalog)
+    url = server.http_url
+    try:
+        with caplog.at_level(logging.INFO, logger="onnxserve.core.manager"):
+            for _ in range(3):
+                response = httpx.post(f"{url}/v2/repository/models/broken/load", timeout=30)
+                assert response.status_code == 400, response.text
+                message = response.json()["error"]
+                assert "failed to load: version 1: <path>: not an ONNX model" in message, message
+                assert str(tmp_path) not in message
+        failures = [r for r in caplog.records if r.name == "onnxserve.core.manager" and "failed to" in r.getMessage()]
+        assert [r.levelno for r in failures] == [logging.ERROR, logging.INFO, logging.INFO]
+        (entry,) = [e for e in index(server) if e["name"] == "broken"]
+        assert (entry["version"], entry["state"]) == ("1", "UNAVAILABLE")
+        for path in ("/v1/models/broken", "/v1/models/broken/versions/1"):
+            response = httpx.get(f"{url}{path}")
+            assert response.status_code == 200, response.text
+            (status,) = response.json()["model_version_status"]
+            assert (status["version"], status["state"]) == ("1", "END")
+            assert status["status"] == {"error_code": "UNAVAILABLE", "error_message": entry["reason"]}
+            assert "not an ONNX model" in entry["reason"]
+            assert str(tmp_path) not in entry["reason"]
+        assert httpx.get(f"{url}/v1/models/broken/versions/2").status_code == 404
+        assert httpx.get(f"{url}/v1/models/nothing").status_code == 404
+        assert httpx.post(f"{url}/v2/models/a/infer", json=infer_body()).status_code == 200
+    finally:
+        server.stop()

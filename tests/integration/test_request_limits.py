@@ -223,6 +223,138 @@ def test_a_zip_bomb_stops_at_the_limit(server: RunningServer, client: httpx.Clie
     still_serves(server)
 
 
+ONE_INPUT = {"name": "a", "shape": [1, 16], "datatype": "FP32", "data": [1.0] * 16}
+TWO_INPUTS = [ONE_INPUT, {**ONE_INPUT, "name": "b"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"inputs": [*TWO_INPUTS, ONE_INPUT]}, ("input 'a' is given more than once",)),
+        ({"inputs": TWO_INPUTS, "outputs": [{"name": "sum"}, {"name": "sum"}]}, ("output 'sum' is requested more",)),
+        (
+            {"inputs": TWO_INPUTS, "outputs": [{"name": "sum", "parameters": {"shared_memory_region": "r"}}]},
+            ("output 'sum'", "'shared_memory_region'", "shared-memory extension is not supported"),
+        ),
+        (
+            {"inputs": TWO_INPUTS, "outputs": [{"name": "sum", "parameters": {"shared_memory_byte_size": 4}}]},
+            ("'shared_memory_byte_size'", "not supported"),
+        ),
+        (
+            {"inputs": TWO_INPUTS, "outputs": [{"name": "sum", "parameters": {"classification": 2}}]},
+            ("output 'sum'", "'classification' is not supported"),
+        ),
+        (
+            {"inputs": [{**ONE_INPUT, "parameters": {"shared_memory_region": "r"}}, TWO_INPUTS[1]]},
+            ("input 'a'", "'shared_memory_region'", "not supported"),
+        ),
+        ({"inputs": TWO_INPUTS, "parameters": {"priority": "high"}}, ("'priority' must be a non-negative integer",)),
+        ({"inputs": TWO_INPUTS, "parameters": {"priority": -1}}, ("'priority' must be a non-negative integer",)),
+        ({"inputs": TWO_INPUTS, "parameters": {"sequence_id": 7}}, ("'sequence_id'", "sequence batching")),
+        ({"inputs": TWO_INPUTS, "parameters": {"sequence_id": [1]}}, ("'sequence_id'", "sequence batching")),
+        ({"inputs": TWO_INPUTS, "parameters": {"sequence_start": True}}, ("'sequence_start'", "not supported")),
+    ],
+    ids=[
+        "input-twice",
+        "output-twice",
+        "output-shm-region",
+        "output-shm-size",
+        "classification",
+        "input-shm",
+        "priority-string",
+        "priority-negative",
+        "sequence-id",
+        "sequence-id-list",
+        "sequence-start",
+    ],
+)
+def test_what_a_v2_request_cannot_ask_for_is_refused_not_ignored(
+    server: RunningServer, client: httpx.Client, body: dict[str, Any], words: tuple[str, ...]
+) -> None:
+    response = client.post(INFER, json=body)
+    assert response.status_code == 400, response.text
+    refused(response, 400, *words)
+    still_serves(server)
+
+
+def test_what_tritonclient_sends_by_default_is_served(server: RunningServer, client: httpx.Client) -> None:
+    """No sequence (sequence_id 0, start/end false) and a priority are served: one priority level."""
+    params = {"sequence_id": 0, "sequence_start": False, "sequence_end": False, "priority": 3}
+    response = client.post(INFER, json={"inputs": TWO_INPUTS, "parameters": params})
+    assert response.status_code == 200, response.text
+
+
+def test_what_a_grpc_request_cannot_ask_for_is_invalid_argument(server: RunningServer) -> None:
+    def request() -> pb.ModelInferRequest:
+        message = pb.ModelInferRequest(model_name="add")
+        for name in ("a", "b"):
+            message.inputs.add(name=name, datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([1.0] * 16)
+        return message
+
+    twice = request()
+    twice.inputs.add(name="a", datatype="FP32", shape=[1, 16]).contents.fp32_contents.extend([2.0] * 16)
+    shm_output = request()
+    shm_output.outputs.add(name="sum").parameters["shared_memory_region"].string_param = "r"
+    classification = request()
+    classification.outputs.add(name="sum").parameters["classification"].int64_param = 2
+    shm_input = request()
+    shm_input.inputs[0].parameters["shared_memory_byte_size"].int64_param = 4
+    sequence = request()
+    sequence.parameters["sequence_id"].int64_param = 7
+    outputs_twice = request()
+    outputs_twice.outputs.add(name="sum")
+    outputs_twice.outputs.add(name="sum")
+    cases = [
+        (twice, "input 'a' is given more than once"),
+        (shm_output, "shared-memory extension is not supported"),
+        (classification, "'classification' is not supported"),
+        (shm_input, "input 'a': parameter 'shared_memory_byte_size'"),
+        (sequence, "sequence batching is not supported"),
+        (outputs_twice, "output 'sum' is requested more than once"),
+    ]
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        for message, words in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                infer(message, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+            assert words in (error.value.details() or ""), error.value.details()
+        assert infer(request(), timeout=30).model_name == "add"
+
+
+def _bomb_with_a_long_tail() -> bytes:
+    """A gzip body within LIMIT on the wire that inflates past it at once, then goes on for most of LIMIT
+    with incompressible bytes: the server answers 413 long before the body is all sent."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    tail = np.random.default_rng(0).integers(0, 256, LIMIT - 16 * 1024, dtype=np.uint8).tobytes()
+    body = packer.compress(b"[" * (4 * LIMIT)) + packer.compress(tail) + packer.flush()
+    assert len(body) < LIMIT
+    return body
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["connection-close", "keep-alive"])
+def test_a_refused_bomb_reaches_the_client_as_413_not_a_reset(server: RunningServer, close: bool) -> None:
+    """The 413 comes before the rest of the body was read; a connection then closed at once made the
+    kernel reset it over the unread bytes, so the client saw ECONNRESET instead of the 413 (an outside
+    attack: 8 of 16 clients). The server now reads and drops the rest before closing."""
+    body = _bomb_with_a_long_tail()
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip", "Content-Length": str(len(body))}
+    if close:
+        headers["Connection"] = "close"
+    host, port = server.http_url.removeprefix("http://").split(":")
+    for _ in range(5):  # a reset depends on timing: several tries
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)  # the body goes out in pieces
+            sock.sendall(raw_http.request_bytes("POST", INFER, headers, body))
+            answer = raw_http.read_response(sock)
+        refused(answer, 413, "after decompression")
+    still_serves(server)
+
+
 @pytest.mark.parametrize(
     ("encoding", "content", "status", "words"),
     [

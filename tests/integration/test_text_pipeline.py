@@ -122,6 +122,24 @@ BAD_TEXT_REQUESTS = [
         ("unknown output 'logits'", "embedding"),
     ),
     (
+        "text-twice",  # the last one won, silently (an outside attack)
+        {
+            "inputs": [
+                {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+                {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["there"]},
+            ]
+        },
+        ("input 'text' is given more than once",),
+    ),
+    (
+        "output-twice",
+        {
+            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hi"]}],
+            "outputs": [{"name": "embedding"}, {"name": "embedding"}],
+        },
+        ("output 'embedding' is requested more than once",),
+    ),
+    (
         "no-texts",
         {"inputs": [{"name": "text", "shape": [0], "datatype": "BYTES", "data": []}]},
         ("no text", "at least one"),

@@ -71,3 +71,46 @@ def test_every_error_kind_a_worker_sends_back_is_rebuilt_with_its_message(kind: 
     assert rebuilt.message == "what went wrong"
     assert public_message(rebuilt) == "what went wrong"
     assert str(rebuilt) == "what went wrong"
+
+
+def _dense(size: int, item: bytes) -> bytes:
+    """A V2 body of ``size`` bytes at most whose tensor data is ``item`` repeated."""
+    head, tail = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":[', b"]}]}"
+    return head + b",".join([item] * ((size - len(head) - len(tail)) // (len(item) + 1))) + tail
+
+
+def test_a_body_under_the_size_threshold_dense_with_arrays_is_decoded_in_a_worker() -> None:
+    """The size threshold alone let 1.4 M empty lists in 4 MiB - 1 be parsed in the server (an outside
+    attack held probes 2-3 s with 24 of them); counted '[' and '{' send such a body to a worker."""
+    under = offload.PROCESS_BYTES - 1
+    assert offload.decodes_in_worker(under, _dense(under, b"[]"))
+    assert not offload.decodes_in_worker(under, _dense(under, b"1.5"))  # numbers stay in the server
+    assert offload.decodes_in_worker(offload.PROCESS_BYTES, _dense(offload.PROCESS_BYTES, b"1.5"))
+    limit = offload.INLINE_CONTAINERS
+    few = b"[" + b",".join([b"[]"] * (limit - 1)) + b"]"  # exactly the limit: inline
+    assert not offload.decodes_in_worker(len(few), few)
+    many = b"[" + b",".join([b"[]"] * limit) + b"]"
+    assert offload.decodes_in_worker(len(many), many)
+    # a binary-extension body counts only its JSON header (the size given)
+    assert not offload.decodes_in_worker(len(few), few + b"[" * 100_000)
+
+
+def test_a_dense_body_decoded_in_a_worker_gives_the_same_request_and_errors() -> None:
+    rows = offload.INLINE_CONTAINERS + 10
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 1], "data": [[float(i)] for i in range(rows)]}]}
+    body = orjson.dumps(doc)
+    assert len(body) < offload.PROCESS_BYTES
+    assert offload.decodes_in_worker(len(body), body)
+    empties = _dense(offload.PROCESS_BYTES - 1, b"[]")
+    try:
+        decoded = asyncio.run(offload.parse(len(body), v2.decode_infer_request, body, "m", None, None))
+        assert offload._pool._idle, "the body was decoded by a worker process"
+        with pytest.raises(InvalidInputError) as refused:
+            asyncio.run(offload.parse(len(empties), v2.decode_infer_request, empties, "m", None, None))
+    finally:
+        offload.shutdown()
+    (tensor,) = decoded.request.inputs
+    np.testing.assert_array_equal(tensor.data, np.arange(rows, dtype=np.float32).reshape(rows, 1))
+    with pytest.raises(InvalidInputError) as inline:
+        v2.decode_infer_request(empties, "m", None, None)
+    assert refused.value.message == inline.value.message

@@ -67,6 +67,10 @@ def test_serve_help_lists_every_setting() -> None:
         (["--http-port", "70000"], "--http-port: Input should be less than or equal to 65535"),
         (["--log-level", "loud"], "--log-level: Input should be 'debug', 'info', 'warning' or 'error'"),
         (["--max-request-bytes", "10"], "--max-request-bytes: Input should be greater than or equal to 1024"),
+        (
+            ["--forwarded-allow-ips", "127.0.0.1,proxy.local"],
+            "--forwarded-allow-ips: Value error, 'proxy.local' is not an IP address or network (or '*')",
+        ),
     ],
 )
 def test_a_bad_setting_is_refused_naming_its_flag(tmp_path: Any, arguments: list[str], message: str) -> None:
@@ -87,3 +91,9 @@ def test_flags_become_settings_and_the_secret_comes_from_its_variable(monkeypatc
     assert settings.auth_tokens == "secret infer"
     monkeypatch.delenv("ONNXSERVE_AUTH_TOKENS")
     assert ServerSettings.model_validate(settings_from_flags({})).auth_tokens is None
+
+
+def test_forwarded_headers_are_believed_from_no_peer_by_default() -> None:
+    assert ServerSettings().forwarded_allow_ips == ""
+    for value in ("127.0.0.1", "10.0.0.0/8, ::1", "*"):
+        assert ServerSettings(forwarded_allow_ips=value).forwarded_allow_ips == value

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from onnxserve.core import datatypes
+from onnxserve.core.types import IndexEntry, ModelState
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols.tfserving_rest import values
+from onnxserve.protocols.tfserving_rest import codec, values
 
 BYTES = datatypes.from_v2("BYTES")
 
@@ -39,3 +40,12 @@ def test_bytes_input_deeper_than_its_first_row_is_ragged() -> None:
 def test_an_object_named_b64_with_other_keys_is_not_a_binary_value() -> None:
     assert values.is_b64({"b64": "AA=="})
     assert not values.is_b64({"b64": "AA==", "x": 1})
+
+
+@pytest.mark.parametrize("state", list(ModelState))
+def test_every_version_state_has_a_tf_serving_status(state: ModelState) -> None:
+    """The status API answers every state a version can be in (a missing UNLOADING gave 500s)."""
+    (status,) = codec.encode_status([IndexEntry("m", "1", state.value)])["model_version_status"]
+    assert status["state"] in {"LOADING", "AVAILABLE", "UNLOADING", "END"}
+    assert status["status"]["error_code"] in {"OK", "UNAVAILABLE"}
+    assert (status["state"] == "AVAILABLE") == (state is ModelState.READY)

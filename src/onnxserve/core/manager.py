@@ -308,9 +308,18 @@ class ModelManager:
             version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
         except Exception as e:  # whatever a version's files make the loader raise is that version's failure
             message = e.message if isinstance(e, OnnxServeError) else f"{type(e).__name__}: {e}"
+            again = self.registry.failures.get((config.name, folder.version)) == message
             self.registry.failures[(config.name, folder.version)] = message
             self._failed_signatures[folder.model_file] = await asyncio.to_thread(folder.signature)
-            log.error("model %s: version %d failed to load: %s", config.name, folder.version, message)
+            # once per distinct reason: a control client that retries a broken model cannot flood the log
+            log.log(
+                logging.INFO if again else logging.ERROR,
+                "model %s: version %d failed to load%s: %s",
+                config.name,
+                folder.version,
+                " again, for the same reason" if again else "",
+                message,
+            )
             return None
         self.registry.failures.pop((config.name, folder.version), None)
         self._failed_signatures.pop(folder.model_file, None)
@@ -381,12 +390,12 @@ class ModelManager:
         self._require_explicit("load")
         config = self.catalog.find(name)
         async with self._lock:
-            previous = dict(self.registry.failures)
             await self._apply_model(config, retry_failed=True)
+            # every version's reason, also one that failed as before (a retry answered only "no version")
             failed = [
-                reason
-                for (model, number), reason in self.registry.failures.items()
-                if model == name and previous.get((model, number)) != reason
+                f"version {number}: {reason}"
+                for (model, number), reason in sorted(self.registry.failures.items())
+                if model == name
             ]
         if name not in self.registry.names() or not any(v.ready for v in self.registry.get(name).versions.values()):
             raise InvalidInputError(f"model {name!r} failed to load: {'; '.join(failed) or 'no version to serve'}")

@@ -55,12 +55,13 @@ from onnxserve.core.types import (
     VersionStatistics,
     payload_bytes,
 )
-from onnxserve.core.validation import prepare_feeds
+from onnxserve.core.validation import check_request, prepare_feeds
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import (
     DeadlineExceededError,
     ErrorKind,
     InvalidInputError,
+    ModelNotFoundError,
     OnnxServeError,
     UnavailableError,
 )
@@ -398,6 +399,7 @@ class InferenceService:
         try:
             if self.draining:
                 raise UnavailableError("the server is shutting down; send the request to another replica")
+            check_request(request)
             limit = time_limit(request, self.request_timeout)
             model = self.registry.resolve(request.model_name, request.model_version)
         except OnnxServeError as e:
@@ -503,11 +505,26 @@ class InferenceService:
         return [e for e in entries if e.state == ModelState.READY.value or not ready_only]
 
     def version_states(self, name: str, version: str | None = None) -> list[IndexEntry]:
-        """The state of the version a number or label names, or of every version of the model."""
-        served = self.registry.get(name)
-        if version:
-            return [_index_entry(served.lookup(version))]
-        return [_index_entry(served.versions[n]) for n in served.version_numbers()]
+        """The state of the version a number or label names, or of every version of the model: the
+        versions served and, as in the repository index, those that failed to load (UNAVAILABLE with
+        the reason), also when no version of the model loaded."""
+        failed = {
+            str(number): IndexEntry(name, str(number), ModelState.UNAVAILABLE.value, reason)
+            for (model, number), reason in sorted(self.registry.failures.items(), reverse=True)
+            if model == name
+        }
+        try:
+            served = self.registry.get(name)
+            if version:
+                return [_index_entry(served.lookup(version))]
+        except ModelNotFoundError:
+            if version and version in failed:
+                return [failed[version]]
+            if not version and failed:
+                return list(failed.values())
+            raise
+        entries = [_index_entry(served.versions[n]) for n in served.version_numbers()]
+        return entries + [e for number, e in failed.items() if int(number) not in served.versions]
 
     def model_statistics(self, name: str = "", version: str | None = None) -> list[VersionStatistics]:
         """Statistics of one model version, of every version of one model, or (no name) of all models."""

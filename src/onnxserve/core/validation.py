@@ -24,6 +24,45 @@ def _check_shape(given: tuple[int, ...], spec: TensorSpec, model: str) -> None:
         )
 
 
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+"""Triton's sequence batching parameters: onnxserve keeps no state between requests."""
+
+
+def check_request(request: InferenceRequest) -> None:
+    """What a request asks for on every model and every protocol, checked before the model is looked up:
+    each input and each requested output named once (else the last one would win, silently), and
+    Triton's request parameters of the right type (``priority``: accepted, with one priority level;
+    a sequence: refused; ``timeout`` is checked with the time limit)."""
+    seen: set[str] = set()
+    for tensor in request.inputs:
+        if tensor.name in seen:
+            raise InvalidInputError(f"input {tensor.name!r} is given more than once")
+        seen.add(tensor.name)
+    if request.outputs is not None and len(set(request.outputs)) != len(request.outputs):
+        twice = next(n for i, n in enumerate(request.outputs) if n in request.outputs[:i])
+        raise InvalidInputError(f"output {twice!r} is requested more than once")
+    params = request.parameters
+    priority = params.get("priority")
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int) or priority < 0):
+        raise InvalidInputError(f"parameter 'priority' must be a non-negative integer, got {priority!r}")
+    for key in SEQUENCE_PARAMETERS:
+        value = params.get(key)
+        if value is None:
+            continue
+        if not _no_sequence(key, value):
+            raise InvalidInputError(
+                f"parameter {key!r} ({value!r}): sequence batching is not supported; onnxserve keeps no "
+                "state between requests (send each request on its own, without sequence parameters)"
+            )
+
+
+def _no_sequence(key: str, value: Any) -> bool:
+    """The value tritonclient sends for "no sequence": sequence_id 0 (or ""), sequence_start/end false."""
+    if key == "sequence_id":
+        return (type(value) is int and value == 0) or value == ""
+    return value is False
+
+
 def prepare_feeds(request: InferenceRequest, model: ModelVersion) -> tuple[dict[str, npt.NDArray[Any]], list[str]]:
     """The arrays to feed and the output names to fetch, or InvalidInputError naming what is wrong."""
     specs = {s.name: s for s in model.inputs}

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -368,3 +368,24 @@ def response_too_large(model: str, size: int, limit: int, at_least: bool = False
         f"model {model!r}: the response would be {amount} {what}, above the limit of {limit} "
         "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
     )
+
+
+SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+"""Triton's shared-memory tensor parameters: onnxserve has no shared-memory extension."""
+
+
+def check_tensor_parameters(role: str, name: str, keys: Iterable[str]) -> None:
+    """Refuse tensor parameters that ask for what onnxserve does not do, rather than ignore them: shared
+    memory (an ignored output region would never be written; an ignored input region would be read as
+    missing data) and Triton's ``classification`` output (top-k class strings). ``role``: input or output."""
+    for key in keys:
+        if key in SHARED_MEMORY_PARAMETERS:
+            raise InvalidInputError(
+                f"{role} {name!r}: parameter {key!r}: the shared-memory extension is not supported; send the "
+                f"tensor's data in the request{' and read it from the answer' if role == 'output' else ''}"
+            )
+        if key == "classification" and role == "output":
+            raise InvalidInputError(
+                f"output {name!r}: parameter 'classification' is not supported; ask for the output itself "
+                "and take the top classes from its scores"
+            )

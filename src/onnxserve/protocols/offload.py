@@ -10,7 +10,8 @@ bodies are converted inline, where a thread hop would cost more than the work.
 A thread is not enough for JSON: orjson (and the standard parser TF Serving's ``NaN`` needs) parses a
 whole document in one call that holds the interpreter lock, 1 to 4 s for a 60 MB body, and the event
 loop cannot run meanwhile. :func:`parse` is the one door every JSON codec decodes through: a body of at
-least :data:`PROCESS_BYTES` is parsed and decoded to the internal request in a worker process (at most
+least :data:`PROCESS_BYTES`, or a smaller one dense with arrays and objects (:data:`INLINE_CONTAINERS`),
+is parsed and decoded to the internal request in a worker process (at most
 :data:`PROCESSES` at once, started on first use from a fork server), which hands back numpy arrays
 (pickled, a copy of their bytes) and domain errors as the same errors with the same messages. A worker
 that runs out of memory or dies refuses the body it was decoding with :func:`worker_lost`
@@ -113,9 +114,29 @@ async def parse(size: int, work: Decode[P, R], body: bytes, *args: P.args, **kwa
     """``work(body, *args, **kwargs)``, a JSON decode of ``size`` bytes: like :func:`convert`, but in a
     worker process from :data:`PROCESS_BYTES` up. ``work`` must be a module-level function, its other
     arguments and its result picklable (numpy arrays travel cheaply; many small Python objects do not)."""
-    if size < PROCESS_BYTES:
+    if not decodes_in_worker(size, body):
         return await convert(size, work, body, *args, **kwargs)
     return await _pool.run(work, body, args, kwargs)
+
+
+INLINE_CONTAINERS = 32 * 1024
+"""A JSON body under :data:`PROCESS_BYTES` with more ``[`` and ``{`` bytes than this is decoded in a
+worker process all the same. Each array or object becomes a Python object, and building them, not the
+bytes, is what holds the interpreter lock: a body just under 4 MiB of 1.4 million empty lists took
+about 0.8 s to parse (24 at once held the probes 2 to 3 s), 32 Ki of them a few milliseconds, as
+little as the numbers of a 1 MiB body. Counting costs about a millisecond per MiB, and only bodies of
+at least twice this many bytes can hold this many (``[]`` and a comma each) are counted."""
+
+
+def decodes_in_worker(size: int, body: bytes) -> bool:
+    """Whether :func:`parse` decodes a JSON body of ``size`` bytes (its first ``size`` bytes are the
+    JSON) in a worker process: a large one, or one dense with arrays and objects."""
+    if size >= PROCESS_BYTES:
+        return True
+    if size <= 2 * INLINE_CONTAINERS:
+        return False
+    end = min(size, len(body))
+    return body.count(b"[", 0, end) + body.count(b"{", 0, end) > INLINE_CONTAINERS
 
 
 def worker_lost(reason: str) -> ResourceExhaustedError:

@@ -12,6 +12,11 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   so a slow reader holds its answer, and its share of the in-flight budget, for at most that long.
 - **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
   arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
+- **An answer before the body is in** (a 413 to a body that inflates too far): on a keep-alive
+  connection the rest of the body is read and dropped (not counted as the next request's head); on one
+  that closes after the answer, the write side is shut and the rest read and dropped for up to
+  ``LINGER_SECONDS`` / ``LINGER_BYTES`` before the close, so the kernel does not reset the connection
+  over unread bytes and the client gets its answer.
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
 - **Open connections**: at most ``max_connections`` per port. When a new one would exceed it and the
   client address holding the most connections holds at least two more than the new one's address
@@ -92,6 +97,12 @@ RESERVE_STALE_SECONDS = 2.0
 DISPLACED_WARNING_SECONDS = 10.0
 """At most one WARNING this often about connections closed to make room for other client addresses."""
 
+LINGER_SECONDS = 5.0
+"""How long a connection closed with its request body still arriving keeps reading (and dropping) it."""
+
+LINGER_BYTES = 64 * 1024 * 1024
+"""How much of such a body is read and dropped before the connection is closed all the same."""
+
 UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 """Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
 
@@ -157,12 +168,25 @@ class _ClosedWritesDropped:
     the second written to a closed transport, and each such answer was logged as two ERROR tracebacks
     (an outside attack: 3.9 MB of log in 0.8 s). A client that leaves is not an error."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, linger: Callable[[], bool] | None = None) -> None:
         self._transport = transport
+        self._linger = linger
+        self._lingering = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._transport.is_closing():
+        if not self.is_closing():
             self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        """Close, or (``linger`` says it takes over) look closed to uvicorn while the rest of the request
+        is read and dropped."""
+        if not self._lingering and self._linger is not None and self._linger():
+            self._lingering = True
+            return
+        self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -196,10 +220,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._reserve = False
         self._refused = False
         self._address = ""
+        self._body_pending = False  # a request's head is in and its body is still arriving
+        self._linger_left = -1  # bytes still read and dropped while lingering; -1: not lingering
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_ClosedWritesDropped(transport))  # type: ignore[arg-type]
+        super().connection_made(_ClosedWritesDropped(transport, self._linger))  # type: ignore[arg-type]
         self._address = self.client[0] if self.client else ""
         self.clients.by_address.setdefault(self._address, set()).add(self)
         if len(self.connections) > self.limits.max_connections:
@@ -336,10 +363,39 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(self._head_seconds(), self._head_timed_out)
 
+    # -- closing with the request body unread -----------------------------------------------------------
+    def _linger(self) -> bool:
+        """A connection closed while its request body is still arriving (an answer given early: a 413 to a
+        compressed body too large, a client that asked for ``Connection: close``) would be reset by the
+        kernel over the unread bytes, and the client would lose the answer. Instead its write side is shut
+        (the answer goes out, then FIN), and what the client still sends is read and dropped until it
+        closes, up to :data:`LINGER_BYTES` or :data:`LINGER_SECONDS`; then the connection is cut. Only an
+        answer of the application's lingers: a connection closed to free its slot closes at once.
+        Returns False (close now) when nothing of the request is left unread."""
+        raw = self.transport._transport  # type: ignore[attr-defined]  # the _ClosedWritesDropped's own
+        answered = self.cycle is not None and self.cycle.response_complete  # not a 408, 503 or 431 of ours
+        if not (self._body_pending and answered) or self._refused or raw.is_closing() or not raw.can_write_eof():
+            return False
+        self._cancel_timers()
+        self._linger_left = LINGER_BYTES
+        raw.write_eof()
+        raw.resume_reading()  # uvicorn may have paused reading while the app held the body
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.abort)
+        return True
+
+    def _lingered(self, data: bytes) -> None:
+        self._linger_left -= len(data)
+        if self._linger_left < 0:
+            self.transport._transport.abort()  # type: ignore[attr-defined]
+
     def data_received(self, data: bytes) -> None:
+        if self._linger_left >= 0:
+            self._lingered(data)
+            return
         if self._refused:
             return
-        awaiting_head = not self._busy()
+        # the rest of a body answered early (a 413) is not the next request's head
+        awaiting_head = not self._busy() and not self._body_pending
         if awaiting_head:
             self._head_bytes += len(data)  # on_headers_complete resets it if the head ends in this data
         super().data_received(data)
@@ -392,6 +448,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             )
             return
         super().on_headers_complete()
+        self._body_pending = True
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
     def on_body(self, body: bytes) -> None:
@@ -400,6 +457,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
         if self._refused:
             return
         if self._body_timer is not None:
@@ -461,10 +519,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.abort()  # drops the unsent answer at once; close() would keep it until it is read
 
     def _cancel_timers(self) -> None:
-        for timer in (self._head_timer, self._body_timer, self._send_timer):
+        for timer in (self._head_timer, self._body_timer, self._send_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
-        self._head_timer = self._body_timer = self._send_timer = None
+        self._head_timer = self._body_timer = self._send_timer = self._linger_timer = None
 
 
 def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:

@@ -155,6 +155,10 @@ def _uvicorn_server(
         loop="none",  # the loop is ours: uvloop, shared with gRPC
         http=guarded_http_protocol(ConnectionLimits.from_settings(settings)),  # httptools + our limits
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
+        # Forwarded headers are believed only from the peers named (uvicorn's default trusts 127.0.0.1,
+        # which lets any local process pose as any number of clients in the fair queue).
+        proxy_headers=bool(settings.forwarded_allow_ips.strip()),
+        forwarded_allow_ips=settings.forwarded_allow_ips.strip() or None,
         lifespan="off",
         access_log=False,
         log_level=settings.log_level,

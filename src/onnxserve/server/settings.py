@@ -14,10 +14,11 @@ The ``serve`` command's flags (``onnxserve.cli.settings_options``) and the docs'
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from onnxserve.core.cpu import cpu_budget
 
@@ -36,6 +37,21 @@ def _extra(env: str | None = None, flag: str | None = None, cli: bool = True) ->
     if not cli:
         extra["cli"] = False
     return extra
+
+
+def _forwarded_allow_ips(value: str) -> str:
+    """Comma-separated IP addresses or networks, or ``*``: each entry must parse (uvicorn would take a
+    mistyped address as a literal that never matches, silently)."""
+    if not value.strip():
+        return value
+    for entry in (e.strip() for e in value.split(",")):
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network (or '*')") from None
+    return value
 
 
 class ServerSettings(BaseModel):
@@ -127,6 +143,12 @@ class ServerSettings(BaseModel):
         description="Open HTTP connections; past it HTTP closes an idle or still-sending connection of the "
         "address holding the most (when it holds two more than the newcomer's), else the oldest idle one, and "
         "16 more are kept for health probes and metrics scrapes (gRPC: --grpc-max-connections).",
+    )
+    forwarded_allow_ips: Annotated[str, AfterValidator(_forwarded_allow_ips)] = Field(
+        default="",
+        description="Peer addresses (comma-separated IPs or networks, '*' for all) whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers are believed: the client is then the address the proxy names. Empty (the "
+        "default): none; the client is always the connection's peer address.",
     )
     header_timeout: Annotated[float, Field(gt=0)] = Field(
         default=10.0,

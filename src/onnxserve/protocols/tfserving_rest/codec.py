@@ -29,6 +29,7 @@ from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import json_size
 from onnxserve.protocols.entry_count import check_entries
 from onnxserve.protocols.json_depth import check_depth, too_deep
+from onnxserve.protocols.public_errors import redact_paths
 from onnxserve.protocols.tfserving_rest import answer, values
 
 SIGNATURE = "serving_default"
@@ -36,10 +37,12 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 
 _PREDICT_KEYS = ("signature_name", "instances", "inputs")
 
-# ModelState -> (TF Serving state, error code) for the model status API
+# ModelState -> (TF Serving state, error code) for the model status API: every state has its entry (a
+# test enumerates ModelState); a version draining its in-flight requests is TF Serving's UNLOADING.
 _STATES: dict[str, tuple[str, str]] = {
     ModelState.LOADING.value: ("LOADING", "OK"),
     ModelState.READY.value: ("AVAILABLE", "OK"),
+    ModelState.UNLOADING.value: ("UNLOADING", "OK"),
     ModelState.UNAVAILABLE.value: ("END", "UNAVAILABLE"),
 }
 
@@ -299,7 +302,8 @@ def encode_status(versions: Sequence[IndexEntry]) -> dict[str, Any]:
     statuses = []
     for entry in versions:
         state, code = _STATES[entry.state]
-        message = entry.reason or ("" if code == "OK" else f"version {entry.version} is {entry.state.lower()}")
+        reason = redact_paths(entry.reason)  # a failed load's reason, as the repository index shows it
+        message = reason or ("" if code == "OK" else f"version {entry.version} is {entry.state.lower()}")
         statuses.append(
             {"version": entry.version, "state": state, "status": {"error_code": code, "error_message": message}}
         )

@@ -89,6 +89,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
         name = tensor.name
         if not name:
             raise InvalidInputError(f"inputs[{index}] has no name")
+        wire.check_tensor_parameters("input", name, tensor.parameters)
         dtype = datatypes.from_v2(tensor.datatype, where=f"input {name!r}")
         shape = wire.request_shape(name, tensor.shape)
         if raw:
@@ -101,6 +102,8 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
             inputs.append(_from_contents(name, dtype, shape, tensor.contents))
     wire.check_request_bytes(inputs)
     outputs = message.outputs
+    for output in outputs:
+        wire.check_tensor_parameters("output", output.name, output.parameters)
     parameters = message.parameters
     request = InferenceRequest(
         model_name=model_name,

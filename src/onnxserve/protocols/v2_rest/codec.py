@@ -127,6 +127,7 @@ def _decode_input(doc: dict[str, Any], index: int, binary: memoryview) -> tuple[
     dtype = datatypes.from_v2(doc["datatype"], where=f"input {name!r}")
     shape = tensors.parse_shape(name, doc["shape"])
     params = _parameters(doc, f"input {name!r}")
+    wire.check_tensor_parameters("input", name, params)
     size = params.get("binary_data_size")
     if size is not None:
         if type(size) is not int or size < 0:
@@ -159,7 +160,9 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
             raise InvalidInputError(f"outputs[{i}] needs a 'name' string")
         _check_keys(doc, _OUTPUT_KEYS, f"output {name!r}")
         names.append(name)
-        choice = _parameters(doc, f"output {name!r}").get("binary_data")
+        params = _parameters(doc, f"output {name!r}")
+        wire.check_tensor_parameters("output", name, params)
+        choice = params.get("binary_data")
         if choice is True:
             binary.append(name)
         elif choice is False:
