@@ -122,7 +122,8 @@ def still_serves(server: RunningServer) -> None:
 
 def refused(response: httpx.Response | raw_http.RawResponse, status: int, *words: str) -> str:
     body = response.content if isinstance(response, httpx.Response) else response.body
-    assert response.status_code if isinstance(response, httpx.Response) else response.status == status, body
+    actual = response.status_code if isinstance(response, httpx.Response) else response.status
+    assert actual == status, (actual, body)
     message: str = json.loads(body)["error"]
     for word in words:
         assert word in message, message
