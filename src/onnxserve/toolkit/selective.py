@@ -195,9 +195,16 @@ def sensitivity(
                 if value and value not in weights and value not in wanted:
                     wanted.append(value)
     scores = {name: 0.0 for name in nodes}
+    rounded: dict[tuple[str, bool], npt.NDArray[Any]] = {}  # each weight rounded once, not once per sample
+    judged: set[str] = set()  # nodes judged by their weights alone: the same on every sample
     for values in _intermediates(model, wanted, samples, work):
         for name, node in nodes.items():
-            scores[name] = max(scores[name], _node_error(node, values, weights, reduce_range, per_row))
+            if name in judged:
+                continue
+            error = _node_error(node, values, weights, reduce_range, per_row, rounded)
+            scores[name] = max(scores[name], error)
+            if node.op_type not in ("MatMul", "Gemm", "Attention"):
+                judged.add(name)
     return scores
 
 
@@ -248,7 +255,18 @@ def _node_error(
     weights: dict[str, npt.NDArray[Any]],
     reduce_range: bool,
     per_row: Collection[str] = (),
+    rounded: dict[tuple[str, bool], npt.NDArray[Any]] | None = None,
 ) -> float:
+    """The node's relative output error under int8 rounding on one sample's ``values``; ``rounded``
+    keeps each weight's rounding (by name and whether it was transposed) for the next samples."""
+    cache: dict[tuple[str, bool], npt.NDArray[Any]] = {} if rounded is None else rounded
+
+    def weight(name: str, w: npt.NDArray[Any], transposed: bool) -> npt.NDArray[Any]:
+        key = (name, transposed)
+        if key not in cache:
+            cache[key] = _fake_weight(w, -1, reduce_range)
+        return cache[key]
+
     op = node.op_type
     if op in ("MatMul", "Gemm", "Attention"):
         a_name, b_name = node.input[0], node.input[1]
@@ -257,11 +275,12 @@ def _node_error(
         if a is None or b is None:
             return 0.0
         attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        if op == "Gemm":
-            a = a.T if attrs.get("transA", 0) else a
-            b = b.T if attrs.get("transB", 0) else b
-        qa = _fake_weight(a, -1, reduce_range) if a_name in weights else _fake_activation(a)
-        qb = _fake_weight(b, -1, reduce_range) if b_name in weights else _fake_activation(b)
+        ta = op == "Gemm" and bool(attrs.get("transA", 0))
+        tb = op == "Gemm" and bool(attrs.get("transB", 0))
+        a = a.T if ta else a
+        b = b.T if tb else b
+        qa = weight(a_name, a, ta) if a_name in weights else _fake_activation(a)
+        qb = weight(b_name, b, tb) if b_name in weights else _fake_activation(b)
         try:
             return _relative(np.matmul(a, b), np.matmul(qa, qb))
         except ValueError:  # shapes that do not multiply as plain matrices: judge the weight alone
