@@ -524,6 +524,29 @@ def _session(model: onnx.ModelProto | Path, which: str) -> Any:
         raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {cause}") from None
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """How large the inputs of a numeric comparison may be (the web page's diffs run within these)."""
+
+    rows: int
+    """The first axis of the first input: the comparison measures row by row."""
+    values: int
+    """Elements of all inputs together."""
+
+    def refusal(self, feeds: Arrays) -> str | None:
+        """Why ``feeds`` are too large to run, or None."""
+        from onnxserve.toolkit.samples import batch_rows
+
+        rows = batch_rows(dict(feeds))
+        values = sum(int(v.size) for v in feeds.values())
+        if rows > self.rows or values > self.values:
+            return (
+                f"not run: the inputs this comparison needs hold {rows} rows and {values} values, more than "
+                f"the {self.rows} rows and {self.values} values it runs here"
+            )
+        return None
+
+
 def compare_outputs(
     a: onnx.ModelProto,
     b: onnx.ModelProto,
@@ -531,10 +554,12 @@ def compare_outputs(
     samples: Arrays | None = None,
     seed: int = 0,
     files: tuple[Path, Path] | None = None,
+    limits: RunLimits | None = None,
 ) -> NumericComparison:
     """Run both models on the same inputs; compare each output they have in common.
 
-    ``files``: run the models from these files (those ``a`` and ``b`` were read from), not from memory."""
+    ``files``: run the models from these files (those ``a`` and ``b`` were read from), not from memory.
+    ``limits``: inputs larger than these are not run (the comparison says why)."""
     sig_a = sample_inputs.signature(a.graph)
     sig_b = sample_inputs.signature(b.graph)
     if samples is None:
@@ -557,6 +582,9 @@ def compare_outputs(
         missing = [n for n in sig if n not in feeds]
         if missing:
             raise InvalidInputError(f"samples lack input(s) {', '.join(missing)} that model {which} needs")
+    too_large = limits.refusal(feeds) if limits is not None else None
+    if too_large is not None:
+        return NumericComparison(False, too_large, {n: list(v.shape) for n, v in feeds.items()}, generated)
     try:
         out_a = _run(files[0] if files else a, "A", {n: feeds[n] for n in sig_a})
         out_b = _run(files[1] if files else b, "B", {n: feeds[n] for n in sig_b})

@@ -60,6 +60,10 @@ MEMORY = 1024 * MiB
 COST_FACTOR = 2.5
 """A document's peak memory per byte of the model file(s) it reads (measured: see docs/limits.md)."""
 
+DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20)
+"""A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
+of 8 tokens); a model whose fixed input shapes ask for more is compared without running it."""
+
 HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
 
@@ -117,7 +121,8 @@ def diff_json(a: Path, b: Path) -> bytes:
     model_a, model_b = load_model(a), load_model(b)
     found = diff.diff_models(model_a, model_b, run=False)
     model_a, model_b = _without_weights(model_a), _without_weights(model_b)
-    found = replace(found, numeric=diff.compare_outputs(model_a, model_b, files=(a, b)))
+    numeric = diff.compare_outputs(model_a, model_b, files=(a, b), limits=DIFF_RUN_LIMITS)
+    found = replace(found, numeric=numeric)
     return orjson.dumps(
         {"diff": found.to_json(), "highlight": {"a": found.highlight_a(), "b": found.highlight_b()}},
         option=orjson.OPT_SERIALIZE_NUMPY,
