@@ -30,7 +30,7 @@ def example_value(spec: TensorSpec, index: int) -> bool | int | float | str:
     return index % 4
 
 
-MAX_EXAMPLE_VALUES = 4096
+MAX_EXAMPLE_VALUES = 65_536
 """The most values an example tensor holds: a model whose fixed input shape asks for more (10 M values
 made a 63 MB version page) gets an example cut to these, which the server refuses with the count it needs."""
 
