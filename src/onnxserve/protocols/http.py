@@ -35,13 +35,15 @@ ErrorRenderer = Callable[[OnnxServeError | None, str, int], Response]
 
 
 def json_body(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type=JSON)
+    response = Response(body, status_code=status, media_type=JSON)
+    if status >= 400:  # an error message may repeat what the client sent: never read as anything but JSON
+        response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def error_response(message: str, status: int, retry_after: bool = False) -> Response:
     """``{"error": message}``, the error body of KServe V2 and TF Serving alike."""
     response = json_body(orjson.dumps({"error": message}), status)
-    response.headers["X-Content-Type-Options"] = "nosniff"  # the message may repeat what the client sent
     if retry_after:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
