@@ -6,10 +6,15 @@
 - A removed version folder stayed in the repository index as UNAVAILABLE forever; now it leaves.
 - The web page's weights API parsed the whole model on every request; now the documents are computed
   once per loaded version, off the loop, and concurrent requests share that one computation.
+- A graph document took 7.7x its model file (statistics in float64 over the whole model), a diff 5.7x
+  both, and 40 cold version pages parsed the whole file 40 times (+3.8 GB for a 400 MB model); now a
+  document takes at most 2.5x its file(s), within --web-document-memory, and a version page reads the
+  file's header without its weights.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,7 +27,7 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 import requests
-from harness import serve_capped
+from harness import CappedServer, serve_capped
 from watch import Watch
 
 from models import add_model, write_version
@@ -170,14 +175,15 @@ def test_a_folder_that_is_not_a_model_name_and_empty_version_folders_leave_the_p
         assert server.alive()
 
 
-def _weighty_model(megabytes: int) -> onnx.ModelProto:
-    """y = x + w with one FP32 initializer of ``megabytes`` MB (a model worth parsing once, not 40 times)."""
+def _weighty_model(megabytes: int, value: float = 1.0) -> onnx.ModelProto:
+    """y = x + w (x of one value) with one FP32 initializer of ``megabytes`` MB (a model worth parsing once,
+    not 40 times)."""
     count = megabytes * 1024 * 1024 // 4
-    weight = onnx.numpy_helper.from_array(np.ones(count, dtype=np.float32), "w")
+    weight = onnx.numpy_helper.from_array(np.full(count, value, dtype=np.float32), "w")
     graph = onnx.helper.make_graph(
         [onnx.helper.make_node("Add", ["x", "w"], ["y"])],
         "weighty",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [count])],
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [count])],
         [weight],
     )
@@ -203,4 +209,69 @@ def test_the_web_page_apis_compute_each_document_once(tmp_path: Path) -> None:
         assert watch.peak_rss < settled_rss + 64 * 1024**2  # the unfixed server took +1 GB here
         graph = requests.get(server.http_url + "/web/api/models/big/versions/1/graph", timeout=60)
         assert graph.status_code == 200
+        assert server.alive()
+
+
+MiB = 1024**2
+COST_FACTOR = 2.5  # docs/limits.md: a document takes at most 2.5x its model file(s) while computed
+SLACK = 48 * MiB  # allocator and sampling noise
+
+
+def _two_versions(repository: Path) -> int:
+    """Model ``big``, versions 1 and 2 both served (40 MB each, different weights); the file size."""
+    write_version(repository, "big", 1, _weighty_model(40))
+    write_version(repository, "big", 2, _weighty_model(40, value=2.0))
+    config = {"model_config_list": [{"name": "big", "base_path": "big", "model_version_policy": {"all": {}}}]}
+    (repository / "config.json").write_text(json.dumps(config))
+    return (repository / "big" / "1" / "model.onnx").stat().st_size
+
+
+def test_web_page_documents_and_version_pages_stay_within_their_documented_memory(tmp_path: Path) -> None:
+    size = _two_versions(tmp_path)
+    with CappedServer(["--config", str(tmp_path / "config.json")], cap_bytes=CAP) as server:
+        # 40 cold version pages at once: one header read, weights never parsed (it parsed 40 whole files)
+        with Watch(server, every=0.01) as watch, ThreadPoolExecutor(max_workers=40) as pool:
+            settled = server.rss_bytes()
+            pages = list(
+                pool.map(lambda _: requests.get(server.http_url + "/models/big/versions/2", timeout=60), range(40))
+            )
+        assert [p.status_code for p in pages] == [200] * 40
+        assert all("weighty" in p.text for p in pages)
+        assert not watch.failures
+        assert watch.worst_probe < 1
+        assert watch.peak_rss < settled + SLACK
+        api = server.http_url + "/web/api/models/big"
+        for url, files in [
+            (api + "/versions/1/graph", 1),
+            (api + "/versions/1/weights?name=w&offset=0&limit=5", 1),
+            (api + "/diff?a=1&b=2", 2),
+        ]:
+            settled = server.rss_bytes()
+            with Watch(server, every=0.01) as watch:
+                answer = requests.get(url, timeout=120)
+            assert answer.status_code == 200, answer.text
+            assert not watch.failures
+            assert watch.peak_rss < settled + COST_FACTOR * files * size + SLACK, (url, watch.peak_rss - settled)
+        changed = requests.get(api + "/diff?a=1&b=2", timeout=60).json()["diff"]
+        assert [c["name"] for c in changed["initializers"]] == ["w"]
+        assert " ERROR " not in server.log()
+        assert server.alive()
+
+
+def test_a_document_too_large_for_the_web_page_is_refused_clearly(tmp_path: Path) -> None:
+    _two_versions(tmp_path)
+    memory = str(150 * MiB)  # a graph (2.5 x 40 MB) fits, a diff of two versions does not
+    args = ["--config", str(tmp_path / "config.json"), "--web-document-memory", memory]
+    with CappedServer(args, cap_bytes=CAP) as server:
+        api = server.http_url + "/web/api/models/big"
+        refused = requests.get(api + "/diff?a=1&b=2", timeout=60)
+        assert refused.status_code == 400
+        assert "too large for the web page" in refused.json()["error"]
+        assert refused.headers["X-Content-Type-Options"] == "nosniff"
+        assert requests.get(api + "/versions/2/graph", timeout=60).status_code == 200
+        assert requests.get(server.http_url + "/models/big/versions/1", timeout=60).status_code == 200
+        unknown = requests.get(server.http_url + "/models/<script>/x/y", timeout=10)
+        assert unknown.status_code == 404
+        assert unknown.headers["Content-Type"] == "application/json"
+        assert unknown.headers["X-Content-Type-Options"] == "nosniff"
         assert server.alive()

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 import orjson
 import pytest
 
 import models
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, ModelLoadError, TooLargeError
+from onnxserve.server.web import documents, overview
 from onnxserve.server.web.documents import DocumentCache
+from onnxserve.toolkit import diff, graph, model_header
 
 
 def _model_file(folder: Path) -> Path:
@@ -61,3 +67,125 @@ def test_documents_leave_with_their_version_and_stay_within_the_bound(tmp_path: 
         assert tiny.held_bytes == 0
 
     asyncio.run(scenario())
+
+
+def _metadata_model() -> onnx.ModelProto:
+    """Two nodes, a 1 MB initializer, doc strings, metadata and two opsets."""
+    weight = onnx.numpy_helper.from_array(np.arange(262_144, dtype=np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["x", "w"], ["s"]), onnx.helper.make_node("Relu", ["s"], ["y"])],
+        "described",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [262_144])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [262_144])],
+        [weight],
+        doc_string="the graph's own words",
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.example", 2)],
+        producer_name="maker",
+        producer_version="1.2",
+    )
+    onnx.helper.set_model_props(model, {"license": "MIT", "author": "üñí"})
+    return model
+
+
+def test_the_header_is_read_without_the_weights_and_says_what_onnx_load_says(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(_metadata_model(), path)
+    loaded = onnx.load(path)
+    header = overview.onnx_header(path)
+    assert header.ir_version == loaded.ir_version
+    assert dict(header.opsets) == {"ai.onnx": 17, "com.example": 2}
+    assert header.producer == "maker 1.2"
+    assert header.graph_name == "described"
+    assert header.doc_string == "the graph's own words"
+    assert dict(header.properties) == {"license": "MIT", "author": "üñí"}
+    assert header.nodes == len(loaded.graph.node) == 2
+    found = model_header.read_header(path)
+    assert not found.model.HasField("graph")  # the weights were never parsed
+    assert found.model.ByteSize() < 200
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all", b"\x0a\xff\xff\xff\x0f"])
+def test_a_file_that_is_not_a_model_has_no_header(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match="cannot read the model file"):
+        overview.onnx_header(path)
+
+
+def test_a_cut_model_file_has_no_header(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(_metadata_model(), path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match="cannot read the model file"):
+        overview.onnx_header(path)
+
+
+def test_concurrent_header_reads_share_one_computation(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(_metadata_model(), path)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        headers = await asyncio.gather(*(cache.header(path) for _ in range(40)))
+        assert len(set(headers)) == 1
+        assert cache.computed == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_document_larger_than_the_memory_is_refused_and_others_wait_their_turn(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    onnx.save(_metadata_model(), path)
+    size = path.stat().st_size
+
+    async def scenario() -> None:
+        cache = DocumentCache(memory=int(size * 2.5 * 1.5))  # one graph fits, two at once do not
+        with pytest.raises(TooLargeError, match="too large for the web page"):
+            await cache.diff(path, path)  # both files together: 5x the file
+        assert cache.computed == 0
+        running: list[int] = []
+        most = [0]
+
+        def compute() -> bytes:
+            running.append(1)
+            most[0] = max(most[0], len(running))
+            time.sleep(0.05)
+            running.pop()
+            return b"{}"
+
+        cost = cache._cost("graph", documents.file_key(path))
+        await asyncio.gather(*(cache._get(("test", n), (str(path),), compute, cost) for n in range(4)))
+        assert cache.computed == 4
+        assert most[0] == 1  # admitted one at a time: two would exceed the memory
+
+    asyncio.run(scenario())
+
+
+def test_statistics_computed_in_chunks_are_those_of_the_whole_array(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = np.random.default_rng(3).standard_normal(10_007).astype(np.float32)
+    values[[5, 77, 9000]] = [np.nan, np.inf, 0.0]
+    monkeypatch.setattr(graph, "STATISTICS_CHUNK", 1000)
+    monkeypatch.setattr(diff, "STATISTICS_CHUNK", 1000)
+    summary = graph.array_summary("w", values)
+    whole = values.astype(np.float64)
+    finite = whole[np.isfinite(whole)]
+    counts, edges = np.histogram(finite, bins=graph.HISTOGRAM_BINS)
+    assert summary.histogram is not None
+    assert summary.histogram.counts == counts.tolist()
+    assert summary.histogram.edges == edges.tolist()
+    assert (summary.min, summary.max) == (finite.min(), finite.max())
+    assert summary.mean == pytest.approx(finite.mean(), rel=1e-12)
+    assert summary.std == pytest.approx(finite.std(), rel=1e-12)
+    assert summary.sparsity == np.count_nonzero(whole == 0) / whole.size
+
+    other = values.copy()
+    other[100:200] += 1
+    stats = diff.weight_stats(np.nan_to_num(values), np.nan_to_num(other))
+    a, b = np.nan_to_num(values).astype(np.float64), np.nan_to_num(other).astype(np.float64)
+    assert stats.changed == 100
+    assert stats.max_abs_diff == pytest.approx(np.abs(b - a).max(), rel=1e-12)
+    assert stats.mean_abs_diff == pytest.approx(np.abs(b - a).mean(), rel=1e-12)
+    assert stats.relative_l2 == pytest.approx(np.linalg.norm(b - a) / np.linalg.norm(a), rel=1e-12)

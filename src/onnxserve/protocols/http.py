@@ -35,7 +35,10 @@ ErrorRenderer = Callable[[OnnxServeError | None, str, int], Response]
 
 
 def json_body(body: bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type=JSON)
+    response = Response(body, status_code=status, media_type=JSON)
+    if status >= 400:  # an error message may repeat what the client sent: never read as anything but JSON
+        response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
 
 
 def error_response(message: str, status: int, retry_after: bool = False) -> Response:

@@ -24,6 +24,7 @@ from onnxserve.server.auth import BearerAuthMiddleware
 from onnxserve.server.metrics import Metrics
 from onnxserve.server.tokens import TokenTable
 from onnxserve.server.web import routes as web_routes
+from onnxserve.server.web.documents import MEMORY as WEB_DOCUMENT_MEMORY
 
 SHOWN_PATH_CHARACTERS = 200
 """How much of an unknown request path an error message repeats."""
@@ -64,12 +65,14 @@ def create_app(
     tokens: TokenTable | None = None,
     max_request_bytes: int = DEFAULT_MAX_BYTES,
     budget: InflightBytes | None = None,
+    web_document_memory: int = WEB_DOCUMENT_MEMORY,
 ) -> Starlette:
     """Every HTTP endpoint; with ``metrics``, also ``/metrics`` (the service counts the requests).
 
     With ``tokens`` every endpoint but the health probes needs a bearer token (``onnxserve.server.auth``).
     Every POST body is checked by ``RequestBodyLimits`` (at most ``max_request_bytes``, decompressed;
-    held within ``budget``, the request bytes in flight shared with gRPC, when one is given).
+    held within ``budget``, the request bytes in flight shared with gRPC, when one is given). The web
+    page computes its documents within ``web_document_memory`` (``onnxserve.server.web.documents``).
     """
     routes = [
         *v2_rest.routes(service),
@@ -79,7 +82,7 @@ def create_app(
     ]
     if metrics is not None:
         routes.append(metrics_route(metrics))
-    routes += web_routes(service)  # the web page at / (onnxserve.server.web)
+    routes += web_routes(service, web_document_memory)  # the web page at / (onnxserve.server.web)
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error},

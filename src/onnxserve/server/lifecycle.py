@@ -149,7 +149,14 @@ def _uvicorn_server(
 ) -> _DrainingServer:
     tls = exposure.tls
     config = uvicorn.Config(
-        create_app(service, metrics, exposure.tokens, max_request_bytes=settings.max_request_bytes, budget=budget),
+        create_app(
+            service,
+            metrics,
+            exposure.tokens,
+            max_request_bytes=settings.max_request_bytes,
+            budget=budget,
+            web_document_memory=settings.web_document_memory,
+        ),
         ssl_context_factory=None if tls is None else (lambda config, default: tls.context),
         log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC

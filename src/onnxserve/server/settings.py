@@ -132,6 +132,11 @@ class ServerSettings(BaseModel):
         default=64 * MiB, description="Largest gRPC message received or sent (RESOURCE_EXHAUSTED above)."
     )
     # Connection limits and timeouts (onnxserve.server.connections; docs/limits.md).
+    web_document_memory: Annotated[int, Field(ge=0)] = Field(
+        default=1024 * MiB,
+        description="Memory the web page's graph, weights and diff documents computed at once may take, each "
+        "counted at 2.5x its model file(s); a document that alone needs more is refused (400); 0: none.",
+    )
     max_inflight_bytes: Annotated[int, Field(ge=0)] = Field(
         default=256 * MiB,
         description="Request and answer bytes held at once, HTTP and gRPC together: bodies and messages, and "

@@ -405,17 +405,40 @@ def _attribute_changes(a: onnx.NodeProto, b: onnx.NodeProto) -> list[AttributeCh
     ]
 
 
+STATISTICS_CHUNK = 1 << 20
+"""Values compared in float64 at a time: the statistics cost a chunk beside the two arrays, not 4x their size."""
+
+
 def weight_stats(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> WeightStats:
-    """Difference statistics of two same-shape arrays (computed in float64)."""
-    fa, fb = a.astype(np.float64), b.astype(np.float64)
-    delta = np.abs(fb - fa)
-    norm = float(np.linalg.norm(fa))
+    """Difference statistics of two same-shape arrays (computed in float64, a chunk at a time)."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    largest, total, squares, norm_a, changed = 0.0, 0.0, 0.0, 0.0, 0
+    for start in range(0, fa.size, STATISTICS_CHUNK):
+        ca = fa[start : start + STATISTICS_CHUNK].astype(np.float64)
+        cb = fb[start : start + STATISTICS_CHUNK].astype(np.float64)
+        delta = np.abs(cb - ca)
+        largest = float(np.maximum(largest, delta.max()))  # NaN stays NaN, as over the whole array
+        total += float(delta.sum())
+        squares += float(np.square(delta).sum())
+        norm_a += float(np.square(ca).sum())
+        changed += int(np.count_nonzero(ca != cb))
+    size = int(fa.size)
     return WeightStats(
-        max_abs_diff=float(delta.max()) if delta.size else 0.0,
-        mean_abs_diff=float(delta.mean()) if delta.size else 0.0,
-        relative_l2=float(np.linalg.norm(fb - fa) / norm) if norm > 0 else None,
-        changed=int(np.count_nonzero(fa != fb)),
-        size=int(fa.size),
+        max_abs_diff=largest,
+        mean_abs_diff=total / size if size else 0.0,
+        relative_l2=float(np.sqrt(squares) / np.sqrt(norm_a)) if norm_a > 0 else None,
+        changed=changed,
+        size=size,
+    )
+
+
+def _equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    """``np.array_equal`` (NaN equal to NaN for floats) of two same-shape arrays, a chunk at a time."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    nan = fa.dtype.kind in "fc" and fb.dtype.kind in "fc"
+    return all(
+        np.array_equal(fa[start : start + STATISTICS_CHUNK], fb[start : start + STATISTICS_CHUNK], equal_nan=nan)
+        for start in range(0, fa.size, STATISTICS_CHUNK)
     )
 
 
@@ -430,9 +453,10 @@ def _init_type(tensor: onnx.TensorProto) -> TensorType:
 def _dequantized(
     quantized: onnx.TensorProto, scale: onnx.TensorProto, zero: onnx.TensorProto | None, shape: list[int]
 ) -> npt.NDArray[Any] | None:
-    q = _array(quantized).astype(np.float64)
-    s = _array(scale).astype(np.float64)
-    z = _array(zero).astype(np.float64) if zero is not None else np.zeros_like(s)
+    # float32, as the float original: the dequantized copy costs what that original does, not twice it
+    q = _array(quantized).astype(np.float32)
+    s = _array(scale).astype(np.float32)
+    z = _array(zero).astype(np.float32) if zero is not None else np.zeros_like(s)
     if list(q.shape) != shape:
         return None
     if s.size == 1:
@@ -461,7 +485,7 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
         elif xa.dtype != xb.dtype:
             stats = weight_stats(xa, xb) if xa.dtype.kind in "fiub" and xb.dtype.kind in "fiub" else None
             changes.append(InitializerChange(name, "retyped", _init_type(ta), _init_type(tb), stats))
-        elif not np.array_equal(xa, xb, equal_nan=xa.dtype.kind == "f"):
+        elif not _equal(xa, xb):
             changes.append(InitializerChange(name, "changed", _init_type(ta), _init_type(tb), weight_stats(xa, xb)))
 
     b_by_digest: dict[str, list[str]] = {}
@@ -492,7 +516,7 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
     return changes
 
 
-def _session(model: onnx.ModelProto, which: str) -> Any:
+def _session(model: onnx.ModelProto | Path, which: str) -> Any:
     try:
         return create_session(model, options=SessionOptions(intra_op_num_threads=1), where=f"model {which}")
     except ModelLoadError as e:
@@ -500,10 +524,42 @@ def _session(model: onnx.ModelProto, which: str) -> Any:
         raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {cause}") from None
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """How large the inputs of a numeric comparison may be (the web page's diffs run within these)."""
+
+    rows: int
+    """The first axis of the first input: the comparison measures row by row."""
+    values: int
+    """Elements of all inputs together."""
+
+    def refusal(self, feeds: Arrays) -> str | None:
+        """Why ``feeds`` are too large to run, or None."""
+        from onnxserve.toolkit.samples import batch_rows
+
+        rows = batch_rows(dict(feeds))
+        values = sum(int(v.size) for v in feeds.values())
+        if rows > self.rows or values > self.values:
+            return (
+                f"not run: the inputs this comparison needs hold {rows} rows and {values} values, more than "
+                f"the {self.rows} rows and {self.values} values it runs here"
+            )
+        return None
+
+
 def compare_outputs(
-    a: onnx.ModelProto, b: onnx.ModelProto, *, samples: Arrays | None = None, seed: int = 0
+    a: onnx.ModelProto,
+    b: onnx.ModelProto,
+    *,
+    samples: Arrays | None = None,
+    seed: int = 0,
+    files: tuple[Path, Path] | None = None,
+    limits: RunLimits | None = None,
 ) -> NumericComparison:
-    """Run both models on the same inputs; compare each output they have in common."""
+    """Run both models on the same inputs; compare each output they have in common.
+
+    ``files``: run the models from these files (those ``a`` and ``b`` were read from), not from memory.
+    ``limits``: inputs larger than these are not run (the comparison says why)."""
     sig_a = sample_inputs.signature(a.graph)
     sig_b = sample_inputs.signature(b.graph)
     if samples is None:
@@ -526,16 +582,19 @@ def compare_outputs(
         missing = [n for n in sig if n not in feeds]
         if missing:
             raise InvalidInputError(f"samples lack input(s) {', '.join(missing)} that model {which} needs")
+    too_large = limits.refusal(feeds) if limits is not None else None
+    if too_large is not None:
+        return NumericComparison(False, too_large, {n: list(v.shape) for n, v in feeds.items()}, generated)
     try:
-        out_a = _run(a, "A", {n: feeds[n] for n in sig_a})
-        out_b = _run(b, "B", {n: feeds[n] for n in sig_b})
+        out_a = _run(files[0] if files else a, "A", {n: feeds[n] for n in sig_a})
+        out_b = _run(files[1] if files else b, "B", {n: feeds[n] for n in sig_b})
     except (ModelLoadError, InvalidInputError) as e:
         return NumericComparison(False, e.message, {n: list(v.shape) for n, v in feeds.items()}, generated)
     outputs = _compare(out_a, out_b, feeds)
     return NumericComparison(True, None, {n: list(v.shape) for n, v in feeds.items()}, generated, outputs)
 
 
-def _run(model: onnx.ModelProto, which: str, feeds: Arrays) -> dict[str, npt.NDArray[Any]]:
+def _run(model: onnx.ModelProto | Path, which: str, feeds: Arrays) -> dict[str, npt.NDArray[Any]]:
     session = _session(model, which)
     names = [o.name for o in session.get_outputs()]
     try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,20 +167,21 @@ def summary_json(weight: WeightSummary) -> dict[str, Any]:
 
 
 def build_graph(
-    model: onnx.ModelProto, *, base_dir: Path | None = None, sample_values: int = SAMPLE_VALUES
+    model: onnx.ModelProto,
+    *,
+    base_dir: Path | None = None,
+    sample_values: int = SAMPLE_VALUES,
+    release_weights: bool = False,
 ) -> GraphDocument:
     """Describe ``model``; ``base_dir`` is where its external data files are (the model's folder).
 
     ``sample_values``: how many values of each initializer to keep in ``GraphDocument.samples``.
+    ``release_weights``: drop the large tensors' values from ``model`` (which is changed) once the
+    initializers are summarized (one at a time), so that shape inference, which copies the model,
+    copies the graph without its weights.
     """
     graph = model.graph
     warnings: list[str] = []
-    values = _inferred_values(model, warnings)
-    initializers = {t.name: t for t in graph.initializer}
-    inputs = [value_info(v) for v in graph.input if v.name not in initializers]
-    outputs = [value_info(v) for v in graph.output]
-    for v in (*inputs, *outputs):
-        values.setdefault(v.name, v)
     summaries: dict[str, WeightSummary] = {}
     samples: dict[str, list[Any]] = {}
     for tensor in graph.initializer:
@@ -188,6 +189,15 @@ def build_graph(
         summaries[tensor.name] = summary
         if sample is not None:
             samples[tensor.name] = sample
+    if release_weights:
+        release_model_values(model)
+    values = _inferred_values(model, warnings)
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = [value_info(v) for v in graph.input if v.name not in initializers]
+    outputs = [value_info(v) for v in graph.output]
+    for v in (*inputs, *outputs):
+        values.setdefault(v.name, v)
+    for tensor in graph.initializer:
         values.setdefault(tensor.name, ValueInfo(tensor.name, _dtype_name(tensor.data_type), list(tensor.dims)))
     nodes = _nodes(graph.node)
     edges = _edges(nodes, inputs, outputs)
@@ -213,6 +223,31 @@ def weight_array(tensor: onnx.TensorProto, base_dir: Path | None) -> npt.NDArray
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")
     return numpy_helper.to_array(tensor)
+
+
+KEPT_VALUES = 1024
+"""``release_values`` keeps tensors of at most this many elements: shapes and axes that shape inference reads."""
+
+_VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def release_values(tensor: onnx.TensorProto) -> None:
+    """Drop the values of a tensor of more than ``KEPT_VALUES`` elements (its name, type and dims stay)."""
+    if int(np.prod(list(tensor.dims), dtype=np.int64)) > KEPT_VALUES:
+        for name in _VALUE_FIELDS:
+            tensor.ClearField(name)
+
+
+def release_model_values(model: onnx.ModelProto) -> None:
+    """``release_values`` of the main graph's initializers and tensor attributes (Constant values).
+
+    Protobuf gives the memory back only with the whole message: copy what is left to a new one to free it."""
+    for tensor in model.graph.initializer:
+        release_values(tensor)
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                release_values(attribute.t)
 
 
 def weight_values(
@@ -254,24 +289,45 @@ def _read_weight(
     return array_summary(tensor.name, array, dtype=dtype, external=external), sample
 
 
+STATISTICS_CHUNK = 1 << 20
+"""Values converted to float64 at a time: a summary costs one chunk beside the array, not 2x its size."""
+
+
 def array_summary(
     name: str, array: npt.NDArray[Any], *, dtype: str | None = None, external: bool = False
 ) -> WeightSummary:
-    """Statistics of any array (used for weights and for intermediate tensors)."""
+    """Statistics of any array (used for weights and for intermediate tensors), in float64 chunks."""
     shape = [int(d) for d in array.shape]
     dtype = dtype or str(array.dtype)
+    plain = WeightSummary(name, dtype, shape, int(array.size), int(array.nbytes), external)
     if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
-        return WeightSummary(name, dtype, shape, int(array.size), int(array.nbytes), external)
-    values = array.astype(np.float64).reshape(-1)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return WeightSummary(name, dtype, shape, int(array.size), int(array.nbytes), external)
-    histogram: Histogram | None = None
-    try:
-        counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS)
-        histogram = Histogram([float(e) for e in edges], [int(c) for c in counts])
-    except ValueError:  # a range too narrow for 20 bins at this magnitude (huge int64 sentinels)
-        pass
+        return plain
+    flat = array.reshape(-1)
+    count, zeros, total, low, high = 0, 0, 0.0, np.inf, -np.inf
+    for finite, chunk_zeros in _finite_chunks(flat):
+        zeros += chunk_zeros
+        if finite.size:
+            count += int(finite.size)
+            total += float(finite.sum())
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if count == 0:
+        return plain
+    mean = total / count
+    squares = 0.0
+    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    edges: npt.NDArray[Any] | None = None
+    histogram_fits = True
+    for finite, _ in _finite_chunks(flat):  # a second pass: deviations from the mean, and the histogram
+        squares += float(np.square(finite - mean).sum())
+        if histogram_fits and finite.size:
+            try:
+                chunk_counts, edges = np.histogram(finite, bins=HISTOGRAM_BINS, range=(low, high))
+                counts += chunk_counts
+            except ValueError:  # a range too narrow for 20 bins at this magnitude (huge int64 sentinels)
+                histogram_fits = False
+    histogram = (
+        Histogram([float(e) for e in edges], [int(c) for c in counts]) if histogram_fits and edges is not None else None
+    )
     return WeightSummary(
         name,
         dtype,
@@ -279,13 +335,20 @@ def array_summary(
         int(array.size),
         int(array.nbytes),
         external,
-        min=float(finite.min()),
-        max=float(finite.max()),
-        mean=float(finite.mean()),
-        std=float(finite.std()),
-        sparsity=float(np.count_nonzero(values == 0) / values.size),
+        min=low,
+        max=high,
+        mean=mean,
+        std=float(np.sqrt(squares / count)),
+        sparsity=zeros / flat.size,
         histogram=histogram,
     )
+
+
+def _finite_chunks(flat: npt.NDArray[Any]) -> Iterator[tuple[npt.NDArray[np.float64], int]]:
+    """The finite values of ``flat`` as float64, ``STATISTICS_CHUNK`` at a time, each with its count of zeros."""
+    for start in range(0, flat.size, STATISTICS_CHUNK):
+        chunk = flat[start : start + STATISTICS_CHUNK].astype(np.float64)
+        yield chunk[np.isfinite(chunk)], int(np.count_nonzero(chunk == 0))
 
 
 def module_path(node: onnx.NodeProto) -> str:

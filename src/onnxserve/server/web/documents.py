@@ -4,20 +4,30 @@ All are computed by the toolkit (``build_graph``, ``weight_array``, ``diff_model
 ``model.onnx`` files. ``DocumentCache`` keeps them per file version (path, modification time, size), so
 a model is parsed once however many clients ask:
 
-- computed on worker threads, never on the event loop, at most ``concurrency`` at a time; concurrent
-  requests for the same document wait for the one computation;
-- bounded in size: least recently used entries go once the cache holds more than ``max_bytes``, and a
-  document larger than that is computed for its request (one at a time, as any other) and not kept;
+- computed on worker threads, never on the event loop; concurrent requests for the same document wait
+  for the one computation;
+- bounded in memory while computed: a document of model files of ``S`` bytes in all is counted as
+  ``COST_FACTOR * S`` bytes (what parsing a model and summarizing its weights one initializer at a time
+  takes at most, measured), and the documents computed at once, at most ``concurrency`` of them, hold
+  at most ``memory`` bytes together; others wait their turn. A document that alone would take more is
+  refused at once (``TooLargeError``, 400), as is one that runs out of memory while computed
+  (``ResourceExhaustedError``, 503 + Retry-After: it may fit once the others are done);
+- bounded in size once computed: least recently used entries go once the cache holds more than
+  ``max_bytes``, and a document larger than that is computed for its request and not kept;
 - dropped when their version unloads (``retain``); a version reloaded from a changed file gets a fresh
   document.
+
+The version page's header (``overview.onnx_header``) is cached the same way; reading it costs the
+header, not the file, so it takes no share of ``memory`` and has its own ``HEADER_CONCURRENCY``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +35,8 @@ import numpy.typing as npt
 import onnx
 import orjson
 
-from onnxserve.errors import InvalidInputError, ModelLoadError
+from onnxserve.errors import InvalidInputError, ModelLoadError, ResourceExhaustedError, TooLargeError
+from onnxserve.server.web import overview
 from onnxserve.toolkit import diff, graph
 from onnxserve.toolkit.model_file import load_model
 
@@ -40,6 +51,21 @@ CACHE_BYTES = 256 * 1024 * 1024
 
 CONCURRENCY = 2
 """Documents computed at once (each parses a whole model)."""
+
+MiB = 1024 * 1024
+
+MEMORY = 1024 * MiB
+"""What the documents computed at once may hold together, counted at ``COST_FACTOR`` per model byte."""
+
+COST_FACTOR = 2.5
+"""A document's peak memory per byte of the model file(s) it reads (measured: see docs/limits.md)."""
+
+DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20)
+"""A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
+of 8 tokens); a model whose fixed input shapes ask for more is compared without running it."""
+
+HEADER_CONCURRENCY = 4
+"""Version-page headers read at once."""
 
 
 def file_key(path: Path) -> FileKey:
@@ -70,7 +96,7 @@ class Weights:
 
 def graph_json(path: Path) -> bytes:
     """``build_graph(model).to_json()`` of the model at ``path`` (the ``onnxserve inspect --format json`` document)."""
-    document = graph.build_graph(load_model(path), base_dir=path.parent, sample_values=0)
+    document = graph.build_graph(load_model(path), base_dir=path.parent, sample_values=0, release_weights=True)
     return orjson.dumps(document.to_json())
 
 
@@ -79,53 +105,98 @@ def read_weights(path: Path) -> Weights:
     tensors = {}
     for tensor in model.graph.initializer:
         values = graph.weight_array(tensor, path.parent)
-        tensor.ClearField("raw_data")  # the values live in the array now; keep only name, type and dims
-        tensors[tensor.name] = (tensor, values)
+        # The values live in the array now; keep only name, type and dims, in a message of their own
+        # (protobuf frees the parsed model only once no part of it is referenced).
+        kept = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        tensors[tensor.name] = (kept, values)
     return Weights(tensors)
 
 
 def diff_json(a: Path, b: Path) -> bytes:
-    """``diff_models(a, b).to_json()`` as ``diff``, and the nodes each side's graph highlights."""
-    found = diff.diff_models(load_model(a), load_model(b))
+    """``diff_models(a, b).to_json()`` as ``diff``, and the nodes each side's graph highlights.
+
+    The models are compared, then dropped for copies without their weights (protobuf gives memory
+    back only with the whole message), and run from their files one after the other: the diff holds
+    at most both models and two initializers, then at most one session."""
+    model_a, model_b = load_model(a), load_model(b)
+    found = diff.diff_models(model_a, model_b, run=False)
+    model_a, model_b = _without_weights(model_a), _without_weights(model_b)
+    numeric = diff.compare_outputs(model_a, model_b, files=(a, b), limits=DIFF_RUN_LIMITS)
+    found = replace(found, numeric=numeric)
     return orjson.dumps(
         {"diff": found.to_json(), "highlight": {"a": found.highlight_a(), "b": found.highlight_b()}},
         option=orjson.OPT_SERIALIZE_NUMPY,
     )
 
 
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the values of its large tensors (``graph.release_model_values``)."""
+    graph.release_model_values(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def _size(value: object) -> int:
-    return value.nbytes if isinstance(value, Weights) else len(value) if isinstance(value, bytes) else 0
+    if isinstance(value, Weights):
+        return value.nbytes
+    if isinstance(value, overview.OnnxHeader):
+        return len(value.doc_string) + sum(len(k) + len(v) for k, v in value.properties) + 1024
+    return len(value) if isinstance(value, bytes) else 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / MiB:,.0f} MiB"
 
 
 class DocumentCache:
-    """Graph, weight and diff documents per model file version; see the module."""
+    """Graph, weight and diff documents and version headers per model file version; see the module."""
 
-    def __init__(self, max_bytes: int = CACHE_BYTES, concurrency: int = CONCURRENCY) -> None:
+    def __init__(
+        self,
+        max_bytes: int = CACHE_BYTES,
+        concurrency: int = CONCURRENCY,
+        memory: int = MEMORY,
+        cost_factor: float = COST_FACTOR,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.memory = memory
+        self.cost_factor = cost_factor
+        self.concurrency = concurrency
         self._entries: OrderedDict[Hashable, tuple[object, int, tuple[str, ...]]] = OrderedDict()
         self._computing: dict[Hashable, asyncio.Task[object]] = {}
-        self._slots = asyncio.Semaphore(concurrency)
+        self._admitted = asyncio.Condition()
+        self._running = 0
+        self._held = 0  # the cost of the documents computed now
+        self._headers = asyncio.Semaphore(HEADER_CONCURRENCY)
         self.computed = 0  # computations run (for tests and curiosity)
 
     @property
     def held_bytes(self) -> int:
         return sum(size for _, size, _ in self._entries.values())
 
+    async def header(self, path: Path) -> overview.OnnxHeader:
+        key = ("header", file_key(path))
+        found = await self._get(key, (str(path),), lambda: overview.onnx_header(path), None)
+        assert isinstance(found, overview.OnnxHeader)
+        return found
+
     async def graph(self, path: Path) -> bytes:
         key = ("graph", file_key(path))
-        document = await self._get(key, (str(path),), lambda: graph_json(path))
+        document = await self._get(key, (str(path),), lambda: graph_json(path), self._cost("graph", key[1]))
         assert isinstance(document, bytes)
         return document
 
     async def weight_page(self, path: Path, name: str, offset: int, limit: int) -> bytes:
         key = ("weights", file_key(path))
-        weights = await self._get(key, (str(path),), lambda: read_weights(path))
+        weights = await self._get(key, (str(path),), lambda: read_weights(path), self._cost("weights", key[1]))
         assert isinstance(weights, Weights)
         return weights.page(name, offset, limit)
 
     async def diff(self, a: Path, b: Path) -> bytes:
         key = ("diff", file_key(a), file_key(b))
-        document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b))
+        cost = self._cost("diff", key[1], key[2])
+        document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b), cost)
         assert isinstance(document, bytes)
         return document
 
@@ -135,27 +206,62 @@ class DocumentCache:
         for key in [k for k, (_, _, paths) in self._entries.items() if not live.issuperset(paths)]:
             del self._entries[key]
 
-    async def _get(self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object]) -> object:
+    def _cost(self, what: str, *files: FileKey) -> int:
+        """The memory the document of ``files`` is counted at; a TooLargeError when it can never fit."""
+        size = sum(file[2] for file in files)
+        cost = int(size * self.cost_factor)
+        if cost > self.memory:
+            largest = int(self.memory / self.cost_factor)
+            raise TooLargeError(
+                f"the {what} document of a model file of {_mib(size)} is too large for the web page: it "
+                f"computes documents of models up to {_mib(largest)} (diffs: both files together)"
+            )
+        return cost
+
+    async def _get(
+        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object], cost: int | None
+    ) -> object:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key][0]
         task = self._computing.get(key)
         if task is None:
             # Its own task: a client that goes away does not stop the computation others wait for.
-            task = asyncio.get_running_loop().create_task(self._compute(key, paths, compute))
+            task = asyncio.get_running_loop().create_task(self._compute(key, paths, compute, cost))
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, always
             self._computing[key] = task
         return await asyncio.shield(task)
 
-    async def _compute(self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object]) -> object:
+    async def _compute(
+        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object], cost: int | None
+    ) -> object:
         try:
-            async with self._slots:
-                value = await asyncio.to_thread(compute)
+            if cost is None:
+                async with self._headers:
+                    value = await asyncio.to_thread(_guarded, compute)
+            else:
+                async with self._admission(cost):
+                    value = await asyncio.to_thread(_guarded, compute)
         finally:
             del self._computing[key]
         self.computed += 1
         self._keep(key, paths, value)
         return value
+
+    @contextlib.asynccontextmanager
+    async def _admission(self, cost: int) -> AsyncIterator[None]:
+        """Wait until ``cost`` fits beside the documents computed now (and a slot is free); held meanwhile."""
+        async with self._admitted:
+            await self._admitted.wait_for(lambda: self._running < self.concurrency and self._held + cost <= self.memory)
+            self._running += 1
+            self._held += cost
+        try:
+            yield
+        finally:
+            async with self._admitted:
+                self._running -= 1
+                self._held -= cost
+                self._admitted.notify_all()
 
     def _keep(self, key: Hashable, paths: tuple[str, ...], value: object) -> None:
         size = _size(value)
@@ -164,3 +270,13 @@ class DocumentCache:
         self._entries[key] = (value, size, paths)
         while self.held_bytes > self.max_bytes:
             self._entries.popitem(last=False)
+
+
+def _guarded(compute: Callable[[], object]) -> object:
+    """``compute()``; running out of memory is a ResourceExhaustedError (retry once others are done)."""
+    try:
+        return compute()
+    except MemoryError:
+        raise ResourceExhaustedError(
+            "the server has not enough memory to compute this web page document now; retry later"
+        ) from None

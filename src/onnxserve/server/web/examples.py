@@ -30,10 +30,15 @@ def example_value(spec: TensorSpec, index: int) -> bool | int | float | str:
     return index % 4
 
 
+MAX_EXAMPLE_VALUES = 65_536
+"""The most values an example tensor holds: a model whose fixed input shape asks for more (10 M values
+made a 63 MB version page) gets an example cut to these, which the server refuses with the count it needs."""
+
+
 def example_tensor(spec: TensorSpec) -> dict[str, Any]:
-    """One V2 input tensor that fits ``spec``, every dynamic dimension at 1."""
+    """One V2 input tensor that fits ``spec``, every dynamic dimension at 1 (at most ``MAX_EXAMPLE_VALUES``)."""
     shape = list(spec.example_shape(1))
-    count = math.prod(shape)
+    count = min(math.prod(shape), MAX_EXAMPLE_VALUES)
     return {
         "name": spec.name,
         "datatype": spec.datatype.v2,

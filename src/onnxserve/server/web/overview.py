@@ -1,17 +1,15 @@
 """What the web page shows about the served models: versions, states, labels, signatures, ONNX metadata.
 
 Everything here is read from the one :class:`InferenceService` the protocols also call, plus the
-served version's ``model.onnx`` header (producer, opsets, metadata properties), read without weights.
+served version's ``model.onnx`` header (producer, opsets, metadata properties), read without weights
+(``onnx_header``, kept by the document cache of ``documents``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-
-import onnx
 
 from onnxserve.core.pipeline import (
     OPTIONAL_OUTPUTS,
@@ -128,8 +126,12 @@ def model_rows(service: InferenceService) -> list[ModelRow]:
     return rows
 
 
-def version_detail(service: InferenceService, name: str, version: str) -> VersionDetail:
-    """The version a number or label names, whatever its state; ModelNotFoundError if none is loaded."""
+def version_detail(
+    service: InferenceService, name: str, version: str, header: OnnxHeader | None = None
+) -> VersionDetail:
+    """The version a number or label names, whatever its state; ModelNotFoundError if none is loaded.
+
+    ``header``: its file's (``onnx_header``, which reads the file: the caller runs it off the event loop)."""
     served = service.registry.get(name)
     model = served.lookup(version)
     labels = served.config.version_labels
@@ -146,7 +148,7 @@ def version_detail(service: InferenceService, name: str, version: str) -> Versio
         outputs=tuple(model.outputs),
         model_file=model.folder.model_file,
         text=_text_interface(model),
-        header=onnx_header(model.folder.model_file),
+        header=header,
     )
 
 
@@ -185,28 +187,21 @@ def _text_interface(model: ModelVersion) -> TextInterface | None:
 
 
 def onnx_header(path: Path) -> OnnxHeader:
-    """The model file's header; read once per file version (its size and modification time)."""
+    """The model file's header, read without its weights (``model_header.read_header``: the cost of the
+    header, not of the file); the web page's document cache keeps it per file version."""
     try:
-        stat = path.stat()
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read the model file: {e.strerror}") from None
-    return _read_header(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=32)
-def _read_header(path: str, mtime_ns: int, size: int) -> OnnxHeader:
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and OSError alike: the file changed under the server
+        found = model_header.read_header(path)
+    except (OSError, ValueError) as e:  # the file changed under the server, or is not a model
         raise ModelLoadError(f"{path}: cannot read the model file: {e}") from None
+    model = found.model
     return OnnxHeader(
         ir_version=int(model.ir_version),
         opsets=tuple(model_header.opsets(model).items()),
         producer=model_header.producer(model),
-        graph_name=model.graph.name,
-        doc_string=model.doc_string or model.graph.doc_string,
+        graph_name=found.graph_name,
+        doc_string=model.doc_string or found.graph_doc_string,
         properties=tuple((p.key, p.value) for p in model.metadata_props),
-        nodes=len(model.graph.node),
+        nodes=found.nodes,
     )
 
 

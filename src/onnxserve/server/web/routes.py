@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -77,10 +76,17 @@ def html_page(handler: PageHandler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def routes(service: InferenceService) -> list[Route]:
-    """Every route of the web page."""
+def routes(service: InferenceService, document_memory: int = documents.MEMORY) -> list[Route]:
+    """Every route of the web page; its documents are computed within ``document_memory`` bytes."""
     assets = {**_page_assets(), **_viewer_assets()}
     netron = importlib.util.find_spec("netron") is not None
+
+    cache = documents.DocumentCache(memory=document_memory)
+
+    def model_file(name: str, version: str) -> Path:
+        """The file of a loaded version; documents of versions no longer loaded leave the cache."""
+        cache.retain(str(v.folder.model_file) for v in service.registry.versions())
+        return overview.model_file(service, name, version)
 
     async def index(request: Request) -> str:
         return pages.index_page(overview.model_rows(service))
@@ -93,7 +99,8 @@ def routes(service: InferenceService) -> list[Route]:
 
     async def version(request: Request) -> str | Response:
         name, named = request.path_params["name"], request.path_params["version"]
-        detail = await run_in_threadpool(overview.version_detail, service, name, named)
+        header = await cache.header(model_file(name, named))
+        detail = overview.version_detail(service, name, named, header)
         if detail.version != named:  # a label: the page of the version it names
             return RedirectResponse(pages.version_url(name, detail.version), status_code=302)
         return pages.version_page(detail, netron=netron)
@@ -112,13 +119,6 @@ def routes(service: InferenceService) -> list[Route]:
             return error_response(f"no such asset: {name}", 404)
         body, media_type = assets[name]
         return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
-
-    cache = documents.DocumentCache()
-
-    def model_file(name: str, version: str) -> Path:
-        """The file of a loaded version; documents of versions no longer loaded leave the cache."""
-        cache.retain(str(v.folder.model_file) for v in service.registry.versions())
-        return overview.model_file(service, name, version)
 
     async def graph(request: Request) -> Response:
         path = model_file(request.path_params["name"], request.path_params["version"])
