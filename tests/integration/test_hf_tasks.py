@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 import transformers
+import tritonclient.grpc as grpcclient
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     AutoTokenizer,
@@ -34,6 +35,7 @@ from transformers import (
     RobertaConfig,
     RobertaTokenizer,
 )
+from tritonclient.utils import InferenceServerException
 
 from onnxserve import Pipeline
 from onnxserve.config import ServerConfig, parse_config
@@ -447,6 +449,42 @@ def test_served_question_answering(exported: Exported, start_server: StartServer
     assert outputs["start"]["data"] == [r["start"] for r in local]
     assert outputs["end"]["data"] == [r["end"] for r in local]
     np.testing.assert_allclose(outputs["score"]["data"], [r["score"] for r in local], atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [MAX_LENGTH * 4, MAX_LENGTH * 300])
+def test_a_question_too_long_for_the_model_is_refused_and_serving_goes_on(
+    exported: Exported, start_server: StartServer, length: int
+) -> None:
+    """Only the context is truncated: a question that alone takes the max length cannot fit (an outside
+    attack got a 500 and an ERROR traceback for each); 400 / INVALID_ARGUMENT naming the question."""
+    name = name_of("bert", "question-answering")
+    server = serve(start_server, exported, name)
+    body = {"inputs": text_inputs(question=["!" * length], context=["ok"])}
+    for response in (
+        infer(server, name, body),
+        httpx.post(
+            f"{server.http_url}/v1/models/{name}:predict",
+            json={"instances": [{"question": "!" * length, "context": "ok"}]},
+            timeout=60,
+        ),
+    ):
+        assert response.status_code == 400, response.text
+        assert "too long for this model" in response.text
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    try:
+        tensors = []
+        for key in ("question", "context"):
+            tensor = grpcclient.InferInput(key, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([("!" * length if key == "question" else "ok").encode()], dtype=object))
+            tensors.append(tensor)
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(name, tensors)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert "too long for this model" in str(refused.value.message())
+    finally:
+        client.close()
+    outputs = outputs_of(infer(server, name, {"inputs": text_inputs(question=QUESTIONS, context=CONTEXTS)}))
+    assert len(outputs["answer"]["data"]) == len(QUESTIONS)
 
 
 def test_served_fill_mask(exported: Exported, start_server: StartServer) -> None:

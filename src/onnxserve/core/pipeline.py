@@ -242,6 +242,7 @@ class TextPipeline:
         else the spec's ``max_length`` or the tokenizer files' ``model_max_length``, whichever is larger
         (a sentence-transformers model truncates texts below what its positions allow)."""
         self.max_characters = max(MIN_TEXT_CHARACTERS, max_length * CHARACTERS_PER_TOKEN)
+        self.max_length = max_length  # the tokens a text (a pair) is truncated to
         self.tokenizer.enable_truncation(
             max_length=max_length, strategy="only_second" if self.is_qa else "longest_first"
         )
@@ -334,7 +335,18 @@ class TextPipeline:
 
     def tokenize(self, batch: TextBatch) -> list[Encoding]:
         pairs = list(zip(batch.texts, batch.pairs, strict=True)) if batch.pairs is not None else batch.texts
-        encodings: list[Encoding] = self.tokenizer.encode_batch(pairs)
+        try:
+            encodings: list[Encoding] = self.tokenizer.encode_batch(pairs)
+        except Exception as e:
+            # The tokenizer truncates only the second text of a pair (the context, the passage): a first text
+            # (a question, a query) that alone takes the model's max length cannot be made to fit.
+            if batch.pairs is not None and str(e).startswith("Truncation error"):
+                raise InvalidInputError(
+                    f"a first text of a pair (a question or a query) is too long for this model: with its special "
+                    f"tokens it must leave room for the second within the model's max length of {self.max_length} "
+                    f"tokens; shorten it"
+                ) from None
+            raise
         return encodings
 
     @property
