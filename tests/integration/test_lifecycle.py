@@ -336,9 +336,12 @@ def test_the_whole_shutdown_stays_within_the_drain_timeout(tmp_path: Path) -> No
     try:
         body = {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [1.0] * 256}]}
 
+        answers: list[tuple[int, str]] = []
+
         def send() -> None:
             with contextlib.suppress(httpx.HTTPError):
-                httpx.post(f"{url}/v2/models/slowb/infer", json=body, timeout=60)
+                response = httpx.post(f"{url}/v2/models/slowb/infer", json=body, timeout=60)
+                answers.append((response.status_code, response.text))
 
         threads = [threading.Thread(target=send, daemon=True) for _ in range(60)]  # ~18 s of runs queued
         for t in threads:
@@ -354,6 +357,15 @@ def test_the_whole_shutdown_stays_within_the_drain_timeout(tmp_path: Path) -> No
         # the drain times out at 4 s; uvicorn's own wait then gets what is left (1 s at least), not 4 s more
         reader.join(timeout=10)
         assert took < 2 * drain - 0.5, f"shutdown took {took:.1f} s with --drain-timeout {drain}: {log[-5:]}"
+        # those still queued when the drain ended were answered 503 in JSON, not cut or answered 500
+        for t in threads:
+            t.join(timeout=10)
+        statuses = sorted({status for status, _ in answers})
+        assert statuses == [200, 503], statuses
+        refused = [text for status, text in answers if status == 503]
+        assert len(refused) >= 30  # the late ones were refused on arrival ("shutting down" too)
+        assert all("shutting down" in json.loads(text)["error"] for text in refused), set(refused)
+        assert sum("drain ended" in json.loads(text)["error"] for text in refused) >= 10
     finally:
         if process.poll() is None:
             process.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -141,18 +142,20 @@ def test_a_cancelled_tokenization_keeps_its_room_until_its_thread_returns() -> N
         def tokenize() -> None:
             released.wait(5)
 
-        async def request() -> None:
-            async with budget.held(100):
-                await _until_returned(asyncio.get_running_loop().run_in_executor(None, tokenize))
+        with ThreadPoolExecutor(max_workers=1) as executor:
 
-        task = asyncio.create_task(request())
-        await asyncio.sleep(0.05)
-        task.cancel()
-        await asyncio.sleep(0.05)
-        held_while_running = budget.used
-        released.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+            async def request() -> None:
+                async with budget.held(100):
+                    await _until_returned(executor, tokenize)
+
+            task = asyncio.create_task(request())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.sleep(0.05)
+            held_while_running = budget.used
+            released.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         return task.cancelled(), held_while_running
 
     assert asyncio.run(scenario()) == (True, 100)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextvars import ContextVar, Token
 from functools import partial
 from types import TracebackType
@@ -162,13 +162,17 @@ def _tokenize(model: ModelVersion, work: Work, keep: bool = False) -> int:
 T = TypeVar("T")
 
 
-async def _until_returned(future: asyncio.Future[T]) -> T:
-    """``future``'s result; when the caller goes away, its thread cannot be stopped, so this waits for it
-    to return before the cancellation goes on (what the thread holds stays counted meanwhile)."""
+async def _until_returned(executor: Executor, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on ``executor``'s thread. When the caller goes away, a call still waiting for a thread
+    is dropped at once; a running one cannot be stopped, so this waits for it to return before the
+    cancellation goes on (what the thread holds stays counted meanwhile)."""
+    started = executor.submit(fn, *args)
+    future = asyncio.wrap_future(started)
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        await asyncio.wait([future])
+        if not started.cancel():  # already running (or done): wait for its thread
+            await asyncio.wait([future])
         raise
 
 
@@ -315,9 +319,7 @@ class InferenceService:
         encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
         call = _current_call.get()
         async with self.text_budget.held(bounded.characters, call.client if call is not None else ""):
-            encodings: list[Encoding] = await _until_returned(
-                asyncio.get_running_loop().run_in_executor(self._executor, encode)
-            )
+            encodings: list[Encoding] = await _until_returned(self._executor, encode)
         return encodings
 
     async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
@@ -333,9 +335,7 @@ class InferenceService:
                 # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
                 model.scheduler.incoming += 1
                 try:
-                    tokenize_ns = await _until_returned(
-                        asyncio.get_running_loop().run_in_executor(self._executor, _tokenize, model, work, True)
-                    )
+                    tokenize_ns = await _until_returned(self._executor, _tokenize, model, work, True)
                 finally:
                     model.scheduler.incoming -= 1
             scheduled = await chunking.submit(model, work)

@@ -27,7 +27,7 @@ from onnxserve.core.memory import limit_malloc_arenas
 from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
-from onnxserve.errors import ConfigError
+from onnxserve.errors import ConfigError, UnavailableError
 from onnxserve.protocols import offload
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.server.app import create_app
@@ -40,6 +40,8 @@ from onnxserve.server.settings import ServerSettings
 log = logging.getLogger(__name__)
 
 GRPC_GRACE_SECONDS = 10.0
+REFUSALS_SENT_SECONDS = 0.2
+"""How long a timed-out drain lets the refusals of requests still waiting go out before closing."""
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository")
 """KServe V2 extensions every protocol front end implements; advertised in server metadata."""
@@ -107,6 +109,7 @@ class _DrainingServer(uvicorn.Server):
         self.service = service
         self.drain_timeout = drain_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: list[asyncio.Task[None]] = []  # schedulers stopping once the drain timed out
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.service.draining or self.loop is None:
@@ -114,6 +117,18 @@ class _DrainingServer(uvicorn.Server):
             return
         self.service.draining = True
         self.loop.call_soon_threadsafe(lambda: self.loop and self.loop.create_task(self.drain()))
+
+    async def _refuse_waiting(self) -> None:
+        """Answer the requests still waiting (for a model's text room or instance) with 503 / UNAVAILABLE
+        rather than leaving them to be cut when the listeners close; running ones finish or are cut."""
+        error = UnavailableError(
+            "the server is shutting down and this request was still waiting when its drain ended "
+            "(--drain-timeout); send it again"
+        )
+        for version in self.service.registry.versions():
+            version.text_room.close(lambda: error)
+            self._stopping.append(asyncio.get_running_loop().create_task(version.scheduler.stop(error)))
+        await asyncio.sleep(REFUSALS_SENT_SECONDS)  # their answers go out before the connections close
 
     async def drain(self) -> None:
         log.info("draining: not ready, refusing new requests, waiting for %d open ones", self.service.in_flight)
@@ -125,6 +140,7 @@ class _DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.01)
         if self.service.in_flight:
             log.warning("drain timeout: stopping with %d requests still open", self.service.in_flight)
+            await self._refuse_waiting()
         # uvicorn then waits for its connections' tasks: only for what is left of the drain timeout, so
         # that the whole shutdown stays within it (a client that never reads its answer must not double it)
         left = deadline - asyncio.get_running_loop().time()
