@@ -85,6 +85,13 @@ def test_a_body_under_the_size_threshold_dense_with_arrays_is_decoded_in_a_worke
     under = offload.PROCESS_BYTES - 1
     assert offload.decodes_in_worker(under, _dense(under, b"[]"))
     assert not offload.decodes_in_worker(under, _dense(under, b"1.5"))  # numbers stay in the server
+    assert offload.decodes_in_worker(under, _dense(under, b'""'))  # strings do not (an outside attack)
+    texts = (
+        b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[2000],"data":['
+        + b",".join([b'"' + b"a" * 50 + b'"'] * 2000)
+        + b"]}]}"
+    )
+    assert not offload.decodes_in_worker(len(texts), texts)  # ordinary text requests are decoded inline
     assert offload.decodes_in_worker(offload.PROCESS_BYTES, _dense(offload.PROCESS_BYTES, b"1.5"))
     limit = offload.INLINE_CONTAINERS
     few = b"[" + b",".join([b"[]"] * (limit - 1)) + b"]"  # exactly the limit: inline
