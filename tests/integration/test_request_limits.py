@@ -254,6 +254,14 @@ TWO_INPUTS = [ONE_INPUT, {**ONE_INPUT, "name": "b"}]
         ({"inputs": TWO_INPUTS, "parameters": {"sequence_id": 7}}, ("'sequence_id'", "sequence batching")),
         ({"inputs": TWO_INPUTS, "parameters": {"sequence_id": [1]}}, ("'sequence_id'", "sequence batching")),
         ({"inputs": TWO_INPUTS, "parameters": {"sequence_start": True}}, ("'sequence_start'", "not supported")),
+        (
+            {"inputs": TWO_INPUTS, "parameters": {"binary_data_output": 1.5}},
+            ("'binary_data_output' must be true or false",),
+        ),
+        (
+            {"inputs": TWO_INPUTS, "outputs": [{"name": "sum", "parameters": {"binary_data": "3"}}]},
+            ("output 'sum'", "'binary_data' must be true or false"),
+        ),
     ],
     ids=[
         "input-twice",
@@ -267,6 +275,8 @@ TWO_INPUTS = [ONE_INPUT, {**ONE_INPUT, "name": "b"}]
         "sequence-id",
         "sequence-id-list",
         "sequence-start",
+        "binary-data-output-number",
+        "binary-data-string",
     ],
 )
 def test_what_a_v2_request_cannot_ask_for_is_refused_not_ignored(

@@ -101,7 +101,7 @@ def decode_infer_request(
         )
     wire.check_request_bytes(inputs)
     outputs, binary_outputs, json_outputs = _decode_outputs(doc.get("outputs"))
-    all_binary = params.get("binary_data_output") is True
+    all_binary = _flag(params, "binary_data_output", "the request")
     request = InferenceRequest(
         model_name=model_name,
         model_version=model_version,
@@ -162,12 +162,17 @@ def _decode_outputs(raw: Any) -> tuple[list[str] | None, list[str], list[str]]:
         names.append(name)
         params = _parameters(doc, f"output {name!r}")
         wire.check_tensor_parameters("output", name, params)
-        choice = params.get("binary_data")
-        if choice is True:
-            binary.append(name)
-        elif choice is False:
-            json.append(name)
+        if "binary_data" in params:
+            (binary if _flag(params, "binary_data", f"output {name!r}") else json).append(name)
     return names, binary, json
+
+
+def _flag(params: Mapping[str, Any], key: str, where: str) -> bool:
+    """A true/false parameter (absent: false); anything else is refused rather than read as truthy."""
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidInputError(f"{where}: parameter {key!r} must be true or false, not {value!r:.40}")
+    return value
 
 
 def decode_work(body: bytes, header_length: int | None) -> int:
