@@ -125,6 +125,7 @@ class _DrainingServer(uvicorn.Server):
             "the server is shutting down and this request was still waiting when its drain ended "
             "(--drain-timeout); send it again"
         )
+        self.service.text_budget.close(lambda: error)  # those waiting to be tokenized
         for version in self.service.registry.versions():
             version.text_room.close(lambda: error)
             self._stopping.append(asyncio.get_running_loop().create_task(version.scheduler.stop(error)))
