@@ -170,14 +170,10 @@ def offset_model(offset: float) -> onnx.ModelProto:
     )
 
 
-def value_paced_model(name: str, size: int) -> onnx.ModelProto:
-    """y = x, after max(x) chained size x size matrix products: the client picks how long a run takes
-    (the largest input value is the number of products). A small epsilon keeps the products finite."""
-    return parse(
-        f"""
-        {name} (float[batch, 1] x) => (float[batch, 1] y) {{
-            top = ReduceMax <keepdims = 0> (x)
-            count = Cast <to = 7> (top)
+def _paced_products(size: int) -> str:
+    """Graph lines that run ``count`` (an int64 scalar defined before them) chained size x size matrix
+    products and define ``nothing``, a float zero that depends on them (add it to an output)."""
+    return f"""
             cond = Constant <value = bool {{1}}> ()
             shape = Constant <value = int64[2] {{{size}, {size}}}> ()
             start = ConstantOfShape <value = float[1] {{0.001}}> (shape)
@@ -191,6 +187,18 @@ def value_paced_model(name: str, size: int) -> onnx.ModelProto:
             total = ReduceSum <keepdims = 0> (last)
             zero = Constant <value = float {{0.0}}> ()
             nothing = Mul(total, zero)
+    """
+
+
+def value_paced_model(name: str, size: int) -> onnx.ModelProto:
+    """y = x, after max(x) chained size x size matrix products: the client picks how long a run takes
+    (the largest input value is the number of products). A small epsilon keeps the products finite."""
+    return parse(
+        f"""
+        {name} (float[batch, 1] x) => (float[batch, 1] y) {{
+            top = ReduceMax <keepdims = 0> (x)
+            count = Cast <to = 7> (top)
+            {_paced_products(size)}
             y = Add(x, nothing)
         }}
         """
@@ -207,19 +215,7 @@ def value_paced_text_model(size: int = 64) -> onnx.ModelProto:
         paced_text (int64[batch, sequence] input_ids, int64[batch, sequence] attention_mask)
             => (float[batch, 1] tokens) {{
             count = ReduceMax <keepdims = 0> (input_ids)
-            cond = Constant <value = bool {{1}}> ()
-            shape = Constant <value = int64[2] {{{size}, {size}}}> ()
-            start = ConstantOfShape <value = float[1] {{0.001}}> (shape)
-            last = Loop(count, cond, start) <body = step (int64 i, bool c_in, float[{size}, {size}] acc)
-                => (bool c_out, float[{size}, {size}] next) {{
-                    c_out = Identity(c_in)
-                    prod = MatMul(acc, acc)
-                    eps = Constant <value = float[1] {{0.0001}}> ()
-                    next = Add(prod, eps)
-                }}>
-            total = ReduceSum <keepdims = 0> (last)
-            zero = Constant <value = float {{0.0}}> ()
-            nothing = Mul(total, zero)
+            {_paced_products(size)}
             axes = Constant <value = int64[1] {{1}}> ()
             counted = ReduceSum <keepdims = 1> (attention_mask, axes)
             real = Cast <to = 1> (counted)
