@@ -173,3 +173,21 @@ def test_grpc_walk_refuses_a_flood_of_entries() -> None:
         request.outputs.add(name="y" * 40)
     with pytest.raises(InvalidInputError, match="more than 65536 entries"):
         element_count.check_bytes_contents(request.SerializeToString())
+
+
+def test_grpc_walk_counts_behind_an_unknown_group() -> None:
+    """protobuf parses (and keeps) an unknown group field; a flood behind one is still counted."""
+    group = bytes([99 << 3 & 0x7F | 0x80 | 3, 99 >> 4, 99 << 3 & 0x7F | 0x80 | 4, 99 >> 4])
+    data = group + _grpc_bytes(wire.MAX_BYTES_ELEMENTS + 1, [1])
+    assert len(pb.ModelInferRequest.FromString(data).inputs) == 1
+    with pytest.raises(InvalidInputError, match=r"input 'text': contents\.bytes_contents brings the request's"):
+        element_count.check_bytes_contents(data)
+
+
+def test_grpc_walk_refuses_a_flood_of_tiny_fields_it_would_take_long_to_walk() -> None:
+    """Millions of two-byte unknown fields parse in a fraction of a second but would take the walk seconds."""
+    junk = bytes([99 << 3 & 0x7F | 0x80, 99 >> 4, 0]) * (element_count.MAX_WALKED_FIELDS + 1)
+    data = junk + _grpc_bytes(1, [1])
+    assert len(pb.ModelInferRequest.FromString(data).inputs) == 1
+    with pytest.raises(InvalidInputError, match=r"more than 1114112 protobuf fields; send repeated numbers packed"):
+        element_count.check_bytes_contents(data)

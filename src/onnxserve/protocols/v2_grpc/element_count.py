@@ -3,15 +3,18 @@
 Parsing builds one object per ``bytes_contents`` element, in C, holding the interpreter lock the whole
 time: 30 million empty elements (a 60 MB message) take seconds and gigabytes. This walk reads only the
 field tags and lengths on the path ``inputs`` (5) -> ``contents`` (5) -> ``bytes_contents`` (8),
-counts the elements of all inputs together, and stops as soon as they pass the limit, so a flood is refused after at
-most that many steps. Anything malformed is left for the real parser to name.
+counts the elements of all inputs together, and stops as soon as they pass the limit, so a flood is
+refused after at most that many steps; a message of more fields of any kind than a request needs is
+refused too (:data:`MAX_WALKED_FIELDS`). Anything malformed is left for the real parser to name
+(``core.protobuf_wire`` walks what the parser accepts, groups included, so no message the parser takes
+escapes the count).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from onnxserve.core import wire
+from onnxserve.core import protobuf_wire, wire
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols.entry_count import MAX_ENTRIES
 
@@ -19,54 +22,29 @@ _INPUTS = 5  # ModelInferRequest.inputs
 _NAME = 1  # InferInputTensor.name
 _CONTENTS = 5  # InferInputTensor.contents
 _BYTES_CONTENTS = 8  # InferTensorContents.bytes_contents
-_LENGTH_DELIMITED = 2
 MAX_FIELDS = MAX_ENTRIES
 """The most length-delimited entries a request or one of its inputs may hold (inputs, outputs, parameters...)."""
 
 
-class _Malformed(Exception):
-    """The bytes are not a well-formed message: the protobuf parser will say so."""
+MAX_WALKED_FIELDS = wire.MAX_BYTES_ELEMENTS + MAX_FIELDS
+"""The most protobuf fields the walk reads in one message, of every kind together: every BYTES element
+one request may hold, plus as many others. A message of more (millions of tiny unknown fields, or numbers
+of a repeated field sent unpacked) is refused before the walk, about a microsecond per field in Python,
+takes longer than protobuf's parse of it would."""
 
 
-def _varint(data: memoryview, offset: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while offset < end:
-        byte = data[offset]
-        offset += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, offset
-        shift += 7
-        if shift > 63:
-            break
-    raise _Malformed
-
-
-def _entries(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+def _entries(
+    data: memoryview, start: int, end: int, budget: protobuf_wire.FieldBudget
+) -> Iterator[tuple[int, int, int]]:
     """(field number, start, end) of each length-delimited field in ``data[start:end]``; others skipped."""
-    offset = start
-    while offset < end:
-        key, offset = _varint(data, offset, end)
-        number, kind = key >> 3, key & 7
-        if kind == 0:
-            _, offset = _varint(data, offset, end)
-        elif kind == 1:
-            offset += 8
-        elif kind == 5:
-            offset += 4
-        elif kind == _LENGTH_DELIMITED:
-            size, offset = _varint(data, offset, end)
-            yield number, offset, offset + size
-            offset += size
-        else:
-            raise _Malformed
-        if offset > end:
-            raise _Malformed
+    for number, wire_type, _, value_start, value_end in protobuf_wire.fields(data, start, end, budget):
+        if wire_type == protobuf_wire.LENGTH_DELIMITED:
+            yield number, value_start, value_end
 
 
-def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]]:
+def _fields(data: memoryview, start: int, end: int, budget: protobuf_wire.FieldBudget) -> list[tuple[int, int, int]]:
     found = []
-    for entry in _entries(data, start, end):
+    for entry in _entries(data, start, end, budget):
         found.append(entry)
         if len(found) > MAX_FIELDS:
             raise InvalidInputError(
@@ -75,9 +53,11 @@ def _fields(data: memoryview, start: int, end: int) -> list[tuple[int, int, int]
     return found
 
 
-def _count_bytes_elements(data: memoryview, start: int, end: int, name: str, count: int) -> int:
+def _count_bytes_elements(
+    data: memoryview, start: int, end: int, name: str, count: int, budget: protobuf_wire.FieldBudget
+) -> int:
     """``count`` plus the ``bytes_contents`` elements in ``data[start:end]``; refused past the limit."""
-    for number, _, _ in _entries(data, start, end):
+    for number, _, _ in _entries(data, start, end, budget):
         if number == _BYTES_CONTENTS:
             count += 1
             if count > wire.MAX_BYTES_ELEMENTS:
@@ -90,22 +70,29 @@ def _count_bytes_elements(data: memoryview, start: int, end: int, name: str, cou
 
 
 def check_bytes_contents(message: bytes) -> None:
-    """Refuse a ModelInferRequest whose inputs hold too many ``bytes_contents`` elements together, unparsed.
+    """Refuse a ModelInferRequest whose inputs hold too many ``bytes_contents`` elements together, or more
+    than :data:`MAX_WALKED_FIELDS` fields of any kind, unparsed.
 
     Each element takes at least 2 bytes, so a message under twice the limit is not looked at.
     """
     if len(message) <= 2 * wire.MAX_BYTES_ELEMENTS:
         return
     data = memoryview(message)
+    budget = protobuf_wire.FieldBudget(MAX_WALKED_FIELDS)
     count = 0
     try:
-        for number, start, end in _fields(data, 0, len(data)):
+        for number, start, end in _fields(data, 0, len(data), budget):
             if number != _INPUTS:
                 continue
-            fields = _fields(data, start, end)
+            fields = _fields(data, start, end, budget)
             name = next((bytes(data[s:e]).decode("utf-8", "replace") for n, s, e in fields if n == _NAME), "")
             for field, s, e in fields:
                 if field == _CONTENTS:
-                    count = _count_bytes_elements(data, s, e, name, count)
-    except _Malformed:
+                    count = _count_bytes_elements(data, s, e, name, count, budget)
+    except protobuf_wire.TooManyFields:
+        raise InvalidInputError(
+            f"the request holds more than {MAX_WALKED_FIELDS} protobuf fields; send repeated numbers packed (as "
+            "protobuf 3 writes them) or as raw_input_contents"
+        ) from None
+    except protobuf_wire.MalformedMessage:
         return
