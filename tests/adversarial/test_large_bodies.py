@@ -85,11 +85,11 @@ def post(server: CappedServer, path: str, body: bytes, headers: dict[str, str] |
     return requests.post(server.http_url + path, data=body, headers=headers or {}, timeout=120)
 
 
-def grpc_infer(server: CappedServer, request: pb.ModelInferRequest) -> grpc.RpcError | pb.ModelInferResponse:
+def grpc_infer(server: CappedServer, request: pb.ModelInferRequest | bytes) -> grpc.RpcError | pb.ModelInferResponse:
     with grpc.insecure_channel(server.grpc_target, options=GRPC_OPTIONS) as channel:
         infer = channel.unary_unary(
             "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=lambda m: m.SerializeToString(),
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
             response_deserializer=pb.ModelInferResponse.FromString,
         )
         try:
@@ -167,6 +167,27 @@ def test_grpc_flood_of_empty_bytes_contents_is_invalid_argument(server: CappedSe
     assert isinstance(answer, grpc.RpcError)
     assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer.details()
     assert f"at most {MAX_BYTES_ELEMENTS}" in (answer.details() or "")  # refused before protobuf parses it
+    assert slowest < PROBE_BOUND_S
+    assert_still_serving(server)
+
+
+UNKNOWN_GROUP = bytes([99 << 3 & 0x7F | 0x80 | 3, 99 >> 4, 99 << 3 & 0x7F | 0x80 | 4, 99 >> 4])
+"""An empty group of unknown field 99: protobuf parses it and keeps it."""
+UNKNOWN_VARINT = bytes([99 << 3 & 0x7F | 0x80, 99 >> 4, 0])
+"""Unknown field 99 = 0, three bytes that protobuf parses and keeps."""
+
+
+@pytest.mark.parametrize("prefix", ["group", "tiny-fields"])
+def test_grpc_flood_behind_unknown_fields_is_refused_before_parsing(server: CappedServer, prefix: str) -> None:
+    """Unknown fields before the inputs neither hide a flood from the count nor make the count itself slow."""
+    count = 2 * MAX_BYTES_ELEMENTS
+    flood = _grpc_bytes_request(count, [count]).SerializeToString()
+    message = UNKNOWN_GROUP + flood if prefix == "group" else UNKNOWN_VARINT * (2 * MAX_BYTES_ELEMENTS) + flood
+    answer, slowest = under_attack(server, lambda: grpc_infer(server, message))
+    assert isinstance(answer, grpc.RpcError)
+    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer.details()
+    words = "brings the request's inputs" if prefix == "group" else "protobuf fields; send repeated numbers packed"
+    assert words in (answer.details() or "")  # the raw walk refused it, before protobuf parsed it
     assert slowest < PROBE_BOUND_S
     assert_still_serving(server)
 
