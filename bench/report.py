@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,24 @@ def _server_note(row: Row) -> str:
     return f"; server batches of {statistics.median(batches):.1f} rows, {statistics.median(infer):.1f} ms each"
 
 
+def _cores_note(row: Row | None) -> str:
+    """How the benchmark's CPU split during a server row's runs: its client and the server (medians)."""
+    if row is None or row.summary is None or row.is_baseline:
+        return ""
+    client = [r.extra["bench_cpu_cores"] for r in row.summary.runs if r.extra.get("bench_cpu_cores") is not None]
+    served = [r.extra["children_cpu_cores"] for r in row.summary.runs if r.extra.get("children_cpu_cores") is not None]
+    if not client or not served:
+        return ""
+    if row.workload == "text":
+        who = "the load generator (the bench's process)", "the server"
+    else:
+        who = "the bench's process", "the server and perf_analyzer"
+    return (
+        f"; {who[0]} used {statistics.median(client):.2f} cores and {who[1]} {statistics.median(served):.2f} "
+        f"of {os.cpu_count()} (median)"
+    )
+
+
 def _noise(*rows: Row | None) -> str:
     """The CPU other processes used during these rows' runs (median, in cores)."""
     values = [other_cpu(r.summary) for r in rows if r is not None and r.summary is not None]
@@ -166,7 +185,7 @@ def _at_least(name: str, goal: str, minimum: float, ours: Row | None, theirs: Ro
         goal,
         f"{ratio:.2f} x ({a.throughput:.0f} vs {b.throughput:.0f} {ours.unit}/s)",
         ratio >= minimum,
-        f"{what}{_server_note(ours)}{_noise(ours, theirs)}",
+        f"{what}{_server_note(ours)}{_cores_note(ours)}{_noise(ours, theirs)}",
     )
 
 

@@ -79,7 +79,11 @@ def measure(points: Sequence[Point], repeats: int, log: Log, deadline: float | N
                     f"FAILED: {row.failures[-1]}"
                 )
                 continue
-            sample.extra["other_cpu_cores"] = meter.other_cores()
+            cores = meter.cores()
+            sample.extra["other_cpu_cores"] = None if cores is None else cores.others
+            if cores is not None:
+                sample.extra["bench_cpu_cores"] = cores.this_process  # the load generator (or in-process runs)
+                sample.extra["children_cpu_cores"] = cores.children  # the server measured (and perf_analyzer)
             collected.append(sample)
             errors = f", {sample.errors} errors ({sample.extra.get('first_error', '')})" if sample.errors else ""
             log(

@@ -338,3 +338,33 @@ def test_a_peer_that_cannot_run_gives_rows_that_say_why(tmp_path: Path) -> None:
     assert logged == ["MLServer: unavailable: bench/.venv-mlserver is not installed (make bench's set-up creates it)"]
     skipped = start_peer(Uninstalled(tmp_path), False, tmp_path, ["a"], reference, logged.append)
     assert (skipped.status, skipped.reason) == ("skipped", "BENCH_MLSERVER=0")
+
+
+def test_the_cpu_meter_tells_this_process_from_its_children() -> None:
+    """The bench reports its load generator's CPU (this process) apart from the server's (its children)."""
+    import subprocess
+
+    from bench.cpu import CpuMeter
+
+    started = time.monotonic()
+    meter = CpuMeter()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass"]
+    )
+    child.wait(timeout=60)  # a child that burned 0.6 s of CPU, then one second of this process
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    cores = meter.cores()
+    assert cores is not None
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    elapsed = time.monotonic() - started
+    assert cores.children * elapsed >= 0.6 - 2 / ticks_per_s
+    assert cores.this_process * elapsed >= 0.3 - 2 / ticks_per_s
+    assert cores.this_process * elapsed < 0.3 + 0.6  # the child's time is not also counted as this process's
+    from bench.report import _cores_note
+
+    row = measured("text", ONNXSERVE_DEFAULT, 8, 200.0)
+    assert row.summary is not None
+    row.summary.runs[0].extra.update(bench_cpu_cores=0.4, children_cpu_cores=1.5)
+    assert "the load generator (the bench's process) used 0.40 cores and the server 1.50" in _cores_note(row)
