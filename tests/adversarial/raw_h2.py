@@ -46,9 +46,11 @@ class RawGrpcConnection:
     calls: dict[int, CallOutcome] = field(default_factory=dict)
     closed: bool = False
     reads: bool = True  # False: a client that never opens a flow-control window for the server's answers
+    source: str | None = None  # the loopback address to connect from (127.0.0.x), to be another client
 
     def __post_init__(self) -> None:
-        self.sock = socket.create_connection((self.host, self.port), timeout=5)
+        source = (self.source, 0) if self.source is not None else None
+        self.sock = socket.create_connection((self.host, self.port), timeout=5, source_address=source)
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
         self.h2.initiate_connection()
         if not self.reads:

@@ -67,6 +67,7 @@ from onnxserve.protocols import context
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
+from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
 from onnxserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -613,14 +614,20 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
     """
 
     def __init__(
-        self, handler: grpc.GenericRpcHandler, budget: InflightBytes, max_message_bytes: int, timeout: float
+        self,
+        handler: grpc.GenericRpcHandler,
+        budget: InflightBytes,
+        max_message_bytes: int,
+        timeout: float,
+        message_wait: float = DEFAULT_MESSAGE_WAIT_SECONDS,
     ) -> None:
         self.handler = handler
         self.budget = budget
         # Messages grpc may be receiving, each counted at the largest size until it has arrived: a room of
         # their own as large as the budget, so that calls waiting for their messages (a stream between two
-        # of them) never take the room of bodies and answers that are really held.
-        self.arriving = InflightBytes(budget.limit)
+        # of them) never take the room of bodies and answers that are really held; shared fairly between
+        # clients (server.message_room).
+        self.arriving = MessageRoom(budget.limit, message_wait)
         self._arriving_full = (
             f"the server is receiving its limit of {budget.limit} bytes of gRPC messages at once (each counted at "
             f"--grpc-max-message-bytes until it has arrived; --max-inflight-bytes); retry later"
@@ -767,8 +774,11 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
         """
         arriving = self.arriving
         reserved = min(self.max_message_bytes, arriving.limit) if arriving.limit else self.max_message_bytes
-        if not await arriving.reserve_within(reserved, BUDGET_WAIT_SECONDS):
+        client = context.client_identity(context.grpc_peer_host(ctx.peer()))
+        place = await arriving.enter(client, reserved, BUDGET_WAIT_SECONDS)
+        if place is None:
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._arriving_full, _id(ctx))
+            raise AssertionError("abort raises")
         try:
             # A timeout scope, not wait_for: no task of its own for every message read.
             async with asyncio.timeout(self.timeout):
@@ -780,8 +790,15 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
                 f"the request message did not arrive within {self.timeout:g} s (--body-timeout)",
                 _id(ctx),
             )
+        except asyncio.CancelledError:
+            if not place.displaced:
+                raise
+            # It gave its place to another call's message (server.message_room): ended here, by its own task.
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, DISPLACED, _id(ctx))
         finally:
-            arriving.release(reserved)
+            arriving.leave(place)
         if received is grpc.aio.EOF:
             if end_ok:
                 return None

@@ -38,7 +38,11 @@ def create_grpc_server(
     server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
     handler = generic_handler(service, grpc_send_limit(settings))
     server.add_generic_rpc_handlers(
-        (MessageReception(handler, budget, settings.grpc_max_message_bytes, settings.body_timeout),)
+        (
+            MessageReception(
+                handler, budget, settings.grpc_max_message_bytes, settings.body_timeout, settings.grpc_message_wait
+            ),
+        )
     )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:

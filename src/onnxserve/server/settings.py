@@ -179,6 +179,13 @@ class ServerSettings(BaseModel):
     grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
         default=100, description="Open calls per gRPC connection."
     )
+    grpc_message_wait: Annotated[float, Field(gt=0)] = Field(
+        default=5.0,
+        description="Seconds a gRPC call may wait for its request message (a stream: its next one) and keep "
+        "its place when the room for arriving messages (--max-inflight-bytes, each counted at "
+        "--grpc-max-message-bytes) is full; past them it gives its place to a newer call (RESOURCE_EXHAUSTED). "
+        "A client holding two places more than another's gives way to it at once.",
+    )
     grpc_max_connection_idle: Annotated[float, Field(ge=0)] = Field(
         default=300.0, description="Seconds a gRPC connection may stay without calls before GOAWAY; 0: no limit."
     )
