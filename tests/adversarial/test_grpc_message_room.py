@@ -131,6 +131,11 @@ def test_one_address_cannot_hold_the_room(server: CappedServer, connections: lis
     assert GAVE_WAY in newest.message
     assert not any(flooder.calls[call].ended for call in placed[:-1])
     assert "gave way to other calls' messages" in server.log()
+    # the flooder's connection keeps serving: a call that sends its message takes the free place
+    call = flooder.open_call(INFER)
+    flooder.send_whole(call, REQUEST)
+    pump_until([flooder], lambda: flooder.calls[call].ended)
+    assert flooder.calls[call].status == OK, flooder.calls[call]
     check_still_serving(server, rss_before)
 
 

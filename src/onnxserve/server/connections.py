@@ -44,8 +44,10 @@ service's handlers):
   a grace period, and keepalive pings from clients no more often than every 10 s (enforced with
   GOAWAY by grpc).
 - Every request message (a unary call's one, each of a stream's) must arrive within ``body_timeout``
-  seconds (DEADLINE_EXCEEDED), and is received only once the in-flight byte budget holds room for the
-  largest message (RESOURCE_EXHAUSTED after a short wait); see :class:`MessageReception`.
+  seconds (DEADLINE_EXCEEDED), and is received only once the room for arriving messages holds a place
+  for the largest message (RESOURCE_EXHAUSTED after a short wait; the room is shared fairly between
+  clients, and a call waiting for its message may give its place to another: ``server.message_room``);
+  see :class:`MessageReception`.
 """
 
 from __future__ import annotations
@@ -600,7 +602,8 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
     long that takes or how many such messages it holds. For each method of ``handler`` (the service's
     generic handler) this hands grpc a *streaming-request* handler instead, which reserves
     ``max_message_bytes`` of the room for arriving messages (``arriving``, as large as the in-flight
-    budget; waiting up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message
+    budget, shared fairly between clients: :class:`~onnxserve.server.message_room.MessageRoom`; waiting
+    up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message
     within ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), gives that room back,
     holds the size that arrived in the in-flight budget (waiting as long, else RESOURCE_EXHAUSTED), and
     calls the original handler with it. ``UNREAD_METHODS`` (the server probes) are answered without
