@@ -40,7 +40,7 @@ REQUEST = pb.ModelInferRequest(
 ).SerializeToString()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
     with serve_capped(
         numeric_repository,
@@ -57,11 +57,19 @@ def server(numeric_repository: Path) -> Iterator[CappedServer]:
 
 
 @pytest.fixture
-def connections() -> Iterator[list[RawGrpcConnection]]:
+def connections(server: CappedServer) -> Iterator[list[RawGrpcConnection]]:
+    """The test's connections; once they are closed, every place of the room must be free again."""
     opened: list[RawGrpcConnection] = []
     yield opened
     for c in opened:
         c.close()
+    wait_until_free(server)
+
+
+def wait_until_free(server: CappedServer, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not room_is_free(server, "127.0.0.250"):  # the server may take a moment to see the closes
+        assert time.monotonic() < deadline, "places of ended calls are still held"
 
 
 def connect(server: CappedServer, connections: list[RawGrpcConnection], source: str) -> RawGrpcConnection:
@@ -216,7 +224,5 @@ def test_no_place_leaks(server: CappedServer, connections: list[RawGrpcConnectio
     assert streams.calls[open_streams[0]].status == OK
     for c in connections:
         c.close()
-    deadline = time.monotonic() + 30
-    while not room_is_free(server, "127.0.0.20"):  # the server may take a moment to see the closes
-        assert time.monotonic() < deadline, "places of ended calls are still held"
+    wait_until_free(server)
     check_still_serving(server, rss_before)
