@@ -226,3 +226,32 @@ def test_no_place_leaks(server: CappedServer, connections: list[RawGrpcConnectio
         c.close()
     wait_until_free(server)
     check_still_serving(server, rss_before)
+
+
+def test_with_tokens_each_token_is_a_client(numeric_repository: Path, tmp_path: Path) -> None:
+    """With bearer tokens, the client is the token, not the address: a flood of idle calls with one token
+    gives way to a call with another token from the same address (and not to the flood's own token)."""
+    tokens = tmp_path / "tokens.txt"
+    flood_token, other_token = "room-flood-token-0123456789abcdef", "room-other-token-0123456789abcdef"
+    tokens.write_text(f"{flood_token} infer\n{other_token} infer\n")
+    tokens.chmod(0o600)
+    settings = ("--grpc-max-message-bytes", str(MAX_MESSAGE), "--max-inflight-bytes", str(PLACES * MAX_MESSAGE))
+    with serve_capped(numeric_repository, "--auth-tokens", str(tokens), *settings) as capped:
+        c = RawGrpcConnection(capped.host, capped.grpc_port)
+        try:
+            flood_auth = (("authorization", f"Bearer {flood_token}"),)
+            flood = [c.open_call(INFER, flood_auth) for _ in range(PLACES)]
+            same = c.open_call(INFER, flood_auth)  # the flood's own token: nobody gives way to it
+            c.send_whole(same, REQUEST)
+            pump_until([c], lambda: c.calls[same].ended)
+            assert c.calls[same].status == RESOURCE_EXHAUSTED, c.calls[same]
+            assert ROOM_FULL in c.calls[same].message
+            other = c.open_call(INFER, (("authorization", f"Bearer {other_token}"),))
+            c.send_whole(other, REQUEST)
+            pump_until([c], lambda: c.calls[other].ended and c.calls[flood[-1]].ended)
+            assert c.calls[other].status == OK, c.calls[other]
+            assert c.calls[flood[-1]].status == RESOURCE_EXHAUSTED, c.calls[flood[-1]]
+            assert GAVE_WAY in c.calls[flood[-1]].message
+            assert not any(c.calls[call].ended for call in flood[:-1])
+        finally:
+            c.close()
