@@ -160,11 +160,8 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
         assert b"kept for health probes and metrics" in refused
         assert _queued(server) == CAP - 1
 
-        # Another address is served: the attacker's newest waiting request makes room.
-        answer = _ask_from(server, OTHER, "POST", "/v2/models/add/infer", ADD_BODY)
-        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
-        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0
-
+        # Another address connects: the attacker's newest waiting request makes room.
+        other = _connect_from(server, OTHER)
         said = _said_until_closed(attack[-1])
         head, _, body = said.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 "), said[:300]
@@ -174,6 +171,17 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
         message = orjson.loads(body)["error"]
         assert "this client address holds the most" in message
         assert "dropped without running" in message
+
+        # The attacker comes straight back (as its client would): it gets only the probe reserve, and the
+        # other address's connection, idle until its request arrives, is not closed for it.
+        again = _ask_from(server, ATTACKER, "POST", "/v2/models/add/infer", ADD_BODY)
+        assert again.startswith(b"HTTP/1.1 503 "), again[:300]
+        assert b"kept for health probes and metrics" in again
+        with other:
+            other.sendall(_request("POST", "/v2/models/add/infer", ADD_BODY))
+            answer = _answer(other)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0
 
         # Nothing else was cut: the run in progress and the other waiting requests are still there.
         assert not any(_readable(sock) for sock in attack[:-1])

@@ -30,7 +30,8 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   begun, or that is decoded, tokenized or answered, is never cut. So neither slow senders nor requests
   parked at a busy model from one address can keep other addresses out; behind a proxy (one address for
   all) this never applies. Otherwise the oldest connection that is not in the middle of a request (idle
-  keep-alive, or still sending its head) is closed to make room. When every connection is busy (slow
+  keep-alive, or still sending its head) of an address holding at least as many connections as the new
+  one's is closed to make room (behind a proxy: the oldest of all). When every connection is busy (slow
   bodies, or requests being served), the new one is admitted into a reserve of ``PROBE_RESERVE`` more
   connections that may only ask for ``PROBE_PATHS`` (health probes, the metrics scrape), with short
   head and keep-alive deadlines; any other request there is answered 503 with ``Retry-After`` and
@@ -258,7 +259,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         the probe reserve, else close this one."""
         guarded = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self]
         ordinary = [c for c in guarded if not c._reserve]
-        if len(ordinary) < self.limits.max_connections or self._displace() or self._close_oldest_idle(ordinary):
+        if (
+            len(ordinary) < self.limits.max_connections
+            or self._displace()
+            or self._close_oldest_idle(self._no_lighter(ordinary))
+        ):
             return
         reserve = [c for c in guarded if c._reserve]
         if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
@@ -285,6 +290,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return False
         self._displaced(heaviest, len(held))
         return True
+
+    def _no_lighter(self, connections: list[GuardedHttpProtocol]) -> list[GuardedHttpProtocol]:
+        """Those of ``connections`` whose address holds at least as many connections as this one's (this one
+        counted): a new connection never closes a connection of an address holding fewer. (A client
+        whose waiting request was withdrawn for another address comes straight back; it closed that
+        address's new connection, idle until its request arrived, and the other client got no answer.)"""
+        by_address = self.clients.by_address
+        mine = len(by_address[self._address])
+        return [c for c in connections if len(by_address.get(c._address, ())) >= mine]
 
     def _waiting_requests(self) -> list[tuple[RequestResponseCycle, CallSlot]]:
         """The request of this connection being handled, when it only waits at its model (queued, or for
