@@ -20,6 +20,7 @@ import pytest
 
 import models
 from onnxserve.config import DynamicBatching
+from onnxserve.core import chunking
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool
 from onnxserve.core.execution import Outcome, Work, run_batch
 from onnxserve.core.progress import Progress
@@ -135,3 +136,15 @@ def test_a_request_waiting_for_text_room_only_waits_until_it_has_room() -> None:
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_the_chunks_of_a_request_share_its_progress() -> None:
+    """A large request runs in chunks (``core.chunking``): once its first chunk has begun, the rest of it
+    is never withdrawn (its first chunk's work would be lost)."""
+    whole = Work(["y"], 4, feeds={"x": np.zeros((4, 1), dtype=np.float32)})
+    first = chunking._part(whole, 0, 2)
+    with first.progress.waiting():
+        assert whole.progress.only_waiting
+        first.progress.start()
+        assert not whole.progress.only_waiting
+    assert whole.progress.started
