@@ -180,10 +180,12 @@ class DirectScheduler:
         if self._stopped is not None:
             raise self._stopped
         if self._waiting or self.pool.full():
-            await self._wait_turn(work.client)
+            with work.progress.waiting():
+                await self._wait_turn(work.client)
         else:
             await self.pool.reserve()  # an instance is free and nobody waits: returns at once
         index = self.pool.take()
+        work.progress.start()
         started = time.perf_counter_ns()
         control = RunControl()
         # A caller that goes away stops the execution, but the instance is released only once its thread
@@ -319,7 +321,8 @@ class DynamicBatcher:
         self._turns.setdefault(work.client)
         self._arrived.set()
         try:
-            return await pending.future
+            with work.progress.waiting():  # until its batch starts (``_execute`` marks it started)
+                return await pending.future
         except asyncio.CancelledError:
             # The caller went away: its slot in the queue is free at once (a batch already formed
             # drops it, and stops when none of its requests is still awaited).
@@ -500,6 +503,8 @@ class DynamicBatcher:
             started = time.perf_counter_ns()
             size = sum(p.work.rows for p in live)
             control = RunControl()
+            for pending in live:
+                pending.work.progress.start()  # before the run is handed to its thread: never withdrawn now
 
             def abandoned(_: object) -> None:
                 if all(p.future.cancelled() for p in live):

@@ -90,7 +90,14 @@ def _part(work: Work, start: int, stop: int) -> Work:
     if work.text is None:
         assert work.feeds is not None
         feeds = {name: array[start:stop] for name, array in work.feeds.items()}
-        return Work(work.fetch, stop - start, feeds=feeds, max_output_bytes=work.max_output_bytes, client=work.client)
+        return Work(
+            work.fetch,
+            stop - start,
+            feeds=feeds,
+            max_output_bytes=work.max_output_bytes,
+            client=work.client,
+            progress=work.progress,
+        )
     text = work.text
     pairs = text.pairs[start:stop] if text.pairs is not None else None
     cut = frozenset(row - start for row in text.cut if start <= row < stop)
@@ -102,6 +109,7 @@ def _part(work: Work, start: int, stop: int) -> Work:
         answer=work.answer,
         max_output_bytes=work.max_output_bytes,
         client=work.client,
+        progress=work.progress,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
+from onnxserve.core.progress import Progress
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.tokens import TokenizedText
 from onnxserve.core.types import TensorSpec
@@ -40,6 +41,7 @@ class Work:
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
+    progress: Progress = field(default_factory=Progress)  # its request's: waiting or started (``core.progress``)
 
     @property
     def key(self) -> Hashable:

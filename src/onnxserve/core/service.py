@@ -39,6 +39,7 @@ from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
+from onnxserve.core.progress import Progress
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
 from onnxserve.core.text_budget import TextBudget
 from onnxserve.core.tokens import compact
@@ -183,6 +184,9 @@ class InferenceCall:
     ``model`` and ``version`` are what the client named (a path's segments); ``target`` updates them
     once known (a gRPC message names its model). A request that leaves the block with an error the
     service did not count (it never reached ``infer``'s count) is counted on the way out.
+
+    Its ``progress`` (``core.progress``) says whether it only waits at its model; the front end that carries
+    it may then ``withdraw`` it (the HTTP connection slots do, to let another client in).
     """
 
     def __init__(
@@ -196,13 +200,36 @@ class InferenceCall:
         self.started = time.perf_counter_ns()
         self.counted = False
         self.large = False  # it held a large request or answer: give memory back when it ends
+        self.progress = Progress()  # waiting or started, marked by its model's scheduler (``core.progress``)
         self._token: Token[InferenceCall | None] | None = None
         self._clock: Token[float | None] | None = None
+        self._task: asyncio.Task[Any] | None = None  # the task that handles it, cancelled to withdraw it
+        self._withdrawn: OnnxServeError | None = None  # what it is answered once withdrawn
+
+    def only_waiting(self) -> bool:
+        """Queued at its model or waiting for room for its text, nothing of it run yet, not withdrawn."""
+        return self._withdrawn is None and self.progress.only_waiting
+
+    def withdraw(self, error: OnnxServeError) -> bool:
+        """Drop this request to be answered ``error``, if it only waits (``only_waiting``): it leaves its
+        queue or budget the way a request whose caller went away does, and never runs; ``error`` comes
+        out of this call's block instead of the cancellation. False, and nothing done, otherwise: an
+        execution of it has begun (its run is never cut), or it is doing anything but wait.
+
+        Decided and done at once (its task is cancelled while it is suspended in its wait), so it cannot
+        start running in between."""
+        task = self._task
+        if task is None or task.done() or not self.only_waiting():
+            return False
+        self._withdrawn = error
+        task.cancel()
+        return True
 
     def target(self, model: str, version: str) -> None:
         self.model, self.version = model, version
 
     async def __aenter__(self) -> InferenceCall:
+        self._task = asyncio.current_task()
         self._token = _current_call.set(self)
         self._clock = request_deadline.start(self.service.request_timeout)
         return self
@@ -214,10 +241,19 @@ class InferenceCall:
             request_deadline.stop(self._clock)
         if self._token is not None:
             _current_call.reset(self._token)
+        withdrawn = self._withdrawn
+        if withdrawn is not None and not (
+            isinstance(error, asyncio.CancelledError) and self._task is not None and self._task.uncancel() == 0
+        ):
+            withdrawn = None  # it ended otherwise, or is cancelled for another reason too: that goes on
+        if withdrawn is not None:
+            error = withdrawn
         if isinstance(error, Exception) and not self.counted:
             self.service.refused(self.protocol, self.model, self.version, error, self.started)
         if self.large:
             await self.service.give_back_memory()
+        if withdrawn is not None:
+            raise withdrawn from None
 
 
 _current_call: ContextVar[InferenceCall | None] = ContextVar("onnxserve_inference_call", default=None)
@@ -330,8 +366,8 @@ class InferenceService:
         that requests to other models need. Once tokenized it holds its kept tokens only (``core.tokens``)."""
         assert work.text is not None
         characters = work.text.characters
-        async with model.text_room.held(characters, work.client):
-            async with self.text_budget.held(characters, work.client):
+        async with model.text_room.held(characters, work.client, work.progress):
+            async with self.text_budget.held(characters, work.client, work.progress):
                 # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
                 model.scheduler.incoming += 1
                 try:
@@ -423,6 +459,7 @@ class InferenceService:
             call = _current_call.get()
             if call is not None:
                 work.client = call.client
+                work.progress = call.progress
             tokenize_ns = 0
             # the server's limit counts from the request's arrival: decoding its body took some of it
             async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable
 
 from onnxserve.core.fairness import FairQueue
 from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS
+from onnxserve.core.progress import Progress
 
 TEXT_CHARACTERS_AT_ONCE = 2 * 1024 * 1024
 """The most characters of large text requests tokenized at once, server-wide: two requests of the largest
@@ -81,8 +82,9 @@ class CharacterBudget:
                 turn.set_exception(refusal())
 
     @contextlib.asynccontextmanager
-    async def held(self, characters: int, client: str = "") -> AsyncIterator[None]:
-        """Hold ``characters`` (at most ``limit``) for the block, once the requests ahead have had room."""
+    async def held(self, characters: int, client: str = "", progress: Progress | None = None) -> AsyncIterator[None]:
+        """Hold ``characters`` (at most ``limit``) for the block, once the requests ahead have had room
+        (``progress``: the request's, marked waiting meanwhile)."""
         if self._closed is not None:
             raise self._closed()
         characters = min(characters, self.limit)
@@ -91,7 +93,8 @@ class CharacterBudget:
             entry = (characters, turn)
             self._waiting.push(client, entry)
             try:
-                await turn
+                with progress.waiting() if progress is not None else contextlib.nullcontext():
+                    await turn
             except BaseException:
                 if turn.done() and not turn.cancelled() and turn.exception() is None:
                     self.used -= characters  # its room was given just as it went away
@@ -127,9 +130,11 @@ class TextBudget:
         self.large = CharacterBudget(large)
         self.small = CharacterBudget(small)
 
-    def held(self, characters: int, client: str = "") -> contextlib.AbstractAsyncContextManager[None]:
+    def held(
+        self, characters: int, client: str = "", progress: Progress | None = None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
         pool = self.small if characters <= SMALL_REQUEST_CHARACTERS else self.large
-        return pool.held(characters, client)
+        return pool.held(characters, client, progress)
 
     def close(self, refusal: Refusal) -> None:
         """Both pools closed (``CharacterBudget.close``)."""

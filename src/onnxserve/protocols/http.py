@@ -21,7 +21,7 @@ from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 from onnxserve.protocols.public_errors import public_message
 
 if TYPE_CHECKING:
-    from onnxserve.core.service import InferenceService
+    from onnxserve.core.service import InferenceCall, InferenceService
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,22 @@ def refuse_before_routing(scope: Scope, error: OnnxServeError) -> Response:
     return role.answer(error)
 
 
+CALL_SLOT = "onnxserve.call_slot"
+"""The ASGI scope key of a request's ``CallSlot``, when the server that carries it gives it one."""
+
+
+class CallSlot:
+    """Where an inference endpoint leaves the ``InferenceCall`` of the request it handles, for the server
+    that carries the request: ``server.connections`` puts one in each request's scope (an object, so that
+    the copies of the scope that middleware make share it) and may withdraw the call while it only waits
+    (``InferenceCall.withdraw``) to free its connection for another client."""
+
+    __slots__ = ("call",)
+
+    def __init__(self) -> None:
+        self.call: InferenceCall | None = None
+
+
 CLIENT_CLOSED_REQUEST = 499
 """The status of a request whose client went away before its answer (never sent: nobody reads it)."""
 
@@ -180,8 +196,15 @@ def guarded(
             if service is None:  # /tokenize answers are large too, and its work stops when its client leaves
                 return inflight.held(await until_disconnected(handler, request), _body_size)
             peer = request.client.host if request.client is not None else None
-            async with service.call(protocol, *requested_target(request), client=context.client_identity(peer)):
-                return inflight.held(await until_disconnected(handler, request), _body_size)
+            slot = request.scope.get(CALL_SLOT)
+            async with service.call(protocol, *requested_target(request), client=context.client_identity(peer)) as call:
+                if slot is not None:
+                    slot.call = call
+                try:
+                    return inflight.held(await until_disconnected(handler, request), _body_size)
+                finally:
+                    if slot is not None:
+                        slot.call = None
         except OnnxServeError as e:
             return failed(request, e)
         except Exception:

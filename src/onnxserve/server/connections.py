@@ -21,18 +21,24 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
 - **Open connections**: at most ``max_connections`` per port. When a new one would exceed it and the
   client address holding the most connections holds at least two more than the new one's address
   (``fairness.gives_way``, as in a model's queue), one of that address's connections that is idle or
-  still sending its request (head or body; never one whose request is being served or answered) is
-  closed to make room: an idle one first, else the one that has sent least, else the oldest; a request
-  it was sending is answered 503 with ``Retry-After``. So slow senders from one address cannot keep
-  other addresses out; behind a proxy (one address for all) this never applies. Otherwise the
-  oldest connection that is not in the middle of a request (idle keep-alive, or still sending its
-  head) is closed to make room. When every connection is busy (slow bodies), the new one is admitted
-  into a reserve of ``PROBE_RESERVE`` more connections that may only ask for ``PROBE_PATHS`` (health
-  probes, the metrics scrape), with short head and keep-alive deadlines; any other request there is
-  answered 503 with ``Retry-After`` and closed. When the reserve is full too, its oldest idle
-  connection is closed, else its oldest one open for more than ``RESERVE_STALE_SECONDS`` (a client that
-  pipelines scrapes and never reads them), else the new connection is closed. A probe or scrape
-  therefore always gets a connection, however many idle or busy ones an attacker holds.
+  still sending its request (head or body) is closed to make room: an idle one first, else the one that
+  has sent least, else the oldest; a request it was sending is answered 503 with ``Retry-After``. When
+  that address has none of those, its newest request that only waits at its model (queued, or waiting
+  for room for its text; no execution of it begun: ``core.progress``) is withdrawn
+  (``InferenceCall.withdraw``): it leaves its queue without running, is answered like a full queue (503
+  with ``Retry-After``), and its connection closes after that answer. A request whose execution has
+  begun, or that is decoded, tokenized or answered, is never cut. So neither slow senders nor requests
+  parked at a busy model from one address can keep other addresses out; behind a proxy (one address for
+  all) this never applies. Otherwise the oldest connection that is not in the middle of a request (idle
+  keep-alive, or still sending its head) of an address holding at least as many connections as the new
+  one's is closed to make room (behind a proxy: the oldest of all). When every connection is busy (slow
+  bodies, or requests being served), the new one is admitted into a reserve of ``PROBE_RESERVE`` more
+  connections that may only ask for ``PROBE_PATHS`` (health probes, the metrics scrape), with short
+  head and keep-alive deadlines; any other request there is answered 503 with ``Retry-After`` and
+  closed. When the reserve is full too, its oldest idle connection is closed, else its oldest one open
+  for more than ``RESERVE_STALE_SECONDS`` (a client that pipelines scrapes and never reads them), else
+  the new connection is closed. A probe or scrape therefore always gets a connection, however many idle
+  or busy ones an attacker holds.
 
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception` around the
 service's handlers):
@@ -62,10 +68,12 @@ from typing import Any, ClassVar, Literal, overload
 
 import grpc
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from onnxserve.core.fairness import gives_way
+from onnxserve.errors import ResourceExhaustedError
 from onnxserve.protocols import context
+from onnxserve.protocols.http import CALL_SLOT, CallSlot
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
@@ -105,6 +113,13 @@ LINGER_SECONDS = 5.0
 
 LINGER_BYTES = 64 * 1024 * 1024
 """How much of such a body is read and dropped before the connection is closed all the same."""
+
+WITHDRAWN_MESSAGE = (
+    "every connection is taken (--max-connections) and this client address holds the most; this request was "
+    "still waiting for its model and was dropped without running, and its connection closes, to let another "
+    "client in; retry later"
+)
+"""The answer to a request withdrawn while it waited, to free its connection for another address."""
 
 UNREAD_METHODS = frozenset(f"/{SERVICE_NAME}/{name}" for name in ("ServerLive", "ServerReady", "ServerMetadata"))
 """Methods whose request message is empty: answered without receiving it, so probes never wait on the budget."""
@@ -226,6 +241,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_pending = False  # a request's head is in and its body is still arriving
         self._linger_left = -1  # bytes still read and dropped while lingering; -1: not lingering
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._requests: list[tuple[RequestResponseCycle, CallSlot]] = []  # not yet answered, in arrival order
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -246,7 +262,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         the probe reserve, else close this one."""
         guarded = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self]
         ordinary = [c for c in guarded if not c._reserve]
-        if len(ordinary) < self.limits.max_connections or self._displace() or self._close_oldest_idle(ordinary):
+        if (
+            len(ordinary) < self.limits.max_connections
+            or self._displace()
+            or self._close_oldest_idle(self._no_lighter(ordinary))
+        ):
             return
         reserve = [c for c in guarded if c._reserve]
         if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
@@ -259,17 +279,40 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _displace(self) -> bool:
         """Close a connection of the address holding the most, when it holds at least two more than this
-        connection's address (``fairness.gives_way``); False when it does not or has none to give."""
+        connection's address (``fairness.gives_way``): one idle or still sending, else one whose request
+        only waits at its model (withdrawn, answered, then closed); False when it does not or has none to
+        give."""
         by_address = self.clients.by_address
         heaviest, held = max(by_address.items(), key=lambda item: len(item[1]))
         if heaviest == self._address or not gives_way(len(held), len(by_address[self._address]) - 1):
             return False
         candidates = [c for c in held if c._displaceable()]
-        if not candidates:
+        if candidates:
+            min(candidates, key=GuardedHttpProtocol._displace_order)._give_way()
+        elif not _withdraw_newest_waiting(held):
             return False
-        min(candidates, key=GuardedHttpProtocol._displace_order)._give_way()
         self._displaced(heaviest, len(held))
         return True
+
+    def _no_lighter(self, connections: list[GuardedHttpProtocol]) -> list[GuardedHttpProtocol]:
+        """Those of ``connections`` whose address holds at least as many connections as this one's (this one
+        counted): a new connection never closes a connection of an address holding fewer. (A client
+        whose waiting request was withdrawn for another address comes straight back; it closed that
+        address's new connection, idle until its request arrived, and the other client got no answer.)"""
+        by_address = self.clients.by_address
+        mine = len(by_address[self._address])
+        return [c for c in connections if len(by_address.get(c._address, ())) >= mine]
+
+    def _waiting_requests(self) -> list[tuple[RequestResponseCycle, CallSlot]]:
+        """The request of this connection being handled, when it only waits at its model (queued, or for
+        room for its text; nothing of it run: ``InferenceCall.only_waiting``), as (its cycle, its slot)."""
+        if self._reserve or self.transport.is_closing():
+            return []
+        return [
+            (cycle, slot)
+            for cycle, slot in self._requests
+            if slot.call is not None and not cycle.response_started and slot.call.only_waiting()
+        ]
 
     def _displaceable(self) -> bool:
         """Idle, or still sending its request's head or body: no request of it is being served or answered."""
@@ -450,7 +493,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "retry-after: 1\r\n",
             )
             return
+        slot = CallSlot()
+        self.scope[CALL_SLOT] = slot  # type: ignore[literal-required]  # an extension key of ours
         super().on_headers_complete()
+        self._requests = [(c, s) for c, s in self._requests if not c.response_complete]
+        if self.cycle is not None and self.cycle.scope.get(CALL_SLOT) is slot:
+            self._requests.append((self.cycle, slot))
         self._body_pending = True
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
@@ -526,6 +574,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._body_timer = self._send_timer = self._linger_timer = None
+
+
+def _withdraw_newest_waiting(connections: set[GuardedHttpProtocol]) -> bool:
+    """Withdraw the newest request of ``connections`` that only waits at its model: it is answered 503 with
+    ``Retry-After`` (``WITHDRAWN_MESSAGE``), then its connection closes; False when none only waits."""
+    waiting = [(slot.call, cycle) for c in connections for cycle, slot in c._waiting_requests() if slot.call]
+    for call, cycle in sorted(waiting, key=lambda found: found[0].started, reverse=True):
+        if call.withdraw(ResourceExhaustedError(WITHDRAWN_MESSAGE)):
+            cycle.keep_alive = False  # answered with "connection: close", then closed
+            return True
+    return False
 
 
 def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
