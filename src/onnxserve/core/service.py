@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from functools import partial
 from types import TracebackType
@@ -223,6 +224,21 @@ class InferenceCall:
 _current_call: ContextVar[InferenceCall | None] = ContextVar("onnxserve_inference_call", default=None)
 
 
+class Pin:
+    """One model version held for a request that the service answers in several parts (an embeddings
+    request cut into pieces of ``max_batch_size``): see :meth:`InferenceService.pinned`."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.model = model
+
+    @property
+    def version(self) -> str:
+        """The version's number, as its parts' requests name it."""
+        return str(self.model.version)
+
+
 class InferenceService:
     """Health, metadata and inference over the models in one registry."""
 
@@ -394,14 +410,31 @@ class InferenceService:
             call.counted = True
         self.registry.observers.request(record)
 
-    async def infer(self, request: InferenceRequest) -> InferenceResponse:
+    @contextmanager
+    def pinned(self, name: str, version: str | None) -> Iterator[Pin]:
+        """The version of model ``name`` that ``version`` names now, for a request answered in several parts:
+        each part given the pin to :meth:`infer` is answered by that version, even once a newer one has
+        taken over and this one only drains (its unload waits for the block to end, as for any request in
+        flight), so one answer never mixes two versions' results."""
+        model = self.registry.resolve(name, version)
+        model.active += 1
+        try:
+            yield Pin(model)
+        finally:
+            model.active -= 1
+
+    async def infer(self, request: InferenceRequest, pin: Pin | None = None) -> InferenceResponse:
+        """Answer ``request``; with a ``pin`` (:meth:`pinned`), by the pinned version of its model."""
         started = time.perf_counter_ns()
         try:
             if self.draining:
                 raise UnavailableError("the server is shutting down; send the request to another replica")
             check_request(request)
             limit = time_limit(request, self.request_timeout)
-            model = self.registry.resolve(request.model_name, request.model_version)
+            if pin is not None and pin.model.name == request.model_name:
+                model = pin.model
+            else:
+                model = self.registry.resolve(request.model_name, request.model_version)
         except OnnxServeError as e:
             call = _current_call.get()
             protocol = request.protocol or (call.protocol if call is not None else "")

@@ -92,7 +92,7 @@ def model_id(service: InferenceService, request: Request) -> str:
     )
 
 
-def _task_model(service: InferenceService, request: Request) -> tuple[str, str | None, ModelMetadata]:
+def _task_model(service: InferenceService, request: Request) -> tuple[str, str, ModelMetadata]:
     name, version, meta = text_model(service, model_id(service, request))
     task = ROUTE_TASKS[request.url.path]
     assert meta.pipeline is not None
@@ -165,13 +165,14 @@ def routes(service: InferenceService) -> list[Route]:
         check_characters(meta, candidates, query)
         limit, asked = meta.text_characters, min(len(query), meta.text_characters)
 
-        def pairs(r: range) -> InferenceRequest:
+        def pairs(r: range, version: str) -> InferenceRequest:
             queries = Tensor(QUERY_INPUT, BYTES, _strings([query] * len(r)))
             texts = Tensor(TEXT_INPUT, BYTES, _strings(candidates[r.start : r.stop]))
             return InferenceRequest(name, [queries, texts], version, outputs=[output], protocol=codec.PROTOCOL)
 
         responses = await in_pieces(
             service,
+            (name, version),
             chunks(len(candidates), max_batch),
             lambda r: request_characters(candidates[r.start : r.stop], limit) + asked * len(r),
             pairs,
@@ -196,9 +197,12 @@ def routes(service: InferenceService) -> list[Route]:
         limit = meta.text_characters
         responses = await in_pieces(
             service,
+            (name, version),
             chunks(len(texts), max_batch),
             lambda r: request_characters(texts[r.start : r.stop], limit),
-            lambda r: text_request(name, version, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL),
+            lambda r, pinned: text_request(
+                name, pinned, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL
+            ),
         )
         truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
         if truncated and not cut:
