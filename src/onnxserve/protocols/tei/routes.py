@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT, request_characters
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
+from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import (
@@ -220,10 +221,12 @@ def routes(service: InferenceService) -> list[Route]:
         special = codec.flag(doc, "add_special_tokens", True)
         name, version, _ = text_model(service, model_id(service, request))
         texts = [str(t) for t in inputs.values]
-        encodings = await service.tokenize(name, version, texts, special)
-        # One object per token is built, then encoded: off the event loop when there are many.
-        size = sum(len(e.ids) for e in encodings) * TOKEN_ANSWER_BYTES
-        return await offload.convert(size, codec.tokens, encodings, texts)
+        async with service.tokenized(name, version, texts, special) as encodings:
+            size = sum(len(e.ids) for e in encodings) * TOKEN_ANSWER_BYTES
+            if 0 < service.max_response_bytes < size:
+                raise response_too_large(name, size, service.max_response_bytes, encoding="as TEI /tokenize JSON")
+            # Built text by text, off the event loop when there are many tokens.
+            return await offload.convert(size, codec.tokens, encodings, texts)
 
     async def info(request: Request) -> Response:
         name, version, meta = text_model(service, model_id(service, request))
