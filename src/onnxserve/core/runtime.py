@@ -448,8 +448,9 @@ def _from_ort(value: Any, room: int = -1) -> tuple[npt.NDArray[Any], int]:
     return encoded.reshape(array.shape), used
 
 
-_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ [^(]*\([^)]*\)(?: const)? ")
-"""ONNX Runtime's ``file.h:123 void onnxruntime::Class::Method(args)`` prefix: where, not what."""
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ (?:[^\s(]+(?: [^\s(]+){0,3}\([^)]*\)(?: const)?|\w+) ")
+"""ONNX Runtime's ``file.h:123 void onnxruntime::Class::Method(args)`` prefix, or ``file.cc:703 Compute``
+(a bare function name, as its kernels' errors carry it): where, not what."""
 
 
 def _first_line(error: BaseException) -> str:
