@@ -320,6 +320,25 @@ def integer_division_models() -> dict[str, onnx.ModelProto]:
     return models
 
 
+def always_min_by_minus_one() -> onnx.ModelProto:
+    """An int64 ``Div`` that is INT_MIN / -1 whatever its input holds: any run of it traps unguarded, the
+    sample inputs of a diff included."""
+    model = onnx.parser.parse_model(
+        f"""{DIVISION_HEADER}
+        g (int64[n] x) => (int64[n] y) {{
+            zero = Constant <value = int64 {{0}}> ()
+            low = Constant <value = int64 {{{-(2**63)}}}> ()
+            one = Constant <value = int64 {{1}}> ()
+            nothing = Mul(x, zero)
+            dividend = Add(nothing, low)
+            divisor = Sub(nothing, one)
+            y = Div(dividend, divisor)
+        }}"""
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def truncated_quotients(a: Sequence[int], b: Sequence[int], bits: int) -> list[int]:
     """What an integer Div answers: quotients rounded toward zero, wrapped to ``bits`` in two's complement
     (so the type's minimum divided by -1 is the minimum)."""

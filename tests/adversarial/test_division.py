@@ -15,7 +15,13 @@ import pytest
 import requests
 from harness import CappedServer, model_infer, serve_capped
 
-from models import division_guard_evasions, integer_division_models, truncated_quotients, write_version
+from models import (
+    always_min_by_minus_one,
+    division_guard_evasions,
+    integer_division_models,
+    truncated_quotients,
+    write_version,
+)
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 CAP = 3 * 1024**3
@@ -31,6 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root: Path = tmp_path_factory.mktemp("division")
     for name, model in {**integer_division_models(), **division_guard_evasions()}.items():
         write_version(root, name, 1, model)
+    write_version(root, "always_min", 1, always_min_by_minus_one())
     with serve_capped(root, cap_bytes=CAP) as running:
         yield running
 
@@ -119,3 +126,22 @@ def test_divisions_hidden_from_the_guard_still_wrap(server: CappedServer, model:
         assert response.json()["outputs"][0]["data"] == truncated_quotients([a], [b], 64), model
         assert server.alive()
     assert server.probe_seconds() < 1
+
+
+def test_the_web_diff_runs_the_guarded_model_too(server: CappedServer) -> None:
+    """The web page's diff runs both versions on sample inputs in the server's process: unguarded, one GET
+    of a model whose division always traps ended the server (SIGFPE, exit 136; an outside attack)."""
+    response = requests.get(
+        f"{server.http_url}/web/api/models/always_min/diff", params={"a": "1", "b": "1"}, timeout=60
+    )
+    assert response.status_code == 200, response.text[:300]
+    numeric = response.json()["diff"]["numeric"]
+    assert numeric["ran"] is True, numeric
+    assert server.alive()
+    served = requests.post(
+        f"{server.http_url}/v2/models/always_min/infer",
+        json={"inputs": [{"name": "x", "shape": [2], "datatype": "INT64", "data": [3, 4]}]},
+        timeout=30,
+    )
+    assert served.status_code == 200
+    assert served.json()["outputs"][0]["data"] == [MIN64, MIN64]

@@ -12,10 +12,11 @@ What ran is read from the scheduler (which session each slot runs) and from the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -385,18 +386,19 @@ def test_a_tokenize_request_whose_client_leaves_is_dropped(tiny_text_version: Pa
     document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
     server = start_server(parse_config(document, "tokenize disconnect test", tiny_text_version.parent))
     endings: list[str] = []
-    tokenize = server.service.tokenize
+    tokenized = server.service.tokenized
 
-    async def spied(*args: Any, **kwargs: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def spied(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         try:
-            result = await tokenize(*args, **kwargs)
+            async with tokenized(*args, **kwargs) as encodings:
+                yield encodings
         except asyncio.CancelledError:
             endings.append("cancelled")
             raise
         endings.append("finished")
-        return result
 
-    server.service.tokenize = spied  # type: ignore[method-assign]
+    server.service.tokenized = spied  # type: ignore[method-assign]
     body = orjson.dumps({"inputs": ["! " * 8000] * 60})  # about 1 M characters: tokenizing takes a while
     head = (
         f"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -410,3 +412,37 @@ def test_a_tokenize_request_whose_client_leaves_is_dropped(tiny_text_version: Pa
     assert endings == ["cancelled"]
     answer = httpx.post(f"{server.http_url}/tokenize", json={"inputs": "a few words"}, timeout=30)
     assert answer.status_code == 200
+
+
+def test_a_tokenize_request_holds_its_model_room_until_its_answer_is_built(
+    tiny_text_version: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside attack: 128 concurrent /tokenize requests of 2,048 texts grew the server by 45 MB each until it
+    crashed, their encodings waiting for the answer's conversion uncounted. Now the characters of a
+    /tokenize request stay in its model's room until its answer is built (tests/adversarial/
+    test_tokenize_memory.py measures the memory, under the `long` marker)."""
+    from onnxserve.protocols.tei import codec
+
+    document = {"model_config_list": [{"name": "tiny", "base_path": str(tiny_text_version.parent)}]}
+    server = start_server(parse_config(document, "tokenize room test", tiny_text_version.parent))
+    room = server.service.registry.resolve("tiny", None).text_room.small  # small requests (at most 64 Ki)
+    room.limit = 70_000
+    held_while_built: list[int] = []
+    build = codec.tokens
+
+    def spied(*args: Any) -> Any:
+        held_while_built.append(room.used)
+        return build(*args)
+
+    monkeypatch.setattr(codec, "tokens", spied)
+    texts = [f"{i} {'! ' * 15_000}" for i in range(5)]  # 30,000+ characters each
+    with ThreadPoolExecutor(5) as pool:
+        answers = list(
+            pool.map(lambda t: httpx.post(f"{server.http_url}/tokenize", json={"inputs": t}, timeout=120), texts)
+        )
+    assert [a.status_code for a in answers] == [200] * 5
+    assert len(held_while_built) == 5
+    cut = server.service.model_metadata("tiny").text_characters  # each text counts as cut for the tokenizer
+    assert all(cut <= used <= 70_000 for used in held_while_built), held_while_built  # its own and others
+    assert room.peak <= room.limit
+    assert room.used == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import unicodedata
 from collections.abc import Iterator
 
 import pytest
@@ -109,6 +110,16 @@ def test_text_log_lines_cannot_be_forged() -> None:
         "\\r\\x1b[2K\\u2028\\x85"
     )
     assert record.getMessage() == f"refused GET {forged}"  # other handlers see the record unchanged
+
+
+def test_format_characters_cannot_reverse_or_hide_a_text_log_line() -> None:
+    """An outside attack put U+202E (right-to-left override) in a path: a terminal showed the rest of the
+    refusal line reversed. Every Unicode format character (Cf) is escaped like a control character."""
+    path = "/v2/models/a\u202eDEGROF\u2066x\u200by\ufeff\U000e0041 caf\u00e9\tend"
+    record = logging.LogRecord("onnxserve.test", logging.INFO, __file__, 1, "refused GET %s", (path,), None)
+    text = TextFormatter().format(record)
+    assert text.endswith("refused GET /v2/models/a\\u202eDEGROF\\u2066x\\u200by\\ufeff\\U000e0041 caf\u00e9\tend")
+    assert all(unicodedata.category(c) != "Cf" for c in text)
 
 
 def test_every_line_of_a_traceback_is_indented() -> None:

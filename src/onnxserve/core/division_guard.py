@@ -25,8 +25,9 @@ The guard fails closed: a ``Div`` whose element type is unknown, or stated two w
 :func:`any_type_guard`, exact for every type (it needs opset 11); below opset 11 such a model is refused
 with a :class:`~onnxserve.errors.ModelLoadError` naming the node.
 
-The model on disk is never changed: the served session is made from the rewritten copy in memory, and the
-toolkit's verbs (inspect, diff, optimize) read the file as it is.
+The model on disk is never changed: the served session (and the sessions of a diff, which the web page runs
+in the server's process) is made from the rewritten copy in memory (``core.runtime.guarded_session``),
+and the toolkit's verbs (inspect, diff, optimize) read the file as it is.
 """
 
 from __future__ import annotations

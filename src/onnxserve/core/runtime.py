@@ -158,6 +158,25 @@ def create_session(
         raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {e}") from e
 
 
+def guarded_session(
+    model: Path | onnx.ModelProto,
+    *,
+    providers: Sequence[ExecutionProvider] = (),
+    options: SessionOptions | None = None,
+    where: str = "",
+) -> ort.InferenceSession:
+    """A session of ``model`` whose integer divisions no input can make trap (``core.division_guard``): how
+    the server's process runs a model of the repository, for serving and for its web page alike (a trap
+    ends the whole process). A model without such divisions is loaded from its file, as it is; one with
+    them from a guarded copy in memory, reading external data from the file's folder."""
+    where = where or (str(model) if isinstance(model, Path) else "the model")
+    guarded = guard_division(check_onnx_file(model) if isinstance(model, Path) else model, where)
+    if guarded is None:
+        return create_session(model, providers=providers, options=options, where=where)
+    folder = model.parent.absolute() if isinstance(model, Path) else None
+    return create_session(guarded, providers=providers, options=options, where=where, external_data=folder)
+
+
 def _spec(arg: Any, where: str) -> TensorSpec:
     dtype = datatypes.from_ort(arg.type, f"{where} tensor {arg.name!r}")
     dims = list(arg.shape) if arg.shape is not None else []
@@ -211,17 +230,9 @@ class ModelSession:
     ) -> None:
         self.path = path
         self.name = name or str(path)
-        # Integer divisions a client could make trap are guarded in memory (core.division_guard); a model
-        # without them is loaded from its file, as it is.
-        guarded = guard_division(check_onnx_file(path), self.name)
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
-            if guarded is None:
-                self._session = create_session(path, providers=providers, options=options, where=self.name)
-            else:
-                self._session = create_session(
-                    guarded, providers=providers, options=options, where=self.name, external_data=path.parent.absolute()
-                )
+            self._session = guarded_session(path, providers=providers, options=options, where=self.name)
         except ModelLoadError as e:  # named by its file, whatever the model's name
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
@@ -437,8 +448,9 @@ def _from_ort(value: Any, room: int = -1) -> tuple[npt.NDArray[Any], int]:
     return encoded.reshape(array.shape), used
 
 
-_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ [^(]*\([^)]*\)(?: const)? ")
-"""ONNX Runtime's ``file.h:123 void onnxruntime::Class::Method(args)`` prefix: where, not what."""
+_SOURCE_LOCATION = re.compile(r"\S+\.(?:h|hpp|cc|cpp|c):\d+ (?:[^\s(]+(?: [^\s(]+){0,3}\([^)]*\)(?: const)?|\w+) ")
+"""ONNX Runtime's ``file.h:123 void onnxruntime::Class::Method(args)`` prefix, or ``file.cc:703 Compute``
+(a bare function name, as its kernels' errors carry it): where, not what."""
 
 
 def _first_line(error: BaseException) -> str:

@@ -77,13 +77,14 @@ def text_models(service: InferenceService) -> list[str]:
     return [n for n in names if service.model_metadata(n).pipeline is not None]
 
 
-def text_model(service: InferenceService, model_id: str) -> tuple[str, str | None, ModelMetadata]:
-    """The model (name, version, metadata) a model id names; a model without a tokenizer is refused."""
+def text_model(service: InferenceService, model_id: str) -> tuple[str, str, ModelMetadata]:
+    """The model a model id names: its name, the number of the version it names now (the default: the
+    highest ready one) and that version's metadata; a model without a tokenizer is refused."""
     name, version = parse_model_id(model_id)
     metadata = service.model_metadata(name, version)
     if metadata.pipeline is None:
         raise InvalidInputError(f"model {name!r} takes tensors, not text (it has no tokenizer); it cannot embed text")
-    return name, version, metadata
+    return name, metadata.version, metadata  # the version it resolved to: its pieces are pinned to it
 
 
 def embeds_sentences(spec: PipelineSpec, outputs: Sequence[TensorSpec]) -> bool:
@@ -131,7 +132,7 @@ def text_request(
     return InferenceRequest(name, [Tensor(TEXT_INPUT, BYTES, data)], version, outputs=list(outputs), protocol=protocol)
 
 
-def _ids_request(model: EmbeddingModel, rows: TokenIds, protocol: str) -> InferenceRequest:
+def _ids_request(model: EmbeddingModel, rows: TokenIds, version: str, protocol: str) -> InferenceRequest:
     longest = max(len(r) for r in rows)
     ids = np.zeros((len(rows), longest), dtype=np.int64)
     mask = np.zeros((len(rows), longest), dtype=np.int64)
@@ -140,7 +141,7 @@ def _ids_request(model: EmbeddingModel, rows: TokenIds, protocol: str) -> Infere
         mask[i, : len(row)] = 1
     available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     inputs = [Tensor(s.name, INT64, available[s.name]) for s in model.metadata.inputs]
-    return InferenceRequest(model.name, inputs, model.version, outputs=[POOLED_OUTPUT], protocol=protocol)
+    return InferenceRequest(model.name, inputs, version, outputs=[POOLED_OUTPUT], protocol=protocol)
 
 
 def check_characters(metadata: ModelMetadata, texts: Sequence[str], repeated: str = "") -> None:
@@ -153,33 +154,38 @@ def check_characters(metadata: ModelMetadata, texts: Sequence[str], repeated: st
 
 async def in_pieces(
     service: InferenceService,
+    model: tuple[str, str | None],
     pieces: Sequence[range],
     size: Callable[[range], int],
-    build: Callable[[range], InferenceRequest],
+    build: Callable[[range, str], InferenceRequest],
 ) -> list[InferenceResponse]:
-    """The responses to ``build(piece)`` for each piece, in order. The next piece is built and submitted
-    while those in flight hold at most :data:`IN_FLIGHT_CHARACTERS` by ``size`` (always at least one);
-    a piece that fails fails the request, and the pieces in flight are cancelled."""
+    """The responses to ``build(piece, version)`` for each piece, in order, all from one version of the
+    model (``model``: its name and the version a client named, None for the default), pinned for the whole
+    request (``InferenceService.pinned``): a new version that takes over meanwhile answers the next
+    request, not the rest of this one. The next piece is built and submitted while those in flight hold
+    at most :data:`IN_FLIGHT_CHARACTERS` by ``size`` (always at least one); a piece that fails fails the
+    request, and the pieces in flight are cancelled."""
     responses: list[InferenceResponse] = []
     flying: deque[tuple[int, asyncio.Task[InferenceResponse]]] = deque()
     held = 0
-    try:
-        for piece in pieces:
-            weight = size(piece)
-            while flying and held + weight > IN_FLIGHT_CHARACTERS:
-                done, task = flying.popleft()
-                held -= done
+    with service.pinned(*model) as pin:
+        try:
+            for piece in pieces:
+                weight = size(piece)
+                while flying and held + weight > IN_FLIGHT_CHARACTERS:
+                    done, task = flying.popleft()
+                    held -= done
+                    responses.append(await task)
+                flying.append((weight, asyncio.ensure_future(service.infer(build(piece, pin.version), pin))))
+                held += weight
+            while flying:
+                _, task = flying.popleft()
                 responses.append(await task)
-            flying.append((weight, asyncio.ensure_future(service.infer(build(piece)))))
-            held += weight
-        while flying:
-            _, task = flying.popleft()
-            responses.append(await task)
-    finally:
-        for _, task in flying:
-            task.cancel()
-        if flying:  # until they have let go of what they hold
-            await asyncio.gather(*(task for _, task in flying), return_exceptions=True)
+        finally:
+            for _, task in flying:
+                task.cancel()
+            if flying:  # until they have let go of what they hold
+                await asyncio.gather(*(task for _, task in flying), return_exceptions=True)
     return responses
 
 
@@ -239,18 +245,20 @@ async def embed(
         outputs = [EMBEDDING_OUTPUT, TOKEN_COUNT_OUTPUT]
         responses = await in_pieces(
             service,
+            (model.name, model.version),
             chunks(len(strings), model.max_batch_size),
             lambda r: request_characters(strings[r.start : r.stop], limit),
-            lambda r: text_request(model.name, model.version, strings[r.start : r.stop], outputs, protocol),
+            lambda r, version: text_request(model.name, version, strings[r.start : r.stop], outputs, protocol),
         )
     else:
         rows: TokenIds = [x for x in inputs if not isinstance(x, str)]
         check_token_ids(model, rows)
         responses = await in_pieces(
             service,
+            (model.name, model.version),
             chunks(len(rows), model.max_batch_size),
             lambda r: sum(len(row) for row in rows[r.start : r.stop]),
-            lambda r: _ids_request(model, rows[r.start : r.stop], protocol),
+            lambda r, version: _ids_request(model, rows[r.start : r.stop], version, protocol),
         )
     vectors = np.concatenate([_output(r, EMBEDDING_OUTPUT if texts else POOLED_OUTPUT) for r in responses])
     if texts:

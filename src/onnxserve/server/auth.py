@@ -168,7 +168,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  
         except (UnauthenticatedError, PermissionDeniedError) as e:
             given_id = next((v for k, v in metadata if k == context.REQUEST_ID_METADATA and isinstance(v, str)), None)
             request_id = context.accept_request_id(given_id)
-            log.info("refused gRPC %s: %s", method, e.message, extra={"request_id": request_id})
+            log.info("refused gRPC %s: %s", logged(method), e.message, extra={"request_id": request_id})
             return _refusal(handler, GRPC_STATUS[e.kind], e.message, request_id)
         # grpc runs the call's handler in this task, after this returns: it sees the client.
         context.set_authenticated_client(client)

@@ -4,7 +4,8 @@
 its own logging and may add ``RequestIdFilter`` (and ``JsonFormatter``) to its handlers.
 
 Log lines cannot be forged. Messages carry what clients sent (paths, model names, header values); in
-text logs every control character of a message is escaped (``\n`` becomes the two characters ``\\n``),
+text logs every control and format character of a message is escaped (``\n`` becomes the two characters
+``\\n``, a right-to-left override ``\\u202e``),
 and every further line of a record (a traceback) starts with whitespace, so nothing a client sends can
 start a line that looks like a record of its own. JSON logs are safe by encoding (one object a line,
 control characters escaped by the JSON encoder).
@@ -12,8 +13,10 @@ control characters escaped by the JSON encoder).
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+import unicodedata
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
@@ -49,9 +52,22 @@ _ESCAPES: dict[int, str] = {
 }
 
 
+@functools.cache
+def _unicode_escapes() -> dict[int, str]:
+    """``_ESCAPES`` and every format character (Unicode category Cf: bidirectional overrides and isolates,
+    zero-width characters, ...), which make a terminal or a log viewer show the rest of a line reversed or
+    hidden (an outside attack wrote U+202E into refusal lines). Made once, on the first message that is not
+    ASCII (a pass over every code point: tens of milliseconds)."""
+    table = dict(_ESCAPES)
+    for code in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(code)) == "Cf":
+            table[code] = f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return table
+
+
 def escape_control(text: str) -> str:
-    """``text`` with its control characters (newlines included) written as escapes, tabs kept."""
-    return text.translate(_ESCAPES)
+    """``text`` with its control and format characters (newlines included) written as escapes, tabs kept."""
+    return text.translate(_ESCAPES if text.isascii() else _unicode_escapes())
 
 
 class TextFormatter(logging.Formatter):
@@ -125,6 +141,8 @@ def configure_logging(log_format: LogFormat, level: str, stream: TextIO | None =
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if log_format == "text":
+        _unicode_escapes()  # made now, not on the event loop when the first client's non-ASCII text is logged
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

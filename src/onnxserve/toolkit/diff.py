@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from onnxserve.config import SessionOptions
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.core.runtime import create_session
+from onnxserve.core.runtime import guarded_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids
@@ -518,7 +518,8 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
 
 def _session(model: onnx.ModelProto | Path, which: str) -> Any:
     try:
-        return create_session(model, options=SessionOptions(intra_op_num_threads=1), where=f"model {which}")
+        # guarded as served: the web page runs this in the server's process (core.division_guard)
+        return guarded_session(model, options=SessionOptions(intra_op_num_threads=1), where=f"model {which}")
     except ModelLoadError as e:
         cause = str(e.__cause__ or e.message).strip().splitlines()[0]
         raise ModelLoadError(f"model {which}: ONNX Runtime cannot load it: {cause}") from None

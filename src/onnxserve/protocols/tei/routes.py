@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT, request_characters
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
+from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
 from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import (
@@ -92,7 +93,7 @@ def model_id(service: InferenceService, request: Request) -> str:
     )
 
 
-def _task_model(service: InferenceService, request: Request) -> tuple[str, str | None, ModelMetadata]:
+def _task_model(service: InferenceService, request: Request) -> tuple[str, str, ModelMetadata]:
     name, version, meta = text_model(service, model_id(service, request))
     task = ROUTE_TASKS[request.url.path]
     assert meta.pipeline is not None
@@ -165,13 +166,14 @@ def routes(service: InferenceService) -> list[Route]:
         check_characters(meta, candidates, query)
         limit, asked = meta.text_characters, min(len(query), meta.text_characters)
 
-        def pairs(r: range) -> InferenceRequest:
+        def pairs(r: range, version: str) -> InferenceRequest:
             queries = Tensor(QUERY_INPUT, BYTES, _strings([query] * len(r)))
             texts = Tensor(TEXT_INPUT, BYTES, _strings(candidates[r.start : r.stop]))
             return InferenceRequest(name, [queries, texts], version, outputs=[output], protocol=codec.PROTOCOL)
 
         responses = await in_pieces(
             service,
+            (name, version),
             chunks(len(candidates), max_batch),
             lambda r: request_characters(candidates[r.start : r.stop], limit) + asked * len(r),
             pairs,
@@ -196,9 +198,12 @@ def routes(service: InferenceService) -> list[Route]:
         limit = meta.text_characters
         responses = await in_pieces(
             service,
+            (name, version),
             chunks(len(texts), max_batch),
             lambda r: request_characters(texts[r.start : r.stop], limit),
-            lambda r: text_request(name, version, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL),
+            lambda r, pinned: text_request(
+                name, pinned, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL
+            ),
         )
         truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
         if truncated and not cut:
@@ -216,10 +221,12 @@ def routes(service: InferenceService) -> list[Route]:
         special = codec.flag(doc, "add_special_tokens", True)
         name, version, _ = text_model(service, model_id(service, request))
         texts = [str(t) for t in inputs.values]
-        encodings = await service.tokenize(name, version, texts, special)
-        # One object per token is built, then encoded: off the event loop when there are many.
-        size = sum(len(e.ids) for e in encodings) * TOKEN_ANSWER_BYTES
-        return await offload.convert(size, codec.tokens, encodings, texts)
+        async with service.tokenized(name, version, texts, special) as encodings:
+            size = sum(len(e.ids) for e in encodings) * TOKEN_ANSWER_BYTES
+            if 0 < service.max_response_bytes < size:
+                raise response_too_large(name, size, service.max_response_bytes, encoding="as TEI /tokenize JSON")
+            # Built text by text, off the event loop when there are many tokens.
+            return await offload.convert(size, codec.tokens, encodings, texts)
 
     async def info(request: Request) -> Response:
         name, version, meta = text_model(service, model_id(service, request))
