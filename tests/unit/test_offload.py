@@ -84,7 +84,6 @@ def test_a_body_under_the_size_threshold_dense_with_arrays_is_decoded_in_a_worke
     attack held probes 2-3 s with 24 of them); counted '[' and '{' send such a body to a worker."""
     under = offload.PROCESS_BYTES - 1
     assert offload.decodes_in_worker(under, _dense(under, b"[]"))
-    assert not offload.decodes_in_worker(under, _dense(under, b"1.5"))  # numbers stay in the server
     assert offload.decodes_in_worker(under, _dense(under, b'""'))  # strings do not (an outside attack)
     texts = (
         b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[2000],"data":['
@@ -93,17 +92,57 @@ def test_a_body_under_the_size_threshold_dense_with_arrays_is_decoded_in_a_worke
     )
     assert not offload.decodes_in_worker(len(texts), texts)  # ordinary text requests are decoded inline
     assert offload.decodes_in_worker(offload.PROCESS_BYTES, _dense(offload.PROCESS_BYTES, b"1.5"))
-    limit = offload.INLINE_CONTAINERS
-    few = b"[" + b",".join([b"[]"] * (limit - 1)) + b"]"  # exactly the limit: inline
+    # an empty list costs its comma and CONTAINER_VALUES (the outer list its CONTAINER_VALUES, no comma)
+    lists = (offload.INLINE_VALUES - offload.CONTAINER_VALUES + 1) // (offload.CONTAINER_VALUES + 1)
+    few = b"[" + b",".join([b"[]"] * lists) + b"]"
+    assert offload.decode_cost(few, len(few)) <= offload.INLINE_VALUES
     assert not offload.decodes_in_worker(len(few), few)
-    many = b"[" + b",".join([b"[]"] * limit) + b"]"
+    many = b"[" + b",".join([b"[]"] * (lists + 1)) + b"]"
     assert offload.decodes_in_worker(len(many), many)
     # a binary-extension body counts only its JSON header (the size given)
     assert not offload.decodes_in_worker(len(few), few + b"[" * 100_000)
 
 
+def test_a_body_under_the_size_threshold_dense_with_numbers_is_decoded_in_a_worker() -> None:
+    """Numbers were not counted: 48 bodies of 4 MiB - 1 bytes of two million numbers each held probes 1.2 to
+    2.5 s (an outside attack, V2 and TF Serving); their commas are counted now."""
+    under = offload.PROCESS_BYTES - 1
+    assert offload.decodes_in_worker(under, _dense(under, b"0"))
+    assert offload.decodes_in_worker(under, _dense(under, b"1.5e-3"))
+    rows = b'{"instances":[[' + b",".join([b"0"] * (under // 2 - 20)) + b"]]}"  # TF Serving
+    assert len(rows) < offload.PROCESS_BYTES
+    assert offload.decodes_in_worker(len(rows), rows)
+    head = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,1],"data":['  # 4 commas, 5 [ and {, 7 strings
+    overhead = 4 + offload.CONTAINER_VALUES * 5 + offload.STRING_VALUES * 7
+
+    def floats(count: int) -> bytes:
+        return head + b",".join([b"1.5"] * count) + b"]}]}"
+
+    inline = floats(offload.INLINE_VALUES - overhead + 1)  # count - 1 commas in its data
+    assert offload.decode_cost(inline, len(inline)) == offload.INLINE_VALUES
+    assert not offload.decodes_in_worker(len(inline), inline)
+    one_more = floats(offload.INLINE_VALUES - overhead + 2)
+    assert offload.decodes_in_worker(len(one_more), one_more)
+
+
+def test_small_and_ordinary_bodies_are_decoded_in_the_server() -> None:
+    """The latency path: no hop for small requests (a [1,16] FP32 body, a 12-word text: not even counted),
+    nor for a 1 MiB FP32 body as perf_analyzer sends it (95 thousand numbers)."""
+    small = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]})
+    text = orjson.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["word " * 12]}]})
+    for body in (small, text, b"[" * offload.INLINE_SCAN_BYTES):
+        assert not offload.decodes_in_worker(len(body), body)
+    values = np.random.default_rng(1).random((1024 * 1024) // 11).astype(np.float32)
+    perf = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [values.size], "data": values}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    assert 0.9 * 1024 * 1024 < len(perf) < offload.PROCESS_BYTES
+    assert not offload.decodes_in_worker(len(perf), perf)
+
+
 def test_a_dense_body_decoded_in_a_worker_gives_the_same_request_and_errors() -> None:
-    rows = offload.INLINE_CONTAINERS + 10
+    rows = offload.INLINE_VALUES // (offload.CONTAINER_VALUES + 1) + 10
     doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 1], "data": [[float(i)] for i in range(rows)]}]}
     body = orjson.dumps(doc)
     assert len(body) < offload.PROCESS_BYTES

@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,4 +67,10 @@ def limit_malloc_arenas(count: int | None = None) -> bool:
 def give_back_free_memory() -> None:
     """Return the C allocator's free memory to the system (glibc only; a no-op elsewhere)."""
     if _TRIM is not None:
+        started, cpu = time.perf_counter(), time.thread_time()
         _TRIM(0)
+        log.debug(
+            "malloc_trim gave free memory back in %.1f ms (%.1f ms of CPU)",
+            (time.perf_counter() - started) * 1e3,
+            (time.thread_time() - cpu) * 1e3,
+        )

@@ -10,8 +10,8 @@ bodies are converted inline, where a thread hop would cost more than the work.
 A thread is not enough for JSON: orjson (and the standard parser TF Serving's ``NaN`` needs) parses a
 whole document in one call that holds the interpreter lock, 1 to 4 s for a 60 MB body, and the event
 loop cannot run meanwhile. :func:`parse` is the one door every JSON codec decodes through: a body of at
-least :data:`PROCESS_BYTES`, or a smaller one dense with arrays, objects and strings (:data:`INLINE_CONTAINERS`),
-is parsed and decoded to the internal request in a worker process (at most
+least :data:`PROCESS_BYTES`, or a smaller one dense with values (numbers, strings, arrays, objects:
+:data:`INLINE_VALUES`), is parsed and decoded to the internal request in a worker process (at most
 :data:`PROCESSES` at once, started on first use from a fork server), which hands back numpy arrays
 (pickled, a copy of their bytes) and domain errors as the same errors with the same messages. A worker
 that runs out of memory or dies refuses the body it was decoding with :func:`worker_lost`
@@ -115,30 +115,90 @@ async def parse(size: int, work: Decode[P, R], body: bytes, *args: P.args, **kwa
     worker process from :data:`PROCESS_BYTES` up. ``work`` must be a module-level function, its other
     arguments and its result picklable (numpy arrays travel cheaply; many small Python objects do not)."""
     if not decodes_in_worker(size, body):
+        _decoded.add(LOOP if size < INLINE_BYTES else THREAD)
         return await convert(size, work, body, *args, **kwargs)
+    _decoded.add(WORKER)
     return await _pool.run(work, body, args, kwargs)
 
 
-INLINE_CONTAINERS = 32 * 1024
-"""A JSON body under :data:`PROCESS_BYTES` with more ``[`` and ``{`` bytes than this is decoded in a
-worker process all the same. Each array or object becomes a Python object, and building them, not the
-bytes, is what holds the interpreter lock: a body just under 4 MiB of 1.4 million empty lists took
-about 0.8 s to parse (24 at once held the probes 2 to 3 s), 32 Ki of them a few milliseconds, as
-little as the numbers of a 1 MiB body. Counting costs about a millisecond per MiB, and only bodies of
-at least twice this many bytes can hold this many (``[]`` and a comma each) are counted. Strings count
-too: 1 M empty strings in a body under 4 MiB held probes 2.6 s with 24 at once (an outside attack)."""
+LOOP, THREAD, WORKER = "loop", "thread", "worker"
+"""Where :func:`parse` decodes a body: on the event loop, in a codec thread, in a worker process."""
+
+
+class _Counts:
+    """How many JSON bodies :func:`parse` has decoded in this process, by where (event loops of several
+    servers in one process share it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys((LOOP, THREAD, WORKER), 0)
+
+    def add(self, where: str) -> None:
+        with self._lock:
+            self._counts[where] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+_decoded = _Counts()
+
+
+def decoded_counts() -> dict[str, int]:
+    """JSON bodies handed to :func:`parse` in this process so far, by where they were decoded
+    (:data:`LOOP`, :data:`THREAD`, :data:`WORKER`), refused ones included."""
+    return _decoded.snapshot()
+
+
+INLINE_SCAN_BYTES = 16 * 1024
+"""A JSON body this small is decoded in the server whatever it holds (its decode costs at most a few
+milliseconds, empty lists included): ordinary small requests are not even counted (:func:`decode_cost`)."""
+
+INLINE_VALUES = 256 * 1024
+"""A JSON body under :data:`PROCESS_BYTES` whose :func:`decode_cost` is above this many numbers' worth is
+decoded in a worker process all the same.
+
+Parsing builds one Python object per value, and building them, not the bytes, is what holds the
+interpreter lock: measured with ``bench/json_offload.py --costs`` on a loaded two-core box, in CPU time of
+the server, a number costs 31 to 83 ns (the integer 0 the least, long floats the most; TF Serving rows
+about 50 ns), a string about 240 ns, an empty array or object about 680 ns. A body of 4 MiB - 1 bytes of
+two million numbers took 80 ms (V2) to 112 ms (TF Serving) in the server, and 48 of them at once held
+probes 1.2 to 2.5 s (an outside attack); 1.4 million empty lists, 0.93 s each. At this threshold a body
+decoded in the server costs at most about 20 ms (262,144 long floats), as little as the largest ones
+decoded in the server before; a 1 MiB FP32 body as perf_analyzer sends it (95 thousand values, 6 ms)
+stays in the server, a 4 MiB - 1 one (381 thousand, 31 ms) goes to a worker, where the server spends a
+sixth of that (the hand-off: the body into a memory file, the arrays back)."""
+
+CONTAINER_VALUES = 10
+"""What an array or object (its ``[`` or ``{``) costs to decode beyond its comma, in numbers' worth."""
+
+STRING_VALUES = 3
+"""What a string (two ``"``) costs to decode beyond its comma, in numbers' worth."""
+
+
+def decode_cost(body: bytes, end: int) -> int:
+    """The estimated cost of parsing ``body[:end]``, in numbers' worth: its values (the commas between them:
+    numbers, strings, arrays and objects alike), plus :data:`CONTAINER_VALUES` per ``[`` and ``{`` and
+    :data:`STRING_VALUES` per string. Bytes are counted, not parsed (those inside strings count too); each
+    count is one pass in C, about 0.35 ms per MiB, and counting stops once the total is past
+    :data:`INLINE_VALUES`."""
+    cost = body.count(b",", 0, end)
+    if cost <= INLINE_VALUES:
+        cost += CONTAINER_VALUES * (body.count(b"[", 0, end) + body.count(b"{", 0, end))
+    if cost <= INLINE_VALUES:
+        cost += STRING_VALUES * (body.count(b'"', 0, end) // 2)  # an escaped quote counts half a string
+    return cost
 
 
 def decodes_in_worker(size: int, body: bytes) -> bool:
     """Whether :func:`parse` decodes a JSON body of ``size`` bytes (its first ``size`` bytes are the
-    JSON) in a worker process: a large one, or one dense with arrays and objects."""
+    JSON) in a worker process: a large one, or one dense with values (:data:`INLINE_VALUES`)."""
     if size >= PROCESS_BYTES:
         return True
-    if size <= 2 * INLINE_CONTAINERS:
+    if size <= INLINE_SCAN_BYTES:
         return False
-    end = min(size, len(body))
-    strings = body.count(b'"', 0, end) // 2  # each string a Python object too (an escaped quote counts half)
-    return body.count(b"[", 0, end) + body.count(b"{", 0, end) + strings > INLINE_CONTAINERS
+    return decode_cost(body, min(size, len(body))) > INLINE_VALUES
 
 
 def worker_lost(reason: str) -> ResourceExhaustedError:

@@ -16,6 +16,8 @@ Metrics (every one in a registry of its own, so several servers can live in one 
 - ``onnxserve_queue_depth{model,version}``: requests waiting in the scheduler, read at scrape time.
 - ``onnxserve_model_state{model,version,state}``: 1 for the version's current state, 0 for the others.
 - ``onnxserve_model_load_duration_seconds{model,version}``: how long the last load took.
+- ``onnxserve_json_bodies_decoded_total{where}``: JSON inference bodies decoded on the event loop, in a
+  codec thread or in a worker process (``protocols.offload``), counted by the process, read at scrape time.
 - the standard ``process_*`` metrics of this process.
 """
 
@@ -25,12 +27,13 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from onnxserve.core.observe import ExecutionRecord, RequestRecord, VersionRecord
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.types import ModelState
+from onnxserve.protocols import offload
 
 PREFIX = "onnxserve_"
 OK = "ok"
@@ -82,6 +85,29 @@ class _QueueDepth(Collector):
         )
 
 
+class _JsonDecodes(Collector):
+    """``onnxserve_json_bodies_decoded_total{where}``, read from ``offload`` when scraped: whether the server's
+    interpreter (``loop``, ``thread``) or a worker process (``worker``) decoded each JSON inference body."""
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        for where, count in offload.decoded_counts().items():
+            family.add_metric([where], count)
+        return [family]
+
+    @staticmethod
+    def _family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            f"{PREFIX}json_bodies_decoded",
+            "JSON inference request bodies decoded, by where: on the event loop, in a codec thread of the "
+            "server, or in a JSON decoding worker process.",
+            labels=["where"],
+        )
+
+
 class Metrics:
     """The Prometheus metrics of one server; an Observer of its core."""
 
@@ -122,6 +148,7 @@ class Metrics:
         )
         self._queue_depth = _QueueDepth()
         self.registry.register(self._queue_depth)
+        self.registry.register(_JsonDecodes())
         # The labelled children every request updates, looked up once per label set (labels() costs more
         # than the update). Metrics never drop a label set, so these are the children the registry keeps.
         self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
