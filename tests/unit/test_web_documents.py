@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 import models
-from onnxserve.errors import InvalidInputError, ModelLoadError, TooLargeError
+from onnxserve.errors import ErrorKind, InvalidInputError, ModelLoadError, TooLargeError
 from onnxserve.server.web import documents, overview
 from onnxserve.server.web.documents import DocumentCache
 from onnxserve.toolkit import diff, graph, model_header
@@ -189,3 +189,36 @@ def test_statistics_computed_in_chunks_are_those_of_the_whole_array(monkeypatch:
     assert stats.max_abs_diff == pytest.approx(np.abs(b - a).max(), rel=1e-12)
     assert stats.mean_abs_diff == pytest.approx(np.abs(b - a).mean(), rel=1e-12)
     assert stats.relative_l2 == pytest.approx(np.linalg.norm(b - a) / np.linalg.norm(a), rel=1e-12)
+
+
+def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rt10 N3: documents of a loaded version whose folder was removed answered 500 with the file's path.
+    gone, kept = _model_file(tmp_path / "1"), _model_file(tmp_path / "2")
+    racing = _model_file(tmp_path / "3")
+    gone.unlink()
+    computed = documents.graph_json
+
+    def removed_while_read(path: Path) -> bytes:  # the folder is removed between the check and the reading
+        path.unlink()
+        return computed(path)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        for refused in (
+            cache.header(gone),
+            cache.graph(gone),
+            cache.weight_page(gone, "w", 0, 1),
+            cache.diff(kept, gone),
+        ):
+            with pytest.raises(documents.FileGoneError) as caught:
+                await refused
+            assert caught.value.kind is ErrorKind.NOT_FOUND
+            assert str(tmp_path) not in caught.value.message
+        monkeypatch.setattr(documents, "graph_json", removed_while_read)
+        with pytest.raises(documents.FileGoneError, match="no longer on disk"):
+            await cache.graph(racing)
+        assert orjson.loads(await cache.diff(kept, kept))["diff"] is not None  # the others still answer
+
+    asyncio.run(scenario())

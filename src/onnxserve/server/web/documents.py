@@ -15,7 +15,9 @@ a model is parsed once however many clients ask:
 - bounded in size once computed: least recently used entries go once the cache holds more than
   ``max_bytes``, and a document larger than that is computed for its request and not kept;
 - dropped when their version unloads (``retain``); a version reloaded from a changed file gets a fresh
-  document.
+  document;
+- refused with ``FileGoneError`` (NOT_FOUND, 404) when a loaded version's file was removed from disk
+  (the version is served from memory, but there is no file left to compute its documents from).
 
 The version page's header (``overview.onnx_header``) is cached the same way; reading it costs the
 header, not the file, so it takes no share of ``memory`` and has its own ``HEADER_CONCURRENCY``.
@@ -35,7 +37,13 @@ import numpy.typing as npt
 import onnx
 import orjson
 
-from onnxserve.errors import InvalidInputError, ModelLoadError, ResourceExhaustedError, TooLargeError
+from onnxserve.errors import (
+    InvalidInputError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ResourceExhaustedError,
+    TooLargeError,
+)
 from onnxserve.server.web import overview
 from onnxserve.toolkit import diff, graph
 from onnxserve.toolkit.model_file import load_model
@@ -68,9 +76,20 @@ HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
 
 
+class FileGoneError(ModelNotFoundError):
+    """A loaded version's model file is no longer on disk: the version still serves from memory, but the
+    documents of its file do not exist any more (NOT_FOUND: nothing the client or the server did wrong
+    now, and nothing a retry would change until the version is loaded again)."""
+
+
+GONE = "the model file of this version is no longer on disk"
+
+
 def file_key(path: Path) -> FileKey:
     try:
         stat = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileGoneError(GONE) from None
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read the model file: {e.strerror}") from None
     return (str(path), stat.st_mtime_ns, stat.st_size)
@@ -242,6 +261,11 @@ class DocumentCache:
             else:
                 async with self._admission(cost):
                     value = await asyncio.to_thread(_guarded, compute)
+        except ModelLoadError:
+            # removed between its check and its reading: not a server fault, nor a path to show
+            if all(Path(path).is_file() for path in paths):
+                raise
+            raise FileGoneError(GONE) from None
         finally:
             del self._computing[key]
         self.computed += 1

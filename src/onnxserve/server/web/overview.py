@@ -93,6 +93,7 @@ class VersionDetail:
     model_file: Path
     text: TextInterface | None = None
     header: OnnxHeader | None = None
+    on_disk: bool = True  # False: the version serves from memory, its file was removed (no header, no graph)
 
 
 def model_rows(service: InferenceService) -> list[ModelRow]:

@@ -362,7 +362,7 @@ def version_page(detail: VersionDetail, netron: bool = False) -> str:
             ),
         )
     hint = Markup()
-    if netron:
+    if netron and detail.on_disk:
         hint = render(
             '<p class="hint netron">Netron is installed here: open this version with <code>netron …/{path}</code> '
             "(the path under the model's base folder).</p>",
@@ -393,7 +393,12 @@ def version_page(detail: VersionDetail, netron: bool = False) -> str:
         header=_header_section(detail.header),
         try_it=_try_it(detail),
         hint=hint,
-        graph=_graph_view("graph", detail.name, detail.version, f"{detail.name} version {detail.version}"),
+        graph=_graph_view("graph", detail.name, detail.version, f"{detail.name} version {detail.version}")
+        if detail.on_disk
+        else render(
+            '<p class="muted file-gone">This version is served from memory, but its model file is no longer on '
+            "disk: its graph and weights cannot be shown until the version is loaded again.</p>"
+        ),
     )
     crumbs = [
         (detail.name, model_url(detail.name)),

@@ -2,10 +2,16 @@
 
 Pages answer an HTML error page for an unknown model or version; the JSON endpoints answer
 ``{"error": "..."}`` with the status of the error's kind, like the V2 REST API.
+
+A loaded version whose folder was removed from disk still serves from memory (model control mode
+``none`` never reloads it): its page is shown without the file's header and graph, and its graph,
+weights and diff documents answer 404 saying so (``documents.FileGoneError``), never a path or a 5xx;
+the server logs it once per version, at INFO.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -82,11 +88,32 @@ def routes(service: InferenceService, document_memory: int = documents.MEMORY) -
     netron = importlib.util.find_spec("netron") is not None
 
     cache = documents.DocumentCache(memory=document_memory)
+    gone_logged: set[str] = set()  # the files of loaded versions already logged as gone
 
     def model_file(name: str, version: str) -> Path:
-        """The file of a loaded version; documents of versions no longer loaded leave the cache."""
-        cache.retain(str(v.folder.model_file) for v in service.registry.versions())
-        return overview.model_file(service, name, version)
+        """The file of a loaded version; documents of versions no longer loaded leave the cache.
+
+        A FileGoneError (404) when the version's file was removed from disk (logged once per version)."""
+        live = {str(v.folder.model_file) for v in service.registry.versions()}
+        cache.retain(live)
+        gone_logged.intersection_update(live)
+        path = overview.model_file(service, name, version)
+        if path.is_file():
+            return path
+        number = overview.require_version(service, name, version)
+        if str(path) not in gone_logged:
+            gone_logged.add(str(path))
+            log.info(
+                "model %s version %s serves from memory but its file %s is no longer on disk: the web page "
+                "shows it without its graph, weights and diffs",
+                name,
+                number,
+                path,
+            )
+        raise documents.FileGoneError(
+            f"version {number} of model {shown(name)} is served from memory, but its model file is no longer on "
+            "disk: the web page cannot show its graph, weights or diffs until the version is loaded again"
+        )
 
     async def index(request: Request) -> str:
         return pages.index_page(overview.model_rows(service))
@@ -99,8 +126,10 @@ def routes(service: InferenceService, document_memory: int = documents.MEMORY) -
 
     async def version(request: Request) -> str | Response:
         name, named = request.path_params["name"], request.path_params["version"]
-        header = await cache.header(model_file(name, named))
-        detail = overview.version_detail(service, name, named, header)
+        try:
+            detail = overview.version_detail(service, name, named, await cache.header(model_file(name, named)))
+        except documents.FileGoneError:  # served from memory: the page shows what the server holds
+            detail = dataclasses.replace(overview.version_detail(service, name, named), on_disk=False)
         if detail.version != named:  # a label: the page of the version it names
             return RedirectResponse(pages.version_url(name, detail.version), status_code=302)
         return pages.version_page(detail, netron=netron)
