@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
+from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
 from onnxserve.core.memory import give_back_free_memory
@@ -213,7 +214,11 @@ class ModelSession:
         self.name = name or str(path)
         # Integer divisions a client could make trap are guarded in memory (core.division_guard); a model
         # without them is loaded from its file, as it is.
-        guarded = guard_division(check_onnx_file(path), self.name)
+        parsed = check_onnx_file(path)
+        # An encoder's attention shape (heads, widest layer): its executions' memory (core.attention_memory).
+        self.attention: tuple[int, int] | None = attention_shape(parsed, self.name)
+        guarded = guard_division(parsed, self.name)
+        del parsed
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
             if guarded is None:
