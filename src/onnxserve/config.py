@@ -99,6 +99,9 @@ class DynamicBatching(_Strict):
     preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     max_queue_size: Annotated[int, Field(ge=0)] = 0  # 0: unbounded; else requests beyond it are refused at once
     max_batch_tokens: Annotated[int, Field(ge=0)] = 0  # text models: rows x longest sequence per batch; 0: no limit
+    # text models: estimated bytes of one execution's memory (attention grows with rows x tokens²), for merged
+    # requests and a large request's chunks; 0: 256 MiB (core.attention_memory)
+    max_execution_bytes: Annotated[int, Field(ge=0)] = 0
 
 
 class ModelConfig(_Strict):

@@ -49,6 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from onnxserve.config import DynamicBatching
+from onnxserve.core.attention_memory import ExecutionBound
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.fairness import FairQueue, interleave, should_displace
 from onnxserve.core.runtime import ModelSession, RunControl
@@ -163,8 +164,10 @@ class DirectScheduler:
         on_execution: OnExecution,
         max_queue_size: int = 0,
         name: str = "",
+        bound: ExecutionBound | None = None,
     ) -> None:
         self.pool = pool
+        self.bound = bound
         self._run_batch = run_batch
         self._on_execution = on_execution
         self.max_queue_size = max_queue_size
@@ -184,6 +187,13 @@ class DirectScheduler:
                 await self._wait_turn(work.client)
         else:
             await self.pool.reserve()  # an instance is free and nobody waits: returns at once
+        size = _size(self.bound, [work])
+        if size and self.bound is not None:
+            try:
+                await self.bound.room.take(size)
+            except asyncio.CancelledError:
+                self._pass_on()
+                raise
         index = self.pool.take()
         work.progress.start()
         started = time.perf_counter_ns()
@@ -193,7 +203,7 @@ class DirectScheduler:
         # the caller resumes, so the execution is counted before the answer goes out.
         execution = self.pool.start(index, self._run_batch, [work], control)
         self._running.add(execution)
-        execution.add_done_callback(functools.partial(self._finished, index, work.rows))
+        execution.add_done_callback(functools.partial(self._finished, index, work.rows, size))
         try:
             (outcome,) = await asyncio.shield(execution)
         except asyncio.CancelledError:
@@ -236,10 +246,12 @@ class DirectScheduler:
                 return
         self.pool.cancel()
 
-    def _finished(self, index: int, rows: int, execution: asyncio.Future[list[Outcome]]) -> None:
+    def _finished(self, index: int, rows: int, size: int, execution: asyncio.Future[list[Outcome]]) -> None:
         """The execution on ``index`` has returned: its instance goes to the next waiting request in fair
-        order (or back to the pool), and a successful run is counted."""
+        order (or back to the pool), its memory back to the room, and a successful run is counted."""
         self._running.discard(execution)
+        if size and self.bound is not None:
+            self.bound.room.give(size)
         self.pool.finish(index)
         self._pass_on()
         if not execution.cancelled() and execution.exception() is None:
@@ -286,8 +298,10 @@ class DynamicBatcher:
         settings: DynamicBatching,
         name: str,
         gather_us: int = 0,
+        bound: ExecutionBound | None = None,
     ) -> None:
         self.pool = pool
+        self.bound = bound
         self._run_batch = run_batch
         self._on_execution = on_execution
         self.max_batch_size = max_batch_size
@@ -388,8 +402,17 @@ class DynamicBatcher:
                     _fail(pending, e)
                 self._queue.clear()
                 continue
+            size = _size(self.bound, [p.work for p in batch])
+            if size and self.bound is not None:
+                try:
+                    await self.bound.room.take(size)
+                except asyncio.CancelledError:
+                    self.pool.cancel()
+                    for pending in batch:
+                        _fail(pending, self._stopped or stopped(self.name))
+                    raise
             index = self.pool.take()
-            task = asyncio.get_running_loop().create_task(self._execute(index, batch))
+            task = asyncio.get_running_loop().create_task(self._execute(index, batch, size))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -457,6 +480,8 @@ class DynamicBatcher:
                 continue
             if budget and new_rows * new_longest > budget:
                 continue
+            if self.bound is not None and not self.bound.fits(new_rows, new_longest):
+                continue
             batch.append(pending)
             rows, longest = new_rows, new_longest
         return batch
@@ -495,7 +520,7 @@ class DynamicBatcher:
         for pending in [p for p in self._queue if p.future.done()]:
             self._queue.remove(pending)
 
-    async def _execute(self, index: int, batch: list[_Pending]) -> None:
+    async def _execute(self, index: int, batch: list[_Pending], memory: int = 0) -> None:
         try:
             live = [p for p in batch if not p.future.done()]
             if not live:
@@ -531,6 +556,8 @@ class DynamicBatcher:
                     pending.future.set_result(Scheduled(outcome, started - pending.submitted_ns, size))
         finally:
             self.pool.release(index)
+            if memory and self.bound is not None:
+                self.bound.room.give(memory)
 
     async def _execute_alone(self, index: int, pending: _Pending) -> None:
         if pending.future.done():
@@ -572,6 +599,13 @@ def queue_full(name: str, queued: int, limit: int) -> ResourceExhaustedError:
 
 def _rows(requests: Sequence[_Pending]) -> int:
     return sum(p.work.rows for p in requests)
+
+
+def _size(bound: ExecutionBound | None, works: Sequence[Work]) -> int:
+    """The estimated memory of one execution of ``works`` (rows padded to the longest), 0 without a bound."""
+    if bound is None:
+        return 0
+    return bound.size(sum(w.rows for w in works), max(w.longest for w in works))
 
 
 def _preferred_prefixes(selection: Sequence[_Pending], sizes: Sequence[int]) -> list[int]:

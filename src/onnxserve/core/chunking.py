@@ -6,7 +6,9 @@ longest row's tokens. A request above it (many long texts, or token tensors such
 [64, 512] sent directly) is cut along dimension 0 into chunks within the budget, in order (a single row
 is never cut), and its answer is the chunks' outputs joined back in order: the post-processed outputs
 of texts, the graph's outputs of token tensors. So one request's attention never takes more than one
-chunk's memory, whatever its size.
+chunk's memory, whatever its size. Where the graph shows its attention (``core.attention_memory``), a
+chunk also stays within the model's estimated memory of one execution (``ModelVersion.bound``): long rows
+make smaller chunks, since attention grows with rows x tokens².
 
 Only versions whose rows are independent are cut (``registry.rows_independent``, the rule that also
 says which models merge rows): rows of an arbitrary tensor graph may depend on each other.
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from onnxserve.core.attention_memory import ExecutionBound
 from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.pipeline import TextBatch
@@ -62,14 +65,15 @@ def row_lengths(model: ModelVersion, work: Work) -> list[int]:
     return [work.longest or 1] * work.rows
 
 
-def chunk_bounds(lengths: Sequence[int], budget: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges ``[start, stop)`` whose rows x longest row fit ``budget`` (a row that
-    alone exceeds it is a range of its own)."""
+def chunk_bounds(lengths: Sequence[int], budget: int, bound: ExecutionBound | None = None) -> list[tuple[int, int]]:
+    """Consecutive row ranges ``[start, stop)`` whose rows x longest row fit ``budget``, and whose
+    execution's estimated memory fits ``bound`` (a row that alone exceeds them is a range of its own)."""
     bounds: list[tuple[int, int]] = []
     start, longest = 0, 0
     for row, length in enumerate(lengths):
         grown = max(longest, length)
-        if row > start and (row - start + 1) * grown > budget:
+        rows = row - start + 1
+        if row > start and (rows * grown > budget or (bound is not None and not bound.fits(rows, grown))):
             bounds.append((start, row))
             start, grown = row, length
         longest = grown
@@ -192,7 +196,7 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     if budget <= 0 or work.rows <= 1:
         return await model.scheduler.submit(work)
     lengths = row_lengths(model, work)
-    bounds = chunk_bounds(lengths, budget)
+    bounds = chunk_bounds(lengths, budget, model.bound)
     if len(bounds) == 1:
         return await model.scheduler.submit(work)
     outcome, queue_ns = await _run_chunks(model, work, bounds, lengths)

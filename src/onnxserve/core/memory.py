@@ -11,6 +11,14 @@ reserves 64 to 128 MiB of address space that it never returns. Under an address-
 a container's) a server with many worker threads reached the limit with its arenas alone, after which an
 ordinary request could fail to allocate anywhere (or a library could not be mapped).
 ``limit_malloc_arenas`` caps their number at server start (``mallopt(M_ARENA_MAX)``).
+
+glibc also raises its mmap threshold as large blocks are freed (from 128 KiB up to 32 MiB): after the
+first large execution, blocks of up to 32 MiB come from the arenas' heaps instead of being mapped, and a
+text model's execution whose attention scores are such blocks fragments them: measured on the demo
+MiniLM, one execution of 8 rows of 256 tokens (live tensors about 170 MB) peaked at 450 to 650 MB, more
+than one of 16 rows (340 MB). ``fix_mmap_threshold`` fixes it at ``MMAP_THRESHOLD`` (and the heaps' trim
+threshold at twice that, where glibc's adjustment would put it), so blocks that large are always mapped
+and go back when freed: then 8 x 256 peaks at 171 MB.
 """
 
 from __future__ import annotations
@@ -61,6 +69,29 @@ def limit_malloc_arenas(count: int | None = None) -> bool:
     done = bool(_MALLOPT(M_ARENA_MAX, arenas))
     if done:
         log.debug("malloc arenas capped at %d", arenas)
+    return done
+
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameters for the heaps' trim threshold and the mmap threshold (``malloc.h``)."""
+
+MMAP_THRESHOLD = 4 * 1024 * 1024
+"""Blocks of at least this size are mapped and unmapped on their own (a text model's activations and
+attention scores); smaller ones (short texts' tensors) come from the heaps as before."""
+
+THRESHOLD_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+"""glibc's own settings for them: when the environment sets either, onnxserve leaves both as set."""
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix the C allocator's mmap threshold (glibc only). Returns whether it did: not where the C library
+    is not glibc, nor where the environment sets glibc's thresholds."""
+    if _MALLOPT is None or any(os.environ.get(name) for name in THRESHOLD_ENVIRONMENT):
+        return False
+    done = bool(_MALLOPT(M_MMAP_THRESHOLD, threshold)) and bool(_MALLOPT(M_TRIM_THRESHOLD, 2 * threshold))
+    if done:
+        log.debug("malloc mmap threshold fixed at %d bytes", threshold)
     return done
 
 

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
-from onnxserve.config import ModelConfig, ServerConfig, SessionOptions
+from onnxserve.config import DynamicBatching, ModelConfig, ServerConfig, SessionOptions
+from onnxserve.core.attention_memory import MAX_EXECUTION_BYTES, SERVER_ROOM, ExecutionBound, ExecutionMemory
 from onnxserve.core.batching import DirectScheduler, DynamicBatcher, InstancePool, Scheduler
 from onnxserve.core.client_text import shown
 from onnxserve.core.confinement import check_version_folder
@@ -49,6 +50,7 @@ class ModelVersion:
     active: int = 0  # requests between resolution and answer (queued or running)
     merged_rows: int = 0  # adaptive layout: the most rows merged into one run (max_batch_size stays 0)
     chunk_tokens: int = 0  # rows x tokens one execution of a request may take (core.chunking); 0: not chunked
+    bound: ExecutionBound | None = None  # estimated memory of its executions (core.attention_memory); None: tokens only
     # characters of its text requests held as tokens, from before tokenizing until run (core.text_budget)
     text_room: TextBudget = field(default_factory=model_room)
 
@@ -101,6 +103,19 @@ def rows_independent(pipeline: TextPipeline | None, session: ModelSession) -> bo
     arbitrary tensor graph may mix its rows (a Gather or a reverse along the batch, a cumulative sum, a
     normalization over it): merging strangers' requests there would hand one caller another's rows."""
     return pipeline is not None and can_batch(session)
+
+
+def execution_bound(
+    batching: DynamicBatching, session: ModelSession, pipeline: TextPipeline | None
+) -> ExecutionBound | None:
+    """How a text model's executions are bounded in memory: its graph's attention shape, the most one
+    execution may take (``max_execution_bytes``), and the server's room; None when the graph shows no attention."""
+    if session.attention is None:
+        return None
+    heads, widest = session.attention
+    fixed = pipeline.fixed_length if pipeline is not None and pipeline.fixed_length > 0 else 0
+    limit = batching.max_execution_bytes or MAX_EXECUTION_BYTES
+    return ExecutionBound(ExecutionMemory(heads, widest, fixed), limit, SERVER_ROOM)
 
 
 def effective_max_batch_size(config: ModelConfig, session: ModelSession) -> int:
@@ -202,6 +217,15 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         # One token budget per execution, merged or cut into chunks (core.chunking).
         batching = batching.model_copy(update={"max_batch_tokens": ADAPTIVE_MAX_TOKENS})
     chunk_tokens = batching.max_batch_tokens if independent else 0
+    bound = execution_bound(batching, first, pipeline) if independent else None
+    if bound is not None:
+        log.info(
+            "model %s: one execution within %d MiB of estimated memory (%d attention heads, widest layer %d)",
+            name,
+            bound.limit // (1024 * 1024),
+            bound.memory.heads,
+            bound.memory.widest,
+        )
     if chosen.adaptive:
         log.info(
             "model %s: adaptive layout: 1 session, up to %d runs at once%s",
@@ -225,9 +249,11 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         # batches side by side), except that while another run keeps the cores busy it waits a moment
         # for texts that are being tokenized.
         gather = ADAPTIVE_GATHER_US if merged_rows else 0
-        scheduler = DynamicBatcher(pool, run, on_execution, max_batch_size or merged_rows, batching, name, gather)
+        scheduler = DynamicBatcher(
+            pool, run, on_execution, max_batch_size or merged_rows, batching, name, gather, bound=bound
+        )
     else:
-        scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name)
+        scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name, bound)
     return ModelVersion(
         name=config.name,
         version=folder.version,
@@ -237,6 +263,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         max_batch_size=max_batch_size,
         merged_rows=merged_rows,
         chunk_tokens=chunk_tokens,
+        bound=bound,
         scheduler=scheduler,
         stats=stats,
         pipeline=pipeline,

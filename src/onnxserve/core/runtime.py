@@ -11,7 +11,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
+from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
 from onnxserve.core.memory import give_back_free_memory
@@ -164,13 +165,20 @@ def guarded_session(
     providers: Sequence[ExecutionProvider] = (),
     options: SessionOptions | None = None,
     where: str = "",
+    read: Callable[[onnx.ModelProto], None] | None = None,
 ) -> ort.InferenceSession:
     """A session of ``model`` whose integer divisions no input can make trap (``core.division_guard``): how
     the server's process runs a model of the repository, for serving and for its web page alike (a trap
     ends the whole process). A model without such divisions is loaded from its file, as it is; one with
-    them from a guarded copy in memory, reading external data from the file's folder."""
+    them from a guarded copy in memory, reading external data from the file's folder. ``read`` is given
+    the parsed model first (what a caller learns from its graph, without parsing the file twice); the
+    parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
-    guarded = guard_division(check_onnx_file(model) if isinstance(model, Path) else model, where)
+    parsed = check_onnx_file(model) if isinstance(model, Path) else model
+    if read is not None:
+        read(parsed)
+    guarded = guard_division(parsed, where)
+    del parsed
     if guarded is None:
         return create_session(model, providers=providers, options=options, where=where)
     folder = model.parent.absolute() if isinstance(model, Path) else None
@@ -231,8 +239,16 @@ class ModelSession:
         self.path = path
         self.name = name or str(path)
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
+        # An encoder's attention shape (heads, widest layer): its executions' memory (core.attention_memory).
+        self.attention: tuple[int, int] | None = None
+
+        def read_attention(parsed: onnx.ModelProto) -> None:
+            self.attention = attention_shape(parsed, self.name)
+
         try:
-            self._session = guarded_session(path, providers=providers, options=options, where=self.name)
+            self._session = guarded_session(
+                path, providers=providers, options=options, where=self.name, read=read_attention
+            )
         except ModelLoadError as e:  # named by its file, whatever the model's name
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())

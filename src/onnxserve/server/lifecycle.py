@@ -23,7 +23,7 @@ import uvicorn
 
 from onnxserve.config import ServerConfig
 from onnxserve.core.manager import Catalog, ControlMode, ModelManager
-from onnxserve.core.memory import limit_malloc_arenas
+from onnxserve.core.memory import fix_mmap_threshold, limit_malloc_arenas
 from onnxserve.core.observe import Observers
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
@@ -242,6 +242,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def serve(config: ServerConfig, settings: ServerSettings, catalog: Catalog | None = None) -> None:
     """Load the models, then serve HTTP and gRPC until SIGINT or SIGTERM (see the module docstring)."""
     limit_malloc_arenas()  # before any thread pool starts: each thread's arena reserves address space
+    fix_mmap_threshold()  # large blocks mapped and returned, not left fragmenting the heaps (core.memory)
     exposure = Exposure.from_settings(settings)  # before loading models: a bad token or TLS file fails fast
     service, metrics = _metered_service(config, settings, catalog)
     http_socket = bind(settings.host, settings.http_port)
