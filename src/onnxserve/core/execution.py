@@ -40,6 +40,7 @@ class Work:
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
+    inline: bool = True  # may run on the event loop (``core.inline_runs``); False: its time limit is near
 
     @property
     def key(self) -> Hashable:

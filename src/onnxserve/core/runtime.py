@@ -25,6 +25,7 @@ from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
+from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
@@ -213,7 +214,11 @@ class ModelSession:
         self.name = name or str(path)
         # Integer divisions a client could make trap are guarded in memory (core.division_guard); a model
         # without them is loaded from its file, as it is.
-        guarded = guard_division(check_onnx_file(path), self.name)
+        proto = check_onnx_file(path)
+        guarded = guard_division(proto, self.name)
+        # Whether its runs' cost is bounded by input shapes (core.inline_runs), for the graph that is served.
+        self.why_not_inline = why_not_shape_bounded(guarded if guarded is not None else proto)
+        del proto
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         try:
             if guarded is None:
