@@ -218,13 +218,16 @@ class DirectScheduler:
         return Scheduled(outcome, started - submitted, work.rows)
 
     def _run_inline(self, work: Work, key: Hashable, submitted: int) -> Scheduled:
-        """Run ``work`` on the event loop (the caller checked the rule); its time is recorded, failed or not."""
+        """Run ``work`` on the event loop (the caller checked the rule); its time is recorded, failed or not
+        (a failed run's by the wall clock: it made no outcome to carry its CPU time)."""
         assert self.inline is not None
         started = time.perf_counter_ns()
         try:
             (outcome,) = self._run_batch(self.pool.sessions[0], [work], self._inline_control)
-        finally:
+        except BaseException:
             self.inline.ran_inline(key, time.perf_counter_ns() - started)
+            raise
+        self.inline.ran_inline(key, outcome.cpu_ns)
         self._on_execution(work.rows, outcome)
         return Scheduled(outcome, started - submitted, work.rows)
 
@@ -274,7 +277,7 @@ class DirectScheduler:
             (outcome,) = execution.result()
             self._on_execution(rows, outcome)
             if self.inline is not None and key is not None:
-                self.inline.observed(key, outcome.input_ns + outcome.infer_ns + outcome.output_ns)
+                self.inline.observed(key, outcome.cpu_ns)
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""

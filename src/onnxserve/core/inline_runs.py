@@ -15,7 +15,9 @@ nothing else on the loop (other requests, other models, the probes) is served wh
    a function of the request's input shapes. The graph takes no text (BYTES) inputs or outputs.
 2. **This exact set of input shapes has run, and run fast** (:class:`InlineRuns`): the last runs (up to
    :data:`WINDOW`) of these shapes, on the instance thread or inline, all took at most the model's
-   ``inline_run_us`` (wall time of the whole execution, conversions included). A shape set not seen yet
+   ``inline_run_us`` of CPU time of the thread that ran them (the whole execution, conversions included;
+   CPU time, not wall-clock time, so that a loaded machine, which preempts the thread, does not count
+   against the run, while what its values make it do does). A shape set not seen yet
    runs on the thread first; one whose runs got slower stops running inline until its recent runs are
    fast again; :data:`STRIKES` inline runs over the limit turn inline runs off for the model version.
 3. **Nothing else of that model version is running or waiting** (checked by the scheduler): the
