@@ -93,23 +93,43 @@ def test_only_graphs_whose_cost_their_input_shapes_bound_may_run_inline(
 
 def test_a_shape_set_runs_inline_only_while_its_recent_runs_were_fast() -> None:
     runs = InlineRuns(100, "m")
+    fast, slow, outlier = 40_000, 250_000, 100_000 * inline_runs.OUTLIER + 1
     assert not runs.allows("a")  # never run: the thread first
-    runs.observed("a", 40_000)
+    runs.observed("a", fast)
     assert runs.allows("a")
     assert not runs.allows("b")
-    runs.ran_inline("a", 250_000)  # got slow: back to the thread ...
+    # Runs that got slower: back to the thread once most recent runs are over the limit ...
+    for _ in range(inline_runs.WINDOW // 2 + 1):
+        runs.ran_inline("a", slow)
     assert not runs.allows("a")
-    for _ in range(inline_runs.WINDOW - 1):
-        runs.observed("a", 40_000)
-    assert not runs.allows("a")  # ... until its whole window is fast again
-    runs.observed("a", 40_000)
+    # ... until most are fast again.
+    for _ in range(inline_runs.WINDOW // 2 + 1):
+        runs.observed("a", fast)
     assert runs.allows("a")
-    runs.ran_inline("a", 250_000)
-    runs.ran_inline("a", 250_000)
-    assert runs.off  # the third slow inline run: never inline again
+    # One run far over the limit keeps the shapes on the thread while it is remembered.
+    runs.observed("a", outlier)
+    for _ in range(inline_runs.WINDOW - 1):
+        runs.observed("a", fast)
+        assert not runs.allows("a")
+    runs.observed("a", fast)
+    assert runs.allows("a")
+    assert not runs.off
+    # Three such runs on the loop itself: never inline again.
+    for _ in range(inline_runs.STRIKES):
+        runs.ran_inline("a", outlier)
+    assert runs.off
     for _ in range(inline_runs.WINDOW):
-        runs.observed("a", 40_000)
+        runs.observed("a", fast)
     assert not runs.allows("a")
+
+
+def test_strikes_far_apart_do_not_turn_inline_runs_off() -> None:
+    runs = InlineRuns(100, "m")
+    for _ in range(inline_runs.STRIKES):
+        runs.ran_inline("a", 100_000 * inline_runs.OUTLIER + 1)
+        for _ in range(inline_runs.STRIKE_SPAN):
+            runs.ran_inline("a", 1_000)
+    assert not runs.off
 
 
 def test_the_shape_sets_remembered_are_bounded() -> None:

@@ -13,13 +13,17 @@ nothing else on the loop (other requests, other models, the probes) is served wh
    constants and input *shapes* only (initializers, ``Constant``, ``Shape``/``Size`` and allowlisted
    nodes over those), never from input *values*. Such a graph's every tensor shape, hence its work, is
    a function of the request's input shapes. The graph takes no text (BYTES) inputs or outputs.
-2. **This exact set of input shapes has run, and run fast** (:class:`InlineRuns`): the last runs (up to
-   :data:`WINDOW`) of these shapes, on the instance thread or inline, all took at most the model's
-   ``inline_run_us`` of CPU time of the thread that ran them (the whole execution, conversions included;
-   CPU time, not wall-clock time, so that a loaded machine, which preempts the thread, does not count
-   against the run, while what its values make it do does). A shape set not seen yet
-   runs on the thread first; one whose runs got slower stops running inline until its recent runs are
-   fast again; :data:`STRIKES` inline runs over the limit turn inline runs off for the model version.
+2. **This exact set of input shapes has run, and run fast** (:class:`InlineRuns`): of the last runs
+   (up to :data:`WINDOW`) of these shapes, on the instance thread or inline, the median took at most the
+   model's ``inline_run_us`` and none took more than :data:`OUTLIER` times that. A run's time is the CPU
+   time of the thread that ran it (the whole execution, conversions included): not the wall clock, so
+   that a loaded machine preempting the thread does not count against the run; and the median, since on
+   a virtual machine even CPU time swings several times with the host's load (the add model: 32 to
+   160 us per run at a load average of 16). A shape set not seen yet runs on the thread first; one
+   whose runs got slower stops running inline until most of its recent runs are fast again, and one run
+   over ``OUTLIER`` times the limit keeps it on the thread for the next ``WINDOW`` runs; :data:`STRIKES`
+   inline runs over that within :data:`STRIKE_SPAN` inline runs turn inline runs off for the model
+   version (its cost depends on something the rule cannot see).
 3. **Nothing else of that model version is running or waiting** (checked by the scheduler): the
    scheduler's queue and slots stay authoritative.
 
@@ -42,15 +46,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WINDOW = 16
-"""Runs remembered per shape set: a shape set runs inline only while all of them took at most the limit
-(16 runs: about their p94 rather than a p99 that 16 samples cannot give; a single slow run is enough)."""
+"""Runs remembered per shape set: their median decides, and any of them over ``OUTLIER`` x the limit vetoes."""
+
+OUTLIER = 10
+"""A run of more than this many times the limit keeps its shapes off the loop while it is remembered, and
+counts as a strike when it ran inline."""
 
 SHAPE_SETS = 64
 """Shape sets remembered per model version (least recently used forgotten first)."""
 
 STRIKES = 3
-"""Inline runs over the limit after which a model version stops running inline (its cost does depend on
-something the rule cannot see, e.g. denormal floats): logged once."""
+"""Inline runs over ``OUTLIER`` x the limit, within ``STRIKE_SPAN`` inline runs, after which a model version
+stops running inline (its cost does depend on something the rule cannot see, e.g. denormal floats): logged."""
+
+STRIKE_SPAN = 1000
+"""Inline runs within which ``STRIKES`` strikes turn inline runs off (isolated ones, a host's hiccups, do not)."""
 
 SIZE_INPUTS: dict[str, tuple[int, ...]] = {
     "Reshape": (1,),
@@ -151,9 +161,10 @@ class InlineRuns:
 
     def __init__(self, limit_us: int, name: str) -> None:
         self.limit_ns = limit_us * 1000
+        self.outlier_ns = self.limit_ns * OUTLIER
         self.name = name
         self.executions = 0  # executions run on the event loop
-        self.strikes = 0  # of them, over the limit
+        self.strikes: deque[int] = deque(maxlen=STRIKES)  # when the last strikes were (``executions`` then)
         self.off = False
         self._runs: OrderedDict[Hashable, deque[int]] = OrderedDict()
 
@@ -163,7 +174,10 @@ class InlineRuns:
         if self.off:
             return False
         runs = self._runs.get(key)
-        return runs is not None and max(runs) <= self.limit_ns
+        if runs is None or max(runs) > self.outlier_ns:
+            return False
+        ordered = sorted(runs)
+        return ordered[len(ordered) // 2] <= self.limit_ns
 
     def observed(self, key: Hashable, ns: int) -> None:
         """An execution of these shapes took ``ns`` (on the instance thread or inline)."""
@@ -180,14 +194,16 @@ class InlineRuns:
         """An execution of these shapes ran on the event loop in ``ns`` (successful or not)."""
         self.executions += 1
         self.observed(key, ns)
-        if ns > self.limit_ns:
-            self.strikes += 1
-            if self.strikes >= STRIKES and not self.off:
-                self.off = True
-                log.warning(
-                    "model %s: %d runs on the event loop took longer than %d us though their shapes had run "
-                    "faster; its runs stay on its instance threads from now on",
-                    self.name,
-                    self.strikes,
-                    self.limit_ns // 1000,
-                )
+        if ns <= self.outlier_ns:
+            return
+        self.strikes.append(self.executions)
+        if len(self.strikes) == STRIKES and self.executions - self.strikes[0] < STRIKE_SPAN and not self.off:
+            self.off = True
+            log.warning(
+                "model %s: %d runs on the event loop took more than %d us though their shapes had run within "
+                "%d us; its runs stay on its instance threads from now on",
+                self.name,
+                STRIKES,
+                self.outlier_ns // 1000,
+                self.limit_ns // 1000,
+            )
