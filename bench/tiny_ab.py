@@ -153,8 +153,10 @@ def main() -> None:
                     for side, block in zip(order, measure_interleaved(order, protocol, args.requests), strict=True):
                         side.blocks.setdefault(protocol, []).append(block)
                 print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+            rss = [psutil.Process(side.server.pid).memory_info().rss / 2**20 for side in sides]
     print(f"A: {args.a_src} {args.a_env} {args.a_keys}\nB: {args.b_src} {args.b_env} {args.b_keys}")
     print(f"medians of {args.rounds} rounds x {args.requests} requests, concurrency 1")
+    print(f"server RSS after the rounds: A {rss[0]:.0f} MiB, B {rss[1]:.0f} MiB")
     print(f"{'protocol':8} {'measure':26} {'A':>10} {'B':>10} {'B/A':>6}")
     for protocol in args.protocols:
         for label, pick in (
