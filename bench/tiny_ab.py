@@ -17,12 +17,16 @@ where each number alone does not (two servers of the same tree measured 1.17 x a
 1,000 requests each at a load average of 10). Every number is the median over the rounds; the last column is B / A.
 
     PYTHONPATH=src .venv/bin/python -m bench.tiny_ab --a-src /work/wt/base/src [--rounds 7] [--requests 1500]
+
+``--a-keys`` / ``--b-keys`` add keys to that side's model entry (JSON), e.g. one tree against itself with
+runs on the event loop turned off on A: ``--a-src src --a-keys '{"inline_run_us": 0}'``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import tempfile
@@ -121,6 +125,8 @@ def main() -> None:
     parser.add_argument("--b-src", type=Path, default=ROOT / "src", help="source tree of B (default: this tree)")
     parser.add_argument("--a-env", nargs="*", default=[], help="KEY=VALUE for A's server")
     parser.add_argument("--b-env", nargs="*", default=[], help="KEY=VALUE for B's server")
+    parser.add_argument("--a-keys", default="{}", help="JSON object of keys added to A's model entry")
+    parser.add_argument("--b-keys", default="{}", help="JSON object of keys added to B's model entry")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--requests", type=int, default=1500, help="requests per block")
     parser.add_argument("--protocols", nargs="*", default=list(PROTOCOLS), choices=PROTOCOLS)
@@ -128,12 +134,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         repository = Path(folder)
         write_add_model(repository)
-        config = repository / "config.json"
-        config.write_text('{"model_config_list": [{"name": "add", "base_path": "add"}]}')
+        configs = []
+        for name, keys in (("a", args.a_keys), ("b", args.b_keys)):
+            entry = {"name": "add", "base_path": "add", **json.loads(keys)}
+            configs.append(repository / f"config-{name}.json")
+            configs[-1].write_text(json.dumps({"model_config_list": [entry]}))
         logs = ROOT / "bench" / "results" / "tiny_ab"
         sides = [
-            Side("A", OnnxServer(config, logs / "a.log", "A", src=args.a_src, env=_env(args.a_env))),
-            Side("B", OnnxServer(config, logs / "b.log", "B", src=args.b_src, env=_env(args.b_env))),
+            Side("A", OnnxServer(configs[0], logs / "a.log", "A", src=args.a_src, env=_env(args.a_env))),
+            Side("B", OnnxServer(configs[1], logs / "b.log", "B", src=args.b_src, env=_env(args.b_env))),
         ]
         with contextlib.ExitStack() as stack:
             for side in sides:
@@ -144,8 +153,10 @@ def main() -> None:
                     for side, block in zip(order, measure_interleaved(order, protocol, args.requests), strict=True):
                         side.blocks.setdefault(protocol, []).append(block)
                 print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"A: {args.a_src} {args.a_env}\nB: {args.b_src} {args.b_env}")
+            rss = [psutil.Process(side.server.pid).memory_info().rss / 2**20 for side in sides]
+    print(f"A: {args.a_src} {args.a_env} {args.a_keys}\nB: {args.b_src} {args.b_env} {args.b_keys}")
     print(f"medians of {args.rounds} rounds x {args.requests} requests, concurrency 1")
+    print(f"server RSS after the rounds: A {rss[0]:.0f} MiB, B {rss[1]:.0f} MiB")
     print(f"{'protocol':8} {'measure':26} {'A':>10} {'B':>10} {'B/A':>6}")
     for protocol in args.protocols:
         for label, pick in (

@@ -126,6 +126,11 @@ class ModelConfig(_Strict):
     )
     session_options: SessionOptions = Field(default_factory=SessionOptions)
     allow_hardlinks: bool = False  # serve files with several hard links (refused by default: core.confinement)
+    # Runs of a graph whose cost is bounded by its input shapes, for input shapes whose recent runs took at
+    # most this many microseconds of CPU time (their median), run on the event loop when nothing else of the
+    # model runs or waits (no thread hand-off; core.inline_runs, serving.md "Tiny models run on the event
+    # loop"). 0: always on the instance threads.
+    inline_run_us: Annotated[int, Field(ge=0, le=1000)] = 100
 
     @field_validator("model_platform")
     @classmethod

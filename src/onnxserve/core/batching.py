@@ -44,7 +44,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -52,6 +52,7 @@ from onnxserve.config import DynamicBatching
 from onnxserve.core.attention_memory import ExecutionBound
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.fairness import FairQueue, interleave, should_displace
+from onnxserve.core.inline_runs import InlineRuns, shape_key
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.errors import OnnxServeError, ResourceExhaustedError, UnavailableError
 
@@ -122,6 +123,10 @@ class InstancePool:
         """Every instance reserved: ``reserve`` would wait."""
         return self._semaphore().locked()
 
+    def unused(self) -> bool:
+        """No instance reserved (nothing running, nothing handed a reservation and about to run)."""
+        return self._free is None or self._free._value == len(self.sessions)
+
     def finish(self, index: int) -> None:
         """The execution on ``index`` has ended; its reservation stays held (pass it on, or ``cancel`` it)."""
         self.busy[index] -= 1
@@ -155,7 +160,11 @@ class DirectScheduler:
     to the next waiting client in turn, round-robin, and each client's own requests keep their order.
     With ``max_queue_size`` > 0, at most that many requests wait; when the queue is full, a request of
     a client holding at least two places fewer than the client holding the most takes the newest place
-    of that client, which is refused; any other request is refused at once."""
+    of that client, which is refused; any other request is refused at once.
+
+    With ``inline`` (``core.inline_runs``), a request whose input shapes have run fast, when nothing else
+    of the model is running or waiting, runs on the event loop at once, on the first instance's session:
+    no thread hand-off. Its outcome, its error and its statistics are those of a run on the thread."""
 
     def __init__(
         self,
@@ -165,6 +174,7 @@ class DirectScheduler:
         max_queue_size: int = 0,
         name: str = "",
         bound: ExecutionBound | None = None,
+        inline: InlineRuns | None = None,
     ) -> None:
         self.pool = pool
         self.bound = bound
@@ -172,6 +182,8 @@ class DirectScheduler:
         self._on_execution = on_execution
         self.max_queue_size = max_queue_size
         self.name = name
+        self.inline = inline
+        self._inline_control = RunControl()  # inline runs are never stopped: one set of run options for all
         self._waiting: FairQueue[asyncio.Future[None]] = FairQueue()
         self._queued = 0
         self._running: set[asyncio.Future[list[Outcome]]] = set()
@@ -182,6 +194,12 @@ class DirectScheduler:
         submitted = time.perf_counter_ns()
         if self._stopped is not None:
             raise self._stopped
+        key: Hashable = None
+        if self.inline is not None and work.feeds is not None:
+            key = shape_key(work)
+            idle = not self._waiting and not self._running and self.pool.unused()
+            if idle and work.inline and self.inline.allows(key):
+                return self._run_inline(work, key, submitted)
         if self._waiting or self.pool.full():
             with work.progress.waiting():
                 await self._wait_turn(work.client)
@@ -203,12 +221,26 @@ class DirectScheduler:
         # the caller resumes, so the execution is counted before the answer goes out.
         execution = self.pool.start(index, self._run_batch, [work], control)
         self._running.add(execution)
-        execution.add_done_callback(functools.partial(self._finished, index, work.rows, size))
+        execution.add_done_callback(functools.partial(self._finished, index, work.rows, size, key))
         try:
             (outcome,) = await asyncio.shield(execution)
         except asyncio.CancelledError:
             control.terminate()
             raise
+        return Scheduled(outcome, started - submitted, work.rows)
+
+    def _run_inline(self, work: Work, key: Hashable, submitted: int) -> Scheduled:
+        """Run ``work`` on the event loop (the caller checked the rule); its time is recorded, failed or not
+        (a failed run's by the wall clock: it made no outcome to carry its CPU time)."""
+        assert self.inline is not None
+        started = time.perf_counter_ns()
+        try:
+            (outcome,) = self._run_batch(self.pool.sessions[0], [work], self._inline_control)
+        except BaseException:
+            self.inline.ran_inline(key, time.perf_counter_ns() - started)
+            raise
+        self.inline.ran_inline(key, outcome.cpu_ns)
+        self._on_execution(work.rows, outcome)
         return Scheduled(outcome, started - submitted, work.rows)
 
     async def _wait_turn(self, client: str) -> None:
@@ -246,9 +278,12 @@ class DirectScheduler:
                 return
         self.pool.cancel()
 
-    def _finished(self, index: int, rows: int, size: int, execution: asyncio.Future[list[Outcome]]) -> None:
+    def _finished(
+        self, index: int, rows: int, size: int, key: Hashable, execution: asyncio.Future[list[Outcome]]
+    ) -> None:
         """The execution on ``index`` has returned: its instance goes to the next waiting request in fair
-        order (or back to the pool), its memory back to the room, and a successful run is counted."""
+        order (or back to the pool), its memory back to the room, and a successful run is counted (and its
+        time kept for the inline rule, under its shapes' ``key``)."""
         self._running.discard(execution)
         if size and self.bound is not None:
             self.bound.room.give(size)
@@ -257,6 +292,8 @@ class DirectScheduler:
         if not execution.cancelled() and execution.exception() is None:
             (outcome,) = execution.result()
             self._on_execution(rows, outcome)
+            if self.inline is not None and key is not None:
+                self.inline.observed(key, outcome.cpu_ns)
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""

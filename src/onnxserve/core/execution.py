@@ -42,6 +42,7 @@ class Work:
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
     progress: Progress = field(default_factory=Progress)  # its request's: waiting or started (``core.progress``)
+    inline: bool = True  # may run on the event loop (``core.inline_runs``); False: its time limit is near
 
     @property
     def key(self) -> Hashable:
@@ -69,6 +70,7 @@ class Outcome:
     infer_ns: int
     output_ns: int  # splitting and task post-processing
     truncated: int = 0
+    cpu_ns: int = 0  # tensor runs: CPU time of the thread that ran the execution (``core.inline_runs``)
 
 
 def run_batch(
@@ -86,6 +88,7 @@ def run_batch(
     if first.text is not None:
         assert pipeline is not None
         return _run_text(session, pipeline, output_specs, works, start, control)
+    cpu_start = time.thread_time_ns()
     feeds = (
         first.feeds
         if len(works) == 1
@@ -108,7 +111,8 @@ def run_batch(
         return [run_batch(session, [work], control, pipeline, output_specs)[0] for work in works]
     parts = _split(outputs, [w.rows for w in works])
     done = time.perf_counter_ns()
-    return [Outcome(part, merged_at - start, ran_at - merged_at, done - ran_at) for part in parts]
+    cpu = time.thread_time_ns() - cpu_start
+    return [Outcome(part, merged_at - start, ran_at - merged_at, done - ran_at, cpu_ns=cpu) for part in parts]
 
 
 def _run_text(

@@ -16,6 +16,7 @@ from onnxserve.core.client_text import shown
 from onnxserve.core.confinement import check_version_folder
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
+from onnxserve.core.inline_runs import InlineRuns
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
@@ -253,7 +254,10 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
             pool, run, on_execution, max_batch_size or merged_rows, batching, name, gather, bound=bound
         )
     else:
-        scheduler = DirectScheduler(pool, run, on_execution, config.dynamic_batching.max_queue_size, name, bound)
+        inline = _inline_runs(config, first, name)
+        scheduler = DirectScheduler(
+            pool, run, on_execution, config.dynamic_batching.max_queue_size, name, bound, inline
+        )
     return ModelVersion(
         name=config.name,
         version=folder.version,
@@ -270,6 +274,18 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         signature=signature,
         load_seconds=time.perf_counter() - started,
     )
+
+
+def _inline_runs(config: ModelConfig, session: ModelSession, name: str) -> InlineRuns | None:
+    """The record that lets cheap runs of an unbatched version run on the event loop (``core.inline_runs``),
+    or None when its config turns that off or its graph's cost is not bounded by input shapes."""
+    if config.inline_run_us == 0:
+        return None
+    if session.why_not_inline is not None:
+        log.info("model %s: runs on its instance threads only: %s", name, session.why_not_inline)
+        return None
+    log.info("model %s: runs of shapes that ran within %d us run on the event loop", name, config.inline_run_us)
+    return InlineRuns(config.inline_run_us, name)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from onnxserve.core import datatypes
 from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
+from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
@@ -171,13 +172,13 @@ def guarded_session(
     the server's process runs a model of the repository, for serving and for its web page alike (a trap
     ends the whole process). A model without such divisions is loaded from its file, as it is; one with
     them from a guarded copy in memory, reading external data from the file's folder. ``read`` is given
-    the parsed model first (what a caller learns from its graph, without parsing the file twice); the
-    parsed model is dropped before the session is made."""
+    the graph that is served (the guarded copy, or the parsed file) first: what a caller learns from it,
+    without parsing the file twice; the parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
     parsed = check_onnx_file(model) if isinstance(model, Path) else model
-    if read is not None:
-        read(parsed)
     guarded = guard_division(parsed, where)
+    if read is not None:
+        read(guarded if guarded is not None else parsed)
     del parsed
     if guarded is None:
         return create_session(model, providers=providers, options=options, where=where)
@@ -241,13 +242,16 @@ class ModelSession:
         self._arena = (options or SessionOptions()).enable_cpu_mem_arena
         # An encoder's attention shape (heads, widest layer): its executions' memory (core.attention_memory).
         self.attention: tuple[int, int] | None = None
+        # Why its runs' cost is not bounded by input shapes, if it is not (core.inline_runs).
+        self.why_not_inline: str | None = None
 
-        def read_attention(parsed: onnx.ModelProto) -> None:
-            self.attention = attention_shape(parsed, self.name)
+        def read_graph(served: onnx.ModelProto) -> None:
+            self.attention = attention_shape(served, self.name)
+            self.why_not_inline = why_not_shape_bounded(served)
 
         try:
             self._session = guarded_session(
-                path, providers=providers, options=options, where=self.name, read=read_attention
+                path, providers=providers, options=options, where=self.name, read=read_graph
             )
         except ModelLoadError as e:  # named by its file, whatever the model's name
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None

@@ -1,7 +1,8 @@
 """InferenceService: the one object every protocol calls.
 
 It answers liveness, readiness and metadata, and runs inference off the event loop in a thread
-pool, so a slow model never blocks health checks or other models.
+pool, so a slow model never blocks health checks or other models (only runs proven cheap, of graphs
+whose cost their input shapes bound, run on the loop itself: ``core.inline_runs``).
 
 Every inference request may have a time limit: the ``timeout`` request parameter (microseconds, as
 Triton's), the time its transport still allows (a gRPC deadline), and the server's default, whichever
@@ -148,6 +149,11 @@ event loop: a 12-word sentence takes about 22 us there and 512 characters about 
 it to a worker thread and back costs about 50 us of CPU and two wake-ups (profiled at text c=8 and c=32:
 the tokenizer threads' hand-over took more CPU than their tokenizing did). Longer texts are
 tokenized on the service's threads, so that the loop never stalls on them."""
+
+
+INLINE_DEADLINE_MARGIN_S = 0.001
+"""A request with less time left than this never runs on the event loop (``core.inline_runs``): a run
+there cannot be interrupted, and its deadline must fail it exactly as on the instance thread."""
 
 
 def _tokenizes_inline(text: TextBatch) -> bool:
@@ -533,6 +539,9 @@ class InferenceService:
             tokenize_ns = 0
             # the server's limit counts from the request's arrival: decoding its body took some of it
             async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:
+                when = deadline.when()
+                if when is not None and when - asyncio.get_running_loop().time() < INLINE_DEADLINE_MARGIN_S:
+                    work.inline = False  # on the thread, where the deadline can interrupt its wait
                 if work.text is None:
                     scheduled = await chunking.submit(model, work)  # in chunks when it is above the token budget
                 elif _tokenizes_inline(work.text):

@@ -13,8 +13,9 @@ peers.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from contextvars import ContextVar, Token
 from urllib.parse import unquote
 
@@ -29,8 +30,28 @@ brackets or other punctuation (a spoofed "CRITICAL onnxserve.auth" record inside
 _request_id: ContextVar[str | None] = ContextVar("onnxserve_request_id", default=None)
 
 
+class _Ids:
+    """Request ids: 32 hex digits, like a uuid4's, unique per process: 16 random ones drawn when the process
+    (or a child forked from it) starts, then a counter. A tenth of ``uuid.uuid4().hex``'s cost (no system
+    call, no UUID object per request); ids are names for log lines, not secrets."""
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_ids = _Ids()
+os.register_at_fork(after_in_child=_ids.reseed)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return _ids.next()
 
 
 def accept_request_id(given: str | None) -> str:

@@ -19,16 +19,27 @@ Metrics (every one in a registry of its own, so several servers can live in one 
 - ``onnxserve_json_bodies_decoded_total{where}``: JSON inference bodies decoded on the event loop, in a
   codec thread or in a worker process (``protocols.offload``), counted by the process, read at scrape time.
 - the standard ``process_*`` metrics of this process.
+
+The three that every request updates (requests, durations, batch sizes) are kept in plain counters of our
+own (``_Series``), updated on the event loop without locks (one bisection per observation), and turned
+into the same samples as ``prometheus_client``'s Counter and Histogram would show (``_total``,
+``_bucket``/``_count``/``_sum``, ``_created``) only when scraped: a ``prometheus_client`` observation
+takes two locked updates and a Python loop over the buckets, and a request made five of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import _get_use_created
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from onnxserve.core.observe import ExecutionRecord, RequestRecord, VersionRecord
 from onnxserve.core.registry import ModelRegistry
@@ -108,32 +119,102 @@ class _JsonDecodes(Collector):
         )
 
 
+class _Series:
+    """One label set's counts: a counter's value, or a histogram's per-bucket counts and sum."""
+
+    __slots__ = ("buckets", "created", "sum", "value")
+
+    def __init__(self, buckets: int = 0) -> None:
+        self.value = 0
+        self.buckets = [0] * buckets  # observations per bucket (not cumulative), the last one +Inf
+        self.sum = 0.0
+        self.created = time.time()
+
+
+class _Histogram:
+    """A histogram's series by label values, shown as ``prometheus_client``'s ``Histogram`` shows them."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.bounds = tuple(float(b) for b in buckets)  # +Inf is the bucket past the last bound
+        self._les = [floatToGoString(b) for b in (*self.bounds, float("inf"))]  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], _Series] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = _Series(len(self.bounds) + 1)
+        series.buckets[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
+        series.sum += value
+
+    def family(self, created: bool) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, series in list(self.series.items()):
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, list(series.buckets), strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(list(key), buckets, series.sum)
+            if created:
+                family.samples.append(
+                    Sample(f"{self.name}_created", dict(zip(self.labels, key, strict=True)), series.created)
+                )
+        return family
+
+
+class _PerRequest(Collector):
+    """``onnxserve_requests_total``, ``onnxserve_request_duration_seconds`` and ``onnxserve_batch_size``,
+    from the counts ``Metrics`` keeps (see the module)."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], _Series] = {}
+        self.duration = _Histogram(
+            f"{PREFIX}request_duration_seconds",
+            "Inference request latency by phase: queue and compute (answered requests), total (all requests).",
+            ["model", "version", "phase"],
+            DURATION_BUCKETS,
+        )
+        self.batch_size = _Histogram(
+            f"{PREFIX}batch_size",
+            "Rows in each model execution (one or more requests batched together).",
+            ["model", "version"],
+            BATCH_SIZE_BUCKETS,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(with_values=False)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families(with_values=True)
+
+    def _families(self, with_values: bool) -> list[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}requests",
+            "Inference requests, by the model version they named and how they ended (ok or the error kind).",
+            labels=["model", "version", "protocol", "status"],
+        )
+        if not with_values:
+            return [
+                requests,
+                HistogramMetricFamily(self.duration.name, "", labels=self.duration.labels),
+                HistogramMetricFamily(self.batch_size.name, "", labels=self.batch_size.labels),
+            ]
+        created = _get_use_created()
+        for key, series in list(self.requests.items()):
+            requests.add_metric(list(key), float(series.value), created=series.created if created else None)
+        return [requests, self.duration.family(created), self.batch_size.family(created)]
+
+
 class Metrics:
-    """The Prometheus metrics of one server; an Observer of its core."""
+    """The Prometheus metrics of one server; an Observer of its core (called on the event loop)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._states = list(STATES)
-        self._requests = Counter(
-            f"{PREFIX}requests",
-            "Inference requests, by the model version they named and how they ended (ok or the error kind).",
-            ["model", "version", "protocol", "status"],
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            f"{PREFIX}request_duration_seconds",
-            "Inference request latency by phase: queue and compute (answered requests), total (all requests).",
-            ["model", "version", "phase"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._batch_size = Histogram(
-            f"{PREFIX}batch_size",
-            "Rows in each model execution (one or more requests batched together).",
-            ["model", "version"],
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=self.registry,
-        )
+        self._per_request = _PerRequest()
+        self.registry.register(self._per_request)
         self._state = Gauge(
             f"{PREFIX}model_state",
             "1 for the model version's current state, 0 for the others.",
@@ -149,11 +230,6 @@ class Metrics:
         self._queue_depth = _QueueDepth()
         self.registry.register(self._queue_depth)
         self.registry.register(_JsonDecodes())
-        # The labelled children every request updates, looked up once per label set (labels() costs more
-        # than the update). Metrics never drop a label set, so these are the children the registry keeps.
-        self._request_counters: dict[tuple[str, str, str, str], Counter] = {}
-        self._durations: dict[tuple[str, str, str], Histogram] = {}
-        self._batch_sizes: dict[tuple[str, str], Histogram] = {}
         ProcessCollector(registry=self.registry)
 
     def watch(self, models: ModelRegistry) -> None:
@@ -164,31 +240,21 @@ class Metrics:
 
     def request(self, record: RequestRecord) -> None:
         status = OK if record.error is None else record.error.value
+        counts = self._per_request
         key = (record.model, record.version, record.protocol, status)
-        counter = self._request_counters.get(key)
-        if counter is None:
-            counter = self._request_counters[key] = self._requests.labels(*key)
-        counter.inc()
-        self._phase(record.model, record.version, "total").observe(record.total_ns / 1e9)
+        series = counts.requests.get(key)
+        if series is None:
+            series = counts.requests[key] = _Series()
+        series.value += 1
+        # A duration series is made when first observed: a refused request makes no queue or compute series.
+        duration = counts.duration
+        duration.observe((record.model, record.version, "total"), record.total_ns / 1e9)
         if record.error is None:
-            self._phase(record.model, record.version, "queue").observe(record.queue_ns / 1e9)
-            self._phase(record.model, record.version, "compute").observe(record.compute_ns / 1e9)
+            duration.observe((record.model, record.version, "queue"), record.queue_ns / 1e9)
+            duration.observe((record.model, record.version, "compute"), record.compute_ns / 1e9)
 
     def execution(self, record: ExecutionRecord) -> None:
-        key = (record.model, record.version)
-        sizes = self._batch_sizes.get(key)
-        if sizes is None:
-            sizes = self._batch_sizes[key] = self._batch_size.labels(*key)
-        sizes.observe(record.batch_size)
-
-    def _phase(self, model: str, version: str, phase: str) -> Histogram:
-        """The duration histogram of one model version's phase, made when first observed (a refused
-        request makes no queue or compute series)."""
-        key = (model, version, phase)
-        histogram = self._durations.get(key)
-        if histogram is None:
-            histogram = self._durations[key] = self._duration.labels(*key)
-        return histogram
+        self._per_request.batch_size.observe((record.model, record.version), record.batch_size)
 
     def version(self, record: VersionRecord) -> None:
         if record.state not in self._states:
