@@ -181,6 +181,7 @@ def _binary_body(rows: int) -> tuple[bytes, dict[str, str]]:
     return header + a + a, headers
 
 
+@pytest.mark.long  # about 20 s: a server of its own, warmed, then capped
 def test_a_server_short_of_memory_refuses_large_bodies_as_retryable(numeric_repository: Path) -> None:
     """Its address space capped just above what it maps once warm, a server gets large HTTP bodies at once:
     each is answered 200, 503 (retry later) or, when ONNX Runtime cannot allocate, the documented 400,
