@@ -26,7 +26,6 @@ from onnxserve.core import datatypes
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
 from onnxserve.core.memory import give_back_free_memory
-from onnxserve.core.ort_arrays import output_array
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_large
@@ -261,7 +260,6 @@ class ModelSession:
         strings = any(array.dtype == np.object_ for array in ort_feeds.values())
         arrays: list[Any] = []
         values: list[Any] = []
-        inputs: dict[str, Any] = {}
         try:
             if strings:
                 # ONNX Runtime's Python API makes no OrtValue of strings: such a run answers numpy arrays,
@@ -286,7 +284,7 @@ class ModelSession:
             raise refusal
         try:
             if not strings:
-                arrays = [output_array(v, inputs.values()) for v in values]  # large ones not copied
+                arrays = [v.numpy() for v in values]
                 values = []
             # Strings whose length was not read from ONNX Runtime are counted as they are encoded, and the
             # encoding stops at the limit: at most one element beyond it is ever built.
