@@ -18,6 +18,8 @@ answers slowly cannot make the server hold more than the budget of them either.
 from __future__ import annotations
 
 import asyncio
+import mmap
+import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import TypeVar
@@ -42,6 +44,34 @@ def over_budget(limit: int) -> ResourceExhaustedError:
     return ResourceExhaustedError(
         f"the server holds its limit of {limit} request bytes in flight (--max-inflight-bytes); retry later"
     )
+
+
+def no_memory(what: str) -> ResourceExhaustedError:
+    """The refusal of a request the process has no memory for now (a ``MemoryError`` while receiving or
+    decoding it, under a memory limit): retrying later may succeed, so not a 5xx."""
+    return ResourceExhaustedError(f"the server has no memory {what} now; retry later")
+
+
+def release_frames(error: BaseException) -> None:
+    """Clear the variables of the finished frames in ``error``'s traceback (a request's body, its tensors).
+
+    Call it once the error has been answered (and logged). A frame that keeps its error (``refused = ...;
+    raise refused``, or a handler that keeps what it caught) makes a reference cycle through the
+    traceback, which only the garbage collector frees, and it runs on object counts, not bytes: refused
+    60 MiB gRPC messages and their tensors stayed in memory, outside every budget, until it happened to
+    run. Frames still running (the caller's) are left as they are."""
+    traceback.clear_frames(error.__traceback__)
+
+
+def short_of_memory(size: int) -> bool:
+    """Whether the process cannot map ``size`` more bytes now (its address-space limit is reached): tells
+    a decoder's out-of-memory failure from bad input where the decoder reports both alike. The mapping is
+    never touched, so it costs no memory."""
+    try:
+        with mmap.mmap(-1, max(size, 1)):
+            return False
+    except (OSError, MemoryError):
+        return True
 
 
 class InflightBytes:

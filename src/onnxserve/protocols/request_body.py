@@ -44,11 +44,10 @@ from onnxserve.errors import (
     BodyTooLargeError,
     InvalidInputError,
     OnnxServeError,
-    ResourceExhaustedError,
     UnsupportedMediaTypeError,
 )
 from onnxserve.protocols.http import refuse_before_routing
-from onnxserve.protocols.inflight import Hold, InflightBytes, holding, stop_holding
+from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, stop_holding
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,11 @@ class RequestBodyLimits:
         chunks: list[bytes] = []
         received = decoded = 0
         while True:
-            message = await receive()
+            try:
+                message = await receive()
+            except MemoryError:  # the server (uvicorn) could not make the chunk's bytes: retry later
+                chunks.clear()
+                raise no_memory("for this body") from None
             if message["type"] == "http.disconnect":
                 return None
             chunk: bytes = message.get("body", b"")
@@ -251,6 +254,4 @@ class RequestBodyLimits:
             return b"".join(chunks)
         except MemoryError:  # the process is short of memory now: the client may retry later
             chunks.clear()
-            raise ResourceExhaustedError(
-                "the server has no memory for this body now (it is within --max-request-bytes); retry later"
-            ) from None
+            raise no_memory("for this body") from None

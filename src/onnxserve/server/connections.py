@@ -74,7 +74,7 @@ from onnxserve.core.fairness import gives_way
 from onnxserve.errors import ResourceExhaustedError
 from onnxserve.protocols import context
 from onnxserve.protocols.http import CALL_SLOT, CallSlot
-from onnxserve.protocols.inflight import Hold, InflightBytes, holding, over_budget, stop_holding
+from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
@@ -663,11 +663,12 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
     ``max_message_bytes`` of the room for arriving messages (``arriving``, as large as the in-flight
     budget, shared fairly between clients: :class:`~onnxserve.server.message_room.MessageRoom`; waiting
     up to ``BUDGET_WAIT_SECONDS``, else RESOURCE_EXHAUSTED), then reads the one message
-    within ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), gives that room back,
-    holds the size that arrived in the in-flight budget (waiting as long, else RESOURCE_EXHAUSTED), and
-    calls the original handler with it. ``UNREAD_METHODS`` (the server probes) are answered without
-    receiving their (empty) message. A streaming-request call (ModelStreamInfer) receives each of its
-    messages the same way (see :meth:`_streaming`).
+    within ``timeout`` seconds (else DEADLINE_EXCEEDED, and the stream is reset), holds the size that
+    arrived in the in-flight budget (waiting as long, else RESOURCE_EXHAUSTED), then gives its place back
+    (a message waiting for the budget stays counted there, and is never displaced), and calls the
+    original handler with it, keeping no reference of its own to the message. ``UNREAD_METHODS`` (the
+    server probes) are answered without receiving their (empty) message. A streaming-request call
+    (ModelStreamInfer) receives each of its messages the same way (see :meth:`_streaming`).
 
     It is registered as the server's generic handler, not as an interceptor: grpc runs a chain of
     coroutines through every interceptor on every call, while a generic handler is one lookup (the
@@ -753,7 +754,10 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
             token = holding(hold)
             answered = False
             try:
-                answer = await unary_behaviour(request, ctx)
+                # Only the handler keeps the message: it drops the bytes once decoded (see v2_grpc.servicer).
+                behaviour = unary_behaviour(request, ctx)
+                del request
+                answer = await behaviour
                 answered = True
                 return answer
             finally:
@@ -786,8 +790,10 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
                 received = await self._receive(ctx, end_ok=True)
                 if received is None:
                     return
-                held[0], request = received
-                yield request
+                parts = list(received)
+                del received
+                held[0] = parts[0]
+                yield parts.pop()  # the message, kept by its handler only (it drops the bytes once decoded)
                 self.budget.release(held[0])
                 held[0] = 0
 
@@ -842,35 +848,43 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
             await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._arriving_full, _id(ctx))
             raise AssertionError("abort raises")
         try:
-            # A timeout scope, not wait_for: no task of its own for every message read.
-            async with asyncio.timeout(self.timeout):
-                received = await ctx.read()
-        except TimeoutError:
-            log.info("reset a gRPC call whose request message did not arrive within %g s", self.timeout)
-            await ctx.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the request message did not arrive within {self.timeout:g} s (--body-timeout)",
-                _id(ctx),
-            )
-        except asyncio.CancelledError:
-            if not place.displaced:
-                raise
-            # It gave its place to another call's message (server.message_room): ended here, by its own task.
-            if (task := asyncio.current_task()) is not None:
-                task.uncancel()
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, DISPLACED, _id(ctx))
+            try:
+                # A timeout scope, not wait_for: no task of its own for every message read.
+                async with asyncio.timeout(self.timeout):
+                    received = await ctx.read()
+            except TimeoutError:
+                log.info("reset a gRPC call whose request message did not arrive within %g s", self.timeout)
+                await ctx.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request message did not arrive within {self.timeout:g} s (--body-timeout)",
+                    _id(ctx),
+                )
+            except MemoryError:  # grpc could not make the message's bytes: the client may retry later
+                await ctx.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, no_memory("to receive this gRPC message").message, _id(ctx)
+                )
+            except asyncio.CancelledError:
+                if not place.displaced:
+                    raise
+                # It gave its place to another call's message (server.message_room): ended here, by its own task.
+                if (task := asyncio.current_task()) is not None:
+                    task.uncancel()
+                await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, DISPLACED, _id(ctx))
+            place.arrived = True  # counted in the room until the budget takes it; never displaced now
+            if received is grpc.aio.EOF:
+                if end_ok:
+                    return None
+                await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", _id(ctx))
+            size, request = received
+            del received
+            kept = min(size, reserved)
+            # What arrived is held now: in the budget every request's bytes share (a moment's wait for room).
+            if not await self.budget.reserve_within(kept, BUDGET_WAIT_SECONDS):
+                del request  # dropped before the refusal, whose traceback keeps this frame
+                await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx))
+            return kept, request
         finally:
             arriving.leave(place)
-        if received is grpc.aio.EOF:
-            if end_ok:
-                return None
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without a request message", _id(ctx))
-        size, request = received
-        kept = min(size, reserved)
-        # What arrived is held now: in the budget every request's bytes share (a moment's wait for room)
-        if not await self.budget.reserve_within(kept, BUDGET_WAIT_SECONDS):
-            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx))
-        return kept, request
 
 
 def _id(ctx: grpc.aio.ServicerContext) -> tuple[tuple[str, str]]:

@@ -63,6 +63,9 @@ class Place:
     task: asyncio.Task[Any] | None
     displaced: bool = False
     """It gave way: its task was cancelled, and it must end with RESOURCE_EXHAUSTED (:data:`DISPLACED`)."""
+    arrived: bool = False
+    """Its message has arrived: it stays counted until the in-flight budget takes the message, and is never
+    displaced."""
     left: bool = False
 
 
@@ -167,7 +170,7 @@ def _waiting(place: Place) -> bool:
     """Whether ``place``'s task still awaits its message: suspended on a future that is not done (a task
     whose message has arrived is about to resume, and is left alone)."""
     task = place.task
-    if task is None or task.done() or task is asyncio.current_task():
+    if place.arrived or task is None or task.done() or task is asyncio.current_task():
         return False
     awaited = getattr(task, "_fut_waiter", None)  # asyncio's Task (C and Python): what it is suspended on
     return awaited is not None and not awaited.done()

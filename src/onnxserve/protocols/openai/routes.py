@@ -21,7 +21,7 @@ from onnxserve.errors import ModelNotFoundError, OnnxServeError
 from onnxserve.protocols import offload
 from onnxserve.protocols.embeddings import embed, embedding_model, text_models
 from onnxserve.protocols.errors import OPENAI_HTTP_STATUS, TFSERVING_HTTP_STATUS
-from onnxserve.protocols.http import guarded, json_body
+from onnxserve.protocols.http import body_bytes, guarded, json_body
 from onnxserve.protocols.openai import codec
 from onnxserve.protocols.tfserving_rest import codec as tfserving
 from onnxserve.protocols.tfserving_rest.routes import BASES
@@ -44,7 +44,7 @@ def routes(service: InferenceService) -> list[Route]:
     created = int(time.time())
 
     async def embeddings(request: Request) -> Response:
-        body = await request.body()
+        body = await body_bytes(request)
         decoded = await offload.parse(len(body), codec.decode_embeddings, body)
         model = embedding_model(service, decoded.model)
         embedded = await embed(service, model, decoded.inputs, codec.PROTOCOL, decoded.dimensions)

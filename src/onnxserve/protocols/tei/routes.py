@@ -38,7 +38,7 @@ from onnxserve.protocols.embeddings import (
     text_request,
 )
 from onnxserve.protocols.errors import TEI_HTTP_STATUS
-from onnxserve.protocols.http import Endpoint, guarded, json_body
+from onnxserve.protocols.http import Endpoint, body_bytes, guarded, json_body
 from onnxserve.protocols.tei import codec
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ def _strings(values: Sequence[str]) -> npt.NDArray[Any]:
 
 
 async def _decoded(request: Request, allowed: Sequence[str], required: Sequence[str]) -> codec.Body:
-    body = await request.body()
+    body = await body_bytes(request)
     return await offload.parse(len(body), codec.decode, body, request.url.path, allowed, required)
 
 

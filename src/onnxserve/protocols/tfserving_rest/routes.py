@@ -18,7 +18,7 @@ from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
 from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
-from onnxserve.protocols.http import Endpoint, guarded, json_body
+from onnxserve.protocols.http import Endpoint, body_bytes, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def routes(service: InferenceService) -> list[Route]:
     async def predict(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        body = await request.body()
+        body = await body_bytes(request)
         # meta.version pins the version resolved here, so decode and inference see the same model
         decoded = await offload.parse(len(body), codec.decode_predict_body, body, meta, meta.version)
         response = await service.infer(decoded.request)
@@ -110,7 +110,7 @@ def routes(service: InferenceService) -> list[Route]:
     async def classify(request: Request) -> Response:
         name, version = _target(request)
         meta = service.model_metadata(name, version)
-        body = await request.body()
+        body = await body_bytes(request)
         inference = await offload.parse(len(body), codec.decode_classify_body, body, meta, meta.version)
         return json_body(codec.encode_classify(await service.infer(inference)))
 

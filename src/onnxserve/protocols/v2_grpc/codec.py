@@ -7,7 +7,7 @@ answered typed unless an output is FP16, which only travels raw.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,11 @@ def parameters_to_proto(params: Mapping[str, Any], into: Any) -> None:
             into[key].string_param = str(value)
 
 
-def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
+def decode_infer_request(
+    message: pb.ModelInferRequest, raw_contents: Sequence[bytes | memoryview] | None = None
+) -> DecodedRequest:
+    """``raw_contents``: the request's ``raw_input_contents`` when they were kept apart from ``message``
+    (views of the received bytes, which the tensors then view too); None: the message's own."""
     # Each field read from a protobuf message makes a new Python object: every field is read once here.
     model_name = message.model_name
     if not model_name:
@@ -80,7 +84,7 @@ def decode_infer_request(message: pb.ModelInferRequest) -> DecodedRequest:
     tensors = message.inputs
     if not tensors:
         raise InvalidInputError("the request has no inputs")
-    contents = message.raw_input_contents
+    contents = message.raw_input_contents if raw_contents is None else raw_contents
     raw = len(contents) > 0
     if raw and len(contents) != len(tensors):
         raise InvalidInputError(f"raw_input_contents has {len(contents)} entries for {len(tensors)} inputs")

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -24,7 +24,7 @@ from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.protocols import context, inflight, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
-from onnxserve.protocols.v2_grpc import codec, element_count
+from onnxserve.protocols.v2_grpc import codec, element_count, raw_contents
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 if TYPE_CHECKING:
@@ -53,8 +53,31 @@ def parse(message_type: type[M], data: bytes) -> M:
     try:
         message: M = message_type.FromString(data)
         return message
+    except MemoryError:
+        raise inflight.no_memory("to decode this gRPC message") from None
     except DecodeError as e:
+        # protobuf (upb) reports a failed allocation as "Error parsing message" too: a large message that
+        # parses once there is room again was never malformed.
+        if len(data) >= raw_contents.SPLIT_BYTES:
+            if inflight.short_of_memory(len(data)):
+                raise inflight.no_memory("to decode this gRPC message") from None
+            try:
+                message = message_type.FromString(data)
+                return message
+            except (DecodeError, MemoryError):
+                if inflight.short_of_memory(len(data)):
+                    raise inflight.no_memory("to decode this gRPC message") from None
         raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
+
+
+def parse_inference(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview] | None]:
+    """A ModelInferRequest, and its ``raw_input_contents`` as views of ``data`` when it is large (None:
+    the message's own): such a message's tensor bytes are not copied (``raw_contents``)."""
+    element_count.check_bytes_contents(data)
+    parts = raw_contents.split(data)
+    if parts is None:
+        return parse(pb.ModelInferRequest, data), None
+    return parse(pb.ModelInferRequest, parts.rest), parts.raw
 
 
 def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
@@ -72,11 +95,19 @@ def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
     return request_id
 
 
-async def _parse_inference(call_scope: InferenceCall, data: bytes) -> pb.ModelInferRequest:
+async def _parse_inference(call_scope: InferenceCall, data: bytes) -> Received:
     """Parse a ModelInferRequest inside its ``InferenceCall``, which then knows the model it names."""
-    request = await offload.convert(len(data), parse, pb.ModelInferRequest, data)
+    request, raw = await offload.convert(len(data), parse_inference, data)
     call_scope.target(request.model_name, request.model_version)
-    return request
+    return Received(request, raw)
+
+
+@dataclass
+class Received:
+    """A parsed ModelInferRequest; a large one's raw contents apart, as views of the received bytes."""
+
+    message: pb.ModelInferRequest
+    raw: list[memoryview] | None  # None: the message's own ``raw_input_contents``
 
 
 class InferenceServicer:
@@ -127,14 +158,14 @@ class InferenceServicer:
         await self.service.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest | Received) -> pb.ModelInferResponse:
         """The answer as a message (a ModelStreamInfer answer holds it)."""
         plan, response = await self._planned(request)
         encoded = await offload.convert(plan.size, codec.fill_infer_response, plan, response)
         del response, plan
         return encoded
 
-    async def serialized_infer(self, request: pb.ModelInferRequest) -> bytes:
+    async def serialized_infer(self, request: pb.ModelInferRequest | Received) -> bytes:
         """The unary ModelInfer's answer, serialized here (off the event loop when large; grpc would do it on
         the loop), a raw answer without building its values into a message first."""
         plan, response = await self._planned(request)
@@ -142,33 +173,45 @@ class InferenceServicer:
         del response, plan
         return serialized
 
-    async def _planned(self, request: pb.ModelInferRequest) -> tuple[codec.PlannedResponse, InferenceResponse]:
+    async def _planned(
+        self, request: pb.ModelInferRequest | Received
+    ) -> tuple[codec.PlannedResponse, InferenceResponse]:
         """The answer computed, checked against every limit and held in the in-flight budget, planned."""
-        decoded = await offload.convert(_wire_size.get(), codec.decode_infer_request, request)
+        received = request if isinstance(request, Received) else Received(request, None)
+        del request
+        try:
+            decoded = await offload.convert(
+                _wire_size.get(), codec.decode_infer_request, received.message, received.raw
+            )
+        finally:
+            received.raw = None  # the tensors hold what they need of the received bytes (views, or copies)
         time_left = _time_left.get()
         inference = decoded.request if time_left is None else replace(decoded.request, time_left=time_left)
+        model_name, raw = inference.model_name, decoded.raw
+        del decoded
         response = await self.service.infer(inference)
+        del inference  # the request's tensors (and the received bytes they view) go before the answer is encoded
         # Counted before it is encoded, held until the call ends; a refused answer is dropped before the raise.
         if (refused := inflight.hold_answer(tensor_bytes := output_bytes(response))) is not None:
             del response
             raise refused
         # Its exact size on the wire is computed before a value is encoded (a typed INT8 answer can be ten
         # times its tensor): too large, or not fitting in the in-flight budget, it is refused unbuilt.
-        plan = await offload.convert(tensor_bytes, codec.plan_infer_response, response, decoded.raw)
+        plan = await offload.convert(tensor_bytes, codec.plan_infer_response, response, raw)
         size, limit = plan.size, self.service.max_response_bytes
         if self.max_send_bytes and size > self.max_send_bytes:
             # Refused here with a message that says why, not by grpc with an error in the log (and without
             # the answer: the error's traceback keeps this frame).
             del response, plan
             raise TooLargeError(
-                f"model {decoded.request.model_name!r}: the gRPC response would be {size} bytes, above the "
+                f"model {model_name!r}: the gRPC response would be {size} bytes, above the "
                 f"{self.max_send_bytes} bytes a gRPC message may take (--grpc-max-message-bytes); ask for "
                 "less (smaller input values, fewer outputs)"
             )
         if 0 < limit < plan.values:  # the values as encoded; the envelope has room beyond the limit
             values = plan.values
             del response, plan
-            raise response_too_large(decoded.request.model_name, values, limit, encoding="as gRPC protobuf")
+            raise response_too_large(model_name, values, limit, encoding="as gRPC protobuf")
         if (refused := inflight.hold_answer(size)) is not None:
             del response, plan
             raise refused
@@ -185,7 +228,9 @@ class InferenceServicer:
         request_id = _request_id(grpc_context)
         client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
         async for data in requests:
-            yield await self._stream_one(data, request_id, client)
+            answer = self._stream_one(data, request_id, client)
+            del data  # the received bytes live only as long as what is made of them
+            yield await answer
 
     async def _stream_one(self, data: bytes, request_id: str, client: str) -> pb.ModelStreamInferResponse:
         id_token = context.set_request_id(request_id)
@@ -194,16 +239,21 @@ class InferenceServicer:
             size_token = _wire_size.set(len(data))
             try:
                 async with self.service.call(PROTOCOL, client=client) as call:
-                    request = await _parse_inference(call, data)
-                    return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(request))
+                    received = await _parse_inference(call, data)
+                    del data
+                    request = received.message
+                    return pb.ModelStreamInferResponse(infer_response=await self.ModelInfer(received))
             finally:
                 _wire_size.reset(size_token)
         except Exception as e:
-            if isinstance(e, OnnxServeError):
-                message = public_message(e)
+            error = inflight.no_memory("to handle this gRPC message") if isinstance(e, MemoryError) else e
+            if isinstance(error, OnnxServeError):
+                message = public_message(error)
             else:
                 log.exception("unexpected error in ModelStreamInfer")
                 message = "internal server error"
+            del error  # nothing the message brought may stay reachable from a reference cycle (see _unary)
+            inflight.release_frames(e)
             echo = pb.ModelInferResponse()
             if request is not None:
                 echo = pb.ModelInferResponse(
@@ -245,18 +295,31 @@ def _unary(
         code = grpc.StatusCode.OK
         time_token = _time_left.set(grpc_context.time_remaining())
         size_token = _wire_size.set(len(data))
+        # The received bytes live only as long as what is made of them: this frame lets go of them once
+        # they are parsed, or failed to be (see the abort below).
+        unparsed = [data]
+        del data
         try:
             if counted_by is None:
-                return await method(await offload.convert(len(data), parse, request_type, data))
+                size = len(unparsed[0])
+                return await method(await offload.convert(size, parse, request_type, unparsed.pop()))
             client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
             async with counted_by.call(PROTOCOL, client=client) as call:
-                return await method(await _parse_inference(call, data))  # serialized already
+                received = await _parse_inference(call, unparsed.pop())
+                return await method(received)  # serialized already
         except Exception as e:
-            if isinstance(e, OnnxServeError):
-                code, message = GRPC_STATUS[e.kind], public_message(e)
+            # Short of memory now (a large message under a tight limit): the client may retry later.
+            error = inflight.no_memory("to handle this gRPC call") if isinstance(e, MemoryError) else e
+            if isinstance(error, OnnxServeError):
+                code, message = GRPC_STATUS[error.kind], public_message(error)
             else:
                 log.exception("unexpected error in %s", name)
                 code, message = grpc.StatusCode.INTERNAL, "internal server error"
+            # grpc keeps the abort's error, and through it this one, in a reference cycle until the garbage
+            # collector runs: nothing the call received may stay reachable from them.
+            del error
+            unparsed.clear()
+            inflight.release_frames(e)
             await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
             raise  # abort raises; this line only tells type checkers so
         finally:

@@ -11,7 +11,7 @@ from starlette.routing import Route
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, OnnxServeError
 from onnxserve.protocols import inflight, offload
-from onnxserve.protocols.http import guarded, json_body
+from onnxserve.protocols.http import body_bytes, guarded, json_body
 from onnxserve.protocols.v2_rest import codec
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def routes(service: InferenceService) -> list[Route]:
         return json_response({})
 
     async def infer(request: Request) -> Response:
-        body = await request.body()
+        body = await body_bytes(request)
         header_length = _header_length(request)
         decoded = await offload.parse(
             codec.decode_work(body, header_length),
