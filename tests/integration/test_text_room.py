@@ -20,7 +20,7 @@ import models
 from onnxserve.config import load_config
 from onnxserve.core.manager import Catalog
 from onnxserve.core.registry import ModelVersion
-from onnxserve.core.text_budget import SMALL_REQUEST_CHARACTERS
+from onnxserve.core.text_budget import SMALL_REQUEST_CHARACTERS, TEXT_CHARACTERS
 from onnxserve.core.types import ModelState
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
@@ -58,7 +58,8 @@ def _send(server: RunningServer, body: dict[str, object]) -> socket.socket:
 
 
 def _text(characters: int) -> dict[str, object]:
-    texts = ["!" * (characters // 4)] * 4
+    """Four texts counted at ``characters`` in the text budgets (each text counts ``TEXT_CHARACTERS`` more)."""
+    texts = ["!" * (characters // 4 - TEXT_CHARACTERS)] * 4
     return {"inputs": [{"name": "text", "shape": [4], "datatype": "BYTES", "data": texts}]}
 
 

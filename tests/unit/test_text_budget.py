@@ -10,12 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS
+from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS, TextBatch
 from onnxserve.core.text_budget import (
     SMALL_CHARACTERS_AT_ONCE,
     SMALL_REQUEST_CHARACTERS,
+    TEXT_CHARACTERS,
     CharacterBudget,
     TextBudget,
+    charged,
     model_room,
 )
 from onnxserve.errors import UnavailableError
@@ -213,6 +215,7 @@ def test_a_closed_room_fails_its_waiting_and_later_requests_and_keeps_what_is_he
 
     async def scenario() -> None:
         room = model_room()
+        room.check_open()  # open: nothing raised
         gate = asyncio.Event()
         log: list[str] = []
         holder = asyncio.create_task(_hold(room.small, room.small.limit, log, "held", gate))
@@ -227,9 +230,21 @@ def test_a_closed_room_fails_its_waiting_and_later_requests_and_keeps_what_is_he
         with pytest.raises(UnavailableError, match="was unloaded"):
             await _enter(room, SMALL_REQUEST_CHARACTERS + 1, "c")
         assert room.small.used == room.small.limit  # the request that held room still runs
+        with pytest.raises(UnavailableError, match="was unloaded"):
+            room.check_open()  # ... and one that works in steps (a sliced tokenization) stops at its next one
         gate.set()
         await holder
         assert room.small.used == room.large.used == 0
         assert room.small.waiting() == 0
 
     asyncio.run(scenario())
+
+
+def test_each_text_counts_some_characters_however_short() -> None:
+    """A request of a million one-character texts is counted like one of 33 million characters: it takes a
+    whole pool alone (its kept tokens cost about 60 bytes per text, where a character of long text keeps a
+    few)."""
+    assert charged(TextBatch(["!"] * 1_000_000)) == 1_000_000 * (1 + TEXT_CHARACTERS)
+    assert charged(TextBatch(["", ""], ["ab", "c"])) == 3 + 4 * TEXT_CHARACTERS  # pairs are texts too
+    room = model_room()
+    assert min(charged(TextBatch(["!"] * 1_000_000)), room.large.limit) == room.large.limit

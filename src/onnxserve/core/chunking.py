@@ -44,6 +44,7 @@ from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
+from onnxserve.core.tokens import token_counts
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, payload_bytes
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
 from onnxserve.errors import TooLargeError
@@ -61,7 +62,7 @@ def row_lengths(model: ModelVersion, work: Work) -> list[int]:
     pipeline = model.pipeline
     fixed = pipeline.fixed_length if pipeline is not None and pipeline.fixed_length > 0 else 0
     if work.text is not None:
-        return [fixed or len(e.ids) for e in work.encodings]
+        return [fixed or n for n in token_counts(work.encodings)]
     return [work.longest or 1] * work.rows
 
 

@@ -20,7 +20,7 @@ import numpy.typing as npt
 from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
 from onnxserve.core.progress import Progress
 from onnxserve.core.runtime import ModelSession, RunControl
-from onnxserve.core.tokens import TokenizedText
+from onnxserve.core.tokens import TokenizedText, token_counts
 from onnxserve.core.types import TensorSpec
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
 
@@ -37,7 +37,7 @@ class Work:
     rows: int  # rows along dimension 0 (texts, for text)
     feeds: Arrays | None = None
     text: TextBatch | None = None
-    encodings: list[TokenizedText] = field(default_factory=list)
+    encodings: Sequence[TokenizedText] = field(default_factory=list)
     answer: list[str] = field(default_factory=list)  # text: the outputs to answer with, in order
     max_output_bytes: int = 0  # the most its outputs may take (0: no limit), checked before they are converted
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
@@ -60,7 +60,7 @@ class Work:
         if self.feeds is not None:
             ids = self.feeds.get("input_ids")
             return int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
-        return max((len(e.ids) for e in self.encodings), default=0)
+        return max(token_counts(self.encodings), default=0)
 
 
 @dataclass(frozen=True)

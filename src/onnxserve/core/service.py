@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import numpy.typing as npt
 from tokenizers import Encoding
 
-from onnxserve.core import chunking, datatypes, request_deadline
+from onnxserve.core import chunking, datatypes, request_deadline, text_slices
 from onnxserve.core.batching import Scheduled
 from onnxserve.core.client_text import shown
 from onnxserve.core.execution import Work
@@ -44,8 +44,8 @@ from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.progress import Progress
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
-from onnxserve.core.text_budget import TextBudget
-from onnxserve.core.tokens import compact
+from onnxserve.core.text_budget import SMALL_REQUEST_CHARACTERS, TextBudget, charged
+from onnxserve.core.tokens import KeptBuilder
 from onnxserve.core.types import (
     IndexEntry,
     InferenceRequest,
@@ -144,11 +144,16 @@ def held_bytes(arrays: Iterable[npt.NDArray[Any]]) -> int:
 
 
 INLINE_TOKENIZE_CHARACTERS = 512
-"""A text request of at most this many characters (its texts and pairs together) is tokenized on the
-event loop: a 12-word sentence takes about 22 us there and 512 characters about 0.15 ms, while handing
-it to a worker thread and back costs about 50 us of CPU and two wake-ups (profiled at text c=8 and c=32:
-the tokenizer threads' hand-over took more CPU than their tokenizing did). Longer texts are
-tokenized on the service's threads, so that the loop never stalls on them."""
+"""A text request of at most this many characters (its texts and pairs together), and at most
+``INLINE_TOKENIZE_TEXTS`` texts, is tokenized on the event loop: a 12-word sentence takes about 22 us there
+and 512 characters about 0.15 ms, while handing it to a worker thread and back costs about 50 us of CPU and
+two wake-ups (profiled at text c=8 and c=32: the tokenizer threads' hand-over took more CPU than their
+tokenizing did). Longer texts are tokenized on the service's threads, so that the loop never stalls on
+them."""
+
+INLINE_TOKENIZE_TEXTS = 32
+"""The most texts (and texts of pairs) of a request tokenized on the event loop: a text costs about 10 us
+however short it is (a million empty texts, no characters at all, took seconds in one call)."""
 
 
 INLINE_DEADLINE_MARGIN_S = 0.001
@@ -157,6 +162,8 @@ there cannot be interrupted, and its deadline must fail it exactly as on the ins
 
 
 def _tokenizes_inline(text: TextBatch) -> bool:
+    if len(text.texts) + len(text.pairs or ()) > INLINE_TOKENIZE_TEXTS:
+        return False
     size = 0
     for part in (text.texts, text.pairs or ()):
         for item in part:
@@ -166,15 +173,12 @@ def _tokenizes_inline(text: TextBatch) -> bool:
     return True
 
 
-def _tokenize(model: ModelVersion, work: Work, keep: bool = False) -> int:
-    """Tokenize a text work in place (on a worker thread, or on the loop when it is short); returns the
-    time it took. ``keep``: keep only the kept tokens (``core.tokens``), for a request that may wait."""
+def _tokenize(model: ModelVersion, work: Work) -> int:
+    """Tokenize a short text work in place, on the loop; returns the time it took."""
     start = time.perf_counter_ns()
     assert model.pipeline is not None
     assert work.text is not None
-    encodings = model.pipeline.tokenize(work.text)
-    work.encodings = compact(encodings, model.pipeline.reads_positions) if keep else list(encodings)
-    del encodings  # the overflow goes with the encodings
+    work.encodings = model.pipeline.tokenize(work.text)
     return time.perf_counter_ns() - start
 
 
@@ -397,30 +401,49 @@ class InferenceService:
         encode = partial(pipeline.tokenizer.encode_batch, bounded.texts, add_special_tokens=special_tokens)
         call = _current_call.get()
         client = call.client if call is not None else ""
-        async with model.text_room.held(bounded.characters, client):
-            async with self.text_budget.held(bounded.characters, client):
+        async with model.text_room.held(charged(bounded), client):
+            async with self.text_budget.held(charged(bounded), client):
                 encodings: list[Encoding] = await _until_returned(self._executor, encode)
             yield encodings
 
     async def _tokenize_and_run(self, model: ModelVersion, work: Work) -> tuple[int, Scheduled]:
         """Tokenize a larger text request off the event loop and run it (``core.text_budget``): its
-        characters held in its model version's room from before tokenizing until it has run (its tokens
-        live that long), and in the server-wide budget only while its tokenizer thread runs. The model's
-        room comes first: a request its busy model has no room for waits untokenized, and holds nothing
-        that requests to other models need. Once tokenized it holds its kept tokens only (``core.tokens``)."""
+        characters (``charged``: each text counts some more) held in its model version's room from before
+        tokenizing until it has run (its tokens live that long), and in the server-wide budget only while it
+        is tokenized. The model's room comes first: a request its busy model has no room for waits
+        untokenized, and holds nothing that requests to other models need. It is tokenized in slices
+        (``core.text_slices``) and holds its kept tokens only (``core.tokens``)."""
         assert work.text is not None
-        characters = work.text.characters
+        characters = charged(work.text)
         async with model.text_room.held(characters, work.client, work.progress):
             async with self.text_budget.held(characters, work.client, work.progress):
                 # On its way: a batch about to go may wait for it (the scheduler's ``gather_us``).
                 model.scheduler.incoming += 1
                 try:
-                    tokenize_ns = await _until_returned(self._executor, _tokenize, model, work, True)
+                    tokenize_ns = await self._tokenize_in_slices(model, work)
                 finally:
                     model.scheduler.incoming -= 1
             scheduled = await chunking.submit(model, work)
             work.encodings = []
         return tokenize_ns, scheduled
+
+    async def _tokenize_in_slices(self, model: ModelVersion, work: Work) -> int:
+        """Tokenize ``work``'s texts slice by slice on the service's threads into its kept tokens; returns the
+        time it took. Before each slice it stops if a budget it holds was closed (a drain that ended, its
+        version unloaded): a caller that goes away, or a time limit that passes, waits for one slice at most."""
+        assert model.pipeline is not None
+        assert work.text is not None
+        builder = KeptBuilder(model.pipeline.reads_positions)
+        start, took = 0, 0
+        while start < len(work.text.texts):
+            self.text_budget.check_open()
+            model.text_room.check_open()
+            start, ns = await _until_returned(
+                self._executor, text_slices.tokenize_slice, model.pipeline, work.text, builder, start
+            )
+            took += ns
+        work.encodings = builder.build()
+        return took
 
     def model_configuration(self, name: str, version: str | None = None) -> ModelConfiguration:
         model = self.registry.resolve(name, version)
@@ -536,6 +559,8 @@ class InferenceService:
             if call is not None:
                 work.client = call.client
                 work.progress = call.progress
+                if work.text is not None and charged(work.text) > SMALL_REQUEST_CHARACTERS:
+                    call.large = True  # many tokens made and dropped: give memory back once answered or refused
             tokenize_ns = 0
             # the server's limit counts from the request's arrival: decoding its body took some of it
             async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:

@@ -6,7 +6,8 @@ the first ``max_length``: the rest stays with each encoding as its overflow unti
 Measured with the demo model's WordPiece tokenizer, a text of punctuation (one token per character)
 costs about 165 bytes per character, so one request of a million such characters holds about 170 MB
 while it is tokenized. The request size limits bound one request; these budgets bound them
-all together, counted in characters (each text cut as ``pipeline.bounded`` cuts it):
+all together, counted in characters (each text cut as ``pipeline.bounded`` cuts it, and
+``TEXT_CHARACTERS`` more per text: ``charged``):
 
 - ``TextBudget()`` (the service's): server-wide, held only while a request is tokenized, from before
   its tokenizer thread starts until it has returned (a caller that leaves cannot stop the thread);
@@ -16,15 +17,15 @@ all together, counted in characters (each text cut as ``pipeline.bounded`` cuts 
   holds nothing of the server-wide budget, so a busy model delays its own requests only. It makes room for
   one request of the largest size (``pipeline.MAX_REQUEST_CHARACTERS``) beside the small pool. Once
   tokenized, a request holds its kept tokens only (``core.tokens``: the tokenizer's overflow dropped), a
-  few bytes per character of long texts, about 0.5 KB per text of short ones. Unloading the version closes
+  few bytes per character of long texts, about 60 bytes per text of short ones. Unloading the version closes
   it: its waiting requests fail as the version's removal fails them (``CharacterBudget.close``).
 
 Each budget has two pools, so that a small request never waits behind large ones: requests of more
 than ``SMALL_REQUEST_CHARACTERS`` share the large pool, smaller ones the small pool
 (``SMALL_CHARACTERS_AT_ONCE``). In each pool, a request that does not fit waits; waiting requests are
 served per client in turn (``core.fairness``), each client's in arrival order, within their time
-limits. Requests of at most ``INLINE_TOKENIZE_CHARACTERS`` (core/service.py) are tokenized on the
-event loop, one at a time, and count in neither.
+limits. Requests of at most ``INLINE_TOKENIZE_CHARACTERS`` and ``INLINE_TOKENIZE_TEXTS`` (core/service.py)
+are tokenized on the event loop, one at a time, and count in neither.
 """
 
 from __future__ import annotations
@@ -34,8 +35,20 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from onnxserve.core.fairness import FairQueue
-from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS
+from onnxserve.core.pipeline import MAX_REQUEST_CHARACTERS, TextBatch
 from onnxserve.core.progress import Progress
+
+TEXT_CHARACTERS = 32
+"""What each text (and each text of a pair) counts in the budgets beyond its own characters: a text costs
+its tokenizer call and its kept tokens' place however short it is (about 60 bytes kept for a text of one
+character, 140 with positions, where a character of a long text keeps 1.5 to 3.6), so a request of a
+million one-character texts is counted as 33 million characters: it takes a whole pool, alone."""
+
+
+def charged(text: TextBatch) -> int:
+    """The characters a text request is counted at in the budgets: its own, and ``TEXT_CHARACTERS`` per text."""
+    return text.characters + TEXT_CHARACTERS * (len(text.texts) + len(text.pairs or ()))
+
 
 TEXT_CHARACTERS_AT_ONCE = 2 * 1024 * 1024
 """The most characters of large text requests tokenized at once, server-wide: two requests of the largest
@@ -52,7 +65,7 @@ SMALL_CHARACTERS_AT_ONCE = 256 * 1024
 MODEL_CHARACTERS_AT_ONCE = MAX_REQUEST_CHARACTERS
 """A model version's large pool: the characters of large requests it holds as tokens (tokenized, queued
 or running) at once: one request of the largest size (as kept tokens, ``core.tokens``: a few MB of long
-texts, about 0.5 KB per text of short ones)."""
+texts, about 60 bytes per text of short ones)."""
 
 Refusal = Callable[[], BaseException]
 """Makes the error that a closed budget's waiting and later requests fail with."""
@@ -71,6 +84,12 @@ class CharacterBudget:
     def waiting(self) -> int:
         """Requests waiting for room."""
         return len(self._waiting)
+
+    def check_open(self) -> None:
+        """Raise what a closed budget's requests fail with (``close``), if it was closed: a request that holds
+        room and does its work in steps stops between them."""
+        if self._closed is not None:
+            raise self._closed()
 
     def close(self, refusal: Refusal) -> None:
         """No more room is given: every waiting request fails with ``refusal()``, and so does every later
@@ -135,6 +154,11 @@ class TextBudget:
     ) -> contextlib.AbstractAsyncContextManager[None]:
         pool = self.small if characters <= SMALL_REQUEST_CHARACTERS else self.large
         return pool.held(characters, client, progress)
+
+    def check_open(self) -> None:
+        """``CharacterBudget.check_open`` of both pools."""
+        self.large.check_open()
+        self.small.check_open()
 
     def close(self, refusal: Refusal) -> None:
         """Both pools closed (``CharacterBudget.close``)."""

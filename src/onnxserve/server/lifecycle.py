@@ -119,8 +119,9 @@ class _DrainingServer(uvicorn.Server):
         self.loop.call_soon_threadsafe(lambda: self.loop and self.loop.create_task(self.drain()))
 
     async def _refuse_waiting(self) -> None:
-        """Answer the requests still waiting (for a model's text room or instance) with 503 / UNAVAILABLE
-        rather than leaving them to be cut when the listeners close; running ones finish or are cut."""
+        """Answer the requests still waiting (for the server-wide text budget, a model's text room or
+        instance) with 503 / UNAVAILABLE rather than leaving them to be cut when the listeners close, and so
+        those being tokenized, at their next slice (``core.text_slices``); running ones finish or are cut."""
         error = UnavailableError(
             "the server is shutting down and this request was still waiting when its drain ended "
             "(--drain-timeout); send it again"
