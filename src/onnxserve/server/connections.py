@@ -392,8 +392,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _give_way(self) -> None:
         """Close this connection for another address's; a request it was sending is answered 503."""
         if not self._sending():
-            self._cancel_timers()
-            self.transport.close()
+            self._close_for_room()
             return
         if self.cycle is not None and self._busy():
             self.cycle.response_started = True  # nothing else may answer on this connection now
@@ -428,8 +427,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return False
         oldest = min(idle, key=lambda c: c.opened_at)
         log.debug("closed the oldest idle connection to make room (--max-connections %d)", self.limits.max_connections)
-        oldest.transport.close()
+        oldest._close_for_room()
         return True
+
+    def _close_for_room(self) -> None:
+        """Close this idle connection to make room. One still in its TLS handshake leaves the count at
+        once: the TLS layer reports its end only a few loop turns later, and a burst of new connections
+        would otherwise be admitted against a count full of connections already closed."""
+        self._cancel_timers()
+        self.transport.close()
+        if self._upgrading:
+            self._upgrading = False
+            self.connection_lost(None)
 
     def _close_oldest_stale(self, reserve: list[GuardedHttpProtocol]) -> bool:
         """Close the oldest reserve connection open for more than ``RESERVE_STALE_SECONDS``, busy or not: a
