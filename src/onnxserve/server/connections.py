@@ -392,6 +392,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _give_way(self) -> None:
         """Close this connection for another address's; a request it was sending is answered 503."""
         if not self._sending():
+            self._cancel_timers()
             self._close_for_room()
             return
         if self.cycle is not None and self._busy():
@@ -434,7 +435,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Close this idle connection to make room. One still in its TLS handshake leaves the count at
         once: the TLS layer reports its end only a few loop turns later, and a burst of new connections
         would otherwise be admitted against a count full of connections already closed."""
-        self._cancel_timers()
         self.transport.close()
         if self._upgrading:
             self._upgrading = False
