@@ -25,6 +25,8 @@ import trustme
 from harness import CappedServer, serve_capped
 from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets
 
+from waiting import wait_until
+
 HEADER_TIMEOUT = 1.0
 MAX_CONNECTIONS = 20
 PROBE_RESERVE = 16  # connections.PROBE_RESERVE
@@ -210,4 +212,46 @@ def test_the_listener_keeps_accepting_after_the_red_team_flood(
             for sock in opened:
                 sock.close()
         assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+        served_normally(capped, tls_files["ca"])
+
+
+def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tls_files: dict[str, Path]) -> None:
+    """Every connection busy with a body sent over TLS a byte at a time: a probe over HTTPS still gets one
+    of the reserve connections (its handshake inside the reserve's short head deadline); any other request
+    there is refused 503."""
+    cap = 10
+    with serve_capped(
+        numeric_repository,
+        "--tls-cert",
+        str(tls_files["cert"]),
+        "--tls-key",
+        str(tls_files["key"]),
+        "--max-connections",
+        str(cap),
+        "--body-timeout",
+        "60",
+    ) as capped:
+        context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+        busy: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(cap):
+                sock = context.wrap_socket(
+                    socket.create_connection((capped.host, capped.http_port), timeout=5), server_hostname="127.0.0.1"
+                )
+                sock.sendall(head)
+                busy.append(sock)
+            for _ in range(3):
+                for sock in busy:
+                    sock.send(b" ")
+                assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+                assert probe_seconds(capped, tls_files["ca"], "/metrics") < PROBE_BOUND
+            answer = requests.get(f"{https(capped)}/v2/models/add", verify=str(tls_files["ca"]), timeout=10)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] == "1"
+            assert "--max-connections" in answer.text
+        finally:
+            for sock in busy:
+                sock.close()
+        wait_until(lambda: established(capped) == 0, timeout=10, what="the busy connections to close")
         served_normally(capped, tls_files["ca"])
