@@ -39,6 +39,16 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   for more than ``RESERVE_STALE_SECONDS`` (a client that pipelines scrapes and never reads them), else
   the new connection is closed. A probe or scrape therefore always gets a connection, however many idle
   or busy ones an attacker holds.
+- **TLS** (``tls``: the HTTPS context): the listener accepts plain TCP and this protocol sees every
+  connection from its accept, so a connection still in its TLS handshake counts against
+  ``max_connections`` (an idle one, the first to be closed to make room) and has what is left of
+  ``header_timeout`` to finish the handshake and its request head. The loop's own TLS layer (what
+  ``loop.start_tls`` uses) is put between the TCP transport and this protocol at the accept, and the
+  request is read through it once the handshake is done. uvloop's TLS listener handshakes before the
+  protocol exists: silent connections were counted nowhere and lived 60 s.
+- **Accepting never fails**: a connection whose protocol cannot be made (a MemoryError) is closed alone,
+  by a protocol made in advance; an exception out of the listener's accept callback would stop
+  libuv from ever accepting again on that port.
 
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception` around the
 service's handlers):
@@ -59,8 +69,11 @@ service's handlers):
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
+import contextlib
 import logging
 import resource
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -68,6 +81,7 @@ from typing import Any, ClassVar, Literal, overload
 
 import grpc
 import orjson
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from onnxserve.core.fairness import gives_way
@@ -225,6 +239,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     limits: ClassVar[ConnectionLimits]
     clients: ClassVar[_Clients]
+    tls: ClassVar[ssl.SSLContext | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -242,16 +257,61 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._linger_left = -1  # bytes still read and dropped while lingering; -1: not lingering
         self._linger_timer: asyncio.TimerHandle | None = None
         self._requests: list[tuple[RequestResponseCycle, CallSlot]] = []  # not yet answered, in arrival order
+        self._upgrading = False  # a TLS connection still in its handshake
+        self._lost = False
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self._upgrading:  # the TLS layer's handshake is done: HTTP from now on, through it
+            self._upgrading = False
+            self.transport = _ClosedWritesDropped(transport, self._linger)  # type: ignore[assignment]
+            self.flow = FlowControl(transport)
+            self.scheme = "https"
+            return
         super().connection_made(_ClosedWritesDropped(transport, self._linger))  # type: ignore[arg-type]
         self._address = self.client[0] if self.client else ""
         self.clients.by_address.setdefault(self._address, set()).add(self)
         if len(self.connections) > self.limits.max_connections:
             self._admit()
-        if not self.transport.is_closing():
-            self._arm_head_timer()
+        if self.transport.is_closing():
+            return
+        self._arm_head_timer()
+        if self.tls is not None:
+            self._start_tls(transport, self.tls)
+
+    def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Put the TLS layer between the admitted TCP connection and this protocol, at once (the client's
+        first bytes are the layer's), with what is left of the head deadline for the handshake. The
+        layer calls ``connection_made`` again with its transport once the handshake is done.
+
+        What ``loop.start_tls`` does, but synchronously: the coroutine switches the connection's protocol
+        only once its task runs, and uvloop may read the ClientHello into this protocol before that."""
+        left = max(0.1, self.opened_at + self._head_seconds() - time.monotonic())
+        try:
+            waiter = self.loop.create_future()
+            layer = _tls_layer(self.loop)(
+                self.loop, self, context, waiter, server_side=True, ssl_handshake_timeout=left
+            )
+            self._upgrading = True
+            raw.set_protocol(layer)
+            layer.connection_made(raw)
+        except Exception as e:  # no memory for the TLS layer: this one connection is closed
+            log.info("closed a connection whose TLS layer could not be made: %r", e)
+            raw.abort()
+            self.connection_lost(None)
+            return
+        waiter.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+        """A handshake that failed, timed out or lost its client ends the connection here (the TLS
+        layer tells the application only about connections it completed)."""
+        failed = waiter.cancelled() or waiter.exception() is not None
+        if failed or self._upgrading:
+            if not waiter.cancelled():
+                log.debug("closed a connection whose TLS handshake did not complete: %r", waiter.exception())
+            self._upgrading = False
+            self.transport.abort()
+            self.connection_lost(None)
 
     def _busy(self) -> bool:
         """In the middle of a request: its head is in and its answer is not complete."""
@@ -333,7 +393,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Close this connection for another address's; a request it was sending is answered 503."""
         if not self._sending():
             self._cancel_timers()
-            self.transport.close()
+            self._close_for_room()
             return
         if self.cycle is not None and self._busy():
             self.cycle.response_started = True  # nothing else may answer on this connection now
@@ -368,8 +428,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return False
         oldest = min(idle, key=lambda c: c.opened_at)
         log.debug("closed the oldest idle connection to make room (--max-connections %d)", self.limits.max_connections)
-        oldest.transport.close()
+        oldest._close_for_room()
         return True
+
+    def _close_for_room(self) -> None:
+        """Close this idle connection to make room. One still in its TLS handshake leaves the count at
+        once: the TLS layer reports its end only a few loop turns later, and a burst of new connections
+        would otherwise be admitted against a count full of connections already closed."""
+        self.transport.close()
+        if self._upgrading:
+            self._upgrading = False
+            self.connection_lost(None)
 
     def _close_oldest_stale(self, reserve: list[GuardedHttpProtocol]) -> bool:
         """Close the oldest reserve connection open for more than ``RESERVE_STALE_SECONDS``, busy or not: a
@@ -392,6 +461,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:  # a TLS connection that fails its handshake is ended here and by the TLS layer
+            return
+        self._lost = True
         self._cancel_timers()
         held = self.clients.by_address.get(self._address)
         if held is not None:
@@ -587,9 +659,51 @@ def _withdraw_newest_waiting(connections: set[GuardedHttpProtocol]) -> bool:
     return False
 
 
-def guarded_http_protocol(limits: ConnectionLimits) -> type[GuardedHttpProtocol]:
-    """The uvicorn ``http=`` protocol class that enforces ``limits``."""
-    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "clients": _Clients()})
+def _tls_layer(loop: asyncio.AbstractEventLoop) -> Any:
+    """The loop's TLS protocol class, as its ``start_tls`` uses: uvloop's own, else asyncio's."""
+    try:
+        import uvloop.loop
+
+        if isinstance(loop, uvloop.Loop):
+            return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    return asyncio.sslproto.SSLProtocol
+
+
+class _Refused(asyncio.Protocol):
+    """The protocol of a connection no protocol could be made for: it is closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()  # type: ignore[attr-defined]
+
+
+REFUSED = _Refused()
+"""Made in advance: a connection refused for want of memory needs no more of it."""
+
+
+def guarded_http_protocol(
+    limits: ConnectionLimits, tls: ssl.SSLContext | None = None
+) -> Callable[..., asyncio.Protocol]:
+    """The uvicorn ``http=`` protocol factory that enforces ``limits`` (``tls``: serve HTTPS with it)."""
+    guarded: type[GuardedHttpProtocol] = type(
+        "GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "clients": _Clients(), "tls": tls}
+    )
+
+    refusals = [0.0]  # when the next refusal may be logged
+
+    def accept(*args: Any, **kwargs: Any) -> asyncio.Protocol:
+        try:
+            return guarded(*args, **kwargs)
+        except Exception as e:  # MemoryError above all: refuse this one, keep the listener
+            with contextlib.suppress(Exception):
+                now = time.monotonic()
+                if now >= refusals[0]:
+                    refusals[0] = now + DISPLACED_WARNING_SECONDS
+                    log.warning("refused a connection: its protocol could not be made (%r)", e)
+            return REFUSED
+
+    return accept
 
 
 # -- gRPC ------------------------------------------------------------------------------------------------

@@ -175,10 +175,10 @@ def _uvicorn_server(
             budget=budget,
             web_document_memory=settings.web_document_memory,
         ),
-        ssl_context_factory=None if tls is None else (lambda config, default: tls.context),
         log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC
-        http=guarded_http_protocol(ConnectionLimits.from_settings(settings)),  # httptools + our limits
+        # httptools + our limits; TLS is ours too (after the connection is admitted), not the listener's
+        http=guarded_http_protocol(ConnectionLimits.from_settings(settings), None if tls is None else tls.context),  # type: ignore[arg-type]
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         # Forwarded headers are believed only from the peers named (uvicorn's default trusts 127.0.0.1,
         # which lets any local process pose as any number of clients in the fair queue).

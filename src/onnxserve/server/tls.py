@@ -51,6 +51,7 @@ class ServerTls:
         client_ca = _read(ca, "--tls-client-ca") if ca is not None else None
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["http/1.1"])  # the HTTP listener's only protocol; gRPC has its own
         try:
             # a password callback that answers nothing: an encrypted key fails here instead of prompting
             context.load_cert_chain(cert, key, password=lambda: b"")

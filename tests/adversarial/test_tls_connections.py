@@ -1,0 +1,257 @@
+"""Hostile connections to the HTTPS port: silent sockets that never send a ClientHello, failed handshakes.
+
+With TLS on, a connection is admitted (counted against --max-connections, shared between addresses,
+given its place in the probe reserve) and timed (--header-timeout from its opening) as a plain TCP
+connection, before its handshake; the handshake happens inside that deadline. Before, uvloop did the
+handshake ahead of the connection guard: silent connections were counted nowhere and lived 60 s, and
+a flood of them (19 K from one address) made the accept callback raise MemoryError, after which the
+HTTPS listener never accepted again. A real server process under a memory cap, real TLS clients, a
+throw-away CA (trustme); loopback only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import trustme
+from harness import CappedServer, serve_capped
+from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets
+
+from waiting import wait_until
+
+HEADER_TIMEOUT = 1.0
+MAX_CONNECTIONS = 20
+PROBE_RESERVE = 16  # connections.PROBE_RESERVE
+PROBE_BOUND = 2.0  # a fresh connection with a TLS handshake, on a loaded machine
+RSS_GROWTH_BOUND = 300 * 1024**2
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    leaf = ca.issue_cert("127.0.0.1")
+    files = {"cert": folder / "server.pem", "key": folder / "server.key", "ca": folder / "ca.pem"}
+    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    for blob in leaf.cert_chain_pems[1:]:
+        blob.write_to_path(str(files["cert"]), append=True)
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(numeric_repository: Path, tls_files: dict[str, Path]) -> Iterator[CappedServer]:
+    with serve_capped(
+        numeric_repository,
+        "--tls-cert",
+        str(tls_files["cert"]),
+        "--tls-key",
+        str(tls_files["key"]),
+        "--header-timeout",
+        str(HEADER_TIMEOUT),
+        "--keep-alive-timeout",
+        "2",
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+    ) as capped:
+        yield capped
+
+
+def https(server: CappedServer) -> str:
+    return f"https://{server.host}:{server.http_port}"
+
+
+def probe_seconds(server: CappedServer, ca_file: Path, path: str = "/v2/health/ready") -> float:
+    """Seconds one fresh HTTPS GET of ``path`` took (handshake included); raises unless 200."""
+    started = time.perf_counter()
+    response = requests.get(https(server) + path, verify=str(ca_file), timeout=10)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return elapsed
+
+
+def served_normally(server: CappedServer, ca_file: Path) -> None:
+    response = requests.post(f"{https(server)}/v2/models/add/infer", json=INFER_BODY, verify=str(ca_file), timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"][0] == 3.0
+
+
+def established(server: CappedServer) -> int:
+    connections = psutil.Process(server.process.pid).net_connections(kind="tcp")
+    return sum(1 for c in connections if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.http_port)
+
+
+def test_silent_connections_count_and_are_closed_at_the_header_timeout(
+    server: CappedServer, tls_files: dict[str, Path]
+) -> None:
+    """100 TCP connections that never send a ClientHello: past --max-connections the oldest are closed
+    to make room, the rest at --header-timeout; probes and a normal client get in meanwhile."""
+    rss_before = server.rss_bytes()
+    silent = open_sockets(server, 100)
+    try:
+        assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
+        assert probe_seconds(server, tls_files["ca"], "/metrics") < PROBE_BOUND
+        served_normally(server, tls_files["ca"])
+        assert established(server) <= MAX_CONNECTIONS + PROBE_RESERVE
+        closed, said = closed_by_server(silent, HEADER_TIMEOUT + 5)
+        assert closed == len(silent)
+        assert not any(said)  # nothing in clear text, no TLS record: a silent connection is just closed
+        assert server.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+    finally:
+        for sock in silent:
+            sock.close()
+    assert server.alive()
+
+
+def test_a_stalled_handshake_is_closed_at_the_header_timeout(server: CappedServer, tls_files: dict[str, Path]) -> None:
+    """A ClientHello sent, the rest of the handshake never: the deadline counts from the TCP accept."""
+    sock = socket.create_connection((server.host, server.http_port), timeout=5)
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock.sendall(outgoing.read())  # the ClientHello; the client's Finished never follows
+    sock.setblocking(False)
+    started = time.monotonic()
+    closed, _ = closed_by_server([sock], HEADER_TIMEOUT + 5)
+    sock.close()
+    assert closed == 1
+    assert time.monotonic() - started < HEADER_TIMEOUT + 4
+
+
+def test_clear_text_on_the_https_port_is_refused_and_the_port_keeps_serving(
+    server: CappedServer, tls_files: dict[str, Path]
+) -> None:
+    with socket.create_connection((server.host, server.http_port), timeout=5) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(HEADER_TIMEOUT + 5)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert b"HTTP/1.1" not in answer  # never answered in clear text
+    served_normally(server, tls_files["ca"])
+
+
+def test_keep_alive_and_alpn_over_tls(server: CappedServer, tls_files: dict[str, Path]) -> None:
+    """Ordinary HTTPS clients: several requests on one connection; ALPN picks http/1.1 for clients that
+    also offer h2."""
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    connection = http.client.HTTPSConnection(server.host, server.http_port, context=context, timeout=10)
+    try:
+        for _ in range(3):
+            connection.request("GET", "/v2/health/ready")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+        assert connection.sock is not None
+        assert connection.sock.selected_alpn_protocol() == "http/1.1"
+    finally:
+        connection.close()
+    with requests.Session() as session:
+        for _ in range(3):
+            answer = session.post(f"{https(server)}/v2/models/add/infer", json=INFER_BODY, verify=str(tls_files["ca"]))
+            assert answer.json()["outputs"][0]["data"][0] == 3.0
+
+
+def _flood(server: CappedServer, ca_file: Path, count: int) -> None:
+    """``count`` silent connections from one address, in batches, probing between; then closed: the
+    listener must keep accepting."""
+    allow_open_files(count + 16)
+    rss_before = server.rss_bytes()
+    opened: list[socket.socket] = []
+    try:
+        for start in range(0, count, 200):
+            opened += open_sockets(server, min(200, count - start))
+            assert established(server) <= MAX_CONNECTIONS + PROBE_RESERVE + 2
+        assert probe_seconds(server, ca_file) < PROBE_BOUND
+        assert server.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+    finally:
+        for sock in opened:
+            sock.close()
+    for _ in range(3):
+        assert probe_seconds(server, ca_file) < PROBE_BOUND
+    served_normally(server, ca_file)
+    assert server.alive()
+
+
+def test_the_listener_keeps_accepting_after_a_flood(server: CappedServer, tls_files: dict[str, Path]) -> None:
+    _flood(server, tls_files["ca"], 1000)
+
+
+@pytest.mark.long
+def test_the_listener_keeps_accepting_after_the_red_team_flood(
+    numeric_repository: Path, tls_files: dict[str, Path]
+) -> None:
+    """The red team's numbers: 18 K silent connections from one address at the default settings (19 K in the attack)."""
+    with serve_capped(
+        numeric_repository, "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"])
+    ) as capped:
+        allow_open_files(18_000)
+        opened: list[socket.socket] = []
+        try:
+            for start in range(0, 18_000, 500):
+                opened += open_sockets(capped, 500)
+                assert established(capped) <= 1000 + PROBE_RESERVE + 2, start
+            assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+        finally:
+            for sock in opened:
+                sock.close()
+        assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+        served_normally(capped, tls_files["ca"])
+
+
+def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tls_files: dict[str, Path]) -> None:
+    """Every connection busy with a body sent over TLS a byte at a time: a probe over HTTPS still gets one
+    of the reserve connections (its handshake inside the reserve's short head deadline); any other request
+    there is refused 503."""
+    cap = 10
+    with serve_capped(
+        numeric_repository,
+        "--tls-cert",
+        str(tls_files["cert"]),
+        "--tls-key",
+        str(tls_files["key"]),
+        "--max-connections",
+        str(cap),
+        "--body-timeout",
+        "60",
+    ) as capped:
+        context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+        busy: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(cap):
+                sock = context.wrap_socket(
+                    socket.create_connection((capped.host, capped.http_port), timeout=5), server_hostname="127.0.0.1"
+                )
+                sock.sendall(head)
+                busy.append(sock)
+            for _ in range(3):
+                for sock in busy:
+                    sock.send(b" ")
+                assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+                assert probe_seconds(capped, tls_files["ca"], "/metrics") < PROBE_BOUND
+            answer = requests.get(f"{https(capped)}/v2/models/add", verify=str(tls_files["ca"]), timeout=10)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] == "1"
+            assert "--max-connections" in answer.text
+        finally:
+            for sock in busy:
+                sock.close()
+        wait_until(lambda: established(capped) == 0, timeout=10, what="the busy connections to close")
+        served_normally(capped, tls_files["ca"])
