@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import traceback
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import TypeVar
@@ -53,14 +52,22 @@ def no_memory(what: str) -> ResourceExhaustedError:
 
 
 def release_frames(error: BaseException) -> None:
-    """Clear the variables of the finished frames in ``error``'s traceback (a request's body, its tensors).
+    """Drop the tracebacks of ``error`` and of the errors it was raised from or during.
 
     Call it once the error has been answered (and logged). A frame that keeps its error (``refused = ...;
     raise refused``, or a handler that keeps what it caught) makes a reference cycle through the
     traceback, which only the garbage collector frees, and it runs on object counts, not bytes: refused
     60 MiB gRPC messages and their tensors stayed in memory, outside every budget, until it happened to
-    run. Frames still running (the caller's) are left as they are."""
-    traceback.clear_frames(error.__traceback__)
+    run. Dropping the traceback breaks the cycle. The frames themselves are not cleared: one error object
+    may be raised in several requests at once (a stopped scheduler's refusal), so its traceback can hold
+    the frames of other requests' coroutines that still run, and clearing a suspended coroutine's frame
+    finalizes it (its task then never finishes: a drain that timed out left such requests unanswered)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def short_of_memory(size: int) -> bool:
