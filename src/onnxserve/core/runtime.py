@@ -253,8 +253,11 @@ class ModelSession:
             self._session = guarded_session(
                 path, providers=providers, options=options, where=self.name, read=read_graph
             )
-        except ModelLoadError as e:  # named by its file, whatever the model's name
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__ or e}") from None
+        except ModelLoadError as e:
+            if e.__cause__ is None:  # the file or the division guard refused it: the message names it already
+                raise
+            # ONNX Runtime refused it: named by its file, whatever the model's name
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {e.__cause__}") from None
         self.inputs: tuple[TensorSpec, ...] = tuple(_spec(a, "input") for a in self._session.get_inputs())
         self.outputs: tuple[TensorSpec, ...] = tuple(_spec(a, "output") for a in self._session.get_outputs())
         self._itemsizes = {o.name: o.datatype.itemsize for o in self.outputs}
