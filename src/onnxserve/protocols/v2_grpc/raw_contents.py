@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxserve.core import protobuf_wire
 from onnxserve.protocols.entry_count import MAX_ENTRIES
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -24,11 +25,10 @@ SPLIT_BYTES = 256 * 1024
 """Messages from this size on have their raw contents kept as views; smaller ones are parsed whole."""
 
 MAX_TOP_FIELDS = 4 * MAX_ENTRIES
-"""Top-level fields walked at most (inputs, their raw contents, outputs and parameters fit); past this
-the message is parsed whole."""
+"""Fields walked at most (``core.protobuf_wire``: inputs, their raw contents, outputs and parameters
+fit); past this the message is parsed whole."""
 
 _RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
-_LENGTH_DELIMITED = 2
 
 
 @dataclass
@@ -41,24 +41,6 @@ class SplitMessage:
     """The ``raw_input_contents`` entries, in order: views of the received bytes."""
 
 
-class _Unsplit(Exception):
-    """The walk stops: the message is parsed whole."""
-
-
-def _varint(data: bytes, offset: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while offset < end:
-        byte = data[offset]
-        offset += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, offset
-        shift += 7
-        if shift > 63:
-            break
-    raise _Unsplit
-
-
 def split(data: bytes) -> SplitMessage | None:
     """``data`` (a ModelInferRequest) with its raw contents apart; None: parse it whole (small, no raw
     contents, or not walked, see the module's docstring)."""
@@ -66,46 +48,24 @@ def split(data: bytes) -> SplitMessage | None:
         return None
     try:
         return _split(data)
-    except _Unsplit:
+    except (protobuf_wire.MalformedMessage, protobuf_wire.TooManyFields):
         return None
 
 
 def _split(data: bytes) -> SplitMessage | None:
     view = memoryview(data)
-    end = len(data)
     raw: list[memoryview] = []
     rest: list[memoryview] = []
     kept_from = 0  # where the current run of other fields started
-    offset = fields = 0
-    while offset < end:
-        fields += 1
-        if fields > MAX_TOP_FIELDS:
-            raise _Unsplit
-        field_start = offset
-        key, offset = _varint(data, offset, end)
-        kind = key & 7
-        if kind == 0:
-            _, offset = _varint(data, offset, end)
-        elif kind == 1:
-            offset += 8
-        elif kind == 5:
-            offset += 4
-        elif kind == _LENGTH_DELIMITED:
-            size, offset = _varint(data, offset, end)
-            if offset + size > end:
-                raise _Unsplit
-            if key >> 3 == _RAW_INPUT_CONTENTS:
-                if field_start > kept_from:
-                    rest.append(view[kept_from:field_start])
-                raw.append(view[offset : offset + size])
-                kept_from = offset + size
-            offset += size
-        else:
-            raise _Unsplit
-        if offset > end:
-            raise _Unsplit
+    budget = protobuf_wire.FieldBudget(MAX_TOP_FIELDS)
+    for number, wire_type, tag_start, value_start, value_end in protobuf_wire.fields(view, 0, len(data), budget):
+        if number == _RAW_INPUT_CONTENTS and wire_type == protobuf_wire.LENGTH_DELIMITED:
+            if tag_start > kept_from:
+                rest.append(view[kept_from:tag_start])
+            raw.append(view[value_start:value_end])
+            kept_from = value_end
     if not raw:
         return None
-    if kept_from < end:
-        rest.append(view[kept_from:end])
+    if kept_from < len(data):
+        rest.append(view[kept_from:])
     return SplitMessage(b"".join(rest), raw)
