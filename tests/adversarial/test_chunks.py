@@ -194,6 +194,7 @@ def test_a_huge_request_that_times_out_stops_running_its_chunks(server: CappedSe
     before = _executions(server, "single")
     response = requests.post(f"{server.http_url}/v2/models/single/infer", json=body, timeout=SECONDS)
     assert response.status_code == 504, response.text[:500]
+    answered = _executions(server, "single")
     counted, deadline = -1, time.monotonic() + 30
     while time.monotonic() < deadline:  # until no more chunk runs
         now = _executions(server, "single")
@@ -201,7 +202,10 @@ def test_a_huge_request_that_times_out_stops_running_its_chunks(server: CappedSe
             break
         counted = now
         time.sleep(0.5)
-    assert counted - before < 16 // 2, "the chunks went on running after the request was dropped"
+    # How many chunks ran within the second depends on the machine; once it is answered, at most the chunks
+    # already running and queued (one at a time, two on four or more slots) still finish.
+    assert counted - answered <= 2, "the chunks went on running after the request was dropped"
+    assert counted - before < 16, "every chunk ran"
     assert server.alive()
     small = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a short one"]}]}
     assert requests.post(f"{server.http_url}/v2/models/single/infer", json=small, timeout=60).status_code == 200
