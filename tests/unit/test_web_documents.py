@@ -131,7 +131,7 @@ def test_concurrent_header_reads_share_one_computation(tmp_path: Path) -> None:
         cache = DocumentCache()
         headers = await asyncio.gather(*(cache.header(path) for _ in range(40)))
         assert len(set(headers)) == 1
-        assert cache.computed == 1
+        assert cache.headers_read == 1
 
     asyncio.run(scenario())
 
@@ -220,5 +220,42 @@ def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
         with pytest.raises(documents.FileGoneError, match="no longer on disk"):
             await cache.graph(racing)
         assert orjson.loads(await cache.diff(kept, kept))["diff"] is not None  # the others still answer
+
+    asyncio.run(scenario())
+
+
+def _chain_model(path: Path, nodes: int) -> Path:
+    """A valid model of ``nodes`` Identity nodes in a chain: a small file, many nodes."""
+    chain = [onnx.helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(nodes)]
+    graph_ = onnx.helper.make_graph(
+        chain,
+        "chain",
+        [onnx.helper.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info(f"t{nodes}", onnx.TensorProto.FLOAT, [1])],
+    )
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_graph_and_diff_documents_count_their_nodes_and_refuse_too_many(tmp_path: Path) -> None:
+    small = _chain_model(tmp_path / "small.onnx", 50)
+    large = _chain_model(tmp_path / "large.onnx", 200)
+    size = large.stat().st_size
+
+    async def scenario() -> None:
+        cache = DocumentCache(max_nodes=100)
+        with pytest.raises(TooLargeError, match="model of 200 nodes is too large for the web page") as refused:
+            await cache.graph(large)
+        assert refused.value.kind is ErrorKind.TOO_LARGE
+        with pytest.raises(TooLargeError, match="diff document of a model of 200 nodes"):
+            await cache.diff(small, large)
+        assert (cache.computed, cache.headers_read) == (0, 2)  # only the headers were read
+        assert orjson.loads(await cache.graph(small))["nodes"]
+        assert (cache.computed, cache.headers_read) == (1, 2)
+        # the file alone would fit many times over; its nodes do not
+        counted = DocumentCache(memory=int(size * documents.COST_FACTOR * 4))
+        assert int(size * documents.COST_FACTOR) + 200 * documents.NODE_COST > counted.memory
+        with pytest.raises(TooLargeError, match="its model file\\(s\\) and nodes"):
+            await counted.graph(large)
 
     asyncio.run(scenario())

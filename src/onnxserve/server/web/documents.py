@@ -8,9 +8,11 @@ a model is parsed once however many clients ask:
   for the one computation;
 - bounded in memory while computed: a document of model files of ``S`` bytes in all is counted as
   ``COST_FACTOR * S`` bytes (what parsing a model and summarizing its weights one initializer at a time
-  takes at most, measured), and the documents computed at once, at most ``concurrency`` of them, hold
-  at most ``memory`` bytes together; others wait their turn. A document that alone would take more is
-  refused at once (``TooLargeError``, 400), as is one that runs out of memory while computed
+  takes at most, measured), plus ``NODE_COST`` per node of their main graphs for a graph or a diff (a
+  file of many tiny nodes costs far more than its bytes), and the documents computed at once, at most
+  ``concurrency`` of them, hold at most ``memory`` bytes together; others wait their turn. A document
+  that alone would take more is refused at once (``TooLargeError``, 400), as is the graph or diff of a
+  model of more than ``MAX_NODES`` nodes, and one that runs out of memory while computed
   (``ResourceExhaustedError``, 503 + Retry-After: it may fit once the others are done);
 - bounded in size once computed: least recently used entries go once the cache holds more than
   ``max_bytes``, and a document larger than that is computed for its request and not kept;
@@ -67,6 +69,15 @@ MEMORY = 1024 * MiB
 
 COST_FACTOR = 2.5
 """A document's peak memory per byte of the model file(s) it reads (measured: see docs/limits.md)."""
+
+NODE_COST = 4 * 1024
+"""A graph or diff document's peak memory per node of the main graph(s), beside ``COST_FACTOR`` per file
+byte: a node costs about 30 bytes of file but 3.1 KiB in a graph document (its Python objects and JSON),
+1.9 KiB per side in a diff (measured on chains of 50,000 nodes: see docs/limits.md)."""
+
+MAX_NODES = 100_000
+"""The most nodes a model's main graph may have for its graph or diff document (a diff: each model). A
+browser cannot draw more, and the document of a larger one holds the interpreter for seconds."""
 
 DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20)
 """A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
@@ -177,8 +188,10 @@ class DocumentCache:
         concurrency: int = CONCURRENCY,
         memory: int = MEMORY,
         cost_factor: float = COST_FACTOR,
+        max_nodes: int = MAX_NODES,
     ) -> None:
         self.max_bytes = max_bytes
+        self.max_nodes = max_nodes
         self.memory = memory
         self.cost_factor = cost_factor
         self.concurrency = concurrency
@@ -188,7 +201,8 @@ class DocumentCache:
         self._running = 0
         self._held = 0  # the cost of the documents computed now
         self._headers = asyncio.Semaphore(HEADER_CONCURRENCY)
-        self.computed = 0  # computations run (for tests and curiosity)
+        self.computed = 0  # documents computed (for tests and curiosity)
+        self.headers_read = 0  # headers read (likewise)
 
     @property
     def held_bytes(self) -> int:
@@ -202,7 +216,8 @@ class DocumentCache:
 
     async def graph(self, path: Path) -> bytes:
         key = ("graph", file_key(path))
-        document = await self._get(key, (str(path),), lambda: graph_json(path), self._cost("graph", key[1]))
+        cost = self._cost("graph", key[1]) + await self._node_cost("graph", path)
+        document = await self._get(key, (str(path),), lambda: graph_json(path), self._within(cost))
         assert isinstance(document, bytes)
         return document
 
@@ -215,7 +230,8 @@ class DocumentCache:
     async def diff(self, a: Path, b: Path) -> bytes:
         key = ("diff", file_key(a), file_key(b))
         cost = self._cost("diff", key[1], key[2])
-        document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b), cost)
+        cost += await self._node_cost("diff", a) + await self._node_cost("diff", b)
+        document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b), self._within(cost))
         assert isinstance(document, bytes)
         return document
 
@@ -234,6 +250,26 @@ class DocumentCache:
             raise TooLargeError(
                 f"the {what} document of a model file of {_mib(size)} is too large for the web page: it "
                 f"computes documents of models up to {_mib(largest)} (diffs: both files together)"
+            )
+        return cost
+
+    async def _node_cost(self, what: str, path: Path) -> int:
+        """``NODE_COST`` per node of the main graph of the model at ``path`` (its cached header says how
+        many); a TooLargeError past ``max_nodes``."""
+        nodes = (await self.header(path)).nodes
+        if nodes > self.max_nodes:
+            raise TooLargeError(
+                f"the {what} document of a model of {nodes:,} nodes is too large for the web page: it draws "
+                f"models of up to {self.max_nodes:,} nodes (`onnxserve inspect` shows any model)"
+            )
+        return nodes * NODE_COST
+
+    def _within(self, cost: int) -> int:
+        """``cost``, or a TooLargeError when it can never fit in ``memory``."""
+        if cost > self.memory:
+            raise TooLargeError(
+                f"this web page document is counted at {_mib(cost)} (its model file(s) and nodes), more than "
+                f"the {_mib(self.memory)} the web page computes documents in (--web-document-memory)"
             )
         return cost
 
@@ -268,7 +304,10 @@ class DocumentCache:
             raise FileGoneError(GONE) from None
         finally:
             del self._computing[key]
-        self.computed += 1
+        if cost is None:
+            self.headers_read += 1
+        else:
+            self.computed += 1
         self._keep(key, paths, value)
         return value
 
