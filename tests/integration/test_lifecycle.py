@@ -36,8 +36,13 @@ def infer_body(x: float = 0.0) -> dict[str, Any]:
     return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [x]}]}
 
 
-def write_config(path: Path, labels: dict[str, int] | None = None, extra: list[dict[str, Any]] | None = None) -> None:
-    entry: dict[str, Any] = {"name": "m", "base_path": "m", "max_batch_size": 4}
+def write_config(
+    path: Path,
+    labels: dict[str, int] | None = None,
+    extra: list[dict[str, Any]] | None = None,
+    **keys: Any,
+) -> None:
+    entry: dict[str, Any] = {"name": "m", "base_path": "m", "max_batch_size": 4, **keys}
     if labels:
         entry["version_labels"] = labels
     partial = path.with_suffix(".tmp")
@@ -181,6 +186,51 @@ def test_an_invalid_new_config_is_refused_and_serving_goes_on(polled: tuple[Runn
     response = httpx.post(f"{server.http_url}/v2/models/m/infer", json=infer_body(1.0))
     assert response.status_code == 200
     assert response.json()["outputs"][0]["data"] == [101.0]
+
+
+def test_a_changed_entry_loads_its_versions_again_and_a_refused_one_is_said_once(
+    polled: tuple[RunningServer, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A changed max_batch_size, queue size or instance count of a loaded model was silently not applied
+    until a new version folder came (outside attack rt12 F2), and an invalid config file logged an ERROR
+    on every poll (F3)."""
+    server, repo, config_file = polled
+    url = f"{server.http_url}/v2/models/m"
+    three_rows = {"inputs": [{"name": "x", "shape": [3, 1], "datatype": "FP32", "data": [1, 2, 3]}]}
+    assert httpx.post(f"{url}/infer", json=three_rows).status_code == 200
+    with caplog.at_level(logging.DEBUG, logger="onnxserve.core.manager"), Load(f"{url}/infer") as load:
+        wait_until(lambda: len(load.results) > 20, what="traffic")
+        write_config(config_file, max_batch_size=2, allow_hardlinks=True)
+        wait_until(lambda: httpx.get(f"{url}/config").json()["max_batch_size"] == 2, what="the new entry")
+        refused = httpx.post(f"{url}/infer", json=three_rows)
+        assert refused.status_code == 400
+        assert "max_batch_size 2" in refused.json()["error"]
+
+        # an entry the version cannot load with: the loaded one keeps serving, and is not tried every poll
+        os.link(repo / "m" / "1" / "model.onnx", repo / "model-link.onnx")
+        write_config(config_file, max_batch_size=3)  # allow_hardlinks back to false: the file has 2 links
+        wait_until(lambda: "failed to load" in caplog.text, what="the failed load")
+        time.sleep(0.5)  # several polls
+        assert httpx.get(f"{url}/config").json()["max_batch_size"] == 2
+
+        config_file.write_text("{not json")
+        time.sleep(0.5)
+        write_config(config_file, max_batch_size=2, allow_hardlinks=True)  # as loaded: nothing to do
+        wait_until(lambda: "valid again" in caplog.text, what="the valid config")
+        time.sleep(0.3)
+        count = len(load.results)
+        wait_until(lambda: len(load.results) > count + 20, what="traffic after the changes")
+    assert load.failures == []
+    assert all(version == "1" and offset == 100.0 for version, offset in load.results)
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "onnxserve.core.manager"]
+    again = [m for _, m in said if "loads again" in m]
+    assert len(again) == 2, again  # max_batch_size 4 -> 2, then 2 -> 3 (tried once)
+    assert "max_batch_size" in again[0]
+    refusals = [level for level, m in said if "reload refused" in m]
+    assert refusals[0] == logging.ERROR
+    assert set(refusals[1:]) <= {logging.DEBUG}
+    assert len(refusals) > 1
+    assert any("valid again" in m for _, m in said)
 
 
 @pytest.fixture

@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 
 UNLOAD_POLL_SECONDS = 0.01
 
+MODEL_KEYS = frozenset({"model_version_policy", "version_labels"})
+"""Keys of a model's config entry that apply to the model as a whole; a change of any other key (its
+layout, batching, session options, ...) loads each loaded version again with the new entry."""
+
 
 class ControlMode(enum.Enum):
     NONE = "none"  # serve what start-up loaded; load/unload are refused
@@ -157,6 +161,9 @@ class ModelManager:
         self._signatures: dict[Path, Signature | None] = {}
         self._failed_signatures: dict[Path, Signature | None] = {}
         self._empty: dict[str, set[int]] = {}  # by model: version folders seen without their model file
+        # (model, version): the entry a version failed to load again with, not retried until it changes
+        self._failed_entries: dict[tuple[str, int], dict[str, object]] = {}
+        self._said: dict[str, str] = {}  # by topic: the last error logged, so a poll does not repeat it
         self._lock = asyncio.Lock()
         self._unloading: set[asyncio.Task[None]] = set()
 
@@ -167,9 +174,19 @@ class ModelManager:
         try:
             config = await asyncio.to_thread(self.catalog.read)
         except OnnxServeError as e:
-            log.error("reload refused; the running configuration keeps serving: %s", e.message)
+            self._error_once("reload", "reload refused; the running configuration keeps serving: %s", e.message)
             return
+        if self._said.pop("reload", None) is not None:
+            log.info("the config file is valid again; applying it")
         await self.apply(config)
+
+    def _error_once(self, topic: str, message: str, *args: object) -> None:
+        """Log an ERROR, or a DEBUG line when the last one of ``topic`` said the same (each poll meets
+        the same mistake until an operator mends it: one line says it)."""
+        said = message % args
+        repeated = self._said.get(topic) == said
+        self._said[topic] = said
+        log.log(logging.DEBUG if repeated else logging.ERROR, "%s%s", said, " (still)" if repeated else "")
 
     async def apply(self, config: ServerConfig) -> None:
         async with self._lock:
@@ -212,6 +229,16 @@ class ModelManager:
                     model.versions[number] = version
                     self.registry.put(model)  # the new one takes traffic; the old one drains
                     self._retire(model, old, replaced=True)
+        for number, loaded in list(present.items()):
+            if self._entry_changed(config, loaded):
+                version = await self._load(config, on_disk[number])
+                if version is None:
+                    self._failed_entries[(config.name, number)] = _version_entry(config)
+                    continue
+                present[number] = version
+                model.versions[number] = version
+                self.registry.put(model)  # the new one takes traffic; the old one drains
+                self._retire(model, loaded, replaced=True)
         for folder in sorted(new, key=lambda f: -f.version):
             if folder.version in chosen:
                 version = await self._load(config, folder)
@@ -222,23 +249,51 @@ class ModelManager:
         # The policy chooses among what actually loaded, so a failed new version displaces nothing.
         keep = set(config.model_version_policy.select(list(present)))
         if not keep and current:
-            log.error("model %s: no version on disk can be served; the loaded versions keep serving", config.name)
+            self._error_once(
+                f"none:{config.name}",
+                "model %s: no version on disk can be served; the loaded versions keep serving",
+                config.name,
+            )
             return
+        self._said.pop(f"none:{config.name}", None)
         stale = [label for label, number in config.version_labels.items() if number not in keep]
         if stale:
             labels = served.config.version_labels if served is not None else {}
-            log.error(
+            self._error_once(
+                f"labels:{config.name}",
                 "model %s: version_labels %s point to versions that are not served; keeping labels %s",
                 config.name,
                 ", ".join(stale),
                 labels,
             )
             model = ServedModel(config.model_copy(update={"version_labels": labels}), model.versions)
+        else:
+            self._said.pop(f"labels:{config.name}", None)
         if keep or served is not None:
             self.registry.put(model)
         for number, version in current.items():
             if number not in keep:
                 self._retire(model, version)
+
+    def _entry_changed(self, config: ModelConfig, loaded: ModelVersion) -> bool:
+        """Whether a loaded version was loaded with another config entry than ``config`` (keys beyond
+        :data:`MODEL_KEYS`), and has not failed to load with this one already (logged then)."""
+        key = (config.name, loaded.version)
+        wanted, had = _version_entry(config), _version_entry(loaded.config)
+        changed = sorted(name for name in wanted if wanted[name] != had.get(name))
+        if not changed:
+            if self._failed_entries.pop(key, None) is not None:
+                self.registry.failures.pop(key, None)  # the entry it failed with is gone
+            return False
+        if self._failed_entries.get(key) == wanted:
+            return False
+        log.info(
+            "model %s: version %d loads again: its config entry changed (%s); it serves as it is meanwhile",
+            config.name,
+            loaded.version,
+            ", ".join(changed),
+        )
+        return True
 
     def _note_empty(self, name: str, empty: set[int], on_disk: dict[int, VersionFolder]) -> None:
         """Version folders without their model file are unavailable, and cost one look per poll (no walk,
@@ -428,3 +483,8 @@ class ModelManager:
 
     async def close(self) -> None:
         await self._settle()
+
+
+def _version_entry(config: ModelConfig) -> dict[str, object]:
+    """The keys of a model's config entry that a loaded version was made with (all but :data:`MODEL_KEYS`)."""
+    return config.model_dump(exclude=set(MODEL_KEYS))
