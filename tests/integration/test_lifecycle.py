@@ -233,6 +233,23 @@ def test_a_changed_entry_loads_its_versions_again_and_a_refused_one_is_said_once
     assert any("valid again" in m for _, m in said)
 
 
+def test_a_layout_of_thousands_of_threads_is_refused_with_its_count(polled: tuple[RunningServer, Path, Path]) -> None:
+    """An entry asking for 5,000 intra-op and inter-op threads made ONNX Runtime's pool creation hang
+    for good under an address-space cap: the load never returned, reloads stopped and SIGTERM could not
+    end the process (outside attack rt12 F4)."""
+    server, _, config_file = polled
+    threads = {"intra_op_num_threads": 5000, "inter_op_num_threads": 5000, "execution_mode": "parallel"}
+    write_config(config_file, extra=[{"name": "t", "base_path": "m", "session_options": threads}])
+    wait_until(lambda: any(e["name"] == "t" for e in index(server)), what="the new entry in the index")
+    (entry,) = [e for e in index(server) if e["name"] == "t"]
+    assert entry["state"] == "UNAVAILABLE"
+    assert "asks for 10,000 ONNX Runtime threads" in entry["reason"]
+    # reloads go on, and the same file loads for another entry
+    write_config(config_file, extra=[{"name": "after", "base_path": "m"}])
+    wait_until(lambda: httpx.get(f"{server.http_url}/v2/models/after/ready").status_code == 200, what="after")
+    assert httpx.post(f"{server.http_url}/v2/models/m/infer", json=infer_body(1.0)).status_code == 200
+
+
 @pytest.fixture
 def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
     repo = tmp_path / "repo"

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
 from onnxserve.core.client_text import shown
+from onnxserve.core.daemon_calls import call_in_daemon_thread
 from onnxserve.core.observe import VersionRecord
 from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
@@ -51,6 +52,9 @@ from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError,
 log = logging.getLogger(__name__)
 
 UNLOAD_POLL_SECONDS = 0.01
+
+LOAD_WARNING_SECONDS = 60.0
+"""How often a load that has not finished says so (a WARNING): reloads and model control wait for it."""
 
 MODEL_KEYS = frozenset({"model_version_policy", "version_labels"})
 """Keys of a model's config entry that apply to the model as a whole; a change of any other key (its
@@ -159,7 +163,8 @@ class ModelManager:
         self.wait_for_stable_folders = wait_for_stable_folders
         # Keyed by model file: flat versions of several models may share a folder.
         self._signatures: dict[Path, Signature | None] = {}
-        self._failed_signatures: dict[Path, Signature | None] = {}
+        # By model and file: one model's entry failing with a file says nothing of another's.
+        self._failed_signatures: dict[tuple[str, Path], Signature | None] = {}
         self._empty: dict[str, set[int]] = {}  # by model: version folders seen without their model file
         # (model, version): the entry a version failed to load again with, not retried until it changes
         self._failed_entries: dict[tuple[str, int], dict[str, object]] = {}
@@ -320,13 +325,16 @@ class ModelManager:
         for key in [k for k in self.registry.failures if k[0] == config.name and k[1] not in on_disk]:
             del self.registry.failures[key]
         base = config.base_path
-        for memory in (self._signatures, self._failed_signatures):
-            mine = [p for p in memory if p == base or base in p.parents]
-            if mine:  # (the model files of thousands of empty folders are not built for nothing)
-                files = {f.model_file for f in on_disk.values()}
-                for path in mine:
-                    if path not in files:
-                        del memory[path]
+        signatures = [p for p in self._signatures if p == base or base in p.parents]
+        failed = [(n, p) for n, p in self._failed_signatures if n == config.name]
+        if signatures or failed:  # (the model files of thousands of empty folders are not built for nothing)
+            files = {f.model_file for f in on_disk.values()}
+            for path in signatures:
+                if path not in files:
+                    del self._signatures[path]
+            for model_file in failed:
+                if model_file[1] not in files:
+                    del self._failed_signatures[model_file]
 
     def _replaced(
         self, name: str, loaded: ModelVersion, folder: VersionFolder, signature: Signature | None, retry_failed: bool
@@ -343,8 +351,8 @@ class ModelManager:
 
         A folder that leads outside (no signature) is tried once, without waiting for it to be stable:
         the loader refuses it before reading anything, and the index shows why."""
-        failed = folder.model_file in self._failed_signatures
-        if failed and not retry_failed and self._failed_signatures[folder.model_file] == signature:
+        key = (name, folder.model_file)
+        if key in self._failed_signatures and not retry_failed and self._failed_signatures[key] == signature:
             return False
         if signature is None:
             return True
@@ -360,12 +368,12 @@ class ModelManager:
     async def _load(self, config: ModelConfig, folder: VersionFolder) -> ModelVersion | None:
         log.info("model %s: loading version %d", config.name, folder.version)
         try:
-            version = await asyncio.to_thread(load_version, config, folder, self.registry.observers)
+            version = await self._loaded(config, folder)
         except Exception as e:  # whatever a version's files make the loader raise is that version's failure
             message = e.message if isinstance(e, OnnxServeError) else f"{type(e).__name__}: {e}"
             again = self.registry.failures.get((config.name, folder.version)) == message
             self.registry.failures[(config.name, folder.version)] = message
-            self._failed_signatures[folder.model_file] = await asyncio.to_thread(folder.signature)
+            self._failed_signatures[(config.name, folder.model_file)] = await asyncio.to_thread(folder.signature)
             # once per distinct reason: a control client that retries a broken model cannot flood the log
             log.log(
                 logging.INFO if again else logging.ERROR,
@@ -377,9 +385,27 @@ class ModelManager:
             )
             return None
         self.registry.failures.pop((config.name, folder.version), None)
-        self._failed_signatures.pop(folder.model_file, None)
+        self._failed_signatures.pop((config.name, folder.model_file), None)
         log.info("model %s: version %d ready (%.2f s)", config.name, folder.version, version.load_seconds)
         return version
+
+    async def _loaded(self, config: ModelConfig, folder: VersionFolder) -> ModelVersion:
+        """``load_version`` on a daemon thread (a load that never returns cannot keep the process from
+        exiting), with a WARNING every ``LOAD_WARNING_SECONDS`` while it runs: reloads wait for it."""
+        call = partial(load_version, config, folder, self.registry.observers)
+        loading = asyncio.ensure_future(call_in_daemon_thread(call, f"onnxserve-load-{config.name}"))
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait({loading}, timeout=LOAD_WARNING_SECONDS)
+            if done:
+                return loading.result()
+            waited += LOAD_WARNING_SECONDS
+            log.warning(
+                "model %s: version %d is still loading after %.0f s; reloads and model control wait for it",
+                config.name,
+                folder.version,
+                waited,
+            )
 
     # --- retiring ---------------------------------------------------------------------------------
 

@@ -160,6 +160,30 @@ class Layout:
     adaptive: bool
 
 
+THREADS_PER_CPU = 8
+"""ONNX Runtime threads a version's sessions may ask for together, per CPU of the budget (at least
+``MIN_THREADS``): far more only slows runs, and thousands can deadlock ONNX Runtime's thread pool
+creation when the address space runs out (a load that never returns)."""
+
+MIN_THREADS = 64
+
+
+def check_threads(config: ModelConfig, chosen: Layout) -> None:
+    """A ConfigError when the layout asks for more threads than :data:`THREADS_PER_CPU` allows."""
+    cpus = os.cpu_count() or 1
+    options = chosen.options
+    intra = options.intra_op_num_threads or cpus  # 0: ONNX Runtime's default, one per core
+    inter = (options.inter_op_num_threads or cpus) if options.execution_mode == "parallel" else 0
+    threads = chosen.sessions * (intra + inter)
+    allowed = max(MIN_THREADS, THREADS_PER_CPU * cpu_budget())
+    if threads > allowed:
+        raise ConfigError(
+            f"its config asks for {threads:,} ONNX Runtime threads ({chosen.sessions} session(s) x "
+            f"({intra} intra-op + {inter} inter-op)); at most {allowed} are allowed with {cpu_budget()} CPU(s) "
+            "(lower instance_count or session_options' thread counts)"
+        )
+
+
 def layout(config: ModelConfig) -> Layout:
     """The configured layout, or (a config that sets none of it) the adaptive one: ONE session whose
     intra-op pool has every core of the budget, run by up to that many threads at once. One run alone
@@ -201,6 +225,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
         folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
     )
     chosen = layout(config)
+    check_threads(config, chosen)
     sessions = [
         ModelSession(folder.model_file, config.providers(), chosen.options, name=name) for _ in range(chosen.sessions)
     ]
