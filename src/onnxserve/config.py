@@ -23,6 +23,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from onnxserve.core.client_text import logged
 from onnxserve.errors import ConfigError
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -189,6 +190,10 @@ _FRIENDLY = {
 }
 
 
+MAX_CONFIG_ERRORS = 20
+"""The most validation errors a refused config's message lists (each cut to 300 characters)."""
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for e in error.errors():
@@ -196,7 +201,10 @@ def _describe(error: ValidationError, source: str) -> str:
         for part in e["loc"]:
             loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
         message = _FRIENDLY.get(e["type"], e["msg"].removeprefix("Value error, "))
-        lines.append(f"{source}: {loc or '(top level)'}: {message}")
+        lines.append(logged(f"{source}: {logged(loc) or '(top level)'}: {message}"))
+        if len(lines) == MAX_CONFIG_ERRORS and len(error.errors()) > MAX_CONFIG_ERRORS:
+            lines.append(f"{source}: ... and {len(error.errors()) - MAX_CONFIG_ERRORS} more errors")
+            break
     return "\n".join(lines)
 
 
@@ -225,5 +233,9 @@ def load_config(path: str | os.PathLike[str]) -> ServerConfig:
     try:
         document = yaml.safe_load(raw) if is_yaml else orjson.loads(raw)
     except (orjson.JSONDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{file}: not valid {'YAML' if is_yaml else 'JSON'}: {e}") from None
+        raise ConfigError(logged(f"{file}: not valid {'YAML' if is_yaml else 'JSON'}: {e}")) from None
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise ConfigError(f"{file}: not valid YAML: nested too deeply") from None
+    except ValueError as e:  # PyYAML's int() of a number of thousands of digits
+        raise ConfigError(logged(f"{file}: not valid YAML: {e}")) from None
     return parse_config(document, str(file), file.resolve().parent)

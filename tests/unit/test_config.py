@@ -209,6 +209,40 @@ def test_bad_yaml(tmp_path: Path) -> None:
     assert "YAML" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("model_config_list: " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("model_config_list:\n  - name: m\n    base_path: m\n    max_batch_size: " + "9" * 5000, "digits"),
+    ],
+    ids=["deep", "huge-int"],
+)
+def test_yaml_that_pyyaml_fails_on_outside_its_errors_is_a_config_error(tmp_path: Path, text: str, said: str) -> None:
+    """PyYAML raises RecursionError and ValueError of its own for these: a traceback at start-up (exit 1)
+    and on every poll (outside attack rt12 F5)."""
+    file = tmp_path / "config.yaml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    assert said in caught.value.message
+    assert len(caught.value.message) < 1000
+
+
+def test_a_refused_config_does_not_repeat_a_huge_value_or_every_error(tmp_path: Path) -> None:
+    """A 20 MB model_platform was repeated whole in the ERROR of every poll (rt12 F5)."""
+    file = tmp_path / "config.json"
+    entries = [{"name": f"m{i}", "base_path": "m", "model_platform": "x" * 1_000_000} for i in range(3)]
+    entries += [{"name": f"n{i}", "base_path": "m", "bogus": i} for i in range(100)]
+    file.write_text(json.dumps({"model_config_list": entries}))
+    with pytest.raises(ConfigError) as caught:
+        load_config(file)
+    lines = caught.value.message.splitlines()
+    assert len(lines) == 21
+    assert "model_platform" in lines[0]
+    assert all(len(line) < 400 for line in lines)
+    assert lines[-1].endswith("... and 83 more errors")
+
+
 def test_bad_yaml_with_upper_case_suffix_is_called_yaml(tmp_path: Path) -> None:
     # The file is parsed as YAML (the suffix check is case-insensitive); the message must agree.
     file = tmp_path / "config.YAML"
