@@ -28,11 +28,10 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import onnx
 import onnxruntime as ort
 import orjson
-from onnx import TensorProto, helper
 
+from bench.data import write_identity_model
 from bench.server import HOST, free_port, log_tail, stop_process_group
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -40,18 +39,6 @@ SHAPE = (8, 3, 224, 224)
 MIB = 1024 * 1024
 MAX_MESSAGE = 256 * MIB
 RESULTS = Path(__file__).parent / "results" / "large_tensor.json"
-
-
-def write_model(repository: Path) -> Path:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 224, 224])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 224, 224])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = repository / "identity" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    onnx.save(model, path)
-    return path
 
 
 def interleaved(
@@ -141,7 +128,7 @@ def main() -> None:
     results: dict[str, Any] = {"shape": list(SHAPE), "mib": round(mib, 3), "runs": args.runs, "trees": {}}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repository = Path(tmp) / "models"
-        model = write_model(repository)
+        model = write_identity_model(repository, ["n", 3, 224, 224])
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         calls: dict[str, dict[str, Callable[[], object]]] = {}
         for name, src in trees:

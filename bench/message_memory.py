@@ -30,28 +30,16 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import onnx
 import orjson
 import psutil
-from onnx import TensorProto, helper
 
+from bench.data import write_identity_model
 from bench.large_tensor import server
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 MIB = 1024 * 1024
 ELEMENTS = 15 * MIB // 4 * 4  # 60 MiB of FP32, the size the outside attack sent
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def write_model(repository: Path) -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = repository / "identity" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    onnx.save(model, path)
 
 
 class Peak:
@@ -164,7 +152,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "models"
-        write_model(repository)
+        write_identity_model(repository, [1, "n"])
         for name, src in trees:
             log = Path(tmp) / f"{name}.log"
             with server(str(Path(src).resolve()), repository, log) as (url, target):
