@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import re
 import resource
+import selectors
+import socket
 import subprocess
 import sys
 import threading
@@ -128,6 +130,55 @@ def serve_capped(
     return CappedServer(
         ["--model-repository", str(repository), *extra], cap_bytes=cap_bytes, data_cap_bytes=data_cap_bytes
     )
+
+
+def connect_from(server: CappedServer, address: str) -> socket.socket:
+    """A blocking connection to the server's HTTP port from the loopback ``address`` (127.0.0.x: a client
+    of its own, as far as the server's per-address sharing goes)."""
+    return socket.create_connection((server.host, server.http_port), timeout=30, source_address=(address, 0))
+
+
+def raw_request(method: str, path: str, body: bytes = b"", close: bool = False) -> bytes:
+    """An HTTP/1.1 request with a JSON ``body`` as bytes, to send on a raw socket."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode("ascii") + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a blocking socket; fails if the server
+    closes before answering."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before answering: {data[:300]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether the server wrote anything on ``sock`` or closed it (without waiting)."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    try:
+        return bool(selector.select(timeout=0))
+    finally:
+        selector.close()
+
+
+def said_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server wrote on ``sock`` before closing it; fails on a reset instead of an orderly
+    close, or when nothing comes for ``timeout`` seconds."""
+    said = b""
+    sock.settimeout(timeout)
+    while chunk := sock.recv(65536):
+        said += chunk
+    return said
 
 
 def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
