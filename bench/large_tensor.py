@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,7 @@ import onnxruntime as ort
 import orjson
 
 from bench.data import write_identity_model
-from bench.server import HOST, free_port, log_tail, stop_process_group
+from bench.server import OnnxServer
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 SHAPE = (8, 3, 224, 224)
@@ -54,31 +51,6 @@ def interleaved(
                 if round_ >= warmup:
                     times[tree][kind].append(time.perf_counter() - started)
     return {t: {k: statistics.median(v) * 1000 for k, v in c.items()} for t, c in times.items()}
-
-
-@contextlib.contextmanager
-def server(src: str, repository: Path, log: Path) -> Iterator[tuple[str, str]]:
-    http_port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": src}
-    command = [sys.executable, "-m", "onnxserve.cli", "serve", "--model-repository", str(repository)]
-    command += ["--host", HOST, "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{HOST}:{http_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server from {src} exited:\n{log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"server from {src} not ready:\n{log_tail(log)}")
-        yield url, f"{HOST}:{grpc_port}"
-    finally:
-        stop_process_group(process)
 
 
 def http_call(client: httpx.Client, url: str, x: np.ndarray[Any, Any]) -> Callable[[], object]:
@@ -132,7 +104,9 @@ def main() -> None:
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         calls: dict[str, dict[str, Callable[[], object]]] = {}
         for name, src in trees:
-            url, target = stack.enter_context(server(str(Path(src).resolve()), repository, Path(tmp) / f"{name}.log"))
+            running = OnnxServer(None, Path(tmp) / f"{name}.log", name, Path(src), repository=repository)
+            stack.enter_context(running)
+            url, target = running.http_url, running.grpc_address
             client = stack.enter_context(httpx.Client(timeout=60))
             grpc_infer, channel = grpc_call(target, x)
             stack.enter_context(channel)

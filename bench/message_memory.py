@@ -34,7 +34,7 @@ import orjson
 import psutil
 
 from bench.data import write_identity_model
-from bench.large_tensor import server
+from bench.server import OnnxServer
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 MIB = 1024 * 1024
@@ -136,12 +136,6 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
     return row
 
 
-def server_pid(url: str) -> int:
-    """The pid of the server this process started that listens at ``url``."""
-    port = url.rsplit(":", 1)[1]
-    return next(c.pid for c in psutil.Process().children() if port in " ".join(c.cmdline()))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", action="append", default=[], help="NAME=SRC (repeatable; default: this=src)")
@@ -155,9 +149,8 @@ def main() -> None:
         write_identity_model(repository, [1, "n"])
         for name, src in trees:
             log = Path(tmp) / f"{name}.log"
-            with server(str(Path(src).resolve()), repository, log) as (url, target):
-                pid = server_pid(url)
-                rows[name] = measure(pid, url, target, args.callers, args.calls)
+            with OnnxServer(None, log, name, Path(src), repository=repository) as running:
+                rows[name] = measure(running.pid, running.http_url, running.grpc_address, args.callers, args.calls)
     print(f"one request: 60 MiB FP32 to an Identity model; attack: {args.callers} gRPC callers x {args.calls}")
     print(f"{'tree':<10}{'rest':>8}{'one gRPC':>10}{'one HTTP':>10}{'attack peak':>13}{'kept':>8}  answers (MiB)")
     for name, row in rows.items():

@@ -101,12 +101,22 @@ class ModelStats:
 
 
 class OnnxServer:
-    """``.venv/bin/onnxserve serve --config CONFIG`` on free loopback ports; a context manager."""
+    """``.venv/bin/onnxserve serve --config CONFIG`` (or ``--model-repository REPOSITORY``, with ``config``
+    None) on free loopback ports; a context manager."""
 
     def __init__(
-        self, config: Path, log: Path, name: str, src: Path | None = None, env: dict[str, str] | None = None
+        self,
+        config: Path | None,
+        log: Path,
+        name: str,
+        src: Path | None = None,
+        env: dict[str, str] | None = None,
+        repository: Path | None = None,
     ) -> None:
+        if (config is None) == (repository is None):
+            raise ValueError("serve either a config or a model repository")
         self.config = config
+        self.repository = repository
         self.log = log
         self.name = name
         self.src = src  # another source tree to serve from (PYTHONPATH), e.g. the code before a change
@@ -132,8 +142,8 @@ class OnnxServer:
         return [
             str(ROOT / ".venv" / "bin" / "onnxserve"),
             "serve",
-            "--config",
-            str(self.config),
+            *(["--config", str(self.config)] if self.config is not None else []),
+            *(["--model-repository", str(self.repository)] if self.repository is not None else []),
             "--host",
             HOST,
             "--http-port",
