@@ -28,7 +28,6 @@ import tiny_text_models
 from onnxserve.core.attention_memory import MAX_EXECUTION_BYTES, ExecutionMemory
 from onnxserve.core.registry import ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
-from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 CAP = 4 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
@@ -44,10 +43,7 @@ SECONDS = 120
 @pytest.fixture(scope="module")
 def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wide")
-    source = tiny_text_models.tiny_bert_folder(root / "hf", layers=1, heads=8, positions=TOKENS)
-    version = root / "repository" / "wide" / "1"
-    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
-    return version
+    return tiny_text_models.tiny_bert_version(root, "repository/wide/1", layers=1, heads=8, positions=TOKENS)
 
 
 @pytest.fixture(scope="module")

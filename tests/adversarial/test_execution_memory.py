@@ -24,7 +24,6 @@ from watch import Watch
 
 import tiny_text_models
 from onnxserve.core.attention_memory import EXECUTION_BYTES_AT_ONCE
-from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 CAP = 6 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
@@ -39,10 +38,7 @@ PEAK_BOUND = EXECUTION_BYTES_AT_ONCE + 512 * 1024**2
 @pytest.fixture(scope="module")
 def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wide")
-    source = tiny_text_models.tiny_bert_folder(root / "hf", layers=1, heads=8, positions=TOKENS)
-    version = root / "repository" / "wide" / "1"
-    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
-    return version
+    return tiny_text_models.tiny_bert_version(root, "repository/wide/1", layers=1, heads=8, positions=TOKENS)
 
 
 @pytest.fixture(scope="module")
