@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import trustme
 from harness import CappedServer, serve_capped
 from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets
 
@@ -32,24 +31,6 @@ MAX_CONNECTIONS = 20
 PROBE_RESERVE = 16  # connections.PROBE_RESERVE
 PROBE_BOUND = 2.0  # a fresh connection with a TLS handshake, on a loaded machine
 RSS_GROWTH_BOUND = 300 * 1024**2
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    leaf = ca.issue_cert("127.0.0.1")
-    files = {"cert": folder / "server.pem", "key": folder / "server.key", "ca": folder / "ca.pem"}
-    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    for blob in leaf.cert_chain_pems[1:]:
-        blob.write_to_path(str(files["cert"]), append=True)
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    return files
 
 
 @pytest.fixture(scope="module")
