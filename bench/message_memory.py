@@ -18,7 +18,6 @@ The servers run one after another (each alone on the box); only sizes are compar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import threading
 import time
@@ -34,36 +33,12 @@ import orjson
 import psutil
 
 from bench.data import write_identity_model
-from bench.server import OnnxServer
+from bench.server import OnnxServer, PeakRss
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 MIB = 1024 * 1024
 ELEMENTS = 15 * MIB // 4 * 4  # 60 MiB of FP32, the size the outside attack sent
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-class Peak:
-    """The largest resident size of ``pid`` while in the block, sampled every 5 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> Peak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def grpc_infer(target: str, request: pb.ModelInferRequest) -> str:
@@ -99,7 +74,7 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
         peaks = []
         for _ in range(3):
             before = process.memory_info().rss
-            with Peak(pid) as peak:
+            with PeakRss(pid) as peak:
                 call()
             peaks.append(peak.peak - before)
         return max(peaks) / MIB
@@ -121,7 +96,7 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
                 answers[code] += 1
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
-    with Peak(pid) as peak:
+    with PeakRss(pid) as peak:
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -30,6 +30,7 @@ import orjson
 import psutil
 import pytest
 import requests
+from bench.server import PeakRss
 from harness import CappedServer, serve_capped
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -85,32 +86,6 @@ def _infer(target: str, request: pb.ModelInferRequest) -> tuple[grpc.StatusCode,
             return grpc.StatusCode.OK, call(request, timeout=120)
         except grpc.RpcError as e:
             return e.code(), e.details() or ""
-
-
-class PeakRss:
-    """The process's largest resident size, sampled every few milliseconds while in the block."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def _attack(server: CappedServer, callers: list[Callable[[], Any]]) -> tuple[list[Any], float]:
