@@ -181,16 +181,39 @@ def said_until_closed(sock: socket.socket, timeout: float) -> bytes:
     return said
 
 
-def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
-    """One V2 gRPC ModelInfer call to ``target`` with no client-side limit on the answer's size."""
-    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+UNLIMITED_MESSAGES = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+"""Channel options that lift the client's own limits on message size, both ways."""
+
+
+def grpc_answer(
+    target: str,
+    request: pb.ModelInferRequest | bytes,
+    timeout: float = 60.0,
+    options: Sequence[tuple[str, int]] = UNLIMITED_MESSAGES,
+) -> pb.ModelInferResponse | grpc.RpcError:
+    """One V2 gRPC ModelInfer call to ``target`` (``request`` serialized, or bytes sent as they are) on a
+    channel of its own with ``options``: the answer, or the error the call ended with."""
+    with grpc.insecure_channel(target, options=list(options)) as channel:
         call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
+            MODEL_INFER,
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
             response_deserializer=pb.ModelInferResponse.FromString,
         )
-        response: pb.ModelInferResponse = call(request, timeout=timeout)
-        return response
+        try:
+            response: pb.ModelInferResponse = call(request, timeout=timeout)
+            return response
+        except grpc.RpcError as e:
+            return e
+
+
+def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
+    """One V2 gRPC ModelInfer call to ``target`` with no client-side limit on the answer's size; raises
+    the call's ``grpc.RpcError``."""
+    answer = grpc_answer(target, request, timeout, options=[("grpc.max_receive_message_length", -1)])
+    if isinstance(answer, grpc.RpcError):
+        raise answer
+    return answer
 
 
 def fill_request(n: int, model: str = "fill") -> pb.ModelInferRequest:

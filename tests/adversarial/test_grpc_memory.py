@@ -31,7 +31,7 @@ import psutil
 import pytest
 import requests
 from bench.server import PeakRss
-from harness import CappedServer, serve_capped
+from harness import CappedServer, grpc_answer, serve_capped
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -48,7 +48,6 @@ under the load (thread arenas, connections). Measured on a loaded 2-core box: 33
 (16 and 12 callers); before the fix, 880 to 1,330 MiB, growing with the callers refused."""
 PROBE_BOUND_S = 1.0  # generous: the box running the suite is shared and loaded
 UVICORN_PARSER_400 = "Invalid HTTP request received."
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +75,10 @@ def _add_request(rows: int) -> tuple[pb.ModelInferRequest, np.ndarray, np.ndarra
 
 
 def _infer(target: str, request: pb.ModelInferRequest) -> tuple[grpc.StatusCode, pb.ModelInferResponse | str]:
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        try:
-            return grpc.StatusCode.OK, call(request, timeout=120)
-        except grpc.RpcError as e:
-            return e.code(), e.details() or ""
+    answer = grpc_answer(target, request, timeout=120)
+    if isinstance(answer, grpc.RpcError):
+        return answer.code(), answer.details() or ""
+    return grpc.StatusCode.OK, answer
 
 
 def _attack(server: CappedServer, callers: list[Callable[[], Any]]) -> tuple[list[Any], float]:
