@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import orjson
@@ -128,7 +128,35 @@ class ModelStats:
         }
 
 
-class OnnxServer:
+class ServerProcess:
+    """A server in a process group of its own (``start`` starts it), stopped for sure: a context manager
+    that stops what ``start`` left behind when it fails or is interrupted, and stops it on leaving."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process_group(self._process)
+            self._process = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class OnnxServer(ServerProcess):
     """``.venv/bin/onnxserve serve --config CONFIG`` (or ``--model-repository REPOSITORY``, with ``config``
     None) on free loopback ports; a context manager."""
 
@@ -214,11 +242,6 @@ class OnnxServer:
             raise ServerError(f"onnxserve ({self.name}) is not running")
         return self._process.pid
 
-    def stop(self) -> None:
-        if self._process is not None:
-            stop_process_group(self._process)
-            self._process = None
-
     def max_batch_size(self, model: str) -> int:
         """The ``max_batch_size`` the server gives ``model`` (its V2 model configuration): > 0 when it batches."""
         document = orjson.loads(httpx.get(f"{self.http_url}/v2/models/{model}/config", timeout=10.0).content)
@@ -236,16 +259,3 @@ class OnnxServer:
             requests=int(inference["success"]["count"]),
             batches={int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])},
         )
-
-    def __enter__(self) -> OnnxServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
