@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 import models
 import onnxserve
+from models import add_arrays, fixed_array, mixed_arrays
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
@@ -146,26 +147,6 @@ def assert_outputs_match(got: Mapping[str, Array], expected: Mapping[str, Array]
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-def add_arrays(batch: int = 3, seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        "a": rng.standard_normal((batch, 16), dtype=np.float32),
-        "b": rng.standard_normal((batch, 16), dtype=np.float32),
-    }
-
-
-def mixed_arrays(seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),  # beyond float64's 53 bits
-        "flags": np.array([True, False, False, True]),
-        "half": rng.standard_normal((4, 2)).astype(np.float16),
-        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
-        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
-        "wide": rng.standard_normal(4) * 1e300,
-    }
-
-
 def typed_arrays(seed: int = 0) -> dict[str, Array]:
     rng = np.random.default_rng(seed)
     mixed = mixed_arrays(seed)
@@ -175,10 +156,6 @@ def typed_arrays(seed: int = 0) -> dict[str, Array]:
 
 def strings_array() -> Array:
     return np.array(["héllo wörld", "日本語のテキスト", "", "emoji 🚀", "plain"], dtype=object)
-
-
-def fixed_array(seed: int = 0) -> Array:
-    return np.random.default_rng(seed).standard_normal((2, 3), dtype=np.float32)
 
 
 # --- raw gRPC messages -----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import pytest
 
 import models
 import onnxserve
+from models import mixed_arrays
 from onnxserve.config import ServerConfig
 from onnxserve.server.lifecycle import RunningServer
 from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
@@ -204,24 +205,8 @@ def assert_outputs_match(got: Mapping[str, Array], expected: Mapping[str, Array]
 
 
 def add_arrays(batch: int = 3, seed: int = 0) -> tuple[Array, Array]:
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((batch, 16), dtype=np.float32),
-        rng.standard_normal((batch, 16), dtype=np.float32),
-    )
-
-
-def mixed_arrays(seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        # beyond 2**53: an INT64 that a float64 round trip would corrupt
-        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),
-        "flags": np.array([True, False, False, True]),
-        "half": rng.standard_normal((4, 2)).astype(np.float16),
-        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
-        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
-        "wide": rng.standard_normal(4) * 1e300,
-    }
+    arrays = models.add_arrays(batch, seed)
+    return arrays["a"], arrays["b"]
 
 
 def check_good_add_request(client: httpx.Client) -> None:
