@@ -26,6 +26,7 @@ from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.batching import DynamicBatcher
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
+from waiting import until
 
 FOREVER = 1e9
 """A blocker's value: more products than any test waits for (it is always cancelled)."""
@@ -75,13 +76,6 @@ def batch_sizes(server: RunningServer) -> Counter[int]:
     """Executions per batch size, from the V2 statistics extension."""
     doc = httpx.get(f"{server.http_url}/v2/models/paced/stats").json()["model_stats"][0]
     return Counter({b["batch_size"]: b["compute_infer"]["count"] for b in doc["batch_stats"]})
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
 
 
 async def burst_behind_a_blocker(server: RunningServer, blocker_rows: int, count: int) -> list[httpx.Response]:
