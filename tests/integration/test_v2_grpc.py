@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import queue
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from onnxserve.config import ServerConfig, parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
-from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
+from vocabulary import ONNX_V2, V2_NUMPY, decode_raw, encode_raw, v2_datatype
 
 Array = npt.NDArray[Any]
 Code = grpc.StatusCode
@@ -159,29 +158,6 @@ def strings_array() -> Array:
 
 
 # --- raw gRPC messages -----------------------------------------------------------------------------
-
-
-def encode_raw(array: Array) -> bytes:
-    """Raw contents: little-endian values, or a 4-byte length before each BYTES element."""
-    if array.dtype == np.object_:
-        items = [_utf8(v) for v in array.reshape(-1)]
-        return b"".join(struct.pack("<I", len(v)) + v for v in items)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-
-
-def decode_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        offset = 0
-        while offset < len(raw):
-            (size,) = struct.unpack_from("<I", raw, offset)
-            items.append(raw[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-        out = np.empty(len(items), dtype=object)
-        out[:] = items
-        return out.reshape(shape)
-    dtype = np.dtype(V2_NUMPY[datatype]).newbyteorder("<")
-    return np.frombuffer(raw, dtype=dtype).astype(V2_NUMPY[datatype]).reshape(shape)
 
 
 def raw_request(

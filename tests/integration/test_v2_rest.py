@@ -9,7 +9,6 @@ the server serving), and that a slow inference does not hold up health checks or
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import threading
 import time
@@ -31,7 +30,7 @@ import onnxserve
 from models import mixed_arrays
 from onnxserve.config import ServerConfig
 from onnxserve.server.lifecycle import RunningServer
-from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
+from vocabulary import ONNX_V2, V2_NUMPY, decode_raw, encode_raw, v2_datatype
 
 Array = npt.NDArray[Any]
 StartServer = Callable[[ServerConfig], RunningServer]
@@ -95,25 +94,12 @@ def tensor_json(name: str, array: Array, *, nested: bool = True) -> dict[str, An
     return {"name": name, "shape": list(array.shape), "datatype": v2_datatype(array), "data": data}
 
 
-def encode_raw(array: Array) -> bytes:
-    """Binary-extension bytes: little-endian values, or a 4-byte length before each BYTES element."""
-    if array.dtype == np.object_:
-        items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.reshape(-1)]
-        return b"".join(struct.pack("<I", len(v)) + v for v in items)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-
-
-def decode_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
+def decode_text_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
+    """``decode_raw``, with BYTES elements as text."""
+    array = decode_raw(raw, datatype, shape)
     if datatype == "BYTES":
-        items: list[str] = []
-        offset = 0
-        while offset < len(raw):
-            (size,) = struct.unpack_from("<I", raw, offset)
-            items.append(raw[offset + 4 : offset + 4 + size].decode("utf-8"))
-            offset += 4 + size
-        return np.array(items, dtype=object).reshape(shape)
-    dtype = np.dtype(V2_NUMPY[datatype]).newbyteorder("<")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return np.array([v.decode("utf-8") for v in array.reshape(-1)], dtype=object).reshape(shape)
+    return array
 
 
 def tensor_binary(name: str, array: Array) -> tuple[dict[str, Any], bytes]:
@@ -184,7 +170,7 @@ def binary_outputs(response: httpx.Response) -> tuple[dict[str, Any], dict[str, 
         if "binary_data_size" in params:
             assert "data" not in tensor
             size = params["binary_data_size"]
-            arrays[tensor["name"]] = decode_raw(raw[offset : offset + size], tensor["datatype"], tensor["shape"])
+            arrays[tensor["name"]] = decode_text_raw(raw[offset : offset + size], tensor["datatype"], tensor["shape"])
             offset += size
         else:
             arrays.update(json_outputs({"outputs": [tensor]}))
