@@ -9,6 +9,7 @@ Only loopback addresses are ever used.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import resource
 import selectors
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -130,6 +132,15 @@ def serve_capped(
     return CappedServer(
         ["--model-repository", str(repository), *extra], cap_bytes=cap_bytes, data_cap_bytes=data_cap_bytes
     )
+
+
+def serve_config(
+    folder: Path, entries: Sequence[dict[str, Any]], *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES
+) -> CappedServer:
+    """``CappedServer`` over a config file, ``folder/config.json``, whose ``model_config_list`` is ``entries``."""
+    config = folder / "config.json"
+    config.write_text(json.dumps({"model_config_list": list(entries)}))
+    return CappedServer(["--config", str(config), *extra], cap_bytes=cap_bytes)
 
 
 def connect_from(server: CappedServer, address: str) -> socket.socket:

@@ -10,7 +10,6 @@ weights, takes the memory, as in a real encoder.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from harness import CappedServer
+from harness import CappedServer, serve_config
 from watch import Watch
 
 import tiny_text_models
@@ -49,11 +48,9 @@ def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(wide_version: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     """``wide``: the default layout; ``single``: the same model on one instance (one run at a time)."""
-    config = tmp_path_factory.mktemp("config") / "config.json"
     models = [{"name": "wide", "base_path": str(wide_version.parent)}]
     models.append({"name": "single", "base_path": str(wide_version.parent), "instance_count": 1})
-    config.write_text(json.dumps({"model_config_list": models}))
-    with CappedServer(["--config", str(config)], cap_bytes=CAP) as running:
+    with serve_config(tmp_path_factory.mktemp("config"), models, cap_bytes=CAP) as running:
         yield running
 
 

@@ -12,14 +12,13 @@ weights, takes the memory, as in a real encoder; four instances, so four executi
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from harness import CappedServer
+from harness import CappedServer, serve_config
 from watch import Watch
 
 import tiny_text_models
@@ -44,14 +43,12 @@ def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(wide_version: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     """``direct``: four instances, requests not merged; ``batched``: four instances, requests merged."""
-    config = tmp_path_factory.mktemp("config") / "config.json"
     base = str(wide_version.parent)
     models = [
         {"name": "direct", "base_path": base, "instance_count": 4},
         {"name": "batched", "base_path": base, "instance_count": 4, "max_batch_size": 32},
     ]
-    config.write_text(json.dumps({"model_config_list": models}))
-    with CappedServer(["--config", str(config)], cap_bytes=CAP) as running:
+    with serve_config(tmp_path_factory.mktemp("config"), models, cap_bytes=CAP) as running:
         yield running
 
 

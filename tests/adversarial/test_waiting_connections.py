@@ -17,7 +17,6 @@ so that the newest is known.
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 
@@ -25,7 +24,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed
+from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed, serve_config
 
 import models
 from waiting import wait_until
@@ -52,18 +51,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root = tmp_path_factory.mktemp("waiting-connections")
     paced = models.write_version(root / "repository", "paced", 1, models.value_paced_model("paced", 64))
     add = models.write_version(root / "repository", "add", 1, models.add_model())
-    config = root / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "model_config_list": [
-                    {"name": "paced", "base_path": str(paced.parent), "instance_count": 1, "max_batch_size": 0},
-                    {"name": "add", "base_path": str(add.parent)},
-                ]
-            }
-        )
-    )
-    with CappedServer(["--config", str(config), "--max-connections", str(CAP)]) as running:
+    entries = [
+        {"name": "paced", "base_path": str(paced.parent), "instance_count": 1, "max_batch_size": 0},
+        {"name": "add", "base_path": str(add.parent)},
+    ]
+    with serve_config(root, entries, "--max-connections", str(CAP)) as running:
         yield running
 
 
