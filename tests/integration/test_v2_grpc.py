@@ -16,7 +16,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import grpc
@@ -160,40 +160,32 @@ def strings_array() -> Array:
 # --- raw gRPC messages -----------------------------------------------------------------------------
 
 
-def raw_request(
+def infer_request(
     model: str,
     feeds: Mapping[str, Array],
     *,
+    raw: bool,
     outputs: Sequence[str] = (),
     request_id: str = "",
     version: str = "",
 ) -> pb.ModelInferRequest:
-    message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    for name, array in feeds.items():
-        message.inputs.add(name=name, datatype=v2_datatype(array), shape=list(array.shape))
-        message.raw_input_contents.append(encode_raw(array))
-    for name in outputs:
-        message.outputs.add(name=name)
-    return message
-
-
-def typed_request(
-    model: str,
-    feeds: Mapping[str, Array],
-    *,
-    outputs: Sequence[str] = (),
-    request_id: str = "",
-    version: str = "",
-) -> pb.ModelInferRequest:
+    """A ModelInfer request of ``feeds``, as raw contents (``raw``) or typed contents."""
     message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, array in feeds.items():
         datatype = v2_datatype(array)
         tensor = message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        values = [_utf8(v) for v in array.reshape(-1)] if datatype == "BYTES" else array.reshape(-1).tolist()
-        getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(values)
+        if raw:
+            message.raw_input_contents.append(encode_raw(array))
+        else:
+            values = [_utf8(v) for v in array.reshape(-1)] if datatype == "BYTES" else array.reshape(-1).tolist()
+            getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(values)
     for name in outputs:
         message.outputs.add(name=name)
     return message
+
+
+raw_request = partial(infer_request, raw=True)
+typed_request = partial(infer_request, raw=False)
 
 
 def response_arrays(response: pb.ModelInferResponse, *, raw: bool) -> dict[str, Array]:
