@@ -53,11 +53,8 @@ def start_server() -> Iterator[StartServer]:
 def numeric_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with the small numeric models from tests/models.py."""
     repo = tmp_path_factory.mktemp("repo")
-    models.write_version(repo, "add", 1, models.add_model())
-    models.write_version(repo, "mixed", 1, models.mixed_model())
-    models.write_version(repo, "fixed", 1, models.fixed_model())
-    models.write_version(repo, "strings", 1, models.strings_model())
-    models.write_version(repo, "slow", 1, models.slow_model())
+    for name, build in models.NUMERIC_MODELS.items():
+        models.write_version(repo, name, 1, build())
     return repo
 
 

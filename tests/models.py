@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,16 @@ def write_version(repository: Path, name: str, version: int, model: onnx.ModelPr
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / "model.onnx")
     return folder
+
+
+NUMERIC_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "add": add_model,
+    "mixed": mixed_model,
+    "fixed": fixed_model,
+    "strings": strings_model,
+    "slow": slow_model,
+}
+"""The small numeric models by the name they are served under (conftest's ``numeric_repository``)."""
 
 
 def rowsum_model() -> onnx.ModelProto:

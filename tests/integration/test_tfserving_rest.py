@@ -45,13 +45,7 @@ def tripled_model() -> onnx.ModelProto:
     )
 
 
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "tripled": tripled_model,
-}
+MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {**models.NUMERIC_MODELS, "tripled": tripled_model}
 
 # The test's own vocabulary (independent of onnxserve's): ONNX element type -> TF DataType name, numpy dtype.
 ONNX_TF: dict[int, tuple[str, Any]] = {

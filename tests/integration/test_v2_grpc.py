@@ -67,14 +67,7 @@ def typed_model() -> onnx.ModelProto:
     return model
 
 
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "slow": models.slow_model,
-    "typed": typed_model,
-}
+MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {**models.NUMERIC_MODELS, "typed": typed_model}
 TYPED_OUTPUTS_WITHOUT_FP16 = ("ids_x3", "not_flags", "small_out", "signed_out", "wide_neg", "single_x2")
 
 CONTENTS_FIELD = {

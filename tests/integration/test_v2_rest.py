@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import pytest
 
@@ -37,13 +36,7 @@ StartServer = Callable[[ServerConfig], RunningServer]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL_NAMES = ("add", "mixed", "fixed", "strings", "slow")
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "slow": models.slow_model,
-}
+MODEL_BUILDERS = models.NUMERIC_MODELS
 
 
 # --- in-process reference ------------------------------------------------------------------------
