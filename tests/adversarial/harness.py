@@ -134,6 +134,12 @@ def serve_capped(
     )
 
 
+def message_room(max_message: int, inflight: int) -> tuple[str, ...]:
+    """``onnxserve serve``'s options for gRPC messages of at most ``max_message`` bytes and ``inflight``
+    bytes of requests in flight: the room for arriving messages holds ``inflight // max_message``."""
+    return ("--grpc-max-message-bytes", str(max_message), "--max-inflight-bytes", str(inflight))
+
+
 def serve_config(
     folder: Path, entries: Sequence[dict[str, Any]], *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES
 ) -> CappedServer:

@@ -31,7 +31,7 @@ import psutil
 import pytest
 import requests
 from bench.server import PeakRss
-from harness import CappedServer, grpc_answer, serve_capped
+from harness import CappedServer, grpc_answer, message_room, serve_capped
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -54,10 +54,7 @@ UVICORN_PARSER_400 = "Invalid HTTP request received."
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
     with serve_capped(
         numeric_repository,
-        "--grpc-max-message-bytes",
-        str(MAX_MESSAGE),
-        "--max-inflight-bytes",
-        str(BUDGET),
+        *message_room(MAX_MESSAGE, BUDGET),
         "--max-request-bytes",
         str(MAX_MESSAGE),
     ) as running:
