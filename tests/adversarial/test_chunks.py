@@ -30,19 +30,13 @@ from onnxserve.core.runtime import ModelSession
 
 CAP = 4 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
-ROWS, TOKENS = 64, 512
+ROWS, TOKENS = 64, 512  # TOKENS: the positions of the wide tiny BERT (conftest.wide_version)
 WIDE = ExecutionMemory(heads=8, widest=64)  # the model's attention: 8 heads, a feed-forward layer of 64
 # rows of 512 tokens one execution may take: within the token budget and the estimated memory of one execution
 CHUNK_ROWS = min(
     ADAPTIVE_MAX_TOKENS // TOKENS, max(r for r in range(1, ROWS) if WIDE.bytes(r, TOKENS) <= MAX_EXECUTION_BYTES)
 )
 SECONDS = 120
-
-
-@pytest.fixture(scope="module")
-def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wide")
-    return tiny_text_models.tiny_bert_version(root, "repository/wide/1", layers=1, heads=8, positions=TOKENS)
 
 
 @pytest.fixture(scope="module")

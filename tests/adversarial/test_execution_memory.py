@@ -26,18 +26,12 @@ from onnxserve.core.attention_memory import EXECUTION_BYTES_AT_ONCE
 
 CAP = 6 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
-TOKENS = 512
+TOKENS = 512  # the positions of the wide tiny BERT (conftest.wide_version)
 REQUESTS, TEXTS = 8, 32
 SECONDS = 240
 # Generous: the room's estimate (512 MiB, conservative) plus what the requests' texts and answers hold.
 # Measured before the bound: 2.3 GB above the resting size (four executions of 16 x 512 at once).
 PEAK_BOUND = EXECUTION_BYTES_AT_ONCE + 512 * 1024**2
-
-
-@pytest.fixture(scope="module")
-def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wide")
-    return tiny_text_models.tiny_bert_version(root, "repository/wide/1", layers=1, heads=8, positions=TOKENS)
 
 
 @pytest.fixture(scope="module")
