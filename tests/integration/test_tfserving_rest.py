@@ -25,6 +25,7 @@ import onnxruntime as ort
 import pytest
 
 import models
+from error_documents import assert_error
 from models import add_arrays, fixed_array, mixed_arrays
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.server.lifecycle import RunningServer
@@ -128,20 +129,6 @@ def predict_ok(client: httpx.Client, path: str, doc: Any) -> Any:
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
     return response.json()
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    doc = response.json()
-    assert isinstance(doc, dict)
-    assert set(doc) == {"error"}
-    message = doc["error"]
-    assert isinstance(message, str)
-    assert message
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in error {message!r}"
-    return message
 
 
 def columns(arrays: Mapping[str, Array]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import pytest
 
 import models
 import onnxserve
+from error_documents import assert_error as _assert_error
 from models import mixed_arrays
 from onnxserve.config import ServerConfig
 from onnxserve.server.lifecycle import RunningServer
@@ -300,20 +301,6 @@ def test_config_of_unbatched_model_keeps_dynamic_dims(client: httpx.Client) -> N
     ]
     strings = client.get("/v2/models/strings/config").json()
     assert strings["input"][0]["data_type"] == "TYPE_STRING"
-
-
-def _assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    doc = response.json()
-    assert isinstance(doc, dict)
-    assert set(doc) == {"error"}
-    message = doc["error"]
-    assert isinstance(message, str)
-    assert message
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in error {message!r}"
-    return message
 
 
 @pytest.mark.parametrize(
