@@ -9,6 +9,7 @@ import numpy.typing as npt
 import onnx
 import onnx.parser
 import orjson
+from onnx import TensorProto, helper
 from tokenizers import Tokenizer
 
 SENTENCES: tuple[str, ...] = (
@@ -65,6 +66,20 @@ def write_add_model(repository: Path) -> Path:
     onnx.save(add_model(), partial)
     partial.replace(target)
     return target
+
+
+def write_identity_model(repository: Path, dims: list[int | str]) -> Path:
+    """``repository/identity/1/model.onnx``: an FP32 Identity of shape ``dims`` (its answer is its input, so
+    nearly all of a request's cost beyond ONNX Runtime's run is the server's); returns the model file."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = repository / "identity" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, path)
+    return path
 
 
 def token_row(tokenizer_file: Path, length: int = TOKENS) -> dict[str, npt.NDArray[np.int64]]:

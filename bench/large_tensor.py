@@ -15,43 +15,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import numpy as np
-import onnx
 import onnxruntime as ort
 import orjson
-from onnx import TensorProto, helper
 
-from bench.server import HOST, free_port, log_tail, stop_process_group
+from bench.data import write_identity_model
+from bench.server import OnnxServer
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 SHAPE = (8, 3, 224, 224)
 MIB = 1024 * 1024
 MAX_MESSAGE = 256 * MIB
 RESULTS = Path(__file__).parent / "results" / "large_tensor.json"
-
-
-def write_model(repository: Path) -> Path:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 224, 224])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, 224, 224])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = repository / "identity" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    onnx.save(model, path)
-    return path
 
 
 def interleaved(
@@ -67,31 +51,6 @@ def interleaved(
                 if round_ >= warmup:
                     times[tree][kind].append(time.perf_counter() - started)
     return {t: {k: statistics.median(v) * 1000 for k, v in c.items()} for t, c in times.items()}
-
-
-@contextlib.contextmanager
-def server(src: str, repository: Path, log: Path) -> Iterator[tuple[str, str]]:
-    http_port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONPATH": src}
-    command = [sys.executable, "-m", "onnxserve.cli", "serve", "--model-repository", str(repository)]
-    command += ["--host", HOST, "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{HOST}:{http_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server from {src} exited:\n{log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"server from {src} not ready:\n{log_tail(log)}")
-        yield url, f"{HOST}:{grpc_port}"
-    finally:
-        stop_process_group(process)
 
 
 def http_call(client: httpx.Client, url: str, x: np.ndarray[Any, Any]) -> Callable[[], object]:
@@ -141,11 +100,13 @@ def main() -> None:
     results: dict[str, Any] = {"shape": list(SHAPE), "mib": round(mib, 3), "runs": args.runs, "trees": {}}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         repository = Path(tmp) / "models"
-        model = write_model(repository)
+        model = write_identity_model(repository, ["n", 3, 224, 224])
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         calls: dict[str, dict[str, Callable[[], object]]] = {}
         for name, src in trees:
-            url, target = stack.enter_context(server(str(Path(src).resolve()), repository, Path(tmp) / f"{name}.log"))
+            running = OnnxServer(None, Path(tmp) / f"{name}.log", name, Path(src), repository=repository)
+            stack.enter_context(running)
+            url, target = running.http_url, running.grpc_address
             client = stack.enter_context(httpx.Client(timeout=60))
             grpc_infer, channel = grpc_call(target, x)
             stack.enter_context(channel)

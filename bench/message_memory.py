@@ -18,7 +18,6 @@ The servers run one after another (each alone on the box); only sizes are compar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 import threading
 import time
@@ -30,52 +29,16 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
-import onnx
 import orjson
 import psutil
-from onnx import TensorProto, helper
 
-from bench.large_tensor import server
+from bench.data import write_identity_model
+from bench.server import OnnxServer, PeakRss
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
 MIB = 1024 * 1024
 ELEMENTS = 15 * MIB // 4 * 4  # 60 MiB of FP32, the size the outside attack sent
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-
-
-def write_model(repository: Path) -> None:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = repository / "identity" / "1" / "model.onnx"
-    path.parent.mkdir(parents=True)
-    onnx.save(model, path)
-
-
-class Peak:
-    """The largest resident size of ``pid`` while in the block, sampled every 5 ms."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> Peak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def grpc_infer(target: str, request: pb.ModelInferRequest) -> str:
@@ -111,7 +74,7 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
         peaks = []
         for _ in range(3):
             before = process.memory_info().rss
-            with Peak(pid) as peak:
+            with PeakRss(pid) as peak:
                 call()
             peaks.append(peak.peak - before)
         return max(peaks) / MIB
@@ -133,7 +96,7 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
                 answers[code] += 1
 
     threads = [threading.Thread(target=caller) for _ in range(callers)]
-    with Peak(pid) as peak:
+    with PeakRss(pid) as peak:
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -148,12 +111,6 @@ def measure(pid: int, url: str, target: str, callers: int, calls: int) -> dict[s
     return row
 
 
-def server_pid(url: str) -> int:
-    """The pid of the server this process started that listens at ``url``."""
-    port = url.rsplit(":", 1)[1]
-    return next(c.pid for c in psutil.Process().children() if port in " ".join(c.cmdline()))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", action="append", default=[], help="NAME=SRC (repeatable; default: this=src)")
@@ -164,12 +121,11 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "models"
-        write_model(repository)
+        write_identity_model(repository, [1, "n"])
         for name, src in trees:
             log = Path(tmp) / f"{name}.log"
-            with server(str(Path(src).resolve()), repository, log) as (url, target):
-                pid = server_pid(url)
-                rows[name] = measure(pid, url, target, args.callers, args.calls)
+            with OnnxServer(None, log, name, Path(src), repository=repository) as running:
+                rows[name] = measure(running.pid, running.http_url, running.grpc_address, args.callers, args.calls)
     print(f"one request: 60 MiB FP32 to an Identity model; attack: {args.callers} gRPC callers x {args.calls}")
     print(f"{'tree':<10}{'rest':>8}{'one gRPC':>10}{'one HTTP':>10}{'attack peak':>13}{'kept':>8}  answers (MiB)")
     for name, row in rows.items():

@@ -7,14 +7,16 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import orjson
+import psutil
 
 from bench.settings import ROOT
 
@@ -71,6 +73,32 @@ def stop_process_group(process: subprocess.Popen[Any], timeout_s: float = STOP_T
         process.wait(timeout=10)
 
 
+class PeakRss:
+    """The largest resident size of process ``pid`` while in the block, sampled every 5 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.process.memory_info().rss)
+            except psutil.Error:  # the process is gone
+                return
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 @dataclass
 class ModelStats:
     """Cumulative server-side counters of one model version (the V2 statistics extension)."""
@@ -100,13 +128,51 @@ class ModelStats:
         }
 
 
-class OnnxServer:
-    """``.venv/bin/onnxserve serve --config CONFIG`` on free loopback ports; a context manager."""
+class ServerProcess:
+    """A server in a process group of its own (``start`` starts it), stopped for sure: a context manager
+    that stops what ``start`` left behind when it fails or is interrupted, and stops it on leaving."""
+
+    _process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process_group(self._process)
+            self._process = None
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class OnnxServer(ServerProcess):
+    """``.venv/bin/onnxserve serve --config CONFIG`` (or ``--model-repository REPOSITORY``, with ``config``
+    None) on free loopback ports; a context manager."""
 
     def __init__(
-        self, config: Path, log: Path, name: str, src: Path | None = None, env: dict[str, str] | None = None
+        self,
+        config: Path | None,
+        log: Path,
+        name: str,
+        src: Path | None = None,
+        env: dict[str, str] | None = None,
+        repository: Path | None = None,
     ) -> None:
+        if (config is None) == (repository is None):
+            raise ValueError("serve either a config or a model repository")
         self.config = config
+        self.repository = repository
         self.log = log
         self.name = name
         self.src = src  # another source tree to serve from (PYTHONPATH), e.g. the code before a change
@@ -132,8 +198,8 @@ class OnnxServer:
         return [
             str(ROOT / ".venv" / "bin" / "onnxserve"),
             "serve",
-            "--config",
-            str(self.config),
+            *(["--config", str(self.config)] if self.config is not None else []),
+            *(["--model-repository", str(self.repository)] if self.repository is not None else []),
             "--host",
             HOST,
             "--http-port",
@@ -176,11 +242,6 @@ class OnnxServer:
             raise ServerError(f"onnxserve ({self.name}) is not running")
         return self._process.pid
 
-    def stop(self) -> None:
-        if self._process is not None:
-            stop_process_group(self._process)
-            self._process = None
-
     def max_batch_size(self, model: str) -> int:
         """The ``max_batch_size`` the server gives ``model`` (its V2 model configuration): > 0 when it batches."""
         document = orjson.loads(httpx.get(f"{self.http_url}/v2/models/{model}/config", timeout=10.0).content)
@@ -198,16 +259,3 @@ class OnnxServer:
             requests=int(inference["success"]["count"]),
             batches={int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])},
         )
-
-    def __enter__(self) -> OnnxServer:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -52,11 +53,8 @@ def start_server() -> Iterator[StartServer]:
 def numeric_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with the small numeric models from tests/models.py."""
     repo = tmp_path_factory.mktemp("repo")
-    models.write_version(repo, "add", 1, models.add_model())
-    models.write_version(repo, "mixed", 1, models.mixed_model())
-    models.write_version(repo, "fixed", 1, models.fixed_model())
-    models.write_version(repo, "strings", 1, models.strings_model())
-    models.write_version(repo, "slow", 1, models.slow_model())
+    for name, build in models.NUMERIC_MODELS.items():
+        models.write_version(repo, name, 1, build())
     return repo
 
 
@@ -109,6 +107,26 @@ def tiny_text_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import tiny_text_models
 
     return tiny_text_models.tiny_bert_version(tmp_path_factory.mktemp("tiny-text"))
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A throw-away certificate authority."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``ca``'s server certificate for 127.0.0.1 and localhost, as files: ``cert`` (the chain), ``key``, ``ca``."""
+    folder = tmp_path_factory.mktemp("tls")
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"cert": folder / "server.pem", "key": folder / "server.key", "ca": folder / "ca.pem"}
+    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    for blob in leaf.cert_chain_pems[1:]:
+        blob.write_to_path(str(files["cert"]), append=True)
+    leaf.private_key_pem.write_to_path(str(files["key"]))
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    return files
 
 
 @pytest.fixture

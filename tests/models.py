@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 import onnx.parser
 from onnx import TensorProto as T
@@ -64,6 +66,33 @@ def fixed_model() -> onnx.ModelProto:
     )
 
 
+def add_arrays(batch: int = 3, seed: int = 0) -> dict[str, npt.NDArray[Any]]:
+    """Inputs of ``add_model``: ``a`` and ``b``, FP32 [batch, 16]."""
+    rng = np.random.default_rng(seed)
+    return {
+        "a": rng.standard_normal((batch, 16), dtype=np.float32),
+        "b": rng.standard_normal((batch, 16), dtype=np.float32),
+    }
+
+
+def mixed_arrays(seed: int = 0) -> dict[str, npt.NDArray[Any]]:
+    """Inputs of ``mixed_model``, four rows of each datatype."""
+    rng = np.random.default_rng(seed)
+    return {
+        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),  # beyond float64's 53 bits
+        "flags": np.array([True, False, False, True]),
+        "half": rng.standard_normal((4, 2)).astype(np.float16),
+        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
+        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
+        "wide": rng.standard_normal(4) * 1e300,
+    }
+
+
+def fixed_array(seed: int = 0) -> npt.NDArray[Any]:
+    """The input of ``fixed_model``: FP32 [2, 3]."""
+    return np.random.default_rng(seed).standard_normal((2, 3), dtype=np.float32)
+
+
 def strings_model() -> onnx.ModelProto:
     """A BYTES input returned as is, plus a constant string output per row."""
     return parse(
@@ -112,6 +141,16 @@ def write_version(repository: Path, name: str, version: int, model: onnx.ModelPr
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(model, folder / "model.onnx")
     return folder
+
+
+NUMERIC_MODELS: dict[str, Callable[[], onnx.ModelProto]] = {
+    "add": add_model,
+    "mixed": mixed_model,
+    "fixed": fixed_model,
+    "strings": strings_model,
+    "slow": slow_model,
+}
+"""The small numeric models by the name they are served under (conftest's ``numeric_repository``)."""
 
 
 def rowsum_model() -> onnx.ModelProto:

@@ -45,9 +45,12 @@ def tiny_bert_folder(
     return folder
 
 
-def tiny_bert_version(root: Path) -> Path:
-    """``root/tiny/1``: the tiny BERT exported for feature-extraction with mean pooling."""
-    source = tiny_bert_folder(root / "hf")
-    version = root / "tiny" / "1"
-    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
-    return version
+def tiny_bert_version(
+    root: Path, version: str = "tiny/1", layers: int = 2, heads: int = 2, positions: int = 64
+) -> Path:
+    """``root/VERSION``: the tiny BERT (``tiny_bert_folder``, made in ``root/hf``) exported for
+    feature-extraction with mean pooling."""
+    source = tiny_bert_folder(root / "hf", layers=layers, heads=heads, positions=positions)
+    target = root / version
+    export_huggingface(source, target, HfExportOptions(task="feature-extraction", pooling="mean"))
+    return target

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,3 +41,28 @@ def v2_datatype(array: npt.NDArray[Any]) -> str:
     if array.dtype == np.object_ or array.dtype.kind in "US":
         return "BYTES"
     return next(name for name, dtype in V2_NUMPY.items() if np.dtype(dtype) == array.dtype)
+
+
+def encode_raw(array: npt.NDArray[Any]) -> bytes:
+    """Raw tensor bytes (gRPC raw contents, the HTTP binary extension): little-endian values, or a 4-byte
+    length before each BYTES element."""
+    if array.dtype == np.object_:
+        items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.reshape(-1)]
+        return b"".join(struct.pack("<I", len(v)) + v for v in items)
+    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+
+
+def decode_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> npt.NDArray[Any]:
+    """The array that raw tensor bytes hold; BYTES elements as ``bytes``."""
+    if datatype == "BYTES":
+        items: list[bytes] = []
+        offset = 0
+        while offset < len(raw):
+            (size,) = struct.unpack_from("<I", raw, offset)
+            items.append(raw[offset + 4 : offset + 4 + size])
+            offset += 4 + size
+        out = np.empty(len(items), dtype=object)
+        out[:] = items
+        return out.reshape(shape)
+    dtype = np.dtype(V2_NUMPY[datatype]).newbyteorder("<")
+    return np.frombuffer(raw, dtype=dtype).astype(V2_NUMPY[datatype]).reshape(shape)

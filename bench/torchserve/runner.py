@@ -16,11 +16,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import httpx
 
-from bench.server import HOST, free_port, log_tail, stop_process_group
+from bench.server import HOST, ServerProcess, free_port, log_tail
 from bench.settings import ROOT
 
 HANDLER = Path(__file__).resolve().parent / "handler.py"
@@ -117,7 +116,7 @@ def missing() -> str | None:
     return None
 
 
-class TorchServe:
+class TorchServe(ServerProcess):
     """One TorchServe process group on free loopback ports; a context manager."""
 
     def __init__(self, workdir: Path, model_path: Path) -> None:
@@ -269,21 +268,3 @@ class TorchServe:
         if model_log.is_file():
             parts.append(f"{model_log.name}:\n{log_tail(model_log, 8)}")
         return "\n".join(parts)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            stop_process_group(self._process)
-            self._process = None
-
-    def __enter__(self) -> TorchServe:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()

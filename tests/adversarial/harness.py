@@ -9,14 +9,18 @@ Only loopback addresses are ever used.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import resource
+import selectors
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -130,16 +134,103 @@ def serve_capped(
     )
 
 
-def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
-    """One V2 gRPC ModelInfer call to ``target`` with no client-side limit on the answer's size."""
-    with grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", -1)]) as channel:
+def message_room(max_message: int, inflight: int) -> tuple[str, ...]:
+    """``onnxserve serve``'s options for gRPC messages of at most ``max_message`` bytes and ``inflight``
+    bytes of requests in flight: the room for arriving messages holds ``inflight // max_message``."""
+    return ("--grpc-max-message-bytes", str(max_message), "--max-inflight-bytes", str(inflight))
+
+
+def serve_config(
+    folder: Path, entries: Sequence[dict[str, Any]], *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES
+) -> CappedServer:
+    """``CappedServer`` over a config file, ``folder/config.json``, whose ``model_config_list`` is ``entries``."""
+    config = folder / "config.json"
+    config.write_text(json.dumps({"model_config_list": list(entries)}))
+    return CappedServer(["--config", str(config), *extra], cap_bytes=cap_bytes)
+
+
+def connect_from(server: CappedServer, address: str) -> socket.socket:
+    """A blocking connection to the server's HTTP port from the loopback ``address`` (127.0.0.x: a client
+    of its own, as far as the server's per-address sharing goes)."""
+    return socket.create_connection((server.host, server.http_port), timeout=30, source_address=(address, 0))
+
+
+def raw_request(method: str, path: str, body: bytes = b"", close: bool = False) -> bytes:
+    """An HTTP/1.1 request with a JSON ``body`` as bytes, to send on a raw socket."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode("ascii") + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP response (head and Content-Length body) from a blocking socket; fails if the server
+    closes before answering."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before answering: {data[:300]!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def readable(sock: socket.socket) -> bool:
+    """Whether the server wrote anything on ``sock`` or closed it (without waiting)."""
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    try:
+        return bool(selector.select(timeout=0))
+    finally:
+        selector.close()
+
+
+def said_until_closed(sock: socket.socket, timeout: float) -> bytes:
+    """Everything the server wrote on ``sock`` before closing it; fails on a reset instead of an orderly
+    close, or when nothing comes for ``timeout`` seconds."""
+    said = b""
+    sock.settimeout(timeout)
+    while chunk := sock.recv(65536):
+        said += chunk
+    return said
+
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+UNLIMITED_MESSAGES = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
+"""Channel options that lift the client's own limits on message size, both ways."""
+
+
+def grpc_answer(
+    target: str,
+    request: pb.ModelInferRequest | bytes,
+    timeout: float = 60.0,
+    options: Sequence[tuple[str, int]] = UNLIMITED_MESSAGES,
+) -> pb.ModelInferResponse | grpc.RpcError:
+    """One V2 gRPC ModelInfer call to ``target`` (``request`` serialized, or bytes sent as they are) on a
+    channel of its own with ``options``: the answer, or the error the call ended with."""
+    with grpc.insecure_channel(target, options=list(options)) as channel:
         call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
+            MODEL_INFER,
+            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
             response_deserializer=pb.ModelInferResponse.FromString,
         )
-        response: pb.ModelInferResponse = call(request, timeout=timeout)
-        return response
+        try:
+            response: pb.ModelInferResponse = call(request, timeout=timeout)
+            return response
+        except grpc.RpcError as e:
+            return e
+
+
+def model_infer(target: str, request: pb.ModelInferRequest, timeout: float = 60.0) -> pb.ModelInferResponse:
+    """One V2 gRPC ModelInfer call to ``target`` with no client-side limit on the answer's size; raises
+    the call's ``grpc.RpcError``."""
+    answer = grpc_answer(target, request, timeout, options=[("grpc.max_receive_message_length", -1)])
+    if isinstance(answer, grpc.RpcError):
+        raise answer
+    return answer
 
 
 def fill_request(n: int, model: str = "fill") -> pb.ModelInferRequest:

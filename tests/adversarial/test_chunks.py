@@ -10,7 +10,6 @@ weights, takes the memory, as in a real encoder.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -21,18 +20,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from harness import CappedServer
+from harness import CappedServer, serve_config
 from watch import Watch
 
 import tiny_text_models
 from onnxserve.core.attention_memory import MAX_EXECUTION_BYTES, ExecutionMemory
 from onnxserve.core.registry import ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
-from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 CAP = 4 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
-ROWS, TOKENS = 64, 512
+ROWS, TOKENS = 64, 512  # TOKENS: the positions of the wide tiny BERT (conftest.wide_version)
 WIDE = ExecutionMemory(heads=8, widest=64)  # the model's attention: 8 heads, a feed-forward layer of 64
 # rows of 512 tokens one execution may take: within the token budget and the estimated memory of one execution
 CHUNK_ROWS = min(
@@ -42,22 +40,11 @@ SECONDS = 120
 
 
 @pytest.fixture(scope="module")
-def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wide")
-    source = tiny_text_models.tiny_bert_folder(root / "hf", layers=1, heads=8, positions=TOKENS)
-    version = root / "repository" / "wide" / "1"
-    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
-    return version
-
-
-@pytest.fixture(scope="module")
 def server(wide_version: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     """``wide``: the default layout; ``single``: the same model on one instance (one run at a time)."""
-    config = tmp_path_factory.mktemp("config") / "config.json"
     models = [{"name": "wide", "base_path": str(wide_version.parent)}]
     models.append({"name": "single", "base_path": str(wide_version.parent), "instance_count": 1})
-    config.write_text(json.dumps({"model_config_list": models}))
-    with CappedServer(["--config", str(config)], cap_bytes=CAP) as running:
+    with serve_config(tmp_path_factory.mktemp("config"), models, cap_bytes=CAP) as running:
         yield running
 
 

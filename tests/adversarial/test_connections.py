@@ -20,7 +20,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed, serve_capped
 
 from waiting import wait_until
 
@@ -72,20 +72,6 @@ def check_still_serving(server: CappedServer, rss_before: int) -> None:
     assert server.probe_seconds() < PROBE_BOUND
     served_normally(server)
     assert server.rss_bytes() - rss_before < RSS_GROWTH_BOUND
-
-
-def read_answer(sock: socket.socket) -> bytes:
-    """One whole HTTP response (head and Content-Length body) from a blocking socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def open_sockets(server: CappedServer, count: int, port: int | None = None) -> list[socket.socket]:
@@ -433,15 +419,8 @@ SLOW_BODY = (
 )
 
 
-def _connect_from(server: CappedServer, address: str) -> socket.socket:
-    return socket.create_connection((server.host, server.http_port), timeout=30, source_address=(address, 0))
-
-
 def _ask(sock: socket.socket, method: str, path: str, body: bytes = b"") -> bytes:
-    head = (
-        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    sock.sendall(head.encode("ascii") + body)
+    sock.sendall(raw_request(method, path, body))
     return read_answer(sock)
 
 
@@ -449,24 +428,6 @@ def _slow_run() -> bytes:
     """A request of the ``slow`` model that runs for a while (2,000 products of 256x256 matrices)."""
     x = {"name": "x", "datatype": "FP32", "shape": [256, 256], "data": [0.01] * (256 * 256)}
     return orjson.dumps({"inputs": [{"name": "iterations", "datatype": "INT64", "shape": [], "data": [2000]}, x]})
-
-
-def _readable(sock: socket.socket) -> bool:
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    try:
-        return bool(selector.select(timeout=0))
-    finally:
-        selector.close()
-
-
-def _said_and_closed_cleanly(sock: socket.socket) -> bytes:
-    """Everything the server wrote before closing; fails on a reset instead of an orderly close."""
-    said = b""
-    sock.settimeout(10)
-    while chunk := sock.recv(65536):
-        said += chunk
-    return said
 
 
 def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_repository: Path) -> None:
@@ -481,7 +442,7 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
         rss_before = capped.rss_bytes()
         attack: list[socket.socket] = []
         try:
-            served = _connect_from(capped, ATTACKER)  # first and oldest, and sent least once its body is in
+            served = connect_from(capped, ATTACKER)  # first and oldest, and sent least once its body is in
             body = _slow_run()
             served.sendall(
                 b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -489,21 +450,21 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
             )
             attack.append(served)
             for _ in range(cap - 1):
-                sock = _connect_from(capped, ATTACKER)
+                sock = connect_from(capped, ATTACKER)
                 sock.sendall(SLOW_BODY)
                 attack.append(sock)
             wait_until(lambda: _established(capped) >= cap, timeout=10, what="the attacker's connections")
             for sock in attack[1:]:
                 sock.send(b" ")  # each has sent two bytes of its body
-            still_running = not _readable(served)  # when the other address comes in
+            still_running = not readable(served)  # when the other address comes in
 
-            with _connect_from(capped, OTHER) as other:
+            with connect_from(capped, OTHER) as other:
                 answer = _ask(other, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
                 assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
                 assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0
                 ready = _ask(other, "GET", "/v2/health/ready")
                 assert ready.startswith(b"HTTP/1.1 200 "), ready[:300]
-            with _connect_from(capped, OTHER) as probe:
+            with connect_from(capped, OTHER) as probe:
                 assert _ask(probe, "GET", "/v2/health/live").startswith(b"HTTP/1.1 200 ")
 
             # the slow run was not cut: it is answered in full
@@ -519,7 +480,7 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
             assert 1 <= len(closed) <= 2 if still_running else len(closed) <= 2, len(closed)
             for sock in closed:
                 assert isinstance(sock, socket.socket)
-                said = _said_and_closed_cleanly(sock)
+                said = said_until_closed(sock, 10)
                 assert said.startswith(b"HTTP/1.1 503 "), said[:300]
                 assert b"retry-after: 1" in said.lower()
                 assert b"this client address holds the most" in said
@@ -532,11 +493,11 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
             attack = [sock for sock in attack[1:] if sock not in closed]
             wait_until(lambda: _established(capped) <= len(attack), timeout=10, what="the closed connections to go")
             for _ in range(cap - len(attack)):
-                sock = _connect_from(capped, ATTACKER)
+                sock = connect_from(capped, ATTACKER)
                 sock.sendall(SLOW_BODY)
                 attack.append(sock)
             wait_until(lambda: _established(capped) >= cap, timeout=10, what="the slots to be full again")
-            with _connect_from(capped, ATTACKER) as again:
+            with connect_from(capped, ATTACKER) as again:
                 refused = _ask(again, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
             assert refused.startswith(b"HTTP/1.1 503 "), refused[:300]
             assert b"kept for health probes and metrics" in refused

@@ -12,23 +12,21 @@ weights, takes the memory, as in a real encoder; four instances, so four executi
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from harness import CappedServer
+from harness import CappedServer, serve_config
 from watch import Watch
 
 import tiny_text_models
 from onnxserve.core.attention_memory import EXECUTION_BYTES_AT_ONCE
-from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 CAP = 6 * 1024**3
 PROBE_BOUND = 2.0  # generous: the box running the suite is loaded
-TOKENS = 512
+TOKENS = 512  # the positions of the wide tiny BERT (conftest.wide_version)
 REQUESTS, TEXTS = 8, 32
 SECONDS = 240
 # Generous: the room's estimate (512 MiB, conservative) plus what the requests' texts and answers hold.
@@ -37,25 +35,14 @@ PEAK_BOUND = EXECUTION_BYTES_AT_ONCE + 512 * 1024**2
 
 
 @pytest.fixture(scope="module")
-def wide_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("wide")
-    source = tiny_text_models.tiny_bert_folder(root / "hf", layers=1, heads=8, positions=TOKENS)
-    version = root / "repository" / "wide" / "1"
-    export_huggingface(source, version, HfExportOptions(task="feature-extraction", pooling="mean"))
-    return version
-
-
-@pytest.fixture(scope="module")
 def server(wide_version: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     """``direct``: four instances, requests not merged; ``batched``: four instances, requests merged."""
-    config = tmp_path_factory.mktemp("config") / "config.json"
     base = str(wide_version.parent)
     models = [
         {"name": "direct", "base_path": base, "instance_count": 4},
         {"name": "batched", "base_path": base, "instance_count": 4, "max_batch_size": 32},
     ]
-    config.write_text(json.dumps({"model_config_list": models}))
-    with CappedServer(["--config", str(config)], cap_bytes=CAP) as running:
+    with serve_config(tmp_path_factory.mktemp("config"), models, cap_bytes=CAP) as running:
         yield running
 
 

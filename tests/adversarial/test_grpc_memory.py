@@ -30,7 +30,8 @@ import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from bench.server import PeakRss
+from harness import CappedServer, grpc_answer, message_room, serve_capped
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
@@ -47,17 +48,13 @@ under the load (thread arenas, connections). Measured on a loaded 2-core box: 33
 (16 and 12 callers); before the fix, 880 to 1,330 MiB, growing with the callers refused."""
 PROBE_BOUND_S = 1.0  # generous: the box running the suite is shared and loaded
 UVICORN_PARSER_400 = "Invalid HTTP request received."
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 @pytest.fixture(scope="module")
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
     with serve_capped(
         numeric_repository,
-        "--grpc-max-message-bytes",
-        str(MAX_MESSAGE),
-        "--max-inflight-bytes",
-        str(BUDGET),
+        *message_room(MAX_MESSAGE, BUDGET),
         "--max-request-bytes",
         str(MAX_MESSAGE),
     ) as running:
@@ -75,42 +72,10 @@ def _add_request(rows: int) -> tuple[pb.ModelInferRequest, np.ndarray, np.ndarra
 
 
 def _infer(target: str, request: pb.ModelInferRequest) -> tuple[grpc.StatusCode, pb.ModelInferResponse | str]:
-    with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
-        call = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        try:
-            return grpc.StatusCode.OK, call(request, timeout=120)
-        except grpc.RpcError as e:
-            return e.code(), e.details() or ""
-
-
-class PeakRss:
-    """The process's largest resident size, sampled every few milliseconds while in the block."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
-                return
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    answer = grpc_answer(target, request, timeout=120)
+    if isinstance(answer, grpc.RpcError):
+        return answer.code(), answer.details() or ""
+    return grpc.StatusCode.OK, answer
 
 
 def _attack(server: CappedServer, callers: list[Callable[[], Any]]) -> tuple[list[Any], float]:

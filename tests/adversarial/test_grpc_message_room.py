@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from harness import CappedServer, serve_capped
+from harness import CappedServer, message_room, serve_capped
 from raw_h2 import INFER, STREAM_INFER, RawGrpcConnection
 from test_grpc_streams import check_still_serving, wait_ended
 from tritonclient.grpc import service_pb2 as pb
@@ -44,10 +44,7 @@ REQUEST = pb.ModelInferRequest(
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
     with serve_capped(
         numeric_repository,
-        "--grpc-max-message-bytes",
-        str(MAX_MESSAGE),
-        "--max-inflight-bytes",
-        str(PLACES * MAX_MESSAGE),
+        *message_room(MAX_MESSAGE, PLACES * MAX_MESSAGE),
         "--body-timeout",
         str(BODY_TIMEOUT),
         "--grpc-message-wait",
@@ -235,7 +232,7 @@ def test_with_tokens_each_token_is_a_client(numeric_repository: Path, tmp_path: 
     flood_token, other_token = "room-flood-token-0123456789abcdef", "room-other-token-0123456789abcdef"
     tokens.write_text(f"{flood_token} infer\n{other_token} infer\n")
     tokens.chmod(0o600)
-    settings = ("--grpc-max-message-bytes", str(MAX_MESSAGE), "--max-inflight-bytes", str(PLACES * MAX_MESSAGE))
+    settings = message_room(MAX_MESSAGE, PLACES * MAX_MESSAGE)
     with serve_capped(numeric_repository, "--auth-tokens", str(tokens), *settings) as capped:
         c = RawGrpcConnection(capped.host, capped.grpc_port)
         try:

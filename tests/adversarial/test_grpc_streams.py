@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
-from harness import CappedServer, serve_capped
+from harness import CappedServer, message_room, serve_capped
 from raw_h2 import INFER, SERVER_READY, STREAM_INFER, RawGrpcConnection
 from test_connections import PROBE_BOUND, allow_open_files, closed_by_server, open_sockets
 from tritonclient.grpc import service_pb2 as pb
@@ -49,10 +49,7 @@ def server(numeric_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
         numeric_repository,
         "--auth-tokens",
         str(tokens),
-        "--grpc-max-message-bytes",
-        str(MAX_MESSAGE),
-        "--max-inflight-bytes",
-        str(BUDGET),
+        *message_room(MAX_MESSAGE, BUDGET),
         "--body-timeout",
         str(BODY_TIMEOUT),
         "--header-timeout",

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, grpc_answer, serve_capped
 
 import models
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
@@ -86,17 +86,7 @@ def post(server: CappedServer, path: str, body: bytes, headers: dict[str, str] |
 
 
 def grpc_infer(server: CappedServer, request: pb.ModelInferRequest | bytes) -> grpc.RpcError | pb.ModelInferResponse:
-    with grpc.insecure_channel(server.grpc_target, options=GRPC_OPTIONS) as channel:
-        infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        try:
-            response: pb.ModelInferResponse = infer(request, timeout=120)
-            return response
-        except grpc.RpcError as e:
-            return e
+    return grpc_answer(server.grpc_target, request, timeout=120, options=GRPC_OPTIONS)
 
 
 # --- BYTES element floods ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import grpc
 import onnx
 import pytest
 import requests
-from harness import CappedServer, fill_request, model_infer, serve_capped
+from harness import CappedServer, fill_request, grpc_answer, model_infer, serve_capped
 from onnx.parser import parse_model
 from watch import Watch
 
@@ -130,21 +130,14 @@ def test_binary_rest_grpc_and_tf_serving_refuse_the_same_way(server: CappedServe
         assert tfs.status_code == 400
         assert "--max-response-bytes" in tfs.json()["error"]
 
-        with grpc.insecure_channel(server.grpc_target) as channel:
-            model_infer = channel.unary_unary(
-                "/inference.GRPCInferenceService/ModelInfer",
-                request_serializer=pb.ModelInferRequest.SerializeToString,
-                response_deserializer=pb.ModelInferResponse.FromString,
-            )
-            request = pb.ModelInferRequest(
-                model_name="fill",
-                inputs=[pb.ModelInferRequest.InferInputTensor(name="n", datatype="INT64", shape=[1])],
-                raw_input_contents=[struct.pack("<q", n)],
-            )
-            with pytest.raises(grpc.RpcError) as refused:
-                model_infer(request, timeout=60)
-            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert "--max-response-bytes" in (refused.value.details() or "")
+        request = pb.ModelInferRequest(
+            model_name="fill",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="n", datatype="INT64", shape=[1])],
+            raw_input_contents=[struct.pack("<q", n)],
+        )
+        refused = _grpc_infer(server, request)
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "--max-response-bytes" in (refused.details() or "")
     _assert_serving(server, prober)
 
 
@@ -166,15 +159,10 @@ def test_a_run_whose_length_is_an_input_value_is_stopped_at_the_request_timeout(
 
 
 def _grpc_infer(server: CappedServer, request: pb.ModelInferRequest) -> grpc.RpcError:
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        model_infer = channel.unary_unary(
-            "/inference.GRPCInferenceService/ModelInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelInferResponse.FromString,
-        )
-        with pytest.raises(grpc.RpcError) as refused:
-            model_infer(request, timeout=60)
-    return refused.value
+    """The error a ModelInfer call on a channel with grpc's default limits ends with."""
+    refused = grpc_answer(server.grpc_target, request, options=())
+    assert isinstance(refused, grpc.RpcError), refused
+    return refused
 
 
 def test_many_tiny_bytes_elements_are_refused_before_they_become_objects(server: CappedServer) -> None:

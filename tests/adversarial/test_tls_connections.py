@@ -21,7 +21,6 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-import trustme
 from harness import CappedServer, serve_capped
 from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets
 
@@ -34,32 +33,16 @@ PROBE_BOUND = 2.0  # a fresh connection with a TLS handshake, on a loaded machin
 RSS_GROWTH_BOUND = 300 * 1024**2
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    leaf = ca.issue_cert("127.0.0.1")
-    files = {"cert": folder / "server.pem", "key": folder / "server.key", "ca": folder / "ca.pem"}
-    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    for blob in leaf.cert_chain_pems[1:]:
-        blob.write_to_path(str(files["cert"]), append=True)
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    return files
+def tls_args(tls_files: dict[str, Path]) -> tuple[str, ...]:
+    """``onnxserve serve``'s options for HTTPS with the ``tls_files``."""
+    return ("--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"]))
 
 
 @pytest.fixture(scope="module")
 def server(numeric_repository: Path, tls_files: dict[str, Path]) -> Iterator[CappedServer]:
     with serve_capped(
         numeric_repository,
-        "--tls-cert",
-        str(tls_files["cert"]),
-        "--tls-key",
-        str(tls_files["key"]),
+        *tls_args(tls_files),
         "--header-timeout",
         str(HEADER_TIMEOUT),
         "--keep-alive-timeout",
@@ -198,9 +181,7 @@ def test_the_listener_keeps_accepting_after_the_red_team_flood(
     numeric_repository: Path, tls_files: dict[str, Path]
 ) -> None:
     """The red team's numbers: 18 K silent connections from one address at the default settings (19 K in the attack)."""
-    with serve_capped(
-        numeric_repository, "--tls-cert", str(tls_files["cert"]), "--tls-key", str(tls_files["key"])
-    ) as capped:
+    with serve_capped(numeric_repository, *tls_args(tls_files)) as capped:
         allow_open_files(18_000)
         opened: list[socket.socket] = []
         try:
@@ -222,10 +203,7 @@ def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tl
     cap = 10
     with serve_capped(
         numeric_repository,
-        "--tls-cert",
-        str(tls_files["cert"]),
-        "--tls-key",
-        str(tls_files["key"]),
+        *tls_args(tls_files),
         "--max-connections",
         str(cap),
         "--body-timeout",

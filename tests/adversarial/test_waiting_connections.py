@@ -17,8 +17,6 @@ so that the newest is known.
 
 from __future__ import annotations
 
-import json
-import selectors
 import socket
 from collections.abc import Iterator
 
@@ -26,7 +24,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer
+from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed, serve_config
 
 import models
 from waiting import wait_until
@@ -53,51 +51,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CappedServer]:
     root = tmp_path_factory.mktemp("waiting-connections")
     paced = models.write_version(root / "repository", "paced", 1, models.value_paced_model("paced", 64))
     add = models.write_version(root / "repository", "add", 1, models.add_model())
-    config = root / "config.json"
-    config.write_text(
-        json.dumps(
-            {
-                "model_config_list": [
-                    {"name": "paced", "base_path": str(paced.parent), "instance_count": 1, "max_batch_size": 0},
-                    {"name": "add", "base_path": str(add.parent)},
-                ]
-            }
-        )
-    )
-    with CappedServer(["--config", str(config), "--max-connections", str(CAP)]) as running:
+    entries = [
+        {"name": "paced", "base_path": str(paced.parent), "instance_count": 1, "max_batch_size": 0},
+        {"name": "add", "base_path": str(add.parent)},
+    ]
+    with serve_config(root, entries, "--max-connections", str(CAP)) as running:
         yield running
-
-
-def _connect_from(server: CappedServer, address: str) -> socket.socket:
-    return socket.create_connection((server.host, server.http_port), timeout=30, source_address=(address, 0))
-
-
-def _request(method: str, path: str, body: bytes = b"", close: bool = False) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-    return head.encode("ascii") + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
-
-
-def _answer(sock: socket.socket) -> bytes:
-    """One whole answer (head and Content-Length body)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"closed before answering: {data[:300]!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
-    )
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
 
 
 def _ask_from(server: CappedServer, address: str, method: str, path: str, body: bytes = b"") -> bytes:
     """One request on a connection of its own from ``address``, closed once it is answered."""
-    with _connect_from(server, address) as sock:
-        sock.sendall(_request(method, path, body, close=True))
-        answer = _answer(sock)
+    with connect_from(server, address) as sock:
+        sock.sendall(raw_request(method, path, body, close=True))
+        answer = read_answer(sock)
         while sock.recv(65536):  # until the server has closed it: its slot is free again
             pass
     return answer
@@ -121,25 +87,6 @@ def _executions(server: CappedServer) -> int:
     return int(stats["model_stats"][0]["execution_count"])
 
 
-def _readable(sock: socket.socket) -> bool:
-    """Whether the server wrote anything on ``sock`` or closed it."""
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    try:
-        return bool(selector.select(timeout=0))
-    finally:
-        selector.close()
-
-
-def _said_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server wrote before closing; fails on a reset instead of an orderly close."""
-    said = b""
-    sock.settimeout(30)
-    while chunk := sock.recv(65536):
-        said += chunk
-    return said
-
-
 def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_address(server: CappedServer) -> None:
     rss_before = server.rss_bytes()
     executions_before = _executions(server)
@@ -147,9 +94,9 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
     try:
         for products in (FOREVER, FOREVER, *[PRODUCTS] * (CAP - 2)):  # each queued once the one before is in
             wait_until(lambda: _established(server) == len(attack), timeout=10, what="the scrapes to close")
-            sock = _connect_from(server, ATTACKER)
+            sock = connect_from(server, ATTACKER)
             body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [products]}]})
-            sock.sendall(_request("POST", "/v2/models/paced/infer", body))
+            sock.sendall(raw_request("POST", "/v2/models/paced/infer", body))
             attack.append(sock)
             wait_until(lambda: _queued(server) == max(0, len(attack) - 1), timeout=10, what="the request queued")
 
@@ -161,8 +108,8 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
         assert _queued(server) == CAP - 1
 
         # Another address connects: the attacker's newest waiting request makes room.
-        other = _connect_from(server, OTHER)
-        said = _said_until_closed(attack[-1])
+        other = connect_from(server, OTHER)
+        said = said_until_closed(attack[-1], 30)
         head, _, body = said.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 "), said[:300]
         assert b"retry-after: 1" in head.lower()
@@ -178,13 +125,13 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
         assert again.startswith(b"HTTP/1.1 503 "), again[:300]
         assert b"kept for health probes and metrics" in again
         with other:
-            other.sendall(_request("POST", "/v2/models/add/infer", ADD_BODY))
-            answer = _answer(other)
+            other.sendall(raw_request("POST", "/v2/models/add/infer", ADD_BODY))
+            answer = read_answer(other)
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
         assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == 3.0
 
         # Nothing else was cut: the run in progress and the other waiting requests are still there.
-        assert not any(_readable(sock) for sock in attack[:-1])
+        assert not any(readable(sock) for sock in attack[:-1])
         assert _queued(server) == CAP - 2
         assert "closed 1 connection(s) of 127.0.0.2, the address holding the most" in server.log()
 
@@ -192,7 +139,7 @@ def test_requests_waiting_at_a_busy_model_give_their_connection_to_another_addre
         for sock in attack[:2]:
             sock.close()
         for sock in attack[2:-1]:
-            ran = _answer(sock)
+            ran = read_answer(sock)
             assert ran.startswith(b"HTTP/1.1 200 "), ran[:300]
             assert orjson.loads(ran.partition(b"\r\n\r\n")[2])["outputs"][0]["data"][0] == PRODUCTS
         assert _executions(server) - executions_before == CAP - 3  # the withdrawn one never ran

@@ -38,6 +38,7 @@ from onnxserve.core.registry import ADAPTIVE_GATHER_US, ADAPTIVE_MAX_ROWS, ADAPT
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.service import INLINE_TOKENIZE_CHARACTERS
 from onnxserve.server.lifecycle import RunningServer
+from waiting import until
 
 FOREVER = 1e9
 """A blocker's value: more products than any test waits for (it is always cancelled)."""
@@ -84,13 +85,6 @@ def body(*values: float) -> dict[str, Any]:
 def batch_sizes(server: RunningServer, model: str = "paced") -> Counter[int]:
     doc = httpx.get(f"{server.http_url}/v2/models/{model}/stats").json()["model_stats"][0]
     return Counter({b["batch_size"]: b["compute_infer"]["count"] for b in doc["batch_stats"]})
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
 
 
 def test_the_default_is_one_session_run_side_by_side(serve: Callable[..., RunningServer]) -> None:

@@ -450,24 +450,6 @@ def test_tritonclient_grpc_with_tokens(secured: RunningServer) -> None:
 # --- TLS and mutual TLS ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def tls_files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    files = {"cert": folder / "server.pem", "key": folder / "server.key", "ca": folder / "ca.pem"}
-    leaf.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    for blob in leaf.cert_chain_pems[1:]:
-        blob.write_to_path(str(files["cert"]), append=True)
-    leaf.private_key_pem.write_to_path(str(files["key"]))
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    return files
-
-
 def client_context(ca: trustme.CA, client: trustme.LeafCert | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context()
     ca.configure_trust(context)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ import pytest
 import models
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.core.batching import DynamicBatcher
-from onnxserve.server.lifecycle import RunningServer, start_in_background
-from onnxserve.server.settings import ServerSettings
+from onnxserve.server.lifecycle import RunningServer
+from waiting import until
 
 FOREVER = 1e9
 """A blocker's value: more products than any test waits for (it is always cancelled)."""
@@ -44,21 +44,14 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def serve(repository: Path) -> Iterator[Callable[..., RunningServer]]:
-    running: list[RunningServer] = []
+def serve(repository: Path, start_server: Callable[[ServerConfig], RunningServer]) -> Callable[..., RunningServer]:
+    """Start a server of ``paced`` with these settings of its model (conftest's ``start_server``)."""
 
     def start(**entry: Any) -> RunningServer:
         document = {"model_config_list": [{"name": "paced", "base_path": "paced", **entry}]}
-        config: ServerConfig = parse_config(document, "batch forming test", repository)
-        server = start_in_background(
-            config, ServerSettings(http_port=0, grpc_port=0, inference_threads=4, log_level="warning")
-        )
-        running.append(server)
-        return server
+        return start_server(parse_config(document, "batch forming test", repository))
 
-    yield start
-    for server in running:
-        server.stop()
+    return start
 
 
 def body(*values: float) -> dict[str, Any]:
@@ -75,13 +68,6 @@ def batch_sizes(server: RunningServer) -> Counter[int]:
     """Executions per batch size, from the V2 statistics extension."""
     doc = httpx.get(f"{server.http_url}/v2/models/paced/stats").json()["model_stats"][0]
     return Counter({b["batch_size"]: b["compute_infer"]["count"] for b in doc["batch_stats"]})
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
 
 
 async def burst_behind_a_blocker(server: RunningServer, blocker_rows: int, count: int) -> list[httpx.Response]:

@@ -32,7 +32,7 @@ from onnxserve.core.batching import DynamicBatcher
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
-from waiting import wait_until
+from waiting import until, wait_until
 
 FLOOD = 24
 PRODUCTS = 1000.0  # 64x64 products per run: tens of ms, so that the flood queues up faster than it runs
@@ -133,13 +133,6 @@ class Client:
         return time.monotonic()
 
 
-async def until(condition: Callable[[], bool], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
-
-
 async def flood_and_one(server: RunningServer, flooder: Client, other: Client) -> tuple[int, float, float]:
     """``flooder`` sends FLOOD requests at once; once all are in the service, ``other`` sends one. Returns
     how many flood answers came after the other's, the other's wait, and the flood's length."""
@@ -148,7 +141,7 @@ async def flood_and_one(server: RunningServer, flooder: Client, other: Client) -
         assert await other.infer()  # connected and warm
         started = time.monotonic()
         flood = [asyncio.create_task(flooder.infer()) for _ in range(FLOOD)]
-        await until(lambda: server.service.in_flight + sum(t.done() for t in flood) >= FLOOD)
+        await until(lambda: server.service.in_flight + sum(t.done() for t in flood) >= FLOOD, seconds=60)
         # in the service is not yet in the queue: the flood should be queued when the other client sends
         await until(lambda: scheduler.queued() > FLOOD // 2, seconds=20)
         sent = time.monotonic()

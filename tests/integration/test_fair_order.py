@@ -9,7 +9,6 @@ run), and the queue drains; each execution's rows (their x values) are recorded 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from onnxserve.core.execution import Outcome, Work, run_batch
 from onnxserve.core.fairness import FairQueue, should_displace
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.errors import ResourceExhaustedError, UnavailableError
+from waiting import until
 
 FOREVER = 1e9
 Scheduler = DirectScheduler | DynamicBatcher
@@ -59,13 +59,6 @@ def pool(session: ModelSession) -> Iterator[InstancePool]:
 
 def work(value: float, client: str) -> Work:
     return Work(["y"], 1, feeds={"x": np.array([[value]], dtype=np.float32)}, client=client)
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
 
 
 async def behind_a_blocker(

@@ -25,6 +25,8 @@ import onnxruntime as ort
 import pytest
 
 import models
+from error_documents import assert_error
+from models import add_arrays, fixed_array, mixed_arrays
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.server.lifecycle import RunningServer
 
@@ -44,13 +46,7 @@ def tripled_model() -> onnx.ModelProto:
     )
 
 
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "tripled": tripled_model,
-}
+MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {**models.NUMERIC_MODELS, "tripled": tripled_model}
 
 # The test's own vocabulary (independent of onnxserve's): ONNX element type -> TF DataType name, numpy dtype.
 ONNX_TF: dict[int, tuple[str, Any]] = {
@@ -135,45 +131,6 @@ def predict_ok(client: httpx.Client, path: str, doc: Any) -> Any:
     return response.json()
 
 
-def assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    doc = response.json()
-    assert isinstance(doc, dict)
-    assert set(doc) == {"error"}
-    message = doc["error"]
-    assert isinstance(message, str)
-    assert message
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in error {message!r}"
-    return message
-
-
-def fixed_input(seed: int = 0) -> Array:
-    return np.random.default_rng(seed).standard_normal((2, 3), dtype=np.float32)
-
-
-def add_arrays(batch: int = 3, seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        "a": rng.standard_normal((batch, 16), dtype=np.float32),
-        "b": rng.standard_normal((batch, 16), dtype=np.float32),
-    }
-
-
-def mixed_arrays(seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        # beyond 2**53: an INT64 that a float64 round trip would corrupt
-        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),
-        "flags": np.array([True, False, False, True]),
-        "half": rng.standard_normal((4, 2)).astype(np.float16),
-        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
-        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
-        "wide": rng.standard_normal(4) * 1e300,
-    }
-
-
 def columns(arrays: Mapping[str, Array]) -> dict[str, Any]:
     return {name: array.tolist() for name, array in arrays.items()}
 
@@ -185,7 +142,7 @@ def instances(arrays: Mapping[str, Array]) -> list[dict[str, Any]]:
 
 def check_good_request(client: httpx.Client) -> None:
     """A valid request answers 200 with the right values (the server still serves after an error)."""
-    x = fixed_input(seed=99)
+    x = fixed_array(seed=99)
     doc = predict_ok(client, "/v1/models/fixed:predict", {"inputs": x.tolist()})
     assert_matches("fixed", {"y": doc["outputs"]}, reference("fixed", {"x": x}))
 
@@ -268,7 +225,7 @@ def test_model_metadata_spelled_out(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize("suffix", ["", "/versions/1"], ids=["default", "v1"])
 def test_predict_fixed_row_form(client: httpx.Client, suffix: str) -> None:
-    x = fixed_input(seed=1)
+    x = fixed_array(seed=1)
     doc = predict_ok(client, f"/v1/models/fixed{suffix}:predict", {"instances": x.tolist()})
     assert set(doc) == {"predictions"}
     assert len(doc["predictions"]) == 2  # one prediction per instance
@@ -276,7 +233,7 @@ def test_predict_fixed_row_form(client: httpx.Client, suffix: str) -> None:
 
 
 def test_predict_fixed_row_form_with_named_instances(client: httpx.Client) -> None:
-    x = fixed_input(seed=2)
+    x = fixed_array(seed=2)
     body = {"signature_name": "serving_default", "instances": instances({"x": x})}
     doc = predict_ok(client, "/v1/models/fixed:predict", body)
     assert_matches("fixed", {"y": doc["predictions"]}, reference("fixed", {"x": x}))
@@ -284,7 +241,7 @@ def test_predict_fixed_row_form_with_named_instances(client: httpx.Client) -> No
 
 @pytest.mark.parametrize("named", [False, True], ids=["bare", "named"])
 def test_predict_fixed_columnar_form(client: httpx.Client, named: bool) -> None:
-    x = fixed_input(seed=3)
+    x = fixed_array(seed=3)
     body = {"inputs": {"x": x.tolist()} if named else x.tolist()}
     doc = predict_ok(client, "/v1/models/fixed:predict", body)
     assert set(doc) == {"outputs"}
@@ -365,7 +322,7 @@ def test_labels_status_metadata_and_predict(labelled_client: httpx.Client) -> No
         assert meta.json()["model_spec"]["version"] == version
     assert client.get("/v1/models/scaled/metadata").json()["model_spec"]["version"] == "2"
 
-    x = fixed_input(seed=8)
+    x = fixed_array(seed=8)
     expected = {"fixed": reference("fixed", {"x": x}), "tripled": reference("tripled", {"x": x})}
     for path, model in (
         ("/v1/models/scaled/labels/stable", "fixed"),

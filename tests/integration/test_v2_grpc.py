@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import queue
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import grpc
@@ -32,11 +31,12 @@ from tritonclient.utils import InferenceServerException
 
 import models
 import onnxserve
+from models import add_arrays, fixed_array, mixed_arrays
 from onnxserve.config import ServerConfig, parse_config
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
-from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
+from vocabulary import ONNX_V2, V2_NUMPY, decode_raw, encode_raw, v2_datatype
 
 Array = npt.NDArray[Any]
 Code = grpc.StatusCode
@@ -67,14 +67,7 @@ def typed_model() -> onnx.ModelProto:
     return model
 
 
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "slow": models.slow_model,
-    "typed": typed_model,
-}
+MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {**models.NUMERIC_MODELS, "typed": typed_model}
 TYPED_OUTPUTS_WITHOUT_FP16 = ("ids_x3", "not_flags", "small_out", "signed_out", "wide_neg", "single_x2")
 
 CONTENTS_FIELD = {
@@ -146,26 +139,6 @@ def assert_outputs_match(got: Mapping[str, Array], expected: Mapping[str, Array]
 # --- inputs ----------------------------------------------------------------------------------------
 
 
-def add_arrays(batch: int = 3, seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        "a": rng.standard_normal((batch, 16), dtype=np.float32),
-        "b": rng.standard_normal((batch, 16), dtype=np.float32),
-    }
-
-
-def mixed_arrays(seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),  # beyond float64's 53 bits
-        "flags": np.array([True, False, False, True]),
-        "half": rng.standard_normal((4, 2)).astype(np.float16),
-        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
-        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
-        "wide": rng.standard_normal(4) * 1e300,
-    }
-
-
 def typed_arrays(seed: int = 0) -> dict[str, Array]:
     rng = np.random.default_rng(seed)
     mixed = mixed_arrays(seed)
@@ -177,70 +150,35 @@ def strings_array() -> Array:
     return np.array(["héllo wörld", "日本語のテキスト", "", "emoji 🚀", "plain"], dtype=object)
 
 
-def fixed_array(seed: int = 0) -> Array:
-    return np.random.default_rng(seed).standard_normal((2, 3), dtype=np.float32)
-
-
 # --- raw gRPC messages -----------------------------------------------------------------------------
 
 
-def encode_raw(array: Array) -> bytes:
-    """Raw contents: little-endian values, or a 4-byte length before each BYTES element."""
-    if array.dtype == np.object_:
-        items = [_utf8(v) for v in array.reshape(-1)]
-        return b"".join(struct.pack("<I", len(v)) + v for v in items)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-
-
-def decode_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
-    if datatype == "BYTES":
-        items: list[bytes] = []
-        offset = 0
-        while offset < len(raw):
-            (size,) = struct.unpack_from("<I", raw, offset)
-            items.append(raw[offset + 4 : offset + 4 + size])
-            offset += 4 + size
-        out = np.empty(len(items), dtype=object)
-        out[:] = items
-        return out.reshape(shape)
-    dtype = np.dtype(V2_NUMPY[datatype]).newbyteorder("<")
-    return np.frombuffer(raw, dtype=dtype).astype(V2_NUMPY[datatype]).reshape(shape)
-
-
-def raw_request(
+def infer_request(
     model: str,
     feeds: Mapping[str, Array],
     *,
+    raw: bool,
     outputs: Sequence[str] = (),
     request_id: str = "",
     version: str = "",
 ) -> pb.ModelInferRequest:
-    message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
-    for name, array in feeds.items():
-        message.inputs.add(name=name, datatype=v2_datatype(array), shape=list(array.shape))
-        message.raw_input_contents.append(encode_raw(array))
-    for name in outputs:
-        message.outputs.add(name=name)
-    return message
-
-
-def typed_request(
-    model: str,
-    feeds: Mapping[str, Array],
-    *,
-    outputs: Sequence[str] = (),
-    request_id: str = "",
-    version: str = "",
-) -> pb.ModelInferRequest:
+    """A ModelInfer request of ``feeds``, as raw contents (``raw``) or typed contents."""
     message = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, array in feeds.items():
         datatype = v2_datatype(array)
         tensor = message.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
-        values = [_utf8(v) for v in array.reshape(-1)] if datatype == "BYTES" else array.reshape(-1).tolist()
-        getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(values)
+        if raw:
+            message.raw_input_contents.append(encode_raw(array))
+        else:
+            values = [_utf8(v) for v in array.reshape(-1)] if datatype == "BYTES" else array.reshape(-1).tolist()
+            getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(values)
     for name in outputs:
         message.outputs.add(name=name)
     return message
+
+
+raw_request = partial(infer_request, raw=True)
+typed_request = partial(infer_request, raw=False)
 
 
 def response_arrays(response: pb.ModelInferResponse, *, raw: bool) -> dict[str, Array]:

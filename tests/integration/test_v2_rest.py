@@ -9,7 +9,6 @@ the server serving), and that a slow inference does not hold up health checks or
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import threading
 import time
@@ -22,28 +21,23 @@ from typing import Any
 import httpx
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import pytest
 
 import models
 import onnxserve
+from error_documents import assert_error as _assert_error
+from models import mixed_arrays
 from onnxserve.config import ServerConfig
 from onnxserve.server.lifecycle import RunningServer
-from vocabulary import ONNX_V2, V2_NUMPY, v2_datatype
+from vocabulary import ONNX_V2, V2_NUMPY, decode_raw, encode_raw, v2_datatype
 
 Array = npt.NDArray[Any]
 StartServer = Callable[[ServerConfig], RunningServer]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MODEL_NAMES = ("add", "mixed", "fixed", "strings", "slow")
-MODEL_BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "add": models.add_model,
-    "mixed": models.mixed_model,
-    "fixed": models.fixed_model,
-    "strings": models.strings_model,
-    "slow": models.slow_model,
-}
+MODEL_BUILDERS = models.NUMERIC_MODELS
 
 
 # --- in-process reference ------------------------------------------------------------------------
@@ -94,25 +88,12 @@ def tensor_json(name: str, array: Array, *, nested: bool = True) -> dict[str, An
     return {"name": name, "shape": list(array.shape), "datatype": v2_datatype(array), "data": data}
 
 
-def encode_raw(array: Array) -> bytes:
-    """Binary-extension bytes: little-endian values, or a 4-byte length before each BYTES element."""
-    if array.dtype == np.object_:
-        items = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in array.reshape(-1)]
-        return b"".join(struct.pack("<I", len(v)) + v for v in items)
-    return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-
-
-def decode_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
+def decode_text_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> Array:
+    """``decode_raw``, with BYTES elements as text."""
+    array = decode_raw(raw, datatype, shape)
     if datatype == "BYTES":
-        items: list[str] = []
-        offset = 0
-        while offset < len(raw):
-            (size,) = struct.unpack_from("<I", raw, offset)
-            items.append(raw[offset + 4 : offset + 4 + size].decode("utf-8"))
-            offset += 4 + size
-        return np.array(items, dtype=object).reshape(shape)
-    dtype = np.dtype(V2_NUMPY[datatype]).newbyteorder("<")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return np.array([v.decode("utf-8") for v in array.reshape(-1)], dtype=object).reshape(shape)
+    return array
 
 
 def tensor_binary(name: str, array: Array) -> tuple[dict[str, Any], bytes]:
@@ -183,7 +164,7 @@ def binary_outputs(response: httpx.Response) -> tuple[dict[str, Any], dict[str, 
         if "binary_data_size" in params:
             assert "data" not in tensor
             size = params["binary_data_size"]
-            arrays[tensor["name"]] = decode_raw(raw[offset : offset + size], tensor["datatype"], tensor["shape"])
+            arrays[tensor["name"]] = decode_text_raw(raw[offset : offset + size], tensor["datatype"], tensor["shape"])
             offset += size
         else:
             arrays.update(json_outputs({"outputs": [tensor]}))
@@ -204,24 +185,8 @@ def assert_outputs_match(got: Mapping[str, Array], expected: Mapping[str, Array]
 
 
 def add_arrays(batch: int = 3, seed: int = 0) -> tuple[Array, Array]:
-    rng = np.random.default_rng(seed)
-    return (
-        rng.standard_normal((batch, 16), dtype=np.float32),
-        rng.standard_normal((batch, 16), dtype=np.float32),
-    )
-
-
-def mixed_arrays(seed: int = 0) -> dict[str, Array]:
-    rng = np.random.default_rng(seed)
-    return {
-        # beyond 2**53: an INT64 that a float64 round trip would corrupt
-        "ids": np.array([2**61 + 1, -(2**61) - 7, 0, 12345], dtype=np.int64),
-        "flags": np.array([True, False, False, True]),
-        "half": rng.standard_normal((4, 2)).astype(np.float16),
-        "small": np.array([0, 1, 128, 255], dtype=np.uint8),
-        "signed": np.array([-128, -1, 0, 127], dtype=np.int8),
-        "wide": rng.standard_normal(4) * 1e300,
-    }
+    arrays = models.add_arrays(batch, seed)
+    return arrays["a"], arrays["b"]
 
 
 def check_good_add_request(client: httpx.Client) -> None:
@@ -336,20 +301,6 @@ def test_config_of_unbatched_model_keeps_dynamic_dims(client: httpx.Client) -> N
     ]
     strings = client.get("/v2/models/strings/config").json()
     assert strings["input"][0]["data_type"] == "TYPE_STRING"
-
-
-def _assert_error(response: httpx.Response, status: int, *words: str) -> str:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    doc = response.json()
-    assert isinstance(doc, dict)
-    assert set(doc) == {"error"}
-    message = doc["error"]
-    assert isinstance(message, str)
-    assert message
-    for word in words:
-        assert word.lower() in message.lower(), f"{word!r} not in error {message!r}"
-    return message
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,7 @@ value holds it while the queue is built, then its caller goes away.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from onnxserve.core.execution import Outcome, Work, run_batch
 from onnxserve.core.progress import Progress
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.text_budget import CharacterBudget
+from waiting import until
 
 FOREVER = 1e9
 
@@ -46,13 +46,6 @@ def pool(session: ModelSession) -> Iterator[InstancePool]:
 
 def work(value: float, client: str = "a") -> Work:
     return Work(["y"], 1, feeds={"x": np.array([[value]], dtype=np.float32)}, client=client)
-
-
-async def until(condition: Callable[[], bool], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.002)
 
 
 @pytest.mark.parametrize("batching", [False, True])
