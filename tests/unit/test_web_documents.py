@@ -255,7 +255,44 @@ def test_graph_and_diff_documents_count_their_nodes_and_refuse_too_many(tmp_path
         # the file alone would fit many times over; its nodes do not
         counted = DocumentCache(memory=int(size * documents.COST_FACTOR * 4))
         assert int(size * documents.COST_FACTOR) + 200 * documents.NODE_COST > counted.memory
-        with pytest.raises(TooLargeError, match="its model file\\(s\\) and nodes"):
+        with pytest.raises(TooLargeError, match="its model and external data files and nodes"):
             await counted.graph(large)
+
+    asyncio.run(scenario())
+
+
+def _external_model(folder: Path, values: int) -> Path:
+    """y = x @ W with W (``values`` floats) kept in an external data file beside the model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = onnx.numpy_helper.from_array(np.arange(values, dtype=np.float32).reshape(-1, 1), "W")
+    graph_ = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "external",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, values])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1])],
+        [weights],
+    )
+    path = folder / "model.onnx"
+    model = onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, path, save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return path
+
+
+def test_documents_of_a_model_with_external_data_read_it_and_count_it(tmp_path: Path) -> None:
+    """The diff read external weights from the server's working directory: 500 and a traceback on every
+    request; and the documents counted the model file only (outside attack rt12 F6)."""
+    one, two = _external_model(tmp_path / "1", 1000), _external_model(tmp_path / "2", 1000)
+    data = (tmp_path / "1" / "model.onnx.data").stat().st_size
+    assert model_header.read_header(one).external_files == ("model.onnx.data",)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        found = orjson.loads(await cache.diff(one, two))["diff"]
+        assert found["initializers"] == []  # the same weights, read from each side's own folder
+        assert orjson.loads(await cache.graph(one))["nodes"]
+        assert orjson.loads(await cache.weight_page(one, "W", 0, 3))["values"] == [0.0, 1.0, 2.0]
+        small = DocumentCache(memory=int(data * documents.COST_FACTOR))  # the model file itself is tiny
+        with pytest.raises(TooLargeError, match="external data"):
+            await small.weight_page(one, "W", 0, 3)
 
     asyncio.run(scenario())

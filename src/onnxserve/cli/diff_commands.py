@@ -52,14 +52,15 @@ def diff(
     """
     from onnxserve.toolkit import diff_report, sample_inputs
     from onnxserve.toolkit.diff import diff_models, remeasure
-    from onnxserve.toolkit.model_file import load_model
+    from onnxserve.toolkit.model_file import load_model, locate_model
 
     try:
         if output_format is DiffFormat.html and output is None:
             raise InvalidInputError("--format html needs --output FILE")
         model_a, model_b = load_model(a), load_model(b)
         given = sample_inputs.load_samples(samples, sample_inputs.signature(model_a.graph)) if samples else None
-        result = diff_models(model_a, model_b, samples=given, run=numeric, seed=seed)
+        files = (locate_model(a).file, locate_model(b).file)
+        result = diff_models(model_a, model_b, samples=given, run=numeric, seed=seed, files=files)
         if numeric and given is None:
             result.accuracy = remeasure(a, b)
         if output_format is DiffFormat.json:

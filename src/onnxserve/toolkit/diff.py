@@ -25,14 +25,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import numpy_helper
 
 from onnxserve.config import SessionOptions
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import guarded_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
-from onnxserve.toolkit.graph import node_ids
+from onnxserve.toolkit.graph import node_ids, weight_array
 from onnxserve.toolkit.model_file import load_model
 from onnxserve.toolkit.node_matching import (
     QUANTIZED_SUFFIXES,
@@ -273,12 +272,17 @@ def diff_models(
     samples: Arrays | None = None,
     run: bool = True,
     seed: int = 0,
+    files: tuple[Path, Path] | None = None,
 ) -> ModelDiff:
-    """Everything that differs from model ``a`` to model ``b`` (``run=False`` skips the numeric part)."""
+    """Everything that differs from model ``a`` to model ``b`` (``run=False`` skips the numeric part).
+
+    ``files``: the model files ``a`` and ``b`` were read from: weights kept in external data files are
+    read beside them, and the models run from them."""
     matching = match_graphs(a.graph, b.graph)
     a_ref = _refs(a.graph)
     b_ref = _refs(b.graph)
-    init_changes = _initializer_changes(a.graph, b.graph)
+    dirs = (files[0].parent, files[1].parent) if files is not None else (None, None)
+    init_changes = _initializer_changes(a.graph, b.graph, dirs)
     changed_weights = {c.name for c in init_changes if c.change != "removed"}
     changes, renamed = _node_changes(matching, a_ref, b_ref, changed_weights)
     # An added node that produces what a kept A node produced belongs to that node's rewritten form
@@ -302,7 +306,7 @@ def diff_models(
         nodes_matched=len(matching.b_to_a),
         replacements=replacements,
         initializers=init_changes,
-        numeric=compare_outputs(a, b, samples=samples, seed=seed) if run else None,
+        numeric=compare_outputs(a, b, samples=samples, seed=seed, files=files) if run else None,
         node_counts=(len(a.graph.node), len(b.graph.node)),
         matched=[(a_ref[m].id, b_ref[n].id, matching.how[n]) for n, m in sorted(matching.b_to_a.items())],
     )
@@ -442,8 +446,8 @@ def _equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     )
 
 
-def _array(tensor: onnx.TensorProto) -> npt.NDArray[Any]:
-    return numpy_helper.to_array(tensor)
+def _array(tensor: onnx.TensorProto, base_dir: Path | None = None) -> npt.NDArray[Any]:
+    return weight_array(tensor, base_dir)
 
 
 def _init_type(tensor: onnx.TensorProto) -> TensorType:
@@ -451,12 +455,16 @@ def _init_type(tensor: onnx.TensorProto) -> TensorType:
 
 
 def _dequantized(
-    quantized: onnx.TensorProto, scale: onnx.TensorProto, zero: onnx.TensorProto | None, shape: list[int]
+    quantized: onnx.TensorProto,
+    scale: onnx.TensorProto,
+    zero: onnx.TensorProto | None,
+    shape: list[int],
+    base_dir: Path | None = None,
 ) -> npt.NDArray[Any] | None:
     # float32, as the float original: the dequantized copy costs what that original does, not twice it
-    q = _array(quantized).astype(np.float32)
-    s = _array(scale).astype(np.float32)
-    z = _array(zero).astype(np.float32) if zero is not None else np.zeros_like(s)
+    q = _array(quantized, base_dir).astype(np.float32)
+    s = _array(scale, base_dir).astype(np.float32)
+    z = _array(zero, base_dir).astype(np.float32) if zero is not None else np.zeros_like(s)
     if list(q.shape) != shape:
         return None
     if s.size == 1:
@@ -469,7 +477,10 @@ def _dequantized(
     return None
 
 
-def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[InitializerChange]:
+def _initializer_changes(
+    a: onnx.GraphProto, b: onnx.GraphProto, dirs: tuple[Path | None, Path | None] = (None, None)
+) -> list[InitializerChange]:
+    """The initializers that differ; ``dirs``: where each side's external data files are."""
     ia = {t.name: t for t in a.initializer}
     ib = {t.name: t for t in b.initializer}
     changes: list[InitializerChange] = []
@@ -479,7 +490,7 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
         if tb is None:
             continue
         used_b.add(name)
-        xa, xb = _array(ta), _array(tb)
+        xa, xb = _array(ta, dirs[0]), _array(tb, dirs[1])
         if xa.shape != xb.shape:
             changes.append(InitializerChange(name, "reshaped", _init_type(ta), _init_type(tb)))
         elif xa.dtype != xb.dtype:
@@ -500,8 +511,8 @@ def _initializer_changes(a: onnx.GraphProto, b: onnx.GraphProto) -> list[Initial
         if quantized is not None and scale is not None:
             derived = [name + s for s in QUANTIZED_SUFFIXES if name + s in ib]
             used_b.update(derived)
-            xa = _array(ta)
-            deq = _dequantized(quantized, scale, ib.get(name + "_zero_point"), list(xa.shape))
+            xa = _array(ta, dirs[0])
+            deq = _dequantized(quantized, scale, ib.get(name + "_zero_point"), list(xa.shape), dirs[1])
             stats = weight_stats(xa, deq) if deq is not None else None
             changes.append(InitializerChange(name, "quantized", _init_type(ta), _init_type(quantized), stats, derived))
             continue

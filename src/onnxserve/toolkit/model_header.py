@@ -35,10 +35,15 @@ class FileHeader:
     graph_doc_string: str
     nodes: int
     """The nodes of the main graph (not of its subgraphs)."""
+    external_files: tuple[str, ...] = ()
+    """The external data files the main graph's initializers name (their ``location``s), each once."""
 
 
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_NAME, _GRAPH_DOC_STRING = 7, 1, 2, 10
 """Field numbers in onnx.proto: ModelProto.graph; GraphProto.node, .name, .doc_string."""
+
+_GRAPH_INITIALIZER, _TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 5, 13, 1, 2
+"""GraphProto.initializer; TensorProto.external_data; StringStringEntryProto.key, .value."""
 
 
 def read_header(path: Path) -> FileHeader:
@@ -54,6 +59,7 @@ def read_header(path: Path) -> FileHeader:
     with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         rest = bytearray()
         name, doc_string, nodes = b"", b"", 0
+        external: dict[str, None] = {}
         for number, wire, tag_start, start, end in protobuf_wire.fields(data, 0, len(data)):
             if number != _MODEL_GRAPH or wire != protobuf_wire.LENGTH_DELIMITED:
                 rest += data[tag_start:end]
@@ -67,6 +73,28 @@ def read_header(path: Path) -> FileHeader:
                     name = data[inner_start:inner_end]
                 elif inner == _GRAPH_DOC_STRING:
                     doc_string = data[inner_start:inner_end]
+                elif inner == _GRAPH_INITIALIZER:
+                    external.update(dict.fromkeys(_external_locations(data, inner_start, inner_end)))
     model = onnx.ModelProto()
     model.ParseFromString(bytes(rest))
-    return FileHeader(model, name.decode("utf-8", "replace"), doc_string.decode("utf-8", "replace"), nodes)
+    return FileHeader(
+        model, name.decode("utf-8", "replace"), doc_string.decode("utf-8", "replace"), nodes, tuple(external)
+    )
+
+
+def _external_locations(data: mmap.mmap, start: int, end: int) -> list[str]:
+    """The ``location`` of the external data of the TensorProto in ``data[start:end]`` (none or one)."""
+    found = []
+    for number, wire, _, entry_start, entry_end in protobuf_wire.fields(data, start, end):
+        if number != _TENSOR_EXTERNAL_DATA or wire != protobuf_wire.LENGTH_DELIMITED:
+            continue
+        key = value = b""
+        for field, field_wire, _, field_start, field_end in protobuf_wire.fields(data, entry_start, entry_end):
+            if field_wire == protobuf_wire.LENGTH_DELIMITED and field in (_ENTRY_KEY, _ENTRY_VALUE):
+                if field == _ENTRY_KEY:
+                    key = data[field_start:field_end]
+                else:
+                    value = data[field_start:field_end]
+        if key == b"location":
+            found.append(value.decode("utf-8", "replace"))
+    return found

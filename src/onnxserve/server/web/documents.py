@@ -149,7 +149,7 @@ def diff_json(a: Path, b: Path) -> bytes:
     back only with the whole message), and run from their files one after the other: the diff holds
     at most both models and two initializers, then at most one session."""
     model_a, model_b = load_model(a), load_model(b)
-    found = diff.diff_models(model_a, model_b, run=False)
+    found = diff.diff_models(model_a, model_b, run=False, files=(a, b))
     model_a, model_b = _without_weights(model_a), _without_weights(model_b)
     numeric = diff.compare_outputs(model_a, model_b, files=(a, b), limits=DIFF_RUN_LIMITS)
     found = replace(found, numeric=numeric)
@@ -173,6 +173,14 @@ def _size(value: object) -> int:
     if isinstance(value, overview.OnnxHeader):
         return len(value.doc_string) + sum(len(k) + len(v) for k, v in value.properties) + 1024
     return len(value) if isinstance(value, bytes) else 0
+
+
+def _file_size(path: Path) -> int:
+    """The size of an external data file (0 when it cannot be read: the document's reading says why)."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _mib(size: int) -> str:
@@ -216,21 +224,22 @@ class DocumentCache:
 
     async def graph(self, path: Path) -> bytes:
         key = ("graph", file_key(path))
-        cost = self._cost("graph", key[1]) + await self._node_cost("graph", path)
+        cost = self._cost("graph", key[1]) + await self._structure_cost("graph", path)
         document = await self._get(key, (str(path),), lambda: graph_json(path), self._within(cost))
         assert isinstance(document, bytes)
         return document
 
     async def weight_page(self, path: Path, name: str, offset: int, limit: int) -> bytes:
         key = ("weights", file_key(path))
-        weights = await self._get(key, (str(path),), lambda: read_weights(path), self._cost("weights", key[1]))
+        cost = self._cost("weights", key[1]) + await self._structure_cost("weights", path, nodes=False)
+        weights = await self._get(key, (str(path),), lambda: read_weights(path), self._within(cost))
         assert isinstance(weights, Weights)
         return weights.page(name, offset, limit)
 
     async def diff(self, a: Path, b: Path) -> bytes:
         key = ("diff", file_key(a), file_key(b))
         cost = self._cost("diff", key[1], key[2])
-        cost += await self._node_cost("diff", a) + await self._node_cost("diff", b)
+        cost += await self._structure_cost("diff", a) + await self._structure_cost("diff", b)
         document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b), self._within(cost))
         assert isinstance(document, bytes)
         return document
@@ -253,22 +262,27 @@ class DocumentCache:
             )
         return cost
 
-    async def _node_cost(self, what: str, path: Path) -> int:
-        """``NODE_COST`` per node of the main graph of the model at ``path`` (its cached header says how
-        many); a TooLargeError past ``max_nodes``."""
-        nodes = (await self.header(path)).nodes
-        if nodes > self.max_nodes:
+    async def _structure_cost(self, what: str, path: Path, nodes: bool = True) -> int:
+        """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
+        byte of the external data files its initializers name (read like the file's own weights), and
+        for a graph or a diff ``NODE_COST`` per node of its main graph; a TooLargeError past ``max_nodes``."""
+        header = await self.header(path)
+        external = int(sum(_file_size(path.parent / location) for location in header.external_files) * self.cost_factor)
+        if not nodes:
+            return external
+        if header.nodes > self.max_nodes:
             raise TooLargeError(
-                f"the {what} document of a model of {nodes:,} nodes is too large for the web page: it draws "
-                f"models of up to {self.max_nodes:,} nodes (`onnxserve inspect` shows any model)"
+                f"the {what} document of a model of {header.nodes:,} nodes is too large for the web page: it "
+                f"draws models of up to {self.max_nodes:,} nodes (`onnxserve inspect` shows any model)"
             )
-        return nodes * NODE_COST
+        return external + header.nodes * NODE_COST
 
     def _within(self, cost: int) -> int:
         """``cost``, or a TooLargeError when it can never fit in ``memory``."""
         if cost > self.memory:
             raise TooLargeError(
-                f"this web page document is counted at {_mib(cost)} (its model file(s) and nodes), more than "
+                f"this web page document is counted at {_mib(cost)} (its model and external data files and "
+                f"nodes), more than "
                 f"the {_mib(self.memory)} the web page computes documents in (--web-document-memory)"
             )
         return cost

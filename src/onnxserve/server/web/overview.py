@@ -60,6 +60,7 @@ class OnnxHeader:
     doc_string: str
     properties: tuple[tuple[str, str], ...]
     nodes: int
+    external_files: tuple[str, ...] = ()  # the external data files its initializers name
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         doc_string=model.doc_string or found.graph_doc_string,
         properties=tuple((p.key, p.value) for p in model.metadata_props),
         nodes=found.nodes,
+        external_files=found.external_files,
     )
 
 
