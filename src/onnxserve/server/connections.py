@@ -91,6 +91,8 @@ from onnxserve.protocols.http import CALL_SLOT, CallSlot
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, over_budget, stop_holding
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
+from onnxserve.server.connection_index import Counts, LazyHeap
+from onnxserve.server.log_throttle import LogThrottle
 from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
 from onnxserve.server.settings import ServerSettings
 
@@ -118,9 +120,6 @@ RESERVE_KEEP_ALIVE_SECONDS = 1
 
 RESERVE_STALE_SECONDS = 2.0
 """A full reserve makes room by closing a reserve connection open longer than this, even a busy one."""
-
-DISPLACED_WARNING_SECONDS = 10.0
-"""At most one WARNING this often about connections closed to make room for other client addresses."""
 
 LINGER_SECONDS = 5.0
 """How long a connection closed with its request body still arriving keeps reading (and dropping) it."""
@@ -224,14 +223,63 @@ class _ClosedWritesDropped:
         return getattr(self._transport, name)
 
 
+def _oldest(connection: GuardedHttpProtocol) -> float:
+    return 0.0  # the heap orders equal keys by when the connection opened
+
+
+def _sent(connection: GuardedHttpProtocol) -> float:
+    return connection._head_bytes + connection._body_bytes
+
+
+def _idle(connection: GuardedHttpProtocol) -> bool:
+    """May be closed for another address, and sends nothing: the first closed for one, oldest first."""
+    return connection._displaceable() and not connection._sending()
+
+
+def _sending(connection: GuardedHttpProtocol) -> bool:
+    """May be closed for another address, and is sending its request: by bytes sent, then age."""
+    return connection._displaceable() and connection._sending()
+
+
+def _free(connection: GuardedHttpProtocol) -> bool:
+    return connection._free()
+
+
+class _Address:
+    """One client address's open connections, with those that may be closed for another address in the
+    order they would be (idle ones first, then the one that has sent least of its request, then the
+    oldest) and its ordinary ones not in the middle of a request (oldest first)."""
+
+    def __init__(self) -> None:
+        self.connections: set[GuardedHttpProtocol] = set()
+        self.idle: LazyHeap[GuardedHttpProtocol] = LazyHeap(_oldest, _idle)
+        self.sending: LazyHeap[GuardedHttpProtocol] = LazyHeap(_sent, _sending)
+        self.free: LazyHeap[GuardedHttpProtocol] = LazyHeap(_oldest, _free)
+
+    def track(self, connection: GuardedHttpProtocol, idle: bool) -> None:
+        """Enter ``connection`` where it may have become sending (or ``idle``: idle and free as well)."""
+        live = len(self.connections)
+        self.sending.push(connection, live)
+        if idle:
+            self.idle.push(connection, live)
+            self.free.push(connection, live)
+
+
 @dataclass
 class _Clients:
-    """A port's open HTTP connections by client address, to share the connection slots between addresses."""
+    """A port's open HTTP connections by client address, to share the connection slots between addresses,
+    kept so that the connection to close for a new one is found without looking over the others
+    (``server.connection_index``)."""
 
-    by_address: dict[str, set[GuardedHttpProtocol]] = field(default_factory=dict)
-    displaced: int = 0
-    """Connections closed for other addresses since the last warning."""
-    warn_after: float = 0.0
+    by_address: dict[str, _Address] = field(default_factory=dict)
+    counts: Counts = field(default_factory=Counts)
+    ordinary: int = 0
+    """Open connections outside the probe reserve (closed ones count until the loop reports them lost)."""
+    reserve: set[GuardedHttpProtocol] = field(default_factory=set)
+    free: LazyHeap[GuardedHttpProtocol] = field(default_factory=lambda: LazyHeap(_oldest, _free))
+    """Every address's ordinary connections not in the middle of a request, oldest first."""
+    displaced: LogThrottle = field(default_factory=LogThrottle)
+    """At most one WARNING every 10 s about connections closed for other addresses, with their count."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -259,6 +307,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._requests: list[tuple[RequestResponseCycle, CallSlot]] = []  # not yet answered, in arrival order
         self._upgrading = False  # a TLS connection still in its handshake
         self._lost = False
+        self._counted = False  # in ``clients`` (from its connection_made to its connection_lost)
 
     # -- the connection cap --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -270,11 +319,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         super().connection_made(_ClosedWritesDropped(transport, self._linger))  # type: ignore[arg-type]
         self._address = self.client[0] if self.client else ""
-        self.clients.by_address.setdefault(self._address, set()).add(self)
-        if len(self.connections) > self.limits.max_connections:
+        clients = self.clients
+        address = clients.by_address.get(self._address)
+        if address is None:
+            address = clients.by_address[self._address] = _Address()
+        address.connections.add(self)
+        clients.counts.add(self._address)
+        clients.ordinary += 1
+        self._counted = True
+        if clients.ordinary + len(clients.reserve) > self.limits.max_connections:
             self._admit()
         if self.transport.is_closing():
             return
+        self._track(idle=True)
         self._arm_head_timer()
         if self.tls is not None:
             self._start_tls(transport, self.tls)
@@ -317,24 +374,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """In the middle of a request: its head is in and its answer is not complete."""
         return self.cycle is not None and not self.cycle.response_complete
 
+    def _track(self, idle: bool) -> None:
+        """Put this connection where the choice of one to close looks (``_Clients``): called wherever it
+        may have started sending a request or its body, or (``idle``) opened or finished a request."""
+        if self._counted and not self._reserve:
+            clients = self.clients
+            clients.by_address[self._address].track(self, idle)
+            if idle:
+                clients.free.push(self, clients.ordinary)
+
+    def _free(self) -> bool:
+        """An ordinary open connection not in the middle of a request (idle, or still sending its head)."""
+        return not self._reserve and not self._lost and not self._busy() and not self.transport.is_closing()
+
     def _admit(self) -> None:
         """Make room for this connection past ``max_connections``: evict an idle one, else take a place in
         the probe reserve, else close this one."""
-        guarded = [c for c in self.connections if isinstance(c, GuardedHttpProtocol) and c is not self]
-        ordinary = [c for c in guarded if not c._reserve]
-        if (
-            len(ordinary) < self.limits.max_connections
-            or self._displace()
-            or self._close_oldest_idle(self._no_lighter(ordinary))
-        ):
+        clients = self.clients
+        ordinary = clients.ordinary - 1  # this one is not yet in the reserve
+        if ordinary < self.limits.max_connections or self._displace() or self._close_oldest_free():
             return
-        reserve = [c for c in guarded if c._reserve]
+        reserve = [c for c in clients.reserve if c is not self]  # at most PROBE_RESERVE
         if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
             self._reserve = True
+            clients.ordinary -= 1
+            clients.reserve.add(self)
             self.timeout_keep_alive = min(self.timeout_keep_alive, RESERVE_KEEP_ALIVE_SECONDS)
-            log.info("all %d connections are busy (--max-connections): one more for probes only", len(ordinary))
+            log.info("all %d connections are busy (--max-connections): one more for probes only", ordinary)
             return
-        log.warning("refused a connection: all %d open ones are busy (--max-connections)", len(guarded))
+        log.warning("refused a connection: all %d open ones are busy (--max-connections)", ordinary + len(reserve))
         self.transport.close()
 
     def _displace(self) -> bool:
@@ -342,26 +410,42 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         connection's address (``fairness.gives_way``): one idle or still sending, else one whose request
         only waits at its model (withdrawn, answered, then closed); False when it does not or has none to
         give."""
-        by_address = self.clients.by_address
-        heaviest, held = max(by_address.items(), key=lambda item: len(item[1]))
-        if heaviest == self._address or not gives_way(len(held), len(by_address[self._address]) - 1):
+        counts = self.clients.counts
+        heaviest = counts.heaviest()
+        held = counts.of[heaviest]
+        if heaviest == self._address or not gives_way(held, counts.of[self._address] - 1):
             return False
-        candidates = [c for c in held if c._displaceable()]
-        if candidates:
-            min(candidates, key=GuardedHttpProtocol._displace_order)._give_way()
-        elif not _withdraw_newest_waiting(held):
+        address = self.clients.by_address[heaviest]
+        chosen = address.idle.first() or address.sending.first()
+        if chosen is not None:
+            chosen._give_way()
+        elif not _withdraw_newest_waiting(address.connections):
             return False
-        self._displaced(heaviest, len(held))
+        self._displaced(heaviest, held)
         return True
 
-    def _no_lighter(self, connections: list[GuardedHttpProtocol]) -> list[GuardedHttpProtocol]:
-        """Those of ``connections`` whose address holds at least as many connections as this one's (this one
-        counted): a new connection never closes a connection of an address holding fewer. (A client
-        whose waiting request was withdrawn for another address comes straight back; it closed that
-        address's new connection, idle until its request arrived, and the other client got no answer.)"""
-        by_address = self.clients.by_address
-        mine = len(by_address[self._address])
-        return [c for c in connections if len(by_address.get(c._address, ())) >= mine]
+    def _close_oldest_free(self) -> bool:
+        """Close the oldest ordinary connection not in the middle of a request of an address holding at
+        least as many connections as this one's (this one counted): a new connection never closes a
+        connection of an address holding fewer. (A client whose waiting request was withdrawn for another
+        address comes straight back; it closed that address's new connection, idle until its request
+        arrived, and the other client got no answer.) False when there is none.
+
+        When this address holds one connection (this one), every address qualifies: the oldest of the
+        port's. Else the oldest of each address holding at least as many: at most (open connections) /
+        (this address's) of them."""
+        clients = self.clients
+        mine = clients.counts.of[self._address]
+        if mine <= 1:
+            oldest = clients.free.first()
+        else:
+            firsts = (clients.by_address[a].free.first() for a in clients.counts.holding_at_least(mine))
+            oldest = min((c for c in firsts if c is not None and c is not self), key=_opened, default=None)
+        if oldest is None or oldest is self:
+            return False
+        log.debug("closed the oldest idle connection to make room (--max-connections %d)", self.limits.max_connections)
+        oldest._close_for_room()
+        return True
 
     def _waiting_requests(self) -> list[tuple[RequestResponseCycle, CallSlot]]:
         """The request of this connection being handled, when it only waits at its model (queued, or for
@@ -385,10 +469,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _sending(self) -> bool:
         return self._head_started or self._busy()
 
-    def _displace_order(self) -> tuple[bool, int, float]:
-        """Idle ones first, then the one that has sent least of its request, then the oldest."""
-        return self._sending(), self._head_bytes + self._body_bytes, self.opened_at
-
     def _give_way(self) -> None:
         """Close this connection for another address's; a request it was sending is answered 503."""
         if not self._sending():
@@ -406,21 +486,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _displaced(self, address: str, held: int) -> None:
         """Count a connection closed for another address; one WARNING per burst."""
-        clients = self.clients
-        clients.displaced += 1
-        now = time.monotonic()
-        if now >= clients.warn_after:
+        throttle = self.clients.displaced
+        if displaced := throttle.due():
             log.warning(
                 "every connection is taken (--max-connections %d): closed %d connection(s) of %s, the address "
                 "holding the most (%d), to let other addresses in (reported every %g s at most)",
                 self.limits.max_connections,
-                clients.displaced,
+                displaced,
                 address,
                 held,
-                DISPLACED_WARNING_SECONDS,
+                throttle.every,
             )
-            clients.displaced = 0
-            clients.warn_after = now + DISPLACED_WARNING_SECONDS
 
     def _close_oldest_idle(self, connections: list[GuardedHttpProtocol]) -> bool:
         idle = [c for c in connections if not c._busy() and not c.transport.is_closing()]
@@ -465,11 +541,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._lost = True
         self._cancel_timers()
-        held = self.clients.by_address.get(self._address)
-        if held is not None:
-            held.discard(self)
-            if not held:
-                del self.clients.by_address[self._address]
+        if self._counted:
+            self._counted = False
+            clients = self.clients
+            address = clients.by_address[self._address]
+            address.connections.discard(self)
+            if not address.connections:
+                del clients.by_address[self._address]
+            clients.counts.remove(self._address)
+            if self._reserve:
+                clients.reserve.discard(self)
+            else:
+                clients.ordinary -= 1
+                clients.free.trim(clients.ordinary)
         super().connection_lost(exc)
 
     # -- the request head ----------------------------------------------------------------------------
@@ -542,6 +626,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_started = True
         self._arm_head_timer()
+        self._track(idle=False)
 
     def on_headers_complete(self) -> None:
         if self._refused:
@@ -573,6 +658,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._requests.append((self.cycle, slot))
         self._body_pending = True
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        self._track(idle=False)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -588,6 +674,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._body_timer = None
         self._body_bytes = 0
         super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track(idle=True)  # or the next pipelined request, its body perhaps still arriving
 
     def _head_too_large(self) -> None:
         log.info("refused a request head above %d bytes (--max-header-bytes)", self.limits.max_header_bytes)
@@ -648,6 +738,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer = self._body_timer = self._send_timer = self._linger_timer = None
 
 
+def _opened(connection: GuardedHttpProtocol) -> float:
+    return connection.opened_at
+
+
 def _withdraw_newest_waiting(connections: set[GuardedHttpProtocol]) -> bool:
     """Withdraw the newest request of ``connections`` that only waits at its model: it is answered 503 with
     ``Retry-After`` (``WITHDRAWN_MESSAGE``), then its connection closes; False when none only waits."""
@@ -690,17 +784,20 @@ def guarded_http_protocol(
         "GuardedHttpProtocol", (GuardedHttpProtocol,), {"limits": limits, "clients": _Clients(), "tls": tls}
     )
 
-    refusals = [0.0]  # when the next refusal may be logged
+    refusals = LogThrottle()
 
     def accept(*args: Any, **kwargs: Any) -> asyncio.Protocol:
         try:
             return guarded(*args, **kwargs)
         except Exception as e:  # MemoryError above all: refuse this one, keep the listener
             with contextlib.suppress(Exception):
-                now = time.monotonic()
-                if now >= refusals[0]:
-                    refusals[0] = now + DISPLACED_WARNING_SECONDS
-                    log.warning("refused a connection: its protocol could not be made (%r)", e)
+                if refused := refusals.due():
+                    log.warning(
+                        "refused %d connection(s): a protocol could not be made (%r; reported every %g s at most)",
+                        refused,
+                        e,
+                        refusals.every,
+                    )
             return REFUSED
 
     return accept

@@ -30,19 +30,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from onnxserve.core.fairness import gives_way
+from onnxserve.server.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MESSAGE_WAIT_SECONDS = 5.0
 """How long a call may wait for its message and keep its place in a full room (``--grpc-message-wait``)."""
-
-DISPLACED_WARNING_SECONDS = 10.0
-"""At most one WARNING this often about calls displaced from the room."""
 
 DISPLACED = (
     "this call was waiting for its request message while the room for arriving gRPC messages was full "
@@ -79,8 +76,8 @@ class MessageRoom:
     places: dict[str, dict[Place, None]] = field(default_factory=dict)
     """Each client's places, oldest first (a dict as an ordered set: a place leaves in constant time)."""
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
-    _displaced: int = 0
-    _warn_after: float = 0.0
+    _displaced: LogThrottle = field(default_factory=LogThrottle)
+    """At most one WARNING every 10 s about calls displaced from the room, with their count."""
 
     def __len__(self) -> int:
         return sum(len(held) for held in self.places.values())
@@ -154,16 +151,12 @@ class MessageRoom:
         self.leave(victim)
         assert victim.task is not None  # _waiting
         victim.task.cancel()
-        self._displaced += 1
-        wall = time.monotonic()
-        if wall >= self._warn_after:
+        if displaced := self._displaced.due():
             log.warning(
                 "%d gRPC call(s) waiting for their request messages gave way to other calls' messages: the room "
                 "for arriving messages is full (--max-inflight-bytes / --grpc-max-message-bytes; --grpc-message-wait)",
-                self._displaced,
+                displaced,
             )
-            self._displaced = 0
-            self._warn_after = wall + DISPLACED_WARNING_SECONDS
 
 
 def _waiting(place: Place) -> bool:
