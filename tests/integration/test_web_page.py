@@ -736,3 +736,52 @@ def test_web_page_in_a_browser(
         finally:
             browser.close()
     assert errors == []
+
+
+def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_labels(tmp_path: Path) -> None:
+    """A classifier of a million labels had every one rendered on the event loop for each page and each
+    TEI /info: probes waited 41 s, pages answered 500 on MemoryError (outside attack rt12 F8)."""
+    from onnxserve.server.web import overview
+
+    count = overview.SHOWN_LABELS + 4000
+    model = models.parse(
+        f"""
+        many (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, {count}] logits) {{
+            maskf = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {{1}}> ()
+            total = ReduceSum <keepdims = 1> (maskf, axes)
+            wide = Constant <value = int64[2] {{1, {count}}}> ()
+            logits = Expand(total, wide)
+        }}
+        """
+    )
+    model.doc_string = "d" * (overview.SHOWN_DOC_CHARACTERS + 500)
+    helper.set_model_props(model, {f"key{i}": "v" * 2000 for i in range(overview.SHOWN_PROPERTIES + 100)})
+    labels = {i: f"label-{i}" for i in range(count)}
+    spec = PipelineSpec(
+        task="text-classification",
+        inputs=["input_ids", "attention_mask"],
+        outputs=["logits"],
+        max_length=16,
+        labels=labels,
+    )
+    word_level_folder(tmp_path / "many" / "1", model, spec)
+    config = parse_config({"model_config_list": [{"name": "many", "base_path": "many"}]}, "labels", tmp_path)
+    server = start_in_background(config, ServerSettings(http_port=0, grpc_port=0, log_level="warning"))
+    try:
+        page_text = httpx.get(f"{server.http_url}/models/many/versions/1").text
+        page = Page(page_text)
+        (shown,) = [t for t in page.tables if t and t[0] == ["id", "label"]]
+        assert shown[1:] == [[str(i), labels[i]] for i in range(overview.SHOWN_LABELS)]
+        assert "and 4,000 more labels" in page_text
+        assert "and 100 more properties" in page_text
+        assert f"({overview.SHOWN_DOC_CHARACTERS + 500:,} characters)" in page_text
+        assert "v" * 2000 not in page_text
+        assert len(page_text) < 1_000_000
+        answers = [httpx.get(f"{server.http_url}/info", headers={"X-Model": "many"}) for _ in range(2)]
+        assert answers[0].content == answers[1].content
+        classifier = answers[0].json()["model_type"]["classifier"]
+        assert classifier["id2label"] == {str(i): v for i, v in labels.items()}
+        assert classifier["label2id"] == {v: i for i, v in labels.items()}
+    finally:
+        server.stop()

@@ -9,6 +9,8 @@ for ``/tokenize`` and ``/info``) and refuses to guess when there are several.
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -128,7 +130,46 @@ async def _decoded(request: Request, allowed: Sequence[str], required: Sequence[
     return await offload.parse(len(body), codec.decode, body, request.url.path, allowed, required)
 
 
+INFO_LABELS_KEPT = 16
+"""Versions whose ``/info`` labels stay encoded (a classifier's labels can be millions)."""
+
+
+def _labels_json(labels: dict[int, str]) -> orjson.Fragment:
+    """TEI's ``id2label`` and ``label2id`` of ``labels``, encoded."""
+    id2label = {str(i): v for i, v in labels.items()}
+    return orjson.Fragment(orjson.dumps({"id2label": id2label, "label2id": {v: i for i, v in labels.items()}}))
+
+
+class _InfoLabels:
+    """The encoded labels of each classifier version's ``/info``: built once per loaded version, off the
+    event loop when they are many, shared by concurrent first requests, the last ``INFO_LABELS_KEPT`` kept
+    (a million labels of 100 characters held the loop 5 s on every request: outside attack rt12 F8)."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[str, str], tuple[object, asyncio.Task[orjson.Fragment]]] = OrderedDict()
+
+    async def get(self, name: str, version: str, spec: object, labels: dict[int, str]) -> orjson.Fragment:
+        key = (name, version)
+        found = self._kept.get(key)
+        if found is None or found[0] is not spec:  # a version loaded again has labels of its own
+            size = sum(len(v) for v in labels.values()) * 2 + 24 * len(labels)
+            task = asyncio.ensure_future(offload.convert(size, _labels_json, labels))
+            found = (spec, task)
+            self._kept[key] = found
+            while len(self._kept) > INFO_LABELS_KEPT:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        try:
+            return await asyncio.shield(found[1])
+        except BaseException:
+            if found[1].done() and self._kept.get(key) is found:
+                del self._kept[key]  # failed (no memory): the next request tries again
+            raise
+
+
 def routes(service: InferenceService) -> list[Route]:
+    info_labels = _InfoLabels()
+
     async def embed_route(request: Request) -> Response:
         allowed = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
         body = await _decoded(request, allowed, ("inputs",))
@@ -232,10 +273,7 @@ def routes(service: InferenceService) -> list[Route]:
         name, version, meta = text_model(service, model_id(service, request))
         spec = meta.pipeline
         assert spec is not None
-        labels = {
-            "id2label": {str(i): v for i, v in spec.labels.items()},
-            "label2id": {v: i for i, v in spec.labels.items()},
-        }
+        labels = await info_labels.get(name, str(version), spec, spec.labels)
         model_type: dict[str, Any]
         if spec.task == "feature-extraction":
             model_type = {"embedding": {"pooling": spec.pooling}}

@@ -7,6 +7,7 @@ served version's ``model.onnx`` header (producer, opsets, metadata properties), 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,24 @@ class ModelRow:
         return [v.version for v in self.versions if v.browsable]
 
 
+SHOWN_LABELS = 1000
+"""Class labels a version page lists (the model's first ones; TEI's /info and the answers use all)."""
+
+SHOWN_PROPERTIES = 200
+"""ONNX metadata properties a version page lists."""
+
+SHOWN_CHARACTERS = 1000
+"""Characters of a label, a property key or value, a producer or graph name a version page shows."""
+
+SHOWN_DOC_CHARACTERS = 10_000
+"""Characters of a model's doc string a version page shows."""
+
+
+def _cut(text: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text``, cut to ``limit`` characters with how long it was (a model's strings can be megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 @dataclass(frozen=True)
 class OnnxHeader:
     """What a model file says about itself, weights left out."""
@@ -58,9 +77,10 @@ class OnnxHeader:
     producer: str
     graph_name: str
     doc_string: str
-    properties: tuple[tuple[str, str], ...]
+    properties: tuple[tuple[str, str], ...]  # the first SHOWN_PROPERTIES of them, each cut
     nodes: int
     external_files: tuple[str, ...] = ()  # the external data files its initializers name
+    properties_total: int = 0  # every metadata property the file has
 
 
 @dataclass(frozen=True)
@@ -72,9 +92,10 @@ class TextInterface:
     outputs: tuple[str, ...]  # what a text request gets back by default
     optional_outputs: tuple[str, ...]
     max_length: int
-    class_labels: tuple[tuple[int, str], ...] = ()
+    class_labels: tuple[tuple[int, str], ...] = ()  # the first SHOWN_LABELS of them
     mask_token: str | None = None
     embeds: bool = False  # pooled feature-extraction: answers sentence embeddings (OpenAI, TEI /embed)
+    labels_total: int = 0  # every class label the model has
 
 
 @dataclass(frozen=True)
@@ -182,7 +203,8 @@ def _text_interface(model: ModelVersion) -> TextInterface | None:
         outputs=TASK_OUTPUTS.get(spec.task, ()),
         optional_outputs=OPTIONAL_OUTPUTS.get(spec.task, ()),
         max_length=spec.max_length,
-        class_labels=tuple(sorted(spec.labels.items())),
+        class_labels=tuple(sorted((i, _cut(v)) for i, v in itertools.islice(spec.labels.items(), SHOWN_LABELS))),
+        labels_total=len(spec.labels),
         mask_token=spec.mask_token,
         embeds=embeds_sentences(spec, model.outputs),
     )
@@ -199,10 +221,11 @@ def onnx_header(path: Path) -> OnnxHeader:
     return OnnxHeader(
         ir_version=int(model.ir_version),
         opsets=tuple(model_header.opsets(model).items()),
-        producer=model_header.producer(model),
-        graph_name=found.graph_name,
-        doc_string=model.doc_string or found.graph_doc_string,
-        properties=tuple((p.key, p.value) for p in model.metadata_props),
+        producer=_cut(model_header.producer(model)),
+        graph_name=_cut(found.graph_name),
+        doc_string=_cut(model.doc_string or found.graph_doc_string, SHOWN_DOC_CHARACTERS),
+        properties=tuple((_cut(p.key), _cut(p.value)) for p in model.metadata_props[:SHOWN_PROPERTIES]),
+        properties_total=len(model.metadata_props),
         nodes=found.nodes,
         external_files=found.external_files,
     )

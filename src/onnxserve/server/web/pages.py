@@ -238,7 +238,13 @@ def _header_section(header: OnnxHeader | None) -> Markup:
             '<h3>Metadata properties</h3><table class="props"><tbody>{rows}</tbody></table>',
             rows=join([render("<tr><th>{k}</th><td>{v}</td></tr>", k=k, v=v) for k, v in header.properties]),
         )
+        props = join([props, _more(header.properties_total - len(header.properties), "properties")])
     return render("<h2>ONNX model</h2>{facts}{doc}{props}", facts=_facts(facts), doc=doc, props=props)
+
+
+def _more(left: int, what: str) -> Markup:
+    """A line saying how many of ``what`` the page leaves out, if any."""
+    return render('<p class="more">and {left} more {what}</p>', left=f"{left:,}", what=what) if left > 0 else Markup()
 
 
 def _text_section(text: TextInterface | None) -> Markup:
@@ -253,6 +259,7 @@ def _text_section(text: TextInterface | None) -> Markup:
                 [render("<tr><td>{i}</td><td>{label}</td></tr>", i=i, label=label) for i, label in text.class_labels]
             ),
         )
+        classes = join([classes, _more(text.labels_total - len(text.class_labels), "labels")])
     return render(
         "<h2>Text interface</h2>{facts}{classes}",
         facts=_facts(
