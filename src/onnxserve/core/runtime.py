@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +35,9 @@ from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_l
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
 
 log = logging.getLogger(__name__)
+
+WARMUP_SECONDS = 60.0
+"""A warm-up run still running after this long is stopped (ONNX Runtime's terminate flag)."""
 
 WARMUP_LIMIT_BYTES = 256 * 1024 * 1024
 """Warm-up runs only on inputs up to this size (fixed dims taken as declared, dynamic ones as 1)."""
@@ -392,11 +396,21 @@ class ModelSession:
         if size > WARMUP_LIMIT_BYTES:
             log.warning("%s: warm-up run skipped: its inputs would take %d bytes", self.name, size)
             return
+        control = RunControl()
+        timer = threading.Timer(WARMUP_SECONDS, control.terminate)
+        timer.daemon = True
+        timer.start()
         try:
-            self.run({spec.name: empty_like(spec) for spec in self.inputs})
+            self.run({spec.name: empty_like(spec) for spec in self.inputs}, control=control)
         except (InferenceError, InvalidInputError, TooLargeError) as e:
-            # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
-            log.warning("%s: warm-up run skipped: %s", self.name, e.message)
+            if control.terminated:  # a Loop of 2^40 steps would hold the load, and every reload, for good
+                log.warning(
+                    "%s: warm-up run stopped after %.0f s; the first requests may be slow", self.name, WARMUP_SECONDS
+                )
+            else:  # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
+                log.warning("%s: warm-up run skipped: %s", self.name, e.message)
+        finally:
+            timer.cancel()
 
 
 def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:
