@@ -179,11 +179,11 @@ def _known_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
 def _contrib_shapes(probe: onnx.ModelProto) -> dict[str, list[int]]:
     """The shapes ONNX Runtime's symbolic shape inference tells of ``probe`` (contrib ops included); what
     it leaves unknown, or all of them if it fails, is left out."""
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
         inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True, guess_output_rank=True)
-    except Exception as e:  # an op it does not know: what ONNX's own inference told stands
+    except Exception as e:  # an op it does not know (or no sympy): what ONNX's own inference told stands
         log.debug("symbolic shape inference failed: %s", e)
         return {}
     return _known_shapes(inferred) if inferred is not None else {}
