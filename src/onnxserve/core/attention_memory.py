@@ -178,15 +178,20 @@ def _known_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
 
 def _contrib_shapes(probe: onnx.ModelProto) -> dict[str, list[int]]:
     """The shapes ONNX Runtime's symbolic shape inference tells of ``probe`` (contrib ops included); what
-    it leaves unknown, or all of them if it fails, is left out."""
+    it leaves unknown, or all of them if it fails, is left out. Its own ``infer_shapes`` is not called: where
+    a shape stays unknown it writes the model to ``sym_shape_infer_temp.onnx`` in the working directory."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=True, guess_output_rank=True)
-    except Exception as e:  # an op it does not know (or no sympy): what ONNX's own inference told stands
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank
+        inference._preprocess(probe)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return _known_shapes(inference.out_mp_)
+    except Exception as e:  # an op it cannot follow (or no sympy): what ONNX's own inference told stands
         log.debug("symbolic shape inference failed: %s", e)
         return {}
-    return _known_shapes(inferred) if inferred is not None else {}
 
 
 def _heads(shape: Sequence[int]) -> int:
