@@ -1,20 +1,24 @@
 """What one execution of a text model takes in memory, measured beside ``core.attention_memory``'s estimate.
-Usage: ``PYTHONPATH=src python -m bench.execution_memory [model.onnx] [ROWSxTOKENS ...]`` (default: the
-demo model, the shapes below).
+Usage: ``PYTHONPATH=src python -m bench.execution_memory [--json] [model.onnx ...] [ROWSxTOKENS ...]``
+(default: the demo model, the shapes below; ``--json``: one line per model).
 
 For each shape, in one process: the model loaded as the server loads it (``ModelSession``: onnxserve's
 session options, CPU arena off; the C allocator's mmap threshold fixed as ``onnxserve serve`` fixes it,
 unless ``MALLOC_MMAP_THRESHOLD_`` is set), a warm-up run, free memory given back, the kernel's peak RSS
 reset (``/proc/self/clear_refs``), one execution of all-ones ``input_ids`` of that shape, then the peak
-RSS above the resting size before it; the largest of two such executions. Prints measured and
+RSS above the resting size before it; the largest of two such executions. Several models are measured
+one after another in the same process, as a server holds them. Prints measured and
 estimated MB and their ratio (estimate / measured: above 1 is conservative).
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,23 +61,47 @@ def peak_of_runs(session: ModelSession, rows: int, tokens: int, runs: int = RUNS
     return max(peak_above_rest(session, rows, tokens) for _ in range(runs))
 
 
-def main(argv: list[str]) -> None:
-    model = Path(argv[0]) if argv and not argv[0][0].isdigit() else DEMO
-    shapes = [tuple(int(n) for n in a.split("x")) for a in argv if a[0].isdigit()] or SHAPES
-    fix_mmap_threshold()
+def measure(model: Path, shapes: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """``model``'s attention shape and, for each shape, the measured peak and the estimate (bytes)."""
     session = ModelSession(model)
     if session.attention is None:
-        raise SystemExit(f"{model}: no attention found in the graph")
+        return {"model": str(model), "attention": None, "shapes": []}
     heads, widest = session.attention
     memory = ExecutionMemory(heads, widest)
     peak_above_rest(session, 2, 8)  # warm-up
-    print(f"{model}: {heads} heads, widest per-token tensor {widest}")
-    print(f"{'rows x tokens':>14} {'measured MB':>12} {'estimate MB':>12} {'estimate/measured':>18}")
-    for rows, tokens in shapes:
-        measured = peak_of_runs(session, rows, tokens)
-        estimate = memory.bytes(rows, tokens)
-        ratio = estimate / measured if measured > 0 else float("inf")
-        print(f"{f'{rows} x {tokens}':>14} {measured / MB:>12.1f} {estimate / MB:>12.1f} {ratio:>18.2f}")
+    found = [
+        {
+            "rows": rows,
+            "tokens": tokens,
+            "measured": peak_of_runs(session, rows, tokens),
+            "estimate": memory.bytes(rows, tokens),
+        }
+        for rows, tokens in shapes
+    ]
+    return {"model": str(model), "attention": [heads, widest], "shapes": found}
+
+
+def main(argv: list[str]) -> None:
+    as_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    models = [Path(a) for a in argv if not a[0].isdigit()] or [DEMO]
+    shapes = [(int(a.split("x")[0]), int(a.split("x")[1])) for a in argv if a[0].isdigit()] or SHAPES
+    fix_mmap_threshold()
+    for model in models:
+        found = measure(model, shapes)
+        if as_json:  # one line per model (tests/adversarial/test_estimate_architectures.py)
+            print(json.dumps(found), flush=True)
+            continue
+        if found["attention"] is None:
+            raise SystemExit(f"{model}: no attention found in the graph")
+        heads, widest = found["attention"]
+        print(f"{model}: {heads} heads, widest per-token tensor {widest}")
+        print(f"{'rows x tokens':>14} {'measured MB':>12} {'estimate MB':>12} {'estimate/measured':>18}")
+        for shape in found["shapes"]:
+            measured, estimate = shape["measured"], shape["estimate"]
+            ratio = estimate / measured if measured > 0 else float("inf")
+            size = f"{shape['rows']} x {shape['tokens']}"
+            print(f"{size:>14} {measured / MB:>12.1f} {estimate / MB:>12.1f} {ratio:>18.2f}")
 
 
 if __name__ == "__main__":

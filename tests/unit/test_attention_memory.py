@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxserve.core.attention_memory import (
+    HEAP_SLACK,
     SCORE_COPIES,
     TOKEN_COPIES,
     ExecutionBound,
@@ -43,6 +44,31 @@ def test_a_fused_attention_op_tells_its_heads() -> None:
     found = attention_shape(_fused_attention(6))
     assert found is not None
     assert found[0] == 6
+    # ONNX's shape inference knows nothing after the contrib op; its packed QKV weight tells the width.
+    assert found[1] == 24
+
+
+def test_the_widest_layer_after_a_contrib_op_is_read() -> None:
+    # ``optimize --fuse``: a feed-forward layer after ONNX Runtime's SkipLayerNormalization, whose output
+    # ONNX's own shape inference cannot tell; on main the widest layer was read as the input's 8.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 8])
+    weights = [
+        helper.make_tensor("gamma", TensorProto.FLOAT, [8], [1.0] * 8),
+        helper.make_tensor("up", TensorProto.FLOAT, [8, 32], [0.0] * 256),
+        helper.make_tensor("down", TensorProto.FLOAT, [32, 8], [0.0] * 256),
+    ]
+    nodes = [
+        helper.make_node("Attention", ["x", "up_qkv"], ["a"], domain="com.microsoft", num_heads=2),
+        helper.make_node("SkipLayerNormalization", ["a", "x", "gamma"], ["n"], domain="com.microsoft"),
+        helper.make_node("MatMul", ["n", "up"], ["wide"]),
+        helper.make_node("Relu", ["wide"], ["r"]),
+        helper.make_node("MatMul", ["r", "down"], ["y"]),
+    ]
+    weights.append(helper.make_tensor("up_qkv", TensorProto.FLOAT, [8, 24], [0.0] * 192))
+    graph = helper.make_graph(nodes, "g", [x], [y], weights)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    assert attention_shape(helper.make_model(graph, opset_imports=opsets)) == (2, 32)
 
 
 def test_a_graph_without_attention_has_no_estimate() -> None:
@@ -57,7 +83,11 @@ def test_a_graph_without_attention_has_no_estimate() -> None:
 
 def test_the_estimate_grows_with_the_square_of_the_tokens() -> None:
     memory = ExecutionMemory(heads=12, widest=1536)
-    assert memory.bytes(32, 256) == 4 * 32 * 256 * (TOKEN_COPIES * 1536 + SCORE_COPIES * 12 * 256)
+    live = 4 * 32 * 256 * (TOKEN_COPIES * 1536 + SCORE_COPIES * 12 * 256)
+    assert memory.bytes(32, 256) == live + HEAP_SLACK
+    # A small execution counts three times its live tensors (the heaps' blocks), a large one HEAP_SLACK more.
+    small = 4 * 8 * 32 * (TOKEN_COPIES * 1536 + SCORE_COPIES * 12 * 32)
+    assert memory.bytes(8, 32) == 3 * small
     # The same tokens (rows x tokens) in longer rows take more: 32 x 256 against 64 x 128.
     assert memory.bytes(32, 256) > memory.bytes(64, 128)
     # A fixed sequence length pads every row to it.

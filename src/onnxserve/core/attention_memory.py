@@ -6,14 +6,19 @@ layer at a time: rows x heads x tokens x tokens floats, several copies of them (
 added, the softmax). So at the token budget the demo MiniLM's 32 rows of 256 tokens take several times
 what 64 rows of 128 take. ``ExecutionMemory`` estimates an execution from its rows and padded length:
 
-    bytes = 4 x (TOKEN_COPIES x widest x rows x tokens + SCORE_COPIES x heads x rows x tokens²)
+    live = 4 x (TOKEN_COPIES x widest x rows x tokens + SCORE_COPIES x heads x rows x tokens²)
+    bytes = live + min(2 x live, HEAP_SLACK)
 
 ``heads`` and ``widest`` come from the graph (``attention_shape``, called by ``runtime.ModelSession``):
 its shapes are inferred once at load for a probe batch of ``PROBE_ROWS`` rows of ``PROBE_TOKENS`` tokens
-(ONNX shape inference with data propagation, the weights left out), and the attention's Softmax input
-shows ``[rows, heads, tokens, tokens]`` (or ``[rows x heads, tokens, tokens]``; a fused ``Attention`` op
-says ``num_heads``). The copies were measured once, offline, on the demo MiniLM (peak RSS of one
-execution above the process's resting size; see docs/limits.md, "Memory a run takes") and rounded up.
+(ONNX shape inference with data propagation, the weights left out; ONNX Runtime's symbolic inference too
+where ONNX Runtime's contrib ops stand in the graph, as after ``optimize --fuse``), and the attention's
+Softmax input shows ``[rows, heads, tokens, tokens]`` (or ``[rows x heads, tokens, tokens]``; a fused
+``Attention`` op says ``num_heads``). The widest layer is also read from the weight matrices multiplied
+by the tokens. The copies were measured on the demo MiniLM (peak RSS of one execution above the
+process's resting size) and rounded up; the estimate was then checked against tiny encoders of every
+architecture the exporter takes, plain and fused (``tests/adversarial/test_estimate_architectures.py``;
+docs/limits.md, "Memory a run takes").
 
 Two bounds use the estimate:
 
@@ -56,12 +61,31 @@ SCORE_COPIES = 5
 
 FLOAT_BYTES = 4
 
+HEAP_SLACK = 64 * MiB
+"""What the C allocator holds beyond the live tensors, at most: tensors under its mmap threshold (4 MiB, see
+``core.memory``) come from its heaps, which keep the blocks freed between live ones, so an execution of
+mostly small tensors peaked at up to 2.05 times its live estimate (the demo MiniLM, 16 x 64; 1.6 times at
+64 x 32), and a large one took its live estimate and a few tens of MB of them. Twice the live estimate is
+added, up to this."""
+
 PROBE_ROWS = 3
 PROBE_TOKENS = 13
 """The probe batch the graph's shapes are inferred for: dimensions that tell rows and tokens apart."""
 
 FUSED_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 """ONNX Runtime's fused attention ops, whose ``num_heads`` says the heads."""
+
+PROJECTIONS = (
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "MatMulInteger",
+    "DynamicQuantizeMatMul",
+    "MatMulIntegerToFloat",
+    "Attention",
+    "QAttention",
+)
+"""Ops whose second input is a weight matrix applied to every token: both its dimensions are per-token widths."""
 
 SMALL_INITIALIZER = 4096
 """Initializers of at most this many elements (shapes, axes) stay in the probe graph; larger ones (weights)
@@ -80,7 +104,8 @@ class ExecutionMemory:
         """Estimated peak memory of one execution of ``rows`` rows padded to ``tokens`` tokens."""
         tokens = self.fixed_length or tokens
         per_row = TOKEN_COPIES * self.widest * tokens + SCORE_COPIES * self.heads * tokens * tokens
-        return FLOAT_BYTES * rows * per_row
+        live = FLOAT_BYTES * rows * per_row
+        return live + min(2 * live, HEAP_SLACK)
 
 
 def attention_shape(model: onnx.ModelProto, where: str = "the model") -> tuple[int, int] | None:
@@ -108,14 +133,14 @@ def _attention_shape(model: onnx.ModelProto) -> tuple[int, int] | None:
         if attribute.name == "num_heads"
     ]
     probe = _probe_model(model)
-    inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
-    shapes: dict[str, list[int]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [int(d.dim_value) for d in dims]
+    shapes = _known_shapes(onnx.shape_inference.infer_shapes(probe, data_prop=True))
+    if any(node.domain not in ("", "ai.onnx") for node in graph.node):
+        # ONNX's inference knows no ONNX Runtime contrib op (``optimize --fuse``: SkipLayerNormalization,
+        # BiasGelu, EmbedLayerNormalization...): every shape after the first is unknown, and the widest
+        # layer read as the embedding's. ONNX Runtime's symbolic inference follows them.
+        shapes.update(_contrib_shapes(probe))
     heads = max(fused, default=0)
-    for node in inferred.graph.node:
+    for node in graph.node:
         if node.op_type == "Softmax" and node.input and node.input[0] in shapes:
             heads = max(heads, _heads(shapes[node.input[0]]))
     if heads <= 0:
@@ -123,7 +148,50 @@ def _attention_shape(model: onnx.ModelProto) -> tuple[int, int] | None:
     widest = max(
         (s[2] for s in shapes.values() if len(s) == 3 and s[0] == PROBE_ROWS and s[1] == PROBE_TOKENS), default=0
     )
-    return heads, max(widest, 1)
+    return heads, max(widest, _weight_width(graph), 1)
+
+
+def _weight_width(graph: onnx.GraphProto) -> int:
+    """The widest per-token layer its weights tell: the largest dimension of a matrix multiplied by the tokens
+    (``MatMul``, ``Gemm``, a fused ``Attention``'s packed QKV...). Where shape inference stops at an op it
+    does not know, the feed-forward layer's width is still read."""
+    matrices = {t.name: list(t.dims) for t in graph.initializer if len(t.dims) == 2}
+    return max(
+        (
+            max(matrices[node.input[1]])
+            for node in graph.node
+            if node.op_type in PROJECTIONS and len(node.input) > 1 and node.input[1] in matrices
+        ),
+        default=0,
+    )
+
+
+def _known_shapes(inferred: onnx.ModelProto) -> dict[str, list[int]]:
+    """The tensors of ``inferred`` whose every dimension is known, with their shapes."""
+    shapes: dict[str, list[int]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
+def _contrib_shapes(probe: onnx.ModelProto) -> dict[str, list[int]]:
+    """The shapes ONNX Runtime's symbolic shape inference tells of ``probe`` (contrib ops included); what
+    it leaves unknown, or all of them if it fails, is left out. Its own ``infer_shapes`` is not called: where
+    a shape stays unknown it writes the model to ``sym_shape_infer_temp.onnx`` in the working directory."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)  # int_max, auto_merge, guess_output_rank
+        inference._preprocess(probe)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return _known_shapes(inference.out_mp_)
+    except Exception as e:  # an op it cannot follow (or no sympy): what ONNX's own inference told stands
+        log.debug("symbolic shape inference failed: %s", e)
+        return {}
 
 
 def _heads(shape: Sequence[int]) -> int:
