@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,3 +270,75 @@ def test_max_entries_inputs_are_not_refused_for_their_count(server: CappedServer
     answer = post(server, V2, _v2_inputs(MAX_ENTRIES))
     assert answer.status_code == 400, answer.text[:300]
     assert "unknown input 'x0'" in answer.json()["error"]  # decoded: the model names its only input 'x'
+
+
+# --- exit hang: a worker killed while it sends its result ------------------------------------------------
+
+
+def _sending(worker: psutil.Process) -> bool:
+    """Whether ``worker`` is blocked writing to a pipe (its result, which nobody reads)."""
+    try:
+        return "pipe_write" in Path(f"/proc/{worker.pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def test_a_worker_killed_while_sending_its_result_is_refused_and_the_server_exits(repo: Path) -> None:
+    """A session saw the server hang at exit under load: a worker killed (by the drain, a timed-out
+    body, or the OOM killer) while it sent its decoded arrays left the pool's manager thread waiting
+    forever for the rest of the message (the pipe's writing end was still open in the server), so that
+    body's request got no answer until its time limit (504) and the interpreter waited forever at exit to
+    join that thread. Made deterministic: the server is stopped (SIGSTOP) so that the worker blocks in the
+    middle of sending its result, the worker is killed, the server continued."""
+    server = serve_capped(repo, "--request-timeout", "30")
+    started: list[psutil.Process] = []
+    try:
+        body = flat_v2_body(8_000_000, b"1")  # 16 MB of short numbers: 32 MB of FP32 arrays to send back
+        answers: list[requests.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True)
+        sender.start()
+        decoding: list[psutil.Process] = []
+
+        def decoding_started() -> bool:
+            decoding[:] = [p for p in workers(server) if p.name() != WATCHDOG_NAME and _cpu_seconds(p) > 0.1]
+            return bool(decoding)
+
+        wait_until(decoding_started, timeout=60, what="a worker decoding the body")
+        worker = decoding[0]
+        started = descendants(server)
+        server.process.send_signal(signal.SIGSTOP)  # nothing in the server reads the worker's result now
+        try:
+            wait_until(lambda: _sending(worker), timeout=60, what="the worker to block sending its result")
+            worker.kill()
+            worker.wait(timeout=30)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        sender.join(timeout=60)
+        assert answers, "the request got no answer"
+        refused = answers[0]
+        assert refused.status_code == 503, refused.text[:300]  # was 504 after the 30 s time limit
+        assert "the worker decoding this large JSON body stopped" in refused.json()["error"]
+        assert small_sum(server) == 6.5
+        served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
+        assert served.status_code == 200, served.text[:300]
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not exit within 30 s of SIGTERM (it waited forever)") from None
+        print(f"SIGTERM to exit: {time.monotonic() - stopping:.2f} s")
+        assert code == 0, server.log()[-2000:]
+    finally:
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()
