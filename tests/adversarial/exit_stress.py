@@ -15,6 +15,7 @@ moment and measures how long the process takes to exit. A server that outlives i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -152,22 +153,39 @@ def grpc_stream(server: CappedServer, stop: threading.Event) -> None:
         pass
 
 
+def _cpu(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def decoding_workers(server: CappedServer) -> list[psutil.Process]:
-    found = []
+    """The decoding workers whose CPU time grows over 0.1 s (busy parsing)."""
+    candidates = []
     for process in psutil.Process(server.process.pid).children(recursive=True):
         try:
-            decoder = process.ppid() != server.process.pid and process.name() != WATCHDOG_NAME
-            if decoder and process.status() == psutil.STATUS_RUNNING and process.cpu_percent(0.05) > 10:
-                found.append(process)
+            if process.ppid() != server.process.pid and process.name() != WATCHDOG_NAME:
+                candidates.append((process, _cpu(process)))
         except psutil.Error:
             continue
-    return found
+    time.sleep(0.1)
+    return [process for process, before in candidates if _cpu(process) - before > 0.02]
 
 
 def py_spy(pid: int) -> str:
     py_spy = Path(sys.executable).parent / "py-spy"
     try:
-        done = subprocess.run([str(py_spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        command = [str(py_spy), "dump", "--native", "--pid", str(pid)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
         return done.stdout + done.stderr
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"py-spy failed: {e!r}"
@@ -213,9 +231,9 @@ def one_round(number: int, repo: Path, args: argparse.Namespace) -> Round:
         time.sleep(0.5)
         result.log = "".join(server.log_lines[logged:])
         time.sleep(1)
-        result.leftovers = sum(1 for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+        result.leftovers = sum(1 for p in started if _alive(p))
         for p in started:
-            if p.is_running():
+            with contextlib.suppress(psutil.Error):
                 p.kill()
     finally:
         stop.set()
