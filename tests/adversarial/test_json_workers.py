@@ -455,3 +455,57 @@ def test_sigterm_while_dense_bodies_are_decoded_exits_within_the_drain(repo: Pat
             if _alive(process):
                 process.kill()
         server.stop()
+
+
+def _decoded_in_workers(server: CappedServer) -> int:
+    metrics = requests.get(server.http_url + "/metrics", timeout=30).text
+    for line in metrics.splitlines():
+        if line.startswith('onnxserve_json_bodies_decoded_total{where="worker"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) -> None:
+    """A stress run saw a drain wait 19 s before the listeners closed: it stopped the workers, and one was
+    still being started (the fork server's first start imports the codecs, slow on a loaded machine).
+    Made deterministic with the fork server stopped (SIGSTOP): before, the drain waited for that start
+    forever and the server never exited. Now the fork server is killed, the body being handed over and
+    the one in a (stopped) worker are answered 503, and the server exits within its drain."""
+    drain = 2.0
+    server = serve_capped(repo, "--drain-timeout", str(drain))
+    started: list[psutil.Process] = []
+    try:
+        body = flat_v2_body(PROCESS_BYTES // 10 + 1000)
+        assert post(server, V2, body).status_code == 200  # starts the fork server and one worker (kept idle)
+        started = descendants(server)
+        fork_server = [p for p in started if p.ppid() == server.process.pid and "forkserver" in " ".join(p.cmdline())]
+        assert len(fork_server) == 1, [p.cmdline() for p in started]
+        for process in workers(server):
+            process.suspend()  # the idle worker takes a body and never answers
+        fork_server[0].suspend()  # and a second body waits for a new worker's start
+        answers: list[requests.Response] = []
+        senders = [
+            threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True) for _ in range(2)
+        ]
+        for sender in senders:
+            sender.start()
+        wait_until(lambda: _decoded_in_workers(server) >= 3, timeout=60, what="both bodies handed to the workers")
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not exit within 60 s of SIGTERM (it waited forever)") from None
+        seconds = time.monotonic() - stopping
+        print(f"SIGTERM to exit: {seconds:.2f} s with a {drain} s drain")
+        assert code == 0, server.log()[-2000:]
+        assert seconds < drain + 8, f"the server took {seconds:.1f} s to exit"
+        for sender in senders:
+            sender.join(timeout=30)
+        assert [a.status_code for a in answers] == [503, 503], [a.text[:200] for a in answers]
+        assert all("the server is shutting down; this large JSON body was not decoded" in a.text for a in answers)
+    finally:
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()

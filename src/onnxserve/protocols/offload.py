@@ -28,6 +28,7 @@ Each worker is killed by its watchdog process when the server exits, even in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ctypes
 import functools
@@ -414,10 +415,28 @@ class _Worker:
     def stop(self) -> None:
         """Kill the process, whatever it is doing (a body nobody waits for any more), and let it go."""
         with self._lock:
-            self._stopped = True
-            for process in list((self._executor._processes or {}).values()):
-                process.kill()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._kill()
+
+    def stop_now(self) -> None:
+        """:meth:`stop` without waiting for a submission in progress: that one may be starting the process
+        (the fork server's first start imports the codecs: it took up to 19 s on a loaded machine, and
+        the drain, which waited for it, with it), so the fork server is killed, which ends that start
+        (a later body starts a new one), and the worker is stopped in a thread once the submission has
+        returned."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._kill()
+            finally:
+                self._lock.release()
+            return
+        _kill_fork_server()
+        threading.Thread(target=self.stop, name="onnxserve-worker-stop", daemon=True).start()
+
+    def _kill(self) -> None:
+        self._stopped = True
+        for process in list((self._executor._processes or {}).values()):
+            process.kill()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Let an idle worker go: it exits once it has nothing left to do."""
@@ -510,6 +529,10 @@ class _ProcessPool:
                 raise shutting_down() from None
             log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
             raise worker_lost("stopped (killed, or out of memory)") from None
+        except (OSError, EOFError):
+            if worker.shut_down:  # its start ended with the fork server (``_Worker.stop_now``)
+                raise shutting_down() from None
+            raise
         finally:
             # not finished: it died, or its client left, or the time ran out (the worker may be busy)
             self._done(worker, finished)
@@ -522,7 +545,18 @@ class _ProcessPool:
             self._idle, self._busy = [], set()
         for worker in workers:  # killed, not let go: a worker still in a parse would keep the exit waiting
             worker.shut_down = True
-            worker.stop()
+            worker.stop_now()
+
+
+def _kill_fork_server() -> None:
+    """Kill the fork server the workers start from, if it runs (a process start waiting for it then fails
+    at once); the next worker starts a new one."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if isinstance(pid, int):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 _PRELOAD = (
