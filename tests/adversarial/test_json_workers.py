@@ -11,13 +11,17 @@ server keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import orjson
 import psutil
 import pytest
@@ -27,6 +31,7 @@ from harness import CappedServer, serve_capped
 import models
 from onnxserve.protocols.entry_count import MAX_ENTRIES
 from onnxserve.protocols.offload import PROCESS_BYTES, WATCHDOG_NAME
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from waiting import wait_until
 
 MIB = 1024 * 1024
@@ -268,3 +273,239 @@ def test_max_entries_inputs_are_not_refused_for_their_count(server: CappedServer
     answer = post(server, V2, _v2_inputs(MAX_ENTRIES))
     assert answer.status_code == 400, answer.text[:300]
     assert "unknown input 'x0'" in answer.json()["error"]  # decoded: the model names its only input 'x'
+
+
+# --- exit hang: a worker killed while it sends its result ------------------------------------------------
+
+
+def _sending(worker: psutil.Process) -> bool:
+    """Whether ``worker`` is blocked writing to a pipe (its result, which nobody reads)."""
+    try:
+        return "pipe_write" in Path(f"/proc/{worker.pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def test_a_worker_killed_while_decoding_is_refused_503_and_the_next_body_served(server: CappedServer) -> None:
+    """A worker killed in the middle of a parse (``kill -9``, the OOM killer): its body is refused with 503
+    + Retry-After, a new worker decodes the next body, and the server keeps serving."""
+    body = flat_v2_body(8_000_000, b"1")  # 16 MB of short numbers: about a second of parsing
+    answers: list[requests.Response] = []
+    sender = threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True)
+    before = {p.pid: _cpu_seconds(p) for p in workers(server)}  # idle workers of earlier tests
+    sender.start()
+    decoding: list[psutil.Process] = []
+
+    def decoding_started() -> bool:  # a worker that has parsed for 50 ms more than before
+        grown = [p for p in workers(server) if _cpu_seconds(p) - before.get(p.pid, 0.0) > 0.05]
+        decoding[:] = [p for p in grown if p.name() != WATCHDOG_NAME]
+        return bool(decoding)
+
+    wait_until(decoding_started, timeout=60, what="a worker decoding the body")
+    for process in decoding:
+        process.kill()
+    sender.join(timeout=60)
+    assert answers, "the request got no answer"
+    refused = answers[0]
+    assert refused.status_code == 503, refused.text[:300]
+    assert "the worker decoding this large JSON body stopped (killed, or out of memory)" in refused.json()["error"]
+    assert refused.headers["Retry-After"] == "1"
+    served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
+    assert served.status_code == 200, served.text[:300]
+    assert small_sum(server) == 6.5
+    assert server.alive()
+
+
+def test_a_worker_killed_while_sending_its_result_is_refused_and_the_server_exits(repo: Path) -> None:
+    """A session saw the server hang at exit under load: a worker killed (by the drain, a timed-out
+    body, or the OOM killer) while it sent its decoded arrays left the pool's manager thread waiting
+    forever for the rest of the message (the pipe's writing end was still open in the server), so that
+    body's request got no answer until its time limit (504) and the interpreter waited forever at exit to
+    join that thread. Made deterministic: the server is stopped (SIGSTOP) so that the worker blocks in the
+    middle of sending its result, the worker is killed, the server continued."""
+    server = serve_capped(repo, "--request-timeout", "30")
+    started: list[psutil.Process] = []
+    try:
+        body = flat_v2_body(8_000_000, b"1")  # 16 MB of short numbers: 32 MB of FP32 arrays to send back
+        answers: list[requests.Response] = []
+        sender = threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True)
+        sender.start()
+        decoding: list[psutil.Process] = []
+
+        def decoding_started() -> bool:
+            decoding[:] = [p for p in workers(server) if p.name() != WATCHDOG_NAME and _cpu_seconds(p) > 0.1]
+            return bool(decoding)
+
+        wait_until(decoding_started, timeout=60, what="a worker decoding the body")
+        worker = decoding[0]
+        started = descendants(server)
+        server.process.send_signal(signal.SIGSTOP)  # nothing in the server reads the worker's result now
+        try:
+            wait_until(lambda: _sending(worker), timeout=60, what="the worker to block sending its result")
+            worker.kill()
+            worker.wait(timeout=30)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        sender.join(timeout=60)
+        assert answers, "the request got no answer"
+        refused = answers[0]
+        assert refused.status_code == 503, refused.text[:300]  # was 504 after the 30 s time limit
+        assert "the worker decoding this large JSON body stopped" in refused.json()["error"]
+        assert small_sum(server) == 6.5
+        served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
+        assert served.status_code == 200, served.text[:300]
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not exit within 30 s of SIGTERM (it waited forever)") from None
+        print(f"SIGTERM to exit: {time.monotonic() - stopping:.2f} s")
+        assert code == 0, server.log()[-2000:]
+    finally:
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()
+
+
+def _open_stream(server: CappedServer, opened: threading.Event, stop: threading.Event) -> None:
+    """A ModelStreamInfer stream that sends one small request, reads its answer, and stays open."""
+
+    def messages() -> Iterator[pb.ModelInferRequest]:
+        request = pb.ModelInferRequest(model_name="total")
+        request.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3.5])
+        yield request
+        stop.wait(120)
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        with contextlib.suppress(grpc.RpcError):
+            for _ in call(messages(), timeout=120):
+                opened.set()
+
+
+def test_sigterm_while_dense_bodies_are_decoded_exits_within_the_drain(repo: Path) -> None:
+    """SIGTERM while clients keep sending number-dense bodies (decoded in the workers) and a gRPC stream
+    is open: the process exits within its drain timeout (plus a few seconds of stopping), every request
+    is answered 200 or 503 (never 500), and the workers are gone. Before, bodies arriving during the drain
+    started new workers, were cut when the listeners closed (500) and gRPC's stop waited 10 s more for the
+    open stream (12 s with a 2 s drain; a worker killed while it sent its result: forever)."""
+    drain = 2.0
+    server = serve_capped(repo, "--drain-timeout", str(drain))
+    started: list[psutil.Process] = []
+    stop = threading.Event()
+    opened = threading.Event()
+    statuses: list[int] = []
+    errors: list[str] = []
+    body = flat_v2_body(PROCESS_BYTES // 2 - 64, b"1")  # just under 4 MiB, two million values: to a worker
+
+    def flood() -> None:
+        for _ in range(40):
+            if stop.is_set():
+                return
+            try:
+                answer = post(server, V2, body)
+            except requests.ConnectionError:
+                return  # the listener closed
+            statuses.append(answer.status_code)
+            if answer.status_code != 200:
+                errors.append(answer.text[:200])
+
+    stream = threading.Thread(target=_open_stream, args=(server, opened, stop), daemon=True)
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    try:
+        stream.start()
+        assert opened.wait(60), "the gRPC stream did not open"
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: statuses.count(200) >= 2 and workers(server) != [], timeout=120, what="bodies decoded")
+        started = descendants(server)
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not exit within 60 s of SIGTERM") from None
+        seconds = time.monotonic() - stopping
+        print(f"SIGTERM to exit: {seconds:.2f} s with a {drain} s drain; answers {sorted(set(statuses))}")
+        assert code == 0, server.log()[-2000:]
+        assert seconds < drain + 8, f"the server took {seconds:.1f} s to exit (12 s before)"
+        for thread in threads:
+            thread.join(timeout=60)
+        assert set(statuses) <= {200, 503}, errors
+        assert all("shutting down" in error for error in errors), errors
+        assert "Exception in ASGI application" not in server.log()
+        wait_until(lambda: not any(_alive(p) for p in started), timeout=30, what="the workers to exit")
+    finally:
+        stop.set()
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()
+
+
+def _decoded_in_workers(server: CappedServer) -> int:
+    metrics = requests.get(server.http_url + "/metrics", timeout=30).text
+    for line in metrics.splitlines():
+        if line.startswith('onnxserve_json_bodies_decoded_total{where="worker"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) -> None:
+    """A stress run saw a drain wait 19 s before the listeners closed: it stopped the workers, and one was
+    still being started (the fork server's first start imports the codecs, slow on a loaded machine).
+    Made deterministic with the fork server stopped (SIGSTOP): before, the drain waited for that start
+    forever and the server never exited. Now the fork server is killed, the body being handed over and
+    the one in a (stopped) worker are answered 503, and the server exits within its drain."""
+    drain = 2.0
+    server = serve_capped(repo, "--drain-timeout", str(drain))
+    started: list[psutil.Process] = []
+    try:
+        body = flat_v2_body(PROCESS_BYTES // 10 + 1000)
+        assert post(server, V2, body).status_code == 200  # starts the fork server and one worker (kept idle)
+        started = descendants(server)
+        fork_server = [p for p in started if p.ppid() == server.process.pid and "forkserver" in " ".join(p.cmdline())]
+        assert len(fork_server) == 1, [p.cmdline() for p in started]
+        for process in workers(server):
+            process.suspend()  # the idle worker takes a body and never answers
+        fork_server[0].suspend()  # and a second body waits for a new worker's start
+        answers: list[requests.Response] = []
+        senders = [
+            threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True) for _ in range(2)
+        ]
+        for sender in senders:
+            sender.start()
+        wait_until(lambda: _decoded_in_workers(server) >= 3, timeout=60, what="both bodies handed to the workers")
+        stopping = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not exit within 60 s of SIGTERM (it waited forever)") from None
+        seconds = time.monotonic() - stopping
+        print(f"SIGTERM to exit: {seconds:.2f} s with a {drain} s drain")
+        assert code == 0, server.log()[-2000:]
+        assert seconds < drain + 8, f"the server took {seconds:.1f} s to exit"
+        for sender in senders:
+            sender.join(timeout=30)
+        assert [a.status_code for a in answers] == [503, 503], [a.text[:200] for a in answers]
+        assert all("the server is shutting down; this large JSON body was not decoded" in a.text for a in answers)
+    finally:
+        for process in started:
+            if _alive(process):
+                process.kill()
+        server.stop()

@@ -19,14 +19,16 @@ that runs out of memory or dies refuses the body it was decoding with :func:`wor
 The wait for a worker and the decode count against the request's time limit (``core.request_deadline``):
 a body whose time passes (:func:`decode_timed_out`) or whose client leaves has its worker killed and
 replaced, so no worker keeps decoding a body nobody waits for. When the server starts to drain, the workers
-are killed and the bodies they were decoding refused (503: the service would refuse those requests after
-their decode anyway), so a worker that cannot run (stopped with SIGSTOP) does not keep the exit waiting.
+are killed and the bodies they were decoding, or waiting for one, or arriving later, refused (503: the
+service would refuse those requests after their decode anyway), so a worker that cannot run (stopped
+with SIGSTOP) does not keep the exit waiting, and no new worker starts.
 Each worker is killed by its watchdog process when the server exits, even in the middle of a parse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import ctypes
 import functools
@@ -39,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -391,15 +394,49 @@ class _Worker:
         with self._lock:
             if self._stopped:
                 raise BrokenProcessPool("the worker was stopped")
-            return self._executor.submit(_in_worker, work, body, args, kwargs)
+            future = self._executor.submit(_in_worker, work, body, args, kwargs)
+            self._close_result_writer()
+            return future
+
+    def _close_result_writer(self) -> None:
+        """Close this process's copy of the pipe the worker sends its results through, once the worker is
+        started (the first submission starts it; a pool of one never starts another).
+
+        Otherwise a worker killed while it sends a result (a large one takes many turns of the pipe) leaves
+        the pool's manager thread waiting forever for the rest of the message, since the pipe's writing end
+        is still open here: the body's future never ends, and at exit the interpreter waits forever for that
+        thread (``concurrent.futures`` joins it). With the end closed, the manager thread reads an end of
+        file, the pool breaks, and the body is refused (:func:`worker_lost`) at once."""
+        queue = self._executor._result_queue
+        writer = getattr(queue, "_writer", None) if queue is not None else None
+        if writer is not None and self._executor._processes:
+            writer.close()
 
     def stop(self) -> None:
         """Kill the process, whatever it is doing (a body nobody waits for any more), and let it go."""
         with self._lock:
-            self._stopped = True
-            for process in list((self._executor._processes or {}).values()):
-                process.kill()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._kill()
+
+    def stop_now(self) -> None:
+        """:meth:`stop` without waiting for a submission in progress: that one may be starting the process
+        (the fork server's first start imports the codecs: it took up to 19 s on a loaded machine, and
+        the drain, which waited for it, with it), so the fork server is killed, which ends that start
+        (a later body starts a new one), and the worker is stopped in a thread once the submission has
+        returned."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._kill()
+            finally:
+                self._lock.release()
+            return
+        _kill_fork_server()
+        threading.Thread(target=self.stop, name="onnxserve-worker-stop", daemon=True).start()
+
+    def _kill(self) -> None:
+        self._stopped = True
+        for process in list((self._executor._processes or {}).values()):
+            process.kill()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Let an idle worker go: it exits once it has nothing left to do."""
@@ -420,6 +457,17 @@ class _ProcessPool:
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._draining: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+    def drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Refuse the bodies of ``loop`` from now on, those waiting for a worker included."""
+        with self._lock:
+            self._draining.add(loop)
+
+    def _refuse_if_draining(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if loop in self._draining:
+                raise shutting_down()
 
     def _take(self) -> _Worker:
         with self._lock:
@@ -445,9 +493,11 @@ class _ProcessPool:
     async def run(self, work: Callable[..., R], body: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         loop = asyncio.get_running_loop()
         slots = self._slots.setdefault(loop, asyncio.Semaphore(PROCESSES))
+        self._refuse_if_draining(loop)
         try:
             async with asyncio.timeout(request_deadline.seconds_left()) as limit:
                 async with slots:  # bodies wait here, not pickled in a queue
+                    self._refuse_if_draining(loop)  # a drain began while it waited: no new worker for it
                     result = await self._decode(loop, work, body, args, kwargs)
         except TimeoutError:
             if not limit.expired():
@@ -479,6 +529,10 @@ class _ProcessPool:
                 raise shutting_down() from None
             log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
             raise worker_lost("stopped (killed, or out of memory)") from None
+        except (OSError, EOFError):
+            if worker.shut_down:  # its start ended with the fork server (``_Worker.stop_now``)
+                raise shutting_down() from None
+            raise
         finally:
             # not finished: it died, or its client left, or the time ran out (the worker may be busy)
             self._done(worker, finished)
@@ -491,7 +545,18 @@ class _ProcessPool:
             self._idle, self._busy = [], set()
         for worker in workers:  # killed, not let go: a worker still in a parse would keep the exit waiting
             worker.shut_down = True
-            worker.stop()
+            worker.stop_now()
+
+
+def _kill_fork_server() -> None:
+    """Kill the fork server the workers start from, if it runs (a process start waiting for it then fails
+    at once); the next worker starts a new one."""
+    from multiprocessing import forkserver
+
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    if isinstance(pid, int):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 _PRELOAD = (
@@ -504,6 +569,16 @@ _PRELOAD = (
 """What the fork server imports once, so each worker starts in milliseconds."""
 
 _pool = _ProcessPool()
+
+
+def drain() -> None:
+    """Refuse every large JSON body this event loop hands to :func:`parse` from now on as
+    :func:`shutting_down` (503), those waiting for a worker included: the server drains, and its service
+    refuses their requests anyway. Before, bodies that arrived or waited for a worker when the drain began
+    started new workers and were decoded for nothing, their requests still open when the listeners closed
+    (answered 500 by uvicorn) and their workers' results still arriving at exit. Call :func:`shutdown`
+    next."""
+    _pool.drain(asyncio.get_running_loop())
 
 
 def shutdown() -> None:

@@ -110,6 +110,18 @@ class _DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopping: list[asyncio.Task[None]] = []  # schedulers stopping once the drain timed out
+        self.drain_deadline: float | None = None  # the loop's time by which a drain ends
+
+    def grpc_grace(self) -> float:
+        """How long gRPC's stop lets the calls still open finish: what is left of the drain (its streams are
+        open requests too), so that the whole shutdown stays within ``--drain-timeout``; none after a
+        second signal; :data:`GRPC_GRACE_SECONDS` when the server stops without a drain."""
+        if self.force_exit:
+            return 0
+        if self.drain_deadline is None or self.loop is None:
+            return GRPC_GRACE_SECONDS
+        left = self.drain_deadline - self.loop.time()
+        return min(GRPC_GRACE_SECONDS, max(REFUSALS_SENT_SECONDS, left))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.service.draining or self.loop is None:
@@ -134,10 +146,13 @@ class _DrainingServer(uvicorn.Server):
 
     async def drain(self) -> None:
         log.info("draining: not ready, refusing new requests, waiting for %d open ones", self.service.in_flight)
-        # Bodies still being decoded belong to requests the service now refuses: refused at once (a JSON
-        # worker stopped with SIGSTOP would otherwise keep its connection, and the exit, waiting).
-        await asyncio.get_running_loop().run_in_executor(None, offload.shutdown)
         deadline = asyncio.get_running_loop().time() + self.drain_timeout
+        self.drain_deadline = deadline
+        # Bodies still being decoded, or waiting for a worker, belong to requests the service now refuses:
+        # refused at once (a JSON worker stopped with SIGSTOP would otherwise keep its connection, and the
+        # exit, waiting), and so are those arriving from now on (no new worker starts).
+        offload.drain()
+        await asyncio.get_running_loop().run_in_executor(None, offload.shutdown)
         while self.service.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         if self.service.in_flight:
@@ -227,7 +242,7 @@ async def _serve(
         for job in background:
             job.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await grpc_server.stop(GRPC_GRACE_SECONDS)
+        await grpc_server.stop(http.grpc_grace())
         offload.shutdown()  # the JSON decoding workers, if a large body ever started them
         if manager is not None:
             await manager.close()
