@@ -43,6 +43,7 @@ class Work:
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
     progress: Progress = field(default_factory=Progress)  # its request's: waiting or started (``core.progress``)
     inline: bool = True  # may run on the event loop (``core.inline_runs``); False: its time limit is near
+    deadline: float | None = None  # when its time limit passes (the event loop's clock), None: no limit
 
     @property
     def key(self) -> Hashable:

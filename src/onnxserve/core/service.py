@@ -565,6 +565,7 @@ class InferenceService:
             # the server's limit counts from the request's arrival: decoding its body took some of it
             async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:
                 when = deadline.when()
+                work.deadline = when
                 if when is not None and when - asyncio.get_running_loop().time() < INLINE_DEADLINE_MARGIN_S:
                     work.inline = False  # on the thread, where the deadline can interrupt its wait
                 if work.text is None:
