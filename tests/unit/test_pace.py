@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxserve.core.pace import MEASURED_TOKENS, Pace, _finishes, bucket
+from onnxserve.core.pace import ADMISSION_MARGIN, MEASURED_TOKENS, Pace, _finishes, bucket
 
 TOKEN_S = 1e-4  # seconds per token measured below: a chunk of 32 x 256 tokens takes 0.8192 s
 
@@ -78,3 +78,15 @@ def test_finished_chunks_leave_the_estimate_and_requests_without_a_limit_always_
         share.add(32, 256, -1)  # four chunks done
     assert pace.fits(share, now=0.0) == (True, pytest.approx(4 * 0.8192))
     assert pace.fits(pace.admit([(32, 256)] * 1000, deadline=None), now=0.0)[0]
+
+
+def test_admission_keeps_a_margin_beside_others_but_a_request_alone_may_use_all_its_time() -> None:
+    pace = _measured()
+    alone = pace.admit([(32, 256)] * 8, deadline=7.0)  # 6.55 s of work
+    assert pace.fits(alone, now=0.0, margin=ADMISSION_MARGIN)[0]
+    pace.leave(alone)
+    older = pace.admit([(32, 256)] * 4, deadline=100.0)
+    newer = pace.admit([(32, 256)] * 4, deadline=7.0)  # 6.55 s beside the older one: within 7 s, not 5.25 s
+    assert pace.fits(newer, now=0.0)[0]
+    assert not pace.fits(newer, now=0.0, margin=ADMISSION_MARGIN)[0]
+    assert pace.fits(older, now=0.0, margin=ADMISSION_MARGIN)[0]

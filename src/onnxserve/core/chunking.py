@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -50,7 +51,7 @@ import numpy.typing as npt
 from onnxserve.core.attention_memory import ExecutionBound
 from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
-from onnxserve.core.pace import Share
+from onnxserve.core.pace import ADMISSION_MARGIN, Parts, Share
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.tokens import token_counts
@@ -209,16 +210,18 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     lengths = row_lengths(model, work)
     bounds = chunk_bounds(lengths, budget, model.bound)
     chunks = [(stop - start, max(lengths[start:stop])) for start, stop in bounds]
-    if len(bounds) == 1:  # one execution: never refused for time (shedding it would save little), measured
+    parts = work.parts if work.parts is not None and work.parts.count > 1 else None
+    if len(bounds) == 1 and parts is None:  # one execution: never refused for time (it would save little)
         scheduled = await model.scheduler.submit(work)
         _observe(model, scheduled, *chunks[0])
         return scheduled
-    share = model.pace.admit(chunks, work.deadline)
-    try:
-        _admit(model, share)
+    with _counted(model, work, chunks, parts) as share:
+        if len(bounds) == 1:
+            scheduled = await model.scheduler.submit(work)
+            _observe(model, scheduled, *chunks[0])
+            share.add(*chunks[0], -1)
+            return scheduled
         outcome, queue_ns = await _run_chunks(model, work, bounds, lengths, share)
-    finally:
-        model.pace.leave(share)
     if any(array.ndim == 0 or array.shape[0] != work.rows for array in outcome.outputs.values()):
         # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
         # the chunks' answers cannot be joined, so the request runs whole, as it would have unchunked.
@@ -228,13 +231,41 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     return Scheduled(outcome, queue_ns, work.rows)
 
 
+@contextmanager
+def _counted(
+    model: ModelVersion, work: Work, chunks: Sequence[tuple[int, int]], parts: Parts | None
+) -> Iterator[Share]:
+    """``work``'s share of its version's work in flight (``core.pace``), checked: its own, counted for the
+    block (``_admit``); or, for a part of a request answered in several, the request's, grown by this part's
+    chunks (admitted with its first part, checked at each later one as at a chunk boundary)."""
+    if parts is None:
+        share = model.pace.admit(chunks, work.deadline)
+        try:
+            _admit(model, share)
+            yield share
+        finally:
+            model.pace.leave(share)
+        return
+    if parts.share is None:
+        parts.pace, parts.share = model.pace, model.pace.admit(chunks, work.deadline)
+        _admit(model, parts.share)
+    else:
+        for chunk in chunks:
+            parts.share.add(*chunk, 1)
+        if work.progress.started:
+            _give_up_late(model, parts.share)
+        else:  # nothing of the request has run yet: refused as at admission
+            _admit(model, parts.share)
+    yield parts.share
+
+
 def _admit(model: ModelVersion, share: Share) -> None:
     """Refuse a request whose work, with that of the requests in flight before it, cannot finish within its
     time limit by the version's measured time per token (``core.pace``; never without a measurement), before
     any of its chunks runs: RESOURCE_EXHAUSTED (retry later), or DEADLINE_EXCEEDED when its own work alone
     does not fit (a retry would not help)."""
     now = asyncio.get_running_loop().time()
-    fits, estimate = model.pace.fits(share, now)
+    fits, estimate = model.pace.fits(share, now, ADMISSION_MARGIN)
     if not fits:
         assert share.deadline is not None
         alone = model.pace.seconds(share)
@@ -245,9 +276,8 @@ def _admit(model: ModelVersion, share: Share) -> None:
                 "(send fewer rows, or a longer timeout)"
             )
         raise ResourceExhaustedError(
-            f"model {model.name!r}: this request and the {model.pace.in_flight() - 1} requests in flight before "
-            f"it would take about {estimate:.1f} s, more than the {max(share.deadline - now, 0.0):.1f} s left of "
-            "its time limit; retry later, with fewer rows or a longer timeout"
+            f"model {model.name!r} is busy: {_why_late(model, share, estimate, now)}; retry later, with fewer rows "
+            "or a longer timeout"
         )
 
 
@@ -260,10 +290,22 @@ def _give_up_late(model: ModelVersion, share: Share) -> None:
     if not fits:
         assert share.deadline is not None
         raise DeadlineExceededError(
-            f"model {model.name!r}: the rest of this request would take about {estimate:.1f} s with the requests "
-            f"ahead of it, more than the {max(share.deadline - now, 0.0):.1f} s left of its time limit; it was "
-            "given up early"
+            f"model {model.name!r}: {_why_late(model, share, estimate, now)}; the rest of this request was given "
+            "up early"
         )
+
+
+def _why_late(model: ModelVersion, share: Share, estimate: float, now: float) -> str:
+    """Why ``share`` does not keep its place (``Pace.fits``): it would finish late, or make an older one late."""
+    assert share.deadline is not None
+    left = max(share.deadline - now, 0.0)
+    ahead = sum(1 for other in model.pace.shares() if other.order < share.order)
+    if estimate > left * ADMISSION_MARGIN:
+        return (
+            f"with the {ahead} requests in flight before it, this one would take about {estimate:.1f} s of the "
+            f"{left:.1f} s left of its time limit"
+        )
+    return f"this request would make one of the {ahead} requests in flight before it miss its time limit"
 
 
 def _observe(model: ModelVersion, scheduled: Scheduled, rows: int, longest: int) -> None:
@@ -272,7 +314,8 @@ def _observe(model: ModelVersion, scheduled: Scheduled, rows: int, longest: int)
         return  # merged with other requests: its time is not this work's
     outcome = scheduled.outcome
     seconds = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
-    beside = min(len(model.scheduler.pool.sessions), max(1, model.pace.in_flight() * window(model)))
+    pool = model.scheduler.pool
+    beside = min(len(pool.sessions), 1 + sum(pool.busy))  # itself (its instance is released) and those still running
     model.pace.observed(rows, longest, seconds, beside)
 
 

@@ -11,21 +11,22 @@ finish. This module holds what that decision needs, per model version (``ModelVe
   cut by): of each execution that ran alone (no other request merged into it) and took at least
   :data:`MEASURED_TOKENS`, its wall time on its instance thread, divided by its tokens and multiplied by
   the executions estimated to run beside it (so the rate is the version's throughput, whatever the
-  concurrency). The median of the last :data:`WINDOW` is kept per length bucket (rows of up to 16, 32,
+  concurrency). The lower median of the last :data:`WINDOW` is kept per length bucket (rows of up to 16, 32,
   64, ... tokens: attention makes a long row's token dearer than a short one's); a length with no
   measurement of its own borrows the nearest shorter bucket's (a cheaper token: an under-estimate), and
   with none there its work counts as nothing. **So nothing is refused before a measurement exists.**
-- **The work ahead** of each request in flight (:class:`Share`): its chunks not yet finished, in tokens
-  per length. A request's estimated time to finish counts the work of the requests admitted before it
-  as they share the version's executions with it, each up to its own remaining work (a request that ends
-  sooner stops taking its share), plus its own: sum over older requests of min(theirs, its own), plus
-  its own, times the time per token. Requests admitted after it are not counted: when they cannot
-  finish, they are the ones that give way.
+- **The work in flight** (:class:`Share`): each request's chunks not yet finished, in tokens per length
+  bucket, and its deadline. Taking turns, requests share the version like processors share a CPU: one of
+  ``w`` seconds of work is done once every other has run min(its own, ``w``) beside it.
 
-The decision (``core.chunking``): a request whose estimate exceeds its remaining time is refused at
-admission (RESOURCE_EXHAUSTED: 503 + Retry-After, 429 on the OpenAI and TEI routes) before any of its
-chunks runs, and given up at a chunk boundary (DEADLINE_EXCEEDED, the 504 it would get anyway, but
-early) when its remaining chunks no longer fit the time it has left, which frees its turn for the others.
+The rule (:meth:`Pace.fits`): the requests in flight are taken oldest first, and each keeps its place when,
+beside the ones kept before it, every one of them is estimated to finish within its time limit; the
+newest give way first. ``core.chunking`` refuses a new request that does not keep its place before any of
+its chunks runs (RESOURCE_EXHAUSTED: 503 + Retry-After, 429 on the OpenAI and TEI routes; DEADLINE_EXCEEDED
+when its own work alone exceeds its time), admitting it only within :data:`ADMISSION_MARGIN` of the time
+each has left, and gives a request up at a chunk boundary (DEADLINE_EXCEEDED, the 504 it would get anyway,
+but early) when it no longer keeps its place, which frees its turns for the others. A request answered in
+several parts (:class:`Parts`) is one share.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ WINDOW = 32
 MEASURED_TOKENS = 512
 """The fewest tokens (rows x longest row) of an execution that is measured: a small one's fixed cost
 (the hand-off to its thread, the pooling) would make a token look dearer than it is."""
+
+ADMISSION_MARGIN = 0.75
+"""A new request is admitted when it (and every older one beside it) is estimated to finish within this
+share of the time each has left; once admitted, it is given up only when it no longer fits all of its
+time. The estimate is a median on a machine whose load changes: admitting right up to the limit would
+make the requests admitted last finish just late."""
 
 SHORTEST_BUCKET = 16
 """Rows of up to this many tokens share the first length bucket; each next bucket doubles it."""
@@ -66,6 +73,25 @@ class Share:
     def add(self, rows: int, longest: int, sign: int) -> None:
         key = bucket(longest)
         self.remaining[key] = self.remaining.get(key, 0) + sign * rows * longest
+
+
+class Parts:
+    """One request answered in several parts (an embeddings request cut into pieces of ``max_batch_size``, each
+    its own inference request): one share for all of them, admitted with the first part that runs and
+    grown by each later one, so that the request keeps its age among the requests in flight."""
+
+    __slots__ = ("count", "pace", "share")
+
+    def __init__(self, count: int) -> None:
+        self.count = count  # parts in all
+        self.pace: Pace | None = None
+        self.share: Share | None = None
+
+    def close(self) -> None:
+        """The request is done (answered or failed): its share leaves its version's count."""
+        if self.pace is not None and self.share is not None:
+            self.pace.leave(self.share)
+        self.share = None
 
 
 class Pace:
@@ -107,24 +133,26 @@ class Pace:
     def leave(self, share: Share) -> None:
         self._shares.pop(share.order, None)
 
-    def in_flight(self) -> int:
-        """Requests counted (admitted and not yet done)."""
-        return len(self._shares)
+    def shares(self) -> list[Share]:
+        """The requests counted (admitted and not yet done), oldest first."""
+        return list(self._shares.values())
 
-    def fits(self, share: Share, now: float) -> tuple[bool, float]:
+    def fits(self, share: Share, now: float, margin: float = 1.0) -> tuple[bool, float]:
         """Whether ``share`` keeps its place, and its estimated time to finish with the requests that do.
 
         The requests in flight are taken oldest first; each keeps its place when, sharing the executions with
         the ones kept before it (each taking turns until its own work is done), every one of them still
-        finishes within its time limit. A request that does not keep its place will not finish in time
-        unless it gives way: the newest give way first."""
+        finishes within its time limit (``margin`` of the time each has left, all of it for one alone). A
+        request that does not keep its place will not finish in time unless it gives way: the newest give
+        way first."""
         if not self._runs or share.deadline is None:
             return True, 0.0
         kept: list[tuple[float, float | None]] = []  # (seconds of work left, deadline) of those kept
         for other in self._shares.values():
             trial = [*kept, (self.seconds(other), other.deadline)]
             finishes = _finishes([work for work, _ in trial])
-            if all(d is None or f <= d - now for (_, d), f in zip(trial, finishes, strict=True)):
+            share_of = margin if len(trial) > 1 else 1.0  # alone, a request may use all its time
+            if all(d is None or f <= (d - now) * share_of for (_, d), f in zip(trial, finishes, strict=True)):
                 kept = trial
                 if other is share:
                     return True, finishes[-1]
