@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxserve.core.pace import ADMISSION_MARGIN, MEASURED_TOKENS, Pace, _finishes, bucket
+from onnxserve.core.pace import ADMISSION_MARGIN, MEASURED_RUNS, MEASURED_TOKENS, Pace, _finishes, bucket
 
 TOKEN_S = 1e-4  # seconds per token measured below: a chunk of 32 x 256 tokens takes 0.8192 s
 
@@ -25,6 +25,11 @@ def test_nothing_is_refused_before_a_measurement_exists() -> None:
     pace.observed(1, MEASURED_TOKENS - 1, 10.0)  # too small to measure: its fixed costs would make a token look dear
     shares = [pace.admit([(32, 256)] * 64, deadline=1.0) for _ in range(24)]
     assert all(pace.fits(share, now=0.0) == (True, 0.0) for share in shares)
+    for _ in range(MEASURED_RUNS - 1):  # nor after fewer runs than that: one slow first run decides nothing
+        pace.observed(32, 256, 0.8192)
+    assert all(pace.fits(share, now=0.0) == (True, 0.0) for share in shares)
+    pace.observed(32, 256, 0.8192)
+    assert not pace.fits(shares[0], now=0.0)[0]
 
 
 def test_the_median_time_per_token_of_a_length_is_kept_and_shorter_lengths_lend_theirs() -> None:

@@ -14,7 +14,8 @@ finish. This module holds what that decision needs, per model version (``ModelVe
   concurrency). The lower median of the last :data:`WINDOW` is kept per length bucket (rows of up to 16, 32,
   64, ... tokens: attention makes a long row's token dearer than a short one's); a length with no
   measurement of its own borrows the nearest shorter bucket's (a cheaper token: an under-estimate), and
-  with none there its work counts as nothing. **So nothing is refused before a measurement exists.**
+  with none there its work counts as nothing. **So nothing is refused before measurements exist**
+  (:data:`MEASURED_RUNS` of them).
 - **The work in flight** (:class:`Share`): each request's chunks not yet finished, in tokens per length
   bucket, and its deadline. Taking turns, requests share the version like processors share a CPU: one of
   ``w`` seconds of work is done once every other has run min(its own, ``w``) beside it.
@@ -41,6 +42,10 @@ WINDOW = 32
 MEASURED_TOKENS = 512
 """The fewest tokens (rows x longest row) of an execution that is measured: a small one's fixed cost
 (the hand-off to its thread, the pooling) would make a token look dearer than it is."""
+
+MEASURED_RUNS = 3
+"""Executions a version must have measured before any request is refused for time: one slow first run (a
+warm-up, a moment of load) must not refuse everything after it."""
 
 ADMISSION_MARGIN = 0.75
 """A new request is admitted when it (and every older one beside it) is estimated to finish within this
@@ -99,6 +104,7 @@ class Pace:
 
     def __init__(self) -> None:
         self._runs: dict[int, deque[float]] = {}  # seconds per token, per length bucket
+        self._measured = 0  # executions measured, in all
         self._shares: dict[int, Share] = {}  # in admission order
         self._order = count()
 
@@ -110,6 +116,7 @@ class Pace:
             return
         runs = self._runs.setdefault(bucket(longest), deque(maxlen=WINDOW))
         runs.append(seconds / tokens / max(1, beside))
+        self._measured += 1
 
     def per_token(self, key: int) -> float:
         """Seconds per token of rows in bucket ``key``: its median, else the nearest shorter bucket's, else 0."""
@@ -145,7 +152,7 @@ class Pace:
         finishes within its time limit (``margin`` of the time each has left, all of it for one alone). A
         request that does not keep its place will not finish in time unless it gives way: the newest give
         way first."""
-        if not self._runs or share.deadline is None:
+        if self._measured < MEASURED_RUNS or share.deadline is None:
             return True, 0.0
         kept: list[tuple[float, float | None]] = []  # (seconds of work left, deadline) of those kept
         for other in self._shares.values():
