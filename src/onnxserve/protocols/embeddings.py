@@ -156,6 +156,9 @@ async def _oldest_or_failed(flying: deque[tuple[int, asyncio.Task[InferenceRespo
     """Wait until the oldest piece in flight is done, or raise at once the error of any piece that failed
     (a piece refused for time, ``core.pace``, fails the request now, not once the pieces before it are done)."""
     oldest = flying[0][1]
+    if len(flying) == 1:
+        await oldest  # its answer, or its error raised, as before
+        return
     while not oldest.done():
         await asyncio.wait([task for _, task in flying], return_when=asyncio.FIRST_COMPLETED)
         for _, task in flying:
