@@ -20,6 +20,14 @@ chunk rather than the whole request. A caller that goes away (its client left, i
 cancels the chunk in flight the way the scheduler cancels any request, and the chunks not yet
 submitted never run.
 
+Time: a request of several chunks is refused before any of them runs when, by its model version's
+measured time per token (``core.pace``), it cannot finish within its time limit with the requests in
+flight before it (RESOURCE_EXHAUSTED; DEADLINE_EXCEEDED when its own work alone does not fit), and given
+up between chunks (DEADLINE_EXCEEDED) once its remaining chunks no longer fit, or would keep an older
+request from finishing in its time: under an overload of large requests some are answered and the rest
+refused early, rather than all of them taking turns until their time-outs. Every execution that ran
+alone is measured; nothing is refused before a measurement exists.
+
 Limits hold over the whole request: the bytes (``max_output_bytes``) and BYTES elements of all its
 chunks' outputs together are bounded as one answer's are, counted as each chunk comes back (a chunk's
 run is bounded by them on its own), and the chunks not yet run never run once they are passed. A
@@ -33,7 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -42,12 +51,13 @@ import numpy.typing as npt
 from onnxserve.core.attention_memory import ExecutionBound
 from onnxserve.core.batching import Scheduled
 from onnxserve.core.execution import Outcome, Work
+from onnxserve.core.pace import ADMISSION_MARGIN, Parts, Share
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.tokens import token_counts
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, payload_bytes
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
-from onnxserve.errors import TooLargeError
+from onnxserve.errors import DeadlineExceededError, ResourceExhaustedError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +202,26 @@ def joined_bytes(parts: Sequence[npt.NDArray[Any]]) -> int:
 
 async def submit(model: ModelVersion, work: Work) -> Scheduled:
     """Run ``work`` on the model's scheduler: as one execution when it fits the model's token budget
-    (or the model's rows are not independent), else in chunks (see the module)."""
+    (or the model's rows are not independent), else in chunks (see the module). A request of several chunks
+    whose estimated work ahead cannot finish within its time limit is refused before it runs (``core.pace``)."""
     budget = model.chunk_tokens
     if budget <= 0 or work.rows <= 1:
         return await model.scheduler.submit(work)
     lengths = row_lengths(model, work)
     bounds = chunk_bounds(lengths, budget, model.bound)
-    if len(bounds) == 1:
-        return await model.scheduler.submit(work)
-    outcome, queue_ns = await _run_chunks(model, work, bounds, lengths)
+    chunks = [(stop - start, max(lengths[start:stop])) for start, stop in bounds]
+    parts = work.parts if work.parts is not None and work.parts.count > 1 else None
+    if len(bounds) == 1 and parts is None:  # one execution: never refused for time (it would save little)
+        scheduled = await model.scheduler.submit(work)
+        _observe(model, scheduled, *chunks[0])
+        return scheduled
+    with _counted(model, work, chunks, parts) as share:
+        if len(bounds) == 1:
+            scheduled = await model.scheduler.submit(work)
+            _observe(model, scheduled, *chunks[0])
+            share.add(*chunks[0], -1)
+            return scheduled
+        outcome, queue_ns = await _run_chunks(model, work, bounds, lengths, share)
     if any(array.ndim == 0 or array.shape[0] != work.rows for array in outcome.outputs.values()):
         # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
         # the chunks' answers cannot be joined, so the request runs whole, as it would have unchunked.
@@ -210,10 +231,99 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     return Scheduled(outcome, queue_ns, work.rows)
 
 
+@contextmanager
+def _counted(
+    model: ModelVersion, work: Work, chunks: Sequence[tuple[int, int]], parts: Parts | None
+) -> Iterator[Share]:
+    """``work``'s share of its version's work in flight (``core.pace``), checked: its own, counted for the
+    block (``_admit``); or, for a part of a request answered in several, the request's, grown by this part's
+    chunks (admitted with its first part, checked at each later one as at a chunk boundary)."""
+    if parts is None:
+        share = model.pace.admit(chunks, work.deadline)
+        try:
+            _admit(model, share)
+            yield share
+        finally:
+            model.pace.leave(share)
+        return
+    if parts.share is None:
+        parts.pace, parts.share = model.pace, model.pace.admit(chunks, work.deadline)
+        _admit(model, parts.share)
+    else:
+        for chunk in chunks:
+            parts.share.add(*chunk, 1)
+        if work.progress.started:
+            _give_up_late(model, parts.share)
+        else:  # nothing of the request has run yet: refused as at admission
+            _admit(model, parts.share)
+    yield parts.share
+
+
+def _admit(model: ModelVersion, share: Share) -> None:
+    """Refuse a request whose work, with that of the requests in flight before it, cannot finish within its
+    time limit by the version's measured time per token (``core.pace``; never without a measurement), before
+    any of its chunks runs: RESOURCE_EXHAUSTED (retry later), or DEADLINE_EXCEEDED when its own work alone
+    does not fit (a retry would not help)."""
+    now = asyncio.get_running_loop().time()
+    fits, estimate = model.pace.fits(share, now, ADMISSION_MARGIN)
+    if not fits:
+        assert share.deadline is not None
+        alone = model.pace.seconds(share)
+        if alone > share.deadline - now:  # too large for its time limit even alone: retrying would not help
+            raise DeadlineExceededError(
+                f"model {model.name!r}: this request alone would take about {alone:.1f} s, more than the "
+                f"{max(share.deadline - now, 0.0):.1f} s left of its time limit; it was refused before it ran "
+                "(send fewer rows, or a longer timeout)"
+            )
+        raise ResourceExhaustedError(
+            f"model {model.name!r} is busy: {_why_late(model, share, estimate, now)}; retry later, with fewer rows "
+            "or a longer timeout"
+        )
+
+
+def _give_up_late(model: ModelVersion, share: Share) -> None:
+    """Give a request up (DEADLINE_EXCEEDED) at a chunk boundary when its remaining chunks, sharing the version
+    with the older requests that keep their place, cannot finish within the time it has left, or keep an
+    older one from finishing in its own: the 504 it would get anyway, early, and its turns go to the others."""
+    now = asyncio.get_running_loop().time()
+    fits, estimate = model.pace.fits(share, now)
+    if not fits:
+        assert share.deadline is not None
+        raise DeadlineExceededError(
+            f"model {model.name!r}: {_why_late(model, share, estimate, now)}; the rest of this request was given "
+            "up early"
+        )
+
+
+def _why_late(model: ModelVersion, share: Share, estimate: float, now: float) -> str:
+    """Why ``share`` does not keep its place (``Pace.fits``): it would finish late, or make an older one late."""
+    assert share.deadline is not None
+    left = max(share.deadline - now, 0.0)
+    ahead = sum(1 for other in model.pace.shares() if other.order < share.order)
+    if estimate > left * ADMISSION_MARGIN:
+        return (
+            f"with the {ahead} requests in flight before it, this one would take about {estimate:.1f} s of the "
+            f"{left:.1f} s left of its time limit"
+        )
+    return f"this request would make one of the {ahead} requests in flight before it miss its time limit"
+
+
+def _observe(model: ModelVersion, scheduled: Scheduled, rows: int, longest: int) -> None:
+    """Measure an execution of ``rows`` rows of up to ``longest`` tokens that ran alone (``core.pace``)."""
+    if scheduled.batch_size != rows:
+        return  # merged with other requests: its time is not this work's
+    outcome = scheduled.outcome
+    seconds = (outcome.input_ns + outcome.infer_ns + outcome.output_ns) / 1e9
+    pool = model.scheduler.pool
+    beside = min(len(pool.sessions), 1 + sum(pool.busy))  # itself (its instance is released) and those still running
+    model.pace.observed(rows, longest, seconds, beside)
+
+
 async def _run_chunks(
-    model: ModelVersion, work: Work, bounds: list[tuple[int, int]], lengths: Sequence[int]
+    model: ModelVersion, work: Work, bounds: list[tuple[int, int]], lengths: Sequence[int], share: Share
 ) -> tuple[Outcome, int]:
-    """The chunks' joined outcome and the time they waited in the queue, in all."""
+    """The chunks' joined outcome and the time they waited in the queue, in all. Between chunks, a request
+    that can no longer finish within its time limit is given up (``_give_up_late``)."""
     limits = _Limits(model.name, work.max_output_bytes, work.rows, max(lengths, default=0))
     outcomes: list[Outcome] = []
     queue_ns = 0
@@ -231,9 +341,14 @@ async def _run_chunks(
                 rows.append((stop - start, max(lengths[start:stop])))
             scheduled = await running.pop(0)  # in order: the answers join in the request's row order
             queue_ns += scheduled.queue_ns
-            limits.count(scheduled.outcome.outputs, *rows.pop(0))
+            done = rows.pop(0)
+            _observe(model, scheduled, *done)
+            share.add(*done, -1)
+            limits.count(scheduled.outcome.outputs, *done)
             outcomes.append(scheduled.outcome)
             del scheduled
+            if pending:
+                _give_up_late(model, share)
     except BaseException:
         outcomes.clear()  # the error's traceback keeps this frame: it must not keep the outputs
         for task in running:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from onnxserve.core.pace import Parts
 from onnxserve.core.pipeline import TOKEN_COUNT_OUTPUT, TextBatch, TextPipeline, truncated_count
 from onnxserve.core.progress import Progress
 from onnxserve.core.runtime import ModelSession, RunControl
@@ -43,6 +44,8 @@ class Work:
     client: str = ""  # who sent it, opaque (``core.fairness``): schedulers serve clients round-robin
     progress: Progress = field(default_factory=Progress)  # its request's: waiting or started (``core.progress``)
     inline: bool = True  # may run on the event loop (``core.inline_runs``); False: its time limit is near
+    deadline: float | None = None  # when its time limit passes (the event loop's clock), None: no limit
+    parts: Parts | None = None  # the request it is a part of, when answered in several (``core.pace``)
 
     @property
     def key(self) -> Hashable:

@@ -18,6 +18,7 @@ from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
 from onnxserve.core.inline_runs import InlineRuns
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
+from onnxserve.core.pace import Pace
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
 from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
@@ -54,6 +55,7 @@ class ModelVersion:
     bound: ExecutionBound | None = None  # estimated memory of its executions (core.attention_memory); None: tokens only
     # characters of its text requests held as tokens, from before tokenizing until run (core.text_budget)
     text_room: TextBudget = field(default_factory=model_room)
+    pace: Pace = field(default_factory=Pace)  # measured time per token, requests in flight (core.pace)
 
     @property
     def batches_rows(self) -> bool:

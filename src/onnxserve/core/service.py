@@ -41,6 +41,7 @@ from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.observe import RequestRecord
+from onnxserve.core.pace import Parts
 from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.progress import Progress
 from onnxserve.core.registry import PLATFORM, ModelRegistry, ModelVersion
@@ -285,10 +286,11 @@ class Pin:
     """One model version held for a request that the service answers in several parts (an embeddings
     request cut into pieces of ``max_batch_size``): see :meth:`InferenceService.pinned`."""
 
-    __slots__ = ("model",)
+    __slots__ = ("model", "parts")
 
-    def __init__(self, model: ModelVersion) -> None:
+    def __init__(self, model: ModelVersion, parts: int) -> None:
         self.model = model
+        self.parts = Parts(parts)  # its parts count as one request at the version's pace (``core.pace``)
 
     @property
     def version(self) -> str:
@@ -513,16 +515,19 @@ class InferenceService:
         self.registry.observers.request(record)
 
     @contextmanager
-    def pinned(self, name: str, version: str | None) -> Iterator[Pin]:
-        """The version of model ``name`` that ``version`` names now, for a request answered in several parts:
+    def pinned(self, name: str, version: str | None, parts: int = 1) -> Iterator[Pin]:
+        """The version of model ``name`` that ``version`` names now, for a request answered in ``parts`` parts:
         each part given the pin to :meth:`infer` is answered by that version, even once a newer one has
         taken over and this one only drains (its unload waits for the block to end, as for any request in
-        flight), so one answer never mixes two versions' results."""
+        flight), so one answer never mixes two versions' results. Its parts count as one request in the
+        version's estimate of the work in flight (``core.pace``): admitted with the first, given up together."""
         model = self.registry.resolve(name, version)
         model.active += 1
+        pin = Pin(model, parts)
         try:
-            yield Pin(model)
+            yield pin
         finally:
+            pin.parts.close()
             model.active -= 1
 
     async def infer(self, request: InferenceRequest, pin: Pin | None = None) -> InferenceResponse:
@@ -545,16 +550,17 @@ class InferenceService:
         self.in_flight += 1
         model.active += 1
         try:
-            return await self._infer(request, model, started, limit)
+            return await self._infer(request, model, started, limit, pin.parts if pin is not None else None)
         finally:
             self.in_flight -= 1
             model.active -= 1
 
     async def _infer(
-        self, request: InferenceRequest, model: ModelVersion, started: int, limit: float | None
+        self, request: InferenceRequest, model: ModelVersion, started: int, limit: float | None, parts: Parts | None
     ) -> InferenceResponse:
         try:
             work = _work(request, model, self.max_response_bytes)
+            work.parts = parts
             call = _current_call.get()
             if call is not None:
                 work.client = call.client
@@ -565,6 +571,7 @@ class InferenceService:
             # the server's limit counts from the request's arrival: decoding its body took some of it
             async with asyncio.timeout(request_deadline.bounded(limit)) as deadline:
                 when = deadline.when()
+                work.deadline = when
                 if when is not None and when - asyncio.get_running_loop().time() < INLINE_DEADLINE_MARGIN_S:
                     work.inline = False  # on the thread, where the deadline can interrupt its wait
                 if work.text is None:

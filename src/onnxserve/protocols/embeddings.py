@@ -152,6 +152,20 @@ def check_characters(metadata: ModelMetadata, texts: Sequence[str], repeated: st
     check_request_characters(total, limit)
 
 
+async def _oldest_or_failed(flying: deque[tuple[int, asyncio.Task[InferenceResponse]]]) -> None:
+    """Wait until the oldest piece in flight is done, or raise at once the error of any piece that failed
+    (a piece refused for time, ``core.pace``, fails the request now, not once the pieces before it are done)."""
+    oldest = flying[0][1]
+    if len(flying) == 1:
+        await oldest  # its answer, or its error raised, as before
+        return
+    while not oldest.done():
+        await asyncio.wait([task for _, task in flying], return_when=asyncio.FIRST_COMPLETED)
+        for _, task in flying:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                task.result()  # raises its error
+
+
 async def in_pieces(
     service: InferenceService,
     model: tuple[str, str | None],
@@ -164,23 +178,25 @@ async def in_pieces(
     request (``InferenceService.pinned``): a new version that takes over meanwhile answers the next
     request, not the rest of this one. The next piece is built and submitted while those in flight hold
     at most :data:`IN_FLIGHT_CHARACTERS` by ``size`` (always at least one); a piece that fails fails the
-    request, and the pieces in flight are cancelled."""
+    request at once, and the pieces in flight are cancelled."""
     responses: list[InferenceResponse] = []
     flying: deque[tuple[int, asyncio.Task[InferenceResponse]]] = deque()
     held = 0
-    with service.pinned(*model) as pin:
+    with service.pinned(*model, parts=len(pieces)) as pin:
         try:
             for piece in pieces:
                 weight = size(piece)
                 while flying and held + weight > IN_FLIGHT_CHARACTERS:
+                    await _oldest_or_failed(flying)
                     done, task = flying.popleft()
                     held -= done
-                    responses.append(await task)
+                    responses.append(task.result())
                 flying.append((weight, asyncio.ensure_future(service.infer(build(piece, pin.version), pin))))
                 held += weight
             while flying:
+                await _oldest_or_failed(flying)
                 _, task = flying.popleft()
-                responses.append(await task)
+                responses.append(task.result())
         finally:
             for _, task in flying:
                 task.cancel()
