@@ -503,7 +503,10 @@ def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) ->
         for sender in senders:
             sender.join(timeout=30)
         assert [a.status_code for a in answers] == [503, 503], [a.text[:200] for a in answers]
-        assert all("the server is shutting down; this large JSON body was not decoded" in a.text for a in answers)
+        # refused as the drain's, or (killed with the fork server while the drain began) as a lost worker's
+        said = [a.text[:300] for a in answers]
+        reasons = ("the server is shutting down; this large JSON body was not decoded", "the worker decoding this")
+        assert all(any(reason in a.text for reason in reasons) for a in answers), said
     finally:
         for process in started:
             if _alive(process):
