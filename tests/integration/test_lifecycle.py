@@ -250,6 +250,36 @@ def test_a_layout_of_thousands_of_threads_is_refused_with_its_count(polled: tupl
     assert httpx.post(f"{server.http_url}/v2/models/m/infer", json=infer_body(1.0)).status_code == 200
 
 
+def test_a_version_being_loaded_is_in_the_index_as_loading(polled: tuple[RunningServer, Path, Path]) -> None:
+    """A load that never returned left its version out of the index: nothing said it was loading (rt12 F4)."""
+    server, repo, config_file = polled
+    slow = models.parse(
+        """
+        slowload (float[256, 256] x) => (float[256, 256] y) {
+            count = Constant <value = int64 {3000}> ()
+            cond = Constant <value = bool {1}> ()
+            y = Loop(count, cond, x) <body = step (int64 i, bool c_in, float[256, 256] acc)
+                => (bool c_out, float[256, 256] next) {
+                    c_out = Identity(c_in)
+                    next = MatMul(acc, acc)
+                }>
+        }
+        """
+    )  # its warm-up runs 3,000 MatMuls of 256 x 256: a load of a few seconds
+    models.write_version(repo, "slowload", 1, slow)
+    write_config(config_file, extra=[{"name": "slowload", "base_path": "slowload"}])
+    states: list[tuple[str, str]] = []
+
+    def seen() -> bool:
+        states.extend((e["state"], e.get("reason", "")) for e in index(server) if e["name"] == "slowload")
+        return bool(states) and states[-1][0] == "READY"
+
+    wait_until(seen, what="the slow version ready")
+    loading = [reason for state, reason in states if state == "LOADING"]
+    assert loading, states
+    assert loading[0].startswith("loading for ")
+
+
 @pytest.fixture
 def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
     repo = tmp_path / "repo"

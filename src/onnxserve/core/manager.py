@@ -35,6 +35,7 @@ import enum
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -394,6 +395,16 @@ class ModelManager:
         exiting), with a WARNING every ``LOAD_WARNING_SECONDS`` while it runs: reloads wait for it."""
         call = partial(load_version, config, folder, self.registry.observers)
         loading = asyncio.ensure_future(call_in_daemon_thread(call, f"onnxserve-load-{config.name}"))
+        key = (config.name, folder.version)
+        self.registry.loading[key] = time.monotonic()  # the repository index shows it LOADING meanwhile
+        try:
+            return await self._awaited(config, folder, loading)
+        finally:
+            self.registry.loading.pop(key, None)
+
+    async def _awaited(
+        self, config: ModelConfig, folder: VersionFolder, loading: asyncio.Future[ModelVersion]
+    ) -> ModelVersion:
         waited = 0.0
         while True:
             done, _ = await asyncio.wait({loading}, timeout=LOAD_WARNING_SECONDS)

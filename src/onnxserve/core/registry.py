@@ -364,6 +364,7 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = models or {}
         self.observers = observers or Observers()
         self.failures: dict[tuple[str, int], str] = {}  # versions that failed to load, with the reason
+        self.loading: dict[tuple[str, int], float] = {}  # versions being loaded, since (time.monotonic())
 
     @classmethod
     def load(cls, config: ServerConfig, observers: Observers | None = None) -> ModelRegistry:

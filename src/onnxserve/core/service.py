@@ -643,6 +643,12 @@ class InferenceService:
         that failed to load (with the reason) and, under explicit control, models not loaded."""
         entries = [_index_entry(v) for m in self.registry for v in (m.versions[n] for n in m.version_numbers())]
         loaded = {(e.name, e.version) for e in entries}
+        now = time.monotonic()
+        for (name, number), since in sorted(self.registry.loading.items()):
+            if (name, str(number)) not in loaded:  # (a version loaded again serves meanwhile: shown READY)
+                waited = f"loading for {now - since:.0f} s"
+                entries.append(IndexEntry(name, str(number), ModelState.LOADING.value, waited))
+                loaded.add((name, str(number)))
         for (name, number), reason in sorted(self.registry.failures.items()):
             if (name, str(number)) not in loaded:
                 entries.append(IndexEntry(name, str(number), ModelState.UNAVAILABLE.value, reason))
