@@ -507,3 +507,40 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
             for sock in attack:
                 sock.close()
         check_still_serving(capped, rss_before)
+
+
+def test_thousands_of_pipelined_requests_close_their_connection_and_leave_the_loop_free(
+    server: CappedServer,
+) -> None:
+    """Outside attack rt13 N1: one connection sent 40,000 pipelined tiny GETs (1.28 MB) at once; each read
+    of them was parsed whole, and every request queued went over the connection's list of requests again
+    (quadratic): the event loop was frozen for 6 minutes, every client locked out. Now a connection that
+    queues more than 32 requests behind the one being answered is closed."""
+    rss_before = server.rss_bytes()
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n" * 40_000)
+        assert server.probe_seconds() < PROBE_BOUND  # while the server reads them
+        said = b""
+        with contextlib.suppress(OSError):  # closed with requests unread: a reset may come first
+            while chunk := sock.recv(65536):
+                said += chunk
+    assert said.count(b"HTTP/1.1 200 ") <= 40  # answered at most as far as the limit, then closed
+    check_still_serving(server, rss_before)
+
+
+def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server: CappedServer) -> None:
+    """Outside attack rt13 N3: a head sent behind a request still being answered was never counted: one
+    connection put 1.25 GB of one endless header into the server. Now it is cut past --max-header-bytes
+    and one read, like any other head (the answer being written leaves no room for a 431: closed)."""
+    rss_before = server.rss_bytes()
+    sent = 0
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        run = _slow_run()
+        head = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n"
+        sock.sendall(head.encode() + run + b"GET /v2/health/ready HTTP/1.1\r\nX-Endless: ")
+        with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
+            for _ in range(4096):  # 64 MiB of one header line that never ends
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+    assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of one head"
+    check_still_serving(server, rss_before)

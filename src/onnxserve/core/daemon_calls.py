@@ -8,9 +8,9 @@ so the process exits whatever it is doing; its caller awaits it like ``to_thread
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextlib
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -18,7 +18,7 @@ T = TypeVar("T")
 
 
 async def call_in_daemon_thread(call: Callable[[], T], name: str) -> T:
-    """``call()`` on a new daemon thread named ``name``; its result or exception, once it returns.
+    """``call()`` on a new daemon thread (``name`` says what for, in errors); its result or exception.
 
     Cancelling the await does not stop the call (no thread can be stopped); its outcome is dropped."""
     loop = asyncio.get_running_loop()
@@ -42,5 +42,11 @@ async def call_in_daemon_thread(call: Callable[[], T], name: str) -> T:
         with contextlib.suppress(RuntimeError):  # the loop closed while the call ran (the process exits)
             loop.call_soon_threadsafe(settle, outcome, error)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    # ``_thread``, not ``threading.Thread.start``: that one waits on the caller's thread (here the event
+    # loop) until the new thread has started, for good when it cannot (MemoryError as it starts, seen
+    # under an address-space limit). This one returns at once, or raises if no thread can be made.
+    try:
+        _thread.start_new_thread(run, ())
+    except RuntimeError as e:  # no thread can be made now (threads or memory exhausted)
+        raise RuntimeError(f"{name}: cannot start a thread: {e}") from None
     return await done

@@ -75,6 +75,7 @@ import logging
 import resource
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, overload
@@ -108,6 +109,11 @@ MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 PROBE_PATHS = frozenset(path.encode("ascii") for path in (*OPEN_HTTP_PATHS, METRICS_HTTP_PATH))
 """The only paths a connection of the probe reserve may ask for."""
+
+MAX_PIPELINED = 32
+"""Requests one HTTP/1.1 connection may queue behind the one being answered (pipelining); past it the
+connection is closed. uvicorn stops reading once one is queued, but parses every request of a read it
+has (thousands of tiny ones in 256 KiB), each holding its request objects until its turn."""
 
 PROBE_RESERVE = 16
 """HTTP connections beyond ``max_connections`` kept for probes and scrapes when every other one is busy."""
@@ -304,7 +310,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_pending = False  # a request's head is in and its body is still arriving
         self._linger_left = -1  # bytes still read and dropped while lingering; -1: not lingering
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._requests: list[tuple[RequestResponseCycle, CallSlot]] = []  # not yet answered, in arrival order
+        # not yet answered, in arrival order (a pipelined connection's answers complete in that order too)
+        self._requests: deque[tuple[RequestResponseCycle, CallSlot]] = deque()
         self._upgrading = False  # a TLS connection still in its handshake
         self._lost = False
         self._counted = False  # in ``clients`` (from its connection_made to its connection_lost)
@@ -598,17 +605,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         # the rest of a body answered early (a 413) is not the next request's head
         awaiting_head = not self._busy() and not self._body_pending
-        if awaiting_head:
+        # A head that began in an earlier read counts whole reads, also behind a request still being
+        # answered (pipelined): it holds at most the limit and one read before it is refused.
+        if awaiting_head or self._head_started:
             self._head_bytes += len(data)  # on_headers_complete resets it if the head ends in this data
         super().data_received(data)
         if (
-            awaiting_head
-            and not self._refused
-            and not self._busy()
+            not self._refused
             and self._head_bytes > self.limits.max_header_bytes
+            and (self._head_started or (awaiting_head and not self._busy()))
             and not self.transport.is_closing()
         ):
-            self._head_too_large()
+            if self._busy():  # an answer is being written: no room for one more in between
+                self._cut(f"a pipelined request head above {self.limits.max_header_bytes} bytes (--max-header-bytes)")
+            else:
+                self._head_too_large()
             return
         # Bytes that start no request (stray CRLFs) must not stop the clock: uvicorn has just
         # cancelled its keep-alive timer, and no other one may be running.
@@ -623,6 +634,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._arm_head_timer()
 
     def on_message_begin(self) -> None:
+        if self._refused:  # the rest of a read that came after the refusal
+            return
         super().on_message_begin()
         self._head_started = True
         self._arm_head_timer()
@@ -653,9 +666,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         slot = CallSlot()
         self.scope[CALL_SLOT] = slot  # type: ignore[literal-required]  # an extension key of ours
         super().on_headers_complete()
-        self._requests = [(c, s) for c, s in self._requests if not c.response_complete]
+        while self._requests and self._requests[0][0].response_complete:
+            self._requests.popleft()
         if self.cycle is not None and self.cycle.scope.get(CALL_SLOT) is slot:
             self._requests.append((self.cycle, slot))
+        if len(self.pipeline) > MAX_PIPELINED:
+            self._cut(f"more than {MAX_PIPELINED} requests pipelined behind the one being answered")
+            return
         self._body_pending = True
         self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
         self._track(idle=False)
@@ -678,6 +695,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._track(idle=True)  # or the next pipelined request, its body perhaps still arriving
+
+    def _cut(self, why: str) -> None:
+        """Close without an answer (one is being written, and a refusal cannot come between): for a client
+        that pipelines past the limits. The requests queued behind the one being answered never run."""
+        log.info("closed a connection: %s", why)
+        self._refused = True
+        self._cancel_timers()
+        self.pipeline.clear()
+        self.transport.close()
 
     def _head_too_large(self) -> None:
         log.info("refused a request head above %d bytes (--max-header-bytes)", self.limits.max_header_bytes)
