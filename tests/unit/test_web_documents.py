@@ -296,3 +296,54 @@ def test_documents_of_a_model_with_external_data_read_it_and_count_it(tmp_path: 
             await small.weight_page(one, "W", 0, 3)
 
     asyncio.run(scenario())
+
+
+def test_nodes_in_subgraphs_and_functions_count_too(tmp_path: Path) -> None:
+    """A main graph of two nodes whose If branches held 300,000 nodes each, or one node calling a local
+    function of 500,000, were counted as 2 and 1 nodes: +1.8 GB and a crash (outside attack rt13 N2)."""
+
+    def chain(name: str, count: int) -> onnx.GraphProto:
+        nodes = [
+            onnx.helper.make_node("Identity", [f"{name}{i}" if i else "x"], [f"{name}{i + 1}"]) for i in range(count)
+        ]
+        nodes[-1].output[0] = f"{name}_out"
+        return onnx.helper.make_graph(
+            nodes, name, [], [onnx.helper.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [1])]
+        )
+
+    branches = onnx.helper.make_node("If", ["c"], ["y"], then_branch=chain("t", 150), else_branch=chain("e", 150))
+    graph_ = onnx.helper.make_graph(
+        [branches],
+        "branches",
+        [
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    opsets = [onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("local", 1)]
+    with_if = tmp_path / "if.onnx"
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=opsets), with_if)
+    body = [onnx.helper.make_node("Identity", [f"f{i}" if i else "a"], [f"f{i + 1}"]) for i in range(200)]
+    body[-1].output[0] = "b"
+    function = onnx.helper.make_function("local", "chain", ["a"], ["b"], body, [onnx.helper.make_opsetid("", 17)])
+    caller = onnx.helper.make_graph(
+        [onnx.helper.make_node("chain", ["x"], ["y"], domain="local")],
+        "caller",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    with_function = tmp_path / "function.onnx"
+    onnx.save(onnx.helper.make_model(caller, opset_imports=opsets, functions=[function]), with_function)
+    assert (model_header.read_header(with_if).nodes, model_header.read_header(with_if).all_nodes) == (1, 301)
+    assert model_header.read_header(with_function).all_nodes == 201
+
+    async def scenario() -> None:
+        cache = DocumentCache(max_nodes=100)
+        with pytest.raises(TooLargeError, match="model of 301 nodes"):
+            await cache.graph(with_if)
+        with pytest.raises(TooLargeError, match="model of 201 nodes"):
+            await cache.diff(with_function, with_function)
+        assert orjson.loads(await DocumentCache().graph(with_if))["nodes"]
+
+    asyncio.run(scenario())

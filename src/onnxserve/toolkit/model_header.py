@@ -37,6 +37,9 @@ class FileHeader:
     """The nodes of the main graph (not of its subgraphs)."""
     external_files: tuple[str, ...] = ()
     """The external data files the main graph's initializers name (their ``location``s), each once."""
+    all_nodes: int = 0
+    """Every node of the file: the main graph's, its subgraphs' (If, Loop, Scan bodies, at any depth)
+    and its model-local functions'."""
 
 
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_NAME, _GRAPH_DOC_STRING = 7, 1, 2, 10
@@ -44,6 +47,12 @@ _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_NAME, _GRAPH_DOC_STRING = 7, 1, 2, 10
 
 _GRAPH_INITIALIZER, _TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 5, 13, 1, 2
 """GraphProto.initializer; TensorProto.external_data; StringStringEntryProto.key, .value."""
+
+_MODEL_FUNCTIONS, _FUNCTION_NODE, _NODE_ATTRIBUTE, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 25, 7, 5, 6, 11
+"""ModelProto.functions; FunctionProto.node; NodeProto.attribute; AttributeProto.g, .graphs."""
+
+MAX_GRAPH_DEPTH = 100
+"""Graphs nested deeper than this are refused (protobuf's parser refuses them too: its recursion limit)."""
 
 
 def read_header(path: Path) -> FileHeader:
@@ -58,9 +67,12 @@ def read_header(path: Path) -> FileHeader:
     """
     with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         rest = bytearray()
-        name, doc_string, nodes = b"", b"", 0
+        name, doc_string, nodes, all_nodes = b"", b"", 0, 0
         external: dict[str, None] = {}
         for number, wire, tag_start, start, end in protobuf_wire.fields(data, 0, len(data)):
+            if number == _MODEL_FUNCTIONS and wire == protobuf_wire.LENGTH_DELIMITED:
+                all_nodes += _nodes_of(data, start, end, _FUNCTION_NODE, 0)  # not parsed: counted
+                continue
             if number != _MODEL_GRAPH or wire != protobuf_wire.LENGTH_DELIMITED:
                 rest += data[tag_start:end]
                 continue
@@ -69,6 +81,7 @@ def read_header(path: Path) -> FileHeader:
                     continue
                 if inner == _GRAPH_NODE:
                     nodes += 1
+                    all_nodes += 1 + _subgraph_nodes(data, inner_start, inner_end, 1)
                 elif inner == _GRAPH_NAME:
                     name = data[inner_start:inner_end]
                 elif inner == _GRAPH_DOC_STRING:
@@ -78,8 +91,37 @@ def read_header(path: Path) -> FileHeader:
     model = onnx.ModelProto()
     model.ParseFromString(bytes(rest))
     return FileHeader(
-        model, name.decode("utf-8", "replace"), doc_string.decode("utf-8", "replace"), nodes, tuple(external)
+        model,
+        name.decode("utf-8", "replace"),
+        doc_string.decode("utf-8", "replace"),
+        nodes,
+        tuple(external),
+        all_nodes,
     )
+
+
+def _nodes_of(data: mmap.mmap, start: int, end: int, field: int, depth: int) -> int:
+    """The nodes of the graph or function in ``data[start:end]`` (its node field is ``field``), with
+    those of their subgraphs."""
+    count = 0
+    for number, wire, _, node_start, node_end in protobuf_wire.fields(data, start, end):
+        if number == field and wire == protobuf_wire.LENGTH_DELIMITED:
+            count += 1 + _subgraph_nodes(data, node_start, node_end, depth + 1)
+    return count
+
+
+def _subgraph_nodes(data: mmap.mmap, start: int, end: int, depth: int) -> int:
+    """The nodes of the subgraphs the attributes of the NodeProto in ``data[start:end]`` hold."""
+    count = 0
+    for number, wire, _, attribute_start, attribute_end in protobuf_wire.fields(data, start, end):
+        if number != _NODE_ATTRIBUTE or wire != protobuf_wire.LENGTH_DELIMITED:
+            continue
+        for field, field_wire, _, graph_start, graph_end in protobuf_wire.fields(data, attribute_start, attribute_end):
+            if field in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS) and field_wire == protobuf_wire.LENGTH_DELIMITED:
+                if depth > MAX_GRAPH_DEPTH:
+                    raise ValueError(f"graphs nested deeper than {MAX_GRAPH_DEPTH}")
+                count += _nodes_of(data, graph_start, graph_end, _GRAPH_NODE, depth)
+    return count
 
 
 def _external_locations(data: mmap.mmap, start: int, end: int) -> list[str]:

@@ -76,8 +76,9 @@ byte: a node costs about 30 bytes of file but 3.1 KiB in a graph document (its P
 1.9 KiB per side in a diff (measured on chains of 50,000 nodes: see docs/limits.md)."""
 
 MAX_NODES = 100_000
-"""The most nodes a model's main graph may have for its graph or diff document (a diff: each model). A
-browser cannot draw more, and the document of a larger one holds the interpreter for seconds."""
+"""The most nodes a model may have for its graph or diff document (a diff: each model), its subgraphs'
+and model-local functions' included. A browser cannot draw more, and the document of a larger one holds
+the interpreter for seconds."""
 
 DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20)
 """A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
@@ -265,17 +266,19 @@ class DocumentCache:
     async def _structure_cost(self, what: str, path: Path, nodes: bool = True) -> int:
         """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
         byte of the external data files its initializers name (read like the file's own weights), and
-        for a graph or a diff ``NODE_COST`` per node of its main graph; a TooLargeError past ``max_nodes``."""
+        for a graph or a diff ``NODE_COST`` per node (its subgraphs' and functions' included: they are
+        parsed and compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         external = int(sum(_file_size(path.parent / location) for location in header.external_files) * self.cost_factor)
         if not nodes:
             return external
-        if header.nodes > self.max_nodes:
+        nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much
+        if nodes_in > self.max_nodes:
             raise TooLargeError(
-                f"the {what} document of a model of {header.nodes:,} nodes is too large for the web page: it "
+                f"the {what} document of a model of {nodes_in:,} nodes is too large for the web page: it "
                 f"draws models of up to {self.max_nodes:,} nodes (`onnxserve inspect` shows any model)"
             )
-        return external + header.nodes * NODE_COST
+        return external + nodes_in * NODE_COST
 
     def _within(self, cost: int) -> int:
         """``cost``, or a TooLargeError when it can never fit in ``memory``."""

@@ -80,6 +80,7 @@ class OnnxHeader:
     properties: tuple[tuple[str, str], ...]  # the first SHOWN_PROPERTIES of them, each cut
     nodes: int
     external_files: tuple[str, ...] = ()  # the external data files its initializers name
+    all_nodes: int = 0  # with those of its subgraphs and model-local functions
     properties_total: int = 0  # every metadata property the file has
 
 
@@ -228,6 +229,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         properties_total=len(model.metadata_props),
         nodes=found.nodes,
         external_files=found.external_files,
+        all_nodes=found.all_nodes,
     )
 
 
