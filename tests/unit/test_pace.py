@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from onnxserve.core.pace import ADMISSION_MARGIN, MEASURED_RUNS, MEASURED_TOKENS, Pace, _finishes, bucket
+from onnxserve.core.pace import (
+    ADMISSION_MARGIN,
+    MEASURED_RUNS,
+    MEASURED_TOKENS,
+    MEASUREMENT_SECONDS,
+    Pace,
+    _finishes,
+    bucket,
+)
 
 TOKEN_S = 1e-4  # seconds per token measured below: a chunk of 32 x 256 tokens takes 0.8192 s
 
@@ -95,3 +103,29 @@ def test_admission_keeps_a_margin_beside_others_but_a_request_alone_may_use_all_
     assert pace.fits(newer, now=0.0)[0]
     assert not pace.fits(newer, now=0.0, margin=ADMISSION_MARGIN)[0]
     assert pace.fits(older, now=0.0, margin=ADMISSION_MARGIN)[0]
+
+
+def test_measurements_age_so_a_slow_phase_does_not_refuse_for_good() -> None:
+    """Measured while the machine was loaded, a time per token refused requests that fit for as long as no
+    new execution ran, and a refused request runs none: for good (outside attack rt14 F1)."""
+    now = [0.0]
+    pace = Pace(clock=lambda: now[0])
+    for _ in range(MEASURED_RUNS):
+        pace.observed(32, 256, 10 * 0.8192)  # ten times slower than the machine at rest
+    share = pace.admit([(32, 256)] * 4, deadline=5.0)  # 3.3 s of work at rest, 33 s as measured
+    assert not pace.fits(share, now=0.0)[0]
+    now[0] = MEASUREMENT_SECONDS + 1  # no execution since: the measurements are too old to decide
+    assert pace.measured() == 0
+    assert pace.fits(share, now=0.0) == (True, 0.0)
+
+
+def test_each_clients_oldest_request_keeps_its_place_before_anyones_second() -> None:
+    """A client retrying each refusal at once took almost every admission from a client sending the same
+    requests now and then (outside attack rt14 F2)."""
+    pace = _measured()
+    greedy = [pace.admit([(32, 256)] * 4, deadline=12.0, client="greedy") for _ in range(4)]  # 3.3 s each
+    other = pace.admit([(32, 256)] * 4, deadline=12.0, client="other")
+    assert pace.shares() == [greedy[0], other, greedy[1], greedy[2], greedy[3]]
+    assert pace.fits(other, now=0.0, margin=ADMISSION_MARGIN)[0]  # 6.6 s beside greedy's first (fifth: 16.4 s)
+    assert pace.fits(greedy[1], now=0.0)[0]  # 9.8 s
+    assert not any(pace.fits(share, now=0.0)[0] for share in greedy[2:])  # the greedy client's last give way

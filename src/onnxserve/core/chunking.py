@@ -239,7 +239,7 @@ def _counted(
     block (``_admit``); or, for a part of a request answered in several, the request's, grown by this part's
     chunks (admitted with its first part, checked at each later one as at a chunk boundary)."""
     if parts is None:
-        share = model.pace.admit(chunks, work.deadline)
+        share = model.pace.admit(chunks, work.deadline, work.client)
         try:
             _admit(model, share)
             yield share
@@ -247,7 +247,7 @@ def _counted(
             model.pace.leave(share)
         return
     if parts.share is None:
-        parts.pace, parts.share = model.pace, model.pace.admit(chunks, work.deadline)
+        parts.pace, parts.share = model.pace, model.pace.admit(chunks, work.deadline, work.client)
         _admit(model, parts.share)
     else:
         for chunk in chunks:
@@ -299,7 +299,8 @@ def _why_late(model: ModelVersion, share: Share, estimate: float, now: float) ->
     """Why ``share`` does not keep its place (``Pace.fits``): it would finish late, or make an older one late."""
     assert share.deadline is not None
     left = max(share.deadline - now, 0.0)
-    ahead = sum(1 for other in model.pace.shares() if other.order < share.order)
+    shares = model.pace.shares()
+    ahead = shares.index(share) if share in shares else len(shares)
     if estimate > left * ADMISSION_MARGIN:
         return (
             f"with the {ahead} requests in flight before it, this one would take about {estimate:.1f} s of the "

@@ -15,12 +15,13 @@ finish. This module holds what that decision needs, per model version (``ModelVe
   64, ... tokens: attention makes a long row's token dearer than a short one's); a length with no
   measurement of its own borrows the nearest shorter bucket's (a cheaper token: an under-estimate), and
   with none there its work counts as nothing. **So nothing is refused before measurements exist**
-  (:data:`MEASURED_RUNS` of them).
+  (:data:`MEASURED_RUNS` of them), and a measurement counts for :data:`MEASUREMENT_SECONDS`.
 - **The work in flight** (:class:`Share`): each request's chunks not yet finished, in tokens per length
   bucket, and its deadline. Taking turns, requests share the version like processors share a CPU: one of
   ``w`` seconds of work is done once every other has run min(its own, ``w``) beside it.
 
-The rule (:meth:`Pace.fits`): the requests in flight are taken oldest first, and each keeps its place when,
+The rule (:meth:`Pace.fits`): the requests in flight are taken oldest first, client by client (each
+client's oldest, then each one's second, ...), and each keeps its place when,
 beside the ones kept before it, every one of them is estimated to finish within its time limit; the
 newest give way first. ``core.chunking`` refuses a new request that does not keep its place before any of
 its chunks runs (RESOURCE_EXHAUSTED: 503 + Retry-After, 429 on the OpenAI and TEI routes; DEADLINE_EXCEEDED
@@ -32,8 +33,9 @@ several parts (:class:`Parts`) is one share.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import count
 
 WINDOW = 32
@@ -44,8 +46,13 @@ MEASURED_TOKENS = 512
 (the hand-off to its thread, the pooling) would make a token look dearer than it is."""
 
 MEASURED_RUNS = 3
-"""Executions a version must have measured before any request is refused for time: one slow first run (a
-warm-up, a moment of load) must not refuse everything after it."""
+"""Executions a version must have measured (within :data:`MEASUREMENT_SECONDS`) before any request is
+refused for time: one slow first run (a warm-up, a moment of load) must not refuse everything after it."""
+
+MEASUREMENT_SECONDS = 30.0
+"""How long a measurement counts. Requests refused for time run nothing, so they measure nothing: without
+an age limit, measurements taken while the machine was loaded (by another model, another tenant, or an
+attacker) refused for good requests that fit once the load had gone (outside attack rt14)."""
 
 ADMISSION_MARGIN = 0.75
 """A new request is admitted when it (and every older one beside it) is estimated to finish within this
@@ -63,14 +70,17 @@ def bucket(longest: int) -> int:
 
 
 class Share:
-    """One request's chunks not yet finished at its model version (tokens per length bucket) and when its time
-    limit passes (the event loop's clock; None: no limit)."""
+    """One request's chunks not yet finished at its model version (tokens per length bucket), when its time
+    limit passes (the event loop's clock; None: no limit) and who sent it (``core.fairness``'s client)."""
 
-    __slots__ = ("deadline", "order", "remaining")
+    __slots__ = ("client", "deadline", "order", "remaining")
 
-    def __init__(self, order: int, chunks: Iterable[tuple[int, int]], deadline: float | None) -> None:
+    def __init__(
+        self, order: int, chunks: Iterable[tuple[int, int]], deadline: float | None, client: str = ""
+    ) -> None:
         self.order = order  # admission order: older requests keep their place first
         self.deadline = deadline
+        self.client = client
         self.remaining: dict[int, int] = {}
         for rows, longest in chunks:
             self.add(rows, longest, 1)
@@ -102,11 +112,11 @@ class Parts:
 class Pace:
     """One model version's measured time per token and the requests in flight there (event loop only)."""
 
-    def __init__(self) -> None:
-        self._runs: dict[int, deque[float]] = {}  # seconds per token, per length bucket
-        self._measured = 0  # executions measured, in all
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._runs: dict[int, deque[tuple[float, float]]] = {}  # (when, seconds per token), per length bucket
         self._shares: dict[int, Share] = {}  # in admission order
         self._order = count()
+        self._clock = clock  # the event loop's (time.monotonic)
 
     def observed(self, rows: int, longest: int, seconds: float, beside: int = 1) -> None:
         """An execution of ``rows`` rows of up to ``longest`` tokens ran alone in ``seconds`` (wall time on its
@@ -115,13 +125,26 @@ class Pace:
         if tokens < MEASURED_TOKENS or seconds <= 0:
             return
         runs = self._runs.setdefault(bucket(longest), deque(maxlen=WINDOW))
-        runs.append(seconds / tokens / max(1, beside))
-        self._measured += 1
+        runs.append((self._clock(), seconds / tokens / max(1, beside)))
+
+    def _fresh(self, key: int) -> list[float]:
+        """The measurements of bucket ``key`` taken within :data:`MEASUREMENT_SECONDS` (older ones leave)."""
+        runs = self._runs.get(key)
+        if not runs:
+            return []
+        since = self._clock() - MEASUREMENT_SECONDS
+        while runs and runs[0][0] < since:
+            runs.popleft()
+        return [per_token for _, per_token in runs]
+
+    def measured(self) -> int:
+        """Executions measured within :data:`MEASUREMENT_SECONDS`, in all buckets."""
+        return sum(len(self._fresh(key)) for key in list(self._runs))
 
     def per_token(self, key: int) -> float:
         """Seconds per token of rows in bucket ``key``: its median, else the nearest shorter bucket's, else 0."""
         for shorter in range(key, -1, -1):
-            runs = self._runs.get(shorter)
+            runs = self._fresh(shorter)
             if runs:
                 ordered = sorted(runs)
                 return ordered[(len(ordered) - 1) // 2]  # the lower median: never the dearer
@@ -131,9 +154,9 @@ class Pace:
         """The estimated time of ``share``'s remaining work alone (0 with no measurement)."""
         return sum(tokens * self.per_token(key) for key, tokens in share.remaining.items() if tokens > 0)
 
-    def admit(self, chunks: Sequence[tuple[int, int]], deadline: float | None) -> Share:
+    def admit(self, chunks: Sequence[tuple[int, int]], deadline: float | None, client: str = "") -> Share:
         """A new request's chunks (rows, longest row's tokens): its share, counted from now (``leave`` it)."""
-        share = Share(next(self._order), chunks, deadline)
+        share = Share(next(self._order), chunks, deadline, client)
         self._shares[share.order] = share
         return share
 
@@ -141,21 +164,30 @@ class Pace:
         self._shares.pop(share.order, None)
 
     def shares(self) -> list[Share]:
-        """The requests counted (admitted and not yet done), oldest first."""
-        return list(self._shares.values())
+        """The requests counted (admitted and not yet done), in the order they keep their place: each client's
+        oldest first, oldest first among those, then each client's second, and so on. A client that sends many
+        requests at once (or retries each refusal at once) thus keeps its place for as many of them as others
+        leave room for, not for all before another client's one (outside attack rt14)."""
+        rank: dict[str, int] = {}
+        ranked = []
+        for share in self._shares.values():
+            rank[share.client] = rank.get(share.client, -1) + 1
+            ranked.append((rank[share.client], share.order, share))
+        return [share for _, _, share in sorted(ranked, key=lambda entry: entry[:2])]
 
     def fits(self, share: Share, now: float, margin: float = 1.0) -> tuple[bool, float]:
         """Whether ``share`` keeps its place, and its estimated time to finish with the requests that do.
 
-        The requests in flight are taken oldest first; each keeps its place when, sharing the executions with
+        The requests in flight are taken in the order of :meth:`shares` (oldest first, client by client); each
+        keeps its place when, sharing the executions with
         the ones kept before it (each taking turns until its own work is done), every one of them still
         finishes within its time limit (``margin`` of the time each has left, all of it for one alone). A
         request that does not keep its place will not finish in time unless it gives way: the newest give
         way first."""
-        if self._measured < MEASURED_RUNS or share.deadline is None:
+        if share.deadline is None or self.measured() < MEASURED_RUNS:
             return True, 0.0
         kept: list[tuple[float, float | None]] = []  # (seconds of work left, deadline) of those kept
-        for other in self._shares.values():
+        for other in self.shares():
             trial = [*kept, (self.seconds(other), other.deadline)]
             finishes = _finishes([work for work, _ in trial])
             share_of = margin if len(trial) > 1 else 1.0  # alone, a request may use all its time
