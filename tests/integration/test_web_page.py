@@ -22,6 +22,7 @@ import json
 import re
 import shlex
 import shutil
+import socket
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -44,6 +45,7 @@ from onnxserve.core.pipeline import PipelineSpec
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
 from vocabulary import ONNX_V2
+from waiting import wait_until
 
 ARTIFACTS = Path(__file__).parents[1] / "artifacts"
 
@@ -738,12 +740,8 @@ def test_web_page_in_a_browser(
     assert errors == []
 
 
-def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_labels(tmp_path: Path) -> None:
-    """A classifier of a million labels had every one rendered on the event loop for each page and each
-    TEI /info: probes waited 41 s, pages answered 500 on MemoryError (outside attack rt12 F8)."""
-    from onnxserve.server.web import overview
-
-    count = overview.SHOWN_LABELS + 4000
+def _many_labels_classifier(folder: Path, count: int, label: str = "label-{}") -> dict[int, str]:
+    """A text-classification pipeline folder of ``count`` labels (logits: the token count, for each)."""
     model = models.parse(
         f"""
         many (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, {count}] logits) {{
@@ -755,9 +753,7 @@ def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_label
         }}
         """
     )
-    model.doc_string = "d" * (overview.SHOWN_DOC_CHARACTERS + 500)
-    helper.set_model_props(model, {f"key{i}": "v" * 2000 for i in range(overview.SHOWN_PROPERTIES + 100)})
-    labels = {i: f"label-{i}" for i in range(count)}
+    labels = {i: label.format(i) for i in range(count)}
     spec = PipelineSpec(
         task="text-classification",
         inputs=["input_ids", "attention_mask"],
@@ -765,7 +761,48 @@ def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_label
         max_length=16,
         labels=labels,
     )
-    word_level_folder(tmp_path / "many" / "1", model, spec)
+    word_level_folder(folder, model, spec)
+    return labels
+
+
+def test_large_info_answers_count_in_the_inflight_budget(tmp_path: Path) -> None:
+    """TEI /info of a million labels made a 112 MB answer per request, counted nowhere: 32 at once ended the
+    process (outside attack rt13 N4). It is encoded once, and counted while sent like an inference answer
+    (RESOURCE_EXHAUSTED is 429 on TEI's routes)."""
+    _many_labels_classifier(tmp_path / "many" / "1", 40_000, "label-{}-" + "x" * 120)  # a 10 MB answer
+    config = parse_config({"model_config_list": [{"name": "many", "base_path": "many"}]}, "labels", tmp_path)
+    settings = ServerSettings(http_port=0, grpc_port=0, log_level="warning", max_inflight_bytes=2 * 1024 * 1024)
+    server = start_in_background(config, settings)
+    try:
+        with socket.create_connection((server.host, server.http_port)) as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            reader.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nX-Model: many\r\n\r\n")  # never read
+            wait_until(
+                lambda: httpx.get(f"{server.http_url}/info", headers={"X-Model": "many"}).status_code == 429,
+                what="the second answer refused while the first is held",
+            )
+            refused = httpx.get(f"{server.http_url}/info", headers={"X-Model": "many"})
+            assert "--max-inflight-bytes" in refused.text
+            assert refused.headers.get("retry-after")
+        wait_until(
+            lambda: httpx.get(f"{server.http_url}/info", headers={"X-Model": "many"}).status_code == 200,
+            what="answered once the reader left",
+        )
+    finally:
+        server.stop()
+
+
+def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_labels(tmp_path: Path) -> None:
+    """A classifier of a million labels had every one rendered on the event loop for each page and each
+    TEI /info: probes waited 41 s, pages answered 500 on MemoryError (outside attack rt12 F8)."""
+    from onnxserve.server.web import overview
+
+    labels = _many_labels_classifier(tmp_path / "many" / "1", overview.SHOWN_LABELS + 4000)
+    path = tmp_path / "many" / "1" / "model.onnx"
+    model = onnx.load(path)
+    model.doc_string = "d" * (overview.SHOWN_DOC_CHARACTERS + 500)
+    helper.set_model_props(model, {f"key{i}": "v" * 2000 for i in range(overview.SHOWN_PROPERTIES + 100)})
+    onnx.save(model, path)
     config = parse_config({"model_config_list": [{"name": "many", "base_path": "many"}]}, "labels", tmp_path)
     server = start_in_background(config, ServerSettings(http_port=0, grpc_port=0, log_level="warning"))
     try:

@@ -75,9 +75,7 @@ class Share:
 
     __slots__ = ("client", "deadline", "order", "remaining")
 
-    def __init__(
-        self, order: int, chunks: Iterable[tuple[int, int]], deadline: float | None, client: str = ""
-    ) -> None:
+    def __init__(self, order: int, chunks: Iterable[tuple[int, int]], deadline: float | None, client: str = "") -> None:
         self.order = order  # admission order: older requests keep their place first
         self.deadline = deadline
         self.client = client

@@ -13,6 +13,9 @@ Every POST passes through :class:`RequestBodyLimits` before any endpoint sees it
   the limit is answered 413 before a byte is read; a chunked (or lying) body is counted as it arrives
   and answered 413 at limit + 1, without buffering the rest (the server reads and drops it).
 
+- **Answers of other requests.** A GET (or any request without a body) holds nothing, but an endpoint may
+  count a large answer all the same (``inflight.held``: TEI's ``/info`` of a model of many labels), held
+  until written like a POST's.
 - **Memory in flight.** With an :class:`~onnxserve.protocols.inflight.InflightBytes` budget, the
   body's ``Content-Length`` is reserved before a byte is read, and a chunked or compressed body
   reserves as its decoded size grows; the endpoint adds its answer (``inflight.hold_answer``), and
@@ -181,10 +184,18 @@ class RequestBodyLimits:
         self.budget = budget
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         reservation = Hold(self.budget)
+        if scope["method"] != "POST":  # no body; a large answer (TEI's /info) is counted all the same
+            token = holding(reservation)
+            try:
+                await self.app(scope, receive, _sent_before_release(send))
+            finally:
+                stop_holding(token)
+                reservation.release()
+            return
         token = holding(reservation)
         try:
             await self._checked(scope, receive, _sent_before_release(send), reservation)

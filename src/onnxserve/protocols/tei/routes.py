@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT, request_characters
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
-from onnxserve.protocols import offload
+from onnxserve.protocols import inflight, offload
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
@@ -130,33 +130,30 @@ async def _decoded(request: Request, allowed: Sequence[str], required: Sequence[
     return await offload.parse(len(body), codec.decode, body, request.url.path, allowed, required)
 
 
-INFO_LABELS_KEPT = 16
+INFO_ANSWERS_KEPT = 16
 """Versions whose ``/info`` labels stay encoded (a classifier's labels can be millions)."""
 
 
-def _labels_json(labels: dict[int, str]) -> orjson.Fragment:
-    """TEI's ``id2label`` and ``label2id`` of ``labels``, encoded."""
-    id2label = {str(i): v for i, v in labels.items()}
-    return orjson.Fragment(orjson.dumps({"id2label": id2label, "label2id": {v: i for i, v in labels.items()}}))
+def _labels(labels: dict[int, str]) -> dict[str, Any]:
+    """TEI's ``id2label`` and ``label2id`` of ``labels``."""
+    return {"id2label": {str(i): v for i, v in labels.items()}, "label2id": {v: i for i, v in labels.items()}}
 
 
-class _InfoLabels:
-    """The encoded labels of each classifier version's ``/info``: built once per loaded version, off the
-    event loop when they are many, shared by concurrent first requests, the last ``INFO_LABELS_KEPT`` kept
-    (a million labels of 100 characters held the loop 5 s on every request: outside attack rt12 F8)."""
+class _InfoBodies:
+    """Each text model version's ``/info`` answer, encoded once: built once per loaded version (off the event
+    loop when its labels are many), shared by concurrent first requests and by every answer, the last
+    ``INFO_ANSWERS_KEPT`` kept. A million labels of 100 characters held the loop 5 s on every request (outside
+    attack rt12), then made a 112 MB answer per request (rt13: 32 at once ended the process)."""
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[tuple[str, str], tuple[object, asyncio.Task[orjson.Fragment]]] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, str], tuple[object, asyncio.Task[bytes]]] = OrderedDict()
 
-    async def get(self, name: str, version: str, spec: object, labels: dict[int, str]) -> orjson.Fragment:
-        key = (name, version)
+    async def get(self, key: tuple[str, str], spec: object, size: int, build: Callable[[], bytes]) -> bytes:
         found = self._kept.get(key)
-        if found is None or found[0] is not spec:  # a version loaded again has labels of its own
-            size = sum(len(v) for v in labels.values()) * 2 + 24 * len(labels)
-            task = asyncio.ensure_future(offload.convert(size, _labels_json, labels))
-            found = (spec, task)
+        if found is None or found[0] is not spec:  # a version loaded again has an answer of its own
+            found = (spec, asyncio.ensure_future(offload.convert(size, build)))
             self._kept[key] = found
-            while len(self._kept) > INFO_LABELS_KEPT:
+            while len(self._kept) > INFO_ANSWERS_KEPT:
                 self._kept.popitem(last=False)
         self._kept.move_to_end(key)
         try:
@@ -168,7 +165,7 @@ class _InfoLabels:
 
 
 def routes(service: InferenceService) -> list[Route]:
-    info_labels = _InfoLabels()
+    info_bodies = _InfoBodies()
 
     async def embed_route(request: Request) -> Response:
         allowed = ("inputs", "normalize", "truncate", "truncation_direction", "prompt_name", "dimensions")
@@ -273,29 +270,36 @@ def routes(service: InferenceService) -> list[Route]:
         name, version, meta = text_model(service, model_id(service, request))
         spec = meta.pipeline
         assert spec is not None
-        labels = await info_labels.get(name, str(version), spec, spec.labels)
-        model_type: dict[str, Any]
-        if spec.task == "feature-extraction":
-            model_type = {"embedding": {"pooling": spec.pooling}}
-        elif spec.task == "text-ranking":
-            model_type = {"reranker": labels}
-        elif spec.task == "text-classification":
-            model_type = {"classifier": labels}
-        else:
-            model_type = {"other": {"task": spec.task}}
         max_batch = service.model_configuration(name, version).max_batch_size
-        document = {
-            "model_id": name,
-            "model_sha": None,
-            "model_version": meta.version,
-            "model_dtype": "float32",
-            "model_type": model_type,
-            "max_input_length": spec.max_length,
-            "max_batch_requests": max_batch or None,
-            "max_client_batch_size": MAX_INPUTS,
-            "version": service.server_metadata().version,
-        }
-        return json_body(orjson.dumps(document))
+
+        def build() -> bytes:
+            model_type: dict[str, Any]
+            if spec.task == "feature-extraction":
+                model_type = {"embedding": {"pooling": spec.pooling}}
+            elif spec.task == "text-ranking":
+                model_type = {"reranker": _labels(spec.labels)}
+            elif spec.task == "text-classification":
+                model_type = {"classifier": _labels(spec.labels)}
+            else:
+                model_type = {"other": {"task": spec.task}}
+            document = {
+                "model_id": name,
+                "model_sha": None,
+                "model_version": meta.version,
+                "model_dtype": "float32",
+                "model_type": model_type,
+                "max_input_length": spec.max_length,
+                "max_batch_requests": max_batch or None,
+                "max_client_batch_size": MAX_INPUTS,
+                "version": service.server_metadata().version,
+            }
+            return orjson.dumps(document)
+
+        size = sum(len(v) for v in spec.labels.values()) * 2 + 24 * len(spec.labels)
+        body = await info_bodies.get((name, str(version)), spec, size, build)
+        # counted in the in-flight budget while it is sent, as inference answers are (answers of 256 KiB
+        # and more), so many slow readers of a large one are refused 503 rather than held at once
+        return json_body(inflight.held(body, len))
 
     def inference(handler: Endpoint) -> Endpoint:
         return guarded(
