@@ -44,7 +44,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -186,7 +186,8 @@ class DirectScheduler:
         self._inline_control = RunControl()  # inline runs are never stopped: one set of run options for all
         self._waiting: FairQueue[asyncio.Future[None]] = FairQueue()
         self._queued = 0
-        self._running: set[asyncio.Future[list[Outcome]]] = set()
+        # Executions on their threads, with their run options and the future their caller awaits.
+        self._running: dict[asyncio.Future[list[Outcome]], tuple[RunControl, asyncio.Future[list[Outcome]]]] = {}
         self.incoming = 0  # requests on their way to ``submit`` (being tokenized): unused without batching
         self._stopped: OnnxServeError | None = None  # what a request gets once the scheduler has stopped
 
@@ -218,12 +219,14 @@ class DirectScheduler:
         control = RunControl()
         # A caller that goes away stops the execution, but the instance is released only once its thread
         # has returned: by a callback of the execution's future (no task of its own), which runs before
-        # the caller resumes, so the execution is counted before the answer goes out.
+        # the caller resumes, so the execution is counted before the answer goes out. The caller awaits a
+        # future of its own, which that callback completes (or ``stop`` does, for a run it cuts).
         execution = self.pool.start(index, self._run_batch, [work], control)
-        self._running.add(execution)
-        execution.add_done_callback(functools.partial(self._finished, index, work.rows, size, key))
+        answer: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        self._running[execution] = (control, answer)
+        execution.add_done_callback(functools.partial(self._finished, index, work.rows, size, key, answer))
         try:
-            (outcome,) = await asyncio.shield(execution)
+            (outcome,) = await answer
         except asyncio.CancelledError:
             control.terminate()
             raise
@@ -279,35 +282,57 @@ class DirectScheduler:
         self.pool.cancel()
 
     def _finished(
-        self, index: int, rows: int, size: int, key: Hashable, execution: asyncio.Future[list[Outcome]]
+        self,
+        index: int,
+        rows: int,
+        size: int,
+        key: Hashable,
+        answer: asyncio.Future[list[Outcome]],
+        execution: asyncio.Future[list[Outcome]],
     ) -> None:
         """The execution on ``index`` has returned: its instance goes to the next waiting request in fair
-        order (or back to the pool), its memory back to the room, and a successful run is counted (and its
-        time kept for the inline rule, under its shapes' ``key``)."""
-        self._running.discard(execution)
+        order (or back to the pool), its memory back to the room, a successful run is counted (and its
+        time kept for the inline rule, under its shapes' ``key``), and its caller's ``answer`` completed
+        (unless the caller went away, or ``stop`` answered it)."""
+        self._running.pop(execution, None)
         if size and self.bound is not None:
             self.bound.room.give(size)
         self.pool.finish(index)
         self._pass_on()
-        if not execution.cancelled() and execution.exception() is None:
-            (outcome,) = execution.result()
-            self._on_execution(rows, outcome)
-            if self.inline is not None and key is not None:
-                self.inline.observed(key, outcome.cpu_ns)
+        if execution.cancelled():
+            answer.cancel()
+            return
+        error = execution.exception()
+        if error is not None:
+            if not answer.done():
+                answer.set_exception(error)
+            return
+        outcomes = execution.result()
+        self._on_execution(rows, outcomes[0])
+        if self.inline is not None and key is not None:
+            self.inline.observed(key, outcomes[0].cpu_ns)
+        if not answer.done():
+            answer.set_result(outcomes)
 
     def queued(self) -> int:
         """Requests waiting for a free instance."""
         return self._queued
 
-    async def stop(self, error: OnnxServeError | None = None) -> None:
+    async def stop(self, error: OnnxServeError | None = None, running: OnnxServeError | None = None) -> None:
         """Refuse new requests and those still waiting for an instance with ``error``; let running
-        executions finish (on the event loop, before it closes)."""
+        executions finish (on the event loop, before it closes), or, given ``running``, stop them (ONNX
+        Runtime's terminate flag) and answer their callers with it at once."""
         self._stopped = error or stopped(self.name)
         while self._waiting:
             turn = self._waiting.pop()
             self._queued -= 1
             if not turn.done():
                 turn.set_exception(self._stopped)
+        if running is not None:
+            for control, answer in self._running.values():
+                control.terminate()
+                if not answer.done():
+                    answer.set_exception(running)
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
@@ -351,6 +376,7 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._executions: dict[RunControl, list[_Pending]] = {}  # running executions and their requests
         self._stopped: OnnxServeError | None = None  # what a request gets once the batcher has stopped
 
     def queued(self) -> int:
@@ -575,7 +601,8 @@ class DynamicBatcher:
             for pending in live:
                 pending.future.add_done_callback(abandoned)
             try:
-                outcomes = await self.pool.run(index, self._run_batch, [p.work for p in live], control)
+                with self._cuttable(control, live):
+                    outcomes = await self.pool.run(index, self._run_batch, [p.work for p in live], control)
             except Exception as e:
                 if len(live) == 1 or control.terminated:
                     for pending in live:
@@ -596,12 +623,23 @@ class DynamicBatcher:
             if memory and self.bound is not None:
                 self.bound.room.give(memory)
 
+    @contextlib.contextmanager
+    def _cuttable(self, control: RunControl, requests: list[_Pending]) -> Iterator[None]:
+        """While the block runs ``requests`` under ``control``, ``stop`` can cut them (``running``)."""
+        self._executions[control] = requests
+        try:
+            yield
+        finally:
+            del self._executions[control]
+
     async def _execute_alone(self, index: int, pending: _Pending) -> None:
         if pending.future.done():
             return
         started = time.perf_counter_ns()
+        control = RunControl()
         try:
-            (outcome,) = await self.pool.run(index, self._run_batch, [pending.work])
+            with self._cuttable(control, [pending]):
+                (outcome,) = await self.pool.run(index, self._run_batch, [pending.work], control)
         except Exception as e:
             _fail(pending, e)
             return
@@ -609,10 +647,16 @@ class DynamicBatcher:
         if not pending.future.done():
             pending.future.set_result(Scheduled(outcome, started - pending.submitted_ns, pending.work.rows))
 
-    async def stop(self, error: OnnxServeError | None = None) -> None:
+    async def stop(self, error: OnnxServeError | None = None, running: OnnxServeError | None = None) -> None:
         """Stop forming batches (on the event loop, before it closes): new and queued requests get
-        ``error``; running batches finish."""
+        ``error``; running batches finish, or, given ``running``, are stopped (ONNX Runtime's terminate
+        flag) and their requests answered with it at once."""
         self._stopped = error or stopped(self.name)
+        if running is not None:
+            for control, live in list(self._executions.items()):
+                control.terminate()
+                for pending in live:
+                    _fail(pending, running)
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

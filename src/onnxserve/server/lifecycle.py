@@ -2,8 +2,9 @@
 
 HTTP (uvicorn) and gRPC (grpc.aio) share one event loop. On SIGTERM (or SIGINT) the server drains:
 readiness turns false at once, new inference requests are refused with 503 / UNAVAILABLE, the
-requests already accepted (queued or running) finish, up to ``drain_timeout``; then the listeners
-close and the process exits with status 0. A second signal stops at once. SIGHUP re-reads the config
+requests already accepted (queued or running) finish, up to ``drain_timeout``; those still open then
+are answered 503 / UNAVAILABLE (running executions stopped), the listeners close and the process exits
+with status 0. A second signal stops at once. SIGHUP re-reads the config
 file (or rescans the repository) and applies it; ``poll`` mode does the same every few seconds.
 """
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 GRPC_GRACE_SECONDS = 10.0
 REFUSALS_SENT_SECONDS = 0.2
-"""How long a timed-out drain lets the refusals of requests still waiting go out before closing."""
+"""How long a timed-out drain lets the refusals of requests still open go out before closing."""
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository")
 """KServe V2 extensions every protocol front end implements; advertised in server metadata."""
@@ -130,18 +131,24 @@ class _DrainingServer(uvicorn.Server):
         self.service.draining = True
         self.loop.call_soon_threadsafe(lambda: self.loop and self.loop.create_task(self.drain()))
 
-    async def _refuse_waiting(self) -> None:
-        """Answer the requests still waiting (for the server-wide text budget, a model's text room or
-        instance) with 503 / UNAVAILABLE rather than leaving them to be cut when the listeners close, and so
-        those being tokenized, at their next slice (``core.text_slices``); running ones finish or are cut."""
+    async def _refuse_open(self) -> None:
+        """Answer the requests still open with 503 / UNAVAILABLE rather than leaving them to be cut when the
+        listeners close (uvicorn's plain-text 500, a CancelledError traceback in the log): those waiting (for
+        the server-wide text budget, a model's text room or instance) at once, and so those being tokenized,
+        at their next slice (``core.text_slices``); running executions are stopped (ONNX Runtime's terminate
+        flag, at the run's next node) and their callers answered at once."""
         error = UnavailableError(
             "the server is shutting down and this request was still waiting when its drain ended "
             "(--drain-timeout); send it again"
         )
+        cut = UnavailableError(
+            "the server is shutting down and this request was still running when its drain ended "
+            "(--drain-timeout); its run was stopped; send it again"
+        )
         self.service.text_budget.close(lambda: error)  # those waiting to be tokenized
         for version in self.service.registry.versions():
             version.text_room.close(lambda: error)
-            self._stopping.append(asyncio.get_running_loop().create_task(version.scheduler.stop(error)))
+            self._stopping.append(asyncio.get_running_loop().create_task(version.scheduler.stop(error, cut)))
         await asyncio.sleep(REFUSALS_SENT_SECONDS)  # their answers go out before the connections close
 
     async def drain(self) -> None:
@@ -157,7 +164,7 @@ class _DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.01)
         if self.service.in_flight:
             log.warning("drain timeout: stopping with %d requests still open", self.service.in_flight)
-            await self._refuse_waiting()
+            await self._refuse_open()
         # uvicorn then waits for its connections' tasks: only for what is left of the drain timeout, so
         # that the whole shutdown stays within it (a client that never reads its answer must not double it)
         left = deadline - asyncio.get_running_loop().time()
