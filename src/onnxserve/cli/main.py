@@ -84,6 +84,7 @@ def serve(
 ) -> None:
     """Serve models over KServe V2 REST and gRPC (and TF Serving REST on the HTTP port)."""
     from onnxserve.core.manager import Catalog
+    from onnxserve.server.lifecycle import end_process
     from onnxserve.server.lifecycle import serve as run_server
     from onnxserve.server.logs import configure_logging
     from onnxserve.server.settings import ServerSettings
@@ -106,6 +107,7 @@ def serve(
         raise _fail(ConfigError(f"{flag_of(problem['loc'])}: {problem['msg']}")) from None
     except OnnxServeError as e:
         raise _fail(e) from None
+    end_process()  # drained, every answer out: no interpreter finalization to wait for
 
 
 @export_app.command("hf")
