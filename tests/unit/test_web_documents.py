@@ -283,7 +283,7 @@ def test_documents_of_a_model_with_external_data_read_it_and_count_it(tmp_path: 
     request; and the documents counted the model file only (outside attack rt12 F6)."""
     one, two = _external_model(tmp_path / "1", 1000), _external_model(tmp_path / "2", 1000)
     data = (tmp_path / "1" / "model.onnx.data").stat().st_size
-    assert model_header.read_header(one).external_files == ("model.onnx.data",)
+    assert model_header.read_header(one).external == (("model.onnx.data", 4000),)
 
     async def scenario() -> None:
         cache = DocumentCache()
@@ -345,5 +345,46 @@ def test_nodes_in_subgraphs_and_functions_count_too(tmp_path: Path) -> None:
         with pytest.raises(TooLargeError, match="model of 201 nodes"):
             await cache.diff(with_function, with_function)
         assert orjson.loads(await DocumentCache().graph(with_if))["nodes"]
+
+    asyncio.run(scenario())
+
+
+def test_each_tensor_that_names_an_external_file_counts_it_subgraphs_included(tmp_path: Path) -> None:
+    """20 initializers naming one 128 MiB file took +2.5 GB for a document counted at 320 MB, and an If
+    branch's initializers naming a 1 GiB file were not counted at all (outside attack rt13 N5)."""
+    (tmp_path / "w.bin").write_bytes(np.arange(1024, dtype=np.float32).tobytes())  # 4 KiB
+
+    def external(name: str) -> onnx.TensorProto:
+        tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=[1024])
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value="w.bin")  # no length: all of the file
+        return tensor
+
+    branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["b0"], ["out"])],
+        "branch",
+        [],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1024])],
+        [external("b0")],
+    )
+    graph_ = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)],
+        "named",
+        [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1024])],
+        [external(f"w{i}") for i in range(3)],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    assert model_header.read_header(path).external == (("w.bin", -1),) * 5  # 3 initializers, 2 branches
+
+    async def scenario() -> None:
+        size = path.stat().st_size
+        counted = (size + 5 * 4096) * documents.COST_FACTOR
+        fits = DocumentCache(memory=int(counted) + 1)
+        await fits.weight_page(path, "w0", 0, 3)
+        short = DocumentCache(memory=int(counted) - 1)
+        with pytest.raises(TooLargeError, match="external data"):
+            await short.weight_page(path, "w0", 0, 3)
 
     asyncio.run(scenario())

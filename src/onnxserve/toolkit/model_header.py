@@ -35,8 +35,9 @@ class FileHeader:
     graph_doc_string: str
     nodes: int
     """The nodes of the main graph (not of its subgraphs)."""
-    external_files: tuple[str, ...] = ()
-    """The external data files the main graph's initializers name (their ``location``s), each once."""
+    external: tuple[tuple[str, int], ...] = ()
+    """Each external data reference of the file's tensors (initializers and attribute tensors, of subgraphs
+    too): its file (``location``) and ``length`` (-1 when it runs to the file's end), one per tensor."""
     all_nodes: int = 0
     """Every node of the file: the main graph's, its subgraphs' (If, Loop, Scan bodies, at any depth)
     and its model-local functions'."""
@@ -51,6 +52,9 @@ _GRAPH_INITIALIZER, _TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 5, 13, 1, 
 _MODEL_FUNCTIONS, _FUNCTION_NODE, _NODE_ATTRIBUTE, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 25, 7, 5, 6, 11
 """ModelProto.functions; FunctionProto.node; NodeProto.attribute; AttributeProto.g, .graphs."""
 
+_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS = 5, 10
+"""AttributeProto.t, .tensors."""
+
 MAX_GRAPH_DEPTH = 100
 """Graphs nested deeper than this are refused (protobuf's parser refuses them too: its recursion limit)."""
 
@@ -60,34 +64,33 @@ def read_header(path: Path) -> FileHeader:
 
     ``onnx.load`` parses the whole file (weights embedded in it included, whatever
     ``load_external_data`` says) and protobuf has no lazy parsing, so this walks the file's protobuf
-    wire format over a memory map: the model's fields except ``graph`` are parsed by protobuf, the
-    graph's name, doc string and node count are read from its fields, and the graph's other fields
-    (initializers, ...) are skipped without being read. ValueError or OSError for a file that is not
-    a protobuf message.
+    wire format over a memory map: the model's fields except ``graph`` and ``functions`` are parsed by
+    protobuf, the graph's name, doc string and node count are read from its fields, every node (of
+    subgraphs and functions too) is counted and every tensor's external data reference read, and the
+    rest (initializers' values, ...) is skipped without being read. ValueError or OSError for a file
+    that is not a protobuf message.
     """
     with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
         rest = bytearray()
-        name, doc_string, nodes, all_nodes = b"", b"", 0, 0
-        external: dict[str, None] = {}
+        name, doc_string, nodes = b"", b"", 0
+        walk = _Walk(data)
         for number, wire, tag_start, start, end in protobuf_wire.fields(data, 0, len(data)):
             if number == _MODEL_FUNCTIONS and wire == protobuf_wire.LENGTH_DELIMITED:
-                all_nodes += _nodes_of(data, start, end, _FUNCTION_NODE, 0)  # not parsed: counted
+                walk.graph(start, end, _FUNCTION_NODE, 0)  # not parsed: walked
                 continue
             if number != _MODEL_GRAPH or wire != protobuf_wire.LENGTH_DELIMITED:
                 rest += data[tag_start:end]
                 continue
+            walk.graph(start, end, _GRAPH_NODE, 0)
             for inner, inner_wire, _, inner_start, inner_end in protobuf_wire.fields(data, start, end):
                 if inner_wire != protobuf_wire.LENGTH_DELIMITED:
                     continue
                 if inner == _GRAPH_NODE:
                     nodes += 1
-                    all_nodes += 1 + _subgraph_nodes(data, inner_start, inner_end, 1)
                 elif inner == _GRAPH_NAME:
                     name = data[inner_start:inner_end]
                 elif inner == _GRAPH_DOC_STRING:
                     doc_string = data[inner_start:inner_end]
-                elif inner == _GRAPH_INITIALIZER:
-                    external.update(dict.fromkeys(_external_locations(data, inner_start, inner_end)))
     model = onnx.ModelProto()
     model.ParseFromString(bytes(rest))
     return FileHeader(
@@ -95,48 +98,61 @@ def read_header(path: Path) -> FileHeader:
         name.decode("utf-8", "replace"),
         doc_string.decode("utf-8", "replace"),
         nodes,
-        tuple(external),
-        all_nodes,
+        tuple(walk.external),
+        walk.nodes,
     )
 
 
-def _nodes_of(data: mmap.mmap, start: int, end: int, field: int, depth: int) -> int:
-    """The nodes of the graph or function in ``data[start:end]`` (its node field is ``field``), with
-    those of their subgraphs."""
-    count = 0
-    for number, wire, _, node_start, node_end in protobuf_wire.fields(data, start, end):
-        if number == field and wire == protobuf_wire.LENGTH_DELIMITED:
-            count += 1 + _subgraph_nodes(data, node_start, node_end, depth + 1)
-    return count
+class _Walk:
+    """Every node of a model file and every external data reference of its tensors, at any depth."""
 
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.nodes = 0
+        self.external: list[tuple[str, int]] = []  # (location, length; -1: to the file's end)
 
-def _subgraph_nodes(data: mmap.mmap, start: int, end: int, depth: int) -> int:
-    """The nodes of the subgraphs the attributes of the NodeProto in ``data[start:end]`` hold."""
-    count = 0
-    for number, wire, _, attribute_start, attribute_end in protobuf_wire.fields(data, start, end):
-        if number != _NODE_ATTRIBUTE or wire != protobuf_wire.LENGTH_DELIMITED:
-            continue
-        for field, field_wire, _, graph_start, graph_end in protobuf_wire.fields(data, attribute_start, attribute_end):
-            if field in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS) and field_wire == protobuf_wire.LENGTH_DELIMITED:
-                if depth > MAX_GRAPH_DEPTH:
-                    raise ValueError(f"graphs nested deeper than {MAX_GRAPH_DEPTH}")
-                count += _nodes_of(data, graph_start, graph_end, _GRAPH_NODE, depth)
-    return count
+    def graph(self, start: int, end: int, node_field: int, depth: int) -> None:
+        """The graph (or function, whose nodes are ``node_field``) in ``data[start:end]``."""
+        if depth > MAX_GRAPH_DEPTH:
+            raise ValueError(f"graphs nested deeper than {MAX_GRAPH_DEPTH}")
+        for number, wire, _, field_start, field_end in protobuf_wire.fields(self.data, start, end):
+            if wire != protobuf_wire.LENGTH_DELIMITED:
+                continue
+            if number == node_field:
+                self.nodes += 1
+                self._node(field_start, field_end, depth)
+            elif number == _GRAPH_INITIALIZER and node_field == _GRAPH_NODE:
+                self._tensor(field_start, field_end)
 
+    def _node(self, start: int, end: int, depth: int) -> None:
+        for number, wire, _, attribute_start, attribute_end in protobuf_wire.fields(self.data, start, end):
+            if number != _NODE_ATTRIBUTE or wire != protobuf_wire.LENGTH_DELIMITED:
+                continue
+            for field, field_wire, _, value_start, value_end in protobuf_wire.fields(
+                self.data, attribute_start, attribute_end
+            ):
+                if field_wire != protobuf_wire.LENGTH_DELIMITED:
+                    continue
+                if field in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
+                    self.graph(value_start, value_end, _GRAPH_NODE, depth + 1)
+                elif field in (_ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS):
+                    self._tensor(value_start, value_end)
 
-def _external_locations(data: mmap.mmap, start: int, end: int) -> list[str]:
-    """The ``location`` of the external data of the TensorProto in ``data[start:end]`` (none or one)."""
-    found = []
-    for number, wire, _, entry_start, entry_end in protobuf_wire.fields(data, start, end):
-        if number != _TENSOR_EXTERNAL_DATA or wire != protobuf_wire.LENGTH_DELIMITED:
-            continue
-        key = value = b""
-        for field, field_wire, _, field_start, field_end in protobuf_wire.fields(data, entry_start, entry_end):
-            if field_wire == protobuf_wire.LENGTH_DELIMITED and field in (_ENTRY_KEY, _ENTRY_VALUE):
-                if field == _ENTRY_KEY:
-                    key = data[field_start:field_end]
-                else:
-                    value = data[field_start:field_end]
-        if key == b"location":
-            found.append(value.decode("utf-8", "replace"))
-    return found
+    def _tensor(self, start: int, end: int) -> None:
+        """The external data reference of the TensorProto in ``data[start:end]``, if it has one."""
+        location, length = "", -1
+        for number, wire, _, entry_start, entry_end in protobuf_wire.fields(self.data, start, end):
+            if number != _TENSOR_EXTERNAL_DATA or wire != protobuf_wire.LENGTH_DELIMITED:
+                continue
+            key = value = b""
+            for field, field_wire, _, field_start, field_end in protobuf_wire.fields(self.data, entry_start, entry_end):
+                if field_wire == protobuf_wire.LENGTH_DELIMITED and field == _ENTRY_KEY:
+                    key = self.data[field_start:field_end]
+                elif field_wire == protobuf_wire.LENGTH_DELIMITED and field == _ENTRY_VALUE:
+                    value = self.data[field_start:field_end]
+            if key == b"location":
+                location = value.decode("utf-8", "replace")
+            elif key == b"length" and value.isdigit():
+                length = int(value[:20])
+        if location:
+            self.external.append((location, length))

@@ -265,11 +265,13 @@ class DocumentCache:
 
     async def _structure_cost(self, what: str, path: Path, nodes: bool = True) -> int:
         """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
-        byte of the external data files its initializers name (read like the file's own weights), and
+        byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
+        read like the file's own weights, once per tensor that names them), and
         for a graph or a diff ``NODE_COST`` per node (its subgraphs' and functions' included: they are
         parsed and compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
-        external = int(sum(_file_size(path.parent / location) for location in header.external_files) * self.cost_factor)
+        named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
+        external = int(named * self.cost_factor)
         if not nodes:
             return external
         nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much

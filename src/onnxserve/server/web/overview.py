@@ -79,7 +79,7 @@ class OnnxHeader:
     doc_string: str
     properties: tuple[tuple[str, str], ...]  # the first SHOWN_PROPERTIES of them, each cut
     nodes: int
-    external_files: tuple[str, ...] = ()  # the external data files its initializers name
+    external: tuple[tuple[str, int], ...] = ()  # its tensors' external data: (file, length; -1: to its end)
     all_nodes: int = 0  # with those of its subgraphs and model-local functions
     properties_total: int = 0  # every metadata property the file has
 
@@ -228,7 +228,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         properties=tuple((_cut(p.key), _cut(p.value)) for p in model.metadata_props[:SHOWN_PROPERTIES]),
         properties_total=len(model.metadata_props),
         nodes=found.nodes,
-        external_files=found.external_files,
+        external=found.external,
         all_nodes=found.all_nodes,
     )
 
