@@ -112,6 +112,7 @@ def _part(work: Work, start: int, stop: int) -> Work:
             max_output_bytes=work.max_output_bytes,
             client=work.client,
             progress=work.progress,
+            tokens=work.tokens,
         )
     text = work.text
     pairs = text.pairs[start:stop] if text.pairs is not None else None

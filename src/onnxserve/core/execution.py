@@ -46,6 +46,7 @@ class Work:
     inline: bool = True  # may run on the event loop (``core.inline_runs``); False: its time limit is near
     deadline: float | None = None  # when its time limit passes (the event loop's clock), None: no limit
     parts: Parts | None = None  # the request it is a part of, when answered in several (``core.pace``)
+    tokens: int = 0  # token tensors sent to a text model: their tokens per row (its pipeline's token inputs)
 
     @property
     def key(self) -> Hashable:
@@ -58,9 +59,11 @@ class Work:
 
     @property
     def longest(self) -> int:
-        """The longest token sequence (text, or token tensors' ``input_ids``), for token budgets and
-        grouping by length; 0 for other tensors."""
+        """The longest token sequence (text, or token tensors: ``tokens``, else ``input_ids``), for token
+        budgets and grouping by length; 0 for other tensors."""
         if self.feeds is not None:
+            if self.tokens:
+                return self.tokens
             ids = self.feeds.get("input_ids")
             return int(ids.shape[1]) if ids is not None and ids.ndim == 2 else 0
         return max(token_counts(self.encodings), default=0)

@@ -289,9 +289,16 @@ class TextPipeline:
             )
         return self.bounded(TextBatch(texts))
 
+    def token_length(self, feeds: Mapping[str, npt.NDArray[Any]]) -> int:
+        """Tokens per row of token tensors sent directly: those of its token inputs, whatever the graph
+        names them (the spec's ``inputs``; an input renamed from ``input_ids`` was read as 1 token per row,
+        so never cut into chunks nor bounded in memory: outside attack rt14)."""
+        names = dict.fromkeys([*self.spec.inputs, *TOKEN_INPUTS])
+        return max((int(a.shape[1]) for n in names if (a := feeds.get(n)) is not None and a.ndim == 2), default=0)
+
     def check_token_tensors(self, feeds: Mapping[str, npt.NDArray[Any]], model: str) -> None:
         """Refuse token tensors (sent directly, not as text) with rows longer than the model reads."""
-        for name in TOKEN_INPUTS:
+        for name in dict.fromkeys([*self.spec.inputs, *TOKEN_INPUTS]):
             array = feeds.get(name)
             if array is not None and array.ndim == 2 and array.shape[1] > self.max_tokens:
                 raise InvalidInputError(
@@ -464,6 +471,12 @@ def load_pipeline(
     else:
         spec = PipelineSpec.read(folder)
     if spec is not None:
+        others = [name for name in spec.inputs if name not in TOKEN_INPUTS]
+        if others:  # a tokenizer cannot fill them, and token budgets would not know a row's length
+            raise ConfigError(
+                f"{folder}: the pipeline's inputs {', '.join(map(repr, others))} are not token inputs a tokenizer "
+                f"fills ({', '.join(TOKEN_INPUTS)}); name the graph's token inputs so"
+            )
         return TextPipeline(folder, spec, names, tokenizer, fixed)
     if not token_inputs(graph_inputs) or not graph_outputs:
         return None

@@ -106,7 +106,8 @@ def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int 
         if model.pipeline is not None:
             model.pipeline.check_token_tensors(feeds, model.name)
         rows = int(request.inputs[0].shape[0]) if model.batches_rows or model.chunk_tokens else 1
-        return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes)
+        tokens = model.pipeline.token_length(feeds) if model.pipeline is not None else 0
+        return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes, tokens=tokens)
     if model.max_batch_size and len(text.texts) > model.max_batch_size:
         raise InvalidInputError(
             f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"

@@ -1,0 +1,44 @@
+"""A text pipeline's token inputs: only those a tokenizer fills, so every row's length is known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+
+from onnxserve.core.datatypes import from_v2
+from onnxserve.core.pipeline import PipelineSpec, load_pipeline
+from onnxserve.core.types import TensorSpec
+from onnxserve.errors import ConfigError
+
+
+def _folder(tmp_path: Path, inputs: list[str]) -> Path:
+    Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    PipelineSpec(task="feature-extraction", inputs=inputs, outputs=["y"], max_length=16).write(tmp_path)
+    return tmp_path
+
+
+def _specs(names: list[str]) -> list[TensorSpec]:
+    return [TensorSpec(name, from_v2("INT64"), (-1, -1)) for name in names]
+
+
+def test_a_pipeline_input_a_tokenizer_cannot_fill_is_refused_at_load(tmp_path: Path) -> None:
+    """The demo with ``input_ids`` renamed ``ids`` loaded as a text model whose rows all counted 1 token:
+    [64, 512] ran as one execution at +4.2 GB, never cut into chunks (outside attack rt14 F8)."""
+    folder = _folder(tmp_path, ["ids", "attention_mask"])
+    with pytest.raises(ConfigError, match="'ids' are not token inputs a tokenizer fills"):
+        load_pipeline(folder, _specs(["ids", "attention_mask"]))
+
+
+def test_token_tensors_tell_their_length_by_the_pipelines_inputs(tmp_path: Path) -> None:
+
+    pipeline = load_pipeline(
+        _folder(tmp_path, ["input_ids", "attention_mask"]), _specs(["input_ids", "attention_mask"])
+    )
+    assert pipeline is not None
+    feeds = {"attention_mask": np.ones((4, 300), dtype=np.int64), "input_ids": np.ones((4, 300), dtype=np.int64)}
+    assert pipeline.token_length(feeds) == 300
+    assert pipeline.token_length({"attention_mask": feeds["attention_mask"]}) == 300
