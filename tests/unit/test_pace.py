@@ -75,9 +75,11 @@ def test_a_request_that_cannot_finish_even_alone_does_not_keep_its_place() -> No
 
 def test_a_newer_request_that_would_make_an_older_one_late_gives_way() -> None:
     pace = _measured()
-    older = pace.admit([(32, 256)] * 8, deadline=7.0)  # 6.55 s of work: fits alone, not beside another
-    newer = pace.admit([(32, 256)], deadline=100.0)  # fits its own limit easily
+    older = pace.admit([(32, 256)] * 8, deadline=14.0)  # 6.55 s of work: fits beside one other, not two
+    middle = pace.admit([(32, 256)] * 8, deadline=100.0)
+    newer = pace.admit([(32, 256)] * 8, deadline=100.0)  # fits its own limit easily
     assert pace.fits(older, now=0.0)[0]
+    assert pace.fits(middle, now=0.0)[0]
     assert not pace.fits(newer, now=0.0)[0]
     pace.leave(older)
     assert pace.fits(newer, now=0.0)[0]
@@ -129,3 +131,17 @@ def test_each_clients_oldest_request_keeps_its_place_before_anyones_second() -> 
     assert pace.fits(other, now=0.0, margin=ADMISSION_MARGIN)[0]  # 6.6 s beside greedy's first (fifth: 16.4 s)
     assert pace.fits(greedy[1], now=0.0)[0]  # 9.8 s
     assert not any(pace.fits(share, now=0.0)[0] for share in greedy[2:])  # the greedy client's last give way
+
+
+def test_an_older_request_with_a_limit_too_tight_to_share_does_not_keep_newer_ones_out() -> None:
+    """One client sending one request at a time with a limit of 1.4 times its work kept every other
+    client's large requests out: each would have made it late (outside attack rt14 F7)."""
+    pace = _measured()
+    tight = pace.admit([(32, 256)] * 2, deadline=1.4 * 2 * 0.8192, client="tight")  # 1.64 s of work
+    honest = pace.admit([(32, 256)] * 4, deadline=60.0, client="honest")
+    assert pace.fits(honest, now=0.0, margin=ADMISSION_MARGIN)[0]  # the tight one may end in its time-out
+    roomy = pace.admit([(32, 256)] * 2, deadline=3 * 2 * 0.8192, client="roomy")  # three times its work
+    later = pace.admit([(32, 256)] * 8, deadline=60.0, client="later")
+    pace.leave(tight)
+    assert pace.fits(roomy, now=0.0)[0]
+    assert not pace.fits(later, now=0.0, margin=ADMISSION_MARGIN)[0]  # it would make the roomy one late

@@ -60,6 +60,10 @@ share of the time each has left; once admitted, it is given up only when it no l
 time. The estimate is a median on a machine whose load changes: admitting right up to the limit would
 make the requests admitted last finish just late."""
 
+SHARED_TIME = 2.0
+"""An older request keeps newer ones out (when they would make it late) only while its own time limit
+leaves it at least this many times its remaining work: time to share the version with one other."""
+
 SHORTEST_BUCKET = 16
 """Rows of up to this many tokens share the first length bucket; each next bucket doubles it."""
 
@@ -179,14 +183,20 @@ class Pace:
         The requests in flight are taken in the order of :meth:`shares` (oldest first, client by client); each
         keeps its place when, sharing the executions with
         the ones kept before it (each taking turns until its own work is done), every one of them still
-        finishes within its time limit (``margin`` of the time each has left, all of it for one alone). A
-        request that does not keep its place will not finish in time unless it gives way: the newest give
-        way first."""
+        finishes within its time limit (``margin`` of the time each has left, all of it for one alone; an
+        older one's only while it leaves :data:`SHARED_TIME` times its work). A request that does not keep
+        its place will not finish in time unless it gives way: the newest give way first."""
         if share.deadline is None or self.measured() < MEASURED_RUNS:
             return True, 0.0
         kept: list[tuple[float, float | None]] = []  # (seconds of work left, deadline) of those kept
         for other in self.shares():
-            trial = [*kept, (self.seconds(other), other.deadline)]
+            work = self.seconds(other)
+            # An older request whose own time limit is under SHARED_TIME times its work left cannot share
+            # the version with anyone: its limit does not keep newer ones out (it is given up instead, at
+            # its next chunk boundary, if they make it late). Else one client sending one request at a time
+            # with a tight limit kept every other client's large requests out (outside attack rt14).
+            tight = other is not share and other.deadline is not None and other.deadline - now < SHARED_TIME * work
+            trial = [*kept, (work, None if tight else other.deadline)]
             finishes = _finishes([work for work, _ in trial])
             share_of = margin if len(trial) > 1 else 1.0  # alone, a request may use all its time
             if all(d is None or f <= (d - now) * share_of for (_, d), f in zip(trial, finishes, strict=True)):
