@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -217,3 +218,30 @@ def test_a_stopped_scheduler_cuts_its_running_executions(tmp_path: Path, batchin
         asyncio.run(scenario())
     finally:
         pool.close()
+
+
+def test_a_body_still_arriving_when_the_drain_begins_is_answered_503(tmp_path: Path) -> None:
+    """A client that sent 200 KB of a 5 MB body and stalled got uvicorn's plain 500 at the drain's end and
+    the log an "Exception in ASGI application" traceback (outside attack rt14 F4); the service refuses its
+    request anyway once the body is in, so it is refused when the drain begins."""
+    models.write_version(tmp_path, "add", 1, models.add_model())
+    server = serve_config(tmp_path, [{"name": "add", "base_path": "add"}], "--drain-timeout", str(DRAIN))
+    try:
+        with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(head + b"Content-Length: 5000000\r\n\r\n" + b"[" * 200_000)
+            time.sleep(0.5)  # the head is in, its body arriving
+            server.process.send_signal(signal.SIGTERM)
+            said = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    said += chunk
+        assert said.startswith(b"HTTP/1.1 503 "), said[:300]
+        assert b"body was still arriving" in said
+        assert server.process.wait(timeout=60) == 0
+        log = server.log()
+        assert "Exception in ASGI application" not in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()

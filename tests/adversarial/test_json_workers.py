@@ -324,6 +324,22 @@ def test_a_worker_killed_while_decoding_is_refused_503_and_the_next_body_served(
     assert server.alive()
 
 
+def test_a_worker_killed_while_idle_is_not_handed_the_next_body(server: CappedServer) -> None:
+    """An idle worker killed between bodies (the OOM killer picks the largest process, often a worker that
+    holds its last body's memory) made the next, unrelated body fail with 503 (outside attack rt14 F5)."""
+    body = flat_v2_body(PROCESS_BYTES // 10 + 1000)
+    assert post(server, V2, body).status_code == 200
+    idle = [p for p in workers(server) if p.name() != WATCHDOG_NAME]
+    assert idle
+    for process in idle:
+        process.kill()
+    psutil.wait_procs(idle, timeout=10)
+    for _ in range(3):
+        served = post(server, V2, body)
+        assert served.status_code == 200, served.text[:300]
+    assert server.alive()
+
+
 def test_a_worker_killed_while_sending_its_result_is_refused_and_the_server_exits(repo: Path) -> None:
     """A session saw the server hang at exit under load: a worker killed (by the drain, a timed-out
     body, or the OOM killer) while it sent its decoded arrays left the pool's manager thread waiting

@@ -412,6 +412,11 @@ class _Worker:
         if writer is not None and self._executor._processes:
             writer.close()
 
+    def alive(self) -> bool:
+        """Whether its process (once started) still runs."""
+        processes = list((self._executor._processes or {}).values())
+        return not self._stopped and all(process.is_alive() for process in processes)
+
     def stop(self) -> None:
         """Kill the process, whatever it is doing (a body nobody waits for any more), and let it go."""
         with self._lock:
@@ -470,10 +475,18 @@ class _ProcessPool:
                 raise shutting_down()
 
     def _take(self) -> _Worker:
+        """An idle worker whose process is alive, else a new one: one that died while idle (the kernel's
+        out-of-memory killer picks the largest process, often a worker holding its last body's memory) is
+        let go, not handed the next body, which it would refuse (outside attack rt14)."""
+        dead = []
         with self._lock:
+            while self._idle and not self._idle[-1].alive():
+                dead.append(self._idle.pop())
             worker = self._idle.pop() if self._idle else _Worker()
             self._busy.add(worker)
-            return worker
+        for gone in dead:
+            gone.close()
+        return worker
 
     def _done(self, worker: _Worker, finished: bool) -> None:
         """``worker`` is free again (``finished``: its body was decoded), else stopped and replaced."""
@@ -528,6 +541,15 @@ class _ProcessPool:
             if worker.shut_down:
                 raise shutting_down() from None
             log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
+            raise worker_lost("stopped (killed, or out of memory)") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():  # this request was cancelled (its client left, its time)
+                raise
+            # Its body's future was cancelled, not the request: its worker was stopped under it (a drain
+            # began, or the worker was killed). Answered like those, not as a cancellation (uvicorn's 500).
+            if worker.shut_down:
+                raise shutting_down() from None
             raise worker_lost("stopped (killed, or out of memory)") from None
         except (OSError, EOFError):
             if worker.shut_down:  # its start ended with the fork server (``_Worker.stop_now``)

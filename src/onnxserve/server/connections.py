@@ -696,6 +696,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         self._track(idle=True)  # or the next pipelined request, its body perhaps still arriving
 
+    def refuse_unreceived(self, message: str) -> bool:
+        """Answer 503 and close when this connection's request body is still arriving and nothing of its
+        answer is sent (the server is stopping: left to the listeners' close, uvicorn would cancel its
+        request and answer a plain 500 with a traceback in the log); whether it did."""
+        if self._refused or not self._body_pending or self.transport.is_closing():
+            return False
+        if self.cycle is not None and self.cycle.response_started:
+            return False
+        log.info("refused a request whose body was still arriving: the server is stopping")
+        self._refuse("503 Service Unavailable", message, "retry-after: 1\r\n")
+        return True
+
     def _cut(self, why: str) -> None:
         """Close without an answer (one is being written, and a refusal cannot come between): for a client
         that pipelines past the limits. The requests queued behind the one being answered never run."""

@@ -36,7 +36,7 @@ from onnxserve.errors import ConfigError, UnavailableError
 from onnxserve.protocols import offload
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.server.app import create_app
-from onnxserve.server.connections import ConnectionLimits, guarded_http_protocol
+from onnxserve.server.connections import ConnectionLimits, GuardedHttpProtocol, guarded_http_protocol
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_server import create_grpc_server
 from onnxserve.server.metrics import Metrics
@@ -164,6 +164,14 @@ class _DrainingServer(uvicorn.Server):
         # exit, waiting), and so are those arriving from now on (no new worker starts).
         offload.drain()
         await asyncio.get_running_loop().run_in_executor(None, offload.shutdown)
+        # Bodies still arriving belong to requests the service refuses once they are in: refused now (left to
+        # the listeners' close, uvicorn would cancel them with a plain 500 and a traceback in the log).
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, GuardedHttpProtocol):
+                connection.refuse_unreceived(
+                    "the server is shutting down and refuses new requests; this one's body was still arriving; "
+                    "send it again"
+                )
         while self.service.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         if self.service.in_flight:
