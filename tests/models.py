@@ -136,6 +136,24 @@ def slow_model() -> onnx.ModelProto:
     )
 
 
+def warm_up_loop_model(steps: int, size: int) -> onnx.ModelProto:
+    """``steps`` products of a ``size`` x ``size`` matrix whatever the input: a warm-up (a run on zeros)
+    of the time the caller chooses, or of no end."""
+    return parse(
+        f"""
+        warmup (float[{size}, {size}] x) => (float[{size}, {size}] y) {{
+            count = Constant <value = int64 {{{steps}}}> ()
+            cond = Constant <value = bool {{1}}> ()
+            y = Loop(count, cond, x) <body = step (int64 i, bool c_in, float[{size}, {size}] acc)
+                => (bool c_out, float[{size}, {size}] next) {{
+                    c_out = Identity(c_in)
+                    next = MatMul(acc, acc)
+                }}>
+        }}
+        """
+    )
+
+
 def write_version(repository: Path, name: str, version: int, model: onnx.ModelProto) -> Path:
     folder = repository / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)

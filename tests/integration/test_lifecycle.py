@@ -253,19 +253,7 @@ def test_a_layout_of_thousands_of_threads_is_refused_with_its_count(polled: tupl
 def test_a_version_being_loaded_is_in_the_index_as_loading(polled: tuple[RunningServer, Path, Path]) -> None:
     """A load that never returned left its version out of the index: nothing said it was loading (rt12 F4)."""
     server, repo, config_file = polled
-    slow = models.parse(
-        """
-        slowload (float[256, 256] x) => (float[256, 256] y) {
-            count = Constant <value = int64 {3000}> ()
-            cond = Constant <value = bool {1}> ()
-            y = Loop(count, cond, x) <body = step (int64 i, bool c_in, float[256, 256] acc)
-                => (bool c_out, float[256, 256] next) {
-                    c_out = Identity(c_in)
-                    next = MatMul(acc, acc)
-                }>
-        }
-        """
-    )  # its warm-up runs 3,000 MatMuls of 256 x 256: a load of a few seconds
+    slow = models.warm_up_loop_model(3000, 256)  # its warm-up: 3,000 products of 256 x 256, a few seconds
     models.write_version(repo, "slowload", 1, slow)
     write_config(config_file, extra=[{"name": "slowload", "base_path": "slowload"}])
     states: list[tuple[str, str]] = []
