@@ -544,3 +544,34 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
                 sent += 16384
     assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of one head"
     check_still_serving(server, rss_before)
+
+
+def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServer) -> None:
+    """Outside attack rt15: each of 300 connections sent a request whose answer it never read, then 31
+    pipelined heads of 1,500 short header fields each (under the 32-request and 64 KiB-per-head limits):
+    uvicorn parsed them all into Python objects, 5.4 MB per connection, +1.6 GB in all, and probes waited
+    23 s. The heads pipelined behind a busy request now count against --max-header-bytes together, and a
+    head may have at most 100 fields."""
+    rss_before = server.rss_bytes()
+    run = _slow_run()
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    fields = b"".join(b"a%d: b\r\n" % i for i in range(1500))
+    pipelined = (b"GET /v2/health/live HTTP/1.1\r\n" + fields + b"\r\n") * 31
+    sockets = []
+    try:
+        for _ in range(120):
+            sock = socket.create_connection((server.host, server.http_port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            with contextlib.suppress(OSError):
+                sock.sendall(busy + pipelined)
+            sockets.append(sock)
+        assert server.probe_seconds() < PROBE_BOUND
+        check_still_serving(server, rss_before)
+    finally:
+        for sock in sockets:
+            sock.close()
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        head = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(101))
+        said = _send_until_answered(sock, head + b"\r\n", b"", 0)
+    assert said.startswith(b"HTTP/1.1 431 "), said[:200]
+    assert b"more than 100 header fields" in said
