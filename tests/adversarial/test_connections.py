@@ -565,11 +565,13 @@ def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServe
             with contextlib.suppress(OSError):
                 sock.sendall(busy + pipelined)
             sockets.append(sock)
-        assert server.probe_seconds() < PROBE_BOUND
-        check_still_serving(server, rss_before)
+        # while the attack holds its connections (before: 5.4 s, and 5.4 MB per connection, kept after)
+        assert server.probe_seconds() < 3 * PROBE_BOUND  # 120 slow runs are admitted meanwhile: generous
+        assert server.rss_bytes() - rss_before < RSS_GROWTH_BOUND
     finally:
         for sock in sockets:
             sock.close()
+    check_still_serving(server, rss_before)
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         head = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(101))
         said = _send_until_answered(sock, head + b"\r\n", b"", 0)
