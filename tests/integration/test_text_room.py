@@ -1,7 +1,8 @@
 """Each text model version's own room (core/text_budget.py): a text request takes its model's room before it
 is tokenized and holds it until it has run, and the server-wide budget only while it is tokenized; one that
 its busy model has no room for waits untokenized, holding nothing; unloading the version fails the
-requests still waiting for its room and drops the room with it."""
+requests still waiting for its room and drops the room with it, and stops the run still going once its drain
+has ended."""
 
 from __future__ import annotations
 
@@ -111,7 +112,12 @@ def test_requests_wait_for_their_busy_models_room_untokenized_and_fail_when_it_i
     )
     unload.start()
     wait_until(lambda: version.state is ModelState.UNLOADING, SECONDS, "the version unloading")
-    blocker.close()  # the running request's client leaves: its run stops and the unload goes on
+    # The running request's run is stopped once the drain has ended (here at once), and its client answered:
+    blocker.settimeout(SECONDS)
+    answer = blocker.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 503"), answer
+    assert "version 1 was unloaded while this request ran (its drain ended); its run was stopped" in answer
+    blocker.close()
     for thread in waiters:
         thread.join(SECONDS)
     assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]

@@ -6,8 +6,8 @@ served with what is loaded:
 - new versions are loaded and warmed on a worker thread, and only then receive traffic;
 - versions no longer wanted (removed from disk, out of policy, their model removed) stop receiving
   new requests at once (state UNLOADING) and are unloaded when their in-flight requests have finished
-  (or ``drain_seconds`` passed: text requests still waiting for the version's room then fail, 503 /
-  UNAVAILABLE, and its room goes with it);
+  (or ``drain_seconds`` passed: requests still waiting for the version's room or an instance then fail,
+  503 / UNAVAILABLE, its room goes with it, and runs still going are stopped and answered 503);
 - a version that fails to load is recorded with its reason (the repository index shows it), is not
   retried until its folder changes, and never displaces the versions already serving: the policy
   chooses among the versions that loaded;
@@ -143,6 +143,14 @@ def _unloaded(version: ModelVersion) -> UnavailableError:
     """The error of a request that still waited for its version when the version was unloaded."""
     return UnavailableError(
         f"model {version.name!r} version {version.version} was unloaded before this request could run; send it again"
+    )
+
+
+def _cut(version: ModelVersion) -> UnavailableError:
+    """The error of a request whose run was still going when its version's drain ended."""
+    return UnavailableError(
+        f"model {version.name!r} version {version.version} was unloaded while this request ran (its drain ended); "
+        "its run was stopped; send it again"
     )
 
 
@@ -452,7 +460,9 @@ class ModelManager:
                 version.active,
             )
         version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
-        await version.scheduler.stop(_unloaded(version))  # and those still waiting for an instance
+        # and those still waiting for an instance; runs still going are stopped (ONNX Runtime's terminate
+        # flag), so a version's unload, like the server's drain, ends within its drain time
+        await version.scheduler.stop(_unloaded(version), _cut(version))
         await asyncio.to_thread(version.scheduler.close)
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
