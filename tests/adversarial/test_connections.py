@@ -546,6 +546,25 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
     check_still_serving(server, rss_before)
 
 
+def test_pipelined_request_targets_count_with_the_heads(server: CappedServer) -> None:
+    """Request targets (the URL of a request line) pipelined behind a busy request count against
+    --max-header-bytes with the heads' fields: 31 requests of a 4 KiB target each (under every per-head
+    limit) were all parsed and held, each as bytes, a path and a query string, and answered."""
+    run = _slow_run()
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    target = b"/v2/health/live?" + b"q" * 4096
+    pipelined = (b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n") * 31
+    with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
+        sock.sendall(busy + pipelined)
+        said = b""
+        with contextlib.suppress(OSError):  # closed with requests unread: a reset may come first
+            while chunk := sock.recv(65536):
+                said += chunk
+    assert said.count(b"HTTP/1.1 200 ") < 32, said.count(b"HTTP/1.1 200 ")  # not every request answered
+    assert "pipelined request heads above 65536 bytes together" in server.log()
+    check_still_serving(server, server.rss_bytes())
+
+
 def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServer) -> None:
     """Outside attack rt15: each of 300 connections sent a request whose answer it never read, then 31
     pipelined heads of 1,500 short header fields each (under the 32-request and 64 KiB-per-head limits):
