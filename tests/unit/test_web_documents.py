@@ -388,3 +388,60 @@ def test_each_tensor_that_names_an_external_file_counts_it_subgraphs_included(tm
             await short.weight_page(path, "w0", 0, 3)
 
     asyncio.run(scenario())
+
+
+def _string_model(path: Path, short: int, long: int) -> Path:
+    """An Identity that also answers a STRING initializer: ``short`` one-character labels and one of ``long``
+    characters, and a Constant of three strings."""
+    labels = onnx.helper.make_tensor("labels", onnx.TensorProto.STRING, [short + 1], [b"a"] * short + [b"b" * long])
+    nodes = [
+        onnx.helper.make_node("Identity", ["x"], ["y"]),
+        onnx.helper.make_node("Identity", ["labels"], ["s"]),
+        onnx.helper.make_node("Constant", [], ["c"], value_strings=["p", "q", "r"]),
+    ]
+    graph_ = onnx.helper.make_graph(
+        nodes,
+        "strings",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [
+            onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1]),
+            onnx.helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [short + 1]),
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.STRING, [3]),
+        ],
+        [labels],
+    )
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_string_tensors_are_read_as_stored_and_counted_per_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside attack rt17: numpy made a STRING tensor a fixed-width array, every value padded to the longest
+    at 4 bytes a character: 5,000 one-character labels and one of 100,000 (a 115 KB file) took +1.9 GB
+    for one graph document, counted at 2.5 times the file. Strings are now read as the bytes they are, each
+    counted at ``STRING_COST``, and a page of them is bounded in bytes."""
+    path = _string_model(tmp_path / "model.onnx", 5000, 100_000)
+    assert model_header.read_header(path).strings == 5001 + 3  # the initializer's values and the Constant's
+    labels = onnx.load(path).graph.initializer[0]
+    values = graph.weight_array(labels, None)
+    assert (values.dtype, values.shape) == (np.dtype(object), (5001,))
+    assert (values[0], values[-1]) == (b"a", b"b" * 100_000)
+    assert values.nbytes < 100_000  # a pointer a value, not 5,001 x 400,000 bytes
+    monkeypatch.setattr(graph, "STRING_PAGE_BYTES", 1000)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        assert orjson.loads(await cache.graph(path))["nodes"]
+        held = cache.held_bytes
+        page = orjson.loads(await cache.weight_page(path, "labels", 0, 10_000))
+        assert (page["total"], page["values"]) == (5001, ["a"] * 1000)  # the page ends at 1,000 bytes
+        last = orjson.loads(await cache.weight_page(path, "labels", 5000, 10))["values"]
+        assert last == ["b" * 1000]  # one value longer than a page: cut to it
+        assert cache.held_bytes - held > 100_000  # the weights are counted with their strings' bytes
+        size = path.stat().st_size
+        tight = DocumentCache(memory=int(size * documents.COST_FACTOR) + 1000 * documents.STRING_COST)
+        with pytest.raises(TooLargeError):  # the file fits, its 5,004 strings do not
+            await tight.graph(path)
+
+    asyncio.run(scenario())

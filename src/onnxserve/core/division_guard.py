@@ -276,6 +276,9 @@ def _constant(graph: GraphProto, name: str) -> np.ndarray | None:
 
 
 def _small_array(tensor: TensorProto) -> np.ndarray | None:
+    """A small constant's values; not a STRING one (numpy pads each string to the longest: no divisor)."""
+    if tensor.data_type == TensorProto.STRING:
+        return None
     if tensor.data_location != TensorProto.EXTERNAL and tensor.ByteSize() <= SKELETON_TENSOR_BYTES:
         return numpy_helper.to_array(tensor)
     return None

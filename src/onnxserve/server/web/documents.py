@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass, replace
@@ -75,6 +76,11 @@ NODE_COST = 4 * 1024
 byte: a node costs about 30 bytes of file but 3.1 KiB in a graph document (its Python objects and JSON),
 1.9 KiB per side in a diff (measured on chains of 50,000 nodes: see docs/limits.md)."""
 
+STRING_COST = 128
+"""A document's peak memory per string value of the model's tensors and attributes, beside ``COST_FACTOR``
+per file byte: the string as a Python object, its place in an array, and its text in a document (a
+one-character string is 3 bytes of file; measured: see docs/limits.md)."""
+
 MAX_NODES = 100_000
 """The most nodes a model may have for its graph or diff document (a diff: each model), its subgraphs'
 and model-local functions' included. A browser cannot draw more, and the document of a larger one holds
@@ -112,10 +118,8 @@ class Weights:
     """Every initializer of a model file with its values, read once."""
 
     tensors: dict[str, tuple[onnx.TensorProto, npt.NDArray[Any]]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(values.nbytes) for _, values in self.tensors.values())
+    nbytes: int
+    """What the values hold: their arrays, and for STRING tensors each value's bytes object."""
 
     def page(self, name: str, offset: int, limit: int) -> bytes:
         """``limit`` values of initializer ``name`` from flat position ``offset``, with the total count."""
@@ -140,7 +144,14 @@ def read_weights(path: Path) -> Weights:
         # (protobuf frees the parsed model only once no part of it is referenced).
         kept = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         tensors[tensor.name] = (kept, values)
-    return Weights(tensors)
+    return Weights(tensors, sum(_held(values) for _, values in tensors.values()))
+
+
+def _held(values: npt.NDArray[Any]) -> int:
+    """The memory of an array of ``weight_array``'s: a STRING tensor's holds a bytes object per value."""
+    if values.dtype.kind != "O":
+        return int(values.nbytes)
+    return int(values.nbytes) + sum(sys.getsizeof(value) for value in values.reshape(-1))
 
 
 def diff_json(a: Path, b: Path) -> bytes:
@@ -266,12 +277,13 @@ class DocumentCache:
     async def _structure_cost(self, what: str, path: Path, nodes: bool = True) -> int:
         """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
         byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
-        read like the file's own weights, once per tensor that names them), and
+        read like the file's own weights, once per tensor that names them), ``STRING_COST`` per string
+        value of its tensors and attributes, and
         for a graph or a diff ``NODE_COST`` per node (its subgraphs' and functions' included: they are
         parsed and compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
-        external = int(named * self.cost_factor)
+        external = int(named * self.cost_factor) + header.strings * STRING_COST
         if not nodes:
             return external
         nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much

@@ -82,6 +82,7 @@ class OnnxHeader:
     external: tuple[tuple[str, int], ...] = ()  # its tensors' external data: (file, length; -1: to its end)
     all_nodes: int = 0  # with those of its subgraphs and model-local functions
     properties_total: int = 0  # every metadata property the file has
+    strings: int = 0  # string values of its tensors and attributes (each a Python object when read)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         nodes=found.nodes,
         external=found.external,
         all_nodes=found.all_nodes,
+        strings=found.strings,
     )
 
 
