@@ -546,6 +546,33 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
     check_still_serving(server, rss_before)
 
 
+def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their_slots_back(
+    server: CappedServer,
+) -> None:
+    """Outside attack rt16: uvicorn handed a connection that asked for a WebSocket to its WebSocket protocol,
+    and its close never gave the connection's slot back: 1,016 upgrades (each answered 403) locked every
+    client, probes included, out of the HTTP port for good. A request that asks to switch protocols is now
+    served as plain HTTP/1.1 and its connection closed after the answer; what follows it is not read."""
+    rss_before = server.rss_bytes()
+    websocket = (
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for _ in range(450):  # past --max-connections 400 and the probe reserve of 16
+        with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+            sock.sendall(websocket)
+            said = said_until_closed(sock, 10)
+            assert said.startswith(b"HTTP/1.1 200 "), said[:300]
+    h2c = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        sock.sendall(h2c + b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n" + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        said = said_until_closed(sock, 10)
+    assert said.startswith(b"HTTP/1.1 200 "), said[:300]
+    assert said.count(b"HTTP/1.1 ") == 1  # the bytes after the switch were not read as a request
+    assert "upgrade" not in server.log().lower()  # no warning per connection (uvicorn wrote two or three)
+    check_still_serving(server, rss_before)
+
+
 def test_pipelined_request_targets_count_with_the_heads(server: CappedServer) -> None:
     """Request targets (the URL of a request line) pipelined behind a busy request count against
     --max-header-bytes with the heads' fields: 31 requests of a 4 KiB target each (under every per-head

@@ -318,6 +318,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # not yet answered, in arrival order (a pipelined connection's answers complete in that order too)
         self._requests: deque[tuple[RequestResponseCycle, CallSlot]] = deque()
         self._upgrading = False  # a TLS connection still in its handshake
+        self._switch_asked = False  # its request asked to switch protocols: the parser has stopped
         self._lost = False
         self._counted = False  # in ``clients`` (from its connection_made to its connection_lost)
 
@@ -606,7 +607,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._linger_left >= 0:
             self._lingered(data)
             return
-        if self._refused:
+        if self._refused or self._switch_asked:
             return
         # the rest of a body answered early (a 413) is not the next request's head
         awaiting_head = not self._busy() and not self._body_pending
@@ -637,6 +638,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             and not self.transport.is_closing()
         ):
             self._arm_head_timer()
+
+    # -- protocol upgrades: none ------------------------------------------------------------------------
+    def _should_upgrade(self) -> bool:
+        """Never: the server has no WebSocket (or other protocol) to switch to. uvicorn's switch hands the
+        connection to a WebSocket protocol whose close never reaches ``connection_lost``: 1,016 WebSocket
+        upgrades (each answered 403) kept their slots, and every client, probes included, was locked out
+        of the HTTP port for good (outside attack rt16). A request that asks to switch is served as plain
+        HTTP/1.1, as RFC 9110 lets a server do, and its connection closes after the answer."""
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """The parser has stopped after a request asking to switch protocols (``Connection: upgrade``): what
+        follows on the connection is not HTTP/1.1 any more, so it is dropped unread, and the connection
+        closes once that request is answered (uvicorn logged two warnings here, then a 400 and a third
+        warning when more bytes came)."""
+        self._switch_asked = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif not self.transport.is_closing():
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         if self._refused:  # the rest of a read that came after the refusal

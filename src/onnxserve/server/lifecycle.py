@@ -213,6 +213,7 @@ def _uvicorn_server(
         loop="none",  # the loop is ours: uvloop, shared with gRPC
         # httptools + our limits; TLS is ours too (after the connection is admitted), not the listener's
         http=guarded_http_protocol(ConnectionLimits.from_settings(settings), None if tls is None else tls.context),  # type: ignore[arg-type]
+        ws="none",  # no WebSocket routes; upgrades are refused by the protocol (``connections``)
         timeout_keep_alive=max(1, round(settings.keep_alive_timeout)),
         # Forwarded headers are believed only from the peers named (uvicorn's default trusts 127.0.0.1,
         # which lets any local process pose as any number of clients in the fair queue).
