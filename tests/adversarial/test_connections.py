@@ -546,6 +546,44 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
     check_still_serving(server, rss_before)
 
 
+@pytest.mark.parametrize("answered_first", [False, True], ids=["waiting-for-its-body", "answered-401-first"])
+def test_trailer_fields_that_never_end_are_refused_at_the_head_limit(
+    numeric_repository: Path, tmp_path: Path, answered_first: bool
+) -> None:
+    """Outside attack rt16: a chunked body's trailer field whose value never ends was kept by the parser as
+    one bytes object extended with each read, counted nowhere: 40 such connections held +801 MB and probes
+    waited 15.6 s (also with --auth-tokens: the 401 went out first, and the parser read on). A chunked
+    body's framing since its last chunk (chunk lines, trailer fields) is now held to --max-header-bytes:
+    431 while the request waits for its body, else the connection is closed."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-secret-of-32-characters-at-least infer\n")
+    tokens.chmod(0o600)
+    options = ("--auth-tokens", str(tokens)) if answered_first else ()
+    with serve_capped(numeric_repository, *FAST, *options) as capped:
+        rss_before = capped.rss_bytes()
+        sent = 0
+        said = b""
+        with socket.create_connection((capped.host, capped.http_port), timeout=10) as sock:
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            sock.sendall(head + b"1\r\n{\r\n0\r\nX-Trailer: ")
+            with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
+                for _ in range(4096):  # 64 MiB of one trailer value that never ends
+                    sock.sendall(b"a" * 16384)
+                    sent += 16384
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    said += chunk
+        assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of one trailer field"
+        if answered_first:
+            assert said.startswith(b"HTTP/1.1 401 "), said[:300]
+        else:
+            assert said.startswith(b"HTTP/1.1 431 "), said[:300]
+            assert b"chunk lines or trailer fields are larger than 65536 bytes" in said
+        assert capped.alive()
+        assert capped.probe_seconds() < PROBE_BOUND
+        assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+
+
 def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their_slots_back(
     server: CappedServer,
 ) -> None:

@@ -309,6 +309,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_fields = 0  # header fields of the head being parsed
         self._pipelined_bytes = 0  # header bytes of heads parsed behind the request being answered
         self._body_bytes = 0
+        self._framing = 0  # bytes of the body's framing read since its last chunk: chunk lines, trailers
         self._reserve = False
         self._refused = False
         self._address = ""
@@ -611,11 +612,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         # the rest of a body answered early (a 413) is not the next request's head
         awaiting_head = not self._busy() and not self._body_pending
+        in_body = self._body_pending
+        if in_body:  # on_body takes the body's own bytes back out; on_chunk_complete starts again
+            self._framing += len(data)
         # A head that began in an earlier read counts whole reads, also behind a request still being
         # answered (pipelined): it holds at most the limit and one read before it is refused.
         if awaiting_head or self._head_started:
             self._head_bytes += len(data)  # on_headers_complete resets it if the head ends in this data
         super().data_received(data)
+        if in_body and self._body_pending and self._framing > self.limits.max_header_bytes and not self._refused:
+            self._framing_too_large()
+            return
         if (
             not self._refused
             and self._head_bytes > self.limits.max_header_bytes
@@ -720,6 +727,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_started = False
         self._head_bytes = 0
         self._body_bytes = 0
+        self._framing = 0
         head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if head > self.limits.max_header_bytes:
             self._head_too_large()
@@ -748,9 +756,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._track(idle=False)
 
     def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
         if not self._refused:
             self._body_bytes += len(body)
             super().on_body(body)
+
+    def on_chunk_complete(self) -> None:
+        """A chunk of a chunked body is complete (the last one with its trailer fields): what it held beyond
+        its data is counted from here again."""
+        self._framing = 0
+
+    def _framing_too_large(self) -> None:
+        """A chunked body's framing passed ``--max-header-bytes`` since its last chunk: trailer fields (or a
+        chunk line) that do not end. The parser keeps such a field as one bytes object it extends with each
+        read (quadratic), which nothing else counted: 40 connections of 20 MiB of one trailer value held
+        +801 MB and probes 15.6 s (outside attack rt16). Answered 431 when nothing of its answer went out
+        yet, else closed."""
+        cycle = self.cycle
+        log.info("refused a chunked request body whose framing passed %d bytes", self.limits.max_header_bytes)
+        if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+            cycle.response_started = True  # nothing else may answer on this connection now
+            self._refuse(
+                "431 Request Header Fields Too Large",
+                f"the request body's chunk lines or trailer fields are larger than {self.limits.max_header_bytes} "
+                "bytes (--max-header-bytes)",
+            )
+            return
+        self._refused = True
+        self._cancel_timers()
+        self.transport.close()
 
     def on_message_complete(self) -> None:
         self._body_pending = False
