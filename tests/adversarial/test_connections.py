@@ -11,17 +11,21 @@ from __future__ import annotations
 import contextlib
 import resource
 import selectors
+import shutil
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import onnx
+import onnx.helper
 import orjson
 import psutil
 import pytest
 import requests
 from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed, serve_capped
 
+import models
 from waiting import wait_until
 
 HEADER_TIMEOUT = 1.0
@@ -509,6 +513,57 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
         check_still_serving(capped, rss_before)
 
 
+def test_connections_whose_clients_do_not_read_their_answers_give_way_to_other_addresses(
+    numeric_repository: Path, tmp_path: Path
+) -> None:
+    """Outside attack rt16: one address held every connection slot with pipelined requests for answers it
+    never read (each connection "being answered" until --body-timeout, and such a connection was never
+    closed for another address): 12 of 12 requests from another address got 503. A connection whose
+    client does not read its answer (its writing paused) is now closed for a newcomer from a lighter
+    address, after the idle and sending ones."""
+    repository = tmp_path / "repository"
+    shutil.copytree(numeric_repository, repository)
+    chain = [onnx.helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(8000)]
+    graph = onnx.helper.make_graph(
+        chain,
+        "chain",
+        [onnx.helper.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("t8000", onnx.TensorProto.FLOAT, [1])],
+    )
+    models.write_version(repository, "chain", 1, onnx.helper.make_model(graph))
+    cap = 20
+    with serve_capped(repository, "--max-connections", str(cap), "--body-timeout", "60") as capped:
+        url = f"{capped.http_url}/web/api/models/chain/versions/1/graph"
+        document = requests.get(url, headers={"Connection": "close"}, timeout=60)
+        assert len(document.content) > 800_000  # computed once, then each answer is a copy of it
+        wait_until(lambda: _established(capped) == 0, timeout=10, what="the document's connection to close")
+        rss_before = capped.rss_bytes()
+        pipelined = b"GET /web/api/models/chain/versions/1/graph HTTP/1.1\r\nHost: x\r\n\r\n" * 33
+        attack: list[socket.socket] = []
+        try:
+            for _ in range(cap):
+                sock = connect_from(capped, ATTACKER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.sendall(pipelined)  # 33 answers of 800 KB (26 MB), never read
+                attack.append(sock)
+            wait_until(lambda: all(readable(sock) for sock in attack), timeout=30, what="answers being written")
+            answers = []
+            for _ in range(5):
+                with connect_from(capped, OTHER) as other:
+                    answer = _ask(other, "POST", "/v2/models/add/infer", orjson.dumps(INFER_BODY))
+                answers.append(answer.split(b"\r\n", 1)[0])
+                if answer.startswith(b"HTTP/1.1 200 "):
+                    break
+                time.sleep(1)  # the attacker's answers are still going into its sockets' buffers
+            assert answers[-1] == b"HTTP/1.1 200 OK", answers
+            assert "closed a connection whose client does not read its answer" in capped.log()
+            assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+        finally:
+            for sock in attack:
+                sock.close()
+        check_still_serving(capped, rss_before)
+
+
 def test_thousands_of_pipelined_requests_close_their_connection_and_leave_the_loop_free(
     server: CappedServer,
 ) -> None:
@@ -626,7 +681,7 @@ def test_pipelined_request_targets_count_with_the_heads(server: CappedServer) ->
             while chunk := sock.recv(65536):
                 said += chunk
     assert said.count(b"HTTP/1.1 200 ") < 32, said.count(b"HTTP/1.1 200 ")  # not every request answered
-    assert "pipelined request heads above 65536 bytes together" in server.log()
+    assert "requests pipelined behind a busy one above 65536 bytes together" in server.log()
     check_still_serving(server, server.rss_bytes())
 
 

@@ -29,10 +29,13 @@ DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
 """Four bodies of the default largest size (64 MiB) at once."""
 
 
-SMALL_ANSWER_BYTES = 256 * 1024
-"""HTTP answers below this size are not counted: the connection's socket takes them at once, and at most
-one answer per connection is being written (``--max-connections`` bounds them). gRPC answers are all
-counted: grpc keeps each until its client reads it, and one connection carries many calls."""
+SMALL_ANSWER_BYTES = 16 * 1024
+"""HTTP answers below this size are not counted: at most one answer per connection is being written
+(``--max-connections`` bounds them). It was 256 KiB, on the reasoning that a socket takes such an answer at
+once; but a client that pipelines requests and reads nothing fills its socket (the kernel's send buffer
+grows to megabytes), and each connection then held an answer of up to 256 KiB uncounted (rt16). gRPC
+answers are all counted: grpc keeps each until its client reads it, and one connection carries many
+calls."""
 
 ANSWER_HEADROOM = 16
 """Answers leave at least 1/16 of the budget free for requests, so requests are still received while

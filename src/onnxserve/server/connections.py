@@ -254,15 +254,23 @@ def _free(connection: GuardedHttpProtocol) -> bool:
     return connection._free()
 
 
+def _stalled(connection: GuardedHttpProtocol) -> bool:
+    """Busy writing an answer its client does not read (writing paused): closed for another address
+    after the idle and sending ones, oldest first."""
+    return connection._stalled()
+
+
 class _Address:
     """One client address's open connections, with those that may be closed for another address in the
     order they would be (idle ones first, then the one that has sent least of its request, then the
-    oldest) and its ordinary ones not in the middle of a request (oldest first)."""
+    oldest, then the oldest whose client does not read its answer) and its ordinary ones not in the middle
+    of a request (oldest first)."""
 
     def __init__(self) -> None:
         self.connections: set[GuardedHttpProtocol] = set()
         self.idle: LazyHeap[GuardedHttpProtocol] = LazyHeap(_oldest, _idle)
         self.sending: LazyHeap[GuardedHttpProtocol] = LazyHeap(_sent, _sending)
+        self.stalled: LazyHeap[GuardedHttpProtocol] = LazyHeap(_oldest, _stalled)
         self.free: LazyHeap[GuardedHttpProtocol] = LazyHeap(_oldest, _free)
 
     def track(self, connection: GuardedHttpProtocol, idle: bool) -> None:
@@ -421,9 +429,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _displace(self) -> bool:
         """Close a connection of the address holding the most, when it holds at least two more than this
-        connection's address (``fairness.gives_way``): one idle or still sending, else one whose request
-        only waits at its model (withdrawn, answered, then closed); False when it does not or has none to
-        give."""
+        connection's address (``fairness.gives_way``): one idle or still sending, else one whose client
+        does not read its answer (dropped unread), else one whose request only waits at its model
+        (withdrawn, answered, then closed); False when it does not or has none to give."""
         counts = self.clients.counts
         heaviest = counts.heaviest()
         held = counts.of[heaviest]
@@ -431,8 +439,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return False
         address = self.clients.by_address[heaviest]
         chosen = address.idle.first() or address.sending.first()
+        stalled = address.stalled.first() if chosen is None else None
         if chosen is not None:
             chosen._give_way()
+        elif stalled is not None:
+            stalled._drop_unread()
         elif not _withdraw_newest_waiting(address.connections):
             return False
         self._displaced(heaviest, held)
@@ -482,6 +493,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _sending(self) -> bool:
         return self._head_started or self._busy()
+
+    def _stalled(self) -> bool:
+        """Writing an answer its client does not read (writing paused, its send deadline running)."""
+        return self._send_timer is not None and not self._reserve and not self.transport.is_closing()
+
+    def _drop_unread(self) -> None:
+        """Close this connection for another address's: its client has not read the answer being written
+        (an outside attack, rt16, kept every slot of one server this way: pipelined requests for answers it
+        never read, each connection "being answered" until --body-timeout, and other addresses got 503).
+        The unread answer and the requests queued behind it are dropped."""
+        log.info("closed a connection whose client does not read its answer, to let another address in")
+        self._refused = True
+        self._cancel_timers()
+        self.pipeline.clear()
+        self.transport._transport.abort()  # type: ignore[attr-defined]  # the unread answer is not flushed
 
     def _give_way(self) -> None:
         """Close this connection for another address's; a request it was sending is answered 503."""
@@ -687,11 +713,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def _count_pipelined(self, size: int) -> bool:
-        """Count ``size`` bytes of a head pipelined behind the request being answered; whether that passed
-        ``--max-header-bytes`` for the heads together, and the connection was cut."""
+        """Count ``size`` bytes of a request (head or body) pipelined behind the one being answered; whether
+        that passed ``--max-header-bytes`` for the pipelined requests together, and the connection was cut."""
         self._pipelined_bytes += size
         if self._pipelined_bytes > self.limits.max_header_bytes:
-            self._cut(f"pipelined request heads above {self.limits.max_header_bytes} bytes together")
+            self._cut(f"requests pipelined behind a busy one above {self.limits.max_header_bytes} bytes together")
             return True
         return False
 
@@ -757,6 +783,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         self._framing -= len(body)
+        # the body of a request queued behind the one being answered counts with the queued heads: uvicorn
+        # keeps it whole until its turn (240 KB a connection, outside --max-inflight-bytes: rt16)
+        if self.pipeline and self.pipeline[0][0] is self.cycle and self._count_pipelined(len(body)):
+            return
         if not self._refused:
             self._body_bytes += len(body)
             super().on_body(body)
@@ -857,10 +887,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- the answer ---------------------------------------------------------------------------------
     def pause_writing(self) -> None:
-        """The client reads slower than the answer is written: it has ``body_timeout`` seconds to catch up."""
+        """The client reads slower than the answer is written: it has ``body_timeout`` seconds to catch up,
+        and meanwhile its connection may be closed for another address (``_displace``)."""
         super().pause_writing()
         if self._send_timer is None:
             self._send_timer = self.loop.call_later(self.limits.body_timeout, self._send_timed_out)
+            if self._counted and not self._reserve:
+                address = self.clients.by_address[self._address]
+                address.stalled.push(self, len(address.connections))
 
     def resume_writing(self) -> None:
         super().resume_writing()
