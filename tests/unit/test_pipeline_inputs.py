@@ -42,3 +42,13 @@ def test_token_tensors_tell_their_length_by_the_pipelines_inputs(tmp_path: Path)
     feeds = {"attention_mask": np.ones((4, 300), dtype=np.int64), "input_ids": np.ones((4, 300), dtype=np.int64)}
     assert pipeline.token_length(feeds) == 300
     assert pipeline.token_length({"attention_mask": feeds["attention_mask"]}) == 300
+
+
+def test_token_inputs_that_are_not_batch_by_sequence_are_refused_at_load(tmp_path: Path) -> None:
+    """A multiple-choice layout, input_ids [batch, 1, sequence], loaded as a text model whose lengths,
+    chunks and execution memory were read from 2-D tensors only: a [1, 1, 12288] request ran whole at
+    +4.6 GB, 24 times the model's length (outside attack rt17 F2)."""
+    folder = _folder(tmp_path, ["input_ids", "attention_mask"])
+    specs = [TensorSpec(name, from_v2("INT64"), (-1, 1, -1)) for name in ("input_ids", "attention_mask")]
+    with pytest.raises(ConfigError, match=r"token inputs 'input_ids', 'attention_mask' are not \[batch, sequence\]"):
+        load_pipeline(folder, specs)

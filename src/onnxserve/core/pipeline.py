@@ -477,6 +477,14 @@ def load_pipeline(
                 f"{folder}: the pipeline's inputs {', '.join(map(repr, others))} are not token inputs a tokenizer "
                 f"fills ({', '.join(TOKEN_INPUTS)}); name the graph's token inputs so"
             )
+        ranks = {s.name: len(s.shape) for s in graph_inputs}
+        if other_ranks := [name for name in spec.inputs if ranks.get(name, 2) != 2]:
+            # a text request cannot fill them, and lengths, chunks and execution memory are read from the
+            # [batch, sequence] tensors: a [1, 1, 12288] input_ids ran whole at +4.6 GB (outside attack rt17)
+            raise ConfigError(
+                f"{folder}: the pipeline's token inputs {', '.join(map(repr, other_ranks))} are not "
+                "[batch, sequence] in the graph (rank 2); a text pipeline feeds tokens so"
+            )
         return TextPipeline(folder, spec, names, tokenizer, fixed)
     if not token_inputs(graph_inputs) or not graph_outputs:
         return None
