@@ -445,3 +445,70 @@ def test_string_tensors_are_read_as_stored_and_counted_per_value(
             await tight.graph(path)
 
     asyncio.run(scenario())
+
+
+def _identity_with(path: Path, initializers: list[onnx.TensorProto], sparse: list[onnx.SparseTensorProto]) -> Path:
+    """y = x, beside ``initializers`` and ``sparse`` initializers the graph does not use."""
+    graph_ = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "held",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        initializers,
+        sparse_initializer=sparse,
+    )
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_values_that_take_more_once_read_than_in_the_file_are_counted(tmp_path: Path) -> None:
+    """Outside attack rt17: 30 M int64 zeros in ``int64_data`` (a byte of file each, eight read) made a 30 MB
+    file that took +1.8 GB for its documents, counted at 75 MB; three diffs of 127-byte files whose sparse
+    initializers ONNX Runtime makes dense took +3.8 GB. The header now reads each stored tensor's dims and
+    type, and a document counts what they take beyond the file."""
+    zeros = onnx.helper.make_tensor("zeros", onnx.TensorProto.INT64, [1_000_000], [0] * 1_000_000)
+    typed = _identity_with(tmp_path / "typed.onnx", [zeros], [])
+    values = onnx.helper.make_tensor("values", onnx.TensorProto.FLOAT, [1], [1.0])
+    indices = onnx.helper.make_tensor("indices", onnx.TensorProto.INT64, [1], [0])
+    dense = 500_000_000
+    sparse = _identity_with(tmp_path / "sparse.onnx", [], [onnx.helper.make_sparse_tensor(values, indices, [dense])])
+    assert model_header.read_header(typed).declared == 8_000_000  # the file holds about 1 MB of it
+    assert model_header.read_header(sparse).declared == 4 * dense
+    assert sparse.stat().st_size < 200
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        with pytest.raises(TooLargeError):  # 2 GB once dense: never computed
+            await cache.diff(sparse, sparse)
+        assert cache.computed == 0
+        beyond = 8_000_000 - typed.stat().st_size
+        tight = DocumentCache(memory=int(typed.stat().st_size * documents.COST_FACTOR) + beyond)
+        with pytest.raises(TooLargeError):  # the file fits; its values once read do not
+            await tight.weight_page(typed, "zeros", 0, 3)
+        assert orjson.loads(await cache.weight_page(typed, "zeros", 0, 3))["values"] == [0, 0, 0]
+
+    asyncio.run(scenario())
+
+
+def test_long_names_count_in_graph_documents(tmp_path: Path) -> None:
+    """Outside attack rt17: 40 nodes with names of 1 MB (a 117 MB file) took +707 MB for one graph
+    document, counted at 292 MB: each name appears in its node, its edges and its values."""
+    name = "n" * 100_000
+    graph_ = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], [name], name=name), onnx.helper.make_node("Identity", [name], ["y"])],
+        "names",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "names.onnx"
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    assert model_header.read_header(path).names >= 3 * len(name)
+
+    async def scenario() -> None:
+        size = path.stat().st_size
+        counted_as_file = DocumentCache(memory=int(size * documents.COST_FACTOR) + 2 * documents.NODE_COST)
+        with pytest.raises(TooLargeError):
+            await counted_as_file.graph(path)
+        assert orjson.loads(await DocumentCache().graph(path))["nodes"]
+
+    asyncio.run(scenario())

@@ -41,6 +41,14 @@ class FileHeader:
     all_nodes: int = 0
     """Every node of the file: the main graph's, its subgraphs' (If, Loop, Scan bodies, at any depth)
     and its model-local functions'."""
+    declared: int = 0
+    """The bytes the values of its tensors stored in the file take once read, by their dims and type
+    (initializers, sparse ones as dense, and attribute tensors, of subgraphs too; not STRING ones, nor
+    those in external data files): typed fields store small values in fewer bytes (an int64 0 in
+    ``int64_data`` is one byte of file, eight read), and a sparse tensor is made dense to run."""
+    names: int = 0
+    """The bytes of its nodes' input, output and node names and doc strings, and of its graphs' input,
+    output and value_info entries, at any depth: each name appears several times in a graph document."""
     strings: int = 0
     """The string values of its tensors (``string_data`` of initializers and attribute tensors) and of its
     attributes' string lists, at any depth: each costs a Python object when read, far more than its bytes
@@ -58,6 +66,30 @@ _MODEL_FUNCTIONS, _FUNCTION_NODE, _NODE_ATTRIBUTE, _ATTRIBUTE_GRAPH, _ATTRIBUTE_
 
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS, _ATTRIBUTE_STRINGS, _TENSOR_STRING_DATA = 5, 10, 9, 6
 """AttributeProto.t, .tensors, .strings; TensorProto.string_data."""
+
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _SPARSE_VALUES, _SPARSE_DIMS = 1, 2, 1, 3
+"""TensorProto.dims, .data_type; SparseTensorProto.values, .dims."""
+
+_GRAPH_SPARSE_INITIALIZER, _ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 15, 22, 23
+"""GraphProto.sparse_initializer; AttributeProto.sparse_tensor, .sparse_tensors."""
+
+_NODE_NAME_FIELDS = frozenset((1, 2, 3, 6))
+"""NodeProto.input, .output, .name, .doc_string."""
+
+_GRAPH_VALUE_FIELDS = frozenset((11, 12, 13))
+"""GraphProto.input, .output, .value_info."""
+
+_STRING_TYPE = 8
+"""TensorProto.STRING: its values are counted one by one (``strings``)."""
+
+
+def _element_bytes(data_type: int) -> int:
+    """Bytes of one element of an ONNX tensor type read into memory (8 for a type onnx does not know)."""
+    try:
+        return int(onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 8
+
 
 MAX_GRAPH_DEPTH = 100
 """Graphs nested deeper than this are refused (protobuf's parser refuses them too: its recursion limit)."""
@@ -102,9 +134,11 @@ def read_header(path: Path) -> FileHeader:
         name.decode("utf-8", "replace"),
         doc_string.decode("utf-8", "replace"),
         nodes,
-        tuple(walk.external),
-        walk.nodes,
-        walk.strings,
+        external=tuple(walk.external),
+        all_nodes=walk.nodes,
+        declared=walk.declared,
+        names=walk.names,
+        strings=walk.strings,
     )
 
 
@@ -115,6 +149,8 @@ class _Walk:
         self.data = data
         self.nodes = 0
         self.strings = 0
+        self.declared = 0
+        self.names = 0
         self.external: list[tuple[str, int]] = []  # (location, length; -1: to the file's end)
 
     def graph(self, start: int, end: int, node_field: int, depth: int) -> None:
@@ -129,10 +165,19 @@ class _Walk:
                 self._node(field_start, field_end, depth)
             elif number == _GRAPH_INITIALIZER and node_field == _GRAPH_NODE:
                 self._tensor(field_start, field_end)
+            elif number == _GRAPH_SPARSE_INITIALIZER and node_field == _GRAPH_NODE:
+                self._sparse(field_start, field_end)
+            elif number in _GRAPH_VALUE_FIELDS and node_field == _GRAPH_NODE:
+                self.names += field_end - field_start
 
     def _node(self, start: int, end: int, depth: int) -> None:
         for number, wire, _, attribute_start, attribute_end in protobuf_wire.fields(self.data, start, end):
-            if number != _NODE_ATTRIBUTE or wire != protobuf_wire.LENGTH_DELIMITED:
+            if wire != protobuf_wire.LENGTH_DELIMITED:
+                continue
+            if number in _NODE_NAME_FIELDS:
+                self.names += attribute_end - attribute_start
+                continue
+            if number != _NODE_ATTRIBUTE:
                 continue
             for field, field_wire, _, value_start, value_end in protobuf_wire.fields(
                 self.data, attribute_start, attribute_end
@@ -145,14 +190,23 @@ class _Walk:
                     self._tensor(value_start, value_end)
                 elif field == _ATTRIBUTE_STRINGS:
                     self.strings += 1
+                elif field in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
+                    self._sparse(value_start, value_end)
 
     def _tensor(self, start: int, end: int) -> None:
         """The external data reference of the TensorProto in ``data[start:end]``, if it has one, and its
         string values."""
         location, length = "", -1
+        elements, data_type = 1, 0
         for number, wire, _, entry_start, entry_end in protobuf_wire.fields(self.data, start, end):
             if number == _TENSOR_STRING_DATA and wire == protobuf_wire.LENGTH_DELIMITED:
                 self.strings += 1
+                continue
+            if number == _TENSOR_DIMS:
+                elements *= self._product(wire, entry_start, entry_end)
+                continue
+            if number == _TENSOR_DATA_TYPE and wire == protobuf_wire.VARINT:
+                data_type = protobuf_wire.varint(self.data, entry_start, entry_end)[0]
                 continue
             if number != _TENSOR_EXTERNAL_DATA or wire != protobuf_wire.LENGTH_DELIMITED:
                 continue
@@ -168,3 +222,34 @@ class _Walk:
                 length = int(value[:20])
         if location:
             self.external.append((location, length))
+        elif data_type != _STRING_TYPE:
+            self.declared += elements * _element_bytes(data_type)
+
+    def _sparse(self, start: int, end: int) -> None:
+        """A SparseTensorProto's dense size (what running it takes: ONNX Runtime makes it dense), by its
+        dims and its values' type."""
+        elements, data_type = 1, 0
+        for number, wire, _, field_start, field_end in protobuf_wire.fields(self.data, start, end):
+            if number == _SPARSE_DIMS:
+                elements *= self._product(wire, field_start, field_end)
+            elif number == _SPARSE_VALUES and wire == protobuf_wire.LENGTH_DELIMITED:
+                for inner, inner_wire, _, value_start, value_end in protobuf_wire.fields(
+                    self.data, field_start, field_end
+                ):
+                    if inner == _TENSOR_DATA_TYPE and inner_wire == protobuf_wire.VARINT:
+                        data_type = protobuf_wire.varint(self.data, value_start, value_end)[0]
+        if data_type != _STRING_TYPE:
+            self.declared += elements * _element_bytes(data_type)
+
+    def _product(self, wire: int, start: int, end: int) -> int:
+        """The product of the dims in one ``dims`` field: one number, or a packed run of them (a negative
+        dim, as int64 wraps it, counts as its unsigned value: far too large, as such a tensor is)."""
+        if wire == protobuf_wire.VARINT:
+            return protobuf_wire.varint(self.data, start, end)[0]
+        if wire != protobuf_wire.LENGTH_DELIMITED:
+            return 1
+        product, position = 1, start
+        while position < end:
+            value, position = protobuf_wire.varint(self.data, position, end)
+            product *= value
+        return product

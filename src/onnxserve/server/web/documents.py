@@ -76,6 +76,17 @@ NODE_COST = 4 * 1024
 byte: a node costs about 30 bytes of file but 3.1 KiB in a graph document (its Python objects and JSON),
 1.9 KiB per side in a diff (measured on chains of 50,000 nodes: see docs/limits.md)."""
 
+EXPANDED_COST = 6
+"""A document's peak memory per byte its stored tensors take beyond the file once read (their dims and
+type against the file's size), beside ``COST_FACTOR`` per file byte: values in typed fields are parsed
+into protobuf's own arrays, then into numpy's (measured: 10 M int64 zeros, a 10 MB file, took +354 MB
+for the weights and +662 MB for a diff of it with itself, 4.4 and 4.1 per byte beyond the file)."""
+
+NAME_COST = 5
+"""A graph or diff document's peak memory per byte of its nodes' and values' names, beside ``COST_FACTOR``
+per file byte: a name appears in a node, its edges and its values (40 nodes of 1 MB names, a 117 MB
+file, took +707 MB for one graph document: outside attack rt17)."""
+
 STRING_COST = 128
 """A document's peak memory per string value of the model's tensors and attributes, beside ``COST_FACTOR``
 per file byte: the string as a Python object, its place in an array, and its text in a document (a
@@ -277,22 +288,28 @@ class DocumentCache:
     async def _structure_cost(self, what: str, path: Path, nodes: bool = True) -> int:
         """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
         byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
-        read like the file's own weights, once per tensor that names them), ``STRING_COST`` per string
-        value of its tensors and attributes, and
-        for a graph or a diff ``NODE_COST`` per node (its subgraphs' and functions' included: they are
-        parsed and compared too); a TooLargeError past ``max_nodes``."""
+        read like the file's own weights, once per tensor that names them), ``EXPANDED_COST`` per byte its
+        stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string value
+        of its tensors and attributes, and, for a graph or a diff, ``NAME_COST`` per byte of its names and
+        ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and compared too);
+        a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
-        external = int(named * self.cost_factor) + header.strings * STRING_COST
+        # values that take more once read than they take in the file: small numbers in typed fields, sparse
+        # tensors made dense (30 M int64 zeros, a 30 MB file, took +1.8 GB; three diffs of 127-byte files
+        # with sparse initializers +3.8 GB: rt17)
+        expanded = max(0, header.declared - _file_size(path))
+        cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + header.strings * STRING_COST
         if not nodes:
-            return external
+            return cost
+        cost += header.names * NAME_COST
         nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much
         if nodes_in > self.max_nodes:
             raise TooLargeError(
                 f"the {what} document of a model of {nodes_in:,} nodes is too large for the web page: it "
                 f"draws models of up to {self.max_nodes:,} nodes (`onnxserve inspect` shows any model)"
             )
-        return external + nodes_in * NODE_COST
+        return cost + nodes_in * NODE_COST
 
     def _within(self, cost: int) -> int:
         """``cost``, or a TooLargeError when it can never fit in ``memory``."""

@@ -82,6 +82,8 @@ class OnnxHeader:
     external: tuple[tuple[str, int], ...] = ()  # its tensors' external data: (file, length; -1: to its end)
     all_nodes: int = 0  # with those of its subgraphs and model-local functions
     properties_total: int = 0  # every metadata property the file has
+    declared: int = 0  # its stored tensors' bytes once read (by dims and type; sparse ones dense)
+    names: int = 0  # bytes of its node and value names (each appears several times in a graph document)
     strings: int = 0  # string values of its tensors and attributes (each a Python object when read)
 
 
@@ -231,6 +233,8 @@ def onnx_header(path: Path) -> OnnxHeader:
         nodes=found.nodes,
         external=found.external,
         all_nodes=found.all_nodes,
+        declared=found.declared,
+        names=found.names,
         strings=found.strings,
     )
 
