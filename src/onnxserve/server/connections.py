@@ -828,6 +828,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if not self.pipeline:  # nothing queued any more: what was counted of the queued requests has run
+            self._pipelined_bytes = 0
         self._track(idle=True)  # or the next pipelined request, its body perhaps still arriving
 
     def refuse_unreceived(self, message: str) -> bool:
