@@ -11,7 +11,13 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   mark) for ``body_timeout`` seconds is cut (the connection is aborted, dropping what it did not read),
   so a slow reader holds its answer, and its share of the in-flight budget, for at most that long.
 - **Request head size**: at most ``max_header_bytes`` of request line and headers, counted as they
-  arrive; above it 431 and the connection closes (httptools itself buffers a header of any size).
+  arrive; above it 431 and the connection closes (httptools itself buffers a header of any size). At
+  most ``MAX_HEADER_FIELDS`` fields. A chunked body's framing since its last chunk (chunk lines, trailer
+  fields) is held to the same limit.
+- **Pipelining**: at most ``MAX_PIPELINED`` requests queued behind the one being answered, and their
+  targets, fields and bodies at most ``max_header_bytes`` together; past either the connection is cut.
+- **Protocol switches** (``Connection: upgrade``): never made; the request is served as HTTP/1.1 and its
+  connection closed after the answer.
 - **An answer before the body is in** (a 413 to a body that inflates too far): on a keep-alive
   connection the rest of the body is read and dropped (not counted as the next request's head); on one
   that closes after the answer, the write side is shut and the rest read and dropped for up to
@@ -22,7 +28,8 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   client address holding the most connections holds at least two more than the new one's address
   (``fairness.gives_way``, as in a model's queue), one of that address's connections that is idle or
   still sending its request (head or body) is closed to make room: an idle one first, else the one that
-  has sent least, else the oldest; a request it was sending is answered 503 with ``Retry-After``. When
+  has sent least, else the oldest; a request it was sending is answered 503 with ``Retry-After``. Else
+  the oldest whose client does not read the answer being written is aborted. When
   that address has none of those, its newest request that only waits at its model (queued, or waiting
   for room for its text; no execution of it begun: ``core.progress``) is withdrawn
   (``InferenceCall.withdraw``): it leaves its queue without running, is answered like a full queue (503
@@ -315,7 +322,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_started = False
         self._head_bytes = 0
         self._head_fields = 0  # header fields of the head being parsed
-        self._pipelined_bytes = 0  # header bytes of heads parsed behind the request being answered
+        self._pipelined_bytes = 0  # bytes of the requests (targets, fields, bodies) queued behind the one answered
         self._body_bytes = 0
         self._framing = 0  # bytes of the body's framing read since its last chunk: chunk lines, trailers
         self._reserve = False
