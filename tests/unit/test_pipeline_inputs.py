@@ -52,3 +52,12 @@ def test_token_inputs_that_are_not_batch_by_sequence_are_refused_at_load(tmp_pat
     specs = [TensorSpec(name, from_v2("INT64"), (-1, 1, -1)) for name in ("input_ids", "attention_mask")]
     with pytest.raises(ConfigError, match=r"token inputs 'input_ids', 'attention_mask' are not \[batch, sequence\]"):
         load_pipeline(folder, specs)
+
+
+def test_graph_inputs_the_pipeline_does_not_name_are_refused_at_load(tmp_path: Path) -> None:
+    """A pipeline that named only input_ids over a graph that also took attention_mask [batch, 1, n]: text
+    requests could not fill it, and token tensors were measured by input_ids alone: an attention_mask of
+    24,000 beside a 4-token input_ids ran at +2.2 GB (outside attack rt18)."""
+    folder = _folder(tmp_path, ["input_ids"])
+    with pytest.raises(ConfigError, match="the graph's inputs 'attention_mask' are not among the pipeline's inputs"):
+        load_pipeline(folder, _specs(["input_ids", "attention_mask"]))

@@ -477,10 +477,17 @@ def load_pipeline(
                 f"{folder}: the pipeline's inputs {', '.join(map(repr, others))} are not token inputs a tokenizer "
                 f"fills ({', '.join(TOKEN_INPUTS)}); name the graph's token inputs so"
             )
+        unfilled = [name for name in names if name not in spec.inputs]
+        if unfilled:  # a text request could not fill them, and their lengths would be read nowhere
+            raise ConfigError(
+                f"{folder}: the graph's inputs {', '.join(map(repr, unfilled))} are not among the pipeline's "
+                f"inputs ({', '.join(spec.inputs)}); a text request fills every input of the graph"
+            )
         ranks = {s.name: len(s.shape) for s in graph_inputs}
         if other_ranks := [name for name in spec.inputs if ranks.get(name, 2) != 2]:
             # a text request cannot fill them, and lengths, chunks and execution memory are read from the
-            # [batch, sequence] tensors: a [1, 1, 12288] input_ids ran whole at +4.6 GB (outside attack rt17)
+            # [batch, sequence] tensors: a [1, 1, 12288] input_ids ran whole at +4.6 GB (outside attack rt17),
+            # an attention_mask [1, 1, 24000] the pipeline did not name beside a 4-token input_ids +2.2 GB (rt18)
             raise ConfigError(
                 f"{folder}: the pipeline's token inputs {', '.join(map(repr, other_ranks))} are not "
                 "[batch, sequence] in the graph (rank 2); a text pipeline feeds tokens so"
