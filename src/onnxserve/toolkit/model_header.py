@@ -44,8 +44,9 @@ class FileHeader:
     declared: int = 0
     """The bytes the values of its tensors stored in the file take once read, by their dims and type
     (initializers, sparse ones as dense, and attribute tensors, of subgraphs too; not STRING ones, nor
-    those in external data files): typed fields store small values in fewer bytes (an int64 0 in
-    ``int64_data`` is one byte of file, eight read), and a sparse tensor is made dense to run."""
+    those in external data files), twice for values in typed fields (protobuf's array, then numpy's):
+    typed fields store small values in fewer bytes (an int64 0 in ``int64_data`` is one byte of file,
+    sixteen read; an INT8 in ``int32_data`` one byte, five read), and a sparse tensor is made dense to run."""
     names: int = 0
     """The bytes of its nodes' input, output and node names and doc strings, and of its graphs' input,
     output and value_info entries, at any depth: each name appears several times in a graph document."""
@@ -78,6 +79,10 @@ _NODE_NAME_FIELDS = frozenset((1, 2, 3, 6))
 
 _GRAPH_VALUE_FIELDS = frozenset((11, 12, 13))
 """GraphProto.input, .output, .value_info."""
+
+_TYPED_FIELD_BYTES = {4: 4, 5: 4, 7: 8, 10: 8, 11: 8}
+"""TensorProto's typed value fields (float_data, int32_data, int64_data, double_data, uint64_data) and the
+bytes protobuf keeps per element of each once parsed (an INT8 or BOOL value in int32_data takes 4)."""
 
 _STRING_TYPE = 8
 """TensorProto.STRING: its values are counted one by one (``strings``)."""
@@ -197,10 +202,13 @@ class _Walk:
         """The external data reference of the TensorProto in ``data[start:end]``, if it has one, and its
         string values."""
         location, length = "", -1
-        elements, data_type = 1, 0
+        elements, data_type, parsed = 1, 0, 0
         for number, wire, _, entry_start, entry_end in protobuf_wire.fields(self.data, start, end):
             if number == _TENSOR_STRING_DATA and wire == protobuf_wire.LENGTH_DELIMITED:
                 self.strings += 1
+                continue
+            if number in _TYPED_FIELD_BYTES:
+                parsed = _TYPED_FIELD_BYTES[number]
                 continue
             if number == _TENSOR_DIMS:
                 elements *= self._product(wire, entry_start, entry_end)
@@ -222,8 +230,8 @@ class _Walk:
                 length = int(value[:20])
         if location:
             self.external.append((location, length))
-        elif data_type != _STRING_TYPE:
-            self.declared += elements * _element_bytes(data_type)
+        elif data_type != _STRING_TYPE:  # values in a typed field are held by protobuf, then by numpy
+            self.declared += elements * (_element_bytes(data_type) + parsed)
 
     def _sparse(self, start: int, end: int) -> None:
         """A SparseTensorProto's dense size (what running it takes: ONNX Runtime makes it dense), by its

@@ -76,11 +76,16 @@ NODE_COST = 4 * 1024
 byte: a node costs about 30 bytes of file but 3.1 KiB in a graph document (its Python objects and JSON),
 1.9 KiB per side in a diff (measured on chains of 50,000 nodes: see docs/limits.md)."""
 
-EXPANDED_COST = 6
-"""A document's peak memory per byte its stored tensors take beyond the file once read (their dims and
-type against the file's size), beside ``COST_FACTOR`` per file byte: values in typed fields are parsed
-into protobuf's own arrays, then into numpy's (measured: 10 M int64 zeros, a 10 MB file, took +354 MB
-for the weights and +662 MB for a diff of it with itself, 4.4 and 4.1 per byte beyond the file)."""
+EXPANDED_COST = 4
+"""A document's peak memory per byte its stored tensors take beyond the file once read (``declared``:
+their dims and type, counted twice in typed fields, against the file's size), beside ``COST_FACTOR`` per
+file byte (measured: 10 M int64 zeros, a 10 MB file, took +354 MB for the weights and +662 MB for a diff
+of it with itself, 2.3 and 2.2 per byte beyond the file; 20 M INT8 zeros in ``int32_data``, a 20 MB file,
++256 MB for a graph document, 3.2 per byte beyond it)."""
+
+PROPERTY_COST = 256
+"""A document's peak memory per metadata property of the model (its key and value as Python strings,
+and in the document): 1 M short properties, a 12.9 MB file, took +224 MB for a graph document (rt18)."""
 
 NAME_COST = 5
 """A graph or diff document's peak memory per byte of its nodes' and values' names, beside ``COST_FACTOR``
@@ -289,10 +294,10 @@ class DocumentCache:
         """What the model at ``path`` costs beyond its file, from its cached header: ``cost_factor`` per
         byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
         read like the file's own weights, once per tensor that names them), ``EXPANDED_COST`` per byte its
-        stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string value
-        of its tensors and attributes, and, for a graph or a diff, ``NAME_COST`` per byte of its names and
-        ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and compared too);
-        a TooLargeError past ``max_nodes``."""
+        stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string
+        value of its tensors and attributes, ``PROPERTY_COST`` per metadata property, and, for a graph or a
+        diff, ``NAME_COST`` per byte of its names and ``NODE_COST`` per node (its subgraphs' and functions'
+        included: they are parsed and compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
         # values that take more once read than they take in the file: small numbers in typed fields, sparse
@@ -300,6 +305,7 @@ class DocumentCache:
         # with sparse initializers +3.8 GB: rt17)
         expanded = max(0, header.declared - _file_size(path))
         cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + header.strings * STRING_COST
+        cost += header.properties_total * PROPERTY_COST
         if not nodes:
             return cost
         cost += header.names * NAME_COST
