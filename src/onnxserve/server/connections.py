@@ -120,6 +120,14 @@ PROBE_PATHS = frozenset(path.encode("ascii") for path in (*OPEN_HTTP_PATHS, METR
 MAX_HEADER_FIELDS = 100
 """Header fields one HTTP request head may have (Apache's default; browsers send about 20): past it, 431."""
 
+CHUNKS_FREE = 1024
+"""Chunks a chunked body may have before their average size counts (``MIN_CHUNK_AVERAGE``)."""
+
+MIN_CHUNK_AVERAGE = 256
+"""Bytes of data a chunked body's chunks must average past ``CHUNKS_FREE`` of them: each chunk costs the
+event loop Python calls, and a body streamed as 1-byte chunks (6 bytes of wire each) from 30 connections
+held probes for 19 s (outside attack rt18). Clients stream chunks of kilobytes."""
+
 MAX_PIPELINED = 32
 """Requests one HTTP/1.1 connection may queue behind the one being answered (pipelining); past it the
 connection is closed. uvicorn stops reading once one is queued, but parses every request of a read it
@@ -325,6 +333,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._pipelined_bytes = 0  # bytes of the requests (targets, fields, bodies) queued behind the one answered
         self._body_bytes = 0
         self._framing = 0  # bytes of the body's framing read since its last chunk: chunk lines, trailers
+        self._chunks = 0  # chunks of the body being received
         self._reserve = False
         self._refused = False
         self._address = ""
@@ -761,6 +770,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._body_bytes = 0
         self._framing = 0
+        self._chunks = 0
         head = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
         if head > self.limits.max_header_bytes:
             self._head_too_large()
@@ -800,24 +810,41 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_chunk_complete(self) -> None:
         """A chunk of a chunked body is complete (the last one with its trailer fields): what it held beyond
-        its data is counted from here again."""
+        its data is counted from here again; past ``CHUNKS_FREE`` chunks they must average
+        ``MIN_CHUNK_AVERAGE`` bytes."""
         self._framing = 0
+        self._chunks += 1
+        if self._chunks > CHUNKS_FREE and self._body_bytes < self._chunks * MIN_CHUNK_AVERAGE and not self._refused:
+            log.info(
+                "refused a chunked request body of more than %d chunks averaging under %d bytes",
+                CHUNKS_FREE,
+                MIN_CHUNK_AVERAGE,
+            )
+            self._refuse_body(
+                "400 Bad Request",
+                f"the request body's chunks average under {MIN_CHUNK_AVERAGE} bytes after {CHUNKS_FREE} of them; "
+                "send larger chunks, or a Content-Length body",
+            )
 
     def _framing_too_large(self) -> None:
         """A chunked body's framing passed ``--max-header-bytes`` since its last chunk: trailer fields (or a
         chunk line) that do not end. The parser keeps such a field as one bytes object it extends with each
         read (quadratic), which nothing else counted: 40 connections of 20 MiB of one trailer value held
-        +801 MB and probes 15.6 s (outside attack rt16). Answered 431 when nothing of its answer went out
-        yet, else closed."""
-        cycle = self.cycle
+        +801 MB and probes 15.6 s (outside attack rt16)."""
         log.info("refused a chunked request body whose framing passed %d bytes", self.limits.max_header_bytes)
+        self._refuse_body(
+            "431 Request Header Fields Too Large",
+            f"the request body's chunk lines or trailer fields are larger than {self.limits.max_header_bytes} "
+            "bytes (--max-header-bytes)",
+        )
+
+    def _refuse_body(self, status: str, message: str) -> None:
+        """Refuse the request whose body is arriving: answered ``status`` when nothing of its answer went out
+        yet, else the connection is closed."""
+        cycle = self.cycle
         if cycle is not None and not cycle.response_started and not self.transport.is_closing():
             cycle.response_started = True  # nothing else may answer on this connection now
-            self._refuse(
-                "431 Request Header Fields Too Large",
-                f"the request body's chunk lines or trailer fields are larger than {self.limits.max_header_bytes} "
-                "bytes (--max-header-bytes)",
-            )
+            self._refuse(status, message)
             return
         self._refused = True
         self._cancel_timers()
