@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 
-from onnxserve.protocols import inflight
+from onnxserve.core.memory import release_frames
 
 
 class Payload:
@@ -26,7 +26,7 @@ def test_an_answered_error_no_longer_keeps_its_frames_data() -> None:
         try:
             handler()
         except ValueError as e:
-            inflight.release_frames(e)
+            release_frames(e)
         assert probe[0]() is None  # freed at once, not when the collector runs
     finally:
         gc.enable()
@@ -49,7 +49,7 @@ def test_one_error_answered_in_one_request_leaves_the_others_handling_it_alone()
                 if first:
                     await handled.wait()  # still answering it, suspended
                     return "answered"
-                inflight.release_frames(e)
+                release_frames(e)
                 handled.set()
                 return "released"
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
 from onnxserve.core.client_text import shown
 from onnxserve.core.daemon_calls import call_in_daemon_thread
+from onnxserve.core.memory import give_back_free_memory, release_frames
 from onnxserve.core.observe import VersionRecord
 from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
@@ -380,6 +381,10 @@ class ModelManager:
             version = await self._loaded(config, folder)
         except Exception as e:  # whatever a version's files make the loader raise is that version's failure
             message = e.message if isinstance(e, OnnxServeError) else f"{type(e).__name__}: {e}"
+            release_frames(e)
+            # what the failed load took (a parsed model, weights half copied) goes back to the system: a model
+            # that ran out of memory as it loaded kept 670 MB a try (outside attack rt18)
+            await asyncio.to_thread(give_back_free_memory)
             again = self.registry.failures.get((config.name, folder.version)) == message
             self.registry.failures[(config.name, folder.version)] = message
             self._failed_signatures[(config.name, folder.model_file)] = await asyncio.to_thread(folder.signature)

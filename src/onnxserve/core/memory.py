@@ -105,3 +105,24 @@ def give_back_free_memory() -> None:
             (time.perf_counter() - started) * 1e3,
             (time.thread_time() - cpu) * 1e3,
         )
+
+
+def release_frames(error: BaseException) -> None:
+    """Drop the tracebacks of ``error`` and of the errors it was raised from or during.
+
+    Call it once the error has been answered (and logged), or a failed model load reported. A frame that
+    keeps its error (``refused = ...; raise refused``, or a handler that keeps what it caught) makes a
+    reference cycle through the traceback, which only the garbage collector frees, and it runs on object
+    counts, not bytes: refused 60 MiB gRPC messages and their tensors stayed in memory, outside every
+    budget, until it happened to run; a model load that ran out of memory kept 670 MB a try (the error,
+    its traceback, the frame awaiting the load, the load's future). Dropping the traceback breaks the
+    cycle. The frames themselves are not cleared: one error object may be raised in several requests at
+    once (a stopped scheduler's refusal), so its traceback can hold the frames of other requests'
+    coroutines that still run, and clearing a suspended coroutine's frame finalizes it (its task then
+    never finishes: a drain that timed out left such requests unanswered)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__

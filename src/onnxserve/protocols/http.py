@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from onnxserve.core.memory import release_frames
 from onnxserve.errors import ErrorKind, OnnxServeError
 from onnxserve.protocols import context, inflight
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
@@ -208,14 +209,14 @@ def guarded(
         # Once answered, the request's body and tensors go at once, not when the garbage collector runs.
         except OnnxServeError as e:
             answer = failed(request, e)
-            inflight.release_frames(e)
+            release_frames(e)
         except MemoryError as e:  # short of memory now (a large body under a tight limit): the client may retry
             log.warning("no memory for %s %s: answered 503", request.method, request.url.path)
             answer = failed(request, inflight.no_memory("for this request"))
-            inflight.release_frames(e)
+            release_frames(e)
         except Exception as e:
             answer = failed(request, None)
-            inflight.release_frames(e)
+            release_frames(e)
         return answer
 
     setattr(endpoint, _ROLE, role)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from onnxserve.core.memory import release_frames
 from onnxserve.core.wire import output_bytes, response_too_large
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.protocols import context, inflight, offload
@@ -253,7 +254,7 @@ class InferenceServicer:
                 log.exception("unexpected error in ModelStreamInfer")
                 message = "internal server error"
             del error  # nothing the message brought may stay reachable from a reference cycle (see _unary)
-            inflight.release_frames(e)
+            release_frames(e)
             echo = pb.ModelInferResponse()
             if request is not None:
                 echo = pb.ModelInferResponse(
@@ -319,7 +320,7 @@ def _unary(
             # collector runs: nothing the call received may stay reachable from them.
             del error
             unparsed.clear()
-            inflight.release_frames(e)
+            release_frames(e)
             await grpc_context.abort(code, message, ((context.REQUEST_ID_METADATA, request_id),))
             raise  # abort raises; this line only tells type checkers so
         finally:
