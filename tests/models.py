@@ -154,6 +154,25 @@ def warm_up_loop_model(steps: int, size: int) -> onnx.ModelProto:
     )
 
 
+def token_count_classifier(classes: int) -> onnx.ModelProto:
+    """A text classifier over ``input_ids`` and ``attention_mask`` (``classes`` >= 2) whose logits are the
+    row's token count for class 0 and minus it for every other class: any text is class 0."""
+    return parse(
+        f"""
+        classifier (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, {classes}] logits)
+        {{
+            maskf = Cast <to = 1> (attention_mask)
+            axes = Constant <value = int64[1] {{1}}> ()
+            total = ReduceSum <keepdims = 1> (maskf, axes)
+            negative = Neg(total)
+            others = Constant <value = int64[2] {{1, {classes - 1}}}> ()
+            rest = Expand(negative, others)
+            logits = Concat <axis = 1> (total, rest)
+        }}
+        """
+    )
+
+
 def write_version(repository: Path, name: str, version: int, model: onnx.ModelProto) -> Path:
     folder = repository / name / str(version)
     folder.mkdir(parents=True, exist_ok=True)

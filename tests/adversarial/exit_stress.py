@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 import psutil
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, alive, cpu_seconds, held_stream, serve_capped
 
 import models
 from onnxserve.protocols.offload import INLINE_VALUES, PROCESS_BYTES, WATCHDOG_NAME
@@ -133,52 +133,22 @@ def slow_sender(server: CappedServer, stop: threading.Event) -> None:
 
 def grpc_stream(server: CappedServer, stop: threading.Event) -> None:
     """A ModelStreamInfer stream that stays open, sending one small request."""
-
-    def requests_() -> object:
-        request = pb.ModelInferRequest(model_name="total")
-        request.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3])
-        yield request
-        stop.wait(60)
-
-    try:
-        with grpc.insecure_channel(server.grpc_target) as channel:
-            call = channel.stream_stream(
-                "/inference.GRPCInferenceService/ModelStreamInfer",
-                request_serializer=pb.ModelInferRequest.SerializeToString,
-                response_deserializer=pb.ModelStreamInferResponse.FromString,
-            )
-            for _ in call(requests_(), timeout=60):
-                pass
-    except grpc.RpcError:
-        pass
-
-
-def _cpu(process: psutil.Process) -> float:
-    try:
-        times = process.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    request = pb.ModelInferRequest(model_name="total")
+    request.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3])
+    with contextlib.suppress(grpc.RpcError):
+        for _ in held_stream(server.grpc_target, request, stop, timeout=60):
+            pass
 
 
 def decoding_workers(server: CappedServer) -> list[psutil.Process]:
     """The decoding workers whose CPU time grows over 0.1 s (busy parsing)."""
     candidates = []
-    for process in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if process.ppid() != server.process.pid and process.name() != WATCHDOG_NAME:
-                candidates.append((process, _cpu(process)))
-        except psutil.Error:
-            continue
+    for process in server.workers():
+        with contextlib.suppress(psutil.Error):
+            if process.name() != WATCHDOG_NAME:
+                candidates.append((process, cpu_seconds(process)))
     time.sleep(0.1)
-    return [process for process, before in candidates if _cpu(process) - before > 0.02]
+    return [process for process, before in candidates if cpu_seconds(process) - before > 0.02]
 
 
 def py_spy(pid: int) -> str:
@@ -195,7 +165,7 @@ def one_round(number: int, repo: Path, args: argparse.Namespace) -> Round:
     signum = random.choice([signal.SIGTERM, signal.SIGTERM, signal.SIGINT])
     result = Round(number, signal.Signals(signum).name, random.uniform(args.min_delay, args.max_delay))
     server = serve_capped(repo, "--drain-timeout", str(args.drain), "--request-timeout", "60")
-    started = psutil.Process(server.process.pid).children(recursive=True)
+    started = server.descendants()
     stop = threading.Event()
     lock = threading.Lock()
     threads = [threading.Thread(target=flood, args=(server, stop, result.statuses, lock)) for _ in range(args.threads)]
@@ -214,7 +184,7 @@ def one_round(number: int, repo: Path, args: argparse.Namespace) -> Round:
                 victim.kill()
                 result.killed_worker = str(victim.pid)
                 time.sleep(random.uniform(0, 0.5))
-        started = psutil.Process(server.process.pid).children(recursive=True)
+        started = server.descendants()
         logged = len(server.log_lines)
         stopping = time.monotonic()
         server.process.send_signal(signum)
@@ -231,7 +201,7 @@ def one_round(number: int, repo: Path, args: argparse.Namespace) -> Round:
         time.sleep(0.5)
         result.log = "".join(server.log_lines[logged:])
         time.sleep(1)
-        result.leftovers = sum(1 for p in started if _alive(p))
+        result.leftovers = sum(1 for p in started if alive(p))
         for p in started:
             with contextlib.suppress(psutil.Error):
                 p.kill()

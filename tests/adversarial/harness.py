@@ -13,12 +13,13 @@ import json
 import re
 import resource
 import selectors
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,40 @@ class CappedServer:
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
+    def descendants(self) -> list[psutil.Process]:
+        """The processes the server started (the JSON decoding workers' fork server, resource tracker,
+        workers and watchdogs), those still running."""
+        return [p for p in psutil.Process(self.process.pid).children(recursive=True) if alive(p)]
+
+    def workers(self) -> list[psutil.Process]:
+        """The JSON decoding workers (the fork server's children) and their watchdogs."""
+        found = []
+        for process in self.descendants():
+            with contextlib.suppress(psutil.Error):  # one that has just exited
+                if process.ppid() != self.process.pid:
+                    found.append(process)
+        return found
+
+    def terminate(self) -> float:
+        """Sends SIGTERM (the drain begins): the ``time.monotonic()`` it was sent at."""
+        stopping = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        return stopping
+
+    def exit_code(self, timeout: float = 60, before: str = "") -> int:
+        """The process's exit status once it exits; fails when it has not within ``timeout`` seconds of
+        its SIGTERM (``before``: what it did before the fix, for the message)."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the server did not exit within {timeout:g} s of SIGTERM{before}") from None
+
+    def terminated(self, timeout: float = 60, before: str = "") -> tuple[int, float]:
+        """SIGTERM, then the exit status and the seconds the process took to exit (``exit_code``)."""
+        stopping = self.terminate()
+        code = self.exit_code(timeout, before)
+        return code, time.monotonic() - stopping
+
     def probe_seconds(self, path: str = "/v2/health/ready", timeout: float = 10) -> float:
         """Seconds one fresh-connection GET of ``path`` took; raises if it did not answer 200."""
         started = time.perf_counter()
@@ -123,6 +158,23 @@ class CappedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def alive(process: psutil.Process) -> bool:
+    """Whether ``process`` still runs (not gone, not a zombie)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    """The CPU time ``process`` has used (0 once it is gone)."""
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def serve_capped(
@@ -199,6 +251,7 @@ def said_until_closed(sock: socket.socket, timeout: float) -> bytes:
 
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MODEL_STREAM_INFER = "/inference.GRPCInferenceService/ModelStreamInfer"
 UNLIMITED_MESSAGES = (("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1))
 """Channel options that lift the client's own limits on message size, both ways."""
 
@@ -239,3 +292,23 @@ def fill_request(n: int, model: str = "fill") -> pb.ModelInferRequest:
     request.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(n)
     request.outputs.add(name="y")
     return request
+
+
+def held_stream(
+    target: str, request: pb.ModelInferRequest, stop: threading.Event, timeout: float = 120
+) -> Iterator[pb.ModelStreamInferResponse]:
+    """A ModelStreamInfer stream to ``target`` that sends ``request`` and stays open until ``stop`` is set
+    (or ``timeout`` passes): its answers as they come; raises the call's ``grpc.RpcError``. The channel
+    closes when the stream ends or its caller stops reading."""
+
+    def messages() -> Iterator[pb.ModelInferRequest]:
+        yield request
+        stop.wait(timeout)
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            MODEL_STREAM_INFER,
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        yield from call(messages(), timeout=timeout)

@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from harness import CappedServer, grpc_answer, serve_config
+from harness import CappedServer, grpc_answer, held_stream, serve_config
 
 import models
 from onnxserve.config import DynamicBatching
@@ -86,22 +84,11 @@ def _unary(server: CappedServer) -> tuple[int, str]:
 
 def _stream(server: CappedServer, stop: threading.Event) -> tuple[int, str]:
     """A ModelStreamInfer stream that sends one long request and stays open: its one message's answer."""
-
-    def messages() -> Iterator[pb.ModelInferRequest]:
-        yield slow_request()
-        stop.wait(120)
-
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.stream_stream(
-            "/inference.GRPCInferenceService/ModelStreamInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelStreamInferResponse.FromString,
-        )
-        try:
-            for answer in call(messages(), timeout=120):
-                return grpc.StatusCode.UNAVAILABLE.value[0], f"stream message: {answer.error_message}"
-        except grpc.RpcError as e:
-            return e.code().value[0], f"stream ended {e.code().name}: {e.details()}"
+    try:
+        for answer in held_stream(server.grpc_target, slow_request(), stop):
+            return grpc.StatusCode.UNAVAILABLE.value[0], f"stream message: {answer.error_message}"
+    except grpc.RpcError as e:
+        return e.code().value[0], f"stream ended {e.code().name}: {e.details()}"
     return 0, "the stream ended without an answer"
 
 
@@ -144,15 +131,11 @@ def test_runs_still_going_when_the_drain_ends_are_answered_503_and_stopped(tmp_p
             what="the runs started and one request of each model waiting",
         )
         assert not answers, answers
-        stopping = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        stopping = server.terminate()
         for thread in threads:
             thread.join(timeout=60)
         answered = time.monotonic() - stopping
-        try:
-            code = server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the server did not exit within 60 s of SIGTERM") from None
+        code = server.exit_code()
         seconds = time.monotonic() - stopping
         print(f"SIGTERM to every answer: {answered:.2f} s, to exit: {seconds:.2f} s, with a {DRAIN} s drain")
         log = server.log()
@@ -231,14 +214,14 @@ def test_a_body_still_arriving_when_the_drain_begins_is_answered_503(tmp_path: P
             head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             sock.sendall(head + b"Content-Length: 5000000\r\n\r\n" + b"[" * 200_000)
             time.sleep(0.5)  # the head is in, its body arriving
-            server.process.send_signal(signal.SIGTERM)
+            server.terminate()
             said = b""
             with contextlib.suppress(OSError):
                 while chunk := sock.recv(65536):
                     said += chunk
         assert said.startswith(b"HTTP/1.1 503 "), said[:300]
         assert b"body was still arriving" in said
-        assert server.process.wait(timeout=60) == 0
+        assert server.exit_code() == 0
         log = server.log()
         assert "Exception in ASGI application" not in log, log[-3000:]
         assert "Traceback" not in log, log[-3000:]

@@ -29,13 +29,21 @@ SHAPES = ("32x32", "32x64", "8x128", "16x256", "4x512")
 SECONDS = 240
 QUICK = ("bert", "mpnet")
 """In the quick suite: BERT (its fused form's widest layer was misread on main) and MPNet (its fused form,
-attention left unfused, had no estimate); every architecture runs with ``-m long`` (``make redteam``)."""
+attention left unfused, had no estimate); every architecture, at every shape, runs with ``-m long``
+(``make redteam``)."""
+QUICK_SHAPES = ("4x512",)
+"""The quick suite's shape: the one whose estimate is nearest its measured peak. Its attention scores
+(tokens²) outweigh its activations, and above 32 MB of live tensors the estimate adds at most 64 MiB of
+heap slack, not twice them: estimate / measured 2.3 to 2.5 on plain BERT, plain MPNet and fused MPNet,
+where the shorter shapes have 3.1 to 5.8 (fused BERT, whose attention op keeps fewer copies: 4.2 to 6).
+A misread widest layer (fused BERT's 32 x 64 on main) fails the attention check of every shape."""
 
 Measured = dict[str, dict[str, Any]]
 
 
-def _measure(root: Path, architectures: tuple[str, ...]) -> Measured:
-    """Each architecture's tiny encoder, plain and fused, measured in one subprocess: ``{"ARCH FORM": found}``."""
+def _measure(root: Path, architectures: tuple[str, ...], shapes: tuple[str, ...]) -> Measured:
+    """Each architecture's tiny encoder, plain and fused, measured at ``shapes`` in one subprocess:
+    ``{"ARCH FORM": found}``."""
     versions: dict[str, Path] = {}
     for architecture in architectures:
         plain = tiny_encoders.tiny_encoder_version(root, architecture)
@@ -44,7 +52,7 @@ def _measure(root: Path, architectures: tuple[str, ...]) -> Measured:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     models = [str(version / "model.onnx") for version in versions.values()]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.execution_memory", "--json", *models, *SHAPES],
+        [sys.executable, "-m", "bench.execution_memory", "--json", *models, *shapes],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -57,11 +65,11 @@ def _measure(root: Path, architectures: tuple[str, ...]) -> Measured:
     return dict(zip(versions, lines, strict=True))
 
 
-def _below(found: dict[str, Any]) -> list[str]:
+def _below(found: dict[str, Any], shapes: tuple[str, ...]) -> list[str]:
     """The shapes whose estimate is below the measured peak; the attention must have been found (a graph
     without one is bounded in tokens only) with the feed-forward layer as its widest, fused or not."""
     assert found["attention"] == [tiny_encoders.HEADS, tiny_encoders.FEED_FORWARD], found
-    assert len(found["shapes"]) == len(SHAPES)
+    assert [f"{s['rows']}x{s['tokens']}" for s in found["shapes"]] == list(shapes)
     return [
         f"{s['rows']} x {s['tokens']}: estimate {s['estimate'] / 1e6:.1f} MB < measured {s['measured'] / 1e6:.1f} MB"
         for s in found["shapes"]
@@ -71,14 +79,14 @@ def _below(found: dict[str, Any]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> Measured:
-    return _measure(tmp_path_factory.mktemp("quick"), QUICK)
+    return _measure(tmp_path_factory.mktemp("quick"), QUICK, QUICK_SHAPES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", QUICK)
 @pytest.mark.parametrize("form", ["plain", "fused"])
 def test_the_estimate_is_at_least_the_measured_peak(quick: Measured, architecture: str, form: str) -> None:
-    assert not _below(quick[f"{architecture} {form}"])
+    assert not _below(quick[f"{architecture} {form}"], QUICK_SHAPES)
 
 
 @pytest.mark.long
@@ -86,6 +94,6 @@ def test_the_estimate_is_at_least_the_measured_peak(quick: Measured, architectur
 def test_every_exported_architecture_is_estimated_at_least_its_measured_peak(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    measured = _measure(tmp_path_factory.mktemp("every"), tiny_encoders.ARCHITECTURES)
-    below = {name: _below(found) for name, found in measured.items()}
+    measured = _measure(tmp_path_factory.mktemp("every"), tiny_encoders.ARCHITECTURES, SHAPES)
+    below = {name: _below(found, SHAPES) for name, found in measured.items()}
     assert not any(below.values()), below

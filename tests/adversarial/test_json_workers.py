@@ -15,9 +15,7 @@ import contextlib
 import os
 import signal
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer, serve_capped
+from harness import CappedServer, alive, cpu_seconds, held_stream, serve_capped
 
 import models
 from onnxserve.protocols.entry_count import MAX_ENTRIES
@@ -51,22 +49,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(repo: Path) -> Iterator[CappedServer]:
     with serve_capped(repo) as running:
         yield running
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def descendants(server: CappedServer) -> list[psutil.Process]:
-    return [p for p in psutil.Process(server.process.pid).children(recursive=True) if _alive(p)]
-
-
-def workers(server: CappedServer) -> list[psutil.Process]:
-    """The decoding workers (the fork server's children) and their watchdogs."""
-    return [p for p in descendants(server) if p.ppid() != server.process.pid]
 
 
 def post(server: CappedServer, path: str, body: bytes) -> requests.Response:
@@ -115,7 +97,7 @@ def test_the_request_timeout_covers_the_decode_and_stops_its_worker(repo: Path) 
         late = post(server, TFS, tfs_nan_body(60))  # seconds of parsing (NaN: the standard parser)
         assert late.status_code == 504, late.text[:300]
         assert "passed while its large JSON body waited for a decoding worker or was being decoded" in late.text
-        wait_until(lambda: workers(server) == [], timeout=60, what="the timed-out body's worker to be stopped")
+        wait_until(lambda: server.workers() == [], timeout=60, what="the timed-out body's worker to be stopped")
         assert small_sum(server) == 6.5
         assert server.alive()
 
@@ -126,13 +108,13 @@ def test_a_client_that_leaves_has_its_worker_stopped(server: CappedServer) -> No
         f"POST {TFS} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
-    before = {p.pid for p in workers(server)}
+    before = {p.pid for p in server.workers()}
     with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
         sock.sendall(head.encode("ascii") + body)
-        wait_until(lambda: {p.pid for p in workers(server)} - before != set(), timeout=60, what="a worker")
-        busy = [p for p in workers(server) if p.pid not in before]
+        wait_until(lambda: {p.pid for p in server.workers()} - before != set(), timeout=60, what="a worker")
+        busy = [p for p in server.workers() if p.pid not in before]
     # gone, not merely idle: a finished worker would stay for the next body
-    wait_until(lambda: not any(_alive(p) for p in busy), timeout=60, what="the left body's worker to be stopped")
+    wait_until(lambda: not any(alive(p) for p in busy), timeout=60, what="the left body's worker to be stopped")
     assert small_sum(server) == 6.5
     assert server.alive()
 
@@ -161,18 +143,18 @@ def test_workers_die_with_a_killed_server_even_when_they_cannot_run(repo: Path) 
     with serve_capped(repo) as server:
         served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
         assert served.status_code == 200, served.text[:300]
-        started = descendants(server)  # the fork server, the resource tracker, a worker and its watchdog
-        decoding = [p for p in workers(server) if p.name() != WATCHDOG_NAME]
+        started = server.descendants()  # the fork server, the resource tracker, a worker and its watchdog
+        decoding = [p for p in server.workers() if p.name() != WATCHDOG_NAME]
         assert decoding
         for process in decoding:
             os.kill(process.pid, signal.SIGSTOP)  # like a parse in C: no Python thread of the worker runs
         server.process.kill()
         server.process.wait(timeout=30)
         try:
-            wait_until(lambda: not any(_alive(p) for p in started), timeout=60, what="the workers to exit")
+            wait_until(lambda: not any(alive(p) for p in started), timeout=60, what="the workers to exit")
         finally:
             for process in started:
-                if _alive(process):
+                if alive(process):
                     process.kill()
 
 
@@ -190,25 +172,22 @@ def test_a_sigterm_with_stopped_workers_exits_promptly(repo: Path) -> None:
         )
         with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
             sock.sendall(head.encode("ascii") + body)
-            wait_until(lambda: workers(server) != [], timeout=60, what="a busy worker")
-            started = descendants(server)
-            for process in workers(server):
+            wait_until(lambda: server.workers() != [], timeout=60, what="a busy worker")
+            started = server.descendants()
+            for process in server.workers():
                 if process.name() != WATCHDOG_NAME:
                     os.kill(process.pid, signal.SIGSTOP)
-            stopping = time.monotonic()
-            server.process.send_signal(signal.SIGTERM)
-            code = server.process.wait(timeout=60)
-            seconds = time.monotonic() - stopping
+            code, seconds = server.terminated()
             answer = sock.recv(65536)
         print(f"SIGTERM to exit: {seconds:.2f} s")
         assert code == 0, server.log()[-2000:]
         assert seconds < 10, f"the server took {seconds:.1f} s to exit (30 s before)"
         assert answer.startswith(b"HTTP/1.1 503 "), answer[:300]
         assert b"the server is shutting down; this large JSON body was not decoded" in answer
-        wait_until(lambda: not any(_alive(p) for p in started), timeout=30, what="the workers to exit")
+        wait_until(lambda: not any(alive(p) for p in started), timeout=30, what="the workers to exit")
     finally:
         for process in started:
-            if _alive(process):
+            if alive(process):
                 process.kill()
         server.stop()
 
@@ -286,26 +265,18 @@ def _sending(worker: psutil.Process) -> bool:
         return False
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    try:
-        times = process.cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
-
-
 def test_a_worker_killed_while_decoding_is_refused_503_and_the_next_body_served(server: CappedServer) -> None:
     """A worker killed in the middle of a parse (``kill -9``, the OOM killer): its body is refused with 503
     + Retry-After, a new worker decodes the next body, and the server keeps serving."""
     body = flat_v2_body(8_000_000, b"1")  # 16 MB of short numbers: about a second of parsing
     answers: list[requests.Response] = []
     sender = threading.Thread(target=lambda: answers.append(post(server, V2, body)), daemon=True)
-    before = {p.pid: _cpu_seconds(p) for p in workers(server)}  # idle workers of earlier tests
+    before = {p.pid: cpu_seconds(p) for p in server.workers()}  # idle workers of earlier tests
     sender.start()
     decoding: list[psutil.Process] = []
 
     def decoding_started() -> bool:  # a worker that has parsed for 50 ms more than before
-        grown = [p for p in workers(server) if _cpu_seconds(p) - before.get(p.pid, 0.0) > 0.05]
+        grown = [p for p in server.workers() if cpu_seconds(p) - before.get(p.pid, 0.0) > 0.05]
         decoding[:] = [p for p in grown if p.name() != WATCHDOG_NAME]
         return bool(decoding)
 
@@ -329,7 +300,7 @@ def test_a_worker_killed_while_idle_is_not_handed_the_next_body(server: CappedSe
     holds its last body's memory) made the next, unrelated body fail with 503 (outside attack rt14 F5)."""
     body = flat_v2_body(PROCESS_BYTES // 10 + 1000)
     assert post(server, V2, body).status_code == 200
-    idle = [p for p in workers(server) if p.name() != WATCHDOG_NAME]
+    idle = [p for p in server.workers() if p.name() != WATCHDOG_NAME]
     assert idle
     for process in idle:
         process.kill()
@@ -357,12 +328,12 @@ def test_a_worker_killed_while_sending_its_result_is_refused_and_the_server_exit
         decoding: list[psutil.Process] = []
 
         def decoding_started() -> bool:
-            decoding[:] = [p for p in workers(server) if p.name() != WATCHDOG_NAME and _cpu_seconds(p) > 0.1]
+            decoding[:] = [p for p in server.workers() if p.name() != WATCHDOG_NAME and cpu_seconds(p) > 0.1]
             return bool(decoding)
 
         wait_until(decoding_started, timeout=60, what="a worker decoding the body")
         worker = decoding[0]
-        started = descendants(server)
+        started = server.descendants()
         server.process.send_signal(signal.SIGSTOP)  # nothing in the server reads the worker's result now
         try:
             wait_until(lambda: _sending(worker), timeout=60, what="the worker to block sending its result")
@@ -378,39 +349,23 @@ def test_a_worker_killed_while_sending_its_result_is_refused_and_the_server_exit
         assert small_sum(server) == 6.5
         served = post(server, V2, flat_v2_body(PROCESS_BYTES // 10 + 1000))
         assert served.status_code == 200, served.text[:300]
-        stopping = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            code = server.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the server did not exit within 30 s of SIGTERM (it waited forever)") from None
-        print(f"SIGTERM to exit: {time.monotonic() - stopping:.2f} s")
+        code, seconds = server.terminated(30, " (it waited forever)")
+        print(f"SIGTERM to exit: {seconds:.2f} s")
         assert code == 0, server.log()[-2000:]
     finally:
         for process in started:
-            if _alive(process):
+            if alive(process):
                 process.kill()
         server.stop()
 
 
 def _open_stream(server: CappedServer, opened: threading.Event, stop: threading.Event) -> None:
     """A ModelStreamInfer stream that sends one small request, reads its answer, and stays open."""
-
-    def messages() -> Iterator[pb.ModelInferRequest]:
-        request = pb.ModelInferRequest(model_name="total")
-        request.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3.5])
-        yield request
-        stop.wait(120)
-
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.stream_stream(
-            "/inference.GRPCInferenceService/ModelStreamInfer",
-            request_serializer=pb.ModelInferRequest.SerializeToString,
-            response_deserializer=pb.ModelStreamInferResponse.FromString,
-        )
-        with contextlib.suppress(grpc.RpcError):
-            for _ in call(messages(), timeout=120):
-                opened.set()
+    request = pb.ModelInferRequest(model_name="total")
+    request.inputs.add(name="x", datatype="FP32", shape=[3]).contents.fp32_contents.extend([1, 2, 3.5])
+    with contextlib.suppress(grpc.RpcError):
+        for _ in held_stream(server.grpc_target, request, stop):
+            opened.set()
 
 
 def test_sigterm_while_dense_bodies_are_decoded_exits_within_the_drain(repo: Path) -> None:
@@ -447,15 +402,9 @@ def test_sigterm_while_dense_bodies_are_decoded_exits_within_the_drain(repo: Pat
         assert opened.wait(60), "the gRPC stream did not open"
         for thread in threads:
             thread.start()
-        wait_until(lambda: statuses.count(200) >= 2 and workers(server) != [], timeout=120, what="bodies decoded")
-        started = descendants(server)
-        stopping = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            code = server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the server did not exit within 60 s of SIGTERM") from None
-        seconds = time.monotonic() - stopping
+        wait_until(lambda: statuses.count(200) >= 2 and server.workers() != [], timeout=120, what="bodies decoded")
+        started = server.descendants()
+        code, seconds = server.terminated()
         print(f"SIGTERM to exit: {seconds:.2f} s with a {drain} s drain; answers {sorted(set(statuses))}")
         assert code == 0, server.log()[-2000:]
         assert seconds < drain + 8, f"the server took {seconds:.1f} s to exit (12 s before)"
@@ -464,11 +413,11 @@ def test_sigterm_while_dense_bodies_are_decoded_exits_within_the_drain(repo: Pat
         assert set(statuses) <= {200, 503}, errors
         assert all("shutting down" in error for error in errors), errors
         assert "Exception in ASGI application" not in server.log()
-        wait_until(lambda: not any(_alive(p) for p in started), timeout=30, what="the workers to exit")
+        wait_until(lambda: not any(alive(p) for p in started), timeout=30, what="the workers to exit")
     finally:
         stop.set()
         for process in started:
-            if _alive(process):
+            if alive(process):
                 process.kill()
         server.stop()
 
@@ -493,10 +442,10 @@ def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) ->
     try:
         body = flat_v2_body(PROCESS_BYTES // 10 + 1000)
         assert post(server, V2, body).status_code == 200  # starts the fork server and one worker (kept idle)
-        started = descendants(server)
+        started = server.descendants()
         fork_server = [p for p in started if p.ppid() == server.process.pid and "forkserver" in " ".join(p.cmdline())]
         assert len(fork_server) == 1, [p.cmdline() for p in started]
-        for process in workers(server):
+        for process in server.workers():
             process.suspend()  # the idle worker takes a body and never answers
         fork_server[0].suspend()  # and a second body waits for a new worker's start
         answers: list[requests.Response] = []
@@ -506,13 +455,7 @@ def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) ->
         for sender in senders:
             sender.start()
         wait_until(lambda: _decoded_in_workers(server) >= 3, timeout=60, what="both bodies handed to the workers")
-        stopping = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            code = server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("the server did not exit within 60 s of SIGTERM (it waited forever)") from None
-        seconds = time.monotonic() - stopping
+        code, seconds = server.terminated(60, " (it waited forever)")
         print(f"SIGTERM to exit: {seconds:.2f} s with a {drain} s drain")
         assert code == 0, server.log()[-2000:]
         assert seconds < drain + 8, f"the server took {seconds:.1f} s to exit"
@@ -525,6 +468,6 @@ def test_a_sigterm_while_a_worker_is_being_started_exits_promptly(repo: Path) ->
         assert all(any(reason in a.text for reason in reasons) for a in answers), said
     finally:
         for process in started:
-            if _alive(process):
+            if alive(process):
                 process.kill()
         server.stop()

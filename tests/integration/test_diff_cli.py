@@ -1,4 +1,5 @@
-"""``onnxserve diff`` as a user runs it, on a tiny BERT exported here, its fused form and its int8 form."""
+"""``onnxserve diff`` as a user runs it, on the session's tiny BERT (``tiny_text_version``), its fused form
+and its int8 form."""
 
 from __future__ import annotations
 
@@ -20,11 +21,9 @@ from typer.testing import CliRunner
 
 import tiny_text_models
 from onnxserve.cli.main import app
-from onnxserve.toolkit.export.huggingface import HfExportOptions, export_huggingface
 
 ONNXSERVE = [sys.executable, "-m", "onnxserve.cli"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "onnx", "serves", "models"]
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -32,14 +31,12 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2-layer BERT (hidden 32) exported by onnxserve, optimized by ORT's transformer optimizer, and
-    dynamically quantized to int8."""
+def bert(tmp_path_factory: pytest.TempPathFactory, tiny_text_version: Path) -> dict[str, Path]:
+    """A 2-layer BERT (hidden 32) exported by onnxserve (the session's ``tiny_text_version``, only read
+    here), optimized by ORT's transformer optimizer, and dynamically quantized to int8."""
     root = tmp_path_factory.mktemp("diff-bert")
-    vocab = tiny_text_models.vocabulary(WORDS)
-    source = tiny_text_models.tiny_bert_folder(root / "source", words=WORDS)
-    plain = root / "bert" / "1"
-    export_huggingface(source, plain, HfExportOptions(task="feature-extraction", pooling="mean"))
+    vocab = tiny_text_models.vocabulary()
+    plain = tiny_text_version
     fused = root / "fused.onnx"
     optimize_model(str(plain / "model.onnx"), model_type="bert", num_heads=2, hidden_size=32).save_model_to_file(
         str(fused)

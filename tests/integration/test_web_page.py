@@ -110,30 +110,17 @@ def word_level_folder(folder: Path, model: onnx.ModelProto, spec: PipelineSpec) 
     spec.write(folder)
 
 
-def classifier_folder(folder: Path) -> None:
-    """A text-classification pipeline folder (word-level tokenizer) whose class labels are markup.
-
-    logits = [number of tokens, -number of tokens]: any text is class 0.
-    """
-    model = models.parse(
-        """
-        classifier (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, 2] logits) {
-            maskf = Cast <to = 1> (attention_mask)
-            axes = Constant <value = int64[1] {1}> ()
-            total = ReduceSum <keepdims = 1> (maskf, axes)
-            negative = Neg(total)
-            logits = Concat <axis = 1> (total, negative)
-        }
-        """
-    )
+def classifier_folder(folder: Path, labels: dict[int, str] = EVIL_LABELS) -> None:
+    """A text-classification pipeline folder (word-level tokenizer) of ``labels`` (by default two that are
+    markup): any text is class 0 (``models.token_count_classifier``)."""
     spec = PipelineSpec(
         task="text-classification",
         inputs=["input_ids", "attention_mask"],
         outputs=["logits"],
         max_length=16,
-        labels=EVIL_LABELS,
+        labels=labels,
     )
-    word_level_folder(folder, model, spec)
+    word_level_folder(folder, models.token_count_classifier(len(labels)), spec)
 
 
 def ranker_folder(folder: Path) -> None:
@@ -741,36 +728,11 @@ def test_web_page_in_a_browser(
     assert errors == []
 
 
-def _many_labels_classifier(folder: Path, count: int, label: str = "label-{}") -> dict[int, str]:
-    """A text-classification pipeline folder of ``count`` labels (logits: the token count, for each)."""
-    model = models.parse(
-        f"""
-        many (int64[batch, seq] input_ids, int64[batch, seq] attention_mask) => (float[batch, {count}] logits) {{
-            maskf = Cast <to = 1> (attention_mask)
-            axes = Constant <value = int64[1] {{1}}> ()
-            total = ReduceSum <keepdims = 1> (maskf, axes)
-            wide = Constant <value = int64[2] {{1, {count}}}> ()
-            logits = Expand(total, wide)
-        }}
-        """
-    )
-    labels = {i: label.format(i) for i in range(count)}
-    spec = PipelineSpec(
-        task="text-classification",
-        inputs=["input_ids", "attention_mask"],
-        outputs=["logits"],
-        max_length=16,
-        labels=labels,
-    )
-    word_level_folder(folder, model, spec)
-    return labels
-
-
 def test_large_info_answers_count_in_the_inflight_budget(tmp_path: Path) -> None:
     """TEI /info of a million labels made a 112 MB answer per request, counted nowhere: 32 at once ended the
     process (outside attack rt13 N4). It is encoded once, and counted while sent like an inference answer
     (RESOURCE_EXHAUSTED is 429 on TEI's routes)."""
-    _many_labels_classifier(tmp_path / "many" / "1", 40_000, "label-{}-" + "x" * 120)  # a 10 MB answer
+    classifier_folder(tmp_path / "many" / "1", {i: f"label-{i}-{'x' * 120}" for i in range(40_000)})  # a 10 MB answer
     config = parse_config({"model_config_list": [{"name": "many", "base_path": "many"}]}, "labels", tmp_path)
     settings = ServerSettings(http_port=0, grpc_port=0, log_level="warning", max_inflight_bytes=2 * 1024 * 1024)
     server = start_in_background(config, settings)
@@ -800,7 +762,8 @@ def test_a_version_page_lists_the_first_labels_and_properties_and_info_all_label
     TEI /info: probes waited 41 s, pages answered 500 on MemoryError (outside attack rt12 F8)."""
     from onnxserve.server.web import overview
 
-    labels = _many_labels_classifier(tmp_path / "many" / "1", overview.SHOWN_LABELS + 4000)
+    labels = {i: f"label-{i}" for i in range(overview.SHOWN_LABELS + 4000)}
+    classifier_folder(tmp_path / "many" / "1", labels)
     path = tmp_path / "many" / "1" / "model.onnx"
     model = onnx.load(path)
     model.doc_string = "d" * (overview.SHOWN_DOC_CHARACTERS + 500)
