@@ -233,3 +233,36 @@ def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tl
                 sock.close()
         wait_until(lambda: established(capped) == 0, timeout=10, what="the busy connections to close")
         served_normally(capped, tls_files["ca"])
+
+
+def test_connections_the_server_closed_give_their_slots_back_soon(
+    numeric_repository: Path, tls_files: dict[str, Path]
+) -> None:
+    """Outside attack rt18: TLS connections the server had closed (`Connection: close`) whose client never
+    answered the close kept their slots while the TLS layer waited for its close_notify (30 s): one address
+    held every slot, the probes' too, for 28 s a wave. The wait is now 2 s."""
+    cap = 10
+    with serve_capped(numeric_repository, *tls_args(tls_files), "--max-connections", str(cap)) as capped:
+        context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        held: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(cap + 16):  # every slot and the probe reserve
+                sock = context.wrap_socket(
+                    socket.create_connection((capped.host, capped.http_port), timeout=5), server_hostname="127.0.0.1"
+                )
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                held.append(sock)  # answered and closed by the server; this client never closes
+            started = time.monotonic()
+            wait_until(lambda: _probe_answers(capped, tls_files["ca"]), timeout=20, what="a probe answered")
+            assert time.monotonic() - started < 10  # before: 28 s
+            served_normally(capped, tls_files["ca"])
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def _probe_answers(server: CappedServer, ca_file: Path) -> bool:
+    try:
+        return probe_seconds(server, ca_file) >= 0
+    except (requests.RequestException, OSError):
+        return False
