@@ -601,6 +601,30 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
     check_still_serving(server, rss_before)
 
 
+def test_a_pipelined_request_refused_for_its_trailer_is_not_answered_ahead_of_the_one_before(
+    server: CappedServer,
+) -> None:
+    """Outside attack rt18: a request pipelined behind a running one, whose trailer field passed the head
+    limit, was answered 431 at once, ahead of the running request's answer, so the client read the 431 as
+    that answer. Such a connection is now closed instead, as for the other limits of pipelined requests."""
+    run = _slow_run()
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    pipelined = (
+        b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-T: "
+    )
+    said = b""
+    with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
+        sock.sendall(busy + pipelined)
+        with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
+            for _ in range(64):
+                sock.sendall(b"a" * 16384)
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                said += chunk
+    assert not said.startswith(b"HTTP/1.1 431 "), said[:300]
+    check_still_serving(server, server.rss_bytes())
+
+
 def test_chunked_bodies_of_tiny_chunks_are_refused(server: CappedServer) -> None:
     """Outside attack rt18: bodies streamed as 1-byte chunks (6 bytes of wire a byte, each chunk Python calls
     on the event loop) from 30 connections held probes 19 s. Past 1,024 chunks, a body's chunks must average

@@ -871,9 +871,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _refuse_body(self, status: str, message: str) -> None:
         """Refuse the request whose body is arriving: answered ``status`` when nothing of its answer went out
-        yet, else the connection is closed."""
+        yet and no request before it is still being answered, else the connection is closed (a refusal
+        written ahead of an earlier request's answer would be read as that answer: rt18)."""
         cycle = self.cycle
-        if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+        queued = bool(self.pipeline) and self.pipeline[0][0] is cycle
+        if cycle is not None and not cycle.response_started and not queued and not self.transport.is_closing():
             cycle.response_started = True  # nothing else may answer on this connection now
             self._refuse(status, message)
             return
