@@ -534,3 +534,32 @@ def test_metadata_properties_count_in_documents(tmp_path: Path) -> None:
         assert orjson.loads(await DocumentCache().graph(path))["nodes"]
 
     asyncio.run(scenario())
+
+
+def test_a_diff_does_not_run_models_whose_tensors_grow_by_input_values(tmp_path: Path) -> None:
+    """Outside attack rt18: two 366-byte versions of ``ConstantOfShape(5e8 * min(ceil(|x|), 1))`` loaded at
+    once (their warm-up feeds zeros) but built 5e8 floats on the diff's random inputs: +1.9 GB. Such models
+    are compared without running them, and the diff says why; a graph whose sizes follow its input shapes
+    still runs."""
+    sized = models.parse(
+        """
+        sized (float[1] x) => (float total) {
+            count = Cast <to = 7> (x)
+            big = ConstantOfShape(count)
+            total = ReduceSum <keepdims = 0> (big)
+        }
+        """
+    )
+    one, two = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(sized, one)
+    onnx.save(sized, two)
+
+    async def scenario() -> None:
+        found = orjson.loads(await DocumentCache().diff(one, two))["diff"]["numeric"]
+        assert found["ran"] is False
+        assert "may grow by its input values" in found["reason"]
+        assert "ConstantOfShape" in found["reason"]
+
+    asyncio.run(scenario())
+    plain = _model_file(tmp_path / "plain")
+    assert orjson.loads(asyncio.run(DocumentCache().diff(plain, plain)))["diff"]["numeric"]["ran"] is True

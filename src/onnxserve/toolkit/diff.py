@@ -27,6 +27,7 @@ import numpy.typing as npt
 import onnx
 
 from onnxserve.config import SessionOptions
+from onnxserve.core.inline_runs import why_values_set_sizes
 from onnxserve.core.repository import MODEL_FILENAME
 from onnxserve.core.runtime import guarded_session
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
@@ -544,6 +545,9 @@ class RunLimits:
     """The first axis of the first input: the comparison measures row by row."""
     values: int
     """Elements of all inputs together."""
+    sizes_from_shapes: bool = False
+    """Run only models whose tensors cannot grow past their inputs by the inputs' values
+    (``inline_runs.why_values_set_sizes``): a generated input may ask such a graph for gigabytes."""
 
     def refusal(self, feeds: Arrays) -> str | None:
         """Why ``feeds`` are too large to run, or None."""
@@ -595,6 +599,16 @@ def compare_outputs(
         if missing:
             raise InvalidInputError(f"samples lack input(s) {', '.join(missing)} that model {which} needs")
     too_large = limits.refusal(feeds) if limits is not None else None
+    if too_large is None and limits is not None and limits.sizes_from_shapes:
+        too_large = next(
+            (
+                f"not run: model {which}'s tensors may grow by its input values ({why}), so its run on "
+                "generated inputs is not bounded"
+                for which, model in (("A", a), ("B", b))
+                if (why := why_values_set_sizes(model)) is not None
+            ),
+            None,
+        )
     if too_large is not None:
         return NumericComparison(False, too_large, {n: list(v.shape) for n, v in feeds.items()}, generated)
     try:

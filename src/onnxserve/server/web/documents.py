@@ -102,9 +102,10 @@ MAX_NODES = 100_000
 and model-local functions' included. A browser cannot draw more, and the document of a larger one holds
 the interpreter for seconds."""
 
-DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20)
+DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20, sizes_from_shapes=True)
 """A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
-of 8 tokens); a model whose fixed input shapes ask for more is compared without running it."""
+of 8 tokens); a model whose fixed input shapes ask for more, or whose tensors may grow by its input
+values, is compared without running it."""
 
 HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
