@@ -506,6 +506,7 @@ def test_long_names_count_in_graph_documents(tmp_path: Path) -> None:
     path = tmp_path / "names.onnx"
     onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
     assert model_header.read_header(path).names >= 3 * len(name)
+    assert model_header.read_header(path).values == 2  # x and y; value_info entries count too (rt18)
 
     async def scenario() -> None:
         size = path.stat().st_size
@@ -563,3 +564,28 @@ def test_a_diff_does_not_run_models_whose_tensors_grow_by_input_values(tmp_path:
     asyncio.run(scenario())
     plain = _model_file(tmp_path / "plain")
     assert orjson.loads(asyncio.run(DocumentCache().diff(plain, plain)))["diff"]["numeric"]["ran"] is True
+
+
+def test_value_entries_count_in_graph_documents(tmp_path: Path) -> None:
+    """Outside attack rt18: a million value_info entries took +1,134 MB for a graph document counted at
+    171 MB; each input, output and value_info entry now counts ``VALUE_COST``."""
+    path = _model_file(tmp_path / "1")
+    model = onnx.load(path)
+    model.graph.value_info.extend(
+        onnx.helper.make_tensor_value_info(f"v{i}", onnx.TensorProto.FLOAT, [1]) for i in range(2000)
+    )
+    onnx.save(model, path)
+    header = model_header.read_header(path)
+    assert header.values >= 2000
+
+    async def scenario() -> None:
+        without_values = (
+            int(path.stat().st_size * documents.COST_FACTOR)
+            + header.names * documents.NAME_COST
+            + max(header.nodes, header.all_nodes) * documents.NODE_COST
+        )
+        with pytest.raises(TooLargeError):
+            await DocumentCache(memory=without_values + 1000).graph(path)
+        assert orjson.loads(await DocumentCache().graph(path))["nodes"]
+
+    asyncio.run(scenario())

@@ -50,6 +50,9 @@ class FileHeader:
     names: int = 0
     """The bytes of its nodes' input, output and node names and doc strings, and of its graphs' input,
     output and value_info entries, at any depth: each name appears several times in a graph document."""
+    values: int = 0
+    """Its graphs' input, output and value_info entries, at any depth: each is a value in a graph
+    document."""
     strings: int = 0
     """The string values of its tensors (``string_data`` of initializers and attribute tensors) and of its
     attributes' string lists, at any depth: each costs a Python object when read, far more than its bytes
@@ -143,6 +146,7 @@ def read_header(path: Path) -> FileHeader:
         all_nodes=walk.nodes,
         declared=walk.declared,
         names=walk.names,
+        values=walk.values,
         strings=walk.strings,
     )
 
@@ -156,6 +160,7 @@ class _Walk:
         self.strings = 0
         self.declared = 0
         self.names = 0
+        self.values = 0
         self.external: list[tuple[str, int]] = []  # (location, length; -1: to the file's end)
 
     def graph(self, start: int, end: int, node_field: int, depth: int) -> None:
@@ -174,6 +179,7 @@ class _Walk:
                 self._sparse(field_start, field_end)
             elif number in _GRAPH_VALUE_FIELDS and node_field == _GRAPH_NODE:
                 self.names += field_end - field_start
+                self.values += 1
 
     def _node(self, start: int, end: int, depth: int) -> None:
         for number, wire, _, attribute_start, attribute_end in protobuf_wire.fields(self.data, start, end):

@@ -92,6 +92,10 @@ NAME_COST = 5
 per file byte: a name appears in a node, its edges and its values (40 nodes of 1 MB names, a 117 MB
 file, took +707 MB for one graph document: outside attack rt17)."""
 
+VALUE_COST = 1536
+"""A graph or diff document's peak memory per input, output and value_info entry of its graphs (their
+Python objects and JSON): a million value_info entries took +1,134 MB for one graph document (rt18)."""
+
 STRING_COST = 128
 """A document's peak memory per string value of the model's tensors and attributes, beside ``COST_FACTOR``
 per file byte: the string as a Python object, its place in an array, and its text in a document (a
@@ -297,8 +301,9 @@ class DocumentCache:
         read like the file's own weights, once per tensor that names them), ``EXPANDED_COST`` per byte its
         stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string
         value of its tensors and attributes, ``PROPERTY_COST`` per metadata property, and, for a graph or a
-        diff, ``NAME_COST`` per byte of its names and ``NODE_COST`` per node (its subgraphs' and functions'
-        included: they are parsed and compared too); a TooLargeError past ``max_nodes``."""
+        diff, ``NAME_COST`` per byte of its names, ``VALUE_COST`` per value entry and ``NODE_COST`` per node
+        (its subgraphs' and functions' included: they are parsed and compared too); a TooLargeError past
+        ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
         # values that take more once read than they take in the file: small numbers in typed fields, sparse
@@ -309,7 +314,7 @@ class DocumentCache:
         cost += header.properties_total * PROPERTY_COST
         if not nodes:
             return cost
-        cost += header.names * NAME_COST
+        cost += header.names * NAME_COST + header.values * VALUE_COST
         nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much
         if nodes_in > self.max_nodes:
             raise TooLargeError(

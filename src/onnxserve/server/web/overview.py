@@ -84,6 +84,7 @@ class OnnxHeader:
     properties_total: int = 0  # every metadata property the file has
     declared: int = 0  # its stored tensors' bytes once read (by dims and type; sparse ones dense)
     names: int = 0  # bytes of its node and value names (each appears several times in a graph document)
+    values: int = 0  # its graphs' input, output and value_info entries
     strings: int = 0  # string values of its tensors and attributes (each a Python object when read)
 
 
@@ -235,6 +236,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         all_nodes=found.all_nodes,
         declared=found.declared,
         names=found.names,
+        values=found.values,
         strings=found.strings,
     )
 
