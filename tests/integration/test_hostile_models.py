@@ -184,7 +184,8 @@ def test_hostile_models_found_by_a_poll_fail_cleanly_and_the_good_model_keeps_se
     deadline = time.monotonic() + 60
     while True:
         listed = {e["name"]: e for e in httpx.post(f"{server.http_url}/v2/repository/index").json()}
-        if all(name in listed for name in [*reasons, "huge_input"]) or time.monotonic() > deadline:
+        found = [listed.get(name, {}).get("state") for name in [*reasons, "huge_input"]]
+        if all(state not in (None, "LOADING") for state in found) or time.monotonic() > deadline:
             break
         assert add_works(server)
         time.sleep(0.05)

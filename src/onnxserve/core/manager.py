@@ -382,9 +382,6 @@ class ModelManager:
         except Exception as e:  # whatever a version's files make the loader raise is that version's failure
             message = e.message if isinstance(e, OnnxServeError) else f"{type(e).__name__}: {e}"
             release_frames(e)
-            # what the failed load took (a parsed model, weights half copied) goes back to the system: a model
-            # that ran out of memory as it loaded kept 670 MB a try (outside attack rt18)
-            await asyncio.to_thread(give_back_free_memory)
             again = self.registry.failures.get((config.name, folder.version)) == message
             self.registry.failures[(config.name, folder.version)] = message
             self._failed_signatures[(config.name, folder.model_file)] = await asyncio.to_thread(folder.signature)
@@ -397,6 +394,10 @@ class ModelManager:
                 " again, for the same reason" if again else "",
                 message,
             )
+            # what the failed load took (a parsed model, weights half copied) goes back to the system: a model
+            # that ran out of memory as it loaded kept 670 MB a try (outside attack rt18); recorded first, so
+            # the index never shows the version neither loading nor failed
+            await asyncio.to_thread(give_back_free_memory)
             return None
         self.registry.failures.pop((config.name, folder.version), None)
         self._failed_signatures.pop((config.name, folder.model_file), None)
