@@ -562,6 +562,29 @@ def test_a_diff_does_not_run_models_whose_tensors_grow_by_input_values(tmp_path:
         assert "ConstantOfShape" in found["reason"]
 
     asyncio.run(scenario())
+    looping = models.parse(
+        """
+        looping (float[1] x) => (float[n] y) {
+            trips = Constant <value = int64 {30}> ()
+            zero = Constant <value = float {0.0}> ()
+            positive = Greater(x, zero)
+            go = Squeeze(positive)
+            y = Loop(trips, go, x) <body = step (int64 i, bool c, float[m] acc) => (bool c_out, float[k] twice) {
+                c_out = Identity(c)
+                twice = Concat <axis = 0> (acc, acc)
+            }>
+        }
+        """
+    )
+    onnx.save(looping, one)
+    onnx.save(looping, two)
+
+    async def repeated() -> None:  # a constant trip count, a condition from the input (rt19: +5.1 GB)
+        found = orjson.loads(await DocumentCache().diff(one, two))["diff"]["numeric"]
+        assert found["ran"] is False
+        assert "Loop" in found["reason"]
+
+    asyncio.run(repeated())
     plain = _model_file(tmp_path / "plain")
     assert orjson.loads(asyncio.run(DocumentCache().diff(plain, plain)))["diff"]["numeric"]["ran"] is True
 

@@ -157,19 +157,23 @@ GROWING_INPUTS: dict[str, tuple[int, ...]] = {
     "OneHot": (1,),
     "Resize": (2, 3),
     "Upsample": (1,),
-    "Loop": (0,),
 }
-"""The ``SIZE_INPUTS`` (and Loop's trip count) that can make a tensor, or a run, larger than the inputs:
-the others (Reshape, Slice, TopK's k, reduction axes, ...) only pick within what is there."""
+"""The ``SIZE_INPUTS`` that can make a tensor larger than the inputs: the others (Reshape, Slice, TopK's
+k, reduction axes, ...) only pick within what is there."""
+
+REPEATING_OPS = frozenset(("Loop", "Scan"))
+"""Operators that repeat a step: a step that doubles what it carries grows it exponentially, whatever sets
+the count (a constant trip count with a condition from input values took +5.1 GB: outside attack rt19)."""
 
 
 def why_values_set_sizes(model: onnx.ModelProto) -> str | None:
     """None when no tensor of ``model`` can grow past its inputs' sizes by their *values*: every
     :data:`GROWING_INPUTS` input, in the main graph and its subgraphs, is computed from constants and
-    input shapes only; otherwise why not. Weaker than :func:`why_not_shape_bounded` (any operator, fused
-    ones included, subgraphs too): what a run of generated inputs may be asked to allocate (the web diff
-    runs both models so: ``ConstantOfShape(5e8 * min(ceil(|x|), 1))`` took +1.9 GB on random inputs after
-    a warm-up on zeros, outside attack rt18)."""
+    input shapes only, and no :data:`REPEATING_OPS` repeats a step; otherwise why not. Weaker than
+    :func:`why_not_shape_bounded` (any other operator, fused ones included, subgraphs too): what a run of
+    generated inputs may be asked to allocate (the web diff runs both models so:
+    ``ConstantOfShape(5e8 * min(ceil(|x|), 1))`` took +1.9 GB on random inputs after a warm-up on zeros,
+    outside attack rt18)."""
     return _grows_by_values(model.graph, set())
 
 
@@ -179,6 +183,8 @@ def _grows_by_values(graph: onnx.GraphProto, outer: set[str]) -> str | None:
     static.update(init.name for init in graph.initializer if init.name not in inputs)
     static.update(init.values.name for init in graph.sparse_initializer if init.values.name not in inputs)
     for node in graph.node:
+        if node.op_type in REPEATING_OPS and node.domain in _DEFAULT_DOMAINS:
+            return f"operator {node.op_type} ({node.name or 'unnamed'}) repeats a step that may grow what it carries"
         for position in GROWING_INPUTS.get(node.op_type, ()) if node.domain in _DEFAULT_DOMAINS else ():
             if position < len(node.input) and node.input[position] and node.input[position] not in static:
                 return (
