@@ -380,7 +380,7 @@ def test_each_tensor_that_names_an_external_file_counts_it_subgraphs_included(tm
 
     async def scenario() -> None:
         size = path.stat().st_size
-        counted = (size + 5 * 4096) * documents.COST_FACTOR
+        counted = (size + 5 * 4096) * documents.COST_FACTOR + documents.PROPERTY_COST  # its one opset import
         fits = DocumentCache(memory=int(counted) + 1)
         await fits.weight_page(path, "w0", 0, 3)
         short = DocumentCache(memory=int(counted) - 1)
@@ -609,6 +609,34 @@ def test_value_entries_count_in_graph_documents(tmp_path: Path) -> None:
         )
         with pytest.raises(TooLargeError):
             await DocumentCache(memory=without_values + 1000).graph(path)
+        assert orjson.loads(await DocumentCache().graph(path))["nodes"]
+
+    asyncio.run(scenario())
+
+
+def test_attribute_lists_count_in_graph_documents(tmp_path: Path) -> None:
+    """Outside attack rt19: a Constant's ``value_ints`` of 30 M (a 90 MB model) made a graph document of
+    about 9 times its count, and the JSON encoder ended the process. Each number of an attribute list now
+    counts ``LIST_ITEM_COST`` (packed ints at one a byte, at most their count)."""
+    path = tmp_path / "model.onnx"
+    graph_ = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Constant", [], ["c"], value_ints=list(range(100_000))),
+            onnx.helper.make_node("Constant", [], ["f"], value_floats=[0.5] * 1000),
+            onnx.helper.make_node("Identity", ["x"], ["y"]),
+        ],
+        "lists",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
+    header = model_header.read_header(path)
+    assert 101_000 <= header.list_items <= path.stat().st_size  # 100,000 ints (1 to 3 bytes each), 1,000 floats
+
+    async def scenario() -> None:
+        size = path.stat().st_size
+        with pytest.raises(TooLargeError):
+            await DocumentCache(memory=int(size * documents.COST_FACTOR) + 100_000 * 8).graph(path)
         assert orjson.loads(await DocumentCache().graph(path))["nodes"]
 
     asyncio.run(scenario())

@@ -48,11 +48,16 @@ class FileHeader:
     typed fields store small values in fewer bytes (an int64 0 in ``int64_data`` is one byte of file,
     sixteen read; an INT8 in ``int32_data`` one byte, five read), and a sparse tensor is made dense to run."""
     names: int = 0
-    """The bytes of its nodes' input, output and node names and doc strings, and of its graphs' input,
-    output and value_info entries, at any depth: each name appears several times in a graph document."""
+    """The bytes of its nodes' input, output and node names and doc strings, at any depth: each name
+    appears several times in a graph document."""
     values: int = 0
     """Its graphs' input, output and value_info entries, at any depth: each is a value in a graph
     document."""
+    value_bytes: int = 0
+    """The bytes of those entries (names and types: a shape of millions of dims is one entry)."""
+    list_items: int = 0
+    """The numbers in its nodes' attribute lists (``ints``, ``floats``; packed ints counted at one a byte,
+    at most their count), at any depth: each is a Python number in a graph document."""
     strings: int = 0
     """The string values of its tensors (``string_data`` of initializers and attribute tensors) and of its
     attributes' string lists, at any depth: each costs a Python object when read, far more than its bytes
@@ -70,6 +75,9 @@ _MODEL_FUNCTIONS, _FUNCTION_NODE, _NODE_ATTRIBUTE, _ATTRIBUTE_GRAPH, _ATTRIBUTE_
 
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS, _ATTRIBUTE_STRINGS, _TENSOR_STRING_DATA = 5, 10, 9, 6
 """AttributeProto.t, .tensors, .strings; TensorProto.string_data."""
+
+_ATTRIBUTE_FLOATS, _ATTRIBUTE_INTS = 7, 8
+"""AttributeProto.floats, .ints."""
 
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _SPARSE_VALUES, _SPARSE_DIMS = 1, 2, 1, 3
 """TensorProto.dims, .data_type; SparseTensorProto.values, .dims."""
@@ -147,6 +155,8 @@ def read_header(path: Path) -> FileHeader:
         declared=walk.declared,
         names=walk.names,
         values=walk.values,
+        value_bytes=walk.value_bytes,
+        list_items=walk.list_items,
         strings=walk.strings,
     )
 
@@ -161,6 +171,8 @@ class _Walk:
         self.declared = 0
         self.names = 0
         self.values = 0
+        self.value_bytes = 0
+        self.list_items = 0
         self.external: list[tuple[str, int]] = []  # (location, length; -1: to the file's end)
 
     def graph(self, start: int, end: int, node_field: int, depth: int) -> None:
@@ -178,7 +190,7 @@ class _Walk:
             elif number == _GRAPH_SPARSE_INITIALIZER and node_field == _GRAPH_NODE:
                 self._sparse(field_start, field_end)
             elif number in _GRAPH_VALUE_FIELDS and node_field == _GRAPH_NODE:
-                self.names += field_end - field_start
+                self.value_bytes += field_end - field_start
                 self.values += 1
 
     def _node(self, start: int, end: int, depth: int) -> None:
@@ -194,6 +206,7 @@ class _Walk:
                 self.data, attribute_start, attribute_end
             ):
                 if field_wire != protobuf_wire.LENGTH_DELIMITED:
+                    self.list_items += field in (_ATTRIBUTE_FLOATS, _ATTRIBUTE_INTS)  # one unpacked item
                     continue
                 if field in (_ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS):
                     self.graph(value_start, value_end, _GRAPH_NODE, depth + 1)
@@ -201,6 +214,10 @@ class _Walk:
                     self._tensor(value_start, value_end)
                 elif field == _ATTRIBUTE_STRINGS:
                     self.strings += 1
+                elif field == _ATTRIBUTE_FLOATS:
+                    self.list_items += (value_end - value_start) // 4
+                elif field == _ATTRIBUTE_INTS:
+                    self.list_items += value_end - value_start
                 elif field in (_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS):
                     self._sparse(value_start, value_end)
 

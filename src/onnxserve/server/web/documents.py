@@ -96,6 +96,15 @@ VALUE_COST = 1536
 """A graph or diff document's peak memory per input, output and value_info entry of its graphs (their
 Python objects and JSON): a million value_info entries took +1,134 MB for one graph document (rt18)."""
 
+VALUE_BYTE_COST = 16
+"""A graph or diff document's peak memory per byte of those entries (a type's dims become Python numbers
+and JSON: 14 bytes a byte of file measured, outside attack rt19)."""
+
+LIST_ITEM_COST = 48
+"""A graph or diff document's peak memory per number in a node's attribute list (``ints``, ``floats``): a
+Constant's ``value_ints`` of 30 M took about 22 bytes each (rt19: a 90 MB model's document, admitted within
+the bound, ended the process in the JSON encoder)."""
+
 STRING_COST = 128
 """A document's peak memory per string value of the model's tensors and attributes, beside ``COST_FACTOR``
 per file byte: the string as a Python object, its place in an array, and its text in a document (a
@@ -300,10 +309,11 @@ class DocumentCache:
         byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
         read like the file's own weights, once per tensor that names them), ``EXPANDED_COST`` per byte its
         stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string
-        value of its tensors and attributes, ``PROPERTY_COST`` per metadata property, and, for a graph or a
-        diff, ``NAME_COST`` per byte of its names, ``VALUE_COST`` per value entry and ``NODE_COST`` per node
-        (its subgraphs' and functions' included: they are parsed and compared too); a TooLargeError past
-        ``max_nodes``."""
+        value of its tensors and attributes, ``PROPERTY_COST`` per metadata property and opset import, and,
+        for a graph or a diff, ``NAME_COST`` per byte of its names, ``VALUE_COST`` per value entry and
+        ``VALUE_BYTE_COST`` per byte of them, ``LIST_ITEM_COST`` per number in attribute lists and
+        ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and compared too);
+        a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
         # values that take more once read than they take in the file: small numbers in typed fields, sparse
@@ -311,10 +321,11 @@ class DocumentCache:
         # with sparse initializers +3.8 GB: rt17)
         expanded = max(0, header.declared - _file_size(path))
         cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + header.strings * STRING_COST
-        cost += header.properties_total * PROPERTY_COST
+        cost += (header.properties_total + len(header.opsets)) * PROPERTY_COST
         if not nodes:
             return cost
-        cost += header.names * NAME_COST + header.values * VALUE_COST
+        cost += header.names * NAME_COST + header.values * VALUE_COST + header.value_bytes * VALUE_BYTE_COST
+        cost += header.list_items * LIST_ITEM_COST
         nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much
         if nodes_in > self.max_nodes:
             raise TooLargeError(

@@ -85,6 +85,8 @@ class OnnxHeader:
     declared: int = 0  # its stored tensors' bytes once read (by dims and type; sparse ones dense)
     names: int = 0  # bytes of its node and value names (each appears several times in a graph document)
     values: int = 0  # its graphs' input, output and value_info entries
+    value_bytes: int = 0  # their bytes (names and types)
+    list_items: int = 0  # the numbers in its nodes' attribute lists
     strings: int = 0  # string values of its tensors and attributes (each a Python object when read)
 
 
@@ -237,6 +239,8 @@ def onnx_header(path: Path) -> OnnxHeader:
         declared=found.declared,
         names=found.names,
         values=found.values,
+        value_bytes=found.value_bytes,
+        list_items=found.list_items,
         strings=found.strings,
     )
 
