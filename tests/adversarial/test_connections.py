@@ -667,21 +667,53 @@ def test_trailer_fields_that_never_end_are_refused_at_the_head_limit(
             head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
             sock.sendall(head + b"1\r\n{\r\n0\r\nX-Trailer: ")
             with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
-                for _ in range(4096):  # 64 MiB of one trailer value that never ends
+                for _ in range(6144):  # 96 MiB of one trailer value that never ends
                     sock.sendall(b"a" * 16384)
                     sent += 16384
             with contextlib.suppress(OSError):
                 while chunk := sock.recv(65536):
                     said += chunk
-        assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of one trailer field"
         if answered_first:
+            # refused before its body: the connection closes after the 401, reading and dropping (not
+            # holding) at most LINGER_BYTES of what follows so the client gets its answer
+            assert sent < 80 * 1024 * 1024, f"the server read {sent} bytes after the refusal"
             assert said.startswith(b"HTTP/1.1 401 "), said[:300]
+            assert b"connection: close" in said.lower()
         else:
+            assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of one trailer field"
             assert said.startswith(b"HTTP/1.1 431 "), said[:300]
             assert b"chunk lines or trailer fields are larger than 65536 bytes" in said
         assert capped.alive()
         assert capped.probe_seconds() < PROBE_BOUND
         assert capped.rss_bytes() - rss_before < RSS_GROWTH_BOUND
+
+
+def test_an_anonymous_request_with_a_body_is_refused_and_its_connection_closed(
+    numeric_repository: Path, tmp_path: Path
+) -> None:
+    """Outside attack rt19: 30 anonymous TLS connections kept streaming request bodies after their 401 (the
+    connection read them on, to be reused) and held probes 5 to 8 s. A 401 to a request that announces a
+    body now closes its connection (after at most LINGER_BYTES / LINGER_SECONDS of the body read and
+    dropped, so the client gets the answer)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-secret-of-32-characters-at-least infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, *FAST, "--auth-tokens", str(tokens)) as capped:
+        sent = 0
+        said = b""
+        with socket.create_connection((capped.host, capped.http_port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+            with contextlib.suppress(OSError):  # the server stops reading: a reset or a broken pipe
+                for _ in range(8192):  # up to 128 MiB of a body it will never use
+                    sock.sendall(b" " * 16384)
+                    sent += 16384
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    said += chunk
+        assert said.startswith(b"HTTP/1.1 401 "), said[:300]
+        assert b"connection: close" in said.lower()
+        assert sent < 100 * 1024 * 1024, f"the server read {sent} bytes of a refused body"
+        assert capped.probe_seconds() < PROBE_BOUND
 
 
 def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their_slots_back(

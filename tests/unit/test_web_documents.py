@@ -640,3 +640,22 @@ def test_attribute_lists_count_in_graph_documents(tmp_path: Path) -> None:
         assert orjson.loads(await DocumentCache().graph(path))["nodes"]
 
     asyncio.run(scenario())
+
+
+def test_training_graphs_count_like_subgraphs(tmp_path: Path) -> None:
+    """Outside attack rt19: a ``training_info`` graph of a million nodes (a 30 MB file) escaped the node limit
+    and took +726 MB for a graph document. Its graphs are walked and counted like subgraphs now."""
+    path = _model_file(tmp_path / "1")
+    model = onnx.load(path)
+    chain = [onnx.helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(300)]
+    training = onnx.TrainingInfoProto()
+    training.algorithm.CopyFrom(onnx.helper.make_graph(chain, "train", [], []))
+    model.training_info.append(training)
+    path.write_bytes(model.SerializeToString())
+    assert model_header.read_header(path).all_nodes >= 300
+
+    async def scenario() -> None:
+        with pytest.raises(TooLargeError, match=r"model of 30[0-9] nodes"):
+            await DocumentCache(max_nodes=100).graph(path)
+
+    asyncio.run(scenario())

@@ -38,6 +38,7 @@ import contextlib
 import logging
 import reprlib
 import zlib
+from collections.abc import Iterable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,6 +65,15 @@ ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 _short = reprlib.Repr()  # what a message may quote of a header
 _short.maxstring = 60
+
+
+def announces_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head (ASGI's lower-cased header pairs) announces a body: a Content-Length other
+    than 0, or a Transfer-Encoding."""
+    for name, value in headers:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
 
 
 def _media_type(headers: Headers) -> str | None:

@@ -97,6 +97,7 @@ from onnxserve.errors import ResourceExhaustedError
 from onnxserve.protocols import context
 from onnxserve.protocols.http import CALL_SLOT, CallSlot
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, over_budget, stop_holding
+from onnxserve.protocols.request_body import announces_body
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.connection_index import Counts, LazyHeap
@@ -273,14 +274,6 @@ def _sending(connection: GuardedHttpProtocol) -> bool:
 
 def _free(connection: GuardedHttpProtocol) -> bool:
     return connection._free()
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a request head announces a body: a Content-Length other than 0, or a Transfer-Encoding."""
-    for name, value in headers:
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
-            return True
-    return False
 
 
 def _stalled(connection: GuardedHttpProtocol) -> bool:
@@ -795,7 +788,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if head > self.limits.max_header_bytes:
             self._head_too_large()
             return
-        if self.parser.should_upgrade() and _has_body(self.headers):
+        if self.parser.should_upgrade() and announces_body(self.headers):
             # httptools stops before the body of a request that asks to switch protocols (as for a
             # WebSocket's), so it would reach the application empty: curl --http2 on an http:// URL sends
             # every POST so (outside attack rt18: a valid inference answered 400 "not valid JSON")

@@ -73,6 +73,9 @@ _GRAPH_INITIALIZER, _TENSOR_EXTERNAL_DATA, _ENTRY_KEY, _ENTRY_VALUE = 5, 13, 1, 
 _MODEL_FUNCTIONS, _FUNCTION_NODE, _NODE_ATTRIBUTE, _ATTRIBUTE_GRAPH, _ATTRIBUTE_GRAPHS = 25, 7, 5, 6, 11
 """ModelProto.functions; FunctionProto.node; NodeProto.attribute; AttributeProto.g, .graphs."""
 
+_MODEL_TRAINING_INFO, _TRAINING_GRAPHS = 20, (1, 2)
+"""ModelProto.training_info; TrainingInfoProto.initialization, .algorithm (graphs, parsed with the model)."""
+
 _ATTRIBUTE_TENSOR, _ATTRIBUTE_TENSORS, _ATTRIBUTE_STRINGS, _TENSOR_STRING_DATA = 5, 10, 9, 6
 """AttributeProto.t, .tensors, .strings; TensorProto.string_data."""
 
@@ -129,6 +132,13 @@ def read_header(path: Path) -> FileHeader:
         for number, wire, tag_start, start, end in protobuf_wire.fields(data, 0, len(data)):
             if number == _MODEL_FUNCTIONS and wire == protobuf_wire.LENGTH_DELIMITED:
                 walk.graph(start, end, _FUNCTION_NODE, 0)  # not parsed: walked
+                continue
+            if number == _MODEL_TRAINING_INFO and wire == protobuf_wire.LENGTH_DELIMITED:
+                # not parsed: walked (its graphs are parsed with the model, and count as subgraphs: a training
+                # graph of a million nodes escaped the node limit, outside attack rt19)
+                for inner, inner_wire, _, inner_start, inner_end in protobuf_wire.fields(data, start, end):
+                    if inner in _TRAINING_GRAPHS and inner_wire == protobuf_wire.LENGTH_DELIMITED:
+                        walk.graph(inner_start, inner_end, _GRAPH_NODE, 1)
                 continue
             if number != _MODEL_GRAPH or wire != protobuf_wire.LENGTH_DELIMITED:
                 rest += data[tag_start:end]
