@@ -96,14 +96,17 @@ VALUE_COST = 1536
 """A graph or diff document's peak memory per input, output and value_info entry of its graphs (their
 Python objects and JSON): a million value_info entries took +1,134 MB for one graph document (rt18)."""
 
-VALUE_BYTE_COST = 16
-"""A graph or diff document's peak memory per byte of those entries (a type's dims become Python numbers
-and JSON: 14 bytes a byte of file measured, outside attack rt19)."""
+VALUE_BYTE_COST = 40
+"""A graph or diff document's peak memory per byte of those entries: a type's dims become Python numbers
+and JSON (one value of 3 M dims, a 15 MB file: +495 MB, 33 bytes a byte; outside attack rt19)."""
 
-LIST_ITEM_COST = 48
-"""A graph or diff document's peak memory per number in a node's attribute list (``ints``, ``floats``): a
-Constant's ``value_ints`` of 30 M took about 22 bytes each (rt19: a 90 MB model's document, admitted within
-the bound, ended the process in the JSON encoder)."""
+LIST_ITEM_COST = 80
+"""A graph or diff document's peak memory per number in a node's attribute list (``ints``, ``floats``): 10 M
+``value_floats`` took +662 MB, 66 bytes each (rt19: a ``value_ints`` of 30 M in a 90 MB model, admitted
+within the bound, ended the process in the JSON encoder)."""
+
+OPSET_COST = 512
+"""A document's peak memory per opset import of the model: 500,000 took +217 MB (rt19)."""
 
 STRING_COST = 128
 """A document's peak memory per string value of the model's tensors and attributes, beside ``COST_FACTOR``
@@ -309,11 +312,11 @@ class DocumentCache:
         byte its tensors read from external data files (each tensor its own ``length``, or the whole file;
         read like the file's own weights, once per tensor that names them), ``EXPANDED_COST`` per byte its
         stored tensors take beyond the file once read (by their dims and type), ``STRING_COST`` per string
-        value of its tensors and attributes, ``PROPERTY_COST`` per metadata property and opset import, and,
-        for a graph or a diff, ``NAME_COST`` per byte of its names, ``VALUE_COST`` per value entry and
-        ``VALUE_BYTE_COST`` per byte of them, ``LIST_ITEM_COST`` per number in attribute lists and
-        ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and compared too);
-        a TooLargeError past ``max_nodes``."""
+        value of its tensors and attributes, ``PROPERTY_COST`` per metadata property, ``OPSET_COST`` per
+        opset import, and, for a graph or a diff, ``NAME_COST`` per byte of its names, ``VALUE_COST`` per
+        value entry and ``VALUE_BYTE_COST`` per byte of them, ``LIST_ITEM_COST`` per number in attribute
+        lists and ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and
+        compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
         named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
         # values that take more once read than they take in the file: small numbers in typed fields, sparse
@@ -321,7 +324,7 @@ class DocumentCache:
         # with sparse initializers +3.8 GB: rt17)
         expanded = max(0, header.declared - _file_size(path))
         cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + header.strings * STRING_COST
-        cost += (header.properties_total + len(header.opsets)) * PROPERTY_COST
+        cost += header.properties_total * PROPERTY_COST + len(header.opsets) * OPSET_COST
         if not nodes:
             return cost
         cost += header.names * NAME_COST + header.values * VALUE_COST + header.value_bytes * VALUE_BYTE_COST
