@@ -380,7 +380,7 @@ def test_each_tensor_that_names_an_external_file_counts_it_subgraphs_included(tm
 
     async def scenario() -> None:
         size = path.stat().st_size
-        counted = (size + 5 * 4096) * documents.COST_FACTOR + documents.PROPERTY_COST  # its one opset import
+        counted = (size + 5 * 4096) * documents.COST_FACTOR + documents.OPSET_COST  # its one opset import
         fits = DocumentCache(memory=int(counted) + 1)
         await fits.weight_page(path, "w0", 0, 3)
         short = DocumentCache(memory=int(counted) - 1)
