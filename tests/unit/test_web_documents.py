@@ -283,7 +283,7 @@ def test_documents_of_a_model_with_external_data_read_it_and_count_it(tmp_path: 
     request; and the documents counted the model file only (outside attack rt12 F6)."""
     one, two = _external_model(tmp_path / "1", 1000), _external_model(tmp_path / "2", 1000)
     data = (tmp_path / "1" / "model.onnx.data").stat().st_size
-    assert model_header.read_header(one).external == (("model.onnx.data", 4000),)
+    assert model_header.read_header(one).contents.external == (("model.onnx.data", 4000),)
 
     async def scenario() -> None:
         cache = DocumentCache()
@@ -335,8 +335,8 @@ def test_nodes_in_subgraphs_and_functions_count_too(tmp_path: Path) -> None:
     )
     with_function = tmp_path / "function.onnx"
     onnx.save(onnx.helper.make_model(caller, opset_imports=opsets, functions=[function]), with_function)
-    assert (model_header.read_header(with_if).nodes, model_header.read_header(with_if).all_nodes) == (1, 301)
-    assert model_header.read_header(with_function).all_nodes == 201
+    assert (model_header.read_header(with_if).nodes, model_header.read_header(with_if).contents.all_nodes) == (1, 301)
+    assert model_header.read_header(with_function).contents.all_nodes == 201
 
     async def scenario() -> None:
         cache = DocumentCache(max_nodes=100)
@@ -376,7 +376,7 @@ def test_each_tensor_that_names_an_external_file_counts_it_subgraphs_included(tm
     )
     path = tmp_path / "model.onnx"
     onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
-    assert model_header.read_header(path).external == (("w.bin", -1),) * 5  # 3 initializers, 2 branches
+    assert model_header.read_header(path).contents.external == (("w.bin", -1),) * 5  # 3 initializers, 2 branches
 
     async def scenario() -> None:
         size = path.stat().st_size
@@ -422,7 +422,7 @@ def test_string_tensors_are_read_as_stored_and_counted_per_value(
     for one graph document, counted at 2.5 times the file. Strings are now read as the bytes they are, each
     counted at ``STRING_COST``, and a page of them is bounded in bytes."""
     path = _string_model(tmp_path / "model.onnx", 5000, 100_000)
-    assert model_header.read_header(path).strings == 5001 + 3  # the initializer's values and the Constant's
+    assert model_header.read_header(path).contents.strings == 5001 + 3  # the initializer's values and the Constant's
     labels = onnx.load(path).graph.initializer[0]
     values = graph.weight_array(labels, None)
     assert (values.dtype, values.shape) == (np.dtype(object), (5001,))
@@ -473,10 +473,10 @@ def test_values_that_take_more_once_read_than_in_the_file_are_counted(tmp_path: 
     dense = 500_000_000
     sparse = _identity_with(tmp_path / "sparse.onnx", [], [onnx.helper.make_sparse_tensor(values, indices, [dense])])
     # protobuf's int64 array and numpy's, where the file holds about 1 MB
-    assert model_header.read_header(typed).declared == 16_000_000
+    assert model_header.read_header(typed).contents.declared == 16_000_000
     flags = onnx.helper.make_tensor("flags", onnx.TensorProto.INT8, [1000], [0] * 1000)  # in int32_data
-    assert model_header.read_header(_identity_with(tmp_path / "int8.onnx", [flags], [])).declared == 5000
-    assert model_header.read_header(sparse).declared == 4 * dense
+    assert model_header.read_header(_identity_with(tmp_path / "int8.onnx", [flags], [])).contents.declared == 5000
+    assert model_header.read_header(sparse).contents.declared == 4 * dense
     assert sparse.stat().st_size < 200
 
     async def scenario() -> None:
@@ -505,8 +505,8 @@ def test_long_names_count_in_graph_documents(tmp_path: Path) -> None:
     )
     path = tmp_path / "names.onnx"
     onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
-    assert model_header.read_header(path).names >= 3 * len(name)
-    assert model_header.read_header(path).values == 2  # x and y; value_info entries count too (rt18)
+    assert model_header.read_header(path).contents.names >= 3 * len(name)
+    assert model_header.read_header(path).contents.values == 2  # x and y; value_info entries count too (rt18)
 
     async def scenario() -> None:
         size = path.stat().st_size
@@ -599,13 +599,13 @@ def test_value_entries_count_in_graph_documents(tmp_path: Path) -> None:
     )
     onnx.save(model, path)
     header = model_header.read_header(path)
-    assert header.values >= 2000
+    assert header.contents.values >= 2000
 
     async def scenario() -> None:
         without_values = (
             int(path.stat().st_size * documents.COST_FACTOR)
-            + header.names * documents.NAME_COST
-            + max(header.nodes, header.all_nodes) * documents.NODE_COST
+            + header.contents.names * documents.NAME_COST
+            + max(header.nodes, header.contents.all_nodes) * documents.NODE_COST
         )
         with pytest.raises(TooLargeError):
             await DocumentCache(memory=without_values + 1000).graph(path)
@@ -631,7 +631,9 @@ def test_attribute_lists_count_in_graph_documents(tmp_path: Path) -> None:
     )
     onnx.save(onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)]), path)
     header = model_header.read_header(path)
-    assert 101_000 <= header.list_items <= path.stat().st_size  # 100,000 ints (1 to 3 bytes each), 1,000 floats
+    assert (
+        101_000 <= header.contents.list_items <= path.stat().st_size
+    )  # 100,000 ints (1 to 3 bytes each), 1,000 floats
 
     async def scenario() -> None:
         size = path.stat().st_size
@@ -652,7 +654,7 @@ def test_training_graphs_count_like_subgraphs(tmp_path: Path) -> None:
     training.algorithm.CopyFrom(onnx.helper.make_graph(chain, "train", [], []))
     model.training_info.append(training)
     path.write_bytes(model.SerializeToString())
-    assert model_header.read_header(path).all_nodes >= 300
+    assert model_header.read_header(path).contents.all_nodes >= 300
 
     async def scenario() -> None:
         with pytest.raises(TooLargeError, match=r"model of 30[0-9] nodes"):

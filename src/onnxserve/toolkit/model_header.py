@@ -26,15 +26,10 @@ def opsets(model: onnx.ModelProto) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class FileHeader:
-    """A model file's header, read without its graph's contents (weights above all)."""
+class Contents:
+    """What a model file holds, counted from its wire format without parsing it (what a document of it
+    costs beyond its bytes)."""
 
-    model: onnx.ModelProto
-    """Every field of the file's ModelProto but ``graph`` (ir_version, opsets, producer, metadata, ...)."""
-    graph_name: str
-    graph_doc_string: str
-    nodes: int
-    """The nodes of the main graph (not of its subgraphs)."""
     external: tuple[tuple[str, int], ...] = ()
     """Each external data reference of the file's tensors (initializers and attribute tensors, of subgraphs
     too): its file (``location``) and ``length`` (-1 when it runs to the file's end), one per tensor."""
@@ -62,6 +57,20 @@ class FileHeader:
     """The string values of its tensors (``string_data`` of initializers and attribute tensors) and of its
     attributes' string lists, at any depth: each costs a Python object when read, far more than its bytes
     in the file (a one-character string: 3 bytes stored, about 60 read)."""
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """A model file's header, read without its graph's contents (weights above all)."""
+
+    model: onnx.ModelProto
+    """Every field of the file's ModelProto but ``graph`` (ir_version, opsets, producer, metadata, ...)."""
+    graph_name: str
+    graph_doc_string: str
+    nodes: int
+    """The nodes of the main graph (not of its subgraphs)."""
+    contents: Contents
+    """Its tensors, nodes, values and strings at any depth, counted."""
 
 
 _MODEL_GRAPH, _GRAPH_NODE, _GRAPH_NAME, _GRAPH_DOC_STRING = 7, 1, 2, 10
@@ -160,14 +169,7 @@ def read_header(path: Path) -> FileHeader:
         name.decode("utf-8", "replace"),
         doc_string.decode("utf-8", "replace"),
         nodes,
-        external=tuple(walk.external),
-        all_nodes=walk.nodes,
-        declared=walk.declared,
-        names=walk.names,
-        values=walk.values,
-        value_bytes=walk.value_bytes,
-        list_items=walk.list_items,
-        strings=walk.strings,
+        walk.contents(),
     )
 
 
@@ -184,6 +186,18 @@ class _Walk:
         self.value_bytes = 0
         self.list_items = 0
         self.external: list[tuple[str, int]] = []  # (location, length; -1: to the file's end)
+
+    def contents(self) -> Contents:
+        return Contents(
+            external=tuple(self.external),
+            all_nodes=self.nodes,
+            declared=self.declared,
+            names=self.names,
+            values=self.values,
+            value_bytes=self.value_bytes,
+            list_items=self.list_items,
+            strings=self.strings,
+        )
 
     def graph(self, start: int, end: int, node_field: int, depth: int) -> None:
         """The graph (or function, whose nodes are ``node_field``) in ``data[start:end]``."""

@@ -318,18 +318,19 @@ class DocumentCache:
         lists and ``NODE_COST`` per node (its subgraphs' and functions' included: they are parsed and
         compared too); a TooLargeError past ``max_nodes``."""
         header = await self.header(path)
-        named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in header.external)
+        contents = header.contents
+        named = sum(length if length >= 0 else _file_size(path.parent / file) for file, length in contents.external)
         # values that take more once read than they take in the file: small numbers in typed fields, sparse
         # tensors made dense (30 M int64 zeros, a 30 MB file, took +1.8 GB; three diffs of 127-byte files
         # with sparse initializers +3.8 GB: rt17)
-        expanded = max(0, header.declared - _file_size(path))
-        cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + header.strings * STRING_COST
+        expanded = max(0, contents.declared - _file_size(path))
+        cost = int(named * self.cost_factor) + expanded * EXPANDED_COST + contents.strings * STRING_COST
         cost += header.properties_total * PROPERTY_COST + len(header.opsets) * OPSET_COST
         if not nodes:
             return cost
-        cost += header.names * NAME_COST + header.values * VALUE_COST + header.value_bytes * VALUE_BYTE_COST
-        cost += header.list_items * LIST_ITEM_COST
-        nodes_in = max(header.nodes, header.all_nodes)  # subgraphs and functions cost as much
+        cost += contents.names * NAME_COST + contents.values * VALUE_COST + contents.value_bytes * VALUE_BYTE_COST
+        cost += contents.list_items * LIST_ITEM_COST
+        nodes_in = max(header.nodes, contents.all_nodes)  # subgraphs and functions cost as much
         if nodes_in > self.max_nodes:
             raise TooLargeError(
                 f"the {what} document of a model of {nodes_in:,} nodes is too large for the web page: it "

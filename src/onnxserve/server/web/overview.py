@@ -79,15 +79,8 @@ class OnnxHeader:
     doc_string: str
     properties: tuple[tuple[str, str], ...]  # the first SHOWN_PROPERTIES of them, each cut
     nodes: int
-    external: tuple[tuple[str, int], ...] = ()  # its tensors' external data: (file, length; -1: to its end)
-    all_nodes: int = 0  # with those of its subgraphs and model-local functions
+    contents: model_header.Contents  # its tensors, nodes, values and strings, counted
     properties_total: int = 0  # every metadata property the file has
-    declared: int = 0  # its stored tensors' bytes once read (by dims and type; sparse ones dense)
-    names: int = 0  # bytes of its node and value names (each appears several times in a graph document)
-    values: int = 0  # its graphs' input, output and value_info entries
-    value_bytes: int = 0  # their bytes (names and types)
-    list_items: int = 0  # the numbers in its nodes' attribute lists
-    strings: int = 0  # string values of its tensors and attributes (each a Python object when read)
 
 
 @dataclass(frozen=True)
@@ -234,14 +227,7 @@ def onnx_header(path: Path) -> OnnxHeader:
         properties=tuple((_cut(p.key), _cut(p.value)) for p in model.metadata_props[:SHOWN_PROPERTIES]),
         properties_total=len(model.metadata_props),
         nodes=found.nodes,
-        external=found.external,
-        all_nodes=found.all_nodes,
-        declared=found.declared,
-        names=found.names,
-        values=found.values,
-        value_bytes=found.value_bytes,
-        list_items=found.list_items,
-        strings=found.strings,
+        contents=found.contents,
     )
 
 
