@@ -129,23 +129,43 @@ def why_not_shape_bounded(model: onnx.ModelProto) -> str | None:
     for value in (*graph.input, *graph.output):
         if value.type.tensor_type.elem_type == onnx.TensorProto.STRING:
             return f"{value.name!r} is text (BYTES)"
-    inputs = {value.name for value in graph.input}
-    static = {init.name for init in graph.initializer if init.name not in inputs}
-    static.update(init.values.name for init in graph.sparse_initializer if init.values.name not in inputs)
+    static = _constants(graph, set())
     for node in graph.node:
         if node.domain not in _DEFAULT_DOMAINS or node.op_type not in SHAPE_BOUNDED_OPS:
             return f"operator {node.op_type} ({node.name or 'unnamed'}) may take time its input values decide"
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return f"operator {node.op_type} ({node.name or 'unnamed'}) has a subgraph"
-        for position in SIZE_INPUTS.get(node.op_type, ()):
-            if position < len(node.input) and node.input[position] and node.input[position] not in static:
-                return (
-                    f"operator {node.op_type} ({node.name or 'unnamed'}) takes a size from input values "
-                    f"({node.input[position]!r})"
-                )
-        if node.op_type in ("Shape", "Size") or all(not name or name in static for name in node.input):
-            static.update(name for name in node.output if name)
+        if why := _sized_by_values(node, SIZE_INPUTS.get(node.op_type, ()), static):
+            return why
+        _propagate(node, static)
     return None
+
+
+def _constants(graph: onnx.GraphProto, outer: set[str]) -> set[str]:
+    """The names of ``graph`` known from constants and input shapes before its first node: ``outer``'s, and
+    its initializers (sparse ones included) that are not also inputs."""
+    inputs = {value.name for value in graph.input}
+    static = set(outer)
+    static.update(init.name for init in graph.initializer if init.name not in inputs)
+    static.update(init.values.name for init in graph.sparse_initializer if init.values.name not in inputs)
+    return static
+
+
+def _sized_by_values(node: onnx.NodeProto, positions: tuple[int, ...], static: set[str]) -> str | None:
+    """Why ``node`` takes a size from input values (one of its inputs at ``positions`` is not ``static``)."""
+    for position in positions:
+        if position < len(node.input) and node.input[position] and node.input[position] not in static:
+            return (
+                f"operator {node.op_type} ({node.name or 'unnamed'}) takes a size from input values "
+                f"({node.input[position]!r})"
+            )
+    return None
+
+
+def _propagate(node: onnx.NodeProto, static: set[str]) -> None:
+    """Add ``node``'s outputs to ``static`` when they follow from constants and shapes only."""
+    if node.op_type in ("Shape", "Size") or all(not name or name in static for name in node.input):
+        static.update(name for name in node.output if name)
 
 
 GROWING_INPUTS: dict[str, tuple[int, ...]] = {
@@ -178,25 +198,18 @@ def why_values_set_sizes(model: onnx.ModelProto) -> str | None:
 
 
 def _grows_by_values(graph: onnx.GraphProto, outer: set[str]) -> str | None:
-    inputs = {value.name for value in graph.input}
-    static = set(outer)
-    static.update(init.name for init in graph.initializer if init.name not in inputs)
-    static.update(init.values.name for init in graph.sparse_initializer if init.values.name not in inputs)
+    static = _constants(graph, outer)
     for node in graph.node:
-        if node.op_type in REPEATING_OPS and node.domain in _DEFAULT_DOMAINS:
+        default = node.domain in _DEFAULT_DOMAINS
+        if default and node.op_type in REPEATING_OPS:
             return f"operator {node.op_type} ({node.name or 'unnamed'}) repeats a step that may grow what it carries"
-        for position in GROWING_INPUTS.get(node.op_type, ()) if node.domain in _DEFAULT_DOMAINS else ():
-            if position < len(node.input) and node.input[position] and node.input[position] not in static:
-                return (
-                    f"operator {node.op_type} ({node.name or 'unnamed'}) takes a size from input values "
-                    f"({node.input[position]!r})"
-                )
+        if default and (why := _sized_by_values(node, GROWING_INPUTS.get(node.op_type, ()), static)):
+            return why
         for attribute in node.attribute:
             for sub in (attribute.g,) if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
                 if why := _grows_by_values(sub, static):
                     return why
-        if node.op_type in ("Shape", "Size") or all(not name or name in static for name in node.input):
-            static.update(name for name in node.output if name)
+        _propagate(node, static)
     return None
 
 
