@@ -96,7 +96,7 @@ def test_run_shows_outputs_and_intermediates(model_file: Path) -> None:
     ("args", "message"),
     [
         (["{dir}/absent.onnx"], "absent.onnx: no such file"),
-        (["{dir}/garbage.onnx"], "is not an ONNX model"),
+        (["{dir}/garbage.onnx"], ": not an ONNX model"),
         (["{model}", "--shape", "x=1"], "input 'x' has 2 dims"),
         (["{model}", "--shape", "batch"], "expected NAME=D0,D1"),
         (["{model}", "--run", "[[1, 2, 3, 4]]", "--intermediates", "nope"], "no tensor or node named 'nope'"),

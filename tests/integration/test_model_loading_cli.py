@@ -41,7 +41,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     [
         ("missing", "missing.onnx: no such file"),
         ("folder", "folder: no model.onnx in this folder"),
-        ("corrupt", "corrupt.onnx is not an ONNX model"),
+        ("corrupt", "corrupt.onnx: not an ONNX model"),
     ],
 )
 def test_every_command_refuses_a_bad_model_the_same_way(

@@ -20,7 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
@@ -198,16 +197,31 @@ def _spec(arg: Any, where: str) -> TensorSpec:
     return TensorSpec(arg.name, dtype, shape, names)
 
 
+# protobuf's message when its arena cannot grow: the process is short of memory, the file may be fine
+_PARSER_OUT_OF_MEMORY = "Arena alloc failed"
+
+
+def read_onnx(path: Path, *, load_external_data: bool = False) -> onnx.ModelProto:
+    """The ONNX model in the file ``path``, parsed; what cannot be read is refused with a
+    :class:`ModelLoadError` that names the path and says why: not an ONNX model, or no memory to parse it
+    now (protobuf reports a failed allocation as a parse error, which must not call a good file corrupt)."""
+    try:
+        return onnx.load_model(str(path), load_external_data=load_external_data)
+    except MemoryError:
+        raise ModelLoadError(f"{path}: the process has no memory to read this model now") from None
+    except Exception as e:  # onnx raises protobuf's DecodeError, ValueError, OSError or its own errors
+        if _PARSER_OUT_OF_MEMORY in str(e):
+            raise ModelLoadError(f"{path}: the process has no memory to read this model now ({e})") from None
+        raise ModelLoadError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
+
+
 def check_onnx_file(path: Path) -> onnx.ModelProto:
     """The model in ``path``, its external data not loaded; anything that is not a readable ONNX model is
     refused with a message that says why, and its external data must lie inside its folder (checked before
     ONNX Runtime opens anything, see ``core.confinement``)."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: model file not found (expected model.onnx in the version folder)")
-    try:
-        model = onnx.load_model(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{path}: not an ONNX model ({e})") from None
+    model = read_onnx(path)
     try:
         check_model(model, path.parent)
     except ModelLoadError as e:

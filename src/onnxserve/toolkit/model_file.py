@@ -14,6 +14,7 @@ import onnx
 
 from onnxserve.core.pipeline import PIPELINE_FILENAME
 from onnxserve.core.repository import MODEL_FILENAME
+from onnxserve.core.runtime import read_onnx
 from onnxserve.errors import ModelLoadError
 
 
@@ -43,10 +44,7 @@ def locate_model(path: Path) -> ModelLocation:
 def load_model(path: Path, *, load_external_data: bool = False) -> onnx.ModelProto:
     """The model at ``path`` (a file or a version folder), without its external data unless asked."""
     file = locate_model(path).file
-    try:
-        model = onnx.load_model(str(file), load_external_data=load_external_data)
-    except Exception as e:  # onnx raises protobuf's DecodeError, ValueError, OSError or its own errors
-        raise ModelLoadError(f"{file} is not an ONNX model ({type(e).__name__}: {e})") from None
+    model = read_onnx(file, load_external_data=load_external_data)
     if not model.HasField("graph") or not (model.graph.node or model.graph.output):
-        raise ModelLoadError(f"{file} is not an ONNX model (no graph in it)")
+        raise ModelLoadError(f"{file}: not an ONNX model (no graph in it)")
     return model
