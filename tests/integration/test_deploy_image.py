@@ -172,15 +172,21 @@ def test_install_refuses_a_used_prefix(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_install_is_serving_only(installed: Path) -> None:
     python = str(installed / "bin" / "python")
+    # the installed environment alone: a PYTHONPATH of the caller's (e.g. src/) would import this checkout
+    alone = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     for module in ("torch", "transformers"):
-        done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True, timeout=60, env=alone)
         assert done.returncode == 1, module
         assert f"No module named '{module}'" in done.stderr
-    done = subprocess.run([str(installed / "bin" / "onnxserve"), "--version"], capture_output=True, text=True)
+    done = subprocess.run(
+        [str(installed / "bin" / "onnxserve"), "--version"], capture_output=True, text=True, env=alone
+    )
     assert done.returncode == 0
     assert done.stdout.strip() == "onnxserve 0.1.0"
     # A regular install: the package lives in the environment, not in this checkout.
-    done = subprocess.run([python, "-c", "import onnxserve; print(onnxserve.__file__)"], capture_output=True, text=True)
+    done = subprocess.run(
+        [python, "-c", "import onnxserve; print(onnxserve.__file__)"], capture_output=True, text=True, env=alone
+    )
     assert done.stdout.strip().startswith(str(installed))
 
 
