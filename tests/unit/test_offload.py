@@ -66,7 +66,7 @@ def _kinds(base: type[OnnxServeError]) -> list[type[OnnxServeError]]:
 @pytest.mark.parametrize("kind", _kinds(OnnxServeError), ids=lambda k: k.__name__)
 def test_every_error_kind_a_worker_sends_back_is_rebuilt_with_its_message(kind: type[OnnxServeError]) -> None:
     # a worker that runs out of memory sends its refusal with no state of the error's own
-    rebuilt = offload._Refusal(kind, "what went wrong", {}).error()
+    rebuilt = offload.Refusal(kind, "what went wrong", {}).error()
     assert type(rebuilt) is kind
     assert rebuilt.message == "what went wrong"
     assert public_message(rebuilt) == "what went wrong"

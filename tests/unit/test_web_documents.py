@@ -16,7 +16,7 @@ import pytest
 import models
 from onnxserve.errors import ErrorKind, InvalidInputError, ModelLoadError, TooLargeError
 from onnxserve.server.web import documents, overview
-from onnxserve.server.web.documents import DocumentCache
+from onnxserve.server.web.documents import DocumentCache, MiB
 from onnxserve.toolkit import diff, graph, model_header
 
 
@@ -157,7 +157,8 @@ def test_a_document_larger_than_the_memory_is_refused_and_others_wait_their_turn
             return b"{}"
 
         cost = cache._cost("graph", documents.file_key(path))
-        await asyncio.gather(*(cache._get(("test", n), (str(path),), compute, cost) for n in range(4)))
+        computing = documents._in_thread(compute)
+        await asyncio.gather(*(cache._get(("test", n), (str(path),), computing, cost) for n in range(4)))
         assert cache.computed == 4
         assert most[0] == 1  # admitted one at a time: two would exceed the memory
 
@@ -198,9 +199,9 @@ def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
     gone, kept = _model_file(tmp_path / "1"), _model_file(tmp_path / "2")
     racing = _model_file(tmp_path / "3")
     gone.unlink()
-    computed = documents.graph_json
+    computed = documents.read_weights
 
-    def removed_while_read(path: Path) -> bytes:  # the folder is removed between the check and the reading
+    def removed_while_read(path: Path) -> documents.Weights:  # the folder goes between the check and the reading
         path.unlink()
         return computed(path)
 
@@ -216,9 +217,9 @@ def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
                 await refused
             assert caught.value.kind is ErrorKind.NOT_FOUND
             assert str(tmp_path) not in caught.value.message
-        monkeypatch.setattr(documents, "graph_json", removed_while_read)
+        monkeypatch.setattr(documents, "read_weights", removed_while_read)
         with pytest.raises(documents.FileGoneError, match="no longer on disk"):
-            await cache.graph(racing)
+            await cache.weight_page(racing, "w", 0, 1)
         assert orjson.loads(await cache.diff(kept, kept))["diff"] is not None  # the others still answer
 
     asyncio.run(scenario())
@@ -659,5 +660,108 @@ def test_training_graphs_count_like_subgraphs(tmp_path: Path) -> None:
     async def scenario() -> None:
         with pytest.raises(TooLargeError, match=r"model of 30[0-9] nodes"):
             await DocumentCache(max_nodes=100).graph(path)
+
+    asyncio.run(scenario())
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    key, length = (number << 3) | 2, len(payload)
+    encoded = bytearray()
+    for value in (key, length):
+        while value > 0x7F:
+            encoded.append(value & 0x7F | 0x80)
+            value >>= 7
+        encoded.append(value)
+    return bytes(encoded) + payload
+
+
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the RSS now
+
+
+def _peak_rss() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+def test_a_document_that_needs_more_than_its_counts_is_refused_in_its_worker(tmp_path: Path) -> None:
+    """Outside attack rt20: one quantization annotation of 5 M empty entries, a 10 MB file counted at 25 MB,
+    took +632 MB for its graph document (40 M entries: +2.1 GB, and the parse held a probe 10.8 s). No count
+    foresees every kind of entry a model may hold: graph and diff documents are computed in worker processes,
+    each under a cap of its counted cost and ``HEADROOM``, and the server only waits."""
+    path = _model_file(tmp_path / "1")
+    annotation = _field(1, b"x") + b"\x12\x00" * 5_000_000  # tensor_name "x", then empty entries
+    path.write_bytes(path.read_bytes() + _field(7, _field(14, annotation)))  # merged into the model's graph
+    other = _model_file(tmp_path / "2")
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        _peak_rss_reset()
+        before = _peak_rss()
+        with pytest.raises(TooLargeError, match="needs more than"):
+            await cache.graph(path)
+        assert _peak_rss() - before < 100 * MiB  # the worker took what the document needed, not this process
+        computed = cache.computed
+        with pytest.raises(TooLargeError, match="needs more than"):
+            await cache.graph(path)  # refused again at once: the same file is not computed again
+        assert cache.computed == computed
+        assert orjson.loads(await cache.graph(other))["nodes"]  # the workers still compute others
+
+    asyncio.run(scenario())
+
+
+def _growing_in_a_branch(path: Path, floats: int) -> Path:
+    """A model whose If takes, for any input that is not all zeros, a branch that expands its input to a
+    constant shape of ``floats`` values: no input value sets a size, yet a run takes ``4 * floats`` bytes."""
+    helper = onnx.helper
+
+    def constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(value, name))
+
+    def branch(name: str, nodes: list[onnx.NodeProto], output: str) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)])
+
+    grow = branch(
+        "grow",
+        [
+            constant("shape", np.array([floats // 4, 4], np.int64)),
+            helper.make_node("Expand", ["x", "shape"], ["big"]),
+            helper.make_node("ReduceSum", ["big"], ["grown"], keepdims=0),
+        ],
+        "grown",
+    )
+    keep = branch("keep", [helper.make_node("ReduceSum", ["x"], ["kept"], keepdims=0)], "kept")
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+        helper.make_node("Abs", ["top"], ["size"]),
+        constant("zero", np.array(0, np.float32)),
+        helper.make_node("Greater", ["size", "zero"], ["nonzero"]),
+        helper.make_node("If", ["nonzero"], ["y"], then_branch=grow, else_branch=keep),
+    ]
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_a_diff_whose_run_needs_more_than_its_worker_may_take_is_shown_without_its_run(tmp_path: Path) -> None:
+    """Outside attack rt20: a diff of two 518-byte versions whose If branch expands to a constant shape of
+    500 M floats (no operator sized by input values: the run rule let it run) took +1.9 GB, two at once +3.5 GB.
+    In its worker the run fails for memory; the diff is shown without it."""
+    a = _growing_in_a_branch(tmp_path / "1" / "model.onnx", 500_000_000)
+    b = _growing_in_a_branch(tmp_path / "2" / "model.onnx", 500_000_000)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        _peak_rss_reset()
+        before = _peak_rss()
+        found = orjson.loads(await cache.diff(a, b))["diff"]
+        assert _peak_rss() - before < 100 * MiB
+        assert found["numeric"]["ran"] is False, found["numeric"]
+        assert "could not get the memory its run asks for" in found["numeric"]["reason"], found["numeric"]
 
     asyncio.run(scenario())

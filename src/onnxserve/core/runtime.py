@@ -200,6 +200,9 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 # protobuf's message when its arena cannot grow: the process is short of memory, the file may be fine
 _PARSER_OUT_OF_MEMORY = "Arena alloc failed"
 
+NO_MEMORY_TO_READ = "the process has no memory to read this model now"
+"""What :func:`read_onnx`'s refusal says when the process ran out of memory parsing the file."""
+
 
 def read_onnx(path: Path, *, load_external_data: bool = False) -> onnx.ModelProto:
     """The ONNX model in the file ``path``, parsed; what cannot be read is refused with a
@@ -208,10 +211,10 @@ def read_onnx(path: Path, *, load_external_data: bool = False) -> onnx.ModelProt
     try:
         return onnx.load_model(str(path), load_external_data=load_external_data)
     except MemoryError:
-        raise ModelLoadError(f"{path}: the process has no memory to read this model now") from None
+        raise ModelLoadError(f"{path}: {NO_MEMORY_TO_READ}") from None
     except Exception as e:  # onnx raises protobuf's DecodeError, ValueError, OSError or its own errors
         if _PARSER_OUT_OF_MEMORY in str(e):
-            raise ModelLoadError(f"{path}: the process has no memory to read this model now ({e})") from None
+            raise ModelLoadError(f"{path}: {NO_MEMORY_TO_READ} ({e})") from None
         raise ModelLoadError(f"{path}: not an ONNX model ({type(e).__name__}: {e})") from None
 
 
@@ -427,12 +430,17 @@ class ModelSession:
             timer.cancel()
 
 
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether a failed run could not get the memory it asked for (see ``_ALLOCATION_FAILURE``)."""
+    return isinstance(error, MemoryError) or _ALLOCATION_FAILURE.search(str(error)) is not None
+
+
 def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:
     """The domain error for a failed run."""
     reason = _first_line(error)
     if control is not None and control.terminated:
         return InferenceError(f"model {name}: the run was stopped (no caller waits for it)")
-    if isinstance(error, MemoryError) or _ALLOCATION_FAILURE.search(str(error)):
+    if is_allocation_failure(error):
         # The input values ask the graph for more memory than there is (ConstantOfShape, Expand, Range, a
         # Loop's trip count...): the client's request, not the server, is at fault.
         return TooLargeError(f"model {name} could not allocate the memory these input values ask for: {reason}")

@@ -121,7 +121,7 @@ async def parse(size: int, work: Decode[P, R], body: bytes, *args: P.args, **kwa
         _decoded.add(LOOP if size < INLINE_BYTES else THREAD)
         return await convert(size, work, body, *args, **kwargs)
     _decoded.add(WORKER)
-    return await _pool.run(work, body, args, kwargs)
+    return await _pool.run(_in_worker, (work, args, kwargs), body)
 
 
 LOOP, THREAD, WORKER = "loop", "thread", "worker"
@@ -243,13 +243,17 @@ def check_containers(body: bytes) -> None:
 
 
 @dataclass(frozen=True)
-class _Refusal:
+class Refusal:
     """A domain error raised in a worker, in a form that always pickles (some errors take other
     constructor arguments than their message)."""
 
     kind: type[OnnxServeError]
     message: str
     state: dict[str, Any]
+
+    @classmethod
+    def of(cls, error: OnnxServeError) -> Refusal:
+        return cls(type(error), error.message, dict(vars(error)))
 
     def error(self) -> OnnxServeError:
         error = self.kind.__new__(self.kind)
@@ -289,8 +293,8 @@ def _share(body: bytes) -> _Shared:
 
 
 def _in_worker(
-    work: Callable[..., R], body: bytes | _Shared, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> R | _Refusal:
+    body: bytes | _Shared, work: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> R | Refusal:
     try:
         data = body.read() if isinstance(body, _Shared) else body
         check_containers(data)
@@ -298,7 +302,7 @@ def _in_worker(
     except OnnxServeError as e:
         if _PARSER_OUT_OF_MEMORY in e.message:  # the codecs name it a JSON error: it is this worker's memory
             return _out_of_memory()
-        return _Refusal(type(e), e.message, dict(vars(e)))
+        return Refusal.of(e)
     except (MemoryError, SystemError):  # orjson reports a failed allocation as a SystemError
         return _out_of_memory()
 
@@ -307,8 +311,8 @@ _PARSER_OUT_OF_MEMORY = "Not enough memory to allocate buffer for parsing"
 """orjson's JSONDecodeError when its parse buffer cannot be allocated (proportional to the body's values)."""
 
 
-def _out_of_memory() -> _Refusal:
-    return _Refusal(ResourceExhaustedError, worker_lost("ran out of memory").message, {})
+def _out_of_memory() -> Refusal:
+    return Refusal(ResourceExhaustedError, worker_lost("ran out of memory").message, {})
 
 
 _MEMFD = sys.platform == "linux" and hasattr(os, "memfd_create")
@@ -319,13 +323,15 @@ WATCHDOG_NAME = "onnxserve-watch"
 """The process name of a worker's watchdog (``/proc/PID/comm``)."""
 
 
-def _start_worker(server: int) -> None:
-    """In each worker: leave Ctrl-C to the server, cap its memory at :data:`WORKER_DATA_BYTES`, and exit
-    when the server does, even when it is killed in the middle of a parse (a worker's queue never ends on
-    its own: it holds both ends of its pipe, and the fork server's)."""
+def _start_worker(server: int, data_bytes: int, niceness: int) -> None:
+    """In each worker: leave Ctrl-C to the server, cap its memory at ``data_bytes`` (its kind's
+    :attr:`WorkerKind.data_bytes`), and exit when the server does, even when it is killed in the middle of
+    a parse (a worker's queue never ends on its own: it holds both ends of its pipe, and the fork server's)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if niceness:
+        os.nice(niceness)
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
-    cap = WORKER_DATA_BYTES if hard == resource.RLIM_INFINITY else min(hard, WORKER_DATA_BYTES)
+    cap = data_bytes if hard == resource.RLIM_INFINITY else min(hard, data_bytes)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
     if not _start_watchdog(server):
         threading.Thread(target=_exit_with, args=(server,), name="onnxserve-server-watch", daemon=True).start()
@@ -376,25 +382,24 @@ def _running(pid: int) -> bool:
 
 
 class _Worker:
-    """One worker process (a pool of one), so the body it decodes can be stopped alone."""
+    """One worker process (a pool of one), so the work it does can be stopped alone."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: WorkerKind) -> None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(_PRELOAD))
-        self._executor = ProcessPoolExecutor(1, context, initializer=_start_worker, initargs=(os.getpid(),))
+        initargs = (os.getpid(), kind.data_bytes, kind.niceness)
+        self._executor = ProcessPoolExecutor(1, context, initializer=_start_worker, initargs=initargs)
         self._lock = threading.Lock()
         self._stopped = False
         self.shut_down = False  # stopped because the server stops, not because the body failed
 
-    def submit(
-        self, work: Callable[..., R], body: bytes | _Shared, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Future[R | _Refusal]:
-        """Hand the body over (in a codec thread: the first call starts the process, and the first of all
-        the fork server, seconds of waiting for them to import)."""
+    def submit(self, call: Callable[..., R | Refusal], args: tuple[Any, ...]) -> Future[R | Refusal]:
+        """Hand ``call(*args)`` over (in a codec thread: the first call starts the process, and the first of
+        all the fork server, seconds of waiting for them to import)."""
         with self._lock:
             if self._stopped:
                 raise BrokenProcessPool("the worker was stopped")
-            future = self._executor.submit(_in_worker, work, body, args, kwargs)
+            future = self._executor.submit(call, *args)
             self._close_result_writer()
             return future
 
@@ -450,50 +455,74 @@ class _Worker:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class _ProcessPool:
-    """The worker processes: started on first use, replaced when one dies or is stopped, stopped at shutdown.
+@dataclass(frozen=True)
+class WorkerKind:
+    """What a :class:`WorkerPool`'s workers are for: how many run at once, their memory, and how work they
+    could not finish is refused."""
 
-    At most :data:`PROCESSES` bodies are decoded at once per event loop (servers in tests share a process,
-    each on its own loop thread); a body waits for a free worker within its request's time limit, and a
-    body whose client left or whose time ran out has its worker killed and replaced."""
+    processes: int
+    """Work done at once per event loop, each in its own worker process; more waits in line."""
+    data_bytes: int
+    """Each worker's memory cap (``RLIMIT_DATA``, set when it starts)."""
+    lost: Callable[[str], OnnxServeError]
+    """The refusal of work whose worker died or was stopped under it, given why."""
+    stopping: Callable[[], OnnxServeError]
+    """The refusal of work the server no longer does because it stops."""
+    timed_out: Callable[[], OnnxServeError]
+    """The refusal of work whose request's time limit passed while it waited or ran."""
+    what: str
+    """The work, for the log (``"JSON decoding"``)."""
+    niceness: int = 0
+    """Added to each worker's nice value when it starts (work that may wait gives the CPU to the server)."""
 
-    def __init__(self) -> None:
+
+class WorkerPool:
+    """Worker processes of one :class:`WorkerKind`: started on first use, replaced when one dies or is
+    stopped, stopped at shutdown.
+
+    At most ``kind.processes`` calls run at once per event loop (servers in tests share a process, each on
+    its own loop thread); a call waits for a free worker within its request's time limit, and a call whose
+    client left or whose time ran out has its worker killed and replaced."""
+
+    def __init__(self, kind: WorkerKind) -> None:
+        self.kind = kind
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._draining: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        _pools.append(self)
 
     def drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Refuse the bodies of ``loop`` from now on, those waiting for a worker included."""
+        """Refuse the calls of ``loop`` from now on, those waiting for a worker included."""
         with self._lock:
             self._draining.add(loop)
 
     def _refuse_if_draining(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             if loop in self._draining:
-                raise shutting_down()
+                raise self.kind.stopping()
 
     def _take(self) -> _Worker:
         """An idle worker whose process is alive, else a new one: one that died while idle (the kernel's
         out-of-memory killer picks the largest process, often a worker holding its last body's memory) is
-        let go, not handed the next body, which it would refuse (outside attack rt14)."""
+        let go, not handed the next call, which it would refuse (outside attack rt14)."""
         dead = []
         with self._lock:
             while self._idle and not self._idle[-1].alive():
                 dead.append(self._idle.pop())
-            worker = self._idle.pop() if self._idle else _Worker()
+            worker = self._idle.pop() if self._idle else _Worker(self.kind)
             self._busy.add(worker)
         for gone in dead:
             gone.close()
         return worker
 
     def _done(self, worker: _Worker, finished: bool) -> None:
-        """``worker`` is free again (``finished``: its body was decoded), else stopped and replaced."""
+        """``worker`` is free again (``finished``: its call returned), else stopped and replaced."""
         with self._lock:
             known = worker in self._busy
             self._busy.discard(worker)
-            keep = finished and known and len(self._idle) < PROCESSES
+            keep = finished and known and len(self._idle) < self.kind.processes
             if keep:
                 self._idle.append(worker)
         if keep:
@@ -503,57 +532,63 @@ class _ProcessPool:
         else:  # killing may wait for a submission in flight: not on the event loop
             threading.Thread(target=worker.stop, name="onnxserve-worker-stop", daemon=True).start()
 
-    async def run(self, work: Callable[..., R], body: bytes, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+    async def run(self, call: Callable[..., R | Refusal], args: tuple[Any, ...], body: bytes | None = None) -> R:
+        """``call(*args)`` in a worker, ``call`` a module-level function, its arguments and result picklable;
+        a :class:`Refusal` it returns is raised here as its error. ``body``, when given, is handed over as
+        ``call``'s first argument, through a memory file where the platform has them (``Shared``), once a
+        worker is free."""
         loop = asyncio.get_running_loop()
-        slots = self._slots.setdefault(loop, asyncio.Semaphore(PROCESSES))
+        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.kind.processes))
         self._refuse_if_draining(loop)
         try:
             async with asyncio.timeout(request_deadline.seconds_left()) as limit:
-                async with slots:  # bodies wait here, not pickled in a queue
+                async with slots:  # calls wait here, not pickled in a queue
                     self._refuse_if_draining(loop)  # a drain began while it waited: no new worker for it
-                    result = await self._decode(loop, work, body, args, kwargs)
+                    result = await self._call(loop, call, args, body)
         except TimeoutError:
             if not limit.expired():
                 raise
-            raise decode_timed_out() from None
-        if isinstance(result, _Refusal):
+            raise self.kind.timed_out() from None
+        if isinstance(result, Refusal):
             raise result.error()
         return result
 
-    async def _decode(
+    async def _call(
         self,
         loop: asyncio.AbstractEventLoop,
-        work: Callable[..., R],
-        body: bytes,
+        call: Callable[..., R | Refusal],
         args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> R | _Refusal:
-        shared = await loop.run_in_executor(_executor(), _share, body) if _MEMFD else None
+        body: bytes | None,
+    ) -> R | Refusal:
+        shared = await loop.run_in_executor(_executor(), _share, body) if body is not None and _MEMFD else None
+        if body is not None:
+            args = (shared or body, *args)
         worker = self._take()
         finished = False
+        lost = self.kind.lost("stopped (killed, or out of memory)")
         try:
-            submit = functools.partial(worker.submit, work, shared or body, args, kwargs)
-            future: Future[R | _Refusal] = await loop.run_in_executor(_executor(), submit)
+            submit = functools.partial(worker.submit, call, args)
+            future: Future[R | Refusal] = await loop.run_in_executor(_executor(), submit)
             result = await asyncio.wrap_future(future)
             finished = True
             return result
         except BrokenProcessPool:
             if worker.shut_down:
-                raise shutting_down() from None
-            log.warning("a JSON decoding worker died; its body is refused and the worker replaced")
-            raise worker_lost("stopped (killed, or out of memory)") from None
+                raise self.kind.stopping() from None
+            log.warning("a %s worker died; its work is refused and the worker replaced", self.kind.what)
+            raise lost from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():  # this request was cancelled (its client left, its time)
                 raise
-            # Its body's future was cancelled, not the request: its worker was stopped under it (a drain
+            # Its future was cancelled, not the request: its worker was stopped under it (a drain
             # began, or the worker was killed). Answered like those, not as a cancellation (uvicorn's 500).
             if worker.shut_down:
-                raise shutting_down() from None
-            raise worker_lost("stopped (killed, or out of memory)") from None
+                raise self.kind.stopping() from None
+            raise lost from None
         except (OSError, EOFError):
             if worker.shut_down:  # its start ended with the fork server (``_Worker.stop_now``)
-                raise shutting_down() from None
+                raise self.kind.stopping() from None
             raise
         finally:
             # not finished: it died, or its client left, or the time ran out (the worker may be busy)
@@ -568,6 +603,11 @@ class _ProcessPool:
         for worker in workers:  # killed, not let go: a worker still in a parse would keep the exit waiting
             worker.shut_down = True
             worker.stop_now()
+
+
+_pools: list[WorkerPool] = []
+"""Every pool made in this process (the JSON decoding workers, the web page's document workers): the
+server's drain and shutdown stop them all."""
 
 
 def _kill_fork_server() -> None:
@@ -590,7 +630,15 @@ _PRELOAD = (
 )
 """What the fork server imports once, so each worker starts in milliseconds."""
 
-_pool = _ProcessPool()
+JSON_WORKERS = WorkerKind(
+    processes=PROCESSES,
+    data_bytes=WORKER_DATA_BYTES,
+    lost=worker_lost,
+    stopping=shutting_down,
+    timed_out=decode_timed_out,
+    what="JSON decoding",
+)
+_pool = WorkerPool(JSON_WORKERS)
 
 
 def drain() -> None:
@@ -600,7 +648,9 @@ def drain() -> None:
     started new workers and were decoded for nothing, their requests still open when the listeners closed
     (answered 500 by uvicorn) and their workers' results still arriving at exit. Call :func:`shutdown`
     next."""
-    _pool.drain(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    for pool in _pools:
+        pool.drain(loop)
 
 
 def shutdown() -> None:
@@ -610,4 +660,5 @@ def shutdown() -> None:
     request whose body is still being decoded then would only be refused by the service after its decode
     (and a worker stopped with SIGSTOP would never finish it, keeping the exit waiting for its connection).
     Killing may wait for a worker being started: call it off the event loop where that matters."""
-    _pool.shutdown()
+    for pool in _pools:
+        pool.shutdown()

@@ -29,7 +29,7 @@ import onnx
 from onnxserve.config import SessionOptions
 from onnxserve.core.inline_runs import why_values_set_sizes
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.core.runtime import guarded_session
+from onnxserve.core.runtime import guarded_session, is_allocation_failure
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids, weight_array
@@ -626,7 +626,10 @@ def _run(model: onnx.ModelProto | Path, which: str, feeds: Arrays) -> dict[str, 
     try:
         values = session.run(names, dict(feeds))
     except Exception as e:  # ONNX Runtime's error types are not part of its public API
-        raise InvalidInputError(f"model {which} refused the sample inputs: {str(e).strip().splitlines()[0]}") from None
+        reason = str(e).strip().splitlines()[0]
+        if is_allocation_failure(e):
+            raise InvalidInputError(f"model {which} could not get the memory its run asks for: {reason}") from None
+        raise InvalidInputError(f"model {which} refused the sample inputs: {reason}") from None
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import resource
 import sys
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,13 +42,18 @@ import numpy.typing as npt
 import onnx
 import orjson
 
+from onnxserve.core.memory import give_back_free_memory
+from onnxserve.core.runtime import NO_MEMORY_TO_READ
 from onnxserve.errors import (
     InvalidInputError,
     ModelLoadError,
     ModelNotFoundError,
+    OnnxServeError,
     ResourceExhaustedError,
     TooLargeError,
+    UnavailableError,
 )
+from onnxserve.protocols.offload import Refusal, WorkerKind, WorkerPool
 from onnxserve.server.web import overview
 from onnxserve.toolkit import diff, graph
 from onnxserve.toolkit.model_file import load_model
@@ -126,6 +133,49 @@ values, is compared without running it."""
 HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
 
+HEADROOM = 256 * MiB
+"""What a graph or diff document's worker may take beyond the cost it is counted at (the counts estimate
+a document's peak from what its model holds; the worker's cap makes the bound hold when a model holds
+something no count foresaw)."""
+
+WORKER_BYTES = MEMORY + HEADROOM + 512 * MiB
+"""A document worker's memory cap when it starts (its imports, then one document at a time, each under
+its own cap: cost + ``HEADROOM`` beyond what the worker holds when the document starts)."""
+
+WORKER_NICENESS = 10
+"""Document workers yield the CPU to the server: a document takes seconds, a probe must not wait."""
+
+
+def _no_document(reason: str) -> ResourceExhaustedError:
+    return ResourceExhaustedError(
+        f"the worker computing this web page document {reason}; retry later (`onnxserve inspect` shows any model)"
+    )
+
+
+def _stopping() -> UnavailableError:
+    return UnavailableError("the server is shutting down; this web page document was not computed")
+
+
+def _timed_out() -> UnavailableError:
+    return UnavailableError("this web page document took longer than its request may wait")
+
+
+DOCUMENT_WORKERS = WorkerKind(
+    processes=CONCURRENCY,
+    data_bytes=WORKER_BYTES,
+    lost=_no_document,
+    stopping=_stopping,
+    timed_out=_timed_out,
+    what="web page document",
+    niceness=WORKER_NICENESS,
+)
+"""Graph and diff documents are computed in worker processes, one document at a time each, under a memory
+cap of their own: a model that needs more than its counts say fails there (refused, 400), not in the
+server, and parsing it never holds the server's interpreter lock (an 80 MB file of 40 M quantization
+annotation entries, counted at 200 MB, took +2.1 GB and held a probe 10.8 s in the server: rt20)."""
+
+_workers = WorkerPool(DOCUMENT_WORKERS)
+
 
 class FileGoneError(ModelNotFoundError):
     """A loaded version's model file is no longer on disk: the version still serves from memory, but the
@@ -160,6 +210,39 @@ class Weights:
             raise InvalidInputError(f"the model has no initializer named {name!r}")
         tensor, values = self.tensors[name]
         return orjson.dumps(asdict(graph.page_of(tensor, values, offset, min(limit, MAX_PAGE))))
+
+
+def _too_large(cap: int) -> TooLargeError:
+    return TooLargeError(
+        f"this web page document needs more than the {_mib(cap)} it may take (its model holds more than its "
+        "counts show: many small entries); `onnxserve inspect` shows any model"
+    )
+
+
+def _in_worker(what: str, paths: tuple[str, ...], cap: int) -> bytes | Refusal:
+    """In a document worker: the ``what`` document ("graph" or "diff") of ``paths``, within ``cap`` bytes
+    beyond what the worker holds now (its data segment, ``RLIMIT_DATA``)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = _data_segment() + cap
+    resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    try:
+        files = [Path(path) for path in paths]
+        return graph_json(files[0]) if what == "graph" else diff_json(files[0], files[1])
+    except MemoryError:
+        return Refusal.of(_too_large(cap))
+    except OnnxServeError as e:
+        return Refusal.of(_too_large(cap) if NO_MEMORY_TO_READ in e.message else e)
+    finally:
+        give_back_free_memory()
+
+
+def _data_segment() -> int:
+    """This process's data segment and private mappings now (``VmData``: what ``RLIMIT_DATA`` caps)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def graph_json(path: Path) -> bytes:
@@ -213,6 +296,8 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _size(value: object) -> int:
+    if isinstance(value, TooLargeError):
+        return len(value.message) + 256
     if isinstance(value, Weights):
         return value.nbytes
     if isinstance(value, overview.OnnxHeader):
@@ -263,21 +348,22 @@ class DocumentCache:
 
     async def header(self, path: Path) -> overview.OnnxHeader:
         key = ("header", file_key(path))
-        found = await self._get(key, (str(path),), lambda: overview.onnx_header(path), None)
+        found = await self._get(key, (str(path),), _in_thread(lambda: overview.onnx_header(path)), None)
         assert isinstance(found, overview.OnnxHeader)
         return found
 
     async def graph(self, path: Path) -> bytes:
         key = ("graph", file_key(path))
         cost = self._cost("graph", key[1]) + await self._structure_cost("graph", path)
-        document = await self._get(key, (str(path),), lambda: graph_json(path), self._within(cost))
+        cost = self._within(cost)
+        document = await self._get(key, (str(path),), _in_worker_of("graph", (str(path),), cost), cost)
         assert isinstance(document, bytes)
         return document
 
     async def weight_page(self, path: Path, name: str, offset: int, limit: int) -> bytes:
         key = ("weights", file_key(path))
         cost = self._cost("weights", key[1]) + await self._structure_cost("weights", path, nodes=False)
-        weights = await self._get(key, (str(path),), lambda: read_weights(path), self._within(cost))
+        weights = await self._get(key, (str(path),), _in_thread(lambda: read_weights(path)), self._within(cost))
         assert isinstance(weights, Weights)
         return weights.page(name, offset, limit)
 
@@ -285,7 +371,8 @@ class DocumentCache:
         key = ("diff", file_key(a), file_key(b))
         cost = self._cost("diff", key[1], key[2])
         cost += await self._structure_cost("diff", a) + await self._structure_cost("diff", b)
-        document = await self._get(key, (str(a), str(b)), lambda: diff_json(a, b), self._within(cost))
+        cost = self._within(cost)
+        document = await self._get(key, (str(a), str(b)), _in_worker_of("diff", (str(a), str(b)), cost), cost)
         assert isinstance(document, bytes)
         return document
 
@@ -349,29 +436,37 @@ class DocumentCache:
         return cost
 
     async def _get(
-        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object], cost: int | None
+        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], Awaitable[object]], cost: int | None
     ) -> object:
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key][0]
+            found = self._entries[key][0]
+            if isinstance(found, TooLargeError):  # refused once: the same file is refused again at once
+                raise found
+            return found
         task = self._computing.get(key)
         if task is None:
             # Its own task: a client that goes away does not stop the computation others wait for.
-            task = asyncio.get_running_loop().create_task(self._compute(key, paths, compute, cost))
+            # No request's time limit either: a document others may wait for is not cut by the first one's.
+            computing = self._compute(key, paths, compute, cost)
+            task = asyncio.get_running_loop().create_task(computing, context=contextvars.Context())
             task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, always
             self._computing[key] = task
         return await asyncio.shield(task)
 
     async def _compute(
-        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], object], cost: int | None
+        self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], Awaitable[object]], cost: int | None
     ) -> object:
         try:
             if cost is None:
                 async with self._headers:
-                    value = await asyncio.to_thread(_guarded, compute)
+                    value = await compute()
             else:
                 async with self._admission(cost):
-                    value = await asyncio.to_thread(_guarded, compute)
+                    value = await compute()
+        except TooLargeError as e:
+            self._keep(key, paths, e)
+            raise
         except ModelLoadError:
             # removed between its check and its reading: not a server fault, nor a path to show
             if all(Path(path).is_file() for path in paths):
@@ -408,6 +503,16 @@ class DocumentCache:
         self._entries[key] = (value, size, paths)
         while self.held_bytes > self.max_bytes:
             self._entries.popitem(last=False)
+
+
+def _in_thread(compute: Callable[[], object]) -> Callable[[], Awaitable[object]]:
+    """``compute`` run on a worker thread (``_guarded``)."""
+    return lambda: asyncio.to_thread(_guarded, compute)
+
+
+def _in_worker_of(what: str, paths: tuple[str, ...], cost: int) -> Callable[[], Awaitable[object]]:
+    """The ``what`` document of ``paths`` computed in a document worker, capped at ``cost`` + ``HEADROOM``."""
+    return lambda: _workers.run(_in_worker, (what, paths, cost + HEADROOM))
 
 
 def _guarded(compute: Callable[[], object]) -> object:
