@@ -646,6 +646,59 @@ def test_chunked_bodies_of_tiny_chunks_are_refused(server: CappedServer) -> None
     check_still_serving(server, server.rss_bytes())
 
 
+def stream_after_head(sock: socket.socket, head: bytes, piece: bytes, most: int) -> tuple[int, bytes]:
+    """Send ``head``, then ``piece`` until ``most`` bytes or the server stops reading; (bytes of ``piece``
+    sent, what the server said)."""
+    sent = 0
+    said = b""
+    sock.sendall(head)
+    with contextlib.suppress(OSError):  # the server stops reading: a reset or a broken pipe
+        while sent < most:
+            sock.sendall(piece)
+            sent += len(piece)
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            said += chunk
+    return sent, said
+
+
+def test_an_early_answer_closes_its_connection_instead_of_reading_the_body_on(server: CappedServer) -> None:
+    """Outside attack rt20: a POST to the probe route (open to all, also with --auth-tokens) announcing a body
+    of 10 GB was answered 413 at once, and the server then read all 10 GB to keep the connection (30 such over
+    TLS held probes 5.5 s). A connection answered before its body is in now closes, reading and dropping at
+    most LINGER_BYTES (64 MiB) so that the client gets its answer."""
+    head = b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        sent, said = stream_after_head(sock, head, b" " * 65536, 256 * 1024 * 1024)
+    assert said.startswith(b"HTTP/1.1 413 "), said[:300]
+    assert sent < 100 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
+    check_still_serving(server, server.rss_bytes())
+
+
+def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServer) -> None:
+    """Outside attack rt20: 256-byte chunks each with a 60,000-byte chunk extension passed every data limit
+    (--max-request-bytes and the chunk average count data) and the framing limit per chunk: 30 connections
+    streamed 10 GB of framing in 15 s, never answered, probes 6.2 s. A body whose framing passes its data by
+    --max-header-bytes is refused; short extensions are served."""
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"100;" + b"e" * 60000 + b"\r\n" + b" " * 256 + b"\r\n"
+    with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+        sent, said = stream_after_head(sock, head, chunk, 64 * 1024 * 1024)
+    assert said.startswith(b"HTTP/1.1 400 "), said[:300]
+    assert b"chunk lines (chunk extensions) hold more bytes than its data" in said
+    assert sent < 4 * 1024 * 1024, f"the server read {sent} bytes of chunk extensions"
+    body = orjson.dumps(INFER_BODY)
+    chunks = b"".join(
+        b"%x;name=value\r\n%s\r\n" % (len(body[i : i + 64]), body[i : i + 64]) for i in range(0, len(body), 64)
+    )
+    with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
+        sock.sendall(head + chunks + b"0\r\n\r\n")
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    check_still_serving(server, server.rss_bytes())
+
+
 @pytest.mark.parametrize("answered_first", [False, True], ids=["waiting-for-its-body", "answered-401-first"])
 def test_trailer_fields_that_never_end_are_refused_at_the_head_limit(
     numeric_repository: Path, tmp_path: Path, answered_first: bool

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import requests
 from harness import CappedServer, serve_capped
-from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets
+from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets, stream_after_head
 
 from waiting import wait_until
 
@@ -233,6 +233,21 @@ def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tl
                 sock.close()
         wait_until(lambda: established(capped) == 0, timeout=10, what="the busy connections to close")
         served_normally(capped, tls_files["ca"])
+
+
+def test_an_early_answer_over_tls_reads_no_more_of_the_body(server: CappedServer, tls_files: dict[str, Path]) -> None:
+    """Outside attack rt20: TLS cannot shut only its write side, so a connection closed after an early answer
+    (a 413, a 401) waited 2 s for the client's close_notify, decrypting everything that arrived meanwhile:
+    1.25 GB from one connection, and 30 reconnecting ones held probes 3.6 s. Nothing more is read now; the
+    answer goes out and the wait ends the connection."""
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    head = b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    plain = socket.create_connection((server.host, server.http_port), timeout=5)
+    with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
+        sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
+    assert said.startswith(b"HTTP/1.1 413 "), said[:300]
+    assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
+    assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
 
 
 def test_connections_the_server_closed_give_their_slots_back_soon(

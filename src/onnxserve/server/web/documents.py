@@ -520,6 +520,12 @@ def _guarded(compute: Callable[[], object]) -> object:
     try:
         return compute()
     except MemoryError:
-        raise ResourceExhaustedError(
-            "the server has not enough memory to compute this web page document now; retry later"
-        ) from None
+        raise _short_of_memory() from None
+    except ModelLoadError as e:
+        if NO_MEMORY_TO_READ in e.message:  # protobuf's parse could not allocate: memory, not the file
+            raise _short_of_memory() from None
+        raise
+
+
+def _short_of_memory() -> ResourceExhaustedError:
+    return ResourceExhaustedError("the server has not enough memory to compute this web page document now; retry later")
