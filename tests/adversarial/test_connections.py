@@ -663,16 +663,54 @@ def stream_after_head(sock: socket.socket, head: bytes, piece: bytes, most: int)
 
 
 def test_an_early_answer_closes_its_connection_instead_of_reading_the_body_on(server: CappedServer) -> None:
-    """Outside attack rt20: a POST to the probe route (open to all, also with --auth-tokens) announcing a body
-    of 10 GB was answered 413 at once, and the server then read all 10 GB to keep the connection (30 such over
-    TLS held probes 5.5 s). A connection answered before its body is in now closes, reading and dropping at
-    most LINGER_BYTES (64 MiB) so that the client gets its answer."""
-    head = b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    """Outside attack rt20: a POST announcing a body of 10 GB was answered 413 at once, and the server then read
+    all 10 GB to keep the connection (30 such over TLS held probes 5.5 s). A connection answered before its
+    body is in now closes, reading and dropping at most LINGER_BYTES (64 MiB) so that the client gets its
+    answer."""
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 256 * 1024 * 1024)
     assert said.startswith(b"HTTP/1.1 413 "), said[:300]
     assert sent < 100 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
     check_still_serving(server, server.rss_bytes())
+
+
+def test_bodies_sent_to_the_probes_are_refused_unread(numeric_repository: Path, tmp_path: Path) -> None:
+    """Outside attack rt20: the probes are open to all, also with --auth-tokens, and a POST to them had its
+    body read and counted in --max-inflight-bytes: 4 anonymous heads announcing 67 MB held the budget, and
+    every authenticated large request was refused 503 for up to --body-timeout. A body sent to a probe is
+    refused 400 before a byte of it is read or counted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-secret-of-32-characters-at-least infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(
+        numeric_repository, *FAST, "--auth-tokens", str(tokens), "--max-inflight-bytes", str(2 * MAX_REQUEST)
+    ) as capped:
+        held = []
+        try:
+            for path in (b"/v2/health/live", b"/v2/health/ready"):
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=10)
+                held.append(sock)
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, MAX_REQUEST))
+                said = said_until_closed(sock, 10)
+                assert said.startswith(b"HTTP/1.1 400 "), said[:300]
+                assert b"the health probes take no request body" in said
+            for _ in range(4):  # the attack: heads that announce a body and send none of it
+                sock = socket.create_connection((capped.host, capped.http_port), timeout=10)
+                held.append(sock)
+                sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MAX_REQUEST)
+            large = orjson.dumps(INFER_BODY) + b" " * (MAX_REQUEST - 1024)
+            answer = requests.post(
+                f"{capped.http_url}/v2/models/add/infer",
+                data=large,
+                headers={"Authorization": "Bearer a-secret-of-32-characters-at-least"},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+            assert capped.probe_seconds() < PROBE_BOUND
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServer) -> None:

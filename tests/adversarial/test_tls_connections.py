@@ -235,17 +235,20 @@ def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tl
         served_normally(capped, tls_files["ca"])
 
 
-def test_an_early_answer_over_tls_reads_no_more_of_the_body(server: CappedServer, tls_files: dict[str, Path]) -> None:
+@pytest.mark.parametrize(("path", "status"), [(b"/v2/models/add/infer", b"413"), (b"/v2/health/live", b"400")])
+def test_an_early_answer_over_tls_reads_no_more_of_the_body(
+    server: CappedServer, tls_files: dict[str, Path], path: bytes, status: bytes
+) -> None:
     """Outside attack rt20: TLS cannot shut only its write side, so a connection closed after an early answer
     (a 413, a 401) waited 2 s for the client's close_notify, decrypting everything that arrived meanwhile:
     1.25 GB from one connection, and 30 reconnecting ones held probes 3.6 s. Nothing more is read now; the
     answer goes out and the wait ends the connection."""
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
-    head = b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n" % path
     plain = socket.create_connection((server.host, server.http_port), timeout=5)
     with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
-    assert said.startswith(b"HTTP/1.1 413 "), said[:300]
+    assert said.startswith(b"HTTP/1.1 " + status), said[:300]
     assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
     assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
 

@@ -121,6 +121,9 @@ MIN_CLIENT_PING_INTERVAL_MS = 10_000
 PROBE_PATHS = frozenset(path.encode("ascii") for path in (*OPEN_HTTP_PATHS, METRICS_HTTP_PATH))
 """The only paths a connection of the probe reserve may ask for."""
 
+OPEN_PATHS = frozenset(path.encode("ascii") for path in OPEN_HTTP_PATHS)
+"""The health probes: open to every client, also with tokens, and they take no request body."""
+
 MAX_HEADER_FIELDS = 100
 """Header fields one HTTP request head may have (Apache's default; browsers send about 20): past it, 431."""
 
@@ -651,15 +654,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         closes, up to :data:`LINGER_BYTES` or :data:`LINGER_SECONDS`; then the connection is cut. Only an
         answer of the application's lingers: a connection closed to free its slot closes at once.
         Returns False (close now) when nothing of the request is left unread."""
-        raw = self.transport._transport  # type: ignore[attr-defined]  # the _ClosedWritesDropped's own
         answered = self.cycle is not None and self.cycle.response_complete  # not a 408, 503 or 431 of ours
-        if self._body_pending and self._tcp is not None and not self._tcp.is_closing():
-            # TLS cannot shut only its write side: the layer's close sends close_notify and waits
-            # TLS_SHUTDOWN_SECONDS for the client's, decrypting whatever arrives meanwhile (1.25 GB in 2 s
-            # from one connection, 30 such held probes 3.6 s: rt20). Nothing more is read: the answer goes
-            # out, and the wait ends the connection.
-            self._tcp.pause_reading()
-        if not (self._body_pending and answered) or self._refused or raw.is_closing() or not raw.can_write_eof():
+        if self._body_pending:
+            self._read_no_more_tls()
+        if not (self._body_pending and answered) or self._refused:
+            return False
+        return self._start_lingering()
+
+    def _start_lingering(self) -> bool:
+        """Shut the write side (the answer written goes out, then FIN) and read and drop what still arrives, up
+        to :data:`LINGER_BYTES` or :data:`LINGER_SECONDS`, then cut; False when the transport cannot (TLS)."""
+        raw = self.transport._transport  # type: ignore[attr-defined]  # the _ClosedWritesDropped's own
+        if raw.is_closing() or not raw.can_write_eof():
             return False
         self._cancel_timers()
         self._linger_left = LINGER_BYTES
@@ -667,6 +673,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         raw.resume_reading()  # uvicorn may have paused reading while the app held the body
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.abort)
         return True
+
+    def _read_no_more_tls(self) -> None:
+        """Over TLS, stop reading this connection, whose request body is still arriving and will not be
+        read: TLS cannot shut only its write side, and the layer's close sends close_notify and waits
+        ``TLS_SHUTDOWN_SECONDS`` for the client's, decrypting whatever arrives meanwhile (1.25 GB in 2 s from
+        one connection, 30 such held probes 3.6 s: rt20). The answer goes out; the wait ends the connection."""
+        if self._tcp is not None and not self._tcp.is_closing():
+            self._tcp.pause_reading()
 
     def _lingered(self, data: bytes) -> None:
         self._linger_left -= len(data)
@@ -820,6 +834,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "this request asks to switch protocols (Connection: upgrade) and has a body; the server speaks "
                 "HTTP/1.1 and does not switch: send it without the Upgrade header (curl: --http1.1)",
             )
+            return
+        if self.url.split(b"?", 1)[0] in OPEN_PATHS and announces_body(self.headers):
+            # The probes take no body, and they are open to all: a body sent to them would be read (and
+            # counted in --max-inflight-bytes) for an anonymous client (4 anonymous heads of 67 MB to
+            # /v2/health/live held the budget from every authenticated request for 60 s: rt20).
+            log.info("refused a request with a body to a health probe")
+            self._refused = True
+            self._read_no_more_tls()
+            message = "the health probes take no request body: send a GET without one"
+            self.transport.write(_error_response("400 Bad Request", message))
+            if not self._start_lingering():  # so that the client gets the answer before the close
+                self._cancel_timers()
+                self.transport.close()
             return
         if self._reserve and self.url.split(b"?", 1)[0] not in PROBE_PATHS:
             log.info("refused a request on a probe-reserve connection: every other connection is busy")
