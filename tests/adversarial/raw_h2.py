@@ -29,6 +29,7 @@ class CallOutcome:
     status: int | None = None
     message: str = ""
     reset: bool = False
+    reset_code: int | None = None  # the HTTP/2 error code of the server's RST_STREAM
     sent: int = 0
     received: int = 0
 
@@ -170,6 +171,7 @@ class RawGrpcConnection:
             outcome = self.calls.get(event.stream_id)
             if outcome is not None:
                 outcome.reset = True
+                outcome.reset_code = int(event.error_code)
         elif isinstance(event, h2.events.DataReceived):
             if self.reads:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)

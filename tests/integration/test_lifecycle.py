@@ -552,6 +552,83 @@ def test_every_status_route_answers_while_a_version_drains(tmp_path: Path) -> No
         server.stop()
 
 
+def test_unloading_a_busy_model_holds_up_no_other_model_nor_readiness(tmp_path: Path) -> None:
+    """While a busy model drains for its unload, other models load and unload at once, and the server
+    stays ready (strict readiness leaves out a model being unloaded on purpose); a load of the draining
+    model itself waits for the drain to end, then loads it again. Before (outside attack rt21): the
+    unload held the manager's lock through the drain, so an unrelated load waited up to --drain-timeout,
+    and /v2/health/ready answered 503 for the whole drain."""
+    import raw_http
+
+    models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
+    for name, offset in (("other", 1.0), ("late", 2.0)):
+        models.write_version(tmp_path, name, 1, models.offset_model(offset))
+    config_file = tmp_path / "config.json"
+    entries = [
+        {"name": "paced", "base_path": "paced", "instance_count": 1, "max_batch_size": 0},
+        {"name": "other", "base_path": "other", "max_batch_size": 4},
+        {"name": "late", "base_path": "late", "max_batch_size": 4},
+    ]
+    config_file.write_text(json.dumps({"model_config_list": entries}))
+    settings = ServerSettings(
+        http_port=0,
+        grpc_port=0,
+        log_level="warning",
+        model_control_mode="explicit",
+        load_models=("paced", "other"),
+        drain_timeout=60,
+    )
+    server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
+    url = server.http_url
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}).encode()
+    request = raw_http.request_bytes(
+        "POST", "/v2/models/paced/infer", {"Content-Type": "application/json", "Content-Length": str(len(body))}, body
+    )
+    answered: dict[str, tuple[int, float]] = {}  # what -> (status, time.monotonic() of the answer)
+
+    def control(what: str, path: str) -> None:
+        status = httpx.post(f"{url}/v2/repository/models/{path}", timeout=120).status_code
+        answered[what] = (status, time.monotonic())
+
+    # two endless runs on one instance: one runs, one waits; both keep the version draining until they leave
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    unload = threading.Thread(target=control, args=("unload paced", "paced/unload"))
+    reload = threading.Thread(target=control, args=("load paced", "paced/load"))
+    try:
+        for sock in held:
+            sock.sendall(request)
+        wait_until(lambda: queue_depth(url, "paced") == 1, what="one request running, one waiting")
+        unload.start()
+        wait_until(lambda: ("paced", "UNLOADING") in {(e["name"], e["state"]) for e in index(server)}, what="drain")
+        reload.start()  # waits for the drain
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200  # before: 503 for the whole drain
+        assert httpx.post(f"{url}/v2/repository/models/late/load", timeout=10).status_code == 200  # before: waited
+        assert httpx.post(f"{url}/v2/models/late/infer", json=infer_body()).json()["outputs"][0]["data"] == [2.0]
+        assert httpx.post(f"{url}/v2/repository/models/other/unload", timeout=10).status_code == 200
+        assert httpx.post(f"{url}/v2/models/other/infer", json=infer_body()).status_code == 404
+        assert ("paced", "UNLOADING") in {(e["name"], e["state"]) for e in index(server)}  # still draining
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{url}/v2/models/paced/ready").status_code == 503  # the model itself is not ready
+        assert not answered
+    finally:
+        for sock in held:
+            sock.close()  # the clients leave: their runs are stopped, the drain ends
+        for thread in (unload, reload):
+            if thread.ident is not None:
+                thread.join(timeout=60)
+    try:
+        assert answered["unload paced"][0] == 200
+        assert answered["load paced"][0] == 200
+        assert answered["unload paced"][1] <= answered["load paced"][1]  # the load waited for the drain
+        assert ("paced", "READY") in {(e["name"], e["state"]) for e in index(server)}
+        small = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+        assert httpx.post(f"{url}/v2/models/paced/infer", json=small).json()["outputs"][0]["data"] == [1.0]
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_a_failed_load_says_why_every_time_logs_once_and_tf_status_agrees_with_the_index(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -827,6 +827,10 @@ def _bad_cases() -> list[Any]:
 
         return change
 
+    def many_parameters(m: pb.ModelInferRequest) -> None:
+        for i in range(70_000):  # about 1 MB: a message under 2 MiB is not walked before parsing (rt21)
+            m.parameters[f"p{i}"].bool_param = True
+
     def cut_bytes(m: pb.ModelInferRequest) -> None:
         m.raw_input_contents[0] = m.raw_input_contents[0][:-1]
 
@@ -917,6 +921,7 @@ def _bad_cases() -> list[Any]:
             ("'small'", "256", "UINT8", "range"),
             "typed",
         ),
+        "parameters_flood": Bad(_changed(raw, many_parameters), inv, ("more than 65536 entries",)),
         "unknown_model": Bad(_changed(raw, model("no_such_model")), nf, ("no_such_model",)),
         "unknown_version": Bad(_changed(raw, model("add", "7")), nf, ("'add'", "version 7")),
         "empty_model_name": Bad(_changed(raw, model("")), inv, ("model_name", "empty")),

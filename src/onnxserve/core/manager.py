@@ -26,17 +26,21 @@ served with what is loaded:
 
 Explicit control (``load`` / ``unload``) accepts only model names of the safe character set that
 resolve inside the repository (or name an entry of the config file); symlinks that leave it are refused.
+An unload answers once the model's drain is over, without holding the manager's lock meanwhile: other
+models' loads and unloads go on, and control of the same model waits for the drain (``_control``). A
+model leaving as a whole is in ``registry.retiring`` until it is dropped (strict readiness leaves it out).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -180,7 +184,10 @@ class ModelManager:
         self._failed_entries: dict[tuple[str, int], dict[str, object]] = {}
         self._said: dict[str, str] = {}  # by topic: the last error logged, so a poll does not repeat it
         self._lock = asyncio.Lock()
-        self._unloading: set[asyncio.Task[None]] = set()
+        self._unloading: dict[asyncio.Task[None], ModelVersion] = {}  # each version's unload, until it is done
+        # By model: the task that drains a model leaving as a whole and then drops it. The lock is not held
+        # meanwhile (other models' loads and unloads go on); control of that model waits for it to end.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
 
     # --- reconciling with a whole config ---------------------------------------------------------
 
@@ -204,7 +211,7 @@ class ModelManager:
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s%s", said, " (still)" if repeated else "")
 
     async def apply(self, config: ServerConfig) -> None:
-        async with self._lock:
+        async with self._control():
             wanted = {m.name: m for m in config.model_config_list}
             for name in self.registry.names():
                 if name not in wanted:
@@ -435,24 +442,67 @@ class ModelManager:
     # --- retiring ---------------------------------------------------------------------------------
 
     async def _retire_model(self, name: str) -> None:
-        served = self.registry.get(name)
-        for version in list(served.versions.values()):
-            self._retire(served, version)
-        await self._settle()
-        self.registry.drop(name)
+        """Retire every version of a model and drop it once they are unloaded; returns then."""
+        await asyncio.shield(self._begin_retirement(name))
 
-    def _retire(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
-        """Stop new traffic to a version now; unload it once its in-flight requests have finished.
+    def _begin_retirement(self, name: str) -> asyncio.Task[None]:
+        """Stop new traffic to every version of a model now; the task that drops the model once they are
+        unloaded. Meanwhile the model leaves strict readiness (it is going on purpose) and control of it
+        waits (:meth:`_control`); the lock is not needed for the drain."""
+        served = self.registry.get(name)
+        unloads = [self._retire(served, version) for version in list(served.versions.values())]
+        self.registry.retiring.add(name)
+        task = asyncio.get_running_loop().create_task(self._retirement(name, served, unloads))
+        self._retiring[name] = task
+        return task
+
+    async def _retirement(self, name: str, served: ServedModel, unloads: list[asyncio.Task[None]]) -> None:
+        try:
+            await asyncio.gather(*unloads, return_exceptions=True)
+            if name in self.registry.names() and self.registry.get(name) is served:
+                self.registry.drop(name)
+        finally:
+            self.registry.retiring.discard(name)
+            del self._retiring[name]
+
+    @contextlib.asynccontextmanager
+    async def _control(self, name: str | None = None) -> AsyncIterator[None]:
+        """The manager's lock, taken once model ``name`` (None: every model) is not leaving as a whole: a
+        load or unload of a model being unloaded waits for its drain to end, as it did when the unload
+        held the lock throughout; other models' control does not."""
+        while True:
+            leaving = [t for n, t in self._retiring.items() if name is None or n == name]
+            if leaving:
+                await asyncio.wait(leaving)
+                continue
+            await self._lock.acquire()
+            if not any(name is None or n == name for n in self._retiring):
+                break
+            self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _retire(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> asyncio.Task[None]:
+        """Stop new traffic to a version now; unload it once its in-flight requests have finished. The
+        task that unloads it (the one already doing so for a version unloading already).
 
         ``replaced``: a new load of the same version serves already, so observers hear nothing of this."""
         if version.state is ModelState.UNLOADING:
-            return
+            running = next((t for t, v in self._unloading.items() if v is version), None)
+            if running is not None:
+                return running
         version.state = ModelState.UNLOADING
         if not replaced:
             self.registry.observers.version(VersionRecord(version.name, str(version.version), version.state.value))
         task = asyncio.get_running_loop().create_task(self._unload(served, version, replaced))
-        self._unloading.add(task)
-        task.add_done_callback(self._unloading.discard)
+        self._unloading[task] = version
+        task.add_done_callback(self._forget_unload)
+        return task
+
+    def _forget_unload(self, task: asyncio.Task[None]) -> None:
+        self._unloading.pop(task, None)
 
     async def _unload(self, served: ServedModel, version: ModelVersion, replaced: bool = False) -> None:
         deadline = asyncio.get_running_loop().time() + self.drain_seconds
@@ -480,9 +530,9 @@ class ModelManager:
         log.info("model %s: version %d unloaded", version.name, version.version)
 
     async def _settle(self) -> None:
-        """Wait for every unload in progress."""
-        while self._unloading:
-            await asyncio.gather(*list(self._unloading), return_exceptions=True)
+        """Wait for every unload in progress, and every model leaving to be dropped."""
+        while self._unloading or self._retiring:
+            await asyncio.gather(*self._unloading, *self._retiring.values(), return_exceptions=True)
 
     # --- explicit control -------------------------------------------------------------------------
 
@@ -497,7 +547,7 @@ class ModelManager:
         """Load (or reload) a model from the catalog by name."""
         self._require_explicit("load")
         config = self.catalog.find(name)
-        async with self._lock:
+        async with self._control(name):
             await self._apply_model(config, retry_failed=True)
             # every version's reason, also one that failed as before (a retry answered only "no version")
             failed = [
@@ -512,10 +562,13 @@ class ModelManager:
         self._require_explicit("unload")
         if not re.fullmatch(MODEL_NAME_PATTERN, name):
             raise InvalidInputError(f"invalid model name {name!r}")
-        async with self._lock:
+        async with self._control(name):
             if name not in self.registry.names():
                 raise ModelNotFoundError(f"model {name!r} is not loaded")
-            await self._retire_model(name)
+            retirement = self._begin_retirement(name)
+        # answered once the model is unloaded (its drain, at most drain_seconds), without holding the
+        # lock meanwhile: loads and unloads of other models go on; a cancelled answer leaves it going
+        await asyncio.shield(retirement)
 
     def known_models(self) -> list[str]:
         """Every model the catalog names, loaded or not (explicit mode's repository index)."""

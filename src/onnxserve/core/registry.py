@@ -365,6 +365,10 @@ class ModelRegistry:
         self.observers = observers or Observers()
         self.failures: dict[tuple[str, int], str] = {}  # versions that failed to load, with the reason
         self.loading: dict[tuple[str, int], float] = {}  # versions being loaded, since (time.monotonic())
+        # Models being unloaded as a whole on purpose (the control API, or gone from the config), draining
+        # until they are dropped: strict readiness leaves them out, as Triton counts only models that
+        # should be ready.
+        self.retiring: set[str] = set()
 
     @classmethod
     def load(cls, config: ServerConfig, observers: Observers | None = None) -> ModelRegistry:
@@ -422,9 +426,11 @@ class ModelRegistry:
             version.scheduler.close()
 
     def all_ready(self) -> bool:
-        """Every model has a ready version, and none is still loading."""
+        """Every model has a ready version, and none is still loading (a model being unloaded on purpose,
+        :attr:`retiring`, is not counted)."""
         return all(
             any(v.ready for v in m.versions.values())
             and not any(v.state is ModelState.LOADING for v in m.versions.values())
             for m in self._models.values()
+            if m.name not in self.retiring
         )

@@ -48,12 +48,12 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
 
 
 def parse(message_type: type[M], data: bytes) -> M:
-    """The message in ``data``; an inference request is first checked for element floods (unparsed)."""
+    """The message in ``data``; an inference request is first checked for element floods (unparsed), and
+    its lists and parameter maps counted once parsed (``element_count.check_entries``)."""
     if message_type is pb.ModelInferRequest:
         element_count.check_bytes_contents(data)
     try:
         message: M = message_type.FromString(data)
-        return message
     except MemoryError:
         raise inflight.no_memory("to decode this gRPC message") from None
     except DecodeError as e:
@@ -64,11 +64,15 @@ def parse(message_type: type[M], data: bytes) -> M:
                 raise inflight.no_memory("to decode this gRPC message") from None
             try:
                 message = message_type.FromString(data)
-                return message
             except (DecodeError, MemoryError):
                 if inflight.short_of_memory(len(data)):
                     raise inflight.no_memory("to decode this gRPC message") from None
-        raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
+                raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
+        else:
+            raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
+    if isinstance(message, pb.ModelInferRequest):
+        element_count.check_entries(message)  # a small message is not walked before parsing
+    return message
 
 
 def parse_inference(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview] | None]:

@@ -1,0 +1,118 @@
+"""A flood of gRPC calls never makes the server refuse another client's call (outside attack rt21, F1).
+
+With ``grpc.max_concurrent_streams`` set (``--grpc-max-concurrent-streams``), grpc-core switched on its
+"overload protection": a connection's streams counted against the limit until the server had freed them,
+well after they had ended on the wire, so a connection whose clients wanted more calls than the limit (the
+client queues the excess, as HTTP/2 asks) had about half its new calls refused with REFUSED_STREAM
+(UNAVAILABLE to the client). Clients share a connection behind a proxy that multiplexes them, and within
+one process (grpc shares a connection between channels to the same target), so anonymous ServerLive calls
+made other clients' calls fail. The per-connection stream limit itself must still hold: streams past it
+on one connection, from a client that ignores it, are refused, and only those.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import h2.settings
+import pytest
+from harness import CappedServer, serve_capped
+from raw_h2 import INFER, RawGrpcConnection
+
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+STREAMS_PER_CONNECTION = 20
+FLOOD_THREADS = 4  # each keeps STREAMS_PER_CONNECTION calls in flight: the connection wants 4 times its limit
+FLOOD_SECONDS = 3.0
+REFUSED_STREAM = 7  # the HTTP/2 error code
+
+
+@pytest.fixture(scope="module")
+def server(numeric_repository: Path) -> Iterator[CappedServer]:
+    with serve_capped(
+        numeric_repository,
+        "--grpc-max-concurrent-streams",
+        str(STREAMS_PER_CONNECTION),
+        "--body-timeout",
+        "3",
+    ) as capped:
+        yield capped
+
+
+def server_live(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
+        SERVER_LIVE,
+        request_serializer=pb.ServerLiveRequest.SerializeToString,
+        response_deserializer=pb.ServerLiveResponse.FromString,
+    )
+
+
+def flood(channel: grpc.Channel, stop: threading.Event, outcomes: Counter[str], lock: threading.Lock) -> None:
+    """Anonymous ServerLive calls, ``STREAMS_PER_CONNECTION`` in flight, on ``channel`` until ``stop``."""
+    call = server_live(channel)
+    while not stop.is_set():
+        futures = [call.future(pb.ServerLiveRequest(), timeout=30) for _ in range(STREAMS_PER_CONNECTION)]
+        for future in futures:
+            try:
+                future.result()
+                outcome = "OK"
+            except grpc.RpcError as e:
+                outcome = f"{e.code().name}: {e.details()}"
+            with lock:
+                outcomes[outcome] += 1
+
+
+def test_a_flood_of_calls_refuses_no_other_call_on_its_connection(server: CappedServer) -> None:
+    """The flood and a victim share one connection (one channel, as behind a multiplexing proxy); the
+    victim sends one call at a time. Before the fix about half the calls were refused."""
+    stop = threading.Event()
+    lock = threading.Lock()
+    flooded: Counter[str] = Counter()
+    victim: Counter[str] = Counter()
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        threads = [threading.Thread(target=flood, args=(channel, stop, flooded, lock)) for _ in range(FLOOD_THREADS)]
+        for thread in threads:
+            thread.start()
+        try:
+            call = server_live(channel)
+            ends = time.monotonic() + FLOOD_SECONDS
+            while time.monotonic() < ends:
+                try:
+                    call(pb.ServerLiveRequest(), timeout=30)
+                    victim["OK"] += 1
+                except grpc.RpcError as e:
+                    victim[f"{e.code().name}: {e.details()}"] += 1
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=60)
+    assert flooded["OK"] > 0
+    assert set(victim) == {"OK"}, (victim, flooded)  # before the fix: UNAVAILABLE "... RST_STREAM ... code 7"
+    assert set(flooded) == {"OK"}, flooded  # the excess over the limit waits at the client, never refused
+
+
+def test_streams_past_the_connection_limit_are_still_refused(server: CappedServer) -> None:
+    """A client that ignores the advertised SETTINGS_MAX_CONCURRENT_STREAMS and opens more calls at once
+    (ModelInfer calls that never send their message, so they stay open) has the excess refused."""
+    c = RawGrpcConnection(server.host, server.grpc_port)
+    try:
+        c.pump(0.5)  # the server's SETTINGS
+        assert c.h2.remote_settings.max_concurrent_streams == STREAMS_PER_CONNECTION
+        c.h2.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 10 * STREAMS_PER_CONNECTION
+        c.h2.remote_settings.acknowledge()  # as if the server had allowed more
+        excess = 15
+        calls = [c.open_call(INFER) for _ in range(STREAMS_PER_CONNECTION + excess)]
+        ends = time.monotonic() + 2
+        while time.monotonic() < ends and sum(c.calls[call].reset for call in calls) < excess:
+            c.pump(0.1)
+        refused = [call for call in calls if c.calls[call].reset_code == REFUSED_STREAM]
+        assert len(refused) == excess, Counter((o.status, o.reset_code) for o in c.calls.values())
+        assert refused == calls[-excess:]  # the last ones, past the limit
+    finally:
+        c.close()
