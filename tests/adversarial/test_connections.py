@@ -17,13 +17,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import onnx
 import onnx.helper
 import orjson
 import psutil
 import pytest
 import requests
-from harness import CappedServer, connect_from, raw_request, read_answer, readable, said_until_closed, serve_capped
+from harness import (
+    MODEL_INFER,
+    CappedServer,
+    connect_from,
+    raw_request,
+    read_answer,
+    readable,
+    said_until_closed,
+    serve_capped,
+)
 
 import models
 from waiting import wait_until
@@ -711,6 +721,33 @@ def test_bodies_sent_to_the_probes_are_refused_unread(numeric_repository: Path, 
         finally:
             for sock in held:
                 sock.close()
+
+
+def test_refusals_for_a_token_are_logged_a_few_times_not_once_each(numeric_repository: Path, tmp_path: Path) -> None:
+    """Outside attack rt21: every call refused for its token wrote an INFO line: 105,548 unauthenticated gRPC
+    calls wrote 22.7 MB of log in 15 s. Refusals are counted and reported at most every 10 s, with their
+    count and the last one's method, path and reason."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-secret-of-32-characters-at-least infer\n")
+    tokens.chmod(0o600)
+    with serve_capped(numeric_repository, *FAST, "--auth-tokens", str(tokens)) as capped:
+        with requests.Session() as session:
+            codes = {session.get(f"{capped.http_url}/v2/models/add", timeout=10).status_code for _ in range(200)}
+        assert codes == {401}
+        target = f"{capped.host}:{capped.grpc_port}"
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(MODEL_INFER, request_serializer=bytes, response_deserializer=bytes)
+            for _ in range(200):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(b"", timeout=10)
+                assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert capped.probe_seconds() < PROBE_BOUND
+        lines = [line for line in capped.log().splitlines() if "for their token" in line]
+        http_lines = [line for line in lines if "request(s)" in line]
+        grpc_lines = [line for line in lines if "gRPC call(s)" in line]
+        assert 1 <= len(http_lines) <= 3, http_lines  # before: 200 lines
+        assert 1 <= len(grpc_lines) <= 3, grpc_lines
+        assert "refused 1 request(s) for their token (last: GET /v2/models/add: " in http_lines[0]
 
 
 def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServer) -> None:
