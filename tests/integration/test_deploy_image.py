@@ -142,7 +142,7 @@ def serve_and_drain(prefix: Path, repository: Path) -> None:
 
 
 def test_entrypoint_serves_the_repository_and_drains(repository: Path) -> None:
-    """The entrypoint over this checkout's environment (fast; the slow test below uses install.sh's)."""
+    """The entrypoint over this checkout's environment (fast; the `long` test below uses install.sh's)."""
     serve_and_drain(Path(sys.prefix), repository)
 
 
@@ -169,7 +169,15 @@ def test_install_refuses_a_used_prefix(tmp_path: Path) -> None:
     assert "fresh prefix" in done.stderr
 
 
+# The two tests below run install.sh itself: pip with --no-cache-dir downloads every dependency, then
+# compileall (about 56 s on 2 cores). They run with `pytest -m long`. What they check stays in the quick
+# suite: a serving-only install without torch or transformers that runs its CLI from the environment
+# (test_wheel.py::test_serving_only_install_has_no_torch), an installed environment serving
+# (test_wheel.py::test_the_installed_server_serves_and_its_web_page_files), and the entrypoint serving,
+# answering its HEALTHCHECK and draining on SIGTERM (test_entrypoint_serves_the_repository_and_drains).
+# Only install.sh's own pip and compileall steps wait for `-m long`.
 @pytest.mark.slow
+@pytest.mark.long
 def test_install_is_serving_only(installed: Path) -> None:
     python = str(installed / "bin" / "python")
     # the installed environment alone: a PYTHONPATH of the caller's (e.g. src/) would import this checkout
@@ -191,6 +199,7 @@ def test_install_is_serving_only(installed: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_installed_image_environment_serves_and_drains(installed: Path, repository: Path) -> None:
     serve_and_drain(installed, repository)
 

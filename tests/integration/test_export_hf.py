@@ -43,8 +43,9 @@ WORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised 2-layer BERT with hidden size 32 and a small WordPiece vocabulary."""
-    return tiny_text_models.tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"), words=WORDS)
+    """A randomly initialised 1-layer BERT with hidden size 32 and a small WordPiece vocabulary (one layer
+    holds every op a deeper stack repeats; each of this module's six exports traces it op by op)."""
+    return tiny_text_models.tiny_bert_folder(tmp_path_factory.mktemp("tiny-bert"), words=WORDS, layers=1)
 
 
 @pytest.fixture(scope="module")
