@@ -750,6 +750,21 @@ def test_refusals_for_a_token_are_logged_a_few_times_not_once_each(numeric_repos
         assert "refused 1 request(s) for their token (last: GET /v2/models/add: " in http_lines[0]
 
 
+def test_invalid_requests_are_logged_a_few_times_not_once_each(server: CappedServer) -> None:
+    """Outside attack rt22: uvicorn logs a WARNING for each connection that sends bytes that are no HTTP
+    request: one client wrote 20,084 lines in 15 s. They are counted and reported at most every 10 s."""
+    logged_before = server.log().count("invalid HTTP request(s) received")
+    for _ in range(100):
+        with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+            sock.sendall(b"[[[[ no HTTP request ]]]]\r\n\r\n")
+            said = said_until_closed(sock, 10)
+        assert said.startswith(b"HTTP/1.1 400 "), said[:300]
+    assert server.probe_seconds() < PROBE_BOUND
+    log = server.log()
+    assert "Invalid HTTP request received." not in log  # before: 100 WARNING lines
+    assert 1 <= log.count("invalid HTTP request(s) received") - logged_before <= 3
+
+
 def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServer) -> None:
     """Outside attack rt20: 256-byte chunks each with a 60,000-byte chunk extension passed every data limit
     (--max-request-bytes and the chunk average count data) and the framing limit per chunk: 30 connections

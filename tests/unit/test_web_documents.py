@@ -199,9 +199,9 @@ def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
     gone, kept = _model_file(tmp_path / "1"), _model_file(tmp_path / "2")
     racing = _model_file(tmp_path / "3")
     gone.unlink()
-    computed = documents.read_weights
+    computed = overview.onnx_header
 
-    def removed_while_read(path: Path) -> documents.Weights:  # the folder goes between the check and the reading
+    def removed_while_read(path: Path) -> overview.OnnxHeader:  # the folder goes between the check and the reading
         path.unlink()
         return computed(path)
 
@@ -217,9 +217,10 @@ def test_a_removed_model_file_has_no_documents_and_no_path_in_the_refusal(
                 await refused
             assert caught.value.kind is ErrorKind.NOT_FOUND
             assert str(tmp_path) not in caught.value.message
-        monkeypatch.setattr(documents, "read_weights", removed_while_read)
+        monkeypatch.setattr(overview, "onnx_header", removed_while_read)  # read in a thread of this process
         with pytest.raises(documents.FileGoneError, match="no longer on disk"):
-            await cache.weight_page(racing, "w", 0, 1)
+            await cache.header(racing)
+        monkeypatch.setattr(overview, "onnx_header", computed)
         assert orjson.loads(await cache.diff(kept, kept))["diff"] is not None  # the others still answer
 
     asyncio.run(scenario())
@@ -707,6 +708,11 @@ def test_a_document_that_needs_more_than_its_counts_is_refused_in_its_worker(tmp
             await cache.graph(path)  # refused again at once: the same file is not computed again
         assert cache.computed == computed
         assert orjson.loads(await cache.graph(other))["nodes"]  # the workers still compute others
+        _peak_rss_reset()
+        before = _peak_rss()
+        with pytest.raises(TooLargeError, match="needs more than"):
+            await cache.weight_page(path, "w", 0, 1)  # rt22: the weights, read in the server, took +1.6 GB
+        assert _peak_rss() - before < 100 * MiB
 
     asyncio.run(scenario())
 
@@ -763,5 +769,46 @@ def test_a_diff_whose_run_needs_more_than_its_worker_may_take_is_shown_without_i
         assert _peak_rss() - before < 100 * MiB
         assert found["numeric"]["ran"] is False, found["numeric"]
         assert "could not get the memory its run asks for" in found["numeric"]["reason"], found["numeric"]
+
+    asyncio.run(scenario())
+
+
+def _slow_to_run(path: Path, products: int) -> Path:
+    """A small file whose run takes long: its input expanded to a constant 1024 x 1024, then squared
+    ``products`` times (2 GFLOP each)."""
+    helper = onnx.helper
+    shape = onnx.numpy_helper.from_array(np.array([1024, 1024], np.int64), "shape")
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=shape),
+        helper.make_node("Expand", ["x", "shape"], ["t0"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"t{i + 1}"]) for i in range(products)]
+    nodes.append(helper.make_node("ReduceSum", [f"t{products}"], ["y"], keepdims=0))
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_a_document_that_takes_too_long_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside attack rt22: two diffs of 79 KB versions of 3,000 chained 1024 x 1024 MatMuls ran for minutes
+    in both document workers, and every other document waited. A document is stopped past DOCUMENT_SECONDS
+    (its worker replaced) and refused, and the refusal is kept for the file."""
+    slow = _slow_to_run(tmp_path / "1" / "model.onnx", 2000)
+    other = _model_file(tmp_path / "2")
+    monkeypatch.setattr(documents, "DOCUMENT_SECONDS", 2.0)
+
+    async def scenario() -> None:
+        cache = DocumentCache()
+        started = time.monotonic()
+        with pytest.raises(TooLargeError, match="took longer than 2 s"):
+            await cache.diff(slow, slow)
+        assert time.monotonic() - started < 30  # before: minutes (about 8,000 GFLOP)
+        with pytest.raises(TooLargeError, match="took longer than 2 s"):
+            await cache.diff(slow, slow)  # kept: refused at once
+        assert orjson.loads(await cache.graph(other))["nodes"]  # a new worker computes the next one
 
     asyncio.run(scenario())

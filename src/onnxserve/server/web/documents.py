@@ -4,8 +4,10 @@ All are computed by the toolkit (``build_graph``, ``weight_array``, ``diff_model
 ``model.onnx`` files. ``DocumentCache`` keeps them per file version (path, modification time, size), so
 a model is parsed once however many clients ask:
 
-- computed on worker threads, never on the event loop; concurrent requests for the same document wait
-  for the one computation;
+- computed in worker processes (``DOCUMENT_WORKERS``), never on the event loop nor under the server's
+  interpreter lock, each under a memory cap of its cost + ``HEADROOM`` and at most ``DOCUMENT_SECONDS``
+  (past either: refused, and the refusal kept for the file); concurrent requests for the same document
+  wait for the one computation;
 - bounded in memory while computed: a document of model files of ``S`` bytes in all is counted as
   ``COST_FACTOR * S`` bytes (what parsing a model and summarizing its weights one initializer at a time
   takes at most, measured), plus ``NODE_COST`` per node of their main graphs for a graph or a diff (a
@@ -142,6 +144,12 @@ WORKER_BYTES = MEMORY + HEADROOM + 512 * MiB
 """A document worker's memory cap when it starts (its imports, then one document at a time, each under
 its own cap: cost + ``HEADROOM`` beyond what the worker holds when the document starts)."""
 
+DOCUMENT_SECONDS = 60.0
+"""The longest a document may take in its worker: past it the worker is stopped and the document refused
+(kept for the file). Two diffs of 79 KB versions of 3,000 chained 1024 x 1024 MatMuls ran for minutes and
+held both workers, and every other document waited (outside attack rt22); the 400 MB model's graph takes
+about 3 s."""
+
 WORKER_NICENESS = 10
 """Document workers yield the CPU to the server: a document takes seconds, a probe must not wait."""
 
@@ -219,14 +227,16 @@ def _too_large(cap: int) -> TooLargeError:
     )
 
 
-def _in_worker(what: str, paths: tuple[str, ...], cap: int) -> bytes | Refusal:
-    """In a document worker: the ``what`` document ("graph" or "diff") of ``paths``, within ``cap`` bytes
-    beyond what the worker holds now (its data segment, ``RLIMIT_DATA``)."""
+def _in_worker(what: str, paths: tuple[str, ...], cap: int) -> bytes | Weights | Refusal:
+    """In a document worker: the ``what`` document ("graph", "diff" or "weights") of ``paths``, within ``cap``
+    bytes beyond what the worker holds now (its data segment, ``RLIMIT_DATA``)."""
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     limit = _data_segment() + cap
     resource.setrlimit(resource.RLIMIT_DATA, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     try:
         files = [Path(path) for path in paths]
+        if what == "weights":
+            return read_weights(files[0])
         return graph_json(files[0]) if what == "graph" else diff_json(files[0], files[1])
     except MemoryError:
         return Refusal.of(_too_large(cap))
@@ -363,7 +373,8 @@ class DocumentCache:
     async def weight_page(self, path: Path, name: str, offset: int, limit: int) -> bytes:
         key = ("weights", file_key(path))
         cost = self._cost("weights", key[1]) + await self._structure_cost("weights", path, nodes=False)
-        weights = await self._get(key, (str(path),), _in_thread(lambda: read_weights(path)), self._within(cost))
+        cost = self._within(cost)
+        weights = await self._get(key, (str(path),), _in_worker_of("weights", (str(path),), cost), cost)
         assert isinstance(weights, Weights)
         return weights.page(name, offset, limit)
 
@@ -511,8 +522,20 @@ def _in_thread(compute: Callable[[], object]) -> Callable[[], Awaitable[object]]
 
 
 def _in_worker_of(what: str, paths: tuple[str, ...], cost: int) -> Callable[[], Awaitable[object]]:
-    """The ``what`` document of ``paths`` computed in a document worker, capped at ``cost`` + ``HEADROOM``."""
-    return lambda: _workers.run(_in_worker, (what, paths, cost + HEADROOM))
+    """The ``what`` document of ``paths`` computed in a document worker, capped at ``cost`` + ``HEADROOM``
+    and ``DOCUMENT_SECONDS`` (past them its worker is stopped and replaced)."""
+
+    async def computed() -> object:
+        try:
+            async with asyncio.timeout(DOCUMENT_SECONDS):
+                return await _workers.run(_in_worker, (what, paths, cost + HEADROOM))
+        except TimeoutError:
+            raise TooLargeError(
+                f"this web page document took longer than {DOCUMENT_SECONDS:g} s to compute and was stopped "
+                "(`onnxserve inspect` shows any model)"
+            ) from None
+
+    return computed
 
 
 def _guarded(compute: Callable[[], object]) -> object:
