@@ -765,6 +765,20 @@ def test_invalid_requests_are_logged_a_few_times_not_once_each(server: CappedSer
     assert 1 <= log.count("invalid HTTP request(s) received") - logged_before <= 3
 
 
+def test_refusals_of_the_connection_layer_are_logged_a_few_times_not_once_each(server: CappedServer) -> None:
+    """Outside attack rt23: each request the connection layer refused wrote an INFO line (a body sent to a
+    probe: 65,711 lines in 20 s over plain HTTP). Each kind is reported at most every 10 s, with a count."""
+    line = "refused a request with a body to a health probe"
+    before = server.log().count(line)
+    for _ in range(200):
+        with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            said = said_until_closed(sock, 10)
+        assert said.startswith(b"HTTP/1.1 400 "), said[:300]
+    assert server.probe_seconds() < PROBE_BOUND
+    assert 1 <= server.log().count(line) - before <= 3  # before: 200
+
+
 def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServer) -> None:
     """Outside attack rt20: 256-byte chunks each with a 60,000-byte chunk extension passed every data limit
     (--max-request-bytes and the chunk average count data) and the framing limit per chunk: 30 connections

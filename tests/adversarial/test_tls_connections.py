@@ -249,7 +249,8 @@ def test_an_early_answer_over_tls_reads_no_more_of_the_body(
     with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
     assert said.startswith(b"HTTP/1.1 " + status), said[:300]
-    assert sent < 32 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
+    # what arrives in the moment before the connection is cut (TLS_UNREAD_ABORT_SECONDS); before: all of it
+    assert sent < 192 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
     assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
 
 
@@ -274,8 +275,9 @@ def test_a_connection_closed_for_what_it_sent_reads_no_more_over_tls(
     with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
     assert said.startswith(b"HTTP/1.1 "), said[:300]
-    # nothing, or (a clean close) what arrives while it waits a moment for the client's close_notify
-    assert sent < 64 * 1024 * 1024, f"the server read {sent} bytes after closing the connection"
+    # what arrives in the moments before the connection is cut (and, closed cleanly, while it waits for the
+    # client's close_notify); before: all of it
+    assert sent < 192 * 1024 * 1024, f"the server read {sent} bytes after closing the connection"
     assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
 
 

@@ -22,8 +22,10 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   connection closes after the answer (reading the body on to keep it read 10 GB for a 413: rt20); the
   write side is shut and the rest read and dropped for up to ``LINGER_SECONDS`` / ``LINGER_BYTES`` before
   the close, so the kernel does not reset the connection over unread bytes and the client gets its
-  answer. Over TLS nothing more is read (the TCP transport stops reading): the TLS layer's wait for the
-  client's close_notify (``TLS_SHUTDOWN_SECONDS``) ends the connection.
+  answer. Over TLS, which cannot shut one side, the connection is cut ``TLS_UNREAD_ABORT_SECONDS`` after
+  the answer (as is one closed for what it sent: not HTTP, a protocol switch, bytes after its last
+  request), rather than waiting ``TLS_SHUTDOWN_SECONDS`` for the client's close_notify while decrypting all
+  it sends; one closed cleanly reads ``TLS_CLOSE_NOTIFY_READ_SECONDS`` for that close_notify first.
 - **Chunk framing**: a chunked body's framing in all (chunk lines, their extensions) may pass its data by
   at most ``max_header_bytes`` (400).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
@@ -155,12 +157,17 @@ until then it holds its file descriptor and its connection slot. The loop's defa
 that never answered the close hold every slot, probes' too, for 28 s a wave of 1,016 handshakes (outside
 attack rt18)."""
 
+TLS_UNREAD_ABORT_SECONDS = 0.05
+"""How long a TLS connection the server closes with more of its client's bytes to come (``_cut_tls_soon``)
+lives on, so that its answer goes out, before it is cut: what arrives meanwhile is still decrypted (about
+60 to 100 MB on loopback at full speed, where the 2 s close_notify wait took 1.2 to 1.9 GB)."""
+
 TLS_CLOSE_NOTIFY_READ_SECONDS = 0.05
 """How long a TLS connection the server closes cleanly (its last request answered, nothing more received
-yet) reads on for the client's close_notify, which frees its slot at once; then it reads nothing more
-until ``TLS_SHUTDOWN_SECONDS`` end it (the slot is held that long). A client that sends on instead had all
-it sent decrypted for the 2 s (1.2 to 1.9 GB a connection; 30 such held probes 3.4 s: outside attack
-rt22); now at most what arrives in this moment (about 30 MB on loopback)."""
+yet) reads on for the client's close_notify, which frees its slot at once; then it is cut
+(``TLS_UNREAD_ABORT_SECONDS`` later). A client that sends on instead had all it sent decrypted for the 2 s
+(1.2 to 1.9 GB a connection; 30 such held probes 3.4 s: outside attack rt22); now what arrives in those
+moments."""
 
 RESERVE_STALE_SECONDS = 2.0
 """A full reserve makes room by closing a reserve connection open longer than this, even a busy one."""
@@ -620,7 +627,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: str, message: str, extra: str = "") -> None:
         """Answer ``status`` with a JSON error and close, before the request reaches the application."""
         self._refused = True
-        self._read_no_more_tls()
+        self._cut_tls_soon()
         self._cancel_timers()
         self.transport.write(_error_response(status, message, extra))
         self.transport.close()
@@ -665,9 +672,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         Returns False (close now) when nothing of the request is left unread."""
         answered = self.cycle is not None and self.cycle.response_complete  # not a 408, 503 or 431 of ours
         if self._body_pending or self._beyond or self._head_bytes or self._head_started or self.pipeline:
-            self._read_no_more_tls()  # it sent more than it was answered for
+            self._cut_tls_soon()  # it sent more than it was answered for
         elif self._tcp is not None:  # a clean close: the client's close_notify is read for a moment only
-            self.loop.call_later(TLS_CLOSE_NOTIFY_READ_SECONDS, self._read_no_more_tls)
+            self.loop.call_later(TLS_CLOSE_NOTIFY_READ_SECONDS, self._cut_tls_soon)
         if not (self._body_pending and answered) or self._refused:
             return False
         return self._start_lingering()
@@ -685,14 +692,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.abort)
         return True
 
-    def _read_no_more_tls(self) -> None:
-        """Over TLS, stop reading this connection, which the server closes: TLS cannot shut only its write
-        side, and the layer's close sends close_notify and waits ``TLS_SHUTDOWN_SECONDS`` for the client's,
-        decrypting whatever arrives meanwhile (a body answered early: 1.25 GB in 2 s from one connection, 30
-        such held probes 3.6 s, rt20; bytes that are no request, or more after the last request: 1.2 to 1.9 GB,
-        rt22). The answer goes out; the wait ends the connection."""
+    def _cut_tls_soon(self) -> None:
+        """Over TLS, end this connection, which the server closes, ``TLS_UNREAD_ABORT_SECONDS`` from now:
+        TLS cannot shut only its write side, and the layer's close sends close_notify and waits
+        ``TLS_SHUTDOWN_SECONDS`` for the client's, decrypting whatever arrives meanwhile (a body answered
+        early: 1.25 GB in 2 s from one connection, 30 such held probes 3.6 s, rt20; bytes that are no
+        request, or more after the last request: 1.2 to 1.9 GB, rt22). The answer goes out first."""
         if self._tcp is not None and not self._tcp.is_closing():
-            self._tcp.pause_reading()
+            # Cut once its answer is out, not paused: a TCP transport that stopped reading under uvloop's TLS
+            # layer kept 12 to 18 KB of each such connection for good (30,000: +1.1 GB, outside attack rt23).
+            self.loop.call_later(TLS_UNREAD_ABORT_SECONDS, self._tcp.abort)
 
     def _lingered(self, data: bytes) -> None:
         self._linger_left -= len(data)
@@ -721,8 +730,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         if not closing and self.transport.is_closing():
             # closed for what it sent (not HTTP: uvicorn's 400 "Invalid HTTP request"): what follows is not
-            # read (over TLS, 30 clients sending junk had 12-15 GB decrypted in 15 s: rt22)
-            self._read_no_more_tls()
+            # wanted (over TLS, 30 clients sending junk had 12-15 GB decrypted in 15 s: rt22)
+            self._cut_tls_soon()
             return
         if in_body and self._body_pending and self._framing > self.limits.max_header_bytes and not self._refused:
             self._framing_too_large()
@@ -770,7 +779,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         closes once that request is answered (uvicorn logged two warnings here, then a 400 and a third
         warning when more bytes came)."""
         self._switch_asked = True
-        self._read_no_more_tls()  # what follows is not HTTP/1.1 and is dropped unread: over TLS, not decrypted
+        self._cut_tls_soon()  # what follows is not HTTP/1.1 and is dropped unread: over TLS, cut soon
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
         elif not self.transport.is_closing():
@@ -863,7 +872,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # /v2/health/live held the budget from every authenticated request for 60 s: rt20).
             log.info("refused a request with a body to a health probe")
             self._refused = True
-            self._read_no_more_tls()
+            self._cut_tls_soon()
             message = "the health probes take no request body: send a GET without one"
             self.transport.write(_error_response("400 Bad Request", message))
             if not self._start_lingering():  # so that the client gets the answer before the close
