@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -677,13 +679,18 @@ def _field(number: int, payload: bytes) -> bytes:
     return bytes(encoded) + payload
 
 
-def _peak_rss_reset() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the RSS now
-
-
 def _peak_rss() -> int:
     status = Path("/proc/self/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+@contextlib.contextmanager
+def _peak_growth_under(bound: int) -> Iterator[None]:
+    """Assert that this process's peak RSS grows by less than ``bound`` bytes within the block."""
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from the RSS now
+    before = _peak_rss()
+    yield
+    assert _peak_rss() - before < bound
 
 
 def test_a_document_that_needs_more_than_its_counts_is_refused_in_its_worker(tmp_path: Path) -> None:
@@ -698,21 +705,15 @@ def test_a_document_that_needs_more_than_its_counts_is_refused_in_its_worker(tmp
 
     async def scenario() -> None:
         cache = DocumentCache()
-        _peak_rss_reset()
-        before = _peak_rss()
-        with pytest.raises(TooLargeError, match="needs more than"):
-            await cache.graph(path)
-        assert _peak_rss() - before < 100 * MiB  # the worker took what the document needed, not this process
+        with _peak_growth_under(100 * MiB), pytest.raises(TooLargeError, match="needs more than"):
+            await cache.graph(path)  # the worker took what the document needed, not this process
         computed = cache.computed
         with pytest.raises(TooLargeError, match="needs more than"):
             await cache.graph(path)  # refused again at once: the same file is not computed again
         assert cache.computed == computed
         assert orjson.loads(await cache.graph(other))["nodes"]  # the workers still compute others
-        _peak_rss_reset()
-        before = _peak_rss()
-        with pytest.raises(TooLargeError, match="needs more than"):
+        with _peak_growth_under(100 * MiB), pytest.raises(TooLargeError, match="needs more than"):
             await cache.weight_page(path, "w", 0, 1)  # rt22: the weights, read in the server, took +1.6 GB
-        assert _peak_rss() - before < 100 * MiB
 
     asyncio.run(scenario())
 
@@ -763,10 +764,8 @@ def test_a_diff_whose_run_needs_more_than_its_worker_may_take_is_shown_without_i
 
     async def scenario() -> None:
         cache = DocumentCache()
-        _peak_rss_reset()
-        before = _peak_rss()
-        found = orjson.loads(await cache.diff(a, b))["diff"]
-        assert _peak_rss() - before < 100 * MiB
+        with _peak_growth_under(100 * MiB):
+            found = orjson.loads(await cache.diff(a, b))["diff"]
         assert found["numeric"]["ran"] is False, found["numeric"]
         assert "could not get the memory its run asks for" in found["numeric"]["reason"], found["numeric"]
 
