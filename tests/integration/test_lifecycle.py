@@ -507,10 +507,20 @@ def test_grpc_model_control(explicit: tuple[RunningServer, Path, Path]) -> None:
         client.close()
 
 
+def _endless_paced_request(url: str) -> tuple[str, str, bytes]:
+    """The host and port of ``url``, and the raw bytes of a request that keeps the "paced" model
+    (``models.value_paced_model``) running until its client leaves."""
+    import raw_http
+
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}).encode()
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    return host, port, raw_http.request_bytes("POST", "/v2/models/paced/infer", headers, body)
+
+
 def test_every_status_route_answers_while_a_version_drains(tmp_path: Path) -> None:
     """A version that drains its in-flight requests (UNLOADING) is reported, never a 500: TF Serving's
     status says UNLOADING, V2 and the index say so too (an outside attack saw 500 + KeyError)."""
-    import raw_http
 
     models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
     config_file = tmp_path / "config.json"
@@ -521,11 +531,7 @@ def test_every_status_route_answers_while_a_version_drains(tmp_path: Path) -> No
     )
     server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
     url = server.http_url
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}).encode()
-    request = raw_http.request_bytes(
-        "POST", "/v2/models/paced/infer", {"Content-Type": "application/json", "Content-Length": str(len(body))}, body
-    )
+    host, port, request = _endless_paced_request(url)
     # two endless runs on one instance: one runs, one waits; both keep the version draining until they leave
     held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
     unload = threading.Thread(target=lambda: httpx.post(f"{url}/v2/repository/models/paced/unload", timeout=60))
@@ -558,7 +564,6 @@ def test_unloading_a_busy_model_holds_up_no_other_model_nor_readiness(tmp_path: 
     model itself waits for the drain to end, then loads it again. Before (outside attack rt21): the
     unload held the manager's lock through the drain, so an unrelated load waited up to --drain-timeout,
     and /v2/health/ready answered 503 for the whole drain."""
-    import raw_http
 
     models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
     for name, offset in (("other", 1.0), ("late", 2.0)):
@@ -580,11 +585,7 @@ def test_unloading_a_busy_model_holds_up_no_other_model_nor_readiness(tmp_path: 
     )
     server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
     url = server.http_url
-    host, port = url.removeprefix("http://").split(":")
-    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1e9]}]}).encode()
-    request = raw_http.request_bytes(
-        "POST", "/v2/models/paced/infer", {"Content-Type": "application/json", "Content-Length": str(len(body))}, body
-    )
+    host, port, request = _endless_paced_request(url)
     answered: dict[str, tuple[int, float]] = {}  # what -> (status, time.monotonic() of the answer)
 
     def control(what: str, path: str) -> None:

@@ -718,6 +718,18 @@ def test_a_document_that_needs_more_than_its_counts_is_refused_in_its_worker(tmp
     asyncio.run(scenario())
 
 
+def _save_graph(nodes: list[onnx.NodeProto], x_shape: list[int], path: Path) -> Path:
+    """Save at ``path`` the opset-17 model of ``nodes``, from a float input ``x`` of ``x_shape`` to an output ``y``."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    graph_ = onnx.helper.make_graph(nodes, "g", [x], [y])
+    model = onnx.helper.make_model(graph_, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
 def _growing_in_a_branch(path: Path, floats: int) -> Path:
     """A model whose If takes, for any input that is not all zeros, a branch that expands its input to a
     constant shape of ``floats`` values: no input value sets a size, yet a run takes ``4 * floats`` bytes."""
@@ -746,13 +758,7 @@ def _growing_in_a_branch(path: Path, floats: int) -> Path:
         helper.make_node("Greater", ["size", "zero"], ["nonzero"]),
         helper.make_node("If", ["nonzero"], ["y"], then_branch=grow, else_branch=keep),
     ]
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return _save_graph(nodes, [1, 4], path)
 
 
 def test_a_diff_whose_run_needs_more_than_its_worker_may_take_is_shown_without_its_run(tmp_path: Path) -> None:
@@ -783,13 +789,7 @@ def _slow_to_run(path: Path, products: int) -> Path:
     ]
     nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"t{i + 1}"]) for i in range(products)]
     nodes.append(helper.make_node("ReduceSum", [f"t{products}"], ["y"], keepdims=0))
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return _save_graph(nodes, [1, 1], path)
 
 
 def test_a_document_that_takes_too_long_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
