@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from onnxserve.errors import InvalidInputError, ModelLoadError
 from onnxserve.toolkit import sample_inputs
-from onnxserve.toolkit.diff import diff_models
+from onnxserve.toolkit.diff import RunLimits, compare_outputs, diff_models
 from onnxserve.toolkit.graph import node_ids
 from onnxserve.toolkit.model_file import load_model
 
@@ -335,3 +336,35 @@ def test_inputs_that_cannot_be_generated_skip_the_numeric_part_only() -> None:
     assert diff.numeric is not None
     assert not diff.numeric.ran
     assert "cannot make sample values" in (diff.numeric.reason or "")
+
+
+def _slow(products: int) -> onnx.ModelProto:
+    """A small graph whose run takes long: x expanded to 1024 x 1024, squared ``products`` times."""
+    shape = numpy_helper.from_array(np.array([1024, 1024], np.int64), "shape")
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=shape),
+        helper.make_node("Expand", ["x", "shape"], ["t0"]),
+    ]
+    nodes += [helper.make_node("MatMul", [f"t{i}", f"t{i}"], [f"t{i + 1}"]) for i in range(products)]
+    nodes.append(helper.make_node("ReduceSum", [f"t{products}"], ["y"], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_a_run_longer_than_its_limit_is_stopped_and_the_diff_shown_without_it() -> None:
+    """Outside attack rt23: each diff of a 79 KB model whose run takes minutes held a web page worker for
+    its whole 60 s. A comparison given a time limit stops each run past it; the rest of the diff stands."""
+    a, b = _slow(2_000), _slow(2_000)  # 2 GFLOP a product: minutes of single-threaded compute
+    started = time.monotonic()
+    numeric = compare_outputs(a, b, limits=RunLimits(rows=64, values=1 << 20, seconds=0.5))
+    assert time.monotonic() - started < 20  # before: a run of minutes
+    assert not numeric.ran
+    assert "model A's run took longer than the 0.5 s it may take here" in (numeric.reason or ""), numeric.reason
+    quick = compare_outputs(mlp(), mlp(), limits=RunLimits(rows=64, values=1 << 20, seconds=0.5))
+    assert quick.ran, quick.reason  # a run within the limit is compared as before
+    assert quick.outputs

@@ -7,12 +7,13 @@ between onnxserve's ``bytes`` objects and the ``str`` objects that ONNX Runtime 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -248,6 +249,20 @@ class RunControl:
         return bool(self.options.terminate)
 
 
+@contextlib.contextmanager
+def stopped_after(seconds: float) -> Iterator[RunControl]:
+    """The run options of an execution stopped once ``seconds`` have passed (ONNX Runtime's terminate flag,
+    set from a timer thread): a run whose length a graph, not its caller, decides (a warm-up, a diff)."""
+    control = RunControl()
+    timer = threading.Timer(seconds, control.terminate)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield control
+    finally:
+        timer.cancel()
+
+
 class ModelSession:
     """One ONNX Runtime session for one model version."""
 
@@ -413,21 +428,18 @@ class ModelSession:
         if size > WARMUP_LIMIT_BYTES:
             log.warning("%s: warm-up run skipped: its inputs would take %d bytes", self.name, size)
             return
-        control = RunControl()
-        timer = threading.Timer(WARMUP_SECONDS, control.terminate)
-        timer.daemon = True
-        timer.start()
-        try:
-            self.run({spec.name: empty_like(spec) for spec in self.inputs}, control=control)
-        except (InferenceError, InvalidInputError, TooLargeError) as e:
-            if control.terminated:  # a Loop of 2^40 steps would hold the load, and every reload, for good
-                log.warning(
-                    "%s: warm-up run stopped after %.0f s; the first requests may be slow", self.name, WARMUP_SECONDS
-                )
-            else:  # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
-                log.warning("%s: warm-up run skipped: %s", self.name, e.message)
-        finally:
-            timer.cancel()
+        with stopped_after(WARMUP_SECONDS) as control:
+            try:
+                self.run({spec.name: empty_like(spec) for spec in self.inputs}, control=control)
+            except (InferenceError, InvalidInputError, TooLargeError) as e:
+                if control.terminated:  # a Loop of 2^40 steps would hold the load, and every reload, for good
+                    log.warning(
+                        "%s: warm-up run stopped after %.0f s; the first requests may be slow",
+                        self.name,
+                        WARMUP_SECONDS,
+                    )
+                else:  # A graph can be valid and still refuse synthetic inputs (a reshape that needs real sizes).
+                    log.warning("%s: warm-up run skipped: %s", self.name, e.message)
 
 
 def is_allocation_failure(error: BaseException) -> bool:

@@ -16,6 +16,7 @@ comparer (:mod:`onnxserve.toolkit.evaluation`) on the same evaluation inputs: th
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ import onnx
 from onnxserve.config import SessionOptions
 from onnxserve.core.inline_runs import why_values_set_sizes
 from onnxserve.core.repository import MODEL_FILENAME
-from onnxserve.core.runtime import guarded_session, is_allocation_failure
+from onnxserve.core.runtime import guarded_session, is_allocation_failure, stopped_after
 from onnxserve.errors import InvalidInputError, ModelLoadError, OnnxServeError
 from onnxserve.toolkit import model_header, sample_inputs
 from onnxserve.toolkit.graph import node_ids, weight_array
@@ -548,6 +549,9 @@ class RunLimits:
     sizes_from_shapes: bool = False
     """Run only models whose tensors cannot grow past their inputs by the inputs' values
     (``inline_runs.why_values_set_sizes``): a generated input may ask such a graph for gigabytes."""
+    seconds: float | None = None
+    """The longest each model's run may take: past it the run is stopped (a small graph can ask for hours
+    of compute) and the comparison is shown without the runs."""
 
     def refusal(self, feeds: Arrays) -> str | None:
         """Why ``feeds`` are too large to run, or None."""
@@ -612,24 +616,33 @@ def compare_outputs(
     if too_large is not None:
         return NumericComparison(False, too_large, {n: list(v.shape) for n, v in feeds.items()}, generated)
     try:
-        out_a = _run(files[0] if files else a, "A", {n: feeds[n] for n in sig_a})
-        out_b = _run(files[1] if files else b, "B", {n: feeds[n] for n in sig_b})
+        seconds = limits.seconds if limits is not None else None
+        out_a = _run(files[0] if files else a, "A", {n: feeds[n] for n in sig_a}, seconds)
+        out_b = _run(files[1] if files else b, "B", {n: feeds[n] for n in sig_b}, seconds)
     except (ModelLoadError, InvalidInputError) as e:
         return NumericComparison(False, e.message, {n: list(v.shape) for n, v in feeds.items()}, generated)
     outputs = _compare(out_a, out_b, feeds)
     return NumericComparison(True, None, {n: list(v.shape) for n, v in feeds.items()}, generated, outputs)
 
 
-def _run(model: onnx.ModelProto | Path, which: str, feeds: Arrays) -> dict[str, npt.NDArray[Any]]:
+def _run(
+    model: onnx.ModelProto | Path, which: str, feeds: Arrays, seconds: float | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """``model``'s outputs for ``feeds``; a run still going after ``seconds`` is stopped (InvalidInputError)."""
     session = _session(model, which)
     names = [o.name for o in session.get_outputs()]
-    try:
-        values = session.run(names, dict(feeds))
-    except Exception as e:  # ONNX Runtime's error types are not part of its public API
-        reason = str(e).strip().splitlines()[0]
-        if is_allocation_failure(e):
-            raise InvalidInputError(f"model {which} could not get the memory its run asks for: {reason}") from None
-        raise InvalidInputError(f"model {which} refused the sample inputs: {reason}") from None
+    with stopped_after(seconds) if seconds is not None else contextlib.nullcontext() as control:
+        try:
+            values = session.run(names, dict(feeds), control.options if control is not None else None)
+        except Exception as e:  # ONNX Runtime's error types are not part of its public API
+            reason = str(e).strip().splitlines()[0]
+            if control is not None and control.terminated:
+                raise InvalidInputError(
+                    f"not run: model {which}'s run took longer than the {seconds:g} s it may take here, and was stopped"
+                ) from None
+            if is_allocation_failure(e):
+                raise InvalidInputError(f"model {which} could not get the memory its run asks for: {reason}") from None
+            raise InvalidInputError(f"model {which} refused the sample inputs: {reason}") from None
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 

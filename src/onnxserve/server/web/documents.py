@@ -127,10 +127,11 @@ MAX_NODES = 100_000
 and model-local functions' included. A browser cannot draw more, and the document of a larger one holds
 the interpreter for seconds."""
 
-DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20, sizes_from_shapes=True)
+DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20, sizes_from_shapes=True, seconds=5.0)
 """A diff runs both models on inputs of at most these (its generated inputs are batches of 2 rows
-of 8 tokens); a model whose fixed input shapes ask for more, or whose tensors may grow by its input
-values, is compared without running it."""
+of 8 tokens), each run for at most 5 s (a real model's run on them takes well under a second; a 79 KB
+file can ask for hours); a model whose fixed input shapes ask for more, or whose tensors may grow by its
+input values, is compared without running it."""
 
 HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
