@@ -162,6 +162,17 @@ def test_int8_schemes_narrow_the_search_to_the_schemes_named(tmp_path: Path) -> 
     assert (written["MatMulNBits"], written["MatMulInteger"], written["MatMul"]) == (2, 0, 0)
 
 
+def test_block_wise_alone_that_breaks_the_budget_writes_nothing(tmp_path: Path) -> None:
+    """Without per-tensor there is no float search to fall back on: the run fails, naming the schemes."""
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(first=0, channels=SPREAD), str(src))
+    common = {**sets(tmp_path), "budget": AccuracyBudget(cosine=0.99999)}  # no int8 form keeps this
+    dst = tmp_path / "blockwise.onnx"
+    with pytest.raises(BudgetError, match="no int8 choice with --int8-schemes block-wise keeps the budget"):
+        optimize(src, dst, OptimizeOptions(int8_schemes=("block-wise",), **common))  # type: ignore[arg-type]
+    assert not dst.exists()
+
+
 @pytest.mark.parametrize(
     ("schemes", "message"),
     [
