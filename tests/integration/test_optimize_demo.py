@@ -42,8 +42,8 @@ def test_fused_int8_demo_model_is_accurate_and_serves_like_predict(
         latency_batches=(8,),
         repeats=3,
         allow_slower=True,  # this test is about size and accuracy; speed is measured by bench/
-        # every MatMul block-wise int8: one try of the search instead of about seven (the split's
-        # sensitivity pass and bisection: ~80 of ~90 s of CPU); the full search on this model is the
+        # every MatMul block-wise int8: one try of the search instead of six and a sensitivity pass
+        # (9 s of CPU instead of 46, 37 of them the split's); the full search on this model is the
         # `long` test of test_selective_int8, each scheme's choices the small models of test_mixed_int8
         int8_schemes=("block-wise",),
     )
