@@ -78,6 +78,12 @@ def test_bad_arguments_are_refused_with_a_message(tiny_text_version: Path, tmp_p
     )
     assert done.exit_code == 2
     assert "KEY one of cosine, agreement, max_abs" in done.output
+    done = runner.invoke(
+        app, ["optimize", str(tiny_text_version), "--output", str(tmp_path / "x"), "--quantize", "int8",
+              "--int8-schemes", "outlier-channels"]
+    )  # fmt: skip
+    assert done.exit_code == 2
+    assert "--int8-schemes outlier-channels needs per-tensor" in done.output
     done = runner.invoke(app, ["tune", str(tiny_text_version), "--output", str(tmp_path / "y"), "--providers", "NoGPU"])
     assert done.exit_code == 2
     assert "NoGPU not available here" in done.output

@@ -21,8 +21,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from onnxserve.errors import OptimizeError
 from onnxserve.toolkit.evaluation import AccuracyBudget
 from onnxserve.toolkit.optimize import ACCURACY_METADATA, BudgetError, OptimizeOptions, optimize
+from onnxserve.toolkit.selective import parse_schemes
 
 FAST = {"latency_batches": (1,), "repeats": 1, "threads": 1, "allow_slower": True}
 WIDE, HIDDEN, OUT = 512, 64, 16
@@ -127,6 +129,67 @@ def test_mixed_int8_keeps_only_the_sensitive_matmul_block_wise(tmp_path: Path) -
     assert tries[2:] == [(0, 2, 128, False), (0, 2, 32, True), (0, 1, 32, True), (0, 0, None, False)]
     written = ops(dst)
     assert (written["MatMulNBits"], written["MatMulInteger"], written["MatMul"]) == (1, 1, 0)
+
+
+def test_int8_schemes_narrow_the_search_to_the_schemes_named(tmp_path: Path) -> None:
+    """``--int8-schemes``: without outlier-channels the split is never tried (nor the input channels
+    measured); block-wise alone is the search's step 3 only, every MatMul block-wise and none per-tensor."""
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(first=0, channels=SPREAD), str(src))
+    common = sets(tmp_path)
+
+    schemes = parse_schemes("block-wise, per-tensor")  # --int8-schemes' form, in the search's order
+    assert schemes == ("per-tensor", "block-wise")
+    report = optimize(src, tmp_path / "no-split.onnx", OptimizeOptions(int8_schemes=schemes, **common))  # type: ignore[arg-type]
+    selection = report.selection
+    assert selection is not None
+    assert selection["int8_schemes"] == ["per-tensor", "block-wise"]
+    assert selection["blockwise_int8_nodes"] == ["fc1"]  # as the full search: the split fails here anyway
+    tries = [(t["outlier_channel_nodes"], t["blockwise_nodes"], t["block"], t["passed"]) for t in selection["trials"]]
+    assert tries == [(0, 0, None, False), (0, 2, 128, False), (0, 2, 32, True), (0, 1, 32, True), (0, 0, None, False)]
+
+    dst = tmp_path / "blockwise.onnx"
+    report = optimize(src, dst, OptimizeOptions(int8_schemes=("block-wise",), **common))  # type: ignore[arg-type]
+    assert report.accuracy.cosine is not None
+    assert report.accuracy.cosine >= BUDGET  # on the held-out rows
+    selection = report.selection
+    assert selection is not None
+    assert selection["int8_schemes"] == ["block-wise"]
+    assert (selection["float_nodes"], selection["blockwise_int8_nodes"]) == ([], ["fc1", "fc2"])
+    tries = [(t["outlier_channel_nodes"], t["blockwise_nodes"], t["block"], t["passed"]) for t in selection["trials"]]
+    assert tries == [(0, 2, 128, False), (0, 2, 32, True)]  # no per-tensor try, no move back to it
+    written = ops(dst)
+    assert (written["MatMulNBits"], written["MatMulInteger"], written["MatMul"]) == (2, 0, 0)
+
+
+def test_block_wise_alone_that_breaks_the_budget_writes_nothing(tmp_path: Path) -> None:
+    """Without per-tensor there is no float search to fall back on: the run fails, naming the schemes."""
+    src = tmp_path / "mixed.onnx"
+    onnx.save(outlier_model(first=0, channels=SPREAD), str(src))
+    common = {**sets(tmp_path), "budget": AccuracyBudget(cosine=0.99999)}  # no int8 form keeps this
+    dst = tmp_path / "blockwise.onnx"
+    with pytest.raises(BudgetError, match="no int8 choice with --int8-schemes block-wise keeps the budget"):
+        optimize(src, dst, OptimizeOptions(int8_schemes=("block-wise",), **common))  # type: ignore[arg-type]
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
+    ("schemes", "message"),
+    [
+        (("outlier-channels",), "outlier-channels needs per-tensor"),
+        (("per-row",), "'per-row': choose from per-tensor, outlier-channels, block-wise"),
+        ((), "name at least one of"),
+    ],
+)
+def test_int8_schemes_that_cannot_be_searched_are_refused(
+    tmp_path: Path, schemes: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(OptimizeError, match=message):
+        OptimizeOptions(quantize="int8", int8_schemes=schemes).check()
+    with pytest.raises(OptimizeError, match="applies to --quantize"):
+        OptimizeOptions(int8_schemes=("per-tensor",)).check()
+    with pytest.raises(OptimizeError, match="needs selective int8"):
+        OptimizeOptions(quantize="int8", selective=False, int8_schemes=("block-wise",)).check()
 
 
 def ops(path: Path) -> Counter[str]:

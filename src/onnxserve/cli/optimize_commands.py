@@ -20,6 +20,12 @@ _BUDGET_HELP = (
     "difference), e.g. cosine=0.99,agreement=0.99; 'none' for no budget. Default with --quantize: cosine=0.99 "
     "for embeddings, agreement=0.995 for classifiers."
 )
+_SCHEMES_HELP = (
+    "The int8 schemes selective int8 may give a MatMul, comma-separated: per-tensor (ONNX Runtime's dynamic "
+    "int8), outlier-channels (per-tensor with a few outlier input channels in float; needs per-tensor), "
+    "block-wise (one scale per block of values). Fewer schemes, a shorter search: block-wise alone is one "
+    "or two tries, every MatMul block-wise."
+)
 _EVAL_HELP = (
     "Held-out inputs to measure accuracy on, besides the built-in evaluation sentences of a text model: "
     "text lines (text model folder), .npy or .npz."
@@ -50,6 +56,7 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(help="int8 keeps the most sensitive nodes in float until the accuracy budget holds."),
         ] = True,
+        int8_schemes: Annotated[str, typer.Option(help=_SCHEMES_HELP)] = "per-tensor,outlier-channels,block-wise",
         eval_file: Annotated[Path | None, typer.Option("--eval", help=_EVAL_HELP)] = None,
         calibration: Annotated[
             Path | None,
@@ -78,6 +85,7 @@ def register(app: typer.Typer) -> None:
         from onnxserve.toolkit.optimize import BudgetError, OptimizeOptions
         from onnxserve.toolkit.optimize import optimize as run_optimize
         from onnxserve.toolkit.optimize_report import AccuracyBudget
+        from onnxserve.toolkit.selective import parse_schemes
         from onnxserve.toolkit.tune import parse_ints
 
         try:
@@ -91,6 +99,7 @@ def register(app: typer.Typer) -> None:
                 budget=AccuracyBudget.parse(max_accuracy_loss) if max_accuracy_loss else None,
                 evaluation=eval_file,
                 selective=selective,
+                int8_schemes=parse_schemes(int8_schemes),
                 latency_batches=parse_ints(batch_sizes, "--batch-sizes"),
                 repeats=repeats,
                 threads=threads,

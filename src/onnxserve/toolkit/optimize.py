@@ -61,7 +61,7 @@ from onnxserve.toolkit.optimize_report import (
 )
 from onnxserve.toolkit.quantize import QuantizeSettings, quantize_model, settings_for
 from onnxserve.toolkit.samples import Samples, evaluation_sets, load_samples, text_pipeline
-from onnxserve.toolkit.selective import Selection, select
+from onnxserve.toolkit.selective import PER_TENSOR, SCHEMES, Selection, check_schemes, select
 
 ACCURACY_METADATA = "onnxserve.accuracy"
 """The metadata property of an optimized model holding what its accuracy was measured on, and how."""
@@ -83,6 +83,7 @@ class OptimizeOptions:
     budget: AccuracyBudget | None = None  # None: the default budget of a quantized model (none otherwise)
     evaluation: Path | None = None  # held-out inputs of the user's (--eval), besides the built-in ones
     selective: bool = True  # int8 keeps the most sensitive nodes in float to meet the budget
+    int8_schemes: tuple[str, ...] = SCHEMES  # the int8 schemes selective int8 may give a MatMul
     latency_batches: tuple[int, ...] = LATENCY_BATCHES
     repeats: int = 10
     threads: int = 0  # 0: the CPUs this process may use
@@ -103,6 +104,16 @@ class OptimizeOptions:
             raise OptimizeError("--repeats and every batch size must be at least 1")
         if self.threads < 0:
             raise OptimizeError("--threads must be >= 0")
+        check_schemes(self.int8_schemes)
+        if set(self.int8_schemes) != set(SCHEMES) and self.quantize is None:
+            raise OptimizeError("--int8-schemes applies to --quantize int8 or int8-static")
+        if PER_TENSOR not in self.int8_schemes and (
+            not self.selective or (self.budget is not None and self.budget.empty)
+        ):
+            raise OptimizeError(
+                f"--int8-schemes without {PER_TENSOR} needs selective int8 under an accuracy budget "
+                "(without it every node is per-tensor int8): drop --no-selective / --max-accuracy-loss none"
+            )
 
     def budget_for(self, task: str | None) -> AccuracyBudget:
         """The budget that applies: the given one, else the default budget when quantizing, else none."""
@@ -243,7 +254,9 @@ def build(
         budget = options.budget_for(source.task)
         if options.selective and search is not None and not budget.empty:
             calibration = samples if options.quantize == "int8-static" else None
-            built.selection = select(current, built.quantization, calibration, search, budget, source.task, step)
+            built.selection = select(
+                current, built.quantization, calibration, search, budget, source.task, step, options.int8_schemes
+            )
             current, built.tables = built.selection.model, built.selection.tables
         else:
             current, built.tables = quantize_model(current, built.quantization, samples)

@@ -82,7 +82,10 @@ class OptimizeReport:
     @property
     def violations(self) -> list[str]:
         problems = self.budget.violations(self.accuracy)
-        if self.search_passed is False:
+        schemes = (self.selection or {}).get("int8_schemes") or []
+        if self.search_passed is False and schemes and "per-tensor" not in schemes:  # no float search was made
+            problems.append(f"no int8 choice with --int8-schemes {','.join(schemes)} keeps the budget")
+        elif self.search_passed is False:
             problems.append("no int8 choice short of keeping every quantizable node in float keeps the budget")
         return problems
 

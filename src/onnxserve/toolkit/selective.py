@@ -32,6 +32,15 @@ A Gather over a large embedding table is a candidate like the others, but its in
 (:mod:`onnxserve.toolkit.embedding_quantization`), and so is the rounding its sensitivity is measured
 with; which tables ended in int8, and their sizes, are reported.
 
+The int8 schemes the search may give a MatMul can be narrowed (``--int8-schemes``, :data:`SCHEMES`;
+all three by default), as ONNX Runtime's and Optimum's quantizers let users pick what is quantized how:
+
+- without ``per-tensor``, no MatMul is per-tensor int8: step 1, the split (2.), the move back to
+  per-tensor int8 of the mixed steps and the float search (4.-7.) are skipped, so the search is
+  3. alone, every MatMul block-wise int8 (a faster search, a slower model);
+- without ``outlier-channels``, step 2 is skipped (as is measuring the MatMuls' input channels);
+- without ``block-wise``, steps 3 and 7 are.
+
 A result that needs every quantizable node in float is no int8 model: the search reports failure.
 The chosen model is then checked on the *held-out* split by the caller (:mod:`onnxserve.toolkit.optimize`).
 """
@@ -60,6 +69,12 @@ from onnxserve.toolkit.samples import Samples
 
 QUANTIZABLE = ("MatMul", "Gemm", "Conv", "Attention", "Gather", "LSTM", "EmbedLayerNormalization")
 """Operators ONNX Runtime's int8 quantizer rewrites (its IntegerOps registry, Transpose aside)."""
+
+PER_TENSOR, OUTLIER_CHANNELS, BLOCK_WISE = "per-tensor", "outlier-channels", "block-wise"
+SCHEMES = (PER_TENSOR, OUTLIER_CHANNELS, BLOCK_WISE)
+"""The int8 schemes the search may give a MatMul, in the order it tries them: ONNX Runtime's dynamic
+int8 (per-channel weights, one activation scale per tensor), the same with a MatMul's outlier input
+channels through a float side product, block-wise int8 (one scale per block of values)."""
 
 SIZE_TRIES = 2
 """Float nodes (the heaviest) tried back in int8 after the search, for size."""
@@ -94,9 +109,11 @@ class Selection:
     blockwise_nodes: list[str] = field(default_factory=list)
     block: int | None = None  # values per scale of the block-wise nodes
     split_nodes: dict[str, list[int]] = field(default_factory=dict)  # MatMul -> its input channels in float
+    schemes: tuple[str, ...] = SCHEMES  # the int8 schemes the search was allowed
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "int8_schemes": list(self.schemes),
             "float_nodes": self.float_nodes,
             "blockwise_int8_nodes": self.blockwise_nodes,
             "blockwise_block": self.block,
@@ -122,6 +139,27 @@ class Selection:
             ],
             "embedding_tables": self.tables,
         }
+
+
+def check_schemes(schemes: Collection[str]) -> None:
+    """An :class:`OptimizeError` naming what is wrong with ``schemes`` (``--int8-schemes``), if anything."""
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise OptimizeError(f"--int8-schemes {unknown[0]!r}: choose from {', '.join(SCHEMES)}")
+    if not schemes:
+        raise OptimizeError(f"--int8-schemes: name at least one of {', '.join(SCHEMES)}")
+    if OUTLIER_CHANNELS in schemes and PER_TENSOR not in schemes:
+        raise OptimizeError(
+            f"--int8-schemes {OUTLIER_CHANNELS} needs {PER_TENSOR}: a split MatMul takes the rest of its input "
+            "in per-tensor int8"
+        )
+
+
+def parse_schemes(text: str) -> tuple[str, ...]:
+    """``--int8-schemes``' comma-separated names, checked, in the order the search tries them."""
+    named = {part.strip() for part in text.split(",") if part.strip()}
+    check_schemes(named)
+    return tuple(s for s in SCHEMES if s in named)
 
 
 def name_nodes(src: Path, dst: Path) -> Path:
@@ -304,13 +342,18 @@ def select(
     budget: AccuracyBudget,
     task: str | None,
     step: Callable[[str], None] = lambda _text: None,
+    schemes: Collection[str] = SCHEMES,
 ) -> Selection:
     """The int8 model with the fewest float nodes that keeps ``budget`` on ``search`` (the pass
-    ``optimize`` runs): the quantizer works on files, so the search runs in a temporary folder of its own."""
+    ``optimize`` runs), its MatMuls in the int8 ``schemes`` allowed: the quantizer works on files, so the
+    search runs in a temporary folder of its own."""
+    check_schemes(schemes)
     with tempfile.TemporaryDirectory(prefix="onnxserve-selective-") as work:
         model_file = Path(work) / "source.onnx"
         onnx.save(model, str(model_file))
-        return _search(model_file, Path(work), settings, calibration, search, budget, task, step)
+        selection = _search(model_file, Path(work), settings, calibration, search, budget, task, step, schemes)
+    selection.schemes = tuple(s for s in SCHEMES if s in schemes)
+    return selection
 
 
 def _search(
@@ -322,8 +365,11 @@ def _search(
     budget: AccuracyBudget,
     task: str | None,
     step: Callable[[str], None] = lambda _text: None,
+    schemes: Collection[str] = SCHEMES,
 ) -> Selection:
-    """The int8 model with the fewest float nodes that keeps ``budget`` on ``search``."""
+    """The int8 model with the fewest float nodes that keeps ``budget`` on ``search``, its MatMuls in the
+    int8 ``schemes`` allowed."""
+    per_tensor = PER_TENSOR in schemes
     named = name_nodes(model_file, work / "named.onnx")
     candidates = quantizable(onnx.load_model(str(named), load_external_data=False))
     trials: list[Trial] = []
@@ -356,9 +402,10 @@ def _search(
         )
         return out, accuracy, passed
 
-    full, full_accuracy, passed = trial([])
-    if passed or not candidates:
-        return Selection(onnx.load(str(full)), [], len(candidates), passed, full_accuracy, {}, trials, tables[full])
+    if per_tensor or not candidates:
+        full, full_accuracy, passed = trial([])
+        if passed or not candidates:
+            return Selection(onnx.load(str(full)), [], len(candidates), passed, full_accuracy, {}, trials, tables[full])
     rewritable = _matmuls(named)
     table_readers = {
         n for t in embedding_tables(onnx.load_model(str(named), load_external_data=False)) for n in t.nodes
@@ -366,9 +413,12 @@ def _search(
     others = [n for n in candidates if n not in table_readers]  # the tables stay per-row int8
     blockwise = [n for n in others if n in rewritable]
     floats = [n for n in others if n not in rewritable]
-    step(f"int8: measuring the input channels of {len(blockwise)} MatMuls")
-    channels = input_channels(named, blockwise, search, work)
+    channels: dict[str, list[int]] = {}
+    if OUTLIER_CHANNELS in schemes:
+        step(f"int8: measuring the input channels of {len(blockwise)} MatMuls")
+        channels = input_channels(named, blockwise, search, work)
     passed = False
+    last_blockwise: tuple[Path, Accuracy, int] | None = None  # for a search that ends there
     if channels:  # outlier channels in float, the rest per-tensor int8; other candidates float
         with contextlib.suppress(OptimizeError):  # ONNX Runtime's quantizer could not rewrite it: block-wise
             out, accuracy, passed = trial(floats, None, BLOCKS[-1], channels)
@@ -387,11 +437,16 @@ def _search(
                 tables[out],
                 split_nodes=split,
             )
-    for block in BLOCKS if blockwise else ():  # every MatMul block-wise int8, other candidates float
+    for block in BLOCKS if blockwise and BLOCK_WISE in schemes else ():  # every MatMul block-wise, others float
         try:
             out, accuracy, passed = trial(others, blockwise, block)
         except OptimizeError:  # ONNX Runtime's block-wise quantizer could not rewrite this graph
             break
+        last_blockwise = (out, accuracy, block)
+        if passed and not per_tensor:  # no MatMul may go back to per-tensor int8: done
+            return Selection(
+                onnx.load(str(out)), floats, len(candidates), True, accuracy, {}, trials, tables[out], blockwise, block
+            )
         if passed:
             step(f"int8: measuring the sensitivity of {len(blockwise)} block-wise MatMuls")
             scores = sensitivity(named, blockwise, search, work, settings.reduce_range)
@@ -399,6 +454,16 @@ def _search(
             return Selection(
                 onnx.load(str(out)), floats, len(candidates), True, accuracy, scores, trials, tables[out], kept, block
             )
+    if not per_tensor:  # the float search keeps every other node per-tensor int8: not allowed
+        if last_blockwise is None:
+            raise OptimizeError(
+                f"int8 schemes {', '.join(s for s in SCHEMES if s in schemes)}: ONNX Runtime's quantizer "
+                "could not rewrite this model's MatMuls in them"
+            )
+        out, accuracy, block = last_blockwise
+        return Selection(
+            onnx.load(str(out)), floats, len(candidates), False, accuracy, {}, trials, tables[out], blockwise, block
+        )
     step(f"int8: measuring the sensitivity of {len(candidates)} nodes")
     scores = sensitivity(named, candidates, search, work, settings.reduce_range)
     ranking = sorted(candidates, key=lambda n: -scores.get(n, 0.0))
@@ -432,14 +497,16 @@ def _search(
     matmuls = [n for n in kept if n in rewritable]  # the MatMuls still in float: block-wise int8?
     chosen: list[str] = []
     chosen_block = None
-    for block in BLOCKS if matmuls else ():
+    for block in BLOCKS if matmuls and BLOCK_WISE in schemes else ():
         try:
-            tried, tried_accuracy, passed = trial(kept, matmuls, block)
+            tried_file, tried_accuracy, passed = trial(kept, matmuls, block)
         except OptimizeError:
             break
         if passed:
             floats = [n for n in kept if n not in matmuls]
-            chosen, out, accuracy = _fewer_blockwise(trial, floats, matmuls, block, scores, (tried, tried_accuracy))
+            chosen, out, accuracy = _fewer_blockwise(
+                trial, floats, matmuls, block, scores, (tried_file, tried_accuracy)
+            )
             kept = [*floats, *chosen]
             chosen_block = block
             break
