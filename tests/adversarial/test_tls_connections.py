@@ -249,7 +249,8 @@ def test_an_early_answer_over_tls_reads_no_more_of_the_body(
     with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
     assert said.startswith(b"HTTP/1.1 " + status), said[:300]
-    # what arrives in the moment before the connection is cut (TLS_UNREAD_ABORT_SECONDS); before: all of it
+    # what arrives before the connection is cut, once its answer is out (read and dropped, not decrypted);
+    # before: all of it
     assert sent < 192 * 1024 * 1024, f"the server read {sent} bytes of a body it had answered"
     assert probe_seconds(server, tls_files["ca"]) < PROBE_BOUND
 

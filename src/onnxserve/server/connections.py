@@ -22,10 +22,11 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   connection closes after the answer (reading the body on to keep it read 10 GB for a 413: rt20); the
   write side is shut and the rest read and dropped for up to ``LINGER_SECONDS`` / ``LINGER_BYTES`` before
   the close, so the kernel does not reset the connection over unread bytes and the client gets its
-  answer. Over TLS, which cannot shut one side, the connection is cut ``TLS_UNREAD_ABORT_SECONDS`` after
-  the answer (as is one closed for what it sent: not HTTP, a protocol switch, bytes after its last
-  request), rather than waiting ``TLS_SHUTDOWN_SECONDS`` for the client's close_notify while decrypting all
-  it sends; one closed cleanly reads ``TLS_CLOSE_NOTIFY_READ_SECONDS`` for that close_notify first.
+  answer. Over TLS, which cannot shut one side, what arrives after the answer is read and dropped
+  undecrypted, and the connection is cut once the answer has reached the client (as is one closed for
+  what it sent: not HTTP, a protocol switch, bytes after its last request), rather than waiting
+  ``TLS_SHUTDOWN_SECONDS`` for the client's close_notify while decrypting all it sends; one closed cleanly
+  reads ``TLS_CLOSE_NOTIFY_READ_SECONDS`` for that close_notify first.
 - **Chunk framing**: a chunked body's framing in all (chunk lines, their extensions) may pass its data by
   at most ``max_header_bytes`` (400).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
@@ -83,9 +84,12 @@ from __future__ import annotations
 import asyncio
 import asyncio.sslproto
 import contextlib
+import fcntl
 import logging
 import resource
 import ssl
+import sys
+import termios
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -157,15 +161,15 @@ until then it holds its file descriptor and its connection slot. The loop's defa
 that never answered the close hold every slot, probes' too, for 28 s a wave of 1,016 handshakes (outside
 attack rt18)."""
 
-TLS_UNREAD_ABORT_SECONDS = 0.05
-"""How long a TLS connection the server closes with more of its client's bytes to come (``_cut_tls_soon``)
-lives on, so that its answer goes out, before it is cut: what arrives meanwhile is still decrypted (about
-60 to 100 MB on loopback at full speed, where the 2 s close_notify wait took 1.2 to 1.9 GB)."""
+TLS_CUT_CHECK_SECONDS = 0.01
+"""How often a TLS connection the server closes with more of its client's bytes to come (``_cut_tls_soon``)
+is checked for its answer having reached the client (the socket's send queue empty: sent and acknowledged);
+then it is cut, at the latest ``TLS_SHUTDOWN_SECONDS`` after it stopped reading."""
 
 TLS_CLOSE_NOTIFY_READ_SECONDS = 0.05
 """How long a TLS connection the server closes cleanly (its last request answered, nothing more received
 yet) reads on for the client's close_notify, which frees its slot at once; then it is cut
-(``TLS_UNREAD_ABORT_SECONDS`` later). A client that sends on instead had all it sent decrypted for the 2 s
+(``_cut_tls_soon``). A client that sends on instead had all it sent decrypted for the 2 s
 (1.2 to 1.9 GB a connection; 30 such held probes 3.4 s: outside attack rt22); now what arrives in those
 moments."""
 
@@ -363,6 +367,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._framing_total = 0  # bytes of the body's framing in all (chunk lines with their extensions)
         self._body_seen = 0  # bytes of bodies the parser has handed over on this connection
         self._tcp: asyncio.Transport | None = None  # under the TLS layer: the connection's TCP transport
+        self._cutting = False  # over TLS: reads no more, and is cut once its answer is out (_cut_tls_soon)
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
         self._beyond = False  # bytes came after its last request that began no new one (yet)
@@ -693,15 +698,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         return True
 
     def _cut_tls_soon(self) -> None:
-        """Over TLS, end this connection, which the server closes, ``TLS_UNREAD_ABORT_SECONDS`` from now:
+        """Over TLS, end this connection, which the server closes, once its answer has reached the client:
         TLS cannot shut only its write side, and the layer's close sends close_notify and waits
         ``TLS_SHUTDOWN_SECONDS`` for the client's, decrypting whatever arrives meanwhile (a body answered
         early: 1.25 GB in 2 s from one connection, 30 such held probes 3.6 s, rt20; bytes that are no
         request, or more after the last request: 1.2 to 1.9 GB, rt22). The answer goes out first."""
-        if self._tcp is not None and not self._tcp.is_closing():
-            # Cut once its answer is out, not paused: a TCP transport that stopped reading under uvloop's TLS
-            # layer kept 12 to 18 KB of each such connection for good (30,000: +1.1 GB, outside attack rt23).
-            self.loop.call_later(TLS_UNREAD_ABORT_SECONDS, self._tcp.abort)
+        tcp = self._tcp
+        if tcp is not None and not tcp.is_closing() and not self._cutting:
+            self._cutting = True
+            # Nothing more is decrypted: the TLS layer decrypts all that arrives while it waits for close_notify
+            # (60 clients sending after their answers held probes 2.1 s when such connections read on for 50 ms:
+            # outside attack rt24); what arrives now is read and dropped as it is. Not paused: a paused TCP
+            # transport under uvloop's TLS layer kept 12 to 18 KB of each connection for good (30,000: +1.1 GB,
+            # outside attack rt23). It is cut as soon as its answer has reached the client.
+            tcp.set_protocol(_Undecrypted(tcp.get_protocol()))
+            self.loop.call_later(TLS_CUT_CHECK_SECONDS, _cut_once_sent, tcp, time.monotonic() + TLS_SHUTDOWN_SECONDS)
 
     def _lingered(self, data: bytes) -> None:
         self._linger_left -= len(data)
@@ -1090,6 +1101,59 @@ def _withdraw_newest_waiting(connections: set[GuardedHttpProtocol]) -> bool:
             cycle.keep_alive = False  # answered with "connection: close", then closed
             return True
     return False
+
+
+class _Undecrypted(asyncio.BufferedProtocol):
+    """What a TLS connection that the server is cutting reads into (``_cut_tls_soon``): its bytes are dropped
+    as they come, not decrypted; the end of the connection still reaches its TLS layer."""
+
+    _scratch = bytearray(64 * 1024)  # one for all: what is read into it is never looked at
+
+    def __init__(self, layer: asyncio.BaseProtocol) -> None:
+        self.layer = layer
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes
+
+    def pause_writing(self) -> None:
+        self.layer.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.layer.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.layer.connection_lost(exc)
+
+
+def _cut_once_sent(tcp: asyncio.Transport, deadline: float) -> None:
+    """Abort ``tcp`` once all it was given has reached the client (its buffer and the socket's send queue,
+    which holds what is sent until the client acknowledges it, both empty), or at ``deadline``: an abort
+    over bytes still unsent would drop the answer."""
+    if tcp.is_closing():
+        return
+    if time.monotonic() < deadline and (tcp.get_write_buffer_size() or _unacknowledged(tcp)):
+        asyncio.get_running_loop().call_later(TLS_CUT_CHECK_SECONDS, _cut_once_sent, tcp, deadline)
+        return
+    tcp.abort()
+
+
+def _unacknowledged(tcp: asyncio.Transport) -> int:
+    """Bytes in ``tcp``'s socket send queue (sent or not) that the client has not acknowledged (Linux
+    ``SIOCOUTQ``); 0 where that cannot be asked."""
+    sock = tcp.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int.from_bytes(queued, sys.byteorder, signed=True)
 
 
 def _tls_layer(loop: asyncio.AbstractEventLoop) -> Any:
