@@ -52,6 +52,7 @@ from onnxserve.core.memory import give_back_free_memory, release_frames
 from onnxserve.core.observe import VersionRecord
 from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, load_version
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
+from onnxserve.core.shared_scan import SharedScan
 from onnxserve.core.types import ModelState
 from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError, UnavailableError
 
@@ -81,6 +82,11 @@ class Catalog:
     repository: Path | None = None
     # Repository folders already warned about as not model names (each is warned about once).
     warned: set[str] = field(default_factory=set, compare=False, repr=False)
+    # Control requests' readings of the catalog, on a worker thread, one at a time and shared (rt25 F7).
+    scans: SharedScan[ServerConfig] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scans", SharedScan(self.read_for_control))
 
     def read(self) -> ServerConfig:
         from onnxserve.config import load_config
@@ -90,19 +96,24 @@ class Catalog:
         assert self.repository is not None
         return scan_repository(self.repository, self.warned)
 
-    def find(self, name: str) -> ModelConfig:
-        """The config of one model, for an explicit load; the name and its path are confined."""
+    async def find(self, name: str) -> ModelConfig:
+        """The config of one model, for an explicit load; the name and its path are confined. Read from the
+        shared reading of the catalog (``scans``); a name it lacks is looked for in a reading that started
+        after this call (a model folder copied in just before its load)."""
         if not re.fullmatch(MODEL_NAME_PATTERN, name):
             raise InvalidInputError(
                 f"invalid model name {name!r}: use letters, digits, '_', '.', '-' (starting with a letter or digit)"
             )
-        for model in self.read_for_control().model_config_list:
-            if model.name == name:
-                self._confine(model)
-                return model
+        asked = time.monotonic()
+        for since in (None, asked):
+            for model in (await self.scans.get(since)).model_config_list:
+                if model.name == name:
+                    self._confine(model)
+                    return model
         raise ModelNotFoundError(f"no model {shown(name)} in the repository")
 
     def read_for_control(self) -> ServerConfig:
+        """The catalog as it is now (blocking: control requests read it through ``scans``)."""
         if self.repository is not None and self.config_file is None:
             root = self.repository
             if not root.is_dir():
@@ -546,7 +557,7 @@ class ModelManager:
     async def load(self, name: str) -> None:
         """Load (or reload) a model from the catalog by name."""
         self._require_explicit("load")
-        config = self.catalog.find(name)
+        config = await self.catalog.find(name)
         async with self._control(name):
             await self._apply_model(config, retry_failed=True)
             # every version's reason, also one that failed as before (a retry answered only "no version")
@@ -570,10 +581,11 @@ class ModelManager:
         # lock meanwhile: loads and unloads of other models go on; a cancelled answer leaves it going
         await asyncio.shield(retirement)
 
-    def known_models(self) -> list[str]:
-        """Every model the catalog names, loaded or not (explicit mode's repository index)."""
+    async def known_models(self) -> list[str]:
+        """Every model the catalog names, loaded or not (explicit mode's repository index), from the shared
+        reading of the catalog (``Catalog.scans``)."""
         try:
-            return sorted(m.name for m in self.catalog.read_for_control().model_config_list)
+            return sorted(m.name for m in (await self.catalog.scans.get()).model_config_list)
         except OnnxServeError:
             return []
 

@@ -639,9 +639,22 @@ class InferenceService:
         )
         return response
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         """Every model version with its state (only ready ones with ``ready_only``): loaded ones, ones
-        that failed to load (with the reason) and, under explicit control, models not loaded."""
+        that failed to load (with the reason) and, under explicit control, models not loaded (from the
+        catalog's shared reading: ``ModelManager.known_models``)."""
+        entries = self.served_index()
+        if self.manager is not None and self.manager.mode is ControlMode.EXPLICIT and not ready_only:
+            listed = set(self.registry.names()) | {e.name for e in entries}  # (a set: 3,000 names were 0.3 s)
+            entries += [
+                IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded")
+                for name in await self.manager.known_models()
+                if name not in listed
+            ]
+        return [e for e in entries if e.state == ModelState.READY.value or not ready_only]
+
+    def served_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """The repository index of the versions the server has: loaded, loading, failed (no catalog read)."""
         entries = [_index_entry(v) for m in self.registry for v in (m.versions[n] for n in m.version_numbers())]
         loaded = {(e.name, e.version) for e in entries}
         now = time.monotonic()
@@ -653,11 +666,6 @@ class InferenceService:
         for (name, number), reason in sorted(self.registry.failures.items()):
             if (name, str(number)) not in loaded:
                 entries.append(IndexEntry(name, str(number), ModelState.UNAVAILABLE.value, reason))
-        if self.manager is not None and self.manager.mode is ControlMode.EXPLICIT:
-            served = set(self.registry.names())
-            for name in self.manager.known_models():
-                if name not in served and not any(e.name == name for e in entries):
-                    entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE.value, "not loaded"))
         return [e for e in entries if e.state == ModelState.READY.value or not ready_only]
 
     def version_states(self, name: str, version: str | None = None) -> list[IndexEntry]:

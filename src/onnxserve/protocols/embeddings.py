@@ -73,7 +73,7 @@ class Embedded:
 
 def text_models(service: InferenceService) -> list[str]:
     """The served models that take text (have a tokenizer) and have a ready version, by name."""
-    names = sorted({e.name for e in service.repository_index(ready_only=True)})
+    names = sorted({e.name for e in service.served_index(ready_only=True)})
     return [n for n in names if service.model_metadata(n).pipeline is not None]
 
 

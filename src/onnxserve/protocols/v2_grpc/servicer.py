@@ -149,7 +149,7 @@ class InferenceServicer:
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for entry in self.service.repository_index(ready_only=request.ready):
+        for entry in await self.service.repository_index(ready_only=request.ready):
             response.models.add(
                 name=entry.name, version=entry.version, state=entry.state, reason=redact_paths(entry.reason)
             )

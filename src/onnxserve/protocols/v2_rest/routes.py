@@ -63,7 +63,7 @@ def routes(service: InferenceService) -> list[Route]:
 
     async def repository_index(request: Request) -> Response:
         ready_only = codec.decode_repository_index_request(await request.body())
-        return json_response(codec.encode_repository_index(service.repository_index(ready_only)))
+        return json_response(codec.encode_repository_index(await service.repository_index(ready_only)))
 
     async def load(request: Request) -> Response:
         await service.load_model(request.path_params["name"], codec.decode_load_request(await request.body()))

@@ -118,10 +118,10 @@ class VersionDetail:
     on_disk: bool = True  # False: the version serves from memory, its file was removed (no header, no graph)
 
 
-def model_rows(service: InferenceService) -> list[ModelRow]:
+async def model_rows(service: InferenceService) -> list[ModelRow]:
     """Every model the server knows, with every version's state, labels and task, by name."""
     by_name: dict[str, list[IndexEntry]] = {}
-    for entry in service.repository_index():
+    for entry in await service.repository_index():
         by_name.setdefault(entry.name, []).append(entry)
     rows = []
     for name in sorted(by_name):

@@ -116,12 +116,12 @@ def routes(service: InferenceService, document_memory: int = documents.MEMORY) -
         )
 
     async def index(request: Request) -> str:
-        return pages.index_page(overview.model_rows(service))
+        return pages.index_page(await overview.model_rows(service))
 
     async def model(request: Request) -> str:
         name = request.path_params["name"]
         service.registry.get(name)  # 404 for a model with no loaded version (it is listed on / with its state)
-        rows = [m for m in overview.model_rows(service) if m.name == name]
+        rows = [m for m in await overview.model_rows(service) if m.name == name]
         return pages.model_page(rows[0] if rows else overview.ModelRow(name, ()))
 
     async def version(request: Request) -> str | Response:
