@@ -76,8 +76,8 @@ def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict
     A file that no longer holds the bytes a tensor names (changed since the check) is a
     :class:`ModelLoadError` naming ``where``."""
     reader = _Reader(folder, where)
+    taken: dict[str, Initializer] = {}
     try:
-        taken: dict[str, Initializer] = {}
         for tensor in model.graph.initializer:
             numpy_type = _HANDED_TYPES.get(tensor.data_type)
             if tensor.data_location != TensorProto.EXTERNAL or numpy_type is None:
@@ -91,6 +91,9 @@ def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict
             if tensor.data_location == TensorProto.EXTERNAL and tensor.name not in taken:
                 _embed(tensor, reader.read(tensor, f"initializer {tensor.name!r}"))
         return taken
+    except BaseException:
+        taken.clear()  # a refusal's traceback keeps this frame: it must not keep what was read
+        raise
     finally:
         reader.close()
 
@@ -137,7 +140,12 @@ class _Reader:
         return file
 
     def _read_range(self, file: FileIO, offset: int, count: int, location: str, label: str) -> npt.NDArray[np.uint8]:
-        data = np.empty(count, dtype=np.uint8)
+        try:
+            data = np.empty(count, dtype=np.uint8)
+        except MemoryError:
+            raise ModelLoadError(
+                f"{self._where}: {label}: the process has no memory to read its {count} bytes of external data now"
+            ) from None
         view = data.data
         done = 0
         try:

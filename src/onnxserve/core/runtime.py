@@ -191,7 +191,7 @@ def guarded_session(
     """A session of ``model`` whose integer divisions no input can make trap (``core.division_guard``): how
     the server's process runs a model of the repository, for serving and for its web page alike (a trap
     ends the whole process). A model without such divisions is loaded from its file, as it is; one with
-    them from a guarded copy in memory, reading external data from the file's folder. ``read`` is given
+    them from a guarded copy in memory. ``read`` is given
     the graph that is served (the guarded copy, or the parsed file) first: what a caller learns from it,
     without parsing the file twice; the parsed model is dropped before the session is made.
 
