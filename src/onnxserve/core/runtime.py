@@ -191,13 +191,13 @@ def guarded_session(
     """A session of ``model`` whose integer divisions no input can make trap (``core.division_guard``): how
     the server's process runs a model of the repository, for serving and for its web page alike (a trap
     ends the whole process). A model without such divisions is loaded from its file, as it is; one with
-    them from a guarded copy in memory. ``read`` is given
-    the graph that is served (the guarded copy, or the parsed file) first: what a caller learns from it,
-    without parsing the file twice; the parsed model is dropped before the session is made.
+    them from a guarded copy in memory. ``read`` is given the graph that is served (the guarded copy, or
+    the parsed file) first: what a caller learns from it, without parsing the file twice.
 
-    A model file with external data is served from memory the server owns (``core.external_data``): its
-    external data is read once, here, and ONNX Runtime keeps no file of the version folder mapped, so a
-    file overwritten in place later changes nothing the session serves (outside attack rt25 F1)."""
+    A model file with external data is served from its parse (or guarded copy) and memory the server owns
+    (``core.external_data``): its external data is read once, here, and ONNX Runtime keeps no file of the
+    version folder mapped, so a file overwritten in place later changes nothing the session serves
+    (outside attack rt25 F1). Otherwise the parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
     parsed = check_onnx_file(model) if isinstance(model, Path) else model
     guarded = guard_division(parsed, where)
