@@ -197,20 +197,21 @@ def check_model(model: onnx.ModelProto, folder: Path) -> None:
     if not model.graph.output:
         raise ModelLoadError("the graph has no outputs: there is nothing to serve")
     real = folder.resolve()
-    for where, tensor in _tensors(model):
+    for where, tensor in model_tensors(model):
         _check_tensor(tensor, where, folder, real)
 
 
-def _tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
-    """Every tensor a model carries, with where it is: initializers, attribute values, subgraphs, functions."""
-    yield from _graph_tensors(model.graph)
+def model_tensors(model: onnx.ModelProto, *, main_initializers: bool = True) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor a model carries, with where it is: initializers, attribute values, subgraphs, functions
+    (all but the main graph's initializers when ``main_initializers`` is False)."""
+    yield from _graph_tensors(model.graph, initializers=main_initializers)
     for function in model.functions:
         for node in function.node:
             yield from _attribute_tensors(node.attribute, f"function {function.name!r}")
 
 
-def _graph_tensors(graph: GraphProto) -> Iterator[tuple[str, TensorProto]]:
-    for tensor in graph.initializer:
+def _graph_tensors(graph: GraphProto, initializers: bool = True) -> Iterator[tuple[str, TensorProto]]:
+    for tensor in graph.initializer if initializers else ():
         yield f"initializer {tensor.name!r}", tensor
     for sparse in graph.sparse_initializer:
         yield f"sparse initializer {sparse.values.name!r}", sparse.values
@@ -236,12 +237,18 @@ def _attribute_tensors(attributes: Iterable[AttributeProto], where: str) -> Iter
                 yield from _graph_tensors(graph)
 
 
+def packed_bytes(tensor: TensorProto) -> int | None:
+    """The bytes a tensor's values take packed (raw or external data), by its dims and element type; None
+    for a type of no fixed size (strings, unknown types)."""
+    bits = _BITS.get(tensor.data_type)
+    return None if bits is None else math.ceil(math.prod(tensor.dims) * bits / 8)
+
+
 def _check_tensor(tensor: TensorProto, where: str, folder: Path, real: Path) -> None:
     if any(d < 0 for d in tensor.dims):
         raise ModelLoadError(f"{where} declares a negative dimension {list(tensor.dims)}")
     elements = math.prod(tensor.dims)
-    bits = _BITS.get(tensor.data_type)
-    needed = None if bits is None else math.ceil(elements * bits / 8)
+    needed = packed_bytes(tensor)
     if tensor.data_location == TensorProto.EXTERNAL:
         _check_external(tensor, where, folder, real, needed)
         return

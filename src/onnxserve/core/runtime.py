@@ -27,6 +27,7 @@ from onnxserve.core import datatypes
 from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
+from onnxserve.core.external_data import Initializer, has_external_data, take_external_data
 from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
@@ -134,6 +135,7 @@ def create_session(
     where: str = "",
     save_optimized: Path | None = None,
     external_data: Path | None = None,
+    initializers: Mapping[str, Initializer] | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session: the one place onnxserve creates ``onnxruntime.InferenceSession``.
 
@@ -141,8 +143,10 @@ def create_session(
     ``providers`` and ``options`` go through :func:`available_providers` and :func:`session_options`.
     ``save_optimized`` asks ONNX Runtime to write the graph it optimized at ``options``' level to that
     file (offline optimization). ``external_data`` is the folder a model given in memory reads its external
-    data from (the folder of the file it was read from). A model ONNX Runtime refuses is a
-    :class:`ModelLoadError` naming ``where``.
+    data from (the folder of the file it was read from). ``initializers`` are values of the main graph's
+    initializers with external data, read by ``core.external_data``: ONNX Runtime copies them into the
+    session instead of reading (mapping) their files, and they may be freed once the session is made. A
+    model ONNX Runtime refuses is a :class:`ModelLoadError` naming ``where``.
     """
     where = where or (str(model) if isinstance(model, Path) else "the model")
     payload: str | bytes
@@ -158,10 +162,22 @@ def create_session(
         so.optimized_model_filepath = str(save_optimized)
     if external_data is not None:
         so.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(external_data))
+    values = [
+        ort.OrtValue.ortvalue_from_numpy_with_onnx_type(i.array, i.element_type) for i in (initializers or {}).values()
+    ]
+    if values:
+        so.add_external_initializers(list(initializers or {}), values)
     try:
-        return ort.InferenceSession(payload, sess_options=so, providers=available_providers(providers, where))
+        session = ort.InferenceSession(payload, sess_options=so, providers=available_providers(providers, where))
     except Exception as e:  # ONNX Runtime raises several unrelated types for a bad model
         raise ModelLoadError(f"{where}: ONNX Runtime cannot load the model: {e}") from e
+    finally:
+        values.clear()
+    if initializers:
+        # ONNX Runtime's Python session would make itself again from ``so`` on a provider failure, and ``so``
+        # still points at the initializers' arrays, freed once this returns: never.
+        session.disable_fallback()
+    return session
 
 
 def guarded_session(
@@ -175,18 +191,38 @@ def guarded_session(
     """A session of ``model`` whose integer divisions no input can make trap (``core.division_guard``): how
     the server's process runs a model of the repository, for serving and for its web page alike (a trap
     ends the whole process). A model without such divisions is loaded from its file, as it is; one with
-    them from a guarded copy in memory, reading external data from the file's folder. ``read`` is given
-    the graph that is served (the guarded copy, or the parsed file) first: what a caller learns from it,
-    without parsing the file twice; the parsed model is dropped before the session is made."""
+    them from a guarded copy in memory. ``read`` is given the graph that is served (the guarded copy, or
+    the parsed file) first: what a caller learns from it, without parsing the file twice.
+
+    A model file with external data is served from its parse (or guarded copy) and memory the server owns
+    (``core.external_data``): its external data is read once, here, and ONNX Runtime keeps no file of the
+    version folder mapped, so a file overwritten in place later changes nothing the session serves
+    (outside attack rt25 F1). Otherwise the parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
     parsed = check_onnx_file(model) if isinstance(model, Path) else model
     guarded = guard_division(parsed, where)
     if read is not None:
         read(guarded if guarded is not None else parsed)
+    folder = model.parent.absolute() if isinstance(model, Path) else None
+    if folder is not None and has_external_data(parsed):
+        served = guarded if guarded is not None else parsed  # the file's own parse, or a copy of it: ours to change
+        del parsed, guarded
+        initializers = take_external_data(served, folder, where)
+        try:
+            return create_session(
+                served,
+                providers=providers,
+                options=options,
+                where=where,
+                external_data=folder,
+                initializers=initializers,
+            )
+        finally:
+            initializers.clear()  # a refusal's traceback keeps this frame: it must not keep the weights
+            give_back_free_memory()  # what ONNX Runtime held while it copied them
     del parsed
     if guarded is None:
         return create_session(model, providers=providers, options=options, where=where)
-    folder = model.parent.absolute() if isinstance(model, Path) else None
     return create_session(guarded, providers=providers, options=options, where=where, external_data=folder)
 
 
