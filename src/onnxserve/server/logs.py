@@ -22,8 +22,8 @@ from typing import Literal, TextIO
 
 import orjson
 
+from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols.context import current_request_id
-from onnxserve.server.log_throttle import LogThrottle
 
 LogFormat = Literal["text", "json"]
 
