@@ -29,8 +29,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import models
 from onnxserve.config import ServerConfig, parse_config
+from onnxserve.core.manager import Catalog
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
-from onnxserve.server.lifecycle import RunningServer
+from onnxserve.server.lifecycle import RunningServer, start_in_background
+from onnxserve.server.settings import ServerSettings
+from waiting import wait_until
 
 SERVICE = "/inference.GRPCInferenceService"
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -279,6 +282,51 @@ def test_model_state_load_duration_and_queue_depth(http: httpx.Client, numeric_c
     assert set(load) == {(n, "1") for n in names}
     assert all(seconds > 0 for seconds in load.values())
     assert values(samples, "onnxserve_queue_depth") == {(n, "1"): 0 for n in names}
+
+
+def _offset_body() -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+
+
+def test_a_versions_series_leave_when_it_unloads(tmp_path: Path) -> None:
+    """Outside attack rt25: /metrics kept every series of every version that ever served (about 83 lines a
+    version: 100 versions deployed one after the other took it from 148 lines to 7,544). A version's series
+    leave when it unloads; the model's own (``version=""``) and other versions' stay."""
+    for name, offset in (("a", 1.0), ("b", 2.0)):
+        models.write_version(tmp_path, name, 1, models.offset_model(offset))
+    settings = ServerSettings(
+        http_port=0, grpc_port=0, log_level="warning", model_control_mode="explicit", load_models=("a", "b")
+    )
+    catalog = Catalog(repository=tmp_path)
+    server = start_in_background(catalog.read(), settings, catalog)
+    try:
+        with httpx.Client(base_url=server.http_url, timeout=30) as http:
+            for name in ("a", "b"):
+                assert http.post(f"/v2/models/{name}/versions/1/infer", json=_offset_body()).status_code == 200
+            assert http.post("/v2/models/a/versions/7/infer", json=_offset_body()).status_code == 404
+
+            def versions(samples: Samples) -> set[tuple[str, str]]:
+                return {
+                    (labels.get("model", ""), labels.get("version", ""))
+                    for found in samples.values()
+                    for labels, _ in found
+                    if "version" in labels
+                }
+
+            assert {("a", "1"), ("b", "1"), ("a", "")} <= versions(scrape(http))
+            assert http.post("/v2/repository/models/a/unload").status_code == 200
+            wait_until(lambda: ("a", "1") not in versions(scrape(http)), what="version a/1's series to leave")
+            samples = scrape(http)
+            assert {("b", "1"), ("a", "")} <= versions(samples)  # the model's own series, the other model's
+            requests = values(samples, "onnxserve_requests_total")
+            assert requests["a", "", "v2_rest", "not_found"] == 1
+            assert requests["b", "1", "v2_rest", "ok"] == 1
+            assert values(samples, "onnxserve_model_state")["b", "1", "READY"] == 1
+            assert http.post("/v2/repository/models/a/load").status_code == 200  # back: its series start again
+            assert http.post("/v2/models/a/versions/1/infer", json=_offset_body()).status_code == 200
+            assert values(scrape(http), "onnxserve_requests_total")["a", "1", "v2_rest", "ok"] == 1
+    finally:
+        server.stop()
 
 
 def test_queue_depth_counts_waiting_requests(start_server: Any, tmp_path: Path) -> None:

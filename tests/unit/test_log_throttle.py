@@ -1,8 +1,8 @@
-"""The one throttle of repeated warnings (server.log_throttle)."""
+"""The one throttle of repeated log lines (onnxserve.log_throttle), used by every layer."""
 
 from __future__ import annotations
 
-from onnxserve.server.log_throttle import LogThrottle
+from onnxserve.log_throttle import LogThrottle, LogThrottles
 
 
 class Clock:
@@ -39,3 +39,20 @@ def test_a_quiet_spell_reports_the_next_event_alone() -> None:
     throttle.due()
     clock.now += 3600
     assert throttle.due() == 1
+
+
+def test_a_report_of_several_events_says_how_many() -> None:
+    throttle = LogThrottle(10, Clock())
+    assert throttle.note(1) == ""
+    assert throttle.note(20338) == " (20,338 such since the last line; reported every 10 s at most)"
+
+
+def test_each_key_has_its_throttle_and_the_least_recently_used_key_leaves_past_the_bound() -> None:
+    clock = Clock()
+    throttles = LogThrottles(keys=2, every=10, clock=clock)
+    assert throttles.of("a").due() == 1
+    assert throttles.of("b").due() == 1  # a key of its own: reported at once
+    assert throttles.of("a").due() == 0
+    assert throttles.of("c").due() == 1  # "b" leaves (least recently used)
+    assert throttles.of("a").due() == 0
+    assert throttles.of("b").due() == 1  # a fresh throttle: reported at once again

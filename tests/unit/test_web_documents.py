@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -809,5 +810,45 @@ def test_a_document_that_takes_too_long_is_stopped(tmp_path: Path, monkeypatch: 
         with pytest.raises(TooLargeError, match="took longer than 2 s"):
             await cache.diff(slow, slow)  # kept: refused at once
         assert orjson.loads(await cache.graph(other))["nodes"]  # a new worker computes the next one
+
+    asyncio.run(scenario())
+
+
+def _rewritten_with_its_key(path: Path, model: onnx.ModelProto) -> None:
+    """``model`` written at ``path`` with the file's size and modification time (padded with a doc string):
+    the cache sees the same file version, and computing its documents again would now succeed."""
+    before = path.stat()
+    content, room = model.SerializeToString(), before.st_size - model.ByteSize()
+    padding = next(_field(6, b" " * n) for n in range(room, 0, -1) if len(_field(6, b" " * n)) == room)
+    path.write_bytes(content + padding)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert documents.file_key(path) == (str(path), before.st_mtime_ns, before.st_size)
+
+
+def test_a_kept_refusal_survives_the_cache_filling_with_other_documents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside attack rt24: refusals were kept among the documents, and two 130 MiB weights documents passing
+    through the cache pushed them out, so a refused 60 s diff ran again. Refusals are kept apart (at most
+    REFUSALS of them), and leave only with their version."""
+    slow = _slow_to_run(tmp_path / "1" / "model.onnx", 2000)
+    others = [_model_file(tmp_path / str(version)) for version in range(2, 6)]
+    monkeypatch.setattr(documents, "DOCUMENT_SECONDS", 2.0)
+
+    async def scenario() -> None:
+        size = len(await DocumentCache().graph(others[0]))
+        cache = DocumentCache(max_bytes=3 * size)  # room for about two graphs and their headers
+        with pytest.raises(TooLargeError, match="took longer than 2 s"):
+            await cache.diff(slow, slow)
+        for other in others:  # the cache fills with other documents, and its oldest leave
+            assert orjson.loads(await cache.graph(other))["nodes"]
+        assert cache.held_bytes <= cache.max_bytes
+        _rewritten_with_its_key(slow, models.offset_model(2.5))  # a diff computed again would now succeed
+        with pytest.raises(TooLargeError, match="took longer than 2 s"):
+            await cache.diff(slow, slow)  # kept: refused at once, not run again
+        assert cache.refusals == 1
+        cache.retain(str(other) for other in others)  # its version unloaded
+        assert cache.refusals == 0
+        assert orjson.loads(await cache.diff(slow, slow))["diff"]  # the file (as it is now) is computed afresh
 
     asyncio.run(scenario())

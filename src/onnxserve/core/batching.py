@@ -55,6 +55,7 @@ from onnxserve.core.fairness import FairQueue, interleave, should_displace
 from onnxserve.core.inline_runs import InlineRuns, shape_key
 from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.errors import OnnxServeError, ResourceExhaustedError, UnavailableError
+from onnxserve.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +379,8 @@ class DynamicBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._executions: dict[RunControl, list[_Pending]] = {}  # running executions and their requests
         self._stopped: OnnxServeError | None = None  # what a request gets once the batcher has stopped
+        # a client whose values fail every batch they join had 323 lines written in 10 s (outside attack rt24)
+        self._failed_batches = LogThrottle()
 
     def queued(self) -> int:
         return len(self._queue)
@@ -610,7 +613,14 @@ class DynamicBatcher:
                     return
                 # One request's values can fail a whole batch (an index out of range): run each alone
                 # on this instance, so that exactly the requests that fail get the error.
-                log.info("model %s: a batch of %d failed (%s); running its requests one by one", self.name, size, e)
+                if count := self._failed_batches.due():
+                    log.info(
+                        "model %s: a batch of %d failed (%s); running its requests one by one%s",
+                        self.name,
+                        size,
+                        e,
+                        self._failed_batches.note(count),
+                    )
                 for pending in live:
                     await self._execute_alone(index, pending)
                 return

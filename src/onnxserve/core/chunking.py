@@ -58,8 +58,13 @@ from onnxserve.core.tokens import token_counts
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, payload_bytes
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
 from onnxserve.errors import DeadlineExceededError, ResourceExhaustedError, TooLargeError
+from onnxserve.log_throttle import LogThrottles
 
 log = logging.getLogger(__name__)
+
+_UNJOINED = LogThrottles()
+"""Each model's line about a request run whole because its chunks' answers could not be joined: every such
+request writes it."""
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -226,7 +231,13 @@ async def submit(model: ModelVersion, work: Work) -> Scheduled:
     if any(array.ndim == 0 or array.shape[0] != work.rows for array in outcome.outputs.values()):
         # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
         # the chunks' answers cannot be joined, so the request runs whole, as it would have unchunked.
-        log.warning("model %s: outputs of a request's chunks do not have its rows; ran it whole", model.name)
+        throttle = _UNJOINED.of(model.name)
+        if count := throttle.due():
+            log.warning(
+                "model %s: outputs of a request's chunks do not have its rows; ran it whole%s",
+                model.name,
+                throttle.note(count),
+            )
         del outcome
         return await model.scheduler.submit(work)
     return Scheduled(outcome, queue_ns, work.rows)

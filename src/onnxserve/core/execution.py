@@ -24,10 +24,15 @@ from onnxserve.core.runtime import ModelSession, RunControl
 from onnxserve.core.tokens import TokenizedText, token_counts
 from onnxserve.core.types import TensorSpec
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS
+from onnxserve.log_throttle import LogThrottles
 
 Arrays = dict[str, npt.NDArray[Any]]
 
 log = logging.getLogger(__name__)
+
+_UNSPLIT = LogThrottles()
+"""Each model's line about merged requests run again one by one: every merged batch of such a model
+writes it, as often as its clients send requests at once."""
 
 
 @dataclass(eq=False)
@@ -108,12 +113,15 @@ def run_batch(
     if len(works) > 1 and any(array.ndim == 0 or array.shape[0] != rows for array in outputs.values()):
         # The graph's outputs do not follow its input rows (its batch dimension's name promised they would):
         # a merged answer cannot be split between the callers, so each runs alone, as it would have unmerged.
-        log.warning(
-            "model %s: outputs of %d merged requests do not have their %d rows; ran them one by one",
-            session.name,
-            len(works),
-            rows,
-        )
+        throttle = _UNSPLIT.of(session.name)
+        if count := throttle.due():
+            log.warning(
+                "model %s: outputs of %d merged requests do not have their %d rows; ran them one by one%s",
+                session.name,
+                len(works),
+                rows,
+                throttle.note(count),
+            )
         return [run_batch(session, [work], control, pipeline, output_specs)[0] for work in works]
     parts = _split(outputs, [w.rows for w in works])
     done = time.perf_counter_ns()

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onnxserve.core.memory import release_frames
 from onnxserve.errors import ErrorKind, OnnxServeError
+from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols import context, inflight
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 from onnxserve.protocols.public_errors import public_message
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from onnxserve.core.service import InferenceCall, InferenceService
 
 log = logging.getLogger(__name__)
+
+_NO_MEMORY = LogThrottle()
+"""Requests answered 503 for want of memory: many large requests at once make one each."""
 
 JSON = "application/json"
 _REQUEST_ID_HEADER = context.REQUEST_ID_METADATA.encode("ascii")
@@ -211,7 +215,10 @@ def guarded(
             answer = failed(request, e)
             release_frames(e)
         except MemoryError as e:  # short of memory now (a large body under a tight limit): the client may retry
-            log.warning("no memory for %s %s: answered 503", request.method, request.url.path)
+            if count := _NO_MEMORY.due():
+                log.warning(
+                    "no memory for %s %s: answered 503%s", request.method, request.url.path, _NO_MEMORY.note(count)
+                )
             answer = failed(request, inflight.no_memory("for this request"))
             release_frames(e)
         except Exception as e:

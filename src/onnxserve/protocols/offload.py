@@ -56,6 +56,7 @@ from onnxserve.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from onnxserve.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -491,6 +492,7 @@ class WorkerPool:
         self._busy: set[_Worker] = set()
         self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._draining: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+        self._deaths = LogThrottle()  # a client whose bodies or documents kill a worker each time
         _pools.append(self)
 
     def drain(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -575,7 +577,9 @@ class WorkerPool:
         except BrokenProcessPool:
             if worker.shut_down:
                 raise self.kind.stopping() from None
-            log.warning("a %s worker died; its work is refused and the worker replaced", self.kind.what)
+            if count := self._deaths.due():
+                what, note = self.kind.what, self._deaths.note(count)
+                log.warning("a %s worker died; its work is refused and the worker replaced%s", what, note)
             raise lost from None
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -40,12 +40,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from onnxserve.core.client_text import logged
 from onnxserve.errors import OnnxServeError, PermissionDeniedError, UnauthenticatedError
+from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols import context
 from onnxserve.protocols.errors import GRPC_STATUS, HTTP_STATUS
 from onnxserve.protocols.http import ErrorRenderer, render_error
 from onnxserve.protocols.request_body import announces_body
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
-from onnxserve.server.log_throttle import LogThrottle
 from onnxserve.server.tokens import Scope as TokenScope
 from onnxserve.server.tokens import TokenTable
 

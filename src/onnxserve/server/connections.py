@@ -103,6 +103,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from onnxserve.core.fairness import gives_way
 from onnxserve.errors import ResourceExhaustedError
+from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols import context
 from onnxserve.protocols.http import CALL_SLOT, CallSlot
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, over_budget, stop_holding
@@ -110,7 +111,6 @@ from onnxserve.protocols.request_body import announces_body
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.connection_index import Counts, LazyHeap
-from onnxserve.server.log_throttle import LogThrottle
 from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
 from onnxserve.server.settings import ServerSettings
 
@@ -343,6 +343,8 @@ class _Clients:
     """Every address's ordinary connections not in the middle of a request, oldest first."""
     displaced: LogThrottle = field(default_factory=LogThrottle)
     """At most one WARNING every 10 s about connections closed for other addresses, with their count."""
+    turned_away: LogThrottle = field(default_factory=LogThrottle)
+    """Likewise about new connections closed because every slot, the probes' too, is busy."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -484,7 +486,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.timeout_keep_alive = min(self.timeout_keep_alive, RESERVE_KEEP_ALIVE_SECONDS)
             log.info("all %d connections are busy (--max-connections): one more for probes only", ordinary)
             return
-        log.warning("refused a connection: all %d open ones are busy (--max-connections)", ordinary + len(reserve))
+        if count := clients.turned_away.due():
+            note = clients.turned_away.note(count)
+            log.warning(
+                "refused a connection: all %d open ones are busy (--max-connections)%s", ordinary + len(reserve), note
+            )
         self.transport.close()
 
     def _displace(self) -> bool:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from onnxserve.core.fairness import gives_way
-from onnxserve.server.log_throttle import LogThrottle
+from onnxserve.log_throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,12 @@ Metrics (every one in a registry of its own, so several servers can live in one 
   codec thread or in a worker process (``protocols.offload``), counted by the process, read at scrape time.
 - the standard ``process_*`` metrics of this process.
 
+A version's series (those labelled with its model and version) leave when it unloads (``UNLOADED``), so
+that the metrics hold the versions served now, not every version that ever served (about 83 lines a
+version, never dropped: 100 versions deployed one after the other took ``/metrics`` from 148 lines to
+7,544; outside attack rt25). The model's own series (``version=""``: requests that named no served
+version of it) stay.
+
 The three that every request updates (requests, durations, batch sizes) are kept in plain counters of our
 own (``_Series``), updated on the event loop without locks (one bisection per observation), and turned
 into the same samples as ``prometheus_client``'s Counter and Histogram would show (``_total``,
@@ -29,6 +35,7 @@ takes two locked updates and a Python loop over the buckets, and a request made 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -50,6 +57,9 @@ PREFIX = "onnxserve_"
 OK = "ok"
 STATES = tuple(state.value for state in ModelState)
 """The states a version can be in; a state reported that is not listed here is added when first seen."""
+
+UNLOADED = "UNLOADED"
+"""The state a ``VersionRecord`` reports when its version has gone from memory: its series leave."""
 
 DURATION_BUCKETS = (
     0.0001,
@@ -148,6 +158,11 @@ class _Histogram:
             series = self.series[key] = _Series(len(self.bounds) + 1)
         series.buckets[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
         series.sum += value
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop the series of one model version (the first two labels)."""
+        for key in [key for key in self.series if key[:2] == (model, version)]:
+            del self.series[key]
 
     def family(self, created: bool) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -257,12 +272,28 @@ class Metrics:
         self._per_request.batch_size.observe((record.model, record.version), record.batch_size)
 
     def version(self, record: VersionRecord) -> None:
+        if record.state == UNLOADED:
+            self._forget(record.model, record.version)
+            return
         if record.state not in self._states:
             self._states.append(record.state)
         for state in self._states:
             self._state.labels(record.model, record.version, state).set(1 if state == record.state else 0)
         if record.load_seconds is not None:
             self._load_duration.labels(record.model, record.version).set(record.load_seconds)
+
+    def _forget(self, model: str, version: str) -> None:
+        """Remove every series of a version that has gone from memory (see the module)."""
+        counts = self._per_request
+        for key in [key for key in counts.requests if key[:2] == (model, version)]:
+            del counts.requests[key]
+        counts.duration.forget(model, version)
+        counts.batch_size.forget(model, version)
+        for state in self._states:
+            with contextlib.suppress(KeyError):  # a state it was never reported in
+                self._state.remove(model, version, state)
+        with contextlib.suppress(KeyError):  # a version that never finished loading
+            self._load_duration.remove(model, version)
 
     # Exposition
 

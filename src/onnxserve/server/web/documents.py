@@ -6,8 +6,8 @@ a model is parsed once however many clients ask:
 
 - computed in worker processes (``DOCUMENT_WORKERS``), never on the event loop nor under the server's
   interpreter lock, each under a memory cap of its cost + ``HEADROOM`` and at most ``DOCUMENT_SECONDS``
-  (past either: refused, and the refusal kept for the file); concurrent requests for the same document
-  wait for the one computation;
+  (past either: refused, and the refusal kept for the file, apart from the documents: see ``REFUSALS``);
+  concurrent requests for the same document wait for the one computation;
 - bounded in memory while computed: a document of model files of ``S`` bytes in all is counted as
   ``COST_FACTOR * S`` bytes (what parsing a model and summarizing its weights one initializer at a time
   takes at most, measured), plus ``NODE_COST`` per node of their main graphs for a graph or a diff (a
@@ -18,8 +18,8 @@ a model is parsed once however many clients ask:
   (``ResourceExhaustedError``, 503 + Retry-After: it may fit once the others are done);
 - bounded in size once computed: least recently used entries go once the cache holds more than
   ``max_bytes``, and a document larger than that is computed for its request and not kept;
-- dropped when their version unloads (``retain``); a version reloaded from a changed file gets a fresh
-  document;
+- dropped when their version unloads (``retain``), refusals too; a version reloaded from a changed file
+  gets a fresh document;
 - refused with ``FileGoneError`` (NOT_FOUND, 404) when a loaded version's file was removed from disk
   (the version is served from memory, but there is no file left to compute its documents from).
 
@@ -132,6 +132,13 @@ DIFF_RUN_LIMITS = diff.RunLimits(rows=64, values=1 << 20, sizes_from_shapes=True
 of 8 tokens), each run for at most 5 s (a real model's run on them takes well under a second; a 79 KB
 file can ask for hours); a model whose fixed input shapes ask for more, or whose tensors may grow by its
 input values, is compared without running it."""
+
+REFUSALS = 4096
+"""The refusals of documents computed and refused (too large, too slow) kept, least recently asked leave
+first. They are kept apart from the documents, so documents passing through the cache never push one out
+(two 130 MiB weights documents evicted them, and a refused 60 s diff ran again: outside attack rt24); each is
+a key and a message (under 1 KB: about 4 MB at most), one per served file and kind, or per
+ordered pair of served versions, and leaves when its version unloads."""
 
 HEADER_CONCURRENCY = 4
 """Version-page headers read at once."""
@@ -307,8 +314,6 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _size(value: object) -> int:
-    if isinstance(value, TooLargeError):
-        return len(value.message) + 256
     if isinstance(value, Weights):
         return value.nbytes
     if isinstance(value, overview.OnnxHeader):
@@ -345,6 +350,7 @@ class DocumentCache:
         self.cost_factor = cost_factor
         self.concurrency = concurrency
         self._entries: OrderedDict[Hashable, tuple[object, int, tuple[str, ...]]] = OrderedDict()
+        self._refusals: OrderedDict[Hashable, tuple[TooLargeError, tuple[str, ...]]] = OrderedDict()
         self._computing: dict[Hashable, asyncio.Task[object]] = {}
         self._admitted = asyncio.Condition()
         self._running = 0
@@ -356,6 +362,11 @@ class DocumentCache:
     @property
     def held_bytes(self) -> int:
         return sum(size for _, size, _ in self._entries.values())
+
+    @property
+    def refusals(self) -> int:
+        """The refusals kept (at most ``REFUSALS``)."""
+        return len(self._refusals)
 
     async def header(self, path: Path) -> overview.OnnxHeader:
         key = ("header", file_key(path))
@@ -393,6 +404,8 @@ class DocumentCache:
         live = set(files)
         for key in [k for k, (_, _, paths) in self._entries.items() if not live.issuperset(paths)]:
             del self._entries[key]
+        for key in [k for k, (_, paths) in self._refusals.items() if not live.issuperset(paths)]:
+            del self._refusals[key]
 
     def _cost(self, what: str, *files: FileKey) -> int:
         """The memory the document of ``files`` is counted at; a TooLargeError when it can never fit."""
@@ -450,12 +463,12 @@ class DocumentCache:
     async def _get(
         self, key: Hashable, paths: tuple[str, ...], compute: Callable[[], Awaitable[object]], cost: int | None
     ) -> object:
+        if key in self._refusals:  # refused once: the same file is refused again at once
+            self._refusals.move_to_end(key)
+            raise self._refusals[key][0].with_traceback(None)  # not the frames of every earlier refusal
         if key in self._entries:
             self._entries.move_to_end(key)
-            found = self._entries[key][0]
-            if isinstance(found, TooLargeError):  # refused once: the same file is refused again at once
-                raise found
-            return found
+            return self._entries[key][0]
         task = self._computing.get(key)
         if task is None:
             # Its own task: a client that goes away does not stop the computation others wait for.
@@ -477,7 +490,7 @@ class DocumentCache:
                 async with self._admission(cost):
                     value = await compute()
         except TooLargeError as e:
-            self._keep(key, paths, e)
+            self._refuse(key, paths, e)
             raise
         except ModelLoadError:
             # removed between its check and its reading: not a server fault, nor a path to show
@@ -507,6 +520,12 @@ class DocumentCache:
                 self._running -= 1
                 self._held -= cost
                 self._admitted.notify_all()
+
+    def _refuse(self, key: Hashable, paths: tuple[str, ...], refusal: TooLargeError) -> None:
+        self._refusals[key] = (refusal, paths)
+        self._refusals.move_to_end(key)
+        while len(self._refusals) > REFUSALS:
+            self._refusals.popitem(last=False)
 
     def _keep(self, key: Hashable, paths: tuple[str, ...], value: object) -> None:
         size = _size(value)
