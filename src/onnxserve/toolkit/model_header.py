@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from onnxserve.core import protobuf_wire
+from onnxserve.toolkit.file_bytes import FileBytes
 
 DEFAULT_DOMAIN = "ai.onnx"
 """The name shown for the default ONNX domain (``""`` in the file)."""
@@ -128,13 +128,17 @@ def read_header(path: Path) -> FileHeader:
 
     ``onnx.load`` parses the whole file (weights embedded in it included, whatever
     ``load_external_data`` says) and protobuf has no lazy parsing, so this walks the file's protobuf
-    wire format over a memory map: the model's fields except ``graph`` and ``functions`` are parsed by
+    wire format read by position (``toolkit.file_bytes``: a memory map of a file cut short while it is read
+    ends the process): the model's fields except ``graph`` and ``functions`` are parsed by
     protobuf, the graph's name, doc string and node count are read from its fields, every node (of
     subgraphs and functions too) is counted and every tensor's external data reference read, and the
     rest (initializers' values, ...) is skipped without being read. ValueError or OSError for a file
     that is not a protobuf message.
     """
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    with path.open("rb") as file:
+        data = FileBytes(file)
+        if not len(data):
+            raise ValueError("an empty file is no ONNX model")
         rest = bytearray()
         name, doc_string, nodes = b"", b"", 0
         walk = _Walk(data)
@@ -176,7 +180,7 @@ def read_header(path: Path) -> FileHeader:
 class _Walk:
     """Every node of a model file and every external data reference of its tensors, at any depth."""
 
-    def __init__(self, data: mmap.mmap) -> None:
+    def __init__(self, data: FileBytes) -> None:
         self.data = data
         self.nodes = 0
         self.strings = 0
