@@ -102,6 +102,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from onnxserve.core.fairness import gives_way
+from onnxserve.core.memory import give_back_free_memory
 from onnxserve.errors import ResourceExhaustedError
 from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols import context
@@ -1137,6 +1138,28 @@ class _Undecrypted(asyncio.BufferedProtocol):
         self.layer.connection_lost(exc)
 
 
+TRIM_AFTER_CUT_SECONDS = 5.0
+"""How long after a TLS connection was cut with its client still sending the C allocator's free memory goes
+back to the system (``malloc_trim``, on a worker thread; once for all the cuts meanwhile): the TLS layer
+reads such a client in blocks of up to 256 KiB, and a flood of them left 300 to 650 MB free but kept
+(outside attack rt24)."""
+
+_trim_pending: set[asyncio.AbstractEventLoop] = set()
+
+
+def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
+    """Give the free memory back ``TRIM_AFTER_CUT_SECONDS`` from now, unless that is already planned."""
+    if loop in _trim_pending:
+        return
+    _trim_pending.add(loop)
+
+    def trim() -> None:
+        _trim_pending.discard(loop)
+        loop.run_in_executor(None, give_back_free_memory)
+
+    loop.call_later(TRIM_AFTER_CUT_SECONDS, trim)
+
+
 def _cut_once_sent(tcp: asyncio.Transport, deadline: float) -> None:
     """Abort ``tcp`` once all it was given has reached the client (its buffer and the socket's send queue,
     which holds what is sent until the client acknowledges it, both empty), or at ``deadline``: an abort
@@ -1147,6 +1170,7 @@ def _cut_once_sent(tcp: asyncio.Transport, deadline: float) -> None:
         asyncio.get_running_loop().call_later(TLS_CUT_CHECK_SECONDS, _cut_once_sent, tcp, deadline)
         return
     tcp.abort()
+    _trim_soon(asyncio.get_running_loop())
 
 
 def _unacknowledged(tcp: asyncio.Transport) -> int:
