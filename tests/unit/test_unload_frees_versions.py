@@ -26,7 +26,7 @@ from onnxserve.core.manager import Catalog, ControlMode, ModelManager
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import InferenceService
 from onnxserve.core.types import InferenceRequest, Tensor
-from onnxserve.errors import InvalidInputError
+from onnxserve.errors import InvalidInputError, UnavailableError
 from onnxserve.protocols import embeddings
 
 
@@ -52,10 +52,12 @@ def _tensor_request(name: str, rows: int = 1) -> InferenceRequest:
 class Served:
     """A registry, a service and an explicit-mode manager over ``repo``, all on one event loop."""
 
-    def __init__(self, repo: Path, entries: list[dict[str, Any]], mode: ControlMode = ControlMode.EXPLICIT) -> None:
+    def __init__(
+        self, repo: Path, entries: list[dict[str, Any]], mode: ControlMode = ControlMode.EXPLICIT, drain: float = 5
+    ) -> None:
         self.repo = repo
         self.registry = ModelRegistry.load(_config(repo, entries))
-        self.manager = ModelManager(self.registry, Catalog(repository=repo), mode, drain_seconds=5)
+        self.manager = ModelManager(self.registry, Catalog(repository=repo), mode, drain_seconds=drain)
         self.service = InferenceService(self.registry, threads=2, manager=self.manager)
 
     def watch(self, name: str) -> list[weakref.ref[Any]]:
@@ -153,4 +155,46 @@ def test_versions_a_poll_replaces_or_removes_are_freed_at_once(tmp_path: Path, n
         asyncio.run(scenario())
         assert [ref() is None for ref in before] == [True] * len(before)
     finally:
+        served.close()
+
+
+@pytest.mark.parametrize("max_batch_size", [0, 1])
+def test_a_version_unloaded_with_requests_waiting_is_freed_by_the_young_collections(
+    tmp_path: Path, max_batch_size: int
+) -> None:
+    """Requests still waiting (and running) when the drain ends are answered 503 with the error the
+    scheduler keeps for later requests; raised itself, that error took the traceback of a request, whose
+    frames hold the version, so version -> scheduler -> error -> traceback -> version kept it until a full
+    collection. Each request now gets a copy. (The requests' own futures and frames still make cycles of
+    new objects, which the collector's young generations free many times a second in a busy process: the
+    version is loaded and old, as in a server, and only those generations are collected here.)"""
+    models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
+    entry = {"name": "paced", "base_path": "paced", "instance_count": 1, "max_batch_size": max_batch_size}
+    served = Served(tmp_path, [entry], drain=0.3)
+    endless = InferenceRequest(model_name="paced", inputs=[Tensor("x", dt("FP32"), np.full((1, 1), 1e9, np.float32))])
+    try:
+        watched = served.watch("paced")
+        gc.collect()  # the version is old, as a served one is
+        gc.disable()
+
+        async def scenario() -> list[str]:
+            requests = [asyncio.ensure_future(served.service.infer(endless)) for _ in range(3)]
+            while served.registry.get("paced").versions[1].active < 3:
+                await asyncio.sleep(0.01)
+            await served.manager.unload("paced")
+            await served.manager.close()
+            refused = []
+            for request in requests:
+                with pytest.raises(UnavailableError) as caught:
+                    await request
+                refused.append(str(caught.value))
+            return refused
+
+        refused = asyncio.run(scenario())
+        assert sum("unloaded while this request ran" in m for m in refused) == 1, refused
+        assert sum("unloaded before this request could run" in m for m in refused) == 2, refused
+        gc.collect(1)
+        assert [ref() is None for ref in watched] == [True] * len(watched)
+    finally:
+        gc.enable()
         served.close()
