@@ -268,6 +268,75 @@ def test_a_version_being_loaded_is_in_the_index_as_loading(polled: tuple[Running
     assert loading[0].startswith("loading for ")
 
 
+def answer(server: RunningServer, model: str = "m") -> float:
+    """What model ``model`` answers for x = 1: its version's offset + 1."""
+    response = httpx.post(f"{server.http_url}/v2/models/{model}/infer", json=infer_body(1.0))
+    assert response.status_code == 200, response.text
+    value: float = response.json()["outputs"][0]["data"][0]
+    return value
+
+
+def test_a_served_version_whose_files_change_loads_again(
+    polled: tuple[RunningServer, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A served version folder's model replaced in place, or a new folder moved over it, was never loaded
+    again: the old model served for good, with nothing logged (outside attack rt25 F4; a flat version's
+    file was already reloaded). Now the poll loads it again as a replaced load: the old one serves until
+    the new one is ready, and a replacement that fails to load leaves the old one serving."""
+    server, repo, _ = polled
+    model_file = repo / "m" / "1" / "model.onnx"
+    with (
+        caplog.at_level(logging.INFO, logger="onnxserve.core.manager"),
+        Load(f"{server.http_url}/v2/models/m/infer") as load,
+    ):
+        wait_until(lambda: len(load.results) > 10, what="traffic")
+        # (a) in place
+        model_file.write_bytes(models.offset_model(150.0).SerializeToString())
+        wait_until(lambda: load.results[-1][1] == 150.0, what="the file replaced in place")
+        # (b) a new folder moved over the version's (as a deploy tool swaps a folder)
+        staging = repo / ".staging"
+        models.write_version(staging, "m", 1, models.offset_model(200.0))
+        shutil.rmtree(repo / "m" / "1")
+        (staging / "m" / "1").rename(repo / "m" / "1")
+        wait_until(lambda: load.results[-1][1] == 200.0, what="the folder moved over the version")
+        # (c) a replacement that cannot load: the version serves as it was, until its files change again
+        model_file.write_bytes(b"\x08\x07 this is not a protobuf")
+        wait_until(lambda: "version 1 failed to load" in caplog.text, what="the failed load")
+        count = len(load.results)
+        wait_until(lambda: len(load.results) > count + 10, what="traffic after the failed load")
+        assert load.results[-1][1] == 200.0
+        model_file.write_bytes(models.offset_model(250.0).SerializeToString())
+        wait_until(lambda: load.results[-1][1] == 250.0, what="the mended file")
+    assert load.failures == []
+    assert {offset for _, offset in load.results} == {100.0, 150.0, 200.0, 250.0}
+    said = [r.getMessage() for r in caplog.records if r.name == "onnxserve.core.manager"]
+    assert sum("files changed; it loads again" in m for m in said) >= 4, said  # (a), (b), (c), the mended file
+
+
+def test_an_explicit_load_loads_a_version_whose_files_changed(explicit: tuple[RunningServer, Path, Path]) -> None:
+    """``POST /v2/repository/models/a/load`` after a's files changed answered 200 and kept the old model
+    (outside attack rt25 F4); "load (or reload)" now loads the changed version again, and one that fails
+    to load is said to have failed while the old one keeps serving."""
+    server, repo, _ = explicit
+    load = f"{server.http_url}/v2/repository/models/a/load"
+    assert answer(server, "a") == 2.0
+    model_file = repo / "a" / "1" / "model.onnx"
+    model_file.write_bytes(models.offset_model(5.0).SerializeToString())
+    assert answer(server, "a") == 2.0  # nothing changes before the load
+    assert httpx.post(load, timeout=30).status_code == 200
+    assert answer(server, "a") == 6.0
+    assert httpx.post(load, timeout=30).status_code == 200  # unchanged: nothing to do
+    assert answer(server, "a") == 6.0
+    model_file.write_bytes(b"\x08\x07 this is not a protobuf")
+    refused = httpx.post(load, timeout=30)
+    assert refused.status_code == 400
+    message = refused.json()["error"]
+    assert "failed to load again: version 1: <path>: not an ONNX model" in message, message
+    assert "keep serving" in message
+    assert answer(server, "a") == 6.0
+    assert ("a", "READY") in {(e["name"], e["state"]) for e in index(server)}
+
+
 @pytest.fixture
 def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
     repo = tmp_path / "repo"
@@ -482,6 +551,55 @@ def test_sighup_reloads_the_config_file(tmp_path: Path) -> None:
         process.stderr.close()
 
 
+def test_sighup_under_explicit_control_reloads_only_the_loaded_models(tmp_path: Path) -> None:
+    """SIGHUP in explicit mode loaded every model of the catalog, undoing the control API's unloads and
+    --load-model's choice (outside attack rt25 F5). Now it applies the config to the models loaded only:
+    their changed files (or entries) load again; the others stay as the control API left them."""
+    for name, offset in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        models.write_version(tmp_path, name, 1, models.offset_model(offset))
+    config_file = tmp_path / "config.json"  # a last: once it serves its new file, the reload has been applied
+    entries = [{"name": n, "base_path": n} for n in ("c", "b", "a")]
+    config_file.write_text(json.dumps({"model_config_list": entries}))
+    process, url = start_cli(
+        "--config",
+        str(config_file),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "a",
+        "--load-model",
+        "b",
+    )
+    assert process.stderr is not None
+    try:
+        assert httpx.post(f"{url}/v2/repository/models/b/unload", timeout=30).status_code == 200
+        (tmp_path / "a" / "1" / "model.onnx").write_bytes(models.offset_model(10.0).SerializeToString())
+        process.send_signal(signal.SIGHUP)
+
+        def a_answers() -> float:
+            return float(httpx.post(f"{url}/v2/models/a/infer", json=infer_body(1.0)).json()["outputs"][0]["data"][0])
+
+        wait_until(lambda: a_answers() == 11.0, what="a's new file, loaded by the SIGHUP")
+        for name in ("b", "c"):  # unloaded by the control API, never loaded: as they were
+            assert httpx.post(f"{url}/v2/models/{name}/infer", json=infer_body()).status_code == 404, name
+        states = {e["name"]: e["state"] for e in httpx.post(f"{url}/v2/repository/index", json={}).json()}
+        assert states == {"a": "READY", "b": "UNAVAILABLE", "c": "UNAVAILABLE"}, states
+        for _ in range(20):  # a burst of signals: one reload after another, nothing kept per signal
+            process.send_signal(signal.SIGHUP)
+        assert a_answers() == 11.0
+        assert httpx.post(f"{url}/v2/repository/models/b/load", timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v2/models/b/infer", json=infer_body(1.0)).json()["outputs"][0]["data"] == [3.0]
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        process.stderr.close()
+
+
 def test_grpc_model_control(explicit: tuple[RunningServer, Path, Path]) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -626,6 +744,71 @@ def test_unloading_a_busy_model_holds_up_no_other_model_nor_readiness(tmp_path: 
         small = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
         assert httpx.post(f"{url}/v2/models/paced/infer", json=small).json()["outputs"][0]["data"] == [1.0]
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_a_model_removed_from_the_config_drains_without_holding_up_the_rest_of_the_config(tmp_path: Path) -> None:
+    """In poll mode (and on SIGHUP), a model removed from the config drained inside the reload, under the
+    manager's lock: every other change waited for it, up to --drain-timeout per removed model (outside
+    attack rt25 F6: 4 busy clients of the removed model delayed a new version by 24 s). Now the rest of
+    the config is applied at once; a removed model that comes back while it drains loads again once its
+    drain has ended."""
+    models.write_version(tmp_path, "paced", 1, models.value_paced_model("paced", 64))
+    for name, offset in (("other", 1.0), ("late", 2.0), ("later", 3.0)):
+        models.write_version(tmp_path, name, 1, models.offset_model(offset))
+    config_file = tmp_path / "config.json"
+    paced = {"name": "paced", "base_path": "paced", "instance_count": 1, "max_batch_size": 0}
+    other = {"name": "other", "base_path": "other"}
+
+    def configure(*entries: dict[str, Any]) -> None:
+        partial = config_file.with_suffix(".tmp")
+        partial.write_text(json.dumps({"model_config_list": list(entries)}))
+        partial.replace(config_file)
+
+    def states() -> set[tuple[str, str]]:
+        return {(e["name"], e["state"]) for e in index(server)}
+
+    def ready(name: str) -> bool:
+        return httpx.get(f"{url}/v2/models/{name}/ready").status_code == 200
+
+    configure(paced, other)
+    settings = ServerSettings(
+        http_port=0,
+        grpc_port=0,
+        log_level="warning",
+        model_control_mode="poll",
+        repository_poll_secs=0.1,
+        drain_timeout=120,
+    )
+    server = start_in_background(load_config(config_file), settings, Catalog(config_file=config_file))
+    url = server.http_url
+    host, port, request = _endless_paced_request(url)
+    # two endless runs on one instance: one runs, one waits; both keep the version draining until they leave
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]
+    try:
+        for sock in held:
+            sock.sendall(request)
+        wait_until(lambda: queue_depth(url, "paced") == 1, what="one request running, one waiting")
+        configure(other, {"name": "late", "base_path": "late"})  # paced removed, a new model added
+        wait_until(lambda: ("paced", "UNLOADING") in states(), what="the removed model draining")
+        wait_until(lambda: ready("late"), what="the new model, while the removed one drains")  # before: after it
+        assert ("paced", "UNLOADING") in states()
+        assert httpx.post(f"{url}/v2/models/late/infer", json=infer_body()).json()["outputs"][0]["data"] == [2.0]
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        # it comes back while it drains: it waits for its own drain; the other changes go on
+        configure(paced, other, {"name": "late", "base_path": "late"}, {"name": "later", "base_path": "later"})
+        wait_until(lambda: ready("later"), what="another new model, while the returning one drains")
+        assert ("paced", "UNLOADING") in states()
+        assert not ready("paced")
+    finally:
+        for sock in held:
+            sock.close()  # the clients leave: their runs are stopped, the drain ends
+    try:
+        wait_until(lambda: ready("paced"), what="the returning model, loaded again after its drain")
+        small = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}
+        assert httpx.post(f"{url}/v2/models/paced/infer", json=small).json()["outputs"][0]["data"] == [1.0]
+        assert {("paced", "READY"), ("other", "READY"), ("late", "READY"), ("later", "READY")} <= states()
     finally:
         server.stop()
 

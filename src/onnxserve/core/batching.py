@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import logging
 import time
@@ -195,7 +196,7 @@ class DirectScheduler:
     async def submit(self, work: Work) -> Scheduled:
         submitted = time.perf_counter_ns()
         if self._stopped is not None:
-            raise self._stopped
+            raise _own(self._stopped)
         key: Hashable = None
         if self.inline is not None and work.feeds is not None:
             key = shape_key(work)
@@ -328,12 +329,12 @@ class DirectScheduler:
             turn = self._waiting.pop()
             self._queued -= 1
             if not turn.done():
-                turn.set_exception(self._stopped)
+                turn.set_exception(_own(self._stopped))
         if running is not None:
             for control, answer in self._running.values():
                 control.terminate()
                 if not answer.done():
-                    answer.set_exception(running)
+                    answer.set_exception(_own(running))
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
@@ -387,7 +388,7 @@ class DynamicBatcher:
 
     async def submit(self, work: Work) -> Scheduled:
         if self._stopped is not None:
-            raise self._stopped
+            raise _own(self._stopped)
         limit = self.settings.max_queue_size
         if limit and len(self._queue) >= limit:
             self._make_room(work.client, limit)
@@ -475,7 +476,7 @@ class DynamicBatcher:
                 except asyncio.CancelledError:
                     self.pool.cancel()
                     for pending in batch:
-                        _fail(pending, self._stopped or stopped(self.name))
+                        _fail(pending, _own(self._stopped or stopped(self.name)))
                     raise
             index = self.pool.take()
             task = asyncio.get_running_loop().create_task(self._execute(index, batch, size))
@@ -666,18 +667,27 @@ class DynamicBatcher:
             for control, live in list(self._executions.items()):
                 control.terminate()
                 for pending in live:
-                    _fail(pending, running)
+                    _fail(pending, _own(running))
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         while self._queue:
-            _fail(self._queue.popleft(), self._stopped)
+            _fail(self._queue.popleft(), _own(self._stopped))
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _own(error: OnnxServeError) -> OnnxServeError:
+    """A copy of a stopped scheduler's error for one request (same type, same message, no traceback yet).
+    The scheduler keeps its error for later requests: raised itself, it would take the traceback of the
+    request it failed, whose frames hold the model version, and the version holds the scheduler, a cycle
+    that kept every version unloaded with requests waiting until a full garbage collection (outside
+    attack rt25 F2)."""
+    return copy.copy(error)
 
 
 def stopped(name: str) -> UnavailableError:

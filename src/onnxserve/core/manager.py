@@ -18,9 +18,12 @@ served with what is loaded:
   ``MAX_SIGNATURE_ENTRIES`` entries, and, like every file-system read here, runs on a worker thread,
   never on the event loop;
 - versions whose folders are gone leave the repository index (a failed one too);
-- a model file served without a version folder (version 1, see ``repository``) that changes on disk
-  (replace it atomically: write beside it, then rename) is loaded again as version 1 once stable; the
-  old one keeps serving until the new one is warm, then drains and is unloaded;
+- a served version whose files change on disk (names, sizes, modification times: a file rewritten in
+  place, a new folder moved over the version's, a model file served without a version folder replaced)
+  is loaded again once stable (in explicit mode: on its next load); the old one keeps serving until the
+  new one is warm, then drains and is unloaded, and one that fails to load again leaves the old one serving;
+- a model the config no longer names begins its drain and the rest of the config is applied at once; a
+  model that comes back while it drains is applied once its drain has ended;
 - a config error for one model leaves that model as it was; an invalid config as a whole is refused
   before anything changes.
 
@@ -29,6 +32,10 @@ resolve inside the repository (or name an entry of the config file); symlinks th
 An unload answers once the model's drain is over, without holding the manager's lock meanwhile: other
 models' loads and unloads go on, and control of the same model waits for the drain (``_control``). A
 model leaving as a whole is in ``registry.retiring`` until it is dropped (strict readiness leaves it out).
+Under explicit control a reload (SIGHUP) applies the catalog to the models loaded only.
+
+An unloaded version is freed when its unload ends: nothing it leaves behind (the refusal its closed text
+room keeps, the errors of its requests) refers to it, so no cycle waits for the garbage collector.
 """
 
 from __future__ import annotations
@@ -155,17 +162,22 @@ def _signatures(folders: list[VersionFolder]) -> dict[Path, Signature | None]:
     return {f.model_file: f.signature() for f in folders}
 
 
-def _unloaded(version: ModelVersion) -> UnavailableError:
-    """The error of a request that still waited for its version when the version was unloaded."""
+def _unloaded(name: str, number: int) -> UnavailableError:
+    """The error of a request that still waited for version ``number`` of model ``name`` when it was unloaded.
+
+    Given by name and number, never by the version: a closed text room keeps its refusal
+    (``partial(_unloaded, name, number)``), and a refusal holding the version made a cycle (version ->
+    room -> refusal -> version) that kept every unloaded version, its ONNX Runtime session included, until
+    a full garbage collection: 30 reloads of the demo model kept 1 GB (outside attack rt25 F2)."""
     return UnavailableError(
-        f"model {version.name!r} version {version.version} was unloaded before this request could run; send it again"
+        f"model {name!r} version {number} was unloaded before this request could run; send it again"
     )
 
 
-def _cut(version: ModelVersion) -> UnavailableError:
+def _cut(name: str, number: int) -> UnavailableError:
     """The error of a request whose run was still going when its version's drain ended."""
     return UnavailableError(
-        f"model {version.name!r} version {version.version} was unloaded while this request ran (its drain ended); "
+        f"model {name!r} version {number} was unloaded while this request ran (its drain ended); "
         "its run was stopped; send it again"
     )
 
@@ -199,11 +211,20 @@ class ModelManager:
         # By model: the task that drains a model leaving as a whole and then drops it. The lock is not held
         # meanwhile (other models' loads and unloads go on); control of that model waits for it to end.
         self._retiring: dict[str, asyncio.Task[None]] = {}
+        # By model: the config of a model that came back (a reload) while it drained, applied after the drain
+        # by the task in ``_returns``
+        self._returning: dict[str, ModelConfig] = {}
+        self._returns: dict[str, asyncio.Task[None]] = {}
 
     # --- reconciling with a whole config ---------------------------------------------------------
 
     async def reload(self) -> None:
-        """Re-read the catalog and apply it; an invalid config is logged and changes nothing."""
+        """Re-read the catalog and apply it; an invalid config is logged and changes nothing.
+
+        Under explicit control only the models loaded now are applied (their changed entries and files
+        load again, a model the catalog no longer names is unloaded): which models are loaded is the
+        control API's choice (and ``--load-model``'s), which a SIGHUP does not undo, as Triton's explicit
+        mode loads nothing by itself."""
         try:
             config = await asyncio.to_thread(self.catalog.read)
         except OnnxServeError as e:
@@ -211,7 +232,7 @@ class ModelManager:
             return
         if self._said.pop("reload", None) is not None:
             log.info("the config file is valid again; applying it")
-        await self.apply(config)
+        await self.apply(config, loaded_only=self.mode is ControlMode.EXPLICIT)
 
     def _error_once(self, topic: str, message: str, *args: object) -> None:
         """Log an ERROR, or a DEBUG line when the last one of ``topic`` said the same (each poll meets
@@ -221,23 +242,65 @@ class ModelManager:
         self._said[topic] = said
         log.log(logging.DEBUG if repeated else logging.ERROR, "%s%s", said, " (still)" if repeated else "")
 
-    async def apply(self, config: ServerConfig) -> None:
-        async with self._control():
+    async def apply(self, config: ServerConfig, loaded_only: bool = False) -> None:
+        """Bring the served models in line with ``config``. A model the config no longer names begins its
+        retirement (no new traffic; unloaded once its requests have finished) and the rest of the config is
+        applied at once, without waiting for that drain: a busy removed model held every other change up to
+        ``drain_seconds`` each, one after the other (outside attack rt25 F6). A model that comes back while
+        it still drains is applied once its drain has ended (``_return_after_drain``).
+
+        ``loaded_only``: the config applies to the models loaded now (and not being unloaded) only."""
+        async with self._lock:
+            if loaded_only:
+                loaded = set(self.registry.names()) - set(self._retiring)
+                config = ServerConfig(model_config_list=[m for m in config.model_config_list if m.name in loaded])
+                wanted = {m.name: m for m in config.model_config_list}
+                for name in loaded - set(wanted):
+                    self._begin_retirement(name)
+                for model in config.model_config_list:
+                    await self._apply_model(model)
+                return
             wanted = {m.name: m for m in config.model_config_list}
             for name in self.registry.names():
-                if name not in wanted:
-                    await self._retire_model(name)
+                if name not in wanted and name not in self._retiring:
+                    self._begin_retirement(name)
+            for name in [n for n in self._returning if n not in wanted]:
+                del self._returning[name]  # removed again before its drain ended: it stays away
             for key in [k for k in self.registry.failures if k[0] not in wanted]:
                 del self.registry.failures[key]  # a model that is gone leaves the index
             for model in config.model_config_list:
+                if model.name in self._retiring:
+                    self._return_after_drain(model)
+                    continue
+                self._returning.pop(model.name, None)  # applied here: a return waiting for a drain has nothing to do
                 await self._apply_model(model)
 
-    async def _apply_model(self, config: ModelConfig, retry_failed: bool = False) -> None:
+    def _return_after_drain(self, config: ModelConfig) -> None:
+        """Apply ``config`` (the latest one wanted) to a model that still drains, once its drain has ended."""
+        self._returning[config.name] = config
+        if config.name not in self._returns:
+            task = asyncio.get_running_loop().create_task(self._returned(config.name))
+            self._returns[config.name] = task
+
+    async def _returned(self, name: str) -> None:
+        try:
+            async with self._control(name):  # after its drain
+                config = self._returning.pop(name, None)
+                if config is not None:
+                    log.info("model %s: its drain ended; it loads again, as the configuration says", name)
+                    await self._apply_model(config)
+        finally:
+            self._returns.pop(name, None)
+
+    async def _apply_model(self, config: ModelConfig, retry_failed: bool = False) -> list[int]:
+        """Bring one model in line with its config entry and its folder; the served versions that failed
+        to load again (their files or their entry changed), which keep serving as they were."""
+        failed: list[int] = []
         try:
             on_disk = {f.version: f for f in await asyncio.to_thread(discover_versions, config.base_path)}
         except ConfigError as e:
             log.error("model %s: %s; it keeps its current versions", config.name, e.message)
-            return
+            return failed
         self._forget_removed(config, on_disk)
         served = self.registry.get(config.name) if config.name in self.registry.names() else None
         model = ServedModel(config, served.versions if served is not None else {})
@@ -248,11 +311,13 @@ class ModelManager:
         self._note_empty(config.name, empty, on_disk)
         if empty:
             candidates = [f for f in candidates if f.version not in empty]
-        flat_present = [f for n, f in on_disk.items() if n in present and f.flat]
-        signatures = await asyncio.to_thread(_signatures, [*candidates, *flat_present])
+        # every served version's files are looked at too: a version whose files changed (replaced in place,
+        # or a new folder moved over it) loads again, as a flat version's file always did
+        present_folders = [f for n, f in on_disk.items() if n in present]
+        signatures = await asyncio.to_thread(_signatures, [*candidates, *present_folders])
         new = [f for f in candidates if self._takeable(config.name, f, signatures[f.model_file], retry_failed)]
         chosen = set(config.model_version_policy.select([*present, *(f.version for f in new)]))
-        for folder in flat_present:
+        for folder in present_folders:
             number = folder.version
             if self._replaced(config.name, present[number], folder, signatures[folder.model_file], retry_failed):
                 version = await self._load(config, folder)
@@ -262,11 +327,14 @@ class ModelManager:
                     model.versions[number] = version
                     self.registry.put(model)  # the new one takes traffic; the old one drains
                     self._retire(model, old, replaced=True)
+                else:
+                    failed.append(number)
         for number, loaded in list(present.items()):
             if self._entry_changed(config, loaded):
                 version = await self._load(config, on_disk[number])
                 if version is None:
                     self._failed_entries[(config.name, number)] = _version_entry(config)
+                    failed.append(number)
                     continue
                 present[number] = version
                 model.versions[number] = version
@@ -287,7 +355,7 @@ class ModelManager:
                 "model %s: no version on disk can be served; the loaded versions keep serving",
                 config.name,
             )
-            return
+            return failed
         self._said.pop(f"none:{config.name}", None)
         stale = [label for label, number in config.version_labels.items() if number not in keep]
         if stale:
@@ -307,6 +375,7 @@ class ModelManager:
         for number, version in current.items():
             if number not in keep:
                 self._retire(model, version)
+        return failed
 
     def _entry_changed(self, config: ModelConfig, loaded: ModelVersion) -> bool:
         """Whether a loaded version was loaded with another config entry than ``config`` (keys beyond
@@ -367,10 +436,15 @@ class ModelManager:
     def _replaced(
         self, name: str, loaded: ModelVersion, folder: VersionFolder, signature: Signature | None, retry_failed: bool
     ) -> bool:
-        """Whether a loaded flat version's files changed (and are stable), so it must load again."""
+        """Whether a loaded version's files changed (and are stable), so it must load again."""
         if loaded.signature == signature:
             return False
-        return self._takeable(name, folder, signature, retry_failed)
+        if not self._takeable(name, folder, signature, retry_failed):
+            return False
+        log.info(
+            "model %s: version %d's files changed; it loads again and serves as it is meanwhile", name, loaded.version
+        )
+        return True
 
     def _takeable(
         self, name: str, folder: VersionFolder, signature: Signature | None, retry_failed: bool = False
@@ -452,10 +526,6 @@ class ModelManager:
 
     # --- retiring ---------------------------------------------------------------------------------
 
-    async def _retire_model(self, name: str) -> None:
-        """Retire every version of a model and drop it once they are unloaded; returns then."""
-        await asyncio.shield(self._begin_retirement(name))
-
     def _begin_retirement(self, name: str) -> asyncio.Task[None]:
         """Stop new traffic to every version of a model now; the task that drops the model once they are
         unloaded. Meanwhile the model leaves strict readiness (it is going on purpose) and control of it
@@ -477,17 +547,17 @@ class ModelManager:
             del self._retiring[name]
 
     @contextlib.asynccontextmanager
-    async def _control(self, name: str | None = None) -> AsyncIterator[None]:
-        """The manager's lock, taken once model ``name`` (None: every model) is not leaving as a whole: a
-        load or unload of a model being unloaded waits for its drain to end, as it did when the unload
-        held the lock throughout; other models' control does not."""
+    async def _control(self, name: str) -> AsyncIterator[None]:
+        """The manager's lock, taken once model ``name`` is not leaving as a whole: a load or unload of a
+        model being unloaded waits for its drain to end, as it did when the unload held the lock
+        throughout; other models' control does not."""
         while True:
-            leaving = [t for n, t in self._retiring.items() if name is None or n == name]
-            if leaving:
-                await asyncio.wait(leaving)
+            leaving = self._retiring.get(name)
+            if leaving is not None:
+                await asyncio.wait({leaving})
                 continue
             await self._lock.acquire()
-            if not any(name is None or n == name for n in self._retiring):
+            if name not in self._retiring:
                 break
             self._lock.release()
         try:
@@ -526,10 +596,11 @@ class ModelManager:
                 version.version,
                 version.active,
             )
-        version.text_room.close(partial(_unloaded, version))  # text requests still waiting for room fail
+        # text requests still waiting for room fail (the room keeps its refusal: name and number only)
+        version.text_room.close(partial(_unloaded, version.name, version.version))
         # and those still waiting for an instance; runs still going are stopped (ONNX Runtime's terminate
         # flag), so a version's unload, like the server's drain, ends within its drain time
-        await version.scheduler.stop(_unloaded(version), _cut(version))
+        await version.scheduler.stop(_unloaded(version.name, version.version), _cut(version.name, version.version))
         await asyncio.to_thread(version.scheduler.close)
         if served.versions.get(version.version) is version:
             del served.versions[version.version]
@@ -559,15 +630,22 @@ class ModelManager:
         self._require_explicit("load")
         config = await self.catalog.find(name)
         async with self._control(name):
-            await self._apply_model(config, retry_failed=True)
+            again = sorted(set(await self._apply_model(config, retry_failed=True)))
             # every version's reason, also one that failed as before (a retry answered only "no version")
             failed = [
                 f"version {number}: {reason}"
                 for (model, number), reason in sorted(self.registry.failures.items())
                 if model == name
             ]
+            reasons = {n: self.registry.failures.get((name, n), "") for n in again}
         if name not in self.registry.names() or not any(v.ready for v in self.registry.get(name).versions.values()):
             raise InvalidInputError(f"model {name!r} failed to load: {'; '.join(failed) or 'no version to serve'}")
+        if again:
+            # a served version whose files (or entry) changed did not load again: it serves as it was
+            said = "; ".join(f"version {n}: {reason}" for n, reason in reasons.items())
+            raise InvalidInputError(
+                f"model {name!r} failed to load again: {said}; the version(s) loaded before keep serving"
+            )
 
     async def unload(self, name: str) -> None:
         self._require_explicit("unload")
@@ -600,6 +678,11 @@ class ModelManager:
                     log.exception("repository poll: this round failed; polling goes on")
 
     async def close(self) -> None:
+        for task in list(self._returns.values()):
+            task.cancel()  # no load of a returning model after a shutdown began
+        await asyncio.gather(*self._returns.values(), return_exceptions=True)
+        self._returns.clear()
+        self._returning.clear()
         await self._settle()
 
 

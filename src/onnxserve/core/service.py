@@ -605,9 +605,14 @@ class InferenceService:
             elapsed = time.perf_counter_ns() - started
             model.stats.record_failure(elapsed)
             self._report(RequestRecord(model.name, str(model.version), request.protocol, e.kind, 0, 0, 0, elapsed))
-            if e is caught:
-                raise
-            raise e from None
+            try:
+                if e is caught:
+                    raise
+                raise e from None
+            finally:
+                # the error's traceback holds this frame: were ``e`` left in it, the two would make a cycle
+                # that keeps the version (``model``) until a garbage collection, past its unload
+                del e
         held = max(size, held_bytes(outputs.values()), held_bytes(t.data for t in request.inputs))
         if held >= LARGE_PAYLOAD_BYTES:
             call = _current_call.get()

@@ -5,7 +5,8 @@ readiness turns false at once, new inference requests are refused with 503 / UNA
 requests already accepted (queued or running) finish, up to ``drain_timeout``; those still open then
 are answered 503 / UNAVAILABLE (running executions stopped), the listeners close and the process exits
 with status 0. A second signal stops at once. SIGHUP re-reads the config
-file (or rescans the repository) and applies it; ``poll`` mode does the same every few seconds.
+file (or rescans the repository) and applies it, one reload at a time (under explicit model control, to
+the models loaded now only: ``ModelManager.reload``); ``poll`` mode does the same every few seconds.
 """
 
 from __future__ import annotations
@@ -227,6 +228,37 @@ def _uvicorn_server(
     return _DrainingServer(config, service, settings.drain_timeout)
 
 
+class _SighupReloads:
+    """SIGHUP's reloads of the catalog, one at a time: signals that come while one runs make one more reload
+    after it (which reads the config as it is then), not one task each kept for good (outside attack rt25 F5)."""
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def signalled(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True
+            return
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            self.again = False
+            try:
+                await self.manager.reload()
+            except Exception:  # the next SIGHUP tries again
+                log.exception("SIGHUP: the reload failed")
+            if not self.again:
+                return
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 async def _serve(
     service: InferenceService,
     settings: ServerSettings,
@@ -249,8 +281,9 @@ async def _serve(
                 manager.poll(settings.repository_poll_secs, lambda: http.should_exit or service.draining)
             )
         )
-    if manager is not None and threading.current_thread() is threading.main_thread():
-        http.loop.add_signal_handler(signal.SIGHUP, lambda: background.append(asyncio.create_task(manager.reload())))
+    reloads = _SighupReloads(manager) if manager is not None else None
+    if reloads is not None and threading.current_thread() is threading.main_thread():
+        http.loop.add_signal_handler(signal.SIGHUP, reloads.signalled)
     try:
         task = asyncio.create_task(http.serve(sockets=[http_socket]))
         while not http.started and not task.done():
@@ -262,6 +295,8 @@ async def _serve(
         for job in background:
             job.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        if reloads is not None:
+            await reloads.stop()
         await grpc_server.stop(http.grpc_grace())
         offload.shutdown()  # the JSON decoding workers, if a large body ever started them
         if manager is not None:
