@@ -209,7 +209,9 @@ def connect_from(server: CappedServer, address: str) -> socket.socket:
 
 def raw_request(method: str, path: str, body: bytes = b"", close: bool = False) -> bytes:
     """An HTTP/1.1 request with a JSON ``body`` as bytes, to send on a raw socket."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    )
     return head.encode("ascii") + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
 
 

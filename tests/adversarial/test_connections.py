@@ -140,7 +140,7 @@ def test_slowloris_heads_are_answered_408_and_closed(server: CappedServer, socke
     rss_before = server.rss_bytes()
     sockets += open_sockets(server, 150)
     for sock in sockets:
-        sock.send(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\n")
+        sock.send(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\n")
     # Drip one header byte every 0.2 s on each, for longer than the header timeout.
     started = time.monotonic()
     while time.monotonic() - started < HEADER_TIMEOUT + 1:
@@ -177,7 +177,8 @@ def test_stalled_bodies_hold_at_most_the_budget(server: CappedServer, sockets: l
         sock = socket.create_connection((server.host, server.http_port), timeout=5)
         sockets.append(sock)
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: [::1]\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {announced}\r\n\r\n"
         )
         sock.sendall(head.encode("ascii"))
         sock.settimeout(0.3)
@@ -214,7 +215,7 @@ def test_anonymous_bodies_are_refused_unread(numeric_repository: Path, tmp_path:
             for _ in range(20):
                 sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
                 opened.append(sock)
-                head = f"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_REQUEST - 1}\r\n\r\n"
+                head = f"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {MAX_REQUEST - 1}\r\n\r\n"
                 sock.sendall(head.encode("ascii") + b" " * 4096)
                 assert read_answer(sock).startswith(b"HTTP/1.1 401 ")
             assert capped.alive()
@@ -313,8 +314,10 @@ def test_unfinished_huge_heads_are_answered_431(server: CappedServer, sockets: l
 @pytest.mark.parametrize(
     "head",
     [
-        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
-        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(10_000)) + b"\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(10_000))
+        + b"\r\n",
     ],
     ids=["one-large-header", "ten-thousand-headers"],
 )
@@ -343,7 +346,7 @@ def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> Non
         rss_before = capped.rss_bytes()
         busy: list[socket.socket] = []
         try:
-            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
             for _ in range(cap):
                 sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
                 sock.sendall(head)
@@ -358,7 +361,7 @@ def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> Non
                 assert capped.probe_seconds("/v2/health/live") < PROBE_BOUND
                 assert capped.probe_seconds("/metrics") < PROBE_BOUND
             with socket.create_connection((capped.host, capped.http_port), timeout=5) as other:
-                other.sendall(b"GET /v2/models/add HTTP/1.1\r\nHost: x\r\n\r\n")
+                other.sendall(b"GET /v2/models/add HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 answer = _send_until_answered(other, b"", b"", 0)
             assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
             assert b"retry-after: 1" in answer.lower()
@@ -381,7 +384,7 @@ def test_reserve_connections_that_never_read_their_scrapes_do_not_keep_probes_ou
         try:
             for _ in range(cap):
                 sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
-                sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+                sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 10\r\n\r\n")
                 held.append(sock)
             deadline = time.monotonic() + 5
             while _established(capped) < cap and time.monotonic() < deadline:
@@ -392,7 +395,7 @@ def test_reserve_connections_that_never_read_their_scrapes_do_not_keep_probes_ou
                 sock.connect((capped.host, capped.http_port))
                 sock.setblocking(False)
                 with contextlib.suppress(BlockingIOError):
-                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 300)
+                    sock.send(b"GET /metrics HTTP/1.1\r\nHost: [::1]\r\n\r\n" * 300)
                 held.append(sock)
             time.sleep(2.5)  # older than a probe needs
             for _ in range(5):
@@ -408,7 +411,7 @@ def test_pipelined_requests_of_a_client_that_half_closes_log_no_errors(server: C
     closed connection, logged as two ERROR tracebacks each (3.9 MB of log in 0.8 s for 500 connections). A
     client that leaves is logged at DEBUG, whichever answer it leaves behind."""
     body = orjson.dumps(INFER_BODY)
-    head = "POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
     errors_before = sum("ERROR" in line or "Traceback" in line for line in server.log_lines)
     for _ in range(40):
@@ -429,7 +432,8 @@ def test_pipelined_requests_of_a_client_that_half_closes_log_no_errors(server: C
 ATTACKER = "127.0.0.2"
 OTHER = "127.0.0.3"
 SLOW_BODY = (
-    b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
 )
 
 
@@ -459,7 +463,7 @@ def test_slow_senders_of_one_address_do_not_keep_other_addresses_out(numeric_rep
             served = connect_from(capped, ATTACKER)  # first and oldest, and sent least once its body is in
             body = _slow_run()
             served.sendall(
-                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             attack.append(served)
@@ -548,7 +552,7 @@ def test_connections_whose_clients_do_not_read_their_answers_give_way_to_other_a
         assert len(document.content) > 800_000  # computed once, then each answer is a copy of it
         wait_until(lambda: _established(capped) == 0, timeout=10, what="the document's connection to close")
         rss_before = capped.rss_bytes()
-        pipelined = b"GET /web/api/models/chain/versions/1/graph HTTP/1.1\r\nHost: x\r\n\r\n" * 33
+        pipelined = b"GET /web/api/models/chain/versions/1/graph HTTP/1.1\r\nHost: [::1]\r\n\r\n" * 33
         attack: list[socket.socket] = []
         try:
             for _ in range(cap):
@@ -601,7 +605,7 @@ def test_a_pipelined_head_behind_a_busy_request_is_held_to_the_head_limit(server
     sent = 0
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         run = _slow_run()
-        head = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n"
+        head = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {len(run)}\r\n\r\n"
         sock.sendall(head.encode() + run + b"GET /v2/health/ready HTTP/1.1\r\nX-Endless: ")
         with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
             for _ in range(4096):  # 64 MiB of one header line that never ends
@@ -618,9 +622,9 @@ def test_a_pipelined_request_refused_for_its_trailer_is_not_answered_ahead_of_th
     limit, was answered 431 at once, ahead of the running request's answer, so the client read the 431 as
     that answer. Such a connection is now closed instead, as for the other limits of pipelined requests."""
     run = _slow_run()
-    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
     pipelined = (
-        b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-T: "
+        b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n0\r\nX-T: "
     )
     said = b""
     with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
@@ -639,7 +643,7 @@ def test_chunked_bodies_of_tiny_chunks_are_refused(server: CappedServer) -> None
     """Outside attack rt18: bodies streamed as 1-byte chunks (6 bytes of wire a byte, each chunk Python calls
     on the event loop) from 30 connections held probes 19 s. Past 1,024 chunks, a body's chunks must average
     256 bytes; a body of larger chunks is served."""
-    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     head += b"Transfer-Encoding: chunked\r\n\r\n"
     with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
         sock.sendall(head + b"1\r\n \r\n" * 2000)
@@ -677,7 +681,7 @@ def test_an_early_answer_closes_its_connection_instead_of_reading_the_body_on(se
     all 10 GB to keep the connection (30 such over TLS held probes 5.5 s). A connection answered before its
     body is in now closes, reading and dropping at most LINGER_BYTES (64 MiB) so that the client gets its
     answer."""
-    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n"
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 10000000000\r\n\r\n"
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 256 * 1024 * 1024)
     assert said.startswith(b"HTTP/1.1 413 "), said[:300]
@@ -701,14 +705,15 @@ def test_bodies_sent_to_the_probes_are_refused_unread(numeric_repository: Path, 
             for path in (b"/v2/health/live", b"/v2/health/ready"):
                 sock = socket.create_connection((capped.host, capped.http_port), timeout=10)
                 held.append(sock)
-                sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (path, MAX_REQUEST))
+                sock.sendall(b"POST %s HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n" % (path, MAX_REQUEST))
                 said = said_until_closed(sock, 10)
                 assert said.startswith(b"HTTP/1.1 400 "), said[:300]
                 assert b"the health probes take no request body" in said
             for _ in range(4):  # the attack: heads that announce a body and send none of it
                 sock = socket.create_connection((capped.host, capped.http_port), timeout=10)
                 held.append(sock)
-                sock.sendall(b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MAX_REQUEST)
+                head = b"POST /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nContent-Length: %d\r\n\r\n"
+                sock.sendall(head % MAX_REQUEST)
             large = orjson.dumps(INFER_BODY) + b" " * (MAX_REQUEST - 1024)
             answer = requests.post(
                 f"{capped.http_url}/v2/models/add/infer",
@@ -754,7 +759,7 @@ def test_refusals_for_a_token_are_logged_a_few_times_not_once_each(numeric_repos
     ("request_bytes", "line"),
     [
         (b"[[[[ no HTTP request ]]]]\r\n\r\n", "invalid HTTP request(s) received"),
-        (b"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx", "a body to a health probe"),
+        (b"POST /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 1\r\n\r\nx", "a body to a health probe"),
     ],
     ids=["not-http", "body-to-a-probe"],
 )
@@ -781,7 +786,7 @@ def test_chunk_extensions_that_outweigh_the_data_are_refused(server: CappedServe
     (--max-request-bytes and the chunk average count data) and the framing limit per chunk: 30 connections
     streamed 10 GB of framing in 15 s, never answered, probes 6.2 s. A body whose framing passes its data by
     --max-header-bytes is refused; short extensions are served."""
-    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     head += b"Transfer-Encoding: chunked\r\n\r\n"
     chunk = b"100;" + b"e" * 60000 + b"\r\n" + b" " * 256 + b"\r\n"
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
@@ -818,7 +823,7 @@ def test_trailer_fields_that_never_end_are_refused_at_the_head_limit(
         sent = 0
         said = b""
         with socket.create_connection((capped.host, capped.http_port), timeout=10) as sock:
-            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n"
             sock.sendall(head + b"1\r\n{\r\n0\r\nX-Trailer: ")
             with contextlib.suppress(OSError):  # the server closes: a reset or a broken pipe
                 for _ in range(6144):  # 96 MiB of one trailer value that never ends
@@ -856,7 +861,7 @@ def test_an_anonymous_request_with_a_body_is_refused_and_its_connection_closed(
         sent = 0
         said = b""
         with socket.create_connection((capped.host, capped.http_port), timeout=10) as sock:
-            sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+            sock.sendall(b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 1000000000\r\n\r\n")
             with contextlib.suppress(OSError):  # the server stops reading: a reset or a broken pipe
                 for _ in range(8192):  # up to 128 MiB of a body it will never use
                     sock.sendall(b" " * 16384)
@@ -879,7 +884,7 @@ def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their
     served as plain HTTP/1.1 and its connection closed after the answer; what follows it is not read."""
     rss_before = server.rss_bytes()
     websocket = (
-        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     )
     for _ in range(450):  # past --max-connections 400 and the probe reserve of 16
@@ -887,7 +892,7 @@ def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their
             sock.sendall(websocket)
             said = said_until_closed(sock, 10)
             assert said.startswith(b"HTTP/1.1 200 "), said[:300]
-    h2c = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    h2c = b"GET /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         sock.sendall(h2c + b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n" + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         said = said_until_closed(sock, 10)
@@ -899,7 +904,7 @@ def test_requests_that_ask_to_switch_protocols_are_served_as_http_and_give_their
     body = orjson.dumps(INFER_BODY)
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
         sock.sendall(
-            b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nConnection: Upgrade, HTTP2-Settings\r\n"
             b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
@@ -914,9 +919,9 @@ def test_pipelined_request_targets_count_with_the_heads(server: CappedServer) ->
     --max-header-bytes with the heads' fields: 31 requests of a 4 KiB target each (under every per-head
     limit) were all parsed and held, each as bytes, a path and a query string, and answered."""
     run = _slow_run()
-    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
     target = b"/v2/health/live?" + b"q" * 4096
-    pipelined = (b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n") * 31
+    pipelined = (b"GET " + target + b" HTTP/1.1\r\nHost: [::1]\r\n\r\n") * 31
     with socket.create_connection((server.host, server.http_port), timeout=60) as sock:
         sock.sendall(busy + pipelined)
         said = b""
@@ -936,7 +941,7 @@ def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServe
     head may have at most 100 fields."""
     rss_before = server.rss_bytes()
     run = _slow_run()
-    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
+    busy = f"POST /v2/models/slow/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: {len(run)}\r\n\r\n".encode() + run
     fields = b"".join(b"a%d: b\r\n" % i for i in range(1500))
     pipelined = (b"GET /v2/health/live HTTP/1.1\r\n" + fields + b"\r\n") * 31
     sockets = []
@@ -955,7 +960,7 @@ def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServe
             sock.close()
     check_still_serving(server, rss_before)
     with socket.create_connection((server.host, server.http_port), timeout=10) as sock:
-        head = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(101))
+        head = b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]\r\n" + b"".join(b"h%d: v\r\n" % i for i in range(101))
         said = _send_until_answered(sock, head + b"\r\n", b"", 0)
     assert said.startswith(b"HTTP/1.1 431 "), said[:200]
     assert b"more than 100 header fields" in said

@@ -213,7 +213,7 @@ def test_a_body_still_arriving_when_the_drain_begins_is_answered_503(tmp_path: P
     server = serve_config(tmp_path, [{"name": "add", "base_path": "add"}], "--drain-timeout", str(DRAIN))
     try:
         with socket.create_connection((server.host, server.http_port), timeout=30) as sock:
-            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
             sock.sendall(head + b"Content-Length: 5000000\r\n\r\n" + b"[" * 200_000)
             time.sleep(0.5)  # the head is in, its body arriving
             server.terminate()

@@ -65,7 +65,7 @@ def _blocker(server: CappedServer) -> socket.socket:
             ]
         }
     )
-    head = "POST /v2/models/paced/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v2/models/paced/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(body)}\r\n\r\n"
     sock = socket.create_connection((server.host, server.http_port))
     sock.sendall(head.encode() + body)

@@ -90,7 +90,7 @@ def test_unread_tokenize_answers_are_held_in_the_budget(tiny_text_version: Path,
     with serve_capped(tmp_path, "--max-inflight-bytes", str(budget), cap_bytes=CAP) as server, Watch(server) as prober:
         base = server.rss_bytes()
         body = json.dumps({"inputs": ["a few words of text here " * 20] * 2048}).encode()
-        head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = b"POST /tokenize HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
         head += f"Content-Length: {len(body)}\r\n\r\n".encode()
         readers: list[socket.socket] = []
         statuses: list[bytes] = []

@@ -120,7 +120,7 @@ def test_clear_text_on_the_https_port_is_refused_and_the_port_keeps_serving(
     server: CappedServer, tls_files: dict[str, Path]
 ) -> None:
     with socket.create_connection((server.host, server.http_port), timeout=5) as sock:
-        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: [::1]\r\n\r\n")
         sock.settimeout(HEADER_TIMEOUT + 5)
         answer = b""
         while chunk := sock.recv(4096):
@@ -210,7 +210,7 @@ def test_busy_tls_connections_leave_room_for_probes(numeric_repository: Path, tl
         "60",
     ) as capped:
         context = ssl.create_default_context(cafile=str(tls_files["ca"]))
-        head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{"
+        head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
         busy: list[ssl.SSLSocket] = []
         try:
             for _ in range(cap):
@@ -244,7 +244,7 @@ def test_an_early_answer_over_tls_reads_no_more_of_the_body(
     1.25 GB from one connection, and 30 reconnecting ones held probes 3.6 s. Nothing more is read now; the
     answer goes out and the wait ends the connection."""
     context = ssl.create_default_context(cafile=str(tls_files["ca"]))
-    head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n" % path
+    head = b"POST %s HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 10000000000\r\n\r\n" % path
     plain = socket.create_connection((server.host, server.http_port), timeout=5)
     with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
         sent, said = stream_after_head(sock, head, b" " * 65536, 1024 * 1024 * 1024)
@@ -259,8 +259,8 @@ def test_an_early_answer_over_tls_reads_no_more_of_the_body(
     "head",
     [
         b"[[[[ no HTTP request ]]]]\r\n\r\n",
-        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\n\r\n",
-        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nUpgrade: h2c\r\n\r\n",
+        b"GET /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n",
     ],
     ids=["not-http", "protocol-switch", "more-after-its-last-request"],
 )
@@ -297,7 +297,7 @@ def test_connections_the_server_closed_give_their_slots_back_soon(
                 sock = context.wrap_socket(
                     socket.create_connection((capped.host, capped.http_port), timeout=5), server_hostname="127.0.0.1"
                 )
-                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n")
                 held.append(sock)  # answered and closed by the server; this client never closes
             started = time.monotonic()
             wait_until(lambda: _served(capped, tls_files["ca"]), timeout=30, what="a request served")

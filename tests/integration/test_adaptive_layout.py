@@ -395,7 +395,8 @@ def test_a_tokenize_request_whose_client_leaves_is_dropped(tiny_text_version: Pa
     server.service.tokenized = spied  # type: ignore[method-assign]
     body = orjson.dumps({"inputs": ["! " * 8000] * 60})  # about 1 M characters: tokenizing takes a while
     head = (
-        f"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST /tokenize HTTP/1.1\r\nHost: [::1]\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", int(server.http_url.rsplit(":", 1)[1]))) as sock:
         sock.sendall(head.encode() + body)

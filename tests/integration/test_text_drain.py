@@ -48,7 +48,7 @@ BODY = orjson.dumps({"inputs": [{"name": "text", "shape": [TEXTS], "datatype": "
 
 
 def _send(server: RunningServer, model: str) -> socket.socket:
-    head = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(BODY)}\r\nConnection: close\r\n\r\n"
     sock = socket.create_connection((server.host, server.http_port))
     sock.settimeout(SECONDS)

@@ -51,7 +51,7 @@ def server(tiny_text_version: Path, tmp_path: Path) -> Iterator[RunningServer]:
 def _send(server: RunningServer, body: dict[str, object]) -> socket.socket:
     """An inference request to ``paced`` over a socket of its own; closing the socket makes its client leave."""
     data = orjson.dumps(body)
-    head = "POST /v2/models/paced/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = "POST /v2/models/paced/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
     head += f"Content-Length: {len(data)}\r\n\r\n"
     sock = socket.create_connection((server.host, server.http_port))
     sock.sendall(head.encode() + data)

@@ -739,7 +739,7 @@ def test_large_info_answers_count_in_the_inflight_budget(tmp_path: Path) -> None
     try:
         with socket.create_connection((server.host, server.http_port)) as reader:
             reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            reader.sendall(b"GET /info HTTP/1.1\r\nHost: x\r\nX-Model: many\r\n\r\n")  # never read
+            reader.sendall(b"GET /info HTTP/1.1\r\nHost: [::1]\r\nX-Model: many\r\n\r\n")  # never read
             # its answer is being written (and held) before the next request is sent
             assert select.select([reader], [], [], 60)[0], "the first answer never started"
             wait_until(

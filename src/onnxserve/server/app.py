@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -21,6 +23,7 @@ from onnxserve.protocols.tei import routes as tei
 from onnxserve.protocols.tfserving_rest import routes as tfserving_rest
 from onnxserve.protocols.v2_rest import routes as v2_rest
 from onnxserve.server.auth import BearerAuthMiddleware
+from onnxserve.server.browser_guard import BrowserGuard
 from onnxserve.server.metrics import Metrics
 from onnxserve.server.tokens import TokenTable
 from onnxserve.server.web import routes as web_routes
@@ -66,6 +69,7 @@ def create_app(
     max_request_bytes: int = DEFAULT_MAX_BYTES,
     budget: InflightBytes | None = None,
     web_document_memory: int = WEB_DOCUMENT_MEMORY,
+    hosts: Callable[[str], bool] | None = None,
 ) -> Starlette:
     """Every HTTP endpoint; with ``metrics``, also ``/metrics`` (the service counts the requests).
 
@@ -88,6 +92,7 @@ def create_app(
         exception_handlers={HTTPException: _http_error},
         middleware=[
             Middleware(RequestIdMiddleware),  # outermost: refusals carry X-Request-ID too
+            Middleware(BrowserGuard, hosts=hosts, render=error_renderer),  # DNS rebinding, cross-site requests
             *([Middleware(BearerAuthMiddleware, tokens=tokens, render=error_renderer)] if tokens is not None else []),
             Middleware(RequestBodyLimits, max_bytes=max_request_bytes, budget=budget),  # size, encoding, media type
         ],

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from onnxserve.errors import ConfigError
+from onnxserve.server.browser_guard import host_name, is_loopback_name
 from onnxserve.server.settings import TOKENS_VARIABLE, ServerSettings
 from onnxserve.server.tls import ServerTls
 from onnxserve.server.tokens import TokenTable
@@ -25,6 +27,7 @@ class Exposure:
 
     tokens: TokenTable | None = None
     tls: ServerTls | None = None
+    hosts: Callable[[str], bool] | None = None  # the Host names the HTTP port answers (None: any; browser_guard)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> Exposure:
@@ -36,7 +39,7 @@ class Exposure:
             tokens = TokenTable.read(settings.auth_tokens_file)
         elif settings.auth_tokens is not None:
             tokens = TokenTable.from_environment(settings.auth_tokens, TOKENS_VARIABLE)
-        return cls(tokens, ServerTls.from_settings(settings))
+        return cls(tokens, ServerTls.from_settings(settings), answered_hosts(settings))
 
     @property
     def scheme(self) -> str:
@@ -65,6 +68,23 @@ class Exposure:
                 "in clear text; give --tls-cert and --tls-key",
                 address,
             )
+
+
+def answered_hosts(settings: ServerSettings) -> Callable[[str], bool] | None:
+    """Whether the HTTP port answers a ``Host`` name (``server.browser_guard``): the names of
+    ``--allowed-hosts`` (``*``: any), else loopback names when it listens on loopback without a proxy
+    declared (``--forwarded-allow-ips``: a proxy in front passes its clients' host names on), else any
+    (None)."""
+    given = {host_name(h) for h in settings.allowed_hosts.split(",") if h.strip()}
+    if "*" in given:
+        return None
+    if given:
+        return lambda name: name in given
+    if settings.forwarded_allow_ips.strip():
+        return None
+    if _is_loopback(settings.host) or is_loopback_name(host_name(settings.host)):
+        return is_loopback_name
+    return None
 
 
 def _is_loopback(address: str) -> bool:

@@ -209,6 +209,7 @@ def _uvicorn_server(
             max_request_bytes=settings.max_request_bytes,
             budget=budget,
             web_document_memory=settings.web_document_memory,
+            hosts=exposure.hosts,
         ),
         log_config=None,  # logging is the process's (``onnxserve.server.logs`` for ``onnxserve serve``)
         loop="none",  # the loop is ours: uvloop, shared with gRPC

@@ -155,6 +155,13 @@ class ServerSettings(BaseModel):
         "X-Forwarded-Proto headers are believed: the client is then the address the proxy names. Empty (the "
         "default): none; the client is always the connection's peer address.",
     )
+    allowed_hosts: str = Field(
+        default="",
+        description="Host names the HTTP port answers (comma-separated; '*': any). Empty (the default): on a "
+        "loopback --host, loopback names only (localhost, 127.0.0.1, ::1), so that a web page whose name was "
+        "made to resolve to this machine cannot use the server (DNS rebinding); elsewhere, or with "
+        "--forwarded-allow-ips (a proxy in front), any.",
+    )
     header_timeout: Annotated[float, Field(gt=0)] = Field(
         default=10.0,
         description="Seconds a client has to send an HTTP request head or the gRPC handshake (408).",
