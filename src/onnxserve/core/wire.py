@@ -370,6 +370,17 @@ def response_too_large(model: str, size: int, limit: int, at_least: bool = False
     )
 
 
+def too_many_bytes_elements(
+    model: str, held: str, count: int, limit: int, advice: str = "smaller input values, fewer outputs"
+) -> TooLargeError:
+    """The one refusal of an answer whose outputs hold more than ``limit`` (:data:`MAX_BYTES_ELEMENTS`) BYTES
+    elements, each a Python object: ``held`` says which (``"output 'y' has"``), ``advice`` what to ask for."""
+    return TooLargeError(
+        f"model {model}: {held} {count} BYTES elements, more than the {limit} one answer may hold "
+        f"(--max-response-bytes); ask for less ({advice})"
+    )
+
+
 SHARED_MEMORY_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 """Triton's shared-memory tensor parameters: onnxserve has no shared-memory extension."""
 
