@@ -28,6 +28,9 @@ from onnxserve.protocols import json_size
 SLICE_ENTRIES = 1 << 16
 """Entries (input, class) made and encoded at once: the Python objects alive at a time."""
 
+ADVICE = "fewer inputs per request, or only the top class: V2 /infer answers 'label' and 'score' per text"
+"""What a refused answer's client can ask for instead."""
+
 Row = Callable[[npt.NDArray[Any], Sequence[str]], list[Any]]
 
 
@@ -97,7 +100,9 @@ def size(model: str, scores: npt.NDArray[Any], labels: Mapping[int, str], form: 
     size = answer_size(scores, names_of(labels, scores), form)
     if limit and size > limit:
         rows, classes = scores.shape
-        raise response_too_large(model, size, limit, encoding=f"{form.encoding} ({rows} inputs x {classes} classes)")
+        raise response_too_large(
+            model, size, limit, encoding=f"{form.encoding} ({rows} inputs x {classes} classes)", advice=ADVICE
+        )
     return size
 
 
@@ -121,5 +126,5 @@ def encode(model: str, scores: npt.NDArray[Any], labels: Mapping[int, str], form
         body.write(form.tail)
     except json_size.Full:
         body.drop()
-        raise response_too_large(model, 0, limit, at_least=True, encoding=form.encoding) from None
+        raise response_too_large(model, 0, limit, at_least=True, encoding=form.encoding, advice=ADVICE) from None
     return body.value()
