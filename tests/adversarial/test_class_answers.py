@@ -58,7 +58,7 @@ def _classifier(folder: Path, classes: int, labels: list[str] | None) -> None:
     model.ir_version = 8
     onnx.save(model, folder / "model.onnx")
     tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "[PAD]": 1, "a": 2, "b": 3}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = Whitespace()  # type: ignore[assignment]
+    tokenizer.pre_tokenizer = Whitespace()
     tokenizer.save(str(folder / "tokenizer.json"))
     spec = {
         "task": "text-classification",
