@@ -31,37 +31,42 @@ SLICE_ENTRIES = 1 << 16
 ADVICE = "fewer inputs per request, or only the top class: V2 /infer answers 'label' and 'score' per text"
 """What a refused answer's client can ask for instead."""
 
-Row = Callable[[npt.NDArray[Any], Sequence[str]], list[Any]]
+Entries = Callable[[npt.NDArray[Any], Sequence[str], npt.NDArray[np.intp]], list[Any]]
 
 
-def _ranked(row: npt.NDArray[Any], names: Sequence[str]) -> list[Any]:
-    """TEI: ``{"score", "label"}`` per class, highest score first (ties in class order)."""
-    order = np.argsort(-row, kind="stable")
-    return [{"score": s, "label": names[i]} for i, s in zip(order.tolist(), row[order].tolist(), strict=True)]
+def _scored(row: npt.NDArray[Any], names: Sequence[str], classes: npt.NDArray[np.intp]) -> list[Any]:
+    """TEI: ``{"score", "label"}`` of each of ``classes``."""
+    return [{"score": s, "label": names[i]} for i, s in zip(classes.tolist(), row[classes].tolist(), strict=True)]
 
 
-def _in_class_order(row: npt.NDArray[Any], names: Sequence[str]) -> list[Any]:
-    """TF Serving: ``[label, score]`` per class, in class order."""
-    return [[name, s] for name, s in zip(names, row.tolist(), strict=True)]
+def _pairs(row: npt.NDArray[Any], names: Sequence[str], classes: npt.NDArray[np.intp]) -> list[Any]:
+    """TF Serving: ``[label, score]`` of each of ``classes``."""
+    return [[names[i], s] for i, s in zip(classes.tolist(), row[classes].tolist(), strict=True)]
 
 
 @dataclass(frozen=True)
 class Form:
     """How one API writes the answer: ``head`` and ``tail`` around the rows (``listed``: in a JSON list,
-    else the one row bare), ``entry`` the bytes of one entry besides its score and label, ``row`` its
-    entries of one input."""
+    else the one row bare), ``entry`` the bytes of one entry besides its score and label, ``entries``
+    those of some classes of one input, ``ranked``: highest score first (ties in class order), else in
+    class order."""
 
     head: bytes
     tail: bytes
     listed: bool
     entry: int
-    row: Row
+    entries: Entries
+    ranked: bool
     encoding: str
 
+    def order(self, row: npt.NDArray[Any]) -> npt.NDArray[np.intp]:
+        """The classes of one input in the order they are written."""
+        return np.argsort(-row, kind="stable") if self.ranked else np.arange(row.shape[0])
 
-TEI_ROWS = Form(b"[", b"]", True, len('{"score":,"label":}'), _ranked, "as TEI /predict JSON")
-TEI_SINGLE = Form(b"", b"", False, TEI_ROWS.entry, _ranked, TEI_ROWS.encoding)
-TF_CLASSIFY = Form(b'{"result":[', b"]}", True, len("[,]"), _in_class_order, "as TF Serving :classify JSON")
+
+TEI_ROWS = Form(b"[", b"]", True, len('{"score":,"label":}'), _scored, True, "as TEI /predict JSON")
+TEI_SINGLE = Form(b"", b"", False, TEI_ROWS.entry, _scored, True, TEI_ROWS.encoding)
+TF_CLASSIFY = Form(b'{"result":[', b"]}", True, len("[,]"), _pairs, False, "as TF Serving :classify JSON")
 
 
 def names_of(labels: Mapping[int, str], scores: npt.NDArray[Any]) -> list[str]:
@@ -74,12 +79,13 @@ def _step(names: Sequence[str]) -> int:
     return max(1, SLICE_ENTRIES // max(1, len(names)))
 
 
-def _scores_text(scores: npt.NDArray[Any], step: int) -> int:
+def _scores_text(scores: npt.NDArray[Any]) -> int:
     """The bytes of the scores' text (no brackets or commas), exactly as the answer writes them (orjson
-    writes a float64 array as it writes the Python floats of its values), a slice of rows at a time."""
+    writes a float64 array as it writes the Python floats of its values), a slice at a time."""
+    flat = scores.reshape(-1)
     total = 0
-    for start in range(0, scores.shape[0], step):
-        part = scores[start : start + step].astype(np.float64)
+    for start in range(0, flat.shape[0], SLICE_ENTRIES):
+        part = flat[start : start + SLICE_ENTRIES].astype(np.float64)
         total += len(orjson.dumps(part, option=orjson.OPT_SERIALIZE_NUMPY)) - json_size.structure(part.shape)
     return total
 
@@ -91,7 +97,7 @@ def answer_size(scores: npt.NDArray[Any], names: Sequence[str], form: Form) -> i
     labels = json_size.orjson_strings_length(name.encode("utf-8") for name in names)
     per_row = 2 + max(0, classes - 1) + classes * form.entry + labels
     structure = len(form.head) + len(form.tail) + rows * per_row + (max(0, rows - 1) if form.listed else 0)
-    return structure + _scores_text(scores, _step(names))
+    return structure + _scores_text(scores)
 
 
 def size(model: str, scores: npt.NDArray[Any], labels: Mapping[int, str], form: Form, limit: int) -> int:
@@ -106,23 +112,38 @@ def size(model: str, scores: npt.NDArray[Any], labels: Mapping[int, str], form: 
     return size
 
 
+def _rows(scores: npt.NDArray[Any], names: Sequence[str], form: Form) -> list[Any]:
+    """The entries of a few rows, each row a list."""
+    return [form.entries(row, names, form.order(row)) for row in scores]
+
+
+def _write_row(body: json_size.Body, row: npt.NDArray[Any], names: Sequence[str], form: Form) -> None:
+    """One input of more classes than a slice: its entries a slice at a time."""
+    order = form.order(row)
+    body.write(b"[")
+    for start in range(0, order.shape[0], SLICE_ENTRIES):
+        if start:
+            body.write(b",")
+        body.write(memoryview(orjson.dumps(form.entries(row, names, order[start : start + SLICE_ENTRIES])))[1:-1])
+    body.write(b"]")
+
+
 def encode(model: str, scores: npt.NDArray[Any], labels: Mapping[int, str], form: Form, limit: int) -> bytes:
-    """The answer, written a slice of rows at a time; refused once its text passes ``limit`` (0: none)."""
+    """The answer, written a slice of rows (or of one row's classes) at a time; refused once its text passes
+    ``limit`` (0: none)."""
     names = names_of(labels, scores)
     step = _step(names)
     body = json_size.Body(limit)
     try:
         body.write(form.head)
-        if not form.listed:
-            body.write(orjson.dumps(form.row(scores[0], names)))
-        else:
-            for start in range(0, scores.shape[0], step):
-                if start:
-                    body.write(b",")
-                rows = [form.row(row, names) for row in scores[start : start + step]]
-                text = orjson.dumps(rows)
-                del rows
-                body.write(memoryview(text)[1:-1])
+        rows = scores if form.listed else scores[:1]
+        for start in range(0, rows.shape[0], step):
+            if start:
+                body.write(b",")
+            if len(names) > SLICE_ENTRIES:
+                _write_row(body, rows[start], names, form)
+            else:
+                body.write(memoryview(orjson.dumps(_rows(rows[start : start + step], names, form)))[1:-1])
         body.write(form.tail)
     except json_size.Full:
         body.drop()
