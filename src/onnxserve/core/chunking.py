@@ -56,7 +56,7 @@ from onnxserve.core.pipeline import TextBatch
 from onnxserve.core.registry import ModelVersion
 from onnxserve.core.tokens import token_counts
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, payload_bytes
-from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS, response_too_large, too_many_bytes_elements
 from onnxserve.errors import DeadlineExceededError, ResourceExhaustedError, TooLargeError
 from onnxserve.log_throttle import LogThrottles
 
@@ -164,9 +164,8 @@ class _Limits:
             if array.dtype == object
         )
         if self.elements > MAX_BYTES_ELEMENTS:
-            raise TooLargeError(
-                f"model {self.model}: the outputs have more than {MAX_BYTES_ELEMENTS} BYTES elements, the most one "
-                "answer may hold (--max-response-bytes); ask for less (fewer texts, fewer outputs)"
+            raise too_many_bytes_elements(
+                self.model, "the outputs have at least", self.elements, MAX_BYTES_ELEMENTS, "fewer texts, fewer outputs"
             )
         if self.max_bytes > 0:
             self.bytes += sum(

@@ -135,8 +135,11 @@ TASK_OUTPUTS: dict[str, tuple[str, ...]] = {
 TOKEN_COUNT_OUTPUT = "token_count"
 """Every text task's optional result: the tokens of each text (after truncation, special tokens included)."""
 
+CLASS_LABELS_OUTPUT = "class_labels"
+"""A text classifier's optional result of one name per (text, class), the largest a task makes."""
+
 OPTIONAL_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "text-classification": ("probabilities", "class_labels"),
+    "text-classification": ("probabilities", CLASS_LABELS_OUTPUT),
     "text-ranking": ("raw_score",),
 }
 """Task results a text request gets only when it names them (besides ``token_count``, which every task has)."""
@@ -199,6 +202,16 @@ class Encoded:
     feeds: dict[str, npt.NDArray[Any]]
     encodings: list[TokenizedText]
     truncated: int
+
+
+@dataclass(frozen=True)
+class MadeSize:
+    """What post-processing would make beyond the graph's outputs: ``elements`` BYTES elements taking
+    ``size`` bytes, ``what`` naming them for a refusal (``"output 'class_labels' ... would have"``)."""
+
+    elements: int
+    size: int
+    what: str
 
 
 class TextPipeline:
@@ -391,6 +404,17 @@ class TextPipeline:
         fetch = list(self.spec.outputs) + [n for n in wanted if n in graph_outputs and n not in self.spec.outputs]
         return fetch, wanted
 
+    def made_size(self, outputs: Mapping[str, npt.NDArray[Any]], wanted: Sequence[str]) -> MadeSize:
+        """The BYTES elements and bytes of the results :meth:`postprocess` would make of these graph outputs
+        that grow with rows x classes (``class_labels``), known before they are made, so that they are
+        bounded as the graph's own outputs are. Other results are a few per text."""
+        if self.spec.task != "text-classification" or CLASS_LABELS_OUTPUT not in wanted:
+            return MadeSize(0, 0, "")
+        logits = outputs["logits"]
+        rows, classes = (int(logits.shape[0]), int(logits.shape[-1])) if logits.ndim >= 2 else (1, logits.size)
+        elements, size = text_tasks.class_labels_size(rows, text_tasks.class_names(self.spec.labels, classes))
+        return MadeSize(elements, size, f"output {CLASS_LABELS_OUTPUT!r} ({rows} texts x {classes} classes) would have")
+
     def postprocess(self, outputs: Arrays, encoded: Encoded, batch: TextBatch, wanted: Sequence[str]) -> Arrays:
         """The task's results (and any graph outputs asked for by name), in the order asked."""
         task = self.spec.task
@@ -399,7 +423,9 @@ class TextPipeline:
             source = "sentence_embedding" if self.spec.pooling != "none" else "last_hidden_state"
             results = {EMBEDDING_OUTPUT: outputs[source]}
         elif task == "text-classification":
-            results = text_tasks.text_classification(outputs["logits"], self.spec.labels, self.spec.score_function)
+            results = text_tasks.text_classification(
+                outputs["logits"], self.spec.labels, self.spec.score_function, CLASS_LABELS_OUTPUT in wanted
+            )
         elif task == "token-classification":
             results = text_tasks.token_classification(outputs["logits"], encoded.encodings, self.spec.labels)
         elif task == "question-answering":

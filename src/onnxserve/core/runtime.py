@@ -32,7 +32,7 @@ from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
-from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_large
+from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_large, too_many_bytes_elements
 from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
 
 log = logging.getLogger(__name__)
@@ -445,11 +445,7 @@ class ModelSession:
             elements += count if is_bytes else 0
             if is_bytes and elements > max_bytes_elements:
                 held = f"output {name!r} has" if elements == count else f"the outputs up to {name!r} have"
-                return TooLargeError(
-                    f"model {self.name}: {held} {elements} BYTES elements, more than the "
-                    f"{max_bytes_elements} one answer may hold (--max-response-bytes); ask for less (smaller "
-                    "input values, fewer outputs)"
-                ), total
+                return too_many_bytes_elements(self.name, held, elements, max_bytes_elements), total
             total += count * (BYTES_ELEMENT_OVERHEAD if is_bytes else itemsizes.get(name) or 8) + (text_bytes or 0)
         if 0 < max_output_bytes < total:
             return response_too_large(self.name, total, max_output_bytes), total

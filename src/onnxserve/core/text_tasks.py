@@ -16,6 +16,7 @@ import orjson
 from tokenizers import Tokenizer
 
 from onnxserve.core.tokens import TokenizedText
+from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD
 from onnxserve.errors import InvalidInputError
 
 Arrays = dict[str, npt.NDArray[Any]]
@@ -51,19 +52,37 @@ def _label(labels: Mapping[int, str], index: int) -> str:
     return labels.get(index, f"LABEL_{index}")
 
 
-def text_classification(logits: npt.NDArray[Any], labels: Mapping[int, str], function: str) -> Arrays:
-    """``label`` and ``score`` of the most likely class and the raw ``logits``; on request also every
-    class's ``probabilities`` with their ``class_labels`` (what TF Serving's classify answers)."""
+def class_names(labels: Mapping[int, str], count: int) -> list[str]:
+    """The names of a classifier's ``count`` classes: its labels, ``LABEL_i`` where it has none."""
+    return [_label(labels, i) for i in range(count)]
+
+
+def class_labels_size(rows: int, names: Sequence[str]) -> tuple[int, int]:
+    """The BYTES elements and bytes (``core.types.payload_bytes``) of ``class_labels`` for ``rows`` texts
+    of a classifier whose classes are ``names``, known before it is made: one element per (text, class)."""
+    per_row = sum(len(name.encode("utf-8")) for name in names) + BYTES_ELEMENT_OVERHEAD * len(names)
+    return rows * len(names), rows * per_row
+
+
+def text_classification(
+    logits: npt.NDArray[Any], labels: Mapping[int, str], function: str, with_class_labels: bool = False
+) -> Arrays:
+    """``label`` and ``score`` of the most likely class and the raw ``logits``; also every class's
+    ``probabilities``, and with ``with_class_labels`` their ``class_labels`` (what TF Serving's classify
+    answers): one element per (text, class), each row the same names (the same ``bytes`` objects), made
+    only when asked for and counted against the answer's limits before (``class_labels_size``)."""
     probabilities = sigmoid(logits) if function == "sigmoid" else softmax(logits)
     best = probabilities.argmax(axis=-1)
-    names = [_label(labels, i) for i in range(logits.shape[-1])]
-    return {
+    names = class_names(labels, logits.shape[-1])
+    results = {
         "label": strings([names[int(i)] for i in best]),
         "score": probabilities[np.arange(len(best)), best].astype(np.float32),
         "logits": logits.astype(np.float32),
         "probabilities": probabilities,
-        "class_labels": strings(names * len(best)).reshape(len(best), len(names)),
     }
+    if with_class_labels:
+        results["class_labels"] = np.tile(strings(names), (len(best), 1))
+    return results
 
 
 def token_classification(

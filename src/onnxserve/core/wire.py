@@ -359,14 +359,33 @@ def output_bytes(response: InferenceResponse) -> int:
     return sum(int(t.data.nbytes) for t in response.outputs)
 
 
-def response_too_large(model: str, size: int, limit: int, at_least: bool = False, encoding: str = "") -> TooLargeError:
+def response_too_large(
+    model: str,
+    size: int,
+    limit: int,
+    at_least: bool = False,
+    encoding: str = "",
+    advice: str = "smaller input values, fewer outputs",
+) -> TooLargeError:
     """The refusal of an answer whose output tensors take ``size`` bytes (``at_least``: or more), above ``limit``;
-    with ``encoding`` (e.g. ``"as TF Serving JSON"``), an answer that takes that many bytes once encoded so."""
+    with ``encoding`` (e.g. ``"as TF Serving JSON"``), an answer that takes that many bytes once encoded so;
+    ``advice`` says what to ask for instead."""
     amount = f"more than {limit} bytes" if at_least else f"{size} bytes"
     what = f"encoded {encoding}" if encoding else "of output tensors"
     return TooLargeError(
         f"model {model!r}: the response would be {amount} {what}, above the limit of {limit} "
-        "bytes (--max-response-bytes); ask for less (smaller input values, fewer outputs)"
+        f"bytes (--max-response-bytes); ask for less ({advice})"
+    )
+
+
+def too_many_bytes_elements(
+    model: str, held: str, count: int, limit: int, advice: str = "smaller input values, fewer outputs"
+) -> TooLargeError:
+    """The one refusal of an answer whose outputs hold more than ``limit`` (:data:`MAX_BYTES_ELEMENTS`) BYTES
+    elements, each a Python object: ``held`` says which (``"output 'y' has"``), ``advice`` what to ask for."""
+    return TooLargeError(
+        f"model {model}: {held} {count} BYTES elements, more than the {limit} one answer may hold "
+        f"(--max-response-bytes); ask for less ({advice})"
     )
 
 

@@ -159,15 +159,6 @@ def ranks(scores: npt.NDArray[Any], candidates: Sequence[str], return_text: bool
     return json_body(orjson.dumps(rows))
 
 
-def predictions(scores: npt.NDArray[Any], labels: Sequence[str], single: bool) -> Response:
-    """Per input, every label with its score, highest first (one list for a bare input)."""
-    rows = []
-    for row in scores:
-        order = sorted(range(len(labels)), key=lambda i: -float(row[i]))
-        rows.append([{"score": float(row[i]), "label": labels[i]} for i in order])
-    return json_body(orjson.dumps(rows[0] if single else rows))
-
-
 def tokens(encodings: Sequence[Encoding], texts: Sequence[str]) -> Response:
     """Per input, its tokens: ``{"id", "text", "special", "start", "stop"}`` (character offsets; null for
     special tokens, which stand for no text). Each input's row is encoded as soon as it is built, so the

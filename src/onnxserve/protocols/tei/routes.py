@@ -25,7 +25,7 @@ from onnxserve.core.pipeline import QUERY_INPUT, TEXT_INPUT, request_characters
 from onnxserve.core.types import InferenceRequest, InferenceResponse, ModelMetadata, Tensor
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError, ModelNotFoundError
-from onnxserve.protocols import inflight, offload
+from onnxserve.protocols import class_scores, inflight, offload
 from onnxserve.protocols.embeddings import (
     BYTES,
     MAX_INPUTS,
@@ -239,16 +239,24 @@ def routes(service: InferenceService) -> list[Route]:
             (name, version),
             chunks(len(texts), max_batch),
             lambda r: request_characters(texts[r.start : r.stop], limit),
-            lambda r, pinned: text_request(
-                name, pinned, texts[r.start : r.stop], [output, "class_labels"], codec.PROTOCOL
-            ),
+            lambda r, pinned: text_request(name, pinned, texts[r.start : r.stop], [output], codec.PROTOCOL),
         )
         truncated = sum(int(r.parameters.get("truncated", 0)) for r in responses)
         if truncated and not cut:
             raise _too_long(truncated, meta)
         scores = np.concatenate([_output(r, output) for r in responses])
-        labels = [label.decode("utf-8") for label in _output(responses[0], "class_labels")[0]]
-        return codec.predictions(scores, labels, inputs.single)
+        del responses
+        # One entry per (input, class), named from the model's labels: bounded before it is built, built
+        # and encoded a slice of rows at a time, off the event loop when large (protocols.class_scores).
+        assert meta.pipeline is not None
+        form = class_scores.TEI_SINGLE if inputs.single else class_scores.TEI_ROWS
+        labels, limit = meta.pipeline.labels, service.max_response_bytes
+        hint = scores.nbytes * 8
+        size = await offload.convert(hint, class_scores.size, name, scores, labels, form, limit)
+        if (refused := inflight.hold_answer(size)) is not None:
+            raise refused
+        answer = await offload.convert(size, class_scores.encode, name, scores, labels, form, limit)
+        return json_body(inflight.held(answer, len))
 
     async def tokenize(request: Request) -> Response:
         body = await _decoded(request, ("inputs", "add_special_tokens", "prompt_name"), ("inputs",))

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from onnxserve.core import wire
+from onnxserve.core.client_text import clipped
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import TEXT_INPUT, text_inputs_of
 from onnxserve.core.types import (
@@ -27,6 +28,7 @@ from onnxserve.core.types import (
 from onnxserve.core.wire import response_too_large
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import json_size
+from onnxserve.protocols.embeddings import MAX_INPUTS
 from onnxserve.protocols.entry_count import check_entries
 from onnxserve.protocols.json_depth import check_depth, too_deep
 from onnxserve.protocols.public_errors import redact_paths
@@ -186,9 +188,25 @@ def _named(value: Any) -> bool:
     return isinstance(value, dict) and not values.is_b64(value)
 
 
+def check_text_rows(meta: ModelMetadata, count: int, what: str) -> None:
+    """A text model (one with a tokenizer) takes at most :data:`MAX_INPUTS` texts (or rows of token ids)
+    per request, as the TEI and OpenAI routes do: 300,000 examples (4.2 MB) to a 2-class model held
+    the health probes 1.4 s (outside attack rt27)."""
+    if meta.task is not None and count > MAX_INPUTS:
+        raise InvalidInputError(
+            f"{count} {what} in one request to text model {meta.name!r}; send at most {MAX_INPUTS} "
+            "(split them over several requests)"
+        )
+
+
 def _decode_inputs(value: Any, meta: ModelMetadata) -> list[Tensor]:
+    if isinstance(value, list):
+        check_text_rows(meta, len(value), "rows in 'inputs'")
     if _named(value):
         check_entries(value, "'inputs'")
+        for name, item in value.items():
+            if isinstance(item, list):
+                check_text_rows(meta, len(item), f"rows in input {clipped(name)!r}")
         return [_tensor(meta, name, item, "") for name, item in value.items()]
     if values.holds_text(value) and len(meta.inputs) != 1:
         return [_tensor(meta, TEXT_INPUT, value, "")]  # bare text for a model with a tokenizer
@@ -203,6 +221,7 @@ def _decode_inputs(value: Any, meta: ModelMetadata) -> list[Tensor]:
 def _decode_instances(rows: Any, meta: ModelMetadata) -> list[Tensor]:
     if not isinstance(rows, list) or not rows:
         raise InvalidInputError("'instances' must be a non-empty list of rows")
+    check_text_rows(meta, len(rows), "instances")
     if not _named(rows[0]):
         if values.holds_text(rows) and len(meta.inputs) != 1:
             return [_tensor(meta, TEXT_INPUT, rows, " in 'instances'")]  # bare text for a model with a tokenizer
@@ -332,7 +351,9 @@ def encode_metadata(meta: ModelMetadata) -> dict[str, Any]:
 
 # --- classify --------------------------------------------------------------------------------------
 
-CLASSIFY_OUTPUTS = ["class_labels", "probabilities"]
+CLASSIFY_OUTPUT = "probabilities"
+"""What :classify asks the model for: every class's score, named from the model's labels when answered
+(``protocols.class_scores``), never as a ``class_labels`` tensor of one name per (example, class)."""
 
 
 def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) -> InferenceRequest:
@@ -359,6 +380,7 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
     check_entries(context, "'context'")
     if not isinstance(examples, list) or not examples:
         raise InvalidInputError("'examples' must be a non-empty list of objects {feature: text}")
+    check_text_rows(meta, len(examples), "examples")
     texts = []
     for i, example in enumerate(examples):
         if not isinstance(example, dict):
@@ -373,21 +395,10 @@ def decode_classify(doc: Any, meta: ModelMetadata, model_version: str | None) ->
         texts.append(value)
     tensor = Tensor(TEXT_INPUT, BYTES, values.to_array(TEXT_INPUT, BYTES, texts, " in 'examples'"))
     return InferenceRequest(
-        meta.name, [tensor], model_version=model_version, outputs=CLASSIFY_OUTPUTS, protocol=PROTOCOL
+        meta.name, [tensor], model_version=model_version, outputs=[CLASSIFY_OUTPUT], protocol=PROTOCOL
     )
 
 
 def decode_classify_body(body: bytes, meta: ModelMetadata, model_version: str | None) -> InferenceRequest:
     """:func:`decode_classify` of a raw request body."""
     return decode_classify(loads(body), meta, model_version)
-
-
-def encode_classify(response: InferenceResponse) -> bytes:
-    """``{"result": [[[label, score], ...], ...]}``: every class with its score, per example."""
-    by_name = {t.name: t.data for t in response.outputs}
-    labels, scores = by_name["class_labels"], by_name["probabilities"]
-    result = [
-        [[label.decode("utf-8", "replace"), float(score)] for label, score in zip(row_labels, row_scores, strict=True)]
-        for row_labels, row_scores in zip(labels, scores, strict=True)
-    ]
-    return dumps({"result": result}, False)

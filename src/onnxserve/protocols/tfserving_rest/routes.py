@@ -16,7 +16,7 @@ from starlette.routing import Route
 from onnxserve.core.client_text import clipped, shown
 from onnxserve.core.wire import output_bytes
 from onnxserve.errors import InvalidInputError, ModelNotFoundError, OnnxServeError
-from onnxserve.protocols import inflight, offload
+from onnxserve.protocols import class_scores, inflight, offload
 from onnxserve.protocols.errors import TFSERVING_HTTP_STATUS
 from onnxserve.protocols.http import Endpoint, body_bytes, guarded, json_body
 from onnxserve.protocols.tfserving_rest import codec
@@ -112,7 +112,18 @@ def routes(service: InferenceService) -> list[Route]:
         meta = service.model_metadata(name, version)
         body = await body_bytes(request)
         inference = await offload.parse(len(body), codec.decode_classify_body, body, meta, meta.version)
-        return json_body(codec.encode_classify(await service.infer(inference)))
+        response = await service.infer(inference)
+        scores = next(t.data for t in response.outputs if t.name == codec.CLASSIFY_OUTPUT)
+        del response
+        # One [label, score] per (example, class), named from the model's labels: bounded before it is
+        # built, built and encoded a slice of rows at a time, off the event loop when large.
+        assert meta.pipeline is not None
+        labels, limit, form = meta.pipeline.labels, service.max_response_bytes, class_scores.TF_CLASSIFY
+        size = await offload.convert(scores.nbytes * 8, class_scores.size, meta.name, scores, labels, form, limit)
+        if (refused := inflight.hold_answer(size)) is not None:
+            raise refused
+        answer = await offload.convert(size, class_scores.encode, meta.name, scores, labels, form, limit)
+        return json_body(inflight.held(answer, len))
 
     async def regress(request: Request) -> Response:
         name, version = _target(request)
