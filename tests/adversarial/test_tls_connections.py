@@ -12,6 +12,7 @@ throw-away CA (trustme); loopback only.
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import ssl
 import time
@@ -317,3 +318,77 @@ def _served(server: CappedServer, ca_file: Path) -> bool:
     except (requests.RequestException, OSError):
         return False
     return response.status_code == 200
+
+
+def _large_answer_request(rows: int) -> bytes:
+    """A ``Connection: close`` V2 binary request to ``add`` whose answer holds 2 x ``rows`` x 16 floats."""
+    values = b"\x00\x00\x80\x3f" * (rows * 16)  # 1.0 in float32, little-endian
+    inputs = [
+        {"name": n, "shape": [rows, 16], "datatype": "FP32", "parameters": {"binary_data_size": len(values)}}
+        for n in ("a", "b")
+    ]
+    outputs = [{"name": n, "parameters": {"binary_data": True}} for n in ("sum", "diff")]
+    header = json.dumps({"inputs": inputs, "outputs": outputs}).encode()
+    body = header + values + values
+    head = (
+        f"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_a_slow_reader_of_a_closing_connection_gets_its_whole_answer(
+    server: CappedServer, tls_files: dict[str, Path]
+) -> None:
+    """Outside attack rt26 F2: an answer with ``Connection: close`` over TLS was cut 2 s after the server had
+    written it (the TLS layer's wait for close_notify started with its close): a 4.7 MB answer read at
+    500 KB/s lost its last 0.5 MB, with a clean EOF. A connection whose client still takes its answer stays
+    until it has all of it."""
+    context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+    plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # a slow link's window, not loopback's
+    plain.settimeout(30)
+    plain.connect((server.host, server.http_port))
+    with context.wrap_socket(plain, server_hostname="127.0.0.1") as sock:
+        sock.sendall(_large_answer_request(40_000))  # 2 x 2.56 MB of answer
+        received = bytearray()
+        while chunk := sock.recv(64 * 1024):
+            received += chunk
+            time.sleep(0.05)  # about 1 MB/s: the answer takes about 5 s to read
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    length = int(
+        next(v for k, v in (line.split(b": ", 1) for line in head.split(b"\r\n")[1:]) if k.lower() == b"content-length")
+    )
+    assert len(body) == length, f"{len(body)} of the answer's {length} bytes arrived"  # before: cut 2 s in
+
+
+def test_closing_connections_whose_clients_take_nothing_give_their_slots_to_new_ones(
+    numeric_repository: Path, tls_files: dict[str, Path]
+) -> None:
+    """Outside attack rt26 F1: TLS clients that asked for an answer with ``Connection: close``, sent one byte
+    more and never read (a receive window of one byte) held their connections for the 2 s the server waits
+    for an answer to be taken, and those could not be closed for anyone: with ``--max-connections 40``,
+    100 such anonymous clients had probes refused and an honest client from another address lost 40 % of
+    its requests. The oldest such connection now gives its slot to a new one."""
+    cap = 10
+    with serve_capped(numeric_repository, *tls_args(tls_files), "--max-connections", str(cap)) as capped:
+        context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        held: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(cap + PROBE_RESERVE):  # every slot and the probe reserve
+                plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+                plain.bind(("127.0.0.2", 0))
+                plain.settimeout(5)
+                plain.connect((capped.host, capped.http_port))
+                sock = context.wrap_socket(plain, server_hostname="127.0.0.1")
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n[")
+                held.append(sock)  # answered and being closed; this client takes none of it
+            for _ in range(3):  # at once, within the 2 s those connections may hold their slots
+                assert _served(capped, tls_files["ca"])  # before: refused (503 on the probe reserve, or closed)
+            assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+        finally:
+            for sock in held:
+                sock.close()

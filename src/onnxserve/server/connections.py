@@ -22,11 +22,10 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
   connection closes after the answer (reading the body on to keep it read 10 GB for a 413: rt20); the
   write side is shut and the rest read and dropped for up to ``LINGER_SECONDS`` / ``LINGER_BYTES`` before
   the close, so the kernel does not reset the connection over unread bytes and the client gets its
-  answer. Over TLS, which cannot shut one side, what arrives after the answer is read and dropped
-  undecrypted, and the connection is cut once the answer has reached the client (as is one closed for
-  what it sent: not HTTP, a protocol switch, bytes after its last request), rather than waiting
-  ``TLS_SHUTDOWN_SECONDS`` for the client's close_notify while decrypting all it sends; one closed cleanly
-  reads ``TLS_CLOSE_NOTIFY_READ_SECONDS`` for that close_notify first.
+  answer. Over TLS, which cannot shut one side, every close reads and drops undecrypted what still
+  arrives and ends the connection once its answer has reached the client, or once its client has taken
+  nothing more for ``TLS_STALL_SECONDS`` (``_close_tls``), rather than waiting for the client's
+  close_notify while decrypting all it sends.
 - **Chunk framing**: a chunked body's framing in all (chunk lines, their extensions) may pass its data by
   at most ``max_header_bytes`` (400).
 - **Idle keep-alive**: uvicorn's own ``timeout_keep_alive`` (``keep_alive_timeout``).
@@ -156,23 +155,16 @@ RESERVE_HEAD_SECONDS = 2.0
 RESERVE_KEEP_ALIVE_SECONDS = 1
 """Keep-alive of a reserve connection (at most ``keep_alive_timeout``), so the reserve frees itself."""
 
-TLS_SHUTDOWN_SECONDS = 2.0
-"""How long a TLS connection the server closes waits for the client's close_notify before it is dropped:
-until then it holds its file descriptor and its connection slot. The loop's default, 30 s, let one address
-that never answered the close hold every slot, probes' too, for 28 s a wave of 1,016 handshakes (outside
-attack rt18)."""
+TLS_STALL_SECONDS = 2.0
+"""How long a TLS connection the server closes may go without its client taking any more of the answer (and
+close_notify) still to send before it is cut: until then it holds its file descriptor and its connection
+slot (a client that never reads, or never answers the close, held every slot for 28 s when the TLS layer
+waited the loop's default 30 s: outside attack rt18). One whose client still takes its answer, however
+slowly, is cut ``body_timeout`` after its close at the latest, as an unread answer is."""
 
 TLS_CUT_CHECK_SECONDS = 0.01
-"""How often a TLS connection the server closes with more of its client's bytes to come (``_cut_tls_soon``)
-is checked for its answer having reached the client (the socket's send queue empty: sent and acknowledged);
-then it is cut, at the latest ``TLS_SHUTDOWN_SECONDS`` after it stopped reading."""
-
-TLS_CLOSE_NOTIFY_READ_SECONDS = 0.05
-"""How long a TLS connection the server closes cleanly (its last request answered, nothing more received
-yet) reads on for the client's close_notify, which frees its slot at once; then it is cut
-(``_cut_tls_soon``). A client that sends on instead had all it sent decrypted for the 2 s
-(1.2 to 1.9 GB a connection; 30 such held probes 3.4 s: outside attack rt22); now what arrives in those
-moments."""
+"""How often a TLS connection the server closes (``_close_tls``) is checked for its answer having reached
+the client (its buffers and the socket's send queue empty: sent and acknowledged) or having stalled."""
 
 RESERVE_STALE_SECONDS = 2.0
 """A full reserve makes room by closing a reserve connection open longer than this, even a busy one."""
@@ -346,6 +338,8 @@ class _Clients:
     """At most one WARNING every 10 s about connections closed for other addresses, with their count."""
     turned_away: LogThrottle = field(default_factory=LogThrottle)
     """Likewise about new connections closed because every slot, the probes' too, is busy."""
+    cutting: dict[GuardedHttpProtocol, None] = field(default_factory=dict)
+    """Ordinary TLS connections being closed (``_close_tls``), oldest first: the first to go for a new one."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -370,7 +364,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._framing_total = 0  # bytes of the body's framing in all (chunk lines with their extensions)
         self._body_seen = 0  # bytes of bodies the parser has handed over on this connection
         self._tcp: asyncio.Transport | None = None  # under the TLS layer: the connection's TCP transport
-        self._cutting = False  # over TLS: reads no more, and is cut once its answer is out (_cut_tls_soon)
+        self._undecrypted = False  # over TLS: what it receives is dropped undecrypted (_read_no_more_tls)
+        self._closing_tls = False  # over TLS: closed once its answer is out (_close_tls)
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
         self._beyond = False  # bytes came after its last request that began no new one (yet)
@@ -431,7 +426,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 waiter,
                 server_side=True,
                 ssl_handshake_timeout=left,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_SECONDS,
+                # a backstop: ``_close_tls`` ends every close before (a slow reader's at ``body_timeout``)
+                ssl_shutdown_timeout=self.limits.body_timeout + TLS_STALL_SECONDS,
             )
             self._upgrading = True
             self._tcp = raw
@@ -477,7 +473,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         the probe reserve, else close this one."""
         clients = self.clients
         ordinary = clients.ordinary - 1  # this one is not yet in the reserve
-        if ordinary < self.limits.max_connections or self._displace() or self._close_oldest_free():
+        if (
+            ordinary < self.limits.max_connections
+            or self._cut_oldest_closing()
+            or self._displace()
+            or self._close_oldest_free()
+        ):
             return
         reserve = [c for c in clients.reserve if c is not self]  # at most PROBE_RESERVE
         if len(reserve) < PROBE_RESERVE or self._close_oldest_idle(reserve) or self._close_oldest_stale(reserve):
@@ -493,6 +494,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "refused a connection: all %d open ones are busy (--max-connections)%s", ordinary + len(reserve), note
             )
         self.transport.close()
+
+    def _cut_oldest_closing(self) -> bool:
+        """Cut the oldest ordinary TLS connection the server is closing whose client has not taken all of its
+        answer yet (``_close_tls``): it is answered, and holds its slot only for a client that reads slowly or
+        not at all. False when there is none."""
+        cutting = self.clients.cutting
+        while cutting:
+            oldest = next(iter(cutting))
+            del cutting[oldest]
+            tcp = oldest._tcp
+            if tcp is not None and not tcp.is_closing():
+                tcp.abort()
+                return True
+        return False
 
     def _displace(self) -> bool:
         """Close a connection of the address holding the most, when it holds at least two more than this
@@ -639,7 +654,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(self, status: str, message: str, extra: str = "") -> None:
         """Answer ``status`` with a JSON error and close, before the request reaches the application."""
         self._refused = True
-        self._cut_tls_soon()
+        self._read_no_more_tls()
         self._cancel_timers()
         self.transport.write(_error_response(status, message, extra))
         self.transport.close()
@@ -649,6 +664,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._lost = True
         self._cancel_timers()
+        self.clients.cutting.pop(self, None)
         if self._counted:
             self._counted = False
             clients = self.clients
@@ -683,10 +699,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         answer of the application's lingers: a connection closed to free its slot closes at once.
         Returns False (close now) when nothing of the request is left unread."""
         answered = self.cycle is not None and self.cycle.response_complete  # not a 408, 503 or 431 of ours
-        if self._body_pending or self._beyond or self._head_bytes or self._head_started or self.pipeline:
-            self._cut_tls_soon()  # it sent more than it was answered for
-        elif self._tcp is not None:  # a clean close: the client's close_notify is read for a moment only
-            self.loop.call_later(TLS_CLOSE_NOTIFY_READ_SECONDS, self._cut_tls_soon)
+        self._close_tls()
         if not (self._body_pending and answered) or self._refused:
             return False
         return self._start_lingering()
@@ -704,22 +717,58 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.abort)
         return True
 
-    def _cut_tls_soon(self) -> None:
-        """Over TLS, end this connection, which the server closes, once its answer has reached the client:
-        TLS cannot shut only its write side, and the layer's close sends close_notify and waits
-        ``TLS_SHUTDOWN_SECONDS`` for the client's, decrypting whatever arrives meanwhile (a body answered
-        early: 1.25 GB in 2 s from one connection, 30 such held probes 3.6 s, rt20; bytes that are no
-        request, or more after the last request: 1.2 to 1.9 GB, rt22). The answer goes out first."""
+    def _close_tls(self) -> None:
+        """Over TLS, end this connection, which the server closes, once its answer (and close_notify) has
+        reached the client, reading and dropping undecrypted whatever arrives meanwhile.
+
+        TLS cannot shut only its write side, and the TLS layer's close waits for the client's close_notify,
+        decrypting all that arrives meanwhile: a body answered early, 1.25 GB in 2 s from one connection and 30
+        such held probes 3.6 s (rt20); bytes that are no request, or more after the last request, 1.2 to 1.9 GB
+        (rt22); after a clean close, what came in the 50 ms it read for close_notify, at full speed (rt26).
+        Nothing more is decrypted now: the TCP transport's bytes go to a scratch buffer (``_Undecrypted``); not
+        paused, which kept 12 to 18 KB of each connection for good under uvloop's TLS layer (rt23). Once all it
+        was given is acknowledged the connection is closed (FIN: what the client sent is read, so no reset
+        reaches a client that reads its answer late); one whose client takes nothing more for
+        ``TLS_STALL_SECONDS`` is cut, and so, under ``--max-connections``, is the oldest such connection when
+        a new one needs its slot (rt26: clients that never read held every slot 2 s each); one whose client
+        takes its answer slowly is closed as it finishes (``body_timeout`` at most; rt26: a 4.7 MB answer read
+        at 500 KB/s lost its last 0.5 MB when the TLS layer gave up 2 s after the close)."""
         tcp = self._tcp
-        if tcp is not None and not tcp.is_closing() and not self._cutting:
-            self._cutting = True
-            # Nothing more is decrypted: the TLS layer decrypts all that arrives while it waits for close_notify
-            # (60 clients sending after their answers held probes 2.1 s when such connections read on for 50 ms:
-            # outside attack rt24); what arrives now is read and dropped as it is. Not paused: a paused TCP
-            # transport under uvloop's TLS layer kept 12 to 18 KB of each connection for good (30,000: +1.1 GB,
-            # outside attack rt23). It is cut as soon as its answer has reached the client.
+        if tcp is None or tcp.is_closing() or self._closing_tls:
+            return
+        self._closing_tls = True
+        self._read_no_more_tls()
+        if self._counted and not self._reserve:
+            self.clients.cutting[self] = None
+        now = time.monotonic()
+        self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._close_once_sent, tcp, now + self.limits.body_timeout, now, -1)
+
+    def _read_no_more_tls(self) -> None:
+        """Over TLS, decrypt nothing more this connection receives: it is read and dropped (``_Undecrypted``).
+        Its close, which follows its answer, is ``_close_tls``'s."""
+        tcp = self._tcp
+        if tcp is not None and not tcp.is_closing() and not self._undecrypted:
+            self._undecrypted = True
             tcp.set_protocol(_Undecrypted(tcp.get_protocol()))
-            self.loop.call_later(TLS_CUT_CHECK_SECONDS, _cut_once_sent, tcp, time.monotonic() + TLS_SHUTDOWN_SECONDS)
+
+    def _close_once_sent(self, tcp: asyncio.Transport, deadline: float, moved: float, before: int) -> None:
+        """Close ``tcp`` once all it was given has reached the client (its buffer, the TLS layer's and the
+        socket's send queue, which holds what is sent until the client acknowledges it, all empty); cut it
+        when nothing of that has moved since ``moved`` for ``TLS_STALL_SECONDS``, or at ``deadline``."""
+        if tcp.is_closing():
+            return
+        left = tcp.get_write_buffer_size() + self.transport.get_write_buffer_size() + _unacknowledged(tcp)
+        now = time.monotonic()
+        if not left:
+            tcp.close()
+            return
+        if before < 0 or left < before:
+            moved = now
+        if now - moved >= TLS_STALL_SECONDS or now >= deadline:
+            tcp.abort()  # what is left is dropped: its client does not take it
+            _trim_soon(self.loop)
+            return
+        self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._close_once_sent, tcp, deadline, moved, left)
 
     def _lingered(self, data: bytes) -> None:
         self._linger_left -= len(data)
@@ -749,7 +798,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not closing and self.transport.is_closing():
             # closed for what it sent (not HTTP: uvicorn's 400 "Invalid HTTP request"): what follows is not
             # wanted (over TLS, 30 clients sending junk had 12-15 GB decrypted in 15 s: rt22)
-            self._cut_tls_soon()
+            self._read_no_more_tls()
             return
         if in_body and self._body_pending and self._framing > self.limits.max_header_bytes and not self._refused:
             self._framing_too_large()
@@ -797,7 +846,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         closes once that request is answered (uvicorn logged two warnings here, then a 400 and a third
         warning when more bytes came)."""
         self._switch_asked = True
-        self._cut_tls_soon()  # what follows is not HTTP/1.1 and is dropped unread: over TLS, cut soon
+        self._read_no_more_tls()  # what follows is not HTTP/1.1 and is dropped unread (over TLS)
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
         elif not self.transport.is_closing():
@@ -890,7 +939,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # /v2/health/live held the budget from every authenticated request for 60 s: rt20).
             log.info("refused a request with a body to a health probe")
             self._refused = True
-            self._cut_tls_soon()
+            self._read_no_more_tls()
             message = "the health probes take no request body: send a GET without one"
             self.transport.write(_error_response("400 Bad Request", message))
             if not self._start_lingering():  # so that the client gets the answer before the close
@@ -1111,7 +1160,7 @@ def _withdraw_newest_waiting(connections: set[GuardedHttpProtocol]) -> bool:
 
 
 class _Undecrypted(asyncio.BufferedProtocol):
-    """What a TLS connection that the server is cutting reads into (``_cut_tls_soon``): its bytes are dropped
+    """What a TLS connection that the server is closing reads into (``_close_tls``): its bytes are dropped
     as they come, not decrypted; the end of the connection still reaches its TLS layer."""
 
     _scratch = bytearray(64 * 1024)  # one for all: what is read into it is never looked at
@@ -1158,19 +1207,6 @@ def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_in_executor(None, give_back_free_memory)
 
     loop.call_later(TRIM_AFTER_CUT_SECONDS, trim)
-
-
-def _cut_once_sent(tcp: asyncio.Transport, deadline: float) -> None:
-    """Abort ``tcp`` once all it was given has reached the client (its buffer and the socket's send queue,
-    which holds what is sent until the client acknowledges it, both empty), or at ``deadline``: an abort
-    over bytes still unsent would drop the answer."""
-    if tcp.is_closing():
-        return
-    if time.monotonic() < deadline and (tcp.get_write_buffer_size() or _unacknowledged(tcp)):
-        asyncio.get_running_loop().call_later(TLS_CUT_CHECK_SECONDS, _cut_once_sent, tcp, deadline)
-        return
-    tcp.abort()
-    _trim_soon(asyncio.get_running_loop())
 
 
 def _unacknowledged(tcp: asyncio.Transport) -> int:
