@@ -21,6 +21,7 @@ import pytest
 
 import models
 from onnxserve.core.manager import Catalog
+from onnxserve.server.exposure import answered_hosts
 from onnxserve.server.lifecycle import RunningServer, start_in_background
 from onnxserve.server.settings import ServerSettings
 
@@ -99,6 +100,10 @@ def test_cross_site_requests_are_refused_and_same_site_ones_served(server: Runni
     assert refused.status_code == 403, refused.text
     assert "cross-site request refused" in refused.json()["error"]
     assert httpx.post(index, headers={"Origin": "null"}, timeout=30).status_code == 403  # a sandboxed page
+    other_scheme = server.http_url.replace("http://", "https://")  # another origin (rt28)
+    assert httpx.post(index, headers={"Origin": other_scheme}, timeout=30).status_code == 403
+    twice = [("Origin", server.http_url), ("Origin", "http://attacker.example")]
+    assert httpx.post(index, headers=twice, timeout=30).status_code == 403
     own = httpx.post(index, headers={"Origin": server.http_url}, timeout=30)  # the server's own pages
     assert own.status_code == 200, own.text
     assert httpx.post(index, timeout=30).status_code == 200  # a client that is not a browser
@@ -113,8 +118,11 @@ def test_host_names_that_are_not_loopback_are_refused_on_loopback(server: Runnin
     rebound = httpx.post(infer, json=body, headers={"Host": f"attacker.example:{port}"}, timeout=30)
     assert rebound.status_code == 403, rebound.text  # before: 200, the answer readable by the rebound page
     assert "--allowed-hosts" in rebound.json()["error"]
-    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST."):
+    for name in (f"localhost:{port}", f"127.0.0.1:{port}", "LOCALHOST.", f"[::ffff:127.0.0.1]:{port}", "0.0.0.0"):
         assert httpx.post(infer, json=body, headers={"Host": name}, timeout=30).status_code == 200, name
+    # malformed values no browser sends, read as loopback before (outside attack rt28)
+    for name in ("[::1]evil.com", f"localhost:{port}@evil.com", "127.0.0.1:evil.com"):
+        assert httpx.post(infer, json=body, headers={"Host": name}, timeout=30).status_code == 403, name
     opened = _serve(repository, allowed_hosts="*")
     try:
         answer = httpx.post(
@@ -123,3 +131,18 @@ def test_host_names_that_are_not_loopback_are_refused_on_loopback(server: Runnin
         assert answer.status_code == 200, answer.text
     finally:
         opened.stop()
+
+
+def test_allowed_hosts_names_the_host_names_answered() -> None:
+    named = answered_hosts(ServerSettings(allowed_hosts="models.internal, api.example:8000"))
+    assert named is not None
+    assert named("models.internal")
+    assert named("api.example")
+    assert not named("localhost")  # named ones only
+    assert answered_hosts(ServerSettings(allowed_hosts="*")) is None
+    assert answered_hosts(ServerSettings(host="0.0.0.0")) is None  # reachable from elsewhere: any name
+    assert answered_hosts(ServerSettings(forwarded_allow_ips="127.0.0.1")) is None  # a proxy's clients' names
+    loopback = answered_hosts(ServerSettings())
+    assert loopback is not None
+    assert loopback("localhost")
+    assert not loopback("attacker.example")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import http.client
 import json
 import logging
 import re
@@ -409,6 +410,25 @@ def test_other_media_types_are_415(server: RunningServer, client: httpx.Client, 
     for path in (INFER, "/v1/models/add:predict", "/v2/repository/index"):
         response = client.post(path, content=payload, headers={"Content-Type": content_type})
         refused(response, 415, "unsupported Content-Type", "application/json")
+    still_serves(server)
+
+
+def test_a_body_refused_before_it_is_read_closes_its_connection_and_says_so(server: RunningServer) -> None:
+    """Outside attack rt26: a 415 answered before the body had arrived closed the keep-alive connection without
+    ``Connection: close``, so the client sent its next request on it and got no answer (2,195 of 15,975)."""
+    port = int(server.http_url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.putrequest("POST", INFER)
+        connection.putheader("Content-Type", "image/png")
+        connection.putheader("Content-Length", "100000")
+        connection.endheaders()  # the head alone: the body would come in later reads
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 415
+        assert response.getheader("connection") == "close"  # before: none, and the connection closed
+    finally:
+        connection.close()
     still_serves(server)
 
 

@@ -226,7 +226,12 @@ class RequestBodyLimits:
             body = await self._read(receive, encoding, reservation)
         except OnnxServeError as refusal:
             log.info("refused %s %s: %s", scope["method"], logged(scope["path"]), refusal)
-            await refuse_before_routing(scope, refusal)(scope, receive, send)
+            response = refuse_before_routing(scope, refusal)
+            if announces_body(scope["headers"]):
+                # the rest of its body is not read: the connection closes after this answer, and says so, or a
+                # keep-alive client sends its next request on it and gets no answer (outside attack rt26)
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
         if body is None:
             return  # the client went away while sending; nobody to answer

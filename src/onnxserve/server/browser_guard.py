@@ -21,8 +21,8 @@ Both are refused with 403 and a message that says why, in the error shape of the
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
-from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,24 +36,31 @@ LOOPBACK_NAMES = frozenset({"localhost"})
 """Loopback host names besides the loopback addresses."""
 
 
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9._-]+))(?::[0-9]{1,5})?")
+"""A ``Host`` value: a name or an IPv4 address, or an IPv6 address in brackets, and an optional port."""
+
+
 def host_name(value: str) -> str:
     """The name in a ``Host`` header or an origin's authority, without its port, lowercased, without a final
-    dot; an IPv6 address without its brackets."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        return value[1 : value.find("]")] if "]" in value else value[1:]
-    name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-    return name.rstrip(".")
+    dot; an IPv6 address without its brackets; "" for anything that is no such value (``[::1]evil.com``,
+    ``localhost:1@evil.com``), which no loopback check accepts."""
+    found = _HOST.fullmatch(value.strip().lower())
+    if found is None:
+        return ""
+    return found["ipv6"] or found["name"].rstrip(".")
 
 
 def is_loopback_name(name: str) -> bool:
-    """``localhost`` (or a name under it) or a loopback address."""
+    """``localhost`` (or a name under it), a loopback address (an IPv4-mapped one too), or ``0.0.0.0``, which
+    clients such as curl take for this machine."""
     if name in LOOPBACK_NAMES or name.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        address = ipaddress.ip_address(name)
     except ValueError:
         return False
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return (mapped or address).is_loopback or (mapped or address).is_unspecified
 
 
 class BrowserGuard:
@@ -80,12 +87,12 @@ class BrowserGuard:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> str | None:
-        host = origin = None
-        for key, value in scope["headers"]:
-            if key == b"host":
-                host = value.decode("latin-1")
-            elif key == b"origin":
-                origin = value.decode("latin-1")
+        hosts = [v.decode("latin-1") for k, v in scope["headers"] if k == b"host"]
+        origins = [v.decode("latin-1") for k, v in scope["headers"] if k == b"origin"]
+        if len(hosts) > 1 or len(origins) > 1:
+            return "a request may name one Host and one Origin, not several"
+        host = hosts[0] if hosts else None
+        origin = origins[0] if origins else None
         if host is not None and self.hosts is not None and not self.hosts(host_name(host)):
             return (
                 "this server does not answer requests for the host name in this request's Host header: it "
@@ -94,7 +101,8 @@ class BrowserGuard:
             )
         if origin is None or scope["method"] in SAFE_METHODS:
             return None
-        if origin == "null" or host is None or urlsplit(origin).netloc.lower() != host.strip().lower():
+        own = f"{scope.get('scheme', 'http')}://{host.strip().lower()}" if host is not None else None
+        if origin.strip().lower().rstrip("/") != own:
             return (
                 f"cross-site request refused: a web page of {origin[:100]!r} asked for {scope['method']} "
                 f"{scope['path'][:100]}; this server takes requests that change or compute something only from "

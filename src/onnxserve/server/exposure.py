@@ -75,14 +75,15 @@ def answered_hosts(settings: ServerSettings) -> Callable[[str], bool] | None:
     ``--allowed-hosts`` (``*``: any), else loopback names when it listens on loopback without a proxy
     declared (``--forwarded-allow-ips``: a proxy in front passes its clients' host names on), else any
     (None)."""
-    given = {host_name(h) for h in settings.allowed_hosts.split(",") if h.strip()}
-    if "*" in given:
+    entries = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+    if "*" in entries:
         return None
+    given = {host_name(h) for h in entries}
     if given:
         return lambda name: name in given
     if settings.forwarded_allow_ips.strip():
         return None
-    if _is_loopback(settings.host) or is_loopback_name(host_name(settings.host)):
+    if _is_loopback(settings.host) or settings.host.strip().lower() == "localhost":  # (0.0.0.0 is every address)
         return is_loopback_name
     return None
 
