@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import models
+from onnxserve.config import ServerConfig
+from onnxserve.core.manager import Catalog
 from onnxserve.core.shared_scan import SharedScan
+from onnxserve.errors import ModelNotFoundError
 
 
 class Counted:
@@ -75,5 +80,33 @@ def test_a_caller_that_arrives_during_an_older_reading_waits_for_a_newer_one(cal
         assert await first == 1
         assert later == [2] * callers  # one newer reading, shared
         assert read.calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_loads_of_names_without_a_folder_read_the_repository_no_more(tmp_path: Path) -> None:
+    """Outside attack rt26: each load of an unknown name forced a fresh reading of the repository (one core
+    busy with 3,000 folders from one client). A name without a folder is refused from the last reading; a
+    folder copied in just before its load is still found."""
+
+    class Counted(Catalog):
+        readings = 0
+
+        def read_for_control(self) -> ServerConfig:
+            Counted.readings += 1
+            return super().read_for_control()
+
+    models.write_version(tmp_path, "present", 1, models.offset_model(1.0))
+    catalog = Counted(repository=tmp_path)
+
+    async def scenario() -> None:
+        assert (await catalog.find("present")).name == "present"
+        for _ in range(20):
+            with pytest.raises(ModelNotFoundError):
+                await catalog.find("absent")
+        assert Counted.readings == 1  # before: 21
+        models.write_version(tmp_path, "late", 1, models.offset_model(2.0))
+        assert (await catalog.find("late")).name == "late"  # looked for again: its folder is there
+        assert Counted.readings == 2
 
     asyncio.run(scenario())

@@ -113,6 +113,15 @@ class Catalog:
             )
         asked = time.monotonic()
         for since in (None, asked):
+            # a name with no folder is not looked for again: a flood of loads of unknown names would otherwise
+            # read the repository over and over (one core busy with 3,000 folders: rt26)
+            repository = self.repository if self.config_file is None else None
+            if (
+                since is not None
+                and repository is not None
+                and not await asyncio.to_thread(os.path.isdir, repository / name)
+            ):
+                break
             for model in (await self.scans.get(since)).model_config_list:
                 if model.name == name:
                     self._confine(model)
