@@ -346,3 +346,34 @@ def test_where_no_private_copy_can_be_made_the_weights_are_read_into_memory(
     if sys.platform == "linux":
         assert _mapped(folder) == []
         assert _private_maps() == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX's")
+def test_a_private_copy_left_by_a_process_that_ended_mid_load_is_removed_by_the_next_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    # a process killed while its load made its session: its folder, copy and lock file, the lock held by nobody
+    left = temporary / f"{PRIVATE_COPY_PREFIX}abandoned"
+    left.mkdir()
+    (left / "lock").write_bytes(b"")
+    (left / "0.bin").write_bytes(b"\0" * 4096)
+    # a load under way (here, its lock held on another open file)
+    busy = temporary / f"{PRIVATE_COPY_PREFIX}busy"
+    busy.mkdir()
+    (busy / "lock").write_bytes(b"")
+    (busy / "0.bin").write_bytes(b"\0" * 4096)
+    (temporary / "unrelated").mkdir()
+    (temporary / f"{PRIVATE_COPY_PREFIX}a-file").write_bytes(b"")
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 1000, 2)
+    with (busy / "lock").open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ModelSession(folder / "model.onnx", name="m")
+    names = sorted(p.name for p in temporary.iterdir())
+    assert names == [f"{PRIVATE_COPY_PREFIX}a-file", f"{PRIVATE_COPY_PREFIX}busy", "unrelated"]
+    assert (busy / "0.bin").exists()

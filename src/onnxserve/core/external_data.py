@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 PRIVATE_COPY_PREFIX = "onnxserve-weights-"
 """How the private folders of the loads under way are named in the temporary folder."""
+
+LOCK_NAME = "lock"
+"""The file of a private folder its load holds a lock on (``flock``) until the folder is removed: a folder
+whose lock nobody holds was left by a process that ended mid-load, and the next load removes it."""
 
 _HANDED_TYPES: dict[int, type[np.generic]] = {
     TensorProto.FLOAT: np.float32,
@@ -101,14 +106,23 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
     A file that no longer holds the bytes a tensor names (changed since the check) is a
     :class:`ModelLoadError` naming ``where``."""
     tensors = [(label, t) for label, t in model_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    lock = -1
     try:
-        private = Path(tempfile.mkdtemp(prefix=PRIVATE_COPY_PREFIX)).resolve()
+        parent = Path(tempfile.gettempdir())
+        remove_abandoned_copies(parent)
+        private = Path(tempfile.mkdtemp(prefix=PRIVATE_COPY_PREFIX, dir=parent)).resolve()
     except OSError as e:
         log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
         yield None
         return
     try:
-        names = _copy_ranges(tensors, folder, private, where)
+        try:
+            lock = os.open(private / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = _copy_ranges(tensors, folder, private, where)
+        except OSError as e:  # the lock, or the folder removed under it: not the model's fault
+            log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
+            names = None
         if names is None:
             shutil.rmtree(private, ignore_errors=True)
             yield None
@@ -120,6 +134,30 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
         yield private
     finally:
         shutil.rmtree(private, ignore_errors=True)  # ONNX Runtime's mappings keep what the session uses
+        if lock >= 0:
+            os.close(lock)
+
+
+def remove_abandoned_copies(parent: Path) -> None:
+    """Remove the private folders in ``parent`` that a process which ended mid-load left behind: this user's
+    folders named so whose lock nobody holds (a load under way holds its own)."""
+    with os.scandir(parent) as entries:
+        found = [e for e in entries if e.name.startswith(PRIVATE_COPY_PREFIX) and e.is_dir(follow_symlinks=False)]
+    for entry in found:
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            lock = os.open(Path(entry.path) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:  # gone, or being made this instant (no lock yet): not ours to judge
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a load under way
+            continue
+        finally:
+            os.close(lock)
+        log.info("removing %s, left by a load that never finished", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _copy_ranges(
