@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxserve.core.confinement import check_model, model_tensors
 from onnxserve.core.division_guard import guard_division
-from onnxserve.core.external_data import has_external_data, take_external_data
+from onnxserve.core.external_data import has_external_data, private_copy, take_external_data
 from onnxserve.core.runtime import ModelSession, create_session, guarded_session, read_onnx
 from onnxserve.errors import ModelLoadError
 
@@ -377,3 +377,22 @@ def test_a_private_copy_left_by_a_process_that_ended_mid_load_is_removed_by_the_
     names = sorted(p.name for p in temporary.iterdir())
     assert names == [f"{PRIVATE_COPY_PREFIX}a-file", f"{PRIVATE_COPY_PREFIX}busy", "unrelated"]
     assert (busy / "0.bin").exists()
+
+
+def test_a_file_cut_between_the_check_and_the_copy_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m"
+    everywhere_model(folder)
+    model = read_onnx(folder / "model.onnx")
+    check_model(model, folder)
+    (folder / "sub" / "more.bin").write_bytes(b"\0" * 5000)  # cut after the check: S ends past it
+    with (
+        pytest.raises(ModelLoadError, match=r"m: initializer 'S': external data file 'sub/more.bin' ended at byte"),
+        private_copy(model, folder, "m"),
+    ):
+        pass
+    assert list(temporary.iterdir()) == []
