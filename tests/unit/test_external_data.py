@@ -396,3 +396,60 @@ def test_a_file_cut_between_the_check_and_the_copy_is_a_load_error(
     ):
         pass
     assert list(temporary.iterdir()) == []
+
+
+_FALLBACK_UNDER_A_LIMIT = textwrap.dedent(
+    """
+    import resource, sys, tempfile
+    from pathlib import Path
+    from onnxserve.core.memory import fix_mmap_threshold, limit_malloc_arenas
+    from onnxserve.core.runtime import ModelSession
+    from onnxserve.errors import ModelLoadError
+
+    limit_malloc_arenas()
+    fix_mmap_threshold()
+    tempfile.tempdir = sys.argv[3]  # not a folder: no private copy, the weights are read into memory
+    ModelSession(Path(sys.argv[4]))  # ONNX Runtime's first session costs what it costs once
+    vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[2]), resource.RLIM_INFINITY))
+    try:
+        ModelSession(Path(sys.argv[1]))
+        print("loaded")
+    except ModelLoadError as e:
+        print(e.message)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
+def test_a_model_the_fallback_cannot_serialize_for_want_of_memory_is_a_load_error(tmp_path: Path) -> None:
+    # 12 x 20 MB embedded (240 MB) fit in 400 MB of room; serializing them for ONNX Runtime (240 MB more)
+    # does not. Before: protobuf's EncodeError went up as it was, not as the version's load error.
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 5_000_000, 12)
+    tiny = tmp_path / "tiny" / "1"
+    everywhere_model(tiny)
+    not_a_folder = tmp_path / "tmp"
+    not_a_folder.write_bytes(b"")
+    package = Path(onnx.__file__).parents[1], Path(__import__("onnxserve").__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in reversed(package))}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FALLBACK_UNDER_A_LIMIT,
+            str(folder / "model.onnx"),
+            str(400 * 2**20),
+            str(not_a_folder),
+            str(tiny / "model.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == (
+        f"{folder / 'model.onnx'}: the process has no memory to hand this model to ONNX Runtime now"
+    )

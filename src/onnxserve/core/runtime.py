@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
@@ -155,6 +156,8 @@ def create_session(
             payload = model.SerializeToString()
         except ValueError as e:  # protobuf's 2 GB limit
             raise ModelLoadError(f"{where}: too large to run from memory ({e})") from None
+        except (MemoryError, EncodeError):  # protobuf (upb) reports a failed allocation as an EncodeError
+            raise ModelLoadError(f"{where}: {NO_MEMORY_TO_SERIALIZE}") from None
     else:
         payload = str(model) if isinstance(model, Path) else model
     so = session_options(options or SessionOptions())
@@ -240,6 +243,9 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 
 # protobuf's message when its arena cannot grow: the process is short of memory, the file may be fine
 _PARSER_OUT_OF_MEMORY = "Arena alloc failed"
+
+NO_MEMORY_TO_SERIALIZE = "the process has no memory to hand this model to ONNX Runtime now"
+"""What :func:`create_session` says when the process ran out of memory serializing a model in memory."""
 
 NO_MEMORY_TO_READ = "the process has no memory to read this model now"
 """What :func:`read_onnx`'s refusal says when the process ran out of memory parsing the file."""
