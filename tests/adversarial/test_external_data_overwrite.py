@@ -4,7 +4,8 @@ Outside attack rt25 F1: ONNX Runtime mapped a served model's external data file 
 the mapping for as long as the version served. The operator's ``cp`` over it (which truncates first) killed
 the whole server with SIGBUS at the next request that read a page past the new end, no log line; a
 same-size overwrite (``rsync --inplace``) made the version answer with the new weights under the old graph.
-The server now reads the external data into memory of its own at load (``core.external_data``)."""
+The server now maps a private copy of the external data, made at load and removed once the session exists
+(``core.external_data``)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,17 @@
-"""A session's external data is read into memory the server owns at load (``core.external_data``), wherever
-the model keeps it: ONNX Runtime maps no file of the version folder, so a file overwritten in place after the
-load changes nothing the session computes (outside attack rt25 F1)."""
+"""A session's external data is mapped from a private copy the server made at load, removed once the session
+exists (``core.external_data``; memory the server owns where no copy can be made), wherever the model keeps
+it: ONNX Runtime maps no file of the version folder, so a file overwritten in place after the load changes
+nothing the session computes (outside attack rt25 F1), and tensors in subgraphs or sharing one byte range
+cost no more than their file (outside attack rt26 F3)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
 import sys
+import tempfile
+import textwrap
 import weakref
 from pathlib import Path
 
@@ -15,11 +22,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxserve.core.confinement import check_model, model_tensors
 from onnxserve.core.division_guard import guard_division
-from onnxserve.core.external_data import has_external_data, take_external_data
-from onnxserve.core.runtime import ModelSession, create_session, read_onnx
+from onnxserve.core.external_data import has_external_data, private_copy, take_external_data
+from onnxserve.core.runtime import ModelSession, create_session, guarded_session, read_onnx
 from onnxserve.errors import ModelLoadError
 
 N = 300_000  # elements of each float32 tensor: 1.2 MB, several pages each
+PRIVATE_COPY_PREFIX = "onnxserve-weights-"  # how core.external_data names its private copies' folders
 BF16_ONE = np.uint16(0x3F80)
 
 
@@ -176,3 +184,272 @@ def test_a_file_cut_between_the_check_and_the_read_is_a_load_error(tmp_path: Pat
     (folder / "sub" / "more.bin").write_bytes(b"\0" * 5000)  # cut after the check: S ends past it
     with pytest.raises(ModelLoadError, match=r"m: initializer 'S': external data file 'sub/more.bin' ended at byte"):
         take_external_data(model, folder, "m")
+
+
+def shared_branch_model(folder: Path, elements: int, tensors: int, broken: bool = False) -> None:
+    """``y = If(c, then: Sum of Gather(Ws_i, idx) for i < tensors, else: [1, 2, 3, 4][idx])``, every Ws_i
+    naming all of ``w.bin`` (arange(elements) as float32): rt26's ``shsub``. ``broken`` makes the then-branch
+    output an int64 the If cannot return, so ONNX Runtime refuses the model after it mapped the weights."""
+    folder.mkdir(parents=True)
+    np.arange(elements, dtype=np.float32).tofile(folder / "w.bin")
+    names = [f"Ws_{i}" for i in range(tensors)]
+    weights = [
+        _external(TensorProto(name=n, data_type=TensorProto.FLOAT, dims=[elements]), "w.bin", 0, 4 * elements)
+        for n in names
+    ]
+    nodes = [helper.make_node("Gather", [n, "idx"], [f"g{i}"], axis=0) for i, n in enumerate(names)]
+    nodes.append(helper.make_node("Sum", [f"g{i}" for i in range(tensors)], ["s"]))
+    nodes.append(helper.make_node("Cast", ["s"], ["o"], to=TensorProto.INT64 if broken else TensorProto.FLOAT))
+    then_graph = helper.make_graph(
+        nodes, "then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["k"])], weights
+    )
+    small = numpy_helper.from_array(np.array([1, 2, 3, 4], np.float32), "Wt")
+    else_graph = helper.make_graph(
+        [helper.make_node("Gather", ["Wt", "idx"], ["e"], axis=0)],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["k"])],
+        [small],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)],
+        "shsub",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("idx", TensorProto.INT64, ["k"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, folder / "model.onnx")
+
+
+_UNDER_A_LIMIT = textwrap.dedent(
+    """
+    import gc, resource, sys
+    from pathlib import Path
+    from onnxserve.core.memory import fix_mmap_threshold, give_back_free_memory, limit_malloc_arenas, release_frames
+    from onnxserve.core.runtime import ModelSession
+    from onnxserve.errors import ModelLoadError
+
+    limit_malloc_arenas()
+    fix_mmap_threshold()
+
+    def status(key):
+        return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+
+    path, room = Path(sys.argv[1]), int(sys.argv[2])
+    ModelSession(Path(sys.argv[3]))  # ONNX Runtime's first session costs what it costs once
+    gc.collect()
+    give_back_free_memory()
+    before = status("VmRSS")
+    outcomes = []
+    for _ in range(3):
+        resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + room, resource.RLIM_INFINITY))
+        try:
+            session = ModelSession(path)
+            outcomes.append("loaded")
+            del session
+        except ModelLoadError as e:
+            outcomes.append(e.message)
+            release_frames(e)
+            del e
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        gc.collect()
+        give_back_free_memory()
+    print(status("VmRSS") - before)
+    print(outcomes)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
+def test_loads_under_an_address_space_limit_keep_nothing_once_they_are_over(tmp_path: Path) -> None:
+    # rt26 F3: 12 subgraph initializers over one file were embedded, one copy each, in the model handed to
+    # ONNX Runtime, whose load then failed for want of memory and kept what it had parsed: 786 MB after a
+    # failed load of 12 x 100 MB (and, given room, as much again at each retry). Here 12 x 20 MB under
+    # 1.1 GB of room: before, each load failed (std::bad_alloc) and kept ~150 MB; now each maps one copy.
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 5_000_000, 12)
+    tiny = tmp_path / "tiny" / "1"
+    everywhere_model(tiny)
+    package = Path(onnx.__file__).parents[1], Path(__import__("onnxserve").__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in reversed(package))}
+    done = subprocess.run(
+        [sys.executable, "-c", _UNDER_A_LIMIT, str(folder / "model.onnx"), str(1100 * 2**20), str(tiny / "model.onnx")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
+    kept, outcomes = done.stdout.splitlines()[-2:]
+    assert outcomes == str(["loaded"] * 3)  # before: three "... std::bad_alloc" refusals
+    assert int(kept) < 20 * 2**20  # before: ~450 MB kept after three failed loads
+
+
+def _private_maps() -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if PRIVATE_COPY_PREFIX in line]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/maps is Linux's")
+def test_tensors_are_mapped_from_a_private_copy_removed_once_the_session_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 300_000, 8)
+    session = ModelSession(folder / "model.onnx", name="m")
+    assert list(temporary.iterdir()) == []  # removed: the session's mappings are the only way to it
+    mapped = _private_maps()
+    assert mapped
+    assert all(line.endswith("(deleted)") for line in mapped)  # the 8 tensors map the one copy
+    assert len({line.split()[-2] for line in mapped}) == 1
+    assert _mapped(folder) == []
+    (folder / "w.bin").write_bytes(b"")  # cp's first step: nothing served changes
+    (y,) = session.run({"c": np.array(True), "idx": np.array([3, 299_999], np.int64)}).values()
+    np.testing.assert_array_equal(y, np.array([24, 8 * 299_999], np.float32))
+    del session
+    assert _private_maps() == []
+
+
+def test_a_session_onnx_runtime_refuses_leaves_no_private_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 300_000, 8, broken=True)
+    with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load the model"):
+        guarded_session(folder / "model.onnx", where="m")
+    assert list(temporary.iterdir()) == []
+    if sys.platform == "linux":
+        assert _private_maps() == []
+
+
+def test_where_no_private_copy_can_be_made_the_weights_are_read_into_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_folder = tmp_path / "tmp"
+    not_a_folder.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
+    folder = tmp_path / "m" / "1"
+    expected = everywhere_model(folder)
+    with caplog.at_level(logging.WARNING, logger="onnxserve.core.external_data"):
+        session = ModelSession(folder / "model.onnx", name="m")
+    assert "m: no private copy of its external data" in caplog.text
+    outputs = session.run(_feeds(False))
+    for name, values in expected.items():
+        np.testing.assert_array_equal(outputs[name], values, err_msg=name)
+    if sys.platform == "linux":
+        assert _mapped(folder) == []
+        assert _private_maps() == []
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX's")
+def test_a_private_copy_left_by_a_process_that_ended_mid_load_is_removed_by_the_next_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    # a process killed while its load made its session: its folder, copy and lock file, the lock held by nobody
+    left = temporary / f"{PRIVATE_COPY_PREFIX}abandoned"
+    left.mkdir()
+    (left / "lock").write_bytes(b"")
+    (left / "0.bin").write_bytes(b"\0" * 4096)
+    # a load under way (here, its lock held on another open file)
+    busy = temporary / f"{PRIVATE_COPY_PREFIX}busy"
+    busy.mkdir()
+    (busy / "lock").write_bytes(b"")
+    (busy / "0.bin").write_bytes(b"\0" * 4096)
+    (temporary / "unrelated").mkdir()
+    (temporary / f"{PRIVATE_COPY_PREFIX}a-file").write_bytes(b"")
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 1000, 2)
+    with (busy / "lock").open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ModelSession(folder / "model.onnx", name="m")
+    names = sorted(p.name for p in temporary.iterdir())
+    assert names == [f"{PRIVATE_COPY_PREFIX}a-file", f"{PRIVATE_COPY_PREFIX}busy", "unrelated"]
+    assert (busy / "0.bin").exists()
+
+
+def test_a_file_cut_between_the_check_and_the_copy_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m"
+    everywhere_model(folder)
+    model = read_onnx(folder / "model.onnx")
+    check_model(model, folder)
+    (folder / "sub" / "more.bin").write_bytes(b"\0" * 5000)  # cut after the check: S ends past it
+    with (
+        pytest.raises(ModelLoadError, match=r"m: initializer 'S': external data file 'sub/more.bin' ended at byte"),
+        private_copy(model, folder, "m"),
+    ):
+        pass
+    assert list(temporary.iterdir()) == []
+
+
+_FALLBACK_UNDER_A_LIMIT = textwrap.dedent(
+    """
+    import resource, sys, tempfile
+    from pathlib import Path
+    from onnxserve.core.memory import fix_mmap_threshold, limit_malloc_arenas
+    from onnxserve.core.runtime import ModelSession
+    from onnxserve.errors import ModelLoadError
+
+    limit_malloc_arenas()
+    fix_mmap_threshold()
+    tempfile.tempdir = sys.argv[3]  # not a folder: no private copy, the weights are read into memory
+    ModelSession(Path(sys.argv[4]))  # ONNX Runtime's first session costs what it costs once
+    vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[2]), resource.RLIM_INFINITY))
+    try:
+        ModelSession(Path(sys.argv[1]))
+        print("loaded")
+    except ModelLoadError as e:
+        print(e.message)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
+def test_a_model_the_fallback_cannot_serialize_for_want_of_memory_is_a_load_error(tmp_path: Path) -> None:
+    # 12 x 20 MB embedded (240 MB) fit in 400 MB of room; serializing them for ONNX Runtime (240 MB more)
+    # does not. Before: protobuf's EncodeError went up as it was, not as the version's load error.
+    folder = tmp_path / "m" / "1"
+    shared_branch_model(folder, 5_000_000, 12)
+    tiny = tmp_path / "tiny" / "1"
+    everywhere_model(tiny)
+    not_a_folder = tmp_path / "tmp"
+    not_a_folder.write_bytes(b"")
+    package = Path(onnx.__file__).parents[1], Path(__import__("onnxserve").__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in reversed(package))}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _FALLBACK_UNDER_A_LIMIT,
+            str(folder / "model.onnx"),
+            str(400 * 2**20),
+            str(not_a_folder),
+            str(tiny / "model.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == (
+        f"{folder / 'model.onnx'}: the process has no memory to hand this model to ONNX Runtime now"
+    )

@@ -1,4 +1,4 @@
-"""External data a session reads from memory the server owns, never from the version folder's files.
+"""External data a session reads from a private copy the server made, never from the version folder's files.
 
 Given a model file, ONNX Runtime maps (mmap) its external data files and reads the weights from the
 mapping for as long as the session lives. A served version's file that the operator then overwrites in
@@ -6,19 +6,36 @@ place changes under the session: a shorter file (``cp`` truncates first) ends th
 SIGBUS at the next run that reads a page past its new end, and a same-size one (``rsync --inplace``)
 serves the new weights under the old graph, never loaded together (outside attack rt25 F1).
 
-So the loader reads each tensor's external data once, at load, into arrays of its own
-(:func:`take_external_data`), and hands them to ONNX Runtime, which copies them into the session while
-it is made (``SessionOptions.add_external_initializers``); the arrays are freed as soon as the session
-exists, and nothing of the version folder stays mapped. ONNX Runtime takes such arrays for the main
-graph's initializers only: every other tensor with external data (a subgraph's initializers, attribute
-values, sparse initializers, 4-bit element types) is embedded in the model in memory instead.
+So the loader copies the byte ranges the tensors name, once each, into private files of its own
+(:func:`private_copy`: a fresh ``0700`` folder under the temporary folder, ``TMPDIR``; the kernel copies,
+no byte passes through the process), points every external tensor of the model in memory at them, lets
+ONNX Runtime map them as it would the version's files, and removes them as soon as the session exists:
+the session's mappings are then the only way to them, so nothing the operator does to the version
+folder (or to the temporary folder) reaches the weights. Tensors that name the same bytes map the same
+pages of the copy, as they mapped the same pages of the file before, and subgraph initializers are mapped
+like the main graph's: a version costs what it cost mapped (pages of a file, in the page cache, that the
+kernel reads back when they are dropped, or in memory when the temporary folder is a tmpfs), plus the
+copy's room in the temporary folder for as long as the session lives.
 
-The cost: while the session is made, the weights are held twice (these arrays and ONNX Runtime's copy);
-once it is made, once, in the process's own memory rather than in the page cache.
+Where no private copy can be made (no room, a read-only temporary folder, no ``sendfile``), the loader
+falls back to reading each tensor's external data into arrays of its own (:func:`take_external_data`),
+handed to ONNX Runtime, which copies them into the session while it is made
+(``SessionOptions.add_external_initializers``). ONNX Runtime takes such arrays for the main graph's
+initializers only: every other tensor with external data (a subgraph's initializers, attribute values,
+sparse initializers, 4-bit element types) is embedded in the model in memory instead, at several times
+its size while the session is made (outside attack rt26 F3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from io import FileIO
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -30,6 +47,15 @@ from onnx import TensorProto
 
 from onnxserve.core.confinement import model_tensors, packed_bytes
 from onnxserve.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PRIVATE_COPY_PREFIX = "onnxserve-weights-"
+"""How the private folders of the loads under way are named in the temporary folder."""
+
+LOCK_NAME = "lock"
+"""The file of a private folder its load holds a lock on (``flock``) until the folder is removed: a folder
+whose lock nobody holds was left by a process that ended mid-load, and the next load removes it."""
 
 _HANDED_TYPES: dict[int, type[np.generic]] = {
     TensorProto.FLOAT: np.float32,
@@ -66,6 +92,137 @@ class Initializer(NamedTuple):
 def has_external_data(model: onnx.ModelProto) -> bool:
     """Whether any tensor of ``model`` keeps its values in an external data file."""
     return any(tensor.data_location == TensorProto.EXTERNAL for _, tensor in model_tensors(model))
+
+
+@contextlib.contextmanager
+def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[Path | None]:
+    """Copy the external data every tensor of ``model`` names (parsed without it; its locations checked by
+    ``core.confinement``) from ``folder`` into private files, and point those tensors at them (``model`` is
+    changed in place); yields the private folder, for ONNX Runtime to map the files from while the session
+    is made, and removes it when the block ends. Each file's named byte ranges are copied once, at their own
+    offsets (what no tensor names is a hole), so a copy never holds more than its file.
+
+    Yields None, ``model`` unchanged, where no private copy can be made here (see the module docstring).
+    A file that no longer holds the bytes a tensor names (changed since the check) is a
+    :class:`ModelLoadError` naming ``where``."""
+    tensors = [(label, t) for label, t in model_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    lock = -1
+    try:
+        parent = Path(tempfile.gettempdir())
+        remove_abandoned_copies(parent)
+        private = Path(tempfile.mkdtemp(prefix=PRIVATE_COPY_PREFIX, dir=parent)).resolve()
+    except OSError as e:
+        log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
+        yield None
+        return
+    try:
+        try:
+            lock = os.open(private / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            names = _copy_ranges(tensors, folder, private, where)
+        except OSError as e:  # the lock, or the folder removed under it: not the model's fault
+            log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
+            names = None
+        if names is None:
+            shutil.rmtree(private, ignore_errors=True)
+            yield None
+            return
+        for _, tensor in tensors:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = names[entry.value]
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # ONNX Runtime's mappings keep what the session uses
+        if lock >= 0:
+            os.close(lock)
+
+
+def remove_abandoned_copies(parent: Path) -> None:
+    """Remove the private folders in ``parent`` that a process which ended mid-load left behind: this user's
+    folders named so whose lock nobody holds (a load under way holds its own)."""
+    with os.scandir(parent) as entries:
+        found = [e for e in entries if e.name.startswith(PRIVATE_COPY_PREFIX) and e.is_dir(follow_symlinks=False)]
+    for entry in found:
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+            lock = os.open(Path(entry.path) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:  # gone, or being made this instant (no lock yet): not ours to judge
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a load under way
+            continue
+        finally:
+            os.close(lock)
+        log.info("removing %s, left by a load that never finished", entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _copy_ranges(
+    tensors: list[tuple[str, TensorProto]], folder: Path, private: Path, where: str
+) -> dict[str, str] | None:
+    """Copy the ranges ``tensors`` name into ``private``, one file per file of ``folder``; the private
+    names by location, or None (logged) where the copy cannot be made here."""
+    names: dict[str, str] = {}
+    done: set[tuple[str, int, int]] = set()
+    sources: dict[str, int] = {}
+    copies: dict[str, int] = {}
+    try:
+        for label, tensor in tensors:
+            entries = {e.key: e.value for e in tensor.external_data}
+            location = entries.get("location", "")
+            if location not in sources:
+                try:
+                    sources[location] = os.open(folder / PurePosixPath(location), os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    raise ModelLoadError(
+                        f"{where}: {label}: external data file {location!r} cannot be read ({e.strerror})"
+                    ) from None
+                names[location] = f"{len(names)}.bin"
+                copies[location] = os.open(
+                    private / names[location], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                )
+                os.ftruncate(copies[location], os.fstat(sources[location]).st_size)
+            offset = int(entries.get("offset", "0"))
+            count = packed_bytes(tensor)
+            if count is None:
+                count = int(entries["length"]) if "length" in entries else os.fstat(sources[location]).st_size - offset
+            if (location, offset, count) not in done:
+                _copy_range(sources[location], copies[location], offset, count, f"{where}: {label}", location)
+                done.add((location, offset, count))
+        return names
+    except (OSError, AttributeError) as e:  # no room, no sendfile to a file here: not the model's fault
+        log.warning(
+            "%s: no private copy of its external data (%s); reading it into memory instead",
+            where,
+            getattr(e, "strerror", None) or e,
+        )
+        return None
+    finally:
+        for fd in (*sources.values(), *copies.values()):
+            os.close(fd)
+
+
+def _copy_range(source: int, copy: int, offset: int, count: int, label: str, location: str) -> None:
+    os.lseek(copy, offset, os.SEEK_SET)
+    done = 0
+    while done < count:
+        try:
+            sent = os.sendfile(copy, source, offset + done, count - done)
+        except OSError as e:
+            if e.errno == errno.EIO:
+                raise ModelLoadError(
+                    f"{label}: external data file {location!r} cannot be read ({e.strerror})"
+                ) from None
+            raise
+        if not sent:
+            raise ModelLoadError(
+                f"{label}: external data file {location!r} ended at byte {offset + done}, "
+                f"before the {count} bytes from {offset} it holds (the file changed during the load)"
+            )
+        done += sent
 
 
 def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict[str, Initializer]:

@@ -21,13 +21,14 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from onnxserve.config import ExecutionProvider, SessionOptions
 from onnxserve.core import datatypes
 from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
-from onnxserve.core.external_data import Initializer, has_external_data, take_external_data
+from onnxserve.core.external_data import Initializer, has_external_data, private_copy, take_external_data
 from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
@@ -155,6 +156,8 @@ def create_session(
             payload = model.SerializeToString()
         except ValueError as e:  # protobuf's 2 GB limit
             raise ModelLoadError(f"{where}: too large to run from memory ({e})") from None
+        except (MemoryError, EncodeError):  # protobuf (upb) reports a failed allocation as an EncodeError
+            raise ModelLoadError(f"{where}: {NO_MEMORY_TO_SERIALIZE}") from None
     else:
         payload = str(model) if isinstance(model, Path) else model
     so = session_options(options or SessionOptions())
@@ -194,10 +197,11 @@ def guarded_session(
     them from a guarded copy in memory. ``read`` is given the graph that is served (the guarded copy, or
     the parsed file) first: what a caller learns from it, without parsing the file twice.
 
-    A model file with external data is served from its parse (or guarded copy) and memory the server owns
-    (``core.external_data``): its external data is read once, here, and ONNX Runtime keeps no file of the
-    version folder mapped, so a file overwritten in place later changes nothing the session serves
-    (outside attack rt25 F1). Otherwise the parsed model is dropped before the session is made."""
+    A model file with external data is served from its parse (or guarded copy) and a private copy of its
+    external data that ONNX Runtime maps, removed once the session is made (``core.external_data``;
+    where none can be made, memory the server owns): ONNX Runtime keeps no file of the version folder
+    mapped, so a file overwritten in place later changes nothing the session serves (outside attack rt25
+    F1). Otherwise the parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
     parsed = check_onnx_file(model) if isinstance(model, Path) else model
     guarded = guard_division(parsed, where)
@@ -207,6 +211,9 @@ def guarded_session(
     if folder is not None and has_external_data(parsed):
         served = guarded if guarded is not None else parsed  # the file's own parse, or a copy of it: ours to change
         del parsed, guarded
+        with private_copy(served, folder, where) as private:
+            if private is not None:
+                return create_session(served, providers=providers, options=options, where=where, external_data=private)
         initializers = take_external_data(served, folder, where)
         try:
             return create_session(
@@ -236,6 +243,9 @@ def _spec(arg: Any, where: str) -> TensorSpec:
 
 # protobuf's message when its arena cannot grow: the process is short of memory, the file may be fine
 _PARSER_OUT_OF_MEMORY = "Arena alloc failed"
+
+NO_MEMORY_TO_SERIALIZE = "the process has no memory to hand this model to ONNX Runtime now"
+"""What :func:`create_session` says when the process ran out of memory serializing a model in memory."""
 
 NO_MEMORY_TO_READ = "the process has no memory to read this model now"
 """What :func:`read_onnx`'s refusal says when the process ran out of memory parsing the file."""
