@@ -320,8 +320,9 @@ def _served(server: CappedServer, ca_file: Path) -> bool:
     return response.status_code == 200
 
 
-def _large_answer_request(rows: int) -> bytes:
-    """A ``Connection: close`` V2 binary request to ``add`` whose answer holds 2 x ``rows`` x 16 floats."""
+def _large_answer_body(rows: int) -> tuple[bytes, int]:
+    """A V2 binary request body to ``add`` whose answer holds 2 x ``rows`` x 16 floats, and its JSON header's
+    length."""
     values = b"\x00\x00\x80\x3f" * (rows * 16)  # 1.0 in float32, little-endian
     inputs = [
         {"name": n, "shape": [rows, 16], "datatype": "FP32", "parameters": {"binary_data_size": len(values)}}
@@ -329,10 +330,15 @@ def _large_answer_request(rows: int) -> bytes:
     ]
     outputs = [{"name": n, "parameters": {"binary_data": True}} for n in ("sum", "diff")]
     header = json.dumps({"inputs": inputs, "outputs": outputs}).encode()
-    body = header + values + values
+    return header + values + values, len(header)
+
+
+def _large_answer_request(rows: int) -> bytes:
+    """The whole ``Connection: close`` HTTP request of ``_large_answer_body``."""
+    body, header = _large_answer_body(rows)
     head = (
         f"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n"
-        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {header}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -392,3 +398,40 @@ def test_closing_connections_whose_clients_take_nothing_give_their_slots_to_new_
         finally:
             for sock in held:
                 sock.close()
+
+
+def test_answers_a_tls_client_leaves_unread_stay_in_the_budget(
+    numeric_repository: Path, tls_files: dict[str, Path]
+) -> None:
+    """Outside attack rt29: over TLS a large answer went from the TLS layer to the TCP transport's buffer at
+    once, and uvicorn took it as sent: its bytes left --max-inflight-bytes while its client read nothing (40
+    clients of 60 MiB answers: RSS +3.2 GB, where plain HTTP refused all but one). They stay counted now, as
+    over plain HTTP: with the budget held by unread answers, the next large request is refused."""
+    budget = 24 * 1024 * 1024
+    with serve_capped(numeric_repository, *tls_args(tls_files), "--max-inflight-bytes", str(budget)) as capped:
+        context = ssl.create_default_context(cafile=str(tls_files["ca"]))
+        unread: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(3):  # 3 x 6 MiB of answers, never read
+                plain = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+                plain.settimeout(30)
+                plain.connect((capped.host, capped.http_port))
+                sock = context.wrap_socket(plain, server_hostname="127.0.0.1")
+                sock.sendall(_large_answer_request(49_152))
+                unread.append(sock)
+                time.sleep(0.5)  # answered meanwhile
+            body, header = _large_answer_body(49_152)
+            refused = requests.post(
+                f"{https(capped)}/v2/models/add/infer",
+                data=body,
+                headers={"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header)},
+                verify=str(tls_files["ca"]),
+                timeout=30,
+            )
+            assert refused.status_code == 503, refused.text[:300]  # before: 200, the unread answers not counted
+            assert probe_seconds(capped, tls_files["ca"]) < PROBE_BOUND
+        finally:
+            for sock in unread:
+                sock.close()
+        served_normally(capped, tls_files["ca"])  # the budget is back once those clients are gone

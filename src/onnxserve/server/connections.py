@@ -162,6 +162,10 @@ slot (a client that never reads, or never answers the close, held every slot for
 waited the loop's default 30 s: outside attack rt18). One whose client still takes its answer, however
 slowly, is cut ``body_timeout`` after its close at the latest, as an unread answer is."""
 
+TLS_WRITE_HIGH_WATER = 64 * 1024
+"""Over TLS, writing an answer is blocked while the TCP transport holds more than this unsent (``_watch_tcp``),
+as a plain transport blocks it past its own high-water mark (64 KiB)."""
+
 TLS_CUT_CHECK_SECONDS = 0.01
 """How often a TLS connection the server closes (``_close_tls``) is checked for its answer having reached
 the client (its buffers and the socket's send queue empty: sent and acknowledged) or having stalled."""
@@ -247,14 +251,22 @@ class _ClosedWritesDropped:
     the second written to a closed transport, and each such answer was logged as two ERROR tracebacks
     (an outside attack: 3.9 MB of log in 0.8 s). A client that leaves is not an error."""
 
-    def __init__(self, transport: asyncio.Transport, linger: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        linger: Callable[[], bool] | None = None,
+        wrote: Callable[[], None] | None = None,
+    ) -> None:
         self._transport = transport
         self._linger = linger
+        self._wrote = wrote  # told after each write (over TLS: ``GuardedHttpProtocol._watch_tcp``)
         self._lingering = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.is_closing():
             self._transport.write(data)
+            if self._wrote is not None:
+                self._wrote()
 
     def is_closing(self) -> bool:
         return self._lingering or self._transport.is_closing()
@@ -366,6 +378,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._tcp: asyncio.Transport | None = None  # under the TLS layer: the connection's TCP transport
         self._undecrypted = False  # over TLS: what it receives is dropped undecrypted (_read_no_more_tls)
         self._closing_tls = False  # over TLS: closed once its answer is out (_close_tls)
+        self._layer_full = False  # the transport (over TLS: the TLS layer) paused writing
+        self._tcp_full = False  # over TLS: the TCP transport's buffer is full (_watch_tcp)
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
         self._beyond = False  # bytes came after its last request that began no new one (yet)
@@ -386,7 +400,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self._upgrading:  # the TLS layer's handshake is done: HTTP from now on, through it
             self._upgrading = False
-            self.transport = _ClosedWritesDropped(transport, self._linger)  # type: ignore[assignment]
+            self.transport = _ClosedWritesDropped(transport, self._linger, self._watch_tcp)  # type: ignore[assignment]
             self.flow = FlowControl(transport)
             self.scheme = "https"
             return
@@ -1117,6 +1131,40 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     # -- the answer ---------------------------------------------------------------------------------
     def pause_writing(self) -> None:
+        """The transport's buffer (over TLS: the TLS layer's) is full: see ``_writing_blocked``."""
+        self._layer_full = True
+        self._writing_blocked()
+
+    def resume_writing(self) -> None:
+        self._layer_full = False
+        if not self._tcp_full:
+            self._writing_unblocked()
+
+    def _watch_tcp(self) -> None:
+        """Over TLS, after a write: writing is blocked while the TCP transport's buffer is full too. The TLS
+        layer pauses the application only for its own buffer, and a large answer moves to the TCP transport's
+        at once, so uvicorn took it as sent: its bytes left the in-flight budget unread (outside attack rt29: 40
+        clients that read nothing of 60 MiB answers each, RSS +3.2 GB, where plain HTTP refused all but one)."""
+        tcp = self._tcp
+        if tcp is None or self._tcp_full or tcp.is_closing():
+            return
+        if tcp.get_write_buffer_size() > TLS_WRITE_HIGH_WATER:
+            self._tcp_full = True
+            self._writing_blocked()
+            self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._tcp_drained)
+
+    def _tcp_drained(self) -> None:
+        """Unblock writing once the TCP transport's buffer is down to a quarter of ``TLS_WRITE_HIGH_WATER``
+        (checked every ``TLS_CUT_CHECK_SECONDS``), or the connection has ended."""
+        tcp = self._tcp
+        if tcp is not None and not tcp.is_closing() and tcp.get_write_buffer_size() > TLS_WRITE_HIGH_WATER // 4:
+            self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._tcp_drained)
+            return
+        self._tcp_full = False
+        if not self._layer_full:
+            self._writing_unblocked()
+
+    def _writing_blocked(self) -> None:
         """The client reads slower than the answer is written: it has ``body_timeout`` seconds to catch up,
         and meanwhile its connection may be closed for another address (``_displace``)."""
         super().pause_writing()
@@ -1126,7 +1174,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 address = self.clients.by_address[self._address]
                 address.stalled.push(self, len(address.connections))
 
-    def resume_writing(self) -> None:
+    def _writing_unblocked(self) -> None:
         super().resume_writing()
         if self._send_timer is not None:
             self._send_timer.cancel()
