@@ -105,8 +105,15 @@ def test_loads_of_names_without_a_folder_read_the_repository_no_more(tmp_path: P
             with pytest.raises(ModelNotFoundError):
                 await catalog.find("absent")
         assert Counted.readings == 1  # before: 21
+        (tmp_path / "notes").mkdir()
+        time.sleep(1.1)  # past FILE_TIME_SLACK_SECONDS
+        await catalog.scans.get(time.monotonic())  # a reading that saw "notes", a folder that holds no model
+        for _ in range(20):
+            with pytest.raises(ModelNotFoundError):
+                await catalog.find("notes")
+        assert Counted.readings == 2  # rt29: 22, a reading for each
         models.write_version(tmp_path, "late", 1, models.offset_model(2.0))
-        assert (await catalog.find("late")).name == "late"  # looked for again: its folder is there
-        assert Counted.readings == 2
+        assert (await catalog.find("late")).name == "late"  # looked for again: its folder is new
+        assert Counted.readings == 3
 
     asyncio.run(scenario())

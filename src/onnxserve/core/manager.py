@@ -46,6 +46,7 @@ import enum
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -113,15 +114,14 @@ class Catalog:
             )
         asked = time.monotonic()
         for since in (None, asked):
-            # a name with no folder is not looked for again: a flood of loads of unknown names would otherwise
-            # read the repository over and over (one core busy with 3,000 folders: rt26)
+            # a name with no folder, or whose folder has not changed since the last reading began, is not looked
+            # for again: a flood of loads of unknown names would otherwise read the repository over and over
+            # (one core busy with 3,000 folders: rt26; a folder that holds no model: rt29)
             repository = self.repository if self.config_file is None else None
-            if (
-                since is not None
-                and repository is not None
-                and not await asyncio.to_thread(os.path.isdir, repository / name)
-            ):
-                break
+            if since is not None and repository is not None:
+                changed = await asyncio.to_thread(_changed_since, repository, name, self.scans.result_started)
+                if not changed:
+                    break
             for model in (await self.scans.get(since)).model_config_list:
                 if model.name == name:
                     self._confine(model)
@@ -147,6 +147,25 @@ class Catalog:
         target = model.base_path.resolve()
         if target != root and root not in target.parents:
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
+
+
+FILE_TIME_SLACK_SECONDS = 1.0
+"""File times come from a coarse clock (up to a tick behind the wall clock): a change this close before a
+reading began counts as possibly after it."""
+
+
+def _changed_since(repository: Path, name: str, started: float | None) -> bool:
+    """Whether the repository has a folder ``name`` that may hold a model the reading begun at ``started``
+    (``time.time()``; None: unknown, so possibly) did not see: the repository's entries changed since (a
+    folder copied or moved in: a moved folder keeps its own times) or the folder's own did (a version added).
+    Blocking: two stats."""
+    try:
+        folder, root = os.stat(repository / name), os.stat(repository)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(folder.st_mode):
+        return False
+    return started is None or max(folder.st_mtime, root.st_mtime) >= started - FILE_TIME_SLACK_SECONDS
 
 
 MAX_LOGGED_VERSIONS = 10

@@ -32,6 +32,7 @@ class SharedScan(Generic[T]):
         self._running: asyncio.Future[T] | None = None
         self._running_since = 0.0
         self._result: tuple[float, T] | None = None  # the last reading that succeeded: (started, result)
+        self._result_wall = 0.0  # when it started, by the wall clock (file times are on it)
 
     async def get(self, since: float | None = None) -> T:
         """A result of a reading started at ``since`` or later (by default: ``FRESH_SECONDS`` ago); a reading
@@ -49,8 +50,14 @@ class SharedScan(Generic[T]):
                 continue
             return await asyncio.shield(running)
 
+    @property
+    def result_started(self) -> float | None:
+        """When the reading of the latest result started (``time.time()``: file times compare with it), or
+        None before any."""
+        return self._result_wall if self._result is not None else None
+
     def _start(self) -> asyncio.Future[T]:
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         running: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(self._read))
         self._running, self._running_since = running, started
 
@@ -58,7 +65,7 @@ class SharedScan(Generic[T]):
             if self._running is future:
                 self._running = None
             if not future.cancelled() and future.exception() is None:
-                self._result = (started, future.result())
+                self._result, self._result_wall = (started, future.result()), wall
 
         running.add_done_callback(finished)
         return running
