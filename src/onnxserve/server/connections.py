@@ -84,6 +84,7 @@ import asyncio
 import asyncio.sslproto
 import contextlib
 import fcntl
+import itertools
 import logging
 import resource
 import ssl
@@ -165,6 +166,13 @@ slowly, is cut ``body_timeout`` after its close at the latest, as an unread answ
 TLS_WRITE_HIGH_WATER = 64 * 1024
 """Over TLS, writing an answer is blocked while the TCP transport holds more than this unsent (``_watch_tcp``),
 as a plain transport blocks it past its own high-water mark (64 KiB)."""
+
+CLOSING_IDLE_SECONDS = 0.5
+"""A TLS connection being closed whose client has taken nothing of its answer for this long may give its slot
+to a new connection past ``--max-connections`` (``_cut_oldest_closing``)."""
+
+CLOSING_LOOKED_AT = 64
+"""The most connections being closed looked at for one new connection: the oldest first."""
 
 TLS_CUT_CHECK_SECONDS = 0.01
 """How often a TLS connection the server closes (``_close_tls``) is checked for its answer having reached
@@ -380,6 +388,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._closing_tls = False  # over TLS: closed once its answer is out (_close_tls)
         self._layer_full = False  # the transport (over TLS: the TLS layer) paused writing
         self._tcp_full = False  # over TLS: the TCP transport's buffer is full (_watch_tcp)
+        self._moved = 0.0  # over TLS, closing: when its client last took some of the answer (_close_once_sent)
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
         self._beyond = False  # bytes came after its last request that began no new one (yet)
@@ -510,15 +519,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _cut_oldest_closing(self) -> bool:
-        """Cut the oldest ordinary TLS connection the server is closing whose client has not taken all of its
-        answer yet (``_close_tls``): it is answered, and holds its slot only for a client that reads slowly or
-        not at all. False when there is none."""
-        cutting = self.clients.cutting
-        while cutting:
-            oldest = next(iter(cutting))
-            del cutting[oldest]
-            tcp = oldest._tcp
-            if tcp is not None and not tcp.is_closing():
+        """Cut the oldest ordinary TLS connection the server is closing (``_close_tls``) whose client has taken
+        nothing of the rest of its answer for ``CLOSING_IDLE_SECONDS``, or whose address gives way to this
+        one's (``fairness.gives_way``): it is answered, and holds its slot only for a client that reads slowly
+        or not at all. A client still taking its answer from an address holding no more than this one's keeps
+        it (outside attack rt29: new connections past the cap cut an honest slow reader's answer). At most
+        ``CLOSING_LOOKED_AT`` are looked at; False when none qualifies."""
+        counts, now = self.clients.counts, time.monotonic()
+        mine = counts.of[self._address] - 1
+        for closing in itertools.islice(list(self.clients.cutting), CLOSING_LOOKED_AT):
+            tcp = closing._tcp
+            if tcp is None or tcp.is_closing():
+                self.clients.cutting.pop(closing, None)
+                continue
+            if now - closing._moved >= CLOSING_IDLE_SECONDS or (
+                closing._address != self._address and gives_way(counts.of[closing._address], mine)
+            ):
+                self.clients.cutting.pop(closing, None)
                 tcp.abort()
                 return True
         return False
@@ -754,7 +771,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._read_no_more_tls()
         if self._counted and not self._reserve:
             self.clients.cutting[self] = None
-        now = time.monotonic()
+        now = self._moved = time.monotonic()
         self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._close_once_sent, tcp, now + self.limits.body_timeout, now, -1)
 
     def _read_no_more_tls(self) -> None:
@@ -777,7 +794,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             tcp.close()
             return
         if before < 0 or left < before:
-            moved = now
+            moved = self._moved = now
         if now - moved >= TLS_STALL_SECONDS or now >= deadline:
             tcp.abort()  # what is left is dropped: its client does not take it
             _trim_soon(self.loop)
