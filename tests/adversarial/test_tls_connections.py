@@ -371,7 +371,7 @@ def test_a_slow_reader_of_a_closing_connection_gets_its_whole_answer(
         received = bytearray()
         while chunk := sock.recv(64 * 1024):
             received += chunk
-            time.sleep(0.05)  # about 1 MB/s: the answer takes about 5 s to read
+            time.sleep(len(chunk) / 5e5)  # about 500 KB/s (at 1 MB/s the old close kept up): about 10 s
     arrived, length = _answer_bytes(bytes(received))
     assert arrived == length, f"{arrived} of the answer's {length} bytes arrived"  # before: cut 2 s in
 
@@ -483,7 +483,7 @@ def test_new_connections_past_the_cap_do_not_cut_an_answer_being_read(
                 received = bytearray()
                 while chunk := sock.recv(64 * 1024):
                     received += chunk
-                    time.sleep(0.05)  # about 1 MB/s
+                    time.sleep(len(chunk) / 1e6)  # about 1 MB/s
         finally:
             stop.set()
             if knocking.is_alive():
