@@ -264,26 +264,29 @@ _UNDER_A_LIMIT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
-def test_loads_under_an_address_space_limit_keep_nothing_once_they_are_over(tmp_path: Path) -> None:
-    # rt26 F3: 12 subgraph initializers over one file were embedded, one copy each, in the model handed to
-    # ONNX Runtime, whose load then failed for want of memory and kept what it had parsed: 786 MB after a
-    # failed load of 12 x 100 MB (and, given room, as much again at each retry). Here 12 x 20 MB under
-    # 1.1 GB of room: before, each load failed (std::bad_alloc) and kept ~150 MB; now each maps one copy.
+def _under_a_limit(tmp_path: Path, script: str, room: int, *args: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """Run ``script`` in a fresh interpreter on a model of 12 branch initializers of 20 MB over one data file,
+    with ``room`` bytes of address space and ``args``, after a tiny model it loads first: the model's file and
+    what the process printed."""
     folder = tmp_path / "m" / "1"
     shared_branch_model(folder, 5_000_000, 12)
     tiny = tmp_path / "tiny" / "1"
     everywhere_model(tiny)
     package = Path(onnx.__file__).parents[1], Path(__import__("onnxserve").__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in reversed(package))}
-    done = subprocess.run(
-        [sys.executable, "-c", _UNDER_A_LIMIT, str(folder / "model.onnx"), str(1100 * 2**20), str(tiny / "model.onnx")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=True,
-    )
+    model = folder / "model.onnx"
+    command = [sys.executable, "-c", script, str(model), str(room), *args, str(tiny / "model.onnx")]
+    return model, subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="address-space limits and /proc are Linux's")
+def test_loads_under_an_address_space_limit_keep_nothing_once_they_are_over(tmp_path: Path) -> None:
+    # rt26 F3: 12 subgraph initializers over one file were embedded, one copy each, in the model handed to
+    # ONNX Runtime, whose load then failed for want of memory and kept what it had parsed: 786 MB after a
+    # failed load of 12 x 100 MB (and, given room, as much again at each retry). Here 12 x 20 MB under
+    # 1.1 GB of room: before, each load failed (std::bad_alloc) and kept ~150 MB; now each maps one copy.
+    _, done = _under_a_limit(tmp_path, _UNDER_A_LIMIT, 1100 * 2**20)
+    assert done.returncode == 0, done.stderr[-2000:]
     kept, outcomes = done.stdout.splitlines()[-2:]
     assert outcomes == str(["loaded"] * 3)  # before: three "... std::bad_alloc" refusals
     assert int(kept) < 20 * 2**20  # before: ~450 MB kept after three failed loads
@@ -425,31 +428,10 @@ _FALLBACK_UNDER_A_LIMIT = textwrap.dedent(
 def test_a_model_the_fallback_cannot_serialize_for_want_of_memory_is_a_load_error(tmp_path: Path) -> None:
     # 12 x 20 MB embedded (240 MB) fit in 400 MB of room; serializing them for ONNX Runtime (240 MB more)
     # does not. Before: protobuf's EncodeError went up as it was, not as the version's load error.
-    folder = tmp_path / "m" / "1"
-    shared_branch_model(folder, 5_000_000, 12)
-    tiny = tmp_path / "tiny" / "1"
-    everywhere_model(tiny)
     not_a_folder = tmp_path / "tmp"
     not_a_folder.write_bytes(b"")
-    package = Path(onnx.__file__).parents[1], Path(__import__("onnxserve").__file__).parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in reversed(package))}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _FALLBACK_UNDER_A_LIMIT,
-            str(folder / "model.onnx"),
-            str(400 * 2**20),
-            str(not_a_folder),
-            str(tiny / "model.onnx"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    model, done = _under_a_limit(tmp_path, _FALLBACK_UNDER_A_LIMIT, 400 * 2**20, str(not_a_folder))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == (
-        f"{folder / 'model.onnx'}: the process has no memory to hand this model to ONNX Runtime now"
+        f"{model}: the process has no memory to hand this model to ONNX Runtime now"
     )

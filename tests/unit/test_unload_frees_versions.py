@@ -95,30 +95,22 @@ LAYOUTS: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_an_unloaded_tensor_version_is_freed_at_once(tmp_path: Path, layout: str, no_cyclic_gc: None) -> None:
     models.write_version(tmp_path, "m", 1, models.offset_model(1.0))
-    served = Served(tmp_path, [{"name": "m", "base_path": "m", **LAYOUTS[layout]}])
-    try:
-        watched = served.watch("m")
-
-        async def scenario() -> None:
-            await served.traffic("m", text=False)
-            await served.manager.unload("m")
-            await served.manager.close()
-
-        asyncio.run(scenario())
-        assert [ref() is None for ref in watched] == [True] * len(watched)
-    finally:
-        served.close()
+    _assert_freed_by_unload(Served(tmp_path, [{"name": "m", "base_path": "m", **LAYOUTS[layout]}]), "m", text=False)
 
 
 def test_an_unloaded_text_version_is_freed_at_once(tiny_text_version: Path, tmp_path: Path, no_cyclic_gc: None) -> None:
     shutil.copytree(tiny_text_version, tmp_path / "tiny" / "1")
-    served = Served(tmp_path, [{"name": "tiny", "base_path": "tiny"}])
+    _assert_freed_by_unload(Served(tmp_path, [{"name": "tiny", "base_path": "tiny"}]), "tiny", text=True)
+
+
+def _assert_freed_by_unload(served: Served, name: str, text: bool) -> None:
+    """After traffic and an unload of ``name``, nothing of its versions is left (weak references dead)."""
     try:
-        watched = served.watch("tiny")
+        watched = served.watch(name)
 
         async def scenario() -> None:
-            await served.traffic("tiny", text=True)
-            await served.manager.unload("tiny")
+            await served.traffic(name, text=text)
+            await served.manager.unload(name)
             await served.manager.close()
 
         asyncio.run(scenario())
