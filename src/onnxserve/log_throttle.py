@@ -17,12 +17,23 @@ from collections.abc import Callable, Hashable
 EVERY_SECONDS = 10.0
 """The default: at most one record every 10 s."""
 
+_every = EVERY_SECONDS
+
+
+def set_every(seconds: float) -> None:
+    """Set the interval of every throttle made without one of its own (the server's
+    ``--log-repeat-seconds``): those made before this call follow it too."""
+    global _every
+    if not seconds > 0:
+        raise ValueError(f"a log repeat interval must be positive, not {seconds!r}")
+    _every = seconds
+
 
 class LogThrottle:
     """Counts events; says when one of them may be logged, with how many happened since the last record."""
 
-    def __init__(self, every: float = EVERY_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every = every
+    def __init__(self, every: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
         self._clock = clock
         self._count = 0
         self._next = float("-inf")  # the first event is logged at once
@@ -37,6 +48,11 @@ class LogThrottle:
         count, self._count = self._count, 0
         self._next = now + self.every
         return count
+
+    @property
+    def every(self) -> float:
+        """Seconds between records: its own, else the process's (:func:`set_every`)."""
+        return _every if self._every is None else self._every
 
     def note(self, count: int) -> str:
         """What a record reporting ``count`` events (``due``'s answer) adds to its message: nothing for one."""
@@ -54,7 +70,7 @@ class LogThrottles:
     apart; at most ``keys`` of them, the least recently used leaving first (its next event is then
     reported at once)."""
 
-    def __init__(self, keys: int = KEYS, every: float = EVERY_SECONDS, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, keys: int = KEYS, every: float | None = None, clock: Callable[[], float] = time.monotonic):
         self.keys = keys
         self.every = every
         self._clock = clock

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from onnxserve.log_throttle import LogThrottle, LogThrottles
+import pytest
+
+from onnxserve.log_throttle import EVERY_SECONDS, LogThrottle, LogThrottles, set_every
 
 
 class Clock:
@@ -56,3 +58,24 @@ def test_each_key_has_its_throttle_and_the_least_recently_used_key_leaves_past_t
     assert throttles.of("c").due() == 1  # "b" leaves (least recently used)
     assert throttles.of("a").due() == 0
     assert throttles.of("b").due() == 1  # a fresh throttle: reported at once again
+
+
+def test_throttles_without_an_interval_of_their_own_follow_the_servers_setting() -> None:
+    clock = Clock()
+    made_before = LogThrottle(clock=clock)
+    own = LogThrottle(10, clock)
+    keyed = LogThrottles(clock=clock)
+    try:
+        set_every(2)  # --log-repeat-seconds 2
+        for throttle in (made_before, own, keyed.of("a")):
+            assert throttle.due() == 1
+        clock.now += 2
+        assert made_before.due() == 1
+        assert keyed.of("a").due() == 1
+        assert own.due() == 0  # its own 10 s
+        assert made_before.note(5) == " (5 such since the last line; reported every 2 s at most)"
+        with pytest.raises(ValueError, match="positive"):
+            set_every(0)
+    finally:
+        set_every(EVERY_SECONDS)
+    assert made_before.every == EVERY_SECONDS

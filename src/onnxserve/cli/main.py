@@ -100,7 +100,7 @@ def serve(
     try:
         catalog = Catalog(config_file=config, repository=model_repository)
         settings = ServerSettings.model_validate(settings_from_flags(settings_flags))
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level, repeat_seconds=settings.log_repeat_seconds)
         run_server(catalog.read(), settings, catalog)
     except ValidationError as e:
         problem = e.errors()[0]

@@ -24,7 +24,7 @@ from typing import Literal, TextIO
 
 import orjson
 
-from onnxserve.log_throttle import LogThrottle
+from onnxserve.log_throttle import EVERY_SECONDS, LogThrottle, set_every
 from onnxserve.protocols.context import current_request_id
 
 LogFormat = Literal["text", "json"]
@@ -219,8 +219,12 @@ def quiet_grpc_core(environ: MutableMapping[str, str] = os.environ) -> bool:
     return True
 
 
-def configure_logging(log_format: LogFormat, level: str, stream: TextIO | None = None) -> logging.Handler:
-    """Send every log record to ``stream`` (stderr) in ``log_format``, replacing the root logger's handlers."""
+def configure_logging(
+    log_format: LogFormat, level: str, stream: TextIO | None = None, repeat_seconds: float = EVERY_SECONDS
+) -> logging.Handler:
+    """Send every log record to ``stream`` (stderr) in ``log_format``, replacing the root logger's handlers;
+    lines a client can repeat at will at most one of a kind every ``repeat_seconds``."""
+    set_every(repeat_seconds)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())

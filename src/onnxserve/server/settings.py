@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from onnxserve.core.cpu import cpu_budget
+from onnxserve.log_throttle import EVERY_SECONDS
 
 TOKENS_VARIABLE = "ONNXSERVE_AUTH_TOKENS"
 """The environment variable holding bearer tokens inline: ``TOKEN SCOPES`` entries separated by ';'."""
@@ -96,6 +97,11 @@ class ServerSettings(BaseModel):
     log_format: Literal["text", "json"] = Field(
         default="text",
         description="text, or json: one JSON object a line (time, level, logger, message, request_id).",
+    )
+    log_repeat_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=EVERY_SECONDS,
+        description="Log lines a client can repeat at will (refusals, failed batches, cut connections): at most "
+        "one of a kind every so many seconds, with how many there were since the last.",
     )
     model_control_mode: Literal["none", "poll", "explicit"] = Field(
         default="none",
