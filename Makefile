@@ -136,8 +136,9 @@ bench: $(VENV)/.installed $(DEMO) $(VENV)/.installed-bench $(PEER_VENVS) system-
 	$(PY) -m bench.run
 	$(PY) -m bench.large_tensor --tree onnxserve=src
 
+# --durations: the slowest tests, so that a slow one shows in every run (the suite stays well under 15 min).
 test: $(VENV)/.installed-dev system-deps deploy-deps
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25
 
 # The long fuzz run (tests/integration/test_fuzz.py, marker `long`): 11,000 hostile requests against a real server.
 fuzz: $(VENV)/.installed-dev

@@ -170,3 +170,29 @@ def test_honest_answers_keep_their_format(server: CappedServer) -> None:
     assert tfs.json() == {
         "result": [[[name, float(score)] for name, score in zip(FEW_LABELS, row, strict=True)] for row in expected]
     }
+
+
+def _runs(server: CappedServer, model: str) -> int:
+    """The model's executions so far (Triton statistics)."""
+    doc = requests.get(f"{server.http_url}/v2/models/{model}/stats", timeout=30).json()["model_stats"][0]
+    return int(doc["execution_count"])
+
+
+def test_answers_that_cannot_fit_whatever_the_scores_are_refused_before_the_model_runs(server: CappedServer) -> None:
+    """800 one-character texts to a 20,000-class model ran 1.9 s, and 8 such requests at once took 1.1 GB,
+    before each was refused (outside attack rt28 F3): rows x classes entries of at least their label and a
+    three-byte score cannot fit 64 MiB, which is known before the run."""
+    texts = ["a"] * 400  # at least 152 MB as TF Serving writes it, 186 MB as TEI does
+    before = _runs(server, "many")
+    tei = _post(server, "/predict", {"inputs": texts}, "many")
+    tfs = _post(server, "/v1/models/many:classify", {"examples": [{"text": t} for t in texts]})
+    for refused in (tei, tfs):
+        assert refused.status_code == 400, refused.text[:300]
+        error = refused.json()["error"]
+        assert "the response would be more than 67108864 bytes encoded as" in error, error
+        assert f"(400 inputs x {MANY} classes)" in error
+    assert _runs(server, "many") == before  # before: two runs, then the refusals
+    fits = _post(server, "/predict", {"inputs": ["a"] * 40}, "many")  # 800,000 entries: about 30 MB
+    assert fits.status_code == 200, fits.text[:300]
+    assert len(fits.json()) == 40
+    assert _runs(server, "many") > before

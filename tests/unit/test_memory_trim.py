@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import numpy as np
 import pytest
 
+from onnxserve.core import memory
 from onnxserve.core.memory import _glibc
 from onnxserve.core.registry import ModelRegistry
 from onnxserve.core.service import LARGE_PAYLOAD_BYTES, OBJECT_ELEMENT_BYTES, InferenceService, held_bytes
+from waiting import wait_until
 
 TRIMMED = "malloc_trim gave free memory back"
 
@@ -27,17 +30,31 @@ def test_bytes_elements_count_at_their_least_python_size() -> None:
 
 
 @pytest.mark.skipif(_glibc("malloc_trim") is None, reason="the C library is not glibc")
-def test_trims_asked_for_together_run_one_at_a_time_and_are_shared(caplog: pytest.LogCaptureFixture) -> None:
-    service = InferenceService(ModelRegistry(), threads=2)
-
-    async def burst() -> None:
-        await asyncio.gather(*(service.give_back_memory() for _ in range(20)))
-        await service.give_back_memory()  # alone: trims at once
-
+def test_trims_asked_for_while_one_runs_are_shared_across_the_process(caplog: pytest.LogCaptureFixture) -> None:
+    """One trim at a time; one more waits for it; the rest return at once (the waiting one covers them)."""
+    service = InferenceService(ModelRegistry(), threads=1)
     try:
         with caplog.at_level(logging.DEBUG, logger="onnxserve.core.memory"):
-            asyncio.run(burst())
+            with memory._TRIMS._running:  # a trim runs (on some thread) meanwhile
+                waiting = threading.Thread(target=memory.give_back_free_memory)
+                waiting.start()
+                wait_until(lambda: memory._TRIMS.queued, what="a trim waiting for the running one")
+                others = [threading.Thread(target=memory.give_back_free_memory) for _ in range(8)]
+                for other in others:
+                    other.start()
+                for other in others:
+                    other.join(timeout=10)
+                    assert not other.is_alive()  # returned at once: the waiting trim covers it
+                asyncio.run(asyncio.wait_for(service.give_back_memory(), 10))  # the service's too, off the loop
+                assert waiting.is_alive()
+                assert not _trims(caplog)
+            waiting.join(timeout=10)
+            assert len(_trims(caplog)) == 1  # the one that waited; the nine others shared it
+            asyncio.run(service.give_back_memory())  # alone: trims at once, on an inference thread
+            assert len(_trims(caplog)) == 2
     finally:
         service.close()
-    trims = [r for r in caplog.records if TRIMMED in r.getMessage()]
-    assert len(trims) == 3  # the first, one shared by the 19 that came while it ran, the lone one
+
+
+def _trims(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if TRIMMED in r.getMessage()]

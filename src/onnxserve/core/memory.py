@@ -5,6 +5,11 @@ blocks go back to the system when freed, but a run that made many small ones (a 
 came from the input makes one tensor per iteration) leaves them in the allocator's free lists: the
 process keeps its peak, and the next large request fails under a memory limit. After such a run,
 ``give_back_free_memory`` asks glibc to return free pages (``malloc_trim``); elsewhere it does nothing.
+A trim walks the whole heap (up to 0.37 s of CPU for a fragmented one) and serves every thread's frees
+before it, so trims asked for at once are shared, process-wide: one runs at a time, at most one more waits
+for it, and a call that comes while one waits returns at once (the waiting one starts after its memory was
+freed, so covers it). ``give_back_memory`` does it off the event loop; ``give_back_memory_later`` once
+after a delay, for bursts of events that each leave a little (cut TLS connections).
 
 glibc also gives each thread that meets contention an arena of its own, up to 8 per CPU, and each arena
 reserves 64 to 128 MiB of address space that it never returns. Under an address-space limit (``ulimit -v``,
@@ -23,12 +28,15 @@ and go back when freed: then 8 x 256 peaks at 171 MB.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -95,9 +103,28 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     return done
 
 
-def give_back_free_memory() -> None:
-    """Return the C allocator's free memory to the system (glibc only; a no-op elsewhere)."""
-    if _TRIM is not None:
+class _SharedTrims:
+    """``malloc_trim`` calls shared by the threads that ask at once (see the module's docstring)."""
+
+    def __init__(self) -> None:
+        self._state = threading.Lock()
+        self._running = threading.Lock()
+        self.queued = False  # a call waits for the running trim: later ones return at once
+
+    def __call__(self) -> None:
+        with self._state:
+            if self.queued:
+                return
+            self.queued = True
+        with self._running:
+            with self._state:
+                self.queued = False
+            self._trim()
+
+    @staticmethod
+    def _trim() -> None:
+        if _TRIM is None:
+            return
         started, cpu = time.perf_counter(), time.thread_time()
         _TRIM(0)
         log.debug(
@@ -105,6 +132,40 @@ def give_back_free_memory() -> None:
             (time.perf_counter() - started) * 1e3,
             (time.thread_time() - cpu) * 1e3,
         )
+
+
+_TRIMS = _SharedTrims()
+
+
+def give_back_free_memory() -> None:
+    """Return the C allocator's free memory to the system (glibc only; a no-op elsewhere), on this thread,
+    sharing a trim with the threads that ask at the same time."""
+    _TRIMS()
+
+
+async def give_back_memory(executor: Executor | None = None) -> None:
+    """:func:`give_back_free_memory` on ``executor`` (the loop's default: ``None``), off the event loop; at
+    once when a trim already waits to run (it covers this call's frees)."""
+    if _TRIM is None or _TRIMS.queued:
+        return
+    await asyncio.get_running_loop().run_in_executor(executor, give_back_free_memory)
+
+
+_later: set[asyncio.AbstractEventLoop] = set()
+
+
+def give_back_memory_later(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+    """:func:`give_back_free_memory` on ``loop``'s default executor ``seconds`` from now, unless that is
+    already planned: once for a burst of events that each leave a little free memory behind."""
+    if _TRIM is None or loop in _later:
+        return
+    _later.add(loop)
+
+    def trim() -> None:
+        _later.discard(loop)
+        loop.run_in_executor(None, give_back_free_memory)
+
+    loop.call_later(seconds, trim)
 
 
 def release_frames(error: BaseException) -> None:

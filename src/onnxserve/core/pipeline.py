@@ -118,6 +118,9 @@ PAIR_INPUTS: dict[str, tuple[str, str]] = {
 }
 """The two text inputs of the tasks that take pairs of texts."""
 
+LOGITS_OUTPUT = "logits"
+"""The graph output a classifier's (text, token classification, ranking, fill-mask) scores come from."""
+
 EMBEDDING_OUTPUT = "embedding"
 """feature-extraction's text output: the pooled sentence embedding, or token embeddings without pooling."""
 
@@ -410,7 +413,7 @@ class TextPipeline:
         bounded as the graph's own outputs are. Other results are a few per text."""
         if self.spec.task != "text-classification" or CLASS_LABELS_OUTPUT not in wanted:
             return MadeSize(0, 0, "")
-        logits = outputs["logits"]
+        logits = outputs[LOGITS_OUTPUT]
         rows, classes = (int(logits.shape[0]), int(logits.shape[-1])) if logits.ndim >= 2 else (1, logits.size)
         elements, size = text_tasks.class_labels_size(rows, text_tasks.class_names(self.spec.labels, classes))
         return MadeSize(elements, size, f"output {CLASS_LABELS_OUTPUT!r} ({rows} texts x {classes} classes) would have")
@@ -424,7 +427,7 @@ class TextPipeline:
             results = {EMBEDDING_OUTPUT: outputs[source]}
         elif task == "text-classification":
             results = text_tasks.text_classification(
-                outputs["logits"], self.spec.labels, self.spec.score_function, CLASS_LABELS_OUTPUT in wanted
+                outputs[LOGITS_OUTPUT], self.spec.labels, self.spec.score_function, CLASS_LABELS_OUTPUT in wanted
             )
         elif task == "token-classification":
             results = text_tasks.token_classification(outputs["logits"], encoded.encodings, self.spec.labels)

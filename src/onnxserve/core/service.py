@@ -39,7 +39,7 @@ from onnxserve.core.batching import Scheduled
 from onnxserve.core.client_text import shown
 from onnxserve.core.execution import Work
 from onnxserve.core.manager import ControlMode, ModelManager
-from onnxserve.core.memory import give_back_free_memory
+from onnxserve.core.memory import give_back_memory
 from onnxserve.core.observe import RequestRecord
 from onnxserve.core.pace import Parts
 from onnxserve.core.pipeline import TextBatch
@@ -318,8 +318,6 @@ class InferenceService:
         self.manager = manager
         self.strict_readiness = strict_readiness
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxserve-infer")
-        self._trimming = asyncio.Lock()  # one malloc_trim at a time (give_back_memory)
-        self._trim_queued = False
         self._extensions = extensions
         self._live = True
         self.draining = False  # set on SIGTERM: not ready, new requests refused, open ones finish
@@ -478,23 +476,10 @@ class InferenceService:
         self._report(RequestRecord(model, version, protocol, kind, 0, 0, 0, elapsed))
 
     async def give_back_memory(self) -> None:
-        """Return the C allocator's free memory to the system, off the event loop.
-
-        One trim at a time, and at most one more waiting for it: a call that comes while a trim runs queues
-        one (that one starts after this call's memory was freed), and calls that come while it waits return
-        at once, since it covers them too. A burst of large requests answered together trims two or three
-        times instead of once each (a trim of a fragmented heap took up to 0.37 s, and it repeats the work)."""
-        if self._trim_queued:
-            return
-        self._trim_queued = True
-        try:
-            await self._trimming.acquire()
-        finally:
-            self._trim_queued = False  # running now, or cancelled while waiting
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, give_back_free_memory)
-        finally:
-            self._trimming.release()
+        """Return the C allocator's free memory to the system, on an inference thread: a burst of large
+        requests answered together shares two or three trims instead of one each
+        (:func:`onnxserve.core.memory.give_back_memory`)."""
+        await give_back_memory(self._executor)
 
     def _served_labels(self, model: str, version: str) -> tuple[str, str]:
         """The model and version a client named when the server serves them, else ""."""

@@ -102,7 +102,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from onnxserve.core.fairness import gives_way
-from onnxserve.core.memory import give_back_free_memory
+from onnxserve.core.memory import give_back_memory_later
 from onnxserve.errors import ResourceExhaustedError
 from onnxserve.log_throttle import LogThrottle
 from onnxserve.protocols import context
@@ -797,7 +797,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             moved = self._moved = now
         if now - moved >= TLS_STALL_SECONDS or now >= deadline:
             tcp.abort()  # what is left is dropped: its client does not take it
-            _trim_soon(self.loop)
+            give_back_memory_later(self.loop, TRIM_AFTER_CUT_SECONDS)
             return
         self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._close_once_sent, tcp, deadline, moved, left)
 
@@ -1257,21 +1257,6 @@ TRIM_AFTER_CUT_SECONDS = 5.0
 back to the system (``malloc_trim``, on a worker thread; once for all the cuts meanwhile): the TLS layer
 reads such a client in blocks of up to 256 KiB, and a flood of them left 300 to 650 MB free but kept
 (outside attack rt24)."""
-
-_trim_pending: set[asyncio.AbstractEventLoop] = set()
-
-
-def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:
-    """Give the free memory back ``TRIM_AFTER_CUT_SECONDS`` from now, unless that is already planned."""
-    if loop in _trim_pending:
-        return
-    _trim_pending.add(loop)
-
-    def trim() -> None:
-        _trim_pending.discard(loop)
-        loop.run_in_executor(None, give_back_free_memory)
-
-    loop.call_later(TRIM_AFTER_CUT_SECONDS, trim)
 
 
 def _unacknowledged(tcp: asyncio.Transport) -> int:

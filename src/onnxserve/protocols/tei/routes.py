@@ -233,6 +233,8 @@ def routes(service: InferenceService) -> list[Route]:
         output = "logits" if raw else "probabilities"
         max_batch = service.model_configuration(name, version).max_batch_size
         check_characters(meta, texts)
+        form = class_scores.TEI_SINGLE if inputs.single else class_scores.TEI_ROWS
+        class_scores.refuse_before_run(meta, len(texts), form, service.max_response_bytes)
         limit = meta.text_characters
         responses = await in_pieces(
             service,
@@ -249,7 +251,6 @@ def routes(service: InferenceService) -> list[Route]:
         # One entry per (input, class), named from the model's labels: bounded before it is built, built
         # and encoded a slice of rows at a time, off the event loop when large (protocols.class_scores).
         assert meta.pipeline is not None
-        form = class_scores.TEI_SINGLE if inputs.single else class_scores.TEI_ROWS
         labels, limit = meta.pipeline.labels, service.max_response_bytes
         hint = scores.nbytes * 8
         size = await offload.convert(hint, class_scores.size, name, scores, labels, form, limit)

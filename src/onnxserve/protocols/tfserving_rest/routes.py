@@ -112,13 +112,15 @@ def routes(service: InferenceService) -> list[Route]:
         meta = service.model_metadata(name, version)
         body = await body_bytes(request)
         inference = await offload.parse(len(body), codec.decode_classify_body, body, meta, meta.version)
+        form = class_scores.TF_CLASSIFY
+        class_scores.refuse_before_run(meta, inference.inputs[0].shape[0], form, service.max_response_bytes)
         response = await service.infer(inference)
         scores = next(t.data for t in response.outputs if t.name == codec.CLASSIFY_OUTPUT)
         del response
         # One [label, score] per (example, class), named from the model's labels: bounded before it is
         # built, built and encoded a slice of rows at a time, off the event loop when large.
         assert meta.pipeline is not None
-        labels, limit, form = meta.pipeline.labels, service.max_response_bytes, class_scores.TF_CLASSIFY
+        labels, limit = meta.pipeline.labels, service.max_response_bytes
         size = await offload.convert(scores.nbytes * 8, class_scores.size, meta.name, scores, labels, form, limit)
         if (refused := inflight.hold_answer(size)) is not None:
             raise refused
