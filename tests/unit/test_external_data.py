@@ -435,3 +435,84 @@ def test_a_model_the_fallback_cannot_serialize_for_want_of_memory_is_a_load_erro
     assert done.stdout.splitlines()[-1] == (
         f"{model}: the process has no memory to hand this model to ONNX Runtime now"
     )
+
+
+def _aliased_model(folder: Path) -> onnx.ModelProto:
+    """Four initializers naming the same bytes of one file by four locations: two spellings of its name, a
+    hard link to it and a symbolic link to it; ``y = A + B + C + D``."""
+    folder.mkdir(parents=True)
+    w = np.arange(N, dtype=np.float32)
+    (folder / "w.bin").write_bytes(w.tobytes())
+    os.link(folder / "w.bin", folder / "hard.bin")
+    os.symlink("w.bin", folder / "soft.bin")
+    names = {"A": "w.bin", "B": "./w.bin", "C": "hard.bin", "D": "soft.bin"}
+    tensors = [_external(numpy_helper.from_array(w, n), location, 0, w.nbytes) for n, location in names.items()]
+    graph = helper.make_graph(
+        [helper.make_node("Sum", list(names), ["y"])],
+        "aliases",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N])],
+        tensors,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, folder / "model.onnx")
+    return onnx.load_model(folder / "model.onnx", load_external_data=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="hard and symbolic links as POSIX has them")
+def test_one_file_named_by_several_locations_is_copied_and_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside attack rt31: 8 spellings of one 100 MB file (``w.bin``, ``./w.bin``, ...) took 8 copies,
+    763 MB of the temporary folder; 16 filled it, and the fallback then read the file 16 times (peak
+    3.2 GB)."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m" / "1"
+    model = _aliased_model(folder)
+    check_model(model, folder)  # every location stays inside the version folder
+    with private_copy(model, folder, "m") as private:
+        assert private is not None
+        assert sorted(p.name for p in private.iterdir()) == ["0.bin", "lock"]  # one copy for the four
+        assert (private / "0.bin").stat().st_size == N * 4
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"0.bin"}
+    taken = take_external_data(_aliased_model(tmp_path / "n" / "1"), tmp_path / "n" / "1", "n")
+    arrays = [taken[name].array for name in "ABCD"]
+    assert all(np.shares_memory(arrays[0], other) for other in arrays[1:])  # read once
+    session = ModelSession(folder / "model.onnx", name="m")
+    (y,) = session.run({}).values()
+    np.testing.assert_array_equal(y, 4 * np.arange(N, dtype=np.float32))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX's")
+def test_another_process_sweeping_the_temporary_folder_never_takes_a_load_s_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside attack rt31: a second server sharing the temporary folder, sweeping it as each of its loads
+    does first, removed 3 of 150 loads' private folders: it found their lock file made but not yet locked.
+    Here the sweep runs at that very moment, just before the load locks its lock file."""
+    import fcntl
+
+    from onnxserve.core import external_data
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    flock = fcntl.flock
+    swept: list[bool] = []
+
+    def sweep_first(fd: int, operation: int) -> None:
+        if not swept:  # the load's own lock, about to be taken: another process sweeps now
+            swept.append(True)
+            external_data.remove_abandoned_copies(temporary)
+        flock(fd, operation)
+
+    monkeypatch.setattr(external_data.fcntl, "flock", sweep_first)
+    folder = tmp_path / "m" / "1"
+    model = _aliased_model(folder)
+    with private_copy(model, folder, "m") as private:
+        assert swept
+        assert private is not None and (private / "0.bin").exists()  # before: removed, or no copy made

@@ -117,8 +117,7 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
         return
     try:
         try:
-            lock = os.open(private / LOCK_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock = _locked(private)
             names = _copy_ranges(tensors, folder, private, where)
         except OSError as e:  # the lock, or the folder removed under it: not the model's fault
             log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
@@ -136,6 +135,21 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
         shutil.rmtree(private, ignore_errors=True)  # ONNX Runtime's mappings keep what the session uses
         if lock >= 0:
             os.close(lock)
+
+
+def _locked(private: Path) -> int:
+    """The lock file of ``private``, made and locked under another name, then renamed: another process's
+    :func:`remove_abandoned_copies` never finds it unlocked (outside attack rt31: a sweeper beside 150
+    loads took the lock between its creation and its ``flock`` and removed 3 loads' copies)."""
+    making = private / f"{LOCK_NAME}.new"
+    lock = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, private / LOCK_NAME)
+    except OSError:
+        os.close(lock)
+        raise
+    return lock
 
 
 def remove_abandoned_copies(parent: Path) -> None:
@@ -160,38 +174,59 @@ def remove_abandoned_copies(parent: Path) -> None:
         shutil.rmtree(entry.path, ignore_errors=True)
 
 
+FileId = tuple[int, int]
+"""A file as the system knows it, whatever path names it: its device and inode."""
+
+
+def _file_id(fd: int) -> FileId:
+    found = os.fstat(fd)
+    return found.st_dev, found.st_ino
+
+
 def _copy_ranges(
     tensors: list[tuple[str, TensorProto]], folder: Path, private: Path, where: str
 ) -> dict[str, str] | None:
     """Copy the ranges ``tensors`` name into ``private``, one file per file of ``folder``; the private
-    names by location, or None (logged) where the copy cannot be made here."""
+    names by location, or None (logged) where the copy cannot be made here. Files are told apart by what
+    they are (device and inode), not by how a location spells them: ``w.bin``, ``./w.bin`` and a hard
+    link to it are one file, copied once (outside attack rt31: 8 spellings of one 100 MB file took
+    763 MB of the temporary folder, 16 filled it)."""
     names: dict[str, str] = {}
-    done: set[tuple[str, int, int]] = set()
-    sources: dict[str, int] = {}
-    copies: dict[str, int] = {}
+    files: dict[str, FileId] = {}
+    private_names: dict[FileId, str] = {}
+    done: set[tuple[FileId, int, int]] = set()
+    sources: dict[FileId, int] = {}
+    copies: dict[FileId, int] = {}
     try:
         for label, tensor in tensors:
             entries = {e.key: e.value for e in tensor.external_data}
             location = entries.get("location", "")
-            if location not in sources:
+            if location not in files:
                 try:
-                    sources[location] = os.open(folder / PurePosixPath(location), os.O_RDONLY | os.O_CLOEXEC)
+                    opened = os.open(folder / PurePosixPath(location), os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as e:
                     raise ModelLoadError(
                         f"{where}: {label}: external data file {location!r} cannot be read ({e.strerror})"
                     ) from None
-                names[location] = f"{len(names)}.bin"
-                copies[location] = os.open(
-                    private / names[location], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-                )
-                os.ftruncate(copies[location], os.fstat(sources[location]).st_size)
+                file = files[location] = _file_id(opened)
+                if file in sources:  # another spelling of a file already opened
+                    os.close(opened)
+                else:
+                    sources[file] = opened
+                    private_names[file] = f"{len(private_names)}.bin"
+                    copies[file] = os.open(
+                        private / private_names[file], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                    )
+                    os.ftruncate(copies[file], os.fstat(opened).st_size)
+                names[location] = private_names[file]
+            file = files[location]
             offset = int(entries.get("offset", "0"))
             count = packed_bytes(tensor)
             if count is None:
-                count = int(entries["length"]) if "length" in entries else os.fstat(sources[location]).st_size - offset
-            if (location, offset, count) not in done:
-                _copy_range(sources[location], copies[location], offset, count, f"{where}: {label}", location)
-                done.add((location, offset, count))
+                count = int(entries["length"]) if "length" in entries else os.fstat(sources[file]).st_size - offset
+            if (file, offset, count) not in done:
+                _copy_range(sources[file], copies[file], offset, count, f"{where}: {label}", location)
+                done.add((file, offset, count))
         return names
     except (OSError, AttributeError) as e:  # no room, no sendfile to a file here: not the model's fault
         log.warning(
@@ -262,14 +297,14 @@ def _embed(tensor: TensorProto, data: npt.NDArray[np.uint8]) -> None:
 
 
 class _Reader:
-    """Reads tensors' external data from the files of one folder, each file opened once, each byte range
-    read once (tensors that share one range share the array)."""
+    """Reads tensors' external data from the files of one folder, each location opened once, each byte range
+    of a file read once (tensors that share one range, under any spelling of the file, share the array)."""
 
     def __init__(self, folder: Path, where: str) -> None:
         self._folder = folder
         self._where = where
         self._files: dict[str, FileIO] = {}
-        self._ranges: dict[tuple[str, int, int], npt.NDArray[np.uint8]] = {}
+        self._ranges: dict[tuple[FileId, int, int], npt.NDArray[np.uint8]] = {}
 
     def read(self, tensor: TensorProto, label: str) -> npt.NDArray[np.uint8]:
         entries = {e.key: e.value for e in tensor.external_data}
@@ -279,7 +314,7 @@ class _Reader:
         count = packed_bytes(tensor)
         if count is None:
             count = int(entries["length"]) if "length" in entries else _size(file) - offset
-        key = (location, offset, count)
+        key = (_file_id(file.fileno()), offset, count)  # one file however its locations spell it
         found = self._ranges.get(key)
         if found is None:
             found = self._ranges[key] = self._read_range(file, offset, count, location, label)
