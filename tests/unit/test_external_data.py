@@ -6,6 +6,7 @@ cost no more than their file (outside attack rt26 F3)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ import tempfile
 import textwrap
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -515,4 +517,58 @@ def test_another_process_sweeping_the_temporary_folder_never_takes_a_load_s_copy
     model = _aliased_model(folder)
     with private_copy(model, folder, "m") as private:
         assert swept
-        assert private is not None and (private / "0.bin").exists()  # before: removed, or no copy made
+        assert private is not None  # before: removed, or no copy made
+        assert (private / "0.bin").exists()
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["private-copy", "read-into-memory"])
+def test_a_file_written_in_place_while_the_load_takes_it_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: bool
+) -> None:
+    """Outside attack rt31 F4: ``dd conv=notrunc`` over an 800 MB file 0.1 s into its load (same size) made
+    a version that served old values at some offsets and new ones at others. Here the write lands after the
+    load took the first range, before the next."""
+    from onnxserve.core import external_data
+
+    temporary = tmp_path / "tmp"
+    if copied:
+        temporary.mkdir()
+    else:
+        temporary.write_bytes(b"")  # no private copy can be made: read into memory
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m"
+    everywhere_model(folder)
+    for name in ("w.bin", "sub/more.bin"):
+        os.utime(folder / name, (1_000_000_000, 1_000_000_000))  # written long ago
+    model = read_onnx(folder / "model.onnx")
+    check_model(model, folder)
+    taken: list[int] = []
+
+    def write_after_the_first(take: Any, *args: Any) -> Any:
+        result = take(*args)
+        if not taken:
+            with (folder / "w.bin").open("r+b") as overwrite:  # in place, the same size
+                overwrite.write(b"\xff" * 4096)
+        taken.append(1)
+        return result
+
+    if copied:
+        monkeypatch.setattr(
+            external_data, "_copy_range", functools.partial(write_after_the_first, external_data._copy_range)
+        )
+        with (
+            pytest.raises(ModelLoadError, match=r"m: external data file 'w.bin' was written while the load read it"),
+            private_copy(model, folder, "m"),
+        ):
+            pass
+        assert list(temporary.iterdir()) == []
+    else:
+        read = external_data._Reader._read_range
+        monkeypatch.setattr(
+            external_data._Reader,
+            "_read_range",
+            lambda self, *args: write_after_the_first(functools.partial(read, self), *args),
+        )
+        with pytest.raises(ModelLoadError, match=r"m: external data file 'w.bin' was written while the load read it"):
+            take_external_data(model, folder, "m")
+    assert len(taken) > 1

@@ -183,6 +183,26 @@ def _file_id(fd: int) -> FileId:
     return found.st_dev, found.st_ino
 
 
+FileState = tuple[int, int, int]
+"""What changes when a file is written: its size, its modification and its status change times (ns)."""
+
+
+def _state(fd: int) -> FileState:
+    found = os.fstat(fd)
+    return found.st_size, found.st_mtime_ns, found.st_ctime_ns
+
+
+def _check_unchanged(before: FileState, fd: int, where: str, location: str) -> None:
+    """Refuse a load whose external data file was written while it was copied or read: what was taken of
+    it may mix the old and the new bytes (outside attack rt31: a same-size overwrite, ``dd conv=notrunc``,
+    0.1 s into the copy of an 800 MB file served old values at some offsets and new at others)."""
+    if _state(fd) != before:
+        raise ModelLoadError(
+            f"{where}: external data file {location!r} was written while the load read it (the file changed "
+            "during the load); load it again once it is written"
+        )
+
+
 def _copy_ranges(
     tensors: list[tuple[str, TensorProto]], folder: Path, private: Path, where: str
 ) -> dict[str, str] | None:
@@ -194,6 +214,7 @@ def _copy_ranges(
     names: dict[str, str] = {}
     files: dict[str, FileId] = {}
     private_names: dict[FileId, str] = {}
+    states: dict[FileId, FileState] = {}
     done: set[tuple[FileId, int, int]] = set()
     sources: dict[FileId, int] = {}
     copies: dict[FileId, int] = {}
@@ -213,6 +234,7 @@ def _copy_ranges(
                     os.close(opened)
                 else:
                     sources[file] = opened
+                    states[file] = _state(opened)
                     private_names[file] = f"{len(private_names)}.bin"
                     copies[file] = os.open(
                         private / private_names[file], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
@@ -227,6 +249,8 @@ def _copy_ranges(
             if (file, offset, count) not in done:
                 _copy_range(sources[file], copies[file], offset, count, f"{where}: {label}", location)
                 done.add((file, offset, count))
+        for location, file in files.items():
+            _check_unchanged(states[file], sources[file], where, location)
         return names
     except (OSError, AttributeError) as e:  # no room, no sendfile to a file here: not the model's fault
         log.warning(
@@ -282,6 +306,7 @@ def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict
         for tensor in model.graph.initializer:
             if tensor.data_location == TensorProto.EXTERNAL and tensor.name not in taken:
                 _embed(tensor, reader.read(tensor, f"initializer {tensor.name!r}"))
+        reader.check_unchanged()
         return taken
     except BaseException:
         taken.clear()  # a refusal's traceback keeps this frame: it must not keep what was read
@@ -304,6 +329,7 @@ class _Reader:
         self._folder = folder
         self._where = where
         self._files: dict[str, FileIO] = {}
+        self._states: dict[str, FileState] = {}
         self._ranges: dict[tuple[FileId, int, int], npt.NDArray[np.uint8]] = {}
 
     def read(self, tensor: TensorProto, label: str) -> npt.NDArray[np.uint8]:
@@ -325,6 +351,7 @@ class _Reader:
         if file is None:
             try:
                 file = self._files[location] = FileIO(self._folder / PurePosixPath(location), "rb")
+                self._states[location] = _state(file.fileno())
             except OSError as e:
                 raise ModelLoadError(
                     f"{self._where}: {label}: external data file {location!r} cannot be read ({e.strerror})"
@@ -357,6 +384,11 @@ class _Reader:
         finally:
             view.release()
         return data
+
+    def check_unchanged(self) -> None:
+        """Refuse the load when a file read was written meanwhile (:func:`_check_unchanged`)."""
+        for location, file in self._files.items():
+            _check_unchanged(self._states[location], file.fileno(), self._where, location)
 
     def close(self) -> None:
         for file in self._files.values():
