@@ -61,3 +61,22 @@ def test_graph_inputs_the_pipeline_does_not_name_are_refused_at_load(tmp_path: P
     folder = _folder(tmp_path, ["input_ids"])
     with pytest.raises(ConfigError, match="the graph's inputs 'attention_mask' are not among the pipeline's inputs"):
         load_pipeline(folder, _specs(["input_ids", "attention_mask"]))
+
+
+@pytest.mark.parametrize(
+    ("key", "problem"),
+    [
+        ("100000000000000000000", "labels.100000000000000000000: Input should be less than 2147483648"),
+        ("-1", "labels.-1: Input should be greater than or equal to 0"),
+        ("one", "labels.one: Input should be a valid integer"),
+    ],
+)
+def test_a_label_key_that_is_no_class_index_is_refused_at_load(tmp_path: Path, key: str, problem: str) -> None:
+    """A key of 10^20 loaded, and TEI ``/info`` answered 500 on it for good: no JSON encoder of 64-bit
+    integers takes it (outside attack rt31 F3)."""
+    spec = '{"task": "text-classification", "inputs": ["input_ids"], "outputs": ["logits"], "max_length": 8, '
+    spec += f'"labels": {{"0": "negative", "{key}": "odd"}}}}'
+    (tmp_path / "onnxserve.json").write_text(spec)
+    with pytest.raises(ConfigError, match=f"not a valid pipeline spec: {problem}"):
+        PipelineSpec.read(tmp_path)
+    assert PipelineSpec.parse(spec.replace(f'"{key}"', '"1"'), "m").labels == {0: "negative", 1: "odd"}

@@ -27,12 +27,12 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import orjson
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Encoding, Tokenizer
 
 from onnxserve.core import text_tasks
@@ -63,6 +63,18 @@ DEFAULT_MAX_LENGTH = 512
 """Truncation length when neither the graph nor the tokenizer says one."""
 
 
+ClassIndex = Annotated[int, Field(ge=0, lt=2**31)]
+"""A class's index in a classifier's labels: a column of its logits (outside attack rt31: a key of 10^20 was
+taken, and TEI ``/info`` answered 500 on it for good, since no JSON encoder of 64-bit integers takes it)."""
+
+
+def _problem(error: ValidationError) -> str:
+    """The first problem of a spec, with where it is (``labels.100000000000000000000: ...``)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"] if part != "[key]")
+    return f"{where}: {first['msg']}" if where else str(first["msg"])
+
+
 class PipelineSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,7 +84,7 @@ class PipelineSpec(BaseModel):
     max_length: int
     pooling: Literal["mean", "cls", "none"] = "none"
     normalize: bool = False
-    labels: dict[int, str] = {}
+    labels: dict[ClassIndex, str] = {}
     score_function: Literal["softmax", "sigmoid"] = "softmax"  # text-classification (sigmoid: multi-label)
     mask_token: str | None = None  # fill-mask
     source: str = ""
@@ -90,7 +102,7 @@ class PipelineSpec(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as e:
-            raise ConfigError(f"{where}: not a valid pipeline spec: {e.errors()[0]['msg']}") from None
+            raise ConfigError(f"{where}: not a valid pipeline spec: {_problem(e)}") from None
 
     @classmethod
     def read(cls, folder: Path) -> PipelineSpec | None:
@@ -100,7 +112,7 @@ class PipelineSpec(BaseModel):
         try:
             return cls.model_validate_json(path.read_bytes())
         except ValidationError as e:
-            raise ConfigError(f"{path}: not a valid pipeline spec: {e.errors()[0]['msg']}") from None
+            raise ConfigError(f"{path}: not a valid pipeline spec: {_problem(e)}") from None
 
 
 TEXT_INPUT = "text"
