@@ -8,6 +8,7 @@ served afterwards. The heaviest sizes (the issue's 64 MB bodies, 30 M gRPC eleme
 
 from __future__ import annotations
 
+import gzip
 import struct
 import threading
 import time
@@ -138,6 +139,35 @@ def test_four_bytes_floods_at_once_leave_probes_answering(server: CappedServer) 
 
     statuses, slowest = under_attack(server, four)
     assert statuses == [200] * 4
+    assert slowest < PROBE_BOUND_S
+    assert_still_serving(server)
+
+
+def test_gzip_bodies_that_inflate_a_thousandfold_at_once_leave_probes_answering(server: CappedServer) -> None:
+    """Outside attack rt33 F3: 16 bodies of 61 KB of gzip that inflate to 60 MiB each (a V2 request and 60 MiB
+    of spaces), sent at once: each chunk was inflated whole on the event loop, and probes waited 3.1 s."""
+    doc = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.5]}]})
+    body = gzip.compress(doc[:-1] + b" " * (60 * 1024**2) + doc[-1:], compresslevel=9)
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+
+    def sixteen() -> list[int]:
+        results: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(post(server, "/v2/models/total/infer", body, headers).status_code)
+            )
+            for _ in range(16)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        return results
+
+    statuses, slowest = under_attack(server, sixteen)
+    assert len(statuses) == 16
+    assert set(statuses) <= {200, 503}, statuses  # 503: the in-flight budget, counted as each body inflates
+    assert 200 in statuses
     assert slowest < PROBE_BOUND_S
     assert_still_serving(server)
 
