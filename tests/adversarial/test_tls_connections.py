@@ -27,6 +27,7 @@ import requests
 from harness import CappedServer, serve_capped
 from test_connections import INFER_BODY, allow_open_files, closed_by_server, open_sockets, stream_after_head
 
+from models import add_model, value_sized_models, write_version
 from waiting import wait_until
 
 HEADER_TIMEOUT = 1.0
@@ -492,3 +493,30 @@ def test_new_connections_past_the_cap_do_not_cut_an_answer_being_read(
                 sock.close()
     arrived, length = _answer_bytes(bytes(received))
     assert arrived == length, f"{arrived} of the answer's {length} bytes arrived"  # before: cut by newcomers
+
+
+def test_connections_that_carried_large_answers_do_not_keep_them(tmp_path: Path, tls_files: dict[str, Path]) -> None:
+    """Outside attack rt32 F1: the TLS layer encrypted a whole answer at once into a memory buffer that keeps
+    its size, and copied it out whole; each connection that carried a large answer kept about that much until
+    Python's cyclic collector ran (80 connections, at most two open, each reading its 61 MiB answer at full
+    speed: 324 MB to 4.2 GB, then MemoryError inside the TLS layer). Answers go to the TLS layer a piece at a
+    time now: one after another, such connections cost what one does."""
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    write_version(tmp_path, "add", 1, add_model())
+    elements = 8 * 1024 * 1024  # a 32 MiB answer from a 100-byte request
+    body = {
+        "inputs": [{"name": "n", "shape": [1], "datatype": "INT64", "data": [elements]}],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+    }
+    with serve_capped(tmp_path, *tls_args(tls_files)) as capped:
+        rest = capped.rss_bytes()
+        for _ in range(16):  # 512 MiB of answers, one connection each
+            with requests.Session() as session:
+                answer = session.post(
+                    f"{https(capped)}/v2/models/fill/infer", json=body, verify=str(tls_files["ca"]), timeout=60
+                )
+                assert answer.status_code == 200, answer.text[:300]
+                assert len(answer.content) > elements * 4
+        kept = capped.rss_bytes() - rest
+        assert kept < 100 * 1024**2, f"{kept / 2**20:.0f} MB kept"  # before: 523 MB (16 x 32 MiB); now ~14 MB
+        served_normally(capped, tls_files["ca"])

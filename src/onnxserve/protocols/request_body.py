@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import reprlib
-import zlib
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
@@ -48,12 +47,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from onnxserve.core.client_text import logged
 from onnxserve.errors import (
     BodyTooLargeError,
-    InvalidInputError,
     OnnxServeError,
     UnsupportedMediaTypeError,
 )
-from onnxserve.protocols import offload
 from onnxserve.protocols.http import refuse_before_routing
+from onnxserve.protocols.inflation import ENCODINGS, Inflater, inflate
 from onnxserve.protocols.inflight import Hold, InflightBytes, holding, no_memory, stop_holding
 
 log = logging.getLogger(__name__)
@@ -63,8 +61,6 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 JSON_MEDIA_TYPE = "application/json"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 BINARY_HEADER = "inference-header-content-length"
-ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
-"""Accepted Content-Encodings and the zlib window bits that read them (gzip header; zlib header)."""
 
 _short = reprlib.Repr()  # what a message may quote of a header
 _short.maxstring = 60
@@ -124,51 +120,6 @@ def _too_large(limit: int, decoded: bool) -> BodyTooLargeError:
     return BodyTooLargeError(
         f"the request body is larger{after} than the server's limit of {limit} bytes (--max-request-bytes)"
     )
-
-
-class _Inflater:
-    """A streaming gzip/deflate decoder that makes at most as many bytes as it is asked for at a time,
-    keeping the rest of its input for the next call."""
-
-    def __init__(self, encoding: str) -> None:
-        self.encoding = encoding
-        self._decoder = zlib.decompressobj(wbits=ENCODINGS[encoding])
-        self._pending = b""  # compressed bytes not decoded yet
-
-    @property
-    def pending(self) -> bool:
-        """Whether some of the input is not decoded yet."""
-        return bool(self._pending)
-
-    def feed(self, data: bytes, most: int) -> bytes:
-        """Decode what is pending and then ``data``, at most ``most`` bytes of output."""
-        data = self._pending + data if self._pending else data
-        out: list[bytes] = []
-        produced = 0
-        try:
-            while data and produced < most:
-                if self._decoder.eof:
-                    if self.encoding != "gzip":
-                        raise InvalidInputError("the deflate request body has data after its end")
-                    self._decoder = zlib.decompressobj(wbits=ENCODINGS["gzip"])  # gzip may hold several members
-                piece = self._decoder.decompress(data, most - produced)
-                out.append(piece)
-                produced += len(piece)
-                data = self._decoder.unused_data if self._decoder.eof else self._decoder.unconsumed_tail
-        except zlib.error:
-            raise InvalidInputError(
-                f"the request body is not valid {self.encoding} data (Content-Encoding: {self.encoding})"
-            ) from None
-        self._pending = data
-        return b"".join(out)
-
-    def finish(self) -> None:
-        if not self._decoder.eof:
-            raise InvalidInputError(f"the {self.encoding} request body ends before its compressed data does")
-
-
-INFLATE_STEP_BYTES = 4 * 1024 * 1024
-"""Decoded bytes made at a time in a codec thread, each counted in the in-flight budget before the next."""
 
 
 SENT_BEFORE_RELEASE_BYTES = 256 * 1024
@@ -265,27 +216,26 @@ class RequestBodyLimits:
         await self.app(decoded_scope, replay, send)
 
     async def _inflate(
-        self, inflater: _Inflater, chunk: bytes, chunks: list[bytes], decoded: int, reservation: Hold
+        self, inflater: Inflater, chunk: bytes, chunks: list[bytes], decoded: int, reservation: Hold
     ) -> int:
-        """Decode ``chunk`` into ``chunks``, counting each step in the budget and refusing the body one byte
-        past the limit; the bytes decoded so far. The first ``offload.INLINE_BYTES`` on the event loop, the
-        rest ``INFLATE_STEP_BYTES`` at a time in the codec threads: 61 KB of gzip make 60 MiB, and 16 such
-        bodies inflated on the loop held probes 3.1 s (outside attack rt33)."""
-        piece = inflater.feed(chunk, min(offload.INLINE_BYTES, self.max_bytes - decoded + 1))
-        while True:
+        """Decode ``chunk`` into ``chunks``, each step counted in the budget (``inflation.inflate``); the bytes
+        decoded so far, the body refused one byte past the limit (outside attack rt33: 16 bodies of 61 KB
+        of gzip inflating to 60 MiB each, inflated whole on the event loop, held probes 3.1 s)."""
+
+        def counted(piece: bytes) -> None:
+            nonlocal decoded
             decoded += len(piece)
             if decoded > self.max_bytes:
                 raise _too_large(self.max_bytes, True)
             reservation.grow_to(decoded)
             chunks.append(piece)
-            if not inflater.pending:
-                return decoded
-            most = min(INFLATE_STEP_BYTES, self.max_bytes - decoded + 1)
-            piece = await offload.convert(INFLATE_STEP_BYTES, inflater.feed, b"", most)
+
+        await inflate(inflater, chunk, self.max_bytes - decoded, counted)
+        return decoded
 
     async def _read(self, receive: Receive, encoding: str | None, reservation: Hold) -> bytes | None:
         """The whole (decoded) body, refused at limit + 1; None when the client disconnected."""
-        inflater = _Inflater(encoding) if encoding is not None else None
+        inflater = Inflater(encoding, "request body") if encoding is not None else None
         chunks: list[bytes] = []
         received = decoded = 0
         while True:

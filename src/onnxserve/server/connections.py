@@ -167,6 +167,13 @@ TLS_WRITE_HIGH_WATER = 64 * 1024
 """Over TLS, writing an answer is blocked while the TCP transport holds more than this unsent (``_watch_tcp``),
 as a plain transport blocks it past its own high-water mark (64 KiB)."""
 
+TLS_WRITE_PIECE = 256 * 1024
+"""Over TLS, an answer is handed to the TLS layer this much at a time, the next piece once the layer takes
+more (``_pump``). The layer encrypts all it is given at once into a memory buffer it keeps the size of, and
+copies that out whole: a 61 MiB answer took the answer three times over, and every connection that carried
+one kept about its size until Python's cyclic collector freed it (outside attack rt32: 80 connections, at
+most two open, each reading its 61 MiB answer at full speed, took the server from 324 MB to 4.2 GB)."""
+
 CLOSING_IDLE_SECONDS = 0.5
 """A TLS connection being closed whose client has taken nothing of its answer for this long may give its slot
 to a new connection past ``--max-connections`` (``_cut_oldest_closing``)."""
@@ -257,35 +264,79 @@ class _ClosedWritesDropped:
 
     uvloop's raise instead: a client that sent pipelined requests and closed its side had the answer to
     the second written to a closed transport, and each such answer was logged as two ERROR tracebacks
-    (an outside attack: 3.9 MB of log in 0.8 s). A client that leaves is not an error."""
+    (an outside attack: 3.9 MB of log in 0.8 s). A client that leaves is not an error.
+
+    With ``piece`` (over TLS), a write larger than ``piece`` is kept in a backlog (no copy) and handed to the
+    transport a piece at a time by :meth:`write_piece` (the protocol's ``_pump``), in order with the writes
+    after it; a close waits for the backlog to be written."""
 
     def __init__(
         self,
         transport: asyncio.Transport,
         linger: Callable[[], bool] | None = None,
         wrote: Callable[[], None] | None = None,
+        piece: int = 0,
     ) -> None:
         self._transport = transport
         self._linger = linger
         self._wrote = wrote  # told after each write (over TLS: ``GuardedHttpProtocol._watch_tcp``)
         self._lingering = False
+        self._piece = piece
+        self.backlog: deque[memoryview] = deque()
+        self.backlog_bytes = 0
+        self._close_when_written = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.is_closing():
-            self._transport.write(data)
+            if self._piece and (self.backlog or len(data) > self._piece):
+                view = memoryview(data).cast("B")
+                self.backlog.append(view)
+                self.backlog_bytes += len(view)
+            else:
+                self._transport.write(data)
             if self._wrote is not None:
                 self._wrote()
 
+    def write_piece(self) -> None:
+        """Hand the transport the next piece of the backlog (then close it, if a close waits for that)."""
+        head = self.backlog[0]
+        piece = head[: self._piece]
+        if len(head) > self._piece:
+            self.backlog[0] = head[self._piece :]
+        else:
+            self.backlog.popleft()
+        self.backlog_bytes -= len(piece)
+        self._transport.write(bytes(piece))
+        if not self.backlog and self._close_when_written:
+            self._close_when_written = False
+            self._transport.close()
+
+    def drop_backlog(self) -> None:
+        self.backlog.clear()
+        self.backlog_bytes = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.backlog_bytes + self._transport.get_write_buffer_size()
+
     def is_closing(self) -> bool:
-        return self._lingering or self._transport.is_closing()
+        return self._lingering or self._close_when_written or self._transport.is_closing()
 
     def close(self) -> None:
         """Close, or (``linger`` says it takes over) look closed to uvicorn while the rest of the request
-        is read and dropped."""
+        is read and dropped; with a backlog, once it is written."""
+        if self._close_when_written:
+            return
         if not self._lingering and self._linger is not None and self._linger():
             self._lingering = True
             return
+        if self.backlog:
+            self._close_when_written = True
+            return
         self._transport.close()
+
+    def abort(self) -> None:
+        self.drop_backlog()
+        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -388,6 +439,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._closing_tls = False  # over TLS: closed once its answer is out (_close_tls)
         self._layer_full = False  # the transport (over TLS: the TLS layer) paused writing
         self._tcp_full = False  # over TLS: the TCP transport's buffer is full (_watch_tcp)
+        self._backlogged = False  # over TLS: some of the answer waits to be handed to the TLS layer (_pump)
         self._moved = 0.0  # over TLS, closing: when its client last took some of the answer (_close_once_sent)
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
@@ -409,7 +461,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self._upgrading:  # the TLS layer's handshake is done: HTTP from now on, through it
             self._upgrading = False
-            self.transport = _ClosedWritesDropped(transport, self._linger, self._watch_tcp)  # type: ignore[assignment]
+            self.transport = _ClosedWritesDropped(  # type: ignore[assignment]
+                transport, self._linger, self._watch_tcp, TLS_WRITE_PIECE
+            )
             self.flow = FlowControl(transport)
             self.scheme = "https"
             return
@@ -695,6 +749,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         self._lost = True
         self._cancel_timers()
+        writer = self.transport
+        if isinstance(writer, _ClosedWritesDropped):
+            writer.drop_backlog()  # what was not handed to the TLS layer: not kept while this object lingers
         self.clients.cutting.pop(self, None)
         if self._counted:
             self._counted = False
@@ -792,6 +849,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         now = time.monotonic()
         if not left:
             tcp.close()
+            give_back_memory_later(self.loop, TRIM_AFTER_CUT_SECONDS)  # a flood of clean closes kept ~300 MB (rt32)
             return
         if before < 0 or left < before:
             moved = self._moved = now
@@ -1154,14 +1212,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def resume_writing(self) -> None:
         self._layer_full = False
-        if not self._tcp_full:
+        if self._tcp is not None:
+            self._pump()
+        if not self._tcp_full and not self._backlogged:
             self._writing_unblocked()
 
+    def _pump(self) -> None:
+        """Over TLS: hand the TLS layer the answer's backlog a piece at a time while it takes more (until it
+        pauses this protocol; its ``resume_writing`` pumps again). Writing stays blocked while there is a
+        backlog, so the answer stays in the in-flight budget until the client has taken it."""
+        writer = self.transport
+        assert isinstance(writer, _ClosedWritesDropped)
+        tcp = self._tcp
+        while writer.backlog and not self._layer_full and tcp is not None and not tcp.is_closing():
+            writer.write_piece()
+        if writer.backlog and not self._backlogged:
+            self._backlogged = True
+            self._writing_blocked()
+        elif not writer.backlog and self._backlogged:
+            self._backlogged = False
+            if not self._layer_full and not self._tcp_full:
+                self._writing_unblocked()
+
     def _watch_tcp(self) -> None:
-        """Over TLS, after a write: writing is blocked while the TCP transport's buffer is full too. The TLS
-        layer pauses the application only for its own buffer, and a large answer moves to the TCP transport's
-        at once, so uvicorn took it as sent: its bytes left the in-flight budget unread (outside attack rt29: 40
-        clients that read nothing of 60 MiB answers each, RSS +3.2 GB, where plain HTTP refused all but one)."""
+        """Over TLS, after a write: its backlog is pumped (``_pump``), and writing is blocked while the TCP
+        transport's buffer is full too. The TLS layer pauses the application only for its own buffer, and a
+        large answer moved to the TCP transport's at once, so uvicorn took it as sent: its bytes left the
+        in-flight budget unread (outside attack rt29: 40 clients that read nothing of 60 MiB answers each, RSS
+        +3.2 GB, where plain HTTP refused all but one)."""
+        self._pump()
         tcp = self._tcp
         if tcp is None or self._tcp_full or tcp.is_closing():
             return
@@ -1178,7 +1257,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(TLS_CUT_CHECK_SECONDS, self._tcp_drained)
             return
         self._tcp_full = False
-        if not self._layer_full:
+        if not self._layer_full and not self._backlogged:
             self._writing_unblocked()
 
     def _writing_blocked(self) -> None:
@@ -1253,10 +1332,10 @@ class _Undecrypted(asyncio.BufferedProtocol):
 
 
 TRIM_AFTER_CUT_SECONDS = 5.0
-"""How long after a TLS connection was cut with its client still sending the C allocator's free memory goes
-back to the system (``malloc_trim``, on a worker thread; once for all the cuts meanwhile): the TLS layer
-reads such a client in blocks of up to 256 KiB, and a flood of them left 300 to 650 MB free but kept
-(outside attack rt24)."""
+"""How long after a TLS connection was closed or cut the C allocator's free memory goes back to the system
+(``malloc_trim``, on a worker thread; once for all the closes meanwhile): the TLS layer reads a client in
+blocks of up to 256 KiB, and a flood of clients cut while sending left 300 to 650 MB free but kept (outside
+attack rt24); a flood of clean closes, 270 to 300 MB (rt32)."""
 
 
 def _unacknowledged(tcp: asyncio.Transport) -> int:
