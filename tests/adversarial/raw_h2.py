@@ -83,11 +83,14 @@ class RawGrpcConnection:
         self.flush()
         return stream_id
 
-    def send_part(self, stream_id: int, announced: int, part: int, deadline: float = 5.0) -> int:
-        """Announce a message of ``announced`` bytes and send its first ``part`` bytes, as flow control
-        allows, for at most ``deadline`` seconds; never ends the stream. Returns the bytes sent."""
+    def send_part(
+        self, stream_id: int, announced: int, part: int, deadline: float = 5.0, compressed: bool = False
+    ) -> int:
+        """Announce a message of ``announced`` bytes (``compressed``: flagged so) and send its first ``part``
+        bytes, as flow control allows, for at most ``deadline`` seconds; never ends the stream. Returns the
+        bytes sent."""
         payload_left = part
-        prefix = b"\x00" + announced.to_bytes(4, "big")
+        prefix = (b"\x01" if compressed else b"\x00") + announced.to_bytes(4, "big")
         pending = prefix
         stop = time.monotonic() + deadline
         chunk = b"\x00" * 16384
@@ -115,9 +118,10 @@ class RawGrpcConnection:
             self.flush()
         return self.calls[stream_id].sent
 
-    def send_whole(self, stream_id: int, message: bytes) -> None:
-        """Send one complete message and end the stream (a well-behaved unary call)."""
-        self.send_part(stream_id, len(message), 0)
+    def send_whole(self, stream_id: int, message: bytes, compressed: bool = False) -> None:
+        """Send one complete message (``compressed``: flagged so, its call opened with a ``grpc-encoding``)
+        and end the stream (a well-behaved unary call)."""
+        self.send_part(stream_id, len(message), 0, compressed=compressed)
         data = message
         while data and not self.closed and not self.calls[stream_id].ended:
             window = min(self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size)

@@ -88,3 +88,18 @@ async def inflate(inflater: Inflater, data: bytes, room: int, counted: Callable[
         if not inflater.pending or made > room:
             return
         piece = await offload.convert(STEP_BYTES, inflater.feed, b"", min(STEP_BYTES, room + 1 - made))
+
+
+def message_encoding(raw: bytes) -> str | None:
+    """How a gRPC request message was compressed by its client, or None: sent plain (a protobuf message).
+
+    grpc tells a handler neither the message's compressed flag nor its call's ``grpc-encoding`` once the
+    server has turned grpc's own inflation off (``grpc.per_message_decompression``), so the message's first
+    bytes say: gzip's begin 1f 8b, which no protobuf message does (its first byte would name a field of wire
+    type 7, which does not exist); deflate's (the zlib format) with a header naming method 8 whose two bytes
+    are a multiple of 31. A protobuf message may look like that; it will not inflate cleanly (the zlib
+    stream ends with a checksum of what it holds), and is then read as sent."""
+    if raw[:2] == b"\x1f\x8b":
+        return "gzip"
+    zlib_header = len(raw) >= 2 and raw[0] & 0x0F == 8 and raw[0] >> 4 <= 7 and not raw[1] & 0x20
+    return "deflate" if zlib_header and ((raw[0] << 8) | raw[1]) % 31 == 0 else None
