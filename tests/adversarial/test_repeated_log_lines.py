@@ -24,7 +24,8 @@ import grpc
 import httpx
 import pytest
 import requests
-from harness import CappedServer, serve_config
+from harness import MODEL_INFER, CappedServer, serve_config
+from raw_h2 import RawGrpcConnection
 
 import models
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -176,3 +177,33 @@ def test_failed_tls_handshakes_on_the_grpc_port_write_nothing(
         written = server.log_lines[before:]
     assert not [line for line in written if "Handshake failed" in line], written[:3]  # before: one each
     assert len(written) <= 5, written
+
+
+def test_calls_grpc_core_refuses_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpc-core answers a call with an unknown ``grpc-encoding`` itself (INTERNAL, before any handler) and
+    wrote an ERROR line of its own to stderr for each: 300 calls, 306 lines (outside attack rt34)."""
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)  # the server sets grpc-core's level itself
+    with _lookup(tmp_path) as server:
+        before = len(server.log_lines)
+        connection = RawGrpcConnection(server.host, server.grpc_port)
+        try:
+            for _ in range(20):
+                stream = connection.open_call(MODEL_INFER, (("grpc-encoding", "snappy"),))
+                connection.send_whole(stream, b"\x00" * 16, compressed=True)
+                while not connection.calls[stream].ended and not connection.closed:
+                    connection.pump(1.0, once=True)
+                assert connection.calls[stream].ended
+        finally:
+            connection.close()
+        with grpc.insecure_channel(server.grpc_target) as channel:  # a line of the server's own after them
+            metadata = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelMetadata",
+                request_serializer=pb.ModelMetadataRequest.SerializeToString,
+                response_deserializer=pb.ModelMetadataResponse.FromString,
+            )
+            with pytest.raises(grpc.RpcError):
+                metadata(pb.ModelMetadataRequest(name="/etc/a/b"), timeout=30)
+        wait_until(lambda: any(HIDDEN in line for line in server.log_lines[before:]), what="the server's line")
+        written = server.log_lines[before:]
+    assert not [line for line in written if "grpc-encoding" in line], written[:3]  # before: one a call
+    assert len(written) <= 3, written

@@ -572,3 +572,53 @@ def test_a_file_written_in_place_while_the_load_takes_it_is_a_load_error(
         with pytest.raises(ModelLoadError, match=r"m: external data file 'w.bin' was written while the load read it"):
             take_external_data(model, folder, "m")
     assert len(taken) > 1
+
+
+@pytest.mark.parametrize("copied", [True, False], ids=["private-copy", "read-into-memory"])
+def test_a_version_folder_replaced_while_it_loads_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copied: bool
+) -> None:
+    """Outside attack rt35 F1: the documented deploy (a staged version folder moved over the served one) done
+    while a load ran made a version of the old folder's first file and the new folder's second; load 200,
+    served until the next load. Here the folders are swapped after the load took its first range."""
+    from onnxserve.core import external_data
+
+    temporary = tmp_path / "tmp"
+    if copied:
+        temporary.mkdir()
+    else:
+        temporary.write_bytes(b"")  # no private copy can be made: read into memory
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    folder = tmp_path / "m" / "1"
+    everywhere_model(folder)
+    everywhere_model(tmp_path / "staged")
+    swapped: list[bool] = []
+
+    def swap_after_the_first(take: Any, *args: Any) -> Any:
+        result = take(*args)
+        if not swapped:
+            folder.rename(tmp_path / "old")
+            (tmp_path / "staged").rename(folder)
+            swapped.append(True)
+        return result
+
+    if copied:
+        monkeypatch.setattr(
+            external_data, "_copy_range", functools.partial(swap_after_the_first, external_data._copy_range)
+        )
+    else:
+        read = external_data._Reader._read_range
+        monkeypatch.setattr(
+            external_data._Reader,
+            "_read_range",
+            lambda self, *args: swap_after_the_first(functools.partial(read, self), *args),
+        )
+    with pytest.raises(ModelLoadError, match=r"m: the version folder was replaced while it loaded"):
+        guarded_session(folder / "model.onnx", where="m")
+    assert swapped
+    if copied:
+        assert list(temporary.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    session = guarded_session(folder / "model.onnx", where="m")  # loaded again: the new folder, whole
+    assert session.get_outputs()

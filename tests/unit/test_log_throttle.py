@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from onnxserve.log_throttle import EVERY_SECONDS, LogThrottle, LogThrottles, set_every
+from onnxserve.log_throttle import EVERY_SECONDS, LogThrottle, LogThrottles, log_unexpected, set_every
 
 
 class Clock:
@@ -79,3 +79,39 @@ def test_throttles_without_an_interval_of_their_own_follow_the_servers_setting()
     finally:
         set_every(EVERY_SECONDS)
     assert made_before.every == EVERY_SECONDS
+
+
+def test_unexpected_errors_log_their_traceback_once_an_interval_with_their_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside attack rt35: a request that met a bug logged 42 lines of traceback each time, 1.76 MB of log a
+    second from one client. The traceback is logged once an interval per error type and place."""
+    import logging
+    import time
+
+    logger = logging.getLogger("test_unexpected")
+    try:
+        set_every(0.2)
+        with caplog.at_level(logging.ERROR, logger="test_unexpected"):
+            for _ in range(50):
+                try:
+                    {}["sentence_embedding"]
+                except KeyError:
+                    log_unexpected(logger, "http", "unexpected error while handling %s", "POST /v2/models/m/infer")
+            try:
+                raise ValueError("another kind")
+            except ValueError:
+                log_unexpected(logger, "http", "unexpected error while handling %s", "POST /x")
+            time.sleep(0.25)
+            try:
+                {}["sentence_embedding"]
+            except KeyError:
+                log_unexpected(logger, "http", "unexpected error while handling %s", "POST /v2/models/m/infer")
+    finally:
+        set_every(EVERY_SECONDS)
+    records = caplog.records
+    assert len(records) == 3  # before: 51
+    assert all(r.exc_info is not None for r in records)  # each with its traceback
+    assert records[0].getMessage() == "unexpected error while handling POST /v2/models/m/infer"
+    assert records[1].getMessage() == "unexpected error while handling POST /x"  # a kind of its own
+    assert "(50 such since the last line; reported every 0.2 s at most)" in records[2].getMessage()

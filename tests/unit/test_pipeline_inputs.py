@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from onnxserve.errors import ConfigError
 
 def _folder(tmp_path: Path, inputs: list[str]) -> Path:
     Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
-    PipelineSpec(task="feature-extraction", inputs=inputs, outputs=["y"], max_length=16).write(tmp_path)
+    PipelineSpec(task="feature-extraction", inputs=inputs, outputs=["last_hidden_state"], max_length=16).write(tmp_path)
     return tmp_path
 
 
@@ -80,3 +81,45 @@ def test_a_label_key_that_is_no_class_index_is_refused_at_load(tmp_path: Path, k
     with pytest.raises(ConfigError, match=f"not a valid pipeline spec: {problem}"):
         PipelineSpec.read(tmp_path)
     assert PipelineSpec.parse(spec.replace(f'"{key}"', '"1"'), "m").labels == {0: "negative", 1: "odd"}
+
+
+def _spec_folder(tmp_path: Path, **spec: object) -> Path:
+    Tokenizer(WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    PipelineSpec.model_validate({"inputs": ["input_ids"], "max_length": 16, **spec}).write(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("spec", "graph", "problem"),
+    [
+        (  # outside attack rt35 F2: every V2 text request was a 500 with a traceback
+            {"task": "feature-extraction", "pooling": "mean", "outputs": ["last_hidden_state"]},
+            ["last_hidden_state"],
+            "a feature-extraction pipeline with mean pooling makes its results from the graph output(s) "
+            "'sentence_embedding', which its spec's outputs (last_hidden_state) do not name",
+        ),
+        (
+            {"task": "text-classification", "outputs": ["scores"]},
+            ["scores"],
+            "a text-classification pipeline makes its results from the graph output(s) 'logits'",
+        ),
+        (
+            {"task": "feature-extraction", "pooling": "mean", "outputs": ["sentence_embedding"]},
+            ["last_hidden_state"],
+            "the pipeline's outputs 'sentence_embedding' are not outputs of the graph (last_hidden_state)",
+        ),
+    ],
+)
+def test_a_spec_whose_results_have_no_graph_output_is_refused_at_load(
+    tmp_path: Path, spec: dict[str, object], graph: list[str], problem: str
+) -> None:
+    folder = _spec_folder(tmp_path, **spec)
+    outputs = [TensorSpec(name, from_v2("FP32"), (-1, -1)) for name in graph]
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_pipeline(folder, _specs(["input_ids"]), outputs)
+
+
+def test_a_spec_whose_results_come_from_its_outputs_loads(tmp_path: Path) -> None:
+    folder = _spec_folder(tmp_path, task="feature-extraction", pooling="mean", outputs=["sentence_embedding"])
+    outputs = [TensorSpec("sentence_embedding", from_v2("FP32"), (-1, 8))]
+    assert load_pipeline(folder, _specs(["input_ids"]), outputs) is not None

@@ -95,7 +95,9 @@ def has_external_data(model: onnx.ModelProto) -> bool:
 
 
 @contextlib.contextmanager
-def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[Path | None]:
+def private_copy(
+    model: onnx.ModelProto, folder: Path, where: str, folder_id: FileId | None = None
+) -> Iterator[Path | None]:
     """Copy the external data every tensor of ``model`` names (parsed without it; its locations checked by
     ``core.confinement``) from ``folder`` into private files, and point those tensors at them (``model`` is
     changed in place); yields the private folder, for ONNX Runtime to map the files from while the session
@@ -103,8 +105,9 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
     offsets (what no tensor names is a hole), so a copy never holds more than its file.
 
     Yields None, ``model`` unchanged, where no private copy can be made here (see the module docstring).
-    A file that no longer holds the bytes a tensor names (changed since the check) is a
-    :class:`ModelLoadError` naming ``where``."""
+    A file that no longer holds the bytes a tensor names (changed since the check), and ``folder`` no longer
+    the folder ``folder_id`` names (see :func:`check_same_folder`), are a :class:`ModelLoadError` naming
+    ``where``."""
     tensors = [(label, t) for label, t in model_tensors(model) if t.data_location == TensorProto.EXTERNAL]
     lock = -1
     try:
@@ -119,6 +122,8 @@ def private_copy(model: onnx.ModelProto, folder: Path, where: str) -> Iterator[P
         try:
             lock = _locked(private)
             names = _copy_ranges(tensors, folder, private, where)
+            if names is not None:
+                check_same_folder(folder, folder_id, where)
         except OSError as e:  # the lock, or the folder removed under it: not the model's fault
             log.warning("%s: no private copy of its external data (%s); reading it into memory instead", where, e)
             names = None
@@ -181,6 +186,27 @@ FileId = tuple[int, int]
 def _file_id(fd: int) -> FileId:
     found = os.fstat(fd)
     return found.st_dev, found.st_ino
+
+
+def folder_identity(folder: Path) -> FileId | None:
+    """The folder ``folder`` names now (None: none): taken before a load reads its model file."""
+    try:
+        found = os.stat(folder)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def check_same_folder(folder: Path, before: FileId | None, where: str) -> None:
+    """Refuse a load during which ``folder`` came to name another folder than ``before``: the documented
+    deploy, a new version folder moved over the old one, done while a load ran made a version of the old
+    folder's model and first files and the new folder's later ones (outside attack rt35: load 200, served
+    until the next load). Checked once every file the load reads is open."""
+    if before is not None and folder_identity(folder) != before:
+        raise ModelLoadError(
+            f"{where}: the version folder was replaced while it loaded (the files changed during the load); "
+            "load it again"
+        )
 
 
 FileState = tuple[int, int, int]
@@ -284,7 +310,9 @@ def _copy_range(source: int, copy: int, offset: int, count: int, label: str, loc
         done += sent
 
 
-def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict[str, Initializer]:
+def take_external_data(
+    model: onnx.ModelProto, folder: Path, where: str, folder_id: FileId | None = None
+) -> dict[str, Initializer]:
     """Read every external tensor of ``model`` (parsed without its external data; its locations checked by
     ``core.confinement``) from ``folder``, once: the main graph's initializers are returned as arrays, by
     name, for ONNX Runtime to copy; every other one is embedded in ``model``, which is changed in place.
@@ -307,6 +335,7 @@ def take_external_data(model: onnx.ModelProto, folder: Path, where: str) -> dict
             if tensor.data_location == TensorProto.EXTERNAL and tensor.name not in taken:
                 _embed(tensor, reader.read(tensor, f"initializer {tensor.name!r}"))
         reader.check_unchanged()
+        check_same_folder(folder, folder_id, where)
         return taken
     except BaseException:
         taken.clear()  # a refusal's traceback keeps this frame: it must not keep what was read

@@ -133,6 +133,10 @@ PAIR_INPUTS: dict[str, tuple[str, str]] = {
 LOGITS_OUTPUT = "logits"
 """The graph output a classifier's (text, token classification, ranking, fill-mask) scores come from."""
 
+SENTENCE_EMBEDDING = "sentence_embedding"
+TOKEN_EMBEDDINGS = "last_hidden_state"
+"""The graph outputs a feature-extraction pipeline embeds from: pooled (its spec's pooling), or not."""
+
 EMBEDDING_OUTPUT = "embedding"
 """feature-extraction's text output: the pooled sentence embedding, or token embeddings without pooling."""
 
@@ -435,7 +439,7 @@ class TextPipeline:
         task = self.spec.task
         results: Arrays
         if task == "feature-extraction":
-            source = "sentence_embedding" if self.spec.pooling != "none" else "last_hidden_state"
+            (source,) = task_sources(self.spec)
             results = {EMBEDDING_OUTPUT: outputs[source]}
         elif task == "text-classification":
             results = text_tasks.text_classification(
@@ -533,6 +537,7 @@ def load_pipeline(
                 f"{folder}: the pipeline's token inputs {', '.join(map(repr, other_ranks))} are not "
                 "[batch, sequence] in the graph (rank 2); a text pipeline feeds tokens so"
             )
+        _check_outputs(folder, spec, graph_outputs)
         return TextPipeline(folder, spec, names, tokenizer, fixed)
     if not token_inputs(graph_inputs) or not graph_outputs:
         return None
@@ -548,6 +553,39 @@ def load_pipeline(
         "%s: a tokenizer is beside the model: text is accepted for its token inputs (%s)", folder, ", ".join(names)
     )
     return TextPipeline(folder, spec, names, tokenizer, fixed)
+
+
+def task_sources(spec: PipelineSpec) -> tuple[str, ...]:
+    """The graph outputs a task's results are made from (:meth:`TextPipeline.postprocess`)."""
+    if spec.task == "feature-extraction":
+        return (SENTENCE_EMBEDDING if spec.pooling != "none" else TOKEN_EMBEDDINGS,)
+    if spec.task == "question-answering":
+        return ("start_logits", "end_logits")
+    if spec.task in ("text-classification", "token-classification", "text-ranking", "fill-mask"):
+        return (LOGITS_OUTPUT,)
+    return ()
+
+
+def _check_outputs(folder: Path, spec: PipelineSpec, graph_outputs: Sequence[TensorSpec]) -> None:
+    """Refuse a spec whose task's results come from outputs it does not fetch or the graph does not have:
+    every text request to it would fail (outside attack rt35: a pooled feature-extraction spec of a graph
+    without ``sentence_embedding`` loaded, and each V2 text request was a 500 with a traceback)."""
+    missing = [name for name in task_sources(spec) if name not in spec.outputs]
+    if missing:
+        raise ConfigError(
+            f"{folder}: a {spec.task} pipeline{_pooled(spec)} makes its results from the graph output(s) "
+            f"{', '.join(map(repr, missing))}, which its spec's outputs ({', '.join(spec.outputs)}) do not name"
+        )
+    graph = {s.name for s in graph_outputs}
+    if graph and (absent := [name for name in spec.outputs if name not in graph]):
+        raise ConfigError(
+            f"{folder}: the pipeline's outputs {', '.join(map(repr, absent))} are not outputs of the graph "
+            f"({', '.join(sorted(graph))})"
+        )
+
+
+def _pooled(spec: PipelineSpec) -> str:
+    return f" with {spec.pooling} pooling" if spec.task == "feature-extraction" and spec.pooling != "none" else ""
 
 
 def token_inputs(graph_inputs: Sequence[TensorSpec]) -> bool:

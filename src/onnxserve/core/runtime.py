@@ -28,7 +28,13 @@ from onnxserve.core import datatypes
 from onnxserve.core.attention_memory import attention_shape
 from onnxserve.core.confinement import check_model
 from onnxserve.core.division_guard import guard_division
-from onnxserve.core.external_data import Initializer, has_external_data, private_copy, take_external_data
+from onnxserve.core.external_data import (
+    Initializer,
+    folder_identity,
+    has_external_data,
+    private_copy,
+    take_external_data,
+)
 from onnxserve.core.inline_runs import why_not_shape_bounded
 from onnxserve.core.memory import give_back_free_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
@@ -203,6 +209,7 @@ def guarded_session(
     mapped, so a file overwritten in place later changes nothing the session serves (outside attack rt25
     F1). Otherwise the parsed model is dropped before the session is made."""
     where = where or (str(model) if isinstance(model, Path) else "the model")
+    folder_id = folder_identity(model.parent) if isinstance(model, Path) else None  # before the model is read
     parsed = check_onnx_file(model) if isinstance(model, Path) else model
     guarded = guard_division(parsed, where)
     if read is not None:
@@ -211,10 +218,10 @@ def guarded_session(
     if folder is not None and has_external_data(parsed):
         served = guarded if guarded is not None else parsed  # the file's own parse, or a copy of it: ours to change
         del parsed, guarded
-        with private_copy(served, folder, where) as private:
+        with private_copy(served, folder, where, folder_id) as private:
             if private is not None:
                 return create_session(served, providers=providers, options=options, where=where, external_data=private)
-        initializers = take_external_data(served, folder, where)
+        initializers = take_external_data(served, folder, where, folder_id)
         try:
             return create_session(
                 served,

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import (
     EMBEDDING_OUTPUT,
+    SENTENCE_EMBEDDING,
     TEXT_INPUT,
     TOKEN_COUNT_OUTPUT,
     check_request_characters,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from onnxserve.core.pipeline import PipelineSpec
     from onnxserve.core.service import InferenceService
 
-POOLED_OUTPUT = "sentence_embedding"
+POOLED_OUTPUT = SENTENCE_EMBEDDING
 """The graph output of a pooled feature-extraction model (``onnxserve export hf`` names it so)."""
 
 MAX_INPUTS = 2048

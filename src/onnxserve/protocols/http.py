@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from onnxserve.core.memory import release_frames
 from onnxserve.errors import ErrorKind, OnnxServeError
-from onnxserve.log_throttle import LogThrottle
+from onnxserve.log_throttle import LogThrottle, log_unexpected
 from onnxserve.protocols import context, inflight
 from onnxserve.protocols.errors import HTTP_STATUS, RETRY_AFTER_SECONDS
 from onnxserve.protocols.public_errors import public_message
@@ -192,7 +192,7 @@ def guarded(
 
     def failed(request: Request, error: OnnxServeError | None) -> Response:
         if error is None:
-            log.exception("unexpected error while handling %s %s", request.method, request.url.path)
+            log_unexpected(log, "http", "unexpected error while handling %s %s", request.method, request.url.path)
             return render(None, "internal server error", 500)
         return role.answer(error)
 
@@ -276,7 +276,7 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
-            log.exception("unexpected error while handling %s %s", scope.get("method"), scope.get("path"))
+            log_unexpected(log, "http", "unexpected error while handling %s %s", scope.get("method"), scope.get("path"))
             if status:
                 raise
             await error_response("internal server error", 500)(scope, receive, send_with_id)

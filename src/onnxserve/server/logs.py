@@ -199,18 +199,21 @@ REFUSING_LOGGERS = ("onnxserve.server.connections", "onnxserve.protocols.request
 _REFUSALS = RefusalFilter()
 
 
-GRPC_VERBOSITY = "ERROR"
+GRPC_VERBOSITY = "NONE"
 """grpc-core's own log level, unless the user sets ``GRPC_VERBOSITY``."""
 
 
 def quiet_grpc_core(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Keep grpc-core's own log lines to ERROR and above (``GRPC_VERBOSITY``) unless the user chose a level.
+    """Keep grpc-core's own log lines off (``GRPC_VERBOSITY=NONE``) unless the user chose a level.
 
     grpc-core writes its lines to stderr itself, outside Python logging (no filter or throttle sees them,
-    and they are not JSON with ``--log-format json``), and at INFO it writes one for every failed TLS
-    handshake on the gRPC port: plaintext connections wrote 36,716 lines, 7.8 MB, in 8 s (outside attack
-    rt24). grpc reads the variable once, when it is first imported; ``onnxserve.server`` calls this before
-    any of its modules imports grpc. True when grpc follows it (the user's value, or set in time)."""
+    and they are not JSON with ``--log-format json``), and most of those it writes while serving are about
+    one client's call or connection: at INFO one for every failed TLS handshake on the gRPC port (plaintext
+    connections wrote 36,716 lines, 7.8 MB, in 8 s: outside attack rt24), at ERROR one for every call with
+    an unknown ``grpc-encoding`` (rt34) or a header list over its limit (284 a second: rt33). What the
+    server must say about gRPC it says itself (a port it cannot bind, a call refused). grpc reads the
+    variable once, when it is first imported; ``onnxserve.server`` calls this before any of its modules
+    imports grpc. True when grpc follows it (the user's value, or set in time)."""
     if "GRPC_VERBOSITY" in environ:
         return True
     if "grpc" in sys.modules:  # imported already (an application that embeds the server): too late

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError, Message
 from onnxserve.core.memory import release_frames
 from onnxserve.core.wire import output_bytes, response_too_large
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
+from onnxserve.log_throttle import log_unexpected
 from onnxserve.protocols import context, inflight, offload
 from onnxserve.protocols.errors import GRPC_STATUS
 from onnxserve.protocols.public_errors import public_message, redact_paths
@@ -255,7 +256,7 @@ class InferenceServicer:
             if isinstance(error, OnnxServeError):
                 message = public_message(error)
             else:
-                log.exception("unexpected error in ModelStreamInfer")
+                log_unexpected(log, "ModelStreamInfer", "unexpected error in ModelStreamInfer")
                 message = "internal server error"
             del error  # nothing the message brought may stay reachable from a reference cycle (see _unary)
             release_frames(e)
@@ -318,7 +319,7 @@ def _unary(
             if isinstance(error, OnnxServeError):
                 code, message = GRPC_STATUS[error.kind], public_message(error)
             else:
-                log.exception("unexpected error in %s", name)
+                log_unexpected(log, name, "unexpected error in %s", name)
                 code, message = grpc.StatusCode.INTERNAL, "internal server error"
             # grpc keeps the abort's error, and through it this one, in a reference cycle until the garbage
             # collector runs: nothing the call received may stay reachable from them.

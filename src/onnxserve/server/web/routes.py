@@ -25,6 +25,7 @@ from starlette.routing import Route
 from onnxserve.core.client_text import shown
 from onnxserve.core.service import InferenceService
 from onnxserve.errors import InvalidInputError, OnnxServeError
+from onnxserve.log_throttle import log_unexpected
 from onnxserve.protocols.errors import HTTP_STATUS
 from onnxserve.protocols.http import error_response, guarded, json_body
 from onnxserve.protocols.public_errors import public_message
@@ -73,7 +74,7 @@ def html_page(handler: PageHandler) -> Callable[[Request], Awaitable[Response]]:
             status = HTTP_STATUS[e.kind]
             return HTMLResponse(pages.error_page(status, public_message(e)), status, headers=SECURITY_HEADERS)
         except Exception:
-            log.exception("unexpected error while rendering %s", request.url.path)
+            log_unexpected(log, "web page", "unexpected error while rendering %s", request.url.path)
             return HTMLResponse(pages.error_page(500, "internal server error"), 500, headers=SECURITY_HEADERS)
         if isinstance(result, Response):
             return result
