@@ -123,3 +123,27 @@ def test_a_spec_whose_results_come_from_its_outputs_loads(tmp_path: Path) -> Non
     folder = _spec_folder(tmp_path, task="feature-extraction", pooling="mean", outputs=["sentence_embedding"])
     outputs = [TensorSpec("sentence_embedding", from_v2("FP32"), (-1, 8))]
     assert load_pipeline(folder, _specs(["input_ids"]), outputs) is not None
+
+
+@pytest.mark.parametrize(
+    ("task", "graph", "problem"),
+    [  # outside attack rt36: each loaded, and every text request to it was a 500
+        ("token-classification", {"logits": (-1, 2)}, "reads the graph output 'logits' as 3 dimensions"),
+        (
+            "question-answering",
+            {"start_logits": (-1, -1, 2), "end_logits": (-1, -1)},
+            "reads the graph output 'start_logits' as 2 dimensions",
+        ),
+    ],
+)
+def test_a_spec_whose_outputs_have_other_dimensions_than_its_task_reads_is_refused_at_load(
+    tmp_path: Path, task: str, graph: dict[str, tuple[int, ...]], problem: str
+) -> None:
+    folder = _spec_folder(tmp_path, task=task, outputs=list(graph))
+    outputs = [TensorSpec(name, from_v2("FP32"), shape) for name, shape in graph.items()]
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_pipeline(folder, _specs(["input_ids"]), outputs)
+    good = [
+        TensorSpec(name, from_v2("FP32"), (-1, -1, 8) if task != "question-answering" else (-1, -1)) for name in graph
+    ]
+    assert load_pipeline(folder, _specs(["input_ids"]), good) is not None

@@ -576,12 +576,38 @@ def _check_outputs(folder: Path, spec: PipelineSpec, graph_outputs: Sequence[Ten
             f"{folder}: a {spec.task} pipeline{_pooled(spec)} makes its results from the graph output(s) "
             f"{', '.join(map(repr, missing))}, which its spec's outputs ({', '.join(spec.outputs)}) do not name"
         )
-    graph = {s.name for s in graph_outputs}
+    graph = {s.name: s for s in graph_outputs}
     if graph and (absent := [name for name in spec.outputs if name not in graph]):
         raise ConfigError(
             f"{folder}: the pipeline's outputs {', '.join(map(repr, absent))} are not outputs of the graph "
             f"({', '.join(sorted(graph))})"
         )
+    rank = SOURCE_RANKS.get(spec.task, 0)
+    for name in task_sources(spec) if rank and graph else ():
+        declared = graph[name].shape
+        wanted = TOKEN_RANK if name == TOKEN_EMBEDDINGS else rank
+        if declared and len(declared) != wanted:  # a graph that declares no shape is checked by its runs
+            raise ConfigError(
+                f"{folder}: a {spec.task} pipeline reads the graph output {name!r} as {wanted} dimensions "
+                f"({SOURCE_LAYOUTS[wanted]}); the graph declares {len(declared)}"
+            )
+
+
+TOKEN_RANK = 3
+SOURCE_RANKS = {
+    "feature-extraction": 2,
+    "text-classification": 2,
+    "text-ranking": 2,
+    "question-answering": 2,
+    "token-classification": TOKEN_RANK,
+    "fill-mask": TOKEN_RANK,
+}
+"""The dimensions of each task's source outputs (``task_sources``): [batch, classes] or [batch, sequence]
+for a row's scores, [batch, sequence, classes] for a token's (``last_hidden_state``: [batch, sequence,
+hidden]). A graph whose outputs have others loaded, and every text request to it was a 500 (outside
+attack rt36: token-classification, fill-mask and question-answering over [batch, 2] outputs)."""
+
+SOURCE_LAYOUTS = {2: "[batch, classes] or [batch, sequence]", TOKEN_RANK: "[batch, sequence, classes]"}
 
 
 def _pooled(spec: PipelineSpec) -> str:

@@ -16,16 +16,17 @@ from onnxserve.core.client_text import shown
 from onnxserve.core.confinement import check_version_folder
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.core.execution import Outcome, run_batch
+from onnxserve.core.external_data import FileId, check_same_folder, folder_identity
 from onnxserve.core.inline_runs import InlineRuns
 from onnxserve.core.observe import ExecutionRecord, Observers, VersionRecord
 from onnxserve.core.pace import Pace
 from onnxserve.core.pipeline import TextPipeline, load_pipeline
-from onnxserve.core.repository import VersionFolder, version_number, versions_to_serve
+from onnxserve.core.repository import Signature, VersionFolder, version_number, versions_to_serve
 from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
 from onnxserve.core.text_budget import TextBudget, model_room
 from onnxserve.core.types import ModelState, TensorSpec
-from onnxserve.errors import ConfigError, ModelNotFoundError, OnnxServeError, UnavailableError
+from onnxserve.errors import ConfigError, ModelLoadError, ModelNotFoundError, OnnxServeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +220,23 @@ def load_version(config: ModelConfig, folder: VersionFolder, observers: Observer
     return loaded
 
 
+def _check_unchanged(folder: VersionFolder, folder_id: FileId | None, signature: Signature, name: str) -> None:
+    """Refuse a version whose folder was replaced, or whose files changed, while its sessions and pipeline
+    were read: each session reads the model file again, and the tokenizer and the spec are read after them,
+    so a deploy done meanwhile (a staged folder moved over the served one) made a version whose sessions
+    answered with different weights (outside attack rt36: 9 of 24 requests old, 15 new, with 3 instances)."""
+    check_same_folder(folder.path, folder_id, name)
+    if (folder.signature() or ()) != signature:
+        raise ModelLoadError(
+            f"{name}: the version's files changed while it loaded (a file's size or modification time moved); "
+            "load it again once they are written"
+        )
+
+
 def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observers) -> ModelVersion:
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
+    folder_id = folder_identity(folder.path)  # before anything is read (see _check_unchanged)
     signature = folder.signature() or ()  # before reading: a change while loading shows at the next look
     check_version_folder(
         folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
@@ -233,6 +248,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     ]
     first = sessions[0]
     pipeline = load_pipeline(folder.path, first.inputs, first.outputs, first.metadata)
+    _check_unchanged(folder, folder_id, signature, name)
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)
