@@ -187,7 +187,7 @@ def test_calls_grpc_core_refuses_write_nothing(tmp_path: Path, monkeypatch: pyte
         before = len(server.log_lines)
         connection = RawGrpcConnection(server.host, server.grpc_port)
         try:
-            for _ in range(20):
+            for _ in range(5):
                 stream = connection.open_call(MODEL_INFER, (("grpc-encoding", "snappy"),))
                 connection.send_whole(stream, b"\x00" * 16, compressed=True)
                 while not connection.calls[stream].ended and not connection.closed:
