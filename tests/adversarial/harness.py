@@ -141,6 +141,18 @@ class CappedServer:
         response.raise_for_status()
         return elapsed
 
+    def grpc_probe_seconds(self, timeout: float = 30) -> float:
+        """Seconds one gRPC ServerReady on a fresh channel took; raises if it did not answer ready."""
+        started = time.perf_counter()
+        with grpc.insecure_channel(self.grpc_target) as channel:
+            ready = channel.unary_unary(
+                "/inference.GRPCInferenceService/ServerReady",
+                request_serializer=pb.ServerReadyRequest.SerializeToString,
+                response_deserializer=pb.ServerReadyResponse.FromString,
+            )
+            assert ready(pb.ServerReadyRequest(), timeout=timeout).ready
+        return time.perf_counter() - started
+
     def log(self) -> str:
         return "".join(self.log_lines)
 

@@ -45,18 +45,6 @@ def _total_request(elements: int) -> bytes:
     return request.SerializeToString()
 
 
-def _grpc_probe_seconds(server: CappedServer) -> float:
-    started = time.monotonic()
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        ready = channel.unary_unary(
-            "/inference.GRPCInferenceService/ServerReady",
-            request_serializer=pb.ServerReadyRequest.SerializeToString,
-            response_deserializer=pb.ServerReadyResponse.FromString,
-        )
-        assert ready(pb.ServerReadyRequest(), timeout=30).ready
-    return time.monotonic() - started
-
-
 def _send_compressed(server: CappedServer, message: bytes, encoding: str = "gzip") -> tuple[int | None, str]:
     """One ModelInfer call over raw HTTP/2 whose message is ``message``, flagged compressed with ``encoding``;
     its grpc-status and message."""
@@ -86,7 +74,7 @@ def test_compressed_messages_that_inflate_a_thousandfold_leave_probes_answering(
         thread.start()
     slowest = 0.0
     while any(thread.is_alive() for thread in threads):
-        slowest = max(slowest, _grpc_probe_seconds(server), server.probe_seconds(timeout=30))
+        slowest = max(slowest, server.grpc_probe_seconds(), server.probe_seconds(timeout=30))
     for thread in threads:
         thread.join(timeout=120)
     codes = {status for status, _ in outcomes}
@@ -121,7 +109,7 @@ def test_bad_compressed_messages_are_invalid_argument(
     status, said = _send_compressed(server, message, encoding)
     assert status == grpc.StatusCode.INVALID_ARGUMENT.value[0], said
     assert words in said
-    assert _grpc_probe_seconds(server) < PROBE_BOUND
+    assert server.grpc_probe_seconds() < PROBE_BOUND
 
 
 @pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])

@@ -86,6 +86,20 @@ def post(server: CappedServer, path: str, body: bytes, headers: dict[str, str] |
     return requests.post(server.http_url + path, data=body, headers=headers or {}, timeout=120)
 
 
+def posted_at_once(server: CappedServer, path: str, body: bytes, headers: dict[str, str], count: int) -> list[int]:
+    """``count`` POSTs of ``body`` to ``path`` at once, each from a thread of its own; their statuses."""
+    results: list[int] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(post(server, path, body, headers).status_code))
+        for _ in range(count)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
 def grpc_infer(server: CappedServer, request: pb.ModelInferRequest | bytes) -> grpc.RpcError | pb.ModelInferResponse:
     return grpc_answer(server.grpc_target, request, timeout=120, options=GRPC_OPTIONS)
 
@@ -123,21 +137,9 @@ def test_binary_bytes_at_the_element_cap_are_served_while_probes_answer(server: 
 def test_four_bytes_floods_at_once_leave_probes_answering(server: CappedServer) -> None:
     body, headers = _empty_bytes_body(MAX_BYTES_ELEMENTS // 2)
 
-    def four() -> list[int]:
-        results: list[int] = []
-        threads = [
-            threading.Thread(
-                target=lambda: results.append(post(server, "/v2/models/strings/infer", body, headers).status_code)
-            )
-            for _ in range(4)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        return results
-
-    statuses, slowest = under_attack(server, four)
+    statuses, slowest = under_attack(
+        server, lambda: posted_at_once(server, "/v2/models/strings/infer", body, headers, 4)
+    )
     assert statuses == [200] * 4
     assert slowest < PROBE_BOUND_S
     assert_still_serving(server)
@@ -150,21 +152,9 @@ def test_gzip_bodies_that_inflate_a_thousandfold_at_once_leave_probes_answering(
     body = gzip.compress(doc[:-1] + b" " * (60 * 1024**2) + doc[-1:], compresslevel=9)
     headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 
-    def sixteen() -> list[int]:
-        results: list[int] = []
-        threads = [
-            threading.Thread(
-                target=lambda: results.append(post(server, "/v2/models/total/infer", body, headers).status_code)
-            )
-            for _ in range(16)
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
-        return results
-
-    statuses, slowest = under_attack(server, sixteen)
+    statuses, slowest = under_attack(
+        server, lambda: posted_at_once(server, "/v2/models/total/infer", body, headers, 16)
+    )
     assert len(statuses) == 16
     assert set(statuses) <= {200, 503}, statuses  # 503: the in-flight budget, counted as each body inflates
     assert 200 in statuses
