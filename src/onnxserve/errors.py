@@ -69,6 +69,11 @@ class ModelLoadError(OnnxServeError):
     kind = ErrorKind.CONFIG
 
 
+class FilesChangedError(ModelLoadError):
+    """A model version's files changed while it loaded: what was read may mix old and new bytes. Not the
+    files' fault: the repository poll loads the version again once they are stable."""
+
+
 class ExportError(OnnxServeError):
     """An export, or the validation that follows it, failed."""
 

@@ -3,6 +3,7 @@ pipeline are read is a load error, not a version whose sessions answer different
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from onnxserve.config import ModelConfig
 from onnxserve.core import registry
 from onnxserve.core.registry import load_version
 from onnxserve.core.repository import VersionFolder
-from onnxserve.errors import ModelLoadError
+from onnxserve.errors import FilesChangedError, ModelLoadError
 
 
 def _offset(repository: Path, offset: float) -> Path:
@@ -71,4 +72,25 @@ def test_files_written_between_a_versions_sessions_are_a_load_error(
     config = ModelConfig.model_validate({"name": "m", "base_path": tmp_path / "repo" / "m", "instance_count": 2})
     _between_sessions(monkeypatch, lambda: (folder / "notes.txt").write_text("written meanwhile"))
     with pytest.raises(ModelLoadError, match=r"m/1: the version's files changed while it loaded"):
+        load_version(config, VersionFolder(1, folder))
+
+
+def test_a_model_file_renamed_over_with_its_size_and_time_kept_is_a_load_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cp -p`` or ``rsync -a`` of a model of the same architecture keeps the file's size and modification
+    time: only its inode (and status change time) tells the new file from the old (outside attack rt37)."""
+    folder = _offset(tmp_path / "repo", 1.0)
+    newer = _offset(tmp_path / "staged", 2.0) / "model.onnx"
+    model = folder / "model.onnx"
+    assert newer.stat().st_size == model.stat().st_size
+    config = ModelConfig.model_validate({"name": "m", "base_path": tmp_path / "repo" / "m", "instance_count": 2})
+
+    def rename_over() -> None:
+        info = model.stat()
+        os.utime(newer, ns=(info.st_atime_ns, info.st_mtime_ns))
+        os.replace(newer, model)
+
+    _between_sessions(monkeypatch, rename_over)
+    with pytest.raises(FilesChangedError, match=r"m/1: the version's files changed while it loaded"):
         load_version(config, VersionFolder(1, folder))

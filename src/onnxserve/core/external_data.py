@@ -46,7 +46,7 @@ import onnx
 from onnx import TensorProto
 
 from onnxserve.core.confinement import model_tensors, packed_bytes
-from onnxserve.errors import ModelLoadError
+from onnxserve.errors import FilesChangedError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def check_same_folder(folder: Path, before: FileId | None, where: str) -> None:
     folder's model and first files and the new folder's later ones (outside attack rt35: load 200, served
     until the next load). Checked once every file the load reads is open."""
     if before is not None and folder_identity(folder) != before:
-        raise ModelLoadError(
+        raise FilesChangedError(
             f"{where}: the version folder was replaced while it loaded (the files changed during the load); "
             "load it again"
         )
@@ -223,7 +223,7 @@ def _check_unchanged(before: FileState, fd: int, where: str, location: str) -> N
     it may mix the old and the new bytes (outside attack rt31: a same-size overwrite, ``dd conv=notrunc``,
     0.1 s into the copy of an 800 MB file served old values at some offsets and new at others)."""
     if _state(fd) != before:
-        raise ModelLoadError(
+        raise FilesChangedError(
             f"{where}: external data file {location!r} was written while the load read it (the file changed "
             "during the load); load it again once it is written"
         )
@@ -303,7 +303,7 @@ def _copy_range(source: int, copy: int, offset: int, count: int, label: str, loc
                 ) from None
             raise
         if not sent:
-            raise ModelLoadError(
+            raise FilesChangedError(
                 f"{label}: external data file {location!r} ended at byte {offset + done}, "
                 f"before the {count} bytes from {offset} it holds (the file changed during the load)"
             )
@@ -401,7 +401,7 @@ class _Reader:
             while done < count:
                 got = file.readinto(view[done:])
                 if not got:
-                    raise ModelLoadError(
+                    raise FilesChangedError(
                         f"{self._where}: {label}: external data file {location!r} ended at byte {offset + done}, "
                         f"before the {count} bytes from {offset} it holds (the file changed during the load)"
                     )

@@ -62,7 +62,14 @@ from onnxserve.core.registry import ModelRegistry, ModelVersion, ServedModel, lo
 from onnxserve.core.repository import Signature, VersionFolder, discover_versions, scan_repository
 from onnxserve.core.shared_scan import SharedScan
 from onnxserve.core.types import ModelState
-from onnxserve.errors import ConfigError, InvalidInputError, ModelNotFoundError, OnnxServeError, UnavailableError
+from onnxserve.errors import (
+    ConfigError,
+    FilesChangedError,
+    InvalidInputError,
+    ModelNotFoundError,
+    OnnxServeError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +511,10 @@ class ModelManager:
             release_frames(e)
             again = self.registry.failures.get((config.name, folder.version)) == message
             self.registry.failures[(config.name, folder.version)] = message
-            self._failed_signatures[(config.name, folder.model_file)] = await asyncio.to_thread(folder.signature)
+            if isinstance(e, FilesChangedError):  # not the files' fault: the next stable look loads them again
+                self._failed_signatures.pop((config.name, folder.model_file), None)  # (outside attack rt37)
+            else:
+                self._failed_signatures[(config.name, folder.model_file)] = await asyncio.to_thread(folder.signature)
             # once per distinct reason: a control client that retries a broken model cannot flood the log
             log.log(
                 logging.INFO if again else logging.ERROR,

@@ -26,7 +26,7 @@ from onnxserve.core.runtime import ModelSession
 from onnxserve.core.statistics import ModelStatistics
 from onnxserve.core.text_budget import TextBudget, model_room
 from onnxserve.core.types import ModelState, TensorSpec
-from onnxserve.errors import ConfigError, ModelLoadError, ModelNotFoundError, OnnxServeError, UnavailableError
+from onnxserve.errors import ConfigError, FilesChangedError, ModelNotFoundError, OnnxServeError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ModelVersion:
     state: ModelState = ModelState.READY
     load_seconds: float = 0.0
     pipeline: TextPipeline | None = None  # set when the folder carries a tokenizer and onnxserve.json
-    signature: tuple[tuple[str, int, int], ...] = ()  # the files as they were when loaded
+    signature: Signature = ()  # the files as they were when loaded
     active: int = 0  # requests between resolution and answer (queued or running)
     merged_rows: int = 0  # adaptive layout: the most rows merged into one run (max_batch_size stays 0)
     chunk_tokens: int = 0  # rows x tokens one execution of a request may take (core.chunking); 0: not chunked
@@ -226,10 +226,10 @@ def _check_unchanged(folder: VersionFolder, folder_id: FileId | None, signature:
     so a deploy done meanwhile (a staged folder moved over the served one) made a version whose sessions
     answered with different weights (outside attack rt36: 9 of 24 requests old, 15 new, with 3 instances)."""
     check_same_folder(folder.path, folder_id, name)
-    if (folder.signature() or ()) != signature:
-        raise ModelLoadError(
-            f"{name}: the version's files changed while it loaded (a file's size or modification time moved); "
-            "load it again once they are written"
+    if (folder.fingerprint() or ()) != signature:
+        raise FilesChangedError(
+            f"{name}: the version's files changed while it loaded (a file was written, added, removed or "
+            "replaced); load it again once they are written"
         )
 
 
@@ -237,6 +237,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     started = time.perf_counter()
     name = f"{config.name}/{folder.version}"
     folder_id = folder_identity(folder.path)  # before anything is read (see _check_unchanged)
+    fingerprint = folder.fingerprint() or ()
     signature = folder.signature() or ()  # before reading: a change while loading shows at the next look
     check_version_folder(
         folder.path, config.base_path, config.allow_hardlinks, files=folder.files() if folder.flat else None
@@ -248,7 +249,7 @@ def _load_version(config: ModelConfig, folder: VersionFolder, observers: Observe
     ]
     first = sessions[0]
     pipeline = load_pipeline(folder.path, first.inputs, first.outputs, first.metadata)
-    _check_unchanged(folder, folder_id, signature, name)
+    _check_unchanged(folder, folder_id, fingerprint, name)
     for session in sessions:
         session.warmup()
     max_batch_size = effective_max_batch_size(config, first)

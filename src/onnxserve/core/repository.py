@@ -45,7 +45,7 @@ TEXT_FILES = (
 MAX_SIGNATURE_ENTRIES = 10_000
 """A version's signature looks at this many entries at most (a model is a handful of files)."""
 
-Signature = tuple[tuple[str, int, int], ...]
+Signature = tuple[tuple[str | int, ...], ...]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,13 @@ class VersionFolder:
                 own.append(entry)
         return own
 
-    def signature(self) -> Signature | None:
+    def fingerprint(self) -> Signature | None:
+        """:meth:`signature` with each file's inode and status change time too: what a load compares before
+        and after it reads the version (a file renamed over another of the same size and modification
+        time, as ``cp -p`` or ``rsync -a`` make them, changes its inode; a write, its ctime). Blocking."""
+        return self.signature(identity=True)
+
+    def signature(self, identity: bool = False) -> Signature | None:
         """Names, sizes and modification times of the version's files (to tell when they change); None
         for a version folder that leads outside its model's folder, which is never walked. Symlinks are
         not followed, and at most ``MAX_SIGNATURE_ENTRIES`` entries are read. Blocking: the server calls
@@ -91,7 +97,8 @@ class VersionFolder:
                     info = path.lstat()
                 except OSError:
                     continue
-                entries.append((str(path.relative_to(self.path)), info.st_size, info.st_mtime_ns))
+                entry = (str(path.relative_to(self.path)), info.st_size, info.st_mtime_ns)
+                entries.append((*entry, info.st_ino, info.st_ctime_ns) if identity else entry)
                 if len(entries) >= MAX_SIGNATURE_ENTRIES:
                     break
         except ModelLoadError:
