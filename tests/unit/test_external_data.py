@@ -41,6 +41,19 @@ def _external(tensor: TensorProto, location: str, offset: int, length: int) -> T
     return tensor
 
 
+def _gather_branch(
+    name: str, table: str, output: str, initializers: list[TensorProto] | None = None
+) -> onnx.GraphProto:
+    """An ``If`` branch answering ``table[idx]`` (``idx`` from the outer graph) as ``output``."""
+    return helper.make_graph(
+        [helper.make_node("Gather", [table, "idx"], [output], axis=0)],
+        name,
+        [],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["k"])],
+        initializers or [],
+    )
+
+
 def everywhere_model(folder: Path, divide: bool = False) -> dict[str, np.ndarray]:
     """A model that keeps external data in every place ONNX allows, in two files, and the outputs it
     computes for ``idx = [3, N - 1]``, ``cond = True`` (and ``d = [1, 1]`` when it ``divide``s):
@@ -71,19 +84,8 @@ def everywhere_model(folder: Path, divide: bool = False) -> dict[str, np.ndarray
     values = _external(numpy_helper.from_array(sparse_values, "P"), "w.bin", at_sparse, sparse_values.nbytes)
     sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(np.array([1, 3], np.int64), "Pi"), [4])
 
-    then_graph = helper.make_graph(
-        [helper.make_node("Gather", ["S", "idx"], ["t"], axis=0)],
-        "then",
-        [],
-        [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["k"])],
-        [branch],
-    )
-    else_graph = helper.make_graph(
-        [helper.make_node("Gather", ["W", "idx"], ["u"], axis=0)],
-        "else",
-        [],
-        [helper.make_tensor_value_info("u", TensorProto.FLOAT, ["k"])],
-    )
+    then_graph = _gather_branch("then", "S", "t", [branch])
+    else_graph = _gather_branch("else", "W", "u")
     nodes = [
         helper.make_node("Constant", [], ["C"], value=constant),
         helper.make_node("Gather", ["W", "idx"], ["a"], axis=0),
@@ -206,13 +208,7 @@ def shared_branch_model(folder: Path, elements: int, tensors: int, broken: bool 
         nodes, "then", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["k"])], weights
     )
     small = numpy_helper.from_array(np.array([1, 2, 3, 4], np.float32), "Wt")
-    else_graph = helper.make_graph(
-        [helper.make_node("Gather", ["Wt", "idx"], ["e"], axis=0)],
-        "else",
-        [],
-        [helper.make_tensor_value_info("e", TensorProto.FLOAT, ["k"])],
-        [small],
-    )
+    else_graph = _gather_branch("else", "Wt", "e", [small])
     graph = helper.make_graph(
         [helper.make_node("If", ["c"], ["y"], then_branch=then_graph, else_branch=else_graph)],
         "shsub",
