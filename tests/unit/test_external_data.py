@@ -41,6 +41,42 @@ def _external(tensor: TensorProto, location: str, offset: int, length: int) -> T
     return tensor
 
 
+def _temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usable: bool = True) -> Path:
+    """The temporary folder the private copies are made in, for this test; not ``usable``: a file where it
+    should be, so that no private copy can be made (the weights are read into memory)."""
+    temporary = tmp_path / "tmp"
+    if usable:
+        temporary.mkdir()
+    else:
+        temporary.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    return temporary
+
+
+def _after_the_first_range(monkeypatch: pytest.MonkeyPatch, copied: bool, change: Any) -> list[int]:
+    """Make ``change`` happen once the load has taken its first byte range (copied privately, or read into
+    memory); the ranges taken, in a list that grows as they are."""
+    from onnxserve.core import external_data
+
+    taken: list[int] = []
+
+    def after(take: Any, *args: Any) -> Any:
+        result = take(*args)
+        if not taken:
+            change()
+        taken.append(1)
+        return result
+
+    if copied:
+        monkeypatch.setattr(external_data, "_copy_range", functools.partial(after, external_data._copy_range))
+    else:
+        read = external_data._Reader._read_range
+        monkeypatch.setattr(
+            external_data._Reader, "_read_range", lambda self, *args: after(functools.partial(read, self), *args)
+        )
+    return taken
+
+
 def _gather_branch(
     name: str, table: str, output: str, initializers: list[TensorProto] | None = None
 ) -> onnx.GraphProto:
@@ -298,9 +334,7 @@ def _private_maps() -> list[str]:
 def test_tensors_are_mapped_from_a_private_copy_removed_once_the_session_exists(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch)
     folder = tmp_path / "m" / "1"
     shared_branch_model(folder, 300_000, 8)
     session = ModelSession(folder / "model.onnx", name="m")
@@ -318,9 +352,7 @@ def test_tensors_are_mapped_from_a_private_copy_removed_once_the_session_exists(
 
 
 def test_a_session_onnx_runtime_refuses_leaves_no_private_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch)
     folder = tmp_path / "m" / "1"
     shared_branch_model(folder, 300_000, 8, broken=True)
     with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load the model"):
@@ -355,9 +387,7 @@ def test_a_private_copy_left_by_a_process_that_ended_mid_load_is_removed_by_the_
 ) -> None:
     import fcntl
 
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch)
     # a process killed while its load made its session: its folder, copy and lock file, the lock held by nobody
     left = temporary / f"{PRIVATE_COPY_PREFIX}abandoned"
     left.mkdir()
@@ -383,9 +413,7 @@ def test_a_private_copy_left_by_a_process_that_ended_mid_load_is_removed_by_the_
 def test_a_file_cut_between_the_check_and_the_copy_is_a_load_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch)
     folder = tmp_path / "m"
     everywhere_model(folder)
     model = read_onnx(folder / "model.onnx")
@@ -465,9 +493,7 @@ def test_one_file_named_by_several_locations_is_copied_and_read_once(
     """Outside attack rt31: 8 spellings of one 100 MB file (``w.bin``, ``./w.bin``, ...) took 8 copies,
     763 MB of the temporary folder; 16 filled it, and the fallback then read the file 16 times (peak
     3.2 GB)."""
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    _temporary(tmp_path, monkeypatch)
     folder = tmp_path / "m" / "1"
     model = _aliased_model(folder)
     check_model(model, folder)  # every location stays inside the version folder
@@ -496,9 +522,7 @@ def test_another_process_sweeping_the_temporary_folder_never_takes_a_load_s_copy
 
     from onnxserve.core import external_data
 
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch)
     flock = fcntl.flock
     swept: list[bool] = []
 
@@ -524,34 +548,20 @@ def test_a_file_written_in_place_while_the_load_takes_it_is_a_load_error(
     """Outside attack rt31 F4: ``dd conv=notrunc`` over an 800 MB file 0.1 s into its load (same size) made
     a version that served old values at some offsets and new ones at others. Here the write lands after the
     load took the first range, before the next."""
-    from onnxserve.core import external_data
-
-    temporary = tmp_path / "tmp"
-    if copied:
-        temporary.mkdir()
-    else:
-        temporary.write_bytes(b"")  # no private copy can be made: read into memory
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch, usable=copied)
     folder = tmp_path / "m"
     everywhere_model(folder)
     for name in ("w.bin", "sub/more.bin"):
         os.utime(folder / name, (1_000_000_000, 1_000_000_000))  # written long ago
     model = read_onnx(folder / "model.onnx")
     check_model(model, folder)
-    taken: list[int] = []
 
-    def write_after_the_first(take: Any, *args: Any) -> Any:
-        result = take(*args)
-        if not taken:
-            with (folder / "w.bin").open("r+b") as overwrite:  # in place, the same size
-                overwrite.write(b"\xff" * 4096)
-        taken.append(1)
-        return result
+    def overwrite() -> None:
+        with (folder / "w.bin").open("r+b") as written:  # in place, the same size
+            written.write(b"\xff" * 4096)
 
+    taken = _after_the_first_range(monkeypatch, copied, overwrite)
     if copied:
-        monkeypatch.setattr(
-            external_data, "_copy_range", functools.partial(write_after_the_first, external_data._copy_range)
-        )
         with (
             pytest.raises(ModelLoadError, match=r"m: external data file 'w.bin' was written while the load read it"),
             private_copy(model, folder, "m"),
@@ -559,12 +569,6 @@ def test_a_file_written_in_place_while_the_load_takes_it_is_a_load_error(
             pass
         assert list(temporary.iterdir()) == []
     else:
-        read = external_data._Reader._read_range
-        monkeypatch.setattr(
-            external_data._Reader,
-            "_read_range",
-            lambda self, *args: write_after_the_first(functools.partial(read, self), *args),
-        )
         with pytest.raises(ModelLoadError, match=r"m: external data file 'w.bin' was written while the load read it"):
             take_external_data(model, folder, "m")
     assert len(taken) > 1
@@ -577,38 +581,16 @@ def test_a_version_folder_replaced_while_it_loads_is_a_load_error(
     """Outside attack rt35 F1: the documented deploy (a staged version folder moved over the served one) done
     while a load ran made a version of the old folder's first file and the new folder's second; load 200,
     served until the next load. Here the folders are swapped after the load took its first range."""
-    from onnxserve.core import external_data
-
-    temporary = tmp_path / "tmp"
-    if copied:
-        temporary.mkdir()
-    else:
-        temporary.write_bytes(b"")  # no private copy can be made: read into memory
-    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    temporary = _temporary(tmp_path, monkeypatch, usable=copied)
     folder = tmp_path / "m" / "1"
     everywhere_model(folder)
     everywhere_model(tmp_path / "staged")
-    swapped: list[bool] = []
 
-    def swap_after_the_first(take: Any, *args: Any) -> Any:
-        result = take(*args)
-        if not swapped:
-            folder.rename(tmp_path / "old")
-            (tmp_path / "staged").rename(folder)
-            swapped.append(True)
-        return result
+    def swap() -> None:
+        folder.rename(tmp_path / "old")
+        (tmp_path / "staged").rename(folder)
 
-    if copied:
-        monkeypatch.setattr(
-            external_data, "_copy_range", functools.partial(swap_after_the_first, external_data._copy_range)
-        )
-    else:
-        read = external_data._Reader._read_range
-        monkeypatch.setattr(
-            external_data._Reader,
-            "_read_range",
-            lambda self, *args: swap_after_the_first(functools.partial(read, self), *args),
-        )
+    swapped = _after_the_first_range(monkeypatch, copied, swap)
     with pytest.raises(ModelLoadError, match=r"m: the version folder was replaced while it loaded"):
         guarded_session(folder / "model.onnx", where="m")
     assert swapped
