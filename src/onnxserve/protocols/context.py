@@ -95,12 +95,29 @@ def client_identity(peer_host: str | None) -> str:
     return f"address {peer_host}" if peer_host else ""
 
 
+_peer_hosts: dict[str, str] = {}
+"""The client address behind each connection the gRPC port's front hands on to grpc-core, by the name of
+the front's socket (``server.grpc_front``)."""
+
+
+def register_peer(name: str, host: str) -> None:
+    """Say that the gRPC peer ``unix-abstract:<name>`` is a connection of the client at ``host``."""
+    _peer_hosts[name] = host
+
+
+def forget_peer(name: str) -> None:
+    _peer_hosts.pop(name, None)
+
+
 def grpc_peer_host(peer: str | None) -> str | None:
-    """The IP address in a gRPC peer string (``ipv4:127.0.0.1:50000``, ``ipv6:[::1]:50000``), or None
-    (``unix:...``, or a form it does not know)."""
+    """The IP address in a gRPC peer string (``ipv4:127.0.0.1:50000``, ``ipv6:[::1]:50000``; for a
+    connection from the gRPC port's front, ``unix-abstract:<name>``, the client's address behind it), or
+    None (``unix:...``, or a form it does not know)."""
     if not peer:
         return None
     family, _, rest = unquote(peer).partition(":")
+    if family == "unix-abstract":
+        return _peer_hosts.get(rest) or None
     if family == "ipv4":
         host, _, _ = rest.rpartition(":")
         return host or None

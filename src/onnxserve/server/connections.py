@@ -81,7 +81,6 @@ service's handlers):
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import contextlib
 import fcntl
 import itertools
@@ -115,6 +114,7 @@ from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.connection_index import Counts, LazyHeap
 from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
 from onnxserve.server.settings import ServerSettings
+from onnxserve.server.tls_layer import wrap_tls
 
 log = logging.getLogger(__name__)
 
@@ -528,43 +528,35 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._start_tls(transport, self.tls)
 
     def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
-        """Put the TLS layer between the admitted TCP connection and this protocol, at once (the client's
-        first bytes are the layer's), with what is left of the head deadline for the handshake. The
-        layer calls ``connection_made`` again with its transport once the handshake is done.
-
-        What ``loop.start_tls`` does, but synchronously: the coroutine switches the connection's protocol
-        only once its task runs, and uvloop may read the ClientHello into this protocol before that."""
-        left = max(0.1, self.opened_at + self._head_seconds() - time.monotonic())
+        """Put the TLS layer between the admitted TCP connection and this protocol, at once, with what is
+        left of the head deadline for the handshake (``server.tls_layer``). The layer calls
+        ``connection_made`` again with its transport once the handshake is done."""
+        left = self.opened_at + self._head_seconds() - time.monotonic()
+        self._upgrading = True
+        self._tcp = raw
         try:
-            waiter = self.loop.create_future()
-            layer = _tls_layer(self.loop)(
+            wrap_tls(
                 self.loop,
+                raw,
                 self,
                 context,
-                waiter,
-                server_side=True,
-                ssl_handshake_timeout=left,
+                left,
+                self._handshake_done,
                 # a backstop: ``_close_tls`` ends every close before (a slow reader's at ``body_timeout``)
-                ssl_shutdown_timeout=self.limits.body_timeout + TLS_STALL_SECONDS,
+                shutdown_seconds=self.limits.body_timeout + TLS_STALL_SECONDS,
             )
-            self._upgrading = True
-            self._tcp = raw
-            raw.set_protocol(layer)
-            layer.connection_made(raw)
         except Exception as e:  # no memory for the TLS layer: this one connection is closed
             log.info("closed a connection whose TLS layer could not be made: %r", e)
+            self._upgrading = False
             raw.abort()
             self.connection_lost(None)
-            return
-        waiter.add_done_callback(self._handshake_done)
 
-    def _handshake_done(self, waiter: asyncio.Future[None]) -> None:
+    def _handshake_done(self, failed: bool) -> None:
         """A handshake that failed, timed out or lost its client ends the connection here (the TLS
         layer tells the application only about connections it completed)."""
-        failed = waiter.cancelled() or waiter.exception() is not None
         if failed or self._upgrading:
-            if not waiter.cancelled():
-                log.debug("closed a connection whose TLS handshake did not complete: %r", waiter.exception())
+            if failed:
+                log.debug("closed a connection whose TLS handshake did not complete")
             self._upgrading = False
             self.transport.abort()
             self.connection_lost(None)
@@ -1394,18 +1386,6 @@ def _unacknowledged(tcp: asyncio.Transport) -> int:
     return int.from_bytes(queued, sys.byteorder, signed=True)
 
 
-def _tls_layer(loop: asyncio.AbstractEventLoop) -> Any:
-    """The loop's TLS protocol class, as its ``start_tls`` uses: uvloop's own, else asyncio's."""
-    try:
-        import uvloop.loop
-
-        if isinstance(loop, uvloop.Loop):
-            return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
-    except ImportError:
-        pass
-    return asyncio.sslproto.SSLProtocol
-
-
 class _Refused(asyncio.Protocol):
     """The protocol of a connection no protocol could be made for: it is closed at once."""
 
@@ -1447,6 +1427,11 @@ def guarded_http_protocol(
 # -- gRPC ------------------------------------------------------------------------------------------------
 
 
+FILES_PER_GRPC_CONNECTION = 3
+"""Open files a gRPC connection takes: the client's socket, and the two ends of the socket by which the
+port's front (``server.grpc_front``) hands it on to grpc-core."""
+
+
 def grpc_connection_cap(settings: ServerSettings) -> int:
     """``grpc_max_connections``, lowered to what the open-file limit leaves beside HTTP's connections.
 
@@ -1456,7 +1441,8 @@ def grpc_connection_cap(settings: ServerSettings) -> int:
     connection holds about 17 KiB, so 10,000 of them hold about 170 MB.
     """
     http = connection_cap(settings.max_connections) + PROBE_RESERVE
-    room = max(16, raise_file_limit() - RESERVED_FILE_DESCRIPTORS - http)
+    # three descriptors a gRPC connection: the client's, and both ends of the front's socket to grpc-core
+    room = max(16, (raise_file_limit() - RESERVED_FILE_DESCRIPTORS - http) // FILES_PER_GRPC_CONNECTION)
     if settings.grpc_max_connections > room:
         log.info(
             "--grpc-max-connections %d is more than the open-file limit allows; using %d",
@@ -1477,8 +1463,9 @@ def grpc_send_limit(settings: ServerSettings) -> int:
     return settings.grpc_max_message_bytes + GRPC_SEND_HEADROOM
 
 
-def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
-    """grpc.aio server options for the limits grpc enforces itself (see the module docstring)."""
+def grpc_options(settings: ServerSettings, cap: int) -> list[tuple[str, int]]:
+    """grpc.aio server options for the limits grpc enforces itself (see the module docstring); ``cap``: the
+    connection cap (:func:`grpc_connection_cap`)."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         # Compressed request messages are inflated by the server (``MessageReception._inflated``), within
@@ -1488,7 +1475,7 @@ def grpc_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.per_message_decompression", 0),
         ("grpc.max_send_message_length", grpc_send_limit(settings)),
         ("grpc.so_reuseport", 0),
-        ("grpc.max_allowed_incoming_connections", grpc_connection_cap(settings)),
+        ("grpc.max_allowed_incoming_connections", cap),
         ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout * 1000))),
         ("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams),
         # Setting the stream limit also switches on grpc-core's "overload protection" (its defence against

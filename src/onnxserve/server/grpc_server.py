@@ -1,6 +1,12 @@
-"""The gRPC listener (KServe V2 gRPC) on the same event loop as the HTTP server."""
+"""The gRPC listener (KServe V2 gRPC) on the same event loop as the HTTP server.
+
+grpc-core serves the calls on a private Unix socket; the port itself is :mod:`onnxserve.server.grpc_front`'s,
+which checks each connection's header blocks (and ends TLS) before grpc-core sees them.
+"""
 
 from __future__ import annotations
+
+import socket
 
 import grpc
 
@@ -9,9 +15,33 @@ from onnxserve.errors import ConfigError
 from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
-from onnxserve.server.connections import MessageReception, grpc_options, grpc_send_limit
+from onnxserve.server.connections import MessageReception, grpc_connection_cap, grpc_options, grpc_send_limit
 from onnxserve.server.exposure import Exposure
+from onnxserve.server.grpc_front import GrpcFront
+from onnxserve.server.listen import bind
 from onnxserve.server.settings import ServerSettings
+
+
+class GrpcPort:
+    """The gRPC port: grpc-core's server and the front that listens for it."""
+
+    def __init__(self, server: grpc.aio.Server, front: GrpcFront, sock: socket.socket) -> None:
+        self.server = server
+        self.front = front
+        self._socket = sock
+        self.port = int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.front.start(self._socket)
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop taking connections, let grpc-core end its calls within ``grace`` seconds, then close the rest."""
+        self.front.stop_listening()
+        try:
+            await self.server.stop(grace)
+        finally:
+            self.front.close_connections()
 
 
 def create_grpc_server(
@@ -19,8 +49,8 @@ def create_grpc_server(
     settings: ServerSettings,
     exposure: Exposure | None = None,
     budget: InflightBytes | None = None,
-) -> tuple[grpc.aio.Server, int]:
-    """A started-to-be gRPC server bound to ``settings.host:grpc_port``, and the port it got.
+) -> GrpcPort:
+    """The gRPC port bound to ``settings.host:grpc_port``, to be started.
 
     ``exposure`` adds bearer-token checks and TLS (default: open, plain text). ``budget``: the request
     bytes in flight, shared with HTTP (default: one of ``settings.max_inflight_bytes`` for gRPC alone).
@@ -35,7 +65,10 @@ def create_grpc_server(
     interceptors: list[grpc.aio.ServerInterceptor] = (
         [BearerAuthInterceptor(exposure.tokens)] if exposure.tokens is not None else []
     )
-    server = grpc.aio.server(options=grpc_options(settings), interceptors=interceptors)
+    sock = bind(settings.host, settings.grpc_port, "gRPC")
+    cap = grpc_connection_cap(settings)
+    front = GrpcFront(cap, None if exposure.tls is None else exposure.tls.grpc_context, settings.header_timeout)
+    server = grpc.aio.server(options=grpc_options(settings, cap), interceptors=interceptors)
     handler = generic_handler(service, grpc_send_limit(settings))
     server.add_generic_rpc_handlers(
         (
@@ -44,17 +77,15 @@ def create_grpc_server(
             ),
         )
     )
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     try:
-        address = f"{host}:{settings.grpc_port}"
-        tls = exposure.tls
-        port: int = (
-            server.add_insecure_port(address)
-            if tls is None
-            else server.add_secure_port(address, tls.grpc_credentials())
-        )
+        port = server.add_insecure_port(front.backend_address)
     except RuntimeError as e:
-        raise ConfigError(f"cannot listen for gRPC on {host}:{settings.grpc_port}: {e}") from None
+        port = 0
+        reason = str(e)
+    else:
+        reason = "grpc could not bind it"
     if port == 0:
-        raise ConfigError(f"cannot listen for gRPC on {host}:{settings.grpc_port}")
-    return server, port
+        sock.close()
+        front.close_connections()
+        raise ConfigError(f"cannot start gRPC on its private socket {front.socket_path}: {reason}")
+    return GrpcPort(server, front, sock)

@@ -40,6 +40,7 @@ from onnxserve.server.app import create_app
 from onnxserve.server.connections import ConnectionLimits, GuardedHttpProtocol, guarded_http_protocol
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_server import create_grpc_server
+from onnxserve.server.listen import bind
 from onnxserve.server.metrics import Metrics
 from onnxserve.server.settings import ServerSettings
 
@@ -90,21 +91,6 @@ def build_service(
         request_timeout=settings.request_timeout,
         max_response_bytes=settings.max_response_bytes,
     )
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; port 0 picks a free one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {e.strerror}") from None
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
 
 
 class _DrainingServer(uvicorn.Server):
@@ -272,7 +258,8 @@ async def _serve(
 ) -> None:
     http.loop = asyncio.get_running_loop()
     exposure.warn_if_exposed(http_socket.getsockname()[0])
-    grpc_server, grpc_port = create_grpc_server(service, settings, exposure=exposure, budget=budget)
+    grpc_server = create_grpc_server(service, settings, exposure=exposure, budget=budget)
+    grpc_port = grpc_server.port
     await grpc_server.start()
     background: list[asyncio.Task[None]] = []
     manager = service.manager

@@ -2,9 +2,9 @@
 
 Everything is read and checked at start-up (the files exist, are PEM, the key matches the certificate),
 so a mistake stops the server with a message naming the option instead of failing at the first
-handshake. HTTP gets an :class:`ssl.SSLContext` (TLS 1.2 or newer), gRPC the same PEM bytes as
-``grpc.ssl_server_credentials``. With a client CA both listeners require a client certificate it
-signed.
+handshake. Each listener gets an :class:`ssl.SSLContext` (TLS 1.2 or newer; ALPN ``http/1.1`` for
+HTTP, ``h2`` for gRPC, whose TLS the port's front ends: ``server.grpc_front``). With a client CA both
+listeners require a client certificate it signed.
 """
 
 from __future__ import annotations
@@ -13,25 +13,17 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from onnxserve.errors import ConfigError
 from onnxserve.server.settings import ServerSettings
 
 
 @dataclass(frozen=True)
 class ServerTls:
-    """The checked TLS material of a server."""
+    """The checked TLS material of a server: a context for each listener."""
 
-    certificate_chain: bytes
-    private_key: bytes
-    client_ca: bytes | None
-    context: ssl.SSLContext
-
-    @property
-    def mutual(self) -> bool:
-        """Whether clients must present a certificate signed by the client CA."""
-        return self.client_ca is not None
+    context: ssl.SSLContext  # HTTP's (ALPN http/1.1)
+    grpc_context: ssl.SSLContext  # the gRPC port's front's (ALPN h2)
+    mutual: bool  # whether clients must present a certificate signed by the client CA
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> ServerTls | None:
@@ -47,33 +39,37 @@ class ServerTls:
             raise ConfigError("--tls-key needs --tls-cert (the server's PEM certificate chain)")
         if key is None:
             raise ConfigError("--tls-cert needs --tls-key (the certificate's PEM private key)")
-        chain, private_key = _read(cert, "--tls-cert"), _read(key, "--tls-key")
-        client_ca = _read(ca, "--tls-client-ca") if ca is not None else None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.set_alpn_protocols(["http/1.1"])  # the HTTP listener's only protocol; gRPC has its own
-        try:
-            # a password callback that answers nothing: an encrypted key fails here instead of prompting
-            context.load_cert_chain(cert, key, password=lambda: b"")
-        except ssl.SSLError as e:
-            raise ConfigError(
-                f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its unencrypted "
-                f"private key ({e.reason or e})"
-            ) from None
+        _read(cert, "--tls-cert")
+        _read(key, "--tls-key")
         if ca is not None:
-            try:
-                context.load_verify_locations(cafile=ca)
-            except ssl.SSLError as e:
-                raise ConfigError(f"--tls-client-ca {ca}: not a PEM CA certificate bundle ({e.reason or e})") from None
-            context.verify_mode = ssl.CERT_REQUIRED
-        return cls(chain, private_key, client_ca, context)
-
-    def grpc_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.certificate_chain)],
-            root_certificates=self.client_ca,
-            require_client_auth=self.mutual,
+            _read(ca, "--tls-client-ca")
+        return cls(
+            context=_context(cert, key, ca, "http/1.1"),  # the HTTP listener's only protocol
+            grpc_context=_context(cert, key, ca, "h2"),  # gRPC is HTTP/2, always
+            mutual=ca is not None,
         )
+
+
+def _context(cert: Path, key: Path, ca: Path | None, protocol: str) -> ssl.SSLContext:
+    """A server context (TLS 1.2 or newer) for the checked files, offering ``protocol`` by ALPN."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols([protocol])
+    try:
+        # a password callback that answers nothing: an encrypted key fails here instead of prompting
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise ConfigError(
+            f"--tls-cert {cert} and --tls-key {key} are not a PEM certificate chain and its unencrypted "
+            f"private key ({e.reason or e})"
+        ) from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as e:
+            raise ConfigError(f"--tls-client-ca {ca}: not a PEM CA certificate bundle ({e.reason or e})") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _read(path: Path, option: str) -> bytes:

@@ -1,0 +1,490 @@
+"""The gRPC port's front: every gRPC connection's header blocks checked before grpc-core parses them.
+
+grpc-core decodes every field of a call's header block (HPACK) before any handler or limit of ours runs,
+and HPACK lets a client name a 4 KB field already in the compression table with one byte: a 7.6 KB block
+of 4,000 such references is 16 MB for grpc-core to decode, about 10 ms of its CPU, and eight connections
+sending such blocks back to back kept both cores of a 2-core box busy and other clients' gRPC calls
+waiting past 10 s (outside attack rt33). No grpcio option bounds that work, so grpc-core no longer
+listens on the gRPC port: this front does, and hands each connection's bytes on to grpc-core over a
+private Unix socket, in both directions, unchanged.
+
+What the front looks at is the client's side of the HTTP/2 connection, frame by frame (its 9-byte
+headers; payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it
+is whole, then decoded with the ``hpack`` library's decoder, which follows the connection's
+compression table, and passed on only if it has at most ``MAX_HEADER_FIELDS`` fields, at most
+``MAX_HEADER_LIST_BYTES`` decoded (counted as HTTP/2 counts a header list: name, value and 32 bytes a
+field) and at most ``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one that does not decode,
+frames that break the order of a header block, or a connection that does not start with HTTP/2's
+preface, close the connection at once: the compression table is shared by the connection's calls, so a
+block cannot be dropped alone. grpc-core itself refuses (RESOURCE_EXHAUSTED) a call whose header list
+is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRPC client sends. Decoding
+stops after ``DECODE_SLICE_BYTES`` of blocks at a time and goes on at the loop's next turn, so one
+connection's blocks never hold the event loop for long.
+
+The rest is what grpc-core did on the port before, unchanged: its connection cap, handshake timeout,
+stream limits, keepalive and idle rules apply to the connection it gets from the front, one for each of
+the clients'. The front counts the connections it holds against the same cap (past it, new ones are
+closed at once). Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
+``--tls-client-ca`` asks for them) and grpc-core gets the decrypted bytes. grpc-core sees each
+connection as coming from a Unix socket named for it (``unix-abstract:onnxserve-grpc-...``);
+:func:`onnxserve.protocols.context.grpc_peer_host` answers the client's own address for that name
+(:func:`register_peer`), so per-client fairness and logs see the client, not the front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hpack
+import hpack.exceptions
+
+from onnxserve.log_throttle import LogThrottles
+from onnxserve.protocols import context
+from onnxserve.server.tls_layer import wrap_tls
+
+log = logging.getLogger(__name__)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""What every HTTP/2 client sends first (RFC 9113, 3.4)."""
+
+MAX_HEADER_FIELDS = 100
+"""The most fields in one header block (the HTTP port's limit too; Envoy's default ``max_headers_count``)."""
+
+MAX_HEADER_LIST_BYTES = 32 * 1024
+"""The largest header list a block may decode to (name + value + 32 bytes per field): twice grpc-core's
+own 16 KiB, above which grpc-core refuses the call (RESOURCE_EXHAUSTED) but decodes the whole block."""
+
+MAX_HEADER_BLOCK_BYTES = 32 * 1024
+"""The most encoded bytes in one header block, its HEADERS and CONTINUATION frames together."""
+
+DECODE_SLICE_BYTES = 16 * 1024
+"""Encoded header bytes decoded in one turn of the event loop for one connection; the rest waits for the
+next turn (at about 0.25 µs a byte for the hpack decoder, about 4 ms)."""
+
+MAX_TABLE_SIZE = 4096
+"""The largest compression table a client may ask for: HTTP/2's default, which grpc-core keeps (its SETTINGS
+name no other). A client that asks for more is refused here, as grpc-core would refuse it."""
+
+WRITE_PIECE = 64 * 1024
+"""Bytes handed to a TLS connection's transport in one write (it encrypts each write whole into a buffer
+that keeps its size: ``onnxserve.server.connections``, TLS_WRITE_PIECE)."""
+
+HELD_HIGH_WATER = 256 * 1024
+"""Bytes a connection may have read but not yet handed on before the front stops reading it."""
+
+DATA, HEADERS, CONTINUATION = 0x0, 0x1, 0x9
+END_HEADERS, PADDED, PRIORITY = 0x4, 0x8, 0x20
+FRAME_HEADER = 9
+
+
+class Refused(Exception):
+    """Why a connection is closed: a header block past the bounds, or HTTP/2 the front cannot follow."""
+
+
+class ClientFrames:
+    """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
+    many of them (from the start of what it was given, its held bytes first) may be handed on now."""
+
+    def __init__(self) -> None:
+        self._preface = True
+        self._skip = 0  # payload bytes of a frame being passed on, still to come
+        self._held = b""  # bytes read and not handed on: a partial frame header or header frame, or a slice's rest
+        self._block: list[bytes] = []  # the fragments of the header block being received
+        self._block_stream = 0  # its stream (0: none)
+        self._block_bytes = 0
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_BYTES)
+        self._decoder.max_allowed_table_size = MAX_TABLE_SIZE
+        self._same_block: bytes | None = None  # the last block checked, if it left the table as it was
+        self._same_table: tuple[int, int, object] = (0, 0, None)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """What may be handed on now of the bytes held and ``data``, and whether bytes remain to be looked
+        at without waiting for more (the slice of decoding was used up: call ``feed(b"")`` at the next
+        turn). Raises :class:`Refused`."""
+        work = self._held + data if self._held else data
+        size = len(work)
+        at = 0
+        if self._preface:
+            known = min(size, len(PREFACE))
+            if work[:known] != PREFACE[:known]:
+                raise Refused("it did not start with the HTTP/2 connection preface")
+            if size < len(PREFACE):
+                self._held = work
+                return b"", False
+            self._preface = False
+            at = len(PREFACE)
+        decoded = 0
+        more = False
+        while at < size:
+            if self._skip:
+                taken = min(self._skip, size - at)
+                self._skip -= taken
+                at += taken
+                continue
+            if size - at < FRAME_HEADER:
+                break
+            length = int.from_bytes(work[at : at + 3], "big")
+            kind, flags = work[at + 3], work[at + 4]
+            stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
+            if kind in (HEADERS, CONTINUATION):
+                if length > MAX_HEADER_BLOCK_BYTES:
+                    raise Refused(f"a header frame of {length:,} bytes (at most {MAX_HEADER_BLOCK_BYTES:,})")
+                if size - at < FRAME_HEADER + length:
+                    break
+                if decoded >= DECODE_SLICE_BYTES:
+                    more = True
+                    break
+                decoded += length
+                self._header_frame(kind, flags, stream, work[at + FRAME_HEADER : at + FRAME_HEADER + length])
+                at += FRAME_HEADER + length
+            else:
+                if self._block_stream:
+                    raise Refused("a frame other than CONTINUATION inside a header block")
+                at += FRAME_HEADER
+                self._skip = length
+        self._held = work[at:]
+        return (work[:at] if at < size else work), more
+
+    def _header_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if kind == HEADERS:
+            if self._block_stream:
+                raise Refused("a HEADERS frame inside another header block")
+            if stream == 0:
+                raise Refused("a HEADERS frame on stream 0")
+            start, end = 0, len(payload)
+            if flags & PADDED:
+                if not payload:
+                    raise Refused("a padded HEADERS frame without its pad length")
+                start, end = 1, len(payload) - payload[0]
+            if flags & PRIORITY:
+                start += 5
+            if end < start:
+                raise Refused("a HEADERS frame whose padding or priority is longer than it")
+            fragment = payload[start:end]
+            self._block_stream = stream
+            self._block_bytes = 0
+        else:
+            if self._block_stream != stream or stream == 0:
+                raise Refused("a CONTINUATION frame outside its header block")
+            fragment = payload
+        self._block_bytes += len(fragment)
+        if self._block_bytes > MAX_HEADER_BLOCK_BYTES:
+            raise Refused(f"a header block of more than {MAX_HEADER_BLOCK_BYTES:,} bytes")
+        self._block.append(fragment)
+        if flags & END_HEADERS:
+            block = b"".join(self._block)
+            self._block.clear()
+            self._block_stream = 0
+            self._check_block(block)
+
+    def _table(self) -> tuple[int, int, object]:
+        """What tells the compression table's states apart: its size limit, its entries, its newest entry
+        (held, so that no other entry can later have its identity)."""
+        table = self._decoder.header_table
+        entries = table.dynamic_entries
+        return table.maxsize, len(entries), entries[0] if entries else None
+
+    def _check_block(self, block: bytes) -> None:
+        """Decode ``block`` and refuse it past the bounds. A block the same as the last one checked, decoded
+        from the same table it left as it was (a client's next call with the same headers, every field
+        in the table), decodes the same: it is not decoded again."""
+        table = self._table()
+        if block == self._same_block and table == self._same_table:
+            return
+        try:
+            fields = list(self._decoder.decode(block, raw=True))
+        except hpack.exceptions.OversizedHeaderListError:
+            raise Refused(f"a header list of more than {MAX_HEADER_LIST_BYTES:,} bytes decoded") from None
+        except (hpack.exceptions.HPACKError, IndexError, ValueError) as e:
+            raise Refused(f"a header block that does not decode ({e})") from None
+        if len(fields) > MAX_HEADER_FIELDS:
+            raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})")
+        if self._table() == table:
+            self._same_block, self._same_table = block, table
+        else:
+            self._same_block = None
+
+
+class _Backend(asyncio.Protocol):
+    """The front's connection to grpc-core for one client connection."""
+
+    def __init__(self, client: FrontConnection) -> None:
+        self.client = client
+
+    def data_received(self, data: bytes) -> None:
+        self.client.answer(data)
+
+    def eof_received(self) -> bool:
+        return False  # grpc-core closed: so does the client's connection, once its answers are written
+
+    def pause_writing(self) -> None:
+        self.client.pause_client()
+
+    def resume_writing(self) -> None:
+        self.client.resume_client()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client.backend_lost()
+
+
+class _Listener:
+    """What the connections of one front share: where grpc-core listens, the cap, the log throttles."""
+
+    def __init__(self, socket_path: str, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float) -> None:
+        self.socket_path = socket_path
+        self.cap = cap
+        self.tls = tls
+        self.handshake_seconds = handshake_seconds
+        self.open: set[FrontConnection] = set()
+        self.names = itertools.count(1)
+        self.prefix = f"onnxserve-grpc-{os.getpid()}-{os.urandom(4).hex()}"
+        self.refusals = LogThrottles(keys=16)
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection on the gRPC port, handed on to grpc-core once checked."""
+
+    def __init__(self, listener: _Listener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.frames = ClientFrames()
+        self.transport: Any = None  # the client's (through the TLS layer over TLS)
+        self.raw: asyncio.Transport | None = None  # the client's TCP transport
+        self.backend: asyncio.Transport | None = None
+        self.peer_name: str | None = None
+        self.host = ""
+        self.closed = False
+        self._waiting: bytes = b""  # checked bytes for grpc-core before its connection is made
+        self._client_paused: set[str] = set()  # why reading the client is paused
+        self._pieces = 0  # 64 KiB pieces: over TLS
+
+    # -- the client's side ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.raw is not None:  # the TLS layer's handshake is done: its transport from now on
+            self.transport = transport
+            self._connect()
+            return
+        self.raw = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        listener = self.listener
+        if len(listener.open) >= listener.cap:
+            self._refuse_quietly("connection cap", f"refused gRPC connection(s): {listener.cap:,} are open (the cap)")
+            transport.abort()  # type: ignore[attr-defined]
+            self.closed = True
+            return
+        listener.open.add(self)
+        if listener.tls is None:
+            self.transport = transport
+            self._connect()
+            return
+        try:
+            wrap_tls(self.loop, transport, self, listener.tls, listener.handshake_seconds, self._handshake_done)  # type: ignore[arg-type]
+        except Exception as e:  # no memory for the TLS layer: this one connection is closed
+            log.info("closed a gRPC connection whose TLS layer could not be made: %r", e)
+            self._close(abort=True)
+
+    def _handshake_done(self, failed: bool) -> None:
+        if failed or self.transport is None:
+            self._close(abort=True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            passed, more = self.frames.feed(data)
+        except Refused as e:
+            self._refuse(str(e))
+            return
+        if passed:
+            self._hand_on(passed)
+        if more:
+            self._pause_client("decoding")
+            self.loop.call_soon(self._decode_more)
+        elif self.frames.held > HELD_HIGH_WATER:
+            self._pause_client("held")  # cannot happen: only a slice's rest is held that long
+        else:
+            self._resume_client("held")
+
+    def _decode_more(self) -> None:
+        self._resume_client("decoding")
+        self.data_received(b"")
+
+    def eof_received(self) -> bool:
+        if self.backend is not None and self.backend.can_write_eof():
+            self.backend.write_eof()  # grpc-core answers what it has, then closes
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        if self.backend is not None:
+            self.backend.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.backend is not None and not self.closed:
+            self.backend.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close(abort=True)
+
+    # -- grpc-core's side ----------------------------------------------------------------------------
+    def _connect(self) -> None:
+        listener = self.listener
+        name = f"{listener.prefix}-{next(listener.names)}"
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind("\0" + name)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as e:
+            self._refuse_quietly("socket", f"closed gRPC connection(s): no socket to grpc-core ({e})")
+            self._close(abort=True)
+            return
+        self.peer_name = name
+        context.register_peer(name, self.host)
+        self.loop.create_task(self._open_backend(sock))
+
+    async def _open_backend(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.sock_connect(sock, self.listener.socket_path)
+            transport, _ = await self.loop.create_unix_connection(lambda: _Backend(self), sock=sock)
+        except Exception as e:  # grpc-core gone (stopping) or out of room: the client goes too
+            sock.close()
+            self._refuse_quietly("backend", f"closed gRPC connection(s): grpc-core did not take it ({e!r})")
+            self._close(abort=True)
+            return
+        if self.closed:
+            transport.abort()
+            return
+        self.backend = transport
+        if self._waiting:
+            waiting, self._waiting = self._waiting, b""
+            transport.write(waiting)
+
+    def _hand_on(self, data: bytes) -> None:
+        if self.backend is None:
+            self._waiting += data
+            if len(self._waiting) > HELD_HIGH_WATER:
+                self._pause_client("connecting")
+            return
+        self._resume_client("connecting")
+        self.backend.write(data)
+
+    def answer(self, data: bytes) -> None:
+        """grpc-core's bytes for the client."""
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if self.listener.tls is None or len(data) <= WRITE_PIECE:
+            transport.write(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_PIECE):
+            transport.write(bytes(view[start : start + WRITE_PIECE]))
+
+    def pause_client(self) -> None:
+        self._pause_client("backend")
+
+    def resume_client(self) -> None:
+        self._resume_client("backend")
+
+    def backend_lost(self) -> None:
+        self.backend = None
+        if not self.closed:
+            self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
+
+    # -- shared --------------------------------------------------------------------------------------
+    def _pause_client(self, why: str) -> None:
+        if not self._client_paused and self.transport is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        self._client_paused.add(why)
+
+    def _resume_client(self, why: str) -> None:
+        if why not in self._client_paused:
+            return
+        self._client_paused.discard(why)
+        if not self._client_paused and self.transport is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    def _refuse(self, why: str) -> None:
+        self._refuse_quietly(why.split(" (")[0], f"closed a gRPC connection from {self.host or 'a client'}: {why}")
+        self._close(abort=True)
+
+    def _refuse_quietly(self, kind: str, message: str) -> None:
+        throttle = self.listener.refusals.of(kind)
+        if count := throttle.due():
+            log.warning("%s%s", message, throttle.note(count))
+
+    def _close(self, abort: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.listener.open.discard(self)
+        if self.peer_name is not None:
+            context.forget_peer(self.peer_name)
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.abort()
+        transport = self.transport if self.transport is not None else self.raw
+        if transport is not None:
+            if abort:
+                transport.abort()
+                if self.raw is not None and self.raw is not transport:
+                    self.raw.abort()
+            else:
+                transport.close()
+        self._waiting = b""
+
+
+class GrpcFront:
+    """The gRPC port: a listening socket whose connections go, checked, to grpc-core's private socket."""
+
+    def __init__(self, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float) -> None:
+        self._folder = Path(tempfile.mkdtemp(prefix="onnxserve-grpc-"))  # mode 0700: this user's only
+        self.socket_path = str(self._folder / "grpc.sock")
+        self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds)
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def backend_address(self) -> str:
+        """Where grpc-core listens (a grpc address)."""
+        return f"unix:{self.socket_path}"
+
+    async def start(self, sock: socket.socket) -> None:
+        """Take connections on the listening socket ``sock``."""
+        loop = asyncio.get_running_loop()
+        listener = self._listener
+        self._server = await loop.create_server(lambda: FrontConnection(listener), sock=sock)
+
+    def stop_listening(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def close_connections(self) -> None:
+        """Close every connection still open (after grpc-core stopped, they have nothing more to say)."""
+        for connection in list(self._listener.open):
+            connection._close(abort=True)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._listener.open)

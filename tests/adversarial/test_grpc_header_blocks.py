@@ -1,0 +1,270 @@
+"""Header blocks that cost grpc-core more than they cost the client never reach it (server.grpc_front).
+
+HPACK lets a client name a field already in the connection's compression table with one byte: a header
+block of thousands of references to a 4,000-byte field is megabytes for grpc-core to decode, and a few
+connections sending such blocks kept both cores busy and other clients' gRPC calls waiting past 10 s
+(outside attack rt33, F1). The gRPC port's front decodes each block before grpc-core sees it and closes the
+connection of a block past the bounds (fields, decoded size, encoded size) or of HTTP/2 it cannot follow.
+The blocks are written byte by byte here (HTTP/2 frames, HPACK from the ``hpack`` library); the server
+runs under a memory cap, and ordinary gRPC clients are served meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import CappedServer, said_until_closed, serve_capped
+from hpack import Encoder
+
+from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, SETTINGS, CONTINUATION = 0x0, 0x1, 0x4, 0x9
+END_STREAM, END_HEADERS = 0x1, 0x4
+SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
+BIG_FIELD = ("x-big", "v" * 4000)
+EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
+ATTACK_SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def server(numeric_repository: Path) -> Iterator[CappedServer]:
+    with serve_capped(numeric_repository, "--log-repeat-seconds", "0.5") as capped:
+        yield capped
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+def call_fields(extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+    return [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", SERVER_LIVE),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *(extra or []),
+    ]
+
+
+def reference_bomb(references: int, encoder: Encoder | None = None) -> bytes:
+    """One header block: a call's fields and a 4,000-byte field (in the table after the connection's first
+    block: ``encoder`` is the connection's), then ``references`` one-byte references to that field
+    (index 62: the newest entry of the dynamic table)."""
+    return (encoder or Encoder()).encode(call_fields([BIG_FIELD])) + bytes([0x80 | 62]) * references
+
+
+class Outcome:
+    """What the server did with one raw connection: whether it answered stream 1, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.closed = False
+        self.frames: list[tuple[int, int]] = []  # (type, stream) of each frame the server sent
+
+
+def send_raw(server: CappedServer, payload: bytes, wait: float = 10.0) -> Outcome:
+    """Open a connection, send the preface, an empty SETTINGS and ``payload``; read until the server closes
+    the connection, or answers stream 1 (its trailers), or ``wait`` seconds pass."""
+    outcome = Outcome()
+    with socket.create_connection((server.host, server.grpc_port), timeout=wait) as sock:
+        with contextlib.suppress(OSError):  # closed while sending: what is read below says so too
+            sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + payload)
+        received = b""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not outcome.answered:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                outcome.closed = True
+                break
+            except TimeoutError:
+                break
+            if not chunk:
+                outcome.closed = True
+                break
+            received += chunk
+            while len(received) >= 9:
+                length = int.from_bytes(received[:3], "big")
+                if len(received) < 9 + length:
+                    break
+                kind, flags = received[3], received[4]
+                stream = int.from_bytes(received[5:9], "big") & 0x7FFFFFFF
+                outcome.frames.append((kind, stream))
+                if kind == HEADERS and stream == 1 and flags & END_STREAM:
+                    outcome.answered = True
+                received = received[9 + length :]
+    return outcome
+
+
+def live_call(block: bytes, flags: int = END_HEADERS, stream: int = 1) -> bytes:
+    """A ServerLive call on ``stream`` with header block ``block``, its empty message sent."""
+    return frame(HEADERS, flags, stream, block) + frame(DATA, END_STREAM, stream, EMPTY_MESSAGE)
+
+
+def drained(sock: socket.socket) -> bool:
+    """Read what the server wrote without waiting; False once it closed the connection."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        while True:
+            if not sock.recv(65536):
+                return False
+    except BlockingIOError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+def server_live(target: str, timeout: float = 10) -> None:
+    with grpc.insecure_channel(target) as channel:
+        channel.unary_unary(
+            SERVER_LIVE,
+            request_serializer=pb.ServerLiveRequest.SerializeToString,
+            response_deserializer=pb.ServerLiveResponse.FromString,
+        )(pb.ServerLiveRequest(), timeout=timeout)
+
+
+def test_an_ordinary_raw_call_is_answered(server: CappedServer) -> None:
+    """The raw client itself is sound: a call with 100 fields (the most allowed) is answered."""
+    fields = call_fields([(f"x-field-{i}", "v") for i in range(100 - 6)])
+    outcome = send_raw(server, live_call(Encoder().encode(fields)))
+    assert outcome.answered, outcome.frames
+
+
+def test_a_block_of_references_to_a_large_field_closes_its_connection(server: CappedServer) -> None:
+    """4,000 references to a 4,000-byte field (7.6 KB sent, 16 MB to decode) never reach grpc-core: the
+    connection is closed at once, unanswered (grpc-core decoded it all, then refused the call)."""
+    started = time.monotonic()
+    outcome = send_raw(server, live_call(reference_bomb(4000)))
+    assert outcome.closed, outcome.frames
+    assert not outcome.answered, outcome.frames
+    assert time.monotonic() - started < 2
+    assert "a header list of more than 32,768 bytes decoded" in server.log()
+    server_live(server.grpc_target)
+
+
+def test_connections_sending_reference_blocks_do_not_hold_other_clients(server: CappedServer) -> None:
+    """Four attackers sending such blocks as fast as they can for 4 s (a new connection after each close)
+    while a client calls ServerReady on a fresh channel every 0.1 s: every call is answered within a
+    second, the memory stays bounded, and the server stays up."""
+    stop = threading.Event()
+    sent = [0]
+    lock = threading.Lock()
+
+    def attack() -> None:
+        """Blocks on new streams of one connection; a new connection whenever the server closes it."""
+        while not stop.is_set():
+            try:
+                with socket.create_connection((server.host, server.grpc_port), timeout=5) as sock:
+                    sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+                    stream = 1
+                    encoder = Encoder()
+                    while not stop.is_set() and stream < 2**30:
+                        sock.sendall(live_call(reference_bomb(4000, encoder), stream=stream))
+                        stream += 2
+                        with lock:
+                            sent[0] += 1
+                        if not drained(sock):
+                            break
+            except OSError:
+                pass
+
+    attackers = [threading.Thread(target=attack) for _ in range(4)]
+    for thread in attackers:
+        thread.start()
+    probes: list[float] = []
+    try:
+        deadline = time.monotonic() + ATTACK_SECONDS
+        while time.monotonic() < deadline:
+            probes.append(server.grpc_probe_seconds(timeout=10))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(timeout=30)
+    assert max(probes) < 1.0, probes
+    assert sent[0] >= 100, sent  # the attack ran: 400 KB of blocks at least
+    assert server.alive()
+    assert server.rss_bytes() < 1024**3
+    server_live(server.grpc_target)
+
+
+PAST_THE_BOUNDS = [
+    (
+        "101 fields",
+        live_call(Encoder().encode(call_fields([(f"x-field-{i}", "v") for i in range(101 - 6)]))),
+        "a header block of 101 fields (at most 100)",
+    ),
+    (
+        "an endless run of CONTINUATION frames",
+        frame(HEADERS, 0, 1, Encoder().encode(call_fields()))
+        + frame(CONTINUATION, 0, 1, Encoder().encode([("x-pad", "p" * 8000)], huffman=False)) * 8,
+        "a header block of more than 32,768 bytes",
+    ),
+    (
+        "one header frame over the bound",
+        frame(HEADERS, END_HEADERS, 1, b"\x00" * (40 * 1024)),
+        "a header frame of 40,960 bytes",
+    ),
+    (
+        "a DATA frame inside a header block",
+        frame(HEADERS, 0, 1, Encoder().encode(call_fields())) + frame(DATA, 0, 1, EMPTY_MESSAGE),
+        "a frame other than CONTINUATION inside a header block",
+    ),
+    (
+        "a CONTINUATION frame without its HEADERS",
+        frame(CONTINUATION, END_HEADERS, 1, Encoder().encode(call_fields())),
+        "a CONTINUATION frame outside its header block",
+    ),
+    (
+        "a compression table larger than the server allows",
+        live_call(b"\x3f\xe1\x7f" + Encoder().encode(call_fields())),  # a table size update to 16,384
+        "a header block that does not decode",
+    ),
+    (
+        "a reference past the table",
+        live_call(Encoder().encode(call_fields()) + bytes([0x80 | 70])),
+        "a header block that does not decode",
+    ),
+]
+"""(what, the bytes after the preface, what the WARNING line says)"""
+
+
+@pytest.mark.parametrize(("name", "payload", "logged"), PAST_THE_BOUNDS, ids=[case[0] for case in PAST_THE_BOUNDS])
+def test_blocks_past_the_bounds_close_their_connection(
+    server: CappedServer, name: str, payload: bytes, logged: str
+) -> None:
+    """Each such block closes its connection, unanswered, with a WARNING naming why; the server serves on."""
+    outcome = send_raw(server, payload)
+    assert outcome.closed, (name, outcome.frames)
+    assert not outcome.answered, (name, outcome.frames)
+    deadline = time.monotonic() + 5
+    while logged not in server.log():
+        assert time.monotonic() < deadline, (name, server.log()[-2000:])
+        time.sleep(0.05)
+    server_live(server.grpc_target)
+
+
+def test_a_connection_that_is_not_http2_is_closed(server: CappedServer) -> None:
+    """Closed at its first bytes (grpc-core's SETTINGS may have gone out before them: nothing else)."""
+    outcome = Outcome()
+    with socket.create_connection((server.host, server.grpc_port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        said = said_until_closed(sock, 10)
+    while said:
+        outcome.frames.append((said[3], int.from_bytes(said[5:9], "big")))
+        said = said[9 + int.from_bytes(said[:3], "big") :]
+    assert set(outcome.frames) <= {(SETTINGS, 0)}, outcome.frames
+    assert "it did not start with the HTTP/2 connection preface" in server.log()
+    server_live(server.grpc_target)

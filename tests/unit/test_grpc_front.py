@@ -1,0 +1,133 @@
+"""The gRPC front's frame checks (server.grpc_front.ClientFrames): what an honest HTTP/2 client sends passes
+unchanged however it is cut into reads, and decoding takes turns.
+
+The client traffic is made by the ``h2`` library (a real HTTP/2 client state machine): the preface, its
+SETTINGS, calls with metadata, messages, window updates, pings and resets.
+"""
+
+from __future__ import annotations
+
+import random
+
+import h2.config
+import h2.connection
+import pytest
+from hpack import Encoder
+
+from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
+from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, ClientFrames, Refused
+
+PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def honest_client_bytes(calls: int = 20) -> bytes:
+    """What a gRPC client sends for ``calls`` calls, some with large metadata split into CONTINUATION frames."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.max_outbound_frame_size = 1024  # larger header blocks go on in CONTINUATION frames
+    sent = bytearray(client.data_to_send())
+    for call in range(calls):
+        stream = client.get_next_available_stream_id()
+        metadata = [(f"x-meta-{i}", f"value-{call}-{i}" * (1 + call % 5) * 4) for i in range(call % 30)]
+        client.send_headers(
+            stream,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", PATH),
+                (":authority", "127.0.0.1:8001"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+                *metadata,
+            ],
+        )
+        message = b"\x00" + (200 * call).to_bytes(4, "big") + b"\x07" * (200 * call)
+        for at in range(0, len(message), 1024):
+            client.send_data(stream, message[at : at + 1024], end_stream=at + 1024 >= len(message))
+        if call % 7 == 3:
+            client.reset_stream(stream)
+        if call % 5 == 0:
+            client.ping(call.to_bytes(8, "big"))
+        sent += client.data_to_send()
+    return bytes(sent)
+
+
+def passed_through(frames: ClientFrames, reads: list[bytes]) -> bytes:
+    out = bytearray()
+    for data in reads:
+        passed, more = frames.feed(data)
+        out += passed
+        while more:
+            passed, more = frames.feed(b"")
+            out += passed
+    return bytes(out)
+
+
+def cut(data: bytes, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    reads, at = [], 0
+    while at < len(data):
+        size = rng.choice([1, 2, 5, 9, 10, 100, 4096, 70000])
+        reads.append(data[at : at + size])
+        at += size
+    return reads
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_an_honest_client_passes_unchanged_however_it_is_read(seed: int) -> None:
+    data = honest_client_bytes()
+    assert b"\x09\x04\x00\x00" in data  # a CONTINUATION frame ending a block
+    frames = ClientFrames()
+    assert passed_through(frames, cut(data, seed)) == data
+    assert frames.held == 0
+
+
+def test_a_header_frame_is_held_until_it_is_whole() -> None:
+    data = honest_client_bytes(1)
+    frames = ClientFrames()
+    headers_start = data.index(b"\x01\x04\x00\x00\x00\x01", len(PREFACE)) - 3  # the HEADERS frame of stream 1
+    passed, more = frames.feed(data[: headers_start + 12])
+    assert passed == data[:headers_start]  # the preface and SETTINGS go on; the partial block waits
+    assert not more
+    assert frames.held == 12
+
+
+def header_frame(stream: int, block: bytes) -> bytes:
+    """A HEADERS frame with END_STREAM and END_HEADERS."""
+    return len(block).to_bytes(3, "big") + bytes([0x1, 0x5]) + stream.to_bytes(4, "big") + block
+
+
+def test_decoding_takes_turns() -> None:
+    """Blocks of several slices in one read are decoded a slice per turn, in order, nothing lost."""
+    encoder = Encoder()
+    blocks = [
+        header_frame(1 + 2 * k, encoder.encode([(":path", PATH), (f"x-{k}", f"{k}" * 12000)], huffman=True))
+        for k in range(6)
+    ]
+    data = PREFACE + b"".join(blocks)
+    frames = ClientFrames()
+    passed, more = frames.feed(data)
+    total, turns = bytearray(passed), 1
+    while more:
+        passed, more = frames.feed(b"")
+        total += passed
+        turns += 1
+    assert bytes(total) == data
+    assert turns >= len(data) // DECODE_SLICE_BYTES
+
+
+def test_a_block_past_the_field_count_is_refused() -> None:
+    block = Encoder().encode([(f"x-{i}", "v") for i in range(101)])
+    with pytest.raises(Refused, match="101 fields"):
+        ClientFrames().feed(PREFACE + header_frame(1, block))
+
+
+def test_peer_names_map_back_to_client_addresses() -> None:
+    register_peer("onnxserve-grpc-1-ab-7", "10.1.2.3")
+    try:
+        assert grpc_peer_host("unix-abstract:onnxserve-grpc-1-ab-7") == "10.1.2.3"
+        assert grpc_peer_host("unix-abstract:onnxserve-grpc-1-ab-8") is None
+        assert grpc_peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1"
+    finally:
+        forget_peer("onnxserve-grpc-1-ab-7")
+    assert grpc_peer_host("unix-abstract:onnxserve-grpc-1-ab-7") is None
