@@ -15,7 +15,7 @@ import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
-from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, ClientFrames, Refused
+from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, ClientFrames, Refused, ServerFrames
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -131,3 +131,35 @@ def test_peer_names_map_back_to_client_addresses() -> None:
     finally:
         forget_peer("onnxserve-grpc-1-ab-7")
     assert grpc_peer_host("unix-abstract:onnxserve-grpc-1-ab-7") is None
+
+
+def server_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize("read_size", [1, 4, 9, 10, 1000])
+def test_grpc_cores_answers_end_calls_however_they_are_read(read_size: int) -> None:
+    """Trailers (HEADERS with END_STREAM) and RST_STREAM end calls; headers and DATA do not."""
+    streams = {1, 3, 5, 7}
+    answers = ServerFrames(streams)
+    data = (
+        server_frame(0x4, 0, 0, b"\x00\x03\x00\x00\x00\x64")  # SETTINGS
+        + server_frame(0x1, 0x4, 1, b"\x88")  # response headers of call 1
+        + server_frame(0x0, 0, 1, b"\x01" * 3000)  # its message, with bytes that look like frame headers
+        + server_frame(0x1, 0x5, 1, b"\x88")  # its trailers
+        + server_frame(0x3, 0, 3, b"\x00\x00\x00\x08")  # call 3 reset
+        + server_frame(0x0, 0x1, 5, b"")  # DATA with END_STREAM: gRPC ends calls with trailers, not so
+        + server_frame(0x1, 0x4, 7, b"\x88")  # call 7: headers only, still open
+    )
+    for at in range(0, len(data), read_size):
+        answers.feed(data[at : at + read_size])
+    assert streams == {5, 7}
+
+
+def test_a_client_reset_ends_its_call() -> None:
+    frames = ClientFrames()
+    block = Encoder().encode([(":path", PATH)])
+    frames.feed(PREFACE + header_frame(1, block) + header_frame(3, Encoder().encode([(":path", PATH)])))
+    assert frames.streams == {1, 3}
+    frames.feed(server_frame(0x3, 0, 3, b"\x00\x00\x00\x08"))
+    assert frames.streams == {1}

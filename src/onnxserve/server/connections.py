@@ -65,8 +65,8 @@ HTTP (uvicorn's httptools protocol, extended by :func:`guarded_http_protocol`):
 gRPC (grpc.aio channel options from :func:`grpc_options`, plus :class:`MessageReception` around the
 service's handlers):
 
-- ``grpc_max_connections`` connections (``grpc.max_allowed_incoming_connections``; new ones past it
-  are refused, since grpc evicts none), ``header_timeout``
+- ``grpc_max_connections`` connections, held by the port's front (``server.grpc_front``: past it, an
+  idle connection makes room, else the new one is closed), ``header_timeout``
   seconds for the HTTP/2 handshake, at most ``grpc_max_concurrent_streams`` streams per connection,
   connections idle (no call open) for ``grpc_max_connection_idle`` closed, optional maximum age with
   a grace period, and keepalive pings from clients no more often than every 10 s (enforced with
@@ -1465,7 +1465,7 @@ def grpc_send_limit(settings: ServerSettings) -> int:
 
 def grpc_options(settings: ServerSettings, cap: int) -> list[tuple[str, int]]:
     """grpc.aio server options for the limits grpc enforces itself (see the module docstring); ``cap``: the
-    connection cap (:func:`grpc_connection_cap`)."""
+    most connections grpc-core takes (a backstop: the port's front holds :func:`grpc_connection_cap`)."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         # Compressed request messages are inflated by the server (``MessageReception._inflated``), within

@@ -21,10 +21,17 @@ is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRP
 stops after ``DECODE_SLICE_BYTES`` of blocks at a time and goes on at the loop's next turn, so one
 connection's blocks never hold the event loop for long.
 
-The rest is what grpc-core did on the port before, unchanged: its connection cap, handshake timeout,
-stream limits, keepalive and idle rules apply to the connection it gets from the front, one for each of
-the clients'. The front counts the connections it holds against the same cap (past it, new ones are
-closed at once). Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
+The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls
+(opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM: frame
+headers only, :class:`ServerFrames`), and when a new connection would pass the cap, the idle connection
+(no call open) that has been idle longest is closed to make room, from the client address holding the
+most connections when it holds at least two more than the newcomer's (as on the HTTP port), else of any
+address holding at least as many as the newcomer's; a connection with a call open is never closed for
+room, and when every connection has one the newcomer is closed. grpc-core refused every connection past
+its cap and closed an idle one only after ``--grpc-max-connection-idle`` (300 s), so 10,000 idle
+connections locked gRPC callers out. The rest is grpc-core's, unchanged: its handshake timeout, stream
+limits, keepalive and idle rules apply to the connection it gets from the front, one for each of the
+clients'. Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
 ``--tls-client-ca`` asks for them) and grpc-core gets the decrypted bytes. grpc-core sees each
 connection as coming from a Unix socket named for it (``unix-abstract:onnxserve-grpc-...``);
 :func:`onnxserve.protocols.context.grpc_peer_host` answers the client's own address for that name
@@ -48,8 +55,10 @@ from typing import Any
 import hpack
 import hpack.exceptions
 
+from onnxserve.core.fairness import gives_way
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
+from onnxserve.server.connection_index import Counts
 from onnxserve.server.tls_layer import wrap_tls
 
 log = logging.getLogger(__name__)
@@ -80,22 +89,36 @@ WRITE_PIECE = 64 * 1024
 that keeps its size: ``onnxserve.server.connections``, TLS_WRITE_PIECE)."""
 
 HELD_HIGH_WATER = 256 * 1024
-"""Bytes a connection may have read but not yet handed on before the front stops reading it."""
+"""Checked bytes a connection may have waiting for its connection to grpc-core before the front stops
+reading it."""
 
-DATA, HEADERS, CONTINUATION = 0x0, 0x1, 0x9
-END_HEADERS, PADDED, PRIORITY = 0x4, 0x8, 0x20
+CLOSING_SECONDS = 5.0
+"""How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
+over TLS, also how long its close_notify may take."""
+
+DATA, HEADERS, RST_STREAM, CONTINUATION = 0x0, 0x1, 0x3, 0x9
+END_STREAM, END_HEADERS, PADDED, PRIORITY = 0x1, 0x4, 0x8, 0x20
 FRAME_HEADER = 9
 
 
 class Refused(Exception):
-    """Why a connection is closed: a header block past the bounds, or HTTP/2 the front cannot follow."""
+    """Why a connection is closed: a header block past the bounds, or HTTP/2 the front cannot follow.
+    ``kind`` (default: the message) names the refusal for the log's throttle, without any number a
+    client chooses."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = message if kind is None else kind
 
 
 class ClientFrames:
     """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
     many of them (from the start of what it was given, its held bytes first) may be handed on now."""
 
-    def __init__(self) -> None:
+    def __init__(self, streams: set[int] | None = None) -> None:
+        self.streams: set[int] = set() if streams is None else streams
+        """The calls open on the connection: opened by the client's HEADERS, ended by its RST_STREAM here
+        and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`)."""
         self._preface = True
         self._skip = 0  # payload bytes of a frame being passed on, still to come
         self._held = b""  # bytes read and not handed on: a partial frame header or header frame, or a slice's rest
@@ -142,7 +165,9 @@ class ClientFrames:
             stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
             if kind in (HEADERS, CONTINUATION):
                 if length > MAX_HEADER_BLOCK_BYTES:
-                    raise Refused(f"a header frame of {length:,} bytes (at most {MAX_HEADER_BLOCK_BYTES:,})")
+                    raise Refused(
+                        f"a header frame of {length:,} bytes (at most {MAX_HEADER_BLOCK_BYTES:,})", "header frame size"
+                    )
                 if size - at < FRAME_HEADER + length:
                     break
                 if decoded >= DECODE_SLICE_BYTES:
@@ -154,6 +179,8 @@ class ClientFrames:
             else:
                 if self._block_stream:
                     raise Refused("a frame other than CONTINUATION inside a header block")
+                if kind == RST_STREAM:
+                    self.streams.discard(stream)
                 at += FRAME_HEADER
                 self._skip = length
         self._held = work[at:]
@@ -175,6 +202,7 @@ class ClientFrames:
             if end < start:
                 raise Refused("a HEADERS frame whose padding or priority is longer than it")
             fragment = payload[start:end]
+            self.streams.add(stream)
             self._block_stream = stream
             self._block_bytes = 0
         else:
@@ -183,7 +211,7 @@ class ClientFrames:
             fragment = payload
         self._block_bytes += len(fragment)
         if self._block_bytes > MAX_HEADER_BLOCK_BYTES:
-            raise Refused(f"a header block of more than {MAX_HEADER_BLOCK_BYTES:,} bytes")
+            raise Refused(f"a header block of more than {MAX_HEADER_BLOCK_BYTES:,} bytes", "header block size")
         self._block.append(fragment)
         if flags & END_HEADERS:
             block = b"".join(self._block)
@@ -208,15 +236,45 @@ class ClientFrames:
         try:
             fields = list(self._decoder.decode(block, raw=True))
         except hpack.exceptions.OversizedHeaderListError:
-            raise Refused(f"a header list of more than {MAX_HEADER_LIST_BYTES:,} bytes decoded") from None
+            raise Refused(
+                f"a header list of more than {MAX_HEADER_LIST_BYTES:,} bytes decoded", "header list size"
+            ) from None
         except (hpack.exceptions.HPACKError, IndexError, ValueError) as e:
-            raise Refused(f"a header block that does not decode ({e})") from None
+            raise Refused(f"a header block that does not decode ({type(e).__name__})", "undecodable") from None
         if len(fields) > MAX_HEADER_FIELDS:
-            raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})")
+            raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})", "header fields")
         if self._table() == table:
             self._same_block, self._same_table = block, table
         else:
             self._same_block = None
+
+
+class ServerFrames:
+    """grpc-core's side of one connection, looked at for the ends of calls: frame headers only, payloads
+    skipped. A call ends with grpc-core's END_STREAM (its trailers) or an RST_STREAM."""
+
+    def __init__(self, streams: set[int]) -> None:
+        self.streams = streams
+        self._skip = 0
+        self._partial = b""  # a frame header cut by the end of a read
+
+    def feed(self, data: bytes) -> None:
+        work = self._partial + data if self._partial else data
+        at, size = 0, len(work)
+        while at < size:
+            if self._skip:
+                taken = min(self._skip, size - at)
+                self._skip -= taken
+                at += taken
+                continue
+            if size - at < FRAME_HEADER:
+                break
+            kind, flags = work[at + 3], work[at + 4]
+            if kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM):
+                self.streams.discard(int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF)
+            self._skip = int.from_bytes(work[at : at + 3], "big")
+            at += FRAME_HEADER
+        self._partial = work[at:] if at < size else b""
 
 
 class _Backend(asyncio.Protocol):
@@ -250,9 +308,47 @@ class _Listener:
         self.tls = tls
         self.handshake_seconds = handshake_seconds
         self.open: set[FrontConnection] = set()
+        self.counts = Counts()  # connections by client address
+        self.idle: dict[FrontConnection, None] = {}  # connections without an open call, longest idle first
+        self.idle_by_address: dict[str, dict[FrontConnection, None]] = {}
         self.names = itertools.count(1)
         self.prefix = f"onnxserve-grpc-{os.getpid()}-{os.urandom(4).hex()}"
         self.refusals = LogThrottles(keys=16)
+
+    def add(self, connection: FrontConnection) -> None:
+        self.open.add(connection)
+        self.counts.add(connection.host)
+        self.set_idle(connection, True)
+
+    def remove(self, connection: FrontConnection) -> None:
+        if connection in self.open:
+            self.open.discard(connection)
+            self.counts.remove(connection.host)
+            self.set_idle(connection, False)
+
+    def set_idle(self, connection: FrontConnection, idle: bool) -> None:
+        """Put ``connection`` last among the idle ones (``idle``), or take it out."""
+        by_address = self.idle_by_address.setdefault(connection.host, {})
+        self.idle.pop(connection, None)
+        by_address.pop(connection, None)
+        if idle:
+            self.idle[connection] = None
+            by_address[connection] = None
+        elif not by_address:
+            del self.idle_by_address[connection.host]
+
+    def make_room(self, host: str) -> FrontConnection | None:
+        """The connection to close for a new one from ``host`` when the cap is reached: never one with a call
+        open. The longest idle of the address holding the most connections when it holds at least two more
+        than ``host`` (``core.fairness.gives_way``), else the longest idle of all when its address holds at
+        least as many as ``host``; None when there is none such (the new connection is refused)."""
+        mine = self.counts.of.get(host, 0)
+        if self.counts.most and gives_way(self.counts.most, mine):
+            for connection in self.idle_by_address.get(self.counts.heaviest(), {}):
+                return connection
+        for connection in self.idle:
+            return connection if self.counts.of.get(connection.host, 0) >= mine else None
+        return None
 
 
 class FrontConnection(asyncio.Protocol):
@@ -261,7 +357,10 @@ class FrontConnection(asyncio.Protocol):
     def __init__(self, listener: _Listener) -> None:
         self.listener = listener
         self.loop = asyncio.get_running_loop()
-        self.frames = ClientFrames()
+        self.streams: set[int] = set()
+        self.frames = ClientFrames(self.streams)
+        self.answers = ServerFrames(self.streams)
+        self.idle = True
         self.transport: Any = None  # the client's (through the TLS layer over TLS)
         self.raw: asyncio.Transport | None = None  # the client's TCP transport
         self.backend: asyncio.Transport | None = None
@@ -270,7 +369,7 @@ class FrontConnection(asyncio.Protocol):
         self.closed = False
         self._waiting: bytes = b""  # checked bytes for grpc-core before its connection is made
         self._client_paused: set[str] = set()  # why reading the client is paused
-        self._pieces = 0  # 64 KiB pieces: over TLS
+        self._opening: asyncio.Task[None] | None = None
 
     # -- the client's side ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -283,17 +382,34 @@ class FrontConnection(asyncio.Protocol):
         self.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         listener = self.listener
         if len(listener.open) >= listener.cap:
-            self._refuse_quietly("connection cap", f"refused gRPC connection(s): {listener.cap:,} are open (the cap)")
-            transport.abort()  # type: ignore[attr-defined]
-            self.closed = True
-            return
-        listener.open.add(self)
+            victim = listener.make_room(self.host)
+            if victim is None:
+                self._refuse_quietly(
+                    "connection cap",
+                    f"refused gRPC connection(s): {listener.cap:,} are open (the cap), each with a call open",
+                )
+                transport.abort()  # type: ignore[attr-defined]
+                self.closed = True
+                return
+            self._refuse_quietly(
+                "room", f"closed idle gRPC connection(s) to make room ({listener.cap:,} open: the cap)"
+            )
+            victim._close(abort=True)
+        listener.add(self)
         if listener.tls is None:
             self.transport = transport
             self._connect()
             return
         try:
-            wrap_tls(self.loop, transport, self, listener.tls, listener.handshake_seconds, self._handshake_done)  # type: ignore[arg-type]
+            wrap_tls(
+                self.loop,
+                transport,  # type: ignore[arg-type]
+                self,
+                listener.tls,
+                listener.handshake_seconds,
+                self._handshake_done,
+                shutdown_seconds=CLOSING_SECONDS,
+            )
         except Exception as e:  # no memory for the TLS layer: this one connection is closed
             log.info("closed a gRPC connection whose TLS layer could not be made: %r", e)
             self._close(abort=True)
@@ -308,17 +424,14 @@ class FrontConnection(asyncio.Protocol):
         try:
             passed, more = self.frames.feed(data)
         except Refused as e:
-            self._refuse(str(e))
+            self._refuse(e)
             return
         if passed:
             self._hand_on(passed)
-        if more:
+        self._look_idle()
+        if more:  # the rest of this read (at most one read: reading waits) at the loop's next turn
             self._pause_client("decoding")
             self.loop.call_soon(self._decode_more)
-        elif self.frames.held > HELD_HIGH_WATER:
-            self._pause_client("held")  # cannot happen: only a slice's rest is held that long
-        else:
-            self._resume_client("held")
 
     def _decode_more(self) -> None:
         self._resume_client("decoding")
@@ -359,7 +472,7 @@ class FrontConnection(asyncio.Protocol):
             return
         self.peer_name = name
         context.register_peer(name, self.host)
-        self.loop.create_task(self._open_backend(sock))
+        self._opening = self.loop.create_task(self._open_backend(sock))  # held: the loop keeps weak references
 
     async def _open_backend(self, sock: socket.socket) -> None:
         try:
@@ -392,6 +505,8 @@ class FrontConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        self.answers.feed(data)
+        self._look_idle()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
             transport.write(data)
             return
@@ -411,6 +526,12 @@ class FrontConnection(asyncio.Protocol):
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     # -- shared --------------------------------------------------------------------------------------
+    def _look_idle(self) -> None:
+        idle = not self.streams
+        if idle != self.idle and not self.closed:
+            self.idle = idle
+            self.listener.set_idle(self, idle)
+
     def _pause_client(self, why: str) -> None:
         if not self._client_paused and self.transport is not None and not self.closed:
             with contextlib.suppress(Exception):
@@ -425,8 +546,8 @@ class FrontConnection(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 self.transport.resume_reading()
 
-    def _refuse(self, why: str) -> None:
-        self._refuse_quietly(why.split(" (")[0], f"closed a gRPC connection from {self.host or 'a client'}: {why}")
+    def _refuse(self, refusal: Refused) -> None:
+        self._refuse_quietly(refusal.kind, f"closed a gRPC connection from {self.host or 'a client'}: {refusal}")
         self._close(abort=True)
 
     def _refuse_quietly(self, kind: str, message: str) -> None:
@@ -438,7 +559,7 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self.listener.open.discard(self)
+        self.listener.remove(self)
         if self.peer_name is not None:
             context.forget_peer(self.peer_name)
         backend, self.backend = self.backend, None
@@ -452,7 +573,15 @@ class FrontConnection(asyncio.Protocol):
                     self.raw.abort()
             else:
                 transport.close()
+                # what grpc-core wrote last (its GOAWAY) goes out, to a client that reads it: one that does
+                # not is cut, so that no closed connection lingers beyond the cap
+                self.loop.call_later(CLOSING_SECONDS, self._cut)
         self._waiting = b""
+
+    def _cut(self) -> None:
+        for transport in (self.transport, self.raw):
+            if transport is not None:
+                transport.abort()
 
 
 class GrpcFront:

@@ -186,8 +186,9 @@ class ServerSettings(BaseModel):
     )
     grpc_max_connections: Annotated[int, Field(ge=1)] = Field(
         default=10_000,
-        description="Open gRPC connections (lowered to fit the open-file limit); past it new ones are refused. "
-        "An idle HTTP/2 connection costs about 17 KiB, and grpc cannot evict one that never starts a call.",
+        description="Open gRPC connections (lowered to fit the open-file limit); past it the connection idle "
+        "longest (no call open) makes room, from the client address holding the most; a new one is refused "
+        "only when every connection has a call open.",
     )
     grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
         default=100, description="Open calls per gRPC connection."

@@ -33,7 +33,7 @@ def wrap_tls(
     context: ssl.SSLContext,
     handshake_seconds: float,
     done: Callable[[bool], None],
-    shutdown_seconds: float | None = None,
+    shutdown_seconds: float,
 ) -> None:
     """Put the TLS layer between ``raw`` and ``protocol`` now (the client's first bytes are the layer's).
 

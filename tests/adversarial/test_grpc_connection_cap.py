@@ -1,0 +1,116 @@
+"""At the gRPC connection cap, idle connections make room; connections with a call open never do.
+
+grpc-core refused every connection past its cap and closed an idle one only after
+``--grpc-max-connection-idle`` (300 s), so a client holding the cap's worth of idle connections locked
+every gRPC caller out (docs/limits.md, the old known gap). The port's front (server.grpc_front) follows
+each connection's calls and, past ``--grpc-max-connections``, closes the connection idle longest of the
+address holding the most (or of any address holding as many as the newcomer's). Connections are raw
+HTTP/2 (raw_h2.py) from loopback addresses 127.0.0.x, each address a client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import CappedServer, serve_capped
+from raw_h2 import INFER, SERVER_READY, RawGrpcConnection
+
+from waiting import wait_until
+
+CAP = 12
+OK = grpc.StatusCode.OK.value[0]
+
+
+@pytest.fixture(scope="module")
+def server(numeric_repository: Path) -> Iterator[CappedServer]:
+    with serve_capped(
+        numeric_repository,
+        "--grpc-max-connections",
+        str(CAP),
+        # small messages: every call waiting for its message has a place in the room
+        "--grpc-max-message-bytes",
+        str(1024 * 1024),
+        "--log-repeat-seconds",
+        "0.5",
+    ) as capped:
+        yield capped
+
+
+@pytest.fixture
+def opened() -> Iterator[list[RawGrpcConnection]]:
+    connections: list[RawGrpcConnection] = []
+    yield connections
+    for connection in connections:
+        connection.close()
+    time.sleep(0.5)  # the server sees the closes before the next test counts its connections
+
+
+def connect(server: CappedServer, opened: list[RawGrpcConnection], source: str) -> RawGrpcConnection:
+    connection = RawGrpcConnection(server.host, server.grpc_port, source=source)
+    opened.append(connection)
+    connection.pump(0.05)  # the server's SETTINGS
+    return connection
+
+
+def ready_from(server: CappedServer, opened: list[RawGrpcConnection], source: str) -> int | None:
+    """A ServerReady call on a new connection from ``source``: its grpc-status (None: no answer, closed)."""
+    connection = connect(server, opened, source)
+    call = connection.open_call(SERVER_READY)
+    connection.send_whole(call, b"")
+    deadline = time.monotonic() + 10
+    while not connection.calls[call].ended and not connection.closed and time.monotonic() < deadline:
+        connection.pump(0.05)
+    return connection.calls[call].status
+
+
+def closed_soon(connection: RawGrpcConnection, seconds: float = 5) -> bool:
+    deadline = time.monotonic() + seconds
+    while not connection.closed and time.monotonic() < deadline:
+        connection.pump(0.05)
+    return connection.closed
+
+
+def test_idle_connections_of_one_address_make_room_for_another(
+    server: CappedServer, opened: list[RawGrpcConnection]
+) -> None:
+    """The cap's worth of idle connections from one address: another address's call is served, and the
+    flooder's connection idle longest is the one closed."""
+    flood = [connect(server, opened, "127.0.0.1") for _ in range(CAP)]
+    assert ready_from(server, opened, "127.0.0.2") == OK
+    assert closed_soon(flood[0])
+    assert not any(connection.closed for connection in flood[1:])
+    wait_until(lambda: "closed idle gRPC connection(s) to make room" in server.log(), 5, "the log line")
+
+
+def test_the_same_address_still_gets_in(server: CappedServer, opened: list[RawGrpcConnection]) -> None:
+    """Behind a proxy every client is one address: a new connection from it still gets in, in the place of
+    its oldest idle connection."""
+    flood = [connect(server, opened, "127.0.0.3") for _ in range(CAP)]
+    assert ready_from(server, opened, "127.0.0.3") == OK
+    assert closed_soon(flood[0])
+
+
+def test_connections_with_a_call_open_are_never_closed_for_room(
+    server: CappedServer, opened: list[RawGrpcConnection]
+) -> None:
+    """Every connection with a ModelInfer call waiting for its message: a newcomer is closed, unserved, and
+    every open call stays open; once one call ends, its connection is idle and makes room."""
+    busy = [connect(server, opened, "127.0.0.4") for _ in range(CAP)]
+    calls = [connection.open_call(INFER) for connection in busy]
+    for connection in busy:
+        connection.pump(0.05)
+    assert ready_from(server, opened, "127.0.0.5") is None
+    assert opened[-1].closed
+    wait_until(lambda: "each with a call open" in server.log(), 5, "the log line")
+    assert not any(connection.closed for connection in busy)
+    assert not any(connection.calls[call].ended for connection, call in zip(busy, calls, strict=True))
+    busy[3].h2.reset_stream(calls[3])
+    busy[3].flush()
+    time.sleep(0.3)  # the front sees the reset
+    assert ready_from(server, opened, "127.0.0.5") == OK
+    assert closed_soon(busy[3])
+    assert not any(connection.closed for connection in busy[:3] + busy[4:])
