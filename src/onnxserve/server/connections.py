@@ -1436,9 +1436,9 @@ def grpc_connection_cap(settings: ServerSettings) -> int:
     """``grpc_max_connections``, lowered to what the open-file limit leaves beside HTTP's connections.
 
     It is far above the HTTP cap by default: grpc closes a connection only once it has had no call for
-    ``grpc_max_connection_idle`` (one that never starts a call included), and past its cap it refuses
-    every new one, so a low cap would let idle connections lock every client out. An idle HTTP/2
-    connection holds about 17 KiB, so 10,000 of them hold about 170 MB.
+    ``grpc_max_connection_idle`` (one that never starts a call included), so most connections at the cap
+    may be idle ones, each making room for a new one (``server.grpc_front``). An idle HTTP/2
+    connection holds about 21 KiB (grpc-core's and the front's), so 10,000 of them hold about 210 MB.
     """
     http = connection_cap(settings.max_connections) + PROBE_RESERVE
     # three descriptors a gRPC connection: the client's, and both ends of the front's socket to grpc-core
