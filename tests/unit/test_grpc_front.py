@@ -163,3 +163,17 @@ def test_a_client_reset_ends_its_call() -> None:
     assert frames.streams == {1, 3}
     frames.feed(server_frame(0x3, 0, 3, b"\x00\x00\x00\x08"))
     assert frames.streams == {1}
+
+
+def test_only_new_streams_open_calls() -> None:
+    """HEADERS on a stream older than the newest (a client's trailers, or a call that has ended) opens
+    nothing: a client cannot grow the connection's calls past the streams it really opened."""
+    frames = ClientFrames()
+    block = Encoder().encode([(":path", PATH)])
+    frames.feed(PREFACE + header_frame(5, block))
+    ServerFrames(frames.streams).feed(server_frame(0x1, 0x5, 5, b"\x88"))
+    assert frames.streams == set()
+    frames.feed(header_frame(5, block) + header_frame(3, block))
+    assert frames.streams == set()
+    frames.feed(header_frame(7, block))
+    assert frames.streams == {7}

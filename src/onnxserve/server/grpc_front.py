@@ -120,6 +120,7 @@ class ClientFrames:
         """The calls open on the connection: opened by the client's HEADERS, ended by its RST_STREAM here
         and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`)."""
         self._preface = True
+        self._newest = 0  # the newest stream the client opened (HTTP/2 stream ids only grow)
         self._skip = 0  # payload bytes of a frame being passed on, still to come
         self._held = b""  # bytes read and not handed on: a partial frame header or header frame, or a slice's rest
         self._block: list[bytes] = []  # the fragments of the header block being received
@@ -202,7 +203,9 @@ class ClientFrames:
             if end < start:
                 raise Refused("a HEADERS frame whose padding or priority is longer than it")
             fragment = payload[start:end]
-            self.streams.add(stream)
+            if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
+                self._newest = stream
+                self.streams.add(stream)
             self._block_stream = stream
             self._block_bytes = 0
         else:
