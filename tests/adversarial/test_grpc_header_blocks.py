@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from harness import CappedServer, said_until_closed, serve_capped
-from hpack import Encoder
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from waiting import wait_until
@@ -201,6 +201,64 @@ def test_connections_sending_reference_blocks_do_not_hold_other_clients(server: 
     server_live(server.grpc_target)
 
 
+SMALL_CALL_FIELDS = Encoder().encode([NeverIndexedHeaderTuple(name, value) for name, value in call_fields()])
+"""A ServerLive call's fields, never indexed: the same bytes in every block, the compression table untouched."""
+
+
+def small_calls(first_stream: int, count: int, serial: int) -> bytes:
+    """``count`` ServerLive calls whose header blocks all differ (one more never-indexed field, named for
+    each), so none is decoded from a cache: each costs the front a whole decode, and grpc-core little (past
+    the stream limit it refuses them)."""
+    return b"".join(
+        live_call(
+            SMALL_CALL_FIELDS + b"\x10\x0d" + f"x{serial + k:012d}".encode() + b"\x01a", stream=first_stream + 2 * k
+        )
+        for k in range(count)
+    )
+
+
+def test_a_flood_of_small_calls_does_not_hold_other_clients(server: CappedServer) -> None:
+    """Eight connections sending small calls back to back, past their stream limit, for 4 s (outside attack
+    rt38: a fresh channel's ServerReady waited for the whole flood, 9.6 s of 10, while the loop decoded
+    the blocks): every ServerReady is answered within a second."""
+    stop = threading.Event()
+    sent = [0]
+    lock = threading.Lock()
+
+    def attack(serial: int) -> None:
+        with socket.create_connection((server.host, server.grpc_port), timeout=5) as sock:
+            sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 0x1, 0))
+            stream = 1
+            while not stop.is_set():
+                batch = small_calls(stream, 500, serial + stream)
+                try:
+                    sock.sendall(batch)
+                except OSError:
+                    return
+                stream += 1000
+                with lock:
+                    sent[0] += 500
+                if not drained(sock):
+                    return
+
+    attackers = [threading.Thread(target=attack, args=(10**9 * i,)) for i in range(8)]
+    for thread in attackers:
+        thread.start()
+    probes: list[float] = []
+    try:
+        deadline = time.monotonic() + ATTACK_SECONDS
+        while time.monotonic() < deadline:
+            probes.append(server.grpc_probe_seconds(timeout=15))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(timeout=30)
+    assert max(probes) < 1.0, probes
+    assert sent[0] >= 20_000, sent  # the flood ran
+    assert server.alive()
+
+
 PAST_THE_BOUNDS = [
     (
         "101 fields",
@@ -217,6 +275,11 @@ PAST_THE_BOUNDS = [
         "one header frame over the bound",
         frame(HEADERS, END_HEADERS, 1, b"\x00" * (40 * 1024)),
         "a header frame of 40,960 bytes",
+    ),
+    (
+        "a padded HEADERS frame",
+        live_call(bytes([4]) + Encoder().encode(call_fields()) + b"\xff" * 4, flags=END_HEADERS | 0x8),
+        "a padded HEADERS frame (gRPC clients do not pad header blocks)",
     ),
     (
         "a DATA frame inside a header block",

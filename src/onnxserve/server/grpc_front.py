@@ -17,9 +17,10 @@ field) and at most ``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one t
 frames that break the order of a header block, or a connection that does not start with HTTP/2's
 preface, close the connection at once: the compression table is shared by the connection's calls, so a
 block cannot be dropped alone. grpc-core itself refuses (RESOURCE_EXHAUSTED) a call whose header list
-is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRPC client sends. Decoding
-stops after ``DECODE_SLICE_BYTES`` of blocks at a time and goes on at the loop's next turn, so one
-connection's blocks never hold the event loop for long.
+is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRPC client sends. A padded
+HEADERS frame is refused too: grpc-core reads its padding as header fields. The checks take at most half
+of the event loop's time (:class:`CheckShare`): past it, connections with bytes to check wait their turn,
+and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks.
 
 The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls
 (opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM: frame
@@ -49,6 +50,8 @@ import shutil
 import socket
 import ssl
 import tempfile
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -193,16 +196,14 @@ class ClientFrames:
                 raise Refused("a HEADERS frame inside another header block")
             if stream == 0:
                 raise Refused("a HEADERS frame on stream 0")
-            start, end = 0, len(payload)
             if flags & PADDED:
-                if not payload:
-                    raise Refused("a padded HEADERS frame without its pad length")
-                start, end = 1, len(payload) - payload[0]
-            if flags & PRIORITY:
-                start += 5
-            if end < start:
-                raise Refused("a HEADERS frame whose padding or priority is longer than it")
-            fragment = payload[start:end]
+                # grpc-core reads a HEADERS frame's padding as header fields (outside attack rt38: a block
+                # seen here as one field reached it as 30,000), and no gRPC client pads
+                raise Refused("a padded HEADERS frame (gRPC clients do not pad header blocks)")
+            start = 5 if flags & PRIORITY else 0
+            if len(payload) < start:
+                raise Refused("a HEADERS frame shorter than its priority fields")
+            fragment = payload[start:]
             if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
                 self._newest = stream
                 self.streams.add(stream)
@@ -302,6 +303,62 @@ class _Backend(asyncio.Protocol):
         self.client.backend_lost()
 
 
+class CheckShare:
+    """The share of the event loop the front's frame checks may take, in turns.
+
+    Checking costs the event loop's thread: decoding a header block, a few microseconds a field. Without
+    a bound, connections sending a flood of small calls past their stream limit (each refused by grpc-core,
+    for a few microseconds of its own) kept the loop busy decoding them, and the calls of other clients,
+    whose handlers run on the same loop, waited for the whole flood (outside attack rt38: ServerReady on a
+    fresh channel 9.6 s in a 10 s flood). The checks may take ``SHARE`` of the loop's time (a token bucket
+    of seconds, at most ``BURST`` saved); past it, a connection with bytes to check stops being read and
+    waits in a queue, and the queue is served in turn, one connection a turn of the loop (its whole read,
+    or a slice of its header blocks), while the bucket has time, so no connection waits behind more than
+    one turn of each other connection."""
+
+    SHARE = 0.5
+    BURST = 0.02
+
+    def __init__(self) -> None:
+        self._tokens = self.BURST
+        self._updated = time.perf_counter()
+        self._queue: deque[FrontConnection] = deque()
+        self._handle: asyncio.Handle | None = None
+
+    def _refill(self) -> None:
+        now = time.perf_counter()
+        self._tokens = min(self.BURST, self._tokens + (now - self._updated) * self.SHARE)
+        self._updated = now
+
+    def may_check(self) -> bool:
+        """Whether a connection may check its bytes now (else it waits behind those already waiting)."""
+        if self._queue:
+            return False
+        self._refill()
+        return self._tokens > 0
+
+    def spend(self, seconds: float) -> None:
+        self._tokens -= seconds
+
+    def wait(self, connection: FrontConnection) -> None:
+        self._queue.append(connection)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._handle is not None or not self._queue:
+            return
+        self._refill()
+        delay = 0.0 if self._tokens > 0 else -self._tokens / self.SHARE
+        self._handle = asyncio.get_running_loop().call_later(delay, self._turn)
+
+    def _turn(self) -> None:
+        self._handle = None
+        self._refill()
+        if self._queue and self._tokens > 0:
+            self._queue.popleft().take_turn()  # it may wait again, at the back
+        self._schedule()
+
+
 class _Listener:
     """What the connections of one front share: where grpc-core listens, the cap, the log throttles."""
 
@@ -317,6 +374,7 @@ class _Listener:
         self.names = itertools.count(1)
         self.prefix = f"onnxserve-grpc-{os.getpid()}-{os.urandom(4).hex()}"
         self.refusals = LogThrottles(keys=16)
+        self.share = CheckShare()
 
     def add(self, connection: FrontConnection) -> None:
         self.open.add(connection)
@@ -373,6 +431,8 @@ class FrontConnection(asyncio.Protocol):
         self._waiting: bytes = b""  # checked bytes for grpc-core before its connection is made
         self._client_paused: set[str] = set()  # why reading the client is paused
         self._opening: asyncio.Task[None] | None = None
+        self._waiting_turn = False  # in the queue of :class:`CheckShare`
+        self._unfed = b""  # read, not yet given to the frame checks: it waits for its turn
 
     # -- the client's side ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -424,21 +484,46 @@ class FrontConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._waiting_turn:  # reading is paused: at most what the transport had read before
+            self._unfed += data
+            return
+        self._check(data)
+
+    def _check(self, data: bytes, turn: bool = False) -> None:
+        """Check and hand on ``data`` (and what the frame checks hold) now, or wait for a turn (``turn``:
+        this is the connection's turn)."""
+        share = self.listener.share
+        if not turn and not share.may_check():
+            self._unfed = data
+            self._wait_turn()
+            return
+        started = time.perf_counter()
         try:
             passed, more = self.frames.feed(data)
         except Refused as e:
             self._refuse(e)
             return
+        finally:
+            share.spend(time.perf_counter() - started)
         if passed:
             self._hand_on(passed)
         self._look_idle()
-        if more:  # the rest of this read (at most one read: reading waits) at the loop's next turn
-            self._pause_client("decoding")
-            self.loop.call_soon(self._decode_more)
+        if more:  # the rest of this read (reading waits) at this connection's next turn
+            self._wait_turn()
 
-    def _decode_more(self) -> None:
-        self._resume_client("decoding")
-        self.data_received(b"")
+    def _wait_turn(self) -> None:
+        self._waiting_turn = True
+        self._pause_client("turn")
+        self.listener.share.wait(self)
+
+    def take_turn(self) -> None:
+        """Check what waited (:class:`CheckShare` calls this when the connection's turn comes)."""
+        self._waiting_turn = False
+        if self.closed:
+            return
+        data, self._unfed = self._unfed, b""
+        self._resume_client("turn")
+        self._check(data, turn=True)
 
     def eof_received(self) -> bool:
         if self.backend is not None and self.backend.can_write_eof():
