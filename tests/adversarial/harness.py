@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import resource
 import selectors
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class CappedServer:
         cap_bytes: int = DEFAULT_CAP_BYTES,
         start_timeout: float = 90,
         data_cap_bytes: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         def cap() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
@@ -51,7 +53,8 @@ class CappedServer:
                 resource.setrlimit(resource.RLIMIT_DATA, (data_cap_bytes, data_cap_bytes))
 
         command = [*ONNXSERVE, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *args]
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
+        environment = None if env is None else {**os.environ, **env}
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap, env=environment)
         self.log_lines: list[str] = []
         self._reader: threading.Thread | None = None
         self.http_url = ""
@@ -190,11 +193,15 @@ def cpu_seconds(process: psutil.Process) -> float:
 
 
 def serve_capped(
-    repository: Path, *extra: str, cap_bytes: int = DEFAULT_CAP_BYTES, data_cap_bytes: int | None = None
+    repository: Path,
+    *extra: str,
+    cap_bytes: int = DEFAULT_CAP_BYTES,
+    data_cap_bytes: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> CappedServer:
-    """``CappedServer`` over a model repository folder."""
+    """``CappedServer`` over a model repository folder (``env``: variables added to the environment)."""
     return CappedServer(
-        ["--model-repository", str(repository), *extra], cap_bytes=cap_bytes, data_cap_bytes=data_cap_bytes
+        ["--model-repository", str(repository), *extra], cap_bytes=cap_bytes, data_cap_bytes=data_cap_bytes, env=env
     )
 
 

@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import errno
 import logging
 import os
+import secrets
 import shutil
 import socket
 import ssl
+import stat
 import tempfile
 import time
 from collections import deque
@@ -79,9 +81,11 @@ own 16 KiB, above which grpc-core refuses the call (RESOURCE_EXHAUSTED) but deco
 MAX_HEADER_BLOCK_BYTES = 32 * 1024
 """The most encoded bytes in one header block, its HEADERS and CONTINUATION frames together."""
 
-DECODE_SLICE_BYTES = 16 * 1024
-"""Encoded header bytes decoded in one turn of the event loop for one connection; the rest waits for the
-next turn (at about 0.25 µs a byte for the hpack decoder, about 4 ms)."""
+DECODE_SLICE_BYTES = 4 * 1024
+"""Encoded header bytes decoded in one turn of a connection (:class:`CheckShare`; a block is decoded whole,
+so a turn decodes at least one); the rest waits for its next turn. The decoder takes 0.25 to 1.1 µs a byte:
+about 1 to 5 ms a turn, so a new connection's first bytes wait about that long for each connection
+flooding before it (30 such: ServerReady on a fresh channel at most 0.46 s, where 16 KiB turns gave 1.1 s)."""
 
 MAX_TABLE_SIZE = 4096
 """The largest compression table a client may ask for: HTTP/2's default, which grpc-core keeps (its SETTINGS
@@ -95,7 +99,7 @@ HELD_HIGH_WATER = 256 * 1024
 """Checked bytes a connection may have waiting for its connection to grpc-core before the front stops
 reading it."""
 
-CLOSING_SECONDS = 5.0
+CLOSING_SECONDS = 2.0
 """How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
 over TLS, also how long its close_notify may take."""
 
@@ -281,6 +285,30 @@ class ServerFrames:
         self._partial = work[at:] if at < size else b""
 
 
+NAME_PREFIX = "onnxserve-grpc-"
+NAME_TRIES = 4
+
+
+def _named_socket() -> tuple[socket.socket, str]:
+    """A Unix socket bound to an abstract name of 96 random bits, and that name (grpc-core's peer name for
+    the connection). Abstract names have no permissions, and the bound ones are listed for every user in
+    /proc/net/unix: names a local user could guess (a process id and a counter) let one bind the next
+    ones first and shut every client out (outside attack rt39). A name taken meanwhile is drawn again."""
+    for _ in range(NAME_TRIES):
+        name = NAME_PREFIX + secrets.token_hex(12)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + name)
+            sock.setblocking(False)
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return sock, name
+    raise OSError(errno.EADDRINUSE, f"{NAME_TRIES} random socket names were all taken")
+
+
 class _Backend(asyncio.Protocol):
     """The front's connection to grpc-core for one client connection."""
 
@@ -371,8 +399,6 @@ class _Listener:
         self.counts = Counts()  # connections by client address
         self.idle: dict[FrontConnection, None] = {}  # connections without an open call, longest idle first
         self.idle_by_address: dict[str, dict[FrontConnection, None]] = {}
-        self.names = itertools.count(1)
-        self.prefix = f"onnxserve-grpc-{os.getpid()}-{os.urandom(4).hex()}"
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
 
@@ -544,16 +570,8 @@ class FrontConnection(asyncio.Protocol):
 
     # -- grpc-core's side ----------------------------------------------------------------------------
     def _connect(self) -> None:
-        listener = self.listener
-        name = f"{listener.prefix}-{next(listener.names)}"
         try:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind("\0" + name)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            sock, name = _named_socket()
         except OSError as e:
             self._refuse_quietly("socket", f"closed gRPC connection(s): no socket to grpc-core ({e})")
             self._close(abort=True)
@@ -672,11 +690,41 @@ class FrontConnection(asyncio.Protocol):
                 transport.abort()
 
 
+FOLDER_PREFIX = "onnxserve-grpc-"
+"""The private folders of grpc-core's sockets in TMPDIR: ``onnxserve-grpc-<pid>-<random>``."""
+
+
+def _remove_stale_folders() -> None:
+    """Remove this user's private socket folders whose server process is gone (killed, or crashed: a clean
+    stop removes its own), so that TMPDIR does not fill with them."""
+    root = Path(tempfile.gettempdir())
+    uid = os.getuid()
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid, _, rest = entry.name.removeprefix(FOLDER_PREFIX).partition("-")
+        if not entry.name.startswith(FOLDER_PREFIX) or not pid.isdigit() or not rest:
+            continue
+        try:
+            info = entry.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (OSError, OverflowError):
+            continue
+
+
 class GrpcFront:
     """The gRPC port: a listening socket whose connections go, checked, to grpc-core's private socket."""
 
     def __init__(self, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float) -> None:
-        self._folder = Path(tempfile.mkdtemp(prefix="onnxserve-grpc-"))  # mode 0700: this user's only
+        _remove_stale_folders()
+        # mode 0700: only this user may connect to grpc-core
+        self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.socket_path = str(self._folder / "grpc.sock")
         self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds)
         self._server: asyncio.AbstractServer | None = None

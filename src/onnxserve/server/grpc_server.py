@@ -6,6 +6,7 @@ which checks each connection's header blocks (and ends TLS) before grpc-core see
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import grpc
@@ -21,6 +22,9 @@ from onnxserve.server.grpc_front import GrpcFront
 from onnxserve.server.listen import bind
 from onnxserve.server.settings import ServerSettings
 
+CUT_AFTER_GRACE_SECONDS = 1.0
+"""How long after the stop's grace the front closes the connections grpc-core has not closed itself."""
+
 
 class GrpcPort:
     """The gRPC port: grpc-core's server and the front that listens for it."""
@@ -35,12 +39,19 @@ class GrpcPort:
         await self.server.start()
         await self.front.start(self._socket)
 
-    async def stop(self, grace: float | None) -> None:
-        """Stop taking connections, let grpc-core end its calls within ``grace`` seconds, then close the rest."""
+    async def stop(self, grace: float) -> None:
+        """Stop taking connections, let grpc-core end its calls within ``grace`` seconds, then close the rest.
+
+        The front's connections are closed at the grace's end (and a second later than grpc-core's own
+        cut): grpc-core's stop waits for what it writes to each connection, and a client that reads
+        nothing kept it, and the process, waiting for as long as it kept its connection (outside attack
+        rt39: SIGTERM never ended the process)."""
         self.front.stop_listening()
+        cut = asyncio.get_running_loop().call_later(grace + CUT_AFTER_GRACE_SECONDS, self.front.close_connections)
         try:
             await self.server.stop(grace)
         finally:
+            cut.cancel()
             self.front.close_connections()
 
 
