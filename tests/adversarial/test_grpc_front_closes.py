@@ -155,6 +155,7 @@ def test_folders_of_servers_that_are_gone_are_removed(tmp_path: Path, numeric_re
     """A private socket folder whose server process is gone (SIGKILL: no clean stop) is removed when the
     next server starts; a live process's folder and other names are kept."""
     from onnxserve.server.grpc_front import FOLDER_PREFIX
+
     gone = psutil.Popen(["true"])
     gone.wait()
     stale = tmp_path / f"{FOLDER_PREFIX}{gone.pid}-abcd1234"

@@ -28,7 +28,7 @@ from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 from waiting import wait_until
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, SETTINGS, CONTINUATION = 0x0, 0x1, 0x4, 0x9
+DATA, HEADERS, SETTINGS, PING_FRAME, CONTINUATION = 0x0, 0x1, 0x4, 0x6, 0x9
 END_STREAM, END_HEADERS = 0x1, 0x4
 SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
 BIG_FIELD = ("x-big", "v" * 4000)
@@ -218,28 +218,31 @@ def small_calls(first_stream: int, count: int, serial: int) -> bytes:
 
 
 def test_a_flood_of_small_calls_does_not_hold_other_clients(server: CappedServer) -> None:
-    """Eight connections sending small calls back to back, past their stream limit, for 4 s (outside attack
-    rt38: a fresh channel's ServerReady waited for the whole flood, 9.6 s of 10, while the loop decoded
-    the blocks): every ServerReady is answered within a second."""
+    """Eight clients sending small calls back to back, past their stream limit, for 4 s, reconnecting when
+    closed (outside attack rt38: a fresh channel's ServerReady waited for the whole flood, 9.6 s of 10):
+    every ServerReady is answered within a second."""
     stop = threading.Event()
     sent = [0]
     lock = threading.Lock()
 
     def attack(serial: int) -> None:
-        with socket.create_connection((server.host, server.grpc_port), timeout=5) as sock:
-            sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 0x1, 0))
-            stream = 1
-            while not stop.is_set():
-                batch = small_calls(stream, 500, serial + stream)
-                try:
-                    sock.sendall(batch)
-                except OSError:
-                    return
-                stream += 1000
-                with lock:
-                    sent[0] += 500
-                if not drained(sock):
-                    return
+        """Batches of 500 calls on one connection; a new connection whenever the server closes it."""
+        while not stop.is_set():
+            with socket.create_connection((server.host, server.grpc_port), timeout=5) as sock:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 0x1, 0))
+                stream = 1
+                while not stop.is_set():
+                    batch = small_calls(stream, 500, serial)
+                    serial += 500
+                    try:
+                        sock.sendall(batch)
+                    except OSError:
+                        break
+                    stream += 1000
+                    with lock:
+                        sent[0] += 500
+                    if not drained(sock):
+                        break
 
     attackers = [threading.Thread(target=attack, args=(10**9 * i,)) for i in range(8)]
     for thread in attackers:
@@ -257,6 +260,16 @@ def test_a_flood_of_small_calls_does_not_hold_other_clients(server: CappedServer
     assert max(probes) < 1.0, probes
     assert sent[0] >= 20_000, sent  # the flood ran
     assert server.alive()
+
+
+def test_a_ping_flood_closes_its_connection(server: CappedServer) -> None:
+    """1,500 PINGs at once: closed after 1,000 (grpc-core answered each one); a PING and a call are answered."""
+    pings = b"".join(frame(PING_FRAME, 0, 0, k.to_bytes(8, "big")) for k in range(1500))
+    assert send_raw(server, pings).closed
+    wait_until(lambda: "PINGs faster than 100 a second" in server.log(), 5, "the WARNING line")
+    outcome = send_raw(server, frame(PING_FRAME, 0, 0, bytes(8)) + live_call(Encoder().encode(call_fields())))
+    assert outcome.answered, outcome.frames
+    assert (PING_FRAME, 0) in outcome.frames
 
 
 PAST_THE_BOUNDS = [

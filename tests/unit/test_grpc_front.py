@@ -178,3 +178,19 @@ def test_only_new_streams_open_calls() -> None:
     assert frames.streams == set()
     frames.feed(header_frame(7, block))
     assert frames.streams == {7}
+
+
+def test_a_connection_with_twice_the_stream_limit_open_is_refused() -> None:
+    """Once the client has acknowledged the server's SETTINGS (and so its limit of 100), a call past 200 open
+    at once is refused; before, past 1,000 (HTTP/2 sets no limit until the SETTINGS arrive)."""
+    block = Encoder().encode([(":path", PATH)])
+    acknowledged = ClientFrames(max_streams=100)
+    passed_through(acknowledged, [PREFACE + server_frame(0x4, 0x1, 0)])
+    passed_through(acknowledged, [b"".join(header_frame(1 + 2 * k, block) for k in range(200))])
+    assert len(acknowledged.streams) == 200
+    with pytest.raises(Refused, match="200 calls open at once"):
+        acknowledged.feed(header_frame(401, block))
+    early = ClientFrames(max_streams=100)
+    passed_through(early, [PREFACE + b"".join(header_frame(1 + 2 * k, block) for k in range(1000))])
+    with pytest.raises(Refused, match="1000 calls open at once"):
+        early.feed(header_frame(2001, block))

@@ -103,8 +103,26 @@ CLOSING_SECONDS = 2.0
 """How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
 over TLS, also how long its close_notify may take."""
 
-DATA, HEADERS, RST_STREAM, CONTINUATION = 0x0, 0x1, 0x3, 0x9
-END_STREAM, END_HEADERS, PADDED, PRIORITY = 0x1, 0x4, 0x8, 0x20
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
+
+DEFAULT_MAX_STREAMS = 100
+"""grpc-core's stream limit unless told (``--grpc-max-concurrent-streams``)."""
+
+OVER_LIMIT = 2
+"""How many times grpc-core's stream limit a connection may have open (the excess refused by grpc-core)
+before it is closed."""
+
+EARLY_STREAMS = 1000
+"""Calls a connection may have open before it acknowledges the server's SETTINGS, which name the stream
+limit: until then HTTP/2 sets none, and an honest client's first burst may pass the limit once."""
+
+PING_BURST = 1000
+PING_RATE = 100
+"""PINGs a connection may send at once, and a second after: grpc clients send a keepalive PING at most every
+10 s (grpc-core closes a connection that pings more often without calls) and a bandwidth-probing PING at
+most once a round trip while an answer flows. A PING flood cost grpc-core both cores, each PING answered
+before its GOAWAY for too many (outside attack rt38: other clients' calls waited up to 5.4 s)."""
 FRAME_HEADER = 9
 
 
@@ -122,10 +140,14 @@ class ClientFrames:
     """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
     many of them (from the start of what it was given, its held bytes first) may be handed on now."""
 
-    def __init__(self, streams: set[int] | None = None) -> None:
+    def __init__(self, streams: set[int] | None = None, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
         self.streams: set[int] = set() if streams is None else streams
         """The calls open on the connection: opened by the client's HEADERS, ended by its RST_STREAM here
         and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`)."""
+        self._max_streams = max_streams  # grpc-core's SETTINGS_MAX_CONCURRENT_STREAMS
+        self._acknowledged = False  # whether the client acknowledged grpc-core's SETTINGS (and so its limit)
+        self._pings = float(PING_BURST)  # a token bucket of the client's PINGs
+        self._pinged = time.monotonic()
         self._preface = True
         self._newest = 0  # the newest stream the client opened (HTTP/2 stream ids only grow)
         self._skip = 0  # payload bytes of a frame being passed on, still to come
@@ -189,6 +211,10 @@ class ClientFrames:
                     raise Refused("a frame other than CONTINUATION inside a header block")
                 if kind == RST_STREAM:
                     self.streams.discard(stream)
+                elif kind == SETTINGS and flags & ACK:
+                    self._acknowledged = True
+                elif kind == PING and not flags & ACK:
+                    self._ping()
                 at += FRAME_HEADER
                 self._skip = length
         self._held = work[at:]
@@ -209,8 +235,7 @@ class ClientFrames:
                 raise Refused("a HEADERS frame shorter than its priority fields")
             fragment = payload[start:]
             if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
-                self._newest = stream
-                self.streams.add(stream)
+                self._open(stream)
             self._block_stream = stream
             self._block_bytes = 0
         else:
@@ -226,6 +251,29 @@ class ClientFrames:
             self._block.clear()
             self._block_stream = 0
             self._check_block(block)
+
+    def _open(self, stream: int) -> None:
+        """A new call; the connection is closed when it would have twice grpc-core's stream limit open once
+        the client has acknowledged that limit (before, ``EARLY_STREAMS``). grpc-core refuses the calls past
+        its limit itself (REFUSED_STREAM), for a few µs each, and an honest client never opens them; a
+        client that opens them back to back is not one: a flood of them held other clients' calls (outside
+        attack rt38)."""
+        limit = OVER_LIMIT * self._max_streams if self._acknowledged else max(self._max_streams, EARLY_STREAMS)
+        if len(self.streams) >= limit:
+            raise Refused(
+                f"{limit} calls open at once (the server allows {self._max_streams}: SETTINGS_MAX_CONCURRENT_STREAMS)",
+                "stream limit",
+            )
+        self._newest = stream
+        self.streams.add(stream)
+
+    def _ping(self) -> None:
+        now = time.monotonic()
+        self._pings = min(float(PING_BURST), self._pings + (now - self._pinged) * PING_RATE)
+        self._pinged = now
+        if self._pings < 1:
+            raise Refused(f"PINGs faster than {PING_RATE} a second (after {PING_BURST} at once)", "pings")
+        self._pings -= 1
 
     def _table(self) -> tuple[int, int, object]:
         """What tells the compression table's states apart: its size limit, its entries, its newest entry
@@ -390,9 +438,12 @@ class CheckShare:
 class _Listener:
     """What the connections of one front share: where grpc-core listens, the cap, the log throttles."""
 
-    def __init__(self, socket_path: str, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float) -> None:
+    def __init__(
+        self, socket_path: str, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float, max_streams: int
+    ) -> None:
         self.socket_path = socket_path
         self.cap = cap
+        self.max_streams = max_streams
         self.tls = tls
         self.handshake_seconds = handshake_seconds
         self.open: set[FrontConnection] = set()
@@ -445,7 +496,7 @@ class FrontConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = asyncio.get_running_loop()
         self.streams: set[int] = set()
-        self.frames = ClientFrames(self.streams)
+        self.frames = ClientFrames(self.streams, listener.max_streams)
         self.answers = ServerFrames(self.streams)
         self.idle = True
         self.transport: Any = None  # the client's (through the TLS layer over TLS)
@@ -721,12 +772,18 @@ def _remove_stale_folders() -> None:
 class GrpcFront:
     """The gRPC port: a listening socket whose connections go, checked, to grpc-core's private socket."""
 
-    def __init__(self, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float) -> None:
+    def __init__(
+        self,
+        cap: int,
+        tls: ssl.SSLContext | None,
+        handshake_seconds: float,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ) -> None:
         _remove_stale_folders()
         # mode 0700: only this user may connect to grpc-core
         self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.socket_path = str(self._folder / "grpc.sock")
-        self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds)
+        self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams)
         self._server: asyncio.AbstractServer | None = None
 
     @property

@@ -78,7 +78,12 @@ def create_grpc_server(
     )
     sock = bind(settings.host, settings.grpc_port, "gRPC")
     cap = grpc_connection_cap(settings)
-    front = GrpcFront(cap, None if exposure.tls is None else exposure.tls.grpc_context, settings.header_timeout)
+    front = GrpcFront(
+        cap,
+        None if exposure.tls is None else exposure.tls.grpc_context,
+        settings.header_timeout,
+        settings.grpc_max_concurrent_streams,
+    )
     # grpc-core's own cap is a backstop above the front's: a connection the front closes to make room for a
     # new one may not be gone from grpc-core yet when the new one arrives there
     server = grpc.aio.server(options=grpc_options(settings, 2 * cap), interceptors=interceptors)
