@@ -34,11 +34,14 @@ SERVER_LIVE = "/inference.GRPCInferenceService/ServerLive"
 BIG_FIELD = ("x-big", "v" * 4000)
 EMPTY_MESSAGE = b"\x00\x00\x00\x00\x00"
 ATTACK_SECONDS = 4.0
+HEADER_TIMEOUT = 3
 
 
 @pytest.fixture(scope="module")
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
-    with serve_capped(numeric_repository, "--log-repeat-seconds", "0.5") as capped:
+    with serve_capped(
+        numeric_repository, "--log-repeat-seconds", "0.5", "--header-timeout", str(HEADER_TIMEOUT)
+    ) as capped:
         yield capped
 
 
@@ -286,8 +289,8 @@ PAST_THE_BOUNDS = [
     ),
     (
         "one header frame over the bound",
-        frame(HEADERS, END_HEADERS, 1, b"\x00" * (40 * 1024)),
-        "a header frame of 40,960 bytes",
+        frame(HEADERS, END_HEADERS, 1, b"\x00" * (16 * 1024 + 1)),
+        "a header frame of 16,385 bytes (at most 16,384)",
     ),
     (
         "a padded HEADERS frame",
@@ -342,3 +345,16 @@ def test_a_connection_that_is_not_http2_is_closed(server: CappedServer) -> None:
     assert set(outcome.frames) <= {(SETTINGS, 0)}, outcome.frames
     assert "it did not start with the HTTP/2 connection preface" in server.log()
     server_live(server.grpc_target)
+
+
+@pytest.mark.parametrize("cut", [9 + 10, 9 + 40], ids=["a header frame cut short", "a block without its last frame"])
+def test_a_header_block_left_unfinished_closes_its_connection(server: CappedServer, cut: int) -> None:
+    """A header block begun and never finished (the front holds it: grpc-core sees nothing) closes its
+    connection at --header-timeout."""
+    block = Encoder().encode(call_fields())
+    unfinished = (frame(HEADERS, 0, 1, block[:40]) + frame(CONTINUATION, END_HEADERS, 1, block[40:]))[:cut]
+    started = time.monotonic()
+    outcome = send_raw(server, unfinished, wait=HEADER_TIMEOUT + 5)
+    assert outcome.closed, outcome.frames
+    assert HEADER_TIMEOUT - 0.5 < time.monotonic() - started < HEADER_TIMEOUT + 4
+    wait_until(lambda: "a header block not whole 3 s after it began" in server.log(), 5, "the WARNING line")

@@ -81,6 +81,11 @@ own 16 KiB, above which grpc-core refuses the call (RESOURCE_EXHAUSTED) but deco
 MAX_HEADER_BLOCK_BYTES = 32 * 1024
 """The most encoded bytes in one header block, its HEADERS and CONTINUATION frames together."""
 
+MAX_HEADER_FRAME_BYTES = 16 * 1024
+"""The largest HEADERS or CONTINUATION frame: HTTP/2's default frame size limit, which grpc-core keeps (its
+SETTINGS name no other), so a larger one is grpc-core's FRAME_SIZE_ERROR anyway; the front holds a header
+frame until it is whole, and a larger bound let each connection hold more (outside attack rt38)."""
+
 DECODE_SLICE_BYTES = 4 * 1024
 """Encoded header bytes decoded in one turn of a connection (:class:`CheckShare`; a block is decoded whole,
 so a turn decodes at least one); the rest waits for its next turn. The decoder takes 0.25 to 1.1 µs a byte:
@@ -164,6 +169,12 @@ class ClientFrames:
     def held(self) -> int:
         return len(self._held)
 
+    @property
+    def in_block(self) -> bool:
+        """Whether a header block has begun and is not whole yet (its frames, or a frame, still coming)."""
+        held = self._held
+        return bool(self._block_stream) or (len(held) >= 4 and held[3] in (HEADERS, CONTINUATION))
+
     def feed(self, data: bytes) -> tuple[bytes, bool]:
         """What may be handed on now of the bytes held and ``data``, and whether bytes remain to be looked
         at without waiting for more (the slice of decoding was used up: call ``feed(b"")`` at the next
@@ -194,9 +205,9 @@ class ClientFrames:
             kind, flags = work[at + 3], work[at + 4]
             stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
             if kind in (HEADERS, CONTINUATION):
-                if length > MAX_HEADER_BLOCK_BYTES:
+                if length > MAX_HEADER_FRAME_BYTES:
                     raise Refused(
-                        f"a header frame of {length:,} bytes (at most {MAX_HEADER_BLOCK_BYTES:,})", "header frame size"
+                        f"a header frame of {length:,} bytes (at most {MAX_HEADER_FRAME_BYTES:,})", "header frame size"
                     )
                 if size - at < FRAME_HEADER + length:
                     break
@@ -508,6 +519,7 @@ class FrontConnection(asyncio.Protocol):
         self._waiting: bytes = b""  # checked bytes for grpc-core before its connection is made
         self._client_paused: set[str] = set()  # why reading the client is paused
         self._opening: asyncio.Task[None] | None = None
+        self._block_timer: asyncio.TimerHandle | None = None
         self._waiting_turn = False  # in the queue of :class:`CheckShare`
         self._unfed = b""  # read, not yet given to the frame checks: it waits for its turn
 
@@ -585,8 +597,30 @@ class FrontConnection(asyncio.Protocol):
         if passed:
             self._hand_on(passed)
         self._look_idle()
+        self._watch_block()
         if more:  # the rest of this read (reading waits) at this connection's next turn
             self._wait_turn()
+
+    def _watch_block(self) -> None:
+        """A header block must be whole within ``--header-timeout`` of the read that began it: the front
+        holds it until then (up to 48 KiB), where grpc-core, which sees nothing of it, would keep such a
+        connection for ``--grpc-max-connection-idle``."""
+        if self.frames.in_block:
+            if self._block_timer is None:
+                self._block_timer = self.loop.call_later(self.listener.handshake_seconds, self._block_timed_out)
+        elif self._block_timer is not None:
+            self._block_timer.cancel()
+            self._block_timer = None
+
+    def _block_timed_out(self) -> None:
+        self._block_timer = None
+        if self.closed or not self.frames.in_block:
+            return
+        if self._waiting_turn:  # the front's wait, not the client's
+            self._watch_block()
+            return
+        seconds = self.listener.handshake_seconds
+        self._refuse(Refused(f"a header block not whole {seconds:g} s after it began (--header-timeout)", "slow block"))
 
     def _wait_turn(self) -> None:
         self._waiting_turn = True
@@ -716,6 +750,8 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self._block_timer is not None:
+            self._block_timer.cancel()
         self.listener.remove(self)
         if self.peer_name is not None:
             context.forget_peer(self.peer_name)
