@@ -7,6 +7,7 @@ SETTINGS, calls with metadata, messages, window updates, pings and resets.
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import h2.config
@@ -15,7 +16,7 @@ import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
-from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, ClientFrames, Refused, ServerFrames
+from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, CheckShare, ClientFrames, Refused, ServerFrames
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -194,3 +195,43 @@ def test_a_connection_with_twice_the_stream_limit_open_is_refused() -> None:
     passed_through(early, [PREFACE + b"".join(header_frame(1 + 2 * k, block) for k in range(1000))])
     with pytest.raises(Refused, match="1000 calls open at once"):
         early.feed(header_frame(2001, block))
+
+
+class Turns:
+    """A stand-in for a front connection in the turn queue: it records its turns and spends what it is told."""
+
+    def __init__(self, name: str, share: CheckShare, cost: float, log: list[str]) -> None:
+        self.name, self.share, self.cost, self.log = name, share, cost, log
+        self.checked_until = 0.0
+        self.left = 0
+
+    def take_turn(self) -> None:
+        self.log.append(self.name)
+        self.share.spend(self, self.cost, turn=True)  # type: ignore[arg-type]
+        self.left -= 1
+        if self.left > 0:
+            self.share.wait(self)  # type: ignore[arg-type]
+
+
+def test_turns_go_to_connections_that_used_least() -> None:
+    """Two heavy connections have turns queued; a light one that joins later has its turns before their
+    later ones (fair queuing on check time), not behind all of them (first come first served)."""
+    log: list[str] = []
+
+    async def run() -> None:
+        share = CheckShare()
+        heavy = [Turns(f"heavy{k}", share, 0.01, log) for k in range(2)]
+        for connection in heavy:
+            connection.left = 5
+            share.wait(connection)  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        light = Turns("light", share, 0.0001, log)
+        light.left = 3
+        share.wait(light)  # type: ignore[arg-type]
+        while sum(c.left for c in [*heavy, light]) > 0:
+            await asyncio.sleep(0.005)
+
+    asyncio.run(run())
+    first_light = log.index("light")
+    assert log[first_light : first_light + 3] == ["light"] * 3, log
+    assert len(log) - (first_light + 3) >= 4, log  # most heavy turns come after the light ones
