@@ -12,6 +12,7 @@ import random
 
 import h2.config
 import h2.connection
+import hpack
 import pytest
 from hpack import Encoder
 
@@ -235,3 +236,26 @@ def test_turns_go_to_connections_that_used_least() -> None:
     first_light = log.index("light")
     assert log[first_light : first_light + 3] == ["light"] * 3, log
     assert len(log) - (first_light + 3) >= 4, log  # most heavy turns come after the light ones
+
+
+def test_a_block_that_adds_its_newest_entry_again_is_decoded_each_time() -> None:
+    """A block that adds a copy of the table's newest entry evicts the oldest one: it changes the table
+    though the newest entry looks the same. Each time it comes, the front's table must follow grpc-core's
+    (a full decoder here): compared by value, the front skipped it as unchanged and the tables parted."""
+
+    def literal(name: bytes, value: bytes) -> bytes:  # literal with incremental indexing, new name
+        return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    frames, grpc_core = ClientFrames(), hpack.Decoder(max_header_list_size=1 << 30)
+    frames.feed(PREFACE)
+
+    def send(block: bytes, stream: int) -> None:
+        passed_through(frames, [header_frame(stream, block)])
+        list(grpc_core.decode(block, raw=True))
+
+    send(b"".join(literal(b"x-old-%02d" % i, b"o" * 100) for i in range(30)), 1)  # 30 entries of 141 bytes
+    newest = frames._decoder.header_table.dynamic_entries[0]
+    again = literal(*newest)
+    for k in range(40):
+        send(again, 3 + 2 * k)
+    assert list(frames._decoder.header_table.dynamic_entries) == list(grpc_core.header_table.dynamic_entries)

@@ -299,7 +299,7 @@ class ClientFrames:
         from the same table it left as it was (a client's next call with the same headers, every field
         in the table), decodes the same: it is not decoded again."""
         table = self._table()
-        if block == self._same_block and table == self._same_table:
+        if block == self._same_block and _same_table(table, self._same_table):
             return
         try:
             fields = list(self._decoder.decode(block, raw=True))
@@ -311,10 +311,19 @@ class ClientFrames:
             raise Refused(f"a header block that does not decode ({type(e).__name__})", "undecodable") from None
         if len(fields) > MAX_HEADER_FIELDS:
             raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})", "header fields")
-        if self._table() == table:
+        if _same_table(self._table(), table):
             self._same_block, self._same_table = block, table
         else:
             self._same_block = None
+
+
+def _same_table(a: tuple[int, int, object], b: tuple[int, int, object]) -> bool:
+    """Whether two looks at a compression table (``ClientFrames._table``) saw the same table: the same size
+    limit and number of entries, and the same newest entry object. Compared by identity: an entry added
+    again with the same name and value is a new entry (it evicts another), and compared by value the
+    front took a block that did so for one that left the table as it was, and its table and grpc-core's
+    parted (outside attack rt40)."""
+    return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
 
 
 class ServerFrames:
