@@ -270,9 +270,9 @@ def test_unknown_token_still_refused_before_reading(server: CappedServer) -> Non
 
 def test_idle_grpc_connections_do_not_lock_clients_out(numeric_repository: Path, tmp_path: Path) -> None:
     """The red team's attack: hundreds of anonymous HTTP/2 connections that complete the handshake and
-    never start a call. grpc evicts none of them before --grpc-max-connection-idle, so its connection
-    cap is far above the HTTP one (--grpc-max-connections, 10,000): past --max-connections they cost
-    about 17 KiB each, and probes and normal calls still get in."""
+    never start a call (grpc closes none of them before --grpc-max-connection-idle; past
+    --grpc-max-connections, the port's front closes the idle longest for a new one): past the HTTP port's
+    --max-connections they cost about 21 KiB each, and probes and normal calls still get in."""
     allow_open_files(400)
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"{TOKEN} infer\n")

@@ -1435,10 +1435,10 @@ port's front (``server.grpc_front``) hands it on to grpc-core."""
 def grpc_connection_cap(settings: ServerSettings) -> int:
     """``grpc_max_connections``, lowered to what the open-file limit leaves beside HTTP's connections.
 
-    It is far above the HTTP cap by default: grpc closes a connection only once it has had no call for
-    ``grpc_max_connection_idle`` (one that never starts a call included), so most connections at the cap
-    may be idle ones, each making room for a new one (``server.grpc_front``). An idle HTTP/2
-    connection holds about 21 KiB (grpc-core's and the front's), so 10,000 of them hold about 210 MB.
+    The same as HTTP's by default: past it an idle connection makes room (``server.grpc_front``; grpc
+    itself refused every new one, so the cap was 10,000). An idle HTTP/2 connection holds about 21 KiB
+    (grpc-core's and the front's); one waiting its turn for the front's checks holds its last read too, up
+    to 256 KiB, so 1,000 of them hold at most about 280 MB.
     """
     http = connection_cap(settings.max_connections) + PROBE_RESERVE
     # three descriptors a gRPC connection: the client's, and both ends of the front's socket to grpc-core

@@ -185,7 +185,7 @@ class ServerSettings(BaseModel):
         default=5.0, description="Seconds an HTTP connection may stay idle between requests."
     )
     grpc_max_connections: Annotated[int, Field(ge=1)] = Field(
-        default=10_000,
+        default=1_000,
         description="Open gRPC connections (lowered to fit the open-file limit); past it the connection idle "
         "longest (no call open) makes room, from the client address holding the most; a new one is refused "
         "only when every connection has a call open.",
