@@ -20,7 +20,10 @@ block cannot be dropped alone. grpc-core itself refuses (RESOURCE_EXHAUSTED) a c
 is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRPC client sends. A padded
 HEADERS frame is refused too: grpc-core reads its padding as header fields. The checks take at most half
 of the event loop's time (:class:`CheckShare`): past it, connections with bytes to check wait their turn,
-and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks.
+and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks. A connection is also
+closed when it keeps twice grpc-core's stream limit open after acknowledging it (``OVER_LIMIT``;
+``EARLY_STREAMS`` before), sends PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a header frame
+over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
 
 The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls
 (opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM: frame
