@@ -337,7 +337,7 @@ def test_a_connection_that_is_not_http2_is_closed(server: CappedServer) -> None:
         outcome.frames.append((said[3], int.from_bytes(said[5:9], "big")))
         said = said[9 + int.from_bytes(said[:3], "big") :]
     assert set(outcome.frames) <= {(SETTINGS, 0)}, outcome.frames
-    assert "it did not start with the HTTP/2 connection preface" in server.log()
+    wait_until(lambda: "it did not start with the HTTP/2 connection preface" in server.log(), 5, "the WARNING line")
     server_live(server.grpc_target)
 
 
