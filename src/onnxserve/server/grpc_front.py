@@ -147,7 +147,20 @@ class Refused(Exception):
         self.kind = message if kind is None else kind
 
 
-class ClientFrames:
+class _FrameWalk:
+    """What both sides' frame readers share: the payload of a frame being passed on, still to come."""
+
+    def __init__(self) -> None:
+        self._skip = 0  # payload bytes of a frame being passed on, still to come
+
+    def _pass_payload(self, at: int, size: int) -> int:
+        """Pass as much of the payload being skipped as lies in ``[at, size)``; the position after it."""
+        taken = min(self._skip, size - at)
+        self._skip -= taken
+        return at + taken
+
+
+class ClientFrames(_FrameWalk):
     """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
     many of them (from the start of what it was given, its held bytes first) may be handed on now."""
 
@@ -159,9 +172,9 @@ class ClientFrames:
         self._acknowledged = False  # whether the client acknowledged grpc-core's SETTINGS (and so its limit)
         self._pings = float(PING_BURST)  # a token bucket of the client's PINGs
         self._pinged = time.monotonic()
+        super().__init__()
         self._preface = True
         self._newest = 0  # the newest stream the client opened (HTTP/2 stream ids only grow)
-        self._skip = 0  # payload bytes of a frame being passed on, still to come
         self._held = b""  # bytes read and not handed on: a partial frame header or header frame, or a slice's rest
         self._block: list[bytes] = []  # the fragments of the header block being received
         self._block_stream = 0  # its stream (0: none)
@@ -201,9 +214,7 @@ class ClientFrames:
         more = False
         while at < size:
             if self._skip:
-                taken = min(self._skip, size - at)
-                self._skip -= taken
-                at += taken
+                at = self._pass_payload(at, size)
                 continue
             if size - at < FRAME_HEADER:
                 break
@@ -331,13 +342,13 @@ def _same_table(a: tuple[int, int, object], b: tuple[int, int, object]) -> bool:
     return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
 
 
-class ServerFrames:
+class ServerFrames(_FrameWalk):
     """grpc-core's side of one connection, looked at for the ends of calls: frame headers only, payloads
     skipped. A call ends with grpc-core's END_STREAM (its trailers) or an RST_STREAM."""
 
     def __init__(self, streams: set[int]) -> None:
+        super().__init__()
         self.streams = streams
-        self._skip = 0
         self._partial = b""  # a frame header cut by the end of a read
 
     def feed(self, data: bytes) -> None:
@@ -345,9 +356,7 @@ class ServerFrames:
         at, size = 0, len(work)
         while at < size:
             if self._skip:
-                taken = min(self._skip, size - at)
-                self._skip -= taken
-                at += taken
+                at = self._pass_payload(at, size)
                 continue
             if size - at < FRAME_HEADER:
                 break
