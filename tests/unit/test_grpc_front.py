@@ -17,7 +17,17 @@ import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
-from onnxserve.server.grpc_front import DECODE_SLICE_BYTES, PREFACE, CheckShare, ClientFrames, Refused, ServerFrames
+from onnxserve.server.grpc_front import (
+    DECODE_SLICE_BYTES,
+    FRAME_SECONDS,
+    FRAMES_PER_TURN,
+    HEADER_BYTE_SECONDS,
+    PREFACE,
+    CheckShare,
+    ClientFrames,
+    Refused,
+    ServerFrames,
+)
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -97,6 +107,10 @@ def test_a_header_frame_is_held_until_it_is_whole() -> None:
 def header_frame(stream: int, block: bytes) -> bytes:
     """A HEADERS frame with END_STREAM and END_HEADERS."""
     return len(block).to_bytes(3, "big") + bytes([0x1, 0x5]) + stream.to_bytes(4, "big") + block
+
+
+def data_frame(size: int, stream: int = 1) -> bytes:
+    return size.to_bytes(3, "big") + bytes([0x0, 0x0]) + stream.to_bytes(4, "big") + b"\x00" * size
 
 
 def test_decoding_takes_turns() -> None:
@@ -211,7 +225,7 @@ class Turns:
         self.share.spend(self, self.cost, turn=True)  # type: ignore[arg-type]
         self.left -= 1
         if self.left > 0:
-            self.share.wait(self)  # type: ignore[arg-type]
+            self.share.wait(self, self.cost)  # type: ignore[arg-type]
 
 
 def test_turns_go_to_connections_that_used_least() -> None:
@@ -224,11 +238,11 @@ def test_turns_go_to_connections_that_used_least() -> None:
         heavy = [Turns(f"heavy{k}", share, 0.01, log) for k in range(2)]
         for connection in heavy:
             connection.left = 5
-            share.wait(connection)  # type: ignore[arg-type]
+            share.wait(connection, connection.cost)  # type: ignore[arg-type]
         await asyncio.sleep(0.01)
         light = Turns("light", share, 0.0001, log)
         light.left = 3
-        share.wait(light)  # type: ignore[arg-type]
+        share.wait(light, light.cost)  # type: ignore[arg-type]
         while sum(c.left for c in [*heavy, light]) > 0:
             await asyncio.sleep(0.005)
 
@@ -236,6 +250,66 @@ def test_turns_go_to_connections_that_used_least() -> None:
     first_light = log.index("light")
     assert log[first_light : first_light + 3] == ["light"] * 3, log
     assert len(log) - (first_light + 3) >= 4, log  # most heavy turns come after the light ones
+
+
+def test_a_cheap_turn_goes_ahead_of_dear_turns_that_start_as_early() -> None:
+    """Many connections whose turns start at the same virtual time, each about to decode a large block, and
+    a light one that has used a little more (its first flight checked): ordered by start, the light one's
+    next turn (a small call) waited for every dear turn (a fresh channel's call 4 to 13 s behind 900 of
+    them, outside attack rt40); by expected end it goes first."""
+    log: list[str] = []
+
+    async def run() -> None:
+        share = CheckShare()
+        share._tokens = -1.0  # every connection queues: the share is spent for the next 2 s
+        dear = [Turns(f"dear{k}", share, 0.004, log) for k in range(40)]
+        for connection in dear:
+            connection.left = 1
+            share.wait(connection, connection.cost)  # type: ignore[arg-type]
+        light = Turns("light", share, 0.0001, log)
+        light.checked_until = 0.00002  # its first flight's turn
+        light.left = 1
+        share.wait(light, light.cost)  # type: ignore[arg-type]
+        share._tokens = share.BURST
+        while sum(c.left for c in [*dear, light]) > 0:
+            await asyncio.sleep(0.005)
+
+    asyncio.run(run())
+    assert log[0] == "light", log
+
+
+def test_the_expected_cost_of_a_turn_counts_whole_header_frames_and_frames() -> None:
+    """What a turn is expected to cost: the header blocks whose last frame is whole in what is held (their
+    earlier frames included: the block is decoded whole; frames still arriving cost nothing yet), and a
+    little for each frame, however large its payload; past ``COST_LOOKAHEAD_FRAMES``, a turn of
+    ``FRAMES_PER_TURN`` frames, the most a turn looks at."""
+    frames = ClientFrames()
+    frames.feed(PREFACE)
+    block = Encoder().encode([(":path", PATH), ("x-pad", "p" * 3000)], huffman=False)
+    whole = header_frame(1, block)
+    frames.hold(data_frame(16000) * 8)
+    only_data = frames.pending_cost()
+    assert only_data == pytest.approx(8 * FRAME_SECONDS)
+    frames.hold(whole)
+    with_block = frames.pending_cost()
+    assert with_block == pytest.approx(only_data + FRAME_SECONDS + len(block) * HEADER_BYTE_SECONDS)
+    frames.hold(whole[:100])  # a frame whose rest has not come: not decoded in this turn
+    assert frames.pending_cost() == pytest.approx(with_block + FRAME_SECONDS)
+    split = ClientFrames()  # a block in two frames: decoded (all of it) at its last frame only
+    split.feed(PREFACE)
+    first, last = block[:2000], block[2000:]
+    split.hold(len(first).to_bytes(3, "big") + bytes([0x1, 0x1]) + (1).to_bytes(4, "big") + first)
+    assert split.pending_cost() == pytest.approx(FRAME_SECONDS)
+    split.feed(b"")
+    split.hold(len(last).to_bytes(3, "big") + bytes([0x9, 0x4]) + (1).to_bytes(4, "big") + last)
+    assert split.pending_cost() == pytest.approx(FRAME_SECONDS + len(block) * HEADER_BYTE_SECONDS)
+    tiny = ClientFrames()
+    tiny.feed(PREFACE)
+    tiny.hold(data_frame(0) * 5000)
+    assert tiny.pending_cost() == pytest.approx(FRAMES_PER_TURN * FRAME_SECONDS)
+    passed, more = tiny.feed(b"")
+    assert more
+    assert len(passed) == FRAMES_PER_TURN * 9
 
 
 def test_a_block_that_adds_its_newest_entry_again_is_decoded_each_time() -> None:

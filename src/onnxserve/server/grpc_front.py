@@ -95,8 +95,21 @@ frame until it is whole, and a larger bound let each connection hold more (outsi
 DECODE_SLICE_BYTES = 4 * 1024
 """Encoded header bytes decoded in one turn of a connection (:class:`CheckShare`; a block is decoded whole,
 so a turn decodes at least one); the rest waits for its next turn. The decoder takes 0.25 to 1.1 µs a byte:
-about 1 to 5 ms a turn, so a new connection's first bytes wait about that long for each connection
-flooding before it (30 such: ServerReady on a fresh channel at most 0.46 s, where 16 KiB turns gave 1.1 s)."""
+about 1 to 5 ms a turn (a block of 32 KiB, up to 35 ms), which a cheap turn placed after it waits for
+(30 flooding connections, queued first come first served: ServerReady on a fresh channel at most 0.46 s,
+where 16 KiB turns gave 1.1 s)."""
+
+FRAMES_PER_TURN = 1024
+"""Frames looked at in one turn of a connection (:class:`CheckShare`), a few tenths of a µs each outside header
+blocks: a read of 256 KiB of empty frames is 29,000 of them."""
+
+HEADER_BYTE_SECONDS = 1.2e-6
+FRAME_SECONDS = 0.5e-6
+"""What a turn is expected to cost, for its place in the queue (:meth:`ClientFrames.pending_cost`): a byte of a
+header block to decode (the decoder's slowest), a frame to look at."""
+
+COST_LOOKAHEAD_FRAMES = 64
+"""Frames :meth:`ClientFrames.pending_cost` looks at; past them it expects a turn of ``FRAMES_PER_TURN``."""
 
 MAX_TABLE_SIZE = 4096
 """The largest compression table a client may ask for: HTTP/2's default, which grpc-core keeps (its SETTINGS
@@ -192,7 +205,42 @@ class ClientFrames(_FrameWalk):
     def in_block(self) -> bool:
         """Whether a header block has begun and is not whole yet (its frames, or a frame, still coming)."""
         held = self._held
-        return bool(self._block_stream) or (len(held) >= 4 and held[3] in (HEADERS, CONTINUATION))
+        return bool(self._block_stream) or (
+            not self._skip and not self._preface and len(held) >= 4 and held[3] in (HEADERS, CONTINUATION)
+        )
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` to be looked at later (``feed(b"")``), after what is held."""
+        self._held += data
+
+    def pending_cost(self) -> float:
+        """The seconds the next ``feed(b"")`` is expected to take on what is held: the header blocks it will
+        decode (those whose last frame is whole, their earlier frames included, within a slice as
+        :meth:`feed` takes them) and its frames, the first ``COST_LOOKAHEAD_FRAMES`` looked at (past them, a
+        turn of ``FRAMES_PER_TURN``). Frame headers only: a few µs."""
+        held = self._held
+        size = len(held)
+        at = len(PREFACE) if self._preface else min(self._skip, size)
+        block = self._block_bytes if self._block_stream else 0  # the block begun in earlier turns
+        sliced = 0  # header frame bytes taken, as :meth:`feed` counts them against the slice
+        decoded = 0
+        frames = 0
+        while size - at >= FRAME_HEADER:
+            if frames == COST_LOOKAHEAD_FRAMES:
+                frames = FRAMES_PER_TURN
+                break
+            length = int.from_bytes(held[at : at + 3], "big")
+            frames += 1
+            if held[at + 3] in (HEADERS, CONTINUATION):
+                if size - at < FRAME_HEADER + length or sliced >= DECODE_SLICE_BYTES:
+                    break  # a frame that waits for its rest, or for the next turn
+                sliced += length
+                block += length
+                if held[at + 4] & END_HEADERS:
+                    decoded += block
+                    block = 0
+            at += FRAME_HEADER + length
+        return decoded * HEADER_BYTE_SECONDS + frames * FRAME_SECONDS
 
     def feed(self, data: bytes) -> tuple[bytes, bool]:
         """What may be handed on now of the bytes held and ``data``, and whether bytes remain to be looked
@@ -211,6 +259,7 @@ class ClientFrames(_FrameWalk):
             self._preface = False
             at = len(PREFACE)
         decoded = 0
+        frames = 0
         more = False
         while at < size:
             if self._skip:
@@ -218,6 +267,10 @@ class ClientFrames(_FrameWalk):
                 continue
             if size - at < FRAME_HEADER:
                 break
+            if frames == FRAMES_PER_TURN:
+                more = True
+                break
+            frames += 1
             length = int.from_bytes(work[at : at + 3], "big")
             kind, flags = work[at + 3], work[at + 4]
             stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
@@ -423,23 +476,33 @@ class CheckShare:
     whose handlers run on the same loop, waited for the whole flood (outside attack rt38: ServerReady on a
     fresh channel 9.6 s in a 10 s flood). The checks may take ``SHARE`` of the loop's time (a token bucket
     of seconds, at most ``BURST`` saved); past it, a connection with bytes to check stops being read and
-    waits its turn: one connection a turn of the loop (its whole read, or a slice of its header blocks).
+    waits its turn: a turn is one connection's read, or a slice of it (``DECODE_SLICE_BYTES`` of header
+    blocks, ``FRAMES_PER_TURN`` frames).
 
-    Turns go by start-time fair queuing on the check time each connection has used: a connection waits
-    with the virtual time its last turn ended at (or now, if that is past), and the smallest goes first, so
-    a connection that has used little (a new one, a probe, a client of small calls) goes ahead of those
-    that used much. In first-come order, 900 connections each with a few 28 KB blocks queued made a new
-    connection's preface wait past grpc-core's 10 s handshake deadline (outside attack rt40)."""
+    Turns go by fair queuing on the check time each connection has used: a connection starts its turn at
+    the virtual time its last turn ended at (or now, if that is past) and is expected to end it that turn's
+    cost later (:meth:`ClientFrames.pending_cost`, from the frames it holds); the smallest expected end
+    goes first, the virtual time moves to the start of the turn given, and the connection's own time
+    moves on by what its turn took. So a connection that has used little (a new one, a probe, a client of
+    small calls) goes ahead of those that used much, and a cheap turn ahead of a dear one. In first-come
+    order, 900 connections each with a few 28 KB blocks queued made a new connection's preface wait past
+    grpc-core's 10 s handshake deadline (outside attack rt40); ordered by start alone, a fresh channel's
+    second flight (its call, after the server's SETTINGS) waited for a turn of each of the hundreds whose
+    start was as small, each decoding a whole block: 4 to 13 s."""
 
     SHARE = 0.5
     BURST = 0.02
+    TURNS_SECONDS = 0.002
+    """Turns are given several to a pass of the event loop, up to this long: one a pass, cheap turns (a
+    probe's call, a partial frame) went at the loop's pace, a few ms a pass under load, and a fresh
+    channel's call waited 4 s behind 500 of them."""
 
     def __init__(self) -> None:
         self._tokens = self.BURST
         self._updated = time.perf_counter()
-        self._queue: list[tuple[float, int, FrontConnection]] = []  # a heap by virtual start time
+        self._queue: list[tuple[float, int, float, FrontConnection]] = []  # a heap by expected virtual end
         self._order = itertools.count()  # ties: first come first
-        self._now = 0.0  # the virtual time: the start of the turn served last
+        self._now = 0.0  # the virtual time: the latest start of a turn given
         self._handle: asyncio.Handle | None = None
 
     def _refill(self) -> None:
@@ -460,10 +523,11 @@ class CheckShare:
         self._tokens -= seconds
         connection.checked_until = (connection.checked_until + seconds) if turn else self._now
 
-    def wait(self, connection: FrontConnection) -> None:
+    def wait(self, connection: FrontConnection, cost: float) -> None:
+        """Queue ``connection`` for a turn expected to take ``cost`` seconds."""
         start = max(self._now, connection.checked_until)
         connection.checked_until = start
-        heapq.heappush(self._queue, (start, next(self._order), connection))
+        heapq.heappush(self._queue, (start + cost, next(self._order), start, connection))
         self._schedule()
 
     def _schedule(self) -> None:
@@ -474,12 +538,18 @@ class CheckShare:
         self._handle = asyncio.get_running_loop().call_later(delay, self._turn)
 
     def _turn(self) -> None:
+        """Give turns, in order, while the share lasts, for at most ``TURNS_SECONDS`` of this pass of the loop."""
         self._handle = None
-        self._refill()
-        if self._queue and self._tokens > 0:
-            start, _, connection = heapq.heappop(self._queue)
-            self._now = start
+        until = time.perf_counter() + self.TURNS_SECONDS
+        while self._queue:
+            self._refill()
+            if self._tokens <= 0:
+                break
+            _, _, start, connection = heapq.heappop(self._queue)
+            self._now = max(self._now, start)
             connection.take_turn()  # it may wait again, at its new virtual time
+            if time.perf_counter() >= until:
+                break
         self._schedule()
 
 
@@ -557,9 +627,8 @@ class FrontConnection(asyncio.Protocol):
         self._client_paused: set[str] = set()  # why reading the client is paused
         self._opening: asyncio.Task[None] | None = None
         self._block_timer: asyncio.TimerHandle | None = None
-        self._waiting_turn = False  # in the queue of :class:`CheckShare`
+        self._waiting_turn = False  # in the queue of :class:`CheckShare` (what it read waits in ``frames``)
         self.checked_until = 0.0  # its virtual time in :class:`CheckShare`
-        self._unfed = b""  # read, not yet given to the frame checks: it waits for its turn
 
     # -- the client's side ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -612,7 +681,7 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         if self._waiting_turn:  # reading is paused: at most what the transport had read before
-            self._unfed += data
+            self.frames.hold(data)
             return
         self._check(data)
 
@@ -621,7 +690,7 @@ class FrontConnection(asyncio.Protocol):
         this is the connection's turn)."""
         share = self.listener.share
         if not turn and not share.may_check():
-            self._unfed = data
+            self.frames.hold(data)
             self._wait_turn()
             return
         started = time.perf_counter()
@@ -663,16 +732,15 @@ class FrontConnection(asyncio.Protocol):
     def _wait_turn(self) -> None:
         self._waiting_turn = True
         self._pause_client("turn")
-        self.listener.share.wait(self)
+        self.listener.share.wait(self, self.frames.pending_cost())
 
     def take_turn(self) -> None:
         """Check what waited (:class:`CheckShare` calls this when the connection's turn comes)."""
         self._waiting_turn = False
         if self.closed:
             return
-        data, self._unfed = self._unfed, b""
         self._resume_client("turn")
-        self._check(data, turn=True)
+        self._check(b"", turn=True)
 
     def eof_received(self) -> bool:
         if self.listener.tls is None and self.backend is not None and self.backend.can_write_eof():
