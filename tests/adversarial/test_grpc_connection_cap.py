@@ -83,7 +83,7 @@ def test_idle_connections_of_one_address_make_room_for_another(
     assert ready_from(server, opened, "127.0.0.2") == OK
     assert closed_soon(flood[0])
     assert not any(connection.closed for connection in flood[1:])
-    wait_until(lambda: "closed idle gRPC connection(s) to make room" in server.log(), 5, "the log line")
+    wait_until(lambda: "closed idle gRPC connection(s), or ones whose client" in server.log(), 5, "the log line")
 
 
 def test_the_same_address_still_gets_in(server: CappedServer, opened: list[RawGrpcConnection]) -> None:
@@ -114,3 +114,41 @@ def test_connections_with_a_call_open_are_never_closed_for_room(
     assert ready_from(server, opened, "127.0.0.5") == OK
     assert closed_soon(busy[3])
     assert not any(connection.closed for connection in busy[:3] + busy[4:])
+
+
+def stalled_calls(server: CappedServer, opened: list[RawGrpcConnection], source: str) -> list[RawGrpcConnection]:
+    """The cap's worth of connections from ``source``, each with a ServerReady call sent whole and a
+    flow-control window of 0 for its answer: grpc-core has sent the answer's headers and can send nothing
+    more until the client reads (it never does)."""
+    stalled = []
+    for _ in range(CAP):
+        connection = RawGrpcConnection(server.host, server.grpc_port, source=source, reads=False)
+        opened.append(connection)
+        connection.send_whole(connection.open_call(SERVER_READY), b"")
+        stalled.append(connection)
+    for connection in stalled:
+        connection.pump(0.05)
+    return stalled
+
+
+def test_connections_whose_client_reads_nothing_make_room(
+    server: CappedServer, opened: list[RawGrpcConnection]
+) -> None:
+    """The cap's worth of connections whose one call's answer waits for a window their client never opens
+    (outside attack rt40: they kept every newcomer out until the client left, and a client reconnecting at
+    once kept the cap through --grpc-max-connection-age): another address's call is served in the place of
+    one of them, and so is the same address's next."""
+    stalled = stalled_calls(server, opened, "127.0.0.6")
+    assert not any(connection.closed for connection in stalled)
+
+    def closed() -> int:
+        for connection in stalled:
+            connection.pump(0.02)
+        return sum(connection.closed for connection in stalled)
+
+    assert ready_from(server, opened, "127.0.0.7") == OK
+    wait_until(lambda: closed() >= 1, 5, "a stalled connection closed")
+    assert ready_from(server, opened, "127.0.0.6") == OK
+    wait_until(lambda: closed() >= 2, 5, "another stalled connection closed")
+    assert closed() == 2
+    wait_until(lambda: "read nothing of its answers, to make room" in server.log(), 5, "the log line")

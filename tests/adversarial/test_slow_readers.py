@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,11 +166,20 @@ def test_an_answer_larger_than_the_budget_is_sent_when_nothing_else_is_in_flight
         assert len(_grpc_fill(small_budget, ELEMENTS).outputs[0].contents.fp32_contents) == ELEMENTS
 
 
-def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(server: CappedServer) -> None:
+@pytest.fixture
+def patient_server(tmp_path: Path) -> Iterator[CappedServer]:
+    """The ``fill`` model, with a --body-timeout long enough for the checks made while answers are held."""
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    with serve_capped(tmp_path, "--body-timeout", "60", cap_bytes=CAP) as running:
+        yield running
+
+
+def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(patient_server: CappedServer) -> None:
     """Raw HTTP/2 calls for 16 MiB answers whose client never grants flow-control window: grpc keeps each
-    serialized answer as long as the call lasts, so the answer stays in the budget until the call ends;
-    once the answers' room is full the next large answers are refused, and small calls, probes and the
-    budget (once the clients leave) come back."""
+    serialized answer as long as the call lasts, so the answer stays in the budget until the call ends (or
+    --body-timeout cuts the connection: the next test); once the answers' room is full the next large
+    answers are refused, and small calls, probes and the budget (once the clients leave) come back."""
+    server = patient_server
     base = server.rss_bytes()
     message = pb.ModelInferRequest(model_name="fill")
     message.inputs.add(name="n", datatype="INT64", shape=[1]).contents.int64_contents.append(ELEMENTS)
@@ -204,6 +214,34 @@ def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(serve
     # Refused answers are not kept alive by their refusal's traceback (they once piled up to gigabytes).
     assert server.rss_bytes() - base < BUDGET, "the refused answers were kept after their calls ended"
     assert server.alive()
+
+
+def test_a_grpc_client_that_reads_nothing_is_cut_at_the_body_timeout(server: CappedServer) -> None:
+    """A connection whose call's 16 MiB answer waits for a flow-control window its client never opens is
+    closed --body-timeout after the answer began, as an HTTP client that does not read its answer is (it
+    kept the answer, and its share of the budget, until it left); a client that reads its answer slowly,
+    a window at a time, is not; the budget comes back."""
+    stalled = RawGrpcConnection(server.host, server.grpc_port, reads=False)
+    slow = RawGrpcConnection(server.host, server.grpc_port)
+    try:
+        sent = time.monotonic()
+        stalled.send_whole(stalled.open_call(), fill_request(ELEMENTS).SerializeToString())
+        slow.send_whole(slow.open_call(), fill_request(ELEMENTS // 4).SerializeToString())
+        while not stalled.closed and time.monotonic() - sent < BODY_TIMEOUT + 10:
+            stalled.pump(0.05)
+            slow.pump(0.05, once=True)  # a read of at most 64 KiB, and the window it frees, every 0.5 s
+            time.sleep(0.4)
+        assert stalled.closed
+        assert BODY_TIMEOUT - 1 < time.monotonic() - sent < BODY_TIMEOUT + 10
+        assert not slow.closed
+        assert 0 < slow.calls[1].received < ELEMENTS  # some of its answer (ELEMENTS // 4 floats: ELEMENTS bytes)
+        wait_until(
+            lambda: "read nothing of its calls' answers for 8 s (--body-timeout)" in server.log(), 5, "the log line"
+        )
+        assert len(_grpc_fill(server, ELEMENTS).outputs[0].contents.fp32_contents) == ELEMENTS
+    finally:
+        stalled.close()
+        slow.close()
 
 
 def test_small_grpc_answers_nobody_reads_are_counted_too(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
+from onnxserve.server.grpc_calls import Calls
 from onnxserve.server.grpc_front import (
     DECODE_SLICE_BYTES,
     FRAME_SECONDS,
@@ -157,7 +158,9 @@ def server_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> by
 @pytest.mark.parametrize("read_size", [1, 4, 9, 10, 1000])
 def test_grpc_cores_answers_end_calls_however_they_are_read(read_size: int) -> None:
     """Trailers (HEADERS with END_STREAM) and RST_STREAM end calls; headers and DATA do not."""
-    streams = {1, 3, 5, 7}
+    streams = Calls()
+    for stream in (1, 3, 5, 7):
+        streams.open(stream)
     answers = ServerFrames(streams)
     data = (
         server_frame(0x4, 0, 0, b"\x00\x03\x00\x00\x00\x64")  # SETTINGS
@@ -170,16 +173,16 @@ def test_grpc_cores_answers_end_calls_however_they_are_read(read_size: int) -> N
     )
     for at in range(0, len(data), read_size):
         answers.feed(data[at : at + read_size])
-    assert streams == {5, 7}
+    assert set(streams) == {5, 7}
 
 
 def test_a_client_reset_ends_its_call() -> None:
     frames = ClientFrames()
     block = Encoder().encode([(":path", PATH)])
     frames.feed(PREFACE + header_frame(1, block) + header_frame(3, Encoder().encode([(":path", PATH)])))
-    assert frames.streams == {1, 3}
+    assert set(frames.streams) == {1, 3}
     frames.feed(server_frame(0x3, 0, 3, b"\x00\x00\x00\x08"))
-    assert frames.streams == {1}
+    assert set(frames.streams) == {1}
 
 
 def test_only_new_streams_open_calls() -> None:
@@ -189,11 +192,11 @@ def test_only_new_streams_open_calls() -> None:
     block = Encoder().encode([(":path", PATH)])
     frames.feed(PREFACE + header_frame(5, block))
     ServerFrames(frames.streams).feed(server_frame(0x1, 0x5, 5, b"\x88"))
-    assert frames.streams == set()
+    assert set(frames.streams) == set()
     frames.feed(header_frame(5, block) + header_frame(3, block))
-    assert frames.streams == set()
+    assert set(frames.streams) == set()
     frames.feed(header_frame(7, block))
-    assert frames.streams == {7}
+    assert set(frames.streams) == {7}
 
 
 def test_a_connection_with_twice_the_stream_limit_open_is_refused() -> None:
@@ -333,3 +336,25 @@ def test_a_block_that_adds_its_newest_entry_again_is_decoded_each_time() -> None
     for k in range(40):
         send(again, 3 + 2 * k)
     assert list(frames._decoder.header_table.dynamic_entries) == list(grpc_core.header_table.dynamic_entries)
+
+
+def test_flow_control_frames_are_read_whole() -> None:
+    """SETTINGS and WINDOW_UPDATE frames are held until whole and read (the calls' windows follow them); a
+    larger one than a frame may be is refused, and one left unfinished shows as such."""
+    frames = ClientFrames()
+    initial_window = (0x4).to_bytes(2, "big") + (0).to_bytes(4, "big")
+    settings = len(initial_window).to_bytes(3, "big") + bytes([0x4, 0x0]) + (0).to_bytes(4, "big") + initial_window
+    passed, _ = frames.feed(PREFACE + settings[:10])
+    assert passed == PREFACE
+    assert frames.unfinished == "a SETTINGS frame"
+    passed, _ = frames.feed(settings[10:] + header_frame(1, Encoder().encode([(":path", PATH)])))
+    assert settings in passed
+    assert frames.unfinished is None
+    assert frames.streams.initial_window == 0
+    frames.streams.server_headers(1, end_stream=False)
+    assert frames.streams.stalled
+    update = (4).to_bytes(3, "big") + bytes([0x8, 0x0]) + (1).to_bytes(4, "big") + (100).to_bytes(4, "big")
+    frames.feed(update)
+    assert not frames.streams.stalled
+    with pytest.raises(Refused, match="a SETTINGS frame of 16,386 bytes"):
+        ClientFrames().feed(PREFACE + (16386).to_bytes(3, "big") + bytes([0x4, 0x0]) + (0).to_bytes(4, "big"))

@@ -70,6 +70,7 @@ from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import TRIM_AFTER_CUT_SECONDS
+from onnxserve.server.grpc_calls import Calls
 from onnxserve.server.tls_layer import wrap_tls
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,11 @@ CLOSING_SECONDS = 2.0
 """How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
 over TLS, also how long its close_notify may take."""
 
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x9
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x8, 0x9
+READ_WHOLE = {HEADERS: "header", CONTINUATION: "header", SETTINGS: "SETTINGS", WINDOW_UPDATE: "WINDOW_UPDATE"}
+"""The client's frames the front holds until they are whole, to read their payload (and what a log line calls
+them): header blocks, and the frames that set grpc-core's flow-control windows
+(:class:`onnxserve.server.grpc_calls.Calls`)."""
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 
 DEFAULT_MAX_STREAMS = 100
@@ -177,10 +182,10 @@ class ClientFrames(_FrameWalk):
     """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
     many of them (from the start of what it was given, its held bytes first) may be handed on now."""
 
-    def __init__(self, streams: set[int] | None = None, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
-        self.streams: set[int] = set() if streams is None else streams
+    def __init__(self, streams: Calls | None = None, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+        self.streams = Calls() if streams is None else streams
         """The calls open on the connection: opened by the client's HEADERS, ended by its RST_STREAM here
-        and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`)."""
+        and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`); and their windows."""
         self._max_streams = max_streams  # grpc-core's SETTINGS_MAX_CONCURRENT_STREAMS
         self._acknowledged = False  # whether the client acknowledged grpc-core's SETTINGS (and so its limit)
         self._pings = float(PING_BURST)  # a token bucket of the client's PINGs
@@ -202,12 +207,16 @@ class ClientFrames(_FrameWalk):
         return len(self._held)
 
     @property
-    def in_block(self) -> bool:
-        """Whether a header block has begun and is not whole yet (its frames, or a frame, still coming)."""
+    def unfinished(self) -> str | None:
+        """What has begun and is not whole yet: "a header block" (its frames, or a frame, still coming) or
+        another frame read whole ("a SETTINGS frame"); None if nothing."""
         held = self._held
-        return bool(self._block_stream) or (
-            not self._skip and not self._preface and len(held) >= 4 and held[3] in (HEADERS, CONTINUATION)
-        )
+        if self._block_stream:
+            return "a header block"
+        if self._skip or self._preface or len(held) < 4 or held[3] not in READ_WHOLE:
+            return None
+        name = READ_WHOLE[held[3]]
+        return "a header block" if name == "header" else f"a {name} frame"
 
     def hold(self, data: bytes) -> None:
         """Keep ``data`` to be looked at later (``feed(b"")``), after what is held."""
@@ -274,13 +283,20 @@ class ClientFrames(_FrameWalk):
             length = int.from_bytes(work[at : at + 3], "big")
             kind, flags = work[at + 3], work[at + 4]
             stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
-            if kind in (HEADERS, CONTINUATION):
+            if kind in READ_WHOLE:
                 if length > MAX_HEADER_FRAME_BYTES:
                     raise Refused(
-                        f"a header frame of {length:,} bytes (at most {MAX_HEADER_FRAME_BYTES:,})", "header frame size"
+                        f"a {READ_WHOLE[kind]} frame of {length:,} bytes (at most {MAX_HEADER_FRAME_BYTES:,})",
+                        "frame size",
                     )
                 if size - at < FRAME_HEADER + length:
                     break
+                if kind in (SETTINGS, WINDOW_UPDATE):
+                    if self._block_stream:
+                        raise Refused("a frame other than CONTINUATION inside a header block")
+                    self._flow_frame(kind, flags, stream, work[at + FRAME_HEADER : at + FRAME_HEADER + length])
+                    at += FRAME_HEADER + length
+                    continue
                 if decoded >= DECODE_SLICE_BYTES:
                     more = True
                     break
@@ -291,9 +307,7 @@ class ClientFrames(_FrameWalk):
                 if self._block_stream:
                     raise Refused("a frame other than CONTINUATION inside a header block")
                 if kind == RST_STREAM:
-                    self.streams.discard(stream)
-                elif kind == SETTINGS and flags & ACK:
-                    self._acknowledged = True
+                    self.streams.end(stream)
                 elif kind == PING and not flags & ACK:
                     self._ping()
                 at += FRAME_HEADER
@@ -333,6 +347,14 @@ class ClientFrames(_FrameWalk):
             self._block_stream = 0
             self._check_block(block)
 
+    def _flow_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        if kind == WINDOW_UPDATE:
+            self.streams.client_window_update(stream, payload)
+        elif flags & ACK:
+            self._acknowledged = True
+        else:
+            self.streams.client_settings(payload)
+
     def _open(self, stream: int) -> None:
         """A new call; the connection is closed when it would have twice grpc-core's stream limit open once
         the client has acknowledged that limit (before, ``EARLY_STREAMS``). grpc-core refuses the calls past
@@ -346,7 +368,7 @@ class ClientFrames(_FrameWalk):
                 "stream limit",
             )
         self._newest = stream
-        self.streams.add(stream)
+        self.streams.open(stream)
 
     def _ping(self) -> None:
         now = time.monotonic()
@@ -396,10 +418,11 @@ def _same_table(a: tuple[int, int, object], b: tuple[int, int, object]) -> bool:
 
 
 class ServerFrames(_FrameWalk):
-    """grpc-core's side of one connection, looked at for the ends of calls: frame headers only, payloads
-    skipped. A call ends with grpc-core's END_STREAM (its trailers) or an RST_STREAM."""
+    """grpc-core's side of one connection, looked at for its answers: frame headers only, payloads skipped.
+    A call's answer begins with grpc-core's HEADERS, its DATA take the client's windows, and the call ends
+    with grpc-core's END_STREAM (its trailers) or an RST_STREAM."""
 
-    def __init__(self, streams: set[int]) -> None:
+    def __init__(self, streams: Calls) -> None:
         super().__init__()
         self.streams = streams
         self._partial = b""  # a frame header cut by the end of a read
@@ -413,10 +436,17 @@ class ServerFrames(_FrameWalk):
                 continue
             if size - at < FRAME_HEADER:
                 break
+            length = int.from_bytes(work[at : at + 3], "big")
             kind, flags = work[at + 3], work[at + 4]
-            if kind == RST_STREAM or (kind == HEADERS and flags & END_STREAM):
-                self.streams.discard(int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF)
-            self._skip = int.from_bytes(work[at : at + 3], "big")
+            if kind in (DATA, HEADERS, RST_STREAM):
+                stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
+                if kind == DATA:
+                    self.streams.server_data(stream, length)
+                elif kind == HEADERS:
+                    self.streams.server_headers(stream, bool(flags & END_STREAM))
+                else:
+                    self.streams.end(stream)
+            self._skip = length
             at += FRAME_HEADER
         self._partial = work[at:] if at < size else b""
 
@@ -553,57 +583,93 @@ class CheckShare:
         self._schedule()
 
 
+IDLE, STALLED, BUSY = "idle", "stalled", "busy"
+"""What a connection is doing (:meth:`FrontConnection._look`): no call open; every open call waiting for its
+client to read its answer (``Calls.stalled``, or the front's writes to the client paused); else busy."""
+
+
+class _Waiting:
+    """The connections in one state that may be closed for room, longest in it first, all and by address."""
+
+    def __init__(self) -> None:
+        self.all: dict[FrontConnection, None] = {}
+        self.by_address: dict[str, dict[FrontConnection, None]] = {}
+
+    def add(self, connection: FrontConnection) -> None:
+        self.all[connection] = None
+        self.by_address.setdefault(connection.host, {})[connection] = None
+
+    def discard(self, connection: FrontConnection) -> None:
+        if self.all.pop(connection, 0) is None:
+            by_address = self.by_address[connection.host]
+            del by_address[connection]
+            if not by_address:
+                del self.by_address[connection.host]
+
+    def first(self, host: str | None = None) -> FrontConnection | None:
+        """The longest in this state (of ``host``'s connections, if given)."""
+        return next(iter(self.all if host is None else self.by_address.get(host, {})), None)
+
+
 class _Listener:
     """What the connections of one front share: where grpc-core listens, the cap, the log throttles."""
 
     def __init__(
-        self, socket_path: str, cap: int, tls: ssl.SSLContext | None, handshake_seconds: float, max_streams: int
+        self,
+        socket_path: str,
+        cap: int,
+        tls: ssl.SSLContext | None,
+        handshake_seconds: float,
+        max_streams: int,
+        stall_seconds: float,
     ) -> None:
         self.socket_path = socket_path
         self.cap = cap
         self.max_streams = max_streams
         self.tls = tls
         self.handshake_seconds = handshake_seconds
+        self.stall_seconds = stall_seconds
         self.open: set[FrontConnection] = set()
         self.counts = Counts()  # connections by client address
-        self.idle: dict[FrontConnection, None] = {}  # connections without an open call, longest idle first
-        self.idle_by_address: dict[str, dict[FrontConnection, None]] = {}
+        self.waiting = {IDLE: _Waiting(), STALLED: _Waiting()}  # the connections that may make room, by state
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
 
     def add(self, connection: FrontConnection) -> None:
         self.open.add(connection)
         self.counts.add(connection.host)
-        self.set_idle(connection, True)
+        self.waiting[IDLE].add(connection)
 
     def remove(self, connection: FrontConnection) -> None:
         if connection in self.open:
             self.open.discard(connection)
             self.counts.remove(connection.host)
-            self.set_idle(connection, False)
+            for waiting in self.waiting.values():
+                waiting.discard(connection)
 
-    def set_idle(self, connection: FrontConnection, idle: bool) -> None:
-        """Put ``connection`` last among the idle ones (``idle``), or take it out."""
-        by_address = self.idle_by_address.setdefault(connection.host, {})
-        self.idle.pop(connection, None)
-        by_address.pop(connection, None)
-        if idle:
-            self.idle[connection] = None
-            by_address[connection] = None
-        elif not by_address:
-            del self.idle_by_address[connection.host]
+    def moved(self, connection: FrontConnection, was: str, now: str) -> None:
+        """``connection`` went from state ``was`` to ``now``: last among those in ``now`` that may make room."""
+        if was in self.waiting:
+            self.waiting[was].discard(connection)
+        if now in self.waiting:
+            self.waiting[now].add(connection)
 
     def make_room(self, host: str) -> FrontConnection | None:
-        """The connection to close for a new one from ``host`` when the cap is reached: never one with a call
-        open. The longest idle of the address holding the most connections when it holds at least two more
-        than ``host`` (``core.fairness.gives_way``), else the longest idle of all when its address holds at
-        least as many as ``host``; None when there is none such (the new connection is refused)."""
+        """The connection to close for a new one from ``host`` when the cap is reached: never a busy one. Of
+        the address holding the most connections when it holds at least two more than ``host``
+        (``core.fairness.gives_way``), the longest idle, else the longest stalled; else the longest idle of
+        all, else the longest stalled of all, when its address holds at least as many as ``host``; None when
+        there is none such (the new connection is refused)."""
         mine = self.counts.of.get(host, 0)
         if self.counts.most and gives_way(self.counts.most, mine):
-            for connection in self.idle_by_address.get(self.counts.heaviest(), {}):
+            heaviest = self.counts.heaviest()
+            for waiting in self.waiting.values():
+                if (connection := waiting.first(heaviest)) is not None:
+                    return connection
+        for waiting in self.waiting.values():
+            connection = waiting.first()
+            if connection is not None and self.counts.of.get(connection.host, 0) >= mine:
                 return connection
-        for connection in self.idle:
-            return connection if self.counts.of.get(connection.host, 0) >= mine else None
         return None
 
 
@@ -613,10 +679,12 @@ class FrontConnection(asyncio.Protocol):
     def __init__(self, listener: _Listener) -> None:
         self.listener = listener
         self.loop = asyncio.get_running_loop()
-        self.streams: set[int] = set()
+        self.streams = Calls()
         self.frames = ClientFrames(self.streams, listener.max_streams)
         self.answers = ServerFrames(self.streams)
-        self.idle = True
+        self.state = IDLE
+        self._writing_paused = False  # the client's transport holds more than it takes
+        self._stall_timer: asyncio.TimerHandle | None = None
         self.transport: Any = None  # the client's (through the TLS layer over TLS)
         self.raw: asyncio.Transport | None = None  # the client's TCP transport
         self.backend: asyncio.Transport | None = None
@@ -651,7 +719,9 @@ class FrontConnection(asyncio.Protocol):
                 self.closed = True
                 return
             self._refuse_quietly(
-                "room", f"closed idle gRPC connection(s) to make room ({listener.cap:,} open: the cap)"
+                "room",
+                f"closed idle gRPC connection(s), or ones whose client read nothing of its answers, to make room "
+                f"({listener.cap:,} open: the cap)",
             )
             victim._close(abort=True)
         listener.add(self)
@@ -703,16 +773,16 @@ class FrontConnection(asyncio.Protocol):
             share.spend(self, time.perf_counter() - started, turn)
         if passed:
             self._hand_on(passed)
-        self._look_idle()
+        self._look()
         self._watch_block()
         if more:  # the rest of this read (reading waits) at this connection's next turn
             self._wait_turn()
 
     def _watch_block(self) -> None:
-        """A header block must be whole within ``--header-timeout`` of the read that began it: the front
-        holds it until then (up to 48 KiB), where grpc-core, which sees nothing of it, would keep such a
-        connection for ``--grpc-max-connection-idle``."""
-        if self.frames.in_block:
+        """A header block (or another frame the front reads whole) must be whole within ``--header-timeout``
+        of the read that began it: the front holds it until then (up to 48 KiB), where grpc-core, which sees
+        nothing of it, would keep such a connection for ``--grpc-max-connection-idle``."""
+        if self.frames.unfinished:
             if self._block_timer is None:
                 self._block_timer = self.loop.call_later(self.listener.handshake_seconds, self._block_timed_out)
         elif self._block_timer is not None:
@@ -721,13 +791,14 @@ class FrontConnection(asyncio.Protocol):
 
     def _block_timed_out(self) -> None:
         self._block_timer = None
-        if self.closed or not self.frames.in_block:
+        what = self.frames.unfinished
+        if self.closed or not what:
             return
         if self._waiting_turn:  # the front's wait, not the client's
             self._watch_block()
             return
         seconds = self.listener.handshake_seconds
-        self._refuse(Refused(f"a header block not whole {seconds:g} s after it began (--header-timeout)", "slow block"))
+        self._refuse(Refused(f"{what} not whole {seconds:g} s after it began (--header-timeout)", "slow block"))
 
     def _wait_turn(self) -> None:
         self._waiting_turn = True
@@ -749,12 +820,16 @@ class FrontConnection(asyncio.Protocol):
         return False  # over TLS a connection cannot stay half open: it closes (asyncio warned at each)
 
     def pause_writing(self) -> None:
+        self._writing_paused = True
         if self.backend is not None:
             self.backend.pause_reading()
+        self._look()
 
     def resume_writing(self) -> None:
+        self._writing_paused = False
         if self.backend is not None and not self.closed:
             self.backend.resume_reading()
+        self._look()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._close(abort=True)
@@ -803,7 +878,7 @@ class FrontConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         self.answers.feed(data)
-        self._look_idle()
+        self._look()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
             transport.write(data)
             return
@@ -823,11 +898,31 @@ class FrontConnection(asyncio.Protocol):
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     # -- shared --------------------------------------------------------------------------------------
-    def _look_idle(self) -> None:
-        idle = not self.streams
-        if idle != self.idle and not self.closed:
-            self.idle = idle
-            self.listener.set_idle(self, idle)
+    def _look(self) -> None:
+        """Follow what the connection is doing (``IDLE``, ``STALLED``, ``BUSY``): a connection stalled for
+        ``--body-timeout`` is cut, as an HTTP connection whose client does not read its answer is."""
+        if self.closed:
+            return
+        calls = self.streams
+        state = IDLE if not calls else STALLED if self._writing_paused or calls.stalled else BUSY
+        if state == self.state:
+            return
+        self.listener.moved(self, self.state, state)
+        self.state = state
+        if state == STALLED:
+            self._stall_timer = self.loop.call_later(self.listener.stall_seconds, self._stalled_too_long)
+        elif self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _stalled_too_long(self) -> None:
+        self._stall_timer = None
+        if self.closed or self.state != STALLED:
+            return
+        seconds = self.listener.stall_seconds
+        self._refuse(
+            Refused(f"its client read nothing of its calls' answers for {seconds:g} s (--body-timeout)", "stalled")
+        )
 
     def _pause_client(self, why: str) -> None:
         if not self._client_paused and self.transport is not None and not self.closed:
@@ -856,8 +951,9 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        if self._block_timer is not None:
-            self._block_timer.cancel()
+        for timer in (self._block_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
         self.listener.remove(self)
         if self.peer_name is not None:
             context.forget_peer(self.peer_name)
@@ -923,13 +1019,16 @@ class GrpcFront:
         cap: int,
         tls: ssl.SSLContext | None,
         handshake_seconds: float,
-        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_streams: int,
+        stall_seconds: float,
     ) -> None:
+        """``handshake_seconds``: ``--header-timeout``; ``max_streams``: grpc-core's stream limit;
+        ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread."""
         _remove_stale_folders()
         # mode 0700: only this user may connect to grpc-core
         self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.socket_path = str(self._folder / "grpc.sock")
-        self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams)
+        self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams, stall_seconds)
         self._server: asyncio.AbstractServer | None = None
 
     @property
