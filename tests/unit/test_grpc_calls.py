@@ -75,3 +75,17 @@ def test_frames_for_unknown_calls_change_only_the_connection() -> None:
     assert calls.connection_window == DEFAULT_WINDOW - 100
     assert 5 not in calls
     assert not calls.stalled
+
+
+def test_a_call_is_sending_until_its_client_ends_it_or_its_answer_begins() -> None:
+    calls = Calls()
+    assert not calls.sending  # no call: idle, not sending
+    calls.open(1)
+    calls.open(3)
+    assert calls.sending  # both requests still coming
+    calls.client_ended(1)
+    assert not calls.sending  # call 1's request is in: its handler runs
+    calls.end(1)
+    assert calls.sending
+    calls.server_headers(3, end_stream=False)  # a stream answered before its client ended it
+    assert not calls.sending

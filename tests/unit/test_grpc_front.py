@@ -358,3 +358,17 @@ def test_flow_control_frames_are_read_whole() -> None:
     assert not frames.streams.stalled
     with pytest.raises(Refused, match="a SETTINGS frame of 16,386 bytes"):
         ClientFrames().feed(PREFACE + (16386).to_bytes(3, "big") + bytes([0x4, 0x0]) + (0).to_bytes(4, "big"))
+
+
+def test_the_client_ending_its_side_is_followed() -> None:
+    """A call's request ends with END_STREAM on its DATA (or its HEADERS): the call no longer waits for it."""
+    frames = ClientFrames()
+    block = Encoder().encode([(":path", PATH)])
+    opened = len(block).to_bytes(3, "big") + bytes([0x1, 0x4]) + (1).to_bytes(4, "big") + block  # no END_STREAM
+    frames.feed(PREFACE + opened)
+    assert frames.streams.sending
+    frames.feed(data_frame(5)[:4] + b"\x01" + data_frame(5)[5:])  # its message, with END_STREAM
+    assert not frames.streams.sending
+    frames.feed(header_frame(3, block))  # a call without a message: HEADERS with END_STREAM
+    assert 3 in frames.streams
+    assert not frames.streams.sending

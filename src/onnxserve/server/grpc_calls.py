@@ -29,6 +29,7 @@ class Calls:
         """Each open call's window taken: the DATA bytes grpc-core sent on it less the client's WINDOW_UPDATEs
         for it (its window is the initial window less this)."""
         self._answering: set[int] = set()  # open calls whose answer grpc-core has begun (its HEADERS)
+        self._sending: set[int] = set()  # open calls whose client has not ended its side nor grpc-core answered
         self.initial_window = DEFAULT_WINDOW
         self.connection_window = DEFAULT_WINDOW
 
@@ -46,10 +47,16 @@ class Calls:
 
     def open(self, stream: int) -> None:
         self._taken[stream] = 0
+        self._sending.add(stream)
 
     def end(self, stream: int) -> None:
         self._taken.pop(stream, None)
         self._answering.discard(stream)
+        self._sending.discard(stream)
+
+    def client_ended(self, stream: int) -> None:
+        """The client ended its side of a call (END_STREAM): its request is all sent."""
+        self._sending.discard(stream)
 
     # -- the client's frames -------------------------------------------------------------------------
     def client_settings(self, payload: bytes) -> None:
@@ -73,6 +80,7 @@ class Calls:
             self.end(stream)
         elif stream in self._taken:
             self._answering.add(stream)
+            self._sending.discard(stream)
 
     def server_data(self, stream: int, length: int) -> None:
         """DATA of ``length`` bytes (padding included, as flow control counts it). grpc-core ends a call with
@@ -80,6 +88,12 @@ class Calls:
         self.connection_window -= length
         if stream in self._taken:
             self._taken[stream] += length
+
+    @property
+    def sending(self) -> bool:
+        """Whether every open call (one at least) waits for its client's request: the client has not ended
+        its side, and grpc-core has not begun the answer (a unary call's message still coming, or never)."""
+        return bool(self._taken) and len(self._sending) == len(self._taken)
 
     @property
     def stalled(self) -> bool:

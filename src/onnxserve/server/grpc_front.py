@@ -26,16 +26,19 @@ closed when it keeps twice grpc-core's stream limit open after acknowledging it 
 over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
 
 The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls
-(opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM: frame
-headers only, :class:`ServerFrames`), and when a new connection would pass the cap, the idle connection
-(no call open) that has been idle longest is closed to make room, from the client address holding the
-most connections when it holds at least two more than the newcomer's (as on the HTTP port), else of any
-address holding at least as many as the newcomer's; a connection with a call open is never closed for
-room, and when every connection has one the newcomer is closed. grpc-core refused every connection past
-its cap and closed an idle one only after ``--grpc-max-connection-idle`` (300 s), so 10,000 idle
-connections locked gRPC callers out. The rest is grpc-core's, unchanged: its handshake timeout, stream
-limits, keepalive and idle rules apply to the connection it gets from the front, one for each of the
-clients'. Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
+(opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM) and their
+flow-control windows (:class:`onnxserve.server.grpc_calls.Calls`, from the frame headers of both sides and
+the client's SETTINGS and WINDOW_UPDATE frames), and when a new connection would pass the cap, a
+connection that waits for its client is closed to make room (:meth:`_Listener.make_room`): idle (no call
+open), sending (every call's request still coming) or stalled (every call's answer waiting for the client
+to read it), the one longest so, from the client address holding the most connections when it holds at
+least two more than the newcomer's (as on the HTTP port), else, idle or stalled, of the addresses holding
+at least as many as the newcomer's; a connection with a call that runs is never closed for room, and when
+none can be, the newcomer is closed. A connection stalled for ``--body-timeout`` is closed. grpc-core
+refused every connection past its cap and closed an idle one only after ``--grpc-max-connection-idle``
+(300 s), so 10,000 idle connections locked gRPC callers out. The rest is grpc-core's, unchanged: its
+handshake timeout, stream limits, keepalive and idle rules apply to the connection it gets from the front,
+one for each of the clients'. Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
 ``--tls-client-ca`` asks for them) and grpc-core gets the decrypted bytes. grpc-core sees each
 connection as coming from a Unix socket named for it (``unix-abstract:onnxserve-grpc-...``);
 :func:`onnxserve.protocols.context.grpc_peer_host` answers the client's own address for that name
@@ -58,6 +61,7 @@ import ssl
 import stat
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +312,8 @@ class ClientFrames(_FrameWalk):
                     raise Refused("a frame other than CONTINUATION inside a header block")
                 if kind == RST_STREAM:
                     self.streams.end(stream)
+                elif kind == DATA and flags & END_STREAM:
+                    self.streams.client_ended(stream)
                 elif kind == PING and not flags & ACK:
                     self._ping()
                 at += FRAME_HEADER
@@ -331,6 +337,8 @@ class ClientFrames(_FrameWalk):
             fragment = payload[start:]
             if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
                 self._open(stream)
+            if flags & END_STREAM:
+                self.streams.client_ended(stream)
             self._block_stream = stream
             self._block_bytes = 0
         else:
@@ -583,24 +591,26 @@ class CheckShare:
         self._schedule()
 
 
-IDLE, STALLED, BUSY = "idle", "stalled", "busy"
+IDLE, SENDING, STALLED, BUSY = "idle", "sending", "stalled", "busy"
 """What a connection is doing (:meth:`FrontConnection._look`): no call open; every open call waiting for its
-client to read its answer (``Calls.stalled``, or the front's writes to the client paused); else busy."""
+client's request (``Calls.sending``); every open call waiting for its client to read its answer
+(``Calls.stalled``, or the front's writes to the client paused); else busy."""
 
 
 class _Waiting:
     """The connections in one state that may be closed for room, longest in it first, all and by address."""
 
     def __init__(self) -> None:
-        self.all: dict[FrontConnection, None] = {}
+        self.all: dict[FrontConnection, int] = {}  # each with its place in the order it came in
         self.by_address: dict[str, dict[FrontConnection, None]] = {}
+        self._order = itertools.count()
 
     def add(self, connection: FrontConnection) -> None:
-        self.all[connection] = None
+        self.all[connection] = next(self._order)
         self.by_address.setdefault(connection.host, {})[connection] = None
 
     def discard(self, connection: FrontConnection) -> None:
-        if self.all.pop(connection, 0) is None:
+        if self.all.pop(connection, None) is not None:
             by_address = self.by_address[connection.host]
             del by_address[connection]
             if not by_address:
@@ -609,6 +619,11 @@ class _Waiting:
     def first(self, host: str | None = None) -> FrontConnection | None:
         """The longest in this state (of ``host``'s connections, if given)."""
         return next(iter(self.all if host is None else self.by_address.get(host, {})), None)
+
+    def first_of(self, hosts: Iterable[str]) -> FrontConnection | None:
+        """The longest in this state of the connections of ``hosts``."""
+        firsts = (self.first(host) for host in hosts)
+        return min((c for c in firsts if c is not None), key=self.all.__getitem__, default=None)
 
 
 class _Listener:
@@ -631,7 +646,7 @@ class _Listener:
         self.stall_seconds = stall_seconds
         self.open: set[FrontConnection] = set()
         self.counts = Counts()  # connections by client address
-        self.waiting = {IDLE: _Waiting(), STALLED: _Waiting()}  # the connections that may make room, by state
+        self.waiting = {IDLE: _Waiting(), SENDING: _Waiting(), STALLED: _Waiting()}  # those that may make room
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
 
@@ -657,18 +672,21 @@ class _Listener:
     def make_room(self, host: str) -> FrontConnection | None:
         """The connection to close for a new one from ``host`` when the cap is reached: never a busy one. Of
         the address holding the most connections when it holds at least two more than ``host``
-        (``core.fairness.gives_way``), the longest idle, else the longest stalled; else the longest idle of
-        all, else the longest stalled of all, when its address holds at least as many as ``host``; None when
-        there is none such (the new connection is refused)."""
+        (``core.fairness.gives_way``), the longest idle, else the longest sending, else the longest stalled
+        (as on the HTTP port: idle, sending its request, not reading its answer); else the longest idle, else
+        the longest stalled, of the addresses holding at least as many as ``host`` (a connection sending its
+        request gives way to another address only); None when there is none such (the new connection is
+        refused)."""
         mine = self.counts.of.get(host, 0)
         if self.counts.most and gives_way(self.counts.most, mine):
             heaviest = self.counts.heaviest()
             for waiting in self.waiting.values():
                 if (connection := waiting.first(heaviest)) is not None:
                     return connection
-        for waiting in self.waiting.values():
-            connection = waiting.first()
-            if connection is not None and self.counts.of.get(connection.host, 0) >= mine:
+        for state in (IDLE, STALLED):
+            waiting = self.waiting[state]
+            connection = waiting.first() if mine <= 1 else waiting.first_of(self.counts.holding_at_least(mine))
+            if connection is not None:
                 return connection
         return None
 
@@ -904,7 +922,12 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         calls = self.streams
-        state = IDLE if not calls else STALLED if self._writing_paused or calls.stalled else BUSY
+        if not calls:
+            state = IDLE
+        elif self._writing_paused or calls.stalled:
+            state = STALLED
+        else:
+            state = SENDING if calls.sending else BUSY
         if state == self.state:
             return
         self.listener.moved(self, self.state, state)
