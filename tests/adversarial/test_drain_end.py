@@ -230,3 +230,41 @@ def test_a_body_still_arriving_when_the_drain_begins_is_answered_503(tmp_path: P
     finally:
         with contextlib.suppress(Exception):
             server.stop()
+
+
+def test_answers_left_unread_when_the_drain_ends_are_cut_without_tracebacks(tmp_path: Path) -> None:
+    """Clients that asked for 16 MiB answers and read none of them: at the drain's end uvicorn cancelled
+    each answer, and the log had an ERROR "Exception in ASGI application" traceback per client (outside
+    attacks rt34 and rt41). Now they are cut just before, with one WARNING line, and the exit is clean."""
+    models.write_version(tmp_path, "fill", 1, models.value_sized_models()["fill"])
+    server = serve_config(tmp_path, [{"name": "fill", "base_path": "fill"}], "--drain-timeout", str(DRAIN))
+    header = b'{"inputs":[{"name":"n","shape":[1],"datatype":"INT64","data":[4194304]}],'
+    header += b'"outputs":[{"name":"y","parameters":{"binary_data":true}}]}'
+    request = (
+        b"POST /v2/models/fill/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(header)}\r\n\r\n".encode()
+        + header
+    )
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(30)
+            sock.connect((server.host, server.http_port))
+            sock.sendall(request)
+            assert sock.recv(12) == b"HTTP/1.1 200"  # its answer is being written, and is read no further
+            readers.append(sock)
+        code, took = server.terminated()
+        assert code == 0
+        assert took < DRAIN + 10
+        log = server.log()
+        assert "Exception in ASGI application" not in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        assert "Cancel " not in log, log[-3000:]
+        assert "cut 3 connection(s) whose answers their clients had not read" in log, log[-3000:]
+    finally:
+        for sock in readers:
+            sock.close()
+        with contextlib.suppress(Exception):
+            server.stop()

@@ -704,6 +704,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         never read, each connection "being answered" until --body-timeout, and other addresses got 503).
         The unread answer and the requests queued behind it are dropped."""
         log.info("closed a connection whose client does not read its answer, to let another address in")
+        self._abort_answer()
+
+    def cut_unfinished_answer(self) -> bool:
+        """Abort this connection when an answer is still being written to it (the server stops, its drain
+        has ended: left to the listeners' close, uvicorn would cancel the answer with an ERROR traceback per
+        connection, outside attacks rt34 and rt41); whether it did."""
+        if self.cycle is None or self.cycle.response_complete or self.transport.is_closing():
+            return False
+        self._abort_answer()
+        return True
+
+    def _abort_answer(self) -> None:
+        """Close at once, dropping the answer being written and the requests queued behind it."""
         self._refused = True
         self._cancel_timers()
         self.pipeline.clear()

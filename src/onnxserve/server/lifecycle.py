@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 GRPC_GRACE_SECONDS = 10.0
 REFUSALS_SENT_SECONDS = 0.2
 """How long a timed-out drain lets the refusals of requests still open go out before closing."""
+CUT_BEFORE_CANCEL_SECONDS = 0.5
+"""How long before uvicorn cancels the answers still being written (its graceful-shutdown timeout, which
+starts a little after the drain ends) their connections are cut."""
 
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository")
 """KServe V2 extensions every protocol front end implements; advertised in server metadata."""
@@ -166,9 +169,22 @@ class _DrainingServer(uvicorn.Server):
             await self._refuse_open()
         # uvicorn then waits for its connections' tasks: only for what is left of the drain timeout, so
         # that the whole shutdown stays within it (a client that never reads its answer must not double it)
-        left = deadline - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
         self.config.timeout_graceful_shutdown = max(1, math.ceil(left))
+        # answers still being written just before uvicorn would cancel them are cut instead (they are dropped
+        # either way; cancelled, each logged an ERROR traceback)
+        loop.call_later(max(0.0, self.config.timeout_graceful_shutdown - CUT_BEFORE_CANCEL_SECONDS), self._cut_answers)
         self.should_exit = True
+
+    def _cut_answers(self) -> None:
+        cut = sum(
+            connection.cut_unfinished_answer()
+            for connection in list(self.server_state.connections)
+            if isinstance(connection, GuardedHttpProtocol)
+        )
+        if cut:
+            log.warning("drain timeout: cut %d connection(s) whose answers their clients had not read", cut)
 
 
 def _metered_service(
