@@ -356,8 +356,10 @@ def test_flow_control_frames_are_read_whole() -> None:
     update = (4).to_bytes(3, "big") + bytes([0x8, 0x0]) + (1).to_bytes(4, "big") + (100).to_bytes(4, "big")
     frames.feed(update)
     assert not frames.streams.stalled
-    with pytest.raises(Refused, match="a SETTINGS frame of 16,386 bytes"):
-        ClientFrames().feed(PREFACE + (16386).to_bytes(3, "big") + bytes([0x4, 0x0]) + (0).to_bytes(4, "big"))
+    with pytest.raises(Refused, match="a SETTINGS frame of 606 bytes"):
+        ClientFrames().feed(PREFACE + (606).to_bytes(3, "big") + bytes([0x4, 0x0]) + (0).to_bytes(4, "big"))
+    with pytest.raises(Refused, match="a WINDOW_UPDATE frame of 16,386 bytes"):
+        ClientFrames().feed(PREFACE + (16386).to_bytes(3, "big") + bytes([0x8, 0x0]) + (0).to_bytes(4, "big"))
 
 
 def test_the_client_ending_its_side_is_followed() -> None:

@@ -12,6 +12,7 @@ that never does keeps the call, and its connection, open for as long as it likes
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 
 DEFAULT_WINDOW = 65_535
@@ -61,9 +62,10 @@ class Calls:
     # -- the client's frames -------------------------------------------------------------------------
     def client_settings(self, payload: bytes) -> None:
         """A SETTINGS frame's parameters (six bytes each); the last initial window it names counts."""
-        for at in range(0, len(payload) - 5, 6):
-            if int.from_bytes(payload[at : at + 2], "big") == INITIAL_WINDOW_SIZE:
-                self.initial_window = int.from_bytes(payload[at + 2 : at + 6], "big")
+        whole = len(payload) - len(payload) % 6  # a partial parameter is grpc-core's FRAME_SIZE_ERROR
+        for parameter, value in struct.iter_unpack(">HI", payload[:whole]):
+            if parameter == INITIAL_WINDOW_SIZE:
+                self.initial_window = value
 
     def client_window_update(self, stream: int, payload: bytes) -> None:
         if len(payload) != 4:

@@ -116,6 +116,11 @@ header block to decode (the decoder's slowest), a frame to look at."""
 COST_LOOKAHEAD_FRAMES = 64
 """Frames :meth:`ClientFrames.pending_cost` looks at; past them it expects a turn of ``FRAMES_PER_TURN``."""
 
+MAX_SETTINGS_BYTES = 600
+"""The largest SETTINGS frame: 100 parameters, where HTTP/2 names 6 and a client sends each once. Each is read
+(for the initial flow-control window), and a frame of 16 KiB, 2,730 of them, cost a turn far more than its
+frame headers said."""
+
 MAX_TABLE_SIZE = 4096
 """The largest compression table a client may ask for: HTTP/2's default, which grpc-core keeps (its SETTINGS
 name no other). A client that asks for more is refused here, as grpc-core would refuse it."""
@@ -291,6 +296,11 @@ class ClientFrames(_FrameWalk):
                 if length > MAX_HEADER_FRAME_BYTES:
                     raise Refused(
                         f"a {READ_WHOLE[kind]} frame of {length:,} bytes (at most {MAX_HEADER_FRAME_BYTES:,})",
+                        "frame size",
+                    )
+                if kind == SETTINGS and length > MAX_SETTINGS_BYTES:
+                    raise Refused(
+                        f"a SETTINGS frame of {length:,} bytes (at most {MAX_SETTINGS_BYTES:,}: HTTP/2 names 6)",
                         "frame size",
                     )
                 if size - at < FRAME_HEADER + length:
