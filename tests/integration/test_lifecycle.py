@@ -412,6 +412,7 @@ def test_load_refuses_names_that_leave_the_repository(explicit: tuple[RunningSer
     assert httpx.post(f"{server.http_url}/v2/models/a/infer", json=infer_body()).status_code == 200
 
 
+@pytest.mark.usefixtures("collect_tritonclients")  # it drops a tritonclient.http client
 def test_load_refuses_triton_config_and_file_overrides(explicit: tuple[RunningServer, Path, Path]) -> None:
     """Triton's load takes a ``config`` and ``file:`` overrides; onnxserve loads the folder as it is, so
     they are refused with a clear 400 rather than ignored (an outside review found them ignored)."""
