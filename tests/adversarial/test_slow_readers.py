@@ -33,6 +33,7 @@ ANSWER_ROOM = BUDGET - 64 * 1024 * 1024  # answers leave one gRPC message (64 Mi
 ELEMENTS = 4 * 1024 * 1024  # FP32: a 16 MiB answer
 READERS = 40
 BODY_TIMEOUT = 8
+HASTY_BODY_TIMEOUT = 4
 PROBE_BOUND = 1.0
 ANSWER_MESSAGE = "bytes of requests and answers in flight (--max-inflight-bytes)"
 
@@ -216,27 +217,36 @@ def test_grpc_clients_that_never_open_their_window_hold_at_most_the_budget(patie
     assert server.alive()
 
 
-def test_a_grpc_client_that_reads_nothing_is_cut_at_the_body_timeout(server: CappedServer) -> None:
+@pytest.fixture
+def hasty_server(tmp_path: Path) -> Iterator[CappedServer]:
+    """The ``fill`` model, with a short --body-timeout."""
+    write_version(tmp_path, "fill", 1, value_sized_models()["fill"])
+    with serve_capped(tmp_path, "--body-timeout", str(HASTY_BODY_TIMEOUT), cap_bytes=CAP) as running:
+        yield running
+
+
+def test_a_grpc_client_that_reads_nothing_is_cut_at_the_body_timeout(hasty_server: CappedServer) -> None:
     """A connection whose call's 16 MiB answer waits for a flow-control window its client never opens is
     closed --body-timeout after the answer began, as an HTTP client that does not read its answer is (it
     kept the answer, and its share of the budget, until it left); a client that reads its answer slowly,
     a window at a time, is not; the budget comes back."""
+    server = hasty_server
     stalled = RawGrpcConnection(server.host, server.grpc_port, reads=False)
     slow = RawGrpcConnection(server.host, server.grpc_port)
     try:
         sent = time.monotonic()
         stalled.send_whole(stalled.open_call(), fill_request(ELEMENTS).SerializeToString())
         slow.send_whole(slow.open_call(), fill_request(ELEMENTS // 4).SerializeToString())
-        while not stalled.closed and time.monotonic() - sent < BODY_TIMEOUT + 10:
+        while not stalled.closed and time.monotonic() - sent < HASTY_BODY_TIMEOUT + 10:
             stalled.pump(0.05)
             slow.pump(0.05, once=True)  # a read of at most 64 KiB, and the window it frees, every 0.5 s
             time.sleep(0.4)
         assert stalled.closed
-        assert BODY_TIMEOUT - 1 < time.monotonic() - sent < BODY_TIMEOUT + 10
+        assert HASTY_BODY_TIMEOUT - 1 < time.monotonic() - sent < HASTY_BODY_TIMEOUT + 10
         assert not slow.closed
         assert 0 < slow.calls[1].received < ELEMENTS  # some of its answer (ELEMENTS // 4 floats: ELEMENTS bytes)
         wait_until(
-            lambda: "read nothing of its calls' answers for 8 s (--body-timeout)" in server.log(), 5, "the log line"
+            lambda: "read nothing of its calls' answers for 4 s (--body-timeout)" in server.log(), 5, "the log line"
         )
         assert len(_grpc_fill(server, ELEMENTS).outputs[0].contents.fp32_contents) == ELEMENTS
     finally:
