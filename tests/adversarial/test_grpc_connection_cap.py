@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from harness import CappedServer, serve_capped
-from raw_h2 import INFER, SERVER_READY, RawGrpcConnection
+from raw_h2 import INFER, SERVER_READY, STREAM_INFER, RawGrpcConnection
 
 from waiting import wait_until
 
@@ -165,3 +165,35 @@ def test_connections_whose_client_reads_nothing_make_room(
     wait_until(lambda: closed() >= 2, 5, "another stalled connection closed")
     assert closed() == 2
     wait_until(lambda: "read nothing of its answers, to make room" in server.log(), 5, "the log line")
+
+
+def test_streams_between_two_messages_give_way_to_another_address(
+    server: CappedServer, opened: list[RawGrpcConnection]
+) -> None:
+    """The cap's worth of connections each with a ModelStreamInfer stream whose one request was answered,
+    its client sending nothing more: the server can do nothing until the client sends, so another address's
+    call is served in the place of one of them (before, a stream answered once counted as busy, and
+    holders reopening streams kept every newcomer out)."""
+    holders = []
+    for _ in range(CAP):
+        connection = connect(server, opened, "127.0.0.8")
+        stream = connection.open_call(STREAM_INFER)
+        connection.h2.send_data(stream, b"\x00\x00\x00\x00\x00")  # one empty request message, the stream open
+        connection.flush()
+        holders.append((connection, stream))
+
+    def answered() -> bool:
+        for connection, _ in holders:
+            connection.pump(0.02)
+        return all(connection.calls[stream].received for connection, stream in holders)
+
+    wait_until(answered, 10, "every stream's first answer")
+    assert not any(connection.calls[stream].ended for connection, stream in holders)
+    assert ready_from(server, opened, "127.0.0.9") == OK
+
+    def closed() -> int:
+        for connection, _ in holders:
+            connection.pump(0.02)
+        return sum(connection.closed for connection, _ in holders)
+
+    wait_until(lambda: closed() == 1, 5, "a waiting stream's connection closed")

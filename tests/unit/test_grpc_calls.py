@@ -77,15 +77,43 @@ def test_frames_for_unknown_calls_change_only_the_connection() -> None:
     assert not calls.stalled
 
 
-def test_a_call_is_sending_until_its_client_ends_it_or_its_answer_begins() -> None:
+def message(size: int) -> bytes:
+    return b"\x00" + size.to_bytes(4, "big") + b"m" * size
+
+
+def test_a_call_waits_for_its_request_until_every_message_sent_is_answered() -> None:
+    """A call whose every request message the server has answered, its client not done, waits for its
+    client: a unary call's message still coming, a stream between two messages. Messages are counted as
+    their bytes pass, in pieces of any size."""
     calls = Calls()
     assert not calls.sending  # no call: idle, not sending
     calls.open(1)
-    calls.open(3)
-    assert calls.sending  # both requests still coming
+    assert calls.sending  # nothing sent yet
+    requests = calls.client_data(1, padded=False)
+    assert requests is not None
+    first = message(300)
+    requests.take(memoryview(first[:3]))  # a prefix cut short
+    requests.take(memoryview(first[3:100]))
+    assert calls.sending  # the message is still coming
+    requests.take(memoryview(first[100:] + message(0)[:2]))
+    assert not calls.sending  # a whole message in: the server's turn
+    calls.server_headers(1, end_stream=False)
+    answers = calls.server_data(1, 305)
+    assert answers is not None
+    answers.take(memoryview(message(300)))
+    assert calls.sending  # the first answered, and the next one's prefix is half in: the client's turn
+    requests.take(memoryview(message(0)[2:]))
+    assert not calls.sending  # the next (empty) one is in
+    answers.take(memoryview(message(7)))
+    assert calls.sending  # a stream between two messages
     calls.client_ended(1)
-    assert not calls.sending  # call 1's request is in: its handler runs
-    calls.end(1)
-    assert calls.sending
-    calls.server_headers(3, end_stream=False)  # a stream answered before its client ended it
+    assert not calls.sending  # its client is done: the server's turn to end it
+
+
+def test_a_padded_data_frame_makes_its_call_busy_for_good() -> None:
+    calls = Calls()
+    calls.open(1)
+    assert calls.client_data(1, padded=True) is None  # its padding is not stripped: messages not followed
     assert not calls.sending
+    assert calls.client_data(1, padded=False) is None
+    assert calls.client_data(9, padded=False) is None  # not a call that is open

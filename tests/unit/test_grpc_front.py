@@ -374,3 +374,26 @@ def test_the_client_ending_its_side_is_followed() -> None:
     frames.feed(header_frame(3, block))  # a call without a message: HEADERS with END_STREAM
     assert 3 in frames.streams
     assert not frames.streams.sending
+
+
+def test_messages_are_counted_across_frames_and_reads() -> None:
+    """A stream whose request message spans two DATA frames and three reads, answered by grpc-core in two
+    DATA frames: it waits for its client only once the answer is whole (a stream between two messages)."""
+    frames = ClientFrames()
+    answers = ServerFrames(frames.streams)
+    block = Encoder().encode([(":path", "/inference.GRPCInferenceService/ModelStreamInfer")])
+    opened = len(block).to_bytes(3, "big") + bytes([0x1, 0x4]) + (1).to_bytes(4, "big") + block  # no END_STREAM
+    request = b"\x00" + (3000).to_bytes(4, "big") + b"r" * 3000
+
+    def data(stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([0x0, 0x0]) + stream.to_bytes(4, "big") + payload
+
+    sent = PREFACE + opened + data(1, request[:1000]) + data(1, request[1000:])
+    for piece in (sent[:70], sent[70:1500], sent[1500:]):
+        frames.feed(piece)
+    assert not frames.streams.sending  # its message is in: grpc-core's turn
+    answer = b"\x00" + (100).to_bytes(4, "big") + b"a" * 100
+    answers.feed(server_frame(0x1, 0x4, 1, b"\x88") + data(1, answer[:50]))
+    assert not frames.streams.sending
+    answers.feed(data(1, answer[50:]))
+    assert frames.streams.sending

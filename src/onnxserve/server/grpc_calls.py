@@ -1,13 +1,18 @@
-"""The calls open on one gRPC connection, and whether their client lets grpc-core send their answers.
+"""The calls open on one gRPC connection: whether they wait for their client, and for what.
 
 The gRPC port's front (``server.grpc_front``) reads the frame headers of both sides of each connection it
 hands on to grpc-core. From them this keeps the calls open (a client's HEADERS opens one; grpc-core's
-END_STREAM or either side's RST_STREAM ends it) and HTTP/2's flow control of grpc-core's answers (RFC 9113,
-6.9): grpc-core may send a call's DATA only within the call's window and the connection's, which start at
-the client's ``SETTINGS_INITIAL_WINDOW_SIZE`` (65,535 until it names one) and 65,535 bytes, shrink by each
-DATA frame's length and grow by the client's WINDOW_UPDATE frames. A call whose answer has begun (its
-HEADERS) and whose window, or the connection's, is spent cannot move until its client reads: a client
-that never does keeps the call, and its connection, open for as long as it likes.
+END_STREAM or either side's RST_STREAM ends it) and, for each, two things a call may wait for its client on:
+
+- **Its request.** gRPC messages go in DATA frames, each a 5-byte prefix (a flag, a length) and its bytes;
+  counting the messages of both sides as their bytes pass shows a call whose every request message has been
+  answered (a unary call's message still coming, or a stream between two messages: the server can do
+  nothing until the client sends), unless the client has ended its side.
+- **Reading its answer.** HTTP/2's flow control (RFC 9113, 6.9): grpc-core may send a call's DATA only within
+  the call's window and the connection's, which start at the client's ``SETTINGS_INITIAL_WINDOW_SIZE``
+  (65,535 until it names one) and 65,535 bytes, shrink by each DATA frame's length and grow by the client's
+  WINDOW_UPDATE frames. A call whose answer has begun (its HEADERS) and whose window, or the connection's, is
+  spent cannot move until its client reads.
 """
 
 from __future__ import annotations
@@ -21,45 +26,102 @@ DEFAULT_WINDOW = 65_535
 INITIAL_WINDOW_SIZE = 0x4
 """The SETTINGS parameter that names each stream's initial window."""
 
+PREFIX = 5
+"""A gRPC message's prefix: a compressed flag and a 4-byte length."""
 
-class Calls:
-    """The open calls of one connection and their flow-control windows (module docstring)."""
+
+class Messages:
+    """One side's gRPC messages on one call, counted as their bytes pass (:meth:`take`)."""
+
+    __slots__ = ("_left", "_prefix", "count")
 
     def __init__(self) -> None:
-        self._taken: dict[int, int] = {}
-        """Each open call's window taken: the DATA bytes grpc-core sent on it less the client's WINDOW_UPDATEs
-        for it (its window is the initial window less this)."""
-        self._answering: set[int] = set()  # open calls whose answer grpc-core has begun (its HEADERS)
-        self._sending: set[int] = set()  # open calls whose client has not ended its side nor grpc-core answered
+        self.count = 0  # messages whole
+        self._left = 0  # bytes of the message under way still to come (0: a prefix is next)
+        self._prefix = b""  # the part of a prefix seen so far
+
+    def take(self, data: memoryview) -> None:
+        """The next bytes of this side's DATA (padding excluded)."""
+        at, size = 0, len(data)
+        while at < size:
+            if self._left:
+                step = min(self._left, size - at)
+                self._left -= step
+                at += step
+                if not self._left:
+                    self.count += 1
+                continue
+            piece = bytes(data[at : at + PREFIX - len(self._prefix)])
+            at += len(piece)
+            self._prefix += piece
+            if len(self._prefix) == PREFIX:
+                self._left = int.from_bytes(self._prefix[1:], "big")
+                self._prefix = b""
+                if not self._left:
+                    self.count += 1
+
+
+class _Call:
+    __slots__ = ("answering", "answers", "client_ended", "opaque", "requests", "taken")
+
+    def __init__(self) -> None:
+        self.taken = 0
+        """The window taken: the DATA bytes grpc-core sent on it less the client's WINDOW_UPDATEs for it."""
+        self.answering = False  # grpc-core has begun the answer (its HEADERS)
+        self.client_ended = False  # the client has ended its side (END_STREAM)
+        self.opaque = False  # a padded DATA frame of the client's: its messages are not followed
+        self.requests = Messages()
+        self.answers = Messages()
+
+    @property
+    def waits_for_request(self) -> bool:
+        return not self.client_ended and not self.opaque and self.answers.count >= self.requests.count
+
+
+class Calls:
+    """The open calls of one connection, what they wait for, and their flow-control windows (module docstring)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, _Call] = {}
         self.initial_window = DEFAULT_WINDOW
         self.connection_window = DEFAULT_WINDOW
 
     def __len__(self) -> int:
-        return len(self._taken)
+        return len(self._calls)
 
     def __bool__(self) -> bool:
-        return bool(self._taken)
+        return bool(self._calls)
 
     def __contains__(self, stream: object) -> bool:
-        return stream in self._taken
+        return stream in self._calls
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._taken)
+        return iter(self._calls)
 
     def open(self, stream: int) -> None:
-        self._taken[stream] = 0
-        self._sending.add(stream)
+        self._calls[stream] = _Call()
 
     def end(self, stream: int) -> None:
-        self._taken.pop(stream, None)
-        self._answering.discard(stream)
-        self._sending.discard(stream)
-
-    def client_ended(self, stream: int) -> None:
-        """The client ended its side of a call (END_STREAM): its request is all sent."""
-        self._sending.discard(stream)
+        self._calls.pop(stream, None)
 
     # -- the client's frames -------------------------------------------------------------------------
+    def client_ended(self, stream: int) -> None:
+        """The client ended its side of a call (END_STREAM): its request is all sent."""
+        if (call := self._calls.get(stream)) is not None:
+            call.client_ended = True
+
+    def client_data(self, stream: int, padded: bool) -> Messages | None:
+        """A DATA frame of the client's: where its payload goes (None: nowhere, a call not open or a padded
+        frame, whose padding the front does not strip; that call's messages are not followed from then on,
+        and it never counts as waiting for its request)."""
+        call = self._calls.get(stream)
+        if call is None or call.opaque:
+            return None
+        if padded:
+            call.opaque = True
+            return None
+        return call.requests
+
     def client_settings(self, payload: bytes) -> None:
         """A SETTINGS frame's parameters (six bytes each); the last initial window it names counts."""
         whole = len(payload) - len(payload) % 6  # a partial parameter is grpc-core's FRAME_SIZE_ERROR
@@ -73,37 +135,41 @@ class Calls:
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if stream == 0:
             self.connection_window += increment
-        elif stream in self._taken:
-            self._taken[stream] -= increment
+        elif (call := self._calls.get(stream)) is not None:
+            call.taken -= increment
 
     # -- grpc-core's frames --------------------------------------------------------------------------
     def server_headers(self, stream: int, end_stream: bool) -> None:
         if end_stream:
             self.end(stream)
-        elif stream in self._taken:
-            self._answering.add(stream)
-            self._sending.discard(stream)
+        elif (call := self._calls.get(stream)) is not None:
+            call.answering = True
 
-    def server_data(self, stream: int, length: int) -> None:
-        """DATA of ``length`` bytes (padding included, as flow control counts it). grpc-core ends a call with
-        its trailers, never with a DATA frame's END_STREAM, so that flag ends nothing here."""
+    def server_data(self, stream: int, length: int) -> Messages | None:
+        """DATA of ``length`` bytes (padding included, as flow control counts it; grpc-core does not pad);
+        where its payload goes. grpc-core ends a call with its trailers, never with a DATA frame's
+        END_STREAM, so that flag ends nothing here."""
         self.connection_window -= length
-        if stream in self._taken:
-            self._taken[stream] += length
+        if (call := self._calls.get(stream)) is None:
+            return None
+        call.taken += length
+        return call.answers
 
     @property
     def sending(self) -> bool:
         """Whether every open call (one at least) waits for its client's request: the client has not ended
-        its side, and grpc-core has not begun the answer (a unary call's message still coming, or never)."""
-        return bool(self._taken) and len(self._sending) == len(self._taken)
+        its side, and grpc-core has answered every request message it got (a unary call's message still
+        coming, or never; a stream between two messages)."""
+        return bool(self._calls) and all(call.waits_for_request for call in self._calls.values())
 
     @property
     def stalled(self) -> bool:
         """Whether every open call (one at least) waits for its client to read: its answer has begun and its
         window, or the connection's, is spent."""
-        if not self._taken or len(self._answering) < len(self._taken):
+        calls = self._calls.values()
+        if not calls or not all(call.answering for call in calls):
             return False
         if self.connection_window <= 0:
             return True
         initial = self.initial_window
-        return all(taken >= initial for taken in self._taken.values())
+        return all(call.taken >= initial for call in calls)

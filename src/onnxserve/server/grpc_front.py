@@ -25,24 +25,24 @@ closed when it keeps twice grpc-core's stream limit open after acknowledging it 
 ``EARLY_STREAMS`` before), sends PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a header frame
 over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
 
-The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls
-(opened by the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM) and their
-flow-control windows (:class:`onnxserve.server.grpc_calls.Calls`, from the frame headers of both sides and
-the client's SETTINGS and WINDOW_UPDATE frames), and when a new connection would pass the cap, a
-connection that waits for its client is closed to make room (:meth:`_Listener.make_room`): idle (no call
-open), sending (every call's request still coming) or stalled (every call's answer waiting for the client
-to read it), the one longest so, from the client address holding the most connections when it holds at
-least two more than the newcomer's (as on the HTTP port), else, idle or stalled, of the addresses holding
-at least as many as the newcomer's; a connection with a call that runs is never closed for room, and when
-none can be, the newcomer is closed. A connection stalled for ``--body-timeout`` is closed. grpc-core
-refused every connection past its cap and closed an idle one only after ``--grpc-max-connection-idle``
-(300 s), so 10,000 idle connections locked gRPC callers out. The rest is grpc-core's, unchanged: its
-handshake timeout, stream limits, keepalive and idle rules apply to the connection it gets from the front,
-one for each of the clients'. Over TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when
-``--tls-client-ca`` asks for them) and grpc-core gets the decrypted bytes. grpc-core sees each
-connection as coming from a Unix socket named for it (``unix-abstract:onnxserve-grpc-...``);
-:func:`onnxserve.protocols.context.grpc_peer_host` answers the client's own address for that name
-(:func:`register_peer`), so per-client fairness and logs see the client, not the front.
+The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls (opened by
+the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM) and their flow-control
+windows (:class:`onnxserve.server.grpc_calls.Calls`, from the frame headers of both sides and the client's
+SETTINGS and WINDOW_UPDATE frames), and when a new connection would pass the cap, a connection that waits for
+its client is closed to make room (:meth:`_Listener.make_room`): idle (no call open), sending (every call
+waiting for its client's next request message) or stalled (every call's answer waiting for the client to read
+it), the one longest so, from the client address holding the most connections when it holds at least two more
+than the newcomer's (as on the HTTP port), else, idle or stalled, of the addresses holding at least as many as
+the newcomer's; a connection with a call that runs is never closed for room, and when none can be, the
+newcomer is closed. A connection stalled for ``--body-timeout`` is closed. grpc-core refused every connection
+past its cap and closed an idle one only after ``--grpc-max-connection-idle`` (300 s), so 10,000 idle
+connections locked gRPC callers out. The rest is grpc-core's, unchanged: its handshake timeout, stream limits,
+keepalive and idle rules apply to the connection it gets from the front, one for each of the clients'. Over
+TLS (``--tls-cert``) the front ends TLS (HTTP/2 by ALPN, client certificates when ``--tls-client-ca`` asks for
+them) and grpc-core gets the decrypted bytes. grpc-core sees each connection as coming from a Unix socket
+named for it (``unix-abstract:onnxserve-grpc-...``); :func:`onnxserve.protocols.context.grpc_peer_host`
+answers the client's own address for that name (:func:`register_peer`), so per-client fairness and logs see
+the client, not the front.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import TRIM_AFTER_CUT_SECONDS
-from onnxserve.server.grpc_calls import Calls
+from onnxserve.server.grpc_calls import Calls, Messages
 from onnxserve.server.tls_layer import wrap_tls
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,17 @@ class _FrameWalk:
 
     def __init__(self) -> None:
         self._skip = 0  # payload bytes of a frame being passed on, still to come
+        self._sink: Messages | None = None  # where they go: the gRPC messages of a call's DATA, followed
 
-    def _pass_payload(self, at: int, size: int) -> int:
-        """Pass as much of the payload being skipped as lies in ``[at, size)``; the position after it."""
+    def _pass_payload(self, view: memoryview, at: int, size: int) -> int:
+        """Pass as much of the payload being skipped as lies in ``[at, size)`` of ``view``; the position
+        after it."""
         taken = min(self._skip, size - at)
         self._skip -= taken
+        if self._sink is not None:
+            self._sink.take(view[at : at + taken])
+            if not self._skip:
+                self._sink = None
         return at + taken
 
 
@@ -276,12 +282,13 @@ class ClientFrames(_FrameWalk):
                 return b"", False
             self._preface = False
             at = len(PREFACE)
+        view = memoryview(work)
         decoded = 0
         frames = 0
         more = False
         while at < size:
             if self._skip:
-                at = self._pass_payload(at, size)
+                at = self._pass_payload(view, at, size)
                 continue
             if size - at < FRAME_HEADER:
                 break
@@ -320,10 +327,13 @@ class ClientFrames(_FrameWalk):
             else:
                 if self._block_stream:
                     raise Refused("a frame other than CONTINUATION inside a header block")
-                if kind == RST_STREAM:
+                if kind == DATA:
+                    if length:
+                        self._sink = self.streams.client_data(stream, bool(flags & PADDED))
+                    if flags & END_STREAM:
+                        self.streams.client_ended(stream)
+                elif kind == RST_STREAM:
                     self.streams.end(stream)
-                elif kind == DATA and flags & END_STREAM:
-                    self.streams.client_ended(stream)
                 elif kind == PING and not flags & ACK:
                     self._ping()
                 at += FRAME_HEADER
@@ -448,9 +458,10 @@ class ServerFrames(_FrameWalk):
     def feed(self, data: bytes) -> None:
         work = self._partial + data if self._partial else data
         at, size = 0, len(work)
+        view = memoryview(work)
         while at < size:
             if self._skip:
-                at = self._pass_payload(at, size)
+                at = self._pass_payload(view, at, size)
                 continue
             if size - at < FRAME_HEADER:
                 break
@@ -459,7 +470,8 @@ class ServerFrames(_FrameWalk):
             if kind in (DATA, HEADERS, RST_STREAM):
                 stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
                 if kind == DATA:
-                    self.streams.server_data(stream, length)
+                    sink = self.streams.server_data(stream, length)
+                    self._sink = sink if length and not flags & PADDED else None
                 elif kind == HEADERS:
                     self.streams.server_headers(stream, bool(flags & END_STREAM))
                 else:
@@ -603,8 +615,9 @@ class CheckShare:
 
 IDLE, SENDING, STALLED, BUSY = "idle", "sending", "stalled", "busy"
 """What a connection is doing (:meth:`FrontConnection._look`): no call open; every open call waiting for its
-client's request (``Calls.sending``); every open call waiting for its client to read its answer
-(``Calls.stalled``, or the front's writes to the client paused); else busy."""
+client's next request message (``Calls.sending``: a unary call's message still coming, a stream between two
+messages); every open call waiting for its client to read its answer (``Calls.stalled``, or the front's
+writes to the client paused); else busy."""
 
 
 class _Waiting:
