@@ -104,17 +104,17 @@ about 1 to 5 ms a turn (a block of 32 KiB, up to 35 ms), which a cheap turn plac
 (30 flooding connections, queued first come first served: ServerReady on a fresh channel at most 0.46 s,
 where 16 KiB turns gave 1.1 s)."""
 
-FRAMES_PER_TURN = 1024
+FRAMES_PER_TURN = 64
 """Frames looked at in one turn of a connection (:class:`CheckShare`), a few tenths of a µs each outside header
-blocks: a read of 256 KiB of empty frames is 29,000 of them."""
+blocks (a read of 256 KiB of empty frames is 29,000 of them); as many as :meth:`ClientFrames.pending_cost` looks
+at, so that a turn's expected cost sees all it will decode (when the turn took 1,024 frames and its cost looked
+at 64, a 16 KB block behind 64 WINDOW_UPDATE frames went in as one of 0.5 ms: 900 such connections held a
+fresh channel's call 6.4 s, outside attack rt42)."""
 
 HEADER_BYTE_SECONDS = 1.2e-6
 FRAME_SECONDS = 0.5e-6
 """What a turn is expected to cost, for its place in the queue (:meth:`ClientFrames.pending_cost`): a byte of a
 header block to decode (the decoder's slowest), a frame to look at."""
-
-COST_LOOKAHEAD_FRAMES = 64
-"""Frames :meth:`ClientFrames.pending_cost` looks at; past them it expects a turn of ``FRAMES_PER_TURN``."""
 
 MAX_SETTINGS_BYTES = 600
 """The largest SETTINGS frame: 100 parameters, where HTTP/2 names 6 and a client sends each once. Each is read
@@ -240,8 +240,8 @@ class ClientFrames(_FrameWalk):
     def pending_cost(self) -> float:
         """The seconds the next ``feed(b"")`` is expected to take on what is held: the header blocks it will
         decode (those whose last frame is whole, their earlier frames included, within a slice as
-        :meth:`feed` takes them) and its frames, the first ``COST_LOOKAHEAD_FRAMES`` looked at (past them, a
-        turn of ``FRAMES_PER_TURN``). Frame headers only: a few µs."""
+        :meth:`feed` takes them) and its frames, up to ``FRAMES_PER_TURN`` as :meth:`feed` takes them. Frame
+        headers only: a few µs."""
         held = self._held
         size = len(held)
         at = len(PREFACE) if self._preface else min(self._skip, size)
@@ -250,8 +250,7 @@ class ClientFrames(_FrameWalk):
         decoded = 0
         frames = 0
         while size - at >= FRAME_HEADER:
-            if frames == COST_LOOKAHEAD_FRAMES:
-                frames = FRAMES_PER_TURN
+            if frames == FRAMES_PER_TURN:
                 break
             length = int.from_bytes(held[at : at + 3], "big")
             frames += 1
