@@ -197,3 +197,23 @@ def test_streams_between_two_messages_give_way_to_another_address(
         return sum(connection.closed for connection, _ in holders)
 
     wait_until(lambda: closed() == 1, 5, "a waiting stream's connection closed")
+
+
+def test_connections_waiting_for_their_client_both_ways_make_room(
+    server: CappedServer, opened: list[RawGrpcConnection]
+) -> None:
+    """The cap's worth of connections each with a call whose answer waits for a window their client never
+    opens and a ModelInfer call whose message never comes (outside attack rt42: such a mix counted as busy,
+    and 0 of 54 honest connections got in): another address's call is served in the place of one of them."""
+    holders = stalled_calls(server, opened, "127.0.0.10")
+    for connection in holders:
+        connection.open_call(INFER)
+        connection.pump(0.02)
+    assert ready_from(server, opened, "127.0.0.11") == OK
+
+    def closed() -> int:
+        for connection in holders:
+            connection.pump(0.02)
+        return sum(connection.closed for connection in holders)
+
+    wait_until(lambda: closed() == 1, 5, "a holder closed")

@@ -20,7 +20,7 @@ import grpc
 import pytest
 import requests
 from harness import CappedServer, fill_request, model_infer, serve_capped
-from raw_h2 import RawGrpcConnection
+from raw_h2 import SERVER_READY, RawGrpcConnection
 from watch import Watch
 
 from models import value_sized_models, write_version
@@ -286,3 +286,26 @@ def test_small_grpc_answers_nobody_reads_are_counted_too(tmp_path: Path) -> None
                 connection.close()
         wait_until(lambda: isinstance(_try_grpc_fill(server, 3), pb.ModelInferResponse), timeout=60)
         assert server.alive()
+
+
+def test_a_grpc_client_that_keeps_its_calls_waiting_both_ways_is_cut_at_the_body_timeout(
+    hasty_server: CappedServer,
+) -> None:
+    """A connection with a call whose answer waits for a window its client never opens and a ModelInfer call
+    whose message never comes, reopened whenever the server ends it (outside attack rt42: never cut): closed
+    --body-timeout after it began waiting for its client."""
+    server = hasty_server
+    holder = RawGrpcConnection(server.host, server.grpc_port, reads=False)
+    try:
+        holder.send_whole(holder.open_call(SERVER_READY), b"")
+        waiting = holder.open_call()
+        began = time.monotonic()
+        while not holder.closed and time.monotonic() - began < HASTY_BODY_TIMEOUT * 3:
+            holder.pump(0.1)
+            if holder.calls[waiting].ended and not holder.closed:
+                waiting = holder.open_call()
+        assert holder.closed
+        assert time.monotonic() - began < HASTY_BODY_TIMEOUT + 5
+        wait_until(lambda: "read nothing of its calls' answers for 4 s" in server.log(), 5, "the log line")
+    finally:
+        holder.close()

@@ -117,3 +117,25 @@ def test_a_padded_data_frame_makes_its_call_busy_for_good() -> None:
     assert not calls.sending
     assert calls.client_data(1, padded=False) is None
     assert calls.client_data(9, padded=False) is None  # not a call that is open
+
+
+def test_calls_waiting_for_their_client_in_both_ways_are_waiting() -> None:
+    """One call whose answer waits for a window its client never opens, another without its message: the
+    connection waits for its client (outside attack rt42: it counted as busy, kept its place past the cap
+    and was never cut). With a call whose handler runs, it does not."""
+    calls = Calls()
+    calls.client_settings(settings(0))
+    calls.open(1)
+    calls.client_ended(1)
+    calls.server_headers(1, end_stream=False)  # answered, not a byte of it may go
+    calls.open(3)  # no message yet
+    assert not calls.stalled
+    assert not calls.sending
+    assert calls.waiting
+    calls.open(5)
+    calls.client_ended(5)  # a whole request: its handler runs
+    assert not calls.waiting
+    calls.end(5)
+    calls.end(1)
+    assert not calls.waiting  # only waiting for a request: sending, not stalled
+    assert calls.sending

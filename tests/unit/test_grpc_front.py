@@ -23,11 +23,14 @@ from onnxserve.server.grpc_front import (
     FRAME_SECONDS,
     FRAMES_PER_TURN,
     HEADER_BYTE_SECONDS,
+    IDLE,
     PREFACE,
+    STALLED,
     CheckShare,
     ClientFrames,
     Refused,
     ServerFrames,
+    _Listener,
 )
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -417,3 +420,25 @@ def test_messages_are_counted_across_frames_and_reads() -> None:
     assert not frames.streams.sending
     answers.feed(data(1, answer[50:]))
     assert frames.streams.sending
+
+
+class Held:
+    """A stand-in for a front connection in the listener's books: only its client's address."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+def test_room_goes_to_whoever_has_waited_for_its_client_longest() -> None:
+    """Clients from as many addresses as there are places, each with a connection stalled since long, and a
+    newcomer still in its handshake (idle): a stalled client's reconnection closes the oldest stalled
+    connection, not the newcomer (outside attack rt42: idle ones went first, so the reconnecting holders
+    closed the newcomers, and 7 of 53 got in)."""
+    listener = _Listener("/nowhere", 3, None, 10.0, 100, 60.0)
+    holders = [Held(f"10.0.0.{k}") for k in (1, 2)]
+    for holder in holders:
+        listener.add(holder)  # type: ignore[arg-type]
+        listener.moved(holder, IDLE, STALLED)  # type: ignore[arg-type]
+    newcomer = Held("10.0.0.3")
+    listener.add(newcomer)  # type: ignore[arg-type]
+    assert listener.make_room("10.0.0.1") is holders[0]

@@ -162,14 +162,29 @@ class Calls:
         coming, or never; a stream between two messages)."""
         return bool(self._calls) and all(call.waits_for_request for call in self._calls.values())
 
+    def _unread(self, call: _Call) -> bool:
+        """Whether ``call`` waits for its client to read: its answer has begun and its window, or the
+        connection's, is spent."""
+        return call.answering and (self.connection_window <= 0 or call.taken >= self.initial_window)
+
     @property
     def stalled(self) -> bool:
-        """Whether every open call (one at least) waits for its client to read: its answer has begun and its
-        window, or the connection's, is spent."""
+        """Whether every open call (one at least) waits for its client to read its answer."""
+        return bool(self._calls) and all(self._unread(call) for call in self._calls.values())
+
+    @property
+    def waiting(self) -> bool:
+        """Whether every open call (one at least) waits for its client, for its next request message or to
+        read its answer, and one at least to read (some of each: a client that keeps one call unread and
+        another without its message, reopened as it ends, was busy to the front, and kept its place past
+        the cap and past ``--body-timeout``: outside attack rt42)."""
         calls = self._calls.values()
-        if not calls or not all(call.answering for call in calls):
+        if not calls:
             return False
-        if self.connection_window <= 0:
-            return True
-        initial = self.initial_window
-        return all(call.taken >= initial for call in calls)
+        unread = False
+        for call in calls:
+            if self._unread(call):
+                unread = True
+            elif not call.waits_for_request:
+                return False
+        return unread

@@ -61,7 +61,7 @@ import ssl
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -622,10 +622,10 @@ writes to the client paused); else busy."""
 class _Waiting:
     """The connections in one state that may be closed for room, longest in it first, all and by address."""
 
-    def __init__(self) -> None:
-        self.all: dict[FrontConnection, int] = {}  # each with its place in the order it came in
+    def __init__(self, order: Iterator[int]) -> None:
+        self.all: dict[FrontConnection, int] = {}  # each with its place in the order it came in (``order``)
         self.by_address: dict[str, dict[FrontConnection, None]] = {}
-        self._order = itertools.count()
+        self._order = order
 
     def add(self, connection: FrontConnection) -> None:
         self.all[connection] = next(self._order)
@@ -668,7 +668,8 @@ class _Listener:
         self.stall_seconds = stall_seconds
         self.open: set[FrontConnection] = set()
         self.counts = Counts()  # connections by client address
-        self.waiting = {IDLE: _Waiting(), SENDING: _Waiting(), STALLED: _Waiting()}  # those that may make room
+        order = itertools.count()  # one for all states: which came into its state first, across them
+        self.waiting = {state: _Waiting(order) for state in (IDLE, SENDING, STALLED)}  # those that may make room
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
 
@@ -695,22 +696,24 @@ class _Listener:
         """The connection to close for a new one from ``host`` when the cap is reached: never a busy one. Of
         the address holding the most connections when it holds at least two more than ``host``
         (``core.fairness.gives_way``), the longest idle, else the longest sending, else the longest stalled
-        (as on the HTTP port: idle, sending its request, not reading its answer); else the longest idle, else
-        the longest stalled, of the addresses holding at least as many as ``host`` (a connection sending its
-        request gives way to another address only); None when there is none such (the new connection is
-        refused)."""
+        (as on the HTTP port: idle, sending its request, not reading its answer); else the one idle or stalled
+        longest of the addresses holding at least as many as ``host`` (a connection sending its request gives
+        way to another address only; across idle and stalled by how long, so that a newcomer still in its
+        handshake, idle, is not closed for a stalled client's reconnection before the older stalled ones:
+        outside attack rt42); None when there is none such (the new connection is refused)."""
         mine = self.counts.of.get(host, 0)
         if self.counts.most and gives_way(self.counts.most, mine):
             heaviest = self.counts.heaviest()
             for waiting in self.waiting.values():
                 if (connection := waiting.first(heaviest)) is not None:
                     return connection
+        candidates = []
         for state in (IDLE, STALLED):
             waiting = self.waiting[state]
             connection = waiting.first() if mine <= 1 else waiting.first_of(self.counts.holding_at_least(mine))
             if connection is not None:
-                return connection
-        return None
+                candidates.append((waiting.all[connection], connection))
+        return min(candidates, key=lambda candidate: candidate[0])[1] if candidates else None
 
 
 class FrontConnection(asyncio.Protocol):
@@ -939,14 +942,16 @@ class FrontConnection(asyncio.Protocol):
 
     # -- shared --------------------------------------------------------------------------------------
     def _look(self) -> None:
-        """Follow what the connection is doing (``IDLE``, ``STALLED``, ``BUSY``): a connection stalled for
-        ``--body-timeout`` is cut, as an HTTP connection whose client does not read its answer is."""
+        """Follow what the connection is doing (``IDLE``, ``SENDING``, ``STALLED``, ``BUSY``: some calls
+        waiting for their requests and the others for their client to read count as stalled). A connection
+        that waits for its client (sending or stalled, in turn or together) for ``--body-timeout`` is cut, as
+        an HTTP connection whose client does not read its answer, or does not send its body, is."""
         if self.closed:
             return
         calls = self.streams
         if not calls:
             state = IDLE
-        elif self._writing_paused or calls.stalled:
+        elif self._writing_paused or calls.stalled or calls.waiting:
             state = STALLED
         else:
             state = SENDING if calls.sending else BUSY
@@ -954,20 +959,23 @@ class FrontConnection(asyncio.Protocol):
             return
         self.listener.moved(self, self.state, state)
         self.state = state
-        if state == STALLED:
-            self._stall_timer = self.loop.call_later(self.listener.stall_seconds, self._stalled_too_long)
+        if state in (SENDING, STALLED):
+            if self._stall_timer is None:
+                self._stall_timer = self.loop.call_later(self.listener.stall_seconds, self._waited_too_long)
         elif self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
 
-    def _stalled_too_long(self) -> None:
+    def _waited_too_long(self) -> None:
         self._stall_timer = None
-        if self.closed or self.state != STALLED:
+        if self.closed or self.state not in (SENDING, STALLED):
             return
         seconds = self.listener.stall_seconds
-        self._refuse(
-            Refused(f"its client read nothing of its calls' answers for {seconds:g} s (--body-timeout)", "stalled")
-        )
+        if self.state == STALLED:
+            message = f"its client read nothing of its calls' answers for {seconds:g} s (--body-timeout)"
+        else:
+            message = f"its calls waited for their requests for {seconds:g} s (--body-timeout)"
+        self._refuse(Refused(message, "waited"))
 
     def _pause_client(self, why: str) -> None:
         if not self._client_paused and self.transport is not None and not self.closed:
