@@ -964,3 +964,32 @@ def test_pipelined_heads_of_many_fields_are_bounded_together(server: CappedServe
         said = _send_until_answered(sock, head + b"\r\n", b"", 0)
     assert said.startswith(b"HTTP/1.1 431 "), said[:200]
     assert b"more than 100 header fields" in said
+
+
+def test_connections_lingering_after_an_early_answer_give_their_slots_to_newcomers(numeric_repository: Path) -> None:
+    """Clients that announce a body over --max-request-bytes and send one byte of it: each is answered 413
+    at once and its connection lingers 5 s reading the rest (so that the kernel does not reset the answer
+    away). They counted against --max-connections and none could be closed for room, so one address
+    sending such heads every few seconds kept every other address out (outside attack rt43: 57 of 70
+    refused, with --auth-tokens and 401s too). Once its answer has reached the client, a lingering
+    connection gives its slot to a newcomer."""
+    cap = 40
+    with serve_capped(numeric_repository, "--max-connections", str(cap), "--max-request-bytes", "4096") as capped:
+        rss_before = capped.rss_bytes()
+        held: list[socket.socket] = []
+        try:
+            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
+            for _ in range(cap):
+                sock = connect_from(capped, "127.0.0.1")
+                sock.sendall(head)
+                held.append(sock)
+            for sock in held:
+                assert sock.recv(12) == b"HTTP/1.1 413"  # answered early; the connection lingers
+            with connect_from(capped, "127.0.0.2") as other:
+                other.sendall(b"GET /v2/models/add HTTP/1.1\r\nHost: [::1]\r\n\r\n")
+                answer = _send_until_answered(other, b"", b"", 0)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        finally:
+            for sock in held:
+                sock.close()
+        check_still_serving(capped, rss_before)

@@ -482,6 +482,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._tcp_full = False  # over TLS: the TCP transport's buffer is full (_watch_tcp)
         self._backlogged = False  # over TLS: some of the answer waits to be handed to the TLS layer (_pump)
         self._moved = 0.0  # over TLS, closing: when its client last took some of the answer (_close_once_sent)
+        self._lingering: asyncio.Transport | None = None  # plain, lingering over an unread body: its transport
         self._chunks = 0  # chunks of the body being received
         self._heads = 0  # request heads completed on this connection
         self._beyond = False  # bytes came after its last request that began no new one (yet)
@@ -606,22 +607,25 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _cut_oldest_closing(self) -> bool:
-        """Cut the oldest ordinary TLS connection the server is closing (``_close_tls``) whose client has taken
-        nothing of the rest of its answer for ``CLOSING_IDLE_SECONDS``, or whose address gives way to this
-        one's (``fairness.gives_way``): it is answered, and holds its slot only for a client that reads slowly
-        or not at all. A client still taking its answer from an address holding no more than this one's keeps
-        it (outside attack rt29: new connections past the cap cut an honest slow reader's answer). At most
+        """Cut the oldest ordinary connection the server is closing whose client has taken nothing of the rest
+        of its answer for ``CLOSING_IDLE_SECONDS`` (a TLS connection, ``_close_tls``; a plain one lingering
+        over the rest of its request body, ``_start_lingering``, once its answer has reached the client), or
+        whose address gives way to this one's (``fairness.gives_way``): it is answered, and holds its slot
+        only for a client that reads slowly or not at all, or sends a body it was told it need not send. A
+        client still taking its answer from an address holding no more than this one's keeps it (outside
+        attack rt29: new connections past the cap cut an honest slow reader's answer). At most
         ``CLOSING_LOOKED_AT`` are looked at; False when none qualifies."""
         counts, now = self.clients.counts, time.monotonic()
         mine = counts.of[self._address] - 1
         for closing in itertools.islice(list(self.clients.cutting), CLOSING_LOOKED_AT):
-            tcp = closing._tcp
+            tcp = closing._tcp if closing._tcp is not None else closing._lingering
             if tcp is None or tcp.is_closing():
                 self.clients.cutting.pop(closing, None)
                 continue
-            if now - closing._moved >= CLOSING_IDLE_SECONDS or (
-                closing._address != self._address and gives_way(counts.of[closing._address], mine)
-            ):
+            idle = now - closing._moved >= CLOSING_IDLE_SECONDS
+            if tcp is closing._lingering:  # its answer must have reached the client: a reset would lose it
+                idle = idle and not tcp.get_write_buffer_size() and not _unacknowledged(tcp)
+            if idle or (closing._address != self._address and gives_way(counts.of[closing._address], mine)):
                 self.clients.cutting.pop(closing, None)
                 tcp.abort()
                 return True
@@ -796,6 +800,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._lost = True
         self._cancel_timers()
         self.clients.cutting.pop(self, None)
+        self._lingering = None
         if self._counted:
             self._counted = False
             clients = self.clients
@@ -851,6 +856,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         raw.write_eof()
         raw.resume_reading()  # uvicorn may have paused reading while the app held the body
         self._linger_timer = self.loop.call_later(LINGER_SECONDS, raw.abort)
+        if self._counted and not self._reserve:
+            # its slot may go to a new connection past the cap once its answer is delivered: 1,200 clients
+            # that sent a head and a byte of body every 5 s, answered early (401, 413, 503) and lingering,
+            # kept other addresses out of the cap (outside attack rt43)
+            self._lingering = raw
+            self._moved = time.monotonic()
+            self.clients.cutting[self] = None
         return True
 
     def _close_tls(self) -> None:
