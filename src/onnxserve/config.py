@@ -216,10 +216,17 @@ def parse_config(document: Any, source: str, base_dir: Path) -> ServerConfig:
         config = ServerConfig.model_validate(document)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
-    resolved = [
-        m.model_copy(update={"base_path": (base_dir / m.base_path).resolve()}) for m in config.model_config_list
-    ]
+    resolved = [m.model_copy(update={"base_path": _resolved(base_dir / m.base_path)}) for m in config.model_config_list]
     return ServerConfig(model_config_list=resolved)
+
+
+def _resolved(path: Path) -> Path:
+    """Where ``path`` leads, or the path itself (absolute) when it cannot be resolved (a symbolic link loop):
+    the model's folder is then refused by name when its versions are looked for, not the whole config."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+        return path.absolute()
 
 
 def load_config(path: str | os.PathLike[str]) -> ServerConfig:

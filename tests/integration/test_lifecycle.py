@@ -385,6 +385,28 @@ def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
     server.stop()
 
 
+def test_an_explicit_load_of_a_model_with_a_version_symlink_loop_says_why(
+    explicit: tuple[RunningServer, Path, Path],
+) -> None:
+    """A version-named symlink loop (``8 -> 9``, ``9 -> 8``) in a model's folder made its load answer 500
+    (outside attack rt43 F1); now the looping versions are refused with their reason, as a version folder
+    that leads outside is, and the versions the policy can serve load."""
+    server, repo, _ = explicit
+    models.write_version(repo, "vloop", 1, models.offset_model(3.0))
+    (repo / "vloop" / "8").symlink_to("9")
+    (repo / "vloop" / "9").symlink_to("8")
+    refused = httpx.post(f"{server.http_url}/v2/repository/models/vloop/load", timeout=30)
+    assert refused.status_code == 400, refused.text
+    assert "version 9: " in refused.json()["error"]
+    assert "is a symbolic link that cannot be resolved (a loop); refused" in refused.json()["error"]
+    reasons = {e["version"]: e.get("reason", "") for e in index(server) if e["name"] == "vloop"}
+    assert "cannot be resolved (a loop)" in reasons["9"]
+    (repo / "vloop" / "8").unlink()
+    (repo / "vloop" / "9").unlink()
+    assert httpx.post(f"{server.http_url}/v2/repository/models/vloop/load", timeout=30).status_code == 200
+    assert answer(server, "vloop") == 4.0
+
+
 def test_explicit_load_and_unload(explicit: tuple[RunningServer, Path, Path]) -> None:
     server, _, _ = explicit
     url = server.http_url
