@@ -16,6 +16,7 @@ file. JSON and YAML files are accepted. Relative ``base_path``s resolve against 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -216,19 +217,63 @@ def parse_config(document: Any, source: str, base_dir: Path) -> ServerConfig:
         config = ServerConfig.model_validate(document)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
-    resolved = [
-        m.model_copy(update={"base_path": (base_dir / m.base_path).resolve()}) for m in config.model_config_list
-    ]
+    resolved = [m.model_copy(update={"base_path": _resolved(base_dir / m.base_path)}) for m in config.model_config_list]
     return ServerConfig(model_config_list=resolved)
 
 
-def load_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """Read a JSON or YAML server config file."""
-    file = Path(path)
+def _resolved(path: Path) -> Path:
+    """Where ``path`` leads, or the path itself (absolute) when it cannot be resolved (a symbolic link loop):
+    the model's folder is then refused by name when its versions are looked for, not the whole config."""
     try:
-        raw = file.read_bytes()
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a loop, later versions OSError
+        return path.absolute()
+
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""The largest config file read (16 MiB: a config of thousands of models is a few hundred KB). A larger
+one, or one that grows past this as it is read, is refused by name, never read whole: in poll mode a
+config file replaced by a symbolic link to ``/dev/zero`` was read until memory ran out (4.9 GB) on every
+poll (outside attack rt43)."""
+
+
+def _config_bytes(file: Path) -> bytes:
+    """The bytes of a config file that is a regular file (symbolic links followed) of at most
+    :data:`MAX_CONFIG_BYTES`; a ConfigError naming the file and why otherwise. Its type is checked before it
+    is opened, and it is opened without blocking: a FIFO in its place stalled every later poll, with
+    nothing logged (outside attack rt43)."""
+    try:
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise ConfigError(f"{file}: the config file is not a regular file (a folder, FIFO, socket or device)")
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise ConfigError(f"{file}: cannot read the config file: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)  # the file opened, which may have been replaced since the check
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{file}: the config file is not a regular file (a folder, FIFO, socket or device)")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{file}: the config file holds {info.st_size:,} bytes; at most {MAX_CONFIG_BYTES:,} are read"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, min(1024 * 1024, MAX_CONFIG_BYTES + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{file}: the config file grew past {MAX_CONFIG_BYTES:,} bytes as it was read")
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read the config file: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def load_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read a JSON or YAML server config file (a regular file of at most :data:`MAX_CONFIG_BYTES`)."""
+    file = Path(path)
+    raw = _config_bytes(file)
     is_yaml = file.suffix.lower() in (".yaml", ".yml")
     try:
         document = yaml.safe_load(raw) if is_yaml else orjson.loads(raw)

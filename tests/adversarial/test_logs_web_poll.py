@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 import requests
-from harness import CappedServer, serve_capped
+from harness import ONNXSERVE, CappedServer, serve_capped
 from watch import Watch
 
 from models import add_model, write_version
@@ -145,6 +146,47 @@ def test_a_symlink_loop_or_a_deep_tree_in_a_version_folder_is_refused_and_the_po
         assert server.alive()
     for folder in reversed(chain[:-1]):  # shutil.rmtree (and pytest's clean-up) would recurse too deep
         folder.rmdir()
+
+
+def test_a_version_named_symlink_loop_is_refused_by_name_and_the_poll_goes_on(tmp_path: Path) -> None:
+    # Outside attack rt43 F1: ``8 -> 9``, ``9 -> 8`` beside a served version made every poll round fail
+    # (os.DirEntry.is_dir() raised ELOOP; an ERROR and a traceback each round), so a model added later
+    # never loaded and a new version of another model was never taken.
+    write_version(tmp_path, "m", 1, add_model())
+    write_version(tmp_path, "other", 1, add_model())
+    args = ("--model-control-mode", "poll", "--repository-poll-secs", "0.2")
+    with serve_capped(tmp_path, *args, cap_bytes=CAP) as server:
+        os.symlink("9", tmp_path / "m" / "8")
+        os.symlink("8", tmp_path / "m" / "9")
+        write_version(tmp_path, "later", 1, add_model())
+        write_version(tmp_path, "other", 2, add_model())
+        _wait_for(lambda: requests.get(server.http_url + "/v2/models/later/ready", timeout=30).status_code == 200)
+        _wait_for(lambda: requests.get(server.http_url + "/v2/models/other/versions/2/ready", timeout=30).ok)
+        _wait_for(lambda: _index(server.http_url).count(("8", "UNAVAILABLE")) == 1)
+        reasons = {
+            (e["name"], e["version"]): e.get("reason", "")
+            for e in requests.post(server.http_url + "/v2/repository/index", json={}, timeout=30).json()
+        }
+        assert "version folder '9' is a symbolic link that cannot be resolved (a loop)" in reasons[("m", "9")]
+        assert "version folder '8' is a symbolic link that cannot be resolved (a loop)" in reasons[("m", "8")]
+        assert requests.get(server.http_url + "/v2/models/m/versions/1/ready", timeout=30).ok  # still serving
+        log = server.log()
+        assert "Traceback" not in log
+        assert "this round failed" not in log
+        assert log.count("version 9 failed to load") == 1, log[-3000:]  # once, not every poll
+        assert server.alive()
+
+
+def test_a_version_named_symlink_loop_at_start_up_is_a_named_configuration_error(tmp_path: Path) -> None:
+    # Outside attack rt43 F1: the server exited with a raw traceback (OSError: Too many levels of symbolic links).
+    write_version(tmp_path, "m", 1, add_model())
+    os.symlink("9", tmp_path / "m" / "8")
+    os.symlink("8", tmp_path / "m" / "9")
+    command = [*ONNXSERVE, "serve", "--model-repository", str(tmp_path), "--http-port", "0", "--grpc-port", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "version folder '9' is a symbolic link that cannot be resolved (a loop); refused" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_folder_that_is_not_a_model_name_and_empty_version_folders_leave_the_poll_going(tmp_path: Path) -> None:

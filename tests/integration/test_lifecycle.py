@@ -219,6 +219,40 @@ def test_an_invalid_new_config_is_refused_and_serving_goes_on(polled: tuple[Runn
     assert response.json()["outputs"][0]["data"] == [101.0]
 
 
+def test_a_config_file_replaced_by_a_fifo_or_dev_zero_is_refused_and_polling_goes_on(
+    polled: tuple[RunningServer, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO in the config file's place stalled the poll for good with nothing logged (a blocking open and
+    read), and a symbolic link to /dev/zero was read until memory ran out, each poll (outside attack rt43).
+    Now each is refused by name, once, the running configuration keeps serving, and the poll goes on."""
+    server, repo, config_file = polled
+    valid = config_file.read_text()
+    models.write_version(repo, "late", 1, models.offset_model(7.0))
+    fifo = repo / "fifo"
+    os.mkfifo(fifo)
+    with caplog.at_level(logging.DEBUG, logger="onnxserve.core.manager"):
+        try:
+            fifo.replace(config_file)
+            wait_until(lambda: "not a regular file" in caplog.text, what="the FIFO refused")
+            assert answer(server) == 101.0
+            config_file.unlink()
+            config_file.symlink_to("/dev/zero")
+            wait_until(lambda: caplog.text.count("not a regular file") >= 3, what="more refusals")  # DEBUG: (still)
+            assert answer(server) == 101.0
+            config_file.unlink()
+            write_config(config_file, extra=[{"name": "late", "base_path": "late"}])  # added while it was refused
+            wait_until(lambda: httpx.get(f"{server.http_url}/v2/models/late/ready").status_code == 200, what="late")
+        finally:
+            with contextlib.suppress(OSError):  # a poll stuck opening the FIFO (before the fix) gets its EOF
+                os.close(os.open(config_file, os.O_WRONLY | os.O_NONBLOCK))
+    assert answer(server, "late") == 8.0
+    refusals = [r for r in caplog.records if "reload refused" in r.getMessage()]
+    assert f"{config_file}: the config file is not a regular file" in refusals[0].getMessage()
+    assert [r.levelno for r in refusals].count(logging.ERROR) == 1  # the same reason for FIFO and device
+    assert "this round failed" not in caplog.text
+    assert valid  # (the file it replaced was valid)
+
+
 def test_a_changed_entry_loads_its_versions_again_and_a_refused_one_is_said_once(
     polled: tuple[RunningServer, Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -383,6 +417,28 @@ def explicit(tmp_path: Path) -> Iterator[tuple[RunningServer, Path, Path]]:
     server = start_in_background(catalog.read(), settings, catalog)
     yield server, repo, outside
     server.stop()
+
+
+def test_an_explicit_load_of_a_model_with_a_version_symlink_loop_says_why(
+    explicit: tuple[RunningServer, Path, Path],
+) -> None:
+    """A version-named symlink loop (``8 -> 9``, ``9 -> 8``) in a model's folder made its load answer 500
+    (outside attack rt43 F1); now the looping versions are refused with their reason, as a version folder
+    that leads outside is, and the versions the policy can serve load."""
+    server, repo, _ = explicit
+    models.write_version(repo, "vloop", 1, models.offset_model(3.0))
+    (repo / "vloop" / "8").symlink_to("9")
+    (repo / "vloop" / "9").symlink_to("8")
+    refused = httpx.post(f"{server.http_url}/v2/repository/models/vloop/load", timeout=30)
+    assert refused.status_code == 400, refused.text
+    assert "version 9: " in refused.json()["error"]
+    assert "is a symbolic link that cannot be resolved (a loop); refused" in refused.json()["error"]
+    reasons = {e["version"]: e.get("reason", "") for e in index(server) if e["name"] == "vloop"}
+    assert "cannot be resolved (a loop)" in reasons["9"]
+    (repo / "vloop" / "8").unlink()
+    (repo / "vloop" / "9").unlink()
+    assert httpx.post(f"{server.http_url}/v2/repository/models/vloop/load", timeout=30).status_code == 200
+    assert answer(server, "vloop") == 4.0
 
 
 def test_explicit_load_and_unload(explicit: tuple[RunningServer, Path, Path]) -> None:

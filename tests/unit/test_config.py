@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 import models
 from onnxserve.config import (
+    MAX_CONFIG_BYTES,
     ModelConfig,
     ServerConfig,
     VersionPolicy,
@@ -260,6 +262,35 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(file)
     assert str(file) in caught.value.message
     assert "cannot read" in caught.value.message
+
+
+def test_a_config_file_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    # Outside attack rt43: in poll mode a FIFO in the config file's place stalled every later poll (a
+    # blocking open), and a symbolic link to /dev/zero was read until memory ran out (4.9 GB) each poll.
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # no writer: opening it for reading would wait for one
+    zero = tmp_path / "zero.json"
+    zero.symlink_to("/dev/zero")
+    for file in (fifo, zero, tmp_path):
+        with pytest.raises(ConfigError) as caught:
+            load_config(file)
+        said = f"{file}: the config file is not a regular file (a folder, FIFO, socket or device)"
+        assert caught.value.message == said
+
+
+def test_a_config_file_larger_than_the_bound_is_refused_by_its_size(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    with config.open("wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert caught.value.message == (
+        f"{config}: the config file holds {MAX_CONFIG_BYTES + 1:,} bytes; at most {MAX_CONFIG_BYTES:,} are read"
+    )
+    link = tmp_path / "link.json"  # a symbolic link to a regular file is followed, as before
+    link.symlink_to(config)
+    config.write_text(json.dumps({"model_config_list": [{"name": "m", "base_path": "m"}]}))
+    assert load_config(link).model_config_list[0].name == "m"
 
 
 def test_duplicate_model_names(tmp_path: Path) -> None:

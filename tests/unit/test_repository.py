@@ -73,6 +73,36 @@ def test_discover_versions_base_path_missing(tmp_path: Path) -> None:
     assert "not a directory" in caught.value.message
 
 
+def test_a_version_named_symlink_loop_is_a_version_the_loader_refuses_with_its_reason(tmp_path: Path) -> None:
+    # Outside attack rt43 F1: ``8 -> 9``, ``9 -> 8`` made os.DirEntry.is_dir() raise ELOOP out of discovery:
+    # every poll round failed, start-up ended in a traceback and an explicit load answered 500.
+    models.write_version(tmp_path, "m", 1, models.add_model())
+    (tmp_path / "m" / "8").symlink_to("9")
+    (tmp_path / "m" / "9").symlink_to("8")
+    (tmp_path / "m" / "5").symlink_to("absent")  # a dangling link is no version, as before
+    found = discover_versions(tmp_path / "m")
+    assert [v.version for v in found] == [1, 8, 9]
+    assert found[2].signature() is None  # never walked
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, {"name": "m", "base_path": "m"})
+    assert "version folder '9' is a symbolic link that cannot be resolved (a loop); refused" in caught.value.message
+    served = _load(tmp_path, {"name": "m", "base_path": "m", "model_version_policy": {"specific": {"versions": [1]}}})
+    assert list(served.get("m").versions) == [1]
+
+
+def test_a_model_folder_or_base_path_that_is_a_symlink_loop_is_named_not_raised(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(ConfigError) as caught:
+        discover_versions(tmp_path / "a")
+    assert "not a directory or a .onnx file" in caught.value.message
+    config = parse_config({"model_config_list": [{"name": "m", "base_path": "a"}]}, "test config", tmp_path)
+    assert config.model_config_list[0].base_path == tmp_path / "a"  # refused when its versions are looked for
+    with pytest.raises(ConfigError) as caught:
+        ModelRegistry.load(config)
+    assert "not a directory or a .onnx file" in caught.value.message
+
+
 def test_no_version_folder(tmp_path: Path) -> None:
     (tmp_path / "0").mkdir()
     (tmp_path / "v1").mkdir()

@@ -102,9 +102,9 @@ def resolved(path: Path) -> Path | None:
 def leads_outside(folder: Path, base_path: Path) -> bool:
     """Whether a version folder (a symlink, perhaps) resolves anywhere but strictly inside ``base_path``
     (or cannot be resolved at all): such a folder is never walked, by the loader or by the repository poll."""
-    real_base = base_path.resolve()
+    real_base = resolved(base_path)
     real = resolved(folder)
-    return real is None or not _inside(real, real_base) or real == real_base
+    return real is None or real_base is None or not _inside(real, real_base) or real == real_base
 
 
 def folder_entries(folder: Path) -> Iterator[Path]:
@@ -150,6 +150,10 @@ def check_version_folder(
 
 def _check_version_folder(folder: Path, base_path: Path, allow_hardlinks: bool) -> None:
     if leads_outside(folder, base_path):
+        if resolved(folder) is None:
+            raise ModelLoadError(
+                f"version folder {folder.name!r} is a symbolic link that cannot be resolved (a loop); refused"
+            )
         raise ModelLoadError(f"version folder {folder.name!r} leads outside the model's base_path; refused")
     real = folder.resolve()
     for entry in folder_entries(folder):

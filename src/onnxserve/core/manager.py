@@ -55,6 +55,7 @@ from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig
 from onnxserve.core.client_text import shown
+from onnxserve.core.confinement import resolved
 from onnxserve.core.daemon_calls import call_in_daemon_thread
 from onnxserve.core.memory import give_back_free_memory, release_frames
 from onnxserve.core.observe import VersionRecord
@@ -151,8 +152,8 @@ class Catalog:
         if self.repository is None:
             return  # config files are the operator's own; their paths are trusted
         root = self.repository.resolve()
-        target = model.base_path.resolve()
-        if target != root and root not in target.parents:
+        target = resolved(model.base_path)
+        if target is None or (target != root and root not in target.parents):
             raise InvalidInputError(f"model {model.name!r} resolves outside the model repository; refused")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from onnxserve.config import MODEL_NAME_PATTERN, ModelConfig, ServerConfig, parse_config
 from onnxserve.core.client_text import LOGGED_CHARACTERS, clipped
-from onnxserve.core.confinement import folder_entries, leads_outside
+from onnxserve.core.confinement import folder_entries, leads_outside, resolved
 from onnxserve.errors import ConfigError, ModelLoadError
 
 MODEL_FILENAME = "model.onnx"
@@ -72,7 +72,11 @@ class VersionFolder:
         if not self.flat:
             return sorted(folder_entries(self.path))
         own = [self.model_file]
-        for entry in sorted(self.path.iterdir()):
+        try:
+            beside = sorted(self.path.iterdir())
+        except OSError:
+            return own  # a folder that cannot be listed: the load says why (its model file cannot be read)
+        for entry in beside:
             if entry.name != self.model_name and (entry.name.startswith(self.model_name) or entry.name in TEXT_FILES):
                 own.append(entry)
         return own
@@ -101,7 +105,7 @@ class VersionFolder:
                 entries.append((*entry, info.st_ino, info.st_ctime_ns) if identity else entry)
                 if len(entries) >= MAX_SIGNATURE_ENTRIES:
                     break
-        except ModelLoadError:
+        except (ModelLoadError, OSError):
             pass  # a tree too deep or unreadable: what was read is the signature; loading it says why it is refused
         return tuple(sorted(entries))
 
@@ -126,33 +130,68 @@ def version_number(name: str) -> int | None:
     return number if number <= MAX_VERSION else None
 
 
+def _is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (or a symbolic link to one); False when its type cannot be read (a
+    symbolic link loop, a target the server may not search), as pathlib's ``is_dir`` answers for a loop or
+    a missing target but not for every error (``PermissionError`` it raises)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_version_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether a version-named entry of a model's folder is a version folder: a folder, or a symbolic link
+    to one. A symbolic link whose target's type cannot be read (a loop such as ``8 -> 9``, ``9 -> 8``, or
+    a target the server may not search) is one too, as a symbolic link that leads outside the model's
+    folder is: the loader refuses it before reading anything, with the reason, and the repository index
+    shows it UNAVAILABLE (``os.DirEntry.is_dir`` raised ``OSError`` for such an entry, and the whole poll
+    round failed: outside attack rt43 F1). Any other entry whose type cannot be read is not a version."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        try:
+            return entry.is_symlink()
+        except OSError:
+            return False
+
+
 def discover_versions(base_path: Path) -> list[VersionFolder]:
-    """Every version under ``base_path``, lowest version first (see the module for the layouts)."""
-    if base_path.is_file():
+    """Every version under ``base_path``, lowest version first (see the module for the layouts); a
+    ConfigError when there is none to look at (no such folder or file, a folder that cannot be listed)."""
+    try:
+        is_file, is_dir = base_path.is_file(), base_path.is_dir()
+    except OSError as e:  # pathlib answers False for a loop or a missing path, but raises for the rest
+        raise ConfigError(f"{base_path}: base_path cannot be read ({e.strerror})") from None
+    if is_file:
         if base_path.suffix != MODEL_SUFFIX:
             raise ConfigError(f"{base_path}: base_path is a file but not an ONNX model (expected a .onnx file)")
         return [VersionFolder(FLAT_VERSION, base_path.parent, base_path.name, flat=True)]
-    if not base_path.is_dir():
+    if not is_dir:
         raise ConfigError(f"{base_path}: base_path is not a directory or a .onnx file (or does not exist)")
     found: dict[int, VersionFolder] = {}
-    with os.scandir(base_path) as entries:  # an entry's type without a stat each: a poll reads it every time
-        for entry in entries:
-            number = version_number(entry.name)
-            if number is None or not entry.is_dir():
-                continue
-            if number in found:
-                other = found[number].path.name
-                raise ConfigError(f"{base_path}: folders {other!r} and {entry.name!r} are both version {number}")
-            found[number] = VersionFolder(number, base_path / entry.name)
-    if not found:
-        return _flat_folder(base_path)
+    try:
+        with os.scandir(base_path) as entries:  # an entry's type without a stat each: a poll reads it every time
+            for entry in entries:
+                number = version_number(entry.name)
+                if number is None or not _is_version_folder(entry):
+                    continue
+                if number in found:
+                    other = found[number].path.name
+                    raise ConfigError(f"{base_path}: folders {other!r} and {entry.name!r} are both version {number}")
+                found[number] = VersionFolder(number, base_path / entry.name)
+        if not found:
+            return _flat_folder(base_path)
+    except OSError as e:  # listed as it is removed or made unreadable: this model's error, not the poll's
+        raise ConfigError(f"{base_path}: the model's folder cannot be listed ({e.strerror})") from None
     return [found[n] for n in sorted(found)]
 
 
 def _flat_folder(base_path: Path) -> list[VersionFolder]:
-    """The one model file of a folder without version folders, as version 1; none if it holds none."""
+    """The one model file of a folder without version folders, as version 1; none if it holds none (an
+    entry whose type cannot be read is taken as a file: the loader refuses it with the reason)."""
     candidates = sorted(
-        child.name for child in base_path.iterdir() if child.suffix == MODEL_SUFFIX and not child.is_dir()
+        child.name for child in base_path.iterdir() if child.suffix == MODEL_SUFFIX and not _is_folder(child)
     )
     if len(candidates) > 1:
         raise ConfigError(
@@ -187,22 +226,41 @@ def scan_repository(directory: str | os.PathLike[str], warned: set[str] | None =
     A folder whose name is not a model name (``my model``) is skipped with a warning that names it, so
     the others are served (and a polled repository keeps loading them); ``warned`` (the poll's) holds
     the names already warned about, so a poll warns about each folder once, and again only once it has
-    been gone and is back."""
+    been gone and is back. A folder the server may not list (``lost+found`` of another user) is skipped
+    the same way, with one warning that says so."""
     root = Path(directory)
-    if not root.is_dir():
+    if not _is_folder(root):
         raise ConfigError(f"{root}: the model repository is not a directory")
     models = []
     refused: set[str] = set()
     inside = root.resolve()
-    for child in sorted(root.iterdir()):
-        if child.name.startswith(".") or not child.is_dir():
+    try:
+        children = sorted(root.iterdir())
+    except OSError as e:
+        raise ConfigError(f"{root}: the model repository cannot be listed ({e.strerror})") from None
+    for child in children:
+        if child.name.startswith(".") or not _is_folder(child):
             continue
-        if inside not in child.resolve().parents:
+        real = resolved(child)
+        if real is None or inside not in real.parents:
             log.warning("%s: %s leads outside the model repository; skipped", root, child.name)
             continue
-        if not any(
-            (v.is_dir() and version_number(v.name) is not None) or v.suffix == MODEL_SUFFIX for v in child.iterdir()
-        ):
+        try:
+            holds_model = any(
+                (version_number(v.name) is not None and _is_folder(v)) or v.suffix == MODEL_SUFFIX
+                for v in child.iterdir()
+            )
+        except OSError as e:  # a folder the server may not list (lost+found): skipped, as a name is, once
+            refused.add(child.name)
+            if warned is None or child.name not in warned:
+                log.warning(
+                    "%s: folder %r cannot be listed (%s); it is not served",
+                    root,
+                    clipped(child.name, LOGGED_CHARACTERS),
+                    e.strerror,
+                )
+            continue
+        if not holds_model:
             continue
         if not re.fullmatch(MODEL_NAME_PATTERN, child.name):
             refused.add(child.name)
