@@ -13,6 +13,7 @@ import resource
 import selectors
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -993,3 +994,40 @@ def test_connections_lingering_after_an_early_answer_give_their_slots_to_newcome
             for sock in held:
                 sock.close()
         check_still_serving(capped, rss_before)
+
+
+def test_a_client_still_sending_the_body_past_its_early_answer_keeps_its_connection(
+    numeric_repository: Path,
+) -> None:
+    """A client that sends its whole body before it reads the answer (http.client, as many do), answered
+    413 at its head: while it still sends, its lingering connection is not cut for newcomers past the cap,
+    so it reads its 413 (the cut, 0.5 s after the answer, reset it mid-body and it lost the answer:
+    outside attack rt45)."""
+    cap = 20
+    with serve_capped(numeric_repository, "--max-connections", str(cap), "--max-request-bytes", "4096") as capped:
+        idle = [connect_from(capped, "127.0.0.1") for _ in range(cap - 1)]
+        stop = threading.Event()
+
+        def newcomers() -> None:  # a new connection from the same address every 0.1 s, past the cap
+            while not stop.wait(0.1):
+                with contextlib.suppress(OSError):
+                    idle.append(connect_from(capped, "127.0.0.1"))
+
+        arriving = threading.Thread(target=newcomers)
+        try:
+            with connect_from(capped, "127.0.0.2") as uploader:
+                uploader.sendall(
+                    b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 3000000\r\n\r\n"
+                )
+                arriving.start()
+                for _ in range(30):  # 3 MB at about 1 MB/s, then the answer is read
+                    uploader.sendall(b" " * 100_000)
+                    time.sleep(0.1)
+                answer = said_until_closed(uploader, 10)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        finally:
+            stop.set()
+            if arriving.is_alive():
+                arriving.join(timeout=10)
+            for sock in idle:
+                sock.close()

@@ -280,12 +280,21 @@ def split_call(stream: int, block: bytes) -> bytes:
     return frame(HEADERS, END_STREAM, stream, block[:16384]) + frame(CONTINUATION, END_HEADERS, stream, block[16384:])
 
 
-def test_many_connections_sending_large_blocks_do_not_hold_a_new_channel(server: CappedServer) -> None:
+@pytest.fixture
+def flooded_server(numeric_repository: Path) -> Iterator[CappedServer]:
+    """A server of its own: a flood leaves gigabytes in the kernel's buffers that the server goes on
+    checking after its client left, which the next tests would share."""
+    with serve_capped(numeric_repository, "--header-timeout", str(HEADER_TIMEOUT)) as capped:
+        yield capped
+
+
+def test_many_connections_sending_large_blocks_do_not_hold_a_new_channel(flooded_server: CappedServer) -> None:
     """600 connections each sending such blocks back to back for 6 s: a fresh channel's call (sent after the
     server's SETTINGS, a second flight of its connection) is answered within a second. Its turn to be
     checked came after a turn of each connection whose turn started as early, each decoding a whole block
     (outside attack rt40, 900 connections: 4 to 13 s; here 2.3 to 2.9 s), and cheap turns went one to a
     pass of the event loop."""
+    server = flooded_server
     stop, ready = threading.Event(), threading.Event()
     sent = [0]
     blocks = [large_block("a"), large_block("b")]  # the same block twice in a row would be decoded once
@@ -332,10 +341,14 @@ def test_many_connections_sending_large_blocks_do_not_hold_a_new_channel(server:
 
 
 def test_a_ping_flood_closes_its_connection(server: CappedServer) -> None:
-    """1,500 PINGs at once: closed after 1,000 (grpc-core answered each one); a PING and a call are answered."""
+    """1,500 PINGs at once: the connection is closed after 1,000 answered at most, by the front (its PING
+    budget, tests/unit/test_grpc_front.py) or, when other connections' check turns come between its own and
+    grpc-core sees the PINGs sooner than the front counts them all, by grpc-core's own rule against too many
+    pings; a PING and a call on a new connection are answered."""
     pings = b"".join(frame(PING_FRAME, 0, 0, k.to_bytes(8, "big")) for k in range(1500))
-    assert send_raw(server, pings).closed
-    wait_until(lambda: "PINGs faster than 100 a second" in server.log(), 5, "the WARNING line")
+    flooded = send_raw(server, pings)
+    assert flooded.closed
+    assert flooded.frames.count((PING_FRAME, 0)) <= 1000
     outcome = send_raw(server, frame(PING_FRAME, 0, 0, bytes(8)) + live_call(Encoder().encode(call_fields())))
     assert outcome.answered, outcome.frames
     assert (PING_FRAME, 0) in outcome.frames
@@ -367,6 +380,11 @@ PAST_THE_BOUNDS = [
         "a DATA frame inside a header block",
         frame(HEADERS, 0, 1, Encoder().encode(call_fields())) + frame(DATA, 0, 1, EMPTY_MESSAGE),
         "a frame other than CONTINUATION inside a header block",
+    ),
+    (
+        "a call on an even stream id",
+        live_call(Encoder().encode(call_fields()), stream=2),
+        "a HEADERS frame on an even stream id (a client opens odd ones)",
     ),
     (
         "a CONTINUATION frame without its HEADERS",

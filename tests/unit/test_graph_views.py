@@ -15,7 +15,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 from onnxserve.errors import InvalidInputError
-from onnxserve.toolkit.graph import FORMAT, build_graph, module_path, weight_values
+from onnxserve.toolkit.graph import FORMAT, build_graph, module_path, page_of, weight_values
 from onnxserve.toolkit.visualize.html import render_html, viewer_assets, viewer_payload
 from onnxserve.toolkit.visualize.svg import render_svg
 
@@ -237,3 +237,23 @@ def test_viewer_payload_embeds_a_bounded_number_of_values_and_intermediates() ->
     assert payload["intermediates"]["y"]["max"] == 1.0
     assert payload["highlight"] == {"add": "removed"}
     assert viewer_payload(doc, max_values=300)["weights"]["big"]["values"] == big[:300].tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.bool_])
+def test_page_values_are_each_value_shortest_in_its_own_type(dtype: type) -> None:
+    """A weights page writes each float16 or float32 value as the shortest text that reads back as that value
+    in its own type (NaN and infinities by name), computed for the whole page at once: value by value, a
+    page of 10,000 took 27 ms on the event loop, and a flood of pages held the probes 11 to 30 s (outside
+    attack rt45). The reference here is the value-by-value reading."""
+    values = (np.random.default_rng(7).standard_normal(3000) * 300).astype(dtype)
+    if values.dtype.kind == "f":
+        values[[3, 7, 11]] = [np.nan, np.inf, -np.inf]
+    page = page_of(onh.from_array(values, "w"), values, 0, 3000).values
+    if values.dtype.kind == "f" and values.dtype.itemsize < 8:
+        expected = [
+            float(text) if np.isfinite(v) else str(v) for text, v in zip(values.astype(str), values, strict=True)
+        ]
+    else:
+        expected = [v if not isinstance(v, float) or np.isfinite(v) else str(v) for v in values.tolist()]
+    assert page == expected
+    assert [type(v) for v in page] == [type(v) for v in expected]

@@ -442,3 +442,12 @@ def test_room_goes_to_whoever_has_waited_for_its_client_longest() -> None:
     newcomer = Held("10.0.0.3")
     listener.add(newcomer)  # type: ignore[arg-type]
     assert listener.make_room("10.0.0.1") is holders[0]
+
+
+def test_pings_past_the_budget_close_the_connection() -> None:
+    """1,000 PINGs at once pass (grpc-core answers them); the next one, within the same second, is refused."""
+    frames = ClientFrames()
+    ping = (8).to_bytes(3, "big") + bytes([0x6, 0x0]) + (0).to_bytes(4, "big") + bytes(8)
+    passed_through(frames, [PREFACE + ping * 1000])
+    with pytest.raises(Refused, match="PINGs faster than 100 a second"):
+        passed_through(frames, [ping])

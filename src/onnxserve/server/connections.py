@@ -608,12 +608,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _cut_oldest_closing(self) -> bool:
         """Cut the oldest ordinary connection the server is closing whose client has taken nothing of the rest
-        of its answer for ``CLOSING_IDLE_SECONDS`` (a TLS connection, ``_close_tls``; a plain one lingering
-        over the rest of its request body, ``_start_lingering``, once its answer has reached the client), or
+        of its answer for ``CLOSING_IDLE_SECONDS`` (a TLS connection, ``_close_tls``), or sent nothing more
+        of the body it is reading past for as long once its answer has reached the client (a plain one
+        lingering, ``_start_lingering``), or
         whose address gives way to this one's (``fairness.gives_way``): it is answered, and holds its slot
         only for a client that reads slowly or not at all, or sends a body it was told it need not send. A
-        client still taking its answer from an address holding no more than this one's keeps it (outside
-        attack rt29: new connections past the cap cut an honest slow reader's answer). At most
+        client still taking its answer, or still sending the body it is reading past (a client that sends
+        its whole body before it reads the answer: cut, it lost the answer, outside attack rt45), from an
+        address holding no more than this one's keeps it (outside attack rt29: new connections past the cap
+        cut an honest slow reader's answer). At most
         ``CLOSING_LOOKED_AT`` are looked at; False when none qualifies."""
         counts, now = self.clients.counts, time.monotonic()
         mine = counts.of[self._address] - 1
@@ -622,7 +625,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if tcp is None or tcp.is_closing():
                 self.clients.cutting.pop(closing, None)
                 continue
-            idle = now - closing._moved >= CLOSING_IDLE_SECONDS
+            idle = now - closing._moved >= CLOSING_IDLE_SECONDS  # over TLS, taken nothing; lingering, sent nothing
             if tcp is closing._lingering:  # its answer must have reached the client: a reset would lose it
                 idle = idle and not tcp.get_write_buffer_size() and not _unacknowledged(tcp)
             if idle or (closing._address != self._address and gives_way(counts.of[closing._address], mine)):
@@ -921,6 +924,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _lingered(self, data: bytes) -> None:
         self._linger_left -= len(data)
+        self._moved = time.monotonic()  # its client still sends: not one to cut for room (_cut_oldest_closing)
         if self._linger_left < 0:
             self.transport._transport.abort()  # type: ignore[attr-defined]
 

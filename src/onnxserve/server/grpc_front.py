@@ -133,6 +133,9 @@ HELD_HIGH_WATER = 256 * 1024
 """Checked bytes a connection may have waiting for its connection to grpc-core before the front stops
 reading it."""
 
+SENDING_TIMEOUTS = 2
+"""A connection whose calls all wait for their requests is cut after this many times ``--body-timeout``."""
+
 CLOSING_SECONDS = 2.0
 """How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
 over TLS, also how long its close_notify may take."""
@@ -354,6 +357,12 @@ class ClientFrames(_FrameWalk):
             if len(payload) < start:
                 raise Refused("a HEADERS frame shorter than its priority fields")
             fragment = payload[start:]
+            if stream % 2 == 0:
+                # a client opens odd streams only (RFC 9113, 5.1.1); grpc-core ignores a HEADERS frame on an
+                # even one without a word, so such a "call" was open for good here, never answered: connections
+                # holding one were busy, never closed for room nor cut (outside attack rt44: every newcomer
+                # locked out, with 60 bytes a connection)
+                raise Refused("a HEADERS frame on an even stream id (a client opens odd ones)", "even stream")
             if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
                 self._open(stream)
             if flags & END_STREAM:
@@ -728,6 +737,7 @@ class FrontConnection(asyncio.Protocol):
         self.state = IDLE
         self._writing_paused = False  # the client's transport holds more than it takes
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._waiting_since = 0.0  # when it began to wait for its client (sending or stalled), the loop's time
         self.transport: Any = None  # the client's (through the TLS layer over TLS)
         self.raw: asyncio.Transport | None = None  # the client's TCP transport
         self.backend: asyncio.Transport | None = None
@@ -961,12 +971,16 @@ class FrontConnection(asyncio.Protocol):
         self.state = state
         if state in (SENDING, STALLED):
             if self._stall_timer is None:
+                self._waiting_since = self.loop.time()
                 self._stall_timer = self.loop.call_later(self.listener.stall_seconds, self._waited_too_long)
         elif self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
 
     def _waited_too_long(self) -> None:
+        """Cut the connection: stalled for ``--body-timeout``, or sending for ``SENDING_TIMEOUTS`` times that
+        (each call's message has its own ``--body-timeout``, which ends the call with DEADLINE_EXCEEDED
+        first: the cut is for a client that opens the next message-less call as each ends)."""
         self._stall_timer = None
         if self.closed or self.state not in (SENDING, STALLED):
             return
@@ -974,7 +988,11 @@ class FrontConnection(asyncio.Protocol):
         if self.state == STALLED:
             message = f"its client read nothing of its calls' answers for {seconds:g} s (--body-timeout)"
         else:
-            message = f"its calls waited for their requests for {seconds:g} s (--body-timeout)"
+            left = self._waiting_since + SENDING_TIMEOUTS * seconds - self.loop.time()
+            if left > 0:
+                self._stall_timer = self.loop.call_later(left, self._waited_too_long)
+                return
+            message = f"its calls waited for their requests for {SENDING_TIMEOUTS * seconds:g} s (--body-timeout x 2)"
         self._refuse(Refused(message, "waited"))
 
     def _pause_client(self, why: str) -> None:

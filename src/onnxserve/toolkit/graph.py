@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnx
+import orjson
 from onnx import numpy_helper
 
 from onnxserve.errors import InvalidInputError
@@ -505,16 +507,37 @@ def _tensor_attribute(tensor: onnx.TensorProto) -> dict[str, Any]:
 
 
 def _plain(array: npt.NDArray[Any]) -> list[Any]:
+    """``array``'s values as JSON's: strings as text, numbers as numbers; a float16 or float32 value as the
+    shortest text that reads back as the same value in its own type (not float64's long tail), and a value
+    that is not finite as its name (``nan``, ``inf``, ``-inf``). Vectorized: a page of 10,000 float32
+    values took 27 ms value by value (``astype(str)``), on the event loop, and a flood of weights pages held
+    the probes 11 to 30 s (outside attack rt45); now about 1 ms."""
     if array.dtype.kind in "SO":
         return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in array.tolist()]
     if array.dtype.kind not in "biuf":
         array = array.astype(np.float32)
-    if array.dtype.kind == "f" and array.dtype.itemsize < 8:
-        # the shortest text that reads back as the same float32 (not float64's long tail)
-        return [float(text) if np.isfinite(v) else str(v) for text, v in zip(array.astype(str), array, strict=True)]
-    values: list[Any] = array.tolist()
+    values: list[Any]
+    if array.dtype == np.float32:
+        # orjson writes each float32 as its shortest text, which reads back as that float
+        values = orjson.loads(orjson.dumps(np.ascontiguousarray(array), option=orjson.OPT_SERIALIZE_NUMPY))
+    elif array.dtype == np.float16:
+        values = _float16_values()[array.view(np.uint16)].tolist()
+    else:
+        values = array.tolist()
     if array.dtype.kind == "f":
-        return [v if np.isfinite(v) else str(v) for v in values]
+        for at in np.flatnonzero(~np.isfinite(array)).tolist():
+            values[at] = str(array[at])
+    return values
+
+
+@functools.cache
+def _float16_values() -> npt.NDArray[np.float64]:
+    """Each of the 65,536 float16 bit patterns' value, read from its shortest float16 text (NaN for those
+    that are not finite: :func:`_plain` names them); built once, in about 0.1 s."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = np.isfinite(every)
+    values = np.full(every.shape, np.nan)
+    values[finite] = [float(text) for text in every[finite].astype(str)]
     return values
 
 
