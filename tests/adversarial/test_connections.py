@@ -337,6 +337,18 @@ def test_a_head_under_the_limit_is_served(server: CappedServer) -> None:
     assert response.status_code == 200, response.text
 
 
+def _heads_with_a_byte_of_body(server: CappedServer, count: int) -> list[socket.socket]:
+    """``count`` connections from 127.0.0.1, each with an inference request's head announcing 100 KB of body
+    and its first byte, then nothing."""
+    head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
+    opened = []
+    for _ in range(count):
+        sock = connect_from(server, "127.0.0.1")
+        sock.sendall(head)
+        opened.append(sock)
+    return opened
+
+
 def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> None:
     """The red team's attack: every connection busy with a body sent one byte at a time. Busy ones are
     never evicted, so probes and the scrape get one of the reserve connections; anything else asked on a
@@ -347,11 +359,7 @@ def test_busy_connections_leave_room_for_probes(numeric_repository: Path) -> Non
         rss_before = capped.rss_bytes()
         busy: list[socket.socket] = []
         try:
-            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
-            for _ in range(cap):
-                sock = socket.create_connection((capped.host, capped.http_port), timeout=5)
-                sock.sendall(head)
-                busy.append(sock)
+            busy += _heads_with_a_byte_of_body(capped, cap)
             deadline = time.monotonic() + 5
             while _established(capped) < cap and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -979,11 +987,7 @@ def test_connections_lingering_after_an_early_answer_give_their_slots_to_newcome
         rss_before = capped.rss_bytes()
         held: list[socket.socket] = []
         try:
-            head = b"POST /v2/models/add/infer HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 100000\r\n\r\n{"
-            for _ in range(cap):
-                sock = connect_from(capped, "127.0.0.1")
-                sock.sendall(head)
-                held.append(sock)
+            held += _heads_with_a_byte_of_body(capped, cap)
             for sock in held:
                 assert sock.recv(12) == b"HTTP/1.1 413"  # answered early; the connection lingers
             with connect_from(capped, "127.0.0.2") as other:

@@ -961,7 +961,7 @@ class FrontConnection(asyncio.Protocol):
         calls = self.streams
         if not calls:
             state = IDLE
-        elif self._writing_paused or calls.stalled or calls.waiting:
+        elif self._writing_paused or calls.waiting:  # every call unread, or some unread and the rest sending
             state = STALLED
         else:
             state = SENDING if calls.sending else BUSY
