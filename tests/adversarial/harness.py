@@ -47,14 +47,15 @@ class CappedServer:
         data_cap_bytes: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        def cap() -> None:
-            resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
-            if data_cap_bytes is not None:  # also caps the JSON decoding workers (offload.WORKER_DATA_BYTES)
-                resource.setrlimit(resource.RLIMIT_DATA, (data_cap_bytes, data_cap_bytes))
-
         command = [*ONNXSERVE, "serve", "--host", "127.0.0.1", "--http-port", "0", "--grpc-port", "0", *args]
         environment = None if env is None else {**os.environ, **env}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, preexec_fn=cap, env=environment)
+        # The caps are set on the child from here, as soon as it runs (it has loaded nothing yet), not by a
+        # preexec_fn between fork and exec, which is not safe in a process with threads (the tests' own,
+        # pytest-xdist's).
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+        resource.prlimit(self.process.pid, resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+        if data_cap_bytes is not None:  # also caps the JSON decoding workers (offload.WORKER_DATA_BYTES)
+            resource.prlimit(self.process.pid, resource.RLIMIT_DATA, (data_cap_bytes, data_cap_bytes))
         self.log_lines: list[str] = []
         self._reader: threading.Thread | None = None
         self.http_url = ""

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,11 +153,21 @@ def test_a_local_user_cannot_take_the_names_of_the_next_connections(server: Capp
     assert all(len(name) >= len("onnxserve-grpc-") + 24 for name in seen), seen
 
 
-def test_folders_of_servers_that_are_gone_are_removed(tmp_path: Path, numeric_repository: Path) -> None:
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A folder for a server's TMPDIR whose private socket path fits a Unix socket address (107 bytes):
+    pytest's own tmp_path in a pytest-xdist worker leaves no room for it."""
+    folder = Path(tempfile.mkdtemp(prefix="onnxserve-test-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_folders_of_servers_that_are_gone_are_removed(short_tmp: Path, numeric_repository: Path) -> None:
     """A private socket folder whose server process is gone (SIGKILL: no clean stop) is removed when the
     next server starts; a live process's folder and other names are kept."""
     from onnxserve.server.grpc_front import FOLDER_PREFIX
 
+    tmp_path = short_tmp
     gone = psutil.Popen(["true"])
     gone.wait()
     stale = tmp_path / f"{FOLDER_PREFIX}{gone.pid}-abcd1234"

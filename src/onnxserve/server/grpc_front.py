@@ -8,22 +8,21 @@ waiting past 10 s (outside attack rt33). No grpcio option bounds that work, so g
 listens on the gRPC port: this front does, and hands each connection's bytes on to grpc-core over a
 private Unix socket, in both directions, unchanged.
 
-What the front looks at is the client's side of the HTTP/2 connection, frame by frame (its 9-byte
-headers; payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it
-is whole, then decoded with the ``hpack`` library's decoder, which follows the connection's
-compression table, and passed on only if it has at most ``MAX_HEADER_FIELDS`` fields, at most
-``MAX_HEADER_LIST_BYTES`` decoded (counted as HTTP/2 counts a header list: name, value and 32 bytes a
-field) and at most ``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one that does not decode,
-frames that break the order of a header block, or a connection that does not start with HTTP/2's
-preface, close the connection at once: the compression table is shared by the connection's calls, so a
-block cannot be dropped alone. grpc-core itself refuses (RESOURCE_EXHAUSTED) a call whose header list
-is over its own 16 KiB, so the front's bounds, twice that, only meet what no gRPC client sends. A padded
-HEADERS frame is refused too: grpc-core reads its padding as header fields. The checks take at most half
-of the event loop's time (:class:`CheckShare`): past it, connections with bytes to check wait their turn,
-and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks. A connection is also
-closed when it keeps twice grpc-core's stream limit open after acknowledging it (``OVER_LIMIT``;
-``EARLY_STREAMS`` before), sends PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a header frame
-over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
+What the front looks at is the client's side of the HTTP/2 connection, frame by frame (its 9-byte headers;
+payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it is whole, then
+decoded with the ``hpack`` library's decoder, which follows the connection's compression table, and passed on
+only if it has at most ``MAX_HEADER_FIELDS`` fields, at most ``MAX_HEADER_LIST_BYTES`` decoded (counted as
+HTTP/2 counts a header list: name, value and 32 bytes a field; grpc-core's own hard limit) and at most
+``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one that does not decode, frames that break the order of
+a header block, or a connection that does not start with HTTP/2's preface, close the connection at once: the
+compression table is shared by the connection's calls, so a block cannot be dropped alone. grpc-core itself
+refuses (RESOURCE_EXHAUSTED) a call whose header list is over that limit, so the front's bounds only meet what
+no gRPC call gets through. A padded HEADERS frame is refused too: grpc-core reads its padding as header fields.
+The checks take at most half of the event loop's time (:class:`CheckShare`): past it, connections with bytes to
+check wait their turn, and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks. A
+connection is also closed when it keeps twice grpc-core's stream limit open after acknowledging it
+(``OVER_LIMIT``; ``EARLY_STREAMS`` before), sends PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a
+header frame over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
 
 The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls (opened by
 the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM) and their flow-control
@@ -73,7 +72,7 @@ from onnxserve.core.memory import give_back_memory_later
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
 from onnxserve.server.connection_index import Counts
-from onnxserve.server.connections import TRIM_AFTER_CUT_SECONDS
+from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
 from onnxserve.server.grpc_calls import Calls, Messages
 from onnxserve.server.tls_layer import wrap_tls
 
@@ -85,9 +84,13 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_FIELDS = 100
 """The most fields in one header block (the HTTP port's limit too; Envoy's default ``max_headers_count``)."""
 
-MAX_HEADER_LIST_BYTES = 32 * 1024
-"""The largest header list a block may decode to (name + value + 32 bytes per field): twice grpc-core's
-own 16 KiB, above which grpc-core refuses the call (RESOURCE_EXHAUSTED) but decodes the whole block."""
+MAX_HEADER_LIST_BYTES = GRPC_METADATA_HARD_BYTES
+"""The largest header list a block may decode to (name + value + 32 bytes per field): grpc-core's hard
+limit, above which it refuses the call (RESOURCE_EXHAUSTED) when it sees the block whole. At twice that, the
+front passed blocks grpc-core would refuse, and under a flood of them grpc-core, reading each in pieces,
+handed the calls to the handler with their fields cut at its limit: 3,400 calls in 17 s queued ahead of
+other clients' (outside attack rt42 F1, repeated: a fresh channel's call waited 20 to 25 s, or was answered
+CANCELLED when grpc-core's queue of calls not yet taken was full)."""
 
 MAX_HEADER_BLOCK_BYTES = 32 * 1024
 """The most encoded bytes in one header block, its HEADERS and CONTINUATION frames together."""
@@ -100,7 +103,7 @@ frame until it is whole, and a larger bound let each connection hold more (outsi
 DECODE_SLICE_BYTES = 4 * 1024
 """Encoded header bytes decoded in one turn of a connection (:class:`CheckShare`; a block is decoded whole,
 so a turn decodes at least one); the rest waits for its next turn. The decoder takes 0.25 to 1.1 µs a byte:
-about 1 to 5 ms a turn (a block of 32 KiB, up to 35 ms), which a cheap turn placed after it waits for
+about 1 to 5 ms a turn (a block of 16 KiB, up to 18 ms), which a cheap turn placed after it waits for
 (30 flooding connections, queued first come first served: ServerReady on a fresh channel at most 0.46 s,
 where 16 KiB turns gave 1.1 s)."""
 
