@@ -20,6 +20,39 @@ from onnxserve.server.settings import ServerSettings
 StartServer = Callable[[ServerConfig], RunningServer]
 
 
+SERIAL_MODULES = {
+    "test_adaptive_layout",
+    "test_auth_tls",
+    "test_batch_forming",
+    "test_batching",
+    "test_deploy_replicas",
+    "test_fair_clients",
+    "test_graph_view_browser",
+    "test_hostile_models",
+    "test_inline_runs_served",
+    "test_lifecycle",
+    "test_metrics",
+    "test_model_layouts",
+    "test_openai_embeddings",
+    "test_overload",
+    "test_perf_analyzer",
+    "test_request_limits",
+    "test_text_drain",
+    "test_text_room",
+    "test_v2_rest",
+    "test_web_page",
+}
+"""Test modules outside tests/adversarial/ whose tests measure time (probes, timeouts, batching delays) and so
+run alone (marker ``serial``): beside another worker's test on a 2-core machine, probes under attack, drain
+timings and fair-share checks failed that pass alone."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent.name == "adversarial" or item.path.stem in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def freeze_what_outlives_the_module() -> None:
     """Before each module's own fixtures: what is alive now lives on past this module (the imports of

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 20 s, and a request whose answer was being sent at the SIGKILL is lost now and then
 def test_replicas_survive_a_drain_and_a_kill(tmp_path: Path) -> None:
     if not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
         pytest.skip("haproxy is not installed (make deploy-deps installs it with apt when root)")
