@@ -22,34 +22,46 @@ StartServer = Callable[[ServerConfig], RunningServer]
 
 SERIAL_MODULES = {
     "test_adaptive_layout",
-    "test_auth_tls",
     "test_batch_forming",
     "test_batching",
     "test_deploy_replicas",
     "test_fair_clients",
-    "test_graph_view_browser",
-    "test_hostile_models",
     "test_inline_runs_served",
     "test_lifecycle",
-    "test_metrics",
-    "test_model_layouts",
     "test_openai_embeddings",
     "test_overload",
-    "test_perf_analyzer",
     "test_request_limits",
     "test_text_drain",
     "test_text_room",
-    "test_v2_rest",
-    "test_web_page",
 }
 """Test modules outside tests/adversarial/ whose tests measure time (probes, timeouts, batching delays) and so
 run alone (marker ``serial``): beside another worker's test on a 2-core machine, probes under attack, drain
 timings and fair-share checks failed that pass alone."""
 
+PARALLEL_ADVERSARIAL = {
+    "test_chunks",
+    "test_class_answers",
+    "test_dense_numbers",
+    "test_embedding_texts",
+    "test_encoded_answers",
+    "test_estimate_architectures",
+    "test_execution_memory",
+    "test_external_data_overwrite",
+    "test_grpc_refusals",
+    "test_outputs",
+    "test_string_outputs",
+    "test_texts",
+    "test_web_removed_files",
+}
+"""Modules of tests/adversarial/ that bound what an attack costs in memory (the server's own RSS) and what it is
+answered, not how long anything takes: they run on the two workers. Every other attack module is serial."""
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.parent.name == "adversarial" or item.path.stem in SERIAL_MODULES:
+        module = item.path.stem
+        adversarial = item.path.parent.name == "adversarial"
+        if (adversarial and module not in PARALLEL_ADVERSARIAL) or module in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
 
 
