@@ -1495,8 +1495,9 @@ def grpc_send_limit(settings: ServerSettings) -> int:
 GRPC_METADATA_SOFT_BYTES = 8 * 1024
 GRPC_METADATA_HARD_BYTES = 16 * 1024
 """grpc-core's header list limits (name + value + 32 bytes a field), set here as its defaults are: past the
-soft one it refuses a call with a chance that grows to certainty at the hard one (RESOURCE_EXHAUSTED). The
-gRPC port's front closes a connection whose block decodes past the hard one (``grpc_front``): grpc-core
+soft one it refuses a call with a chance that grows to certainty at the hard one (RESOURCE_EXHAUSTED), once
+the client has acknowledged its SETTINGS (before, it serves every list: outside attack rt46). The
+gRPC port's front closes a connection whose block decodes to the hard one or more (``grpc_front``): grpc-core
 refuses such a call when it sees the block whole, but under load, reading it in pieces, it handed the call
 to the handler with its fields cut at the limit (outside attack rt42 F1, repeated: 3,400 such calls in 17 s
 queued ahead of other clients' calls)."""

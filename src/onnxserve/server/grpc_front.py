@@ -12,7 +12,7 @@ What the front looks at is the client's side of the HTTP/2 connection, frame by 
 payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it is whole, then
 decoded with the ``hpack`` library's decoder, which follows the connection's compression table, and passed on
 only if it has at most ``MAX_HEADER_FIELDS`` fields, at most ``MAX_HEADER_LIST_BYTES`` decoded (counted as
-HTTP/2 counts a header list: name, value and 32 bytes a field; grpc-core's own hard limit) and at most
+HTTP/2 counts a header list: name, value and 32 bytes a field; under grpc-core's own hard limit) and at most
 ``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one that does not decode, frames that break the order of
 a header block, or a connection that does not start with HTTP/2's preface, close the connection at once: the
 compression table is shared by the connection's calls, so a block cannot be dropped alone. grpc-core itself
@@ -84,9 +84,10 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_FIELDS = 100
 """The most fields in one header block (the HTTP port's limit too; Envoy's default ``max_headers_count``)."""
 
-MAX_HEADER_LIST_BYTES = GRPC_METADATA_HARD_BYTES
-"""The largest header list a block may decode to (name + value + 32 bytes per field): grpc-core's hard
-limit, above which it refuses the call (RESOURCE_EXHAUSTED) when it sees the block whole. At twice that, the
+MAX_HEADER_LIST_BYTES = GRPC_METADATA_HARD_BYTES - 1
+"""The largest header list a block may decode to (name + value + 32 bytes per field): just under grpc-core's
+hard limit, at which it refuses the call (RESOURCE_EXHAUSTED: "16384 vs. 16384") when it sees the block
+whole (a bound of the limit itself let such lists through: outside attack rt46). At twice that, the
 front passed blocks grpc-core would refuse, and under a flood of them grpc-core, reading each in pieces,
 handed the calls to the handler with their fields cut at its limit: 3,400 calls in 17 s queued ahead of
 other clients' (outside attack rt42 F1, repeated: a fresh channel's call waited 20 to 25 s, or was answered
