@@ -30,13 +30,15 @@ SERIAL_MODULES = {
     "test_lifecycle",
     "test_openai_embeddings",
     "test_overload",
+    "test_perf_analyzer",
     "test_request_limits",
     "test_text_drain",
     "test_text_room",
 }
-"""Test modules outside tests/adversarial/ whose tests measure time (probes, timeouts, batching delays) and so
-run alone (marker ``serial``): beside another worker's test on a 2-core machine, probes under attack, drain
-timings and fair-share checks failed that pass alone."""
+"""Test modules outside tests/adversarial/ whose tests measure time (probes, timeouts, batching delays, a load
+generator's stable measurement) and so run alone (marker ``serial``): beside another worker's test on a 2-core
+machine, probes under attack, drain timings, fair-share checks and perf_analyzer's stability failed that pass
+alone."""
 
 PARALLEL_ADVERSARIAL = {
     "test_chunks",
