@@ -35,7 +35,8 @@ from onnxserve.server.settings import ServerSettings
 from waiting import until, wait_until
 
 FLOOD = 24
-PRODUCTS = 1000.0  # 64x64 products per run: tens of ms, so that the flood queues up faster than it runs
+PRODUCTS = 3000.0  # 64x64 products per run: tens of ms, so that the flood queues up faster than it runs (at
+# 1000, batches of 4 drained 24 requests before a gRPC flood sent from a loaded test process was all in)
 TOKEN_A = "flooder-0123456789abcdef"
 TOKEN_B = "patient-0123456789abcdef"
 DIRECT: dict[str, Any] = {"max_batch_size": 0}
