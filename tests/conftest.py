@@ -34,6 +34,7 @@ SERIAL_MODULES = {
     "test_request_limits",
     "test_text_drain",
     "test_text_room",
+    "test_waiting_progress",
 }
 """Test modules outside tests/adversarial/ whose tests measure time (probes, timeouts, batching delays, a load
 generator's stable measurement) and so run alone (marker ``serial``): beside another worker's test on a 2-core

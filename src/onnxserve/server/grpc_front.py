@@ -16,13 +16,14 @@ HTTP/2 counts a header list: name, value and 32 bytes a field; under grpc-core's
 ``MAX_HEADER_BLOCK_BYTES`` encoded. A block past these, one that does not decode, frames that break the order of
 a header block, or a connection that does not start with HTTP/2's preface, close the connection at once: the
 compression table is shared by the connection's calls, so a block cannot be dropped alone. grpc-core itself
-refuses (RESOURCE_EXHAUSTED) a call whose header list is over that limit, so the front's bounds only meet what
-no gRPC call gets through. A padded HEADERS frame is refused too: grpc-core reads its padding as header fields.
-The checks take at most half of the event loop's time (:class:`CheckShare`): past it, connections with bytes to
-check wait their turn, and one turn checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks. A
-connection is also closed when it keeps twice grpc-core's stream limit open after acknowledging it
-(``OVER_LIMIT``; ``EARLY_STREAMS`` before), sends PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a
-header frame over ``MAX_HEADER_FRAME_BYTES``, or leaves a header block unfinished past ``--header-timeout``.
+refuses (RESOURCE_EXHAUSTED) a call whose header list reaches that limit once the client has acknowledged its
+SETTINGS (before, it serves it), so the front's bounds only meet what no gRPC call should get through. A padded
+HEADERS frame is refused too: grpc-core reads its padding as header fields. The checks take at most half of the
+event loop's time (:class:`CheckShare`): past it, connections with bytes to check wait their turn, and one turn
+checks at most ``DECODE_SLICE_BYTES`` of a connection's header blocks. A connection is also closed when it keeps
+twice grpc-core's stream limit open after acknowledging it (``OVER_LIMIT``; ``EARLY_STREAMS`` before), sends
+PINGs faster than ``PING_RATE`` after ``PING_BURST``, sends a header frame over ``MAX_HEADER_FRAME_BYTES``, or
+leaves a header block unfinished past ``--header-timeout``.
 
 The front holds the connection cap (``--grpc-max-connections``): it follows each connection's calls (opened by
 the client's HEADERS, ended by grpc-core's END_STREAM or either side's RST_STREAM) and their flow-control
