@@ -334,3 +334,30 @@ def held_stream(
             response_deserializer=pb.ModelStreamInferResponse.FromString,
         )
         yield from call(messages(), timeout=timeout)
+
+
+def probed_while(
+    server: CappedServer,
+    attackers: list[threading.Thread],
+    stop: threading.Event,
+    seconds: float = 4.0,
+    ready: threading.Event | None = None,
+) -> list[float]:
+    """Run ``attackers`` for ``seconds`` (from when they are ``ready``) while a client calls ServerReady on a
+    fresh channel every 0.1 s; the seconds each call took (a call slower than 15 s, or not answered ready,
+    CANCELLED for one, fails the test)."""
+    for thread in attackers:
+        thread.start()
+    probes: list[float] = []
+    try:
+        if ready is not None:
+            assert ready.wait(60), "the attackers never got ready"
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            probes.append(server.grpc_probe_seconds(timeout=15))
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(timeout=30)
+    return probes

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import CappedServer, said_until_closed, serve_capped
+from harness import CappedServer, probed_while, said_until_closed, serve_capped
 from hpack import Encoder, NeverIndexedHeaderTuple
 
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
@@ -128,32 +128,6 @@ def drained(sock: socket.socket) -> bool:
         return True
     finally:
         sock.settimeout(timeout)
-
-
-def probed_while(
-    server: CappedServer,
-    attackers: list[threading.Thread],
-    stop: threading.Event,
-    seconds: float = ATTACK_SECONDS,
-    ready: threading.Event | None = None,
-) -> list[float]:
-    """Run ``attackers`` for ``seconds`` (from when they are ``ready``) while a client calls ServerReady on a
-    fresh channel every 0.1 s; the seconds each call took (a call slower than 15 s fails the test)."""
-    for thread in attackers:
-        thread.start()
-    probes: list[float] = []
-    try:
-        if ready is not None:
-            assert ready.wait(60), "the attackers never got ready"
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            probes.append(server.grpc_probe_seconds(timeout=15))
-            time.sleep(0.1)
-    finally:
-        stop.set()
-        for thread in attackers:
-            thread.join(timeout=30)
-    return probes
 
 
 def server_live(target: str, timeout: float = 10) -> None:

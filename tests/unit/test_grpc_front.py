@@ -188,6 +188,19 @@ def test_a_client_reset_ends_its_call() -> None:
     assert set(frames.streams) == {1}
 
 
+def test_client_resets_of_calls_grpc_core_has_not_answered_count_as_abandoned() -> None:
+    """A call reset before grpc-core began its answer stays in grpc-core's queue (abandoned); one reset
+    after its answer began does not; so does a call left open when the connection goes (``unanswered``)."""
+    frames = ClientFrames()
+    block = Encoder().encode([(":path", PATH)])
+    frames.feed(PREFACE + header_frame(1, block) + header_frame(3, block) + header_frame(5, block))
+    ServerFrames(frames.streams).feed(server_frame(0x1, 0x4, 3, b"\x88"))  # call 3's answer has begun
+    assert frames.streams.unanswered() == 2
+    frames.feed(server_frame(0x3, 0, 1, b"\x00\x00\x00\x08") + server_frame(0x3, 0, 3, b"\x00\x00\x00\x08"))
+    assert frames.abandoned == 1
+    assert frames.streams.unanswered() == 1  # call 5, open
+
+
 def test_only_new_streams_open_calls() -> None:
     """HEADERS on a stream older than the newest (a client's trailers, or a call that has ended) opens
     nothing: a client cannot grow the connection's calls past the streams it really opened."""

@@ -104,6 +104,14 @@ class Calls:
     def end(self, stream: int) -> None:
         self._calls.pop(stream, None)
 
+    def unanswered(self, stream: int | None = None) -> int:
+        """How many open calls (of ``stream`` alone, if given) grpc-core has not begun to answer: left
+        behind, they wait in its queue for the application (``abandoned_calls``)."""
+        if stream is not None:
+            call = self._calls.get(stream)
+            return int(call is not None and not call.answering)
+        return sum(not call.answering for call in self._calls.values())
+
     # -- the client's frames -------------------------------------------------------------------------
     def client_ended(self, stream: int) -> None:
         """The client ended its side of a call (END_STREAM): its request is all sent."""

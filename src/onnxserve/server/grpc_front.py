@@ -34,7 +34,10 @@ waiting for its client's next request message) or stalled (every call's answer w
 it), the one longest so, from the client address holding the most connections when it holds at least two more
 than the newcomer's (as on the HTTP port), else, idle or stalled, of the addresses holding at least as many as
 the newcomer's; a connection with a call that runs is never closed for room, and when none can be, the
-newcomer is closed. A connection stalled for ``--body-timeout`` is closed. grpc-core refused every connection
+newcomer is closed. A connection stalled for ``--body-timeout`` is closed. The calls a client leaves
+unanswered (reset, or left open when its connection goes, before grpc-core began to answer them) are counted
+per address (:class:`onnxserve.server.abandoned_calls.AbandonedCalls`): past its budget, the address's new
+connections are refused and a connection of its that leaves more is closed. grpc-core refused every connection
 past its cap and closed an idle one only after ``--grpc-max-connection-idle`` (300 s), so 10,000 idle
 connections locked gRPC callers out. The rest is grpc-core's, unchanged: its handshake timeout, stream limits,
 keepalive and idle rules apply to the connection it gets from the front, one for each of the clients'. Over
@@ -72,6 +75,9 @@ from onnxserve.core.fairness import gives_way
 from onnxserve.core.memory import give_back_memory_later
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
+from onnxserve.server.abandoned_calls import BURST as ABANDONED_BURST
+from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
+from onnxserve.server.abandoned_calls import AbandonedCalls
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
 from onnxserve.server.grpc_calls import Calls, Messages
@@ -172,6 +178,15 @@ before its GOAWAY for too many (outside attack rt38: other clients' calls waited
 FRAME_HEADER = 9
 
 
+_ABANDONED = (
+    f"left more than {ABANDONED_RATE:,.0f} calls a second unanswered (after {ABANDONED_BURST:,.0f} at once), reset "
+    "or with their connections closed: they wait in grpc-core's queue and crowd out other clients' calls"
+)
+ABANDONED_CLOSE = f"its address {_ABANDONED}"
+ABANDONED_REFUSAL = f"refused gRPC connection(s) from an address that {_ABANDONED}"
+"""Why a connection is closed, or refused, for the calls its address abandons (``abandoned_calls``)."""
+
+
 class Refused(Exception):
     """Why a connection is closed: a header block past the bounds, or HTTP/2 the front cannot follow.
     ``kind`` (default: the message) names the refusal for the log's throttle, without any number a
@@ -224,6 +239,8 @@ class ClientFrames(_FrameWalk):
         self._decoder.max_allowed_table_size = MAX_TABLE_SIZE
         self._same_block: bytes | None = None  # the last block checked, if it left the table as it was
         self._same_table: tuple[int, int, object] = (0, 0, None)
+        self.abandoned = 0
+        """Calls the client reset before grpc-core began to answer them (taken by the connection)."""
 
     @property
     def held(self) -> int:
@@ -340,6 +357,7 @@ class ClientFrames(_FrameWalk):
                     if flags & END_STREAM:
                         self.streams.client_ended(stream)
                 elif kind == RST_STREAM:
+                    self.abandoned += self.streams.unanswered(stream)
                     self.streams.end(stream)
                 elif kind == PING and not flags & ACK:
                     self._ping()
@@ -686,6 +704,7 @@ class _Listener:
         self.waiting = {state: _Waiting(order) for state in (IDLE, SENDING, STALLED)}  # those that may make room
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
+        self.abandoned = AbandonedCalls()
 
     def add(self, connection: FrontConnection) -> None:
         self.open.add(connection)
@@ -766,6 +785,11 @@ class FrontConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         listener = self.listener
+        if listener.abandoned.barred(self.host):
+            self._refuse_quietly("abandoned", ABANDONED_REFUSAL)
+            transport.abort()  # type: ignore[attr-defined]
+            self.closed = True
+            return
         if len(listener.open) >= listener.cap:
             victim = listener.make_room(self.host)
             if victim is None:
@@ -831,6 +855,11 @@ class FrontConnection(asyncio.Protocol):
             share.spend(self, time.perf_counter() - started, turn)
         if passed:
             self._hand_on(passed)
+        if self.frames.abandoned:
+            calls, self.frames.abandoned = self.frames.abandoned, 0
+            if self.listener.abandoned.charge(self.host, calls):
+                self._refuse(Refused(ABANDONED_CLOSE, "abandoned"))
+                return
         self._look()
         self._watch_block()
         if more:  # the rest of this read (reading waits) at this connection's next turn
@@ -890,6 +919,8 @@ class FrontConnection(asyncio.Protocol):
         self._look()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:  # the client left: the calls grpc-core has not answered yet stay in its queue
+            self.listener.abandoned.charge(self.host, self.streams.unanswered())
         self._close(abort=True)
 
     # -- grpc-core's side ----------------------------------------------------------------------------
@@ -1016,6 +1047,7 @@ class FrontConnection(asyncio.Protocol):
 
     def _refuse(self, refusal: Refused) -> None:
         self._refuse_quietly(refusal.kind, f"closed a gRPC connection from {self.host or 'a client'}: {refusal}")
+        self.listener.abandoned.charge(self.host, self.streams.unanswered())
         self._close(abort=True)
 
     def _refuse_quietly(self, kind: str, message: str) -> None:

@@ -1,0 +1,156 @@
+"""Calls a client leaves behind unanswered do not get other clients' calls dropped (server.abandoned_calls).
+
+A call whose connection is closed, or which is reset, before grpc-core answers it still waits in grpc-core's
+queue for the application, which grpc.aio drains one call at a time; past 1,000 calls waiting, grpc-core
+drops new calls at random and answers them CANCELLED, whoever sent them. One client dropping connections of
+50 calls, 170 a second, had most of other clients' calls answered CANCELLED (4 to 12 of 16 probes). The
+port's front now counts the calls each address abandons (500 a second, 500 at once): past that, its new
+connections are refused and a connection of its that abandons more is closed. The attacker here is
+127.0.0.2, the probes come from 127.0.0.1; connections are raw HTTP/2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import CappedServer, probed_while, serve_capped
+from hpack import Encoder, NeverIndexedHeaderTuple
+from raw_h2 import SERVER_READY, RawGrpcConnection
+
+from onnxserve.server.abandoned_calls import BURST, RATE
+from waiting import wait_until
+
+ATTACKER = "127.0.0.2"
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, RST_STREAM, SETTINGS = 0x0, 0x1, 0x3, 0x4
+END_STREAM, END_HEADERS, ACK = 0x1, 0x4, 0x1
+CANCEL = 0x8
+CALLS = 50
+OK = grpc.StatusCode.OK.value[0]
+
+
+@pytest.fixture
+def server(numeric_repository: Path) -> Iterator[CappedServer]:
+    """A server of its own for each test: the attacker's budget starts full."""
+    with serve_capped(numeric_repository, "--log-repeat-seconds", "0.5") as capped:
+        yield capped
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
+
+
+BLOCK = Encoder().encode(
+    [
+        NeverIndexedHeaderTuple(name, value)
+        for name, value in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/inference.GRPCInferenceService/ServerLive"),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+    ]
+)
+"""A ServerLive call's header block, the same bytes on every stream (the compression table untouched)."""
+
+
+def calls(first: int, count: int = CALLS) -> bytes:
+    """``count`` whole ServerLive calls (their empty message sent) on streams ``first``, ``first + 2``, ..."""
+    return b"".join(
+        frame(HEADERS, END_HEADERS, first + 2 * k, BLOCK) + frame(DATA, END_STREAM, first + 2 * k, bytes(5))
+        for k in range(count)
+    )
+
+
+def resets(first: int, count: int = CALLS) -> bytes:
+    return b"".join(frame(RST_STREAM, 0, first + 2 * k, struct.pack(">I", CANCEL)) for k in range(count))
+
+
+def connect(server: CappedServer) -> socket.socket:
+    sock = socket.create_connection((server.host, server.grpc_port), timeout=2, source_address=(ATTACKER, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close() resets
+    return sock
+
+
+def drops_connections(server: CappedServer, stop: threading.Event, sent: list[int]) -> None:
+    """Connections of ``CALLS`` calls each, reset 5 ms after, one after another as fast as they go."""
+    while not stop.is_set():
+        try:
+            with connect(server) as sock:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0) + calls(1))
+                time.sleep(0.005)
+            sent[0] += CALLS
+        except OSError:  # refused: the address is past its budget
+            time.sleep(0.001)
+
+
+def test_a_client_dropping_connections_full_of_calls_does_not_get_others_cancelled(server: CappedServer) -> None:
+    """Two threads of 127.0.0.2 dropping connections of 50 calls for 4 s: every ServerReady of 127.0.0.1's
+    (a fresh channel every 0.1 s) is answered ready, none CANCELLED; the address's new connections are
+    refused, with one WARNING line a throttle period; once its budget refills it is served again."""
+    stop = threading.Event()
+    sent = [0]
+    attackers = [threading.Thread(target=drops_connections, args=(server, stop, sent)) for _ in range(2)]
+    probes = probed_while(server, attackers, stop)
+    assert max(probes) < 2.0, probes
+    assert sent[0] >= BURST, sent  # it went past its budget
+    wait_until(
+        lambda: f"refused gRPC connection(s) from an address that left more than {RATE:,.0f} calls" in server.log(),
+        5,
+        "the WARNING line",
+    )
+    time.sleep(2 * BURST / RATE)  # the bucket refills
+    with contextlib.closing(RawGrpcConnection(server.host, server.grpc_port, source=ATTACKER)) as connection:
+        stream = connection.open_call(SERVER_READY)
+        connection.send_whole(stream, b"")
+        deadline = time.monotonic() + 10
+        while not connection.calls[stream].ended and not connection.closed and time.monotonic() < deadline:
+            connection.pump(0.05)
+        assert connection.calls[stream].status == OK, connection.calls[stream]
+    assert server.alive()
+
+
+def resets_calls(server: CappedServer, stop: threading.Event, closed: list[int]) -> None:
+    """One connection that opens ``CALLS`` calls and resets them 5 ms after, again and again; a new one
+    when it is closed."""
+    while not stop.is_set():
+        try:
+            with connect(server) as sock:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0))
+                stream = 1
+                while not stop.is_set():
+                    sock.sendall(calls(stream))
+                    time.sleep(0.005)
+                    sock.sendall(resets(stream))
+                    stream += 2 * CALLS
+        except OSError:
+            closed[0] += 1
+            time.sleep(0.01)
+
+
+def test_connections_resetting_their_calls_are_closed_past_the_budget(server: CappedServer) -> None:
+    """Twenty connections of 127.0.0.2 each opening 50 calls and resetting them 5 ms later, again and again
+    (each has at most grpc-core's stream limit waiting, twenty of them 2,000): every ServerReady of
+    127.0.0.1's is answered ready, and the attacker's connections are closed once past its budget."""
+    stop = threading.Event()
+    closed = [0]
+    attackers = [threading.Thread(target=resets_calls, args=(server, stop, closed)) for _ in range(20)]
+    probes = probed_while(server, attackers, stop)
+    assert max(probes) < 2.0, probes
+    assert closed[0] >= 20, closed
+    wait_until(
+        lambda: "closed a gRPC connection from 127.0.0.2: its address left more than" in server.log(),
+        5,
+        "the WARNING line",
+    )
+    assert server.alive()
