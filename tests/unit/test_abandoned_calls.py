@@ -64,3 +64,11 @@ def test_the_addresses_followed_are_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(budget) == 8
     assert budget.barred("10.0.1.19")
     assert not budget.barred("10.0.1.0")  # forgotten
+
+
+def test_a_rate_of_zero_is_no_limit() -> None:
+    """``--grpc-max-abandoned-calls 0``: nothing is counted, nobody barred."""
+    budget = AbandonedCalls(rate=0, burst=0, clock=Clock())
+    assert not budget.charge("10.0.0.1", 10**6)
+    assert not budget.barred("10.0.0.1")
+    assert len(budget) == 0

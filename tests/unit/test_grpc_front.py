@@ -201,6 +201,22 @@ def test_client_resets_of_calls_grpc_core_has_not_answered_count_as_abandoned() 
     assert frames.streams.unanswered() == 1  # call 5, open
 
 
+def test_calls_grpc_core_ends_with_trailers_alone_are_counted() -> None:
+    """Trailers alone (no answer begun) end a call short: what grpc-core sends each open call before it closes
+    a connection for a client's error, the calls left in its queue; a call answered first is not counted."""
+    streams = Calls()
+    for stream in (1, 3, 5):
+        streams.open(stream)
+    ServerFrames(streams).feed(
+        server_frame(0x1, 0x4, 1, b"\x88")  # call 1: its answer begins
+        + server_frame(0x1, 0x5, 1, b"\x88")  # and ends
+        + server_frame(0x1, 0x5, 3, b"\x88")  # call 3: trailers alone
+        + server_frame(0x1, 0x5, 5, b"\x88")  # call 5: trailers alone
+    )
+    assert set(streams) == set()
+    assert streams.recently_cut_short() == 2
+
+
 def test_only_new_streams_open_calls() -> None:
     """HEADERS on a stream older than the newest (a client's trailers, or a call that has ended) opens
     nothing: a client cannot grow the connection's calls past the streams it really opened."""

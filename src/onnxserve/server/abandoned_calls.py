@@ -11,8 +11,9 @@ clients' calls answered CANCELLED (outside attack rt46's follow-up; a bare grpc.
 and later, does the same; 1.81 and before queue the calls and answer them seconds late instead).
 
 :class:`AbandonedCalls` is a token bucket per address: a client may leave ``RATE`` calls a second behind,
-``BURST`` at once. An address past it has its new connections refused, and a connection of its that
-abandons more is closed, until the bucket has refilled above zero.
+``BURST`` at once (both ``--grpc-max-abandoned-calls``). An address past it has its new connections
+refused, and a connection of its that abandons more is closed, until the bucket has refilled above zero.
+Behind a gRPC proxy every client shares the proxy's address, and the budget with it: raise it there.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class AbandonedCalls:
         return min(self.burst, tokens + (now - counted) * self.rate)
 
     def charge(self, host: str, calls: int) -> bool:
-        """``host`` left ``calls`` calls unanswered; whether it is now past its budget."""
-        if calls <= 0:
+        """``host`` left ``calls`` calls unanswered; whether it is now past its budget (never, with a rate
+        of 0: no limit)."""
+        if calls <= 0 or self.rate <= 0:
             return self.barred(host)
         now = self._clock()
         level = self._level(host, now) - calls
@@ -61,7 +63,7 @@ class AbandonedCalls:
 
     def barred(self, host: str) -> bool:
         """Whether ``host`` is past its budget (its new connections are refused)."""
-        if host not in self._levels:
+        if host not in self._levels or self.rate <= 0:
             return False
         now = self._clock()
         level = self._level(host, now)

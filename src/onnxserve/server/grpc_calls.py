@@ -18,6 +18,7 @@ END_STREAM or either side's RST_STREAM ends it) and, for each, two things a call
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 
 DEFAULT_WINDOW = 65_535
@@ -28,6 +29,10 @@ INITIAL_WINDOW_SIZE = 0x4
 
 PREFIX = 5
 """A gRPC message's prefix: a compressed flag and a 4-byte length."""
+
+CUT_SHORT_SECONDS = 1.0
+"""How long a call grpc-core ended without an answer of the server's (trailers alone) counts as ended just
+before grpc-core closed the connection (:meth:`Calls.recently_cut_short`)."""
 
 
 class Messages:
@@ -85,6 +90,8 @@ class Calls:
         self._calls: dict[int, _Call] = {}
         self.initial_window = DEFAULT_WINDOW
         self.connection_window = DEFAULT_WINDOW
+        self._cut_short = 0  # calls ended by trailers alone since ``_cut_since``
+        self._cut_since = 0.0
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -149,6 +156,8 @@ class Calls:
     # -- grpc-core's frames --------------------------------------------------------------------------
     def server_headers(self, stream: int, end_stream: bool) -> None:
         if end_stream:
+            if (call := self._calls.get(stream)) is not None and not call.answering:
+                self._count_cut_short()
             self.end(stream)
         elif (call := self._calls.get(stream)) is not None:
             call.answering = True
@@ -162,6 +171,19 @@ class Calls:
             return None
         call.taken += length
         return call.answers
+
+    def _count_cut_short(self) -> None:
+        now = time.monotonic()
+        if now - self._cut_since > CUT_SHORT_SECONDS:
+            self._cut_since, self._cut_short = now, 0
+        self._cut_short += 1
+
+    def recently_cut_short(self) -> int:
+        """Calls grpc-core ended with trailers alone (no answer begun) within ``CUT_SHORT_SECONDS`` or so:
+        when grpc-core closes a connection for a client's error, it ends every open call so, and the calls
+        still wait in its queue for the application (outside attack rt47 H1); an error answer of the
+        server's own ends its call so too."""
+        return self._cut_short if time.monotonic() - self._cut_since <= 2 * CUT_SHORT_SECONDS else 0
 
     @property
     def sending(self) -> bool:

@@ -75,7 +75,6 @@ from onnxserve.core.fairness import gives_way
 from onnxserve.core.memory import give_back_memory_later
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
-from onnxserve.server.abandoned_calls import BURST as ABANDONED_BURST
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
 from onnxserve.server.abandoned_calls import AbandonedCalls
 from onnxserve.server.connection_index import Counts
@@ -178,13 +177,13 @@ before its GOAWAY for too many (outside attack rt38: other clients' calls waited
 FRAME_HEADER = 9
 
 
-_ABANDONED = (
-    f"left more than {ABANDONED_RATE:,.0f} calls a second unanswered (after {ABANDONED_BURST:,.0f} at once), reset "
-    "or with their connections closed: they wait in grpc-core's queue and crowd out other clients' calls"
-)
-ABANDONED_CLOSE = f"its address {_ABANDONED}"
-ABANDONED_REFUSAL = f"refused gRPC connection(s) from an address that {_ABANDONED}"
-"""Why a connection is closed, or refused, for the calls its address abandons (``abandoned_calls``)."""
+def abandoned_reason(budget: AbandonedCalls) -> str:
+    """Why an address's connection is closed, or refused, for the calls it abandons (``abandoned_calls``)."""
+    return (
+        f"left more than {budget.rate:,.0f} calls a second unanswered (after {budget.burst:,.0f} at once), reset or "
+        "with their connections closed: they wait in grpc-core's queue and crowd out other clients' calls "
+        "(--grpc-max-abandoned-calls)"
+    )
 
 
 class Refused(Exception):
@@ -786,7 +785,8 @@ class FrontConnection(asyncio.Protocol):
         self.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         listener = self.listener
         if listener.abandoned.barred(self.host):
-            self._refuse_quietly("abandoned", ABANDONED_REFUSAL)
+            reason = abandoned_reason(listener.abandoned)
+            self._refuse_quietly("abandoned", f"refused gRPC connection(s) from an address that {reason}")
             transport.abort()  # type: ignore[attr-defined]
             self.closed = True
             return
@@ -858,7 +858,7 @@ class FrontConnection(asyncio.Protocol):
         if self.frames.abandoned:
             calls, self.frames.abandoned = self.frames.abandoned, 0
             if self.listener.abandoned.charge(self.host, calls):
-                self._refuse(Refused(ABANDONED_CLOSE, "abandoned"))
+                self._refuse(Refused(f"its address {abandoned_reason(self.listener.abandoned)}", "abandoned"))
                 return
         self._look()
         self._watch_block()
@@ -919,8 +919,6 @@ class FrontConnection(asyncio.Protocol):
         self._look()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:  # the client left: the calls grpc-core has not answered yet stay in its queue
-            self.listener.abandoned.charge(self.host, self.streams.unanswered())
         self._close(abort=True)
 
     # -- grpc-core's side ----------------------------------------------------------------------------
@@ -984,6 +982,10 @@ class FrontConnection(asyncio.Protocol):
     def backend_lost(self) -> None:
         self.backend = None
         if not self.closed:
+            # grpc-core closed the connection: for a client's protocol error it first ends every open call with
+            # trailers alone, and those calls stay in its queue (outside attack rt47 H1: 12,500 a second
+            # uncounted, other clients' calls answered CANCELLED); graceful closes end calls with answers
+            self.listener.abandoned.charge(self.host, self.streams.recently_cut_short())
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     # -- shared --------------------------------------------------------------------------------------
@@ -1047,7 +1049,6 @@ class FrontConnection(asyncio.Protocol):
 
     def _refuse(self, refusal: Refused) -> None:
         self._refuse_quietly(refusal.kind, f"closed a gRPC connection from {self.host or 'a client'}: {refusal}")
-        self.listener.abandoned.charge(self.host, self.streams.unanswered())
         self._close(abort=True)
 
     def _refuse_quietly(self, kind: str, message: str) -> None:
@@ -1059,6 +1060,9 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        # however it goes (the client left, the front or grpc-core closed it: outside attack rt47 had grpc-core
+        # close 12,500 calls a second uncounted), the calls grpc-core has not begun to answer stay in its queue
+        self.listener.abandoned.charge(self.host, self.streams.unanswered())
         for timer in (self._block_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -1129,14 +1133,18 @@ class GrpcFront:
         handshake_seconds: float,
         max_streams: int,
         stall_seconds: float,
+        abandoned_calls: int = int(ABANDONED_RATE),
     ) -> None:
         """``handshake_seconds``: ``--header-timeout``; ``max_streams``: grpc-core's stream limit;
-        ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread."""
+        ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread;
+        ``abandoned_calls``: ``--grpc-max-abandoned-calls``, the calls an address may abandon a second and at
+        once (0: no limit)."""
         _remove_stale_folders()
         # mode 0700: only this user may connect to grpc-core
         self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.socket_path = str(self._folder / "grpc.sock")
         self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams, stall_seconds)
+        self._listener.abandoned = AbandonedCalls(abandoned_calls, abandoned_calls)
         self._server: asyncio.AbstractServer | None = None
 
     @property

@@ -193,6 +193,13 @@ class ServerSettings(BaseModel):
     grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
         default=100, description="Open calls per gRPC connection."
     )
+    grpc_max_abandoned_calls: Annotated[int, Field(ge=0)] = Field(
+        default=500,
+        description="gRPC calls a client address may leave unanswered a second, and at once (reset, or left open "
+        "when its connection goes, before grpc-core answered them): past it, its new connections are refused "
+        "and a connection of its that abandons more is closed. Raise it behind a gRPC proxy, whose address all "
+        "clients share. 0: no limit.",
+    )
     grpc_message_wait: Annotated[float, Field(gt=0)] = Field(
         default=5.0,
         description="Seconds a gRPC call may wait for its request message (a stream: its next one) and keep "
