@@ -1,4 +1,5 @@
-"""Calls a client leaves behind unanswered do not get other clients' calls dropped (server.abandoned_calls).
+"""Calls one client keeps waiting in grpc-core's queue do not get other clients' calls dropped
+(server.abandoned_calls, and the front's bound on calls waiting per address).
 
 A call whose connection is closed, or which is reset, before grpc-core answers it still waits in grpc-core's
 queue for the application, which grpc.aio drains one call at a time; past 1,000 calls waiting, grpc-core
@@ -190,4 +191,35 @@ def test_calls_left_behind_in_connections_grpc_core_closes_count_too(server: Cap
     assert max(probes) < 2.0, probes
     assert sent[0] >= BURST, sent
     wait_until(lambda: "refused gRPC connection(s) from an address that left more than" in server.log(), 5, "log")
+    assert server.alive()
+
+
+def keeps_calls_in_flight(server: CappedServer, stop: threading.Event, answered: list[int]) -> None:
+    """One connection after another, each sending 100 whole calls at once and reading all its answers."""
+    while not stop.is_set():
+        try:
+            with connect(server) as sock:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0) + calls(1, 100))
+                sock.settimeout(3)
+                received = b""
+                while chunk := sock.recv(65536):
+                    received += chunk
+                    if received.count(bytes([HEADERS, END_STREAM | END_HEADERS])) >= 100:  # 100 trailers
+                        break
+                answered[0] += 1
+        except OSError:
+            time.sleep(0.001)
+
+
+def test_one_address_with_too_many_calls_in_flight_is_cut_not_everyone(server: CappedServer) -> None:
+    """Twenty connections of 127.0.0.2, each with 100 calls in flight, answers all read (nothing abandoned:
+    an honest client with twenty channels does the same): 20 of 60 other clients' probes were answered
+    CANCELLED (outside attack rt47 H2). Past 600 calls of one address waiting for the server, the connection
+    that opens more is closed: every probe of 127.0.0.1's is answered ready."""
+    stop = threading.Event()
+    answered = [0]
+    attackers = [threading.Thread(target=keeps_calls_in_flight, args=(server, stop, answered)) for _ in range(20)]
+    probes = probed_while(server, attackers, stop)
+    assert max(probes) < 2.0, probes
+    wait_until(lambda: "its address has more than 600 calls waiting for the server" in server.log(), 5, "log")
     assert server.alive()

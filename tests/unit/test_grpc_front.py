@@ -217,6 +217,14 @@ def test_calls_grpc_core_ends_with_trailers_alone_are_counted() -> None:
     assert streams.recently_cut_short() == 2
 
 
+def test_calls_waiting_are_counted_by_address() -> None:
+    listener = _Listener("unused", 10, None, 10.0, 100, 60.0)
+    assert listener.count_calls("10.0.0.1", 3) == 3
+    assert listener.count_calls("10.0.0.2", 1) == 1
+    assert listener.count_calls("10.0.0.1", -3) == 0
+    assert listener.address_calls == {"10.0.0.2": 1}  # an address with none is forgotten
+
+
 def test_only_new_streams_open_calls() -> None:
     """HEADERS on a stream older than the newest (a client's trailers, or a call that has ended) opens
     nothing: a client cannot grow the connection's calls past the streams it really opened."""

@@ -177,6 +177,14 @@ before its GOAWAY for too many (outside attack rt38: other clients' calls waited
 FRAME_HEADER = 9
 
 
+DEFAULT_ADDRESS_CALLS = 600
+"""Calls one client address may have that grpc-core has not begun to answer, over all its connections, unless
+told (``--grpc-max-address-calls``). They wait in grpc-core's queue for the server, which takes them one at
+a time; past 1,000 waiting, grpc-core drops new calls of every client at random, CANCELLED: one address with
+20 connections of 100 calls in flight, reading every answer, had 20 of 60 other clients' probes answered so
+(outside attack rt47 H2; 8 of 100: none)."""
+
+
 def abandoned_reason(budget: AbandonedCalls) -> str:
     """Why an address's connection is closed, or refused, for the calls it abandons (``abandoned_calls``)."""
     return (
@@ -704,6 +712,17 @@ class _Listener:
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
         self.abandoned = AbandonedCalls()
+        self.address_calls_cap = DEFAULT_ADDRESS_CALLS
+        self.address_calls: dict[str, int] = {}  # calls grpc-core has not begun to answer, by client address
+
+    def count_calls(self, host: str, change: int) -> int:
+        """Add ``change`` to ``host``'s calls not yet answered; its total now."""
+        total = self.address_calls.get(host, 0) + change
+        if total:
+            self.address_calls[host] = total
+        else:
+            self.address_calls.pop(host, None)
+        return total
 
     def add(self, connection: FrontConnection) -> None:
         self.open.add(connection)
@@ -773,6 +792,7 @@ class FrontConnection(asyncio.Protocol):
         self._block_timer: asyncio.TimerHandle | None = None
         self._waiting_turn = False  # in the queue of :class:`CheckShare` (what it read waits in ``frames``)
         self.checked_until = 0.0  # its virtual time in :class:`CheckShare`
+        self._counted = 0  # its calls not yet answered, as counted in its address's total (``address_calls``)
 
     # -- the client's side ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -855,6 +875,16 @@ class FrontConnection(asyncio.Protocol):
             share.spend(self, time.perf_counter() - started, turn)
         if passed:
             self._hand_on(passed)
+        cap = self.listener.address_calls_cap
+        if self._recount() > cap > 0:
+            self._refuse(
+                Refused(
+                    f"its address has more than {cap:,} calls waiting for the server at once, over its connections "
+                    "(--grpc-max-address-calls)",
+                    "address calls",
+                )
+            )
+            return
         if self.frames.abandoned:
             calls, self.frames.abandoned = self.frames.abandoned, 0
             if self.listener.abandoned.charge(self.host, calls):
@@ -965,6 +995,7 @@ class FrontConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         self.answers.feed(data)
+        self._recount()
         self._look()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
             transport.write(data)
@@ -989,6 +1020,12 @@ class FrontConnection(asyncio.Protocol):
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     # -- shared --------------------------------------------------------------------------------------
+    def _recount(self) -> int:
+        """Bring its address's count of calls not yet answered up to date; the address's total."""
+        unanswered = 0 if self.closed else self.streams.unanswered()
+        change, self._counted = unanswered - self._counted, unanswered
+        return self.listener.count_calls(self.host, change)
+
     def _look(self) -> None:
         """Follow what the connection is doing (``IDLE``, ``SENDING``, ``STALLED``, ``BUSY``: some calls
         waiting for their requests and the others for their client to read count as stalled). A connection
@@ -1063,6 +1100,7 @@ class FrontConnection(asyncio.Protocol):
         # however it goes (the client left, the front or grpc-core closed it: outside attack rt47 had grpc-core
         # close 12,500 calls a second uncounted), the calls grpc-core has not begun to answer stay in its queue
         self.listener.abandoned.charge(self.host, self.streams.unanswered())
+        self._recount()  # closed: its calls leave its address's count
         for timer in (self._block_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
@@ -1134,17 +1172,20 @@ class GrpcFront:
         max_streams: int,
         stall_seconds: float,
         abandoned_calls: int = int(ABANDONED_RATE),
+        address_calls: int = DEFAULT_ADDRESS_CALLS,
     ) -> None:
         """``handshake_seconds``: ``--header-timeout``; ``max_streams``: grpc-core's stream limit;
         ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread;
         ``abandoned_calls``: ``--grpc-max-abandoned-calls``, the calls an address may abandon a second and at
-        once (0: no limit)."""
+        once (0: no limit); ``address_calls``: ``--grpc-max-address-calls``, the calls not yet answered an
+        address may have at once (0: no limit)."""
         _remove_stale_folders()
         # mode 0700: only this user may connect to grpc-core
         self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
         self.socket_path = str(self._folder / "grpc.sock")
         self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams, stall_seconds)
         self._listener.abandoned = AbandonedCalls(abandoned_calls, abandoned_calls)
+        self._listener.address_calls_cap = address_calls
         self._server: asyncio.AbstractServer | None = None
 
     @property

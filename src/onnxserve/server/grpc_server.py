@@ -85,6 +85,7 @@ def create_grpc_server(
         settings.grpc_max_concurrent_streams,
         settings.body_timeout,
         settings.grpc_max_abandoned_calls,
+        settings.grpc_max_address_calls,
     )
     # grpc-core's own cap is a backstop above the front's: a connection the front closes to make room for a
     # new one may not be gone from grpc-core yet when the new one arrives there

@@ -193,6 +193,12 @@ class ServerSettings(BaseModel):
     grpc_max_concurrent_streams: Annotated[int, Field(ge=1)] = Field(
         default=100, description="Open calls per gRPC connection."
     )
+    grpc_max_address_calls: Annotated[int, Field(ge=0)] = Field(
+        default=600,
+        description="gRPC calls one client address may have waiting for the server at once, over all its "
+        "connections (open, not yet answered): the connection that opens one more is closed. Raise it behind a "
+        "gRPC proxy, whose address all clients share, or for one client with more calls in flight. 0: no limit.",
+    )
     grpc_max_abandoned_calls: Annotated[int, Field(ge=0)] = Field(
         default=500,
         description="gRPC calls a client address may leave unanswered a second, and at once (reset, or left open "
