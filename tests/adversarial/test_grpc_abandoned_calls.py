@@ -223,3 +223,49 @@ def test_one_address_with_too_many_calls_in_flight_is_cut_not_everyone(server: C
     assert max(probes) < 2.0, probes
     wait_until(lambda: "its address has more than 600 calls waiting for the server" in server.log(), 5, "log")
     assert server.alive()
+
+
+EXPIRING_BLOCK = BLOCK + Encoder().encode([NeverIndexedHeaderTuple("grpc-timeout", "1m")])
+"""A ServerLive call's header block with a deadline of 1 ms."""
+
+
+def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: list[int]) -> None:
+    """One connection after another, each sending calls of 1 ms deadlines, 25 at a time, never resetting them
+    (grpc-core ends each itself, DEADLINE_EXCEEDED), reading what comes back."""
+    while not stop.is_set():
+        try:
+            with connect(server) as sock:
+                sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0))
+                sock.settimeout(0.05)
+                stream = 1
+                while not stop.is_set() and stream < 2**30:
+                    sock.sendall(
+                        b"".join(
+                            frame(HEADERS, END_HEADERS, stream + 2 * k, EXPIRING_BLOCK)
+                            + frame(DATA, END_STREAM, stream + 2 * k, bytes(5))
+                            for k in range(25)
+                        )
+                    )
+                    stream += 50
+                    sent[0] += 25
+                    with contextlib.suppress(TimeoutError):
+                        if not sock.recv(65536):
+                            break
+        except OSError:
+            time.sleep(0.001)
+
+
+def test_calls_whose_deadlines_pass_in_the_queue_count_as_abandoned(server: CappedServer) -> None:
+    """Twenty connections of 127.0.0.2 sending calls of 1 ms deadlines and never resetting them: grpc-core
+    ends them itself, and they had waited in its queue all the same (outside attack rt48: 18 of 50 probes
+    answered CANCELLED, 20 over 1 s; the front counted neither abandoned calls nor more than 600 waiting).
+    Calls grpc-core ends without an answer once their deadline has passed count as abandoned: every probe
+    of 127.0.0.1's is answered ready."""
+    stop = threading.Event()
+    sent = [0]
+    attackers = [threading.Thread(target=sends_calls_that_expire, args=(server, stop, sent)) for _ in range(20)]
+    probes = probed_while(server, attackers, stop)
+    assert max(probes) < 2.0, probes
+    assert sent[0] >= BURST, sent
+    wait_until(lambda: "its address left more than" in server.log(), 5, "the WARNING line")
+    assert server.alive()

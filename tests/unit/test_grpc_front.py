@@ -31,6 +31,7 @@ from onnxserve.server.grpc_front import (
     Refused,
     ServerFrames,
     _Listener,
+    grpc_timeout,
 )
 
 PATH = "/inference.GRPCInferenceService/ModelInfer"
@@ -223,6 +224,43 @@ def test_calls_waiting_are_counted_by_address() -> None:
     assert listener.count_calls("10.0.0.2", 1) == 1
     assert listener.count_calls("10.0.0.1", -3) == 0
     assert listener.address_calls == {"10.0.0.2": 1}  # an address with none is forgotten
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(b"1m", 0.001), (b"10S", 10.0), (b"2M", 120.0), (b"1H", 3600.0), (b"500u", 0.0005), (b"99999999n", 0.099999999)],
+)
+def test_grpc_timeouts_are_read(value: bytes, seconds: float) -> None:
+    assert grpc_timeout(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", [b"", b"m", b"1", b"1x", b"123456789S", b"-1S", b"1.5S"])
+def test_what_is_not_a_grpc_timeout_is_none(value: bytes) -> None:
+    assert grpc_timeout(value) is None
+
+
+def test_calls_grpc_core_ends_short_past_their_deadline_count_as_expired() -> None:
+    """A call ended without an answer (trailers alone, or a reset) once its ``grpc-timeout`` has passed waited
+    in grpc-core's queue unseen; one ended before, or answered, does not count."""
+    frames = ClientFrames()
+    encoder = Encoder()
+    expiring = [(":path", PATH), ("grpc-timeout", "1n")]
+    lasting = [(":path", PATH), ("grpc-timeout", "100S")]
+    frames.feed(
+        PREFACE
+        + header_frame(1, encoder.encode(expiring))
+        + header_frame(3, encoder.encode(expiring))
+        + header_frame(5, encoder.encode(lasting))
+        + header_frame(7, encoder.encode(expiring))
+    )
+    ServerFrames(frames.streams).feed(
+        server_frame(0x1, 0x5, 1, b"\x88")  # call 1: trailers alone, past its deadline
+        + server_frame(0x3, 0, 3, b"\x00\x00\x00\x00")  # call 3: reset, past its deadline
+        + server_frame(0x1, 0x5, 5, b"\x88")  # call 5: trailers alone, well before its deadline
+        + server_frame(0x1, 0x4, 7, b"\x88")  # call 7: answered
+        + server_frame(0x1, 0x5, 7, b"\x88")
+    )
+    assert frames.streams.expired == 2
 
 
 def test_only_new_streams_open_calls() -> None:

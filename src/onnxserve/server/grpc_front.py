@@ -246,6 +246,7 @@ class ClientFrames(_FrameWalk):
         self._decoder.max_allowed_table_size = MAX_TABLE_SIZE
         self._same_block: bytes | None = None  # the last block checked, if it left the table as it was
         self._same_table: tuple[int, int, object] = (0, 0, None)
+        self._same_timeout: float | None = None
         self.abandoned = 0
         """Calls the client reset before grpc-core began to answer them (taken by the connection)."""
 
@@ -411,7 +412,9 @@ class ClientFrames(_FrameWalk):
             block = b"".join(self._block)
             self._block.clear()
             self._block_stream = 0
-            self._check_block(block)
+            timeout = self._check_block(block)
+            if timeout is not None:
+                self.streams.deadline(stream, timeout)
 
     def _flow_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if kind == WINDOW_UPDATE:
@@ -451,13 +454,13 @@ class ClientFrames(_FrameWalk):
         entries = table.dynamic_entries
         return table.maxsize, len(entries), entries[0] if entries else None
 
-    def _check_block(self, block: bytes) -> None:
-        """Decode ``block`` and refuse it past the bounds. A block the same as the last one checked, decoded
-        from the same table it left as it was (a client's next call with the same headers, every field
-        in the table), decodes the same: it is not decoded again."""
+    def _check_block(self, block: bytes) -> float | None:
+        """Decode ``block`` and refuse it past the bounds; its ``grpc-timeout`` in seconds (None: none). A block
+        the same as the last one checked, decoded from the same table it left as it was (a client's next call
+        with the same headers, every field in the table), decodes the same: it is not decoded again."""
         table = self._table()
         if block == self._same_block and _same_table(table, self._same_table):
-            return
+            return self._same_timeout
         try:
             fields = list(self._decoder.decode(block, raw=True))
         except hpack.exceptions.OversizedHeaderListError:
@@ -468,10 +471,25 @@ class ClientFrames(_FrameWalk):
             raise Refused(f"a header block that does not decode ({type(e).__name__})", "undecodable") from None
         if len(fields) > MAX_HEADER_FIELDS:
             raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})", "header fields")
+        timeout = next((grpc_timeout(value) for name, value in fields if name == b"grpc-timeout"), None)
         if _same_table(self._table(), table):
-            self._same_block, self._same_table = block, table
+            self._same_block, self._same_table, self._same_timeout = block, table, timeout
         else:
             self._same_block = None
+        return timeout
+
+
+TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+"""gRPC's ``grpc-timeout`` units: at most 8 digits and one of these (the gRPC over HTTP/2 protocol)."""
+
+
+def grpc_timeout(value: bytes | str) -> float | None:
+    """A ``grpc-timeout`` value in seconds; None if it is not one (grpc-core refuses such a call itself)."""
+    raw = value.encode("latin-1") if isinstance(value, str) else value
+    digits, unit = raw[:-1], raw[-1:]
+    if not digits.isdigit() or len(digits) > 8 or unit not in TIMEOUT_UNITS:
+        return None
+    return int(digits) * TIMEOUT_UNITS[unit]
 
 
 def _same_table(a: tuple[int, int, object], b: tuple[int, int, object]) -> bool:
@@ -513,7 +531,7 @@ class ServerFrames(_FrameWalk):
                 elif kind == HEADERS:
                     self.streams.server_headers(stream, bool(flags & END_STREAM))
                 else:
-                    self.streams.end(stream)
+                    self.streams.server_reset(stream)
             self._skip = length
             at += FRAME_HEADER
         self._partial = work[at:] if at < size else b""
@@ -996,6 +1014,11 @@ class FrontConnection(asyncio.Protocol):
             return
         self.answers.feed(data)
         self._recount()
+        if self.streams.expired:
+            expired, self.streams.expired = self.streams.expired, 0
+            if self.listener.abandoned.charge(self.host, expired):
+                self._refuse(Refused(f"its address {abandoned_reason(self.listener.abandoned)}", "abandoned"))
+                return
         self._look()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
             transport.write(data)
