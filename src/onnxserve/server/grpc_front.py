@@ -75,8 +75,8 @@ from onnxserve.core.fairness import gives_way
 from onnxserve.core.memory import give_back_memory_later
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
+from onnxserve.server.abandoned_calls import ADDRESS_CALLS, AbandonedCalls
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
-from onnxserve.server.abandoned_calls import AbandonedCalls
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
 from onnxserve.server.grpc_calls import Calls, Messages
@@ -175,14 +175,6 @@ PING_RATE = 100
 most once a round trip while an answer flows. A PING flood cost grpc-core both cores, each PING answered
 before its GOAWAY for too many (outside attack rt38: other clients' calls waited up to 5.4 s)."""
 FRAME_HEADER = 9
-
-
-DEFAULT_ADDRESS_CALLS = 600
-"""Calls one client address may have that grpc-core has not begun to answer, over all its connections, unless
-told (``--grpc-max-address-calls``). They wait in grpc-core's queue for the server, which takes them one at
-a time; past 1,000 waiting, grpc-core drops new calls of every client at random, CANCELLED: one address with
-20 connections of 100 calls in flight, reading every answer, had 20 of 60 other clients' probes answered so
-(outside attack rt47 H2; 8 of 100: none)."""
 
 
 def abandoned_reason(budget: AbandonedCalls) -> str:
@@ -730,7 +722,7 @@ class _Listener:
         self.refusals = LogThrottles(keys=16)
         self.share = CheckShare()
         self.abandoned = AbandonedCalls()
-        self.address_calls_cap = DEFAULT_ADDRESS_CALLS
+        self.address_calls_cap = ADDRESS_CALLS
         self.address_calls: dict[str, int] = {}  # calls grpc-core has not begun to answer, by client address
 
     def count_calls(self, host: str, change: int) -> int:
@@ -1195,7 +1187,7 @@ class GrpcFront:
         max_streams: int,
         stall_seconds: float,
         abandoned_calls: int = int(ABANDONED_RATE),
-        address_calls: int = DEFAULT_ADDRESS_CALLS,
+        address_calls: int = ADDRESS_CALLS,
     ) -> None:
         """``handshake_seconds``: ``--header-timeout``; ``max_streams``: grpc-core's stream limit;
         ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread;

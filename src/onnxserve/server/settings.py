@@ -22,6 +22,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from onnxserve.core.cpu import cpu_budget
 from onnxserve.log_throttle import EVERY_SECONDS
+from onnxserve.server.abandoned_calls import ADDRESS_CALLS
+from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
 
 TOKENS_VARIABLE = "ONNXSERVE_AUTH_TOKENS"
 """The environment variable holding bearer tokens inline: ``TOKEN SCOPES`` entries separated by ';'."""
@@ -194,13 +196,13 @@ class ServerSettings(BaseModel):
         default=100, description="Open calls per gRPC connection."
     )
     grpc_max_address_calls: Annotated[int, Field(ge=0)] = Field(
-        default=600,
+        default=ADDRESS_CALLS,
         description="gRPC calls one client address may have waiting for the server at once, over all its "
         "connections (open, not yet answered): the connection that opens one more is closed. Raise it behind a "
         "gRPC proxy, whose address all clients share, or for one client with more calls in flight. 0: no limit.",
     )
     grpc_max_abandoned_calls: Annotated[int, Field(ge=0)] = Field(
-        default=500,
+        default=int(ABANDONED_RATE),
         description="gRPC calls a client address may leave unanswered a second, and at once (reset, or left open "
         "when its connection goes, before grpc-core answered them): past it, its new connections are refused "
         "and a connection of its that abandons more is closed. Raise it behind a gRPC proxy, whose address all "
