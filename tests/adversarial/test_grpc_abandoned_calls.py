@@ -5,7 +5,7 @@ A call whose connection is closed, or which is reset, before grpc-core answers i
 queue for the application, which grpc.aio drains one call at a time; past 1,000 calls waiting, grpc-core
 drops new calls at random and answers them CANCELLED, whoever sent them. One client dropping connections of
 50 calls, 170 a second, had most of other clients' calls answered CANCELLED (4 to 12 of 16 probes). The
-port's front now counts the calls each address abandons (500 a second, 500 at once): past that, its new
+port's front now counts the calls each address abandons (``RATE`` a second, ``BURST`` at once): past that, its new
 connections are refused and a connection of its that abandons more is closed. The attacker here is
 127.0.0.2, the probes come from 127.0.0.1; connections are raw HTTP/2.
 """
@@ -26,7 +26,7 @@ from harness import CappedServer, probed_while, serve_capped
 from hpack import Encoder, NeverIndexedHeaderTuple
 from raw_h2 import SERVER_READY, RawGrpcConnection
 
-from onnxserve.server.abandoned_calls import BURST, RATE
+from onnxserve.server.abandoned_calls import ADDRESS_CALLS, BURST, RATE
 from waiting import wait_until
 
 ATTACKER = "127.0.0.2"
@@ -214,22 +214,25 @@ def keeps_calls_in_flight(server: CappedServer, stop: threading.Event, answered:
 def test_one_address_with_too_many_calls_in_flight_is_cut_not_everyone(server: CappedServer) -> None:
     """Twenty connections of 127.0.0.2, each with 100 calls in flight, answers all read (nothing abandoned:
     an honest client with twenty channels does the same): 20 of 60 other clients' probes were answered
-    CANCELLED (outside attack rt47 H2). Past 600 calls of one address waiting for the server, the connection
-    that opens more is closed: every probe of 127.0.0.1's is answered ready."""
+    CANCELLED (outside attack rt47 H2). Past ``ADDRESS_CALLS`` calls of one address waiting for the server, the
+    connection that opens more is closed: every probe of 127.0.0.1's is answered ready."""
     stop = threading.Event()
     answered = [0]
     attackers = [threading.Thread(target=keeps_calls_in_flight, args=(server, stop, answered)) for _ in range(20)]
     probes = probed_while(server, attackers, stop)
     assert max(probes) < 2.0, probes
-    wait_until(lambda: "its address has more than 600 calls waiting for the server" in server.log(), 5, "log")
+    wait_until(
+        lambda: f"its address has more than {ADDRESS_CALLS:,} calls waiting for the server" in server.log(), 5, "log"
+    )
     assert server.alive()
 
 
-EXPIRING_BLOCK = BLOCK + Encoder().encode([NeverIndexedHeaderTuple("grpc-timeout", "1m")])
-"""A ServerLive call's header block with a deadline of 1 ms."""
+def expiring_block(*timeouts: str) -> bytes:
+    """A ServerLive call's header block with these ``grpc-timeout`` fields (grpc-core keeps the last)."""
+    return BLOCK + Encoder().encode([NeverIndexedHeaderTuple("grpc-timeout", timeout) for timeout in timeouts])
 
 
-def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: list[int]) -> None:
+def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: list[int], block: bytes) -> None:
     """One connection after another, each sending calls of 1 ms deadlines, 25 at a time, never resetting them
     (grpc-core ends each itself, DEADLINE_EXCEEDED), reading what comes back."""
     while not stop.is_set():
@@ -241,7 +244,7 @@ def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: l
                 while not stop.is_set() and stream < 2**30:
                     sock.sendall(
                         b"".join(
-                            frame(HEADERS, END_HEADERS, stream + 2 * k, EXPIRING_BLOCK)
+                            frame(HEADERS, END_HEADERS, stream + 2 * k, block)
                             + frame(DATA, END_STREAM, stream + 2 * k, bytes(5))
                             for k in range(25)
                         )
@@ -255,15 +258,20 @@ def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: l
             time.sleep(0.001)
 
 
-def test_calls_whose_deadlines_pass_in_the_queue_count_as_abandoned(server: CappedServer) -> None:
+@pytest.mark.parametrize("timeouts", [("1m",), (" 1m",), ("1H", "1m")], ids=["1m", "space", "two-fields"])
+def test_calls_whose_deadlines_pass_in_the_queue_count_as_abandoned(
+    server: CappedServer, timeouts: tuple[str, ...]
+) -> None:
     """Twenty connections of 127.0.0.2 sending calls of 1 ms deadlines and never resetting them: grpc-core
     ends them itself, and they had waited in its queue all the same (outside attack rt48: 18 of 50 probes
-    answered CANCELLED, 20 over 1 s; the front counted neither abandoned calls nor more than 600 waiting).
-    Calls grpc-core ends without an answer once their deadline has passed count as abandoned: every probe
-    of 127.0.0.1's is answered ready."""
+    answered CANCELLED, 20 over 1 s; the front counted neither abandoned calls nor the calls waiting).
+    Calls grpc-core ends without an answer once their deadline has passed count as abandoned, the deadline
+    read as grpc-core reads it (rt49: " 1m", or "1H" then "1m", went uncounted: 22 of 50): every probe of
+    127.0.0.1's is answered ready."""
     stop = threading.Event()
     sent = [0]
-    attackers = [threading.Thread(target=sends_calls_that_expire, args=(server, stop, sent)) for _ in range(20)]
+    block = expiring_block(*timeouts)
+    attackers = [threading.Thread(target=sends_calls_that_expire, args=(server, stop, sent, block)) for _ in range(20)]
     probes = probed_while(server, attackers, stop)
     assert max(probes) < 2.0, probes
     assert sent[0] >= BURST, sent

@@ -37,10 +37,15 @@ ATTACK_SECONDS = 4.0
 HEADER_TIMEOUT = 3
 
 
+NO_ADDRESS_BOUNDS = ("--grpc-max-address-calls", "0", "--grpc-max-abandoned-calls", "0")
+"""The floods here come from the probes' own address and test the front's checks: the bounds on calls per
+address, which would cut them first, are tested in test_grpc_abandoned_calls.py."""
+
+
 @pytest.fixture(scope="module")
 def server(numeric_repository: Path) -> Iterator[CappedServer]:
     with serve_capped(
-        numeric_repository, "--log-repeat-seconds", "0.5", "--header-timeout", str(HEADER_TIMEOUT)
+        numeric_repository, "--log-repeat-seconds", "0.5", "--header-timeout", str(HEADER_TIMEOUT), *NO_ADDRESS_BOUNDS
     ) as capped:
         yield capped
 
@@ -288,7 +293,7 @@ def split_call(stream: int, block: bytes) -> bytes:
 def flooded_server(numeric_repository: Path) -> Iterator[CappedServer]:
     """A server of its own: a flood leaves gigabytes in the kernel's buffers that the server goes on
     checking after its client left, which the next tests would share."""
-    with serve_capped(numeric_repository, "--header-timeout", str(HEADER_TIMEOUT)) as capped:
+    with serve_capped(numeric_repository, "--header-timeout", str(HEADER_TIMEOUT), *NO_ADDRESS_BOUNDS) as capped:
         yield capped
 
 

@@ -228,15 +228,32 @@ def test_calls_waiting_are_counted_by_address() -> None:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [(b"1m", 0.001), (b"10S", 10.0), (b"2M", 120.0), (b"1H", 3600.0), (b"500u", 0.0005), (b"99999999n", 0.099999999)],
+    [
+        (b"1m", 0.001),
+        (b"10S", 10.0),
+        (b"2M", 120.0),
+        (b"1H", 3600.0),
+        (b"500u", 0.0005),
+        (b"99999999n", 0.099999999),
+        # read as grpc-core reads them (outside attack rt49): spaces anywhere, leading zeros, more digits
+        (b" 1m", 0.001),
+        (b"1 m", 0.001),
+        (b"1m ", 0.001),
+        (b"000000001m", 0.001),
+        (b"1000000000n", 1.0),
+    ],
 )
 def test_grpc_timeouts_are_read(value: bytes, seconds: float) -> None:
     assert grpc_timeout(value) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("value", [b"", b"m", b"1", b"1x", b"123456789S", b"-1S", b"1.5S"])
-def test_what_is_not_a_grpc_timeout_is_none(value: bytes) -> None:
-    assert grpc_timeout(value) is None
+@pytest.mark.parametrize("value", [b"", b"m", b"1", b"1x", b"-1S", b"1.5S", b"S1"])
+def test_what_is_not_a_grpc_timeout_counts_as_past(value: bytes) -> None:
+    assert grpc_timeout(value) == 0.0
+
+
+def test_a_deadline_decades_off_is_none() -> None:
+    assert grpc_timeout(b"9" * 5000 + b"S") is None  # no int of 5,000 digits is made either
 
 
 def test_calls_grpc_core_ends_short_past_their_deadline_count_as_expired() -> None:
@@ -244,7 +261,7 @@ def test_calls_grpc_core_ends_short_past_their_deadline_count_as_expired() -> No
     in grpc-core's queue unseen; one ended before, or answered, does not count."""
     frames = ClientFrames()
     encoder = Encoder()
-    expiring = [(":path", PATH), ("grpc-timeout", "1n")]
+    expiring = [(":path", PATH), ("grpc-timeout", "100S"), ("grpc-timeout", "1n")]  # grpc-core keeps the last
     lasting = [(":path", PATH), ("grpc-timeout", "100S")]
     frames.feed(
         PREFACE

@@ -74,7 +74,7 @@ class _Call:
     __slots__ = ("answering", "answers", "client_ended", "expires", "opaque", "requests", "taken")
 
     def __init__(self) -> None:
-        self.expires = 0.0  # when its deadline passes (``time.monotonic``; 0: none), from its ``grpc-timeout``
+        self.expires = 0.0  # when its deadline passes (``time.monotonic``; 0: none, -1: past), its ``grpc-timeout``
         self.taken = 0
         """The window taken: the DATA bytes grpc-core sent on it less the client's WINDOW_UPDATEs for it."""
         self.answering = False  # grpc-core has begun the answer (its HEADERS)
@@ -162,15 +162,15 @@ class Calls:
 
     # -- grpc-core's frames --------------------------------------------------------------------------
     def deadline(self, stream: int, seconds: float) -> None:
-        """The client's deadline for a call (its ``grpc-timeout``), from now."""
+        """The client's deadline for a call (its ``grpc-timeout``), from now (0: already past)."""
         if (call := self._calls.get(stream)) is not None:
-            call.expires = time.monotonic() + seconds
+            call.expires = time.monotonic() + seconds if seconds > 0 else -1.0
 
     def _ended_short(self, call: _Call | None) -> None:
         """grpc-core ended ``call`` without beginning an answer (trailers alone, or a reset)."""
         if call is None or call.answering:
             return
-        if call.expires and time.monotonic() + EXPIRY_SLACK_SECONDS >= call.expires:
+        if call.expires and (call.expires < 0 or time.monotonic() + EXPIRY_SLACK_SECONDS >= call.expires):
             # grpc-core ends a call whose deadline passed while it waited in its queue, unseen by the server:
             # such calls cost the queue what abandoned ones do (outside attack rt48: calls of 1 ms deadlines,
             # never reset, 30,000 a second, had most other clients' calls answered CANCELLED)

@@ -463,7 +463,10 @@ class ClientFrames(_FrameWalk):
             raise Refused(f"a header block that does not decode ({type(e).__name__})", "undecodable") from None
         if len(fields) > MAX_HEADER_FIELDS:
             raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})", "header fields")
-        timeout = next((grpc_timeout(value) for name, value in fields if name == b"grpc-timeout"), None)
+        timeout = None
+        for name, value in fields:
+            if name == b"grpc-timeout":  # grpc-core keeps the last (outside attack rt49: "1H" then "1m")
+                timeout = grpc_timeout(value)
         if _same_table(self._table(), table):
             self._same_block, self._same_table, self._same_timeout = block, table, timeout
         else:
@@ -472,14 +475,22 @@ class ClientFrames(_FrameWalk):
 
 
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-"""gRPC's ``grpc-timeout`` units: at most 8 digits and one of these (the gRPC over HTTP/2 protocol)."""
+"""gRPC's ``grpc-timeout`` units (the gRPC over HTTP/2 protocol: at most 8 digits and one of these)."""
+
+NO_DEADLINE_DIGITS = 12
+"""A ``grpc-timeout`` of more significant digits than this is decades in any unit: no deadline to follow."""
 
 
 def grpc_timeout(value: bytes | str) -> float | None:
-    """A ``grpc-timeout`` value in seconds; None if it is not one (grpc-core refuses such a call itself)."""
-    raw = value.encode("latin-1") if isinstance(value, str) else value
-    digits, unit = raw[:-1], raw[-1:]
-    if not digits.isdigit() or len(digits) > 8 or unit not in TIMEOUT_UNITS:
+    """A ``grpc-timeout`` value in seconds, read as leniently as grpc-core reads it (spaces anywhere, any
+    number of digits: outside attack rt49 sent ``" 1m"`` and ``000000001m``, which grpc-core honoured and a
+    strict reading missed); 0.0 for one that is not a timeout at all (its call counts as past its deadline
+    whenever grpc-core ends it unanswered); None for a deadline too far off to matter."""
+    raw = (value.encode("latin-1") if isinstance(value, str) else bytes(value)).replace(b" ", b"").replace(b"\t", b"")
+    digits, unit = raw[:-1].lstrip(b"0") or b"0", raw[-1:]
+    if not raw[:-1].isdigit() or unit not in TIMEOUT_UNITS:
+        return 0.0
+    if len(digits) > NO_DEADLINE_DIGITS:
         return None
     return int(digits) * TIMEOUT_UNITS[unit]
 
