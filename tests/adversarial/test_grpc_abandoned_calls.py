@@ -85,6 +85,19 @@ def connect(server: CappedServer) -> socket.socket:
     return sock
 
 
+def acted_on(log: str) -> bool:
+    """Whether the front closed or refused connections of 127.0.0.2's for the calls it keeps waiting: past
+    ``ADDRESS_CALLS``, or past its budget of abandoned calls (whichever comes first on the machine's pace)."""
+    return any(
+        line in log
+        for line in (
+            "closed a gRPC connection from 127.0.0.2: its address left more than",
+            "closed a gRPC connection from 127.0.0.2: its address has more than",
+            "refused gRPC connection(s) from an address that left more than",
+        )
+    )
+
+
 def drops_connections(server: CappedServer, stop: threading.Event, sent: list[int]) -> None:
     """Connections of ``CALLS`` calls each, reset 5 ms after, one after another as fast as they go."""
     while not stop.is_set():
@@ -151,11 +164,7 @@ def test_connections_resetting_their_calls_are_closed_past_the_budget(server: Ca
     probes = probed_while(server, attackers, stop)
     assert max(probes) < 2.0, probes
     assert closed[0] >= 20, closed
-    wait_until(
-        lambda: "closed a gRPC connection from 127.0.0.2: its address left more than" in server.log(),
-        5,
-        "the WARNING line",
-    )
+    wait_until(lambda: acted_on(server.log()), 5, "a WARNING line of the front's")
     assert server.alive()
 
 
@@ -275,5 +284,5 @@ def test_calls_whose_deadlines_pass_in_the_queue_count_as_abandoned(
     probes = probed_while(server, attackers, stop)
     assert max(probes) < 2.0, probes
     assert sent[0] >= BURST, sent
-    wait_until(lambda: "its address left more than" in server.log(), 5, "the WARNING line")
+    wait_until(lambda: acted_on(server.log()), 5, "a WARNING line of the front's")
     assert server.alive()

@@ -827,7 +827,7 @@ class FrontConnection(asyncio.Protocol):
         listener = self.listener
         if listener.abandoned.barred(self.host):
             reason = abandoned_reason(listener.abandoned)
-            self._refuse_quietly("abandoned", f"refused gRPC connection(s) from an address that {reason}")
+            self._refuse_quietly("abandoned refusal", f"refused gRPC connection(s) from an address that {reason}")
             transport.abort()  # type: ignore[attr-defined]
             self.closed = True
             return
