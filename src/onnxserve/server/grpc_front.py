@@ -908,8 +908,7 @@ class FrontConnection(asyncio.Protocol):
             return
         if self.frames.abandoned:
             calls, self.frames.abandoned = self.frames.abandoned, 0
-            if self.listener.abandoned.charge(self.host, calls):
-                self._refuse(Refused(f"its address {abandoned_reason(self.listener.abandoned)}", "abandoned"))
+            if self._abandoned(calls):
                 return
         self._look()
         self._watch_block()
@@ -1019,8 +1018,7 @@ class FrontConnection(asyncio.Protocol):
         self._recount()
         if self.streams.expired:
             expired, self.streams.expired = self.streams.expired, 0
-            if self.listener.abandoned.charge(self.host, expired):
-                self._refuse(Refused(f"its address {abandoned_reason(self.listener.abandoned)}", "abandoned"))
+            if self._abandoned(expired):
                 return
         self._look()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
@@ -1046,6 +1044,14 @@ class FrontConnection(asyncio.Protocol):
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     # -- shared --------------------------------------------------------------------------------------
+    def _abandoned(self, calls: int) -> bool:
+        """Charge ``calls`` the connection left unanswered (reset, or expired unseen) to its address; past the
+        address's budget the connection is closed (True)."""
+        if not self.listener.abandoned.charge(self.host, calls):
+            return False
+        self._refuse(Refused(f"its address {abandoned_reason(self.listener.abandoned)}", "abandoned"))
+        return True
+
     def _recount(self) -> int:
         """Bring its address's count of calls not yet answered up to date; the address's total."""
         unanswered = 0 if self.closed else self.streams.unanswered()
