@@ -12,11 +12,13 @@ import random
 
 import h2.config
 import h2.connection
+import h2.events
 import hpack
 import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
+from onnxserve.server.core_queue import CALL_FIELD, CoreQueue
 from onnxserve.server.grpc_calls import Calls
 from onnxserve.server.grpc_front import (
     DECODE_SLICE_BYTES,
@@ -543,3 +545,153 @@ def test_pings_past_the_budget_close_the_connection() -> None:
     passed_through(frames, [PREFACE + ping * 1000])
     with pytest.raises(Refused, match="PINGs faster than 100 a second"):
         passed_through(frames, [ping])
+
+
+def requests_seen_by_grpc_core(data: bytes) -> list[list[tuple[str, str]]]:
+    """The header lists of the calls in ``data`` (what the front hands on), as an HTTP/2 server (the ``h2``
+    library's state machine, its own HPACK decoder) reads them."""
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+    server.initiate_connection()
+    requests = []
+    for event in server.receive_data(data):
+        if isinstance(event, h2.events.RequestReceived):
+            requests.append([(str(name), str(value)) for name, value in event.headers])
+    return requests
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_call_handed_on_is_named_at_the_end_of_its_header_block(seed: int) -> None:
+    """With grpc-core's queue followed, each call's block gets the front's field last (a CONTINUATION frame
+    after the block's last frame): an HTTP/2 server reads every call with the client's fields unchanged,
+    in order, and the name; the names are the queue's, one per call, whatever the reads."""
+    data = honest_client_bytes()
+    queue = CoreQueue()
+    frames = ClientFrames(queue=queue)
+    frames.host = "10.0.0.1"
+    passed = passed_through(frames, cut(data, seed))
+    sent = requests_seen_by_grpc_core(data)
+    seen = requests_seen_by_grpc_core(passed)
+    assert len(seen) == len(sent) == 20
+    names = []
+    for client, handed_on in zip(sent, seen, strict=True):
+        assert handed_on[:-1] == client
+        field, name = handed_on[-1]
+        assert field == CALL_FIELD.decode()
+        names.append(int(name))
+    assert len(set(names)) == 20
+    assert all(queue.queued(name) for name in names)
+    assert queue.by_address == {"10.0.0.1": 20}
+    assert sorted(frames.names.values()) == sorted(names)
+
+
+def call_block(encoder: Encoder, method: str = "POST", *extra: tuple[str, str]) -> bytes:
+    return encoder.encode(
+        [
+            (":method", method),
+            (":scheme", "http"),
+            (":path", PATH),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(":method", "GET")],
+        [(":method", "post")],
+        [("te", "Trailers")],
+        [(":scheme", "grpc")],
+        [(":path", None)],
+        [(":authority", None)],
+        [("te", None)],
+    ],
+    ids=["get", "lowercase-post", "te-case", "scheme", "no-path", "no-authority", "no-te"],
+)
+def test_calls_grpc_core_refuses_unqueued_pass_unnamed(fields: list[tuple[str, str | None]]) -> None:
+    """A call grpc-core refuses before queueing it (grpcio 1.85, tried field by field: a method other than
+    POST, a ``te`` other than ``trailers``, a scheme other than http or https, no path, no authority nor host)
+    is handed on unchanged and not counted: it never waits in grpc-core's queue."""
+    changes = dict(fields)
+    base = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", PATH),
+        (":authority", "x"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    kept = [(name, changes.get(name, value)) for name, value in base]
+    block = Encoder().encode([(name, value) for name, value in kept if value is not None])
+    queue = CoreQueue()
+    frames = ClientFrames(queue=queue)
+    data = PREFACE + header_frame(1, block)
+    passed, _ = frames.feed(data)
+    assert passed == data
+    assert len(queue) == 0
+    assert not frames.names
+
+
+def test_a_host_field_stands_for_the_authority() -> None:
+    encoder = Encoder()
+    block = encoder.encode(
+        [(":method", "POST"), (":scheme", "https"), (":path", PATH), ("host", "x"), ("te", "trailers")]
+    )
+    queue = CoreQueue()
+    ClientFrames(queue=queue).feed(PREFACE + header_frame(1, block))
+    assert len(queue) == 1
+
+
+def test_a_new_call_waits_for_room_and_what_follows_it() -> None:
+    """Past the bound, the next call's HEADERS and everything after it wait in the front (``full``); a
+    trailers block or DATA of a call already handed on do not wait; once there is room the rest goes on."""
+    queue = CoreQueue(2)
+    frames = ClientFrames(queue=queue)
+    frames.host = "10.0.0.1"
+    encoder = Encoder()
+    first = PREFACE + header_frame(1, call_block(encoder)) + header_frame(3, call_block(encoder))
+    passed, more = frames.feed(first)
+    assert len(queue) == 2
+    assert not frames.full
+    assert not more
+    rest = data_frame(10, 3) + header_frame(5, call_block(encoder)) + data_frame(10, 5)
+    passed, more = frames.feed(rest)
+    assert passed == data_frame(10, 3)  # the DATA of call 3 goes on; call 5 and its DATA wait
+    assert frames.full
+    assert not more
+    assert frames.held == len(rest) - len(passed)
+    queue.taken(frames.names[1])
+    passed, more = frames.feed(b"")
+    assert not frames.full
+    assert frames.held == 0
+    seen = requests_seen_by_grpc_core(first + data_frame(10, 3) + passed)
+    assert [dict(request)[":path"] for request in seen] == [PATH] * 3
+    assert frames.names[5] == int(dict(seen[2])[CALL_FIELD.decode()])
+
+
+@pytest.mark.parametrize("read_size", [1, 7, 13, 1000])
+def test_grpc_cores_refusals_of_calls_it_never_queued_are_followed(read_size: int) -> None:
+    """An RST_STREAM of grpc-core's on a call it has not answered, with PROTOCOL_ERROR, INTERNAL_ERROR or
+    REFUSED_STREAM, says the call never reached its queue (a CANCEL does not: a call past its deadline); so
+    does a GOAWAY for the streams after its last one; however the frames are cut into reads."""
+    streams = Calls()
+    for stream in (1, 3, 5, 7, 9, 11, 13):
+        streams.open(stream)
+    data = (
+        server_frame(0x1, 0x4, 1, b"\x88")  # call 1: answered, then reset
+        + server_frame(0x3, 0, 1, (7).to_bytes(4, "big"))
+        + server_frame(0x3, 0, 3, (7).to_bytes(4, "big"))  # REFUSED_STREAM
+        + server_frame(0x3, 0, 5, (1).to_bytes(4, "big"))  # PROTOCOL_ERROR
+        + server_frame(0x3, 0, 7, (2).to_bytes(4, "big"))  # INTERNAL_ERROR
+        + server_frame(0x3, 0, 9, (8).to_bytes(4, "big"))  # CANCEL
+        + server_frame(0x7, 0, 0, (11).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"debug")
+    )
+    answers = ServerFrames(streams)
+    for at in range(0, len(data), read_size):
+        answers.feed(data[at : at + read_size])
+    assert streams.never_queued == [3, 5, 7]
+    assert streams.last_stream == 11
+    assert set(streams) == {11, 13}

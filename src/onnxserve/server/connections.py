@@ -112,6 +112,7 @@ from onnxserve.protocols.request_body import announces_body
 from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.auth import METRICS_HTTP_PATH, OPEN_HTTP_PATHS
 from onnxserve.server.connection_index import Counts, LazyHeap
+from onnxserve.server.core_queue import CoreQueue, call_name
 from onnxserve.server.message_room import DEFAULT_MESSAGE_WAIT_SECONDS, DISPLACED, MessageRoom
 from onnxserve.server.settings import ServerSettings
 from onnxserve.server.tls_layer import wrap_tls
@@ -1575,8 +1576,10 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
         max_message_bytes: int,
         timeout: float,
         message_wait: float = DEFAULT_MESSAGE_WAIT_SECONDS,
+        queue: CoreQueue | None = None,
     ) -> None:
         self.handler = handler
+        self.queue = queue  # grpc-core's queue as the gRPC front counts it: each call taken is told
         self.budget = budget
         # Messages grpc may be receiving, each counted at the largest size until it has arrived: a room of
         # their own as large as the budget, so that calls waiting for their messages (a stream between two
@@ -1592,6 +1595,8 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if self.queue is not None:  # grpc.aio took the call (grpc runs this for every call it takes)
+            self.queue.taken(call_name(handler_call_details.invocation_metadata))
         method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:

@@ -39,6 +39,12 @@ CUT_SHORT_SECONDS = 1.0
 before grpc-core closed the connection (:meth:`Calls.recently_cut_short`)."""
 
 
+NEVER_QUEUED_CODES = frozenset((0x1, 0x2, 0x7))
+"""RST_STREAM error codes with which grpc-core refuses a call it never queued for the application, when it
+sends nothing else on its stream: PROTOCOL_ERROR and INTERNAL_ERROR (a malformed request: no ``te``, a GET),
+REFUSED_STREAM (past its stream limit)."""
+
+
 class Messages:
     """One side's gRPC messages on one call, counted as their bytes pass (:meth:`take`)."""
 
@@ -99,6 +105,10 @@ class Calls:
         self._cut_since = 0.0
         self.expired = 0
         """Calls grpc-core ended without an answer once their deadline had passed (taken by the connection)."""
+        self.never_queued: list[int] = []
+        """Streams grpc-core reset before it queued their calls (taken by the connection)."""
+        self.last_stream: int | None = None
+        """The last stream grpc-core's GOAWAY says it took (the later ones it never saw), None before one."""
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -176,9 +186,15 @@ class Calls:
             # never reset, 30,000 a second, had most other clients' calls answered CANCELLED)
             self.expired += 1
 
-    def server_reset(self, stream: int) -> None:
-        self._ended_short(self._calls.get(stream))
+    def server_reset(self, stream: int, code: int = 0) -> None:
+        call = self._calls.get(stream)
+        if call is not None and not call.answering and code in NEVER_QUEUED_CODES:
+            self.never_queued.append(stream)
+        self._ended_short(call)
         self.end(stream)
+
+    def server_goaway(self, last_stream: int) -> None:
+        self.last_stream = last_stream if self.last_stream is None else min(self.last_stream, last_stream)
 
     def server_headers(self, stream: int, end_stream: bool) -> None:
         if end_stream:

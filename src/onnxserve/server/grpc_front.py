@@ -79,6 +79,7 @@ from onnxserve.server.abandoned_calls import ADDRESS_CALLS, AbandonedCalls
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
+from onnxserve.server.core_queue import CALL_FIELD, CoreQueue, call_field
 from onnxserve.server.grpc_calls import Calls, Messages
 from onnxserve.server.tls_layer import wrap_tls
 
@@ -90,12 +91,16 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_HEADER_FIELDS = 100
 """The most fields in one header block (the HTTP port's limit too; Envoy's default ``max_headers_count``)."""
 
-MAX_HEADER_LIST_BYTES = GRPC_METADATA_HARD_BYTES - 1
-"""The largest header list a block may decode to (name + value + 32 bytes per field): just under grpc-core's
-hard limit, at which it refuses the call (RESOURCE_EXHAUSTED: "16384 vs. 16384") when it sees the block
-whole (a bound of the limit itself let such lists through: outside attack rt46). At twice that, the
-front passed blocks grpc-core would refuse, and under a flood of them grpc-core, reading each in pieces,
-handed the calls to the handler with their fields cut at its limit: 3,400 calls in 17 s queued ahead of
+CALL_FIELD_BYTES = len(CALL_FIELD) + 20 + 32
+"""What the field the front adds to each call's header block (``core_queue.CALL_FIELD``) counts, at most, in the
+header list grpc-core sees."""
+
+MAX_HEADER_LIST_BYTES = GRPC_METADATA_HARD_BYTES - 1 - CALL_FIELD_BYTES
+"""The largest header list a block may decode to (name + value + 32 bytes per field): with the front's own field
+added, just under grpc-core's hard limit, at which it refuses the call (RESOURCE_EXHAUSTED: "16384 vs. 16384")
+when it sees the block whole (a bound of the limit itself let such lists through: outside attack rt46). At
+twice that, the front passed blocks grpc-core would refuse, and under a flood of them grpc-core, reading each
+in pieces, handed the calls to the handler with their fields cut at its limit: 3,400 calls in 17 s queued ahead of
 other clients' (outside attack rt42 F1, repeated: a fresh channel's call waited 20 to 25 s, or was answered
 CANCELLED when grpc-core's queue of calls not yet taken was full)."""
 
@@ -150,7 +155,7 @@ CLOSING_SECONDS = 2.0
 """How long a connection that grpc-core closed has to take what grpc-core wrote last before it is cut;
 over TLS, also how long its close_notify may take."""
 
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x8, 0x9
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8, 0x9
 READ_WHOLE = {HEADERS: "header", CONTINUATION: "header", SETTINGS: "SETTINGS", WINDOW_UPDATE: "WINDOW_UPDATE"}
 """The client's frames the front holds until they are whole, to read their payload (and what a log line calls
 them): header blocks, and the frames that set grpc-core's flow-control windows
@@ -219,7 +224,9 @@ class ClientFrames(_FrameWalk):
     """The client's side of one HTTP/2 connection, checked: :meth:`feed` bytes as they arrive, and get how
     many of them (from the start of what it was given, its held bytes first) may be handed on now."""
 
-    def __init__(self, streams: Calls | None = None, max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+    def __init__(
+        self, streams: Calls | None = None, max_streams: int = DEFAULT_MAX_STREAMS, queue: CoreQueue | None = None
+    ) -> None:
         self.streams = Calls() if streams is None else streams
         """The calls open on the connection: opened by the client's HEADERS, ended by its RST_STREAM here
         and by grpc-core's END_STREAM or RST_STREAM (:class:`ServerFrames`); and their windows."""
@@ -239,8 +246,17 @@ class ClientFrames(_FrameWalk):
         self._same_block: bytes | None = None  # the last block checked, if it left the table as it was
         self._same_table: tuple[int, int, object] = (0, 0, None)
         self._same_timeout: float | None = None
+        self._same_queued = False
         self.abandoned = 0
         """Calls the client reset before grpc-core began to answer them (taken by the connection)."""
+        self.queue = queue
+        """grpc-core's queue of calls, as the front counts it (:mod:`onnxserve.server.core_queue`): each new call
+        is named in it and waits for room (None: calls are neither named nor held)."""
+        self.host = ""  # the client's address, for the queue
+        self.names: dict[int, int] = {}  # the queue's name of each call handed on, by stream
+        self._block_new = False  # the header block being received opens a call
+        self.full = False
+        """The last :meth:`feed` stopped before a new call: no room for it in grpc-core's queue."""
 
     @property
     def held(self) -> int:
@@ -310,6 +326,9 @@ class ClientFrames(_FrameWalk):
         decoded = 0
         frames = 0
         more = False
+        self.full = False
+        pieces: list[bytes] = []  # what is handed on, where the front added a field to a block
+        start = 0  # the first byte of ``work`` to hand on not yet in ``pieces``
         while at < size:
             if self._skip:
                 at = self._pass_payload(view, at, size)
@@ -345,8 +364,32 @@ class ClientFrames(_FrameWalk):
                 if decoded >= DECODE_SLICE_BYTES:
                     more = True
                     break
+                if (
+                    self.queue is not None
+                    and kind == HEADERS
+                    and stream > self._newest
+                    and not self._block_stream
+                    and not self.queue.admits(self.host)
+                ):
+                    self.full = True  # a new call, and no room for it: it waits, and what follows it
+                    break
                 decoded += length
-                self._header_frame(kind, flags, stream, work[at + FRAME_HEADER : at + FRAME_HEADER + length])
+                payload = work[at + FRAME_HEADER : at + FRAME_HEADER + length]
+                if self._header_frame(kind, flags, stream, payload) and self.queue is not None:
+                    name = self.queue.handed_on(self.host)
+                    self._name(stream, name)
+                    # the block's last frame goes on without END_HEADERS, followed by a CONTINUATION frame that
+                    # adds the call's name and ends the block
+                    field = call_field(name)
+                    pieces += (
+                        work[start:at],
+                        work[at : at + 4],
+                        bytes([flags & ~END_HEADERS]),
+                        work[at + 5 : at + FRAME_HEADER + length],
+                        len(field).to_bytes(3, "big") + bytes([CONTINUATION, END_HEADERS]) + stream.to_bytes(4, "big"),
+                        field,
+                    )
+                    start = at + FRAME_HEADER + length
                 at += FRAME_HEADER + length
             else:
                 if self._block_stream:
@@ -364,9 +407,22 @@ class ClientFrames(_FrameWalk):
                 at += FRAME_HEADER
                 self._skip = length
         self._held = work[at:]
+        if pieces:
+            pieces.append(work[start:at])
+            return b"".join(pieces), more
         return (work[:at] if at < size else work), more
 
-    def _header_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+    def _name(self, stream: int, name: int) -> None:
+        """Keep ``stream``'s name in the queue (the names of calls no longer counted there forgotten now and
+        then)."""
+        names = self.names
+        names[stream] = name
+        if len(names) > 2 * self._max_streams + 16 and self.queue is not None:
+            queued = self.queue.queued
+            self.names = {s: n for s, n in names.items() if queued(n)}
+
+    def _header_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> bool:
+        """Take a header frame; whether it ends a header block that opens a call."""
         if kind == HEADERS:
             if self._block_stream:
                 raise Refused("a HEADERS frame inside another header block")
@@ -386,7 +442,8 @@ class ClientFrames(_FrameWalk):
                 # holding one were busy, never closed for room nor cut (outside attack rt44: every newcomer
                 # locked out, with 60 bytes a connection)
                 raise Refused("a HEADERS frame on an even stream id (a client opens odd ones)", "even stream")
-            if stream > self._newest:  # a new call (a lower id is trailers, or a stream that has ended)
+            self._block_new = stream > self._newest
+            if self._block_new:  # a new call (a lower id is trailers, or a stream that has ended)
                 self._open(stream)
             if flags & END_STREAM:
                 self.streams.client_ended(stream)
@@ -404,9 +461,11 @@ class ClientFrames(_FrameWalk):
             block = b"".join(self._block)
             self._block.clear()
             self._block_stream = 0
-            timeout = self._check_block(block)
+            timeout, queued = self._check_block(block)
             if timeout is not None:
                 self.streams.deadline(stream, timeout)
+            return self._block_new and queued
+        return False
 
     def _flow_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if kind == WINDOW_UPDATE:
@@ -446,13 +505,14 @@ class ClientFrames(_FrameWalk):
         entries = table.dynamic_entries
         return table.maxsize, len(entries), entries[0] if entries else None
 
-    def _check_block(self, block: bytes) -> float | None:
-        """Decode ``block`` and refuse it past the bounds; its ``grpc-timeout`` in seconds (None: none). A block
-        the same as the last one checked, decoded from the same table it left as it was (a client's next call
-        with the same headers, every field in the table), decodes the same: it is not decoded again."""
+    def _check_block(self, block: bytes) -> tuple[float | None, bool]:
+        """Decode ``block`` and refuse it past the bounds; its ``grpc-timeout`` in seconds (None: none), and
+        whether grpc-core queues a call it opens (:func:`queued`). A block the same as the last one checked,
+        decoded from the same table it left as it was (a client's next call with the same headers, every
+        field in the table), decodes the same: it is not decoded again."""
         table = self._table()
         if block == self._same_block and _same_table(table, self._same_table):
-            return self._same_timeout
+            return self._same_timeout, self._same_queued
         try:
             fields = list(self._decoder.decode(block, raw=True))
         except hpack.exceptions.OversizedHeaderListError:
@@ -467,11 +527,13 @@ class ClientFrames(_FrameWalk):
         for name, value in fields:
             if name == b"grpc-timeout":  # grpc-core keeps the last (outside attack rt49: "1H" then "1m")
                 timeout = grpc_timeout(value)
+        queues = queued(fields)
         if _same_table(self._table(), table):
-            self._same_block, self._same_table, self._same_timeout = block, table, timeout
+            self._same_block, self._same_table = block, table
+            self._same_timeout, self._same_queued = timeout, queues
         else:
             self._same_block = None
-        return timeout
+        return timeout, queues
 
 
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -493,6 +555,26 @@ def grpc_timeout(value: bytes | str) -> float | None:
     if len(digits) > NO_DEADLINE_DIGITS:
         return None
     return int(digits) * TIMEOUT_UNITS[unit]
+
+
+QUEUED_FIELDS = {b":method": {b"POST"}, b"te": {b"trailers"}, b":scheme": {b"http", b"https"}}
+"""Fields grpc-core requires of a call, with the values it accepts, before it queues the call (else it resets
+it or answers it at once, unseen by the application; grpcio 1.85, tried field by field)."""
+
+
+def queued(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether grpc-core queues a call with these header ``fields`` for the application: ``QUEUED_FIELDS``
+    right, a ``:path``, and an ``:authority`` or a ``host``. A call it refuses unqueued is not counted in its
+    queue (``core_queue``): counted, a client sending such calls filled the count with calls that were never
+    there."""
+    seen: dict[bytes, bytes] = {}
+    for name, value in fields:
+        seen[name] = value
+    return (
+        all(seen.get(name) in values for name, values in QUEUED_FIELDS.items())
+        and b":path" in seen
+        and (b":authority" in seen or b"host" in seen)
+    )
 
 
 def _same_table(a: tuple[int, int, object], b: tuple[int, int, object]) -> bool:
@@ -526,15 +608,24 @@ class ServerFrames(_FrameWalk):
                 break
             length = int.from_bytes(work[at : at + 3], "big")
             kind, flags = work[at + 3], work[at + 4]
-            if kind in (DATA, HEADERS, RST_STREAM):
+            if kind in (RST_STREAM, GOAWAY):  # read up to the error code, which counts
+                needed = FRAME_HEADER + (4 if kind == RST_STREAM else 8)
+                if length < needed - FRAME_HEADER:
+                    pass  # grpc-core sends no such frame
+                elif size - at < needed:
+                    break
+                elif kind == RST_STREAM:
+                    stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
+                    self.streams.server_reset(stream, int.from_bytes(work[at + 9 : at + 13], "big"))
+                else:
+                    self.streams.server_goaway(int.from_bytes(work[at + 9 : at + 13], "big") & 0x7FFFFFFF)
+            elif kind in (DATA, HEADERS):
                 stream = int.from_bytes(work[at + 5 : at + 9], "big") & 0x7FFFFFFF
                 if kind == DATA:
                     sink = self.streams.server_data(stream, length)
                     self._sink = sink if length and not flags & PADDED else None
-                elif kind == HEADERS:
-                    self.streams.server_headers(stream, bool(flags & END_STREAM))
                 else:
-                    self.streams.server_reset(stream)
+                    self.streams.server_headers(stream, bool(flags & END_STREAM))
             self._skip = length
             at += FRAME_HEADER
         self._partial = work[at:] if at < size else b""
@@ -735,6 +826,7 @@ class _Listener:
         self.abandoned = AbandonedCalls()
         self.address_calls_cap = ADDRESS_CALLS
         self.address_calls: dict[str, int] = {}  # calls grpc-core has not begun to answer, by client address
+        self.queue: CoreQueue | None = None  # grpc-core's queue of calls, as counted (None: not followed)
 
     def count_calls(self, host: str, change: int) -> int:
         """Add ``change`` to ``host``'s calls not yet answered; its total now."""
@@ -795,7 +887,7 @@ class FrontConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = asyncio.get_running_loop()
         self.streams = Calls()
-        self.frames = ClientFrames(self.streams, listener.max_streams)
+        self.frames = ClientFrames(self.streams, listener.max_streams, listener.queue)
         self.answers = ServerFrames(self.streams)
         self.state = IDLE
         self._writing_paused = False  # the client's transport holds more than it takes
@@ -812,6 +904,8 @@ class FrontConnection(asyncio.Protocol):
         self._opening: asyncio.Task[None] | None = None
         self._block_timer: asyncio.TimerHandle | None = None
         self._waiting_turn = False  # in the queue of :class:`CheckShare` (what it read waits in ``frames``)
+        self._waiting_room = False  # its next call waits for room in grpc-core's queue (``core_queue``)
+        self._backend_reached = False  # its connection to grpc-core was made
         self.checked_until = 0.0  # its virtual time in :class:`CheckShare`
         self._counted = 0  # its calls not yet answered, as counted in its address's total (``address_calls``)
 
@@ -823,7 +917,7 @@ class FrontConnection(asyncio.Protocol):
             return
         self.raw = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.host = self.frames.host = str(peer[0]) if isinstance(peer, tuple) and peer else ""
         listener = self.listener
         if listener.abandoned.barred(self.host):
             reason = abandoned_reason(listener.abandoned)
@@ -876,6 +970,11 @@ class FrontConnection(asyncio.Protocol):
         if self._waiting_turn:  # reading is paused: at most what the transport had read before
             self.frames.hold(data)
             return
+        if self._waiting_room:  # read on, so that a client that goes is seen to (up to a bound: then paused)
+            self.frames.hold(data)
+            if self.frames.held > HELD_HIGH_WATER:
+                self._pause_client("room")
+            return
         self._check(data)
 
     def _check(self, data: bytes, turn: bool = False) -> None:
@@ -896,6 +995,8 @@ class FrontConnection(asyncio.Protocol):
             share.spend(self, time.perf_counter() - started, turn)
         if passed:
             self._hand_on(passed)
+        if self.frames.full:
+            self._wait_room()
         cap = self.listener.address_calls_cap
         if self._recount() > cap > 0:
             self._refuse(
@@ -931,7 +1032,7 @@ class FrontConnection(asyncio.Protocol):
         what = self.frames.unfinished
         if self.closed or not what:
             return
-        if self._waiting_turn:  # the front's wait, not the client's
+        if self._waiting_turn or self._waiting_room:  # the front's wait, not the client's
             self._watch_block()
             return
         seconds = self.listener.handshake_seconds
@@ -941,6 +1042,31 @@ class FrontConnection(asyncio.Protocol):
         self._waiting_turn = True
         self._pause_client("turn")
         self.listener.share.wait(self, self.frames.pending_cost())
+
+    def _wait_room(self) -> None:
+        if self._waiting_room or self.listener.queue is None:
+            return
+        queue = self.listener.queue
+        self._waiting_room = True
+        if self.frames.held > HELD_HIGH_WATER:
+            self._pause_client("room")
+        queue.wait(self)
+        self._look()
+        self._refuse_quietly(
+            "queue full",
+            f"held new gRPC calls in the front: {len(queue):,} calls are waiting in grpc-core's queue for the server "
+            f"(--grpc-max-queued-calls {queue.limit:,}); they go on as it takes calls",
+        )
+
+    def room(self) -> None:
+        """Its waiting call may go on to grpc-core (``core_queue``)."""
+        self._waiting_room = False
+        if self.closed:
+            return
+        self._look()
+        self._resume_client("room")
+        if not self._waiting_turn:
+            self._check(b"")
 
     def take_turn(self) -> None:
         """Check what waited (:class:`CheckShare` calls this when the connection's turn comes)."""
@@ -996,6 +1122,7 @@ class FrontConnection(asyncio.Protocol):
             transport.abort()
             return
         self.backend = transport
+        self._backend_reached = True
         if self._waiting:
             waiting, self._waiting = self._waiting, b""
             transport.write(waiting)
@@ -1015,6 +1142,7 @@ class FrontConnection(asyncio.Protocol):
         if transport is None or self.closed:
             return
         self.answers.feed(data)
+        self._not_queued()
         self._recount()
         if self.streams.expired:
             expired, self.streams.expired = self.streams.expired, 0
@@ -1043,6 +1171,23 @@ class FrontConnection(asyncio.Protocol):
             self.listener.abandoned.charge(self.host, self.streams.recently_cut_short())
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
+    def _not_queued(self, everything: bool = False) -> None:
+        """Tell the queue of the calls grpc-core never queued: reset as malformed or past its limit, past the
+        last stream of its GOAWAY, or (``everything``) all the calls handed on, when none reached it."""
+        queue = self.listener.queue
+        streams = self.streams
+        if queue is None or not (streams.never_queued or streams.last_stream is not None or everything):
+            return
+        names = self.frames.names
+        for stream in streams.never_queued:
+            if (name := names.pop(stream, None)) is not None:
+                queue.never_queued(name)
+        streams.never_queued.clear()
+        last = -1 if everything else streams.last_stream
+        if last is not None:
+            for stream in [stream for stream in names if stream > last]:
+                queue.never_queued(names.pop(stream))
+
     # -- shared --------------------------------------------------------------------------------------
     def _abandoned(self, calls: int) -> bool:
         """Charge ``calls`` the connection left unanswered (reset, or expired unseen) to its address; past the
@@ -1066,7 +1211,9 @@ class FrontConnection(asyncio.Protocol):
         if self.closed:
             return
         calls = self.streams
-        if not calls:
+        if self._waiting_room:  # a call of its waits for the server (``core_queue``), however idle it looks
+            state = BUSY
+        elif not calls:
             state = IDLE
         elif self._writing_paused or calls.waiting:  # every call unread, or some unread and the rest sending
             state = STALLED
@@ -1137,10 +1284,19 @@ class FrontConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self.listener.remove(self)
+        if self.listener.queue is not None:
+            self.listener.queue.discard(self)
         if self.peer_name is not None:
             context.forget_peer(self.peer_name)
         backend, self.backend = self.backend, None
-        if backend is not None:
+        if not self._backend_reached:
+            self._not_queued(everything=True)  # its calls waited for a connection to grpc-core, and go with it
+        elif backend is not None and backend.get_write_buffer_size():
+            # what it handed on goes to grpc-core before the close: calls counted in grpc-core's queue reach it
+            # (and are taken from it, dead); grpc-core ends them as their connection closes
+            backend.close()
+            self.loop.call_later(CLOSING_SECONDS, backend.abort)
+        elif backend is not None:
             backend.abort()
         transport = self.transport if self.transport is not None else self.raw
         if transport is not None:
@@ -1205,12 +1361,14 @@ class GrpcFront:
         stall_seconds: float,
         abandoned_calls: int = int(ABANDONED_RATE),
         address_calls: int = ADDRESS_CALLS,
+        queue: CoreQueue | None = None,
     ) -> None:
         """``handshake_seconds``: ``--header-timeout``; ``max_streams``: grpc-core's stream limit;
         ``stall_seconds``: ``--body-timeout``, how long a connection may leave its answers unread;
         ``abandoned_calls``: ``--grpc-max-abandoned-calls``, the calls an address may abandon a second and at
         once (0: no limit); ``address_calls``: ``--grpc-max-address-calls``, the calls not yet answered an
-        address may have at once (0: no limit)."""
+        address may have at once (0: no limit); ``queue``: grpc-core's queue of calls as the front counts it, which
+        names each call and holds new ones when it is full (``core_queue``; None: no such bound)."""
         _remove_stale_folders()
         # mode 0700: only this user may connect to grpc-core
         self._folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-"))
@@ -1218,6 +1376,7 @@ class GrpcFront:
         self._listener = _Listener(self.socket_path, cap, tls, handshake_seconds, max_streams, stall_seconds)
         self._listener.abandoned = AbandonedCalls(abandoned_calls, abandoned_calls)
         self._listener.address_calls_cap = address_calls
+        self._listener.queue = queue
         self._server: asyncio.AbstractServer | None = None
 
     @property

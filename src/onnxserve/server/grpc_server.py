@@ -17,6 +17,7 @@ from onnxserve.protocols.inflight import InflightBytes
 from onnxserve.protocols.v2_grpc.servicer import generic_handler
 from onnxserve.server.auth import BearerAuthInterceptor
 from onnxserve.server.connections import MessageReception, grpc_connection_cap, grpc_options, grpc_send_limit
+from onnxserve.server.core_queue import CoreQueue
 from onnxserve.server.exposure import Exposure
 from onnxserve.server.grpc_front import GrpcFront
 from onnxserve.server.listen import bind
@@ -78,6 +79,7 @@ def create_grpc_server(
     )
     sock = bind(settings.host, settings.grpc_port, "gRPC")
     cap = grpc_connection_cap(settings)
+    queue = CoreQueue(settings.grpc_max_queued_calls) if settings.grpc_max_queued_calls else None
     front = GrpcFront(
         cap,
         None if exposure.tls is None else exposure.tls.grpc_context,
@@ -86,6 +88,7 @@ def create_grpc_server(
         settings.body_timeout,
         settings.grpc_max_abandoned_calls,
         settings.grpc_max_address_calls,
+        queue,
     )
     # grpc-core's own cap is a backstop above the front's: a connection the front closes to make room for a
     # new one may not be gone from grpc-core yet when the new one arrives there
@@ -94,7 +97,12 @@ def create_grpc_server(
     server.add_generic_rpc_handlers(
         (
             MessageReception(
-                handler, budget, settings.grpc_max_message_bytes, settings.body_timeout, settings.grpc_message_wait
+                handler,
+                budget,
+                settings.grpc_max_message_bytes,
+                settings.body_timeout,
+                settings.grpc_message_wait,
+                queue,
             ),
         )
     )

@@ -24,6 +24,7 @@ from onnxserve.core.cpu import cpu_budget
 from onnxserve.log_throttle import EVERY_SECONDS
 from onnxserve.server.abandoned_calls import ADDRESS_CALLS
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
+from onnxserve.server.core_queue import QUEUE_LIMIT
 
 TOKENS_VARIABLE = "ONNXSERVE_AUTH_TOKENS"
 """The environment variable holding bearer tokens inline: ``TOKEN SCOPES`` entries separated by ';'."""
@@ -200,6 +201,13 @@ class ServerSettings(BaseModel):
         description="gRPC calls one client address may have waiting for the server at once, over all its "
         "connections (open, not yet answered): the connection that opens one more is closed. Raise it behind a "
         "gRPC proxy, whose address all clients share, or for one client with more calls in flight. 0: no limit.",
+    )
+    grpc_max_queued_calls: Annotated[int, Field(ge=0)] = Field(
+        default=QUEUE_LIMIT,
+        description="gRPC calls, of all clients, that may wait in grpc-core's queue for the server to take them "
+        "(counted by the front): past half of it a new call waits in the front unless its client address has "
+        "fewer than 4 waiting, and past it every new call waits; grpc-core drops calls at random past 1,000. "
+        "0: no such bound.",
     )
     grpc_max_abandoned_calls: Annotated[int, Field(ge=0)] = Field(
         default=int(ABANDONED_RATE),

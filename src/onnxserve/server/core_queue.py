@@ -1,0 +1,227 @@
+"""grpc-core's queue of calls waiting for the application, followed and bounded by the gRPC port's front.
+
+grpc-core keeps each call it has parsed in a queue until grpc.aio takes it (one at a time, a few thousand
+a second on two cores: live calls, and dead ones a client reset or left behind alike). Past 1,000 calls
+waiting there (``grpc.server.max_pending_requests``) it drops new calls at random, and past 3,000 all of
+them, answering CANCELLED before the application sees them: the calls of every client. Per-address budgets
+(:mod:`onnxserve.server.abandoned_calls`) keep one address from filling it; many addresses, each within
+its budget, still did (outside attack rt47 M1: 8,000 addresses of 100 calls each had 53 of 70 other
+clients' calls answered CANCELLED).
+
+So the front counts the queue itself: every call it hands on to grpc-core is named by a field the front
+adds at the end of the call's header block (``CALL_FIELD``, a literal the compression table never keeps,
+so the client's table and grpc-core's stay as they were), and the server's handler lookup, which grpc.aio
+runs for every call it takes (dead ones too), reports the name back (:meth:`CoreQueue.taken`). Calls the
+front has handed on and the application has not taken are the queue, or on their way to it. A call grpc-core
+never queues is not counted, or not for long: one whose header block grpc-core refuses before queueing it
+(no POST, no ``te: trailers``...: ``grpc_front.queued``) is not named at all; one grpc-core resets unanswered
+for being malformed or past its stream limit (PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM), one past the
+last stream of its connection's GOAWAY, and one whose bytes never reached grpc-core leave the count
+(:meth:`CoreQueue.never_queued`); any other leaves it once a call handed on ``ORDER_SLACK_SECONDS`` after it
+is taken (the queue is first in, first out), once nothing has been taken for ``IDLE_SECONDS``, or after
+``FORGET_SECONDS``.
+
+Past ``limit / 2`` calls counted, a new call waits in the front, its connection no longer read, unless its
+client address has fewer than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the
+count is under ``limit``; past ``limit``, every new call waits. Waiting calls go on as the application
+takes calls, first come first served, those of light addresses first between the two bounds. A call waits
+rather than being refused: a refusal the client would retry (RST_STREAM REFUSED_STREAM) cannot be made
+without also keeping its header block from grpc-core, whose compression table must see every block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+QUEUE_LIMIT = 800
+"""Calls counted in grpc-core's queue past which every new call waits in the front, unless told
+(``--grpc-max-queued-calls``; 0: none): under grpc-core's 1,000, the calls on their way to it included."""
+
+FEW = 4
+"""Calls an address may have counted and still pass between ``limit / 2`` and ``limit``."""
+
+FORGET_SECONDS = 5.0
+"""A call counted this long is no longer counted: grpc.aio drains 1,000 calls in well under a second, so a
+call never taken by then was never queued (a way out of grpc-core the front did not see)."""
+
+ORDER_SLACK_SECONDS = 0.5
+"""grpc-core's queue is first in, first out (one queue of calls for the generic handlers grpc.aio serves): when
+grpc.aio takes a call, the calls handed on more than this before it and still counted never reached the queue,
+and are no longer counted (the slack: grpc-core reads its connections in its own order). So a call grpc-core
+refused unqueued in a way the front did not see holds others for a fraction of a second at most."""
+
+IDLE_SECONDS = 0.2
+"""When grpc.aio has taken no call for this long, grpc-core's queue is empty (grpc.aio takes the next call
+as soon as there is one, on the event loop this runs on): the calls counted that were handed on before are
+no longer counted (the same for a queue that has stopped moving)."""
+
+CALL_FIELD = b"onnxserve-front-call"
+"""The header field naming each call the front hands on (its value: a decimal number)."""
+
+WAKE_SCAN = 256
+"""Waiting connections looked at, from the first, for one of a light address when the count is between the
+two bounds."""
+
+
+class Waiter(Protocol):
+    """A connection with a call waiting for room in the queue."""
+
+    host: str
+
+    def room(self) -> None:
+        """Its call may go on."""
+
+
+def call_field(name: int) -> bytes:
+    """``CALL_FIELD`` with value ``name``, as an HPACK literal that is never indexed (RFC 7541, 6.2.3: the
+    compression tables of both ends stay as they were)."""
+    value = str(name).encode()
+    return b"\x10" + bytes([len(CALL_FIELD)]) + CALL_FIELD + bytes([len(value)]) + value
+
+
+def call_name(metadata: Sequence[tuple[str, str | bytes]] | None) -> int | None:
+    """The front's name of a call from its metadata (the last ``CALL_FIELD``: the front's comes after any the
+    client sent); None if it has none."""
+    field = CALL_FIELD.decode()
+    name = None
+    for key, value in metadata or ():
+        if key == field and isinstance(value, str) and value.isdigit() and len(value) < 20:
+            name = int(value)
+    return name
+
+
+class CoreQueue:
+    """The calls the front has handed on that grpc.aio has not taken (the module's docstring)."""
+
+    def __init__(self, limit: int = QUEUE_LIMIT, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._clock = clock
+        self._names = 0
+        self._calls: OrderedDict[int, tuple[float, str]] = OrderedDict()  # name -> (when handed on, address)
+        self.by_address: dict[str, int] = {}
+        self._waiting: OrderedDict[Waiter, None] = OrderedDict()
+        self._wake: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._taken_at = clock()  # when grpc.aio last took a call
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def admits(self, host: str) -> bool:
+        """Whether a new call of ``host`` may go to grpc-core now."""
+        if self.limit <= 0:
+            return True
+        self._forget()
+        count = len(self._calls)
+        return count < self.limit // 2 or (count < self.limit and self.by_address.get(host, 0) < FEW)
+
+    def handed_on(self, host: str) -> int:
+        """A call of ``host`` goes to grpc-core: its name."""
+        self._names += 1
+        name = self._names
+        if self.limit > 0:
+            self._calls[name] = (self._clock(), host)
+            self.by_address[host] = self.by_address.get(host, 0) + 1
+            self._keep_forgetting()
+        return name
+
+    def taken(self, name: int | None) -> None:
+        """grpc.aio took the call named ``name`` (None: a call the front did not name)."""
+        self._taken_at = self._clock()
+        if name is None or (entry := self._calls.get(name)) is None:
+            return
+        self._remove(name)
+        calls = self._calls
+        until = entry[0] - ORDER_SLACK_SECONDS
+        while calls:  # calls handed on well before it and not taken: never queued (first in, first out)
+            oldest, (when, _) = next(iter(calls.items()))
+            if when >= until:
+                break
+            self._remove(oldest)
+
+    def never_queued(self, name: int) -> None:
+        """The call named ``name`` never reached grpc-core's queue."""
+        self._remove(name)
+
+    def queued(self, name: int) -> bool:
+        return name in self._calls
+
+    def _remove(self, name: int) -> None:
+        entry = self._calls.pop(name, None)
+        if entry is None:
+            return
+        host = entry[1]
+        left = self.by_address[host] - 1
+        if left:
+            self.by_address[host] = left
+        else:
+            del self.by_address[host]
+        if self._waiting and self._wake is None:
+            self._wake = asyncio.get_running_loop().call_soon(self._go_on)
+
+    def _forget(self) -> None:
+        calls = self._calls
+        if not calls:
+            return
+        now = self._clock()
+        until = now - (IDLE_SECONDS if now - self._taken_at > IDLE_SECONDS else FORGET_SECONDS)
+        while calls:
+            name, (when, _) = next(iter(calls.items()))
+            if when > until:
+                break
+            self._remove(name)
+
+    def _keep_forgetting(self) -> None:
+        """Forget old calls on time while calls wait (nothing else may come to do it)."""
+        if self._timer is None and self._calls and self._waiting:
+            self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._forget_on_time)
+
+    def _forget_on_time(self) -> None:
+        self._timer = None
+        self._forget()
+        self._go_on()
+        self._keep_forgetting()
+
+    # -- waiting calls ----------------------------------------------------------------------------------
+    def wait(self, waiter: Waiter) -> None:
+        """``waiter``'s next call waits for room (:meth:`Waiter.room` when it has some)."""
+        self._waiting[waiter] = None
+        self._keep_forgetting()
+
+    def discard(self, waiter: Waiter) -> None:
+        self._waiting.pop(waiter, None)
+
+    def _go_on(self) -> None:
+        """Let waiting calls go on while there is room: first come first, those of light addresses first
+        between the two bounds."""
+        self._wake = None
+        while self._waiting:
+            count = len(self._calls)
+            if count >= self.limit:
+                return
+            waiter = next(iter(self._waiting)) if count < self.limit // 2 else self._light()
+            if waiter is None:
+                return
+            del self._waiting[waiter]
+            before = len(self._calls)
+            waiter.room()
+            if len(self._calls) == before and waiter not in self._waiting:
+                continue  # it handed nothing on (its client left meanwhile): the room is still there
+            if len(self._calls) == before:
+                return  # it waits again without a call handed on: stop, lest the loop never ends
+
+    def _light(self) -> Waiter | None:
+        for index, waiter in enumerate(self._waiting):
+            if index == WAKE_SCAN:
+                break
+            if self.by_address.get(waiter.host, 0) < FEW:
+                return waiter
+        return None

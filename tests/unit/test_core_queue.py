@@ -1,0 +1,204 @@
+"""grpc-core's queue as the gRPC front counts it (server.core_queue): calls named as they are handed on,
+taken by name, held past the bounds and let go on as calls are taken."""
+
+from __future__ import annotations
+
+import asyncio
+
+import hpack
+
+from onnxserve.server.core_queue import (
+    CALL_FIELD,
+    FEW,
+    FORGET_SECONDS,
+    IDLE_SECONDS,
+    ORDER_SLACK_SECONDS,
+    CoreQueue,
+    call_field,
+    call_name,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Waiting:
+    """A connection whose next calls wait for room: each ``room()`` hands ``calls`` on if admitted."""
+
+    def __init__(self, queue: CoreQueue, host: str, calls: int = 1) -> None:
+        self.queue = queue
+        self.host = host
+        self.calls = calls
+        self.went: list[int] = []
+
+    def room(self) -> None:
+        while self.calls:
+            if not self.queue.admits(self.host):
+                self.queue.wait(self)
+                return
+            self.went.append(self.queue.handed_on(self.host))
+            self.calls -= 1
+
+
+def test_the_field_decodes_to_the_name_and_leaves_the_table_as_it_was() -> None:
+    decoder = hpack.Decoder()
+    assert decoder.decode(call_field(12345), raw=True) == [(CALL_FIELD, b"12345")]
+    assert len(decoder.header_table.dynamic_entries) == 0
+
+
+def test_the_last_name_in_the_metadata_counts() -> None:
+    field = CALL_FIELD.decode()
+    assert call_name([("a", "1"), (field, "7"), (field, "9")]) == 9
+    assert call_name([("a", "1")]) is None
+    assert call_name(None) is None
+    assert call_name([(field, "x1")]) is None
+    assert call_name([(field, "9" * 30)]) is None
+
+
+def test_calls_are_counted_until_taken_or_never_queued() -> None:
+    queue = CoreQueue(10, clock=Clock())
+    names = [queue.handed_on("a") for _ in range(3)]
+    assert len(queue) == 3
+    assert queue.by_address == {"a": 3}
+    queue.taken(names[1])
+    queue.never_queued(names[0])
+    queue.taken(names[1])  # taken twice, or a name no longer counted: nothing
+    queue.taken(None)
+    assert len(queue) == 1
+    assert queue.by_address == {"a": 1}
+    assert queue.queued(names[2])
+    assert not queue.queued(names[0])
+
+
+def test_past_half_the_limit_only_light_addresses_pass_and_past_it_none() -> None:
+    queue = CoreQueue(20, clock=Clock())
+    for _ in range(10):
+        queue.handed_on("heavy")
+    assert not queue.admits("heavy")
+    assert queue.admits("light")
+    for _ in range(FEW):
+        queue.handed_on("light")
+    assert not queue.admits("light")
+    for index in range(20 - 10 - FEW):
+        queue.handed_on(f"other-{index}")
+    assert len(queue) == 20
+    assert not queue.admits("new")
+
+
+def test_a_limit_of_zero_admits_everything_and_counts_nothing() -> None:
+    queue = CoreQueue(0)
+    for _ in range(5000):
+        assert queue.admits("a")
+        queue.handed_on("a")
+    assert len(queue) == 0
+
+
+def test_calls_never_taken_are_forgotten() -> None:
+    clock = Clock()
+    queue = CoreQueue(8, clock=clock)
+    names = [queue.handed_on("a") for _ in range(5)]
+    queue.taken(names[0])  # grpc.aio takes calls: the others wait their turn
+    clock.now += FORGET_SECONDS / 2
+    queue.taken(None)
+    assert not queue.admits("a")
+    assert len(queue) == 4
+    clock.now += FORGET_SECONDS / 2
+    queue.taken(None)
+    assert queue.admits("a")
+    assert len(queue) == 0
+
+
+def test_when_nothing_was_taken_for_a_while_the_older_calls_are_not_counted() -> None:
+    """grpc.aio takes a call as soon as grpc-core has one: calls handed on before a pause with none taken
+    were not queued (refused by grpc-core in a way the front did not see)."""
+    clock = Clock()
+    queue = CoreQueue(10, clock=clock)
+    for _ in range(5):
+        queue.handed_on("a")
+    clock.now += IDLE_SECONDS / 2
+    recent = queue.handed_on("a")
+    clock.now += IDLE_SECONDS * 0.6  # the first five are past IDLE_SECONDS, with nothing taken since
+    assert queue.admits("a")
+    assert len(queue) == 1
+    assert queue.queued(recent)
+
+
+def test_waiting_calls_go_on_as_calls_are_taken_light_addresses_first() -> None:
+    async def scenario() -> None:
+        queue = CoreQueue(8, clock=Clock())
+        names = [queue.handed_on("heavy") for _ in range(8)]
+        heavy = Waiting(queue, "heavy", calls=3)
+        light = Waiting(queue, "light")
+        heavy.room()
+        light.room()
+        assert queue.waiting == 2
+        assert not heavy.went
+        assert not light.went
+        queue.taken(names[0])  # 7 counted: between the bounds, the light address goes first
+        await asyncio.sleep(0)
+        assert len(light.went) == 1
+        assert not heavy.went
+        for name in names[1:5]:  # 4 counted, 3 of them heavy's: it is light again, and one call goes on
+            queue.taken(name)
+        await asyncio.sleep(0)
+        assert len(heavy.went) == 1
+        assert heavy.calls == 2
+        assert queue.waiting == 1
+        assert len(queue) == 5
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_that_left_is_not_woken() -> None:
+    async def scenario() -> None:
+        queue = CoreQueue(2, clock=Clock())
+        names = [queue.handed_on("a") for _ in range(2)]
+        gone = Waiting(queue, "b")
+        gone.room()
+        assert queue.waiting == 1
+        queue.discard(gone)
+        queue.taken(names[0])
+        await asyncio.sleep(0)
+        assert not gone.went
+
+    asyncio.run(scenario())
+
+
+def test_waiting_calls_go_on_when_old_calls_are_forgotten_on_time() -> None:
+    """Nothing taken, nothing handed on: the timer forgets the calls never taken and lets the waiting go on."""
+
+    async def scenario() -> None:
+        queue = CoreQueue(2)
+        queue.handed_on("a")
+        queue.handed_on("a")
+        waiting = Waiting(queue, "b")
+        waiting.room()
+        assert queue.waiting == 1
+        await asyncio.sleep(IDLE_SECONDS * 3)
+        assert waiting.went
+        assert queue.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_calls_handed_on_well_before_one_taken_are_no_longer_counted() -> None:
+    """grpc-core's queue is first in, first out: once a call is taken, those handed on more than
+    ``ORDER_SLACK_SECONDS`` before it and still counted never reached the queue; those handed on within the
+    slack still count."""
+    clock = Clock()
+    queue = CoreQueue(100, clock=clock)
+    never = [queue.handed_on("a") for _ in range(3)]
+    clock.now += ORDER_SLACK_SECONDS * 0.8
+    close = queue.handed_on("b")
+    clock.now += ORDER_SLACK_SECONDS * 0.4
+    taken = queue.handed_on("c")
+    queue.taken(taken)
+    assert not any(queue.queued(name) for name in never)
+    assert queue.queued(close)
+    assert len(queue) == 1
+    assert queue.by_address == {"b": 1}
