@@ -68,11 +68,27 @@ def test_calls_are_counted_until_taken_or_never_queued() -> None:
     queue.taken(names[1])
     queue.never_queued(names[0])
     queue.taken(names[1])  # taken twice, or a name no longer counted: nothing
-    queue.taken(None)
+    uncounted = queue.handed_on("b", counted=False)
+    queue.taken(uncounted)
     assert len(queue) == 1
     assert queue.by_address == {"a": 1}
     assert queue.queued(names[2])
     assert not queue.queued(names[0])
+
+
+def test_a_call_taken_without_its_name_is_taken_for_the_oldest_counted() -> None:
+    """grpc-core drops the front's field in some header blocks it partly refuses, and still queues the call:
+    such a call, taken, takes the oldest counted call off the count (the queue is first in, first out)."""
+    queue = CoreQueue(10, clock=Clock())
+    first = queue.handed_on("a")
+    second = queue.handed_on("b")
+    queue.taken(None)
+    assert not queue.queued(first)
+    assert queue.queued(second)
+    assert queue.by_address == {"b": 1}
+    queue.taken(None)
+    queue.taken(None)  # nothing counted: nothing to take
+    assert len(queue) == 0
 
 
 def test_past_half_the_limit_only_light_addresses_pass_and_past_it_none() -> None:
@@ -102,13 +118,14 @@ def test_calls_never_taken_are_forgotten() -> None:
     clock = Clock()
     queue = CoreQueue(8, clock=clock)
     names = [queue.handed_on("a") for _ in range(5)]
+    other = queue.handed_on("b", counted=False)
     queue.taken(names[0])  # grpc.aio takes calls: the others wait their turn
     clock.now += FORGET_SECONDS / 2
-    queue.taken(None)
+    queue.taken(other)
     assert not queue.admits("a")
     assert len(queue) == 4
     clock.now += FORGET_SECONDS / 2
-    queue.taken(None)
+    queue.taken(other)
     assert queue.admits("a")
     assert len(queue) == 0
 

@@ -32,10 +32,13 @@ without also keeping its header block from grpc-core, whose compression table mu
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 800
 """Calls counted in grpc-core's queue past which every new call waits in the front, unless told
@@ -123,20 +126,27 @@ class CoreQueue:
         count = len(self._calls)
         return count < self.limit // 2 or (count < self.limit and self.by_address.get(host, 0) < FEW)
 
-    def handed_on(self, host: str) -> int:
-        """A call of ``host`` goes to grpc-core: its name."""
+    def handed_on(self, host: str, counted: bool = True) -> int:
+        """A call of ``host`` goes to grpc-core: its name; counted in the queue unless grpc-core refuses it
+        unqueued (every call is named, so that a call taken without a name is known to be one that lost it)."""
         self._names += 1
         name = self._names
-        if self.limit > 0:
+        if self.limit > 0 and counted:
             self._calls[name] = (self._clock(), host)
             self.by_address[host] = self.by_address.get(host, 0) + 1
             self._keep_forgetting()
         return name
 
     def taken(self, name: int | None) -> None:
-        """grpc.aio took the call named ``name`` (None: a call the front did not name)."""
+        """grpc.aio took the call named ``name``; None: a call whose name grpc-core dropped (it drops the fields
+        after one it refuses in some header blocks), taken for the oldest counted: the queue is first in,
+        first out."""
         self._taken_at = self._clock()
-        if name is None or (entry := self._calls.get(name)) is None:
+        if name is None:
+            if self._calls:
+                self._remove(next(iter(self._calls)))
+            return
+        if (entry := self._calls.get(name)) is None:
             return
         self._remove(name)
         calls = self._calls
@@ -212,7 +222,10 @@ class CoreQueue:
                 return
             del self._waiting[waiter]
             before = len(self._calls)
-            waiter.room()
+            try:
+                waiter.room()
+            except Exception:  # one connection's failure must not keep the others waiting
+                log.exception("a gRPC connection failed as its call went on from the front's wait")
             if len(self._calls) == before and waiter not in self._waiting:
                 continue  # it handed nothing on (its client left meanwhile): the room is still there
             if len(self._calls) == before:

@@ -6,7 +6,9 @@ of 4,000 such references is 16 MB for grpc-core to decode, about 10 ms of its CP
 sending such blocks back to back kept both cores of a 2-core box busy and other clients' gRPC calls
 waiting past 10 s (outside attack rt33). No grpcio option bounds that work, so grpc-core no longer
 listens on the gRPC port: this front does, and hands each connection's bytes on to grpc-core over a
-private Unix socket, in both directions, unchanged.
+private Unix socket, in both directions, unchanged but for one field it adds at the end of each call's
+header block (the call's name in grpc-core's queue, which the front counts and bounds:
+:mod:`onnxserve.server.core_queue`; past its bound a new call waits in the front).
 
 What the front looks at is the client's side of the HTTP/2 connection, frame by frame (its 9-byte headers;
 payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it is whole, then
@@ -255,6 +257,7 @@ class ClientFrames(_FrameWalk):
         self.host = ""  # the client's address, for the queue
         self.names: dict[int, int] = {}  # the queue's name of each call handed on, by stream
         self._block_new = False  # the header block being received opens a call
+        self._block_head: tuple[int, bytes] = (0, b"")  # its HEADERS frame's flags that go on, its priority fields
         self.full = False
         """The last :meth:`feed` stopped before a new call: no room for it in grpc-core's queue."""
 
@@ -374,22 +377,12 @@ class ClientFrames(_FrameWalk):
                     self.full = True  # a new call, and no room for it: it waits, and what follows it
                     break
                 decoded += length
-                payload = work[at + FRAME_HEADER : at + FRAME_HEADER + length]
-                if self._header_frame(kind, flags, stream, payload) and self.queue is not None:
-                    name = self.queue.handed_on(self.host)
-                    self._name(stream, name)
-                    # the block's last frame goes on without END_HEADERS, followed by a CONTINUATION frame that
-                    # adds the call's name and ends the block
-                    field = call_field(name)
-                    pieces += (
-                        work[start:at],
-                        work[at : at + 4],
-                        bytes([flags & ~END_HEADERS]),
-                        work[at + 5 : at + FRAME_HEADER + length],
-                        len(field).to_bytes(3, "big") + bytes([CONTINUATION, END_HEADERS]) + stream.to_bytes(4, "big"),
-                        field,
-                    )
+                block = self._header_frame(kind, flags, stream, work[at + FRAME_HEADER : at + FRAME_HEADER + length])
+                if self.queue is not None:  # header frames go on made anew, once their block is whole
+                    pieces.append(work[start:at])
                     start = at + FRAME_HEADER + length
+                    if block is not None:
+                        pieces.append(block)
                 at += FRAME_HEADER + length
             else:
                 if self._block_stream:
@@ -421,8 +414,9 @@ class ClientFrames(_FrameWalk):
             queued = self.queue.queued
             self.names = {s: n for s, n in names.items() if queued(n)}
 
-    def _header_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> bool:
-        """Take a header frame; whether it ends a header block that opens a call."""
+    def _header_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> bytes | None:
+        """Take a header frame. With grpc-core's queue followed, the frames its block goes on in once it is
+        whole (:meth:`_made_anew`; None before); else None."""
         if kind == HEADERS:
             if self._block_stream:
                 raise Refused("a HEADERS frame inside another header block")
@@ -449,6 +443,7 @@ class ClientFrames(_FrameWalk):
                 self.streams.client_ended(stream)
             self._block_stream = stream
             self._block_bytes = 0
+            self._block_head = (flags & (END_STREAM | PRIORITY), payload[:start])
         else:
             if self._block_stream != stream or stream == 0:
                 raise Refused("a CONTINUATION frame outside its header block")
@@ -464,8 +459,40 @@ class ClientFrames(_FrameWalk):
             timeout, queued = self._check_block(block)
             if timeout is not None:
                 self.streams.deadline(stream, timeout)
-            return self._block_new and queued
-        return False
+            if self.queue is not None:
+                return self._made_anew(stream, block, queued)
+        return None
+
+    def _made_anew(self, stream: int, block: bytes, queued: bool) -> bytes:
+        """The frames a whole header block goes on in: one HEADERS frame (its flags and priority fields as the
+        client sent them), as many CONTINUATION frames as it takes past HTTP/2's 16 KiB. A new call's block
+        ends with ``CALL_FIELD``, its name, counted in the queue if grpc-core queues it (``queued``). In the
+        block's one frame: grpc-core drops the fields of the frames that follow one with a field it refuses
+        (an upper-case name, a ``-bin`` value not base64, ``grpc-encoding: bogus``) and still queues the
+        call; named in a frame of its own, such calls were taken unnamed and stayed counted, holding other
+        clients' calls (outside attack rt50: 17 to 22 of 60 probes past 5 s)."""
+        if self._block_new:
+            assert self.queue is not None
+            name = self.queue.handed_on(self.host, counted=queued)
+            if queued:
+                self._name(stream, name)
+            block += call_field(name)
+        flags, priority = self._block_head
+        payload = priority + block
+        stream_id = stream.to_bytes(4, "big")
+        frames = []
+        kind = HEADERS
+        for at in range(0, max(len(payload), 1), MAX_HEADER_FRAME_BYTES):
+            piece = payload[at : at + MAX_HEADER_FRAME_BYTES]
+            last = at + MAX_HEADER_FRAME_BYTES >= len(payload)
+            frames.append(
+                len(piece).to_bytes(3, "big")
+                + bytes([kind, (flags if kind == HEADERS else 0) | (END_HEADERS if last else 0)])
+                + stream_id
+                + piece
+            )
+            kind = CONTINUATION
+        return b"".join(frames)
 
     def _flow_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
         if kind == WINDOW_UPDATE:
@@ -906,6 +933,7 @@ class FrontConnection(asyncio.Protocol):
         self._waiting_turn = False  # in the queue of :class:`CheckShare` (what it read waits in ``frames``)
         self._waiting_room = False  # its next call waits for room in grpc-core's queue (``core_queue``)
         self._backend_reached = False  # its connection to grpc-core was made
+        self._client_ended = False  # the client ended its side (EOF): grpc-core's is still to end, once held bytes go
         self.checked_until = 0.0  # its virtual time in :class:`CheckShare`
         self._counted = 0  # its calls not yet answered, as counted in its address's total (``address_calls``)
 
@@ -1015,6 +1043,8 @@ class FrontConnection(asyncio.Protocol):
         self._watch_block()
         if more:  # the rest of this read (reading waits) at this connection's next turn
             self._wait_turn()
+        if self._client_ended:
+            self._end_backend()
 
     def _watch_block(self) -> None:
         """A header block (or another frame the front reads whole) must be whole within ``--header-timeout``
@@ -1078,9 +1108,19 @@ class FrontConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.listener.tls is None and self.backend is not None and self.backend.can_write_eof():
-            self.backend.write_eof()  # grpc-core answers what it has, then closes
+            self._client_ended = True
+            self._end_backend()
             return True
         return False  # over TLS a connection cannot stay half open: it closes (asyncio warned at each)
+
+    def _end_backend(self) -> None:
+        """The client ended its side: so does grpc-core's connection, once what the front holds of the client's
+        bytes (a call waiting for room in grpc-core's queue, or for its turn to be checked) has gone on (a
+        write after the end failed, and stopped the calls waiting behind it: outside attack rt50)."""
+        if self._client_ended and not (self._waiting_room or self._waiting_turn) and self.backend is not None:
+            self._client_ended = False
+            with contextlib.suppress(Exception):
+                self.backend.write_eof()  # grpc-core answers what it has, then closes
 
     def pause_writing(self) -> None:
         self._writing_paused = True
