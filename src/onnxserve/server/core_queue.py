@@ -8,25 +8,27 @@ them, answering CANCELLED before the application sees them: the calls of every c
 its budget, still did (outside attack rt47 M1: 8,000 addresses of 100 calls each had 53 of 70 other
 clients' calls answered CANCELLED).
 
-So the front counts the queue itself: every call it hands on to grpc-core is named by a field the front
-adds at the end of the call's header block (``CALL_FIELD``, a literal the compression table never keeps,
-so the client's table and grpc-core's stay as they were), and the server's handler lookup, which grpc.aio
-runs for every call it takes (dead ones too), reports the name back (:meth:`CoreQueue.taken`). Calls the
-front has handed on and the application has not taken are the queue, or on their way to it. A call grpc-core
-never queues is not counted, or not for long: one whose header block grpc-core refuses before queueing it
-(no POST, no ``te: trailers``...: ``grpc_front.queued``) is not named at all; one grpc-core resets unanswered
-for being malformed or past its stream limit (PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM), one past the
-last stream of its connection's GOAWAY, and one whose bytes never reached grpc-core leave the count
+So the front counts the queue itself: every call it hands on to grpc-core is named by a field the front adds
+at the end of the call's header block, which goes on in one frame (``CALL_FIELD``, a literal the compression
+table never keeps, so the client's table and grpc-core's stay as they were), and the server's handler lookup,
+which grpc.aio runs for every call it takes (dead ones too), reports the name back (:meth:`CoreQueue.taken`; a
+call taken without it, whose name grpc-core dropped, takes the oldest counted). Calls the front has handed on
+and the application has not taken are the queue, or on their way to it. A call grpc-core never queues is not
+counted, or not for long: one whose header block grpc-core refuses before queueing it (no POST, no ``te:
+trailers``...: ``grpc_front.queued``) is named but not counted; one grpc-core resets unanswered for being
+malformed or past its stream limit (PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM), one past the last stream
+of its connection's GOAWAY, and one whose bytes never reached grpc-core leave the count
 (:meth:`CoreQueue.never_queued`); any other leaves it once a call handed on ``ORDER_SLACK_SECONDS`` after it
 is taken (the queue is first in, first out), once nothing has been taken for ``IDLE_SECONDS``, or after
 ``FORGET_SECONDS``.
 
-Past ``limit / 2`` calls counted, a new call waits in the front, its connection no longer read, unless its
-client address has fewer than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the
-count is under ``limit``; past ``limit``, every new call waits. Waiting calls go on as the application
-takes calls, first come first served, those of light addresses first between the two bounds. A call waits
-rather than being refused: a refusal the client would retry (RST_STREAM REFUSED_STREAM) cannot be made
-without also keeping its header block from grpc-core, whose compression table must see every block.
+Past ``limit / 2`` calls counted, a new call waits in the front, with what its connection sends after it
+(still read, up to a bound, so that a client that goes is seen to go), unless its client address has fewer
+than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the count is under ``limit``;
+past ``limit``, every new call waits. Waiting calls go on as the application takes calls, first come first
+served, those of light addresses first between the two bounds. A call waits rather than being refused: a
+refusal the client would retry (RST_STREAM REFUSED_STREAM) cannot be made without also keeping its header
+block from grpc-core, whose compression table must see every block.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ waiting past 10 s (outside attack rt33). No grpcio option bounds that work, so g
 listens on the gRPC port: this front does, and hands each connection's bytes on to grpc-core over a
 private Unix socket, in both directions, unchanged but for one field it adds at the end of each call's
 header block (the call's name in grpc-core's queue, which the front counts and bounds:
-:mod:`onnxserve.server.core_queue`; past its bound a new call waits in the front).
+:mod:`onnxserve.server.core_queue`; past its bound a new call waits in the front), each header block going
+on in one frame.
 
 What the front looks at is the client's side of the HTTP/2 connection, frame by frame (its 9-byte headers;
 payloads pass through): a header block (HEADERS and its CONTINUATION frames) is held until it is whole, then
