@@ -268,7 +268,7 @@ def sends_calls_that_expire(server: CappedServer, stop: threading.Event, sent: l
             time.sleep(0.001)
 
 
-@pytest.mark.parametrize("timeouts", [("1m",), (" 1m",), ("1H", "1m")], ids=["1m", "space", "two-fields"])
+@pytest.mark.parametrize("timeouts", [(" 1m",), ("1H", "1m")], ids=["space", "two-fields"])  # and so plain "1m"
 def test_calls_whose_deadlines_pass_in_the_queue_count_as_abandoned(
     server: CappedServer, timeouts: tuple[str, ...]
 ) -> None:
