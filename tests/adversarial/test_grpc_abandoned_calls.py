@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -365,40 +365,35 @@ def test_calls_held_in_the_front_go_on_after_their_client_ended_its_side(numeric
         assert server.alive()
 
 
-def sends_calls_grpc_core_answers_itself(
-    server: CappedServer, stop: threading.Event, first: int, block: bytes, sent: list[int]
+def keeps_sending(
+    server: CappedServer,
+    stop: threading.Event,
+    sources: list[str],
+    call: Callable[[int], bytes],
+    per_round: int,
+    pause: float,
+    sent: list[int],
 ) -> None:
-    """Twenty connections, each from its own address of 127.3.x.y (``first`` apart between threads), each
-    sending three ServerLive calls of header block ``block`` in turn, every half second, what comes back
-    read as it comes."""
+    """A connection from each of ``sources``, each sending ``per_round`` calls (``call(stream)``'s frames) in
+    turn, then all waiting ``pause`` seconds, again and again; what comes back read as it comes."""
     sockets = []
-    streams = []
-    for k in range(20):
-        address = first + 4 * k
-        source = f"127.3.{address // 250 % 250}.{address % 250 + 1}"
+    for source in sources:
         sock = socket.create_connection((server.host, server.grpc_port), timeout=5, source_address=(source, 0))
         sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, ACK, 0))
         sock.setblocking(False)
         sockets.append(sock)
-        streams.append(1)
+    streams = [1] * len(sockets)
     try:
         while not stop.is_set():
             for k, sock in enumerate(sockets):
-                stream = streams[k]
                 with contextlib.suppress(BlockingIOError, InterruptedError):
                     while sock.recv(65536):
                         pass
                 with contextlib.suppress(BlockingIOError, InterruptedError):
-                    sock.sendall(
-                        b"".join(
-                            frame(HEADERS, END_HEADERS, stream + 2 * j, block)
-                            + frame(DATA, END_STREAM, stream + 2 * j, bytes(5))
-                            for j in range(3)
-                        )
-                    )
-                    streams[k] += 6
-                    sent[0] += 3
-            time.sleep(0.5)  # about 500 calls a second from the four threads: a small part of what the server takes
+                    sock.sendall(b"".join(call(streams[k] + 2 * j) for j in range(per_round)))
+                    streams[k] += 2 * per_round
+                    sent[0] += per_round
+            time.sleep(pause)
     except OSError:
         pass
     finally:
@@ -417,8 +412,15 @@ def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: Cap
     stop = threading.Event()
     sent = [0]
     block = BLOCK + Encoder().encode([NeverIndexedHeaderTuple("X-Upper", "1")])  # the same with the other two
+
+    def call(stream: int) -> bytes:
+        return frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, bytes(5))
+
     attackers = [
-        threading.Thread(target=sends_calls_grpc_core_answers_itself, args=(server, stop, first, block, sent))
+        threading.Thread(
+            target=keeps_sending,
+            args=(server, stop, [f"127.3.{first}.{k + 1}" for k in range(20)], call, 3, 0.5, sent),
+        )
         for first in range(4)
     ]
     probes = probed_while(server, attackers, stop)
@@ -426,3 +428,38 @@ def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: Cap
     assert max(probes) < 2.0, probes
     assert sent[0] >= QUEUE_LIMIT, sent
     assert server.alive()
+
+
+def test_calls_grpc_core_resets_after_queueing_them_stay_counted(server: CappedServer) -> None:
+    """Calls whose DATA frame claims more padding than it holds: grpc-core resets each PROTOCOL_ERROR at once,
+    before any answer, yet has queued it for the server. Taken for calls it never queued, they went uncounted,
+    and twenty addresses sending 50 every 20 ms filled grpc-core's queue past 1,000: 24 to 28 of 60 probes
+    answered CANCELLED (outside attack rt51). Now only REFUSED_STREAM takes a call off the count, and a call
+    grpc-core resets for its client's error counts as abandoned: every probe is answered ready."""
+    stop = threading.Event()
+    sent = [0]
+
+    def call(stream: int) -> bytes:
+        return frame(HEADERS, END_HEADERS, stream, BLOCK) + frame(DATA, 0x8 | END_STREAM, stream, b"\x05ab")
+
+    attackers = [
+        threading.Thread(
+            target=keeps_sending,
+            args=(server, stop, [f"127.4.{first}.{k + 1}" for k in range(10)], call, 50, 0.02, sent),
+        )
+        for first in range(2)
+    ]
+    probes = probed_while(server, attackers, stop)
+    assert max(probes) < 5.0, probes
+    assert sent[0] >= 4 * QUEUE_LIMIT, sent
+    wait_until(lambda: acted_on_any(server.log()), 5, "a WARNING line of the front's")
+    assert server.alive()
+
+
+def acted_on_any(log: str) -> bool:
+    """Whether the front held calls, or refused or closed an attacker's connections for what it abandoned."""
+    return (
+        "held new gRPC calls in the front" in log
+        or "its address left more than" in log
+        or ("refused gRPC connection(s) from an address that left more than" in log)
+    )

@@ -38,7 +38,7 @@ class Waiting:
 
     def room(self) -> None:
         while self.calls:
-            if not self.queue.admits(self.host):
+            if not self.queue.admits(self.host, self):
                 self.queue.wait(self)
                 return
             self.went.append(self.queue.handed_on(self.host))
@@ -160,13 +160,12 @@ def test_waiting_calls_go_on_as_calls_are_taken_light_addresses_first() -> None:
         await asyncio.sleep(0)
         assert len(light.went) == 1
         assert not heavy.went
-        for name in names[1:5]:  # 4 counted, 3 of them heavy's: it is light again, and one call goes on
+        for name in names[1:5]:  # 4 counted, 3 of them heavy's: it is light again, and its turn comes
             queue.taken(name)
         await asyncio.sleep(0)
-        assert len(heavy.went) == 1
-        assert heavy.calls == 2
-        assert queue.waiting == 1
-        assert len(queue) == 5
+        assert len(heavy.went) == 3  # FEW a turn: all three
+        assert queue.waiting == 0
+        assert len(queue) == 7
 
     asyncio.run(scenario())
 
@@ -219,3 +218,34 @@ def test_calls_handed_on_well_before_one_taken_are_no_longer_counted() -> None:
     assert queue.queued(close)
     assert len(queue) == 1
     assert queue.by_address == {"b": 1}
+
+
+def test_a_connection_holding_many_calls_gets_a_few_a_turn_while_others_wait() -> None:
+    """Calls wait: a new call of a busy address waits its turn behind them, and the connection whose turn
+    it is hands on ``FEW`` calls, then waits again behind the others (a connection with a backlog of held
+    calls took hundreds of places at once)."""
+
+    async def scenario() -> None:
+        queue = CoreQueue(20, clock=Clock())
+        early = [queue.handed_on("x") for _ in range(2)]
+        names = {host: [queue.handed_on(host) for _ in range(FEW)] for host in ("a", "b")}
+        a, b = Waiting(queue, "a", calls=10), Waiting(queue, "b", calls=10)
+        a.room()
+        b.room()
+        assert queue.waiting == 2
+        assert not a.went
+        assert not b.went
+        for name in early:
+            queue.taken(name)
+        await asyncio.sleep(0)
+        assert len(a.went) == FEW
+        assert not b.went
+        assert not queue.admits("a")  # a new call of an address past FEW waits its turn behind them
+        for name in names["a"] + a.went:
+            queue.taken(name)
+        await asyncio.sleep(0)
+        assert len(b.went) == FEW  # b's turn came first, then a's again
+        assert len(a.went) > FEW
+        assert min(a.went[FEW:]) > max(b.went)
+
+    asyncio.run(scenario())

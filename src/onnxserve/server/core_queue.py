@@ -22,13 +22,15 @@ of its connection's GOAWAY, and one whose bytes never reached grpc-core leave th
 is taken (the queue is first in, first out), once nothing has been taken for ``IDLE_SECONDS``, or after
 ``FORGET_SECONDS``.
 
-Past ``limit / 2`` calls counted, a new call waits in the front, with what its connection sends after it
-(still read, up to a bound, so that a client that goes is seen to go), unless its client address has fewer
-than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the count is under ``limit``;
-past ``limit``, every new call waits. Waiting calls go on as the application takes calls, first come first
-served, those of light addresses first between the two bounds. A call waits rather than being refused: a
-refusal the client would retry (RST_STREAM REFUSED_STREAM) cannot be made without also keeping its header
-block from grpc-core, whose compression table must see every block.
+While calls wait, or past ``limit / 2`` calls counted, a new call waits in the front, with what its connection
+sends after it (still read, up to a bound, so that a client that goes is seen to go), unless its client
+address has fewer than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the count is
+under ``limit``; past ``limit``, every new call waits. Waiting calls go on as the application takes calls,
+first come first served, a few calls of a connection a turn (one that holds more waits again, behind the
+others: a connection with a backlog took hundreds of places at once), those of light addresses first between
+the two bounds. A call waits rather than being refused: a refusal the client would retry (RST_STREAM
+REFUSED_STREAM) cannot be made without also keeping its header block from grpc-core, whose compression table
+must see every block.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ class CoreQueue:
         self._wake: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._taken_at = clock()  # when grpc.aio last took a call
+        self._turn: Waiter | None = None  # the waiting connection whose calls go on now
+        self._turn_left = 0  # how many more of its calls may
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -120,13 +124,22 @@ class CoreQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def admits(self, host: str) -> bool:
-        """Whether a new call of ``host`` may go to grpc-core now."""
+    def admits(self, host: str, waiter: Waiter | None = None) -> bool:
+        """Whether a new call of ``host`` (on the connection ``waiter``) may go to grpc-core now: under
+        ``limit``, a light address's call; under ``limit / 2``, any call, unless calls wait (then it waits its
+        turn behind them), and the calls of the connection whose turn it is (``FEW`` a turn)."""
         if self.limit <= 0:
             return True
         self._forget()
         count = len(self._calls)
-        return count < self.limit // 2 or (count < self.limit and self.by_address.get(host, 0) < FEW)
+        if count >= self.limit:
+            return False
+        if self.by_address.get(host, 0) < FEW:
+            return True
+        if waiter is not None and waiter is self._turn and self._turn_left > 0:
+            self._turn_left -= 1
+            return True
+        return not self._waiting and count < self.limit // 2
 
     def handed_on(self, host: str, counted: bool = True) -> int:
         """A call of ``host`` goes to grpc-core: its name; counted in the queue unless grpc-core refuses it
@@ -224,10 +237,13 @@ class CoreQueue:
                 return
             del self._waiting[waiter]
             before = len(self._calls)
+            self._turn, self._turn_left = waiter, FEW  # a few calls a turn: a connection holding many waits again
             try:
                 waiter.room()
             except Exception:  # one connection's failure must not keep the others waiting
                 log.exception("a gRPC connection failed as its call went on from the front's wait")
+            finally:
+                self._turn = None
             if len(self._calls) == before and waiter not in self._waiting:
                 continue  # it handed nothing on (its client left meanwhile): the room is still there
             if len(self._calls) == before:

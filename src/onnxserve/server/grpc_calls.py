@@ -39,10 +39,16 @@ CUT_SHORT_SECONDS = 1.0
 before grpc-core closed the connection (:meth:`Calls.recently_cut_short`)."""
 
 
-NEVER_QUEUED_CODES = frozenset((0x1, 0x2, 0x7))
-"""RST_STREAM error codes with which grpc-core refuses a call it never queued for the application, when it
-sends nothing else on its stream: PROTOCOL_ERROR and INTERNAL_ERROR (a malformed request: no ``te``, a GET),
-REFUSED_STREAM (past its stream limit)."""
+REFUSED_STREAM = 0x7
+"""The RST_STREAM error code with which grpc-core refuses a call before queueing it (past its stream limit):
+HTTP/2's "refused before any application processing". Other codes say nothing of the queue: a DATA frame past
+the call's window or with bad padding has grpc-core reset the call PROTOCOL_ERROR after queueing it (outside
+attack rt51: such calls, taken for never queued, went uncounted, and grpc-core's queue passed 1,000)."""
+
+CLIENT_ERROR_CODES = frozenset((0x1, 0x2, 0x3, 0x6, 0x9, 0xB))
+"""RST_STREAM codes with which grpc-core ends a call for its client's error (PROTOCOL_ERROR, INTERNAL_ERROR,
+FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM): a call so ended before its answer
+began may wait in grpc-core's queue all the same, and counts as abandoned."""
 
 
 class Messages:
@@ -107,6 +113,8 @@ class Calls:
         """Calls grpc-core ended without an answer once their deadline had passed (taken by the connection)."""
         self.never_queued: list[int] = []
         """Streams grpc-core reset before it queued their calls (taken by the connection)."""
+        self.broken = 0
+        """Calls grpc-core reset for their client's error before answering them (taken by the connection)."""
         self.last_stream: int | None = None
         """The last stream grpc-core's GOAWAY says it took (the later ones it never saw), None before one."""
 
@@ -188,8 +196,11 @@ class Calls:
 
     def server_reset(self, stream: int, code: int = 0) -> None:
         call = self._calls.get(stream)
-        if call is not None and not call.answering and code in NEVER_QUEUED_CODES:
-            self.never_queued.append(stream)
+        if call is not None and not call.answering:
+            if code == REFUSED_STREAM:
+                self.never_queued.append(stream)
+            elif code in CLIENT_ERROR_CODES:
+                self.broken += 1
         self._ended_short(call)
         self.end(stream)
 

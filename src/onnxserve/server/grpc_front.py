@@ -82,7 +82,7 @@ from onnxserve.server.abandoned_calls import ADDRESS_CALLS, AbandonedCalls
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
-from onnxserve.server.core_queue import CALL_FIELD, CoreQueue, call_field
+from onnxserve.server.core_queue import CALL_FIELD, CoreQueue, Waiter, call_field
 from onnxserve.server.grpc_calls import Calls, Messages
 from onnxserve.server.tls_layer import wrap_tls
 
@@ -256,6 +256,7 @@ class ClientFrames(_FrameWalk):
         """grpc-core's queue of calls, as the front counts it (:mod:`onnxserve.server.core_queue`): each new call
         is named in it and waits for room (None: calls are neither named nor held)."""
         self.host = ""  # the client's address, for the queue
+        self.waiter: Waiter | None = None  # its connection, for the queue
         self.names: dict[int, int] = {}  # the queue's name of each call handed on, by stream
         self._block_new = False  # the header block being received opens a call
         self._block_head: tuple[int, bytes] = (0, b"")  # its HEADERS frame's flags that go on, its priority fields
@@ -373,7 +374,7 @@ class ClientFrames(_FrameWalk):
                     and kind == HEADERS
                     and stream > self._newest
                     and not self._block_stream
-                    and not self.queue.admits(self.host)
+                    and not self.queue.admits(self.host, self.waiter)
                 ):
                     self.full = True  # a new call, and no room for it: it waits, and what follows it
                     break
@@ -587,7 +588,9 @@ def grpc_timeout(value: bytes | str) -> float | None:
 
 QUEUED_FIELDS = {b":method": {b"POST"}, b"te": {b"trailers"}, b":scheme": {b"http", b"https"}}
 """Fields grpc-core requires of a call, with the values it accepts, before it queues the call (else it resets
-it or answers it at once, unseen by the application; grpcio 1.85, tried field by field)."""
+it or answers it at once, unseen by the application; grpcio 1.85, tried field by field). Of a field given more
+than once the last counts, but every ``te`` must be ``trailers`` (grpc-core refuses a bad one among good ones:
+outside attack rt51)."""
 
 
 def queued(fields: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -597,6 +600,8 @@ def queued(fields: Iterable[tuple[bytes, bytes]]) -> bool:
     there."""
     seen: dict[bytes, bytes] = {}
     for name, value in fields:
+        if name == b"te" and seen.get(name, b"trailers") != b"trailers":
+            continue  # a bad one stays
         seen[name] = value
     return (
         all(seen.get(name) in values for name, values in QUEUED_FIELDS.items())
@@ -916,6 +921,7 @@ class FrontConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.streams = Calls()
         self.frames = ClientFrames(self.streams, listener.max_streams, listener.queue)
+        self.frames.waiter = self
         self.answers = ServerFrames(self.streams)
         self.state = IDLE
         self._writing_paused = False  # the client's transport holds more than it takes
@@ -1185,9 +1191,10 @@ class FrontConnection(asyncio.Protocol):
         self.answers.feed(data)
         self._not_queued()
         self._recount()
-        if self.streams.expired:
-            expired, self.streams.expired = self.streams.expired, 0
-            if self._abandoned(expired):
+        if self.streams.expired or self.streams.broken:
+            calls = self.streams.expired + self.streams.broken
+            self.streams.expired = self.streams.broken = 0
+            if self._abandoned(calls):
                 return
         self._look()
         if self.listener.tls is None or len(data) <= WRITE_PIECE:
