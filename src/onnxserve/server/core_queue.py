@@ -55,16 +55,26 @@ FORGET_SECONDS = 5.0
 """A call counted this long is no longer counted: grpc.aio drains 1,000 calls in well under a second, so a
 call never taken by then was never queued (a way out of grpc-core the front did not see)."""
 
-ORDER_SLACK_SECONDS = 0.5
+ORDER_SLACK_SECONDS = 2.0
 """grpc-core's queue is first in, first out (one queue of calls for the generic handlers grpc.aio serves): when
 grpc.aio takes a call, the calls handed on more than this before it and still counted never reached the queue,
-and are no longer counted (the slack: grpc-core reads its connections in its own order). So a call grpc-core
-refused unqueued in a way the front did not see holds others for a fraction of a second at most."""
+and are no longer counted (the slack: grpc-core reads its connections in its own order, and late under load:
+with 0.5 s, 940 connections of model calls had calls still on their way taken off the count, and grpc-core's
+queue passed 1,000: outside attack rt52). So a call grpc-core refused unqueued in a way the front did not see
+holds others for a few seconds at most."""
 
-IDLE_SECONDS = 0.2
-"""When grpc.aio has taken no call for this long, grpc-core's queue is empty (grpc.aio takes the next call
-as soon as there is one, on the event loop this runs on): the calls counted that were handed on before are
-no longer counted (the same for a queue that has stopped moving)."""
+IDLE_SECONDS = 1.0
+"""When grpc.aio has taken no call for this long (or for ``IDLE_GAPS`` times the longest wait between two
+calls it took lately, if longer), grpc-core's queue is empty (grpc.aio takes the next call as soon as there is
+one, on the event loop this runs on): the calls counted that were handed on before are no longer counted.
+It was 0.2 s, and under a flood of model calls from 940 connections, with the event loop busy, grpc.aio took
+nothing for 0.21 to 0.27 s more than once with 800 calls queued; those went uncounted, and grpc-core's queue
+passed 1,000 (outside attack rt52: other clients' calls answered CANCELLED)."""
+
+IDLE_GAPS = 4.0
+GAP_DECAY = 0.999
+"""The longest wait between two calls grpc.aio took with calls counted all along, followed: each take's wait,
+or the last longest times ``GAP_DECAY`` if longer (it fades over thousands of takes)."""
 
 CALL_FIELD = b"onnxserve-front-call"
 """The header field naming each call the front hands on (its value: a decimal number)."""
@@ -114,6 +124,7 @@ class CoreQueue:
         self._wake: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._taken_at = clock()  # when grpc.aio last took a call
+        self._gap = 0.0  # the longest wait between two takes lately (``GAP_DECAY``)
         self._turn: Waiter | None = None  # the waiting connection whose calls go on now
         self._turn_left = 0  # how many more of its calls may
 
@@ -156,7 +167,11 @@ class CoreQueue:
         """grpc.aio took the call named ``name``; None: a call whose name grpc-core dropped (it drops the fields
         after one it refuses in some header blocks), taken for the oldest counted: the queue is first in,
         first out."""
-        self._taken_at = self._clock()
+        now = self._clock()
+        if self._calls:  # how long calls were counted and none taken
+            oldest = next(iter(self._calls.values()))[0]
+            self._gap = max(now - max(self._taken_at, oldest), self._gap * GAP_DECAY)
+        self._taken_at = now
         if name is None:
             if self._calls:
                 self._remove(next(iter(self._calls)))
@@ -197,7 +212,8 @@ class CoreQueue:
         if not calls:
             return
         now = self._clock()
-        until = now - (IDLE_SECONDS if now - self._taken_at > IDLE_SECONDS else FORGET_SECONDS)
+        idle = max(IDLE_SECONDS, IDLE_GAPS * self._gap)
+        until = now - (idle if now - self._taken_at > idle else FORGET_SECONDS)
         while calls:
             name, (when, _) = next(iter(calls.items()))
             if when > until:
@@ -207,7 +223,7 @@ class CoreQueue:
     def _keep_forgetting(self) -> None:
         """Forget old calls on time while calls wait (nothing else may come to do it)."""
         if self._timer is None and self._calls and self._waiting:
-            self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS, self._forget_on_time)
+            self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS / 4, self._forget_on_time)
 
     def _forget_on_time(self) -> None:
         self._timer = None
