@@ -112,7 +112,7 @@ class Calls:
         self.expired = 0
         """Calls grpc-core ended without an answer once their deadline had passed (taken by the connection)."""
         self.never_queued: list[int] = []
-        """Streams grpc-core reset before it queued their calls (taken by the connection)."""
+        """Streams whose calls grpc-core refused before queueing them (REFUSED_STREAM; taken by the connection)."""
         self.broken = 0
         """Calls grpc-core reset for their client's error before answering them (taken by the connection)."""
         self.last_stream: int | None = None
@@ -196,12 +196,12 @@ class Calls:
 
     def server_reset(self, stream: int, code: int = 0) -> None:
         call = self._calls.get(stream)
-        if call is not None and not call.answering:
-            if code == REFUSED_STREAM:
-                self.never_queued.append(stream)
-            elif code in CLIENT_ERROR_CODES:
-                self.broken += 1
-        self._ended_short(call)
+        if call is not None and not call.answering and code == REFUSED_STREAM:
+            self.never_queued.append(stream)
+        elif call is not None and not call.answering and code in CLIENT_ERROR_CODES:
+            self.broken += 1  # abandoned, whatever its deadline
+        else:
+            self._ended_short(call)
         self.end(stream)
 
     def server_goaway(self, last_stream: int) -> None:

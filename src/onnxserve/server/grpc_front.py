@@ -1220,8 +1220,8 @@ class FrontConnection(asyncio.Protocol):
             self._close(abort=False)  # grpc-core closed it (GOAWAY, idle, age, stop): what it wrote goes out
 
     def _not_queued(self, everything: bool = False) -> None:
-        """Tell the queue of the calls grpc-core never queued: reset as malformed or past its limit, past the
-        last stream of its GOAWAY, or (``everything``) all the calls handed on, when none reached it."""
+        """Tell the queue of the calls grpc-core never queued: refused (REFUSED_STREAM), past the last stream of
+        its GOAWAY, or (``everything``) all the calls handed on, when none reached it."""
         queue = self.listener.queue
         streams = self.streams
         if queue is None or not (streams.never_queued or streams.last_stream is not None or everything):
