@@ -76,6 +76,14 @@ GAP_DECAY = 0.999
 """The longest wait between two calls grpc.aio took with calls counted all along, followed: each take's wait,
 or the last longest times ``GAP_DECAY`` if longer (it fades over thousands of takes)."""
 
+BEAT_SECONDS = 0.1
+STALL_SECONDS = 0.05
+"""While calls are counted, a timer beats every ``BEAT_SECONDS``; a beat later than ``STALL_SECONDS`` says the
+event loop stood still that long (a decode holding the interpreter lock, a model loading): the ages above are
+counted on the loop's running time, without its stalls. A call cannot be taken while the loop stands, and
+counted on the clock a 7 s stall (a 62 MB parameters map decoding) took every queued call off the count:
+grpc-core's queue passed 1,000 as the front handed on more (outside attack rt53: CANCELLED)."""
+
 CALL_FIELD = b"onnxserve-front-call"
 """The header field naming each call the front hands on (its value: a decimal number)."""
 
@@ -123,7 +131,9 @@ class CoreQueue:
         self._waiting: OrderedDict[Waiter, None] = OrderedDict()
         self._wake: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._taken_at = clock()  # when grpc.aio last took a call
+        self._stalled = 0.0  # seconds the event loop stood still, as the beats saw it (``BEAT_SECONDS``)
+        self._beat_due = 0.0  # when the next beat should come, on ``clock``
+        self._taken_at = clock()  # when grpc.aio last took a call (``_now``)
         self._gap = 0.0  # the longest wait between two takes lately (``GAP_DECAY``)
         self._turn: Waiter | None = None  # the waiting connection whose calls go on now
         self._turn_left = 0  # how many more of its calls may
@@ -158,16 +168,16 @@ class CoreQueue:
         self._names += 1
         name = self._names
         if self.limit > 0 and counted:
-            self._calls[name] = (self._clock(), host)
+            self._calls[name] = (self._now(), host)
             self.by_address[host] = self.by_address.get(host, 0) + 1
-            self._keep_forgetting()
+            self._keep_beating()
         return name
 
     def taken(self, name: int | None) -> None:
         """grpc.aio took the call named ``name``; None: a call whose name grpc-core dropped (it drops the fields
         after one it refuses in some header blocks), taken for the oldest counted: the queue is first in,
         first out."""
-        now = self._clock()
+        now = self._now()
         if self._calls:  # how long calls were counted and none taken
             oldest = next(iter(self._calls.values()))[0]
             self._gap = max(now - max(self._taken_at, oldest), self._gap * GAP_DECAY)
@@ -211,7 +221,7 @@ class CoreQueue:
         calls = self._calls
         if not calls:
             return
-        now = self._clock()
+        now = self._now()
         idle = max(IDLE_SECONDS, IDLE_GAPS * self._gap)
         until = now - (idle if now - self._taken_at > idle else FORGET_SECONDS)
         while calls:
@@ -220,22 +230,36 @@ class CoreQueue:
                 break
             self._remove(name)
 
-    def _keep_forgetting(self) -> None:
-        """Forget old calls on time while calls wait (nothing else may come to do it)."""
-        if self._timer is None and self._calls and self._waiting:
-            self._timer = asyncio.get_running_loop().call_later(IDLE_SECONDS / 4, self._forget_on_time)
+    def _now(self) -> float:
+        """The event loop's running time: ``clock`` less the stalls the beats saw."""
+        return self._clock() - self._stalled
 
-    def _forget_on_time(self) -> None:
+    def _keep_beating(self) -> None:
+        """Beat while calls are counted or wait: to see the loop's stalls, and to forget old calls on time
+        while calls wait (nothing else may come to do it)."""
+        if self._timer is None and (self._calls or self._waiting):
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a test of the counting alone): no beats
+                return
+            self._beat_due = self._clock() + BEAT_SECONDS
+            self._timer = loop.call_later(BEAT_SECONDS, self._beat)
+
+    def _beat(self) -> None:
         self._timer = None
-        self._forget()
-        self._go_on()
-        self._keep_forgetting()
+        late = self._clock() - self._beat_due
+        if late > STALL_SECONDS:
+            self._stalled += late
+        if self._waiting:
+            self._forget()
+            self._go_on()
+        self._keep_beating()
 
     # -- waiting calls ----------------------------------------------------------------------------------
     def wait(self, waiter: Waiter) -> None:
         """``waiter``'s next call waits for room (:meth:`Waiter.room` when it has some)."""
         self._waiting[waiter] = None
-        self._keep_forgetting()
+        self._keep_beating()
 
     def discard(self, waiter: Waiter) -> None:
         self._waiting.pop(waiter, None)

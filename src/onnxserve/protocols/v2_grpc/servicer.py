@@ -44,6 +44,13 @@ _time_left: ContextVar[float | None] = ContextVar("onnxserve_grpc_time_left", de
 _wire_size: ContextVar[int] = ContextVar("onnxserve_grpc_wire_size", default=0)
 """Bytes of the request message being handled: a large one is decoded off the event loop."""
 
+MAX_CONTROL_MESSAGE_BYTES = 64 * 1024
+"""The largest request message of any method but ModelInfer (names, versions, a few parameters). protobuf
+parses a message in one call that holds the interpreter lock, and a map of a million entries takes seconds:
+a 62 MB RepositoryModelLoad of 4.4 million parameters stood the whole server still 6.7 s a call, its HTTP
+health probes with it, and grew it past 1.5 GB (outside attack rt53). A ModelInfer request's lists are
+counted before it is parsed (``element_count``)."""
+
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
 
@@ -53,6 +60,11 @@ def parse(message_type: type[M], data: bytes) -> M:
     its lists and parameter maps counted once parsed (``element_count.check_entries``)."""
     if message_type is pb.ModelInferRequest:
         element_count.check_bytes_contents(data)
+    elif len(data) > MAX_CONTROL_MESSAGE_BYTES:
+        raise InvalidInputError(
+            f"a {message_type.__name__} of {len(data):,} bytes; a request other than ModelInfer may have at most "
+            f"{MAX_CONTROL_MESSAGE_BYTES:,}"
+        )
     try:
         message: M = message_type.FromString(data)
     except MemoryError:
