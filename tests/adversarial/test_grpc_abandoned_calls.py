@@ -401,6 +401,28 @@ def keeps_sending(
             sock.close()
 
 
+def senders(
+    server: CappedServer,
+    stop: threading.Event,
+    network: str,
+    threads: int,
+    connections: int,
+    call: Callable[[int], bytes],
+    per_round: int,
+    pause: float,
+    sent: list[int],
+) -> list[threading.Thread]:
+    """``threads`` threads of :func:`keeps_sending`, each with ``connections`` connections from addresses
+    ``network.T.1``, ``network.T.2``... (T: the thread's number)."""
+    return [
+        threading.Thread(
+            target=keeps_sending,
+            args=(server, stop, [f"{network}.{t}.{k + 1}" for k in range(connections)], call, per_round, pause, sent),
+        )
+        for t in range(threads)
+    ]
+
+
 def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: CappedServer) -> None:
     """Calls with a field grpc-core refuses (an upper-case name, an unknown ``grpc-encoding``, a ``-bin``
     value not base64): grpc-core answers them INTERNAL itself, yet queues them, and drops the fields of the
@@ -416,13 +438,7 @@ def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: Cap
     def call(stream: int) -> bytes:
         return frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, bytes(5))
 
-    attackers = [
-        threading.Thread(
-            target=keeps_sending,
-            args=(server, stop, [f"127.3.{first}.{k + 1}" for k in range(20)], call, 3, 0.5, sent),
-        )
-        for first in range(4)
-    ]
+    attackers = senders(server, stop, "127.3", 4, 20, call, 3, 0.5, sent)
     probes = probed_while(server, attackers, stop)
     assert "held new gRPC calls in the front" not in server.log()
     assert max(probes) < 2.0, probes
@@ -442,13 +458,7 @@ def test_calls_grpc_core_resets_after_queueing_them_stay_counted(server: CappedS
     def call(stream: int) -> bytes:
         return frame(HEADERS, END_HEADERS, stream, BLOCK) + frame(DATA, 0x8 | END_STREAM, stream, b"\x05ab")
 
-    attackers = [
-        threading.Thread(
-            target=keeps_sending,
-            args=(server, stop, [f"127.4.{first}.{k + 1}" for k in range(10)], call, 50, 0.02, sent),
-        )
-        for first in range(2)
-    ]
+    attackers = senders(server, stop, "127.4", 2, 10, call, 50, 0.02, sent)
     probes = probed_while(server, attackers, stop)
     assert max(probes) < 5.0, probes
     assert sent[0] >= 4 * QUEUE_LIMIT, sent

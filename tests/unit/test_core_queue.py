@@ -188,15 +188,21 @@ def test_a_waiter_that_left_is_not_woken() -> None:
     asyncio.run(scenario())
 
 
+def full_with_one_waiting() -> tuple[CoreQueue, Waiting]:
+    """A queue of 2 calls counted at its limit of 2 (on the clock), a call of another address waiting."""
+    queue = CoreQueue(2)
+    queue.handed_on("a")
+    queue.handed_on("a")
+    waiting = Waiting(queue, "b")
+    waiting.room()
+    return queue, waiting
+
+
 def test_waiting_calls_go_on_when_old_calls_are_forgotten_on_time() -> None:
     """Nothing taken, nothing handed on: the timer forgets the calls never taken and lets the waiting go on."""
 
     async def scenario() -> None:
-        queue = CoreQueue(2)
-        queue.handed_on("a")
-        queue.handed_on("a")
-        waiting = Waiting(queue, "b")
-        waiting.room()
+        queue, waiting = full_with_one_waiting()
         assert queue.waiting == 1
         await asyncio.sleep(IDLE_SECONDS * 1.6)
         assert waiting.went
@@ -278,11 +284,7 @@ def test_the_ages_of_calls_leave_out_the_event_loops_stalls() -> None:
     (outside attack rt53: a 7 s stall took every queued call off the count)."""
 
     async def scenario() -> None:
-        queue = CoreQueue(2)
-        queue.handed_on("a")
-        queue.handed_on("a")
-        waiting = Waiting(queue, "b")
-        waiting.room()
+        queue, waiting = full_with_one_waiting()
         await asyncio.sleep(0.05)
         time.sleep(IDLE_SECONDS * 1.5)  # the loop stands still
         await asyncio.sleep(BEAT_SECONDS * 3)
