@@ -13,6 +13,7 @@ connections are refused and a connection of its that abandons more is closed. Th
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -430,7 +431,8 @@ def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: Cap
     unnamed and stayed counted: 500 addresses sending three at a time held every other client's calls
     (outside attack rt50: 17 to 22 of 60 probes past 5 s). Named in the block's one frame, each is taken
     off the count as the server takes it: eighty addresses sending 500 a second together (a small part of
-    what the server takes) never fill it."""
+    what the server takes) never fill it: calls may wait in the front for a moment as bursts come (its bound
+    follows how fast the server takes calls), never with the count past half the limit."""
     stop = threading.Event()
     sent = [0]
     block = BLOCK + Encoder().encode([NeverIndexedHeaderTuple("X-Upper", "1")])  # the same with the other two
@@ -440,7 +442,9 @@ def test_calls_with_fields_grpc_core_refuses_are_taken_off_the_count(server: Cap
 
     attackers = senders(server, stop, "127.3", 4, 20, call, 3, 0.5, sent)
     probes = probed_while(server, attackers, stop)
-    assert "held new gRPC calls in the front" not in server.log()
+    held = re.findall(r"held new gRPC calls in the front: ([\d,]+) calls", server.log())
+    counted = [int(n.replace(",", "")) for n in held]
+    assert all(n < QUEUE_LIMIT // 2 for n in counted), counted
     assert max(probes) < 2.0, probes
     assert sent[0] >= QUEUE_LIMIT, sent
     assert server.alive()

@@ -15,7 +15,10 @@ from onnxserve.server.core_queue import (
     FORGET_SECONDS,
     IDLE_GAPS,
     IDLE_SECONDS,
+    MIN_BOUND,
     ORDER_SLACK_SECONDS,
+    PROBE_ROOM,
+    QUEUE_SECONDS,
     CoreQueue,
     call_field,
     call_name,
@@ -28,6 +31,11 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def bounded(bound: int) -> CoreQueue:
+    """A queue whose bound for calls other than probes is ``bound`` (its limit less the probes' room)."""
+    return CoreQueue(bound + PROBE_ROOM if bound >= PROBE_ROOM else 2 * bound, clock=Clock())
 
 
 class Waiting:
@@ -94,8 +102,8 @@ def test_a_call_taken_without_its_name_is_taken_for_the_oldest_counted() -> None
     assert len(queue) == 0
 
 
-def test_past_half_the_limit_only_light_addresses_pass_and_past_it_none() -> None:
-    queue = CoreQueue(20, clock=Clock())
+def test_past_half_the_bound_only_light_addresses_pass_and_past_it_none() -> None:
+    queue = bounded(20)
     for _ in range(10):
         queue.handed_on("heavy")
     assert not queue.admits("heavy")
@@ -105,7 +113,7 @@ def test_past_half_the_limit_only_light_addresses_pass_and_past_it_none() -> Non
     assert not queue.admits("light")
     for index in range(20 - 10 - FEW):
         queue.handed_on(f"other-{index}")
-    assert len(queue) == 20
+    assert len(queue) == queue.bound == 20
     assert not queue.admits("new")
 
 
@@ -150,7 +158,7 @@ def test_when_nothing_was_taken_for_a_while_the_older_calls_are_not_counted() ->
 
 def test_waiting_calls_go_on_as_calls_are_taken_light_addresses_first() -> None:
     async def scenario() -> None:
-        queue = CoreQueue(8, clock=Clock())
+        queue = bounded(8)
         names = [queue.handed_on("heavy") for _ in range(8)]
         heavy = Waiting(queue, "heavy", calls=3)
         light = Waiting(queue, "light")
@@ -235,7 +243,7 @@ def test_a_connection_holding_many_calls_gets_a_few_a_turn_while_others_wait() -
     calls took hundreds of places at once)."""
 
     async def scenario() -> None:
-        queue = CoreQueue(20, clock=Clock())
+        queue = bounded(20)
         early = [queue.handed_on("x") for _ in range(2)]
         names = {host: [queue.handed_on(host) for _ in range(FEW)] for host in ("a", "b")}
         a, b = Waiting(queue, "a", calls=10), Waiting(queue, "b", calls=10)
@@ -294,3 +302,64 @@ def test_the_ages_of_calls_leave_out_the_event_loops_stalls() -> None:
         assert waiting.went
 
     asyncio.run(scenario())
+
+
+def paced(queue: CoreQueue, clock: Clock, seconds: float, takes: int = 400) -> None:
+    """grpc.aio takes ``takes`` calls, one every ``seconds``, with a call counted all along."""
+    names = [queue.handed_on("paced")]
+    for _ in range(takes):
+        names.append(queue.handed_on("paced"))
+        clock.now += seconds
+        queue.taken(names.pop(0))
+    clock.now += seconds
+    queue.taken(names.pop())
+
+
+def test_the_pace_is_seen_only_with_calls_counted_between_takes() -> None:
+    """A call that came to an empty queue, taken, says how long it took to come, not how fast grpc.aio takes
+    calls: it leaves the bound as it was."""
+    clock = Clock()
+    queue = CoreQueue(800, clock=clock)
+    for _ in range(400):
+        name = queue.handed_on("a")
+        clock.now += QUEUE_SECONDS
+        queue.taken(name)
+    assert queue.bound == 800 - PROBE_ROOM
+
+
+def test_the_bound_is_what_grpc_aio_takes_in_a_short_while_at_its_pace() -> None:
+    """A call waits in grpc-core's queue behind every call there: the bound on them is what grpc.aio takes in
+    ``QUEUE_SECONDS`` at its recent pace, between ``MIN_BOUND`` and the limit (outside attacks rt51, rt52: with
+    800 queued and grpc.aio slowed by a flood, a health probe waited seconds there)."""
+    clock = Clock()
+    queue = CoreQueue(800, clock=clock)
+    assert queue.bound == 800 - PROBE_ROOM
+    paced(queue, clock, QUEUE_SECONDS / 100)
+    assert 90 <= queue.bound <= 110
+    for _ in range(queue.bound):
+        queue.handed_on("x")
+    assert not queue.admits("light")  # past the bound, even an address with no call counted waits
+    paced(queue, clock, QUEUE_SECONDS / 4)
+    assert queue.bound == MIN_BOUND
+    paced(queue, clock, QUEUE_SECONDS / 10_000)
+    assert queue.bound == 800 - PROBE_ROOM
+
+
+def test_health_probes_pass_the_bound_within_their_room_and_the_limit() -> None:
+    """Past the bound, a health call (ServerLive, ServerReady) still goes on, ``PROBE_ROOM`` of them counted at
+    most; past the limit, none."""
+    clock = Clock()
+    queue = CoreQueue(200, clock=clock)
+    paced(queue, clock, QUEUE_SECONDS / 10)
+    assert queue.bound == MIN_BOUND
+    for _ in range(MIN_BOUND):
+        queue.handed_on("x")
+    assert not queue.admits("p")
+    assert queue.admits("p", probe=True)
+    probes = [queue.handed_on(f"p{k}", probe=True) for k in range(PROBE_ROOM)]
+    assert not queue.admits("p", probe=True)
+    queue.taken(probes[0])
+    assert queue.admits("p", probe=True)
+    while len(queue) < 200:
+        queue.handed_on("x")
+    assert not queue.admits("p", probe=True)

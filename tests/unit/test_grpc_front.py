@@ -18,7 +18,8 @@ import pytest
 from hpack import Encoder
 
 from onnxserve.protocols.context import forget_peer, grpc_peer_host, register_peer
-from onnxserve.server.core_queue import CALL_FIELD, CoreQueue
+from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
+from onnxserve.server.core_queue import CALL_FIELD, MIN_BOUND, CoreQueue
 from onnxserve.server.grpc_calls import Calls
 from onnxserve.server.grpc_front import (
     DECODE_SLICE_BYTES,
@@ -586,12 +587,12 @@ def test_each_call_handed_on_is_named_at_the_end_of_its_header_block(seed: int) 
     assert sorted(frames.names.values()) == sorted(names)
 
 
-def call_block(encoder: Encoder, method: str = "POST", *extra: tuple[str, str]) -> bytes:
+def call_block(encoder: Encoder, method: str = "POST", *extra: tuple[str, str], path: str = PATH) -> bytes:
     return encoder.encode(
         [
             (":method", method),
             (":scheme", "http"),
-            (":path", PATH),
+            (":path", path),
             (":authority", "x"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
@@ -650,9 +651,10 @@ def test_a_host_field_stands_for_the_authority() -> None:
 
 
 def test_a_new_call_waits_for_room_and_what_follows_it() -> None:
-    """Past the bound, the next call's HEADERS and everything after it wait in the front (``full``); a
-    trailers block or DATA of a call already handed on do not wait; once there is room the rest goes on."""
-    queue = CoreQueue(2)
+    """Past the bound, the next call waits in the front once its block is whole (decoded: the front knows its
+    method), with everything after it (``full``); a trailers block or DATA of a call already handed on do not
+    wait; once there is room the rest goes on."""
+    queue = CoreQueue(4)  # 2 calls, and room for 2 probes
     frames = ClientFrames(queue=queue)
     frames.host = "10.0.0.1"
     encoder = Encoder()
@@ -666,7 +668,9 @@ def test_a_new_call_waits_for_room_and_what_follows_it() -> None:
     assert passed == data_frame(10, 3)  # the DATA of call 3 goes on; call 5 and its DATA wait
     assert frames.full
     assert not more
-    assert frames.held == len(rest) - len(passed)
+    assert frames.held == len(data_frame(10, 5))
+    assert frames.feed(b"") == (b"", False)  # still no room
+    assert frames.full
     queue.taken(frames.names[1])
     passed, more = frames.feed(b"")
     assert not frames.full
@@ -674,6 +678,38 @@ def test_a_new_call_waits_for_room_and_what_follows_it() -> None:
     seen = requests_seen_by_grpc_core(first + data_frame(10, 3) + passed)
     assert [dict(request)[":path"] for request in seen] == [PATH] * 3
     assert frames.names[5] == int(dict(seen[2])[CALL_FIELD.decode()])
+    assert passed.endswith(data_frame(10, 5))
+
+
+def test_a_health_call_passes_calls_waiting_for_room() -> None:
+    """grpc.aio slow (a bound of ``MIN_BOUND`` calls) and the queue at the bound: a client's model call waits in
+    the front, another client's ServerReady goes on, named and counted; the model call goes on once calls are
+    taken."""
+    now = [100.0]
+    queue = CoreQueue(400, clock=lambda: now[0])
+    backlog = [queue.handed_on("x")]
+    for _ in range(64):  # grpc.aio takes a call every 10 ms, with a backlog
+        backlog.append(queue.handed_on("x"))
+        now[0] += 0.01
+        queue.taken(backlog.pop(0))
+    assert queue.bound == MIN_BOUND
+    counted = backlog + [queue.handed_on("x") for _ in range(MIN_BOUND - 1)]
+    model, probe = ClientFrames(queue=queue), ClientFrames(queue=queue)
+    model.host, probe.host = "10.0.0.1", "10.0.0.2"
+    call = PREFACE + header_frame(1, call_block(Encoder())) + data_frame(10, 1)
+    assert model.feed(call) == (PREFACE, False)
+    assert model.full
+    ready = PREFACE + header_frame(1, call_block(Encoder(), path=f"/{SERVICE_NAME}/ServerReady"))
+    passed, _ = probe.feed(ready)
+    assert not probe.full
+    (request,) = requests_seen_by_grpc_core(passed)
+    assert dict(request)[":path"] == f"/{SERVICE_NAME}/ServerReady"
+    assert queue.queued(probe.names[1])
+    for name in counted[: MIN_BOUND // 2 + 1]:
+        queue.taken(name)
+    passed, _ = model.feed(b"")
+    assert not model.full
+    assert [dict(request)[":path"] for request in requests_seen_by_grpc_core(PREFACE + passed)] == [PATH]
 
 
 @pytest.mark.parametrize("read_size", [1, 7, 13, 1000])

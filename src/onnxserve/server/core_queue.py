@@ -22,15 +22,18 @@ of its connection's GOAWAY, and one whose bytes never reached grpc-core leave th
 is taken (the queue is first in, first out), once nothing has been taken for ``IDLE_SECONDS``, or after
 ``FORGET_SECONDS``.
 
-While calls wait, or past ``limit / 2`` calls counted, a new call waits in the front, with what its connection
-sends after it (still read, up to a bound, so that a client that goes is seen to go), unless its client
-address has fewer than ``FEW`` calls counted (a client with a call or two: a probe, a person) and the count is
-under ``limit``; past ``limit``, every new call waits. Waiting calls go on as the application takes calls,
-first come first served, a few calls of a connection a turn (one that holds more waits again, behind the
-others: a connection with a backlog took hundreds of places at once), those of light addresses first between
-the two bounds. A call waits rather than being refused: a refusal the client would retry (RST_STREAM
-REFUSED_STREAM) cannot be made without also keeping its header block from grpc-core, whose compression table
-must see every block.
+The front decides when a new call's header block is whole (it knows the call's method then). Calls wait in
+grpc-core's queue behind every call there, first in first out, so the bound on them is what grpc.aio takes
+in ``QUEUE_SECONDS`` at its recent pace (:attr:`CoreQueue.bound`, between ``MIN_BOUND`` and ``limit``). While
+calls wait, or past half the bound, a new call waits in the front, with what its connection sends after it
+(still read, up to a bound, so that a client that goes is seen to go), unless its client address has fewer
+than ``FEW`` calls counted (a client with a call or two: a person) and the count is under the bound; past the
+bound, every new call waits but a health probe (``PROBE_ROOM`` of them, up to ``limit``). Waiting calls go on
+as the application takes calls, first come first served, a few calls of a connection a turn (one that holds
+more waits again, behind the others: a connection with a backlog took hundreds of places at once), those of
+light addresses first past half the bound. A call waits rather than being refused: a refusal the client
+would retry (RST_STREAM REFUSED_STREAM) cannot be made without also keeping its header block from grpc-core,
+whose compression table must see every block.
 """
 
 from __future__ import annotations
@@ -49,7 +52,29 @@ QUEUE_LIMIT = 800
 (``--grpc-max-queued-calls``; 0: none): under grpc-core's 1,000, the calls on their way to it included."""
 
 FEW = 4
-"""Calls an address may have counted and still pass between ``limit / 2`` and ``limit``."""
+"""Calls an address may have counted and still pass between ``bound / 2`` and ``bound``."""
+
+QUEUE_SECONDS = 0.2
+"""How long, at grpc.aio's recent pace, the calls counted in grpc-core's queue take to be taken, past which
+a new call other than a probe waits in the front (:attr:`CoreQueue.bound`): in grpc-core's queue a call waits
+behind every call there, first in first out, where the front lets probes pass (``PROBE_ROOM``). With a fixed
+bound of 800, under a flood of model calls from 940 addresses grpc.aio took a few hundred calls a second, and
+a health probe waited seconds behind them (outside attacks rt51, rt52: probe medians 1.3 to 3.8 s)."""
+
+MIN_BOUND = 32
+"""The bound is never lower than this (unless the limit less the probes' room is): enough calls queued that
+grpc.aio never waits for the front to hand on the next."""
+
+PACE_WEIGHT = 1 / 64
+MIN_TAKE_SECONDS = 1e-6
+"""grpc.aio's pace: the mean of the waits between two calls it took with a call counted all along (a backlog;
+weighted: each new one ``PACE_WEIGHT``), each at least ``MIN_TAKE_SECONDS``."""
+
+PROBE_ROOM = 32
+"""Health calls (ServerLive, ServerReady: the methods open without a token, ``auth.OPEN_GRPC_METHODS``) pass
+the front's wait while fewer than this (at most half the limit) are counted and the count is under the limit,
+which keeps this room for them above the bound: a readiness probe waits behind at most the bound's calls
+and these. More of them wait like other calls (a flood of probes cannot keep other calls waiting)."""
 
 FORGET_SECONDS = 5.0
 """A call counted this long is no longer counted: grpc.aio drains 1,000 calls in well under a second, so a
@@ -126,8 +151,11 @@ class CoreQueue:
         self.limit = limit
         self._clock = clock
         self._names = 0
-        self._calls: OrderedDict[int, tuple[float, str]] = OrderedDict()  # name -> (when handed on, address)
+        # name -> (when handed on, its address, whether a probe)
+        self._calls: OrderedDict[int, tuple[float, str, bool]] = OrderedDict()
         self.by_address: dict[str, int] = {}
+        self._probes = 0  # probes counted
+        self._take_seconds = QUEUE_SECONDS / max(limit, 1)  # grpc.aio's pace: the mean wait between takes lately
         self._waiting: OrderedDict[Waiter, None] = OrderedDict()
         self._wake: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -145,31 +173,52 @@ class CoreQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def admits(self, host: str, waiter: Waiter | None = None) -> bool:
+    @property
+    def probe_room(self) -> int:
+        """How many probes may be counted and pass calls that wait: ``PROBE_ROOM``, at most half the limit."""
+        return min(PROBE_ROOM, self.limit // 2)
+
+    @property
+    def bound(self) -> int:
+        """How many calls counted a new call other than a probe may join: what grpc.aio takes in about
+        ``QUEUE_SECONDS`` at the pace it took them lately, at least ``MIN_BOUND``, at most ``limit`` less the
+        probes' room (at least 1)."""
+        pace = max(MIN_BOUND, int(QUEUE_SECONDS / self._take_seconds))
+        return max(1, min(self.limit - self.probe_room, pace))
+
+    def admits(self, host: str, waiter: Waiter | None = None, probe: bool = False) -> bool:
         """Whether a new call of ``host`` (on the connection ``waiter``) may go to grpc-core now: under
-        ``limit``, a light address's call; under ``limit / 2``, any call, unless calls wait (then it waits its
-        turn behind them), and the calls of the connection whose turn it is (``FEW`` a turn)."""
+        ``limit``, a probe (``PROBE_ROOM`` of them counted at most); under :attr:`bound`, a light address's
+        call; under half of it, any call, unless calls wait (then it waits its turn behind them), and the calls
+        of the connection whose turn it is (``FEW`` a turn)."""
         if self.limit <= 0:
             return True
         self._forget()
         count = len(self._calls)
         if count >= self.limit:
             return False
+        if probe and self._probes < self.probe_room:
+            return True
+        bound = self.bound
+        if count >= bound:
+            return False
         if self.by_address.get(host, 0) < FEW:
             return True
         if waiter is not None and waiter is self._turn and self._turn_left > 0:
             self._turn_left -= 1
             return True
-        return not self._waiting and count < self.limit // 2
+        return not self._waiting and count < bound // 2
 
-    def handed_on(self, host: str, counted: bool = True) -> int:
+    def handed_on(self, host: str, counted: bool = True, probe: bool = False) -> int:
         """A call of ``host`` goes to grpc-core: its name; counted in the queue unless grpc-core refuses it
-        unqueued (every call is named, so that a call taken without a name is known to be one that lost it)."""
+        unqueued (every call is named, so that a call taken without a name is known to be one that lost it);
+        ``probe``: a health call (``PROBE_ROOM``)."""
         self._names += 1
         name = self._names
         if self.limit > 0 and counted:
-            self._calls[name] = (self._now(), host)
+            self._calls[name] = (self._now(), host, probe)
             self.by_address[host] = self.by_address.get(host, 0) + 1
+            self._probes += probe
             self._keep_beating()
         return name
 
@@ -181,6 +230,11 @@ class CoreQueue:
         if self._calls:  # how long calls were counted and none taken
             oldest = next(iter(self._calls.values()))[0]
             self._gap = max(now - max(self._taken_at, oldest), self._gap * GAP_DECAY)
+            if (
+                oldest < self._taken_at
+            ):  # counted since the last take: grpc.aio's pace (not how long a call took to come)
+                wait = max(now - self._taken_at, MIN_TAKE_SECONDS)
+                self._take_seconds += (wait - self._take_seconds) * PACE_WEIGHT
         self._taken_at = now
         if name is None:
             if self._calls:
@@ -189,13 +243,8 @@ class CoreQueue:
         if (entry := self._calls.get(name)) is None:
             return
         self._remove(name)
-        calls = self._calls
-        until = entry[0] - ORDER_SLACK_SECONDS
-        while calls:  # calls handed on well before it and not taken: never queued (first in, first out)
-            oldest, (when, _) = next(iter(calls.items()))
-            if when >= until:
-                break
-            self._remove(oldest)
+        # calls handed on well before it and not taken: never queued (first in, first out)
+        self._drop_before(entry[0] - ORDER_SLACK_SECONDS)
 
     def never_queued(self, name: int) -> None:
         """The call named ``name`` never reached grpc-core's queue."""
@@ -209,6 +258,7 @@ class CoreQueue:
         if entry is None:
             return
         host = entry[1]
+        self._probes -= entry[2]
         left = self.by_address[host] - 1
         if left:
             self.by_address[host] = left
@@ -218,14 +268,17 @@ class CoreQueue:
             self._wake = asyncio.get_running_loop().call_soon(self._go_on)
 
     def _forget(self) -> None:
-        calls = self._calls
-        if not calls:
+        if not self._calls:
             return
         now = self._now()
         idle = max(IDLE_SECONDS, IDLE_GAPS * self._gap)
-        until = now - (idle if now - self._taken_at > idle else FORGET_SECONDS)
+        self._drop_before(now - (idle if now - self._taken_at > idle else FORGET_SECONDS))
+
+    def _drop_before(self, until: float) -> None:
+        """No longer count the calls handed on at ``until`` or before (the oldest first)."""
+        calls = self._calls
         while calls:
-            name, (when, _) = next(iter(calls.items()))
+            name, (when, _, _) = next(iter(calls.items()))
             if when > until:
                 break
             self._remove(name)
@@ -270,9 +323,10 @@ class CoreQueue:
         self._wake = None
         while self._waiting:
             count = len(self._calls)
-            if count >= self.limit:
+            bound = self.bound
+            if count >= bound:
                 return
-            waiter = next(iter(self._waiting)) if count < self.limit // 2 else self._light()
+            waiter = next(iter(self._waiting)) if count < bound // 2 else self._light()
             if waiter is None:
                 return
             del self._waiting[waiter]

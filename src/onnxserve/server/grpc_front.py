@@ -69,7 +69,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hpack
 import hpack.exceptions
@@ -78,12 +78,15 @@ from onnxserve.core.fairness import gives_way
 from onnxserve.core.memory import give_back_memory_later
 from onnxserve.log_throttle import LogThrottles
 from onnxserve.protocols import context
+from onnxserve.protocols.v2_grpc.servicer import SERVICE_NAME
 from onnxserve.server.abandoned_calls import ADDRESS_CALLS, AbandonedCalls
 from onnxserve.server.abandoned_calls import RATE as ABANDONED_RATE
+from onnxserve.server.auth import OPEN_GRPC_METHODS
 from onnxserve.server.connection_index import Counts
 from onnxserve.server.connections import GRPC_METADATA_HARD_BYTES, TRIM_AFTER_CUT_SECONDS
 from onnxserve.server.core_queue import CALL_FIELD, CoreQueue, Waiter, call_field
 from onnxserve.server.grpc_calls import Calls, Messages
+from onnxserve.server.listen import BACKLOG
 from onnxserve.server.tls_layer import wrap_tls
 
 log = logging.getLogger(__name__)
@@ -204,6 +207,22 @@ class Refused(Exception):
         self.kind = message if kind is None else kind
 
 
+PROBE_PATHS = frozenset(f"/{SERVICE_NAME}/{method}".encode() for method in OPEN_GRPC_METHODS)
+"""The health calls (ServerLive, ServerReady) that may pass calls waiting in the front for room in grpc-core's
+queue (``core_queue.PROBE_ROOM``)."""
+
+
+class _NewCall(NamedTuple):
+    """A new call whose header block is whole, waiting in the front for room in grpc-core's queue."""
+
+    stream: int
+    block: bytes
+    head: tuple[int, bytes]  # its HEADERS frame's flags that go on, its priority fields
+    timeout: float | None
+    queued: bool  # whether grpc-core queues it (:func:`queued`)
+    probe: bool  # a health call (``PROBE_PATHS``)
+
+
 class _FrameWalk:
     """What both sides' frame readers share: the payload of a frame being passed on, still to come."""
 
@@ -250,6 +269,7 @@ class ClientFrames(_FrameWalk):
         self._same_table: tuple[int, int, object] = (0, 0, None)
         self._same_timeout: float | None = None
         self._same_queued = False
+        self._same_probe = False
         self.abandoned = 0
         """Calls the client reset before grpc-core began to answer them (taken by the connection)."""
         self.queue = queue
@@ -260,8 +280,10 @@ class ClientFrames(_FrameWalk):
         self.names: dict[int, int] = {}  # the queue's name of each call handed on, by stream
         self._block_new = False  # the header block being received opens a call
         self._block_head: tuple[int, bytes] = (0, b"")  # its HEADERS frame's flags that go on, its priority fields
+        self._parked: _NewCall | None = None  # a new call whose block is whole, waiting for room in the queue
         self.full = False
-        """The last :meth:`feed` stopped before a new call: no room for it in grpc-core's queue."""
+        """The last :meth:`feed` stopped at a new call: no room for it in grpc-core's queue (it waits, decoded,
+        with what follows it)."""
 
     @property
     def held(self) -> int:
@@ -334,6 +356,13 @@ class ClientFrames(_FrameWalk):
         self.full = False
         pieces: list[bytes] = []  # what is handed on, where the front added a field to a block
         start = 0  # the first byte of ``work`` to hand on not yet in ``pieces``
+        if self._parked is not None:  # a new call waited for room: it goes on first, or still waits
+            released = self._release()
+            if released is None:
+                self.full = True
+                self._held = work
+                return b"", False
+            pieces.append(released)
         while at < size:
             if self._skip:
                 at = self._pass_payload(view, at, size)
@@ -369,15 +398,6 @@ class ClientFrames(_FrameWalk):
                 if decoded >= DECODE_SLICE_BYTES:
                     more = True
                     break
-                if (
-                    self.queue is not None
-                    and kind == HEADERS
-                    and stream > self._newest
-                    and not self._block_stream
-                    and not self.queue.admits(self.host, self.waiter)
-                ):
-                    self.full = True  # a new call, and no room for it: it waits, and what follows it
-                    break
                 decoded += length
                 block = self._header_frame(kind, flags, stream, work[at + FRAME_HEADER : at + FRAME_HEADER + length])
                 if self.queue is not None:  # header frames go on made anew, once their block is whole
@@ -386,6 +406,9 @@ class ClientFrames(_FrameWalk):
                     if block is not None:
                         pieces.append(block)
                 at += FRAME_HEADER + length
+                if self._parked is not None:
+                    self.full = True  # a new call, and no room for it: it waits, and what follows it
+                    break
             else:
                 if self._block_stream:
                     raise Refused("a frame other than CONTINUATION inside a header block")
@@ -458,28 +481,44 @@ class ClientFrames(_FrameWalk):
             block = b"".join(self._block)
             self._block.clear()
             self._block_stream = 0
-            timeout, queued = self._check_block(block)
+            timeout, queued, probe = self._check_block(block)
+            if self.queue is not None and self._block_new:
+                self._parked = _NewCall(stream, block, self._block_head, timeout, queued, probe)
+                return self._release()
             if timeout is not None:
                 self.streams.deadline(stream, timeout)
             if self.queue is not None:
-                return self._made_anew(stream, block, queued)
+                return self._made_anew(stream, block, self._block_head)
         return None
 
-    def _made_anew(self, stream: int, block: bytes, queued: bool) -> bytes:
-        """The frames a whole header block goes on in: one HEADERS frame (its flags and priority fields as the
-        client sent them), as many CONTINUATION frames as it takes past HTTP/2's 16 KiB. A new call's block
-        ends with ``CALL_FIELD``, its name, counted in the queue if grpc-core queues it (``queued``). In the
-        block's one frame: grpc-core drops the fields of the frames that follow one with a field it refuses
-        (an upper-case name, a ``-bin`` value not base64, ``grpc-encoding: bogus``) and still queues the
-        call; named in a frame of its own, such calls were taken unnamed and stayed counted, holding other
-        clients' calls (outside attack rt50: 17 to 22 of 60 probes past 5 s)."""
-        if self._block_new:
-            assert self.queue is not None
-            name = self.queue.handed_on(self.host, counted=queued)
-            if queued:
-                self._name(stream, name)
-            block += call_field(name)
-        flags, priority = self._block_head
+    def _release(self) -> bytes | None:
+        """The waiting new call's frames if there is room for it in grpc-core's queue now (the front decides
+        once its block is whole, knowing its method: a health probe passes calls that wait), named at the end
+        of its block (``CALL_FIELD``), counted if grpc-core queues it; None if it waits on. Its deadline begins
+        here, as grpc-core's does when it gets the block."""
+        call, queue = self._parked, self.queue
+        assert call is not None
+        assert queue is not None
+        if not queue.admits(self.host, self.waiter, call.probe):
+            return None
+        self._parked = None
+        name = queue.handed_on(self.host, counted=call.queued, probe=call.probe)
+        if call.queued:
+            self._name(call.stream, name)
+        if call.timeout is not None:
+            self.streams.deadline(call.stream, call.timeout)
+        return self._made_anew(call.stream, call.block + call_field(name), call.head)
+
+    @staticmethod
+    def _made_anew(stream: int, block: bytes, head: tuple[int, bytes]) -> bytes:
+        """The frames a whole header block goes on in: one HEADERS frame (``head``: its flags and priority
+        fields as the client sent them), as many CONTINUATION frames as it takes past HTTP/2's 16 KiB. A new
+        call's block ends with its name (:meth:`_release`). In the block's one frame: grpc-core drops the
+        fields of the frames that follow one with a field it refuses (an upper-case name, a ``-bin`` value
+        not base64, ``grpc-encoding: bogus``) and still queues the call; named in a frame of its own, such
+        calls were taken unnamed and stayed counted, holding other clients' calls (outside attack rt50: 17 to
+        22 of 60 probes past 5 s)."""
+        flags, priority = head
         payload = priority + block
         stream_id = stream.to_bytes(4, "big")
         frames = []
@@ -534,14 +573,15 @@ class ClientFrames(_FrameWalk):
         entries = table.dynamic_entries
         return table.maxsize, len(entries), entries[0] if entries else None
 
-    def _check_block(self, block: bytes) -> tuple[float | None, bool]:
-        """Decode ``block`` and refuse it past the bounds; its ``grpc-timeout`` in seconds (None: none), and
-        whether grpc-core queues a call it opens (:func:`queued`). A block the same as the last one checked,
+    def _check_block(self, block: bytes) -> tuple[float | None, bool, bool]:
+        """Decode ``block`` and refuse it past the bounds; its ``grpc-timeout`` in seconds (None: none),
+        whether grpc-core queues a call it opens (:func:`queued`), and whether that is a health probe
+        (``PROBE_PATHS``). A block the same as the last one checked,
         decoded from the same table it left as it was (a client's next call with the same headers, every
         field in the table), decodes the same: it is not decoded again."""
         table = self._table()
         if block == self._same_block and _same_table(table, self._same_table):
-            return self._same_timeout, self._same_queued
+            return self._same_timeout, self._same_queued, self._same_probe
         try:
             fields = list(self._decoder.decode(block, raw=True))
         except hpack.exceptions.OversizedHeaderListError:
@@ -553,16 +593,20 @@ class ClientFrames(_FrameWalk):
         if len(fields) > MAX_HEADER_FIELDS:
             raise Refused(f"a header block of {len(fields):,} fields (at most {MAX_HEADER_FIELDS})", "header fields")
         timeout = None
+        paths = []
         for name, value in fields:
             if name == b"grpc-timeout":  # grpc-core keeps the last (outside attack rt49: "1H" then "1m")
                 timeout = grpc_timeout(value)
+            elif name == b":path":
+                paths.append(value)
         queues = queued(fields)
+        probe = len(paths) == 1 and paths[0] in PROBE_PATHS  # given twice: not known which grpc-core keeps
         if _same_table(self._table(), table):
             self._same_block, self._same_table = block, table
-            self._same_timeout, self._same_queued = timeout, queues
+            self._same_timeout, self._same_queued, self._same_probe = timeout, queues, probe
         else:
             self._same_block = None
-        return timeout, queues
+        return timeout, queues, probe
 
 
 TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
@@ -1433,10 +1477,12 @@ class GrpcFront:
         return f"unix:{self.socket_path}"
 
     async def start(self, sock: socket.socket) -> None:
-        """Take connections on the listening socket ``sock``."""
+        """Take connections on the listening socket ``sock`` (its backlog kept: asyncio listens again, with 100
+        unless told, and a burst of 940 new connections had up to 697 reset by the kernel: outside attack
+        rt54)."""
         loop = asyncio.get_running_loop()
         listener = self._listener
-        self._server = await loop.create_server(lambda: FrontConnection(listener), sock=sock)
+        self._server = await loop.create_server(lambda: FrontConnection(listener), sock=sock, backlog=BACKLOG)
 
     def stop_listening(self) -> None:
         if self._server is not None:

@@ -205,9 +205,10 @@ class ServerSettings(BaseModel):
     grpc_max_queued_calls: Annotated[int, Field(ge=0)] = Field(
         default=QUEUE_LIMIT,
         description="gRPC calls, of all clients, that may wait in grpc-core's queue for the server to take them "
-        "(counted by the front): past half of it a new call waits in the front unless its client address has "
-        "fewer than 4 waiting, and past it every new call waits; grpc-core drops calls at random past 1,000. "
-        "0: no such bound.",
+        "(counted by the front; grpc-core drops calls at random past 1,000). Within it the front keeps about "
+        "0.2 s of calls there at the server's recent pace (at least 32): past that a new call waits in the front, "
+        "first come first served, but a health probe (ServerLive, ServerReady; 32 counted at most). 0: no such "
+        "bound.",
     )
     grpc_max_abandoned_calls: Annotated[int, Field(ge=0)] = Field(
         default=int(ABANDONED_RATE),

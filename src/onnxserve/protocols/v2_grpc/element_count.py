@@ -1,9 +1,10 @@
 """A bounded look at a ModelInferRequest's wire bytes before protobuf parses them.
 
-Parsing builds one object per ``bytes_contents`` element, in C, holding the interpreter lock the whole
-time: 30 million empty elements (a 60 MB message) take seconds and gigabytes. This walk reads only the
-field tags and lengths on the path ``inputs`` (5) -> ``contents`` (5) -> ``bytes_contents`` (8),
-counts the elements of all inputs together, and stops as soon as they pass the limit, so a flood is
+Parsing builds an object for each ``bytes_contents`` element, each entry of a list or map (a repeated key
+too) and each tensor, in C, holding the interpreter lock the whole time: 30 million empty elements (a 60 MB
+message) take seconds and gigabytes, and so do millions of parameters. This walk reads only the field tags
+and lengths of the request, its inputs and outputs and their contents, counts the elements of all inputs
+together and the entries of every list and map, and stops as soon as they pass the limits, so a flood is
 refused after at most that many steps; a message of more fields of any kind than a request needs is
 refused too (:data:`MAX_WALKED_FIELDS`). Anything malformed is left for the real parser to name
 (``core.protobuf_wire`` walks what the parser accepts, groups included, so no message the parser takes
@@ -16,16 +17,33 @@ from collections.abc import Iterator
 
 from onnxserve.core import protobuf_wire, wire
 from onnxserve.errors import InvalidInputError
+from onnxserve.protocols import offload
 from onnxserve.protocols.entry_count import MAX_ENTRIES
 from onnxserve.protocols.v2_grpc.generated import grpc_service_pb2 as pb
 
+_PARAMETERS = 4  # ModelInferRequest.parameters, InferInputTensor.parameters (maps: one entry a field)
 _INPUTS = 5  # ModelInferRequest.inputs
+_OUTPUTS = 6  # ModelInferRequest.outputs
+_RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
+_LISTS = frozenset((_PARAMETERS, _INPUTS, _OUTPUTS, _RAW_INPUT_CONTENTS))
 _NAME = 1  # InferInputTensor.name
 _CONTENTS = 5  # InferInputTensor.contents
+_OUTPUT_PARAMETERS = 2  # InferRequestedOutputTensor.parameters
 _BYTES_CONTENTS = 8  # InferTensorContents.bytes_contents
 MAX_FIELDS = MAX_ENTRIES
-"""The most length-delimited entries a request or one of its inputs may hold (inputs, outputs, parameters...)."""
+"""The most entries a request's list or map may hold (inputs, outputs, raw_input_contents, the parameters of
+the request or of one tensor)."""
 
+MAX_ALL_ENTRIES = 4 * MAX_FIELDS
+"""The most entries a request's lists and maps may hold together, each map entry counted as sent (a repeated
+key too: protobuf keeps the last, after building every one). protobuf builds an object for each, holding the
+interpreter lock: 100 outputs of 60,000 parameters each (47.6 MB) took seconds and 4 GB a call; 31 million
+entries of one empty key (62 MB, 60 KB gzipped), 1.7 s and 1.2 GB, and the memory stayed taken after the
+call was refused (outside attack rt54: health probes 3 to 10 s, the server at its 6 GiB cap)."""
+
+UNWALKED_BYTES = offload.INLINE_BYTES
+"""A message smaller than this (parsed on the event loop: ``offload``) is not walked: a parse of it takes a
+few milliseconds and megabytes at most, and its lists are counted once parsed (:func:`check_entries`)."""
 
 MAX_WALKED_FIELDS = wire.MAX_BYTES_ELEMENTS + MAX_FIELDS
 """The most protobuf fields the walk reads in one message, of every kind together: every BYTES element
@@ -49,13 +67,23 @@ def _too_many_entries() -> InvalidInputError:
     )
 
 
-def _fields(data: memoryview, start: int, end: int, budget: protobuf_wire.FieldBudget) -> list[tuple[int, int, int]]:
-    found = []
-    for entry in _entries(data, start, end, budget):
-        found.append(entry)
-        if len(found) > MAX_FIELDS:
+class _Entries:
+    """The entries of a request's lists and maps as the walk meets them: each list's, and all together."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def count(self, entries: int) -> int:
+        """One more entry of a list holding ``entries`` so far: its new count (refused past the bounds)."""
+        self.total += 1
+        if entries >= MAX_FIELDS:
             raise _too_many_entries()
-    return found
+        if self.total > MAX_ALL_ENTRIES:
+            raise InvalidInputError(
+                f"the request holds more than {MAX_ALL_ENTRIES} entries in its lists and parameter maps together "
+                "(inputs, outputs, raw_input_contents, parameters; each map entry counted as sent)"
+            )
+        return entries + 1
 
 
 def check_entries(request: pb.ModelInferRequest) -> None:
@@ -89,26 +117,49 @@ def _count_bytes_elements(
     return count
 
 
-def check_bytes_contents(message: bytes) -> None:
-    """Refuse a ModelInferRequest whose inputs hold too many ``bytes_contents`` elements together, or more
-    than :data:`MAX_WALKED_FIELDS` fields of any kind, unparsed.
+def _walk_input(
+    data: memoryview, start: int, end: int, entries: _Entries, elements: int, budget: protobuf_wire.FieldBudget
+) -> int:
+    """Count one input's parameters (in ``entries``) and its ``bytes_contents`` elements: ``elements`` plus
+    them."""
+    name = ""
+    contents = []
+    parameters = 0
+    for field, s, e in _entries(data, start, end, budget):
+        if field == _NAME:
+            name = bytes(data[s:e]).decode("utf-8", "replace")
+        elif field == _PARAMETERS:
+            parameters = entries.count(parameters)
+        elif field == _CONTENTS:
+            contents.append((s, e))
+    for s, e in contents:
+        elements = _count_bytes_elements(data, s, e, name, elements, budget)
+    return elements
 
-    Each element takes at least 2 bytes, so a message under twice the limit is not looked at.
-    """
-    if len(message) <= 2 * wire.MAX_BYTES_ELEMENTS:
+
+def check_unparsed(message: bytes) -> None:
+    """Refuse a ModelInferRequest of ``UNWALKED_BYTES`` or more whose lists or maps hold too many entries
+    (``MAX_FIELDS`` in one, ``MAX_ALL_ENTRIES`` together), whose inputs hold too many ``bytes_contents``
+    elements together, or which has more than :data:`MAX_WALKED_FIELDS` fields of any kind, unparsed."""
+    if len(message) < UNWALKED_BYTES:
         return
     data = memoryview(message)
     budget = protobuf_wire.FieldBudget(MAX_WALKED_FIELDS)
-    count = 0
+    entries = _Entries()
+    lists = dict.fromkeys(_LISTS, 0)
+    elements = 0
     try:
-        for number, start, end in _fields(data, 0, len(data), budget):
-            if number != _INPUTS:
+        for number, start, end in _entries(data, 0, len(data), budget):
+            if number not in lists:
                 continue
-            fields = _fields(data, start, end, budget)
-            name = next((bytes(data[s:e]).decode("utf-8", "replace") for n, s, e in fields if n == _NAME), "")
-            for field, s, e in fields:
-                if field == _CONTENTS:
-                    count = _count_bytes_elements(data, s, e, name, count, budget)
+            lists[number] = entries.count(lists[number])
+            if number == _INPUTS:
+                elements = _walk_input(data, start, end, entries, elements, budget)
+            elif number == _OUTPUTS:
+                parameters = 0
+                for field, _, _ in _entries(data, start, end, budget):
+                    if field == _OUTPUT_PARAMETERS:
+                        parameters = entries.count(parameters)
     except protobuf_wire.TooManyFields:
         raise InvalidInputError(
             f"the request holds more than {MAX_WALKED_FIELDS} protobuf fields; send repeated numbers packed (as "

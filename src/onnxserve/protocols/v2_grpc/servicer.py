@@ -59,7 +59,7 @@ def parse(message_type: type[M], data: bytes) -> M:
     """The message in ``data``; an inference request is first checked for element floods (unparsed), and
     its lists and parameter maps counted once parsed (``element_count.check_entries``)."""
     if message_type is pb.ModelInferRequest:
-        element_count.check_bytes_contents(data)
+        element_count.check_unparsed(data)
     elif len(data) > MAX_CONTROL_MESSAGE_BYTES:
         raise InvalidInputError(
             f"a {message_type.__name__} of {len(data):,} bytes; a request other than ModelInfer may have at most "
@@ -91,7 +91,7 @@ def parse(message_type: type[M], data: bytes) -> M:
 def parse_inference(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview] | None]:
     """A ModelInferRequest, and its ``raw_input_contents`` as views of ``data`` when it is large (None:
     the message's own): such a message's tensor bytes are not copied (``raw_contents``)."""
-    element_count.check_bytes_contents(data)
+    element_count.check_unparsed(data)
     parts = raw_contents.split(data)
     if parts is None:
         return parse(pb.ModelInferRequest, data), None
