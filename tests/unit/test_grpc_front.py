@@ -669,12 +669,14 @@ def test_a_new_call_waits_for_room_and_what_follows_it() -> None:
     assert frames.full
     assert not more
     assert frames.held == len(data_frame(10, 5))
+    assert 5 not in frames.streams  # not open until it goes on: a client that leaves abandons nothing
     assert frames.feed(b"") == (b"", False)  # still no room
     assert frames.full
     queue.taken(frames.names[1])
     passed, more = frames.feed(b"")
     assert not frames.full
     assert frames.held == 0
+    assert 5 in frames.streams
     seen = requests_seen_by_grpc_core(first + data_frame(10, 3) + passed)
     assert [dict(request)[":path"] for request in seen] == [PATH] * 3
     assert frames.names[5] == int(dict(seen[2])[CALL_FIELD.decode()])

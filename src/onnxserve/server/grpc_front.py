@@ -464,6 +464,8 @@ class ClientFrames(_FrameWalk):
             self._block_new = stream > self._newest
             if self._block_new:  # a new call (a lower id is trailers, or a stream that has ended)
                 self._open(stream)
+                if self.queue is None:  # else once it goes on (:meth:`_release`): one that waits is not open yet
+                    self.streams.open(stream)
             if flags & END_STREAM:
                 self.streams.client_ended(stream)
             self._block_stream = stream
@@ -494,8 +496,9 @@ class ClientFrames(_FrameWalk):
     def _release(self) -> bytes | None:
         """The waiting new call's frames if there is room for it in grpc-core's queue now (the front decides
         once its block is whole, knowing its method: a health probe passes calls that wait), named at the end
-        of its block (``CALL_FIELD``), counted if grpc-core queues it; None if it waits on. Its deadline begins
-        here, as grpc-core's does when it gets the block."""
+        of its block (``CALL_FIELD``), counted if grpc-core queues it; None if it waits on. It is open from
+        here (a client that goes while its call waits left nothing in grpc-core's queue: not an abandoned call),
+        and its deadline begins here, as grpc-core's does when it gets the block."""
         call, queue = self._parked, self.queue
         assert call is not None
         assert queue is not None
@@ -505,6 +508,9 @@ class ClientFrames(_FrameWalk):
         name = queue.handed_on(self.host, counted=call.queued, probe=call.probe)
         if call.queued:
             self._name(call.stream, name)
+        self.streams.open(call.stream)  # a call that waited in the front and went nowhere was never open
+        if call.head[0] & END_STREAM:
+            self.streams.client_ended(call.stream)
         if call.timeout is not None:
             self.streams.deadline(call.stream, call.timeout)
         return self._made_anew(call.stream, call.block + call_field(name), call.head)
@@ -544,11 +550,11 @@ class ClientFrames(_FrameWalk):
             self.streams.client_settings(payload)
 
     def _open(self, stream: int) -> None:
-        """A new call; the connection is closed when it would have twice grpc-core's stream limit open once
-        the client has acknowledged that limit (before, ``EARLY_STREAMS``). grpc-core refuses the calls past
-        its limit itself (REFUSED_STREAM), for a few µs each, and an honest client never opens them; a
-        client that opens them back to back is not one: a flood of them held other clients' calls (outside
-        attack rt38)."""
+        """A new call on ``stream``, the newest (opened in ``streams`` once it goes on); the connection is
+        closed when it would have twice grpc-core's stream limit open once the client has acknowledged that
+        limit (before, ``EARLY_STREAMS``). grpc-core refuses the calls past its limit itself (REFUSED_STREAM),
+        for a few µs each, and an honest client never opens them; a client that opens them back to back is
+        not one: a flood of them held other clients' calls (outside attack rt38)."""
         limit = OVER_LIMIT * self._max_streams if self._acknowledged else max(self._max_streams, EARLY_STREAMS)
         if len(self.streams) >= limit:
             raise Refused(
@@ -556,7 +562,6 @@ class ClientFrames(_FrameWalk):
                 "stream limit",
             )
         self._newest = stream
-        self.streams.open(stream)
 
     def _ping(self) -> None:
         now = time.monotonic()
