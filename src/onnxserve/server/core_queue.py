@@ -24,16 +24,16 @@ is taken (the queue is first in, first out), once nothing has been taken for ``I
 
 The front decides when a new call's header block is whole (it knows the call's method then). Calls wait in
 grpc-core's queue behind every call there, first in first out, so the bound on them is what grpc.aio takes
-in ``QUEUE_SECONDS`` at its recent pace (:attr:`CoreQueue.bound`, between ``MIN_BOUND`` and ``limit``). While
-calls wait, or past half the bound, a new call waits in the front, with what its connection sends after it
-(still read, up to a bound, so that a client that goes is seen to go), unless its client address has fewer
-than ``FEW`` calls counted (a client with a call or two: a person) and the count is under the bound; past the
-bound, every new call waits but a health probe (``PROBE_ROOM`` of them, up to ``limit``). Waiting calls go on
-as the application takes calls, first come first served, a few calls of a connection a turn (one that holds
-more waits again, behind the others: a connection with a backlog took hundreds of places at once), those of
-light addresses first past half the bound. A call waits rather than being refused: a refusal the client
-would retry (RST_STREAM REFUSED_STREAM) cannot be made without also keeping its header block from grpc-core,
-whose compression table must see every block.
+in ``QUEUE_SECONDS`` at its recent pace (:attr:`CoreQueue.bound`, at least ``MIN_BOUND``, at most ``limit``
+less the probes' room). While calls wait, or past half the bound, a new call waits in the front, with what
+its connection sends after it (still read, up to a bound, so that a client that goes is seen to go), unless
+its client address has fewer than ``FEW`` calls counted (a client with a call or two: a person) and the
+count is under the bound; past the bound, every new call waits but a health probe (``PROBE_ROOM`` of them,
+up to ``limit``). Waiting calls go on as the application takes calls, first come first served, a few calls
+of a connection a turn (one that holds more waits again, behind the others: a connection with a backlog
+took hundreds of places at once), those of light addresses first past half the bound. A call waits rather
+than being refused: a refusal the client would retry (RST_STREAM REFUSED_STREAM) cannot be made without also
+keeping its header block from grpc-core, whose compression table must see every block.
 """
 
 from __future__ import annotations
@@ -230,9 +230,7 @@ class CoreQueue:
         if self._calls:  # how long calls were counted and none taken
             oldest = next(iter(self._calls.values()))[0]
             self._gap = max(now - max(self._taken_at, oldest), self._gap * GAP_DECAY)
-            if (
-                oldest < self._taken_at
-            ):  # counted since the last take: grpc.aio's pace (not how long a call took to come)
+            if oldest < self._taken_at:  # a call counted since the last take: grpc.aio's pace, not a call's way
                 wait = max(now - self._taken_at, MIN_TAKE_SECONDS)
                 self._take_seconds += (wait - self._take_seconds) * PACE_WEIGHT
         self._taken_at = now
