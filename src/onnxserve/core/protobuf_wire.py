@@ -43,6 +43,10 @@ class TooManyFields(Exception):
     """A walk read more tags than its :class:`FieldBudget` allowed."""
 
 
+class GroupField(Exception):
+    """A walk told to refuse groups met one (its field number: ``args[0]``)."""
+
+
 class FieldBudget:
     """The most tags that the walks given it may read together, every field counted (a group's own fields,
     unknown fields and each element of an unpacked repeated field included). Protobuf parses a message of
@@ -70,14 +74,20 @@ def varint(data: Bytes, position: int, end: int) -> tuple[int, int]:
     raise MalformedMessage("not a protobuf message: it ends inside a number")
 
 
-def fields(data: Bytes, start: int, end: int, budget: FieldBudget | None = None) -> Iterator[Field]:
+def fields(
+    data: Bytes, start: int, end: int, budget: FieldBudget | None = None, groups: bool = True
+) -> Iterator[Field]:
     """Each field of the message in ``data[start:end]``, in order; a group is one field (see :data:`Field`).
-    With a ``budget``, every tag read counts in it, and :class:`TooManyFields` is raised past it."""
+    With a ``budget``, every tag read counts in it, and :class:`TooManyFields` is raised past it. Without
+    ``groups``, a group's start raises :class:`GroupField` before its fields are read (a message whose
+    schema has none)."""
     tags = _tags(data, start, end, budget)
     for number, wire_type, tag_start, value_start, value_end in tags:
         if wire_type == END_GROUP:
             raise MalformedMessage(f"not a protobuf message: a group ends at byte {tag_start} that never started")
         if wire_type == START_GROUP:
+            if not groups:
+                raise GroupField(number)
             value_end = _group_end(tags, number, tag_start)
         yield number, wire_type, tag_start, value_start, value_end
 
