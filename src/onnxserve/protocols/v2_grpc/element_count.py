@@ -30,7 +30,8 @@ _NAME = 1  # InferInputTensor.name
 _CONTENTS = 5  # InferInputTensor.contents
 _OUTPUT_PARAMETERS = 2  # InferRequestedOutputTensor.parameters
 _BYTES_CONTENTS = 8  # InferTensorContents.bytes_contents
-_BYTES_TAG = _BYTES_CONTENTS << 3 | protobuf_wire.LENGTH_DELIMITED  # its tag: one byte
+_DELIMITED = protobuf_wire.LENGTH_DELIMITED
+_BYTES_TAG = _BYTES_CONTENTS << 3 | _DELIMITED  # its tag: one byte
 _REQUEST_FIELDS = frozenset((1, 2, 3))  # ModelInferRequest: model_name, model_version, id
 _INPUT_FIELDS = frozenset((1, 2, 3, 5))  # InferInputTensor: name, datatype, shape, contents
 _OUTPUT_FIELDS = frozenset((1,))  # InferRequestedOutputTensor: name
@@ -82,12 +83,9 @@ class _Walk:
         self._others = 0
         self.elements = 0
 
-    def fields(self, start: int, end: int) -> Iterator[tuple[int, bool, int, int]]:
-        """(number, whether length-delimited, start, end) of each field in ``data[start:end]``."""
-        for number, wire_type, _, value_start, value_end in protobuf_wire.fields(
-            self.data, start, end, self._budget, groups=False
-        ):
-            yield number, wire_type == protobuf_wire.LENGTH_DELIMITED, value_start, value_end
+    def fields(self, start: int, end: int) -> Iterator[protobuf_wire.Field]:
+        """The fields in ``data[start:end]`` (no group: :class:`protobuf_wire.GroupField`)."""
+        return protobuf_wire.fields(self.data, start, end, self._budget, groups=False)
 
     def entry(self, entries: int) -> int:
         """One more entry of a list or map holding ``entries`` so far: its new count."""
@@ -151,7 +149,8 @@ def _walk_input(walk: _Walk, start: int, end: int) -> None:
     contents = []
     parameters = 0
     seen: set[int] = set()
-    for field, delimited, s, e in walk.fields(start, end):
+    for field, wire_type, _, s, e in walk.fields(start, end):
+        delimited = wire_type == _DELIMITED
         if delimited and field == _PARAMETERS:
             parameters = walk.entry(parameters)
             continue
@@ -173,7 +172,7 @@ def _walk_contents(walk: _Walk, start: int, end: int, name: str, seen: set[int])
     position = start
     while position < end:
         if data[position] != _BYTES_TAG:
-            field, _, _, position = next(walk.fields(position, end))
+            field, _, _, _, position = next(walk.fields(position, end))
             walk.other(field, _CONTENTS_FIELDS, seen)
             continue
         walk.element(name)
@@ -192,8 +191,8 @@ def _walk_output(walk: _Walk, start: int, end: int) -> None:
     """Count one output's parameters and its other fields."""
     parameters = 0
     seen: set[int] = set()
-    for field, delimited, _, _ in walk.fields(start, end):
-        if delimited and field == _OUTPUT_PARAMETERS:
+    for field, wire_type, _, _, _ in walk.fields(start, end):
+        if wire_type == _DELIMITED and field == _OUTPUT_PARAMETERS:
             parameters = walk.entry(parameters)
         else:
             walk.other(field, _OUTPUT_FIELDS, seen)
@@ -210,8 +209,8 @@ def check_unparsed(message: bytes) -> None:
     lists = dict.fromkeys(_LISTS, 0)
     seen: set[int] = set()
     try:
-        for number, delimited, start, end in walk.fields(0, len(message)):
-            if not (delimited and number in lists):
+        for number, wire_type, _, start, end in walk.fields(0, len(message)):
+            if not (wire_type == _DELIMITED and number in lists):
                 walk.other(number, _REQUEST_FIELDS, seen)
                 continue
             lists[number] = walk.entry(lists[number])
