@@ -283,3 +283,27 @@ def test_grpc_walk_reads_at_most_its_budget_of_fields() -> None:
     flood = data + field(6, field(1, b"y") + EMPTY_ENTRY["output"] * 40_000) * 2
     with pytest.raises(InvalidInputError, match=r"more than 1114112 protobuf fields; send repeated numbers packed"):
         element_count.check_unparsed(flood)
+
+
+def test_grpc_walk_refuses_a_packed_shape_of_too_many_dimensions() -> None:
+    """A packed shape is one field to the walk, and protobuf unpacks each of its numbers: 66 million one-byte
+    dimensions (66 MB) became gigabytes before the rank was checked (outside attack rt56). A packed shape of
+    more bytes than ``MAX_RANK`` numbers can take is refused unparsed."""
+    dims = b"\x00" * 300_000
+    data = field(1, b"m") + field(5, field(1, b"x") + field(2, b"INT64") + field(3, dims))
+    with pytest.raises(InvalidInputError, match="input 'x': shape has more than 32 dimensions"):
+        element_count.check_unparsed(data)
+    rank_32 = field(5, field(1, b"x") + field(3, b"\x01" * 32))
+    element_count.check_unparsed(field(1, b"m") + rank_32 + field(7, bytes(300_000)))  # walked, and fine
+
+
+def test_grpc_walk_counts_numbers_packed_as_varints() -> None:
+    """One-byte zeros in ``int64_contents`` become 8 bytes each, and again in the copy the codec makes: past
+    ``MAX_PACKED_NUMBERS`` in all, refused unparsed; numbers of several bytes count once each."""
+    limit = element_count.MAX_PACKED_NUMBERS
+    contents = field(3, b"\x00" * (limit // 2)) + field(2, b"\x81\x01" * (limit // 2))  # int64, then int
+    data = field(1, b"m") + field(5, field(1, b"x") + field(5, contents))
+    element_count.check_unparsed(data)  # at the limit: 8 MB of bytes, 4 Mi numbers
+    more = field(1, b"m") + field(5, field(1, b"x") + field(5, contents + field(4, b"\x00")))
+    with pytest.raises(InvalidInputError, match=r"input 'x': its contents bring .* to more than 4194304"):
+        element_count.check_unparsed(more)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from onnxserve.core import protobuf_wire, wire
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import offload
@@ -28,6 +30,7 @@ _RAW_INPUT_CONTENTS = 7  # ModelInferRequest.raw_input_contents
 _LISTS = frozenset((_PARAMETERS, _INPUTS, _OUTPUTS, _RAW_INPUT_CONTENTS))
 _NAME = 1  # InferInputTensor.name
 _CONTENTS = 5  # InferInputTensor.contents
+_SHAPE = 3  # InferInputTensor.shape
 _OUTPUT_PARAMETERS = 2  # InferRequestedOutputTensor.parameters
 _BYTES_CONTENTS = 8  # InferTensorContents.bytes_contents
 _DELIMITED = protobuf_wire.LENGTH_DELIMITED
@@ -36,6 +39,15 @@ _REQUEST_FIELDS = frozenset((1, 2, 3))  # ModelInferRequest: model_name, model_v
 _INPUT_FIELDS = frozenset((1, 2, 3, 5))  # InferInputTensor: name, datatype, shape, contents
 _OUTPUT_FIELDS = frozenset((1,))  # InferRequestedOutputTensor: name
 _CONTENTS_FIELDS = frozenset(range(1, 8))  # InferTensorContents' typed lists but bytes_contents, each packed
+_VARINT_CONTENTS = frozenset(range(1, 6))  # bool, int, int64, uint, uint64: numbers of one byte and more
+MAX_VARINT_BYTES = 10
+"""The most bytes one varint takes: a packed shape longer than ``MAX_RANK`` times this has more dimensions."""
+
+MAX_PACKED_NUMBERS = 4 * 1024 * 1024
+"""The most numbers packed as varints in a walked request's contents together (``bool``, ``int``, ``int64``,
+``uint``, ``uint64`` contents): protobuf unpacks each into 4 or 8 bytes and the codec copies them again, so a
+64 MB message of one-byte zeros became 1 GB (a packed shape of 66 million dimensions too, before its rank
+was checked: outside attack rt56). Tensors that large travel as ``raw_input_contents``."""
 MAX_FIELDS = MAX_ENTRIES
 """The most entries a request's list or map may hold (inputs, outputs, raw_input_contents, the parameters of
 the request or of one tensor)."""
@@ -82,6 +94,7 @@ class _Walk:
         self._entries = 0
         self._others = 0
         self.elements = 0
+        self.numbers = 0  # numbers packed as varints in contents, at least
 
     def fields(self, start: int, end: int) -> Iterator[protobuf_wire.Field]:
         """The fields in ``data[start:end]`` (no group: :class:`protobuf_wire.GroupField`)."""
@@ -112,6 +125,20 @@ class _Walk:
                 f"the request holds more than {MAX_OTHER_FIELDS} protobuf fields besides its list entries and "
                 "BYTES elements (unknown fields, or numbers sent unpacked); send repeated numbers packed (as "
                 "protobuf 3 writes them) or as raw_input_contents"
+            )
+
+    def varints(self, data: memoryview, start: int, end: int, name: str) -> None:
+        """The numbers packed in ``data[start:end]`` (one per byte under 128), counted with those before."""
+        size = end - start
+        if self.numbers + size <= MAX_PACKED_NUMBERS:  # a number takes a byte at least: no need to count
+            self.numbers += size
+            return
+        self.numbers += int(np.count_nonzero(np.frombuffer(data[start:end], dtype=np.uint8) < 0x80))
+        if self.numbers > MAX_PACKED_NUMBERS:
+            raise InvalidInputError(
+                f"input {name!r}: its contents bring the request's numbers packed as varints (bool, int, int64, "
+                f"uint and uint64 contents) to more than {MAX_PACKED_NUMBERS}; send large tensors as "
+                "raw_input_contents (as tritonclient does)"
             )
 
     def element(self, name: str) -> None:
@@ -157,6 +184,10 @@ def _walk_input(walk: _Walk, start: int, end: int) -> None:
         walk.other(field, _INPUT_FIELDS, seen)
         if delimited and field == _NAME:
             name = bytes(walk.data[s:e]).decode("utf-8", "replace")
+        elif delimited and field == _SHAPE and e - s > wire.MAX_RANK * MAX_VARINT_BYTES:
+            raise InvalidInputError(
+                f"input {name!r}: shape has more than {wire.MAX_RANK} dimensions; at most {wire.MAX_RANK} are allowed"
+            )
         elif delimited and field == _CONTENTS:
             contents.append((s, e))
     seen = set()
@@ -172,8 +203,10 @@ def _walk_contents(walk: _Walk, start: int, end: int, name: str, seen: set[int])
     position = start
     while position < end:
         if data[position] != _BYTES_TAG:
-            field, _, _, _, position = next(walk.fields(position, end))
+            field, wire_type, _, value_start, position = next(walk.fields(position, end))
             walk.other(field, _CONTENTS_FIELDS, seen)
+            if wire_type == _DELIMITED and field in _VARINT_CONTENTS:
+                walk.varints(data, value_start, position, name)
             continue
         walk.element(name)
         position += 1
