@@ -265,14 +265,15 @@ def test_grpc_walk_refuses_a_group_before_walking_it() -> None:
 
 def test_grpc_walk_refuses_a_flood_of_tiny_fields_it_would_take_long_to_walk() -> None:
     """Two-byte unknown fields parse in no time but take the walk half a microsecond each (a million: 0.6 s,
-    outside attack rt55): past ``MAX_OTHER_FIELDS`` besides entries and BYTES elements, refused."""
-    junk = bytes([99 << 3 & 0x7F | 0x80, 99 >> 4, 0]) * (2 * element_count.MAX_OTHER_FIELDS)
+    outside attack rt55): past ``MAX_OTHER_FIELDS`` besides entries and BYTES elements, refused; a name an
+    output, 65,535 of them, are within it."""
+    junk = bytes([99 << 3 & 0x7F | 0x80, 99 >> 4, 0]) * (element_count.MAX_OTHER_FIELDS + 1)
     data = junk + _grpc_bytes(1, [1])
     assert len(pb.ModelInferRequest.FromString(data).inputs) == 1
-    with pytest.raises(InvalidInputError, match=r"more than 65536 protobuf fields besides its list entries"):
+    with pytest.raises(InvalidInputError, match=r"more than 262144 protobuf fields besides its list entries"):
         element_count.check_unparsed(data)
-    names = [field(6, field(1, b"y%d" % k)) for k in range(element_count.MAX_OTHER_FIELDS)]
-    element_count.check_unparsed(field(1, b"m") + b"".join(names))  # a name each: not counted
+    names = [field(6, field(1, b"y%d" % k)) for k in range(element_count.MAX_FIELDS - 1)]
+    element_count.check_unparsed(field(1, b"m") + b"".join(names))
 
 
 def test_grpc_walk_reads_at_most_its_budget_of_fields() -> None:

@@ -67,11 +67,11 @@ def format_shape(shape: Sequence[int]) -> str:
 
 def request_shape(name: str, dims: Sequence[Any]) -> tuple[int, ...]:
     """A request tensor's declared shape, refused when a dimension is not a non-negative integer or the size absurd."""
+    if len(dims) > MAX_RANK:  # first: 66 million dimensions were each looked at, then copied (outside attack rt56)
+        raise InvalidInputError(f"input {name!r}: shape has {len(dims)} dimensions; at most {MAX_RANK} are allowed")
     if not all(type(d) is int for d in dims):
         raise InvalidInputError(f"input {name!r}: the shape must be a list of integers")
     shape = tuple(dims)
-    if len(shape) > MAX_RANK:
-        raise InvalidInputError(f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_RANK} are allowed")
     if any(d < 0 for d in shape):
         raise InvalidInputError(f"input {name!r}: shape {format_shape(shape)} has a negative dimension")
     count = 1

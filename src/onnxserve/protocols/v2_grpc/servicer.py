@@ -51,15 +51,22 @@ a 62 MB RepositoryModelLoad of 4.4 million parameters stood the whole server sti
 health probes with it, and grew it past 1.5 GB (outside attack rt53). A ModelInfer request's lists are
 counted before it is parsed (``element_count``)."""
 
+DECODE_BYTES_PER_ENTRY = 256
+"""What decoding one tensor or parameter of a request counts as, in bytes of message, where the decode's place
+is chosen (``offload.INLINE_BYTES``: on the event loop below it): a message of 18,723 empty inputs (256 KB,
+584 bytes gzipped) was decoded on the loop, 0.15 s each, and one client's stream of them held every new
+gRPC call past 5 s (outside attack rt56)."""
+
 M = TypeVar("M", bound=Message)
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message | bytes]]
 
 
-def parse(message_type: type[M], data: bytes) -> M:
-    """The message in ``data``; an inference request is first checked for element floods (unparsed), and
-    its lists and parameter maps counted once parsed (``element_count.check_entries``)."""
+def parse(message_type: type[M], data: bytes, walked: bool = False) -> M:
+    """The message in ``data``; an inference request is first checked for element floods (unparsed, unless
+    ``walked`` already), and its lists and parameter maps counted once parsed (``element_count.check_entries``)."""
     if message_type is pb.ModelInferRequest:
-        element_count.check_unparsed(data)
+        if not walked:
+            element_count.check_unparsed(data)
     elif len(data) > MAX_CONTROL_MESSAGE_BYTES:
         raise InvalidInputError(
             f"a {message_type.__name__} of {len(data):,} bytes; a request other than ModelInfer may have at most "
@@ -94,8 +101,8 @@ def parse_inference(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]
     element_count.check_unparsed(data)
     parts = raw_contents.split(data)
     if parts is None:
-        return parse(pb.ModelInferRequest, data), None
-    return parse(pb.ModelInferRequest, parts.rest), parts.raw
+        return parse(pb.ModelInferRequest, data, walked=True), None
+    return parse(pb.ModelInferRequest, parts.rest, walked=True), parts.raw
 
 
 def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
@@ -197,9 +204,14 @@ class InferenceServicer:
         """The answer computed, checked against every limit and held in the in-flight budget, planned."""
         received = request if isinstance(request, Received) else Received(request, None)
         del request
+        message = received.message
+        tensors = len(message.inputs) + len(message.outputs) + len(message.parameters)
         try:
             decoded = await offload.convert(
-                _wire_size.get(), codec.decode_infer_request, received.message, received.raw
+                max(_wire_size.get(), tensors * DECODE_BYTES_PER_ENTRY),
+                codec.decode_infer_request,
+                message,
+                received.raw,
             )
         finally:
             received.raw = None  # the tensors hold what they need of the received bytes (views, or copies)
