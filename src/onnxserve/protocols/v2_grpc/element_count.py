@@ -120,13 +120,13 @@ class _Walk:
                 "protobuf 3 writes them) or as raw_input_contents"
             )
 
-    def varints(self, data: memoryview, start: int, end: int, name: str) -> None:
+    def varints(self, start: int, end: int, name: str) -> None:
         """The numbers packed in ``data[start:end]`` (one per byte under 128), counted with those before."""
         size = end - start
         if self.numbers + size <= MAX_PACKED_NUMBERS:  # a number takes a byte at least: no need to count
             self.numbers += size
             return
-        self.numbers += int(np.count_nonzero(np.frombuffer(data[start:end], dtype=np.uint8) < 0x80))
+        self.numbers += int(np.count_nonzero(np.frombuffer(self.data[start:end], dtype=np.uint8) < 0x80))
         if self.numbers > MAX_PACKED_NUMBERS:
             raise InvalidInputError(
                 f"input {name!r}: its contents bring the request's numbers packed as varints (bool, int, int64, "
@@ -197,7 +197,7 @@ def _walk_contents(walk: _Walk, start: int, end: int, name: str) -> None:
             field, wire_type, _, value_start, position = next(walk.fields(position, end))
             walk.other()
             if wire_type == _DELIMITED and field in _VARINT_CONTENTS:
-                walk.varints(data, value_start, position, name)
+                walk.varints(value_start, position, name)
             continue
         walk.element(name)
         position += 1
