@@ -145,3 +145,31 @@ def test_a_call_ended_while_waiting_frees_its_place() -> None:
         assert room.held == 0
 
     asyncio.run(scenario())
+
+
+def test_an_arrived_message_counted_at_its_size_lets_a_waiting_call_in() -> None:
+    """A compressed message that has arrived is counted at its compressed bytes while it is inflated: the
+    rest of its place goes to a call waiting for one (``MessageReception._inflated``)."""
+
+    async def scenario() -> None:
+        room = MessageRoom(SIZE, stale_after=60)
+        arrived = await start(room, "a")
+        waiting = await start(room, "a", seconds=5)  # the same client: nobody gives way to it
+        await settle()
+        assert waiting.place is None
+        assert arrived.place is not None
+        arrived.place.arrived = True
+        room.shrink(arrived.place, SIZE // 2)  # still larger than the room has left: nothing yet
+        await settle()
+        assert waiting.place is None
+        room.shrink(arrived.place, 0)
+        await until(lambda: waiting.place is not None)
+        assert room.held == SIZE
+        room.shrink(arrived.place, SIZE)  # never grows back
+        assert room.held == SIZE
+        arrived.message.set_result(b"")
+        waiting.message.set_result(b"")
+        await settle()
+        assert room.held == 0
+
+    asyncio.run(scenario())

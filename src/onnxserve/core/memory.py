@@ -32,6 +32,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import threading
 import time
@@ -166,6 +167,17 @@ def give_back_memory_later(loop: asyncio.AbstractEventLoop, seconds: float) -> N
         loop.run_in_executor(None, give_back_free_memory)
 
     loop.call_later(seconds, trim)
+
+
+def short_of_memory(size: int) -> bool:
+    """Whether the process cannot map ``size`` more bytes now (its address-space limit is reached): tells
+    a decoder's or a run's out-of-memory failure from bad input where they report both alike. The mapping
+    is never touched, so it costs no memory."""
+    try:
+        with mmap.mmap(-1, max(size, 1)):
+            return False
+    except (OSError, MemoryError, OverflowError):
+        return True
 
 
 def release_frames(error: BaseException) -> None:

@@ -36,11 +36,11 @@ from onnxserve.core.external_data import (
     take_external_data,
 )
 from onnxserve.core.inline_runs import why_not_shape_bounded
-from onnxserve.core.memory import give_back_free_memory
+from onnxserve.core.memory import give_back_free_memory, short_of_memory
 from onnxserve.core.ort_strings import known_strings_model, layout_holds, string_bytes
 from onnxserve.core.types import BYTES_ELEMENT_OVERHEAD, TensorSpec, empty_like
 from onnxserve.core.wire import MAX_BYTES_ELEMENTS, MAX_ELEMENTS, response_too_large, too_many_bytes_elements
-from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, TooLargeError
+from onnxserve.errors import InferenceError, InvalidInputError, ModelLoadError, ResourceExhaustedError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -496,12 +496,33 @@ def is_allocation_failure(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or _ALLOCATION_FAILURE.search(str(error)) is not None
 
 
+SHORT_OF_MEMORY_PROBE = 64 * 1024 * 1024
+"""What the process must still be able to map after a run failed to allocate memory of no stated size
+(``std::bad_alloc``, MemoryError) for the failure to be the request's."""
+
+
+def _short_of_memory_now(error: BaseException) -> bool:
+    """Whether a run failed to allocate because the process is short of memory now (other requests hold it,
+    and a retry may run), not because its values ask for too much: a failure of no stated size while the
+    process, the failed run's memory given back, cannot map :data:`SHORT_OF_MEMORY_PROBE`. A failure that
+    states its size (``Failed to allocate memory for requested buffer of size N``) or a size that overflows
+    is the request's: a run may need several such buffers, so one that fits now proves nothing, and a 503
+    must not answer a request that can never run."""
+    if not isinstance(error, MemoryError) and "std::bad_alloc" not in str(error):
+        return False
+    return short_of_memory(SHORT_OF_MEMORY_PROBE)
+
+
 def _run_error(name: str, error: Exception, control: RunControl | None) -> Exception:
     """The domain error for a failed run."""
     reason = _first_line(error)
     if control is not None and control.terminated:
         return InferenceError(f"model {name}: the run was stopped (no caller waits for it)")
     if is_allocation_failure(error):
+        if _short_of_memory_now(error):  # other requests hold the memory: this one may run later
+            return ResourceExhaustedError(
+                f"model {name}: the server is short of memory for this run now ({reason}); retry later"
+            )
         # The input values ask the graph for more memory than there is (ConstantOfShape, Expand, Range, a
         # Loop's trip count...): the client's request, not the server, is at fault.
         return TooLargeError(f"model {name} could not allocate the memory these input values ask for: {reason}")

@@ -95,6 +95,24 @@ def client_identity(peer_host: str | None) -> str:
     return f"address {peer_host}" if peer_host else ""
 
 
+_peer_host: ContextVar[str | None] = ContextVar("onnxserve_peer_host", default=None)
+
+
+def set_peer_host(host: str | None) -> Token[str | None]:
+    """The address of the peer that sent the request handled in this context (set where the request
+    arrives, before its body or message is read)."""
+    return _peer_host.set(host)
+
+
+def reset_peer_host(token: Token[str | None]) -> None:
+    _peer_host.reset(token)
+
+
+def current_client() -> str:
+    """The client the request handled in this context counts for (``client_identity`` of its peer)."""
+    return client_identity(_peer_host.get())
+
+
 _peer_hosts: dict[str, str] = {}
 """The client address behind each connection the gRPC port's front hands on to grpc-core, by the name of
 the front's socket (``server.grpc_front``)."""

@@ -200,9 +200,8 @@ def guarded(
         try:
             if service is None:  # /tokenize answers are large too, and its work stops when its client leaves
                 return inflight.held(await until_disconnected(handler, request), _body_size)
-            peer = request.client.host if request.client is not None else None
             slot = request.scope.get(CALL_SLOT)
-            async with service.call(protocol, *requested_target(request), client=context.client_identity(peer)) as call:
+            async with service.call(protocol, *requested_target(request), client=context.current_client()) as call:
                 if slot is not None:
                     slot.call = call
                 try:
@@ -246,7 +245,8 @@ def _body_size(response: Response) -> int:
 
 
 class RequestIdMiddleware:
-    """ASGI middleware: every HTTP request gets an id, answered in ``X-Request-ID`` and put on its log lines.
+    """ASGI middleware: every HTTP request gets an id, answered in ``X-Request-ID`` and put on its log lines,
+    and the context knows its peer (``context.current_client``).
 
     The client's ``X-Request-ID`` is kept when it is 1 to 64 characters of ``[A-Za-z0-9._:-]``; otherwise
     (or when absent) a new one is generated. Each request is also logged at DEBUG level.
@@ -273,6 +273,8 @@ class RequestIdMiddleware:
             await send(message)
 
         token = context.set_request_id(request_id)
+        peer = scope.get("client")
+        peer_token = context.set_peer_host(peer[0] if peer else None)
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -290,3 +292,4 @@ class RequestIdMiddleware:
                     (time.perf_counter() - started) * 1000,
                 )
             context.reset_request_id(token)
+            context.reset_peer_host(peer_token)

@@ -18,7 +18,6 @@ answers slowly cannot make the server hold more than the budget of them either.
 from __future__ import annotations
 
 import asyncio
-import mmap
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import TypeVar
@@ -52,17 +51,6 @@ def no_memory(what: str) -> ResourceExhaustedError:
     """The refusal of a request the process has no memory for now (a ``MemoryError`` while receiving or
     decoding it, under a memory limit): retrying later may succeed, so not a 5xx."""
     return ResourceExhaustedError(f"the server has no memory {what} now; retry later")
-
-
-def short_of_memory(size: int) -> bool:
-    """Whether the process cannot map ``size`` more bytes now (its address-space limit is reached): tells
-    a decoder's out-of-memory failure from bad input where the decoder reports both alike. The mapping is
-    never touched, so it costs no memory."""
-    try:
-        with mmap.mmap(-1, max(size, 1)):
-            return False
-    except (OSError, MemoryError):
-        return True
 
 
 class InflightBytes:

@@ -4,8 +4,9 @@ Parsing a 64 MiB JSON document or splitting a million BYTES elements takes long 
 other request and the health probes if it runs on the event loop. Work on a body of at least
 :data:`INLINE_BYTES` runs in a small pool of :data:`WORKERS` threads instead: the loop keeps answering,
 and at most that many large bodies are being converted at once, so the memory conversion needs stays
-bounded (the rest wait their turn, their bodies already counted by the request-size limits). Smaller
-bodies are converted inline, where a thread hop would cost more than the work.
+bounded (the rest wait their turn, their bodies already counted by the request-size limits; the client
+that has used the threads least goes first, ``core.fairness.FairTurns``). Smaller bodies are converted inline, where a
+thread hop would cost more than the work.
 
 A thread is not enough for JSON: orjson (and the standard parser TF Serving's ``NaN`` needs) parses a
 whole document in one call that holds the interpreter lock, 1 to 4 s for a 60 MB body, and the event
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from onnxserve.core import request_deadline
+from onnxserve.core.fairness import FairTurns, Turn
 from onnxserve.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -57,6 +59,7 @@ from onnxserve.errors import (
     UnavailableError,
 )
 from onnxserve.log_throttle import LogThrottle
+from onnxserve.protocols import context
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +106,44 @@ def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="onnxserve-codec")
 
 
+_turns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FairTurns] = weakref.WeakKeyDictionary()
+"""Each event loop's turns at the codec threads: :data:`WORKERS` works at once; of the others, the work of
+the client that has used the threads least goes next (``core.fairness.FairTurns``), not the oldest. In
+arrival order, a few addresses sending the heaviest messages the limits allow (65,535 inputs a message,
+0.7 s of decoding each) kept every other client's large request waiting behind all of theirs (outside
+attack rt56)."""
+
+
+def _codec_turns(loop: asyncio.AbstractEventLoop) -> FairTurns:
+    turns = _turns.get(loop)
+    if turns is None:
+        turns = _turns[loop] = FairTurns(WORKERS)
+    return turns
+
+
 async def convert(size: int, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """``work(*args, **kwargs)``: inline when ``size`` bytes are few, else in the codec threads."""
+    """``work(*args, **kwargs)``: inline when ``size`` bytes are few, else in the codec threads, in the turn
+    of the client whose request this is (``context.current_client``)."""
     if size < INLINE_BYTES:
         return work(*args, **kwargs)
     call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_executor(), call)
+    loop = asyncio.get_running_loop()
+    turns = _codec_turns(loop)
+    turn = await turns.take(context.current_client())
+    try:
+        running = _executor().submit(call)
+    except BaseException:
+        turns.end(turn)
+        raise
+    # The turn ends with the work, not with the wait for it: a request that goes away leaves its work
+    # running in its thread, and that thread is not another client's until it is done.
+    running.add_done_callback(functools.partial(_turn_ended, loop, turns, turn))
+    return await asyncio.wrap_future(running, loop=loop)
+
+
+def _turn_ended(loop: asyncio.AbstractEventLoop, turns: FairTurns, turn: Turn, _done: Future[Any]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop has closed: its turns with it
+        loop.call_soon_threadsafe(turns.end, turn)
 
 
 Decode = Callable[Concatenate[bytes, P], R]
@@ -482,15 +517,15 @@ class WorkerPool:
     stopped, stopped at shutdown.
 
     At most ``kind.processes`` calls run at once per event loop (servers in tests share a process, each on
-    its own loop thread); a call waits for a free worker within its request's time limit, and a call whose
-    client left or whose time ran out has its worker killed and replaced."""
+    its own loop thread); a call waits for a free worker within its request's time limit (clients served in
+    turn), and a call whose client left or whose time ran out has its worker killed and replaced."""
 
     def __init__(self, kind: WorkerKind) -> None:
         self.kind = kind
         self._lock = threading.Lock()
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
-        self._slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+        self._slots: dict[asyncio.AbstractEventLoop, FairTurns] = {}
         self._draining: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._deaths = LogThrottle()  # a client whose bodies or documents kill a worker each time
         _pools.append(self)
@@ -540,13 +575,18 @@ class WorkerPool:
         ``call``'s first argument, through a memory file where the platform has them (``Shared``), once a
         worker is free."""
         loop = asyncio.get_running_loop()
-        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.kind.processes))
+        slots = self._slots.get(loop)
+        if slots is None:
+            slots = self._slots[loop] = FairTurns(self.kind.processes)
         self._refuse_if_draining(loop)
         try:
             async with asyncio.timeout(request_deadline.seconds_left()) as limit:
-                async with slots:  # calls wait here, not pickled in a queue
+                turn = await slots.take(context.current_client())  # calls wait here, clients in turn
+                try:
                     self._refuse_if_draining(loop)  # a drain began while it waited: no new worker for it
                     result = await self._call(loop, call, args, body)
+                finally:
+                    slots.end(turn)
         except TimeoutError:
             if not limit.expired():
                 raise

@@ -115,6 +115,14 @@ class MessageRoom:
             self.held -= place.size
         self._freed.set()
 
+    def shrink(self, place: Place, size: int) -> None:
+        """Count ``place`` (whose message has arrived) at ``size`` bytes from now on, when that is less."""
+        if place.left or size >= place.size:
+            return
+        self.held -= place.size - size
+        place.size = size
+        self._freed.set()
+
     def _take(self, place: Place, now: float) -> bool:
         while self.limit and self.held + place.size > self.limit:
             victim = self._victim(place.client, now)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from onnxserve.core.memory import release_frames
+from onnxserve.core.memory import release_frames, short_of_memory
 from onnxserve.core.wire import output_bytes, response_too_large
 from onnxserve.errors import InvalidInputError, OnnxServeError, TooLargeError
 from onnxserve.log_throttle import log_unexpected
@@ -77,18 +77,16 @@ def parse(message_type: type[M], data: bytes, walked: bool = False) -> M:
     except MemoryError:
         raise inflight.no_memory("to decode this gRPC message") from None
     except DecodeError as e:
-        # protobuf (upb) reports a failed allocation as "Error parsing message" too: a large message that
-        # parses once there is room again was never malformed.
-        if len(data) >= raw_contents.SPLIT_BYTES:
-            if inflight.short_of_memory(len(data)):
+        # protobuf (upb) reports a failed allocation as "Error parsing message" too: a message that parses
+        # once there is room again was never malformed (a small one too: a message of packed numbers takes
+        # eight times its size once parsed).
+        if short_of_memory(len(data)):
+            raise inflight.no_memory("to decode this gRPC message") from None
+        try:
+            message = message_type.FromString(data)
+        except (DecodeError, MemoryError):
+            if short_of_memory(len(data)):
                 raise inflight.no_memory("to decode this gRPC message") from None
-            try:
-                message = message_type.FromString(data)
-            except (DecodeError, MemoryError):
-                if inflight.short_of_memory(len(data)):
-                    raise inflight.no_memory("to decode this gRPC message") from None
-                raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
-        else:
             raise InvalidInputError(f"malformed {message_type.__name__} protobuf: {e}") from None
     if isinstance(message, pb.ModelInferRequest):
         element_count.check_entries(message)  # a small message is not walked before parsing
@@ -334,9 +332,8 @@ def _unary(
                 size = len(unparsed[0])
                 return await method(await offload.convert(size, parse, request_type, unparsed.pop()))
             client = context.client_identity(context.grpc_peer_host(grpc_context.peer()))
-            async with counted_by.call(PROTOCOL, client=client) as call:
-                received = await _parse_inference(call, unparsed.pop())
-                return await method(received)  # serialized already
+            # Parsed and answered in a frame of its own: this one must not hold the parsed request (see below).
+            return await _counted_inference(counted_by, client, method, unparsed.pop())  # serialized already
         except Exception as e:
             # Short of memory now (a large message under a tight limit): the client may retry later.
             error = inflight.no_memory("to handle this gRPC call") if isinstance(e, MemoryError) else e
@@ -345,8 +342,9 @@ def _unary(
             else:
                 log_unexpected(log, name, "unexpected error in %s", name)
                 code, message = grpc.StatusCode.INTERNAL, "internal server error"
-            # grpc keeps the abort's error, and through it this one, in a reference cycle until the garbage
-            # collector runs: nothing the call received may stay reachable from them.
+            # grpc keeps the abort's error, and through it this one and this frame, in a reference cycle until
+            # the garbage collector runs: nothing the call received may stay reachable from them (a refused
+            # 4 MB request kept its parsed 60 MB until then, outside every budget, when this frame held it).
             del error
             unparsed.clear()
             release_frames(e)
@@ -360,6 +358,17 @@ def _unary(
             _wire_size.reset(size_token)
 
     return handler
+
+
+async def _counted_inference(
+    service: InferenceService, client: str, method: Callable[[Any], Awaitable[Message | bytes]], data: bytes
+) -> Message | bytes:
+    """One inference call of ``service``, from its received bytes to ``method``'s answer. A refusal's
+    traceback holds this frame and what it parsed: the caller drops the traceback (``release_frames``)."""
+    async with service.call(PROTOCOL, client=client) as call:
+        received = await _parse_inference(call, data)
+        del data
+        return await method(received)
 
 
 def _serialize(message: Message | bytes) -> bytes:
