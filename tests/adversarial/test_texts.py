@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +111,37 @@ def test_unread_tokenize_answers_are_held_in_the_budget(tiny_text_version: Path,
             for sock in readers:
                 sock.close()
         _assert_serving(server, prober)
+
+
+def test_more_texts_than_the_model_batches_are_refused_before_one_is_read(server: CappedServer) -> None:
+    """65,000 empty texts (260 KB, 390 bytes of gzip) were each read and bounded on the event loop before their
+    count was checked: 16 connections looping them held health probes past 5 s (outside attack rt57). The
+    count is checked first (at most 2,048 texts, as OpenAI's, TEI's and TF Serving's bodies; the model's
+    max_batch_size when lower): the last text here is not UTF-8, and the answer is about the count."""
+    count = 65_000
+    raw = struct.pack("<I", 0) * (count - 1) + struct.pack("<I", 1) + b"\xff"
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "shape": [count],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ]
+        }
+    ).encode()
+    with Watch(server) as prober:
+        response = requests.post(
+            f"{server.http_url}/v2/models/tiny/infer",
+            data=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+            timeout=60,
+        )
+    assert response.status_code == 400, response.text
+    assert (
+        response.json()["error"]
+        == f"{count} texts in one request; send at most 2048 (split them over several requests)"
+    )
+    _assert_serving(server, prober)

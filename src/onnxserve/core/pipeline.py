@@ -175,6 +175,11 @@ CHARACTERS_PER_TOKEN = 64
 MIN_TEXT_CHARACTERS = 16384
 """The fewest characters of one text that are tokenized, whatever the model's max length."""
 
+MAX_REQUEST_TEXTS = 2048
+"""The most texts (or pairs) one request may send a text model, on every protocol (OpenAI's own limit of
+inputs; TEI and TF Serving's bodies are held to it where they are decoded). Each is read and bounded on the
+event loop: a KServe request of a million empty texts (4 KB of gzip) took it for most of a second."""
+
 MAX_REQUEST_CHARACTERS = 1024 * 1024
 """The most characters one request's texts may hold together, after each was cut to what is tokenized
 (about OpenAI's 300,000 tokens of ordinary text; ``core.text_budget`` bounds all requests together)."""
@@ -299,12 +304,14 @@ class TextPipeline:
         """The names a request may send text under (besides strings for ``input_ids``)."""
         return text_inputs_of(self.spec.task)
 
-    def text_of(self, request: InferenceRequest) -> TextBatch | None:
-        """The texts a request sends, or None when it sends token tensors for the graph itself."""
+    def text_of(self, request: InferenceRequest, max_texts: int = 0) -> TextBatch | None:
+        """The texts a request sends, or None when it sends token tensors for the graph itself; more than
+        ``max_texts`` (the model's max_batch_size; 0: none) or :data:`MAX_REQUEST_TEXTS` are refused before a
+        text is read."""
         by_name = {t.name: t for t in request.inputs}
         pair = PAIR_INPUTS.get(self.spec.task)
         if pair is not None and (pair[0] in by_name or pair[1] in by_name):
-            return self._pairs(by_name, *pair)
+            return self._pairs(by_name, *pair, max_texts)
         carrier = by_name.get(TEXT_INPUT)
         if carrier is None:
             carrier = by_name.get("input_ids")
@@ -313,7 +320,7 @@ class TextPipeline:
         if pair is not None:
             raise InvalidInputError(f"{self.spec.task} takes '{pair[0]}' and '{pair[1]}' texts")
         _no_others(carrier.name, by_name)
-        texts = _texts(carrier)
+        texts = _texts(carrier, max_texts)
         if self.fixed_batch > 1 and len(texts) != self.fixed_batch:
             raise InvalidInputError(
                 f"this model's graph takes exactly {self.fixed_batch} texts at a time (its token inputs have a "
@@ -355,7 +362,7 @@ class TextPipeline:
         check_request_characters(bounded.characters, limit)
         return bounded
 
-    def _pairs(self, by_name: dict[str, Tensor], first: str, second: str) -> TextBatch:
+    def _pairs(self, by_name: dict[str, Tensor], first: str, second: str, max_texts: int) -> TextBatch:
         task = self.spec.task
         for name in (first, second):
             if name not in by_name:
@@ -363,7 +370,7 @@ class TextPipeline:
         extra = sorted(set(by_name) - {first, second})
         if extra:
             raise InvalidInputError(f"{task} takes only {first} and {second}; remove {', '.join(extra)}")
-        firsts, seconds = _texts(by_name[first]), _texts(by_name[second])
+        firsts, seconds = _texts(by_name[first], max_texts), _texts(by_name[second], max_texts)
         if len(firsts) != len(seconds):
             raise InvalidInputError(f"{len(firsts)} {first} texts but {len(seconds)} {second} texts; give one per row")
         return self.bounded(TextBatch(firsts, seconds))
@@ -464,13 +471,26 @@ class TextPipeline:
         return {name: results[name] if name in results else outputs[name] for name in wanted}
 
 
-def _texts(tensor: Tensor) -> list[str]:
+def _texts(tensor: Tensor, max_texts: int = 0) -> list[str]:
+    """The texts of a BYTES tensor of shape [N], refused before they are read when N is past ``max_texts``
+    (the model's max_batch_size; 0: none) or :data:`MAX_REQUEST_TEXTS`: 16 connections sending 65,000 empty
+    texts in 390 bytes of gzip, each read and bounded on the event loop before the count was checked, held
+    health probes past 5 s (outside attack rt57)."""
     if not tensor.datatype.is_bytes:
         raise InvalidInputError(f"input {tensor.name!r} carries text and must be BYTES, not {tensor.datatype.v2}")
     if len(tensor.shape) != 1:
         raise InvalidInputError(f"input {tensor.name!r}: text must have shape [N], got {list(tensor.shape)}")
     if tensor.shape[0] == 0:
         raise InvalidInputError(f"input {tensor.name!r} holds no text; send at least one (shape [N], N >= 1)")
+    if max_texts and tensor.shape[0] > max_texts:
+        raise InvalidInputError(
+            f"{tensor.shape[0]} texts in one request, more than the model's max_batch_size {max_texts}"
+        )
+    if tensor.shape[0] > MAX_REQUEST_TEXTS:
+        raise InvalidInputError(
+            f"{tensor.shape[0]} texts in one request; send at most {MAX_REQUEST_TEXTS} (split them over several "
+            "requests)"
+        )
     try:
         return [b.decode("utf-8") for b in tensor.data]
     except UnicodeDecodeError:

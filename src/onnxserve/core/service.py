@@ -100,7 +100,7 @@ def _index_entry(model: ModelVersion) -> IndexEntry:
 
 def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int = 0) -> Work:
     """Validate a request into work for the model's scheduler (texts are tokenized later, off the loop)."""
-    text = model.pipeline.text_of(request) if model.pipeline is not None else None
+    text = model.pipeline.text_of(request, model.max_batch_size) if model.pipeline is not None else None
     if text is None or model.pipeline is None:
         feeds, fetch = prepare_feeds(request, model)
         if model.pipeline is not None:
@@ -108,10 +108,6 @@ def _work(request: InferenceRequest, model: ModelVersion, max_output_bytes: int 
         rows = int(request.inputs[0].shape[0]) if model.batches_rows or model.chunk_tokens else 1
         tokens = model.pipeline.token_length(feeds) if model.pipeline is not None else 0
         return Work(fetch, rows, feeds=feeds, max_output_bytes=max_output_bytes, tokens=tokens)
-    if model.max_batch_size and len(text.texts) > model.max_batch_size:
-        raise InvalidInputError(
-            f"{len(text.texts)} texts in one request, more than the model's max_batch_size {model.max_batch_size}"
-        )
     fetch, answer = model.pipeline.select_outputs(request.outputs, [o.name for o in model.outputs])
     return Work(fetch, len(text.texts), text=text, answer=answer, max_output_bytes=max_output_bytes)
 

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from onnxserve.core.datatypes import from_v2
 from onnxserve.core.pipeline import (
     EMBEDDING_OUTPUT,
+    MAX_REQUEST_TEXTS,
     SENTENCE_EMBEDDING,
     TEXT_INPUT,
     TOKEN_COUNT_OUTPUT,
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
 POOLED_OUTPUT = SENTENCE_EMBEDDING
 """The graph output of a pooled feature-extraction model (``onnxserve export hf`` names it so)."""
 
-MAX_INPUTS = 2048
-"""Inputs one request may embed (OpenAI's own limit)."""
+MAX_INPUTS = MAX_REQUEST_TEXTS
+"""Inputs one request may embed (OpenAI's own limit; the core's for every protocol)."""
 
 TokenIds = list[npt.NDArray[np.int64]]
 """Rows of token ids, one array per input: decoded in a worker process for a large body, arrays come back

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from onnxserve.errors import InvalidInputError
 from onnxserve.protocols import offload
+from onnxserve.protocols.inflight import no_memory
 
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 """Accepted encodings and the zlib window bits that read them (gzip header; zlib header)."""
@@ -67,10 +68,14 @@ class Inflater:
                 out.append(piece)
                 produced += len(piece)
                 data = self._decoder.unused_data if self._decoder.eof else self._decoder.unconsumed_tail
+            joined = b"".join(out)
         except zlib.error:
             raise InvalidInputError(f"the {self.what} is not valid {self.encoding} data") from None
+        except MemoryError:  # zlib's output buffer, under a memory limit: UNKNOWN / 500 before (outside attack rt57)
+            out.clear()
+            raise no_memory(f"to inflate this {self.what}") from None
         self._pending = data
-        return b"".join(out)
+        return joined
 
     def finish(self) -> None:
         if not self._decoder.eof:

@@ -37,7 +37,10 @@ _DELIMITED = protobuf_wire.LENGTH_DELIMITED
 _BYTES_TAG = _BYTES_CONTENTS << 3 | _DELIMITED  # its tag: one byte
 _VARINT_CONTENTS = frozenset(range(1, 6))  # bool, int, int64, uint, uint64: numbers of one byte and more
 MAX_VARINT_BYTES = 10
-"""The most bytes one varint takes: a packed shape longer than ``MAX_RANK`` times this has more dimensions."""
+"""The most bytes one varint takes."""
+MAX_SHAPE_BYTES = wire.MAX_RANK * MAX_VARINT_BYTES
+"""A shape whose pieces (packed, or one dimension a field) take more bytes than this together has more than
+``MAX_RANK`` dimensions."""
 
 MAX_PACKED_NUMBERS = 4 * 1024 * 1024
 """The most numbers packed as varints in a walked request's contents together (``bool``, ``int``, ``int64``,
@@ -168,6 +171,7 @@ def _walk_input(walk: _Walk, start: int, end: int) -> None:
     name = ""
     contents = []
     parameters = 0
+    shape = 0  # bytes of the shape's packed pieces, and one a dimension sent unpacked
     for field, wire_type, _, s, e in walk.fields(start, end):
         delimited = wire_type == _DELIMITED
         if delimited and field == _PARAMETERS:
@@ -176,10 +180,16 @@ def _walk_input(walk: _Walk, start: int, end: int) -> None:
         walk.other()
         if delimited and field == _NAME:
             name = bytes(walk.data[s:e]).decode("utf-8", "replace")
-        elif delimited and field == _SHAPE and e - s > wire.MAX_RANK * MAX_VARINT_BYTES:
-            raise InvalidInputError(
-                f"input {name!r}: shape has more than {wire.MAX_RANK} dimensions; at most {wire.MAX_RANK} are allowed"
-            )
+        elif field == _SHAPE:
+            # protobuf joins every piece of a repeated field: 200,000 packed pieces of 320 bytes each made a
+            # shape of 64 million dimensions, 512 MB once parsed (outside attack rt57), so the pieces count
+            # together.
+            shape += e - s if delimited else 1
+            if shape > MAX_SHAPE_BYTES:
+                raise InvalidInputError(
+                    f"input {name!r}: shape has more than {wire.MAX_RANK} dimensions; at most {wire.MAX_RANK} are "
+                    "allowed"
+                )
         elif delimited and field == _CONTENTS:
             contents.append((s, e))
     for s, e in contents:

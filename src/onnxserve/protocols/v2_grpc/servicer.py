@@ -103,6 +103,16 @@ def parse_inference(data: bytes) -> tuple[pb.ModelInferRequest, list[memoryview]
     return parse(pb.ModelInferRequest, parts.rest, walked=True), parts.raw
 
 
+def decode_work(message: pb.ModelInferRequest, wire_size: int) -> int:
+    """What decoding a parsed request of ``wire_size`` bytes counts as, in bytes of work, where the decode's
+    place is chosen (``offload.convert``): its size, or its tensors and parameters, and its BYTES elements."""
+    tensors = len(message.inputs) + len(message.outputs) + len(message.parameters)
+    work = max(wire_size, tensors * DECODE_BYTES_PER_ENTRY)
+    if work < offload.INLINE_BYTES:  # a few tensors: their BYTES elements count too
+        work += offload.BYTES_ELEMENT_WORK * sum(len(t.contents.bytes_contents) for t in message.inputs)
+    return work
+
+
 def _request_id(grpc_context: grpc.aio.ServicerContext) -> str:
     """The client's ``x-request-id`` when usable, else a new id; sent back in the trailing metadata."""
     given = next(
@@ -203,10 +213,9 @@ class InferenceServicer:
         received = request if isinstance(request, Received) else Received(request, None)
         del request
         message = received.message
-        tensors = len(message.inputs) + len(message.outputs) + len(message.parameters)
         try:
             decoded = await offload.convert(
-                max(_wire_size.get(), tensors * DECODE_BYTES_PER_ENTRY),
+                decode_work(message, _wire_size.get()),
                 codec.decode_infer_request,
                 message,
                 received.raw,

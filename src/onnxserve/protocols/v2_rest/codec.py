@@ -22,7 +22,7 @@ from onnxserve.core.types import (
     VersionStatistics,
 )
 from onnxserve.errors import InvalidInputError
-from onnxserve.protocols import json_size
+from onnxserve.protocols import json_size, offload
 from onnxserve.protocols.entry_count import check_entries
 from onnxserve.protocols.json_depth import check_depth
 from onnxserve.protocols.public_errors import redact_paths
@@ -180,7 +180,10 @@ def decode_work(body: bytes, header_length: int | None) -> int:
     if header_length is None or not 0 <= header_length <= len(body):
         return len(body)
     if body.find(b'"BYTES"', 0, header_length) >= 0:
-        return len(body)  # length-prefixed elements are split one by one
+        # Length-prefixed elements are split one by one: as many as 4-byte prefixes fit, each counted as the
+        # work of one, which may move the decode to the codec threads (not to a worker process: its size does).
+        elements = (len(body) - header_length) // 4
+        return max(len(body), min(elements * offload.BYTES_ELEMENT_WORK, offload.PROCESS_BYTES - 1))
     return header_length
 
 
