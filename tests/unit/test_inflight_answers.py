@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from onnxserve.errors import ResourceExhaustedError
 from onnxserve.protocols.inflight import SMALL_ANSWER_BYTES, Hold, InflightBytes
 
@@ -10,21 +12,23 @@ MiB = 1024 * 1024
 
 def test_answers_leave_one_grpc_message_free_for_requests() -> None:
     budget = InflightBytes(256 * MiB, keep_free=64 * MiB)
-    assert budget.answer_room == 192 * MiB
+    assert budget.answer_room == 176 * MiB  # a message of 64 MiB, and small requests' 16 MiB
     holds = []
-    for _ in range(4):
+    for _ in range(5):
         assert budget.reserve(100)  # each request's message, received
         holds.append(Hold(budget, body=100))
     for hold in holds[:3]:
-        assert hold.hold_answer(60 * MiB) is None
-    refused = holds[3].hold_answer(60 * MiB)
+        assert hold.hold_answer(55 * MiB) is None
+    refused = holds[3].hold_answer(55 * MiB)
     assert isinstance(refused, ResourceExhaustedError)
-    assert "this answer of 62914560 bytes does not fit now; retry later" in refused.message
-    assert budget.reserve(64 * MiB - 400)  # a gRPC message still fits beside the answers
-    budget.release(64 * MiB - 400)
+    assert "this answer of 57671680 bytes does not fit now; retry later" in refused.message
+    assert holds[4].hold_answer(20 * 1024) is None  # a small answer still fits, past the answers' room
+    holds[4].release_answer()
+    assert budget.reserve(64 * MiB - 500)  # a gRPC message still fits beside the answers
+    budget.release(64 * MiB - 500)
     holds[0].release_answer()  # sent: its message stays held until the call ends
-    assert budget.held == 2 * 60 * MiB + 4 * 100
-    assert holds[3].hold_answer(60 * MiB) is None
+    assert budget.held == 2 * 55 * MiB + 5 * 100
+    assert holds[3].hold_answer(55 * MiB) is None
     for hold in holds:
         hold.release()
     assert budget.held == 0
@@ -64,3 +68,23 @@ def test_without_a_budget_nothing_is_counted() -> None:
     hold.hold_answer(10**12)
     assert budget.held == 0
     Hold(None).hold_answer(10**12)
+
+
+def test_large_requests_leave_the_last_sixteenth_of_the_budget_to_small_ones() -> None:
+    """Eight addresses each sending 64 MiB messages kept the budget full and small honest calls were refused
+    (outside attack rt57): large requests do not take the last 1/16, unless nothing else is held."""
+    budget = InflightBytes(256 * MiB)
+    assert budget.large_room == 240 * MiB
+    assert budget.reserve(64 * MiB)
+    assert budget.reserve(64 * MiB)
+    assert budget.reserve(64 * MiB)
+    assert not budget.reserve(60 * MiB)  # into the small requests' part
+    assert budget.reserve(48 * MiB)  # up to it
+    assert not budget.reserve(2 * MiB)  # a large request's piece: what it holds in all counts
+    assert not budget.reserve(MiB, whole=3 * MiB)
+    assert budget.reserve(MiB)  # a small request
+    hold = Hold(budget)
+    with pytest.raises(ResourceExhaustedError, match="--max-inflight-bytes"):
+        hold.grow_to(2 * MiB)
+    budget.release(budget.held)
+    assert budget.reserve(256 * MiB)  # alone, a request may still take the whole budget

@@ -1806,7 +1806,7 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
 
         def counted(piece: bytes) -> None:
             nonlocal held
-            if not self.budget.reserve(len(piece)):
+            if not self.budget.reserve(len(piece), whole=held + len(piece)):
                 raise over_budget(self.budget.limit)
             held += len(piece)
             pieces.append(piece)
@@ -1822,7 +1822,7 @@ class MessageReception(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc sh
             except InvalidInputError as e:
                 pieces.clear()
                 if message.encoding == "deflate":  # a protobuf message that only looked like zlib's header
-                    if not await self.budget.reserve_within(compressed, BUDGET_WAIT_SECONDS):
+                    if not await self.budget.reserve_within(compressed, BUDGET_WAIT_SECONDS, whole=held + compressed):
                         await ctx.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED, over_budget(self.budget.limit).message, _id(ctx)
                         )
