@@ -25,6 +25,7 @@ from watch import Watch
 
 import tiny_text_models
 from onnxserve.core.attention_memory import MAX_EXECUTION_BYTES, ExecutionMemory
+from onnxserve.core.pipeline import MAX_REQUEST_TEXTS
 from onnxserve.core.registry import ADAPTIVE_MAX_TOKENS
 from onnxserve.core.runtime import ModelSession
 
@@ -225,8 +226,9 @@ def test_empty_texts_then_a_long_one_are_refused_before_their_padded_join_is_bui
     # Outside attack: 10,000 empty texts then one long text, asking for last_hidden_state (a 43 KB body). The
     # chunks of empty texts were counted at their own 2 tokens, then joined padded to the long one's length:
     # gigabytes built before the size check, a 500 on allocation failure, probes held 11-17 s. Now the
-    # first chunk, counted at the joined length, refuses it (over the default --max-response-bytes).
-    texts = [""] * 10_000 + _long_texts(1)
+    # first chunk, counted at the joined length, refuses it (over the default --max-response-bytes). As many
+    # empty texts as a request may hold beside the long one (2,048 in all).
+    texts = [""] * (MAX_REQUEST_TEXTS - 1) + _long_texts(1)
     body = {
         "inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}],
         "outputs": [{"name": "last_hidden_state", "parameters": {"binary_data": True}}],
