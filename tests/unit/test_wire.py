@@ -319,6 +319,17 @@ def test_grpc_walk_counts_every_piece_of_a_shape_together() -> None:
     assert list(request.inputs[0].shape) == [1] * 32
 
 
+def test_grpc_walk_counts_the_shapes_of_all_inputs_together() -> None:
+    """65,536 inputs each with a 320-byte shape (22 MB) became 21 million dimensions once parsed (outside attack
+    rt58): every input's shape counts towards one bound for the request."""
+    shape = field(3, b"\x00" * element_count.MAX_SHAPE_BYTES)
+    count = element_count.MAX_ALL_SHAPE_BYTES // element_count.MAX_SHAPE_BYTES
+    inputs = field(5, field(1, b"x") + shape) * count
+    element_count.check_unparsed(field(1, b"m") + inputs)  # 262,080 bytes: within the bound
+    with pytest.raises(InvalidInputError, match=r"the request's shapes take more than 262144 bytes together"):
+        element_count.check_unparsed(field(1, b"m") + inputs + field(5, field(1, b"y") + field(3, b"\x01" * 100)))
+
+
 def test_grpc_walk_counts_numbers_packed_as_varints() -> None:
     """One-byte zeros in ``int64_contents`` become 8 bytes each, and again in the copy the codec makes: past
     ``MAX_PACKED_NUMBERS`` in all, refused unparsed; numbers of several bytes count once each."""
@@ -337,6 +348,14 @@ def test_a_grpc_request_of_many_bytes_elements_is_decoded_off_the_event_loop() -
     many = pb.ModelInferRequest(model_name="m")
     many.inputs.add(name="text", datatype="BYTES", shape=[131_000]).contents.bytes_contents.extend([b""] * 131_000)
     assert servicer.decode_work(many, many.ByteSize()) >= offload.INLINE_BYTES
+    raw = pb.ModelInferRequest(model_name="m")  # the same elements as raw_input_contents (outside attack rt58)
+    raw.inputs.add(name="text", datatype="BYTES", shape=[65_500])
+    raw.raw_input_contents.append(bytes(4 * 65_500))
+    assert servicer.decode_work(raw, raw.ByteSize()) >= offload.INLINE_BYTES
+    numbers = pb.ModelInferRequest(model_name="m")  # raw numbers are only viewed
+    numbers.inputs.add(name="x", datatype="FP32", shape=[65_500])
+    numbers.raw_input_contents.append(bytes(4 * 65_500))
+    assert servicer.decode_work(numbers, numbers.ByteSize()) < offload.INLINE_BYTES
     few = pb.ModelInferRequest(model_name="m")
     few.inputs.add(name="text", datatype="BYTES", shape=[3]).contents.bytes_contents.extend([b"a", b"b", b"c"])
     assert servicer.decode_work(few, few.ByteSize()) < offload.INLINE_BYTES
@@ -351,5 +370,7 @@ def test_a_binary_v2_body_of_many_bytes_elements_is_decoded_off_the_event_loop()
     assert offload.INLINE_BYTES <= v2_codec.decode_work(body, len(header)) < offload.PROCESS_BYTES
     texts = header + (struct.pack("<I", 96) + b"x" * 96) * 100  # 100 texts of 96 bytes: 10 KB
     assert v2_codec.decode_work(texts, len(header)) < offload.INLINE_BYTES
+    escaped = header.replace(b"BYTES", b"BYT\\u0045S") + b"\0" * 260_000  # the same type, written with an escape
+    assert v2_codec.decode_work(escaped, len(header) + 5) >= offload.INLINE_BYTES  # (outside attack rt58)
     numbers = header.replace(b"BYTES", b"FP32") + bytes(1_000_000)
     assert v2_codec.decode_work(numbers, len(header)) == len(header)  # raw numbers are only viewed

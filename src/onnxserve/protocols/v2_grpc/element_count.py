@@ -41,6 +41,10 @@ MAX_VARINT_BYTES = 10
 MAX_SHAPE_BYTES = wire.MAX_RANK * MAX_VARINT_BYTES
 """A shape whose pieces (packed, or one dimension a field) take more bytes than this together has more than
 ``MAX_RANK`` dimensions."""
+MAX_ALL_SHAPE_BYTES = 256 * 1024
+"""The most bytes the shapes of all a request's inputs may take together: protobuf makes 8 bytes of each,
+and 65,536 inputs of 320-byte shapes (22 MB, 81 KB of gzip) became 21 million dimensions, 293 MB once parsed
+while the in-flight budget counted 22 MB (outside attack rt58). 65,535 inputs of shape [N] take 131 KB."""
 
 MAX_PACKED_NUMBERS = 4 * 1024 * 1024
 """The most numbers packed as varints in a walked request's contents together (``bool``, ``int``, ``int64``,
@@ -95,6 +99,7 @@ class _Walk:
         self._others = 0
         self.elements = 0
         self.numbers = 0  # numbers packed as varints in contents, at least
+        self.shapes = 0  # bytes of every input's shape together
 
     def fields(self, start: int, end: int) -> Iterator[protobuf_wire.Field]:
         """The fields in ``data[start:end]`` (no group: :class:`protobuf_wire.GroupField`)."""
@@ -184,11 +189,17 @@ def _walk_input(walk: _Walk, start: int, end: int) -> None:
             # protobuf joins every piece of a repeated field: 200,000 packed pieces of 320 bytes each made a
             # shape of 64 million dimensions, 512 MB once parsed (outside attack rt57), so the pieces count
             # together.
-            shape += e - s if delimited else 1
+            piece = e - s if delimited else 1
+            shape += piece
+            walk.shapes += piece
             if shape > MAX_SHAPE_BYTES:
                 raise InvalidInputError(
                     f"input {name!r}: shape has more than {wire.MAX_RANK} dimensions; at most {wire.MAX_RANK} are "
                     "allowed"
+                )
+            if walk.shapes > MAX_ALL_SHAPE_BYTES:
+                raise InvalidInputError(
+                    f"the request's shapes take more than {MAX_ALL_SHAPE_BYTES} bytes together; send fewer inputs"
                 )
         elif delimited and field == _CONTENTS:
             contents.append((s, e))

@@ -108,8 +108,13 @@ def decode_work(message: pb.ModelInferRequest, wire_size: int) -> int:
     place is chosen (``offload.convert``): its size, or its tensors and parameters, and its BYTES elements."""
     tensors = len(message.inputs) + len(message.outputs) + len(message.parameters)
     work = max(wire_size, tensors * DECODE_BYTES_PER_ENTRY)
-    if work < offload.INLINE_BYTES:  # a few tensors: their BYTES elements count too
-        work += offload.BYTES_ELEMENT_WORK * sum(len(t.contents.bytes_contents) for t in message.inputs)
+    if work < offload.INLINE_BYTES:  # a few tensors: their BYTES elements count too, typed or raw
+        raw = message.raw_input_contents
+        elements = sum(len(t.contents.bytes_contents) for t in message.inputs)
+        elements += sum(  # as many as 4-byte length prefixes fit (outside attack rt58: 65,500 raw ones, 40 ms)
+            len(raw[i]) // 4 for i, t in enumerate(message.inputs) if i < len(raw) and t.datatype == "BYTES"
+        )
+        work += offload.BYTES_ELEMENT_WORK * elements
     return work
 
 

@@ -179,7 +179,9 @@ def decode_work(body: bytes, header_length: int | None) -> int:
     """Bytes that decoding ``body`` has to go through: raw numbers are only viewed, so they do not count."""
     if header_length is None or not 0 <= header_length <= len(body):
         return len(body)
-    if body.find(b'"BYTES"', 0, header_length) >= 0:
+    # A datatype may be written with JSON escapes ("BYT\u0045S"): a header with any escape counts as BYTES
+    # (outside attack rt58: a million elements, 4 KB of gzip, decoded on the event loop for 0.66 s).
+    if body.find(b'"BYTES"', 0, header_length) >= 0 or body.find(b"\\u", 0, header_length) >= 0:
         # Length-prefixed elements are split one by one: as many as 4-byte prefixes fit, each counted as the
         # work of one, which may move the decode to the codec threads (not to a worker process: its size does).
         elements = (len(body) - header_length) // 4
