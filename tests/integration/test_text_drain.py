@@ -90,11 +90,13 @@ def test_a_drain_that_times_out_answers_requests_being_tokenized_or_waiting_for_
     service.close()  # what the process does last: it waits for the tokenizer threads
     took = time.monotonic() - signalled
 
-    assert [status for status, _ in answers] == [503, 503, 503], answers
-    # The first may have finished tokenizing by then (a request tokenizes at most 2,048 texts and 1 Mi
-    # characters: about a second) and be running: answered so too.
-    assert "when its drain ended" in answers[0][1]["error"], answers
-    assert all("still waiting when its drain ended" in body["error"] for _, body in answers[1:]), answers
+    # A request tokenizes at most 2,048 texts and 1 Mi characters (about a second), so the first may have been
+    # answered within the drain (200), or be running when it ended; the others waited behind it. Every request
+    # still open when the drain ended is answered 503 in JSON.
+    first, rest = answers[0], answers[1:]
+    assert first[0] == 200 or (first[0] == 503 and "when its drain ended" in first[1]["error"]), answers
+    assert [status for status, _ in rest] == [503, 503], answers
+    assert all("when its drain ended" in body["error"] for _, body in rest), answers
     assert took < EXIT_BOUND, f"the shutdown took {took:.1f} s with a drain timeout of {DRAIN} s"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors

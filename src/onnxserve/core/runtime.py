@@ -504,7 +504,8 @@ SHORT_OF_MEMORY_PROBE = 64 * 1024 * 1024
 def _short_of_memory_now(error: BaseException) -> bool:
     """Whether a run failed to allocate because the process is short of memory now (other requests hold it,
     and a retry may run), not because its values ask for too much: a failure of no stated size while the
-    process, the failed run's memory given back, cannot map :data:`SHORT_OF_MEMORY_PROBE`. A failure that
+    process cannot map :data:`SHORT_OF_MEMORY_PROBE` (the failed run's large blocks are mapped, so already
+    returned; its small ones are trimmed after this check). A failure that
     states its size (``Failed to allocate memory for requested buffer of size N``) or a size that overflows
     is the request's: a run may need several such buffers, so one that fits now proves nothing, and a 503
     must not answer a request that can never run."""

@@ -5,8 +5,8 @@ other request and the health probes if it runs on the event loop. Work on a body
 :data:`INLINE_BYTES` runs in a small pool of :data:`WORKERS` threads instead: the loop keeps answering,
 and at most that many large bodies are being converted at once, so the memory conversion needs stays
 bounded (the rest wait their turn, their bodies already counted by the request-size limits; the client
-that has used the threads least goes first, ``core.fairness.FairTurns``). Smaller bodies are converted inline, where a
-thread hop would cost more than the work.
+that has used the threads least goes first, ``core.fairness.FairTurns``). Smaller bodies are converted
+inline, where a thread hop would cost more than the work.
 
 A thread is not enough for JSON: orjson (and the standard parser TF Serving's ``NaN`` needs) parses a
 whole document in one call that holds the interpreter lock, 1 to 4 s for a 60 MB body, and the event
